@@ -1,0 +1,104 @@
+"""Hardware choices: accelerator, precision, input size and gradient accumulation.
+
+``auto`` values in the configuration are resolved here, once per fit, and the resolved
+values are what the saved predictor records.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+
+from .config import Config
+
+CPU_INPUT_SIZE = 384
+GPU_INPUT_SIZE = 1024
+
+
+def cuda_usable(accelerator: str) -> bool:
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bfloat16 matrix instructions (AVX512-BF16, AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def auto_precision(accelerator: str) -> str:
+    """bf16-mixed where supported, 16-mixed on older GPUs, else 32-true."""
+    if cuda_usable(accelerator):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("auto", "cpu") and cpu_supports_bf16():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _device_count(devices: str, accelerator: str) -> int:
+    if devices == "auto":
+        return max(1, torch.cuda.device_count()) if cuda_usable(accelerator) else 1
+    if "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if devices.lstrip("-").isdigit():
+        n = int(devices)
+        if n == -1:
+            return max(1, torch.cuda.device_count())
+        return max(1, n)
+    return 1
+
+
+def resolve_env(cfg: Config) -> tuple[Config, dict]:
+    """Fill ``auto`` values of ``cfg`` and compute the Trainer's hardware arguments.
+
+    Returns
+    -------
+    (Config, dict)
+        The configuration with ``model.input_size`` and ``env.precision`` resolved, and a
+        dict with ``accelerator``, ``devices``, ``strategy``, ``precision`` and
+        ``accumulate`` (gradient-accumulation steps reaching ``optim.effective_batch_size``).
+    """
+    accelerator = cfg.env.accelerator
+    gpu = cuda_usable(accelerator)
+    input_size = cfg.model.input_size or (GPU_INPUT_SIZE if gpu else CPU_INPUT_SIZE)
+    precision = cfg.env.precision
+    if precision == "auto":
+        precision = auto_precision(accelerator)
+    if precision == "32":
+        precision = "32-true"
+    world = _device_count(cfg.env.devices, accelerator) * cfg.env.num_nodes
+    per_step = cfg.optim.batch_size * world
+    accumulate = max(1, math.ceil(cfg.optim.effective_batch_size / per_step))
+    strategy = cfg.env.strategy
+    if cfg.peft.method == "full" and world > 1 and strategy in ("auto", "ddp"):
+        # SAM's IoU head and unused multi-mask heads take no part in a prompt-free forward.
+        strategy = "ddp_find_unused_parameters_true"
+    devices = cfg.env.devices
+    devices_arg: int | str = int(devices) if devices.lstrip("-").isdigit() else devices
+    if accelerator == "cpu" or (accelerator == "auto" and not gpu):
+        accelerator, devices_arg = "cpu", 1 if devices == "auto" else devices_arg
+    resolved = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, input_size=input_size),
+        env=dataclasses.replace(cfg.env, precision=precision),
+    )
+    env = {
+        "accelerator": "gpu" if accelerator == "cuda" else accelerator,
+        "devices": devices_arg,
+        "strategy": strategy,
+        "precision": precision,
+        "accumulate": accumulate,
+    }
+    return resolved, env
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for inference matching the training precision."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()

@@ -1,0 +1,66 @@
+"""AdamW over trainable parameters only, and the warmup-then-decay schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            # Biases, norms (SAM's LayerNorm2d included) and embeddings/tokens take no decay.
+            if (
+                p_name == "bias"
+                or isinstance(module, _NO_DECAY_TYPES)
+                or type(module).__name__.startswith("LayerNorm")
+            ):
+                names.add(full)
+    return names
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``requires_grad`` parameters; weight decay on matrices and kernels only.
+
+    Parameters with fewer than two dimensions (biases, norm scales, gate vectors),
+    parameters of norm layers and embeddings (SAM's output tokens) are not decayed.
+    """
+    no_decay = _no_decay_names(model)
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if name in no_decay or param.ndim < 2 else decay).append(param)
+    assert decay or plain, "no trainable parameter"
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    """Multiplier of the peak learning rate at each optimiser step.
+
+    Linear warmup from 0 over ``warmup_steps``, then ``linear`` or ``cosine`` decay to zero
+    at ``total_steps``, or ``constant``.
+    """
+    total_steps = max(1, total_steps)
+
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn

@@ -1,0 +1,53 @@
+"""Shared fixtures: the ../shared folder, a local HTTP server, an isolated cache."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared; skips the test when absent, fails when CI requires it."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        reason = f"{path} is absent (the shared data folder sits beside the checkout)"
+        if os.environ.get("AUTOMASK_REQUIRE_SHARED") == "1":
+            pytest.fail(f"AUTOMASK_REQUIRE_SHARED=1 but {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own $AUTOMASK_HOME, so no test sees another's downloads."""
+    monkeypatch.setenv("AUTOMASK_HOME", str(tmp_path_factory.mktemp("automask_home")))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """Serve a folder on 127.0.0.1; yields ``serve(folder) -> base_url``."""
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,164 @@
+"""The command line, each subcommand end to end in a real subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.datasets import make_synthetic, train_test_split
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "automask", *args], capture_output=True, text=True,
+        cwd=cwd, env=env, timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("automask: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def csvs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_data")
+    frame = make_synthetic(24, size=96, num_classes=2, seed=2, root=root / "data")
+    train, test = train_test_split(frame, test_size=0.25, seed=0)
+    # Relative paths in a CSV resolve against the CSV's folder.
+    for df in (train, test):
+        for col in ("image", "label"):
+            df[col] = [os.path.relpath(p, root) for p in df[col]]
+    train.to_csv(root / "train.csv", index=False)
+    test.to_csv(root / "test.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(csvs):
+    run = csvs / "run"
+    proc = run_cli("fit", "--train", str(csvs / "train.csv"), "--presets", "tiny",
+                   "--hp", "optim.max_epochs=1", "--hp", "peft.method=full",
+                   "--hp", "peft.method=lora", "--path", str(run), "--verbosity", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "full" in proc.stdout and "lora" in proc.stdout
+    return run
+
+
+def test_fit_writes_a_loadable_predictor(run_dir):
+    meta = json.loads((run_dir / "automask.json").read_text())
+    assert set(meta["models"]) == {"full", "lora"}
+
+
+def test_fit_bad_input(csvs, tmp_path):
+    proc = run_cli("fit", "--train", str(csvs / "nope.csv"), "--presets", "tiny",
+                   "--path", str(tmp_path / "r"))
+    assert_one_line_error(proc, "nope.csv")
+    proc = run_cli("fit", "--train", str(csvs / "train.csv"), "--presets", "tiny",
+                   "--hp", "optim.lrr=1", "--path", str(tmp_path / "r"))
+    assert_one_line_error(proc, "optim.lrr", "optim.lr")
+    assert not (tmp_path / "r").exists()
+
+
+def test_predict_writes_masks(run_dir, csvs, tmp_path):
+    out = tmp_path / "masks"
+    proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 6
+    assert set(np.unique(np.array(Image.open(files[0])))) <= {0, 255}
+    proc = run_cli("predict", str(run_dir), "--data", str(csvs / "data" / "images"),
+                   "--out", str(tmp_path / "all"), "--model", "lora")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "all").glob("*.png"))) == 24
+
+
+def test_predict_bad_input(run_dir, tmp_path):
+    proc = run_cli("predict", str(tmp_path / "no_run"), "--data", "x.csv", "--out", "o")
+    assert_one_line_error(proc, "no_run")
+
+
+def test_evaluate_prints_metrics(run_dir, csvs):
+    proc = run_cli("evaluate", str(run_dir), "--data", str(csvs / "test.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(proc.stdout)
+    assert set(scores) == {"sm", "em", "wfm", "mae", "iou", "dice", "ber"}
+
+
+def test_evaluate_bad_input(run_dir, csvs):
+    proc = run_cli("evaluate", str(run_dir), "--data", str(csvs / "test.csv"),
+                   "--metrics", "iou,nonsense")
+    assert_one_line_error(proc, "nonsense")
+
+
+def test_leaderboard(run_dir, csvs):
+    proc = run_cli("leaderboard", str(run_dir), "--data", str(csvs / "test.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert {r["model"] for r in rows} == {"full", "lora"}
+    assert all("test_iou" in r for r in rows)
+
+
+def test_leaderboard_bad_input(tmp_path):
+    (tmp_path / "automask.json").write_text("{not json")
+    assert_one_line_error(run_cli("leaderboard", str(tmp_path)), "corrupted")
+
+
+def test_params_prints_the_papers_counts():
+    proc = run_cli("params", "--backbone", "vit_h", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads(proc.stdout)}
+    assert round(rows["conv_lora"]["trainable"] / 1e6, 2) == 4.02
+    assert round(rows["full"]["trainable"] / 1e6, 2) == 641.09
+
+
+def test_params_bad_input():
+    assert_one_line_error(run_cli("params", "--backbone", "vit_x"), "vit_x")
+
+
+def test_score_folders(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        mask = np.zeros((40, 50), np.uint8)
+        mask[10:30, 5 + i:25 + i] = 255
+        Image.fromarray(mask).save(gt / f"im{i}.png")
+        noisy = np.clip(mask.astype(float) + rng.normal(0, 40, mask.shape), 0, 255)
+        Image.fromarray(noisy.astype(np.uint8)).save(pred / f"im{i}.png")
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(gt), "--json")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(proc.stdout)
+    assert 0.5 < scores["sm"] <= 1 and 0.5 < scores["iou"] <= 1
+    (gt / "im0.png").rename(gt / "other.png")
+    assert_one_line_error(run_cli("score", "--pred", str(pred), "--gt", str(gt)), "im0")
+
+
+@pytest.mark.slow
+def test_demo_runs_and_learns(tmp_path):
+    proc = run_cli("demo", "--path", str(tmp_path / "demo"), "--time-limit", "100",
+                   cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny" in proc.stdout  # no pretrained weights here: the banner says so
+    assert (tmp_path / "demo" / "predictions.png").is_file()
+    iou = float(next(line.split()[1] for line in proc.stdout.splitlines()
+                     if line.strip().startswith("iou ")))
+    baseline = float(proc.stdout.split("all-foreground iou ")[1].split(")")[0])
+    assert iou > baseline + 0.2, proc.stdout
+
+
+def test_demo_bad_input(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(run_cli("demo", "--path", str(tmp_path / "file" / "sub")))

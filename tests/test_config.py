@@ -1,0 +1,118 @@
+"""The configuration tree, presets and the merge function."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from automask.config import Config, reference, resolve
+from automask.errors import ConfigError
+from automask.presets import PRESETS, list_presets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_resolve_to_one_candidate():
+    [(name, cfg)] = resolve(None, {})
+    assert name == "default"
+    assert cfg == Config()
+
+
+def test_user_keys_override_preset_which_overrides_defaults():
+    [(_, cfg)] = resolve("high_quality", {"peft.rank": 8, "optim.lr": "3e-4"})
+    assert cfg.model.backbone == "vit_l"  # from the preset
+    assert cfg.peft.rank == 8  # user
+    assert cfg.optim.lr == pytest.approx(3e-4)  # string coerced to the field's type
+    assert cfg.optim.weight_decay == Config().optim.weight_decay  # default
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"'peft\.rnak'.*did you mean 'peft\.rank'"):
+        resolve(None, {"peft.rnak": 4})
+
+
+def test_invalid_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"'peft\.method'.*did you mean 'conv_lora'"):
+        resolve(None, {"peft.method": "convlora"})
+    with pytest.raises(ConfigError, match=r"'model\.input_size'"):
+        resolve(None, {"model.input_size": 1000})
+    with pytest.raises(ConfigError, match=r"'optim\.lr'"):
+        resolve(None, {"optim.lr": "fast"})
+    with pytest.raises(ConfigError, match=r"'peft\.top_k'"):
+        resolve(None, {"peft.top_k": 9})
+    with pytest.raises(ConfigError, match=r"'data\.hflip'"):
+        resolve(None, {"data.hflip": "sometimes"})
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError, match="valid presets: " + ", ".join(PRESETS)):
+        resolve("hgh_quality", {})
+
+
+def test_list_values_make_candidates_with_readable_names():
+    cands = resolve("tiny", {"peft.method": ["full", "lora"], "peft.rank": [2, 4]})
+    assert [n for n, _ in cands] == [
+        "method=full,rank=2", "method=full,rank=4", "method=lora,rank=2", "method=lora,rank=4"
+    ]
+    assert cands[-1][1].peft.method == "lora" and cands[-1][1].peft.rank == 4
+    [(name, _), _] = resolve("tiny", {"peft.method": ["conv_lora", "lora"]})
+    assert name == "conv_lora"
+
+
+def test_every_preset_changes_something_and_resolves():
+    default = Config().to_dict()
+    resolved = {}
+    for name in list_presets():
+        cands = resolve(name, {})
+        flat = cands[0][1].to_dict()
+        assert flat != default or len(cands) > 1, name
+        resolved[name] = [c.to_dict() for _, c in cands]
+    # No two presets resolve to the same thing.
+    keys = [repr(v) for v in resolved.values()]
+    assert len(set(keys)) == len(keys)
+
+
+def test_paper_preset_is_the_papers_recipe():
+    [(_, cfg)] = resolve("paper", {})
+    assert (cfg.model.backbone, cfg.model.input_size) == ("vit_h", 1024)
+    assert (cfg.peft.method, cfg.peft.rank, cfg.peft.num_experts, cfg.peft.top_k) == (
+        "conv_lora", 3, 8, 1)
+    assert cfg.peft.alpha == 32
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.lr_schedule) == (1e-4, 1e-4, "linear")
+    assert (cfg.optim.max_epochs, cfg.optim.effective_batch_size, cfg.optim.grad_clip) == (30, 4, 1.0)
+    assert cfg.data.hflip and not cfg.data.vflip
+    table = resolve("paper_table", {})
+    assert {c.peft.method for _, c in table} == {"decoder_only", "lora", "conv_lora", "full"}
+    assert {c.model.backbone for _, c in table} == {"vit_h"}
+
+
+def test_to_dict_round_trips():
+    [(_, cfg)] = resolve("medium_quality", {"data.void_label": 11, "peft.targets": "qkv,proj"})
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.peft.target_list == ("qkv", "proj")
+
+
+def test_reference_covers_every_field_with_a_meaning():
+    rows = reference()
+    keys = {r["key"] for r in rows}
+    assert keys == set(Config().to_dict())
+    assert all(r["meaning"] for r in rows), [r["key"] for r in rows if not r["meaning"]]
+
+
+def test_readme_hyperparameter_table_matches_the_dataclasses():
+    """The README documents every key with its current default."""
+    readme = (ROOT / "README.md").read_text()
+    table = dict(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `([^`]*)` \|", readme, re.M))
+    expected = {r["key"]: repr(r["default"]) for r in reference()}
+    assert table == expected
+
+
+def test_config_sections_are_dataclasses_validating_themselves():
+    for f in dataclasses.fields(Config):
+        section = f.default_factory()
+        assert dataclasses.is_dataclass(section)
+    with pytest.raises(ConfigError):
+        dataclasses.replace(Config().optim, batch_size=0)

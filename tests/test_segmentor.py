@@ -1,0 +1,232 @@
+"""SemanticSegmentor end to end: fit / predict / evaluate / leaderboard / save / load."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from automask import SemanticSegmentor
+from automask.datasets import from_folders, make_synthetic, train_test_split
+from automask.errors import ConfigError, DataValidationError, NotFittedError, SavedModelError
+from conftest import shared_path
+
+FAST = {"optim.max_epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    frame = make_synthetic(36, size=(96, 120), num_classes=2, seed=1,
+                           root=tmp_path_factory.mktemp("synthetic"))
+    return train_test_split(frame, test_size=0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic, tmp_path_factory):
+    train, _ = synthetic
+    path = tmp_path_factory.mktemp("run")
+    seg = SemanticSegmentor(label="label", path=path, verbosity=0)
+    return seg.fit(train, presets="tiny", hyperparameters=FAST)
+
+
+def test_three_lines_on_synthetic_data(fitted, synthetic):
+    _, test = synthetic
+    masks = fitted.predict(test)
+    scores = fitted.evaluate(test)
+    assert len(masks) == len(test)
+    for mask, path in zip(masks, test["image"]):
+        w, h = Image.open(path).size
+        assert mask.shape == (h, w) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 1}
+    assert set(scores) == {"sm", "em", "wfm", "mae", "iou", "dice", "ber"}
+    assert all(0.0 <= v <= 1.0 + 1e-3 for v in scores.values()), scores
+    assert fitted.task_ == "binary" and fitted.num_classes_ == 2
+    assert fitted.best_model_ in fitted.models_
+
+
+def test_predict_accepts_paths_folders_and_single_files(fitted, synthetic):
+    _, test = synthetic
+    from_frame = fitted.predict(test.iloc[:2])
+    from_list = fitted.predict(list(test["image"].iloc[:2]))
+    from_one = fitted.predict(test["image"].iloc[0])
+    for a, b in zip(from_frame, from_list):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(from_one[0], from_frame[0])
+
+
+def test_predict_proba_matches_predict(fitted, synthetic):
+    _, test = synthetic
+    probs = fitted.predict_proba(test.iloc[:3])
+    masks = fitted.predict(test.iloc[:3])
+    for p, m in zip(probs, masks):
+        assert p.dtype == np.float32 and p.shape == m.shape
+        assert p.min() >= 0 and p.max() <= 1
+        np.testing.assert_array_equal((p > 0.5).astype(np.uint8), m)
+
+
+def test_predict_save_to_writes_lossless_pngs(fitted, synthetic, tmp_path):
+    _, test = synthetic
+    out = fitted.predict(test.iloc[:3], save_to=tmp_path / "masks")
+    assert isinstance(out, pd.DataFrame) and len(out) == 3
+    in_memory = fitted.predict(test.iloc[:3])
+    for mask, path in zip(in_memory, out["label"]):
+        saved = np.array(Image.open(path))
+        np.testing.assert_array_equal(saved, mask * 255)
+
+
+def test_not_fitted_and_unknown_model_errors(fitted, synthetic):
+    _, test = synthetic
+    with pytest.raises(NotFittedError, match="not fitted"):
+        SemanticSegmentor().predict(test)
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        fitted.predict(test, model="nope")
+
+
+def test_constructor_only_stores_arguments(tmp_path):
+    seg = SemanticSegmentor(label="mask", path=tmp_path / "x", seed=3)
+    assert seg.get_params()["label"] == "mask" and seg.get_params()["seed"] == 3
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_data_fails_before_anything_is_written(tmp_path, synthetic):
+    train, _ = synthetic
+    bad = train.copy()
+    bad.loc[bad.index[1], "label"] = str(tmp_path / "missing.png")
+    run = tmp_path / "run"
+    with pytest.raises(DataValidationError, match="missing.png"):
+        SemanticSegmentor(path=run, verbosity=0).fit(bad, presets="tiny")
+    assert not run.exists()
+    with pytest.raises(ConfigError, match="unknown preset"):
+        SemanticSegmentor(path=run, verbosity=0).fit(train, presets="huge")
+    assert not run.exists()
+
+
+def test_two_candidates_leaderboard_and_model_switch(synthetic, tmp_path):
+    from automask.models import build_segmenter, count_parameters
+    from automask.peft import apply_peft
+
+    train, test = synthetic
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        train, presets="tiny",
+        hyperparameters={**FAST, "optim.max_epochs": 2, "peft.method": ["full", "lora"]},
+    )
+    board = seg.leaderboard()
+    assert sorted(board["model"]) == ["full", "lora"]
+    for _, row in board.iterrows():
+        model = build_segmenter("tiny", num_classes=1, input_size=128, checkpoint="random")
+        apply_peft(model, method=row["method"])
+        trainable, total = count_parameters(model)
+        assert row["trainable_params_m"] == round(trainable / 1e6, 2)
+        assert row["ratio_pct"] == round(100 * trainable / total, 2)
+    assert board.loc[board["model"] == "lora", "ratio_pct"].item() < 100
+    assert board.loc[board["model"] == "full", "ratio_pct"].item() == 100
+    assert board["best"].sum() == 1
+    a = seg.predict_proba(test.iloc[:2], model="full")
+    b = seg.predict_proba(test.iloc[:2], model="lora")
+    assert not np.allclose(a[0], b[0])
+    with_test = seg.leaderboard(test)
+    assert {"test_iou", "test_sm", "test_ber"} <= set(with_test.columns)
+
+
+def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path):
+    """A LoRA model on a file checkpoint saves adapters + decoder only."""
+    from safetensors.torch import load_file
+
+    from automask.models import build_segmenter
+
+    train, test = synthetic
+    base = build_segmenter("tiny", num_classes=1, input_size=128, checkpoint="random")
+    ckpt = tmp_path / "tiny_sam.pth"
+    torch.save(base.state_dict(), ckpt)
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        train, presets="tiny",
+        hyperparameters={**FAST, "optim.max_epochs": 1, "model.checkpoint": str(ckpt),
+                         "peft.method": "lora"},
+    )
+    before = seg.predict(test)
+    saved = seg.save(tmp_path / "saved")
+    loaded = SemanticSegmentor.load(saved)
+    after = loaded.predict(test)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    [weights] = list((saved / "models").glob("*.safetensors"))
+    keys = set(load_file(str(weights)))
+    assert keys and all("lora" in k or k.startswith("mask_decoder.") for k in keys), keys
+    assert not any(k.startswith("image_encoder.") and "lora" not in k for k in keys)
+    assert weights.stat().st_size < 0.5 * ckpt.stat().st_size
+    # The file checkpoint is gone and no cache holds it: loading must say so, not guess.
+    ckpt.rename(tmp_path / "elsewhere.pth")
+    with pytest.raises(Exception, match="(?i)checkpoint|weights"):
+        SemanticSegmentor.load(saved).predict(test)
+
+
+def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, tmp_path):
+    saved = fitted.save(tmp_path / "saved")
+    with pytest.raises(SavedModelError, match="not a saved automask predictor"):
+        SemanticSegmentor.load(tmp_path)
+    meta = saved / "automask.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    with pytest.raises(SavedModelError, match="corrupted"):
+        SemanticSegmentor.load(saved)
+    meta.write_text(text.replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(SavedModelError, match="format version 99"):
+        SemanticSegmentor.load(saved)
+    meta.write_text(text)
+    [weights] = list((saved / "models").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(SavedModelError, match="corrupted"):
+        SemanticSegmentor.load(saved).predict(synthetic[1].iloc[:1])
+    weights.unlink()
+    with pytest.raises(SavedModelError, match="missing weights"):
+        SemanticSegmentor.load(saved)
+
+
+def test_time_limit_is_honoured(synthetic, tmp_path):
+    train, _ = synthetic
+    limit = 25.0
+    t0 = time.monotonic()
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        train, presets="tiny", hyperparameters={"optim.max_epochs": 10_000}, time_limit=limit
+    )
+    elapsed = time.monotonic() - t0
+    assert elapsed <= 1.1 * limit, elapsed
+    assert elapsed >= 0.7 * limit, elapsed  # it used the time rather than stopping at once
+    assert seg.models_[seg.best_model_]["epochs"] < 10_000
+
+
+@pytest.mark.slow
+def test_three_lines_on_kvasir_subset(tmp_path):
+    folder = shared_path("data", "kvasir_seg")
+    frame = from_folders(folder / "images", folder / "masks")
+    train, test = frame.iloc[:16], frame.iloc[16:20]
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0)
+    seg.fit(train, presets="tiny", hyperparameters={"optim.max_epochs": 1})
+    masks = seg.predict(test)
+    scores = seg.evaluate(test)
+    for mask, path in zip(masks, test["image"]):
+        w, h = Image.open(path).size
+        assert mask.shape == (h, w)
+    assert 0 <= scores["iou"] <= 1 and 0 <= scores["sm"] <= 1
+
+
+@pytest.mark.slow
+def test_three_lines_on_camvid_multiclass_with_void_ignored(tmp_path):
+    folder = shared_path("data", "camvid")
+    frame = from_folders(folder / "images", folder / "masks")
+    train, test = frame.iloc[:12], frame.iloc[12:15]
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0)
+    seg.fit(train, presets="tiny", hyperparameters={"optim.max_epochs": 1, "data.void_label": 11})
+    assert seg.task_ == "multiclass" and seg.num_classes_ == 11
+    masks = seg.predict(test)
+    for mask in masks:
+        assert mask.shape == (360, 480) and mask.max() < 11
+    probs = seg.predict_proba(test.iloc[:1])[0]
+    assert probs.shape == (11, 360, 480)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
+    scores = seg.evaluate(test)
+    assert set(scores) == {"acc", "miou", "iou_per_class"}
+    assert len(scores["iou_per_class"]) == 11
