@@ -1,0 +1,236 @@
+"""Reading images and masks from disk, and reading their size from the header alone.
+
+Images of any mode Pillow opens (grayscale, RGB, RGBA, palette, CMYK, 1-bit, 16-bit) come
+back as 8-bit RGB with the EXIF orientation applied. Masks come back as a 2-D array of
+class ids: palette PNGs as their indices, grayscale as their values, colour masks only
+through a user-given colour-to-class mapping. The same EXIF orientation rule is applied
+to masks so that an image and its mask stay aligned.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import DataValidationError
+
+ColorMap = dict[tuple[int, int, int], int]
+
+_EXIF_ORIENTATION = 0x0112
+# Orientations 5-8 swap width and height (transpose, rotate 90/270, transverse).
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation tag of an opened (not decoded) image, 1 when absent.
+
+    For PNG only an eXIf chunk seen before the pixel data counts: asking Pillow for a
+    later one would decode the whole file.
+    """
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block is not worth failing over
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image as it will be read, from the file header only (no decode).
+
+    EXIF orientations that rotate by 90 degrees swap the two sides, as :func:`read_image`
+    does.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Image or mask file.
+
+    Returns
+    -------
+    tuple of int
+        Height and width in pixels.
+    """
+    with Image.open(path) as img:
+        width, height = img.size
+        if _orientation(img) in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
+    return int(height), int(width)
+
+
+def looks_truncated(path: str | os.PathLike) -> bool:
+    """True when a JPEG or PNG file lacks its end marker (a cut-off download or copy).
+
+    Reads the file's last kilobyte only; formats other than JPEG and PNG return False.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 1024))
+        tail = fh.read()
+    if head.startswith(b"\xff\xd8"):
+        return _JPEG_EOI not in tail
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _PNG_IEND not in tail
+    return False
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a 16/32-bit integer or float array to 0-255."""
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.nan_to_num(array.astype(np.float32))
+        if finite.size and finite.max() <= 1.0 and finite.min() >= 0.0:
+            finite = finite * 255.0
+        return np.clip(finite + 0.5, 0, 255).astype(np.uint8)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    # Integer data: 16-bit full range maps 65535 -> 255 (rounded division by 257).
+    values = array.astype(np.int64)
+    values = np.clip(values, 0, 65535)
+    return ((values + 128) // 257).astype(np.uint8)
+
+
+def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to 8-bit RGB with its EXIF orientation applied.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Any file Pillow opens (JPEG, PNG, BMP, TIFF, WebP, ...).
+    min_size : tuple of int, optional
+        ``(h, w)`` the caller will resize to. A JPEG may then be decoded at 1/2, 1/4 or
+        1/8 scale (DCT scaling, much faster) as long as both sides stay at least this
+        large. Other formats ignore it. Default: full resolution.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` uint8 array. Grayscale is repeated over three channels, alpha is
+        dropped, palettes are expanded and 16-bit data is scaled to 0-255.
+    """
+    with Image.open(path) as img:
+        if min_size is not None and img.format == "JPEG":
+            want_h, want_w = int(min_size[0]), int(min_size[1])
+            if _orientation(img) in _SWAPPING_ORIENTATIONS:
+                want_h, want_w = want_w, want_h
+            img.draft("RGB", (want_w, want_h))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return pil_to_rgb(img)
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert a decoded Pillow image of any mode to a ``(H, W, 3)`` uint8 RGB array."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        gray = _to_uint8(np.asarray(img))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if mode in ("L", "1"):
+        gray = np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLike) -> np.ndarray:
+    """Map an ``(H, W, 3)`` colour mask to class ids; unknown colours raise."""
+    codes = (
+        rgb[..., 0].astype(np.int32) << 16
+        | rgb[..., 1].astype(np.int32) << 8
+        | rgb[..., 2].astype(np.int32)
+    )
+    uniq, inverse = np.unique(codes.ravel(), return_inverse=True)
+    lut = {((r & 0xFF) << 16) | ((g & 0xFF) << 8) | (b & 0xFF): int(v)
+           for (r, g, b), v in color_map.items()}
+    unknown = [int(c) for c in uniq if int(c) not in lut]
+    if unknown:
+        shown = ", ".join(str(((c >> 16) & 255, (c >> 8) & 255, c & 255)) for c in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise DataValidationError(
+            f"mask {path} holds colours missing from color_map: {shown}{more}"
+        )
+    ids = np.array([lut[int(c)] for c in uniq], dtype=np.int64)
+    out = ids[inverse].reshape(codes.shape)
+    return out.astype(np.uint8) if out.size == 0 or (out.min() >= 0 and out.max() <= 255) else out
+
+
+def read_mask(
+    path: str | os.PathLike, color_map: ColorMap | None = None
+) -> np.ndarray:
+    """Decode a mask file to a 2-D array of label values.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Single-channel image (PNG, BMP, TIFF, ...). Palette images give their indices.
+        An RGB(A) file whose three channels are equal everywhere is read as grayscale.
+    color_map : dict, optional
+        ``{(r, g, b): class_id}``: required for colour masks, every colour present must
+        be listed.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` uint8 (int64 only for 16-bit masks with values above 255).
+
+    Raises
+    ------
+    DataValidationError
+        For a colour mask without ``color_map`` or with colours missing from it.
+    """
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode == "P":
+            # palette indices, not colours (with or without a color_map)
+            if color_map is not None:
+                return _apply_color_map(np.asarray(img.convert("RGB")), color_map, path)
+            return np.asarray(img, dtype=np.uint8)
+        if mode == "1":
+            return np.asarray(img, dtype=np.uint8)  # 0/1
+        if mode == "L":
+            values = np.asarray(img, dtype=np.uint8)
+            if color_map is not None:
+                return _apply_color_map(np.repeat(values[:, :, None], 3, axis=2), color_map, path)
+            return values
+        if mode == "LA":
+            return np.asarray(img.getchannel("L"), dtype=np.uint8)
+        if mode.startswith("I") or mode == "F":
+            values = np.asarray(img)
+            if np.issubdtype(values.dtype, np.floating):
+                if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+                    raise DataValidationError(
+                        f"mask {path} holds non-integer floating-point values"
+                    )
+            values = values.astype(np.int64)
+            if values.size and values.min() >= 0 and values.max() <= 255:
+                return values.astype(np.uint8)
+            return values
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if color_map is not None:
+        return _apply_color_map(rgb, color_map, path)
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return np.ascontiguousarray(rgb[..., 0])
+    raise DataValidationError(
+        f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
+        "(grayscale or palette PNG), or pass color_map={(r, g, b): class_id, ...}"
+    )

@@ -1,0 +1,608 @@
+"""Check a DataFrame of image/mask paths before anything is trained, and describe it.
+
+:func:`validate_frame` reads every image header (no decode) and decodes every mask once,
+collects *every* problem it finds (missing columns, empty frame, NaN paths, missing,
+unreadable or truncated files, image/mask size mismatches, mask values that fit neither
+task) and raises one :class:`~automask.errors.DataValidationError` listing them with row
+index and path. On success it returns a :class:`DataSpec`: the frame with absolute paths,
+the detected task and class count, and per-row statistics (size, mask kind, foreground
+fraction) that the data module reuses for stratified splitting.
+
+Task detection
+--------------
+Each mask's set of values (after ``color_map``; ``void_label`` pixels excluded) is one of
+
+* ``b01``  - a subset of {0, 1};
+* ``b255`` - a subset of {0, 255} containing 255 (255 = foreground);
+* ``ids``  - anything else: class ids, with 255 = ignore.
+
+Without ``num_classes`` the task is binary when every mask is ``b01`` or ``b255``;
+otherwise it is multi-class with ``K = max class id + 1``. Two patterns are reported as
+"fits neither task" rather than guessed: 0/255 binary masks mixed with class-id masks,
+and masks holding values 128-254 (typical of anti-aliased or JPEG-compressed binary
+masks). Passing ``num_classes`` (or ``class_names``) accepts any id below ``K``. With
+``K = 2`` the task is binary: 255 is foreground in ``b255`` masks and ignore otherwise.
+With ``K > 2`` a 255 is always the ignore index.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ConfigError, DataValidationError
+from .io import ColorMap, image_size, looks_truncated, read_mask
+from .transforms import IGNORE_INDEX
+
+KIND_B01 = "b01"
+KIND_B255 = "b255"
+KIND_IDS = "ids"
+_ANTIALIAS_LOW = 128  # values 128..254 in a mask look like a soft/JPEG binary mask
+_MASK_MEMO_LIMIT = 50_000
+
+
+@dataclass
+class DataSpec:
+    """A validated data set: the frame and what was learned about it.
+
+    Attributes
+    ----------
+    frame : pandas.DataFrame
+        The user's frame (original index kept) with the image and label columns
+        replaced by absolute path strings.
+    image_col : str
+    label_col : str or None
+        None when the frame carries no labels (prediction).
+    task : {"binary", "multiclass"}
+    num_classes : int
+        Classes including background; 2 for binary.
+    class_names : list of str
+    void_label : int or None
+        Mask value mapped to IGNORE_INDEX (e.g. 11 for CamVid's "Unlabelled").
+    color_map : dict or None
+        ``{(r, g, b): class_id}`` used to read colour masks.
+    stats : pandas.DataFrame or None
+        Per row, aligned by position with ``frame``: ``height``, ``width`` (image size
+        after EXIF orientation), and when labelled ``kind`` (b01/b255/ids) and
+        ``foreground`` (fraction of labelled pixels that are not background).
+    """
+
+    frame: pd.DataFrame
+    image_col: str
+    label_col: str | None
+    task: str
+    num_classes: int
+    class_names: list[str]
+    void_label: int | None = None
+    color_map: ColorMap | None = None
+    stats: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def num_outputs(self) -> int:
+        """Model output channels: 1 for binary (sigmoid), ``num_classes`` otherwise."""
+        return 1 if self.task == "binary" else self.num_classes
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def subset(self, positions: Sequence[int]) -> "DataSpec":
+        """A spec over rows at ``positions`` (original index labels kept)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        stats = self.stats.iloc[positions] if self.stats is not None else None
+        return replace(self, frame=self.frame.iloc[positions], stats=stats)
+
+    def target_lut(self, position: int, mask: np.ndarray | None = None) -> np.ndarray:
+        """256-entry lookup table from raw mask values to training targets for one row.
+
+        Targets are class ids (binary: 0/1) with IGNORE_INDEX for ignored pixels. The
+        row's kind comes from ``stats``; when absent it is worked out from ``mask``.
+        """
+        kind = None
+        if self.stats is not None and "kind" in self.stats.columns:
+            kind = self.stats["kind"].iat[position]
+        if kind is None and mask is not None:
+            kind = _kind_of(set(np.unique(mask).tolist()) - _void_set(self.void_label))
+        return _lut(kind, self.num_classes, self.void_label)
+
+
+def _void_set(void_label: int | None) -> set[int]:
+    return set() if void_label is None else {int(void_label)}
+
+
+def _kind_of(values: set[int]) -> str:
+    if values <= {0, 1}:
+        return KIND_B01
+    if values <= {0, 255}:
+        return KIND_B255
+    return KIND_IDS
+
+
+def _lut(kind: str | None, num_classes: int, void_label: int | None) -> np.ndarray:
+    lut = np.arange(256, dtype=np.uint8)
+    lut[num_classes:] = IGNORE_INDEX  # ids beyond K never reach a loss
+    if num_classes == 2 and kind == KIND_B255:
+        lut[255] = 1
+    if void_label is not None:
+        lut[int(void_label)] = IGNORE_INDEX
+    return lut
+
+
+class _Problems:
+    """Collects row problems; the message shows the first ``cap`` of them."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(1, int(cap))
+        self.items: list[tuple[int, str]] = []  # (position, line)
+
+    def add(
+        self, position: int, index: Any, column: str | None, path: str | None, reason: str
+    ) -> None:
+        where = f"row {index!r}"
+        if column is not None:
+            where += f" [{column}]"
+        if path is not None:
+            where += f" {path}"
+        self.items.append((position, f"{where}: {reason}"))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        items = sorted(self.items, key=lambda item: item[0])
+        shown = [line for _, line in items[: self.cap]]
+        more = len(items) - len(shown)
+        rows = len({pos for pos, _ in items})
+        head = f"{len(items)} problem(s) in {rows} row(s) of the data:"
+        tail = f"\n  ... and {more} more (raise max_errors to see them)" if more else ""
+        raise DataValidationError(head + "\n  " + "\n  ".join(shown) + tail)
+
+
+_memo: dict[tuple, tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
+_memo_lock = threading.Lock()
+
+
+def _mask_summary(
+    path: str, color_map: ColorMap | None
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """``((H, W), values, counts)`` of a mask, memoised on path, size and mtime."""
+    stat = os.stat(path)
+    cmap_key = None if color_map is None else tuple(sorted(color_map.items()))
+    key = (path, stat.st_mtime_ns, stat.st_size, cmap_key)
+    with _memo_lock:
+        hit = _memo.get(key)
+    if hit is not None:
+        return hit
+    mask = read_mask(path, color_map=color_map)
+    if mask.dtype == np.uint8:
+        counts = np.bincount(mask.ravel(), minlength=256)
+        values = np.flatnonzero(counts)
+        summary = (mask.shape, values, counts[values])
+    else:
+        values, counts = np.unique(mask, return_counts=True)
+        summary = (mask.shape, values.astype(np.int64), counts)
+    with _memo_lock:
+        if len(_memo) >= _MASK_MEMO_LIMIT:
+            _memo.clear()
+        _memo[key] = summary
+    return summary
+
+
+def _raw_path(value: Any) -> str | None:
+    """The cell as a path string, or None when it is missing (NaN, None, empty)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        try:
+            if pd.isna(value):
+                return None
+        except (TypeError, ValueError):
+            pass
+        return None if not str(value).strip() else str(value)
+    return value if value.strip() else None
+
+
+def _resolve(raw: str, root: Path) -> str:
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = root / path
+    return os.path.abspath(path)
+
+
+def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    """(size, reason): header-only check of one image file."""
+    if not os.path.exists(path):
+        return None, "file not found"
+    if not os.path.isfile(path):
+        return None, "not a file"
+    try:
+        size = image_size(path)
+    except UnidentifiedImageError:
+        return None, "not an image Pillow can read"
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"unreadable image ({exc})"
+    if size[0] < 1 or size[1] < 1:
+        return None, f"image has an empty size {size}"
+    try:
+        suspicious = looks_truncated(path)
+    except OSError as exc:
+        return None, f"unreadable file ({exc})"
+    if suspicious:
+        # No end marker near the end of the file: cut off, or a camera trailer after
+        # the marker. Only a full decode tells them apart.
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            return None, f"truncated or corrupt file ({exc})"
+    return size, None
+
+
+def _check_mask(path: str, color_map: ColorMap | None) -> tuple[Any, str | None]:
+    """(summary, reason): full decode of one mask file."""
+    if not os.path.exists(path):
+        return None, "file not found"
+    if not os.path.isfile(path):
+        return None, "not a file"
+    try:
+        return _mask_summary(path, color_map), None
+    except DataValidationError as exc:
+        return None, str(exc).replace(f"mask {path} ", "mask ")
+    except UnidentifiedImageError:
+        return None, "not an image Pillow can read"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc)
+        if "truncated" in reason.lower():
+            return None, f"truncated file ({reason})"
+        return None, f"unreadable mask ({reason})"
+
+
+def _check_options(
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+    void_label: int | None,
+    color_map: ColorMap | None,
+) -> tuple[int | None, list[str] | None]:
+    if class_names is not None:
+        if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
+            raise ConfigError(f"class_names must be a list of strings, got {class_names!r}")
+        class_names = list(class_names)
+        if num_classes is None:
+            num_classes = len(class_names)
+        elif len(class_names) != num_classes:
+            raise ConfigError(
+                f"class_names has {len(class_names)} names but num_classes={num_classes}"
+            )
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or not (
+            2 <= int(num_classes) <= 255
+        ):
+            raise ConfigError(
+                "num_classes must be an integer in [2, 255] (background included), "
+                f"got {num_classes!r}"
+            )
+        num_classes = int(num_classes)
+    if void_label is not None and (
+        isinstance(void_label, bool)
+        or int(void_label) != void_label
+        or not 0 <= int(void_label) <= 255
+    ):
+        raise ConfigError(f"void_label must be an integer in [0, 255], got {void_label!r}")
+    if color_map is not None:
+        for key, value in color_map.items():
+            ok_key = isinstance(key, tuple) and len(key) == 3 and all(
+                isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in key
+            )
+            if not ok_key or not isinstance(value, (int, np.integer)) or not 0 <= value <= 255:
+                raise ConfigError(
+                    "color_map entries must be (r, g, b) -> class id in [0, 255], "
+                    f"got {key!r}: {value!r}"
+                )
+    return num_classes, class_names
+
+
+def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise DataValidationError(f"data CSV {path} not found")
+        try:
+            return pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise DataValidationError(f"data CSV {path} could not be parsed: {exc}") from exc
+    raise DataValidationError(
+        f"data must be a pandas DataFrame or a CSV path, got {type(data).__name__}"
+    )
+
+
+def _workers(n_rows: int) -> int:
+    if n_rows < 16:
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) * 2))
+
+
+def validate_frame(
+    data: pd.DataFrame | str | os.PathLike,
+    *,
+    image_col: str = "image",
+    label_col: str = "label",
+    root: str | os.PathLike | None = None,
+    require_labels: bool = True,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    void_label: int | None = None,
+    color_map: ColorMap | None = None,
+    max_errors: int = 20,
+) -> DataSpec:
+    """Check every row of ``data`` and describe it, or raise one error listing all problems.
+
+    Parameters
+    ----------
+    data : DataFrame or path to a CSV file
+        One row per sample with an image path column and (for training/evaluation) a
+        mask path column.
+    image_col, label_col : str
+        Column names.
+    root : path, optional
+        Folder that relative paths are resolved against; default: the working directory.
+    require_labels : bool
+        True for training/evaluation. False reads the image column only (prediction);
+        the spec then has ``label_col=None`` and takes its task from ``num_classes``
+        (binary when not given).
+    num_classes : int, optional
+        Classes including background. Given, it fixes the task (2 = binary) and every
+        mask id must lie in ``[0, num_classes)``; this is how labels are checked against
+        an already fitted model. Default: detected from the masks (see module notes).
+    class_names : list of str, optional
+        One name per class; implies ``num_classes`` when that is not given.
+    void_label : int, optional
+        A mask value that means "not labelled" and is mapped to IGNORE_INDEX (255); use
+        11 for CamVid's "Unlabelled" class.
+    color_map : dict, optional
+        ``{(r, g, b): class_id}`` for colour masks.
+    max_errors : int
+        How many problems the error message lists (all are counted).
+
+    Returns
+    -------
+    DataSpec
+
+    Raises
+    ------
+    DataValidationError
+        Naming row index, column, path and reason of every problem found.
+    ConfigError
+        For inconsistent options (e.g. ``class_names`` and ``num_classes`` disagree).
+    """
+    num_classes, class_names = _check_options(num_classes, class_names, void_label, color_map)
+    frame = _read_frame(data)
+    if not isinstance(frame.columns, pd.MultiIndex):
+        columns = [str(c) for c in frame.columns]
+    else:  # pragma: no cover - unusual
+        columns = [str(c) for c in frame.columns]
+    wanted = [image_col] + ([label_col] if require_labels else [])
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise DataValidationError(
+            f"missing column(s) {missing}; the data has columns {columns}"
+            + ("" if require_labels else "")
+            + " (set image_col=/label_col= to use other names)"
+        )
+    if len(frame) == 0:
+        raise DataValidationError("the data frame is empty: it has no rows")
+    root_path = Path(root).expanduser().resolve() if root is not None else Path.cwd()
+    use_labels = require_labels
+    n_rows = len(frame)
+    problems = _Problems(max_errors)
+    index = list(frame.index)
+    raw_images = frame[image_col].tolist()
+    raw_labels = frame[label_col].tolist() if use_labels else [None] * n_rows
+
+    image_paths: list[str | None] = [None] * n_rows
+    label_paths: list[str | None] = [None] * n_rows
+    for pos in range(n_rows):
+        raw = _raw_path(raw_images[pos])
+        if raw is None:
+            reason = f"missing image path ({raw_images[pos]!r})"
+            problems.add(pos, index[pos], image_col, None, reason)
+        else:
+            image_paths[pos] = _resolve(raw, root_path)
+        if use_labels:
+            raw = _raw_path(raw_labels[pos])
+            if raw is None:
+                reason = f"missing mask path ({raw_labels[pos]!r})"
+                problems.add(pos, index[pos], label_col, None, reason)
+            else:
+                label_paths[pos] = _resolve(raw, root_path)
+
+    def check(pos: int) -> tuple[Any, Any]:
+        img = _check_image(image_paths[pos]) if image_paths[pos] is not None else (None, None)
+        lbl = (
+            _check_mask(label_paths[pos], color_map)
+            if use_labels and label_paths[pos] is not None
+            else (None, None)
+        )
+        return img, lbl
+
+    workers = _workers(n_rows)
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(check, range(n_rows)))
+    else:
+        results = [check(pos) for pos in range(n_rows)]
+
+    heights = np.zeros(n_rows, dtype=np.int64)
+    widths = np.zeros(n_rows, dtype=np.int64)
+    summaries: list[Any] = [None] * n_rows
+    for pos, ((size, img_reason), (summary, lbl_reason)) in enumerate(results):
+        if img_reason is not None:
+            problems.add(pos, index[pos], image_col, image_paths[pos], img_reason)
+        if lbl_reason is not None:
+            problems.add(pos, index[pos], label_col, label_paths[pos], lbl_reason)
+        if size is not None:
+            heights[pos], widths[pos] = size
+        if summary is not None:
+            shape, values, _ = summary
+            if size is not None and tuple(shape) != tuple(size):
+                problems.add(
+                    pos, index[pos], label_col, label_paths[pos],
+                    f"mask is {shape[0]}x{shape[1]} (HxW) but image {image_paths[pos]} is "
+                    f"{size[0]}x{size[1]}",
+                )
+                continue
+            if values.size and (values.min() < 0 or values.max() > 255):
+                problems.add(
+                    pos, index[pos], label_col, label_paths[pos],
+                    "mask values must lie in 0-255, found "
+                    f"{int(values.min())}..{int(values.max())}",
+                )
+                continue
+            summaries[pos] = summary
+
+    task, k, kinds = "binary", num_classes or 2, [None] * n_rows
+    if use_labels:
+        task, k, kinds = _detect_task(
+            summaries, index, label_paths, label_col, num_classes, void_label, problems
+        )
+    problems.raise_if_any()
+
+    if class_names is None:
+        class_names = (
+            ["background", "foreground"] if k == 2 else [f"class_{i}" for i in range(k)]
+        )
+    out = frame.copy()
+    out[image_col] = image_paths
+    stats = pd.DataFrame({"height": heights, "width": widths}, index=frame.index)
+    if use_labels:
+        out[label_col] = label_paths
+        stats["kind"] = kinds
+        stats["foreground"] = [
+            _foreground_fraction(summaries[pos], kinds[pos], k, void_label) for pos in range(n_rows)
+        ]
+    return DataSpec(
+        frame=out,
+        image_col=image_col,
+        label_col=label_col if use_labels else None,
+        task=task,
+        num_classes=k,
+        class_names=list(class_names),
+        void_label=None if void_label is None else int(void_label),
+        color_map=dict(color_map) if color_map is not None else None,
+        stats=stats,
+    )
+
+
+def _values_without_void(summary: Any, void_label: int | None) -> set[int]:
+    values = set(int(v) for v in summary[1])
+    return values - _void_set(void_label)
+
+
+def _fmt(values: set[int], limit: int = 12) -> str:
+    ordered = sorted(values)
+    text = ", ".join(str(v) for v in ordered[:limit])
+    return "{" + text + (", ..." if len(ordered) > limit else "") + "}"
+
+
+def _detect_task(
+    summaries: list[Any],
+    index: list[Any],
+    paths: list[str | None],
+    label_col: str,
+    num_classes: int | None,
+    void_label: int | None,
+    problems: _Problems,
+) -> tuple[str, int, list[str | None]]:
+    """Decide task and K from the per-row value sets; report rows that fit neither."""
+    n_rows = len(summaries)
+    kinds: list[str | None] = [None] * n_rows
+    value_sets: list[set[int] | None] = [None] * n_rows
+    for pos, summary in enumerate(summaries):
+        if summary is None:
+            continue
+        values = _values_without_void(summary, void_label)
+        value_sets[pos] = values
+        kinds[pos] = _kind_of(values)
+    valid = [pos for pos in range(n_rows) if kinds[pos] is not None]
+
+    if num_classes is not None:
+        k = num_classes
+        for pos in valid:
+            ids = value_sets[pos] - {IGNORE_INDEX} if kinds[pos] != KIND_B255 else set()
+            bad = {v for v in ids if v >= k}
+            if bad:
+                problems.add(
+                    pos, index[pos], label_col, paths[pos],
+                    f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k}",
+                )
+        return ("binary" if k == 2 else "multiclass"), k, kinds
+
+    if all(kinds[pos] in (KIND_B01, KIND_B255) for pos in valid):
+        return "binary", 2, kinds
+
+    soft = [
+        pos for pos in valid
+        if kinds[pos] == KIND_IDS
+        and any(_ANTIALIAS_LOW <= v < IGNORE_INDEX for v in value_sets[pos])
+    ]
+    for pos in soft:
+        problems.add(
+            pos, index[pos], label_col, paths[pos],
+            f"mask values {_fmt(value_sets[pos])} fit neither task: values 128-254 look like "
+            "an anti-aliased or JPEG-compressed binary mask (threshold it), not class ids; "
+            "pass num_classes to use them as class ids",
+        )
+    soft_set = set(soft)
+    multi = [
+        pos for pos in valid
+        if kinds[pos] == KIND_IDS and pos not in soft_set
+        and any(1 < v < IGNORE_INDEX for v in value_sets[pos])
+    ]
+    b255 = [pos for pos in valid if kinds[pos] == KIND_B255]
+    if multi and b255:
+        if len(b255) >= len(multi):
+            for pos in multi:
+                problems.add(
+                    pos, index[pos], label_col, paths[pos],
+                    f"mask values {_fmt(value_sets[pos])} fit neither task: {len(b255)} other "
+                    "mask(s) are binary 0/255; pass num_classes to read all masks as class "
+                    "ids (255 = ignore)",
+                )
+        else:
+            for pos in b255:
+                problems.add(
+                    pos, index[pos], label_col, paths[pos],
+                    f"mask values {{0, 255}} fit neither task: {len(multi)} other mask(s) hold "
+                    "class ids, where 255 means ignore; pass num_classes to accept this",
+                )
+    ids = [
+        v for pos in valid if kinds[pos] == KIND_IDS
+        for v in value_sets[pos] if v != IGNORE_INDEX
+    ]
+    k = max(2, (max(ids) + 1) if ids else 2)
+    return ("binary" if k == 2 else "multiclass"), k, kinds
+
+
+def _foreground_fraction(summary: Any, kind: str | None, k: int, void_label: int | None) -> float:
+    """Fraction of labelled (non-ignored) pixels whose target is not background."""
+    if summary is None:
+        return float("nan")
+    _, values, counts = summary
+    lut = _lut(kind, k, void_label)
+    targets = lut[np.clip(values, 0, 255)]
+    labelled = targets != IGNORE_INDEX
+    total = counts[labelled].sum()
+    if total == 0:
+        return 0.0
+    return float(counts[labelled & (targets != 0)].sum() / total)

@@ -1,0 +1,117 @@
+"""Seeded train/test splits, stratified on foreground fraction for binary masks.
+
+Small masks and large masks behave differently (a model that misses small polyps can
+still score well on large ones), so a holdout split should hold the same mix. Rows are
+put into foreground-fraction quantile bins and scikit-learn's ``train_test_split``
+stratifies on them; bins are merged until each has enough rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split as _sk_split
+
+from ..errors import DataValidationError
+
+_MAX_BINS = 5
+
+
+def _bins(foreground: np.ndarray, n_test: int, n_train: int) -> np.ndarray | None:
+    """Quantile bin of each row, with as many bins (<= 5) as the split sizes allow."""
+    values = np.nan_to_num(np.asarray(foreground, dtype=np.float64), nan=0.0)
+    for n_bins in range(min(_MAX_BINS, n_test, n_train), 1, -1):
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+        labels = np.searchsorted(edges, values, side="right")
+        counts = np.bincount(labels)
+        counts = counts[counts > 0]
+        if len(counts) >= 2 and counts.min() >= 2:
+            return labels
+    return None
+
+
+def split_positions(
+    n: int, test_size: float, seed: int = 0, foreground: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(train, test)`` of an ``n``-row split.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows (at least 2).
+    test_size : float
+        Fraction in (0, 1); at least one row goes to each side.
+    seed : int
+    foreground : array, optional
+        Per-row foreground fraction; stratifies the split when given.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Sorted int64 positions.
+    """
+    if not 0.0 < float(test_size) < 1.0:
+        raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size!r}")
+    if n < 2:
+        raise DataValidationError(f"cannot split {n} row(s) into two non-empty parts")
+    n_test = min(n - 1, max(1, int(round(n * float(test_size)))))
+    positions = np.arange(n)
+    strata = None
+    if foreground is not None:
+        strata = _bins(foreground, n_test, n - n_test)
+    train, test = _sk_split(
+        positions, test_size=n_test, random_state=int(seed) % (2**32), stratify=strata
+    )
+    return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def _foreground_of(path: str) -> float:
+    """Fraction of non-background pixels; 255 counts as ignore in class-id masks."""
+    from ..data.io import read_mask
+
+    mask = read_mask(path)
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 1} or values <= {0, 255}:
+        return float((mask > 0).mean())
+    labelled = mask != 255
+    total = int(labelled.sum())
+    return float(((mask > 0) & labelled).sum() / total) if total else 0.0
+
+
+def train_test_split(
+    df: pd.DataFrame,
+    test_size: float = 0.2,
+    seed: int = 0,
+    stratify_foreground: bool = True,
+    label_col: str = "label",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a DataFrame of image/mask paths into train and test frames.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Rows to split (index kept).
+    test_size : float
+        Fraction of rows in the test frame.
+    seed : int
+        Seed of the split.
+    stratify_foreground : bool
+        Read each mask in ``label_col`` and stratify on foreground-fraction bins (pixels
+        > 0 among those not equal to 255 for class-id masks).
+    label_col : str
+        Mask path column, used when stratifying.
+
+    Returns
+    -------
+    tuple of pandas.DataFrame
+        ``(train, test)``, each in the original row order.
+    """
+    foreground = None
+    if stratify_foreground:
+        if label_col not in df.columns:
+            raise DataValidationError(
+                f"stratify_foreground=True needs the mask column {label_col!r}; the data has "
+                f"columns {[str(c) for c in df.columns]}"
+            )
+        foreground = np.array([_foreground_of(str(p)) for p in df[label_col]])
+    train, test = split_positions(len(df), test_size, seed, foreground)
+    return df.iloc[train], df.iloc[test]

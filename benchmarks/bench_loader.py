@@ -1,0 +1,72 @@
+"""Loader throughput: images per second from files to model-space batches.
+
+For each input size it runs two epochs over the same rows through the DataModule's
+training loader (shuffled, no augmentation): the first decodes every JPEG/PNG and
+resizes it ("cold"), the second is served by the sample cache ("cached"). One line is
+printed per (input size, workers) setting.
+
+    python benchmarks/bench_loader.py                       # kvasir_seg, 64 images
+    python benchmarks/bench_loader.py --workers 0 2 --sizes 1024 512
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from automask.data import SegmentationDataModule, validate_frame  # noqa: E402
+from automask.datasets import from_folders  # noqa: E402
+
+
+def _epoch(loader) -> tuple[int, float]:
+    start = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += int(batch["image"].shape[0])
+    return n, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "kvasir_seg"),
+                        help="folder with images/ and masks/")
+    parser.add_argument("--n", type=int, default=64, help="rows to load")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    df = from_folders(data / "images", data / "masks").iloc[: args.n]
+    start = time.perf_counter()
+    spec = validate_frame(df)
+    print(f"{data.name}: validated {len(df)} rows in {time.perf_counter() - start:.2f} s "
+          f"(task={spec.task}, classes={spec.num_classes})")
+    print(f"torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}, "
+          f"batch_size={args.batch_size}")
+    for size in args.sizes:
+        for workers in args.workers:
+            with tempfile.TemporaryDirectory() as cache_dir:
+                dm = SegmentationDataModule(
+                    spec, input_size=size, batch_size=args.batch_size, tuning_spec=spec,
+                    num_workers=workers, cache_dir=cache_dir if workers else None,
+                    cache_memory_mb=4096,
+                )
+                loader = dm.train_dataloader()
+                n_cold, t_cold = _epoch(loader)
+                n_warm, t_warm = _epoch(loader)
+                del loader
+            print(f"{data.name} n={len(df)} S={size} workers={workers}: "
+                  f"cold {n_cold / t_cold:6.1f} img/s, cached {n_warm / t_warm:6.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Reading images and masks: modes, EXIF orientation, palettes, colour masks, headers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.data import image_size, read_image, read_mask
+from automask.data.io import looks_truncated
+from automask.errors import DataValidationError
+
+
+def _rgb(h=6, w=9, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _smooth(h, w):
+    """A gradient image: JPEG keeps it close to the source (noise it would not)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.dstack([yy * 255 // max(h - 1, 1), xx * 255 // max(w - 1, 1),
+                      np.full((h, w), 90)]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif"])
+def test_read_image_lossless_formats_roundtrip(tmp_path, suffix):
+    arr = _rgb()
+    path = tmp_path / f"a{suffix}"
+    Image.fromarray(arr).save(path)
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == (6, 9, 3)
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_read_image_jpeg_is_rgb_uint8(tmp_path):
+    arr = _smooth(32, 40)
+    Image.fromarray(arr).save(tmp_path / "a.jpg", quality=95)
+    out = read_image(tmp_path / "a.jpg")
+    assert out.shape == (32, 40, 3) and out.dtype == np.uint8
+    # lossy, but close to the source on average
+    assert np.abs(out.astype(int) - arr.astype(int)).mean() < 4
+
+
+def test_read_image_grayscale_rgba_palette(tmp_path):
+    gray = np.arange(30, dtype=np.uint8).reshape(5, 6) * 8
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (5, 6, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], gray)
+
+    rgba = np.dstack([_rgb(5, 6), np.full((5, 6), 7, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), rgba[..., :3])
+
+    pal = Image.new("P", (4, 3))
+    pal.putpalette([0, 0, 0, 10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 9))
+    pal.putdata([0, 1, 2, 1] * 3)
+    pal.save(tmp_path / "p.png")
+    out = read_image(tmp_path / "p.png")
+    assert tuple(out[0, 1]) == (10, 20, 30) and tuple(out[0, 2]) == (200, 100, 50)
+
+
+def test_read_image_16bit_scaled_to_8bit(tmp_path):
+    arr = np.array([[0, 257, 65535], [32896, 514, 1000]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "d.png")
+    with Image.open(tmp_path / "d.png") as pil:
+        assert pil.mode.startswith("I")
+    out = read_image(tmp_path / "d.png")
+    assert out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out[..., 0], np.round(arr / 257.0).astype(np.uint8))
+
+
+def test_exif_orientation_applied_and_header_size_swapped(tmp_path):
+    arr = _smooth(10, 20)  # H=10, W=20 as stored
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=100)
+    out = read_image(tmp_path / "r.jpg")
+    assert out.shape == (20, 10, 3)
+    assert image_size(tmp_path / "r.jpg") == (20, 10)
+    # The displayed image is the stored one rotated 90 degrees clockwise.
+    expected = np.rot90(arr, k=-1)
+    assert np.abs(out.astype(int) - expected.astype(int)).mean() < 6
+    # and not the unrotated-then-reshaped array
+    assert np.abs(out.astype(int) - np.rot90(arr, k=1).astype(int)).mean() > 30
+
+
+def test_image_size_reads_header_only(tmp_path):
+    Image.fromarray(_rgb(7, 11)).save(tmp_path / "a.png")
+    assert image_size(tmp_path / "a.png") == (7, 11)
+
+
+def test_read_mask_palette_gives_indices(tmp_path):
+    pal = Image.new("P", (3, 2))
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    pal.putdata([0, 1, 2, 2, 1, 0])
+    pal.save(tmp_path / "m.png")
+    out = read_mask(tmp_path / "m.png")
+    np.testing.assert_array_equal(out, [[0, 1, 2], [2, 1, 0]])
+
+
+def test_read_mask_grayscale_and_bilevel(tmp_path):
+    m = np.array([[0, 255], [255, 0]], np.uint8)
+    Image.fromarray(m).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), m)
+    Image.fromarray(m).convert("1").save(tmp_path / "b.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "b.png"), m // 255)
+
+
+def test_rgb_mask_is_error_unless_color_map(tmp_path):
+    m = np.zeros((4, 5, 3), np.uint8)
+    m[1:3, 1:4] = (128, 0, 0)
+    m[0, 0] = (0, 128, 0)
+    path = tmp_path / "colour.png"
+    Image.fromarray(m).save(path)
+    with pytest.raises(DataValidationError, match="colour") as info:
+        read_mask(path)
+    assert str(path) in str(info.value)
+    out = read_mask(path, color_map={(0, 0, 0): 0, (128, 0, 0): 1, (0, 128, 0): 2})
+    expected = np.zeros((4, 5), np.uint8)
+    expected[1:3, 1:4] = 1
+    expected[0, 0] = 2
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(DataValidationError, match=r"\(0, 128, 0\)"):
+        read_mask(path, color_map={(0, 0, 0): 0, (128, 0, 0): 1})
+
+
+def test_gray_saved_as_rgb_mask_is_accepted(tmp_path):
+    m = np.array([[0, 255, 0]], np.uint8)
+    Image.fromarray(np.dstack([m, m, m])).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "g.png"), m)
+
+
+def test_looks_truncated(tmp_path):
+    Image.fromarray(_rgb(40, 40)).save(tmp_path / "a.jpg")
+    Image.fromarray(_rgb(40, 40)).save(tmp_path / "a.png")
+    assert not looks_truncated(tmp_path / "a.jpg")
+    assert not looks_truncated(tmp_path / "a.png")
+    for name in ("a.jpg", "a.png"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
+        assert looks_truncated(tmp_path / f"cut_{name}")

@@ -1,0 +1,274 @@
+"""validate_frame: every bad input reported at once, task detection, class checks."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFile
+
+import automask.data.validation as validation
+from automask.data import IGNORE_INDEX, SegmentationDataset, validate_frame
+from automask.errors import ConfigError, DataValidationError
+
+
+def _pair(folder, name, mask, image_size=None, suffix=".png"):
+    """Write image + mask; returns (image_path, mask_path) as strings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mask = np.asarray(mask, dtype=np.uint8)
+    h, w = image_size or mask.shape
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    img_path, mask_path = folder / f"{name}{suffix}", folder / f"{name}_mask.png"
+    Image.fromarray(image).save(img_path)
+    Image.fromarray(mask).save(mask_path)
+    return str(img_path), str(mask_path)
+
+
+def _binary(h=12, w=16, fg=255):
+    m = np.zeros((h, w), np.uint8)
+    m[2:6, 3:9] = fg
+    return m
+
+
+def _frame(pairs, index=None):
+    return pd.DataFrame(
+        {"image": [p[0] for p in pairs], "label": [p[1] for p in pairs]}, index=index
+    )
+
+
+def test_missing_columns_are_named(tmp_path):
+    df = pd.DataFrame({"img": ["a.png"], "mask": ["b.png"]})
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(df)
+    msg = str(info.value)
+    assert "'image'" in msg and "'label'" in msg and "'img'" in msg
+
+
+def test_empty_frame(tmp_path):
+    with pytest.raises(DataValidationError, match="empty"):
+        validate_frame(pd.DataFrame({"image": [], "label": []}))
+
+
+def test_all_bad_rows_reported_at_once(tmp_path):
+    good = _pair(tmp_path, "good", _binary())
+    missing_img = (str(tmp_path / "nope.png"), good[1])
+    nan_row = (float("nan"), good[1])
+    empty_label = (good[0], "  ")
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    unreadable = (str(garbage), good[1])
+    # truncated JPEG image
+    big = _pair(tmp_path, "big", _binary(64, 64), suffix=".jpg")
+    data = Path(big[0]).read_bytes()
+    cut_img = tmp_path / "cut.jpg"
+    cut_img.write_bytes(data[: len(data) // 2])
+    truncated_img = (str(cut_img), big[1])
+    # truncated PNG mask
+    mdata = Path(big[1]).read_bytes()
+    cut_mask = tmp_path / "cut_mask.png"
+    cut_mask.write_bytes(mdata[: len(mdata) // 2])
+    truncated_mask = (big[0], str(cut_mask))
+    mismatch = _pair(tmp_path, "mismatch", _binary(12, 16), image_size=(13, 16))
+    pairs = [good, missing_img, nan_row, empty_label, unreadable, truncated_img,
+             truncated_mask, mismatch]
+    index = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"]
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(pairs, index=index))
+    msg = str(info.value)
+    lines = msg.splitlines()
+
+    def line_for(idx):
+        found = [ln for ln in lines if f"row {idx!r}" in ln]
+        assert found, f"row {idx} not reported in:\n{msg}"
+        return " ".join(found)
+
+    assert "'r0'" not in msg
+    assert str(tmp_path / "nope.png") in line_for("r1") and "not found" in line_for("r1")
+    assert "missing image path" in line_for("r2") and "nan" in line_for("r2")
+    assert "missing mask path" in line_for("r3")
+    assert str(garbage) in line_for("r4") and "not an image" in line_for("r4")
+    assert str(cut_img) in line_for("r5") and "truncated" in line_for("r5")
+    assert str(cut_mask) in line_for("r6") and "truncated" in line_for("r6")
+    assert mismatch[1] in line_for("r7") and "12x16" in line_for("r7") and "13x16" in line_for("r7")
+
+
+def test_error_cap_counts_everything(tmp_path):
+    rows = [(str(tmp_path / f"missing{i}.png"), str(tmp_path / f"m{i}.png")) for i in range(30)]
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(rows), max_errors=5)
+    msg = str(info.value)
+    assert msg.startswith("60 problem(s) in 30 row(s)")
+    assert len(re.findall(r"^\s+row ", msg, flags=re.M)) == 5
+    assert "55 more" in msg
+
+
+def test_values_that_fit_neither_task(tmp_path):
+    pairs = [_pair(tmp_path, f"b{i}", _binary()) for i in range(3)]
+    multi = np.zeros((12, 16), np.uint8)
+    multi[:4] = 2
+    multi[4:8] = 3
+    pairs.append(_pair(tmp_path, "multi", multi))
+    soft = _binary()
+    soft[5, 5] = 200  # anti-aliased edge value
+    pairs.append(_pair(tmp_path, "soft", soft))
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(pairs))
+    msg = str(info.value)
+    assert "row 3" in msg and pairs[3][1] in msg and "fit neither" in msg
+    assert "row 4" in msg and pairs[4][1] in msg and "128-254" in msg
+    assert "row 0" not in msg
+
+
+def test_colour_mask_reported_with_row(tmp_path):
+    img, _ = _pair(tmp_path, "c", _binary())
+    colour = np.zeros((12, 16, 3), np.uint8)
+    colour[..., 0] = 200
+    colour[0, 0] = (0, 10, 0)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame([(img, str(tmp_path / "colour.png"))]))
+    assert "row 0" in str(info.value) and "colour" in str(info.value)
+    assert str(tmp_path / "colour.png") in str(info.value)
+
+
+@pytest.mark.parametrize("fg", [255, 1])
+def test_binary_detection_and_targets(tmp_path, fg):
+    pairs = [_pair(tmp_path, f"b{i}", _binary(fg=fg)) for i in range(3)]
+    pairs.append(_pair(tmp_path, "empty", np.zeros((12, 16), np.uint8)))
+    spec = validate_frame(_frame(pairs))
+    assert spec.task == "binary" and spec.num_classes == 2 and spec.num_outputs == 1
+    assert spec.class_names == ["background", "foreground"]
+    ds = SegmentationDataset(spec, input_size=32)
+    target = ds[0]["target"]
+    assert set(target.unique().tolist()) == {0, 1, IGNORE_INDEX}
+    # 16 wide -> 32: a 4x6 block becomes 8x12 pixels of foreground
+    assert int((target == 1).sum()) == 8 * 12
+    np.testing.assert_allclose(spec.stats["foreground"].iloc[:3], 24 / 192)
+    assert spec.stats["foreground"].iloc[3] == 0
+
+
+def test_multiclass_detection_num_classes_and_void(tmp_path):
+    m = np.zeros((10, 10), np.uint8)
+    m[:3] = 1
+    m[3:5] = 4
+    m[9] = 11  # void
+    m[8] = 255  # already ignore
+    pairs = [_pair(tmp_path, "m0", m)]
+    spec = validate_frame(_frame(pairs))
+    assert spec.task == "multiclass" and spec.num_classes == 12
+    spec = validate_frame(_frame(pairs), void_label=11)
+    assert spec.num_classes == 5 and spec.num_outputs == 5
+    target = SegmentationDataset(spec, input_size=10)[0]["target"]
+    assert (target[9] == IGNORE_INDEX).all() and (target[8] == IGNORE_INDEX).all()
+    assert (target[3:5] == 4).all()
+    spec = validate_frame(_frame(pairs), void_label=11, num_classes=8,
+                          class_names=[f"c{i}" for i in range(8)])
+    assert spec.num_classes == 8 and spec.class_names[7] == "c7"
+
+
+def test_ids_outside_fitted_classes_are_errors(tmp_path):
+    m = np.zeros((10, 10), np.uint8)
+    m[:2] = 3
+    m[5:] = 6
+    pairs = [_pair(tmp_path, "ok", np.minimum(m, 2)), _pair(tmp_path, "bad", m)]
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(pairs), num_classes=4)
+    msg = str(info.value)
+    assert "row 1" in msg and pairs[1][1] in msg and "{6}" in msg and "[0, 4)" in msg
+    assert "row 0" not in msg
+
+
+def test_binary_model_rejects_class_ids(tmp_path):
+    m = np.zeros((10, 10), np.uint8)
+    m[:2] = 2
+    pairs = [_pair(tmp_path, "x", m)]
+    with pytest.raises(DataValidationError, match=r"outside \[0, 2\)"):
+        validate_frame(_frame(pairs), num_classes=2)
+
+
+def test_inconsistent_options_are_config_errors():
+    df = pd.DataFrame({"image": ["a"], "label": ["b"]})
+    with pytest.raises(ConfigError, match="class_names"):
+        validate_frame(df, num_classes=3, class_names=["a", "b"])
+    with pytest.raises(ConfigError, match="num_classes"):
+        validate_frame(df, num_classes=1)
+    with pytest.raises(ConfigError, match="void_label"):
+        validate_frame(df, void_label=300)
+
+
+def test_relative_paths_root_and_csv(tmp_path, monkeypatch):
+    _pair(tmp_path / "data", "a", _binary())
+    df = pd.DataFrame({"image": ["data/a.png"], "label": ["data/a_mask.png"]})
+    spec = validate_frame(df, root=tmp_path)
+    assert spec.frame["image"].iloc[0] == os.path.abspath(tmp_path / "data" / "a.png")
+    csv = tmp_path / "train.csv"
+    df.to_csv(csv, index=False)
+    monkeypatch.chdir(tmp_path)
+    spec = validate_frame(str(csv))  # default root: the working directory
+    assert spec.frame["label"].iloc[0] == os.path.abspath(tmp_path / "data" / "a_mask.png")
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(DataValidationError, match="not found"):
+        validate_frame(csv)
+
+
+def test_predict_time_needs_images_only(tmp_path):
+    img, _ = _pair(tmp_path, "p", _binary())
+    df = pd.DataFrame({"image": [img], "other": [1]}, index=[42])
+    spec = validate_frame(df, require_labels=False)
+    assert spec.label_col is None and list(spec.frame.index) == [42]
+    item = SegmentationDataset(spec, 16, with_labels=False)[0]
+    assert "target" not in item
+    with pytest.raises(DataValidationError, match="'label'"):
+        validate_frame(df)
+
+
+def test_validation_reads_image_headers_only(tmp_path, monkeypatch):
+    pairs = [_pair(tmp_path, f"h{i}", _binary(), suffix=".jpg") for i in range(20)]
+    loaded = []
+    original = ImageFile.ImageFile.load
+
+    def spy(self):
+        loaded.append(getattr(self, "filename", None))
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    validation._memo.clear()
+    validate_frame(_frame(pairs))
+    assert loaded, "masks must be decoded"
+    assert not [f for f in loaded if str(f).endswith(".jpg")], "images were decoded"
+
+
+def test_masks_decoded_once_across_calls(tmp_path, monkeypatch):
+    pairs = [_pair(tmp_path, f"d{i}", _binary()) for i in range(4)]
+    calls = []
+    real = validation.read_mask
+    monkeypatch.setattr(
+        validation, "read_mask", lambda p, color_map=None: calls.append(p) or real(p, color_map)
+    )
+    validation._memo.clear()
+    validate_frame(_frame(pairs))
+    validate_frame(_frame(pairs))
+    assert len(calls) == 4
+
+
+def test_nothing_written_when_validation_fails(tmp_path, monkeypatch):
+    _pair(tmp_path, "w", _binary())
+    before = sorted(p for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataValidationError):
+        validate_frame(
+            pd.DataFrame({"image": ["w.png", "x.png"], "label": ["w_mask.png", "y.png"]})
+        )
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_jpeg_with_trailer_after_end_marker_is_not_truncated(tmp_path):
+    img, mask = _pair(tmp_path, "t", _binary(), suffix=".jpg")
+    with open(img, "ab") as fh:  # e.g. a phone's metadata trailer
+        fh.write(b"\x00TRAILER" * 400)
+    spec = validate_frame(_frame([(img, mask)]))
+    assert len(spec.frame) == 1

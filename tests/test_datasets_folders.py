@@ -1,0 +1,108 @@
+"""from_folders: pairing by stem, unpaired files, the shared real datasets."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.data import IGNORE_INDEX, SegmentationDataset, validate_frame
+from automask.datasets import from_folders
+from automask.errors import DataValidationError
+from conftest import shared_path
+
+
+def _write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _layout(tmp_path, image_stems, mask_stems):
+    for stem in image_stems:
+        _write(tmp_path / "images" / f"{stem}.jpg", np.zeros((4, 4, 3), np.uint8))
+    for stem in mask_stems:
+        _write(tmp_path / "masks" / f"{stem}.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "images" / "README.md").write_text("not an image")
+    (tmp_path / "masks" / ".hidden.png").write_bytes(b"")
+
+
+def test_pairs_by_stem_sorted_absolute(tmp_path):
+    _layout(tmp_path, ["b", "a", "c"], ["c", "a", "b"])
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert list(df.columns) == ["image", "label"]
+    assert [os.path.basename(p) for p in df["image"]] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [os.path.basename(p) for p in df["label"]] == ["a.png", "b.png", "c.png"]
+    assert all(os.path.isabs(p) for p in df["image"])
+    assert df.attrs["unpaired"] == {"images": [], "masks": []}
+
+
+def test_custom_column_names(tmp_path):
+    _layout(tmp_path, ["a"], ["a"])
+    df = from_folders(tmp_path / "images", tmp_path / "masks", image_col="img", label_col="gt")
+    assert list(df.columns) == ["img", "gt"]
+
+
+def test_unpaired_strict_lists_them(tmp_path):
+    _layout(tmp_path, ["a", "b", "only_img"], ["a", "b", "only_mask"])
+    with pytest.raises(DataValidationError) as info:
+        from_folders(tmp_path / "images", tmp_path / "masks")
+    msg = str(info.value)
+    assert str(tmp_path / "images" / "only_img.jpg") in msg
+    assert str(tmp_path / "masks" / "only_mask.png") in msg
+
+
+def test_unpaired_lenient_warns(tmp_path):
+    _layout(tmp_path, ["a", "only_img"], ["a"])
+    with pytest.warns(UserWarning, match="only_img"):
+        df = from_folders(tmp_path / "images", tmp_path / "masks", strict=False)
+    assert len(df) == 1
+    assert df.attrs["unpaired"]["images"] == [str(tmp_path / "images" / "only_img.jpg")]
+
+
+def test_missing_folder_and_duplicate_stems(tmp_path):
+    with pytest.raises(DataValidationError, match="does not exist"):
+        from_folders(tmp_path / "nope", tmp_path / "masks")
+    _layout(tmp_path, ["a"], ["a"])
+    _write(tmp_path / "images" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataValidationError, match="same stem"):
+        from_folders(tmp_path / "images", tmp_path / "masks")
+
+
+BINARY_SHARED = ["kvasir_seg", "ph2_skin_lesion", "isbi2012_em_membranes", "aerial_roads"]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", BINARY_SHARED)
+def test_shared_binary_datasets_load(name):
+    root = shared_path("data", name)
+    df = from_folders(root / "images", root / "masks")
+    spec = validate_frame(df)
+    assert spec.task == "binary" and spec.num_classes == 2 and spec.num_outputs == 1
+    assert len(spec.frame) == len(list((root / "images").iterdir()))
+    item = SegmentationDataset(spec, input_size=128)[0]
+    assert item["image"].shape == (3, 128, 128)
+    assert set(item["target"].unique().tolist()) <= {0, 1, IGNORE_INDEX}
+    assert (item["target"] == 1).any()
+
+
+@pytest.mark.shared
+def test_shared_camvid_multiclass_with_void():
+    root = shared_path("data", "camvid")
+    names = [line.split(maxsplit=1)[1] for line in (root / "classes.txt").read_text().splitlines()
+             if line.strip()]
+    assert names[11] == "Unlabelled"
+    df = from_folders(root / "images", root / "masks")
+    spec = validate_frame(df, void_label=11, class_names=names[:11])
+    assert spec.task == "multiclass" and spec.num_classes == 11 and spec.num_outputs == 11
+    assert spec.class_names[0] == "Sky"
+    # Without the void option the "Unlabelled" value counts as a 12th class.
+    assert validate_frame(df).num_classes == 12
+    ds = SegmentationDataset(spec, input_size=96)
+    with Image.open(df["label"].iloc[0]) as pil:
+        raw = np.asarray(pil)
+    item = ds[0]
+    values = set(item["target"].unique().tolist())
+    assert values <= set(range(11)) | {IGNORE_INDEX}
+    if (raw == 11).any():
+        assert IGNORE_INDEX in values

@@ -1,0 +1,56 @@
+"""train_test_split: seeded, disjoint, stratified on foreground fraction."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automask.datasets import train_test_split
+from automask.datasets.split import split_positions
+from automask.errors import DataValidationError
+
+
+def _frame(tmp_path, fractions):
+    rows = []
+    for i, frac in enumerate(fractions):
+        m = np.zeros((10, 10), np.uint8)
+        m.flat[: int(round(frac * 100))] = 255
+        Image.fromarray(m).save(tmp_path / f"{i}.png")
+        rows.append((f"img{i}.png", str(tmp_path / f"{i}.png")))
+    return pd.DataFrame(rows, columns=["image", "label"], index=[f"r{i}" for i in range(len(rows))])
+
+
+def test_split_is_seeded_disjoint_and_complete(tmp_path):
+    df = _frame(tmp_path, np.linspace(0, 1, 25))
+    train, test = train_test_split(df, test_size=0.2, seed=3)
+    assert len(test) == 5 and len(train) == 20
+    assert set(train.index).isdisjoint(test.index)
+    assert set(train.index) | set(test.index) == set(df.index)
+    again = train_test_split(df, test_size=0.2, seed=3)
+    assert again[1].index.equals(test.index)
+    assert not train_test_split(df, test_size=0.2, seed=4)[1].index.equals(test.index)
+
+
+def test_stratified_on_foreground(tmp_path):
+    fractions = [0.01] * 10 + [0.9] * 10
+    df = _frame(tmp_path, fractions)
+    for seed in range(6):
+        _, test = train_test_split(df, test_size=0.2, seed=seed)
+        big = sum(int(i[1:]) >= 10 for i in test.index)
+        assert big == 2
+    # without stratification some seed gives an unbalanced test set
+    counts = set()
+    for s in range(20):
+        _, test = train_test_split(df, 0.2, seed=s, stratify_foreground=False)
+        counts.add(sum(int(i[1:]) >= 10 for i in test.index))
+    assert counts != {2}
+
+
+def test_tiny_and_invalid(tmp_path):
+    train, test = split_positions(2, 0.5, seed=0, foreground=np.array([0.1, 0.9]))
+    assert len(train) == 1 and len(test) == 1
+    with pytest.raises(DataValidationError):
+        split_positions(1, 0.5)
+    with pytest.raises(ValueError, match="test_size"):
+        split_positions(10, 1.5)
