@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (AutomaskError, OSError) as exc:  # user errors and unusable files or folders
+    except (AutomaskError, ValueError, OSError) as exc:  # bad input, unusable files or folders
         if args.debug:
             raise
         print(f"automask: error: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .errors import AutomaskError, SavedModelError
+from .errors import AutomaskError, CheckpointError, SavedModelError
 from .utils import atomic_write, sha256_file
 from .utils.download import copy_atomic
 
@@ -140,11 +140,18 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     weights = Path(seg.path_) / info["weights"]
     if sha256_file(weights) != info["weights_sha256"]:
         raise SavedModelError(f"weights file {str(weights)!r} is corrupted (SHA-256 mismatch)")
-    checkpoint = _checkpoint_for(info["checkpoint"], cfg)
-    model = build_segmenter(cfg.model.backbone, num_classes=1 if seg.task_ == "binary"
-                            else seg.num_classes_, input_size=cfg.model.input_size,
-                            checkpoint=checkpoint, progress=seg.verbosity >= 2)
+    checkpoint = _checkpoint_for(info["checkpoint"])
     recorded = info["checkpoint"].get("sha256")
+    try:
+        model = build_segmenter(cfg.model.backbone, num_classes=1 if seg.task_ == "binary"
+                                else seg.num_classes_, input_size=cfg.model.input_size,
+                                checkpoint=checkpoint, progress=seg.verbosity >= 2)
+    except CheckpointError as exc:
+        raise SavedModelError(
+            f"model {name!r} was trained on the SAM checkpoint {info['checkpoint'].get('path')}"
+            f" (SHA-256 {recorded}), which is no longer there, and no other copy was found: "
+            f"{exc}"
+        ) from exc
     if recorded and model.checkpoint_info.get("sha256") != recorded:
         raise SavedModelError(
             f"the SAM checkpoint found for model {name!r} ({model.checkpoint_info.get('path')}) "
@@ -175,7 +182,7 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _checkpoint_for(record: dict[str, Any], cfg: Config):
+def _checkpoint_for(record: dict[str, Any]):
     """The checkpoint argument that rebuilds the same backbone: random, file, or resolver."""
     if record.get("source") == "random":
         return "random"

@@ -152,7 +152,7 @@ class SemanticSegmentor(BaseEstimator):
                 raise DataValidationError(
                     f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
                 )
-        metric = self._eval_metric_for(spec.task)
+        metric = self._eval_metric_for(spec.task, spec.num_classes)
 
         self.path_ = self._run_dir()
         self.path_.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,10 @@ class SemanticSegmentor(BaseEstimator):
             log_every_n_steps=1,
             deterministic=False,
         )
-        trainer.fit(module, datamodule=datamodule)
+        with warnings.catch_warnings():
+            # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
+            trainer.fit(module, datamodule=datamodule)
         best.restore(model)
         model.eval()
         trainable, total = count_parameters(model)
@@ -280,7 +283,7 @@ class SemanticSegmentor(BaseEstimator):
             return None
         sub = spec.frame.iloc[:n]
         t0 = time.perf_counter()
-        count = sum(1 for _ in self._iter_proba(sub, name, label_col=None))
+        count = sum(1 for _ in self._iter_proba(sub, name))
         return count / max(time.perf_counter() - t0, 1e-9)
 
     def _select_best(self) -> str:
@@ -317,9 +320,9 @@ class SemanticSegmentor(BaseEstimator):
             DataFrame of written files when ``save_to`` is given.
         """
         self._check_fitted()
-        frame = self._as_frame(data)
+        frame, root = self._as_frame(data)
         if save_to is None:
-            return [self._to_mask(p) for _, p in self._iter_proba(frame, model)]
+            return [self._to_mask(p) for _, p in self._iter_proba(frame, model, root=root)]
         from PIL import Image
 
         from .utils import atomic_write
@@ -333,7 +336,7 @@ class SemanticSegmentor(BaseEstimator):
                 f"images share file stems, so their masks would overwrite each other: {dup[:5]}"
             )
         rows = []
-        for idx, prob in self._iter_proba(frame, model):
+        for idx, prob in self._iter_proba(frame, model, root=root):
             mask = self._to_mask(prob)
             if self.task_ == "binary":
                 mask = mask * np.uint8(255)
@@ -358,8 +361,9 @@ class SemanticSegmentor(BaseEstimator):
             class probabilities for multi-class tasks.
         """
         self._check_fitted()
-        frame = self._as_frame(data)
-        return [p[0] if self.task_ == "binary" else p for _, p in self._iter_proba(frame, model)]
+        frame, root = self._as_frame(data)
+        return [p[0] if self.task_ == "binary" else p
+                for _, p in self._iter_proba(frame, model, root=root)]
 
     def evaluate(
         self,
@@ -389,10 +393,7 @@ class SemanticSegmentor(BaseEstimator):
 
         self._check_fitted()
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
-        conventions = {}
-        if self.task_ == "multiclass":
-            conventions = {"num_classes": self.num_classes_, "ignore_index": 255}
-        scorers = build_metrics(self.task_, names, **conventions)
+        scorers = build_metrics(self.task_, names, **metric_conventions(self.task_, self.num_classes_))
         spec = validate_frame(
             data, image_col=self.image, label_col=self.label, root=_root_of(data),
             num_classes=self.num_classes_, class_names=self.classes_,
@@ -400,9 +401,9 @@ class SemanticSegmentor(BaseEstimator):
         )
         if spec.task != self.task_:
             raise DataValidationError(f"data looks {spec.task} but the model is {self.task_}")
-        for idx, prob in self._iter_proba(spec.frame, model, label_col=None):
+        for idx, prob in self._iter_proba(spec.frame, model):
             raw = read_mask(spec.frame[self.label].iloc[idx], color_map=self.color_map_)
-            target = torch.from_numpy(_encode_target(raw, self.task_, self.void_label_))
+            target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
             prob_t = torch.from_numpy(prob)
             if self.task_ == "binary":
                 keep = target != 255
@@ -495,7 +496,7 @@ class SemanticSegmentor(BaseEstimator):
             handler.setFormatter(logging.Formatter("automask: %(message)s"))
             log.addHandler(handler)
 
-    def _eval_metric_for(self, task: str) -> str:
+    def _eval_metric_for(self, task: str, num_classes: int) -> str:
         from .metrics import METRICS
 
         metric = self.eval_metric or ("iou" if task == "binary" else "miou")
@@ -503,8 +504,7 @@ class SemanticSegmentor(BaseEstimator):
             raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
         if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
             raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-        probe = build_metrics(task, [metric], num_classes=max(2, getattr(self, "num_classes_", 2)))
-        del probe  # raises for a metric that does not fit the task
+        build_metrics(task, [metric], **metric_conventions(task, num_classes))  # raises if unfit for task
         return metric
 
     def _run_dir(self) -> Path:
@@ -521,40 +521,42 @@ class SemanticSegmentor(BaseEstimator):
             self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
         return self._loaded[name]
 
-    def _as_frame(self, data) -> pd.DataFrame:
+    def _as_frame(self, data) -> tuple[pd.DataFrame, Path | None]:
+        """(frame with the image column, folder that relative paths resolve against)."""
         if isinstance(data, pd.DataFrame):
             if self.image not in data.columns:
                 raise DataValidationError(
                     f"the DataFrame has no image column {self.image!r} (columns: "
                     f"{list(data.columns)})"
                 )
-            return data
+            return data, None
         if isinstance(data, (str, os.PathLike)):
             p = Path(data)
             if p.is_dir():
                 files = sorted(f for f in p.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
                 if not files:
                     raise DataValidationError(f"no image files in folder {str(p)!r}")
-                return pd.DataFrame({self.image: [str(f) for f in files]})
+                return pd.DataFrame({self.image: [str(f) for f in files]}), None
             if p.suffix.lower() == ".csv":
-                return pd.read_csv(p)
-            return pd.DataFrame({self.image: [str(p)]})
+                if not p.is_file():
+                    raise DataValidationError(f"CSV file not found: {str(p)!r}")
+                return pd.read_csv(p), _root_of(p)
+            return pd.DataFrame({self.image: [str(p)]}), None
         if isinstance(data, Sequence):
-            return pd.DataFrame({self.image: [str(x) for x in data]})
+            return pd.DataFrame({self.image: [str(x) for x in data]}), None
         raise DataValidationError(
             f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
             "list of paths or a folder"
         )
 
     def _iter_proba(self, frame: pd.DataFrame, model_name: str | None,
-                    label_col: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                    root: Path | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (row position, (C, H, W) float32 probabilities) per image, streaming."""
         from .data import make_predict_loader, restore_batch, validate_frame
 
         model = self._model(model_name)
         cfg = self.models_[model_name or self.best_model_]["config"]
-        spec = validate_frame(frame, image_col=self.image, label_col=label_col,
-                              root=_root_of(frame), require_labels=False)
+        spec = validate_frame(frame, image_col=self.image, root=root, require_labels=False)
         device = _inference_device(cfg)
         model.to(device)
         loader = make_predict_loader(spec, input_size=cfg.model.input_size,
@@ -574,14 +576,9 @@ class SemanticSegmentor(BaseEstimator):
         return prob.argmax(0).astype(np.uint8 if self.num_classes_ <= 256 else np.int32)
 
 
-def _encode_target(raw: np.ndarray, task: str, void_label: int | None) -> np.ndarray:
-    """Mask file values -> class ids at the original size (255 = ignore)."""
-    target = raw.astype(np.int64)
-    void = target == void_label if void_label is not None else np.zeros(target.shape, bool)
-    if task == "binary":
-        target = (target > 0).astype(np.int64)
-    target[void] = 255
-    return target
+def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
+    """Metric arguments that depend on the task: class count and ignore index."""
+    return {"num_classes": num_classes, "ignore_index": 255} if task == "multiclass" else {}
 
 
 def _peft_kwargs(cfg: Config) -> dict[str, Any]:

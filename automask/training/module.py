@@ -55,7 +55,7 @@ class SegmentationModule(L.LightningModule):
         self.val_metric_name = val_metric
         conventions = {"num_classes": num_classes, "ignore_index": ignore_index}
         if task == "binary":
-            conventions = {}
+            conventions = {}  # binary metrics take {0, 1} targets; void is handled per step
         self.val_metric = build_metrics(task, [val_metric], **conventions)[val_metric]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
