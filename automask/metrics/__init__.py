@@ -1,0 +1,35 @@
+"""Segmentation metrics exact to the reference implementations of the literature.
+
+Binary (salient/camouflaged objects, polyps, shadows, lesions): ``sm``, ``em``, ``em_adp``,
+``em_max``, ``wfm``, ``mae`` (PySODMetrics protocol), ``iou``, ``dice``, ``iou_pooled``,
+``dice_pooled``, ``ber``, ``ber_per_image``. Multi-class: ``acc``, ``miou``, ``iou_per_class``.
+Every metric is a ``torchmetrics.Metric`` working on the tensors' device; each class docstring
+states its convention and how it relates to PySODMetrics and the Conv-LoRA/SAM-Adapter code.
+
+Scores are fractions in [0, 1] (papers often print them x100).
+
+>>> from automask.metrics import score
+>>> score([pred_map], [gt_mask])  # doctest: +SKIP
+{'sm': ..., 'em': ..., 'wfm': ..., 'mae': ..., 'iou': ..., 'dice': ..., 'ber': ...}
+"""
+from automask.metrics.folders import read_mask, score_folders
+from automask.metrics.registry import (
+    CONVENTIONS,
+    DEFAULT_METRICS,
+    HIGHER_IS_BETTER,
+    METRICS,
+    build_metrics,
+)
+from automask.metrics.scoring import infer_task, score
+
+__all__ = [
+    "CONVENTIONS",
+    "DEFAULT_METRICS",
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "build_metrics",
+    "infer_task",
+    "read_mask",
+    "score",
+    "score_folders",
+]

@@ -1,0 +1,343 @@
+"""torchmetrics ``Metric`` classes for binary (foreground/background) segmentation.
+
+Each class accumulates over ``update(preds, target)`` calls and returns a float64 scalar
+tensor from ``compute()``. Inputs: ``preds`` a probability map ``(H, W)`` / ``(B, H, W)`` (or a
+``(B, 1, H, W)`` sigmoid output), or a list of ``(H, W)`` maps of different sizes; ``target`` the
+matching ground-truth mask(s) ({0, 1}, bool, or 8-bit 0/255). See :mod:`automask.metrics.inputs`
+for the scale rules. Metrics must be fed at the ground truth's original resolution.
+
+States are sums (``dist_reduce_fx="sum"``), so results are exact under DDP.
+
+Conventions (``em``/``sm``/``wfm``/``mae`` follow PySODMetrics, the code behind the SOD, COD and
+polyp tables; thresholded metrics follow the segmentation literature):
+
+* ``normalize`` (``sm``, ``em*``, ``wfm``, ``mae``): per-image min-max normalisation of the
+  prediction before measuring, PySODMetrics' ``prepare_data`` (MATLAB ``mapminmax``); a
+  constant map is left as is.
+* ``threshold`` (``iou``, ``dice``, ``ber``): the raw probability is binarised with
+  ``pred > threshold`` (default 0.5), without min-max normalisation. PySODMetrics' "binary"
+  mode normalises first; the two agree whenever the map spans [0, 1] (any 8-bit map containing
+  0 and 255, any confident network output).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from automask.metrics import functional as F
+from automask.metrics.inputs import BinarySample, binary_samples, quantized_histogram
+
+
+class _BinaryMetric(Metric):
+    """Shared input handling: converts any accepted input to :class:`BinarySample` objects."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, *, gt_threshold: float = 128, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gt_threshold = gt_threshold
+
+    def _add_sum(self, name: str, shape: tuple[int, ...] = ()) -> None:
+        self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Any, target: Any = None) -> None:
+        """Add one image, a batch or a list of images.
+
+        Parameters
+        ----------
+        preds
+            Probability map(s) ``(H, W)``, ``(B, H, W)``, ``(B, 1, H, W)`` or a list of ``(H, W)``
+            maps; alternatively a list of prepared :class:`BinarySample` (then ``target`` is
+            None), which lets several metrics share the per-image preprocessing.
+        target
+            Ground-truth mask(s) of the same shape(s).
+        """
+        for sample in binary_samples(preds, target, self.gt_threshold):
+            self._update_sample(sample)
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        raise NotImplementedError
+
+
+class _PerImageMean(_BinaryMetric):
+    """Mean over images of a per-image score (state: sum of scores, number of images)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._add_sum("total")
+        self._add_sum("count")
+
+    def _add_image(self, value: Tensor) -> None:
+        self.total += value.to(self.total)
+        self.count += 1
+
+    def compute(self) -> Tensor:
+        """Mean of the per-image values (NaN before any update)."""
+        return self.total / self.count
+
+
+class SMeasure(_PerImageMean):
+    """S-measure (structure measure, Fan et al. ICCV 2017), mean over images.
+
+    ``alpha = 0.5`` balances the object and region terms, with the all-background (``1 - mean(p)``)
+    and all-foreground (``mean(p)``) special cases, as PySODMetrics ``Smeasure`` and the MATLAB
+    code. The prediction is min-max normalised per image (``normalize``). The region split uses
+    numpy's half-to-even rounding of the centroid (PySODMetrics), not MATLAB's half-away.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, alpha: float = 0.5, normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.alpha = alpha
+        self.normalize = normalize
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        pred = sample.minmax if self.normalize else sample.pred
+        self._add_image(F.s_measure(pred, sample.gt, self.alpha))
+
+
+class MeanAbsoluteError(_PerImageMean):
+    """MAE ``mean(|p - g|)`` per image, averaged (PySODMetrics ``MAE``; min-max normalised)."""
+
+    higher_is_better = False
+
+    def __init__(self, normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.normalize = normalize
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        pred = sample.minmax if self.normalize else sample.pred
+        self._add_image(F.mae(pred, sample.gt))
+
+
+class WeightedFMeasure(_PerImageMean):
+    """Weighted F-measure (Margolin et al. CVPR 2014), mean over images; 0 on an empty mask.
+
+    ``beta2`` is beta squared, default 0.3: the value Conv-LoRA and SAM-Adapter report as
+    F_beta^w (CAMO). PySODMetrics' ``WeightedFmeasure(beta=...)`` takes the same beta squared
+    but defaults to 1 (Margolin's MATLAB default), so its default numbers differ from the papers'.
+    The distance transform runs on the CPU (scipy, exact and with the reference tie-breaking).
+    """
+
+    higher_is_better = True
+
+    def __init__(self, beta2: float = 0.3, normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.beta2 = beta2
+        self.normalize = normalize
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        pred = sample.minmax if self.normalize else sample.pred
+        self._add_image(F.weighted_f_measure(pred, sample.gt, self.beta2))
+
+
+class EMeasure(_BinaryMetric):
+    """E-measure (enhanced-alignment measure, Fan et al. IJCAI 2018).
+
+    ``variant``:
+
+    * ``"mean"`` (registry name ``em``): the mean over the 256-threshold curve, the E_phi that
+      Conv-LoRA reports (PySODMetrics ``em["curve"].mean()``);
+    * ``"max"`` (``em_max``): the maximum of the curve;
+    * ``"adaptive"`` (``em_adp``): per image at the threshold ``min(2 * mean(p), 1)``, averaged.
+
+    The curve binarises ``floor(255 * p) >= t`` for t = 0..255 after per-image min-max
+    normalisation. Dataset level, as PySODMetrics: the curves are averaged over images first,
+    then reduced, so ``em_max`` is the max of the mean curve, not the mean of per-image maxima.
+    Values slightly above 1 occur (the reference divides by ``N - 1``).
+    """
+
+    higher_is_better = True
+
+    def __init__(self, variant: str = "mean", normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if variant not in ("mean", "max", "adaptive"):
+            raise ValueError(
+                f"E-measure variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
+            )
+        self.variant = variant
+        self.normalize = normalize
+        self._add_sum("curve_sum", (256,))
+        self._add_sum("adaptive_sum")
+        self._add_sum("count")
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        pred = sample.minmax if self.normalize else sample.pred
+        if self.variant == "adaptive":
+            self.adaptive_sum += F.e_measure_adaptive(pred, sample.gt).to(self.adaptive_sum)
+        else:
+            hist = sample.histogram if self.normalize else quantized_histogram(pred, sample.gt)
+            self.curve_sum += F.e_measure_curve(hist, sample.gt.numel()).to(self.curve_sum)
+        self.count += 1
+
+    def curve(self) -> Tensor:
+        """The dataset-level E-measure curve ``(256,)``, index = threshold."""
+        return self.curve_sum / self.count
+
+    def compute(self) -> Tensor:
+        """The dataset-level value of the chosen variant."""
+        if self.variant == "adaptive":
+            return self.adaptive_sum / self.count
+        curve = self.curve()
+        return curve.mean() if self.variant == "mean" else curve.max()
+
+
+class _ConfusionMetric(_BinaryMetric):
+    """Thresholded metric: ``pred > threshold`` against the binarised ground truth."""
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+        self.threshold = threshold
+
+    def _counts(self, sample: BinarySample) -> Tensor:
+        return sample.confusion(self.threshold).to(torch.float64)  # [tp, fp, fn, tn]
+
+
+def _overlap(counts: Tensor, kind: str, empty_score: float) -> Tensor:
+    tp, fp, fn, _ = counts.unbind(-1)
+    num, den = (tp, tp + fp + fn) if kind == "iou" else (2 * tp, 2 * tp + fp + fn)
+    return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(den, empty_score))
+
+
+class _Overlap(_ConfusionMetric):
+    kind = "iou"
+    higher_is_better = True
+
+    def __init__(self, threshold: float = 0.5, empty_score: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(threshold=threshold, **kwargs)
+        self.empty_score = empty_score
+
+
+class BinaryIoU(_Overlap):
+    """Jaccard index ``tp / (tp + fp + fn)`` per image at ``pred > threshold``, mean over images.
+
+    An empty prediction on an empty ground truth scores ``empty_score`` (default 1.0: a perfect
+    answer). PySODMetrics' ``IOUHandler`` and torchmetrics' ``BinaryJaccardIndex`` give 0 there;
+    pass ``empty_score=0.0`` to reproduce them.
+    """
+
+    kind = "iou"
+
+    def __init__(self, threshold: float = 0.5, empty_score: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(threshold=threshold, empty_score=empty_score, **kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        self.total += _overlap(self._counts(sample), self.kind, self.empty_score)
+        self.count += 1
+
+    def compute(self) -> Tensor:
+        """Mean of the per-image scores."""
+        return self.total / self.count
+
+
+class BinaryDice(BinaryIoU):
+    """Dice / F1 ``2 tp / (2 tp + fp + fn)`` per image at ``pred > threshold``, mean over images.
+
+    ``empty_score`` (default 1.0) for an empty prediction on an empty ground truth, as for ``iou``.
+    """
+
+    kind = "dice"
+
+
+class PooledIoU(_Overlap):
+    """Dataset-level Jaccard: tp, fp, fn summed over all images, then ``tp / (tp + fp + fn)``.
+
+    Equals PySODMetrics' ``IOUHandler(sample_based=False)`` binary result; ``empty_score`` when
+    the whole dataset has neither predicted nor true foreground.
+    """
+
+    kind = "iou"
+
+    def __init__(self, threshold: float = 0.5, empty_score: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(threshold=threshold, empty_score=empty_score, **kwargs)
+        self._add_sum("counts", (4,))
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        self.counts += self._counts(sample)
+
+    def compute(self) -> Tensor:
+        """Score of the summed confusion counts."""
+        return _overlap(self.counts, self.kind, self.empty_score)
+
+
+class PooledDice(PooledIoU):
+    """Dataset-level Dice from tp, fp, fn summed over all images (see :class:`PooledIoU`)."""
+
+    kind = "dice"
+
+
+def _ber(counts: Tensor) -> Tensor:
+    """PySODMetrics ``BERHandler``: ``1 - (TPR + TNR) / 2`` with 0/0 rates taken as 0."""
+    tp, fp, fn, tn = counts.unbind(-1)
+    tpr = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
+    tnr = torch.where(tn + fp > 0, tn / (tn + fp).clamp(min=1), torch.zeros_like(tn))
+    return 1 - (tpr + tnr) / 2
+
+
+class BalancedErrorRate(_ConfusionMetric):
+    """Balanced error rate ``1 - (TPR + TNR) / 2`` pooled over the dataset, as a fraction.
+
+    The shadow-detection protocol (SBU, ISTD: Vicente et al.; the MATLAB BER script) sums the
+    true positives/negatives and the positive/negative pixel counts over all test images and
+    computes BER once; papers print it x100. Equals PySODMetrics ``BERHandler(sample_based=False)``.
+    The prediction is binarised with ``pred > threshold`` (0.5); the SAM-Adapter/Conv-LoRA
+    evaluation code uses ``> 125`` on 8-bit maps for both prediction and mask: pass
+    ``threshold=125/255, gt_threshold=125`` to reproduce it.
+    """
+
+    higher_is_better = False
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(threshold=threshold, **kwargs)
+        self._add_sum("counts", (4,))
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        self.counts += self._counts(sample)
+
+    def compute(self) -> Tensor:
+        """BER of the summed counts."""
+        return _ber(self.counts)
+
+
+class BalancedErrorRatePerImage(_ConfusionMetric):
+    """Per-image balanced error rate, mean over images: the Conv-LoRA (AutoGluon) variant.
+
+    Conv-LoRA computes ``1 - `` torchmetrics' macro-averaged recall over the classes
+    {background, foreground} of each image, where a class with neither true nor predicted pixels
+    is left out of the average (so a perfect empty prediction scores 0, where PySODMetrics'
+    per-image BER gives 0.5), and a class predicted but absent from the mask has recall 0.
+    SAM-Adapter's variant returns NaN when a class is absent and is not provided.
+    Use ``threshold=125/255, gt_threshold=125`` for their exact binarisation.
+    """
+
+    higher_is_better = False
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(threshold=threshold, **kwargs)
+        self._add_sum("total")
+        self._add_sum("count")
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        tp, fp, fn, tn = self._counts(sample).unbind()
+        recalls, present = [], []
+        for correct, true_count, pred_count in ((tp, tp + fn, tp + fp), (tn, tn + fp, tn + fn)):
+            recall = correct / true_count.clamp(min=1)
+            recalls.append(torch.where(true_count > 0, recall, torch.zeros_like(tp)))
+            present.append(((true_count + pred_count) > 0).to(tp))
+        recall = torch.stack(recalls)
+        weight = torch.stack(present)
+        self.total += 1 - (recall * weight).sum() / weight.sum()
+        self.count += 1
+
+    def compute(self) -> Tensor:
+        """Mean of the per-image BERs."""
+        return self.total / self.count

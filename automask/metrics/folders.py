@@ -1,0 +1,110 @@
+"""``score_folders()``: score a folder of predicted masks against a folder of ground truths."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from automask.metrics.scoring import score
+
+
+def _readable_suffixes() -> set[str]:
+    return {ext.lower() for ext in Image.registered_extensions()} | {".npy"}
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a 2-D mask/map (or a ``(K, H, W)`` ``.npy`` score array) as stored.
+
+    Palette (``P``), grey (``L``), 16/32-bit (``I;16``, ``I``, ``F``) and 1-bit images keep their
+    values (palette indices, not colours); colour images are converted to grey with Pillow's
+    ITU-R 601-2 luma (OpenCV's ``IMREAD_GRAYSCALE``, used by PySODMetrics scripts, uses the same
+    weights but may round differently by one level).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    with Image.open(path) as im:
+        if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA"):
+            im = im.convert("L")
+        return np.array(im)
+
+
+def _index(folder: Path, suffixes: set[str]) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a directory")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in suffixes:
+            continue
+        if path.stem in found:
+            raise ValueError(
+                f"two files with the stem {path.stem!r} in {folder}: "
+                f"{found[path.stem].name}, {path.name}"
+            )
+        found[path.stem] = path
+    return found
+
+
+def score_folders(
+    pred_dir: str | Path,
+    gt_dir: str | Path,
+    task: str | None = None,
+    metrics: list[str] | None = None,
+    **conventions: Any,
+) -> dict[str, float | list[float]]:
+    """Pair ``pred_dir/<stem>.*`` with ``gt_dir/<stem>.*`` and :func:`score` them.
+
+    Any extension Pillow reads is accepted, and ``.npy``; files are paired by stem (name
+    without extension), so ``a.png`` predictions match ``a.jpg`` masks. Other files are skipped.
+
+    Parameters
+    ----------
+    pred_dir, gt_dir
+        Folders of predicted maps and ground-truth masks.
+    task, metrics, **conventions
+        As for :func:`automask.metrics.score`.
+
+    Returns
+    -------
+    dict
+        As :func:`score`, plus ``"n_images"``.
+
+    Raises
+    ------
+    ValueError
+        A folder missing or without masks, duplicate stems, or stems present on one side only
+        (all listed); a bad image names its file.
+    """
+    suffixes = _readable_suffixes()
+    preds = _index(Path(pred_dir), suffixes)
+    gts = _index(Path(gt_dir), suffixes)
+    only_pred = sorted(set(preds) - set(gts))
+    only_gt = sorted(set(gts) - set(preds))
+    if only_pred or only_gt:
+        parts = []
+        if only_pred:
+            parts.append(f"predictions without a ground truth: {', '.join(only_pred)}")
+        if only_gt:
+            parts.append(f"ground truths without a prediction: {', '.join(only_gt)}")
+        raise ValueError("unpaired files by stem; " + "; ".join(parts))
+    if not preds:
+        raise ValueError(f"no mask files found in {pred_dir} and {gt_dir}")
+    stems = sorted(preds)
+    try:
+        result = score(
+            [read_mask(preds[s]) for s in stems],
+            [read_mask(gts[s]) for s in stems],
+            task=task,
+            metrics=metrics,
+            **conventions,
+        )
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("image "):
+            index = int(message.split(":", 1)[0].split()[1])
+            message = f"{preds[stems[index]].name} vs {gts[stems[index]].name}: {message}"
+            raise ValueError(message) from err
+        raise
+    return {**result, "n_images": len(stems)}

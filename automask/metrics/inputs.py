@@ -1,0 +1,315 @@
+"""Input conventions of the metrics: conversion, validation and per-image splitting.
+
+Every metric receives images one at a time, as tensors on the caller's device:
+
+* binary: a :class:`BinarySample` holding the prediction as a float64 probability map in
+  [0, 1] and the ground truth as a bool mask, both ``(H, W)``;
+* multi-class: a pair of int64 class-index maps ``(H, W)``.
+
+The scale rules follow PySODMetrics (``prepare_data``: ``pred / 255``, ``gt > 128``), extended to
+the float and 0/1 inputs a training loop produces:
+
+========================  =============================================================
+input                      interpretation
+========================  =============================================================
+float prediction           a probability in [0, 1]; anything else (logits, NaN) is an error
+integer prediction         0/1 when its values lie in {0, 1}, else an 8-bit map in 0..255
+                           divided by 255 (as ``im2double``)
+bool prediction            0.0 / 1.0
+integer/float target       max <= 1: a [0, 1] map, foreground where ``t > gt_threshold / 255``;
+                           else an 8-bit mask in 0..255, foreground where ``t > gt_threshold``
+bool target                used as is
+========================  =============================================================
+
+With the default ``gt_threshold=128`` an 8-bit mask is binarised exactly as PySODMetrics does
+(the value 128 is background). One deliberate difference: an 8-bit map whose values are all 0
+or 1 is read as a 0/1 mask (PySODMetrics would read it as 0 and 1/255); this makes 0/1 label
+PNGs work, and changes nothing for min-max normalised maps unless the map is constant.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# np.spacing(1): the epsilon PySODMetrics (and MATLAB's ``eps``) adds to denominators.
+EPS = float(np.spacing(1))
+
+# numpy dtypes torch cannot hold or index with; widened before conversion.
+_WIDEN = {np.dtype("uint16"): np.int64, np.dtype("uint32"): np.int64, np.dtype("uint64"): np.int64}
+
+
+def as_tensor(x: Any, device: torch.device | None = None) -> Tensor:
+    """Convert a numpy array, tensor or nested list to a tensor without copying when possible."""
+    if isinstance(x, Tensor):
+        t = x.detach()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype in _WIDEN:
+            arr = arr.astype(_WIDEN[arr.dtype])
+        if arr.dtype == object:
+            raise ValueError(f"cannot read an array of Python objects (shape {arr.shape})")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t if device is None else t.to(device)
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f"image {index}: "
+
+
+def _minmax(t: Tensor) -> tuple[float, float]:
+    lo, hi = torch.aminmax(t)
+    return lo.item(), hi.item()
+
+
+def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
+    """Read a binary prediction as a float64 probability map in [0, 1] (see the module table)."""
+    if pred.dtype == torch.bool:
+        return pred.to(torch.float64)
+    if pred.numel() == 0:
+        raise ValueError(f"{_where(index)}the prediction is empty (shape {tuple(pred.shape)})")
+    if pred.is_floating_point():
+        p = pred.to(torch.float64)
+        lo, hi = _minmax(p)
+        if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+            raise ValueError(
+                f"{_where(index)}prediction values must be probabilities in [0, 1], "
+                f"got min {lo:g} and max {hi:g} (apply a sigmoid to logits; pass 8-bit maps "
+                "as an integer dtype)"
+            )
+        return p
+    lo, hi = _minmax(pred)
+    if lo < 0 or hi > 255:
+        raise ValueError(
+            f"{_where(index)}integer prediction values must lie in 0..255 (8-bit map) or {{0, 1}}, "
+            f"got min {lo} and max {hi}"
+        )
+    p = pred.to(torch.float64)
+    if hi <= 1:
+        return p
+    # Divide by a tensor on p's device: CUDA divides by a Python scalar through its reciprocal,
+    # whose rounding moves some pixels across the 1/255 bins of the E-measure curve.
+    return p / torch.tensor(255.0, dtype=torch.float64, device=p.device)
+
+
+def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None = None) -> Tensor:
+    """Binarise a ground-truth mask to bool (see the module table for the scale rule)."""
+    if target.dtype == torch.bool:
+        return target
+    if target.numel() == 0:
+        raise ValueError(f"{_where(index)}the target is empty (shape {tuple(target.shape)})")
+    lo, hi = _minmax(target)
+    if not (0 <= lo and hi <= 255):  # also false for NaN
+        raise ValueError(
+            f"{_where(index)}binary target values must lie in {{0, 1}} or 0..255 (8-bit mask), "
+            f"got min {lo:g} and max {hi:g}"
+        )
+    if hi <= 1:
+        if target.is_floating_point():
+            return target.to(torch.float64) > gt_threshold / 255
+        return target == 1
+    return target > gt_threshold
+
+
+def quantized_histogram(pred: Tensor, gt: Tensor) -> Tensor:
+    """``(2, 256)`` int64 counts of ``q = floor(255 * pred)`` over ``~gt`` (row 0) and ``gt`` (row 1).
+
+    ``floor`` by truncation, as PySODMetrics' ``(pred * 255).astype(np.uint8)``; int32 keeps the
+    float-to-integer conversion fast.
+    """
+    q = (pred * 255).to(torch.int32)  # (H, W) in 0..255
+    q = torch.where(gt, q + 256, q)
+    return torch.bincount(q.flatten(), minlength=512).view(2, 256)
+
+
+@dataclass(eq=False)
+class BinarySample:
+    """One image of a binary task, with the derived maps that several metrics share (cached).
+
+    Attributes
+    ----------
+    pred : Tensor
+        ``(H, W)`` float64 probability map in [0, 1], as given (no normalisation).
+    gt : Tensor
+        ``(H, W)`` bool ground-truth mask.
+    """
+
+    pred: Tensor
+    gt: Tensor
+    _confusion: dict[float, Tensor] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def n_fg(self) -> int:
+        """Number of foreground pixels of the ground truth."""
+        return int(self.gt.sum().item())
+
+    @cached_property
+    def minmax(self) -> Tensor:
+        """PySODMetrics' ``mapminmax``: ``(p - min) / (max - min)`` unless the map is constant."""
+        lo, hi = torch.aminmax(self.pred)
+        if bool(hi == lo):
+            return self.pred
+        return (self.pred - lo) / (hi - lo)
+
+    @cached_property
+    def histogram(self) -> Tensor:
+        """``(2, 256)`` counts of ``floor(255 * minmax)`` over the mask's background / object."""
+        return quantized_histogram(self.minmax, self.gt)
+
+    def confusion(self, threshold: float) -> Tensor:
+        """``[tp, fp, fn, tn]`` of ``pred > threshold`` (raw probabilities, not normalised)."""
+        if threshold not in self._confusion:
+            hard = self.pred > threshold
+            tp = (hard & self.gt).sum()
+            n_pred = hard.sum()
+            n_fg = self.gt.sum()
+            n = self.gt.numel()
+            fp = n_pred - tp
+            fn = n_fg - tp
+            self._confusion[threshold] = torch.stack([tp, fp, fn, n - tp - fp - fn])
+        return self._confusion[threshold]
+
+
+def _split(x: Any, name: str) -> list:
+    """Split a batch into per-image items: a list/tuple as is, a tensor/array along dim 0."""
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    t = as_tensor(x)
+    if t.ndim == 2:
+        return [t]
+    if t.ndim == 3:
+        return list(t.unbind(0))
+    raise ValueError(
+        f"{name} must be (H, W), (B, H, W) or a list of (H, W) maps, got shape {tuple(t.shape)}"
+    )
+
+
+def binary_samples(
+    preds: Any,
+    target: Any,
+    gt_threshold: float = 128,
+    offset: int = 0,
+) -> list[BinarySample]:
+    """Validate and convert binary predictions/targets into :class:`BinarySample` objects.
+
+    Parameters
+    ----------
+    preds, target
+        ``(H, W)``, ``(B, H, W)`` (a ``(B, 1, H, W)`` prediction is squeezed), or lists of
+        ``(H, W)`` maps of possibly different sizes; numpy arrays or tensors.
+    gt_threshold
+        Foreground where ``target > gt_threshold`` on the 0..255 scale (PySODMetrics: 128).
+    offset
+        Index of the first image, used in error messages.
+    """
+    if isinstance(preds, BinarySample):
+        return [preds]
+    if isinstance(preds, (list, tuple)) and preds and isinstance(preds[0], BinarySample):
+        return list(preds)
+    if not isinstance(preds, (list, tuple)):
+        p = as_tensor(preds)
+        t = as_tensor(target)
+        if p.ndim == t.ndim + 1 and p.ndim >= 3 and p.shape[-3] == 1:
+            preds = p.squeeze(-3)  # (B, 1, H, W) -> (B, H, W)
+    pred_list, target_list = _split(preds, "predictions"), _split(target, "targets")
+    if len(pred_list) != len(target_list):
+        raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets")
+    samples = []
+    for i, (p, t) in enumerate(zip(pred_list, target_list), start=offset):
+        p = as_tensor(p)
+        t = as_tensor(t, device=p.device)
+        if p.ndim == 3 and p.shape[0] == 1 and t.ndim == 2:
+            p = p[0]  # (1, H, W) single-channel map
+        if p.shape != t.shape or p.ndim != 2:
+            raise ValueError(
+                f"image {i}: prediction shape {tuple(p.shape)} does not match target shape "
+                f"{tuple(t.shape)} (binary maps must be 2-D and of the same size; compute metrics "
+                "at the ground truth's resolution)"
+            )
+        samples.append(BinarySample(binary_prediction(p, i), binary_target(t, gt_threshold, i)))
+    return samples
+
+
+def multiclass_pairs(
+    preds: Any,
+    target: Any,
+    num_classes: int,
+    ignore_index: int | None = 255,
+    offset: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield validated ``(pred, target)`` int64 class-index maps of one image or one batch.
+
+    ``preds`` may be class indices ``(H, W)``/``(B, H, W)`` (integer dtype) or scores
+    ``(K, H, W)``/``(B, K, H, W)`` (arg-maxed over K), or a list of either per image. Target
+    values must lie in ``[0, num_classes)`` or equal ``ignore_index``; predicted indices must lie
+    in ``[0, num_classes)``. Same-size batches are yielded whole (flattened counting is per pixel).
+    """
+    if isinstance(preds, (list, tuple)) or isinstance(target, (list, tuple)):
+        pred_list, target_list = list(preds), list(target)
+        if len(pred_list) != len(target_list):
+            raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets")
+        for i, (p, t) in enumerate(zip(pred_list, target_list), start=offset):
+            yield _multiclass_pair(as_tensor(p), as_tensor(t), num_classes, ignore_index, i)
+    else:
+        p = as_tensor(preds)
+        t = as_tensor(target, device=p.device)
+        yield _multiclass_pair(p, t, num_classes, ignore_index, None)
+
+
+def _multiclass_pair(
+    p: Tensor, t: Tensor, num_classes: int, ignore_index: int | None, index: int | None
+) -> tuple[Tensor, Tensor]:
+    t = t.to(p.device)
+    if t.ndim not in (2, 3):
+        raise ValueError(
+            f"{_where(index)}targets must be (H, W) or (B, H, W) class maps, "
+            f"got shape {tuple(t.shape)}"
+        )
+    if p.ndim == t.ndim + 1:  # scores (K, H, W) / (B, K, H, W)
+        if p.shape[-3] != num_classes:
+            raise ValueError(
+                f"{_where(index)}score maps have {p.shape[-3]} classes along dim {p.ndim - 3}, "
+                f"expected num_classes={num_classes}"
+            )
+        p = p.argmax(dim=-3)
+    elif p.ndim == t.ndim:
+        if p.is_floating_point() or p.dtype == torch.bool:
+            raise ValueError(
+                f"{_where(index)}class-index predictions must have an integer dtype, got {p.dtype} "
+                "(pass (K, H, W) scores to have them arg-maxed)"
+            )
+    else:
+        raise ValueError(
+            f"{_where(index)}prediction shape {tuple(p.shape)} does not fit "
+            f"target shape {tuple(t.shape)}"
+        )
+    if p.shape != t.shape:
+        raise ValueError(
+            f"{_where(index)}prediction shape {tuple(p.shape)} does not match "
+            f"target shape {tuple(t.shape)}"
+        )
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(
+            f"{_where(index)}class-index targets must have an integer dtype, got {t.dtype}"
+        )
+    p, t = p.to(torch.int64), t.to(torch.int64)
+    labelled = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+    bad_t = labelled & ((t < 0) | (t >= num_classes))
+    if bool(bad_t.any()):
+        value = t[bad_t][0].item()
+        raise ValueError(
+            f"{_where(index)}target class index {value} is outside [0, {num_classes}) "
+            f"and is not the ignore index {ignore_index}"
+        )
+    bad_p = (p < 0) | (p >= num_classes)
+    if bool(bad_p.any()):
+        value = p[bad_p][0].item()
+        raise ValueError(
+            f"{_where(index)}predicted class index {value} is outside [0, {num_classes})"
+        )
+    return p, t

@@ -1,0 +1,378 @@
+"""automask.metrics against PySODMetrics on random pairs; inputs, errors, registry and files."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import py_sod_metrics as sod
+import pytest
+import torch
+from PIL import Image
+
+from automask.metrics import (
+    DEFAULT_METRICS,
+    HIGHER_IS_BETTER,
+    METRICS,
+    build_metrics,
+    infer_task,
+    score,
+    score_folders,
+)
+
+TOL = 1e-6
+SOD_NAMES = ["sm", "em", "em_adp", "em_max", "wfm", "mae"]
+THRESHOLD_NAMES = ["iou", "dice", "iou_pooled", "dice_pooled", "ber"]
+
+
+def _random_pairs(seed: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """uint8 predictions (noise, shifted shapes, constant, binary); 0/255 masks incl. empty/full."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(8, 90, size=2))
+        gt = np.zeros((h, w), np.uint8)
+        kind = i % 6
+        if kind == 4:
+            pass  # empty ground truth
+        elif kind == 5:
+            gt[:] = 255  # full ground truth
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                y, x = rng.integers(0, h), rng.integers(0, w)
+                gt[y : y + int(rng.integers(1, h)), x : x + int(rng.integers(1, w))] = 255
+        style = int(rng.integers(0, 4))
+        if style == 0:
+            pred = rng.integers(0, 256, (h, w)).astype(np.uint8)
+        elif style == 1:
+            moved = np.roll(gt, int(rng.integers(-3, 4)), axis=1) * rng.uniform(0.3, 1)
+            noise = rng.normal(0, 40, (h, w)) + moved
+            pred = np.clip(noise + rng.uniform(0, 60), 0, 255).astype(np.uint8)
+        elif style == 2:
+            pred = np.full((h, w), rng.integers(0, 256), np.uint8)
+        else:
+            pred = np.where(rng.random((h, w)) < 0.9, gt, 255 - gt).astype(np.uint8)
+        pairs.append((pred, gt))
+    return pairs
+
+
+def _pysod_reference(pairs):
+    """PySODMetrics values; thresholded metrics on raw pred / 255 (automask's convention)."""
+    sm, em, wfm, mae = sod.Smeasure(), sod.Emeasure(), sod.WeightedFmeasure(beta=0.3), sod.MAE()
+    fm = sod.FmeasureV2(
+        {
+            "iou": sod.IOUHandler(with_dynamic=False, with_adaptive=False, with_binary=True),
+            "dice": sod.DICEHandler(with_dynamic=False, with_adaptive=False, with_binary=True),
+            "iou_pooled": sod.IOUHandler(False, False, with_binary=True, sample_based=False),
+            "dice_pooled": sod.DICEHandler(False, False, with_binary=True, sample_based=False),
+            "ber": sod.BERHandler(False, False, with_binary=True, sample_based=False),
+        }
+    )
+    for pred, gt in pairs:
+        for metric in (sm, em, wfm, mae):
+            metric.step(pred, gt)
+        fm.step(pred / 255.0, gt > 128, normalize=False)  # no min-max normalisation
+    curve = em.get_results()["em"]
+    res = fm.get_results()
+    return {
+        "sm": sm.get_results()["sm"],
+        "em": curve["curve"].mean(),
+        "em_adp": curve["adp"],
+        "em_max": curve["curve"].max(),
+        "wfm": wfm.get_results()["wfm"],
+        "mae": mae.get_results()["mae"],
+        **{name: res[name]["binary"] for name in THRESHOLD_NAMES},
+    }
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # PySODMetrics' NaN S-measure case
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_pairs_match_pysodmetrics(seed):
+    pairs = _random_pairs(seed, 24)
+    names = SOD_NAMES + THRESHOLD_NAMES
+    # per image
+    for i, (pred, gt) in enumerate(pairs):
+        ref = _pysod_reference([(pred, gt)])
+        ours = score([pred], [gt], metrics=names, empty_score=0.0)
+        for name in names:
+            if math.isnan(ref[name]):  # PySODMetrics' S-measure on an empty quadrant
+                assert name == "sm" and math.isfinite(ours[name])
+                continue
+            assert math.isclose(ours[name], ref[name], abs_tol=TOL), (seed, i, name, ours, ref)
+    # dataset level
+    ref = _pysod_reference(pairs)
+    ours = score([p for p, _ in pairs], [g for _, g in pairs], metrics=names, empty_score=0.0)
+    for name in names:
+        if not math.isnan(ref[name]):
+            assert math.isclose(ours[name], ref[name], abs_tol=TOL), (seed, name, ours, ref)
+
+
+def test_sm_on_a_centroid_in_the_last_row_is_finite_where_pysod_is_nan():
+    gt = np.zeros((10, 12), np.uint8)
+    gt[9, 3:7] = 255
+    pred = np.random.default_rng(0).integers(0, 256, (10, 12)).astype(np.uint8)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        ref = sod.Smeasure()
+        ref.step(pred, gt)
+    assert math.isnan(ref.get_results()["sm"])
+    assert 0 <= score([pred], [gt], metrics=["sm"])["sm"] <= 1
+
+
+def test_input_dtypes_and_containers_agree():
+    pairs = _random_pairs(7, 12)
+    preds_u8 = [p for p, _ in pairs]
+    gts_u8 = [g for _, g in pairs]
+    names = SOD_NAMES + THRESHOLD_NAMES + ["ber_per_image"]
+    base = score(preds_u8, gts_u8, metrics=names)
+    # float64 probabilities computed as PySODMetrics does (u8 / 255) and 0/1 int64 masks: identical
+    gts_01 = [(g > 128).astype(np.int64) for g in gts_u8]
+    f64 = score([p / 255.0 for p in preds_u8], gts_01, metrics=names)
+    assert f64 == pytest.approx(base, abs=1e-12)
+    # bool masks, torch tensors
+    tens = score(
+        [torch.from_numpy(p / 255.0) for p in preds_u8],
+        [torch.from_numpy(g > 128) for g in gts_u8],
+        metrics=names,
+    )
+    assert tens == pytest.approx(base, abs=1e-12)
+    # float32: rounding may move a pixel across a 1/255 bin of the E-measure curve, and the
+    # S-measure of a constant map depends on the exact float value (see functional._ssim)
+    varied = [i for i, p in enumerate(preds_u8) if p.min() != p.max()]
+    gts_v = [gts_u8[i] for i in varied]
+    f32 = score([(preds_u8[i] / 255.0).astype(np.float32) for i in varied], gts_v, metrics=names)
+    u8 = score([preds_u8[i] for i in varied], gts_v, metrics=names)
+    assert f32 == pytest.approx(u8, abs=1e-4)
+
+
+def test_metric_objects_accept_batches_lists_and_channel_dim():
+    rng = np.random.default_rng(3)
+    gt = (rng.random((4, 20, 30)) < 0.3).astype(np.int64)
+    prob = np.clip(gt * 0.7 + rng.random((4, 20, 30)) * 0.5, 0, 1)
+    expected = score(list(prob), list(gt))
+    for preds, target in (
+        (torch.from_numpy(prob), torch.from_numpy(gt)),  # (B, H, W)
+        (torch.from_numpy(prob)[:, None], torch.from_numpy(gt)),  # (B, 1, H, W)
+        ([torch.from_numpy(x) for x in prob], [torch.from_numpy(x) for x in gt]),  # lists
+    ):
+        metrics = build_metrics("binary")
+        for m in metrics.values():
+            m.update(preds[:2], target[:2])
+            m.update(preds[2:], target[2:])
+        got = {name: m.compute().item() for name, m in metrics.items()}
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_list_of_different_sizes_in_one_update():
+    pairs = _random_pairs(11, 6)
+    metrics = build_metrics("binary", ["sm", "em_max", "ber"])
+    for m in metrics.values():
+        m.update([torch.from_numpy(p) for p, _ in pairs], [torch.from_numpy(g) for _, g in pairs])
+    expected = score([p for p, _ in pairs], [g for _, g in pairs], metrics=["sm", "em_max", "ber"])
+    assert {n: m.compute().item() for n, m in metrics.items()} == pytest.approx(expected, abs=1e-12)
+
+
+def test_states_merge_like_ddp():
+    """States are sums: two ranks' halves merged equal one pass over everything."""
+    pairs = _random_pairs(5, 10)
+    preds = [torch.from_numpy(p) for p, _ in pairs]
+    gts = [torch.from_numpy(g) for _, g in pairs]
+    for name in METRICS:
+        task = "multiclass" if name in DEFAULT_METRICS["multiclass"] else "binary"
+        conv = {"num_classes": 3} if task == "multiclass" else {}
+        data_p = [(p // 100).long() for p in preds] if task == "multiclass" else preds
+        data_g = [(g // 100).long() for g in gts] if task == "multiclass" else gts
+        whole, a, b = (build_metrics(task, [name], **conv)[name] for _ in range(3))
+        whole.update(data_p, data_g)
+        a.update(data_p[:4], data_g[:4])
+        b.update(data_p[4:], data_g[4:])
+        a.merge_state(b)
+        torch.testing.assert_close(a.compute(), whole.compute(), equal_nan=True, msg=name)
+
+
+def test_multiclass_scores_indices_and_ignore():
+    rng = np.random.default_rng(0)
+    k = 3
+    target = rng.integers(0, k, (2, 16, 20))
+    target[:, :2] = 255  # ignored rows
+    logits = rng.normal(size=(2, k, 16, 20))
+    index = logits.argmax(1)
+    a = score(list(logits), list(target), task="multiclass", num_classes=k)
+    b = score(list(index), list(target), num_classes=k)
+    assert a == b
+    # independent count: ignored pixels removed from predictions as well
+    valid = target != 255
+    inter = [np.sum((index == c) & (target == c) & valid) for c in range(k)]
+    union = [np.sum(((index == c) | (target == c)) & valid) for c in range(k)]
+    assert b["iou_per_class"] == pytest.approx([i / u for i, u in zip(inter, union)])
+    assert b["miou"] == pytest.approx(np.mean([i / u for i, u in zip(inter, union)]))
+    assert b["acc"] == pytest.approx(np.sum((index == target) & valid) / valid.sum())
+    # batched tensors through the metric objects
+    metrics = build_metrics("multiclass", num_classes=k)
+    for m in metrics.values():
+        m.update(torch.from_numpy(logits), torch.from_numpy(target))
+    assert metrics["miou"].compute().item() == pytest.approx(b["miou"])
+
+
+def test_multiclass_absent_class_is_nan_and_left_out_of_miou():
+    target = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
+    pred = np.array([[0, 1, 1, 1], [0, 0, 1, 3]])  # class 3 only on an ignored pixel
+    out = score([pred], [target], num_classes=4)
+    assert out["iou_per_class"][:2] == pytest.approx([3 / 4, 3 / 4])
+    assert math.isnan(out["iou_per_class"][2]) and math.isnan(out["iou_per_class"][3])
+    assert out["miou"] == pytest.approx(0.75)
+    assert out["acc"] == pytest.approx(6 / 7)
+
+
+@pytest.mark.parametrize(
+    ("pred", "target", "message"),
+    [
+        (np.zeros((4, 5)), np.zeros((4, 6)), "shape"),
+        (np.full((4, 5), 1.5), np.zeros((4, 5)), r"\[0, 1\]"),
+        (np.full((4, 5), -0.1), np.zeros((4, 5)), r"\[0, 1\]"),
+        (np.full((4, 5), np.nan), np.zeros((4, 5)), r"\[0, 1\]"),
+        (np.full((4, 5), 300), np.zeros((4, 5), np.int64), "0..255"),
+        (np.zeros((4, 5)), np.full((4, 5), 256), "target"),
+    ],
+)
+def test_binary_bad_input(pred, target, message):
+    with pytest.raises(ValueError, match=message):
+        score([pred], [target], task="binary")
+    metric = build_metrics("binary", ["mae"])["mae"]
+    with pytest.raises(ValueError, match=message):
+        metric.update(torch.as_tensor(pred), torch.as_tensor(target))
+
+
+def test_score_names_the_bad_image():
+    good = np.zeros((4, 5))
+    with pytest.raises(ValueError, match="image 2: .*shape"):
+        score([good, good, np.zeros((4, 4))], [good, good, good], task="binary")
+    with pytest.raises(ValueError, match=r"image 1: .*\[0, 1\]"):
+        score([good, good + 2.0], [good, good], task="binary")
+    with pytest.raises(ValueError, match="image 1: target class index 7 .*outside \\[0, 3\\)"):
+        targets = [np.zeros((2, 2), int), np.full((2, 2), 7)]
+        score([np.zeros((2, 2), int)] * 2, targets, task="multiclass", num_classes=3)
+    with pytest.raises(ValueError, match="2 predictions but 1 targets"):
+        score([good, good], [good])
+
+
+def test_multiclass_bad_input():
+    metric = build_metrics("multiclass", ["miou"], num_classes=3)["miou"]
+    with pytest.raises(ValueError, match="target class index 5"):
+        metric.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 5], [1, 255]]))
+    with pytest.raises(ValueError, match="predicted class index 3"):
+        metric.update(torch.tensor([[0, 3], [1, 1]]), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not match"):
+        metric.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="4 classes"):
+        metric.update(torch.zeros(4, 2, 2), torch.zeros(2, 2, dtype=torch.long))
+    metric.update(torch.tensor([[0, 1], [2, 0]]), torch.tensor([[0, 1], [255, 255]]))  # ignored
+    assert metric.compute().item() == 1.0
+
+
+def test_registry_and_build_metrics_errors():
+    assert DEFAULT_METRICS == {
+        "binary": ["sm", "em", "wfm", "mae", "iou", "dice", "ber"],
+        "multiclass": ["acc", "miou", "iou_per_class"],
+    }
+    assert set(HIGHER_IS_BETTER) == set(METRICS)
+    assert not HIGHER_IS_BETTER["mae"] and not HIGHER_IS_BETTER["ber"] and HIGHER_IS_BETTER["sm"]
+    binary_names = [n for n in METRICS if n not in DEFAULT_METRICS["multiclass"]]
+    for name, m in build_metrics("binary", binary_names).items():
+        assert m.higher_is_better == HIGHER_IS_BETTER[name]
+    with pytest.raises(ValueError, match="'smeasure'.*valid metrics: sm, em"):
+        build_metrics("binary", ["smeasure"])
+    with pytest.raises(ValueError, match="'miou' is a multiclass metric"):
+        build_metrics("binary", ["miou"])
+    with pytest.raises(ValueError, match="num_classes is required"):
+        build_metrics("multiclass")
+    with pytest.raises(ValueError, match="unknown convention.*treshold"):
+        build_metrics("binary", treshold=0.3)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_metrics("regression")
+
+
+def test_conventions_reach_the_metrics():
+    conv = {"threshold": 0.3, "beta2": 1.0, "empty_score": 0.0, "gt_threshold": 100}
+    m = build_metrics("binary", ["iou", "wfm", "ber"], **conv)
+    assert m["iou"].threshold == 0.3 and m["iou"].empty_score == 0.0
+    assert m["iou"].gt_threshold == 100
+    assert m["wfm"].beta2 == 1.0 and m["ber"].threshold == 0.3
+    mc = build_metrics("multiclass", num_classes=5, ignore_index=0)
+    assert mc["miou"].ignore_index == 0 and mc["acc"].num_classes == 5
+
+
+def test_threshold_and_empty_score():
+    pred = np.array([[0.2, 0.4], [0.6, 0.8]])
+    gt = np.array([[0, 1], [1, 1]])
+    assert score([pred], [gt], metrics=["iou"])["iou"] == pytest.approx(2 / 3)
+    assert score([pred], [gt], metrics=["iou"], threshold=0.3)["iou"] == pytest.approx(1.0)
+    empty = np.zeros((2, 2))
+    assert score([empty], [empty], metrics=["iou", "dice"]) == {"iou": 1.0, "dice": 1.0}
+    zero = score([empty], [empty], metrics=["iou", "dice"], empty_score=0.0)
+    assert zero == {"iou": 0.0, "dice": 0.0}
+
+
+def test_infer_task():
+    t = torch.from_numpy
+    assert infer_task([t(np.zeros((2, 2)))], [t(np.zeros((2, 2), np.int64))]) == "binary"
+    mask_0_255 = t(np.array([[0, 255], [0, 0]], np.uint8))
+    assert infer_task([t(np.zeros((2, 2), np.uint8))], [mask_0_255]) == "binary"
+    labels = t(np.array([[0, 2], [1, 255]]))
+    assert infer_task([t(np.zeros((2, 2), np.int64))], [labels]) == "multiclass"
+    assert infer_task([t(np.zeros((3, 2, 2)))], [t(np.zeros((2, 2), np.int64))]) == "multiclass"
+    out = score([np.zeros((2, 2), int)], [np.array([[0, 2], [1, 255]])])
+    assert set(out) == {"acc", "miou", "iou_per_class"}
+
+
+def test_score_folders(tmp_path):
+    pairs = _random_pairs(21, 5)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    for i, (p, g) in enumerate(pairs):
+        if i == 0:
+            np.save(pred_dir / f"img{i}.npy", p)
+        else:
+            Image.fromarray(p).save(pred_dir / f"img{i}.png")
+        Image.fromarray(g).save(gt_dir / f"img{i}.{'bmp' if i == 1 else 'png'}")
+    (gt_dir / "notes.txt").write_text("ignored")
+    got = score_folders(pred_dir, gt_dir)
+    expected = score([p for p, _ in pairs], [g for _, g in pairs])
+    assert got.pop("n_images") == 5
+    assert got == pytest.approx(expected, abs=1e-12)
+    # unpaired stems are listed from both sides
+    Image.fromarray(pairs[0][0]).save(pred_dir / "extra.png")
+    (gt_dir / "img3.png").unlink()
+    with pytest.raises(ValueError, match=r"without a ground truth: extra, img3"):
+        score_folders(pred_dir, gt_dir)
+
+
+def test_score_folders_names_the_bad_file(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    np.save(tmp_path / "p" / "a.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "p" / "b.npy", np.full((4, 4), 2.0))
+    for stem in "ab":
+        np.save(tmp_path / "g" / f"{stem}.npy", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"b\.npy vs b\.npy: image 1"):
+        score_folders(tmp_path / "p", tmp_path / "g", task="binary")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metrics_on_cuda_match_cpu():
+    pairs = _random_pairs(4, 8)
+    expected = score([p for p, _ in pairs], [g for _, g in pairs], metrics=list(METRICS)[:12])
+    metrics = build_metrics("binary", list(METRICS)[:12])
+    for m in metrics.values():
+        m.to("cuda")
+        m.update(
+            [torch.from_numpy(p).cuda() for p, _ in pairs],
+            [torch.from_numpy(g).cuda() for _, g in pairs],
+        )
+    got = {n: m.compute().item() for n, m in metrics.items()}
+    assert got == pytest.approx(expected, abs=1e-9)
+    mc = build_metrics("multiclass", num_classes=3)
+    for m in mc.values():
+        m.to("cuda")
+        scores = torch.randn(2, 3, 8, 8, device="cuda")
+        m.update(scores, torch.randint(0, 3, (2, 8, 8), device="cuda"))
+        assert m.compute().device.type == "cuda"
