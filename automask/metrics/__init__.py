@@ -12,7 +12,7 @@ Scores are fractions in [0, 1] (papers often print them x100).
 >>> score([pred_map], [gt_mask])  # doctest: +SKIP
 {'sm': ..., 'em': ..., 'wfm': ..., 'mae': ..., 'iou': ..., 'dice': ..., 'ber': ...}
 """
-from automask.metrics.folders import read_mask, score_folders
+from automask.metrics.folders import read_map, score_folders
 from automask.metrics.registry import (
     CONVENTIONS,
     DEFAULT_METRICS,
@@ -29,7 +29,7 @@ __all__ = [
     "METRICS",
     "build_metrics",
     "infer_task",
-    "read_mask",
+    "read_map",
     "score",
     "score_folders",
 ]

@@ -14,8 +14,11 @@ def _readable_suffixes() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()} | {".npy"}
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_map(path: str | Path) -> np.ndarray:
     """Read a 2-D mask/map (or a ``(K, H, W)`` ``.npy`` score array) as stored.
+
+    Unlike :func:`automask.data.read_mask`, which refuses colour masks for training, this
+    accepts maps saved in colour by other tools, since scoring must take any model's output.
 
     Palette (``P``), grey (``L``), 16/32-bit (``I;16``, ``I``, ``F``) and 1-bit images keep their
     values (palette indices, not colours); colour images are converted to grey with Pillow's
@@ -94,8 +97,8 @@ def score_folders(
     stems = sorted(preds)
     try:
         result = score(
-            [read_mask(preds[s]) for s in stems],
-            [read_mask(gts[s]) for s in stems],
+            [read_map(preds[s]) for s in stems],
+            [read_map(gts[s]) for s in stems],
             task=task,
             metrics=metrics,
             **conventions,
