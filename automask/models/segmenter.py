@@ -1,0 +1,219 @@
+"""Prompt-free, grad-enabled SAM segmenter and its builder.
+
+segment-anything's ``Sam.forward`` runs under ``torch.no_grad`` and expects prompts, so the
+segmenter calls the three submodules itself: image encoder -> mask decoder with no sparse
+prompts and the pretrained "no mask" dense embedding -> logits upsampled to the input size.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
+from torch import nn
+
+from ..errors import ConfigError
+from .backbones import build_sam_parts, get_spec
+from .checkpoint import load_sam_weights, locate_checkpoint
+
+
+class SamSegmenter(nn.Module):
+    """SAM as a semantic segmenter: images in, per-class logits out.
+
+    Parameters
+    ----------
+    image_encoder, prompt_encoder, mask_decoder : nn.Module
+        segment-anything's modules (state-dict keys as in the official checkpoints).
+    backbone : str
+        Registry name of the backbone.
+    input_size : int
+        Side of the square, normalised and padded input images, a multiple of 16.
+    checkpoint_info : dict, optional
+        ``{"backbone", "source", "path", "sha256"}`` describing the loaded weights.
+
+    Attributes
+    ----------
+    num_classes : int
+        1 for binary segmentation (one logit map); K >= 2 for K classes, background
+        included (one logit map per class, softmax over classes).
+
+    Notes
+    -----
+    Binary mode is SAM's single-mask output: the decoder transformer runs on
+    ``[iou_token, mask_token_0..3]`` as in SAM and the output of mask token 0 goes through
+    hypernetwork MLP 0. :meth:`set_num_classes` with K >= 2 replaces the mask tokens by K
+    copies of pretrained token 0 and the hypernetwork MLPs by K copies of MLP 0. The IoU
+    head is never used.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        *,
+        backbone: str,
+        input_size: int,
+        checkpoint_info: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.backbone = backbone
+        self.input_size = input_size
+        self.num_classes = 1
+        self.checkpoint_info = dict(checkpoint_info or {"backbone": backbone, "source": "random",
+                                                        "path": None, "sha256": None})
+        self.peft_method: str | None = None
+
+    # ------------------------------------------------------------------ classes
+    def set_num_classes(self, num_classes: int) -> None:
+        """Switch to ``num_classes`` outputs (K >= 2 copies pretrained mask token/MLP 0).
+
+        Only valid on a freshly built (binary) segmenter, before any PEFT method.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if self.num_classes != 1:
+            raise ConfigError(f"num_classes was already set to {self.num_classes}")
+        if num_classes == 1:
+            return
+        decoder = self.mask_decoder
+        token0 = decoder.mask_tokens.weight.detach()[0]
+        tokens = nn.Embedding(num_classes, token0.shape[0], device=token0.device,
+                              dtype=token0.dtype)
+        with torch.no_grad():
+            tokens.weight.copy_(token0.expand(num_classes, -1))
+        decoder.mask_tokens = tokens
+        mlp0 = decoder.output_hypernetworks_mlps[0]
+        decoder.output_hypernetworks_mlps = nn.ModuleList(
+            copy.deepcopy(mlp0) for _ in range(num_classes)
+        )
+        decoder.num_mask_tokens = num_classes
+        self.num_classes = num_classes
+
+    @property
+    def num_outputs_used(self) -> int:
+        """How many decoder mask tokens / hypernetwork MLPs produce the logits."""
+        return self.num_classes
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters that never receive a gradient in the prompt-free forward.
+
+        They are the IoU prediction head, the hypernetwork MLPs whose mask token is not
+        used (1..3 in binary mode), and the prompt encoder's point/box embeddings and mask
+        downscaling. Under the ``full`` method they stay trainable but get no gradient, so
+        distributed training needs ``find_unused_parameters=True`` (or freezing them).
+        """
+        unused = []
+        used_mlps = self.num_outputs_used
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if name.startswith("mask_decoder.iou_prediction_head."):
+                unused.append(name)
+            elif name.startswith("mask_decoder.output_hypernetworks_mlps.") and int(
+                parts[2]
+            ) >= used_mlps:
+                unused.append(name)
+            elif name.startswith("prompt_encoder.") and not name.startswith(
+                "prompt_encoder.no_mask_embed."
+            ):
+                unused.append(name)
+        return unused
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S)."""
+        if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(
+                f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        embeddings = self.image_encoder(images)  # (B, D, S/16, S/16)
+        low_res = self.decode(embeddings)  # (B, C, S/4, S/4)
+        return F.interpolate(
+            low_res, size=(self.input_size, self.input_size), mode="bilinear",
+            align_corners=False,
+        )
+
+    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits (B, C, 4h, 4w) from image embeddings (B, D, h, w)."""
+        decoder = self.mask_decoder
+        batch, dim, h, w = embeddings.shape
+        # Output tokens as in SAM: [iou, mask_0, ..., mask_{T-1}]; no sparse prompts.
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(batch, -1, -1)  # (B, 1+T, D)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        src = embeddings + dense  # (B, D, h, w)
+        pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)  # (B, D, h, w)
+        hs, src = decoder.transformer(src, pos, tokens)  # (B, 1+T, D), (B, h*w, D)
+        src = src.transpose(1, 2).reshape(batch, dim, h, w)
+        upscaled = decoder.output_upscaling(src)  # (B, D/8, 4h, 4w)
+        mlps = decoder.output_hypernetworks_mlps
+        hyper = torch.stack(
+            [mlps[i](hs[:, 1 + i]) for i in range(self.num_outputs_used)], dim=1
+        )  # (B, C, D/8)
+        b, c, hh, ww = upscaled.shape
+        return (hyper @ upscaled.reshape(b, c, hh * ww)).reshape(b, -1, hh, ww)
+
+    def extra_repr(self) -> str:
+        return (f"backbone={self.backbone!r}, num_classes={self.num_classes}, "
+                f"input_size={self.input_size}, peft_method={self.peft_method!r}")
+
+
+def build_segmenter(
+    backbone: str = "vit_b",
+    num_classes: int = 1,
+    input_size: int = 1024,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+) -> SamSegmenter:
+    """Build a prompt-free SAM segmenter, loading its weights.
+
+    Parameters
+    ----------
+    backbone : str
+        ``"tiny"``, ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``.
+    num_classes : int
+        1 for binary segmentation, K >= 2 for K classes (background included).
+    input_size : int
+        Side of the square input, a positive multiple of 16. Position tables of a
+        checkpoint made for another size are resized on load.
+    checkpoint : str, os.PathLike or None
+        See :func:`~automask.models.resolve_checkpoint`; ``"random"`` for random init.
+    progress : bool
+        Show a progress bar while downloading.
+
+    Returns
+    -------
+    SamSegmenter
+        In training mode, every parameter trainable (apply a PEFT method next).
+
+    Raises
+    ------
+    ConfigError
+        Unknown backbone, bad ``num_classes`` or ``input_size``.
+    CheckpointError
+        No weights available, unverifiable download or checkpoint not matching.
+    """
+    spec = get_spec(backbone)
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 \
+            or input_size % spec.patch_size:
+        raise ConfigError(
+            f"input_size must be a positive multiple of {spec.patch_size}, got {input_size!r}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    resolved = locate_checkpoint(backbone, checkpoint, progress=progress)
+    parts = build_sam_parts(spec, input_size)
+    info = {"backbone": backbone, "source": resolved.source,
+            "path": str(resolved.path) if resolved.path else None, "sha256": resolved.sha256}
+    model = SamSegmenter(*parts, backbone=backbone, input_size=input_size, checkpoint_info=info)
+    if resolved.path is not None:
+        load_sam_weights(model, resolved.path)
+    model.set_num_classes(num_classes)
+    return model

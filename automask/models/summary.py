@@ -1,0 +1,78 @@
+"""Parameter counts per PEFT method, computed on the meta device (no weights allocated)."""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .backbones import build_sam_parts, get_spec
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) number of parameter elements of ``model``."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def sam_parameter_count(backbone: str) -> int:
+    """Parameters of the whole official SAM model for ``backbone`` (641.09M for vit_h)."""
+    spec = get_spec(backbone)
+    with torch.device("meta"):
+        parts = build_sam_parts(spec, spec.pretrain_size)
+    return sum(count_parameters(part)[1] for part in parts)
+
+
+def parameter_summary(
+    backbone: str = "vit_h",
+    methods: list[str] | None = None,
+    num_classes: int = 1,
+    **peft_options,
+) -> pd.DataFrame:
+    """Trainable parameters of each PEFT method on ``backbone``, as in the paper's table.
+
+    Models are built on the meta device, so even ``vit_h`` costs no memory or time.
+
+    Parameters
+    ----------
+    backbone : str
+        Registry name of the backbone.
+    methods : list of str, optional
+        PEFT methods to count; default: every method in
+        :data:`~automask.peft.PEFT_METHODS`, in registry order.
+    num_classes : int
+        Number of segmentation outputs (1 = binary).
+    **peft_options
+        Passed to :func:`~automask.peft.apply_peft` (``rank``, ``alpha``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``method``, ``trainable``, ``trainable_m`` (millions, 2 decimals),
+        ``ratio_pct`` (trainable / the backbone's full SAM parameter count, in %, 2
+        decimals) and ``total`` (all parameters of the adapted segmenter).
+    """
+    from ..peft import PEFT_METHODS, apply_peft
+    from .segmenter import SamSegmenter
+
+    spec = get_spec(backbone)
+    reference = sam_parameter_count(backbone)
+    rows = []
+    for method in methods if methods is not None else list(PEFT_METHODS):
+        with torch.device("meta"):
+            model = SamSegmenter(*build_sam_parts(spec, spec.pretrain_size), backbone=backbone,
+                                 input_size=spec.pretrain_size)
+            model.set_num_classes(num_classes)
+            apply_peft(model, method, **peft_options)
+        trainable, total = count_parameters(model)
+        rows.append({
+            "method": method,
+            "trainable": trainable,
+            "trainable_m": round(trainable / 1e6, 2),
+            "ratio_pct": round(100.0 * trainable / reference, 2),
+            "total": total,
+        })
+    return pd.DataFrame(rows, columns=["method", "trainable", "trainable_m", "ratio_pct", "total"])

@@ -1,0 +1,207 @@
+"""Conv-LoRA: LoRA whose low-rank activation passes through a mixture of conv experts.
+
+Zhong et al., "Convolution Meets LoRA: Parameter Efficient Finetuning for Segment Anything
+Model" (ICLR 2024). The low-rank activation ``A(x)`` is laid out as the block's 2-D token
+grid (one window at a time in windowed blocks). Expert ``i`` interpolates the map by its
+scale ``s_i`` (bicubic), applies a 3x3 convolution r -> r and GELU, and interpolates back;
+a noisy top-k gate on the globally pooled low-rank features picks the experts per sample,
+and the gated mixture is added to the low-rank activation before ``B``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inject import mark_decoder_trainable, wrap_targets
+from .lora import LoRALinear
+from .options import PeftOptions
+
+_NOISE_EPS = 1e-2
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation ``var(x) / mean(x)^2`` (0 for a single value)."""
+    x = x.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var() / (x.mean() ** 2 + 1e-10)
+
+
+class ConvLoRALinear(LoRALinear):
+    """LoRA with a mixture of multi-scale convolution experts on the low-rank grid.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear
+        The layer adapted (SAM's fused ``qkv``); its input must be a token grid
+        (N, H, W, C), as in segment-anything's attention blocks.
+    rank : int
+        Rank r of the update and channels of the experts.
+    alpha : float
+        The update is scaled by ``alpha / rank``.
+    num_experts : int
+        Number M of experts.
+    top_k : int
+        Experts each sample is routed to.
+    scales : sequence of float, optional
+        Scale of each expert; default ``1, 2, ..., M``.
+    aux_loss_weight : float
+        Weight of the load-balancing loss stored in :attr:`aux_loss`.
+
+    Attributes
+    ----------
+    aux_loss : torch.Tensor or None
+        ``aux_loss_weight * (cv^2(importance) + cv^2(load))`` of the last forward.
+    expert_counts : list of int
+        How many samples (windows or images) each expert received in the last forward.
+
+    Notes
+    -----
+    Gating follows the noisy top-k gate of Shazeer et al. (2017): logits
+    ``pooled @ w_gate`` plus, in training mode only, Gaussian noise with scale
+    ``softplus(pooled @ w_noise) + eps``; ``w_gate`` and ``w_noise`` start at zero. The
+    load is the differentiable normal-CDF estimate when noise is used, else the count of
+    routed samples. Only experts that receive samples are computed. Adds
+    ``M * (9 r^2 + r) + 2 r M`` parameters per layer to LoRA's (720 for r=3, M=8).
+    """
+
+    mergeable = False
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int = 3,
+        alpha: float = 32.0,
+        num_experts: int = 8,
+        top_k: int = 1,
+        scales: tuple[float, ...] | None = None,
+        aux_loss_weight: float = 0.01,
+    ) -> None:
+        super().__init__(base_layer, rank=rank, alpha=alpha)
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.scales = tuple(float(s) for s in (scales or range(1, num_experts + 1)))
+        if len(self.scales) != num_experts:
+            raise ValueError(f"need {num_experts} scales, got {self.scales}")
+        self.aux_loss_weight = aux_loss_weight
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.experts = nn.ModuleList(
+            nn.Conv2d(rank, rank, kernel_size=3, padding=1, **factory) for _ in range(num_experts)
+        )
+        self.w_gate = nn.Parameter(torch.zeros(rank, num_experts, **factory))
+        self.w_noise = nn.Parameter(torch.zeros(rank, num_experts, **factory))
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: list[int] = [0] * num_experts
+
+    def merge(self) -> None:  # noqa: D102
+        raise NotImplementedError("Conv-LoRA cannot be merged: its experts are nonlinear")
+
+    def unmerge(self) -> None:  # noqa: D102
+        raise NotImplementedError("Conv-LoRA cannot be merged: its experts are nonlinear")
+
+    # ------------------------------------------------------------------ gating
+    def gate(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights (N, M) and the load-balancing loss, from pooled features (N, r).
+
+        Computed in float32 even under autocast.
+        """
+        pooled = pooled.float()
+        clean = pooled @ self.w_gate.float()  # (N, M)
+        noisy_path = self.training and self.top_k < self.num_experts
+        if noisy_path:
+            noise_std = F.softplus(pooled @ self.w_noise.float()) + _NOISE_EPS
+            logits = clean + torch.randn_like(clean) * noise_std
+        else:
+            logits = clean
+        k_plus = min(self.top_k + 1, self.num_experts)
+        top_values, top_indices = logits.topk(k_plus, dim=1)  # (N, k+1), descending
+        weights = torch.softmax(top_values[:, : self.top_k], dim=1)
+        gates = torch.zeros_like(logits).scatter(1, top_indices[:, : self.top_k], weights)
+        importance = gates.sum(0)  # (M,)
+        if noisy_path:
+            # P(expert in top-k | other noise fixed): normal CDF against the k-th / (k+1)-th
+            # largest noisy logit, differentiable in w_gate and w_noise.
+            threshold_in = top_values[:, self.top_k : self.top_k + 1]  # (N, 1)
+            threshold_out = top_values[:, self.top_k - 1 : self.top_k]  # (N, 1)
+            is_in = logits > threshold_in
+            prob_in = torch.special.ndtr((clean - threshold_in) / noise_std)
+            prob_out = torch.special.ndtr((clean - threshold_out) / noise_std)
+            load = torch.where(is_in, prob_in, prob_out).sum(0)
+        else:
+            load = (gates > 0).sum(0).float()
+        loss = self.aux_loss_weight * (cv_squared(importance) + cv_squared(load))
+        return gates, loss
+
+    # ------------------------------------------------------------------ experts
+    def run_expert(self, index: int, grid: torch.Tensor) -> torch.Tensor:
+        """Expert ``index`` on low-rank maps (n, r, H, W): resize by s_i, conv, GELU, back."""
+        height, width = grid.shape[-2:]
+        scale = self.scales[index]
+        x = grid
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        x = F.gelu(self.experts[index](x))
+        if x.shape[-2:] != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+        return x
+
+    def mixture(self, grid: torch.Tensor) -> torch.Tensor:
+        """Gated sum of the experts on (N, r, H, W); sets :attr:`aux_loss`."""
+        with torch.autocast(device_type=grid.device.type, enabled=False):
+            gates, self.aux_loss = self.gate(grid.float().mean(dim=(2, 3)))  # (N, M)
+        # Dispatch: group the (sample, expert) pairs by expert; run only routed experts.
+        weight, expert = gates.topk(self.top_k, dim=1)  # (N, k)
+        sample = torch.arange(grid.shape[0], device=grid.device).repeat_interleave(self.top_k)
+        expert, weight = expert.reshape(-1), weight.reshape(-1)
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        self.expert_counts = counts
+        out = torch.zeros_like(grid)
+        start = 0
+        for index, count in enumerate(counts):
+            if count == 0:
+                continue
+            chosen = order[start : start + count]
+            start += count
+            rows = sample[chosen]
+            y = self.run_expert(index, grid.index_select(0, rows))
+            y = y * weight[chosen].to(y.dtype).view(-1, 1, 1, 1)
+            out = out.index_add(0, rows, y.to(out.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token grid (N, H, W, in_features) -> (N, H, W, out_features)."""
+        if x.dim() != 4:
+            raise ValueError(
+                f"Conv-LoRA needs a token grid (N, H, W, C) as input, got shape {tuple(x.shape)}"
+            )
+        out = self.base_layer(x)
+        grid = self.lora_A(x).permute(0, 3, 1, 2)  # (N, r, H, W)
+        grid = grid + self.mixture(grid)
+        return out + self.lora_B(grid.permute(0, 2, 3, 1)) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, scales={self.scales}")
+
+
+def apply_conv_lora(model: nn.Module, options: PeftOptions) -> None:
+    """Wrap every image-encoder Linear matching ``options.targets`` in :class:`ConvLoRALinear`."""
+    wrap_targets(
+        model,
+        options.targets,
+        lambda layer: ConvLoRALinear(
+            layer,
+            rank=options.rank,
+            alpha=options.alpha,
+            num_experts=options.num_experts,
+            top_k=options.top_k,
+            scales=options.scales,
+            aux_loss_weight=options.aux_loss_weight,
+        ),
+    )
+    mark_decoder_trainable(model)

@@ -1,0 +1,91 @@
+"""LoRA: a trainable low-rank update ``B @ A`` beside a frozen ``nn.Linear``."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .inject import mark_decoder_trainable, wrap_targets
+from .options import PeftOptions
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + B(A(x)) * alpha / rank``, wrapping an ``nn.Linear``.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear
+        The layer adapted; kept as ``base_layer`` (frozen by the PEFT method).
+    rank : int
+        Rank r of the update.
+    alpha : float
+        Scale numerator; the update is multiplied by ``alpha / rank``.
+
+    Notes
+    -----
+    ``lora_A`` is initialised Kaiming-uniform and ``lora_B`` with zeros, so a fresh adapter
+    computes exactly ``base_layer(x)``. :meth:`merge` folds the update into the base weight
+    for inference; :meth:`unmerge` takes it out again.
+    """
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Linear, rank: int = 3, alpha: float = 32.0) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRA wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
+        self.merged = False
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """A Kaiming-uniform, B zeros: the adapter starts as the identity update."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``scaling * B @ A`` of shape (out_features, in_features)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.lora_B(self.lora_A(x)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update to ``base_layer.weight``; the forward then skips the adapter."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("LoRA update holds NaN/inf values; refusing to merge it")
+        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract a merged update from ``base_layer.weight`` again."""
+        if not self.merged:
+            return
+        self.base_layer.weight.sub_(self.delta_weight().to(self.base_layer.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def apply_lora(model: nn.Module, options: PeftOptions) -> None:
+    """Wrap every image-encoder Linear matching ``options.targets`` in :class:`LoRALinear`."""
+    wrap_targets(model, options.targets,
+                 lambda layer: LoRALinear(layer, rank=options.rank, alpha=options.alpha))
+    mark_decoder_trainable(model)

@@ -1,0 +1,216 @@
+"""Time one training step of the SAM segmenter per PEFT method.
+
+A step is forward, loss (BCE + the adapters' auxiliary loss), backward and an AdamW step,
+on random images with random weights (``checkpoint="random"``: speed does not depend on
+the weights). Each configuration runs in its own subprocess so that its peak memory can be
+read on its own.
+
+The *floor* is the cost no encoder-adapting method can avoid: the same frozen image encoder's
+forward and a backward pass through all of it. The backward is forced through the encoder
+by making the input images require a gradient (no parameter of the encoder trains; the
+extra work over a real step is the input gradient of the patch embedding, which is small).
+No decoder, no loss beyond a mean, no optimizer step. ``decoder_only`` does not backpropagate
+through the encoder at all, so it is usually below the floor.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_step                      # CPU, bf16 autocast when supported
+    python -m benchmarks.bench_step --device cuda --steps 10 --warmup 3
+
+Output: one line per configuration (seconds per step, images per second, peak memory:
+``ru_maxrss`` of the subprocess on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), then
+the ratios conv_lora / lora and lora / floor per input size (targets: both <= 1.3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("floor", "decoder_only", "lora", "conv_lora")
+
+
+def _bf16_supported(device: str) -> bool:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def make_step(method: str, size: int, args: argparse.Namespace):
+    """Build one configuration; returns ``(step, sync, uses_bf16)``."""
+    import torch
+    import torch.nn.functional as F
+
+    from automask.models import build_segmenter
+    from automask.peft import apply_peft, aux_loss
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_segmenter(args.backbone, input_size=size, checkpoint="random")
+    apply_peft(model, "decoder_only" if method == "floor" else method)
+    if method == "floor":
+        model.requires_grad_(False)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    images = torch.randn(args.batch, 3, size, size, device=device)
+    target = (torch.rand(args.batch, 1, size, size, device=device) > 0.5).float()
+    if method == "floor":
+        images.requires_grad_(True)
+    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and _bf16_supported(args.device))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            if method == "floor":
+                loss = model.image_encoder(images).float().mean()
+            else:
+                logits = model(images).float()
+                loss = F.binary_cross_entropy_with_logits(logits, target) + aux_loss(model)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        images.grad = None
+
+    return step, sync, use_bf16
+
+
+def _timed(step, sync) -> float:
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
+def _peak(args: argparse.Namespace) -> tuple[float, str]:
+    import torch
+
+    if args.device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "max_rss"
+
+
+def _row(method, size, args, times, use_bf16, peak, peak_kind, base) -> dict:
+    import torch
+
+    seconds = statistics.median(times)
+    return {
+        "method": method, "size": size, "batch": args.batch,
+        "dtype": "bf16" if use_bf16 else "fp32",
+        "device": args.device, "threads": torch.get_num_threads(), "seconds": seconds,
+        "min_seconds": min(times), "images_per_s": args.batch / seconds, "peak_mib": peak,
+        "peak_over_build_mib": peak - base, "peak_kind": peak_kind,
+    }
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Time one configuration in this (fresh) process; returns its figures."""
+    import torch
+
+    step, sync, use_bf16 = make_step(args.one, args.size, args)
+    base, _ = _peak(args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = 0.0
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = [_timed(step, sync) for _ in range(args.steps)]
+    peak, kind = _peak(args)
+    return _row(args.one, args.size, args, times, use_bf16, peak, kind, base)
+
+
+def run_interleaved(args: argparse.Namespace, size: int) -> list[dict]:
+    """Time all methods in one process, one step of each in turn (robust to load drift).
+
+    Peak memory is then that of the whole process (all models), so it is not per method.
+    """
+    built = {m: make_step(m, size, args) for m in args.methods}
+    for _ in range(args.warmup):
+        for step, sync, _ in built.values():
+            step()
+            sync()
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for _ in range(args.steps):
+        for method, (step, sync, _) in built.items():
+            times[method].append(_timed(step, sync))
+    peak, kind = _peak(args)
+    return [_row(m, size, args, times[m], built[m][2], peak, kind + "_all_models", peak)
+            for m in args.methods]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run every configuration in a subprocess and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="vit_b")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--interleave", action="store_true",
+                        help="time all methods in one process, step by step in turn (ratios "
+                             "robust to a busy machine; memory then not per method)")
+    parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(run_one(args)), flush=True)
+        return 0
+
+    root = Path(__file__).resolve().parents[1]
+    rows = []
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(f"{args.backbone} {row['size']:4d}px bs{row['batch']} {row['device']} {row['dtype']} "
+              f"{row['method']:12s} {row['seconds']:7.3f} s/step  "
+              f"{row['images_per_s']:6.2f} img/s  "
+              f"peak {row['peak_mib']:7.0f} MiB ({row['peak_kind']}; "
+              f"+{row['peak_over_build_mib']:.0f} over build)", flush=True)
+
+    for size in args.sizes:
+        if args.interleave:
+            for row in run_interleaved(args, size):
+                report(row)
+            continue
+        for method in args.methods:
+            cmd = [sys.executable, "-m", "benchmarks.bench_step", "--one", method, "--size",
+                   str(size), "--backbone", args.backbone, "--device", args.device, "--batch",
+                   str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--dtype", args.dtype]
+            done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=os.environ)
+            if done.returncode != 0:
+                print(f"{method} @ {size}px failed:\n{done.stderr}", file=sys.stderr)
+                return 1
+            report(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {(r["method"], r["size"]): r["seconds"] for r in rows}
+    for size in args.sizes:
+        parts = []
+        if ("conv_lora", size) in by and ("lora", size) in by:
+            parts.append(f"conv_lora/lora = {by['conv_lora', size] / by['lora', size]:.2f}")
+        if ("lora", size) in by and ("floor", size) in by:
+            parts.append(f"lora/floor = {by['lora', size] / by['floor', size]:.2f}")
+        if parts:
+            print(f"{size}px: " + ", ".join(parts) + "  (targets <= 1.30)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Checkpoint resolution (path, cache, download), verification, safe loading and resizing."""
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+
+import pytest
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, Sam
+
+from automask.errors import CheckpointError
+from automask.models import BACKBONES, build_segmenter, resolve_checkpoint
+from automask.models.backbones import build_sam_parts
+from automask.peft import apply_peft
+from automask.utils import cache_dir
+
+TINY_NAME = "sam_tiny_test.pth"
+_UNSAFE_RAN = []
+
+
+def _official_state_dict(backbone: str, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict laid out by segment-anything's own ``Sam`` class."""
+    torch.manual_seed(seed)
+    if backbone == "vit_b":
+        sam = sam_model_registry["vit_b"]()
+    else:
+        sam = Sam(*build_sam_parts(BACKBONES[backbone], size))
+    state = sam.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    for key, value in state.items():  # position tables start at zero: make them non-trivial
+        if "pos" in key and value.is_floating_point():
+            value.copy_(torch.randn(value.shape, generator=gen) * 0.1)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    path = folder / TINY_NAME
+    torch.save(_official_state_dict("tiny", 256), path)
+    return path
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached_files():
+    folder = cache_dir() / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _assert_weights_equal(model, state):
+    ours = model.state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(ours[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_load_by_path(tiny_file):
+    seg = build_segmenter("tiny", input_size=256, checkpoint=tiny_file)
+    _assert_weights_equal(seg, torch.load(tiny_file, weights_only=True))
+    info = seg.checkpoint_info
+    assert info["source"] == "file" and info["path"] == str(tiny_file)
+    assert info["sha256"] == _sha(tiny_file)
+    assert resolve_checkpoint("tiny", tiny_file) == tiny_file
+
+
+def test_missing_path():
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        resolve_checkpoint("vit_b", "nope.pth")
+
+
+def test_download_then_cache(tiny_file, http_server, monkeypatch):
+    base = http_server(tiny_file.parent)
+    url = f"{base}/{TINY_NAME}"
+    path = resolve_checkpoint("tiny", url=url, sha256=_sha(tiny_file), progress=False)
+    assert path == cache_dir() / "checkpoints" / TINY_NAME
+    assert path.read_bytes() == tiny_file.read_bytes()
+    # through the builder: the environment names the URL; now the cache answers
+    monkeypatch.setenv("AUTOMASK_SAM_URL_TINY", url)
+    monkeypatch.setenv("AUTOMASK_SAM_SHA256_TINY", _sha(tiny_file))
+    seg = build_segmenter("tiny", input_size=256, progress=False)
+    assert seg.checkpoint_info["source"] == "cache"
+    assert seg.checkpoint_info["sha256"] == _sha(tiny_file)
+    _assert_weights_equal(seg, torch.load(tiny_file, weights_only=True))
+
+
+def test_download_via_builder(tiny_file, http_server, monkeypatch):
+    monkeypatch.setenv("AUTOMASK_SAM_URL_TINY", f"{http_server(tiny_file.parent)}/{TINY_NAME}")
+    monkeypatch.setenv("AUTOMASK_SAM_SHA256_TINY", _sha(tiny_file))
+    seg = build_segmenter("tiny", input_size=256, progress=False)
+    assert seg.checkpoint_info["source"] == "download"
+    assert _cached_files() == [TINY_NAME]
+
+
+def test_download_with_wrong_sha_keeps_nothing(tiny_file, http_server):
+    url = f"{http_server(tiny_file.parent)}/{TINY_NAME}"
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        resolve_checkpoint("tiny", url=url, sha256="0" * 64, progress=False)
+    assert _cached_files() == []
+
+
+def test_corrupted_cache_is_refused(tiny_file, monkeypatch):
+    target = cache_dir() / "checkpoints" / TINY_NAME
+    target.parent.mkdir(parents=True)
+    target.write_bytes(tiny_file.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="delete it"):
+        resolve_checkpoint("tiny", url=f"http://127.0.0.1:9/{TINY_NAME}", sha256=_sha(tiny_file))
+
+
+def test_unverified_download_warns(tiny_file, http_server):
+    url = f"{http_server(tiny_file.parent)}/{TINY_NAME}"
+    with pytest.warns(UserWarning, match="WITHOUT verifying"):
+        path = resolve_checkpoint("tiny", url=url, progress=False)
+    assert path.is_file()
+
+
+def test_no_weights_names_the_three_ways(monkeypatch):
+    # a closed local port stands for "offline"; nothing leaves the machine
+    monkeypatch.setenv("AUTOMASK_SAM_URL_VIT_B", "http://127.0.0.1:9/sam_vit_b_01ec64.pth")
+    with pytest.raises(CheckpointError) as info:
+        build_segmenter("vit_b", input_size=256, progress=False)
+    message = str(info.value)
+    assert "checkpoint=" in message and "cache" in message and "download" in message
+    assert "sam_vit_b_01ec64.pth" in message and "random" in message
+    assert _cached_files() == []
+
+
+def test_tiny_has_no_published_weights():
+    with pytest.raises(CheckpointError, match="checkpoint='random'"):
+        build_segmenter("tiny")
+
+
+def test_official_urls_and_pins():
+    for name in ("vit_b", "vit_l", "vit_h"):
+        spec = BACKBONES[name]
+        assert spec.url.startswith("https://dl.fbaipublicfiles.com/segment_anything/sam_")
+        assert spec.url.endswith(spec.filename)
+        assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+
+
+def test_truncated_file(tiny_file, tmp_path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(tiny_file.read_bytes()[: 5000])
+    with pytest.raises(CheckpointError, match="broken.pth"):
+        build_segmenter("tiny", input_size=256, checkpoint=broken)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        build_segmenter("tiny", input_size=256, checkpoint=path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_UNSAFE_RAN.append, ("pickle code ran",))
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"image_encoder.pos_embed": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        build_segmenter("tiny", input_size=256, checkpoint=path)
+    assert _UNSAFE_RAN == []
+
+
+def test_key_mismatch_is_an_error(tmp_path):
+    state = _official_state_dict("tiny", 256)
+    del state["mask_decoder.iou_token.weight"]
+    state["image_encoder.extra"] = torch.zeros(1)
+    path = tmp_path / "mismatch.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="iou_token"):
+        build_segmenter("tiny", input_size=256, checkpoint=path)
+
+
+def _reference_encoder(spec, size, state):
+    """segment-anything's encoder at ``size``; pos_embed resized here, rel-pos tables left
+    at their trained length so that segment-anything interpolates them itself."""
+    encoder = ImageEncoderViT(
+        img_size=size, patch_size=16, embed_dim=spec.embed_dim, depth=spec.depth,
+        num_heads=spec.num_heads, mlp_ratio=4, out_chans=spec.prompt_embed_dim,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
+        window_size=spec.window_size, global_attn_indexes=spec.global_attn_indexes,
+    )
+    sub = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+    grid = size // 16
+    pos = sub.pop("pos_embed").permute(0, 3, 1, 2)
+    pos = torch.nn.functional.interpolate(pos, size=(grid, grid), mode="bicubic",
+                                          align_corners=False)
+    encoder.pos_embed = torch.nn.Parameter(pos.permute(0, 2, 3, 1))
+    for i in spec.global_attn_indexes:
+        attn = encoder.blocks[i].attn
+        attn.rel_pos_h = torch.nn.Parameter(sub.pop(f"blocks.{i}.attn.rel_pos_h"))
+        attn.rel_pos_w = torch.nn.Parameter(sub.pop(f"blocks.{i}.attn.rel_pos_w"))
+    missing, unexpected = encoder.load_state_dict(sub, strict=False)
+    assert not unexpected
+    assert set(missing) == {"pos_embed"} | {
+        f"blocks.{i}.attn.rel_pos_{a}" for i in spec.global_attn_indexes for a in "hw"}
+    return encoder.eval()
+
+
+def test_other_input_size_resizes_position_tables(tiny_file):
+    state = torch.load(tiny_file, weights_only=True)  # made for 256 px
+    spec = BACKBONES["tiny"]
+    seg = build_segmenter("tiny", input_size=128, checkpoint=tiny_file).eval()
+    assert seg.image_encoder.pos_embed.shape == (1, 8, 8, spec.embed_dim)
+    glob, win = spec.global_attn_indexes[0], 0
+    assert seg.image_encoder.blocks[glob].attn.rel_pos_h.shape[0] == 2 * 8 - 1
+    # windowed blocks keep their tables
+    torch.testing.assert_close(seg.image_encoder.blocks[win].attn.rel_pos_h,
+                               state[f"image_encoder.blocks.{win}.attn.rel_pos_h"])
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(seg.image_encoder(x),
+                                   _reference_encoder(spec, 128, state)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_vit_b_checkpoint_at_256_px(tmp_path):
+    """Once with the real vit_b layout: load, resize, then one forward against segment-anything."""
+    state = _official_state_dict("vit_b", 1024)
+    path = tmp_path / "sam_vit_b_random.pth"
+    torch.save(state, path)
+    seg = build_segmenter("vit_b", input_size=256, checkpoint=path)
+    apply_peft(seg, "lora")  # adapters at init must not change the encoder
+    seg.eval()
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ours = seg.image_encoder(x)
+        reference = _reference_encoder(BACKBONES["vit_b"], 256, state)(x)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,133 @@
+"""The segmenter against segment-anything's own modules, and parameter parity with the paper."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT
+
+from automask.errors import ConfigError
+from automask.models import BACKBONES, build_segmenter, count_parameters, parameter_summary
+
+PAPER = {  # the paper's #Params column (M) and ratio (%), vit_h, one class
+    "decoder_only": (3.51, 0.55),
+    "lora": (4.00, 0.62),
+    "conv_lora": (4.02, 0.63),
+    "full": (641.09, 100.0),
+}
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+
+
+def test_parameter_summary_matches_paper_on_vit_h():
+    table = parameter_summary("vit_h").set_index("method")
+    assert list(table.index) == list(PAPER)
+    for method, (millions, ratio) in PAPER.items():
+        assert table.loc[method, "trainable_m"] == pytest.approx(millions, abs=1e-9), method
+        assert table.loc[method, "ratio_pct"] == pytest.approx(ratio, abs=1e-9), method
+    # the reference count is segment-anything's own full model
+    with torch.device("meta"):
+        sam = sam_model_registry["vit_h"]()
+    assert table.loc["full", "trainable"] == sum(p.numel() for p in sam.parameters())
+
+
+def test_parameter_summary_subset_and_options():
+    table = parameter_summary("vit_b", methods=["lora"], rank=4)
+    assert table["method"].tolist() == ["lora"]
+    base = parameter_summary("vit_b", methods=["decoder_only"])["trainable"].item()
+    # LoRA adds r * (C + 3C) per block: 12 blocks of width 768
+    assert table["trainable"].item() - base == 12 * 4 * (768 + 3 * 768)
+
+
+def test_count_parameters():
+    layer = torch.nn.Linear(3, 2)
+    layer.bias.requires_grad_(False)
+    assert count_parameters(layer) == (6, 8)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_binary_forward_equals_sam_single_mask_output(batch):
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", input_size=128, checkpoint="random").eval()
+    _randomise(seg)
+    x = torch.randn(batch, 3, 128, 128)
+    with torch.no_grad():
+        logits = seg(x)
+        assert logits.shape == (batch, 1, 128, 128)
+        for i in range(batch):  # segment-anything's own path, one image at a time
+            emb = seg.image_encoder(x[i : i + 1])
+            sparse, dense = seg.prompt_encoder(points=None, boxes=None, masks=None)
+            masks, _ = seg.mask_decoder(
+                image_embeddings=emb,
+                image_pe=seg.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            expected = F.interpolate(masks, size=(128, 128), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(logits[i : i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multiclass_starts_from_mask_token_zero():
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=3, input_size=128, checkpoint="random").eval()
+    decoder = seg.mask_decoder
+    assert decoder.mask_tokens.weight.shape[0] == 3 and len(decoder.output_hypernetworks_mlps) == 3
+    with torch.no_grad():
+        logits = seg(torch.randn(2, 3, 128, 128))
+    assert logits.shape == (2, 3, 128, 128)
+    # identical tokens and MLPs at init -> identical class maps
+    torch.testing.assert_close(logits[:, 0], logits[:, 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:, 0], logits[:, 2], atol=1e-5, rtol=1e-5)
+    # copies, not shared modules
+    assert decoder.output_hypernetworks_mlps[0].layers[0].weight is not \
+        decoder.output_hypernetworks_mlps[1].layers[0].weight
+
+
+def test_tiny_is_sam_image_encoder_design():
+    spec = BACKBONES["tiny"]
+    seg = build_segmenter("tiny", input_size=256, checkpoint="random")
+    reference = ImageEncoderViT(
+        img_size=256, patch_size=16, embed_dim=spec.embed_dim, depth=spec.depth,
+        num_heads=spec.num_heads, mlp_ratio=4, out_chans=spec.prompt_embed_dim,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
+        window_size=spec.window_size, global_attn_indexes=spec.global_attn_indexes,
+    )
+    ours = {k: v.shape for k, v in seg.image_encoder.state_dict().items()}
+    assert ours == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"backbone": "vit_x"}, "vit_x"),
+        ({"input_size": 100}, "100"),
+        ({"input_size": 0}, "0"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_build_rejects_bad_arguments(kwargs, word):
+    args = {"backbone": "tiny", "checkpoint": "random", **kwargs}
+    with pytest.raises(ConfigError, match=word):
+        build_segmenter(**args)
+
+
+def test_wrong_image_size_is_rejected():
+    seg = build_segmenter("tiny", input_size=128, checkpoint="random")
+    with pytest.raises(ValueError, match="128"):
+        seg(torch.zeros(1, 3, 64, 64))
+
+
+def test_random_checkpoint_info():
+    seg = build_segmenter("tiny", input_size=64, checkpoint="random")
+    assert seg.checkpoint_info == {"backbone": "tiny", "source": "random", "path": None,
+                                   "sha256": None}
+    assert (seg.backbone, seg.num_classes, seg.input_size) == ("tiny", 1, 64)

@@ -1,0 +1,172 @@
+"""ConvLoRALinear: experts, gating, load balancing, dispatch and modes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automask.models import BACKBONES, build_segmenter
+from automask.peft import ConvLoRALinear, apply_peft
+
+
+def _adapter(rank=3, experts=8, top_k=1, seed=0, **kwargs) -> ConvLoRALinear:
+    torch.manual_seed(seed)
+    return ConvLoRALinear(nn.Linear(16, 48), rank=rank, alpha=32, num_experts=experts,
+                          top_k=top_k, **kwargs)
+
+
+def _record_conv_inputs(module: ConvLoRALinear) -> dict[int, list]:
+    shapes: dict[int, list] = {}
+    for i, conv in enumerate(module.experts):
+        conv.register_forward_pre_hook(
+            lambda mod, args, i=i: shapes.setdefault(i, []).append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_parameters_and_options():
+    adapter = _adapter()
+    extra = sum(p.numel() for n, p in adapter.named_parameters()
+                if not n.startswith(("base_layer", "lora_")))
+    assert extra == 8 * (9 * 3 * 3 + 3) + 2 * 3 * 8 == 720
+    assert (adapter.rank, adapter.num_experts, adapter.top_k) == (3, 8, 1)
+    assert adapter.scales == tuple(float(i) for i in range(1, 9))
+    assert torch.count_nonzero(adapter.w_gate) == 0 and torch.count_nonzero(adapter.w_noise) == 0
+    custom = _adapter(experts=3, scales=(0.5, 1, 2))
+    assert custom.scales == (0.5, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_expert_scales_and_shapes(index):
+    adapter = _adapter()
+    shapes = _record_conv_inputs(adapter)
+    grid = torch.randn(2, 3, 7, 7)
+    out = adapter.run_expert(index, grid)
+    scale = index + 1
+    assert out.shape == grid.shape
+    assert shapes[index] == [(2, 3, 7 * scale, 7 * scale)]
+    # reference: interpolate by s, conv, GELU, interpolate back (no resize for s = 1)
+    x = grid if scale == 1 else F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    x = F.gelu(F.conv2d(x, adapter.experts[index].weight, adapter.experts[index].bias, padding=1))
+    if scale != 1:
+        x = F.interpolate(x, size=(7, 7), mode="bicubic")
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_and_global_blocks_see_their_grids():
+    spec = BACKBONES["tiny"]  # 256 px -> 16x16 tokens; windows of 8 -> 4 windows per image
+    torch.manual_seed(0)
+    seg = apply_peft(build_segmenter("tiny", input_size=256, checkpoint="random"), "conv_lora")
+    seg.train()
+    recorded = {}
+    for b, block in enumerate(seg.image_encoder.blocks):
+        recorded[b] = _record_conv_inputs(block.attn.qkv)
+    seg(torch.randn(2, 3, 256, 256))
+    for b, shapes in recorded.items():
+        side, samples = (16, 2) if b in spec.global_attn_indexes else (8, 2 * 4)
+        flat = [(i, s) for i, calls in shapes.items() for s in calls]
+        assert sum(s[0] for _, s in flat) == samples  # top-1: each sample to one expert
+        for i, shape in flat:
+            scale = i + 1
+            assert shape[1:] == (3, side * scale, side * scale)
+        assert sum(seg.image_encoder.blocks[b].attn.qkv.expert_counts) == samples
+
+
+def _routing_adapter(experts=4, top_k=1, weight=0.01):
+    """rank == experts and w_gate = 10 * I: a sample whose pooled features are e_j goes to j."""
+    adapter = _adapter(rank=experts, experts=experts, top_k=top_k, aux_loss_weight=weight)
+    with torch.no_grad():
+        adapter.w_gate.copy_(10 * torch.eye(experts))
+    return adapter.eval()
+
+
+def test_top_k_selection():
+    adapter = _routing_adapter(top_k=1)
+    pooled = torch.tensor([[0.0, 1.0, 0.2, 0.0], [0.3, 0.0, 0.0, 0.9]])
+    gates, _ = adapter.gate(pooled)
+    assert gates.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    adapter2 = _routing_adapter(top_k=2)
+    gates2, _ = adapter2.gate(pooled)
+    logits = pooled @ adapter2.w_gate
+    top = torch.softmax(torch.tensor([[10.0, 2.0], [9.0, 3.0]]), dim=1)
+    expected = torch.zeros(2, 4)
+    expected[0, 1], expected[0, 2] = top[0]
+    expected[1, 3], expected[1, 0] = top[1]
+    torch.testing.assert_close(gates2, expected)
+    assert logits.argmax(1).tolist() == [1, 3]
+
+
+def test_only_routed_experts_run():
+    adapter = _routing_adapter()
+    shapes = _record_conv_inputs(adapter)
+    grid = torch.zeros(3, 4, 5, 5)
+    grid[:, 2] = 1.0  # pooled features e_2 -> all samples to expert 2
+    adapter.mixture(grid)
+    assert list(shapes) == [2] and shapes[2] == [(3, 4, 15, 15)]
+    assert adapter.expert_counts == [0, 0, 3, 0]
+
+
+def test_load_balancing_loss():
+    adapter = _routing_adapter(weight=0.01)
+    _, balanced = adapter.gate(torch.eye(4))  # one sample per expert
+    assert balanced.item() == pytest.approx(0.0, abs=1e-9)
+    _, skewed = adapter.gate(torch.eye(4)[[0, 0, 0, 0]])  # everything to expert 0
+    # importance = load = [4, 0, 0, 0]: mean 1, unbiased variance 4 -> cv^2 = 4 each
+    assert skewed.item() == pytest.approx(0.01 * (4 + 4), rel=1e-5)
+    _, partly = adapter.gate(torch.eye(4)[[0, 1, 1, 2]])
+    assert 0 < partly.item() < skewed.item()
+
+
+def test_noise_only_in_training():
+    adapter = _adapter()  # zero gates: all logits tie without noise
+    pooled = torch.randn(256, 3)
+    adapter.eval()
+    first, _ = adapter.gate(pooled)
+    second, _ = adapter.gate(pooled)
+    assert torch.equal(first, second)
+    assert (first > 0).sum(0).count_nonzero() == 1  # no noise: everyone to the same expert
+    adapter.train()
+    torch.manual_seed(0)
+    noisy1, _ = adapter.gate(pooled)
+    noisy2, _ = adapter.gate(pooled)
+    assert not torch.equal(noisy1, noisy2)
+    assert (noisy1 > 0).sum(0).count_nonzero() == 8  # noise spreads 256 samples over all 8
+
+
+def test_training_load_is_differentiable():
+    adapter = _adapter().train()
+    torch.manual_seed(0)
+    _, loss = adapter.gate(torch.randn(64, 3))
+    loss.backward()
+    assert adapter.w_gate.grad.abs().sum() > 0 and adapter.w_noise.grad.abs().sum() > 0
+
+
+def test_deterministic_eval_and_identity_at_init():
+    adapter = _adapter()
+    x = torch.randn(2, 6, 6, 16)
+    adapter.train()
+    torch.testing.assert_close(adapter(x), adapter.base_layer(x))  # B = 0
+    nn.init.normal_(adapter.lora_B.weight)
+    with torch.no_grad():
+        adapter.w_noise.fill_(1.0)
+    adapter.eval()
+    torch.testing.assert_close(adapter(x), adapter(x), atol=0, rtol=0)
+    assert (adapter(x) - adapter.base_layer(x)).abs().max() > 1e-3
+
+
+def test_rejects_flat_tokens():
+    with pytest.raises(ValueError, match="token grid"):
+        _adapter()(torch.randn(2, 10, 16))
+
+
+def test_bf16_autocast_on_cpu():
+    adapter = _adapter().train()
+    nn.init.normal_(adapter.lora_B.weight)
+    x = torch.randn(2, 6, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert adapter.aux_loss.dtype == torch.float32
+    out.float().sum().backward()
+    used = [e for e, c in zip(adapter.experts, adapter.expert_counts) if c]
+    assert used and all(e.weight.grad is not None for e in used)
