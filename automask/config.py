@@ -53,7 +53,7 @@ class ModelConfig:
     """Path to an official SAM ``.pth``; ``"random"`` for random init (training from scratch);
     None to use the cache, then the official download."""
     input_size: int | None = None
-    """Side of the square model input, a multiple of 16; None: 1024 on a GPU, 384 on a CPU."""
+    """Side of the square model input, a multiple of 16; None: 1024 on a GPU, 256 on a CPU."""
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone)

@@ -13,7 +13,7 @@ import torch
 
 from .config import Config
 
-CPU_INPUT_SIZE = 384
+CPU_INPUT_SIZE = 256
 GPU_INPUT_SIZE = 1024
 
 

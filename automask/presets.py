@@ -37,7 +37,7 @@ _PAPER: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "medium_quality": {
         "model.backbone": "vit_b",
-        "model.input_size": None,  # 1024 on a GPU, 384 on a CPU
+        "model.input_size": None,  # 1024 on a GPU, 256 on a CPU
         "peft.method": "conv_lora",
         "optim.max_epochs": 20,
         "optim.patience": 5,

@@ -98,6 +98,7 @@ class SemanticSegmentor(BaseEstimator):
         time_limit: float | None = None,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
+        color_map: dict[tuple[int, int, int], int] | None = None,
     ) -> "SemanticSegmentor":
         """Fit one model per candidate configuration and keep the best.
 
@@ -118,6 +119,8 @@ class SemanticSegmentor(BaseEstimator):
             Classes including background; inferred from the masks when None.
         class_names : sequence of str, optional
             Names of the classes, background first.
+        color_map : dict, optional
+            ``{(r, g, b): class_id}`` for masks stored as colour images.
 
         Returns
         -------
@@ -140,13 +143,14 @@ class SemanticSegmentor(BaseEstimator):
         spec = validate_frame(
             train_data, image_col=self.image, label_col=self.label, root=_root_of(train_data),
             num_classes=num_classes, class_names=class_names, void_label=void_label,
+            color_map=color_map,
         )
         tuning_spec = None
         if tuning_data is not None:
             tuning_spec = validate_frame(
                 tuning_data, image_col=self.image, label_col=self.label,
                 root=_root_of(tuning_data), num_classes=spec.num_classes,
-                class_names=spec.class_names, void_label=void_label,
+                class_names=spec.class_names, void_label=void_label, color_map=color_map,
             )
             if tuning_spec.task != spec.task:
                 raise DataValidationError(
@@ -200,6 +204,7 @@ class SemanticSegmentor(BaseEstimator):
             cfg.model.backbone, num_classes=spec.num_outputs, input_size=cfg.model.input_size,
             checkpoint=cfg.model.checkpoint, progress=self.verbosity >= 2,
         )
+        base_params = count_parameters(model)[1]  # the ratio's denominator, as in the paper
         apply_peft(model, **_peft_kwargs(cfg))
         datamodule = SegmentationDataModule(
             spec,
@@ -267,6 +272,7 @@ class SemanticSegmentor(BaseEstimator):
             "train_time": clock.seconds,
             "trainable_params": trainable,
             "total_params": total,
+            "base_params": base_params,
             "checkpoint": dict(model.checkpoint_info),
             "history": best.history,
         }
@@ -421,8 +427,10 @@ class SemanticSegmentor(BaseEstimator):
     def leaderboard(self, data: pd.DataFrame | str | os.PathLike | None = None) -> pd.DataFrame:
         """One row per trained model, in the layout of the Conv-LoRA paper's table.
 
-        Columns: model, method, backbone, input_size, trainable_params_m, ratio_pct (of the
-        whole SAM model), ``val_<metric>``, fit_time_s, predict_images_per_s, and, when
+        Columns: model, method, backbone, input_size, trainable_params_m, ratio_pct
+        (trainable parameters over those of the SAM model before adapters, the paper's
+        convention: 4.02M / 641.09M for Conv-LoRA on vit_h),
+        ``val_<metric>``, fit_time_s, predict_images_per_s, and, when
         ``data`` is given, every test metric of the task's default set (``test_<name>``).
         Sorted best first by the validation metric.
         """
@@ -436,7 +444,7 @@ class SemanticSegmentor(BaseEstimator):
                 "backbone": cfg.model.backbone,
                 "input_size": cfg.model.input_size,
                 "trainable_params_m": round(info["trainable_params"] / 1e6, 2),
-                "ratio_pct": round(100.0 * info["trainable_params"] / info["total_params"], 2),
+                "ratio_pct": round(100.0 * info["trainable_params"] / info["base_params"], 2),
                 f"val_{self.eval_metric_}": info["val_score"],
                 "fit_time_s": round(info["fit_time"], 1),
                 "predict_images_per_s": info.get("predict_images_per_s"),

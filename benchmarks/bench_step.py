@@ -39,11 +39,9 @@ METHODS = ("floor", "decoder_only", "lora", "conv_lora")
 def _bf16_supported(device: str) -> bool:
     import torch
 
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((probe and probe()) or (amx and amx()))
+    from automask.hardware import cpu_supports_bf16
+
+    return torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
 
 
 def make_step(method: str, size: int, args: argparse.Namespace):
