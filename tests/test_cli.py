@@ -162,3 +162,8 @@ def test_demo_runs_and_learns(tmp_path):
 def test_demo_bad_input(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_one_line_error(run_cli("demo", "--path", str(tmp_path / "file" / "sub")))
+
+
+def test_debug_flag_shows_the_traceback():
+    proc = run_cli("--debug", "params", "--backbone", "vit_x")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "vit_x" in proc.stderr

@@ -141,3 +141,13 @@ def test_looks_truncated(tmp_path):
         data = (tmp_path / name).read_bytes()
         (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
         assert looks_truncated(tmp_path / f"cut_{name}")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGB"])
+def test_read_results_are_writable_arrays(tmp_path, mode):
+    """Users edit what they read (and torch.from_numpy warns on read-only memory)."""
+    img = Image.fromarray(_rgb()).convert(mode)
+    img.save(tmp_path / "a.png")
+    Image.fromarray((_rgb()[..., 0] > 127).astype(np.uint8) * 255).save(tmp_path / "m.png")
+    assert read_image(tmp_path / "a.png").flags.writeable
+    assert read_mask(tmp_path / "m.png").flags.writeable

@@ -231,3 +231,17 @@ def test_three_lines_on_camvid_multiclass_with_void_ignored(tmp_path):
     scores = seg.evaluate(test)
     assert set(scores) == {"acc", "miou", "iou_per_class"}
     assert len(scores["iou_per_class"]) == 11
+
+
+def test_same_seed_same_model_on_cpu(synthetic, tmp_path):
+    train, test = synthetic
+    hp = {"optim.max_epochs": 1, "peft.method": "conv_lora"}  # noisy gates use the seed too
+    probs = [
+        SemanticSegmentor(path=tmp_path / f"run{i}", seed=5, verbosity=0)
+        .fit(train, presets="tiny", hyperparameters=hp).predict_proba(test.iloc[:2])
+        for i in range(2)
+    ]
+    other = SemanticSegmentor(path=tmp_path / "run_other", seed=6, verbosity=0).fit(
+        train, presets="tiny", hyperparameters=hp).predict_proba(test.iloc[:2])
+    np.testing.assert_array_equal(probs[0][0], probs[1][0])
+    assert not np.array_equal(probs[0][0], other[0])

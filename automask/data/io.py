@@ -138,16 +138,16 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """Convert a decoded Pillow image of any mode to a ``(H, W, 3)`` uint8 RGB array."""
     mode = img.mode
     if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        gray = _to_uint8(np.asarray(img))
+        gray = _to_uint8(np.array(img))
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if mode in ("L", "1"):
-        gray = np.asarray(img.convert("L"), dtype=np.uint8)
+        gray = np.array(img.convert("L"), dtype=np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLike) -> np.ndarray:
@@ -203,19 +203,19 @@ def read_mask(
         if mode == "P":
             # palette indices, not colours (with or without a color_map)
             if color_map is not None:
-                return _apply_color_map(np.asarray(img.convert("RGB")), color_map, path)
-            return np.asarray(img, dtype=np.uint8)
+                return _apply_color_map(np.array(img.convert("RGB")), color_map, path)
+            return np.array(img, dtype=np.uint8)
         if mode == "1":
-            return np.asarray(img, dtype=np.uint8)  # 0/1
+            return np.array(img, dtype=np.uint8)  # 0/1
         if mode == "L":
-            values = np.asarray(img, dtype=np.uint8)
+            values = np.array(img, dtype=np.uint8)
             if color_map is not None:
                 return _apply_color_map(np.repeat(values[:, :, None], 3, axis=2), color_map, path)
             return values
         if mode == "LA":
-            return np.asarray(img.getchannel("L"), dtype=np.uint8)
+            return np.array(img.getchannel("L"), dtype=np.uint8)
         if mode.startswith("I") or mode == "F":
-            values = np.asarray(img)
+            values = np.array(img)
             if np.issubdtype(values.dtype, np.floating):
                 if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
                     raise DataValidationError(
@@ -225,7 +225,7 @@ def read_mask(
             if values.size and values.min() >= 0 and values.max() <= 255:
                 return values.astype(np.uint8)
             return values
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        rgb = np.array(img.convert("RGB"), dtype=np.uint8)
     if color_map is not None:
         return _apply_color_map(rgb, color_map, path)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):

@@ -54,7 +54,10 @@ def as_tensor(x: Any, device: torch.device | None = None) -> Tensor:
             arr = arr.astype(_WIDEN[arr.dtype])
         if arr.dtype == object:
             raise ValueError(f"cannot read an array of Python objects (shape {arr.shape})")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch wants writable memory
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
     return t if device is None else t.to(device)
 
 
