@@ -272,3 +272,34 @@ def test_jpeg_with_trailer_after_end_marker_is_not_truncated(tmp_path):
         fh.write(b"\x00TRAILER" * 400)
     spec = validate_frame(_frame([(img, mask)]))
     assert len(spec.frame) == 1
+
+
+def test_jpeg_compressed_binary_masks_are_binarised_at_128(tmp_path):
+    """Masks saved as JPEG (ringing values 0-255) are soft binary masks, not 256 classes."""
+    pairs = []
+    truths = []
+    for i in range(3):
+        mask = np.zeros((48, 64), np.uint8)
+        mask[8 + i:30, 10:40 + i] = 255
+        img_path, mask_path = _pair(tmp_path, f"j{i}", mask)
+        jpeg = tmp_path / f"j{i}_mask.jpg"
+        Image.fromarray(mask).save(jpeg, quality=70)
+        pairs.append((img_path, str(jpeg)))
+        truths.append(mask > 128)
+    raw = [np.array(Image.open(p[1])) for p in pairs]
+    assert any(((r > 0) & (r < 255)).any() for r in raw)  # the JPEG really rings
+    with pytest.warns(UserWarning, match=r"3 mask\(s\).*binarised at > 128"):
+        spec = validate_frame(_frame(pairs))
+    assert spec.task == "binary" and spec.num_classes == 2
+    for pos, r in enumerate(raw):
+        target = spec.target_lut(pos)[r]
+        np.testing.assert_array_equal(target, (r > 128).astype(np.uint8))
+        assert (target == truths[pos]).mean() > 0.97  # close to the mask before JPEG
+    with pytest.warns(UserWarning):  # checked again against a fitted binary model
+        again = validate_frame(_frame(pairs), num_classes=2)
+    assert again.task == "binary" and list(again.stats["kind"]) == list(spec.stats["kind"])
+    # Class ids spread over 0..150 are not mistaken for a soft binary mask.
+    ids = np.tile(np.arange(0, 151, dtype=np.uint8), (12, 1))[:, :150]
+    with pytest.raises(DataValidationError, match="num_classes"):
+        validate_frame(_frame([_pair(tmp_path / "ids", "ade", ids[:, :16])]
+                              + [_pair(tmp_path / "ids", "ade2", ids[:, 134:150])]))

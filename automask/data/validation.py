@@ -14,13 +14,17 @@ Each mask's set of values (after ``color_map``; ``void_label`` pixels excluded) 
 
 * ``b01``  - a subset of {0, 1};
 * ``b255`` - a subset of {0, 255} containing 255 (255 = foreground);
+* ``soft`` - an anti-aliased or JPEG-compressed binary mask: values 128-254 present, at
+  least 90% of the pixels within 31 of 0 or 255, and some pixels near 255. It is
+  binarised at ``> 128``, the convention of PySODMetrics and the salient/camouflaged
+  object literature, with a warning (also with ``num_classes=2``);
 * ``ids``  - anything else: class ids, with 255 = ignore.
 
-Without ``num_classes`` the task is binary when every mask is ``b01`` or ``b255``;
-otherwise it is multi-class with ``K = max class id + 1``. Two patterns are reported as
-"fits neither task" rather than guessed: 0/255 binary masks mixed with class-id masks,
-and masks holding values 128-254 (typical of anti-aliased or JPEG-compressed binary
-masks). Passing ``num_classes`` (or ``class_names``) accepts any id below ``K``. With
+Without ``num_classes`` the task is binary when every mask is ``b01``, ``b255`` or
+``soft``; otherwise it is multi-class with ``K = max class id + 1``. Two patterns are
+reported as "fits neither task" rather than guessed: 0/255 binary masks mixed with
+class-id masks, and masks holding values 128-254 that do not look like a soft binary
+mask (nor like class ids below 128). Passing ``num_classes`` (or ``class_names``) accepts any id below ``K``. With
 ``K = 2`` the task is binary: 255 is foreground in ``b255`` masks and ignore otherwise.
 With ``K > 2`` a 255 is always the ignore index.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +50,8 @@ from .transforms import IGNORE_INDEX
 KIND_B01 = "b01"
 KIND_B255 = "b255"
 KIND_IDS = "ids"
+KIND_SOFT = "soft"
+SOFT_THRESHOLD = 128  # soft masks: foreground is value > 128
 _ANTIALIAS_LOW = 128  # values 128..254 in a mask look like a soft/JPEG binary mask
 _MASK_MEMO_LIMIT = 50_000
 
@@ -125,7 +132,20 @@ def _kind_of(values: set[int]) -> str:
     return KIND_IDS
 
 
+def _is_soft_binary(values: np.ndarray, counts: np.ndarray) -> bool:
+    """Most pixels near 0 or 255 and some near 255: an anti-aliased or JPEG binary mask."""
+    total = counts.sum()
+    near_white = values >= 224
+    extreme = counts[(values <= 31) | near_white].sum()
+    return bool(total) and extreme >= 0.9 * total and bool(near_white.any())
+
+
 def _lut(kind: str | None, num_classes: int, void_label: int | None) -> np.ndarray:
+    if kind == KIND_SOFT:
+        lut = (np.arange(256) > SOFT_THRESHOLD).astype(np.uint8)
+        if void_label is not None:
+            lut[int(void_label)] = IGNORE_INDEX
+        return lut
     lut = np.arange(256, dtype=np.uint8)
     lut[num_classes:] = IGNORE_INDEX  # ids beyond K never reach a loss
     if num_classes == 2 and kind == KIND_B255:
@@ -536,9 +556,17 @@ def _detect_task(
         kinds[pos] = _kind_of(values)
     valid = [pos for pos in range(n_rows) if kinds[pos] is not None]
 
+    for pos in valid:
+        if kinds[pos] == KIND_IDS and any(_ANTIALIAS_LOW <= v < IGNORE_INDEX
+                                          for v in value_sets[pos]):
+            _, values, counts = summaries[pos]
+            if _is_soft_binary(values, counts) and num_classes in (None, 2):
+                kinds[pos] = KIND_SOFT
     if num_classes is not None:
         k = num_classes
         for pos in valid:
+            if kinds[pos] == KIND_SOFT:
+                continue  # binarised at > 128 (k == 2)
             ids = value_sets[pos] - {IGNORE_INDEX} if kinds[pos] != KIND_B255 else set()
             bad = {v for v in ids if v >= k}
             if bad:
@@ -546,22 +574,25 @@ def _detect_task(
                     pos, index[pos], label_col, paths[pos],
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k}",
                 )
+        _warn_soft(kinds)
         return ("binary" if k == 2 else "multiclass"), k, kinds
 
-    if all(kinds[pos] in (KIND_B01, KIND_B255) for pos in valid):
+    if all(kinds[pos] in (KIND_B01, KIND_B255, KIND_SOFT) for pos in valid):
+        _warn_soft(kinds)
         return "binary", 2, kinds
 
     soft = [
         pos for pos in valid
-        if kinds[pos] == KIND_IDS
+        if kinds[pos] in (KIND_IDS, KIND_SOFT)
         and any(_ANTIALIAS_LOW <= v < IGNORE_INDEX for v in value_sets[pos])
     ]
     for pos in soft:
         problems.add(
             pos, index[pos], label_col, paths[pos],
-            f"mask values {_fmt(value_sets[pos])} fit neither task: values 128-254 look like "
-            "an anti-aliased or JPEG-compressed binary mask (threshold it), not class ids; "
-            "pass num_classes to use them as class ids",
+            f"mask values {_fmt(value_sets[pos])} fit neither task: values 128-254 are "
+            "neither a clean or soft (anti-aliased/JPEG) binary mask beside the other "
+            "masks, nor class ids below 128; threshold the masks, or pass num_classes to "
+            "use the values as class ids",
         )
     soft_set = set(soft)
     multi = [
@@ -592,6 +623,17 @@ def _detect_task(
     ]
     k = max(2, (max(ids) + 1) if ids else 2)
     return ("binary" if k == 2 else "multiclass"), k, kinds
+
+
+def _warn_soft(kinds: list[str | None]) -> None:
+    n_soft = sum(kind == KIND_SOFT for kind in kinds)
+    if n_soft:
+        warnings.warn(
+            f"{n_soft} mask(s) look like anti-aliased or JPEG-compressed binary masks "
+            f"(values between 0 and 255); they are binarised at > {SOFT_THRESHOLD}, as "
+            "PySODMetrics does. Pass num_classes > 2 to read the values as class ids.",
+            stacklevel=4,
+        )
 
 
 def _foreground_fraction(summary: Any, kind: str | None, k: int, void_label: int | None) -> float:
