@@ -11,7 +11,13 @@ from PIL import Image
 
 from automask import SemanticSegmentor
 from automask.datasets import from_folders, make_synthetic, train_test_split
-from automask.errors import ConfigError, DataValidationError, NotFittedError, SavedModelError
+from automask.errors import (
+    CheckpointError,
+    ConfigError,
+    DataValidationError,
+    NotFittedError,
+    SavedModelError,
+)
 from conftest import shared_path
 
 FAST = {"optim.max_epochs": 3}
@@ -245,3 +251,16 @@ def test_same_seed_same_model_on_cpu(synthetic, tmp_path):
         train, presets="tiny", hyperparameters=hp).predict_proba(test.iloc[:2])
     np.testing.assert_array_equal(probs[0][0], probs[1][0])
     assert not np.array_equal(probs[0][0], other[0])
+
+
+def test_pretrained_preset_without_weights_fails_clearly(synthetic, tmp_path, monkeypatch):
+    """No file, empty cache, download refused: one error naming the three ways, no training."""
+    train, _ = synthetic
+    monkeypatch.setenv("AUTOMASK_SAM_URL_VIT_B", "http://127.0.0.1:9/sam_vit_b_01ec64.pth")
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0)
+    with pytest.raises(CheckpointError) as info:
+        seg.fit(train, presets="medium_quality", hyperparameters={"model.input_size": 64})
+    message = str(info.value)
+    for way in ("(1) pass checkpoint=", "(2) place that file in the cache", "(3) let automask"):
+        assert way in message, message
+    assert not hasattr(seg, "best_model_")
