@@ -60,7 +60,8 @@ def run_demo(path: str | None = None, time_limit: float = 180.0, seed: int = 0) 
     from .segmentor import SemanticSegmentor
 
     started = time.monotonic()
-    run = Path(path) if path else Path("automask_runs") / datetime.now().strftime("demo_%Y%m%d_%H%M%S")
+    stamp = datetime.now().strftime("demo_%Y%m%d_%H%M%S")
+    run = Path(path) if path else Path("automask_runs") / stamp
     frame = make_synthetic(160, size=160, num_classes=2, seed=seed, root=run / "data")
     train, test = train_test_split(frame, test_size=0.25, seed=seed)
 

@@ -173,7 +173,8 @@ class SemanticSegmentor(BaseEstimator):
             if deadline is not None:
                 budget = (deadline - time.monotonic()) / (len(candidates) - i)
                 if budget <= 0:
-                    warnings.warn(f"time_limit reached: candidate {name!r} was not trained")
+                    warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
+                                  stacklevel=2)
                     continue
             self._fit_candidate(name, cfg, spec, tuning_spec, budget)
         if not self.models_:
@@ -399,7 +400,8 @@ class SemanticSegmentor(BaseEstimator):
 
         self._check_fitted()
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
-        scorers = build_metrics(self.task_, names, **metric_conventions(self.task_, self.num_classes_))
+        conventions = metric_conventions(self.task_, self.num_classes_)
+        scorers = build_metrics(self.task_, names, **conventions)
         spec = validate_frame(
             data, image_col=self.image, label_col=self.label, root=_root_of(data),
             num_classes=self.num_classes_, class_names=self.classes_,
@@ -512,7 +514,8 @@ class SemanticSegmentor(BaseEstimator):
             raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
         if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
             raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-        build_metrics(task, [metric], **metric_conventions(task, num_classes))  # raises if unfit for task
+        # Raises for a metric that does not fit the task.
+        build_metrics(task, [metric], **metric_conventions(task, num_classes))
         return metric
 
     def _run_dir(self) -> Path:

@@ -14,7 +14,8 @@ from PIL import Image
 from automask.datasets import make_synthetic, train_test_split
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "automask", *args], capture_output=True, text=True,

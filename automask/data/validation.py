@@ -24,7 +24,8 @@ Without ``num_classes`` the task is binary when every mask is ``b01``, ``b255`` 
 ``soft``; otherwise it is multi-class with ``K = max class id + 1``. Two patterns are
 reported as "fits neither task" rather than guessed: 0/255 binary masks mixed with
 class-id masks, and masks holding values 128-254 that do not look like a soft binary
-mask (nor like class ids below 128). Passing ``num_classes`` (or ``class_names``) accepts any id below ``K``. With
+mask (nor like class ids below 128). Passing ``num_classes`` (or ``class_names``)
+accepts any id below ``K``. With
 ``K = 2`` the task is binary: 255 is foreground in ``b255`` masks and ignore otherwise.
 With ``K > 2`` a 255 is always the ignore index.
 """

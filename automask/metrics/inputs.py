@@ -120,7 +120,8 @@ def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None =
 
 
 def quantized_histogram(pred: Tensor, gt: Tensor) -> Tensor:
-    """``(2, 256)`` int64 counts of ``q = floor(255 * pred)`` over ``~gt`` (row 0) and ``gt`` (row 1).
+    """``(2, 256)`` int64 counts of ``q = floor(255 * pred)`` over ``~gt`` (row 0) and ``gt``
+    (row 1).
 
     ``floor`` by truncation, as PySODMetrics' ``(pred * 255).astype(np.uint8)``; int32 keeps the
     float-to-integer conversion fast.
