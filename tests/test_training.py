@@ -1,0 +1,112 @@
+"""Optimiser groups, the learning-rate schedule, hardware resolution and the fit callbacks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from automask.config import resolve
+from automask.hardware import CPU_INPUT_SIZE, resolve_env
+from automask.models import build_segmenter
+from automask.peft import apply_peft
+from automask.training import BestTrainableWeights, build_optimizer, lr_lambda
+
+
+def _tiny(method="conv_lora"):
+    model = build_segmenter("tiny", input_size=64, checkpoint="random")
+    return apply_peft(model, method)
+
+
+def test_optimizer_holds_trainable_parameters_only_and_decays_matrices_only():
+    model = _tiny()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    in_opt = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(in_opt) == trainable
+    for pid, decay in in_opt.items():
+        name = names[pid]
+        no_decay = (name.endswith((".bias", "iou_token.weight", "mask_tokens.weight"))
+                    or ".norm" in name or "pos" in name.rsplit(".", 1)[-1]
+                    or "output_upscaling.1." in name)  # SAM's LayerNorm2d in the upscaler
+        assert decay == (0.0 if no_decay else 0.05), name
+    assert any(d == 0.05 for d in in_opt.values()) and any(d == 0 for d in in_opt.values())
+
+
+def test_full_training_does_not_decay_position_tables():
+    model = _tiny("full")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decay}
+    assert "image_encoder.pos_embed" not in names
+    assert not any("rel_pos" in n for n in names)
+    assert "image_encoder.blocks.0.attn.qkv.weight" in names
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_warms_up_then_decays(schedule):
+    fn = lr_lambda(total_steps=100, warmup_steps=10, schedule=schedule)
+    assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)
+    assert fn(10) == pytest.approx(1.0)
+    if schedule == "constant":
+        assert fn(99) == 1.0
+    else:
+        assert fn(55) == pytest.approx(0.5)
+        assert fn(100) == pytest.approx(0.0, abs=1e-12)
+        values = [fn(s) for s in range(10, 101)]
+        assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_resolve_env_fills_auto_values_on_this_cpu():
+    [(_, cfg)] = resolve("medium_quality", {"env.accelerator": "cpu", "optim.batch_size": 3,
+                                            "optim.effective_batch_size": 8})
+    resolved, env = resolve_env(cfg)
+    assert resolved.model.input_size == CPU_INPUT_SIZE
+    assert env["accelerator"] == "cpu" and env["devices"] == 1
+    assert env["accumulate"] == math.ceil(8 / 3)
+    assert resolved.env.precision in ("bf16-mixed", "32-true")
+    assert env["precision"] == resolved.env.precision
+
+
+def test_resolve_env_accounts_for_devices_and_nodes_and_unused_parameters():
+    [(_, cfg)] = resolve("paper", {"env.devices": "2", "env.num_nodes": 2,
+                                   "env.accelerator": "gpu", "peft.method": "full"})
+    _, env = resolve_env(cfg)
+    assert env["accumulate"] == 1  # batch 1 x 4 processes = effective batch 4
+    assert env["devices"] == 2
+    assert env["strategy"] == "ddp_find_unused_parameters_true"
+    [(_, cfg)] = resolve("paper", {"env.devices": "0,1", "env.accelerator": "gpu"})
+    _, env = resolve_env(cfg)
+    assert env["accumulate"] == 2 and env["strategy"] == "auto"
+
+
+def test_best_weights_callback_restores_the_best_copy():
+    model = _tiny("lora")
+
+    class Trainer:
+        sanity_checking = False
+        current_epoch = 0
+        global_step = 0
+        callback_metrics: dict = {}
+
+    class Module:
+        pass
+
+    module = Module()
+    module.model = model
+    best = BestTrainableWeights("val_iou", higher_is_better=True)
+    trainer = Trainer()
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    for epoch, (score, fill) in enumerate([(0.5, 1.0), (0.7, 2.0), (0.6, 3.0)]):
+        with torch.no_grad():
+            param.fill_(fill)
+        trainer.current_epoch = epoch
+        trainer.callback_metrics = {"val_iou": torch.tensor(score)}
+        best.on_validation_end(trainer, module)
+    assert best.best_score == pytest.approx(0.7) and best.best_epoch == 1
+    assert len(best.history) == 3
+    best.restore(model)
+    assert torch.all(param == 2.0)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and not set(frozen) & set(best.best_state)
