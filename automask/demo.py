@@ -44,7 +44,7 @@ def draw_overlays(images: list[np.ndarray], truths: list[np.ndarray], preds: lis
     canvas = Image.new("RGB", (3 * tile, len(images) * tile), "white")
     for row, (img, gt, pr) in enumerate(zip(images, truths, preds)):
         for col, (mask, colour) in enumerate([(None, None), (gt, (0, 200, 0)),
-                                              (pr, (230, 40, 40))]):
+                                              (pr, (30, 110, 255))]):
             canvas.paste(overlay(img, mask, colour), (col * tile, row * tile))
     with atomic_write(dest) as fh:
         canvas.save(fh, format="PNG")
