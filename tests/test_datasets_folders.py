@@ -106,3 +106,30 @@ def test_shared_camvid_multiclass_with_void():
     assert values <= set(range(11)) | {IGNORE_INDEX}
     if (raw == 11).any():
         assert IGNORE_INDEX in values
+
+
+@pytest.mark.parametrize(
+    ("image_stems", "mask_stems", "expected"),
+    [
+        (["ISIC_01", "ISIC_02"], ["ISIC_01_segmentation", "ISIC_02_segmentation"],
+         {"image": "", "mask": "_segmentation"}),
+        (["104_sat", "208_sat"], ["104_mask", "208_mask"], {"image": "_sat", "mask": "_mask"}),
+        (["a", "b_mask"], ["a", "b_mask"], {"image": "", "mask": ""}),  # exact stems win
+    ],
+)
+def test_common_mask_name_endings_are_paired(tmp_path, image_stems, mask_stems, expected):
+    _layout(tmp_path, image_stems, mask_stems)
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["suffixes"] == expected
+    assert len(df) == 2
+    for image, mask in zip(df["image"], df["label"]):
+        stem = os.path.splitext(os.path.basename(image))[0]
+        assert os.path.basename(mask).startswith(stem.removesuffix(expected["image"]))
+
+
+def test_explicit_mask_suffix(tmp_path):
+    _layout(tmp_path, ["x1", "x2"], ["x1-ann", "x2-ann"])
+    with pytest.raises(DataValidationError, match="unpaired"):
+        from_folders(tmp_path / "images", tmp_path / "masks")
+    df = from_folders(tmp_path / "images", tmp_path / "masks", mask_suffix="-ann")
+    assert [os.path.basename(p) for p in df["label"]] == ["x1-ann.png", "x2-ann.png"]
