@@ -202,6 +202,9 @@ class EnvConfig:
     ``bf16-mixed`` or ``16-mixed``."""
     eval_batch_size: int = 4
     """Images per forward pass in predict and evaluate."""
+    gradient_checkpointing: bool = False
+    """Recompute the encoder blocks' activations in the backward pass: much less memory
+    (vit_h at 1024 px on smaller GPUs) for roughly one more encoder forward per step."""
 
     def __post_init__(self) -> None:
         _check_choice("env.accelerator", self.accelerator)

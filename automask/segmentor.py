@@ -207,6 +207,7 @@ class SemanticSegmentor(BaseEstimator):
         )
         base_params = count_parameters(model)[1]  # the ratio's denominator, as in the paper
         apply_peft(model, **_peft_kwargs(cfg))
+        model.gradient_checkpointing = cfg.env.gradient_checkpointing
         datamodule = SegmentationDataModule(
             spec,
             input_size=cfg.model.input_size,

@@ -56,6 +56,7 @@ def make_step(method: str, size: int, args: argparse.Namespace):
     device = torch.device(args.device)
     model = build_segmenter(args.backbone, input_size=size, checkpoint="random")
     apply_peft(model, "decoder_only" if method == "floor" else method)
+    model.gradient_checkpointing = args.gradient_checkpointing
     if method == "floor":
         model.requires_grad_(False)
     model.to(device).train()
@@ -74,7 +75,7 @@ def make_step(method: str, size: int, args: argparse.Namespace):
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             if method == "floor":
-                loss = model.image_encoder(images).float().mean()
+                loss = model.encode(images).float().mean()
             else:
                 logits = model(images).float()
                 loss = F.binary_cross_entropy_with_logits(logits, target) + aux_loss(model)
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute encoder blocks in the backward pass")
     parser.add_argument("--interleave", action="store_true",
                         help="time all methods in one process, step by step in turn (ratios "
                              "robust to a busy machine; memory then not per method)")
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                    str(size), "--backbone", args.backbone, "--device", args.device, "--batch",
                    str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--dtype", args.dtype]
+            if args.gradient_checkpointing:
+                cmd.append("--gradient-checkpointing")
             done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=os.environ)
             if done.returncode != 0:
                 print(f"{method} @ {size}px failed:\n{done.stderr}", file=sys.stderr)

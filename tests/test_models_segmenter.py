@@ -131,3 +131,36 @@ def test_random_checkpoint_info():
     assert seg.checkpoint_info == {"backbone": "tiny", "source": "random", "path": None,
                                    "sha256": None}
     assert (seg.backbone, seg.num_classes, seg.input_size) == ("tiny", 1, 64)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from automask.peft import apply_peft, aux_loss
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = apply_peft(build_segmenter("tiny", input_size=64, checkpoint="random"),
+                           "conv_lora")
+        with torch.no_grad():  # a non-zero update, and gates that route somewhere
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "w_gate" in name or "w_noise" in name:
+                    param.normal_(0, 0.5)
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        calls = []
+        block = model.image_encoder.blocks[0]
+        block_forward = block.forward  # count calls (forward hooks do not see recomputes)
+        block.forward = lambda x, f=block_forward: calls.append(1) or f(x)
+        torch.manual_seed(1)  # same gate noise in both runs
+        logits = model(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+        loss = logits.square().mean() + aux_loss(model)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys()
+    assert any("experts" in n for n in grads_a) and any("w_gate" in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
 from torch import nn
 
@@ -38,6 +39,9 @@ class SamSegmenter(nn.Module):
     num_classes : int
         1 for binary segmentation (one logit map); K >= 2 for K classes, background
         included (one logit map per class, softmax over classes).
+    gradient_checkpointing : bool
+        Recompute each encoder block in the backward pass instead of keeping its
+        activations (see :meth:`encode`). False by default.
 
     Notes
     -----
@@ -68,6 +72,7 @@ class SamSegmenter(nn.Module):
         self.checkpoint_info = dict(checkpoint_info or {"backbone": backbone, "source": "random",
                                                         "path": None, "sha256": None})
         self.peft_method: str | None = None
+        self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ classes
     def set_num_classes(self, num_classes: int) -> None:
@@ -132,12 +137,32 @@ class SamSegmenter(nn.Module):
                 f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
                 f"got {tuple(images.shape)}"
             )
-        embeddings = self.image_encoder(images)  # (B, D, S/16, S/16)
+        embeddings = self.encode(images)  # (B, D, S/16, S/16)
         low_res = self.decode(embeddings)  # (B, C, S/4, S/4)
         return F.interpolate(
             low_res, size=(self.input_size, self.input_size), mode="bilinear",
             align_corners=False,
         )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (B, D, S/16, S/16): segment-anything's encoder, step by step.
+
+        With :attr:`gradient_checkpointing` set and gradients enabled, each transformer
+        block's activations are recomputed in the backward pass instead of kept (random
+        state included, so Conv-LoRA's noisy gates route the same way twice): less memory
+        for about one more forward of the encoder.
+        """
+        encoder = self.image_encoder
+        x = encoder.patch_embed(images)  # (B, S/16, S/16, E)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in encoder.blocks:
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return encoder.neck(x.permute(0, 3, 1, 2))
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits (B, C, 4h, 4w) from image embeddings (B, D, h, w)."""
