@@ -117,7 +117,8 @@ def test_two_candidates_leaderboard_and_model_switch(synthetic, tmp_path):
     train, test = synthetic
     seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
         train, presets="tiny",
-        hyperparameters={**FAST, "optim.max_epochs": 2, "peft.method": ["full", "lora"]},
+        hyperparameters={**FAST, "optim.max_epochs": 2, "peft.method": ["full", "lora"],
+                         "env.gradient_checkpointing": True},
     )
     board = seg.leaderboard()
     assert sorted(board["model"]) == ["full", "lora"]
