@@ -23,7 +23,9 @@ from . import saving
 from .config import Config, resolve
 from .errors import ConfigError, DataValidationError, NotFittedError
 from .hardware import autocast_context, resolve_env
+from .losses import build_loss
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, build_metrics
+from .training.module import task_loss_name
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 log = logging.getLogger("automask")
@@ -157,6 +159,11 @@ class SemanticSegmentor(BaseEstimator):
                     f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
                 )
         metric = self._eval_metric_for(spec.task, spec.num_classes)
+        for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
+            try:
+                build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
+            except ValueError as exc:
+                raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
 
         self.path_ = self._run_dir()
         self.path_.mkdir(parents=True, exist_ok=True)

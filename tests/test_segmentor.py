@@ -107,6 +107,9 @@ def test_bad_data_fails_before_anything_is_written(tmp_path, synthetic):
     assert not run.exists()
     with pytest.raises(ConfigError, match="unknown preset"):
         SemanticSegmentor(path=run, verbosity=0).fit(train, presets="huge")
+    with pytest.raises(ConfigError, match=r"'optim\.loss'.*'ce_dice' is for multiclass"):
+        SemanticSegmentor(path=run, verbosity=0).fit(
+            train, presets="tiny", hyperparameters={"optim.loss": "ce_dice"})
     assert not run.exists()
 
 

@@ -11,6 +11,13 @@ from ..peft import aux_loss
 from .optim import build_optimizer, lr_lambda
 
 
+def task_loss_name(loss: str, task: str) -> str:
+    """The loss ``optim.loss`` names; ``auto`` is ``structure`` (binary) or ``ce_dice``."""
+    if loss == "auto":
+        return "structure" if task == "binary" else "ce_dice"
+    return loss
+
+
 class SegmentationModule(L.LightningModule):
     """Trains a SAM segmenter with a task loss plus the adapters' auxiliary losses.
 
@@ -48,10 +55,7 @@ class SegmentationModule(L.LightningModule):
         self.task = task
         self.optim = optim
         self.ignore_index = ignore_index
-        loss_name = optim.loss
-        if loss_name == "auto":
-            loss_name = "structure" if task == "binary" else "ce_dice"
-        self.loss_fn = build_loss(loss_name, task)
+        self.loss_fn = build_loss(task_loss_name(optim.loss, task), task)
         self.val_metric_name = val_metric
         conventions = {"num_classes": num_classes, "ignore_index": ignore_index}
         if task == "binary":
