@@ -23,7 +23,6 @@ from .errors import ConfigError
 
 _CHOICES = {
     "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h"),
-    "peft.method": ("decoder_only", "lora", "conv_lora", "full"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "optim.loss": ("auto", "structure", "bce", "dice", "balanced_bce", "focal", "ce", "ce_dice"),
     "env.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
@@ -36,7 +35,12 @@ def _fail(key: str, value: Any, why: str) -> None:
 
 
 def _check_choice(key: str, value: Any) -> None:
-    choices = _CHOICES[key]
+    if key == "peft.method":
+        from .peft import PEFT_METHODS
+
+        choices: tuple = tuple(PEFT_METHODS)
+    else:
+        choices = _CHOICES[key]
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -63,41 +67,34 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning method and its options."""
+    """Parameter-efficient fine-tuning method and its options.
+
+    The options are the method's own dataclass (``automask/peft/<method>.py``): the one
+    source of truth for its keys, defaults and checks. Each option is set as
+    ``peft.<name>``; a key the method does not use raises :class:`ConfigError` naming the
+    methods that use it.
+    """
 
     method: str = "conv_lora"
-    """``decoder_only``, ``lora``, ``conv_lora`` or ``full`` (everything trainable)."""
-    rank: int = 3
-    """Rank r of the (Conv-)LoRA low-rank path."""
-    alpha: float = 32.0
-    """LoRA scaling numerator: the update is scaled by alpha / rank."""
-    num_experts: int = 8
-    """Conv-LoRA: number M of convolution experts; expert i works at scale i."""
-    top_k: int = 1
-    """Conv-LoRA: experts routed to per sample."""
-    aux_loss_weight: float = 0.01
-    """Conv-LoRA: weight of each layer's load-balancing loss."""
-    targets: str = "qkv"
-    """Comma-separated module names (suffix match) that (Conv-)LoRA adapts."""
+    """PEFT method: ``scratch``, ``decoder_only``, ``bitfit``, ``adapter``, ``vpt``, ``lst``,
+    ``sam_adapter``, ``ssf``, ``lora``, ``conv_lora`` or ``full`` (see the README's method
+    table)."""
+    options: Any = None
+    """The method's options dataclass; None: its defaults."""
 
     def __post_init__(self) -> None:
-        _check_choice("peft.method", self.method)
-        if self.rank < 1:
-            _fail("peft.rank", self.rank, "must be >= 1")
-        if self.num_experts < 1:
-            _fail("peft.num_experts", self.num_experts, "must be >= 1")
-        if not 1 <= self.top_k <= self.num_experts:
-            _fail("peft.top_k", self.top_k, f"must be in [1, num_experts={self.num_experts}]")
-        if self.alpha <= 0:
-            _fail("peft.alpha", self.alpha, "must be > 0")
-        if self.aux_loss_weight < 0:
-            _fail("peft.aux_loss_weight", self.aux_loss_weight, "must be >= 0")
-        if not self.target_list:
-            _fail("peft.targets", self.targets, "name at least one module")
+        from .peft import get_method
 
-    @property
-    def target_list(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        _check_choice("peft.method", self.method)
+        spec = get_method(self.method)
+        if self.options is None:
+            self.options = spec.options()
+        elif not isinstance(self.options, spec.options):
+            raise ConfigError(f"options of {self.method!r} must be a {spec.options.__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"method": ..., <option>: ...}``."""
+        return {"method": self.method, **self.options.to_dict()}
 
 
 @dataclass
@@ -227,12 +224,16 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat dict of dotted keys, JSON-serialisable."""
-        return {
-            f"{section.name}.{f.name}": getattr(getattr(self, section.name), f.name)
-            for section in dataclasses.fields(self)
-            for f in dataclasses.fields(getattr(self, section.name))
-        }
+        """Flat dict of dotted keys, JSON-serialisable (``peft.*``: the method's options)."""
+        flat = {}
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if isinstance(value, PeftConfig):
+                items = value.to_dict().items()
+            else:
+                items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+            flat.update({f"{section.name}.{k}": v for k, v in items})
+        return flat
 
     @classmethod
     def from_dict(cls, flat: Mapping[str, Any]) -> "Config":
@@ -251,10 +252,25 @@ def _sections() -> dict[str, type]:
 def _field_types() -> dict[str, Any]:
     out = {}
     for name, section in _sections().items():
+        if section is PeftConfig:
+            out["peft.method"] = str
+            out.update({f"peft.{k}": v for k, v in _peft_option_types().items()})
+            continue
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
             out[f"{name}.{f.name}"] = hints[f.name]
     return out
+
+
+def _peft_option_types() -> dict[str, Any]:
+    """Every PEFT option of every method -> its type (one type per name across methods)."""
+    from .peft import PEFT_METHODS
+
+    types: dict[str, Any] = {}
+    for method in PEFT_METHODS.values():
+        for key, hint in method.options.field_types().items():
+            assert types.setdefault(key, hint) == hint, (key, hint, types[key])
+    return types
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -363,23 +379,66 @@ def resolve(
             raise ConfigError(f"empty list of candidate values for {key!r}")
     varying = [k for k, v in grid.items() if len(v) > 1]
     candidates = []
+    seen: set[str] = set()
+    used_user_keys: set[str] = set()
     for combo in itertools.product(*grid.values()):
         chosen = dict(zip(grid, combo))
         sections: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
         for key, value in chosen.items():
             section, name = key.split(".", 1)
             sections[section][name] = _coerce(key, value, types[key])
-        config = Config(**{name: cls(**sections[name]) for name, cls in _sections().items()})
-        candidates.append((candidate_name({k: chosen[k] for k in varying}), config))
+        peft, used = _peft_section(sections["peft"])
+        used_user_keys |= {f"peft.{k}" for k in used}
+        config = Config(**{name: peft if cls is PeftConfig else cls(**sections[name])
+                           for name, cls in _sections().items()})
+        fingerprint = repr(sorted(config.to_dict().items()))
+        if fingerprint in seen:  # e.g. a rank list crossed with a method without rank
+            continue
+        seen.add(fingerprint)
+        effective = {k: chosen[k] for k in varying  # only what this candidate uses
+                     if not k.startswith("peft.") or k == "peft.method"
+                     or k[5:] in peft.options.to_dict()}
+        candidates.append((candidate_name(effective), config))
+    unused = sorted(k for k in user if k.startswith("peft.") and k != "peft.method"
+                    and k not in used_user_keys)
+    if unused:
+        from .peft import option_users
+
+        users = option_users()
+        methods = sorted({c.peft.method for _, c in candidates})
+        raise ConfigError("; ".join(
+            f"{key!r} is not used by PEFT method {', '.join(map(repr, methods))}; it is "
+            f"used by {', '.join(users[key[5:]])}" for key in unused))
     names = [n for n, _ in candidates]
     assert len(set(names)) == len(names), names
     return candidates
 
 
+def _peft_section(values: dict[str, Any]) -> tuple[PeftConfig, set[str]]:
+    """PeftConfig from the peft.* values; keys the method does not use are left out.
+
+    Returns the config and the option names it used.
+    """
+    from .peft import get_method, make_options
+
+    method = values.get("method", PeftConfig.method)
+    _check_choice("peft.method", method)
+    fields = set(get_method(method).options.field_types())
+    options = {k: v for k, v in values.items() if k != "method" and k in fields}
+    return PeftConfig(method, make_options(method, **options)), set(options)
+
+
 def reference() -> list[dict[str, Any]]:
-    """Every hyperparameter key with its type, default and meaning (from the docstrings)."""
+    """Every hyperparameter key with its type, default and meaning (from the docstrings).
+
+    ``peft.*`` options come from the methods' own dataclasses; each row says which methods
+    use the key (the default is the first such method's).
+    """
     rows = []
     for section_name, section in _sections().items():
+        if section is PeftConfig:
+            rows.extend(_peft_reference())
+            continue
         docs = _field_docs(section)
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
@@ -393,6 +452,29 @@ def reference() -> list[dict[str, Any]]:
                     "meaning": docs.get(f.name, ""),
                 }
             )
+    return rows
+
+
+def _peft_reference() -> list[dict[str, Any]]:
+    from .peft import PEFT_METHODS, option_users
+
+    rows = [{"key": "peft.method", "type": "str", "default": PeftConfig.method,
+             "meaning": _field_docs(PeftConfig)["method"]}]
+    users = option_users()
+    done: set[str] = set()
+    for method in PEFT_METHODS.values():
+        docs: dict[str, str] = {}
+        for cls in reversed(method.options.__mro__):
+            if dataclasses.is_dataclass(cls) and cls.__module__.startswith("automask."):
+                docs.update(_field_docs(cls))
+        hints = method.options.field_types()
+        for f in dataclasses.fields(method.options):
+            if f.name in done:
+                continue
+            done.add(f.name)
+            rows.append({"key": f"peft.{f.name}", "type": _type_name(hints[f.name]),
+                         "default": f.default,
+                         "meaning": f"{docs.get(f.name, '')} Used by: {', '.join(users[f.name])}."})
     return rows
 
 

@@ -73,7 +73,7 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
     per_step = cfg.optim.batch_size * world
     accumulate = max(1, math.ceil(cfg.optim.effective_batch_size / per_step))
     strategy = cfg.env.strategy
-    if cfg.peft.method == "full" and world > 1 and strategy in ("auto", "ddp"):
+    if cfg.peft.method in ("full", "scratch") and world > 1 and strategy in ("auto", "ddp"):
         # SAM's IoU head and unused multi-mask heads take no part in a prompt-free forward.
         strategy = "ddp_find_unused_parameters_true"
     devices = cfg.env.devices

@@ -11,11 +11,7 @@ _PAPER: dict[str, Any] = {
     # "Convolution Meets LoRA" (Zhong et al., ICLR 2024), training recipe of the paper's tables.
     "model.backbone": "vit_h",
     "model.input_size": 1024,
-    "peft.method": "conv_lora",
-    "peft.rank": 3,
-    "peft.alpha": 32.0,
-    "peft.num_experts": 8,
-    "peft.top_k": 1,
+    "peft.method": "conv_lora",  # its defaults are the paper's: r=3, alpha=32, M=8, top-1
     "optim.lr": 1e-4,
     "optim.weight_decay": 1e-4,
     "optim.lr_schedule": "linear",
@@ -69,7 +65,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.scale_max": 1.2,
     },
     "paper": dict(_PAPER),
-    "paper_table": {**_PAPER, "peft.method": ["decoder_only", "lora", "conv_lora", "full"]},
+    # Every row of the paper's table, in its order ("scratch": SAM trained from random init).
+    "paper_table": {**_PAPER, "peft.method": ["scratch", "decoder_only", "bitfit", "adapter",
+                                              "vpt", "lst", "sam_adapter", "ssf", "lora",
+                                              "conv_lora"]},
     "tiny": {
         "model.backbone": "tiny",
         "model.checkpoint": "random",

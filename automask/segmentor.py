@@ -210,9 +210,9 @@ class SemanticSegmentor(BaseEstimator):
         L.seed_everything(self.seed, workers=True, verbose=False)
         model = build_segmenter(
             cfg.model.backbone, num_classes=spec.num_outputs, input_size=cfg.model.input_size,
-            checkpoint=cfg.model.checkpoint, progress=self.verbosity >= 2,
+            checkpoint=_checkpoint_of(cfg), progress=self.verbosity >= 2,
         )
-        base_params = count_parameters(model)[1]  # the ratio's denominator, as in the paper
+        base_params = count_parameters(model)[1]  # SAM before adapters
         apply_peft(model, **_peft_kwargs(cfg))
         model.gradient_checkpointing = cfg.env.gradient_checkpointing
         datamodule = SegmentationDataModule(
@@ -438,8 +438,8 @@ class SemanticSegmentor(BaseEstimator):
         """One row per trained model, in the layout of the Conv-LoRA paper's table.
 
         Columns: model, method, backbone, input_size, trainable_params_m, ratio_pct
-        (trainable parameters over those of the SAM model before adapters, the paper's
-        convention: 4.02M / 641.09M for Conv-LoRA on vit_h),
+        (trainable parameters over all parameters of the adapted model, the paper's
+        convention: 4.02M / 641.61M = 0.63% for Conv-LoRA on vit_h),
         ``val_<metric>``, fit_time_s, predict_images_per_s, and, when
         ``data`` is given, every test metric of the task's default set (``test_<name>``).
         Sorted best first by the validation metric.
@@ -454,7 +454,7 @@ class SemanticSegmentor(BaseEstimator):
                 "backbone": cfg.model.backbone,
                 "input_size": cfg.model.input_size,
                 "trainable_params_m": round(info["trainable_params"] / 1e6, 2),
-                "ratio_pct": round(100.0 * info["trainable_params"] / info["base_params"], 2),
+                "ratio_pct": round(100.0 * info["trainable_params"] / info["total_params"], 2),
                 f"val_{self.eval_metric_}": info["val_score"],
                 "fit_time_s": round(info["fit_time"], 1),
                 "predict_images_per_s": info.get("predict_images_per_s"),
@@ -601,11 +601,15 @@ def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
 
 
 def _peft_kwargs(cfg: Config) -> dict[str, Any]:
-    p = cfg.peft
-    return {
-        "method": p.method, "rank": p.rank, "alpha": p.alpha, "num_experts": p.num_experts,
-        "top_k": p.top_k, "targets": p.target_list, "aux_loss_weight": p.aux_loss_weight,
-    }
+    """Arguments of :func:`automask.peft.apply_peft` for a candidate's configuration."""
+    return {"method": cfg.peft.method, "options": cfg.peft.options}
+
+
+def _checkpoint_of(cfg: Config) -> str | None:
+    """The SAM weights a candidate starts from: random for ``scratch``, else the config's."""
+    from .peft import get_method
+
+    return "random" if get_method(cfg.peft.method).random_init else cfg.model.checkpoint
 
 
 def _augment(cfg: Config, cls):

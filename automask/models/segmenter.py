@@ -73,6 +73,18 @@ class SamSegmenter(nn.Module):
                                                         "path": None, "sha256": None})
         self.peft_method: str | None = None
         self.gradient_checkpointing = False
+        self.encoder_hook: nn.Module | None = None  # see set_encoder_hook
+
+    def set_encoder_hook(self, hook: nn.Module) -> None:
+        """Install the encoder's extension point (one per model; see :meth:`encode`).
+
+        ``hook`` is an :class:`automask.peft.EncoderHook`: a module with ``on_embed``,
+        ``before_block``, ``after_block`` and ``on_neck``. It is a submodule, so its
+        parameters are counted, trained and saved like any other.
+        """
+        if self.encoder_hook is not None:
+            raise ConfigError("this model already has an encoder hook")
+        self.encoder_hook = hook
 
     # ------------------------------------------------------------------ classes
     def set_num_classes(self, num_classes: int) -> None:
@@ -147,21 +159,34 @@ class SamSegmenter(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (B, D, S/16, S/16): segment-anything's encoder, step by step.
 
-        With :attr:`gradient_checkpointing` set and gradients enabled, each transformer
-        block's activations are recomputed in the backward pass instead of kept (random
-        state included, so Conv-LoRA's noisy gates route the same way twice): less memory
-        for about one more forward of the encoder.
+        The PEFT extension point (:attr:`encoder_hook`, when set) is called after the
+        patch and position embeddings, before and after every block, and before the neck
+        (see :class:`automask.peft.EncoderHook`). With :attr:`gradient_checkpointing` set
+        and gradients enabled, each transformer block's activations are recomputed in the
+        backward pass instead of kept (random state included, so Conv-LoRA's noisy gates
+        route the same way twice): less memory for about one more forward of the encoder.
+        Only the blocks are recomputed, never the hook's calls.
         """
         encoder = self.image_encoder
+        hook = self.encoder_hook
+        ctx: dict = {}
         x = encoder.patch_embed(images)  # (B, S/16, S/16, E)
         if encoder.pos_embed is not None:
             x = x + encoder.pos_embed
+        if hook is not None:
+            x = hook.on_embed(x, images, ctx)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in encoder.blocks:
+        for index, block in enumerate(encoder.blocks):
+            if hook is not None:
+                x = hook.before_block(index, x, ctx)
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+            if hook is not None:
+                x = hook.after_block(index, x, ctx)
+        if hook is not None:
+            x = hook.on_neck(x, ctx)
         return encoder.neck(x.permute(0, 3, 1, 2))
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:

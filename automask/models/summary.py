@@ -46,33 +46,36 @@ def parameter_summary(
     num_classes : int
         Number of segmentation outputs (1 = binary).
     **peft_options
-        Passed to :func:`~automask.peft.apply_peft` (``rank``, ``alpha``, ...).
+        Options passed to :func:`~automask.peft.apply_peft` (``rank=4``...), each to the
+        methods that use it.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``method``, ``trainable``, ``trainable_m`` (millions, 2 decimals),
-        ``ratio_pct`` (trainable / the backbone's full SAM parameter count, in %, 2
-        decimals) and ``total`` (all parameters of the adapted segmenter).
+        ``ratio_pct`` (trainable / all parameters of the adapted segmenter, in %, 2
+        decimals: the paper's convention, which its LST row, 11.49M / 1.77%, shows) and
+        ``total`` (all parameters of the adapted segmenter).
     """
-    from ..peft import PEFT_METHODS, apply_peft
+    from ..peft import PEFT_METHODS, apply_peft, get_method
     from .segmenter import SamSegmenter
 
     spec = get_spec(backbone)
-    reference = sam_parameter_count(backbone)
     rows = []
     for method in methods if methods is not None else list(PEFT_METHODS):
+        fields = get_method(method).options.field_types()
+        options = {k: v for k, v in peft_options.items() if k in fields}
         with torch.device("meta"):
             model = SamSegmenter(*build_sam_parts(spec, spec.pretrain_size), backbone=backbone,
                                  input_size=spec.pretrain_size)
             model.set_num_classes(num_classes)
-            apply_peft(model, method, **peft_options)
+            apply_peft(model, method, **options)
         trainable, total = count_parameters(model)
         rows.append({
             "method": method,
             "trainable": trainable,
             "trainable_m": round(trainable / 1e6, 2),
-            "ratio_pct": round(100.0 * trainable / reference, 2),
+            "ratio_pct": round(100.0 * trainable / total, 2),
             "total": total,
         })
     return pd.DataFrame(rows, columns=["method", "trainable", "trainable_m", "ratio_pct", "total"])

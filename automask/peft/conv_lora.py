@@ -1,4 +1,4 @@
-"""Conv-LoRA: LoRA whose low-rank activation passes through a mixture of conv experts.
+"""``conv_lora``: LoRA whose low-rank activation passes through a mixture of conv experts.
 
 Zhong et al., "Convolution Meets LoRA: Parameter Efficient Finetuning for Segment Anything
 Model" (ICLR 2024). The low-rank activation ``A(x)`` is laid out as the block's 2-D token
@@ -9,15 +9,51 @@ and the gated mixture is added to the low-rank activation before ``B``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import mark_decoder_trainable, wrap_targets
-from .lora import LoRALinear
-from .options import PeftOptions
+from .base import PeftMethod, split_names, wrap_targets
+from .lora import LoRALinear, LoRAOptions
 
 _NOISE_EPS = 1e-2
+
+
+@dataclass(frozen=True)
+class ConvLoRAOptions(LoRAOptions):
+    """LoRA's options plus the mixture of experts."""
+
+    num_experts: int = 8
+    """Conv-LoRA: number M of convolution experts; expert i works at scale i."""
+    top_k: int = 1
+    """Conv-LoRA: experts routed to per sample."""
+    aux_loss_weight: float = 0.01
+    """Conv-LoRA: weight of each layer's load-balancing loss."""
+    scales: str | None = None
+    """Conv-LoRA: comma-separated scale of each expert; None: 1, 2, ..., M."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_int("num_experts", 1)
+        self.check_int("top_k", 1)
+        self.check("top_k", self.top_k <= self.num_experts,
+                   f"must be <= num_experts ({self.num_experts})")
+        self.check_positive("aux_loss_weight", allow_zero=True)
+        if self.scales is not None:
+            if not isinstance(self.scales, str):
+                object.__setattr__(self, "scales", ",".join(str(s) for s in self.scales))
+            try:
+                values = [float(s) for s in split_names(self.scales)]
+            except ValueError:
+                values = []
+            self.check("scales", len(values) == self.num_experts and all(v > 0 for v in values),
+                       f"must hold {self.num_experts} positive numbers, one per expert")
+
+    @property
+    def scale_list(self) -> tuple[float, ...] | None:
+        return None if self.scales is None else tuple(float(s) for s in split_names(self.scales))
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -189,19 +225,23 @@ class ConvLoRALinear(LoRALinear):
                 f"top_k={self.top_k}, scales={self.scales}")
 
 
-def apply_conv_lora(model: nn.Module, options: PeftOptions) -> None:
+def apply(model: nn.Module, options: ConvLoRAOptions) -> None:
     """Wrap every image-encoder Linear matching ``options.targets`` in :class:`ConvLoRALinear`."""
     wrap_targets(
         model,
-        options.targets,
+        options.target_list,
         lambda layer: ConvLoRALinear(
             layer,
             rank=options.rank,
             alpha=options.alpha,
             num_experts=options.num_experts,
             top_k=options.top_k,
-            scales=options.scales,
+            scales=options.scale_list,
             aux_loss_weight=options.aux_loss_weight,
         ),
     )
-    mark_decoder_trainable(model)
+
+
+METHOD = PeftMethod("conv_lora", "Conv-LoRA", ConvLoRAOptions, apply,
+                    source="Zhong et al. 2024 (ICLR), 'Convolution Meets LoRA': r=3, M=8 "
+                           "experts at scales 1..8, top-1 noisy gating")

@@ -1,12 +1,19 @@
-"""``full``: every parameter trainable (with random init: the paper's "SAM from scratch")."""
+"""``full``: every parameter of the pretrained model trains (not a PEFT method: the ceiling)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
-from .options import PeftOptions
+from .base import MethodOptions, PeftMethod
 
 
-def apply_full(model: nn.Module, options: PeftOptions) -> None:
+@dataclass(frozen=True)
+class FullOptions(MethodOptions):
+    """No options: everything trains."""
+
+
+def apply(model: nn.Module, options: FullOptions) -> None:
     """Make every parameter trainable.
 
     The parts the prompt-free forward never uses (IoU head, unused hypernetwork MLPs, prompt
@@ -15,3 +22,7 @@ def apply_full(model: nn.Module, options: PeftOptions) -> None:
     needs ``find_unused_parameters=True``.
     """
     model.requires_grad_(True)
+
+
+METHOD = PeftMethod("full", "Full fine-tuning", FullOptions, apply,
+                    source="every weight of the pretrained SAM trains")

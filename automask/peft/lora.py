@@ -1,22 +1,46 @@
-"""LoRA: a trainable low-rank update ``B @ A`` beside a frozen ``nn.Linear``."""
+"""``lora``: a trainable low-rank update ``B @ A`` beside frozen Linear layers (Hu et al., 2022)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .inject import mark_decoder_trainable, wrap_targets
-from .options import PeftOptions
+from .base import Adapter, MethodOptions, PeftMethod, split_names, wrap_targets
 
 
-class LoRALinear(nn.Module):
+@dataclass(frozen=True)
+class LoRAOptions(MethodOptions):
+    """Options of LoRA (and of Conv-LoRA, which extends them)."""
+
+    rank: int = 3
+    """Rank r of the (Conv-)LoRA low-rank path."""
+    alpha: float = 32.0
+    """(Conv-)LoRA scaling numerator: the update is scaled by alpha / rank."""
+    targets: str = "qkv"
+    """Comma-separated image-encoder module names (exact or ``.name`` suffix) that
+    (Conv-)LoRA adapts."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.targets, str):  # a sequence of names from Python callers
+            object.__setattr__(self, "targets", ",".join(split_names(self.targets)))
+        self.check_int("rank", 1)
+        self.check_positive("alpha")
+        self.check("targets", bool(self.target_list), "name at least one module")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return split_names(self.targets)
+
+
+class LoRALinear(Adapter):
     """``base_layer(x) + B(A(x)) * alpha / rank``, wrapping an ``nn.Linear``.
 
     Parameters
     ----------
     base_layer : nn.Linear
-        The layer adapted; kept as ``base_layer`` (frozen by the PEFT method).
+        The layer adapted; kept as ``base_layer`` (frozen).
     rank : int
         Rank r of the update.
     alpha : float
@@ -32,17 +56,15 @@ class LoRALinear(nn.Module):
     mergeable = True
 
     def __init__(self, base_layer: nn.Linear, rank: int = 3, alpha: float = 32.0) -> None:
-        super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRA wraps nn.Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
-        self.merged = False
         self.reset_adapter()
 
     def reset_adapter(self) -> None:
@@ -84,8 +106,12 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
-def apply_lora(model: nn.Module, options: PeftOptions) -> None:
+def apply(model: nn.Module, options: LoRAOptions) -> None:
     """Wrap every image-encoder Linear matching ``options.targets`` in :class:`LoRALinear`."""
-    wrap_targets(model, options.targets,
+    wrap_targets(model, options.target_list,
                  lambda layer: LoRALinear(layer, rank=options.rank, alpha=options.alpha))
-    mark_decoder_trainable(model)
+
+
+METHOD = PeftMethod("lora", "LoRA", LoRAOptions, apply,
+                    source="Hu et al. 2022, 'LoRA'; r=3, alpha=32 on the fused qkv as in "
+                           "Zhong et al. 2024")
