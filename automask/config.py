@@ -92,6 +92,14 @@ class PeftConfig:
         elif not isinstance(self.options, spec.options):
             raise ConfigError(f"options of {self.method!r} must be a {spec.options.__name__}")
 
+    def __getattr__(self, name: str) -> Any:
+        # cfg.peft.rank reads the method's option (only options the method has).
+        options = self.__dict__.get("options")
+        if options is not None and not name.startswith("_") and hasattr(options, name):
+            return getattr(options, name)
+        raise AttributeError(
+            f"PEFT method {self.__dict__.get('method')!r} has no option {name!r}")
+
     def to_dict(self) -> dict[str, Any]:
         """``{"method": ..., <option>: ...}``."""
         return {"method": self.method, **self.options.to_dict()}

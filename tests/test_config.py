@@ -53,9 +53,8 @@ def test_unknown_preset_lists_valid_ones():
 
 def test_list_values_make_candidates_with_readable_names():
     cands = resolve("tiny", {"peft.method": ["full", "lora"], "peft.rank": [2, 4]})
-    assert [n for n, _ in cands] == [
-        "method=full,rank=2", "method=full,rank=4", "method=lora,rank=2", "method=lora,rank=4"
-    ]
+    # `full` has no rank: one candidate, named by what it uses.
+    assert [n for n, _ in cands] == ["full", "method=lora,rank=2", "method=lora,rank=4"]
     assert cands[-1][1].peft.method == "lora" and cands[-1][1].peft.rank == 4
     [(name, _), _] = resolve("tiny", {"peft.method": ["conv_lora", "lora"]})
     assert name == "conv_lora"
@@ -85,7 +84,9 @@ def test_paper_preset_is_the_papers_recipe():
     assert cfg.optim.grad_clip == 1.0
     assert cfg.data.hflip and not cfg.data.vflip
     table = resolve("paper_table", {})
-    assert {c.peft.method for _, c in table} == {"decoder_only", "lora", "conv_lora", "full"}
+    assert [c.peft.method for _, c in table] == [
+        "scratch", "decoder_only", "bitfit", "adapter", "vpt", "lst", "sam_adapter", "ssf",
+        "lora", "conv_lora"]
     assert {c.model.backbone for _, c in table} == {"vit_h"}
 
 
@@ -99,7 +100,12 @@ def test_to_dict_round_trips():
 def test_reference_covers_every_field_with_a_meaning():
     rows = reference()
     keys = {r["key"] for r in rows}
-    assert keys == set(Config().to_dict())
+    from automask.peft import PEFT_METHODS
+
+    every = set(Config().to_dict())
+    for method in PEFT_METHODS:  # each method's own options
+        every |= {f"peft.{k}" for k in PEFT_METHODS[method].options().to_dict()}
+    assert keys == every
     assert all(r["meaning"] for r in rows), [r["key"] for r in rows if not r["meaning"]]
 
 
@@ -117,3 +123,22 @@ def test_config_sections_are_dataclasses_validating_themselves():
         assert dataclasses.is_dataclass(section)
     with pytest.raises(ConfigError):
         dataclasses.replace(Config().optim, batch_size=0)
+
+
+def test_peft_keys_belong_to_the_method_that_uses_them():
+    with pytest.raises(ConfigError, match=r"'peft\.num_experts'.*'lora'.*used by conv_lora"):
+        resolve(None, {"peft.method": "lora", "peft.num_experts": 4})
+    with pytest.raises(ConfigError, match=r"'peft\.bottleneck'.*used by adapter"):
+        resolve(None, {"peft.method": ["lora", "vpt"], "peft.bottleneck": 4})
+    # Used by one candidate of several: applied there, left out of the others.
+    cands = dict(resolve(None, {"peft.method": ["conv_lora", "lora"], "peft.num_experts": 4}))
+    assert cands["conv_lora"].peft.num_experts == 4
+    assert "num_experts" not in cands["lora"].peft.options.to_dict()
+    # A preset's keys that a user-chosen method does not use are dropped, not refused.
+    [(_, cfg)] = resolve("tiny", {"peft.method": "vpt", "peft.num_prompts": 4})
+    assert cfg.peft.num_prompts == 4
+
+
+def test_peft_option_grid_crossed_with_a_method_without_it_is_deduplicated():
+    cands = resolve("tiny", {"peft.method": ["lora", "bitfit"], "peft.rank": [2, 4]})
+    assert [n for n, _ in cands] == ["method=lora,rank=2", "method=lora,rank=4", "bitfit"]

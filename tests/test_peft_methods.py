@@ -1,7 +1,6 @@
 """The PEFT contract, tested over the registry: a method is covered once it is registered."""
 from __future__ import annotations
 
-import io
 from functools import partial
 
 import pytest

@@ -4,18 +4,18 @@ A light side network runs beside the frozen encoder and is fed by it through "la
 after every ``ladder_every``-th encoder block i, its output is projected down to the side
 width ``s = dim / reduction`` and mixed with the side state by a learned gate,
 ``h_i = mu_i * down_i(b_i) + (1 - mu_i) * side_{i-1}``, ``mu_i = sigmoid(g_i / T)``
-(``T = 0.1``, ``g_i = 0`` at init, as in LST); side block i then runs on ``h_i``. The side network starts from the
-projected patch embeddings; its last state is projected back up to the encoder width and
-added to the encoder output before the neck. Side blocks are SAM blocks of width ``s``
-(windowed where the encoder's are, no relative positions). Gradients never pass through
-the frozen encoder, which is what makes LST cheap in memory.
+(``T = 0.1``, ``g_i = 0`` at init, as in LST); side block i then runs on ``h_i``. The
+side network starts from the projected patch embeddings; its last state is projected back
+up to the encoder width and added to the encoder output before the neck. Side blocks are
+SAM blocks of width ``s`` (windowed where the encoder's are, no relative positions).
+Gradients never pass through the frozen encoder, which is what makes LST cheap in memory.
 
 Zhong et al. (2024) do not state the side network's size. One side block per encoder
 block with ViT's MLP ratio 4, reduction 10 and a ladder after every 4th block reproduce
 their 11.49M (1.77%) on vit_h: ``s = 128``, 8 ladders, 7,985,544 parameters beside the
-decoder (LST's own vision models use reductions of 8 to 16). LST initialises its side network by pruning the
-backbone's weights; here it starts from random weights (SAM's block init), and the up
-projection from zero, so a fresh model computes exactly the frozen encoder's output.
+decoder. LST initialises its side network by pruning the backbone's weights; here it
+starts from random weights (SAM's block init), and the up projection from zero, so a
+fresh model computes exactly the frozen encoder's output.
 """
 from __future__ import annotations
 
