@@ -174,3 +174,15 @@ def test_finite_check_covers_every_float_field_of_owned_sections():
                     cls(**{f.name: math.nan})
                 checked += 1
     assert checked >= 10
+
+
+def test_more_cuda_devices_than_present_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for devices in ("4", "1,2"):
+        with pytest.raises(ConfigError, match="'env.devices'") as info:
+            resolve("tiny", {"env.accelerator": "gpu", "env.devices": devices})
+        assert repr(devices) in str(info.value)
+    for devices in ("2", "0,1", "-1", "auto"):
+        [(_, cfg)] = resolve("tiny", {"env.accelerator": "cuda", "env.devices": devices})
+        assert cfg.env.devices == devices
