@@ -15,11 +15,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+
+log = logging.getLogger("automask.config")
 
 _CHOICES = {
     "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h"),
@@ -32,6 +36,59 @@ _CHOICES = {
 
 def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"invalid value {value!r} for {key!r}: {why}")
+
+
+def _check_finite(section: str, obj: Any) -> None:
+    """Reject NaN and infinite values in every float field of a config section."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(f"{section}.{f.name}", value, "must be a finite number")
+
+
+def check_time_limit(value: Any) -> float | None:
+    """Validate ``fit(time_limit=...)``: None (no limit) or a positive, finite number of seconds.
+
+    Returns
+    -------
+    float or None
+        The limit in seconds.
+
+    Raises
+    ------
+    ConfigError
+        Anything else (NaN, infinity, zero, negative, a bool, a non-numeric string), naming
+        ``time_limit`` and the value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        _fail("time_limit", value, "expected a number of seconds or None")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        _fail("time_limit", value, "expected a number of seconds or None")
+    if not math.isfinite(seconds) or seconds <= 0:
+        _fail("time_limit", value, "must be a positive, finite number of seconds (None: no limit)")
+    return seconds
+
+
+def _check_devices(value: str) -> None:
+    """Lightning's devices: ``auto``, a positive count, ``-1`` (all) or comma-separated ids."""
+    text = value.strip()
+    if text == "auto" or text == "-1" or (text.isdigit() and int(text) > 0):
+        return
+    ids = [part.strip() for part in text.split(",")]
+    if "," in text and all(i.isdigit() for i in ids if i) and any(ids):
+        return
+    _fail("env.devices", value,
+          "expected 'auto', a positive count such as '2', -1 (all) or ids such as '0,1'")
+
+
+def _strategy_names() -> tuple[str, ...]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ("auto", *StrategyRegistry.available_strategies())
 
 
 def _check_choice(key: str, value: Any) -> None:
@@ -63,6 +120,7 @@ class ModelConfig:
         _check_choice("model.backbone", self.backbone)
         if self.input_size is not None and (self.input_size < 32 or self.input_size % 16):
             _fail("model.input_size", self.input_size, "must be a multiple of 16 and >= 32")
+        _check_finite("model", self)
 
 
 @dataclass
@@ -133,6 +191,7 @@ class OptimConfig:
     """Validate every this fraction of an epoch (1.0: once per epoch)."""
 
     def __post_init__(self) -> None:
+        _check_finite("optim", self)
         _check_choice("optim.lr_schedule", self.lr_schedule)
         _check_choice("optim.loss", self.loss)
         for key in ("lr", "val_check_interval"):
@@ -165,7 +224,8 @@ class DataConfig:
     rotate_degrees: float = 0.0
     """Random rotation up to this many degrees either way."""
     color_jitter: float = 0.0
-    """Strength of random brightness/contrast/saturation jitter (0 disables)."""
+    """Strength c of random brightness/contrast/saturation jitter, in [0, 1): factors are drawn
+    from [1 - c, 1 + c] (0 disables)."""
     void_label: int | None = None
     """A mask value to ignore in losses and metrics (e.g. 11 for CamVid's void)."""
     num_workers: int | None = None
@@ -174,14 +234,19 @@ class DataConfig:
     """Decoded, resized samples kept in memory up to this size; the rest go to disk."""
 
     def __post_init__(self) -> None:
+        _check_finite("data", self)
         if not 0 < self.holdout_frac < 1:
             _fail("data.holdout_frac", self.holdout_frac, "must be in (0, 1)")
         if not 0 < self.scale_min <= self.scale_max:
             _fail("data.scale_min", self.scale_min, f"must be in (0, scale_max={self.scale_max}]")
         if not 0 <= self.rotate_degrees <= 180:
             _fail("data.rotate_degrees", self.rotate_degrees, "must be in [0, 180]")
-        if not 0 <= self.color_jitter <= 1:
-            _fail("data.color_jitter", self.color_jitter, "must be in [0, 1]")
+        if not 0 <= self.color_jitter < 1:
+            # torchvision's ColorJitter accepts 1 (a factor of 0: a black, or grey, image);
+            # the data pipeline's jitter does not, so 1 would fail at the first batch
+            _fail("data.color_jitter", self.color_jitter,
+                  "must be in [0, 1): factors are drawn from [1 - c, 1 + c], and 1 - c must "
+                  "stay above 0")
         if self.void_label is not None and not 0 <= self.void_label <= 255:
             _fail("data.void_label", self.void_label, "must be a mask value in [0, 255]")
         if self.num_workers is not None and self.num_workers < 0:
@@ -212,9 +277,18 @@ class EnvConfig:
     (vit_h at 1024 px on smaller GPUs) for roughly one more encoder forward per step."""
 
     def __post_init__(self) -> None:
+        _check_finite("env", self)
         _check_choice("env.accelerator", self.accelerator)
         _check_choice("env.precision", str(self.precision))
         self.devices = str(self.devices)
+        _check_devices(self.devices)
+        if self.strategy != "auto":
+            names = _strategy_names()
+            if self.strategy not in names:
+                close = difflib.get_close_matches(self.strategy, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                _fail("env.strategy", self.strategy,
+                      f"not one of Lightning's strategies ({', '.join(names)}){hint}")
         if self.num_nodes < 1:
             _fail("env.num_nodes", self.num_nodes, "must be >= 1")
         if self.eval_batch_size < 1:
@@ -245,8 +319,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, flat: Mapping[str, Any]) -> "Config":
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        configs = resolve(None, dict(flat), presets_table={})
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`.
+
+        The hardware is not checked: a model trained on a GPU loads on any machine.
+        """
+        configs = resolve(None, dict(flat), presets_table={}, for_fit=False)
         if len(configs) != 1:
             raise ConfigError("a saved configuration must describe exactly one model")
         return configs[0][1]
@@ -340,8 +417,14 @@ def resolve(
     hyperparameters: Mapping[str, Any] | None = None,
     *,
     presets_table: Mapping[str, Mapping[str, Any]] | None = None,
+    for_fit: bool = True,
 ) -> list[tuple[str, Config]]:
     """Merge a preset and user hyperparameters over the defaults.
+
+    A preset's ``model.checkpoint`` applies to the preset's own backbone only: ``tiny``'s
+    ``"random"`` does not carry over to a ``model.backbone`` the user sets (that candidate
+    gets the default, pretrained weights) unless the user also sets ``model.checkpoint``.
+    A real backbone (vit_b/l/h) with random weights is logged as a warning.
 
     Parameters
     ----------
@@ -351,6 +434,10 @@ def resolve(
         Flat dotted keys; a list value asks for one candidate per value.
     presets_table : mapping, optional
         Table of presets to resolve ``presets`` against.
+    for_fit : bool
+        Also check that the accelerator and devices asked for exist on this machine (see
+        :func:`automask.hardware.check_hardware`) and log random-weight notices; False for a
+        configuration read back from a saved model.
 
     Returns
     -------
@@ -361,13 +448,14 @@ def resolve(
     Raises
     ------
     ConfigError
-        Unknown preset, unknown key (the message names the closest valid key) or invalid
-        value (the message names the key).
+        Unknown preset, unknown key (the message names the closest valid key), invalid value
+        (the message names the key), or an accelerator this machine does not have.
     """
     if presets_table is None:
         from .presets import PRESETS as presets_table
     types = _field_types()
     flat: dict[str, Any] = {}
+    preset: Mapping[str, Any] = {}
     if presets is not None:
         if presets not in presets_table:
             close = difflib.get_close_matches(str(presets), list(presets_table), n=1)
@@ -375,8 +463,9 @@ def resolve(
             raise ConfigError(
                 f"unknown preset {presets!r}{hint}; valid presets: {', '.join(presets_table)}"
             )
-        _check_keys(presets_table[presets], types, "preset")
-        flat.update(presets_table[presets])
+        preset = presets_table[presets]
+        _check_keys(preset, types, "preset")
+        flat.update(preset)
     user = dict(hyperparameters or {})
     _check_keys(user, types, "hyperparameter")
     flat.update(user)
@@ -391,6 +480,8 @@ def resolve(
     used_user_keys: set[str] = set()
     for combo in itertools.product(*grid.values()):
         chosen = dict(zip(grid, combo))
+        if "model.checkpoint" not in user and not _own_backbone(preset, chosen):
+            chosen.pop("model.checkpoint", None)  # the preset's weights are for its backbone
         sections: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
         for key, value in chosen.items():
             section, name = key.split(".", 1)
@@ -403,6 +494,8 @@ def resolve(
         if fingerprint in seen:  # e.g. a rank list crossed with a method without rank
             continue
         seen.add(fingerprint)
+        if for_fit:
+            _check_for_fit(config)
         effective = {k: chosen[k] for k in varying  # only what this candidate uses
                      if not k.startswith("peft.") or k == "peft.method"
                      or k[5:] in peft.options.to_dict()}
@@ -434,6 +527,26 @@ def _peft_section(values: dict[str, Any]) -> tuple[PeftConfig, set[str]]:
     fields = set(get_method(method).options.field_types())
     options = {k: v for k, v in values.items() if k != "method" and k in fields}
     return PeftConfig(method, make_options(method, **options)), set(options)
+
+
+def _own_backbone(preset: Mapping[str, Any], chosen: Mapping[str, Any]) -> bool:
+    """Whether the candidate keeps the backbone the preset names (or names none)."""
+    if "model.checkpoint" not in preset or "model.backbone" not in preset:
+        return True
+    own = preset["model.backbone"]
+    own = own if isinstance(own, (list, tuple)) else [own]
+    return chosen.get("model.backbone") in own
+
+
+def _check_for_fit(config: Config) -> None:
+    from .hardware import check_hardware
+
+    check_hardware(config.env.accelerator, config.env.devices)
+    if config.model.checkpoint == "random" and config.model.backbone != "tiny":
+        log.warning(
+            "model.checkpoint='random': %s is randomly initialised, without SAM's pretrained "
+            "weights (training from scratch)", config.model.backbone,
+        )
 
 
 def reference() -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .config import Config
+from .errors import ConfigError
 
 CPU_INPUT_SIZE = 256
 GPU_INPUT_SIZE = 1024
@@ -19,6 +20,42 @@ GPU_INPUT_SIZE = 1024
 
 def cuda_usable(accelerator: str) -> bool:
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def mps_usable() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def check_hardware(accelerator: str, devices: str) -> None:
+    """Raise :class:`ConfigError` when ``env.accelerator``/``env.devices`` ask for hardware that
+    this machine does not have (instead of a Lightning error once training starts).
+
+    ``cuda`` needs a usable CUDA device, ``gpu`` a CUDA or Apple MPS one (as in Lightning),
+    ``mps`` Apple's MPS; on CUDA,
+    a device count or id beyond the devices present is rejected as well.
+    """
+    cuda = torch.cuda.is_available()
+    missing_gpu = accelerator == "gpu" and not (cuda or mps_usable())
+    if (accelerator == "cuda" and not cuda) or missing_gpu:
+        raise ConfigError(
+            f"invalid value {accelerator!r} for 'env.accelerator': this machine has no usable "
+            "GPU (torch.cuda.is_available() is False); use 'auto' or 'cpu'"
+        )
+    if accelerator == "mps" and not mps_usable():
+        raise ConfigError(
+            f"invalid value {accelerator!r} for 'env.accelerator': Apple's MPS backend is not "
+            "available here; use 'auto' or 'cpu'"
+        )
+    if accelerator in ("gpu", "cuda") and cuda and devices not in ("auto", "-1"):
+        present = torch.cuda.device_count()
+        ids = [int(d) for d in devices.split(",") if d.strip()] if "," in devices else []
+        wanted = max(ids) + 1 if ids else int(devices)
+        if wanted > present:
+            raise ConfigError(
+                f"invalid value {devices!r} for 'env.devices': this machine has {present} "
+                "CUDA device(s)"
+            )
 
 
 def cpu_supports_bf16() -> bool:
@@ -54,6 +91,9 @@ def _device_count(devices: str, accelerator: str) -> int:
 def resolve_env(cfg: Config) -> tuple[Config, dict]:
     """Fill ``auto`` values of ``cfg`` and compute the Trainer's hardware arguments.
 
+    Raises :class:`ConfigError` first when the accelerator or devices asked for are not
+    present (:func:`check_hardware`).
+
     Returns
     -------
     (Config, dict)
@@ -62,6 +102,7 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
         ``accumulate`` (gradient-accumulation steps reaching ``optim.effective_batch_size``).
     """
     accelerator = cfg.env.accelerator
+    check_hardware(accelerator, cfg.env.devices)
     gpu = cuda_usable(accelerator)
     input_size = cfg.model.input_size or (GPU_INPUT_SIZE if gpu else CPU_INPUT_SIZE)
     precision = cfg.env.precision

@@ -408,7 +408,8 @@ class SemanticSegmentor(BaseEstimator):
 
         self._check_fitted()
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
-        conventions = metric_conventions(self.task_, self.num_classes_)
+        # targets are class indices with 255 = void; binary metrics leave void out (see metrics)
+        conventions = {**metric_conventions(self.task_, self.num_classes_), "ignore_index": 255}
         scorers = build_metrics(self.task_, names, **conventions)
         spec = validate_frame(
             data, image_col=self.image, label_col=self.label, root=_root_of(data),
@@ -421,11 +422,7 @@ class SemanticSegmentor(BaseEstimator):
             raw = read_mask(spec.frame[self.label].iloc[idx], color_map=self.color_map_)
             target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
             prob_t = torch.from_numpy(prob)
-            if self.task_ == "binary":
-                keep = target != 255
-                pred, target = prob_t[0] * keep, target * keep
-            else:
-                pred = prob_t
+            pred = prob_t[0] if self.task_ == "binary" else prob_t
             for scorer in scorers.values():
                 scorer.update(pred, target)
         out = {}

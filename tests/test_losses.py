@@ -112,8 +112,9 @@ def test_binary_losses_match_numpy_references():
     v = target.numpy() != 255
     bce = _bce(x, t)
     assert LOSSES["bce"](logits, target).item() == pytest.approx(bce[v].mean(), rel=1e-5)
-    pos_w = (v & (t == 0)).sum() / (v & (t == 1)).sum()
-    bal = (pos_w * t * bce + (1 - t) * bce)[v].mean()
+    n_pos, n_neg = (v & (t == 1)).sum(), (v & (t == 0)).sum()
+    w_pos, w_neg = n_neg / (n_pos + n_neg), n_pos / (n_pos + n_neg)  # HED's class balance
+    bal = (w_pos * t * bce + w_neg * (1 - t) * bce)[v].mean()
     assert LOSSES["balanced_bce"](logits, target).item() == pytest.approx(bal, rel=1e-5)
     p = _sigmoid(x)
     p_t = np.where(t == 1, p, 1 - p)
@@ -193,3 +194,51 @@ def test_build_loss_and_shape_errors():
         structure_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="logits"):
         LOSSES["ce"](torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 9, dtype=torch.long))
+
+
+def test_balanced_bce_equals_the_sbu_reference_form():
+    """SAM-Adapter / Conv-LoRA's balanced BCE: (n_pos / n) * BCE(pos_weight = n_neg / n_pos)."""
+    logits, target = _batch(seed=4)
+    t = target.float()
+    n_pos, n = t.sum(), t.numel()
+    reference = n_pos / n * F.binary_cross_entropy_with_logits(
+        logits[:, 0], t, pos_weight=(n - n_pos) / n_pos)
+    ours = LOSSES["balanced_bce"](logits, target)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    # positives and negatives carry the same total weight: a constant loss per class shows it
+    x = torch.where(target[:, None] == 1, torch.tensor(0.3), torch.tensor(-0.3))  # same bce
+    bce = F.binary_cross_entropy_with_logits(torch.tensor(0.3), torch.tensor(1.0)).item()
+    expected = 2 * (n_pos / n) * ((n - n_pos) / n) * bce
+    assert LOSSES["balanced_bce"](x, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # no positive pixel: nothing to balance against, the loss is 0 (reference: ~1e-10 x BCE)
+    empty = torch.zeros_like(target)
+    assert LOSSES["balanced_bce"](logits, empty).item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 48), (1, 31, 31), (3, 7, 90), (2, 512, 512)])
+def test_box_mean_is_avg_pool2d_exactly(shape):
+    """The integral-image 31x31 mean equals the correctly rounded count / 961, bit for bit,
+    and avg_pool2d within 1e-7 (observed: equal)."""
+    from automask.losses import box_mean
+
+    g = torch.Generator().manual_seed(sum(shape))
+    t = (torch.rand(shape, generator=g) > 0.7).float()
+    t[0, : shape[1] // 2, : shape[2] // 3] = 1.0  # a solid block: large counts
+    ours = box_mean(t)
+    counts = F.avg_pool2d(t[:, None].double(), 31, stride=1, padding=15, divisor_override=1)
+    assert torch.equal(ours, (counts[:, 0] / 961).float())
+    plain = F.avg_pool2d(t[:, None], 31, stride=1, padding=15)[:, 0]
+    assert torch.allclose(ours, plain, rtol=0, atol=1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == t.shape
+
+
+def test_box_mean_float64_path_for_large_images(monkeypatch):
+    """Beyond 2**24 padded pixels float32 counts could round; the float64 path is taken."""
+    import automask.losses as losses
+
+    t = (torch.rand(1, 60, 70, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    monkeypatch.setattr(losses, "_FLOAT32_EXACT", 100)  # force the float64 path
+    counts = F.avg_pool2d(t[:, None].double(), 31, stride=1, padding=15, divisor_override=1)
+    out = losses.box_mean(t)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, (counts[:, 0] / 961).float())

@@ -69,7 +69,11 @@ def test_resolve_env_fills_auto_values_on_this_cpu():
     assert env["precision"] == resolved.env.precision
 
 
-def test_resolve_env_accounts_for_devices_and_nodes_and_unused_parameters():
+def test_resolve_env_accounts_for_devices_and_nodes_and_unused_parameters(monkeypatch):
+    # a machine with 2 GPUs (resolve and resolve_env reject an accelerator that is absent)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     [(_, cfg)] = resolve("paper", {"env.devices": "2", "env.num_nodes": 2,
                                    "env.accelerator": "gpu", "peft.method": "full"})
     _, env = resolve_env(cfg)

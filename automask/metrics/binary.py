@@ -8,6 +8,24 @@ for the scale rules. Metrics must be fed at the ground truth's original resoluti
 
 States are sums (``dist_reduce_fx="sum"``), so results are exact under DDP.
 
+Void pixels: with ``ignore_index`` set (e.g. 255, with {0, 1} class-index targets, what
+``SemanticSegmentor.evaluate`` and validation pass), target pixels equal to it are unlabelled.
+They never count as correct:
+
+* pixel-wise metrics (``mae``, ``iou``, ``dice``, ``ber``, ``ber_per_image``) are computed on
+  the valid pixels only, exactly as if the void pixels were cut out (the min-max normalisation
+  of ``mae`` takes its range from the valid pixels too);
+* structural metrics (``sm``, ``em*``, ``wfm``) need the 2-D frame, so each void pixel is given
+  the label opposite to the (normalised) prediction there, making it an error: for ``sm`` and
+  ``wfm``, which read the continuous map, object where ``p <= 0.5`` and background where
+  ``p > 0.5`` (an error of ``max(p, 1 - p)``, the largest any label could give); for the
+  E-measure, opposite at each threshold it binarises at (every point of the curve, the
+  adaptive threshold), so void pixels are false positives or false negatives there. A
+  void pixel is thus never counted as correct; structural scores are not monotone in
+  general, but on the frames tested marking pixels void never raised one.
+
+An image without any valid pixel carries no ground truth and is left out of every metric.
+
 Conventions (``em``/``sm``/``wfm``/``mae`` follow PySODMetrics, the code behind the SOD, COD and
 polyp tables; thresholded metrics follow the segmentation literature):
 
@@ -37,9 +55,12 @@ class _BinaryMetric(Metric):
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, *, gt_threshold: float = 128, **kwargs: Any) -> None:
+    def __init__(
+        self, *, gt_threshold: float = 128, ignore_index: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.gt_threshold = gt_threshold
+        self.ignore_index = ignore_index
 
     def _add_sum(self, name: str, shape: tuple[int, ...] = ()) -> None:
         self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
@@ -54,10 +75,12 @@ class _BinaryMetric(Metric):
             maps; alternatively a list of prepared :class:`BinarySample` (then ``target`` is
             None), which lets several metrics share the per-image preprocessing.
         target
-            Ground-truth mask(s) of the same shape(s).
+            Ground-truth mask(s) of the same shape(s); pixels equal to ``ignore_index`` are void.
         """
-        for sample in binary_samples(preds, target, self.gt_threshold):
-            self._update_sample(sample)
+        samples = binary_samples(preds, target, self.gt_threshold, ignore_index=self.ignore_index)
+        for sample in samples:
+            if sample.n_valid:  # an image without labelled pixels has no ground truth
+                self._update_sample(sample)
 
     def _update_sample(self, sample: BinarySample) -> None:
         raise NotImplementedError
@@ -98,11 +121,13 @@ class SMeasure(_PerImageMean):
 
     def _update_sample(self, sample: BinarySample) -> None:
         pred = sample.minmax if self.normalize else sample.pred
-        self._add_image(F.s_measure(pred, sample.gt, self.alpha))
+        self._add_image(F.s_measure(pred, sample.structural_gt(self.normalize), self.alpha))
 
 
 class MeanAbsoluteError(_PerImageMean):
-    """MAE ``mean(|p - g|)`` per image, averaged (PySODMetrics ``MAE``; min-max normalised)."""
+    """MAE ``mean(|p - g|)`` per image, averaged (PySODMetrics ``MAE``; min-max normalised).
+
+    With void pixels the mean runs over the valid pixels only."""
 
     higher_is_better = False
 
@@ -112,7 +137,7 @@ class MeanAbsoluteError(_PerImageMean):
 
     def _update_sample(self, sample: BinarySample) -> None:
         pred = sample.minmax if self.normalize else sample.pred
-        self._add_image(F.mae(pred, sample.gt))
+        self._add_image(F.mae(pred, sample.gt, sample.valid))
 
 
 class WeightedFMeasure(_PerImageMean):
@@ -133,7 +158,8 @@ class WeightedFMeasure(_PerImageMean):
 
     def _update_sample(self, sample: BinarySample) -> None:
         pred = sample.minmax if self.normalize else sample.pred
-        self._add_image(F.weighted_f_measure(pred, sample.gt, self.beta2))
+        gt = sample.structural_gt(self.normalize)
+        self._add_image(F.weighted_f_measure(pred, gt, self.beta2))
 
 
 class EMeasure(_BinaryMetric):
@@ -169,9 +195,13 @@ class EMeasure(_BinaryMetric):
     def _update_sample(self, sample: BinarySample) -> None:
         pred = sample.minmax if self.normalize else sample.pred
         if self.variant == "adaptive":
-            self.adaptive_sum += F.e_measure_adaptive(pred, sample.gt).to(self.adaptive_sum)
+            value = F.e_measure_adaptive(pred, sample.gt, sample.valid)
+            self.adaptive_sum += value.to(self.adaptive_sum)
         else:
-            hist = sample.histogram if self.normalize else quantized_histogram(pred, sample.gt)
+            if self.normalize:
+                hist = sample.histogram
+            else:
+                hist = quantized_histogram(pred, sample.gt, sample.valid)
             self.curve_sum += F.e_measure_curve(hist, sample.gt.numel()).to(self.curve_sum)
         self.count += 1
 

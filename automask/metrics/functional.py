@@ -19,9 +19,13 @@ from torch import Tensor
 from automask.metrics.inputs import EPS
 
 
-def mae(pred: Tensor, gt: Tensor) -> Tensor:
-    """Mean absolute error ``mean(|pred - gt|)`` (Perazzi et al., CVPR 2012)."""
-    return (pred - gt.to(pred.dtype)).abs().mean()
+def mae(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean absolute error ``mean(|pred - gt|)`` (Perazzi et al., CVPR 2012).
+
+    ``valid`` (bool ``(H, W)``), when given, restricts the mean to its True pixels.
+    """
+    err = (pred - gt.to(pred.dtype)).abs()
+    return err.mean() if valid is None else err[valid].mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,37 +148,42 @@ def _ssim(pred: Tensor, box: tuple[int, int, int, int], count: int, sums: Tensor
 # --------------------------------------------------------------------------------------------
 # E-measure (Fan et al., IJCAI 2018)
 # --------------------------------------------------------------------------------------------
-def _enhanced_alignment(tp: Tensor, pred_fg: Tensor, n_fg: int, n: int) -> Tensor:
+def enhanced_alignment(tp: Tensor, pred_fg: Tensor, n_fg: int | Tensor, n: int) -> Tensor:
     """E-measure for binary maps given (vectors of) true-positive and predicted-foreground counts.
 
     The enhanced alignment matrix takes only four values (one per TP/FP/FN/TN region), so the
     sum over pixels is a count-weighted sum of four terms. Denominator ``N - 1 + eps`` as in
-    the reference, hence values slightly above 1 for a perfect map.
+    the reference, hence values slightly above 1 for a perfect map. ``n_fg`` (object pixels of
+    the mask) may be a vector matching ``tp``.
     """
     tp = tp.to(torch.float64)
     pred_fg = pred_fg.to(torch.float64)
     pred_bg = n - pred_fg
-    if n_fg == 0:
-        total = pred_bg
-    elif n_fg == n:
-        total = pred_fg
+    if isinstance(n_fg, Tensor):
+        n_fg = n_fg.to(torch.float64)
     else:
-        fp = pred_fg - tp
-        fn = n_fg - tp
-        tn = pred_bg - fn
-        mean_pred = pred_fg / n
-        mean_gt = n_fg / n
-        d_pred_fg, d_pred_bg = 1 - mean_pred, -mean_pred
-        d_gt_fg, d_gt_bg = 1 - mean_gt, -mean_gt
-        total = torch.zeros_like(tp)
-        for part, a, b in (
-            (tp, d_pred_fg, d_gt_fg),
-            (fp, d_pred_fg, d_gt_bg),
-            (fn, d_pred_bg, d_gt_fg),
-            (tn, d_pred_bg, d_gt_bg),
-        ):
-            align = 2 * (a * b) / (a * a + b * b + EPS)
-            total = total + (align + 1) ** 2 / 4 * part
+        if n_fg == 0:
+            return pred_bg / (n - 1 + EPS)
+        if n_fg == n:
+            return pred_fg / (n - 1 + EPS)
+    fp = pred_fg - tp
+    fn = n_fg - tp
+    tn = pred_bg - fn
+    mean_pred = pred_fg / n
+    mean_gt = n_fg / n
+    d_pred_fg, d_pred_bg = 1 - mean_pred, -mean_pred
+    d_gt_fg, d_gt_bg = 1 - mean_gt, -mean_gt
+    total = torch.zeros_like(tp)
+    for part, a, b in (
+        (tp, d_pred_fg, d_gt_fg),
+        (fp, d_pred_fg, d_gt_bg),
+        (fn, d_pred_bg, d_gt_fg),
+        (tn, d_pred_bg, d_gt_bg),
+    ):
+        align = 2 * (a * b) / (a * a + b * b + EPS)
+        total = total + (align + 1) ** 2 / 4 * part
+    if isinstance(n_fg, Tensor):  # the special cases, elementwise
+        total = torch.where(n_fg == 0, pred_bg, torch.where(n_fg == n, pred_fg, total))
     return total / (n - 1 + EPS)
 
 
@@ -184,18 +193,33 @@ def e_measure_curve(histogram: Tensor, n: int) -> Tensor:
     ``histogram`` is the ``(2, 256)`` count of ``q = floor(255 * pred)`` over ground-truth
     background (row 0) and foreground (row 1). PySODMetrics orders the same curve from t = 255
     down to 0; mean and max do not depend on the order.
+
+    A third row counts void pixels. At each threshold they take the label opposite to the
+    binarised map, so they are all errors: false positives where ``q >= t``, false negatives
+    (object pixels predicted as background) where ``q < t``.
     """
-    above = histogram.flip(-1).cumsum(-1).flip(-1)  # (2, 256): count of q >= t
+    above = histogram.flip(-1).cumsum(-1).flip(-1)  # (R, 256): count of q >= t
     n_fg = int(histogram[1].sum().item())
-    return _enhanced_alignment(above[1], above[0] + above[1], n_fg, n)
+    pred_fg = above[0] + above[1]
+    if histogram.shape[0] == 2:
+        return enhanced_alignment(above[1], pred_fg, n_fg, n)
+    void_above = above[2]  # predicted object, labelled background
+    void_below = histogram[2].sum() - void_above  # predicted background, labelled object
+    return enhanced_alignment(above[1], pred_fg + void_above, n_fg + void_below, n)
 
 
-def e_measure_adaptive(pred: Tensor, gt: Tensor) -> Tensor:
-    """E-measure of ``pred >= min(2 * mean(pred), 1)`` (the adaptive threshold)."""
+def e_measure_adaptive(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> Tensor:
+    """E-measure of ``pred >= min(2 * mean(pred), 1)`` (the adaptive threshold).
+
+    Where ``valid`` is False (void pixels) the mask takes the label opposite to the binarised
+    map, so those pixels are errors.
+    """
     threshold = torch.clamp(2 * pred.mean(), max=1)
     hard = pred >= threshold
+    if valid is not None:
+        gt = torch.where(valid, gt, ~hard)
     tp = (hard & gt).sum()
-    return _enhanced_alignment(tp, hard.sum(), int(gt.sum().item()), gt.numel())
+    return enhanced_alignment(tp, hard.sum(), int(gt.sum().item()), gt.numel())
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,63 +116,125 @@ def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None =
         if target.is_floating_point():
             return target.to(torch.float64) > gt_threshold / 255
         return target == 1
+    if hi == 255 and not target.is_floating_point() and _void_marked(target):
+        raise ValueError(
+            f"{_where(index)}the target holds only 0, 1 and 255: a {{0, 1}} mask with 255 "
+            "marking void pixels? Pass ignore_index=255 (read as an 8-bit mask it would make 1 "
+            "background and 255 the object)"
+        )
     return target > gt_threshold
 
 
-def quantized_histogram(pred: Tensor, gt: Tensor) -> Tensor:
+def _void_marked(target: Tensor) -> bool:
+    """True when an integer target's values are 0, 1 and 255 and nothing else."""
+    return bool((target == 1).any()) and not bool(((target > 1) & (target < 255)).any())
+
+
+def quantized_histogram(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> Tensor:
     """``(2, 256)`` int64 counts of ``q = floor(255 * pred)`` over ``~gt`` (row 0) and ``gt``
-    (row 1).
+    (row 1); with ``valid``, ``(3, 256)`` where row 2 counts the void (not valid) pixels.
 
     ``floor`` by truncation, as PySODMetrics' ``(pred * 255).astype(np.uint8)``; int32 keeps the
     float-to-integer conversion fast.
     """
     q = (pred * 255).to(torch.int32)  # (H, W) in 0..255
     q = torch.where(gt, q + 256, q)
-    return torch.bincount(q.flatten(), minlength=512).view(2, 256)
+    if valid is None:
+        return torch.bincount(q.flatten(), minlength=512).view(2, 256)
+    q = torch.where(valid, q, q + 512)  # gt is False on void pixels
+    return torch.bincount(q.flatten(), minlength=768).view(3, 256)
 
 
 @dataclass(eq=False)
 class BinarySample:
     """One image of a binary task, with the derived maps that several metrics share (cached).
 
+    Void (unlabelled) pixels, marked by ``valid``, follow two rules:
+
+    * pixel-wise measures (MAE, IoU, Dice, BER) use the valid pixels only (:meth:`confusion`,
+      and ``valid`` itself for MAE);
+    * structural measures (S-alpha, E-phi, weighted F), which need the whole 2-D frame, give
+      each void pixel the label opposite to the prediction there, so that it is always an
+      error: S-alpha and weighted F score :meth:`structural_gt` (``p > 0.5`` -> background,
+      else object: an error of size ``max(p, 1 - p) >= 0.5``, the largest any label could
+      give); the E-measure does so at each threshold it binarises at (the curve's 256, the
+      adaptive one), from :attr:`histogram`'s void row and ``valid``.
+
+    The min-max normalisation (:attr:`minmax`) takes its range from the valid pixels.
+
     Attributes
     ----------
     pred : Tensor
         ``(H, W)`` float64 probability map in [0, 1], as given (no normalisation).
     gt : Tensor
-        ``(H, W)`` bool ground-truth mask.
+        ``(H, W)`` bool ground-truth mask (False on void pixels).
+    valid : Tensor or None
+        ``(H, W)`` bool, True where the pixel is labelled; None when every pixel is.
     """
 
     pred: Tensor
     gt: Tensor
+    valid: Tensor | None = None
     _confusion: dict[float, Tensor] = field(default_factory=dict, repr=False)
+    _structural: dict[bool, Tensor] = field(default_factory=dict, repr=False)
 
     @cached_property
     def n_fg(self) -> int:
-        """Number of foreground pixels of the ground truth."""
+        """Number of (valid) foreground pixels of the ground truth."""
         return int(self.gt.sum().item())
 
     @cached_property
+    def n_valid(self) -> int:
+        """Number of labelled pixels."""
+        return self.gt.numel() if self.valid is None else int(self.valid.sum().item())
+
+    @cached_property
     def minmax(self) -> Tensor:
-        """PySODMetrics' ``mapminmax``: ``(p - min) / (max - min)`` unless the map is constant."""
-        lo, hi = torch.aminmax(self.pred)
+        """PySODMetrics' ``mapminmax``: ``(p - min) / (max - min)`` unless the map is constant.
+
+        With void pixels, min and max are those of the valid pixels and the result is clipped
+        to [0, 1] (void pixels may lie outside that range).
+        """
+        if self.valid is None:
+            lo, hi = torch.aminmax(self.pred)
+        elif self.n_valid == 0:
+            return self.pred
+        else:
+            lo, hi = torch.aminmax(self.pred[self.valid])
         if bool(hi == lo):
             return self.pred
-        return (self.pred - lo) / (hi - lo)
+        out = (self.pred - lo) / (hi - lo)
+        return out if self.valid is None else out.clamp_(0.0, 1.0)
+
+    def structural_gt(self, normalized: bool = True) -> Tensor:
+        """The mask the structural measures score: ``gt``, void pixels set opposite to the map.
+
+        ``normalized`` selects the map the measure reads (:attr:`minmax` or ``pred``).
+        """
+        if self.valid is None:
+            return self.gt
+        if normalized not in self._structural:
+            pred = self.minmax if normalized else self.pred
+            self._structural[normalized] = torch.where(self.valid, self.gt, pred <= 0.5)
+        return self._structural[normalized]
 
     @cached_property
     def histogram(self) -> Tensor:
-        """``(2, 256)`` counts of ``floor(255 * minmax)`` over the mask's background / object."""
-        return quantized_histogram(self.minmax, self.gt)
+        """``(2, 256)`` counts of ``floor(255 * minmax)`` over the mask's background / object,
+        plus a row for the void pixels when there are some (see :func:`quantized_histogram`)."""
+        return quantized_histogram(self.minmax, self.gt, self.valid)
 
     def confusion(self, threshold: float) -> Tensor:
-        """``[tp, fp, fn, tn]`` of ``pred > threshold`` (raw probabilities, not normalised)."""
+        """``[tp, fp, fn, tn]`` of ``pred > threshold`` (raw probabilities, not normalised),
+        counted over the valid pixels."""
         if threshold not in self._confusion:
             hard = self.pred > threshold
+            if self.valid is not None:
+                hard &= self.valid
             tp = (hard & self.gt).sum()
             n_pred = hard.sum()
             n_fg = self.gt.sum()
-            n = self.gt.numel()
+            n = self.n_valid
             fp = n_pred - tp
             fn = n_fg - tp
             self._confusion[threshold] = torch.stack([tp, fp, fn, n - tp - fp - fn])
@@ -193,11 +255,25 @@ def _split(x: Any, name: str) -> list:
     )
 
 
+def split_void(target: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor | None]:
+    """Return ``target`` with its ``ignore_index`` pixels set to 0, and the validity mask.
+
+    The mask is None when no pixel is void (or ``ignore_index`` is None, or the target is bool).
+    """
+    if ignore_index is None or target.dtype == torch.bool:
+        return target, None
+    void = target == ignore_index
+    if not bool(void.any()):
+        return target, None
+    return target.masked_fill(void, 0), ~void
+
+
 def binary_samples(
     preds: Any,
     target: Any,
     gt_threshold: float = 128,
     offset: int = 0,
+    ignore_index: int | None = None,
 ) -> list[BinarySample]:
     """Validate and convert binary predictions/targets into :class:`BinarySample` objects.
 
@@ -210,6 +286,9 @@ def binary_samples(
         Foreground where ``target > gt_threshold`` on the 0..255 scale (PySODMetrics: 128).
     offset
         Index of the first image, used in error messages.
+    ignore_index
+        Target value of void (unlabelled) pixels, e.g. 255 with {0, 1} class-index targets;
+        None: every pixel is labelled (needed for 8-bit 0/255 masks, where 255 is the object).
     """
     if isinstance(preds, BinarySample):
         return [preds]
@@ -235,7 +314,11 @@ def binary_samples(
                 f"{tuple(t.shape)} (binary maps must be 2-D and of the same size; compute metrics "
                 "at the ground truth's resolution)"
             )
-        samples.append(BinarySample(binary_prediction(p, i), binary_target(t, gt_threshold, i)))
+        t, valid = split_void(t, ignore_index)
+        gt = binary_target(t, gt_threshold, i)
+        if valid is not None:
+            gt = gt & valid
+        samples.append(BinarySample(binary_prediction(p, i), gt, valid))
     return samples
 
 

@@ -60,10 +60,12 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 
 # Conventions each task understands (a typo raises instead of being ignored).
 CONVENTIONS: dict[str, tuple[str, ...]] = {
-    "binary": ("threshold", "beta2", "empty_score", "gt_threshold", "normalize", "alpha"),
+    "binary": (
+        "threshold", "beta2", "empty_score", "gt_threshold", "normalize", "alpha", "ignore_index"
+    ),
     "multiclass": ("num_classes", "ignore_index"),
 }
-_COMMON = {"binary": {"gt_threshold"}, "multiclass": set()}
+_COMMON = {"binary": {"gt_threshold", "ignore_index"}, "multiclass": set()}
 
 
 def _parameters(factory: Callable[..., Metric]) -> set[str]:
@@ -85,7 +87,8 @@ def build_metrics(
         Registry names (see ``METRICS``); None means ``DEFAULT_METRICS[task]``.
     **conventions
         Passed to each metric that takes them: binary ``threshold``, ``beta2``, ``empty_score``,
-        ``gt_threshold``, ``normalize``, ``alpha``; multi-class ``num_classes`` (required) and
+        ``gt_threshold``, ``normalize``, ``alpha``, ``ignore_index`` (void target value, None
+        by default); multi-class ``num_classes`` (required) and
         ``ignore_index``.
 
     Returns

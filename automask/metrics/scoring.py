@@ -24,28 +24,33 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
     return [t] if t.ndim == 2 else list(t.unbind(0))
 
 
-def _binary_like(t: Tensor) -> bool:
+def _binary_like(t: Tensor, ignore_index: int | None = None) -> bool:
     if t.dtype == torch.bool:
         return True
     values = torch.unique(t)
+    if ignore_index is not None:
+        values = values[values != ignore_index]
     return bool(torch.isin(values, torch.tensor([0, 1], device=t.device)).all()) or bool(
         torch.isin(values, torch.tensor([0, 255], device=t.device)).all()
     )
 
 
-def infer_task(predictions: list[Tensor], targets: list[Tensor]) -> str:
+def infer_task(
+    predictions: list[Tensor], targets: list[Tensor], ignore_index: int | None = None
+) -> str:
     """Guess ``"binary"`` or ``"multiclass"`` from the data.
 
     Rules, in order: a prediction with one more dimension than its target (``(K, H, W)`` scores)
     means multi-class; a floating-point prediction (a probability map) means binary; otherwise
     (integer maps) binary when every target holds only {0, 1} or only {0, 255}, else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
+    Target pixels equal to ``ignore_index`` (when given) are left out of that check.
     """
     if any(p.ndim == t.ndim + 1 for p, t in zip(predictions, targets)):
         return "multiclass"
     if any(p.is_floating_point() for p in predictions):
         return "binary"
-    return "binary" if all(_binary_like(t) for t in targets) else "multiclass"
+    return "binary" if all(_binary_like(t, ignore_index) for t in targets) else "multiclass"
 
 
 def _infer_num_classes(
@@ -100,7 +105,8 @@ def score(
         ``(K, H, W)`` scores. An array/tensor is split along its first axis.
     targets
         List of ground-truth masks of the same sizes. Binary: 0/1, bool or 8-bit 0/255 (binarised
-        ``> 128``, as PySODMetrics). Multi-class: class indices, ``ignore_index`` (255) unlabelled.
+        ``> 128``, as PySODMetrics), or {0, 1} with ``ignore_index`` marking void pixels.
+        Multi-class: class indices, ``ignore_index`` (255) unlabelled.
     task
         ``"binary"`` or ``"multiclass"``; when None, the task of the ``metrics`` named, else
         inferred from the data (see :func:`infer_task`).
@@ -108,8 +114,11 @@ def score(
         Registry names; None means the task's default set (``DEFAULT_METRICS``).
     **conventions
         Metric conventions: binary ``threshold`` (0.5), ``beta2`` (0.3), ``empty_score`` (1.0),
-        ``gt_threshold`` (128), ``normalize`` (True), ``alpha`` (0.5); multi-class ``num_classes``
-        (inferred from the data when omitted) and ``ignore_index`` (255).
+        ``gt_threshold`` (128), ``normalize`` (True), ``alpha`` (0.5), ``ignore_index`` (None:
+        every pixel labelled, as 8-bit 0/255 masks need; pass 255 for {0, 1, 255} masks, whose
+        255 pixels are then void, see :mod:`automask.metrics.binary` for how void is scored);
+        multi-class ``num_classes`` (inferred from the data when omitted) and ``ignore_index``
+        (255).
 
     Returns
     -------
@@ -133,7 +142,7 @@ def score(
         tasks = {METRIC_TASK.get(name) for name in metrics} - {None}
         task = tasks.pop() if len(tasks) == 1 else None
     if task is None:
-        task = infer_task(pred_list, target_list)
+        task = infer_task(pred_list, target_list, conventions.get("ignore_index"))
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     names = list(DEFAULT_METRICS[task]) if metrics is None else list(metrics)
@@ -152,8 +161,12 @@ def _score(
     if task == "binary":
         built = build_metrics(task, names, **conventions)
         gt_threshold = conventions.get("gt_threshold", 128)
+        ignore_index = conventions.get("ignore_index")
         for i, (p, t) in enumerate(zip(pred_list, target_list)):
-            samples = binary_samples([p], [t], gt_threshold, offset=i)  # shared by every metric
+            # prepared once, shared by every metric
+            samples = binary_samples([p], [t], gt_threshold, offset=i, ignore_index=ignore_index)
+            if not samples[0].n_valid:
+                continue  # no labelled pixel: no ground truth
             for metric in built.values():
                 metric.update(samples)
     else:
