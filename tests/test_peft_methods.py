@@ -183,14 +183,15 @@ def _covered(seg) -> bool:
 @pytest.mark.parametrize("num_classes", [1, 3])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_trainable_parameter_gets_a_gradient(method, num_classes):
-    seg = apply_peft(_tiny(num_classes, size=256), method).train()
+    size = 256 if method == "conv_lora" else SIZE  # room for every expert's scale
+    seg = apply_peft(_tiny(num_classes, size=size), method).train()
     _wake_zero_inits(seg)
     routed = [m for m in seg.modules() if isinstance(m, ConvLoRALinear)]
     for module in routed:
         module.seen = [0] * module.num_experts
     torch.manual_seed(1)
     for _ in range(60):  # conv_lora: until the noisy gate has routed to every expert
-        _loss(seg(torch.randn(2, 3, 256, 256)), seg).backward()
+        _loss(seg(torch.randn(2, 3, size, size)), seg).backward()
         for module in routed:
             module.seen = [a + b for a, b in zip(module.seen, module.expert_counts)]
         if _covered(seg):
