@@ -200,7 +200,8 @@ def test_segmenter_head_structure_forward_and_gradients():
 
 
 def test_bad_head_names_are_config_errors():
-    with pytest.raises(ConfigError, match="model.multiclass_head.*did you mean 'mask_classification'"):
+    with pytest.raises(ConfigError,
+                       match="model.multiclass_head.*did you mean 'mask_classification'"):
         ModelConfig(multiclass_head="mask_classifcation")
     with pytest.raises(ConfigError, match="'mask'"):
         build_segmenter("tiny", num_classes=K, input_size=64, checkpoint="random",
