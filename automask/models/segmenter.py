@@ -42,6 +42,8 @@ class SamSegmenter(nn.Module):
     num_classes : int
         1 for binary segmentation (one logit map); K >= 2 for K classes, background
         included (one logit map per class, softmax over classes).
+    multiclass_head : {"tokens", "mask_classification"}
+        Which multi-class head :meth:`set_num_classes` set up (``"tokens"`` when binary).
     gradient_checkpointing : bool
         Recompute each encoder block in the backward pass instead of keeping its
         activations (see :meth:`encode`). False by default.
@@ -115,9 +117,12 @@ class SamSegmenter(nn.Module):
         self.num_classes = num_classes
 
     def set_mask_classification(self, num_classes: int, num_queries: int = NUM_QUERIES) -> None:
-        """The paper's head: ``num_queries`` copies of pretrained mask token 0, all decoded
-        by hypernetwork MLP 0 (MLPs 1-3 are dropped), and ``mask_decoder.class_head``, a
-        ``Linear(transformer_dim, num_classes + 1)`` (last output: no object)."""
+        """Set up the paper's mask-classification head for ``num_classes`` classes.
+
+        ``num_queries`` copies of pretrained mask token 0, all decoded by hypernetwork MLP 0
+        (MLPs 1-3 are dropped), and ``mask_decoder.class_head``, a
+        ``Linear(transformer_dim, num_classes + 1)`` (last output: no object).
+        """
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
             raise ConfigError(f"num_queries must be an integer >= 1, got {num_queries!r}")
         decoder = self.mask_decoder
