@@ -96,7 +96,8 @@ def _cmd_params(args) -> None:
 
     methods = args.methods.split(",") if args.methods else None
     _print_table(parameter_summary(args.backbone, methods=methods,
-                                   num_classes=args.num_classes), args.json)
+                                   num_classes=args.num_classes,
+                                   multiclass_head=args.multiclass_head), args.json)
 
 
 def _cmd_score(args) -> None:
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="vit_h")
     p.add_argument("--methods", help="comma-separated PEFT methods (default: all)")
     p.add_argument("--num-classes", type=int, default=1, help="output maps (1 = binary)")
+    p.add_argument("--multiclass-head", default="tokens",
+                   choices=["tokens", "mask_classification"], help="head for 2+ classes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_params)
 

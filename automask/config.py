@@ -27,6 +27,7 @@ log = logging.getLogger("automask.config")
 
 _CHOICES = {
     "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.multiclass_head": ("tokens", "mask_classification"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "optim.loss": ("auto", "structure", "bce", "dice", "balanced_bce", "focal", "ce", "ce_dice"),
     "env.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
@@ -115,9 +116,14 @@ class ModelConfig:
     None to use the cache, then the official download."""
     input_size: int | None = None
     """Side of the square model input, a multiple of 16; None: 1024 on a GPU, 256 on a CPU."""
+    multiclass_head: str = "tokens"
+    """Multi-class head: ``tokens`` (a mask token and MLP per class) or
+    ``mask_classification`` (the paper's: 7 queries sharing one MLP, a class head, a matched
+    loss); unused for binary tasks."""
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone)
+        _check_choice("model.multiclass_head", self.multiclass_head)
         if self.input_size is not None and (self.input_size < 32 or self.input_size % 16):
             _fail("model.input_size", self.input_size, "must be a multiple of 16 and >= 32")
         _check_finite("model", self)

@@ -12,6 +12,7 @@ _PAPER: dict[str, Any] = {
     "model.backbone": "vit_h",
     "model.input_size": 1024,
     "peft.method": "conv_lora",  # its defaults are the paper's: r=3, alpha=32, M=8, top-1
+    "model.multiclass_head": "mask_classification",  # the paper's head (binary tasks: unused)
     "optim.lr": 1e-4,
     "optim.weight_decay": 1e-4,
     "optim.lr_schedule": "linear",

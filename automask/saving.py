@@ -145,7 +145,8 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     try:
         model = build_segmenter(cfg.model.backbone, num_classes=1 if seg.task_ == "binary"
                                 else seg.num_classes_, input_size=cfg.model.input_size,
-                                checkpoint=checkpoint, progress=seg.verbosity >= 2)
+                                checkpoint=checkpoint, progress=seg.verbosity >= 2,
+                                multiclass_head=cfg.model.multiclass_head)
     except CheckpointError as exc:
         raise SavedModelError(
             f"model {name!r} was trained on the SAM checkpoint {info['checkpoint'].get('path')}"

@@ -211,6 +211,7 @@ class SemanticSegmentor(BaseEstimator):
         model = build_segmenter(
             cfg.model.backbone, num_classes=spec.num_outputs, input_size=cfg.model.input_size,
             checkpoint=_checkpoint_of(cfg), progress=self.verbosity >= 2,
+            multiclass_head=cfg.model.multiclass_head,
         )
         base_params = count_parameters(model)[1]  # SAM before adapters
         apply_peft(model, **_peft_kwargs(cfg))

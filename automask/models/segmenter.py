@@ -18,6 +18,9 @@ from torch import nn
 from ..errors import ConfigError
 from .backbones import build_sam_parts, get_spec
 from .checkpoint import load_sam_weights, locate_checkpoint
+from .mask_classification import NUM_QUERIES, make_class_head, semantic_log_probs
+
+MULTICLASS_HEADS = ("tokens", "mask_classification")
 
 
 class SamSegmenter(nn.Module):
@@ -39,6 +42,8 @@ class SamSegmenter(nn.Module):
     num_classes : int
         1 for binary segmentation (one logit map); K >= 2 for K classes, background
         included (one logit map per class, softmax over classes).
+    multiclass_head : {"tokens", "mask_classification"}
+        Which multi-class head :meth:`set_num_classes` set up (``"tokens"`` when binary).
     gradient_checkpointing : bool
         Recompute each encoder block in the backward pass instead of keeping its
         activations (see :meth:`encode`). False by default.
@@ -49,7 +54,8 @@ class SamSegmenter(nn.Module):
     ``[iou_token, mask_token_0..3]`` as in SAM and the output of mask token 0 goes through
     hypernetwork MLP 0. :meth:`set_num_classes` with K >= 2 replaces the mask tokens by K
     copies of pretrained token 0 and the hypernetwork MLPs by K copies of MLP 0. The IoU
-    head is never used.
+    head is never used. With ``head="mask_classification"`` it sets up the paper's head
+    instead (see :mod:`automask.models.mask_classification` and :meth:`forward_queries`).
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class SamSegmenter(nn.Module):
                                                         "path": None, "sha256": None})
         self.peft_method: str | None = None
         self.gradient_checkpointing = False
+        self.multiclass_head = "tokens"
         self.encoder_hook: nn.Module | None = None  # see set_encoder_hook
 
     def set_encoder_hook(self, hook: nn.Module) -> None:
@@ -87,16 +94,25 @@ class SamSegmenter(nn.Module):
         self.encoder_hook = hook
 
     # ------------------------------------------------------------------ classes
-    def set_num_classes(self, num_classes: int) -> None:
+    def set_num_classes(self, num_classes: int, head: str = "tokens",
+                        num_queries: int = NUM_QUERIES) -> None:
         """Switch to ``num_classes`` outputs (K >= 2 copies pretrained mask token/MLP 0).
 
         Only valid on a freshly built (binary) segmenter, before any PEFT method.
+        ``head`` (K >= 2 only): ``"tokens"``, one mask token and MLP per class, or
+        ``"mask_classification"``, ``num_queries`` mask tokens sharing MLP 0 plus a class
+        head ``mask_decoder.class_head`` with K + 1 outputs (:meth:`set_mask_classification`).
         """
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         if self.num_classes != 1:
             raise ConfigError(f"num_classes was already set to {self.num_classes}")
+        if head not in MULTICLASS_HEADS:
+            raise ConfigError(f"multi-class head must be one of {MULTICLASS_HEADS}, got {head!r}")
         if num_classes == 1:
+            return
+        if head == "mask_classification":
+            self.set_mask_classification(num_classes, num_queries)
             return
         decoder = self.mask_decoder
         token0 = decoder.mask_tokens.weight.detach()[0]
@@ -112,9 +128,34 @@ class SamSegmenter(nn.Module):
         decoder.num_mask_tokens = num_classes
         self.num_classes = num_classes
 
+    def set_mask_classification(self, num_classes: int, num_queries: int = NUM_QUERIES) -> None:
+        """Set up the paper's mask-classification head for ``num_classes`` classes.
+
+        ``num_queries`` copies of pretrained mask token 0, all decoded by hypernetwork MLP 0
+        (MLPs 1-3 are dropped), and ``mask_decoder.class_head``, a
+        ``Linear(transformer_dim, num_classes + 1)`` (last output: no object).
+        """
+        if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+            raise ConfigError(f"num_queries must be an integer >= 1, got {num_queries!r}")
+        decoder = self.mask_decoder
+        token0 = decoder.mask_tokens.weight.detach()[0]
+        tokens = nn.Embedding(num_queries, token0.shape[0], device=token0.device,
+                              dtype=token0.dtype)
+        with torch.no_grad():
+            tokens.weight.copy_(token0.expand(num_queries, -1))
+        decoder.mask_tokens = tokens
+        decoder.output_hypernetworks_mlps = nn.ModuleList([decoder.output_hypernetworks_mlps[0]])
+        decoder.class_head = make_class_head(token0.shape[0], num_classes,
+                                             device=token0.device, dtype=token0.dtype)
+        decoder.num_mask_tokens = num_queries
+        self.num_classes = num_classes
+        self.multiclass_head = "mask_classification"
+
     @property
     def num_outputs_used(self) -> int:
         """How many decoder mask tokens / hypernetwork MLPs produce the logits."""
+        if self.multiclass_head == "mask_classification":
+            return 1  # every query goes through MLP 0
         return self.num_classes
 
     def unused_parameter_names(self) -> list[str]:
@@ -143,12 +184,18 @@ class SamSegmenter(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S)."""
+        """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S).
+
+        Under the mask-classification head: log-probabilities whose softmax over C is
+        MaskFormer's semantic inference (see :func:`semantic_log_probs`).
+        """
         if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
                 f"got {tuple(images.shape)}"
             )
+        if self.multiclass_head == "mask_classification":
+            return semantic_log_probs(*self.forward_queries(images))  # (B, K, S, S)
         embeddings = self.encode(images)  # (B, D, S/16, S/16)
         low_res = self.decode(embeddings)  # (B, C, S/4, S/4)
         return F.interpolate(
@@ -209,6 +256,43 @@ class SamSegmenter(nn.Module):
         b, c, hh, ww = upscaled.shape
         return (hyper @ upscaled.reshape(b, c, hh * ww)).reshape(b, -1, hh, ww)
 
+    def forward_queries(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask-classification head outputs for images (B, 3, S, S).
+
+        Returns
+        -------
+        class_logits : Tensor
+            (B, Q, K + 1): per query, logits of the K classes and of no-object.
+        mask_logits : Tensor
+            (B, Q, S, S): per query, mask logits upsampled to the input size.
+        """
+        assert self.multiclass_head == "mask_classification", self.multiclass_head
+        if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(
+                f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        class_logits, low_res = self.decode_queries(self.encode(images))
+        masks = F.interpolate(low_res, size=(self.input_size, self.input_size),
+                              mode="bilinear", align_corners=False)
+        return class_logits, masks
+
+    def decode_queries(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (B, Q, K + 1) and mask logits (B, Q, 4h, 4w) from embeddings."""
+        decoder = self.mask_decoder
+        batch, dim, h, w = embeddings.shape
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(batch, -1, -1)  # (B, 1+Q, D)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)  # (B, D, h, w)
+        hs, src = decoder.transformer(embeddings + dense, pos, tokens)  # (B, 1+Q, D), (B, hw, D)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, dim, h, w))
+        queries = hs[:, 1:1 + decoder.num_mask_tokens]  # (B, Q, D)
+        hyper = decoder.output_hypernetworks_mlps[0](queries)  # (B, Q, D/8)
+        b, c, hh, ww = upscaled.shape  # (B, D/8, 4h, 4w)
+        masks = (hyper @ upscaled.reshape(b, c, hh * ww)).reshape(b, -1, hh, ww)
+        return decoder.class_head(queries), masks
+
     def extra_repr(self) -> str:
         return (f"backbone={self.backbone!r}, num_classes={self.num_classes}, "
                 f"input_size={self.input_size}, peft_method={self.peft_method!r}")
@@ -221,6 +305,7 @@ def build_segmenter(
     checkpoint: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    multiclass_head: str = "tokens",
 ) -> SamSegmenter:
     """Build a prompt-free SAM segmenter, loading its weights.
 
@@ -237,6 +322,8 @@ def build_segmenter(
         See :func:`~automask.models.resolve_checkpoint`; ``"random"`` for random init.
     progress : bool
         Show a progress bar while downloading.
+    multiclass_head : {"tokens", "mask_classification"}
+        Head for ``num_classes >= 2`` (see :meth:`SamSegmenter.set_num_classes`).
 
     Returns
     -------
@@ -258,6 +345,9 @@ def build_segmenter(
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if multiclass_head not in MULTICLASS_HEADS:
+        raise ConfigError(f"multi-class head must be one of {MULTICLASS_HEADS}, "
+                          f"got {multiclass_head!r}")
     resolved = locate_checkpoint(backbone, checkpoint, progress=progress)
     parts = build_sam_parts(spec, input_size)
     info = {"backbone": backbone, "source": resolved.source,
@@ -265,5 +355,5 @@ def build_segmenter(
     model = SamSegmenter(*parts, backbone=backbone, input_size=input_size, checkpoint_info=info)
     if resolved.path is not None:
         load_sam_weights(model, resolved.path)
-    model.set_num_classes(num_classes)
+    model.set_num_classes(num_classes, head=multiclass_head)
     return model

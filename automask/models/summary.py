@@ -30,6 +30,7 @@ def parameter_summary(
     backbone: str = "vit_h",
     methods: list[str] | None = None,
     num_classes: int = 1,
+    multiclass_head: str = "tokens",
     **peft_options,
 ) -> pd.DataFrame:
     """Trainable parameters of each PEFT method on ``backbone``, as in the paper's table.
@@ -45,6 +46,8 @@ def parameter_summary(
         :data:`~automask.peft.PEFT_METHODS`, in registry order.
     num_classes : int
         Number of segmentation outputs (1 = binary).
+    multiclass_head : {"tokens", "mask_classification"}
+        Head used when ``num_classes >= 2``.
     **peft_options
         Options passed to :func:`~automask.peft.apply_peft` (``rank=4``...), each to the
         methods that use it.
@@ -68,7 +71,7 @@ def parameter_summary(
         with torch.device("meta"):
             model = SamSegmenter(*build_sam_parts(spec, spec.pretrain_size), backbone=backbone,
                                  input_size=spec.pretrain_size)
-            model.set_num_classes(num_classes)
+            model.set_num_classes(num_classes, head=multiclass_head)
             apply_peft(model, method, **options)
         trainable, total = count_parameters(model)
         rows.append({

@@ -5,6 +5,7 @@ import lightning as L
 import torch
 
 from ..config import OptimConfig
+from ..errors import ConfigError
 from ..losses import build_loss
 from ..metrics import build_metrics
 from ..peft import aux_loss
@@ -56,6 +57,15 @@ class SegmentationModule(L.LightningModule):
         self.optim = optim
         self.ignore_index = ignore_index
         self.loss_fn = build_loss(task_loss_name(optim.loss, task), task)
+        self.mask_loss = None  # the mask-classification head trains with its matched loss
+        if task == "multiclass" and getattr(model, "multiclass_head", "tokens") != "tokens":
+            from ..models.mask_classification import MaskClassificationLoss
+
+            if optim.loss != "auto":
+                raise ConfigError(f"invalid value {optim.loss!r} for 'optim.loss': the "
+                                  f"mask_classification head trains with its matched loss; "
+                                  f"use 'auto'")
+            self.mask_loss = MaskClassificationLoss(num_classes, ignore_index=ignore_index)
         self.val_metric_name = val_metric
         conventions = {"num_classes": num_classes, "ignore_index": ignore_index}
         if task == "binary":
@@ -66,8 +76,12 @@ class SegmentationModule(L.LightningModule):
         return self.model(images)  # (B, C, S, S) logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
-        task_loss = self.loss_fn(logits, batch["target"])
+        if self.mask_loss is not None:
+            class_logits, mask_logits = self.model.forward_queries(batch["image"])
+            task_loss = self.mask_loss(class_logits, mask_logits, batch["target"])
+        else:
+            logits = self.model(batch["image"])
+            task_loss = self.loss_fn(logits, batch["target"])
         extra = aux_loss(self.model)
         loss = task_loss + extra
         bs = batch["image"].shape[0]
