@@ -46,6 +46,13 @@ def test_invalid_values_name_the_key():
         resolve(None, {"data.hflip": "sometimes"})
 
 
+def test_unknown_key_suggests_the_known_alias_first():
+    with pytest.raises(ConfigError, match=r"'optim\.learning_rate'.*did you mean 'optim\.lr'"):
+        resolve(None, {"optim.learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"'epochs'.*did you mean 'optim\.max_epochs'"):
+        resolve(None, {"epochs": 3})
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ConfigError, match="valid presets: " + ", ".join(PRESETS)):
         resolve("hgh_quality", {})
@@ -58,7 +65,7 @@ def test_list_values_make_candidates_with_readable_names():
     ]
     assert cands[-1][1].peft.method == "lora" and cands[-1][1].peft.rank == 4
     [(name, _), _] = resolve("tiny", {"peft.method": ["conv_lora", "lora"]})
-    assert name == "conv_lora"
+    assert name == "method=conv_lora"
 
 
 def test_every_preset_changes_something_and_resolves():
