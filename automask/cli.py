@@ -213,7 +213,9 @@ def _write_probabilities(seg, data, model: str | None, out: str) -> int:
     stems = [Path(p).stem for p in frame[seg.image]]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
-        raise DataValidationError(f"images share file stems, so their maps would collide: {dup[:5]}")
+        raise DataValidationError(
+            f"images share file stems, so their maps would overwrite each other: {dup[:5]}"
+        )
     if root is not None:  # relative paths of a CSV resolve against its folder
         frame = frame.assign(**{seg.image: [str(root / p) for p in frame[seg.image]]})
     folder = Path(out)

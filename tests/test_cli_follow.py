@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +68,8 @@ def test_fit_log_has_one_plain_line_per_epoch_and_a_summary(fitted):
     assert "\r" not in text
     lines = text.splitlines()
     epoch_lines = [line for line in lines if re.match(r"\[[^]]+\]\s+epoch \d+/\d+", line)]
-    assert [line.split()[0] for line in epoch_lines] == ["[method=full]"] * 2 + ["[method=lora]"] * 2
+    names = [line.split()[0] for line in epoch_lines]
+    assert names == ["[method=full]"] * 2 + ["[method=lora]"] * 2, text
     for i, line in enumerate(epoch_lines):
         assert f"epoch {i % 2 + 1}/2" in line
         for part in ("train_loss ", "val_miou ", "best ", "elapsed ", "eta "):

@@ -10,7 +10,10 @@ Verbosity (``SemanticSegmentor(verbosity=...)``):
 
 An epoch line reads::
 
-    [method=lora] epoch 3/10  train_loss 0.4123  val_iou 0.6120  best 0.6120 (epoch 3)  elapsed 12s  eta 28s
+    [method=lora]  epoch 3/10  train_loss 0.4123  val_iou 0.6120  best 0.6120 (epoch 3)
+    elapsed 12s  eta 28s
+
+(on one line).
 """
 from __future__ import annotations
 
