@@ -241,3 +241,22 @@ def test_camvid_classes_txt():
     root = shared_path("data", "camvid")
     names = read_class_names(find_classes_file(root / "masks"))
     assert len(names) == 12 and names[0] == "Sky" and names[11] == "Unlabelled"
+
+
+@pytest.mark.shared
+def test_camvid_fit_inputs_drop_the_void_name():
+    """--void-label 11 with CamVid's classes.txt: 11 class names, void passed to the fit."""
+    from automask.cli import _fit_inputs, build_parser
+
+    root = shared_path("data", "camvid")
+    args = build_parser().parse_args(
+        ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),
+         "--void-label", "11", "--path", "unused"])
+    frame, names, hp = _fit_inputs(args)
+    assert len(frame) == 96 and hp == {"data.void_label": 11}
+    assert len(names) == 11 and names[0] == "Sky" and names[-1] == "Bicyclist"
+    args = build_parser().parse_args(
+        ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),
+         "--void-label", "11", "--hp", "data.void_label=3", "--path", "unused"])
+    with pytest.raises(Exception, match="--void-label 11 disagrees"):
+        _fit_inputs(args)

@@ -147,6 +147,7 @@ def test_fit_prints_epoch_lines_and_summary_and_draws_pictures(fitted, capsys, t
     for _, row in board.iterrows():
         assert summary["val_scores"][row["model"]] == row["val_iou"]
     assert summary["path"] == str(seg.path_)
+    assert all(summary["best_epochs"][n] in (1, 2) for n in summary["candidates"])
     assert f"best model: {seg.best_model_}; predictor saved in {seg.path_}" in out
 
     fig = seg.plot_predictions(test, n=2, path=tmp_path / "pred.png")

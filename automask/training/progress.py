@@ -180,7 +180,10 @@ def _time_remaining(trainer: L.Trainer) -> float | None:
 
 
 def fit_summary(seg) -> dict[str, Any]:
-    """What a fit produced, as a dict (see :meth:`SemanticSegmentor.fit_summary`)."""
+    """What a fit produced, as a dict (see :meth:`SemanticSegmentor.fit_summary`).
+
+    Epochs count from 1, as in the printed lines; times are seconds.
+    """
     names = list(seg.models_)
     return {
         "task": seg.task_,
@@ -190,7 +193,7 @@ def fit_summary(seg) -> dict[str, Any]:
         "candidates": names,
         "best_model": seg.best_model_,
         "val_scores": {n: seg.models_[n].get("val_score") for n in names},
-        "best_epochs": {n: seg.models_[n].get("best_epoch") for n in names},
+        "best_epochs": {n: _one_based(seg.models_[n].get("best_epoch")) for n in names},
         "epochs": {n: seg.models_[n].get("epochs") for n in names},
         "fit_times": {n: seg.models_[n].get("fit_time") for n in names},
         "methods": {n: seg.models_[n]["config"].peft.method for n in names},
@@ -213,12 +216,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         mark = "  <- best" if name == summary["best_model"] else ""
         lines.append(
             f"  {name:<{width}}  val_{metric} {text}  best epoch "
-            f"{_epoch(summary['best_epochs'][name])}  fit "
+            f"{summary['best_epochs'][name] or '-'}  fit "
             f"{format_seconds(summary['fit_times'][name])}{mark}"
         )
     lines.append(f"best model: {summary['best_model']}; predictor saved in {summary['path']}")
     return "\n".join(lines)
 
 
-def _epoch(index: int | None) -> str:
-    return "-" if index is None else str(index + 1)
+def _one_based(index: int | None) -> int | None:
+    """Epochs are counted from 1 for people (Lightning counts from 0)."""
+    return None if index is None else int(index) + 1
