@@ -3,10 +3,39 @@
 >>> from automask import SemanticSegmentor
 >>> seg = SemanticSegmentor(path="runs/demo").fit(train_df, presets="tiny")  # doctest: +SKIP
 >>> masks = seg.predict(test_df)                                             # doctest: +SKIP
+
+Importing ``automask`` is cheap: torch and Lightning load on first use of
+``SemanticSegmentor`` (PEP 562 module ``__getattr__``), so that ``automask --help`` starts
+fast.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .presets import PRESETS, list_presets
-from .segmentor import SemanticSegmentor
+# public name -> submodule that defines it, imported on first access
+_LAZY = {
+    "PRESETS": ".presets",
+    "list_presets": ".presets",
+    "SemanticSegmentor": ".segmentor",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .presets import PRESETS, list_presets
+    from .segmentor import SemanticSegmentor
 
 __all__ = ["PRESETS", "SemanticSegmentor", "__version__", "list_presets"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

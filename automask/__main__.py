@@ -1,4 +1,4 @@
-"""``python -m automask`` runs the command line."""
+"""``python -m automask`` runs the command line (torch loads only for commands that need it)."""
 import sys
 
 from .cli import main

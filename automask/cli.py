@@ -1,7 +1,10 @@
-"""The ``automask`` command line: fit, predict, evaluate, leaderboard, params, score, demo.
+"""The ``automask`` command line: fit, predict, evaluate, leaderboard, params, score, show,
+history, demo.
 
 Bad input ends with a one-line message on stderr and exit status 2; ``--debug`` shows
-the traceback instead.
+the traceback instead. Only the standard library is imported at start-up: torch,
+Lightning, pandas and matplotlib load inside the commands that need them, so ``--help``
+answers at once.
 """
 from __future__ import annotations
 
@@ -43,13 +46,15 @@ def _print_table(df, as_json: bool) -> None:
             print(df.to_string(index=False))
 
 
-def _print_scores(scores: dict, as_json: bool) -> None:
+def _print_scores(scores: dict, as_json: bool, class_names: Sequence[str] | None = None) -> None:
     if as_json:
         print(json.dumps(scores, indent=2))
         return
     width = max(len(k) for k in scores)
     for key, value in scores.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and class_names and len(class_names) == len(value):
+            _print_per_class(key, value, class_names)
+        elif isinstance(value, list):
             text = ", ".join("nan" if v != v else f"{v:.4f}" for v in value)
             print(f"{key:<{width}}  [{text}]")
         else:
@@ -62,9 +67,10 @@ def _cmd_fit(args) -> None:
     seg = SemanticSegmentor(label=args.label, image=args.image, path=args.path,
                             eval_metric=args.eval_metric, seed=args.seed,
                             verbosity=args.verbosity)
-    seg.fit(args.train, tuning_data=args.tuning, presets=args.presets,
-            hyperparameters=_parse_hp(args.hp), time_limit=args.time_limit,
-            num_classes=args.num_classes)
+    train, class_names, hp = _fit_inputs(args)
+    seg.fit(train, tuning_data=args.tuning, presets=args.presets,
+            hyperparameters=hp, time_limit=args.time_limit,
+            num_classes=args.num_classes, class_names=class_names)
     _print_table(seg.leaderboard(), as_json=False)
     print(f"saved to {seg.path_}")
 
@@ -77,6 +83,10 @@ def _load(run: str):
 
 def _cmd_predict(args) -> None:
     seg = _load(args.run)
+    if args.proba:
+        written = _write_probabilities(seg, args.data, args.model, args.out)
+        print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
+        return
     written = seg.predict(args.data, model=args.model, save_to=args.out)
     print(f"wrote {len(written)} masks to {args.out}")
 
@@ -84,7 +94,9 @@ def _cmd_predict(args) -> None:
 def _cmd_evaluate(args) -> None:
     seg = _load(args.run)
     metrics = args.metrics.split(",") if args.metrics else None
-    _print_scores(seg.evaluate(args.data, metrics=metrics, model=args.model), args.json)
+    data = _labelled_data(args, seg.image, seg.label)
+    _print_scores(seg.evaluate(data, metrics=metrics, model=args.model), args.json,
+                  class_names=seg.classes_)
 
 
 def _cmd_leaderboard(args) -> None:
@@ -104,13 +116,182 @@ def _cmd_score(args) -> None:
     from .metrics import score_folders
 
     metrics = args.metrics.split(",") if args.metrics else None
-    _print_scores(score_folders(args.pred, args.gt, task=args.task, metrics=metrics), args.json)
+    conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
+    names = _split(args.class_names)
+    scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics, **conventions)
+    _check_names(names, scores)
+    _print_scores(scores, args.json, class_names=names)
 
 
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(path=args.path, time_limit=args.time_limit, seed=args.seed)
+
+
+# ------------------------------------------- folders, class names, pictures
+def _split(text: str | None) -> list[str] | None:
+    """``"a,b,c"`` -> ``["a", "b", "c"]``; None stays None."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise AutomaskError(f"--class-names expects comma-separated names, got {text!r}")
+    return names
+
+
+def _folders(args, image_col: str, label_col: str):
+    """DataFrame paired from ``--images``/``--masks`` (as ``from_folders``), or None."""
+    if args.images is None and args.masks is None:
+        return None
+    if args.images is None or args.masks is None:
+        raise AutomaskError("--images and --masks go together: give both folders")
+    from .datasets import from_folders
+
+    return from_folders(args.images, args.masks, image_col=image_col, label_col=label_col)
+
+
+def _labelled_data(args, image_col: str, label_col: str):
+    """The labelled data of a command: ``--data`` CSV or ``--images``/``--masks`` folders."""
+    frame = _folders(args, image_col, label_col)
+    if frame is not None and args.data is not None:
+        raise AutomaskError("give either --data or --images/--masks, not both")
+    if frame is None and args.data is None:
+        raise AutomaskError("no data: give --data CSV or --images DIR --masks DIR")
+    return frame if frame is not None else args.data
+
+
+def _fit_inputs(args):
+    """(training data, class names, hyperparameters) of ``automask fit``."""
+    frame = _folders(args, args.image, args.label)
+    if frame is not None and args.train is not None:
+        raise AutomaskError("give either --train or --images/--masks, not both")
+    if frame is None and args.train is None:
+        raise AutomaskError("no training data: give --train CSV or --images DIR --masks DIR")
+    hp = _parse_hp(args.hp)
+    if args.void_label is not None:
+        if hp.get("data.void_label", args.void_label) != args.void_label:
+            raise AutomaskError(
+                f"--void-label {args.void_label} disagrees with --hp "
+                f"data.void_label={hp['data.void_label']}"
+            )
+        hp["data.void_label"] = args.void_label
+    names = _split(args.class_names)
+    if names is None and frame is not None:
+        names = frame.attrs.get("class_names")  # classes.txt in or beside the masks folder
+    void = hp.get("data.void_label")
+    if names is not None and isinstance(void, int) and void == len(names) - 1:
+        names = names[:-1]  # the void id is last (CamVid's "Unlabelled"): not a class
+    return (frame if frame is not None else args.train), names, hp
+
+
+def _check_names(names: Sequence[str] | None, scores: dict) -> None:
+    for key, value in scores.items():
+        if names is not None and isinstance(value, list) and len(value) != len(names):
+            raise AutomaskError(
+                f"--class-names has {len(names)} names but {key} has {len(value)} classes"
+            )
+
+
+def _print_per_class(key: str, values: list, class_names: Sequence[str]) -> None:
+    print(f"{key}:")
+    width = max(len(n) for n in class_names)
+    for i, (name, value) in enumerate(zip(class_names, values)):
+        text = "nan (absent)" if value != value else f"{value:.4f}"
+        print(f"  {i:>3} {name:<{width}}  {text}")
+
+
+def _write_probabilities(seg, data, model: str | None, out: str) -> int:
+    """Write ``<stem>.npy`` float32 probability maps; returns how many."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .errors import DataValidationError
+    from .utils import atomic_write
+
+    frame, root = seg._as_frame(data)
+    stems = [Path(p).stem for p in frame[seg.image]]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise DataValidationError(
+            f"images share file stems, so their maps would overwrite each other: {dup[:5]}"
+        )
+    if root is not None:  # relative paths of a CSV resolve against its folder
+        frame = frame.assign(**{seg.image: [str(root / p) for p in frame[seg.image]]})
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = 16  # images per call: a few maps in memory at a time
+    for start in range(0, len(frame), chunk):
+        part = frame.iloc[start:start + chunk]
+        for stem, prob in zip(stems[start:start + chunk], seg.predict_proba(part, model=model)):
+            with atomic_write(folder / f"{stem}.npy") as fh:
+                np.save(fh, prob.astype(np.float32))
+    return len(frame)
+
+
+def _cmd_show(args) -> None:
+    seg = _load(args.run)
+    data = _folders(args, seg.image, seg.label)
+    if data is not None and args.data is not None:
+        raise AutomaskError("give either --data or --images/--masks, not both")
+    if data is None and args.data is None:
+        raise AutomaskError("no data: give --data (CSV, folder, image) or --images/--masks")
+    data = data if data is not None else args.data
+    if args.models:
+        models = _split(args.models) if args.models != "all" else None
+        seg.plot_comparison(data, models=models, n=args.n, path=args.out)
+    else:
+        seg.plot_predictions(data, n=args.n, model=args.model, path=args.out)
+    print(f"wrote {args.out}")
+
+
+def _cmd_history(args) -> None:
+    from .plots import plot_history
+
+    plot_history(args.run, metric=args.metric, path=args.out)
+    print(f"wrote {args.out}")
+
+
+def _add_folder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", help="folder of images, paired by file name with --masks")
+    p.add_argument("--masks", help="folder of masks (pairing as automask.datasets.from_folders)")
+
+
+def _add_class_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-names", metavar="A,B,C",
+                   help="class names, background first (default: classes.txt in or beside "
+                        "the --masks folder, one name or '<id> <name>' per line)")
+    p.add_argument("--void-label", type=int, metavar="N",
+                   help="mask value to ignore in losses and metrics (data.void_label)")
+
+
+def _add_score_conventions(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ignore-index", type=int, metavar="N",
+                       help="multi-class: ground-truth value left out of the metrics (255)")
+    group.add_argument("--void-label", type=int, dest="ignore_index", metavar="N",
+                       help="same as --ignore-index (e.g. 11 for CamVid's void)")
+    p.add_argument("--class-names", metavar="A,B,C", help="names for per-class results")
+
+
+def _add_picture_commands(sub) -> None:
+    p = sub.add_parser("show", help="draw image | ground truth | prediction overlays (PNG)")
+    p.add_argument("run", help="saved predictor directory")
+    p.add_argument("--data", help="CSV (with labels: ground truth shown), image folder or image")
+    _add_folder_args(p)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--n", type=int, default=4, help="images to draw (the first n)")
+    p.add_argument("--model", help="candidate to draw (default: the best)")
+    p.add_argument("--models", metavar="A,B,C",
+                   help="compare these candidates side by side ('all' for every one)")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("history", help="draw training loss and validation curves (PNG)")
+    p.add_argument("run", help="run directory of a fit (holding logs/<candidate>/metrics.csv)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--metric", help="validation metric to draw (default: the one logged)")
+    p.set_defaults(func=_cmd_history)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", help="fit models on a CSV of image/mask paths")
-    p.add_argument("--train", required=True, help="CSV with image and label columns")
+    p = sub.add_parser("fit", help="fit models on a CSV of image/mask paths or on two folders")
+    p.add_argument("--train", help="CSV with image and label columns (or --images/--masks)")
     p.add_argument("--tuning", help="CSV of validation data (default: a holdout split)")
     p.add_argument("--presets", default="medium_quality")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
@@ -133,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-metric")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbosity", type=int, default=2)
+    p.add_argument("--verbosity", type=int, default=2,
+                   help="0 silent, 1 a line per epoch and a summary, 2 also a progress bar "
+                        "on a terminal (default), 3 debug")
+    _add_folder_args(p)
+    _add_class_args(p)
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("predict", help="write predicted masks as PNG files")
@@ -141,14 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CSV, image folder or image file")
     p.add_argument("--out", required=True, help="folder for the masks")
     p.add_argument("--model", help="candidate name (default: the best)")
+    p.add_argument("--proba", action="store_true",
+                   help="write probability maps instead of masks: <stem>.npy, float32, "
+                        "(H, W) foreground probability (binary) or (K, H, W) (multi-class)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score a saved predictor on labelled data")
     p.add_argument("run")
-    p.add_argument("--data", required=True, help="CSV with image and label columns")
+    p.add_argument("--data", help="CSV with image and label columns (or --images/--masks)")
     p.add_argument("--metrics", help="comma-separated metric names")
     p.add_argument("--model")
     p.add_argument("--json", action="store_true")
+    _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("leaderboard", help="one row per trained model")
@@ -172,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["binary", "multiclass"])
     p.add_argument("--metrics", help="comma-separated metric names")
     p.add_argument("--json", action="store_true")
+    _add_score_conventions(p)
     p.set_defaults(func=_cmd_score)
+    _add_picture_commands(sub)
 
     p = sub.add_parser("demo", help="generate data, fit, evaluate and draw predictions")
     p.add_argument("--path", help="run directory (default: a new one under automask_runs/)")

@@ -402,20 +402,45 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def _check_keys(flat: Mapping[str, Any], known: Mapping[str, Any], origin: str) -> None:
+    # Names other libraries use for our keys' last part: suggested before close spellings.
+    aliases = {
+        "learning_rate": "lr", "base_lr": "lr", "epochs": "max_epochs",
+        "num_epochs": "max_epochs", "n_epochs": "max_epochs", "wd": "weight_decay",
+        "bs": "batch_size", "train_batch_size": "batch_size", "r": "rank", "lora_r": "rank",
+        "lora_rank": "rank", "lora_alpha": "alpha", "experts": "num_experts",
+        "n_experts": "num_experts", "image_size": "input_size", "img_size": "input_size",
+        "resolution": "input_size", "scheduler": "lr_schedule", "lr_scheduler": "lr_schedule",
+        "schedule": "lr_schedule", "warmup": "warmup_ratio", "gradient_clip_val": "grad_clip",
+        "clip_grad_norm": "grad_clip", "max_grad_norm": "grad_clip",
+        "early_stopping_patience": "patience", "ignore_index": "void_label",
+        "workers": "num_workers", "peft": "method", "adapter": "method",
+        "accumulate_grad_batches": "effective_batch_size", "gpus": "devices",
+    }
     for key in flat:
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+            section, _, leaf = str(key).rpartition(".")
+            target = aliases.get(leaf, aliases.get(leaf.lower()))
+            found = sorted((k for k in known if target and k.rpartition(".")[2] == target),
+                           key=lambda k: not k.startswith(section + "."))
+            close = found[:1] or difflib.get_close_matches(str(key), list(known), n=1,
+                                                           cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown {origin} key {key!r}{hint}")
 
 
 def candidate_name(varying: Mapping[str, Any]) -> str:
-    """Name of a candidate from the values that vary across candidates."""
+    """Name of a candidate that says what differs: ``"lr=0.002"``, ``"method=lora,rank=8"``.
+
+    Each varying key appears by its last part (``optim.lr`` -> ``lr``), or in full when two
+    varying keys share that last part.
+    """
     if not varying:
         return "default"
-    if len(varying) == 1:
-        return str(next(iter(varying.values())))
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in varying.items())
+    leaves = [k.rpartition(".")[2] for k in varying]
+    return ",".join(
+        f"{leaf if leaves.count(leaf) == 1 else key}={value}"
+        for (key, value), leaf in zip(varying.items(), leaves)
+    )
 
 
 def resolve(
@@ -449,7 +474,7 @@ def resolve(
     -------
     list of (name, Config)
         One entry per candidate, in a stable order; the name distinguishes candidates by the
-        values that vary (``"lora"``, or ``"method=lora,rank=8"``).
+        values that vary (``"method=lora"``, or ``"method=lora,rank=8"``).
 
     Raises
     ------

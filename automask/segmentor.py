@@ -26,6 +26,7 @@ from .hardware import autocast_context, resolve_env
 from .losses import build_loss
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, build_metrics
 from .training.module import task_loss_name
+from .training.progress import format_summary
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 log = logging.getLogger("automask")
@@ -49,7 +50,7 @@ class SemanticSegmentor(BaseEstimator):
     seed : int, default 0
         Seed of splitting, augmentation and initialisation.
     verbosity : int, default 2
-        0 silent, 1 summaries, 2 progress bars, 3 debug logs.
+        0 silent, 1 a line per epoch and summaries, 2 also a progress bar on a terminal, 3 debug.
 
     Attributes
     ----------
@@ -191,7 +192,7 @@ class SemanticSegmentor(BaseEstimator):
         self.fit_time_ = time.monotonic() - started
         self.save(self.path_)
         if self.verbosity >= 1:
-            log.info("fit done in %.1fs; best model %r", self.fit_time_, self.best_model_)
+            print(format_summary(self.fit_summary()), flush=True)
         return self
 
     def _fit_candidate(self, name, cfg: Config, spec, tuning_spec, budget: float | None) -> None:
@@ -204,6 +205,7 @@ class SemanticSegmentor(BaseEstimator):
         from .peft import apply_peft
         from .training import BestTrainableWeights, SegmentationModule
         from .training.callbacks import FitClock
+        from .training.progress import progress_callbacks, show_bar
 
         started = time.monotonic()
         cfg, env = resolve_env(cfg)
@@ -236,7 +238,7 @@ class SemanticSegmentor(BaseEstimator):
         higher = HIGHER_IS_BETTER[self.eval_metric_]
         best = BestTrainableWeights(monitor, higher_is_better=higher)
         clock = FitClock()
-        callbacks: list = [best, clock]
+        callbacks: list = [best, clock, *progress_callbacks(name, self.verbosity, monitor)]
         if cfg.optim.patience:
             callbacks.append(EarlyStopping(monitor, patience=cfg.optim.patience,
                                            mode="max" if higher else "min"))
@@ -261,7 +263,7 @@ class SemanticSegmentor(BaseEstimator):
             callbacks=callbacks,
             logger=CSVLogger(self.path_, name="logs", version=name),
             enable_checkpointing=False,
-            enable_progress_bar=self.verbosity >= 2,
+            enable_progress_bar=show_bar(self.verbosity),
             enable_model_summary=self.verbosity >= 3,
             log_every_n_steps=1,
             deterministic=False,
@@ -339,9 +341,7 @@ class SemanticSegmentor(BaseEstimator):
         frame, root = self._as_frame(data)
         if save_to is None:
             return [self._to_mask(p) for _, p in self._iter_proba(frame, model, root=root)]
-        from PIL import Image
-
-        from .utils import atomic_write
+        from .data.io import write_mask
 
         out = Path(save_to)
         out.mkdir(parents=True, exist_ok=True)
@@ -358,8 +358,7 @@ class SemanticSegmentor(BaseEstimator):
                 mask = mask * np.uint8(255)
             image_path = frame[self.image].iloc[idx]
             dest = out / f"{Path(image_path).stem}.png"
-            with atomic_write(dest) as fh:
-                Image.fromarray(mask).save(fh, format="PNG")
+            write_mask(dest, mask, self.task_)  # multi-class: palette PNG of class ids
             rows.append({self.image: image_path, self.label: str(dest)})
         return pd.DataFrame(rows, index=frame.index)
 
@@ -591,6 +590,41 @@ class SemanticSegmentor(BaseEstimator):
         if self.task_ == "binary":
             return (prob[0] > 0.5).astype(np.uint8)
         return prob.argmax(0).astype(np.uint8 if self.num_classes_ <= 256 else np.int32)
+
+    # ------------------------------------------------- pictures and summary
+    def plot_predictions(self, data, n: int = 4, model: str | None = None,
+                         path: str | os.PathLike | None = None):
+        """Image | ground truth | prediction overlays of the first ``n`` images of ``data``.
+
+        Binary: true positives, false positives and false negatives in colour-blind-safe
+        colours; multi-class: the class palette with a legend of class names. The ground
+        truth column needs the label column. Returns the matplotlib Figure; saves a PNG
+        when ``path`` is given (see :mod:`automask.plots`).
+        """
+        from . import plots
+
+        return plots.plot_predictions(self, data, n=n, model=model, path=path)
+
+    def plot_comparison(self, data, models: Sequence[str] | None = None, n: int = 4,
+                        path: str | os.PathLike | None = None):
+        """Image | ground truth | one column per model (all by default), one row per image."""
+        from . import plots
+
+        return plots.plot_comparison(self, data, models=models, n=n, path=path)
+
+    def plot_history(self, metric: str | None = None, path: str | os.PathLike | None = None):
+        """Training loss and validation metric per epoch and candidate, from the run's logs."""
+        from . import plots
+
+        self._check_fitted()
+        return plots.plot_history(self.path_, metric=metric or self.eval_metric_, path=path)
+
+    def fit_summary(self) -> dict[str, Any]:
+        """Candidates, best model, validation scores, fit times and the predictor's folder."""
+        from .training.progress import fit_summary
+
+        self._check_fitted()
+        return fit_summary(self)
 
 
 def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:

@@ -53,13 +53,13 @@ def run_dir(csvs):
                    "--hp", "optim.max_epochs=1", "--hp", "peft.method=full",
                    "--hp", "peft.method=lora", "--path", str(run), "--verbosity", "0")
     assert proc.returncode == 0, proc.stderr
-    assert "full" in proc.stdout and "lora" in proc.stdout
+    assert "method=full" in proc.stdout and "method=lora" in proc.stdout
     return run
 
 
 def test_fit_writes_a_loadable_predictor(run_dir):
     meta = json.loads((run_dir / "automask.json").read_text())
-    assert set(meta["models"]) == {"full", "lora"}
+    assert set(meta["models"]) == {"method=full", "method=lora"}
 
 
 def test_fit_bad_input(csvs, tmp_path):
@@ -80,7 +80,7 @@ def test_predict_writes_masks(run_dir, csvs, tmp_path):
     assert len(files) == 6
     assert set(np.unique(np.array(Image.open(files[0])))) <= {0, 255}
     proc = run_cli("predict", str(run_dir), "--data", str(csvs / "data" / "images"),
-                   "--out", str(tmp_path / "all"), "--model", "lora")
+                   "--out", str(tmp_path / "all"), "--model", "method=lora")
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "all").glob("*.png"))) == 24
 
@@ -107,7 +107,7 @@ def test_leaderboard(run_dir, csvs):
     proc = run_cli("leaderboard", str(run_dir), "--data", str(csvs / "test.csv"), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert {r["model"] for r in rows} == {"full", "lora"}
+    assert {r["model"] for r in rows} == {"method=full", "method=lora"}
     assert all("test_iou" in r for r in rows)
 
 

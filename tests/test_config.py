@@ -46,6 +46,13 @@ def test_invalid_values_name_the_key():
         resolve(None, {"data.hflip": "sometimes"})
 
 
+def test_unknown_key_suggests_the_known_alias_first():
+    with pytest.raises(ConfigError, match=r"'optim\.learning_rate'.*did you mean 'optim\.lr'"):
+        resolve(None, {"optim.learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"'epochs'.*did you mean 'optim\.max_epochs'"):
+        resolve(None, {"epochs": 3})
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ConfigError, match="valid presets: " + ", ".join(PRESETS)):
         resolve("hgh_quality", {})
@@ -54,10 +61,10 @@ def test_unknown_preset_lists_valid_ones():
 def test_list_values_make_candidates_with_readable_names():
     cands = resolve("tiny", {"peft.method": ["full", "lora"], "peft.rank": [2, 4]})
     # `full` has no rank: one candidate, named by what it uses.
-    assert [n for n, _ in cands] == ["full", "method=lora,rank=2", "method=lora,rank=4"]
+    assert [n for n, _ in cands] == ["method=full", "method=lora,rank=2", "method=lora,rank=4"]
     assert cands[-1][1].peft.method == "lora" and cands[-1][1].peft.rank == 4
     [(name, _), _] = resolve("tiny", {"peft.method": ["conv_lora", "lora"]})
-    assert name == "conv_lora"
+    assert name == "method=conv_lora"
 
 
 def test_every_preset_changes_something_and_resolves():
@@ -132,8 +139,8 @@ def test_peft_keys_belong_to_the_method_that_uses_them():
         resolve(None, {"peft.method": ["lora", "vpt"], "peft.bottleneck": 4})
     # Used by one candidate of several: applied there, left out of the others.
     cands = dict(resolve(None, {"peft.method": ["conv_lora", "lora"], "peft.num_experts": 4}))
-    assert cands["conv_lora"].peft.num_experts == 4
-    assert "num_experts" not in cands["lora"].peft.options.to_dict()
+    assert cands["method=conv_lora"].peft.num_experts == 4
+    assert "num_experts" not in cands["method=lora"].peft.options.to_dict()
     # A preset's keys that a user-chosen method does not use are dropped, not refused.
     [(_, cfg)] = resolve("tiny", {"peft.method": "vpt", "peft.num_prompts": 4})
     assert cfg.peft.num_prompts == 4
@@ -141,4 +148,4 @@ def test_peft_keys_belong_to_the_method_that_uses_them():
 
 def test_peft_option_grid_crossed_with_a_method_without_it_is_deduplicated():
     cands = resolve("tiny", {"peft.method": ["lora", "bitfit"], "peft.rank": [2, 4]})
-    assert [n for n, _ in cands] == ["method=lora,rank=2", "method=lora,rank=4", "bitfit"]
+    assert [n for n, _ in cands] == ["method=lora,rank=2", "method=lora,rank=4", "method=bitfit"]

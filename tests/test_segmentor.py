@@ -124,18 +124,18 @@ def test_two_candidates_leaderboard_and_model_switch(synthetic, tmp_path):
                          "env.gradient_checkpointing": True},
     )
     board = seg.leaderboard()
-    assert sorted(board["model"]) == ["full", "lora"]
+    assert sorted(board["model"]) == ["method=full", "method=lora"]
     for _, row in board.iterrows():
         model = build_segmenter("tiny", num_classes=1, input_size=128, checkpoint="random")
         apply_peft(model, method=row["method"])
         trainable, total = count_parameters(model)  # the paper's ratio: of the adapted model
         assert row["trainable_params_m"] == round(trainable / 1e6, 2)
         assert row["ratio_pct"] == round(100 * trainable / total, 2)
-    assert board.loc[board["model"] == "lora", "ratio_pct"].item() < 100
-    assert board.loc[board["model"] == "full", "ratio_pct"].item() == 100
+    assert board.loc[board["model"] == "method=lora", "ratio_pct"].item() < 100
+    assert board.loc[board["model"] == "method=full", "ratio_pct"].item() == 100
     assert board["best"].sum() == 1
-    a = seg.predict_proba(test.iloc[:2], model="full")
-    b = seg.predict_proba(test.iloc[:2], model="lora")
+    a = seg.predict_proba(test.iloc[:2], model="method=full")
+    b = seg.predict_proba(test.iloc[:2], model="method=lora")
     assert not np.allclose(a[0], b[0])
     with_test = seg.leaderboard(test)
     assert {"test_iou", "test_sm", "test_ber"} <= set(with_test.columns)
@@ -264,6 +264,7 @@ def test_pretrained_preset_without_weights_fails_clearly(synthetic, tmp_path, mo
     with pytest.raises(CheckpointError) as info:
         seg.fit(train, presets="medium_quality", hyperparameters={"model.input_size": 64})
     message = str(info.value)
-    for way in ("(1) pass checkpoint=", "(2) place that file in the cache", "(3) let automask"):
+    for way in ('(1) pass hyperparameters={"model.checkpoint": ',
+                "(2) place that file in the cache", "(3) let automask"):
         assert way in message, message
     assert not hasattr(seg, "best_model_")

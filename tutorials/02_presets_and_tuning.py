@@ -29,4 +29,4 @@ seg = SemanticSegmentor(path=tempfile.mkdtemp(), eval_metric="dice").fit(
 )
 print(seg.leaderboard().to_string(index=False))
 print("best:", seg.best_model_)
-print("lora on the test set:", seg.evaluate(test_df, model="lora", metrics=["iou", "dice"]))
+print("lora on the test set:", seg.evaluate(test_df, model="method=lora", metrics=["iou", "dice"]))

@@ -234,3 +234,87 @@ def read_mask(
         f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
         "(grayscale or palette PNG), or pass color_map={(r, g, b): class_id, ...}"
     )
+
+
+# Okabe-Ito's colour-blind-safe colours after black (background); more classes get
+# evenly spread hues (golden-ratio steps), so the palette never repeats a colour.
+_OKABE_ITO = [(0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+              (0, 114, 178), (213, 94, 0), (204, 121, 167)]
+IGNORE_COLOR = (255, 255, 255)
+
+
+def class_colors(num_classes: int) -> np.ndarray:
+    """RGB colour of each class id, the palette of :func:`write_mask`'s PNGs.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of class ids to colour (0..num_classes-1).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(num_classes, 3)`` uint8: class 0 black, then Okabe-Ito's colour-blind-safe
+        colours, then hues spread by the golden ratio. The ignore value 255 is drawn in
+        :data:`IGNORE_COLOR` (white).
+    """
+    import colorsys
+
+    colors = list(_OKABE_ITO[:num_classes])
+    hue = 0.1
+    while len(colors) < num_classes:
+        hue = (hue + 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.6 + 0.35 * (len(colors) % 2))
+        colors.append((round(255 * r), round(255 * g), round(255 * b)))
+    return np.array(colors, dtype=np.uint8).reshape(-1, 3)
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str) -> Path:
+    """Write a predicted or ground-truth mask as a lossless PNG, atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Destination ``.png`` file; written to a temporary file, then renamed.
+    mask : numpy.ndarray
+        ``(H, W)`` integer or bool array. Binary: foreground where > 0. Multi-class: class
+        ids, 255 for ignored pixels.
+    task : {"binary", "multiclass"}
+        Binary masks are written as 8-bit grayscale 0/255. Multi-class masks are written
+        as palette PNGs whose pixel values are the class ids (read back unchanged by
+        :func:`read_mask`) and whose palette shows each class in the colour of
+        :func:`class_colors` (255 in white); ids above 255 need 16-bit grayscale.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown task, a mask that is not 2-D, or negative class ids.
+    """
+    from ..utils import atomic_write
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape} for {path}")
+    if task == "binary":
+        img = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))  # mode L
+    elif task == "multiclass":
+        if mask.size and int(mask.min()) < 0:
+            raise ValueError(f"class ids must be >= 0, got {int(mask.min())} for {path}")
+        if mask.size == 0 or int(mask.max()) <= 255:
+            img = Image.fromarray(mask.astype(np.uint8))  # L; putpalette makes it P
+            palette = np.zeros((256, 3), dtype=np.uint8)
+            palette[:255] = class_colors(255)
+            palette[255] = IGNORE_COLOR
+            img.putpalette(palette.tobytes())
+        else:
+            img = Image.fromarray(mask.astype(np.uint16))
+    else:
+        raise ValueError(f"unknown task {task!r}; expected 'binary' or 'multiclass'")
+    with atomic_write(path) as fh:
+        img.save(fh, format="PNG")
+    return Path(path)

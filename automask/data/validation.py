@@ -419,7 +419,8 @@ def validate_frame(
         raise DataValidationError(
             f"missing column(s) {missing}; the data has columns {columns}"
             + ("" if require_labels else "")
-            + " (set image_col=/label_col= to use other names)"
+            + " (other column names: SemanticSegmentor(image=..., label=...) in Python,"
+            + " --image/--label on the command line)"
         )
     if len(frame) == 0:
         raise DataValidationError("the data frame is empty: it has no rows")

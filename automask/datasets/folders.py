@@ -1,7 +1,8 @@
-"""Pair an image folder with a mask folder by file stem."""
+"""Pair an image folder with a mask folder by file stem; read class names from classes.txt."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -146,4 +147,71 @@ def from_folders(
     )
     df.attrs["unpaired"] = {"images": lonely_images, "masks": lonely_masks}
     df.attrs["suffixes"] = {"image": image_sfx, "mask": mask_sfx}
+    classes_file = find_classes_file(masks_dir)
+    df.attrs["class_names"] = read_class_names(classes_file) if classes_file else None
     return df
+
+
+CLASSES_FILE = "classes.txt"
+_NUMBERED = re.compile(r"^(\d+)\s*[:,=\s]\s*(\S.*)$")
+
+
+def find_classes_file(masks_dir: str | os.PathLike) -> Path | None:
+    """``classes.txt`` in the mask folder, else beside it (in its parent); None if neither."""
+    masks_dir = Path(masks_dir).expanduser()
+    for candidate in (masks_dir / CLASSES_FILE, masks_dir.parent / CLASSES_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, in class-id order.
+
+    Two layouts are read: one name per line (the line order gives the ids 0, 1, ...), or
+    an id and a name per line (``0 Sky``, ``1: Building``, ``2,Pole``), as CamVid's
+    ``classes.txt``. Blank lines and lines starting with ``#`` are skipped.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The text file.
+
+    Returns
+    -------
+    list of str
+        Name of class 0, 1, ... (background first for binary data sets).
+
+    Raises
+    ------
+    DataValidationError
+        Unreadable file, no names, numbered lines mixed with plain ones, or ids that are
+        repeated or leave a gap; the message names the file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataValidationError(f"cannot read class names from {path}: {exc}") from exc
+    entries = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise DataValidationError(f"{path} holds no class names (one name per line)")
+    numbered = [_NUMBERED.match(line) for _, line in entries]
+    if not any(numbered):
+        return [line for _, line in entries]
+    names: dict[int, str] = {}
+    for (lineno, line), match in zip(entries, numbered):
+        if match is None:
+            raise DataValidationError(
+                f"{path} line {lineno}: {line!r} has no class id, but other lines do "
+                "('<id> <name>' on every line, or a bare name on every line)"
+            )
+        class_id, name = int(match.group(1)), match.group(2).strip()
+        if class_id in names:
+            raise DataValidationError(f"{path} line {lineno}: class id {class_id} repeated")
+        names[class_id] = name
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing:
+        raise DataValidationError(f"{path}: class ids {missing} have no name")
+    return [names[i] for i in range(len(names))]

@@ -74,11 +74,12 @@ def _no_weights(backbone: str, cached: Path | None, url: str | None, cause: str)
     where = str(cached) if cached is not None else f"{checkpoint_cache_dir()}/<file name>"
     return CheckpointError(
         f"no weights for backbone {backbone!r}: {cause}. Provide them in one of three ways: "
-        f"(1) pass checkpoint=<path to the official segment-anything .pth file>; "
+        f"(1) pass hyperparameters={{\"model.checkpoint\": <path to the official "
+        f"segment-anything .pth file>}} (--hp model.checkpoint=<path> on the command line); "
         f"(2) place that file in the cache as {where} ($AUTOMASK_HOME sets the cache root); "
         f"(3) let automask download {url or 'the official checkpoint'} (needs network access; "
         f"AUTOMASK_SAM_URL_{backbone.upper()} sets a mirror). "
-        f"Use checkpoint='random' only to train from scratch on purpose."
+        f"Use model.checkpoint='random' only to train from scratch on purpose."
     )
 
 

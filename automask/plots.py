@@ -1,0 +1,366 @@
+"""Pictures of a predictor: prediction overlays, a model comparison, training curves.
+
+Every function returns a :class:`matplotlib.figure.Figure` drawn on matplotlib's Agg
+canvas (pyplot and its global backend are left alone, so nothing opens a window and
+figures are freed like any object) and writes a PNG when ``path`` is given.
+
+Binary tasks colour the prediction against the ground truth with Okabe-Ito's
+colour-blind-safe colours: true positives bluish green, false positives vermillion,
+false negatives blue. Multi-class tasks colour each class with
+:func:`automask.data.io.class_colors`, the palette of the PNGs that ``predict(save_to=...)``
+writes, with a legend of class names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import DataValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+IGNORE = 255
+# Okabe-Ito colours (RGB 0-255)
+TP_COLOR = (0, 158, 115)      # bluish green: predicted and true
+FP_COLOR = (213, 94, 0)       # vermillion: predicted, not true
+FN_COLOR = (0, 114, 178)      # blue: true, missed
+TRUTH_COLOR = (204, 121, 167)  # reddish purple: ground-truth foreground
+PRED_COLOR = (230, 159, 0)    # orange: predicted foreground when there is no ground truth
+IGNORE_COLOR = (160, 160, 160)  # grey: ignored pixels
+ALPHA = 0.55
+_CELL_INCHES = 2.6
+
+
+# ------------------------------------------------------------------ overlays
+def blend(image: np.ndarray, regions: Sequence[tuple[np.ndarray, Sequence[int]]],
+          alpha: float = ALPHA) -> np.ndarray:
+    """Paint boolean ``regions`` over an RGB image: ``(1 - alpha) * image + alpha * colour``.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W, 3)`` uint8 RGB.
+    regions : sequence of (mask, colour)
+        ``(H, W)`` boolean masks and their RGB colours; later regions paint over earlier.
+    alpha : float
+        Opacity of the colours.
+
+    Returns
+    -------
+    ndarray
+        ``(H, W, 3)`` uint8.
+    """
+    out = image.astype(np.float32)
+    for mask, colour in regions:
+        m = np.asarray(mask, dtype=bool)[..., None]
+        out = np.where(m, (1 - alpha) * out + alpha * np.asarray(colour, np.float32), out)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def binary_regions(truth: np.ndarray | None, pred: np.ndarray
+                   ) -> list[tuple[str, np.ndarray, tuple[int, int, int]]]:
+    """(label, mask, colour) of TP, FP, FN (and ignored) pixels of a binary prediction.
+
+    ``truth`` holds 0 / 1 (255 ignored); ``pred`` 0 / 1. Without a truth, the predicted
+    foreground alone.
+    """
+    p = np.asarray(pred) > 0
+    if truth is None:
+        return [("prediction", p, PRED_COLOR)]
+    t = np.asarray(truth)
+    ignored = t == IGNORE
+    fg = (t > 0) & ~ignored
+    return [("TP (correct)", p & fg, TP_COLOR),
+            ("FP (false alarm)", p & ~fg & ~ignored, FP_COLOR),
+            ("FN (missed)", ~p & fg, FN_COLOR),
+            ("ignored", ignored, IGNORE_COLOR)]
+
+
+def class_regions(mask: np.ndarray, num_classes: int
+                  ) -> list[tuple[int, np.ndarray, tuple[int, int, int]]]:
+    """(class id, mask, colour) per class present in ``mask``, ignored pixels last."""
+    from .data.io import class_colors
+
+    colors = class_colors(max(num_classes, 1))
+    m = np.asarray(mask)
+    out = [(int(c), m == c, tuple(int(v) for v in colors[c]))
+           for c in np.unique(m) if c != IGNORE and c < num_classes]
+    if (m == IGNORE).any():
+        out.append((IGNORE, m == IGNORE, IGNORE_COLOR))
+    return out
+
+
+# ------------------------------------------------------------------- figures
+def plot_masks(
+    images: Sequence[np.ndarray],
+    predictions: Mapping[str, Sequence[np.ndarray]],
+    truths: Sequence[np.ndarray] | None = None,
+    *,
+    task: str,
+    class_names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    path: str | os.PathLike | None = None,
+    alpha: float = ALPHA,
+) -> "Figure":
+    """Grid of overlays: one row per image; image | ground truth | one column per model.
+
+    Parameters
+    ----------
+    images : sequence of ndarray
+        ``(H, W, 3)`` uint8 RGB images.
+    predictions : mapping of str to sequence of ndarray
+        Column title -> one ``(H, W)`` mask per image (0/1 for binary, class ids for
+        multi-class).
+    truths : sequence of ndarray, optional
+        Ground-truth masks (0/1 or class ids, 255 ignored); the column is left out when
+        None.
+    task : {"binary", "multiclass"}
+    class_names : sequence of str, optional
+        Names of the class ids for the legend (multi-class).
+    names : sequence of str, optional
+        A name per image (its file stem), shown above the image.
+    path : path-like, optional
+        Where to save the figure as PNG.
+    alpha : float
+        Opacity of the overlays.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    n = len(images)
+    if n == 0:
+        raise DataValidationError("no images to draw")
+    for title, masks in predictions.items():
+        if len(masks) != n:
+            raise DataValidationError(f"{len(masks)} masks for {title!r} but {n} images")
+    if task not in ("binary", "multiclass"):
+        raise DataValidationError(f"unknown task {task!r}; expected 'binary' or 'multiclass'")
+    num_classes = len(class_names) if class_names else _max_class(predictions, truths) + 1
+    columns = 1 + (truths is not None) + len(predictions)
+    fig = Figure(figsize=(_CELL_INCHES * columns, _CELL_INCHES * n + 0.9),
+                 layout="constrained")
+    axes = fig.subplots(n, columns, squeeze=False)
+    legend: dict[str, tuple[int, int, int]] = {}
+    for row in range(n):
+        image = np.asarray(images[row])
+        cells = [("image" if names is None else f"image {names[row]}", image)]
+        if truths is not None:
+            if task == "binary":
+                fg = (np.asarray(truths[row]) > 0) & (np.asarray(truths[row]) != IGNORE)
+                regions = [("ground truth", fg, TRUTH_COLOR),
+                           ("ignored", np.asarray(truths[row]) == IGNORE, IGNORE_COLOR)]
+            else:
+                regions = _named(class_regions(truths[row], num_classes), class_names)
+            cells.append(("ground truth", _paint(image, regions, legend, alpha)))
+        for title, masks in predictions.items():
+            if task == "binary":
+                regions = binary_regions(None if truths is None else truths[row], masks[row])
+            else:
+                regions = _named(class_regions(masks[row], num_classes), class_names)
+            cells.append((title, _paint(image, regions, legend, alpha)))
+        for ax, (title, picture) in zip(axes[row], cells):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="black", linewidth=0.5, label=k)
+               for k, c in legend.items()]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
+                   fontsize=8, frameon=False)
+    _save(fig, path)
+    return fig
+
+
+def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
+                 candidates: Sequence[str] | None = None,
+                 path: str | os.PathLike | None = None) -> "Figure":
+    """Training loss and validation metric per epoch, one line per candidate.
+
+    Reads the CSV logs a fit writes, ``<run_dir>/logs/<candidate>/metrics.csv``.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        The run directory of a fit.
+    metric : str, optional
+        Validation metric column (``"val_iou"`` or ``"iou"``); the first ``val_*`` column
+        of the logs when None.
+    candidates : sequence of str, optional
+        Candidates to draw; all with logs when None.
+    path : path-like, optional
+        Where to save the figure as PNG.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two axes: "training loss" and "validation <metric>" against the epoch.
+
+    Raises
+    ------
+    DataValidationError
+        No logs under ``run_dir``, or a candidate or metric that is not in them.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curves = read_history(run_dir, candidates)
+    if metric is not None and not metric.startswith("val_"):
+        metric = f"val_{metric}"
+    if metric is None:
+        metric = next((c for df in curves.values() for c in df.columns if c.startswith("val_")
+                       and not c.endswith("_step")), None)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, val_ax = fig.subplots(1, 2)
+    for name, df in curves.items():
+        if "train_loss" in df.columns:
+            loss = df.dropna(subset=["train_loss"]).groupby("epoch")["train_loss"].mean()
+            loss_ax.plot(loss.index + 1, loss.values, marker="o", markersize=3, label=name)
+        if metric is not None and metric in df.columns:
+            val = df.dropna(subset=[metric]).groupby("epoch")[metric].last()
+            val_ax.plot(val.index + 1, val.values, marker="o", markersize=3, label=name)
+    if metric is not None and not any(metric in df.columns for df in curves.values()):
+        raise DataValidationError(
+            f"no column {metric!r} in the logs under {run_dir}; columns: "
+            f"{sorted({c for df in curves.values() for c in df.columns})}"
+        )
+    loss_ax.set_title("training loss")
+    val_ax.set_title(f"validation {metric.removeprefix('val_') if metric else '(none logged)'}")
+    for ax in (loss_ax, val_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+def read_history(run_dir: str | os.PathLike, candidates: Sequence[str] | None = None
+                 ) -> dict[str, Any]:
+    """``{candidate: DataFrame of its metrics.csv}`` from ``<run_dir>/logs``."""
+    import pandas as pd
+
+    logs = Path(run_dir) / "logs"
+    found = {p.parent.name: p for p in sorted(logs.glob("*/metrics.csv"))}
+    if not found:
+        raise DataValidationError(
+            f"no training logs under {logs} (a fit writes logs/<candidate>/metrics.csv in "
+            "its run directory)"
+        )
+    if candidates is not None:
+        unknown = [c for c in candidates if c not in found]
+        if unknown:
+            raise DataValidationError(
+                f"no logs for candidate(s) {unknown}; logged: {', '.join(found)}"
+            )
+        found = {c: found[c] for c in candidates}
+    return {name: pd.read_csv(p) for name, p in found.items()}
+
+
+# --------------------------------------------------- from a fitted predictor
+def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
+                       ) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[str],
+                                  dict[str, list[np.ndarray]]]:
+    """(images, truths or None, stems, {model: masks}) of the first ``n`` rows of ``data``.
+
+    Truths are read when ``data`` has the label column, mapped as evaluate maps them
+    (0/1 for binary, class ids for multi-class, 255 ignored).
+    """
+    from .data import read_image, read_mask, validate_frame
+
+    seg._check_fitted()
+    frame, root = seg._as_frame(data)
+    if n is not None:
+        if n < 1:
+            raise DataValidationError(f"n must be at least 1, got {n}")
+        frame = frame.iloc[:n]
+    labelled = seg.label in frame.columns
+    spec = validate_frame(
+        frame, image_col=seg.image, label_col=seg.label, root=root,
+        require_labels=labelled, num_classes=seg.num_classes_ if labelled else None,
+        class_names=seg.classes_ if labelled else None,
+        void_label=seg.void_label_ if labelled else None,
+        color_map=seg.color_map_ if labelled else None,
+    )
+    images = [read_image(p) for p in spec.frame[seg.image]]
+    truths = None
+    if labelled:
+        truths = []
+        for idx, p in enumerate(spec.frame[seg.label]):
+            raw = read_mask(p, color_map=seg.color_map_)
+            truths.append(spec.target_lut(idx, raw)[raw].astype(np.uint8))
+    predictions = {}
+    for model in models:
+        name = model or seg.best_model_
+        predictions[name] = [seg._to_mask(prob) for _, prob in
+                             seg._iter_proba(spec.frame, model, root=None)]
+    stems = [Path(p).stem for p in spec.frame[seg.image]]
+    return images, truths, stems, predictions
+
+
+def plot_predictions(seg, data, n: int = 4, model: str | None = None,
+                     path: str | os.PathLike | None = None) -> "Figure":
+    """Image | ground truth | prediction for the first ``n`` images of ``data``."""
+    images, truths, stems, preds = predictor_examples(seg, data, n, [model])
+    (masks,) = preds.values()
+    return plot_masks(images, {"prediction": masks}, truths, task=seg.task_,
+                      class_names=seg.classes_, names=stems, path=path)
+
+
+def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
+                    path: str | os.PathLike | None = None) -> "Figure":
+    """Image | ground truth | one column per model, for the first ``n`` images."""
+    models = list(models) if models is not None else list(seg.models_)
+    if not models:
+        raise DataValidationError("no models to compare")
+    unknown = [m for m in models if m not in seg.models_]
+    if unknown:
+        raise DataValidationError(f"unknown model(s) {unknown}; trained: {', '.join(seg.models_)}")
+    images, truths, stems, preds = predictor_examples(seg, data, n, models)
+    return plot_masks(images, preds, truths, task=seg.task_, class_names=seg.classes_,
+                      names=stems, path=path)
+
+
+# ------------------------------------------------------------------ helpers
+def _named(regions, class_names):
+    out = []
+    for cls, mask, colour in regions:
+        if cls == IGNORE:
+            label = "ignored"
+        elif class_names and cls < len(class_names):
+            label = f"{cls} {class_names[cls]}"
+        else:
+            label = f"class {cls}"
+        out.append((label, mask, colour))
+    return out
+
+
+def _paint(image, regions, legend: dict, alpha: float) -> np.ndarray:
+    for label, mask, colour in regions:
+        if np.asarray(mask).any():
+            legend.setdefault(label, colour)
+    return blend(image, [(m, c) for _, m, c in regions], alpha)
+
+
+def _max_class(predictions, truths) -> int:
+    arrays = [m for masks in predictions.values() for m in masks] + list(truths or [])
+    values = [int(np.max(np.where(a == IGNORE, 0, a))) for a in map(np.asarray, arrays) if a.size]
+    return max(values, default=1)
+
+
+def _save(fig, path) -> None:
+    if path is None:
+        return
+    from .utils import atomic_write
+
+    path = Path(path)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png")

@@ -1,0 +1,64 @@
+"""Benchmark: start-up time of the command line.
+
+Times ``python -m automask --help`` and ``python -m automask <command> --help`` for each
+subcommand in fresh subprocesses (median of ``--repeat`` runs, 5 by default), and reports
+whether torch was imported (``-X importtime`` is not needed: a child prints
+``"torch" in sys.modules`` after parsing).
+
+Run from the repository root::
+
+    python benchmarks/bench_startup.py [--repeat 5] [--commands fit predict]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+COMMANDS = ["fit", "predict", "evaluate", "leaderboard", "params", "score", "demo", "show",
+            "history"]
+
+
+def time_help(args: list[str], repeat: int) -> float:
+    """Median wall-clock seconds of ``python -m automask *args`` over ``repeat`` runs."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "automask", *args],
+                              capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            raise SystemExit(f"automask {' '.join(args)} failed: {proc.stderr[-500:]}")
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--commands", nargs="*", default=None,
+                        help="subcommands to time as well (default: all that exist)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t0
+    print(f"python -c pass                     {bare:.3f} s (interpreter start, one run)")
+    print(f"automask --help                    {time_help(['--help'], args.repeat):.3f} s "
+          f"(median of {args.repeat})")
+    help_text = subprocess.run([sys.executable, "-m", "automask", "--help"],
+                               capture_output=True, text=True).stdout
+    commands = args.commands if args.commands is not None else [
+        c for c in COMMANDS if c in help_text]
+    for command in commands:
+        seconds = time_help([command, "--help"], args.repeat)
+        print(f"automask {command + ' --help':<26}{seconds:.3f} s")
+    probe = ("import sys, contextlib, io\nimport automask.cli as c\n"
+             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+             "    c.main(['--help'])\nprint('torch imported:', 'torch' in sys.modules)")
+    print(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip())
+
+
+if __name__ == "__main__":
+    main()

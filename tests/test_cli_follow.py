@@ -1,0 +1,262 @@
+"""Issue 11 on the command line: epoch lines in a log file, folders and class names,
+probability maps, palette masks, pictures, and a --help that does not import torch.
+
+Every command runs in a real subprocess (``sys.executable -m automask``)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.data import read_mask
+from automask.data.io import class_colors
+from automask.datasets import make_synthetic
+from automask.datasets.folders import find_classes_file, read_class_names
+from automask.errors import DataValidationError
+
+from conftest import shared_path
+
+NAMES = ["background", "disc", "square"]
+FAST = ["--presets", "tiny", "--hp", "optim.max_epochs=2", "--hp", "model.input_size=64"]
+
+
+def run_cli(*args: str, stdout=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "automask", *args], text=True, env=env,
+                          stdout=stdout if stdout is not None else subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("automask: error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three-class synthetic data in images/ and masks/, with a numbered classes.txt beside."""
+    root = tmp_path_factory.mktemp("follow")
+    make_synthetic(14, size=64, num_classes=3, seed=4, root=root)
+    (root / "classes.txt").write_text("".join(f"{i} {n}\n" for i, n in enumerate(NAMES)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    """A fit from folders with its stdout redirected to a file (as in a CI log)."""
+    run = data / "run"
+    log = data / "fit_stdout.txt"
+    with open(log, "w") as fh:
+        proc = run_cli("fit", "--images", str(data / "images"), "--masks", str(data / "masks"),
+                       *FAST, "--hp", "peft.method=full", "--hp", "peft.method=lora",
+                       "--path", str(run), stdout=fh)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, log.read_text()
+
+
+def test_fit_log_has_one_plain_line_per_epoch_and_a_summary(fitted):
+    _, text = fitted
+    assert "\r" not in text
+    lines = text.splitlines()
+    epoch_lines = [line for line in lines if re.match(r"\[[^]]+\]\s+epoch \d+/\d+", line)]
+    names = [line.split()[0] for line in epoch_lines]
+    assert names == ["[method=full]"] * 2 + ["[method=lora]"] * 2, text
+    for i, line in enumerate(epoch_lines):
+        assert f"epoch {i % 2 + 1}/2" in line
+        for part in ("train_loss ", "val_miou ", "best ", "elapsed ", "eta "):
+            assert part in line, (part, line)
+    # at most a few lines per epoch: epoch lines, the summary and the leaderboard
+    assert len(lines) <= 4 * len(epoch_lines) + 3, text
+    assert any(line.startswith("fit done in ") for line in lines), text
+    assert any(line.startswith("best model: method=") for line in lines), text
+
+
+def test_fit_reads_class_names_from_classes_txt(fitted):
+    run, _ = fitted
+    meta = json.loads((run / "automask.json").read_text())
+    assert meta["classes_"] == NAMES
+    assert set(meta["models"]) == {"method=full", "method=lora"}
+
+
+def test_fit_from_folders_bad_input(data, tmp_path):
+    proc = run_cli("fit", "--images", str(data / "images"), "--masks", str(tmp_path / "none"),
+                   *FAST, "--path", str(tmp_path / "r"))
+    assert_one_line_error(proc, "none")
+    proc = run_cli("fit", "--images", str(data / "images"), *FAST, "--path", str(tmp_path / "r"))
+    assert_one_line_error(proc, "--images and --masks")
+    proc = run_cli("fit", "--train", "x.csv", "--images", str(data / "images"), "--masks",
+                   str(data / "masks"), *FAST, "--path", str(tmp_path / "r"))
+    assert_one_line_error(proc, "--train", "--images")
+    proc = run_cli("fit", "--images", str(data / "images"), "--masks", str(data / "masks"),
+                   *FAST, "--class-names", "a,b", "--path", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "outside [0, 2) for num_classes=2" in proc.stderr, proc.stderr
+    proc = run_cli("fit", "--train", "x.csv", *FAST, "--hp", "optim.learning_rate=0.1",
+                   "--path", str(tmp_path / "r"))
+    assert_one_line_error(proc, "optim.learning_rate", "did you mean 'optim.lr'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_folders_prints_per_class_names(fitted, data):
+    run, _ = fitted
+    proc = run_cli("evaluate", str(run), "--images", str(data / "images"),
+                   "--masks", str(data / "masks"))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    per_class = {r[1]: r[2] for r in rows if len(r) >= 3 and r[0].isdigit()}
+    assert set(per_class) == set(NAMES), proc.stdout
+    assert any(r[0] == "miou" for r in rows)
+    proc = run_cli("evaluate", str(run), "--images", str(data / "images"))
+    assert_one_line_error(proc, "--masks")
+    proc = run_cli("evaluate", str(run))
+    assert_one_line_error(proc, "--data")
+
+
+def test_predict_palette_masks_and_probability_maps(fitted, data, tmp_path):
+    run, _ = fitted
+    masks_out, proba_out = tmp_path / "masks", tmp_path / "proba"
+    proc = run_cli("predict", str(run), "--data", str(data / "images"), "--out", str(masks_out))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("predict", str(run), "--data", str(data / "images"), "--out",
+                   str(proba_out), "--proba")
+    assert proc.returncode == 0, proc.stderr
+    pngs, maps = sorted(masks_out.glob("*.png")), sorted(proba_out.glob("*.npy"))
+    assert len(pngs) == len(maps) == 14
+    palette = class_colors(3)
+    for png, npy in zip(pngs, maps):
+        assert png.stem == npy.stem
+        prob = np.load(npy)
+        assert prob.dtype == np.float32 and prob.shape == (3, 64, 64)
+        np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-4)
+        with Image.open(png) as img:
+            assert img.mode == "P"
+            rgb = np.array(img.convert("RGB"))
+        mask = read_mask(png)  # pixel values are class ids
+        np.testing.assert_array_equal(mask, prob.argmax(0))
+        np.testing.assert_array_equal(rgb, palette[mask])  # and the palette shows them
+    # The maps score like any model's output, with the ignore value given on the command line.
+    proc = run_cli("score", "--pred", str(proba_out), "--gt", str(data / "masks"),
+                   "--ignore-index", "255", "--json")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(proc.stdout)
+    assert scores["n_images"] == 14 and 0 <= scores["miou"] <= 1
+
+
+def test_score_void_label_and_class_names(data, tmp_path):
+    gt = data / "masks"
+    # a perfect prediction, but class 2 marked void in the ground truth: it leaves the scores
+    proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "multiclass",
+                   "--void-label", "2", "--class-names", ",".join(NAMES))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[1]: " ".join(r[2:]) for r in map(str.split, proc.stdout.splitlines())
+            if len(r) >= 3 and r[0].isdigit()}
+    assert rows == {"background": "1.0000", "disc": "1.0000", "square": "nan (absent)"}, rows
+    assert re.search(r"^miou\s+1\.0000$", proc.stdout, re.M), proc.stdout
+    proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "multiclass",
+                   "--class-names", "background,disc")
+    assert_one_line_error(proc, "--class-names", "3 classes")
+    proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "binary",
+                   "--void-label", "2")
+    assert_one_line_error(proc, "ignore_index")
+
+
+def test_show_and_history_write_pictures(fitted, data, tmp_path):
+    run, _ = fitted
+    one = tmp_path / "one.png"
+    proc = run_cli("show", str(run), "--images", str(data / "images"), "--masks",
+                   str(data / "masks"), "--out", str(one), "--n", "2")
+    assert proc.returncode == 0, proc.stderr
+    both = tmp_path / "both.png"
+    proc = run_cli("show", str(run), "--images", str(data / "images"), "--masks",
+                   str(data / "masks"), "--out", str(both), "--n", "2",
+                   "--models", "method=full,method=lora")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(one) as a, Image.open(both) as b:
+        # 3 columns against 4 (image, truth, one per model), same rows
+        assert a.width < b.width and abs(a.height - b.height) <= 2
+        assert b.width / a.width == pytest.approx(4 / 3, rel=0.05)
+    curves = tmp_path / "curves.png"
+    proc = run_cli("history", str(run), "--out", str(curves))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(curves) as img:
+        assert img.width > 200 and img.height > 100
+
+
+def test_show_and_history_bad_input(fitted, data, tmp_path):
+    run, _ = fitted
+    proc = run_cli("show", str(run), "--data", str(data / "images"), "--out",
+                   str(tmp_path / "x.png"), "--models", "method=full,nope")
+    assert_one_line_error(proc, "nope")
+    proc = run_cli("history", str(tmp_path), "--out", str(tmp_path / "h.png"))
+    assert_one_line_error(proc, "logs")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "h.png").exists()
+
+
+def test_help_leaves_torch_unimported():
+    probe = (
+        "import contextlib, io, sys\n"
+        "import automask.cli as cli\n"
+        "for argv in (['--help'], ['fit', '--help'], ['show', '--help'], ['score', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        cli.main(argv)\n"
+        "import automask\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'matplotlib', 'pandas')"
+        " if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "show" in proc.stdout and "history" in proc.stdout
+
+
+def test_read_class_names_layouts(tmp_path):
+    (tmp_path / "plain.txt").write_text("background\npolyp\n\n# comment\n")
+    assert read_class_names(tmp_path / "plain.txt") == ["background", "polyp"]
+    (tmp_path / "numbered.txt").write_text("1: road\n0: sky\n2,car park\n")
+    assert read_class_names(tmp_path / "numbered.txt") == ["sky", "road", "car park"]
+    (tmp_path / "gap.txt").write_text("0 sky\n2 car\n")
+    with pytest.raises(DataValidationError, match=r"gap\.txt.*\[1\]"):
+        read_class_names(tmp_path / "gap.txt")
+    (tmp_path / "mixed.txt").write_text("0 sky\nroad\n")
+    with pytest.raises(DataValidationError, match=r"mixed\.txt line 2"):
+        read_class_names(tmp_path / "mixed.txt")
+    (tmp_path / "masks").mkdir()
+    assert find_classes_file(tmp_path / "masks") is None
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    assert find_classes_file(tmp_path / "masks") == tmp_path / "classes.txt"
+
+
+@pytest.mark.shared
+def test_camvid_classes_txt():
+    root = shared_path("data", "camvid")
+    names = read_class_names(find_classes_file(root / "masks"))
+    assert len(names) == 12 and names[0] == "Sky" and names[11] == "Unlabelled"
+
+
+@pytest.mark.shared
+def test_camvid_fit_inputs_drop_the_void_name():
+    """--void-label 11 with CamVid's classes.txt: 11 class names, void passed to the fit."""
+    from automask.cli import _fit_inputs, build_parser
+
+    root = shared_path("data", "camvid")
+    args = build_parser().parse_args(
+        ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),
+         "--void-label", "11", "--path", "unused"])
+    frame, names, hp = _fit_inputs(args)
+    assert len(frame) == 96 and hp == {"data.void_label": 11}
+    assert len(names) == 11 and names[0] == "Sky" and names[-1] == "Bicyclist"
+    args = build_parser().parse_args(
+        ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),
+         "--void-label", "11", "--hp", "data.void_label=3", "--path", "unused"])
+    with pytest.raises(Exception, match="--void-label 11 disagrees"):
+        _fit_inputs(args)
