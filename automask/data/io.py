@@ -1,4 +1,5 @@
-"""Reading images and masks from disk, and reading their size from the header alone.
+"""Reading images and masks from disk, reading their size from the header alone, and
+checking that a file decodes completely (:func:`check_decodes`).
 
 Images of any mode Pillow opens (grayscale, RGB, RGBA, palette, CMYK, 1-bit, 16-bit) come
 back as 8-bit RGB with the EXIF orientation applied. Masks come back as a 2-D array of

@@ -27,9 +27,15 @@ Without ``num_classes`` the task is binary when every mask is ``b01``, ``b255`` 
 reported as "fits neither task" rather than guessed: 0/255 binary masks mixed with
 class-id masks, and masks holding values 128-254 that do not look like a soft binary
 mask (nor like class ids below 128). Passing ``num_classes`` (or ``class_names``)
-accepts any id below ``K``. With
-``K = 2`` the task is binary: 255 is foreground in ``b255`` masks and ignore otherwise.
-With ``K > 2`` a 255 is always the ignore index.
+accepts any id below ``K``. With ``K = 2`` the task is binary: 255 is foreground in
+``b255`` masks and ignore otherwise.
+With ``K > 2`` a 255 is always the ignore index, so masks that hold nothing but 0 and
+255 (binary masks given to a K-class task: every foreground pixel would be ignored, and
+a multi-class model would be scored on background alone) are an error naming the rows.
+
+Training data that can be used but probably is not what was meant (repeated images,
+tuning images that are also training images, empty binary masks) is reported by
+:func:`warn_training_issues`, which the data module calls before training.
 """
 from __future__ import annotations
 
@@ -243,7 +249,7 @@ def _resolve(raw: str, root: Path) -> str:
 
 
 def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    """(size, reason): header-only check of one image file."""
+    """(size, reason): size from the header, then a full decode of one image file."""
     if not os.path.exists(path):
         return None, "file not found"
     if not os.path.isfile(path):
