@@ -110,6 +110,22 @@ def test_a_truncated_image_with_its_end_marker_added_back_is_reported(tmp_path, 
     assert f"row 1 [image] {bad}: truncated or corrupt" in message
 
 
+def test_intact_jpegs_of_every_kind_pass_and_a_cut_progressive_one_does_not(tmp_path):
+    frame = _pairs(tmp_path / "d", 4, size=(40, 48))
+    pixels = np.asarray(Image.open(frame["image"][0]))
+    kinds = {"cmyk": {"mode": "CMYK"}, "gray": {"mode": "L"},
+             "progressive": {"mode": "RGB", "progressive": True}}
+    for row, (name, options) in enumerate(kinds.items()):
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(pixels).convert(options.pop("mode")).save(path, **options)
+        frame.loc[row, "image"] = str(path)
+    assert validate_frame(frame).task == "binary"
+    data = (tmp_path / "progressive.jpg").read_bytes()
+    (tmp_path / "progressive.jpg").write_bytes(_cut_with_marker(data, 0.5, "JPEG"))
+    with pytest.raises(DataValidationError, match=r"row 2 \[image\] .*progressive.jpg: trunc"):
+        validate_frame(frame)
+
+
 def test_a_truncated_kvasir_jpeg_is_reported(tmp_path):
     data = shared_path("data", "kvasir_seg")
     image = sorted((data / "images").glob("*.jpg"))[0]
