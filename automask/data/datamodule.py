@@ -21,7 +21,7 @@ from ..errors import DataValidationError
 from .cache import SampleCache
 from .dataset import SegmentationDataset, collate_samples
 from .transforms import AugmentConfig
-from .validation import DataSpec
+from .validation import DataSpec, warn_training_issues
 
 
 def default_num_workers() -> int:
@@ -89,9 +89,12 @@ def split_spec(
 ) -> tuple[DataSpec, DataSpec]:
     """Split a labelled spec into (train, holdout) specs.
 
-    Binary tasks are stratified on foreground-fraction bins (see
-    :func:`automask.datasets.split.split_positions`); multi-class tasks get a plain
-    seeded split.
+    The split is made over distinct image files, so that rows repeating an image (same
+    path after resolving links) all land on the same side and no validation image is
+    also trained on. Binary tasks are stratified on foreground-fraction bins (see
+    :func:`automask.datasets.split.split_positions`; a repeated image counts with its
+    rows' mean foreground); multi-class tasks get a plain seeded split. Without repeated
+    images the split is the same as a split of the rows.
     """
     from ..datasets.split import split_positions  # late import: datasets imports data
 
@@ -102,10 +105,22 @@ def split_spec(
             f"cannot hold out a validation split from {len(spec)} row(s); pass tuning data "
             "or more rows"
         )
+    groups: dict[str, list[int]] = {}
+    for pos, path in enumerate(spec.frame[spec.image_col]):
+        groups.setdefault(os.path.normcase(os.path.realpath(str(path))), []).append(pos)
+    members = list(groups.values())  # one list of row positions per distinct image
+    if len(members) < 2:
+        raise DataValidationError(
+            f"cannot hold out a validation split: the {len(spec)} row(s) show only one "
+            f"image ({spec.frame[spec.image_col].iat[0]}); pass tuning data or more images"
+        )
     foreground = None
     if spec.task == "binary" and spec.stats is not None and "foreground" in spec.stats.columns:
-        foreground = spec.stats["foreground"].to_numpy(dtype=np.float64)
-    train_pos, val_pos = split_positions(len(spec), holdout_frac, seed, foreground)
+        per_row = np.nan_to_num(spec.stats["foreground"].to_numpy(dtype=np.float64), nan=0.0)
+        foreground = np.array([per_row[rows].mean() for rows in members])
+    train_g, val_g = split_positions(len(members), holdout_frac, seed, foreground)
+    train_pos = np.sort(np.concatenate([members[g] for g in train_g])).astype(np.int64)
+    val_pos = np.sort(np.concatenate([members[g] for g in val_g])).astype(np.int64)
     return spec.subset(train_pos), spec.subset(val_pos)
 
 
@@ -224,9 +239,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self._train_sampler: EpochSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Split (once) into ``train_spec`` and ``val_spec``."""
+        """Warn about suspicious training data (see
+        :func:`~automask.data.validation.warn_training_issues`), then split (once) into
+        ``train_spec`` and ``val_spec``."""
         if self.train_spec is not None:
             return
+        warn_training_issues(self.spec, self.tuning_spec)
         if self.tuning_spec is not None:
             self.train_spec, self.val_spec = self.spec, self.tuning_spec
         else:

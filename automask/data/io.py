@@ -1,4 +1,5 @@
-"""Reading images and masks from disk, and reading their size from the header alone.
+"""Reading images and masks from disk, reading their size from the header alone, and
+checking that a file decodes completely (:func:`check_decodes`).
 
 Images of any mode Pillow opens (grayscale, RGB, RGBA, palette, CMYK, 1-bit, 16-bit) come
 back as 8-bit RGB with the EXIF orientation applied. Masks come back as a 2-D array of
@@ -8,6 +9,7 @@ to masks so that an image and its mask stay aligned.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -86,6 +88,45 @@ def looks_truncated(path: str | os.PathLike) -> bool:
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return _PNG_IEND not in tail
     return False
+
+
+_JPEG_OUTPUT = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
+
+
+def check_decodes(path: str | os.PathLike) -> None:
+    """Decode a whole image file and raise if its data is cut short or corrupt.
+
+    Pillow decodes a JPEG whose data was cut off and given a new end marker without
+    complaint (libjpeg only warns and fills the rest with grey), so JPEGs are decoded with
+    libjpeg-turbo through ``simplejpeg`` in strict mode, where "premature end of data"
+    is an error; DCT scaling (1/8 size) keeps that cheap while every byte of the
+    compressed data is still read. Other formats, and JPEGs that ``simplejpeg`` cannot
+    decode for another reason (12-bit, arithmetic coding, harmless warnings such as
+    extraneous bytes), are fully decoded by Pillow (``Image.load()``).
+
+    Raises
+    ------
+    OSError
+        Truncated or corrupt data (the message says which).
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data.startswith(b"\xff\xd8"):
+        import simplejpeg
+
+        try:
+            colorspace = simplejpeg.decode_jpeg_header(data)[2]
+            simplejpeg.decode_jpeg(
+                data, colorspace=_JPEG_OUTPUT.get(colorspace, "RGB"), min_factor=8, strict=True
+            )
+            return
+        except ValueError as exc:
+            reason = str(exc)
+            if "premature end" in reason.lower():
+                raise OSError(f"JPEG data ends early: {reason}") from exc
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

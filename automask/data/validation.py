@@ -1,6 +1,8 @@
 """Check a DataFrame of image/mask paths before anything is trained, and describe it.
 
-:func:`validate_frame` reads every image header (no decode) and decodes every mask once,
+:func:`validate_frame` decodes every image and every mask once (see
+:func:`~automask.data.io.check_decodes`: a JPEG cut short is caught even when its end
+marker was added back),
 collects *every* problem it finds (missing columns, empty frame, NaN paths, missing,
 unreadable or truncated files, image/mask size mismatches, mask values that fit neither
 task) and raises one :class:`~automask.errors.DataValidationError` listing them with row
@@ -25,9 +27,15 @@ Without ``num_classes`` the task is binary when every mask is ``b01``, ``b255`` 
 reported as "fits neither task" rather than guessed: 0/255 binary masks mixed with
 class-id masks, and masks holding values 128-254 that do not look like a soft binary
 mask (nor like class ids below 128). Passing ``num_classes`` (or ``class_names``)
-accepts any id below ``K``. With
-``K = 2`` the task is binary: 255 is foreground in ``b255`` masks and ignore otherwise.
-With ``K > 2`` a 255 is always the ignore index.
+accepts any id below ``K``. With ``K = 2`` the task is binary: 255 is foreground in
+``b255`` masks and ignore otherwise.
+With ``K > 2`` a 255 is always the ignore index, so masks that hold nothing but 0 and
+255 (binary masks given to a K-class task: every foreground pixel would be ignored, and
+a multi-class model would be scored on background alone) are an error naming the rows.
+
+Training data that can be used but probably is not what was meant (repeated images,
+tuning images that are also training images, empty binary masks) is reported by
+:func:`warn_training_issues`, which the data module calls before training.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataValidationError
-from .io import ColorMap, image_size, looks_truncated, read_mask
+from .io import ColorMap, check_decodes, image_size, read_mask
 from .transforms import IGNORE_INDEX
 
 KIND_B01 = "b01"
@@ -241,7 +249,7 @@ def _resolve(raw: str, root: Path) -> str:
 
 
 def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    """(size, reason): header-only check of one image file."""
+    """(size, reason): size from the header, then a full decode of one image file."""
     if not os.path.exists(path):
         return None, "file not found"
     if not os.path.isfile(path):
@@ -255,17 +263,9 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     if size[0] < 1 or size[1] < 1:
         return None, f"image has an empty size {size}"
     try:
-        suspicious = looks_truncated(path)
-    except OSError as exc:
-        return None, f"unreadable file ({exc})"
-    if suspicious:
-        # No end marker near the end of the file: cut off, or a camera trailer after
-        # the marker. Only a full decode tells them apart.
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except (OSError, ValueError, SyntaxError) as exc:
-            return None, f"truncated or corrupt file ({exc})"
+        check_decodes(path)  # a cut-off file whose end marker was added back fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, f"truncated or corrupt file ({exc})"
     return size, None
 
 
@@ -526,6 +526,89 @@ def validate_frame(
     )
 
 
+def duplicate_images(spec: DataSpec) -> list[list[int]]:
+    """Groups of row positions that share one image file, each of two rows or more.
+
+    Paths are compared after resolving symbolic links; files with equal content under
+    different names are not detected.
+
+    Returns
+    -------
+    list of list of int
+        Positions (into ``spec.frame``), in order of first occurrence.
+    """
+    groups: dict[str, list[int]] = {}
+    for pos, path in enumerate(spec.frame[spec.image_col]):
+        groups.setdefault(os.path.normcase(os.path.realpath(str(path))), []).append(pos)
+    return [rows for rows in groups.values() if len(rows) > 1]
+
+
+def _rows_text(spec: DataSpec, positions: Sequence[int], limit: int = 5) -> str:
+    index = spec.frame.index
+    shown = ", ".join(repr(index[pos]) for pos in positions[:limit])
+    return shown + (f", ... ({len(positions)} in all)" if len(positions) > limit else "")
+
+
+def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) -> list[str]:
+    """Warn about training data that can be used but probably is not what was meant.
+
+    Called before training (by the data module). Three checks, each one warning that
+    names a few rows:
+
+    * rows that repeat an image of another row (the holdout split keeps all rows of an
+      image on one side);
+    * tuning rows whose image is also a training image (validation scores then flatter);
+    * binary masks with no foreground pixel (how many; when all are empty the model can
+      only learn to predict background).
+
+    Returns
+    -------
+    list of str
+        The warning messages, also issued with :func:`warnings.warn`.
+    """
+    messages: list[str] = []
+    groups = duplicate_images(spec)
+    if groups:
+        extra = sum(len(rows) - 1 for rows in groups)
+        examples = "; ".join(
+            f"rows {_rows_text(spec, rows, 3)} ({spec.frame[spec.image_col].iat[rows[0]]})"
+            for rows in groups[:3]
+        )
+        messages.append(
+            f"{extra} training row(s) repeat the image of another row ({len(groups)} image(s) "
+            f"appear more than once), e.g. {examples}; a holdout split keeps every row of "
+            "an image on one side"
+        )
+    if tuning_spec is not None:
+        train_images = {os.path.normcase(os.path.realpath(str(p)))
+                        for p in spec.frame[spec.image_col]}
+        shared = [pos for pos, p in enumerate(tuning_spec.frame[tuning_spec.image_col])
+                  if os.path.normcase(os.path.realpath(str(p))) in train_images]
+        if shared:
+            messages.append(
+                f"{len(shared)} of the {len(tuning_spec)} tuning row(s) use an image that is "
+                f"also in the training data (tuning rows {_rows_text(tuning_spec, shared)}); "
+                "validation scores will look better than they are"
+            )
+    if spec.task == "binary" and spec.stats is not None and "foreground" in spec.stats.columns:
+        empty = np.flatnonzero(spec.stats["foreground"].to_numpy(dtype=np.float64) == 0.0)
+        if len(empty) == len(spec):
+            messages.append(
+                f"all {len(spec)} training masks are empty (no foreground pixel, rows "
+                f"{_rows_text(spec, empty.tolist())}): the model can only learn to predict "
+                "background; check that the masks are the right files"
+            )
+        elif len(empty):
+            messages.append(
+                f"{len(empty)} of the {len(spec)} training masks are empty (no foreground "
+                f"pixel, rows {_rows_text(spec, empty.tolist())}); fine for images without "
+                "the object, otherwise check those mask files"
+            )
+    for message in messages:
+        warnings.warn(message, stacklevel=2)
+    return messages
+
+
 def _values_without_void(summary: Any, void_label: int | None) -> set[int]:
     values = set(int(v) for v in summary[1])
     return values - _void_set(void_label)
@@ -566,6 +649,19 @@ def _detect_task(
                 kinds[pos] = KIND_SOFT
     if num_classes is not None:
         k = num_classes
+        if k > 2 and valid and all(value_sets[pos] <= {0, IGNORE_INDEX} for pos in valid) \
+                and any(IGNORE_INDEX in value_sets[pos] for pos in valid):
+            # binary 0/255 masks given to a K-class task: 255 would be ignored everywhere
+            for pos in valid:
+                if IGNORE_INDEX in value_sets[pos]:
+                    problems.add(
+                        pos, index[pos], label_col, paths[pos],
+                        f"mask values {_fmt(value_sets[pos])} look like a binary mask, but "
+                        f"num_classes={k} reads 255 as 'ignore' and no mask holds a class id "
+                        f"in 1..{k - 1}: every foreground pixel would be ignored; use masks "
+                        f"of class ids for a {k}-class model, or a binary model",
+                    )
+            return "multiclass", k, kinds
         for pos in valid:
             if kinds[pos] == KIND_SOFT:
                 continue  # binarised at > 128 (k == 2)

@@ -6,20 +6,20 @@ Conv-LoRA example) holding one folder with ``train.csv``, ``val.csv`` and ``test
 ``image``/``label`` columns are paths relative to that folder.
 
 No SHA-256 is pinned for these archives yet (``sha256: None`` in :data:`BENCHMARKS`):
-they are verified only when the caller passes ``sha256=``.
+they are verified only when the caller passes ``sha256=``. Unpacking goes through
+:func:`automask.utils.archive.safe_unpack` (no escaping members, size and ratio limits,
+all or nothing); a folder automask did not make is never deleted or overwritten.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import stat
-import tempfile
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 
-from ..errors import ConfigError, DataValidationError, DownloadError
+from ..errors import ConfigError, DataValidationError
+from ..utils.archive import check_destination_free, safe_unpack
 from ..utils.download import cache_dir, download_file, sha256_file
 
 _BASE_URL = "https://automl-mm-bench.s3.amazonaws.com/semantic_segmentation"
@@ -37,66 +37,6 @@ BENCHMARKS: dict[str, dict[str, str | None]] = {
         "road_segmentation",
     )
 }
-
-
-def _member_target(member: zipfile.ZipInfo, dest: Path) -> Path | None:
-    """Where a member would land under ``dest``, or None when it would escape it."""
-    name = member.filename.replace("\\", "/")
-    if not name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return None
-    parts = PurePosixPath(name).parts
-    if any(part == ".." for part in parts):
-        return None
-    mode = member.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        return None
-    target = (dest / Path(*parts)).resolve() if parts else dest.resolve()
-    root = dest.resolve()
-    if target != root and root not in target.parents:
-        return None
-    return target
-
-
-def safe_unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Unpack a zip into ``dest`` after checking that no member escapes it.
-
-    Every member is checked before anything is written; absolute paths, drive letters,
-    ``..`` components and symbolic links are refused. ``dest`` appears only once the
-    whole archive is unpacked (it is built in a temporary sibling folder).
-
-    Raises
-    ------
-    DownloadError
-        Unreadable archive or an unsafe member (named in the message).
-    """
-    archive, dest = Path(archive), Path(dest)
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DownloadError(f"{archive} is not a readable zip archive: {exc}") from exc
-    with zf:
-        members = zf.infolist()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            unsafe = [m.filename for m in members if _member_target(m, staging) is None]
-            if unsafe:
-                raise DownloadError(
-                    f"refusing to unpack {archive}: member(s) would escape the target folder: "
-                    + ", ".join(repr(u) for u in unsafe[:10])
-                )
-            try:
-                for member in members:
-                    zf.extract(member, staging)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise DownloadError(f"{archive} could not be unpacked: {exc}") from exc
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return dest
 
 
 def _find_split_folder(folder: Path) -> Path:
@@ -127,12 +67,28 @@ def _read_split(csv: Path) -> pd.DataFrame:
     return df
 
 
+def _archive_usable(archive: Path, sha256: str | None) -> bool:
+    """A cached archive is reused only when it matches ``sha256`` (if given) and opens."""
+    if not archive.is_file():
+        return False
+    if sha256 is not None:
+        return sha256_file(archive) == sha256.lower()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+    return True
+
+
 def fetch_benchmark(
     name: str,
     root: str | os.PathLike | None = None,
     url: str | None = None,
     sha256: str | None = None,
     progress: bool = True,
+    max_bytes: int | None = None,
+    max_ratio: float | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Download (once), verify, unpack and read one of the paper's benchmarks.
 
@@ -151,6 +107,10 @@ def fetch_benchmark(
         unverified unless given).
     progress : bool
         Show a download progress bar.
+    max_bytes, max_ratio : optional
+        Unpacking limits, see :func:`automask.utils.archive.safe_unpack` (defaults 64 GiB
+        and 100 times the archive's size; ``$AUTOMASK_MAX_UNPACK_BYTES`` and
+        ``$AUTOMASK_MAX_UNPACK_RATIO`` override them).
 
     Returns
     -------
@@ -163,7 +123,16 @@ def fetch_benchmark(
     ConfigError
         Unknown name without ``url``.
     DownloadError
-        Failed download, checksum mismatch or unsafe archive.
+        Failed or short download, checksum mismatch, unsafe or oversized archive, or a
+        folder ``<root>/<name>`` that automask did not make (it is never touched).
+
+    Notes
+    -----
+    The folder ``<root>/<name>`` is unpacked beside itself and moved into place complete,
+    with a ``.complete`` marker inside. A folder without the marker was not made by
+    automask: it is reported, never deleted. A cached archive that does not match
+    ``sha256`` or cannot be opened as a zip is downloaded again (the new file replaces it
+    only once complete and verified).
     """
     entry = BENCHMARKS.get(name)
     if entry is None and url is None:
@@ -178,12 +147,11 @@ def fetch_benchmark(
     archive = base / f"{name}.zip"
     folder = base / name
     if not (folder / _DONE).exists():
-        if archive.exists() and sha256 is not None and sha256_file(archive) != sha256.lower():
-            archive.unlink()
-        if not archive.exists():
+        check_destination_free(folder)  # before any download: a user's folder stays as it is
+        if not _archive_usable(archive, sha256):
             download_file(url, archive, sha256=sha256, progress=progress)
-        safe_unpack(archive, folder)
-        (folder / _DONE).write_text(f"{url}\n")
+        safe_unpack(archive, folder, max_bytes=max_bytes, max_ratio=max_ratio,
+                    marker=(_DONE, f"{url}\n"))
     split_folder = _find_split_folder(folder)
     csvs = sorted(split_folder.glob("*.csv"))
     order = {"train": 0, "val": 1, "test": 2}

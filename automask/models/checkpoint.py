@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, DownloadError
-from ..utils import cache_dir, download_file, sha256_file
+from ..utils import cache_dir, download_file, sha256_file, sha256_fileobj
 from .backbones import get_spec
 
 RANDOM = "random"
@@ -94,7 +94,10 @@ def locate_checkpoint(
     """Resolve ``backbone``'s weights and report where they came from.
 
     Same arguments as :func:`resolve_checkpoint`; returns a :class:`ResolvedCheckpoint`
-    carrying the source and the file's SHA-256 (computed or verified exactly once).
+    carrying the source and the file's SHA-256 (computed or verified exactly once). Every
+    check happens here, on the file's bytes, before anything deserialises it: a file path
+    is verified against ``sha256`` when given, the cache and downloads against ``sha256``,
+    then ``AUTOMASK_SAM_SHA256_<NAME>``, then the pinned value.
     """
     spec = get_spec(backbone)
     if isinstance(checkpoint, str) and checkpoint == RANDOM:
@@ -103,7 +106,13 @@ def locate_checkpoint(
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {str(path)!r} does not exist or is not a file")
-        return ResolvedCheckpoint(source="file", path=path, sha256=sha256_file(path))
+        digest = sha256_file(path)
+        if sha256 is not None and digest != sha256.lower():
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} has SHA-256 {digest}, expected {sha256.lower()}; "
+                "it was not loaded"
+            )
+        return ResolvedCheckpoint(source="file", path=path, sha256=digest)
 
     url = url or _override("URL", backbone) or spec.url
     expected = (sha256 or _override("SHA256", backbone) or spec.sha256 or "").lower() or None
@@ -156,7 +165,8 @@ def resolve_checkpoint(
     url, sha256 : str, optional
         Override the download URL and the expected SHA-256 (defaults: the environment
         variables ``AUTOMASK_SAM_URL_<NAME>`` / ``AUTOMASK_SAM_SHA256_<NAME>``, then the
-        official values pinned in :data:`~automask.models.BACKBONES`).
+        official values pinned in :data:`~automask.models.BACKBONES`). A ``sha256`` given
+        with a file path ``checkpoint`` is checked against that file too.
     progress : bool
         Show a progress bar while downloading.
 
@@ -175,26 +185,49 @@ def resolve_checkpoint(
     return locate_checkpoint(backbone, checkpoint, url=url, sha256=sha256, progress=progress).path
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely into a flat ``{key: tensor}`` dict on the CPU.
 
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)``, which refuses to run arbitrary pickled code.
 
+    Parameters
+    ----------
+    path : str or PathLike
+    sha256 : str, optional
+        Expected hex SHA-256. The file is hashed first and deserialised only when it
+        matches; a ``.pth`` file is hashed and then loaded through the same open handle,
+        so the bytes checked are the bytes loaded even if the path is replaced meanwhile.
+
     Raises
     ------
     CheckpointError
-        The file cannot be read (truncated, not a checkpoint, unsafe pickle) or is not a
-        plain mapping of names to tensors.
+        A SHA-256 mismatch (nothing was deserialised), a file that cannot be read
+        (truncated, not a checkpoint, unsafe pickle) or that is not a plain mapping of
+        names to tensors.
     """
     path = Path(path)
+    expected = sha256.lower() if sha256 is not None else None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        with open(path, "rb") as fh:
+            if expected is not None:
+                digest = sha256_fileobj(fh)
+                if digest != expected:
+                    raise CheckpointError(
+                        f"{str(path)!r} has SHA-256 {digest}, expected {expected}; it was not "
+                        "loaded"
+                    )
+                fh.seek(0)
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file  # safe format: no code to run
 
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+                state = load_file(str(path), device="cpu")
+            else:
+                state = torch.load(fh, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # truncated zip, pickle refused by weights_only, I/O error...
         raise CheckpointError(
             f"could not read {str(path)!r} as a SAM state dict ({type(exc).__name__}: {exc})"
@@ -259,11 +292,14 @@ def adapt_state_dict(
     return out
 
 
-def load_sam_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_sam_weights(
+    model: torch.nn.Module, path: str | os.PathLike, sha256: str | None = None
+) -> None:
     """Load an official-format SAM state dict into ``model`` strictly, resizing position tables.
 
     ``model`` must expose ``image_encoder``, ``prompt_encoder`` and ``mask_decoder`` as
-    segment-anything lays them out (and nothing else persistent).
+    segment-anything lays them out (and nothing else persistent). With ``sha256``, the
+    file is verified before it is deserialised (see :func:`read_state_dict`).
 
     Raises
     ------
@@ -272,7 +308,7 @@ def load_sam_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         unexpected or mis-shaped tensors are listed); the model is then not used partially
         initialised by the caller.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, sha256=sha256)
     state = adapt_state_dict(state, model.state_dict())
     try:
         model.load_state_dict(state, strict=True)

@@ -306,6 +306,7 @@ def build_segmenter(
     *,
     progress: bool = True,
     multiclass_head: str = "tokens",
+    sha256: str | None = None,
 ) -> SamSegmenter:
     """Build a prompt-free SAM segmenter, loading its weights.
 
@@ -324,6 +325,9 @@ def build_segmenter(
         Show a progress bar while downloading.
     multiclass_head : {"tokens", "mask_classification"}
         Head for ``num_classes >= 2`` (see :meth:`SamSegmenter.set_num_classes`).
+    sha256 : str, optional
+        The SHA-256 the checkpoint must have (a saved predictor's record); checked on the
+        file's bytes before anything deserialises them.
 
     Returns
     -------
@@ -348,7 +352,7 @@ def build_segmenter(
     if multiclass_head not in MULTICLASS_HEADS:
         raise ConfigError(f"multi-class head must be one of {MULTICLASS_HEADS}, "
                           f"got {multiclass_head!r}")
-    resolved = locate_checkpoint(backbone, checkpoint, progress=progress)
+    resolved = locate_checkpoint(backbone, checkpoint, sha256=sha256, progress=progress)
     parts = build_sam_parts(spec, input_size)
     info = {"backbone": backbone, "source": resolved.source,
             "path": str(resolved.path) if resolved.path else None, "sha256": resolved.sha256}

@@ -1,17 +1,32 @@
 """Cache folder, SHA-256 hashing, atomic writes and verified downloads.
 
-Used by the SAM checkpoint resolver and by the benchmark-archive fetcher. A download is
-written to a temporary file in the destination folder and renamed into place only after
-its SHA-256 matched, so an interrupted or corrupted download never leaves a file that a
-later run would trust.
+Used by the SAM checkpoint resolver, the benchmark-archive fetcher and the predictor
+saver. A file is written to a temporary ``.<name>.<8 random characters>.part`` file in the
+destination folder and renamed into place only once it is complete, so an interrupted or
+corrupted write never leaves a file that a later run would trust. A download is complete
+when it has as many bytes as its ``Content-Length`` said and, when one is given, its
+SHA-256 matches.
+
+File modes: a new file gets ``0o666 & ~umask`` (``0o644`` under the usual umask 022), as
+``open()`` would give it; a file that replaces an existing one keeps the existing file's
+permission bits.
+
+``.part`` files left by a killed process are removed by the next download to the same
+destination once untouched for :data:`STALE_PART_SECONDS` (a live download writes at
+least once per read timeout, so it is never that old). Only files named by the pattern
+above are touched.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +35,9 @@ from typing import IO, Iterator
 from ..errors import DownloadError
 
 _CHUNK = 1 << 20
+PART_SUFFIX = ".part"
+#: A ``.part`` file untouched for this many seconds belongs to a dead process.
+STALE_PART_SECONDS = 600.0
 
 
 def cache_dir() -> Path:
@@ -31,20 +49,104 @@ def cache_dir() -> Path:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
+        return sha256_fileobj(fh)
+
+
+def sha256_fileobj(fh: IO[bytes]) -> str:
+    """Hex SHA-256 of an open binary file from its current position to its end."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(_CHUNK), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def temp_name(path: Path, suffix: str = PART_SUFFIX) -> Path:
+    """A fresh sibling name ``.<name>.<8 hex digits><suffix>`` for a temporary file."""
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+
+
+def is_temp_of(candidate: str, path: Path, suffix: str = PART_SUFFIX) -> bool:
+    """Whether the file name ``candidate`` is one of :func:`temp_name`'s names for ``path``.
+
+    Also matches the names of earlier versions (``tempfile.mkstemp``'s 8 characters).
+    """
+    pattern = rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}"
+    return re.fullmatch(pattern, candidate) is not None
+
+
+def remove_stale_parts(
+    path: str | os.PathLike, max_age: float = STALE_PART_SECONDS
+) -> list[Path]:
+    """Delete the ``.part`` files of ``path`` left by dead processes.
+
+    Only regular files named like :func:`temp_name`'s names for ``path`` and not modified
+    for ``max_age`` seconds are removed; anything else in the folder is left alone.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not is_temp_of(entry.name, path):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < max_age:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """Create a new, empty temporary file beside ``path`` with the umask's mode."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = temp_name(path)
+        try:
+            return os.open(tmp, flags, 0o666), tmp  # the kernel applies the umask
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")  # pragma: no cover
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
+    """Open a temporary file beside ``path``; rename it onto ``path`` only on success.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Final file; its folder is created.
+    mode : str
+        ``"wb"`` or ``"w"`` (text).
+
+    Notes
+    -----
+    A new file gets mode ``0o666 & ~umask``; replacing an existing file keeps that file's
+    permission bits. On any exception the temporary file is removed and ``path`` is left
+    as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            existing = os.stat(path)
+            if stat.S_ISREG(existing.st_mode):
+                os.chmod(tmp, stat.S_IMODE(existing.st_mode) & 0o777)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -63,45 +165,72 @@ def download_file(
     progress: bool = True,
     timeout: float = 60.0,
 ) -> Path:
-    """Download ``url`` to ``dest`` atomically, verifying ``sha256`` when given.
+    """Download ``url`` to ``dest`` atomically, verifying its length and ``sha256``.
 
-    Args:
-        url: http(s) or file URL.
-        dest: final path; its folder is created.
-        sha256: expected hex digest; a mismatch raises :class:`DownloadError` and leaves
-            no file at ``dest``.
-        progress: show a tqdm progress bar on stderr.
-        timeout: socket timeout in seconds.
+    Parameters
+    ----------
+    url : str
+        http(s) or file URL.
+    dest : str or PathLike
+        Final path; its folder is created. Stale ``.part`` files of earlier, killed
+        downloads to ``dest`` are removed first (see :func:`remove_stale_parts`).
+    sha256 : str, optional
+        Expected hex digest.
+    progress : bool
+        Show a tqdm progress bar on stderr.
+    timeout : float
+        Socket timeout in seconds.
 
-    Returns:
-        ``dest`` as a Path.
+    Returns
+    -------
+    Path
+        ``dest``.
+
+    Raises
+    ------
+    DownloadError
+        The request failed, the body ended before its ``Content-Length``, or the SHA-256
+        does not match. ``dest`` is then left as it was and no partial file is kept.
     """
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dest)
     digest = hashlib.sha256()
     try:
         response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (URL is ours)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise DownloadError(f"could not download {url}: {exc}") from exc
     with response:
-        total = int(response.headers.get("Content-Length") or 0) or None
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.strip().isdigit() else None
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
+        received = 0
         try:
             with atomic_write(dest) as fh:
                 while True:
                     try:
                         chunk = response.read(_CHUNK)
-                    except OSError as exc:
-                        raise DownloadError(f"download of {url} broke off: {exc}") from exc
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise DownloadError(
+                            f"download of {url} broke off after {received} bytes: {exc!r}; "
+                            "the partial file was not kept"
+                        ) from exc
                     if not chunk:
                         break
                     fh.write(chunk)
                     digest.update(chunk)
+                    received += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
+                if total is not None and received != total:
+                    raise DownloadError(
+                        f"download of {url} ended after {received} of the {total} bytes its "
+                        "Content-Length announced; the partial file was not kept"
+                    )
                 if sha256 is not None and digest.hexdigest() != sha256.lower():
                     raise DownloadError(
                         f"SHA-256 mismatch for {url}: expected {sha256}, got "

@@ -1,0 +1,186 @@
+"""Data validation that says what is wrong: leaks, truncated files, empty masks, masks that
+do not fit the model's task. Real files, real splits, a real (tiny) fit and evaluate."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automask import SemanticSegmentor
+from automask.data import SegmentationDataModule, split_spec, validate_frame
+from automask.data.validation import duplicate_images, warn_training_issues
+from automask.datasets import make_synthetic
+from automask.errors import DataValidationError
+from conftest import shared_path
+
+
+def _pairs(root: Path, n: int, empty: set[int] = frozenset(), size=(24, 32)) -> pd.DataFrame:
+    """``n`` distinct image/mask PNG pairs; masks of rows in ``empty`` have no foreground."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        image = (rng.random((*size, 3)) * 255).astype(np.uint8)
+        mask = np.zeros(size, np.uint8)
+        if i not in empty:
+            mask[2: 4 + i % 10, 3: 9 + i % 7] = 255
+        Image.fromarray(image).save(root / f"img_{i}.png")
+        Image.fromarray(mask).save(root / f"mask_{i}.png")
+        rows.append({"image": str(root / f"img_{i}.png"), "label": str(root / f"mask_{i}.png")})
+    return pd.DataFrame(rows)
+
+
+# -- duplicated images never straddle the holdout split ------------------------------------
+
+def test_holdout_split_keeps_every_row_of_an_image_on_one_side(tmp_path):
+    frame = _pairs(tmp_path / "d", 12)
+    repeated = pd.concat([frame.iloc[[1, 4, 7, 10]]] * 3)  # 4 images, each 3 more times
+    data = pd.concat([frame, repeated], ignore_index=True)  # 24 rows, 12 distinct images
+    spec = validate_frame(data)
+    assert [len(g) for g in duplicate_images(spec)] == [4, 4, 4, 4]
+    for seed in range(6):
+        train, val = split_spec(spec, 0.3, seed=seed)
+        train_images = set(train.frame["image"])
+        val_images = set(val.frame["image"])
+        assert not train_images & val_images
+        assert len(train) + len(val) == 24 and len(val_images) in (3, 4)
+        kept = sorted(list(train.frame.index) + list(val.frame.index))
+        assert kept == list(range(24))
+
+
+def test_without_repeats_the_split_is_the_split_of_the_rows(tmp_path):
+    from automask.datasets.split import split_positions
+
+    spec = validate_frame(_pairs(tmp_path / "d", 10))
+    train, val = split_spec(spec, 0.2, seed=3)
+    want_train, want_val = split_positions(10, 0.2, 3, spec.stats["foreground"].to_numpy())
+    assert list(train.frame.index) == want_train.tolist()
+    assert list(val.frame.index) == want_val.tolist()
+
+
+def test_repeated_images_and_tuning_overlap_are_named_before_training(tmp_path):
+    frame = _pairs(tmp_path / "d", 8)
+    data = pd.concat([frame, frame.iloc[[2]], frame.iloc[[2]], frame.iloc[[5]]],
+                     ignore_index=True)
+    spec = validate_frame(data)
+    dm = SegmentationDataModule(spec, input_size=32, batch_size=2, holdout_frac=0.25,
+                                num_workers=0)
+    with pytest.warns(UserWarning, match="repeat the image") as record:
+        dm.setup("fit")
+    message = next(str(w.message) for w in record if "repeat" in str(w.message))
+    assert message.startswith("3 training row(s)") and "rows 2, 8, 9" in message
+    assert frame["image"][2] in message
+    assert not set(dm.train_spec.frame["image"]) & set(dm.val_spec.frame["image"])
+
+    tuning = validate_frame(frame.iloc[[0, 5]])
+    train = validate_frame(frame.iloc[[1, 2, 3, 5]])
+    with pytest.warns(UserWarning, match="also in the training data") as record:
+        warn_training_issues(train, tuning)
+    assert "1 of the 2 tuning row(s)" in str(record[0].message)
+    assert "tuning rows 5" in str(record[0].message)
+
+
+# -- truncated images are caught even with their end marker -----------------------------
+
+def _cut_with_marker(data: bytes, fraction: float, fmt: str) -> bytes:
+    cut = data[: int(len(data) * fraction)]
+    return cut + (b"\xff\xd9" if fmt == "JPEG" else b"\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_truncated_image_with_its_end_marker_added_back_is_reported(tmp_path, fmt):
+    frame = _pairs(tmp_path / "d", 3, size=(96, 128))
+    suffix = ".jpg" if fmt == "JPEG" else ".png"
+    bad = tmp_path / f"cut{suffix}"
+    buffer = io.BytesIO()
+    Image.open(frame["image"][1]).save(buffer, fmt)
+    bad.write_bytes(_cut_with_marker(buffer.getvalue(), 0.6, fmt))
+    with Image.open(bad) as img:
+        assert img.size == (128, 96)  # the header still reads fine
+    frame.loc[1, "image"] = str(bad)
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    message = str(info.value)
+    assert "1 problem(s) in 1 row(s)" in message
+    assert f"row 1 [image] {bad}: truncated or corrupt" in message
+
+
+def test_intact_jpegs_of_every_kind_pass_and_a_cut_progressive_one_does_not(tmp_path):
+    frame = _pairs(tmp_path / "d", 4, size=(40, 48))
+    pixels = np.asarray(Image.open(frame["image"][0]))
+    kinds = {"cmyk": {"mode": "CMYK"}, "gray": {"mode": "L"},
+             "progressive": {"mode": "RGB", "progressive": True}}
+    for row, (name, options) in enumerate(kinds.items()):
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(pixels).convert(options.pop("mode")).save(path, **options)
+        frame.loc[row, "image"] = str(path)
+    assert validate_frame(frame).task == "binary"
+    data = (tmp_path / "progressive.jpg").read_bytes()
+    (tmp_path / "progressive.jpg").write_bytes(_cut_with_marker(data, 0.5, "JPEG"))
+    with pytest.raises(DataValidationError, match=r"row 2 \[image\] .*progressive.jpg: trunc"):
+        validate_frame(frame)
+
+
+def test_a_truncated_kvasir_jpeg_is_reported(tmp_path):
+    data = shared_path("data", "kvasir_seg")
+    image = sorted((data / "images").glob("*.jpg"))[0]
+    mask = data / "masks" / f"{image.stem}.png"
+    bad = tmp_path / image.name
+    bad.write_bytes(_cut_with_marker(image.read_bytes(), 0.7, "JPEG"))
+    frame = pd.DataFrame({"image": [str(image), str(bad)], "label": [str(mask), str(mask)]})
+    with pytest.raises(DataValidationError, match=r"row 1 \[image\] .*premature end"):
+        validate_frame(frame)
+    assert validate_frame(frame.iloc[[0]]).task == "binary"  # the intact file passes
+
+
+# -- empty masks in a binary task ---------------------------------------------------------
+
+def test_empty_masks_are_counted_before_training(tmp_path):
+    spec = validate_frame(_pairs(tmp_path / "some", 8, empty={0, 3, 6}))
+    with pytest.warns(UserWarning, match="3 of the 8 training masks are empty") as record:
+        SegmentationDataModule(spec, input_size=32, batch_size=2, num_workers=0).setup("fit")
+    assert "rows 0, 3, 6" in str(record[0].message)
+
+    everything = validate_frame(_pairs(tmp_path / "all", 4, empty={0, 1, 2, 3}))
+    assert everything.task == "binary"
+    with pytest.warns(UserWarning, match="all 4 training masks are empty"):
+        warn_training_issues(everything)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_training_issues(validate_frame(_pairs(tmp_path / "none", 4))) == []
+
+
+# -- masks that do not fit the model's task -----------------------------------------------
+
+def test_binary_masks_are_rejected_for_a_multiclass_task(tmp_path):
+    frame = _pairs(tmp_path / "d", 3)
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame, num_classes=4)
+    message = str(info.value)
+    assert "3 problem(s) in 3 row(s)" in message
+    assert f"row 0 [label] {frame['label'][0]}: mask values {{0, 255}}" in message
+    assert "num_classes=4 reads 255 as 'ignore'" in message
+    # class ids with 255 as ignore, or a void label, are still fine
+    ids = tmp_path / "ids.png"
+    Image.fromarray(np.array([[0, 2] * 16] * 24, np.uint8)).save(ids)
+    mixed = frame.assign(label=[frame["label"][0], str(ids), frame["label"][2]])
+    assert validate_frame(mixed, num_classes=4).task == "multiclass"
+    assert validate_frame(frame, num_classes=2).task == "binary"
+
+
+def test_a_multiclass_model_refuses_to_evaluate_binary_masks(tmp_path):
+    train = make_synthetic(8, size=(48, 64), num_classes=3, seed=0, root=tmp_path / "mc")
+    binary = make_synthetic(3, size=(48, 64), num_classes=2, seed=1, root=tmp_path / "bin")
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0)
+    seg.fit(train, presets="tiny",
+            hyperparameters={"optim.max_epochs": 1, "model.input_size": 64})
+    assert seg.evaluate(train)["miou"] >= 0.0
+    with pytest.raises(DataValidationError, match="num_classes=3 reads 255 as 'ignore'") as info:
+        seg.evaluate(binary)
+    assert binary["label"][0] in str(info.value)
