@@ -117,17 +117,18 @@ def build_leaderboard(
     clash = sorted(set(extra) & set(seg.models_))
     if clash:
         raise ConfigError(f"external row names {clash} are names of trained models")
-    pairs = {}
-    if extra:  # every folder is checked before anything is scored
+    external = []
+    if extra:  # every folder is paired, then scored, before any model is evaluated
         frame = _validated(seg, data)
         pairs = {name: pair_predictions(frame, seg.image, folder) for name, folder in extra.items()}
+        for name, files in pairs.items():
+            row: dict[str, Any] = {"model": name, "source": "external", "group": name,
+                                   "best": False}
+            row.update(_test_columns(score_external(seg, data, files, metrics), seg.classes_))
+            external.append(row)
     groups = _run_groups(seg)
     rows = [_model_row(seg, name, groups[name], data, metrics) for name in seg.models_]
-    for name, files in pairs.items():
-        row: dict[str, Any] = {"model": name, "source": "external", "group": name,
-                               "best": False}
-        row.update(_test_columns(score_external(seg, data, files, metrics), seg.classes_))
-        rows.append(row)
+    rows += external
     board = pd.DataFrame(rows)
     val = f"val_{seg.eval_metric_}"
     board = _sort_by(board, val, seg.eval_metric_)
@@ -438,16 +439,15 @@ def score_external(
         target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
         try:
             pred = as_tensor(read_map(path))
+            if tuple(pred.shape[-2:]) != tuple(target.shape):
+                raise ValueError(f"is {tuple(pred.shape[-2:])} but its mask is "
+                                 f"{tuple(target.shape)} (height, width)")
             if seg.task_ == "binary":
                 keep = target != 255
                 pred = binary_prediction(pred) * keep
                 target = target * keep
         except (OSError, ValueError) as exc:
-            raise DataValidationError(f"external prediction {str(path)!r}: {exc}") from exc
-        if tuple(pred.shape[-2:]) != tuple(target.shape):
-            raise DataValidationError(
-                f"external prediction {str(path)!r} is {tuple(pred.shape[-2:])} but its mask "
-                f"is {tuple(target.shape)} (height, width)")
+            raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
         preds.append(pred)
         targets.append(target)
     try:
