@@ -528,8 +528,11 @@ class SemanticSegmentor(BaseEstimator):
             raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
         if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
             raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-        # Raises for a metric that does not fit the task.
-        build_metrics(task, [metric], **metric_conventions(task, num_classes))
+        try:  # raises for a metric that does not fit the task
+            build_metrics(task, [metric], **metric_conventions(task, num_classes))
+        except ValueError as exc:
+            key = "'optim.select_metric'" if select else "eval_metric"
+            raise ConfigError(f"{key} {metric!r}: {exc}") from exc
         return metric
 
     def _run_dir(self) -> Path:

@@ -259,8 +259,15 @@ def test_cli_leaderboard_extra_and_paper_table(runs, data, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("automask: error:"), proc.stderr
     assert str(missing) in lines[0] and "Traceback" not in proc.stderr
     assert not bad.exists()
-    proc = run_cli("leaderboard", str(seg.path_), "--extra", "justaname")
-    assert proc.returncode == 2 and "NAME=DIR" in proc.stderr
+
+
+def test_cli_extra_needs_name_and_folder(capsys, tmp_path):
+    from automask.cli import main
+
+    assert main(["leaderboard", str(tmp_path), "--extra", "justaname"]) == 2
+    assert "--extra expects NAME=DIR, got 'justaname'" in capsys.readouterr().err
+    assert main(["leaderboard", str(tmp_path), "--out", str(tmp_path / "t.txt")]) == 2
+    assert ".csv or .md" in capsys.readouterr().err
 
 
 def test_cli_params_paper_style(tmp_path):
