@@ -114,9 +114,12 @@ def build_leaderboard(
     extra = dict(extra or {})
     if extra and data is None:
         raise ConfigError("external rows (extra=...) need labelled test data (data=...)")
-    clash = sorted(set(extra) & set(seg.models_))
+    groups = _run_groups(seg)
+    taken = set(seg.models_) | {group for group, _ in groups.values()}
+    clash = sorted(set(extra) & taken)
     if clash:
-        raise ConfigError(f"external row names {clash} are names of trained models")
+        raise ConfigError(f"external row names {clash} are already names of trained models "
+                          "or of their groups of runs")
     external = []
     if extra:  # every folder is paired, then scored, before any model is evaluated
         frame = _validated(seg, data)
@@ -126,7 +129,6 @@ def build_leaderboard(
                                    "best": False}
             row.update(_test_columns(score_external(seg, data, files, metrics), seg.classes_))
             external.append(row)
-    groups = _run_groups(seg)
     rows = [_model_row(seg, name, groups[name], data, metrics) for name in seg.models_]
     rows += external
     board = pd.DataFrame(rows)

@@ -19,8 +19,10 @@ from automask.datasets import make_synthetic, train_test_split
 from automask.errors import ConfigError, DataValidationError
 from automask.leaderboard import (
     PARAMS_COLUMN,
+    aggregate_runs,
     format_cell,
     format_params,
+    paper_table,
     save_table,
 )
 from automask.metrics import score
@@ -162,6 +164,8 @@ def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tm
                           [g[:32, :32] for g in gts])
     with pytest.raises(DataValidationError, match=r"small.*is \(32, 32\) but its mask"):
         seg.leaderboard(test, extra={"S": small})
+    with pytest.raises(ConfigError, match=r"\['lora'\] are already names"):
+        seg.leaderboard(test, extra={"lora": small})
     with pytest.raises(ConfigError, match="need labelled test data"):
         seg.leaderboard(extra={"S": small})
     with pytest.raises(ConfigError, match="unknown leaderboard style 'nice'"):
@@ -200,6 +204,37 @@ def test_paper_style(runs, data, tmp_path):
         mean, std = _parse(rows.loc[label, "BER ↓"])  # one more decimal, as the paper
         assert mean == round(100 * methods.loc[group, "test_ber"], 2)
         assert std == round(100 * methods.loc[group, "test_ber_std"], 3)
+
+
+def test_paper_table_orders_rows_by_registry_and_labels_variants():
+    """Pure function: a hand-made ``models`` board, rows given in the worst order."""
+    def run(group, method, variant, seed, miou, pretrained=True):
+        return {"model": f"{group},seed={seed}", "source": "fit", "group": group,
+                "variant": variant, "method": method, "pretrained": pretrained,
+                "seed": seed, "trainable_params_m": 4.0, "ratio_pct": 0.62,
+                "val_miou": miou, "test_miou": miou, "best": False}
+
+    models = pd.DataFrame([
+        run("method=conv_lora,rank=8", "conv_lora", "rank=8", 0, 0.70),
+        run("method=conv_lora,rank=8", "conv_lora", "rank=8", 1, 0.72),
+        run("method=lora,rank=3", "lora", "rank=3", 0, 0.60),
+        run("method=decoder_only,rank=3", "decoder_only", "rank=3", 0, 0.50),
+        run("method=full,rank=3", "full", "rank=3", 0, 0.40, pretrained=False),
+        {"model": "Trans2Seg", "source": "external", "group": "Trans2Seg",
+         "test_miou": 0.7215, "best": False},
+    ])
+    methods = aggregate_runs(models)
+    conv = methods.set_index("model").loc["method=conv_lora,rank=8"]
+    assert conv["runs"] == 2 and conv["seeds"] == "0,1"
+    assert conv["test_miou"] == pytest.approx(0.71)
+    assert conv["test_miou_std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
+    table = paper_table(methods, decimals=2)
+    assert list(table["Method"]) == ["Trans2Seg", "SAM (from scratch) (rank=3)",
+                                     "Decoder-only (rank=3)", "LoRA (rank=3)",
+                                     "Conv-LoRA (rank=8)"]
+    cells = table.set_index("Method")["mIoU ↑"]
+    assert cells["Trans2Seg"] == "72.15" and cells["LoRA (rank=3)"] == "60.00"
+    assert cells["Conv-LoRA (rank=8)"] == "71.00 ± 1.414"
 
 
 def test_formatting_follows_the_paper():
