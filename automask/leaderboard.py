@@ -104,13 +104,23 @@ def build_leaderboard(
     Raises
     ------
     ConfigError
-        Unknown style, or ``extra`` without ``data``.
+        Unknown style or metric, ``extra`` without ``data``, or an external row named like
+        a trained model.
     DataValidationError
         An external folder missing, or without a prediction for some rows of ``data``
         (the message names them), or a prediction that does not fit its mask.
     """
     if style is not None and style not in STYLES:
         raise ConfigError(f"unknown leaderboard style {style!r}; valid: {', '.join(STYLES)}")
+    if metrics is not None:
+        from .metrics import build_metrics
+        from .segmentor import metric_conventions
+
+        try:
+            build_metrics(seg.task_, list(metrics),
+                          **metric_conventions(seg.task_, seg.num_classes_))
+        except ValueError as exc:
+            raise ConfigError(f"leaderboard metrics: {exc}") from exc
     extra = dict(extra or {})
     if extra and data is None:
         raise ConfigError("external rows (extra=...) need labelled test data (data=...)")

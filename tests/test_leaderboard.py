@@ -168,6 +168,8 @@ def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tm
         seg.leaderboard(test, extra={"lora": small})
     with pytest.raises(ConfigError, match="need labelled test data"):
         seg.leaderboard(extra={"S": small})
+    with pytest.raises(ConfigError, match="'miou' is a multiclass metric"):
+        seg.leaderboard(test, extra={"S": small}, metrics=["sm", "miou"])
     with pytest.raises(ConfigError, match="unknown leaderboard style 'nice'"):
         seg.leaderboard(test, style="nice")
 
