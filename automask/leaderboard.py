@@ -194,7 +194,7 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics) -> dict[st
         "input_size": cfg.model.input_size,
         "seed": seg.seed if cfg.env.seed is None else cfg.env.seed,
         "trainable_params_m": round(info["trainable_params"] / 1e6, 2),
-        "ratio_pct": round(100.0 * info["trainable_params"] / info["base_params"], 2),
+        "ratio_pct": _ratio_pct(info),
         f"val_{seg.eval_metric_}": info["val_score"],
         "fit_time_s": round(info["fit_time"], 1),
         "predict_images_per_s": info.get("predict_images_per_s"),
@@ -203,6 +203,12 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics) -> dict[st
     if data is not None:
         row.update(_test_columns(seg.evaluate(data, metrics=metrics, model=name), seg.classes_))
     return row
+
+
+def _ratio_pct(info: Mapping[str, Any]) -> float:
+    """Trainable parameters in % of the SAM model before adapters (4.02M / 641.09M for
+    Conv-LoRA on vit_h), rounded to 2 decimals."""
+    return round(100.0 * info["trainable_params"] / info["base_params"], 2)
 
 
 def _test_columns(scores: Mapping[str, Any], classes: Sequence[str]) -> dict[str, float]:
@@ -433,18 +439,25 @@ def score_external(
     """Score one prediction file per row of ``data`` as :meth:`evaluate` scores a model.
 
     Binary predictions are read as :func:`automask.metrics.score` reads them (8-bit maps
-    divided by 255, 0/1 masks, probabilities); pixels the ground truth ignores (255) count
-    as background in both, as in ``evaluate``. Multi-class predictions are class-index maps.
+    divided by 255, 0/1 masks, probabilities); multi-class predictions are class-index
+    maps. Void pixels of the ground truth (255) are treated as ``evaluate`` treats them.
     """
     import torch
 
     from .data import read_mask
-    from .metrics import DEFAULT_METRICS, read_map, score
+    from .metrics import CONVENTIONS, DEFAULT_METRICS, read_map, score
     from .metrics.inputs import as_tensor, binary_prediction
     from .segmentor import metric_conventions
 
     spec = _validated(seg, data)
     names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[seg.task_])
+    conventions = metric_conventions(seg.task_, seg.num_classes_)
+    # Binary void pixels: where the binary metrics take ``ignore_index`` (as evaluate then
+    # passes it), they score void themselves; before that, evaluate counted void pixels as
+    # background in prediction and target, and so does this.
+    void_aware = seg.task_ == "binary" and "ignore_index" in CONVENTIONS["binary"]
+    if void_aware:
+        conventions = {**conventions, "ignore_index": 255}
     preds, targets = [], []
     for idx, path in enumerate(files):
         raw = read_mask(spec.frame[seg.label].iloc[idx], color_map=seg.color_map_)
@@ -455,16 +468,16 @@ def score_external(
                 raise ValueError(f"is {tuple(pred.shape[-2:])} but its mask is "
                                  f"{tuple(target.shape)} (height, width)")
             if seg.task_ == "binary":
-                keep = target != 255
-                pred = binary_prediction(pred) * keep
-                target = target * keep
+                pred = binary_prediction(pred)
+                if not void_aware:
+                    keep = target != 255
+                    pred, target = pred * keep, target * keep
         except (OSError, ValueError) as exc:
             raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
         preds.append(pred)
         targets.append(target)
     try:
-        return score(preds, targets, task=seg.task_, metrics=names,
-                     **metric_conventions(seg.task_, seg.num_classes_))
+        return score(preds, targets, task=seg.task_, metrics=names, **conventions)
     except ValueError as exc:
         message = str(exc)
         if message.startswith("image "):

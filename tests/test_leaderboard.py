@@ -124,8 +124,10 @@ def test_external_rows_score_like_the_metrics(runs, data, tmp_path):
     zeros = _write_folder(tmp_path / "zeros", stems, [np.zeros_like(g) for g in gts])
     probs = _write_folder(tmp_path / "probs", stems, [(g > 0).astype(np.float32) for g in gts],
                           suffix=".npy")
+    own = _write_folder(tmp_path / "own", stems,
+                        seg.predict_proba(test, model=seg.best_model_), suffix=".npy")
     board = seg.leaderboard(test, style="models",
-                            extra={"Truth": truth, "Zeros": zeros, "Probs": probs})
+                            extra={"Truth": truth, "Zeros": zeros, "Probs": probs, "Own": own})
     rows = board.set_index("model")
     for name in ("Truth", "Probs"):
         assert rows.loc[name, "test_iou"] == 1.0 and rows.loc[name, "test_dice"] == 1.0
@@ -137,6 +139,10 @@ def test_external_rows_score_like_the_metrics(runs, data, tmp_path):
     assert rows.loc["Zeros", "test_mae"] == pytest.approx(np.mean([(g > 0).mean() for g in gts]))
     assert rows.loc["Zeros", "test_ber"] == pytest.approx(0.5)  # misses every object pixel
     external = rows.loc[["Truth", "Zeros", "Probs"]]
+    # A model's own probability maps, as an external row, score exactly as the model does.
+    for metric in ("sm", "em", "wfm", "mae", "iou", "dice", "ber"):
+        assert rows.loc["Own", f"test_{metric}"] == pytest.approx(
+            rows.loc[seg.best_model_, f"test_{metric}"], abs=1e-9), metric
     assert external["trainable_params_m"].isna().all() and (external["source"] == "external").all()
     assert not external["best"].any()
 
