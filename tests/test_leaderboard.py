@@ -321,3 +321,12 @@ def test_cli_params_paper_style(tmp_path):
     table = pd.read_csv(out)
     assert list(table["Method"]) == ["Conv-LoRA", "Full fine-tuning"]
     assert list(table[PARAMS_COLUMN]) == ["4.02 / 0.63%", "641.09 / 100%"]
+
+
+def test_seed_lists_name_their_candidates():
+    from automask.config import resolve
+
+    assert [n for n, _ in resolve("tiny", {"env.seed": [0, 1]})] == ["seed=0", "seed=1"]
+    names = [n for n, _ in resolve("tiny", {"env.seed": [3, 4], "peft.rank": [2, 8]})]
+    assert names == ["seed=3,rank=2", "seed=3,rank=8", "seed=4,rank=2", "seed=4,rank=8"]
+    assert [c.env.seed for _, c in resolve("tiny", {})] == [None]  # the predictor's seed
