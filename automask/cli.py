@@ -99,17 +99,50 @@ def _cmd_evaluate(args) -> None:
                   class_names=seg.classes_)
 
 
+def _parse_extra(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=DIR`` pairs of ``--extra``; a name given twice is an error."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise AutomaskError(f"--extra expects NAME=DIR, got {item!r}")
+        if name in out:
+            raise AutomaskError(f"--extra names {name!r} twice")
+        out[name] = folder
+    return out
+
+
+def _show_or_save(df, args) -> None:
+    """Print a table (or its JSON); with ``--out``, write it as .csv or .md as well."""
+    from .leaderboard import save_table
+
+    if args.out:
+        save_table(df, args.out)
+    _print_table(df, args.json)
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
 def _cmd_leaderboard(args) -> None:
-    _print_table(_load(args.run).leaderboard(args.data), args.json)
+    from .leaderboard import table_format
+
+    extra = _parse_extra(args.extra)
+    if args.out:
+        table_format(args.out)  # a bad suffix fails before any model is scored
+    metrics = args.metrics.split(",") if args.metrics else None
+    board = _load(args.run).leaderboard(args.data, extra=extra, style=args.style,
+                                        metrics=metrics)
+    _show_or_save(board, args)
 
 
 def _cmd_params(args) -> None:
+    from .leaderboard import paper_params
     from .models import parameter_summary
 
     methods = args.methods.split(",") if args.methods else None
-    _print_table(parameter_summary(args.backbone, methods=methods,
-                                   num_classes=args.num_classes,
-                                   multiclass_head=args.multiclass_head), args.json)
+    summary = parameter_summary(args.backbone, methods=methods, num_classes=args.num_classes,
+                                multiclass_head=args.multiclass_head)
+    _show_or_save(paper_params(summary) if args.style == "paper" else summary, args)
 
 
 def _cmd_score(args) -> None:
@@ -340,9 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("leaderboard", help="one row per trained model")
+    p = sub.add_parser("leaderboard", help="the trained models side by side")
     p.add_argument("run")
     p.add_argument("--data", help="CSV of test data to score every model on")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                   help="a row scoring another model's masks in DIR on --data; repeatable")
+    p.add_argument("--style", choices=["models", "methods", "paper"],
+                   help="rows per model, per method (mean and std over seeds), or the "
+                        "paper's table (default: methods when runs differ only by seed)")
+    p.add_argument("--metrics", help="comma-separated test metric names")
+    p.add_argument("--out", help="also write the table to this .csv or .md file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_leaderboard)
 
@@ -352,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1, help="output maps (1 = binary)")
     p.add_argument("--multiclass-head", default="tokens",
                    choices=["tokens", "mask_classification"], help="head for 2+ classes")
+    p.add_argument("--style", choices=["counts", "paper"], default="counts",
+                   help="raw counts, or the paper's '#Params (M) / Ratio (%%)' column")
+    p.add_argument("--out", help="also write the table to this .csv or .md file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_params)
 

@@ -195,6 +195,9 @@ class OptimConfig:
     """Early stopping after this many epochs without improvement; 0 disables."""
     val_check_interval: float = 1.0
     """Validate every this fraction of an epoch (1.0: once per epoch)."""
+    select_metric: str | None = None
+    """Validation metric that selects the best epoch and the best candidate (e.g. ``sm``,
+    ``ber``); None: the predictor's ``eval_metric``. The same for every candidate."""
 
     def __post_init__(self) -> None:
         _check_finite("optim", self)
@@ -211,6 +214,15 @@ class OptimConfig:
                 _fail(f"optim.{key}", getattr(self, key), "must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             _fail("optim.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.select_metric is not None:
+            from .metrics.registry import HIGHER_IS_BETTER  # late: keeps config import light
+
+            scalar = [m for m in HIGHER_IS_BETTER if m != "iou_per_class"]
+            if self.select_metric not in scalar:
+                close = difflib.get_close_matches(self.select_metric, scalar, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                _fail("optim.select_metric", self.select_metric,
+                      f"valid values are {', '.join(map(repr, scalar))}{hint}")
 
 
 @dataclass
@@ -281,6 +293,10 @@ class EnvConfig:
     gradient_checkpointing: bool = False
     """Recompute the encoder blocks' activations in the backward pass: much less memory
     (vit_h at 1024 px on smaller GPUs) for roughly one more encoder forward per step."""
+    seed: int | None = None
+    """Seed of initialisation, augmentation and batch order of this candidate; None: the
+    predictor's ``seed``. The train/validation split always uses the predictor's ``seed``, so
+    a list of seeds gives repeated runs on the same split."""
 
     def __post_init__(self) -> None:
         _check_finite("env", self)
@@ -299,6 +315,8 @@ class EnvConfig:
             _fail("env.num_nodes", self.num_nodes, "must be >= 1")
         if self.eval_batch_size < 1:
             _fail("env.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            _fail("env.seed", self.seed, "must be in [0, 2**32)")
 
 
 @dataclass

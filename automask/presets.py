@@ -31,6 +31,40 @@ _PAPER: dict[str, Any] = {
     "data.color_jitter": 0.0,
 }
 
+#: The rows of the paper's tables, as PEFT registry names, in the paper's order.
+PAPER_TABLE_METHODS: tuple[str, ...] = (
+    "scratch", "decoder_only", "bitfit", "adapter", "vpt", "lst", "sam_adapter", "ssf", "lora",
+    "conv_lora",
+)
+
+#: The authors' per-dataset settings over the paper's recipe, from their training script
+#: (AutoGluon, ``examples/automm/Conv-LoRA/run_semantic_segmentation.py``,
+#: ``get_default_training_setting``): the validation metric that selects the checkpoint,
+#: the loss, the epochs and the learning rate. Keys are the preset suffixes; the comment
+#: names the dataset (:func:`automask.datasets.fetch_benchmark` name).
+PAPER_DATASETS: dict[str, dict[str, Any]] = {
+    "polyp": {  # polyp (Kvasir + CVC-ClinicDB train; Kvasir, CVC-612 test)
+        "optim.select_metric": "sm", "optim.loss": "structure",
+    },
+    "isic2017": {  # isic2017: the script's defaults
+        "optim.select_metric": "iou", "optim.loss": "structure",
+    },
+    "camo": {  # camo_sem_seg
+        "optim.select_metric": "sm", "optim.loss": "structure", "optim.max_epochs": 20,
+    },
+    "sbu": {  # SBU-shadow
+        "optim.select_metric": "ber", "optim.loss": "balanced_bce", "optim.max_epochs": 10,
+    },
+    "leaf": {  # leaf_disease_segmentation
+        "optim.select_metric": "iou", "optim.loss": "structure", "optim.lr": 3e-4,
+    },
+    "road": {  # road_segmentation
+        "optim.select_metric": "iou", "optim.loss": "structure", "optim.max_epochs": 20,
+        "optim.lr": 3e-4,
+    },
+}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "medium_quality": {
         "model.backbone": "vit_b",
@@ -66,10 +100,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.scale_max": 1.2,
     },
     "paper": dict(_PAPER),
-    # Every row of the paper's table, in its order ("scratch": SAM trained from random init).
-    "paper_table": {**_PAPER, "peft.method": ["scratch", "decoder_only", "bitfit", "adapter",
-                                              "vpt", "lst", "sam_adapter", "ssf", "lora",
-                                              "conv_lora"]},
+    "paper_table": {**_PAPER, "peft.method": list(PAPER_TABLE_METHODS)},
+    **{f"paper_{name}": {**_PAPER, **recipe} for name, recipe in PAPER_DATASETS.items()},
+    **{f"paper_table_{name}": {**_PAPER, **recipe, "peft.method": list(PAPER_TABLE_METHODS)}
+       for name, recipe in PAPER_DATASETS.items()},
     "tiny": {
         "model.backbone": "tiny",
         "model.checkpoint": "random",

@@ -159,7 +159,10 @@ class SemanticSegmentor(BaseEstimator):
                 raise DataValidationError(
                     f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
                 )
-        metric = self._eval_metric_for(spec.task, spec.num_classes)
+        selects = {cfg.optim.select_metric for _, cfg in candidates}
+        if len(selects) > 1:
+            raise ConfigError("'optim.select_metric' cannot vary across candidates")
+        metric = self._eval_metric_for(spec.task, spec.num_classes, selects.pop())
         for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
             try:
                 build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
@@ -200,7 +203,7 @@ class SemanticSegmentor(BaseEstimator):
         from lightning.pytorch.callbacks import EarlyStopping
         from lightning.pytorch.loggers import CSVLogger
 
-        from .data import AugmentConfig, SegmentationDataModule
+        from .data import AugmentConfig, SegmentationDataModule, split_spec
         from .models import build_segmenter, count_parameters
         from .peft import apply_peft
         from .training import BestTrainableWeights, SegmentationModule
@@ -209,7 +212,8 @@ class SemanticSegmentor(BaseEstimator):
 
         started = time.monotonic()
         cfg, env = resolve_env(cfg)
-        L.seed_everything(self.seed, workers=True, verbose=False)
+        run_seed = self.seed if cfg.env.seed is None else cfg.env.seed
+        L.seed_everything(run_seed, workers=True, verbose=False)
         model = build_segmenter(
             cfg.model.backbone, num_classes=spec.num_outputs, input_size=cfg.model.input_size,
             checkpoint=_checkpoint_of(cfg), progress=self.verbosity >= 2,
@@ -218,13 +222,15 @@ class SemanticSegmentor(BaseEstimator):
         base_params = count_parameters(model)[1]  # SAM before adapters
         apply_peft(model, **_peft_kwargs(cfg))
         model.gradient_checkpointing = cfg.env.gradient_checkpointing
+        if tuning_spec is None:  # the split uses the predictor's seed: the same for every run
+            spec, tuning_spec = split_spec(spec, cfg.data.holdout_frac, self.seed)
         datamodule = SegmentationDataModule(
             spec,
             input_size=cfg.model.input_size,
             batch_size=cfg.optim.batch_size,
             tuning_spec=tuning_spec,
             holdout_frac=cfg.data.holdout_frac,
-            seed=self.seed,
+            seed=run_seed,
             augment=_augment(cfg, AugmentConfig),
             num_workers=cfg.data.num_workers,
             cache_dir=self.path_ / "cache" / f"{cfg.model.input_size}",
@@ -431,44 +437,44 @@ class SemanticSegmentor(BaseEstimator):
             out[key] = value.tolist() if value.ndim else float(value)
         return out
 
-    def leaderboard(self, data: pd.DataFrame | str | os.PathLike | None = None) -> pd.DataFrame:
-        """One row per trained model, in the layout of the Conv-LoRA paper's table.
+    def leaderboard(
+        self,
+        data: pd.DataFrame | str | os.PathLike | None = None,
+        *,
+        extra: dict[str, str | os.PathLike] | None = None,
+        style: str | None = None,
+        metrics: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """The trained models side by side, as rows or in the Conv-LoRA paper's layout.
 
-        Columns: model, method, backbone, input_size, trainable_params_m, ratio_pct
-        (trainable parameters over all parameters of the adapted model, the paper's
-        convention: 4.02M / 641.61M = 0.63% for Conv-LoRA on vit_h),
-        ``val_<metric>``, fit_time_s, predict_images_per_s, and, when
-        ``data`` is given, every test metric of the task's default set (``test_<name>``).
-        Sorted best first by the validation metric.
+        Parameters
+        ----------
+        data : DataFrame or CSV path, optional
+            Labelled test data: adds ``test_<metric>`` columns for every model.
+        extra : dict of str to path, optional
+            Row name -> folder of another model's masks or probability maps, scored on
+            ``data`` with the same metrics (paired by file stem); rows without parameter
+            counts.
+        style : {"models", "methods", "paper"}, optional
+            ``models``: one row per candidate (model, method, backbone, input_size, seed,
+            trainable_params_m, ratio_pct (of all parameters of the adapted model, the
+            paper's convention: 4.02M / 641.61M = 0.63% for Conv-LoRA on vit_h), ``val_<metric>``,
+            fit_time_s, predict_images_per_s, best, ``test_<metric>``), sorted best first.
+            ``methods``: runs that differ only by ``env.seed`` merged into one row, each
+            metric the mean with its sample std (ddof=1) in ``<column>_std``. ``paper``:
+            the ``methods`` rows formatted as the paper's table (x100, ``mean ± std``).
+            Default: ``methods`` when some runs differ only by seed, else ``models``.
+        metrics : sequence of str, optional
+            Test metrics; the task's default set when None.
+
+        Returns
+        -------
+        DataFrame
         """
+        from .leaderboard import build_leaderboard
+
         self._check_fitted()
-        rows = []
-        for name, info in self.models_.items():
-            cfg = info["config"]
-            row = {
-                "model": name,
-                "method": cfg.peft.method,
-                "backbone": cfg.model.backbone,
-                "input_size": cfg.model.input_size,
-                "trainable_params_m": round(info["trainable_params"] / 1e6, 2),
-                "ratio_pct": round(100.0 * info["trainable_params"] / info["total_params"], 2),
-                f"val_{self.eval_metric_}": info["val_score"],
-                "fit_time_s": round(info["fit_time"], 1),
-                "predict_images_per_s": info.get("predict_images_per_s"),
-                "best": name == self.best_model_,
-            }
-            if data is not None:
-                for key, value in self.evaluate(data, model=name).items():
-                    if isinstance(value, list):
-                        for cls, v in zip(self.classes_, value):
-                            row[f"test_{key}[{cls}]"] = v
-                    else:
-                        row[f"test_{key}"] = value
-            rows.append(row)
-        board = pd.DataFrame(rows)
-        higher = HIGHER_IS_BETTER[self.eval_metric_]
-        return board.sort_values(f"val_{self.eval_metric_}", ascending=not higher,
-                                 na_position="last").reset_index(drop=True)
+        return build_leaderboard(self, data, extra=extra, style=style, metrics=metrics)
 
     # ---------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike | None = None) -> Path:
@@ -511,16 +517,19 @@ class SemanticSegmentor(BaseEstimator):
             handler.setFormatter(logging.Formatter("automask: %(message)s"))
             log.addHandler(handler)
 
-    def _eval_metric_for(self, task: str, num_classes: int) -> str:
+    def _eval_metric_for(self, task: str, num_classes: int, select: str | None = None) -> str:
         from .metrics import METRICS
 
-        metric = self.eval_metric or ("iou" if task == "binary" else "miou")
+        metric = select or self.eval_metric or ("iou" if task == "binary" else "miou")
         if metric not in METRICS:
             raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
         if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
             raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-        # Raises for a metric that does not fit the task.
-        build_metrics(task, [metric], **metric_conventions(task, num_classes))
+        try:  # raises for a metric that does not fit the task
+            build_metrics(task, [metric], **metric_conventions(task, num_classes))
+        except ValueError as exc:
+            key = "'optim.select_metric'" if select else "eval_metric"
+            raise ConfigError(f"{key} {metric!r}: {exc}") from exc
         return metric
 
     def _run_dir(self) -> Path:

@@ -1,0 +1,333 @@
+"""Leaderboards: repeated runs over seeds, external rows, the paper's table, saving, CLI."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automask import SemanticSegmentor
+from automask.data import SegmentationDataModule
+from automask.datasets import make_synthetic, train_test_split
+from automask.errors import ConfigError, DataValidationError
+from automask.leaderboard import (
+    PARAMS_COLUMN,
+    aggregate_runs,
+    format_cell,
+    format_params,
+    paper_table,
+    save_table,
+)
+from automask.metrics import score
+
+TINY = {"optim.max_epochs": 1, "model.input_size": 64, "optim.select_metric": "sm",
+        "data.num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("board_data")
+    frame = make_synthetic(16, size=64, num_classes=2, seed=3, root=root / "synthetic")
+    train, test = train_test_split(frame, test_size=0.25, seed=0)
+    test.to_csv(root / "test.csv", index=False)
+    return root, train, test
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """2 methods x 2 seeds; records each run's validation images and data seed."""
+    _, train, _ = data
+    seen = []
+    original = SegmentationDataModule.setup
+
+    def spy(self, stage=None):
+        first = self.train_spec is None
+        original(self, stage)
+        if first:
+            seen.append((self.seed, tuple(self.val_spec.frame["image"])))
+
+    SegmentationDataModule.setup = spy
+    try:
+        seg = SemanticSegmentor(path=tmp_path_factory.mktemp("board_run"), seed=7, verbosity=0)
+        seg.fit(train, presets="tiny", hyperparameters={
+            **TINY, "peft.method": ["full", "lora"], "env.seed": [0, 1]})
+    finally:
+        SegmentationDataModule.setup = original
+    return seg, seen
+
+
+def test_seeds_make_named_runs_on_one_split(runs, data):
+    seg, seen = runs
+    _, _, test = data
+    assert list(seg.models_) == ["method=full,seed=0", "method=full,seed=1",
+                                 "method=lora,seed=0", "method=lora,seed=1"]
+    # Each run set up its data once: the run's seed drives augmentation and order, and the
+    # validation images (the split, from the predictor's seed 7) are the same for all.
+    assert [s for s, _ in seen] == [0, 1, 0, 1]
+    assert len({images for _, images in seen}) == 1 and len(seen[0][1]) > 0
+    a = seg.predict_proba(test.iloc[:1], model="method=lora,seed=0")[0]
+    b = seg.predict_proba(test.iloc[:1], model="method=lora,seed=1")[0]
+    assert not np.allclose(a, b)  # the seed changed the run
+    assert seg.eval_metric_ == "sm"  # optim.select_metric chose the validation metric
+
+
+def test_runs_aggregate_to_mean_and_sample_std(runs, data):
+    seg, _ = runs
+    _, _, test = data
+    models = seg.leaderboard(style="models")
+    assert len(models) == 4 and set(models["seed"]) == {0, 1}
+    assert "val_sm" in models.columns
+    board = seg.leaderboard(test)  # runs differing only by seed: one row per method
+    assert board["val_sm"].is_monotonic_decreasing  # best first
+    assert sorted(board["model"]) == ["full", "lora"]
+    assert set(board["runs"]) == {2} and set(board["seeds"]) == {"0,1"}
+    for method in ("full", "lora"):
+        row = board.set_index("model").loc[method]
+        per_run = [seg.evaluate(test, model=f"method={method},seed={s}") for s in (0, 1)]
+        for metric in ("sm", "iou", "ber"):
+            values = np.array([r[metric] for r in per_run])
+            assert row[f"test_{metric}"] == pytest.approx(values.mean(), abs=1e-12)
+            assert row[f"test_{metric}_std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        vals = [seg.models_[f"method={method},seed={s}"]["val_score"] for s in (0, 1)]
+        assert row["val_sm"] == pytest.approx(np.mean(vals))
+    best_group = seg.best_model_.split(",")[0].split("=")[1]
+    assert board.set_index("model").loc[best_group, "best"]
+
+
+def _gt_arrays(test) -> list[np.ndarray]:
+    return [np.array(Image.open(p)) for p in test["label"]]
+
+
+def _write_folder(folder: Path, stems, arrays, suffix=".png") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, arr in zip(stems, arrays):
+        if suffix == ".npy":
+            np.save(folder / f"{stem}.npy", arr)
+        else:
+            Image.fromarray(arr).save(folder / f"{stem}{suffix}")
+    return folder
+
+
+def test_external_rows_score_like_the_metrics(runs, data, tmp_path):
+    seg, _ = runs
+    _, _, test = data
+    gts = _gt_arrays(test)
+    stems = [Path(p).stem for p in test["image"]]
+    truth = _write_folder(tmp_path / "truth", stems, [(g > 0).astype(np.uint8) * 255 for g in gts])
+    zeros = _write_folder(tmp_path / "zeros", stems, [np.zeros_like(g) for g in gts])
+    probs = _write_folder(tmp_path / "probs", stems, [(g > 0).astype(np.float32) for g in gts],
+                          suffix=".npy")
+    own = _write_folder(tmp_path / "own", stems,
+                        seg.predict_proba(test, model=seg.best_model_), suffix=".npy")
+    board = seg.leaderboard(test, style="models",
+                            extra={"Truth": truth, "Zeros": zeros, "Probs": probs, "Own": own})
+    rows = board.set_index("model")
+    for name in ("Truth", "Probs"):
+        assert rows.loc[name, "test_iou"] == 1.0 and rows.loc[name, "test_dice"] == 1.0
+        assert rows.loc[name, "test_mae"] == 0.0 and rows.loc[name, "test_ber"] == 0.0
+        assert rows.loc[name, "test_sm"] == pytest.approx(1.0)
+    expected = score([np.zeros_like(g) for g in gts], gts, task="binary")
+    for metric, value in expected.items():
+        assert rows.loc["Zeros", f"test_{metric}"] == pytest.approx(value), metric
+    assert rows.loc["Zeros", "test_mae"] == pytest.approx(np.mean([(g > 0).mean() for g in gts]))
+    assert rows.loc["Zeros", "test_ber"] == pytest.approx(0.5)  # misses every object pixel
+    external = rows.loc[["Truth", "Zeros", "Probs"]]
+    # A model's own probability maps, as an external row, score exactly as the model does.
+    for metric in ("sm", "em", "wfm", "mae", "iou", "dice", "ber"):
+        assert rows.loc["Own", f"test_{metric}"] == pytest.approx(
+            rows.loc[seg.best_model_, f"test_{metric}"], abs=1e-9), metric
+    assert external["trainable_params_m"].isna().all() and (external["source"] == "external").all()
+    assert not external["best"].any()
+
+
+def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tmp_path):
+    seg, _ = runs
+    _, _, test = data
+    renamed = test.copy()
+    (tmp_path / "gt").mkdir()
+    renamed["label"] = [shutil.copy(p, tmp_path / "gt" / f"mask_{Path(p).name}")
+                        for p in test["label"]]
+    gts = _gt_arrays(test)
+    mask_stems = [Path(p).stem for p in renamed["label"]]
+    preds = _write_folder(tmp_path / "by_mask", mask_stems, gts)
+    board = seg.leaderboard(renamed, style="models", extra={"M": preds})
+    assert board.set_index("model").loc["M", "test_iou"] == 1.0
+
+    os.remove(preds / f"{mask_stems[1]}.png")
+    with pytest.raises(DataValidationError,
+                       match=rf"1 of {len(test)} rows have no prediction.*row 1 "):
+        seg.leaderboard(renamed, extra={"M": preds})
+    with pytest.raises(DataValidationError, match="not found: .*nowhere"):
+        seg.leaderboard(test, extra={"M": tmp_path / "nowhere"})
+    small = _write_folder(tmp_path / "small", [Path(p).stem for p in test["image"]],
+                          [g[:32, :32] for g in gts])
+    with pytest.raises(DataValidationError, match=r"small.*is \(32, 32\) but its mask"):
+        seg.leaderboard(test, extra={"S": small})
+    with pytest.raises(ConfigError, match=r"\['lora'\] are already names"):
+        seg.leaderboard(test, extra={"lora": small})
+    with pytest.raises(ConfigError, match="need labelled test data"):
+        seg.leaderboard(extra={"S": small})
+    with pytest.raises(ConfigError, match="'miou' is a multiclass metric"):
+        seg.leaderboard(test, extra={"S": small}, metrics=["sm", "miou"])
+    with pytest.raises(ConfigError, match="unknown leaderboard style 'nice'"):
+        seg.leaderboard(test, style="nice")
+
+
+def _parse(cell: str) -> tuple[float, float | None]:
+    match = re.fullmatch(r"(-?[0-9.]+)(?: ± ([0-9.]+))?", cell)
+    assert match, cell
+    return float(match[1]), (float(match[2]) if match[2] else None)
+
+
+def test_paper_style(runs, data, tmp_path):
+    seg, _ = runs
+    _, _, test = data
+    gts = _gt_arrays(test)
+    truth = _write_folder(tmp_path / "truth", [Path(p).stem for p in test["image"]], gts)
+    methods = seg.leaderboard(test, style="methods", extra={"GT": truth}).set_index("model")
+    paper = seg.leaderboard(test, style="paper", extra={"GT": truth})
+    assert list(paper.columns[:2]) == ["Method", PARAMS_COLUMN]
+    assert {"S_alpha ↑", "E_phi ↑", "F_beta^w ↑", "IoU ↑", "Dice ↑", "BER ↓", "MAE ↓"} <= set(
+        paper.columns)
+    # External rows first, then registry order; full on a random init is the scratch row.
+    assert list(paper["Method"]) == ["GT", "SAM (from scratch)", "LoRA"]
+    rows = paper.set_index("Method")
+    assert rows.loc["GT", PARAMS_COLUMN] == "-"
+    assert rows.loc["GT", "IoU ↑"] == "100.0" and rows.loc["GT", "BER ↓"] == "0.00"
+    lora = methods.loc["lora"]
+    assert rows.loc["LoRA", PARAMS_COLUMN] == (
+        f"{lora['trainable_params_m']:.2f} / {lora['ratio_pct']:.2f}%")
+    assert rows.loc["SAM (from scratch)", PARAMS_COLUMN].endswith(" / 100%")
+    for label, group in (("LoRA", "lora"), ("SAM (from scratch)", "full")):
+        mean, std = _parse(rows.loc[label, "S_alpha ↑"])
+        assert mean == round(100 * methods.loc[group, "test_sm"], 1)
+        assert std == round(100 * methods.loc[group, "test_sm_std"], 2)
+        mean, std = _parse(rows.loc[label, "BER ↓"])  # one more decimal, as the paper
+        assert mean == round(100 * methods.loc[group, "test_ber"], 2)
+        assert std == round(100 * methods.loc[group, "test_ber_std"], 3)
+
+
+def test_paper_table_orders_rows_by_registry_and_labels_variants():
+    """Pure function: a hand-made ``models`` board, rows given in the worst order."""
+    def run(group, method, variant, seed, miou, pretrained=True):
+        return {"model": f"{group},seed={seed}", "source": "fit", "group": group,
+                "variant": variant, "method": method, "pretrained": pretrained,
+                "seed": seed, "trainable_params_m": 4.0, "ratio_pct": 0.62,
+                "val_miou": miou, "test_miou": miou, "best": False}
+
+    models = pd.DataFrame([
+        run("method=conv_lora,rank=8", "conv_lora", "rank=8", 0, 0.70),
+        run("method=conv_lora,rank=8", "conv_lora", "rank=8", 1, 0.72),
+        run("method=lora,rank=3", "lora", "rank=3", 0, 0.60),
+        run("method=decoder_only,rank=3", "decoder_only", "rank=3", 0, 0.50),
+        run("method=full,rank=3", "full", "rank=3", 0, 0.40, pretrained=False),
+        {"model": "Trans2Seg", "source": "external", "group": "Trans2Seg",
+         "test_miou": 0.7215, "best": False},
+    ])
+    methods = aggregate_runs(models)
+    conv = methods.set_index("model").loc["method=conv_lora,rank=8"]
+    assert conv["runs"] == 2 and conv["seeds"] == "0,1"
+    assert conv["test_miou"] == pytest.approx(0.71)
+    assert conv["test_miou_std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
+    table = paper_table(methods, decimals=2)
+    assert list(table["Method"]) == ["Trans2Seg", "SAM (from scratch) (rank=3)",
+                                     "Decoder-only (rank=3)", "LoRA (rank=3)",
+                                     "Conv-LoRA (rank=8)"]
+    cells = table.set_index("Method")["mIoU ↑"]
+    assert cells["Trans2Seg"] == "72.15" and cells["LoRA (rank=3)"] == "60.00"
+    assert cells["Conv-LoRA (rank=8)"] == "71.00 ± 1.414"
+
+
+def test_formatting_follows_the_paper():
+    assert format_params(4.02, 0.63) == "4.02 / 0.63%"
+    assert format_params(641.09, 100.0) == "641.09 / 100%"
+    assert format_params(float("nan"), float("nan")) == "-"
+    assert format_cell(0.92, 0.0015, 1) == "92.0 ± 0.15"
+    assert format_cell(0.0254, 0.00081, 2) == "2.54 ± 0.081"
+    assert format_cell(0.9204, float("nan"), 1) == "92.0"  # one run: no std
+    assert format_cell(float("nan"), None, 1) == "-"
+
+
+def test_save_table_csv_and_markdown(tmp_path):
+    df = pd.DataFrame({"Method": ["LoRA", "a|b"], PARAMS_COLUMN: ["4.00 / 0.62%", "-"],
+                       "IoU ↑": ["91.2 ± 0.28", "90.0"]})
+    save_table(df, tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv", dtype=str), df)
+    save_table(df, tmp_path / "t.md")
+    lines = (tmp_path / "t.md").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == f"| Method | {PARAMS_COLUMN} | IoU ↑ |"
+    assert lines[1] == "|---|---|---|"
+    assert lines[2] == "| LoRA | 4.00 / 0.62% | 91.2 ± 0.28 |"
+    assert lines[3] == "| a\\|b | - | 90.0 |"
+    with pytest.raises(ConfigError, match=r"t\.xlsx.*\.csv or \.md"):
+        save_table(df, tmp_path / "t.xlsx")
+    assert not (tmp_path / "t.xlsx").exists()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_leaderboard_extra_and_paper_table(runs, data, tmp_path):
+    seg, _ = runs
+    root, _, test = data
+    truth = _write_folder(tmp_path / "truth", [Path(p).stem for p in test["image"]],
+                          _gt_arrays(test))
+    out = tmp_path / "table.md"
+    proc = run_cli("leaderboard", str(seg.path_), "--data", str(root / "test.csv"),
+                   "--extra", f"GT={truth}", "--style", "paper", "--metrics", "sm,ber",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == f"| Method | {PARAMS_COLUMN} | S_alpha ↑ | BER ↓ |"
+    assert lines[2] == "| GT | - | 100.0 | 0.00 |"
+    assert lines[3].startswith("| SAM (from scratch) |") and " ± " in lines[3]
+    assert lines[4].startswith("| LoRA |")
+    assert "SAM (from scratch)" in proc.stdout
+
+    missing = tmp_path / "nowhere"
+    bad = tmp_path / "bad.md"
+    proc = run_cli("leaderboard", str(seg.path_), "--data", str(root / "test.csv"),
+                   "--extra", f"X={missing}", "--style", "paper", "--out", str(bad))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("automask: error:"), proc.stderr
+    assert str(missing) in lines[0] and "Traceback" not in proc.stderr
+    assert not bad.exists()
+
+
+def test_cli_extra_needs_name_and_folder(capsys, tmp_path):
+    from automask.cli import main
+
+    assert main(["leaderboard", str(tmp_path), "--extra", "justaname"]) == 2
+    assert "--extra expects NAME=DIR, got 'justaname'" in capsys.readouterr().err
+    assert main(["leaderboard", str(tmp_path), "--out", str(tmp_path / "t.txt")]) == 2
+    assert ".csv or .md" in capsys.readouterr().err
+
+
+def test_cli_params_paper_style(tmp_path):
+    out = tmp_path / "params.csv"
+    proc = run_cli("params", "--backbone", "vit_h", "--methods", "conv_lora,full",
+                   "--style", "paper", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(out)
+    assert list(table["Method"]) == ["Conv-LoRA", "Full fine-tuning"]
+    assert list(table[PARAMS_COLUMN]) == ["4.02 / 0.63%", "641.09 / 100%"]
+
+
+def test_seed_lists_name_their_candidates():
+    from automask.config import resolve
+
+    assert [n for n, _ in resolve("tiny", {"env.seed": [0, 1]})] == ["seed=0", "seed=1"]
+    names = [n for n, _ in resolve("tiny", {"env.seed": [3, 4], "peft.method": "lora",
+                                            "peft.rank": [2, 8]})]
+    assert names == ["seed=3,rank=2", "seed=3,rank=8", "seed=4,rank=2", "seed=4,rank=8"]
+    assert [c.env.seed for _, c in resolve("tiny", {})] == [None]  # the predictor's seed
