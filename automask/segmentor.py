@@ -10,24 +10,24 @@ import logging
 import os
 import time
 import warnings
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
 
-from . import saving
-from .config import Config, resolve
-from .errors import ConfigError, DataValidationError, NotFittedError
-from .hardware import autocast_context, resolve_env
+from . import prediction, saving
+from .config import resolve
+from .errors import ConfigError, DataValidationError, NotFittedError, TrainingDivergedError
 from .losses import build_loss
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, build_metrics
+from .prediction import root_of as _root_of
 from .training.module import task_loss_name
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 log = logging.getLogger("automask")
 
 
@@ -62,7 +62,7 @@ class SemanticSegmentor(BaseEstimator):
         Resolved configuration of the best model.
     best_model_ : str
         Name of the candidate used by default in predict and evaluate.
-    models_ : dict of str to dict
+    models_ : dict of str to CandidateRecord
         Per candidate: its configuration, validation score, fit time and parameter counts.
     path_ : Path
         The run directory.
@@ -101,6 +101,9 @@ class SemanticSegmentor(BaseEstimator):
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         color_map: dict[tuple[int, int, int], int] | None = None,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> "SemanticSegmentor":
         """Fit one model per candidate configuration and keep the best.
 
@@ -123,13 +126,33 @@ class SemanticSegmentor(BaseEstimator):
             Names of the classes, background first.
         color_map : dict, optional
             ``{(r, g, b): class_id}`` for masks stored as colour images.
+        overwrite : bool, default False
+            Replace the predictor (or interrupted fit) already in ``path``; without it such
+            a path is refused. The old predictor stays loadable until the new one is
+            complete.
+        resume : bool, default False
+            Continue the interrupted fit in ``path`` (same data and options): finished
+            candidates are kept, the running one restarts after its last completed epoch.
 
         Returns
         -------
         SemanticSegmentor
             ``self``, fitted.
+
+        Raises
+        ------
+        ConfigError, DataValidationError
+            Bad options or data, before anything is written.
+        PathInUseError
+            Another process is fitting or saving into ``path``.
+        TrainingDivergedError
+            Every candidate diverged (non-finite loss) before validating; nothing is saved.
+        KeyboardInterrupt
+            On Ctrl-C; the completed epochs are kept for ``resume=True``.
         """
         from .data import validate_frame
+        from .training.lifecycle import FitRun
+        from .training.recipe import train_candidate
 
         started = time.monotonic()
         deadline = started + time_limit if time_limit is not None else None
@@ -164,146 +187,89 @@ class SemanticSegmentor(BaseEstimator):
                 build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
             except ValueError as exc:
                 raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
+        plan = self._plan(candidates, spec, tuning_spec, presets, hyperparameters,
+                          time_limit, color_map)
+        frames = {"train": spec.frame[[self.image, self.label]]}
+        if tuning_spec is not None:
+            frames["tuning"] = tuning_spec.frame[[self.image, self.label]]
 
-        self.path_ = self._run_dir()
-        self.path_.mkdir(parents=True, exist_ok=True)
-        self.task_ = spec.task
-        self.num_classes_ = spec.num_classes
-        self.classes_ = list(spec.class_names)
-        self.eval_metric_ = metric
-        self.void_label_ = void_label
-        self.color_map_ = spec.color_map
-        self.models_ = {}
-        self._loaded = {}
-        for i, (name, cfg) in enumerate(candidates):
-            budget = None
-            if deadline is not None:
-                budget = (deadline - time.monotonic()) / (len(candidates) - i)
-                if budget <= 0:
-                    warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
-                                  stacklevel=2)
+        run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume)
+        with run:
+            if resume:
+                run.state.check_plan(plan)
+            else:
+                run.state.start(plan, frames)
+            self.path_ = run.path
+            self.task_ = spec.task
+            self.num_classes_ = spec.num_classes
+            self.classes_ = list(spec.class_names)
+            self.eval_metric_ = metric
+            self.void_label_ = void_label
+            self.color_map_ = spec.color_map
+            self.models_ = {}
+            self._weights_dir = run.state.models_dir
+            dropped = []
+            for i, (name, cfg) in enumerate(candidates):
+                done = run.state.finished(name)
+                if done is not None:  # finished before the interruption
+                    if isinstance(done, str):
+                        dropped.append(done)
+                    else:
+                        self.models_[name] = done
                     continue
-            self._fit_candidate(name, cfg, spec, tuning_spec, budget)
-        if not self.models_:
-            raise ConfigError("no candidate could be trained within time_limit")
-        self.best_model_ = self._select_best()
-        self.config_ = self.models_[self.best_model_]["config"]
-        self.fit_time_ = time.monotonic() - started
-        self.save(self.path_)
+                budget = None
+                if deadline is not None:
+                    budget = (deadline - time.monotonic()) / (len(candidates) - i)
+                    if budget <= 0:
+                        warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
+                                      stacklevel=2)
+                        continue
+                L.seed_everything(self.seed, workers=True, verbose=False)
+                outcome = train_candidate(
+                    name, cfg, spec, tuning_spec, run_dir=run.path, state=run.state,
+                    seed=self.seed, eval_metric=metric, image_col=self.image, budget=budget,
+                    verbosity=self.verbosity,
+                )
+                run.state.finish(name, outcome.record, outcome.dropped)
+                if outcome.record is None:
+                    dropped.append(outcome.dropped)
+                    continue
+                self.models_[name] = outcome.record
+                self._loaded = {name: outcome.model}
+            if not self.models_:
+                if dropped:
+                    raise TrainingDivergedError(
+                        "no candidate trained; nothing was saved: " + "; ".join(dropped))
+                raise ConfigError("no candidate could be trained within time_limit")
+            self.best_model_ = self._select_best()
+            self.config_ = self.models_[self.best_model_].config
+            self.fit_time_ = time.monotonic() - started
+            self._weights_dir = saving.save_predictor(self, self.path_)
         if self.verbosity >= 1:
             log.info("fit done in %.1fs; best model %r", self.fit_time_, self.best_model_)
         return self
 
-    def _fit_candidate(self, name, cfg: Config, spec, tuning_spec, budget: float | None) -> None:
-        import lightning as L
-        from lightning.pytorch.callbacks import EarlyStopping
-        from lightning.pytorch.loggers import CSVLogger
+    def _plan(self, candidates, spec, tuning_spec, presets, hyperparameters, time_limit,
+              color_map) -> dict[str, Any]:
+        """What a resumed fit must match, and the call that `automask fit --resume` repeats."""
+        def paths(sp):
+            return None if sp is None else sp.frame[[self.image, self.label]].values.tolist()
 
-        from .data import AugmentConfig, SegmentationDataModule
-        from .models import build_segmenter, count_parameters
-        from .peft import apply_peft
-        from .training import BestTrainableWeights, SegmentationModule
-        from .training.callbacks import FitClock
-
-        started = time.monotonic()
-        cfg, env = resolve_env(cfg)
-        L.seed_everything(self.seed, workers=True, verbose=False)
-        model = build_segmenter(
-            cfg.model.backbone, num_classes=spec.num_outputs, input_size=cfg.model.input_size,
-            checkpoint=cfg.model.checkpoint, progress=self.verbosity >= 2,
-        )
-        base_params = count_parameters(model)[1]  # the ratio's denominator, as in the paper
-        apply_peft(model, **_peft_kwargs(cfg))
-        model.gradient_checkpointing = cfg.env.gradient_checkpointing
-        datamodule = SegmentationDataModule(
-            spec,
-            input_size=cfg.model.input_size,
-            batch_size=cfg.optim.batch_size,
-            tuning_spec=tuning_spec,
-            holdout_frac=cfg.data.holdout_frac,
-            seed=self.seed,
-            augment=_augment(cfg, AugmentConfig),
-            num_workers=cfg.data.num_workers,
-            cache_dir=self.path_ / "cache" / f"{cfg.model.input_size}",
-            cache_memory_mb=cfg.data.cache_memory_mb,
-        )
-        module = SegmentationModule(
-            model, task=spec.task, num_classes=spec.num_classes, optim=cfg.optim,
-            val_metric=self.eval_metric_,
-        )
-        monitor = f"val_{self.eval_metric_}"
-        higher = HIGHER_IS_BETTER[self.eval_metric_]
-        best = BestTrainableWeights(monitor, higher_is_better=higher)
-        clock = FitClock()
-        callbacks: list = [best, clock]
-        if cfg.optim.patience:
-            callbacks.append(EarlyStopping(monitor, patience=cfg.optim.patience,
-                                           mode="max" if higher else "min"))
-        max_time = None
-        if budget is not None:
-            # Keep a share of the budget for what follows training: restoring the best
-            # weights, timing predictions and saving.
-            spent = time.monotonic() - started
-            max_time = timedelta(seconds=max(1.0, 0.93 * budget - spent - 1.0))
-        trainer = L.Trainer(
-            accelerator=env["accelerator"],
-            devices=env["devices"],
-            num_nodes=cfg.env.num_nodes,
-            strategy=env["strategy"],
-            precision=env["precision"],
-            max_epochs=cfg.optim.max_epochs,
-            max_time=max_time,
-            accumulate_grad_batches=env["accumulate"],
-            gradient_clip_val=cfg.optim.grad_clip or None,
-            val_check_interval=cfg.optim.val_check_interval,
-            num_sanity_val_steps=0,
-            callbacks=callbacks,
-            logger=CSVLogger(self.path_, name="logs", version=name),
-            enable_checkpointing=False,
-            enable_progress_bar=self.verbosity >= 2,
-            enable_model_summary=self.verbosity >= 3,
-            log_every_n_steps=1,
-            deterministic=False,
-        )
-        with warnings.catch_warnings():
-            # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
-            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
-            trainer.fit(module, datamodule=datamodule)
-        best.restore(model)
-        model.eval()
-        trainable, total = count_parameters(model)
-        self.models_[name] = {
-            "config": cfg,
-            "val_score": best.best_score,
-            "best_epoch": best.best_epoch,
-            "epochs": trainer.current_epoch,
-            "fit_time": time.monotonic() - started,
-            "train_time": clock.seconds,
-            "trainable_params": trainable,
-            "total_params": total,
-            "base_params": base_params,
-            "checkpoint": dict(model.checkpoint_info),
-            "history": best.history,
+        return {
+            "candidates": {name: cfg.to_dict() for name, cfg in candidates},
+            "train": paths(spec), "tuning": paths(tuning_spec),
+            "task": spec.task, "classes": list(spec.class_names),
+            "params": {k: v for k, v in self.get_params().items()
+                       if k not in ("path", "verbosity")},
+            "call": {"presets": presets, "hyperparameters": hyperparameters,
+                     "time_limit": time_limit, "num_classes": spec.num_classes,
+                     "class_names": list(spec.class_names),
+                     "color_map": [[*k, v] for k, v in (color_map or {}).items()]},
         }
-        self.models_[name].update(saving.write_weights(model, self.path_, name))
-        self._loaded = {name: model}
-        val_spec = datamodule.val_spec
-        self.models_[name]["predict_images_per_s"] = self._throughput(name, val_spec, budget,
-                                                                      started)
-
-    def _throughput(self, name, spec, budget, started) -> float | None:
-        """Images per second of predict() on (a few) validation images."""
-        n = min(len(spec.frame), 16)
-        if n == 0 or (budget is not None and time.monotonic() - started > 0.97 * budget):
-            return None
-        sub = spec.frame.iloc[:n]
-        t0 = time.perf_counter()
-        count = sum(1 for _ in self._iter_proba(sub, name))
-        return count / max(time.perf_counter() - t0, 1e-9)
 
     def _select_best(self) -> str:
         higher = HIGHER_IS_BETTER[self.eval_metric_]
-        scored = {k: v["val_score"] for k, v in self.models_.items() if v["val_score"] is not None}
+        scored = {k: v.val_score for k, v in self.models_.items() if v.val_score is not None}
         if not scored:
             return next(iter(self.models_))
         return (max if higher else min)(scored, key=scored.get)
@@ -314,6 +280,8 @@ class SemanticSegmentor(BaseEstimator):
         data: pd.DataFrame | str | os.PathLike | Sequence[str | os.PathLike],
         model: str | None = None,
         save_to: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
     ) -> list[np.ndarray] | pd.DataFrame:
         """Predict a mask per image, at each image's original size.
 
@@ -326,7 +294,11 @@ class SemanticSegmentor(BaseEstimator):
         save_to : path-like, optional
             Folder to write lossless PNG masks named after the images (0/255 for binary,
             class indices for multi-class); then a DataFrame of image and mask paths is
-            returned and no mask is kept in memory.
+            returned and no mask is kept in memory. Every destination is checked before
+            anything is written: an input file (image, or mask of the label column) is
+            never overwritten, and an existing file only with ``overwrite=True``.
+        overwrite : bool, default False
+            Replace mask files that already exist in ``save_to``.
 
         Returns
         -------
@@ -335,32 +307,19 @@ class SemanticSegmentor(BaseEstimator):
             DataFrame of written files when ``save_to`` is given.
         """
         self._check_fitted()
-        frame, root = self._as_frame(data)
+        net, cfg = self._model(model), self._config(model)
+        frame, root = prediction.as_frame(data, self.image)
+        spec = prediction.images_spec(frame, self.image, root)
         if save_to is None:
-            return [self._to_mask(p) for _, p in self._iter_proba(frame, model, root=root)]
-        from PIL import Image
-
-        from .utils import atomic_write
-
+            return [prediction.to_mask(p, self.task_, self.num_classes_)
+                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
         out = Path(save_to)
-        out.mkdir(parents=True, exist_ok=True)
-        stems = [Path(p).stem for p in frame[self.image]]
-        dup = sorted({s for s in stems if stems.count(s) > 1})
-        if dup:
-            raise DataValidationError(
-                f"images share file stems, so their masks would overwrite each other: {dup[:5]}"
-            )
-        rows = []
-        for idx, prob in self._iter_proba(frame, model, root=root):
-            mask = self._to_mask(prob)
-            if self.task_ == "binary":
-                mask = mask * np.uint8(255)
-            image_path = frame[self.image].iloc[idx]
-            dest = out / f"{Path(image_path).stem}.png"
-            with atomic_write(dest) as fh:
-                Image.fromarray(mask).save(fh, format="PNG")
-            rows.append({self.image: image_path, self.label: str(dest)})
-        return pd.DataFrame(rows, index=frame.index)
+        dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
+                                             overwrite=overwrite)
+        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec), dests, out,
+                               self.task_, self.num_classes_)
+        return pd.DataFrame({self.image: list(frame[self.image]),
+                             self.label: [str(d) for d in dests]}, index=frame.index)
 
     def predict_proba(
         self,
@@ -376,9 +335,11 @@ class SemanticSegmentor(BaseEstimator):
             class probabilities for multi-class tasks.
         """
         self._check_fitted()
-        frame, root = self._as_frame(data)
+        net, cfg = self._model(model), self._config(model)
+        frame, root = prediction.as_frame(data, self.image)
+        spec = prediction.images_spec(frame, self.image, root)
         return [p[0] if self.task_ == "binary" else p
-                for _, p in self._iter_proba(frame, model, root=root)]
+                for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
 
     def evaluate(
         self,
@@ -404,12 +365,12 @@ class SemanticSegmentor(BaseEstimator):
         dict
             Metric name to value (a fraction in [0, 1]; a list for per-class metrics).
         """
-        from .data import read_mask, validate_frame
+        from .data import validate_frame
 
         self._check_fitted()
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
-        conventions = metric_conventions(self.task_, self.num_classes_)
-        scorers = build_metrics(self.task_, names, **conventions)
+        scorers = build_metrics(self.task_, names,
+                                **metric_conventions(self.task_, self.num_classes_))
         spec = validate_frame(
             data, image_col=self.image, label_col=self.label, root=_root_of(data),
             num_classes=self.num_classes_, class_names=self.classes_,
@@ -417,22 +378,9 @@ class SemanticSegmentor(BaseEstimator):
         )
         if spec.task != self.task_:
             raise DataValidationError(f"data looks {spec.task} but the model is {self.task_}")
-        for idx, prob in self._iter_proba(spec.frame, model):
-            raw = read_mask(spec.frame[self.label].iloc[idx], color_map=self.color_map_)
-            target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
-            prob_t = torch.from_numpy(prob)
-            if self.task_ == "binary":
-                keep = target != 255
-                pred, target = prob_t[0] * keep, target * keep
-            else:
-                pred = prob_t
-            for scorer in scorers.values():
-                scorer.update(pred, target)
-        out = {}
-        for key, scorer in scorers.items():
-            value = scorer.compute()
-            out[key] = value.tolist() if value.ndim else float(value)
-        return out
+        net, cfg = self._model(model), self._config(model)
+        probs = prediction.iter_proba(net, cfg, self.task_, spec)
+        return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
 
     def leaderboard(self, data: pd.DataFrame | str | os.PathLike | None = None) -> pd.DataFrame:
         """One row per trained model, in the layout of the Conv-LoRA paper's table.
@@ -475,10 +423,11 @@ class SemanticSegmentor(BaseEstimator):
 
     # ---------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the predictor: a JSON file and the trainable weights of each model.
+        """Write the predictor: JSON files and the trainable weights of each model.
 
         The frozen SAM backbone is not written; :meth:`load` rebuilds it from its
-        checkpoint (path, cache or official download), verified by SHA-256.
+        checkpoint (path, cache or official download), verified by SHA-256. The directory
+        switches atomically from its previous content to the new predictor.
         """
         self._check_fitted()
         target = Path(path) if path is not None else self.path_
@@ -495,6 +444,7 @@ class SemanticSegmentor(BaseEstimator):
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
             delattr(self, attr)
         self._loaded = {}
+        self._weights_files = {}
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "best_model_"):
@@ -532,6 +482,9 @@ class SemanticSegmentor(BaseEstimator):
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         return Path("automask_runs") / stamp
 
+    def _config(self, name: str | None):
+        return self.models_[self.best_model_ if name is None else name].config
+
     def _model(self, name: str | None) -> torch.nn.Module:
         name = self.best_model_ if name is None else name
         if name not in self.models_:
@@ -540,89 +493,7 @@ class SemanticSegmentor(BaseEstimator):
             self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
         return self._loaded[name]
 
-    def _as_frame(self, data) -> tuple[pd.DataFrame, Path | None]:
-        """(frame with the image column, folder that relative paths resolve against)."""
-        if isinstance(data, pd.DataFrame):
-            if self.image not in data.columns:
-                raise DataValidationError(
-                    f"the DataFrame has no image column {self.image!r} (columns: "
-                    f"{list(data.columns)})"
-                )
-            return data, None
-        if isinstance(data, (str, os.PathLike)):
-            p = Path(data)
-            if p.is_dir():
-                files = sorted(f for f in p.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
-                if not files:
-                    raise DataValidationError(f"no image files in folder {str(p)!r}")
-                return pd.DataFrame({self.image: [str(f) for f in files]}), None
-            if p.suffix.lower() == ".csv":
-                if not p.is_file():
-                    raise DataValidationError(f"CSV file not found: {str(p)!r}")
-                return pd.read_csv(p), _root_of(p)
-            return pd.DataFrame({self.image: [str(p)]}), None
-        if isinstance(data, Sequence):
-            return pd.DataFrame({self.image: [str(x) for x in data]}), None
-        raise DataValidationError(
-            f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
-            "list of paths or a folder"
-        )
-
-    def _iter_proba(self, frame: pd.DataFrame, model_name: str | None,
-                    root: Path | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (row position, (C, H, W) float32 probabilities) per image, streaming."""
-        from .data import make_predict_loader, restore_batch, validate_frame
-
-        model = self._model(model_name)
-        cfg = self.models_[model_name or self.best_model_]["config"]
-        spec = validate_frame(frame, image_col=self.image, root=root, require_labels=False)
-        device = _inference_device(cfg)
-        model.to(device)
-        loader = make_predict_loader(spec, input_size=cfg.model.input_size,
-                                     batch_size=cfg.env.eval_batch_size,
-                                     num_workers=cfg.data.num_workers)
-        with torch.inference_mode(), autocast_context(device, cfg.env.precision):
-            for batch in loader:
-                logits = model(batch["image"].to(device, non_blocking=True)).float()
-                probs = torch.sigmoid(logits) if self.task_ == "binary" else logits.softmax(1)
-                restored = restore_batch(probs, batch["original_size"], batch["resized_size"])
-                for idx, prob in zip(batch["index"].tolist(), restored):
-                    yield idx, prob.float().cpu().numpy()
-
-    def _to_mask(self, prob: np.ndarray) -> np.ndarray:
-        if self.task_ == "binary":
-            return (prob[0] > 0.5).astype(np.uint8)
-        return prob.argmax(0).astype(np.uint8 if self.num_classes_ <= 256 else np.int32)
-
 
 def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
     """Metric arguments that depend on the task: class count and ignore index."""
     return {"num_classes": num_classes, "ignore_index": 255} if task == "multiclass" else {}
-
-
-def _peft_kwargs(cfg: Config) -> dict[str, Any]:
-    p = cfg.peft
-    return {
-        "method": p.method, "rank": p.rank, "alpha": p.alpha, "num_experts": p.num_experts,
-        "top_k": p.top_k, "targets": p.target_list, "aux_loss_weight": p.aux_loss_weight,
-    }
-
-
-def _augment(cfg: Config, cls):
-    d = cfg.data
-    return cls(hflip=d.hflip, vflip=d.vflip, scale_range=(d.scale_min, d.scale_max),
-               rotate_degrees=d.rotate_degrees, color_jitter=d.color_jitter)
-
-
-def _root_of(data) -> Path | None:
-    """Relative paths in a CSV resolve against the CSV's folder; in a DataFrame, the cwd."""
-    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".csv"):
-        return Path(data).resolve().parent
-    return None
-
-
-def _inference_device(cfg: Config) -> torch.device:
-    if cfg.env.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
