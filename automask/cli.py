@@ -59,14 +59,37 @@ def _print_scores(scores: dict, as_json: bool) -> None:
 def _cmd_fit(args) -> None:
     from .segmentor import SemanticSegmentor
 
-    seg = SemanticSegmentor(label=args.label, image=args.image, path=args.path,
-                            eval_metric=args.eval_metric, seed=args.seed,
-                            verbosity=args.verbosity)
-    seg.fit(args.train, tuning_data=args.tuning, presets=args.presets,
-            hyperparameters=_parse_hp(args.hp), time_limit=args.time_limit,
-            num_classes=args.num_classes)
+    fit_args = {"tuning_data": args.tuning, "presets": args.presets,
+                "hyperparameters": _parse_hp(args.hp), "time_limit": args.time_limit,
+                "num_classes": args.num_classes}
+    params = {"label": args.label, "image": args.image, "eval_metric": args.eval_metric,
+              "seed": args.seed}
+    train = args.train
+    if args.resume and train is None:
+        train, fit_args, params = _recorded_fit(args.path)
+    elif train is None:
+        raise AutomaskError("fit needs --train (only --resume can do without it)")
+    seg = SemanticSegmentor(path=args.path, verbosity=args.verbosity, **params)
+    seg.fit(train, overwrite=args.overwrite, resume=args.resume, **fit_args)
     _print_table(seg.leaderboard(), as_json=False)
     print(f"saved to {seg.path_}")
+
+
+def _recorded_fit(path: str):
+    """(train data, fit arguments, constructor arguments) of the interrupted fit in path."""
+    from pathlib import Path
+
+    from .training.state import FitState
+
+    state = FitState(Path(path))
+    if not state.exists():
+        raise AutomaskError(f"nothing to resume: {path!r} holds no interrupted fit")
+    plan = state.plan()
+    call = dict(plan["call"])
+    call["color_map"] = {tuple(row[:3]): row[3] for row in call["color_map"]} or None
+    tuning = state.data_file("tuning")
+    call["tuning_data"] = str(tuning) if tuning is not None else None
+    return str(state.data_file("train")), call, plan["params"]
 
 
 def _load(run: str):
@@ -77,7 +100,8 @@ def _load(run: str):
 
 def _cmd_predict(args) -> None:
     seg = _load(args.run)
-    written = seg.predict(args.data, model=args.model, save_to=args.out)
+    written = seg.predict(args.data, model=args.model, save_to=args.out,
+                          overwrite=args.overwrite)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -120,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit models on a CSV of image/mask paths")
-    p.add_argument("--train", required=True, help="CSV with image and label columns")
+    p.add_argument("--train", help="CSV with image and label columns (required unless --resume)")
     p.add_argument("--tuning", help="CSV of validation data (default: a holdout split)")
     p.add_argument("--presets", default="medium_quality")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
@@ -133,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbosity", type=int, default=2)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the predictor already in --path")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the interrupted fit in --path (other options: as recorded)")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("predict", help="write predicted masks as PNG files")
@@ -140,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CSV, image folder or image file")
     p.add_argument("--out", required=True, help="folder for the masks")
     p.add_argument("--model", help="candidate name (default: the best)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing mask files in --out (input files never are)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score a saved predictor on labelled data")

@@ -177,6 +177,11 @@ def save_predictor(seg, path: Path) -> Path:
         for entry in path.iterdir():  # superseded versions and crashed writers' staging
             if entry.name != version and entry.is_dir() and (
                     entry.name.startswith(VERSION_PREFIX) or entry.name.startswith(STAGING_PREFIX)):
+                # Renamed away first, so a reader sees a version whole or not at all.
+                trash = path / f"{STAGING_PREFIX}old-{uuid.uuid4().hex[:8]}"
+                with contextlib.suppress(OSError):
+                    os.rename(entry, trash)
+                    entry = trash
                 shutil.rmtree(entry, ignore_errors=True)
     return path / version
 
@@ -226,7 +231,7 @@ def load_predictor(cls, path: Path):
     raise SavedModelError(f"{str(path)!r} kept changing while it was being loaded")
 
 
-def _read_json(file: Path, what: str) -> Any:
+def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -239,7 +244,7 @@ def _read_pointer(path: Path) -> str:
         raise SavedModelError(
             f"{str(path)!r} is not a saved automask predictor: no {POINTER_FILE}")
     try:
-        pointer = _read_json(pointer_path, "pointer")
+        pointer = _read_json(pointer_path)
     except OSError as exc:
         raise SavedModelError(f"cannot read {str(pointer_path)!r}: {exc}") from exc
     if not isinstance(pointer, dict) or pointer.get("format") != FORMAT:
@@ -266,7 +271,7 @@ def _load_version(cls, path: Path, version: str):
     folder = path / version
     meta_path = folder / META_FILE
     try:
-        meta = _read_json(meta_path, "metadata")
+        meta = _read_json(meta_path)
     except FileNotFoundError:
         raise _Superseded() from None
     except OSError as exc:
@@ -292,7 +297,7 @@ def _load_version(cls, path: Path, version: str):
             try:
                 handles[name] = open(folder / weights, "rb")  # noqa: SIM115 (kept open)
             except FileNotFoundError:
-                if not folder.is_dir():
+                if not folder.is_dir() or _read_pointer(path) != version:
                     raise _Superseded() from None
                 raise SavedModelError(
                     f"missing weights file {weights!r} in {str(folder)!r}") from None

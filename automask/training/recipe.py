@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..errors import ConfigError
 from ..hardware import resolve_env
 from ..metrics import HIGHER_IS_BETTER
 from .record import CandidateRecord
@@ -55,6 +56,7 @@ def train_candidate(
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.loggers import CSVLogger
 
     from ..data import AugmentConfig, SegmentationDataModule
@@ -101,26 +103,31 @@ def train_candidate(
         # weights, timing predictions and saving.
         spent = time.monotonic() - started
         max_time = timedelta(seconds=max(1.0, 0.93 * budget - spent - 1.0))
-    trainer = L.Trainer(
-        accelerator=env["accelerator"],
-        devices=env["devices"],
-        num_nodes=cfg.env.num_nodes,
-        strategy=env["strategy"],
-        precision=env["precision"],
-        max_epochs=cfg.optim.max_epochs,
-        max_time=max_time,
-        accumulate_grad_batches=env["accumulate"],
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        val_check_interval=cfg.optim.val_check_interval,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        logger=CSVLogger(run_dir, name="logs", version=_log_version(run_dir, name, resume_from)),
-        enable_checkpointing=False,
-        enable_progress_bar=verbosity >= 2,
-        enable_model_summary=verbosity >= 3,
-        log_every_n_steps=1,
-        deterministic=False,
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=env["accelerator"],
+            devices=env["devices"],
+            num_nodes=cfg.env.num_nodes,
+            strategy=env["strategy"],
+            precision=env["precision"],
+            max_epochs=cfg.optim.max_epochs,
+            max_time=max_time,
+            accumulate_grad_batches=env["accumulate"],
+            gradient_clip_val=cfg.optim.grad_clip or None,
+            val_check_interval=cfg.optim.val_check_interval,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            logger=CSVLogger(run_dir, name="logs",
+                             version=_log_version(run_dir, name, resume_from)),
+            enable_checkpointing=False,
+            enable_progress_bar=verbosity >= 2,
+            enable_model_summary=verbosity >= 3,
+            log_every_n_steps=1,
+            deterministic=False,
+        )
+    except MisconfigurationException as exc:
+        raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
+                          f"machine: {exc}") from exc
     stopped = None
     try:
         with warnings.catch_warnings():
@@ -136,7 +143,7 @@ def train_candidate(
         raise
     if stopped is not None:
         if best.best_state is None:
-            reason = f"candidate {name!r} was dropped: {stopped}, before any validation"
+            reason = f"candidate {name!r} was dropped before any validation: {stopped}"
             warnings.warn(reason, stacklevel=3)
             return Outcome(None, None, dropped=reason)
         warnings.warn(f"candidate {name!r} stopped: {stopped}; keeping its best epoch "

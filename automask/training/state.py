@@ -50,7 +50,10 @@ class FitState:
 
     def has_progress(self) -> bool:
         """True when an epoch or a candidate completed (resume would save work)."""
-        return any(self.root.glob("checkpoints/*.ckpt")) or any(self.root.glob("records/*"))
+        if any(self.root.glob("checkpoints/*.ckpt")):
+            return True
+        return any("dropped" not in json.loads(p.read_text())
+                   for p in self.root.glob("records/*.json"))
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
