@@ -90,6 +90,21 @@ def images_spec(frame: pd.DataFrame, image_col: str, root: Path | None):
     return validate_frame(frame, image_col=image_col, root=root, require_labels=False)
 
 
+def labelled_spec(data, image_col: str, label_col: str, task: str, num_classes: int,
+                  class_names: list[str], void_label: int | None, color_map: dict | None):
+    """Validate images and masks for evaluation against a model of ``task``."""
+    from .data import validate_frame
+
+    spec = validate_frame(
+        data, image_col=image_col, label_col=label_col, root=root_of(data),
+        num_classes=num_classes, class_names=class_names, void_label=void_label,
+        color_map=color_map,
+    )
+    if spec.task != task:
+        raise DataValidationError(f"data looks {spec.task} but the model is {task}")
+    return spec
+
+
 def to_mask(prob: np.ndarray, task: str, num_classes: int) -> np.ndarray:
     """(H, W) mask from (C, H, W) probabilities: threshold 0.5 or argmax."""
     if task == "binary":
@@ -221,3 +236,8 @@ def evaluate_probs(probs: Iterator[tuple[int, np.ndarray]], spec, task: str,
         value = scorer.compute()
         out[key] = value.tolist() if value.ndim else float(value)
     return out
+
+
+def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
+    """Metric arguments that depend on the task: class count and ignore index."""
+    return {"num_classes": num_classes, "ignore_index": 255} if task == "multiclass" else {}

@@ -9,24 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
 
 from . import prediction, saving
-from .config import resolve
-from .errors import ConfigError, DataValidationError, NotFittedError, TrainingDivergedError
-from .losses import build_loss
+from .errors import ConfigError, NotFittedError
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, build_metrics
-from .prediction import root_of as _root_of
-from .training.module import task_loss_name
+from .prediction import metric_conventions
 
 log = logging.getLogger("automask")
 
@@ -150,129 +145,42 @@ class SemanticSegmentor(BaseEstimator):
         KeyboardInterrupt
             On Ctrl-C; the completed epochs are kept for ``resume=True``.
         """
-        from .data import validate_frame
-        from .training.lifecycle import FitRun
-        from .training.recipe import train_candidate
+        from .training.lifecycle import FitRun, configure_logging
+        from .training.plan import plan_fit, select_best
 
         started = time.monotonic()
         deadline = started + time_limit if time_limit is not None else None
         if time_limit is not None and time_limit <= 0:
             raise ConfigError(f"time_limit must be positive seconds, got {time_limit!r}")
         self._reset()
-        self._configure_logging()
-        candidates = resolve(presets, hyperparameters)
-        void_labels = {cfg.data.void_label for _, cfg in candidates}
-        if len(void_labels) > 1:
-            raise ConfigError("'data.void_label' cannot vary across candidates")
-        void_label = void_labels.pop()
-        spec = validate_frame(
-            train_data, image_col=self.image, label_col=self.label, root=_root_of(train_data),
-            num_classes=num_classes, class_names=class_names, void_label=void_label,
-            color_map=color_map,
-        )
-        tuning_spec = None
-        if tuning_data is not None:
-            tuning_spec = validate_frame(
-                tuning_data, image_col=self.image, label_col=self.label,
-                root=_root_of(tuning_data), num_classes=spec.num_classes,
-                class_names=spec.class_names, void_label=void_label, color_map=color_map,
-            )
-            if tuning_spec.task != spec.task:
-                raise DataValidationError(
-                    f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
-                )
-        metric = self._eval_metric_for(spec.task, spec.num_classes)
-        for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
-            try:
-                build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
-            except ValueError as exc:
-                raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
-        plan = self._plan(candidates, spec, tuning_spec, presets, hyperparameters,
-                          time_limit, color_map)
-        frames = {"train": spec.frame[[self.image, self.label]]}
-        if tuning_spec is not None:
-            frames["tuning"] = tuning_spec.frame[[self.image, self.label]]
-
+        configure_logging(self.verbosity)
+        plan = plan_fit(self.get_params(), train_data, tuning_data, presets, hyperparameters,
+                        time_limit, num_classes, class_names, color_map)
+        spec = plan.spec
         run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume)
         with run:
             if resume:
-                run.state.check_plan(plan)
+                run.state.check_plan(plan.record)
             else:
-                run.state.start(plan, frames)
+                run.state.start(plan.record, plan.frames)
             self.path_ = run.path
             self.task_ = spec.task
             self.num_classes_ = spec.num_classes
             self.classes_ = list(spec.class_names)
-            self.eval_metric_ = metric
-            self.void_label_ = void_label
+            self.eval_metric_ = plan.metric
+            self.void_label_ = plan.void_label
             self.color_map_ = spec.color_map
-            self.models_ = {}
             self._weights_dir = run.state.models_dir
-            dropped = []
-            for i, (name, cfg) in enumerate(candidates):
-                done = run.state.finished(name)
-                if done is not None:  # finished before the interruption
-                    if isinstance(done, str):
-                        dropped.append(done)
-                    else:
-                        self.models_[name] = done
-                    continue
-                budget = None
-                if deadline is not None:
-                    budget = (deadline - time.monotonic()) / (len(candidates) - i)
-                    if budget <= 0:
-                        warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
-                                      stacklevel=2)
-                        continue
-                L.seed_everything(self.seed, workers=True, verbose=False)
-                outcome = train_candidate(
-                    name, cfg, spec, tuning_spec, run_dir=run.path, state=run.state,
-                    seed=self.seed, eval_metric=metric, image_col=self.image, budget=budget,
-                    verbosity=self.verbosity,
-                )
-                run.state.finish(name, outcome.record, outcome.dropped)
-                if outcome.record is None:
-                    dropped.append(outcome.dropped)
-                    continue
-                self.models_[name] = outcome.record
-                self._loaded = {name: outcome.model}
-            if not self.models_:
-                if dropped:
-                    raise TrainingDivergedError(
-                        "no candidate trained; nothing was saved: " + "; ".join(dropped))
-                raise ConfigError("no candidate could be trained within time_limit")
-            self.best_model_ = self._select_best()
+            self.models_, self._loaded = run.train_candidates(
+                plan, seed=self.seed, image_col=self.image, verbosity=self.verbosity,
+                deadline=deadline)
+            self.best_model_ = select_best(self.models_, self.eval_metric_)
             self.config_ = self.models_[self.best_model_].config
             self.fit_time_ = time.monotonic() - started
             self._weights_dir = saving.save_predictor(self, self.path_)
         if self.verbosity >= 1:
             log.info("fit done in %.1fs; best model %r", self.fit_time_, self.best_model_)
         return self
-
-    def _plan(self, candidates, spec, tuning_spec, presets, hyperparameters, time_limit,
-              color_map) -> dict[str, Any]:
-        """What a resumed fit must match, and the call that `automask fit --resume` repeats."""
-        def paths(sp):
-            return None if sp is None else sp.frame[[self.image, self.label]].values.tolist()
-
-        return {
-            "candidates": {name: cfg.to_dict() for name, cfg in candidates},
-            "train": paths(spec), "tuning": paths(tuning_spec),
-            "task": spec.task, "classes": list(spec.class_names),
-            "params": {k: v for k, v in self.get_params().items()
-                       if k not in ("path", "verbosity")},
-            "call": {"presets": presets, "hyperparameters": hyperparameters,
-                     "time_limit": time_limit, "num_classes": spec.num_classes,
-                     "class_names": list(spec.class_names),
-                     "color_map": [[*k, v] for k, v in (color_map or {}).items()]},
-        }
-
-    def _select_best(self) -> str:
-        higher = HIGHER_IS_BETTER[self.eval_metric_]
-        scored = {k: v.val_score for k, v in self.models_.items() if v.val_score is not None}
-        if not scored:
-            return next(iter(self.models_))
-        return (max if higher else min)(scored, key=scored.get)
 
     # -------------------------------------------------------------- predict
     def predict(
@@ -307,9 +215,9 @@ class SemanticSegmentor(BaseEstimator):
             DataFrame of written files when ``save_to`` is given.
         """
         self._check_fitted()
-        net, cfg = self._model(model), self._config(model)
         frame, root = prediction.as_frame(data, self.image)
         spec = prediction.images_spec(frame, self.image, root)
+        net, cfg = self._model(model), self._config(model)
         if save_to is None:
             return [prediction.to_mask(p, self.task_, self.num_classes_)
                     for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
@@ -335,9 +243,9 @@ class SemanticSegmentor(BaseEstimator):
             class probabilities for multi-class tasks.
         """
         self._check_fitted()
-        net, cfg = self._model(model), self._config(model)
         frame, root = prediction.as_frame(data, self.image)
         spec = prediction.images_spec(frame, self.image, root)
+        net, cfg = self._model(model), self._config(model)
         return [p[0] if self.task_ == "binary" else p
                 for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
 
@@ -365,21 +273,14 @@ class SemanticSegmentor(BaseEstimator):
         dict
             Metric name to value (a fraction in [0, 1]; a list for per-class metrics).
         """
-        from .data import validate_frame
-
         self._check_fitted()
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
         scorers = build_metrics(self.task_, names,
                                 **metric_conventions(self.task_, self.num_classes_))
-        spec = validate_frame(
-            data, image_col=self.image, label_col=self.label, root=_root_of(data),
-            num_classes=self.num_classes_, class_names=self.classes_,
-            void_label=self.void_label_, color_map=self.color_map_,
-        )
-        if spec.task != self.task_:
-            raise DataValidationError(f"data looks {spec.task} but the model is {self.task_}")
-        net, cfg = self._model(model), self._config(model)
-        probs = prediction.iter_proba(net, cfg, self.task_, spec)
+        spec = prediction.labelled_spec(data, self.image, self.label, self.task_,
+                                        self.num_classes_, self.classes_, self.void_label_,
+                                        self.color_map_)
+        probs = prediction.iter_proba(self._model(model), self._config(model), self.task_, spec)
         return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
 
     def leaderboard(self, data: pd.DataFrame | str | os.PathLike | None = None) -> pd.DataFrame:
@@ -453,29 +354,6 @@ class SemanticSegmentor(BaseEstimator):
                 "SemanticSegmentor.load(path) first"
             )
 
-    def _configure_logging(self) -> None:
-        level = logging.INFO if self.verbosity >= 1 else logging.WARNING
-        log.setLevel(level)
-        lightning_level = logging.INFO if self.verbosity >= 3 else logging.WARNING
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(lightning_level)
-        if not log.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("automask: %(message)s"))
-            log.addHandler(handler)
-
-    def _eval_metric_for(self, task: str, num_classes: int) -> str:
-        from .metrics import METRICS
-
-        metric = self.eval_metric or ("iou" if task == "binary" else "miou")
-        if metric not in METRICS:
-            raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
-        if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
-            raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-        # Raises for a metric that does not fit the task.
-        build_metrics(task, [metric], **metric_conventions(task, num_classes))
-        return metric
-
     def _run_dir(self) -> Path:
         if self.path is not None:
             return Path(self.path)
@@ -493,7 +371,3 @@ class SemanticSegmentor(BaseEstimator):
             self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
         return self._loaded[name]
 
-
-def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
-    """Metric arguments that depend on the task: class count and ignore index."""
-    return {"num_classes": num_classes, "ignore_index": 255} if task == "multiclass" else {}

@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
+import warnings
 from pathlib import Path
 
-from ..errors import ConfigError
+import lightning as L
+
+from ..errors import ConfigError, TrainingDivergedError
 from ..saving import has_predictor, run_lock
 from .state import FitState
 
@@ -61,8 +65,7 @@ class FitRun(contextlib.AbstractContextManager):
         try:
             self._lock.__enter__()
         except BaseException:
-            self._lock = None
-            self._remove_created()
+            self._lock = None  # the holder owns the folder now: remove nothing
             raise
         try:
             self._check()
@@ -89,6 +92,51 @@ class FitRun(contextlib.AbstractContextManager):
                 f"{str(self.path)!r} holds an interrupted fit; pass resume=True (--resume) to "
                 "continue it or overwrite=True (--overwrite) to start again"
             )
+
+    def train_candidates(self, plan, *, seed: int, image_col: str, verbosity: int,
+                         deadline: float | None) -> tuple[dict, dict]:
+        """Train every unfinished candidate of ``plan``; finished ones are read back.
+
+        Returns ``(records, loaded)``: the record of each trained candidate, and the last
+        trained model by name. Raises TrainingDivergedError when every candidate was
+        dropped, ConfigError when ``deadline`` left no time for any.
+        """
+        from .recipe import train_candidate
+
+        records, loaded, dropped = {}, {}, []
+        for i, (name, cfg) in enumerate(plan.candidates):
+            done = self.state.finished(name)
+            if done is not None:  # finished before an interruption
+                if isinstance(done, str):
+                    dropped.append(done)
+                else:
+                    records[name] = done
+                continue
+            budget = None
+            if deadline is not None:
+                budget = (deadline - time.monotonic()) / (len(plan.candidates) - i)
+                if budget <= 0:
+                    warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
+                                  stacklevel=3)
+                    continue
+            L.seed_everything(seed, workers=True, verbose=False)
+            outcome = train_candidate(
+                name, cfg, plan.spec, plan.tuning_spec, run_dir=self.path, state=self.state,
+                seed=seed, eval_metric=plan.metric, image_col=image_col, budget=budget,
+                verbosity=verbosity,
+            )
+            self.state.finish(name, outcome.record, outcome.dropped)
+            if outcome.record is None:
+                dropped.append(outcome.dropped)
+                continue
+            records[name] = outcome.record
+            loaded = {name: outcome.model}
+        if not records:
+            if dropped:
+                raise TrainingDivergedError(
+                    "no candidate trained; nothing was saved: " + "; ".join(dropped))
+            raise ConfigError("no candidate could be trained within time_limit")
+        return records, loaded
 
     def __exit__(self, exc_type, exc, tb) -> None:
         keep = exc_type is not None and self.state.has_progress()
@@ -117,3 +165,15 @@ class FitRun(contextlib.AbstractContextManager):
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+def configure_logging(verbosity: int) -> None:
+    """automask's messages at INFO from verbosity 1; Lightning's only from verbosity 3."""
+    log.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+    lightning_level = logging.INFO if verbosity >= 3 else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(lightning_level)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("automask: %(message)s"))
+        log.addHandler(handler)

@@ -128,6 +128,8 @@ def train_candidate(
     except MisconfigurationException as exc:
         raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
                           f"machine: {exc}") from exc
+    if resume_from is None:  # a fresh candidate: its earlier logs (an overwritten fit) go
+        shutil.rmtree(run_dir / "logs" / name, ignore_errors=True)
     stopped = None
     try:
         with warnings.catch_warnings():
@@ -144,10 +146,10 @@ def train_candidate(
     if stopped is not None:
         if best.best_state is None:
             reason = f"candidate {name!r} was dropped before any validation: {stopped}"
-            warnings.warn(reason, stacklevel=3)
+            warnings.warn(reason, stacklevel=4)
             return Outcome(None, None, dropped=reason)
         warnings.warn(f"candidate {name!r} stopped: {stopped}; keeping its best epoch "
-                      f"({best.best_epoch})", stacklevel=3)
+                      f"({best.best_epoch})", stacklevel=4)
     best.restore(model)
     model.eval()
     trainable, total = count_parameters(model)
@@ -174,9 +176,8 @@ def train_candidate(
 
 
 def _log_version(run_dir: Path, name: str, resume_from: Path | None) -> str:
-    """``<name>`` for a fresh candidate (old logs removed); a new folder per resume."""
+    """``<name>`` for a fresh candidate; a new folder per resume."""
     if resume_from is None:
-        shutil.rmtree(run_dir / "logs" / name, ignore_errors=True)
         return name
     n = 1
     while (run_dir / "logs" / f"{name}-resumed-{n}").exists():
