@@ -64,15 +64,36 @@ def _print_scores(scores: dict, as_json: bool, class_names: Sequence[str] | None
 def _cmd_fit(args) -> None:
     from .segmentor import SemanticSegmentor
 
-    seg = SemanticSegmentor(label=args.label, image=args.image, path=args.path,
-                            eval_metric=args.eval_metric, seed=args.seed,
-                            verbosity=args.verbosity)
-    train, class_names, hp = _fit_inputs(args)
-    seg.fit(train, tuning_data=args.tuning, presets=args.presets,
-            hyperparameters=hp, time_limit=args.time_limit,
-            num_classes=args.num_classes, class_names=class_names)
+    params = {"label": args.label, "image": args.image, "eval_metric": args.eval_metric,
+              "seed": args.seed}
+    if args.resume and args.train is None and args.images is None:
+        train, fit_args, params = _recorded_fit(args.path)
+    else:
+        train, class_names, hp = _fit_inputs(args)
+        fit_args = {"tuning_data": args.tuning, "presets": args.presets,
+                    "hyperparameters": hp, "time_limit": args.time_limit,
+                    "num_classes": args.num_classes, "class_names": class_names}
+    seg = SemanticSegmentor(path=args.path, verbosity=args.verbosity, **params)
+    seg.fit(train, overwrite=args.overwrite, resume=args.resume, **fit_args)
     _print_table(seg.leaderboard(), as_json=False)
     print(f"saved to {seg.path_}")
+
+
+def _recorded_fit(path: str):
+    """(train data, fit arguments, constructor arguments) of the interrupted fit in path."""
+    from pathlib import Path
+
+    from .training.state import FitState
+
+    state = FitState(Path(path))
+    if not state.exists():
+        raise AutomaskError(f"nothing to resume: {path!r} holds no interrupted fit")
+    plan = state.plan()
+    call = dict(plan["call"])
+    call["color_map"] = {tuple(row[:3]): row[3] for row in call["color_map"]} or None
+    tuning = state.data_file("tuning")
+    call["tuning_data"] = str(tuning) if tuning is not None else None
+    return str(state.data_file("train")), call, plan["params"]
 
 
 def _load(run: str):
@@ -84,10 +105,11 @@ def _load(run: str):
 def _cmd_predict(args) -> None:
     seg = _load(args.run)
     if args.proba:
-        written = _write_probabilities(seg, args.data, args.model, args.out)
+        written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite)
         print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
         return
-    written = seg.predict(args.data, model=args.model, save_to=args.out)
+    written = seg.predict(args.data, model=args.model, save_to=args.out,
+                          overwrite=args.overwrite)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -234,16 +256,22 @@ def _print_per_class(key: str, values: list, class_names: Sequence[str]) -> None
         print(f"  {i:>3} {name:<{width}}  {text}")
 
 
-def _write_probabilities(seg, data, model: str | None, out: str) -> int:
-    """Write ``<stem>.npy`` float32 probability maps; returns how many."""
+def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool) -> int:
+    """Write ``<stem>.npy`` float32 probability maps; returns how many.
+
+    As for masks, every destination is checked first: an input file is never replaced, an
+    existing file only with ``--overwrite``.
+    """
+    import os
     from pathlib import Path
 
     import numpy as np
 
     from .errors import DataValidationError
+    from .prediction import as_frame
     from .utils import atomic_write
 
-    frame, root = seg._as_frame(data)
+    frame, root = as_frame(data, seg.image)
     stems = [Path(p).stem for p in frame[seg.image]]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
@@ -253,12 +281,25 @@ def _write_probabilities(seg, data, model: str | None, out: str) -> int:
     if root is not None:  # relative paths of a CSV resolve against its folder
         frame = frame.assign(**{seg.image: [str(root / p) for p in frame[seg.image]]})
     folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise DataValidationError(f"--out {out!r} exists and is not a folder")
+    dests = [folder / f"{stem}.npy" for stem in stems]
+    inputs = {os.path.realpath(p) for p in frame[seg.image]}
+    clash = [str(d) for d in dests if os.path.realpath(d) in inputs]
+    if clash:
+        raise DataValidationError(f"writing to {out!r} would overwrite input files: {clash[:5]}")
+    existing = [str(d) for d in dests if d.exists()]
+    if existing and not overwrite:
+        raise DataValidationError(
+            f"{len(existing)} file(s) already exist in {out!r}, e.g. {existing[:3]}; pass "
+            "--overwrite to replace them, or choose another output folder"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     chunk = 16  # images per call: a few maps in memory at a time
     for start in range(0, len(frame), chunk):
         part = frame.iloc[start:start + chunk]
-        for stem, prob in zip(stems[start:start + chunk], seg.predict_proba(part, model=model)):
-            with atomic_write(folder / f"{stem}.npy") as fh:
+        for dest, prob in zip(dests[start:start + chunk], seg.predict_proba(part, model=model)):
+            with atomic_write(dest) as fh:
                 np.save(fh, prob.astype(np.float32))
     return len(frame)
 
@@ -335,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit models on a CSV of image/mask paths or on two folders")
-    p.add_argument("--train", help="CSV with image and label columns (or --images/--masks)")
+    p.add_argument("--train", help="CSV with image and label columns (or --images/--masks; "
+                                   "not needed with --resume)")
     p.add_argument("--tuning", help="CSV of validation data (default: a holdout split)")
     p.add_argument("--presets", default="medium_quality")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
@@ -352,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a terminal (default), 3 debug")
     _add_folder_args(p)
     _add_class_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the predictor already in --path")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the interrupted fit in --path (other options: as recorded)")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("predict", help="write predicted masks as PNG files")
@@ -362,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proba", action="store_true",
                    help="write probability maps instead of masks: <stem>.npy, float32, "
                         "(H, W) foreground probability (binary) or (K, H, W) (multi-class)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing mask files in --out (input files never are)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score a saved predictor on labelled data")

@@ -37,3 +37,11 @@ class SavedModelError(AutomaskError, RuntimeError):
 
 class NoMatchingModuleError(AutomaskError, ValueError):
     """A PEFT method whose target pattern matched no module of the model."""
+
+
+class PathInUseError(AutomaskError, RuntimeError):
+    """A run directory that another process is fitting or saving into (its lock is held)."""
+
+
+class TrainingDivergedError(AutomaskError, RuntimeError):
+    """Every candidate's loss became NaN or infinite before it produced a usable model."""

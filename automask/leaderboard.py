@@ -114,7 +114,7 @@ def build_leaderboard(
         raise ConfigError(f"unknown leaderboard style {style!r}; valid: {', '.join(STYLES)}")
     if metrics is not None:
         from .metrics import build_metrics
-        from .segmentor import metric_conventions
+        from .prediction import metric_conventions
 
         try:
             build_metrics(seg.task_, list(metrics),
@@ -378,17 +378,10 @@ def _isnan(value: Any) -> bool:
 
 # ------------------------------------------------------------------------ external rows
 def _validated(seg: "SemanticSegmentor", data):
-    from .data import validate_frame
-    from .segmentor import _root_of
+    from .prediction import labelled_spec
 
-    spec = validate_frame(
-        data, image_col=seg.image, label_col=seg.label, root=_root_of(data),
-        num_classes=seg.num_classes_, class_names=seg.classes_,
-        void_label=seg.void_label_, color_map=seg.color_map_,
-    )
-    if spec.task != seg.task_:
-        raise DataValidationError(f"data looks {spec.task} but the model is {seg.task_}")
-    return spec
+    return labelled_spec(data, seg.image, seg.label, seg.task_, seg.num_classes_,
+                         seg.classes_, seg.void_label_, seg.color_map_)
 
 
 def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Path]:
@@ -403,12 +396,12 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
         The folder is missing, two files share a stem, or some rows have no file (the first
         ones are named, with the count).
     """
-    from .metrics.folders import _readable_suffixes
+    from .metrics.folders import readable_suffixes
 
     root = Path(folder)
     if not root.is_dir():
         raise DataValidationError(f"external predictions folder not found: {str(root)!r}")
-    suffixes = _readable_suffixes()
+    suffixes = readable_suffixes()
     files: dict[str, Path] = {}
     for path in sorted(root.iterdir()):
         if path.is_file() and path.suffix.lower() in suffixes:
@@ -446,19 +439,13 @@ def score_external(
     import torch
 
     from .data import read_mask
-    from .metrics import CONVENTIONS, DEFAULT_METRICS, read_map, score
+    from .metrics import DEFAULT_METRICS, read_map, score
     from .metrics.inputs import as_tensor, binary_prediction
-    from .segmentor import metric_conventions
+    from .prediction import metric_conventions
 
     spec = _validated(seg, data)
     names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[seg.task_])
-    conventions = metric_conventions(seg.task_, seg.num_classes_)
-    # Binary void pixels: where the binary metrics take ``ignore_index`` (as evaluate then
-    # passes it), they score void themselves; before that, evaluate counted void pixels as
-    # background in prediction and target, and so does this.
-    void_aware = seg.task_ == "binary" and "ignore_index" in CONVENTIONS["binary"]
-    if void_aware:
-        conventions = {**conventions, "ignore_index": 255}
+    conventions = metric_conventions(seg.task_, seg.num_classes_)  # void: ignore_index 255
     preds, targets = [], []
     for idx, path in enumerate(files):
         raw = read_mask(spec.frame[seg.label].iloc[idx], color_map=seg.color_map_)
@@ -470,9 +457,6 @@ def score_external(
                                  f"{tuple(target.shape)} (height, width)")
             if seg.task_ == "binary":
                 pred = binary_prediction(pred)
-                if not void_aware:
-                    keep = target != 255
-                    pred, target = pred * keep, target * keep
         except (OSError, ValueError) as exc:
             raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
         preds.append(pred)

@@ -275,9 +275,10 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
     (0/1 for binary, class ids for multi-class, 255 ignored).
     """
     from .data import read_image, read_mask, validate_frame
+    from .prediction import as_frame, images_spec, iter_proba, to_mask
 
     seg._check_fitted()
-    frame, root = seg._as_frame(data)
+    frame, root = as_frame(data, seg.image)
     if n is not None:
         if n < 1:
             raise DataValidationError(f"n must be at least 1, got {n}")
@@ -300,8 +301,9 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
     predictions = {}
     for model in models:
         name = model or seg.best_model_
-        predictions[name] = [seg._to_mask(prob) for _, prob in
-                             seg._iter_proba(spec.frame, model, root=None)]
+        masks = iter_proba(seg._model(model), seg._config(model), seg.task_,
+                           images_spec(spec.frame, seg.image, None))
+        predictions[name] = [to_mask(prob, seg.task_, seg.num_classes_) for _, prob in masks]
     stems = [Path(p).stem for p in spec.frame[seg.image]]
     return images, truths, stems, predictions
 

@@ -1,9 +1,20 @@
-"""Saving and loading a fitted predictor: one JSON file and the trainable weights.
+"""Saving and loading a fitted predictor: JSON files and the trainable weights.
 
-Layout of a predictor directory::
+Layout of a predictor directory (also the run directory of a fit)::
 
-    automask.json              # format version, versions, task, classes, models and configs
-    models/<model>.safetensors # trainable weights of each model (adapters + decoder)
+    automask.json                  # pointer: {"format", "format_version", "current": "v-..."}
+    v-<time>-<id>/predictor.json   # versions, task, classes, models and their configs
+    v-<time>-<id>/<model>.safetensors   # trainable weights of each model (adapters + decoder)
+    .automask.lock                 # held while a fit or a save writes here
+
+A predictor directory is always either the complete old predictor or the complete new
+one. A save writes every file of the new version into a hidden staging folder beside the
+current version, renames the folder to its version name, then replaces ``automask.json``
+atomically (the commit point), and only then deletes the superseded versions. A reader
+resolves the pointer once and opens every weights file of that version while loading, so
+a save that follows cannot pull the files from under it (on POSIX systems an open file
+outlives its deletion); if the version is replaced between reading the pointer and
+opening the files, loading reads the pointer again.
 
 The frozen SAM backbone is never written: loading rebuilds it through the checkpoint
 resolver and checks the SHA-256 recorded at fit time. A model trained from random
@@ -11,29 +22,49 @@ initialisation has no checkpoint to rebuild from, so all its weights are written
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+import weakref
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 
-from .config import Config
-from .errors import AutomaskError, CheckpointError, SavedModelError
+from .errors import AutomaskError, CheckpointError, PathInUseError, SavedModelError
+from .training.record import CandidateRecord
 from .utils import atomic_write, sha256_file
-from .utils.download import copy_atomic
 
 FORMAT = "automask-predictor"
-FORMAT_VERSION = 1
-META_FILE = "automask.json"
+FORMAT_VERSION = 2
+POINTER_FILE = "automask.json"
+META_FILE = "predictor.json"
+LOCK_FILE = ".automask.lock"
+OWNER_FILE = ".automask.lock.owner"
+VERSION_PREFIX = "v-"
+STAGING_PREFIX = ".staging-"
 
 _STATE_ATTRS = ("task_", "num_classes_", "classes_", "eval_metric_", "void_label_",
                 "best_model_", "fit_time_")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def weights_filename(name: str) -> str:
-    """File name of a model's weights; candidate names may hold ',' and '='."""
-    return "models/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".safetensors"
+    """Plain file name of a model's weights; candidate names may hold ',' and '='."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") + ".safetensors"
+
+
+def is_plain_name(name: Any) -> bool:
+    """True for a file name with no folder part, no '..' and no leading dot."""
+    return isinstance(name, str) and bool(_PLAIN_NAME.fullmatch(name)) and ".." not in name
 
 
 def weights_to_save(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
@@ -46,64 +77,209 @@ def weights_to_save(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor
     return "trainable", params
 
 
-def write_weights(model: torch.nn.Module, run_dir: Path, name: str) -> dict[str, Any]:
-    """Write a model's weights under ``run_dir``; returns the JSON record of the file."""
+def write_weights(model: torch.nn.Module, folder: Path, name: str) -> dict[str, str]:
+    """Write a model's weights into ``folder``; returns the record's weights fields."""
     from safetensors.torch import save
 
     scope, tensors = weights_to_save(model)
-    rel = weights_filename(name)
-    dest = run_dir / rel
+    filename = weights_filename(name)
+    dest = folder / filename
     with atomic_write(dest) as fh:
         fh.write(save(tensors))
-    return {"weights": rel, "weights_scope": scope, "weights_sha256": sha256_file(dest)}
+    return {"weights": filename, "weights_scope": scope, "weights_sha256": sha256_file(dest)}
 
 
-def save_predictor(seg, path: Path) -> None:
-    """Write ``seg``'s JSON and make sure every model's weights are in ``path``."""
+# ------------------------------------------------------------------------------- lock
+@contextlib.contextmanager
+def run_lock(path: Path, purpose: str) -> Iterator[None]:
+    """Hold the directory's lock; raise PathInUseError naming the holder when taken.
+
+    The lock is an operating-system file lock (``filelock``), so the kernel releases it
+    when its holder dies, ``kill -9`` included: a stale lock file never blocks a later
+    fit. The holder's pid, host and purpose are written beside it for the message. The
+    lock is re-entrant within a process (a fit's final save takes it again).
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / LOCK_FILE), timeout=0, is_singleton=True)
+    outer = not lock.is_locked
+    try:
+        lock.acquire()
+    except Timeout:
+        raise PathInUseError(
+            f"{str(path)!r} is in use: {_owner(path)} holds its lock; wait for it to finish "
+            "or choose another path"
+        ) from None
+    try:
+        if outer:
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                     "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            with atomic_write(path / OWNER_FILE, "w") as fh:
+                json.dump(owner, fh)
+        yield
+    finally:
+        if outer:
+            with contextlib.suppress(OSError):
+                (path / OWNER_FILE).unlink()
+        lock.release()
+
+
+def _owner(path: Path) -> str:
+    try:
+        info = json.loads((path / OWNER_FILE).read_text())
+        return (f"an automask {info.get('purpose', 'process')} (pid {info.get('pid')} on "
+                f"{info.get('host')}, since {info.get('since')})")
+    except (OSError, ValueError, AttributeError):
+        return "another automask process"
+
+
+# ------------------------------------------------------------------------------ save
+def has_predictor(path: Path) -> bool:
+    """True when ``path`` holds a predictor pointer (complete or not)."""
+    return (path / POINTER_FILE).is_file()
+
+
+def save_predictor(seg, path: Path) -> Path:
+    """Write ``seg`` as a new version of the predictor in ``path``; returns its folder."""
     import automask
 
     path.mkdir(parents=True, exist_ok=True)
-    models = {}
-    for name, info in seg.models_.items():
-        record = {k: v for k, v in info.items() if k != "config"}
-        record["config"] = info["config"].to_dict()
-        src = Path(seg.path_) / info["weights"]
-        dest = path / info["weights"]
-        if src.resolve() != dest.resolve():
-            copy_atomic(src, dest)
-        models[name] = record
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "automask_version": automask.__version__,
-        "torch_version": torch.__version__,
-        "params": seg.get_params(),
-        "color_map": [[*k, v] for k, v in (seg.color_map_ or {}).items()],
-        **{attr: getattr(seg, attr) for attr in _STATE_ATTRS},
-        "models": models,
-    }
-    meta["params"]["path"] = None  # a loaded predictor lives where it is loaded from
-    with atomic_write(path / META_FILE, "w") as fh:
-        json.dump(meta, fh, indent=2, default=str)
+    with run_lock(path, "save"):
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
+        try:
+            models = {}
+            for name, record in seg.models_.items():
+                _copy_weights(seg, name, staging / record.weights)
+                models[name] = record.to_json()
+            meta = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "automask_version": automask.__version__,
+                "torch_version": torch.__version__,
+                "params": {**seg.get_params(), "path": None},  # lives where it is loaded
+                "color_map": [[*k, v] for k, v in (seg.color_map_ or {}).items()],
+                **{attr: getattr(seg, attr) for attr in _STATE_ATTRS},
+                "models": models,
+            }
+            with atomic_write(staging / META_FILE, "w") as fh:
+                json.dump(meta, fh, indent=2, default=str)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            version = f"{VERSION_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
+            os.rename(staging, path / version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(path)
+        pointer = {"format": FORMAT, "format_version": FORMAT_VERSION, "current": version}
+        with atomic_write(path / POINTER_FILE, "w") as fh:  # the commit point
+            json.dump(pointer, fh, indent=2)
+        _fsync_dir(path)
+        for entry in path.iterdir():  # superseded versions and crashed writers' staging
+            if entry.name != version and entry.is_dir() and (
+                    entry.name.startswith(VERSION_PREFIX) or entry.name.startswith(STAGING_PREFIX)):
+                # Renamed away first, so a reader sees a version whole or not at all.
+                trash = path / f"{STAGING_PREFIX}old-{uuid.uuid4().hex[:8]}"
+                with contextlib.suppress(OSError):
+                    os.rename(entry, trash)
+                    entry = trash
+                shutil.rmtree(entry, ignore_errors=True)
+    return path / version
+
+
+def _copy_weights(seg, name: str, dest: Path) -> None:
+    handle = getattr(seg, "_weights_files", {}).get(name)
+    if handle is not None:
+        handle.seek(0)
+        with atomic_write(dest) as out:
+            shutil.copyfileobj(handle, out, 1 << 20)
+        return
+    src = Path(seg._weights_dir) / seg.models_[name].weights
+    try:
+        os.link(src, dest)  # the source is never written again: sharing its inode is safe
+    except OSError:
+        with open(src, "rb") as fin, atomic_write(dest) as out:
+            shutil.copyfileobj(fin, out, 1 << 20)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------ load
+class _Superseded(Exception):
+    """The version read from the pointer disappeared while loading (a save replaced it)."""
 
 
 def load_predictor(cls, path: Path):
     """Inverse of :func:`save_predictor`; raises SavedModelError on any inconsistency."""
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise SavedModelError(f"{str(path)!r} is not a saved automask predictor: no {META_FILE}")
+    for _ in range(100):
+        version = _read_pointer(path)
+        try:
+            return _load_version(cls, path, version)
+        except _Superseded:
+            if _read_pointer(path) == version:
+                raise SavedModelError(
+                    f"{str(path)!r} is incomplete: {POINTER_FILE} names version {version!r}, "
+                    "which is missing"
+                ) from None
+            time.sleep(0.01)
+    raise SavedModelError(f"{str(path)!r} kept changing while it was being loaded")
+
+
+def _read_json(file: Path) -> Any:
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SavedModelError(f"{str(meta_path)!r} is corrupted: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SavedModelError(f"{str(meta_path)!r} is not an automask predictor file")
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SavedModelError(f"{str(file)!r} is corrupted: {exc}") from exc
+
+
+def _read_pointer(path: Path) -> str:
+    pointer_path = path / POINTER_FILE
+    if not pointer_path.is_file():
+        raise SavedModelError(
+            f"{str(path)!r} is not a saved automask predictor: no {POINTER_FILE}")
+    try:
+        pointer = _read_json(pointer_path)
+    except OSError as exc:
+        raise SavedModelError(f"cannot read {str(pointer_path)!r}: {exc}") from exc
+    if not isinstance(pointer, dict) or pointer.get("format") != FORMAT:
+        raise SavedModelError(f"{str(pointer_path)!r} is not an automask predictor file")
+    _check_version(pointer, path)
+    version = pointer.get("current")
+    if not (is_plain_name(version) and version.startswith(VERSION_PREFIX)):
+        raise SavedModelError(
+            f"{str(pointer_path)!r}: 'current' must name a version folder inside the "
+            f"predictor directory, got {version!r}")
+    return version
+
+
+def _check_version(meta: dict, path: Path) -> None:
     if meta.get("format_version") != FORMAT_VERSION:
         raise SavedModelError(
             f"{str(path)!r} was saved in format version {meta.get('format_version')!r} by "
-            f"automask {meta.get('automask_version')}; this automask reads version "
-            f"{FORMAT_VERSION}"
+            f"automask {meta.get('automask_version', '(unknown)')}; this automask reads "
+            f"version {FORMAT_VERSION}"
         )
+
+
+def _load_version(cls, path: Path, version: str):
+    folder = path / version
+    meta_path = folder / META_FILE
+    try:
+        meta = _read_json(meta_path)
+    except FileNotFoundError:
+        raise _Superseded() from None
+    except OSError as exc:
+        raise SavedModelError(f"cannot read {str(meta_path)!r}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SavedModelError(f"{str(meta_path)!r} is not an automask predictor file")
+    _check_version(meta, path)
+    handles: dict[str, IO[bytes]] = {}
     try:
         seg = cls(**meta["params"])
         for attr in _STATE_ATTRS:
@@ -111,47 +287,79 @@ def load_predictor(cls, path: Path):
         seg.color_map_ = {tuple(row[:3]): row[3] for row in meta["color_map"]} or None
         seg.path_ = path
         seg.models_ = {}
-        for name, record in meta["models"].items():
-            info = dict(record)
-            info["config"] = Config.from_dict(record["config"])
-            if not (path / info["weights"]).is_file():
-                raise SavedModelError(f"missing weights file {info['weights']!r} in {str(path)!r}")
-            seg.models_[name] = info
-        seg.config_ = seg.models_[seg.best_model_]["config"]
-    except SavedModelError:
+        for name, raw in meta["models"].items():
+            weights = raw.get("weights") if isinstance(raw, dict) else None
+            if not is_plain_name(weights):
+                raise SavedModelError(
+                    f"{str(meta_path)!r}: model {name!r} names weights {weights!r}; weights "
+                    "must be a plain file name inside the predictor directory")
+            record = CandidateRecord.from_json(raw)
+            try:
+                handles[name] = open(folder / weights, "rb")  # noqa: SIM115 (kept open)
+            except FileNotFoundError:
+                if not folder.is_dir() or _read_pointer(path) != version:
+                    raise _Superseded() from None
+                raise SavedModelError(
+                    f"missing weights file {weights!r} in {str(folder)!r}") from None
+            seg.models_[name] = record
+        seg.config_ = seg.models_[seg.best_model_].config
+    except (SavedModelError, _Superseded):
+        _close_all(handles)
         raise
     except (KeyError, TypeError, ValueError, IndexError, AutomaskError) as exc:
+        _close_all(handles)
         raise SavedModelError(f"{str(meta_path)!r} is incomplete or invalid: {exc!r}") from exc
     seg._loaded = {}
+    seg._weights_dir = folder
+    seg._weights_files = handles
+    weakref.finalize(seg, _close_all, handles)
     return seg
+
+
+def _close_all(handles: dict[str, IO[bytes]]) -> None:
+    for handle in handles.values():
+        handle.close()
+
+
+def read_weights(seg, name: str) -> tuple[bytes, str]:
+    """(bytes of model ``name``'s weights file, a description of where they came from)."""
+    record = seg.models_[name]
+    where = str(Path(seg._weights_dir) / record.weights)
+    handle = getattr(seg, "_weights_files", {}).get(name)
+    try:
+        if handle is not None:
+            handle.seek(0)
+            return handle.read(), where
+        return Path(where).read_bytes(), where
+    except OSError as exc:
+        raise SavedModelError(f"cannot read weights {where!r}: {exc}") from exc
 
 
 def rebuild_model(seg, name: str) -> torch.nn.Module:
     """Build model ``name`` of a fitted or loaded predictor and load its saved weights."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    from .models import build_segmenter
-    from .peft import apply_peft
-    from .segmentor import _peft_kwargs
+    from .training.builder import build_candidate_model
 
-    info = seg.models_[name]
-    cfg: Config = info["config"]
-    weights = Path(seg.path_) / info["weights"]
-    if sha256_file(weights) != info["weights_sha256"]:
-        raise SavedModelError(f"weights file {str(weights)!r} is corrupted (SHA-256 mismatch)")
-    checkpoint = _checkpoint_for(info["checkpoint"])
-    recorded = info["checkpoint"].get("sha256")
+    record: CandidateRecord = seg.models_[name]
+    data, where = read_weights(seg, name)
+    if hashlib.sha256(data).hexdigest() != record.weights_sha256:
+        raise SavedModelError(f"weights file {where!r} is corrupted (SHA-256 mismatch)")
+    recorded = record.checkpoint.get("sha256")
     try:
-        model = build_segmenter(cfg.model.backbone, num_classes=1 if seg.task_ == "binary"
-                                else seg.num_classes_, input_size=cfg.model.input_size,
-                                checkpoint=checkpoint, progress=seg.verbosity >= 2,
-                                multiclass_head=cfg.model.multiclass_head)
+        model, _ = build_candidate_model(
+            record.config, 1 if seg.task_ == "binary" else seg.num_classes_,
+            checkpoint=_checkpoint_for(record.checkpoint), progress=seg.verbosity >= 2,
+            sha256=recorded)  # checked on the file's bytes before torch.load reads them
     except CheckpointError as exc:
+        where = record.checkpoint.get("path")
+        gone = bool(where) and not Path(where).is_file()
+        detail = ("which is no longer there, and no other copy was found" if gone
+                  else "and no file with that SHA-256 was found")
         raise SavedModelError(
-            f"model {name!r} was trained on the SAM checkpoint {info['checkpoint'].get('path')}"
-            f" (SHA-256 {recorded}), which is no longer there, and no other copy was found: "
-            f"{exc}"
+            f"model {name!r} was trained on the SAM checkpoint {where} (SHA-256 {recorded}), "
+            f"{detail}: {exc}"
         ) from exc
     if recorded and model.checkpoint_info.get("sha256") != recorded:
         raise SavedModelError(
@@ -159,17 +367,16 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
             f"has SHA-256 {model.checkpoint_info.get('sha256')}, but the model was trained on "
             f"{recorded}"
         )
-    apply_peft(model, **_peft_kwargs(cfg))
     try:
-        tensors = load_file(str(weights))
+        tensors = load(data)
     except (SafetensorError, OSError) as exc:
-        raise SavedModelError(f"cannot read weights {str(weights)!r}: {exc}") from exc
+        raise SavedModelError(f"cannot read weights {where!r}: {exc}") from exc
     _, expected = weights_to_save(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise SavedModelError(
-            f"weights {str(weights)!r} do not fit model {name!r}: missing {missing[:5]}, "
+            f"weights {where!r} do not fit model {name!r}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     state = dict(model.named_parameters())

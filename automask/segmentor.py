@@ -9,26 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
 
-from . import saving
-from .config import Config, resolve
-from .errors import ConfigError, DataValidationError, NotFittedError
-from .hardware import autocast_context, resolve_env
-from .losses import build_loss
-from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, build_metrics
-from .training.module import task_loss_name
-from .training.progress import format_summary
+from . import prediction, saving
+from .errors import ConfigError, NotFittedError
+from .metrics import DEFAULT_METRICS, build_metrics
+from .prediction import metric_conventions
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 log = logging.getLogger("automask")
 
 
@@ -63,7 +57,7 @@ class SemanticSegmentor(BaseEstimator):
         Resolved configuration of the best model.
     best_model_ : str
         Name of the candidate used by default in predict and evaluate.
-    models_ : dict of str to dict
+    models_ : dict of str to CandidateRecord
         Per candidate: its configuration, validation score, fit time and parameter counts.
     path_ : Path
         The run directory.
@@ -102,6 +96,9 @@ class SemanticSegmentor(BaseEstimator):
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         color_map: dict[tuple[int, int, int], int] | None = None,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> "SemanticSegmentor":
         """Fit one model per candidate configuration and keep the best.
 
@@ -124,198 +121,69 @@ class SemanticSegmentor(BaseEstimator):
             Names of the classes, background first.
         color_map : dict, optional
             ``{(r, g, b): class_id}`` for masks stored as colour images.
+        overwrite : bool, default False
+            Replace the predictor (or interrupted fit) already in ``path``; without it such
+            a path is refused. The old predictor stays loadable until the new one is
+            complete.
+        resume : bool, default False
+            Continue the interrupted fit in ``path`` (same data and options): finished
+            candidates are kept, the running one restarts after its last completed epoch.
 
         Returns
         -------
         SemanticSegmentor
             ``self``, fitted.
+
+        Raises
+        ------
+        ConfigError, DataValidationError
+            Bad options or data, before anything is written.
+        PathInUseError
+            Another process is fitting or saving into ``path``.
+        TrainingDivergedError
+            Every candidate diverged (non-finite loss) before validating; nothing is saved.
+        KeyboardInterrupt
+            On Ctrl-C; the completed epochs are kept for ``resume=True``.
         """
-        from .data import validate_frame
+        from .training.lifecycle import FitRun, configure_logging
+        from .training.plan import plan_fit, select_best
+
+        from .config import check_time_limit
 
         started = time.monotonic()
+        time_limit = check_time_limit(time_limit)  # NaN, inf or <= 0: ConfigError
         deadline = started + time_limit if time_limit is not None else None
-        if time_limit is not None and time_limit <= 0:
-            raise ConfigError(f"time_limit must be positive seconds, got {time_limit!r}")
         self._reset()
-        self._configure_logging()
-        candidates = resolve(presets, hyperparameters)
-        void_labels = {cfg.data.void_label for _, cfg in candidates}
-        if len(void_labels) > 1:
-            raise ConfigError("'data.void_label' cannot vary across candidates")
-        void_label = void_labels.pop()
-        spec = validate_frame(
-            train_data, image_col=self.image, label_col=self.label, root=_root_of(train_data),
-            num_classes=num_classes, class_names=class_names, void_label=void_label,
-            color_map=color_map,
-        )
-        tuning_spec = None
-        if tuning_data is not None:
-            tuning_spec = validate_frame(
-                tuning_data, image_col=self.image, label_col=self.label,
-                root=_root_of(tuning_data), num_classes=spec.num_classes,
-                class_names=spec.class_names, void_label=void_label, color_map=color_map,
-            )
-            if tuning_spec.task != spec.task:
-                raise DataValidationError(
-                    f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
-                )
-        selects = {cfg.optim.select_metric for _, cfg in candidates}
-        if len(selects) > 1:
-            raise ConfigError("'optim.select_metric' cannot vary across candidates")
-        metric = self._eval_metric_for(spec.task, spec.num_classes, selects.pop())
-        for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
-            try:
-                build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
-            except ValueError as exc:
-                raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
-
-        self.path_ = self._run_dir()
-        self.path_.mkdir(parents=True, exist_ok=True)
-        self.task_ = spec.task
-        self.num_classes_ = spec.num_classes
-        self.classes_ = list(spec.class_names)
-        self.eval_metric_ = metric
-        self.void_label_ = void_label
-        self.color_map_ = spec.color_map
-        self.models_ = {}
-        self._loaded = {}
-        for i, (name, cfg) in enumerate(candidates):
-            budget = None
-            if deadline is not None:
-                budget = (deadline - time.monotonic()) / (len(candidates) - i)
-                if budget <= 0:
-                    warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
-                                  stacklevel=2)
-                    continue
-            self._fit_candidate(name, cfg, spec, tuning_spec, budget)
-        if not self.models_:
-            raise ConfigError("no candidate could be trained within time_limit")
-        self.best_model_ = self._select_best()
-        self.config_ = self.models_[self.best_model_]["config"]
-        self.fit_time_ = time.monotonic() - started
-        self.save(self.path_)
+        configure_logging(self.verbosity)
+        plan = plan_fit(self.get_params(), train_data, tuning_data, presets, hyperparameters,
+                        time_limit, num_classes, class_names, color_map)
+        spec = plan.spec
+        run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume)
+        with run:
+            if resume:
+                run.state.check_plan(plan.record)
+            else:
+                run.state.start(plan.record, plan.frames)
+            self.path_ = run.path
+            self.task_ = spec.task
+            self.num_classes_ = spec.num_classes
+            self.classes_ = list(spec.class_names)
+            self.eval_metric_ = plan.metric
+            self.void_label_ = plan.void_label
+            self.color_map_ = spec.color_map
+            self._weights_dir = run.state.models_dir
+            self.models_, self._loaded = run.train_candidates(
+                plan, seed=self.seed, image_col=self.image, verbosity=self.verbosity,
+                deadline=deadline)
+            self.best_model_ = select_best(self.models_, self.eval_metric_)
+            self.config_ = self.models_[self.best_model_].config
+            self.fit_time_ = time.monotonic() - started
+            self._weights_dir = saving.save_predictor(self, self.path_)
         if self.verbosity >= 1:
+            from .training.progress import format_summary
+
             print(format_summary(self.fit_summary()), flush=True)
         return self
-
-    def _fit_candidate(self, name, cfg: Config, spec, tuning_spec, budget: float | None) -> None:
-        import lightning as L
-        from lightning.pytorch.callbacks import EarlyStopping
-        from lightning.pytorch.loggers import CSVLogger
-
-        from .data import AugmentConfig, SegmentationDataModule, split_spec
-        from .models import build_segmenter, count_parameters
-        from .peft import apply_peft
-        from .training import BestTrainableWeights, SegmentationModule
-        from .training.callbacks import FitClock
-        from .training.progress import progress_callbacks, show_bar
-
-        started = time.monotonic()
-        cfg, env = resolve_env(cfg)
-        run_seed = self.seed if cfg.env.seed is None else cfg.env.seed
-        L.seed_everything(run_seed, workers=True, verbose=False)
-        model = build_segmenter(
-            cfg.model.backbone, num_classes=spec.num_outputs, input_size=cfg.model.input_size,
-            checkpoint=_checkpoint_of(cfg), progress=self.verbosity >= 2,
-            multiclass_head=cfg.model.multiclass_head,
-        )
-        base_params = count_parameters(model)[1]  # SAM before adapters
-        apply_peft(model, **_peft_kwargs(cfg))
-        model.gradient_checkpointing = cfg.env.gradient_checkpointing
-        if tuning_spec is None:  # the split uses the predictor's seed: the same for every run
-            spec, tuning_spec = split_spec(spec, cfg.data.holdout_frac, self.seed)
-        datamodule = SegmentationDataModule(
-            spec,
-            input_size=cfg.model.input_size,
-            batch_size=cfg.optim.batch_size,
-            tuning_spec=tuning_spec,
-            holdout_frac=cfg.data.holdout_frac,
-            seed=run_seed,
-            augment=_augment(cfg, AugmentConfig),
-            num_workers=cfg.data.num_workers,
-            cache_dir=self.path_ / "cache" / f"{cfg.model.input_size}",
-            cache_memory_mb=cfg.data.cache_memory_mb,
-        )
-        module = SegmentationModule(
-            model, task=spec.task, num_classes=spec.num_classes, optim=cfg.optim,
-            val_metric=self.eval_metric_,
-        )
-        monitor = f"val_{self.eval_metric_}"
-        higher = HIGHER_IS_BETTER[self.eval_metric_]
-        best = BestTrainableWeights(monitor, higher_is_better=higher)
-        clock = FitClock()
-        callbacks: list = [best, clock, *progress_callbacks(name, self.verbosity, monitor)]
-        if cfg.optim.patience:
-            callbacks.append(EarlyStopping(monitor, patience=cfg.optim.patience,
-                                           mode="max" if higher else "min"))
-        max_time = None
-        if budget is not None:
-            # Keep a share of the budget for what follows training: restoring the best
-            # weights, timing predictions and saving.
-            spent = time.monotonic() - started
-            max_time = timedelta(seconds=max(1.0, 0.93 * budget - spent - 1.0))
-        trainer = L.Trainer(
-            accelerator=env["accelerator"],
-            devices=env["devices"],
-            num_nodes=cfg.env.num_nodes,
-            strategy=env["strategy"],
-            precision=env["precision"],
-            max_epochs=cfg.optim.max_epochs,
-            max_time=max_time,
-            accumulate_grad_batches=env["accumulate"],
-            gradient_clip_val=cfg.optim.grad_clip or None,
-            val_check_interval=cfg.optim.val_check_interval,
-            num_sanity_val_steps=0,
-            callbacks=callbacks,
-            logger=CSVLogger(self.path_, name="logs", version=name),
-            enable_checkpointing=False,
-            enable_progress_bar=show_bar(self.verbosity),
-            enable_model_summary=self.verbosity >= 3,
-            log_every_n_steps=1,
-            deterministic=False,
-        )
-        with warnings.catch_warnings():
-            # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
-            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
-            trainer.fit(module, datamodule=datamodule)
-        best.restore(model)
-        model.eval()
-        trainable, total = count_parameters(model)
-        self.models_[name] = {
-            "config": cfg,
-            "val_score": best.best_score,
-            "best_epoch": best.best_epoch,
-            "epochs": trainer.current_epoch,
-            "fit_time": time.monotonic() - started,
-            "train_time": clock.seconds,
-            "trainable_params": trainable,
-            "total_params": total,
-            "base_params": base_params,
-            "checkpoint": dict(model.checkpoint_info),
-            "history": best.history,
-        }
-        self.models_[name].update(saving.write_weights(model, self.path_, name))
-        self._loaded = {name: model}
-        val_spec = datamodule.val_spec
-        self.models_[name]["predict_images_per_s"] = self._throughput(name, val_spec, budget,
-                                                                      started)
-
-    def _throughput(self, name, spec, budget, started) -> float | None:
-        """Images per second of predict() on (a few) validation images."""
-        n = min(len(spec.frame), 16)
-        if n == 0 or (budget is not None and time.monotonic() - started > 0.97 * budget):
-            return None
-        sub = spec.frame.iloc[:n]
-        t0 = time.perf_counter()
-        count = sum(1 for _ in self._iter_proba(sub, name))
-        return count / max(time.perf_counter() - t0, 1e-9)
-
-    def _select_best(self) -> str:
-        higher = HIGHER_IS_BETTER[self.eval_metric_]
-        scored = {k: v["val_score"] for k, v in self.models_.items() if v["val_score"] is not None}
-        if not scored:
-            return next(iter(self.models_))
-        return (max if higher else min)(scored, key=scored.get)
 
     # -------------------------------------------------------------- predict
     def predict(
@@ -323,6 +191,8 @@ class SemanticSegmentor(BaseEstimator):
         data: pd.DataFrame | str | os.PathLike | Sequence[str | os.PathLike],
         model: str | None = None,
         save_to: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
     ) -> list[np.ndarray] | pd.DataFrame:
         """Predict a mask per image, at each image's original size.
 
@@ -335,7 +205,11 @@ class SemanticSegmentor(BaseEstimator):
         save_to : path-like, optional
             Folder to write lossless PNG masks named after the images (0/255 for binary,
             class indices for multi-class); then a DataFrame of image and mask paths is
-            returned and no mask is kept in memory.
+            returned and no mask is kept in memory. Every destination is checked before
+            anything is written: an input file (image, or mask of the label column) is
+            never overwritten, and an existing file only with ``overwrite=True``.
+        overwrite : bool, default False
+            Replace mask files that already exist in ``save_to``.
 
         Returns
         -------
@@ -344,29 +218,19 @@ class SemanticSegmentor(BaseEstimator):
             DataFrame of written files when ``save_to`` is given.
         """
         self._check_fitted()
-        frame, root = self._as_frame(data)
+        frame, root = prediction.as_frame(data, self.image)
+        spec = prediction.images_spec(frame, self.image, root)
+        net, cfg = self._model(model), self._config(model)
         if save_to is None:
-            return [self._to_mask(p) for _, p in self._iter_proba(frame, model, root=root)]
-        from .data.io import write_mask
-
+            return [prediction.to_mask(p, self.task_, self.num_classes_)
+                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
         out = Path(save_to)
-        out.mkdir(parents=True, exist_ok=True)
-        stems = [Path(p).stem for p in frame[self.image]]
-        dup = sorted({s for s in stems if stems.count(s) > 1})
-        if dup:
-            raise DataValidationError(
-                f"images share file stems, so their masks would overwrite each other: {dup[:5]}"
-            )
-        rows = []
-        for idx, prob in self._iter_proba(frame, model, root=root):
-            mask = self._to_mask(prob)
-            if self.task_ == "binary":
-                mask = mask * np.uint8(255)
-            image_path = frame[self.image].iloc[idx]
-            dest = out / f"{Path(image_path).stem}.png"
-            write_mask(dest, mask, self.task_)  # multi-class: palette PNG of class ids
-            rows.append({self.image: image_path, self.label: str(dest)})
-        return pd.DataFrame(rows, index=frame.index)
+        dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
+                                             overwrite=overwrite)
+        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec), dests, out,
+                               self.task_, self.num_classes_)
+        return pd.DataFrame({self.image: list(frame[self.image]),
+                             self.label: [str(d) for d in dests]}, index=frame.index)
 
     def predict_proba(
         self,
@@ -382,9 +246,11 @@ class SemanticSegmentor(BaseEstimator):
             class probabilities for multi-class tasks.
         """
         self._check_fitted()
-        frame, root = self._as_frame(data)
+        frame, root = prediction.as_frame(data, self.image)
+        spec = prediction.images_spec(frame, self.image, root)
+        net, cfg = self._model(model), self._config(model)
         return [p[0] if self.task_ == "binary" else p
-                for _, p in self._iter_proba(frame, model, root=root)]
+                for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
 
     def evaluate(
         self,
@@ -410,32 +276,15 @@ class SemanticSegmentor(BaseEstimator):
         dict
             Metric name to value (a fraction in [0, 1]; a list for per-class metrics).
         """
-        from .data import read_mask, validate_frame
-
         self._check_fitted()
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
-        # targets are class indices with 255 = void; binary metrics leave void out (see metrics)
-        conventions = {**metric_conventions(self.task_, self.num_classes_), "ignore_index": 255}
-        scorers = build_metrics(self.task_, names, **conventions)
-        spec = validate_frame(
-            data, image_col=self.image, label_col=self.label, root=_root_of(data),
-            num_classes=self.num_classes_, class_names=self.classes_,
-            void_label=self.void_label_, color_map=self.color_map_,
-        )
-        if spec.task != self.task_:
-            raise DataValidationError(f"data looks {spec.task} but the model is {self.task_}")
-        for idx, prob in self._iter_proba(spec.frame, model):
-            raw = read_mask(spec.frame[self.label].iloc[idx], color_map=self.color_map_)
-            target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
-            prob_t = torch.from_numpy(prob)
-            pred = prob_t[0] if self.task_ == "binary" else prob_t
-            for scorer in scorers.values():
-                scorer.update(pred, target)
-        out = {}
-        for key, scorer in scorers.items():
-            value = scorer.compute()
-            out[key] = value.tolist() if value.ndim else float(value)
-        return out
+        scorers = build_metrics(self.task_, names,
+                                **metric_conventions(self.task_, self.num_classes_))
+        spec = prediction.labelled_spec(data, self.image, self.label, self.task_,
+                                        self.num_classes_, self.classes_, self.void_label_,
+                                        self.color_map_)
+        probs = prediction.iter_proba(self._model(model), self._config(model), self.task_, spec)
+        return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
 
     def leaderboard(
         self,
@@ -458,12 +307,13 @@ class SemanticSegmentor(BaseEstimator):
         style : {"models", "methods", "paper"}, optional
             ``models``: one row per candidate (model, method, backbone, input_size, seed,
             trainable_params_m, ratio_pct (of all parameters of the adapted model, the
-            paper's convention: 4.02M / 641.61M = 0.63% for Conv-LoRA on vit_h), ``val_<metric>``,
-            fit_time_s, predict_images_per_s, best, ``test_<metric>``), sorted best first.
-            ``methods``: runs that differ only by ``env.seed`` merged into one row, each
-            metric the mean with its sample std (ddof=1) in ``<column>_std``. ``paper``:
-            the ``methods`` rows formatted as the paper's table (x100, ``mean ± std``).
-            Default: ``methods`` when some runs differ only by seed, else ``models``.
+            paper's convention: 4.02M / 641.61M = 0.63% for Conv-LoRA on vit_h),
+            ``val_<metric>``, fit_time_s, predict_images_per_s, best, ``test_<metric>``),
+            sorted best first. ``methods``: runs that differ only by ``env.seed`` merged
+            into one row, each metric the mean with its sample std (ddof=1) in
+            ``<column>_std``. ``paper``: the ``methods`` rows formatted as the paper's table
+            (x100, ``mean ± std``). Default: ``methods`` when some runs differ only by seed,
+            else ``models``.
         metrics : sequence of str, optional
             Test metrics; the task's default set when None.
 
@@ -478,10 +328,11 @@ class SemanticSegmentor(BaseEstimator):
 
     # ---------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the predictor: a JSON file and the trainable weights of each model.
+        """Write the predictor: JSON files and the trainable weights of each model.
 
         The frozen SAM backbone is not written; :meth:`load` rebuilds it from its
-        checkpoint (path, cache or official download), verified by SHA-256.
+        checkpoint (path, cache or official download), verified by SHA-256. The directory
+        switches atomically from its previous content to the new predictor.
         """
         self._check_fitted()
         target = Path(path) if path is not None else self.path_
@@ -498,6 +349,7 @@ class SemanticSegmentor(BaseEstimator):
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
             delattr(self, attr)
         self._loaded = {}
+        self._weights_files = {}
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "best_model_"):
@@ -506,37 +358,14 @@ class SemanticSegmentor(BaseEstimator):
                 "SemanticSegmentor.load(path) first"
             )
 
-    def _configure_logging(self) -> None:
-        level = logging.INFO if self.verbosity >= 1 else logging.WARNING
-        log.setLevel(level)
-        lightning_level = logging.INFO if self.verbosity >= 3 else logging.WARNING
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(lightning_level)
-        if not log.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("automask: %(message)s"))
-            log.addHandler(handler)
-
-    def _eval_metric_for(self, task: str, num_classes: int, select: str | None = None) -> str:
-        from .metrics import METRICS
-
-        metric = select or self.eval_metric or ("iou" if task == "binary" else "miou")
-        if metric not in METRICS:
-            raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
-        if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
-            raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-        try:  # raises for a metric that does not fit the task
-            build_metrics(task, [metric], **metric_conventions(task, num_classes))
-        except ValueError as exc:
-            key = "'optim.select_metric'" if select else "eval_metric"
-            raise ConfigError(f"{key} {metric!r}: {exc}") from exc
-        return metric
-
     def _run_dir(self) -> Path:
         if self.path is not None:
             return Path(self.path)
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         return Path("automask_runs") / stamp
+
+    def _config(self, name: str | None):
+        return self.models_[self.best_model_ if name is None else name].config
 
     def _model(self, name: str | None) -> torch.nn.Module:
         name = self.best_model_ if name is None else name
@@ -545,60 +374,6 @@ class SemanticSegmentor(BaseEstimator):
         if name not in self._loaded:
             self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
         return self._loaded[name]
-
-    def _as_frame(self, data) -> tuple[pd.DataFrame, Path | None]:
-        """(frame with the image column, folder that relative paths resolve against)."""
-        if isinstance(data, pd.DataFrame):
-            if self.image not in data.columns:
-                raise DataValidationError(
-                    f"the DataFrame has no image column {self.image!r} (columns: "
-                    f"{list(data.columns)})"
-                )
-            return data, None
-        if isinstance(data, (str, os.PathLike)):
-            p = Path(data)
-            if p.is_dir():
-                files = sorted(f for f in p.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
-                if not files:
-                    raise DataValidationError(f"no image files in folder {str(p)!r}")
-                return pd.DataFrame({self.image: [str(f) for f in files]}), None
-            if p.suffix.lower() == ".csv":
-                if not p.is_file():
-                    raise DataValidationError(f"CSV file not found: {str(p)!r}")
-                return pd.read_csv(p), _root_of(p)
-            return pd.DataFrame({self.image: [str(p)]}), None
-        if isinstance(data, Sequence):
-            return pd.DataFrame({self.image: [str(x) for x in data]}), None
-        raise DataValidationError(
-            f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
-            "list of paths or a folder"
-        )
-
-    def _iter_proba(self, frame: pd.DataFrame, model_name: str | None,
-                    root: Path | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (row position, (C, H, W) float32 probabilities) per image, streaming."""
-        from .data import make_predict_loader, restore_batch, validate_frame
-
-        model = self._model(model_name)
-        cfg = self.models_[model_name or self.best_model_]["config"]
-        spec = validate_frame(frame, image_col=self.image, root=root, require_labels=False)
-        device = _inference_device(cfg)
-        model.to(device)
-        loader = make_predict_loader(spec, input_size=cfg.model.input_size,
-                                     batch_size=cfg.env.eval_batch_size,
-                                     num_workers=cfg.data.num_workers)
-        with torch.inference_mode(), autocast_context(device, cfg.env.precision):
-            for batch in loader:
-                logits = model(batch["image"].to(device, non_blocking=True)).float()
-                probs = torch.sigmoid(logits) if self.task_ == "binary" else logits.softmax(1)
-                restored = restore_batch(probs, batch["original_size"], batch["resized_size"])
-                for idx, prob in zip(batch["index"].tolist(), restored):
-                    yield idx, prob.float().cpu().numpy()
-
-    def _to_mask(self, prob: np.ndarray) -> np.ndarray:
-        if self.task_ == "binary":
-            return (prob[0] > 0.5).astype(np.uint8)
-        return prob.argmax(0).astype(np.uint8 if self.num_classes_ <= 256 else np.int32)
 
     # ------------------------------------------------- pictures and summary
     def plot_predictions(self, data, n: int = 4, model: str | None = None,
@@ -634,40 +409,3 @@ class SemanticSegmentor(BaseEstimator):
 
         self._check_fitted()
         return fit_summary(self)
-
-
-def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
-    """Metric arguments that depend on the task: class count and ignore index."""
-    return {"num_classes": num_classes, "ignore_index": 255} if task == "multiclass" else {}
-
-
-def _peft_kwargs(cfg: Config) -> dict[str, Any]:
-    """Arguments of :func:`automask.peft.apply_peft` for a candidate's configuration."""
-    return {"method": cfg.peft.method, "options": cfg.peft.options}
-
-
-def _checkpoint_of(cfg: Config) -> str | None:
-    """The SAM weights a candidate starts from: random for ``scratch``, else the config's."""
-    from .peft import get_method
-
-    return "random" if get_method(cfg.peft.method).random_init else cfg.model.checkpoint
-
-
-def _augment(cfg: Config, cls):
-    d = cfg.data
-    return cls(hflip=d.hflip, vflip=d.vflip, scale_range=(d.scale_min, d.scale_max),
-               rotate_degrees=d.rotate_degrees, color_jitter=d.color_jitter)
-
-
-def _root_of(data) -> Path | None:
-    """Relative paths in a CSV resolve against the CSV's folder; in a DataFrame, the cwd."""
-    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".csv"):
-        return Path(data).resolve().parent
-    return None
-
-
-def _inference_device(cfg: Config) -> torch.device:
-    if cfg.env.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-

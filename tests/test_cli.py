@@ -58,7 +58,8 @@ def run_dir(csvs):
 
 
 def test_fit_writes_a_loadable_predictor(run_dir):
-    meta = json.loads((run_dir / "automask.json").read_text())
+    pointer = json.loads((run_dir / "automask.json").read_text())
+    meta = json.loads((run_dir / pointer["current"] / "predictor.json").read_text())
     assert set(meta["models"]) == {"method=full", "method=lora"}
 
 

@@ -137,8 +137,8 @@ def test_tiny_preset_random_weights_stay_with_the_tiny_backbone(caplog):
 
 def test_candidates_over_backbones_each_get_their_weights():
     configs = dict(resolve("tiny", {"model.backbone": ["tiny", "vit_l"]}))
-    assert configs["tiny"].model.checkpoint == "random"
-    assert configs["vit_l"].model.checkpoint is None
+    assert configs["backbone=tiny"].model.checkpoint == "random"
+    assert configs["backbone=vit_l"].model.checkpoint is None
 
 
 def test_random_weights_on_a_real_backbone_when_asked_and_logged(caplog):

@@ -162,7 +162,7 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
     after = loaded.predict(test)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
-    [weights] = list((saved / "models").glob("*.safetensors"))
+    [weights] = list(saved.glob("v-*/*.safetensors"))
     keys = set(load_file(str(weights)))
     assert keys and all("lora" in k or k.startswith("mask_decoder.") for k in keys), keys
     assert not any(k.startswith("image_encoder.") and "lora" not in k for k in keys)
@@ -177,16 +177,23 @@ def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, t
     saved = fitted.save(tmp_path / "saved")
     with pytest.raises(SavedModelError, match="not a saved automask predictor"):
         SemanticSegmentor.load(tmp_path)
-    meta = saved / "automask.json"
+    pointer = saved / "automask.json"
+    [version] = list(saved.glob("v-*"))
+    meta = version / "predictor.json"
     text = meta.read_text()
     meta.write_text(text[: len(text) // 2])
     with pytest.raises(SavedModelError, match="corrupted"):
         SemanticSegmentor.load(saved)
-    meta.write_text(text.replace('"format_version": 1', '"format_version": 99'))
+    meta.write_text(text.replace('"format_version": 2', '"format_version": 99'))
     with pytest.raises(SavedModelError, match="format version 99"):
         SemanticSegmentor.load(saved)
     meta.write_text(text)
-    [weights] = list((saved / "models").glob("*.safetensors"))
+    pointer_text = pointer.read_text()
+    pointer.write_text(pointer_text[:-5])
+    with pytest.raises(SavedModelError, match="corrupted"):
+        SemanticSegmentor.load(saved)
+    pointer.write_text(pointer_text)
+    [weights] = list(version.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(SavedModelError, match="corrupted"):
         SemanticSegmentor.load(saved).predict(synthetic[1].iloc[:1])
@@ -205,7 +212,7 @@ def test_time_limit_is_honoured(synthetic, tmp_path):
     elapsed = time.monotonic() - t0
     assert elapsed <= 1.1 * limit, elapsed
     assert elapsed >= 0.7 * limit, elapsed  # it used the time rather than stopping at once
-    assert seg.models_[seg.best_model_]["epochs"] < 10_000
+    assert seg.models_[seg.best_model_].epochs < 10_000
 
 
 @pytest.mark.slow

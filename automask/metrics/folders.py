@@ -10,7 +10,7 @@ from PIL import Image
 from automask.metrics.scoring import score
 
 
-def _readable_suffixes() -> set[str]:
+def readable_suffixes() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()} | {".npy"}
 
 
@@ -80,7 +80,7 @@ def score_folders(
         A folder missing or without masks, duplicate stems, or stems present on one side only
         (all listed); a bad image names its file.
     """
-    suffixes = _readable_suffixes()
+    suffixes = readable_suffixes()
     preds = _index(Path(pred_dir), suffixes)
     gts = _index(Path(gt_dir), suffixes)
     only_pred = sorted(set(preds) - set(gts))

@@ -1,6 +1,9 @@
-"""Training: the LightningModule, its optimiser and schedule, and the fit callbacks."""
-from .callbacks import BestTrainableWeights
-from .module import SegmentationModule
+"""Training: the LightningModule, its optimiser and schedule, the fit callbacks, the
+Trainer recipe of a candidate, its record and the resumable state of a fit."""
+from .callbacks import BestTrainableWeights, EpochCheckpoint
+from .module import NonFiniteLossError, SegmentationModule
 from .optim import build_optimizer, lr_lambda
+from .record import CandidateRecord
 
-__all__ = ["BestTrainableWeights", "SegmentationModule", "build_optimizer", "lr_lambda"]
+__all__ = ["BestTrainableWeights", "CandidateRecord", "EpochCheckpoint", "NonFiniteLossError",
+           "SegmentationModule", "build_optimizer", "lr_lambda"]

@@ -1,8 +1,10 @@
-"""Callbacks of a fit: keep the best trainable weights in memory, and time each epoch."""
+"""Callbacks of a fit: keep the best trainable weights, save each epoch, time the fit."""
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -53,6 +55,17 @@ class BestTrainableWeights(L.Callback):
                 if p.requires_grad
             }
 
+    def state_dict(self) -> dict:
+        """Saved in resume checkpoints: a resumed fit keeps the best epoch seen so far."""
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score = state_dict["best_score"]
+        self.best_epoch = state_dict["best_epoch"]
+        self.best_state = state_dict["best_state"]
+        self.history = list(state_dict["history"])
+
     def restore(self, model: torch.nn.Module) -> None:
         """Load the best copy back into ``model`` (no-op when no validation ran)."""
         if self.best_state is None:
@@ -76,3 +89,22 @@ class FitClock(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.start is not None:
             self.seconds = time.perf_counter() - self.start
+
+
+class EpochCheckpoint(L.Callback):
+    """Write a resume checkpoint at the end of every training epoch, atomically.
+
+    The checkpoint is Lightning's (loops, optimiser, schedule, callbacks' states), with
+    the model's frozen weights left out by :meth:`SegmentationModule.on_save_checkpoint`.
+    It is written beside ``path`` and renamed onto it, so an interrupted write never
+    replaces the previous epoch's checkpoint.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)

@@ -12,6 +12,17 @@ from ..peft import aux_loss
 from .optim import build_optimizer, lr_lambda
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the validation output) became NaN or infinite; stops the candidate."""
+
+    def __init__(self, epoch: int, step: int, where: str, value: float):
+        self.epoch, self.step, self.where, self.value = epoch, step, where, value
+        super().__init__(
+            f"the {where} became {value} at epoch {epoch}, step {step}: training diverged; "
+            "lower 'optim.lr', keep 'optim.grad_clip' on, or use 'env.precision=32'"
+        )
+
+
 def task_loss_name(loss: str, task: str) -> str:
     """The loss ``optim.loss`` names; ``auto`` is ``structure`` (binary) or ``ce_dice``."""
     if loss == "auto":
@@ -67,10 +78,12 @@ class SegmentationModule(L.LightningModule):
                                   f"use 'auto'")
             self.mask_loss = MaskClassificationLoss(num_classes, ignore_index=ignore_index)
         self.val_metric_name = val_metric
-        conventions = {"num_classes": num_classes, "ignore_index": ignore_index}
-        if task == "binary":
-            conventions = {}  # binary metrics take {0, 1} targets; void is handled per step
+        conventions = {"ignore_index": ignore_index}  # void pixels: see automask.metrics
+        if task == "multiclass":
+            conventions["num_classes"] = num_classes
         self.val_metric = build_metrics(task, [val_metric], **conventions)[val_metric]
+        # A resume checkpoint holds the trainable weights only (see on_save_checkpoint).
+        self.strict_loading = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)  # (B, C, S, S) logits
@@ -84,6 +97,9 @@ class SegmentationModule(L.LightningModule):
             task_loss = self.loss_fn(logits, batch["target"])
         extra = aux_loss(self.model)
         loss = task_loss + extra
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(self.current_epoch, self.global_step, "training loss",
+                                     float(loss.detach()))
         bs = batch["image"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=bs)
         if extra.requires_grad:
@@ -92,17 +108,16 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.model(batch["image"]).float()
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLossError(self.current_epoch, self.global_step,
+                                     "validation output", float("nan"))
         preds, targets = [], []
         for i in range(logits.shape[0]):
             h, w = (int(v) for v in batch["resized_size"][i])
             region = logits[i, :, :h, :w]  # (C, h, w): the image without its padding
             target = batch["target"][i, :h, :w]
-            if self.task == "binary":
-                # Void pixels become true negatives on both sides: they leave IoU and Dice
-                # (the validation metrics that select models) unchanged.
-                keep = target != self.ignore_index
-                preds.append(torch.sigmoid(region[0]) * keep)
-                target = target * keep
+            if self.task == "binary":  # void pixels (ignore_index) are left to the metric
+                preds.append(torch.sigmoid(region[0]))
             else:
                 preds.append(region.argmax(0))
             targets.append(target)
@@ -124,3 +139,54 @@ class SegmentationModule(L.LightningModule):
             optimizer, lr_lambda(total, warmup, self.optim.lr_schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------- resume checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the weights that training changes, and the random generators' states."""
+        keep = set(_saved_keys(self.model))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.removeprefix("model.") in keep}
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+
+def _saved_keys(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters, or every entry for a randomly initialised backbone."""
+    if getattr(model, "checkpoint_info", {}).get("source") == "random":
+        return list(model.state_dict())
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _rng_states() -> dict:
+    """Python, NumPy and torch generator states as plain values and tensors."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert kind == "MT19937", kind
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

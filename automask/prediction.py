@@ -1,0 +1,241 @@
+"""Prediction and evaluation loops, and writing masks without overwriting anything.
+
+Functions here take a model and its configuration; :class:`SemanticSegmentor` chooses the
+model and passes it in.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import Config
+from .errors import DataValidationError
+from .hardware import autocast_context
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def root_of(data) -> Path | None:
+    """Relative paths in a CSV resolve against the CSV's folder; in a DataFrame, the cwd."""
+    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".csv"):
+        return Path(data).resolve().parent
+    return None
+
+
+def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
+    """(frame with the image column, folder that relative paths resolve against)."""
+    if isinstance(data, pd.DataFrame):
+        if image_col not in data.columns:
+            raise DataValidationError(
+                f"the DataFrame has no image column {image_col!r} (columns: "
+                f"{list(data.columns)})"
+            )
+        return data, None
+    if isinstance(data, (str, os.PathLike)):
+        p = Path(data)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataValidationError(f"no image files in folder {str(p)!r}")
+            return pd.DataFrame({image_col: [str(f) for f in files]}), None
+        if p.suffix.lower() == ".csv":
+            if not p.is_file():
+                raise DataValidationError(f"CSV file not found: {str(p)!r}")
+            return pd.read_csv(p), root_of(p)
+        return pd.DataFrame({image_col: [str(p)]}), None
+    if isinstance(data, Sequence):
+        return pd.DataFrame({image_col: [str(x) for x in data]}), None
+    raise DataValidationError(
+        f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
+        "list of paths or a folder"
+    )
+
+
+def inference_device(cfg: Config) -> torch.device:
+    if cfg.env.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def iter_proba(model: torch.nn.Module, cfg: Config, task: str,
+               spec) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row position, (C, H, W) float32 probabilities) per image of ``spec``, streaming."""
+    from .data import make_predict_loader, restore_batch
+
+    device = inference_device(cfg)
+    model.to(device)
+    loader = make_predict_loader(spec, input_size=cfg.model.input_size,
+                                 batch_size=cfg.env.eval_batch_size,
+                                 num_workers=cfg.data.num_workers)
+    with torch.inference_mode(), autocast_context(device, cfg.env.precision):
+        for batch in loader:
+            logits = model(batch["image"].to(device, non_blocking=True)).float()
+            probs = torch.sigmoid(logits) if task == "binary" else logits.softmax(1)
+            restored = restore_batch(probs, batch["original_size"], batch["resized_size"])
+            for idx, prob in zip(batch["index"].tolist(), restored):
+                yield idx, prob.float().cpu().numpy()
+
+
+def images_spec(frame: pd.DataFrame, image_col: str, root: Path | None):
+    """Validate the image column of ``frame`` (labels not needed)."""
+    from .data import validate_frame
+
+    return validate_frame(frame, image_col=image_col, root=root, require_labels=False)
+
+
+def labelled_spec(data, image_col: str, label_col: str, task: str, num_classes: int,
+                  class_names: list[str], void_label: int | None, color_map: dict | None):
+    """Validate images and masks for evaluation against a model of ``task``."""
+    from .data import validate_frame
+
+    spec = validate_frame(
+        data, image_col=image_col, label_col=label_col, root=root_of(data),
+        num_classes=num_classes, class_names=class_names, void_label=void_label,
+        color_map=color_map,
+    )
+    if spec.task != task:
+        raise DataValidationError(f"data looks {spec.task} but the model is {task}")
+    return spec
+
+
+def to_mask(prob: np.ndarray, task: str, num_classes: int) -> np.ndarray:
+    """(H, W) mask from (C, H, W) probabilities: threshold 0.5 or argmax."""
+    if task == "binary":
+        return (prob[0] > 0.5).astype(np.uint8)
+    return prob.argmax(0).astype(np.uint8 if num_classes <= 256 else np.int32)
+
+
+def throughput(model: torch.nn.Module, cfg: Config, task: str, frame: pd.DataFrame,
+               image_col: str) -> float | None:
+    """Images per second of prediction on (at most 16 of) the images of ``frame``."""
+    n = min(len(frame), 16)
+    if n == 0:
+        return None
+    spec = images_spec(frame.iloc[:n], image_col, None)
+    t0 = time.perf_counter()
+    count = sum(1 for _ in iter_proba(model, cfg, task, spec))
+    return count / max(time.perf_counter() - t0, 1e-9)
+
+
+def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
+                      overwrite: bool) -> list[Path]:
+    """One ``<stem>.png`` per image in ``out``, after checking that writing them is safe.
+
+    Raises DataValidationError, before anything is written, when two images share a
+    stem, when a destination is one of the input files (an image, or a mask of the label
+    column) whatever ``overwrite`` says, or when a destination exists and ``overwrite`` is
+    False. Each message names the files at fault.
+    """
+    if out.exists() and not out.is_dir():
+        raise DataValidationError(f"--out / save_to {str(out)!r} exists and is not a folder")
+    images = [Path(p) for p in spec.frame[spec.image_col]]
+    stems = [p.stem for p in images]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise DataValidationError(
+            f"images share file stems, so their masks would overwrite each other: {dup[:5]}"
+        )
+    inputs = {_real(p): f"image of row {i}" for i, p in enumerate(images)}
+    if label_col in spec.frame.columns:
+        base = root or Path.cwd()
+        for i, p in enumerate(spec.frame[label_col]):
+            if isinstance(p, str) and p:
+                inputs.setdefault(_real(base / p), f"mask of row {i}")
+    dests = [out / f"{s}.png" for s in stems]
+    clash = [f"{d} ({inputs[_real(d)]})" for d in dests if _real(d) in inputs]
+    if clash:
+        raise DataValidationError(
+            f"writing masks to {str(out)!r} would overwrite input files: {clash[:5]}"
+            f"{' ...' if len(clash) > 5 else ''}; choose another output folder"
+        )
+    existing = [str(d) for d in dests if d.exists() or d.is_symlink()]
+    if existing and not overwrite:
+        raise DataValidationError(
+            f"{len(existing)} mask file(s) already exist in {str(out)!r}, e.g. "
+            f"{existing[:3]}; pass overwrite=True (--overwrite) to replace them, or choose "
+            "another output folder"
+        )
+    return dests
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
+                task: str, num_classes: int) -> None:
+    """Write each mask as a lossless PNG: 0/255 grayscale for binary tasks, a palette PNG of
+    class ids for multi-class tasks (see :func:`automask.data.io.write_mask`).
+
+    ``out`` is created here; if writing fails, the files this call created (and ``out``
+    when it created it) are removed.
+    """
+    from .data.io import write_mask
+
+    created_dir = _top_created(out)
+    out.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
+    try:
+        for idx, prob in probs:
+            mask = to_mask(prob, task, num_classes)
+            dest = dests[idx]
+            new = not dest.exists()
+            write_mask(dest, mask, task)  # written to a temporary file, then renamed
+            if new:
+                created.append(dest)
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if created_dir is not None:
+            import shutil
+
+            shutil.rmtree(created_dir, ignore_errors=True)
+        raise
+
+
+def _top_created(path: Path) -> Path | None:
+    """The highest missing folder on the way to ``path`` (what mkdir(parents) creates)."""
+    top = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
+
+
+def evaluate_probs(probs: Iterator[tuple[int, np.ndarray]], spec, task: str,
+                   color_map: dict | None, scorers: dict[str, Any]) -> dict[str, Any]:
+    """Update ``scorers`` with each prediction and its mask; return the computed metrics."""
+    from .data import read_mask
+
+    for idx, prob in probs:
+        raw = read_mask(spec.frame[spec.label_col].iloc[idx], color_map=color_map)
+        target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
+        prob_t = torch.from_numpy(prob)
+        pred = prob_t[0] if task == "binary" else prob_t  # void (255) is left out by the metrics
+        for scorer in scorers.values():
+            scorer.update(pred, target)
+    out = {}
+    for key, scorer in scorers.items():
+        value = scorer.compute()
+        out[key] = value.tolist() if value.ndim else float(value)
+    return out
+
+
+def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
+    """Metric arguments for automask's targets: class indices with 255 = void/ignore.
+
+    Binary metrics leave void pixels out of the pixel-wise scores and count them as errors
+    in the structural ones (see :mod:`automask.metrics.binary`).
+    """
+    if task == "multiclass":
+        return {"num_classes": num_classes, "ignore_index": 255}
+    return {"ignore_index": 255}

@@ -1,0 +1,180 @@
+"""The run directory during a fit: lock, overwrite and resume rules, cleanup on failure.
+
+:class:`FitRun` is entered after every argument and data row has been validated. It
+creates the run directory, takes its lock, refuses to replace an existing predictor unless
+asked to, and on failure removes what this fit created, except the resumable state of an
+interrupted fit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+from ..errors import ConfigError, TrainingDivergedError
+from ..saving import has_predictor, run_lock
+from .state import FitState
+
+log = logging.getLogger("automask")
+
+
+class FitRun(contextlib.AbstractContextManager):
+    """Context of one fit into ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        The run directory (also the predictor directory).
+    overwrite : bool
+        Replace an existing predictor or interrupted fit in ``path``. The old predictor
+        stays complete and loadable until the new one replaces it.
+    resume : bool
+        Continue the interrupted fit in ``path``.
+    """
+
+    def __init__(self, path: Path, *, overwrite: bool, resume: bool):
+        if overwrite and resume:
+            raise ConfigError("pass either overwrite=True or resume=True, not both")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"run path {str(path)!r} exists and is not a folder")
+        if resume and not FitState(path).exists():
+            what = ("holds a completed predictor" if has_predictor(path)
+                    else "holds no interrupted fit")
+            raise ConfigError(f"nothing to resume: {str(path)!r} {what}")
+        self.path = path
+        self.overwrite = overwrite
+        self.resume = resume
+        self.state = FitState(path)
+        self._created_top: Path | None = None
+        self._before: set[str] = set()
+        self._lock = None
+
+    def __enter__(self) -> "FitRun":
+        for p in [self.path, *self.path.parents]:
+            if p.exists():
+                break
+            self._created_top = p
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._before = {e.name for e in self.path.iterdir()}
+        self._lock = run_lock(self.path, "fit")
+        try:
+            self._lock.__enter__()
+        except BaseException:
+            self._lock = None  # the holder owns the folder now: remove nothing
+            raise
+        try:
+            self._check()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def _check(self) -> None:
+        if self.resume:
+            if not self.state.exists():  # it finished while we waited for the lock
+                raise ConfigError(f"nothing to resume: {str(self.path)!r} holds no "
+                                  "interrupted fit")
+            return
+        if self.overwrite:
+            return
+        if has_predictor(self.path):
+            raise ConfigError(
+                f"{str(self.path)!r} already holds a predictor; pass overwrite=True "
+                "(--overwrite) to replace it, or choose another path"
+            )
+        if self.state.exists():
+            raise ConfigError(
+                f"{str(self.path)!r} holds an interrupted fit; pass resume=True (--resume) to "
+                "continue it or overwrite=True (--overwrite) to start again"
+            )
+
+    def train_candidates(self, plan, *, seed: int, image_col: str, verbosity: int,
+                         deadline: float | None) -> tuple[dict, dict]:
+        """Train every unfinished candidate of ``plan``; finished ones are read back.
+
+        Returns ``(records, loaded)``: the record of each trained candidate, and the last
+        trained model by name. Raises TrainingDivergedError when every candidate was
+        dropped, ConfigError when ``deadline`` left no time for any.
+        """
+        from .recipe import train_candidate
+
+        records, loaded, dropped = {}, {}, []
+        for i, (name, cfg) in enumerate(plan.candidates):
+            done = self.state.finished(name)
+            if done is not None:  # finished before an interruption
+                if isinstance(done, str):
+                    dropped.append(done)
+                else:
+                    records[name] = done
+                continue
+            budget = None
+            if deadline is not None:
+                budget = (deadline - time.monotonic()) / (len(plan.candidates) - i)
+                if budget <= 0:
+                    warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
+                                  stacklevel=3)
+                    continue
+            run_seed = seed if cfg.env.seed is None else cfg.env.seed
+            L.seed_everything(run_seed, workers=True, verbose=False)
+            outcome = train_candidate(
+                name, cfg, plan.spec, plan.tuning_spec, run_dir=self.path, state=self.state,
+                seed=run_seed, split_seed=seed, eval_metric=plan.metric, image_col=image_col,
+                budget=budget, verbosity=verbosity,
+            )
+            self.state.finish(name, outcome.record, outcome.dropped)
+            if outcome.record is None:
+                dropped.append(outcome.dropped)
+                continue
+            records[name] = outcome.record
+            loaded = {name: outcome.model}
+        if not records:
+            if dropped:
+                raise TrainingDivergedError(
+                    "no candidate trained; nothing was saved: " + "; ".join(dropped))
+            raise ConfigError("no candidate could be trained within time_limit")
+        return records, loaded
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        keep = exc_type is not None and self.state.has_progress()
+        try:
+            if exc_type is None:
+                self.state.remove()
+            elif keep:
+                log.warning("the completed epochs are kept in %s; fit(..., resume=True) "
+                            "(automask fit --resume) continues the fit", self.path)
+            else:
+                self._remove_created()
+        finally:
+            if self._lock is not None:
+                self._lock.__exit__(None, None, None)
+                self._lock = None
+        if exc_type is not None and not keep and self._created_top is not None:
+            shutil.rmtree(self._created_top, ignore_errors=True)
+
+    def _remove_created(self) -> None:
+        """Remove the entries of the run directory that this fit created."""
+        if self._created_top is not None or not self.path.is_dir():
+            return  # the whole folder goes once the lock is released
+        for entry in self.path.iterdir():
+            if entry.name not in self._before and not entry.name.startswith(".automask.lock"):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def configure_logging(verbosity: int) -> None:
+    """automask's messages at INFO from verbosity 1; Lightning's only from verbosity 3."""
+    log.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+    lightning_level = logging.INFO if verbosity >= 3 else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(lightning_level)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("automask: %(message)s"))
+        log.addHandler(handler)

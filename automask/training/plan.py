@@ -1,0 +1,114 @@
+"""Everything a fit checks before it creates a folder: options, candidates and data.
+
+:func:`plan_fit` raises ConfigError or DataValidationError naming the key, row or path at
+fault; nothing is written until it has returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config, resolve
+from ..errors import ConfigError, DataValidationError
+from ..losses import build_loss
+from ..metrics import HIGHER_IS_BETTER, build_metrics
+from ..prediction import metric_conventions, root_of
+from .module import task_loss_name
+
+
+@dataclass
+class FitPlan:
+    """A validated fit: candidates, data, the selection metric and the resume record."""
+
+    candidates: list[tuple[str, Config]]
+    spec: Any
+    tuning_spec: Any
+    metric: str
+    void_label: int | None
+    record: dict[str, Any]  # what a resumed fit must match (see FitState.check_plan)
+    frames: dict[str, Any]  # validated data, kept for `automask fit --resume`
+
+
+def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
+             hyperparameters, time_limit, num_classes, class_names, color_map) -> FitPlan:
+    """Validate a fit's arguments; ``params`` are the estimator's constructor arguments."""
+    from ..data import validate_frame
+
+    image, label = params["image"], params["label"]
+    candidates = resolve(presets, hyperparameters)
+    void_labels = {cfg.data.void_label for _, cfg in candidates}
+    if len(void_labels) > 1:
+        raise ConfigError("'data.void_label' cannot vary across candidates")
+    void_label = void_labels.pop()
+    spec = validate_frame(
+        train_data, image_col=image, label_col=label, root=root_of(train_data),
+        num_classes=num_classes, class_names=class_names, void_label=void_label,
+        color_map=color_map,
+    )
+    tuning_spec = None
+    if tuning_data is not None:
+        tuning_spec = validate_frame(
+            tuning_data, image_col=image, label_col=label, root=root_of(tuning_data),
+            num_classes=spec.num_classes, class_names=spec.class_names,
+            void_label=void_label, color_map=color_map,
+        )
+        if tuning_spec.task != spec.task:
+            raise DataValidationError(
+                f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
+            )
+    selects = {cfg.optim.select_metric for _, cfg in candidates}
+    if len(selects) > 1:
+        raise ConfigError("'optim.select_metric' cannot vary across candidates")
+    metric = choose_eval_metric(params["eval_metric"], spec.task, spec.num_classes,
+                                selects.pop())
+    for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
+        try:
+            build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
+        except ValueError as exc:
+            raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
+
+    def paths(sp):
+        return None if sp is None else sp.frame[[image, label]].values.tolist()
+
+    record = {
+        "candidates": {name: cfg.to_dict() for name, cfg in candidates},
+        "train": paths(spec), "tuning": paths(tuning_spec),
+        "task": spec.task, "classes": list(spec.class_names),
+        "params": {k: v for k, v in params.items() if k not in ("path", "verbosity")},
+        "call": {"presets": presets, "hyperparameters": hyperparameters,
+                 "time_limit": time_limit, "num_classes": spec.num_classes,
+                 "class_names": list(spec.class_names),
+                 "color_map": [[*k, v] for k, v in (color_map or {}).items()]},
+    }
+    frames = {"train": spec.frame[[image, label]]}
+    if tuning_spec is not None:
+        frames["tuning"] = tuning_spec.frame[[image, label]]
+    return FitPlan(candidates, spec, tuning_spec, metric, void_label, record, frames)
+
+
+def choose_eval_metric(eval_metric: str | None, task: str, num_classes: int,
+                       select: str | None = None) -> str:
+    """The validation metric: ``optim.select_metric``, else the estimator's
+    ``eval_metric``, checked against the task; iou / miou by default."""
+    from ..metrics import METRICS
+
+    metric = select or eval_metric or ("iou" if task == "binary" else "miou")
+    if metric not in METRICS:
+        raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
+    if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
+        raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
+    try:  # raises for a metric that does not fit the task
+        build_metrics(task, [metric], **metric_conventions(task, num_classes))
+    except ValueError as exc:
+        key = "'optim.select_metric'" if select else "eval_metric"
+        raise ConfigError(f"{key} {metric!r}: {exc}") from exc
+    return metric
+
+
+def select_best(records: dict[str, Any], metric: str) -> str:
+    """Name of the candidate with the best validation score (the first when none has one)."""
+    higher = HIGHER_IS_BETTER[metric]
+    scored = {k: v.val_score for k, v in records.items() if v.val_score is not None}
+    if not scored:
+        return next(iter(records))
+    return (max if higher else min)(scored, key=scored.get)

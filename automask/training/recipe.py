@@ -1,0 +1,202 @@
+"""The Trainer recipe of one candidate: build, train (or resume), keep the best epoch.
+
+:func:`train_candidate` builds the model and the data, trains with Lightning, writes a
+resume checkpoint after every epoch, stops on a non-finite loss, and returns the model at
+its best validation epoch with its :class:`CandidateRecord`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError
+from ..hardware import resolve_env
+from ..metrics import HIGHER_IS_BETTER
+from .record import CandidateRecord
+from .state import FitState
+
+log = logging.getLogger("automask")
+
+
+@dataclass
+class Outcome:
+    """A trained candidate (model and record), or why it was dropped."""
+
+    model: torch.nn.Module | None
+    record: CandidateRecord | None
+    dropped: str = ""
+
+
+def train_candidate(
+    name: str,
+    cfg: Config,
+    spec,
+    tuning_spec,
+    *,
+    run_dir: Path,
+    state: FitState,
+    seed: int,
+    eval_metric: str,
+    image_col: str,
+    budget: float | None,
+    verbosity: int,
+    split_seed: int | None = None,
+) -> Outcome:
+    """Train candidate ``name``; resume from its epoch checkpoint when there is one.
+
+    ``seed`` drives augmentation and batch order (the run's ``env.seed``); the holdout
+    split uses ``split_seed`` (the predictor's seed, the same for every run; default
+    ``seed``). Raises KeyboardInterrupt when interrupted (Lightning exits on Ctrl-C
+    otherwise); the epoch checkpoint written so far stays for a later resume.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ..data import AugmentConfig, SegmentationDataModule, split_spec
+    from ..models import count_parameters
+    from ..prediction import throughput
+    from ..saving import write_weights
+    from .builder import build_candidate_model
+    from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock
+    from .module import NonFiniteLossError, SegmentationModule
+    from .progress import progress_callbacks, show_bar
+
+    started = time.monotonic()
+    cfg, env = resolve_env(cfg)
+    model, base_params = build_candidate_model(cfg, spec.num_outputs,
+                                               progress=verbosity >= 2)
+    d = cfg.data
+    if tuning_spec is None:  # the split uses the predictor's seed: the same for every run
+        spec, tuning_spec = split_spec(spec, d.holdout_frac,
+                                       seed if split_seed is None else split_seed)
+    datamodule = SegmentationDataModule(
+        spec,
+        input_size=cfg.model.input_size,
+        batch_size=cfg.optim.batch_size,
+        tuning_spec=tuning_spec,
+        holdout_frac=d.holdout_frac,
+        seed=seed,
+        augment=AugmentConfig(hflip=d.hflip, vflip=d.vflip, scale_range=(d.scale_min, d.scale_max),
+                              rotate_degrees=d.rotate_degrees, color_jitter=d.color_jitter),
+        num_workers=d.num_workers,
+        cache_dir=run_dir / "cache" / f"{cfg.model.input_size}",
+        cache_memory_mb=d.cache_memory_mb,
+    )
+    module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
+                                optim=cfg.optim, val_metric=eval_metric)
+    monitor = f"val_{eval_metric}"
+    higher = HIGHER_IS_BETTER[eval_metric]
+    best = BestTrainableWeights(monitor, higher_is_better=higher)
+    clock = FitClock()
+    ckpt = state.checkpoint_path(name)
+    resume_from = ckpt if ckpt.is_file() else None
+    callbacks: list = [best, clock, EpochCheckpoint(ckpt),
+                       *progress_callbacks(name, verbosity, monitor)]
+    if cfg.optim.patience:
+        callbacks.append(EarlyStopping(monitor, patience=cfg.optim.patience,
+                                       mode="max" if higher else "min"))
+    max_time = None
+    if budget is not None:
+        # Keep a share of the budget for what follows training: restoring the best
+        # weights, timing predictions and saving.
+        spent = time.monotonic() - started
+        max_time = timedelta(seconds=max(1.0, 0.93 * budget - spent - 1.0))
+    try:
+        trainer = L.Trainer(
+            accelerator=env["accelerator"],
+            devices=env["devices"],
+            num_nodes=cfg.env.num_nodes,
+            strategy=env["strategy"],
+            precision=env["precision"],
+            max_epochs=cfg.optim.max_epochs,
+            max_time=max_time,
+            accumulate_grad_batches=env["accumulate"],
+            gradient_clip_val=cfg.optim.grad_clip or None,
+            val_check_interval=cfg.optim.val_check_interval,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            logger=CSVLogger(run_dir, name="logs",
+                             version=_log_version(run_dir, name, resume_from)),
+            enable_checkpointing=False,
+            enable_progress_bar=show_bar(verbosity),
+            enable_model_summary=verbosity >= 3,
+            log_every_n_steps=1,
+            deterministic=False,
+        )
+    except MisconfigurationException as exc:
+        raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
+                          f"machine: {exc}") from exc
+    if resume_from is None:  # a fresh candidate: its earlier logs (an overwritten fit) go
+        shutil.rmtree(run_dir / "logs" / name, ignore_errors=True)
+    stopped = None
+    try:
+        with warnings.catch_warnings():
+            # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except NonFiniteLossError as exc:
+        stopped = str(exc)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1)
+            _restore_sigint()
+            raise KeyboardInterrupt from None
+        raise
+    if stopped is not None:
+        if best.best_state is None:
+            reason = f"candidate {name!r} was dropped before any validation: {stopped}"
+            warnings.warn(reason, stacklevel=4)
+            return Outcome(None, None, dropped=reason)
+        warnings.warn(f"candidate {name!r} stopped: {stopped}; keeping its best epoch "
+                      f"({best.best_epoch})", stacklevel=4)
+    best.restore(model)
+    model.eval()
+    trainable, total = count_parameters(model)
+    record = CandidateRecord(
+        config=cfg,
+        val_score=best.best_score,
+        best_epoch=best.best_epoch,
+        epochs=trainer.current_epoch,
+        fit_time=time.monotonic() - started,
+        train_time=clock.seconds,
+        trainable_params=trainable,
+        total_params=total,
+        base_params=base_params,
+        checkpoint=dict(model.checkpoint_info),
+        history=best.history,
+        stopped=stopped,
+        **write_weights(model, state.models_dir, name),
+    )
+    late = budget is not None and time.monotonic() - started > 0.97 * budget
+    if not late:
+        record.predict_images_per_s = throughput(model, cfg, spec.task,
+                                                 datamodule.val_spec.frame, image_col)
+    return Outcome(model, record)
+
+
+def _log_version(run_dir: Path, name: str, resume_from: Path | None) -> str:
+    """``<name>`` for a fresh candidate; a new folder per resume."""
+    if resume_from is None:
+        return name
+    n = 1
+    while (run_dir / "logs" / f"{name}-resumed-{n}").exists():
+        n += 1
+    return f"{name}-resumed-{n}"
+
+
+def _restore_sigint() -> None:
+    """Lightning ignores further Ctrl-C while it shuts down; give the default back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)

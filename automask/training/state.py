@@ -1,0 +1,125 @@
+"""The resumable state of a fit, kept in ``<run>/.automask_fit/`` until the fit completes.
+
+Layout::
+
+    plan.json                  # the fit's arguments, candidates and data (what resume checks)
+    train.csv, tuning.csv      # the validated data (absolute paths), for `automask fit --resume`
+    checkpoints/<model>.ckpt   # end of the candidate's last completed epoch: trainable weights,
+                               # optimiser, schedule, loops, callbacks, RNG (Lightning format)
+    models/<model>.safetensors # weights of each finished candidate
+    records/<model>.json       # a finished candidate's record (the commit point), or why it
+                               # was dropped
+
+Every file is written atomically (temporary file, then rename), so ``kill -9`` at any
+moment leaves each one complete or absent, and at most the running epoch is lost.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import ConfigError
+from ..utils import atomic_write
+from .record import CandidateRecord
+
+STATE_DIR = ".automask_fit"
+
+
+def _stem(name: str) -> str:
+    from ..saving import weights_filename
+
+    return weights_filename(name)[: -len(".safetensors")]
+
+
+class FitState:
+    """The state folder of a fit in ``run_dir``."""
+
+    def __init__(self, run_dir: Path):
+        self.root = Path(run_dir) / STATE_DIR
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def exists(self) -> bool:
+        return (self.root / "plan.json").is_file()
+
+    def has_progress(self) -> bool:
+        """True when an epoch or a candidate completed (resume would save work)."""
+        if any(self.root.glob("checkpoints/*.ckpt")):
+            return True
+        return any("dropped" not in json.loads(p.read_text())
+                   for p in self.root.glob("records/*.json"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ---------------------------------------------------------------- plan
+    def start(self, plan: dict[str, Any], frames: dict[str, pd.DataFrame]) -> None:
+        """Record a new fit's plan and data (replacing any earlier state)."""
+        self.remove()
+        for key, frame in frames.items():
+            with atomic_write(self.root / f"{key}.csv", "w") as fh:
+                frame.to_csv(fh, index=False)
+        with atomic_write(self.root / "plan.json", "w") as fh:
+            json.dump(_plain(plan), fh, indent=2)
+
+    def plan(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / "plan.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot resume: {str(self.root / 'plan.json')!r} is unreadable "
+                              f"({exc}); fit again with overwrite=True") from exc
+
+    def data_file(self, key: str) -> Path | None:
+        path = self.root / f"{key}.csv"
+        return path if path.is_file() else None
+
+    def check_plan(self, plan: dict[str, Any]) -> None:
+        """Raise ConfigError naming the first entry that differs from the recorded plan."""
+        recorded, given = self.plan(), _plain(plan)
+        for key in sorted(set(recorded) | set(given)):
+            if key == "call":
+                continue
+            if recorded.get(key) != given.get(key):
+                raise ConfigError(
+                    f"cannot resume the fit in {str(self.root.parent)!r}: {key!r} differs "
+                    f"from the interrupted fit's ({_short(recorded.get(key))} then, "
+                    f"{_short(given.get(key))} now); pass the same data and options, or "
+                    "fit with overwrite=True to start again"
+                )
+
+    # ---------------------------------------------------------- candidates
+    def checkpoint_path(self, name: str) -> Path:
+        return self.root / "checkpoints" / f"{_stem(name)}.ckpt"
+
+    def finished(self, name: str) -> CandidateRecord | str | None:
+        """The candidate's record, the reason it was dropped, or None when unfinished."""
+        path = self.root / "records" / f"{_stem(name)}.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if "dropped" in data:
+            return str(data["dropped"])
+        return CandidateRecord.from_json(data)
+
+    def finish(self, name: str, record: CandidateRecord | None, dropped: str = "") -> None:
+        """Commit a finished (or dropped) candidate and forget its epoch checkpoint."""
+        data = record.to_json() if record is not None else {"dropped": dropped}
+        with atomic_write(self.root / "records" / f"{_stem(name)}.json", "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+        self.checkpoint_path(name).unlink(missing_ok=True)
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip, so that a plan compares equal to the one read back."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,428 @@
+"""The fit lifecycle: atomic predictor directories, locks, resume, Ctrl-C, safe outputs.
+
+Real files, real Lightning fits on the tiny backbone, and real subprocesses for kill -9,
+SIGINT and concurrent readers and writers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from automask import SemanticSegmentor
+from automask.datasets import make_synthetic
+from automask.errors import (
+    ConfigError,
+    DataValidationError,
+    PathInUseError,
+    SavedModelError,
+    TrainingDivergedError,
+)
+
+HP = {"optim.max_epochs": 1, "model.input_size": 64}
+STATE = ".automask_fit"
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "automask", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): "
+                                 f"{proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def digest_tree(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A CSV of 20 synthetic 64 px images and masks (absolute paths)."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    frame = make_synthetic(20, size=64, num_classes=2, seed=3, root=root / "data")
+    frame.to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory):
+    """A fitted predictor directory (one epoch)."""
+    path = tmp_path_factory.mktemp("base") / "run"
+    SemanticSegmentor(path=path, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                  hyperparameters=HP)
+    return path
+
+
+def checkpoint_epoch(run: Path, name: str = "default") -> int | None:
+    """Epoch recorded in a candidate's resume checkpoint (None while there is none)."""
+    ckpt = run / STATE / "checkpoints" / f"{name}.ckpt"
+    if not ckpt.is_file():
+        return None
+    return int(torch.load(ckpt, weights_only=True, map_location="cpu")["epoch"])
+
+
+# ------------------------------------------------------------ 1. atomic directories
+def test_killed_refit_leaves_the_previous_predictor_complete(data, base, tmp_path):
+    """kill -9 after the new fit wrote a candidate's weights: the old predictor still works."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)  # keep `base` untouched: work on a copy
+    image = pd.read_csv(data / "train.csv")["image"].iloc[0]
+    before = SemanticSegmentor.load(run).predict_proba([image])[0]
+    files_before = digest_tree(run)
+    proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
+                     "--hp", "peft.method=full", "--hp", "peft.method=lora",
+                     "--hp", "optim.max_epochs=1", "--hp", "model.input_size=64",
+                     "--path", str(run), "--overwrite", "--verbosity", "0")
+    try:  # the first candidate's weights are written; the second is training
+        wait_for(lambda: (run / STATE / "records" / "method_full.json").is_file(), proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / STATE / "models" / "method_full.safetensors").is_file()
+    after = SemanticSegmentor.load(run).predict_proba([image])[0]
+    np.testing.assert_array_equal(before, after)
+    skip = (STATE, "logs", ".automask.lock")  # the new fit's state, logs and stale lock
+    kept = {k: v for k, v in digest_tree(run).items() if not k.startswith(skip)}
+    assert kept == {k: v for k, v in files_before.items() if not k.startswith(skip)}
+    assert any(k.startswith("v-") for k in kept)
+
+
+WRITER = textwrap.dedent("""
+    import os, sys
+    from automask import SemanticSegmentor
+    a, b, target, stop = sys.argv[1:5]
+    models = [SemanticSegmentor.load(a), SemanticSegmentor.load(b)]
+    n = 0
+    while not os.path.exists(stop):
+        models[n % 2].save(target)
+        n += 1
+    print(n)
+""")
+
+READER = textwrap.dedent("""
+    import sys, numpy as np
+    from automask import SemanticSegmentor
+    target, image, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    expected = [np.load(p) for p in sys.argv[4:6]]
+    seen, errors = set(), []
+    for i in range(count):
+        try:
+            seg = SemanticSegmentor.load(target)
+            seg._model(None)  # reads the weights, checks their SHA-256 and loads them
+            seen.add(seg.models_[seg.best_model_].weights_sha256)
+            if i % 4 == 0:
+                prob = seg.predict_proba([image])[0]
+                if not any(np.array_equal(prob, e) for e in expected):
+                    errors.append("a prediction matching neither predictor")
+        except Exception as exc:
+            errors.append(repr(exc))
+    print(len(errors), " ".join(sorted(seen)), errors[:3])
+""")
+
+
+def test_readers_never_see_a_half_written_predictor(data, base, tmp_path):
+    """One process saves two predictors in turn into a path; two others load and predict.
+
+    Every load checks the weights' SHA-256 against the JSON (a half-written predictor
+    would fail it); every fourth also predicts and must match one of the two predictors.
+    """
+    other = tmp_path / "other"
+    SemanticSegmentor(path=other, seed=1, verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=HP)
+    target = tmp_path / "target"
+    SemanticSegmentor.load(base).save(target)
+    image = pd.read_csv(data / "train.csv")["image"].iloc[0]
+    expected = []
+    for i, run in enumerate((base, other)):
+        np.save(tmp_path / f"e{i}.npy", SemanticSegmentor.load(run).predict_proba([image])[0])
+        expected.append(str(tmp_path / f"e{i}.npy"))
+    assert not np.array_equal(np.load(expected[0]), np.load(expected[1]))
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(base), str(other),
+                               str(target), str(stop)], stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(target.glob("v-*"))) == 1 and json.loads(
+        (target / "automask.json").read_text())["current"] != "", writer)
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(target), image, "16",
+                                 *expected], stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    results = [r.communicate(timeout=600)[0].strip() for r in readers]
+    stop.touch()
+    saves = int(writer.communicate(timeout=120)[0].split()[-1])
+    assert writer.returncode == 0 and saves > 2, saves
+    seen = set()
+    for text in results:
+        errors, *digests = text.split(" [")[0].split()
+        assert int(errors) == 0, text
+        seen.update(digests)
+    both = {SemanticSegmentor.load(run).models_["default"].weights_sha256
+            for run in (base, other)}
+    assert seen == both  # the readers raced with the writer and saw each predictor
+    versions = [p.name for p in target.iterdir() if p.name.startswith("v-")]
+    assert len(versions) == 1  # superseded versions are removed
+    print(f"{saves} saves during 32 loads (8 predictions): no error")
+
+
+# ------------------------------------------------------- 2. overwrite refusal and lock
+def test_fit_into_an_existing_predictor_is_refused_unless_overwrite(data, base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    files = digest_tree(run)
+    with pytest.raises(ConfigError, match=r"already holds a predictor.*overwrite=True"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=HP)
+    assert digest_tree(run) == files
+    proc = cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
+               "--path", str(run))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr
+    assert digest_tree(run) == files
+    old_version = json.loads((run / "automask.json").read_text())["current"]
+    seg = SemanticSegmentor(path=run, seed=4, verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=HP, overwrite=True)
+    new_version = json.loads((run / "automask.json").read_text())["current"]
+    assert new_version != old_version and not (run / old_version).exists()
+    assert not (run / STATE).exists()  # the resume state goes once the fit is complete
+    assert SemanticSegmentor.load(run).best_model_ == seg.best_model_
+
+
+def test_second_fit_is_refused_while_one_runs_and_kill_9_resume(data, tmp_path):
+    """Lock held by a running fit names its pid; after kill -9 a resume continues it."""
+    run = tmp_path / "run"
+    proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
+                     "--hp", "optim.max_epochs=6", "--hp", "model.input_size=64",
+                     "--path", str(run), "--verbosity", "0")
+    try:
+        wait_for(lambda: checkpoint_epoch(run) is not None, proc)
+        with pytest.raises(PathInUseError, match=rf"pid {proc.pid}\b"):
+            SemanticSegmentor(path=run, verbosity=0).fit(
+                data / "train.csv", presets="tiny", hyperparameters=HP, overwrite=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = checkpoint_epoch(run)  # the last completed epoch before the kill
+    assert done is not None and done < 5
+    assert not (run / "automask.json").exists()
+    with pytest.raises(ConfigError, match="interrupted fit.*resume=True"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny")
+    resumed = cli("fit", "--resume", "--path", str(run), "--verbosity", "0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    seg = SemanticSegmentor.load(run)
+    record = seg.models_["default"]
+    assert [h["epoch"] for h in record.history] == list(range(6))  # each epoch once
+    log = pd.read_csv(run / "logs" / "default-resumed-1" / "metrics.csv")
+    assert log["epoch"].min() == done + 1 and log["epoch"].max() == 5
+    assert len(seg.predict(pd.read_csv(data / "train.csv").iloc[:2])) == 2
+
+
+def test_resume_refuses_other_data_or_options(data, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     resume=True)
+    assert not run.exists()
+    from automask.training.state import FitState
+
+    FitState(run).start({"candidates": {"default": {"optim": {"lr": 1.0}}}}, {})
+    with pytest.raises(ConfigError, match="'candidates' differs"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=HP, resume=True)
+
+
+# ---------------------------------------------------------------- 4. non-finite loss
+def test_diverging_candidate_is_dropped_and_the_other_saved(data, tmp_path):
+    run = tmp_path / "run"
+    hp = {**HP, "optim.lr": [2e-3, 1e6], "optim.grad_clip": 0}
+    with pytest.warns(UserWarning, match=r"'lr=1000000.0' was dropped.*epoch 0.*optim\.lr"):
+        seg = SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                           hyperparameters=hp)
+    assert list(seg.models_) == ["lr=0.002"]
+    assert list(SemanticSegmentor.load(run).models_) == ["lr=0.002"]
+
+
+def test_all_candidates_diverging_is_a_clear_error_and_writes_nothing(data, tmp_path):
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingDivergedError, match="nothing was saved.*optim.lr"):
+            SemanticSegmentor(path=run, verbosity=0).fit(
+                data / "train.csv", presets="tiny",
+                hyperparameters={**HP, "optim.lr": 1e6, "optim.grad_clip": 0})
+    assert not run.exists()
+
+
+def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path, monkeypatch):
+    """Fault injection: the auxiliary loss turns NaN from the third training step on."""
+    import automask.training.module as module
+
+    calls = {"n": 0}
+    real = module.aux_loss
+
+    def failing(model):
+        calls["n"] += 1
+        value = real(model)
+        return value + float("nan") if calls["n"] > 2 else value
+
+    monkeypatch.setattr(module, "aux_loss", failing)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"stopped: the training loss became nan at epoch 1"):
+        seg = SemanticSegmentor(path=run, verbosity=0).fit(
+            data / "train.csv", presets="tiny",
+            hyperparameters={**HP, "optim.max_epochs": 4, "optim.batch_size": 8,
+                             "optim.effective_batch_size": 8})
+    record = seg.models_["default"]
+    assert record.best_epoch == 0 and "nan" in record.stopped
+    assert [h["epoch"] for h in record.history] == [0]
+    assert SemanticSegmentor.load(run).models_["default"].best_epoch == 0
+
+
+# ------------------------------------------------------------------------- 6. SIGINT
+def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
+                     "--hp", "optim.max_epochs=4", "--hp", "model.input_size=64",
+                     "--path", str(run), "--verbosity", "0")
+    wait_for(lambda: checkpoint_epoch(run) is not None, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "automask: interrupted"
+    assert "Traceback" not in err
+    done = checkpoint_epoch(run)
+    assert done is not None
+    seg = SemanticSegmentor(path=run, verbosity=0).fit(
+        data / "train.csv", presets="tiny",
+        hyperparameters={"optim.max_epochs": 4, "model.input_size": 64}, resume=True)
+    assert [h["epoch"] for h in seg.models_["default"].history] == [0, 1, 2, 3]
+
+
+API_FIT = textwrap.dedent("""
+    import sys
+    from automask import SemanticSegmentor
+    try:
+        SemanticSegmentor(path=sys.argv[2], verbosity=0).fit(
+            sys.argv[1], presets="tiny",
+            hyperparameters={"optim.max_epochs": 50, "model.input_size": 64})
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt")
+""")
+
+
+def test_ctrl_c_raises_keyboard_interrupt_in_the_api(data, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", API_FIT, str(data / "train.csv"), str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: checkpoint_epoch(run) is not None, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert out.strip() == "KeyboardInterrupt", (out, err[-2000:])
+    assert (run / STATE / "plan.json").is_file() and checkpoint_epoch(run) is not None
+
+
+# --------------------------------------------------------------- 3. predict outputs
+def test_predict_never_overwrites_inputs_or_existing_files(data, base, tmp_path):
+    seg = SemanticSegmentor.load(base)
+    frame = pd.read_csv(data / "train.csv").iloc[:4]
+    images = data / "data" / "images"
+    masks = data / "data" / "masks"
+    inputs = {**{f"i/{k}": v for k, v in digest_tree(images).items()},
+              **{f"m/{k}": v for k, v in digest_tree(masks).items()}}
+    assert Path(frame["image"].iloc[0]).parent == images  # PNG images: same stems
+    proc = cli("predict", str(base), "--data", str(images), "--out", str(images),
+               "--overwrite")
+    assert proc.returncode == 2 and "would overwrite input files" in proc.stderr, proc.stderr
+    assert frame["image"].iloc[0].rsplit("/", 1)[-1] in proc.stderr
+    csv = tmp_path / "test.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(DataValidationError, match="mask of row 0"):
+        seg.predict(csv, save_to=masks, overwrite=True)
+    after = {**{f"i/{k}": v for k, v in digest_tree(images).items()},
+             **{f"m/{k}": v for k, v in digest_tree(masks).items()}}
+    assert after == inputs
+    out = tmp_path / "out"
+    seg.predict(frame.iloc[:2], save_to=out)
+    written = digest_tree(out)
+    with pytest.raises(DataValidationError, match=r"2 mask file\(s\) already exist"):
+        seg.predict(frame, save_to=out)
+    assert digest_tree(out) == written  # not even the two new masks were written
+    (out / next(iter(written))).write_bytes(b"old")
+    seg.predict(frame, save_to=out, overwrite=True)
+    assert len(digest_tree(out)) == 4 and (out / next(iter(written))).read_bytes() != b"old"
+
+
+# ------------------------------------------------------------ 7. saved-model hygiene
+def test_load_refuses_weights_outside_the_directory_and_missing_hashes(base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    version = json.loads((run / "automask.json").read_text())["current"]
+    meta_path = run / version / "predictor.json"
+    meta = json.loads(meta_path.read_text())
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.safetensors").write_bytes(b"x")
+    for evil in ("../outside/x.safetensors", "/etc/passwd", "sub/x.safetensors"):
+        bad = json.loads(json.dumps(meta))
+        bad["models"]["default"]["weights"] = evil
+        meta_path.write_text(json.dumps(bad))
+        with pytest.raises(SavedModelError, match=r"weights .*plain file name") as info:
+            SemanticSegmentor.load(run)
+        assert evil in str(info.value)
+    bad = json.loads(json.dumps(meta))
+    del bad["models"]["default"]["weights_sha256"]
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(SavedModelError, match="weights_sha256"):
+        SemanticSegmentor.load(run)
+    pointer = json.loads((run / "automask.json").read_text())
+    pointer["current"] = "../elsewhere"
+    (run / "automask.json").write_text(json.dumps(pointer))
+    with pytest.raises(SavedModelError, match="'current' must name a version folder"):
+        SemanticSegmentor.load(run)
+
+
+# ------------------------------------------------------- 8. nothing left after failure
+def test_failed_fit_or_predict_leaves_no_folder_behind(data, base, tmp_path):
+    run = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match=r"env\.accelerator.*GPU"):
+        SemanticSegmentor(path=run, verbosity=0).fit(
+            data / "train.csv", presets="tiny", hyperparameters={**HP, "env.accelerator": "gpu"})
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    shutil.copytree(base, existing)
+    files = digest_tree(existing)
+    with pytest.raises(ConfigError, match=r"env\.accelerator.*GPU"):
+        SemanticSegmentor(path=existing, verbosity=0).fit(
+            data / "train.csv", presets="tiny", overwrite=True,
+            hyperparameters={**HP, "env.accelerator": "gpu"})
+    assert {k: v for k, v in digest_tree(existing).items() if ".automask.lock" not in k} \
+        == {k: v for k, v in files.items() if ".automask.lock" not in k}
+    seg = SemanticSegmentor.load(base)
+    with pytest.raises(DataValidationError):
+        seg.predict([str(tmp_path / "missing.png")], save_to=tmp_path / "masks" / "sub")
+    assert not (tmp_path / "masks").exists()
