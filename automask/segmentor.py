@@ -591,6 +591,29 @@ class SemanticSegmentor(BaseEstimator):
             return (prob[0] > 0.5).astype(np.uint8)
         return prob.argmax(0).astype(np.uint8 if self.num_classes_ <= 256 else np.int32)
 
+    def export(self, path: str | os.PathLike, format: str = "onnx",
+               model: str | None = None) -> Path:
+        """Export a fitted model for inference outside automask (see :mod:`automask.export`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Destination file, ``.onnx`` or ``.pt2``.
+        format : {"onnx", "pt2"}
+            ONNX (adapters merged, checked with ONNX Runtime) or a ``torch.export``
+            program.
+        model : str, optional
+            Candidate name; default the best model.
+
+        Returns
+        -------
+        Path
+            ``path``. The model used by :meth:`predict` is not changed.
+        """
+        from .export import export_predictor
+
+        return export_predictor(self, path, format=format, model=model)
+
 
 def metric_conventions(task: str, num_classes: int) -> dict[str, Any]:
     """Metric arguments that depend on the task: class count and ignore index."""
