@@ -91,6 +91,9 @@ class ConvLoRALinear(LoRALinear):
         ``aux_loss_weight * (cv^2(importance) + cv^2(load))`` of the last forward.
     expert_counts : list of int
         How many samples (windows or images) each expert received in the last forward.
+    dense_routing : bool
+        Compute the mixture with :meth:`dense_mixture` (static operations, for export);
+        False by default. Exporting, tracing and compiling use it whatever this says.
 
     Notes
     -----
