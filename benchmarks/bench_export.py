@@ -100,7 +100,7 @@ def bench_merge(size: int, repeat: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=["tiny", "vit_b"])
+    parser.add_argument("--backbones", nargs="*", default=["tiny", "vit_b"])
     parser.add_argument("--methods", nargs="+", default=["lora", "conv_lora"])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--merge-sizes", nargs="*", type=int, default=[256, 512])
