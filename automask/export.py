@@ -176,14 +176,7 @@ def export_model(
         ``onnx``/``onnxruntime`` missing, the exporter failed, or the exported file does not
         reproduce the model within ``tolerance``.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; valid formats: {list(FORMATS)}")
-    path = Path(path)
-    if path.suffix.lower() != f".{format}":
-        raise ConfigError(f"export path {str(path)!r} must end with '.{format}' for format "
-                          f"{format!r}")
-    if format == "onnx":
-        _require_onnx()
+    path = _check_target(path, format)
     clone = inference_copy(model)
     meta = dict(metadata if metadata is not None else preprocessing_metadata(clone))
     meta["merged_adapters"] = str(clone.merged_adapters)
@@ -229,8 +222,7 @@ def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
     name = seg.best_model_ if model is None else model
     if name not in seg.models_:
         raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(seg.models_)}")
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; valid formats: {list(FORMATS)}")
+    _check_target(path, format)  # before the model is rebuilt
     net = seg._model(name)
     meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_])
     meta["model"] = name
@@ -238,6 +230,19 @@ def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
 
 
 # --------------------------------------------------------------------------- internals
+def _check_target(path: str | os.PathLike, format: str) -> Path:
+    """The destination as a Path; ConfigError / ExportError before any work is done."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; valid formats: {list(FORMATS)}")
+    path = Path(path)
+    if path.suffix.lower() != f".{format}":
+        raise ConfigError(f"export path {str(path)!r} must end with '.{format}' for format "
+                          f"{format!r}")
+    if format == "onnx":
+        _require_onnx()
+    return path
+
+
 def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
