@@ -366,6 +366,9 @@ def _add_picture_commands(sub) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--metric", help="validation metric to draw (default: the one logged)")
     p.set_defaults(func=_cmd_history)
+def _cmd_export(args) -> None:
+    path = _load(args.run).export(args.out, format=args.format, model=args.model)
+    print(f"exported to {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the table to this .csv or .md file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("export", help="export a model to ONNX (or a torch.export .pt2)")
+    p.add_argument("run", help="saved predictor directory")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
+    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    p.add_argument("--model", help="candidate name (default: the best)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("params", help="trainable parameters per PEFT method")
     p.add_argument("--backbone", default="vit_h")

@@ -373,7 +373,14 @@ class SemanticSegmentor(BaseEstimator):
             raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(self.models_)}")
         if name not in self._loaded:
             self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
-        return self._loaded[name]
+        model = self._loaded[name]
+        # Inference runs merged: LoRA (and SSF where it can) folded into the frozen weights,
+        # the same output within float tolerance, less work per forward. The weights files
+        # were written before; this model is never saved again.
+        from .peft import merge_adapters
+
+        merge_adapters(model)
+        return model
 
     # ------------------------------------------------- pictures and summary
     def plot_predictions(self, data, n: int = 4, model: str | None = None,
@@ -395,6 +402,29 @@ class SemanticSegmentor(BaseEstimator):
         from . import plots
 
         return plots.plot_comparison(self, data, models=models, n=n, path=path)
+
+    def export(self, path: str | os.PathLike, format: str = "onnx",
+               model: str | None = None) -> Path:
+        """Export a fitted model for inference outside automask (see :mod:`automask.export`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Destination file, ``.onnx`` or ``.pt2``.
+        format : {"onnx", "pt2"}
+            ONNX (adapters merged, checked with ONNX Runtime) or a ``torch.export``
+            program.
+        model : str, optional
+            Candidate name; default the best model.
+
+        Returns
+        -------
+        Path
+            ``path``. The model used by :meth:`predict` is not changed.
+        """
+        from .export import export_predictor
+
+        return export_predictor(self, path, format=format, model=model)
 
     def plot_history(self, metric: str | None = None, path: str | os.PathLike | None = None):
         """Training loss and validation metric per epoch and candidate, from the run's logs."""

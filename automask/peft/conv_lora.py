@@ -91,6 +91,9 @@ class ConvLoRALinear(LoRALinear):
         ``aux_loss_weight * (cv^2(importance) + cv^2(load))`` of the last forward.
     expert_counts : list of int
         How many samples (windows or images) each expert received in the last forward.
+    dense_routing : bool
+        Compute the mixture with :meth:`dense_mixture` (static operations, for export);
+        False by default. Exporting, tracing and compiling use it whatever this says.
 
     Notes
     -----
@@ -131,6 +134,7 @@ class ConvLoRALinear(LoRALinear):
         self.w_noise = nn.Parameter(torch.zeros(rank, num_experts, **factory))
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: list[int] = [0] * num_experts
+        self.dense_routing = False
 
     def merge(self) -> None:  # noqa: D102
         raise NotImplementedError("Conv-LoRA cannot be merged: its experts are nonlinear")
@@ -174,7 +178,7 @@ class ConvLoRALinear(LoRALinear):
     # ------------------------------------------------------------------ experts
     def run_expert(self, index: int, grid: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on low-rank maps (n, r, H, W): resize by s_i, conv, GELU, back."""
-        height, width = grid.shape[-2:]
+        height, width = int(grid.shape[-2]), int(grid.shape[-1])  # static: the window size
         scale = self.scales[index]
         x = grid
         if scale != 1.0:
@@ -189,6 +193,8 @@ class ConvLoRALinear(LoRALinear):
         """Gated sum of the experts on (N, r, H, W); sets :attr:`aux_loss`."""
         with torch.autocast(device_type=grid.device.type, enabled=False):
             gates, self.aux_loss = self.gate(grid.float().mean(dim=(2, 3)))  # (N, M)
+        if self.dense_routing or _is_exporting():
+            return self.dense_mixture(grid, gates)
         # Dispatch: group the (sample, expert) pairs by expert; run only routed experts.
         weight, expert = gates.topk(self.top_k, dim=1)  # (N, k)
         sample = torch.arange(grid.shape[0], device=grid.device).repeat_interleave(self.top_k)
@@ -209,6 +215,22 @@ class ConvLoRALinear(LoRALinear):
             out = out.index_add(0, rows, y.to(out.dtype))
         return out
 
+    def dense_mixture(self, grid: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The mixture with static operations only, for export: every expert on every sample.
+
+        Each expert's output is multiplied by its gate column (zero for the samples not
+        routed to it) and the products are summed in expert order, as :meth:`mixture`'s
+        dispatch adds them, so the result matches it in eval mode. M times the expert
+        arithmetic, but no data-dependent shapes or host synchronisation: used when
+        :attr:`dense_routing` is set and while exporting, tracing or compiling.
+        """
+        grid = grid.contiguous()  # like the dispatch's index_select copies: same conv kernels
+        out = torch.zeros_like(grid)  # (N, r, H, W)
+        for index in range(self.num_experts):
+            y = self.run_expert(index, grid)
+            out = out + (y * gates[:, index].to(y.dtype).view(-1, 1, 1, 1)).to(out.dtype)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token grid (N, H, W, in_features) -> (N, H, W, out_features)."""
         if x.dim() != 4:
@@ -223,6 +245,12 @@ class ConvLoRALinear(LoRALinear):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, scales={self.scales}")
+
+
+def _is_exporting() -> bool:
+    """True under ``torch.onnx.export``, ``torch.jit.trace``, ``torch.export`` or compile."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling())
 
 
 def apply(model: nn.Module, options: ConvLoRAOptions) -> None:

@@ -1,0 +1,254 @@
+"""ONNX / torch.export export, Conv-LoRA's static routing and merged inference."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from automask import SemanticSegmentor
+from automask.datasets import make_synthetic, train_test_split
+from automask.errors import ConfigError
+from automask.export import ExportError, export_model, inference_copy
+from automask.models import build_segmenter
+from automask.peft import (PEFT_METHODS, ConvLoRALinear, LoRALinear, adapters, apply_peft,
+                           merge_adapters)
+
+METHODS = list(PEFT_METHODS)
+SIZE = 64
+ONNX_TOLERANCE = 1e-3  # max |ONNX Runtime - PyTorch| over fp32 logits
+
+
+def _model(method: str, num_classes: int = 1, seed: int = 0):
+    """A tiny segmenter with ``method`` applied and every weight perturbed, so that no
+    adapter is the identity (zero-initialised LoRA B, gates, up-projections included)."""
+    torch.manual_seed(seed)
+    seg = build_segmenter("tiny", num_classes=num_classes, input_size=SIZE, checkpoint="random")
+    apply_peft(seg, method)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in seg.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return seg.eval()
+
+
+def _images(batch: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _onnx_logits(path: Path, images: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"images": images.numpy()})[0]
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+# --------------------------------------------------------------------------- Conv-LoRA
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_conv_lora_static_routing_equals_dispatch_in_eval(top_k):
+    torch.manual_seed(0)
+    layer = ConvLoRALinear(torch.nn.Linear(12, 36), rank=3, num_experts=4, top_k=top_k).eval()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        layer.w_gate.normal_()
+    grid = torch.randn(16, 7, 7, 12)  # 16 windows of 7x7 tokens
+    with torch.no_grad():
+        dispatch = layer(grid)
+        counts = list(layer.expert_counts)
+        layer.dense_routing = True
+        dense = layer(grid)
+        layer.dense_routing = False
+        traced = torch.jit.trace(layer, grid)(grid)  # tracing picks the static path itself
+    assert sum(c > 0 for c in counts) >= 2, counts  # the samples really go different ways
+    assert sum(counts) == 16 * top_k
+    assert torch.equal(dense, dispatch)  # same kernels, same order of sums: same bits
+    torch.testing.assert_close(traced, dispatch, rtol=0, atol=1e-6)
+    assert not torch.equal(dispatch, layer.base_layer(grid))  # the mixture does something
+
+
+# --------------------------------------------------------------------------- merging
+@pytest.mark.parametrize("method", METHODS)
+def test_merging_never_changes_predictions(method):
+    model = _model(method, num_classes=3)
+    images = _images(2)
+    with torch.no_grad():
+        expected = model(images)
+        merged = inference_copy(model)
+        got = merged(images)
+    mergeable = [a for a in adapters(model) if a.mergeable]
+    assert merged.merged_adapters == len(mergeable)
+    if method in ("lora", "ssf"):
+        assert len(mergeable) > 0
+        assert all(a.merged for a in adapters(merged) if a.mergeable)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not any(a.merged for a in adapters(model))  # the original is left unmerged
+
+
+def test_merged_lora_forward_skips_the_low_rank_path():
+    model = _model("lora")
+    merged = inference_copy(model)
+    lora = [m for m in merged.modules() if isinstance(m, LoRALinear)]
+    assert lora and all(m.merged for m in lora)
+    x = torch.randn(1, 2, 2, lora[0].base_layer.in_features)
+    with torch.no_grad():  # the merged layer is the base layer alone
+        torch.testing.assert_close(lora[0](x), lora[0].base_layer(x), rtol=0, atol=0)
+    assert merge_adapters(merged) == len(lora)  # merging again is a no-op
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_images(1)), model(_images(1)), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- ONNX parity
+@pytest.mark.slow
+@pytest.mark.parametrize("num_classes", [1, 3], ids=["binary", "multiclass"])
+@pytest.mark.parametrize("method", METHODS)
+def test_onnx_matches_pytorch_for_every_method(method, num_classes, tmp_path):
+    model = _model(method, num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_model(model, tmp_path / "model.onnx")
+    images = _images(3)  # another batch size than the export traced (2)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = _onnx_logits(path, images)
+    assert got.shape == (3, num_classes, SIZE, SIZE)
+    assert np.abs(got - expected).max() < ONNX_TOLERANCE
+    meta = _metadata(path)
+    assert meta["peft_method"] == method and meta["input_size"] == str(SIZE)
+    assert meta["task"] == ("binary" if num_classes == 1 else "multiclass")
+    assert int(meta["merged_adapters"]) == sum(a.mergeable for a in adapters(model))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no leftovers
+
+
+def test_pt2_export_matches_pytorch(tmp_path):
+    model = _model("conv_lora", num_classes=3)
+    path = export_model(model, tmp_path / "model.pt2", format="pt2")
+    extra = {"automask.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    images = _images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(images), model(images), rtol=1e-4, atol=1e-4)
+    assert json.loads(extra["automask.json"])["peft_method"] == "conv_lora"
+
+
+def test_bad_format_or_suffix_fails_before_writing(tmp_path):
+    model = _model("lora")
+    with pytest.raises(ConfigError, match="'tflite'.*onnx"):
+        export_model(model, tmp_path / "m.tflite", format="tflite")
+    with pytest.raises(ConfigError, match=r"m\.pt2.*'\.onnx'"):
+        export_model(model, tmp_path / "m.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_check_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous")
+    with pytest.raises(ExportError, match="does not reproduce"):
+        export_model(_model("lora"), path, tolerance=0.0)  # merged float error is > 0
+    assert path.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_onnx_runs_without_torch_or_automask(tmp_path):
+    """Another process, isolated (-I), with torch and automask made unimportable, reads
+    the preprocessing from the metadata, prepares a PNG with numpy and Pillow only, and
+    gets the logits PyTorch computes."""
+    from PIL import Image
+
+    from automask.data.transforms import geometry_for, normalize_pad, resize_image
+
+    model = _model("conv_lora")
+    path = export_model(model, tmp_path / "model.onnx")
+    graph = onnx.load(str(path)).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # standard operators only
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    geometry = geometry_for(rgb.shape[:2], SIZE)
+    x = normalize_pad(resize_image(rgb, geometry.resized_size), SIZE)[None]
+    with torch.no_grad():
+        np.save(tmp_path / "expected.npy", model(x).numpy())
+    script = r"""
+import sys
+sys.modules["torch"] = None
+sys.modules["automask"] = None
+import numpy as np, onnxruntime as ort
+from PIL import Image
+model, image, expected = sys.argv[1:4]
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+size = int(meta["input_size"])
+mean = np.array([float(v) for v in meta["pixel_mean"].split(",")], dtype=np.float32)
+std = np.array([float(v) for v in meta["pixel_std"].split(",")], dtype=np.float32)
+img = Image.open(image).convert("RGB")
+scale = size / max(img.size)
+w, h = (int(side * scale + 0.5) for side in img.size)
+rgb = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+x = np.zeros((1, 3, size, size), dtype=np.float32)
+x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)
+logits = session.run([meta["output_name"]], {meta["input_name"]: x})[0]
+diff = float(np.abs(logits - np.load(expected)).max())
+print(meta["output_activation"].split(";")[0], logits.shape, diff)
+assert diff < 1e-3, diff
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", script, str(path),
+                           str(tmp_path / "image.png"), str(tmp_path / "expected.npy")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("sigmoid (1, 1, 64, 64)"), proc.stdout
+
+
+# --------------------------------------------------------------------------- predictor
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    frame = make_synthetic(16, size=(48, 64), num_classes=2, seed=1,
+                           root=tmp_path_factory.mktemp("synthetic"))
+    train, _ = train_test_split(frame, test_size=0.25, seed=0)
+    seg = SemanticSegmentor(label="label", path=tmp_path_factory.mktemp("run"), verbosity=0)
+    return seg.fit(train, presets="tiny", hyperparameters={
+        "optim.max_epochs": 1, "model.input_size": SIZE, "peft.method": "lora"})
+
+
+def test_segmentor_export_keeps_the_predictor_unchanged(fitted, tmp_path):
+    net = fitted._model(None)  # the predictor's inference model (LoRA merged for speed)
+    images = _images(2)
+    merged = [a.merged for a in adapters(net)]
+    with torch.no_grad():
+        before = net(images)
+    path = fitted.export(tmp_path / "best.onnx")
+    with torch.no_grad():
+        after = net(images)
+    assert torch.equal(before, after)
+    assert [a.merged for a in adapters(net)] == merged
+    np.testing.assert_allclose(_onnx_logits(path, images), before.numpy(), atol=ONNX_TOLERANCE)
+    meta = _metadata(path)
+    assert meta["model"] == fitted.best_model_ and meta["task"] == "binary"
+    assert json.loads(meta["classes"]) == [str(c) for c in fitted.classes_]
+    assert meta["peft_method"] == "lora" and int(meta["merged_adapters"]) > 0
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        fitted.export(tmp_path / "x.onnx", model="nope")
+
+
+def test_cli_export(fitted, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "cli.onnx"
+    proc = subprocess.run([sys.executable, "-m", "automask", "export", str(fitted.path_),
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"exported to {out}" in proc.stdout
+    assert _metadata(out)["model"] == fitted.best_model_
+    proc = subprocess.run([sys.executable, "-m", "automask", "export", str(fitted.path_),
+                           "--out", str(tmp_path / "m.pt2")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 2 and "must end with '.onnx'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt2").exists()
