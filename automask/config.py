@@ -26,7 +26,8 @@ from .errors import ConfigError
 log = logging.getLogger("automask.config")
 
 _CHOICES = {
-    "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t",
+                       "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "optim.loss": ("auto", "structure", "bce", "dice", "balanced_bce", "focal", "ce", "ce_dice"),
     "env.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
