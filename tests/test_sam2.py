@@ -204,6 +204,14 @@ def test_input_size_must_be_a_multiple_of_32():
         build_segmenter(TINY, input_size=80, checkpoint="random")
 
 
+def test_only_the_token_head_is_offered():
+    from automask.models.sam2 import build_sam2_segmenter
+
+    with pytest.raises(ConfigError, match="mask_classification.*sam2_tiny"):
+        build_sam2_segmenter(TINY, num_classes=3, input_size=SIZE, checkpoint="random",
+                             multiclass_head="mask_classification")
+
+
 def test_missing_extra_gives_one_error_naming_it():
     code = ("import sys; sys.modules['sam2'] = None\n"
             "from automask.errors import ConfigError\n"
@@ -292,7 +300,7 @@ def test_offline_error_names_the_three_ways(monkeypatch):
     with pytest.raises(CheckpointError) as err:
         build_segmenter("sam2.1_hiera_b+", input_size=SIZE, progress=False)
     message = str(err.value)
-    assert "(1) pass checkpoint=" in message and "(2) place that file in the cache" in message
+    assert "(1) pass" in message and "(2) place that file in the cache" in message
     assert "(3) let automask download" in message
     assert "sam2.1_hiera_base_plus.pt" in message and "SAM2_1_HIERA_BPLUS" in message
 
@@ -333,7 +341,7 @@ def test_lora_counts_follow_hiera_widths():
     spec = SAM2_BACKBONES["sam2.1_hiera_l"]
     rank, expected, dim = 3, 0, spec.embed_dim
     for stage, blocks in enumerate(spec.stages):
-        for index in range(blocks):
+        for _ in range(blocks):
             dim_out = spec.embed_dim * 2 ** stage
             expected += rank * (dim + 3 * dim_out)  # A: dim -> r, B: r -> 3 * dim_out
             dim = dim_out

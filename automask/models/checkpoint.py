@@ -83,7 +83,7 @@ def _no_weights(backbone: str, cached: Path | None, url: str | None, cause: str)
     where = str(cached) if cached is not None else f"{checkpoint_cache_dir()}/<file name>"
     return CheckpointError(
         f"no weights for backbone {backbone!r}: {cause}. Provide them in one of three ways: "
-        f"(1) pass checkpoint=<path to the official checkpoint file>; "
+        f"(1) pass checkpoint=<path to the official segment-anything .pth file>; "
         f"(2) place that file in the cache as {where} ($AUTOMASK_HOME sets the cache root); "
         f"(3) let automask download {url or 'the official checkpoint'} (needs network access; "
         f"AUTOMASK_SAM_URL_{env_name(backbone)} sets a mirror). "

@@ -302,7 +302,7 @@ class Sam2Segmenter(SamSegmenter):
                              mode="bilinear", align_corners=False)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image embedding (B, D, S/16, S/16), feat_s0 (B, D/8, S/4, S/4), feat_s1 (B, D/4, S/8, S/8)).
+        """Embedding (B, D, S/16, S/16), high-res s0 (B, D/8, S/4, S/4), s1 (B, D/4, S/8, S/8).
 
         The sam2 package's ``ImageEncoder`` and ``SAM2Base.forward_image`` step by step
         (the neck's sine position encodings, unused here, are not computed). With
@@ -442,14 +442,20 @@ def build_sam2_segmenter(
     checkpoint: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    multiclass_head: str = "tokens",
+    sha256: str | None = None,
 ) -> Sam2Segmenter:
     """Build a prompt-free SAM 2.1 segmenter (see :func:`~automask.models.build_segmenter`).
+
+    ``sha256`` is the SHA-256 the checkpoint must have (passed to the resolver); the only
+    multi-class head on Hiera is ``"tokens"`` (one mask token and MLP per class).
 
     Raises
     ------
     ConfigError
         The sam2 package is missing (the message names ``automask[sam2]``), bad
-        ``num_classes`` or an ``input_size`` that is not a positive multiple of 32.
+        ``num_classes``, an ``input_size`` that is not a positive multiple of 32, or another
+        multi-class head.
     CheckpointError
         No weights available, unverifiable download or checkpoint not matching.
     """
@@ -465,7 +471,12 @@ def build_sam2_segmenter(
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    resolved = locate_checkpoint(backbone, checkpoint, progress=progress)
+    if multiclass_head != "tokens":
+        raise ConfigError(
+            f"multi-class head {multiclass_head!r} is not available on the SAM 2.1 backbone "
+            f"{backbone!r}; use 'tokens'"
+        )
+    resolved = locate_checkpoint(backbone, checkpoint, sha256=sha256, progress=progress)
     info = {"backbone": backbone, "source": resolved.source,
             "path": str(resolved.path) if resolved.path else None, "sha256": resolved.sha256}
     model = Sam2Segmenter(*build_sam2_parts(spec, input_size), backbone=backbone,
