@@ -26,7 +26,8 @@ from .errors import ConfigError
 log = logging.getLogger("automask.config")
 
 _CHOICES = {
-    "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.backbone": ("tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t",
+                       "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"),
     "model.multiclass_head": ("tokens", "mask_classification"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "optim.loss": ("auto", "structure", "bce", "dice", "balanced_bce", "focal", "ce", "ce_dice"),
@@ -591,7 +592,7 @@ def _check_for_fit(config: Config) -> None:
     from .hardware import check_hardware
 
     check_hardware(config.env.accelerator, config.env.devices)
-    if config.model.checkpoint == "random" and config.model.backbone != "tiny":
+    if config.model.checkpoint == "random" and config.model.backbone not in ("tiny", "sam2_tiny"):
         log.warning(
             "model.checkpoint='random': %s is randomly initialised, without SAM's pretrained "
             "weights (training from scratch)", config.model.backbone,

@@ -117,14 +117,22 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def get_spec(backbone: str) -> BackboneSpec:
-    """Spec of ``backbone``; raises :class:`~automask.errors.ConfigError` for unknown names."""
-    from ..errors import ConfigError
+    """Spec of ``backbone``; raises :class:`~automask.errors.ConfigError` for unknown names.
 
+    SAM 2.1 names (``sam2.1_hiera_*``, ``sam2_tiny``) give their
+    :class:`~automask.models.sam2.Sam2Spec`, which carries the same checkpoint fields.
+    """
+    from ..errors import ConfigError
+    from .sam2 import SAM2_BACKBONES
+
+    if isinstance(backbone, str) and backbone in SAM2_BACKBONES:
+        return SAM2_BACKBONES[backbone]
     try:
         return BACKBONES[backbone]
     except (KeyError, TypeError):
         raise ConfigError(
-            f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}"
+            f"unknown backbone {backbone!r}; choose one of "
+            f"{sorted(BACKBONES) + list(SAM2_BACKBONES)}"
         ) from None
 
 

@@ -15,12 +15,14 @@ never a silent fallback to random weights.
 
 The URL and SHA-256 can be overridden per call (``url=``, ``sha256=``) or per backbone with
 the environment variables ``AUTOMASK_SAM_URL_<NAME>`` and ``AUTOMASK_SAM_SHA256_<NAME>``
-(``<NAME>`` is the backbone in upper case, e.g. ``AUTOMASK_SAM_URL_VIT_B``), e.g. to use a
-mirror. A download with no SHA-256 to check against is kept with a warning saying so.
+(``<NAME>`` is the backbone in upper case, e.g. ``AUTOMASK_SAM_URL_VIT_B``; :func:`env_name`
+spells names such as ``sam2.1_hiera_b+``), e.g. to use a mirror. A download with no SHA-256
+to check against is kept with a warning saying so.
 """
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 import warnings
 from dataclasses import dataclass
@@ -61,8 +63,15 @@ def checkpoint_cache_dir() -> Path:
     return cache_dir() / "checkpoints"
 
 
+def env_name(backbone: str) -> str:
+    """``backbone`` as it appears in environment variable names: upper case, ``+`` spelled
+    ``PLUS``, other characters that no shell accepts as ``_`` (``sam2.1_hiera_b+`` ->
+    ``SAM2_1_HIERA_BPLUS``; ``vit_b`` -> ``VIT_B``)."""
+    return re.sub(r"[^A-Z0-9_]", "_", backbone.upper().replace("+", "PLUS"))
+
+
 def _override(kind: str, backbone: str) -> str | None:
-    return os.environ.get(f"AUTOMASK_SAM_{kind}_{backbone.upper()}") or None
+    return os.environ.get(f"AUTOMASK_SAM_{kind}_{env_name(backbone)}") or None
 
 
 def _file_name(url: str, fallback: str | None) -> str:
@@ -78,7 +87,7 @@ def _no_weights(backbone: str, cached: Path | None, url: str | None, cause: str)
         f"segment-anything .pth file>}} (--hp model.checkpoint=<path> on the command line); "
         f"(2) place that file in the cache as {where} ($AUTOMASK_HOME sets the cache root); "
         f"(3) let automask download {url or 'the official checkpoint'} (needs network access; "
-        f"AUTOMASK_SAM_URL_{backbone.upper()} sets a mirror). "
+        f"AUTOMASK_SAM_URL_{env_name(backbone)} sets a mirror). "
         f"Use model.checkpoint='random' only to train from scratch on purpose."
     )
 
@@ -138,7 +147,7 @@ def locate_checkpoint(
     if expected is None:
         warnings.warn(
             f"downloaded {url} to {cached} WITHOUT verifying it: no SHA-256 is pinned for it "
-            f"(pass sha256= or set AUTOMASK_SAM_SHA256_{backbone.upper()})",
+            f"(pass sha256= or set AUTOMASK_SAM_SHA256_{env_name(backbone)})",
             stacklevel=2,
         )
         expected = sha256_file(cached)

@@ -313,7 +313,9 @@ def build_segmenter(
     Parameters
     ----------
     backbone : str
-        ``"tiny"``, ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``.
+        ``"tiny"``, ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``; or a SAM 2.1 backbone
+        (``"sam2.1_hiera_t"``, ``_s``, ``_b+``, ``_l``, ``"sam2_tiny"``; needs
+        ``automask[sam2]``, input sizes a multiple of 32).
     num_classes : int
         1 for binary segmentation, K >= 2 for K classes (background included).
     input_size : int
@@ -341,6 +343,12 @@ def build_segmenter(
     CheckpointError
         No weights available, unverifiable download or checkpoint not matching.
     """
+    from .sam2 import build_sam2_segmenter, is_sam2_backbone
+
+    if is_sam2_backbone(backbone):  # SAM 2.1 Hiera backbones (optional sam2 package)
+        return build_sam2_segmenter(backbone, num_classes, input_size, checkpoint,
+                                    progress=progress, multiclass_head=multiclass_head,
+                                    sha256=sha256)
     spec = get_spec(backbone)
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 \
             or input_size % spec.patch_size:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .backbones import build_sam_parts, get_spec
+from .sam2 import is_sam2_backbone
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -21,9 +22,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def sam_parameter_count(backbone: str) -> int:
     """Parameters of the whole official SAM model for ``backbone`` (641.09M for vit_h)."""
     spec = get_spec(backbone)
+    if is_sam2_backbone(backbone):
+        with torch.device("meta"):
+            return count_parameters(_sam2_model(backbone, spec))[1]
     with torch.device("meta"):
         parts = build_sam_parts(spec, spec.pretrain_size)
     return sum(count_parameters(part)[1] for part in parts)
+
+
+def _sam2_model(backbone: str, spec) -> nn.Module:
+    from .sam2 import Sam2Segmenter, build_sam2_parts
+
+    return Sam2Segmenter(*build_sam2_parts(spec, spec.pretrain_size), backbone=backbone,
+                         input_size=spec.pretrain_size)
 
 
 def parameter_summary(
@@ -43,7 +54,8 @@ def parameter_summary(
         Registry name of the backbone.
     methods : list of str, optional
         PEFT methods to count; default: every method in
-        :data:`~automask.peft.PEFT_METHODS`, in registry order.
+        :data:`~automask.peft.PEFT_METHODS`, in registry order (on SAM 2.1 backbones, those
+        that Hiera supports).
     num_classes : int
         Number of segmentation outputs (1 = binary).
     multiclass_head : {"tokens", "mask_classification"}
@@ -65,12 +77,19 @@ def parameter_summary(
 
     spec = get_spec(backbone)
     rows = []
-    for method in methods if methods is not None else list(PEFT_METHODS):
+    if methods is None:
+        methods = list(PEFT_METHODS)
+        if is_sam2_backbone(backbone):  # the methods that Hiera supports
+            from .sam2 import SUPPORTED_METHODS
+
+            methods = [m for m in methods if m in SUPPORTED_METHODS]
+    for method in methods:
         fields = get_method(method).options.field_types()
         options = {k: v for k, v in peft_options.items() if k in fields}
         with torch.device("meta"):
-            model = SamSegmenter(*build_sam_parts(spec, spec.pretrain_size), backbone=backbone,
-                                 input_size=spec.pretrain_size)
+            model = _sam2_model(backbone, spec) if is_sam2_backbone(backbone) else SamSegmenter(
+                *build_sam_parts(spec, spec.pretrain_size), backbone=backbone,
+                input_size=spec.pretrain_size)
             model.set_num_classes(num_classes, head=multiclass_head)
             apply_peft(model, method, **options)
         trainable, total = count_parameters(model)

@@ -203,7 +203,9 @@ def find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """Names (relative to ``model``) of image-encoder modules matched by ``targets``.
 
     A target matches a module whose name inside the image encoder equals it or ends with
-    ``"." + target``; e.g. ``"qkv"`` matches ``blocks.3.attn.qkv``.
+    ``"." + target``; e.g. ``"qkv"`` matches ``blocks.3.attn.qkv``. A model may map SAM's
+    names to its own through a ``target_aliases`` dict (SAM 2.1: ``mlp.lin2`` ->
+    ``mlp.layers.1``).
 
     Raises
     ------
@@ -212,8 +214,9 @@ def find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """
     root = getattr(model, TARGET_ROOT)
     names = [name for name, _ in root.named_modules() if name]
+    aliases = getattr(model, "target_aliases", {})  # SAM's layer names on other encoders
     found: list[str] = []
-    for target in targets:
+    for target in (aliases.get(t, t) for t in targets):
         hits = [name for name in names if _matches(name, target)]
         if not hits:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in root.named_modules()

@@ -80,7 +80,8 @@ def apply_peft(model: nn.Module, method: str, options: MethodOptions | None = No
     ------
     ConfigError
         Unknown method (the valid ones are listed), an invalid option or one the method does
-        not use, or a model that already has a PEFT method.
+        not use, a model that already has a PEFT method, or a method the model's backbone
+        does not support (its ``check_peft_method`` says why).
     NoMatchingModuleError
         A target pattern matched no module (the pattern is named).
     """
@@ -95,6 +96,9 @@ def apply_peft(model: nn.Module, method: str, options: MethodOptions | None = No
             f"PEFT method {current!r} is already applied to this model; build a new one "
             f"to apply {method!r}"
         )
+    check = getattr(model, "check_peft_method", None)  # a backbone may refuse a method
+    if check is not None:
+        check(method)
     model.requires_grad_(False)
     mark_decoder_trainable(model)
     spec.apply(model, options)
