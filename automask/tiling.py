@@ -6,9 +6,10 @@ row and column is aligned with the image border, so every pixel is covered. Each
 is normalised and padded exactly as a whole image would be (SAM's mean/std, zero padding
 at the bottom and right when the image is narrower than ``S``). The per-window
 probabilities (sigmoid for binary tasks, softmax for multi-class) are blended with a
-separable tent-shaped weight that is 1 in the window centre and ``1 / S`` at its border
-(never zero), divided by the summed weights. Windows go through the model
-``batch_size`` at a time, so memory grows with the batch, not with the image.
+separable tent-shaped weight that is 1 in the window centre and falls linearly to a
+small positive value (never zero) at its border, divided by the summed weights. Windows
+go through the model ``batch_size`` at a time, so memory grows with the batch, not with
+the image.
 
 ``tiling`` chooses when: ``"auto"`` tiles images whose longer side exceeds
 :data:`AUTO_RATIO` times ``S``; ``"on"`` tiles every image larger than ``S`` (a smaller
@@ -71,9 +72,11 @@ def window_grid(size: Sequence[int], window: int,
 
 
 def blend_weights(window: int) -> np.ndarray:
-    """``(window, window)`` float32 tent: 1 at the centre, ``1 / window`` at the border."""
-    idx = np.arange(window, dtype=np.float64) + 0.5
-    ramp = np.minimum(idx, window - idx) / (window / 2.0)  # (window,), in (0, 1]
+    """``(window, window)`` float32 separable tent: 1 at the centre, falling linearly to
+    ``1 / window`` or so at the border (never zero)."""
+    idx = np.arange(window, dtype=np.float64) + 0.5  # pixel centres
+    ramp = np.minimum(idx, window - idx)  # (window,), distance to the nearer edge
+    ramp /= ramp.max()  # in (0, 1], 1 in the centre
     return np.outer(ramp, ramp).astype(np.float32)
 
 
