@@ -103,13 +103,17 @@ def _load(run: str):
 
 
 def _cmd_predict(args) -> None:
+    from .tiling import check_tiling
+
+    check_tiling(args.tile)  # before loading anything
     seg = _load(args.run)
     if args.proba:
-        written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite)
+        written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,
+                                       args.tile)
         print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
         return
     written = seg.predict(args.data, model=args.model, save_to=args.out,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, tiling=args.tile)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -256,7 +260,8 @@ def _print_per_class(key: str, values: list, class_names: Sequence[str]) -> None
         print(f"  {i:>3} {name:<{width}}  {text}")
 
 
-def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool) -> int:
+def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool,
+                         tiling: str = "auto") -> int:
     """Write ``<stem>.npy`` float32 probability maps; returns how many.
 
     As for masks, every destination is checked first: an input file is never replaced, an
@@ -298,7 +303,8 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
     chunk = 16  # images per call: a few maps in memory at a time
     for start in range(0, len(frame), chunk):
         part = frame.iloc[start:start + chunk]
-        for dest, prob in zip(dests[start:start + chunk], seg.predict_proba(part, model=model)):
+        for dest, prob in zip(dests[start:start + chunk], seg.predict_proba(part, model=model,
+                                                                         tiling=tiling)):
             with atomic_write(dest) as fh:
                 np.save(fh, prob.astype(np.float32))
     return len(frame)
@@ -414,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(H, W) foreground probability (binary) or (K, H, W) (multi-class)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing mask files in --out (input files never are)")
+    p.add_argument("--tile", default="auto", metavar="{auto,on,off}",
+                   help="sliding windows at the original resolution: auto (images whose "
+                        "longer side exceeds 1.25 x the model input), on (every image "
+                        "larger than the input) or off (resize to the input); default auto")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score a saved predictor on labelled data")

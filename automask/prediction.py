@@ -64,9 +64,56 @@ def inference_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def iter_proba(model: torch.nn.Module, cfg: Config, task: str,
-               spec) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (row position, (C, H, W) float32 probabilities) per image of ``spec``, streaming."""
+def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
+               tiling: str = "auto") -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row position, (C, H, W) float32 probabilities) per image of ``spec``, in row
+    order, streaming.
+
+    ``tiling`` ("auto", "on" or "off") chooses which images are predicted with
+    overlapping windows at their original resolution instead of being resized to the
+    model input (see :mod:`automask.tiling`). A bad ``tiling`` raises ConfigError here,
+    before any work is done.
+    """
+    from .tiling import check_tiling
+
+    if check_tiling(tiling) == "off":
+        return _plain_proba(model, cfg, task, spec)
+    return _mixed_proba(model, cfg, task, spec, tiling)
+
+
+def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
+                 tiling: str) -> Iterator[tuple[int, np.ndarray]]:
+    """Tiled images predicted one by one, the others batched as in the plain path."""
+    from .data import SegmentationDataset
+    from .tiling import use_tiles
+
+    size = cfg.model.input_size
+    sizes = SegmentationDataset(spec, size, with_labels=False)
+    tiled = {pos for pos in range(len(spec.frame))
+             if use_tiles(sizes.original_size(pos), size, tiling)}
+    if not tiled:
+        yield from _plain_proba(model, cfg, task, spec)
+        return
+    plain = [pos for pos in range(len(spec.frame)) if pos not in tiled]
+    plain_iter = _plain_proba(model, cfg, task, spec.subset(plain)) if plain else iter(())
+    for pos in range(len(spec.frame)):
+        if pos in tiled:
+            yield pos, _tiled_one(model, cfg, task, sizes.images[pos])
+        else:
+            sub, prob = next(plain_iter)
+            assert plain[sub] == pos, (plain[sub], pos)
+            yield pos, prob
+
+
+def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, 3, S, S) normalised images -> (B, C, R, R) sigmoid or softmax probabilities."""
+    logits = model(batch).float()
+    return torch.sigmoid(logits) if task == "binary" else logits.softmax(1)
+
+
+def _plain_proba(model: torch.nn.Module, cfg: Config, task: str,
+                 spec) -> Iterator[tuple[int, np.ndarray]]:
+    """Each image resized (longer side to the input size) and padded: one forward each."""
     from .data import make_predict_loader, restore_batch
 
     device = inference_device(cfg)
@@ -76,11 +123,24 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str,
                                  num_workers=cfg.data.num_workers)
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         for batch in loader:
-            logits = model(batch["image"].to(device, non_blocking=True)).float()
-            probs = torch.sigmoid(logits) if task == "binary" else logits.softmax(1)
+            probs = _probabilities(model, batch["image"].to(device, non_blocking=True), task)
             restored = restore_batch(probs, batch["original_size"], batch["resized_size"])
             for idx, prob in zip(batch["index"].tolist(), restored):
                 yield idx, prob.float().cpu().numpy()
+
+
+def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str) -> np.ndarray:
+    """(C, H, W) probabilities of one image from overlapping windows at full resolution."""
+    from .data import read_image
+    from .tiling import tiled_proba
+
+    device = inference_device(cfg)
+    model.to(device)
+    image = read_image(path)  # (H, W, 3) uint8
+    with torch.inference_mode(), autocast_context(device, cfg.env.precision):
+        prob = tiled_proba(lambda x: _probabilities(model, x, task), image,
+                           cfg.model.input_size, cfg.env.eval_batch_size, device)
+    return prob.numpy()
 
 
 def images_spec(frame: pd.DataFrame, image_col: str, root: Path | None):

@@ -193,6 +193,7 @@ class SemanticSegmentor(BaseEstimator):
         save_to: str | os.PathLike | None = None,
         *,
         overwrite: bool = False,
+        tiling: str = "auto",
     ) -> list[np.ndarray] | pd.DataFrame:
         """Predict a mask per image, at each image's original size.
 
@@ -210,6 +211,11 @@ class SemanticSegmentor(BaseEstimator):
             never overwritten, and an existing file only with ``overwrite=True``.
         overwrite : bool, default False
             Replace mask files that already exist in ``save_to``.
+        tiling : {"auto", "on", "off"}, default "auto"
+            Sliding-window prediction at the original resolution for large images:
+            "auto" when the longer side exceeds 1.25 x the model input, "on" for every
+            image larger than the input, "off" to resize every image to the input (see
+            :mod:`automask.tiling`).
 
         Returns
         -------
@@ -223,12 +229,12 @@ class SemanticSegmentor(BaseEstimator):
         net, cfg = self._model(model), self._config(model)
         if save_to is None:
             return [prediction.to_mask(p, self.task_, self.num_classes_)
-                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
+                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling)]
         out = Path(save_to)
         dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
                                              overwrite=overwrite)
-        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec), dests, out,
-                               self.task_, self.num_classes_)
+        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec, tiling),
+                               dests, out, self.task_, self.num_classes_)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
 
@@ -236,8 +242,12 @@ class SemanticSegmentor(BaseEstimator):
         self,
         data: pd.DataFrame | str | os.PathLike | Sequence[str | os.PathLike],
         model: str | None = None,
+        *,
+        tiling: str = "auto",
     ) -> list[np.ndarray]:
         """Class probabilities at each image's original size.
+
+        ``tiling`` is as in :meth:`predict`.
 
         Returns
         -------
@@ -250,13 +260,15 @@ class SemanticSegmentor(BaseEstimator):
         spec = prediction.images_spec(frame, self.image, root)
         net, cfg = self._model(model), self._config(model)
         return [p[0] if self.task_ == "binary" else p
-                for _, p in prediction.iter_proba(net, cfg, self.task_, spec)]
+                for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling)]
 
     def evaluate(
         self,
         data: pd.DataFrame | str | os.PathLike,
         metrics: Sequence[str] | None = None,
         model: str | None = None,
+        *,
+        tiling: str = "auto",
     ) -> dict[str, float | list[float]]:
         """Score predictions against the masks, at each image's original resolution.
 
@@ -270,6 +282,8 @@ class SemanticSegmentor(BaseEstimator):
             iou_per_class).
         model : str, optional
             Candidate name; the best by default.
+        tiling : {"auto", "on", "off"}, default "auto"
+            As in :meth:`predict`.
 
         Returns
         -------
@@ -283,7 +297,8 @@ class SemanticSegmentor(BaseEstimator):
         spec = prediction.labelled_spec(data, self.image, self.label, self.task_,
                                         self.num_classes_, self.classes_, self.void_label_,
                                         self.color_map_)
-        probs = prediction.iter_proba(self._model(model), self._config(model), self.task_, spec)
+        probs = prediction.iter_proba(self._model(model), self._config(model), self.task_, spec,
+                                      tiling)
         return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
 
     def leaderboard(
