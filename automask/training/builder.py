@@ -38,8 +38,9 @@ def build_candidate_model(cfg: Config, num_outputs: int, checkpoint: Any = FROM_
     Returns
     -------
     (model, base_params)
-        The model, and the parameter count of the SAM model before adapters (the
-        denominator of the paper's ratio).
+        The model, and the parameter count of the SAM model before adapters (kept in
+        the candidate's record; the paper's ratio divides by all parameters of the
+        adapted model, see :mod:`automask.leaderboard`).
     """
     from ..models import build_segmenter, count_parameters
     from ..peft import apply_peft, get_method
