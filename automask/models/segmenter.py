@@ -115,12 +115,7 @@ class SamSegmenter(nn.Module):
             self.set_mask_classification(num_classes, num_queries)
             return
         decoder = self.mask_decoder
-        token0 = decoder.mask_tokens.weight.detach()[0]
-        tokens = nn.Embedding(num_classes, token0.shape[0], device=token0.device,
-                              dtype=token0.dtype)
-        with torch.no_grad():
-            tokens.weight.copy_(token0.expand(num_classes, -1))
-        decoder.mask_tokens = tokens
+        self._copy_mask_token0(num_classes)
         mlp0 = decoder.output_hypernetworks_mlps[0]
         decoder.output_hypernetworks_mlps = nn.ModuleList(
             copy.deepcopy(mlp0) for _ in range(num_classes)
@@ -138,18 +133,26 @@ class SamSegmenter(nn.Module):
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
             raise ConfigError(f"num_queries must be an integer >= 1, got {num_queries!r}")
         decoder = self.mask_decoder
-        token0 = decoder.mask_tokens.weight.detach()[0]
-        tokens = nn.Embedding(num_queries, token0.shape[0], device=token0.device,
-                              dtype=token0.dtype)
-        with torch.no_grad():
-            tokens.weight.copy_(token0.expand(num_queries, -1))
-        decoder.mask_tokens = tokens
+        token0 = self._copy_mask_token0(num_queries)
         decoder.output_hypernetworks_mlps = nn.ModuleList([decoder.output_hypernetworks_mlps[0]])
         decoder.class_head = make_class_head(token0.shape[0], num_classes,
                                              device=token0.device, dtype=token0.dtype)
         decoder.num_mask_tokens = num_queries
         self.num_classes = num_classes
         self.multiclass_head = "mask_classification"
+
+    def _copy_mask_token0(self, count: int) -> torch.Tensor:
+        """Replace the decoder's mask tokens by ``count`` copies of pretrained token 0.
+
+        Returns token 0 (D,), whose device and dtype the new head parts take.
+        """
+        decoder = self.mask_decoder
+        token0 = decoder.mask_tokens.weight.detach()[0]
+        tokens = nn.Embedding(count, token0.shape[0], device=token0.device, dtype=token0.dtype)
+        with torch.no_grad():
+            tokens.weight.copy_(token0.expand(count, -1))
+        decoder.mask_tokens = tokens
+        return token0
 
     @property
     def num_outputs_used(self) -> int:
