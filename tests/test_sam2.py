@@ -376,3 +376,18 @@ def test_fit_predict_save_load(tmp_path):
     assert isinstance(model, Sam2Segmenter) and model.peft_method == "lora"
     for a, b in zip(masks, loaded.predict(test)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_paper_head_on_sam2_multiclass_fails_before_any_folder(tmp_path):
+    """The paper presets use the mask-classification head, which SAM 2.1 lacks."""
+    from automask import SemanticSegmentor
+    from automask.datasets import make_synthetic
+    from automask.errors import ConfigError
+
+    frame = make_synthetic(6, size=64, num_classes=3, seed=0, root=tmp_path / "data")
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"multiclass_head.*sam2_tiny.*'tokens'"):
+        SemanticSegmentor(path=run, verbosity=0).fit(
+            frame, presets="tiny", hyperparameters={
+                "model.backbone": "sam2_tiny", "model.multiclass_head": "mask_classification"})
+    assert not run.exists()

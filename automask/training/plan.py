@@ -61,6 +61,15 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
         raise ConfigError("'optim.select_metric' cannot vary across candidates")
     metric = choose_eval_metric(params["eval_metric"], spec.task, spec.num_classes,
                                 selects.pop())
+    from ..models.sam2 import is_sam2_backbone  # no sam2 import: a name lookup
+
+    for name, cfg in candidates:  # a head SAM 2.1 lacks fails now, not when the model is built
+        if spec.task == "multiclass" and cfg.model.multiclass_head != "tokens" \
+                and is_sam2_backbone(cfg.model.backbone):
+            raise ConfigError(
+                f"candidate {name!r}: 'model.multiclass_head'={cfg.model.multiclass_head!r} is "
+                f"not available on the SAM 2.1 backbone {cfg.model.backbone!r}; set "
+                "'model.multiclass_head': 'tokens'")
     for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
         try:
             build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
