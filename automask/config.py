@@ -589,9 +589,10 @@ def _own_backbone(preset: Mapping[str, Any], chosen: Mapping[str, Any]) -> bool:
 
 
 def _check_for_fit(config: Config) -> None:
-    from .hardware import check_hardware
+    from .hardware import check_hardware, distributed_strategy
 
     check_hardware(config.env.accelerator, config.env.devices)
+    distributed_strategy(config)  # several processes: DDP from a script, or ConfigError
     if config.model.checkpoint == "random" and config.model.backbone not in ("tiny", "sam2_tiny"):
         log.warning(
             "model.checkpoint='random': %s is randomly initialised, without SAM's pretrained "

@@ -88,6 +88,54 @@ def _device_count(devices: str, accelerator: str) -> int:
     return 1
 
 
+def fit_world_size(cfg: Config) -> int:
+    """Processes of a fit with ``cfg``: devices per machine times ``env.num_nodes``."""
+    cpu = cfg.env.accelerator == "cpu" or not cuda_usable(cfg.env.accelerator)
+    devices = 1 if cpu and cfg.env.devices == "auto" else _device_count(
+        cfg.env.devices, cfg.env.accelerator)
+    return devices * cfg.env.num_nodes
+
+
+DDP_STRATEGIES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+
+
+def distributed_strategy(cfg: Config) -> str:
+    """The Lightning strategy of a fit with ``cfg``; ConfigError for one automask cannot run.
+
+    One process: ``env.strategy`` as given. Several (``env.devices`` x ``env.num_nodes``):
+    DDP with processes started from the script itself, by ``torchrun`` or by SLURM
+    (``auto`` and ``ddp`` become ``ddp``, or ``ddp_find_unused_parameters_true`` for a
+    method that declares :attr:`~automask.peft.base.PeftMethod.unused_parameters`).
+    Strategies that train in worker processes the calling process cannot see into
+    (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) and sharded ones (FSDP, DeepSpeed) are
+    refused, as is a multi-process fit from an interactive session (a notebook).
+    """
+    from .peft import get_method
+
+    strategy = cfg.env.strategy
+    if fit_world_size(cfg) <= 1:
+        return strategy
+    if strategy in ("auto", "ddp"):
+        unused = get_method(cfg.peft.method).unused_parameters
+        strategy = "ddp_find_unused_parameters_true" if unused else "ddp"
+    if strategy not in DDP_STRATEGIES:
+        raise ConfigError(
+            f"invalid value {cfg.env.strategy!r} for 'env.strategy' with "
+            f"{fit_world_size(cfg)} processes: automask trains several devices with DDP "
+            f"('auto' or one of {', '.join(DDP_STRATEGIES)}), started from a script, "
+            "torchrun or SLURM"
+        )
+    import sys
+
+    if hasattr(sys, "ps1") or "ipykernel" in sys.modules:
+        raise ConfigError(
+            f"a fit on {fit_world_size(cfg)} processes cannot start from an interactive "
+            "session (DDP re-runs the script in each process): run it as a script "
+            "(python train.py, torchrun, automask fit), or set 'env.devices' to 1"
+        )
+    return strategy
+
+
 def resolve_env(cfg: Config) -> tuple[Config, dict]:
     """Fill ``auto`` values of ``cfg`` and compute the Trainer's hardware arguments.
 
@@ -110,13 +158,10 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
         precision = auto_precision(accelerator)
     if precision == "32":
         precision = "32-true"
-    world = _device_count(cfg.env.devices, accelerator) * cfg.env.num_nodes
+    world = fit_world_size(cfg)
     per_step = cfg.optim.batch_size * world
     accumulate = max(1, math.ceil(cfg.optim.effective_batch_size / per_step))
-    strategy = cfg.env.strategy
-    if cfg.peft.method in ("full", "scratch") and world > 1 and strategy in ("auto", "ddp"):
-        # SAM's IoU head and unused multi-mask heads take no part in a prompt-free forward.
-        strategy = "ddp_find_unused_parameters_true"
+    strategy = distributed_strategy(cfg)
     devices = cfg.env.devices
     devices_arg: int | str = int(devices) if devices.lstrip("-").isdigit() else devices
     if accelerator == "cpu" or (accelerator == "auto" and not gpu):

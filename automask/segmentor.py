@@ -19,7 +19,7 @@ import torch
 from sklearn.base import BaseEstimator
 
 from . import prediction, saving
-from .errors import ConfigError, NotFittedError
+from .errors import AutomaskError, ConfigError, NotFittedError
 from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
 
@@ -145,6 +145,7 @@ class SemanticSegmentor(BaseEstimator):
         KeyboardInterrupt
             On Ctrl-C; the completed epochs are kept for ``resume=True``.
         """
+        from .training import distributed
         from .training.lifecycle import FitRun, configure_logging
         from .training.plan import plan_fit, select_best
 
@@ -158,9 +159,12 @@ class SemanticSegmentor(BaseEstimator):
         plan = plan_fit(self.get_params(), train_data, tuning_data, presets, hyperparameters,
                         time_limit, num_classes, class_names, color_map)
         spec = plan.spec
-        run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume)
+        writer = distributed.is_writer(plan.world_size)  # rank 0 of a distributed fit
+        run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume, writer=writer)
         with run:
-            if resume:
+            if not writer:
+                pass  # the writer checks and records the plan
+            elif resume:
                 run.state.check_plan(plan.record)
             else:
                 run.state.start(plan.record, plan.frames)
@@ -178,8 +182,11 @@ class SemanticSegmentor(BaseEstimator):
             self.best_model_ = select_best(self.models_, self.eval_metric_)
             self.config_ = self.models_[self.best_model_].config
             self.fit_time_ = time.monotonic() - started
-            self._weights_dir = saving.save_predictor(self, self.path_)
-        if self.verbosity >= 1:
+            if writer:
+                self._weights_dir = saving.save_predictor(self, self.path_)
+        if plan.world_size > 1:
+            self._follow_writer(writer)
+        if self.verbosity >= 1 and writer:
             from .training.progress import format_summary
 
             print(format_summary(self.fit_summary()), flush=True)
@@ -365,6 +372,31 @@ class SemanticSegmentor(BaseEstimator):
             delattr(self, attr)
         self._loaded = {}
         self._weights_files = {}
+
+    def _follow_writer(self, writer: bool) -> None:
+        """After a distributed fit: every process holds the predictor rank 0 wrote.
+
+        Rank 0 sends its run directory once it has saved (so no process returns from
+        ``fit`` before the predictor is complete); the others load it from there, or keep
+        their own in-memory result where that folder is not visible (machines without a
+        shared filesystem).
+        """
+        from .training import distributed
+
+        path = Path(distributed.broadcast(str(self.path_)))
+        if writer:
+            return
+        try:
+            fitted = saving.load_predictor(type(self), path)
+        except (OSError, AutomaskError) as exc:
+            log.warning("the predictor written by rank 0 in %s is not readable here (%s); "
+                        "this process keeps its own copy of the fitted models in memory",
+                        path, exc)
+            self.path_ = path
+            return
+        for attr, value in vars(fitted).items():
+            if attr not in self.get_params():
+                setattr(self, attr, value)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "best_model_"):

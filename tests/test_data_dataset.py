@@ -129,7 +129,9 @@ def test_datamodule_split_and_loaders(binary_spec):
     assert len(val_idx) == 3 and len(train_idx) == 9 and not train_idx & val_idx
     loader = dm.train_dataloader()
     batches = list(loader)
-    assert len(batches) == 2 and loader.drop_last  # 9 rows, batch 4: last partial dropped
+    assert [len(b["index"]) for b in batches] == [4, 4, 1] and not loader.drop_last
+    seen = sorted(i for b in batches for i in b["index"].tolist())
+    assert seen == list(range(9))  # 9 rows, batch 4: every sample once, the last batch smaller
     assert batches[0]["image"].shape == (4, 3, 32, 32) and batches[0]["target"].shape == (4, 32, 32)
     val = list(dm.val_dataloader())
     assert sum(len(b["index"]) for b in val) == 3

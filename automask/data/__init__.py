@@ -8,6 +8,7 @@ from .cache import SampleCache
 from .datamodule import (
     EpochSampler,
     SegmentationDataModule,
+    ShardSampler,
     default_num_workers,
     make_predict_loader,
     split_spec,
@@ -37,6 +38,7 @@ __all__ = [
     "SampleCache",
     "SegmentationDataModule",
     "SegmentationDataset",
+    "ShardSampler",
     "default_num_workers",
     "geometry_for",
     "image_size",

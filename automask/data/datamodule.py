@@ -51,6 +51,12 @@ class EpochSampler(Sampler):
     Lightning calls :meth:`set_epoch` before every epoch; used on its own the sampler
     moves to the next epoch after each full pass.
 
+    In a distributed fit every process draws the same permutation (same seed and epoch)
+    and keeps every ``world``-th position from its ``rank``: the processes see disjoint
+    shares of one epoch. So that every process runs the same number of steps (DDP needs
+    it), the permutation is padded with its own first positions up to a multiple of
+    ``world``: at most ``world - 1`` samples are seen twice per epoch, none is dropped.
+
     Parameters
     ----------
     n : int
@@ -58,12 +64,17 @@ class EpochSampler(Sampler):
     shuffle : bool
         Shuffle with a generator seeded by ``(seed, epoch)``.
     seed : int
+    rank, world : int
+        This process's share of ``world`` shares (0 and 1: all samples).
     """
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        assert 0 <= rank < world, (rank, world)
         self.n = int(n)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
+        self.rank, self.world = int(rank), int(world)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,7 +82,7 @@ class EpochSampler(Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world)  # ceil: every share has the same length
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
@@ -80,8 +91,30 @@ class EpochSampler(Sampler):
         else:
             order = np.arange(self.n)
         self.epoch = epoch + 1
+        if self.world > 1:
+            padded = len(self) * self.world
+            order = np.resize(order, padded)[self.rank::self.world]  # resize repeats from the start
         for position in order.tolist():
             yield position, epoch
+
+
+class ShardSampler(Sampler):
+    """Ordered positions ``rank, rank + world, ...`` of ``n`` samples, without padding.
+
+    Used for validation in a distributed fit: each sample is evaluated by exactly one
+    process, so that the metric reduced across processes equals the single-process one
+    (padding would count some samples twice). Shares may differ in length by one.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
+        assert 0 <= rank < world, (rank, world)
+        self.n, self.rank, self.world = int(n), int(rank), int(world)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
 
 
 def split_spec(
@@ -255,16 +288,18 @@ class SegmentationDataModule(L.LightningDataModule):
             self.setup("fit")
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented batches; the last partial batch is dropped only when the
-        training set holds more than one batch."""
+        """Shuffled, augmented batches: every training sample once per epoch (the last
+        batch may be smaller; in a distributed fit see :class:`EpochSampler` for padding)."""
         self._require_setup()
         dataset = SegmentationDataset(
             self.train_spec, self.input_size, augment=self.augment, cache=self.cache, seed=self.seed
         )
-        self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed)
+        rank, world = self._shard()
+        self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed,
+                                           rank=rank, world=world)
         return _loader(
             dataset, self.batch_size, self.num_workers, sampler=self._train_sampler,
-            drop_last=len(dataset) > self.batch_size, persistent=True,
+            persistent=True,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -273,7 +308,28 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = SegmentationDataset(
             self.val_spec, self.input_size, augment=None, cache=self.cache
         )
-        return _loader(dataset, self.batch_size, self.num_workers, persistent=True)
+        rank, world = self._shard()
+        sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
+        return _loader(dataset, self.batch_size, self.num_workers, sampler=sampler,
+                       persistent=True)
+
+    def _shard(self) -> tuple[int, int]:
+        """``(rank, world)`` of this process in a distributed fit; ``(0, 1)`` otherwise.
+
+        The loaders shard the data themselves (the Trainer runs with
+        ``use_distributed_sampler=False``): training with :class:`EpochSampler`,
+        validation with :class:`ShardSampler`.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return 0, 1
+        if len(self.val_spec) < trainer.world_size:
+            raise DataValidationError(
+                f"the validation split holds {len(self.val_spec)} image(s), fewer than the "
+                f"{trainer.world_size} processes of this fit; give each process at least one "
+                "(more tuning data or a larger 'data.holdout_frac')"
+            )
+        return trainer.global_rank, trainer.world_size
 
     def predict_dataloader_for(
         self, spec: DataSpec, batch_size: int | None = None, num_workers: int | None = None

@@ -82,6 +82,11 @@ class PeftMethod:
         (``scratch``).
     source : str
         Where the method and its configuration come from.
+    unused_parameters : bool
+        Some trainable parameters may get no gradient in a step (experts a router did not
+        pick, SAM heads a prompt-free forward skips): distributed training must look for
+        them (DDP's ``find_unused_parameters``), which costs a graph traversal per step,
+        so only such methods pay for it.
     """
 
     name: str
@@ -90,6 +95,7 @@ class PeftMethod:
     apply: Callable[[nn.Module, Any], None]
     random_init: bool = False
     source: str = ""
+    unused_parameters: bool = False
 
 
 

@@ -270,6 +270,6 @@ def apply(model: nn.Module, options: ConvLoRAOptions) -> None:
     )
 
 
-METHOD = PeftMethod("conv_lora", "Conv-LoRA", ConvLoRAOptions, apply,
+METHOD = PeftMethod("conv_lora", "Conv-LoRA", ConvLoRAOptions, apply, unused_parameters=True,
                     source="Zhong et al. 2024 (ICLR), 'Convolution Meets LoRA': r=3, M=8 "
                            "experts at scales 1..8, top-1 noisy gating")

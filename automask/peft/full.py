@@ -24,5 +24,5 @@ def apply(model: nn.Module, options: FullOptions) -> None:
     model.requires_grad_(True)
 
 
-METHOD = PeftMethod("full", "Full fine-tuning", FullOptions, apply,
+METHOD = PeftMethod("full", "Full fine-tuning", FullOptions, apply, unused_parameters=True,
                     source="every weight of the pretrained SAM trains")

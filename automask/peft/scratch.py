@@ -24,5 +24,6 @@ def apply(model: nn.Module, options: ScratchOptions) -> None:
 
 
 METHOD = PeftMethod("scratch", "SAM (from scratch)", ScratchOptions, apply, random_init=True,
+                    unused_parameters=True,
                     source="Zhong et al. 2024, Table 1: SAM's architecture trained from random "
                            "initialisation")

@@ -43,6 +43,8 @@ class BestTrainableWeights(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
+        if getattr(pl_module, "stopped", None) is not None:
+            return  # a non-finite loss or output stopped training: this score does not count
         score = float(trainer.callback_metrics[self.monitor])
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
                              self.monitor: score})
@@ -97,14 +99,20 @@ class EpochCheckpoint(L.Callback):
     The checkpoint is Lightning's (loops, optimiser, schedule, callbacks' states), with
     the model's frozen weights left out by :meth:`SegmentationModule.on_save_checkpoint`.
     It is written beside ``path`` and renamed onto it, so an interrupted write never
-    replaces the previous epoch's checkpoint.
+    replaces the previous epoch's checkpoint. In a distributed fit only the global rank
+    0 writes it.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if getattr(pl_module, "stopped", None) is not None:
+            return  # the last epoch's checkpoint stays: this one diverged
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Collective in a distributed fit (every process enters it); only rank 0 writes.
         trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)

@@ -35,14 +35,20 @@ class FitRun(contextlib.AbstractContextManager):
         stays complete and loadable until the new one replaces it.
     resume : bool
         Continue the interrupted fit in ``path``.
+    writer : bool, default True
+        False in the processes of a distributed fit other than the global rank 0 (see
+        :mod:`automask.training.distributed`): they write nothing into ``path``, check
+        nothing there (the writer does), and read the interrupted fit's state only to
+        resume.
     """
 
-    def __init__(self, path: Path, *, overwrite: bool, resume: bool):
+    def __init__(self, path: Path, *, overwrite: bool, resume: bool, writer: bool = True):
+        self.writer = writer
         if overwrite and resume:
             raise ConfigError("pass either overwrite=True or resume=True, not both")
-        if path.exists() and not path.is_dir():
+        if writer and path.exists() and not path.is_dir():
             raise ConfigError(f"run path {str(path)!r} exists and is not a folder")
-        if resume and not FitState(path).exists():
+        if writer and resume and not FitState(path).exists():
             what = ("holds a completed predictor" if has_predictor(path)
                     else "holds no interrupted fit")
             raise ConfigError(f"nothing to resume: {str(path)!r} {what}")
@@ -55,6 +61,8 @@ class FitRun(contextlib.AbstractContextManager):
         self._lock = None
 
     def __enter__(self) -> "FitRun":
+        if not self.writer:
+            return self
         for p in [self.path, *self.path.parents]:
             if p.exists():
                 break
@@ -103,9 +111,13 @@ class FitRun(contextlib.AbstractContextManager):
         """
         from .recipe import train_candidate
 
+        from . import distributed
+
         records, loaded, dropped = {}, {}, []
         for i, (name, cfg) in enumerate(plan.candidates):
-            done = self.state.finished(name)
+            # Outside a resumed fit, another process's state is never read: in a new fit
+            # the writer may not have cleared an earlier fit's files yet.
+            done = self.state.finished(name) if self.writer or self.resume else None
             if done is not None:  # finished before an interruption
                 if isinstance(done, str):
                     dropped.append(done)
@@ -115,6 +127,7 @@ class FitRun(contextlib.AbstractContextManager):
             budget = None
             if deadline is not None:
                 budget = (deadline - time.monotonic()) / (len(plan.candidates) - i)
+                budget = distributed.broadcast(budget)  # every process follows rank 0's clock
                 if budget <= 0:
                     warnings.warn(f"time_limit reached: candidate {name!r} was not trained",
                                   stacklevel=3)
@@ -124,9 +137,11 @@ class FitRun(contextlib.AbstractContextManager):
             outcome = train_candidate(
                 name, cfg, plan.spec, plan.tuning_spec, run_dir=self.path, state=self.state,
                 seed=run_seed, split_seed=seed, eval_metric=plan.metric, image_col=image_col,
-                budget=budget, verbosity=verbosity,
+                budget=budget, verbosity=verbosity, writer=self.writer,
+                resuming=self.resume,
             )
-            self.state.finish(name, outcome.record, outcome.dropped)
+            if self.writer:
+                self.state.finish(name, outcome.record, outcome.dropped)
             if outcome.record is None:
                 dropped.append(outcome.dropped)
                 continue
@@ -140,6 +155,8 @@ class FitRun(contextlib.AbstractContextManager):
         return records, loaded
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.writer:
+            return
         keep = exc_type is not None and self.state.has_progress()
         try:
             if exc_type is None:

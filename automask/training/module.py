@@ -9,11 +9,17 @@ from ..errors import ConfigError
 from ..losses import build_loss
 from ..metrics import build_metrics
 from ..peft import aux_loss
+from . import distributed
 from .optim import build_optimizer, lr_lambda
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the validation output) became NaN or infinite; stops the candidate."""
+    """The loss (or the validation output) became NaN or infinite; stops the candidate.
+
+    :class:`SegmentationModule` does not raise it (an exception in one process of a
+    distributed fit would leave the others waiting): it keeps its message in
+    :attr:`SegmentationModule.stopped` and asks the Trainer to stop.
+    """
 
     def __init__(self, epoch: int, step: int, where: str, value: float):
         self.epoch, self.step, self.where, self.value = epoch, step, where, value
@@ -49,6 +55,13 @@ class SegmentationModule(L.LightningModule):
         model's resolution.
     ignore_index : int
         Target value excluded from the loss and the metric (padding, void).
+
+    Attributes
+    ----------
+    stopped : str or None
+        Why training stopped early: the loss or the validation output became NaN or
+        infinite (in any process of a distributed fit). The step that saw it is skipped,
+        the Trainer stops, and no later validation counts.
     """
 
     def __init__(
@@ -84,6 +97,8 @@ class SegmentationModule(L.LightningModule):
         self.val_metric = build_metrics(task, [val_metric], **conventions)[val_metric]
         # A resume checkpoint holds the trainable weights only (see on_save_checkpoint).
         self.strict_loading = False
+        self.stopped: str | None = None
+        self._val_nonfinite = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)  # (B, C, S, S) logits
@@ -97,20 +112,51 @@ class SegmentationModule(L.LightningModule):
             task_loss = self.loss_fn(logits, batch["target"])
         extra = aux_loss(self.model)
         loss = task_loss + extra
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(self.current_epoch, self.global_step, "training loss",
-                                     float(loss.detach()))
+        finite = bool(torch.isfinite(loss.detach()))
+        if distributed.any_process(not finite, loss.device):  # every process agrees
+            value = float("nan") if finite else float(loss.detach())
+            self._stop(NonFiniteLossError(self.current_epoch, self.global_step,
+                                          "training loss", value))
+            return None  # no backward, no optimiser step: in every process alike
         bs = batch["image"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=bs)
         if extra.requires_grad:
             self.log("train_aux_loss", extra, batch_size=bs)
         return loss
 
+    def _stop(self, error: NonFiniteLossError) -> None:
+        if self.stopped is None:
+            self.stopped = str(error)
+        self.trainer.should_stop = True
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nonfinite = False
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.stopped is not None:  # the same in every process: nothing is logged
+            return
         logits = self.model(batch["image"]).float()
         if not torch.isfinite(logits).all():
-            raise NonFiniteLossError(self.current_epoch, self.global_step,
-                                     "validation output", float("nan"))
+            self._val_nonfinite = True  # decided across processes at the epoch's end
+        else:
+            self._update_metric(logits, batch)
+        # Logged in every step of every process, so that the metric's reduction at the
+        # epoch's end is reached by all of them.
+        self.log(
+            f"val_{self.val_metric_name}",
+            self.val_metric,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=logits.shape[0],
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if self.stopped is None and distributed.any_process(self._val_nonfinite, self.device):
+            self._stop(NonFiniteLossError(self.current_epoch, self.global_step,
+                                          "validation output", float("nan")))
+
+    def _update_metric(self, logits: torch.Tensor, batch: dict) -> None:
         preds, targets = [], []
         for i in range(logits.shape[0]):
             h, w = (int(v) for v in batch["resized_size"][i])
@@ -122,14 +168,6 @@ class SegmentationModule(L.LightningModule):
                 preds.append(region.argmax(0))
             targets.append(target)
         self.val_metric.update(preds, targets)
-        self.log(
-            f"val_{self.val_metric_name}",
-            self.val_metric,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=logits.shape[0],
-        )
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim.lr, self.optim.weight_decay)

@@ -27,6 +27,7 @@ class FitPlan:
     void_label: int | None
     record: dict[str, Any]  # what a resumed fit must match (see FitState.check_plan)
     frames: dict[str, Any]  # validated data, kept for `automask fit --resume`
+    world_size: int = 1  # processes training each candidate (env.devices x env.num_nodes)
 
 
 def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
@@ -76,6 +77,18 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
         except ValueError as exc:
             raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
 
+    from ..hardware import fit_world_size
+
+    worlds = {fit_world_size(cfg) for _, cfg in candidates}
+    if len(worlds) > 1:  # the same processes train every candidate
+        raise ConfigError("'env.devices' and 'env.num_nodes' cannot vary across candidates "
+                          f"(they ask for {sorted(worlds)} processes)")
+    world = worlds.pop()
+    if tuning_spec is not None and len(tuning_spec) < world:
+        raise DataValidationError(
+            f"the tuning data holds {len(tuning_spec)} image(s), fewer than the {world} "
+            "processes of this fit; each process validates at least one")
+
     def paths(sp):
         return None if sp is None else sp.frame[[image, label]].values.tolist()
 
@@ -92,7 +105,7 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     frames = {"train": spec.frame[[image, label]]}
     if tuning_spec is not None:
         frames["tuning"] = tuning_spec.frame[[image, label]]
-    return FitPlan(candidates, spec, tuning_spec, metric, void_label, record, frames)
+    return FitPlan(candidates, spec, tuning_spec, metric, void_label, record, frames, world)
 
 
 def choose_eval_metric(eval_metric: str | None, task: str, num_classes: int,

@@ -49,6 +49,8 @@ def train_candidate(
     budget: float | None,
     verbosity: int,
     split_seed: int | None = None,
+    writer: bool = True,
+    resuming: bool = False,
 ) -> Outcome:
     """Train candidate ``name``; resume from its epoch checkpoint when there is one.
 
@@ -56,6 +58,10 @@ def train_candidate(
     split uses ``split_seed`` (the predictor's seed, the same for every run; default
     ``seed``). Raises KeyboardInterrupt when interrupted (Lightning exits on Ctrl-C
     otherwise); the epoch checkpoint written so far stays for a later resume.
+
+    ``writer`` is False in the processes of a distributed fit other than rank 0: they
+    train their share of the data and write nothing (no cache files, logs, checkpoints
+    or weights; see :mod:`automask.training.distributed`).
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
@@ -65,14 +71,16 @@ def train_candidate(
     from ..data import AugmentConfig, SegmentationDataModule, split_spec
     from ..models import count_parameters
     from ..prediction import throughput
-    from ..saving import write_weights
+    from ..saving import weights_filename, weights_to_save, write_weights
     from .builder import build_candidate_model
     from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock
-    from .module import NonFiniteLossError, SegmentationModule
+    from .module import SegmentationModule
     from .progress import progress_callbacks, show_bar
 
     started = time.monotonic()
     cfg, env = resolve_env(cfg)
+    if not writer:
+        verbosity = min(verbosity, 0)  # one process reports: the writer
     model, base_params = build_candidate_model(cfg, spec.num_outputs,
                                                progress=verbosity >= 2)
     d = cfg.data
@@ -89,7 +97,7 @@ def train_candidate(
         augment=AugmentConfig(hflip=d.hflip, vflip=d.vflip, scale_range=(d.scale_min, d.scale_max),
                               rotate_degrees=d.rotate_degrees, color_jitter=d.color_jitter),
         num_workers=d.num_workers,
-        cache_dir=run_dir / "cache" / f"{cfg.model.input_size}",
+        cache_dir=run_dir / "cache" / f"{cfg.model.input_size}" if writer else None,
         cache_memory_mb=d.cache_memory_mb,
     )
     module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
@@ -99,7 +107,9 @@ def train_candidate(
     best = BestTrainableWeights(monitor, higher_is_better=higher)
     clock = FitClock()
     ckpt = state.checkpoint_path(name)
-    resume_from = ckpt if ckpt.is_file() else None
+    # Another process reads the writer's checkpoint only in a resumed fit: in a new one it
+    # may be an earlier fit's, not yet removed.
+    resume_from = ckpt if (writer or resuming) and ckpt.is_file() else None
     callbacks: list = [best, clock, EpochCheckpoint(ckpt),
                        *progress_callbacks(name, verbosity, monitor)]
     if cfg.optim.patience:
@@ -126,7 +136,8 @@ def train_candidate(
             num_sanity_val_steps=0,
             callbacks=callbacks,
             logger=CSVLogger(run_dir, name="logs",
-                             version=_log_version(run_dir, name, resume_from)),
+                             version=_log_version(run_dir, name, resume_from)) if writer else False,
+            use_distributed_sampler=False,  # the data module shards (EpochSampler, ShardSampler)
             enable_checkpointing=False,
             enable_progress_bar=show_bar(verbosity),
             enable_model_summary=verbosity >= 3,
@@ -136,21 +147,19 @@ def train_candidate(
     except MisconfigurationException as exc:
         raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
                           f"machine: {exc}") from exc
-    if resume_from is None:  # a fresh candidate: its earlier logs (an overwritten fit) go
+    if writer and resume_from is None:  # a fresh candidate: earlier logs (an overwritten fit) go
         shutil.rmtree(run_dir / "logs" / name, ignore_errors=True)
-    stopped = None
     try:
         with warnings.catch_warnings():
             # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    except NonFiniteLossError as exc:
-        stopped = str(exc)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1)
             _restore_sigint()
             raise KeyboardInterrupt from None
         raise
+    stopped = module.stopped  # a non-finite loss or output, in any process
     if stopped is not None:
         if best.best_state is None:
             reason = f"candidate {name!r} was dropped before any validation: {stopped}"
@@ -161,6 +170,11 @@ def train_candidate(
     best.restore(model)
     model.eval()
     trainable, total = count_parameters(model)
+    if writer:
+        weights = write_weights(model, state.models_dir, name)
+    else:  # the writer's file; this process keeps the model in memory
+        weights = {"weights": weights_filename(name), "weights_scope": weights_to_save(model)[0],
+                   "weights_sha256": ""}
     record = CandidateRecord(
         config=cfg,
         val_score=best.best_score,
@@ -174,10 +188,10 @@ def train_candidate(
         checkpoint=dict(model.checkpoint_info),
         history=best.history,
         stopped=stopped,
-        **write_weights(model, state.models_dir, name),
+        **weights,
     )
     late = budget is not None and time.monotonic() - started > 0.97 * budget
-    if not late:
+    if writer and not late:
         record.predict_images_per_s = throughput(model, cfg, spec.task,
                                                  datamodule.val_spec.frame, image_col)
     return Outcome(model, record)
