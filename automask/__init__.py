@@ -20,13 +20,15 @@ _LAZY = {
     "PRESETS": ".presets",
     "list_presets": ".presets",
     "SemanticSegmentor": ".segmentor",
+    "is_main_process": ".training.distributed",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .presets import PRESETS, list_presets
     from .segmentor import SemanticSegmentor
+    from .training.distributed import is_main_process
 
-__all__ = ["PRESETS", "SemanticSegmentor", "__version__", "list_presets"]
+__all__ = ["PRESETS", "SemanticSegmentor", "__version__", "is_main_process", "list_presets"]
 
 
 def __getattr__(name: str) -> Any:

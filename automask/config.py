@@ -183,7 +183,8 @@ class OptimConfig:
     batch_size: int = 2
     """Images per device per step (micro-batch)."""
     effective_batch_size: int = 4
-    """Images per optimiser step; gradients are accumulated to reach it."""
+    """Images per optimiser step, over all processes of a distributed fit; gradients are
+    accumulated to reach it."""
     lr_schedule: str = "linear"
     """Decay after warmup: ``linear`` (to zero), ``cosine`` (to zero) or ``constant``."""
     warmup_ratio: float = 0.0
@@ -285,7 +286,8 @@ class EnvConfig:
     num_nodes: int = 1
     """Machines for multi-node DDP."""
     strategy: str = "auto"
-    """Lightning strategy, e.g. ``ddp``; ``auto`` picks DDP for several devices."""
+    """Lightning strategy; ``auto`` picks DDP for several devices (finding unused
+    parameters only for methods that need it)."""
     precision: str = "auto"
     """``auto`` (bf16-mixed where supported, else 16-mixed on GPUs, else 32), ``32``,
     ``bf16-mixed`` or ``16-mixed``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -161,6 +162,12 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
     world = fit_world_size(cfg)
     per_step = cfg.optim.batch_size * world
     accumulate = max(1, math.ceil(cfg.optim.effective_batch_size / per_step))
+    if world > 1 and per_step > cfg.optim.effective_batch_size:
+        warnings.warn(
+            f"{world} processes x 'optim.batch_size' {cfg.optim.batch_size} = {per_step} "
+            f"images per step, more than 'optim.effective_batch_size' "
+            f"{cfg.optim.effective_batch_size}: the effective batch grows to {per_step}; "
+            "consider a smaller batch size or a larger learning rate", stacklevel=2)
     strategy = distributed_strategy(cfg)
     devices = cfg.env.devices
     devices_arg: int | str = int(devices) if devices.lstrip("-").isdigit() else devices

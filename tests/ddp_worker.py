@@ -12,7 +12,8 @@ it wrote, into ``<out>/rank<R>.json``:
 - ``writes``: calls of the functions that write the predictor and the weights files.
 
 ``crash_after_epoch``: every process exits (status 3) once that epoch's resume checkpoint
-is written, as a killed job would.
+is written, as a killed job would. ``nan``: ``{"candidate", "rank", "after"}`` makes the
+loss NaN in that one process from its ``after``-th training batch of that candidate on.
 """
 from __future__ import annotations
 
@@ -31,17 +32,29 @@ def main() -> None:
     out = Path(spec["out"])
     import automask
     from automask import saving
-    from automask.training import callbacks, recipe
+    from automask.training import callbacks, module, recipe
     from automask.training.module import SegmentationModule
 
     log: dict = {"seen": [], "steps": [], "digests": {}, "writes": []}
     current = {"name": None}
 
     train_step = SegmentationModule.training_step
+    nan = spec.get("nan") or {}
+    poison = {"on": False, "batches": 0}
 
     def spy_step(self, batch, batch_idx):
         log["seen"].append([current["name"], self.current_epoch, batch["index"].tolist()])
+        poison["on"] = False
+        if current["name"] == nan.get("candidate") and self.global_rank == nan["rank"]:
+            poison["batches"] += 1
+            poison["on"] = poison["batches"] > nan["after"]
         return train_step(self, batch, batch_idx)
+
+    aux_loss = module.aux_loss
+
+    def poisoned_aux_loss(model):
+        value = aux_loss(model)
+        return value + float("nan") if poison["on"] else value
 
     train_candidate = recipe.train_candidate
 
@@ -86,6 +99,7 @@ def main() -> None:
             os._exit(3)
 
     SegmentationModule.training_step = spy_step
+    module.aux_loss = poisoned_aux_loss
     SegmentationModule.on_train_end = spy_train_end
     recipe.train_candidate = spy_candidate
     saving.save_predictor = spy_save
@@ -101,6 +115,8 @@ def main() -> None:
     log["best_model"] = seg.best_model_
     log["path"] = str(seg.path_)
     log["val_scores"] = {k: r.val_score for k, r in seg.models_.items()}
+    log["stopped"] = {k: r.stopped for k, r in seg.models_.items()}
+    log["history"] = {k: [h["epoch"] for h in r.history] for k, r in seg.models_.items()}
     _dump(out, log)
 
 

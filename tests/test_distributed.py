@@ -29,6 +29,7 @@ from automask.training import distributed
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TUNE = 10, 5
+POISONED = "method=bitfit"
 
 # Every process: CPU, gloo, fp32 (so that a single-process validation can be compared
 # exactly), 64 px inputs, batch 1 and an effective batch of 4 (two accumulation steps of
@@ -122,6 +123,7 @@ def test_writer_is_global_rank_zero(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     assert distributed.is_writer(2)  # the process Lightning's launcher starts first
+    assert automask.is_main_process()
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert not distributed.is_writer(2) and distributed.is_writer(1)
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -129,7 +131,7 @@ def test_writer_is_global_rank_zero(monkeypatch):
     assert not distributed.is_writer(4)
     monkeypatch.delenv("NODE_RANK")
     monkeypatch.setenv("RANK", "3")  # torchrun
-    assert not distributed.is_writer(4)
+    assert not distributed.is_writer(4) and not automask.is_main_process()
 
 
 def test_strategy_choice_and_refusals(ddp_data):
@@ -171,7 +173,9 @@ def every_method(ddp_data):
     out = ddp_data / "every"
     out.mkdir()
     spec = {"out": str(out), "run": str(ddp_data / "run"), "train": str(ddp_data / "train.csv"),
-            "tuning": spec_tuning, "hyperparameters": {**DDP_HP, **hp}, "eval_metric": "mae"}
+            "tuning": spec_tuning, "hyperparameters": {**DDP_HP, **hp}, "eval_metric": "mae",
+            # the loss of one candidate turns NaN in process 1 only, in its second epoch
+            "nan": {"candidate": POISONED, "rank": 1, "after": N_TRAIN // 2 + 1}}
     (out / "spec.json").write_text(json.dumps(spec))
     proc = _run_group([sys.executable, str(WORKER), str(out / "spec.json")], cwd=ddp_data)
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -188,9 +192,19 @@ def test_every_method_trains_under_ddp_with_replicas_in_step(every_method):
     assert all(v is not None and math.isfinite(v) for v in r0["val_scores"].values())
 
 
+def test_a_non_finite_loss_in_one_process_stops_both(every_method):
+    _, (r0, r1), _ = every_method
+    for r in (r0, r1):  # both stopped in epoch 1 and kept epoch 0: no process was left waiting
+        assert "training loss became nan at epoch 1" in r["stopped"][POISONED], r["stopped"]
+        assert r["history"][POISONED] == [0]
+        assert {e for c, e, _ in r["seen"] if c == POISONED} == {0, 1}
+    assert r0["digests"][POISONED] == r1["digests"][POISONED]
+    assert all(v is None for k, v in r0["stopped"].items() if k != POISONED)
+
+
 def test_each_sample_once_per_epoch_across_processes(every_method):
     _, (r0, r1), _ = every_method
-    for name in (f"method={m}" for m in PEFT_METHODS):
+    for name in (f"method={m}" for m in PEFT_METHODS if f"method={m}" != POISONED):
         for epoch in (0, 1):
             a = [i for c, e, idx in r0["seen"] if c == name and e == epoch for i in idx]
             b = [i for c, e, idx in r1["seen"] if c == name and e == epoch for i in idx]
@@ -201,6 +215,8 @@ def test_each_sample_once_per_epoch_across_processes(every_method):
 def test_effective_batch_counts_images_on_every_process(every_method):
     _, (r0, r1), _ = every_method
     for step in r0["steps"] + r1["steps"]:
+        if step["candidate"] == POISONED:
+            continue
         images_per_update = step["batch_size"] * step["world"] * step["accumulate"]
         assert images_per_update == DDP_HP["optim.effective_batch_size"], step
         # 5 batches per process and epoch, an update every 2 (and at the epoch's end)
@@ -248,9 +264,9 @@ def test_validation_metric_is_reduced_not_rank_zero_share(every_method):
         recorded = r0["val_scores"][name]
         alone = validate(name, list(range(N_TUNE)))
         assert alone == pytest.approx(recorded, rel=1e-5, abs=1e-7), name
-        # the broken variants this check catches
-        assert abs(validate(name, [0, 2, 4]) - recorded) > 1e-4  # rank 0's share only
-        assert abs(validate(name, [0, 1, 2, 3, 4, 0]) - recorded) > 1e-4  # padded to 6
+    # the broken variants this check would catch
+    assert abs(validate(name, [0, 2, 4]) - recorded) > 1e-4  # rank 0's share only
+    assert abs(validate(name, [0, 1, 2, 3, 4, 0]) - recorded) > 1e-4  # padded to 6
 
 
 # ------------------------------------------------------------- time limit, CLI, resume
@@ -258,7 +274,7 @@ def test_cli_fit_on_two_processes_stops_together_at_the_time_limit(ddp_data):
     run = ddp_data / "cli_run"
     cmd = [sys.executable, "-m", "automask", "fit", "--train", str(ddp_data / "train.csv"),
            "--tuning", str(ddp_data / "tuning.csv"), "--path", str(run), "--presets", "tiny",
-           "--time-limit", "25", "--verbosity", "1",
+           "--time-limit", "20", "--verbosity", "1",
            *[f"--hp={k}={v}" for k, v in {**DDP_HP, "peft.method": "lora",
                                           "optim.max_epochs": 100000}.items()]]
     proc = _run_group(cmd, cwd=ddp_data)  # also fails if a process outlives rank 0

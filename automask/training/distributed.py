@@ -47,6 +47,20 @@ def is_writer(world: int) -> bool:
     return True
 
 
+def is_main_process() -> bool:
+    """True in the process that writes a distributed fit's predictor (global rank 0),
+    and in any process that is not part of a distributed run.
+
+    A script launched on several devices runs in every process, past ``fit`` too; use it
+    to do something once::
+
+        seg.fit(train, hyperparameters={"env.devices": 4})
+        if automask.is_main_process():
+            print(seg.evaluate(test))
+    """
+    return is_writer(world=2)
+
+
 def initialized() -> bool:
     """True once this process belongs to a process group of more than one process."""
     dist = torch.distributed

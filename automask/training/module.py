@@ -60,8 +60,8 @@ class SegmentationModule(L.LightningModule):
     ----------
     stopped : str or None
         Why training stopped early: the loss or the validation output became NaN or
-        infinite (in any process of a distributed fit). The step that saw it is skipped,
-        the Trainer stops, and no later validation counts.
+        infinite (in any process of a distributed fit). The step that saw it updates
+        nothing from that loss, the Trainer stops, and no later validation counts.
     """
 
     def __init__(
@@ -117,7 +117,11 @@ class SegmentationModule(L.LightningModule):
             value = float("nan") if finite else float(loss.detach())
             self._stop(NonFiniteLossError(self.current_epoch, self.global_step,
                                           "training loss", value))
-            return None  # no backward, no optimiser step: in every process alike
+            # A zero loss over every trainable parameter: a backward that DDP can reduce
+            # (skipping the step is not allowed there). The weights restored afterwards
+            # are the best epoch's, so this last update does not matter.
+            return torch.stack([p.reshape(-1)[0] for p in self.parameters()
+                                if p.requires_grad]).sum() * 0.0
         bs = batch["image"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=bs)
         if extra.requires_grad:
