@@ -81,8 +81,13 @@ def test_resolve_env_accounts_for_devices_and_nodes_and_unused_parameters(monkey
     assert env["devices"] == 2
     assert env["strategy"] == "ddp_find_unused_parameters_true"
     [(_, cfg)] = resolve("paper", {"env.devices": "0,1", "env.accelerator": "gpu"})
-    _, env = resolve_env(cfg)
-    assert env["accumulate"] == 2 and env["strategy"] == "auto"
+    _, env = resolve_env(cfg)  # Conv-LoRA: experts the router did not pick get no gradient
+    assert env["accumulate"] == 2 and env["strategy"] == "ddp_find_unused_parameters_true"
+    [(_, cfg)] = resolve("paper", {"env.devices": "0,1", "env.accelerator": "gpu",
+                                   "peft.method": "lora"})
+    assert resolve_env(cfg)[1]["strategy"] == "ddp"
+    [(_, cfg)] = resolve("paper", {"env.devices": "1", "env.accelerator": "gpu"})
+    assert resolve_env(cfg)[1]["strategy"] == "auto"  # one process: Lightning's choice
 
 
 def test_best_weights_callback_restores_the_best_copy():
