@@ -235,31 +235,45 @@ def test_the_switch_is_the_tiling_rule(monkeypatch):
 
 # ------------------------------------------------------------------- validation grid
 def test_validation_grid_scores_every_pixel_at_native_scale(tmp_path):
-    height, width = 3 * S + 10, 2 * S  # 4 x 2 windows, the last row aligned to the border
+    height, width = 2 * S + 10, 2 * S  # 3 x 2 windows, the last row aligned to the border
     spec = _spec(tmp_path / "grid", [_coords_image(height, width), _coords_image(20, 24)],
                  [_line_mask(height, width), _line_mask(20, 24)])
     assert grid_boxes((height, width), S) == [
-        (top, left, S, S) for top in (0, S, 2 * S, height - S) for left in (0, S)]
+        (top, left, S, S) for top in (0, S, height - S) for left in (0, S)]
     assert grid_boxes((20, 24), S) == [(0, 0, 20, 24)]
     ds = SegmentationDataset(spec, S, large_images="auto", crops="grid")
-    assert len(ds) == 8 + 1
+    assert len(ds) == 6 + 1
     seen = np.zeros((height, width), dtype=int)
     mask = _line_mask(height, width) // 255
-    for i in range(8):
+    for i in range(6):
         item = ds[i]
         assert int(item["index"]) == 0 and item["resized_size"].tolist() == [S, S]
         left, top = (int(v) for v in _pixels(item)[0, 0, :2].round())
         np.testing.assert_array_equal(item["target"].numpy(), mask[top:top + S, left:left + S])
         seen[top:top + S, left:left + S] += 1
-    assert (seen >= 1).all() and seen.sum() == 8 * S * S
-    assert int(ds[8]["index"]) == 1  # the small image: resized as before
+    assert (seen >= 1).all() and seen.sum() == 6 * S * S
+    assert int(ds[6]["index"]) == 1  # the small image: resized as before
     # the DataModule validates on the grid and trains on one crop per image
     dm = SegmentationDataModule(spec, input_size=S, batch_size=4, tuning_spec=spec,
                                 num_workers=0, cache_memory_mb=16)
-    assert len(dm.val_dataloader().dataset) == 9 and len(dm.train_dataloader().dataset) == 2
+    assert len(dm.val_dataloader().dataset) == 7 and len(dm.train_dataloader().dataset) == 2
     dm = SegmentationDataModule(spec, input_size=S, batch_size=4, tuning_spec=spec,
                                 num_workers=0, large_images="resize")
     assert len(dm.val_dataloader().dataset) == 2
+
+
+def test_a_large_grid_is_thinned_evenly_to_bound_validation():
+    starts = [0, 256, 512, 768, 1024, 1244]  # a 1500 px side at S = 256: 6 windows
+    boxes = grid_boxes((1500, 1500), 256)
+    assert len(boxes) == 9 and len(grid_boxes((1500, 1500), 256, per_side=None)) == 36
+    tops = sorted({b[0] for b in boxes})
+    assert tops == sorted({b[1] for b in boxes}) == [0, 512, 1244]
+    assert set(tops) <= set(starts) and all(b[2:] == (256, 256) for b in boxes)
+    assert len(grid_boxes((1500, 1500), 1024)) == 4  # within the limit: the whole grid
+    assert len(grid_boxes((3000, 4000), 1024)) == 9  # 3 x 4 grid -> 3 x 3
+    assert len(grid_boxes((500, 3000), 256, per_side=5)) == 2 * 5
+    with pytest.raises(ValueError, match="per_side"):
+        grid_boxes((500, 500), 256, per_side=0)
 
 
 # ------------------------------------------------------------------- sample cache
@@ -333,7 +347,7 @@ def test_tiny_fit_on_large_images_trains_on_crops(tmp_path, monkeypatch, mode):
     seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
         spec.frame, presets="tiny", hyperparameters=hp)
     if mode == "auto":
-        assert seen["random"] >= 3 and seen["grid"] >= 16, seen  # a val image: 4 x 4 windows
+        assert seen["random"] >= 3 and seen["grid"] >= 9, seen  # a val image: 3 x 3 windows
     else:
         assert seen == {"random": 0, "grid": 0}
     prob = seg.predict_proba(spec.frame.iloc[:1])[0]
@@ -349,4 +363,4 @@ def test_a_narrow_image_is_cropped_along_its_long_side_and_padded(tmp_path):
     left = int(_pixels(item)[0, 0, 0].round())
     np.testing.assert_array_equal(item["target"][:20].numpy(),
                                   (_line_mask(20, 5 * S) // 255)[:, left:left + S])
-    assert len(SegmentationDataset(spec, S, large_images="auto", crops="grid")) == 5
+    assert len(SegmentationDataset(spec, S, large_images="auto", crops="grid")) == 3

@@ -20,11 +20,15 @@ native image, which is then resized to at most ``S`` (bilinear for the image, ne
 the mask); ``z = 1`` is a plain slice with no interpolation at all. Flips, rotation and
 colour jitter follow as for any other sample.
 
-Validation scores every pixel of such an image once at native scale: the image is cut
-into the non-overlapping window grid :func:`grid_boxes` (the window grid of tiled
-prediction with overlap 0, last window aligned with the border), and each window is one
-validation sample. It costs ``ceil(H / S) * ceil(W / S)`` forward passes per image,
-fewer than tiled prediction (25 % overlap), and needs no blending across batches.
+Validation looks at such an image at native scale too, through fixed windows: the
+non-overlapping window grid of :func:`grid_boxes` (the window grid of tiled prediction
+with overlap 0, last window aligned with the border), each window one validation sample
+scored on its own. A grid of up to :data:`VAL_WINDOWS_PER_SIDE` windows per side is used
+whole, so every pixel is scored (e.g. a 1500 px tile at ``S = 1024``: 2 x 2 windows); a
+larger grid is thinned to that many rows and columns of windows spread evenly from border
+to border (a 1500 px tile at ``S = 256``: 3 x 3 of its 6 x 6 windows), which bounds
+validation to 9 forward passes per image where tiled prediction needs up to
+``ceil(H / 0.75 S) * ceil(W / 0.75 S)``.
 
 The window position is drawn with NumPy's generator seeded by ``(seed, position,
 epoch)`` like every other augmentation draw, which keeps samples reproducible whichever
@@ -40,6 +44,8 @@ import numpy as np
 from ..config import LARGE_IMAGE_MODES
 from ..errors import ConfigError
 from .transforms import resize_image, resize_nearest
+
+VAL_WINDOWS_PER_SIDE = 3  # validation windows per image side, at most (see grid_boxes)
 
 # data.large_images -> the prediction tiling mode that uses the same rule
 _TILING_RULE = {"auto": "auto", "crop": "on", "resize": "off"}
@@ -147,13 +153,16 @@ def random_crop(
     return image, mask
 
 
-def grid_boxes(size: Sequence[int], input_size: int) -> list[Box]:
+def grid_boxes(size: Sequence[int], input_size: int,
+               per_side: int | None = VAL_WINDOWS_PER_SIDE) -> list[Box]:
     """The validation windows of an ``(H, W)`` image: the non-overlapping grid.
 
     Windows of side ``S`` start at ``0, S, 2S, ...``; the last one of each row and
     column is aligned with the image border (:func:`automask.tiling.window_grid` with
-    overlap 0), so every pixel is covered and only the last strip is seen twice. A side
-    no larger than ``S`` is one window of that side.
+    overlap 0), so the grid covers every pixel and only the last strip is seen twice. A
+    side no larger than ``S`` is one window of that side. When a side has more than
+    ``per_side`` windows, ``per_side`` of them are kept, evenly spread and always
+    including the first and the last.
 
     Parameters
     ----------
@@ -161,15 +170,28 @@ def grid_boxes(size: Sequence[int], input_size: int) -> list[Box]:
         ``(H, W)``.
     input_size : int
         Model input side ``S``.
+    per_side : int or None
+        Most windows kept along each side (at least 1); None keeps the whole grid.
 
     Returns
     -------
     list of tuple
         ``(top, left, height, width)`` per window, row by row.
     """
-    from ..tiling import window_grid
+    from ..tiling import window_starts
 
     height, width = int(size[0]), int(size[1])
     side = int(input_size)
-    return [(top, left, min(side, height), min(side, width))
-            for top, left in window_grid((height, width), side, overlap=0.0)]
+    if per_side is not None and int(per_side) < 1:
+        raise ValueError(f"per_side must be a positive integer or None, got {per_side!r}")
+    rows = _spread(window_starts(height, side, 0.0), per_side)
+    cols = _spread(window_starts(width, side, 0.0), per_side)
+    return [(top, left, min(side, height), min(side, width)) for top in rows for left in cols]
+
+
+def _spread(starts: list[int], keep: int | None) -> list[int]:
+    """``keep`` of ``starts``, evenly spread, first and last included (all if fewer)."""
+    if keep is None or len(starts) <= int(keep):
+        return starts
+    picks = np.unique(np.round(np.linspace(0, len(starts) - 1, int(keep))).astype(int))
+    return [starts[i] for i in picks]
