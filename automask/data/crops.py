@@ -27,13 +27,12 @@ scored on its own. A grid of up to :data:`VAL_WINDOWS_PER_SIDE` windows per side
 whole, so every pixel is scored (e.g. a 1500 px tile at ``S = 1024``: 2 x 2 windows); a
 larger grid is thinned to that many rows and columns of windows spread evenly from border
 to border (a 1500 px tile at ``S = 256``: 3 x 3 of its 6 x 6 windows), which bounds
-validation to 9 forward passes per image where tiled prediction needs up to
-``ceil(H / 0.75 S) * ceil(W / 0.75 S)``.
+validation to 9 forward passes per image (tiled prediction of that tile takes 8 x 8).
 
-The window position is drawn with NumPy's generator seeded by ``(seed, position,
-epoch)`` like every other augmentation draw, which keeps samples reproducible whichever
-worker loads them; torchvision's ``RandomCrop`` draws from torch's global generator, so
-it is not used here (a crop is a slice of the array in any case).
+The window position and zoom are drawn with a NumPy generator seeded by the sample's
+``(seed, position, epoch)``, like every other augmentation draw, which keeps samples
+reproducible whichever worker loads them. torchvision's ``RandomCrop`` draws from torch's
+global generator, so it is not used here (a crop is a slice of the array in any case).
 """
 from __future__ import annotations
 
