@@ -34,6 +34,8 @@ _CHOICES = {
     "env.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
     "env.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
+LARGE_IMAGE_MODES = ("auto", "crop", "resize")  # data.large_images, see automask.data.crops
+_CHOICES["data.large_images"] = LARGE_IMAGE_MODES
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -251,7 +253,12 @@ class DataConfig:
     num_workers: int | None = None
     """DataLoader workers; None chooses for the machine."""
     cache_memory_mb: int = 1024
-    """Decoded, resized samples kept in memory up to this size; the rest go to disk."""
+    """Decoded samples (resized, or at native scale for crops) kept in memory up to this size;
+    the rest go to disk."""
+    large_images: str = "auto"
+    """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
+    exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
+    input, ``resize`` never (shrink the image, as before)."""
 
     def __post_init__(self) -> None:
         _check_finite("data", self)
@@ -273,6 +280,7 @@ class DataConfig:
             _fail("data.num_workers", self.num_workers, "must be >= 0")
         if self.cache_memory_mb < 0:
             _fail("data.cache_memory_mb", self.cache_memory_mb, "must be >= 0")
+        _check_choice("data.large_images", self.large_images)
 
 
 @dataclass

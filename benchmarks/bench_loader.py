@@ -2,11 +2,16 @@
 
 For each input size it runs two epochs over the same rows through the DataModule's
 training loader (shuffled, no augmentation): the first decodes every JPEG/PNG and
-resizes it ("cold"), the second is served by the sample cache ("cached"). One line is
-printed per (input size, workers) setting.
+resizes it ("cold"), the second is served by the sample cache ("cached"); then one pass of
+the validation loader over the same rows ("val", cached; an image trained on as crops is
+its window grid there). One line is printed per (input size, workers) setting.
+``--large-images`` is ``data.large_images``: with ``auto`` (the default) images more than
+1.25 x the input size are native-scale crops, ``resize`` is the resize-only path.
 
     python benchmarks/bench_loader.py                       # kvasir_seg, 64 images
     python benchmarks/bench_loader.py --workers 0 2 --sizes 1024 512
+    python benchmarks/bench_loader.py --data ../shared/data/aerial_roads --sizes 256 \
+        --large-images resize
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
     parser.add_argument("--workers", type=int, nargs="+", default=[0])
+    parser.add_argument("--large-images", default="auto", choices=["auto", "crop", "resize"])
     args = parser.parse_args()
 
     data = Path(args.data)
@@ -58,14 +64,17 @@ def main() -> None:
                 dm = SegmentationDataModule(
                     spec, input_size=size, batch_size=args.batch_size, tuning_spec=spec,
                     num_workers=workers, cache_dir=cache_dir if workers else None,
-                    cache_memory_mb=4096,
+                    cache_memory_mb=4096, large_images=args.large_images,
                 )
                 loader = dm.train_dataloader()
                 n_cold, t_cold = _epoch(loader)
                 n_warm, t_warm = _epoch(loader)
                 del loader
-            print(f"{data.name} n={len(df)} S={size} workers={workers}: "
-                  f"cold {n_cold / t_cold:6.1f} img/s, cached {n_warm / t_warm:6.1f} img/s")
+                n_val, t_val = _epoch(dm.val_dataloader())
+            print(f"{data.name} n={len(df)} S={size} workers={workers} "
+                  f"large_images={args.large_images}: "
+                  f"cold {n_cold / t_cold:6.1f} img/s, cached {n_warm / t_warm:6.1f} img/s, "
+                  f"val {n_val} items {n_val / t_val:6.1f} items/s")
 
 
 if __name__ == "__main__":

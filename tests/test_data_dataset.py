@@ -134,7 +134,9 @@ def test_datamodule_split_and_loaders(binary_spec):
     assert seen == list(range(9))  # 9 rows, batch 4: every sample once, the last batch smaller
     assert batches[0]["image"].shape == (4, 3, 32, 32) and batches[0]["target"].shape == (4, 32, 32)
     val = list(dm.val_dataloader())
-    assert sum(len(b["index"]) for b in val) == 3
+    # 40 x 56 images at input 32 (56 > 1.25 x 32) are validated on their 2 x 2 window grid
+    indices = [i for b in val for i in b["index"].tolist()]
+    assert len(set(indices)) == 3 and len(indices) == 3 * 4
     # the same seed gives the same split and the same first batch
     dm2 = SegmentationDataModule(binary_spec, input_size=32, batch_size=4, holdout_frac=0.25,
                                  seed=0, augment=AugmentConfig(), num_workers=0)

@@ -1,7 +1,8 @@
 """A cache of decoded, resized samples, so that epochs after the first decode nothing.
 
 Decoding a JPEG and resizing it to 1024 pixels costs far more than a small model's step
-on it. :class:`SampleCache` keeps the resized uint8 image and raw mask of each sample in
+on it. :class:`SampleCache` keeps the resized uint8 image and raw mask of each sample (or,
+for an image trained on as native-scale crops, the decoded image at native scale) in
 memory until a byte budget is reached and puts the rest on disk as ``.npy`` files (when
 given a folder). Entries are never evicted: with a cyclic access pattern (one pass per
 epoch) an evicting cache would miss on every access once the data outgrows it.
@@ -76,8 +77,12 @@ class SampleCache:
         assert self.directory is not None
         return self.directory / f"{key}.image.npy", self.directory / f"{key}.mask.npy"
 
-    def get(self, key: str) -> Sample | None:
-        """The cached ``(image, mask)`` for ``key``, or None."""
+    def get(self, key: str, mmap: bool = False) -> Sample | None:
+        """The cached ``(image, mask)`` for ``key``, or None.
+
+        With ``mmap``, an entry on disk comes back as read-only memory maps, so that a
+        caller taking a crop of a large image reads only the rows it needs.
+        """
         hit = self._memory.get(key)
         if hit is not None:
             self.hits_memory += 1
@@ -85,9 +90,10 @@ class SampleCache:
         if self.directory is not None:
             image_path, mask_path = self._paths(key)
             if image_path.exists():
+                mode = "r" if mmap else None
                 try:
-                    image = np.load(image_path)
-                    mask = np.load(mask_path) if mask_path.exists() else None
+                    image = np.load(image_path, mmap_mode=mode)
+                    mask = np.load(mask_path, mmap_mode=mode) if mask_path.exists() else None
                 except (OSError, ValueError):
                     self.misses += 1
                     return None

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..errors import DataValidationError
 from .cache import SampleCache
+from .crops import check_large_images
 from .dataset import SegmentationDataset, collate_samples
 from .transforms import AugmentConfig
 from .validation import DataSpec, warn_training_issues
@@ -230,6 +231,10 @@ class SegmentationDataModule(L.LightningDataModule):
         None keeps the cache in memory only.
     cache_memory_mb : int
         In-memory cache budget in MiB (0 disables the in-memory part).
+    large_images : {"auto", "crop", "resize"}
+        ``data.large_images``: training on random native-scale crops of images much
+        larger than the input, validation on their non-overlapping window grid
+        (:mod:`automask.data.crops`); ``"resize"`` resizes every image.
 
     Attributes
     ----------
@@ -251,6 +256,7 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_memory_mb: int = 1024,
+        large_images: str = "auto",
     ) -> None:
         super().__init__()
         if spec.label_col is None:
@@ -265,6 +271,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.augment = augment
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.large_images = check_large_images(large_images)
         directory = Path(cache_dir) if cache_dir is not None else None
         self.cache = SampleCache(cache_memory_mb, directory)
         self.train_spec: DataSpec | None = None
@@ -292,7 +299,8 @@ class SegmentationDataModule(L.LightningDataModule):
         batch may be smaller; in a distributed fit see :class:`EpochSampler` for padding)."""
         self._require_setup()
         dataset = SegmentationDataset(
-            self.train_spec, self.input_size, augment=self.augment, cache=self.cache, seed=self.seed
+            self.train_spec, self.input_size, augment=self.augment, cache=self.cache,
+            seed=self.seed, large_images=self.large_images, crops="random",
         )
         rank, world = self._shard()
         self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed,
@@ -303,10 +311,12 @@ class SegmentationDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Ordered, un-augmented validation batches (cached like training samples)."""
+        """Ordered, un-augmented validation batches (cached like training samples); a
+        cropped image gives one item per window of its grid."""
         self._require_setup()
         dataset = SegmentationDataset(
-            self.val_spec, self.input_size, augment=None, cache=self.cache
+            self.val_spec, self.input_size, augment=None, cache=self.cache,
+            large_images=self.large_images, crops="grid",
         )
         rank, world = self._shard()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None

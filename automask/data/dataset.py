@@ -8,9 +8,14 @@ the geometry needed to map predictions back to the original size.
 Items can be requested by position or by ``(position, epoch)``: augmentation draws come
 from a generator seeded with ``(seed, position, epoch)``, so they are the same in every
 run, whichever worker process loads the sample.
+
+With ``large_images`` other than ``"resize"``, an image much larger than the input is not
+resized: training items are random ``S x S`` crops of it at native scale, validation items
+its non-overlapping window grid (see :mod:`automask.data.crops`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -19,6 +24,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ..errors import DataValidationError
 from .cache import SampleCache, sample_key
+from .crops import check_large_images, crops_image, grid_boxes, random_crop
 from .io import image_size, read_image, read_mask
 from .transforms import (
     AugmentConfig,
@@ -54,13 +60,23 @@ class SegmentationDataset(Dataset):
         Load and return targets (needs ``spec.label_col``).
     seed : int
         Base seed of the augmentation draws.
+    large_images : {"resize", "auto", "crop"}
+        ``"resize"`` (default here): every image is resized to ``S``. ``"auto"`` /
+        ``"crop"``: images that :func:`~automask.data.crops.crops_image` selects are
+        cropped at native scale instead (``data.large_images``).
+    crops : {"random", "grid"}
+        How a cropped image becomes items: ``"random"``, one random crop per
+        ``(position, epoch)`` (training); ``"grid"``, one item per window of
+        :func:`~automask.data.crops.grid_boxes` (validation), so that ``len`` counts
+        windows, not rows.
 
     Notes
     -----
     An item is a dict: ``image`` float32 ``(3, S, S)``; ``target`` int64 ``(S, S)``
     (absent without labels); ``original_size`` and ``resized_size`` int64 ``(2,)``;
     ``index`` int64 ``()``, the row position in ``spec.frame``. With augmentation,
-    ``resized_size`` is the size of the augmented content (zoom-out shrinks it).
+    ``resized_size`` is the size of the augmented content (zoom-out shrinks it). For a
+    crop, ``original_size`` is still the whole image's and ``resized_size`` the crop's.
     """
 
     def __init__(
@@ -71,6 +87,8 @@ class SegmentationDataset(Dataset):
         cache: SampleCache | None = None,
         with_labels: bool = True,
         seed: int = 0,
+        large_images: str = "resize",
+        crops: str = "random",
     ) -> None:
         if with_labels and spec.label_col is None:
             raise ValueError("with_labels=True but the DataSpec has no label column")
@@ -91,9 +109,38 @@ class SegmentationDataset(Dataset):
             self._sizes = None
         self._cmap_key = None if spec.color_map is None else tuple(sorted(spec.color_map.items()))
         self.decodes = 0  # samples decoded from files by this process
+        self.large_images = check_large_images(large_images)
+        if crops not in ("random", "grid"):
+            raise ValueError(f"crops must be 'random' or 'grid', got {crops!r}")
+        self.crops = crops
+        self._cropped: dict[int, bool] = {}  # position -> cropped at native scale
+        # Augmentation after a crop: the zoom is applied by the crop itself.
+        self._augment_after_crop = (
+            None if augment is None else dataclasses.replace(augment, scale_range=(1.0, 1.0))
+        )
+        self._windows: list[tuple[int, tuple[int, int, int, int] | None]] | None = None
+        if crops == "grid" and self.large_images != "resize":
+            self._windows = []  # (position, box or None) per item
+            for pos in range(len(self.images)):
+                if self.is_cropped(pos):
+                    self._windows.extend((pos, box) for box in
+                                         grid_boxes(self.original_size(pos), self.input_size))
+                else:
+                    self._windows.append((pos, None))
 
     def __len__(self) -> int:
+        if self._windows is not None:
+            return len(self._windows)
         return len(self.images)
+
+    def is_cropped(self, position: int) -> bool:
+        """Whether the image at ``position`` is used as native-scale crops (not resized)."""
+        hit = self._cropped.get(position)
+        if hit is None:
+            hit = self.large_images != "resize" and crops_image(
+                self.original_size(position), self.input_size, self.large_images)
+            self._cropped[position] = hit
+        return hit
 
     def original_size(self, position: int) -> tuple[int, int]:
         """``(H, W)`` of the image at ``position`` (from the spec, else its header)."""
@@ -145,20 +192,69 @@ class SegmentationDataset(Dataset):
             self.cache.put(key, image, mask)
         return image, mask, original
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        if isinstance(item, (tuple, list)):
-            position, epoch = int(item[0]), int(item[1])
+    def load_native(self, position: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+        """Full-resolution uint8 image ``(H, W, 3)``, raw mask ``(H, W)`` and ``(H, W)``.
+
+        Served from the cache when possible (an entry on disk is memory-mapped, so a crop
+        reads only its rows); decoded (and cached) otherwise. The cache key is not that of
+        :meth:`load_resized`: the two kinds of entry never stand in for each other.
+        """
+        image_path = self.images[position]
+        label_path = self.labels[position] if self.with_labels else None
+        original = self.original_size(position)
+        key = None
+        if self.cache is not None:
+            key = sample_key(
+                "native", image_path, _file_stamp(image_path),
+                label_path, _file_stamp(label_path) if label_path else None, self._cmap_key,
+            )
+            hit = self.cache.get(key, mmap=True)
+            if hit is not None and (hit[1] is not None or not self.with_labels):
+                return hit[0], hit[1], original
+        image = read_image(image_path)
+        self.decodes += 1
+        if image.shape[:2] != original:
+            raise DataValidationError(
+                f"row {self.spec.frame.index[position]!r} {image_path}: image is "
+                f"{image.shape[0]}x{image.shape[1]} but the DataSpec says "
+                f"{original[0]}x{original[1]}"
+            )
+        mask = None
+        if label_path is not None:
+            mask = read_mask(label_path, color_map=self.spec.color_map)
+            if mask.shape != original:
+                raise DataValidationError(
+                    f"row {self.spec.frame.index[position]!r} {label_path}: mask is "
+                    f"{mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
+                    f"{original[0]}x{original[1]}"
+                )
+            mask = np.ascontiguousarray(mask.astype(np.uint8, copy=False))
+        if self.cache is not None:
+            self.cache.put(key, image, mask)
+        return image, mask, original
+
+    def _crop_item(self, position: int, epoch: int,
+                   box: tuple[int, int, int, int] | None) -> dict[str, torch.Tensor]:
+        """A native-scale crop: the ``box`` window (grid), or a random one (training)."""
+        image, mask, original = self.load_native(position)
+        if box is not None:
+            top, left, height, width = box
+            image = np.ascontiguousarray(image[top:top + height, left:left + width])
+            mask = mask[top:top + height, left:left + width] if mask is not None else None
         else:
-            position, epoch = int(item), 0
-        if not 0 <= position < len(self):
-            raise IndexError(f"position {position} out of range for {len(self)} samples")
-        image, mask, original = self.load_resized(position)
+            rng = np.random.default_rng([self.seed, position, epoch, 1])  # crop draws
+            zoom = rng.uniform(*self.augment.scale_range) if self.augment is not None else 1.0
+            image, mask = random_crop(image, mask, self.input_size, zoom, rng)
         target = None
         if mask is not None:
             target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
-        if self.augment is not None:
+        if self._augment_after_crop is not None:
             rng = np.random.default_rng([self.seed, position, epoch])
-            image, target = augment(image, target, self.augment, rng)
+            image, target = augment(image, target, self._augment_after_crop, rng)
+        return self._item(image, target, original, position)
+
+    def _item(self, image: np.ndarray, target: np.ndarray | None, original: tuple[int, int],
+              position: int) -> dict[str, torch.Tensor]:
         out = {
             "image": normalize_pad(image, self.input_size),  # (3, S, S)
             "original_size": torch.tensor(original, dtype=torch.int64),
@@ -168,6 +264,28 @@ class SegmentationDataset(Dataset):
         if target is not None:
             out["target"] = pad_target(target, self.input_size)  # (S, S)
         return out
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        if isinstance(item, (tuple, list)):
+            position, epoch = int(item[0]), int(item[1])
+        else:
+            position, epoch = int(item), 0
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} out of range for {len(self)} samples")
+        if self._windows is not None:
+            position, box = self._windows[position]
+            if box is not None:
+                return self._crop_item(position, epoch, box)
+        elif self.large_images != "resize" and self.is_cropped(position):
+            return self._crop_item(position, epoch, None)
+        image, mask, original = self.load_resized(position)
+        target = None
+        if mask is not None:
+            target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, position, epoch])
+            image, target = augment(image, target, self.augment, rng)
+        return self._item(image, target, original, position)
 
 
 def _is_draft(decoded: tuple[int, int], original: tuple[int, int]) -> bool:
