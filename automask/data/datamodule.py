@@ -197,6 +197,11 @@ class SegmentationDataModule(L.LightningDataModule):
         None keeps the cache in memory only.
     cache_memory_mb : int
         In-memory cache budget in MiB (0 disables the in-memory part).
+    prompts : {"none", "box", "points", "box_or_points"}
+        Prompts drawn from the training masks (``data.prompts``); validation stays
+        prompt-free.
+    prompt_rate : float
+        Fraction of training samples that get a prompt (``data.prompt_rate``).
 
     Attributes
     ----------
@@ -218,6 +223,8 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_memory_mb: int = 1024,
+        prompts: str = "none",
+        prompt_rate: float = 1.0,
     ) -> None:
         super().__init__()
         if spec.label_col is None:
@@ -234,6 +241,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         directory = Path(cache_dir) if cache_dir is not None else None
         self.cache = SampleCache(cache_memory_mb, directory)
+        self.prompts, self.prompt_rate = prompts, float(prompt_rate)
         self.train_spec: DataSpec | None = None
         self.val_spec: DataSpec | None = None
         self._train_sampler: EpochSampler | None = None
@@ -259,7 +267,8 @@ class SegmentationDataModule(L.LightningDataModule):
         training set holds more than one batch."""
         self._require_setup()
         dataset = SegmentationDataset(
-            self.train_spec, self.input_size, augment=self.augment, cache=self.cache, seed=self.seed
+            self.train_spec, self.input_size, augment=self.augment, cache=self.cache,
+            seed=self.seed, prompts=self.prompts, prompt_rate=self.prompt_rate,
         )
         self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed)
         return _loader(

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from ..errors import DataValidationError
 from .cache import SampleCache, sample_key
 from .io import image_size, read_image, read_mask
+from .prompts import PROMPT_MODES, sample_prompt
 from .transforms import (
     AugmentConfig,
     augment,
@@ -54,13 +55,20 @@ class SegmentationDataset(Dataset):
         Load and return targets (needs ``spec.label_col``).
     seed : int
         Base seed of the augmentation draws.
+    prompts : {"none", "box", "points", "box_or_points"}
+        Training prompts drawn from each augmented mask (binary targets; see
+        :func:`automask.data.prompts.sample_prompt`); ``"none"`` adds nothing.
+    prompt_rate : float
+        Probability that a sample gets a prompt (when ``prompts`` is not ``"none"``).
 
     Notes
     -----
     An item is a dict: ``image`` float32 ``(3, S, S)``; ``target`` int64 ``(S, S)``
     (absent without labels); ``original_size`` and ``resized_size`` int64 ``(2,)``;
     ``index`` int64 ``()``, the row position in ``spec.frame``. With augmentation,
-    ``resized_size`` is the size of the augmented content (zoom-out shrinks it).
+    ``resized_size`` is the size of the augmented content (zoom-out shrinks it). With
+    ``prompts``: also ``prompt_kind``, ``prompt_box``, ``prompt_points`` and
+    ``prompt_labels``, drawn after the augmentation from the same generator.
     """
 
     def __init__(
@@ -71,6 +79,8 @@ class SegmentationDataset(Dataset):
         cache: SampleCache | None = None,
         with_labels: bool = True,
         seed: int = 0,
+        prompts: str = "none",
+        prompt_rate: float = 1.0,
     ) -> None:
         if with_labels and spec.label_col is None:
             raise ValueError("with_labels=True but the DataSpec has no label column")
@@ -82,6 +92,11 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.with_labels = bool(with_labels)
         self.seed = int(seed)
+        if prompts not in PROMPT_MODES or (prompts != "none" and not self.with_labels):
+            raise ValueError(f"prompts must be one of {PROMPT_MODES} (not 'none' only with "
+                             f"labels), got {prompts!r}")
+        self.prompts = prompts
+        self.prompt_rate = float(prompt_rate)
         self.images = spec.frame[spec.image_col].tolist()
         self.labels = spec.frame[spec.label_col].tolist() if self.with_labels else None
         stats = spec.stats
@@ -156,8 +171,10 @@ class SegmentationDataset(Dataset):
         target = None
         if mask is not None:
             target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
-        if self.augment is not None:
+        rng = None
+        if self.augment is not None or self.prompts != "none":
             rng = np.random.default_rng([self.seed, position, epoch])
+        if self.augment is not None:
             image, target = augment(image, target, self.augment, rng)
         out = {
             "image": normalize_pad(image, self.input_size),  # (3, S, S)
@@ -167,6 +184,8 @@ class SegmentationDataset(Dataset):
         }
         if target is not None:
             out["target"] = pad_target(target, self.input_size)  # (S, S)
+        if self.prompts != "none":  # from the augmented mask, after the augmentation draws
+            out.update(sample_prompt(target, self.prompts, self.prompt_rate, rng))
         return out
 
 

@@ -91,6 +91,7 @@ def train_candidate(
         num_workers=d.num_workers,
         cache_dir=run_dir / "cache" / f"{cfg.model.input_size}",
         cache_memory_mb=d.cache_memory_mb,
+        prompts=d.prompts, prompt_rate=d.prompt_rate,
     )
     module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
                                 optim=cfg.optim, val_metric=eval_metric)
