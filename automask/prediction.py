@@ -76,13 +76,14 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     before any work is done.
 
     ``prompts``: one checked :class:`~automask.data.prompts.ImagePrompt` or None per row
-    (see :func:`check_prompt_request`); every image then takes the whole-image path.
+    (see :func:`check_prompt_request`). Prompted images take the whole-image path; the
+    others are predicted exactly as without prompts (``tiling`` applies to them).
     """
     from .tiling import check_tiling
 
-    if prompts is not None:
+    if prompts is not None and any(p is not None for p in prompts):
         check_prompt_request(task, tiling)
-        return _plain_proba(model, cfg, task, spec, prompts)
+        return _prompted_proba(model, cfg, task, spec, tiling, prompts)
     if check_tiling(tiling) == "off":
         return _plain_proba(model, cfg, task, spec)
     return _mixed_proba(model, cfg, task, spec, tiling)
@@ -110,6 +111,21 @@ def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
             sub, prob = next(plain_iter)
             assert plain[sub] == pos, (plain[sub], pos)
             yield pos, prob
+
+
+def _prompted_proba(model: torch.nn.Module, cfg: Config, task: str, spec, tiling: str,
+                    prompts: Sequence[Any]) -> Iterator[tuple[int, np.ndarray]]:
+    """Prompted rows on the whole-image path, the others as without prompts, in row order."""
+    prompted = [pos for pos, p in enumerate(prompts) if p is not None]
+    free = [pos for pos, p in enumerate(prompts) if p is None]
+    prompted_iter = _plain_proba(model, cfg, task, spec.subset(prompted),
+                                 [prompts[pos] for pos in prompted])
+    free_iter = iter_proba(model, cfg, task, spec.subset(free), tiling) if free else iter(())
+    rows = set(prompted)
+    for pos in range(len(prompts)):
+        sub, prob = next(prompted_iter if pos in rows else free_iter)
+        assert (prompted if pos in rows else free)[sub] == pos, (sub, pos)
+        yield pos, prob
 
 
 def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str,
@@ -173,9 +189,10 @@ def check_prompt_request(task: str, tiling: str) -> None:
     """Raise ConfigError when prompts cannot be used: a multi-class model, or ``tiling="on"``.
 
     Prompted prediction is binary only (a prompt selects one object; a multi-class model
-    labels every pixel) and always takes the whole-image path: a prompt refers to the
-    whole image, not to a window. ``tiling="auto"`` (the default) and ``"off"`` are
-    accepted and mean that path.
+    labels every pixel) and prompted images always take the whole-image path: a prompt
+    refers to the whole image, not to a window. So ``tiling="on"`` together with prompts is
+    a contradiction and raises; with ``"auto"`` (the default) or ``"off"`` the images
+    without a prompt are tiled (or not) exactly as without prompts.
     """
     from .errors import ConfigError
     from .tiling import check_tiling

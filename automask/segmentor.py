@@ -217,8 +217,9 @@ class SemanticSegmentor(BaseEstimator):
             Sliding-window prediction at the original resolution for large images:
             "auto" when the longer side exceeds 1.25 x the model input, "on" for every
             image larger than the input, "off" to resize every image to the input (see
-            :mod:`automask.tiling`). With prompts every image takes the whole-image path
-            ("auto" and "off" mean that; "on" raises ConfigError).
+            :mod:`automask.tiling`). Prompted images always take the whole-image path,
+            so "on" together with prompts raises ConfigError; under "auto" or "off" the
+            images without a prompt are predicted exactly as without prompts.
         points : list or dict, optional
             Binary models only. Point prompts per image: a list with one entry per row of
             ``data`` (None: no points), or a dict keyed by the data's index. An entry is
