@@ -8,9 +8,12 @@ stays bit-identical to the forward that existed before prompts.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -452,3 +455,45 @@ def test_check_prompts_returns_original_pixel_prompts():
     np.testing.assert_array_equal(first.points, [[1.0, 2.0]])
     np.testing.assert_array_equal(first.labels, [1])
     np.testing.assert_array_equal(second.box, [0, 0, 4, 4])
+
+
+# ------------------------------------------------------------------ command line
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_predict_boxes_csv_matches_the_api(prompt_trained, synthetic, tmp_path):
+    _, test = synthetic
+    test = test.iloc[:3]
+    data = tmp_path / "data.csv"
+    test[["image"]].to_csv(data, index=False)
+    boxes = [_bbox(p) for p in test["label"].iloc[:2]]
+    table = tmp_path / "boxes.csv"
+    rows = [{"image": img, "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]}
+            for img, b in zip(test["image"].iloc[:2], boxes)]
+    pd.DataFrame(rows).to_csv(table, index=False)
+    out = tmp_path / "masks"
+    proc = _run_cli("predict", str(prompt_trained.path_), "--data", str(data), "--out",
+                    str(out), "--boxes", str(table))
+    assert proc.returncode == 0, proc.stderr
+    expected = prompt_trained.predict(test, boxes=[*boxes, None])
+    for image, mask in zip(test["image"], expected):
+        written = np.asarray(Image.open(out / f"{Path(image).stem}.png"))
+        np.testing.assert_array_equal(written > 0, mask == 1)
+
+
+def test_cli_predict_boxes_bad_input_exits_2_and_writes_nothing(prompt_trained, synthetic,
+                                                                tmp_path):
+    _, test = synthetic
+    data = tmp_path / "data.csv"
+    test[["image"]].iloc[:2].to_csv(data, index=False)
+    table = tmp_path / "boxes.csv"
+    pd.DataFrame([{"image": test["image"].iloc[1], "x0": 5, "y0": 5, "x1": 500,
+                   "y1": 20}]).to_csv(table, index=False)
+    out = tmp_path / "masks"
+    proc = _run_cli("predict", str(prompt_trained.path_), "--data", str(data), "--out",
+                    str(out), "--boxes", str(table))
+    assert proc.returncode == 2
+    assert "row 1: box [5.0, 5.0, 500.0, 20.0] is outside the 100x72" in proc.stderr
+    assert not out.exists()
