@@ -481,6 +481,14 @@ def test_cli_predict_boxes_csv_matches_the_api(prompt_trained, synthetic, tmp_pa
     for image, mask in zip(test["image"], expected):
         written = np.asarray(Image.open(out / f"{Path(image).stem}.png"))
         np.testing.assert_array_equal(written > 0, mask == 1)
+    probs = tmp_path / "probs"
+    proc = _run_cli("predict", str(prompt_trained.path_), "--data", str(data), "--out",
+                    str(probs), "--boxes", str(table), "--proba")
+    assert proc.returncode == 0, proc.stderr
+    expected = prompt_trained.predict_proba(test, boxes=[*boxes, None])
+    for image, prob in zip(test["image"], expected):
+        np.testing.assert_allclose(np.load(probs / f"{Path(image).stem}.npy"), prob,
+                                   rtol=0, atol=1e-6)
 
 
 def test_cli_predict_boxes_bad_input_exits_2_and_writes_nothing(prompt_trained, synthetic,
@@ -497,3 +505,36 @@ def test_cli_predict_boxes_bad_input_exits_2_and_writes_nothing(prompt_trained, 
     assert proc.returncode == 2
     assert "row 1: box [5.0, 5.0, 500.0, 20.0] is outside the 100x72" in proc.stderr
     assert not out.exists()
+
+
+def test_training_step_feeds_the_sampled_prompts_to_the_model(tmp_path, monkeypatch):
+    from automask.config import OptimConfig
+    from automask.data.dataset import collate_samples
+    from automask.training.module import SegmentationModule
+
+    frame = make_synthetic(4, size=(48, 80), num_classes=2, seed=4, root=tmp_path)
+    spec = validate_frame(frame, image_col="image", label_col="label")
+    dataset = SegmentationDataset(spec, S, seed=0, prompts="box_or_points")
+    batch = collate_samples([dataset[(i, 0)] for i in range(len(dataset))])
+    model = build_segmenter("tiny", input_size=S, checkpoint="random", progress=False)
+    seen = []
+    original = model.forward_prompted
+
+    def record(images, prompts):
+        seen.extend(prompts)
+        return original(images, prompts)
+
+    monkeypatch.setattr(model, "forward_prompted", record)
+    module = SegmentationModule(model, task="binary", num_classes=2, optim=OptimConfig(),
+                                val_metric="iou")
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    kinds = batch["prompt_kind"].tolist()
+    assert len(seen) == len(kinds) and any(kinds)
+    for kind, prompt, box in zip(kinds, seen, batch["prompt_box"]):
+        assert (prompt is None) == (kind == 0)
+        if kind == 1:
+            assert torch.equal(prompt.box, box) and prompt.points is None
+        if kind == 2:
+            assert prompt.box is None and bool((prompt.labels >= 0).all())
