@@ -382,7 +382,7 @@ def test_old_predictor_without_the_prompt_keys_loads_and_predicts_the_same(
         del record["config"]["data.prompts"], record["config"]["data.prompt_rate"]
     meta_path.write_text(json.dumps(meta))
     old = SemanticSegmentor.load(path)
-    assert old.config_.data.prompts == "none"  # the default for predictors saved before
+    assert old.config_.data.prompts is None  # the default for predictors saved before
     for a, b in zip(before, old.predict_proba(test.iloc[:2])):
         np.testing.assert_array_equal(a, b)
 
@@ -445,7 +445,9 @@ def test_prompt_keys_are_checked():
         Config.from_dict({"data.prompts": "boxes"})
     with pytest.raises(ConfigError, match="'data.prompt_rate'"):
         Config.from_dict({"data.prompt_rate": 0.0})
-    assert Config().data.prompts == "none"
+    assert Config().data.prompts is None
+    assert Config.from_dict({"data.prompts": "none"}).data.prompts is None  # --hp spelling
+    assert Config.from_dict(Config().to_dict()) == Config()  # the default round-trips
 
 
 def test_check_prompts_returns_original_pixel_prompts():

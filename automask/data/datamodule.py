@@ -197,7 +197,7 @@ class SegmentationDataModule(L.LightningDataModule):
         None keeps the cache in memory only.
     cache_memory_mb : int
         In-memory cache budget in MiB (0 disables the in-memory part).
-    prompts : {"none", "box", "points", "box_or_points"}
+    prompts : {None, "box", "points", "box_or_points"}
         Prompts drawn from the training masks (``data.prompts``); validation stays
         prompt-free.
     prompt_rate : float
@@ -223,7 +223,7 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_memory_mb: int = 1024,
-        prompts: str = "none",
+        prompts: str | None = None,
         prompt_rate: float = 1.0,
     ) -> None:
         super().__init__()

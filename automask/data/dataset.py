@@ -55,11 +55,11 @@ class SegmentationDataset(Dataset):
         Load and return targets (needs ``spec.label_col``).
     seed : int
         Base seed of the augmentation draws.
-    prompts : {"none", "box", "points", "box_or_points"}
+    prompts : {None, "box", "points", "box_or_points"}
         Training prompts drawn from each augmented mask (binary targets; see
-        :func:`automask.data.prompts.sample_prompt`); ``"none"`` adds nothing.
+        :func:`automask.data.prompts.sample_prompt`); None adds nothing.
     prompt_rate : float
-        Probability that a sample gets a prompt (when ``prompts`` is not ``"none"``).
+        Probability that a sample gets a prompt (when ``prompts`` is set).
 
     Notes
     -----
@@ -79,7 +79,7 @@ class SegmentationDataset(Dataset):
         cache: SampleCache | None = None,
         with_labels: bool = True,
         seed: int = 0,
-        prompts: str = "none",
+        prompts: str | None = None,
         prompt_rate: float = 1.0,
     ) -> None:
         if with_labels and spec.label_col is None:
@@ -92,9 +92,9 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.with_labels = bool(with_labels)
         self.seed = int(seed)
-        if prompts not in PROMPT_MODES or (prompts != "none" and not self.with_labels):
-            raise ValueError(f"prompts must be one of {PROMPT_MODES} (not 'none' only with "
-                             f"labels), got {prompts!r}")
+        if prompts is not None and (prompts not in PROMPT_MODES or not self.with_labels):
+            raise ValueError(f"prompts must be None or one of {PROMPT_MODES} (with labels), "
+                             f"got {prompts!r}")
         self.prompts = prompts
         self.prompt_rate = float(prompt_rate)
         self.images = spec.frame[spec.image_col].tolist()
@@ -172,7 +172,7 @@ class SegmentationDataset(Dataset):
         if mask is not None:
             target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
         rng = None
-        if self.augment is not None or self.prompts != "none":
+        if self.augment is not None or self.prompts is not None:
             rng = np.random.default_rng([self.seed, position, epoch])
         if self.augment is not None:
             image, target = augment(image, target, self.augment, rng)
@@ -184,7 +184,7 @@ class SegmentationDataset(Dataset):
         }
         if target is not None:
             out["target"] = pad_target(target, self.input_size)  # (S, S)
-        if self.prompts != "none":  # from the augmented mask, after the augmentation draws
+        if self.prompts is not None:  # from the augmented mask, after the augmentation draws
             out.update(sample_prompt(target, self.prompts, self.prompt_rate, rng))
         return out
 

@@ -22,9 +22,9 @@ import torch
 from ..errors import DataValidationError
 from .transforms import Geometry
 
-PROMPT_MODES = ("none", "box", "points", "box_or_points")
-"""``data.prompts`` values: no prompts (the default); a jittered box around the mask;
-1 to :data:`MAX_POINTS` points; a box or points, each with probability 1/2."""
+PROMPT_MODES = ("box", "points", "box_or_points")
+"""``data.prompts`` values besides None (no prompts, the default): a jittered box around the
+mask; 1 to :data:`MAX_POINTS` points; a box or points, each with probability 1/2."""
 BOX_JITTER = 0.1  # each box edge moves by up to this fraction of the box's width / height
 MAX_POINTS = 3  # points per training sample, at most (the first is always foreground)
 
@@ -238,7 +238,7 @@ def sample_prompt(target: np.ndarray, mode: str, rate: float,
         Points: 1 to MAX_POINTS, the first on the mask, each further one on the mask or
         on the background with probability 1/2.
     """
-    assert mode in PROMPT_MODES[1:], mode
+    assert mode in PROMPT_MODES, mode
     use, pick_box, count = rng.random(), rng.random(), int(rng.integers(1, MAX_POINTS + 1))
     jitter = rng.uniform(-1.0, 1.0, size=4)
     where = rng.random((MAX_POINTS, 2))  # per point: which pixel, foreground or not
