@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError, ConfigError
-from .segmenter import SamSegmenter
+from .segmenter import Prompt, SamSegmenter
 
 INSTALL_HINT = "pip install 'automask[sam2]'"
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
@@ -291,7 +291,8 @@ class Sam2Segmenter(SamSegmenter):
                    if n.startswith("mask_decoder.pred_obj_score_head.")]
         return unused
 
-    def forward(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor,
+                prompts: Sequence[Prompt | None] | None = None) -> torch.Tensor:
         """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S).
 
         ``prompts``: as in :meth:`SamSegmenter.forward` (binary only); SAM 2's prompt
