@@ -107,13 +107,14 @@ def _cmd_predict(args) -> None:
 
     check_tiling(args.tile)  # before loading anything
     seg = _load(args.run)
+    boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
     if args.proba:
         written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,
-                                       args.tile)
+                                       args.tile, boxes)
         print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
         return
     written = seg.predict(args.data, model=args.model, save_to=args.out,
-                          overwrite=args.overwrite, tiling=args.tile)
+                          overwrite=args.overwrite, tiling=args.tile, boxes=boxes)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -260,12 +261,51 @@ def _print_per_class(key: str, values: list, class_names: Sequence[str]) -> None
         print(f"  {i:>3} {name:<{width}}  {text}")
 
 
+def _read_boxes(path: str, data, image_col: str) -> list:
+    """One box (or None) per image of ``data`` from ``--boxes``: a CSV with the image
+    column and ``x0, y0, x1, y1`` (original pixels), one row per prompted image.
+
+    Images are matched by path: the CSV's relative paths resolve against its folder,
+    those of ``data`` as in predict. Images of ``data`` missing from the CSV get no box.
+    """
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .errors import DataValidationError
+    from .prediction import as_frame
+
+    if not Path(path).is_file():
+        raise DataValidationError(f"--boxes file not found: {path!r}")
+    table = pd.read_csv(path)
+    missing = [c for c in (image_col, "x0", "y0", "x1", "y1") if c not in table.columns]
+    if missing:
+        raise DataValidationError(
+            f"--boxes {path!r} lacks the column(s) {missing}; it needs the image column "
+            f"{image_col!r} and x0, y0, x1, y1")
+    base = Path(path).resolve().parent
+    boxes: dict[str, tuple] = {}
+    for row, image, *box in table[[image_col, "x0", "y0", "x1", "y1"]].itertuples():
+        key = os.path.realpath(base / str(image))
+        if key in boxes:
+            raise DataValidationError(f"--boxes {path!r}: row {row} repeats image {image!r}")
+        boxes[key] = tuple(box)
+    frame, root = as_frame(data, image_col)
+    keys = [os.path.realpath((root or Path.cwd()) / str(p)) for p in frame[image_col]]
+    unknown = sorted(set(boxes) - set(keys))
+    if unknown:
+        raise DataValidationError(
+            f"--boxes {path!r} names images that are not in --data: {unknown[:3]}")
+    return [boxes.get(key) for key in keys]
+
+
 def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool,
-                         tiling: str = "auto") -> int:
+                         tiling: str = "auto", boxes: list | None = None) -> int:
     """Write ``<stem>.npy`` float32 probability maps; returns how many.
 
     As for masks, every destination is checked first: an input file is never replaced, an
-    existing file only with ``--overwrite``.
+    existing file only with ``--overwrite``. ``boxes``: one box or None per image.
     """
     import os
     from pathlib import Path
@@ -299,12 +339,20 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
             f"{len(existing)} file(s) already exist in {out!r}, e.g. {existing[:3]}; pass "
             "--overwrite to replace them, or choose another output folder"
         )
+    if boxes is not None:  # every box checked before anything is written
+        from .data.prompts import check_prompts
+        from .prediction import check_prompt_request, image_sizes, images_spec
+
+        check_prompt_request(seg.task_, tiling)
+        check_prompts(None, boxes, frame.index, image_sizes(images_spec(frame, seg.image, None)))
     folder.mkdir(parents=True, exist_ok=True)
     chunk = 16  # images per call: a few maps in memory at a time
     for start in range(0, len(frame), chunk):
         part = frame.iloc[start:start + chunk]
-        for dest, prob in zip(dests[start:start + chunk], seg.predict_proba(part, model=model,
-                                                                         tiling=tiling)):
+        part_boxes = None if boxes is None else boxes[start:start + chunk]
+        for dest, prob in zip(dests[start:start + chunk],
+                              seg.predict_proba(part, model=model, tiling=tiling,
+                                                boxes=part_boxes)):
             with atomic_write(dest) as fh:
                 np.save(fh, prob.astype(np.float32))
     return len(frame)
@@ -424,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding windows at the original resolution: auto (images whose "
                         "longer side exceeds 1.25 x the model input), on (every image "
                         "larger than the input) or off (resize to the input); default auto")
+    p.add_argument("--boxes", metavar="CSV",
+                   help="box prompts (binary models): a CSV with the image column and x0, "
+                        "y0, x1, y1 in original pixels, one row per prompted image; the "
+                        "other images are predicted without prompts")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score a saved predictor on labelled data")

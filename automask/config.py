@@ -31,6 +31,7 @@ _CHOICES = {
     "model.multiclass_head": ("tokens", "mask_classification"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "optim.loss": ("auto", "structure", "bce", "dice", "balanced_bce", "focal", "ce", "ce_dice"),
+    "data.prompts": ("box", "points", "box_or_points"),
     "env.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
     "env.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
@@ -259,9 +260,21 @@ class DataConfig:
     """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
     input, ``resize`` never (shrink the image, as before)."""
+    """Decoded, resized samples kept in memory up to this size; the rest go to disk."""
+    prompts: str | None = None
+    """Train with prompts drawn from each augmented mask (binary tasks): None (prompt-free),
+    ``box`` (the mask's box, each edge jittered by up to 10% of its side), ``points`` (1-3
+    points, the first on the mask) or ``box_or_points``; validation stays prompt-free."""
+    prompt_rate: float = 0.5
+    """Fraction of training samples that get a prompt when ``data.prompts`` is set; the
+    others train prompt-free, so the model keeps answering without prompts."""
 
     def __post_init__(self) -> None:
         _check_finite("data", self)
+        if self.prompts is not None:
+            _check_choice("data.prompts", self.prompts)
+        if not 0 < self.prompt_rate <= 1:
+            _fail("data.prompt_rate", self.prompt_rate, "must be in (0, 1]")
         if not 0 < self.holdout_frac < 1:
             _fail("data.holdout_frac", self.holdout_frac, "must be in (0, 1)")
         if not 0 < self.scale_min <= self.scale_max:

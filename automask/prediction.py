@@ -65,7 +65,8 @@ def inference_device(cfg: Config) -> torch.device:
 
 
 def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
-               tiling: str = "auto") -> Iterator[tuple[int, np.ndarray]]:
+               tiling: str = "auto",
+               prompts: Sequence[Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row position, (C, H, W) float32 probabilities) per image of ``spec``, in row
     order, streaming.
 
@@ -73,9 +74,16 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     overlapping windows at their original resolution instead of being resized to the
     model input (see :mod:`automask.tiling`). A bad ``tiling`` raises ConfigError here,
     before any work is done.
+
+    ``prompts``: one checked :class:`~automask.data.prompts.ImagePrompt` or None per row
+    (see :func:`check_prompt_request`). Prompted images take the whole-image path; the
+    others are predicted exactly as without prompts (``tiling`` applies to them).
     """
     from .tiling import check_tiling
 
+    if prompts is not None and any(p is not None for p in prompts):
+        check_prompt_request(task, tiling)
+        return _prompted_proba(model, cfg, task, spec, tiling, prompts)
     if check_tiling(tiling) == "off":
         return _plain_proba(model, cfg, task, spec)
     return _mixed_proba(model, cfg, task, spec, tiling)
@@ -105,16 +113,42 @@ def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
             yield pos, prob
 
 
-def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str) -> torch.Tensor:
-    """(B, 3, S, S) normalised images -> (B, C, R, R) sigmoid or softmax probabilities."""
-    logits = model(batch).float()
+def _prompted_proba(model: torch.nn.Module, cfg: Config, task: str, spec, tiling: str,
+                    prompts: Sequence[Any]) -> Iterator[tuple[int, np.ndarray]]:
+    """Prompted rows on the whole-image path, the others as without prompts, in row order."""
+    prompted = [pos for pos, p in enumerate(prompts) if p is not None]
+    free = [pos for pos, p in enumerate(prompts) if p is None]
+    prompted_iter = _plain_proba(model, cfg, task, spec.subset(prompted),
+                                 [prompts[pos] for pos in prompted])
+    free_iter = iter_proba(model, cfg, task, spec.subset(free), tiling) if free else iter(())
+    rows = set(prompted)
+    for pos in range(len(prompts)):
+        sub, prob = next(prompted_iter if pos in rows else free_iter)
+        assert (prompted if pos in rows else free)[sub] == pos, (sub, pos)
+        yield pos, prob
+
+
+def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str,
+                   prompts: list | None = None) -> torch.Tensor:
+    """(B, 3, S, S) normalised images -> (B, C, R, R) sigmoid or softmax probabilities.
+
+    ``prompts``: one model-frame :class:`~automask.models.segmenter.Prompt` or None per
+    image; None calls the prompt-free forward.
+    """
+    logits = (model(batch) if prompts is None else model(batch, prompts)).float()
     return torch.sigmoid(logits) if task == "binary" else logits.softmax(1)
 
 
-def _plain_proba(model: torch.nn.Module, cfg: Config, task: str,
-                 spec) -> Iterator[tuple[int, np.ndarray]]:
-    """Each image resized (longer side to the input size) and padded: one forward each."""
+def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
+                 prompts: Sequence[Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Each image resized (longer side to the input size) and padded: one forward each.
+
+    ``prompts`` (one ImagePrompt or None per row of ``spec``) are mapped through each
+    image's own resize (:func:`automask.data.prompts.to_model_prompt`).
+    """
     from .data import make_predict_loader, restore_batch
+    from .data.prompts import to_model_prompt
+    from .data.transforms import Geometry
 
     device = inference_device(cfg)
     model.to(device)
@@ -123,7 +157,15 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str,
                                  num_workers=cfg.data.num_workers)
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         for batch in loader:
-            probs = _probabilities(model, batch["image"].to(device, non_blocking=True), task)
+            mapped = None
+            if prompts is not None:
+                mapped = [to_model_prompt(prompts[idx], Geometry(tuple(orig), tuple(new),
+                                                                 cfg.model.input_size))
+                          for idx, orig, new in zip(batch["index"].tolist(),
+                                                    batch["original_size"].tolist(),
+                                                    batch["resized_size"].tolist())]
+            probs = _probabilities(model, batch["image"].to(device, non_blocking=True), task,
+                                   mapped)
             restored = restore_batch(probs, batch["original_size"], batch["resized_size"])
             for idx, prob in zip(batch["index"].tolist(), restored):
                 yield idx, prob.float().cpu().numpy()
@@ -141,6 +183,37 @@ def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str) -> np.
         prob = tiled_proba(lambda x: _probabilities(model, x, task), image,
                            cfg.model.input_size, cfg.env.eval_batch_size, device)
     return prob.numpy()
+
+
+def check_prompt_request(task: str, tiling: str) -> None:
+    """Raise ConfigError when prompts cannot be used: a multi-class model, or ``tiling="on"``.
+
+    Prompted prediction is binary only (a prompt selects one object; a multi-class model
+    labels every pixel) and prompted images always take the whole-image path: a prompt
+    refers to the whole image, not to a window. So ``tiling="on"`` together with prompts is
+    a contradiction and raises; with ``"auto"`` (the default) or ``"off"`` the images
+    without a prompt are tiled (or not) exactly as without prompts.
+    """
+    from .errors import ConfigError
+    from .tiling import check_tiling
+
+    if task != "binary":
+        raise ConfigError(
+            "points= and boxes= need a binary model; this model is multi-class (a prompt "
+            "selects one object, a multi-class model labels every pixel)")
+    if check_tiling(tiling) == "on":
+        raise ConfigError(
+            "tiling='on' cannot be combined with points= or boxes=: prompts refer to the "
+            "whole image, which prompted prediction always resizes to the model input; use "
+            "tiling='auto' or 'off'")
+
+
+def image_sizes(spec) -> list[tuple[int, int]]:
+    """``(H, W)`` of every image of ``spec`` (from the validation record or the headers)."""
+    from .data import SegmentationDataset
+
+    sizes = SegmentationDataset(spec, 1, with_labels=False)  # no sample is loaded
+    return [sizes.original_size(pos) for pos in range(len(spec.frame))]
 
 
 def images_spec(frame: pd.DataFrame, image_col: str, root: Path | None):

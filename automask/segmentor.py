@@ -201,6 +201,8 @@ class SemanticSegmentor(BaseEstimator):
         *,
         overwrite: bool = False,
         tiling: str = "auto",
+        points: Sequence[Any] | dict[Any, Any] | None = None,
+        boxes: Sequence[Any] | dict[Any, Any] | None = None,
     ) -> list[np.ndarray] | pd.DataFrame:
         """Predict a mask per image, at each image's original size.
 
@@ -222,25 +224,50 @@ class SemanticSegmentor(BaseEstimator):
             Sliding-window prediction at the original resolution for large images:
             "auto" when the longer side exceeds 1.25 x the model input, "on" for every
             image larger than the input, "off" to resize every image to the input (see
-            :mod:`automask.tiling`).
+            :mod:`automask.tiling`). Prompted images always take the whole-image path,
+            so "on" together with prompts raises ConfigError; under "auto" or "off" the
+            images without a prompt are predicted exactly as without prompts.
+        points : list or dict, optional
+            Binary models only. Point prompts per image: a list with one entry per row of
+            ``data`` (None: no points), or a dict keyed by the data's index. An entry is
+            ``(coords, labels)``: coords (N, 2) ``x, y`` in the image's original pixels
+            (``0 <= x < W``, ``0 <= y < H``), labels (N,) of 1 (foreground) / 0
+            (background).
+        boxes : list or dict, optional
+            Binary models only. One box per image, ``(x0, y0, x1, y1)`` in original
+            pixels with ``0 <= x0 < x1 <= W`` and ``0 <= y0 < y1 <= H``; same list / dict
+            forms as ``points``. An image with neither points nor a box is predicted
+            prompt-free, exactly as without prompts. See the README section "Prompts with
+            a fine-tuned model" for what prompts mean for a model trained without them.
 
         Returns
         -------
         list of ndarray or DataFrame
             (H, W) uint8 masks ({0, 1} for binary, class indices for multi-class), or the
             DataFrame of written files when ``save_to`` is given.
+
+        Raises
+        ------
+        ConfigError
+            Prompts given to a multi-class model, or with ``tiling="on"``.
+        DataValidationError
+            Bad data, or bad prompts (wrong length or shape, coordinates outside the image,
+            labels other than 0/1, ``x1 <= x0``): the message names the row and the value.
+            Everything is checked before any prediction.
         """
         self._check_fitted()
         frame, root = prediction.as_frame(data, self.image)
         spec = prediction.images_spec(frame, self.image, root)
+        prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
         net, cfg = self._model(model), self._config(model)
         if save_to is None:
             return [prediction.to_mask(p, self.task_, self.num_classes_)
-                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling)]
+                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
+                                                      prompts)]
         out = Path(save_to)
         dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
                                              overwrite=overwrite)
-        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec, tiling),
+        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts),
                                dests, out, self.task_, self.num_classes_)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
@@ -251,10 +278,12 @@ class SemanticSegmentor(BaseEstimator):
         model: str | None = None,
         *,
         tiling: str = "auto",
+        points: Sequence[Any] | dict[Any, Any] | None = None,
+        boxes: Sequence[Any] | dict[Any, Any] | None = None,
     ) -> list[np.ndarray]:
         """Class probabilities at each image's original size.
 
-        ``tiling`` is as in :meth:`predict`.
+        ``tiling``, ``points`` and ``boxes`` are as in :meth:`predict`.
 
         Returns
         -------
@@ -265,9 +294,10 @@ class SemanticSegmentor(BaseEstimator):
         self._check_fitted()
         frame, root = prediction.as_frame(data, self.image)
         spec = prediction.images_spec(frame, self.image, root)
+        prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
         net, cfg = self._model(model), self._config(model)
         return [p[0] if self.task_ == "binary" else p
-                for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling)]
+                for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts)]
 
     def evaluate(
         self,
@@ -410,6 +440,16 @@ class SemanticSegmentor(BaseEstimator):
             return Path(self.path)
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         return Path("automask_runs") / stamp
+
+    def _prompts(self, spec, tiling: str, points, boxes) -> list | None:
+        """Checked per-row prompts of a predict call, or None without prompts."""
+        if points is None and boxes is None:
+            return None
+        from .data.prompts import check_prompts
+
+        prediction.check_prompt_request(self.task_, tiling)
+        sizes = prediction.image_sizes(spec)
+        return check_prompts(points, boxes, spec.frame.index, sizes)
 
     def _config(self, name: str | None):
         return self.models_[self.best_model_ if name is None else name].config

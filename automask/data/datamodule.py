@@ -235,6 +235,11 @@ class SegmentationDataModule(L.LightningDataModule):
         ``data.large_images``: training on random native-scale crops of images much
         larger than the input, validation on their non-overlapping window grid
         (:mod:`automask.data.crops`); ``"resize"`` resizes every image.
+    prompts : {None, "box", "points", "box_or_points"}
+        Prompts drawn from the training masks (``data.prompts``); validation stays
+        prompt-free.
+    prompt_rate : float
+        Fraction of training samples that get a prompt (``data.prompt_rate``).
 
     Attributes
     ----------
@@ -257,6 +262,8 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: str | os.PathLike | None = None,
         cache_memory_mb: int = 1024,
         large_images: str = "auto",
+        prompts: str | None = None,
+        prompt_rate: float = 1.0,
     ) -> None:
         super().__init__()
         if spec.label_col is None:
@@ -274,6 +281,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.large_images = check_large_images(large_images)
         directory = Path(cache_dir) if cache_dir is not None else None
         self.cache = SampleCache(cache_memory_mb, directory)
+        self.prompts, self.prompt_rate = prompts, float(prompt_rate)
         self.train_spec: DataSpec | None = None
         self.val_spec: DataSpec | None = None
         self._train_sampler: EpochSampler | None = None
@@ -301,6 +309,7 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = SegmentationDataset(
             self.train_spec, self.input_size, augment=self.augment, cache=self.cache,
             seed=self.seed, large_images=self.large_images, crops="random",
+            prompts=self.prompts, prompt_rate=self.prompt_rate,
         )
         rank, world = self._shard()
         self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed,

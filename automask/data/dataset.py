@@ -26,6 +26,7 @@ from ..errors import DataValidationError
 from .cache import SampleCache, sample_key
 from .crops import check_large_images, crops_image, grid_boxes, random_crop
 from .io import image_size, read_image, read_mask
+from .prompts import PROMPT_MODES, sample_prompt
 from .transforms import (
     AugmentConfig,
     augment,
@@ -69,6 +70,11 @@ class SegmentationDataset(Dataset):
         ``(position, epoch)`` (training); ``"grid"``, one item per window of
         :func:`~automask.data.crops.grid_boxes` (validation), so that ``len`` counts
         windows, not rows.
+    prompts : {None, "box", "points", "box_or_points"}
+        Training prompts drawn from each augmented mask (binary targets; see
+        :func:`automask.data.prompts.sample_prompt`); None adds nothing.
+    prompt_rate : float
+        Probability that a sample gets a prompt (when ``prompts`` is set).
 
     Notes
     -----
@@ -76,7 +82,9 @@ class SegmentationDataset(Dataset):
     (absent without labels); ``original_size`` and ``resized_size`` int64 ``(2,)``;
     ``index`` int64 ``()``, the row position in ``spec.frame``. With augmentation,
     ``resized_size`` is the size of the augmented content (zoom-out shrinks it). For a
-    crop, ``original_size`` is still the whole image's and ``resized_size`` the crop's.
+    crop, ``original_size`` is still the whole image's and ``resized_size`` the crop's. With
+    ``prompts``: also ``prompt_kind``, ``prompt_box``, ``prompt_points`` and
+    ``prompt_labels``, drawn after the augmentation from the same generator.
     """
 
     def __init__(
@@ -89,6 +97,8 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         large_images: str = "resize",
         crops: str = "random",
+        prompts: str | None = None,
+        prompt_rate: float = 1.0,
     ) -> None:
         if with_labels and spec.label_col is None:
             raise ValueError("with_labels=True but the DataSpec has no label column")
@@ -100,6 +110,11 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.with_labels = bool(with_labels)
         self.seed = int(seed)
+        if prompts is not None and (prompts not in PROMPT_MODES or not self.with_labels):
+            raise ValueError(f"prompts must be None or one of {PROMPT_MODES} (with labels), "
+                             f"got {prompts!r}")
+        self.prompts = prompts
+        self.prompt_rate = float(prompt_rate)
         self.images = spec.frame[spec.image_col].tolist()
         self.labels = spec.frame[spec.label_col].tolist() if self.with_labels else None
         stats = spec.stats
@@ -248,13 +263,15 @@ class SegmentationDataset(Dataset):
         target = None
         if mask is not None:
             target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
-        if self._augment_after_crop is not None:
+        rng = None
+        if self._augment_after_crop is not None or self.prompts is not None:
             rng = np.random.default_rng([self.seed, position, epoch])
+        if self._augment_after_crop is not None:
             image, target = augment(image, target, self._augment_after_crop, rng)
-        return self._item(image, target, original, position)
+        return self._item(image, target, original, position, rng)
 
     def _item(self, image: np.ndarray, target: np.ndarray | None, original: tuple[int, int],
-              position: int) -> dict[str, torch.Tensor]:
+              position: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         out = {
             "image": normalize_pad(image, self.input_size),  # (3, S, S)
             "original_size": torch.tensor(original, dtype=torch.int64),
@@ -263,6 +280,8 @@ class SegmentationDataset(Dataset):
         }
         if target is not None:
             out["target"] = pad_target(target, self.input_size)  # (S, S)
+        if self.prompts is not None:  # from the augmented mask, after the augmentation draws
+            out.update(sample_prompt(target, self.prompts, self.prompt_rate, rng))
         return out
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -282,10 +301,12 @@ class SegmentationDataset(Dataset):
         target = None
         if mask is not None:
             target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
-        if self.augment is not None:
+        rng = None
+        if self.augment is not None or self.prompts is not None:
             rng = np.random.default_rng([self.seed, position, epoch])
+        if self.augment is not None:
             image, target = augment(image, target, self.augment, rng)
-        return self._item(image, target, original, position)
+        return self._item(image, target, original, position, rng)
 
 
 def _is_draft(decoded: tuple[int, int], original: tuple[int, int]) -> bool:

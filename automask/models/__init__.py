@@ -1,12 +1,13 @@
-"""SAM backbones, checkpoint resolution and the prompt-free segmenter."""
+"""SAM backbones, checkpoint resolution and the segmenter (prompt-free by default)."""
 from .backbones import BACKBONES, BackboneSpec
 from .checkpoint import resolve_checkpoint
-from .segmenter import SamSegmenter, build_segmenter
+from .segmenter import Prompt, SamSegmenter, build_segmenter
 from .summary import count_parameters, parameter_summary
 
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
+    "Prompt",
     "SamSegmenter",
     "build_segmenter",
     "count_parameters",

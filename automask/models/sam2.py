@@ -8,7 +8,8 @@ official checkpoints once their ``sam_prompt_encoder.`` / ``sam_mask_decoder.`` 
 renamed; the video-only parts (memory attention, memory encoder, object pointers) are
 dropped on load.
 
-The forward is SAM 2's image path without prompts::
+The forward is SAM 2's image path without prompts (binary models also take point / box
+prompts, encoded by SAM 2's prompt encoder as in :class:`~automask.models.SamSegmenter`)::
 
     Hiera trunk -> FPN neck -> levels at strides 4, 8, 16 (the stride-32 level only feeds
     the top-down path) -> stride 16 + no_mem_embed = image embedding; strides 4 and 8 go
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError, ConfigError
-from .segmenter import SamSegmenter
+from .segmenter import Prompt, SamSegmenter
 
 INSTALL_HINT = "pip install 'automask[sam2]'"
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
@@ -290,13 +291,20 @@ class Sam2Segmenter(SamSegmenter):
                    if n.startswith("mask_decoder.pred_obj_score_head.")]
         return unused
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S)."""
+    def forward(self, images: torch.Tensor,
+                prompts: Sequence[Prompt | None] | None = None) -> torch.Tensor:
+        """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S).
+
+        ``prompts``: as in :meth:`SamSegmenter.forward` (binary only); SAM 2's prompt
+        encoder has SAM's interface, so prompted decoding is the base class's.
+        """
         if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
                 f"got {tuple(images.shape)}"
             )
+        if prompts is not None and any(p is not None for p in prompts):
+            return self.forward_prompted(images, prompts)
         low_res = self.decode(self.encode(images))  # (B, C, S/4, S/4)
         return F.interpolate(low_res, size=(self.input_size, self.input_size),
                              mode="bilinear", align_corners=False)
@@ -344,15 +352,23 @@ class Sam2Segmenter(SamSegmenter):
         embedding = features[-1] + self.no_mem_embed.reshape(1, -1, 1, 1)
         return embedding, decoder.conv_s0(features[0]), decoder.conv_s1(features[1])
 
-    def decode(self, features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Low-resolution logits (B, C, S/4, S/4) from :meth:`encode`'s features."""
+    def decode(self, features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               sparse: torch.Tensor | None = None) -> torch.Tensor:
+        """Low-resolution logits (B, C, S/4, S/4) from :meth:`encode`'s features.
+
+        ``sparse``: prompt tokens (B, N, D) appended to the output tokens, as in SAM 2's
+        ``MaskDecoder.predict_masks``; None (prompt-free) appends nothing.
+        """
         embeddings, feat_s0, feat_s1 = features
         decoder = self.mask_decoder
         batch, dim, h, w = embeddings.shape
-        # Output tokens as in SAM 2.1: [obj_score, iou, mask_0..mask_{T-1}]; no sparse prompts.
+        # Output tokens as in SAM 2.1: [obj_score, iou, mask_0..mask_{T-1}], then the
+        # sparse prompts.
         tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight,
                             decoder.mask_tokens.weight], dim=0)
         tokens = tokens.unsqueeze(0).expand(batch, -1, -1)  # (B, 2+T, D)
+        if sparse is not None:
+            tokens = torch.cat([tokens, sparse], dim=1)  # (B, 2+T+N, D)
         src = embeddings + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)  # (B, D, h, w)
         hs, src = decoder.transformer(src, pos, tokens)  # (B, 2+T, D), (B, h*w, D)

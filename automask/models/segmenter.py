@@ -1,13 +1,16 @@
-"""Prompt-free, grad-enabled SAM segmenter and its builder.
+"""Grad-enabled SAM segmenter and its builder; prompt-free by default.
 
 segment-anything's ``Sam.forward`` runs under ``torch.no_grad`` and expects prompts, so the
 segmenter calls the three submodules itself: image encoder -> mask decoder with no sparse
 prompts and the pretrained "no mask" dense embedding -> logits upsampled to the input size.
+Binary models also take optional per-image point / box prompts (:class:`Prompt`): SAM's
+prompt encoder turns them into sparse tokens that join the decoder's output tokens.
 """
 from __future__ import annotations
 
 import copy
 import os
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,30 @@ from .checkpoint import load_sam_weights, locate_checkpoint
 from .mask_classification import NUM_QUERIES, make_class_head, semantic_log_probs
 
 MULTICLASS_HEADS = ("tokens", "mask_classification")
+
+
+class Prompt(NamedTuple):
+    """Prompts of one image, in the padded model-input frame (pixels of the ``S x S`` input).
+
+    Attributes
+    ----------
+    points : Tensor or None
+        (N, 2) float x, y.
+    labels : Tensor or None
+        (N,) 1 = foreground, 0 = background (given with ``points``).
+    box : Tensor or None
+        (4,) float x0, y0, x1, y1.
+
+    Notes
+    -----
+    Coordinates are what SAM's prompt encoder takes: the original pixel coordinates scaled
+    by the resize of the image (see :func:`automask.data.prompts.map_points`); the padding
+    at the bottom and right moves nothing.
+    """
+
+    points: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    box: torch.Tensor | None = None
 
 
 class SamSegmenter(nn.Module):
@@ -186,17 +213,24 @@ class SamSegmenter(nn.Module):
         return unused
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor,
+                prompts: Sequence[Prompt | None] | None = None) -> torch.Tensor:
         """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S).
 
         Under the mask-classification head: log-probabilities whose softmax over C is
         MaskFormer's semantic inference (see :func:`semantic_log_probs`).
+
+        ``prompts`` (binary models only): one :class:`Prompt` or None per image. Without
+        prompts (None, or None for every image) this is the prompt-free forward, unchanged;
+        otherwise see :meth:`forward_prompted`.
         """
         if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
                 f"got {tuple(images.shape)}"
             )
+        if prompts is not None and any(p is not None for p in prompts):
+            return self.forward_prompted(images, prompts)
         if self.multiclass_head == "mask_classification":
             return semantic_log_probs(*self.forward_queries(images))  # (B, K, S, S)
         embeddings = self.encode(images)  # (B, D, S/16, S/16)
@@ -205,6 +239,66 @@ class SamSegmenter(nn.Module):
             low_res, size=(self.input_size, self.input_size), mode="bilinear",
             align_corners=False,
         )
+
+    # ------------------------------------------------------------------ prompts
+    def forward_prompted(self, images: torch.Tensor,
+                         prompts: Sequence[Prompt | None]) -> torch.Tensor:
+        """Logits (B, 1, S, S) of a binary model for images (B, 3, S, S) and their prompts.
+
+        The encoder runs on the whole batch. Images without a prompt are decoded together,
+        as in the prompt-free forward; each prompted image is decoded on its own, with its
+        prompt's sparse tokens (SAM's prompt encoder, :meth:`embed_prompt`) appended to the
+        output tokens, so that images with different numbers of points need no padding
+        tokens. The dense embedding stays the "no mask" one.
+
+        Raises
+        ------
+        ValueError
+            A multi-class model (prompts ask for one object: binary only), or not one
+            prompt per image.
+        """
+        if self.num_classes != 1:
+            raise ValueError(
+                f"prompts need a binary model; this one has {self.num_classes} classes (a "
+                "prompt selects one object, a multi-class model labels every pixel)"
+            )
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+        features = self.encode(images)  # (B, D, h, w), or SAM 2's (embedding, s0, s1)
+        free = [i for i, p in enumerate(prompts) if p is None]
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        if free:
+            for i, low in zip(free, self.decode(_take(features, free))):
+                out[i] = low  # (1, 4h, 4w)
+        for i, prompt in enumerate(prompts):
+            if prompt is not None:
+                sparse = self.embed_prompt(prompt)  # (1, N, D)
+                out[i] = self.decode(_take(features, [i]), sparse)[0]
+        low_res = torch.stack(out)  # (B, 1, 4h, 4w)
+        return F.interpolate(
+            low_res, size=(self.input_size, self.input_size), mode="bilinear",
+            align_corners=False,
+        )
+
+    def embed_prompt(self, prompt: Prompt) -> torch.Tensor:
+        """Sparse prompt tokens (1, N, D) of one image: SAM's prompt encoder, as SAM calls it.
+
+        Points alone get SAM's padding point (label -1), as in ``SamPredictor``; points and
+        a box together do not. Coordinates are in the input frame (see :class:`Prompt`).
+        """
+        device = self.mask_decoder.iou_token.weight.device
+        points = boxes = None
+        if prompt.points is not None:
+            coords = torch.as_tensor(prompt.points, dtype=torch.float32, device=device)
+            labels = torch.as_tensor(prompt.labels, dtype=torch.int64, device=device)
+            points = (coords.reshape(1, -1, 2), labels.reshape(1, -1))  # (1, N, 2), (1, N)
+        if prompt.box is not None:
+            boxes = torch.as_tensor(prompt.box, dtype=torch.float32,
+                                    device=device).reshape(1, 4)  # (1, 4)
+        if points is None and boxes is None:
+            raise ValueError("a Prompt needs points or a box")
+        sparse, _ = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        return sparse.to(self.mask_decoder.iou_token.weight.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (B, D, S/16, S/16): segment-anything's encoder, step by step.
@@ -239,13 +333,20 @@ class SamSegmenter(nn.Module):
             x = hook.on_neck(x, ctx)
         return encoder.neck(x.permute(0, 3, 1, 2))
 
-    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Low-resolution logits (B, C, 4h, 4w) from image embeddings (B, D, h, w)."""
+    def decode(self, embeddings: torch.Tensor,
+               sparse: torch.Tensor | None = None) -> torch.Tensor:
+        """Low-resolution logits (B, C, 4h, 4w) from image embeddings (B, D, h, w).
+
+        ``sparse``: prompt tokens (B, N, D) appended to the output tokens, as in SAM's
+        ``MaskDecoder.predict_masks``; None (prompt-free) appends nothing.
+        """
         decoder = self.mask_decoder
         batch, dim, h, w = embeddings.shape
-        # Output tokens as in SAM: [iou, mask_0, ..., mask_{T-1}]; no sparse prompts.
+        # Output tokens as in SAM: [iou, mask_0, ..., mask_{T-1}], then the sparse prompts.
         tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = tokens.unsqueeze(0).expand(batch, -1, -1)  # (B, 1+T, D)
+        if sparse is not None:
+            tokens = torch.cat([tokens, sparse], dim=1)  # (B, 1+T+N, D)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         src = embeddings + dense  # (B, D, h, w)
         pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)  # (B, D, h, w)
@@ -299,6 +400,13 @@ class SamSegmenter(nn.Module):
     def extra_repr(self) -> str:
         return (f"backbone={self.backbone!r}, num_classes={self.num_classes}, "
                 f"input_size={self.input_size}, peft_method={self.peft_method!r}")
+
+
+def _take(features, index: list[int]):
+    """Rows ``index`` of an encoder output: a tensor (B, ...) or a tuple of them (SAM 2)."""
+    if isinstance(features, torch.Tensor):
+        return features[index]
+    return tuple(f[index] for f in features)
 
 
 def build_segmenter(

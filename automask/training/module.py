@@ -5,6 +5,7 @@ import lightning as L
 import torch
 
 from ..config import OptimConfig
+from ..data.prompts import batch_prompts
 from ..errors import ConfigError
 from ..losses import build_loss
 from ..metrics import build_metrics
@@ -108,7 +109,9 @@ class SegmentationModule(L.LightningModule):
             class_logits, mask_logits = self.model.forward_queries(batch["image"])
             task_loss = self.mask_loss(class_logits, mask_logits, batch["target"])
         else:
-            logits = self.model(batch["image"])
+            prompts = batch_prompts(batch)  # None unless training with data.prompts
+            logits = (self.model(batch["image"]) if prompts is None
+                      else self.model(batch["image"], prompts))
             task_loss = self.loss_fn(logits, batch["target"])
         extra = aux_loss(self.model)
         loss = task_loss + extra

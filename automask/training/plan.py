@@ -71,6 +71,12 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
                 f"candidate {name!r}: 'model.multiclass_head'={cfg.model.multiclass_head!r} is "
                 f"not available on the SAM 2.1 backbone {cfg.model.backbone!r}; set "
                 "'model.multiclass_head': 'tokens'")
+    for name, cfg in candidates:  # prompts select one object: binary tasks only
+        if spec.task == "multiclass" and cfg.data.prompts is not None:
+            raise ConfigError(
+                f"candidate {name!r}: 'data.prompts'={cfg.data.prompts!r} needs a binary task "
+                f"(a prompt selects one object) but the data has {spec.num_classes} classes; "
+                "leave 'data.prompts' unset (None)")
     for name, cfg in candidates:  # a loss of the other task fails now, not mid-fit
         try:
             build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)

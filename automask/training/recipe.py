@@ -100,6 +100,7 @@ def train_candidate(
         cache_dir=run_dir / "cache" / f"{cfg.model.input_size}" if writer else None,
         cache_memory_mb=d.cache_memory_mb,
         large_images=d.large_images,
+        prompts=d.prompts, prompt_rate=d.prompt_rate,
     )
     module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
                                 optim=cfg.optim, val_metric=eval_metric)
