@@ -75,8 +75,11 @@ def _cmd_fit(args) -> None:
                     "num_classes": args.num_classes, "class_names": class_names}
     seg = SemanticSegmentor(path=args.path, verbosity=args.verbosity, **params)
     seg.fit(train, overwrite=args.overwrite, resume=args.resume, **fit_args)
-    _print_table(seg.leaderboard(), as_json=False)
-    print(f"saved to {seg.path_}")
+    from .training.distributed import is_main_process
+
+    if is_main_process():  # a distributed fit runs this command in every process
+        _print_table(seg.leaderboard(), as_json=False)
+        print(f"saved to {seg.path_}")
 
 
 def _recorded_fit(path: str):

@@ -283,6 +283,7 @@ def test_cli_fit_on_two_processes_stops_together_at_the_time_limit(ddp_data):
     record = seg.models_[seg.best_model_]
     assert 1 <= record.epochs < 100000  # stopped by the time limit, not by max_epochs
     assert proc.stdout.count("fit done in") == 1  # one process reports
+    assert proc.stdout.count("saved to") == 1
     assert len(list(run.glob("v-*"))) == 1 and not (run / ".automask_fit").exists()
 
 
