@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="compare_peers_") as tmp:
         for name in args.groups:
             results[name] = run_group(driver, name, args, Path(tmp))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+            if args.out:  # after every group: a long run stopped early keeps what it has
+                Path(args.out).write_text(json.dumps(results, indent=1))
+            print(report({name: results[name]}, args, am_default), flush=True)
     print()
     print(report(results, args, am_default))
     return 0
