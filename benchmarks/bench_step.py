@@ -17,6 +17,14 @@ Run from the repository root::
     python -m benchmarks.bench_step                      # CPU, bf16 autocast when supported
     python -m benchmarks.bench_step --device cuda --steps 10 --warmup 3
 
+Roofline (``--roofline``): the FLOPs of one step of each method are counted with
+``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and attention,
+forward and backward), and this machine's matrix rate in the step's precision is measured
+in the same run (a 4096 x 4096 x 4096 product, best of a few, taken between the timed
+steps); printed: achieved FLOP/s of the step over that rate::
+
+    python -m benchmarks.bench_step --roofline --methods conv_lora --sizes 512 1024 --batch 1
+
 Output: one line per configuration (seconds per step, images per second, peak memory:
 ``ru_maxrss`` of the subprocess on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), then
 the ratios conv_lora / lora and lora / floor per input size (targets: both <= 1.3).
@@ -86,6 +94,61 @@ def make_step(method: str, size: int, args: argparse.Namespace):
         images.grad = None
 
     return step, sync, use_bf16
+
+
+def count_flops(step) -> int:
+    """FLOPs of one call of ``step`` (forward and backward), by ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def matmul_rate(bf16: bool, n: int = 4096, repeat: int = 3) -> float:
+    """Best FLOP/s of an (n x n) @ (n x n) product in bf16 (or fp32) on this CPU."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up (oneDNN primitive creation)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def run_roofline(args: argparse.Namespace, size: int) -> list[dict]:
+    """Time each method interleaved with matrix-rate probes; FLOPs counted on one step."""
+    import torch
+
+    built = {m: make_step(m, size, args) for m in args.methods}
+    flops = {m: count_flops(step) for m, (step, _, _) in built.items()}  # also a warm-up
+    for _ in range(max(0, args.warmup - 1)):
+        for step, _, _ in built.values():
+            step()
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    rates: list[float] = []
+    uses_bf16 = any(b for _, _, b in built.values())
+    for _ in range(args.steps):
+        rates.append(matmul_rate(uses_bf16))
+        for method, (step, sync, _) in built.items():
+            times[method].append(_timed(step, sync))
+    peak = max(rates)
+    rows = []
+    for m in args.methods:
+        seconds = statistics.median(times[m])
+        rows.append({"method": m, "size": size, "batch": args.batch,
+                     "dtype": "bf16" if built[m][2] else "fp32",
+                     "threads": torch.get_num_threads(), "seconds": seconds,
+                     "step_times": times[m], "tflop": flops[m] / 1e12,
+                     "achieved_tflops": flops[m] / seconds / 1e12,
+                     "peak_tflops": peak / 1e12, "peak_probes_tflops": [r / 1e12 for r in rates],
+                     "fraction": flops[m] / seconds / peak})
+    return rows
 
 
 def _timed(step, sync) -> float:
@@ -168,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", action="store_true",
                         help="time all methods in one process, step by step in turn (ratios "
                              "robust to a busy machine; memory then not per method)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="count each step's FLOPs and print achieved / measured peak "
+                             "matrix rate (CPU; methods interleaved in this process)")
     parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -186,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {row['peak_mib']:7.0f} MiB ({row['peak_kind']}; "
               f"+{row['peak_over_build_mib']:.0f} over build)", flush=True)
 
+    if args.roofline:
+        for size in args.sizes:
+            for row in run_roofline(args, size):
+                print(f"{args.backbone} {size:4d}px bs{row['batch']} {row['dtype']} "
+                      f"{row['method']:12s} {row['seconds']:7.3f} s/step (median of "
+                      f"{len(row['step_times'])}), {row['tflop']:.3f} TFLOP/step, "
+                      f"{row['achieved_tflops']:.3f} TFLOP/s achieved, matrix peak "
+                      f"{row['peak_tflops']:.3f} TFLOP/s (probes "
+                      f"{', '.join(f'{r:.2f}' for r in row['peak_probes_tflops'])}): "
+                      f"{100 * row['fraction']:.1f}% of peak", flush=True)
+        return 0
     for size in args.sizes:
         if args.interleave:
             for row in run_interleaved(args, size):

@@ -170,3 +170,117 @@ def test_bf16_autocast_on_cpu():
     out.float().sum().backward()
     used = [e for e, c in zip(adapter.experts, adapter.expert_counts) if c]
     assert used and all(e.weight.grad is not None for e in used)
+
+
+# ---------------------------------------------------------------- dispatch equivalence
+def _previous_mixture(self, grid):
+    """The dispatch as it was before the float32 experts: experts, weights and sums in the
+    grid's dtype under the ambient autocast (the reference the current one must match)."""
+    with torch.autocast(device_type=grid.device.type, enabled=False):
+        gates, self.aux_loss = self.gate(grid.float().mean(dim=(2, 3)))
+    weight, expert = gates.topk(self.top_k, dim=1)
+    sample = torch.arange(grid.shape[0]).repeat_interleave(self.top_k)
+    expert, weight = expert.reshape(-1), weight.reshape(-1)
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+    out, start = torch.zeros_like(grid), 0
+    for index, count in enumerate(counts):
+        if count == 0:
+            continue
+        chosen = order[start:start + count]
+        start += count
+        rows = sample[chosen]
+        x = grid.index_select(0, rows)
+        size = x.shape[-2:]
+        scale = self.scales[index]
+        if scale != 1.0:
+            x = F.interpolate(x, size=(round(size[0] * scale), round(size[1] * scale)),
+                              mode="bicubic", align_corners=False)
+        x = F.gelu(self.experts[index](x))
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
+        y = x * weight[chosen].to(x.dtype).view(-1, 1, 1, 1)
+        out = out.index_add(0, rows, y.to(out.dtype))
+    return out
+
+
+def _run(adapter, x, mode, bf16, seed=0):
+    """Output, aux loss and every gradient (None as zeros) of one forward + backward."""
+    adapter.train(mode == "train")
+    adapter.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same gate noise for both dispatches
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = adapter(x)
+    loss = out.float().square().mean() + adapter.aux_loss
+    loss.backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in adapter.named_parameters() if p.requires_grad}
+    return out.float().detach(), loss.detach(), x.grad, grads
+
+
+def _routed_adapter(top_k):
+    adapter = _adapter(rank=3, experts=4, top_k=top_k, seed=1, scales=(1, 2, 3, 0.5))
+    adapter.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        nn.init.normal_(adapter.lora_B.weight, std=0.5)
+        nn.init.normal_(adapter.w_gate, std=2.0)
+        nn.init.normal_(adapter.w_noise, std=1.0)
+    return adapter
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dispatch_matches_previous_dispatch(mode, top_k, bf16):
+    """Float32 experts give the previous dispatch's output, loss and gradients.
+
+    fp32: identical kernels in the same order (tolerance 1e-6 for safety). bf16 autocast:
+    the previous dispatch rounded expert maps, weights and sums to bf16, the current one
+    keeps them in float32, so they agree to bf16 rounding (2e-2 relative to the largest
+    value; the current one is the more precise).
+    """
+    x = torch.randn(6, 5, 5, 16, generator=torch.Generator().manual_seed(0))
+    adapter = _routed_adapter(top_k)
+    new = _run(adapter, x, mode, bf16)
+    counts = list(adapter.expert_counts)
+    assert sum(c > 0 for c in counts) >= 2  # several experts routed
+    adapter.mixture = _previous_mixture.__get__(adapter)
+    old = _run(adapter, x, mode, bf16)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-6, "rtol": 1e-6}
+    for a, b in zip(new[:3], old[:3]):
+        scale = max(1.0, b.abs().max().item()) if bf16 else 1.0
+        torch.testing.assert_close(a / scale, b / scale, **tol)
+    for name in new[3]:
+        scale = max(1e-3, old[3][name].abs().max().item()) if bf16 else 1.0
+        torch.testing.assert_close(new[3][name] / scale, old[3][name] / scale, **tol,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dense_routing_matches_dispatch_with_gradients(mode, top_k):
+    """The static (dense) mixture: same output, loss and gradients as the dispatch (fp32).
+
+    Experts no sample was routed to get zero gradients from the dense mixture and none
+    (compared as zeros) from the dispatch. Tolerance 1e-5: the convolutions run on batches
+    of another size, so their kernels may sum in another order.
+    """
+    x = torch.randn(6, 5, 5, 16, generator=torch.Generator().manual_seed(0))
+    adapter = _routed_adapter(top_k)
+    sparse = _run(adapter, x, mode, False)
+    adapter.dense_routing = True
+    dense = _run(adapter, x, mode, False)
+    for a, b in zip(dense[:3], sparse[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name in dense[3]:
+        torch.testing.assert_close(dense[3][name], sparse[3][name], atol=1e-5, rtol=1e-5)
+
+
+def test_experts_run_in_float32_under_bf16_autocast():
+    adapter = _routed_adapter(1)
+    grid = torch.randn(4, 3, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter.mixture(grid)
+        y = adapter.run_expert(1, grid)
+    assert out.dtype == torch.bfloat16 and y.dtype == torch.float32
