@@ -277,10 +277,3 @@ def test_dense_routing_matches_dispatch_with_gradients(mode, top_k):
         torch.testing.assert_close(dense[3][name], sparse[3][name], atol=1e-5, rtol=1e-5)
 
 
-def test_experts_run_in_float32_under_bf16_autocast():
-    adapter = _routed_adapter(1)
-    grid = torch.randn(4, 3, 5, 5).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = adapter.mixture(grid)
-        y = adapter.run_expert(1, grid)
-    assert out.dtype == torch.bfloat16 and y.dtype == torch.float32

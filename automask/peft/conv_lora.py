@@ -177,39 +177,24 @@ class ConvLoRALinear(LoRALinear):
 
     # ------------------------------------------------------------------ experts
     def run_expert(self, index: int, grid: torch.Tensor) -> torch.Tensor:
-        """Expert ``index`` on low-rank maps (n, r, H, W): resize by s_i, conv, GELU, back.
-
-        Computed in the experts' own dtype (float32 unless the model was cast) whatever the
-        autocast state: the maps have only r channels, and on CPUs the bf16 kernels for such
-        small convolutions, bicubic resizes and indexed adds are slower than the float32
-        ones. Returns maps (n, r, H, W) in that dtype.
-        """
+        """Expert ``index`` on low-rank maps (n, r, H, W): resize by s_i, conv, GELU, back."""
         height, width = int(grid.shape[-2]), int(grid.shape[-1])  # static: the window size
         scale = self.scales[index]
-        expert = self.experts[index]
-        with torch.autocast(device_type=grid.device.type, enabled=False):
-            x = grid.to(expert.weight.dtype)
-            if scale != 1.0:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-            x = F.gelu(expert(x))
-            if x.shape[-2:] != (height, width):
-                x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+        x = grid
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        x = F.gelu(self.experts[index](x))
+        if x.shape[-2:] != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
         return x
 
     def mixture(self, grid: torch.Tensor) -> torch.Tensor:
-        """Gated sum of the experts on (N, r, H, W); sets :attr:`aux_loss`.
-
-        The experts and the sum run in the experts' dtype (float32 unless the model was
-        cast; see :meth:`run_expert`), the gate in float32; the sum is returned in the
-        grid's dtype.
-        """
-        dtype = grid.dtype
-        grid = grid.to(self.experts[0].weight.dtype)  # (N, r, H, W): one cast for all
+        """Gated sum of the experts on (N, r, H, W); sets :attr:`aux_loss`."""
         with torch.autocast(device_type=grid.device.type, enabled=False):
-            gates, self.aux_loss = self.gate(grid.mean(dim=(2, 3)))  # (N, M)
+            gates, self.aux_loss = self.gate(grid.float().mean(dim=(2, 3)))  # (N, M)
         if self.dense_routing or _is_exporting():
-            return self.dense_mixture(grid, gates).to(dtype)
+            return self.dense_mixture(grid, gates)
         # Dispatch: group the (sample, expert) pairs by expert; run only routed experts.
         weight, expert = gates.topk(self.top_k, dim=1)  # (N, k)
         sample = torch.arange(grid.shape[0], device=grid.device).repeat_interleave(self.top_k)
@@ -225,9 +210,10 @@ class ConvLoRALinear(LoRALinear):
             chosen = order[start : start + count]
             start += count
             rows = sample[chosen]
-            y = self.run_expert(index, grid.index_select(0, rows))  # (count, r, H, W)
-            out = out.index_add(0, rows, y * weight[chosen].view(-1, 1, 1, 1))
-        return out.to(dtype)
+            y = self.run_expert(index, grid.index_select(0, rows))
+            y = y * weight[chosen].to(y.dtype).view(-1, 1, 1, 1)
+            out = out.index_add(0, rows, y.to(out.dtype))
+        return out
 
     def dense_mixture(self, grid: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The mixture with static operations only, for export: every expert on every sample.
@@ -242,7 +228,7 @@ class ConvLoRALinear(LoRALinear):
         out = torch.zeros_like(grid)  # (N, r, H, W)
         for index in range(self.num_experts):
             y = self.run_expert(index, grid)
-            out = out + y * gates[:, index].to(y.dtype).view(-1, 1, 1, 1)
+            out = out + (y * gates[:, index].to(y.dtype).view(-1, 1, 1, 1)).to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
