@@ -316,6 +316,23 @@ def _load_version(cls, path: Path, version: str):
     return seg
 
 
+def reload_into(seg, path: Path) -> None:
+    """Give the estimator ``seg`` the fitted state of the predictor in ``path``, as
+    :func:`load_predictor` returns it; ``seg``'s constructor arguments stay its own.
+
+    The weights files stay open for as long as ``seg`` lives (the loaded copy's own
+    finalizer is emptied first, so it closes nothing when that copy goes).
+    """
+    fitted = load_predictor(type(seg), Path(path))
+    handles = dict(fitted._weights_files)
+    fitted._weights_files.clear()
+    for attr, value in vars(fitted).items():
+        if attr not in seg.get_params():
+            setattr(seg, attr, value)
+    seg._weights_files = handles
+    weakref.finalize(seg, _close_all, handles)
+
+
 def _close_all(handles: dict[str, IO[bytes]]) -> None:
     for handle in handles.values():
         handle.close()

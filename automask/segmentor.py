@@ -162,11 +162,9 @@ class SemanticSegmentor(BaseEstimator):
         writer = distributed.is_writer(plan.world_size)  # rank 0 of a distributed fit
         run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume, writer=writer)
         with run:
-            if not writer:
-                pass  # the writer checks and records the plan
-            elif resume:
+            if writer and resume:  # in a distributed fit, rank 0 checks and records alone
                 run.state.check_plan(plan.record)
-            else:
+            elif writer:
                 run.state.start(plan.record, plan.frames)
             self.path_ = run.path
             self.task_ = spec.task
@@ -417,16 +415,12 @@ class SemanticSegmentor(BaseEstimator):
         if writer:
             return
         try:
-            fitted = saving.load_predictor(type(self), path)
+            saving.reload_into(self, path)
         except (OSError, AutomaskError) as exc:
             log.warning("the predictor written by rank 0 in %s is not readable here (%s); "
                         "this process keeps its own copy of the fitted models in memory",
                         path, exc)
             self.path_ = path
-            return
-        for attr, value in vars(fitted).items():
-            if attr not in self.get_params():
-                setattr(self, attr, value)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "best_model_"):

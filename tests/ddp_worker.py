@@ -116,6 +116,9 @@ def main() -> None:
     log["path"] = str(seg.path_)
     log["val_scores"] = {k: r.val_score for k, r in seg.models_.items()}
     log["stopped"] = {k: r.stopped for k, r in seg.models_.items()}
+    if tuning is not None:  # every process can predict with any model, not only the last one
+        first = next(iter(seg.models_))
+        log["predicted"] = [int(m.sum()) for m in seg.predict(tuning.iloc[:2], model=first)]
     log["history"] = {k: [h["epoch"] for h in r.history] for k, r in seg.models_.items()}
     _dump(out, log)
 

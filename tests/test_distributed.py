@@ -230,6 +230,7 @@ def test_one_process_writes_and_the_predictor_works_alone(every_method):
     assert sorted(w for w in r0["writes"] if w.startswith("write_weights")) == \
         sorted(f"write_weights:method={m}" for m in PEFT_METHODS)
     assert r0["path"] == r1["path"] == str(tmp / "run")
+    assert r0["predicted"] == r1["predicted"]  # after fit, both processes hold the predictor
     assert stdout.count("fit done in") == 1  # one process reports
     seg = automask.SemanticSegmentor.load(tmp / "run")  # this single process
     masks = seg.predict(pd.read_csv(tmp / "tuning.csv"))
