@@ -89,11 +89,22 @@ def _device_count(devices: str, accelerator: str) -> int:
     return 1
 
 
+def interactive() -> bool:
+    """True in an interactive session (a REPL or a notebook kernel)."""
+    import sys
+
+    return hasattr(sys, "ps1") or "ipykernel" in sys.modules
+
+
 def fit_world_size(cfg: Config) -> int:
-    """Processes of a fit with ``cfg``: devices per machine times ``env.num_nodes``."""
+    """Processes of a fit with ``cfg``: devices per machine times ``env.num_nodes``.
+
+    ``env.devices="auto"`` means one device on a CPU and in an interactive session (which
+    cannot start the other processes), every GPU otherwise.
+    """
     cpu = cfg.env.accelerator == "cpu" or not cuda_usable(cfg.env.accelerator)
-    devices = 1 if cpu and cfg.env.devices == "auto" else _device_count(
-        cfg.env.devices, cfg.env.accelerator)
+    one = cfg.env.devices == "auto" and (cpu or interactive())
+    devices = 1 if one else _device_count(cfg.env.devices, cfg.env.accelerator)
     return devices * cfg.env.num_nodes
 
 
@@ -126,9 +137,7 @@ def distributed_strategy(cfg: Config) -> str:
             f"('auto' or one of {', '.join(DDP_STRATEGIES)}), started from a script, "
             "torchrun or SLURM"
         )
-    import sys
-
-    if hasattr(sys, "ps1") or "ipykernel" in sys.modules:
+    if interactive():
         raise ConfigError(
             f"a fit on {fit_world_size(cfg)} processes cannot start from an interactive "
             "session (DDP re-runs the script in each process): run it as a script "
@@ -173,6 +182,8 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
     devices_arg: int | str = int(devices) if devices.lstrip("-").isdigit() else devices
     if accelerator == "cpu" or (accelerator == "auto" and not gpu):
         accelerator, devices_arg = "cpu", 1 if devices == "auto" else devices_arg
+    elif devices == "auto" and world == 1:
+        devices_arg = 1  # an interactive session on a machine with several GPUs
     resolved = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, input_size=input_size),

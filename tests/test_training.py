@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
 from automask.config import resolve
+from automask.errors import ConfigError
 from automask.hardware import CPU_INPUT_SIZE, resolve_env
 from automask.models import build_segmenter
 from automask.peft import apply_peft
@@ -88,6 +90,13 @@ def test_resolve_env_accounts_for_devices_and_nodes_and_unused_parameters(monkey
     assert resolve_env(cfg)[1]["strategy"] == "ddp"
     [(_, cfg)] = resolve("paper", {"env.devices": "1", "env.accelerator": "gpu"})
     assert resolve_env(cfg)[1]["strategy"] == "auto"  # one process: Lightning's choice
+    # in a notebook "auto" devices is one GPU (DDP cannot start from there); 2 is refused
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    [(_, cfg)] = resolve("paper", {"env.accelerator": "gpu"})
+    _, env = resolve_env(cfg)
+    assert env["devices"] == 1 and env["strategy"] == "auto"
+    with pytest.raises(ConfigError, match="interactive session"):
+        resolve_env(resolve("paper", {"env.accelerator": "gpu", "env.devices": "2"})[0][1])
 
 
 def test_best_weights_callback_restores_the_best_copy():
