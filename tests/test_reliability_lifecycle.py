@@ -41,9 +41,17 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal, whatever this pytest process inherited or
+    earlier tests' libraries did to it (an ignored SIGINT, as a shell gives background
+    jobs, or a blocked one: children inherit both)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def start_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "automask", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -339,6 +347,7 @@ API_FIT = textwrap.dedent("""
 def test_ctrl_c_raises_keyboard_interrupt_in_the_api(data, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", API_FIT, str(data / "train.csv"), str(run)],
+                            preexec_fn=_default_sigint,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: checkpoint_epoch(run) is not None, proc)
     proc.send_signal(signal.SIGINT)
