@@ -169,29 +169,43 @@ class SegmentationDataset(Dataset):
 
         Served from the cache when possible; decoded (and cached) otherwise.
         """
+        return self._load(position, native=False)
+
+    def load_native(self, position: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+        """Full-resolution uint8 image ``(H, W, 3)``, raw mask ``(H, W)`` and ``(H, W)``.
+
+        Served from the cache when possible (an entry on disk is memory-mapped, so a crop
+        reads only its rows); decoded (and cached) otherwise. The cache key is not that of
+        :meth:`load_resized`: the two kinds of entry never stand in for each other.
+        """
+        return self._load(position, native=True)
+
+    def _load(self, position: int,
+              native: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+        """Image, raw mask (resized to the input, or at native scale) and ``(H, W)``."""
         image_path = self.images[position]
         label_path = self.labels[position] if self.with_labels else None
         original = self.original_size(position)
         key = None
         if self.cache is not None:
-            key = sample_key(
-                image_path, _file_stamp(image_path),
-                label_path, _file_stamp(label_path) if label_path else None,
-                self.input_size, self._cmap_key,
-            )
-            hit = self.cache.get(key)
+            files = (image_path, _file_stamp(image_path),
+                     label_path, _file_stamp(label_path) if label_path else None)
+            key = (sample_key("native", *files, self._cmap_key) if native
+                   else sample_key(*files, self.input_size, self._cmap_key))
+            hit = self.cache.get(key, mmap=native)
             if hit is not None and (hit[1] is not None or not self.with_labels):
                 return hit[0], hit[1], original
-        resized = resized_shape(original, self.input_size)
-        image = read_image(image_path, min_size=resized)
+        size = original if native else resized_shape(original, self.input_size)
+        image = read_image(image_path) if native else read_image(image_path, min_size=size)
         self.decodes += 1
-        if image.shape[:2] != original and not _is_draft(image.shape[:2], original):
+        if image.shape[:2] != original and (native or not _is_draft(image.shape[:2], original)):
             raise DataValidationError(
                 f"row {self.spec.frame.index[position]!r} {image_path}: image is "
                 f"{image.shape[0]}x{image.shape[1]} but the DataSpec says "
                 f"{original[0]}x{original[1]}"
             )
-        image = resize_image(image, resized)
+        if not native:
+            image = resize_image(image, size)
         mask = None
         if label_path is not None:
             raw = read_mask(label_path, color_map=self.spec.color_map)
@@ -201,48 +215,7 @@ class SegmentationDataset(Dataset):
                     f"{raw.shape[0]}x{raw.shape[1]} but image {image_path} is "
                     f"{original[0]}x{original[1]}"
                 )
-            mask = resize_nearest(raw, resized).astype(np.uint8, copy=False)
-            mask = np.ascontiguousarray(mask)
-        if self.cache is not None:
-            self.cache.put(key, image, mask)
-        return image, mask, original
-
-    def load_native(self, position: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
-        """Full-resolution uint8 image ``(H, W, 3)``, raw mask ``(H, W)`` and ``(H, W)``.
-
-        Served from the cache when possible (an entry on disk is memory-mapped, so a crop
-        reads only its rows); decoded (and cached) otherwise. The cache key is not that of
-        :meth:`load_resized`: the two kinds of entry never stand in for each other.
-        """
-        image_path = self.images[position]
-        label_path = self.labels[position] if self.with_labels else None
-        original = self.original_size(position)
-        key = None
-        if self.cache is not None:
-            key = sample_key(
-                "native", image_path, _file_stamp(image_path),
-                label_path, _file_stamp(label_path) if label_path else None, self._cmap_key,
-            )
-            hit = self.cache.get(key, mmap=True)
-            if hit is not None and (hit[1] is not None or not self.with_labels):
-                return hit[0], hit[1], original
-        image = read_image(image_path)
-        self.decodes += 1
-        if image.shape[:2] != original:
-            raise DataValidationError(
-                f"row {self.spec.frame.index[position]!r} {image_path}: image is "
-                f"{image.shape[0]}x{image.shape[1]} but the DataSpec says "
-                f"{original[0]}x{original[1]}"
-            )
-        mask = None
-        if label_path is not None:
-            mask = read_mask(label_path, color_map=self.spec.color_map)
-            if mask.shape != original:
-                raise DataValidationError(
-                    f"row {self.spec.frame.index[position]!r} {label_path}: mask is "
-                    f"{mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
-                    f"{original[0]}x{original[1]}"
-                )
+            mask = raw if native else resize_nearest(raw, size)
             mask = np.ascontiguousarray(mask.astype(np.uint8, copy=False))
         if self.cache is not None:
             self.cache.put(key, image, mask)
@@ -260,18 +233,21 @@ class SegmentationDataset(Dataset):
             rng = np.random.default_rng([self.seed, position, epoch, 1])  # crop draws
             zoom = rng.uniform(*self.augment.scale_range) if self.augment is not None else 1.0
             image, mask = random_crop(image, mask, self.input_size, zoom, rng)
+        return self._item(image, mask, original, position, epoch, self._augment_after_crop)
+
+    def _item(self, image: np.ndarray, mask: np.ndarray | None, original: tuple[int, int],
+              position: int, epoch: int,
+              augment_cfg: AugmentConfig | None) -> dict[str, torch.Tensor]:
+        """The item of a loaded sample: its class targets, augmentation and prompts, drawn
+        from one generator seeded by ``(seed, position, epoch)``."""
         target = None
         if mask is not None:
             target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
         rng = None
-        if self._augment_after_crop is not None or self.prompts is not None:
+        if augment_cfg is not None or self.prompts is not None:
             rng = np.random.default_rng([self.seed, position, epoch])
-        if self._augment_after_crop is not None:
-            image, target = augment(image, target, self._augment_after_crop, rng)
-        return self._item(image, target, original, position, rng)
-
-    def _item(self, image: np.ndarray, target: np.ndarray | None, original: tuple[int, int],
-              position: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        if augment_cfg is not None:
+            image, target = augment(image, target, augment_cfg, rng)
         out = {
             "image": normalize_pad(image, self.input_size),  # (3, S, S)
             "original_size": torch.tensor(original, dtype=torch.int64),
@@ -298,15 +274,7 @@ class SegmentationDataset(Dataset):
         elif self.large_images != "resize" and self.is_cropped(position):
             return self._crop_item(position, epoch, None)
         image, mask, original = self.load_resized(position)
-        target = None
-        if mask is not None:
-            target = self.spec.target_lut(position, mask)[mask]  # (h, w) uint8
-        rng = None
-        if self.augment is not None or self.prompts is not None:
-            rng = np.random.default_rng([self.seed, position, epoch])
-        if self.augment is not None:
-            image, target = augment(image, target, self.augment, rng)
-        return self._item(image, target, original, position, rng)
+        return self._item(image, mask, original, position, epoch, self.augment)
 
 
 def _is_draft(decoded: tuple[int, int], original: tuple[int, int]) -> bool:
