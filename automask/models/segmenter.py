@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .backbones import build_sam_parts, get_spec
+from .blocks import block_forward
 from .checkpoint import load_sam_weights, locate_checkpoint
 from .mask_classification import NUM_QUERIES, make_class_head, semantic_log_probs
 
@@ -324,9 +325,10 @@ class SamSegmenter(nn.Module):
             if hook is not None:
                 x = hook.before_block(index, x, ctx)
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block_forward, block, x,
+                                                      use_reentrant=False)
             else:
-                x = block(x)
+                x = block_forward(block, x)  # = block(x), without the window padding's waste
             if hook is not None:
                 x = hook.after_block(index, x, ctx)
         if hook is not None:

@@ -47,6 +47,8 @@ class BottleneckAdapter(Adapter):
         Hidden channels of the adapter.
     """
 
+    token_wise = True
+
     def __init__(self, base_layer: nn.Linear, bottleneck: int) -> None:
         super().__init__(base_layer)
         dim = base_layer.out_features

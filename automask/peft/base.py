@@ -106,10 +106,14 @@ class Adapter(nn.Module):
     A subclass computes its output from ``self.base_layer`` and its own trainable parts and
     keeps the adapted layer's call signature. Class attribute ``mergeable`` says whether
     :meth:`merge` can fold the adapter into the base weights for inference; ``aux_loss``
-    holds an auxiliary loss of the last forward (already weighted) or None.
+    holds an auxiliary loss of the last forward (already weighted) or None. ``token_wise``
+    says that each output row depends only on the same input row (given a token-wise
+    ``base_layer``), so the encoder may skip the rows of window padding
+    (:mod:`automask.models.blocks`); leave it False when unsure.
     """
 
     mergeable: ClassVar[bool] = False
+    token_wise: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

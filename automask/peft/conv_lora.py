@@ -106,6 +106,7 @@ class ConvLoRALinear(LoRALinear):
     """
 
     mergeable = False
+    token_wise = False  # the experts convolve the (window's) token grid
 
     def __init__(
         self,
@@ -237,10 +238,13 @@ class ConvLoRALinear(LoRALinear):
             raise ValueError(
                 f"Conv-LoRA needs a token grid (N, H, W, C) as input, got shape {tuple(x.shape)}"
             )
-        out = self.base_layer(x)
+        return self.base_layer(x) + self.delta(x)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The update added to ``base_layer(x)``: (N, H, W, in) -> (N, H, W, out)."""
         grid = self.lora_A(x).permute(0, 3, 1, 2)  # (N, r, H, W)
         grid = grid + self.mixture(grid)
-        return out + self.lora_B(grid.permute(0, 2, 3, 1)) * self.scaling
+        return self.lora_B(grid.permute(0, 2, 3, 1)) * self.scaling
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, num_experts={self.num_experts}, "

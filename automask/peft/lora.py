@@ -54,6 +54,7 @@ class LoRALinear(Adapter):
     """
 
     mergeable = True
+    token_wise = True
 
     def __init__(self, base_layer: nn.Linear, rank: int = 3, alpha: float = 32.0) -> None:
         if not isinstance(base_layer, nn.Linear):

@@ -50,6 +50,7 @@ class ScaleShift(Adapter):
         super().__init__(base_layer)
         self.mergeable = getattr(base_layer, "bias", None) is not None  # folds into the bias
         self.channel_dim = 1 if isinstance(base_layer, (nn.Conv2d, LayerNorm2d)) else -1
+        self.token_wise = self.channel_dim == -1  # per channel of each token
         weight = base_layer.weight
         channels = weight.shape[0]
         self.scale, self.shift = _scale_shift(channels, weight)

@@ -1,0 +1,74 @@
+"""The encoder block without its window padding's projections against segment-anything's.
+
+One training forward + backward of vit_b (random weights, batch 1) per PEFT method and
+input size, alternating ``automask.models.blocks.block_forward`` with segment-anything's
+``block(x)`` in the same process (the order flips every round); prints the median seconds
+of each and their ratio per round.
+
+    python benchmarks/bench_blocks.py [--sizes 256 512] [--methods conv_lora lora]
+                                      [--precision bf16|fp32] [--rounds 4]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import automask.models.segmenter as segmenter_module  # noqa: E402
+from automask.models import build_segmenter  # noqa: E402
+from automask.models.blocks import block_forward  # noqa: E402
+from automask.peft import apply_peft, aux_loss  # noqa: E402
+
+
+def stock(block, x):
+    return block(x)
+
+
+def step(seg, images: torch.Tensor, bf16: bool) -> float:
+    seg.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = seg(images).float().square().mean() + aux_loss(seg)
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--methods", nargs="+", default=["conv_lora", "lora"])
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    paths = {"segment-anything": stock, "automask": block_forward}
+    for size in args.sizes:
+        for method in args.methods:
+            torch.manual_seed(0)
+            seg = build_segmenter("vit_b", num_classes=1, input_size=size, checkpoint="random")
+            apply_peft(seg, method).train()
+            images = torch.randn(1, 3, size, size)
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            for round_ in range(args.rounds + 1):  # round 0 warms up
+                order = list(paths) if round_ % 2 else list(paths)[::-1]
+                for name in order:
+                    segmenter_module.block_forward = paths[name]
+                    seconds = step(seg, images, args.precision == "bf16")
+                    if round_:
+                        times[name].append(seconds)
+            ours, theirs = times["automask"], times["segment-anything"]
+            ratios = [round(a / b, 3) for a, b in zip(ours, theirs)]
+            print(f"{size} px {method:<10} {args.precision}: segment-anything "
+                  f"{statistics.median(theirs):.3f} s, automask {statistics.median(ours):.3f} s,"
+                  f" ratio {statistics.median(ratios):.3f} {ratios}", flush=True)
+    segmenter_module.block_forward = block_forward
+
+
+if __name__ == "__main__":
+    main()

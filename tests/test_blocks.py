@@ -1,0 +1,107 @@
+"""The encoder block without the window padding's projections equals segment-anything's."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import automask.models.segmenter as segmenter_module
+from automask.models import build_segmenter
+from automask.models.blocks import block_forward, is_token_wise
+from automask.peft import PEFT_METHODS, ConvLoRALinear, LoRALinear, apply_peft, aux_loss
+from automask.peft.adapter import BottleneckAdapter
+from automask.peft.ssf import ScaleShift
+
+# tiny: 16 px patches, windows of 8 tokens. 160 px is a 10 x 10 grid padded to 16 x 16:
+# four windows, three of them partly padding.
+SIZE = 160
+
+
+def _model(method: str, seed: int = 0):
+    torch.manual_seed(seed)
+    seg = build_segmenter("tiny", num_classes=1, input_size=SIZE, checkpoint="random")
+    apply_peft(seg, method)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # no zero-initialised adapter: every path carries a signal
+        for param in seg.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return seg
+
+
+def _run(seg, stock: bool, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if stock:
+        monkeypatch.setattr(segmenter_module, "block_forward", lambda block, x: block(x))
+    else:
+        monkeypatch.setattr(segmenter_module, "block_forward", block_forward)
+    seg.zero_grad(set_to_none=True)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(11)  # Conv-LoRA's noisy gate draws the same noise both times
+    logits = seg(images)
+    (logits.square().mean() + aux_loss(seg)).backward()
+    grads = {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("method", list(PEFT_METHODS))
+def test_same_output_and_gradients_as_segment_anything(method, monkeypatch):
+    seg = _model(method).train()
+    fast, fast_grads = _run(seg, stock=False, monkeypatch=monkeypatch)
+    stock, stock_grads = _run(seg, stock=True, monkeypatch=monkeypatch)
+    assert fast_grads.keys() == stock_grads.keys() and fast_grads
+    assert fast.abs().max() > 1e-3
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-4)
+    for name, grad in stock_grads.items():
+        assert grad.abs().sum() > 0 or method in ("full", "scratch"), name
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _qkv_rows(seg) -> list[int]:
+    """Rows each windowed block's frozen qkv Linear computed in one forward."""
+    rows: list[int] = []
+    blocks = [b for b in seg.image_encoder.blocks if b.window_size > 0]
+    for block in blocks:
+        attn = getattr(block.attn, "base_layer", block.attn)  # VPT wraps the attention
+        layer = attn.qkv
+        linear = layer if isinstance(layer, nn.Linear) else getattr(layer, "base_layer", None)
+        if isinstance(linear, nn.Linear):
+            linear.register_forward_hook(
+                lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    with torch.no_grad():
+        seg.eval()(torch.randn(2, 3, SIZE, SIZE))
+    return rows
+
+
+@pytest.mark.parametrize("method,skips", [("decoder_only", True), ("lora", True),
+                                          ("conv_lora", True), ("ssf", True),
+                                          ("vpt", False)])
+def test_padding_is_skipped_where_the_layers_allow(method, skips):
+    real, padded = 2 * 10 * 10, 2 * 16 * 16
+    rows = _qkv_rows(_model(method))
+    assert rows, "no windowed block was seen"
+    if skips:  # the real tokens plus the one zero token that fills the padding
+        assert set(rows) == {real, 1}, rows
+    else:  # VPT's attention is its own module (its qkv also projects the prompts):
+        assert padded in rows and real not in rows, rows  # segment-anything's order
+
+
+def test_token_wise_layers():
+    linear = nn.Linear(4, 12)
+    assert is_token_wise(linear)
+    assert is_token_wise(LoRALinear(nn.Linear(4, 12)))
+    assert is_token_wise(BottleneckAdapter(nn.Linear(4, 12), 2))
+    assert is_token_wise(ScaleShift(nn.Linear(4, 12)))
+    assert not is_token_wise(ScaleShift(nn.Conv2d(4, 4, 3)))  # mixes neighbours
+    assert not is_token_wise(ConvLoRALinear(nn.Linear(4, 12)))  # its experts convolve
+    assert not is_token_wise(nn.Sequential(nn.Linear(4, 12)))  # unknown: assume not
+    assert not is_token_wise(None)
+
+
+def test_gradient_checkpointing_recomputes_the_same_block(monkeypatch):
+    seg = _model("conv_lora").train()
+    plain, plain_grads = _run(seg, stock=True, monkeypatch=monkeypatch)
+    seg.gradient_checkpointing = True
+    fast, fast_grads = _run(seg, stock=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
