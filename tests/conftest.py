@@ -12,6 +12,19 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def _split_threads() -> None:
+    """Under pytest-xdist, give each worker (and the processes it starts) its share of the
+    cores, instead of every worker's torch starting one thread per core. Runs before any
+    test module imports torch; an OMP_NUM_THREADS the user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // workers))
+
+
+_split_threads()
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared; skips the test when absent, fails when CI requires it."""
     path = SHARED.joinpath(*parts)

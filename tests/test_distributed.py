@@ -264,7 +264,8 @@ def test_validation_metric_is_reduced_not_rank_zero_share(every_method):
     for name in ("method=lora", "method=conv_lora"):
         recorded = r0["val_scores"][name]
         alone = validate(name, list(range(N_TUNE)))
-        assert alone == pytest.approx(recorded, rel=1e-5, abs=1e-7), name
+        # float rounding only: kernels pick other blockings with other thread counts
+        assert alone == pytest.approx(recorded, rel=1e-4, abs=1e-7), name
     # the broken variants this check would catch
     assert abs(validate(name, [0, 2, 4]) - recorded) > 1e-4  # rank 0's share only
     assert abs(validate(name, [0, 1, 2, 3, 4, 0]) - recorded) > 1e-4  # padded to 6
