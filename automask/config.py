@@ -317,6 +317,10 @@ class EnvConfig:
     gradient_checkpointing: bool = False
     """Recompute the encoder blocks' activations in the backward pass: much less memory
     (vit_h at 1024 px on smaller GPUs) for roughly one more encoder forward per step."""
+    checkpointing_on_oom: bool = True
+    """When a single-process fit runs out of memory in training without gradient
+    checkpointing, train that candidate again with it (from its last epoch), with a
+    warning. False: raise the out-of-memory error."""
     seed: int | None = None
     """Seed of initialisation, augmentation and batch order of this candidate; None: the
     predictor's ``seed``. The train/validation split always uses the predictor's ``seed``, so

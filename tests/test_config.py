@@ -119,7 +119,9 @@ def test_reference_covers_every_field_with_a_meaning():
 def test_readme_hyperparameter_table_matches_the_dataclasses():
     """The README documents every key with its current default."""
     readme = (ROOT / "README.md").read_text()
-    table = dict(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `([^`]*)` \|", readme, re.M))
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `([^`]*)` \|", readme, re.M)
+    table = dict(rows)
+    assert len(table) == len(rows), sorted(k for k, _ in rows if [r[0] for r in rows].count(k) > 1)
     expected = {r["key"]: repr(r["default"]) for r in reference()}
     assert table == expected
 

@@ -6,6 +6,8 @@ its best validation epoch with its :class:`CandidateRecord`.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import shutil
 import time
@@ -35,7 +37,48 @@ class Outcome:
     dropped: str = ""
 
 
-def train_candidate(
+def train_candidate(name: str, cfg: Config, *args, **kwargs) -> Outcome:
+    """Train candidate ``name`` (:func:`_train_candidate`), falling back on gradient
+    checkpointing once when it runs out of memory without it.
+
+    The fallback (``env.checkpointing_on_oom``, on by default) applies to single-process
+    fits only: in a distributed fit the other processes would wait for the one that failed.
+    The candidate is trained again from its last epoch checkpoint, and its record holds
+    ``env.gradient_checkpointing=True``. Out of memory with checkpointing on, or with the
+    fallback off, raises the error with a note on what to change.
+    """
+    from ..hardware import fit_world_size
+
+    try:
+        return _train_candidate(name, cfg, *args, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        retry = (cfg.env.checkpointing_on_oom and not cfg.env.gradient_checkpointing
+                 and fit_world_size(cfg) == 1)
+        if not retry:
+            exc.add_note(
+                f"automask: candidate {name!r} ran out of memory"
+                + ("" if cfg.env.gradient_checkpointing else
+                   "; env.gradient_checkpointing=True needs much less of it")
+                + "; so do a smaller optim.batch_size (optim.effective_batch_size keeps the "
+                  "batch the optimiser sees), model.input_size or model.backbone")
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # Outside the except block: the failed attempt's frames, and their tensors, are gone.
+    _free_memory()
+    warnings.warn(f"candidate {name!r} ran out of memory without gradient checkpointing "
+                  f"({message}); training it again with env.gradient_checkpointing=True "
+                  "(set it yourself to skip the first try)", stacklevel=2)
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, gradient_checkpointing=True))
+    return _train_candidate(name, cfg, *args, **kwargs)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train_candidate(
     name: str,
     cfg: Config,
     spec,
