@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from segment_anything.modeling.image_encoder import Attention
 from torch import nn
 
 import automask.models.segmenter as segmenter_module
 from automask.models import build_segmenter
-from automask.models.blocks import block_forward, is_token_wise
+from automask.models.blocks import _attend, block_forward, is_token_wise
 from automask.peft import PEFT_METHODS, ConvLoRALinear, LoRALinear, apply_peft, aux_loss
 from automask.peft.adapter import BottleneckAdapter
 from automask.peft.ssf import ScaleShift
@@ -105,3 +106,33 @@ def test_gradient_checkpointing_recomputes_the_same_block(monkeypatch):
     assert fast_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_core_is_segment_anythings_bit_for_bit(grad, bf16):
+    """The relative-position terms added in place (a Function when gradients flow): the
+    same values and gradients as segment-anything's Attention, to the last bit."""
+    torch.manual_seed(0)
+    attn = Attention(48, 3, qkv_bias=True, use_rel_pos=True, input_size=(6, 5))  # H != W
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, 6, 5, 48)
+    results = []
+    for forward in (lambda t: attn.proj(_attend(attn, attn.qkv(t))), attn):
+        attn.zero_grad(set_to_none=True)
+        t = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(t)
+        grads = []
+        if grad:
+            out.float().square().sum().backward()
+            grads = [t.grad, attn.rel_pos_h.grad, attn.rel_pos_w.grad, attn.qkv.weight.grad]
+        results.append((out, grads))
+    (ours, our_grads), (theirs, their_grads) = results
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    for mine, reference in zip(our_grads, their_grads):
+        assert reference is not None and reference.abs().sum() > 0
+        assert torch.equal(mine, reference)
