@@ -6,6 +6,7 @@ for the backbone at that input size.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,20 @@ def test_fit_retries_with_gradient_checkpointing(train, tmp_path, small_card):
     loaded = SemanticSegmentor.load(seg.path_)  # the saved predictor is whole
     assert loaded.models_[loaded.best_model_].config.env.gradient_checkpointing is True
     assert len(loaded.predict(train.iloc[:2])) == 2
+
+
+def test_the_retry_trains_as_a_fit_with_checkpointing_from_the_start(train, tmp_path,
+                                                                     small_card):
+    with pytest.warns(UserWarning, match="training it again"):
+        retried = SemanticSegmentor(path=tmp_path / "a", verbosity=0, seed=5).fit(
+            train, presets="tiny", hyperparameters=HP)
+    chosen = SemanticSegmentor(path=tmp_path / "b", verbosity=0, seed=5).fit(
+        train, presets="tiny", hyperparameters={**HP, "env.gradient_checkpointing": True})
+    histories = [s.models_[s.best_model_].history for s in (retried, chosen)]
+    assert histories[0] == histories[1] and len(histories[0]) == 2
+    a, b = (s.predict_proba(train.iloc[:3]) for s in (retried, chosen))
+    for x, y in zip(a, b):  # same seed, same draws: the same model
+        assert np.array_equal(x, y)
 
 
 def test_without_the_fallback_the_error_says_what_to_change(train, tmp_path, small_card):

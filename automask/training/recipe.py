@@ -47,20 +47,23 @@ def train_candidate(name: str, cfg: Config, *args, **kwargs) -> Outcome:
     ``env.gradient_checkpointing=True``. Out of memory with checkpointing on, or with the
     fallback off, raises the error with a note on what to change.
     """
+    import lightning as L
+
     from ..hardware import fit_world_size
 
+    started = time.monotonic()
     try:
         return _train_candidate(name, cfg, *args, **kwargs)
     except torch.OutOfMemoryError as exc:
         retry = (cfg.env.checkpointing_on_oom and not cfg.env.gradient_checkpointing
                  and fit_world_size(cfg) == 1)
         if not retry:
-            exc.add_note(
-                f"automask: candidate {name!r} ran out of memory"
-                + ("" if cfg.env.gradient_checkpointing else
-                   "; env.gradient_checkpointing=True needs much less of it")
-                + "; so do a smaller optim.batch_size (optim.effective_batch_size keeps the "
-                  "batch the optimiser sees), model.input_size or model.backbone")
+            less = ("a smaller optim.batch_size (optim.effective_batch_size keeps the batch "
+                    "the optimiser sees), model.input_size or model.backbone")
+            if not cfg.env.gradient_checkpointing:
+                less = "env.gradient_checkpointing=True, " + less
+            exc.add_note(f"automask: candidate {name!r} ran out of memory; what needs less "
+                         f"of it: {less}")
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     # Outside the except block: the failed attempt's frames, and their tensors, are gone.
@@ -69,6 +72,9 @@ def train_candidate(name: str, cfg: Config, *args, **kwargs) -> Outcome:
                   f"({message}); training it again with env.gradient_checkpointing=True "
                   "(set it yourself to skip the first try)", stacklevel=2)
     cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, gradient_checkpointing=True))
+    if kwargs.get("budget") is not None:  # the failed try spent part of the time limit
+        kwargs["budget"] = max(1.0, kwargs["budget"] - (time.monotonic() - started))
+    L.seed_everything(kwargs["seed"], workers=True, verbose=False)  # as a first try would
     return _train_candidate(name, cfg, *args, **kwargs)
 
 
