@@ -328,7 +328,7 @@ class SamSegmenter(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block_forward, block, x,
                                                       use_reentrant=False)
             else:
-                x = block_forward(block, x)  # = block(x), without the window padding's waste
+                x = block_forward(block, x)  # = block(x), with less work (models/blocks.py)
             if hook is not None:
                 x = hook.after_block(index, x, ctx)
         if hook is not None:
