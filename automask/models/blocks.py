@@ -20,7 +20,7 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   autograd Function when gradients flow), not through two temporary maps of the size of
   the scores: bit for bit segment-anything's values and gradients, and at 1024 px, where a
   global block's map holds 12 x 4096 x 4096 values per image, 0.77x the time of its
-  attention forward + backward and 0.6x in inference.
+  attention forward + backward and 0.6-0.7x in inference.
 
 Anything else (another attention module, as VPT's; a projection that is neither) takes
 segment-anything's own ``block(x)``. The result equals it up to float rounding (the
