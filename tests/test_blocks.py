@@ -6,6 +6,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 from torch import nn
 
+import automask.models.blocks as blocks_module
 import automask.models.segmenter as segmenter_module
 from automask.models import build_segmenter
 from automask.models.blocks import _attend, block_forward, is_token_wise
@@ -136,3 +137,103 @@ def test_attention_core_is_segment_anythings_bit_for_bit(grad, bf16):
     for mine, reference in zip(our_grads, their_grads):
         assert reference is not None and reference.abs().sum() > 0
         assert torch.equal(mine, reference)
+
+
+def _attention(seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(48, 3, qkv_bias=True, use_rel_pos=True, input_size=(6, 5))  # H != W
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    return attn
+
+
+def _chunks_counted(monkeypatch, rows: int, bf16: bool = False) -> list[int]:
+    """Chunk every score map, ``rows`` query rows at a time; count the chunks computed."""
+    monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 0)
+    row_bytes = 2 * 3 * 5 * 6 * 5 * (2 if bf16 else 4)  # _attention's map per grid row, batch 2
+    monkeypatch.setattr(blocks_module, "CHUNK_BYTES", rows * row_bytes)
+    calls = []
+    probs = blocks_module._chunk_probs
+
+    def counted(q, k_t, rel_h, rel_w, scale, rows_):
+        calls.append(rows_.stop - rows_.start)
+        return probs(q, k_t, rel_h, rel_w, scale, rows_)
+
+    monkeypatch.setattr(blocks_module, "_chunk_probs", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_attention_is_segment_anythings(grad, bf16, monkeypatch):
+    """A score map computed a few query rows at a time: the output and every gradient
+    equal segment-anything's up to rounding (the products see fewer rows; the keys' and
+    values' gradients are sums over chunks)."""
+    attn = _attention()
+    x = torch.randn(2, 6, 5, 48)
+    results = []
+    for chunked in (True, False):
+        with monkeypatch.context() as patch:
+            calls = _chunks_counted(patch, rows=4, bf16=bf16) if chunked else []
+            attn.zero_grad(set_to_none=True)
+            t = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = attn.proj(_attend(attn, attn.qkv(t))) if chunked else attn(t)
+            grads = []
+            if grad:
+                out.float().square().sum().backward()
+                grads = [attn.rel_pos_h.grad, attn.rel_pos_w.grad, t.grad, attn.qkv.weight.grad]
+        if chunked:  # 6 grid rows in chunks of 4 and 2, again in the backward pass
+            assert calls == ([4, 2, 4, 2] if grad else [4, 2])
+        results.append((out, grads))
+    (ours, our_grads), (theirs, their_grads) = results
+    tolerance = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, **tolerance)
+    for mine, reference in zip(our_grads, their_grads):
+        assert reference is not None and reference.abs().sum() > 0
+        torch.testing.assert_close(mine, reference, **tolerance)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_chunked_attention_keeps_no_score_map(chunked, monkeypatch):
+    """What autograd keeps for the backward pass: the whole (B*nH, HW, HW) probability map
+    without chunks, nothing of that size with them."""
+    attn = _attention()
+    if chunked:
+        _chunks_counted(monkeypatch, rows=2)
+    else:
+        monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 2**62)
+    kept = []
+
+    def pack(tensor):
+        kept.append(tuple(tensor.shape))
+        return tensor
+
+    x = torch.randn(2, 6, 5, 48, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = attn.proj(_attend(attn, attn.qkv(x)))
+    assert ((2 * 3, 30, 30) in kept) != chunked  # (B*nH, HW, HW)
+    assert all(shape[-2:] != (30, 30) for shape in kept) == chunked
+    out.square().sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_chunked_global_blocks_in_the_model(monkeypatch):
+    """The whole encoder with every score map chunked, one query row at a time, against
+    segment-anything's blocks: same logits and gradients up to rounding."""
+    seg = _model("conv_lora").train()
+    stock, stock_grads = _run(seg, stock=True, monkeypatch=monkeypatch)
+    monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 0)
+    monkeypatch.setattr(blocks_module, "CHUNK_BYTES", 1)
+    calls, apply = [], blocks_module._ChunkedAttention.apply
+    monkeypatch.setattr(blocks_module._ChunkedAttention, "apply",
+                        lambda *args: calls.append(args[-1]) or apply(*args))
+    fast, fast_grads = _run(seg, stock=False, monkeypatch=monkeypatch)
+    assert calls and set(calls) == {1}  # every block's map, one grid row at a time
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-4)
+    assert fast_grads.keys() == stock_grads.keys()
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
