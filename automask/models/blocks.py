@@ -158,14 +158,16 @@ def _attend(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
 
 def _exporting() -> bool:
     return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or torch.compiler.is_compiling())
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 def _chunk_rows(q: torch.Tensor, height: int, width: int) -> int:
     """Query rows of the (height, width) token grid per chunk of the score map, or 0 to
     compute the map whole (a small map; exporting, tracing or compiling)."""
+    if _exporting():  # before any arithmetic on a shape that may be symbolic
+        return 0
     row_bytes = q.shape[0] * width * height * width * q.element_size()  # one grid row
-    if row_bytes * height < CHUNK_FROM_BYTES or _exporting():
+    if row_bytes * height < CHUNK_FROM_BYTES:
         return 0
     return max(1, min(height, CHUNK_BYTES // row_bytes))
 
