@@ -237,3 +237,18 @@ def test_chunked_global_blocks_in_the_model(monkeypatch):
     assert fast_grads.keys() == stock_grads.keys()
     for name, grad in stock_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_chunk_sizes():
+    """Which maps are chunked, and how many query rows at a time: a global block at 1024 px
+    (vit_b, batch 1: 12 x 4096 x 4096) is; at 512 px (12 x 1024 x 1024) it is not. On a CPU
+    a chunk stays near CHUNK_BYTES; on an accelerator near the larger CHUNK_BYTES_ACCELERATOR."""
+    rows = blocks_module._chunk_rows
+    row_bytes = 12 * 64 * 4096 * 2  # one grid row of queries, bf16
+    for device, budget in (("cpu", blocks_module.CHUNK_BYTES),
+                           ("meta", blocks_module.CHUNK_BYTES_ACCELERATOR)):
+        q = torch.empty(12, 4096, 64, dtype=torch.bfloat16, device=device)
+        assert rows(q, 64, 64) == budget // row_bytes >= 1
+        assert rows(q.float(), 64, 64) == budget // (2 * row_bytes)
+    assert rows(torch.empty(12, 1024, 64, dtype=torch.bfloat16), 32, 32) == 0
+    assert blocks_module.CHUNK_BYTES < blocks_module.CHUNK_BYTES_ACCELERATOR

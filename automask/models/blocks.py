@@ -119,9 +119,12 @@ def _pad_partition(t: torch.Tensor, fill: torch.Tensor, window: int) -> torch.Te
 
 # A score map of at least CHUNK_FROM_BYTES (a global block's at 1024 px: 12 x 4096 x 4096
 # values per image, 384 MiB in bf16) is computed a few query rows at a time, about
-# CHUNK_BYTES of it at once, and never held whole (see _ChunkedAttention).
+# CHUNK_BYTES of it at once on a CPU (where a chunk that stays in cache pays) and
+# CHUNK_BYTES_ACCELERATOR elsewhere (fewer, larger kernels), and never held whole (see
+# _ChunkedAttention).
 CHUNK_FROM_BYTES = 64 * 2**20
 CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES_ACCELERATOR = 256 * 2**20
 
 
 def _attend(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
@@ -169,7 +172,8 @@ def _chunk_rows(q: torch.Tensor, height: int, width: int) -> int:
     row_bytes = q.shape[0] * width * height * width * q.element_size()  # one grid row
     if row_bytes * height < CHUNK_FROM_BYTES:
         return 0
-    return max(1, min(height, CHUNK_BYTES // row_bytes))
+    budget = CHUNK_BYTES if q.device.type == "cpu" else CHUNK_BYTES_ACCELERATOR
+    return max(1, min(height, budget // row_bytes))
 
 
 def _chunked_attention(q, k, v, rel_h, rel_w, scale: float, rows: int) -> torch.Tensor:

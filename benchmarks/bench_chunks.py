@@ -1,0 +1,105 @@
+"""Large attention maps computed a few query rows at a time against whole: time and memory.
+
+One training step (forward + backward) or one prediction of a segmenter (random weights,
+batch 1, conv_lora) with ``automask.models.blocks`` chunking score maps of at least
+``CHUNK_FROM_BYTES`` (the default: at 1024 px a global block's 12 x 4096 x 4096 map) and
+with chunking off (every map whole, as before). Each measurement is its own subprocess, so
+that its peak RSS (``ru_maxrss``) is its own; the two variants alternate, the order flipping
+every round. Prints per configuration the median seconds per step, the peak RSS and the
+ratios chunked / whole.
+
+    python benchmarks/bench_chunks.py [--sizes 1024] [--modes train infer]
+                                      [--precision bf16 fp32] [--rounds 2] [--steps 2]
+                                      [--backbone vit_b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one(args: argparse.Namespace) -> None:
+    """Run in a subprocess: build, warm up, time ``--steps`` steps, print JSON."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    import automask.models.blocks as blocks
+    from automask.models import build_segmenter
+    from automask.peft import apply_peft, aux_loss
+
+    if args.variant == "whole":
+        blocks.CHUNK_FROM_BYTES = 2**62
+    torch.manual_seed(0)
+    seg = build_segmenter(args.backbone, num_classes=1, input_size=args.size,
+                          checkpoint="random", progress=False)
+    apply_peft(seg, "conv_lora")
+    bf16 = args.precision == "bf16"
+    images = torch.randn(1, 3, args.size, args.size)
+    times = []
+    for _ in range(args.steps + 1):  # the first warms up
+        start = time.perf_counter()
+        if args.mode == "train":
+            seg.train().zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = seg(images).float().square().mean() + aux_loss(seg)
+            loss.backward()
+        else:
+            with torch.inference_mode(), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                seg.eval()(images)
+        times.append(time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"s": statistics.median(times[1:]), "rss_gib": rss}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"],
+                        choices=["train", "infer"])
+    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", "fp32"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--backbone", default="vit_b")
+    parser.add_argument("--variant", choices=["chunked", "whole"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        args.precision = args.precision[0]
+        one(args)
+        return
+    for size in args.sizes:
+        for mode in args.modes:
+            for precision in args.precision:
+                runs: dict[str, list[dict]] = {"chunked": [], "whole": []}
+                for round_ in range(args.rounds):
+                    order = ["chunked", "whole"] if round_ % 2 == 0 else ["whole", "chunked"]
+                    for variant in order:
+                        out = subprocess.run(
+                            [sys.executable, __file__, "--variant", variant, "--size",
+                             str(size), "--mode", mode, "--precision", precision,
+                             "--steps", str(args.steps), "--backbone", args.backbone],
+                            check=True, capture_output=True, text=True).stdout
+                        runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+                s = {v: statistics.median(r["s"] for r in runs[v]) for v in runs}
+                rss = {v: max(r["rss_gib"] for r in runs[v]) for v in runs}
+                rounds = [round(c["s"] / w["s"], 3) for c, w in zip(runs["chunked"],
+                                                                   runs["whole"])]
+                print(f"{args.backbone} {size} px {mode} {precision}: "
+                      f"chunked {s['chunked']:.2f} s, {rss['chunked']:.2f} GiB | "
+                      f"whole {s['whole']:.2f} s, {rss['whole']:.2f} GiB | "
+                      f"time x{s['chunked'] / s['whole']:.3f} {rounds}, "
+                      f"peak RSS x{rss['chunked'] / rss['whole']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
