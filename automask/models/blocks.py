@@ -23,9 +23,10 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
 - A score map of at least ``CHUNK_FROM_BYTES`` (a global block's at 1024 px holds
   12 x 4096 x 4096 values per image: 384 MiB in bf16, 768 MiB in fp32) is computed a few
   query rows at a time and never held whole, in training too (:class:`_ChunkedAttention`
-  recomputes each chunk in the backward pass). At 1024 px this takes a vit_b training
-  step's peak memory from about 6.5 to 4.2 GiB in bf16 (9.2 to 4.6 GiB in fp32) and
-  prediction's from 2.1 to 1.4 GiB, at no measurable cost in time.
+  recomputes each chunk in the backward pass). At 1024 px on 2 CPU cores this takes a
+  vit_b training step's peak memory from 6.6 to 4.4 GiB in bf16 (9.2 to 4.6 GiB in fp32)
+  in 1.01x the time, and prediction's from 2.1 to 1.4 GiB in 0.93x the time
+  (``benchmarks/bench_chunks.py``).
 
 Anything else (another attention module, as VPT's; a projection that is neither) takes
 segment-anything's own ``block(x)``. The result equals it up to float rounding (the
