@@ -111,9 +111,10 @@ def test_gradient_checkpointing_recomputes_the_same_block(monkeypatch):
 
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_attention_core_is_segment_anythings_bit_for_bit(grad, bf16):
+def test_attention_core_is_segment_anythings_bit_for_bit(grad, bf16, monkeypatch):
     """The relative-position terms added in place (a Function when gradients flow): the
     same values and gradients as segment-anything's Attention, to the last bit."""
+    monkeypatch.setattr(blocks_module, "FOLD_BELOW_WIDTH", 0)  # bf16 would fold them
     torch.manual_seed(0)
     attn = Attention(48, 3, qkv_bias=True, use_rel_pos=True, input_size=(6, 5))  # H != W
     with torch.no_grad():
@@ -137,6 +138,56 @@ def test_attention_core_is_segment_anythings_bit_for_bit(grad, bf16):
     for mine, reference in zip(our_grads, their_grads):
         assert reference is not None and reference.abs().sum() > 0
         assert torch.equal(mine, reference)
+
+
+def test_folded_scores_equal_the_added_terms():
+    """The one product of extended queries and keys is ``(q scale) k^T + rel_h + rel_w``
+    with each term on its key row and column (float32, H != W)."""
+    gen = torch.Generator().manual_seed(0)
+    n, height, width, dim = 4, 6, 5, 8
+    q, k = (torch.randn(n, height * width, dim, generator=gen) for _ in range(2))
+    rel_h = torch.randn(n, height, width, height, generator=gen)
+    rel_w = torch.randn(n, height, width, width, generator=gen)
+    scores = blocks_module._folded_scores(q, k, rel_h, rel_w, 0.3)
+    expected = ((q * 0.3) @ k.transpose(-2, -1)).view(n, height, width, height, width)
+    expected = expected + rel_h[..., :, None] + rel_w[..., None, :]
+    torch.testing.assert_close(scores, expected.view(n, height * width, -1),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_folded_attention_in_bf16(grad, monkeypatch):
+    """In bf16 a narrow grid's terms go into the score product: the output and every
+    gradient as near segment-anything's float64 values as its own bf16 computation, the
+    output nearer (the scores are rounded once instead of three times)."""
+    folds = []
+    folded = blocks_module._folded_scores
+    monkeypatch.setattr(blocks_module, "_folded_scores",
+                        lambda *args: folds.append(1) or folded(*args))
+    attn, exact = _attention(), _attention().double()
+    x = torch.randn(2, 6, 5, 48, generator=torch.Generator().manual_seed(3))
+    results = []
+    for module, ours in ((attn, True), (attn, False), (exact, False)):
+        module.zero_grad(set_to_none=True)
+        t = x.clone().to(module.qkv.weight.dtype).requires_grad_(grad)
+        with torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=module is attn):
+            out = module.proj(_attend(module, module.qkv(t))) if ours else module(t)
+        grads = []
+        if grad:
+            out.double().square().sum().backward()
+            grads = [t.grad, module.rel_pos_h.grad, module.rel_pos_w.grad,
+                     module.qkv.weight.grad]
+        results.append((out.double(), [g.double() for g in grads]))
+    assert len(folds) == 1  # automask's bf16 forward folded the terms
+    (ours, our_grads), (theirs, their_grads), (exact, exact_grads) = results
+    assert (ours - exact).abs().mean() <= (theirs - exact).abs().mean()
+    for mine, reference, value in zip([ours, *our_grads], [theirs, *their_grads],
+                                      [exact, *exact_grads]):
+        assert value.abs().sum() > 0
+        # as near the float64 values as segment-anything's own bf16 rounding gets
+        assert (mine - value).abs().mean() <= 1.1 * (reference - value).abs().mean()
+        assert (mine - value).abs().max() <= 1.5 * (reference - value).abs().max()
 
 
 def _attention(seed: int = 0) -> Attention:
