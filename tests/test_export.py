@@ -70,8 +70,10 @@ def test_conv_lora_static_routing_equals_dispatch_in_eval(top_k):
         traced = torch.jit.trace(layer, grid)(grid)  # tracing picks the static path itself
     assert sum(c > 0 for c in counts) >= 2, counts  # the samples really go different ways
     assert sum(counts) == 16 * top_k
-    assert torch.equal(dense, dispatch)  # same kernels, same order of sums: same bits
-    torch.testing.assert_close(traced, dispatch, rtol=0, atol=1e-6)
+    # the same operations and order of sums; only the resizes' matrix products see other
+    # numbers of rows, which may round differently
+    torch.testing.assert_close(dense, dispatch, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(traced, dispatch, rtol=1e-6, atol=1e-6)
     assert not torch.equal(dispatch, layer.base_layer(grid))  # the mixture does something
 
 
