@@ -149,9 +149,10 @@ def _attend(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
     scores = None if rows or fold else (q * attn.scale) @ k.transpose(-2, -1)  # (B*nH, HW, HW)
     out = None
     if attn.use_rel_pos:
-        rel_h = torch.einsum("bhwc,hkc->bhwk", q.reshape(batch * heads, height, width, -1),
+        q_grid = q.reshape(batch * heads, height, width, -1)  # a copy (q is strided): once
+        rel_h = torch.einsum("bhwc,hkc->bhwk", q_grid,
                              get_rel_pos(height, height, attn.rel_pos_h))  # (B*nH, H, W, H)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", q.reshape(batch * heads, height, width, -1),
+        rel_w = torch.einsum("bhwc,wkc->bhwk", q_grid,
                              get_rel_pos(width, width, attn.rel_pos_w))  # (B*nH, H, W, W)
         same_dtype = q.dtype == rel_h.dtype == rel_w.dtype
         if rows and same_dtype:
