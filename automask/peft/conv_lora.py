@@ -195,19 +195,29 @@ class ConvLoRALinear(LoRALinear):
         return x.to(grid.dtype)
 
     def mixture(self, grid: torch.Tensor) -> torch.Tensor:
-        """Gated sum of the experts on (N, r, H, W); sets :attr:`aux_loss`."""
+        """Gated sum of the experts on (N, r, H, W); sets :attr:`aux_loss`.
+
+        Computed in the experts' dtype (float32 unless the model was cast) with autocast
+        off, the grid cast once; returned in ``grid``'s dtype.
+        """
         with torch.autocast(device_type=grid.device.type, enabled=False):
-            gates, self.aux_loss = self.gate(grid.float().mean(dim=(2, 3)))  # (N, M)
-        if self.dense_routing or _is_exporting():
-            return self.dense_mixture(grid, gates)
-        # Dispatch: group the (sample, expert) pairs by expert; run only routed experts.
+            maps = grid.to(self.experts[0].weight.dtype)  # (N, r, H, W)
+            gates, self.aux_loss = self.gate(maps.float().mean(dim=(2, 3)))  # (N, M)
+            if self.dense_routing or _is_exporting():
+                out = self.dense_mixture(maps, gates)
+            else:
+                out = self._dispatch(maps, gates)
+        return out.to(grid.dtype)
+
+    def _dispatch(self, maps: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Group the (sample, expert) pairs by expert; run only the routed experts."""
         weight, expert = gates.topk(self.top_k, dim=1)  # (N, k)
-        sample = torch.arange(grid.shape[0], device=grid.device).repeat_interleave(self.top_k)
+        sample = torch.arange(maps.shape[0], device=maps.device).repeat_interleave(self.top_k)
         expert, weight = expert.reshape(-1), weight.reshape(-1)
         order = torch.argsort(expert, stable=True)
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
         self.expert_counts = counts
-        out = torch.zeros_like(grid)
+        out = torch.zeros_like(maps)
         start = 0
         for index, count in enumerate(counts):
             if count == 0:
@@ -215,9 +225,8 @@ class ConvLoRALinear(LoRALinear):
             chosen = order[start : start + count]
             start += count
             rows = sample[chosen]
-            y = self.run_expert(index, grid.index_select(0, rows))
-            y = y * weight[chosen].to(y.dtype).view(-1, 1, 1, 1)
-            out = out.index_add(0, rows, y.to(out.dtype))
+            y = self.run_expert(index, maps.index_select(0, rows))
+            out = out.index_add(0, rows, y * weight[chosen].to(y.dtype).view(-1, 1, 1, 1))
         return out
 
     def dense_mixture(self, grid: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -267,18 +276,20 @@ def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     height, width = int(x.shape[-2]), int(x.shape[-1])
     if (height, width) == tuple(size):
         return x
-    rows = resize_matrix(height, size[0]).to(device=x.device, dtype=x.dtype)  # (sH, H)
-    cols = resize_matrix(width, size[1]).to(device=x.device, dtype=x.dtype)  # (sW, W)
+    rows = resize_matrix(height, size[0], x.dtype, x.device)  # (sH, H)
+    cols = resize_matrix(width, size[1], x.dtype, x.device)  # (sW, W)
     return rows @ x @ cols.T
 
 
-@functools.lru_cache(maxsize=64)
-def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """The (size_out, size_in) float64 matrix of bicubic resizing along one axis
-    (``align_corners=False``): ``F.interpolate`` applied to the identity."""
+@functools.lru_cache(maxsize=256)
+def resize_matrix(size_in: int, size_out: int, dtype: torch.dtype = torch.float64,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (size_out, size_in) matrix of bicubic resizing along one axis
+    (``align_corners=False``): ``F.interpolate`` applied to the identity in float64, then
+    cast. Cached: the experts ask for the same few sizes in every forward."""
     eye = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, 1, size_in)
     columns = F.interpolate(eye, size=(1, size_out), mode="bicubic", align_corners=False)
-    return columns.view(size_in, size_out).T.contiguous()
+    return columns.view(size_in, size_out).T.to(device=device, dtype=dtype).contiguous()
 
 
 def _is_exporting() -> bool:
