@@ -210,24 +210,29 @@ class ConvLoRALinear(LoRALinear):
         return out.to(grid.dtype)
 
     def _dispatch(self, maps: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Group the (sample, expert) pairs by expert; run only the routed experts."""
+        """Group the (sample, expert) pairs by expert; run only the routed experts.
+
+        The maps are gathered once in expert order and each expert takes its slice; the
+        weighted outputs are summed back into the samples by one ``index_add``, which adds a
+        sample's contributions in expert order, as one ``index_add`` per expert did.
+        """
         weight, expert = gates.topk(self.top_k, dim=1)  # (N, k)
         sample = torch.arange(maps.shape[0], device=maps.device).repeat_interleave(self.top_k)
         expert, weight = expert.reshape(-1), weight.reshape(-1)
         order = torch.argsort(expert, stable=True)
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
         self.expert_counts = counts
-        out = torch.zeros_like(maps)
-        start = 0
+        rows = sample[order]  # (N * k,) sample of each routed pair, in expert order
+        routed = maps.index_select(0, rows)  # (N * k, r, H, W)
+        weight = weight[order].to(maps.dtype).view(-1, 1, 1, 1)
+        outputs, start = [], 0
         for index, count in enumerate(counts):
             if count == 0:
                 continue
-            chosen = order[start : start + count]
+            part = slice(start, start + count)
             start += count
-            rows = sample[chosen]
-            y = self.run_expert(index, maps.index_select(0, rows))
-            out = out.index_add(0, rows, y * weight[chosen].to(y.dtype).view(-1, 1, 1, 1))
-        return out
+            outputs.append(self.run_expert(index, routed[part]) * weight[part])
+        return torch.zeros_like(maps).index_add(0, rows, torch.cat(outputs))
 
     def dense_mixture(self, grid: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The mixture with static operations only, for export: every expert on every sample.
