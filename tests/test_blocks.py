@@ -86,6 +86,26 @@ def test_padding_is_skipped_where_the_layers_allow(method, skips):
         assert padded in rows and real not in rows, rows  # segment-anything's order
 
 
+def test_conv_lora_low_rank_factor_sees_the_real_tokens_only(monkeypatch):
+    """Conv-LoRA's lora_A runs on the real tokens of a windowed block (its experts still get
+    zero-padded windows, checked by the comparison with segment-anything above)."""
+    seg = _model("conv_lora")
+    rows, grids = [], []
+    for block in seg.image_encoder.blocks:
+        if block.window_size > 0:
+            layer = block.attn.qkv
+            layer.lora_A.register_forward_hook(
+                lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+            mixture = layer.mixture
+            monkeypatch.setattr(layer, "mixture",
+                                lambda grid, f=mixture: grids.append(grid.shape) or f(grid))
+    monkeypatch.setattr(segmenter_module, "block_forward", block_forward)
+    with torch.no_grad():
+        seg.eval()(torch.randn(2, 3, SIZE, SIZE))
+    assert rows and set(rows) == {2 * 10 * 10}, rows
+    assert grids and set(grids) == {(2 * 4, 3, 8, 8)}, grids  # 4 windows of 8 x 8 per image
+
+
 def test_token_wise_layers():
     linear = nn.Linear(4, 12)
     assert is_token_wise(linear)

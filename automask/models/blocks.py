@@ -99,14 +99,20 @@ def _windowed_qkv(layer: nn.Module, y: torch.Tensor, window: int) -> torch.Tenso
 
     A token-wise layer runs on the real tokens, and the padding gets its output for one
     zero token; otherwise its token-wise ``base_layer`` so, plus its ``delta`` on the
-    zero-padded windows.
+    zero-padded windows. Conv-LoRA's ``delta`` starts with ``lora_A``, token-wise and zero
+    at zero: that runs on the real tokens too, and its r-channel output is cut into windows.
     """
     zero = y.new_zeros(1, 1, 1, y.shape[-1])
     if is_token_wise(layer):
         return _pad_partition(layer(y), layer(zero), window)
     base = layer.base_layer
+    qkv = _pad_partition(base(y), base(zero), window)  # (B * nW, ws, ws, 3E)
+    if callable(getattr(layer, "delta_from_low_rank", None)):
+        assert layer.lora_A.bias is None  # so that a padded token's low-rank row is zero
+        low_rank, _ = window_partition(layer.lora_A(y), window)  # (B * nW, ws, ws, r)
+        return qkv + layer.delta_from_low_rank(low_rank)
     windows, _ = window_partition(y, window)  # (B * nW, ws, ws, E), zero-padded
-    return _pad_partition(base(y), base(zero), window) + layer.delta(windows)
+    return qkv + layer.delta(windows)
 
 
 def _pad_partition(t: torch.Tensor, fill: torch.Tensor, window: int) -> torch.Tensor:

@@ -260,7 +260,16 @@ class ConvLoRALinear(LoRALinear):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The update added to ``base_layer(x)``: (N, H, W, in) -> (N, H, W, out)."""
-        grid = self.lora_A(x).permute(0, 3, 1, 2)  # (N, r, H, W)
+        return self.delta_from_low_rank(self.lora_A(x))
+
+    def delta_from_low_rank(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """The update from ``lora_A(x)``: (N, H, W, r) -> (N, H, W, out).
+
+        ``lora_A`` is token-wise and has no bias, so a zero-padded window of ``x`` gives the
+        zero-padded window of ``lora_A(x)``: the encoder blocks run ``lora_A`` on the real
+        tokens and cut the r-channel result into windows (``automask.models.blocks``).
+        """
+        grid = low_rank.permute(0, 3, 1, 2)  # (N, r, H, W)
         grid = grid + self.mixture(grid)
         return self.lora_B(grid.permute(0, 2, 3, 1)) * self.scaling
 
