@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 
-def _time(fn, repeat: int) -> float:
+def median_time(fn, repeat: int) -> float:
+    """Median seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeat):
@@ -69,11 +70,11 @@ def bench_onnx(backbone: str, method: str, size: int, repeat: int, out_dir: Path
     feed = {"images": x.numpy()}
     row = {"backbone": backbone, "method": method, "size": size, "export_s": export_s,
            "onnx_mb": path.stat().st_size / 1e6}
-    row["ort_fp32_s"] = _time(lambda: session.run(None, feed), repeat)
+    row["ort_fp32_s"] = median_time(lambda: session.run(None, feed), repeat)
     with torch.inference_mode():
-        row["torch_fp32_s"] = _time(lambda: model(x), repeat)
+        row["torch_fp32_s"] = median_time(lambda: model(x), repeat)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            row["torch_bf16_s"] = _time(lambda: model(x), repeat)
+            row["torch_bf16_s"] = median_time(lambda: model(x), repeat)
     return row
 
 
@@ -90,8 +91,8 @@ def bench_merge(size: int, repeat: int) -> dict:
         # alternate so that changes in the machine's load hit both alike
         unmerged_s, merged_s = [], []
         for _ in range(repeat):
-            unmerged_s.append(_time(lambda: model(x), 1))
-            merged_s.append(_time(lambda: merged(x), 1))
+            unmerged_s.append(median_time(lambda: model(x), 1))
+            merged_s.append(median_time(lambda: merged(x), 1))
     with torch.inference_mode():
         diff = float((model(x) - merged(x)).abs().max())
     return {"size": size, "merged_layers": count, "unmerged_s": statistics.median(unmerged_s),

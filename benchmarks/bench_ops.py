@@ -16,18 +16,8 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-
-def _timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.bench_export import median_time as _timed
 
 
 def attention_rows(repeat: int) -> list[str]:
