@@ -22,7 +22,8 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   the scores: bit for bit segment-anything's values and gradients. In bf16 or fp16, on a
   grid narrower than 32 tokens (every 14 x 14 window), they go into the score product
   itself instead (:func:`_folded_scores`): rounded once, so nearer the exact values than
-  segment-anything's, and 0.4x the window attention's time in bf16 prediction on a CPU.
+  segment-anything's, and 0.43-0.54x the window attention's time in bf16 prediction on a
+  CPU.
 - A score map of at least ``CHUNK_FROM_BYTES`` (a global block's at 1024 px holds
   12 x 4096 x 4096 values per image: 384 MiB in bf16, 768 MiB in fp32) is computed a few
   query rows at a time and never held whole, in training too (:class:`_ChunkedAttention`
@@ -195,11 +196,11 @@ def _folded_scores(q, k, rel_h, rel_w, scale: float) -> torch.Tensor:
     score inside the matrix product. The two broadcast additions over the whole map (N, H,
     W, H, W) that it replaces have a last dimension of W: below 32 (the 14-token windows)
     they do not vectorise, and in bf16 on a CPU they cost more than the product itself
-    (a 14 x 14 window block's attention at 1024 px: 0.39x the time in prediction, 0.64x with
-    the backward pass; a 32 x 32 grid is 1.07x and 1.4x, so wider grids keep the additions).
-    The sum is rounded once instead of three times, so in bf16 it is closer to the exact
-    scores than segment-anything's; in float32 the additions are kept (the extended product
-    is 1.2x their time there).
+    (``benchmarks/bench_ops.py``: a window block's attention takes 0.43-0.54x the time in
+    prediction, 0.65-0.67x with the backward pass; a 32 x 32 grid 1.01x and 1.14x, so wider
+    grids keep the additions). The sum is rounded once instead of three times, so in bf16
+    it is closer to the exact scores than segment-anything's; float32 keeps the additions
+    (the extended product takes 0.75-1.40x their time there: no consistent gain).
     """
     n, height, width, _ = rel_h.shape
     tokens = height * width
