@@ -8,7 +8,8 @@
    ``F.interpolate`` against ``automask.peft.conv_lora.bicubic_resize`` (two matrix
    products), forward + backward, float32.
 
-Both columns of a row are timed alternately in one process (median of ``--repeat``).
+Both columns of a row are timed one after the other in one process (median of ``--repeat``
+after a warm-up each).
 Run from the repository root::
 
     python -m benchmarks.bench_ops [--repeat 9] [--threads 2]
