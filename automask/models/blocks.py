@@ -108,10 +108,10 @@ def _windowed_qkv(layer: nn.Module, y: torch.Tensor, window: int) -> torch.Tenso
         return _pad_partition(layer(y), layer(zero), window)
     base = layer.base_layer
     qkv = _pad_partition(base(y), base(zero), window)  # (B * nW, ws, ws, 3E)
-    if callable(getattr(layer, "delta_from_low_rank", None)):
+    if callable(getattr(layer, "add_delta", None)):
         assert layer.lora_A.bias is None  # so that a padded token's low-rank row is zero
         low_rank, _ = window_partition(layer.lora_A(y), window)  # (B * nW, ws, ws, r)
-        return qkv + layer.delta_from_low_rank(low_rank)
+        return layer.add_delta(qkv, low_rank)
     windows, _ = window_partition(y, window)  # (B * nW, ws, ws, E), zero-padded
     return qkv + layer.delta(windows)
 

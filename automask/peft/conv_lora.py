@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PeftMethod, split_names, wrap_targets
-from .lora import LoRALinear, LoRAOptions
+from .lora import LoRALinear, LoRAOptions, add_low_rank_update
 
 _NOISE_EPS = 1e-2
 
@@ -257,22 +257,29 @@ class ConvLoRALinear(LoRALinear):
             raise ValueError(
                 f"Conv-LoRA needs a token grid (N, H, W, C) as input, got shape {tuple(x.shape)}"
             )
-        return self.base_layer(x) + self.delta(x)
+        return self.add_delta(self.base_layer(x), self.lora_A(x))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The update added to ``base_layer(x)``: (N, H, W, in) -> (N, H, W, out)."""
-        return self.delta_from_low_rank(self.lora_A(x))
+        return self.lora_B(self.mixed_low_rank(self.lora_A(x))) * self.scaling
 
-    def delta_from_low_rank(self, low_rank: torch.Tensor) -> torch.Tensor:
-        """The update from ``lora_A(x)``: (N, H, W, r) -> (N, H, W, out).
+    def add_delta(self, out: torch.Tensor, low_rank: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the update, from ``lora_A(x)`` (N, H, W, r): (N, H, W, out).
 
         ``lora_A`` is token-wise and has no bias, so a zero-padded window of ``x`` gives the
         zero-padded window of ``lora_A(x)``: the encoder blocks run ``lora_A`` on the real
         tokens and cut the r-channel result into windows (``automask.models.blocks``).
+        ``lora_B``, its scaling and the addition are one product
+        (:func:`~automask.peft.lora.add_low_rank_update`).
         """
+        return add_low_rank_update(out, self.mixed_low_rank(low_rank), self.lora_B.weight,
+                                   self.scaling)
+
+    def mixed_low_rank(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """``lora_A(x)`` plus its expert mixture: (N, H, W, r) -> (N, H, W, r)."""
         grid = low_rank.permute(0, 3, 1, 2)  # (N, r, H, W)
         grid = grid + self.mixture(grid)
-        return self.lora_B(grid.permute(0, 2, 3, 1)) * self.scaling
+        return grid.permute(0, 2, 3, 1)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, num_experts={self.num_experts}, "

@@ -82,7 +82,7 @@ class LoRALinear(Adapter):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(x)) * self.scaling
+        return add_low_rank_update(out, self.lora_A(x), self.lora_B.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -105,6 +105,24 @@ class LoRALinear(Adapter):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def add_low_rank_update(out: torch.Tensor, low_rank: torch.Tensor, weight: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    """``out + scaling * low_rank @ weight^T``, the update added inside one matrix product.
+
+    (..., out_features), (..., r) and ``lora_B``'s weight (out_features, r) -> (...,
+    out_features), in ``out``'s dtype. ``torch.addmm(out, low_rank, weight^T,
+    alpha=scaling)`` scales and adds in the product's own accumulation: no separate passes
+    of ``* scaling`` and ``+`` over the full-width output (and no ``* scaling`` over its
+    gradient), and one rounding instead of three under autocast. The gradient reaching
+    ``out`` is the output's, unchanged.
+    """
+    width = out.shape[-1]
+    fused = torch.addmm(out.reshape(-1, width),
+                        low_rank.reshape(-1, low_rank.shape[-1]).to(out.dtype),
+                        weight.to(out.dtype).t(), alpha=scaling)  # (tokens, out_features)
+    return fused.view(out.shape)
 
 
 def apply(model: nn.Module, options: LoRAOptions) -> None:
