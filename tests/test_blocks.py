@@ -323,3 +323,40 @@ def test_chunk_sizes():
         assert rows(q.float(), 64, 64) == budget // (2 * row_bytes)
     assert rows(torch.empty(12, 1024, 64, dtype=torch.bfloat16), 32, 32) == 0
     assert blocks_module.CHUNK_BYTES < blocks_module.CHUNK_BYTES_ACCELERATOR
+
+
+@pytest.mark.parametrize("height,width", [(13, 9), (14, 28), (5, 16), (15, 15), (28, 14)])
+def test_windows_written_once_equal_segment_anythings(height, width):
+    """_pad_partition / _unpartition (each value copied once) give segment-anything's
+    concatenated-and-partitioned windows and its cropped map, values and gradients (the
+    fill row's gradient is its sum over the padding), for grids with and without padding
+    along either axis."""
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    window = 7 if height in (13, 5) else 14
+    torch.manual_seed(0)
+    t = torch.randn(2, height, width, 5, dtype=torch.float64, requires_grad=True)
+    fill = torch.randn(1, 1, 1, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2 * -(-height // window) * -(-width // window), window, window, 5,
+                       dtype=torch.float64)
+    pad_h, pad_w = (-height) % window, (-width) % window
+    padded = torch.cat([t, fill.expand(2, height, pad_w, 5)], dim=2)
+    padded = torch.cat([padded, fill.expand(2, pad_h, width + pad_w, 5)], dim=1)
+    want, pad_hw = window_partition(padded, window)
+    got = blocks_module._pad_partition(t, fill, window)
+    assert torch.equal(got, want)
+    got_grads = torch.autograd.grad(got, (t, fill), grad)
+    want_grads = torch.autograd.grad(want, (t, fill), grad)
+    assert torch.equal(got_grads[0], want_grads[0])
+    torch.testing.assert_close(got_grads[1], want_grads[1], rtol=1e-12, atol=1e-12)
+    if pad_h or pad_w:
+        assert got_grads[1].abs().sum() > 0
+
+    windows = torch.randn_like(grad, requires_grad=True)
+    back = blocks_module._unpartition(windows, window, (height, width))
+    ref = window_unpartition(windows, window, pad_hw, (height, width))
+    assert torch.equal(back, ref) and back.is_contiguous()
+    grad_map = torch.randn(2, height, width, 5, dtype=torch.float64)
+    (got_w,) = torch.autograd.grad(back, windows, grad_map)
+    (want_w,) = torch.autograd.grad(ref, windows, grad_map)
+    assert torch.equal(got_w, want_w)

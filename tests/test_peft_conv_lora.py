@@ -174,6 +174,28 @@ def test_deterministic_eval_and_identity_at_init():
     assert (adapter(x) - adapter.base_layer(x)).abs().max() > 1e-3
 
 
+def test_forward_is_base_plus_delta_with_gradients():
+    """The fused forward (lora_B, scaling and the sum in one addmm) equals
+    ``base_layer(x) + delta(x)``, values and every gradient, once B has changed."""
+    adapter = _adapter().double().eval()  # eval: no gating noise, the same routing twice
+    nn.init.normal_(adapter.lora_B.weight)
+    x = torch.randn(2, 6, 6, 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 6, 48, dtype=torch.float64)
+    params = [x, adapter.lora_A.weight, adapter.lora_B.weight, adapter.w_gate,
+              *adapter.experts.parameters()]
+    fused = adapter(x)
+    plain = adapter.base_layer(x) + adapter.delta(x)
+    assert (fused - adapter.base_layer(x)).abs().max() > 1e-3
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(fused, params, grad, allow_unused=True)
+    want = torch.autograd.grad(plain, params, grad, allow_unused=True)
+    assert sum(g is not None for g in got) >= 4
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_rejects_flat_tokens():
     with pytest.raises(ValueError, match="token grid"):
         _adapter()(torch.randn(2, 10, 16))

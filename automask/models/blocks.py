@@ -82,7 +82,7 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
         qkv = attn.qkv(window_partition(y, window)[0])  # (B * nW, ws, ws, 3E), no padding
     out = _attend(attn, qkv)  # (B * nW, ws, ws, E), before proj
     if is_token_wise(attn.proj):
-        out = attn.proj(window_unpartition(out, window, pad_hw, (height, width)))
+        out = attn.proj(_unpartition(out, window, (height, width)))
     else:
         out = window_unpartition(attn.proj(out), window, pad_hw, (height, width))
     x = x + out  # (B, H, W, E)
@@ -117,15 +117,131 @@ def _windowed_qkv(layer: nn.Module, y: torch.Tensor, window: int) -> torch.Tenso
 
 
 def _pad_partition(t: torch.Tensor, fill: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, D) padded with the row ``fill`` (1, 1, 1, D), cut into windows."""
+    """(B, H, W, D) padded with the row ``fill`` (1, 1, 1, D), cut into windows: (B * nW, ws,
+    ws, D), each value written once (segment-anything pads by concatenation, then copies
+    the padded map into windows)."""
+    fill = fill.to(t.dtype)
+    if _exporting():  # standard operations for the exported graph
+        return _pad_partition_by_cat(t, fill, window)
+    return _PadPartition.apply(t, fill, window)
+
+
+def _unpartition(windows: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
+    """``window_unpartition``: windows (B * nW, ws, ws, D) -> the real tokens (B, H, W, D),
+    each read once (segment-anything joins the padded map, then copies its crop)."""
+    if _exporting():
+        height, width = size
+        pad_hw = (height + (-height) % window, width + (-width) % window)
+        return window_unpartition(windows, window, pad_hw, size)
+    return _Unpartition.apply(windows, window, size)
+
+
+def _pad_partition_by_cat(t: torch.Tensor, fill: torch.Tensor, window: int) -> torch.Tensor:
     batch, height, width, dim = t.shape
     pad_h, pad_w = (-height) % window, (-width) % window
     if pad_w:
-        t = torch.cat([t, fill.expand(batch, height, pad_w, dim).to(t.dtype)], dim=2)
+        t = torch.cat([t, fill.expand(batch, height, pad_w, dim)], dim=2)
     if pad_h:
-        t = torch.cat([t, fill.expand(batch, pad_h, width + pad_w, dim).to(t.dtype)], dim=1)
+        t = torch.cat([t, fill.expand(batch, pad_h, width + pad_w, dim)], dim=1)
     windows, _ = window_partition(t, window)  # nothing left to pad
     return windows
+
+
+def _window_grid(windows: torch.Tensor, batch: int, height: int, width: int,
+                 window: int) -> torch.Tensor:
+    """Windows (B * nH * nW, ws, ws, D) of an (H, W) grid as a view (B, nH, ws, nW, ws, D)."""
+    rows, cols = -(-height // window), -(-width // window)
+    return windows.view(batch, rows, cols, window, window, -1).permute(0, 1, 3, 2, 4, 5)
+
+
+def _tiles(height: int, width: int, window: int):
+    """The real tokens of a padded (H, W) grid as at most four rectangles: for each, the
+    token rows and columns of the (B, H, W, D) map and the (B, nH, ws, nW, ws, D) window
+    grid's (window rows, rows in each, window columns, columns in each)."""
+    def spans(n):
+        full, rest = divmod(n, window)
+        out = [(slice(0, full), window, slice(0, full * window))] if full else []
+        if rest:
+            out.append((slice(full, full + 1), rest, slice(full * window, n)))
+        return out
+    for win_rows, row_len, rows in spans(height):
+        for win_cols, col_len, cols in spans(width):
+            yield rows, cols, win_rows, row_len, win_cols, col_len
+
+
+def _copy_tiles(tokens: torch.Tensor, grid: torch.Tensor, window: int, to_grid: bool) -> None:
+    """Copy the real tokens between a (B, H, W, D) map and a window grid (see
+    :func:`_window_grid`), in the direction ``to_grid``."""
+    batch, height, width, dim = tokens.shape
+    for rows, cols, win_rows, row_len, win_cols, col_len in _tiles(height, width, window):
+        n_rows, n_cols = win_rows.stop - win_rows.start, win_cols.stop - win_cols.start
+        part = tokens[:, rows, cols].view(batch, n_rows, row_len, n_cols, col_len, dim)
+        cells = grid[:, win_rows, :row_len, win_cols, :col_len]
+        (cells if to_grid else part).copy_(part if to_grid else cells)
+
+
+def _padding(grid: torch.Tensor, height: int, width: int, window: int) -> list[torch.Tensor]:
+    """Views of a window grid's padding, each padded cell in exactly one of them."""
+    pad_h, pad_w = (-height) % window, (-width) % window
+    views = []
+    if pad_h:  # the last window row's padded rows, every column
+        views.append(grid[:, -1, window - pad_h:])
+    if pad_w:  # the last window column's padded columns, in the real rows
+        views.append(grid[:, :-1, :, -1, window - pad_w:])
+        views.append(grid[:, -1, :window - pad_h, -1, window - pad_w:])
+    return views
+
+
+class _PadPartition(torch.autograd.Function):
+    """:func:`_pad_partition` for autograd: the map's gradient is the windows' gradient on
+    the real tokens (read once), the fill's its sum over the padding."""
+
+    @staticmethod
+    def forward(ctx, t, fill, window):  # noqa: D102
+        batch, height, width, dim = t.shape
+        rows, cols = -(-height // window), -(-width // window)
+        windows = t.new_empty(batch * rows * cols, window, window, dim)
+        grid = _window_grid(windows, batch, height, width, window)
+        _copy_tiles(t, grid, window, to_grid=True)
+        for view in _padding(grid, height, width, window):
+            view.copy_(fill.view(dim).expand_as(view))
+        ctx.shape, ctx.window = t.shape, window
+        return windows
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        batch, height, width, dim = ctx.shape
+        grid = _window_grid(grad, batch, height, width, ctx.window)
+        grad_t = grad_fill = None
+        if ctx.needs_input_grad[0]:
+            grad_t = grad.new_empty(ctx.shape)
+            _copy_tiles(grad_t, grid, ctx.window, to_grid=False)
+        if ctx.needs_input_grad[1]:
+            grad_fill = grad.new_zeros(1, 1, 1, dim)
+            for view in _padding(grid, height, width, ctx.window):
+                grad_fill += view.sum(dim=tuple(range(view.dim() - 1)))
+        return grad_t, grad_fill, None
+
+
+class _Unpartition(torch.autograd.Function):
+    """:func:`_unpartition` for autograd: the windows' gradient is the map's on the real
+    tokens and zero on the padding."""
+
+    @staticmethod
+    def forward(ctx, windows, window, size):  # noqa: D102
+        height, width = size
+        rows, cols = -(-height // window), -(-width // window)
+        batch, dim = windows.shape[0] // (rows * cols), windows.shape[-1]
+        out = windows.new_empty(batch, height, width, dim)
+        _copy_tiles(out, _window_grid(windows, batch, height, width, window), window,
+                    to_grid=False)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        zero = grad.new_zeros(1, 1, 1, grad.shape[-1])
+        return _PadPartition.apply(grad, zero, ctx.window), None, None
 
 
 # A score map of at least CHUNK_FROM_BYTES (a global block's at 1024 px: 12 x 4096 x 4096
