@@ -7,12 +7,18 @@
 2. Conv-LoRA's bicubic resize of a low-rank map (n, 3, 14, 14) by each scale and back:
    ``F.interpolate`` against ``automask.peft.conv_lora.bicubic_resize`` (two matrix
    products), forward + backward, float32.
+3. LoRA's update on vit_b's qkv layer (768 -> 2304, r = 3), forward + backward:
+   ``base(x) + lora_B(lora_A(x)) * scaling`` against
+   ``automask.peft.lora.add_low_rank_update`` (scaling and sum inside one ``addmm``).
+4. Windows of a padded token grid (window 14), forward + backward, bf16: segment-anything's
+   concatenation + ``window_partition`` against ``automask.models.blocks._pad_partition``,
+   and ``window_unpartition`` against ``_unpartition`` (each value copied once).
 
 Both columns of a row are timed one after the other in one process (median of ``--repeat``
 after a warm-up each).
 Run from the repository root::
 
-    python -m benchmarks.bench_ops [--repeat 9] [--threads 2]
+    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows]
 """
 from __future__ import annotations
 
@@ -83,25 +89,105 @@ def resize_rows(repeat: int) -> list[str]:
     return rows
 
 
+def lora_rows(repeat: int) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from automask.peft.lora import add_low_rank_update
+
+    torch.manual_seed(0)
+    base = nn.Linear(768, 2304).requires_grad_(False)
+    lora_a, lora_b = nn.Linear(768, 3, bias=False), nn.Linear(3, 2304, bias=False)
+    nn.init.normal_(lora_b.weight)
+    scaling = 32 / 3
+
+    def plain(x):
+        return base(x) + F.linear(lora_a(x), lora_b.weight) * scaling
+
+    def fused(x):
+        return add_low_rank_update(base(x), lora_a(x), lora_b.weight, scaling)
+
+    rows = []
+    for side, label in ((32, "512 px"), (64, "1024 px")):
+        x0 = torch.randn(1, side, side, 768)
+        for bf16 in (True, False):
+            def run(fn, x0=x0, bf16=bf16):
+                x = x0.clone().requires_grad_(True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = fn(x)
+                out.float().sum().backward()
+            a = _timed(lambda: run(plain), repeat)
+            b = _timed(lambda: run(fused), repeat)
+            rows.append(f"| (1, {side}, {side}, 768), {label} | {'bf16' if bf16 else 'fp32'} "
+                        f"| {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+    return rows
+
+
+def window_rows(repeat: int) -> list[str]:
+    import torch
+    from segment_anything.modeling.image_encoder import window_unpartition
+
+    from automask.models.blocks import _pad_partition, _pad_partition_by_cat, _unpartition
+
+    def unpartition_sam(windows, size):
+        pad = (size[0] + (-size[0]) % 14, size[1] + (-size[1]) % 14)
+        return window_unpartition(windows, 14, pad, size)
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for side, dim, label in ((32, 2304, "qkv, 512 px"), (64, 2304, "qkv, 1024 px"),
+                             (32, 768, "attention output, 512 px"),
+                             (64, 768, "attention output, 1024 px")):
+        t0 = torch.randn(1, side, side, dim, generator=gen).bfloat16()
+        fill0 = torch.randn(1, 1, 1, dim, generator=gen).bfloat16()
+        count = (-(-side // 14)) ** 2
+        w0 = torch.randn(count, 14, 14, dim, generator=gen).bfloat16()
+
+        def pad(fn, t0=t0, fill0=fill0):
+            t, fill = t0.clone().requires_grad_(True), fill0.clone().requires_grad_(True)
+            fn(t, fill, 14).float().sum().backward()
+
+        def unpart(fn, w0=w0, side=side):
+            w = w0.clone().requires_grad_(True)
+            fn(w, (side, side)).float().sum().backward()
+        a = _timed(lambda: pad(_pad_partition_by_cat), repeat)
+        b = _timed(lambda: pad(_pad_partition), repeat)
+        rows.append(f"| pad + partition, {label} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+        a = _timed(lambda: unpart(unpartition_sam), repeat)
+        b = _timed(lambda: unpart(lambda w, size: _unpartition(w, 14, size)), repeat)
+        rows.append(f"| unpartition, {label} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", nargs="+", choices=["attention", "resize", "lora", "windows"],
+                        help="run only these tables (default: all)")
     args = parser.parse_args(argv)
+    only = set(args.only or ["attention", "resize", "lora", "windows"])
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("\n| attention | dtype | pass | terms added (ms) | terms in the product (ms) | ratio |")
-    print("|---|---|---|---|---|---|")
-    for row in attention_rows(args.repeat):
-        print(row, flush=True)
-    print("\n| map | scale | F.interpolate up + down, fwd+bwd (ms) | matrix products (ms) "
-          "| ratio |")
-    print("|---|---|---|---|---|")
-    for row in resize_rows(args.repeat):
-        print(row, flush=True)
+    tables = (
+        ("attention", "| attention | dtype | pass | terms added (ms) | terms in the product (ms) "
+                      "| ratio |\n|---|---|---|---|---|---|", attention_rows),
+        ("resize", "| map | scale | F.interpolate up + down, fwd+bwd (ms) | matrix products (ms) "
+                   "| ratio |\n|---|---|---|---|---|", resize_rows),
+        ("lora", "| qkv input | dtype | update by * and + (ms) | inside addmm (ms) | ratio |"
+                 "\n|---|---|---|---|---|", lora_rows),
+        ("windows", "| operation, bf16, fwd+bwd | segment-anything (ms) | each value once (ms) "
+                    "| ratio |\n|---|---|---|---|", window_rows),
+    )
+    for name, header, rows in tables:
+        if name in only:
+            print("\n" + header)
+            for row in rows(args.repeat):
+                print(row, flush=True)
     return 0
 
 
