@@ -14,8 +14,8 @@
    concatenation + ``window_partition`` against ``automask.models.blocks._pad_partition``,
    and ``window_unpartition`` against ``_unpartition`` (each value copied once).
 
-Both columns of a row are timed one after the other in one process (median of ``--repeat``
-after a warm-up each).
+Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
+each: one after the other in tables 1 and 2, alternately in tables 3 and 4.
 Run from the repository root::
 
     python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows]
@@ -25,6 +25,22 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.bench_export import median_time as _timed
+
+
+def _alternated(first, second, repeat: int) -> tuple[float, float]:
+    """Median seconds of ``first()`` and ``second()`` called alternately, after a warm-up of
+    each: drift of the machine (allocator, caches, other jobs) falls on both."""
+    import statistics
+    import time
+
+    first(), second()
+    times = ([], [])
+    for _ in range(repeat):
+        for fn, out in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def attention_rows(repeat: int) -> list[str]:
@@ -117,8 +133,7 @@ def lora_rows(repeat: int) -> list[str]:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     out = fn(x)
                 out.float().sum().backward()
-            a = _timed(lambda: run(plain), repeat)
-            b = _timed(lambda: run(fused), repeat)
+            a, b = _alternated(lambda: run(plain), lambda: run(fused), repeat)
             rows.append(f"| (1, {side}, {side}, 768), {label} | {'bf16' if bf16 else 'fp32'} "
                         f"| {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
     return rows
@@ -151,11 +166,11 @@ def window_rows(repeat: int) -> list[str]:
         def unpart(fn, w0=w0, side=side):
             w = w0.clone().requires_grad_(True)
             fn(w, (side, side)).float().sum().backward()
-        a = _timed(lambda: pad(_pad_partition_by_cat), repeat)
-        b = _timed(lambda: pad(_pad_partition), repeat)
+        a, b = _alternated(lambda: pad(_pad_partition_by_cat), lambda: pad(_pad_partition),
+                           repeat)
         rows.append(f"| pad + partition, {label} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
-        a = _timed(lambda: unpart(unpartition_sam), repeat)
-        b = _timed(lambda: unpart(lambda w, size: _unpartition(w, 14, size)), repeat)
+        a, b = _alternated(lambda: unpart(unpartition_sam),
+                           lambda: unpart(lambda w, size: _unpartition(w, 14, size)), repeat)
         rows.append(f"| unpartition, {label} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
     return rows
 
