@@ -10,9 +10,10 @@
 3. LoRA's update on vit_b's qkv layer (768 -> 2304, r = 3), forward + backward:
    ``base(x) + lora_B(lora_A(x)) * scaling`` against
    ``automask.peft.lora.add_low_rank_update`` (scaling and sum inside one ``addmm``).
-4. Windows of a padded token grid (window 14), forward + backward, bf16: segment-anything's
-   concatenation + ``window_partition`` against ``automask.models.blocks._pad_partition``,
-   and ``window_unpartition`` against ``_unpartition`` (each value copied once).
+4. Windows of a padded token grid (window 14), forward + backward, bf16, as vit_b's windowed
+   blocks use them: qkv padded and cut into windows by segment-anything's concatenation +
+   ``window_partition`` against ``automask.models.blocks._pad_partition``, and the attention
+   output joined by ``window_unpartition`` against ``_unpartition`` (each value copied once).
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
 each: one after the other in tables 1 and 2, alternately in tables 3 and 4.
@@ -151,13 +152,11 @@ def window_rows(repeat: int) -> list[str]:
 
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for side, dim, label in ((32, 2304, "qkv, 512 px"), (64, 2304, "qkv, 1024 px"),
-                             (32, 768, "attention output, 512 px"),
-                             (64, 768, "attention output, 1024 px")):
-        t0 = torch.randn(1, side, side, dim, generator=gen).bfloat16()
-        fill0 = torch.randn(1, 1, 1, dim, generator=gen).bfloat16()
-        count = (-(-side // 14)) ** 2
-        w0 = torch.randn(count, 14, 14, dim, generator=gen).bfloat16()
+    for side, label in ((32, "512 px"), (64, "1024 px")):
+        count = (-(-side // 14)) ** 2  # windows
+        t0 = torch.randn(1, side, side, 2304, generator=gen).bfloat16()  # qkv of real tokens
+        fill0 = torch.randn(1, 1, 1, 2304, generator=gen).bfloat16()  # qkv of a zero token
+        w0 = torch.randn(count, 14, 14, 768, generator=gen).bfloat16()  # attention output
 
         def pad(fn, t0=t0, fill0=fill0):
             t, fill = t0.clone().requires_grad_(True), fill0.clone().requires_grad_(True)
@@ -168,10 +167,12 @@ def window_rows(repeat: int) -> list[str]:
             fn(w, (side, side)).float().sum().backward()
         a, b = _alternated(lambda: pad(_pad_partition_by_cat), lambda: pad(_pad_partition),
                            repeat)
-        rows.append(f"| pad + partition, {label} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+        rows.append(f"| pad + partition of qkv (1, {side}, {side}, 2304), {label} "
+                    f"| {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
         a, b = _alternated(lambda: unpart(unpartition_sam),
                            lambda: unpart(lambda w, size: _unpartition(w, 14, size)), repeat)
-        rows.append(f"| unpartition, {label} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+        rows.append(f"| unpartition of the attention output ({count}, 14, 14, 768), {label} "
+                    f"| {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
     return rows
 
 
