@@ -64,3 +64,23 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def layer_norm_copies(encode, images) -> tuple[int, int]:
+    """(layer norms run, copies made inside them) in one forward + backward of ``encode``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        encode(images).float().mean().backward()
+    norms = copies = 0
+    for event in prof.events():
+        if event.name in ("aten::native_layer_norm", "aten::native_layer_norm_backward"):
+            norms += 1
+        parent = event.cpu_parent
+        while event.name == "aten::clone" and parent is not None:
+            if parent.name.startswith("aten::native_layer_norm"):
+                copies += 1
+                break
+            parent = parent.cpu_parent
+    return norms, copies
+

@@ -158,3 +158,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert any("experts" in n for n in grads_a) and any("w_gate" in n for n in grads_a)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "conv_lora"])
+def test_encoder_layer_norms_copy_nothing(method):
+    # segment-anything's patch embedding is a permuted view; kept so, every residual sum
+    # inherits its layout and every block's layer norms copy their input, forward and backward.
+    from automask.peft import apply_peft
+    from conftest import layer_norm_copies
+
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", input_size=128, checkpoint="random")
+    apply_peft(seg, method)
+    norms, copies = layer_norm_copies(seg.train().encode, torch.randn(1, 3, 128, 128))
+    # norm1 and norm2, forward and backward (the first norm1's input needs no gradient)
+    assert norms == 4 * len(seg.image_encoder.blocks) - 1
+    assert copies == 0

@@ -111,6 +111,18 @@ def test_methods_start_as_the_frozen_model(method):
     assert seg.peft_method == method
 
 
+def test_trunk_layer_norms_copy_nothing():
+    # Hiera's patch embedding and position table are permuted views: kept so, the blocks of
+    # the first stage (the largest maps) copy their layer norms' inputs forward and backward.
+    from conftest import layer_norm_copies
+
+    seg = _tiny()
+    apply_peft(seg, "lora")
+    norms, copies = layer_norm_copies(lambda x: seg.train().encode(x)[0], _images())
+    assert norms >= 3 * len(seg.image_encoder.trunk.blocks)
+    assert copies == 0
+
+
 def test_conv_lora_sees_each_attention_window_as_a_grid():
     seg = apply_peft(_tiny(), "conv_lora")
     shapes = []

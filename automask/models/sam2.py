@@ -318,8 +318,8 @@ class Sam2Segmenter(SamSegmenter):
         recomputed in the backward pass.
         """
         trunk, neck = self.image_encoder.trunk, self.image_encoder.neck
-        x = trunk.patch_embed(images)  # (B, S/4, S/4, C)
-        x = x + trunk._get_pos_embed(x.shape[1:3])
+        x = trunk.patch_embed(images)  # (B, S/4, S/4, C), a permuted view of (B, C, ...)
+        x = (x + trunk._get_pos_embed(x.shape[1:3])).contiguous()  # see SamSegmenter.encode
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         levels = []  # trunk outputs at strides 4, 8, 16, 32
         for index, block in enumerate(trunk.blocks):
