@@ -64,6 +64,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
     nn.Module
         The copy; ``model`` itself is left as it was.
     """
+    from .models.frozen import restore_originals
     from .peft import ConvLoRALinear, merge_adapters
 
     # deepcopy refuses non-leaf tensors; a module's last aux_loss is one. Map them to None.
@@ -73,6 +74,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
             if torch.is_tensor(value) and not value.is_leaf:
                 memo[id(value)] = None
     clone = copy.deepcopy(model, memo)
+    restore_originals(model, clone)  # float32 weights held in bf16 during a prediction
     clone = clone.to(device="cpu", dtype=torch.float32).eval()
     clone.requires_grad_(False)
     clone.merged_adapters = merge_adapters(clone)

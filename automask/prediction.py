@@ -83,10 +83,24 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
 
     if prompts is not None and any(p is not None for p in prompts):
         check_prompt_request(task, tiling)
-        return _prompted_proba(model, cfg, task, spec, tiling, prompts)
-    if check_tiling(tiling) == "off":
-        return _plain_proba(model, cfg, task, spec)
-    return _mixed_proba(model, cfg, task, spec, tiling)
+        probs = _prompted_proba(model, cfg, task, spec, tiling, prompts)
+    elif check_tiling(tiling) == "off":
+        probs = _plain_proba(model, cfg, task, spec)
+    else:
+        probs = _mixed_proba(model, cfg, task, spec, tiling)
+    return _holding_frozen(model, cfg, probs)
+
+
+def _holding_frozen(model: torch.nn.Module, cfg: Config,
+                    probs: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+    """``probs``, with the frozen linear weights cast to bf16 once for all the images
+    rather than in every forward, on a CPU under bf16 autocast (exactly the same results;
+    see :mod:`automask.models.frozen`)."""
+    from .models.frozen import frozen_linears_in_bf16
+
+    hold = inference_device(cfg).type == "cpu" and cfg.env.precision == "bf16-mixed"
+    with frozen_linears_in_bf16(model, enabled=hold):
+        yield from probs
 
 
 def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,

@@ -75,6 +75,13 @@ def make_step(method: str, size: int, args: argparse.Namespace):
     if method == "floor":
         images.requires_grad_(True)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and _bf16_supported(args.device))
+    # as a fit with a pretrained backbone does: frozen linear weights cast once
+    # (automask.models.frozen), held as long as ``step`` lives
+    from automask.models.frozen import frozen_linears_in_bf16
+
+    hold = frozen_linears_in_bf16(model, enabled=use_bf16 and device.type == "cpu"
+                                  and not getattr(args, "no_hold", False))
+    hold.__enter__()
 
     def sync() -> None:
         if device.type == "cuda":
@@ -93,6 +100,7 @@ def make_step(method: str, size: int, args: argparse.Namespace):
             optimizer.zero_grad(set_to_none=True)
         images.grad = None
 
+    step.hold = hold  # collecting the context would end the hold
     return step, sync, use_bf16
 
 
@@ -234,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roofline", action="store_true",
                         help="count each step's FLOPs and print achieved / measured peak "
                              "matrix rate (CPU; methods interleaved in this process)")
+    parser.add_argument("--no-hold", action="store_true",
+                        help="cast frozen linear weights in every forward (as before "
+                             "automask.models.frozen) instead of once")
     parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -275,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--dtype", args.dtype]
             if args.gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")
+            if args.no_hold:
+                cmd.append("--no-hold")
             done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=os.environ)
             if done.returncode != 0:
                 print(f"{method} @ {size}px failed:\n{done.stderr}", file=sys.stderr)

@@ -13,7 +13,10 @@ autocast (bf16 where the CPU has native bf16, the library's default; ``--dtype``
 fp32 or bf16) around ``SamSegmenter.forward`` -> structure loss (the binary default of
 ``automask.losses``) + the adapters' auxiliary loss -> backward -> gradient clipping at 1.0
 -> AdamW (weight decay on matrices only) -> linear learning-rate decay. ``--infer``: eval
-mode, ``torch.inference_mode`` and the same autocast, as ``predict`` runs.
+mode, ``torch.inference_mode`` and the same autocast, as ``predict`` runs. Under bf16 the
+frozen linear weights are held in bf16 (cast once, ``automask.models.frozen``), as
+``predict`` and a fit with a pretrained backbone do; ``--no-hold`` casts them in every
+forward.
 ``--peft floor``: the frozen encoder's forward and a backward through all of it (the
 floor of ``benchmarks/bench_step.py``). Weights are random (``checkpoint="random"``):
 speed does not depend on their values.
@@ -72,6 +75,12 @@ def build_step(args: argparse.Namespace):
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4)
         total = max(1, args.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))
+    # fit (with a pretrained backbone) and predict cast the frozen linear weights once, not
+    # in every forward (automask.models.frozen), held as long as ``step`` lives
+    from automask.models.frozen import frozen_linears_in_bf16
+
+    hold = frozen_linears_in_bf16(model, enabled=bf16 and not args.no_hold)
+    hold.__enter__()
     fwd = torch.compile(model) if args.compile else model
 
     s = args.size
@@ -110,6 +119,7 @@ def build_step(args: argparse.Namespace):
             images.grad = None
             return float(loss.detach())
 
+    step.hold = hold  # collecting the context would end the hold
     return step, model, params, precision
 
 
@@ -123,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: automask's own choice (bf16 autocast on bf16-capable CPUs)")
     ap.add_argument("--infer", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the segmenter")
+    ap.add_argument("--no-hold", action="store_true",
+                    help="cast frozen linear weights in every forward instead of once")
     ap.add_argument("--total-steps", type=int, default=100, help="for the LR schedule only")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)

@@ -1,0 +1,202 @@
+"""Frozen linear weights held in bf16 under a CPU's bf16 autocast: the same results, the
+float32 originals back afterwards, in fits, predictions and exports."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import automask.models.frozen as frozen
+from automask import SemanticSegmentor
+from automask.datasets import make_synthetic
+from automask.export import inference_copy
+from automask.models import build_segmenter
+from automask.models.frozen import frozen_linears_in_bf16
+from automask.peft import PEFT_METHODS, apply_peft, aux_loss
+
+SIZE = 64
+
+
+def _frozen_linear_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if type(m) is nn.Linear
+            for p in m.parameters(recurse=False) if not p.requires_grad]
+
+
+def _step(model: nn.Module, images: torch.Tensor, forward=None):
+    """Loss and gradients of one bf16 training step (the routing noise seeded)."""
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = (forward or model)(images)
+        out = out[1] if isinstance(out, tuple) else out
+        loss = out.float().square().mean() + aux_loss(model)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad],
+                                allow_unused=True)
+    return loss.detach(), grads
+
+
+def _assert_same_step(model: nn.Module, images: torch.Tensor, forward=None) -> None:
+    originals = [(p, p.data) for p in _frozen_linear_params(model)]
+    loss, grads = _step(model, images, forward)
+    with frozen_linears_in_bf16(model) as held:
+        assert held == len(originals) > 0
+        assert all(p.dtype == torch.bfloat16 for p, _ in originals)
+        held_loss, held_grads = _step(model, images, forward)
+    assert torch.equal(loss, held_loss)
+    for a, b in zip(grads, held_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    for p, data in originals:  # the very tensors, not copies rounded through bf16
+        assert p.data_ptr() == data.data_ptr() and p.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_METHODS))
+def test_a_training_step_is_bit_for_bit_the_same(method):
+    torch.manual_seed(0)
+    # 80 px: 5 x 5 tokens, windows padded (the padding row comes from a held qkv)
+    model = build_segmenter("tiny", input_size=80, checkpoint="random")
+    apply_peft(model, method).train()
+    images = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    if not _frozen_linear_params(model):  # full, scratch: nothing frozen, nothing held
+        with frozen_linears_in_bf16(model) as held:
+            assert held == 0
+        return
+    _assert_same_step(model, images)
+
+
+def test_sam2_and_the_mask_classification_head_are_the_same():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    sam2 = apply_peft(build_segmenter("sam2_tiny", input_size=SIZE, checkpoint="random"),
+                      "conv_lora").train()
+    _assert_same_step(sam2, images)
+    queries = apply_peft(build_segmenter("tiny", num_classes=3, input_size=SIZE,
+                                         checkpoint="random",
+                                         multiclass_head="mask_classification"), "lora")
+    _assert_same_step(queries, images, forward=queries.forward_queries)
+
+
+def test_only_frozen_float32_linear_weights_are_held_and_nesting_holds_nothing_twice():
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"),
+                       "conv_lora")
+    expert = model.image_encoder.blocks[0].attn.qkv.experts[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with frozen_linears_in_bf16(model) as held:
+        assert held == len(_frozen_linear_params(model))
+        assert expert.weight.dtype == torch.float32  # a convolution run with autocast off
+        assert all(p.dtype == torch.float32 for p in trainable)
+        assert model.image_encoder.patch_embed.proj.weight.dtype == torch.float32
+        with frozen_linears_in_bf16(model) as again:
+            assert again == 0
+        assert all(p.dtype == torch.bfloat16 for p in _frozen_linear_params(model))
+    with frozen_linears_in_bf16(model, enabled=False) as none:
+        assert none == 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_originals_come_back_after_an_error_and_outside_autocast_it_raises():
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"),
+                       "lora").eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images = torch.randn(1, 3, SIZE, SIZE)
+    with pytest.raises(RuntimeError):  # a float32 input meets a bf16 weight: loud
+        with frozen_linears_in_bf16(model), torch.no_grad():
+            model(images)
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
+    assert not frozen._HELD
+
+
+def test_an_export_copy_made_while_held_gets_the_float32_originals():
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"), "lora")
+    expected = inference_copy(model).state_dict()
+    with frozen_linears_in_bf16(model) as held:
+        assert held
+        clone = inference_copy(model)
+    for name, value in clone.state_dict().items():
+        assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic(12, size=(64, 80), num_classes=2, seed=3,
+                          root=tmp_path_factory.mktemp("frozen_data"))
+
+
+def _spy(monkeypatch, counts: list[int], hold: bool = True) -> None:
+    """Record how many parameters each hold takes; ``hold=False`` takes none."""
+    real = frozen.frozen_linears_in_bf16
+
+    def spy(model, enabled=True):
+        context = real(model, enabled=enabled and hold)
+
+        class Recorded:
+            def __enter__(self):
+                counts.append(context.__enter__())
+                return counts[-1]
+
+            def __exit__(self, *exc):
+                return context.__exit__(*exc)
+        return Recorded()
+    monkeypatch.setattr(frozen, "frozen_linears_in_bf16", spy)
+
+
+def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monkeypatch):
+    base = build_segmenter("tiny", input_size=SIZE, checkpoint="random")
+    ckpt = tmp_path / "tiny_sam.pth"  # a pretrained backbone: its weights are not saved
+    torch.save(base.state_dict(), ckpt)
+    hp = {"model.checkpoint": str(ckpt), "model.input_size": SIZE, "peft.method": "conv_lora",
+          "optim.max_epochs": 1, "optim.batch_size": 4, "optim.effective_batch_size": 4,
+          "env.accelerator": "cpu", "env.precision": "bf16-mixed"}
+    runs = {}
+    for hold in (True, False):
+        counts: list[int] = []
+        with monkeypatch.context() as patch:
+            _spy(patch, counts, hold)
+            seg = SemanticSegmentor(path=tmp_path / f"run_{hold}", seed=4, verbosity=0)
+            seg.fit(data, presets="tiny", hyperparameters=hp)
+            probs = seg.predict_proba(data.iloc[:3])
+        runs[hold] = (counts, probs, seg)
+    counts, probs, seg = runs[True]
+    n_frozen = len(_frozen_linear_params(seg._model(None)))
+    assert counts[0] == n_frozen > 0  # the fit held them ...
+    assert counts[-1] == n_frozen  # ... and so did the prediction
+    assert runs[False][0] and not any(runs[False][0])
+    for a, b in zip(probs, runs[False][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    original = torch.load(ckpt, weights_only=True)
+    net = seg._model(None)
+    compared = 0
+    for name, param in net.named_parameters():  # float32 again, the checkpoint's values
+        assert param.dtype == torch.float32, name
+        key = name.replace(".base_layer.", ".")
+        if not param.requires_grad and key in original:
+            assert torch.equal(param, original[key]), name
+            compared += 1
+    assert compared >= n_frozen
+
+
+def test_a_random_backbone_is_not_held_in_a_fit(data, tmp_path, monkeypatch):
+    counts: list[int] = []
+    _spy(monkeypatch, counts)
+    hp = {"model.input_size": SIZE, "peft.method": "lora", "optim.max_epochs": 1,
+          "env.accelerator": "cpu", "env.precision": "bf16-mixed"}
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        data, presets="tiny", hyperparameters=hp)
+    assert counts and counts[0] == 0  # its frozen weights go into resume checkpoints
+    seg.predict_proba(data.iloc[:1])
+    assert counts[-1] > 0  # a prediction saves nothing
+
+
+def test_a_float32_fit_holds_nothing(data, tmp_path, monkeypatch):
+    counts: list[int] = []
+    _spy(monkeypatch, counts)
+    base = build_segmenter("tiny", input_size=SIZE, checkpoint="random")
+    ckpt = tmp_path / "tiny_sam.pth"
+    torch.save(base.state_dict(), ckpt)
+    hp = {"model.checkpoint": str(ckpt), "model.input_size": SIZE, "peft.method": "lora",
+          "optim.max_epochs": 1, "env.accelerator": "cpu", "env.precision": "32"}
+    SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        data, presets="tiny", hyperparameters=hp).predict_proba(data.iloc[:1])
+    assert counts and not any(counts)
