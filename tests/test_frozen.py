@@ -108,6 +108,26 @@ def test_originals_come_back_after_an_error_and_outside_autocast_it_raises():
     assert not frozen._HELD
 
 
+def test_a_cast_that_fails_half_way_leaves_nothing_held(monkeypatch):
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"),
+                       "lora")
+    real_to, casts = torch.Tensor.to, []
+
+    def failing_to(self, *args, **kwargs):
+        if args and args[0] is torch.bfloat16:
+            casts.append(1)
+            if len(casts) == 3:
+                raise RuntimeError("out of memory (simulated)")
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", failing_to)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with frozen_linears_in_bf16(model):
+            pass
+    monkeypatch.undo()
+    assert len(casts) == 3
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and not frozen._HELD
+
+
 def test_an_export_copy_made_while_held_gets_the_float32_originals():
     model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"), "lora")
     expected = inference_copy(model).state_dict()

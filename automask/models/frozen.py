@@ -49,8 +49,8 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True) -> Iterator[i
         How many parameters are held (0 when nested in another hold of the same model).
     """
     held = []
-    if enabled:
-        for module in model.modules():
+    try:
+        for module in model.modules() if enabled else ():
             if type(module) is not nn.Linear:  # subclasses may use their weights otherwise
                 continue
             for param in module.parameters(recurse=False):
@@ -59,9 +59,8 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True) -> Iterator[i
                 _HELD[id(param)] = (param, param.data)
                 held.append(param)
                 param.data = param.data.to(torch.bfloat16)
-    try:
         yield len(held)
-    finally:
+    finally:  # also when a cast above failed (out of memory): nothing stays half held
         for param in held:
             param.data = _HELD.pop(id(param))[1]
 
