@@ -80,7 +80,7 @@ def make_step(method: str, size: int, args: argparse.Namespace):
     from automask.models.frozen import frozen_linears_in_bf16
 
     hold = frozen_linears_in_bf16(model, enabled=use_bf16 and device.type == "cpu"
-                                  and not getattr(args, "no_hold", False))
+                                  and not args.no_hold)
     hold.__enter__()
 
     def sync() -> None:

@@ -2,6 +2,8 @@
 float32 originals back afterwards, in fits, predictions and exports."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -148,25 +150,24 @@ def _spy(monkeypatch, counts: list[int], hold: bool = True) -> None:
     """Record how many parameters each hold takes; ``hold=False`` takes none."""
     real = frozen.frozen_linears_in_bf16
 
+    @contextlib.contextmanager
     def spy(model, enabled=True):
-        context = real(model, enabled=enabled and hold)
-
-        class Recorded:
-            def __enter__(self):
-                counts.append(context.__enter__())
-                return counts[-1]
-
-            def __exit__(self, *exc):
-                return context.__exit__(*exc)
-        return Recorded()
+        with real(model, enabled=enabled and hold) as held:
+            counts.append(held)
+            yield held
     monkeypatch.setattr(frozen, "frozen_linears_in_bf16", spy)
 
 
+def _file_checkpoint(tmp_path) -> str:
+    """A 'pretrained' backbone: a state dict file (its weights are not saved with a model)."""
+    path = tmp_path / "tiny_sam.pth"
+    torch.save(build_segmenter("tiny", input_size=SIZE, checkpoint="random").state_dict(), path)
+    return str(path)
+
+
 def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monkeypatch):
-    base = build_segmenter("tiny", input_size=SIZE, checkpoint="random")
-    ckpt = tmp_path / "tiny_sam.pth"  # a pretrained backbone: its weights are not saved
-    torch.save(base.state_dict(), ckpt)
-    hp = {"model.checkpoint": str(ckpt), "model.input_size": SIZE, "peft.method": "conv_lora",
+    ckpt = _file_checkpoint(tmp_path)
+    hp = {"model.checkpoint": ckpt, "model.input_size": SIZE, "peft.method": "conv_lora",
           "optim.max_epochs": 1, "optim.batch_size": 4, "optim.effective_batch_size": 4,
           "env.accelerator": "cpu", "env.precision": "bf16-mixed"}
     runs = {}
@@ -212,10 +213,8 @@ def test_a_random_backbone_is_not_held_in_a_fit(data, tmp_path, monkeypatch):
 def test_a_float32_fit_holds_nothing(data, tmp_path, monkeypatch):
     counts: list[int] = []
     _spy(monkeypatch, counts)
-    base = build_segmenter("tiny", input_size=SIZE, checkpoint="random")
-    ckpt = tmp_path / "tiny_sam.pth"
-    torch.save(base.state_dict(), ckpt)
-    hp = {"model.checkpoint": str(ckpt), "model.input_size": SIZE, "peft.method": "lora",
+    hp = {"model.checkpoint": _file_checkpoint(tmp_path), "model.input_size": SIZE,
+          "peft.method": "lora",
           "optim.max_epochs": 1, "env.accelerator": "cpu", "env.precision": "32"}
     SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
         data, presets="tiny", hyperparameters=hp).predict_proba(data.iloc[:1])
