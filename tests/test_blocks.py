@@ -1,6 +1,8 @@
 """The encoder block without the window padding's projections equals segment-anything's."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention
@@ -360,3 +362,116 @@ def test_windows_written_once_equal_segment_anythings(height, width):
     (got_w,) = torch.autograd.grad(back, windows, grad_map)
     (want_w,) = torch.autograd.grad(ref, windows, grad_map)
     assert torch.equal(got_w, want_w)
+
+
+def _queries_counted(monkeypatch) -> list[tuple[tuple[int, int], tuple[int, int], int]]:
+    """Record each call of the attention core: (query grid, key grid, query rows)."""
+    calls = []
+    core = blocks_module._attention
+
+    def counted(attn, q, k, v, q_size, k_size):
+        calls.append((tuple(q_size), tuple(k_size), q.shape[0] * q.shape[1] // attn.num_heads))
+        return core(attn, q, k, v, q_size, k_size)
+
+    monkeypatch.setattr(blocks_module, "_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("real_only", [True, False])
+def test_padded_windows_attend_with_the_real_queries_only(real_only, monkeypatch):
+    """In a windowed block of a padded grid only the real tokens are queries (10 x 10 of
+    the 16 x 16 at 160 px), in four groups of windows; every token is still a key."""
+    seg = _model("conv_lora")
+    monkeypatch.setattr(segmenter_module, "block_forward", block_forward)
+    monkeypatch.setattr(blocks_module, "REAL_QUERIES_ONLY", real_only)
+    calls = _queries_counted(monkeypatch)
+    with torch.no_grad():
+        seg.eval()(torch.randn(2, 3, SIZE, SIZE))
+    windowed = [c for c in calls if c[1] == (8, 8)]
+    blocks = sum(b.window_size > 0 for b in seg.image_encoder.blocks)
+    assert blocks and all(c[1] == (10, 10) for c in calls if c not in windowed)  # global
+    if real_only:
+        assert len(windowed) == 4 * blocks
+        assert {c[0] for c in windowed} == {(8, 8), (8, 2), (2, 8), (2, 2)}
+        assert sum(c[2] for c in windowed) == blocks * 2 * 10 * 10
+    else:
+        assert len(windowed) == blocks and {c[0] for c in windowed} == {(8, 8)}
+        assert sum(c[2] for c in windowed) == blocks * 2 * 16 * 16
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp32-grad", "chunked-grad", "bf16-grad"])
+@pytest.mark.parametrize("height,width", [(10, 12), (14, 9), (5, 5), (14, 14)])
+def test_real_queries_equal_every_querys_output(mode, height, width, monkeypatch):
+    """_attend_windows against _attend over the whole windows, then cropped: the real
+    tokens' outputs and every gradient, on grids padded along either axis, both or
+    neither; with the terms added in place, through the autograd Function, chunked, and
+    folded into the product in bf16 (there both as near the float64 values)."""
+    window, grad = 7, mode.endswith("grad")
+    if mode.startswith("chunked"):  # one query row at a time
+        monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 0)
+        monkeypatch.setattr(blocks_module, "CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    attn = Attention(48, 3, qkv_bias=True, use_rel_pos=True, input_size=(window, window))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    n_windows = 2 * -(-height // window) * -(-width // window)
+    qkv = torch.randn(n_windows, window, window, 3 * 48, dtype=torch.float64)
+    weight = torch.randn(2, height, width, 48, dtype=torch.float64)
+    results = []
+    for real_only, dtype in ((True, torch.float32), (False, torch.float32),
+                             (False, torch.float64)):
+        module = copy.deepcopy(attn).to(dtype)
+        t = qkv.to(dtype).requires_grad_(grad)
+        bf16 = mode.startswith("bf16") and dtype == torch.float32
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            if real_only:
+                out = blocks_module._attend_windows(module, t, window, (height, width))
+            else:
+                out = blocks_module._unpartition(blocks_module._attend(module, t), window,
+                                                 (height, width))
+        assert out.shape == (2, height, width, 48)
+        grads = []
+        if grad:
+            (out.double() * weight).sum().backward()
+            grads = [t.grad, module.rel_pos_h.grad, module.rel_pos_w.grad]
+        results.append([v.double() for v in (out, *grads)])
+    ours, theirs, exact = results
+    for mine, reference, value in zip(ours, theirs, exact):
+        assert value.abs().sum() > 0
+        if mode.startswith("bf16"):  # as near the float64 values as the whole windows get
+            assert (mine - value).abs().mean() <= 1.1 * (reference - value).abs().mean()
+        else:
+            torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_folded_scores_of_fewer_queries_than_keys():
+    """The folded product for the first h x w queries of an (H, W) grid of keys: the rows
+    of the whole grid's scores that belong to them."""
+    gen = torch.Generator().manual_seed(0)
+    n, height, width, dim, rows, cols = 3, 7, 7, 8, 4, 2
+    q, k = (torch.randn(n, height * width, dim, generator=gen) for _ in range(2))
+    rel_h = torch.randn(n, height, width, height, generator=gen)
+    rel_w = torch.randn(n, height, width, width, generator=gen)
+    whole = blocks_module._folded_scores(q, k, rel_h, rel_w, 0.3).view(n, height, width, -1)
+    sub_q = q.view(n, height, width, dim)[:, :rows, :cols].reshape(n, rows * cols, dim)
+    part = blocks_module._folded_scores(sub_q, k, rel_h[:, :rows, :cols].contiguous(),
+                                        rel_w[:, :rows, :cols].contiguous(), 0.3)
+    assert part.shape == (n, rows * cols, height * width)
+    torch.testing.assert_close(part, whole[:, :rows, :cols].reshape(part.shape),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_projection_that_needs_the_windows_keeps_every_query(monkeypatch):
+    """A ``proj`` that is not token-wise runs on the whole padded windows, as in
+    segment-anything; then every padded token is a query too, and the block is the same."""
+    seg = _model("lora").train()
+    for block in seg.image_encoder.blocks:
+        block.attn.proj = nn.Sequential(block.attn.proj)  # not known to be token-wise
+    calls = _queries_counted(monkeypatch)
+    fast, fast_grads = _run(seg, stock=False, monkeypatch=monkeypatch)
+    stock, stock_grads = _run(seg, stock=True, monkeypatch=monkeypatch)
+    assert {c[0] for c in calls if c[1] == (8, 8)} == {(8, 8)}
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-4)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

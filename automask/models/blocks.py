@@ -16,7 +16,11 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   token-wise ``base_layer`` on the real tokens and its ``delta`` on the zero-padded
   windows, as before.
 - ``proj`` runs after the windows are merged back, on the real tokens, when it acts token
-  by token.
+  by token; the attention itself then takes only the real tokens as queries (every token
+  stays a key and a value), since a padded token's output is cut away
+  (:func:`_attend_windows`). With conv_lora on vit_b, batch 1, on 2 CPU cores this takes a
+  training step to 0.93x its time at 256 px in bf16, 0.95x at 512 px in bf16 and 0.92x
+  in fp32 (``benchmarks/bench_blocks.py``).
 - The decomposed relative-position terms are added to the score map in place (a small
   autograd Function when gradients flow), not through two temporary maps of the size of
   the scores: bit for bit segment-anything's values and gradients. In bf16 or fp16, on a
@@ -80,11 +84,15 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
         qkv = _windowed_qkv(attn.qkv, y, window)
     else:
         qkv = attn.qkv(window_partition(y, window)[0])  # (B * nW, ws, ws, 3E), no padding
-    out = _attend(attn, qkv)  # (B * nW, ws, ws, E), before proj
-    if is_token_wise(attn.proj):
-        out = attn.proj(_unpartition(out, window, (height, width)))
+    if padded and is_token_wise(attn.proj) and REAL_QUERIES_ONLY and not _exporting():
+        # the padded tokens' outputs are cut away: only the real ones are queries
+        # (an exported graph keeps segment-anything's shapes, symbolic in H and W)
+        out = attn.proj(_attend_windows(attn, qkv, window, (height, width)))
+    elif is_token_wise(attn.proj):
+        out = attn.proj(_unpartition(_attend(attn, qkv), window, (height, width)))
     else:
-        out = window_unpartition(attn.proj(out), window, pad_hw, (height, width))
+        out = window_unpartition(attn.proj(_attend(attn, qkv)), window, pad_hw,
+                                 (height, width))
     x = x + out  # (B, H, W, E)
     return x + block.mlp(block.norm2(x))
 
@@ -267,16 +275,76 @@ def _attend(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
     heads = attn.num_heads
     qkv = qkv.reshape(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, batch * heads, height * width, -1).unbind(0)  # (B*nH, HW, hd)
-    rows = _chunk_rows(q, height, width) if attn.use_rel_pos else 0
-    fold = attn.use_rel_pos and not rows and _folds(q, width)
-    scores = None if rows or fold else (q * attn.scale) @ k.transpose(-2, -1)  # (B*nH, HW, HW)
+    out = _attention(attn, q, k, v, (height, width), (height, width))  # (B*nH, HW, hd)
+    out = out.view(batch, heads, height, width, -1)
+    return out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+
+
+# Whether a windowed block whose grid is padded computes attention for the real tokens'
+# queries only (see _attend_windows); False computes every window's padded queries too, as
+# segment-anything does (for benchmarks/bench_blocks.py's comparison).
+REAL_QUERIES_ONLY = True
+
+
+def _attend_windows(attn: Attention, qkv: torch.Tensor, window: int,
+                    size: tuple[int, int]) -> torch.Tensor:
+    """``_unpartition(_attend(attn, qkv), window, size)`` with the real tokens as the only
+    queries.
+
+    Windows (B * nW, ws, ws, 3E) of a zero-padded (H, W) grid -> the real tokens' attention
+    output (B, H, W, E), before ``proj``. A padded token's output is cut away after
+    ``proj``, so only its key and value are needed: segment-anything computes its query's
+    scores, softmax and output all the same (at 256 px, 16 x 16 tokens padded to 28 x 28,
+    two thirds of the windows' query rows; at 512 px 42%, at 1024 px 16%). The windows are
+    grouped by how many of their rows and columns are real (at most four groups: whole
+    windows, the last column's, the last row's and the corner); each group attends with
+    its real rows and columns of queries against all of its keys.
+    """
+    height, width = size
+    heads = attn.num_heads
+    rows, cols = -(-height // window), -(-width // window)
+    batch = qkv.shape[0] // (rows * cols)
+    # (B, nH, nW, ws, ws, 3, heads, hd)
+    grid = qkv.view(batch, rows, cols, window, window, 3, heads, -1)
+    bands = []
+    for _, _, win_rows, row_len, win_cols, col_len in _tiles(height, width, window):
+        part = grid[:, win_rows, win_cols]  # (B, nh, nw, ws, ws, 3, heads, hd)
+        n_rows, n_cols = part.shape[1], part.shape[2]
+        q = part[:, :, :, :row_len, :col_len, 0].permute(0, 1, 2, 5, 3, 4, 6)
+        q = q.reshape(-1, row_len * col_len, q.shape[-1])  # (b*heads, rl*cl, hd), real queries
+        k, v = part[:, :, :, :, :, 1:].permute(5, 0, 1, 2, 6, 3, 4, 7).reshape(
+            2, q.shape[0], window * window, -1).unbind(0)  # (b*heads, ws*ws, hd) each
+        out = _attention(attn, q, k, v, (row_len, col_len), (window, window))
+        out = out.view(batch, n_rows, n_cols, heads, row_len, col_len, -1)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(
+            batch, n_rows * row_len, n_cols * col_len, -1)  # (B, rows, columns, E)
+        if bands and bands[-1][0] == win_rows:  # the same band of window rows
+            bands[-1][1].append(out)
+        else:
+            bands.append((win_rows, [out]))
+    bands = [torch.cat(tiles, dim=2) if len(tiles) > 1 else tiles[0] for _, tiles in bands]
+    return torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
+
+
+def _attention(attn: Attention, q, k, v, q_size: tuple[int, int],
+               k_size: tuple[int, int]) -> torch.Tensor:
+    """softmax((q scale) k^T + relative-position terms) v, for one head per batch entry.
+
+    k, v (N, kh * kw, hd): a (kh, kw) grid of keys and values. q (N, h * w, hd): the
+    queries of its first h rows and w columns (the whole grid but in
+    :func:`_attend_windows`). -> (N, h * w, hd).
+    """
+    (height, width), (k_height, k_width) = q_size, k_size
+    rows = _chunk_rows(q, height, width, k_height * k_width) if attn.use_rel_pos else 0
+    fold = attn.use_rel_pos and not rows and _folds(q, k_width)
+    scores = None if rows or fold else (q * attn.scale) @ k.transpose(-2, -1)  # (N, hw, khkw)
     out = None
     if attn.use_rel_pos:
-        q_grid = q.reshape(batch * heads, height, width, -1)  # a copy (q is strided): once
-        rel_h = torch.einsum("bhwc,hkc->bhwk", q_grid,
-                             get_rel_pos(height, height, attn.rel_pos_h))  # (B*nH, H, W, H)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", q_grid,
-                             get_rel_pos(width, width, attn.rel_pos_w))  # (B*nH, H, W, W)
+        q_grid = q.reshape(q.shape[0], height, width, -1)  # a copy when q is strided: once
+        rel_h = torch.einsum("bhwc,hkc->bhwk", q_grid, get_rel_pos(
+            k_height, k_height, attn.rel_pos_h)[:height])  # (N, h, w, kh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", q_grid, get_rel_pos(
+            k_width, k_width, attn.rel_pos_w)[:width])  # (N, h, w, kw)
         same_dtype = q.dtype == rel_h.dtype == rel_w.dtype
         if rows and same_dtype:
             out = _chunked_attention(q, k, v, rel_h, rel_w, attn.scale, rows)
@@ -287,9 +355,8 @@ def _attend(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
                 scores = (q * attn.scale) @ k.transpose(-2, -1)
             scores = _add_rel_pos(scores, rel_h, rel_w)
     if out is None:
-        out = scores.softmax(dim=-1) @ v  # (B*nH, HW, hd)
-    out = out.view(batch, heads, height, width, -1)
-    return out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        out = scores.softmax(dim=-1) @ v  # (N, hw, hd)
+    return out
 
 
 # In bf16 or fp16 a grid narrower than FOLD_BELOW_WIDTH tokens (every windowed block's 14 x 14
@@ -299,15 +366,17 @@ FOLD_BELOW_WIDTH = 32
 
 
 def _folds(q: torch.Tensor, width: int) -> bool:
-    """Whether :func:`_folded_scores` computes the scores of a ``width``-token-wide grid."""
+    """Whether :func:`_folded_scores` computes the scores against a ``width``-token-wide grid
+    of keys."""
     return q.dtype in (torch.bfloat16, torch.float16) and width < FOLD_BELOW_WIDTH
 
 
 def _folded_scores(q, k, rel_h, rel_w, scale: float) -> torch.Tensor:
     """``(q scale) k^T`` plus the relative-position terms, as one product.
 
-    The queries are extended with their terms, ``[q scale, rel_h, rel_w]`` (N, HW, hd + H + W),
-    and the keys with one-hot codes of their grid row and column, ``[k, row, col]``: the
+    The queries are extended with their terms, ``[q scale, rel_h, rel_w]`` (N, hw, hd + H + W),
+    and the keys (N, HW, hd) of an (H, W) grid with one-hot codes of their grid row and
+    column, ``[k, row, col]`` (N, HW, hd + H + W): the
     product of the two adds ``rel_h[.., key row]`` and ``rel_w[.., key column]`` to every
     score inside the matrix product. The two broadcast additions over the whole map (N, H,
     W, H, W) that it replaces have a last dimension of W: below 32 (the 14-token windows)
@@ -318,16 +387,17 @@ def _folded_scores(q, k, rel_h, rel_w, scale: float) -> torch.Tensor:
     it is closer to the exact scores than segment-anything's; float32 keeps the additions
     (the extended product takes 0.75-1.40x their time there: no consistent gain).
     """
-    n, height, width, _ = rel_h.shape
-    tokens = height * width
+    n, rows, cols, height = rel_h.shape  # (N, h, w, H): h x w queries, H key rows
+    width = rel_w.shape[-1]
+    queries, keys = rows * cols, height * width
     eye_h = torch.eye(height, dtype=k.dtype, device=k.device)
     eye_w = torch.eye(width, dtype=k.dtype, device=k.device)
-    key_rows = eye_h.repeat_interleave(width, dim=0).expand(n, tokens, height)  # (N, HW, H)
-    key_cols = eye_w.repeat(height, 1).expand(n, tokens, width)  # (N, HW, W)
-    queries = torch.cat([q * scale, rel_h.reshape(n, tokens, height),
-                         rel_w.reshape(n, tokens, width)], dim=-1)  # (N, HW, hd + H + W)
+    key_rows = eye_h.repeat_interleave(width, dim=0).expand(n, keys, height)  # (N, HW, H)
+    key_cols = eye_w.repeat(height, 1).expand(n, keys, width)  # (N, HW, W)
+    extended = torch.cat([q * scale, rel_h.reshape(n, queries, height),
+                          rel_w.reshape(n, queries, width)], dim=-1)  # (N, hw, hd + H + W)
     keys = torch.cat([k, key_rows, key_cols], dim=-1)  # (N, HW, hd + H + W)
-    return queries @ keys.transpose(-2, -1)  # (N, HW, HW)
+    return extended @ keys.transpose(-2, -1)  # (N, hw, HW)
 
 
 def _exporting() -> bool:
@@ -339,12 +409,14 @@ def _exporting() -> bool:
                 or getattr(compiler, "is_exporting", lambda: False)())
 
 
-def _chunk_rows(q: torch.Tensor, height: int, width: int) -> int:
-    """Query rows of the (height, width) token grid per chunk of the score map, or 0 to
-    compute the map whole (a small map; exporting, tracing or compiling)."""
+def _chunk_rows(q: torch.Tensor, height: int, width: int, keys: int | None = None) -> int:
+    """Query rows of the (height, width) grid of queries per chunk of the score map against
+    ``keys`` keys (default: the same grid's), or 0 to compute the map whole (a small map;
+    exporting, tracing or compiling)."""
     if _exporting():  # before any arithmetic on a shape that may be symbolic
         return 0
-    row_bytes = q.shape[0] * width * height * width * q.element_size()  # one grid row
+    keys = height * width if keys is None else keys
+    row_bytes = q.shape[0] * width * keys * q.element_size()  # one grid row of queries
     if row_bytes * height < CHUNK_FROM_BYTES:
         return 0
     budget = CHUNK_BYTES if q.device.type == "cpu" else CHUNK_BYTES_ACCELERATOR
@@ -371,12 +443,12 @@ def _row_chunks(height: int, rows: int) -> list[slice]:
 
 
 def _chunk_probs(q, k_t, rel_h, rel_w, scale: float, rows: slice) -> torch.Tensor:
-    """The softmax rows of the queries in grid rows ``rows``: (N, rows * W, HW), computed as
+    """The softmax rows of the queries in grid rows ``rows``: (N, rows * w, HW), computed as
     segment-anything computes them (q scaled, times k^T (N, hd, HW), row terms, column
     terms, softmax)."""
-    n, height, width, _ = rel_h.shape
+    n, _, width, k_height = rel_h.shape  # (N, h, w, H)
     scores = (q[:, rows.start * width:rows.stop * width] * scale) @ k_t
-    grid = scores.view(n, rows.stop - rows.start, width, height, width)
+    grid = scores.view(n, rows.stop - rows.start, width, k_height, rel_w.shape[-1])
     grid.add_(rel_h[:, rows, :, :, None]).add_(rel_w[:, rows, :, None, :])
     return scores.softmax(dim=-1)
 
@@ -406,7 +478,8 @@ class _ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         q, k, v, rel_h, rel_w = ctx.saved_tensors
         scale = ctx.scale
-        n, height, width, _ = rel_h.shape
+        n, height, width, k_height = rel_h.shape  # (N, h, w, H)
+        k_width = rel_w.shape[-1]
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -421,7 +494,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 grad_v.add_(probs.transpose(-2, -1) @ grad_out)
                 grad_scores = torch.ops.aten._softmax_backward_data(
                     grad_out @ v_t, probs, -1, probs.dtype)
-                grid = grad_scores.view(n, rows.stop - rows.start, width, height, width)
+                grid = grad_scores.view(n, rows.stop - rows.start, width, k_height, k_width)
                 torch.sum(grid, dim=-1, out=grad_h[:, rows])
                 torch.sum(grid, dim=-2, out=grad_w[:, rows])
                 torch.mul(grad_scores @ k, scale, out=grad_q[:, tokens])
@@ -430,17 +503,17 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def _add_rel_pos(scores: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """``scores`` (N, HW, HW) plus rel_h (N, H, W, H) over key rows and rel_w (N, H, W, W)
-    over key columns, added in place (no temporary maps)."""
+    """``scores`` (N, hw, HW) of an (h, w) grid of queries against an (H, W) grid of keys,
+    plus rel_h (N, h, w, H) over key rows and rel_w (N, h, w, W) over key columns, added in
+    place (no temporary maps)."""
+    grid_shape = (*rel_h.shape, rel_w.shape[-1])  # (N, h, w, H, W)
     if _exporting() or not scores.dtype == rel_h.dtype == rel_w.dtype:  # segment-anything's way
-        n, h, w, _ = rel_h.shape
-        grid = scores.view(n, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-        return grid.view(n, h * w, h * w)
+        grid = scores.view(grid_shape) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+        return grid.view(scores.shape)
     if torch.is_grad_enabled() and (scores.requires_grad or rel_h.requires_grad
                                     or rel_w.requires_grad):
         return _AddRelPos.apply(scores, rel_h, rel_w)
-    n, h, w, _ = rel_h.shape
-    scores.view(n, h, w, h, w).add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
+    scores.view(grid_shape).add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
     return scores
 
 
@@ -451,13 +524,12 @@ class _AddRelPos(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, rel_h, rel_w):  # noqa: D102
-        n, h, w, _ = rel_h.shape
-        scores.view(n, h, w, h, w).add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
+        ctx.grid = (*rel_h.shape, rel_w.shape[-1])  # (N, h, w, H, W)
+        scores.view(ctx.grid).add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
         ctx.mark_dirty(scores)
-        ctx.grid = (n, h, w, h, w)
         return scores
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        grid = grad.reshape(ctx.grid)  # (N, H, W, kH, kW)
+        grid = grad.reshape(ctx.grid)  # (N, h, w, H, W)
         return grad, grid.sum(dim=-1), grid.sum(dim=-2)
