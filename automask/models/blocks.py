@@ -18,10 +18,11 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
 - ``proj`` runs after the windows are merged back, on the real tokens, when it acts token
   by token; the attention itself then takes only the real tokens as queries (every token
   stays a key and a value), since a padded token's output is cut away
-  (:func:`_attend_windows`). On 2 CPU cores one windowed vit_b block's forward +
-  backward at 256 px (16 x 16 tokens, two thirds of the query rows padding) takes 0.87x
-  its time in bf16; a conv_lora training step at 512 px 0.95x in fp32, and within noise
-  of 1.0x in bf16, where the window attention is a small part of the step
+  (:func:`_attend_windows`). On 2 CPU cores a windowed vit_b Conv-LoRA block's forward +
+  backward takes 0.73x its time at 256 px (16 x 16 tokens, two thirds of the query rows
+  padding) and 0.91x at 512 and 1024 px in bf16 (a LoRA block's is within noise); a
+  conv_lora training step at 512 px 0.95x in fp32, and within noise of 1.0x in bf16,
+  where the window attention is a small part of the step
   (``benchmarks/bench_blocks.py --compare real-queries``).
 - The decomposed relative-position terms are added to the score map in place (a small
   autograd Function when gradients flow), not through two temporary maps of the size of
