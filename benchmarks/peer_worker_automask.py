@@ -15,8 +15,9 @@ fp32 or bf16) around ``SamSegmenter.forward`` -> structure loss (the binary defa
 -> AdamW (weight decay on matrices only) -> linear learning-rate decay. ``--infer``: eval
 mode, ``torch.inference_mode`` and the same autocast, as ``predict`` runs. Under bf16 the
 frozen linear weights are held in bf16 (cast once, ``automask.models.frozen``), as
-``predict`` and a fit with a pretrained backbone do; ``--no-hold`` casts them in every
-forward.
+``predict`` and a fit with a pretrained backbone do (a training worker, as a fit, keeps their
+float32 originals in a temporary file meanwhile; ``--no-park`` in memory); ``--no-hold``
+casts them in every forward.
 ``--peft floor``: the frozen encoder's forward and a backward through all of it (the
 floor of ``benchmarks/bench_step.py``). Weights are random (``checkpoint="random"``):
 speed does not depend on their values.
@@ -76,10 +77,12 @@ def build_step(args: argparse.Namespace):
         total = max(1, args.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))
     # fit (with a pretrained backbone) and predict cast the frozen linear weights once, not
-    # in every forward (automask.models.frozen), held as long as ``step`` lives
+    # in every forward (automask.models.frozen), held as long as ``step`` lives; a fit keeps
+    # the float32 originals in a temporary file meanwhile, a prediction in memory
     from automask.models.frozen import frozen_linears_in_bf16
 
-    hold = frozen_linears_in_bf16(model, enabled=bf16 and not args.no_hold)
+    hold = frozen_linears_in_bf16(model, enabled=bf16 and not args.no_hold,
+                                  park=not args.infer and not args.no_park)
     hold.__enter__()
     fwd = torch.compile(model) if args.compile else model
 
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the segmenter")
     ap.add_argument("--no-hold", action="store_true",
                     help="cast frozen linear weights in every forward instead of once")
+    ap.add_argument("--no-park", action="store_true",
+                    help="training: keep the float32 originals of held weights in memory")
     ap.add_argument("--total-steps", type=int, default=100, help="for the LR schedule only")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"dt": dt, "v": v, "cpu": cpu}), flush=True)
         elif cmd == "quit":
             break
+    step.hold.__exit__(None, None, None)  # the float32 originals back, the temporary file gone
     print(json.dumps({
         "lib": "automask", "torch": torch.__version__, "peft": args.peft, "size": args.size,
         "mode": "infer" if args.infer else "train", "precision": precision,

@@ -3,6 +3,7 @@ float32 originals back afterwards, in fits, predictions and exports."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -140,20 +141,98 @@ def test_an_export_copy_made_while_held_gets_the_float32_originals():
         assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
 
 
+def test_parked_originals_come_back_bit_for_bit_and_the_step_is_the_same():
+    torch.manual_seed(0)
+    model = apply_peft(build_segmenter("tiny", input_size=80, checkpoint="random"),
+                       "conv_lora").train()
+    images = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    params = _frozen_linear_params(model)
+    before = [p.detach().clone() for p in params]
+    # values a bf16 round trip would change: the file must give back all 32 bits
+    assert any(not torch.equal(b, b.bfloat16().float()) for b in before)
+    loss, grads = _step(model, images)
+    with frozen_linears_in_bf16(model, park=True) as held:
+        assert held == len(params) > 0
+        entries = [frozen._HELD[id(p)][1] for p in params]
+        assert all(isinstance(e, frozen._Parked) for e in entries)  # none kept in memory
+        assert len({id(e.file) for e in entries}) == 1  # one file for all of them
+        held_loss, held_grads = _step(model, images)
+        clone = inference_copy(model)  # an export copy reads them from the file
+    assert torch.equal(loss, held_loss)
+    for a, b in zip(grads, held_grads, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for p, b in zip(params, before, strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, b)
+    assert not frozen._HELD and entries[0].file.closed
+    expected = inference_copy(model).state_dict()
+    for name, value in clone.state_dict().items():
+        assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
+
+
+def test_a_full_disk_keeps_the_originals_in_memory_with_a_warning(monkeypatch):
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"), "lora")
+    params = _frozen_linear_params(model)
+    before = [p.detach().clone() for p in params]
+    real_file = frozen.tempfile.TemporaryFile
+
+    class FillsUp:  # a real temporary file that has room for two weights
+        def __init__(self, *args, **kwargs):
+            self.file, self.writes = real_file(*args, **kwargs), 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 2:
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+    monkeypatch.setattr(frozen.tempfile, "TemporaryFile", FillsUp)
+    with pytest.warns(RuntimeWarning, match="No space left.*keeping them in memory"):
+        with frozen_linears_in_bf16(model, park=True) as held:
+            kinds = [type(frozen._HELD[id(p)][1]) for p in params]
+            assert held == len(params) > 2
+            assert kinds[:2] == [frozen._Parked] * 2
+            assert all(k is torch.Tensor for k in kinds[2:])  # no later write tried
+            assert all(p.dtype == torch.bfloat16 for p in params)
+    for p, b in zip(params, before, strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, b)
+
+
+def test_a_parked_weight_that_cannot_be_read_back_is_named_and_the_rest_restored():
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"), "lora")
+    params = _frozen_linear_params(model)
+    before = [p.detach().clone() for p in params]
+    last = params[-1]
+    name = next(n for n, p in model.named_parameters() if p is last)
+    with pytest.raises(RuntimeError, match=re.escape(f"weights of {name!r}: they stay in bf16")):
+        with frozen_linears_in_bf16(model, park=True):
+            entry = frozen._HELD[id(last)][1]
+            entry.file.truncate(entry.offset + 4)  # the last weight's bytes are lost
+    for p, b in zip(params[:-1], before[:-1], strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, b)
+    assert last.dtype == torch.bfloat16 and not frozen._HELD
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_synthetic(12, size=(64, 80), num_classes=2, seed=3,
                           root=tmp_path_factory.mktemp("frozen_data"))
 
 
-def _spy(monkeypatch, counts: list[int], hold: bool = True) -> None:
-    """Record how many parameters each hold takes; ``hold=False`` takes none."""
+def _spy(monkeypatch, counts: list[int], hold: bool = True,
+         parks: list[bool] | None = None) -> None:
+    """Record how many parameters each hold takes (and in ``parks`` whether it parks their
+    originals); ``hold=False`` takes none."""
     real = frozen.frozen_linears_in_bf16
 
     @contextlib.contextmanager
-    def spy(model, enabled=True):
-        with real(model, enabled=enabled and hold) as held:
+    def spy(model, enabled=True, park=False):
+        with real(model, enabled=enabled and hold, park=park) as held:
             counts.append(held)
+            if parks is not None:
+                parks.append(park and held > 0 and all(
+                    isinstance(entry[1], frozen._Parked) for entry in frozen._HELD.values()))
             yield held
     monkeypatch.setattr(frozen, "frozen_linears_in_bf16", spy)
 
@@ -171,10 +250,11 @@ def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monke
           "optim.max_epochs": 1, "optim.batch_size": 4, "optim.effective_batch_size": 4,
           "env.accelerator": "cpu", "env.precision": "bf16-mixed"}
     runs = {}
+    parks: list[bool] = []
     for hold in (True, False):
         counts: list[int] = []
         with monkeypatch.context() as patch:
-            _spy(patch, counts, hold)
+            _spy(patch, counts, hold, parks if hold else None)
             seg = SemanticSegmentor(path=tmp_path / f"run_{hold}", seed=4, verbosity=0)
             seg.fit(data, presets="tiny", hyperparameters=hp)
             probs = seg.predict_proba(data.iloc[:3])
@@ -182,7 +262,8 @@ def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monke
     counts, probs, seg = runs[True]
     n_frozen = len(_frozen_linear_params(seg._model(None)))
     assert counts[0] == n_frozen > 0  # the fit held them ...
-    assert counts[-1] == n_frozen  # ... and so did the prediction
+    assert parks[0] and not parks[-1]  # ... with the originals in a file, not in memory
+    assert counts[-1] == n_frozen  # ... and so did the prediction (in memory)
     assert runs[False][0] and not any(runs[False][0])
     for a, b in zip(probs, runs[False][1], strict=True):
         np.testing.assert_array_equal(a, b)

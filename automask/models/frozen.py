@@ -18,22 +18,83 @@ layers), and outside autocast a bf16 weight meets a float32 input and raises ins
 computing something else. While they are held, :func:`restore_originals` gives a copy of
 the model its float32 weights back (an export copies a model in float32).
 
+With ``park=True`` (what a fit asks for) the float32 originals wait in one temporary file
+(in ``tempfile.gettempdir()``, deleted when the hold ends or the process dies) instead of in
+memory, and are read back bit for bit at the end: the process holds only the bf16 copies,
+0.17 GB for vit_b's frozen linear weights instead of 0.51 GB, 1.3 GB for vit_h's instead of
+3.8 GB. Writing and reading them back take 0.1-0.2 s each for vit_b, once per fit. When
+the file cannot be written (a full disk) the rest stay in memory, with a warning.
+
 Used on CPUs only: on a GPU a step's casts take about a millisecond.
 """
 from __future__ import annotations
 
 import contextlib
+import tempfile
+import warnings
 from typing import Iterator
 
 import torch
 from torch import nn
 
-# id(parameter) -> (parameter, its float32 original), while held
-_HELD: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+class _Parked:
+    """A float32 tensor's values in a :class:`_ParkingFile`."""
+
+    __slots__ = ("file", "offset", "shape")
+
+    def __init__(self, file, offset: int, shape: torch.Size):
+        self.file, self.offset, self.shape = file, offset, shape
+
+    def load(self) -> torch.Tensor:
+        """A new float32 tensor with the parked values."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        view = memoryview(out.numpy()).cast("B")
+        self.file.seek(self.offset)
+        if self.file.readinto(view) != len(view):
+            raise OSError(f"the temporary file of held float32 weights ended early "
+                          f"(offset {self.offset}, {len(view)} bytes)")
+        return out
+
+
+class _ParkingFile:
+    """An anonymous temporary file that float32 originals are written to, one after the
+    other."""
+
+    def __init__(self):
+        self.file = None
+        self.failed = False
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor | _Parked:
+        """Write ``tensor`` (contiguous float32 on a CPU) to the file; returns where, or the
+        tensor itself when it cannot be written."""
+        if self.failed or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            return tensor
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(prefix="automask-frozen-")
+            offset = self.file.seek(0, 2)
+            self.file.write(memoryview(tensor.numpy()).cast("B"))
+            self.file.flush()  # a full disk fails here, not when reading back
+        except OSError as exc:
+            self.failed = True
+            warnings.warn(f"could not write frozen float32 weights to a temporary file in "
+                          f"{tempfile.gettempdir()!r} ({exc}); keeping them in memory",
+                          RuntimeWarning, stacklevel=4)
+            return tensor
+        return _Parked(self.file, offset, tensor.shape)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# id(parameter) -> (parameter, its float32 original or where it is parked), while held
+_HELD: dict[int, tuple[nn.Parameter, torch.Tensor | _Parked]] = {}
 
 
 @contextlib.contextmanager
-def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True,
+                           park: bool = False) -> Iterator[int]:
     """Hold the frozen float32 parameters of ``model``'s ``nn.Linear`` layers in bf16.
 
     Parameters
@@ -42,6 +103,9 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True) -> Iterator[i
         Used only under a bf16 autocast while held.
     enabled : bool
         False: hold nothing (a float32 or fp16 run, a GPU).
+    park : bool
+        Keep the float32 originals in a temporary file rather than in memory while held
+        (a long run such as a fit: less memory, a write and a read of them once).
 
     Yields
     ------
@@ -49,20 +113,34 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True) -> Iterator[i
         How many parameters are held (0 when nested in another hold of the same model).
     """
     held = []
+    parking = _ParkingFile() if enabled and park else None
     try:
-        for module in model.modules() if enabled else ():
+        for prefix, module in model.named_modules() if enabled else ():
             if type(module) is not nn.Linear:  # subclasses may use their weights otherwise
                 continue
-            for param in module.parameters(recurse=False):
+            for name, param in module.named_parameters(recurse=False):
                 if param.requires_grad or param.dtype != torch.float32 or id(param) in _HELD:
                     continue
-                _HELD[id(param)] = (param, param.data)
-                held.append(param)
-                param.data = param.data.to(torch.bfloat16)
+                cast = param.data.to(torch.bfloat16)
+                original = param.data if parking is None else parking.put(param.data)
+                _HELD[id(param)] = (param, original)
+                held.append((f"{prefix}.{name}", param))
+                param.data = cast
         yield len(held)
     finally:  # also when a cast above failed (out of memory): nothing stays half held
-        for param in held:
-            param.data = _HELD.pop(id(param))[1]
+        failure = None
+        for name, param in held:
+            original = _HELD.pop(id(param))[1]
+            try:
+                param.data = original if isinstance(original, torch.Tensor) else original.load()
+            except (OSError, ValueError, RuntimeError) as exc:  # the others first
+                failure = failure or RuntimeError(
+                    f"could not read back the frozen float32 weights of {name!r}: they stay "
+                    f"in bf16 ({exc})")
+        if parking is not None:
+            parking.close()
+        if failure is not None:
+            raise failure
 
 
 def restore_originals(model: nn.Module, copy: nn.Module) -> None:
@@ -73,4 +151,6 @@ def restore_originals(model: nn.Module, copy: nn.Module) -> None:
     for source, target in zip(model.parameters(), copy.parameters(), strict=True):
         entry = _HELD.get(id(source))
         if entry is not None and entry[0] is source:
-            target.data = entry[1].clone()
+            original = entry[1]
+            target.data = (original.clone() if isinstance(original, torch.Tensor)
+                           else original.load())

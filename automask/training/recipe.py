@@ -202,12 +202,14 @@ def _train_candidate(
     if writer and resume_from is None:  # a fresh candidate: earlier logs (an overwritten fit) go
         shutil.rmtree(run_dir / "logs" / name, ignore_errors=True)
     # On a CPU under bf16 autocast the frozen linear weights are cast once for the whole
-    # fit, not in every forward; the float32 originals come back when it ends. Not for a
-    # random backbone, whose frozen weights go into the resume checkpoints.
+    # fit, not in every forward; the float32 originals wait in a temporary file and come
+    # back when it ends. Not for a random backbone, whose frozen weights go into the resume
+    # checkpoints.
     hold = (env["accelerator"] == "cpu" and env["precision"] == "bf16-mixed"
             and model.checkpoint_info.get("source") != "random")
     try:
-        with warnings.catch_warnings(), frozen_linears_in_bf16(model, enabled=hold):
+        parked = frozen_linears_in_bf16(model, enabled=hold, park=True)
+        with warnings.catch_warnings(), parked:
             # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
