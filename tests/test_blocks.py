@@ -224,6 +224,7 @@ def _attention(seed: int = 0) -> Attention:
 def _chunks_counted(monkeypatch, rows: int, bf16: bool = False) -> list[int]:
     """Chunk every score map, ``rows`` query rows at a time; count the chunks computed."""
     monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 0)
+    monkeypatch.setattr(blocks_module, "CHUNK_MIN_KEYS", 0)
     row_bytes = 2 * 3 * 5 * 6 * 5 * (2 if bf16 else 4)  # _attention's map per grid row, batch 2
     monkeypatch.setattr(blocks_module, "CHUNK_BYTES", rows * row_bytes)
     calls = []
@@ -300,6 +301,7 @@ def test_chunked_global_blocks_in_the_model(monkeypatch):
     seg = _model("conv_lora").train()
     stock, stock_grads = _run(seg, stock=True, monkeypatch=monkeypatch)
     monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 0)
+    monkeypatch.setattr(blocks_module, "CHUNK_MIN_KEYS", 0)
     monkeypatch.setattr(blocks_module, "CHUNK_BYTES", 1)
     calls, apply = [], blocks_module._ChunkedAttention.apply
     monkeypatch.setattr(blocks_module._ChunkedAttention, "apply",
@@ -314,8 +316,10 @@ def test_chunked_global_blocks_in_the_model(monkeypatch):
 
 def test_chunk_sizes():
     """Which maps are chunked, and how many query rows at a time: a global block at 1024 px
-    (vit_b, batch 1: 12 x 4096 x 4096) is; at 512 px (12 x 1024 x 1024) it is not. On a CPU
-    a chunk stays near CHUNK_BYTES; on an accelerator near the larger CHUNK_BYTES_ACCELERATOR."""
+    (vit_b, batch 1: 12 x 4096 x 4096) and at 512 px (12 x 1024 x 1024, 24 MiB in bf16) is;
+    at 256 px (12 x 256 x 256) it is not, nor are the 14 x 14 windows however many (196
+    keys each). On a CPU a chunk stays near CHUNK_BYTES; on an accelerator near the larger
+    CHUNK_BYTES_ACCELERATOR."""
     rows = blocks_module._chunk_rows
     row_bytes = 12 * 64 * 4096 * 2  # one grid row of queries, bf16
     for device, budget in (("cpu", blocks_module.CHUNK_BYTES),
@@ -323,7 +327,11 @@ def test_chunk_sizes():
         q = torch.empty(12, 4096, 64, dtype=torch.bfloat16, device=device)
         assert rows(q, 64, 64) == budget // row_bytes >= 1
         assert rows(q.float(), 64, 64) == budget // (2 * row_bytes)
-    assert rows(torch.empty(12, 1024, 64, dtype=torch.bfloat16), 32, 32) == 0
+    global_512 = torch.empty(12, 1024, 64, dtype=torch.bfloat16)
+    assert rows(global_512, 32, 32) == blocks_module.CHUNK_BYTES // (12 * 32 * 1024 * 2) < 32
+    assert rows(torch.empty(12, 256, 64), 16, 16) == 0  # 3 MiB in float32
+    windows = torch.empty(4 * 25 * 12, 196, 64)  # batch 4 at 1024 px: 176 MiB in float32
+    assert rows(windows, 14, 14) == 0
     assert blocks_module.CHUNK_BYTES < blocks_module.CHUNK_BYTES_ACCELERATOR
 
 
@@ -409,6 +417,7 @@ def test_real_queries_equal_every_querys_output(mode, height, width, monkeypatch
     window, grad = 7, mode.endswith("grad")
     if mode.startswith("chunked"):  # one query row at a time
         monkeypatch.setattr(blocks_module, "CHUNK_FROM_BYTES", 0)
+        monkeypatch.setattr(blocks_module, "CHUNK_MIN_KEYS", 0)
         monkeypatch.setattr(blocks_module, "CHUNK_BYTES", 1)
     torch.manual_seed(0)
     attn = Attention(48, 3, qkv_bias=True, use_rel_pos=True, input_size=(window, window))

@@ -31,13 +31,15 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   itself instead (:func:`_folded_scores`): rounded once, so nearer the exact values than
   segment-anything's, and 0.43-0.54x the window attention's time in bf16 prediction on a
   CPU.
-- A score map of at least ``CHUNK_FROM_BYTES`` (a global block's at 1024 px holds
-  12 x 4096 x 4096 values per image: 384 MiB in bf16, 768 MiB in fp32) is computed a few
-  query rows at a time and never held whole, in training too (:class:`_ChunkedAttention`
-  recomputes each chunk in the backward pass). At 1024 px on 2 CPU cores this takes a
-  vit_b training step's peak memory from 6.6 to 4.4 GiB in bf16 (9.2 to 4.6 GiB in fp32)
-  in 1.01x the time, and prediction's from 2.1 to 1.4 GiB in 0.93x the time
-  (``benchmarks/bench_chunks.py``).
+- A score map of at least ``CHUNK_FROM_BYTES`` against at least ``CHUNK_MIN_KEYS`` keys
+  (a global block's from 512 px on: 12 x 1024 x 1024 values per image at 512 px, 24 MiB in
+  bf16; 12 x 4096 x 4096 at 1024 px, 384 MiB) is computed a few query rows at a time and
+  never held whole, in training too (:class:`_ChunkedAttention` recomputes each chunk in
+  the backward pass). At 1024 px on 2 CPU cores this takes a vit_b training step's peak
+  memory from 6.6 to 4.4 GiB in bf16 (9.2 to 4.6 GiB in fp32) in 1.01x the time, and
+  prediction's from 2.1 to 1.4 GiB in 0.93x the time; at 512 px a training step's from
+  2.21 to 2.04 GiB in bf16 (1.01-1.04x the time) and from 2.69 to 2.44 GiB in fp32 in
+  0.88-0.95x the time (``benchmarks/bench_chunks.py``). The windows (196 keys) stay whole.
 
 Anything else (another attention module, as VPT's; a projection that is neither) takes
 segment-anything's own ``block(x)``. The result equals it up to float rounding (the
@@ -255,12 +257,16 @@ class _Unpartition(torch.autograd.Function):
         return _PadPartition.apply(grad, zero, ctx.window), None, None
 
 
-# A score map of at least CHUNK_FROM_BYTES (a global block's at 1024 px: 12 x 4096 x 4096
-# values per image, 384 MiB in bf16) is computed a few query rows at a time, about
-# CHUNK_BYTES of it at once on a CPU (where a chunk that stays in cache pays) and
-# CHUNK_BYTES_ACCELERATOR elsewhere (fewer, larger kernels), and never held whole (see
-# _ChunkedAttention).
-CHUNK_FROM_BYTES = 64 * 2**20
+# A score map of at least CHUNK_FROM_BYTES (a global block's at 512 px: 12 x 1024 x 1024
+# values per image, 24 MiB in bf16; at 1024 px 384 MiB) is computed a few query rows at a
+# time, about CHUNK_BYTES of it at once on a CPU (where a chunk that stays in cache pays)
+# and CHUNK_BYTES_ACCELERATOR elsewhere (fewer, larger kernels), and never held whole (see
+# _ChunkedAttention). Maps against fewer than CHUNK_MIN_KEYS keys (every 14 x 14 window
+# however many, a global block below 512 px) stay whole: each window's map is small, and
+# in bf16 the windows' position terms go into the score product (_folded_scores), which
+# the chunks do not do.
+CHUNK_FROM_BYTES = 16 * 2**20
+CHUNK_MIN_KEYS = 1024
 CHUNK_BYTES = 16 * 2**20
 CHUNK_BYTES_ACCELERATOR = 256 * 2**20
 
@@ -420,7 +426,7 @@ def _chunk_rows(q: torch.Tensor, height: int, width: int, keys: int | None = Non
         return 0
     keys = height * width if keys is None else keys
     row_bytes = q.shape[0] * width * keys * q.element_size()  # one grid row of queries
-    if row_bytes * height < CHUNK_FROM_BYTES:
+    if keys < CHUNK_MIN_KEYS or row_bytes * height < CHUNK_FROM_BYTES:
         return 0
     budget = CHUNK_BYTES if q.device.type == "cpu" else CHUNK_BYTES_ACCELERATOR
     return max(1, min(height, budget // row_bytes))
