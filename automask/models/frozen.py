@@ -30,6 +30,7 @@ Used on CPUs only: on a GPU a step's casts take about a millisecond.
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 import warnings
 from typing import Iterator
@@ -129,6 +130,8 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True,
         yield len(held)
     finally:  # also when a cast above failed (out of memory): nothing stays half held
         failure = None
+        if sys.is_finalizing():  # a hold never ended, the interpreter is: nothing to give back
+            held = []
         for name, param in held:
             original = _HELD.pop(id(param))[1]
             try:
