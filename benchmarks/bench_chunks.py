@@ -2,9 +2,9 @@
 
 One training step (forward + backward) or one prediction of a segmenter (random weights,
 batch 1, conv_lora) with ``automask.models.blocks`` chunking score maps of at least
-``CHUNK_FROM_BYTES`` against ``CHUNK_MIN_KEYS`` keys or more (the defaults: a global block's map
-at 512 px and above, 12 x 1024 x 1024 values per image) and
-with chunking off (every map whole, as before). Each measurement is its own subprocess, so
+``CHUNK_FROM_BYTES`` against ``CHUNK_MIN_KEYS`` keys or more (the defaults: a global
+block's map from 512 px on, 12 x 1024 x 1024 values per image there) and with chunking off
+(every map whole). Each measurement is its own subprocess, so
 that its peak RSS (``ru_maxrss``) is its own; the two variants alternate, the order flipping
 every round. Prints per configuration the median seconds per step, the peak RSS and the
 ratios chunked / whole.

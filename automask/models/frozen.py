@@ -38,6 +38,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+
 class _Parked:
     """A float32 tensor's values in a :class:`_ParkingFile`."""
 
