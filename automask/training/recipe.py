@@ -208,8 +208,8 @@ def _train_candidate(
     hold = (env["accelerator"] == "cpu" and env["precision"] == "bf16-mixed"
             and model.checkpoint_info.get("source") != "random")
     try:
-        parked = frozen_linears_in_bf16(model, enabled=hold, park=True)
-        with warnings.catch_warnings(), parked:
+        frozen_hold = frozen_linears_in_bf16(model, enabled=hold, park=True)
+        with warnings.catch_warnings(), frozen_hold:
             # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
