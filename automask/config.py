@@ -260,7 +260,11 @@ class DataConfig:
     """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
     input, ``resize`` never (shrink the image, as before)."""
-    """Decoded, resized samples kept in memory up to this size; the rest go to disk."""
+    embedding_cache_mb: int = 1024
+    """Image embeddings kept in memory up to this size (MiB) and reused in later epochs and
+    validations, when the image encoder is frozen (``decoder_only``) and the augmentation
+    is flips only (no random scaling, rotation, colour jitter or crops): later epochs run
+    the mask decoder alone. Exact (see :mod:`automask.training.embeddings`); 0 disables."""
     prompts: str | None = None
     """Train with prompts drawn from each augmented mask (binary tasks): None (prompt-free),
     ``box`` (the mask's box, each edge jittered by up to 10% of its side), ``points`` (1-3
@@ -293,6 +297,8 @@ class DataConfig:
             _fail("data.num_workers", self.num_workers, "must be >= 0")
         if self.cache_memory_mb < 0:
             _fail("data.cache_memory_mb", self.cache_memory_mb, "must be >= 0")
+        if self.embedding_cache_mb < 0:
+            _fail("data.embedding_cache_mb", self.embedding_cache_mb, "must be >= 0")
         _check_choice("data.large_images", self.large_images)
 
 

@@ -522,9 +522,9 @@ def test_training_step_feeds_the_sampled_prompts_to_the_model(tmp_path, monkeypa
     seen = []
     original = model.forward_prompted
 
-    def record(images, prompts):
+    def record(images, prompts, features=None):
         seen.extend(prompts)
-        return original(images, prompts)
+        return original(images, prompts, features)
 
     monkeypatch.setattr(model, "forward_prompted", record)
     module = SegmentationModule(model, task="binary", num_classes=2, optim=OptimConfig(),

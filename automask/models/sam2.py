@@ -291,12 +291,21 @@ class Sam2Segmenter(SamSegmenter):
                    if n.startswith("mask_decoder.pred_obj_score_head.")]
         return unused
 
+    def encoder_parts(self) -> list[nn.Module | nn.Parameter]:
+        """The image encoder, the "no memory" embedding and the mask decoder's two
+        convolutions of the high-resolution features (trainable under ``decoder_only``)."""
+        decoder = self.mask_decoder
+        return [self.image_encoder, self.no_mem_embed, decoder.conv_s0, decoder.conv_s1]
+
     def forward(self, images: torch.Tensor,
-                prompts: Sequence[Prompt | None] | None = None) -> torch.Tensor:
+                prompts: Sequence[Prompt | None] | None = None,
+                features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S).
 
         ``prompts``: as in :meth:`SamSegmenter.forward` (binary only); SAM 2's prompt
         encoder has SAM's interface, so prompted decoding is the base class's.
+        ``features``: :meth:`encode`'s output for these images, computed earlier.
         """
         if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
@@ -304,8 +313,10 @@ class Sam2Segmenter(SamSegmenter):
                 f"got {tuple(images.shape)}"
             )
         if prompts is not None and any(p is not None for p in prompts):
-            return self.forward_prompted(images, prompts)
-        low_res = self.decode(self.encode(images))  # (B, C, S/4, S/4)
+            return self.forward_prompted(images, prompts, features)
+        if features is None:
+            features = self.encode(images)
+        low_res = self.decode(features)  # (B, C, S/4, S/4)
         return F.interpolate(low_res, size=(self.input_size, self.input_size),
                              mode="bilinear", align_corners=False)
 

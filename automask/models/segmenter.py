@@ -215,7 +215,8 @@ class SamSegmenter(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor,
-                prompts: Sequence[Prompt | None] | None = None) -> torch.Tensor:
+                prompts: Sequence[Prompt | None] | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, C, S, S) for normalised, padded images (B, 3, S, S).
 
         Under the mask-classification head: log-probabilities whose softmax over C is
@@ -224,6 +225,10 @@ class SamSegmenter(nn.Module):
         ``prompts`` (binary models only): one :class:`Prompt` or None per image. Without
         prompts (None, or None for every image) this is the prompt-free forward, unchanged;
         otherwise see :meth:`forward_prompted`.
+
+        ``features``: what :meth:`encode` returns for these images, computed earlier (the
+        image embeddings kept by :class:`automask.training.embeddings.EmbeddingCache`);
+        the encoder is then skipped. Only valid while :meth:`encoder_is_frozen` holds.
         """
         if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
@@ -231,10 +236,10 @@ class SamSegmenter(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         if prompts is not None and any(p is not None for p in prompts):
-            return self.forward_prompted(images, prompts)
+            return self.forward_prompted(images, prompts, features)
         if self.multiclass_head == "mask_classification":
-            return semantic_log_probs(*self.forward_queries(images))  # (B, K, S, S)
-        embeddings = self.encode(images)  # (B, D, S/16, S/16)
+            return semantic_log_probs(*self.forward_queries(images, features))  # (B, K, S, S)
+        embeddings = self.encode(images) if features is None else features  # (B, D, S/16, S/16)
         low_res = self.decode(embeddings)  # (B, C, S/4, S/4)
         return F.interpolate(
             low_res, size=(self.input_size, self.input_size), mode="bilinear",
@@ -242,8 +247,8 @@ class SamSegmenter(nn.Module):
         )
 
     # ------------------------------------------------------------------ prompts
-    def forward_prompted(self, images: torch.Tensor,
-                         prompts: Sequence[Prompt | None]) -> torch.Tensor:
+    def forward_prompted(self, images: torch.Tensor, prompts: Sequence[Prompt | None],
+                         features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, 1, S, S) of a binary model for images (B, 3, S, S) and their prompts.
 
         The encoder runs on the whole batch. Images without a prompt are decoded together,
@@ -265,7 +270,8 @@ class SamSegmenter(nn.Module):
             )
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
-        features = self.encode(images)  # (B, D, h, w), or SAM 2's (embedding, s0, s1)
+        if features is None:  # (B, D, h, w), or SAM 2's (embedding, s0, s1)
+            features = self.encode(images)
         free = [i for i, p in enumerate(prompts) if p is None]
         out: list[torch.Tensor | None] = [None] * len(prompts)
         if free:
@@ -300,6 +306,35 @@ class SamSegmenter(nn.Module):
             raise ValueError("a Prompt needs points or a box")
         sparse, _ = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         return sparse.to(self.mask_decoder.iou_token.weight.dtype)
+
+    def encoder_parts(self) -> list[nn.Module | nn.Parameter]:
+        """The modules and parameters :meth:`encode` computes with."""
+        return [self.image_encoder]
+
+    def encoder_is_frozen(self) -> bool:
+        """Whether :meth:`encode` is a fixed function of the image in this training mode.
+
+        True when none of the :meth:`encoder_parts` trains, no encoder hook (PEFT on the
+        encoder) is installed, and nothing in them is random or batch-dependent while
+        training (dropout or drop-path with a non-zero rate, batch norm in training
+        mode). Then an image's features can be computed once and reused (``decoder_only``;
+        see :class:`automask.training.embeddings.EmbeddingCache`).
+        """
+        if self.encoder_hook is not None:
+            return False
+        for part in self.encoder_parts():
+            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+            if any(p.requires_grad for p in params):
+                return False
+            modules = [] if isinstance(part, nn.Parameter) else list(part.modules())
+            for m in modules:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                    return False
+                rate = getattr(m, "p", None) if isinstance(m, nn.Dropout) else getattr(
+                    m, "drop_prob", None)
+                if m.training and isinstance(rate, float) and rate > 0:
+                    return False
+        return True
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (B, D, S/16, S/16): segment-anything's encoder, step by step.
@@ -366,8 +401,10 @@ class SamSegmenter(nn.Module):
         b, c, hh, ww = upscaled.shape
         return (hyper @ upscaled.reshape(b, c, hh * ww)).reshape(b, -1, hh, ww)
 
-    def forward_queries(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask-classification head outputs for images (B, 3, S, S).
+    def forward_queries(self, images: torch.Tensor, features: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask-classification head outputs for images (B, 3, S, S) (``features``: as in
+        :meth:`forward`).
 
         Returns
         -------
@@ -382,7 +419,8 @@ class SamSegmenter(nn.Module):
                 f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
                 f"got {tuple(images.shape)}"
             )
-        class_logits, low_res = self.decode_queries(self.encode(images))
+        class_logits, low_res = self.decode_queries(
+            self.encode(images) if features is None else features)
         masks = F.interpolate(low_res, size=(self.input_size, self.input_size),
                               mode="bilinear", align_corners=False)
         return class_logits, masks

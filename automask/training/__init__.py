@@ -1,5 +1,6 @@
 """Training: the LightningModule, its optimiser and schedule, the fit callbacks, the
-Trainer recipe of a candidate, its record and the resumable state of a fit."""
+Trainer recipe of a candidate, its record, the resumable state of a fit and the image
+embeddings kept while the encoder is frozen."""
 from .callbacks import BestTrainableWeights, EpochCheckpoint
 from .module import NonFiniteLossError, SegmentationModule
 from .optim import build_optimizer, lr_lambda

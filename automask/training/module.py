@@ -11,6 +11,7 @@ from ..losses import build_loss
 from ..metrics import build_metrics
 from ..peft import aux_loss
 from . import distributed
+from .embeddings import EmbeddingCache, input_key
 from .optim import build_optimizer, lr_lambda
 
 
@@ -56,6 +57,11 @@ class SegmentationModule(L.LightningModule):
         model's resolution.
     ignore_index : int
         Target value excluded from the loss and the metric (padding, void).
+    embedding_cache : EmbeddingCache, optional
+        Image embeddings kept across epochs (only while the model's image encoder is
+        frozen, see :mod:`automask.training.embeddings`): every batch gets the inputs'
+        keys before it moves to the device, and training and validation steps take the
+        kept embeddings instead of running the encoder again.
 
     Attributes
     ----------
@@ -74,6 +80,7 @@ class SegmentationModule(L.LightningModule):
         optim: OptimConfig,
         val_metric: str,
         ignore_index: int = 255,
+        embedding_cache: EmbeddingCache | None = None,
     ):
         super().__init__()
         assert task in ("binary", "multiclass"), task
@@ -100,18 +107,32 @@ class SegmentationModule(L.LightningModule):
         self.strict_loading = False
         self.stopped: str | None = None
         self._val_nonfinite = False
+        self.embedding_cache = embedding_cache
+        assert embedding_cache is None or model.encoder_is_frozen()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)  # (B, C, S, S) logits
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.embedding_cache is not None and isinstance(batch, dict):
+            batch["input_keys"] = [input_key(image) for image in batch["image"]]
+        return batch
+
+    def _features(self, batch: dict):
+        """The encoder's output for the batch from the embedding cache, or None (the
+        model encodes the images itself)."""
+        if self.embedding_cache is None or "input_keys" not in batch:
+            return None
+        return self.embedding_cache.features(self.model, batch["image"], batch["input_keys"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        features = self._features(batch)
         if self.mask_loss is not None:
-            class_logits, mask_logits = self.model.forward_queries(batch["image"])
+            class_logits, mask_logits = self.model.forward_queries(batch["image"], features)
             task_loss = self.mask_loss(class_logits, mask_logits, batch["target"])
         else:
             prompts = batch_prompts(batch)  # None unless training with data.prompts
-            logits = (self.model(batch["image"]) if prompts is None
-                      else self.model(batch["image"], prompts))
+            logits = self.model(batch["image"], prompts, features)
             task_loss = self.loss_fn(logits, batch["target"])
         extra = aux_loss(self.model)
         loss = task_loss + extra
@@ -142,7 +163,7 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.stopped is not None:  # the same in every process: nothing is logged
             return
-        logits = self.model(batch["image"]).float()
+        logits = self.model(batch["image"], None, self._features(batch)).float()
         if not torch.isfinite(logits).all():
             self._val_nonfinite = True  # decided across processes at the epoch's end
         else:

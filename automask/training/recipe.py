@@ -124,6 +124,7 @@ def _train_candidate(
     from ..saving import weights_filename, weights_to_save, write_weights
     from .builder import build_candidate_model
     from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock
+    from .embeddings import EmbeddingCache, why_not_cached
     from .module import SegmentationModule
     from .progress import progress_callbacks, show_bar
 
@@ -152,8 +153,20 @@ def _train_candidate(
         large_images=d.large_images,
         prompts=d.prompts, prompt_rate=d.prompt_rate,
     )
+    embedding_cache = None
+    if d.embedding_cache_mb > 0:
+        why_not = why_not_cached(model, datamodule.augment, spec, cfg.model.input_size,
+                                 d.large_images)
+        if why_not is None:
+            embedding_cache = EmbeddingCache(d.embedding_cache_mb)
+            log.info("%s: the image encoder is frozen; image embeddings are kept and reused "
+                     "(up to %d MiB, 'data.embedding_cache_mb')", name, d.embedding_cache_mb)
+        elif model.encoder_is_frozen():
+            log.info("%s: the image encoder is frozen, but its embeddings are computed in "
+                     "every epoch: %s", name, why_not)
     module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
-                                optim=cfg.optim, val_metric=eval_metric)
+                                optim=cfg.optim, val_metric=eval_metric,
+                                embedding_cache=embedding_cache)
     monitor = f"val_{eval_metric}"
     higher = HIGHER_IS_BETTER[eval_metric]
     best = BestTrainableWeights(monitor, higher_is_better=higher)
@@ -212,6 +225,8 @@ def _train_candidate(
         with warnings.catch_warnings(), frozen_hold:
             # Lightning 2.6 on torch >= 2.10 warns about its own use of a torch pytree API.
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec")
+            # The module's hook (the embedding cache's input keys) is the one meant to run.
+            warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1)

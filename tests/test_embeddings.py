@@ -1,0 +1,204 @@
+"""Image embeddings reused while the encoder is frozen (automask.training.embeddings)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from automask import SemanticSegmentor
+from automask.config import OptimConfig
+from automask.data import AugmentConfig, validate_frame
+from automask.datasets import make_synthetic
+from automask.models import SamSegmenter, build_segmenter
+from automask.peft import apply_peft
+from automask.plots import read_history
+from automask.training.embeddings import EmbeddingCache, input_key, why_not_cached
+from automask.training.module import SegmentationModule
+
+S = 64
+
+
+def _model(method="decoder_only", seed=0):
+    torch.manual_seed(seed)
+    model = build_segmenter("tiny", input_size=S, checkpoint="random", progress=False)
+    apply_peft(model, method)
+    return model.train()
+
+
+def _images(n, seed=0):
+    return torch.randn(n, 3, S, S, generator=torch.Generator().manual_seed(seed))
+
+
+def test_input_key_tells_apart_values_shape_and_dtype():
+    image = _images(1)[0]
+    assert input_key(image) == input_key(image.clone())
+    assert input_key(image) != input_key(image.flip(-1))  # a flipped version is another input
+    assert input_key(image) != input_key(image.reshape(3, S // 2, 2 * S))  # same bytes
+    doubled = image.double()
+    assert input_key(doubled) != input_key(image)
+    assert input_key(image[:, :, ::2]) == input_key(image[:, :, ::2].contiguous())  # strides
+
+
+def test_kept_features_are_the_encoders_output_and_the_batch_is_reassembled_in_order():
+    model = _model()
+    images = _images(3)
+    keys = [input_key(x) for x in images]
+    cache = EmbeddingCache(memory_mb=64)
+    with torch.no_grad():
+        first = cache.features(model, images, keys)  # all missing: the encoder's own output
+        assert torch.equal(first, model.encode(images))
+        assert (cache.hits, cache.misses, len(cache)) == (0, 3, 3)
+        again = cache.features(model, images, keys)  # all kept
+        assert torch.equal(again, first) and cache.hits == 3
+        # two kept, one new in the middle: the new one is encoded alone
+        new = _images(1, seed=1)
+        mixed_images = torch.stack([images[2], new[0], images[0]])
+        mixed = cache.features(model, mixed_images,
+                               [keys[2], input_key(new[0]), keys[0]])
+        assert torch.equal(mixed[0], first[2]) and torch.equal(mixed[2], first[0])
+        assert torch.equal(mixed[1], model.encode(new)[0])
+    assert (cache.hits, cache.misses, len(cache)) == (5, 4, 4)
+    row_bytes = first[0].numel() * first.element_size()
+    assert cache.used_bytes == 4 * row_bytes
+
+
+def test_nothing_is_kept_beyond_the_budget():
+    model = _model()
+    images = _images(4)
+    keys = [input_key(x) for x in images]
+    with torch.no_grad():
+        row_bytes = model.encode(images[:1]).numel() * 4
+        cache = EmbeddingCache(memory_mb=2.5 * row_bytes / 2**20)  # room for two rows
+        first = cache.features(model, images, keys)
+        assert len(cache) == 2 and cache.used_bytes == 2 * row_bytes
+        again = cache.features(model, images, keys)  # the other two are encoded again
+    assert cache.hits == 2 and cache.misses == 6
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="memory_mb"):
+        EmbeddingCache(-1)
+
+
+def test_a_training_step_on_kept_embeddings_has_the_same_loss_and_gradients():
+    """The step that reads the embeddings back matches a module that runs the encoder."""
+    batch = {"image": _images(2, seed=3),
+             "target": (torch.rand(2, S, S, generator=torch.Generator().manual_seed(4)) > 0.5
+                        ).long()}
+    runs = []
+    for cache in (EmbeddingCache(64), None):
+        module = SegmentationModule(_model(seed=7), task="binary", num_classes=2,
+                                    optim=OptimConfig(), val_metric="iou",
+                                    embedding_cache=cache)
+        module.log = lambda *args, **kwargs: None
+        steps = []
+        for _ in range(2):  # the second step of the cached module reads the kept rows
+            with torch.no_grad():  # the decoder changes between the steps, as in training
+                for p in module.model.mask_decoder.parameters():
+                    p.add_(0.01)
+            loss = module.training_step(module.on_before_batch_transfer(dict(batch), 0), 0)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in module.named_parameters()
+                     if p.grad is not None}
+            module.zero_grad()
+            steps.append((loss.detach(), grads))
+        runs.append(steps)
+        if cache is not None:
+            assert (cache.hits, cache.misses) == (2, 2)
+    for (loss_c, grads_c), (loss, grads) in zip(*runs):
+        assert torch.equal(loss_c, loss)
+        assert grads_c.keys() == grads.keys() and len(grads) > 10
+        scale = max(float(g.abs().max()) for g in grads.values())
+        for name in grads:
+            if name.endswith("k_proj.bias"):
+                # zero in exact arithmetic (a shift common to all of a query's scores does
+                # not change its softmax): what is left is rounding noise, which depends on
+                # where the tensors sit in memory
+                assert float(grads[name].abs().max()) < 1e-6 * scale, name
+                assert float(grads_c[name].abs().max()) < 1e-6 * scale, name
+            else:
+                assert torch.equal(grads_c[name], grads[name]), name
+
+
+def test_why_not_cached_names_what_changes_the_embeddings(tmp_path):
+    frame = make_synthetic(4, size=(40, 48), seed=0, root=tmp_path / "small")
+    spec = validate_frame(frame)
+    flips = AugmentConfig(hflip=True, vflip=True)
+    assert why_not_cached(_model(), flips, spec, S, "auto") is None
+    assert why_not_cached(_model(), None, spec, S, "auto") is None
+    assert "encoder" in why_not_cached(_model("lora"), flips, spec, S, "auto")
+    assert "encoder" in why_not_cached(_model("vpt"), flips, spec, S, "auto")  # its hook
+    assert "scal" in why_not_cached(_model(), AugmentConfig(scale_range=(0.8, 1.2)), spec, S,
+                                    "auto")
+    assert "rotation" in why_not_cached(_model(), AugmentConfig(rotate_degrees=10), spec, S,
+                                        "auto")
+    assert "jitter" in why_not_cached(_model(), AugmentConfig(color_jitter=0.2), spec, S,
+                                      "auto")
+    large = validate_frame(make_synthetic(2, size=(40, 4 * S), seed=0, root=tmp_path / "large"))
+    assert "crops" in why_not_cached(_model(), flips, large, S, "auto")
+    assert why_not_cached(_model(), flips, large, S, "resize") is None  # resized: no crops
+    # a random layer in the frozen encoder makes its output differ from call to call
+    model = _model()
+    model.image_encoder.blocks[0].mlp.lin2 = torch.nn.Sequential(
+        model.image_encoder.blocks[0].mlp.lin2, torch.nn.Dropout(0.1))
+    assert "random" in why_not_cached(model, flips, spec, S, "auto")
+    assert why_not_cached(model.eval(), flips, spec, S, "auto") is None
+
+
+def test_encoder_is_frozen_follows_the_trainable_parameters():
+    model = _model()
+    assert isinstance(model, SamSegmenter) and model.encoder_is_frozen()
+    model.image_encoder.neck[0].weight.requires_grad_(True)
+    assert not model.encoder_is_frozen()
+
+
+def _count_encodes(monkeypatch):
+    calls = []
+    original = SamSegmenter.encode
+
+    def encode(self, images):
+        calls.append((self.training, images.shape[0]))
+        return original(self, images)
+
+    monkeypatch.setattr(SamSegmenter, "encode", encode)
+    return calls
+
+
+def test_a_decoder_only_fit_encodes_each_image_once(tmp_path, monkeypatch):
+    """Real fits, without augmentation: the first epoch (and its validation) encodes every
+    image; the later epochs encode nothing, and train as the fit that encodes every time."""
+    frame = make_synthetic(10, size=(48, 56), seed=2, root=tmp_path / "data")
+    hp = {"model.input_size": S, "peft.method": "decoder_only", "optim.max_epochs": 3,
+          "optim.batch_size": 4, "optim.effective_batch_size": 4, "data.hflip": False,
+          "data.vflip": False, "data.num_workers": 0, "env.precision": "32"}
+    histories, counts = [], []
+    for budget in (1024, 0):
+        calls = _count_encodes(monkeypatch)
+        seg = SemanticSegmentor(path=tmp_path / f"run{budget}", verbosity=0, seed=0).fit(
+            frame, presets="tiny", hyperparameters={**hp, "data.embedding_cache_mb": budget})
+        counts.append((sum(n for training, n in calls if training), sum(n for _, n in calls)))
+        histories.append(read_history(seg.path_)["default"])
+        monkeypatch.undo()
+    (cached_train, cached), (every_time_train, every_time) = counts
+    assert cached_train == 8 and every_time_train == 3 * 8  # the 8 training images
+    # and the 2 validation images once, not in each of the 3 epochs (after the fit, the
+    # prediction speed is measured on them in both fits)
+    assert every_time - cached == 2 * (8 + 2)
+    a, b = histories
+    for key in ("train_loss", "val_iou"):
+        values_a, values_b = a[key].dropna().to_numpy(), b[key].dropna().to_numpy()
+        assert len(values_a) == len(values_b) > 0, key
+        # the kept embeddings were computed in other batches than they are used in: the
+        # matrix kernels may round them differently, nothing more
+        np.testing.assert_allclose(values_a, values_b, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_sam2_decoder_only_trains_part_of_what_encode_computes():
+    """SAM 2's ``encode`` also runs the mask decoder's two high-resolution convolutions,
+    which train under ``decoder_only``: its features are not fixed, so nothing is kept."""
+    pytest.importorskip("sam2", reason="the sam2 extra is not installed")
+    model = build_segmenter("sam2_tiny", input_size=64, checkpoint="random", progress=False)
+    apply_peft(model, "decoder_only")
+    assert model.mask_decoder.conv_s0.weight.requires_grad
+    assert not model.encoder_is_frozen()
+    model.mask_decoder.conv_s0.requires_grad_(False)
+    model.mask_decoder.conv_s1.requires_grad_(False)
+    assert model.encoder_is_frozen()
