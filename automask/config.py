@@ -261,10 +261,11 @@ class DataConfig:
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
     input, ``resize`` never (shrink the image, as before)."""
     embedding_cache_mb: int = 1024
-    """Image embeddings kept in memory up to this size (MiB) and reused in later epochs and
-    validations, when the image encoder is frozen (``decoder_only``) and the augmentation
-    is flips only (no random scaling, rotation, colour jitter or crops): later epochs run
-    the mask decoder alone. Exact (see :mod:`automask.training.embeddings`); 0 disables."""
+    """Image embeddings kept in memory up to this size (MiB) while the image encoder is frozen
+    (``decoder_only``): the validation images' from the first validation on, and, when the
+    augmentation is flips only (no random scaling, rotation or colour jitter), the training
+    images' too, random crops of large images excepted; later epochs then run the mask
+    decoder alone. Exact (see :mod:`automask.training.embeddings`); 0 disables."""
     prompts: str | None = None
     """Train with prompts drawn from each augmented mask (binary tasks): None (prompt-free),
     ``box`` (the mask's box, each edge jittered by up to 10% of its side), ``points`` (1-3

@@ -7,12 +7,12 @@ import torch
 
 from automask import SemanticSegmentor
 from automask.config import OptimConfig
-from automask.data import AugmentConfig, validate_frame
+from automask.data import AugmentConfig
 from automask.datasets import make_synthetic
 from automask.models import SamSegmenter, build_segmenter
 from automask.peft import apply_peft
 from automask.plots import read_history
-from automask.training.embeddings import EmbeddingCache, input_key, why_not_cached
+from automask.training.embeddings import EmbeddingCache, input_key, why_training_varies
 from automask.training.module import SegmentationModule
 
 S = 64
@@ -118,36 +118,50 @@ def test_a_training_step_on_kept_embeddings_has_the_same_loss_and_gradients():
                 assert torch.equal(grads_c[name], grads[name]), name
 
 
-def test_why_not_cached_names_what_changes_the_embeddings(tmp_path):
-    frame = make_synthetic(4, size=(40, 48), seed=0, root=tmp_path / "small")
-    spec = validate_frame(frame)
-    flips = AugmentConfig(hflip=True, vflip=True)
-    assert why_not_cached(_model(), flips, spec, S, "auto") is None
-    assert why_not_cached(_model(), None, spec, S, "auto") is None
-    assert "encoder" in why_not_cached(_model("lora"), flips, spec, S, "auto")
-    assert "encoder" in why_not_cached(_model("vpt"), flips, spec, S, "auto")  # its hook
-    assert "scal" in why_not_cached(_model(), AugmentConfig(scale_range=(0.8, 1.2)), spec, S,
-                                    "auto")
-    assert "rotation" in why_not_cached(_model(), AugmentConfig(rotate_degrees=10), spec, S,
-                                        "auto")
-    assert "jitter" in why_not_cached(_model(), AugmentConfig(color_jitter=0.2), spec, S,
-                                      "auto")
-    large = validate_frame(make_synthetic(2, size=(40, 4 * S), seed=0, root=tmp_path / "large"))
-    assert "crops" in why_not_cached(_model(), flips, large, S, "auto")
-    assert why_not_cached(_model(), flips, large, S, "resize") is None  # resized: no crops
-    # a random layer in the frozen encoder makes its output differ from call to call
-    model = _model()
-    model.image_encoder.blocks[0].mlp.lin2 = torch.nn.Sequential(
-        model.image_encoder.blocks[0].mlp.lin2, torch.nn.Dropout(0.1))
-    assert "random" in why_not_cached(model, flips, spec, S, "auto")
-    assert why_not_cached(model.eval(), flips, spec, S, "auto") is None
-
-
-def test_encoder_is_frozen_follows_the_trainable_parameters():
+def test_encoder_is_frozen_only_when_nothing_it_computes_with_changes():
     model = _model()
     assert isinstance(model, SamSegmenter) and model.encoder_is_frozen()
+    assert not _model("lora").encoder_is_frozen()
+    assert not _model("vpt").encoder_is_frozen()  # its hook adds prompt tokens
     model.image_encoder.neck[0].weight.requires_grad_(True)
     assert not model.encoder_is_frozen()
+    # a random layer in the frozen encoder makes its output differ from call to call in
+    # training, whatever the mode the model is in when asked
+    model = _model().eval()
+    model.image_encoder.blocks[0].mlp.lin2 = torch.nn.Sequential(
+        model.image_encoder.blocks[0].mlp.lin2, torch.nn.Dropout(0.1))
+    assert not model.encoder_is_frozen()
+
+
+def test_why_training_varies_names_the_continuous_augmentation():
+    assert why_training_varies(None) is None
+    assert why_training_varies(AugmentConfig(hflip=True, vflip=True)) is None
+    assert "scal" in why_training_varies(AugmentConfig(scale_range=(0.8, 1.2)))
+    assert "rotation" in why_training_varies(AugmentConfig(rotate_degrees=10))
+    assert "jitter" in why_training_varies(AugmentConfig(color_jitter=0.2))
+
+
+def test_keys_leave_out_the_images_that_will_not_come_again():
+    images = _images(3)
+    # (H, W): resized / a random crop in training ("auto": longer side > 1.25 S) / resized
+    sizes = torch.tensor([[40, 48], [S, 2 * S], [S + 8, S]])
+    cache = EmbeddingCache(64, input_size=S, large_images="auto")
+    train = cache.keys(images, sizes, training=True)
+    assert train[0] == input_key(images[0]) and train[2] == input_key(images[2])
+    assert train[1] is None
+    assert cache.keys(images, sizes, training=False) == [input_key(x) for x in images]
+    assert cache.keys(images, sizes, training=True) == train
+    resized = EmbeddingCache(64, input_size=S, large_images="resize")
+    assert None not in resized.keys(images, sizes, training=True)
+    varying = EmbeddingCache(64, input_size=S, training_repeats=False)
+    assert varying.keys(images, sizes, training=True) == [None] * 3
+    assert None not in varying.keys(images, sizes, training=False)  # validation repeats
+    model = _model()
+    with torch.no_grad():
+        first = cache.features(model, images, train)
+        cache.features(model, images, train)
+    assert len(cache) == 2 and (cache.hits, cache.misses) == (2, 4)
+    assert torch.equal(first, model.encode(images))
 
 
 def _count_encodes(monkeypatch):
@@ -164,25 +178,30 @@ def _count_encodes(monkeypatch):
 
 def test_a_decoder_only_fit_encodes_each_image_once(tmp_path, monkeypatch):
     """Real fits, without augmentation: the first epoch (and its validation) encodes every
-    image; the later epochs encode nothing, and train as the fit that encodes every time."""
+    image; the later epochs encode nothing, and train as the fit that encodes every time.
+    With random scaling only the validation images are encoded once."""
     frame = make_synthetic(10, size=(48, 56), seed=2, root=tmp_path / "data")
     hp = {"model.input_size": S, "peft.method": "decoder_only", "optim.max_epochs": 3,
           "optim.batch_size": 4, "optim.effective_batch_size": 4, "data.hflip": False,
           "data.vflip": False, "data.num_workers": 0, "env.precision": "32"}
-    histories, counts = [], []
-    for budget in (1024, 0):
+    runs = {"kept": {"data.embedding_cache_mb": 1024},
+            "off": {"data.embedding_cache_mb": 0},
+            "scaled": {"data.scale_min": 0.8, "data.scale_max": 1.2}}
+    histories, counts = {}, {}
+    for name, extra in runs.items():
         calls = _count_encodes(monkeypatch)
-        seg = SemanticSegmentor(path=tmp_path / f"run{budget}", verbosity=0, seed=0).fit(
-            frame, presets="tiny", hyperparameters={**hp, "data.embedding_cache_mb": budget})
-        counts.append((sum(n for training, n in calls if training), sum(n for _, n in calls)))
-        histories.append(read_history(seg.path_)["default"])
+        seg = SemanticSegmentor(path=tmp_path / name, verbosity=0, seed=0).fit(
+            frame, presets="tiny", hyperparameters={**hp, **extra})
+        counts[name] = (sum(n for training, n in calls if training), sum(n for _, n in calls))
+        histories[name] = read_history(seg.path_)["default"]
         monkeypatch.undo()
-    (cached_train, cached), (every_time_train, every_time) = counts
-    assert cached_train == 8 and every_time_train == 3 * 8  # the 8 training images
-    # and the 2 validation images once, not in each of the 3 epochs (after the fit, the
-    # prediction speed is measured on them in both fits)
-    assert every_time - cached == 2 * (8 + 2)
-    a, b = histories
+    # the 8 training images, and the 2 validation images once, not in each of the 3
+    # epochs (after the fit, the prediction speed is measured on them in every fit)
+    assert counts["kept"][0] == 8 and counts["off"][0] == 3 * 8
+    assert counts["off"][1] - counts["kept"][1] == 2 * (8 + 2)
+    assert counts["scaled"][0] == 3 * 8  # new training images in every epoch
+    assert counts["off"][1] - counts["scaled"][1] == 2 * 2
+    a, b = histories["kept"], histories["off"]
     for key in ("train_loss", "val_iou"):
         values_a, values_b = a[key].dropna().to_numpy(), b[key].dropna().to_numpy()
         assert len(values_a) == len(values_b) > 0, key

@@ -315,24 +315,25 @@ class SamSegmenter(nn.Module):
         """Whether :meth:`encode` is a fixed function of the image in this training mode.
 
         True when none of the :meth:`encoder_parts` trains, no encoder hook (PEFT on the
-        encoder) is installed, and nothing in them is random or batch-dependent while
-        training (dropout or drop-path with a non-zero rate, batch norm in training
-        mode). Then an image's features can be computed once and reused (``decoder_only``;
-        see :class:`automask.training.embeddings.EmbeddingCache`).
+        encoder) is installed, and nothing in them is random or batch-dependent in
+        training (dropout or drop-path with a non-zero rate, batch norm), whatever the
+        current mode. Then an image's features can be computed once and reused
+        (``decoder_only``; see :class:`automask.training.embeddings.EmbeddingCache`).
         """
         if self.encoder_hook is not None:
             return False
         for part in self.encoder_parts():
-            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
-            if any(p.requires_grad for p in params):
-                return False
-            modules = [] if isinstance(part, nn.Parameter) else list(part.modules())
-            for m in modules:
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            if isinstance(part, nn.Parameter):
+                if part.requires_grad:
                     return False
-                rate = getattr(m, "p", None) if isinstance(m, nn.Dropout) else getattr(
-                    m, "drop_prob", None)
-                if m.training and isinstance(rate, float) and rate > 0:
+                continue
+            if any(p.requires_grad for p in part.parameters()):
+                return False
+            for m in part.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    return False
+                rate = m.p if isinstance(m, nn.Dropout) else getattr(m, "drop_prob", None)
+                if isinstance(rate, (int, float)) and rate > 0:
                     return False
         return True
 

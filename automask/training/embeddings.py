@@ -1,10 +1,11 @@
 """Image embeddings computed once and reused while the image encoder is frozen.
 
 Under ``decoder_only`` nothing in SAM's image encoder trains, and an image's embedding is
-the same every time the image is seen. When the training images also repeat exactly from
-epoch to epoch (augmentation by flips only, no random crops of large images: at most four
-versions of each image), :class:`EmbeddingCache` keeps each version's embedding and the
-later epochs run the mask decoder alone; every validation after the first does too.
+the same every time the image is seen. :class:`EmbeddingCache` keeps the embeddings of the
+images that come again: the validation images (every validation after the first runs the
+mask decoder alone) and, when the augmentation is flips only (at most four versions of
+each image), the training images, except random crops of large images; then the later
+epochs run the mask decoder alone too.
 
 Exact by construction: an embedding is found by the SHA-256 of the exact input tensor
 (values, shape and dtype), computed on the host before the batch moves to the device, so
@@ -36,41 +37,17 @@ def input_key(image: torch.Tensor) -> bytes:
     return digest.digest()
 
 
-def why_not_cached(model: nn.Module, augment, spec, input_size: int,
-                   large_images: str) -> str | None:
-    """Why a fit cannot reuse image embeddings, or None when it can.
-
-    Parameters
-    ----------
-    model : SamSegmenter
-        The candidate's model, its PEFT method applied and in training mode.
-    augment : AugmentConfig or None
-        The training augmentation.
-    spec : DataSpec
-        The training data (its image sizes decide which images are cropped).
-    input_size : int
-    large_images : {"auto", "crop", "resize"}
-        ``data.large_images``.
-    """
-    from ..data.crops import crops_image
-
-    frozen = getattr(model, "encoder_is_frozen", None)
-    if frozen is None or not frozen():
-        return "the image encoder trains, or is random in training"
-    if augment is not None:
-        if tuple(augment.scale_range) != (1.0, 1.0):
-            return "random scaling ('data.scale_min', 'data.scale_max')"
-        if augment.rotate_degrees > 0:
-            return "random rotation ('data.rotate_degrees')"
-        if augment.color_jitter > 0:
-            return "colour jitter ('data.color_jitter')"
-    if large_images != "resize":
-        stats = spec.stats
-        if stats is None or not {"height", "width"} <= set(stats.columns):
-            return "image sizes unknown: some images may be randomly cropped"
-        sizes = zip(stats["height"].tolist(), stats["width"].tolist())
-        if any(crops_image(size, input_size, large_images) for size in sizes):
-            return "random crops of large images ('data.large_images')"
+def why_training_varies(augment) -> str | None:
+    """What makes the training images new in every epoch (continuous augmentation), or None
+    when they repeat (flips only: at most four versions of each)."""
+    if augment is None:
+        return None
+    if tuple(augment.scale_range) != (1.0, 1.0):
+        return "random scaling ('data.scale_min', 'data.scale_max')"
+    if augment.rotate_degrees > 0:
+        return "random rotation ('data.rotate_degrees')"
+    if augment.color_jitter > 0:
+        return "colour jitter ('data.color_jitter')"
     return None
 
 
@@ -81,6 +58,13 @@ class EmbeddingCache:
     ----------
     memory_mb : float
         Budget in MiB; an embedding that does not fit is not kept.
+    input_size : int
+        The model's input side ``S``.
+    large_images : {"auto", "crop", "resize"}
+        ``data.large_images``: which training images are random crops (never kept).
+    training_repeats : bool
+        Whether the training images repeat from epoch to epoch (see
+        :func:`why_training_varies`); validation images always do.
 
     Attributes
     ----------
@@ -89,27 +73,50 @@ class EmbeddingCache:
     used_bytes : int
     """
 
-    def __init__(self, memory_mb: float) -> None:
+    def __init__(self, memory_mb: float, input_size: int = 1024, large_images: str = "resize",
+                 training_repeats: bool = True) -> None:
         if memory_mb < 0:
             raise ValueError(f"memory_mb must be >= 0, got {memory_mb!r}")
         self.budget = int(memory_mb * 2**20)
+        self.input_size = int(input_size)
+        self.large_images = large_images
+        self.training_repeats = bool(training_repeats)
         self.used_bytes = 0
         self.hits = self.misses = 0
         self._store: dict[bytes, tuple[torch.Tensor, ...]] = {}
+
+    def keys(self, images: torch.Tensor, original_sizes: torch.Tensor | None,
+             training: bool) -> list[bytes | None]:
+        """One :func:`input_key` per image (B, 3, S, S), or None for an image that will not
+        come again: a training image under continuous augmentation, or a random crop of a
+        large image (``original_sizes`` (B, 2), as the data module's batches carry them)."""
+        from ..data.crops import crops_image
+
+        keys: list[bytes | None] = []
+        for i, image in enumerate(images):
+            if training and not self.training_repeats:
+                keys.append(None)
+            elif (training and self.large_images != "resize" and original_sizes is not None
+                  and crops_image(tuple(int(v) for v in original_sizes[i]), self.input_size,
+                                  self.large_images)):
+                keys.append(None)  # a random crop: another window in every epoch
+            else:
+                keys.append(input_key(image))
+        return keys
 
     def __len__(self) -> int:
         return len(self._store)
 
     def features(self, model: nn.Module, images: torch.Tensor,
-                 keys: Sequence[bytes]) -> Features:
+                 keys: Sequence[bytes | None]) -> Features:
         """``model.encode(images)``, with the kept rows taken from the cache.
 
-        images (B, 3, S, S), keys: one :func:`input_key` per image. The rows not kept
-        are encoded together (all of them: ``model.encode(images)`` itself) and kept
-        while the budget lasts.
+        images (B, 3, S, S), keys: one :func:`input_key` (or None: not to be kept) per
+        image. The rows not kept are encoded together (all of them:
+        ``model.encode(images)`` itself) and kept while the budget lasts.
         """
         assert len(keys) == images.shape[0], (len(keys), images.shape)
-        kept = [self._store.get(k) for k in keys]
+        kept = [None if k is None else self._store.get(k) for k in keys]
         missing = [i for i, rows in enumerate(kept) if rows is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -135,9 +142,9 @@ class EmbeddingCache:
             columns.append(torch.stack(rows))  # (B, ...)
         return columns[0] if len(columns) == 1 else tuple(columns)
 
-    def _keep(self, key: bytes, rows: tuple[torch.Tensor, ...]) -> None:
+    def _keep(self, key: bytes | None, rows: tuple[torch.Tensor, ...]) -> None:
         size = sum(r.numel() * r.element_size() for r in rows)
-        if key in self._store or self.used_bytes + size > self.budget:
+        if key is None or key in self._store or self.used_bytes + size > self.budget:
             return
         # a copy on the host (no view keeps the batch's tensor alive), and a normal tensor
         # even when computed in validation's inference mode

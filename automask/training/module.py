@@ -11,7 +11,7 @@ from ..losses import build_loss
 from ..metrics import build_metrics
 from ..peft import aux_loss
 from . import distributed
-from .embeddings import EmbeddingCache, input_key
+from .embeddings import EmbeddingCache
 from .optim import build_optimizer, lr_lambda
 
 
@@ -60,8 +60,9 @@ class SegmentationModule(L.LightningModule):
     embedding_cache : EmbeddingCache, optional
         Image embeddings kept across epochs (only while the model's image encoder is
         frozen, see :mod:`automask.training.embeddings`): every batch gets the inputs'
-        keys before it moves to the device, and training and validation steps take the
-        kept embeddings instead of running the encoder again.
+        keys before it moves to the device (None for an image that will not come again),
+        and training and validation steps take the kept embeddings instead of running the
+        encoder again.
 
     Attributes
     ----------
@@ -114,8 +115,11 @@ class SegmentationModule(L.LightningModule):
         return self.model(images)  # (B, C, S, S) logits
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if self.embedding_cache is not None and isinstance(batch, dict):
-            batch["input_keys"] = [input_key(image) for image in batch["image"]]
+        if self.embedding_cache is not None and isinstance(batch, dict) and "image" in batch:
+            # a module driven without a Trainer (tests, scripts) is training
+            training = self._trainer is None or self.trainer.training
+            batch["input_keys"] = self.embedding_cache.keys(
+                batch["image"], batch.get("original_size"), training)
         return batch
 
     def _features(self, batch: dict):

@@ -124,7 +124,7 @@ def _train_candidate(
     from ..saving import weights_filename, weights_to_save, write_weights
     from .builder import build_candidate_model
     from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock
-    from .embeddings import EmbeddingCache, why_not_cached
+    from .embeddings import EmbeddingCache, why_training_varies
     from .module import SegmentationModule
     from .progress import progress_callbacks, show_bar
 
@@ -154,16 +154,17 @@ def _train_candidate(
         prompts=d.prompts, prompt_rate=d.prompt_rate,
     )
     embedding_cache = None
-    if d.embedding_cache_mb > 0:
-        why_not = why_not_cached(model, datamodule.augment, spec, cfg.model.input_size,
-                                 d.large_images)
-        if why_not is None:
-            embedding_cache = EmbeddingCache(d.embedding_cache_mb)
-            log.info("%s: the image encoder is frozen; image embeddings are kept and reused "
-                     "(up to %d MiB, 'data.embedding_cache_mb')", name, d.embedding_cache_mb)
-        elif model.encoder_is_frozen():
-            log.info("%s: the image encoder is frozen, but its embeddings are computed in "
-                     "every epoch: %s", name, why_not)
+    if d.embedding_cache_mb > 0 and model.encoder_is_frozen():
+        varies = why_training_varies(datamodule.augment)
+        embedding_cache = EmbeddingCache(d.embedding_cache_mb, cfg.model.input_size,
+                                         d.large_images, training_repeats=varies is None)
+        log.info("%s: the image encoder is frozen; the embeddings of %s are kept and reused "
+                 "(up to %d MiB, 'data.embedding_cache_mb')", name,
+                 "the validation images" if varies else "the images that repeat",
+                 d.embedding_cache_mb)
+        if varies:
+            log.info("%s: training images change in every epoch (%s): their embeddings are "
+                     "computed each time", name, varies)
     module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
                                 optim=cfg.optim, val_metric=eval_metric,
                                 embedding_cache=embedding_cache)
