@@ -355,6 +355,9 @@ def test_score_folders_names_the_bad_file(tmp_path):
         np.save(tmp_path / "g" / f"{stem}.npy", np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match=r"b\.npy vs b\.npy: image 1"):
         score_folders(tmp_path / "p", tmp_path / "g", task="binary")
+    np.save(tmp_path / "p" / "b.npy", np.zeros((4, 4), np.complex64))
+    with pytest.raises(TypeError, match=r"b\.npy vs b\.npy: image 1: .*complex"):
+        score_folders(tmp_path / "p", tmp_path / "g", task="binary")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -376,3 +379,82 @@ def test_metrics_on_cuda_match_cpu():
         scores = torch.randn(2, 3, 8, 8, device="cuda")
         m.update(scores, torch.randint(0, 3, (2, 8, 8), device="cuda"))
         assert m.compute().device.type == "cuda"
+
+
+def test_adaptive_e_measure_binarises_a_pixel_on_the_threshold_as_foreground():
+    # 1 x 14 map: eleven 0, one 85 (= 1/3) and two 255 (= 1), already spanning [0, 1]. Its mean
+    # is (1/3 + 2) / 14 = 1/6, so the adaptive threshold 2 * mean is 1/3 and the 85 pixel,
+    # lying exactly on it, is foreground (p >= threshold). numpy's mean of this map (the one
+    # PySODMetrics takes) rounds to the float 1/6; torch's rounds one bit higher, which dropped
+    # the pixel. The binarised map then equals the mask (the last three pixels): every pixel
+    # has an enhanced alignment of 1 (up to eps), and E = 14 / (14 - 1).
+    pred = np.array([[0] * 11 + [85, 255, 255]], np.uint8)
+    gt = np.array([[0] * 11 + [255] * 3], np.uint8)
+    assert score([pred], [gt], metrics=["em_adp"])["em_adp"] == pytest.approx(14 / 13, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_e_measure_on_threshold_ties_matches_pysodmetrics(seed):
+    """Maps of the values 0, k and 255 whose exact adaptive threshold 2 * mean is k / 255."""
+    rng = np.random.default_rng(seed)
+    for k, n_k in ((85, 1), (51, 15), (153, 3), (102, 10)):
+        # n_255 = k / 255 * (N / 2 - n_k) makes 2 * mean = k / 255 exactly
+        n = 2 * (n_k + 3 * 255 // np.gcd(k, 255) * int(rng.integers(1, 4)))
+        n_255 = k * (n // 2 - n_k) // 255
+        values = np.array([0] * (n - n_k - n_255) + [k] * n_k + [255] * n_255, np.uint8)
+        for _ in range(5):
+            pred = rng.permutation(values).reshape(2, -1)
+            gt = ((rng.random(pred.shape) < 0.3) * 255).astype(np.uint8)
+            ref = sod.Emeasure()
+            ref.step(pred, gt)
+            ours = score([pred], [gt], metrics=["em_adp"])["em_adp"]
+            assert ours == pytest.approx(ref.get_results()["em"]["adp"], abs=TOL), (k, pred)
+
+
+def test_multiclass_bad_image_leaves_the_state_unchanged():
+    good = torch.tensor([[0, 1], [2, 2]])
+    bad = torch.tensor([[0, 3], [2, 2]])  # class 3 with num_classes=3
+    metric = build_metrics("multiclass", ["acc"], num_classes=3)["acc"]
+    with pytest.raises(ValueError, match="image 1: predicted class index 3"):
+        metric.update([good, bad], [good, good])
+    assert metric.area_target.sum().item() == 0 and metric.intersection.sum().item() == 0
+    metric.update([good], [torch.tensor([[0, 1], [2, 0]])])
+    assert metric.compute().item() == 3 / 4  # only the valid update counts
+
+
+def test_multiclass_nan_scores_raise():
+    scores = torch.rand(2, 3, 4, 5)
+    scores[1, 2, 0, 3] = float("nan")  # argmax would pick class 2 there
+    target = torch.zeros(2, 4, 5, dtype=torch.long)
+    metric = build_metrics("multiclass", ["miou"], num_classes=3)["miou"]
+    with pytest.raises(ValueError, match=r"1 NaN value.*\(1, 2, 0, 3\)"):
+        metric.update(scores, target)
+    with pytest.raises(ValueError, match="image 1: score maps hold 1 NaN"):
+        score(list(scores), list(target), task="multiclass", num_classes=3)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.float64])
+def test_empty_binary_maps_raise_whatever_the_dtype(dtype):
+    empty = np.zeros((0, 3), dtype)
+    with pytest.raises(ValueError, match="image 1: the .* is empty"):
+        score([np.ones((2, 3), dtype), empty], [np.ones((2, 3), dtype), empty], task="binary")
+
+
+def test_complex_maps_raise_a_type_error_naming_the_image():
+    real = np.zeros((2, 3))
+    with pytest.raises(TypeError, match="image 1: the prediction has the complex dtype"):
+        score([real, real.astype(np.complex64)], [real, real], task="binary")
+    with pytest.raises(TypeError, match="image 0: the target has the complex dtype"):
+        score([real], [real.astype(np.complex128)], task="binary")
+    index = np.zeros((2, 3), np.int64)
+    with pytest.raises(TypeError, match="image 0: the prediction has the complex dtype"):
+        score([index.astype(np.complex64)], [index], task="multiclass", num_classes=2)
+
+
+def test_batch_prediction_with_a_list_of_targets_names_the_bad_image():
+    preds = np.random.default_rng(0).random((2, 4, 5))  # (B, H, W)
+    metric = build_metrics("binary", ["iou"])["iou"]
+    with pytest.raises(ValueError, match=r"image 1: prediction shape \(4, 5\) does not match"):
+        metric.update(preds, [np.zeros((4, 5)), np.zeros((3, 5))])
+    metric.update(preds[:, None], [np.zeros((4, 5))] * 2)  # (B, 1, H, W) with a list still works
+    assert metric.compute().item() == 0.0  # (pred > 0.5 somewhere on an empty mask)

@@ -79,6 +79,8 @@ def score_folders(
     ValueError
         A folder missing or without masks, duplicate stems, or stems present on one side only
         (all listed); a bad image names its file.
+    TypeError
+        A map of an unusable dtype (e.g. complex), naming its file.
     """
     suffixes = readable_suffixes()
     preds = _index(Path(pred_dir), suffixes)
@@ -103,11 +105,11 @@ def score_folders(
             metrics=metrics,
             **conventions,
         )
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         message = str(err)
         if message.startswith("image "):
             index = int(message.split(":", 1)[0].split()[1])
             message = f"{preds[stems[index]].name} vs {gts[stems[index]].name}: {message}"
-            raise ValueError(message) from err
+            raise (TypeError if isinstance(err, TypeError) else ValueError)(message) from err
         raise
     return {**result, "n_images": len(stems)}

@@ -213,8 +213,17 @@ def e_measure_adaptive(pred: Tensor, gt: Tensor, valid: Tensor | None = None) ->
 
     Where ``valid`` is False (void pixels) the mask takes the label opposite to the binarised
     map, so those pixels are errors.
+
+    torch sums in another order than numpy (pairwise, over the C-ordered map), so its mean can
+    differ from the reference's in the last bit, which moves a pixel lying exactly on
+    ``2 * mean`` (e.g. 1/3 on a map of mean 1/6) across the threshold. When a pixel lies within
+    ``1e-6`` of the torch threshold, the threshold is therefore taken from numpy's mean of the
+    map, computed on the host.
     """
     threshold = torch.clamp(2 * pred.mean(), max=1)
+    if bool(((pred - threshold).abs() <= 1e-6).any()):  # a near tie: use the reference's mean
+        host = np.ascontiguousarray(pred.detach().cpu().numpy())  # (H, W) float64
+        threshold = torch.tensor(min(2 * host.mean(), 1.0), dtype=pred.dtype, device=pred.device)
     hard = pred >= threshold
     if valid is not None:
         gt = torch.where(valid, gt, ~hard)

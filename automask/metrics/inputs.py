@@ -70,12 +70,21 @@ def _minmax(t: Tensor) -> tuple[float, float]:
     return lo.item(), hi.item()
 
 
+def _check_real(t: Tensor, name: str, index: int | None) -> None:
+    """Raise TypeError for a complex map (comparisons and ``aminmax`` have no meaning there)."""
+    if t.is_complex():
+        raise TypeError(
+            f"{_where(index)}the {name} has the complex dtype {t.dtype}; pass real values"
+        )
+
+
 def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
     """Read a binary prediction as a float64 probability map in [0, 1] (see the module table)."""
-    if pred.dtype == torch.bool:
-        return pred.to(torch.float64)
     if pred.numel() == 0:
         raise ValueError(f"{_where(index)}the prediction is empty (shape {tuple(pred.shape)})")
+    _check_real(pred, "prediction", index)
+    if pred.dtype == torch.bool:
+        return pred.to(torch.float64)
     if pred.is_floating_point():
         p = pred.to(torch.float64)
         lo, hi = _minmax(p)
@@ -102,10 +111,11 @@ def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
 
 def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None = None) -> Tensor:
     """Binarise a ground-truth mask to bool (see the module table for the scale rule)."""
-    if target.dtype == torch.bool:
-        return target
     if target.numel() == 0:
         raise ValueError(f"{_where(index)}the target is empty (shape {tuple(target.shape)})")
+    _check_real(target, "target", index)
+    if target.dtype == torch.bool:
+        return target
     lo, hi = _minmax(target)
     if not (0 <= lo and hi <= 255):  # also false for NaN
         raise ValueError(
@@ -296,8 +306,10 @@ def binary_samples(
         return list(preds)
     if not isinstance(preds, (list, tuple)):
         p = as_tensor(preds)
-        t = as_tensor(target)
-        if p.ndim == t.ndim + 1 and p.ndim >= 3 and p.shape[-3] == 1:
+        # a list of targets stands for a (B, H, W) batch; its maps may differ in size, so it is
+        # not stacked here (the per-image check below names a bad one)
+        t_ndim = 3 if isinstance(target, (list, tuple)) else as_tensor(target).ndim
+        if p.ndim == t_ndim + 1 and p.ndim >= 3 and p.shape[-3] == 1:
             preds = p.squeeze(-3)  # (B, 1, H, W) -> (B, H, W)
     pred_list, target_list = _split(preds, "predictions"), _split(target, "targets")
     if len(pred_list) != len(target_list):
@@ -332,9 +344,10 @@ def multiclass_pairs(
     """Yield validated ``(pred, target)`` int64 class-index maps of one image or one batch.
 
     ``preds`` may be class indices ``(H, W)``/``(B, H, W)`` (integer dtype) or scores
-    ``(K, H, W)``/``(B, K, H, W)`` (arg-maxed over K), or a list of either per image. Target
-    values must lie in ``[0, num_classes)`` or equal ``ignore_index``; predicted indices must lie
-    in ``[0, num_classes)``. Same-size batches are yielded whole (flattened counting is per pixel).
+    ``(K, H, W)``/``(B, K, H, W)`` (arg-maxed over K; NaN is an error), or a list of either per
+    image. Target values must lie in ``[0, num_classes)`` or equal ``ignore_index``; predicted
+    indices must lie in ``[0, num_classes)``. Same-size batches are yielded whole (flattened
+    counting is per pixel).
     """
     if isinstance(preds, (list, tuple)) or isinstance(target, (list, tuple)):
         pred_list, target_list = list(preds), list(target)
@@ -352,6 +365,8 @@ def _multiclass_pair(
     p: Tensor, t: Tensor, num_classes: int, ignore_index: int | None, index: int | None
 ) -> tuple[Tensor, Tensor]:
     t = t.to(p.device)
+    _check_real(p, "prediction", index)
+    _check_real(t, "target", index)
     if t.ndim not in (2, 3):
         raise ValueError(
             f"{_where(index)}targets must be (H, W) or (B, H, W) class maps, "
@@ -363,6 +378,14 @@ def _multiclass_pair(
                 f"{_where(index)}score maps have {p.shape[-3]} classes along dim {p.ndim - 3}, "
                 f"expected num_classes={num_classes}"
             )
+        if p.is_floating_point():
+            nan = torch.isnan(p)
+            if bool(nan.any()):  # argmax would silently pick the NaN class
+                where = tuple(torch.nonzero(nan)[0].tolist())
+                raise ValueError(
+                    f"{_where(index)}score maps hold {int(nan.sum().item())} NaN value(s), "
+                    f"the first at index {where} of shape {tuple(p.shape)}"
+                )
         p = p.argmax(dim=-3)
     elif p.ndim == t.ndim:
         if p.is_floating_point() or p.dtype == torch.bool:

@@ -1,11 +1,11 @@
 """torchmetrics ``Metric`` classes for multi-class semantic segmentation.
 
 Inputs per ``update(preds, target)``: class-index maps ``(H, W)`` / ``(B, H, W)`` (integer
-dtype) or class scores ``(K, H, W)`` / ``(B, K, H, W)`` (arg-maxed over K), or lists of either
-per image (sizes may differ); targets are class-index maps where ``ignore_index`` (default 255)
-marks unlabelled pixels. Ignored pixels are removed from every count, predictions included
-(as Trans2Seg's ``batch_intersection_union``; AutoGluon's ``Multiclass_IoU`` still counts the
-prediction on them in the union, which we consider a bug).
+dtype) or class scores ``(K, H, W)`` / ``(B, K, H, W)`` (arg-maxed over K; a NaN score is an
+error), or lists of either per image (sizes may differ); targets are class-index maps where
+``ignore_index`` (default 255) marks unlabelled pixels. Ignored pixels are removed from every
+count, predictions included (as Trans2Seg's ``batch_intersection_union``; AutoGluon's
+``Multiclass_IoU`` still counts the prediction on them in the union, which we consider a bug).
 
 All states are per-class sums (``dist_reduce_fx="sum"``): intersections and unions are pooled
 over the dataset before dividing, the protocol of the Trans10K/ADE20K/Cityscapes tables.
@@ -38,9 +38,17 @@ class _ConfusionCounts(Metric):
             self.add_state(name, torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, preds: Any, target: Any) -> None:
-        """Add one image, a batch or lists of images (see the module docstring for shapes)."""
+        """Add one image, a batch or lists of images (see the module docstring for shapes).
+
+        Raises
+        ------
+        ValueError
+            An invalid image (the message names its index); nothing is added then.
+        """
         k = self.num_classes
-        for pred, tgt in multiclass_pairs(preds, target, k, self.ignore_index):
+        # every image is validated before any is counted: a bad one leaves the state unchanged
+        pairs = list(multiclass_pairs(preds, target, k, self.ignore_index))
+        for pred, tgt in pairs:
             if self.ignore_index is None:
                 labelled = torch.ones_like(tgt, dtype=torch.bool)
             else:
