@@ -234,6 +234,11 @@ def _train_candidate(
             _restore_sigint()
             raise KeyboardInterrupt from None
         raise
+    if embedding_cache is not None:
+        seen = embedding_cache.hits + embedding_cache.misses
+        log.info("%s: %d of %d encoder passes saved by the kept embeddings (%d kept, %.0f MiB)",
+                 name, embedding_cache.hits, seen, len(embedding_cache),
+                 embedding_cache.used_bytes / 2**20)
     stopped = module.stopped  # a non-finite loss or output, in any process
     if stopped is not None:
         if best.best_state is None:
