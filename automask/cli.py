@@ -281,7 +281,10 @@ def _read_boxes(path: str, data, image_col: str) -> list:
 
     if not Path(path).is_file():
         raise DataValidationError(f"--boxes file not found: {path!r}")
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataValidationError(f"--boxes {path!r} could not be parsed: {exc}") from exc
     missing = [c for c in (image_col, "x0", "y0", "x1", "y1") if c not in table.columns]
     if missing:
         raise DataValidationError(
@@ -316,23 +319,23 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
     import numpy as np
 
     from .errors import DataValidationError
-    from .prediction import as_frame
+    from .prediction import as_frame, images_spec, iter_proba
     from .utils import atomic_write
 
     frame, root = as_frame(data, seg.image)
-    stems = [Path(p).stem for p in frame[seg.image]]
+    spec = images_spec(frame, seg.image, root)  # every image checked before anything is written
+    paths = [str(p) for p in spec.frame[seg.image]]  # absolute: CSV paths against its folder
+    stems = [Path(p).stem for p in paths]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise DataValidationError(
             f"images share file stems, so their maps would overwrite each other: {dup[:5]}"
         )
-    if root is not None:  # relative paths of a CSV resolve against its folder
-        frame = frame.assign(**{seg.image: [str(root / p) for p in frame[seg.image]]})
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise DataValidationError(f"--out {out!r} exists and is not a folder")
     dests = [folder / f"{stem}.npy" for stem in stems]
-    inputs = {os.path.realpath(p) for p in frame[seg.image]}
+    inputs = {os.path.realpath(p) for p in paths}
     clash = [str(d) for d in dests if os.path.realpath(d) in inputs]
     if clash:
         raise DataValidationError(f"writing to {out!r} would overwrite input files: {clash[:5]}")
@@ -342,23 +345,13 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
             f"{len(existing)} file(s) already exist in {out!r}, e.g. {existing[:3]}; pass "
             "--overwrite to replace them, or choose another output folder"
         )
-    if boxes is not None:  # every box checked before anything is written
-        from .data.prompts import check_prompts
-        from .prediction import check_prompt_request, image_sizes, images_spec
-
-        check_prompt_request(seg.task_, tiling)
-        check_prompts(None, boxes, frame.index, image_sizes(images_spec(frame, seg.image, None)))
+    prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too
+    net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
     folder.mkdir(parents=True, exist_ok=True)
-    chunk = 16  # images per call: a few maps in memory at a time
-    for start in range(0, len(frame), chunk):
-        part = frame.iloc[start:start + chunk]
-        part_boxes = None if boxes is None else boxes[start:start + chunk]
-        for dest, prob in zip(dests[start:start + chunk],
-                              seg.predict_proba(part, model=model, tiling=tiling,
-                                                boxes=part_boxes)):
-            with atomic_write(dest) as fh:
-                np.save(fh, prob.astype(np.float32))
-    return len(frame)
+    for pos, prob in iter_proba(net, cfg, seg.task_, spec, tiling, prompts):  # streaming
+        with atomic_write(dests[pos]) as fh:
+            np.save(fh, (prob[0] if seg.task_ == "binary" else prob).astype(np.float32))
+    return len(spec)
 
 
 def _cmd_show(args) -> None:

@@ -23,8 +23,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 
 def root_of(data) -> Path | None:
-    """Relative paths in a CSV resolve against the CSV's folder; in a DataFrame, the cwd."""
-    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".csv"):
+    """Relative paths in a CSV resolve against the CSV's folder; in a DataFrame, the cwd.
+
+    ``data`` given as a path is read as a CSV whatever its suffix (``train.txt``,
+    ``data.tsv.csv``...), so its folder is the root whatever the suffix, too.
+    """
+    if isinstance(data, (str, os.PathLike)):
         return Path(data).resolve().parent
     return None
 
@@ -48,10 +52,15 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         if p.suffix.lower() == ".csv":
             if not p.is_file():
                 raise DataValidationError(f"CSV file not found: {str(p)!r}")
-            return pd.read_csv(p), root_of(p)
+            try:
+                return pd.read_csv(p), root_of(p)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+                raise DataValidationError(
+                    f"CSV file {str(p)!r} could not be parsed: {exc}") from exc
         return pd.DataFrame({image_col: [str(p)]}), None
     if isinstance(data, Sequence):
-        return pd.DataFrame({image_col: [str(x) for x in data]}), None
+        # values kept as given: validation reports None / NaN / "" as a missing path
+        return pd.DataFrame({image_col: pd.Series(list(data), dtype=object)}), None
     raise DataValidationError(
         f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
         "list of paths or a folder"
@@ -289,12 +298,17 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
         raise DataValidationError(
             f"images share file stems, so their masks would overwrite each other: {dup[:5]}"
         )
-    inputs = {_real(p): f"image of row {i}" for i, p in enumerate(images)}
+    from .data.validation import _raw_path, _resolve
+
+    index = list(spec.frame.index)
+    inputs = {_real(p): f"image of row {index[i]!r}" for i, p in enumerate(images)}
     if label_col in spec.frame.columns:
-        base = root or Path.cwd()
-        for i, p in enumerate(spec.frame[label_col]):
-            if isinstance(p, str) and p:
-                inputs.setdefault(_real(base / p), f"mask of row {i}")
+        # resolved as validation resolves them: str or PathLike, "~", relative to root
+        base = Path(root) if root is not None else Path.cwd()
+        for i, value in enumerate(spec.frame[label_col]):
+            raw = _raw_path(value)
+            if raw is not None:
+                inputs.setdefault(_real(Path(_resolve(raw, base))), f"mask of row {index[i]!r}")
     dests = [out / f"{s}.png" for s in stems]
     clash = [f"{d} ({inputs[_real(d)]})" for d in dests if _real(d) in inputs]
     if clash:

@@ -159,6 +159,11 @@ class SemanticSegmentor(BaseEstimator):
         plan = plan_fit(self.get_params(), train_data, tuning_data, presets, hyperparameters,
                         time_limit, num_classes, class_names, color_map)
         spec = plan.spec
+        if plan.tuning_spec is None:  # a holdout that cannot be made fails now, not mid-fit
+            from .data import split_spec
+
+            for frac in sorted({cfg.data.holdout_frac for _, cfg in plan.candidates}):
+                split_spec(spec, frac, self.seed)
         writer = distributed.is_writer(plan.world_size)  # rank 0 of a distributed fit
         run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume, writer=writer)
         with run:
@@ -326,6 +331,8 @@ class SemanticSegmentor(BaseEstimator):
             Metric name to value (a fraction in [0, 1]; a list for per-class metrics).
         """
         self._check_fitted()
+        if isinstance(metrics, str):  # "iou" or "sm,em", as on the command line
+            metrics = [m.strip() for m in metrics.split(",") if m.strip()] or None
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
         scorers = build_metrics(self.task_, names,
                                 **metric_conventions(self.task_, self.num_classes_))

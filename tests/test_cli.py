@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -89,6 +90,28 @@ def test_predict_writes_masks(run_dir, csvs, tmp_path):
 def test_predict_bad_input(run_dir, tmp_path):
     proc = run_cli("predict", str(tmp_path / "no_run"), "--data", "x.csv", "--out", "o")
     assert_one_line_error(proc, "no_run")
+
+
+def test_predict_proba_checks_every_image_before_writing_any_map(run_dir, csvs, tmp_path):
+    images = sorted(str(p) for p in (csvs / "data" / "images").glob("*.png"))
+    assert len(images) > 16  # more than one chunk of maps would be written before the last
+    missing = str(tmp_path / "missing.png")
+    pd.DataFrame({"image": images + [missing]}).to_csv(tmp_path / "data.csv", index=False)
+    out = tmp_path / "maps"
+    proc = run_cli("predict", str(run_dir), "--data", str(tmp_path / "data.csv"),
+                   "--out", str(out), "--proba")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("automask: error:")
+    assert f"row {len(images)} [image] {missing}: file not found" in proc.stderr
+    assert not out.exists()
+
+
+def test_predict_names_a_csv_it_cannot_parse(run_dir, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('image\n"unterminated\n')
+    proc = run_cli("predict", str(run_dir), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, str(bad), "could not be parsed")
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_prints_metrics(run_dir, csvs):

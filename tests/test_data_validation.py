@@ -303,3 +303,79 @@ def test_jpeg_compressed_binary_masks_are_binarised_at_128(tmp_path):
     with pytest.raises(DataValidationError, match="num_classes"):
         validate_frame(_frame([_pair(tmp_path / "ids", "ade", ids[:, :16])]
                               + [_pair(tmp_path / "ids", "ade2", ids[:, 134:150])]))
+
+
+def test_repeated_image_or_label_column_is_named(tmp_path):
+    frame = _frame([_pair(tmp_path, "a", _binary()), _pair(tmp_path, "b", _binary())])
+    twice = pd.concat([frame[["image"]], frame], axis=1)  # two columns called "image"
+    with pytest.raises(DataValidationError, match=r"column\(s\) \['image'\] appear more than"):
+        validate_frame(twice)
+    with pytest.raises(DataValidationError, match=r"\['label'\] appear more than once"):
+        validate_frame(pd.concat([frame, frame[["label"]]], axis=1))
+
+
+def test_a_folder_given_as_the_csv_is_named_as_a_folder(tmp_path):
+    _pair(tmp_path / "data", "a", _binary())
+    with pytest.raises(DataValidationError, match="is a folder, not a CSV file") as info:
+        validate_frame(tmp_path / "data")
+    assert str(tmp_path / "data") in str(info.value)
+
+
+def test_data_whose_every_mask_pixel_is_void_is_refused(tmp_path):
+    void = np.full((12, 16), 11, np.uint8)
+    pairs = [_pair(tmp_path, f"v{i}", void) for i in range(3)]
+    with pytest.raises(DataValidationError, match=r"3 problem\(s\) in 3 row\(s\)") as info:
+        validate_frame(_frame(pairs, index=["a", "b", "c"]), void_label=11)
+    message = str(info.value)
+    assert f"row 'b' [label] {pairs[1][1]}: mask values {{11}} are all void_label=11" in message
+    assert "no mask of the data has a labelled pixel" in message
+    ignored = [_pair(tmp_path, f"i{i}", np.full((12, 16), 255, np.uint8)) for i in range(2)]
+    with pytest.raises(DataValidationError, match=r"values \{255\} are all 255 \(ignore\)"):
+        validate_frame(_frame(ignored), void_label=255)
+    # one void-only mask beside a labelled one is fine: it is left out of losses and metrics
+    labelled = _binary(fg=1)
+    labelled[0, :] = 11
+    spec = validate_frame(_frame([pairs[0], _pair(tmp_path, "ok", labelled)]), void_label=11)
+    assert spec.task == "binary" and list(spec.stats["foreground"] > 0) == [False, True]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_mask_kept_in_the_alpha_channel_is_named_not_read_as_empty(tmp_path, mode):
+    mask = _binary()
+    img_path, _ = _pair(tmp_path, "a", mask)
+    channels = 4 if mode == "RGBA" else 2
+    pixels = np.zeros((*mask.shape, channels), np.uint8)  # black everywhere ...
+    pixels[..., -1] = mask  # ... and the mask in the alpha channel
+    alpha = tmp_path / f"alpha_{mode}.png"
+    Image.fromarray(pixels, mode).save(alpha)
+    frame = _frame([(img_path, str(alpha)), _pair(tmp_path, "b", mask)])
+    with pytest.raises(DataValidationError, match=r"1 problem\(s\) in 1 row\(s\)") as info:
+        validate_frame(frame)
+    assert f"row 0 [label] {alpha}: mask is a {mode} image of one colour whose alpha" \
+        in str(info.value)
+    # a mask drawn in colour with a transparent background still reads as before
+    pixels[..., 0] = mask
+    if mode == "RGBA":
+        pixels[..., 1] = pixels[..., 2] = mask
+    Image.fromarray(pixels, mode).save(alpha)
+    spec = validate_frame(frame)
+    assert spec.task == "binary" and spec.stats["foreground"][0] == spec.stats["foreground"][1]
+
+
+def test_a_mask_not_turned_like_its_exif_rotated_image_gets_a_hint(tmp_path):
+    mask = _binary(12, 16)
+    img_path, mask_path = _pair(tmp_path, "a", mask, suffix=".jpg")
+    image = Image.open(img_path)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    image.save(img_path, exif=exif)
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame([(img_path, mask_path)]))
+    message = str(info.value)
+    assert f"row 0 [label] {mask_path}: mask is 12x16 (HxW) but image {img_path} is 16x12" \
+        in message
+    assert "EXIF orientation tag (6)" in message
+    other = _pair(tmp_path, "b", _binary(16, 12), image_size=(12, 16))  # plain swap: no hint
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame([other]))
+    assert "is 12x16" in str(info.value) and "EXIF" not in str(info.value)

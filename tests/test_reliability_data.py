@@ -184,3 +184,108 @@ def test_a_multiclass_model_refuses_to_evaluate_binary_masks(tmp_path):
     with pytest.raises(DataValidationError, match="num_classes=3 reads 255 as 'ignore'") as info:
         seg.evaluate(binary)
     assert binary["label"][0] in str(info.value)
+
+
+# -- predict(save_to=...) never overwrites an input mask, however its path is spelt -------
+
+@pytest.mark.parametrize("spelling", ["path", "home"])
+def test_an_input_mask_given_as_a_path_object_or_with_tilde_is_never_overwritten(
+        tmp_path, monkeypatch, spelling):
+    from automask.prediction import images_spec, mask_destinations
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    frame = _pairs(tmp_path / "d", 2).set_axis(["a", "b"])
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / "img_1.png"  # where row "b"'s predicted mask would go: its own mask
+    kept.write_bytes(Path(frame["label"]["b"]).read_bytes())
+    label = Path(kept) if spelling == "path" else "~/out/img_1.png"
+    frame["label"] = pd.Series([Path(frame["label"]["a"]), label], index=frame.index,
+                               dtype=object)
+    spec = images_spec(frame, "image", None)
+    with pytest.raises(DataValidationError, match="would overwrite input files") as info:
+        mask_destinations(spec, out, root=None, label_col="label", overwrite=True)
+    assert f"{kept} (mask of row 'b')" in str(info.value)
+
+
+def test_a_missing_path_in_a_list_is_reported_as_missing(tmp_path):
+    from automask.prediction import as_frame, images_spec
+
+    frame = _pairs(tmp_path / "d", 2)
+    data, root = as_frame([frame["image"][0], None, Path(frame["image"][1])], "image")
+    with pytest.raises(DataValidationError) as info:
+        images_spec(data, "image", root)
+    assert "1 problem(s) in 1 row(s)" in str(info.value)
+    assert "row 1 [image]: missing image path (None)" in str(info.value)
+
+
+# -- a holdout split that cannot be made fails before the fit starts --------------------
+
+def test_an_impossible_holdout_fails_before_any_model_is_built(tmp_path, monkeypatch):
+    import automask.training.builder as builder
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the data was found unusable")
+
+    monkeypatch.setattr(builder, "build_candidate_model", no_model)
+    frame = _pairs(tmp_path / "d", 3)
+    run = tmp_path / "run"
+    hp = {"optim.max_epochs": 1, "model.input_size": 32}
+    with pytest.raises(DataValidationError, match=r"from 1 row\(s\)"):
+        SemanticSegmentor(path=run, verbosity=0).fit(frame.iloc[:1], presets="tiny",
+                                                     hyperparameters=hp)
+    with pytest.raises(DataValidationError, match="show only one image") as info:
+        SemanticSegmentor(path=run, verbosity=0).fit(
+            pd.concat([frame.iloc[[1]]] * 3, ignore_index=True), presets="tiny",
+            hyperparameters=hp)
+    assert frame["image"][1] in str(info.value)
+    assert not run.exists()
+
+
+# -- train_test_split names the row whose mask it cannot read ---------------------------
+
+def test_train_test_split_names_an_unreadable_mask_and_checks_its_size_first(tmp_path):
+    from automask.datasets import train_test_split
+
+    frame = _pairs(tmp_path / "d", 5).set_axis(list("abcde"))
+    not_png = tmp_path / "notes.png"
+    not_png.write_text("not an image")
+    bad = frame.assign(label=[*frame["label"][:3], str(not_png), None])
+    with pytest.raises(DataValidationError) as info:
+        train_test_split(bad, test_size=0.4)
+    assert f"row 'd' [label] {not_png}: mask cannot be read" in str(info.value)
+    with pytest.raises(DataValidationError, match=r"row 'e' \[label\]: missing mask path"):
+        train_test_split(bad.iloc[[0, 4]], test_size=0.5)
+    with pytest.raises(ValueError, match="test_size must be a fraction"):  # before any read
+        train_test_split(bad, test_size=1.5)
+    with pytest.raises(TypeError, match="must be a pandas DataFrame, got list"):
+        train_test_split(list(frame["image"]))
+    train, test = train_test_split(frame, test_size=0.4)
+    assert sorted([*train.index, *test.index]) == list("abcde") and len(test) == 2
+
+
+# -- relative paths in a CSV resolve against its folder, whatever the file's suffix ------
+
+class _Validated(Exception):
+    """Raised instead of building a model: the data passed validation."""
+
+
+def test_relative_paths_of_a_csv_not_named_csv_resolve_against_its_folder(tmp_path,
+                                                                          monkeypatch):
+    import automask.training.builder as builder
+
+    def stop(*args, **kwargs):
+        raise _Validated
+
+    monkeypatch.setattr(builder, "build_candidate_model", stop)
+    frame = _pairs(tmp_path / "data" / "d", 4)
+    for col in ("image", "label"):
+        frame[col] = [str(Path(p).relative_to(tmp_path / "data")) for p in frame[col]]
+    table = tmp_path / "data" / "train.txt"
+    frame.to_csv(table, index=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(_Validated):
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            table, presets="tiny", hyperparameters={"optim.max_epochs": 1})

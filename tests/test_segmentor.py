@@ -83,6 +83,13 @@ def test_predict_save_to_writes_lossless_pngs(fitted, synthetic, tmp_path):
         np.testing.assert_array_equal(saved, mask * 255)
 
 
+def test_evaluate_takes_metric_names_as_one_string(fitted, synthetic):
+    _, test = synthetic
+    listed = fitted.evaluate(test.iloc[:3], metrics=["iou", "mae"])
+    assert fitted.evaluate(test.iloc[:3], metrics="iou, mae") == listed
+    assert fitted.evaluate(test.iloc[:3], metrics="iou") == {"iou": listed["iou"]}
+
+
 def test_not_fitted_and_unknown_model_errors(fitted, synthetic):
     _, test = synthetic
     with pytest.raises(NotFittedError, match="not fitted"):

@@ -213,6 +213,24 @@ def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLi
     return out.astype(np.uint8) if out.size == 0 or (out.min() >= 0 and out.max() <= 255) else out
 
 
+def _refuse_alpha_only(colour: np.ndarray, img: Image.Image, path: str | os.PathLike) -> None:
+    """Raise when a mask's colour is one value everywhere but its alpha channel varies.
+
+    Such a file keeps the mask in its alpha channel, which is not read: taken at face
+    value it would be a silently empty (or full) mask.
+    """
+    flat = colour.reshape(colour.shape[0] * colour.shape[1], -1)
+    if flat.size == 0 or (flat != flat[:1]).any():
+        return
+    alpha = np.array(img.getchannel("A"))
+    if alpha.min() != alpha.max():
+        raise DataValidationError(
+            f"mask {path} is a {img.mode} image of one colour whose alpha channel varies: "
+            "the mask seems to be in the alpha channel, which is not read; save it as a "
+            "grayscale PNG (e.g. Image.open(path).getchannel('A'))"
+        )
+
+
 def read_mask(
     path: str | os.PathLike, color_map: ColorMap | None = None
 ) -> np.ndarray:
@@ -254,7 +272,9 @@ def read_mask(
                 return _apply_color_map(np.repeat(values[:, :, None], 3, axis=2), color_map, path)
             return values
         if mode == "LA":
-            return np.array(img.getchannel("L"), dtype=np.uint8)
+            values = np.array(img.getchannel("L"), dtype=np.uint8)
+            _refuse_alpha_only(values, img, path)
+            return values
         if mode.startswith("I") or mode == "F":
             values = np.array(img)
             if np.issubdtype(values.dtype, np.floating):
@@ -267,6 +287,8 @@ def read_mask(
                 return values.astype(np.uint8)
             return values
         rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+        if mode in ("RGBA", "RGBa"):
+            _refuse_alpha_only(rgb, img, path)
     if color_map is not None:
         return _apply_color_map(rgb, color_map, path)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):

@@ -53,7 +53,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataValidationError
-from .io import ColorMap, check_decodes, image_size, read_mask
+from .io import _SWAPPING_ORIENTATIONS, ColorMap, _orientation, check_decodes, image_size, read_mask
 from .transforms import IGNORE_INDEX
 
 KIND_B01 = "b01"
@@ -269,6 +269,22 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     return size, None
 
 
+def _rotation_hint(image_path: str, shape: Sequence[int], size: Sequence[int]) -> str:
+    """Why a mask may be the image's size turned by 90 degrees: the image's EXIF tag."""
+    if tuple(shape) != (size[1], size[0]):
+        return ""
+    try:
+        with Image.open(image_path) as img:
+            orientation = _orientation(img)
+    except Exception:  # the image was read a moment ago; a hint is not worth failing over
+        return ""
+    if orientation not in _SWAPPING_ORIENTATIONS:
+        return ""
+    return (f" after the EXIF orientation tag ({orientation}) of the image turns it by 90 "
+            "degrees; the mask must match the image as displayed (rotate the mask, or give "
+            "it the same EXIF orientation)")
+
+
 def _check_mask(path: str, color_map: ColorMap | None) -> tuple[Any, str | None]:
     """(summary, reason): full decode of one mask file."""
     if not os.path.exists(path):
@@ -337,6 +353,11 @@ def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         return data
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
+        if path.is_dir():
+            raise DataValidationError(
+                f"data {path} is a folder, not a CSV file; pair its images and masks with "
+                "automask.datasets.from_folders (--images/--masks on the command line)"
+            )
         if not path.is_file():
             raise DataValidationError(f"data CSV {path} not found")
         try:
@@ -422,6 +443,12 @@ def validate_frame(
             + " (other column names: SemanticSegmentor(image=..., label=...) in Python,"
             + " --image/--label on the command line)"
         )
+    repeated = [c for c in wanted if int((frame.columns == c).sum()) > 1]
+    if repeated:
+        raise DataValidationError(
+            f"column(s) {repeated} appear more than once in the data (columns {columns}); "
+            "keep one column of each name"
+        )
     if len(frame) == 0:
         raise DataValidationError("the data frame is empty: it has no rows")
     root_path = Path(root).expanduser().resolve() if root is not None else Path.cwd()
@@ -481,7 +508,7 @@ def validate_frame(
                 problems.add(
                     pos, index[pos], label_col, label_paths[pos],
                     f"mask is {shape[0]}x{shape[1]} (HxW) but image {image_paths[pos]} is "
-                    f"{size[0]}x{size[1]}",
+                    f"{size[0]}x{size[1]}" + _rotation_hint(image_paths[pos], shape, size),
                 )
                 continue
             if values.size and (values.min() < 0 or values.max() > 255):
@@ -498,6 +525,8 @@ def validate_frame(
         task, k, kinds = _detect_task(
             summaries, index, label_paths, label_col, num_classes, void_label, problems
         )
+        _check_some_pixel_labelled(summaries, kinds, k, void_label, index, label_paths,
+                                   label_col, problems)
     problems.raise_if_any()
 
     if class_names is None:
@@ -721,6 +750,40 @@ def _detect_task(
     ]
     k = max(2, (max(ids) + 1) if ids else 2)
     return ("binary" if k == 2 else "multiclass"), k, kinds
+
+
+def _check_some_pixel_labelled(
+    summaries: list[Any],
+    kinds: list[str | None],
+    k: int,
+    void_label: int | None,
+    index: list[Any],
+    paths: list[str | None],
+    label_col: str,
+    problems: _Problems,
+) -> None:
+    """Report every row when no mask of the data has a pixel that is not ignored.
+
+    One void-only mask is fine (it is left out of losses and metrics); data in which every
+    pixel of every mask is the void label or the ignore index gives nothing to train on or
+    to score, so it is refused before anything runs.
+    """
+    if problems.items or not summaries or any(summary is None for summary in summaries):
+        return  # rows with other problems are reported already
+    for pos, summary in enumerate(summaries):
+        _, values, counts = summary
+        targets = _lut(kinds[pos], k, void_label)[np.clip(values, 0, 255)]
+        if counts[targets != IGNORE_INDEX].sum():
+            return
+    ignored = "255 (ignore)"
+    if void_label is not None and int(void_label) != IGNORE_INDEX:
+        ignored = f"void_label={void_label} or {ignored}"
+    for pos, summary in enumerate(summaries):
+        problems.add(
+            pos, index[pos], label_col, paths[pos],
+            f"mask values {_fmt(set(int(v) for v in summary[1]))} are all {ignored}: no mask "
+            "of the data has a labelled pixel, so there is nothing to train on or to score",
+        )
 
 
 def _warn_soft(kinds: list[str | None]) -> None:

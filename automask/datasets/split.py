@@ -77,6 +77,21 @@ def _foreground_of(path: str) -> float:
     return float(((mask > 0) & labelled).sum() / total) if total else 0.0
 
 
+def _row_foreground(index, value, label_col: str) -> float:
+    """:func:`_foreground_of` one row's mask; an unreadable one is named with its row."""
+    from ..data.validation import _raw_path
+
+    path = _raw_path(value)
+    if path is None:
+        raise DataValidationError(f"row {index!r} [{label_col}]: missing mask path ({value!r})")
+    try:
+        return _foreground_of(path)
+    except (OSError, ValueError, SyntaxError, DataValidationError) as exc:
+        raise DataValidationError(
+            f"row {index!r} [{label_col}] {path}: mask cannot be read to stratify the split "
+            f"({exc}); fix the row, or pass stratify_foreground=False") from exc
+
+
 def train_test_split(
     df: pd.DataFrame,
     test_size: float = 0.2,
@@ -105,6 +120,9 @@ def train_test_split(
     tuple of pandas.DataFrame
         ``(train, test)``, each in the original row order.
     """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    split_positions(len(df), test_size, seed)  # a bad size or too few rows: before any read
     foreground = None
     if stratify_foreground:
         if label_col not in df.columns:
@@ -112,6 +130,7 @@ def train_test_split(
                 f"stratify_foreground=True needs the mask column {label_col!r}; the data has "
                 f"columns {[str(c) for c in df.columns]}"
             )
-        foreground = np.array([_foreground_of(str(p)) for p in df[label_col]])
+        foreground = np.array([_row_foreground(index, value, label_col)
+                               for index, value in zip(df.index, df[label_col])])
     train, test = split_positions(len(df), test_size, seed, foreground)
     return df.iloc[train], df.iloc[test]
