@@ -312,7 +312,7 @@ class SamSegmenter(nn.Module):
         return [self.image_encoder]
 
     def encoder_is_frozen(self) -> bool:
-        """Whether :meth:`encode` is a fixed function of the image in this training mode.
+        """Whether :meth:`encode` stays a fixed function of the image while training.
 
         True when none of the :meth:`encoder_parts` trains, no encoder hook (PEFT on the
         encoder) is installed, and nothing in them is random or batch-dependent in
