@@ -221,3 +221,29 @@ def test_sam2_decoder_only_trains_part_of_what_encode_computes():
     model.mask_decoder.conv_s0.requires_grad_(False)
     model.mask_decoder.conv_s1.requires_grad_(False)
     assert model.encoder_is_frozen()
+
+
+def test_prompted_training_steps_take_kept_embeddings_too(tmp_path):
+    """Prompts change the decoder's tokens only: a prompted step on kept embeddings gives
+    the loss of a step that runs the encoder."""
+    from automask.data import SegmentationDataset, validate_frame
+    from automask.data.dataset import collate_samples
+
+    frame = make_synthetic(4, size=(48, 56), seed=5, root=tmp_path)
+    dataset = SegmentationDataset(validate_frame(frame), S, seed=0, prompts="box_or_points")
+    batch = collate_samples([dataset[(i, 0)] for i in range(len(dataset))])
+    assert batch["prompt_kind"].tolist().count(0) < len(dataset)  # some images prompted
+    losses = []
+    for cache in (EmbeddingCache(64, input_size=S), None):
+        module = SegmentationModule(_model(seed=9), task="binary", num_classes=2,
+                                    optim=OptimConfig(), val_metric="iou",
+                                    embedding_cache=cache)
+        module.log = lambda *args, **kwargs: None
+        with torch.no_grad():
+            steps = [module.training_step(module.on_before_batch_transfer(dict(batch), 0), 0)
+                     for _ in range(2)]
+        losses.append(steps)
+        if cache is not None:
+            assert (cache.hits, cache.misses) == (4, 4)
+    for cached, recomputed in zip(*losses):
+        assert torch.equal(cached, recomputed)
