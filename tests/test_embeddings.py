@@ -210,19 +210,6 @@ def test_a_decoder_only_fit_encodes_each_image_once(tmp_path, monkeypatch):
         np.testing.assert_allclose(values_a, values_b, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def test_sam2_decoder_only_trains_part_of_what_encode_computes():
-    """SAM 2's ``encode`` also runs the mask decoder's two high-resolution convolutions,
-    which train under ``decoder_only``: its features are not fixed, so nothing is kept."""
-    pytest.importorskip("sam2", reason="the sam2 extra is not installed")
-    model = build_segmenter("sam2_tiny", input_size=64, checkpoint="random", progress=False)
-    apply_peft(model, "decoder_only")
-    assert model.mask_decoder.conv_s0.weight.requires_grad
-    assert not model.encoder_is_frozen()
-    model.mask_decoder.conv_s0.requires_grad_(False)
-    model.mask_decoder.conv_s1.requires_grad_(False)
-    assert model.encoder_is_frozen()
-
-
 def test_prompted_training_steps_take_kept_embeddings_too(tmp_path):
     """Prompts change the decoder's tokens only: a prompted step on kept embeddings gives
     the loss of a step that runs the encoder."""

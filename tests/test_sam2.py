@@ -403,3 +403,15 @@ def test_paper_head_on_sam2_multiclass_fails_before_any_folder(tmp_path):
             frame, presets="tiny", hyperparameters={
                 "model.backbone": "sam2_tiny", "model.multiclass_head": "mask_classification"})
     assert not run.exists()
+
+
+def test_sam2_decoder_only_trains_part_of_what_encode_computes():
+    """SAM 2's ``encode`` also runs the mask decoder's two high-resolution convolutions,
+    which train under ``decoder_only``: its features are not fixed, so nothing is kept."""
+    model = build_segmenter(TINY, input_size=SIZE, checkpoint="random", progress=False)
+    apply_peft(model, "decoder_only")
+    assert model.mask_decoder.conv_s0.weight.requires_grad
+    assert not model.encoder_is_frozen()
+    model.mask_decoder.conv_s0.requires_grad_(False)
+    model.mask_decoder.conv_s1.requires_grad_(False)
+    assert model.encoder_is_frozen()
