@@ -208,9 +208,13 @@ class OptimConfig:
         _check_finite("optim", self)
         _check_choice("optim.lr_schedule", self.lr_schedule)
         _check_choice("optim.loss", self.loss)
-        for key in ("lr", "val_check_interval"):
-            if getattr(self, key) <= 0:
-                _fail(f"optim.{key}", getattr(self, key), "must be > 0")
+        if self.lr <= 0:
+            _fail("optim.lr", self.lr, "must be > 0")
+        if not 0 < self.val_check_interval <= 1:
+            # Lightning refuses a fraction above 1 only when the Trainer is built, mid-fit
+            _fail("optim.val_check_interval", self.val_check_interval,
+                  "must be in (0, 1]: the fraction of an epoch between validations (1.0: once "
+                  "per epoch)")
         for key in ("max_epochs", "batch_size", "effective_batch_size"):
             if getattr(self, key) < 1:
                 _fail(f"optim.{key}", getattr(self, key), "must be >= 1")
@@ -540,6 +544,13 @@ def resolve(
     types = _field_types()
     flat: dict[str, Any] = {}
     preset: Mapping[str, Any] = {}
+    if presets is not None and not isinstance(presets, str):
+        raise ConfigError(f"presets must be the name of a preset (a str) or None, got "
+                          f"{presets!r}; valid presets: {', '.join(presets_table)}")
+    if hyperparameters is not None and not isinstance(hyperparameters, Mapping):
+        raise ConfigError(
+            "hyperparameters must be a dict of dotted keys such as {'optim.lr': 1e-4}, got "
+            f"{type(hyperparameters).__name__} {hyperparameters!r}")
     if presets is not None:
         if presets not in presets_table:
             close = difflib.get_close_matches(str(presets), list(presets_table), n=1)

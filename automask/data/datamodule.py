@@ -127,8 +127,10 @@ def split_spec(
     path after resolving links) all land on the same side and no validation image is
     also trained on. Binary tasks are stratified on foreground-fraction bins (see
     :func:`automask.datasets.split.split_positions`; a repeated image counts with its
-    rows' mean foreground); multi-class tasks get a plain seeded split. Without repeated
-    images the split is the same as a split of the rows.
+    rows' mean foreground); multi-class tasks get a seeded split in which an image holding
+    a class that no other image holds stays on the training side (held out, that class
+    would never be trained on), as long as two or more other images remain to split.
+    Without repeated images the split is the same as a split of the rows.
     """
     from ..datasets.split import split_positions  # late import: datasets imports data
 
@@ -152,10 +154,33 @@ def split_spec(
     if spec.task == "binary" and spec.stats is not None and "foreground" in spec.stats.columns:
         per_row = np.nan_to_num(spec.stats["foreground"].to_numpy(dtype=np.float64), nan=0.0)
         foreground = np.array([per_row[rows].mean() for rows in members])
-    train_g, val_g = split_positions(len(members), holdout_frac, seed, foreground)
+    keep = _only_holders(spec, members)
+    if keep and len(members) - len(keep) >= 2:
+        rest = np.array([g for g in range(len(members)) if g not in keep], dtype=np.int64)
+        n_test = max(1, int(round(len(members) * holdout_frac)))
+        frac = min(n_test, len(rest) - 1) / len(rest)
+        rest_train, rest_val = split_positions(len(rest), frac, seed)
+        train_g = np.sort(np.concatenate([np.array(sorted(keep), dtype=np.int64),
+                                          rest[rest_train]]))
+        val_g = rest[rest_val]
+    else:
+        train_g, val_g = split_positions(len(members), holdout_frac, seed, foreground)
     train_pos = np.sort(np.concatenate([members[g] for g in train_g])).astype(np.int64)
     val_pos = np.sort(np.concatenate([members[g] for g in val_g])).astype(np.int64)
     return spec.subset(train_pos), spec.subset(val_pos)
+
+
+def _only_holders(spec: DataSpec, members: list[list[int]]) -> set[int]:
+    """Image groups that alone hold some class (multi-class specs with ``classes`` stats)."""
+    if spec.task != "multiclass" or spec.stats is None or "classes" not in spec.stats.columns:
+        return set()
+    per_row = spec.stats["classes"].tolist()
+    holders: dict[int, set[int]] = {}
+    for group, rows in enumerate(members):
+        for pos in rows:
+            for cls in per_row[pos] or ():
+                holders.setdefault(int(cls), set()).add(group)
+    return {next(iter(groups)) for groups in holders.values() if len(groups) == 1}
 
 
 def _loader(

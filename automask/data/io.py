@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import DataValidationError
 
@@ -24,18 +25,21 @@ _EXIF_ORIENTATION = 0x0112
 # Orientations 5-8 swap width and height (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _JPEG_EOI = b"\xff\xd9"
+_MAX_16BIT = 65535
 _PNG_IEND = b"IEND\xaeB`\x82"
 
 
 def _orientation(img: Image.Image) -> int:
     """EXIF orientation tag of an opened (not decoded) image, 1 when absent.
 
-    For PNG only an eXIf chunk seen before the pixel data counts: asking Pillow for a
-    later one would decode the whole file.
+    For PNG an eXIf chunk after the pixel data counts too (Pillow applies it once the file
+    is decoded): the chunk list is walked without decoding, so that the size read from the
+    header (:func:`image_size`) and the decoded pixels (:func:`read_image`,
+    :func:`read_mask`) always agree.
     """
     try:
         if img.format == "PNG":
-            raw = img.info.get("exif")
+            raw = img.info.get("exif") or _png_late_exif(img)
             if not raw:
                 return 1
             exif = Image.Exif()
@@ -46,6 +50,46 @@ def _orientation(img: Image.Image) -> int:
     except Exception:  # a broken EXIF block is not worth failing over
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+_PNG_MAX_EXIF = 1 << 24  # an eXIf chunk larger than this is not read
+
+
+def _png_late_exif(img: Image.Image) -> bytes | None:
+    """Data of a PNG's eXIf chunk found by walking its chunk headers (no decoding)."""
+    fp = getattr(img, "fp", None)
+    if fp is None:
+        return None
+    start = fp.tell()
+    try:
+        fp.seek(8)  # after the signature
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return fp.read(length) if length <= _PNG_MAX_EXIF else None
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    finally:
+        fp.seek(start)
+
+
+# Orientation tag -> the transpose that shows the image upright (ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image, orientation: int) -> Image.Image:
+    """``img`` (decoded) turned by its ``orientation`` tag, as :func:`_orientation` read it."""
+    method = _TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -165,14 +209,14 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
         dropped, palettes are expanded and 16-bit data is scaled to 0-255.
     """
     with Image.open(path) as img:
+        orientation = _orientation(img)
         if min_size is not None and img.format == "JPEG":
             want_h, want_w = int(min_size[0]), int(min_size[1])
-            if _orientation(img) in _SWAPPING_ORIENTATIONS:
+            if orientation in _SWAPPING_ORIENTATIONS:
                 want_h, want_w = want_w, want_h
             img.draft("RGB", (want_w, want_h))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return pil_to_rgb(img)
+        return pil_to_rgb(_upright(img, orientation))
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -248,7 +292,8 @@ def read_mask(
     Returns
     -------
     numpy.ndarray
-        ``(H, W)`` uint8 (int64 only for 16-bit masks with values above 255).
+        ``(H, W)`` uint8 (int64 only for 16-bit masks with values above 255). A 16-bit
+        mask holding only 0 and 65535 (a binary mask at full scale) reads as 0/255.
 
     Raises
     ------
@@ -256,8 +301,9 @@ def read_mask(
         For a colour mask without ``color_map`` or with colours missing from it.
     """
     with Image.open(path) as img:
+        orientation = _orientation(img)
         img.load()
-        img = ImageOps.exif_transpose(img)
+        img = _upright(img, orientation)
         mode = img.mode
         if mode == "P":
             # palette indices, not colours (with or without a color_map)
@@ -285,6 +331,9 @@ def read_mask(
             values = values.astype(np.int64)
             if values.size and values.min() >= 0 and values.max() <= 255:
                 return values.astype(np.uint8)
+            if values.size and np.isin(values, (0, _MAX_16BIT)).all():
+                # a binary mask at 16 bits (0 and full scale): read as the 0/255 of 8 bits
+                return np.where(values == _MAX_16BIT, 255, 0).astype(np.uint8)
             return values
         rgb = np.array(img.convert("RGB"), dtype=np.uint8)
         if mode in ("RGBA", "RGBa"):

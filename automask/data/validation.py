@@ -46,7 +46,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,7 +88,8 @@ class DataSpec:
     stats : pandas.DataFrame or None
         Per row, aligned by position with ``frame``: ``height``, ``width`` (image size
         after EXIF orientation), and when labelled ``kind`` (b01/b255/ids) and
-        ``foreground`` (fraction of labelled pixels that are not background).
+        ``foreground`` (fraction of labelled pixels that are not background); for
+        multi-class tasks also ``classes``, the tuple of class ids the mask labels.
     """
 
     frame: pd.DataFrame
@@ -167,14 +168,17 @@ def _lut(kind: str | None, num_classes: int, void_label: int | None) -> np.ndarr
 class _Problems:
     """Collects row problems; the message shows the first ``cap`` of them."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, unique_index: bool = True) -> None:
         self.cap = max(1, int(cap))
+        self.unique_index = unique_index  # else each row is also named by its position
         self.items: list[tuple[int, str]] = []  # (position, line)
 
     def add(
         self, position: int, index: Any, column: str | None, path: str | None, reason: str
     ) -> None:
         where = f"row {index!r}"
+        if not self.unique_index:
+            where += f" (position {position})"
         if column is not None:
             where += f" [{column}]"
         if path is not None:
@@ -304,6 +308,18 @@ def _check_mask(path: str, color_map: ColorMap | None) -> tuple[Any, str | None]
         return None, f"unreadable mask ({reason})"
 
 
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is an integral number (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        return None
+    try:
+        if not math.isfinite(float(value)) or int(value) != value:
+            return None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(value)
+
+
 def _check_options(
     num_classes: int | None,
     class_names: Sequence[str] | None,
@@ -314,6 +330,12 @@ def _check_options(
         if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
             raise ConfigError(f"class_names must be a list of strings, got {class_names!r}")
         class_names = list(class_names)
+        repeated = sorted({n for n in class_names if class_names.count(n) > 1})
+        if repeated:
+            raise ConfigError(
+                f"class_names must be distinct; {repeated} appear more than once in "
+                f"{class_names!r}"
+            )
         if num_classes is None:
             num_classes = len(class_names)
         elif len(class_names) != num_classes:
@@ -321,26 +343,30 @@ def _check_options(
                 f"class_names has {len(class_names)} names but num_classes={num_classes}"
             )
     if num_classes is not None:
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or not (
-            2 <= int(num_classes) <= 255
-        ):
+        count = _whole_number(num_classes)
+        if count is None or not 2 <= count <= 255:
             raise ConfigError(
                 "num_classes must be an integer in [2, 255] (background included), "
                 f"got {num_classes!r}"
             )
-        num_classes = int(num_classes)
-    if void_label is not None and (
-        isinstance(void_label, bool)
-        or int(void_label) != void_label
-        or not 0 <= int(void_label) <= 255
-    ):
-        raise ConfigError(f"void_label must be an integer in [0, 255], got {void_label!r}")
+        num_classes = count
+    if void_label is not None:
+        void = _whole_number(void_label)
+        if void is None or not 0 <= void <= 255:
+            raise ConfigError(f"void_label must be an integer in [0, 255], got {void_label!r}")
     if color_map is not None:
+        if not isinstance(color_map, Mapping):
+            raise ConfigError(
+                "color_map must be a dict {(r, g, b): class_id, ...}, got "
+                f"{type(color_map).__name__} {color_map!r}"
+            )
         for key, value in color_map.items():
             ok_key = isinstance(key, tuple) and len(key) == 3 and all(
-                isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in key
+                isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255
+                for c in key
             )
-            if not ok_key or not isinstance(value, (int, np.integer)) or not 0 <= value <= 255:
+            ok_value = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if not ok_key or not ok_value or not 0 <= value <= 255:
                 raise ConfigError(
                     "color_map entries must be (r, g, b) -> class id in [0, 255], "
                     f"got {key!r}: {value!r}"
@@ -454,7 +480,7 @@ def validate_frame(
     root_path = Path(root).expanduser().resolve() if root is not None else Path.cwd()
     use_labels = require_labels
     n_rows = len(frame)
-    problems = _Problems(max_errors)
+    problems = _Problems(max_errors, unique_index=frame.index.is_unique)
     index = list(frame.index)
     raw_images = frame[image_col].tolist()
     raw_labels = frame[label_col].tolist() if use_labels else [None] * n_rows
@@ -542,6 +568,11 @@ def validate_frame(
         stats["foreground"] = [
             _foreground_fraction(summaries[pos], kinds[pos], k, void_label) for pos in range(n_rows)
         ]
+        if task == "multiclass":  # the holdout split keeps a class seen in one image trained
+            stats["classes"] = [
+                _classes_present(summaries[pos], kinds[pos], k, void_label)
+                for pos in range(n_rows)
+            ]
     return DataSpec(
         frame=out,
         image_col=image_col,
@@ -699,7 +730,10 @@ def _detect_task(
             if bad:
                 problems.add(
                     pos, index[pos], label_col, paths[pos],
-                    f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k}",
+                    f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k} "
+                    f"(a fitted model, or the training masks when fit is given no "
+                    f"num_classes, set it; pass num_classes={max(bad) + 1} or more to fit "
+                    "when a class appears only in the tuning data)",
                 )
         _warn_soft(kinds)
         return ("binary" if k == 2 else "multiclass"), k, kinds
@@ -795,6 +829,16 @@ def _warn_soft(kinds: list[str | None]) -> None:
             "PySODMetrics does. Pass num_classes > 2 to read the values as class ids.",
             stacklevel=4,
         )
+
+
+def _classes_present(
+    summary: Any, kind: str | None, k: int, void_label: int | None
+) -> tuple[int, ...]:
+    """Class ids (background included) that label at least one pixel of a mask."""
+    if summary is None:
+        return ()
+    targets = _lut(kind, k, void_label)[np.clip(summary[1], 0, 255)]
+    return tuple(int(t) for t in np.unique(targets) if t != IGNORE_INDEX)
 
 
 def _foreground_fraction(summary: Any, kind: str | None, k: int, void_label: int | None) -> float:

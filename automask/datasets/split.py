@@ -21,11 +21,14 @@ def _bins(foreground: np.ndarray, n_test: int, n_train: int) -> np.ndarray | Non
     values = np.nan_to_num(np.asarray(foreground, dtype=np.float64), nan=0.0)
     for n_bins in range(min(_MAX_BINS, n_test, n_train), 1, -1):
         edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
-        labels = np.searchsorted(edges, values, side="right")
-        counts = np.bincount(labels)
-        counts = counts[counts > 0]
-        if len(counts) >= 2 and counts.min() >= 2:
-            return labels
+        # A quantile equal to the smallest (or largest) value, as with many empty masks,
+        # puts every row in one bin on one side of the edge; the other side separates them.
+        for side in ("right", "left"):
+            labels = np.searchsorted(edges, values, side=side)
+            counts = np.bincount(labels)
+            counts = counts[counts > 0]
+            if len(counts) >= 2 and counts.min() >= 2:
+                return labels
     return None
 
 
@@ -65,13 +68,21 @@ def split_positions(
 
 
 def _foreground_of(path: str) -> float:
-    """Fraction of non-background pixels; 255 counts as ignore in class-id masks."""
+    """Fraction of non-background pixels, the masks read as the data checks read them.
+
+    0/1 and 0/255 masks count their non-zero pixels; an anti-aliased or JPEG-compressed
+    binary mask counts pixels above 128 (as it is binarised for training); a class-id
+    mask counts pixels > 0 among those not equal to 255 (ignore).
+    """
     from ..data.io import read_mask
+    from ..data.validation import SOFT_THRESHOLD, _is_soft_binary
 
     mask = read_mask(path)
-    values = set(np.unique(mask).tolist())
-    if values <= {0, 1} or values <= {0, 255}:
+    values, counts = np.unique(mask, return_counts=True)
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
         return float((mask > 0).mean())
+    if ((values >= SOFT_THRESHOLD) & (values < 255)).any() and _is_soft_binary(values, counts):
+        return float((mask > SOFT_THRESHOLD).mean())
     labelled = mask != 255
     total = int(labelled.sum())
     return float(((mask > 0) & labelled).sum() / total) if total else 0.0

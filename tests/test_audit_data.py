@@ -1,0 +1,177 @@
+"""Audit of data reading, validation, splits and configuration: each test guards one
+promise of the README ("Data", "Presets", "Hyperparameters") that a bug had broken."""
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automask.config import resolve
+from automask.data import SegmentationDataset, split_spec, validate_frame
+from automask.data.io import image_size, read_image, read_mask
+from automask.datasets.split import _foreground_of, split_positions
+from automask.errors import ConfigError, DataValidationError
+
+
+def _save(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def _disk(height, width, radius, value=255):
+    yy, xx = np.mgrid[:height, :width]
+    inside = (yy - height / 2) ** 2 + (xx - width / 2) ** 2 < radius ** 2
+    return np.where(inside, value, 0).astype(np.uint8)
+
+
+# -- configuration ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [1.5, 2.0])
+def test_val_check_interval_above_one_is_refused_when_resolved(value):
+    """optim.val_check_interval above 1 is a ConfigError naming it, not a mid-fit error."""
+    with pytest.raises(ConfigError, match=r"optim\.val_check_interval") as info:
+        resolve("tiny", {"optim.val_check_interval": value}, for_fit=False)
+    assert repr(float(value)) in str(info.value)
+    [(_, cfg)] = resolve("tiny", {"optim.val_check_interval": "0.5"}, for_fit=False)
+    assert cfg.optim.val_check_interval == 0.5
+
+
+@pytest.mark.parametrize("presets, hyperparameters, named", [
+    ("tiny", "optim.lr=1e-3", "hyperparameters"),
+    ("tiny", [("optim.lr", 1e-3)], "hyperparameters"),
+    (["tiny"], {}, "presets"),
+])
+def test_hyperparameters_and_presets_of_the_wrong_type_are_config_errors(
+        presets, hyperparameters, named):
+    """A non-dict hyperparameters or a non-str preset is a ConfigError naming the argument."""
+    with pytest.raises(ConfigError, match=named):
+        resolve(presets, hyperparameters, for_fit=False)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"num_classes": "abc"}, "num_classes"),
+    ({"num_classes": float("nan")}, "num_classes"),
+    ({"num_classes": [3]}, "num_classes"),
+    ({"void_label": "x"}, "void_label"),
+    ({"void_label": float("nan")}, "void_label"),
+    ({"color_map": [((0, 0, 0), 0)]}, "color_map"),
+    ({"color_map": {(0, 0, True): 1}}, "color_map"),
+    ({"class_names": ["sky", "road", "sky"]}, "class_names"),
+])
+def test_fit_options_of_the_wrong_type_are_config_errors_naming_them(kwargs, named):
+    """num_classes, void_label, color_map, class_names: a ConfigError naming the option."""
+    frame = pd.DataFrame({"image": ["never_read.png"], "label": ["never_read_mask.png"]})
+    with pytest.raises(ConfigError, match=named):
+        validate_frame(frame, **kwargs)
+
+
+# -- splits -------------------------------------------------------------------------------
+
+def test_jpeg_mask_foreground_for_stratification_is_its_binarised_foreground(tmp_path):
+    """train_test_split stratifies a JPEG binary mask on the foreground training will see."""
+    path = tmp_path / "m.jpg"
+    Image.fromarray(_disk(48, 64, 18)).save(path, quality=80)
+    decoded = read_mask(path)
+    assert len(np.unique(decoded)) > 2  # compression noise: a soft mask
+    assert _foreground_of(str(path)) == pytest.approx(float((decoded > 128).mean()))
+
+
+def test_stratified_split_separates_empty_masks_from_the_others():
+    """Many empty masks: each side of a stratified split still gets images with foreground."""
+    foreground = np.array([0.0] * 6 + [0.2, 0.3, 0.4, 0.5])
+    for seed in range(20):
+        train, test = split_positions(len(foreground), 0.2, seed, foreground)
+        assert (foreground[train] > 0).any() and (foreground[test] > 0).any(), seed
+
+
+def test_a_class_held_by_one_image_is_never_held_out(tmp_path):
+    """The holdout split keeps the only image of a rare class on the training side."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, cls in enumerate([1, 1, 1, 1, 3]):
+        image = _save(tmp_path / f"i{i}.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        rows.append((image, _save(tmp_path / f"m{i}.png", _disk(16, 16, 5, cls))))
+    spec = validate_frame(pd.DataFrame(rows, columns=["image", "label"]))
+    assert spec.task == "multiclass"
+    rare = 4
+    for seed in range(20):
+        train, val = split_spec(spec, 0.2, seed)
+        assert len(val) == 1 and len(train) == 4
+        assert rare in set(train.frame.index), seed
+
+
+def test_a_class_id_beyond_num_classes_says_how_to_allow_it(tmp_path):
+    """A tuning mask with a class the training masks lack: the error names the num_classes fix."""
+    rng = np.random.default_rng(1)
+    image = _save(tmp_path / "i.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    mask = _save(tmp_path / "m.png", _disk(16, 16, 5, 3))
+    frame = pd.DataFrame({"image": [image], "label": [mask]})
+    with pytest.raises(DataValidationError, match=r"m\.png") as info:
+        validate_frame(frame, num_classes=3)
+    assert "num_classes=4" in str(info.value)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def _png_with_late_exif(array, orientation):
+    """PNG bytes whose eXIf chunk comes after the pixel data (as some writers put it)."""
+    img = Image.fromarray(array)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG", exif=exif)
+    data = buffer.getvalue()
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = struct.unpack(">I", data[pos:pos + 4])[0]
+        chunks.append((data[pos + 4:pos + 8], data[pos:pos + 12 + length]))
+        pos += 12 + length
+    exif_chunk = [raw for kind, raw in chunks if kind == b"eXIf"]
+    assert exif_chunk
+    body = b"".join(raw for kind, raw in chunks if kind not in (b"eXIf", b"IEND"))
+    return data[:8] + body + exif_chunk[0] + chunks[-1][1]
+
+
+def test_png_with_exif_after_the_pixels_has_one_size_everywhere(tmp_path):
+    """A PNG whose eXIf follows IDAT: header size, decoded image and its mask agree."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "late.png"
+    path.write_bytes(_png_with_late_exif(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8), 6))
+    shown = read_image(path).shape[:2]
+    assert image_size(path) == shown
+    mask = np.zeros(shown, dtype=np.uint8)
+    mask[: shown[0] // 2] = 255
+    frame = pd.DataFrame({"image": [str(path)], "label": [_save(tmp_path / "m.png", mask)]})
+    spec = validate_frame(frame)
+    item = SegmentationDataset(spec, 48)[0]
+    assert tuple(item["original_size"].tolist()) == shown
+
+
+def test_a_16_bit_binary_mask_at_full_scale_trains_as_binary(tmp_path):
+    """A 16-bit 0/65535 mask is a binary mask (foreground 65535), like 8-bit 0/255."""
+    rng = np.random.default_rng(3)
+    image = _save(tmp_path / "i.png", rng.integers(0, 255, (20, 28, 3), dtype=np.uint8))
+    eight = _disk(20, 28, 7)
+    mask = _save(tmp_path / "m16.png", eight.astype(np.uint16) * 257)
+    assert Image.open(mask).mode.startswith("I")
+    spec = validate_frame(pd.DataFrame({"image": [image], "label": [mask]}))
+    assert spec.task == "binary"
+    target = SegmentationDataset(spec, 28)[0]["target"][:20, :28].numpy()
+    np.testing.assert_array_equal(target, (eight > 0).astype(np.int64))
+
+
+def test_rows_sharing_an_index_label_are_told_apart_in_errors(tmp_path):
+    """A frame with a repeated index label (pd.concat): each bad row is named by its position."""
+    rng = np.random.default_rng(4)
+    image = _save(tmp_path / "i.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    mask = _save(tmp_path / "m.png", _disk(16, 16, 5))
+    good = pd.DataFrame({"image": [image], "label": [mask]})
+    bad = pd.DataFrame({"image": [image], "label": [str(tmp_path / "absent.png")]})
+    frame = pd.concat([good, bad])  # both rows have index label 0
+    with pytest.raises(DataValidationError, match=r"absent\.png") as info:
+        validate_frame(frame)
+    assert "row 0 (position 1)" in str(info.value)
