@@ -27,9 +27,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 import weakref
@@ -55,6 +55,10 @@ STAGING_PREFIX = ".staging-"
 _STATE_ATTRS = ("task_", "num_classes_", "classes_", "eval_metric_", "void_label_",
                 "best_model_", "fit_time_")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# The folders a save creates; only these are ever deleted from a predictor directory, so a
+# save into a folder that holds other things (a user's "v-data/") never removes them.
+_VERSION_NAME = re.compile(rf"{VERSION_PREFIX}\d{{8}}T\d{{12}}-[0-9a-f]{{8}}")
+_STAGING_NAME = re.compile(rf"{re.escape(STAGING_PREFIX)}(old-)?[a-z0-9_]{{8}}")
 
 
 def weights_filename(name: str) -> str:
@@ -140,12 +144,36 @@ def has_predictor(path: Path) -> bool:
 
 
 def save_predictor(seg, path: Path) -> Path:
-    """Write ``seg`` as a new version of the predictor in ``path``; returns its folder."""
+    """Write ``seg`` as a new version of the predictor in ``path``; returns its folder.
+
+    ``path`` is made absolute first (``~`` expanded), so the folder returned (and ``seg``'s weights
+    folder) stay valid after a change of working directory. When ``seg``'s weights were
+    read from a version of ``path`` that this save supersedes, ``seg`` is pointed at the
+    new version, whose weights are the same bytes. A save that fails removes the folders
+    it created.
+    """
+    path = Path(path).expanduser().absolute()
+    created = None  # the top folder this save creates: removed again if the save fails
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        created = folder
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return _save_locked(seg, path)
+    except PathInUseError:
+        raise  # the folder is another process's now
+    except BaseException:
+        if created is not None and not has_predictor(path):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _save_locked(seg, path: Path) -> Path:
     import automask
 
-    path.mkdir(parents=True, exist_ok=True)
     with run_lock(path, "save"):
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
+        staging = _new_staging(path)
         try:
             models = {}
             for name, record in seg.models_.items():
@@ -171,19 +199,46 @@ def save_predictor(seg, path: Path) -> Path:
             raise
         _fsync_dir(path)
         pointer = {"format": FORMAT, "format_version": FORMAT_VERSION, "current": version}
-        with atomic_write(path / POINTER_FILE, "w") as fh:  # the commit point
-            json.dump(pointer, fh, indent=2)
+        try:
+            with atomic_write(path / POINTER_FILE, "w") as fh:  # the commit point
+                json.dump(pointer, fh, indent=2)
+        except BaseException:  # e.g. a full disk: the old predictor stays, without our copy
+            if _current_version(path) != version:
+                shutil.rmtree(path / version, ignore_errors=True)
+            raise
         _fsync_dir(path)
+        weights_dir = getattr(seg, "_weights_dir", None)
+        if weights_dir is not None and Path(weights_dir).absolute().parent == path:
+            seg._weights_dir = path / version  # the old folder is deleted next
         for entry in path.iterdir():  # superseded versions and crashed writers' staging
             if entry.name != version and entry.is_dir() and (
-                    entry.name.startswith(VERSION_PREFIX) or entry.name.startswith(STAGING_PREFIX)):
+                    _VERSION_NAME.fullmatch(entry.name) or _STAGING_NAME.fullmatch(entry.name)):
                 # Renamed away first, so a reader sees a version whole or not at all.
-                trash = path / f"{STAGING_PREFIX}old-{uuid.uuid4().hex[:8]}"
+                trash = path / f"{STAGING_PREFIX}old-{secrets.token_hex(4)}"
                 with contextlib.suppress(OSError):
                     os.rename(entry, trash)
                     entry = trash
                 shutil.rmtree(entry, ignore_errors=True)
     return path / version
+
+
+def _current_version(path: Path) -> str | None:
+    """The version ``path``'s pointer names, or None when it names none."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((path / POINTER_FILE).read_text()).get("current")
+    return None
+
+
+def _new_staging(path: Path) -> Path:
+    """A new, empty staging folder in ``path``; its mode follows the umask like any folder."""
+    for _ in range(100):
+        staging = path / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(mode=0o777)
+            return staging
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging folder in {path}")  # pragma: no cover
 
 
 def _copy_weights(seg, name: str, dest: Path) -> None:
@@ -216,7 +271,12 @@ class _Superseded(Exception):
 
 
 def load_predictor(cls, path: Path):
-    """Inverse of :func:`save_predictor`; raises SavedModelError on any inconsistency."""
+    """Inverse of :func:`save_predictor`; raises SavedModelError on any inconsistency.
+
+    ``path`` is made absolute first (``~`` expanded): the loaded predictor's ``path_``
+    and weights folder do not depend on the working directory.
+    """
+    path = Path(path).expanduser().absolute()
     for _ in range(100):
         version = _read_pointer(path)
         try:
@@ -240,9 +300,12 @@ def _read_json(file: Path) -> Any:
 
 def _read_pointer(path: Path) -> str:
     pointer_path = path / POINTER_FILE
+    if path.is_file():
+        raise SavedModelError(f"{str(path)!r} is a file; pass the predictor's folder (the one "
+                              f"holding {POINTER_FILE})")
     if not pointer_path.is_file():
-        raise SavedModelError(
-            f"{str(path)!r} is not a saved automask predictor: no {POINTER_FILE}")
+        raise SavedModelError(f"{str(path)!r} is not a saved automask predictor: no "
+                              f"{POINTER_FILE}{_why_no_pointer(path)}")
     try:
         pointer = _read_json(pointer_path)
     except OSError as exc:
@@ -256,6 +319,38 @@ def _read_pointer(path: Path) -> str:
             f"{str(pointer_path)!r}: 'current' must name a version folder inside the "
             f"predictor directory, got {version!r}")
     return version
+
+
+def _why_no_pointer(path: Path) -> str:
+    """What a folder without a pointer holds instead, for the loading error's message."""
+    from .training.state import STATE_DIR
+
+    if not (path / STATE_DIR / "plan.json").is_file():
+        return ""
+    if _lock_held(path):
+        return (f"; a fit is still writing into it ({_owner(path)}): load it once that fit "
+                "has finished")
+    return (f"; it holds an interrupted fit ({STATE_DIR}/): fit(..., resume=True) "
+            "(automask fit --resume --path ...) continues it and saves the predictor")
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether another process holds ``path``'s lock now (probing takes it for a moment)."""
+    from filelock import FileLock, Timeout
+
+    if not (path / OWNER_FILE).is_file():  # written by every holder, removed on release
+        return False
+    lock = FileLock(str(path / LOCK_FILE), timeout=0, is_singleton=True)
+    if lock.is_locked:  # held by this process
+        return True
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:  # a read-only folder: nobody can be writing into it
+        return False
+    lock.release()
+    return False
 
 
 def _check_version(meta: dict, path: Path) -> None:
@@ -287,13 +382,21 @@ def _load_version(cls, path: Path, version: str):
         seg.color_map_ = {tuple(row[:3]): row[3] for row in meta["color_map"]} or None
         seg.path_ = path
         seg.models_ = {}
+        if not isinstance(meta["models"], dict) or not meta["models"]:
+            raise SavedModelError(
+                f"{str(meta_path)!r}: 'models' must be a non-empty object of model records, "
+                f"got {_short(meta['models'])}")
         for name, raw in meta["models"].items():
             weights = raw.get("weights") if isinstance(raw, dict) else None
             if not is_plain_name(weights):
                 raise SavedModelError(
                     f"{str(meta_path)!r}: model {name!r} names weights {weights!r}; weights "
                     "must be a plain file name inside the predictor directory")
-            record = CandidateRecord.from_json(raw)
+            try:
+                record = CandidateRecord.from_json(raw)
+            except (KeyError, TypeError, ValueError, AutomaskError) as exc:
+                raise SavedModelError(f"{str(meta_path)!r}: the record of model {name!r} is "
+                                      f"incomplete or invalid: {exc!r}{_saved_by(meta)}") from exc
             try:
                 handles[name] = open(folder / weights, "rb")  # noqa: SIM115 (kept open)
             except FileNotFoundError:
@@ -306,14 +409,31 @@ def _load_version(cls, path: Path, version: str):
     except (SavedModelError, _Superseded):
         _close_all(handles)
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AutomaskError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, AutomaskError) as exc:
         _close_all(handles)
-        raise SavedModelError(f"{str(meta_path)!r} is incomplete or invalid: {exc!r}") from exc
+        raise SavedModelError(
+            f"{str(meta_path)!r} is incomplete or invalid: {exc!r}{_saved_by(meta)}") from exc
     seg._loaded = {}
     seg._weights_dir = folder
     seg._weights_files = handles
     weakref.finalize(seg, _close_all, handles)
     return seg
+
+
+def _saved_by(meta: dict) -> str:
+    """A hint for a file written by another automask version (e.g. a newer one's keys)."""
+    import automask
+
+    saved = meta.get("automask_version")
+    if saved is None or str(saved) == automask.__version__:
+        return ""
+    return (f" (it was saved by automask {saved}; this is automask {automask.__version__}: "
+            "load it with the version that saved it)")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def reload_into(seg, path: Path) -> None:

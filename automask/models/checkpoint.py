@@ -74,6 +74,21 @@ def _override(kind: str, backbone: str) -> str | None:
     return os.environ.get(f"AUTOMASK_SAM_{kind}_{env_name(backbone)}") or None
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked_sha256(value: str | None, source: str) -> str | None:
+    """``value`` in lower case when it is a SHA-256 hex digest; CheckpointError naming
+    ``source`` otherwise, before a byte is hashed or downloaded."""
+    if value is None:
+        return None
+    digest = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        raise CheckpointError(
+            f"{source} must be a SHA-256 digest (64 hexadecimal digits), got {value!r}")
+    return digest
+
+
 def _file_name(url: str, fallback: str | None) -> str:
     name = Path(urllib.parse.urlparse(url).path).name
     return name or fallback or "checkpoint.pth"
@@ -111,20 +126,24 @@ def locate_checkpoint(
     spec = get_spec(backbone)
     if isinstance(checkpoint, str) and checkpoint == RANDOM:
         return ResolvedCheckpoint(source=RANDOM)
+    sha256 = _checked_sha256(sha256, "sha256")
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
+        # Absolute: the path is recorded in a saved predictor, which is loaded from anywhere.
+        path = Path(checkpoint).expanduser().absolute()
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {str(path)!r} does not exist or is not a file")
         digest = sha256_file(path)
-        if sha256 is not None and digest != sha256.lower():
+        if sha256 is not None and digest != sha256:
             raise CheckpointError(
-                f"checkpoint file {str(path)!r} has SHA-256 {digest}, expected {sha256.lower()}; "
+                f"checkpoint file {str(path)!r} has SHA-256 {digest}, expected {sha256}; "
                 "it was not loaded"
             )
         return ResolvedCheckpoint(source="file", path=path, sha256=digest)
 
     url = url or _override("URL", backbone) or spec.url
-    expected = (sha256 or _override("SHA256", backbone) or spec.sha256 or "").lower() or None
+    env_sha = f"AUTOMASK_SAM_SHA256_{env_name(backbone)}"
+    expected = (sha256 or _checked_sha256(_override("SHA256", backbone), f"${env_sha}")
+                or spec.sha256 or "").lower() or None
     if url is None:
         raise CheckpointError(
             f"backbone {backbone!r} has no published weights; build it with "
@@ -147,7 +166,7 @@ def locate_checkpoint(
     if expected is None:
         warnings.warn(
             f"downloaded {url} to {cached} WITHOUT verifying it: no SHA-256 is pinned for it "
-            f"(pass sha256= or set AUTOMASK_SAM_SHA256_{env_name(backbone)})",
+            f"(pass sha256= or set {env_sha})",
             stacklevel=2,
         )
         expected = sha256_file(cached)
@@ -189,7 +208,9 @@ def resolve_checkpoint(
     CheckpointError
         When no weights can be had (the message names the three ways to provide them), a
         download does not match its SHA-256 (nothing is left in the cache), a cached file
-        is corrupted, or ``backbone="tiny"`` is asked for published weights.
+        is corrupted, or ``backbone="tiny"`` is asked for published weights; also, before
+        anything is read or downloaded, a ``sha256`` (or ``AUTOMASK_SAM_SHA256_<NAME>``)
+        that is not 64 hexadecimal digits.
     """
     return locate_checkpoint(backbone, checkpoint, url=url, sha256=sha256, progress=progress).path
 
@@ -323,5 +344,31 @@ def load_sam_weights(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{str(path)!r} does not fit this backbone: {str(exc).strip()[:2000]}"
+            f"{str(path)!r} does not fit this backbone{_which_backbone(state, model)}: "
+            f"{str(exc).strip()[:2000]}"
         ) from exc
+
+
+def _encoder_shape(state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(embed dim, number of blocks) of a SAM image encoder's state dict, if it has one."""
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    blocks = {k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")}
+    return int(patch.shape[0]), len(blocks)
+
+
+def _which_backbone(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> str:
+    """A hint naming the backbone the file was made for, when that is not the model's."""
+    from .backbones import BACKBONES
+
+    found, wanted = _encoder_shape(state), _encoder_shape(model.state_dict())
+    if found is None:
+        first = next(iter(state), "")
+        return f" (its keys, e.g. {first!r}, are not segment-anything's 'image_encoder.*')"
+    if wanted is None or found == wanted:
+        return ""
+    names = [n for n, b in BACKBONES.items() if (b.embed_dim, b.depth) == found]
+    like = f"a {names[0]!r} checkpoint" if names else "another backbone's checkpoint"
+    return (f" (it looks like {like}: width {found[0]}, {found[1]} blocks; backbone "
+            f"{getattr(model, 'backbone', '?')!r} has width {wanted[0]}, {wanted[1]} blocks)")

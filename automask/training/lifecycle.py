@@ -29,7 +29,8 @@ class FitRun(contextlib.AbstractContextManager):
     Parameters
     ----------
     path : Path
-        The run directory (also the predictor directory).
+        The run directory (also the predictor directory); kept as an absolute path, with
+        ``~`` expanded.
     overwrite : bool
         Replace an existing predictor or interrupted fit in ``path``. The old predictor
         stays complete and loadable until the new one replaces it.
@@ -44,6 +45,7 @@ class FitRun(contextlib.AbstractContextManager):
 
     def __init__(self, path: Path, *, overwrite: bool, resume: bool, writer: bool = True):
         self.writer = writer
+        path = Path(path).expanduser().absolute()  # valid after a change of directory
         if overwrite and resume:
             raise ConfigError("pass either overwrite=True or resume=True, not both")
         if writer and path.exists() and not path.is_dir():

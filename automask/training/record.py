@@ -7,6 +7,14 @@ from typing import Any
 
 from ..config import Config
 
+# Fields whose type later code relies on (``checkpoint.get``, the weights file name...).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "checkpoint": dict, "history": list, "weights": str,
+    "weights_scope": str, "weights_sha256": str,
+}
+_FIELD_NAMES = {"config": "an object", "checkpoint": "an object", "history": "a list",
+                "weights": "a string", "weights_scope": "a string", "weights_sha256": "a string"}
+
 
 @dataclass
 class CandidateRecord:
@@ -85,6 +93,10 @@ class CandidateRecord:
         missing = sorted((required | {"weights", "weights_sha256"}) - set(data))
         if missing:
             raise KeyError(f"model record lacks {', '.join(repr(m) for m in missing)}")
+        for key, kind in _FIELD_TYPES.items():  # a hand-edited file fails here, not at use
+            if key in data and not isinstance(data[key], kind):
+                raise TypeError(f"model record field {key!r} must be "
+                                f"{_FIELD_NAMES[key]}, got {data[key]!r:.60}")
         values = {k: v for k, v in data.items() if k in known}
         values["config"] = Config.from_dict(data["config"])
         return cls(**values)

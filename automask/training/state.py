@@ -52,8 +52,14 @@ class FitState:
         """True when an epoch or a candidate completed (resume would save work)."""
         if any(self.root.glob("checkpoints/*.ckpt")):
             return True
-        return any("dropped" not in json.loads(p.read_text())
-                   for p in self.root.glob("records/*.json"))
+        for path in self.root.glob("records/*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return True  # unreadable: keep it, resume names the file at fault
+            if not isinstance(data, dict) or "dropped" not in data:
+                return True
+        return False
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -70,7 +76,10 @@ class FitState:
 
     def plan(self) -> dict[str, Any]:
         try:
-            return json.loads((self.root / "plan.json").read_text())
+            plan = json.loads((self.root / "plan.json").read_text())
+            if not isinstance(plan, dict):
+                raise ValueError(f"it holds a {type(plan).__name__}, not an object")
+            return plan
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot resume: {str(self.root / 'plan.json')!r} is unreadable "
                               f"({exc}); fit again with overwrite=True") from exc
@@ -102,10 +111,21 @@ class FitState:
         path = self.root / "records" / f"{_stem(name)}.json"
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        if "dropped" in data:
-            return str(data["dropped"])
-        return CandidateRecord.from_json(data)
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "dropped" in data:
+                return str(data["dropped"])
+            record = CandidateRecord.from_json(data)
+            weights = self.models_dir / record.weights
+            if not weights.is_file():
+                raise ValueError(f"its weights file {str(weights)!r} is missing")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"cannot resume: the record of candidate {name!r}, {str(path)!r}, is unreadable "
+                f"({exc}); delete it to train that candidate again, or fit again with "
+                "overwrite=True"
+            ) from exc
+        return record
 
     def finish(self, name: str, record: CandidateRecord | None, dropped: str = "") -> None:
         """Commit a finished (or dropped) candidate and forget its epoch checkpoint."""

@@ -41,10 +41,14 @@ STALE_PART_SECONDS = 600.0
 
 
 def cache_dir() -> Path:
-    """Root of automask's cache: ``$AUTOMASK_HOME``, else ``~/.cache/automask``."""
+    """Root of automask's cache: ``$AUTOMASK_HOME``, else ``~/.cache/automask``.
+
+    Always absolute (a relative ``$AUTOMASK_HOME`` is taken from the working directory
+    now), because the paths of cached files are recorded in saved predictors.
+    """
     env = os.environ.get("AUTOMASK_HOME")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "automask"
-    return root
+    return root.absolute()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -189,11 +193,21 @@ def download_file(
     Raises
     ------
     DownloadError
-        The request failed, the body ended before its ``Content-Length``, or the SHA-256
-        does not match. ``dest`` is then left as it was and no partial file is kept.
+        ``sha256`` is not a hex digest or ``dest``'s folder cannot be created (both before
+        anything is requested), the request failed, the body ended before its
+        ``Content-Length``, the SHA-256 does not match, or the file cannot be written.
+        ``dest`` is then left as it was and no partial file is kept.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(sha256).strip().lower()):
+        raise DownloadError(f"the SHA-256 to check {url} against must be 64 hexadecimal "
+                            f"digits, got {sha256!r}; nothing was downloaded")
+    sha256 = sha256.strip().lower() if sha256 is not None else None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create the folder {str(dest.parent)!r} to download {url} "
+                            f"into: {exc}") from exc
     remove_stale_parts(dest)
     digest = hashlib.sha256()
     try:
@@ -236,6 +250,9 @@ def download_file(
                         f"SHA-256 mismatch for {url}: expected {sha256}, got "
                         f"{digest.hexdigest()}; the file was not kept"
                     )
+        except OSError as exc:  # disk full, read-only cache, a folder in dest's place...
+            raise DownloadError(f"could not write the download of {url} to {str(dest)!r}: "
+                                f"{exc}; the partial file was not kept") from exc
         finally:
             if bar is not None:
                 bar.close()

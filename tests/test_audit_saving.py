@@ -1,0 +1,247 @@
+"""Save / load / resume / checkpoint paths under bad input and faults.
+
+Each test guards one promise of README's "What automask guarantees", "Small, safe saved
+models" and "SAM checkpoints, offline" sections, on the tiny backbone and 64 px images.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from automask import SemanticSegmentor
+from automask.datasets import make_synthetic
+from automask.errors import CheckpointError, ConfigError, SavedModelError
+from automask.models import build_segmenter
+from automask.models.checkpoint import locate_checkpoint
+from automask.saving import run_lock
+from automask.training.state import FitState
+from automask.utils import cache_dir
+
+HP = {"optim.max_epochs": 1, "model.input_size": 64}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A CSV of 10 synthetic 64 px images and masks (absolute paths)."""
+    root = tmp_path_factory.mktemp("audit_data")
+    frame = make_synthetic(10, size=64, num_classes=2, seed=5, root=root / "data")
+    frame.to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory):
+    """A fitted predictor directory (one epoch, random initialisation)."""
+    path = tmp_path_factory.mktemp("audit_base") / "run"
+    SemanticSegmentor(path=path, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                  hyperparameters=HP)
+    return path
+
+
+def _meta_path(run: Path) -> Path:
+    version = json.loads((run / "automask.json").read_text())["current"]
+    return run / version / "predictor.json"
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    """A state dict in the layout the tiny backbone loads (random values)."""
+    torch.save(build_segmenter("tiny", num_classes=1, input_size=64,
+                               checkpoint="random").state_dict(), path)
+    return path
+
+
+# ---------------------------------------------------------------- save: nothing lost
+def test_save_deletes_only_the_folders_automask_made(base, tmp_path):
+    """A save into a folder holding other things never deletes them (no data lost)."""
+    target = tmp_path / "mine"
+    (target / "v-data").mkdir(parents=True)
+    (target / "v-data" / "notes.txt").write_text("keep me")
+    (target / ".staging-area").mkdir()
+    SemanticSegmentor.load(base).save(target)
+    assert (target / "v-data" / "notes.txt").read_text() == "keep me"
+    assert (target / ".staging-area").is_dir()
+    SemanticSegmentor.load(target).save(target)  # a superseded version of ours does go
+    assert len([p for p in target.glob("v-2*")]) == 1
+
+
+def test_saved_version_folder_follows_the_umask(base, tmp_path):
+    """A saved predictor is readable by whoever the umask lets read it (not 0o700)."""
+    old = os.umask(0o022)
+    try:
+        saved = SemanticSegmentor.load(base).save(tmp_path / "shared")
+    finally:
+        os.umask(old)
+    [version] = saved.glob("v-*")
+    assert version.stat().st_mode & 0o777 == 0o755
+
+
+def test_failed_save_leaves_no_folder_behind(base, tmp_path):
+    """A save that fails removes the folders it created (no debris)."""
+    seg = SemanticSegmentor.load(base)
+    seg._weights_files.clear()
+    seg._weights_dir = tmp_path / "gone"  # the weights cannot be read: the save fails
+    with pytest.raises(OSError):
+        seg.save(tmp_path / "new" / "predictor")
+    assert not (tmp_path / "new").exists()
+
+
+def test_full_disk_at_the_commit_keeps_the_old_predictor_and_no_orphan(base, tmp_path,
+                                                                       monkeypatch):
+    """A save that cannot write its pointer leaves the old predictor and frees its copy."""
+    import automask.saving as saving
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    versions = sorted(p.name for p in run.glob("v-*"))
+    real = saving.atomic_write
+
+    @contextlib.contextmanager
+    def full_disk(path, mode="wb"):
+        if Path(path).name == "automask.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        with real(path, mode) as fh:
+            yield fh
+
+    monkeypatch.setattr(saving, "atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        SemanticSegmentor.load(run).save(run)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.glob("v-*")) == versions
+    assert SemanticSegmentor.load(run).best_model_ == "default"
+
+
+def test_save_twice_after_fit_and_relative_path_after_chdir(data, tmp_path, monkeypatch):
+    """A fit into a relative path saves again after a chdir, and the copies predict alike."""
+    monkeypatch.chdir(tmp_path)
+    _tiny_checkpoint(tmp_path / "tiny.pth")
+    seg = SemanticSegmentor(path="run", verbosity=0).fit(
+        data / "train.csv", presets="tiny",
+        hyperparameters={**HP, "model.checkpoint": "tiny.pth", "peft.method": "lora"})
+    assert seg.path_.is_absolute()
+    test = pd.read_csv(data / "train.csv").iloc[:2]
+    before = seg.predict(test)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert seg.save() == tmp_path / "run"  # the run folder, not ./run here
+    seg.save(tmp_path / "copy")  # the weights the first save superseded are not needed
+    assert not (tmp_path / "elsewhere" / "run").exists()
+    for saved in (tmp_path / "run", tmp_path / "copy"):
+        after = SemanticSegmentor.load(saved).predict(test)
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------ load: the key at fault
+@pytest.mark.parametrize("edit, key", [
+    (lambda meta: meta.update(models=[1]), "'models'"),
+    (lambda meta: meta["models"]["default"].update(checkpoint=None), "'checkpoint'"),
+    (lambda meta: meta["models"]["default"].update(weights_sha256=None), "'weights_sha256'"),
+], ids=["models-list", "checkpoint-null", "sha256-null"])
+def test_load_names_the_field_of_a_malformed_record(base, tmp_path, edit, key):
+    """A malformed predictor.json is a SavedModelError naming the field, at load time."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    meta = json.loads(_meta_path(run).read_text())
+    edit(meta)
+    _meta_path(run).write_text(json.dumps(meta))
+    with pytest.raises(SavedModelError, match=key):
+        SemanticSegmentor.load(run)
+
+
+def test_load_of_a_newer_versions_file_says_which_version_saved_it(base, tmp_path):
+    """An unknown key from another automask version is named, with the saving version."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    meta = json.loads(_meta_path(run).read_text())
+    meta["automask_version"] = "99.0"
+    meta["models"]["default"]["config"]["model.new_knob"] = 1
+    _meta_path(run).write_text(json.dumps(meta))
+    with pytest.raises(SavedModelError, match=r"model 'default'.*new_knob.*automask 99\.0"):
+        SemanticSegmentor.load(run)
+
+
+def test_load_of_an_interrupted_or_running_fit_says_what_it_is(tmp_path):
+    """Loading a fit's folder before it saved names the interrupted fit or its holder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    FitState(run).start({"train": []}, {})
+    with pytest.raises(SavedModelError, match=r"interrupted fit.*resume=True"):
+        SemanticSegmentor.load(run)
+    with run_lock(run, "fit"):
+        with pytest.raises(SavedModelError, match=rf"still writing.*pid {os.getpid()}\b"):
+            SemanticSegmentor.load(run)
+    with pytest.raises(SavedModelError, match="is a file; pass the predictor's folder"):
+        SemanticSegmentor.load(run / ".automask_fit" / "plan.json")
+
+
+def test_unreadable_candidate_record_is_named_on_resume(base, tmp_path):
+    """A damaged state file of an interrupted fit is kept and named, not a JSONDecodeError."""
+    state = FitState(tmp_path)
+    state.start({"train": []}, {})
+    record = state.root / "records" / "default.json"
+    record.parent.mkdir()
+    record.write_text('{"config": ')
+    assert state.has_progress()  # kept for the user to inspect, not deleted
+    with pytest.raises(ConfigError, match=r"candidate 'default'.*default\.json"):
+        state.finished("default")
+    # A record whose weights file is gone would fail every resume at the final save.
+    record.write_text(json.dumps(json.loads(_meta_path(base).read_text())["models"]["default"]))
+    with pytest.raises(ConfigError, match=r"default\.safetensors' is missing"):
+        state.finished("default")
+
+
+def test_save_and_load_expand_the_home_folder(base, tmp_path, monkeypatch):
+    """'~/...' names the home folder, never a folder called '~' in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    SemanticSegmentor.load(base).save("~/models/p")
+    assert (tmp_path / "home" / "models" / "p" / "automask.json").is_file()
+    assert not (tmp_path / "~").exists()
+    assert SemanticSegmentor.load("~/models/p").path_ == tmp_path / "home" / "models" / "p"
+
+
+# ------------------------------------------------------------------- checkpoints
+def test_malformed_sha256_is_refused_before_downloading(tmp_path, http_server, monkeypatch):
+    """A SHA-256 that is no digest is named (argument or variable) before any download."""
+    _tiny_checkpoint(tmp_path / "tiny.pth")
+    url = f"{http_server(tmp_path)}/tiny.pth"
+    with pytest.raises(CheckpointError, match=r"sha256 must be a SHA-256 digest.*'abc'"):
+        locate_checkpoint("tiny", url=url, sha256="abc", progress=False)
+    monkeypatch.setenv("AUTOMASK_SAM_SHA256_TINY", "not-hex")
+    with pytest.raises(CheckpointError, match=r"\$AUTOMASK_SAM_SHA256_TINY.*'not-hex'"):
+        locate_checkpoint("tiny", url=url, progress=False)
+    assert not any((cache_dir() / "checkpoints").glob("*"))
+
+
+def test_unusable_cache_folder_names_the_three_ways(tmp_path, http_server, monkeypatch):
+    """An $AUTOMASK_HOME that cannot be created gives the CheckpointError, not an OSError."""
+    _tiny_checkpoint(tmp_path / "tiny.pth")
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("AUTOMASK_HOME", str(tmp_path / "a_file" / "home"))
+    with pytest.raises(CheckpointError, match=r"a_file/home/checkpoints.*three ways"):
+        locate_checkpoint("tiny", url=f"{http_server(tmp_path)}/tiny.pth", progress=False)
+
+
+def test_checkpoint_of_another_backbone_is_named(tmp_path):
+    """A file made for another backbone is refused with the backbone it looks made for."""
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth")
+    with pytest.raises(CheckpointError, match=r"looks like a 'tiny' checkpoint.*'vit_b'"):
+        build_segmenter("vit_b", num_classes=1, input_size=64, checkpoint=ckpt)
+
+
+def test_relative_checkpoint_and_cache_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    """Checkpoint paths recorded in a saved predictor do not depend on the working folder."""
+    monkeypatch.chdir(tmp_path)
+    _tiny_checkpoint(tmp_path / "tiny.pth")
+    assert locate_checkpoint("tiny", "tiny.pth").path == tmp_path / "tiny.pth"
+    monkeypatch.setenv("AUTOMASK_HOME", "home")
+    assert cache_dir() == tmp_path / "home"
