@@ -154,11 +154,11 @@ def _show_or_save(df, args) -> None:
 
 
 def _cmd_leaderboard(args) -> None:
-    from .leaderboard import table_format
+    from .leaderboard import check_table_path
 
     extra = _parse_extra(args.extra)
     if args.out:
-        table_format(args.out)  # a bad suffix fails before any model is scored
+        check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
     metrics = args.metrics.split(",") if args.metrics else None
     board = _load(args.run).leaderboard(args.data, extra=extra, style=args.style,
                                         metrics=metrics)
@@ -276,6 +276,7 @@ def _read_boxes(path: str, data, image_col: str) -> list:
 
     import pandas as pd
 
+    from .data.validation import _raw_path, _resolve
     from .errors import DataValidationError
     from .prediction import as_frame
 
@@ -290,15 +291,24 @@ def _read_boxes(path: str, data, image_col: str) -> list:
         raise DataValidationError(
             f"--boxes {path!r} lacks the column(s) {missing}; it needs the image column "
             f"{image_col!r} and x0, y0, x1, y1")
+    frame, root = as_frame(data, image_col)
+    if image_col not in frame.columns:
+        raise DataValidationError(
+            f"--data {str(data)!r} has no image column {image_col!r} (columns: "
+            f"{list(frame.columns)}), so --boxes cannot be matched to its images")
     base = Path(path).resolve().parent
     boxes: dict[str, tuple] = {}
     for row, image, *box in table[[image_col, "x0", "y0", "x1", "y1"]].itertuples():
-        key = os.path.realpath(base / str(image))
+        raw = _raw_path(image)
+        if raw is None:  # None, NaN, ""
+            raise DataValidationError(
+                f"--boxes {path!r}: row {row} has no image path (got {image!r})")
+        key = os.path.realpath(_resolve(raw, base))  # "~" and relative paths as in --data
         if key in boxes:
             raise DataValidationError(f"--boxes {path!r}: row {row} repeats image {image!r}")
         boxes[key] = tuple(box)
-    frame, root = as_frame(data, image_col)
-    keys = [os.path.realpath((root or Path.cwd()) / str(p)) for p in frame[image_col]]
+    keys = [os.path.realpath(_resolve(_raw_path(p) or "", root or Path.cwd()))
+            for p in frame[image_col]]  # a missing path matches nothing; predict names it
     unknown = sorted(set(boxes) - set(keys))
     if unknown:
         raise DataValidationError(
@@ -311,46 +321,28 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
     """Write ``<stem>.npy`` float32 probability maps; returns how many.
 
     As for masks, every destination is checked first: an input file is never replaced, an
-    existing file only with ``--overwrite``. ``boxes``: one box or None per image.
+    existing file only with ``--overwrite``; if writing fails, the files written (and the
+    folders created) are removed. ``boxes``: one box or None per image.
     """
-    import os
     from pathlib import Path
 
-    import numpy as np
-
-    from .errors import DataValidationError
-    from .prediction import as_frame, images_spec, iter_proba
-    from .utils import atomic_write
+    from .prediction import (
+        as_frame,
+        images_spec,
+        iter_proba,
+        mask_destinations,
+        write_probabilities,
+    )
 
     frame, root = as_frame(data, seg.image)
     spec = images_spec(frame, seg.image, root)  # every image checked before anything is written
-    paths = [str(p) for p in spec.frame[seg.image]]  # absolute: CSV paths against its folder
-    stems = [Path(p).stem for p in paths]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise DataValidationError(
-            f"images share file stems, so their maps would overwrite each other: {dup[:5]}"
-        )
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise DataValidationError(f"--out {out!r} exists and is not a folder")
-    dests = [folder / f"{stem}.npy" for stem in stems]
-    inputs = {os.path.realpath(p) for p in paths}
-    clash = [str(d) for d in dests if os.path.realpath(d) in inputs]
-    if clash:
-        raise DataValidationError(f"writing to {out!r} would overwrite input files: {clash[:5]}")
-    existing = [str(d) for d in dests if d.exists()]
-    if existing and not overwrite:
-        raise DataValidationError(
-            f"{len(existing)} file(s) already exist in {out!r}, e.g. {existing[:3]}; pass "
-            "--overwrite to replace them, or choose another output folder"
-        )
+    dests = mask_destinations(spec, folder, root=root, label_col=seg.label,
+                              overwrite=overwrite, suffix=".npy")
     prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too
     net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
-    folder.mkdir(parents=True, exist_ok=True)
-    for pos, prob in iter_proba(net, cfg, seg.task_, spec, tiling, prompts):  # streaming
-        with atomic_write(dests[pos]) as fh:
-            np.save(fh, (prob[0] if seg.task_ == "binary" else prob).astype(np.float32))
+    write_probabilities(iter_proba(net, cfg, seg.task_, spec, tiling, prompts), dests, folder,
+                        seg.task_)  # streaming
     return len(spec)
 
 

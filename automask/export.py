@@ -39,6 +39,7 @@ from torch import nn
 
 from .data.transforms import PIXEL_MEAN, PIXEL_STD
 from .errors import AutomaskError, ConfigError
+from .utils import top_created
 
 FORMATS = ("onnx", "pt2")
 OPSET = 17
@@ -123,7 +124,7 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "input_size": str(size),
         "input_layout": f"(batch, 3, {size}, {size}) float32, RGB",
         "resize": f"longest side to {size} pixels, aspect ratio kept "
-                  "(new side = int(side * scale + 0.5)), bilinear",
+                  "(new side = max(1, int(side * scale + 0.5))), bilinear",
         "pixel_mean": ",".join(str(v) for v in PIXEL_MEAN),
         "pixel_std": ",".join(str(v) for v in PIXEL_STD),
         "normalisation": "(pixel - pixel_mean) / pixel_std per channel, pixels in 0..255",
@@ -173,7 +174,8 @@ def export_model(
     Raises
     ------
     ConfigError
-        Unknown format, or a file name whose suffix does not fit it.
+        Unknown format, a file name whose suffix does not fit it, or a path that cannot be
+        a file (an existing folder, or under a file).
     ExportError
         ``onnx``/``onnxruntime`` missing, the exporter failed, or the exported file does not
         reproduce the model within ``tolerance``.
@@ -188,7 +190,21 @@ def export_model(
     check = torch.randn(3, 3, size, size, generator=gen)  # another batch size than traced
     with torch.no_grad():
         expected = clone(check).numpy()
+    created = top_created(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_checked(clone, example, check, expected, path, format, meta, tolerance)
+    except BaseException:
+        if created is not None:  # no debris: the folders this call created go again
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_checked(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
+                   expected: np.ndarray, path: Path, format: str, meta: dict[str, str],
+                   tolerance: float) -> None:
+    """Export into a temporary folder beside ``path``, compare with PyTorch, rename."""
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         tmp_file = Path(tmp) / path.name
         if format == "onnx":
@@ -210,7 +226,6 @@ def export_model(
         if data_file.exists():  # weights beside the graph (over 2 GiB)
             os.replace(data_file, path.parent / data_file.name)
         os.replace(tmp_file, path)
-    return path
 
 
 def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
@@ -240,6 +255,11 @@ def _check_target(path: str | os.PathLike, format: str) -> Path:
     if path.suffix.lower() != f".{format}":
         raise ConfigError(f"export path {str(path)!r} must end with '.{format}' for format "
                           f"{format!r}")
+    from .prediction import path_problem
+
+    problem = path_problem(path, folder=False)
+    if problem is not None:
+        raise ConfigError(f"cannot export to {str(path)!r}: {problem}")
     if format == "onnx":
         _require_onnx()
     return path

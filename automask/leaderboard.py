@@ -94,8 +94,9 @@ def build_leaderboard(
     style : {"models", "methods", "paper"}, optional
         Default: ``"methods"`` when some candidates differ only by ``env.seed``, else
         ``"models"``.
-    metrics : sequence of str, optional
-        Test metrics (default: the task's default set).
+    metrics : sequence of str or str, optional
+        Test metrics (default: the task's default set); a string is split at commas
+        (``"sm,em"``), as :meth:`~automask.SemanticSegmentor.evaluate` takes it.
 
     Returns
     -------
@@ -104,15 +105,21 @@ def build_leaderboard(
     Raises
     ------
     ConfigError
-        Unknown style or metric, ``extra`` without ``data``, or an external row named like
-        a trained model.
+        Unknown style or metric, an empty list of metrics, ``extra`` without ``data``, or
+        an external row named like a trained model (or not a non-empty string).
     DataValidationError
         An external folder missing, or without a prediction for some rows of ``data``
         (the message names them), or a prediction that does not fit its mask.
     """
     if style is not None and style not in STYLES:
         raise ConfigError(f"unknown leaderboard style {style!r}; valid: {', '.join(STYLES)}")
+    if isinstance(metrics, str):  # "iou" or "sm,em", as evaluate and the command line take
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     if metrics is not None:
+        metrics = list(metrics)
+        if not metrics:
+            raise ConfigError("leaderboard metrics is empty; give metric names, or None for "
+                              "the task's default set")
         from .metrics import build_metrics
         from .prediction import metric_conventions
 
@@ -122,6 +129,9 @@ def build_leaderboard(
         except ValueError as exc:
             raise ConfigError(f"leaderboard metrics: {exc}") from exc
     extra = dict(extra or {})
+    bad = [name for name in extra if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ConfigError(f"external row names must be non-empty strings, got {bad[:3]!r}")
     if extra and data is None:
         raise ConfigError("external rows (extra=...) need labelled test data (data=...)")
     groups = _run_groups(seg)
@@ -239,8 +249,21 @@ def aggregate_runs(board: pd.DataFrame) -> pd.DataFrame:
         Columns ``model`` (the group's name), ``runs``, ``seeds`` (comma-separated), the
         columns that are equal within a group, then for each metric column ``c``: ``c`` (the
         mean over runs) and ``c_std`` (standard deviation with ``ddof=1``; NaN for one run).
-        ``best`` is True for the group holding the best model.
+        ``best`` is True for the group holding the best model. A board without rows gives
+        a frame without rows.
+
+    Raises
+    ------
+    DataValidationError
+        ``board`` has rows but lacks the ``group`` or ``best`` column.
     """
+    if len(board) == 0:
+        return pd.DataFrame(columns=["model", "runs", "seeds", "best"])
+    missing = [c for c in ("group", "best") if c not in board.columns]
+    if missing:
+        raise DataValidationError(
+            f"aggregate_runs needs a 'models' leaderboard; the board lacks the column(s) "
+            f"{missing} (columns: {list(board.columns)})")
     measured = [c for c in board.columns
                 if c.startswith(("val_", "test_")) or c in ("fit_time_s", "predict_images_per_s")]
     fixed = [c for c in ("source", "variant", "method", "pretrained", "backbone", "input_size",
@@ -496,6 +519,19 @@ def table_format(path: str | os.PathLike) -> str:
     raise ConfigError(f"cannot write a table to {str(path)!r}: use a .csv or .md file")
 
 
+def check_table_path(path: str | os.PathLike) -> str:
+    """:func:`table_format` of ``path``, after checking that the file can be written there
+    (not an existing folder, no file on the way): :class:`ConfigError` otherwise, so a
+    command can fail before it scores anything."""
+    from .prediction import path_problem
+
+    fmt = table_format(path)
+    problem = path_problem(Path(path), folder=False)
+    if problem is not None:
+        raise ConfigError(f"cannot write a table to {str(path)!r}: {problem}")
+    return fmt
+
+
 def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a leaderboard as ``.csv`` (UTF-8) or ``.md`` (Markdown), chosen by suffix.
 
@@ -505,12 +541,12 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     Raises
     ------
     ConfigError
-        Any other suffix.
+        Any other suffix, or a path that cannot be a file (see :func:`check_table_path`).
     """
     from .utils import atomic_write
 
     path = Path(path)
-    text = df.to_csv(index=False) if table_format(path) == "csv" else to_markdown(df)
+    text = df.to_csv(index=False) if check_table_path(path) == "csv" else to_markdown(df)
     with atomic_write(path, "w") as fh:
         fh.write(text)
     return path

@@ -18,6 +18,7 @@ import torch
 from .config import Config
 from .errors import DataValidationError
 from .hardware import autocast_context
+from .utils import top_created
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -280,23 +281,45 @@ def throughput(model: torch.nn.Module, cfg: Config, task: str, frame: pd.DataFra
     return count / max(time.perf_counter() - t0, 1e-9)
 
 
-def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
-                      overwrite: bool) -> list[Path]:
-    """One ``<stem>.png`` per image in ``out``, after checking that writing them is safe.
+def path_problem(path: Path, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be written, or None: a folder (``folder=True``) that exists as a
+    file, a file that exists as a folder, or a parent on the way that is a file.
 
-    Raises DataValidationError, before anything is written, when two images share a
-    stem, when a destination is one of the input files (an image, or a mask of the label
-    column) whatever ``overwrite`` says, or when a destination exists and ``overwrite`` is
-    False. Each message names the files at fault.
+    Callers raise their own error, naming ``path``, before any work is done.
     """
-    if out.exists() and not out.is_dir():
-        raise DataValidationError(f"--out / save_to {str(out)!r} exists and is not a folder")
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return "it is a file, not a folder" if folder else "it is a folder, not a file"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{str(parent)!r} on the way is a file, not a folder"
+            break
+    return None
+
+
+def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
+                      overwrite: bool, suffix: str = ".png") -> list[Path]:
+    """One ``<stem><suffix>`` per image in ``out``, after checking that writing them is safe.
+
+    Raises DataValidationError, before anything is written, when ``out`` cannot be a
+    folder, when two images share a stem, when a destination is one of the input files (an
+    image, or a mask of the label column) whatever ``overwrite`` says, or when a
+    destination exists and ``overwrite`` is False. Each message names the files at fault.
+    ``suffix``: ``".png"`` for masks, ``".npy"`` for probability maps.
+    """
+    problem = path_problem(out, folder=True)
+    if problem is not None:
+        raise DataValidationError(f"--out / save_to {str(out)!r} cannot be used: {problem}")
     images = [Path(p) for p in spec.frame[spec.image_col]]
     stems = [p.stem for p in images]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
+        shown = [str(p) for p in images if p.stem == dup[0]][:3]
         raise DataValidationError(
-            f"images share file stems, so their masks would overwrite each other: {dup[:5]}"
+            f"images share file stems, so their outputs in {str(out)!r} would overwrite each "
+            f"other: {dup[:5]} (e.g. {shown}); rename the images or predict them into "
+            "separate folders"
         )
     from .data.validation import _raw_path, _resolve
 
@@ -309,17 +332,24 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
             raw = _raw_path(value)
             if raw is not None:
                 inputs.setdefault(_real(Path(_resolve(raw, base))), f"mask of row {index[i]!r}")
-    dests = [out / f"{s}.png" for s in stems]
+    dests = [out / f"{s}{suffix}" for s in stems]
     clash = [f"{d} ({inputs[_real(d)]})" for d in dests if _real(d) in inputs]
     if clash:
         raise DataValidationError(
-            f"writing masks to {str(out)!r} would overwrite input files: {clash[:5]}"
+            f"writing to {str(out)!r} would overwrite input files: {clash[:5]}"
             f"{' ...' if len(clash) > 5 else ''}; choose another output folder"
+        )
+    not_files = [str(d) for d in dests if d.is_dir()]
+    if not_files:
+        raise DataValidationError(
+            f"output path(s) {not_files[:3]} in {str(out)!r} are folders, not files; choose "
+            "another output folder"
         )
     existing = [str(d) for d in dests if d.exists() or d.is_symlink()]
     if existing and not overwrite:
+        what = "mask file(s)" if suffix == ".png" else f"{suffix} file(s)"
         raise DataValidationError(
-            f"{len(existing)} mask file(s) already exist in {str(out)!r}, e.g. "
+            f"{len(existing)} {what} already exist in {str(out)!r}, e.g. "
             f"{existing[:3]}; pass overwrite=True (--overwrite) to replace them, or choose "
             "another output folder"
         )
@@ -340,15 +370,41 @@ def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
     """
     from .data.io import write_mask
 
-    created_dir = _top_created(out)
+    def write(dest: Path, prob: np.ndarray) -> None:
+        # written to a temporary file, then renamed
+        write_mask(dest, to_mask(prob, task, num_classes), task)
+
+    _write_each(probs, dests, out, write)
+
+
+def write_probabilities(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path],
+                        out: Path, task: str) -> None:
+    """Write each probability map as a float32 ``.npy`` file: ``(H, W)`` foreground
+    probability for binary tasks, ``(K, H, W)`` class probabilities for multi-class tasks.
+
+    Each file is written to a temporary file, then renamed. ``out`` is created here; if
+    writing fails, the files this call created (and ``out`` when it created it) are removed.
+    """
+    from .utils import atomic_write
+
+    def write(dest: Path, prob: np.ndarray) -> None:
+        with atomic_write(dest) as fh:
+            np.save(fh, (prob[0] if task == "binary" else prob).astype(np.float32))
+
+    _write_each(probs, dests, out, write)
+
+
+def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
+                write) -> None:
+    """``write(dests[idx], prob)`` for each prediction; on failure, remove what was created."""
+    created_dir = top_created(out)
     out.mkdir(parents=True, exist_ok=True)
     created: list[Path] = []
     try:
         for idx, prob in probs:
-            mask = to_mask(prob, task, num_classes)
             dest = dests[idx]
-            new = not dest.exists()
-            write_mask(dest, mask, task)  # written to a temporary file, then renamed
+            new = not (dest.exists() or dest.is_symlink())
+            write(dest, prob)
             if new:
                 created.append(dest)
     except BaseException:
@@ -360,16 +416,6 @@ def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
 
             shutil.rmtree(created_dir, ignore_errors=True)
         raise
-
-
-def _top_created(path: Path) -> Path | None:
-    """The highest missing folder on the way to ``path`` (what mkdir(parents) creates)."""
-    top = None
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        top = p
-    return top
 
 
 def evaluate_probs(probs: Iterator[tuple[int, np.ndarray]], spec, task: str,

@@ -41,7 +41,7 @@ import torch
 
 from .errors import AutomaskError, CheckpointError, PathInUseError, SavedModelError
 from .training.record import CandidateRecord
-from .utils import atomic_write, sha256_file
+from .utils import atomic_write, sha256_file, top_created
 
 FORMAT = "automask-predictor"
 FORMAT_VERSION = 2
@@ -153,11 +153,7 @@ def save_predictor(seg, path: Path) -> Path:
     it created.
     """
     path = Path(path).expanduser().absolute()
-    created = None  # the top folder this save creates: removed again if the save fails
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            break
-        created = folder
+    created = top_created(path)  # removed again if the save fails
     path.mkdir(parents=True, exist_ok=True)
     try:
         return _save_locked(seg, path)

@@ -332,8 +332,11 @@ class SemanticSegmentor(BaseEstimator):
         """
         self._check_fitted()
         if isinstance(metrics, str):  # "iou" or "sm,em", as on the command line
-            metrics = [m.strip() for m in metrics.split(",") if m.strip()] or None
+            metrics = [m.strip() for m in metrics.split(",") if m.strip()]
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
+        if not names:  # before any image is predicted
+            raise ConfigError("evaluate metrics is empty; give metric names, or None for the "
+                              "task's default set")
         scorers = build_metrics(self.task_, names,
                                 **metric_conventions(self.task_, self.num_classes_))
         spec = prediction.labelled_spec(data, self.image, self.label, self.task_,

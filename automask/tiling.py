@@ -38,9 +38,10 @@ def check_tiling(tiling: str) -> str:
 
 
 def use_tiles(size: Sequence[int], input_size: int, tiling: str) -> bool:
-    """Whether an ``(H, W)`` image is predicted with sliding windows under ``tiling``."""
+    """Whether an ``(H, W)`` image is predicted with sliding windows under ``tiling``
+    (ConfigError for a ``tiling`` other than :data:`TILING_MODES`)."""
     longest = max(int(size[0]), int(size[1]))
-    if tiling == "off":
+    if check_tiling(tiling) == "off":
         return False
     if tiling == "on":
         return longest > input_size
@@ -105,9 +106,21 @@ def tiled_proba(forward: Callable[[torch.Tensor], torch.Tensor], image: np.ndarr
     -------
     torch.Tensor
         ``(C, H, W)`` float32 on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``image`` not ``(H, W, 3)`` with ``H, W >= 1``, or ``input_size`` /
+        ``batch_size`` not an integer >= 1.
     """
     from .data.transforms import Geometry, normalize_pad, restore
 
+    for name, value in (("input_size", input_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    shape = getattr(image, "shape", None)
+    if shape is None or len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 1:
+        raise ValueError(f"image must be an (H, W, 3) array with H, W >= 1, got shape {shape}")
     height, width = image.shape[:2]
     size = int(input_size)
     grid = window_grid((height, width), size, overlap)

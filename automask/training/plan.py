@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..config import Config, resolve
 from ..errors import ConfigError, DataValidationError
 from ..losses import build_loss
@@ -36,6 +38,10 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     from ..data import validate_frame
 
     image, label = params["image"], params["label"]
+    seed = params["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+            0 <= seed < 2**32):  # numpy's and Lightning's range, checked before any work
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     candidates = resolve(presets, hyperparameters)
     void_labels = {cfg.data.void_label for _, cfg in candidates}
     if len(void_labels) > 1:

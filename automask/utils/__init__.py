@@ -8,6 +8,7 @@ from .download import (
     remove_stale_parts,
     sha256_file,
     sha256_fileobj,
+    top_created,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "safe_unpack",
     "sha256_file",
     "sha256_fileobj",
+    "top_created",
 ]

@@ -126,6 +126,17 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temporary file beside {path}")  # pragma: no cover
 
 
+def top_created(path: str | os.PathLike) -> Path | None:
+    """The highest missing folder on the way to ``path`` (the one ``mkdir(parents=True)``
+    creates first), or None when ``path`` exists: what to remove when the work fails."""
+    top = None
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            break
+        top = folder
+    return top
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success.

@@ -1,0 +1,264 @@
+"""Audit of prediction, tiling, export, leaderboard and the command line: bad input fails
+before any work with a message naming the value at fault, and a failure leaves no debris."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from automask import SemanticSegmentor, cli
+from automask.datasets import make_synthetic
+from automask.errors import ConfigError, DataValidationError
+
+S = 32  # model input side
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny binary predictor saved in ``run``, with its labelled CSV."""
+    root = tmp_path_factory.mktemp("audit_predict")
+    frame = make_synthetic(6, size=S, num_classes=2, seed=3, root=root / "data")
+    csv = root / "data" / "data.csv"
+    frame.to_csv(csv, index=False)
+    seg = SemanticSegmentor(label="label", path=root / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": S},
+    )
+    return seg, root / "run", csv
+
+
+def _cli(*args: str) -> int:
+    return cli.main([str(a) for a in args])
+
+
+# ---------------------------------------------------------------------- command line
+def test_predict_proba_failing_midway_removes_the_maps_and_folders_it_created(
+        fitted, tmp_path, monkeypatch, capsys):
+    """predict --proba that fails after writing some maps leaves no file or folder behind."""
+    import automask.prediction as prediction
+
+    _, run, csv = fitted
+    real = prediction.iter_proba
+
+    def fails_after_one(*args, **kwargs):
+        probs = real(*args, **kwargs)
+        yield next(probs)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(prediction, "iter_proba", fails_after_one)
+    out = tmp_path / "new" / "maps"
+    assert _cli("predict", run, "--data", csv, "--out", out, "--proba") == 2
+    assert "disk full" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_predict_boxes_with_data_lacking_the_image_column_is_a_one_line_error(
+        fitted, tmp_path):
+    """--boxes with a --data CSV that has no image column exits 2 naming the column."""
+    _, run, csv = fitted
+    data = tmp_path / "data.csv"
+    data.write_text("path\nx.png\n")
+    boxes = tmp_path / "boxes.csv"
+    image = pd.read_csv(csv)["image"][0]
+    boxes.write_text(f"image,x0,y0,x1,y1\n{image},0,0,4,4\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "automask", "predict", str(run), "--data", str(data), "--out",
+         str(tmp_path / "out"), "--boxes", str(boxes)],
+        capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert "'image'" in lines[0] and str(data) in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_boxes_row_without_an_image_path_is_named(fitted, tmp_path, capsys):
+    """A --boxes row with an empty image cell is reported as such, with its row."""
+    _, run, csv = fitted
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,x0,y0,x1,y1\n,0,0,4,4\n")
+    assert _cli("predict", run, "--data", csv, "--out", tmp_path / "out",
+                "--boxes", boxes) == 2
+    err = capsys.readouterr().err
+    assert "row 0 has no image path" in err and str(boxes) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_boxes_paths_with_a_tilde_match_the_data_as_predict_resolves_them(
+        fitted, tmp_path, monkeypatch, capsys):
+    """--boxes image paths starting with ~ match --data images, as validation expands them."""
+    _, run, csv = fitted
+    monkeypatch.setenv("HOME", str(csv.parent))
+    image = Path(pd.read_csv(csv)["image"][1])
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"image,x0,y0,x1,y1\n~/{image.relative_to(csv.parent)},0,0,8,8\n")
+    out = tmp_path / "out"
+    assert _cli("predict", run, "--data", csv, "--out", out, "--boxes", boxes) == 0, \
+        capsys.readouterr().err
+    assert len(list(out.iterdir())) == len(pd.read_csv(csv))
+
+
+def test_leaderboard_out_that_cannot_be_written_fails_before_scoring(
+        fitted, tmp_path, monkeypatch, capsys):
+    """leaderboard --out naming a folder fails before any model is scored."""
+    _, run, csv = fitted
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a model was scored before --out was checked")
+
+    monkeypatch.setattr(SemanticSegmentor, "evaluate", no_scoring)
+    table = tmp_path / "table.md"
+    table.mkdir()
+    assert _cli("leaderboard", run, "--data", csv, "--out", table) == 2
+    err = capsys.readouterr().err
+    assert str(table) in err and "folder" in err, err
+
+
+# ------------------------------------------------------------------------ prediction
+def test_save_to_that_cannot_be_a_folder_fails_before_any_prediction(fitted, tmp_path):
+    """save_to under a file, or a destination that is a folder, is refused before work."""
+    seg, _, csv = fitted
+    images = list(pd.read_csv(csv)["image"])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DataValidationError, match="is a file, not a folder") as info:
+        seg.predict(images, save_to=blocker / "masks")
+    assert str(blocker) in str(info.value)
+    out = tmp_path / "masks"
+    (out / f"{Path(images[0]).stem}.png").mkdir(parents=True)
+    with pytest.raises(DataValidationError, match="are folders, not files"):
+        seg.predict(images, save_to=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [f"{Path(images[0]).stem}.png"]
+
+
+def test_shared_stems_name_the_images_at_fault(fitted, tmp_path):
+    """Two inputs a/x.png and b/x.png saved to one folder: the message names both paths."""
+    seg, _, csv = fitted
+    first = Path(pd.read_csv(csv)["image"][0])
+    paths = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        paths.append(tmp_path / sub / "x.png")
+        paths[-1].write_bytes(first.read_bytes())
+    with pytest.raises(DataValidationError, match="share file stems") as info:
+        seg.predict([str(p) for p in paths], save_to=tmp_path / "out")
+    assert all(str(p) in str(info.value) for p in paths), info.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiled_proba_names_a_bad_batch_size_or_image():
+    """tiled_proba refuses a batch size below 1 or a non-RGB array, naming the value."""
+    from automask.tiling import tiled_proba
+
+    def forward(batch):
+        return torch.sigmoid(batch[:, :1])
+
+    image = np.zeros((40, 70, 3), np.uint8)
+    for batch_size in (0, -2):
+        with pytest.raises(ValueError, match=rf"batch_size .* got {batch_size}"):
+            tiled_proba(forward, image, S, batch_size, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\).*\(40, 70\)"):
+        tiled_proba(forward, image[..., 0], S, 2, torch.device("cpu"))
+    assert tiled_proba(forward, image, S, 3, torch.device("cpu")).shape == (1, 40, 70)
+
+
+def test_use_tiles_refuses_an_unknown_mode():
+    """use_tiles names a tiling mode it does not know instead of treating it as "auto"."""
+    from automask.tiling import use_tiles
+
+    assert use_tiles((100, 100), S, "on") and not use_tiles((100, 100), S, "off")
+    with pytest.raises(ConfigError, match="'ON'"):
+        use_tiles((100, 100), S, "ON")
+
+
+# --------------------------------------------------------------------------- export
+def test_export_to_a_folder_or_under_a_file_fails_before_any_work(fitted, tmp_path,
+                                                                   monkeypatch):
+    """export to an existing folder, or below a file, raises ConfigError naming it first."""
+    import automask.export as export
+
+    seg, _, _ = fitted
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was copied before the path was checked")
+
+    monkeypatch.setattr(export, "inference_copy", no_work)
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder") as info:
+        seg.export(folder)
+    assert str(folder) in str(info.value)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        seg.export(blocker / "model.onnx")
+
+
+def test_failed_export_removes_the_folders_it_created(fitted, tmp_path, monkeypatch):
+    """An export that fails leaves no new folder behind."""
+    import automask.export as export
+
+    seg, _, _ = fitted
+
+    def fails(*args, **kwargs):
+        raise export.ExportError("exporter failed (simulated)")
+
+    monkeypatch.setattr(export, "_export_onnx", fails)
+    with pytest.raises(export.ExportError, match="simulated"):
+        seg.export(tmp_path / "new" / "deep" / "model.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- leaderboard
+def test_leaderboard_metrics_as_a_string_or_an_empty_list(fitted):
+    """leaderboard(metrics="iou,dice") scores those metrics; metrics=[] is a ConfigError."""
+    seg, _, csv = fitted
+    board = seg.leaderboard(csv, metrics="iou,dice", style="models")
+    assert {"test_iou", "test_dice"} <= set(board.columns)
+    assert board["test_iou"].iloc[0] == pytest.approx(
+        seg.evaluate(csv, metrics=["iou"])["iou"])
+    with pytest.raises(ConfigError, match="metrics is empty"):
+        seg.leaderboard(csv, metrics=[])
+    with pytest.raises(ConfigError, match="non-empty strings"):
+        seg.leaderboard(csv, extra={"": str(csv.parent)})
+
+
+def test_aggregate_runs_of_an_empty_or_foreign_board():
+    """aggregate_runs of an empty board is empty; a board without 'group' is named."""
+    from automask.leaderboard import aggregate_runs, paper_table
+
+    empty = aggregate_runs(pd.DataFrame())
+    assert len(empty) == 0 and len(paper_table(empty)) == 0
+    with pytest.raises(DataValidationError, match=r"lacks the column\(s\) \['group', 'best'\]"):
+        aggregate_runs(pd.DataFrame({"model": ["a"], "val_iou": [0.5]}))
+
+
+def test_evaluate_with_no_metrics_is_refused_before_predicting(fitted, monkeypatch):
+    """evaluate(metrics=[]) is a ConfigError, not an empty dict after predicting every image."""
+    seg, _, csv = fitted
+    from automask import prediction
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("an image was predicted")
+
+    monkeypatch.setattr(prediction, "iter_proba", no_prediction)
+    with pytest.raises(ConfigError, match="metrics is empty"):
+        seg.evaluate(csv, metrics=[])
+    with pytest.raises(ConfigError, match="metrics is empty"):
+        seg.evaluate(csv, metrics=" , ")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0"])
+def test_a_seed_out_of_range_is_named_before_the_run_starts(fitted, tmp_path, seed):
+    """A seed numpy and Lightning cannot take is a ConfigError naming it; no run folder."""
+    _, _, csv = fitted
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        SemanticSegmentor(path=run, seed=seed, verbosity=0).fit(
+            csv, presets="tiny", hyperparameters={"optim.max_epochs": 1})
+    assert not run.exists()
