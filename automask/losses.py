@@ -35,6 +35,19 @@ def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1)
 
 
+def _labelled_image_mean(per_image: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``per_image`` (B,) over the images with at least one non-ignored pixel.
+
+    An image that is ignored everywhere (a crop inside a void region) has no term to
+    contribute, so it must not dilute the others' mean either: a batch ``[a, void]`` gives
+    what ``[a]`` gives. When every image has a labelled pixel this is ``per_image.mean()``
+    itself, bit for bit; no host synchronisation either way. 0 when no image has one.
+    """
+    labelled = valid.flatten(1).amax(1)  # (B,) 1.0 where the image has a labelled pixel
+    some = (per_image * labelled).sum() / labelled.sum().clamp(min=1)
+    return torch.where(labelled.bool().all(), per_image.mean(), some)
+
+
 def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy on logits, mean over non-ignored pixels.
 
@@ -90,14 +103,15 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     """Soft Dice loss ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` per image, batch mean.
 
     ``p = sigmoid(logits)``; sums over non-ignored pixels; ``smooth`` (s) keeps empty masks finite.
-    Shapes as :func:`bce_loss`.
+    The batch mean skips images ignored everywhere (they have no term). Shapes as
+    :func:`bce_loss`.
     """
     x, t, valid = _binary_inputs(logits, target)
     p = torch.sigmoid(x) * valid
     t = t * valid
     inter = (p * t).sum((-2, -1))  # (B,)
     dice = (2 * inter + smooth) / (p.sum((-2, -1)) + t.sum((-2, -1)) + smooth)
-    return (1 - dice).mean()
+    return _labelled_image_mean(1 - dice, valid)
 
 
 _BOX = 31  # PraNet's boundary window
@@ -139,7 +153,8 @@ def structure_loss(logits: Tensor, target: Tensor) -> Tensor:
     * ``wiou = 1 - (sum(w p t) + 1) / (sum(w (p + t)) - sum(w p t) + 1)`` with ``p = sigmoid``.
 
     Ignored pixels (255) get weight 0 in both terms and count as background inside the average
-    pool (so padding does not create a fake boundary on the mask's side). The pool depends on
+    pool (so padding does not create a fake boundary on the mask's side); the batch mean skips
+    images ignored everywhere. The pool depends on
     the target only and is computed once per call, exactly, by :func:`box_mean`.
 
     Parameters
@@ -160,7 +175,7 @@ def structure_loss(logits: Tensor, target: Tensor) -> Tensor:
     inter = (p * t * weight).sum((-2, -1))
     union = ((p + t) * weight).sum((-2, -1))
     wiou = 1 - (inter + 1) / (union - inter + 1)
-    return (wbce + wiou).mean()
+    return _labelled_image_mean(wbce + wiou, valid)
 
 
 def _multiclass_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -157,6 +157,9 @@ def hungarian_match(
             torch.as_tensor(np.asarray(cols), dtype=torch.int64, device=device))
 
 
+_NO_TARGET = -100  # class target of the queries of an image without labelled pixels
+
+
 class MaskClassificationLoss(nn.Module):
     """Matched set loss of the mask-classification head.
 
@@ -165,7 +168,8 @@ class MaskClassificationLoss(nn.Module):
     target no-object, weighted ``no_object_weight``) ``+ LOSS_MASK x`` mean sigmoid BCE
     ``+ LOSS_DICE x`` Dice of the matched masks, the mask terms summed over matched pairs
     and divided by the number of ground-truth masks in the batch. Ignore pixels take no
-    part in the costs or the mask terms.
+    part in the costs or the mask terms, and an image without a labelled pixel takes no part
+    in the loss at all (a batch ``[a, void]`` gives what ``[a]`` gives).
 
     Parameters
     ----------
@@ -212,7 +216,8 @@ class MaskClassificationLoss(nn.Module):
             classes, masks, valid = image_targets(target[i], self.ignore_index)
             assert classes.numel() == 0 or int(classes.max()) < self.num_classes, classes
             num_masks += classes.numel()
-            if classes.numel() == 0:
+            if classes.numel() == 0:  # void everywhere: no class to learn either
+                class_target[i] = _NO_TARGET
                 continue
             logits = mask_logits[i].reshape(queries, -1)[:, valid].float()  # (Q, N)
             rows, cols = hungarian_match(class_logits[i], logits, classes, masks)
@@ -220,8 +225,11 @@ class MaskClassificationLoss(nn.Module):
             pred, gt = logits[rows], masks[cols]  # (m, N)
             bce = bce + F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(1).sum()
             dice = dice + _dice_per_mask(pred, gt).sum()
-        ce = F.cross_entropy(class_logits.float().transpose(1, 2), class_target,
-                             weight=self.class_weight)
+        if num_masks:
+            ce = F.cross_entropy(class_logits.float().transpose(1, 2), class_target,
+                                 weight=self.class_weight, ignore_index=_NO_TARGET)
+        else:  # every image void everywhere: 0 with a graph (cross_entropy would give NaN)
+            ce = class_logits.float().sum() * 0.0
         denom = max(num_masks, 1)
         return LOSS_CLASS * ce + LOSS_MASK * bce / denom + LOSS_DICE * dice / denom
 

@@ -1,6 +1,8 @@
 """The LightningModule: training step, loss, validation metric and optimiser."""
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 
@@ -139,7 +141,12 @@ class SegmentationModule(L.LightningModule):
             logits = self.model(batch["image"], prompts, features)
             task_loss = self.loss_fn(logits, batch["target"])
         extra = aux_loss(self.model)
-        loss = task_loss + extra
+        # A batch without one labelled pixel (all void or padding) teaches nothing: the
+        # auxiliary losses (Conv-LoRA's load balancing) and the mask-classification head's
+        # no-object term would still give gradients, so the whole loss is multiplied by 0.
+        # The factor is 1.0 otherwise (bit for bit the same loss), and no host sync.
+        labelled = (batch["target"] != self.ignore_index).any().to(task_loss.dtype)
+        loss = (task_loss + extra) * labelled
         finite = bool(torch.isfinite(loss.detach()))
         if distributed.any_process(not finite, loss.device):  # every process agrees
             value = float("nan") if finite else float(loss.detach())
@@ -154,7 +161,45 @@ class SegmentationModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=bs)
         if extra.requires_grad:
             self.log("train_aux_loss", extra, batch_size=bs)
-        return loss
+        weight = self._window_weight(batch_idx, bs)
+        return loss if weight == 1.0 else loss * weight
+
+    def _window_weight(self, batch_idx: int, images: int) -> float:
+        """Factor on a micro-batch's loss that makes an accumulated step the mean over the
+        images of its accumulation window.
+
+        Lightning divides every micro-batch's loss by ``accumulate_grad_batches``; that is
+        the window's mean only when the window holds that many full batches. The last
+        window of an epoch may hold fewer batches, or a smaller last batch (a batch size
+        larger than the dataset included): without this factor its gradient would shrink
+        by the missing share (half for one batch of a window of two). Exactly 1.0 for a
+        full window, so full windows' arithmetic is untouched.
+        """
+        trainer = self._trainer
+        acc = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        if trainer is None or acc == 1:
+            return 1.0
+        loader = trainer.train_dataloader
+        batch_size = getattr(loader, "batch_size", None)
+        sampler = getattr(loader, "sampler", None)
+        total = trainer.num_training_batches  # batches this epoch (limit_train_batches applied)
+        try:
+            samples = len(sampler)
+        except TypeError:  # no sampler, or one without a length: batch sizes unknown
+            return 1.0
+        if not batch_size or not math.isfinite(total) or samples < 1:
+            return 1.0
+        drop_last = bool(getattr(loader, "drop_last", False))
+        batches = samples // batch_size if drop_last else -(-samples // batch_size)
+
+        last = batch_size if drop_last else samples - (batches - 1) * batch_size
+
+        def size(index: int) -> int:  # images in batch `index` of the epoch
+            return last if index == batches - 1 else batch_size
+
+        start = batch_idx - batch_idx % acc
+        window = sum(size(i) for i in range(start, min(start + acc, int(total))))
+        return acc * images / window if window > 0 else 1.0
 
     def _stop(self, error: NonFiniteLossError) -> None:
         if self.stopped is None:
