@@ -31,7 +31,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError, ConfigError
-from .segmenter import Prompt, SamSegmenter
+from .mask_classification import NUM_QUERIES
+from .segmenter import MULTICLASS_HEADS, Prompt, SamSegmenter
 
 INSTALL_HINT = "pip install 'automask[sam2]'"
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
@@ -263,6 +264,14 @@ class Sam2Segmenter(SamSegmenter):
     target_aliases = {"mlp.lin1": "mlp.layers.0", "mlp.lin2": "mlp.layers.1",
                       "lin1": "mlp.layers.0", "lin2": "mlp.layers.1"}
 
+    def set_mask_classification(self, num_classes: int, num_queries: int = NUM_QUERIES) -> None:
+        """Refused: SAM 2.1's decoder here has the ``tokens`` head only (its forward decodes
+        one logit map per class, not mask queries)."""
+        raise ConfigError(
+            f"multi-class head 'mask_classification' is not available on the SAM 2.1 "
+            f"backbone {self.backbone!r}; use 'tokens'"
+        )
+
     def check_peft_method(self, method: str) -> None:
         """Refuse the methods built on SAM's isotropic ViT (called by ``apply_peft``)."""
         if method in UNSUPPORTED_METHODS:
@@ -445,15 +454,37 @@ def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
+_SAM1_ENCODER_PREFIXES = ("image_encoder.patch_embed.", "image_encoder.blocks.",
+                          "image_encoder.neck.")
+"""Image-encoder keys of segment-anything (SAM 1) ViT checkpoints; Hiera's are under
+``image_encoder.trunk.`` and ``image_encoder.neck.convs.``."""
+
+
+def _is_sam1_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has SAM 1's ViT image encoder instead of SAM 2's Hiera trunk."""
+    keys = list(state)
+    has_trunk = any(k.startswith("image_encoder.trunk.") for k in keys)
+    return not has_trunk and any(k.startswith(_SAM1_ENCODER_PREFIXES) for k in keys)
+
+
 def load_sam2_weights(model: Sam2Segmenter, path: str | os.PathLike) -> None:
     """Load a SAM 2.1 checkpoint into ``model`` strictly.
 
     Raises
     ------
     CheckpointError
-        Unreadable file, or missing / unexpected / mis-shaped tensors (listed).
+        Unreadable file, a SAM 1 (segment-anything ViT) checkpoint (named as such), or
+        missing / unexpected / mis-shaped tensors (listed).
     """
     state = read_sam2_state_dict(path)
+    if _is_sam1_state(state):
+        raise CheckpointError(
+            f"{str(path)!r} does not fit backbone {model.backbone!r}: it is a SAM 1 "
+            "(segment-anything ViT) checkpoint, whose image encoder has 'image_encoder.blocks' "
+            "and no Hiera 'image_encoder.trunk'; a SAM 2.1 backbone needs a SAM 2.1 checkpoint "
+            "(e.g. sam2.1_hiera_tiny.pt), or use this file with a SAM backbone (vit_b, vit_l, "
+            "vit_h)"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -475,14 +506,16 @@ def build_sam2_segmenter(
     """Build a prompt-free SAM 2.1 segmenter (see :func:`~automask.models.build_segmenter`).
 
     ``sha256`` is the SHA-256 the checkpoint must have (passed to the resolver); the only
-    multi-class head on Hiera is ``"tokens"`` (one mask token and MLP per class).
+    multi-class head on Hiera is ``"tokens"`` (one mask token and MLP per class). A binary
+    model (``num_classes=1``) takes SAM 2's single-mask output whatever ``multiclass_head``
+    names, as on SAM.
 
     Raises
     ------
     ConfigError
         The sam2 package is missing (the message names ``automask[sam2]``), bad
         ``num_classes``, an ``input_size`` that is not a positive multiple of 32, or another
-        multi-class head.
+        multi-class head with ``num_classes >= 2``.
     CheckpointError
         No weights available, unverifiable download or checkpoint not matching.
     """
@@ -498,7 +531,12 @@ def build_sam2_segmenter(
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    if multiclass_head != "tokens":
+    if multiclass_head not in MULTICLASS_HEADS:
+        raise ConfigError(f"multi-class head must be one of {MULTICLASS_HEADS}, "
+                          f"got {multiclass_head!r}")
+    # Binary tasks always use the single-mask output, whatever the head (the paper presets
+    # name "mask_classification" for every task): only K >= 2 needs the tokens head.
+    if num_classes >= 2 and multiclass_head != "tokens":
         raise ConfigError(
             f"multi-class head {multiclass_head!r} is not available on the SAM 2.1 backbone "
             f"{backbone!r}; use 'tokens'"
@@ -510,5 +548,5 @@ def build_sam2_segmenter(
                           input_size=input_size, checkpoint_info=info)
     if resolved.path is not None:
         load_sam2_weights(model, resolved.path)
-    model.set_num_classes(num_classes)
+    model.set_num_classes(num_classes)  # binary, or K >= 2 with the tokens head
     return model
