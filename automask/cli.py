@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any, Sequence
 
@@ -46,9 +47,20 @@ def _print_table(df, as_json: bool) -> None:
             print(df.to_string(index=False))
 
 
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _print_scores(scores: dict, as_json: bool, class_names: Sequence[str] | None = None) -> None:
-    if as_json:
-        print(json.dumps(scores, indent=2))
+    if as_json:  # strict JSON: NaN (a class absent everywhere) becomes null, as in tables
+        print(json.dumps(_json_safe(scores), indent=2, allow_nan=False))
         return
     width = max(len(k) for k in scores)
     for key, value in scores.items():

@@ -175,3 +175,38 @@ def test_rows_sharing_an_index_label_are_told_apart_in_errors(tmp_path):
     with pytest.raises(DataValidationError, match=r"absent\.png") as info:
         validate_frame(frame)
     assert "row 0 (position 1)" in str(info.value)
+
+
+def test_0_255_masks_beside_0_1_masks_with_void_read_255_as_void(tmp_path):
+    """Where 0/1 masks use 255 as ignore, a mask holding only 0 and 255 is background + void
+    (its 255 pixels are ignored, as in the others), not a 0/255 foreground mask."""
+    rows = []
+    for i in range(3):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:8, 4:8] = 1
+        mask[:, :2] = 255  # void border
+        if i == 2:
+            mask[mask == 1] = 0  # only background and void left
+        image = np.full((16, 16, 3), 40 * i, np.uint8)
+        rows.append({"image": _save(tmp_path / f"i{i}.png", image),
+                     "label": _save(tmp_path / f"m{i}.png", mask)})
+    with pytest.warns(UserWarning, match="255 is read as ignore"):
+        spec = validate_frame(pd.DataFrame(rows), image_col="image", label_col="label")
+    assert spec.task == "binary"
+    target = SegmentationDataset(spec, input_size=16)[2]["target"]  # the {0, 255} mask
+    assert int((target == 1).sum()) == 0  # no void pixel became foreground
+    assert int((target == 255).sum()) >= 16 * 2  # the void border is ignored
+
+
+def test_class_names_naming_the_void_label_are_refused(tmp_path):
+    """class_names that name the void id as a class (CamVid's "Unlabelled" = 11) are a
+    ConfigError naming both, instead of a class that can never be trained."""
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:6, 2:6], mask[8:12, 8:12], mask[:, :1] = 1, 2, 3  # classes 0-2, void 3
+    frame = pd.DataFrame([{"image": _save(tmp_path / "i.png", np.zeros((16, 16, 3), np.uint8)),
+                           "label": _save(tmp_path / "m.png", mask)}])
+    names = ["background", "road", "car", "void"]
+    with pytest.raises(ConfigError, match=r"void_label=3 .*'void'"):
+        validate_frame(frame, class_names=names, void_label=3)
+    spec = validate_frame(frame, class_names=names[:3], void_label=3)
+    assert spec.num_classes == 3 and spec.class_names == names[:3]

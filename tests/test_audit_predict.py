@@ -262,3 +262,19 @@ def test_a_seed_out_of_range_is_named_before_the_run_starts(fitted, tmp_path, se
         SemanticSegmentor(path=run, seed=seed, verbosity=0).fit(
             csv, presets="tiny", hyperparameters={"optim.max_epochs": 1})
     assert not run.exists()
+
+
+def test_evaluate_json_is_strict_json_when_a_class_is_absent(capsys):
+    """`automask evaluate --json` prints null, not NaN, for a class absent everywhere, so
+    strict JSON parsers read it."""
+    import json
+
+    scores = {"miou": 0.5, "iou_per_class": [0.9, float("nan"), 0.1], "mae": float("inf")}
+    cli._print_scores(scores, as_json=True)
+    text = capsys.readouterr().out
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    parsed = json.loads(text, parse_constant=refuse)
+    assert parsed == {"miou": 0.5, "iou_per_class": [0.9, None, 0.1], "mae": None}

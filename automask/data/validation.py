@@ -354,6 +354,12 @@ def _check_options(
         void = _whole_number(void_label)
         if void is None or not 0 <= void <= 255:
             raise ConfigError(f"void_label must be an integer in [0, 255], got {void_label!r}")
+        if class_names is not None and void < len(class_names):
+            # e.g. CamVid's classes.txt, whose last name ("Unlabelled", 11) is its void id
+            raise ConfigError(
+                f"void_label={void} is ignored in training, yet class_names names it as class "
+                f"{void} ({class_names[void]!r}): that class could never be learnt; leave its "
+                f"name out of class_names (e.g. class_names[:{void}] when it is the last)")
     if color_map is not None:
         if not isinstance(color_map, Mapping):
             raise ConfigError(
@@ -707,6 +713,7 @@ def _detect_task(
             _, values, counts = summaries[pos]
             if _is_soft_binary(values, counts) and num_classes in (None, 2):
                 kinds[pos] = KIND_SOFT
+    _void_255_in_binary_data(kinds, value_sets, valid, paths)
     if num_classes is not None:
         k = num_classes
         if k > 2 and valid and all(value_sets[pos] <= {0, IGNORE_INDEX} for pos in valid) \
@@ -784,6 +791,26 @@ def _detect_task(
     ]
     k = max(2, (max(ids) + 1) if ids else 2)
     return ("binary" if k == 2 else "multiclass"), k, kinds
+
+
+def _void_255_in_binary_data(kinds: list[str | None], value_sets: list[set[int] | None],
+                             valid: list[int], paths: list[str | None]) -> None:
+    """Read ``{0, 255}`` masks as background + ignore where other masks of the data hold 0/1
+    labels beside 255: there 255 already means ignore, and reading it as foreground in the
+    masks that happen to hold no 1 would turn their void pixels into foreground."""
+    if not any(kinds[pos] == KIND_IDS and IGNORE_INDEX in value_sets[pos]
+               and value_sets[pos] - {IGNORE_INDEX} <= {0, 1} for pos in valid):
+        return
+    changed = [pos for pos in valid if kinds[pos] == KIND_B255]
+    for pos in changed:
+        kinds[pos] = KIND_IDS
+    if changed:
+        warnings.warn(
+            f"{len(changed)} mask(s) hold only 0 and 255 (e.g. {paths[changed[0]]!r}) while "
+            "other masks label 0/1 beside 255: 255 is read as ignore in all of them, as in "
+            "the 0/1 masks",
+            stacklevel=3,
+        )
 
 
 def _check_some_pixel_labelled(
