@@ -30,6 +30,21 @@ def sample_key(*parts: object) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(path: str | os.PathLike) -> tuple:
+    """What tells one version of a file from another, for a cache key.
+
+    The absolute path, device and inode (another file moved or copied in under the same
+    name, or the same relative name read from another folder), size, modification time
+    and status-change time. ``st_ctime_ns`` is set by the kernel on every write, rename
+    or replacement and cannot be set back by ``os.utime``, ``cp -p``, ``rsync -t`` or
+    ``tar``, so a file edited or replaced with its old size and modification time (or
+    within one tick of the file system's clock) still gets a new stamp.
+    """
+    stat = os.stat(path)
+    return (os.path.abspath(os.fspath(path)), stat.st_dev, stat.st_ino, stat.st_size,
+            stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def _in_worker() -> bool:
     try:
         from torch.utils.data import get_worker_info

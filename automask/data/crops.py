@@ -134,6 +134,7 @@ def random_crop(
     if not zoom > 0:
         raise ValueError(f"zoom must be > 0, got {zoom!r}")
     size = int(input_size)
+    source_image, source_mask = image, mask
     height, width = image.shape[:2]
     side = max(1, int(round(size / zoom)))
     crop_h, crop_w = min(height, side), min(width, side)
@@ -147,9 +148,18 @@ def random_crop(
                min(size, max(1, int(round(crop_w * zoom)))))
         image = resize_image(np.ascontiguousarray(image), out)
         mask = resize_nearest(mask, out) if mask is not None else None
-    image = np.ascontiguousarray(image)
-    mask = np.ascontiguousarray(mask) if mask is not None else None
+    # copies, never views of the (cached, possibly memory-mapped) source: a slice spanning
+    # whole rows is already C-contiguous and ascontiguousarray would hand back a view
+    image = _own_copy(image, source_image)
+    mask = _own_copy(mask, source_mask) if mask is not None else None
     return image, mask
+
+
+def _own_copy(array: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``array`` as a C-contiguous array that shares no memory with ``source``."""
+    if np.may_share_memory(array, source):
+        return np.array(array, order="C", copy=True)
+    return np.ascontiguousarray(array)
 
 
 def grid_boxes(size: Sequence[int], input_size: int,

@@ -16,14 +16,13 @@ its non-overlapping window grid (see :mod:`automask.data.crops`).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ..errors import DataValidationError
-from .cache import SampleCache, sample_key
+from .cache import SampleCache, file_stamp, sample_key
 from .crops import check_large_images, crops_image, grid_boxes, random_crop
 from .io import image_size, read_image, read_mask
 from .prompts import PROMPT_MODES, sample_prompt
@@ -37,11 +36,6 @@ from .transforms import (
     resized_shape,
 )
 from .validation import DataSpec
-
-
-def _file_stamp(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
 
 
 class SegmentationDataset(Dataset):
@@ -188,8 +182,8 @@ class SegmentationDataset(Dataset):
         original = self.original_size(position)
         key = None
         if self.cache is not None:
-            files = (image_path, _file_stamp(image_path),
-                     label_path, _file_stamp(label_path) if label_path else None)
+            files = (image_path, file_stamp(image_path),
+                     label_path, file_stamp(label_path) if label_path else None)
             key = (sample_key("native", *files, self._cmap_key) if native
                    else sample_key(*files, self.input_size, self._cmap_key))
             hit = self.cache.get(key, mmap=native)

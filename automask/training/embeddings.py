@@ -84,6 +84,7 @@ class EmbeddingCache:
         self.used_bytes = 0
         self.hits = self.misses = 0
         self._store: dict[bytes, tuple[torch.Tensor, ...]] = {}
+        self._state: tuple | None = None  # the encoder weights the kept entries came from
 
     def keys(self, images: torch.Tensor, original_sizes: torch.Tensor | None,
              training: bool) -> list[bytes | None]:
@@ -113,9 +114,15 @@ class EmbeddingCache:
 
         images (B, 3, S, S), keys: one :func:`input_key` (or None: not to be kept) per
         image. The rows not kept are encoded together (all of them:
-        ``model.encode(images)`` itself) and kept while the budget lasts.
+        ``model.encode(images)`` itself) and kept while the budget lasts. Nothing is reused
+        (and everything kept is dropped) once the encoder is no longer frozen or its
+        weights change: then this is ``model.encode(images)``.
         """
         assert len(keys) == images.shape[0], (len(keys), images.shape)
+        if not self._encoder_unchanged(model):
+            # the encoder trains (or its weights were replaced): nothing kept is its output
+            self.misses += len(keys)
+            return model.encode(images)
         kept = [None if k is None else self._store.get(k) for k in keys]
         missing = [i for i, rows in enumerate(kept) if rows is None]
         self.hits += len(keys) - len(missing)
@@ -142,6 +149,21 @@ class EmbeddingCache:
             columns.append(torch.stack(rows))  # (B, ...)
         return columns[0] if len(columns) == 1 else tuple(columns)
 
+    def _encoder_unchanged(self, model: nn.Module) -> bool:
+        """Whether the encoder is frozen and has the weights the kept embeddings came from.
+
+        The weights are recognised by their storage and version counters (which every
+        in-place update, an optimiser step or a ``load_state_dict`` included, advances);
+        when they change, or the encoder is not frozen, the kept embeddings are dropped.
+        """
+        frozen = model.encoder_is_frozen()
+        state = _weights_state(model) if frozen else None
+        if state != self._state:
+            self._store.clear()
+            self.used_bytes = 0
+            self._state = state
+        return frozen
+
     def _keep(self, key: bytes | None, rows: tuple[torch.Tensor, ...]) -> None:
         size = sum(r.numel() * r.element_size() for r in rows)
         if key is None or key in self._store or self.used_bytes + size > self.budget:
@@ -155,3 +177,22 @@ class EmbeddingCache:
 
 def _parts(features: Features) -> tuple[torch.Tensor, ...]:
     return (features,) if isinstance(features, torch.Tensor) else tuple(features)
+
+
+def _weights_state(model: nn.Module) -> tuple:
+    """Identity and version of every tensor the encoder computes with (cheap: no values)."""
+    tensors = []
+    for part in model.encoder_parts():
+        if isinstance(part, torch.Tensor):
+            tensors.append(part)
+        else:
+            tensors.extend(part.parameters())
+            tensors.extend(part.buffers())
+    return tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape), _version(t)) for t in tensors)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor: it cannot be changed in place outside
+        return -1         # inference mode, and has no version counter
