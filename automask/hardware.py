@@ -33,8 +33,8 @@ def check_hardware(accelerator: str, devices: str) -> None:
     this machine does not have (instead of a Lightning error once training starts).
 
     ``cuda`` needs a usable CUDA device, ``gpu`` a CUDA or Apple MPS one (as in Lightning),
-    ``mps`` Apple's MPS; on CUDA,
-    a device count or id beyond the devices present is rejected as well.
+    ``mps`` Apple's MPS; on a CUDA machine (``auto``, ``gpu`` or ``cuda``), a device count
+    or id beyond the devices present is rejected as well.
     """
     cuda = torch.cuda.is_available()
     missing_gpu = accelerator == "gpu" and not (cuda or mps_usable())
@@ -48,7 +48,7 @@ def check_hardware(accelerator: str, devices: str) -> None:
             f"invalid value {accelerator!r} for 'env.accelerator': Apple's MPS backend is not "
             "available here; use 'auto' or 'cpu'"
         )
-    if accelerator in ("gpu", "cuda") and cuda and devices not in ("auto", "-1"):
+    if accelerator in ("auto", "gpu", "cuda") and cuda and devices not in ("auto", "-1"):
         present = torch.cuda.device_count()
         ids = [int(d) for d in devices.split(",") if d.strip()] if "," in devices else []
         wanted = max(ids) + 1 if ids else int(devices)
@@ -59,21 +59,76 @@ def check_hardware(accelerator: str, devices: str) -> None:
             )
 
 
+def check_cpu_devices(accelerator: str, devices: str) -> None:
+    """Raise :class:`ConfigError` for GPU ids or ``-1`` in ``env.devices`` on a fit that runs
+    on the CPU, where Lightning takes only a number of processes (and would fail later with
+    a TypeError)."""
+    cuda = torch.cuda.is_available()
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda)
+    if on_cpu and (devices == "-1" or "," in devices):
+        raise ConfigError(
+            f"invalid value {devices!r} for 'env.devices': this fit runs on the CPU "
+            f"(env.accelerator={accelerator!r}, CUDA available: {cuda}), where 'env.devices' "
+            "is a number of processes such as 1 or 2, or 'auto'"
+        )
+
+
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bfloat16 matrix instructions (AVX512-BF16, AMX)."""
+    """True where the CPU has native bfloat16 matrix instructions (AVX512-BF16, AMX).
+
+    On x86 the CPU's own flags decide: oneDNN's check also answers True on AVX512 CPUs
+    without BF16 instructions (Skylake, Cascade Lake), where bf16 is emulated and slower
+    than float32. Elsewhere (ARM) oneDNN's check is that of the native instructions.
+    """
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+        cpu = torch.cpu
+        flags = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                         "_is_amx_tile_supported")]
+        if all(callable(flag) for flag in flags):  # otherwise (older torch): oneDNN's check
+            try:
+                return any(bool(flag()) for flag in flags)
+            except RuntimeError:
+                return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
+def cuda_supports_bf16() -> bool:
+    """True where the CUDA card computes in bfloat16 natively (compute capability 8.0 on,
+    or ROCm); ``torch.cuda.is_bf16_supported()`` alone also answers True on older cards,
+    which only emulate it."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no emulation and no argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def auto_precision(accelerator: str) -> str:
-    """bf16-mixed where supported, 16-mixed on older GPUs, else 32-true."""
+    """bf16-mixed where supported natively, 16-mixed on older GPUs, else 32-true."""
     if cuda_usable(accelerator):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "bf16-mixed" if cuda_supports_bf16() else "16-mixed"
     if accelerator in ("auto", "cpu") and cpu_supports_bf16():
         return "bf16-mixed"
     return "32-true"
+
+
+def check_precision(accelerator: str, precision: str) -> None:
+    """Raise :class:`ConfigError` for ``env.precision="16-mixed"`` on a fit that runs on the
+    CPU: Lightning would train in bf16 instead while the predictor recorded fp16 (and
+    predicted in float32)."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda_usable(accelerator))
+    if precision == "16-mixed" and on_cpu:
+        bf16 = "'bf16-mixed', " if cpu_supports_bf16() else ""
+        raise ConfigError(
+            f"invalid value {precision!r} for 'env.precision': fp16 mixed precision needs a "
+            f"CUDA GPU and this fit runs on the CPU (env.accelerator={accelerator!r}, "
+            f"torch.cuda.is_available() is {torch.cuda.is_available()}); use {bf16}'32' "
+            "or 'auto'"
+        )
 
 
 def _device_count(devices: str, accelerator: str) -> int:
@@ -161,6 +216,7 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
     """
     accelerator = cfg.env.accelerator
     check_hardware(accelerator, cfg.env.devices)
+    check_cpu_devices(accelerator, cfg.env.devices)
     gpu = cuda_usable(accelerator)
     input_size = cfg.model.input_size or (GPU_INPUT_SIZE if gpu else CPU_INPUT_SIZE)
     precision = cfg.env.precision
@@ -168,6 +224,7 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
         precision = auto_precision(accelerator)
     if precision == "32":
         precision = "32-true"
+    check_precision(accelerator, precision)
     world = fit_world_size(cfg)
     per_step = cfg.optim.batch_size * world
     accumulate = max(1, math.ceil(cfg.optim.effective_batch_size / per_step))

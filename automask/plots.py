@@ -135,15 +135,25 @@ def plot_masks(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    check_path(path)
     n = len(images)
     if n == 0:
         raise DataValidationError("no images to draw")
+    images = [_as_rgb(image, row) for row, image in enumerate(images)]
     for title, masks in predictions.items():
         if len(masks) != n:
             raise DataValidationError(f"{len(masks)} masks for {title!r} but {n} images")
     if task not in ("binary", "multiclass"):
         raise DataValidationError(f"unknown task {task!r}; expected 'binary' or 'multiclass'")
-    num_classes = len(class_names) if class_names else _max_class(predictions, truths) + 1
+    for title, masks in [("ground truth", truths or [])] + list(predictions.items()):
+        for row, mask in enumerate(masks):
+            shape = np.shape(mask)
+            if shape != images[row].shape[:2]:
+                raise DataValidationError(
+                    f"{title!r} mask of image {row} is {shape}, its image "
+                    f"{images[row].shape[:2]} (height, width); they must match")
+    num_classes = _max_class(predictions, truths) + 1 if task == "multiclass" else 2
+    num_classes = max(num_classes, len(class_names or ()))
     columns = 1 + (truths is not None) + len(predictions)
     fig = Figure(figsize=(_CELL_INCHES * columns, _CELL_INCHES * n + 0.9),
                  layout="constrained")
@@ -211,6 +221,7 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    check_path(path)
     curves = read_history(run_dir, candidates)
     if metric is not None and not metric.startswith("val_"):
         metric = f"val_{metric}"
@@ -311,6 +322,7 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
 def plot_predictions(seg, data, n: int = 4, model: str | None = None,
                      path: str | os.PathLike | None = None) -> "Figure":
     """Image | ground truth | prediction for the first ``n`` images of ``data``."""
+    check_path(path)
     images, truths, stems, preds = predictor_examples(seg, data, n, [model])
     (masks,) = preds.values()
     return plot_masks(images, {"prediction": masks}, truths, task=seg.task_,
@@ -320,6 +332,7 @@ def plot_predictions(seg, data, n: int = 4, model: str | None = None,
 def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
                     path: str | os.PathLike | None = None) -> "Figure":
     """Image | ground truth | one column per model, for the first ``n`` images."""
+    check_path(path)
     models = list(models) if models is not None else list(seg.models_)
     if not models:
         raise DataValidationError("no models to compare")
@@ -332,6 +345,25 @@ def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
 
 
 # ------------------------------------------------------------------ helpers
+def _as_rgb(image, row: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8 from an RGB, RGBA or grayscale (``(H, W)``, ``(H, W, 1)``) image;
+    float images in [0, 1] are scaled to 0-255."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+        a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] != 3 or 0 in a.shape:
+        raise DataValidationError(
+            f"image {row} has shape {np.shape(image)}; expected (H, W, 3) RGB, (H, W, 4) "
+            "RGBA or (H, W) grayscale with H, W > 0")
+    if a.dtype.kind == "f" and a.size and np.nanmax(a) <= 1.0:
+        a = a * 255.0
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(np.nan_to_num(a.astype(np.float64))), 0, 255).astype(np.uint8)
+    return a
+
+
 def _named(regions, class_names):
     out = []
     for cls, mask, colour in regions:
@@ -358,11 +390,42 @@ def _max_class(predictions, truths) -> int:
     return max(values, default=1)
 
 
+def check_path(path: str | os.PathLike | None) -> Path | None:
+    """``path`` as a Path once it is known to be writable as a picture, before any drawing.
+
+    Raises :class:`DataValidationError` naming the path when it is a folder, when a folder
+    above it is a file, or when its suffix is not a format matplotlib writes. Folders that
+    do not exist yet are created when the picture is saved.
+    """
+    if path is None:
+        return None
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataValidationError(f"cannot save the picture to {str(path)!r}: it is a folder; "
+                                  "give a file name such as 'predictions.png'")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataValidationError(
+                    f"cannot save the picture to {str(path)!r}: {str(parent)!r} is a file, "
+                    "not a folder")
+            break
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    formats = Figure().canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise DataValidationError(
+            f"cannot save the picture to {str(path)!r}: unknown format {fmt!r}; use one of "
+            f"{', '.join(sorted(formats))}")
+    return path
+
+
 def _save(fig, path) -> None:
     if path is None:
         return
     from .utils import atomic_write
 
-    path = Path(path)
+    path = check_path(path)
     with atomic_write(path) as fh:
         fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png")

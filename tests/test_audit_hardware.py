@@ -1,0 +1,146 @@
+"""Hardware and precision choices on simulated machines, and pictures of awkward inputs.
+
+Other machines are simulated by monkeypatching torch's detection functions (CUDA, the
+card's bf16 support, the CPU's instruction flags), so these run on any CPU."""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+from automask import plots
+from automask.config import resolve
+from automask.errors import ConfigError, DataValidationError
+from automask.hardware import auto_precision, cpu_supports_bf16, resolve_env
+
+
+@pytest.fixture
+def one_old_card(monkeypatch):
+    """A machine with one CUDA card of compute capability 7.0 (a V100): bf16 emulated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))
+    # as torch answers on such a card: True only when emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+def test_auto_precision_is_fp16_on_a_card_that_only_emulates_bf16(one_old_card, monkeypatch):
+    """auto precision: bf16 only on cards that run it natively, fp16 on older ones."""
+    assert auto_precision("auto") == auto_precision("gpu") == "16-mixed"
+    [(_, cfg)] = resolve("tiny", {"env.precision": "16-mixed"}, for_fit=False)
+    assert resolve_env(cfg)[1]["precision"] == "16-mixed"  # asked for on a GPU: kept
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert auto_precision("auto") == "bf16-mixed"
+
+
+def test_cpu_bf16_needs_the_avx512_bf16_or_amx_flags(cpu_only, monkeypatch):
+    """auto precision on an x86 CPU: bf16 only with AVX512-BF16 or AMX, not on plain AVX512."""
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    # oneDNN's own check answers True on any AVX512 CPU (bf16 emulated there)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not cpu_supports_bf16()
+    assert auto_precision("auto") == auto_precision("cpu") == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_supports_bf16() and auto_precision("cpu") == "bf16-mixed"
+
+
+@pytest.mark.parametrize("accelerator", ["auto", "cpu"])
+def test_fp16_on_a_cpu_fit_is_refused_naming_the_value(cpu_only, accelerator):
+    """env.precision='16-mixed' on a CPU: ConfigError, not a silent bf16 fit."""
+    [(_, cfg)] = resolve("tiny", {"env.precision": "16-mixed", "env.accelerator": accelerator},
+                         for_fit=False)
+    with pytest.raises(ConfigError, match="'env.precision'") as info:
+        resolve_env(cfg)
+    assert "'16-mixed'" in str(info.value) and "CPU" in str(info.value)
+
+
+@pytest.mark.parametrize("devices", ["3", "0,2"])
+def test_more_gpus_than_present_with_auto_accelerator_is_refused(one_old_card, devices):
+    """env.devices beyond the cards present: ConfigError naming it, also with accelerator auto."""
+    with pytest.raises(ConfigError, match="'env.devices'") as info:
+        resolve("tiny", {"env.devices": devices})
+    assert repr(devices) in str(info.value) and "1 CUDA" in str(info.value)
+
+
+@pytest.mark.parametrize("accelerator", ["auto", "cpu"])
+@pytest.mark.parametrize("devices", ["-1", "0,1"])
+def test_gpu_ids_on_a_cpu_fit_are_refused(cpu_only, accelerator, devices):
+    """env.devices as GPU ids or -1 on a CPU fit: ConfigError, not Lightning's TypeError."""
+    [(_, cfg)] = resolve("tiny", {"env.devices": devices, "env.accelerator": accelerator},
+                         for_fit=False)
+    with pytest.raises(ConfigError, match="'env.devices'") as info:
+        resolve_env(cfg)
+    assert repr(devices) in str(info.value) and "CPU" in str(info.value)
+    [(_, cfg)] = resolve("tiny", {"env.devices": "2", "env.accelerator": accelerator,
+                              "optim.batch_size": 4})
+    assert resolve_env(cfg)[1]["devices"] == 2  # a count of CPU processes stays allowed
+
+
+def _image(h=37, w=53):
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["gray", "gray1", "rgba", "float01"])
+def test_grayscale_rgba_and_float_images_are_overlaid_like_rgb(kind):
+    """plot_masks draws grayscale, RGBA and [0, 1] float images as their RGB equivalent."""
+    rgb = _image()
+    grey = np.repeat(rgb[..., :1], 3, axis=-1)
+    image, expected = {"gray": (rgb[..., 0], grey), "gray1": (rgb[..., :1], grey),
+                       "rgba": (np.dstack([rgb, rgb[..., :1]]), rgb),
+                       "float01": (rgb / 255.0, rgb)}[kind]
+    mask = (np.arange(37 * 53).reshape(37, 53) % 3 == 0).astype(np.uint8)
+    fig = plots.plot_masks([image], {"p": [mask]}, [mask], task="binary")
+    ref = plots.plot_masks([expected], {"p": [mask]}, [mask], task="binary")
+    for ax, want in zip(fig.axes, ref.axes):
+        np.testing.assert_array_equal(ax.images[0].get_array(), want.images[0].get_array())
+
+
+def test_mask_of_another_size_or_an_empty_image_is_a_named_error():
+    """A mask whose size differs from its image, or an empty image: DataValidationError."""
+    image, mask = _image(), np.zeros((37, 53), np.uint8)
+    with pytest.raises(DataValidationError, match=r"'p' mask of image 0 is \(30, 53\)"):
+        plots.plot_masks([image], {"p": [mask[:30]]}, [mask], task="binary")
+    with pytest.raises(DataValidationError, match="'ground truth' mask of image 0"):
+        plots.plot_masks([image], {"p": [mask]}, [mask[:, :50]], task="binary")
+    with pytest.raises(DataValidationError, match="image 0 has shape"):
+        plots.plot_masks([np.zeros((0, 0, 3), np.uint8)], {"p": [mask[:0, :0]]}, None,
+                         task="binary")
+
+
+def test_class_ids_beyond_the_class_names_are_still_drawn():
+    """Multi-class ids past the names given are coloured and listed, void apart."""
+    mask = (np.arange(37 * 53).reshape(37, 53) % 5).astype(np.uint8)
+    mask[:4] = 255
+    fig = plots.plot_masks([_image()], {"p": [mask]}, None, task="multiclass",
+                           class_names=["bg", "a"])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["0 bg", "1 a", "class 2", "class 3", "class 4", "ignored"]
+
+
+def test_bad_save_paths_fail_by_name_before_any_work(tmp_path, monkeypatch):
+    """A path that is a folder, under a file, or of an unknown format fails before drawing."""
+    monkeypatch.setattr(plots, "blend", lambda *a, **k: pytest.fail("drew before the check"))
+    (tmp_path / "file").write_text("x")
+    mask = np.zeros((37, 53), np.uint8)
+    for path, why in [(tmp_path, "is a folder"), (tmp_path / "file" / "x.png", "is a file"),
+                      (tmp_path / "x.nope", "unknown format 'nope'")]:
+        with pytest.raises(DataValidationError, match=why) as info:
+            plots.plot_masks([_image()], {"p": [mask]}, None, task="binary", path=path)
+        assert str(path) in str(info.value)
+        with pytest.raises(DataValidationError, match=why):  # before any prediction
+            plots.plot_predictions(object(), None, path=path)
+        with pytest.raises(DataValidationError, match=why):  # before reading the logs
+            plots.plot_history(tmp_path / "no_run", path=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written
