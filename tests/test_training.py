@@ -46,6 +46,16 @@ def test_full_training_does_not_decay_position_tables():
     assert "image_encoder.blocks.0.attn.qkv.weight" in names
 
 
+def test_vpt_prompt_tokens_are_not_decayed():
+    model = _tiny("vpt")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    prompts = [(n, p) for n, p in model.named_parameters() if n.endswith(".prompts")]
+    assert prompts and all(p.ndim == 2 for _, p in prompts)
+    assert {decay[id(p)] for _, p in prompts} == {0.0}
+    assert any(d == 0.05 for d in decay.values())  # the decoder's matrices still are
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_schedule_warms_up_then_decays(schedule):
     fn = lr_lambda(total_steps=100, warmup_steps=10, schedule=schedule)

@@ -14,11 +14,13 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     for mod_name, module in model.named_modules():
         for p_name, _ in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            # Biases, norms (SAM's LayerNorm2d included), embeddings/tokens and position
-            # tables (absolute and relative) take no decay.
+            # Biases, norms (SAM's LayerNorm2d included), embeddings/tokens (VPT's prompt
+            # tokens included) and position tables (absolute and relative) take no decay.
             if (
                 p_name == "bias"
                 or "pos" in p_name
+                or "prompt" in p_name
+                or "token" in p_name
                 or isinstance(module, _NO_DECAY_TYPES)
                 or type(module).__name__.startswith("LayerNorm")
             ):
@@ -30,9 +32,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     """AdamW over ``requires_grad`` parameters; weight decay on matrices and kernels only.
 
     Parameters with fewer than two dimensions (biases, norm scales), parameters of norm
-    layers, embeddings (SAM's output tokens) and position tables (``pos_embed``,
-    ``rel_pos_h``/``rel_pos_w``) are not decayed; weight matrices, convolution kernels and
-    Conv-LoRA's gate matrices are.
+    layers, embeddings (SAM's output tokens, VPT's prompt tokens) and position tables
+    (``pos_embed``, ``rel_pos_h``/``rel_pos_w``) are not decayed; weight matrices,
+    convolution kernels and Conv-LoRA's gate matrices are.
     """
     no_decay = _no_decay_names(model)
     decay, plain = [], []
