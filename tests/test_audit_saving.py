@@ -245,3 +245,16 @@ def test_relative_checkpoint_and_cache_paths_are_recorded_absolute(tmp_path, mon
     assert locate_checkpoint("tiny", "tiny.pth").path == tmp_path / "tiny.pth"
     monkeypatch.setenv("AUTOMASK_HOME", "home")
     assert cache_dir() == tmp_path / "home"
+
+
+@pytest.mark.parametrize("before", [None, "123"])
+def test_a_fit_leaves_lightnings_seed_variables_as_they_were(data, tmp_path, monkeypatch,
+                                                             before):
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        if before is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, before)
+    SemanticSegmentor(path=tmp_path / "run", seed=7, verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=HP)
+    assert [os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")] == [before] * 2

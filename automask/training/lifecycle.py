@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -21,6 +22,23 @@ from ..saving import has_predictor, run_lock
 from .state import FitState
 
 log = logging.getLogger("automask")
+
+_SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # set by lightning.seed_everything
+
+
+@contextlib.contextmanager
+def _seed_env_restored():
+    """Put Lightning's seed variables back as they were: a fit leaves no seed behind for the
+    caller's later Lightning runs and subprocesses (its own DDP processes inherit it)."""
+    before = {key: os.environ.get(key) for key in _SEED_ENV}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class FitRun(contextlib.AbstractContextManager):
@@ -111,6 +129,12 @@ class FitRun(contextlib.AbstractContextManager):
         trained model by name. Raises TrainingDivergedError when every candidate was
         dropped, ConfigError when ``deadline`` left no time for any.
         """
+        with _seed_env_restored():
+            return self._train_candidates(plan, seed=seed, image_col=image_col,
+                                          verbosity=verbosity, deadline=deadline)
+
+    def _train_candidates(self, plan, *, seed: int, image_col: str, verbosity: int,
+                          deadline: float | None) -> tuple[dict, dict]:
         from .recipe import train_candidate
 
         from . import distributed
