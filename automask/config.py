@@ -124,10 +124,17 @@ class ModelConfig:
     """Multi-class head: ``tokens`` (a mask token and MLP per class) or
     ``mask_classification`` (the paper's: 7 queries sharing one MLP, a class head, a matched
     loss); unused for binary tasks."""
+    num_queries: int | None = None
+    """Mask queries of the ``mask_classification`` head; None: the paper's 7, or more when
+    one training or tuning mask labels more classes (each class present needs a query)."""
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone)
         _check_choice("model.multiclass_head", self.multiclass_head)
+        if self.num_queries is not None and (
+                isinstance(self.num_queries, bool) or not isinstance(self.num_queries, int)
+                or self.num_queries < 1):
+            _fail("model.num_queries", self.num_queries, "must be an integer >= 1 or None")
         if self.input_size is not None and (self.input_size < 32 or self.input_size % 16):
             _fail("model.input_size", self.input_size, "must be a multiple of 16 and >= 32")
         _check_finite("model", self)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -273,3 +274,56 @@ def test_tiny_fit_predict_evaluate_save_load(tmp_path):
     for a, b in zip(masks, loaded.predict(test)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loaded.predict_proba(test.iloc[:1])[0], probs)
+
+
+def _stripes(root, n: int, classes: int, size: int = 64) -> pd.DataFrame:
+    """``n`` images whose masks label every one of ``classes`` classes (horizontal stripes)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        mask = (np.arange(size)[:, None] * classes // size).repeat(size, 1).astype(np.uint8)
+        mask = np.roll(mask, i * 3, axis=0)
+        image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        image[..., 0] = mask * (255 // classes)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+        rows.append({"image": str(root / "images" / f"{i}.png"),
+                     "label": str(root / "masks" / f"{i}.png")})
+    return pd.DataFrame(rows)
+
+
+def test_queries_cover_the_most_classes_one_mask_labels(tmp_path):
+    """Street-scene masks label more classes than the paper's 7 queries: each class present
+    gets a query, recorded in the saved predictor and rebuilt on load; a count set below
+    that is kept with a warning."""
+    classes = NUM_QUERIES + 2
+    frame = _stripes(tmp_path / "data", 4, classes)
+    hp = {"model.multiclass_head": "mask_classification", "model.input_size": 64,
+          "optim.max_epochs": 1}
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters=hp, num_classes=classes)
+    assert seg.models_["default"].config.model.num_queries == classes
+    loaded = SemanticSegmentor.load(tmp_path / "run")
+    decoder = loaded._model(None).mask_decoder
+    assert decoder.num_mask_tokens == decoder.mask_tokens.weight.shape[0] == classes
+    np.testing.assert_array_equal(loaded.predict_proba(frame.iloc[:1])[0],
+                                  seg.predict_proba(frame.iloc[:1])[0])
+    with pytest.warns(UserWarning, match=rf"'model.num_queries'=7 is less than the {classes} "):
+        fixed = SemanticSegmentor(path=tmp_path / "run7", verbosity=0).fit(
+            frame, presets="tiny", hyperparameters={**hp, "model.num_queries": 7},
+            num_classes=classes)
+    assert fixed._model(None).mask_decoder.num_mask_tokens == 7
+    few = _stripes(tmp_path / "few", 4, 3)  # fewer classes than queries: the paper's 7
+    small = SemanticSegmentor(path=tmp_path / "run3", verbosity=0).fit(
+        few, presets="tiny", hyperparameters=hp, num_classes=3)
+    assert small._model(None).mask_decoder.num_mask_tokens == NUM_QUERIES
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "7"])
+def test_num_queries_must_be_a_positive_integer(bad):
+    with pytest.raises(ConfigError, match="model.num_queries"):
+        ModelConfig(num_queries=bad)

@@ -463,6 +463,7 @@ def build_segmenter(
     progress: bool = True,
     multiclass_head: str = "tokens",
     sha256: str | None = None,
+    num_queries: int | None = None,
 ) -> SamSegmenter:
     """Build a prompt-free SAM segmenter, loading its weights.
 
@@ -486,6 +487,8 @@ def build_segmenter(
     sha256 : str, optional
         The SHA-256 the checkpoint must have (a saved predictor's record); checked on the
         file's bytes before anything deserialises them.
+    num_queries : int, optional
+        Mask queries of the ``mask_classification`` head; None: :data:`NUM_QUERIES`.
 
     Returns
     -------
@@ -523,5 +526,6 @@ def build_segmenter(
     model = SamSegmenter(*parts, backbone=backbone, input_size=input_size, checkpoint_info=info)
     if resolved.path is not None:
         load_sam_weights(model, resolved.path)
-    model.set_num_classes(num_classes, head=multiclass_head)
+    model.set_num_classes(num_classes, head=multiclass_head,
+                          num_queries=NUM_QUERIES if num_queries is None else num_queries)
     return model

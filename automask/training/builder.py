@@ -52,7 +52,7 @@ def build_candidate_model(cfg: Config, num_outputs: int, checkpoint: Any = FROM_
     model = build_segmenter(
         cfg.model.backbone, num_classes=num_outputs, input_size=cfg.model.input_size,
         checkpoint=checkpoint, progress=progress, multiclass_head=cfg.model.multiclass_head,
-        sha256=sha256,
+        sha256=sha256, num_queries=cfg.model.num_queries,
     )
     base_params = count_parameters(model)[1]
     apply_peft(model, **_peft_kwargs(cfg))

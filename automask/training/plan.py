@@ -5,7 +5,8 @@ fault; nothing is written until it has returned.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,7 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
                 f"candidate {name!r}: 'model.multiclass_head'={cfg.model.multiclass_head!r} is "
                 f"not available on the SAM 2.1 backbone {cfg.model.backbone!r}; set "
                 "'model.multiclass_head': 'tokens'")
+    candidates = _resolve_queries(candidates, spec, tuning_spec)
     for name, cfg in candidates:  # prompts select one object: binary tasks only
         if spec.task == "multiclass" and cfg.data.prompts is not None:
             raise ConfigError(
@@ -118,6 +120,39 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     if tuning_spec is not None:
         frames["tuning"] = tuning_spec.frame[[image, label]]
     return FitPlan(candidates, spec, tuning_spec, metric, void_label, record, frames, world)
+
+
+def _resolve_queries(candidates: list[tuple[str, Config]], spec, tuning_spec
+                     ) -> list[tuple[str, Config]]:
+    """``model.num_queries`` of the ``mask_classification`` candidates of a multi-class fit.
+
+    Each class a mask labels needs a query of its own: None becomes the paper's
+    :data:`~automask.models.mask_classification.NUM_QUERIES`, or the most classes (background
+    included) one training or tuning mask labels when that is more. A number set below that
+    is kept, with a warning.
+    """
+    if spec.task != "multiclass":
+        return candidates
+    from ..models.mask_classification import NUM_QUERIES
+
+    most = 0
+    for sp in (spec, tuning_spec):
+        if sp is not None and sp.stats is not None and "classes" in sp.stats:
+            most = max([most, *(len(c) for c in sp.stats["classes"])])
+    out = []
+    for name, cfg in candidates:
+        if cfg.model.multiclass_head == "mask_classification":
+            if cfg.model.num_queries is None:
+                cfg = replace(cfg, model=replace(cfg.model,
+                                                 num_queries=max(NUM_QUERIES, most)))
+            elif cfg.model.num_queries < most:
+                warnings.warn(
+                    f"candidate {name!r}: 'model.num_queries'={cfg.model.num_queries} is less "
+                    f"than the {most} classes one mask labels; such an image can show at "
+                    f"most {cfg.model.num_queries} of its classes (leave it unset to match "
+                    "the data)", stacklevel=4)
+        out.append((name, cfg))
+    return out
 
 
 def choose_eval_metric(eval_metric: str | None, task: str, num_classes: int,
