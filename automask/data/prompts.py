@@ -137,7 +137,8 @@ def _per_row(name: str, value: Any, index: list) -> list:
                 f"{name} is a dict but the data's index has repeated labels; pass a list "
                 "with one entry per row instead"
             )
-        unknown = [k for k in value if k not in set(index)]
+        known = set(index)  # once: a set per key made this quadratic in the data's size
+        unknown = [k for k in value if k not in known]
         if unknown:
             raise DataValidationError(
                 f"{name} has keys that are not in the data's index: {unknown[:5]!r}"

@@ -48,7 +48,10 @@ def _find_split_folder(folder: Path) -> Path:
 
 
 def _read_split(csv: Path) -> pd.DataFrame:
-    df = pd.read_csv(csv)
+    try:
+        df = pd.read_csv(csv)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataValidationError(f"cannot read the split file {csv}: {exc}") from exc
     first = str(df.columns[0]) if len(df.columns) else ""
     if first == "" or first.startswith("Unnamed"):
         df = df.set_index(df.columns[0])
@@ -125,6 +128,10 @@ def fetch_benchmark(
     DownloadError
         Failed or short download, checksum mismatch, unsafe or oversized archive, or a
         folder ``<root>/<name>`` that automask did not make (it is never touched).
+    DataValidationError
+        No ``train.csv`` in the unpacked folder, or a split CSV that cannot be read or
+        lacks the ``image``/``label`` columns (the message names the file). Hidden files
+        (macOS ``._train.csv``) are not splits and are skipped.
 
     Notes
     -----
@@ -135,7 +142,7 @@ def fetch_benchmark(
     only once complete and verified).
     """
     entry = BENCHMARKS.get(name)
-    if entry is None and url is None:
+    if entry is None and not url:
         raise ConfigError(
             f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} (or pass url=)"
         )
@@ -153,7 +160,8 @@ def fetch_benchmark(
         safe_unpack(archive, folder, max_bytes=max_bytes, max_ratio=max_ratio,
                     marker=(_DONE, f"{url}\n"))
     split_folder = _find_split_folder(folder)
-    csvs = sorted(split_folder.glob("*.csv"))
+    # Hidden files are skipped: "._train.csv" is macOS metadata (AppleDouble), not a split.
+    csvs = sorted(p for p in split_folder.glob("*.csv") if not p.name.startswith("."))
     order = {"train": 0, "val": 1, "test": 2}
     csvs.sort(key=lambda p: (order.get(p.stem, 3), p.stem))
     return {csv.stem: _read_split(csv) for csv in csvs}

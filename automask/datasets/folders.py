@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -15,23 +16,48 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
+def _stem(path: Path) -> str:
+    """The file's stem in Unicode NFC, so that a name written decomposed (as macOS writes
+    ``é``) pairs with the same name written composed."""
+    return unicodedata.normalize("NFC", path.stem)
+
+
 def _by_stem(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataValidationError(f"{role} folder {folder} does not exist or is not a folder")
     files: dict[str, Path] = {}
     clashes: list[str] = []
+    broken: list[str] = []
+    others: list[str] = []  # what the folder holds besides image files (for messages)
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):
             continue
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            if path.is_symlink() and not path.exists():
+                broken.append(str(path))
+            else:
+                others.append(path.name + ("/" if path.is_dir() else ""))
             continue
-        if path.stem in files:
-            clashes.append(f"{files[path.stem].name} / {path.name}")
+        stem = _stem(path)
+        if stem in files:
+            clashes.append(f"{files[stem].name} / {path.name}")
             continue
-        files[path.stem] = path
+        files[stem] = path
+    if broken:
+        raise DataValidationError(
+            f"{role} folder {folder} holds broken links (their target is missing): "
+            + "; ".join(broken)
+        )
     if clashes:
         raise DataValidationError(
             f"{role} folder {folder} holds several files with the same stem: " + "; ".join(clashes)
+        )
+    if not files:
+        held = (f"it holds only {', '.join(others[:10])}" + (" ..." if len(others) > 10 else "")
+                if others else "it is empty")
+        raise DataValidationError(
+            f"{role} folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}; "
+            f"sub-folders are not searched): {held}"
         )
     return files
 
@@ -50,6 +76,24 @@ def _keyed(files: dict[str, Path], suffix: str) -> dict[str, Path]:
         key = stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
         out.setdefault(key, path)
     return out
+
+
+def _check_keys(files: dict[str, Path], suffix: str, folder: Path, role: str) -> None:
+    """Raise when two files get the same name once ``suffix`` is dropped (``a.png`` and
+    ``a_mask.png`` under ``mask_suffix="_mask"``): one of them would be lost unseen."""
+    seen: dict[str, Path] = {}
+    clashes: list[str] = []
+    for stem, path in files.items():
+        key = stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+        if key in seen:
+            clashes.append(f"{seen[key].name} / {path.name} (as {key!r})")
+        else:
+            seen[key] = path
+    if clashes:
+        raise DataValidationError(
+            f"{role} folder {folder}: these files have the same name once the ending "
+            f"{suffix!r} is dropped, so only one could be paired: " + "; ".join(clashes)
+        )
 
 
 def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
@@ -76,6 +120,33 @@ def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
     return best
 
 
+def _split_shared_folder(folder: Path, mask_suffix: str | None, image_suffix: str | None
+                         ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Images and masks kept in one folder (``1.tif`` beside ``1_mask.tif``): the files whose
+    stem ends with the mask ending are the masks, the others the images. The ending is
+    ``mask_suffix``, else the one of :data:`MASK_STEM_SUFFIXES` that pairs the most files."""
+    files = _by_stem(folder, "image")
+    best, best_pairs = None, 0
+    for m_sfx in (mask_suffix,) if mask_suffix else MASK_STEM_SUFFIXES[1:]:
+        masks = {stem: p for stem, p in files.items() if stem.endswith(m_sfx)}
+        images = {stem: p for stem, p in files.items() if stem not in masks}
+        if not masks or not images:
+            continue
+        i_sfx, _ = _best_suffixes(images, masks, image_suffix, m_sfx)
+        pairs = len(_keyed(images, i_sfx).keys() & _keyed(masks, m_sfx).keys())
+        if pairs > best_pairs:
+            best, best_pairs = (images, masks), pairs
+    if best is None:
+        raise DataValidationError(
+            f"the image folder and the mask folder are the same folder, {folder}, and no "
+            "name ending tells its masks from its images"
+            + (f" (no file pairs with a mask ending in {mask_suffix!r})" if mask_suffix else
+               f" (tried {', '.join(repr(s) for s in MASK_STEM_SUFFIXES[1:])})")
+            + "; pass mask_suffix=, or put the masks in a folder of their own"
+        )
+    return best
+
+
 def from_folders(
     images_dir: str | os.PathLike,
     masks_dir: str | os.PathLike,
@@ -92,7 +163,9 @@ def from_folders(
     ----------
     images_dir, masks_dir : path
         Folders holding the images and the masks (not searched recursively; hidden
-        files and non-image suffixes are skipped).
+        files and non-image suffixes are skipped). They may be one folder when the masks'
+        names end with a mask ending (``1.tif`` beside ``1_mask.tif``): the files with
+        the ending are the masks.
     image_col, label_col : str
         Column names of the result.
     strict : bool
@@ -114,12 +187,20 @@ def from_folders(
     Raises
     ------
     DataValidationError
-        Missing folders, no pairs at all, duplicate stems, or unpaired files when strict.
+        Missing folders, a folder without image files, one folder for images and masks
+        whose names no mask ending tells apart, broken links, duplicate stems (also once
+        ``mask_suffix`` / ``image_suffix`` is dropped), no pairs at all, or unpaired files
+        when strict.
     """
     images_dir, masks_dir = Path(images_dir).expanduser(), Path(masks_dir).expanduser()
-    images = _by_stem(images_dir, "image")
-    masks = _by_stem(masks_dir, "mask")
+    if images_dir.is_dir() and masks_dir.is_dir() and images_dir.samefile(masks_dir):
+        images, masks = _split_shared_folder(images_dir, mask_suffix, image_suffix)
+    else:
+        images = _by_stem(images_dir, "image")
+        masks = _by_stem(masks_dir, "mask")
     image_sfx, mask_sfx = _best_suffixes(images, masks, image_suffix, mask_suffix)
+    _check_keys(images, image_sfx, images_dir, "image")
+    _check_keys(masks, mask_sfx, masks_dir, "mask")
     images, masks = _keyed(images, image_sfx), _keyed(masks, mask_sfx)
     lonely_images = sorted(str(images[s]) for s in images.keys() - masks.keys())
     lonely_masks = sorted(str(masks[s]) for s in masks.keys() - images.keys())
