@@ -46,7 +46,10 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            # hidden files (macOS "._a.png" metadata, ".DS_Store") and folders are skipped,
+            # as from_folders does
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+                           and not f.name.startswith(".") and f.is_file())
             if not files:
                 raise DataValidationError(f"no image files in folder {str(p)!r}")
             return pd.DataFrame({image_col: [str(f) for f in files]}), None

@@ -278,3 +278,19 @@ def test_evaluate_json_is_strict_json_when_a_class_is_absent(capsys):
 
     parsed = json.loads(text, parse_constant=refuse)
     assert parsed == {"miou": 0.5, "iou_per_class": [0.9, None, 0.1], "mae": None}
+
+
+def test_a_folder_of_images_skips_hidden_files_and_sub_folders(fitted, tmp_path):
+    """macOS leaves "._a.png" metadata beside a.png: predicting on the folder must not read
+    it as an image (it failed as an unreadable image), nor a sub-folder named like one."""
+    seg, _, csv = fitted
+    folder = tmp_path / "images"
+    folder.mkdir()
+    source = Path(pd.read_csv(csv)["image"].iloc[0])
+    (folder / source.name).write_bytes(source.read_bytes())
+    (folder / f"._{source.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "nested.png").mkdir()
+    masks = seg.predict(folder)
+    assert len(masks) == 1
+    np.testing.assert_array_equal(masks[0], seg.predict([str(source)])[0])
