@@ -41,12 +41,36 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from automask.metrics import functional as F
-from automask.metrics.inputs import BinarySample, binary_samples, quantized_histogram
+from automask.metrics.inputs import (
+    BinarySample,
+    binary_samples,
+    check_gt_threshold,
+    check_ignore_index,
+    quantized_histogram,
+)
+
+
+def _check_normalize(normalize: Any) -> None:
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}")
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float) -> None:
+    """Raise ValueError unless ``value`` is a finite real number in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and lo <= value <= hi):  # NaN fails both
+        bounds = f"[{lo:g}, {hi:g}]" if math.isfinite(hi) else f"a finite number >= {lo:g}"
+        raise ValueError(f"{name} must be {'in ' if math.isfinite(hi) else ''}{bounds}, "
+                         f"got {value!r}")
 
 
 class _BinaryMetric(Metric):
@@ -59,6 +83,8 @@ class _BinaryMetric(Metric):
         self, *, gt_threshold: float = 128, ignore_index: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
+        check_gt_threshold(gt_threshold)
+        check_ignore_index(ignore_index)
         self.gt_threshold = gt_threshold
         self.ignore_index = ignore_index
 
@@ -116,6 +142,8 @@ class SMeasure(_PerImageMean):
 
     def __init__(self, alpha: float = 0.5, normalize: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _check_range("alpha", alpha, 0.0, 1.0)
+        _check_normalize(normalize)
         self.alpha = alpha
         self.normalize = normalize
 
@@ -133,6 +161,7 @@ class MeanAbsoluteError(_PerImageMean):
 
     def __init__(self, normalize: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _check_normalize(normalize)
         self.normalize = normalize
 
     def _update_sample(self, sample: BinarySample) -> None:
@@ -153,6 +182,8 @@ class WeightedFMeasure(_PerImageMean):
 
     def __init__(self, beta2: float = 0.3, normalize: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _check_range("beta2", beta2, 0.0, math.inf)
+        _check_normalize(normalize)
         self.beta2 = beta2
         self.normalize = normalize
 
@@ -186,6 +217,7 @@ class EMeasure(_BinaryMetric):
             raise ValueError(
                 f"E-measure variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
             )
+        _check_normalize(normalize)
         self.variant = variant
         self.normalize = normalize
         self._add_sum("curve_sum", (256,))
@@ -242,6 +274,7 @@ class _Overlap(_ConfusionMetric):
 
     def __init__(self, threshold: float = 0.5, empty_score: float = 1.0, **kwargs: Any) -> None:
         super().__init__(threshold=threshold, **kwargs)
+        _check_range("empty_score", empty_score, 0.0, 1.0)
         self.empty_score = empty_score
 
 

@@ -29,9 +29,39 @@ def read_map(path: str | Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
     with Image.open(path) as im:
-        if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA"):
+        if im.mode in _COLOUR_MODES:
             im = im.convert("L")
         return np.array(im)
+
+
+_COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
+
+
+def _read_target(path: Path) -> np.ndarray:
+    """:func:`read_map` for a ground truth, refusing colour masks with non-grey pixels.
+
+    Their luma is no label: a red object (255, 0, 0) becomes 76, background for a binary
+    mask (``> 128``) and class 76 for a multi-class one, so the score would be silently wrong.
+    A colour file whose pixels are all grey (R = G = B) is read as grey.
+
+    Raises
+    ------
+    ValueError
+        The file is a colour image with non-grey pixels (the message names it).
+    """
+    if path.suffix.lower() != ".npy":
+        with Image.open(path) as im:
+            if im.mode in _COLOUR_MODES and im.mode not in ("LA", "PA"):
+                rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
+                grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+                if not grey.all():
+                    y, x = (int(v) for v in np.argwhere(~grey)[0])
+                    raise ValueError(
+                        f"ground truth {path.name} is a {im.mode} colour image with non-grey "
+                        f"pixels (the first at row {y}, column {x}: {tuple(rgb[y, x].tolist())}); "
+                        "save masks as grey or class-index (palette) images"
+                    )
+    return read_map(path)
 
 
 def _index(folder: Path, suffixes: set[str]) -> dict[str, Path]:
@@ -78,7 +108,8 @@ def score_folders(
     ------
     ValueError
         A folder missing or without masks, duplicate stems, or stems present on one side only
-        (all listed); a bad image names its file.
+        (all listed), or a colour ground truth with non-grey pixels; a bad image names its
+        file.
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
     """
@@ -100,7 +131,7 @@ def score_folders(
     try:
         result = score(
             [read_map(preds[s]) for s in stems],
-            [read_map(gts[s]) for s in stems],
+            [_read_target(gts[s]) for s in stems],
             task=task,
             metrics=metrics,
             **conventions,

@@ -54,6 +54,8 @@ def as_tensor(x: Any, device: torch.device | None = None) -> Tensor:
             arr = arr.astype(_WIDEN[arr.dtype])
         if arr.dtype == object:
             raise ValueError(f"cannot read an array of Python objects (shape {arr.shape})")
+        if not arr.dtype.isnative:  # e.g. a big-endian '>f8' .npy: torch reads native only
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         arr = np.ascontiguousarray(arr)
         if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch wants writable memory
             arr = arr.copy()
@@ -75,6 +77,38 @@ def _check_real(t: Tensor, name: str, index: int | None) -> None:
     if t.is_complex():
         raise TypeError(
             f"{_where(index)}the {name} has the complex dtype {t.dtype}; pass real values"
+        )
+
+
+def check_gt_threshold(gt_threshold: Any) -> None:
+    """Raise ValueError unless ``gt_threshold`` is a real number in [0, 255).
+
+    Out of that range the threshold cannot split an 8-bit mask; worse, torch compares an
+    integer tensor with a Python int of another range after wrapping it to the tensor's dtype
+    (``uint8_mask > 300`` is ``uint8_mask > 44``), which would give a silent wrong mask.
+    """
+    if isinstance(gt_threshold, bool) or not isinstance(gt_threshold, (int, float, np.number)):
+        raise ValueError(
+            f"gt_threshold must be a number in [0, 255), got {gt_threshold!r} "
+            f"({type(gt_threshold).__name__})"
+        )
+    if not 0 <= gt_threshold < 255:  # also false for NaN
+        raise ValueError(
+            f"gt_threshold must lie in [0, 255) (foreground where target > gt_threshold on the "
+            f"0..255 scale; PySODMetrics: 128), got {gt_threshold!r}"
+        )
+
+
+def check_ignore_index(ignore_index: Any) -> None:
+    """Raise ValueError unless ``ignore_index`` is None or an integer (not a bool)."""
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, (int, np.integer)
+    ):
+        raise ValueError(
+            f"ignore_index must be an int (the target value of void pixels) or None, "
+            f"got {ignore_index!r} ({type(ignore_index).__name__})"
         )
 
 
@@ -132,6 +166,8 @@ def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None =
             "marking void pixels? Pass ignore_index=255 (read as an 8-bit mask it would make 1 "
             "background and 255 the object)"
         )
+    if target.dtype == torch.int8:  # 128..254 would wrap to negative int8 values
+        target = target.to(torch.int16)
     return target > gt_threshold
 
 
@@ -272,6 +308,12 @@ def split_void(target: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor
     """
     if ignore_index is None or target.dtype == torch.bool:
         return target, None
+    if not target.is_floating_point():
+        info = torch.iinfo(target.dtype)
+        if not info.min <= ignore_index <= info.max:
+            # no pixel can hold it; comparing would wrap it into the dtype's range
+            # (uint8 == -1 is uint8 == 255) and make every object pixel void
+            return target, None
     void = target == ignore_index
     if not bool(void.any()):
         return target, None
@@ -300,6 +342,8 @@ def binary_samples(
         Target value of void (unlabelled) pixels, e.g. 255 with {0, 1} class-index targets;
         None: every pixel is labelled (needed for 8-bit 0/255 masks, where 255 is the object).
     """
+    check_gt_threshold(gt_threshold)
+    check_ignore_index(ignore_index)
     if isinstance(preds, BinarySample):
         return [preds]
     if isinstance(preds, (list, tuple)) and preds and isinstance(preds[0], BinarySample):
@@ -373,10 +417,22 @@ def _multiclass_pair(
             f"got shape {tuple(t.shape)}"
         )
     if p.ndim == t.ndim + 1:  # scores (K, H, W) / (B, K, H, W)
+        if p.shape[:-3] + p.shape[-2:] != t.shape:
+            raise ValueError(
+                f"{_where(index)}prediction shape {tuple(p.shape)} does not fit target shape "
+                f"{tuple(t.shape)}: score maps must be channels first, (K, H, W) or "
+                "(B, K, H, W), with the target's height and width (a colour (H, W, 3) map? "
+                "convert it to one channel)"
+            )
         if p.shape[-3] != num_classes:
             raise ValueError(
                 f"{_where(index)}score maps have {p.shape[-3]} classes along dim {p.ndim - 3}, "
                 f"expected num_classes={num_classes}"
+            )
+        if p.dtype == torch.bool:
+            raise ValueError(
+                f"{_where(index)}score maps must be numbers, got the dtype torch.bool "
+                "(pass class indices (H, W) with an integer dtype instead)"
             )
         if p.is_floating_point():
             nan = torch.isnan(p)

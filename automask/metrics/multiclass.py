@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from automask.metrics.inputs import multiclass_pairs
+from automask.metrics.inputs import check_ignore_index, multiclass_pairs
 
 
 class _ConfusionCounts(Metric):
@@ -30,9 +31,14 @@ class _ConfusionCounts(Metric):
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if (
+            isinstance(num_classes, (bool, np.bool_))
+            or not isinstance(num_classes, (int, np.integer))
+            or num_classes < 1
+        ):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
+        check_ignore_index(ignore_index)
+        self.num_classes = int(num_classes)
         self.ignore_index = ignore_index
         for name in ("intersection", "area_pred", "area_target"):
             self.add_state(name, torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")

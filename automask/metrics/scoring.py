@@ -29,10 +29,17 @@ def _binary_like(t: Tensor, ignore_index: int | None = None) -> bool:
         return True
     values = torch.unique(t)
     if ignore_index is not None:
+        if not values.is_floating_point():  # int8/uint8 would wrap ignore_index (-1 -> 255)
+            values = values.to(torch.int64)
         values = values[values != ignore_index]
     return bool(torch.isin(values, torch.tensor([0, 1], device=t.device)).all()) or bool(
         torch.isin(values, torch.tensor([0, 255], device=t.device)).all()
     )
+
+
+def _is_scores(p: Tensor, t: Tensor) -> bool:
+    """True for ``(K, H, W)`` class scores of an ``(H, W)`` target, with ``K > 1``."""
+    return p.ndim == t.ndim + 1 and p.shape[-2:] == t.shape[-2:] and p.shape[-3] > 1
 
 
 def infer_task(
@@ -40,13 +47,15 @@ def infer_task(
 ) -> str:
     """Guess ``"binary"`` or ``"multiclass"`` from the data.
 
-    Rules, in order: a prediction with one more dimension than its target (``(K, H, W)`` scores)
-    means multi-class; a floating-point prediction (a probability map) means binary; otherwise
-    (integer maps) binary when every target holds only {0, 1} or only {0, 255}, else multi-class.
+    Rules, in order: a prediction with one more dimension than its target, of the target's
+    height and width, with ``K > 1`` channels (``(K, H, W)`` scores) means multi-class (a
+    single-channel ``(1, H, W)`` map is a binary probability map); a floating-point
+    prediction (a probability map) means binary; otherwise (integer maps) binary when every
+    target holds only {0, 1} or only {0, 255}, else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
     Target pixels equal to ``ignore_index`` (when given) are left out of that check.
     """
-    if any(p.ndim == t.ndim + 1 for p, t in zip(predictions, targets)):
+    if any(_is_scores(p, t) for p, t in zip(predictions, targets)):
         return "multiclass"
     if any(p.is_floating_point() for p in predictions):
         return "binary"
@@ -60,7 +69,12 @@ def _infer_num_classes(
     for p, t in zip(predictions, targets):
         if p.ndim == t.ndim + 1:
             return int(p.shape[-3])
-        labelled = t[t != ignore_index] if ignore_index is not None else t.flatten()
+        if ignore_index is not None:
+            if not t.is_floating_point():  # int8/uint8 would wrap ignore_index (-1 -> 255)
+                t = t.to(torch.int64)
+            labelled = t[t != ignore_index]
+        else:
+            labelled = t.flatten()
         for values in (p.flatten(), labelled):
             if values.numel():
                 highest = max(highest, int(values.max().item()))
@@ -146,6 +160,8 @@ def score(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     names = list(DEFAULT_METRICS[task]) if metrics is None else list(metrics)
+    if not names:
+        raise ValueError("metrics is empty; give metric names, or None for the task's default set")
 
     with _one_intra_op_thread():
         return _score(pred_list, target_list, task, names, conventions)

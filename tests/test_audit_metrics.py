@@ -1,0 +1,218 @@
+"""Regression tests from a differential audit of the metrics against PySODMetrics 1.6.2.
+
+No PySODMetrics needed: reference values are either computed here by a readable formula or
+written as literals, with a comment saying that they are PySODMetrics 1.6.2's values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from automask.metrics import build_metrics, infer_task, score
+
+
+def _rect_mask(h: int, w: int, rows: slice, cols: slice) -> np.ndarray:
+    g = np.zeros((h, w), np.uint8)
+    g[rows, cols] = 255
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# S-measure of constant maps (the object term's standard deviation)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pred", "gt", "expected"),
+    [
+        # PySODMetrics 1.6.2: Smeasure().step(pred_uint8, gt_uint8) (normalize=True)
+        (np.full((40, 40), 120, np.uint8), _rect_mask(40, 40, slice(10, 30), slice(5, 25)),
+         0.4064524155883928),
+        (np.full((23, 31), 200, np.uint8), _rect_mask(23, 31, slice(3, 17), slice(9, 30)),
+         0.321348192964084),
+        # PySODMetrics 1.6.2: Smeasure().step(pred_float, gt_bool, normalize=False); a constant
+        # map is left as is by min-max, so both conventions agree
+        (np.full((40, 40), 0.3), _rect_mask(40, 40, slice(10, 30), slice(5, 25)) > 0,
+         0.42115633273813174),
+        (np.full((40, 40), 0.7), _rect_mask(40, 40, slice(10, 30), slice(5, 25)) > 0,
+         0.3238716827781539),
+    ],
+)
+def test_s_measure_of_a_constant_map_matches_pysodmetrics(pred, gt, expected):
+    """A one-pass variance cancelled to ~1e-17 instead of 0, whose square root moved the
+    S-measure of any constant non-0/1 map by up to 1e-8 (0.40745415870 vs 0.40745416006)."""
+    assert score([pred], [gt], metrics=["sm"])["sm"] == pytest.approx(expected, abs=1e-13)
+
+
+# --------------------------------------------------------------------------------------------
+# Integer wrap-around of thresholds and ignore indices
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gt_threshold", [300, 256, -1, float("nan"), "128", True])
+def test_gt_threshold_outside_the_8_bit_range_is_an_error(gt_threshold):
+    """``uint8_mask > 300`` is ``uint8_mask > 44`` in torch: it gave a silent wrong mask."""
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    p = g / 255 * 0.8 + 0.1
+    with pytest.raises(ValueError, match="gt_threshold"):
+        score([p], [g], metrics=["iou"], gt_threshold=gt_threshold)
+    with pytest.raises(ValueError, match="gt_threshold"):
+        build_metrics("binary", ["sm"], gt_threshold=gt_threshold)
+
+
+def test_int8_target_is_binarised_like_uint8():
+    """An int8 mask holding 0/100 was compared with 128 wrapped to -128: all object."""
+    g8 = (_rect_mask(8, 8, slice(2, 5), slice(2, 5)) > 0).astype(np.uint8) * 100
+    p = np.linspace(0, 1, 64).reshape(8, 8)
+    names = ["sm", "mae", "iou", "ber"]
+    expected = score([p], [g8], metrics=names)  # 100 <= 128: every pixel is background
+    assert score([p], [g8.astype(np.int8)], metrics=names) == expected
+    assert score([p], [g8.astype(np.int16)], metrics=names) == expected
+
+
+def test_ignore_index_outside_the_target_dtype_marks_nothing_void():
+    """``uint8_mask == -1`` is ``uint8_mask == 255``: every object pixel became void."""
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    p = g / 255 * 0.8 + 0.1
+    names = ["sm", "em", "wfm", "mae", "iou", "ber"]
+    plain = score([p], [g], metrics=names)
+    assert plain["mae"] == pytest.approx(0.0, abs=1e-15)  # min-max makes p equal to g / 255
+    for ignore_index in (-1, 511, 70000):
+        assert score([p], [g], metrics=names, ignore_index=ignore_index) == plain
+    m = build_metrics("binary", ["mae"], ignore_index=-1)["mae"]
+    m.update(torch.from_numpy(p), torch.from_numpy(g))
+    assert float(m.compute()) == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("ignore_index", ["255", 255.0, 1.5, True])
+def test_ignore_index_must_be_an_int(ignore_index):
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    with pytest.raises(ValueError, match="ignore_index"):
+        score([g / 255], [g], metrics=["iou"], ignore_index=ignore_index)
+    with pytest.raises(ValueError, match="ignore_index"):
+        build_metrics("multiclass", num_classes=3, ignore_index=ignore_index)
+
+
+def test_multiclass_num_classes_inference_does_not_wrap_ignore_index():
+    """With ignore_index=-1 a uint8 target's 255 is a class, not void (``uint8 != -1`` is
+    ``uint8 != 255``: num_classes was inferred as 4, then the 255 label was rejected)."""
+    t = np.array([[0, 1], [2, 255]], np.uint8)
+    p = np.array([[0, 1], [2, 3]], np.int64)
+    out = score([p], [t], task="multiclass", ignore_index=-1)
+    assert out["acc"] == 0.75 and len(out["iou_per_class"]) == 256
+    assert out["iou_per_class"][3] == 0.0 and out["iou_per_class"][255] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Task inference and shapes
+# --------------------------------------------------------------------------------------------
+def test_single_channel_probability_map_is_scored_as_binary():
+    """A (1, H, W) / (B, 1, H, W) sigmoid output was inferred multi-class with K = 1, which
+    scores every image perfect (acc = miou = 1.0)."""
+    rng = np.random.default_rng(0)
+    g = _rect_mask(12, 10, slice(2, 7), slice(3, 9))
+    p = rng.random((12, 10))
+    expected = score([p], [g])
+    assert score([p[None]], [g]) == expected
+    assert score(np.stack([p, p])[:, None], np.stack([g, g])) == expected
+    t = torch.from_numpy(g)
+    assert infer_task([torch.from_numpy(p)[None]], [t]) == "binary"
+    assert infer_task([torch.zeros(3, 12, 10)], [t]) == "multiclass"
+
+
+def test_channels_last_colour_prediction_names_its_shape():
+    """An (H, W, 3) map was arg-maxed over H and reported as a (W, 3) prediction."""
+    g = np.zeros((8, 6), np.int64)
+    g[2:5] = 1
+    colour = np.zeros((8, 6, 3), np.float32)
+    for kwargs in ({}, {"task": "multiclass"}, {"task": "multiclass", "num_classes": 8}):
+        with pytest.raises(ValueError, match=r"\(8, 6, 3\)"):
+            score([colour], [g], **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Conventions and metric names
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("convention", "value"),
+    [
+        ("alpha", 2.0),
+        ("alpha", -0.1),
+        ("alpha", float("nan")),
+        ("beta2", -1.0),
+        ("beta2", float("nan")),
+        ("beta2", float("inf")),
+        ("empty_score", 5.0),
+        ("empty_score", float("nan")),
+        ("normalize", "no"),
+    ],
+)
+def test_invalid_binary_convention_is_an_error(convention, value):
+    """These gave silent numbers: sm 1.29 with alpha 2, wfm 0 with beta2 -1, NaN with NaN."""
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    p = np.linspace(0, 1, 64).reshape(8, 8)
+    with pytest.raises(ValueError, match=convention):
+        score([p], [g], **{convention: value})
+    with pytest.raises(ValueError, match=convention):
+        build_metrics("binary", ["sm", "em", "wfm", "mae", "iou"], **{convention: value})
+
+
+def test_valid_binary_conventions_still_work():
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    p = np.linspace(0, 1, 64).reshape(8, 8)
+    out = score([p], [g], alpha=1.0, beta2=0.0, empty_score=0.0, normalize=np.bool_(False),
+                gt_threshold=0, ignore_index=np.int64(7))
+    assert set(out) == {"sm", "em", "wfm", "mae", "iou", "dice", "ber"}
+
+
+def test_score_with_an_empty_metric_list_is_an_error():
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    with pytest.raises(ValueError, match="metrics is empty"):
+        score([g / 255], [g], metrics=[])
+
+
+# --------------------------------------------------------------------------------------------
+# Input dtypes
+# --------------------------------------------------------------------------------------------
+def test_big_endian_arrays_are_read():
+    """A big-endian ``.npy`` (``>f8``) raised torch's byte-order error without an image index."""
+    p = np.linspace(0, 1, 6).reshape(2, 3)
+    g = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)
+    expected = score([p], [g])
+    assert score([p.astype(">f8")], [g.astype(">i4")]) == expected
+
+
+def test_boolean_score_maps_are_a_value_error_naming_the_image():
+    g = np.array([[0, 1, 2], [2, 1, 1]], np.int64)
+    with pytest.raises(ValueError, match=r"image 0: score maps must be numbers.*bool"):
+        score([np.ones((3, 2, 3), bool)], [g], task="multiclass")
+
+
+def test_numpy_integer_num_classes_is_accepted():
+    g = np.array([[0, 1, 2], [2, 1, 1]], np.int64)
+    out = score([g], [g], task="multiclass", num_classes=np.int64(3))
+    assert out == {"acc": 1.0, "miou": 1.0, "iou_per_class": [1.0, 1.0, 1.0]}
+    for bad in (3.0, True, 0):
+        with pytest.raises(ValueError, match="num_classes"):
+            build_metrics("multiclass", num_classes=bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+def test_colour_ground_truth_with_non_grey_pixels_is_an_error(tmp_path):
+    """A red-on-black RGB mask read as luma (76) was scored as a 256-class problem
+    (acc 0.86, miou 0.33) instead of failing."""
+    from PIL import Image
+
+    from automask.metrics import score_folders
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    p = _rect_mask(8, 8, slice(2, 5), slice(2, 5))
+    Image.fromarray(p).save(tmp_path / "p" / "a.png")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[2:5, 2:5, 0] = 255
+    Image.fromarray(red).save(tmp_path / "g" / "a.png")
+    with pytest.raises(ValueError, match=r"a\.png is a RGB colour image.*row 2, column 2"):
+        score_folders(tmp_path / "p", tmp_path / "g")
+    # a colour file holding grey pixels only is read as grey
+    Image.fromarray(np.repeat(p[..., None], 3, -1)).save(tmp_path / "g" / "a.png")
+    assert score_folders(tmp_path / "p", tmp_path / "g", metrics=["iou"])["iou"] == 1.0
