@@ -95,6 +95,13 @@ class _ParkingFile:
 _HELD: dict[int, tuple[nn.Parameter, torch.Tensor | _Parked]] = {}
 
 
+def is_held(param: torch.Tensor) -> bool:
+    """True while :func:`frozen_linears_in_bf16` holds ``param`` in bf16 (its float32
+    original comes back when the hold ends, so changes made to it meanwhile are lost)."""
+    entry = _HELD.get(id(param))
+    return entry is not None and entry[0] is param
+
+
 @contextlib.contextmanager
 def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True,
                            park: bool = False) -> Iterator[int]:

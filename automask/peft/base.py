@@ -163,6 +163,18 @@ class EncoderHook(nn.Module):
         return x
 
 
+def check_not_held(*params: torch.Tensor) -> None:
+    """Refuse to fold into (or out of) weights that
+    :func:`automask.models.frozen.frozen_linears_in_bf16` holds in bf16: their float32
+    originals come back when the hold ends, and the change would be lost while the adapter
+    says it is (un)merged."""
+    from ..models.frozen import is_held
+
+    if any(is_held(p) for p in params):
+        raise ValueError("cannot merge or unmerge while the base layer's frozen weights are "
+                         "held in bf16 (frozen_linears_in_bf16); do it before the hold or after")
+
+
 def adapters(model: nn.Module) -> list[Adapter]:
     """Every :class:`Adapter` inside ``model``."""
     return [m for m in model.modules() if isinstance(m, Adapter)]
@@ -189,19 +201,36 @@ def merge_adapters(model: nn.Module) -> int:
     """Fold every mergeable adapter into its base layer, for inference; returns how many.
 
     Adapters that cannot be merged (Conv-LoRA's experts are nonlinear) are left as they
-    are, so the model output is unchanged either way.
+    are, so the model output is unchanged either way. When one refuses (``ValueError``:
+    non-finite values, base weights held in bf16), those this call merged before it are
+    unmerged again and the error is raised: no model is left half merged.
     """
     merged = [m for m in adapters(model) if m.mergeable]
-    for module in merged:
-        module.merge()
+    done = []
+    try:
+        for module in merged:
+            if not module.merged:
+                module.merge()
+                done.append(module)
+    except BaseException:  # one refused (non-finite values): undo the others, merge none
+        for module in reversed(done):
+            module.unmerge()
+        raise
     return len(merged)
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    """Undo :func:`merge_adapters`."""
-    for module in adapters(model):
-        if module.mergeable:
-            module.unmerge()
+    """Undo :func:`merge_adapters` (all or, when one refuses, none)."""
+    done = []
+    try:
+        for module in adapters(model):
+            if module.mergeable and module.merged:
+                module.unmerge()
+                done.append(module)
+    except BaseException:
+        for module in reversed(done):
+            module.merge()
+        raise
 
 
 # --------------------------------------------------------------------------- targets
@@ -259,15 +288,17 @@ def wrap_targets(
         A matched module is not one of ``layer_types`` (the method's declared kinds).
     """
     names = find_targets(model, targets)
-    for name in names:
-        layer = model.get_submodule(name)
+    layers = [model.get_submodule(name) for name in names]
+    for name, layer in zip(names, layers):  # every target checked before any is replaced
         if not isinstance(layer, layer_types) or isinstance(layer, Adapter):
             kinds = " or ".join(t.__name__ for t in layer_types)
             raise ConfigError(
                 f"target {name!r} is a {type(layer).__name__}, not an {kinds}; this method "
                 f"wraps {kinds} layers only"
             )
-        replace_module(model, name, make(layer))
+    wrapped = [make(layer) for layer in layers]  # a wrapper that fails replaces nothing
+    for name, new in zip(names, wrapped):
+        replace_module(model, name, new)
     return names
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PeftMethod, split_names, wrap_targets
-from .lora import LoRALinear, LoRAOptions, add_low_rank_update
+from .lora import LoRALinear, LoRAOptions, add_low_rank_update, check_rank
 
 _NOISE_EPS = 1e-2
 
@@ -49,8 +49,9 @@ class ConvLoRAOptions(LoRAOptions):
                 values = [float(s) for s in split_names(self.scales)]
             except ValueError:
                 values = []
-            self.check("scales", len(values) == self.num_experts and all(v > 0 for v in values),
-                       f"must hold {self.num_experts} positive numbers, one per expert")
+            self.check("scales", len(values) == self.num_experts
+                       and all(0 < v < float("inf") for v in values),
+                       f"must hold {self.num_experts} finite positive numbers, one per expert")
 
     @property
     def scale_list(self) -> tuple[float, ...] | None:
@@ -120,6 +121,8 @@ class ConvLoRALinear(LoRALinear):
         aux_loss_weight: float = 0.01,
     ) -> None:
         super().__init__(base_layer, rank=rank, alpha=alpha)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
         self.num_experts = num_experts
@@ -127,6 +130,8 @@ class ConvLoRALinear(LoRALinear):
         self.scales = tuple(float(s) for s in (scales or range(1, num_experts + 1)))
         if len(self.scales) != num_experts:
             raise ValueError(f"need {num_experts} scales, got {self.scales}")
+        if not all(0 < s < float("inf") for s in self.scales):
+            raise ValueError(f"scales must be finite and > 0, got {self.scales}")
         self.aux_loss_weight = aux_loss_weight
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.experts = nn.ModuleList(
@@ -323,10 +328,9 @@ def _is_exporting() -> bool:
 
 def apply(model: nn.Module, options: ConvLoRAOptions) -> None:
     """Wrap every image-encoder Linear matching ``options.targets`` in :class:`ConvLoRALinear`."""
-    wrap_targets(
-        model,
-        options.target_list,
-        lambda layer: ConvLoRALinear(
+    def make(layer: nn.Module) -> ConvLoRALinear:
+        check_rank(options.rank, layer)
+        return ConvLoRALinear(
             layer,
             rank=options.rank,
             alpha=options.alpha,
@@ -334,8 +338,9 @@ def apply(model: nn.Module, options: ConvLoRAOptions) -> None:
             top_k=options.top_k,
             scales=options.scale_list,
             aux_loss_weight=options.aux_loss_weight,
-        ),
-    )
+        )
+
+    wrap_targets(model, options.target_list, make)
 
 
 METHOD = PeftMethod("conv_lora", "Conv-LoRA", ConvLoRAOptions, apply, unused_parameters=True,

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, MethodOptions, PeftMethod, split_names, wrap_targets
+from ..errors import ConfigError
+from .base import (Adapter, MethodOptions, PeftMethod, check_not_held, split_names,
+                   wrap_targets)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class LoRALinear(Adapter):
     def __init__(self, base_layer: nn.Linear, rank: int = 3, alpha: float = 32.0) -> None:
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRA wraps nn.Linear, got {type(base_layer).__name__}")
+        check_rank(rank, base_layer, ValueError, "rank")
         super().__init__(base_layer)
         self.rank = rank
         self.alpha = alpha
@@ -67,6 +70,7 @@ class LoRALinear(Adapter):
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
         self.reset_adapter()
+        self._merged_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_adapter(self) -> None:
         """A Kaiming-uniform, B zeros: the adapter starts as the identity update."""
@@ -89,18 +93,28 @@ class LoRALinear(Adapter):
         """Add the update to ``base_layer.weight``; the forward then skips the adapter."""
         if self.merged:
             return
+        check_not_held(self.base_layer.weight)
         delta = self.delta_weight()
         if not torch.isfinite(delta).all():
             raise ValueError("LoRA update holds NaN/inf values; refusing to merge it")
         self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        # The factors merged (r x (in + out) values), so that unmerge subtracts this very
+        # update even if A or B change while merged (a state dict loaded, a step taken).
+        self._merged_factors = (self.lora_A.weight.detach().clone(),
+                                self.lora_B.weight.detach().clone())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract a merged update from ``base_layer.weight`` again."""
+        """Subtract the update merged by :meth:`merge` from ``base_layer.weight`` again."""
         if not self.merged:
             return
-        self.base_layer.weight.sub_(self.delta_weight().to(self.base_layer.weight.dtype))
+        check_not_held(self.base_layer.weight)
+        # (a module pickled by an older automask holds no factors: its current ones)
+        a, b = getattr(self, "_merged_factors", None) or (self.lora_A.weight, self.lora_B.weight)
+        delta = (b @ a) * self.scaling  # the same product as delta_weight() at merge time
+        self.base_layer.weight.sub_(delta.to(self.base_layer.weight))  # its device and dtype
+        self._merged_factors = None
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -128,10 +142,24 @@ def add_low_rank_update(out: torch.Tensor, low_rank: torch.Tensor, weight: torch
     return fused.view(out.shape)
 
 
+def check_rank(rank: int, layer: nn.Linear, error: type = ConfigError,
+               name: str = "peft.rank") -> None:
+    """Raise ``error`` naming ``rank`` unless ``1 <= rank <= min(in, out)`` of ``layer``:
+    a larger rank adds parameters that cannot raise the rank of the update."""
+    limit = min(layer.in_features, layer.out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise error(f"invalid value {rank!r} for {name!r}: must be an integer in [1, {limit}], "
+                    f"the smaller side of the adapted Linear({layer.in_features}, "
+                    f"{layer.out_features})")
+
+
 def apply(model: nn.Module, options: LoRAOptions) -> None:
     """Wrap every image-encoder Linear matching ``options.targets`` in :class:`LoRALinear`."""
-    wrap_targets(model, options.target_list,
-                 lambda layer: LoRALinear(layer, rank=options.rank, alpha=options.alpha))
+    def make(layer: nn.Module) -> LoRALinear:
+        check_rank(options.rank, layer)
+        return LoRALinear(layer, rank=options.rank, alpha=options.alpha)
+
+    wrap_targets(model, options.target_list, make)
 
 
 METHOD = PeftMethod("lora", "LoRA", LoRAOptions, apply,

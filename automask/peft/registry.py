@@ -81,15 +81,19 @@ def apply_peft(model: nn.Module, method: str, options: MethodOptions | None = No
     ConfigError
         Unknown method (the valid ones are listed), an invalid option or one the method does
         not use, a model that already has a PEFT method, or a method the model's backbone
-        does not support (its ``check_peft_method`` says why).
+        does not support (its ``check_peft_method`` says why), a target of the wrong kind,
+        a (Conv-)LoRA rank above a target layer's smaller side. Nothing is changed then: no
+        layer is wrapped, every ``requires_grad`` flag is as before.
     NoMatchingModuleError
         A target pattern matched no module (the pattern is named).
     """
     spec = get_method(method)
     if options is None:
         options = make_options(method, **values)
-    elif values or not isinstance(options, spec.options):
-        raise ConfigError(f"pass either {spec.options.__name__} or option values for {method!r}")
+    elif values or type(options) is not spec.options:  # ConvLoRAOptions is a LoRAOptions
+        raise ConfigError(f"pass either {spec.options.__name__} or option values for {method!r}, "
+                          f"not {type(options).__name__}" + (f" and {sorted(values)}" if values
+                                                              else ""))
     current = getattr(model, "peft_method", None)
     if current is not None:
         raise ConfigError(
@@ -99,8 +103,14 @@ def apply_peft(model: nn.Module, method: str, options: MethodOptions | None = No
     check = getattr(model, "check_peft_method", None)  # a backbone may refuse a method
     if check is not None:
         check(method)
-    model.requires_grad_(False)
-    mark_decoder_trainable(model)
-    spec.apply(model, options)
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        model.requires_grad_(False)
+        mark_decoder_trainable(model)
+        spec.apply(model, options)  # checks its targets before it replaces any layer
+    except BaseException:  # the model stays as it was: a corrected call may follow
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
     model.peft_method = method
     return model

@@ -20,7 +20,8 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from .base import TARGET_ROOT, Adapter, EncoderHook, MethodOptions, PeftMethod, replace_module
+from .base import (TARGET_ROOT, Adapter, EncoderHook, MethodOptions, PeftMethod, check_not_held,
+                   replace_module)
 
 _INIT_STD = 0.02
 
@@ -72,9 +73,20 @@ class ScaleShift(Adapter):
         base = self.base_layer
         if base.bias is None:
             raise NotImplementedError("SSF merge needs a bias in the base layer")
+        check_not_held(base.weight, base.bias)
+        if not (torch.isfinite(self.scale).all() and torch.isfinite(self.shift).all()):
+            raise ValueError("SSF scale or shift holds NaN/inf values; refusing to merge them")
+        # Channels whose scale is 0 lose their weights in the product; kept (a few rows) so
+        # that unmerge can put them back instead of dividing by zero.
+        zero = (self.scale == 0).nonzero().flatten().to(base.weight.device)
+        self._zero_rows = (zero, base.weight[zero].clone(), base.bias[zero].clone())
+        # The values merged, so that unmerge takes out these even if scale or shift change
+        # while merged (a state dict loaded, a step taken).
+        scale, shift = self.scale.detach().clone(), self.shift.detach().clone()
+        self._merged_values = (scale, shift)
         shape = (-1,) + (1,) * (base.weight.dim() - 1)
-        base.weight.mul_(self.scale.view(shape).to(base.weight.dtype))
-        base.bias.mul_(self.scale.to(base.bias.dtype)).add_(self.shift.to(base.bias.dtype))
+        base.weight.mul_(scale.view(shape).to(base.weight.dtype))
+        base.bias.mul_(scale.to(base.bias.dtype)).add_(shift.to(base.bias.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -83,9 +95,19 @@ class ScaleShift(Adapter):
         if not self.merged:
             return
         base = self.base_layer
+        check_not_held(base.weight, base.bias)
         shape = (-1,) + (1,) * (base.weight.dim() - 1)
-        base.bias.sub_(self.shift.to(base.bias.dtype)).div_(self.scale.to(base.bias.dtype))
-        base.weight.div_(self.scale.view(shape).to(base.weight.dtype))
+        merged = getattr(self, "_merged_values", None) or (self.scale, self.shift)  # (see LoRA)
+        scale, shift = (t.to(base.weight.device) for t in merged)
+        base.bias.sub_(shift.to(base.bias.dtype)).div_(scale.to(base.bias.dtype))
+        base.weight.div_(scale.view(shape).to(base.weight.dtype))
+        kept = getattr(self, "_zero_rows", None)
+        if kept is not None and kept[0].numel():  # divided by zero above: the rows kept
+            zero, weight, bias = kept
+            zero = zero.to(base.weight.device)
+            base.weight[zero] = weight.to(base.weight)
+            base.bias[zero] = bias.to(base.bias)
+        self._zero_rows = self._merged_values = None
         self.merged = False
 
 
