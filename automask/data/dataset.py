@@ -209,6 +209,12 @@ class SegmentationDataset(Dataset):
                     f"{raw.shape[0]}x{raw.shape[1]} but image {image_path} is "
                     f"{original[0]}x{original[1]}"
                 )
+            if raw.dtype != np.uint8 and raw.size and int(raw.max()) > 255:
+                # a 16-bit mask edited since it was validated: uint8 would wrap 256 to 0
+                raise DataValidationError(
+                    f"row {self.spec.frame.index[position]!r} {label_path}: mask values must "
+                    f"lie in 0-255, found {int(raw.min())}..{int(raw.max())}"
+                )
             mask = raw if native else resize_nearest(raw, size)
             mask = np.ascontiguousarray(mask.astype(np.uint8, copy=False))
         if self.cache is not None:

@@ -173,6 +173,13 @@ def restore(maps: torch.Tensor, geometry: Geometry, mode: str = "bilinear") -> t
         raise ValueError(f"maps must be (C, R, R) or (R, R), got shape {tuple(maps.shape)}")
     size = geometry.input_size
     height, width = geometry.resized_size
+    if height > size or width > size:
+        # e.g. S / 4 maps given to restore_batch without input_size: the crop below would
+        # keep all of them and stretch them over the image
+        raise ValueError(
+            f"resized size {height}x{width} exceeds the input size {size}; pass the model "
+            "input size (restore_batch's input_size) when the maps are at a lower resolution"
+        )
     if maps.shape[-2:] != (size, size):
         if mode == "nearest":
             maps = _nearest_torch(maps, (size, size))
@@ -338,13 +345,27 @@ def augment(
     if scale != 1.0:
         new_h = max(1, int(round(height * scale)))
         new_w = max(1, int(round(width * scale)))
-        image = resize_image(np.ascontiguousarray(image), (new_h, new_w))
-        mask = resize_nearest(mask, (new_h, new_w)) if mask is not None else None
         if new_h > height or new_w > width:
+            # zoom-in: a window of the zoomed sample, resampled from the matching window of
+            # the sample only (the whole zoomed sample would cost scale**2 times as much)
             top = int(crop_u[0] * (max(new_h - height, 0) + 1))
             left = int(crop_u[1] * (max(new_w - width, 0) + 1))
-            image = image[top:top + height, left:left + width]
-            mask = mask[top:top + height, left:left + width] if mask is not None else None
+            out_h, out_w = min(height, new_h), min(width, new_w)
+            box = (left * width / new_w, top * height / new_h,
+                   (left + out_w) * width / new_w, (top + out_h) * height / new_h)
+            pil = Image.fromarray(np.ascontiguousarray(image))
+            image = np.asarray(pil.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+            if mask is not None:
+                rows = nearest_indices(height, new_h)[top:top + out_h]
+                cols = nearest_indices(width, new_w)[left:left + out_w]
+                mask = mask[rows[:, None], cols[None, :]]
+        else:
+            image = resize_image(np.ascontiguousarray(image), (new_h, new_w))
+            mask = resize_nearest(mask, (new_h, new_w)) if mask is not None else None
+    if config.color_jitter > 0.0:
+        # before the rotation: the pixels it uncovers stay black (IGNORE_INDEX in the mask)
+        # and do not pull the contrast pivot (the mean grey) towards black
+        image = _jitter_colors(image, jitter)
     if config.rotate_degrees > 0.0 and angle != 0.0:
         pil = Image.fromarray(np.ascontiguousarray(image))
         image = np.asarray(pil.rotate(angle, Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)))
@@ -353,8 +374,6 @@ def augment(
             mask = np.asarray(
                 pil_mask.rotate(angle, Image.Resampling.NEAREST, fillcolor=IGNORE_INDEX)
             )
-    if config.color_jitter > 0.0:
-        image = _jitter_colors(image, jitter)
     image = np.ascontiguousarray(image)
     mask = np.ascontiguousarray(mask) if mask is not None else None
     return image, mask
