@@ -38,8 +38,9 @@ def s_measure(pred: Tensor, gt: Tensor, alpha: float = 0.5) -> Tensor:
     an all-foreground one ``mean(pred)``. The region term splits the image at the foreground
     centroid rounded half-to-even (numpy's ``round``, as PySODMetrics; the MATLAB code rounds
     half away from zero, which differs when the 0-based centroid is ``k + 0.5`` with k even),
-    plus one. The region statistics come from one set of per-quadrant sums of
-    ``p, p^2, g, p g``; the object term's standard deviations are computed in two passes.
+    plus one. All statistics come from one set of per-quadrant sums of
+    ``p, p^2, g, p g, p^2 g``, except the standard deviation of a nearly constant region,
+    which takes a second pass (see :func:`_object_score`).
 
     Where PySODMetrics would return NaN (the centroid on the last row/column leaves an empty
     quadrant, whose weight is 0), the empty quadrant contributes 0 here.
@@ -64,41 +65,48 @@ def s_measure(pred: Tensor, gt: Tensor, alpha: float = 0.5) -> Tensor:
 
     pp = pred * pred
     pg = torch.where(gt, pred, 0.0)
+    ppg = torch.where(gt, pp, 0.0)
     top, bottom, left, right = slice(0, cy), slice(cy, h), slice(0, cx), slice(cx, w)
     blocks = [(top, left), (top, right), (bottom, left), (bottom, right)]
-    # (4 quadrants lt, rt, lb, rb; 4 sums p, p^2, g, p g)
-    maps = (pred, pp, gt, pg)
+    # (4 quadrants lt, rt, lb, rb; 5 sums p, p^2, g, p g, p^2 g)
+    maps = (pred, pp, gt, pg, ppg)
     quad = torch.stack(
         [torch.stack([x[r, c].sum().to(pred.dtype) for x in maps]) for r, c in blocks]
     )
 
-    object_score = _object_score(pred, gt, n_fg, n)
+    object_score = _object_score(pred, gt, n_fg, n, quad.sum(0))
     region_score = _region_score(pred, quad, cy, cx, h, w)
     return torch.clamp(alpha * object_score + (1 - alpha) * region_score, min=0)
 
 
-def _s_object(values: Tensor) -> Tensor:
-    """``2 m / (m^2 + 1 + std + eps)`` of the values of one region (foreground or background).
+def _object_score(pred: Tensor, gt: Tensor, n_fg: int, n: int, total: Tensor) -> Tensor:
+    """The object term over the foreground (values ``p``) and background (``1 - p``).
 
-    The standard deviation (ddof = 1) is computed in two passes, ``sum((x - m)^2)``, as the
-    reference does: the one-pass ``sum(x^2) - sum(x) m`` cancels catastrophically on a
-    (nearly) constant region, and its square root turns a 1e-17 rounding residue into an error
-    of about 1e-9 in the score (e.g. any constant 8-bit map, which min-max leaves as is).
+    ``total`` holds the image's sums of ``p, p^2, g, p g, p^2 g``. A region's sum of squared
+    deviations comes from them (one pass), except where the region is nearly constant: there
+    ``sum(x^2) - sum(x) m`` cancels catastrophically, and the square root would turn a 1e-17
+    rounding residue into an error of about 1e-9 in the score (e.g. any constant 8-bit map,
+    which min-max leaves as is), so that region takes a second pass over its deviations from
+    the mean, as the reference computes them.
     """
-    count = values.numel()
-    mean = values.sum() / count
-    if count > 1:
-        std = torch.sqrt(((values - mean) ** 2).sum() / (count - 1))
-    else:
-        std = torch.zeros_like(mean)
-    return 2 * mean / (mean * mean + 1 + std + EPS)
-
-
-def _object_score(pred: Tensor, gt: Tensor, n_fg: int, n: int) -> Tensor:
+    s_p, s_pp, _, s_pg, s_ppg = total.unbind()
+    n_bg = n - n_fg
+    mean_fg = s_pg / n_fg
+    # background on 1 - p: sum(1 - p) = n_bg - S, sum((1 - p)^2) = n_bg - 2 S + S2
+    s_bg, s2_bg = s_p - s_pg, s_pp - s_ppg
+    mean_bg = (n_bg - s_bg) / n_bg
+    scores = []
+    for count, mean, sq_sum, region in (
+        (n_fg, mean_fg, s_ppg, lambda: pred[gt]),
+        (n_bg, mean_bg, n_bg - 2 * s_bg + s2_bg, lambda: 1 - pred[~gt]),
+    ):
+        sq_dev = torch.clamp(sq_sum - count * mean * mean, min=0)
+        if count > 1 and float(sq_dev) <= 1e-4 * float(sq_sum):  # nearly constant: exact
+            sq_dev = ((region() - mean) ** 2).sum()
+        std = torch.sqrt(sq_dev / (count - 1)) if count > 1 else torch.zeros_like(mean)
+        scores.append(2 * mean / (mean * mean + 1 + std + EPS))
     gt_mean = n_fg / n
-    fg = _s_object(pred[gt])
-    bg = _s_object(1 - pred[~gt])
-    return fg * gt_mean + bg * (1 - gt_mean)
+    return scores[0] * gt_mean + scores[1] * (1 - gt_mean)
 
 
 def _region_score(pred: Tensor, quad: Tensor, cy: int, cx: int, h: int, w: int) -> Tensor:
@@ -119,7 +127,7 @@ def _region_score(pred: Tensor, quad: Tensor, cy: int, cx: int, h: int, w: int) 
 
 def _ssim(pred: Tensor, box: tuple[int, int, int, int], count: int, sums: Tensor) -> Tensor:
     """The S-measure's SSIM of the quadrant ``box = (r0, r1, c0, c1)`` from its sums."""
-    s_p, s_pp, s_g, s_pg = sums.unbind()
+    s_p, s_pp, s_g, s_pg, _ = sums.unbind()
     denom = count - 1 + EPS
     x = s_p / count
     y = s_g / count
