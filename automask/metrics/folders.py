@@ -61,6 +61,7 @@ def _read_target(path: Path) -> np.ndarray:
                         f"pixels (the first at row {y}, column {x}: {tuple(rgb[y, x].tolist())}); "
                         "save masks as grey or class-index (palette) images"
                     )
+                return np.ascontiguousarray(rgb[..., 0])  # what convert("L") gives for grey
     return read_map(path)
 
 
