@@ -92,6 +92,39 @@ def _upright(img: Image.Image, orientation: int) -> Image.Image:
     return img if method is None else img.transpose(method)
 
 
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+
+
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels as stored, before any EXIF orientation.
+
+    Pillow >= 11 reports a TIFF with a rotating orientation tag at its turned size (and
+    turns the pixels itself on load); the TIFF's own width and length tags do not change.
+    """
+    if img.format == "TIFF":
+        tags = getattr(img, "tag_v2", {})
+        if _TIFF_WIDTH in tags and _TIFF_LENGTH in tags:
+            return int(tags[_TIFF_WIDTH]), int(tags[_TIFF_LENGTH])
+    return img.size
+
+
+def _left_to_apply(img: Image.Image, orientation: int) -> int:
+    """The orientation still to apply to a just-loaded image, read before loading.
+
+    Pillow >= 11 applies a TIFF's orientation itself when loading (and deletes the tag);
+    older versions and other formats leave it to the caller. Images are opened from a
+    file object, which Pillow never memory-maps: on a memory-mapped TIFF (uncompressed,
+    one strip: L, P, I;16) Pillow 13 scrambles the turned pixels.
+    """
+    if img.format != "TIFF" or orientation == 1:
+        return orientation
+    stored = _stored_size(img)
+    if orientation in _SWAPPING_ORIENTATIONS and stored[0] != stored[1]:
+        return 1 if img.size != stored else orientation
+    tag_gone = _EXIF_ORIENTATION not in getattr(img, "tag_v2", {})
+    return 1 if tag_gone and getattr(img, "map", None) is None else orientation
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image as it will be read, from the file header only (no decode).
 
@@ -109,7 +142,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         Height and width in pixels.
     """
     with Image.open(path) as img:
-        width, height = img.size
+        width, height = _stored_size(img)
         if _orientation(img) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
     return int(height), int(width)
@@ -174,20 +207,43 @@ def check_decodes(path: str | os.PathLike) -> None:
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale a 16/32-bit integer or float array to 0-255."""
+    """Scale a 16/32-bit integer or float array to 0-255.
+
+    Floats in [0, 1] are multiplied by 255, floats in [0, 255] are rounded, integers in
+    [0, 65535] map 65535 to 255 (16-bit full scale). Data outside those ranges (float
+    reflectances of 0-10000, negative values, 32-bit counts above 65535) are stretched
+    from their smallest to their largest finite value, instead of being clipped to a
+    white or black image.
+    """
     if array.dtype == np.uint8:
         return array
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.nan_to_num(array.astype(np.float32))
-        if finite.size and finite.max() <= 1.0 and finite.min() >= 0.0:
-            finite = finite * 255.0
-        return np.clip(finite + 0.5, 0, 255).astype(np.uint8)
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
-    # Integer data: 16-bit full range maps 65535 -> 255 (rounded division by 257).
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float64)
+        finite = np.isfinite(values)
+        if not finite.any():
+            return np.zeros(values.shape, dtype=np.uint8)
+        low, high = float(values[finite].min()), float(values[finite].max())
+        values = np.where(finite, values, low)
+        if low >= 0.0 and high <= 1.0:
+            values = values * 255.0
+        elif low < 0.0 or high > 255.0:
+            return _stretch(values, low, high)
+        return np.clip(values + 0.5, 0, 255).astype(np.uint8)
     values = array.astype(np.int64)
-    values = np.clip(values, 0, 65535)
+    if values.size and (values.min() < 0 or values.max() > _MAX_16BIT):
+        return _stretch(values.astype(np.float64), float(values.min()), float(values.max()))
+    # Integer data: 16-bit full range maps 65535 -> 255 (rounded division by 257).
     return ((values + 128) // 257).astype(np.uint8)
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` mapped linearly from [low, high] to 0-255 (all 0 when low == high)."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
 def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -206,9 +262,11 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
     -------
     numpy.ndarray
         ``(H, W, 3)`` uint8 array. Grayscale is repeated over three channels, alpha is
-        dropped, palettes are expanded and 16-bit data is scaled to 0-255.
+        dropped, palettes are expanded and 16-bit data is scaled to 0-255 (65535 to
+        255); float and 32-bit data as :func:`_to_uint8` says (floats in [0, 1] times
+        255, data beyond the 8/16-bit ranges stretched from its minimum to its maximum).
     """
-    with Image.open(path) as img:
+    with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
         orientation = _orientation(img)
         if min_size is not None and img.format == "JPEG":
             want_h, want_w = int(min_size[0]), int(min_size[1])
@@ -216,7 +274,7 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
                 want_h, want_w = want_w, want_h
             img.draft("RGB", (want_w, want_h))
         img.load()
-        return pil_to_rgb(_upright(img, orientation))
+        return pil_to_rgb(_upright(img, _left_to_apply(img, orientation)))
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -275,6 +333,20 @@ def _refuse_alpha_only(colour: np.ndarray, img: Image.Image, path: str | os.Path
         )
 
 
+# Formats whose colour channels carry compression noise, and how far apart the channels
+# of a grey mask saved in them may be (lossy WebP at quality 50: 1 level).
+_LOSSY_FORMATS = {"JPEG", "MPO", "WEBP", "JPEG2000"}
+_LOSSY_GREY_TOLERANCE = 8
+
+
+def _spread(rgb: np.ndarray) -> int:
+    """Largest difference between two colour channels of one pixel."""
+    if rgb.size == 0:
+        return 0
+    wide = rgb.astype(np.int16)
+    return int((wide.max(axis=2) - wide.min(axis=2)).max())
+
+
 def read_mask(
     path: str | os.PathLike, color_map: ColorMap | None = None
 ) -> np.ndarray:
@@ -284,7 +356,9 @@ def read_mask(
     ----------
     path : str or PathLike
         Single-channel image (PNG, BMP, TIFF, ...). Palette images give their indices.
-        An RGB(A) file whose three channels are equal everywhere is read as grayscale.
+        An RGB(A) file whose three channels are equal everywhere is read as grayscale,
+        and so is a lossy (JPEG, WebP) colour file whose channels differ by at most 8
+        levels anywhere (compression noise of a grey mask): their rounded mean is read.
     color_map : dict, optional
         ``{(r, g, b): class_id}``: required for colour masks, every colour present must
         be listed.
@@ -300,10 +374,11 @@ def read_mask(
     DataValidationError
         For a colour mask without ``color_map`` or with colours missing from it.
     """
-    with Image.open(path) as img:
+    with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
         orientation = _orientation(img)
+        lossy = img.format in _LOSSY_FORMATS
         img.load()
-        img = _upright(img, orientation)
+        img = _upright(img, _left_to_apply(img, orientation))
         mode = img.mode
         if mode == "P":
             # palette indices, not colours (with or without a color_map)
@@ -342,6 +417,10 @@ def read_mask(
         return _apply_color_map(rgb, color_map, path)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
         return np.ascontiguousarray(rgb[..., 0])
+    if lossy and _spread(rgb) <= _LOSSY_GREY_TOLERANCE:
+        # a grey mask saved as a lossy colour file (WebP is always colour; some JPEG
+        # writers keep three channels): chroma noise of a few levels, read as its grey
+        return np.rint(rgb.mean(axis=2)).astype(np.uint8)
     raise DataValidationError(
         f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
         "(grayscale or palette PNG), or pass color_map={(r, g, b): class_id, ...}"
