@@ -128,3 +128,72 @@ def test_tiff_orientation_is_applied_once(tmp_path, orientation, mode, compressi
     gray = read_image(path)[..., 0]
     expected = np.array(Image.fromarray(upright).convert(mode).convert("RGB"))[..., 0]
     assert np.array_equal(gray, expected)
+
+
+def _pairs(tmp_path, masks: list[np.ndarray], suffix: str) -> pd.DataFrame:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, mask in enumerate(masks):
+        image = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full(mask.shape + (3,), 90, np.uint8)).save(image)
+        label = tmp_path / f"mask{i}{suffix}"
+        Image.fromarray(mask).save(label, quality=90)
+        rows.append({"image": str(image), "label": str(label)})
+    return pd.DataFrame(rows)
+
+
+def _class_ids(h: int = 48, w: int = 64) -> np.ndarray:
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, w // 3:] = 3
+    mask[h // 2:, 2 * w // 3:] = 7
+    return mask
+
+
+def test_class_id_masks_saved_as_jpeg_are_refused_naming_the_rows(tmp_path):
+    """JPEG turns class ids 0/3/7 into in-between ids at every edge: fit used to infer a
+    larger class count from the ringing and train on classes that do not exist."""
+    from automask.data import validate_frame
+
+    frame = _pairs(tmp_path, [_class_ids(), _class_ids()], ".jpg")
+    with pytest.raises(DataValidationError, match=r"row 0 \[label\].*JPEG file.*PNG") as info:
+        validate_frame(frame)
+    assert "row 1 [label]" in str(info.value)
+    with pytest.raises(DataValidationError, match="JPEG file"):
+        validate_frame(frame, num_classes=8)
+    png = _pairs(tmp_path / "png", [_class_ids(), _class_ids()], ".png")
+    spec = validate_frame(png)  # lossless: the same ids are read as they are
+    assert spec.task == "multiclass" and spec.num_classes == 8
+
+
+def test_binary_masks_saved_as_jpeg_are_still_read(tmp_path):
+    mask = _square_mask()
+    frame = _pairs(tmp_path, [mask, mask], ".jpg")
+    from automask.data import validate_frame
+
+    with pytest.warns(UserWarning, match="binarised"):
+        spec = validate_frame(frame)
+    assert spec.task == "binary"
+
+
+def test_row_labels_and_invisible_white_space_are_named_plainly(tmp_path):
+    from automask.data import validate_frame
+    from automask.data.validation import warn_training_issues
+
+    frame = _pairs(tmp_path, [_square_mask() * 0, _square_mask()], ".png")
+    with pytest.warns(UserWarning, match=r"rows 0\b") as record:
+        warn_training_issues(validate_frame(frame))
+    assert not any("np.int64" in str(w.message) for w in record)
+    frame.loc[1, "image"] = frame.loc[1, "image"] + " "
+    with pytest.raises(DataValidationError, match=r"row 1 \[image\].*ends with white space"):
+        validate_frame(frame)
+
+
+def test_score_folders_reads_a_lossy_webp_grey_ground_truth(tmp_path):
+    from automask.metrics import score_folders
+
+    mask = _square_mask()
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(mask).save(tmp_path / "pred" / "a.png")
+    _lossy_webp(tmp_path / "gt" / "a.webp", mask)
+    assert score_folders(tmp_path / "pred", tmp_path / "gt", metrics=["iou"])["iou"] > 0.98

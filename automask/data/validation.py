@@ -62,6 +62,7 @@ KIND_IDS = "ids"
 KIND_SOFT = "soft"
 SOFT_THRESHOLD = 128  # soft masks: foreground is value > 128
 _ANTIALIAS_LOW = 128  # values 128..254 in a mask look like a soft/JPEG binary mask
+_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")  # always lossy: class ids do not survive
 _MASK_MEMO_LIMIT = 50_000
 
 
@@ -176,7 +177,7 @@ class _Problems:
     def add(
         self, position: int, index: Any, column: str | None, path: str | None, reason: str
     ) -> None:
-        where = f"row {index!r}"
+        where = f"row {_plain(index)!r}"
         if not self.unique_index:
             where += f" (position {position})"
         if column is not None:
@@ -252,10 +253,18 @@ def _resolve(raw: str, root: Path) -> str:
     return os.path.abspath(path)
 
 
+def _not_found(path: str) -> str:
+    """The reason for a missing file, naming white space at either end of its name."""
+    name = os.path.basename(path)
+    if name != name.strip():
+        return f"file not found ({name!r} starts or ends with white space)"
+    return "file not found"
+
+
 def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     """(size, reason): size from the header, then a full decode of one image file."""
     if not os.path.exists(path):
-        return None, "file not found"
+        return None, _not_found(path)
     if not os.path.isfile(path):
         return None, "not a file"
     try:
@@ -292,7 +301,7 @@ def _rotation_hint(image_path: str, shape: Sequence[int], size: Sequence[int]) -
 def _check_mask(path: str, color_map: ColorMap | None) -> tuple[Any, str | None]:
     """(summary, reason): full decode of one mask file."""
     if not os.path.exists(path):
-        return None, "file not found"
+        return None, _not_found(path)
     if not os.path.isfile(path):
         return None, "not a file"
     try:
@@ -609,9 +618,14 @@ def duplicate_images(spec: DataSpec) -> list[list[int]]:
     return [rows for rows in groups.values() if len(rows) > 1]
 
 
+def _plain(label: Any) -> Any:
+    """A numpy scalar index label as its Python value (``0``, not ``np.int64(0)``)."""
+    return label.item() if isinstance(label, np.generic) else label
+
+
 def _rows_text(spec: DataSpec, positions: Sequence[int], limit: int = 5) -> str:
     index = spec.frame.index
-    shown = ", ".join(repr(index[pos]) for pos in positions[:limit])
+    shown = ", ".join(repr(_plain(index[pos])) for pos in positions[:limit])
     return shown + (f", ... ({len(positions)} in all)" if len(positions) > limit else "")
 
 
@@ -714,6 +728,15 @@ def _detect_task(
             if _is_soft_binary(values, counts) and num_classes in (None, 2):
                 kinds[pos] = KIND_SOFT
     _void_255_in_binary_data(kinds, value_sets, valid, paths)
+    for pos in valid:  # JPEG blurs class ids into their neighbours: ids that are no class
+        if kinds[pos] == KIND_IDS and str(paths[pos]).lower().endswith(_JPEG_SUFFIXES) \
+                and any(1 < v < IGNORE_INDEX for v in value_sets[pos]):
+            problems.add(
+                pos, index[pos], label_col, paths[pos],
+                f"mask values {_fmt(value_sets[pos])} come from a JPEG file: its compression "
+                "turns class ids into other ids at every edge (new classes that do not "
+                "exist); save class-id masks losslessly (PNG)",
+            )
     if num_classes is not None:
         k = num_classes
         if k > 2 and valid and all(value_sets[pos] <= {0, IGNORE_INDEX} for pos in valid) \

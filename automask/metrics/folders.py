@@ -52,7 +52,13 @@ def _read_target(path: Path) -> np.ndarray:
     if path.suffix.lower() != ".npy":
         with Image.open(path) as im:
             if im.mode in _COLOUR_MODES and im.mode not in ("LA", "PA"):
+                # (imported here: automask.data pulls in Lightning, metrics stand alone)
+                from automask.data.io import _LOSSY_FORMATS, _LOSSY_GREY_TOLERANCE, _spread
+
                 rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
+                if im.format in _LOSSY_FORMATS and _spread(rgb) <= _LOSSY_GREY_TOLERANCE:
+                    # a grey mask saved as lossy colour (WebP): chroma noise, read as grey
+                    return np.rint(rgb.mean(axis=2)).astype(np.uint8)
                 grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
                 if not grey.all():
                     y, x = (int(v) for v in np.argwhere(~grey)[0])
