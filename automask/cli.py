@@ -84,7 +84,8 @@ def _cmd_fit(args) -> None:
         train, class_names, hp = _fit_inputs(args)
         fit_args = {"tuning_data": args.tuning, "presets": args.presets,
                     "hyperparameters": hp, "time_limit": args.time_limit,
-                    "num_classes": args.num_classes, "class_names": class_names}
+                    "num_classes": args.num_classes, "class_names": class_names,
+                    "color_map": _read_color_map(args.color_map) if args.color_map else None}
     seg = SemanticSegmentor(path=args.path, verbosity=args.verbosity, **params)
     seg.fit(train, overwrite=args.overwrite, resume=args.resume, **fit_args)
     from .training.distributed import is_main_process
@@ -92,6 +93,33 @@ def _cmd_fit(args) -> None:
     if is_main_process():  # a distributed fit runs this command in every process
         _print_table(seg.leaderboard(), as_json=False)
         print(f"saved to {seg.path_}")
+
+
+def _read_color_map(path: str) -> dict[tuple[int, int, int], int]:
+    """``--color-map``: one ``R G B CLASS_ID`` line per colour (commas or spaces; blank
+    lines and ``#`` comments skipped), e.g. ``128,64,128,3``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutomaskError(f"cannot read --color-map {path!r}: {exc}") from exc
+    out: dict[tuple[int, int, int], int] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].replace(",", " ").split()
+        if not text:
+            continue
+        try:
+            r, g, b, class_id = (int(v) for v in text)
+        except ValueError:
+            raise AutomaskError(f"--color-map {path!r} line {number}: expected R G B CLASS_ID "
+                                f"(four integers), got {line.strip()!r}") from None
+        if (r, g, b) in out:
+            raise AutomaskError(f"--color-map {path!r} line {number}: colour {(r, g, b)} "
+                                "is listed twice")
+        out[(r, g, b)] = class_id
+    if not out:
+        raise AutomaskError(f"--color-map {path!r} lists no colour")
+    return out
 
 
 def _recorded_fit(path: str):
@@ -445,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default="image")
     p.add_argument("--eval-metric")
     p.add_argument("--num-classes", type=int)
+    p.add_argument("--color-map", metavar="FILE",
+                   help="colour masks: a text file of 'R G B CLASS_ID' lines (commas or "
+                        "spaces), every colour of the masks listed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbosity", type=int, default=2,
                    help="0 silent, 1 a line per epoch and a summary, 2 also a progress bar "

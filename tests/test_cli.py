@@ -192,3 +192,38 @@ def test_demo_bad_input(tmp_path):
 def test_debug_flag_shows_the_traceback():
     proc = run_cli("--debug", "params", "--backbone", "vit_x")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "vit_x" in proc.stderr
+
+
+def test_fit_and_evaluate_on_colour_masks_with_a_color_map_file(tmp_path):
+    """Colour-coded masks (each class a colour) could be trained only through the API."""
+    colours = {(0, 0, 0): 0, (128, 64, 128): 1, (64, 0, 128): 2}
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        ids = np.zeros((48, 48), np.int64)
+        ids[:, 16:] = 1
+        ids[24 + i:, 32:] = 2
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{i}.png")
+        palette = np.array(list(colours), np.uint8)
+        Image.fromarray(palette[ids]).save(tmp_path / "masks" / f"{i}.png")
+    (tmp_path / "colours.txt").write_text(
+        "# R G B class\n0 0 0 0\n128,64,128,1\n64, 0, 128, 2  # road marking\n")
+    common = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
+    proc = run_cli("fit", *common, "--presets", "tiny", "--hp", "optim.max_epochs=1",
+                   "--hp", "model.input_size=64", "--path", str(tmp_path / "run"),
+                   "--verbosity", "0", "--color-map", str(tmp_path / "colours.txt"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from automask import SemanticSegmentor
+
+    seg = SemanticSegmentor.load(tmp_path / "run")
+    assert seg.num_classes_ == 3 and seg.color_map_ == colours
+    proc = run_cli("evaluate", str(tmp_path / "run"), *common, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads(proc.stdout)["iou_per_class"]) == 3
+    (tmp_path / "bad.txt").write_text("0 0 0 0\n128 64 x 1\n")
+    proc = run_cli("fit", *common, "--presets", "tiny", "--path", str(tmp_path / "bad"),
+                   "--color-map", str(tmp_path / "bad.txt"))
+    assert_one_line_error(proc, "line 2", "four integers")
+    assert not (tmp_path / "bad").exists()
