@@ -197,3 +197,20 @@ def test_score_folders_reads_a_lossy_webp_grey_ground_truth(tmp_path):
     Image.fromarray(mask).save(tmp_path / "pred" / "a.png")
     _lossy_webp(tmp_path / "gt" / "a.webp", mask)
     assert score_folders(tmp_path / "pred", tmp_path / "gt", metrics=["iou"])["iou"] > 0.98
+
+
+def test_a_void_label_no_training_mask_holds_is_warned_about(tmp_path):
+    """void_label=30 on CamVid-like masks (void 11) used to train silently, ignoring
+    nothing."""
+    from automask.data import validate_frame
+    from automask.data.validation import warn_training_issues
+
+    masks = [_class_ids(), _class_ids()]
+    masks[1][:4] = 11
+    frame = _pairs(tmp_path, masks, ".png")
+    spec = validate_frame(frame, void_label=30, num_classes=12)
+    with pytest.warns(UserWarning, match="void_label=30 marks no pixel of any training mask"):
+        warn_training_issues(spec)
+    spec = validate_frame(frame, void_label=11)  # present in row 1: nothing to say
+    assert spec.stats["void"].tolist() == [0.0, 4 / 48]
+    assert not [m for m in warn_training_issues(spec) if "void_label" in m]

@@ -90,7 +90,8 @@ class DataSpec:
         Per row, aligned by position with ``frame``: ``height``, ``width`` (image size
         after EXIF orientation), and when labelled ``kind`` (b01/b255/ids) and
         ``foreground`` (fraction of labelled pixels that are not background); for
-        multi-class tasks also ``classes``, the tuple of class ids the mask labels.
+        multi-class tasks also ``classes``, the tuple of class ids the mask labels; with a
+        ``void_label`` also ``void``, the fraction of the mask's pixels that hold it.
     """
 
     frame: pd.DataFrame
@@ -583,6 +584,10 @@ def validate_frame(
         stats["foreground"] = [
             _foreground_fraction(summaries[pos], kinds[pos], k, void_label) for pos in range(n_rows)
         ]
+        if void_label is not None:  # fraction of each mask's pixels equal to void_label
+            stats["void"] = [
+                _value_fraction(summaries[pos], void_label) for pos in range(n_rows)
+            ]
         if task == "multiclass":  # the holdout split keeps a class seen in one image trained
             stats["classes"] = [
                 _classes_present(summaries[pos], kinds[pos], k, void_label)
@@ -632,14 +637,15 @@ def _rows_text(spec: DataSpec, positions: Sequence[int], limit: int = 5) -> str:
 def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) -> list[str]:
     """Warn about training data that can be used but probably is not what was meant.
 
-    Called before training (by the data module). Three checks, each one warning that
-    names a few rows:
+    Called before training (by the data module). Four checks, each one warning that
+    names a few rows where it can:
 
     * rows that repeat an image of another row (the holdout split keeps all rows of an
       image on one side);
     * tuning rows whose image is also a training image (validation scores then flatter);
     * binary masks with no foreground pixel (how many; when all are empty the model can
-      only learn to predict background).
+      only learn to predict background);
+    * a ``void_label`` that no training mask holds (a wrong value ignores nothing).
 
     Returns
     -------
@@ -684,6 +690,12 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
                 f"pixel, rows {_rows_text(spec, empty.tolist())}); fine for images without "
                 "the object, otherwise check those mask files"
             )
+    if spec.void_label is not None and spec.stats is not None and "void" in spec.stats.columns \
+            and not (spec.stats["void"].to_numpy(dtype=np.float64) > 0).any():
+        messages.append(
+            f"void_label={spec.void_label} marks no pixel of any training mask: nothing is "
+            "ignored; check the value (CamVid's void is 11; 255 is common for 0/1 masks)"
+        )
     for message in messages:
         warnings.warn(message, stacklevel=2)
     return messages
@@ -889,6 +901,15 @@ def _classes_present(
         return ()
     targets = _lut(kind, k, void_label)[np.clip(summary[1], 0, 255)]
     return tuple(int(t) for t in np.unique(targets) if t != IGNORE_INDEX)
+
+
+def _value_fraction(summary: Any, value: int) -> float:
+    """Fraction of a mask's pixels that hold ``value`` (NaN for a row without a summary)."""
+    if summary is None:
+        return float("nan")
+    _, values, counts = summary
+    total = counts.sum()
+    return float(counts[values == value].sum() / total) if total else 0.0
 
 
 def _foreground_fraction(summary: Any, kind: str | None, k: int, void_label: int | None) -> float:
