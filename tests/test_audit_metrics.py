@@ -114,7 +114,7 @@ def test_single_channel_probability_map_is_scored_as_binary():
     assert score(np.stack([p, p])[:, None], np.stack([g, g])) == expected
     t = torch.from_numpy(g)
     assert infer_task([torch.from_numpy(p)[None]], [t]) == "binary"
-    assert infer_task([torch.zeros(3, 12, 10)], [t]) == "multiclass"
+    assert infer_task([torch.zeros(3, 12, 10)], [(t > 0).to(torch.uint8)]) == "multiclass"
 
 
 def test_channels_last_colour_prediction_names_its_shape():
@@ -216,3 +216,19 @@ def test_colour_ground_truth_with_non_grey_pixels_is_an_error(tmp_path):
     # a colour file holding grey pixels only is read as grey
     Image.fromarray(np.repeat(p[..., None], 3, -1)).save(tmp_path / "g" / "a.png")
     assert score_folders(tmp_path / "p", tmp_path / "g", metrics=["iou"])["iou"] == 1.0
+
+
+def test_score_maps_against_0_255_masks_are_refused_not_scored_on_background():
+    """(K, H, W) scores with binary 0/255 masks were scored as K classes with 255 as void:
+    every object pixel was left out and the scores looked good."""
+    from automask.metrics import score
+
+    target = np.zeros((8, 8), np.uint8)
+    target[2:5, 2:5] = 255
+    scores = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="only 0 and 255"):
+        score([scores], [target])
+    explicit = score([scores], [target], task="multiclass", metrics=["acc"])  # the user's call
+    assert 0.0 <= explicit["acc"] <= 1.0
+    ids = (target > 0).astype(np.uint8)  # class ids: scored as K classes, as before
+    assert set(score([scores[:2]], [ids])) == {"acc", "miou", "iou_per_class"}

@@ -37,6 +37,19 @@ def _binary_like(t: Tensor, ignore_index: int | None = None) -> bool:
     )
 
 
+def _all_0_255(targets: list[Tensor]) -> bool:
+    """True when every target holds only 0 and 255, and some hold 255."""
+    seen_255 = False
+    for t in targets:
+        if t.dtype == torch.bool or t.is_floating_point():
+            return False
+        values = torch.unique(t).to(torch.int64)
+        if not bool(torch.isin(values, torch.tensor([0, 255], device=t.device)).all()):
+            return False
+        seen_255 = seen_255 or bool((values == 255).any())
+    return seen_255
+
+
 def _is_scores(p: Tensor, t: Tensor) -> bool:
     """True for ``(K, H, W)`` class scores of an ``(H, W)`` target, with ``K > 1``."""
     return p.ndim == t.ndim + 1 and p.shape[-2:] == t.shape[-2:] and p.shape[-3] > 1
@@ -54,8 +67,18 @@ def infer_task(
     target holds only {0, 1} or only {0, 255}, else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
     Target pixels equal to ``ignore_index`` (when given) are left out of that check.
+    Score maps against targets that all hold only 0 and 255 raise ValueError: multi-class
+    metrics would read every object pixel as void (255).
     """
     if any(_is_scores(p, t) for p, t in zip(predictions, targets)):
+        if ignore_index in (None, 255) and _all_0_255(targets):
+            # multi-class metrics read 255 as void: every object pixel would be left out
+            raise ValueError(
+                "the predictions are (K, H, W) class scores but every target holds only 0 "
+                "and 255, a binary mask whose 255 multi-class metrics read as void (every "
+                "object pixel would be left out); pass one (H, W) probability map per image "
+                "for a binary task, or task='multiclass' if 255 really is void"
+            )
         return "multiclass"
     if any(p.is_floating_point() for p in predictions):
         return "binary"
