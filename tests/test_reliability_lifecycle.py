@@ -321,12 +321,14 @@ def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path,
 # ------------------------------------------------------------------------- 6. SIGINT
 def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path):
     run = tmp_path / "run"
+    epochs = 24  # an epoch takes about 0.25 s here: the interrupt lands well before the end
     proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
-                     "--hp", "optim.max_epochs=4", "--hp", "model.input_size=64",
+                     "--hp", f"optim.max_epochs={epochs}", "--hp", "model.input_size=64",
                      "--path", str(run), "--verbosity", "0")
-    wait_for(lambda: checkpoint_epoch(run) is not None, proc)
+    wait_for(lambda: (run / STATE / "checkpoints" / "default.ckpt").is_file(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    assert not (run / "automask.json").is_file(), "the fit ended before the interrupt"
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "automask: interrupted"
     assert "Traceback" not in err
@@ -334,8 +336,8 @@ def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path):
     assert done is not None
     seg = SemanticSegmentor(path=run, verbosity=0).fit(
         data / "train.csv", presets="tiny",
-        hyperparameters={"optim.max_epochs": 4, "model.input_size": 64}, resume=True)
-    assert [h["epoch"] for h in seg.models_["default"].history] == [0, 1, 2, 3]
+        hyperparameters={"optim.max_epochs": epochs, "model.input_size": 64}, resume=True)
+    assert [h["epoch"] for h in seg.models_["default"].history] == list(range(epochs))
 
 
 API_FIT = textwrap.dedent("""
