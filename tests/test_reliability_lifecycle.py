@@ -107,7 +107,9 @@ def test_killed_refit_leaves_the_previous_predictor_complete(data, base, tmp_pat
     files_before = digest_tree(run)
     proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
                      "--hp", "peft.method=full", "--hp", "peft.method=lora",
-                     "--hp", "optim.max_epochs=1", "--hp", "model.input_size=64",
+                     # 8 epochs (about 2 s) per candidate: the kill lands while the
+                     # second one trains, even on a loaded machine
+                     "--hp", "optim.max_epochs=8", "--hp", "model.input_size=64",
                      "--path", str(run), "--overwrite", "--verbosity", "0")
     try:  # the first candidate's weights are written; the second is training
         wait_for(lambda: (run / STATE / "records" / "method_full.json").is_file(), proc)
