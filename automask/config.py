@@ -284,6 +284,13 @@ class DataConfig:
     prompt_rate: float = 0.5
     """Fraction of training samples that get a prompt when ``data.prompts`` is set; the
     others train prompt-free, so the model keeps answering without prompts."""
+    image_range: str = "auto"
+    """How images stored with more than 8 bits per sample (16-bit, 32-bit, float) become
+    0-255: ``auto`` finds one value range for the whole dataset at fit (12-bit data in
+    16-bit files: 0-4095; see :func:`automask.data.io.dataset_value_range`) and keeps it for
+    prediction; ``per_image``: each file by its own rule (16-bit full scale, floats in
+    [0, 1], otherwise its own minimum to maximum); ``"LOW,HIGH"``: that range, e.g.
+    ``"0,4095"`` or ``"-1000,400"`` for a CT window. 8-bit images are never rescaled."""
 
     def __post_init__(self) -> None:
         _check_finite("data", self)
@@ -312,6 +319,41 @@ class DataConfig:
         if self.embedding_cache_mb < 0:
             _fail("data.embedding_cache_mb", self.embedding_cache_mb, "must be >= 0")
         _check_choice("data.large_images", self.large_images)
+        parse_image_range(self.image_range)
+
+
+def parse_image_range(value: str) -> str | tuple[float, float]:
+    """``data.image_range`` checked: ``"auto"``, ``"per_image"`` or ``(low, high)``.
+
+    Raises
+    ------
+    ConfigError
+        Anything else, naming the key and the value.
+    """
+    if value in ("auto", "per_image"):
+        return value
+    parts = value.split(",") if isinstance(value, str) else []
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:  # not two parts, or not numbers
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        _fail("data.image_range", value,
+              "expected 'auto', 'per_image' or the string 'LOW,HIGH' with finite numbers "
+              "LOW < HIGH, such as '0,4095' (a list of values is a search over candidates)")
+    return low, high
+
+
+def image_value_range(cfg: "Config") -> tuple[float, float] | None:
+    """The ``(low, high)`` that images with more than 8 bits per sample are read with.
+
+    None (each file by its own rule) for ``per_image``, and for ``auto`` left unresolved: a
+    fit resolves it from its data (:func:`automask.training.plan.plan_fit`); it stays
+    ``auto`` when no training image had more than 8 bits, and in predictors saved before
+    the option existed.
+    """
+    parsed = parse_image_range(cfg.data.image_range)
+    return parsed if isinstance(parsed, tuple) else None
 
 
 @dataclass

@@ -302,7 +302,10 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
         void_label=seg.void_label_ if labelled else None,
         color_map=seg.color_map_ if labelled else None,
     )
-    images = [read_image(p) for p in spec.frame[seg.image]]
+    from .config import image_value_range
+
+    value_range = image_value_range(seg._config(models[0]))  # shown as the model saw them
+    images = [read_image(p, value_range=value_range) for p in spec.frame[seg.image]]
     truths = None
     if labelled:
         truths = []

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config
+from .config import Config, image_value_range
 from .errors import DataValidationError
 from .hardware import autocast_context
 from .utils import top_created
@@ -181,7 +181,8 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     model.to(device)
     loader = make_predict_loader(spec, input_size=cfg.model.input_size,
                                  batch_size=cfg.env.eval_batch_size,
-                                 num_workers=cfg.data.num_workers)
+                                 num_workers=cfg.data.num_workers,
+                                 value_range=image_value_range(cfg))
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         for batch in loader:
             mapped = None
@@ -205,7 +206,7 @@ def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str) -> np.
 
     device = inference_device(cfg)
     model.to(device)
-    image = read_image(path)  # (H, W, 3) uint8
+    image = read_image(path, value_range=image_value_range(cfg))  # (H, W, 3) uint8
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         prob = tiled_proba(lambda x: _probabilities(model, x, task), image,
                            cfg.model.input_size, cfg.env.eval_batch_size, device)

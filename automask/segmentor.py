@@ -456,7 +456,10 @@ class SemanticSegmentor(BaseEstimator):
         return check_prompts(points, boxes, spec.frame.index, sizes)
 
     def _config(self, name: str | None):
-        return self.models_[self.best_model_ if name is None else name].config
+        name = self.best_model_ if name is None else name
+        if name not in self.models_:
+            raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(self.models_)}")
+        return self.models_[name].config
 
     def _model(self, name: str | None) -> torch.nn.Module:
         name = self.best_model_ if name is None else name

@@ -210,6 +210,7 @@ def make_predict_loader(
     batch_size: int,
     num_workers: int | None = None,
     with_labels: bool | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> DataLoader:
     """A streaming, ordered loader for prediction or evaluation (no cache, no augment).
 
@@ -222,12 +223,16 @@ def make_predict_loader(
         Default :func:`default_num_workers`.
     with_labels : bool, optional
         Load targets; default: when ``spec`` has a label column.
+    value_range : tuple of float, optional
+        ``(low, high)`` for images with more than 8 bits per sample (the model's
+        ``data.image_range``); None: each file by its own rule.
     """
     if with_labels is None:
         with_labels = spec.label_col is not None
     workers = default_num_workers() if num_workers is None else int(num_workers)
     dataset = SegmentationDataset(
-        spec, input_size, augment=None, cache=None, with_labels=with_labels
+        spec, input_size, augment=None, cache=None, with_labels=with_labels,
+        value_range=value_range,
     )
     return _loader(dataset, int(batch_size), workers)
 
@@ -265,6 +270,9 @@ class SegmentationDataModule(L.LightningDataModule):
         prompt-free.
     prompt_rate : float
         Fraction of training samples that get a prompt (``data.prompt_rate``).
+    value_range : tuple of float, optional
+        ``(low, high)`` for images with more than 8 bits per sample (``data.image_range``
+        resolved); None: each file by its own rule.
 
     Attributes
     ----------
@@ -289,6 +297,7 @@ class SegmentationDataModule(L.LightningDataModule):
         large_images: str = "auto",
         prompts: str | None = None,
         prompt_rate: float = 1.0,
+        value_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if spec.label_col is None:
@@ -307,6 +316,7 @@ class SegmentationDataModule(L.LightningDataModule):
         directory = Path(cache_dir) if cache_dir is not None else None
         self.cache = SampleCache(cache_memory_mb, directory)
         self.prompts, self.prompt_rate = prompts, float(prompt_rate)
+        self.value_range = value_range
         self.train_spec: DataSpec | None = None
         self.val_spec: DataSpec | None = None
         self._train_sampler: EpochSampler | None = None
@@ -334,7 +344,7 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = SegmentationDataset(
             self.train_spec, self.input_size, augment=self.augment, cache=self.cache,
             seed=self.seed, large_images=self.large_images, crops="random",
-            prompts=self.prompts, prompt_rate=self.prompt_rate,
+            prompts=self.prompts, prompt_rate=self.prompt_rate, value_range=self.value_range,
         )
         rank, world = self._shard()
         self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed,
@@ -350,7 +360,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self._require_setup()
         dataset = SegmentationDataset(
             self.val_spec, self.input_size, augment=None, cache=self.cache,
-            large_images=self.large_images, crops="grid",
+            large_images=self.large_images, crops="grid", value_range=self.value_range,
         )
         rank, world = self._shard()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None

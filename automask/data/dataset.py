@@ -69,6 +69,10 @@ class SegmentationDataset(Dataset):
         :func:`automask.data.prompts.sample_prompt`); None adds nothing.
     prompt_rate : float
         Probability that a sample gets a prompt (when ``prompts`` is set).
+    value_range : tuple of float, optional
+        ``(low, high)`` mapped to 0-255 for images with more than 8 bits per sample
+        (``data.image_range``, see :func:`~automask.data.io.read_image`); None: each file
+        by its own rule.
 
     Notes
     -----
@@ -93,6 +97,7 @@ class SegmentationDataset(Dataset):
         crops: str = "random",
         prompts: str | None = None,
         prompt_rate: float = 1.0,
+        value_range: tuple[float, float] | None = None,
     ) -> None:
         if with_labels and spec.label_col is None:
             raise ValueError("with_labels=True but the DataSpec has no label column")
@@ -117,6 +122,7 @@ class SegmentationDataset(Dataset):
         else:
             self._sizes = None
         self._cmap_key = None if spec.color_map is None else tuple(sorted(spec.color_map.items()))
+        self.value_range = None if value_range is None else tuple(map(float, value_range))
         self.decodes = 0  # samples decoded from files by this process
         self.large_images = check_large_images(large_images)
         if crops not in ("random", "grid"):
@@ -184,13 +190,14 @@ class SegmentationDataset(Dataset):
         if self.cache is not None:
             files = (image_path, file_stamp(image_path),
                      label_path, file_stamp(label_path) if label_path else None)
-            key = (sample_key("native", *files, self._cmap_key) if native
-                   else sample_key(*files, self.input_size, self._cmap_key))
+            key = (sample_key("native", *files, self._cmap_key, self.value_range) if native
+                   else sample_key(*files, self.input_size, self._cmap_key, self.value_range))
             hit = self.cache.get(key, mmap=native)
             if hit is not None and (hit[1] is not None or not self.with_labels):
                 return hit[0], hit[1], original
         size = original if native else resized_shape(original, self.input_size)
-        image = read_image(image_path) if native else read_image(image_path, min_size=size)
+        image = read_image(image_path, min_size=None if native else size,
+                           value_range=self.value_range)
         self.decodes += 1
         if image.shape[:2] != original and (native or not _is_draft(image.shape[:2], original)):
             raise DataValidationError(

@@ -2,10 +2,12 @@
 checking that a file decodes completely (:func:`check_decodes`).
 
 Images of any mode Pillow opens (grayscale, RGB, RGBA, palette, CMYK, 1-bit, 16-bit) come
-back as 8-bit RGB with the EXIF orientation applied. Masks come back as a 2-D array of
-class ids: palette PNGs as their indices, grayscale as their values, colour masks only
-through a user-given colour-to-class mapping. The same EXIF orientation rule is applied
-to masks so that an image and its mask stay aligned.
+back as 8-bit RGB with the EXIF orientation applied; data stored with more than 8 bits per
+sample (16-bit, 32-bit, float) is scaled to 0-255 by one value range for a whole dataset
+(:func:`dataset_value_range`) or, without one, by each file's own rule. Masks come back as
+a 2-D array of class ids: palette PNGs as their indices, grayscale as their values, colour
+masks only through a user-given colour-to-class mapping. The same EXIF orientation rule is
+applied to masks so that an image and its mask stay aligned.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _JPEG_EOI = b"\xff\xd9"
 _MAX_16BIT = 65535
+DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})  # > 8 bits per sample
+_BIT_DEPTHS = (8, 10, 12, 14, 16)  # what integer data is taken to span: 2**b - 1 at full scale
 _PNG_IEND = b"IEND\xaeB`\x82"
 
 
@@ -206,10 +210,12 @@ def check_decodes(path: str | os.PathLike) -> None:
         img.load()
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def _to_uint8(array: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Scale a 16/32-bit integer or float array to 0-255.
 
-    Floats in [0, 1] are multiplied by 255, floats in [0, 255] are rounded, integers in
+    With ``value_range=(low, high)``, ``low`` maps to 0 and ``high`` to 255, values beyond
+    them are clipped and NaNs read as ``low``. Without one, each array has its own rule:
+    floats in [0, 1] are multiplied by 255, floats in [0, 255] are rounded, integers in
     [0, 65535] map 65535 to 255 (16-bit full scale). Data outside those ranges (float
     reflectances of 0-10000, negative values, 32-bit counts above 65535) are stretched
     from their smallest to their largest finite value, instead of being clipped to a
@@ -219,6 +225,10 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
+    if value_range is not None:
+        low, high = value_range
+        values = array.astype(np.float64)
+        return _stretch(np.where(np.isfinite(values), values, low), low, high)
     if np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float64)
         finite = np.isfinite(values)
@@ -238,6 +248,55 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return ((values + 128) // 257).astype(np.uint8)
 
 
+def dataset_value_range(paths) -> tuple[float, float] | None:
+    """One value range for the images of a dataset stored with more than 8 bits per sample.
+
+    A 12-bit camera or scanner writes its data into 16-bit files: read at 16-bit full scale
+    (65535 to 255) such an image would keep 16 grey levels out of 4096. Scaling each image
+    by its own minimum and maximum instead would keep the levels but make the same tissue
+    or surface brighter in one image than in the next. One range for all images keeps both.
+
+    Parameters
+    ----------
+    paths : iterable of str or PathLike
+        Image files; only those stored with more than 8 bits per sample (Pillow modes
+        ``I;16*``, ``I``, ``F``) are decoded, the others are read from their header.
+
+    Returns
+    -------
+    tuple of float or None
+        None when no image has more than 8 bits per sample. Integer data from 0 up:
+        ``(0, 2**b - 1)`` for the smallest ``b`` of 8, 10, 12, 14 and 16 that holds the
+        largest value (12-bit data: ``(0, 4095)``); float data within [0, 1] or [0, 255]:
+        that range; anything else (negative values, counts above 65535, other floats): the
+        smallest and largest finite value over all the images.
+    """
+    low, high, floats, seen = np.inf, -np.inf, False, False
+    for path in paths:
+        with open(path, "rb") as fh, Image.open(fh) as img:
+            if img.mode not in DEEP_MODES:
+                continue
+            values = np.asarray(img)
+        seen = True
+        is_float = np.issubdtype(values.dtype, np.floating)
+        floats = floats or is_float
+        finite = values[np.isfinite(values)] if is_float else values
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if not seen:
+        return None
+    if not np.isfinite(low):  # every deep image all NaN or infinite
+        return (0.0, 1.0) if floats else (0.0, 255.0)
+    if floats:
+        for top in (1.0, 255.0):
+            if low >= 0.0 and high <= top:
+                return 0.0, top
+    elif low >= 0 and high <= _MAX_16BIT:
+        bits = next(b for b in _BIT_DEPTHS if high <= 2**b - 1)
+        return 0.0, float(2**bits - 1)
+    return (low, high) if high > low else (low, low + 1.0)
+
+
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """``values`` mapped linearly from [low, high] to 0-255 (all 0 when low == high)."""
     if high <= low:
@@ -246,7 +305,8 @@ def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
-def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None,
+               value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Decode an image file to 8-bit RGB with its EXIF orientation applied.
 
     Parameters
@@ -257,14 +317,18 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
         ``(h, w)`` the caller will resize to. A JPEG may then be decoded at 1/2, 1/4 or
         1/8 scale (DCT scaling, much faster) as long as both sides stay at least this
         large. Other formats ignore it. Default: full resolution.
+    value_range : tuple of float, optional
+        ``(low, high)`` mapped to 0-255 for data with more than 8 bits per sample (see
+        :func:`dataset_value_range`); 8-bit images ignore it. Default: each file's own rule.
 
     Returns
     -------
     numpy.ndarray
         ``(H, W, 3)`` uint8 array. Grayscale is repeated over three channels, alpha is
-        dropped, palettes are expanded and 16-bit data is scaled to 0-255 (65535 to
-        255); float and 32-bit data as :func:`_to_uint8` says (floats in [0, 1] times
-        255, data beyond the 8/16-bit ranges stretched from its minimum to its maximum).
+        dropped, palettes are expanded. Deeper data is scaled by ``value_range``, else by
+        its own rule: 16-bit data 65535 to 255; float and 32-bit data as :func:`_to_uint8`
+        says (floats in [0, 1] times 255, data beyond the 8/16-bit ranges stretched from
+        its minimum to its maximum).
     """
     with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
         orientation = _orientation(img)
@@ -274,16 +338,19 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
                 want_h, want_w = want_w, want_h
             img.draft("RGB", (want_w, want_h))
         img.load()
-        return pil_to_rgb(_upright(img, _left_to_apply(img, orientation)))
+        return pil_to_rgb(_upright(img, _left_to_apply(img, orientation)), value_range)
 
 
-def pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """Convert a decoded Pillow image of any mode to a ``(H, W, 3)`` uint8 RGB array."""
+def pil_to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Convert a decoded Pillow image of any mode to a ``(H, W, 3)`` uint8 RGB array.
+
+    ``value_range``: as in :func:`read_image`, for modes with more than 8 bits per sample.
+    """
     mode = img.mode
     if mode == "RGB":
         return np.array(img, dtype=np.uint8)
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        gray = _to_uint8(np.array(img))
+    if mode in DEEP_MODES:
+        gray = _to_uint8(np.array(img), value_range)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

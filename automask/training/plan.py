@@ -79,6 +79,7 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
                 f"not available on the SAM 2.1 backbone {cfg.model.backbone!r}; set "
                 "'model.multiclass_head': 'tokens'")
     candidates = _resolve_queries(candidates, spec, tuning_spec)
+    candidates = _resolve_image_range(candidates, spec, tuning_spec)
     for name, cfg in candidates:  # prompts select one object: binary tasks only
         if spec.task == "multiclass" and cfg.data.prompts is not None:
             raise ConfigError(
@@ -153,6 +154,28 @@ def _resolve_queries(candidates: list[tuple[str, Config]], spec, tuning_spec
                     "the data)", stacklevel=4)
         out.append((name, cfg))
     return out
+
+
+def _resolve_image_range(candidates: list[tuple[str, Config]], spec, tuning_spec
+                         ) -> list[tuple[str, Config]]:
+    """``data.image_range='auto'`` replaced by one range for the training and tuning images.
+
+    The range comes from the images stored with more than 8 bits per sample
+    (:func:`~automask.data.io.dataset_value_range`; 8-bit images are read from their header
+    only) and goes into each candidate's saved config, so prediction reads images as the
+    fit did. Without such images ``auto`` stays: there is nothing to scale.
+    """
+    if not any(cfg.data.image_range == "auto" for _, cfg in candidates):
+        return candidates
+    from ..data.io import dataset_value_range
+
+    paths = [p for sp in (spec, tuning_spec) if sp is not None for p in sp.frame[sp.image_col]]
+    found = dataset_value_range(paths)
+    if found is None:
+        return candidates
+    text = ",".join(f"{v:.17g}" for v in found)  # exact: "0,4095", "-1024,3071"
+    return [(name, replace(cfg, data=replace(cfg.data, image_range=text)))
+            if cfg.data.image_range == "auto" else (name, cfg) for name, cfg in candidates]
 
 
 def choose_eval_metric(eval_metric: str | None, task: str, num_classes: int,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, image_value_range
 from ..errors import ConfigError
 from ..hardware import resolve_env
 from ..metrics import HIGHER_IS_BETTER
@@ -152,6 +152,7 @@ def _train_candidate(
         cache_memory_mb=d.cache_memory_mb,
         large_images=d.large_images,
         prompts=d.prompts, prompt_rate=d.prompt_rate,
+        value_range=image_value_range(cfg),
     )
     embedding_cache = None
     if d.embedding_cache_mb > 0 and model.encoder_is_frozen():

@@ -1,0 +1,161 @@
+"""``data.image_range``: images with more than 8 bits per sample read with one value range
+for a whole dataset (12-bit data in 16-bit files, CT values, float reflectances), resolved
+at fit and kept for prediction."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automask.config import resolve
+from automask.data.cache import SampleCache
+from automask.data.dataset import SegmentationDataset
+from automask.data.io import dataset_value_range, read_image
+from automask.data.validation import validate_frame
+from automask.errors import ConfigError
+
+
+def _save(path, array: np.ndarray) -> str:
+    """A 2-D array as PNG (uint8, uint16) or TIFF (int32, float32), with Pillow."""
+    fmt = "TIFF" if array.dtype in (np.int32, np.float32) else "PNG"
+    Image.fromarray(array).save(path, format=fmt)
+    return str(path)
+
+
+def _scene(shape=(40, 56), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """(image in [0, 1], binary mask): a bright rectangle on a noisy background."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[8:30, 12:44] = 255
+    image = np.clip(0.3 + 0.4 * (mask > 0) + rng.normal(0, 0.05, shape), 0, 1)
+    return image, mask
+
+
+@pytest.mark.parametrize("arrays,expected", [
+    ([np.array([[0, 4000]], np.uint16), np.array([[7, 2500]], np.uint16)], (0.0, 4095.0)),
+    ([np.array([[0, 1000]], np.uint16)], (0.0, 1023.0)),
+    ([np.array([[3, 200]], np.uint16)], (0.0, 255.0)),
+    ([np.array([[0, 5000]], np.uint16), np.array([[0, 40000]], np.uint16)], (0.0, 65535.0)),
+    ([np.array([[-1024, 900]], np.int32), np.array([[-50, 3071]], np.int32)],
+     (-1024.0, 3071.0)),
+    ([np.array([[0.0, 0.7]], np.float32), np.array([[0.2, 1.0]], np.float32)], (0.0, 1.0)),
+    ([np.array([[120.0, 9000.0]], np.float32), np.array([[np.nan, 30.0]], np.float32)],
+     (30.0, 9000.0)),
+])
+def test_one_range_for_the_deep_images_of_a_dataset(tmp_path, arrays, expected):
+    paths = [_save(tmp_path / f"i{k}.{'tif' if a.dtype != np.uint16 else 'png'}", a)
+             for k, a in enumerate(arrays)]
+    paths.append(_save(tmp_path / "eight.png", np.full((4, 4), 255, np.uint8)))  # not counted
+    assert dataset_value_range(paths) == expected
+
+
+def test_eight_bit_datasets_have_no_range(tmp_path):
+    paths = [_save(tmp_path / "a.png", np.full((4, 4), 9, np.uint8))]
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "b.jpg")
+    assert dataset_value_range([*paths, str(tmp_path / "b.jpg")]) is None
+
+
+def test_twelve_bit_data_keeps_its_grey_levels_with_the_range(tmp_path):
+    levels = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    path = _save(tmp_path / "twelve.png", levels)
+    own_rule = read_image(path)
+    assert len(np.unique(own_rule)) == 17  # 65535 full scale: 4096 levels become 17
+    ranged = read_image(path, value_range=(0.0, 4095.0))
+    assert len(np.unique(ranged)) == 256 and ranged.max() == 255
+    np.testing.assert_array_equal(ranged[..., 0], np.round(levels / 4095 * 255).astype(np.uint8))
+    # beyond the range: clipped; NaN: the low end; 8-bit images: untouched
+    assert read_image(path, value_range=(1000.0, 2000.0))[0, 0, 0] == 0
+    assert read_image(path, value_range=(1000.0, 2000.0))[-1, -1, 0] == 255
+    nan = _save(tmp_path / "nan.tif", np.array([[np.nan, 2.0]], np.float32))
+    assert read_image(nan, value_range=(0.0, 4.0))[0, :, 0].tolist() == [0, 128]
+    eight = _save(tmp_path / "eight.png", np.full((4, 4), 77, np.uint8))
+    assert (read_image(eight, value_range=(0.0, 4095.0)) == 77).all()
+
+
+def test_the_dataset_reads_and_caches_with_its_range(tmp_path):
+    image, mask = _scene()
+    path = _save(tmp_path / "i.png", np.round(image * 4095).astype(np.uint16))
+    _save(tmp_path / "m.png", mask)
+    spec = validate_frame(pd.DataFrame({"image": [path], "label": [str(tmp_path / "m.png")]}),
+                          image_col="image", label_col="label")
+    cache = SampleCache(64, None)
+    ranged = SegmentationDataset(spec, 64, cache=cache, value_range=(0.0, 4095.0))
+    own = SegmentationDataset(spec, 64, cache=cache)
+    first = ranged.load_resized(0)[0]
+    assert first.max() > 200  # the rectangle at about 0.7 of full scale
+    assert own.load_resized(0)[0].max() < 20  # not served the other range's cached entry
+    assert own.decodes == 1
+    np.testing.assert_array_equal(ranged.load_resized(0)[0], first)
+    assert ranged.decodes == 1  # the second read came from the cache
+
+
+@pytest.mark.parametrize("bad", ["12bit", "0", "5,5", "0,nan", "0,1,2", "", [0, 4095]])
+def test_bad_ranges_are_refused_naming_the_key(bad):
+    with pytest.raises(ConfigError, match="data.image_range"):
+        resolve("tiny", {"data.image_range": bad})
+
+
+def _twelve_bit_frame(tmp_path, n=4):
+    """Rows of 12-bit PNGs (16-bit files) and masks, and 8-bit copies of the same images."""
+    rows, copies = [], []
+    for k in range(n):
+        image, mask = _scene(seed=k)
+        deep = np.round(image * 4095).astype(np.uint16)
+        rows.append((_save(tmp_path / f"i{k}.png", deep), _save(tmp_path / f"m{k}.png", mask)))
+        eight = np.round(deep / 4095 * 255).astype(np.uint8)  # what the range reads
+        copies.append(_save(tmp_path / f"e{k}.png", eight))
+    return pd.DataFrame(rows, columns=["image", "label"]), copies
+
+
+def test_fit_resolves_the_range_and_prediction_keeps_it(tmp_path):
+    from automask import SemanticSegmentor
+
+    frame, copies = _twelve_bit_frame(tmp_path)
+    seg = SemanticSegmentor(label="label", path=str(tmp_path / "run"), verbosity=0)
+    seg.fit(frame, presets="tiny",
+            hyperparameters={"model.input_size": 64, "optim.max_epochs": 1})
+    assert seg._config(None).data.image_range == "0,4095"
+    saved = json.loads(next((tmp_path / "run").rglob("predictor.json")).read_text())
+    assert [m["config"]["data.image_range"] for m in saved["models"].values()] == ["0,4095"]
+    loaded = SemanticSegmentor.load(str(tmp_path / "run"))
+    for tiling in ("off", "on"):  # whole images and overlapping windows
+        deep = loaded.predict_proba(frame[["image"]], tiling=tiling)
+        eight = loaded.predict_proba(pd.DataFrame({"image": copies}), tiling=tiling)
+        for a, b in zip(deep, eight):  # the 16-bit files read exactly as their 8-bit copies
+            np.testing.assert_array_equal(a, b)
+
+
+def test_training_sees_the_twelve_bit_images_as_their_eight_bit_copies(tmp_path):
+    from automask import SemanticSegmentor
+
+    frame, copies = _twelve_bit_frame(tmp_path)
+    hp = {"model.input_size": 64, "optim.max_epochs": 2}
+    deep = SemanticSegmentor(label="label", path=str(tmp_path / "deep"), verbosity=0)
+    deep.fit(frame, presets="tiny", hyperparameters=hp)
+    eight = SemanticSegmentor(label="label", path=str(tmp_path / "eight"), verbosity=0)
+    eight.fit(frame.assign(image=copies), presets="tiny", hyperparameters=hp)
+    assert eight._config(None).data.image_range == "auto"  # nothing to scale
+    history = [[r.history for r in s.models_.values()] for s in (deep, eight)]
+    assert history[0] == history[1]  # the same losses and scores, epoch by epoch
+    np.testing.assert_array_equal(deep.predict_proba(frame[["image"]])[0],
+                                  eight.predict_proba(pd.DataFrame({"image": copies}))[0])
+
+
+def test_a_range_the_user_sets_is_kept_and_per_image_stays_per_image(tmp_path):
+    from automask import SemanticSegmentor
+
+    frame, copies = _twelve_bit_frame(tmp_path, n=3)
+    seg = SemanticSegmentor(label="label", path=str(tmp_path / "run"), verbosity=0)
+    seg.fit(frame, presets="tiny", hyperparameters={
+        "model.input_size": 64, "optim.max_epochs": 1,
+        "data.image_range": ["per_image", "0,8191"]})
+    assert sorted(c.config.data.image_range for c in seg.models_.values()) == [
+        "0,8191", "per_image"]
+    per_image = next(n for n, c in seg.models_.items() if c.config.data.image_range ==
+                     "per_image")
+    deep = seg.predict_proba(frame[["image"]], model=per_image)
+    eight = seg.predict_proba(pd.DataFrame({"image": copies}), model=per_image)
+    assert any(not np.array_equal(a, b) for a, b in zip(deep, eight))
