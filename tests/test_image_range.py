@@ -1,6 +1,7 @@
 """``data.image_range``: images with more than 8 bits per sample read with one value range
 for a whole dataset (12-bit data in 16-bit files, CT values, float reflectances), resolved
-at fit and kept for prediction."""
+at fit and kept for prediction; and the TIFFs Pillow reads truncated (16-bit colour: its top
+8 bits only) or not at all (64-bit floats), read through tifffile."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+import tifffile
+from PIL import Image, UnidentifiedImageError
 
 from automask.config import resolve
 from automask.data.cache import SampleCache
 from automask.data.dataset import SegmentationDataset
-from automask.data.io import dataset_value_range, read_image
+from automask.data.io import dataset_value_range, image_size, read_image
 from automask.data.validation import validate_frame
-from automask.errors import ConfigError
+from automask.errors import ConfigError, DataValidationError
 
 
 def _save(path, array: np.ndarray) -> str:
@@ -110,25 +112,7 @@ def _twelve_bit_frame(tmp_path, n=4):
     return pd.DataFrame(rows, columns=["image", "label"]), copies
 
 
-def test_fit_resolves_the_range_and_prediction_keeps_it(tmp_path):
-    from automask import SemanticSegmentor
-
-    frame, copies = _twelve_bit_frame(tmp_path)
-    seg = SemanticSegmentor(label="label", path=str(tmp_path / "run"), verbosity=0)
-    seg.fit(frame, presets="tiny",
-            hyperparameters={"model.input_size": 64, "optim.max_epochs": 1})
-    assert seg._config(None).data.image_range == "0,4095"
-    saved = json.loads(next((tmp_path / "run").rglob("predictor.json")).read_text())
-    assert [m["config"]["data.image_range"] for m in saved["models"].values()] == ["0,4095"]
-    loaded = SemanticSegmentor.load(str(tmp_path / "run"))
-    for tiling in ("off", "on"):  # whole images and overlapping windows
-        deep = loaded.predict_proba(frame[["image"]], tiling=tiling)
-        eight = loaded.predict_proba(pd.DataFrame({"image": copies}), tiling=tiling)
-        for a, b in zip(deep, eight):  # the 16-bit files read exactly as their 8-bit copies
-            np.testing.assert_array_equal(a, b)
-
-
-def test_training_sees_the_twelve_bit_images_as_their_eight_bit_copies(tmp_path):
+def test_fit_resolves_the_range_trains_and_predicts_with_it(tmp_path):
     from automask import SemanticSegmentor
 
     frame, copies = _twelve_bit_frame(tmp_path)
@@ -137,11 +121,18 @@ def test_training_sees_the_twelve_bit_images_as_their_eight_bit_copies(tmp_path)
     deep.fit(frame, presets="tiny", hyperparameters=hp)
     eight = SemanticSegmentor(label="label", path=str(tmp_path / "eight"), verbosity=0)
     eight.fit(frame.assign(image=copies), presets="tiny", hyperparameters=hp)
+    assert deep._config(None).data.image_range == "0,4095"
     assert eight._config(None).data.image_range == "auto"  # nothing to scale
     history = [[r.history for r in s.models_.values()] for s in (deep, eight)]
     assert history[0] == history[1]  # the same losses and scores, epoch by epoch
-    np.testing.assert_array_equal(deep.predict_proba(frame[["image"]])[0],
-                                  eight.predict_proba(pd.DataFrame({"image": copies}))[0])
+    saved = json.loads(next((tmp_path / "deep").rglob("predictor.json")).read_text())
+    assert [m["config"]["data.image_range"] for m in saved["models"].values()] == ["0,4095"]
+    loaded = SemanticSegmentor.load(str(tmp_path / "deep"))
+    for tiling in ("off", "on"):  # whole images and overlapping windows
+        deep_probs = loaded.predict_proba(frame[["image"]], tiling=tiling)
+        eight_probs = loaded.predict_proba(pd.DataFrame({"image": copies}), tiling=tiling)
+        for a, b in zip(deep_probs, eight_probs):  # 16-bit files read as their 8-bit copies
+            np.testing.assert_array_equal(a, b)
 
 
 def test_a_range_the_user_sets_is_kept_and_per_image_stays_per_image(tmp_path):
@@ -159,3 +150,76 @@ def test_a_range_the_user_sets_is_kept_and_per_image_stays_per_image(tmp_path):
     deep = seg.predict_proba(frame[["image"]], model=per_image)
     eight = seg.predict_proba(pd.DataFrame({"image": copies}), model=per_image)
     assert any(not np.array_equal(a, b) for a, b in zip(deep, eight))
+
+
+# --- TIFFs Pillow reads truncated (16-bit colour) or not at all (64-bit floats) ---------
+
+def _colour12(shape=(40, 56), seed=0) -> np.ndarray:
+    """(H, W, 3) uint16 12-bit colour data."""
+    return np.random.default_rng(seed).integers(0, 4096, (*shape, 3)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib", "lzw"])
+def test_sixteen_bit_colour_tiffs_keep_their_low_bits(tmp_path, compression):
+    if compression == "lzw":
+        import imagecodecs  # noqa: F401  (the tiff extra, in dev: LZW's codec)
+    data = _colour12()
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, data, photometric="rgb", compression=compression)
+    assert Image.open(path).mode == "RGB"  # what Pillow makes of it: the top 8 bits
+    assert np.array(Image.open(path)).max() <= 15
+    expected = np.round(data / 4095 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(path, value_range=(0.0, 4095.0)), expected)
+    np.testing.assert_array_equal(read_image(path), ((data.astype(int) + 128) // 257))
+    assert dataset_value_range([path]) == (0.0, 4095.0)
+
+
+def test_colour_tiffs_with_planes_alpha_or_a_fourth_band(tmp_path):
+    data = _colour12()
+    expected = np.round(data / 4095 * 255).astype(np.uint8)
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, np.moveaxis(data, 2, 0), photometric="rgb", planarconfig="separate")
+    four = tmp_path / "four.tif"  # RGB + near infrared
+    tifffile.imwrite(four, np.concatenate([data, data[..., :1]], axis=2), photometric="rgb",
+                     extrasamples=[0])
+    for path in (planar, four):
+        np.testing.assert_array_equal(read_image(path, value_range=(0, 4095)), expected)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_colour_tiffs_are_turned_upright_as_pillow_turns_their_8_bit_twins(tmp_path,
+                                                                           orientation):
+    data = _colour12((24, 40))
+    tag = [(274, "H", 1, orientation, True)]
+    deep, eight = tmp_path / "deep.tif", tmp_path / "eight.tif"
+    tifffile.imwrite(deep, data, photometric="rgb", extratags=tag)
+    tifffile.imwrite(eight, np.round(data / 4095 * 255).astype(np.uint8), photometric="rgb",
+                     extratags=tag)
+    upright = read_image(eight)  # Pillow's own path
+    assert upright.shape[:2] == image_size(eight) == image_size(deep)
+    np.testing.assert_array_equal(read_image(deep, value_range=(0, 4095)), upright)
+
+
+def test_float64_tiffs_are_read_and_validated(tmp_path):
+    image, mask = _scene()
+    path = tmp_path / "f64.tif"
+    tifffile.imwrite(path, image)  # float64: Pillow cannot open it
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(path)
+    _save(tmp_path / "m.png", mask)
+    spec = validate_frame(pd.DataFrame({"image": [str(path)], "label": [str(tmp_path / "m.png")]}),
+                          image_col="image", label_col="label")
+    assert image_size(path) == mask.shape and len(spec) == 1
+    np.testing.assert_array_equal(read_image(path)[..., 1], np.round(image * 255))
+    assert dataset_value_range([path]) == (0.0, 1.0)
+
+
+def test_a_cut_off_colour_tiff_is_reported_with_its_row(tmp_path):
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, _colour12(), photometric="rgb")
+    (tmp_path / "cut.tif").write_bytes(good.read_bytes()[:6000])
+    _save(tmp_path / "m.png", np.zeros((40, 56), np.uint8))
+    frame = pd.DataFrame({"image": [str(good), str(tmp_path / "cut.tif")],
+                          "label": [str(tmp_path / "m.png")] * 2})
+    with pytest.raises(DataValidationError, match=r"row 1 \[image\] .*cut\.tif: truncated"):
+        validate_frame(frame, image_col="image", label_col="label")

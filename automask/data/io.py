@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataValidationError
 
@@ -129,6 +129,96 @@ def _left_to_apply(img: Image.Image, orientation: int) -> int:
     return 1 if tag_gone and getattr(img, "map", None) is None else orientation
 
 
+_TIFF_BITS, _TIFF_SAMPLES = 258, 277
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+def _deep_colour_tiff(img: Image.Image) -> bool:
+    """A TIFF with several channels of more than 8 bits each (16-bit RGB, RGBA, 4 bands).
+
+    Pillow has no such modes: it opens them as 8-bit RGB or RGBA keeping each sample's top
+    8 bits, so 12-bit data becomes a nearly black 0-15 image. They are read through
+    ``tifffile`` instead (:func:`_tiff_pixels`).
+    """
+    if img.format != "TIFF":
+        return False
+    tags = getattr(img, "tag_v2", {})
+    bits = tags.get(_TIFF_BITS, 8)
+    bits = max(bits) if isinstance(bits, tuple) else bits
+    return int(bits) > 8 and int(tags.get(_TIFF_SAMPLES, 1)) > 1
+
+
+def _tiff_only(path: str | os.PathLike) -> bool:
+    """True for a TIFF file Pillow cannot open (64-bit floats, odd sample formats).
+
+    Other files cost a 4-byte read.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            return False
+    try:
+        with Image.open(path):
+            return False
+    except UnidentifiedImageError:
+        return True
+
+
+def _tiff_page(path: str | os.PathLike):
+    """The first image (page) of a TIFF through ``tifffile``, with a hint when it is absent."""
+    try:
+        import tifffile
+    except ImportError as exc:  # a dependency; absent only in a broken environment
+        raise OSError(f"{path}: reading this TIFF needs the tifffile package "
+                      "(pip install tifffile)") from exc
+    return tifffile.TiffFile(path)
+
+
+def _tiff_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """``(H, W, C)`` samples of a TIFF's first image as stored, and its orientation tag.
+
+    For the TIFFs Pillow cannot read faithfully (:func:`_deep_colour_tiff`,
+    :func:`_tiff_only`). Compressions other than none, deflate and LZMA (LZW, JPEG,
+    PackBits, ...) need the ``imagecodecs`` package.
+
+    Raises
+    ------
+    OSError
+        Data cut short or corrupt, a compression without its codec (the message says to
+        install ``imagecodecs``), or an image that is not one 2-D picture.
+    """
+    try:
+        with _tiff_page(path) as tif:
+            page = tif.pages[0]
+            tag = page.tags.get(_EXIF_ORIENTATION)
+            orientation = int(tag.value) if tag is not None and 1 <= int(tag.value) <= 8 else 1
+            data, axes = page.asarray(), page.axes
+    except KeyError as exc:  # tifffile: "<COMPRESSION.LZW: 5> requires the 'imagecodecs' ..."
+        raise OSError(f"{path}: cannot decode this TIFF: {exc.args[0] if exc.args else exc} "
+                      "(pip install imagecodecs)") from exc
+    except (ValueError, NotImplementedError, IndexError, struct.error) as exc:
+        raise OSError(f"{path}: cannot decode this TIFF ({exc})") from exc
+    if "S" in axes:
+        data = np.moveaxis(data, axes.index("S"), -1)
+    else:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise OSError(f"{path}: a TIFF image of axes {axes!r} is not one 2-D picture")
+    return data, orientation
+
+
+def _tiff_to_rgb(data: np.ndarray, orientation: int,
+                 value_range: tuple[float, float] | None) -> np.ndarray:
+    """``(H, W, C)`` samples from :func:`_tiff_pixels` -> upright ``(H, W, 3)`` uint8.
+
+    One or two channels read as grey (the second is alpha), three or more as RGB (a fourth
+    band, alpha or near infrared, is dropped); all channels share one scale so that colours
+    keep their balance.
+    """
+    picture = data[..., :3] if data.shape[-1] >= 3 else np.repeat(data[..., :1], 3, axis=2)
+    rgb = _to_uint8(np.ascontiguousarray(picture), value_range)
+    return np.array(_upright(Image.fromarray(rgb), orientation))
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image as it will be read, from the file header only (no decode).
 
@@ -145,6 +235,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     tuple of int
         Height and width in pixels.
     """
+    if _tiff_only(path):
+        with _tiff_page(path) as tif:
+            page = tif.pages[0]
+            tag = page.tags.get(_EXIF_ORIENTATION)
+            height, width = page.imagelength, page.imagewidth
+            if tag is not None and int(tag.value) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+        return int(height), int(width)
     with Image.open(path) as img:
         width, height = _stored_size(img)
         if _orientation(img) in _SWAPPING_ORIENTATIONS:
@@ -206,7 +304,13 @@ def check_decodes(path: str | os.PathLike) -> None:
             reason = str(exc)
             if "premature end" in reason.lower():
                 raise OSError(f"JPEG data ends early: {reason}") from exc
+    if _tiff_only(path):
+        _tiff_pixels(path)
+        return
     with Image.open(io.BytesIO(data)) as img:
+        if _deep_colour_tiff(img):
+            _tiff_pixels(path)
+            return
         img.load()
 
 
@@ -273,10 +377,16 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
     """
     low, high, floats, seen = np.inf, -np.inf, False, False
     for path in paths:
-        with open(path, "rb") as fh, Image.open(fh) as img:
-            if img.mode not in DEEP_MODES:
-                continue
-            values = np.asarray(img)
+        if _tiff_only(path):
+            values = _tiff_pixels(path)[0][..., :3]
+        else:
+            with open(path, "rb") as fh, Image.open(fh) as img:
+                if _deep_colour_tiff(img):
+                    values = _tiff_pixels(path)[0][..., :3]
+                elif img.mode in DEEP_MODES:
+                    values = np.asarray(img)
+                else:
+                    continue
         seen = True
         is_float = np.issubdtype(values.dtype, np.floating)
         floats = floats or is_float
@@ -330,7 +440,11 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None,
         says (floats in [0, 1] times 255, data beyond the 8/16-bit ranges stretched from
         its minimum to its maximum).
     """
+    if _tiff_only(path):
+        return _tiff_to_rgb(*_tiff_pixels(path), value_range)
     with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
+        if _deep_colour_tiff(img):
+            return _tiff_to_rgb(*_tiff_pixels(path), value_range)
         orientation = _orientation(img)
         if min_size is not None and img.format == "JPEG":
             want_h, want_w = int(min_size[0]), int(min_size[1])
