@@ -184,6 +184,12 @@ def test_colour_tiffs_with_planes_alpha_or_a_fourth_band(tmp_path):
                      extrasamples=[0])
     for path in (planar, four):
         np.testing.assert_array_equal(read_image(path, value_range=(0, 4095)), expected)
+    grey_alpha = tmp_path / "grey_alpha.tif"  # alpha at 65535 counts for neither
+    tifffile.imwrite(grey_alpha, np.stack([data[..., 0], np.full_like(data[..., 0], 65535)],
+                                          axis=2), photometric="minisblack", extrasamples=[2])
+    assert dataset_value_range([grey_alpha]) == (0.0, 4095.0)
+    np.testing.assert_array_equal(read_image(grey_alpha, value_range=(0, 4095)),
+                                  np.repeat(expected[..., :1], 3, axis=2))
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

@@ -206,6 +206,11 @@ def _tiff_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return data, orientation
 
 
+def _picture(data: np.ndarray) -> np.ndarray:
+    """The channels of ``(H, W, C)`` samples that make the picture: grey or RGB."""
+    return data[..., :3] if data.shape[-1] >= 3 else data[..., :1]
+
+
 def _tiff_to_rgb(data: np.ndarray, orientation: int,
                  value_range: tuple[float, float] | None) -> np.ndarray:
     """``(H, W, C)`` samples from :func:`_tiff_pixels` -> upright ``(H, W, 3)`` uint8.
@@ -214,7 +219,9 @@ def _tiff_to_rgb(data: np.ndarray, orientation: int,
     band, alpha or near infrared, is dropped); all channels share one scale so that colours
     keep their balance.
     """
-    picture = data[..., :3] if data.shape[-1] >= 3 else np.repeat(data[..., :1], 3, axis=2)
+    picture = _picture(data)
+    if picture.shape[-1] == 1:
+        picture = np.repeat(picture, 3, axis=2)
     rgb = _to_uint8(np.ascontiguousarray(picture), value_range)
     return np.array(_upright(Image.fromarray(rgb), orientation))
 
@@ -364,7 +371,8 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
     ----------
     paths : iterable of str or PathLike
         Image files; only those stored with more than 8 bits per sample (Pillow modes
-        ``I;16*``, ``I``, ``F``) are decoded, the others are read from their header.
+        ``I;16*``, ``I``, ``F``, and the TIFFs read through ``tifffile``: 16-bit colour,
+        64-bit floats) are decoded, the others are read from their header.
 
     Returns
     -------
@@ -378,11 +386,11 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
     low, high, floats, seen = np.inf, -np.inf, False, False
     for path in paths:
         if _tiff_only(path):
-            values = _tiff_pixels(path)[0][..., :3]
+            values = _picture(_tiff_pixels(path)[0])
         else:
             with open(path, "rb") as fh, Image.open(fh) as img:
                 if _deep_colour_tiff(img):
-                    values = _tiff_pixels(path)[0][..., :3]
+                    values = _picture(_tiff_pixels(path)[0])
                 elif img.mode in DEEP_MODES:
                     values = np.asarray(img)
                 else:
