@@ -1,10 +1,13 @@
 """``data.image_range``: images with more than 8 bits per sample read with one value range
 for a whole dataset (12-bit data in 16-bit files, CT values, float reflectances), resolved
 at fit and kept for prediction; and the TIFFs Pillow reads truncated (16-bit colour: its top
-8 bits only) or not at all (64-bit floats), read through tifffile."""
+8 bits only; also 16-bit colour PNGs) or not at all (64-bit floats), read otherwise."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from automask.config import resolve
 from automask.data.cache import SampleCache
 from automask.data.dataset import SegmentationDataset
-from automask.data.io import dataset_value_range, image_size, read_image
+from automask.data.io import check_decodes, dataset_value_range, image_size, read_image
 from automask.data.validation import validate_frame
 from automask.errors import ConfigError, DataValidationError
 
@@ -229,3 +232,53 @@ def test_a_cut_off_colour_tiff_is_reported_with_its_row(tmp_path):
                           "label": [str(tmp_path / "m.png")] * 2})
     with pytest.raises(DataValidationError, match=r"row 1 \[image\] .*cut\.tif: truncated"):
         validate_frame(frame, image_col="image", label_col="label")
+
+
+def _png16(path, array: np.ndarray, exif: bytes = b"") -> None:
+    """An (H, W, C) uint16 array as a 16-bit PNG (C = 2 grey + alpha, 3 RGB, 4 RGBA), written
+    chunk by chunk: Pillow cannot write 16-bit colour PNGs."""
+    height, width, channels = array.shape
+    kind = {2: 4, 3: 2, 4: 6}[channels]
+    rows = array.astype(">u2").reshape(height, -1).view(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter 0 on every row
+
+    def chunk(name: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + name + data
+                + struct.pack(">I", zlib.crc32(name + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, kind, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                           + (chunk(b"eXIf", exif) if exif else b"")
+                           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_sixteen_bit_colour_pngs_keep_their_low_bits(tmp_path, channels):
+    data = _colour12()
+    stored = np.concatenate([data, np.full_like(data, 65535)], axis=2)
+    stored = stored[..., [0, 3]] if channels == 2 else stored[..., :channels]
+    path = tmp_path / "c.png"
+    _png16(path, stored)
+    assert np.array(Image.open(path)).max() <= 255 and Image.open(path).mode != "I;16"
+    picture = data if channels > 2 else np.repeat(data[..., :1], 3, axis=2)
+    expected = np.round(picture / 4095 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(path, value_range=(0.0, 4095.0)), expected)
+    assert dataset_value_range([path]) == (0.0, 4095.0)  # alpha at 65535 not counted
+    cut = tmp_path / "cut.png"
+    raw = path.read_bytes()
+    cut.write_bytes(raw[:len(raw) // 2] + raw[-12:])  # IEND put back: not truncated-looking
+    with pytest.raises(OSError, match="cut.png"):
+        check_decodes(cut)
+
+
+def test_a_sixteen_bit_colour_png_is_turned_upright_as_its_8_bit_twin(tmp_path):
+    data = _colour12((24, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to show upright
+    _png16(tmp_path / "deep.png", data, exif=exif.tobytes())
+    eight = tmp_path / "eight.png"
+    Image.fromarray(np.round(data / 4095 * 255).astype(np.uint8)).save(eight, exif=exif)
+    upright = read_image(eight)
+    assert upright.shape[:2] == (40, 24) == image_size(tmp_path / "deep.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.png", value_range=(0, 4095)),
+                                  upright)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,14 +208,64 @@ def _tiff_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return data, orientation
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_WITH_CHANNELS = {2, 4, 6}  # colour types: RGB, grey + alpha, RGBA
+
+
+def _deep_colour_png(path: str | os.PathLike) -> bool:
+    """A 16-bit PNG with several channels (RGB, RGBA, grey + alpha), from its IHDR chunk.
+
+    Pillow opens such a file as 8-bit RGB/RGBA/LA keeping each sample's top 8 bits, as it
+    does 16-bit colour TIFFs; it is decoded by libpng through ``torchvision`` instead.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    return (len(head) == 26 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR"
+            and head[24] == 16 and head[25] in _PNG_WITH_CHANNELS)
+
+
+def _png_pixels(path: str | os.PathLike) -> np.ndarray:
+    """``(H, W, C)`` 16-bit samples of a PNG (:func:`_deep_colour_png`), as stored.
+
+    Raises
+    ------
+    OSError
+        Data cut short or corrupt.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    with open(path, "rb") as fh:
+        data = np.frombuffer(fh.read(), dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs (the
+            warnings.simplefilter("ignore", DeprecationWarning)  # pin: <= 0.29.1, pyproject)
+            chw = decode_png(torch.from_numpy(data.copy()), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as exc:  # libpng's errors: truncated or corrupt data
+        reason = re.sub(r"^.*?\.cpp:\d+, ", "", str(exc))  # the message, not the C++ source
+        raise OSError(f"{path}: cannot decode this PNG ({reason})") from exc
+    return np.ascontiguousarray(chw.numpy().transpose(1, 2, 0))
+
+
+def _faithful_samples(img: Image.Image, path: str | os.PathLike
+                      ) -> tuple[np.ndarray, int] | None:
+    """``(H, W, C)`` samples and the orientation to apply, for the files that Pillow opens
+    but reads as their top 8 bits (16-bit colour TIFFs and PNGs); None for the others."""
+    if _deep_colour_tiff(img):
+        return _tiff_pixels(path)
+    if img.format == "PNG" and _deep_colour_png(path):
+        return _png_pixels(path), _orientation(img)
+    return None
+
+
 def _picture(data: np.ndarray) -> np.ndarray:
     """The channels of ``(H, W, C)`` samples that make the picture: grey or RGB."""
     return data[..., :3] if data.shape[-1] >= 3 else data[..., :1]
 
 
-def _tiff_to_rgb(data: np.ndarray, orientation: int,
+def _samples_to_rgb(data: np.ndarray, orientation: int,
                  value_range: tuple[float, float] | None) -> np.ndarray:
-    """``(H, W, C)`` samples from :func:`_tiff_pixels` -> upright ``(H, W, 3)`` uint8.
+    """``(H, W, C)`` samples (:func:`_faithful_samples`) -> upright ``(H, W, 3)`` uint8.
 
     One or two channels read as grey (the second is alpha), three or more as RGB (a fourth
     band, alpha or near infrared, is dropped); all channels share one scale so that colours
@@ -315,8 +367,7 @@ def check_decodes(path: str | os.PathLike) -> None:
         _tiff_pixels(path)
         return
     with Image.open(io.BytesIO(data)) as img:
-        if _deep_colour_tiff(img):
-            _tiff_pixels(path)
+        if _faithful_samples(img, path) is not None:  # decoded in full
             return
         img.load()
 
@@ -389,8 +440,9 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
             values = _picture(_tiff_pixels(path)[0])
         else:
             with open(path, "rb") as fh, Image.open(fh) as img:
-                if _deep_colour_tiff(img):
-                    values = _picture(_tiff_pixels(path)[0])
+                samples = _faithful_samples(img, path)
+                if samples is not None:
+                    values = _picture(samples[0])
                 elif img.mode in DEEP_MODES:
                     values = np.asarray(img)
                 else:
@@ -449,10 +501,11 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None,
         its minimum to its maximum).
     """
     if _tiff_only(path):
-        return _tiff_to_rgb(*_tiff_pixels(path), value_range)
+        return _samples_to_rgb(*_tiff_pixels(path), value_range)
     with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
-        if _deep_colour_tiff(img):
-            return _tiff_to_rgb(*_tiff_pixels(path), value_range)
+        samples = _faithful_samples(img, path)
+        if samples is not None:
+            return _samples_to_rgb(*samples, value_range)
         orientation = _orientation(img)
         if min_size is not None and img.format == "JPEG":
             want_h, want_w = int(min_size[0]), int(min_size[1])
