@@ -282,3 +282,21 @@ def test_a_sixteen_bit_colour_png_is_turned_upright_as_its_8_bit_twin(tmp_path):
     assert upright.shape[:2] == (40, 24) == image_size(tmp_path / "deep.png")
     np.testing.assert_array_equal(read_image(tmp_path / "deep.png", value_range=(0, 4095)),
                                   upright)
+
+
+def test_a_tiff_stack_is_warned_about_a_pyramid_is_not(tmp_path):
+    import warnings
+
+    mask = _save(tmp_path / "m.png", np.zeros((20, 30), np.uint8))
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 20, 30), np.uint8))  # 5 slices
+    with tifffile.TiffWriter(tmp_path / "pyramid.tif") as tif:  # one image, one overview
+        tif.write(np.zeros((20, 30), np.uint8))
+        tif.write(np.zeros((10, 15), np.uint8), subfiletype=1)
+    frame = pd.DataFrame({"image": [str(tmp_path / "pyramid.tif"), str(tmp_path / "stack.tif")],
+                          "label": [mask, mask]}, index=["a", "b"])
+    with pytest.warns(UserWarning, match=r"row 'b' .*stack\.tif \(5 images\)") as caught:
+        validate_frame(frame, image_col="image", label_col="label")
+    assert not any("pyramid" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a single image: nothing to say
+        validate_frame(frame.iloc[:1], image_col="image", label_col="label")

@@ -278,6 +278,25 @@ def _samples_to_rgb(data: np.ndarray, orientation: int,
     return np.array(_upright(Image.fromarray(rgb), orientation))
 
 
+def stacked_images(path: str | os.PathLike) -> int:
+    """How many full-size images a file holds: above 1 for a TIFF stack (slices of a volume,
+    time points, channels saved as pages), of which only the first is read.
+
+    Pages at reduced resolution (a pyramid's overviews) do not count. Files other than
+    TIFFs return 1 after a 4-byte read.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            return 1
+    try:
+        with _tiff_page(path) as tif:
+            first = tif.pages[0].shape
+            return sum(1 for page in tif.pages if page.shape == first
+                       and not getattr(page, "is_reduced", False))
+    except (OSError, ValueError, KeyError, IndexError):  # reported by the image's own checks
+        return 1
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image as it will be read, from the file header only (no decode).
 

@@ -53,7 +53,15 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataValidationError
-from .io import _SWAPPING_ORIENTATIONS, ColorMap, _orientation, check_decodes, image_size, read_mask
+from .io import (
+    _SWAPPING_ORIENTATIONS,
+    ColorMap,
+    _orientation,
+    check_decodes,
+    image_size,
+    read_mask,
+    stacked_images,
+)
 from .transforms import IGNORE_INDEX
 
 KIND_B01 = "b01"
@@ -518,8 +526,14 @@ def validate_frame(
             else:
                 label_paths[pos] = _resolve(raw, root_path)
 
+    stacks: dict[int, int] = {}  # position -> full-size images in the file (TIFF stacks)
+
     def check(pos: int) -> tuple[Any, Any]:
         img = _check_image(image_paths[pos]) if image_paths[pos] is not None else (None, None)
+        if img[0] is not None:
+            depth = stacked_images(image_paths[pos])
+            if depth > 1:
+                stacks[pos] = depth
         lbl = (
             _check_mask(label_paths[pos], color_map)
             if use_labels and label_paths[pos] is not None
@@ -562,6 +576,16 @@ def validate_frame(
                 continue
             summaries[pos] = summary
 
+    if stacks:
+        first = sorted(stacks)[:5]
+        warnings.warn(
+            f"{len(stacks)} image file(s) hold a stack of images (TIFF pages of one size), of "
+            "which only the first is read: "
+            + "; ".join(f"row {_plain(index[pos])!r} {image_paths[pos]} ({stacks[pos]} images)"
+                        for pos in first)
+            + ("; ..." if len(stacks) > len(first) else "")
+            + ". Save each image (slice, time point) in a file of its own, and the channels "
+            "of one image as the samples of one page", stacklevel=2)
     task, k, kinds = "binary", num_classes or 2, [None] * n_rows
     if use_labels:
         task, k, kinds = _detect_task(
