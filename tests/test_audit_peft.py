@@ -180,3 +180,41 @@ def test_merging_into_weights_held_in_bf16_is_refused(method):
     assert all(m.merged for m in adapters(seg) if m.mergeable)
     with torch.no_grad():
         torch.testing.assert_close(seg(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_ssf_keeps_the_compute_dtype_under_autocast_and_the_same_training_signal():
+    """Under bf16 autocast SSF's float32 scale used to turn each Linear's bf16 output, and
+    everything after it up to the next product, into float32. Now its output stays bf16;
+    loss and gradients stay those of the float32 form within bf16 rounding."""
+    seg = apply_peft(_tiny(), "ssf").train()
+    with torch.no_grad():  # SSF after training: scales and shifts away from their init
+        for module in adapters(seg):
+            module.scale.normal_(1.0, 0.3)
+            module.shift.normal_(0.0, 0.3)
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda mod, i, out: dtypes.append(out.dtype))
+             for m in adapters(seg) if isinstance(m.base_layer, nn.Linear)]
+    x = torch.randn(2, 3, SIZE, SIZE)
+    params = [p for p in seg.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = seg(x).float().square().mean()
+        grads = torch.autograd.grad(loss, params)
+        return loss.detach(), torch.cat([g.flatten() for g in grads])
+
+    loss, grads = loss_and_grads()
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    old = ScaleShift.forward
+    try:  # the float32 form: y * scale + shift with the scale's dtype winning
+        ScaleShift.forward = lambda self, v: (self.base_layer(v) * self._view(self.scale)
+                                              + self._view(self.shift))
+        ref_loss, ref_grads = loss_and_grads()
+    finally:
+        ScaleShift.forward = old
+    assert not torch.equal(loss, ref_loss)  # the two forms really differ in rounding
+    torch.testing.assert_close(loss, ref_loss, rtol=3e-2, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0)
+    assert cosine > 0.99, float(cosine)

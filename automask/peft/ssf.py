@@ -63,7 +63,12 @@ class ScaleShift(Adapter):
         y = self.base_layer(x)
         if self.merged:
             return y
-        return y * self._view(self.scale) + self._view(self.shift)
+        scale, shift = self._view(self.scale), self._view(self.shift)
+        if y.dtype != scale.dtype and y.dtype in (torch.bfloat16, torch.float16):
+            # under autocast a Linear's output is bf16/fp16: multiplied by the float32 scale
+            # it would become float32, and so would everything up to the next matrix product
+            scale, shift = scale.to(y.dtype), shift.to(y.dtype)
+        return y * scale + shift
 
     @torch.no_grad()
     def merge(self) -> None:
