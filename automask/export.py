@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
+import numbers
 import os
 import shutil
 import sys
@@ -39,6 +41,7 @@ from torch import nn
 
 from .data.transforms import PIXEL_MEAN, PIXEL_STD
 from .errors import AutomaskError, ConfigError
+from .tiling import AUTO_RATIO, OVERLAP
 from .utils import top_created
 
 FORMATS = ("onnx", "pt2")
@@ -87,7 +90,9 @@ def inference_copy(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- metadata
 def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
-                           classes: list[str] | None = None) -> dict[str, str]:
+                           classes: list[str] | None = None,
+                           image_range: str | tuple[float, float] | None = None
+                           ) -> dict[str, str]:
     """What a runtime needs to feed the exported model and read its output.
 
     Parameters
@@ -98,6 +103,10 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         Default: from the model's number of outputs.
     classes : list of str, optional
         Class names, background first.
+    image_range : "auto", "per_image" or (low, high), optional
+        How images with more than 8 bits per sample become 0..255 (``data.image_range``
+        as :func:`automask.config.parse_image_range` reads it); default, ``"auto"`` and
+        ``"per_image"``: each file by its own rule.
 
     Returns
     -------
@@ -112,6 +121,18 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
     size = int(model.input_size)
     activation = ("sigmoid; foreground where the probability > 0.5" if task == "binary"
                   else "softmax over dim 1; class = argmax over dim 1")
+    if isinstance(image_range, tuple):  # one range for every file, as predict reads them
+        low, high = (float(v) for v in image_range)
+        range_name = f"{low:.17g},{high:.17g}"
+        deep = (f"samples of images with more than 8 bits (16-bit, 32-bit, float): "
+                f"min(255, max(0, (value - {low:g}) * 255 / ({high:g} - {low:g}) + 0.5)) "
+                f"rounded down, NaN read as {low:g}; 8-bit images unchanged")
+    else:
+        range_name = "per_image"
+        deep = ("samples of images with more than 8 bits, each file by its own rule: 16-bit "
+                "65535 to 255; floats in [0, 1] times 255; other data stretched from its "
+                "minimum to its maximum; 8-bit images unchanged")
+    stride = max(1, int(round(size * (1.0 - OVERLAP))))
     meta = {
         "automask.version": automask.__version__,
         "torch_version": torch.__version__,
@@ -127,6 +148,8 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
                   "(new side = max(1, int(side * scale + 0.5))), bilinear",
         "pixel_mean": ",".join(str(v) for v in PIXEL_MEAN),
         "pixel_std": ",".join(str(v) for v in PIXEL_STD),
+        "image_range": range_name,
+        "deep_images": deep,
         "normalisation": "(pixel - pixel_mean) / pixel_std per channel, pixels in 0..255",
         "padding": f"bottom and right to {size}x{size}, value 0 after normalisation",
         "output_name": OUTPUT_NAME,
@@ -135,6 +158,12 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "postprocessing": "crop the resized (h, w) region at the top left, resize "
                           "probabilities bilinearly to the original size, then threshold "
                           "or argmax",
+        "large_images": f"predict's default tiling='auto' does not resize an image whose "
+                        f"longer side exceeds {AUTO_RATIO:g} x {size}: it runs {size}x{size} "
+                        f"windows of the original image (stride {stride}, the last window "
+                        "aligned with the border), each prepared as above, and blends their "
+                        "probabilities with automask.tiling.blend_weights; tiling='off' "
+                        "resizes every image",
     }
     return meta
 
@@ -164,7 +193,7 @@ def export_model(
         Default: :func:`preprocessing_metadata` of ``model``.
     tolerance : float
         Largest accepted ``max |exported - PyTorch|`` over the logits of a random batch of
-        3, relative to ``1 + max |PyTorch logits|``.
+        3, relative to ``1 + max |PyTorch logits|``; a finite number >= 0.
 
     Returns
     -------
@@ -174,13 +203,20 @@ def export_model(
     Raises
     ------
     ConfigError
-        Unknown format, a file name whose suffix does not fit it, or a path that cannot be
-        a file (an existing folder, or under a file).
+        Unknown format, a file name whose suffix does not fit it, a path that cannot be
+        a file (an existing folder, under a file, in a folder that cannot be written), a
+        ``tolerance`` that is not a finite number >= 0, or ``metadata`` that is not a dict of
+        str to str; all before any work.
     ExportError
         ``onnx``/``onnxruntime`` missing, the exporter failed, or the exported file does not
         reproduce the model within ``tolerance``.
     """
     path = _check_target(path, format)
+    if (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
+            or not math.isfinite(tolerance) or tolerance < 0):
+        raise ConfigError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if metadata is not None:
+        _check_metadata(metadata)
     clone = inference_copy(model)
     meta = dict(metadata if metadata is not None else preprocessing_metadata(clone))
     meta["merged_adapters"] = str(clone.merged_adapters)
@@ -205,7 +241,8 @@ def _write_checked(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
                    expected: np.ndarray, path: Path, format: str, meta: dict[str, str],
                    tolerance: float) -> None:
     """Export into a temporary folder beside ``path``, compare with PyTorch, rename."""
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+    # a short name of its own: ``path.name`` may already be as long as the system allows
+    with tempfile.TemporaryDirectory(prefix=".automask-export-", dir=path.parent) as tmp:
         tmp_file = Path(tmp) / path.name
         if format == "onnx":
             exporter = _export_onnx(clone, example, tmp_file, meta)
@@ -222,9 +259,9 @@ def _write_checked(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
                 f"the {format} export ({exporter}) does not reproduce the model: max |logit "
                 f"difference| {error:.3g} on a random batch (tolerance {tolerance:g})"
             )
-        data_file = Path(tmp) / (path.name + ".data")
-        if data_file.exists():  # weights beside the graph (over 2 GiB)
-            os.replace(data_file, path.parent / data_file.name)
+        data_name = path.name + ".data"  # listed, not stat'ed: it may be too long a name
+        if data_name in os.listdir(tmp):  # weights beside the graph (over 2 GiB)
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
         os.replace(tmp_file, path)
 
 
@@ -232,16 +269,21 @@ def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
                      model: str | None = None) -> Path:
     """Export candidate ``model`` (default: the best) of a fitted :class:`SemanticSegmentor`.
 
-    See :func:`export_model`; the metadata also names the task, the classes and the
-    candidate. The predictor's in-memory model is not changed.
+    See :func:`export_model`; the metadata also names the task, the classes, the candidate
+    and the value range its images with more than 8 bits are read with. The predictor's
+    in-memory model is not changed.
     """
     seg._check_fitted()
     name = seg.best_model_ if model is None else model
     if name not in seg.models_:
         raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(seg.models_)}")
     _check_target(path, format)  # before the model is rebuilt
+    from .config import parse_image_range
+
+    image_range = parse_image_range(seg._config(name).data.image_range)
     net = seg._model(name)
-    meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_])
+    meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_],
+                                  image_range=image_range)
     meta["model"] = name
     return export_model(net, path, format=format, metadata=meta)
 
@@ -260,9 +302,28 @@ def _check_target(path: str | os.PathLike, format: str) -> Path:
     problem = path_problem(path, folder=False)
     if problem is not None:
         raise ConfigError(f"cannot export to {str(path)!r}: {problem}")
+    # the nearest existing folder on the way gets the temporary file (or the new folders)
+    existing = next(folder for folder in path.parents if folder.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot export to {str(path)!r}: cannot write in "
+                          f"{str(existing)!r} ({exc.strerror or exc})") from exc
     if format == "onnx":
         _require_onnx()
     return path
+
+
+def _check_metadata(metadata: Any) -> None:
+    """ConfigError unless ``metadata`` is a dict of str to str (what ONNX can store)."""
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"metadata must be a dict of str to str, got a "
+                          f"{type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"metadata must be a dict of str to str; the entry {key!r}: "
+                              f"{value!r} is not (json.dumps a list or a number first)")
 
 
 def _require_onnx() -> None:
@@ -281,7 +342,9 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
     """Write ``dest`` with the metadata; returns the exporter used."""
     import onnx
 
-    raw = dest.with_suffix(".raw.onnx")
+    raw_dir = dest.parent / "raw"  # dest's name may be as long as the system allows
+    raw_dir.mkdir()
+    raw = raw_dir / "model.onnx"
     common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
     exporter = "torchscript"
     try:
@@ -314,11 +377,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
     proto = onnx.load(str(raw))  # loads weights kept beside the graph, if any
     meta = {**meta, "exporter": exporter}
     onnx.helper.set_model_props(proto, meta)
-    for leftover in raw.parent.iterdir():  # the raw file and any weights beside it
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+    shutil.rmtree(raw_dir)  # the raw file and any weights beside it
     if proto.ByteSize() < _PROTOBUF_LIMIT:
         onnx.checker.check_model(proto)
         onnx.save_model(proto, str(dest))
@@ -330,16 +389,31 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
 
 @contextlib.contextmanager
 def _quiet_stdout():
-    """Send file descriptor 1 (written by C++ code, not only Python's) to /dev/null."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+    """Send file descriptor 1 (written by C++ code, not only Python's) to /dev/null.
+
+    Also where there is no stdout: ``sys.stdout`` None (``pythonw``, some services) or
+    descriptor 1 closed. A closed descriptor 1 is held by /dev/null meanwhile, so that no
+    file the exporter opens gets it, and is closed again afterwards.
+    """
+    if sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: closed by the caller
+            sys.stdout.flush()
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
+        saved: int | None = os.dup(1)
+    except OSError:  # descriptor 1 is closed
+        saved = None
+    null = os.open(os.devnull, os.O_WRONLY)  # descriptor 1 itself when that one is closed
+    try:
+        if null != 1:
+            os.dup2(null, 1)
+            os.close(null)
         yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        if saved is None:
+            os.close(1)
+        else:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _run_onnx(file: Path, images: np.ndarray) -> np.ndarray:

@@ -92,7 +92,8 @@ def tiled_proba(forward: Callable[[torch.Tensor], torch.Tensor], image: np.ndarr
         ``(B, 3, S, S)`` normalised windows -> ``(B, C, S, S)`` probabilities (or at a
         lower resolution ``R``, upsampled bilinearly as in :func:`automask.data.restore`).
     image : numpy.ndarray
-        ``(H, W, 3)`` uint8, at its original resolution.
+        ``(H, W, 3)`` uint8 (as :func:`automask.data.read_image` gives), at its original
+        resolution.
     input_size : int
         Window side ``S``.
     batch_size : int
@@ -110,8 +111,9 @@ def tiled_proba(forward: Callable[[torch.Tensor], torch.Tensor], image: np.ndarr
     Raises
     ------
     ValueError
-        ``image`` not ``(H, W, 3)`` with ``H, W >= 1``, or ``input_size`` /
-        ``batch_size`` not an integer >= 1.
+        ``image`` not an ``(H, W, 3)`` uint8 array with ``H, W >= 1``, or ``input_size`` /
+        ``batch_size`` not an integer >= 1 (before any forward); ``forward`` not returning
+        one ``(C, R, R)`` map per window.
     """
     from .data.transforms import Geometry, normalize_pad, restore
 
@@ -121,6 +123,11 @@ def tiled_proba(forward: Callable[[torch.Tensor], torch.Tensor], image: np.ndarr
     shape = getattr(image, "shape", None)
     if shape is None or len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 1:
         raise ValueError(f"image must be an (H, W, 3) array with H, W >= 1, got shape {shape}")
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        # other values would be normalised as if they were 0..255 (16-bit: far out of range)
+        raise ValueError(f"image must be a uint8 numpy array (pixels 0..255), got "
+                         f"{getattr(image, 'dtype', type(image).__name__)}; read deeper "
+                         "images with automask.data.read_image")
     height, width = image.shape[:2]
     size = int(input_size)
     grid = window_grid((height, width), size, overlap)
@@ -132,6 +139,10 @@ def tiled_proba(forward: Callable[[torch.Tensor], torch.Tensor], image: np.ndarr
         crops = [image[top:top + size, left:left + size] for top, left in part]
         batch = torch.stack([normalize_pad(np.ascontiguousarray(c), size) for c in crops])
         probs = forward(batch.to(device)).float().cpu()  # (b, C, R, R)
+        if probs.dim() != 4 or probs.shape[0] != len(part):
+            # zip would drop windows, and a (b, R, R) map would be taken for R classes
+            raise ValueError(f"forward must return (B, C, R, R) maps, one per window; got "
+                             f"shape {tuple(probs.shape)} for {len(part)} windows")
         for (top, left), crop, prob in zip(part, crops, probs):
             h, w = crop.shape[:2]
             win = restore(prob, Geometry((h, w), (h, w), size))  # (C, h, w)
