@@ -190,7 +190,9 @@ def export_model(
         ``"onnx"``: an ONNX file (opset 17) for ONNX Runtime and others; ``"pt2"``: a
         :func:`torch.export.save` program (needs PyTorch to run).
     metadata : dict of str to str, optional
-        Default: :func:`preprocessing_metadata` of ``model``.
+        Stored in the file over :func:`preprocessing_metadata` of ``model``: a key of
+        your own (a licence, a dataset name) is added, a key of the same name replaces
+        the default one.
     tolerance : float
         Largest accepted ``max |exported - PyTorch|`` over the logits of a random batch of
         3, relative to ``1 + max |PyTorch logits|``; a finite number >= 0.
@@ -218,7 +220,7 @@ def export_model(
     if metadata is not None:
         _check_metadata(metadata)
     clone = inference_copy(model)
-    meta = dict(metadata if metadata is not None else preprocessing_metadata(clone))
+    meta = {**preprocessing_metadata(clone), **(metadata or {})}
     meta["merged_adapters"] = str(clone.merged_adapters)
     size = int(clone.input_size)
     gen = torch.Generator().manual_seed(0)

@@ -211,3 +211,12 @@ def test_blend_of_constant_low_res_bf16_maps_is_exact_and_sums_to_one(size):
     torch.testing.assert_close(got, probs[0].expand(2, *size), atol=1e-6, rtol=0)
     torch.testing.assert_close(got.sum(0), torch.ones(size), atol=1e-6, rtol=0)
 
+
+
+def test_metadata_of_ones_own_is_added_to_the_preprocessing_not_instead(tmp_path):
+    path = export_model(_model(), tmp_path / "m.onnx",
+                        metadata={"licence": "CC-BY-4.0", "task": "binary (polyps)"})
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["licence"] == "CC-BY-4.0" and meta["task"] == "binary (polyps)"
+    for key in ("input_size", "pixel_mean", "pixel_std", "padding", "normalisation"):
+        assert meta[key], key  # what a runtime needs is still there
