@@ -214,3 +214,19 @@ def test_a_void_label_no_training_mask_holds_is_warned_about(tmp_path):
     spec = validate_frame(frame, void_label=11)  # present in row 1: nothing to say
     assert spec.stats["void"].tolist() == [0.0, 4 / 48]
     assert not [m for m in warn_training_issues(spec) if "void_label" in m]
+
+
+def test_an_image_over_pillows_bomb_limit_is_named_with_the_way_out(tmp_path, monkeypatch):
+    from automask.data import validate_frame
+
+    Image.fromarray(np.zeros((60, 80), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(_square_mask(60, 80)).save(tmp_path / "m.png")
+    frame = pd.DataFrame({"image": [str(tmp_path / "big.png")],
+                          "label": [str(tmp_path / "m.png")]})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 4800 pixels: over twice the limit
+    with pytest.raises(DataValidationError,
+                       match=r"row 0 \[image\] .*big\.png: larger than Pillow allows.*"
+                             r"MAX_IMAGE_PIXELS = None"):
+        validate_frame(frame, image_col="image", label_col="label")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the way out works
+    assert len(validate_frame(frame, image_col="image", label_col="label")) == 1

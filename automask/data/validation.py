@@ -280,15 +280,26 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
         size = image_size(path)
     except UnidentifiedImageError:
         return None, "not an image Pillow can read"
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return None, _too_large(exc)
+    except (OSError, ValueError) as exc:
         return None, f"unreadable image ({exc})"
     if size[0] < 1 or size[1] < 1:
         return None, f"image has an empty size {size}"
     try:
         check_decodes(path)  # a cut-off file whose end marker was added back fails here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return None, _too_large(exc)
+    except (OSError, ValueError, SyntaxError) as exc:
         return None, f"truncated or corrupt file ({exc})"
     return size, None
+
+
+def _too_large(exc: Exception) -> str:
+    """Why an image over Pillow's decompression-bomb limit was refused, and the way out."""
+    return (f"larger than Pillow allows by default ({exc}); for a large image of your own "
+            "(an aerial or slide scan), lift the limit before the fit: "
+            "PIL.Image.MAX_IMAGE_PIXELS = None (or a larger number of pixels)")
 
 
 def _rotation_hint(image_path: str, shape: Sequence[int], size: Sequence[int]) -> str:
@@ -319,7 +330,9 @@ def _check_mask(path: str, color_map: ColorMap | None) -> tuple[Any, str | None]
         return None, str(exc).replace(f"mask {path} ", "mask ")
     except UnidentifiedImageError:
         return None, "not an image Pillow can read"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return None, _too_large(exc)
+    except (OSError, ValueError, SyntaxError) as exc:
         reason = str(exc)
         if "truncated" in reason.lower():
             return None, f"truncated file ({reason})"
