@@ -246,16 +246,18 @@ def aggregate_runs(board: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        Columns ``model`` (the group's name), ``runs``, ``seeds`` (comma-separated), the
-        columns that are equal within a group, then for each metric column ``c``: ``c`` (the
-        mean over runs) and ``c_std`` (standard deviation with ``ddof=1``; NaN for one run).
-        ``best`` is True for the group holding the best model. A board without rows gives
+        Columns ``model`` (the group's name), the columns that are equal within a group
+        (``source``, ``variant``, ``method``, ... where present), ``runs``, ``seeds``
+        (comma-separated), then for each metric column ``c``: ``c`` (the mean over runs)
+        and ``c_std`` (standard deviation with ``ddof=1``; NaN for one run), then ``best``,
+        True for the group holding the best model. A board without rows gives
         a frame without rows.
 
     Raises
     ------
     DataValidationError
-        ``board`` has rows but lacks the ``group`` or ``best`` column.
+        ``board`` has rows but lacks the ``group`` or ``best`` column, or has rows without
+        a group (they would otherwise be dropped from the result without a word).
     """
     if len(board) == 0:
         return pd.DataFrame(columns=["model", "runs", "seeds", "best"])
@@ -264,6 +266,13 @@ def aggregate_runs(board: pd.DataFrame) -> pd.DataFrame:
         raise DataValidationError(
             f"aggregate_runs needs a 'models' leaderboard; the board lacks the column(s) "
             f"{missing} (columns: {list(board.columns)})")
+    no_group = board["group"].isna()
+    if no_group.any():
+        names = board.loc[no_group, "model"] if "model" in board else board.index[no_group]
+        raise DataValidationError(
+            f"aggregate_runs: {int(no_group.sum())} row(s) of the board have no 'group' "
+            f"(model {list(names)[:5]!r}); give every row a group (its own name for a "
+            f"single run)")
     measured = [c for c in board.columns
                 if c.startswith(("val_", "test_")) or c in ("fit_time_s", "predict_images_per_s")]
     fixed = [c for c in ("source", "variant", "method", "pretrained", "backbone", "input_size",
@@ -290,11 +299,14 @@ def aggregate_runs(board: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- paper view
-def paper_label(method: str | None, pretrained: bool = True, variant: str = "") -> str:
+def paper_label(method: str | None, pretrained: bool = True, variant: str | None = "") -> str:
     """Row label of the paper's table: ``full`` on a random init is the paper's "SAM (from
-    scratch)"; a variant (other varying hyperparameters) is added in parentheses."""
+    scratch)"; a variant (other varying hyperparameters) is added in parentheses. A missing
+    variant (None, or NaN: the empty string of a board read back from CSV) is no variant."""
     key = _paper_key(method, pretrained)
     label = PAPER_LABELS.get(key, str(key))
+    if variant is None or (not isinstance(variant, str) and _isnan(variant)):
+        variant = ""
     return f"{label} ({variant})" if variant else label
 
 
@@ -370,7 +382,7 @@ def paper_table(methods: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
         if row.get("source") == "external":
             label = row["model"]
         else:
-            label = paper_label(row["method"], row.get("pretrained"), row.get("variant") or "")
+            label = paper_label(row["method"], row.get("pretrained"), row.get("variant"))
         cells = {"Method": label,
                  PARAMS_COLUMN: format_params(row.get("trainable_params_m"),
                                               row.get("ratio_pct"))}
@@ -393,6 +405,10 @@ def paper_params(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _isnan(value: Any) -> bool:
+    """True for a missing number: NaN, and pandas' missing markers ``pd.NA`` and ``pd.NaT``
+    (which nullable columns hold, e.g. a board read back with ``convert_dtypes``)."""
+    if value is pd.NA or value is pd.NaT:
+        return True
     try:
         return math.isnan(float(value))
     except (TypeError, ValueError):

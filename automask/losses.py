@@ -18,8 +18,25 @@ from torch import Tensor
 IGNORE_INDEX = 255
 
 
+def _check_dtypes(logits: Tensor, target: Tensor) -> None:
+    """Floating-point ``logits`` and an integer (or bool) ``target``, else a TypeError.
+
+    A floating-point target is refused rather than cast: fractional values (a mask resized
+    with bilinear interpolation, soft labels) would otherwise be silently read as
+    background (binary losses test ``target == 1``) or truncated to a lower class id.
+    """
+    if not torch.is_floating_point(logits):
+        raise TypeError(f"logits must be a floating-point tensor of raw scores, got {logits.dtype}")
+    if torch.is_floating_point(target) or torch.is_complex(target):
+        raise TypeError(
+            f"target must hold integer class ids (int64, {IGNORE_INDEX} = ignore), got "
+            f"{target.dtype}; convert a mask that holds exact ids with target.long()"
+        )
+
+
 def _binary_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(B, H, W)`` float32 logits, {0, 1} target (0 where ignored) and validity mask."""
+    _check_dtypes(logits, target)
     if logits.ndim == 4 and logits.shape[1] == 1:
         logits = logits[:, 0]
     if logits.shape != target.shape or logits.ndim != 3:
@@ -41,8 +58,11 @@ def _labelled_image_mean(per_image: Tensor, valid: Tensor) -> Tensor:
     An image that is ignored everywhere (a crop inside a void region) has no term to
     contribute, so it must not dilute the others' mean either: a batch ``[a, void]`` gives
     what ``[a]`` gives. When every image has a labelled pixel this is ``per_image.mean()``
-    itself, bit for bit; no host synchronisation either way. 0 when no image has one.
+    itself, bit for bit; no host synchronisation either way. 0 when no image has one,
+    an empty batch (``B = 0``, where ``mean`` would give NaN) included.
     """
+    if per_image.numel() == 0:
+        return per_image.sum()  # 0, with a graph
     labelled = valid.flatten(1).amax(1)  # (B,) 1.0 where the image has a labelled pixel
     some = (per_image * labelled).sum() / labelled.sum().clamp(min=1)
     return torch.where(labelled.bool().all(), per_image.mean(), some)
@@ -90,13 +110,28 @@ def focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float
     ``alpha`` weights positives (``1 - alpha`` negatives), ``gamma`` down-weights easy pixels;
     the defaults are RetinaNet's (and ``torchvision.ops.sigmoid_focal_loss``'s). Shapes as
     :func:`bce_loss`.
+
+    The modulating factor ``(1 - p_t) ** gamma`` is computed as
+    ``exp(gamma * logsigmoid(-x_t))`` (``x_t = x`` for positives, ``-x`` for negatives):
+    ``1 - sigmoid(x)`` rounds to 0 for a confident pixel, where the power's derivative
+    ``gamma (1 - p_t) ** (gamma - 1)`` is infinite for ``0 < gamma < 1`` and the
+    gradient would be NaN.
+
+    Raises
+    ------
+    ValueError
+        ``alpha`` outside [0, 1] or ``gamma`` negative (or either not finite).
     """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"focal loss alpha must be in [0, 1], got {alpha!r}")
+    if not 0.0 <= gamma < float("inf"):
+        raise ValueError(f"focal loss gamma must be a finite number >= 0, got {gamma!r}")
     x, t, valid = _binary_inputs(logits, target)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p = torch.sigmoid(x)
-    p_t = p * t + (1 - p) * (1 - t)
+    # 1 - p_t = sigmoid(-x) for positives, sigmoid(x) for negatives: sigmoid((1 - 2t) x)
+    modulating = torch.exp(gamma * F.logsigmoid((1 - 2 * t) * x))
     alpha_t = alpha * t + (1 - alpha) * (1 - t)
-    return _masked_mean(alpha_t * (1 - p_t) ** gamma * ce, valid)
+    return _masked_mean(alpha_t * modulating * ce, valid)
 
 
 def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
@@ -179,6 +214,7 @@ def structure_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def _multiclass_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    _check_dtypes(logits, target)
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
             f"multi-class losses need logits (B, K, H, W) and target (B, H, W); got logits "
@@ -196,9 +232,26 @@ def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
         ``(B, K, H, W)`` raw scores.
     target : Tensor
         ``(B, H, W)`` int64 class indices, 255 = ignore.
+
+    Raises
+    ------
+    ValueError
+        A target value outside ``[0, K)`` that is not the ignore index (the message names
+        the values): torch would raise an IndexError on a CPU and a device-side assert, which
+        leaves the CUDA context unusable, on a GPU.
     """
     x, t = _multiclass_inputs(logits, target)
-    if not bool((t != IGNORE_INDEX).any()):
+    k = x.shape[1]
+    labelled = t != IGNORE_INDEX
+    bad = labelled & ((t < 0) | (t >= k))
+    any_labelled, any_bad = torch.stack([labelled.any(), bad.any()]).tolist()  # one sync
+    if any_bad:
+        values = torch.unique(t[bad])[:5].tolist()
+        raise ValueError(
+            f"target holds class ids outside [0, {k}) that are not the ignore index "
+            f"{IGNORE_INDEX}: {values}; the logits have K = {k} classes"
+        )
+    if not any_labelled:
         return x.sum() * 0.0  # all ignored: 0 with a graph, where F.cross_entropy gives NaN
     return F.cross_entropy(x, t, ignore_index=IGNORE_INDEX)
 
