@@ -209,6 +209,8 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics) -> dict[st
         f"val_{seg.eval_metric_}": info["val_score"],
         "fit_time_s": round(info["fit_time"], 1),
         "predict_images_per_s": info.get("predict_images_per_s"),
+        # why training ended early (a non-finite loss): its score is that of an earlier epoch
+        "stopped": info.get("stopped"),
         "best": name == seg.best_model_,
     }
     if data is not None:

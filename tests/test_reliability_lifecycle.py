@@ -318,6 +318,7 @@ def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path,
     record = seg.models_["default"]
     assert record.best_epoch == 0 and "nan" in record.stopped
     assert [h["epoch"] for h in record.history] == [0]
+    assert "nan" in seg.leaderboard().set_index("model").loc["default", "stopped"]
     assert SemanticSegmentor.load(run).models_["default"].best_epoch == 0
 
 
