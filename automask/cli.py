@@ -32,7 +32,13 @@ def _parse_hp(items: Sequence[str]) -> dict[str, Any]:
             value = raw
         if key in out:
             prev = out[key] if isinstance(out[key], list) else [out[key]]
-            value = prev + (value if isinstance(value, list) else [value])
+            new = value if isinstance(value, list) else [value]
+            for entry in new:
+                if any(type(e) is type(entry) and e == entry for e in prev):  # would vanish
+                    raise AutomaskError(f"--hp {key} repeats the value {entry!r}: give each "
+                                        "candidate's value once")
+                prev = prev + [entry]
+            value = prev
         out[key] = value
     return out
 
@@ -69,6 +75,8 @@ def _print_scores(scores: dict, as_json: bool, class_names: Sequence[str] | None
         elif isinstance(value, list):
             text = ", ".join("nan" if v != v else f"{v:.4f}" for v in value)
             print(f"{key:<{width}}  [{text}]")
+        elif isinstance(value, int):  # counts (n_images) are not scores
+            print(f"{key:<{width}}  {value}")
         else:
             print(f"{key:<{width}}  {value:.4f}")
 
@@ -76,13 +84,13 @@ def _print_scores(scores: dict, as_json: bool, class_names: Sequence[str] | None
 def _cmd_fit(args) -> None:
     from .segmentor import SemanticSegmentor
 
-    params = {"label": args.label, "image": args.image, "eval_metric": args.eval_metric,
-              "seed": args.seed}
-    if args.resume and args.train is None and args.images is None:
-        train, fit_args, params = _recorded_fit(args.path)
+    if args.resume:
+        train, fit_args, params = _resume_inputs(args)
     else:
+        params = {key: default if getattr(args, key) is None else getattr(args, key)
+                  for key, default in _FIT_PARAMS.items()}
         train, class_names, hp = _fit_inputs(args)
-        fit_args = {"tuning_data": args.tuning, "presets": args.presets,
+        fit_args = {"tuning_data": args.tuning, "presets": args.presets or DEFAULT_PRESETS,
                     "hyperparameters": hp, "time_limit": args.time_limit,
                     "num_classes": args.num_classes, "class_names": class_names,
                     "color_map": _read_color_map(args.color_map) if args.color_map else None}
@@ -99,7 +107,7 @@ def _read_color_map(path: str) -> dict[tuple[int, int, int], int]:
     """``--color-map``: one ``R G B CLASS_ID`` line per colour (commas or spaces; blank
     lines and ``#`` comments skipped), e.g. ``128,64,128,3``."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a BOM (Windows editors) is no text
             lines = handle.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise AutomaskError(f"cannot read --color-map {path!r}: {exc}") from exc
@@ -122,6 +130,37 @@ def _read_color_map(path: str) -> dict[tuple[int, int, int], int]:
     return out
 
 
+DEFAULT_PRESETS = "medium_quality"
+# SemanticSegmentor arguments of ``fit``: their defaults, used when not given (and, with
+# --resume, replaced by the interrupted fit's recorded values instead)
+_FIT_PARAMS = {"label": "label", "image": "image", "eval_metric": None, "seed": 0}
+
+
+def _resume_inputs(args):
+    """(train data, fit arguments, constructor arguments) of ``fit --resume``.
+
+    Every option starts from the interrupted fit's record; the options given on the
+    command line replace their recorded values, so that the fit checks them against the
+    record (a differing one is refused, naming it) instead of silently ignoring them.
+    """
+    train, call, params = _recorded_fit(args.path)
+    for key in _FIT_PARAMS:
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    if args.train is not None or args.images is not None or args.masks is not None:
+        train, names, hp = _fit_inputs(args, params["image"], params["label"])
+    else:
+        names, hp = _fit_names(args, None), _fit_hp(args)
+    if hp:  # the keys given replace theirs; the others stay as recorded
+        call["hyperparameters"] = {**(call.get("hyperparameters") or {}), **hp}
+    given = {"tuning_data": args.tuning, "presets": args.presets,
+             "time_limit": args.time_limit, "num_classes": args.num_classes,
+             "class_names": names,
+             "color_map": _read_color_map(args.color_map) if args.color_map else None}
+    call.update({key: value for key, value in given.items() if value is not None})
+    return train, call, params
+
+
 def _recorded_fit(path: str):
     """(train data, fit arguments, constructor arguments) of the interrupted fit in path."""
     from pathlib import Path
@@ -131,12 +170,21 @@ def _recorded_fit(path: str):
     state = FitState(Path(path))
     if not state.exists():
         raise AutomaskError(f"nothing to resume: {path!r} holds no interrupted fit")
-    plan = state.plan()
-    call = dict(plan["call"])
-    call["color_map"] = {tuple(row[:3]): row[3] for row in call["color_map"]} or None
+    plan = state.plan()  # unreadable JSON: ConfigError naming the file
+    record = state.root / "plan.json"
+    try:  # valid JSON, but not a plan (edited, truncated by hand, another version)
+        call, params = dict(plan["call"]), dict(plan["params"])
+        call["color_map"] = {tuple(row[:3]): row[3] for row in call["color_map"] or []} or None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise AutomaskError(f"cannot resume: {str(record)!r} is not a fit record "
+                            f"({type(exc).__name__}: {exc}); fit again with --overwrite") from None
+    train = state.data_file("train")
+    if train is None:
+        raise AutomaskError(f"cannot resume: {str(state.root / 'train.csv')!r}, the recorded "
+                            "training data, is missing; fit again with --overwrite")
     tuning = state.data_file("tuning")
     call["tuning_data"] = str(tuning) if tuning is not None else None
-    return str(state.data_file("train")), call, plan["params"]
+    return str(train), call, params
 
 
 def _load(run: str):
@@ -163,10 +211,20 @@ def _cmd_predict(args) -> None:
 
 def _cmd_evaluate(args) -> None:
     seg = _load(args.run)
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = _metric_names(args.metrics)
     data = _labelled_data(args, seg.image, seg.label)
     _print_scores(seg.evaluate(data, metrics=metrics, model=args.model), args.json,
                   class_names=seg.classes_)
+
+
+def _metric_names(text: str | None) -> list[str] | None:
+    """``--metrics "iou, dice"`` -> ``["iou", "dice"]`` (spaces ignored); None: every one."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise AutomaskError(f"--metrics expects comma-separated metric names, got {text!r}")
+    return names
 
 
 def _parse_extra(items: Sequence[str]) -> dict[str, str]:
@@ -199,7 +257,7 @@ def _cmd_leaderboard(args) -> None:
     extra = _parse_extra(args.extra)
     if args.out:
         check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = _metric_names(args.metrics)
     board = _load(args.run).leaderboard(args.data, extra=extra, style=args.style,
                                         metrics=metrics)
     _show_or_save(board, args)
@@ -218,7 +276,7 @@ def _cmd_params(args) -> None:
 def _cmd_score(args) -> None:
     from .metrics import score_folders
 
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = _metric_names(args.metrics)
     conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
     names = _split(args.class_names)
     scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics, **conventions)
@@ -233,13 +291,14 @@ def _cmd_demo(args) -> None:
 
 
 # ------------------------------------------- folders, class names, pictures
-def _split(text: str | None) -> list[str] | None:
-    """``"a,b,c"`` -> ``["a", "b", "c"]``; None stays None."""
+def _split(text: str | None, option: str = "--class-names") -> list[str] | None:
+    """``"a,b,c"`` -> ``["a", "b", "c"]``; None stays None; ``option`` names the argument
+    in the error an empty name raises."""
     if text is None:
         return None
     names = [part.strip() for part in text.split(",")]
     if not all(names):
-        raise AutomaskError(f"--class-names expects comma-separated names, got {text!r}")
+        raise AutomaskError(f"{option} expects comma-separated names, got {text!r}")
     return names
 
 
@@ -264,13 +323,22 @@ def _labelled_data(args, image_col: str, label_col: str):
     return frame if frame is not None else args.data
 
 
-def _fit_inputs(args):
-    """(training data, class names, hyperparameters) of ``automask fit``."""
-    frame = _folders(args, args.image, args.label)
+def _fit_inputs(args, image: str | None = None, label: str | None = None):
+    """(training data, class names, hyperparameters) of ``automask fit``; ``image`` and
+    ``label``: the columns of a frame paired from folders (default: --image, --label)."""
+    image = image or args.image or _FIT_PARAMS["image"]
+    label = label or args.label or _FIT_PARAMS["label"]
+    frame = _folders(args, image, label)
     if frame is not None and args.train is not None:
         raise AutomaskError("give either --train or --images/--masks, not both")
     if frame is None and args.train is None:
         raise AutomaskError("no training data: give --train CSV or --images DIR --masks DIR")
+    hp = _fit_hp(args)
+    return (frame if frame is not None else args.train), _fit_names(args, frame, hp), hp
+
+
+def _fit_hp(args) -> dict[str, Any]:
+    """``--hp`` overrides with ``--void-label`` folded in as ``data.void_label``."""
     hp = _parse_hp(args.hp)
     if args.void_label is not None:
         if hp.get("data.void_label", args.void_label) != args.void_label:
@@ -279,13 +347,19 @@ def _fit_inputs(args):
                 f"data.void_label={hp['data.void_label']}"
             )
         hp["data.void_label"] = args.void_label
+    return hp
+
+
+def _fit_names(args, frame, hp: dict[str, Any] | None = None) -> list[str] | None:
+    """Class names of ``fit``: ``--class-names``, else the classes.txt of the folders."""
+    hp = _fit_hp(args) if hp is None else hp
     names = _split(args.class_names)
     if names is None and frame is not None:
         names = frame.attrs.get("class_names")  # classes.txt in or beside the masks folder
     void = hp.get("data.void_label")
     if names is not None and isinstance(void, int) and void == len(names) - 1:
         names = names[:-1]  # the void id is last (CamVid's "Unlabelled"): not a class
-    return (frame if frame is not None else args.train), names, hp
+    return names
 
 
 def _check_names(names: Sequence[str] | None, scores: dict) -> None:
@@ -320,6 +394,8 @@ def _read_boxes(path: str, data, image_col: str) -> list:
     from .errors import DataValidationError
     from .prediction import as_frame
 
+    if Path(path).is_dir():
+        raise DataValidationError(f"--boxes {path!r} is a folder, not a CSV file")
     if not Path(path).is_file():
         raise DataValidationError(f"--boxes file not found: {path!r}")
     try:
@@ -387,6 +463,7 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
 
 
 def _cmd_show(args) -> None:
+    models = _split(args.models, "--models") if args.models not in (None, "all") else None
     seg = _load(args.run)
     data = _folders(args, seg.image, seg.label)
     if data is not None and args.data is not None:
@@ -395,7 +472,6 @@ def _cmd_show(args) -> None:
         raise AutomaskError("no data: give --data (CSV, folder, image) or --images/--masks")
     data = data if data is not None else args.data
     if args.models:
-        models = _split(args.models) if args.models != "all" else None
         seg.plot_comparison(data, models=models, n=args.n, path=args.out)
     else:
         seg.plot_predictions(data, n=args.n, model=args.model, path=args.out)
@@ -407,6 +483,27 @@ def _cmd_history(args) -> None:
 
     plot_history(args.run, metric=args.metric, path=args.out)
     print(f"wrote {args.out}")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of ``--time-limit``: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive, finite number of seconds, got {text!r}")
+    return value
+
+
+def _add_command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A command's parser, taking ``--debug`` after the command as well as before it (this
+    copy has no default, so it never resets a ``--debug`` given before the command)."""
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    return p
 
 
 def _add_folder_args(p: argparse.ArgumentParser) -> None:
@@ -432,22 +529,25 @@ def _add_score_conventions(p: argparse.ArgumentParser) -> None:
 
 
 def _add_picture_commands(sub) -> None:
-    p = sub.add_parser("show", help="draw image | ground truth | prediction overlays (PNG)")
+    p = _add_command(sub, "show", help="draw image | ground truth | prediction overlays (PNG)")
     p.add_argument("run", help="saved predictor directory")
     p.add_argument("--data", help="CSV (with labels: ground truth shown), image folder or image")
     _add_folder_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--n", type=int, default=4, help="images to draw (the first n)")
-    p.add_argument("--model", help="candidate to draw (default: the best)")
-    p.add_argument("--models", metavar="A,B,C",
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="candidate to draw (default: the best)")
+    which.add_argument("--models", metavar="A,B,C",
                    help="compare these candidates side by side ('all' for every one)")
     p.set_defaults(func=_cmd_show)
 
-    p = sub.add_parser("history", help="draw training loss and validation curves (PNG)")
+    p = _add_command(sub, "history", help="draw training loss and validation curves (PNG)")
     p.add_argument("run", help="run directory of a fit (holding logs/<candidate>/metrics.csv)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--metric", help="validation metric to draw (default: the one logged)")
     p.set_defaults(func=_cmd_history)
+
+
 def _cmd_export(args) -> None:
     path = _load(args.run).export(args.out, format=args.format, model=args.model)
     print(f"exported to {path}")
@@ -460,24 +560,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", help="fit models on a CSV of image/mask paths or on two folders")
+    p = _add_command(sub, "fit", help="fit models on a CSV of image/mask paths or on two folders")
     p.add_argument("--train", help="CSV with image and label columns (or --images/--masks; "
                                    "not needed with --resume)")
     p.add_argument("--tuning", help="CSV of validation data (default: a holdout split)")
-    p.add_argument("--presets", default="medium_quality")
+    p.add_argument("--presets", help=f"preset (default: {DEFAULT_PRESETS}; with --resume: "
+                                      "the recorded one)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="hyperparameter override; repeat a key for several candidates")
-    p.add_argument("--time-limit", type=float, help="seconds for the whole fit")
+    p.add_argument("--time-limit", type=_seconds, help="seconds for the whole fit")
     p.add_argument("--path", required=True, help="run directory to save the predictor in")
-    p.add_argument("--label", default="label")
-    p.add_argument("--image", default="image")
+    p.add_argument("--label", help="label column of the CSVs (default: label)")
+    p.add_argument("--image", help="image column of the CSVs (default: image)")
     p.add_argument("--eval-metric")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--color-map", metavar="FILE",
                    help="colour masks: a text file of 'R G B CLASS_ID' lines (commas or "
                         "spaces), every colour of the masks listed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbosity", type=int, default=2,
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--verbosity", type=int, default=2, choices=range(4),
                    help="0 silent, 1 a line per epoch and a summary, 2 also a progress bar "
                         "on a terminal (default), 3 debug")
     _add_folder_args(p)
@@ -489,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the interrupted fit in --path (other options: as recorded)")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("predict", help="write predicted masks as PNG files")
+    p = _add_command(sub, "predict", help="write predicted masks as PNG files")
     p.add_argument("run", help="saved predictor directory")
     p.add_argument("--data", required=True, help="CSV, image folder or image file")
     p.add_argument("--out", required=True, help="folder for the masks")
@@ -509,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "other images are predicted without prompts")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("evaluate", help="score a saved predictor on labelled data")
+    p = _add_command(sub, "evaluate", help="score a saved predictor on labelled data")
     p.add_argument("run")
     p.add_argument("--data", help="CSV with image and label columns (or --images/--masks)")
     p.add_argument("--metrics", help="comma-separated metric names")
@@ -518,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("leaderboard", help="the trained models side by side")
+    p = _add_command(sub, "leaderboard", help="the trained models side by side")
     p.add_argument("run")
     p.add_argument("--data", help="CSV of test data to score every model on")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
@@ -531,14 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_leaderboard)
 
-    p = sub.add_parser("export", help="export a model to ONNX (or a torch.export .pt2)")
+    p = _add_command(sub, "export", help="export a model to ONNX (or a torch.export .pt2)")
     p.add_argument("run", help="saved predictor directory")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
     p.add_argument("--model", help="candidate name (default: the best)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("params", help="trainable parameters per PEFT method")
+    p = _add_command(sub, "params", help="trainable parameters per PEFT method")
     p.add_argument("--backbone", default="vit_h")
     p.add_argument("--methods", help="comma-separated PEFT methods (default: all)")
     p.add_argument("--num-classes", type=int, default=1, help="output maps (1 = binary)")
@@ -550,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser("score", help="score mask files against ground-truth files")
+    p = _add_command(sub, "score", help="score mask files against ground-truth files")
     p.add_argument("--pred", required=True, help="folder of predicted masks/probability maps")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks")
     p.add_argument("--task", choices=["binary", "multiclass"])
@@ -560,9 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score)
     _add_picture_commands(sub)
 
-    p = sub.add_parser("demo", help="generate data, fit, evaluate and draw predictions")
+    p = _add_command(sub, "demo", help="generate data, fit, evaluate and draw predictions")
     p.add_argument("--path", help="run directory (default: a new one under automask_runs/)")
-    p.add_argument("--time-limit", type=float, default=180.0)
+    p.add_argument("--time-limit", type=_seconds, default=180.0,
+                   help="seconds for the demo's fit (default 180; at least 30 are used)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser

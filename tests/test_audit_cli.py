@@ -1,0 +1,171 @@
+"""Command-line audit: bad inputs and odd files that the command line mishandled.
+
+Most checks call :func:`automask.cli.main` (or its parser) in this process: a subprocess
+costs seconds to start, and argument handling is the same either way."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask import cli
+from automask.errors import AutomaskError, DataValidationError
+
+
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory):
+    """Three small binary masks (scored against themselves: perfect scores)."""
+    root = tmp_path_factory.mktemp("audit_cli_masks")
+    for i in range(3):
+        mask = np.zeros((32, 40), np.uint8)
+        mask[8:24, 4 + i:20 + i] = 255
+        Image.fromarray(mask).save(root / f"m{i}.png")
+    return root
+
+
+def test_color_map_file_saved_with_a_bom_is_read(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; line 1 was refused as not numeric."""
+    path = tmp_path / "colours.txt"
+    path.write_text("0 0 0 0\n128,64,128,1\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert cli._read_color_map(str(path)) == {(0, 0, 0): 0, (128, 64, 128): 1}
+
+
+@pytest.mark.parametrize("command", [["demo"], ["fit", "--train", "t.csv", "--path", "r"]])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_time_limit_must_be_a_positive_finite_number(command, value, capsys):
+    """``demo --time-limit -1`` (or nan) ran a 30-second demo instead of refusing."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args([*command, "--time-limit", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--time-limit" in err and value in err, err
+    args = cli.build_parser().parse_args([*command, "--time-limit", "12.5"])
+    assert args.time_limit == 12.5
+
+
+def test_show_refuses_model_and_models_together(capsys):
+    """``show --model a --models b`` silently drew --models and ignored --model."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["show", "run", "--out", "x.png", "--model", "nope",
+                                       "--models", "all"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "--models" in err, err
+
+
+def test_metric_lists_accept_spaces_and_name_an_empty_entry(masks, capsys):
+    """``--metrics "iou, dice"`` failed with: unknown metric ' dice'."""
+    assert cli.main(["score", "--pred", str(masks), "--gt", str(masks),
+                     "--metrics", "iou, dice"]) == 0
+    out = capsys.readouterr().out
+    assert {line.split()[0] for line in out.splitlines()} >= {"iou", "dice"}, out
+    assert cli.main(["score", "--pred", str(masks), "--gt", str(masks),
+                     "--metrics", "iou,"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("automask: error:") and "--metrics" in err and "'iou,'" in err, err
+
+
+def test_score_prints_the_image_count_as_an_integer(masks, capsys):
+    """``n_images`` printed as ``3.0000``, as though it were a score."""
+    assert cli.main(["score", "--pred", str(masks), "--gt", str(masks)]) == 0
+    rows = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert rows["n_images"] == str(len(list(masks.glob("*.png")))), rows
+    assert rows["iou"] == "1.0000", rows
+
+
+def test_boxes_given_a_folder_says_so(tmp_path):
+    """``--boxes some_folder/`` said "file not found" about a folder that exists."""
+    with pytest.raises(DataValidationError, match=r"--boxes .* is a folder, not a CSV"):
+        cli._read_boxes(str(tmp_path), str(tmp_path), "image")
+
+
+def test_hp_value_repeated_for_a_key_is_refused():
+    """``--hp peft.method=lora --hp peft.method=lora`` trained one candidate, not two."""
+    with pytest.raises(AutomaskError, match=r"--hp peft\.method repeats the value 'lora'"):
+        cli._parse_hp(["peft.method=lora", "peft.method=full", "peft.method=lora"])
+    with pytest.raises(AutomaskError, match=r"repeats the value 2"):
+        cli._parse_hp(["optim.max_epochs=[1,2]", "optim.max_epochs=2"])
+    # values that only compare equal (1 == True) are distinct; lists extend
+    assert cli._parse_hp(["a=1", "a=true", "a=[2,3]"]) == {"a": [1, True, 2, 3]}
+
+
+@pytest.fixture
+def interrupted(tmp_path):
+    """A run folder holding the record of an interrupted fit (tiny preset, no epoch done)
+    and the CSV it was given."""
+    import pandas as pd
+
+    from automask import SemanticSegmentor
+    from automask.datasets import make_synthetic
+    from automask.training.plan import plan_fit
+    from automask.training.state import FitState
+
+    frame = make_synthetic(10, size=64, num_classes=2, seed=5, root=tmp_path / "data")
+    train = tmp_path / "train.csv"
+    pd.DataFrame({"image": frame["image"], "label": frame["label"]}).to_csv(train, index=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    hp = {"optim.max_epochs": 1, "model.input_size": 64}
+    plan = plan_fit(SemanticSegmentor(path=run).get_params(), str(train), None, "tiny", hp,
+                    None, None, None, None)
+    FitState(run).start(plan.record, plan.frames)
+    return run, train
+
+
+def test_resume_checks_the_options_given_and_keeps_the_recorded_ones(interrupted, capsys):
+    """``fit --resume --path RUN --hp ...`` ignored the --hp silently; ``fit --resume
+    --train CSV`` compared the default preset against the recorded one and refused."""
+    run, train = interrupted
+    assert cli.main(["fit", "--resume", "--path", str(run), "--hp", "optim.lr=0.5",
+                     "--verbosity", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("automask: error: cannot resume") and "differs" in err, err
+    assert not (run / "automask.json").exists()
+    # the data given again, the preset not: the recorded "tiny" is used, so it resumes
+    assert cli.main(["fit", "--resume", "--train", str(train), "--path", str(run),
+                     "--verbosity", "0"]) == 0, capsys.readouterr().err
+    from automask import SemanticSegmentor
+
+    seg = SemanticSegmentor.load(run)
+    assert seg.config_.model.backbone == "tiny" and seg.config_.model.input_size == 64
+
+
+def test_debug_is_taken_after_the_command_too():
+    """``automask params --backbone vit_x --debug`` was refused as an unknown argument."""
+    with pytest.raises(AutomaskError, match="vit_x"):  # the traceback, not a message
+        cli.main(["params", "--backbone", "vit_x", "--debug"])
+    assert cli.build_parser().parse_args(["--debug", "params"]).debug is True
+    assert cli.build_parser().parse_args(["params"]).debug is False
+
+
+def test_show_names_models_in_its_error(tmp_path, capsys):
+    """An empty name in ``show --models`` was reported as a --class-names error (and only
+    after the predictor had loaded)."""
+    assert cli.main(["show", str(tmp_path / "no_run"), "--data", "x.csv", "--out",
+                     str(tmp_path / "x.png"), "--models", "a,,b"]) == 2
+    err = capsys.readouterr().err
+    assert "--models expects comma-separated names, got 'a,,b'" in err, err
+    assert "--class-names" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_verbosity_outside_0_to_3_is_refused(capsys):
+    """``--verbosity 7`` was taken silently (as 3; a negative one as 0)."""
+    for value in ("7", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(["fit", "--path", "r", "--verbosity", value])
+        assert exc.value.code == 2
+        assert "--verbosity" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["fit", "--path", "r", "--verbosity", "3"]).verbosity == 3
+
+
+@pytest.mark.parametrize("plan", ["{}", '{"call": [], "params": {}}'])
+def test_resume_names_a_fit_record_that_is_not_one(tmp_path, capsys, plan):
+    """A plan.json that is valid JSON but no fit record ended in a KeyError traceback."""
+    state = tmp_path / ".automask_fit"
+    state.mkdir()
+    (state / "plan.json").write_text(plan)
+    assert cli.main(["fit", "--resume", "--path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("automask: error: cannot resume") and "plan.json" in err, err
+    assert "Traceback" not in err
