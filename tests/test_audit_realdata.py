@@ -230,3 +230,11 @@ def test_an_image_over_pillows_bomb_limit_is_named_with_the_way_out(tmp_path, mo
         validate_frame(frame, image_col="image", label_col="label")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the way out works
     assert len(validate_frame(frame, image_col="image", label_col="label")) == 1
+
+
+def test_a_csv_with_a_header_and_no_rows_is_named(tmp_path):
+    from automask.data import validate_frame
+
+    (tmp_path / "train.csv").write_text("image,label\n")
+    with pytest.raises(DataValidationError, match=r"train\.csv has no rows.*'image', 'label'"):
+        validate_frame(tmp_path / "train.csv", image_col="image", label_col="label")

@@ -268,8 +268,9 @@ def test_resume_refuses_other_data_or_options(data, tmp_path):
     assert not run.exists()
     from automask.training.state import FitState
 
-    FitState(run).start({"candidates": {"default": {"optim": {"lr": 1.0}}}}, {})
-    with pytest.raises(ConfigError, match="'candidates' differs"):
+    FitState(run).start({"candidates": {"default": {"optim.lr": 1.0}}}, {})
+    with pytest.raises(ConfigError, match=r"'candidates' > 'default' > 'optim.lr' differs "
+                                          r"from the interrupted fit's \(1.0 then, 0.0"):
         SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
                                                      hyperparameters=HP, resume=True)
 

@@ -424,9 +424,13 @@ def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         if not path.is_file():
             raise DataValidationError(f"data CSV {path} not found")
         try:
-            return pd.read_csv(path)
+            frame = pd.read_csv(path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise DataValidationError(f"data CSV {path} could not be parsed: {exc}") from exc
+        if len(frame) == 0:
+            raise DataValidationError(f"data CSV {path} has no rows (columns: "
+                                      f"{list(frame.columns)})")
+        return frame
     raise DataValidationError(
         f"data must be a pandas DataFrame or a CSV path, got {type(data).__name__}"
     )

@@ -95,11 +95,12 @@ class FitState:
             if key == "call":
                 continue
             if recorded.get(key) != given.get(key):
+                where, then, now = _first_difference(recorded.get(key), given.get(key), key)
                 raise ConfigError(
-                    f"cannot resume the fit in {str(self.root.parent)!r}: {key!r} differs "
-                    f"from the interrupted fit's ({_short(recorded.get(key))} then, "
-                    f"{_short(given.get(key))} now); pass the same data and options, or "
-                    "fit with overwrite=True to start again"
+                    f"cannot resume the fit in {str(self.root.parent)!r}: {where} differs "
+                    f"from the interrupted fit's ({_short(then)} then, {_short(now)} now); "
+                    "pass the same data and options, or fit with overwrite=True to start "
+                    "again"
                 )
 
     # ---------------------------------------------------------- candidates
@@ -138,6 +139,29 @@ class FitState:
 def _plain(value: Any) -> Any:
     """JSON round trip, so that a plan compares equal to the one read back."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _first_difference(then: Any, now: Any, key: str) -> tuple[str, Any, Any]:
+    """Where two plan entries first differ, innermost: ``("'candidates' > 'default' >
+    'optim.lr'", 0.001, 0.002)`` or ``("'train'[3][1]", "a.png", "b.png")`` rather than two
+    whole values cut short. A key on one side only, lists of different lengths, or values
+    of other kinds end the descent."""
+    path: list[str] = [repr(key)]
+    while True:
+        if isinstance(then, dict) and isinstance(now, dict):
+            inner = next(k for k in [*then, *(k for k in now if k not in then)]
+                         if then.get(k, _ABSENT) != now.get(k, _ABSENT))
+            path.append(repr(inner))
+            then, now = then.get(inner, "(absent)"), now.get(inner, "(absent)")
+        elif isinstance(then, list) and isinstance(now, list) and len(then) == len(now):
+            pos = next(i for i, (a, b) in enumerate(zip(then, now)) if a != b)
+            path[-1] += f"[{pos}]"  # 'train'[3][1]: the training data's row 3, its mask
+            then, now = then[pos], now[pos]
+        else:
+            return " > ".join(path), then, now
+
+
+_ABSENT = object()
 
 
 def _short(value: Any) -> str:
