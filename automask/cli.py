@@ -635,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(sub, "export", help="export a model to ONNX (or a torch.export .pt2)")
     p.add_argument("run", help="saved predictor directory")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
-    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "pt2"],
+                   help="default: from the suffix of --out (.onnx or .pt2)")
     p.add_argument("--model", help="candidate name (default: the best)")
     p.set_defaults(func=_cmd_export)
 

@@ -173,7 +173,7 @@ def export_model(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    format: str = "onnx",
+    format: str | None = None,
     metadata: dict[str, str] | None = None,
     tolerance: float = 1e-3,
 ) -> Path:
@@ -186,9 +186,10 @@ def export_model(
     path : str or os.PathLike
         Destination file; its folder is created. An existing file is replaced only when
         the new one is complete and checked.
-    format : {"onnx", "pt2"}
+    format : {"onnx", "pt2"}, optional
         ``"onnx"``: an ONNX file (opset 17) for ONNX Runtime and others; ``"pt2"``: a
-        :func:`torch.export.save` program (needs PyTorch to run).
+        :func:`torch.export.save` program (needs PyTorch to run). Default: from the
+        path's suffix (``.onnx`` or ``.pt2``).
     metadata : dict of str to str, optional
         Stored in the file over :func:`preprocessing_metadata` of ``model``: a key of
         your own (a licence, a dataset name) is added, a key of the same name replaces
@@ -213,7 +214,7 @@ def export_model(
         ``onnx``/``onnxruntime`` missing, the exporter failed, or the exported file does not
         reproduce the model within ``tolerance``.
     """
-    path = _check_target(path, format)
+    path, format = _check_target(path, format)
     if (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
             or not math.isfinite(tolerance) or tolerance < 0):
         raise ConfigError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
@@ -267,7 +268,7 @@ def _write_checked(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
         os.replace(tmp_file, path)
 
 
-def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
+def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
                      model: str | None = None) -> Path:
     """Export candidate ``model`` (default: the best) of a fitted :class:`SemanticSegmentor`.
 
@@ -279,7 +280,7 @@ def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
     name = seg.best_model_ if model is None else model
     if name not in seg.models_:
         raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(seg.models_)}")
-    _check_target(path, format)  # before the model is rebuilt
+    format = _check_target(path, format)[1]  # before the model is rebuilt
     from .config import parse_image_range
 
     image_range = parse_image_range(seg._config(name).data.image_range)
@@ -291,11 +292,18 @@ def export_predictor(seg, path: str | os.PathLike, format: str = "onnx",
 
 
 # --------------------------------------------------------------------------- internals
-def _check_target(path: str | os.PathLike, format: str) -> Path:
-    """The destination as a Path; ConfigError / ExportError before any work is done."""
+def _check_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
+    """The destination as a Path and the format (None: the path's suffix); ConfigError /
+    ExportError before any work is done."""
+    path = Path(path)
+    if format is None:
+        format = path.suffix.lower().lstrip(".")
+        if format not in FORMATS:
+            raise ConfigError(f"export path {str(path)!r} must end with "
+                              f"{' or '.join('.' + f for f in FORMATS)} (the format is taken "
+                              "from the suffix), or give the format")
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; valid formats: {list(FORMATS)}")
-    path = Path(path)
     if path.suffix.lower() != f".{format}":
         raise ConfigError(f"export path {str(path)!r} must end with '.{format}' for format "
                           f"{format!r}")
@@ -314,7 +322,7 @@ def _check_target(path: str | os.PathLike, format: str) -> Path:
                           f"{str(existing)!r} ({exc.strerror or exc})") from exc
     if format == "onnx":
         _require_onnx()
-    return path
+    return path, format
 
 
 def _check_metadata(metadata: Any) -> None:

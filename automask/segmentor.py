@@ -497,7 +497,7 @@ class SemanticSegmentor(BaseEstimator):
 
         return plots.plot_comparison(self, data, models=models, n=n, path=path)
 
-    def export(self, path: str | os.PathLike, format: str = "onnx",
+    def export(self, path: str | os.PathLike, format: str | None = None,
                model: str | None = None) -> Path:
         """Export a fitted model for inference outside automask (see :mod:`automask.export`).
 
@@ -505,9 +505,9 @@ class SemanticSegmentor(BaseEstimator):
         ----------
         path : str or os.PathLike
             Destination file, ``.onnx`` or ``.pt2``.
-        format : {"onnx", "pt2"}
+        format : {"onnx", "pt2"}, optional
             ONNX (adapters merged, checked with ONNX Runtime) or a ``torch.export``
-            program.
+            program; default: from the path's suffix.
         model : str, optional
             Candidate name; default the best model.
 

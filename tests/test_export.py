@@ -133,7 +133,7 @@ def test_onnx_matches_pytorch_for_every_method(method, num_classes, tmp_path):
 
 def test_pt2_export_matches_pytorch(tmp_path):
     model = _model("conv_lora", num_classes=3)
-    path = export_model(model, tmp_path / "model.pt2", format="pt2")
+    path = export_model(model, tmp_path / "model.pt2")  # the format from the suffix
     extra = {"automask.json": ""}
     program = torch.export.load(str(path), extra_files=extra)
     images = _images(3)
@@ -147,7 +147,9 @@ def test_bad_format_or_suffix_fails_before_writing(tmp_path):
     with pytest.raises(ConfigError, match="'tflite'.*onnx"):
         export_model(model, tmp_path / "m.tflite", format="tflite")
     with pytest.raises(ConfigError, match=r"m\.pt2.*'\.onnx'"):
-        export_model(model, tmp_path / "m.pt2")
+        export_model(model, tmp_path / "m.pt2", format="onnx")
+    with pytest.raises(ConfigError, match=r"m\.bin.*must end with \.onnx or \.pt2"):
+        export_model(model, tmp_path / "m.bin")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -250,7 +252,7 @@ def test_cli_export(fitted, tmp_path):
     assert f"exported to {out}" in proc.stdout
     assert _metadata(out)["model"] == fitted.best_model_
     proc = subprocess.run([sys.executable, "-m", "automask", "export", str(fitted.path_),
-                           "--out", str(tmp_path / "m.pt2")], capture_output=True, text=True,
-                          env=env, timeout=600)
+                           "--out", str(tmp_path / "m.pt2"), "--format", "onnx"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 2 and "must end with '.onnx'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt2").exists()
