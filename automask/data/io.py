@@ -4,7 +4,9 @@ checking that a file decodes completely (:func:`check_decodes`).
 Images of any mode Pillow opens (grayscale, RGB, RGBA, palette, CMYK, 1-bit, 16-bit) come
 back as 8-bit RGB with the EXIF orientation applied; data stored with more than 8 bits per
 sample (16-bit, 32-bit, float) is scaled to 0-255 by one value range for a whole dataset
-(:func:`dataset_value_range`) or, without one, by each file's own rule. Masks come back as
+(:func:`dataset_value_range`) or, without one, by each file's own rule. 16-bit colour PNGs
+and TIFFs (which Pillow reads as each sample's top 8 bits) and 64-bit float TIFFs (which it
+cannot open) are decoded by libpng through torchvision and by tifffile. Masks come back as
 a 2-D array of class ids: palette PNGs as their indices, grayscale as their values, colour
 masks only through a user-given colour-to-class mapping. The same EXIF orientation rule is
 applied to masks so that an image and its mask stay aligned.
