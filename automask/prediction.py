@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import abc
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -62,8 +63,24 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
                 raise DataValidationError(
                     f"CSV file {str(p)!r} could not be parsed: {exc}") from exc
         return pd.DataFrame({image_col: [str(p)]}), None
-    if isinstance(data, Sequence):
-        # values kept as given: validation reports None / NaN / "" as a missing path
+    if isinstance(data, (pd.Series, pd.Index)):
+        # a column of paths (``df["image"]``): its index is kept, so that prompts keyed by
+        # it and the DataFrame returned by ``predict(save_to=...)`` line up with the input
+        index = data.index if isinstance(data, pd.Series) else None
+        values = pd.Series(data.to_numpy(dtype=object), index=index, dtype=object)
+        return pd.DataFrame({image_col: values}), None
+    if isinstance(data, np.ndarray):
+        if data.ndim != 1:
+            raise DataValidationError(
+                f"an array of image paths must be 1-D, got shape {data.shape}")
+        return pd.DataFrame({image_col: pd.Series(data.tolist(), dtype=object)}), None
+    if isinstance(data, (bytes, bytearray)):
+        raise DataValidationError(
+            f"cannot read images from {type(data).__name__} {data[:60]!r}; pass the path as "
+            "a str or pathlib.Path")
+    if isinstance(data, (Sequence, abc.Iterator)):
+        # a list, a tuple, or an iterator such as Path.glob(...), in its order; values kept
+        # as given: validation reports None / NaN / "" as a missing path
         return pd.DataFrame({image_col: pd.Series(list(data), dtype=object)}), None
     raise DataValidationError(
         f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "

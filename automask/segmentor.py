@@ -152,9 +152,9 @@ class SemanticSegmentor(BaseEstimator):
         from .config import check_time_limit
 
         started = time.monotonic()
+        self._check_params()
         time_limit = check_time_limit(time_limit)  # NaN, inf or <= 0: ConfigError
         deadline = started + time_limit if time_limit is not None else None
-        self._reset()
         configure_logging(self.verbosity)
         plan = plan_fit(self.get_params(), train_data, tuning_data, presets, hyperparameters,
                         time_limit, num_classes, class_names, color_map)
@@ -167,6 +167,9 @@ class SemanticSegmentor(BaseEstimator):
         writer = distributed.is_writer(plan.world_size)  # rank 0 of a distributed fit
         run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume, writer=writer)
         with run:
+            # A fit refused for bad options, data or path leaves a fitted predictor as it
+            # was; from here on, the fit starts from scratch.
+            self._reset()
             if writer and resume:  # in a distributed fit, rank 0 checks and records alone
                 run.state.check_plan(plan.record)
             elif writer:
@@ -212,7 +215,10 @@ class SemanticSegmentor(BaseEstimator):
         Parameters
         ----------
         data : DataFrame, path, list of paths or folder
-            Images to segment (a DataFrame needs the image column).
+            Images to segment (a DataFrame needs the image column). A pandas Series, a 1-D
+            array or an iterator of paths (``Path("imgs").glob("*.png")``) is read as a
+            list, in its order; a Series keeps its index (for prompts keyed by it and the
+            DataFrame returned with ``save_to``).
         model : str, optional
             Candidate name (see :meth:`leaderboard`); the best by default.
         save_to : path-like, optional
@@ -337,8 +343,13 @@ class SemanticSegmentor(BaseEstimator):
         if not names:  # before any image is predicted
             raise ConfigError("evaluate metrics is empty; give metric names, or None for the "
                               "task's default set")
-        scorers = build_metrics(self.task_, names,
-                                **metric_conventions(self.task_, self.num_classes_))
+        try:
+            scorers = build_metrics(self.task_, names,
+                                    **metric_conventions(self.task_, self.num_classes_))
+        except ValueError as exc:  # an unknown name: an automask error, like the others
+            if isinstance(exc, AutomaskError):
+                raise
+            raise ConfigError(f"evaluate metrics {names!r}: {exc}") from exc
         spec = prediction.labelled_spec(data, self.image, self.label, self.task_,
                                         self.num_classes_, self.classes_, self.void_label_,
                                         self.color_map_)
@@ -431,6 +442,22 @@ class SemanticSegmentor(BaseEstimator):
                         "this process keeps its own copy of the fitted models in memory",
                         path, exc)
             self.path_ = path
+
+    def _check_params(self) -> None:
+        """ConfigError naming a constructor argument that fit cannot use, before any work."""
+        import numbers
+
+        v = self.verbosity
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ConfigError(f"verbosity must be an integer >= 0 (0 silent ... 3 debug), "
+                              f"got {type(v).__name__} {v!r}")
+        for arg in ("label", "image"):
+            value = getattr(self, arg)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ConfigError(f"{arg} must be a column name of the data, got {value!r}")
+        if self.label == self.image:
+            raise ConfigError(f"label and image name the same column {self.label!r}; the "
+                              "masks and the images need their own columns")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "best_model_"):

@@ -1,0 +1,117 @@
+"""Audit of the SemanticSegmentor facade: odd but legitimate inputs are accepted in the
+order given, and bad input fails with an automask error that leaves a fitted predictor as
+it was."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from automask import SemanticSegmentor
+from automask.datasets import make_synthetic
+from automask.errors import AutomaskError, ConfigError, DataValidationError
+
+S = 32  # model input side
+HP = {"optim.max_epochs": 1, "model.input_size": S}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny binary predictor and its labelled DataFrame."""
+    root = tmp_path_factory.mktemp("audit_facade")
+    frame = make_synthetic(6, size=S, num_classes=2, seed=5, root=root / "data")
+    seg = SemanticSegmentor(path=root / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters=HP)
+    return seg, frame, root
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_predict_takes_a_series_an_array_or_a_glob_of_paths_in_their_order(fitted):
+    seg, frame, root = fitted
+    paths = list(frame["image"])[::-1]  # not the folder's sorted order
+    expected = seg.predict(paths)
+    series = pd.Series(paths, index=[10, 20, 30, 40, 50, 60])
+    _same(seg.predict(series), expected)
+    _same(seg.predict(frame["image"]), seg.predict(list(frame["image"])))
+    _same(seg.predict(np.array(paths)), expected)
+    _same(seg.predict(iter(paths)), expected)
+    _same(seg.predict(Path(p) for p in paths), expected)
+    probs = seg.predict_proba(series)
+    assert [p.shape for p in probs] == [m.shape for m in expected]
+
+
+def test_predict_save_to_from_a_series_keeps_its_index(fitted, tmp_path):
+    seg, frame, _ = fitted
+    series = pd.Series(list(frame["image"])[:3], index=["a", "b", "c"])
+    out = seg.predict(series, save_to=tmp_path / "masks")
+    assert list(out.index) == ["a", "b", "c"]
+    assert [Path(p).name for p in out["label"]] == [Path(p).stem + ".png" for p in series]
+    # prompts keyed by the Series' own index
+    boxes = {"b": (0, 0, S // 2, S // 2)}
+    assert len(seg.predict(series, boxes=boxes)) == 3
+
+
+def test_predict_refuses_a_2d_array_and_bytes_naming_them(fitted):
+    seg, frame, _ = fitted
+    with pytest.raises(DataValidationError, match=r"1-D.*\(3, 2\)"):
+        seg.predict(np.array(list(frame["image"])).reshape(3, 2))
+    with pytest.raises(DataValidationError, match="bytes"):
+        seg.predict(str(frame["image"][0]).encode())
+
+
+def test_evaluate_unknown_metric_is_an_automask_error_naming_it(fitted, monkeypatch):
+    seg, frame, _ = fitted
+    from automask import prediction
+
+    def boom(*a, **k):  # no image is predicted for a bad metric name
+        raise AssertionError("predicted before checking the metrics")
+
+    monkeypatch.setattr(prediction, "iter_proba", boom)
+    with pytest.raises(ConfigError, match="'nope'"):
+        seg.evaluate(frame, metrics=["iou", "nope"])
+    with pytest.raises(AutomaskError):
+        seg.evaluate(frame, metrics="iou,nope")
+
+
+def test_a_refused_refit_leaves_the_fitted_predictor_as_it_was(fitted):
+    seg, frame, root = fitted
+    before = seg.predict(list(frame["image"])[:2])
+    best, path = seg.best_model_, seg.path_
+    with pytest.raises(DataValidationError, match="label"):
+        seg.fit(frame.drop(columns=["label"]), presets="tiny", hyperparameters=HP)
+    with pytest.raises(ConfigError):  # bad time limit
+        seg.fit(frame, presets="tiny", hyperparameters=HP, time_limit=-1)
+    with pytest.raises(ConfigError, match="exists|overwrite|predictor"):  # path in use
+        seg.fit(frame, presets="tiny", hyperparameters=HP)
+    assert seg.best_model_ == best and seg.path_ == path
+    _same(seg.predict(list(frame["image"])[:2]), before)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"verbosity": "2"}, "verbosity.*'2'"),
+    ({"verbosity": -1}, "verbosity.*-1"),
+    ({"verbosity": True}, "verbosity.*True"),
+    ({"label": "image"}, "label and image.*'image'"),
+    ({"label": None}, "label.*None"),
+])
+def test_bad_constructor_arguments_are_named_before_anything_is_written(fitted, tmp_path,
+                                                                        kwargs, match):
+    _, frame, _ = fitted
+    seg = SemanticSegmentor(path=tmp_path / "run", **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        seg.fit(frame, presets="tiny", hyperparameters=HP)
+    assert not (tmp_path / "run").exists()
+
+
+def test_numpy_integers_are_accepted_for_verbosity(fitted, tmp_path):
+    _, frame, _ = fitted
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=np.int64(0)).fit(
+        frame.iloc[:4], presets="tiny", hyperparameters=HP)
+    assert len(seg.predict(list(frame["image"])[:1])) == 1
