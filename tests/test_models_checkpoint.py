@@ -154,6 +154,28 @@ def test_not_a_state_dict(tmp_path):
         build_segmenter("tiny", input_size=256, checkpoint=path)
 
 
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "ddp"])
+def test_a_training_checkpoint_of_sam_weights_is_unwrapped(tiny_file, tmp_path, wrap):
+    """{"model": sd, "epoch": ...} as training scripts save it, or DDP's "module." keys."""
+    state = torch.load(tiny_file, weights_only=True)
+    if wrap == "ddp":
+        saved = {f"module.{k}": v for k, v in state.items()}
+    else:
+        saved = {wrap: state, "epoch": 3, "optimizer": {"lr": 1e-4}}
+    path = tmp_path / "trained.pth"
+    torch.save(saved, path)
+    _assert_weights_equal(build_segmenter("tiny", input_size=256, checkpoint=path), state)
+
+
+def test_a_checkpoint_with_loose_tensors_beside_the_weights_is_not_guessed(tiny_file,
+                                                                           tmp_path):
+    state = torch.load(tiny_file, weights_only=True)
+    path = tmp_path / "mixed.pth"
+    torch.save({"model": state, "scale": torch.ones(1)}, path)  # which are the weights?
+    with pytest.raises(CheckpointError, match="not a plain state dict.*'model'"):
+        build_segmenter("tiny", input_size=256, checkpoint=path)
+
+
 class _Payload:
     def __reduce__(self):
         return (_UNSAFE_RAN.append, ("pickle code ran",))

@@ -266,12 +266,38 @@ def read_state_dict(
         raise CheckpointError(
             f"{str(path)!r} holds a {type(state).__name__}, not a state dict of named tensors"
         )
+    state = _unwrapped(state)
     bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
         raise CheckpointError(
-            f"{str(path)!r} is not a plain state dict: entries {bad[:5]!r} are not named tensors"
+            f"{str(path)!r} is not a plain state dict: entries {bad[:5]!r} are not named "
+            "tensors; save the model's state_dict() itself (a checkpoint whose weights sit "
+            "under one 'model' or 'state_dict' entry is read as well)"
         )
     return dict(state)
+
+
+_WRAPPERS = ("model", "state_dict")  # training scripts' checkpoints: {"model": sd, "epoch": ..}
+_DDP_PREFIX = "module."  # keys saved from a DistributedDataParallel wrapper
+
+
+def _unwrapped(state: Mapping) -> Mapping:
+    """The state dict inside a training checkpoint, with a DDP ``module.`` prefix removed.
+
+    ``{"model": sd, "epoch": 3, "optimizer": {...}}``-like files give ``sd`` (the first of
+    ``model`` and ``state_dict`` that maps names to tensors, when no other entry is a
+    tensor); ``module.image_encoder.*`` keys lose ``module.`` when every key has it.
+    """
+    if not any(torch.is_tensor(v) for v in state.values()):
+        for key in _WRAPPERS:
+            inner = state.get(key)
+            if isinstance(inner, Mapping) and inner and all(
+                    isinstance(k, str) and torch.is_tensor(v) for k, v in inner.items()):
+                state = inner
+                break
+    if state and all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in state):
+        state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+    return state
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
