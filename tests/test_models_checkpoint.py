@@ -254,3 +254,48 @@ def test_vit_b_checkpoint_at_256_px(tmp_path):
         ours = seg.image_encoder(x)
         reference = _reference_encoder(BACKBONES["vit_b"], 256, state)(x)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_concurrent_resolvers_download_once(tiny_file):
+    """Two resolvers missing an empty cache at once (the processes of a distributed fit):
+    one downloads, the other waits on the lock and finds the file in the cache."""
+    import functools
+    import http.server
+    import threading
+
+    from automask.models.checkpoint import locate_checkpoint
+
+    gets = []
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            gets.append(self.path)
+            threading.Event().wait(0.5)  # a long download: the second resolver arrives now
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Slow, directory=str(tiny_file.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{TINY_NAME}"
+    results = []
+
+    def resolve():
+        results.append(locate_checkpoint("tiny", url=url, sha256=_sha(tiny_file),
+                                         progress=False))
+
+    try:
+        threads = [threading.Thread(target=resolve) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert gets == [f"/{TINY_NAME}"]  # one download
+    assert sorted(r.source for r in results) == ["cache", "download"]
+    assert {r.path for r in results} == {cache_dir() / "checkpoints" / TINY_NAME}
+    assert _cached_files() == [TINY_NAME]  # the lock file lives elsewhere

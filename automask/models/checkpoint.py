@@ -21,13 +21,15 @@ to check against is kept with a warning saying so.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,42 @@ def locate_checkpoint(
             f"checkpoint='random' or pass checkpoint=<path to a state dict with its keys>"
         )
     cached = checkpoint_cache_dir() / _file_name(url, spec.filename)
+    with _one_downloader(cached, url):  # the other processes then find it in the cache
+        return _cached_or_downloaded(backbone, cached, url, expected, env_sha, progress)
+
+
+@contextlib.contextmanager
+def _one_downloader(cached: Path, url: str) -> Iterator[None]:
+    """Hold a file lock per cached checkpoint while it is looked up and downloaded.
+
+    The processes of a distributed fit, or several jobs of one user, all miss an empty
+    cache at once: without the lock each would download the whole file (2.4 GiB for
+    vit_h). A cache where no lock file can be made (read-only) goes on without one; the
+    download itself is atomic either way.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(cache_dir() / "locks" / f"{cached.name}.lock"))
+    try:
+        Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logging.getLogger("automask").info(
+                "waiting for another process that is downloading %s", url)
+            lock.acquire()
+    except OSError:  # no lock file possible here: as before, without one
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _cached_or_downloaded(backbone: str, cached: Path, url: str, expected: str | None,
+                          env_sha: str, progress: bool) -> "ResolvedCheckpoint":
+    """The cached file, verified, else downloaded into the cache (:func:`locate_checkpoint`)."""
     if cached.is_file():
         digest = sha256_file(cached)
         if expected is not None and digest != expected:
@@ -167,7 +205,7 @@ def locate_checkpoint(
         warnings.warn(
             f"downloaded {url} to {cached} WITHOUT verifying it: no SHA-256 is pinned for it "
             f"(pass sha256= or set {env_sha})",
-            stacklevel=2,
+            stacklevel=3,
         )
         expected = sha256_file(cached)
     return ResolvedCheckpoint(source="download", path=cached, sha256=expected)
