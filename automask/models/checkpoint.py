@@ -168,6 +168,7 @@ def _one_downloader(cached: Path, url: str) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(cache_dir() / "locks" / f"{cached.name}.lock"))
+    locked = False
     try:
         Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -176,13 +177,14 @@ def _one_downloader(cached: Path, url: str) -> Iterator[None]:
             logging.getLogger("automask").info(
                 "waiting for another process that is downloading %s", url)
             lock.acquire()
+        locked = True
     except OSError:  # no lock file possible here: as before, without one
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        lock.release()
+        if locked:
+            lock.release()
 
 
 def _cached_or_downloaded(backbone: str, cached: Path, url: str, expected: str | None,
