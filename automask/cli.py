@@ -211,20 +211,10 @@ def _cmd_predict(args) -> None:
 
 def _cmd_evaluate(args) -> None:
     seg = _load(args.run)
-    metrics = _metric_names(args.metrics)
+    metrics = _split(args.metrics, "--metrics")
     data = _labelled_data(args, seg.image, seg.label)
     _print_scores(seg.evaluate(data, metrics=metrics, model=args.model), args.json,
                   class_names=seg.classes_)
-
-
-def _metric_names(text: str | None) -> list[str] | None:
-    """``--metrics "iou, dice"`` -> ``["iou", "dice"]`` (spaces ignored); None: every one."""
-    if text is None:
-        return None
-    names = [part.strip() for part in text.split(",")]
-    if not all(names):
-        raise AutomaskError(f"--metrics expects comma-separated metric names, got {text!r}")
-    return names
 
 
 def _parse_extra(items: Sequence[str]) -> dict[str, str]:
@@ -257,7 +247,7 @@ def _cmd_leaderboard(args) -> None:
     extra = _parse_extra(args.extra)
     if args.out:
         check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
-    metrics = _metric_names(args.metrics)
+    metrics = _split(args.metrics, "--metrics")
     board = _load(args.run).leaderboard(args.data, extra=extra, style=args.style,
                                         metrics=metrics)
     _show_or_save(board, args)
@@ -276,7 +266,7 @@ def _cmd_params(args) -> None:
 def _cmd_score(args) -> None:
     from .metrics import score_folders
 
-    metrics = _metric_names(args.metrics)
+    metrics = _split(args.metrics, "--metrics")
     conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
     names = _split(args.class_names)
     scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics, **conventions)
