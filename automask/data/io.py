@@ -13,12 +13,14 @@ applied to masks so that an image and its mask stay aligned.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import struct
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -152,19 +154,32 @@ def _deep_colour_tiff(img: Image.Image) -> bool:
     return int(bits) > 8 and int(tags.get(_TIFF_SAMPLES, 1)) > 1
 
 
-def _tiff_only(path: str | os.PathLike) -> bool:
-    """True for a TIFF file Pillow cannot open (64-bit floats, odd sample formats).
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[tuple[Image.Image | None, bytes]]:
+    """``(image, head)``: the file opened once, by Pillow from a file object (never
+    memory-mapped, see :func:`_left_to_apply`), and its first 26 bytes (enough for a PNG's
+    bit depth, :func:`_deep_colour_png`). The image is None for a TIFF that Pillow cannot
+    open (64-bit floats, odd sample formats): read that one with :func:`_tiff_pixels`.
 
-    Other files cost a 4-byte read.
+    Raises
+    ------
+    PIL.UnidentifiedImageError
+        A file that is neither an image Pillow opens nor a TIFF.
     """
     with open(path, "rb") as fh:
-        if fh.read(4) not in _TIFF_MAGIC:
-            return False
-    try:
-        with Image.open(path):
-            return False
-    except UnidentifiedImageError:
-        return True
+        head = fh.read(26)
+        fh.seek(0)
+        try:
+            img = Image.open(fh)
+        except UnidentifiedImageError:
+            if head[:4] not in _TIFF_MAGIC:
+                raise
+            img = None
+        if img is None:
+            yield None, head
+        else:
+            with img:
+                yield img, head
 
 
 def _tiff_page(path: str | os.PathLike):
@@ -181,7 +196,7 @@ def _tiff_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """``(H, W, C)`` samples of a TIFF's first image as stored, and its orientation tag.
 
     For the TIFFs Pillow cannot read faithfully (:func:`_deep_colour_tiff`,
-    :func:`_tiff_only`). Compressions other than none, deflate and LZMA (LZW, JPEG,
+    :func:`_opened`). Compressions other than none, deflate and LZMA (LZW, JPEG,
     PackBits, ...) need the ``imagecodecs`` package.
 
     Raises
@@ -214,14 +229,13 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_WITH_CHANNELS = {2, 4, 6}  # colour types: RGB, grey + alpha, RGBA
 
 
-def _deep_colour_png(path: str | os.PathLike) -> bool:
-    """A 16-bit PNG with several channels (RGB, RGBA, grey + alpha), from its IHDR chunk.
+def _deep_colour_png(head: bytes) -> bool:
+    """A 16-bit PNG with several channels (RGB, RGBA, grey + alpha), from the IHDR chunk in
+    the file's first 26 bytes.
 
     Pillow opens such a file as 8-bit RGB/RGBA/LA keeping each sample's top 8 bits, as it
     does 16-bit colour TIFFs; it is decoded by libpng through ``torchvision`` instead.
     """
-    with open(path, "rb") as fh:
-        head = fh.read(26)
     return (len(head) == 26 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR"
             and head[24] == 16 and head[25] in _PNG_WITH_CHANNELS)
 
@@ -249,13 +263,14 @@ def _png_pixels(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(chw.numpy().transpose(1, 2, 0))
 
 
-def _faithful_samples(img: Image.Image, path: str | os.PathLike
+def _faithful_samples(img: Image.Image | None, head: bytes, path: str | os.PathLike
                       ) -> tuple[np.ndarray, int] | None:
-    """``(H, W, C)`` samples and the orientation to apply, for the files that Pillow opens
-    but reads as their top 8 bits (16-bit colour TIFFs and PNGs); None for the others."""
-    if _deep_colour_tiff(img):
+    """``(H, W, C)`` samples and the orientation to apply, for the files that Pillow reads
+    as their top 8 bits (16-bit colour TIFFs and PNGs) or cannot open (``img`` None from
+    :func:`_opened`); None for the others, which Pillow reads faithfully."""
+    if img is None or _deep_colour_tiff(img):
         return _tiff_pixels(path)
-    if img.format == "PNG" and _deep_colour_png(path):
+    if img.format == "PNG" and _deep_colour_png(head):
         return _png_pixels(path), _orientation(img)
     return None
 
@@ -315,17 +330,17 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     tuple of int
         Height and width in pixels.
     """
-    if _tiff_only(path):
-        with _tiff_page(path) as tif:
-            page = tif.pages[0]
-            tag = page.tags.get(_EXIF_ORIENTATION)
-            height, width = page.imagelength, page.imagewidth
-            if tag is not None and int(tag.value) in _SWAPPING_ORIENTATIONS:
+    with _opened(path) as (img, _):
+        if img is not None:
+            width, height = _stored_size(img)
+            if _orientation(img) in _SWAPPING_ORIENTATIONS:
                 width, height = height, width
-        return int(height), int(width)
-    with Image.open(path) as img:
-        width, height = _stored_size(img)
-        if _orientation(img) in _SWAPPING_ORIENTATIONS:
+            return int(height), int(width)
+    with _tiff_page(path) as tif:  # a TIFF Pillow cannot open
+        page = tif.pages[0]
+        tag = page.tags.get(_EXIF_ORIENTATION)
+        height, width = page.imagelength, page.imagewidth
+        if tag is not None and int(tag.value) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
     return int(height), int(width)
 
@@ -384,13 +399,18 @@ def check_decodes(path: str | os.PathLike) -> None:
             reason = str(exc)
             if "premature end" in reason.lower():
                 raise OSError(f"JPEG data ends early: {reason}") from exc
-    if _tiff_only(path):
-        _tiff_pixels(path)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if data[:4] not in _TIFF_MAGIC:
+            raise
+        img = None
+    if img is None:
+        _tiff_pixels(path)  # decoded in full by tifffile
         return
-    with Image.open(io.BytesIO(data)) as img:
-        if _faithful_samples(img, path) is not None:  # decoded in full
-            return
-        img.load()
+    with img:
+        if _faithful_samples(img, data[:26], path) is None:  # else decoded in full already
+            img.load()
 
 
 def _to_uint8(array: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
@@ -457,17 +477,14 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
     """
     low, high, floats, seen = np.inf, -np.inf, False, False
     for path in paths:
-        if _tiff_only(path):
-            values = _picture(_tiff_pixels(path)[0])
-        else:
-            with open(path, "rb") as fh, Image.open(fh) as img:
-                samples = _faithful_samples(img, path)
-                if samples is not None:
-                    values = _picture(samples[0])
-                elif img.mode in DEEP_MODES:
-                    values = np.asarray(img)
-                else:
-                    continue
+        with _opened(path) as (img, head):
+            samples = _faithful_samples(img, head, path)
+            if samples is not None:
+                values = _picture(samples[0])
+            elif img.mode in DEEP_MODES:
+                values = np.asarray(img)
+            else:
+                continue
         seen = True
         is_float = np.issubdtype(values.dtype, np.floating)
         floats = floats or is_float
@@ -521,10 +538,8 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None,
         says (floats in [0, 1] times 255, data beyond the 8/16-bit ranges stretched from
         its minimum to its maximum).
     """
-    if _tiff_only(path):
-        return _samples_to_rgb(*_tiff_pixels(path), value_range)
-    with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
-        samples = _faithful_samples(img, path)
+    with _opened(path) as (img, head):
+        samples = _faithful_samples(img, head, path)
         if samples is not None:
             return _samples_to_rgb(*samples, value_range)
         orientation = _orientation(img)
