@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from .config import Config, image_value_range
+from .data.validation import TABLE_SUFFIXES, read_table
 from .errors import DataValidationError
 from .hardware import autocast_context
 from .utils import top_created
@@ -27,8 +28,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".g
 def root_of(data) -> Path | None:
     """Relative paths in a CSV resolve against the CSV's folder; in a DataFrame, the cwd.
 
-    ``data`` given as a path is read as a CSV whatever its suffix (``train.txt``,
-    ``data.tsv.csv``...), so its folder is the root whatever the suffix, too.
+    A table of paths given as a path (``.csv``, ``.txt``, tab-separated ``.tsv``; for training
+    any suffix) has its folder as the root, whatever the suffix.
     """
     if isinstance(data, (str, os.PathLike)):
         return Path(data).resolve().parent
@@ -54,14 +55,10 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             if not files:
                 raise DataValidationError(f"no image files in folder {str(p)!r}")
             return pd.DataFrame({image_col: [str(f) for f in files]}), None
-        if p.suffix.lower() == ".csv":
+        if p.suffix.lower() in TABLE_SUFFIXES:  # a table of paths; any other file: one image
             if not p.is_file():
                 raise DataValidationError(f"CSV file not found: {str(p)!r}")
-            try:
-                return pd.read_csv(p), root_of(p)
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-                raise DataValidationError(
-                    f"CSV file {str(p)!r} could not be parsed: {exc}") from exc
+            return read_table(p), root_of(p)
         return pd.DataFrame({image_col: [str(p)]}), None
     if isinstance(data, (pd.Series, pd.Index)):
         # a column of paths (``df["image"]``): its index is kept, so that prompts keyed by

@@ -289,3 +289,24 @@ def test_relative_paths_of_a_csv_not_named_csv_resolve_against_its_folder(tmp_pa
     with pytest.raises(_Validated):
         SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
             table, presets="tiny", hyperparameters={"optim.max_epochs": 1})
+
+
+# -- a table of paths given as .txt or .tsv is read as a table, not as one image ------------
+
+@pytest.mark.parametrize("suffix, sep", [(".txt", ","), (".tsv", "\t")])
+def test_a_txt_or_tsv_table_of_paths_is_read_as_a_table(tmp_path, suffix, sep):
+    """predict's input and fit's data given as ``list.txt`` / ``list.tsv``: the rows are the
+    table's, relative paths resolve against its folder, and a .tsv is split at tabs."""
+    from automask.data.validation import validate_frame
+    from automask.prediction import as_frame
+
+    frame = _pairs(tmp_path / "data", 2)
+    names = [Path(p).relative_to(tmp_path) for p in frame["image"]]
+    masks = [Path(p).relative_to(tmp_path) for p in frame["label"]]
+    table = tmp_path / f"list{suffix}"
+    table.write_text("image" + sep + "label\n"
+                     + "".join(f"{a}{sep}{b}\n" for a, b in zip(names, masks)))
+    data, root = as_frame(table, "image")
+    assert list(data["image"]) == [str(n) for n in names] and root == tmp_path
+    spec = validate_frame(str(table), image_col="image", label_col="label", root=root)
+    assert [Path(p).name for p in spec.frame["image"]] == [n.name for n in names]

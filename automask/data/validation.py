@@ -411,6 +411,20 @@ def _check_options(
     return num_classes, class_names
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def read_table(path: Path, what: str = "CSV file") -> pd.DataFrame:
+    """Read a table of paths: tab-separated when ``path`` ends in ``.tsv``, else comma-separated
+    (``.csv``, ``.txt`` or any other suffix). ``what`` names the file in the error raised when
+    it cannot be parsed."""
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        return pd.read_csv(path, sep=sep)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataValidationError(f"{what} {str(path)!r} could not be parsed: {exc}") from exc
+
+
 def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
         return data
@@ -423,10 +437,7 @@ def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
             )
         if not path.is_file():
             raise DataValidationError(f"data CSV {path} not found")
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise DataValidationError(f"data CSV {path} could not be parsed: {exc}") from exc
+        frame = read_table(path, "data CSV")
         if len(frame) == 0:
             raise DataValidationError(f"data CSV {path} has no rows (columns: "
                                       f"{list(frame.columns)})")
