@@ -375,11 +375,13 @@ def _read_boxes(path: str, data, image_col: str) -> list:
     Images are matched by path: the CSV's relative paths resolve against its folder,
     those of ``data`` as in predict. Images of ``data`` missing from the CSV get no box.
     """
+    import math
     import os
     from pathlib import Path
 
     import pandas as pd
 
+    from .data.prompts import _check_box
     from .data.validation import _raw_path, _resolve
     from .errors import DataValidationError
     from .prediction import as_frame
@@ -412,6 +414,10 @@ def _read_boxes(path: str, data, image_col: str) -> list:
         key = os.path.realpath(_resolve(raw, base))  # "~" and relative paths as in --data
         if key in boxes:
             raise DataValidationError(f"--boxes {path!r}: row {row} repeats image {image!r}")
+        try:  # values and order here, where the row is the CSV's; the image's bounds later
+            _check_box(row, box, math.inf, math.inf)
+        except DataValidationError as exc:
+            raise DataValidationError(f"--boxes {path!r}: {exc}") from None
         boxes[key] = tuple(box)
     keys = [os.path.realpath(_resolve(_raw_path(p) or "", root or Path.cwd()))
             for p in frame[image_col]]  # a missing path matches nothing; predict names it

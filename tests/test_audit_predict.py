@@ -89,6 +89,22 @@ def test_boxes_row_without_an_image_path_is_named(fitted, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("values, says", [("4,0,2,4", "x1 > x0"), ("0,0,nan,4", "not finite"),
+                                          ("0,0,four,4", "not numeric")])
+def test_a_bad_box_names_the_boxes_file_and_its_row(fitted, tmp_path, capsys, values, says):
+    """A reversed, NaN or non-numeric box in --boxes is reported with the --boxes file and
+    the row of that file (not the row of --data), before anything is written."""
+    _, run, csv = fitted
+    images = pd.read_csv(csv)["image"]
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"image,x0,y0,x1,y1\n{images[0]},0,0,4,4\n{images[2]},{values}\n")
+    assert _cli("predict", run, "--data", csv, "--out", tmp_path / "out",
+                "--boxes", boxes) == 2
+    err = capsys.readouterr().err
+    assert str(boxes) in err and "row 1" in err and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_boxes_paths_with_a_tilde_match_the_data_as_predict_resolves_them(
         fitted, tmp_path, monkeypatch, capsys):
     """--boxes image paths starting with ~ match --data images, as validation expands them."""
