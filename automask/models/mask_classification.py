@@ -58,17 +58,30 @@ def semantic_log_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) ->
     scores is returned, so ``softmax(dim=1)`` of the result gives the scores normalised
     over classes and ``argmax(dim=1)`` the MaskFormer prediction.
 
+    Computed in float32, also under autocast. Each pixel's sigmoids are scaled by their
+    largest one before the sum and the log of that scale is added back afterwards, so
+    that scores far below 1 (every query's mask logit very negative) keep their order
+    instead of underflowing to one floor value.
+
     Parameters
     ----------
     class_logits : Tensor
         (B, Q, K + 1) class logits of the queries.
     mask_logits : Tensor
         (B, Q, H, W) mask logits of the queries.
+
+    Returns
+    -------
+    Tensor
+        (B, K, H, W) float32 ``log(scores)``, always finite (a score that underflows
+        even after the scaling is taken as the smallest normal float32 times the scale).
     """
-    probs = class_logits.float().softmax(-1)[..., :-1]  # (B, Q, K)
-    masks = mask_logits.float().sigmoid()  # (B, Q, H, W)
-    scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)  # (B, K, H, W)
-    return scores.clamp_min(1e-12).log()
+    with torch.autocast(class_logits.device.type, enabled=False):
+        probs = class_logits.float().softmax(-1)[..., :-1]  # (B, Q, K)
+        log_masks = F.logsigmoid(mask_logits.float())  # (B, Q, H, W)
+        top = log_masks.amax(1, keepdim=True)  # (B, 1, H, W)
+        scaled = torch.einsum("bqk,bqhw->bkhw", probs, (log_masks - top).exp_())  # (B, K, H, W)
+        return scaled.clamp_min(torch.finfo(torch.float32).tiny).log() + top
 
 
 def image_targets(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor,

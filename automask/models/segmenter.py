@@ -133,8 +133,7 @@ class SamSegmenter(nn.Module):
         """
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if self.num_classes != 1:
-            raise ConfigError(f"num_classes was already set to {self.num_classes}")
+        self._check_head_unset()
         if head not in MULTICLASS_HEADS:
             raise ConfigError(f"multi-class head must be one of {MULTICLASS_HEADS}, got {head!r}")
         if num_classes == 1:
@@ -158,8 +157,12 @@ class SamSegmenter(nn.Module):
         (MLPs 1-3 are dropped), and ``mask_decoder.class_head``, a
         ``Linear(transformer_dim, num_classes + 1)`` (last output: no object).
         """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ConfigError(f"the mask-classification head needs num_classes >= 2 (an "
+                              f"integer), got {num_classes!r}")
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
             raise ConfigError(f"num_queries must be an integer >= 1, got {num_queries!r}")
+        self._check_head_unset()
         decoder = self.mask_decoder
         token0 = self._copy_mask_token0(num_queries)
         decoder.output_hypernetworks_mlps = nn.ModuleList([decoder.output_hypernetworks_mlps[0]])
@@ -168,6 +171,22 @@ class SamSegmenter(nn.Module):
         decoder.num_mask_tokens = num_queries
         self.num_classes = num_classes
         self.multiclass_head = "mask_classification"
+
+    def _check_head_unset(self) -> None:
+        """Raise ConfigError unless this is a binary segmenter without a PEFT method.
+
+        A PEFT method decides what trains (and wraps layers) for the head it found; a head
+        changed afterwards would train parts that no rebuilt model (classes set first, then
+        the method) has.
+        """
+        if self.num_classes != 1:
+            raise ConfigError(f"num_classes was already set to {self.num_classes}")
+        if self.peft_method is not None:
+            raise ConfigError(
+                f"set the number of classes before applying a PEFT method: PEFT method "
+                f"{self.peft_method!r} is already applied to this model (build the segmenter "
+                "with num_classes=K, then apply the method)"
+            )
 
     def _copy_mask_token0(self, count: int) -> torch.Tensor:
         """Replace the decoder's mask tokens by ``count`` copies of pretrained token 0.
@@ -230,11 +249,7 @@ class SamSegmenter(nn.Module):
         image embeddings kept by :class:`automask.training.embeddings.EmbeddingCache`);
         the encoder is then skipped. Only valid while :meth:`encoder_is_frozen` holds.
         """
-        if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(
-                f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
-                f"got {tuple(images.shape)}"
-            )
+        self.check_images(images)
         if prompts is not None and any(p is not None for p in prompts):
             return self.forward_prompted(images, prompts, features)
         if self.multiclass_head == "mask_classification":
@@ -245,6 +260,26 @@ class SamSegmenter(nn.Module):
             low_res, size=(self.input_size, self.input_size), mode="bilinear",
             align_corners=False,
         )
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ValueError unless ``images`` is a float batch (B, 3, S, S) of this model.
+
+        The model takes RGB images already normalised and padded (as
+        :func:`automask.data.transforms.normalize_pad` makes them): 3 channels, floating
+        point. A grayscale or RGBA batch, or uint8 pixels, is refused here with what was
+        expected, instead of failing inside the patch embedding's convolution.
+        """
+        size = self.input_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise ValueError(
+                f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}"
+                " (repeat a grayscale image to 3 channels, drop an alpha channel)"
+            )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"expected normalised floating-point images, got dtype {images.dtype}: "
+                "subtract automask.data.PIXEL_MEAN and divide by PIXEL_STD first"
+            )
 
     # ------------------------------------------------------------------ prompts
     def forward_prompted(self, images: torch.Tensor, prompts: Sequence[Prompt | None],
@@ -260,8 +295,9 @@ class SamSegmenter(nn.Module):
         Raises
         ------
         ValueError
-            A multi-class model (prompts ask for one object: binary only), or not one
-            prompt per image.
+            A multi-class model (prompts ask for one object: binary only), not one
+            prompt per image, or a prompt SAM cannot take (see :meth:`embed_prompt`); raised
+            before the encoder runs.
         """
         if self.num_classes != 1:
             raise ValueError(
@@ -270,6 +306,9 @@ class SamSegmenter(nn.Module):
             )
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+        for i, prompt in enumerate(prompts):  # every prompt checked before the encoder runs
+            if prompt is not None:
+                _check_prompt(prompt, f"prompt of image {i}")
         if features is None:  # (B, D, h, w), or SAM 2's (embedding, s0, s1)
             features = self.encode(images)
         free = [i for i, p in enumerate(prompts) if p is None]
@@ -292,7 +331,14 @@ class SamSegmenter(nn.Module):
 
         Points alone get SAM's padding point (label -1), as in ``SamPredictor``; points and
         a box together do not. Coordinates are in the input frame (see :class:`Prompt`).
+
+        Raises
+        ------
+        ValueError
+            No points and no box, points without one label each (or labels without
+            points), or a box of other than 4 numbers.
         """
+        _check_prompt(prompt, "prompt")
         device = self.mask_decoder.iou_token.weight.device
         points = boxes = None
         if prompt.points is not None:
@@ -302,8 +348,6 @@ class SamSegmenter(nn.Module):
         if prompt.box is not None:
             boxes = torch.as_tensor(prompt.box, dtype=torch.float32,
                                     device=device).reshape(1, 4)  # (1, 4)
-        if points is None and boxes is None:
-            raise ValueError("a Prompt needs points or a box")
         sparse, _ = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         return sparse.to(self.mask_decoder.iou_token.weight.dtype)
 
@@ -415,11 +459,7 @@ class SamSegmenter(nn.Module):
             (B, Q, S, S): per query, mask logits upsampled to the input size.
         """
         assert self.multiclass_head == "mask_classification", self.multiclass_head
-        if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(
-                f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
-                f"got {tuple(images.shape)}"
-            )
+        self.check_images(images)
         class_logits, low_res = self.decode_queries(
             self.encode(images) if features is None else features)
         masks = F.interpolate(low_res, size=(self.input_size, self.input_size),
@@ -445,6 +485,26 @@ class SamSegmenter(nn.Module):
     def extra_repr(self) -> str:
         return (f"backbone={self.backbone!r}, num_classes={self.num_classes}, "
                 f"input_size={self.input_size}, peft_method={self.peft_method!r}")
+
+
+def _check_prompt(prompt: Prompt, where: str) -> None:
+    """Raise ValueError, naming ``where``, for a prompt SAM's prompt encoder cannot take."""
+    if prompt.points is None and prompt.box is None:
+        raise ValueError(f"{where}: a Prompt needs points or a box")
+    if prompt.points is None and prompt.labels is not None:
+        raise ValueError(f"{where}: labels given without points")
+    if prompt.points is not None:
+        count = torch.as_tensor(prompt.points).numel()
+        if count % 2:
+            raise ValueError(f"{where}: points must be (N, 2) x, y pairs; got {count} numbers")
+        if prompt.labels is None:
+            raise ValueError(f"{where}: points need labels (1 = foreground, 0 = background)")
+        labels = torch.as_tensor(prompt.labels).numel()
+        if labels != count // 2:
+            raise ValueError(f"{where}: {count // 2} points but {labels} labels")
+    if prompt.box is not None and torch.as_tensor(prompt.box).numel() != 4:
+        raise ValueError(f"{where}: a box is 4 numbers (x0, y0, x1, y1); got "
+                         f"{torch.as_tensor(prompt.box).numel()}")
 
 
 def _take(features, index: list[int]):
@@ -498,12 +558,16 @@ def build_segmenter(
     Raises
     ------
     ConfigError
-        Unknown backbone, bad ``num_classes`` or ``input_size``.
+        Unknown backbone, bad ``num_classes``, ``input_size``, ``multiclass_head`` or
+        ``num_queries``; raised before any checkpoint is looked up.
     CheckpointError
         No weights available, unverifiable download or checkpoint not matching.
     """
     from .sam2 import build_sam2_segmenter, is_sam2_backbone
 
+    if num_queries is not None and (isinstance(num_queries, bool)
+                                    or not isinstance(num_queries, int) or num_queries < 1):
+        raise ConfigError(f"num_queries must be an integer >= 1, got {num_queries!r}")
     if is_sam2_backbone(backbone):  # SAM 2.1 Hiera backbones (optional sam2 package)
         return build_sam2_segmenter(backbone, num_classes, input_size, checkpoint,
                                     progress=progress, multiclass_head=multiclass_head,

@@ -62,7 +62,7 @@ def parameter_summary(
         Head used when ``num_classes >= 2``.
     **peft_options
         Options passed to :func:`~automask.peft.apply_peft` (``rank=4``...), each to the
-        methods that use it.
+        methods that use it; an option none of ``methods`` uses is an error.
 
     Returns
     -------
@@ -71,8 +71,17 @@ def parameter_summary(
         ``ratio_pct`` (trainable / all parameters of the adapted segmenter, in %, 2
         decimals: the paper's convention, which its LST row, 11.49M / 1.77%, shows) and
         ``total`` (all parameters of the adapted segmenter).
+
+    Raises
+    ------
+    ConfigError
+        Unknown backbone or method, ``methods`` given as one string, or an option that
+        none of ``methods`` uses (the methods that use it are named); raised before any
+        model is built.
     """
+    from ..errors import ConfigError
     from ..peft import PEFT_METHODS, apply_peft, get_method
+    from ..peft.registry import option_users
     from .segmenter import SamSegmenter
 
     spec = get_spec(backbone)
@@ -83,6 +92,18 @@ def parameter_summary(
             from .sam2 import SUPPORTED_METHODS
 
             methods = [m for m in methods if m in SUPPORTED_METHODS]
+    elif isinstance(methods, str):
+        raise ConfigError(f"methods must be a list of method names, got the string "
+                          f"{methods!r} (write [{methods!r}])")
+    used = set()
+    for method in methods:
+        used.update(get_method(method).options.field_types())
+    unused = sorted(set(peft_options) - used)
+    if unused:
+        users = option_users()
+        detail = "; ".join(f"{key!r} is used by {', '.join(users[key])}" if key in users
+                           else f"{key!r} is no PEFT option" for key in unused)
+        raise ConfigError(f"no method of {list(methods)} uses {unused}: {detail}")
     for method in methods:
         fields = get_method(method).options.field_types()
         options = {k: v for k, v in peft_options.items() if k in fields}
