@@ -246,7 +246,8 @@ def forbid_torch_load(monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
 
 
-def test_a_mismatching_checkpoint_never_reaches_torch_load(tmp_path, forbid_torch_load):
+def test_a_mismatching_checkpoint_never_reaches_torch_load(tmp_path, forbid_torch_load,
+                                                           monkeypatch):
     path, digest = _state_file(tmp_path / "sam.pth")
     wrong = "0" * 64
     with pytest.raises(CheckpointError, match="expected 0{64}") as info:
@@ -256,7 +257,9 @@ def test_a_mismatching_checkpoint_never_reaches_torch_load(tmp_path, forbid_torc
         load_sam_weights(torch.nn.Linear(2, 3), path, sha256=wrong)
     with pytest.raises(CheckpointError, match="expected 0{64}"):
         locate_checkpoint("tiny", path, sha256=wrong)
-    # a corrupted file in the cache, found by the resolver
+    # a corrupted file in the cache, found by the resolver while offline (the official URL
+    # replaced by a closed local port): it is named, never read
+    monkeypatch.setenv("AUTOMASK_SAM_URL_VIT_B", "http://127.0.0.1:9/sam_vit_b_01ec64.pth")
     cached = checkpoint_cache_dir() / "sam_vit_b_01ec64.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(path.read_bytes())

@@ -317,6 +317,18 @@ def test_offline_error_names_the_three_ways(monkeypatch):
     assert "sam2.1_hiera_base_plus.pt" in message and "SAM2_1_HIERA_BPLUS" in message
 
 
+@pytest.mark.parametrize("images, word", [
+    (torch.zeros(1, 1, SIZE, SIZE), r"\(1, 1, 64, 64\)"),  # grayscale
+    (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), "torch.uint8"),  # raw pixels
+], ids=["gray", "uint8"])
+def test_images_hiera_cannot_take_are_refused_with_their_shape_or_dtype(images, word):
+    """A grayscale or uint8 batch is a ValueError naming it, as for SAM's ViT, not an
+    error from inside Hiera's patch embedding."""
+    seg = build_segmenter(TINY, input_size=SIZE, checkpoint="random").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=word):
+        seg(images)
+
+
 def test_a_checkpoint_of_another_backbone_is_refused(tmp_path):
     path = tmp_path / "sam1_tiny.pth"
     torch.save(build_segmenter("tiny", input_size=SIZE, checkpoint="random").state_dict(), path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -316,11 +315,7 @@ class Sam2Segmenter(SamSegmenter):
         encoder has SAM's interface, so prompted decoding is the base class's.
         ``features``: :meth:`encode`'s output for these images, computed earlier.
         """
-        if images.dim() != 4 or images.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(
-                f"expected images of shape (B, 3, {self.input_size}, {self.input_size}), "
-                f"got {tuple(images.shape)}"
-            )
+        self.check_images(images)  # (B, 3, S, S) floating point, else ValueError
         if prompts is not None and any(p is not None for p in prompts):
             return self.forward_prompted(images, prompts, features)
         if features is None:
@@ -404,53 +399,47 @@ class Sam2Segmenter(SamSegmenter):
 
 
 # ---------------------------------------------------------------------------- weights
-_RENAME = (("sam_prompt_encoder.", "prompt_encoder."), ("sam_mask_decoder.", "mask_decoder."),
-           ("image_encoder.", "image_encoder."), ("prompt_encoder.", "prompt_encoder."),
-           ("mask_decoder.", "mask_decoder."), ("no_mem_embed", "no_mem_embed"))
+_RENAME = (("sam_prompt_encoder.", "prompt_encoder."), ("sam_mask_decoder.", "mask_decoder."))
+
+VIDEO_MODULES = frozenset({
+    "memory_attention", "memory_encoder", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
+    "obj_ptr_proj", "obj_ptr_tpos_proj", "mask_downsample", "no_obj_embed_spatial",
+})
+"""Top-level entries of ``SAM2Base``'s state dict (SAM 2 and 2.1) used only on videos: they
+are dropped on load. Any other key the image model lacks is an error, never ignored."""
 
 
-def read_sam2_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_sam2_state_dict(path: str | os.PathLike,
+                         sha256: str | None = None) -> dict[str, torch.Tensor]:
     """The image-model tensors of a SAM 2.1 checkpoint, with automask's key names.
 
-    Official files are ``{"model": state_dict}`` read with ``torch.load(weights_only=True)``;
-    a plain state dict or a ``.safetensors`` file is accepted too. ``sam_prompt_encoder.``
-    and ``sam_mask_decoder.`` become ``prompt_encoder.`` and ``mask_decoder.``; the video
-    parts (memory attention and encoder, object pointers, temporal encodings) are dropped.
+    Official files are ``{"model": state_dict}`` read with ``torch.load(weights_only=True,
+    map_location="cpu")``; a plain state dict, a ``.safetensors`` file and a training
+    script's checkpoint are accepted too (read and unwrapped as by
+    :func:`~automask.models.checkpoint.read_state_dict`, which also verifies ``sha256``).
+    ``sam_prompt_encoder.`` and ``sam_mask_decoder.`` become ``prompt_encoder.`` and
+    ``mask_decoder.``; the video parts (:data:`VIDEO_MODULES`: memory attention and
+    encoder, object pointers, temporal encodings) are dropped. Other keys are kept, so that
+    a strict load reports them.
 
     Raises
     ------
     CheckpointError
-        Unreadable file, unsafe pickle, or not a mapping of named tensors.
+        Unreadable file (empty, truncated, text, refused pickle; the message says which),
+        or not a mapping of named tensors.
     """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from .checkpoint import read_state_dict
 
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle refused by weights_only, I/O error...
-        raise CheckpointError(
-            f"could not read {str(path)!r} as a SAM 2.1 checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(
-            f"{str(path)!r} holds a {type(state).__name__}, not a SAM 2.1 state dict"
-        )
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise CheckpointError(
-            f"{str(path)!r} is not a plain state dict: entries {bad[:5]!r} are not named tensors"
-        )
+    state = read_state_dict(path, sha256=sha256, what="a SAM 2.1 checkpoint")
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
+        if key.split(".", 1)[0] in VIDEO_MODULES:
+            continue
         for old, new in _RENAME:
             if key.startswith(old):
-                out[new + key[len(old):]] = value
+                key = new + key[len(old):]
                 break
+        out[key] = value
     return out
 
 
@@ -467,24 +456,31 @@ def _is_sam1_state(state: Mapping[str, torch.Tensor]) -> bool:
     return not has_trunk and any(k.startswith(_SAM1_ENCODER_PREFIXES) for k in keys)
 
 
-def load_sam2_weights(model: Sam2Segmenter, path: str | os.PathLike) -> None:
-    """Load a SAM 2.1 checkpoint into ``model`` strictly.
+def load_sam2_weights(model: Sam2Segmenter, path: str | os.PathLike,
+                      sha256: str | None = None) -> None:
+    """Load a SAM 2.1 checkpoint into ``model`` strictly (``sha256``: verified first).
 
     Raises
     ------
     CheckpointError
         Unreadable file, a SAM 1 (segment-anything ViT) checkpoint (named as such), or
-        missing / unexpected / mis-shaped tensors (listed).
+        missing / unexpected / mis-shaped tensors (summarised per module, with the SAM 2.1
+        backbone the file was made for when it can be told). Nothing is loaded then.
     """
-    state = read_sam2_state_dict(path)
+    from .checkpoint import _identify, raise_if_mismatched
+
+    state = read_sam2_state_dict(path, sha256=sha256)
     if _is_sam1_state(state):
+        found = _identify(state)
+        which = f" of {found[1]!r}" if found is not None and found[1] else ""
         raise CheckpointError(
             f"{str(path)!r} does not fit backbone {model.backbone!r}: it is a SAM 1 "
-            "(segment-anything ViT) checkpoint, whose image encoder has 'image_encoder.blocks' "
-            "and no Hiera 'image_encoder.trunk'; a SAM 2.1 backbone needs a SAM 2.1 checkpoint "
-            "(e.g. sam2.1_hiera_tiny.pt), or use this file with a SAM backbone (vit_b, vit_l, "
-            "vit_h)"
+            f"(segment-anything ViT) checkpoint{which}, whose image encoder has "
+            "'image_encoder.blocks' and no Hiera 'image_encoder.trunk'; a SAM 2.1 backbone "
+            "needs a SAM 2.1 checkpoint (e.g. sam2.1_hiera_tiny.pt), or use this file with a "
+            "SAM backbone (vit_b, vit_l, vit_h); nothing was loaded"
         )
+    raise_if_mismatched(state, model.state_dict(), path, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -525,9 +521,14 @@ def build_sam2_segmenter(
     require_sam2(backbone)
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 \
             or input_size % spec.patch_size:
+        near = ""
+        if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
+            low = input_size // spec.patch_size * spec.patch_size
+            near = (f" (nearest: {low} or {low + spec.patch_size})" if low
+                    else f" (nearest: {spec.patch_size})")
         raise ConfigError(
             f"input_size must be a positive multiple of {spec.patch_size} for SAM 2.1 "
-            f"backbone {backbone!r}, got {input_size!r}"
+            f"backbone {backbone!r} (Hiera's stride), got {input_size!r}{near}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")

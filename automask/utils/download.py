@@ -259,7 +259,8 @@ def download_file(
                 if sha256 is not None and digest.hexdigest() != sha256.lower():
                     raise DownloadError(
                         f"SHA-256 mismatch for {url}: expected {sha256}, got "
-                        f"{digest.hexdigest()}; the file was not kept"
+                        f"{digest.hexdigest()}{_what_came(response, received)}; the file was "
+                        "not kept"
                     )
         except OSError as exc:  # disk full, read-only cache, a folder in dest's place...
             raise DownloadError(f"could not write the download of {url} to {str(dest)!r}: "
@@ -268,6 +269,15 @@ def download_file(
             if bar is not None:
                 bar.close()
     return dest
+
+
+def _what_came(response, received: int) -> str:
+    """For a checksum mismatch: the size, and the type when the server sent a web page
+    (an error or login page answered with status 200) instead of a file."""
+    kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    page = (f", a {kind} answer: a web page, not the file? (a wrong URL, or a mirror that "
+            "asks to log in)") if kind.startswith("text/") else ""
+    return f" ({received} bytes{page})"
 
 
 def copy_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
