@@ -143,6 +143,14 @@ def plot_masks(
     for title, masks in predictions.items():
         if len(masks) != n:
             raise DataValidationError(f"{len(masks)} masks for {title!r} but {n} images")
+    if truths is not None and len(truths) != n:
+        raise DataValidationError(f"{len(truths)} ground-truth masks but {n} images; give "
+                                  "one per image, or truths=None to leave the column out")
+    if names is not None:
+        if isinstance(names, (str, bytes)) or len(names) != n:
+            raise DataValidationError(
+                f"names must be a sequence of one name per image ({n}), got {names!r:.200}")
+        names = [str(name) for name in names]
     if task not in ("binary", "multiclass"):
         raise DataValidationError(f"unknown task {task!r}; expected 'binary' or 'multiclass'")
     for title, masks in [("ground truth", truths or [])] + list(predictions.items()):
@@ -161,7 +169,7 @@ def plot_masks(
     legend: dict[str, tuple[int, int, int]] = {}
     for row in range(n):
         image = np.asarray(images[row])
-        cells = [("image" if names is None else f"image {names[row]}", image)]
+        cells = [("image" if names is None else _short(f"image {names[row]}"), image)]
         if truths is not None:
             if task == "binary":
                 fg = (np.asarray(truths[row]) > 0) & (np.asarray(truths[row]) != IGNORE)
@@ -175,16 +183,19 @@ def plot_masks(
                 regions = binary_regions(None if truths is None else truths[row], masks[row])
             else:
                 regions = _named(class_regions(masks[row], num_classes), class_names)
-            cells.append((title, _paint(image, regions, legend, alpha)))
+            cells.append((_short(str(title)), _paint(image, regions, legend, alpha)))
         for ax, (title, picture) in zip(axes[row], cells):
             ax.imshow(picture, interpolation="nearest")
-            ax.set_title(title, fontsize=9)
+            # file and class names are text, not mathtext: '$' in one must not break drawing
+            ax.set_title(title, fontsize=9, parse_math=False)
             ax.set_axis_off()
     handles = [Patch(facecolor=np.array(c) / 255, edgecolor="black", linewidth=0.5, label=k)
                for k, c in legend.items()]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
-                   fontsize=8, frameon=False)
+        box = fig.legend(handles=handles, loc="outside lower center",
+                         ncol=min(len(handles), 6), fontsize=8, frameon=False)
+        for text in box.get_texts():
+            text.set_parse_math(False)
     _save(fig, path)
     return fig
 
@@ -228,6 +239,12 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
     if metric is None:
         metric = next((c for df in curves.values() for c in df.columns if c.startswith("val_")
                        and not c.endswith("_step")), None)
+    logged = {c for df in curves.values() for c in df.columns if c.startswith("val_")}
+    if metric is not None and logged and metric not in logged:  # none yet: not validated
+        raise DataValidationError(
+            f"no column {metric!r} in the logs under {run_dir}; columns: "
+            f"{sorted({c for df in curves.values() for c in df.columns})}"
+        )
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, val_ax = fig.subplots(1, 2)
     for name, df in curves.items():
@@ -237,11 +254,6 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
         if metric is not None and metric in df.columns:
             val = df.dropna(subset=[metric]).groupby("epoch")[metric].last()
             val_ax.plot(val.index + 1, val.values, marker="o", markersize=3, label=name)
-    if metric is not None and not any(metric in df.columns for df in curves.values()):
-        raise DataValidationError(
-            f"no column {metric!r} in the logs under {run_dir}; columns: "
-            f"{sorted({c for df in curves.values() for c in df.columns})}"
-        )
     loss_ax.set_title("training loss")
     val_ax.set_title(f"validation {metric.removeprefix('val_') if metric else '(none logged)'}")
     for ax in (loss_ax, val_ax):
@@ -249,14 +261,19 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            for text in ax.legend(fontsize=8).get_texts():
+                text.set_parse_math(False)
     _save(fig, path)
     return fig
 
 
 def read_history(run_dir: str | os.PathLike, candidates: Sequence[str] | None = None
                  ) -> dict[str, Any]:
-    """``{candidate: DataFrame of its metrics.csv}`` from ``<run_dir>/logs``."""
+    """``{candidate: DataFrame of its metrics.csv}`` from ``<run_dir>/logs``.
+
+    An empty log (a candidate that has logged nothing yet) reads as no rows; one that
+    cannot be read as a fit's CSV log raises :class:`DataValidationError` naming the file.
+    """
     import pandas as pd
 
     logs = Path(run_dir) / "logs"
@@ -273,7 +290,20 @@ def read_history(run_dir: str | os.PathLike, candidates: Sequence[str] | None = 
                 f"no logs for candidate(s) {unknown}; logged: {', '.join(found)}"
             )
         found = {c: found[c] for c in candidates}
-    return {name: pd.read_csv(p) for name, p in found.items()}
+    curves = {}
+    for name, p in found.items():
+        try:
+            df = pd.read_csv(p)
+        except pd.errors.EmptyDataError:  # created, nothing logged yet (or killed before)
+            df = pd.DataFrame({"epoch": pd.Series(dtype=float)})
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataValidationError(f"cannot read the training log {p}: {exc}") from None
+        if "epoch" not in df.columns:
+            raise DataValidationError(
+                f"the training log {p} has no 'epoch' column (columns: {list(df.columns)}); "
+                "it is not a log that a fit wrote")
+        curves[name] = df
+    return curves
 
 
 # --------------------------------------------------- from a fitted predictor
@@ -291,8 +321,8 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
     seg._check_fitted()
     frame, root = as_frame(data, seg.image)
     if n is not None:
-        if n < 1:
-            raise DataValidationError(f"n must be at least 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise DataValidationError(f"n must be a whole number of at least 1, got {n!r}")
         frame = frame.iloc[:n]
     labelled = seg.label in frame.columns
     spec = validate_frame(
@@ -349,8 +379,15 @@ def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
 
 # ------------------------------------------------------------------ helpers
 def _as_rgb(image, row: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 from an RGB, RGBA or grayscale (``(H, W)``, ``(H, W, 1)``) image;
-    float images in [0, 1] are scaled to 0-255."""
+    """``(H, W, 3)`` uint8 from an RGB, RGBA or grayscale (``(H, W)``, ``(H, W, 1)``) image.
+
+    Values as :func:`automask.data.read_image` reads files with more than 8 bits per
+    sample: boolean images as 0 / 255, 16-bit images (``uint16``, ``int16``) with 65535 as
+    255, floats in [0, 1] times 255 and in [0, 255] rounded, other data (negative, beyond
+    65535, float reflectances) stretched from its smallest to its largest finite value,
+    NaNs as the smallest. Other integer arrays holding 0-255 (``np.array(img, int)``) are
+    taken as they are.
+    """
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
         a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
@@ -360,11 +397,29 @@ def _as_rgb(image, row: int) -> np.ndarray:
         raise DataValidationError(
             f"image {row} has shape {np.shape(image)}; expected (H, W, 3) RGB, (H, W, 4) "
             "RGBA or (H, W) grayscale with H, W > 0")
-    if a.dtype.kind == "f" and a.size and np.nanmax(a) <= 1.0:
-        a = a * 255.0
-    if a.dtype != np.uint8:
-        a = np.clip(np.rint(np.nan_to_num(a.astype(np.float64))), 0, 255).astype(np.uint8)
-    return a
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind not in "biuf":
+        raise DataValidationError(f"image {row} has values of type {a.dtype}; expected "
+                                  "numbers (uint8, 16-bit, float or bool)")
+    if a.dtype.kind in "iu" and a.dtype.itemsize != 2 and a.min() >= 0 and a.max() <= 255:
+        return a.astype(np.uint8)
+    from .data.io import _to_uint8
+
+    return _to_uint8(a)
+
+
+_TITLE_CHARS = 30  # what a cell's width holds at the titles' font size
+
+
+def _short(text: str, limit: int = _TITLE_CHARS) -> str:
+    """``text`` cut in its middle to at most ``limit`` characters (the start and the end
+    of a long file name are what tell it from its neighbours)."""
+    text = " ".join(text.split())  # no line breaks or tabs in a title
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
 
 
 def _named(regions, class_names):
@@ -373,7 +428,7 @@ def _named(regions, class_names):
         if cls == IGNORE:
             label = "ignored"
         elif class_names and cls < len(class_names):
-            label = f"{cls} {class_names[cls]}"
+            label = f"{cls} {_short(str(class_names[cls]))}"
         else:
             label = f"class {cls}"
         out.append((label, mask, colour))
@@ -397,14 +452,15 @@ def check_path(path: str | os.PathLike | None) -> Path | None:
     """``path`` as a Path once it is known to be writable as a picture, before any drawing.
 
     Raises :class:`DataValidationError` naming the path when it is a folder, when a folder
-    above it is a file, or when its suffix is not a format matplotlib writes. Folders that
-    do not exist yet are created when the picture is saved.
+    above it is a file or the nearest existing one is not writable, or when its suffix is
+    not a format matplotlib writes. ``~`` is the home folder. Folders that do not exist yet
+    are created when the picture is saved.
     """
     if path is None:
         return None
     from matplotlib.figure import Figure
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise DataValidationError(f"cannot save the picture to {str(path)!r}: it is a folder; "
                                   "give a file name such as 'predictions.png'")
@@ -414,6 +470,10 @@ def check_path(path: str | os.PathLike | None) -> Path | None:
                 raise DataValidationError(
                     f"cannot save the picture to {str(path)!r}: {str(parent)!r} is a file, "
                     "not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise DataValidationError(
+                    f"cannot save the picture to {str(path)!r}: the folder {str(parent)!r} "
+                    "is not writable")
             break
     fmt = path.suffix.lstrip(".").lower() or "png"
     formats = Figure().canvas.get_supported_filetypes()

@@ -9,7 +9,15 @@ epoch) an evicting cache would miss on every access once the data outgrows it.
 
 Inside DataLoader worker processes every entry is also written to disk, because each
 worker holds its own copy of the in-memory part and a later epoch may hand the sample to
-another worker.
+another worker; the workers of a loader share the memory budget (each keeps up to
+``memory_mb / num_workers``), so that a loader's workers together stay within it.
+
+The cache never breaks a fit: an entry on disk that does not read back as a sample (a
+file left empty or cut short by a crash or a full disk, or anything else that is not an
+uint8 image with a matching mask) is a miss, and its files are removed so that the sample
+is decoded and written again; a folder that cannot be written (read-only, full, a file in
+its way) is warned about once, and the samples beyond the memory budget are then decoded
+every time. Entries are read-only arrays, so that no caller can change them for the next.
 """
 from __future__ import annotations
 
@@ -17,16 +25,22 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 Sample = tuple[np.ndarray, "np.ndarray | None"]
 
+# Part of every key: raise it when the decoding or resizing of a cached sample changes, so
+# that a run folder's cache written by an earlier version is not read as this one's.
+CACHE_FORMAT = 2
+
 
 def sample_key(*parts: object) -> str:
-    """A stable hex key from the parts that define a cached sample."""
-    digest = hashlib.sha1(repr(parts).encode("utf-8"))
+    """A stable hex key from the parts that define a cached sample (and the cache's
+    format, :data:`CACHE_FORMAT`)."""
+    digest = hashlib.sha1(repr((CACHE_FORMAT, *parts)).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -45,12 +59,15 @@ def file_stamp(path: str | os.PathLike) -> tuple:
             stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def _in_worker() -> bool:
+def _workers() -> int:
+    """The number of worker processes of the DataLoader this process is a worker of, or
+    0 outside workers."""
     try:
         from torch.utils.data import get_worker_info
     except ImportError:  # pragma: no cover
-        return False
-    return get_worker_info() is not None
+        return 0
+    info = get_worker_info()
+    return 0 if info is None else max(int(info.num_workers), 1)
 
 
 class SampleCache:
@@ -59,7 +76,8 @@ class SampleCache:
     Parameters
     ----------
     memory_mb : float
-        Budget of the in-memory part in MiB; 0 keeps nothing in memory.
+        Budget of the in-memory part in MiB; 0 keeps nothing in memory. In a DataLoader
+        worker, its share: ``memory_mb / num_workers``.
     directory : path, optional
         Folder for the on-disk part (created on first write). None: memory only.
 
@@ -76,6 +94,7 @@ class SampleCache:
         self.directory = Path(directory) if directory is not None else None
         self._memory: dict[str, Sample] = {}
         self._used = 0
+        self._disk_error: str | None = None  # why the folder cannot be written, once known
         self.hits_memory = 0
         self.hits_disk = 0
         self.misses = 0
@@ -107,13 +126,16 @@ class SampleCache:
             if image_path.exists():
                 mode = "r" if mmap else None
                 try:
-                    image = np.load(image_path, mmap_mode=mode)
-                    mask = np.load(mask_path, mmap_mode=mode) if mask_path.exists() else None
-                except (OSError, ValueError):
-                    self.misses += 1
-                    return None
-                self.hits_disk += 1
-                return image, mask
+                    image = np.load(image_path, mmap_mode=mode, allow_pickle=False)
+                    mask = (np.load(mask_path, mmap_mode=mode, allow_pickle=False)
+                            if mask_path.exists() else None)
+                    ok = _is_sample(image, mask)
+                except (OSError, ValueError, EOFError):  # empty, cut short, not a .npy
+                    ok = False
+                if ok:
+                    self.hits_disk += 1
+                    return _read_only(image), _read_only(mask)
+                self._discard(key)  # decoded and written again by the caller's put
         self.misses += 1
         return None
 
@@ -121,28 +143,68 @@ class SampleCache:
         """Store a sample: in memory while the budget allows, else (or also, in a
         DataLoader worker) on disk."""
         size = image.nbytes + (mask.nbytes if mask is not None else 0)
+        workers = _workers()
+        # Each worker of a loader holds its own in-memory part: they share the budget.
+        budget = self.memory_bytes // workers if workers else self.memory_bytes
         in_memory = False
-        if key not in self._memory and self._used + size <= self.memory_bytes:
-            self._memory[key] = (image, mask)
+        if key not in self._memory and self._used + size <= budget:
+            # read-only views: a caller changing a sample it got cannot change the cache's
+            self._memory[key] = (_read_only(image), _read_only(mask))
             self._used += size
             in_memory = True
-        if self.directory is not None and (not in_memory or _in_worker()):
+        if self.directory is not None and (not in_memory or workers):
             self._write(key, image, mask)
 
     def _write(self, key: str, image: np.ndarray, mask: np.ndarray | None) -> None:
-        image_path, mask_path = self._paths(key)
-        if image_path.exists():
+        """Write an entry to disk; a folder that cannot be written is warned about once
+        and then left alone (the sample is simply not kept there)."""
+        if self._disk_error is not None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        # The mask goes first: an image file present means the entry is complete.
-        if mask is not None:
-            _save_atomic(mask_path, mask)
-        _save_atomic(image_path, image)
+        image_path, mask_path = self._paths(key)
+        if image_path.exists() and (mask is None or mask_path.exists()):
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # The mask goes first: an image file present means the entry is complete.
+            if mask is not None:
+                _save_atomic(mask_path, mask)
+            _save_atomic(image_path, image)
+        except OSError as exc:  # read-only, full, a file in the way, ...
+            self._disk_error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                mask_path.unlink(missing_ok=True)  # no half entry left behind
+            warnings.warn(
+                f"the sample cache cannot write to {str(self.directory)!r} "
+                f"({self._disk_error}); training goes on, decoding the samples that do not "
+                "fit in its memory budget ('data.cache_memory_mb') every time",
+                RuntimeWarning, stacklevel=3)
+
+    def _discard(self, key: str) -> None:
+        """Remove an entry's files (best effort: another process may have done it)."""
+        for path in self._paths(key):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Drop the in-memory part (files on disk stay)."""
         self._memory.clear()
         self._used = 0
+
+
+def _is_sample(image: np.ndarray, mask: np.ndarray | None) -> bool:
+    """Whether arrays read back are an entry of this cache: a uint8 (H, W, 3) image and a
+    uint8 (H, W) mask (or none)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        return False
+    return mask is None or (mask.dtype == np.uint8 and mask.shape == image.shape[:2])
+
+
+def _read_only(array: np.ndarray | None) -> np.ndarray | None:
+    if array is None or not array.flags.writeable:
+        return array
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:

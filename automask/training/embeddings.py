@@ -21,6 +21,7 @@ and copied to the device when used.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +86,7 @@ class EmbeddingCache:
         self.hits = self.misses = 0
         self._store: dict[bytes, tuple[torch.Tensor, ...]] = {}
         self._state: tuple | None = None  # the encoder weights the kept entries came from
+        self._tensors: list[weakref.ref] = []  # ... and the tensor objects that held them
 
     def keys(self, images: torch.Tensor, original_sizes: torch.Tensor | None,
              training: bool) -> list[bytes | None]:
@@ -152,16 +154,23 @@ class EmbeddingCache:
     def _encoder_unchanged(self, model: nn.Module) -> bool:
         """Whether the encoder is frozen and has the weights the kept embeddings came from.
 
-        The weights are recognised by their storage and version counters (which every
-        in-place update, an optimiser step or a ``load_state_dict`` included, advances);
-        when they change, or the encoder is not frozen, the kept embeddings are dropped.
+        The weights are recognised by the tensor objects that hold them (a module or
+        parameter replaced by a new one of the same shapes, which may well be allocated
+        where the old one was, is a change), their storage and version counters (which
+        every in-place update, an optimiser step or a ``load_state_dict`` included,
+        advances); when they change, or the encoder is not frozen, the kept embeddings are
+        dropped.
         """
         frozen = model.encoder_is_frozen()
-        state = _weights_state(model) if frozen else None
-        if state != self._state:
+        tensors = _encoder_tensors(model) if frozen else []
+        state = _weights_state(tensors) if frozen else None
+        same = (state == self._state and len(tensors) == len(self._tensors)
+                and all(ref() is t for ref, t in zip(self._tensors, tensors)))
+        if not same:
             self._store.clear()
             self.used_bytes = 0
             self._state = state
+            self._tensors = [weakref.ref(t) for t in tensors]
         return frozen
 
     def _keep(self, key: bytes | None, rows: tuple[torch.Tensor, ...]) -> None:
@@ -179,8 +188,8 @@ def _parts(features: Features) -> tuple[torch.Tensor, ...]:
     return (features,) if isinstance(features, torch.Tensor) else tuple(features)
 
 
-def _weights_state(model: nn.Module) -> tuple:
-    """Identity and version of every tensor the encoder computes with (cheap: no values)."""
+def _encoder_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor the encoder computes with: the parameters and buffers of its parts."""
     tensors = []
     for part in model.encoder_parts():
         if isinstance(part, torch.Tensor):
@@ -188,6 +197,11 @@ def _weights_state(model: nn.Module) -> tuple:
         else:
             tensors.extend(part.parameters())
             tensors.extend(part.buffers())
+    return tensors
+
+
+def _weights_state(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Storage and version of every tensor the encoder computes with (cheap: no values)."""
     return tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape), _version(t)) for t in tensors)
 
 
