@@ -265,8 +265,8 @@ class DataConfig:
     num_workers: int | None = None
     """DataLoader workers; None chooses for the machine."""
     cache_memory_mb: int = 1024
-    """Decoded samples (resized, or at native scale for crops) kept in memory up to this size;
-    the rest go to disk."""
+    """Decoded samples (resized, or at native scale for crops) kept in memory up to this size
+    (MiB; a loader's worker processes share it); the rest go to disk."""
     large_images: str = "auto"
     """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
