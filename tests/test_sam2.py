@@ -417,6 +417,25 @@ def test_paper_head_on_sam2_multiclass_fails_before_any_folder(tmp_path):
     assert not run.exists()
 
 
+def test_a_paper_table_preset_on_sam2_fails_before_any_folder(tmp_path):
+    """paper_table's vpt, lst, sam_adapter and ssf need SAM's ViT: on a SAM 2.1 backbone
+    the fit is refused at once, naming a candidate of such a method, not after training the
+    supported candidates that come before it in the table."""
+    from automask import SemanticSegmentor
+    from automask.datasets import make_synthetic
+    from automask.errors import ConfigError
+
+    frame = make_synthetic(6, size=64, num_classes=2, seed=0, root=tmp_path / "data")
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"'vpt' is not supported on the SAM 2.1 backbone "
+                                          r"'sam2_tiny'"):
+        SemanticSegmentor(path=run, verbosity=0).fit(
+            frame, presets="paper_table", hyperparameters={
+                "model.backbone": "sam2_tiny", "model.input_size": 64,
+                "optim.max_epochs": 1})
+    assert not run.exists()
+
+
 def test_sam2_decoder_only_trains_part_of_what_encode_computes():
     """SAM 2's ``encode`` also runs the mask decoder's two high-resolution convolutions,
     which train under ``decoder_only``: its features are not fixed, so nothing is kept."""

@@ -44,6 +44,14 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
             0 <= seed < 2**32):  # numpy's and Lightning's range, checked before any work
         raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     candidates = resolve(presets, hyperparameters)
+    from ..models.sam2 import UNSUPPORTED_METHODS, is_sam2_backbone  # no sam2 import
+
+    for name, cfg in candidates:  # a method Hiera cannot take fails now, not mid-fit
+        if cfg.peft.method in UNSUPPORTED_METHODS and is_sam2_backbone(cfg.model.backbone):
+            raise ConfigError(
+                f"candidate {name!r}: PEFT method {cfg.peft.method!r} is not supported on the "
+                f"SAM 2.1 backbone {cfg.model.backbone!r} (it extends SAM's single-width ViT "
+                f"encoder); use another method or a SAM backbone (vit_b, vit_l, vit_h)")
     void_labels = {cfg.data.void_label for _, cfg in candidates}
     if len(void_labels) > 1:
         raise ConfigError("'data.void_label' cannot vary across candidates")
@@ -69,8 +77,6 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
         raise ConfigError("'optim.select_metric' cannot vary across candidates")
     metric = choose_eval_metric(params["eval_metric"], spec.task, spec.num_classes,
                                 selects.pop())
-    from ..models.sam2 import is_sam2_backbone  # no sam2 import: a name lookup
-
     for name, cfg in candidates:  # a head SAM 2.1 lacks fails now, not when the model is built
         if spec.task == "multiclass" and cfg.model.multiclass_head != "tokens" \
                 and is_sam2_backbone(cfg.model.backbone):
