@@ -114,12 +114,15 @@ class ModelConfig:
     """Which SAM backbone, which weights, which input size."""
 
     backbone: str = "vit_b"
-    """SAM image encoder: ``tiny`` (random init, for tests), ``vit_b``, ``vit_l`` or ``vit_h``."""
+    """SAM image encoder: ``tiny`` (random init, for tests), ``vit_b``, ``vit_l`` or ``vit_h``;
+    with the ``sam2`` extra also ``sam2.1_hiera_t``, ``sam2.1_hiera_s``, ``sam2.1_hiera_b+``,
+    ``sam2.1_hiera_l`` and ``sam2_tiny`` (random init, for tests)."""
     checkpoint: str | None = None
     """Path to an official SAM ``.pth``; ``"random"`` for random init (training from scratch);
     None to use the cache, then the official download."""
     input_size: int | None = None
-    """Side of the square model input, a multiple of 16; None: 1024 on a GPU, 256 on a CPU."""
+    """Side of the square model input, a multiple of 16 (of 32 for SAM 2.1 backbones), at
+    least 32; None: 1024 on a GPU, 256 on a CPU."""
     multiclass_head: str = "tokens"
     """Multi-class head: ``tokens`` (a mask token and MLP per class) or
     ``mask_classification`` (the paper's: 7 queries sharing one MLP, a class head, a matched
