@@ -35,7 +35,12 @@ def _check_dtypes(logits: Tensor, target: Tensor) -> None:
 
 
 def _binary_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(B, H, W)`` float32 logits, {0, 1} target (0 where ignored) and validity mask."""
+    """``(B, H, W)`` float32 logits (0 where ignored), {0, 1} target (0 where ignored) and
+    validity mask.
+
+    The logits of ignored pixels are replaced, not only weighted by 0: a NaN or an infinity
+    there (an overflow in the padding) would otherwise make ``0 * inf`` and NaN terms.
+    """
     _check_dtypes(logits, target)
     if logits.ndim == 4 and logits.shape[1] == 1:
         logits = logits[:, 0]
@@ -45,7 +50,7 @@ def _binary_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
             f"got logits {tuple(logits.shape)} and target {tuple(target.shape)}"
         )
     valid = target != IGNORE_INDEX
-    return logits.float(), (target == 1).float(), valid.float()
+    return torch.where(valid, logits.float(), 0.0), (target == 1).float(), valid.float()
 
 
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -220,7 +225,9 @@ def _multiclass_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
             f"multi-class losses need logits (B, K, H, W) and target (B, H, W); got logits "
             f"{tuple(logits.shape)} and target {tuple(target.shape)}"
         )
-    return logits.float(), target.long()
+    target = target.long()
+    # logits of ignored pixels replaced (see _binary_inputs): no NaN from a NaN or inf there
+    return torch.where((target != IGNORE_INDEX).unsqueeze(1), logits.float(), 0.0), target
 
 
 def ce_loss(logits: Tensor, target: Tensor) -> Tensor:

@@ -104,6 +104,33 @@ def test_ignored_pixels_do_not_matter():
         assert loss(mc_changed, mc_target).item() == pytest.approx(expected, rel=1e-6), name
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", BINARY + MULTICLASS)
+def test_non_finite_logits_at_ignored_pixels_change_nothing(name, bad):
+    """A NaN or an infinity in the logits of ignored pixels (an overflow in the padding)
+    leaves the loss and the gradients of the other pixels exactly as with finite values
+    there, and gives those pixels a zero gradient (it made 0 * inf = NaN terms)."""
+    if name in BINARY:
+        logits, target = _batch(seed=6)
+        target[:, :, 40:] = 255
+        ignored = (target == 255)[:, None]  # (B, 1, H, W)
+    else:
+        g = torch.Generator().manual_seed(6)
+        logits = torch.randn(2, 3, 16, 16, generator=g)
+        target = torch.randint(0, 3, (2, 16, 16), generator=g)
+        target[:, :4] = 255
+        ignored = (target == 255)[:, None].expand_as(logits)
+    finite = logits.clone().requires_grad_(True)
+    broken = logits.masked_fill(ignored, bad).requires_grad_(True)
+    loss = LOSSES[name]
+    expected, got = loss(finite, target), loss(broken, target)
+    assert torch.isfinite(got) and got.item() == expected.item()
+    expected.backward()
+    got.backward()
+    assert torch.equal(broken.grad[~ignored], finite.grad[~ignored])
+    assert torch.count_nonzero(broken.grad[ignored]) == 0
+
+
 def test_binary_losses_match_numpy_references():
     logits, target = _batch(seed=3)
     target[0, :5] = 255
