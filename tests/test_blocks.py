@@ -484,3 +484,25 @@ def test_a_projection_that_needs_the_windows_keeps_every_query(monkeypatch):
     torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-4)
     for name, grad in stock_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("size,length", [(14, 27), (64, 127), (5, 9), (14, 21)])
+def test_rel_pos_table_is_get_rel_pos(size, length):
+    """The relative-position gather with a cached index: segment-anything's ``get_rel_pos``
+    bit for bit, with its gradient (a table of another length, 21 for 14 tokens, goes
+    through its interpolation); the index is built once per size and device."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from automask.models.blocks import _offsets, rel_pos_table
+
+    table = torch.randn(length, 8, generator=torch.Generator().manual_seed(size),
+                        requires_grad=True)
+    ours = rel_pos_table(size, table)
+    reference = get_rel_pos(size, size, table)
+    assert ours.shape == (size, size, 8)
+    assert torch.equal(ours, reference)
+    weights = torch.randn(size, size, 8)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), table)
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), table)
+    assert torch.equal(grad, reference_grad)
+    assert _offsets(size, table.device) is _offsets(size, table.device)

@@ -48,6 +48,8 @@ outputs and gradients for every PEFT method.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from segment_anything.modeling.image_encoder import (
     Attention,
@@ -350,10 +352,10 @@ def _attention(attn: Attention, q, k, v, q_size: tuple[int, int],
     out = None
     if attn.use_rel_pos:
         q_grid = q.reshape(q.shape[0], height, width, -1)  # a copy when q is strided: once
-        rel_h = torch.einsum("bhwc,hkc->bhwk", q_grid, get_rel_pos(
-            k_height, k_height, attn.rel_pos_h)[:height])  # (N, h, w, kh)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", q_grid, get_rel_pos(
-            k_width, k_width, attn.rel_pos_w)[:width])  # (N, h, w, kw)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", q_grid, rel_pos_table(
+            k_height, attn.rel_pos_h)[:height])  # (N, h, w, kh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", q_grid, rel_pos_table(
+            k_width, attn.rel_pos_w)[:width])  # (N, h, w, kw)
         same_dtype = q.dtype == rel_h.dtype == rel_w.dtype
         if rows and same_dtype:
             out = _chunked_attention(q, k, v, rel_h, rel_w, attn.scale, rows)
@@ -366,6 +368,28 @@ def _attention(attn: Attention, q, k, v, q_size: tuple[int, int],
     if out is None:
         out = scores.softmax(dim=-1) @ v  # (N, hw, hd)
     return out
+
+
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``get_rel_pos(size, size, rel_pos)``: (size, size, C), the
+    embedding of each query-key offset along one axis.
+
+    The same gather, with its index built once per size and device (:func:`_offsets`):
+    segment-anything builds it on the CPU in every call, so that on a GPU each attention
+    copied it to the device and waited for that copy (72 waits in a vit_b training step
+    at 1024 px), which kept the host from queueing work ahead. A table whose length does
+    not match ``size`` (interpolated) goes to ``get_rel_pos`` itself.
+    """
+    if rel_pos.shape[0] != 2 * size - 1:
+        return get_rel_pos(size, size, rel_pos)
+    return rel_pos[_offsets(size, rel_pos.device)]
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) index ``q - k + size - 1`` of each query-key offset, on ``device``."""
+    coords = torch.arange(size)
+    return (coords[:, None] - coords[None, :] + (size - 1)).to(device)
 
 
 # In bf16 or fp16 a grid narrower than FOLD_BELOW_WIDTH tokens (every windowed block's 14 x 14
