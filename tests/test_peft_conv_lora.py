@@ -320,3 +320,116 @@ def test_dense_routing_matches_dispatch_with_gradients(mode, top_k):
         torch.testing.assert_close(dense[3][name], sparse[3][name], atol=1e-5, rtol=1e-5)
 
 
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("shape", [(6, 5, 5, 16), (4, 7, 3, 16)])
+def test_batched_dispatch_matches_sparse_with_gradients(mode, top_k, shape):
+    """The batched dispatch (every routed pair at the largest expert's size, zero-padded
+    resize matrices, one grouped convolution): the sparse dispatch's output, loss, input and
+    parameter gradients and expert counts, in float32 to 1e-5 (the padded products add
+    exact zeros, but their kernels may sum in another order). Scales 1, 2, 3 and 0.5
+    cover the identity, up-sizing and down-sizing; a non-square grid the two axes apart.
+    Experts no sample was routed to: zero gradients from the batched dispatch, none
+    (compared as zeros) from the sparse one.
+    """
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    adapter = _routed_adapter(top_k)
+    adapter.routing = "sparse"
+    sparse = _run(adapter, x, mode, False)
+    sparse_counts = adapter.expert_counts
+    assert sum(c > 0 for c in sparse_counts) >= 2  # several experts routed
+    adapter.routing = "batched"
+    shapes = _record_conv_inputs(adapter)
+    batched = _run(adapter, x, mode, False)
+    assert shapes == {}  # no expert module ran on its own
+    assert adapter.expert_counts == sparse_counts
+    assert sum(sparse_counts) == shape[0] * top_k
+    for a, b in zip(batched[:3], sparse[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert batched[3].keys() == sparse[3].keys()
+    for name in batched[3]:
+        torch.testing.assert_close(batched[3][name], sparse[3][name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+def test_batched_dispatch_default_scales_in_a_segmenter():
+    """A tiny segmenter whose Conv-LoRA layers all run batched (scales 1..8, windows and
+    the global block) predicts what the sparse dispatch predicts, in eval mode, after the
+    experts and gates have been moved away from their zero start."""
+    torch.manual_seed(0)
+    seg = apply_peft(build_segmenter("tiny", input_size=128, checkpoint="random"), "conv_lora")
+    layers = [m for m in seg.modules() if isinstance(m, ConvLoRALinear)]
+    with torch.no_grad():
+        for layer in layers:
+            nn.init.normal_(layer.lora_B.weight, std=0.5)
+            nn.init.normal_(layer.w_gate, std=2.0)
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    seg.eval()
+    with torch.no_grad():
+        sparse = seg(images)
+        counts = [layer.expert_counts for layer in layers]
+        for layer in layers:
+            layer.routing = "batched"
+        batched = seg(images)
+    assert [layer.expert_counts for layer in layers] == counts
+    assert sum(sum(c > 0 for c in layer_counts) >= 2 for layer_counts in counts) >= 1
+    torch.testing.assert_close(batched, sparse, atol=1e-4, rtol=1e-4)
+
+
+def test_routing_choice():
+    """``auto`` runs batched on CUDA and sparse elsewhere; a name not known is refused."""
+    adapter = _adapter()
+    assert adapter.routing == "auto"
+    assert adapter._batched(torch.device("cuda", 0))
+    assert not adapter._batched(torch.device("cpu"))
+    adapter.routing = "batched"
+    assert adapter._batched(torch.device("cpu"))
+    adapter.routing = "sparse"
+    assert not adapter._batched(torch.device("cuda"))
+    adapter.routing = "dense"
+    with pytest.raises(ValueError, match="routing must be 'auto', 'sparse' or 'batched'"):
+        adapter.mixture(torch.randn(2, 3, 4, 4))
+
+
+def _previous_gate(self, pooled):
+    """The gate before its load took one CDF per expert and its two cv^2 one reduction."""
+    from automask.peft.conv_lora import _NOISE_EPS, cv_squared
+
+    pooled = pooled.float()
+    clean = pooled @ self.w_gate.float()
+    noise_std = F.softplus(pooled @ self.w_noise.float()) + _NOISE_EPS
+    logits = clean + torch.randn_like(clean) * noise_std
+    top_values, top_indices = logits.topk(min(self.top_k + 1, self.num_experts), dim=1)
+    weights = torch.softmax(top_values[:, : self.top_k], dim=1)
+    gates = torch.zeros_like(logits).scatter(1, top_indices[:, : self.top_k], weights)
+    threshold_in = top_values[:, self.top_k : self.top_k + 1]
+    threshold_out = top_values[:, self.top_k - 1 : self.top_k]
+    prob_in = torch.special.ndtr((clean - threshold_in) / noise_std)
+    prob_out = torch.special.ndtr((clean - threshold_out) / noise_std)
+    load = torch.where(logits > threshold_in, prob_in, prob_out).sum(0)
+    return gates, self.aux_loss_weight * (cv_squared(gates.sum(0)) + cv_squared(load))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_noisy_gate_equals_the_previous_gate_with_gradients(top_k):
+    """Training mode (the gate computes in float32): the same gates, loss and gradients of
+    w_gate, w_noise and the pooled features as the two-CDF, two-reduction gate, to float32
+    rounding (1e-6: the two variances are now taken in one reduction)."""
+    adapter = _adapter(experts=5, top_k=top_k).train()
+    with torch.no_grad():
+        nn.init.normal_(adapter.w_gate, std=1.0)
+        nn.init.normal_(adapter.w_noise, std=1.0)
+    pooled = torch.randn(40, 3, requires_grad=True)
+    weights = torch.randn(40, 5)
+    results = []
+    for gate in (adapter.gate, _previous_gate.__get__(adapter)):
+        torch.manual_seed(3)
+        gates, loss = gate(pooled)
+        total = loss + (gates * weights).sum()
+        results.append((gates, loss, *torch.autograd.grad(
+            total, [pooled, adapter.w_gate, adapter.w_noise])))
+    assert results[0][1] > 0 and results[0][3].abs().sum() > 0 and results[0][4].abs().sum() > 0
+    for ours, previous in zip(*results):
+        torch.testing.assert_close(ours, previous, rtol=1e-6, atol=1e-6)
