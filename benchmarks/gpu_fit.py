@@ -47,14 +47,17 @@ def main() -> None:
     t1 = time.perf_counter()
     scores = seg.evaluate(test)
     eval_s = time.perf_counter() - t1
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    cuda = torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device={device} backbone={args.backbone} size={args.size} method={args.method} "
           f"precision={seg.config_.env.precision}")
     print(f"fit_s={fit_s:.1f} train_s={info['train_time']:.1f} epochs={info['epochs']} "
           f"train_images_per_s~={n_train * args.epochs / max(info['train_time'], 1e-9):.1f} "
           f"predict_images_per_s={info['predict_images_per_s']:.1f} "
-          f"evaluate_s={eval_s:.1f} ({len(test)} images, 7 metrics) peak_gpu_gib={peak:.2f}")
+          f"evaluate_s={eval_s:.1f} ({len(test)} images, 7 metrics) peak_gpu_gib={peak:.2f} "
+          f"(reserved {reserved:.2f}) checkpointing={seg.config_.env.gradient_checkpointing}")
     print("scores", {k: round(v, 4) for k, v in scores.items()})
 
 

@@ -1,0 +1,259 @@
+"""Training steps on a CUDA GPU: Conv-LoRA against LoRA and the floor, and peak memory.
+
+Two parts, each printing one line per configuration (and one JSON line, for records):
+
+``timing``: vit_b at each ``--sizes``, batch ``--batch``, bf16 autocast: the floor (frozen
+encoder forward + backward), LoRA, Conv-LoRA as it runs on CUDA (``routing="auto"``: the
+batched dispatch, every routed pair in one set of kernels, no host synchronisation) and
+Conv-LoRA with the sparse dispatch it uses on CPUs (``routing="sparse"``: each routed
+expert on its group, one host synchronisation per block to size the groups). One step of
+each in turn, ``--warmup`` rounds then ``--steps`` timed rounds; ratios of medians within
+the run. The ``*_sam_rel_pos`` variants take segment-anything's ``get_rel_pos`` in the
+attention (an index copied to the device, and waited for, in every call) instead of
+``automask.models.blocks.rel_pos_table``.
+
+``memory``: one configuration at a time in this process (the previous one freed first):
+backbone, size, batch, method, gradient checkpointing. Peak ``max_memory_allocated`` and
+``max_memory_reserved`` from before the model reaches the GPU (weights, gradients, AdamW
+state and activations), seconds per step and images per second. A configuration that runs
+out of memory is reported as such.
+
+    python -m benchmarks.bench_gpu --part timing --sizes 1024 512
+    python -m benchmarks.bench_gpu --part memory
+    python -m benchmarks.bench_gpu --part profile    # top operations, lora and conv_lora
+    python -m benchmarks.bench_gpu --part syncs      # host synchronisations in one step
+
+Random weights (``checkpoint="random"``): time and memory do not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench_step import make_step
+
+# (backbone, size, batch, method, gradient checkpointing, Conv-LoRA routing), in the order run
+MEMORY_CONFIGS = [
+    ("vit_b", 1024, 2, "conv_lora", False, "auto"),
+    ("vit_h", 1024, 1, "conv_lora", False, "auto"),
+    ("vit_h", 1024, 1, "conv_lora", True, "auto"),
+    ("vit_b", 1024, 2, "conv_lora", True, "auto"),
+    ("vit_b", 1024, 2, "conv_lora", False, "sparse"),
+    ("vit_h", 1024, 2, "conv_lora", True, "auto"),
+    ("vit_b", 1024, 1, "conv_lora", False, "auto"),
+    ("vit_l", 1024, 1, "conv_lora", False, "auto"),
+]
+
+
+def _namespace(backbone: str, batch: int, checkpointing: bool) -> argparse.Namespace:
+    return argparse.Namespace(device="cuda", backbone=backbone, batch=batch, dtype="bf16",
+                              gradient_checkpointing=checkpointing, no_hold=True)
+
+
+def _build(method: str, size: int, routing: str, ns: argparse.Namespace):
+    step, sync, _ = make_step(method, size, ns)
+    from automask.peft import ConvLoRALinear
+
+    for module in _model_of(step).modules():
+        if isinstance(module, ConvLoRALinear):
+            module.routing = routing
+    return step, sync
+
+
+def _model_of(step):
+    """The segmenter a ``make_step`` closure trains (found among its free variables)."""
+    from automask.models import SamSegmenter
+
+    for cell in step.__closure__ or ():
+        if isinstance(cell.cell_contents, SamSegmenter):
+            return cell.cell_contents
+    raise AssertionError("no model in the step's closure")
+
+
+def _timed(step, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
+def _emit(row: dict, text: str) -> None:
+    print(text, flush=True)
+    print("JSON " + json.dumps(row), flush=True)
+
+
+def _with_sam_rel_pos(step):
+    """``step`` with segment-anything's ``get_rel_pos`` in the attention (its index built on
+    the CPU and copied to the device in every call) instead of ``rel_pos_table``."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from automask.models import blocks
+
+    def wrapped() -> None:
+        ours = blocks.rel_pos_table
+        blocks.rel_pos_table = lambda size, table: get_rel_pos(size, size, table)
+        try:
+            step()
+        finally:
+            blocks.rel_pos_table = ours
+    return wrapped
+
+
+# (name, method, Conv-LoRA routing, segment-anything's get_rel_pos)
+VARIANTS = [("floor", "floor", "auto", False), ("lora", "lora", "auto", False),
+            ("conv_lora", "conv_lora", "auto", False),
+            ("conv_lora_sparse", "conv_lora", "sparse", False),
+            ("lora_sam_rel_pos", "lora", "auto", True),
+            ("conv_lora_sam_rel_pos", "conv_lora", "auto", True)]
+
+
+def run_timing(args: argparse.Namespace) -> None:
+    for size in args.sizes:
+        ns = _namespace("vit_b", args.batch, False)
+        built = {}
+        for name, method, routing, sam_rel_pos in VARIANTS:
+            step, sync = _build(method, size, routing, ns)
+            built[name] = (_with_sam_rel_pos(step) if sam_rel_pos else step), sync
+        names = list(built)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for round_ in range(args.warmup + args.steps):
+            order = names[round_ % len(names):] + names[:round_ % len(names)]
+            for name in order:
+                seconds = _timed(*built[name])
+                if round_ >= args.warmup:
+                    times[name].append(seconds)
+        medians = {n: statistics.median(t) for n, t in times.items()}
+        for name in names:
+            row = {"part": "timing", "device": torch.cuda.get_device_name(), "size": size,
+                   "batch": args.batch, "method": name, "seconds": medians[name],
+                   "min_seconds": min(times[name]), "images_per_s": args.batch / medians[name]}
+            _emit(row, f"vit_b {size}px bs{args.batch} {name:21s} {medians[name]:.4f} s/step "
+                       f"(min {min(times[name]):.4f})  {row['images_per_s']:.1f} img/s")
+        ratios = {"conv_lora/lora": medians["conv_lora"] / medians["lora"],
+                  "conv_lora_sparse/lora": medians["conv_lora_sparse"] / medians["lora"],
+                  "conv_lora/floor": medians["conv_lora"] / medians["floor"],
+                  "lora/floor": medians["lora"] / medians["floor"],
+                  "lora_sam_rel_pos/lora": medians["lora_sam_rel_pos"] / medians["lora"],
+                  "conv_lora_sam_rel_pos/conv_lora":
+                      medians["conv_lora_sam_rel_pos"] / medians["conv_lora"]}
+        _emit({"part": "ratios", "size": size, **ratios},
+              f"vit_b {size}px ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+        del built
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run_memory(args: argparse.Namespace) -> None:
+    for backbone, size, batch, method, checkpointing, routing in MEMORY_CONFIGS:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        label = (f"{backbone} {size}px bs{batch} {method} routing={routing} "
+                 f"checkpointing={'on' if checkpointing else 'off'}")
+        row = {"part": "memory", "device": torch.cuda.get_device_name(), "backbone": backbone,
+               "size": size, "batch": batch, "method": method, "routing": routing,
+               "gradient_checkpointing": checkpointing}
+        try:
+            step, sync = _build(method, size, routing,
+                                _namespace(backbone, batch, checkpointing))
+            for _ in range(2):
+                _timed(step, sync)
+            times = [_timed(step, sync) for _ in range(args.memory_steps)]
+        except torch.OutOfMemoryError as exc:
+            step = None
+            _emit({**row, "oom": str(exc).splitlines()[0]}, f"{label}: out of memory")
+            continue
+        seconds = statistics.median(times)
+        row.update(seconds=seconds, images_per_s=batch / seconds,
+                   static_gib=torch.cuda.memory_allocated() / 2**30,
+                   peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+        _emit(row, f"{label}: {seconds:.4f} s/step, {row['images_per_s']:.1f} img/s, peak "
+                   f"allocated {row['peak_allocated_gib']:.2f} GiB, reserved "
+                   f"{row['peak_reserved_gib']:.2f} GiB (held between steps "
+                   f"{row['static_gib']:.2f} GiB)")
+        del step, sync
+
+
+def run_syncs(args: argparse.Namespace) -> None:
+    """Host synchronisations in one training step (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    for name, method, routing, sam_rel_pos in VARIANTS[1:]:
+        step, sync = _build(method, args.sizes[0], routing, _namespace("vit_b", args.batch,
+                                                                      False))
+        if sam_rel_pos:
+            step = _with_sam_rel_pos(step)
+        _timed(step, sync)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        found = [str(w.message).splitlines()[0] for w in caught
+                 if "called a synchronizing" in str(w.message)]  # not the mode's notice
+        _emit({"part": "syncs", "method": name, "size": args.sizes[0], "syncs": len(found)},
+              f"{name} {args.sizes[0]}px bs{args.batch}: {len(found)} host synchronisations "
+              f"in a training step" + (f" (first: {found[0][:120]})" if found else ""))
+        del step, sync
+        gc.collect()
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    """The operations taking most device and host time in a few steps of each method."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for method in ("lora", "conv_lora"):
+        step, sync = _build(method, args.sizes[0], "auto", _namespace("vit_b", args.batch,
+                                                                     False))
+        for _ in range(3):
+            _timed(step, sync)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                _timed(step, sync)
+        table = prof.key_averages()
+        for key in ("self_device_time_total", "self_cpu_time_total"):
+            print(f"--- {method} vit_b {args.sizes[0]}px bs{args.batch}, 3 steps, by {key}")
+            try:
+                text = table.table(sort_by=key, row_limit=14, max_name_column_width=48)
+            except (AttributeError, KeyError, ValueError):  # torch before the rename
+                text = table.table(sort_by=key.replace("device", "cuda"), row_limit=14,
+                                   max_name_column_width=48)
+            print(text, flush=True)
+        del step, sync
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["timing", "memory", "profile", "syncs"],
+                        required=True)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--memory-steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device; nothing to measure")
+        return 0
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name}, {props.total_memory / 2**30:.1f} GiB, torch "
+          f"{torch.__version__}", flush=True)
+    parts = {"timing": run_timing, "memory": run_memory, "profile": run_profile,
+             "syncs": run_syncs}
+    parts[args.part](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
