@@ -433,3 +433,23 @@ def test_noisy_gate_equals_the_previous_gate_with_gradients(top_k):
     assert results[0][1] > 0 and results[0][3].abs().sum() > 0 and results[0][4].abs().sum() > 0
     for ours, previous in zip(*results):
         torch.testing.assert_close(ours, previous, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_padded_resize_matrices(dtype):
+    """Each expert's resize matrices sit in the top-left corner of the padded ones, cast
+    once from float64 (bit-equal to ``resize_matrix`` in that dtype), zeros elsewhere."""
+    from automask.peft.conv_lora import padded_resize_matrices, resize_matrix
+
+    scales = (1.0, 3.0, 0.5)
+    up_h, up_w, down_h, down_w = padded_resize_matrices(6, 5, scales, dtype)
+    assert (up_h.shape, up_w.shape, down_h.shape, down_w.shape) == (
+        (3, 18, 6), (3, 15, 5), (3, 6, 18), (3, 5, 15))
+    for i, (h, w) in enumerate([(6, 5), (18, 15), (3, 2)]):  # round(2.5) = 2
+        assert torch.equal(up_h[i, :h], resize_matrix(6, h, dtype))
+        assert torch.equal(up_w[i, :w], resize_matrix(5, w, dtype))
+        assert torch.equal(down_h[i, :, :h], resize_matrix(h, 6, dtype))
+        assert torch.equal(down_w[i, :, :w], resize_matrix(w, 5, dtype))
+        assert not up_h[i, h:].any() and not up_w[i, w:].any()
+        assert not down_h[i, :, h:].any() and not down_w[i, :, w:].any()
+    assert torch.equal(up_h[0, :6], torch.eye(6, dtype=dtype))  # scale 1: the identity

@@ -408,13 +408,16 @@ def padded_resize_matrices(height: int, width: int, scales: tuple[float, ...],
     """
     sizes = [expert_size((height, width), s) for s in scales]
     s_h, s_w = max(h for h, _ in sizes), max(w for _, w in sizes)
-    up_h, up_w = torch.zeros(len(scales), s_h, height), torch.zeros(len(scales), s_w, width)
-    down_h, down_w = torch.zeros(len(scales), height, s_h), torch.zeros(len(scales), width, s_w)
+    count, f64 = len(scales), torch.float64  # built in float64, cast once (as resize_matrix)
+    up_h, up_w = torch.zeros(count, s_h, height, dtype=f64), torch.zeros(count, s_w, width,
+                                                                        dtype=f64)
+    down_h, down_w = torch.zeros(count, height, s_h, dtype=f64), torch.zeros(count, width, s_w,
+                                                                            dtype=f64)
     for i, (h, w) in enumerate(sizes):
-        up_h[i, :h] = resize_matrix(height, h, torch.float32)
-        up_w[i, :w] = resize_matrix(width, w, torch.float32)
-        down_h[i, :, :h] = resize_matrix(h, height, torch.float32)
-        down_w[i, :, :w] = resize_matrix(w, width, torch.float32)
+        up_h[i, :h] = resize_matrix(height, h)
+        up_w[i, :w] = resize_matrix(width, w)
+        down_h[i, :, :h] = resize_matrix(h, height)
+        down_w[i, :, :w] = resize_matrix(w, width)
     return tuple(m.to(device=device, dtype=dtype) for m in (up_h, up_w, down_h, down_w))
 
 
