@@ -1,6 +1,7 @@
 """Training steps on a CUDA GPU: Conv-LoRA against LoRA and the floor, and peak memory.
 
-Two parts, each printing one line per configuration (and one JSON line, for records):
+Four parts (``--part``). The first two print one line per configuration and one JSON line,
+for records:
 
 ``timing``: vit_b at each ``--sizes``, batch ``--batch``, bf16 autocast: the floor (frozen
 encoder forward + backward), LoRA, Conv-LoRA as it runs on CUDA (``routing="auto"``: the
@@ -17,6 +18,10 @@ backbone, size, batch, method, gradient checkpointing. Peak ``max_memory_allocat
 ``max_memory_reserved`` from before the model reaches the GPU (weights, gradients, AdamW
 state and activations), seconds per step and images per second. A configuration that runs
 out of memory is reported as such.
+
+``syncs``: host synchronisations in one training step of each variant but the floor
+(``torch.cuda.set_sync_debug_mode``). ``profile``: the operations taking most device and
+host time in three steps of LoRA and of Conv-LoRA (``torch.profiler``).
 
     python -m benchmarks.bench_gpu --part timing --sizes 1024 512
     python -m benchmarks.bench_gpu --part memory
