@@ -453,3 +453,91 @@ def test_padded_resize_matrices(dtype):
         assert not up_h[i, h:].any() and not up_w[i, w:].any()
         assert not down_h[i, :, h:].any() and not down_w[i, :, w:].any()
     assert torch.equal(up_h[0, :6], torch.eye(6, dtype=dtype))  # scale 1: the identity
+
+
+def _segmenter_with_moved_adapters(size=64):
+    torch.manual_seed(0)
+    seg = apply_peft(build_segmenter("tiny", input_size=size, checkpoint="random"), "conv_lora")
+    layers = [m for m in seg.modules() if isinstance(m, ConvLoRALinear)]
+    with torch.no_grad():
+        for layer in layers:
+            nn.init.normal_(layer.lora_B.weight, std=0.5)
+            nn.init.normal_(layer.w_gate, std=2.0)
+    return seg, layers
+
+
+def _expert_grads(seg, layers, routing, images):
+    from automask.peft.conv_lora import drop_unreached_expert_gradients
+
+    for layer in layers:
+        layer.routing = routing
+    seg.train()
+    seg.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same gate noise for both dispatches
+    seg(images).float().square().mean().backward()
+    dropped = drop_unreached_expert_gradients(seg)
+    grads = [[(e.weight.grad, e.bias.grad) for e in layer.experts] for layer in layers]
+    return dropped, grads, [layer.expert_counts for layer in layers]
+
+
+def test_unreached_experts_get_no_gradient_after_the_batched_dispatch():
+    """After the batched dispatch and ``drop_unreached_expert_gradients``, exactly the
+    experts the sparse dispatch left without a gradient (those no window or image reached)
+    have none, and the others have the sparse dispatch's gradients (1e-5). After the
+    sparse dispatch the function changes nothing (it returns 0)."""
+    seg, layers = _segmenter_with_moved_adapters()
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    dropped_sparse, sparse, counts = _expert_grads(seg, layers, "sparse", images)
+    assert dropped_sparse == 0
+    dropped, batched, batched_counts = _expert_grads(seg, layers, "batched", images)
+    assert batched_counts == counts
+    unreached = sum(c == 0 for layer_counts in counts for c in layer_counts)
+    assert unreached > 0 and dropped == unreached
+    for layer_sparse, layer_batched, layer_counts in zip(sparse, batched, counts):
+        for (sw, sb), (bw, bb), count in zip(layer_sparse, layer_batched, layer_counts):
+            assert (bw is None) == (bb is None) == (sw is None) == (count == 0)
+            if count:
+                torch.testing.assert_close(bw, sw, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(bb, sb, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fit_step_leaves_unreached_experts_untouched():
+    """Through a Lightning step with the batched dispatch: the experts no sample reached
+    keep their weights bit for bit (without the drop, AdamW's weight decay would move them),
+    the others move."""
+    import warnings
+
+    import lightning as L
+
+    from automask.config import OptimConfig
+    from automask.training.module import SegmentationModule
+
+    seg, layers = _segmenter_with_moved_adapters()
+    for layer in layers:
+        layer.routing = "batched"
+    module = SegmentationModule(seg, task="binary", num_classes=2,
+                                optim=OptimConfig(lr=1e-2, weight_decay=0.5, grad_clip=0.0),
+                                val_metric="iou")
+    reached: list[bool] = []
+
+    class Reached(L.Callback):  # runs before the module's own hook
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            reached.extend(bool(e.weight.grad.abs().max() > 0) for layer in layers
+                           for e in layer.experts)
+
+    before = [e.weight.detach().clone() for layer in layers for e in layer.experts]
+    gen = torch.Generator().manual_seed(3)
+    data = [{"image": torch.randn(3, 64, 64, generator=gen),
+             "target": (torch.rand(64, 64, generator=gen) > 0.5).long(),
+             "resized_size": torch.tensor([64, 64])}]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Reached()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's notes on workers and logging
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=1))
+    after = [e.weight.detach() for layer in layers for e in layer.experts]
+    assert 0 < sum(reached) < len(reached)
+    for was, now, moved in zip(before, after, reached):
+        assert torch.equal(was, now) != moved

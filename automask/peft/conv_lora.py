@@ -119,8 +119,10 @@ class ConvLoRALinear(LoRALinear):
     ``softplus(pooled @ w_noise) + eps``; ``w_gate`` and ``w_noise`` start at zero. The
     load is the differentiable normal-CDF estimate when noise is used, else the count of
     routed samples. Only experts that receive samples are computed: in the sparse
-    dispatch an expert no sample was routed to does not run and gets no gradient; in the
-    batched one it gets a zero gradient (as an expert run on an empty batch does). Adds
+    dispatch an expert no sample was routed to does not run and gets no gradient (as in the
+    reference implementation, which skips an expert with an empty batch); in the batched
+    one it gets a zero gradient, which :func:`drop_unreached_expert_gradients` (called by
+    the fit before each optimiser step) turns back into none. Adds
     ``M * (9 r^2 + r) + 2 r M`` parameters per layer to LoRA's (720 for r=3, M=8).
     """
 
@@ -160,6 +162,7 @@ class ConvLoRALinear(LoRALinear):
         self._expert_counts: list[int] | torch.Tensor = [0] * num_experts
         self.routing = "auto"
         self.dense_routing = False
+        self._ran_batched = False  # the last forward with gradients ran the batched dispatch
 
     @property
     def expert_counts(self) -> list[int]:
@@ -246,6 +249,9 @@ class ConvLoRALinear(LoRALinear):
                 out = self._batched_dispatch(maps, gates)
             else:
                 out = self._dispatch(maps, gates)
+            if torch.is_grad_enabled():
+                self._ran_batched = self._batched(maps.device) and not (
+                    self.dense_routing or _is_exporting())
         return out.to(grid.dtype)
 
     def _dispatch(self, maps: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -359,6 +365,43 @@ class ConvLoRALinear(LoRALinear):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, scales={self.scales}")
+
+
+def drop_unreached_expert_gradients(model: nn.Module) -> int:
+    """Give the experts that no sample reached in an optimiser step no gradient at all.
+
+    The batched dispatch (:attr:`ConvLoRALinear.routing`) takes every expert's weights into
+    the graph, so an expert that no sample was routed to gets a zero gradient where the
+    sparse dispatch and the reference implementation give none; AdamW would then still
+    move it by its momentum and weight decay. Call this after the backward passes of an
+    optimiser step (in a distributed fit after the gradients are averaged, so that every
+    process drops the same experts): each expert of a layer whose last forward ran batched
+    and whose weight and bias gradients are exactly zero is set to no gradient. Layers
+    that ran the sparse dispatch are left as they are. One host synchronisation for all
+    layers.
+
+    Returns
+    -------
+    int
+        How many experts were set to no gradient.
+    """
+    experts = [expert for layer in model.modules()
+               if isinstance(layer, ConvLoRALinear) and layer._ran_batched
+               for expert in layer.experts
+               if expert.weight.grad is not None and expert.bias.grad is not None]
+    if not experts:
+        return 0
+    grads = [g.detach() for expert in experts for g in (expert.weight.grad, expert.bias.grad)]
+    foreach_norm = getattr(torch, "_foreach_norm", None)  # a few kernels for all of them
+    peaks = torch.stack([n.float() for n in foreach_norm(grads, float("inf"))] if foreach_norm
+                        else [g.abs().amax().float() for g in grads])
+    reached = (peaks.view(-1, 2) > 0).any(dim=1).tolist()  # (experts,): the one sync
+    dropped = 0
+    for expert, any_gradient in zip(experts, reached):
+        if not any_gradient:
+            expert.weight.grad = expert.bias.grad = None
+            dropped += 1
+    return dropped
 
 
 def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..losses import build_loss
 from ..metrics import build_metrics
 from ..peft import aux_loss
+from ..peft.conv_lora import drop_unreached_expert_gradients
 from . import distributed
 from .embeddings import EmbeddingCache
 from .optim import build_optimizer, lr_lambda
@@ -163,6 +164,11 @@ class SegmentationModule(L.LightningModule):
             self.log("train_aux_loss", extra, batch_size=bs)
         weight = self._window_weight(batch_idx, bs)
         return loss if weight == 1.0 else loss * weight
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Conv-LoRA's batched dispatch (on CUDA) gives the experts no sample reached a zero
+        # gradient; as in the sparse dispatch they get none, so AdamW leaves them alone.
+        drop_unreached_expert_gradients(self.model)
 
     def _window_weight(self, batch_idx: int, images: int) -> float:
         """Factor on a micro-batch's loss that makes an accumulated step the mean over the
