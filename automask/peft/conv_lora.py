@@ -378,7 +378,9 @@ def drop_unreached_expert_gradients(model: nn.Module) -> int:
     process drops the same experts): each expert of a layer whose last forward ran batched
     and whose weight and bias gradients are exactly zero is set to no gradient. Layers
     that ran the sparse dispatch are left as they are. One host synchronisation for all
-    layers.
+    layers. A reached expert whose gradient is exactly zero is dropped too: at the first
+    step, while LoRA's B is still zero, that is every expert, which then skips that step's
+    weight decay (a step the sparse dispatch gives the reached ones).
 
     Returns
     -------
