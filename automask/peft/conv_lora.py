@@ -243,15 +243,16 @@ class ConvLoRALinear(LoRALinear):
         with torch.autocast(device_type=grid.device.type, enabled=False):
             maps = grid.to(self.experts[0].weight.dtype)  # (N, r, H, W)
             gates, self.aux_loss = self.gate(maps.float().mean(dim=(2, 3)))  # (N, M)
-            if self.dense_routing or _is_exporting():
+            dense = self.dense_routing or _is_exporting()
+            batched = not dense and self._batched(maps.device)
+            if dense:
                 out = self.dense_mixture(maps, gates)
-            elif self._batched(maps.device):
+            elif batched:
                 out = self._batched_dispatch(maps, gates)
             else:
                 out = self._dispatch(maps, gates)
             if torch.is_grad_enabled():
-                self._ran_batched = self._batched(maps.device) and not (
-                    self.dense_routing or _is_exporting())
+                self._ran_batched = batched
         return out.to(grid.dtype)
 
     def _dispatch(self, maps: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
