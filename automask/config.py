@@ -34,6 +34,7 @@ _CHOICES = {
     "data.prompts": ("box", "points", "box_or_points"),
     "env.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
     "env.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
+    "env.conv_lora_routing": ("auto", "sparse", "batched", "compiled"),
 }
 LARGE_IMAGE_MODES = ("auto", "crop", "resize")  # data.large_images, see automask.data.crops
 _CHOICES["data.large_images"] = LARGE_IMAGE_MODES
@@ -384,6 +385,12 @@ class EnvConfig:
     """When a single-process fit runs out of memory in training without gradient
     checkpointing, train that candidate again with it (from its last epoch), with a
     warning. False: raise the out-of-memory error."""
+    conv_lora_routing: str = "auto"
+    """How Conv-LoRA runs its experts: ``auto`` (on CUDA the gate and all routed experts
+    as one ``torch.compile`` graph in training where Triton and a C compiler are found,
+    else in one set of kernels (``batched``); elsewhere ``sparse``, each chosen expert on
+    its samples), ``sparse``, ``batched`` or ``compiled``. Same results up to float
+    rounding."""
     seed: int | None = None
     """Seed of initialisation, augmentation and batch order of this candidate; None: the
     predictor's ``seed``. The train/validation split always uses the predictor's ``seed``, so
@@ -393,6 +400,7 @@ class EnvConfig:
         _check_finite("env", self)
         _check_choice("env.accelerator", self.accelerator)
         _check_choice("env.precision", str(self.precision))
+        _check_choice("env.conv_lora_routing", self.conv_lora_routing)
         self.devices = str(self.devices)
         _check_devices(self.devices)
         if self.strategy != "auto":

@@ -378,19 +378,157 @@ def test_batched_dispatch_default_scales_in_a_segmenter():
     torch.testing.assert_close(batched, sparse, atol=1e-4, rtol=1e-4)
 
 
-def test_routing_choice():
-    """``auto`` runs batched on CUDA and sparse elsewhere; a name not known is refused."""
+def test_routing_choice(monkeypatch):
+    """``auto``: sparse off CUDA; on CUDA compiled in passes with gradients where compiling
+    is supported and has not failed, batched otherwise. ``compiled`` runs batched without
+    gradients; ``dense_routing`` wins; a name not known is refused."""
+    from automask.peft import conv_lora
+
     adapter = _adapter()
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert adapter.routing == "auto"
-    assert adapter._batched(torch.device("cuda", 0))
-    assert not adapter._batched(torch.device("cpu"))
-    adapter.routing = "batched"
-    assert adapter._batched(torch.device("cpu"))
-    adapter.routing = "sparse"
-    assert not adapter._batched(torch.device("cuda"))
+    assert adapter.path(cpu) == "sparse"
+    monkeypatch.setattr(conv_lora, "compile_supported", lambda: True)
+    assert adapter.path(cuda) == "compiled"
+    with torch.no_grad():
+        assert adapter.path(cuda) == "batched"
+    monkeypatch.setattr(conv_lora, "_COMPILE_FAILED", True)
+    assert adapter.path(cuda) == "batched"
+    monkeypatch.setattr(conv_lora, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(conv_lora, "compile_supported", lambda: False)
+    assert adapter.path(cuda) == "batched"
+    for routing in ("sparse", "batched", "compiled"):
+        adapter.routing = routing
+        assert adapter.path(cpu) == adapter.path(cuda) == routing
+    with torch.no_grad():
+        assert adapter.path(cpu) == "batched"
+    adapter.dense_routing = True
+    assert adapter.path(cpu) == "dense"
+    adapter.dense_routing = False
     adapter.routing = "dense"
-    with pytest.raises(ValueError, match="routing must be 'auto', 'sparse' or 'batched'"):
+    with pytest.raises(ValueError, match="routing must be one of 'auto', 'sparse'"):
         adapter.mixture(torch.randn(2, 3, 4, 4))
+
+
+def _compile_with(monkeypatch, backend):
+    """Make ``routing="compiled"`` use ``backend`` (the tests' CPU has no GPU compiler to
+    prove; ``aot_eager`` traces the same one graph and its autograd, without codegen)."""
+    from automask.peft import conv_lora
+
+    torch._dynamo.reset()
+    compiled = conv_lora.compiled_routed_mixture(backend)
+    monkeypatch.setattr(conv_lora, "compiled_routed_mixture", lambda: compiled)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_compiled_routing_matches_sparse_with_gradients(monkeypatch, top_k):
+    """``routing="compiled"``: the gate and the batched dispatch traced as one graph (full
+    graph: no break, no host synchronisation) give the sparse dispatch's output, loss,
+    input and parameter gradients and expert counts in training, to 1e-5 in float32; the
+    graph is compiled once and reused by a second layer of the same shapes."""
+    from torch._dynamo.utils import counters
+
+    _compile_with(monkeypatch, "aot_eager")
+    x = torch.randn(6, 5, 5, 16, generator=torch.Generator().manual_seed(0))
+    adapter = _routed_adapter(top_k)
+    adapter.routing = "sparse"
+    sparse = _run(adapter, x, "train", False)
+    sparse_counts = adapter.expert_counts
+    assert sum(c > 0 for c in sparse_counts) >= 2
+    adapter.routing = "compiled"
+    shapes = _record_conv_inputs(adapter)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = _run(adapter, x, "train", False)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert shapes == {}  # no expert module ran on its own
+    assert adapter.expert_counts == sparse_counts
+    for a, b in zip(compiled[:3], sparse[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name in compiled[3]:
+        torch.testing.assert_close(compiled[3][name], sparse[3][name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+    other = _routed_adapter(top_k)  # another layer, same shapes: the same graph
+    other.routing = "compiled"
+    _run(other, x, "train", False, seed=3)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_a_failed_compile_falls_back_under_auto_and_raises_when_asked(monkeypatch):
+    """Compiling that fails under ``auto`` warns once and runs the same arithmetic
+    uncompiled (the batched dispatch's result), and later forwards skip compiling; under
+    an explicit ``compiled`` the error reaches the user."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from automask.peft import conv_lora
+
+    class NoCompiler(BackendCompilerFailed):
+        def __init__(self):
+            Exception.__init__(self, "no C compiler found")
+
+    def broken():
+        def run(*args):
+            raise NoCompiler()
+        return run
+
+    monkeypatch.setattr(conv_lora, "compiled_routed_mixture", broken)
+    monkeypatch.setattr(conv_lora, "compile_supported", lambda: True)
+    monkeypatch.setattr(conv_lora, "_COMPILE_FAILED", False)
+    x = torch.randn(6, 5, 5, 16, generator=torch.Generator().manual_seed(0))
+    adapter = _routed_adapter(2)
+    adapter.routing = "batched"
+    batched = _run(adapter, x, "train", False)
+    adapter.routing = "compiled"
+    with pytest.raises(NoCompiler):
+        _run(adapter, x, "train", False)
+    assert not conv_lora._COMPILE_FAILED
+    adapter.routing = "auto"
+    monkeypatch.setattr(adapter, "path", lambda device: "compiled")  # as on a CUDA device
+    with pytest.warns(RuntimeWarning, match="compiling the routing failed.*no C compiler"):
+        fallback = _run(adapter, x, "train", False)
+    assert conv_lora._COMPILE_FAILED
+    for a, b in zip(fallback[:3], batched[:3]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for name in fallback[3]:
+        torch.testing.assert_close(fallback[3][name], batched[3][name], atol=1e-6, rtol=1e-6)
+    monkeypatch.undo()
+    assert not conv_lora._COMPILE_FAILED
+
+
+def test_fit_configuration_sets_the_routing():
+    """``env.conv_lora_routing`` reaches every Conv-LoRA layer of a built candidate; a
+    value not known is refused by the configuration, naming the key."""
+    from automask.config import ConfigError, resolve
+    from automask.training.builder import build_candidate_model
+
+    [(_, cfg)] = resolve("medium_quality", {
+        "model.backbone": "tiny", "model.checkpoint": "random", "model.input_size": 64,
+        "peft.method": "conv_lora", "env.conv_lora_routing": "batched"})
+    model, _ = build_candidate_model(cfg, num_outputs=1)
+    layers = [m for m in model.modules() if isinstance(m, ConvLoRALinear)]
+    assert layers and {layer.routing for layer in layers} == {"batched"}
+    with pytest.raises(ConfigError, match="env.conv_lora_routing"):
+        resolve("medium_quality", {"env.conv_lora_routing": "fast"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_routing_on_cuda_matches_batched():
+    """On a GPU, ``auto`` compiles the routing with the default backend (Triton kernels):
+    output, loss and gradients of the batched dispatch, to 1e-4 in float32."""
+    from automask.peft import conv_lora
+
+    if not conv_lora.compile_supported():
+        pytest.skip("torch.compile cannot build GPU kernels here (no Triton or C compiler)")
+    x = torch.randn(6, 5, 5, 16, generator=torch.Generator().manual_seed(0)).cuda()
+    adapter = _routed_adapter(1).cuda()
+    adapter.routing = "batched"
+    batched = _run(adapter, x, "train", False)
+    adapter.routing = "auto"
+    assert adapter.path(x.device) == "compiled"
+    compiled = _run(adapter, x, "train", False)
+    for a, b in zip(compiled[:3], batched[:3]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for name in compiled[3]:
+        torch.testing.assert_close(compiled[3][name], batched[3][name], atol=1e-4, rtol=1e-4)
 
 
 def _previous_gate(self, pooled):

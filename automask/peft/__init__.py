@@ -6,7 +6,7 @@ in the order of the paper's table.
 """
 from .base import (Adapter, EncoderHook, MethodOptions, PeftMethod, adapters, aux_loss,
                    merge_adapters, unmerge_adapters)
-from .conv_lora import ConvLoRALinear, ConvLoRAOptions
+from .conv_lora import ConvLoRALinear, ConvLoRAOptions, set_conv_lora_routing
 from .lora import LoRALinear, LoRAOptions
 from .registry import PEFT_METHODS, apply_peft, get_method, make_options, option_users
 
@@ -27,5 +27,6 @@ __all__ = [
     "make_options",
     "merge_adapters",
     "option_users",
+    "set_conv_lora_routing",
     "unmerge_adapters",
 ]

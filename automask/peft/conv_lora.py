@@ -10,6 +10,9 @@ and the gated mixture is added to the low-rank activation before ``B``.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,8 @@ from .base import PeftMethod, split_names, wrap_targets
 from .lora import LoRALinear, LoRAOptions, add_low_rank_update, check_rank
 
 _NOISE_EPS = 1e-2
+ROUTINGS = ("auto", "sparse", "batched", "compiled")
+_COMPILE_FAILED = False  # set when compiling the routing failed under routing="auto"
 
 
 @dataclass(frozen=True)
@@ -101,13 +106,16 @@ class ConvLoRALinear(LoRALinear):
         ``aux_loss_weight * (cv^2(importance) + cv^2(load))`` of the last forward.
     expert_counts : list of int
         How many samples (windows or images) each expert received in the last forward.
-    routing : {"auto", "sparse", "batched"}
+    routing : {"auto", "sparse", "batched", "compiled"}
         How the routed experts run in training and prediction: ``"sparse"`` groups the
         samples by expert and runs each chosen expert on its group (:meth:`_dispatch`; one
         host synchronisation per forward to size the groups), ``"batched"`` runs every
         routed (sample, expert) pair in one set of kernels (:meth:`_batched_dispatch`; no
-        host synchronisation, fixed shapes). ``"auto"`` (default): batched on CUDA, sparse
-        elsewhere.
+        host synchronisation, fixed shapes), ``"compiled"`` runs the gate and the batched
+        dispatch as one ``torch.compile`` graph (:func:`compiled_routed_mixture`) in passes
+        that record gradients and batched in the others. ``"auto"`` (default): on CUDA
+        compiled where :func:`compile_supported` (else batched; batched too, with a
+        warning, should compiling fail), sparse elsewhere.
     dense_routing : bool
         Compute the mixture with :meth:`dense_mixture` (static operations, for export);
         False by default. Exporting, tracing and compiling use it whatever this says.
@@ -171,12 +179,22 @@ class ConvLoRALinear(LoRALinear):
         counts = self._expert_counts
         return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
 
-    def _batched(self, device: torch.device) -> bool:
-        """Whether the mixture runs as :meth:`_batched_dispatch` on ``device``."""
-        if self.routing not in ("auto", "sparse", "batched"):
-            raise ValueError(f"routing must be 'auto', 'sparse' or 'batched', got "
+    def path(self, device: torch.device) -> str:
+        """How the next forward on ``device`` computes the mixture: ``"dense"``,
+        ``"sparse"``, ``"batched"`` or ``"compiled"`` (see :attr:`routing`)."""
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(map(repr, ROUTINGS))}, got "
                              f"{self.routing!r}")
-        return self.routing == "batched" or (self.routing == "auto" and device.type == "cuda")
+        if self.dense_routing or _is_exporting():
+            return "dense"
+        if self.routing == "auto":
+            if device.type != "cuda":
+                return "sparse"
+            compiled = not _COMPILE_FAILED and compile_supported()
+            return "compiled" if compiled and torch.is_grad_enabled() else "batched"
+        if self.routing == "compiled" and not torch.is_grad_enabled():
+            return "batched"
+        return self.routing
 
     def merge(self) -> None:  # noqa: D102
         raise NotImplementedError("Conv-LoRA cannot be merged: its experts are nonlinear")
@@ -188,35 +206,18 @@ class ConvLoRALinear(LoRALinear):
     def gate(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights (N, M) and the load-balancing loss, from pooled features (N, r).
 
-        Computed in float32 even under autocast.
+        Computed in float32 even under autocast (:func:`noisy_top_k_gate`); noisy in
+        training mode when ``top_k < num_experts``.
         """
-        pooled = pooled.float()
-        clean = pooled @ self.w_gate.float()  # (N, M)
-        noisy_path = self.training and self.top_k < self.num_experts
-        if noisy_path:
-            noise_std = F.softplus(pooled @ self.w_noise.float()) + _NOISE_EPS
-            logits = clean + torch.randn_like(clean) * noise_std
-        else:
-            logits = clean
-        k_plus = min(self.top_k + 1, self.num_experts)
-        top_values, top_indices = logits.topk(k_plus, dim=1)  # (N, k+1), descending
-        weights = torch.softmax(top_values[:, : self.top_k], dim=1)
-        gates = torch.zeros_like(logits).scatter(1, top_indices[:, : self.top_k], weights)
-        importance = gates.sum(0)  # (M,)
-        if noisy_path:
-            # P(expert in top-k | other noise fixed): normal CDF against the (k+1)-th largest
-            # noisy logit for an expert in the top k, the k-th for one out; differentiable
-            # in w_gate and w_noise. One CDF of the threshold each expert is held against
-            # (the values and gradients of taking both CDFs and keeping one, in fewer
-            # kernels: each costs host time on a GPU).
-            threshold_in = top_values[:, self.top_k : self.top_k + 1]  # (N, 1)
-            threshold_out = top_values[:, self.top_k - 1 : self.top_k]  # (N, 1)
-            threshold = torch.where(logits > threshold_in, threshold_in, threshold_out)
-            load = torch.special.ndtr((clean - threshold) / noise_std).sum(0)  # (M,)
-        else:
-            load = (gates > 0).sum(0).float()
-        loss = self.aux_loss_weight * _cv_squared_sum(importance, load)
-        return gates, loss
+        noise = self._gate_noise(pooled.shape[0], pooled.device)
+        return noisy_top_k_gate(pooled, self.w_gate, self.w_noise, noise, self.top_k,
+                                self.aux_loss_weight)
+
+    def _gate_noise(self, samples: int, device: torch.device) -> torch.Tensor | None:
+        """Standard normal noise (N, M) for the gate in training mode, else None."""
+        if not (self.training and self.top_k < self.num_experts):
+            return None
+        return torch.randn(samples, self.num_experts, device=device)
 
     # ------------------------------------------------------------------ experts
     def run_expert(self, index: int, grid: torch.Tensor) -> torch.Tensor:
@@ -242,18 +243,43 @@ class ConvLoRALinear(LoRALinear):
         """
         with torch.autocast(device_type=grid.device.type, enabled=False):
             maps = grid.to(self.experts[0].weight.dtype)  # (N, r, H, W)
-            gates, self.aux_loss = self.gate(maps.float().mean(dim=(2, 3)))  # (N, M)
-            dense = self.dense_routing or _is_exporting()
-            batched = not dense and self._batched(maps.device)
-            if dense:
-                out = self.dense_mixture(maps, gates)
-            elif batched:
-                out = self._batched_dispatch(maps, gates)
+            path = self.path(maps.device)
+            if path == "compiled":
+                out = self._compiled_mixture(maps)
             else:
-                out = self._dispatch(maps, gates)
+                gates, self.aux_loss = self.gate(maps.float().mean(dim=(2, 3)))  # (N, M)
+                if path == "dense":
+                    out = self.dense_mixture(maps, gates)
+                elif path == "batched":
+                    out = self._batched_dispatch(maps, gates)
+                else:
+                    out = self._dispatch(maps, gates)
             if torch.is_grad_enabled():
-                self._ran_batched = batched
+                self._ran_batched = path in ("batched", "compiled")
         return out.to(grid.dtype)
+
+    def _compiled_mixture(self, maps: torch.Tensor) -> torch.Tensor:
+        """:func:`routed_mixture` compiled; sets :attr:`aux_loss` and the expert counts.
+
+        Should compiling fail under ``routing="auto"``, warns once and runs it uncompiled
+        from then on (the batched dispatch's operations); under ``"compiled"`` it raises.
+        """
+        global _COMPILE_FAILED
+        noise = self._gate_noise(maps.shape[0], maps.device)
+        inputs = (maps, self.w_gate, self.w_noise, noise, *self._expert_tensors(maps),
+                  self.aux_loss_weight)
+        try:
+            out, self.aux_loss, self._expert_counts = compiled_routed_mixture()(*inputs)
+        except _compile_errors() as exc:
+            if self.routing != "auto":
+                raise
+            _COMPILE_FAILED = True
+            warnings.warn(f"Conv-LoRA: compiling the routing failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running it "
+                          f"uncompiled (batched dispatch). Set env.conv_lora_routing="
+                          f"'batched' to skip the attempt.", RuntimeWarning, stacklevel=2)
+            out, self.aux_loss, self._expert_counts = routed_mixture(*inputs)
+        return out
 
     def _dispatch(self, maps: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Group the (sample, expert) pairs by expert; run only the routed experts.
@@ -282,40 +308,16 @@ class ConvLoRALinear(LoRALinear):
         return out.index_add(0, rows, torch.cat(outputs)) if outputs else out
 
     def _batched_dispatch(self, maps: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Every routed (sample, expert) pair at once, with fixed shapes and no host sync.
+        """Every routed (sample, expert) pair at once (:func:`batched_experts`)."""
+        out, self._expert_counts = batched_experts(maps, gates, *self._expert_tensors(maps))
+        return out
 
-        Each pair's map is resized up with its expert's matrices padded with zero rows to
-        the largest expert's size (S_h, S_w), so all pairs share one shape; one grouped
-        convolution applies each pair's expert (weights gathered by expert); the resize
-        back has zero columns beyond the expert's size. A zero row makes the zero border
-        that the convolution's padding would add, and a zero column drops what the
-        convolution left beyond the expert's map, so this is the sparse dispatch's
-        arithmetic plus exact zeros: equal up to float rounding in the products' sums.
-        About 14 kernels for all experts instead of about 8 per routed expert, at the
-        price of computing every pair at the largest scale: the faster form on GPUs, where
-        the sparse dispatch's many small kernels and its synchronisation cost more than
-        the arithmetic. A sample's top-k contributions are summed in rank order.
-        """
-        n, r, height, width = maps.shape
-        weight, expert = gates.topk(self.top_k, dim=1)  # (N, k)
-        expert, weight = expert.reshape(-1), weight.reshape(-1)  # (P,), P = N * k pairs
-        self._expert_counts = torch.zeros(self.num_experts, dtype=torch.long,
-                                          device=maps.device).scatter_add_(
-            0, expert, torch.ones_like(expert))
-        routed = maps if self.top_k == 1 else maps.repeat_interleave(self.top_k, dim=0)
-        up_h, up_w, down_h, down_w = (
-            m.index_select(0, expert) for m in padded_resize_matrices(
-                height, width, self.scales, maps.dtype, maps.device))
-        x = up_h.unsqueeze(1) @ routed @ up_w.transpose(1, 2).unsqueeze(1)  # (P, r, S_h, S_w)
-        pairs, size = x.shape[0], x.shape[-2:]
-        kernel = torch.stack([e.weight for e in self.experts]).index_select(0, expert)
-        bias = torch.stack([e.bias for e in self.experts]).index_select(0, expert)
-        x = F.conv2d(x.reshape(1, pairs * r, *size), kernel.reshape(pairs * r, r, 3, 3),
-                     bias.reshape(pairs * r), padding=1, groups=pairs)
-        x = F.gelu(x).view(pairs, r, *size)
-        x = down_h.unsqueeze(1) @ x @ down_w.transpose(1, 2).unsqueeze(1)  # (P, r, H, W)
-        x = x * weight.to(x.dtype).view(-1, 1, 1, 1)
-        return x if self.top_k == 1 else x.view(n, self.top_k, r, height, width).sum(1)
+    def _expert_tensors(self, maps: torch.Tensor) -> tuple:
+        """The experts' kernels and biases and their padded resize matrices for ``maps``."""
+        height, width = int(maps.shape[-2]), int(maps.shape[-1])
+        return ([e.weight for e in self.experts], [e.bias for e in self.experts],
+                padded_resize_matrices(height, width, self.scales, maps.dtype, maps.device),
+                self.top_k)
 
     def dense_mixture(self, grid: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The mixture with static operations only, for export: every expert on every sample.
@@ -366,6 +368,159 @@ class ConvLoRALinear(LoRALinear):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, scales={self.scales}")
+
+
+def noisy_top_k_gate(
+    pooled: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: torch.Tensor,
+    noise: torch.Tensor | None,
+    top_k: int,
+    aux_loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy top-k gate: routing weights (N, M) and the load-balancing loss.
+
+    Parameters
+    ----------
+    pooled : torch.Tensor
+        Pooled low-rank features (N, r).
+    w_gate, w_noise : torch.Tensor
+        Gate and noise weights (r, M).
+    noise : torch.Tensor or None
+        Standard normal noise (N, M) (training), or None for the clean gate.
+    top_k : int
+        Experts kept per sample.
+    aux_loss_weight : float
+        Weight of ``cv^2(importance) + cv^2(load)``.
+
+    Computed in float32. Logits ``pooled @ w_gate``, plus ``noise`` scaled by
+    ``softplus(pooled @ w_noise) + eps``; the kept logits are softmax-normalised. The load
+    is the normal-CDF estimate of P(expert in top-k) when noisy, else the routed count.
+    """
+    pooled = pooled.float()
+    num_experts = w_gate.shape[1]
+    clean = pooled @ w_gate.float()  # (N, M)
+    if noise is not None:
+        noise_std = F.softplus(pooled @ w_noise.float()) + _NOISE_EPS
+        logits = clean + noise.float() * noise_std
+    else:
+        logits = clean
+    k_plus = min(top_k + 1, num_experts)
+    top_values, top_indices = logits.topk(k_plus, dim=1)  # (N, k+1), descending
+    weights = torch.softmax(top_values[:, :top_k], dim=1)
+    gates = torch.zeros_like(logits).scatter(1, top_indices[:, :top_k], weights)
+    importance = gates.sum(0)  # (M,)
+    if noise is not None and top_k < num_experts:
+        # P(expert in top-k | other noise fixed): normal CDF against the (k+1)-th largest
+        # noisy logit for an expert in the top k, the k-th for one out; differentiable in
+        # w_gate and w_noise. One CDF of the threshold each expert is held against (the
+        # values and gradients of taking both CDFs and keeping one, in fewer kernels).
+        threshold_in = top_values[:, top_k : top_k + 1]  # (N, 1)
+        threshold_out = top_values[:, top_k - 1 : top_k]  # (N, 1)
+        threshold = torch.where(logits > threshold_in, threshold_in, threshold_out)
+        load = torch.special.ndtr((clean - threshold) / noise_std).sum(0)  # (M,)
+    else:
+        load = (gates > 0).sum(0).float()
+    return gates, aux_loss_weight * _cv_squared_sum(importance, load)
+
+
+def batched_experts(
+    maps: torch.Tensor,
+    gates: torch.Tensor,
+    kernels: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    matrices: tuple[torch.Tensor, ...],
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every routed (sample, expert) pair at once, with fixed shapes and no host sync.
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        Low-rank maps (N, r, H, W).
+    gates : torch.Tensor
+        Routing weights (N, M), ``top_k`` nonzero per row (:func:`noisy_top_k_gate`).
+    kernels, biases : list of torch.Tensor
+        Each expert's 3x3 kernel (r, r, 3, 3) and bias (r,).
+    matrices : tuple of torch.Tensor
+        :func:`padded_resize_matrices` for (H, W), in ``maps``' dtype and device.
+    top_k : int
+        Experts per sample.
+
+    Returns
+    -------
+    out : torch.Tensor
+        The gated sum of the routed experts (N, r, H, W); a sample's contributions are
+        summed in rank order.
+    counts : torch.Tensor
+        Pairs routed to each expert (M,), on the device.
+
+    Each pair's map is resized up with its expert's matrices padded with zero rows to the
+    largest expert's size (S_h, S_w), so all pairs share one shape; one grouped
+    convolution applies each pair's expert (weights gathered by expert); the resize back
+    has zero columns beyond the expert's size. A zero row makes the zero border that the
+    convolution's padding would add, and a zero column drops what the convolution left
+    beyond the expert's map, so this is the sparse dispatch's arithmetic plus exact zeros:
+    equal up to float rounding in the products' sums. About 14 kernels for all experts
+    instead of about 8 per routed expert, at the price of computing every pair at the
+    largest scale: the faster form on GPUs, where many small kernels and a synchronisation
+    cost more than the arithmetic.
+    """
+    n, r, height, width = maps.shape
+    weight, expert = gates.topk(top_k, dim=1)  # (N, k)
+    expert, weight = expert.reshape(-1), weight.reshape(-1)  # (P,), P = N * k pairs
+    counts = torch.zeros(gates.shape[1], dtype=torch.long, device=maps.device).scatter_add_(
+        0, expert, torch.ones_like(expert))
+    routed = maps if top_k == 1 else maps.repeat_interleave(top_k, dim=0)
+    up_h, up_w, down_h, down_w = (m.index_select(0, expert) for m in matrices)
+    x = up_h.unsqueeze(1) @ routed @ up_w.transpose(1, 2).unsqueeze(1)  # (P, r, S_h, S_w)
+    pairs, size = x.shape[0], x.shape[-2:]
+    kernel = torch.stack(kernels).index_select(0, expert)  # (P, r, r, 3, 3)
+    bias = torch.stack(biases).index_select(0, expert)  # (P, r)
+    x = F.conv2d(x.reshape(1, pairs * r, *size), kernel.reshape(pairs * r, r, 3, 3),
+                 bias.reshape(pairs * r), padding=1, groups=pairs)
+    x = F.gelu(x).view(pairs, r, *size)
+    x = down_h.unsqueeze(1) @ x @ down_w.transpose(1, 2).unsqueeze(1)  # (P, r, H, W)
+    x = x * weight.to(x.dtype).view(-1, 1, 1, 1)
+    out = x if top_k == 1 else x.view(n, top_k, r, height, width).sum(1)
+    return out, counts
+
+
+def routed_mixture(
+    maps: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: torch.Tensor,
+    noise: torch.Tensor | None,
+    kernels: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    matrices: tuple[torch.Tensor, ...],
+    top_k: int,
+    aux_loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate on pooled ``maps`` (N, r, H, W) and :func:`batched_experts`, as one function.
+
+    Returns the mixture (N, r, H, W), the load-balancing loss and the counts per expert
+    (M,). Pure and free of host synchronisation, so that it can be compiled as one graph
+    (:attr:`ConvLoRALinear.routing` ``"compiled"``).
+    """
+    gates, loss = noisy_top_k_gate(maps.float().mean(dim=(2, 3)), w_gate, w_noise, noise,
+                                   top_k, aux_loss_weight)
+    out, counts = batched_experts(maps, gates, kernels, biases, matrices, top_k)
+    return out, loss, counts
+
+
+def set_conv_lora_routing(model: nn.Module, routing: str) -> int:
+    """Set :attr:`ConvLoRALinear.routing` on every Conv-LoRA layer of ``model``.
+
+    Returns the number of layers set (0 for other methods).
+    """
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(map(repr, ROUTINGS))}, got "
+                         f"{routing!r}")
+    layers = [m for m in model.modules() if isinstance(m, ConvLoRALinear)]
+    for layer in layers:
+        layer.routing = routing
+    return len(layers)
 
 
 def drop_unreached_expert_gradients(model: nn.Module) -> int:
@@ -465,6 +620,44 @@ def padded_resize_matrices(height: int, width: int, scales: tuple[float, ...],
         down_h[i, :, :h] = resize_matrix(h, height)
         down_w[i, :, :w] = resize_matrix(w, width)
     return tuple(m.to(device=device, dtype=dtype) for m in (up_h, up_w, down_h, down_w))
+
+
+@functools.cache
+def compiled_routed_mixture(backend: str = "inductor"):
+    """:func:`routed_mixture` under ``torch.compile`` (one graph, static shapes), made once.
+
+    Compiled on the first call with each set of shapes (in a fit: a windowed and a global
+    block, a full and a last smaller batch; a few seconds each on a GPU): the gate's and
+    the dispatch's small operations become a few fused kernels forward and backward,
+    which on a GPU saves the host most of its kernel launches.
+    """
+    return torch.compile(routed_mixture, backend=backend, fullgraph=True, dynamic=False)
+
+
+@functools.cache
+def compile_supported() -> bool:
+    """Whether ``torch.compile`` can build GPU kernels here: Triton importable for the
+    CUDA device and a C compiler on the ``PATH`` (Triton builds its launcher with one)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # a torch without Triton support
+        return False
+    compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
+    return bool(has_triton()) and any(shutil.which(c) for c in compilers if c)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failed ``torch.compile`` raises (compiler and backend failures)."""
+    from torch._dynamo import exc
+
+    found = [getattr(exc, name, None) for name in ("BackendCompilerFailed", "TorchRuntimeError",
+                                                   "InternalTorchDynamoError")]
+    try:
+        from torch._inductor.exc import InductorError
+        found.append(InductorError)
+    except ImportError:  # older torch
+        pass
+    return tuple(e for e in found if isinstance(e, type))
 
 
 def _is_exporting() -> bool:

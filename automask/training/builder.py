@@ -43,7 +43,7 @@ def build_candidate_model(cfg: Config, num_outputs: int, checkpoint: Any = FROM_
         adapted model, see :mod:`automask.leaderboard`).
     """
     from ..models import build_segmenter, count_parameters
-    from ..peft import apply_peft, get_method
+    from ..peft import apply_peft, get_method, set_conv_lora_routing
 
     if get_method(cfg.peft.method).random_init:
         checkpoint, sha256 = "random", None
@@ -57,6 +57,7 @@ def build_candidate_model(cfg: Config, num_outputs: int, checkpoint: Any = FROM_
     base_params = count_parameters(model)[1]
     apply_peft(model, **_peft_kwargs(cfg))
     model.gradient_checkpointing = cfg.env.gradient_checkpointing
+    set_conv_lora_routing(model, cfg.env.conv_lora_routing)
     return model, base_params
 
 
