@@ -36,6 +36,91 @@ def test_optimizer_holds_trainable_parameters_only_and_decays_matrices_only():
     assert any(d == 0.05 for d in in_opt.values()) and any(d == 0 for d in in_opt.values())
 
 
+def test_optimizer_is_fused_and_steps_as_the_plain_loop():
+    """The fused AdamW (chosen where torch has fused kernels for the parameters' device):
+    three steps move every parameter as torch's for-loop AdamW with the same groups does,
+    to 1e-6; parameters without a gradient (experts no sample reached) stay put."""
+    fused_model, loop_model = _tiny(), _tiny()
+    loop_model.load_state_dict(fused_model.state_dict())
+    before = {n: p.detach().clone() for n, p in fused_model.named_parameters()}
+    fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.05)
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW([{**g, "params": [dict(loop_model.named_parameters())[n]
+                                                for n in _names(fused_model, g["params"])],
+                               "fused": None, "foreach": False} for g in fused.param_groups])
+    generator = torch.Generator().manual_seed(0)
+    trainable = [n for n, p in fused_model.named_parameters() if p.requires_grad]
+    skipped = trainable[-1]
+    for _ in range(3):
+        for name in trainable:
+            grad = torch.randn(dict(fused_model.named_parameters())[name].shape,
+                               generator=generator)
+            for model in (fused_model, loop_model):
+                param = dict(model.named_parameters())[name]
+                param.grad = None if name == skipped else grad.clone()
+        fused.step()
+        loop.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.equal(dict(fused_model.named_parameters())[skipped], before[skipped])
+    assert not torch.equal(dict(fused_model.named_parameters())[trainable[0]],
+                           before[trainable[0]])
+
+
+@pytest.mark.parametrize("precision,algorithm", [("bf16-mixed", "norm"), ("32-true", "value")])
+def test_fit_clips_gradients_with_the_fused_optimizer(monkeypatch, precision, algorithm):
+    """Through a Lightning fit (which refuses to clip for an optimiser that unscales inside
+    its step): the fused AdamW is used, and the gradients it steps with are clipped to
+    ``grad_clip`` (total norm, or each value)."""
+    import warnings
+
+    import lightning as L
+
+    from automask.config import OptimConfig
+    from automask.training.module import SegmentationModule
+
+    clip = 1e-3 if algorithm == "norm" else 1e-6
+    seen: list[tuple[bool, float]] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, closure=None):
+        if closure is not None:  # Lightning's closure: forward, backward, clipping
+            with torch.enable_grad():
+                closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        size = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                      for g in grads]))
+                if algorithm == "norm" else max(g.abs().max() for g in grads))
+        seen.append((bool(self.defaults["fused"]), float(size)))
+        return step(self)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    module = SegmentationModule(_tiny(), task="binary", num_classes=2,
+                                optim=OptimConfig(lr=1e-3, grad_clip=clip), val_metric="iou")
+    gen = torch.Generator().manual_seed(3)
+    data = [{"image": torch.randn(3, 64, 64, generator=gen),
+             "target": (torch.rand(64, 64, generator=gen) > 0.5).long(),
+             "resized_size": torch.tensor([64, 64])} for _ in range(2)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, precision=precision,
+                        gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's notes on workers and logging
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=1))
+    assert len(seen) == 2
+    for fused, size in seen:
+        assert fused
+        assert size <= clip * (1 + 1e-4)
+    assert max(size for _, size in seen) > clip * 0.5  # clipped down to, not far below
+
+
+def _names(model, params):
+    ids = {id(p) for p in params}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
 def test_full_training_does_not_decay_position_tables():
     model = _tiny("full")
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)

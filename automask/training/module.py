@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
 
 from ..config import OptimConfig
@@ -253,13 +254,39 @@ class SegmentationModule(L.LightningModule):
         self.val_metric.update(preds, targets)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optim.lr, self.optim.weight_decay)
+        # fused AdamW, unless a gradient scaler (16-mixed) must unscale before clipping:
+        # Lightning leaves that to an optimiser that unscales inside its step, and refuses
+        # to clip for it
+        scaler = getattr(self.trainer.strategy.precision_plugin, "scaler", None)
+        optimizer = build_optimizer(self.model, self.optim.lr, self.optim.weight_decay,
+                                    fused=None if scaler is None else False)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(self.optim.warmup_ratio * total))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total, warmup, self.optim.lr_schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, also for the fused AdamW.
+
+        Lightning's mixed-precision plugin refuses to clip for an optimiser that unscales
+        gradients inside its step (fused AdamW), as it must under a gradient scaler. Without
+        a scaler (bf16-mixed, 32) the gradients are not scaled, and clipping the optimiser's
+        parameters here is what Lightning's own clipping does (norm or value).
+        """
+        if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                       gradient_clip_algorithm)
+        assert getattr(self.trainer.strategy.precision_plugin, "scaler", None) is None, \
+            "a fused optimiser under a gradient scaler"
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ------------------------------------------------------- resume checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
