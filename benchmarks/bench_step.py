@@ -59,6 +59,8 @@ def make_step(method: str, size: int, args: argparse.Namespace):
 
     from automask.models import build_segmenter
     from automask.peft import apply_peft, aux_loss
+    from automask.config import OptimConfig
+    from automask.training import build_optimizer
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -69,7 +71,9 @@ def make_step(method: str, size: int, args: argparse.Namespace):
         model.requires_grad_(False)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # the fit's optimiser: AdamW, fused where torch has the kernels for the device
+    optimizer = (build_optimizer(model, lr=1e-4, weight_decay=OptimConfig().weight_decay)
+                 if params else None)
     images = torch.randn(args.batch, 3, size, size, device=device)
     target = (torch.rand(args.batch, 1, size, size, device=device) > 0.5).float()
     if method == "floor":

@@ -5,6 +5,7 @@ it) on synthetic data at the given input size, through SemanticSegmentor, and pr
 time, training images/s, prediction images/s and peak GPU memory.
 
     python benchmarks/gpu_fit.py --backbone vit_b --size 1024 --images 48 --epochs 2
+    python benchmarks/gpu_fit.py --routing batched   # Conv-LoRA's routing uncompiled
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--method", default="conv_lora")
+    parser.add_argument("--routing", default="auto", help="env.conv_lora_routing")
     args = parser.parse_args()
 
     root = tempfile.mkdtemp()
@@ -39,7 +41,8 @@ def main() -> None:
         hyperparameters={"model.backbone": args.backbone, "model.checkpoint": "random",
                          "model.input_size": args.size, "peft.method": args.method,
                          "optim.max_epochs": args.epochs, "optim.batch_size": args.batch,
-                         "optim.effective_batch_size": args.batch, "optim.patience": 0},
+                         "optim.effective_batch_size": args.batch, "optim.patience": 0,
+                         "env.conv_lora_routing": args.routing},
     )
     fit_s = time.perf_counter() - t0
     info = seg.models_[seg.best_model_]
@@ -52,7 +55,7 @@ def main() -> None:
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device={device} backbone={args.backbone} size={args.size} method={args.method} "
-          f"precision={seg.config_.env.precision}")
+          f"precision={seg.config_.env.precision} routing={args.routing}")
     print(f"fit_s={fit_s:.1f} train_s={info['train_time']:.1f} epochs={info['epochs']} "
           f"train_images_per_s~={n_train * args.epochs / max(info['train_time'], 1e-9):.1f} "
           f"predict_images_per_s={info['predict_images_per_s']:.1f} "
