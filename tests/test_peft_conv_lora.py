@@ -1,6 +1,8 @@
 """ConvLoRALinear: experts, gating, load balancing, dispatch and modes."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -451,6 +453,23 @@ def test_compiled_routing_matches_sparse_with_gradients(monkeypatch, top_k):
     other.routing = "compiled"
     _run(other, x, "train", False, seed=3)
     assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_compiled_routing_past_the_recompile_limit_runs_uncompiled(monkeypatch):
+    """Shapes beyond dynamo's recompile limit (many candidates in one process) run
+    uncompiled with the same results, instead of failing."""
+    _compile_with(monkeypatch, "aot_eager")
+    adapter = _routed_adapter(1)
+    for samples in (4, 5, 6, 7):  # a new batch shape each time; limit 2
+        x = torch.randn(samples, 5, 5, 16, generator=torch.Generator().manual_seed(samples))
+        adapter.routing = "batched"
+        batched = _run(adapter, x, "train", False)
+        adapter.routing = "compiled"
+        with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's note on the limit
+            compiled = _run(adapter, x, "train", False)
+        for a, b in zip(compiled[:3], batched[:3]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_a_failed_compile_falls_back_under_auto_and_raises_when_asked(monkeypatch):
