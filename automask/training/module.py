@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 import lightning as L
-from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from ..config import OptimConfig
 from ..data.prompts import batch_prompts
