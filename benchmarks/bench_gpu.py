@@ -207,18 +207,24 @@ def run_memory(args: argparse.Namespace) -> None:
         del step, sync
 
 
-def run_syncs(args: argparse.Namespace) -> None:
-    """Host synchronisations in one training step (``torch.cuda.set_sync_debug_mode``)."""
-    import warnings
-
+def _trained_variants(args: argparse.Namespace):
+    """``(name, step, sync)`` of each variant in ``args.variants`` but the floor, built one
+    at a time at the first of ``args.sizes``."""
     for name in args.variants:
         method, routing, sam_rel_pos = VARIANTS[name]
         if method == "floor":
             continue
         step, sync = _build(method, args.sizes[0], routing, _namespace(args.backbone,
                                                                       args.batch, False))
-        if sam_rel_pos:
-            step = _with_sam_rel_pos(step)
+        yield name, (_with_sam_rel_pos(step) if sam_rel_pos else step), sync
+        del step, sync  # before the next variant is built
+
+
+def run_syncs(args: argparse.Namespace) -> None:
+    """Host synchronisations in one training step (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    for name, step, sync in _trained_variants(args):
         _timed(step, sync)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -301,12 +307,7 @@ def run_profile(args: argparse.Namespace) -> None:
     """The operations taking most device and host time in a few steps of each method."""
     from torch.profiler import ProfilerActivity, profile
 
-    for name in args.variants:
-        method, routing, _ = VARIANTS[name]
-        if method == "floor":
-            continue
-        step, sync = _build(method, args.sizes[0], routing, _namespace(args.backbone,
-                                                                      args.batch, False))
+    for name, step, sync in _trained_variants(args):
         for _ in range(3):
             _timed(step, sync)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
