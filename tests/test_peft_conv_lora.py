@@ -424,10 +424,11 @@ def _compile_with(monkeypatch, backend):
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_compiled_routing_matches_sparse_with_gradients(monkeypatch, top_k):
-    """``routing="compiled"``: the gate and the batched dispatch traced as one graph (full
-    graph: no break, no host synchronisation) give the sparse dispatch's output, loss,
-    input and parameter gradients and expert counts in training, to 1e-5 in float32; the
-    graph is compiled once and reused by a second layer of the same shapes."""
+    """``routing="compiled"``: the gate and the batched dispatch traced as one graph (the
+    count of graphs rises by one: no break, no host synchronisation) give the sparse
+    dispatch's output, loss, input and parameter gradients and expert counts in training,
+    to 1e-5 in float32; the graph is compiled once and reused by a second layer of the
+    same shapes."""
     from torch._dynamo.utils import counters
 
     _compile_with(monkeypatch, "aot_eager")
@@ -459,13 +460,15 @@ def test_compiled_routing_past_the_recompile_limit_runs_uncompiled(monkeypatch):
     """Shapes beyond dynamo's recompile limit (many candidates in one process) run
     uncompiled with the same results, instead of failing."""
     _compile_with(monkeypatch, "aot_eager")
+    limit = ("recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
+             else "cache_size_limit")  # its name before torch 2.6
     adapter = _routed_adapter(1)
     for samples in (4, 5, 6, 7):  # a new batch shape each time; limit 2
         x = torch.randn(samples, 5, 5, 16, generator=torch.Generator().manual_seed(samples))
         adapter.routing = "batched"
         batched = _run(adapter, x, "train", False)
         adapter.routing = "compiled"
-        with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
+        with torch._dynamo.config.patch(**{limit: 2}), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # dynamo's note on the limit
             compiled = _run(adapter, x, "train", False)
         for a, b in zip(compiled[:3], batched[:3]):

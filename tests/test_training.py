@@ -44,6 +44,9 @@ def test_optimizer_is_fused_and_steps_as_the_plain_loop():
     loop_model.load_state_dict(fused_model.state_dict())
     before = {n: p.detach().clone() for n, p in fused_model.named_parameters()}
     fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.05)
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    if "cpu" not in _get_fused_kernels_supported_devices():  # before torch 2.4
+        pytest.skip("this torch has no fused AdamW for CPUs")
     assert all(group["fused"] for group in fused.param_groups)
     loop = torch.optim.AdamW([{**g, "params": [dict(loop_model.named_parameters())[n]
                                                 for n in _names(fused_model, g["params"])],
