@@ -57,9 +57,9 @@ def make_step(method: str, size: int, args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
 
+    from automask.config import OptimConfig
     from automask.models import build_segmenter
     from automask.peft import apply_peft, aux_loss
-    from automask.config import OptimConfig
     from automask.training import build_optimizer
 
     torch.manual_seed(0)
