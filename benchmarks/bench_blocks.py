@@ -5,13 +5,18 @@ input size, alternating ``automask.models.blocks.block_forward`` with segment-an
 ``block(x)`` in the same process (the order flips every round); prints the median seconds
 of each and their ratio per round. ``--compare real-queries`` alternates instead
 ``block_forward`` with and without ``REAL_QUERIES_ONLY`` (a padded grid's windows attend
-with the real tokens' queries only, or with every token's). ``--block`` times the forward
+with the real tokens' queries only, or with every token's). ``--compare window-groups``
+alternates the windows' queries, keys and values split by ``_WindowGroups`` (one gradient
+buffer, each value written once) with the same split by tensor slicing, whose backward
+autograd computes (a zeroed buffer of the whole windows per group and slice, then summed;
+the code before 2026-12-04). ``--block`` times the forward
 + backward of the first (windowed) encoder block alone, on a random token grid of the
 size's shape, instead of the whole model.
 
     python benchmarks/bench_blocks.py [--sizes 256 512] [--methods conv_lora lora]
                                       [--precision bf16|fp32] [--rounds 4]
-                                      [--compare segment-anything|real-queries] [--block]
+                                      [--compare segment-anything|real-queries|window-groups]
+                                      [--block]
 """
 from __future__ import annotations
 
@@ -45,6 +50,35 @@ def all_queries(block, x):
         blocks_module.REAL_QUERIES_ONLY = True
 
 
+class _GroupsBySlicing:
+    """``_WindowGroups`` as tensor slicing, autograd doing the backward pass."""
+
+    @staticmethod
+    def apply(qkv, window, size, heads):
+        height, width = size
+        rows, cols = -(-height // window), -(-width // window)
+        grid = qkv.view(qkv.shape[0] // (rows * cols), rows, cols, window, window, 3, heads, -1)
+        out = []
+        for _, _, win_rows, row_len, win_cols, col_len in blocks_module._tiles(height, width,
+                                                                              window):
+            part = grid[:, win_rows, win_cols]  # (B, nh, nw, ws, ws, 3, heads, hd)
+            q = part[:, :, :, :row_len, :col_len, 0].permute(0, 1, 2, 5, 3, 4, 6)
+            q = q.reshape(-1, row_len * col_len, q.shape[-1])
+            k, v = part[:, :, :, :, :, 1:].permute(5, 0, 1, 2, 6, 3, 4, 7).reshape(
+                2, q.shape[0], window * window, -1).unbind(0)
+            out += [q, k, v]
+        return tuple(out)
+
+
+def by_slicing(block, x):
+    groups = blocks_module._WindowGroups
+    blocks_module._WindowGroups = _GroupsBySlicing
+    try:
+        return block_forward(block, x)
+    finally:
+        blocks_module._WindowGroups = groups
+
+
 def step(seg, images: torch.Tensor, bf16: bool) -> float:
     seg.zero_grad(set_to_none=True)
     start = time.perf_counter()
@@ -70,13 +104,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["conv_lora", "lora"])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--compare", choices=["segment-anything", "real-queries"],
+    parser.add_argument("--compare",
+                        choices=["segment-anything", "real-queries", "window-groups"],
                         default="segment-anything")
     parser.add_argument("--block", action="store_true",
                         help="time the first encoder block alone instead of the model")
     args = parser.parse_args()
-    baseline = "segment-anything" if args.compare == "segment-anything" else "all queries"
-    paths = {baseline: stock if baseline == "segment-anything" else all_queries,
+    baseline, path = {"segment-anything": ("segment-anything", stock),
+                      "real-queries": ("all queries", all_queries),
+                      "window-groups": ("by slicing", by_slicing)}[args.compare]
+    paths = {baseline: path,
              "automask": block_forward}
     for size in args.sizes:
         for method in args.methods:

@@ -489,8 +489,9 @@ def test_a_projection_that_needs_the_windows_keeps_every_query(monkeypatch):
 @pytest.mark.parametrize("size,length", [(14, 27), (64, 127), (5, 9), (14, 21)])
 def test_rel_pos_table_is_get_rel_pos(size, length):
     """The relative-position gather with a cached index: segment-anything's ``get_rel_pos``
-    bit for bit, with its gradient (a table of another length, 21 for 14 tokens, goes
-    through its interpolation); the index is built once per size and device."""
+    bit for bit, and its gradient up to the order of the scatter's sums (which depends on
+    the thread count); a table of another length, 21 for 14 tokens, goes through its
+    interpolation. The index is built once per size and device."""
     from segment_anything.modeling.image_encoder import get_rel_pos
 
     from automask.models.blocks import _offsets, rel_pos_table
@@ -504,5 +505,6 @@ def test_rel_pos_table_is_get_rel_pos(size, length):
     weights = torch.randn(size, size, 8)
     (grad,) = torch.autograd.grad((ours * weights).sum(), table)
     (reference_grad,) = torch.autograd.grad((reference * weights).sum(), table)
-    assert torch.equal(grad, reference_grad)
+    assert reference_grad.abs().sum() > 0
+    torch.testing.assert_close(grad, reference_grad, atol=1e-6, rtol=1e-6)
     assert _offsets(size, table.device) is _offsets(size, table.device)
