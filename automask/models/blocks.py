@@ -313,7 +313,7 @@ def _attend_windows(attn: Attention, qkv: torch.Tensor, window: int,
     """
     height, width = size
     heads = attn.num_heads
-    batch = qkv.shape[0] // (-(-height // window) * -(-width // window))
+    batch = _qkv_grid(qkv, window, size, heads).shape[0]
     tiles = list(_tiles(height, width, window))
     split = _WindowGroups.apply(qkv, window, size, heads)  # q, k, v of each group in turn
     bands = []
@@ -347,13 +347,10 @@ class _WindowGroups(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, window, size, heads):  # noqa: D102
-        height, width = size
-        batch = qkv.shape[0] // (-(-height // window) * -(-width // window))
-        grid = qkv.view(batch, -(-height // window), -(-width // window), window, window, 3,
-                        heads, -1)  # (B, nH, nW, ws, ws, 3, heads, hd)
+        grid = _qkv_grid(qkv, window, size, heads)  # (B, nH, nW, ws, ws, 3, heads, hd)
         dim = grid.shape[-1]
         out = []
-        for _, _, win_rows, row_len, win_cols, col_len in _tiles(height, width, window):
+        for _, _, win_rows, row_len, win_cols, col_len in _tiles(*size, window):
             part = grid[:, win_rows, win_cols]  # (B, nh, nw, ws, ws, 3, heads, hd)
             q = part[:, :, :, :row_len, :col_len, 0].permute(0, 1, 2, 5, 3, 4, 6)
             out.append(q.clone(memory_format=torch.contiguous_format).view(
@@ -369,12 +366,10 @@ class _WindowGroups(torch.autograd.Function):
     def backward(ctx, *grads):  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        (height, width), window, heads = ctx.size, ctx.window, ctx.heads
+        window, heads = ctx.window, ctx.heads
         grad = grads[0].new_empty(ctx.shape)
-        batch = grad.shape[0] // (-(-height // window) * -(-width // window))
-        grid = grad.view(batch, -(-height // window), -(-width // window), window, window, 3,
-                         heads, -1)
-        tiles = _tiles(height, width, window)
+        grid = _qkv_grid(grad, window, ctx.size, heads)
+        tiles = _tiles(*ctx.size, window)
         for i, (_, _, win_rows, row_len, win_cols, col_len) in enumerate(tiles):
             part = grid[:, win_rows, win_cols]  # (B, nh, nw, ws, ws, 3, heads, hd)
             lead = part.shape[:3]
@@ -385,6 +380,14 @@ class _WindowGroups(torch.autograd.Function):
             part[:, :, :, row_len:, :, 0].zero_()  # padded queries: no gradient
             part[:, :, :, :row_len, col_len:, 0].zero_()
         return grad, None, None, None
+
+
+def _qkv_grid(qkv: torch.Tensor, window: int, size: tuple[int, int],
+              heads: int) -> torch.Tensor:
+    """Windows (B * nW, ws, ws, 3E) of a padded (H, W) grid as a view (B, nH, nW, ws, ws,
+    3, heads, hd)."""
+    rows, cols = -(-size[0] // window), -(-size[1] // window)
+    return qkv.view(qkv.shape[0] // (rows * cols), rows, cols, window, window, 3, heads, -1)
 
 
 def _attention(attn: Attention, q, k, v, q_size: tuple[int, int],
