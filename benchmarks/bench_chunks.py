@@ -9,9 +9,15 @@ that its peak RSS (``ru_maxrss``) is its own; the two variants alternate, the or
 every round. Prints per configuration the median seconds per step, the peak RSS and the
 ratios chunked / whole.
 
+``--compare buffers`` times, in one process, steps whose chunks share two score buffers
+(``REUSE_CHUNK_BUFFERS``, the default) against steps whose chunks allocate their maps anew,
+alternating step by step; glibc's free memory goes back to the system before each step, as
+the peer harness (``../shared/peers``) does, so that each step starts from the same heap.
+Prints the median seconds per step of each and the median of the per-round ratios.
+
     python benchmarks/bench_chunks.py [--sizes 1024] [--modes train infer]
                                       [--precision bf16 fp32] [--rounds 2] [--steps 2]
-                                      [--backbone vit_b]
+                                      [--backbone vit_b] [--compare buffers]
 """
 from __future__ import annotations
 
@@ -27,27 +33,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one(args: argparse.Namespace) -> None:
-    """Run in a subprocess: build, warm up, time ``--steps`` steps, print JSON."""
+def _step(args: argparse.Namespace, size: int, mode: str, precision: str):
+    """A conv_lora segmenter's training step (forward + backward) or prediction, timed:
+    ``step() -> seconds``."""
     sys.path.insert(0, str(REPO))
     import torch
 
-    import automask.models.blocks as blocks
     from automask.models import build_segmenter
     from automask.peft import apply_peft, aux_loss
 
-    if args.variant == "whole":
-        blocks.CHUNK_FROM_BYTES = 2**62
     torch.manual_seed(0)
-    seg = build_segmenter(args.backbone, num_classes=1, input_size=args.size,
+    seg = build_segmenter(args.backbone, num_classes=1, input_size=size,
                           checkpoint="random", progress=False)
     apply_peft(seg, "conv_lora")
-    bf16 = args.precision == "bf16"
-    images = torch.randn(1, 3, args.size, args.size)
-    times = []
-    for _ in range(args.steps + 1):  # the first warms up
+    bf16 = precision == "bf16"
+    images = torch.randn(1, 3, size, size)
+
+    def step() -> float:
         start = time.perf_counter()
-        if args.mode == "train":
+        if mode == "train":
             seg.train().zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = seg(images).float().square().mean() + aux_loss(seg)
@@ -56,7 +60,20 @@ def one(args: argparse.Namespace) -> None:
             with torch.inference_mode(), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 seg.eval()(images)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    return step
+
+
+def one(args: argparse.Namespace) -> None:
+    """Run in a subprocess: build, warm up, time ``--steps`` steps, print JSON."""
+    sys.path.insert(0, str(REPO))
+    import automask.models.blocks as blocks
+
+    if args.variant == "whole":
+        blocks.CHUNK_FROM_BYTES = 2**62
+    step = _step(args, args.size, args.mode, args.precision)
+    times = [step() for _ in range(args.steps + 1)]  # the first warms up
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(json.dumps({"s": statistics.median(times[1:]), "rss_gib": rss}))
 
@@ -70,6 +87,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--backbone", default="vit_b")
+    parser.add_argument("--compare", choices=["buffers"],
+                        help="chunks sharing their score buffers against maps of their own, "
+                             "in one process (--rounds pairs of steps)")
     parser.add_argument("--variant", choices=["chunked", "whole"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -77,6 +97,9 @@ def main() -> None:
     if args.variant:
         args.precision = args.precision[0]
         one(args)
+        return
+    if args.compare == "buffers":
+        compare_buffers(args)
         return
     for size in args.sizes:
         for mode in args.modes:
@@ -100,6 +123,38 @@ def main() -> None:
                       f"whole {s['whole']:.2f} s, {rss['whole']:.2f} GiB | "
                       f"time x{s['chunked'] / s['whole']:.3f} {rounds}, "
                       f"peak RSS x{rss['chunked'] / rss['whole']:.3f}", flush=True)
+
+
+def compare_buffers(args: argparse.Namespace) -> None:
+    """``--compare buffers``: shared score buffers / each chunk's own, step by step."""
+    import ctypes
+
+    import automask.models.blocks as blocks
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        def trim(_):
+            return None
+    for size in args.sizes:
+        for mode in args.modes:
+            for precision in args.precision:
+                step = _step(args, size, mode, precision)
+                times: dict[bool, list[float]] = {True: [], False: []}
+                for round_ in range(args.rounds + 1):  # the first warms up
+                    for shared in (True, False) if round_ % 2 == 0 else (False, True):
+                        blocks.REUSE_CHUNK_BUFFERS = shared
+                        trim(0)
+                        seconds = step()
+                        if round_:
+                            times[shared].append(seconds)
+                ratios = [a / b for a, b in zip(times[True], times[False])]
+                print(f"{args.backbone} {size} px {mode} {precision}: shared buffers "
+                      f"{statistics.median(times[True]):.3f} s | own maps "
+                      f"{statistics.median(times[False]):.3f} s | x"
+                      f"{statistics.median(ratios):.3f} per round "
+                      f"[{min(ratios):.2f}, {max(ratios):.2f}]", flush=True)
+                blocks.REUSE_CHUNK_BUFFERS = True
 
 
 if __name__ == "__main__":

@@ -517,10 +517,11 @@ def _chunked_attention(q, k, v, rel_h, rel_w, scale: float, rows: int) -> torch.
     # contiguous once rather than in every chunk's product
     k_t, v = k.transpose(-2, -1).contiguous(), v.contiguous()  # (N, hd, HW), (N, HW, hd)
     width = rel_h.shape[2]
+    scratch = _chunk_scratch(q, k_t, rows * width)
     for rows_ in _row_chunks(rel_h.shape[1], rows):
         # not matmul(out=...): into a strided slice it copies the whole of ``out``
         out[:, rows_.start * width:rows_.stop * width] = (
-            _chunk_probs(q, k_t, rel_h, rel_w, scale, rows_) @ v)
+            _chunk_probs(q, k_t, rel_h, rel_w, scale, rows_, scratch) @ v)
     return out
 
 
@@ -528,15 +529,46 @@ def _row_chunks(height: int, rows: int) -> list[slice]:
     return [slice(a, min(height, a + rows)) for a in range(0, height, rows)]
 
 
-def _chunk_probs(q, k_t, rel_h, rel_w, scale: float, rows: slice) -> torch.Tensor:
+# Whether the chunks of one attention share their score buffers (see _chunk_scratch); False
+# allocates each chunk's maps anew (for benchmarks/bench_chunks.py's comparison).
+REUSE_CHUNK_BUFFERS = True
+
+
+def _chunk_scratch(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """A flat buffer for the products ``a[:, :rows] @ b`` of every chunk: (N * rows * M,).
+
+    A chunk's score map is the size of a few MiB; allocated anew for each chunk, every one
+    of them lands on memory the allocator has just mapped, and writing it first costs a
+    page fault per 4 KiB (on 2 CPU cores a fresh 16.5 MiB product took 4.9 ms instead of
+    1.6 ms). Written into one buffer, a call's first chunk pays that once and the others
+    not at all. None where buffers are not shared (an accelerator, whose allocator caches)."""
+    if not REUSE_CHUNK_BUFFERS or a.device.type != "cpu":
+        return None
+    return a.new_empty(a.shape[0] * min(rows, a.shape[1]) * b.shape[-1],
+                       dtype=torch.result_type(a, b))
+
+
+def _bmm_into(scratch: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (N, m, k) x (N, k, M) -> (N, m, M), written to the front of ``scratch``
+    when given."""
+    if scratch is None:
+        return a @ b
+    shape = (a.shape[0], a.shape[1], b.shape[-1])
+    return torch.bmm(a, b, out=scratch[:shape[0] * shape[1] * shape[2]].view(shape))
+
+
+def _chunk_probs(q, k_t, rel_h, rel_w, scale: float, rows: slice,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The softmax rows of the queries in grid rows ``rows``: (N, rows * w, HW), computed as
     segment-anything computes them (q scaled, times k^T (N, hd, HW), row terms, column
-    terms, softmax)."""
+    terms, softmax); in ``scratch`` (see :func:`_chunk_scratch`), overwritten, when given."""
     n, _, width, k_height = rel_h.shape  # (N, h, w, H)
-    scores = (q[:, rows.start * width:rows.stop * width] * scale) @ k_t
+    scores = _bmm_into(scratch, q[:, rows.start * width:rows.stop * width] * scale, k_t)
     grid = scores.view(n, rows.stop - rows.start, width, k_height, rel_w.shape[-1])
     grid.add_(rel_h[:, rows, :, :, None]).add_(rel_w[:, rows, :, None, :])
-    return scores.softmax(dim=-1)
+    if scratch is None:
+        return scores.softmax(dim=-1)
+    return torch.softmax(scores, dim=-1, out=scores)  # in place: the same values on a CPU
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -573,13 +605,21 @@ class _ChunkedAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             k_t, v_t = k.transpose(-2, -1).contiguous(), v.transpose(-2, -1).contiguous()
             k = k.contiguous()
+            # one buffer for every chunk's probabilities, one for their gradients
+            scratch = _chunk_scratch(q, k_t, ctx.rows * width)
+            scratch_grad = _chunk_scratch(grad, v_t, ctx.rows * width)
             for rows in _row_chunks(height, ctx.rows):
                 tokens = slice(rows.start * width, rows.stop * width)
-                probs = _chunk_probs(q, k_t, rel_h, rel_w, scale, rows)  # (N, rows*W, HW)
+                probs = _chunk_probs(q, k_t, rel_h, rel_w, scale, rows, scratch)
                 grad_out = grad[:, tokens]  # (N, rows*W, hd)
                 grad_v.add_(probs.transpose(-2, -1) @ grad_out)
-                grad_scores = torch.ops.aten._softmax_backward_data(
-                    grad_out @ v_t, probs, -1, probs.dtype)
+                grad_probs = _bmm_into(scratch_grad, grad_out, v_t)  # (N, rows*W, HW)
+                if scratch_grad is None:
+                    grad_scores = torch.ops.aten._softmax_backward_data(
+                        grad_probs, probs, -1, probs.dtype)
+                else:  # in place: the same values on a CPU
+                    grad_scores = torch.ops.aten._softmax_backward_data.out(
+                        grad_probs, probs, -1, probs.dtype, grad_input=grad_probs)
                 grid = grad_scores.view(n, rows.stop - rows.start, width, k_height, k_width)
                 torch.sum(grid, dim=-1, out=grad_h[:, rows])
                 torch.sum(grid, dim=-2, out=grad_w[:, rows])
