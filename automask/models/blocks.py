@@ -40,6 +40,10 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   prediction's from 2.1 to 1.4 GiB in 0.93x the time; at 512 px a training step's from
   2.21 to 2.04 GiB in bf16 (1.01-1.04x the time) and from 2.69 to 2.44 GiB in fp32 in
   0.88-0.95x the time (``benchmarks/bench_chunks.py``). The windows (196 keys) stay whole.
+  On a CPU one call's chunks write their scores, probabilities and probability gradients
+  into two shared buffers rather than maps of their own (:func:`_chunk_scratch`): the same
+  values, and fewer pages faulted in (a 512 px bf16 training step 0.96x the time,
+  ``bench_chunks.py --compare buffers``).
 
 Anything else (another attention module, as VPT's; a projection that is neither) takes
 segment-anything's own ``block(x)``. The result equals it up to float rounding (the
