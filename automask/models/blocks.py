@@ -64,6 +64,8 @@ from segment_anything.modeling.image_encoder import (
 )
 from torch import nn
 
+from ..utils.tracing import is_exporting
+
 
 def is_token_wise(layer: nn.Module | None) -> bool:
     """True when each output row of ``layer`` depends only on the same input row.
@@ -95,7 +97,7 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
         qkv = _windowed_qkv(attn.qkv, y, window)
     else:
         qkv = attn.qkv(window_partition(y, window)[0])  # (B * nW, ws, ws, 3E), no padding
-    if padded and is_token_wise(attn.proj) and REAL_QUERIES_ONLY and not _exporting():
+    if padded and is_token_wise(attn.proj) and REAL_QUERIES_ONLY and not is_exporting():
         # the padded tokens' outputs are cut away: only the real ones are queries
         # (an exported graph keeps segment-anything's shapes, symbolic in H and W)
         out = attn.proj(_attend_windows(attn, qkv, window, (height, width)))
@@ -140,7 +142,7 @@ def _pad_partition(t: torch.Tensor, fill: torch.Tensor, window: int) -> torch.Te
     ws, D), each value written once (segment-anything pads by concatenation, then copies
     the padded map into windows)."""
     fill = fill.to(t.dtype)
-    if _exporting():  # standard operations for the exported graph
+    if is_exporting():  # standard operations for the exported graph
         return _pad_partition_by_cat(t, fill, window)
     return _PadPartition.apply(t, fill, window)
 
@@ -148,7 +150,7 @@ def _pad_partition(t: torch.Tensor, fill: torch.Tensor, window: int) -> torch.Te
 def _unpartition(windows: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
     """``window_unpartition``: windows (B * nW, ws, ws, D) -> the real tokens (B, H, W, D),
     each read once (segment-anything joins the padded map, then copies its crop)."""
-    if _exporting():
+    if is_exporting():
         height, width = size
         pad_hw = (height + (-height) % window, width + (-width) % window)
         return window_unpartition(windows, window, pad_hw, size)
@@ -490,20 +492,11 @@ def _folded_scores(q, k, rel_h, rel_w, scale: float) -> torch.Tensor:
     return extended @ keys.transpose(-2, -1)  # (N, hw, HW)
 
 
-def _exporting() -> bool:
-    """Under ONNX export, tracing, torch.compile or torch.export (older torch lacks the last
-    two queries)."""
-    compiler = torch.compiler
-    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-                or getattr(compiler, "is_compiling", lambda: False)()
-                or getattr(compiler, "is_exporting", lambda: False)())
-
-
 def _chunk_rows(q: torch.Tensor, height: int, width: int, keys: int | None = None) -> int:
     """Query rows of the (height, width) grid of queries per chunk of the score map against
     ``keys`` keys (default: the same grid's), or 0 to compute the map whole (a small map;
     exporting, tracing or compiling)."""
-    if _exporting():  # before any arithmetic on a shape that may be symbolic
+    if is_exporting():  # before any arithmetic on a shape that may be symbolic
         return 0
     keys = height * width if keys is None else keys
     row_bytes = q.shape[0] * width * keys * q.element_size()  # one grid row of queries
@@ -637,7 +630,7 @@ def _add_rel_pos(scores: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor)
     plus rel_h (N, h, w, H) over key rows and rel_w (N, h, w, W) over key columns, added in
     place (no temporary maps)."""
     grid_shape = (*rel_h.shape, rel_w.shape[-1])  # (N, h, w, H, W)
-    if _exporting() or not scores.dtype == rel_h.dtype == rel_w.dtype:  # segment-anything's way
+    if is_exporting() or not scores.dtype == rel_h.dtype == rel_w.dtype:  # segment-anything's way
         grid = scores.view(grid_shape) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
         return grid.view(scores.shape)
     if torch.is_grad_enabled() and (scores.requires_grad or rel_h.requires_grad

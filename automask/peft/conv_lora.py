@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.tracing import is_exporting
 from .base import PeftMethod, split_names, wrap_targets
 from .lora import LoRALinear, LoRAOptions, add_low_rank_update, check_rank
 
@@ -185,7 +186,7 @@ class ConvLoRALinear(LoRALinear):
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(map(repr, ROUTINGS))}, got "
                              f"{self.routing!r}")
-        if self.dense_routing or _is_exporting():
+        if self.dense_routing or is_exporting():
             return "dense"
         if self.routing == "auto":
             if device.type != "cuda":
@@ -661,12 +662,6 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # older torch
         pass
     return tuple(e for e in found if isinstance(e, type))
-
-
-def _is_exporting() -> bool:
-    """True under ``torch.onnx.export``, ``torch.jit.trace``, ``torch.export`` or compile."""
-    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling())
 
 
 def apply(model: nn.Module, options: ConvLoRAOptions) -> None:
