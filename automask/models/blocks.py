@@ -534,11 +534,12 @@ REUSE_CHUNK_BUFFERS = True
 def _chunk_scratch(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor | None:
     """A flat buffer for the products ``a[:, :rows] @ b`` of every chunk: (N * rows * M,).
 
-    A chunk's score map is the size of a few MiB; allocated anew for each chunk, every one
-    of them lands on memory the allocator has just mapped, and writing it first costs a
-    page fault per 4 KiB (on 2 CPU cores a fresh 16.5 MiB product took 4.9 ms instead of
-    1.6 ms). Written into one buffer, a call's first chunk pays that once and the others
-    not at all. None where buffers are not shared (an accelerator, whose allocator caches)."""
+    A chunk's score map takes several MB. Allocated anew for each chunk, it can land on
+    memory the allocator has just mapped (glibc maps a large block fresh unless it reuses
+    one freed earlier), and its first write then costs a page fault per 4 KiB: on 2 CPU
+    cores a 16.5 MB product into fresh memory took 4.9 ms instead of 1.6 ms. Written into
+    one buffer, a call's first chunk pays that at most once and the others not at all.
+    None where buffers are not shared (an accelerator, whose allocator caches)."""
     if not REUSE_CHUNK_BUFFERS or a.device.type != "cpu":
         return None
     return a.new_empty(a.shape[0] * min(rows, a.shape[1]) * b.shape[-1],
