@@ -55,12 +55,9 @@ class _GroupsBySlicing:
 
     @staticmethod
     def apply(qkv, window, size, heads):
-        height, width = size
-        rows, cols = -(-height // window), -(-width // window)
-        grid = qkv.view(qkv.shape[0] // (rows * cols), rows, cols, window, window, 3, heads, -1)
+        grid = blocks_module._qkv_grid(qkv, window, size, heads)  # (B, nH, nW, ws, ws, 3, ..)
         out = []
-        for _, _, win_rows, row_len, win_cols, col_len in blocks_module._tiles(height, width,
-                                                                              window):
+        for _, _, win_rows, row_len, win_cols, col_len in blocks_module._tiles(*size, window):
             part = grid[:, win_rows, win_cols]  # (B, nh, nw, ws, ws, 3, heads, hd)
             q = part[:, :, :, :row_len, :col_len, 0].permute(0, 1, 2, 5, 3, 4, 6)
             q = q.reshape(-1, row_len * col_len, q.shape[-1])
