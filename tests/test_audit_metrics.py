@@ -232,3 +232,40 @@ def test_score_maps_against_0_255_masks_are_refused_not_scored_on_background():
     assert 0.0 <= explicit["acc"] <= 1.0
     ids = (target > 0).astype(np.uint8)  # class ids: scored as K classes, as before
     assert set(score([scores[:2]], [ids])) == {"acc", "miou", "iou_per_class"}
+
+
+# --------------------------------------------------------------------------------------------
+# E-measure of a one-pixel image (the reference's N - 1 denominator is 0)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pred", "gt", "expected"),
+    [
+        # one object pixel predicted 255: every threshold q >= t is right, phi = 1 throughout
+        (255, 255, {"em": 1.0, "em_max": 1.0, "em_adp": 1.0}),
+        # one background pixel predicted 0: q = 0 >= t only at t = 0 (a false positive); the
+        # adaptive threshold min(2 * 0, 1) = 0 also makes it object: phi = 0 there
+        (0, 0, {"em": 255 / 256, "em_max": 1.0, "em_adp": 0.0}),
+        # one object pixel predicted 0: right at t = 0 only; the adaptive threshold 0 keeps it
+        (0, 255, {"em": 1 / 256, "em_max": 1.0, "em_adp": 1.0}),
+    ],
+)
+def test_e_measure_of_a_one_pixel_image_is_the_mean_alignment(pred, gt, expected):
+    """Q = sum(phi) / (N - 1 + eps) gave sum(phi) / eps, about 4.5e15, for N = 1 (PySODMetrics
+    1.6.2 and the MATLAB code too), and one such image dominated a dataset's mean. With one
+    pixel the score is phi of that pixel (the paper's mean over the N = 1 pixels)."""
+    p, g = np.full((1, 1), pred, np.uint8), np.full((1, 1), gt, np.uint8)
+    assert score([p], [g], metrics=list(expected)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_one_pixel_image_does_not_dominate_the_dataset_e_measure():
+    # A 4 x 4 0/255 mask scored against itself: at thresholds t >= 1 (and at the adaptive
+    # threshold 2 * 4/16) the map is perfect, phi = 1 at each of the N = 16 pixels: 16 / 15.
+    # At t = 0 every pixel is object: the demeaned map is 0, phi = (0 + 1)^2 / 4 = 1/4: 4 / 15.
+    # The 1 x 1 perfect image scores 1; dataset values average the two images' curves.
+    g = _rect_mask(4, 4, slice(1, 3), slice(0, 2))
+    one = np.full((1, 1), 255, np.uint8)
+    out = score([g, one], [g, one], metrics=["em", "em_max", "em_adp"])
+    curve_mean = (255 * 16 / 15 + 4 / 15) / 256
+    perfect = (16 / 15 + 1) / 2
+    expected = {"em": (curve_mean + 1) / 2, "em_max": perfect, "em_adp": perfect}
+    assert out == pytest.approx(expected, abs=1e-12)

@@ -206,7 +206,9 @@ class EMeasure(_BinaryMetric):
     The curve binarises ``floor(255 * p) >= t`` for t = 0..255 after per-image min-max
     normalisation. Dataset level, as PySODMetrics: the curves are averaged over images first,
     then reduced, so ``em_max`` is the max of the mean curve, not the mean of per-image maxima.
-    Values slightly above 1 occur (the reference divides by ``N - 1``).
+    Values slightly above 1 occur (the reference divides by ``N - 1``); a one-pixel image,
+    where the reference divides by ``eps``, is divided by 1 (see
+    :func:`automask.metrics.functional.enhanced_alignment`).
     """
 
     higher_is_better = True

@@ -165,17 +165,21 @@ def enhanced_alignment(tp: Tensor, pred_fg: Tensor, n_fg: int | Tensor, n: int) 
     sum over pixels is a count-weighted sum of four terms. Denominator ``N - 1 + eps`` as in
     the reference, hence values slightly above 1 for a perfect map. ``n_fg`` (object pixels of
     the mask) may be a vector matching ``tp``.
+
+    A one-pixel image (``N = 1``) divides by 1 instead, giving the paper's mean of the alignment
+    over its pixels (0 or 1): the reference divides by ``eps`` there and returns about 4.5e15.
     """
     tp = tp.to(torch.float64)
     pred_fg = pred_fg.to(torch.float64)
     pred_bg = n - pred_fg
+    denom = n - 1 + EPS if n > 1 else 1.0
     if isinstance(n_fg, Tensor):
         n_fg = n_fg.to(torch.float64)
     else:
         if n_fg == 0:
-            return pred_bg / (n - 1 + EPS)
+            return pred_bg / denom
         if n_fg == n:
-            return pred_fg / (n - 1 + EPS)
+            return pred_fg / denom
     fp = pred_fg - tp
     fn = n_fg - tp
     tn = pred_bg - fn
@@ -194,7 +198,7 @@ def enhanced_alignment(tp: Tensor, pred_fg: Tensor, n_fg: int | Tensor, n: int) 
         total = total + (align + 1) ** 2 / 4 * part
     if isinstance(n_fg, Tensor):  # the special cases, elementwise
         total = torch.where(n_fg == 0, pred_bg, torch.where(n_fg == n, pred_fg, total))
-    return total / (n - 1 + EPS)
+    return total / denom
 
 
 def e_measure_curve(histogram: Tensor, n: int) -> Tensor:
