@@ -269,3 +269,15 @@ def test_a_one_pixel_image_does_not_dominate_the_dataset_e_measure():
     perfect = (16 / 15 + 1) / 2
     expected = {"em": (curve_mean + 1) / 2, "em_max": perfect, "em_adp": perfect}
     assert out == pytest.approx(expected, abs=1e-12)
+
+
+def test_iou_per_class_is_a_list_with_one_class():
+    """torchmetrics squeezes a one-element result to a scalar: with num_classes = 1 (given, or
+    inferred from maps holding class 0 only) ``iou_per_class`` came back as a float."""
+    t = np.zeros((3, 4), np.int64)
+    t[0, 0] = 255  # void
+    p = np.zeros((3, 4), np.int64)
+    # class 0: 11 labelled pixels, all predicted 0: IoU = 11 / 11
+    assert score([p], [t], task="multiclass", num_classes=1)["iou_per_class"] == [1.0]
+    out = score([p], [t], task="multiclass")  # num_classes inferred: 1
+    assert out["iou_per_class"] == [1.0] and out["miou"] == 1.0

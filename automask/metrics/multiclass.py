@@ -99,7 +99,11 @@ class MeanIoU(_ConfusionCounts):
 
 
 class IoUPerClass(_ConfusionCounts):
-    """Per-class IoU ``(K,)`` pooled over the dataset; NaN for a class absent from both maps."""
+    """Per-class IoU ``(K,)`` pooled over the dataset; NaN for a class absent from both maps.
+
+    With ``num_classes=1`` torchmetrics squeezes the ``(1,)`` result to a 0-dim tensor;
+    :func:`automask.metrics.score` still returns a one-element list.
+    """
 
     def compute(self) -> Tensor:
         """The ``(K,)`` vector of IoUs."""

@@ -120,9 +120,11 @@ def _one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _to_python(value: Tensor) -> float | list[float]:
+def _to_python(value: Tensor, per_class: bool = False) -> float | list[float]:
+    """A float, or a list of floats for a vector; ``per_class`` always gives a list (torchmetrics
+    squeezes a one-class ``(1,)`` result to a scalar)."""
     value = value.detach().cpu().to(torch.float64)
-    return value.item() if value.ndim == 0 else value.tolist()
+    return value.item() if value.ndim == 0 and not per_class else value.reshape(-1).tolist()
 
 
 def score(
@@ -218,4 +220,7 @@ def _score(
         for p, t in pairs:  # validated per image, errors name the image
             for metric in built.values():
                 metric.update(p, t)
-    return {name: _to_python(metric.compute()) for name, metric in built.items()}
+    return {
+        name: _to_python(metric.compute(), per_class=name == "iou_per_class")
+        for name, metric in built.items()
+    }
