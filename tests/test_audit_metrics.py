@@ -117,6 +117,29 @@ def test_single_channel_probability_map_is_scored_as_binary():
     assert infer_task([torch.zeros(3, 12, 10)], [(t > 0).to(torch.uint8)]) == "multiclass"
 
 
+def test_8bit_grey_maps_against_anti_aliased_masks_are_scored_as_binary():
+    """8-bit saliency maps against anti-aliased 8-bit masks (grey object edges, as in several
+    saliency datasets) were inferred multi-class: 255 was void and the grey levels classes."""
+    rng = np.random.default_rng(1)
+    g = _rect_mask(30, 40, slice(5, 20), slice(8, 30))
+    g[5, 8:30] = 210  # anti-aliased edge rows
+    g[19, 8:30] = 60
+    p = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    hard = np.where(g > 128, 255, 0).astype(np.uint8)  # a 0/255 prediction
+    mae = lambda pred: float(np.abs(pred / 255.0 - (g > 128)).mean())  # noqa: E731
+    for pred in (p, hard):
+        assert infer_task([torch.from_numpy(pred)], [torch.from_numpy(g)]) == "binary"
+        got = score([pred], [g])
+        assert got == score([pred], [g], task="binary")
+        assert got["mae"] == pytest.approx(mae(pred), abs=1e-12)
+    # class labels stay multi-class: VOC-style indices with 255 as void, also in uint8
+    labels = np.zeros((30, 40), np.uint8)
+    labels[5:20, 8:30], labels[5, 8:30] = 15, 255
+    pred = np.where(labels == 255, 0, labels).astype(np.uint8)
+    assert infer_task([torch.from_numpy(pred)], [torch.from_numpy(labels)]) == "multiclass"
+    assert score([pred], [labels])["miou"] == pytest.approx(1.0)
+
+
 def test_channels_last_colour_prediction_names_its_shape():
     """An (H, W, 3) map was arg-maxed over H and reported as a (W, 3) prediction."""
     g = np.zeros((8, 6), np.int64)

@@ -50,6 +50,27 @@ def _all_0_255(targets: list[Tensor]) -> bool:
     return seen_255
 
 
+# An 8-bit map holding a value from here to 254 is a grey map (a saliency map, an anti-aliased
+# mask), not class indices: no common label set reaches it below its void value 255 (COCO-Stuff
+# ends at 181, ADE20K at 150).
+GREY_FROM = 200
+
+
+def _grey_8bit(predictions: list[Tensor], targets: list[Tensor], ignore_index: int | None) -> bool:
+    """True when every map is uint8 and some map holds a value in ``GREY_FROM..254`` (target
+    pixels equal to ``ignore_index`` left out)."""
+    maps = [*predictions, *targets]
+    if not all(m.dtype == torch.uint8 for m in maps):
+        return False
+    for i, m in enumerate(maps):
+        values = torch.unique(m).to(torch.int64)
+        if i >= len(predictions) and ignore_index is not None:
+            values = values[values != ignore_index]
+        if bool(((values >= GREY_FROM) & (values <= 254)).any()):
+            return True
+    return False
+
+
 def _is_scores(p: Tensor, t: Tensor) -> bool:
     """True for ``(K, H, W)`` class scores of an ``(H, W)`` target, with ``K > 1``."""
     return p.ndim == t.ndim + 1 and p.shape[-2:] == t.shape[-2:] and p.shape[-3] > 1
@@ -64,7 +85,9 @@ def infer_task(
     height and width, with ``K > 1`` channels (``(K, H, W)`` scores) means multi-class (a
     single-channel ``(1, H, W)`` map is a binary probability map); a floating-point
     prediction (a probability map) means binary; otherwise (integer maps) binary when every
-    target holds only {0, 1} or only {0, 255}, else multi-class.
+    target holds only {0, 1} or only {0, 255}, or when every map is 8-bit and one of them holds
+    a value from ``GREY_FROM`` (200) to 254 (8-bit saliency maps, anti-aliased masks: their
+    values are grey levels, and the targets are binarised ``> gt_threshold``), else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
     Target pixels equal to ``ignore_index`` (when given) are left out of that check.
     Score maps against targets that all hold only 0 and 255 raise ValueError: multi-class
@@ -82,7 +105,9 @@ def infer_task(
         return "multiclass"
     if any(p.is_floating_point() for p in predictions):
         return "binary"
-    return "binary" if all(_binary_like(t, ignore_index) for t in targets) else "multiclass"
+    if all(_binary_like(t, ignore_index) for t in targets):
+        return "binary"
+    return "binary" if _grey_8bit(predictions, targets, ignore_index) else "multiclass"
 
 
 def _infer_num_classes(
