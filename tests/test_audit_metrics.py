@@ -5,6 +5,8 @@ written as literals, with a comment saying that they are PySODMetrics 1.6.2's va
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,21 @@ def test_8bit_grey_maps_against_anti_aliased_masks_are_scored_as_binary():
     pred = np.where(labels == 255, 0, labels).astype(np.uint8)
     assert infer_task([torch.from_numpy(pred)], [torch.from_numpy(labels)]) == "multiclass"
     assert score([pred], [labels])["miou"] == pytest.approx(1.0)
+
+
+def test_ignore_index_that_voids_every_object_pixel_warns():
+    """``ignore_index=255`` on 0/255 masks turns every object pixel void: the scores then
+    describe the background alone, which deserves a warning; {0, 1, 255} masks do not warn."""
+    g = _rect_mask(20, 20, slice(4, 12), slice(4, 12))
+    p = np.zeros((20, 20))
+    with pytest.warns(UserWarning, match="64 pixels equal ignore_index=255"):
+        got = score([p], [g], ignore_index=255)
+    assert got["mae"] == 0.0  # only the background is left, and it is predicted right
+    masks_01 = (g > 0).astype(np.uint8)
+    masks_01[0, 0] = 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert score([p], [masks_01], ignore_index=255)["mae"] == pytest.approx(64 / 399)
 
 
 def test_channels_last_colour_prediction_names_its_shape():

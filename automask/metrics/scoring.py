@@ -1,6 +1,7 @@
 """``score()``: the functional entry point, usable on masks from any model."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -228,13 +229,21 @@ def _score(
         built = build_metrics(task, names, **conventions)
         gt_threshold = conventions.get("gt_threshold", 128)
         ignore_index = conventions.get("ignore_index")
+        objects = voids = 0
         for i, (p, t) in enumerate(zip(pred_list, target_list)):
             # prepared once, shared by every metric
             samples = binary_samples([p], [t], gt_threshold, offset=i, ignore_index=ignore_index)
+            objects += samples[0].n_fg
+            voids += samples[0].gt.numel() - samples[0].n_valid
             if not samples[0].n_valid:
                 continue  # no labelled pixel: no ground truth
             for metric in built.values():
                 metric.update(samples)
+        if ignore_index is not None and voids and not objects:
+            warnings.warn(
+                f"no target has a labelled object pixel and {voids} pixels equal ignore_index="
+                f"{ignore_index} (void); if these are 0/{ignore_index} masks, their objects are "
+                "what was left out: pass ignore_index=None", stacklevel=3)
     else:
         ignore_index = conventions.get("ignore_index", 255)
         if conventions.get("num_classes") is None:
