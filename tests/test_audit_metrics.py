@@ -157,6 +157,41 @@ def test_ignore_index_that_voids_every_object_pixel_warns():
         assert score([p], [masks_01], ignore_index=255)["mae"] == pytest.approx(64 / 399)
 
 
+def test_score_reads_files_as_score_folders_does(tmp_path):
+    """score() took no paths (numpy's 'can't convert np.str_' TypeError): a path is now read
+    as score_folders reads it, a colour ground truth refused by name, a folder pointed to
+    score_folders and a missing file named."""
+    from PIL import Image
+
+    from automask.metrics import score_folders
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    for i in range(2):
+        g = _rect_mask(24, 18, slice(3 + i, 15), slice(2, 12 + i))
+        Image.fromarray(rng.integers(0, 256, g.shape, dtype=np.uint8)).save(tmp_path / f"p/{i}.png")
+        Image.fromarray(g).save(tmp_path / f"g/{i}.png")
+    preds = [tmp_path / f"p/{i}.png" for i in range(2)]
+    gts = [str(tmp_path / f"g/{i}.png") for i in range(2)]
+    arrays = [np.array(Image.open(p)) for p in preds], [np.array(Image.open(g)) for g in gts]
+    assert score(preds, gts) == score(*arrays)
+    assert {**score(preds, gts), "n_images": 2} == score_folders(tmp_path / "p", tmp_path / "g")
+    assert score(preds[0], gts[0]) == score(arrays[0][:1], arrays[1][:1])
+    red = np.zeros((24, 18, 3), np.uint8)
+    red[3:15, 2:12, 0] = 255
+    Image.fromarray(red).save(tmp_path / "red.png")
+    with pytest.raises(ValueError, match="red.png is a RGB colour image"):
+        score(preds[:1], [tmp_path / "red.png"])
+    with pytest.raises(ValueError, match="is a folder; score_folders"):
+        score([tmp_path / "p"], gts[:1])
+    with pytest.raises(FileNotFoundError, match="no file .*missing.png"):
+        score(preds[:1], [tmp_path / "missing.png"])
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match=r"0.png vs small.png: image 0: prediction shape"):
+        score(preds[:1], [tmp_path / "small.png"])
+
+
 def test_channels_last_colour_prediction_names_its_shape():
     """An (H, W, 3) map was arg-maxed over H and reported as a (W, 3) prediction."""
     g = np.zeros((8, 6), np.int64)

@@ -1,9 +1,11 @@
 """``score()``: the functional entry point, usable on masks from any model."""
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +16,11 @@ from automask.metrics.registry import DEFAULT_METRICS, METRIC_TASK, TASKS, build
 
 
 def _as_list(x: Any, name: str) -> list[Tensor]:
+    if isinstance(x, (str, os.PathLike)):
+        x = [x]  # one file
     if isinstance(x, (list, tuple)):
-        return [as_tensor(item) for item in x]
+        return [_read(item, name) if isinstance(item, (str, os.PathLike)) else as_tensor(item)
+                for item in x]
     t = as_tensor(x)
     if t.ndim < 2:
         raise ValueError(
@@ -23,6 +28,19 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
             f"got shape {tuple(t.shape)}"
         )
     return [t] if t.ndim == 2 else list(t.unbind(0))
+
+
+def _read(path: str | os.PathLike, name: str) -> Tensor:
+    """A map read from a file (as :func:`automask.metrics.score_folders` reads one)."""
+    from automask.metrics.folders import _read_target, read_map  # folders imports score
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {path} is a folder; score_folders(pred_dir, gt_dir) scores "
+                         "two folders, score() takes maps or the files of single maps")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no file {path}")
+    return as_tensor(_read_target(path) if name == "targets" else read_map(path))
 
 
 def _binary_like(t: Tensor, ignore_index: int | None = None) -> bool:
@@ -165,9 +183,11 @@ def score(
     Parameters
     ----------
     predictions
-        List of per-image maps (numpy arrays or tensors; sizes may differ). Binary: probability
-        maps in [0, 1], or 8-bit maps 0..255, or 0/1 masks. Multi-class: class-index maps, or
-        ``(K, H, W)`` scores. An array/tensor is split along its first axis.
+        List of per-image maps (numpy arrays, tensors, PIL images, or paths of image or ``.npy``
+        files, read as :func:`automask.metrics.score_folders` reads them; sizes may differ).
+        Binary: probability maps in [0, 1], or 8-bit maps 0..255, or 0/1 masks. Multi-class:
+        class-index maps, or ``(K, H, W)`` scores. An array/tensor is split along its first
+        axis.
     targets
         List of ground-truth masks of the same sizes. Binary: 0/1, bool or 8-bit 0/255 (binarised
         ``> 128``, as PySODMetrics), or {0, 1} with ``ignore_index`` marking void pixels.
@@ -214,8 +234,25 @@ def score(
     if not names:
         raise ValueError("metrics is empty; give metric names, or None for the task's default set")
 
-    with _one_intra_op_thread():
-        return _score(pred_list, target_list, task, names, conventions)
+    files = _file_names(predictions), _file_names(targets)
+    try:
+        with _one_intra_op_thread():
+            return _score(pred_list, target_list, task, names, conventions)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        if not message.startswith("image ") or not any(files[0] + files[1]):
+            raise
+        index = int(message.split(":", 1)[0].split()[1])
+        named = " vs ".join(f[index] for f in files if index < len(f) and f[index])
+        raise type(err)(f"{named}: {message}") from err
+
+
+def _file_names(x: Any) -> list[str | None]:
+    """The file name of each item given as a path (None for the others), for messages."""
+    items = [x] if isinstance(x, (str, os.PathLike)) else x
+    if not isinstance(items, (list, tuple)):
+        return []
+    return [Path(i).name if isinstance(i, (str, os.PathLike)) else None for i in items]
 
 
 def _score(
