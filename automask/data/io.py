@@ -102,6 +102,15 @@ def _upright(img: Image.Image, orientation: int) -> Image.Image:
     return img if method is None else img.transpose(method)
 
 
+def _upright_array(data: np.ndarray, orientation: int) -> np.ndarray:
+    """``(H, W, ...)`` samples of any dtype turned as :func:`_upright` turns an image."""
+    turn = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: a.swapaxes(0, 1)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+    method = turn.get(orientation)
+    return data if method is None else np.ascontiguousarray(method(data))
+
+
 _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 
 
@@ -637,6 +646,9 @@ def read_mask(
         An RGB(A) file whose three channels are equal everywhere is read as grayscale,
         and so is a lossy (JPEG, WebP) colour file whose channels differ by at most 8
         levels anywhere (compression noise of a grey mask): their rounded mean is read.
+        16-bit colour PNGs and TIFFs and 64-bit float TIFFs are read from their stored
+        samples, as :func:`read_image` reads them (Pillow would keep each sample's top 8
+        bits, turning class ids below 256 into 0).
     color_map : dict, optional
         ``{(r, g, b): class_id}``: required for colour masks, every colour present must
         be listed.
@@ -652,7 +664,10 @@ def read_mask(
     DataValidationError
         For a colour mask without ``color_map`` or with colours missing from it.
     """
-    with open(path, "rb") as fh, Image.open(fh) as img:  # no mmap: see _left_to_apply
+    with _opened(path) as (img, head):
+        samples = _faithful_samples(img, head, path)
+        if samples is not None:  # a 16-bit colour PNG or TIFF, a TIFF Pillow cannot open
+            return _mask_from_samples(*samples, color_map, path)
         orientation = _orientation(img)
         lossy = img.format in _LOSSY_FORMATS
         img.load()
@@ -675,19 +690,7 @@ def read_mask(
             _refuse_alpha_only(values, img, path)
             return values
         if mode.startswith("I") or mode == "F":
-            values = np.array(img)
-            if np.issubdtype(values.dtype, np.floating):
-                if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-                    raise DataValidationError(
-                        f"mask {path} holds non-integer floating-point values"
-                    )
-            values = values.astype(np.int64)
-            if values.size and values.min() >= 0 and values.max() <= 255:
-                return values.astype(np.uint8)
-            if values.size and np.isin(values, (0, _MAX_16BIT)).all():
-                # a binary mask at 16 bits (0 and full scale): read as the 0/255 of 8 bits
-                return np.where(values == _MAX_16BIT, 255, 0).astype(np.uint8)
-            return values
+            return _label_values(np.array(img), path)
         rgb = np.array(img.convert("RGB"), dtype=np.uint8)
         if mode in ("RGBA", "RGBa"):
             _refuse_alpha_only(rgb, img, path)
@@ -702,6 +705,51 @@ def read_mask(
     raise DataValidationError(
         f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
         "(grayscale or palette PNG), or pass color_map={(r, g, b): class_id, ...}"
+    )
+
+
+def _label_values(values: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """``(H, W)`` samples of any integer or float dtype as label values (see
+    :func:`read_mask`): uint8 when they fit, 0/65535 as 0/255, else int64."""
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            raise DataValidationError(f"mask {path} holds non-integer floating-point values")
+    values = values.astype(np.int64)
+    if values.size and values.min() >= 0 and values.max() <= 255:
+        return values.astype(np.uint8)
+    if values.size and np.isin(values, (0, _MAX_16BIT)).all():
+        # a binary mask at 16 bits (0 and full scale): read as the 0/255 of 8 bits
+        return np.where(values == _MAX_16BIT, 255, 0).astype(np.uint8)
+    return values
+
+
+def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap | None,
+                       path: str | os.PathLike) -> np.ndarray:
+    """``(H, W)`` label values from the ``(H, W, C)`` samples of :func:`_faithful_samples`.
+
+    Pillow would read a 16-bit colour mask as each sample's top 8 bits, so that class ids
+    below 256 all become 0. One or two channels (grey, grey + alpha) and colour channels
+    equal everywhere are grey; other colours need ``color_map`` and samples that are 8-bit
+    colours at 16-bit scale (multiples of 257).
+    """
+    data = _upright_array(data, orientation)
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    colour = data[..., :3] if data.shape[-1] >= 3 else data[..., :1]
+    grey = all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[-1]))
+    if grey and color_map is None:
+        return _label_values(colour[..., 0], path)
+    if np.issubdtype(colour.dtype, np.integer) and colour.size and colour.min() >= 0 \
+            and colour.max() <= _MAX_16BIT and not (colour % 257).any():
+        rgb = (colour // 257).astype(np.uint8)
+        if rgb.shape[-1] == 1:
+            rgb = np.repeat(rgb, 3, axis=2)
+        if color_map is not None:
+            return _apply_color_map(rgb, color_map, path)
+    raise DataValidationError(
+        f"mask {path} is a colour image with {data.dtype} samples; masks must hold class ids "
+        "in one channel (grayscale or palette PNG), or be 8-bit colours with color_map="
+        "{(r, g, b): class_id, ...}"
     )
 
 

@@ -1,0 +1,71 @@
+"""Audit of input handling: files a medical, remote-sensing or street-scene user passes are
+read as they are meant (masks by their stored values, aligned with their image), and bad
+ones are named with their row and path before any work is done."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from automask.data import read_mask, validate_frame
+from automask.errors import DataValidationError
+
+from test_image_range import _png16  # pytest's default import mode puts tests/ on sys.path
+
+_ORIENTATION = 274  # the EXIF / TIFF orientation tag
+
+
+def _ids(h: int = 6, w: int = 10) -> np.ndarray:
+    """(h, w) uint8 class ids 0, 1, 2 in an asymmetric layout (so turns are visible)."""
+    ids = np.zeros((h, w), dtype=np.uint8)
+    ids[1:3, 1:6] = 1
+    ids[4:, 7:] = 2
+    return ids
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_sixteen_bit_colour_masks_keep_their_class_ids(tmp_path, suffix):
+    """A grey mask saved as 16-bit RGB reads its ids, not their top 8 bits (all 0)."""
+    ids = _ids()
+    samples = np.repeat(ids[:, :, None], 3, axis=2).astype(np.uint16)  # (H, W, 3)
+    mask = tmp_path / f"mask{suffix}"
+    if suffix == ".png":
+        _png16(mask, samples)
+    else:
+        tifffile.imwrite(mask, samples, photometric="rgb")
+    np.testing.assert_array_equal(read_mask(mask), ids)
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    spec = validate_frame(pd.DataFrame({"image": [tmp_path / "img.png"], "label": [mask]}))
+    assert spec.task == "multiclass" and spec.num_classes == 3
+
+
+def test_float64_and_turned_sixteen_bit_masks_read_like_their_8_bit_twins(tmp_path):
+    """A float64 TIFF mask (Pillow cannot open it) reads; a 16-bit colour TIFF mask with an
+    orientation tag is turned exactly as Pillow turns the same mask stored in 8 bits."""
+    ids = _ids()
+    tifffile.imwrite(tmp_path / "f64.tif", ids.astype(np.float64))
+    np.testing.assert_array_equal(read_mask(tmp_path / "f64.tif"), ids)
+    samples = np.repeat(ids[:, :, None], 3, axis=2)
+    for orientation in range(1, 9):
+        tag = [(_ORIENTATION, "H", 1, orientation, True)]
+        tifffile.imwrite(tmp_path / "m8.tif", samples[..., 0], extratags=tag)
+        tifffile.imwrite(tmp_path / "m16.tif", samples.astype(np.uint16), photometric="rgb",
+                         extratags=tag)
+        np.testing.assert_array_equal(read_mask(tmp_path / "m16.tif"),
+                                      read_mask(tmp_path / "m8.tif"), err_msg=str(orientation))
+
+
+def test_sixteen_bit_colour_masks_need_a_color_map_of_8_bit_colours(tmp_path):
+    """Colours at 16-bit scale map through color_map; other colours are named as such."""
+    ids = _ids()
+    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 0, 255)], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", colours[ids] * 257, photometric="rgb")
+    cmap = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 0, 255): 2}
+    np.testing.assert_array_equal(read_mask(tmp_path / "c.tif", color_map=cmap), ids)
+    with pytest.raises(DataValidationError, match="colour image"):
+        read_mask(tmp_path / "c.tif")
+    tifffile.imwrite(tmp_path / "odd.tif", colours[ids] * 3, photometric="rgb")
+    with pytest.raises(DataValidationError, match=r"odd\.tif.*uint16"):
+        read_mask(tmp_path / "odd.tif", color_map=cmap)
