@@ -69,3 +69,19 @@ def test_sixteen_bit_colour_masks_need_a_color_map_of_8_bit_colours(tmp_path):
     tifffile.imwrite(tmp_path / "odd.tif", colours[ids] * 3, photometric="rgb")
     with pytest.raises(DataValidationError, match=r"odd\.tif.*uint16"):
         read_mask(tmp_path / "odd.tif", color_map=cmap)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16])
+def test_white_is_zero_tiff_masks_are_read_by_their_stored_values(tmp_path, dtype):
+    """An ImageJ mask with an inverting LUT (255 = object, WhiteIsZero) or a bool mask
+    written by tifffile is not inverted: the object stays the foreground."""
+    obj = _ids() == 1
+    stored = obj if dtype is bool else obj.astype(dtype) * 255
+    tifffile.imwrite(tmp_path / "m.tif", stored, photometric="miniswhite")
+    expected = obj.astype(np.uint8) * (1 if dtype is bool else 255)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.tif"), expected)
+    Image.fromarray(np.zeros((*obj.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    spec = validate_frame(pd.DataFrame({"image": [tmp_path / "img.png"],
+                                        "label": [tmp_path / "m.tif"]}))
+    assert spec.task == "binary"
+    assert spec.stats["foreground"].iat[0] == pytest.approx(obj.mean())

@@ -648,7 +648,9 @@ def read_mask(
         levels anywhere (compression noise of a grey mask): their rounded mean is read.
         16-bit colour PNGs and TIFFs and 64-bit float TIFFs are read from their stored
         samples, as :func:`read_image` reads them (Pillow would keep each sample's top 8
-        bits, turning class ids below 256 into 0).
+        bits, turning class ids below 256 into 0); so are WhiteIsZero TIFFs (ImageJ masks
+        with an inverting LUT, ``bool`` arrays written by ``tifffile``), which Pillow
+        would invert.
     color_map : dict, optional
         ``{(r, g, b): class_id}``: required for colour masks, every colour present must
         be listed.
@@ -666,6 +668,8 @@ def read_mask(
     """
     with _opened(path) as (img, head):
         samples = _faithful_samples(img, head, path)
+        if samples is None and _white_is_zero(img):
+            samples = _tiff_pixels(path)  # stored values, which Pillow inverts
         if samples is not None:  # a 16-bit colour PNG or TIFF, a TIFF Pillow cannot open
             return _mask_from_samples(*samples, color_map, path)
         orientation = _orientation(img)
@@ -721,6 +725,22 @@ def _label_values(values: np.ndarray, path: str | os.PathLike) -> np.ndarray:
         # a binary mask at 16 bits (0 and full scale): read as the 0/255 of 8 bits
         return np.where(values == _MAX_16BIT, 255, 0).astype(np.uint8)
     return values
+
+
+_TIFF_PHOTOMETRIC, _WHITE_IS_ZERO = 262, 0
+
+
+def _white_is_zero(img: Image.Image) -> bool:
+    """A TIFF whose photometric interpretation is WhiteIsZero (min-is-white).
+
+    Pillow shows such a file as displayed, inverting its 1-bit and 8-bit samples (not its
+    16-bit or float ones). A mask's labels are its stored values, as ``tifffile``, ImageJ
+    (whose binary masks with an inverting LUT are saved this way) and numpy's ``bool``
+    masks written by ``tifffile.imwrite`` have them: read as displayed, foreground and
+    background would swap.
+    """
+    return img.format == "TIFF" and \
+        getattr(img, "tag_v2", {}).get(_TIFF_PHOTOMETRIC) == _WHITE_IS_ZERO
 
 
 def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap | None,
