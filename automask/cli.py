@@ -379,10 +379,8 @@ def _read_boxes(path: str, data, image_col: str) -> list:
     import os
     from pathlib import Path
 
-    import pandas as pd
-
     from .data.prompts import _check_box
-    from .data.validation import _raw_path, _resolve
+    from .data.validation import _raw_path, _resolve, read_table
     from .errors import DataValidationError
     from .prediction import as_frame
 
@@ -390,10 +388,7 @@ def _read_boxes(path: str, data, image_col: str) -> list:
         raise DataValidationError(f"--boxes {path!r} is a folder, not a CSV file")
     if not Path(path).is_file():
         raise DataValidationError(f"--boxes file not found: {path!r}")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataValidationError(f"--boxes {path!r} could not be parsed: {exc}") from exc
+    table = read_table(Path(path), "--boxes")
     missing = [c for c in (image_col, "x0", "y0", "x1", "y1") if c not in table.columns]
     if missing:
         raise DataValidationError(

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from automask import cli
 from automask.data import read_mask, validate_frame
 from automask.errors import DataValidationError
 
@@ -85,3 +86,25 @@ def test_white_is_zero_tiff_masks_are_read_by_their_stored_values(tmp_path, dtyp
                                         "label": [tmp_path / "m.tif"]}))
     assert spec.task == "binary"
     assert spec.stats["foreground"].iat[0] == pytest.approx(obj.mean())
+
+
+def test_a_semicolon_separated_csv_from_excel_is_read_as_its_columns(tmp_path):
+    """Excel where the comma is the decimal mark saves "CSV" with semicolons; such a table
+    is split at them (a path holding a comma included), for fit, evaluate and predict."""
+    from automask.prediction import as_frame
+
+    folder = tmp_path / "scans, 2024"
+    folder.mkdir()
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(folder / "a.png")
+    Image.fromarray(_ids()).save(folder / "a_mask.png")
+    table = tmp_path / "data.csv"
+    table.write_text("image;label;note\nscans, 2024/a.png;scans, 2024/a_mask.png;x\n",
+                     encoding="utf-8-sig")  # with the byte-order mark Excel writes
+    spec = validate_frame(table, root=tmp_path)
+    assert spec.frame["image"].tolist() == [str(folder / "a.png")]
+    assert spec.task == "multiclass" and spec.num_classes == 3
+    frame, root = as_frame(table, "image")
+    assert frame["label"].tolist() == ["scans, 2024/a_mask.png"] and root == tmp_path
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image;x0;y0;x1;y1\nscans, 2024/a.png;1;2;5;6\n")
+    assert cli._read_boxes(str(boxes), table, "image") == [(1, 2, 5, 6)]

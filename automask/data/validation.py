@@ -414,13 +414,24 @@ def _check_options(
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 
 
+def _separator(path: Path) -> str:
+    """The column separator of a table of paths: a tab for ``.tsv``; else ``;`` when the
+    header line holds semicolons and no comma (Excel saves "CSV" so where the comma is the
+    decimal mark), else ``,``."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with open(path, "rb") as fh:
+        header = fh.readline()
+    return ";" if b";" in header and b"," not in header else ","
+
+
 def read_table(path: Path, what: str = "CSV file") -> pd.DataFrame:
     """Read a table of paths: tab-separated when ``path`` ends in ``.tsv``, else comma-separated
-    (``.csv``, ``.txt`` or any other suffix). ``what`` names the file in the error raised when
-    it cannot be parsed."""
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    (``.csv``, ``.txt`` or any other suffix), or semicolon-separated when its header line has
+    semicolons and no comma. ``what`` names the file in the error raised when it cannot be
+    parsed."""
     try:
-        return pd.read_csv(path, sep=sep)
+        return pd.read_csv(path, sep=_separator(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataValidationError(f"{what} {str(path)!r} could not be parsed: {exc}") from exc
 
