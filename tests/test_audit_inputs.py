@@ -108,3 +108,16 @@ def test_a_semicolon_separated_csv_from_excel_is_read_as_its_columns(tmp_path):
     boxes = tmp_path / "boxes.csv"
     boxes.write_text("image;x0;y0;x1;y1\nscans, 2024/a.png;1;2;5;6\n")
     assert cli._read_boxes(str(boxes), table, "image") == [(1, 2, 5, 6)]
+
+
+def test_a_mask_saved_as_a_tiff_stack_is_warned_about_with_its_row(tmp_path):
+    """A mask of several pages (one per class, or a volume's slices) is read as its first
+    page, as a stacked image is: the warning names the row, the column and the file."""
+    ids = _ids()
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    tifffile.imwrite(tmp_path / "classes.tif", np.stack([ids == 1, ids == 2]).astype(np.uint8))
+    frame = pd.DataFrame({"image": [tmp_path / "img.png"], "label": [tmp_path / "classes.tif"]},
+                         index=["p7"])
+    with pytest.warns(UserWarning, match=r"row 'p7' \[label\] .*classes\.tif \(2 images\)"):
+        spec = validate_frame(frame)
+    assert spec.task == "binary"  # the first page only: class 1

@@ -565,19 +565,24 @@ def validate_frame(
             else:
                 label_paths[pos] = _resolve(raw, root_path)
 
-    stacks: dict[int, int] = {}  # position -> full-size images in the file (TIFF stacks)
+    # (position, column, path) -> full-size images in the file (TIFF stacks)
+    stacks: dict[tuple[int, str, str], int] = {}
 
     def check(pos: int) -> tuple[Any, Any]:
         img = _check_image(image_paths[pos]) if image_paths[pos] is not None else (None, None)
         if img[0] is not None:
             depth = stacked_images(image_paths[pos])
             if depth > 1:
-                stacks[pos] = depth
+                stacks[(pos, image_col, image_paths[pos])] = depth
         lbl = (
             _check_mask(label_paths[pos], color_map)
             if use_labels and label_paths[pos] is not None
             else (None, None)
         )
+        if lbl[0] is not None:  # a mask stack: one page per class or slice, the first read
+            depth = stacked_images(label_paths[pos])
+            if depth > 1:
+                stacks[(pos, label_col, label_paths[pos])] = depth
         return img, lbl
 
     workers = _workers(n_rows)
@@ -616,15 +621,16 @@ def validate_frame(
             summaries[pos] = summary
 
     if stacks:
-        first = sorted(stacks)[:5]
+        first = sorted(stacks, key=lambda key: (key[0], key[1] != image_col))[:5]
         warnings.warn(
-            f"{len(stacks)} image file(s) hold a stack of images (TIFF pages of one size), of "
-            "which only the first is read: "
-            + "; ".join(f"row {_plain(index[pos])!r} {image_paths[pos]} ({stacks[pos]} images)"
-                        for pos in first)
+            f"{len(stacks)} image or mask file(s) hold a stack of images (TIFF pages of one "
+            "size), of which only the first is read: "
+            + "; ".join(f"row {_plain(index[pos])!r} [{col}] {path} ({stacks[pos, col, path]} "
+                        "images)" for pos, col, path in first)
             + ("; ..." if len(stacks) > len(first) else "")
-            + ". Save each image (slice, time point) in a file of its own, and the channels "
-            "of one image as the samples of one page", stacklevel=2)
+            + ". Save each image (slice, time point) in a file of its own, the channels "
+            "of one image as the samples of one page, and a mask as one page of class ids",
+            stacklevel=2)
     task, k, kinds = "binary", num_classes or 2, [None] * n_rows
     if use_labels:
         task, k, kinds = _detect_task(
