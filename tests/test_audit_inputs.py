@@ -121,3 +121,17 @@ def test_a_mask_saved_as_a_tiff_stack_is_warned_about_with_its_row(tmp_path):
     with pytest.warns(UserWarning, match=r"row 'p7' \[label\] .*classes\.tif \(2 images\)"):
         spec = validate_frame(frame)
     assert spec.task == "binary"  # the first page only: class 1
+
+
+def test_urls_in_the_path_columns_are_named_as_urls(tmp_path):
+    """A URL is named as such with its row, not as a missing file under the working folder
+    ('<cwd>/https:/host/a.png: file not found')."""
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "a.png")
+    frame = pd.DataFrame({"image": ["https://example.org/a.png", tmp_path / "a.png"],
+                          "label": [tmp_path / "m.png", "s3://bucket/m.png"]})
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    text = str(info.value)
+    assert "row 0 [image] https://example.org/a.png: a URL, not a file path" in text
+    assert "row 1 [label] s3://bucket/m.png: a URL, not a file path" in text
+    assert "https:/example" not in text  # not resolved as a relative path

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -253,6 +254,16 @@ def _raw_path(value: Any) -> str | None:
             pass
         return None if not str(value).strip() else str(value)
     return value if value.strip() else None
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # http://, s3://, gs://, file://...
+_URL_REASON = ("a URL, not a file path: automask reads local files only; download the files "
+               "first (for file:// give the path itself)")
+
+
+def _is_url(raw: str) -> bool:
+    """True for ``scheme://...`` (two letters or more, so that ``C:/`` stays a path)."""
+    return _URL.match(raw.strip()) is not None
 
 
 def _resolve(raw: str, root: Path) -> str:
@@ -555,6 +566,8 @@ def validate_frame(
         if raw is None:
             reason = f"missing image path ({raw_images[pos]!r})"
             problems.add(pos, index[pos], image_col, None, reason)
+        elif _is_url(raw):
+            problems.add(pos, index[pos], image_col, raw, _URL_REASON)
         else:
             image_paths[pos] = _resolve(raw, root_path)
         if use_labels:
@@ -562,6 +575,8 @@ def validate_frame(
             if raw is None:
                 reason = f"missing mask path ({raw_labels[pos]!r})"
                 problems.add(pos, index[pos], label_col, None, reason)
+            elif _is_url(raw):
+                problems.add(pos, index[pos], label_col, raw, _URL_REASON)
             else:
                 label_paths[pos] = _resolve(raw, root_path)
 
