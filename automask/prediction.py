@@ -301,7 +301,9 @@ def throughput(model: torch.nn.Module, cfg: Config, task: str, frame: pd.DataFra
 
 def path_problem(path: Path, *, folder: bool) -> str | None:
     """Why ``path`` cannot be written, or None: a folder (``folder=True``) that exists as a
-    file, a file that exists as a folder, or a parent on the way that is a file.
+    file, a file that exists as a folder, a parent on the way that is a file, or a folder
+    where the first new entry would be made (``path`` itself for an existing folder, else
+    the nearest existing folder above it) that this process may not write into.
 
     Callers raise their own error, naming ``path``, before any work is done.
     """
@@ -313,6 +315,10 @@ def path_problem(path: Path, *, folder: bool) -> str | None:
             if not parent.is_dir():
                 return f"{str(parent)!r} on the way is a file, not a folder"
             break
+    home = path if folder and path.is_dir() else next(
+        (parent for parent in path.parents if parent.is_dir()), None)
+    if home is not None and not os.access(home, os.W_OK | os.X_OK):
+        return f"the folder {str(home)!r} is not writable (permission denied)"
     return None
 
 

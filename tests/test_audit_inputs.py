@@ -3,6 +3,8 @@ read as they are meant (masks by their stored values, aligned with their image),
 ones are named with their row and path before any work is done."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +137,40 @@ def test_urls_in_the_path_columns_are_named_as_urls(tmp_path):
     assert "row 0 [image] https://example.org/a.png: a URL, not a file path" in text
     assert "row 1 [label] s3://bucket/m.png: a URL, not a file path" in text
     assert "https:/example" not in text  # not resolved as a relative path
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_any_prediction(
+        tmp_path, monkeypatch):
+    """predict(save_to=...) into a read-only folder (or a new folder under one) fails when
+    the destinations are checked, not with a PermissionError after the first prediction.
+    Root may write anywhere, so the permission is denied through os.access as a non-root
+    user's would be (a read-only folder under a non-root user gives the same message)."""
+    import os
+
+    from automask import prediction
+
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "a.png")
+    spec = prediction.images_spec(pd.DataFrame({"image": [tmp_path / "a.png"]}), "image", None)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if os.path.realpath(path) == str(locked) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    try:
+        for out in (locked, locked / "masks"):
+            with pytest.raises(DataValidationError,
+                               match=re.escape(f"'{out}' cannot be used: the folder "
+                                               f"'{locked}' is not writable")):
+                prediction.mask_destinations(spec, out, root=None, label_col="label",
+                                             overwrite=False)
+        dests = prediction.mask_destinations(spec, tmp_path / "free", root=None,
+                                             label_col="label", overwrite=False)
+        assert dests == [tmp_path / "free" / "a.png"]
+    finally:
+        locked.chmod(0o755)
