@@ -174,3 +174,36 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_any_prediction(
         assert dests == [tmp_path / "free" / "a.png"]
     finally:
         locked.chmod(0o755)
+
+
+def _jpeg_mask(path, size: int) -> None:
+    """A 64 x 64 binary 0/255 mask with a size x size object, saved as a JPEG."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[30:30 + size, 30:30 + size] = 255
+    Image.fromarray(mask).save(path, quality=75)
+
+
+def test_jpeg_binary_masks_with_a_tiny_or_no_object_are_read_as_binary(tmp_path):
+    """JPEG compression leaves a 1-pixel object as noise near 0 plus its pixel near 255,
+    with no value in 128-254, and an object-free mask with noise may stay near 0: beside
+    other JPEG binary masks both are soft binary masks, not class ids (which named the
+    good rows as fitting neither task)."""
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "img.png")
+    for name, size in (("big", 20), ("dot", 1)):
+        _jpeg_mask(tmp_path / f"{name}.jpg", size)
+    values = np.unique(read_mask(tmp_path / "dot.jpg"))
+    assert values.max() == 255 and not ((values >= 128) & (values < 255)).any()
+    noise = np.zeros((64, 64), np.uint8)
+    noise[::7, ::5] = 9  # what a blurred empty mask keeps
+    Image.fromarray(noise).save(tmp_path / "none.jpg", quality=75)
+    assert read_mask(tmp_path / "none.jpg").max() < 32
+    frame = pd.DataFrame({"image": [tmp_path / "img.png"] * 3,
+                          "label": [tmp_path / n for n in ("big.jpg", "dot.jpg", "none.jpg")]})
+    with pytest.warns(UserWarning, match="3 mask"):
+        spec = validate_frame(frame)
+    assert spec.task == "binary" and spec.stats["kind"].tolist() == ["soft"] * 3
+    fg = spec.stats["foreground"].tolist()
+    assert fg[0] == pytest.approx(400 / 64**2, abs=0.01) and 0 < fg[1] < 3 / 64**2
+    assert fg[2] == 0.0
+    with pytest.raises(DataValidationError, match="come from a JPEG file"):
+        validate_frame(frame.iloc[[2]])  # alone, small values may be JPEG'd class ids

@@ -16,8 +16,10 @@ Each mask's set of values (after ``color_map``; ``void_label`` pixels excluded) 
 
 * ``b01``  - a subset of {0, 1};
 * ``b255`` - a subset of {0, 255} containing 255 (255 = foreground);
-* ``soft`` - an anti-aliased or JPEG-compressed binary mask: values 128-254 present, at
-  least 90% of the pixels within 31 of 0 or 255, and some pixels near 255. It is
+* ``soft`` - an anti-aliased or JPEG-compressed binary mask: values 128-254 present (or
+  a JPEG file), at least 90% of the pixels within 31 of 0 or 255, and some pixels near
+  255; also a JPEG mask of values within 31 of 0 only (no object, compression noise)
+  when other masks of the data are binary 0/255. It is
   binarised at ``> 128``, the convention of PySODMetrics and the salient/camouflaged
   object literature, with a warning (also with ``num_classes=2``);
 * ``ids``  - anything else: class ids, with 255 = ignore.
@@ -153,11 +155,14 @@ def _kind_of(values: set[int]) -> str:
     return KIND_IDS
 
 
+_NEAR_BLACK, _NEAR_WHITE = 32, 224  # soft masks: values below / from these are "near" 0 / 255
+
+
 def _is_soft_binary(values: np.ndarray, counts: np.ndarray) -> bool:
     """Most pixels near 0 or 255 and some near 255: an anti-aliased or JPEG binary mask."""
     total = counts.sum()
-    near_white = values >= 224
-    extreme = counts[(values <= 31) | near_white].sum()
+    near_white = values >= _NEAR_WHITE
+    extreme = counts[(values < _NEAR_BLACK) | near_white].sum()
     return bool(total) and extreme >= 0.9 * total and bool(near_white.any())
 
 
@@ -817,11 +822,19 @@ def _detect_task(
         kinds[pos] = _kind_of(values)
     valid = [pos for pos in range(n_rows) if kinds[pos] is not None]
 
+    jpeg = [str(path).lower().endswith(_JPEG_SUFFIXES) for path in paths]
     for pos in valid:
-        if kinds[pos] == KIND_IDS and any(_ANTIALIAS_LOW <= v < IGNORE_INDEX
-                                          for v in value_sets[pos]):
+        # A JPEG binary mask with a tiny object may have no value in 128-254 at all: only
+        # noise near 0 and the object's pixels near 255.
+        if kinds[pos] == KIND_IDS and num_classes in (None, 2) and (
+                jpeg[pos] or any(_ANTIALIAS_LOW <= v < IGNORE_INDEX for v in value_sets[pos])):
             _, values, counts = summaries[pos]
-            if _is_soft_binary(values, counts) and num_classes in (None, 2):
+            if _is_soft_binary(values, counts):
+                kinds[pos] = KIND_SOFT
+    if any(kinds[pos] in (KIND_SOFT, KIND_B255) for pos in valid):
+        for pos in valid:  # a JPEG binary mask without an object: compression noise near 0
+            if kinds[pos] == KIND_IDS and jpeg[pos] and num_classes in (None, 2) \
+                    and value_sets[pos] and max(value_sets[pos]) < _NEAR_BLACK:
                 kinds[pos] = KIND_SOFT
     _void_255_in_binary_data(kinds, value_sets, valid, paths)
     for pos in valid:  # JPEG blurs class ids into their neighbours: ids that are no class
