@@ -542,12 +542,15 @@ def validate_frame(
     wanted = [image_col] + ([label_col] if require_labels else [])
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
+        paths = [c for c in columns if os.path.splitext(c)[1].lower()
+                 in Image.registered_extensions()]
+        hint = (" (other column names: SemanticSegmentor(image=..., label=...) in Python,"
+                " --image/--label on the command line)")
+        if paths:  # a list of files without a header: its first row became the column names
+            hint = (f"; its column names {paths[:2]} are file paths: the table needs a "
+                    f"header line naming its columns, e.g. {','.join(wanted)!r}")
         raise DataValidationError(
-            f"missing column(s) {missing}; the data has columns {columns}"
-            + ("" if require_labels else "")
-            + " (other column names: SemanticSegmentor(image=..., label=...) in Python,"
-            + " --image/--label on the command line)"
-        )
+            f"missing column(s) {missing}; the data has columns {columns}{hint}")
     repeated = [c for c in wanted if int((frame.columns == c).sum()) > 1]
     if repeated:
         raise DataValidationError(
