@@ -224,3 +224,22 @@ def test_a_list_of_paths_without_a_header_line_is_told_to_add_one(tmp_path):
         images_spec(frame, "image", root)
     with pytest.raises(DataValidationError, match=r"needs a header line .*'image,label'"):
         validate_frame(tmp_path / "train.csv")
+
+
+def test_a_colour_mask_saved_as_jpeg_names_the_compression_as_the_cause(tmp_path):
+    """Colour-coded class masks saved as JPEG hold hundreds of colours no class has: the
+    error says why, instead of only listing colours such as (0, 0, 2)."""
+    ids = np.zeros((32, 32), np.uint8)
+    ids[5:20, 5:20] = 1
+    ids[22:, 22:] = 2
+    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 0, 255)], np.uint8)
+    cmap = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 0, 255): 2}
+    Image.fromarray(colours[ids]).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png", color_map=cmap), ids)
+    Image.fromarray(colours[ids]).save(tmp_path / "m.jpg", quality=90)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    frame = pd.DataFrame({"image": [tmp_path / "img.png"], "label": [tmp_path / "m.jpg"]})
+    with pytest.raises(DataValidationError, match=r"row 0 \[label\] .*m\.jpg: mask holds "
+                       r"colours missing from color_map: .* lossy .* save colour masks "
+                       r"losslessly \(PNG\)"):
+        validate_frame(frame, color_map=cmap)

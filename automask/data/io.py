@@ -580,8 +580,10 @@ def pil_to_rgb(img: Image.Image, value_range: tuple[float, float] | None = None)
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
-def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLike) -> np.ndarray:
-    """Map an ``(H, W, 3)`` colour mask to class ids; unknown colours raise."""
+def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLike,
+                     lossy: bool = False) -> np.ndarray:
+    """Map an ``(H, W, 3)`` colour mask to class ids; unknown colours raise (``lossy``: the
+    file's format is lossy, which the message names as the likely cause)."""
     codes = (
         rgb[..., 0].astype(np.int32) << 16
         | rgb[..., 1].astype(np.int32) << 8
@@ -594,8 +596,11 @@ def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLi
     if unknown:
         shown = ", ".join(str(((c >> 16) & 255, (c >> 8) & 255, c & 255)) for c in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        cause = ("; it is a lossy (JPEG or WebP) file, whose compression turns the colours "
+                 "at every edge into colours no class has: save colour masks losslessly "
+                 "(PNG)") if lossy else ""
         raise DataValidationError(
-            f"mask {path} holds colours missing from color_map: {shown}{more}"
+            f"mask {path} holds colours missing from color_map: {shown}{more}{cause}"
         )
     ids = np.array([lut[int(c)] for c in uniq], dtype=np.int64)
     out = ids[inverse].reshape(codes.shape)
@@ -687,7 +692,8 @@ def read_mask(
         if mode == "L":
             values = np.array(img, dtype=np.uint8)
             if color_map is not None:
-                return _apply_color_map(np.repeat(values[:, :, None], 3, axis=2), color_map, path)
+                return _apply_color_map(np.repeat(values[:, :, None], 3, axis=2), color_map,
+                                        path, lossy)
             return values
         if mode == "LA":
             values = np.array(img.getchannel("L"), dtype=np.uint8)
@@ -699,7 +705,7 @@ def read_mask(
         if mode in ("RGBA", "RGBa"):
             _refuse_alpha_only(rgb, img, path)
     if color_map is not None:
-        return _apply_color_map(rgb, color_map, path)
+        return _apply_color_map(rgb, color_map, path, lossy)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
         return np.ascontiguousarray(rgb[..., 0])
     if lossy and _spread(rgb) <= _LOSSY_GREY_TOLERANCE:
