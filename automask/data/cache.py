@@ -34,7 +34,7 @@ Sample = tuple[np.ndarray, "np.ndarray | None"]
 
 # Part of every key: raise it when the decoding or resizing of a cached sample changes, so
 # that a run folder's cache written by an earlier version is not read as this one's.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: 16-bit colour, float64 and WhiteIsZero TIFF masks by stored values
 
 
 def sample_key(*parts: object) -> str:
