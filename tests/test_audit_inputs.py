@@ -243,3 +243,15 @@ def test_a_colour_mask_saved_as_jpeg_names_the_compression_as_the_cause(tmp_path
                        r"colours missing from color_map: .* lossy .* save colour masks "
                        r"losslessly \(PNG\)"):
         validate_frame(frame, color_map=cmap)
+
+
+def test_a_sixteen_bit_mask_kept_in_its_alpha_channel_is_named(tmp_path):
+    """A 16-bit grey + alpha or RGBA PNG of one colour whose alpha holds the mask is
+    refused as its 8-bit twin is, not read as an empty mask."""
+    obj = (_ids() == 1).astype(np.uint16) * 65535
+    flat = np.zeros_like(obj)
+    _png16(tmp_path / "la.png", np.dstack([flat, obj]))
+    _png16(tmp_path / "rgba.png", np.dstack([flat, flat, flat, obj]))
+    for name in ("la.png", "rgba.png"):
+        with pytest.raises(DataValidationError, match=rf"{name} .*alpha channel varies"):
+            read_mask(tmp_path / name)

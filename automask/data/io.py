@@ -20,7 +20,7 @@ import re
 import struct
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -607,19 +607,21 @@ def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLi
     return out.astype(np.uint8) if out.size == 0 or (out.min() >= 0 and out.max() <= 255) else out
 
 
-def _refuse_alpha_only(colour: np.ndarray, img: Image.Image, path: str | os.PathLike) -> None:
+def _refuse_alpha_only(colour: np.ndarray, alpha: Callable[[], np.ndarray], mode: str,
+                       path: str | os.PathLike) -> None:
     """Raise when a mask's colour is one value everywhere but its alpha channel varies.
 
     Such a file keeps the mask in its alpha channel, which is not read: taken at face
-    value it would be a silently empty (or full) mask.
+    value it would be a silently empty (or full) mask. ``alpha`` returns the ``(H, W)``
+    alpha channel (read only when the colour is one value); ``mode`` names the image's kind.
     """
     flat = colour.reshape(colour.shape[0] * colour.shape[1], -1)
     if flat.size == 0 or (flat != flat[:1]).any():
         return
-    alpha = np.array(img.getchannel("A"))
-    if alpha.min() != alpha.max():
+    values = alpha()
+    if values.min() != values.max():
         raise DataValidationError(
-            f"mask {path} is a {img.mode} image of one colour whose alpha channel varies: "
+            f"mask {path} is a {mode} image of one colour whose alpha channel varies: "
             "the mask seems to be in the alpha channel, which is not read; save it as a "
             "grayscale PNG (e.g. Image.open(path).getchannel('A'))"
         )
@@ -697,13 +699,13 @@ def read_mask(
             return values
         if mode == "LA":
             values = np.array(img.getchannel("L"), dtype=np.uint8)
-            _refuse_alpha_only(values, img, path)
+            _refuse_alpha_only(values, lambda: np.array(img.getchannel("A")), mode, path)
             return values
         if mode.startswith("I") or mode == "F":
             return _label_values(np.array(img), path)
         rgb = np.array(img.convert("RGB"), dtype=np.uint8)
         if mode in ("RGBA", "RGBa"):
-            _refuse_alpha_only(rgb, img, path)
+            _refuse_alpha_only(rgb, lambda: np.array(img.getchannel("A")), mode, path)
     if color_map is not None:
         return _apply_color_map(rgb, color_map, path, lossy)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
@@ -762,6 +764,8 @@ def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap |
     if data.dtype == np.bool_:
         data = data.astype(np.uint8)
     colour = data[..., :3] if data.shape[-1] >= 3 else data[..., :1]
+    if data.shape[-1] in (2, 4):  # grey + alpha, RGBA
+        _refuse_alpha_only(colour, lambda: data[..., -1], f"{data.dtype} with alpha", path)
     grey = all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[-1]))
     if grey and color_map is None:
         return _label_values(colour[..., 0], path)
