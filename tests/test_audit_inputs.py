@@ -90,6 +90,25 @@ def test_white_is_zero_tiff_masks_are_read_by_their_stored_values(tmp_path, dtyp
     assert spec.stats["foreground"].iat[0] == pytest.approx(obj.mean())
 
 
+def test_a_compressed_white_is_zero_bilevel_mask_is_read_by_its_stored_bits(
+        tmp_path, monkeypatch):
+    """A CCITT Group 4 bilevel mask (as scanners and fax-style writers store them) with
+    WhiteIsZero reads its stored bits, 1 = object, through Pillow's own codecs: tifffile
+    would need the optional imagecodecs package for it (here: as if it were absent)."""
+    from automask.data import io
+
+    def no_codecs(path):
+        raise OSError(f"{path}: cannot decode this TIFF (pip install imagecodecs)")
+
+    monkeypatch.setattr(io, "_tiff_page", no_codecs)
+    obj = _ids() == 1
+    # Pillow writes what it is given as displayed: the stored bits are its inverse, obj
+    Image.fromarray(~obj).save(tmp_path / "g4.tif", compression="group4", tiffinfo={262: 0})
+    with Image.open(tmp_path / "g4.tif") as img:  # Pillow shows it inverted
+        assert img.tag_v2[262] == 0 and np.array_equal(np.array(img), ~obj)
+    np.testing.assert_array_equal(read_mask(tmp_path / "g4.tif"), obj.astype(np.uint8))
+
+
 def test_a_semicolon_separated_csv_from_excel_is_read_as_its_columns(tmp_path):
     """Excel where the comma is the decimal mark saves "CSV" with semicolons; such a table
     is split at them (a path holding a comma included), for fit, evaluate and predict."""

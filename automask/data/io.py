@@ -655,9 +655,9 @@ def read_mask(
         levels anywhere (compression noise of a grey mask): their rounded mean is read.
         16-bit colour PNGs and TIFFs and 64-bit float TIFFs are read from their stored
         samples, as :func:`read_image` reads them (Pillow would keep each sample's top 8
-        bits, turning class ids below 256 into 0); so are WhiteIsZero TIFFs (ImageJ masks
-        with an inverting LUT, ``bool`` arrays written by ``tifffile``), which Pillow
-        would invert.
+        bits, turning class ids below 256 into 0). 1-bit and 8-bit WhiteIsZero TIFFs
+        (ImageJ masks with an inverting LUT, ``bool`` arrays written by ``tifffile``) give
+        their stored values, not the inverted ones Pillow shows.
     color_map : dict, optional
         ``{(r, g, b): class_id}``: required for colour masks, every colour present must
         be listed.
@@ -675,12 +675,11 @@ def read_mask(
     """
     with _opened(path) as (img, head):
         samples = _faithful_samples(img, head, path)
-        if samples is None and _white_is_zero(img):
-            samples = _tiff_pixels(path)  # stored values, which Pillow inverts
         if samples is not None:  # a 16-bit colour PNG or TIFF, a TIFF Pillow cannot open
             return _mask_from_samples(*samples, color_map, path)
         orientation = _orientation(img)
         lossy = img.format in _LOSSY_FORMATS
+        inverted = _inverted_by_pillow(img)  # read from the tags before they are gone
         img.load()
         img = _upright(img, _left_to_apply(img, orientation))
         mode = img.mode
@@ -690,9 +689,12 @@ def read_mask(
                 return _apply_color_map(np.array(img.convert("RGB")), color_map, path)
             return np.array(img, dtype=np.uint8)
         if mode == "1":
-            return np.array(img, dtype=np.uint8)  # 0/1
+            values = np.array(img, dtype=np.uint8)  # 0/1
+            return 1 - values if inverted else values
         if mode == "L":
             values = np.array(img, dtype=np.uint8)
+            if inverted:
+                values = 255 - values
             if color_map is not None:
                 return _apply_color_map(np.repeat(values[:, :, None], 3, axis=2), color_map,
                                         path, lossy)
@@ -738,17 +740,21 @@ def _label_values(values: np.ndarray, path: str | os.PathLike) -> np.ndarray:
 _TIFF_PHOTOMETRIC, _WHITE_IS_ZERO = 262, 0
 
 
-def _white_is_zero(img: Image.Image) -> bool:
-    """A TIFF whose photometric interpretation is WhiteIsZero (min-is-white).
+def _inverted_by_pillow(img: Image.Image) -> bool:
+    """A 1-bit or 8-bit TIFF whose photometric interpretation is WhiteIsZero (min-is-white),
+    whose samples Pillow inverts to show it as displayed (it leaves 16-bit and float ones
+    as stored).
 
-    Pillow shows such a file as displayed, inverting its 1-bit and 8-bit samples (not its
-    16-bit or float ones). A mask's labels are its stored values, as ``tifffile``, ImageJ
-    (whose binary masks with an inverting LUT are saved this way) and numpy's ``bool``
-    masks written by ``tifffile.imwrite`` have them: read as displayed, foreground and
-    background would swap.
+    A mask's labels are its stored values, as ``tifffile``, ImageJ (whose binary masks
+    with an inverting LUT are saved this way) and numpy ``bool`` masks written by
+    ``tifffile.imwrite`` have them: read as displayed, foreground and background would swap.
     """
-    return img.format == "TIFF" and \
-        getattr(img, "tag_v2", {}).get(_TIFF_PHOTOMETRIC) == _WHITE_IS_ZERO
+    if img.format != "TIFF":
+        return False
+    tags = getattr(img, "tag_v2", {})
+    bits = tags.get(_TIFF_BITS, 1)
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    return tags.get(_TIFF_PHOTOMETRIC) == _WHITE_IS_ZERO and int(bits) in (1, 8)
 
 
 def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap | None,
