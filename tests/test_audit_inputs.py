@@ -50,6 +50,10 @@ def test_float64_and_turned_sixteen_bit_masks_read_like_their_8_bit_twins(tmp_pa
     ids = _ids()
     tifffile.imwrite(tmp_path / "f64.tif", ids.astype(np.float64))
     np.testing.assert_array_equal(read_mask(tmp_path / "f64.tif"), ids)
+    # a color_map given for the colour masks of the same data leaves grey ids as they are,
+    # as for 16-bit and float masks that Pillow opens
+    np.testing.assert_array_equal(read_mask(tmp_path / "f64.tif", color_map={(9, 9, 9): 1}),
+                                  ids)
     samples = np.repeat(ids[:, :, None], 3, axis=2)
     for orientation in range(1, 9):
         tag = [(_ORIENTATION, "H", 1, orientation, True)]

@@ -771,17 +771,17 @@ def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap |
         data = data.astype(np.uint8)
     colour = data[..., :3] if data.shape[-1] >= 3 else data[..., :1]
     if data.shape[-1] in (2, 4):  # grey + alpha, RGBA
-        _refuse_alpha_only(colour, lambda: data[..., -1], f"{data.dtype} with alpha", path)
-    grey = all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[-1]))
+        mode = f"{'LA' if data.shape[-1] == 2 else 'RGBA'} ({data.dtype})"
+        _refuse_alpha_only(colour, lambda: data[..., -1], mode, path)
+    if data.shape[-1] < 3:  # grey: class ids, as Pillow's 16-bit and float modes are read
+        return _label_values(colour[..., 0], path)
+    grey = all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(3))
     if grey and color_map is None:
         return _label_values(colour[..., 0], path)
     if np.issubdtype(colour.dtype, np.integer) and colour.size and colour.min() >= 0 \
             and colour.max() <= _MAX_16BIT and not (colour % 257).any():
-        rgb = (colour // 257).astype(np.uint8)
-        if rgb.shape[-1] == 1:
-            rgb = np.repeat(rgb, 3, axis=2)
         if color_map is not None:
-            return _apply_color_map(rgb, color_map, path)
+            return _apply_color_map((colour // 257).astype(np.uint8), color_map, path)
     raise DataValidationError(
         f"mask {path} is a colour image with {data.dtype} samples; masks must hold class ids "
         "in one channel (grayscale or palette PNG), or be 8-bit colours with color_map="
