@@ -277,7 +277,26 @@ def labelled_spec(data, image_col: str, label_col: str, task: str, num_classes: 
     )
     if spec.task != task:
         raise DataValidationError(f"data looks {spec.task} but the model is {task}")
+    _warn_repeated_images(spec)
     return spec
+
+
+def _warn_repeated_images(spec) -> None:
+    """Warn when rows of evaluation data repeat an image: each row is scored, so such an
+    image weighs as many times as it appears (a frame concatenated twice, say)."""
+    import warnings
+
+    from .data.validation import _rows_text, duplicate_images
+
+    groups = duplicate_images(spec)
+    if groups:
+        extra = sum(len(rows) - 1 for rows in groups)
+        examples = "; ".join(f"rows {_rows_text(spec, rows, 3)} "
+                             f"({spec.frame[spec.image_col].iat[rows[0]]})"
+                             for rows in groups[:3])
+        warnings.warn(f"{extra} row(s) of the evaluation data repeat the image of another row, "
+                      f"e.g. {examples}; each row is scored, so those images count more than "
+                      "once in the metrics", stacklevel=4)
 
 
 def to_mask(prob: np.ndarray, task: str, num_classes: int) -> np.ndarray:

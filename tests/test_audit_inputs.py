@@ -278,3 +278,24 @@ def test_a_sixteen_bit_mask_kept_in_its_alpha_channel_is_named(tmp_path):
     for name in ("la.png", "rgba.png"):
         with pytest.raises(DataValidationError, match=rf"{name} .*alpha channel varies"):
             read_mask(tmp_path / name)
+
+
+def test_evaluation_rows_that_repeat_an_image_are_warned_about(tmp_path):
+    """Evaluation data with a row repeated (a frame concatenated twice) scores that image
+    twice: a warning names the rows, as training data gets one."""
+    import warnings
+
+    from automask.prediction import labelled_spec
+
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "b.png")
+    Image.fromarray((_ids() == 1).astype(np.uint8)).save(tmp_path / "m.png")
+    frame = pd.DataFrame({"image": [tmp_path / "a.png", tmp_path / "b.png"],
+                          "label": [tmp_path / "m.png"] * 2})
+    args = ("image", "label", "binary", 2, ["background", "foreground"], None, None)
+    with pytest.warns(UserWarning, match=r"1 row\(s\) of the evaluation data repeat the image "
+                                         r"of another row, e\.g\. rows 0, 2 .*a\.png"):
+        labelled_spec(pd.concat([frame, frame.iloc[:1]], ignore_index=True), *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distinct images: nothing to say
+        labelled_spec(frame, *args)
