@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from automask.metrics import build_metrics, infer_task, score
 
@@ -161,8 +162,6 @@ def test_score_reads_files_as_score_folders_does(tmp_path):
     """score() took no paths (numpy's 'can't convert np.str_' TypeError): a path is now read
     as score_folders reads it, a colour ground truth refused by name, a folder pointed to
     score_folders and a missing file named."""
-    from PIL import Image
-
     from automask.metrics import score_folders
 
     rng = np.random.default_rng(2)
@@ -356,3 +355,28 @@ def test_iou_per_class_is_a_list_with_one_class():
     assert score([p], [t], task="multiclass", num_classes=1)["iou_per_class"] == [1.0]
     out = score([p], [t], task="multiclass")  # num_classes inferred: 1
     assert out["iou_per_class"] == [1.0] and out["miou"] == 1.0
+
+
+def test_score_folders_reads_ground_truths_as_evaluate_does(tmp_path):
+    """``automask score`` read ground truths with Pillow's view: a WhiteIsZero TIFF mask (an
+    ImageJ mask with an inverting LUT) came out inverted and a grey 16-bit colour mask as
+    its top 8 bits (class 1 -> 0), where ``evaluate`` (``read_mask``) reads stored values."""
+    import tifffile
+
+    from automask.metrics import score_folders
+
+    obj = np.zeros((12, 16), bool)
+    obj[3:9, 4:12] = True
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    Image.fromarray(obj.astype(np.uint8) * 255).save(tmp_path / "p/a.png")
+    tifffile.imwrite(tmp_path / "g/a.tif", obj.astype(np.uint8) * 255, photometric="miniswhite")
+    got = score_folders(tmp_path / "p", tmp_path / "g")
+    assert got["iou"] == 1.0 and got["mae"] == 0.0
+    ids = obj.astype(np.uint16)  # class ids 0/1 as 16-bit grey in three equal channels
+    (tmp_path / "g/a.tif").unlink()
+    tifffile.imwrite(tmp_path / "g/a.tif", np.repeat(ids[..., None], 3, axis=2),
+                     photometric="rgb")
+    Image.fromarray(obj.astype(np.uint8)).save(tmp_path / "p/a.png")
+    got = score_folders(tmp_path / "p", tmp_path / "g", task="multiclass", num_classes=2)
+    assert got["miou"] == 1.0

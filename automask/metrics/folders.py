@@ -38,37 +38,46 @@ _COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
 
 
 def _read_target(path: Path) -> np.ndarray:
-    """:func:`read_map` for a ground truth, refusing colour masks with non-grey pixels.
-
-    Their luma is no label: a red object (255, 0, 0) becomes 76, background for a binary
-    mask (``> 128``) and class 76 for a multi-class one, so the score would be silently wrong.
-    A colour file whose pixels are all grey (R = G = B) is read as grey.
+    """A ground truth read as :meth:`automask.SemanticSegmentor.evaluate` reads one
+    (:func:`automask.data.read_mask`), so that the two score the same masks alike: palette
+    indices, 16-bit and float samples as stored, WhiteIsZero TIFFs un-inverted, EXIF
+    orientation applied, a grey mask saved in colour (or as lossy colour) read as grey;
+    ``.npy`` as :func:`read_map`.
 
     Raises
     ------
     ValueError
-        The file is a colour image with non-grey pixels (the message names it).
+        A colour mask with non-grey pixels (its luma is no label: a red object (255, 0, 0)
+        would read as 76, background for a binary mask), or a file that is no mask; the
+        message names the file.
     """
-    if path.suffix.lower() != ".npy":
-        with Image.open(path) as im:
-            if im.mode in _COLOUR_MODES and im.mode not in ("LA", "PA"):
-                # (imported here: automask.data pulls in Lightning, metrics stand alone)
-                from automask.data.io import _LOSSY_FORMATS, _LOSSY_GREY_TOLERANCE, _spread
+    if path.suffix.lower() == ".npy":
+        return read_map(path)
+    # (imported here: automask.data pulls in Lightning, metrics stand alone)
+    from automask.data.io import read_mask
+    from automask.errors import DataValidationError
 
-                rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
-                if im.format in _LOSSY_FORMATS and _spread(rgb) <= _LOSSY_GREY_TOLERANCE:
-                    # a grey mask saved as lossy colour (WebP): chroma noise, read as grey
-                    return np.rint(rgb.mean(axis=2)).astype(np.uint8)
-                grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
-                if not grey.all():
-                    y, x = (int(v) for v in np.argwhere(~grey)[0])
-                    raise ValueError(
-                        f"ground truth {path.name} is a {im.mode} colour image with non-grey "
-                        f"pixels (the first at row {y}, column {x}: {tuple(rgb[y, x].tolist())}); "
-                        "save masks as grey or class-index (palette) images"
-                    )
-                return np.ascontiguousarray(rgb[..., 0])  # what convert("L") gives for grey
-    return read_map(path)
+    try:
+        return read_mask(path)
+    except DataValidationError:
+        _refuse_colour(path)  # the first non-grey pixel named rather than color_map advice
+        raise
+
+
+def _refuse_colour(path: Path) -> None:
+    """Raise ValueError naming the first non-grey pixel of a colour ground truth."""
+    with Image.open(path) as im:
+        if im.mode not in _COLOUR_MODES or im.mode in ("LA", "PA"):
+            return
+        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+    if not grey.all():
+        y, x = (int(v) for v in np.argwhere(~grey)[0])
+        raise ValueError(
+            f"ground truth {path.name} is a {im.mode} colour image with non-grey pixels (the "
+            f"first at row {y}, column {x}: {tuple(rgb[y, x].tolist())}); save masks as grey "
+            "or class-index (palette) images"
+        )
 
 
 def _index(folder: Path, suffixes: set[str]) -> dict[str, Path]:
