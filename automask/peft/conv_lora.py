@@ -248,7 +248,9 @@ class ConvLoRALinear(LoRALinear):
             if path == "compiled":
                 out = self._compiled_mixture(maps)
             else:
-                gates, self.aux_loss = self.gate(maps.float().mean(dim=(2, 3)))  # (N, M)
+                gates, aux_loss = self.gate(maps.float().mean(dim=(2, 3)))  # (N, M)
+                if not is_exporting():  # an exported graph keeps no attributes it assigned
+                    self.aux_loss = aux_loss
                 if path == "dense":
                     out = self.dense_mixture(maps, gates)
                 elif path == "batched":
