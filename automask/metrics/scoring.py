@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,9 +241,10 @@ def score(
             return _score(pred_list, target_list, task, names, conventions)
     except (ValueError, TypeError) as err:
         message = str(err)
-        if not message.startswith("image ") or not any(files[0] + files[1]):
+        found = re.match(r"image (\d+): ", message)
+        if found is None or not any(files[0] + files[1]):
             raise
-        index = int(message.split(":", 1)[0].split()[1])
+        index = int(found.group(1))
         named = " vs ".join(f[index] for f in files if index < len(f) and f[index])
         raise type(err)(f"{named}: {message}") from err
 
