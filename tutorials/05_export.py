@@ -72,7 +72,8 @@ print(f"ONNX Runtime and seg.predict agree on {agreement:.2%} of the pixels")
 
 if meta["task"] == "binary":
     truth = [np.asarray(Image.open(p)) for p in test_df["label"]]
-    truth = [(t > 127) if t.max() > 1 else (t == 1) for t in truth]
+    # as automask reads binary masks: {0, 1} by value, others (0/255, anti-aliased) at > 128
+    truth = [(t > 128) if t.max() > 1 else (t == 1) for t in truth]
     ious = [np.logical_and(m, t).sum() / max(np.logical_or(m, t).sum(), 1)
             for m, t in zip(onnx_masks, truth)]
     print(f"onnx iou: {np.mean(ious):.4f}   automask iou: {seg.evaluate(test_df)['iou']:.4f}")

@@ -34,9 +34,16 @@ seg = SemanticSegmentor(label="label", path=tempfile.mkdtemp(), verbosity=0)
 seg.fit(train_df, presets=presets, hyperparameters=hp)
 
 
+def foreground(mask_path: str) -> np.ndarray:
+    """The mask's foreground as automask reads a binary mask: {0, 1} by value, others
+    (0/255, anti-aliased or JPEG masks) at > 128."""
+    mask = np.asarray(Image.open(mask_path).convert("L"))
+    return (mask > 128) if mask.max() > 1 else (mask == 1)
+
+
 def box_of(mask_path: str):
     """(x0, y0, x1, y1) enclosing the mask's foreground, or None for an empty mask."""
-    rows, cols = np.nonzero(np.asarray(Image.open(mask_path).convert("L")) > 0)
+    rows, cols = np.nonzero(foreground(mask_path))
     if rows.size == 0:
         return None
     return (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
@@ -56,7 +63,7 @@ print(f"share of the predicted foreground inside the box: {np.mean(inside):.2%}"
 
 
 def iou(masks):
-    truth = [np.asarray(Image.open(p).convert("L")) > 0 for p in test_df["label"]]
+    truth = [foreground(p) for p in test_df["label"]]
     return np.mean([np.logical_and(m, t).sum() / max(np.logical_or(m, t).sum(), 1)
                     for m, t in zip(masks, truth)])
 
