@@ -151,3 +151,38 @@ def test_peft_keys_belong_to_the_method_that_uses_them():
 def test_peft_option_grid_crossed_with_a_method_without_it_is_deduplicated():
     cands = resolve("tiny", {"peft.method": ["lora", "bitfit"], "peft.rank": [2, 4]})
     assert [n for n, _ in cands] == ["method=lora,rank=2", "method=lora,rank=4", "method=bitfit"]
+
+
+def test_every_imported_package_is_declared_in_pyproject():
+    """A package automask imports is declared (dependencies or an extra), not merely present
+    as another package's dependency (scipy came with scikit-learn and was missing)."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"],
+                *(d for extra in project["optional-dependencies"].values() for d in extra)]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    names = {norm(re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0]) for d in declared}
+    dists = packages_distributions()
+    missing = {}
+    for path in sorted((ROOT / "automask").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.partition(".")[0]
+                if top in sys.stdlib_module_names or top == "automask":
+                    continue
+                if not {norm(d) for d in dists.get(top, [top])} & names:
+                    missing.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert not missing, missing
