@@ -158,9 +158,9 @@ def test_every_imported_package_is_declared_in_pyproject():
     as another package's dependency (scipy came with scikit-learn and was missing)."""
     import ast
     import sys
-    import tomllib
     from importlib.metadata import packages_distributions
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = [*project["dependencies"],
                 *(d for extra in project["optional-dependencies"].values() for d in extra)]
