@@ -147,6 +147,7 @@ class SemanticSegmentor(BaseEstimator):
         """
         from .training import distributed
         from .training.lifecycle import FitRun, configure_logging
+        from .training.recipe import prune_logs
         from .training.plan import plan_fit, select_best
 
         from .config import check_time_limit
@@ -190,6 +191,8 @@ class SemanticSegmentor(BaseEstimator):
             self.fit_time_ = time.monotonic() - started
             if writer:
                 self._weights_dir = saving.save_predictor(self, self.path_)
+                # the replaced fit's other candidates' logs go once this fit is saved
+                prune_logs(self.path_, [name for name, _ in plan.candidates])
         if plan.world_size > 1:
             self._follow_writer(writer)
         if self.verbosity >= 1 and writer:

@@ -221,10 +221,16 @@ def test_fit_into_an_existing_predictor_is_refused_unless_overwrite(data, base, 
     assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr
     assert digest_tree(run) == files
     old_version = json.loads((run / "automask.json").read_text())["current"]
+    # the replaced fit's logs of a candidate the new fit does not have, and of a resume
+    for stale in ("method=lora", "method=lora-resumed-1", "default-resumed-2"):
+        (run / "logs" / stale).mkdir(parents=True)
+        (run / "logs" / stale / "metrics.csv").write_text("epoch,train_loss\n0,1.0\n")
     seg = SemanticSegmentor(path=run, seed=4, verbosity=0).fit(
         data / "train.csv", presets="tiny", hyperparameters=HP, overwrite=True)
     new_version = json.loads((run / "automask.json").read_text())["current"]
     assert new_version != old_version and not (run / old_version).exists()
+    # the history drawn from the run is the new fit's alone
+    assert {p.name for p in (run / "logs").iterdir()} == set(seg.models_) == {"default"}
     assert not (run / STATE).exists()  # the resume state goes once the fit is complete
     assert SemanticSegmentor.load(run).best_model_ == seg.best_model_
 

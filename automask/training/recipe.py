@@ -215,7 +215,8 @@ def _train_candidate(
         raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
                           f"machine: {exc}") from exc
     if writer and resume_from is None:  # a fresh candidate: earlier logs (an overwritten fit) go
-        shutil.rmtree(run_dir / "logs" / name, ignore_errors=True)
+        for folder in _log_folders(run_dir, {name}):
+            shutil.rmtree(folder, ignore_errors=True)
     # On a CPU under bf16 autocast the frozen linear weights are cast once for the whole
     # fit, not in every forward; the float32 originals wait in a temporary file and come
     # back when it ends. Not for a random backbone, whose frozen weights go into the resume
@@ -286,6 +287,28 @@ def _log_version(run_dir: Path, name: str, resume_from: Path | None) -> str:
     while (run_dir / "logs" / f"{name}-resumed-{n}").exists():
         n += 1
     return f"{name}-resumed-{n}"
+
+
+def _log_folders(run_dir: Path, names: set[str], others: bool = False) -> list[Path]:
+    """The folders under ``<run_dir>/logs`` of the candidates ``names`` (``<name>`` and its
+    ``<name>-resumed-N``), or with ``others`` those of every other candidate."""
+    logs = run_dir / "logs"
+    if not logs.is_dir():
+        return []
+    folders = []
+    for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
+        base, sep, n = folder.name.rpartition("-resumed-")
+        candidate = base if sep and n.isdigit() else folder.name
+        if (candidate in names) != others:
+            folders.append(folder)
+    return folders
+
+
+def prune_logs(run_dir: Path, names: list[str]) -> None:
+    """Remove the training logs of candidates not in ``names`` (those of the fit a new one
+    replaced), so that the history drawn from ``<run_dir>/logs`` is this fit's alone."""
+    for folder in _log_folders(run_dir, set(names), others=True):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _restore_sigint() -> None:
