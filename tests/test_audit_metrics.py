@@ -132,6 +132,7 @@ def test_8bit_grey_maps_against_anti_aliased_masks_are_scored_as_binary():
     mae = lambda pred: float(np.abs(pred / 255.0 - (g > 128)).mean())  # noqa: E731
     for pred in (p, hard):
         assert infer_task([torch.from_numpy(pred)], [torch.from_numpy(g)]) == "binary"
+        assert infer_task([pred], [g]) == "binary"  # numpy arrays as well
         got = score([pred], [g])
         assert got == score([pred], [g], task="binary")
         assert got["mae"] == pytest.approx(mae(pred), abs=1e-12)

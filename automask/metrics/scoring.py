@@ -113,6 +113,8 @@ def infer_task(
     Score maps against targets that all hold only 0 and 255 raise ValueError: multi-class
     metrics would read every object pixel as void (255).
     """
+    predictions = [as_tensor(p) for p in predictions]  # numpy arrays too
+    targets = [as_tensor(t) for t in targets]
     if any(_is_scores(p, t) for p, t in zip(predictions, targets)):
         if ignore_index in (None, 255) and _all_0_255(targets):
             # multi-class metrics read 255 as void: every object pixel would be left out
