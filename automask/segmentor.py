@@ -147,8 +147,8 @@ class SemanticSegmentor(BaseEstimator):
         """
         from .training import distributed
         from .training.lifecycle import FitRun, configure_logging
-        from .training.recipe import prune_logs
         from .training.plan import plan_fit, select_best
+        from .training.recipe import prune_logs
 
         from .config import check_time_limit
 
