@@ -286,14 +286,11 @@ def _warn_repeated_images(spec) -> None:
     image weighs as many times as it appears (a frame concatenated twice, say)."""
     import warnings
 
-    from .data.validation import _rows_text, duplicate_images
+    from .data.validation import repeated_images
 
-    groups = duplicate_images(spec)
-    if groups:
-        extra = sum(len(rows) - 1 for rows in groups)
-        examples = "; ".join(f"rows {_rows_text(spec, rows, 3)} "
-                             f"({spec.frame[spec.image_col].iat[rows[0]]})"
-                             for rows in groups[:3])
+    repeated = repeated_images(spec)
+    if repeated:
+        extra, _, examples = repeated
         warnings.warn(f"{extra} row(s) of the evaluation data repeat the image of another row, "
                       f"e.g. {examples}; each row is scored, so those images count more than "
                       "once in the metrics", stacklevel=4)

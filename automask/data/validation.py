@@ -715,6 +715,20 @@ def duplicate_images(spec: DataSpec) -> list[list[int]]:
     return [rows for rows in groups.values() if len(rows) > 1]
 
 
+def repeated_images(spec: DataSpec) -> tuple[int, int, str] | None:
+    """For rows that repeat an image of another row (:func:`duplicate_images`): how many
+    rows repeat one, how many images appear more than once, and up to three examples
+    (``"rows 0, 4 (a.png); ..."``); None when no image repeats."""
+    groups = duplicate_images(spec)
+    if not groups:
+        return None
+    examples = "; ".join(
+        f"rows {_rows_text(spec, rows, 3)} ({spec.frame[spec.image_col].iat[rows[0]]})"
+        for rows in groups[:3]
+    )
+    return sum(len(rows) - 1 for rows in groups), len(groups), examples
+
+
 def _plain(label: Any) -> Any:
     """A numpy scalar index label as its Python value (``0``, not ``np.int64(0)``)."""
     return label.item() if isinstance(label, np.generic) else label
@@ -745,15 +759,11 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
         The warning messages, also issued with :func:`warnings.warn`.
     """
     messages: list[str] = []
-    groups = duplicate_images(spec)
-    if groups:
-        extra = sum(len(rows) - 1 for rows in groups)
-        examples = "; ".join(
-            f"rows {_rows_text(spec, rows, 3)} ({spec.frame[spec.image_col].iat[rows[0]]})"
-            for rows in groups[:3]
-        )
+    repeated = repeated_images(spec)
+    if repeated:
+        extra, groups, examples = repeated
         messages.append(
-            f"{extra} training row(s) repeat the image of another row ({len(groups)} image(s) "
+            f"{extra} training row(s) repeat the image of another row ({groups} image(s) "
             f"appear more than once), e.g. {examples}; a holdout split keeps every row of "
             "an image on one side"
         )

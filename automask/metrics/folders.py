@@ -37,7 +37,7 @@ def read_map(path: str | Path) -> np.ndarray:
 _COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
 
 
-def _read_target(path: Path) -> np.ndarray:
+def read_target(path: Path) -> np.ndarray:
     """A ground truth read as :meth:`automask.SemanticSegmentor.evaluate` reads one
     (:func:`automask.data.read_mask`), so that the two score the same masks alike: palette
     indices, 16-bit and float samples as stored, WhiteIsZero TIFFs un-inverted, EXIF
@@ -147,7 +147,7 @@ def score_folders(
     try:
         result = score(
             [read_map(preds[s]) for s in stems],
-            [_read_target(gts[s]) for s in stems],
+            [read_target(gts[s]) for s in stems],
             task=task,
             metrics=metrics,
             **conventions,

@@ -33,7 +33,7 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
 
 def _read(path: str | os.PathLike, name: str) -> Tensor:
     """A map read from a file (as :func:`automask.metrics.score_folders` reads one)."""
-    from automask.metrics.folders import _read_target, read_map  # folders imports score
+    from automask.metrics.folders import read_target, read_map  # folders imports score
 
     path = Path(path)
     if path.is_dir():
@@ -41,7 +41,7 @@ def _read(path: str | os.PathLike, name: str) -> Tensor:
                          "two folders, score() takes maps or the files of single maps")
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no file {path}")
-    return as_tensor(_read_target(path) if name == "targets" else read_map(path))
+    return as_tensor(read_target(path) if name == "targets" else read_map(path))
 
 
 def _binary_like(t: Tensor, ignore_index: int | None = None) -> bool:
