@@ -187,6 +187,11 @@ def test_score_reads_files_as_score_folders_does(tmp_path):
         score([tmp_path / "p"], gts[:1])
     with pytest.raises(FileNotFoundError, match="no file .*missing.png"):
         score(preds[:1], [tmp_path / "missing.png"])
+    (tmp_path / "text.png").write_text("not an image")
+    for pair in ((["text.png"], gts[:1]), (preds[:1], ["text.png"])):
+        pair = [[tmp_path / p if p == "text.png" else p for p in side] for side in pair]
+        with pytest.raises(ValueError, match=r"text.png is not an image Pillow can read"):
+            score(*pair)
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
     with pytest.raises(ValueError, match=r"0.png vs small.png: image 0: prediction shape"):
         score(preds[:1], [tmp_path / "small.png"])

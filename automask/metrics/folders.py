@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from automask.errors import DataValidationError
 from automask.metrics.scoring import score
 
 
@@ -28,10 +29,17 @@ def read_map(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
-    with Image.open(path) as im:
-        if im.mode in _COLOUR_MODES:
-            im = im.convert("L")
-        return np.array(im)
+    try:
+        with Image.open(path) as im:
+            if im.mode in _COLOUR_MODES:
+                im = im.convert("L")
+            return np.array(im)
+    except UnidentifiedImageError:
+        raise _not_an_image(path) from None
+
+
+def _not_an_image(path: Path) -> DataValidationError:
+    return DataValidationError(f"{path} is not an image Pillow can read (nor a .npy array)")
 
 
 _COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
@@ -55,10 +63,11 @@ def read_target(path: Path) -> np.ndarray:
         return read_map(path)
     # (imported here: automask.data pulls in Lightning, metrics stand alone)
     from automask.data.io import read_mask
-    from automask.errors import DataValidationError
 
     try:
         return read_mask(path)
+    except UnidentifiedImageError:
+        raise _not_an_image(path) from None
     except DataValidationError:
         _refuse_colour(path)  # the first non-grey pixel named rather than color_map advice
         raise
