@@ -1,6 +1,8 @@
 """The segmenter against segment-anything's own modules, and parameter parity with the paper."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -174,3 +176,22 @@ def test_encoder_layer_norms_copy_nothing(method):
     # norm1 and norm2, forward and backward (the first norm1's input needs no gradient)
     assert norms == 4 * len(seg.image_encoder.blocks) - 1
     assert copies == 0
+
+
+def test_model_path_leaves_pandas_and_scipy_unimported():
+    # building and training a segmenter needs neither: they load with parameter_summary and
+    # the multi-class head's first matching (about 60 MiB of resident memory and their
+    # import time for a process that only runs the model, as a prediction worker does)
+    probe = (
+        "import sys\n"
+        "import automask.models, automask.peft, automask.losses, automask.hardware\n"
+        "import automask.models.mask_classification, automask.models.frozen\n"
+        "print(sorted(m for m in ('pandas', 'scipy') if m in sys.modules))\n"
+        "from automask.models import parameter_summary\n"
+        "assert len(parameter_summary('tiny', methods=['lora'])) == 1\n"
+        "print(sorted(m for m in ('pandas',) if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "['pandas']"], proc.stdout

@@ -31,7 +31,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 NUM_QUERIES = 7
@@ -164,6 +163,8 @@ def hungarian_match(
             + cost_mask * _pairwise_bce(logits, masks)
             + cost_dice * _pairwise_dice(logits, masks))  # (Q, M)
     cost = torch.nan_to_num(cost, nan=0.0, posinf=1e10, neginf=-1e10)
+    from scipy.optimize import linear_sum_assignment  # scipy loads with the first match
+
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     device = class_logits.device
     return (torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=device),

@@ -1,12 +1,16 @@
 """Parameter counts per PEFT method, computed on the meta device (no weights allocated)."""
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .backbones import build_sam_parts, get_spec
 from .sam2 import is_sam2_backbone
+
+if TYPE_CHECKING:  # pandas loads in parameter_summary: the model path does not need it
+    import pandas as pd
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -121,4 +125,6 @@ def parameter_summary(
             "ratio_pct": round(100.0 * trainable / total, 2),
             "total": total,
         })
+    import pandas as pd
+
     return pd.DataFrame(rows, columns=["method", "trainable", "trainable_m", "ratio_pct", "total"])
