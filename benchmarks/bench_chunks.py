@@ -15,9 +15,14 @@ alternating step by step; glibc's free memory goes back to the system before eac
 the peer harness (``../shared/peers``) does, so that each step starts from the same heap.
 Prints the median seconds per step of each and the median of the per-round ratios.
 
+``--compare folded`` runs, as the default comparison does (a subprocess each, alternating),
+training steps whose windowed blocks' folded attention keeps only its inputs and recomputes
+its probabilities in the backward pass (``RECOMPUTE_FOLDED``, the default: bf16 on a CPU)
+against steps where autograd keeps the probabilities and the extended queries and keys.
+
     python benchmarks/bench_chunks.py [--sizes 1024] [--modes train infer]
                                       [--precision bf16 fp32] [--rounds 2] [--steps 2]
-                                      [--backbone vit_b] [--compare buffers]
+                                      [--backbone vit_b] [--compare buffers|folded]
 """
 from __future__ import annotations
 
@@ -72,6 +77,7 @@ def one(args: argparse.Namespace) -> None:
 
     if args.variant == "whole":
         blocks.CHUNK_FROM_BYTES = 2**62
+    blocks.RECOMPUTE_FOLDED = args.variant != "keep"
     step = _step(args, args.size, args.mode, args.precision)
     times = [step() for _ in range(args.steps + 1)]  # the first warms up
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
@@ -87,10 +93,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--backbone", default="vit_b")
-    parser.add_argument("--compare", choices=["buffers"],
-                        help="chunks sharing their score buffers against maps of their own, "
-                             "in one process (--rounds pairs of steps)")
-    parser.add_argument("--variant", choices=["chunked", "whole"], help=argparse.SUPPRESS)
+    parser.add_argument("--compare", choices=["buffers", "folded"],
+                        help="buffers: chunks sharing their score buffers against maps of "
+                             "their own, in one process (--rounds pairs of steps); folded: "
+                             "window attention recomputed in the backward pass against kept")
+    parser.add_argument("--variant", choices=["chunked", "whole", "recompute", "keep"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,12 +109,15 @@ def main() -> None:
     if args.compare == "buffers":
         compare_buffers(args)
         return
+    first, second = ("recompute", "keep") if args.compare == "folded" else ("chunked", "whole")
+    if args.compare == "folded":
+        args.modes = ["train"]  # a prediction keeps nothing for a backward pass
     for size in args.sizes:
         for mode in args.modes:
             for precision in args.precision:
-                runs: dict[str, list[dict]] = {"chunked": [], "whole": []}
+                runs: dict[str, list[dict]] = {first: [], second: []}
                 for round_ in range(args.rounds):
-                    order = ["chunked", "whole"] if round_ % 2 == 0 else ["whole", "chunked"]
+                    order = [first, second] if round_ % 2 == 0 else [second, first]
                     for variant in order:
                         out = subprocess.run(
                             [sys.executable, __file__, "--variant", variant, "--size",
@@ -116,13 +127,12 @@ def main() -> None:
                         runs[variant].append(json.loads(out.strip().splitlines()[-1]))
                 s = {v: statistics.median(r["s"] for r in runs[v]) for v in runs}
                 rss = {v: max(r["rss_gib"] for r in runs[v]) for v in runs}
-                rounds = [round(c["s"] / w["s"], 3) for c, w in zip(runs["chunked"],
-                                                                   runs["whole"])]
+                rounds = [round(a["s"] / b["s"], 3) for a, b in zip(runs[first], runs[second])]
                 print(f"{args.backbone} {size} px {mode} {precision}: "
-                      f"chunked {s['chunked']:.2f} s, {rss['chunked']:.2f} GiB | "
-                      f"whole {s['whole']:.2f} s, {rss['whole']:.2f} GiB | "
-                      f"time x{s['chunked'] / s['whole']:.3f} {rounds}, "
-                      f"peak RSS x{rss['chunked'] / rss['whole']:.3f}", flush=True)
+                      f"{first} {s[first]:.2f} s, {rss[first]:.2f} GiB | "
+                      f"{second} {s[second]:.2f} s, {rss[second]:.2f} GiB | "
+                      f"time x{s[first] / s[second]:.3f} {rounds}, "
+                      f"peak RSS x{rss[first] / rss[second]:.3f}", flush=True)
 
 
 def compare_buffers(args: argparse.Namespace) -> None:

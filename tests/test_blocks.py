@@ -547,3 +547,56 @@ def test_rel_pos_table_is_get_rel_pos(size, length):
     # each value a float32 sum of up to 64 products of about unit size, in another order
     torch.testing.assert_close(grad, reference_grad, atol=1e-5, rtol=1e-5)
     assert _offsets(size, table.device) is _offsets(size, table.device)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass while ``run()``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("real_only", [True, False])
+def test_folded_attention_recomputed_in_the_backward_changes_nothing(real_only, monkeypatch):
+    """A folded (bf16, narrow) attention that keeps only its inputs and recomputes its
+    probabilities in the backward pass: the output and every gradient bit for bit those
+    of autograd keeping the probabilities and extended operands, for less kept memory; on
+    windows of a padded grid (real queries only, or every query) in a Conv-LoRA block."""
+    seg = _model("conv_lora")
+    monkeypatch.setattr(segmenter_module, "block_forward", block_forward)
+    monkeypatch.setattr(blocks_module, "REAL_QUERIES_ONLY", real_only)
+    block = next(b for b in seg.image_encoder.blocks if b.window_size > 0)
+    block.attn.rel_pos_h.requires_grad_(True)  # frozen under Conv-LoRA: their gradients too
+    block.attn.rel_pos_w.requires_grad_(True)
+    x = torch.randn(2, 10, 10, block.norm1.normalized_shape[0],
+                    generator=torch.Generator().manual_seed(5))
+    applied = []
+    function = blocks_module._FoldedAttention.apply
+    monkeypatch.setattr(blocks_module._FoldedAttention, "apply",
+                        lambda *args: applied.append(1) or function(*args))
+    results = []
+    for recompute in (True, False):
+        monkeypatch.setattr(blocks_module, "RECOMPUTE_FOLDED", recompute)
+        block.zero_grad(set_to_none=True)
+        t = x.clone().requires_grad_(True)
+        torch.manual_seed(11)  # Conv-LoRA's noisy gate draws the same noise both times
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, kept = _saved_bytes(lambda t=t: block_forward(block, t))
+        (out.float().square().mean() + aux_loss(seg)).backward()
+        grads = {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
+        results.append((out, t.grad, grads, kept))
+    assert len(applied) == (4 if real_only else 1)  # the groups of windows, or all at once
+    (ours, our_x, our_grads, our_kept), (theirs, their_x, their_grads, their_kept) = results
+    assert {"attn.rel_pos_h", "attn.rel_pos_w"} <= our_grads.keys() == their_grads.keys()
+    assert torch.equal(ours, theirs)
+    assert their_x.abs().sum() > 0 and torch.equal(our_x, their_x)
+    for name, grad in their_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(our_grads[name], grad), name
+    assert our_kept < 0.9 * their_kept, (our_kept, their_kept)
