@@ -15,9 +15,9 @@ import sys
 import tempfile
 
 import numpy as np
-from PIL import Image
 
 from automask import SemanticSegmentor
+from automask.data import read_mask
 from automask.datasets import from_folders, make_synthetic, train_test_split
 
 if len(sys.argv) == 3:
@@ -34,16 +34,20 @@ seg = SemanticSegmentor(label="label", path=tempfile.mkdtemp(), verbosity=0)
 seg.fit(train_df, presets=presets, hyperparameters=hp)
 
 
-def foreground(mask_path: str) -> np.ndarray:
-    """The mask's foreground as automask reads a binary mask: {0, 1} by value, others
-    (0/255, anti-aliased or JPEG masks) at > 128."""
-    mask = np.asarray(Image.open(mask_path).convert("L"))
-    return (mask > 128) if mask.max() > 1 else (mask == 1)
+def truth(mask_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(foreground, labelled) of a binary mask as automask reads it: 0/1 by value, with
+    255 beside them void (neither foreground nor scored); others (0/255, anti-aliased or
+    JPEG masks) at > 128, every pixel labelled."""
+    mask = read_mask(mask_path)
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 1} or (values <= {0, 1, 255} and 1 in values):
+        return mask == 1, mask != 255
+    return mask > 128, np.ones(mask.shape, dtype=bool)
 
 
 def box_of(mask_path: str):
     """(x0, y0, x1, y1) enclosing the mask's foreground, or None for an empty mask."""
-    rows, cols = np.nonzero(foreground(mask_path))
+    rows, cols = np.nonzero(truth(mask_path)[0])
     if rows.size == 0:
         return None
     return (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
@@ -63,9 +67,10 @@ print(f"share of the predicted foreground inside the box: {np.mean(inside):.2%}"
 
 
 def iou(masks):
-    truth = [foreground(p) for p in test_df["label"]]
-    return np.mean([np.logical_and(m, t).sum() / max(np.logical_or(m, t).sum(), 1)
-                    for m, t in zip(masks, truth)])
+    truths = [truth(p) for p in test_df["label"]]  # void pixels left out
+    return np.mean([(m.astype(bool) & t & valid).sum()
+                    / max(((m.astype(bool) | t) & valid).sum(), 1)
+                    for m, (t, valid) in zip(masks, truths)])
 
 
 print(f"iou without prompts: {iou(free):.4f}   with boxes: {iou(prompted):.4f}   "
