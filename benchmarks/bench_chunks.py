@@ -16,13 +16,16 @@ the peer harness (``../shared/peers``) does, so that each step starts from the s
 Prints the median seconds per step of each and the median of the per-round ratios.
 
 ``--compare folded`` runs, as the default comparison does (a subprocess each, alternating),
-training steps whose windowed blocks' folded attention keeps only its inputs and recomputes
-its probabilities in the backward pass (``RECOMPUTE_FOLDED``, the default: bf16 on a CPU)
-against steps where autograd keeps the probabilities and the extended queries and keys.
+training steps whose windowed blocks' folded attention (bf16) is ``_FoldedAttention`` as
+shipped (``FOLDED_FUNCTION``; on a CPU it keeps the probabilities and rebuilds the extended
+queries and keys in the backward pass) against steps where autograd records it (keeping
+the probabilities and the extended queries and keys); ``--compare folded-recompute`` the
+Function recomputing the probabilities too (what it does on accelerators) against autograd.
 
     python benchmarks/bench_chunks.py [--sizes 1024] [--modes train infer]
                                       [--precision bf16 fp32] [--rounds 2] [--steps 2]
-                                      [--backbone vit_b] [--compare buffers|folded]
+                                      [--backbone vit_b]
+                                      [--compare buffers|folded|folded-recompute]
 """
 from __future__ import annotations
 
@@ -77,7 +80,9 @@ def one(args: argparse.Namespace) -> None:
 
     if args.variant == "whole":
         blocks.CHUNK_FROM_BYTES = 2**62
-    blocks.RECOMPUTE_FOLDED = args.variant != "keep"
+    blocks.FOLDED_FUNCTION = args.variant != "autograd"
+    if args.variant == "recompute":
+        blocks.KEEP_FOLDED_PROBS_ON = ()
     step = _step(args, args.size, args.mode, args.precision)
     times = [step() for _ in range(args.steps + 1)]  # the first warms up
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
@@ -93,11 +98,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--backbone", default="vit_b")
-    parser.add_argument("--compare", choices=["buffers", "folded"],
+    parser.add_argument("--compare", choices=["buffers", "folded", "folded-recompute"],
                         help="buffers: chunks sharing their score buffers against maps of "
-                             "their own, in one process (--rounds pairs of steps); folded: "
-                             "window attention recomputed in the backward pass against kept")
-    parser.add_argument("--variant", choices=["chunked", "whole", "recompute", "keep"],
+                             "their own, in one process (--rounds pairs of steps); folded "
+                             "(-recompute): the windows' attention as a Function keeping less "
+                             "(recomputing the probabilities) against autograd")
+    parser.add_argument("--variant", choices=["chunked", "whole", "function", "recompute",
+                                              "autograd"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -109,8 +116,10 @@ def main() -> None:
     if args.compare == "buffers":
         compare_buffers(args)
         return
-    first, second = ("recompute", "keep") if args.compare == "folded" else ("chunked", "whole")
-    if args.compare == "folded":
+    first, second = {"folded": ("function", "autograd"),
+                     "folded-recompute": ("recompute", "autograd")}.get(args.compare,
+                                                                       ("chunked", "whole"))
+    if args.compare in ("folded", "folded-recompute"):
         args.modes = ["train"]  # a prediction keeps nothing for a backward pass
     for size in args.sizes:
         for mode in args.modes:

@@ -30,10 +30,13 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   grid narrower than 32 tokens (every 14 x 14 window), they go into the score product
   itself instead (:func:`_folded_scores`): rounded once, so nearer the exact values than
   segment-anything's, and 0.43-0.54x the window attention's time in bf16 prediction on a
-  CPU. In training it keeps only its inputs and recomputes the probabilities in the
-  backward pass (:class:`_FoldedAttention`, the same gradients bit for bit): a vit_b
-  training step's peak memory 0.95x at 1024 px in 1.00x the time, 0.97x at 512 px in
-  1.02-1.03x the time (``benchmarks/bench_chunks.py --compare folded``).
+  CPU. In training it keeps less for the backward pass than autograd would
+  (:class:`_FoldedAttention`, the same gradients bit for bit): its inputs and, on a CPU,
+  its probabilities, rebuilding the extended operands in the backward pass (a vit_b
+  training step's peak memory 0.96x at 1024 px in 1.01x the time, within noise at 512
+  px); elsewhere it recomputes the probabilities too (on a CPU 0.95x and 0.97x the
+  memory, in 1.00x and 1.02-1.03x the time; ``benchmarks/bench_chunks.py --compare
+  folded`` and ``folded-recompute``).
 - A score map of at least ``CHUNK_FROM_BYTES`` against at least ``CHUNK_MIN_KEYS`` keys
   (a global block's from 512 px on: 12 x 1024 x 1024 values per image at 512 px, 24 MiB in
   bf16; 12 x 4096 x 4096 at 1024 px, 384 MiB) is computed a few query rows at a time and
@@ -421,7 +424,7 @@ def _attention(attn: Attention, q, k, v, q_size: tuple[int, int],
         same_dtype = q.dtype == rel_h.dtype == rel_w.dtype
         if rows and same_dtype:
             out = _chunked_attention(q, k, v, rel_h, rel_w, attn.scale, rows)
-        elif fold and same_dtype and RECOMPUTE_FOLDED and _needs_grad(q, k, v, rel_h, rel_w):
+        elif fold and same_dtype and FOLDED_FUNCTION and _needs_grad(q, k, v, rel_h, rel_w):
             out = _FoldedAttention.apply(q, k, v, rel_h, rel_w, attn.scale)
         elif fold and same_dtype:
             scores = _folded_scores(q, k, rel_h, rel_w, attn.scale)
@@ -503,11 +506,13 @@ def _folded_operands(q, k, rel_h, rel_w, scale: float) -> tuple[torch.Tensor, to
     return extended, torch.cat([k, key_rows, key_cols], dim=-1)  # (N, HW, hd + H + W)
 
 
-# Whether a folded attention that gradients flow through keeps only its inputs and
-# recomputes its probabilities in the backward pass (see _FoldedAttention); False lets
-# autograd keep the probabilities and the extended queries and keys (for
-# benchmarks/bench_blocks.py's comparison).
-RECOMPUTE_FOLDED = True
+# Whether a folded attention that gradients flow through is a _FoldedAttention (False:
+# autograd records its operations, for benchmarks/bench_chunks.py's comparison).
+FOLDED_FUNCTION = True
+# The device types on which _FoldedAttention keeps its probabilities for the backward pass
+# instead of recomputing them (on a CPU the recomputation costs about 2% of a vit_b 512 px
+# training step in bf16; elsewhere memory is what runs out first).
+KEEP_FOLDED_PROBS_ON = ("cpu",)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -516,39 +521,47 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 class _FoldedAttention(torch.autograd.Function):
-    """``softmax(_folded_scores(q, k, rel_h, rel_w, scale)) @ v`` keeping only its inputs.
+    """``softmax(_folded_scores(q, k, rel_h, rel_w, scale)) @ v`` keeping less for the
+    backward pass than autograd.
 
-    Autograd would keep the probabilities (N, hw, HW), the extended queries (N, hw, hd + H
-    + W) and the extended keys (N, HW, hd + H + W) of every windowed block until the
-    backward pass: 11 MB per vit_b block at 512 px in bf16, 87 MB of a training step. This
-    keeps q, k, v, rel_h and rel_w (q and v are kept for other products anyway) and
-    recomputes the extended product and softmax in the backward pass: the same operations
-    on the same values, so the same probabilities bit for bit, and then the gradients of
-    autograd's own backward of those operations, in its order.
+    Autograd keeps, for each windowed block until the backward pass, the probabilities
+    (N, hw, HW), the extended queries (N, hw, hd + H + W) and the extended keys (N, HW, hd +
+    H + W): 11 MB per vit_b block at 512 px in bf16. This keeps q, k, v, rel_h and rel_w (q
+    and v are kept for other products anyway) and rebuilds the extended operands in the
+    backward pass; on the devices of ``KEEP_FOLDED_PROBS_ON`` (a CPU) it keeps the
+    probabilities too (8 MB per block at 512 px), elsewhere it recomputes them from the
+    rebuilt operands (4 MB per block). Either way the same operations on the same values:
+    the probabilities bit for bit the forward's, and then the gradients of autograd's own
+    backward of those operations, in its order.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, rel_h, rel_w, scale):  # noqa: D102
         with torch.autocast(q.device.type, enabled=False):
-            out = _folded_scores(q, k, rel_h, rel_w, scale).softmax(dim=-1) @ v  # (N, hw, hd)
-        ctx.save_for_backward(q, k, v, rel_h, rel_w)
+            probs = _folded_scores(q, k, rel_h, rel_w, scale).softmax(dim=-1)  # (N, hw, HW)
+            out = probs @ v  # (N, hw, hd)
+        keep = q.device.type in KEEP_FOLDED_PROBS_ON
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, *((probs,) if keep else ()))
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        q, k, v, rel_h, rel_w = ctx.saved_tensors
+        q, k, v, rel_h, rel_w, *kept = ctx.saved_tensors
         n, rows, cols, height = rel_h.shape  # (N, h, w, H)
         dim, width = q.shape[-1], rel_w.shape[-1]
         with torch.autocast(q.device.type, enabled=False):
             extended, keys = _folded_operands(q, k, rel_h, rel_w, ctx.scale)
-            probs = (extended @ keys.transpose(-2, -1)).softmax(dim=-1)  # (N, hw, HW)
+            if kept:
+                probs = kept[0]
+            else:
+                probs = (extended @ keys.transpose(-2, -1)).softmax(dim=-1)  # (N, hw, HW)
             grad_v = probs.transpose(-2, -1) @ grad  # (N, HW, hd)
             grad_probs = grad @ v.transpose(-2, -1)
             del v
             grad_scores = torch.ops.aten._softmax_backward_data(
                 grad_probs, probs, -1, probs.dtype)
-            del probs, grad_probs
+            del probs, kept, grad_probs
             grad_extended = grad_scores @ keys  # (N, hw, hd + H + W)
             grad_keys = (extended.transpose(-2, -1) @ grad_scores).transpose(-2, -1)
         grad_q = grad_extended[..., :dim] * ctx.scale
