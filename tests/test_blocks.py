@@ -131,6 +131,29 @@ def test_gradient_checkpointing_recomputes_the_same_block(monkeypatch):
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_gradient_checkpointing_in_bf16_recomputes_the_folded_attention(keep_probs,
+                                                                        monkeypatch):
+    """In bf16 the windows' attention is a Function (see the tests below); recomputed
+    block by block under gradient checkpointing it gives the same output and gradients."""
+    monkeypatch.setattr(blocks_module, "KEEP_FOLDED_PROBS_ON", ("cpu",) if keep_probs else ())
+    applied = []
+    function = blocks_module._FoldedAttention.apply
+    monkeypatch.setattr(blocks_module._FoldedAttention, "apply",
+                        lambda *args: applied.append(1) or function(*args))
+    seg = _model("conv_lora").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = _run(seg, stock=False, monkeypatch=monkeypatch)
+        calls = len(applied)
+        seg.gradient_checkpointing = True
+        again, again_grads = _run(seg, stock=False, monkeypatch=monkeypatch)
+    assert calls > 0 and len(applied) == 3 * calls  # forward, then forward and recomputation
+    torch.testing.assert_close(again, plain, atol=0, rtol=0)
+    assert again_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(again_grads[name], grad, atol=0, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
 def test_attention_core_is_segment_anythings_bit_for_bit(grad, bf16, monkeypatch):
