@@ -32,11 +32,11 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   segment-anything's, and 0.43-0.54x the window attention's time in bf16 prediction on a
   CPU. In training it keeps less for the backward pass than autograd would
   (:class:`_FoldedAttention`, the same gradients bit for bit): its inputs and, on a CPU,
-  its probabilities, rebuilding the extended operands in the backward pass (a vit_b
-  training step's peak memory 0.96x at 1024 px in 1.01x the time, within noise at 512
-  px); elsewhere it recomputes the probabilities too (on a CPU 0.95x and 0.97x the
-  memory, in 1.00x and 1.02-1.03x the time; ``benchmarks/bench_chunks.py --compare
-  folded`` and ``folded-recompute``).
+  its probabilities, rebuilding the extended operands in the backward pass (12 MiB less
+  kept by a vit_b step at 512 px, 31 MiB at 1024 px, in the same time); elsewhere, where
+  memory runs out first, it recomputes the probabilities too (48 and 174 MiB less; on a
+  CPU that took 1.02-1.03x the time at 512 px and 1.00x at 1024 px,
+  ``benchmarks/bench_chunks.py --compare folded-recompute``).
 - A score map of at least ``CHUNK_FROM_BYTES`` against at least ``CHUNK_MIN_KEYS`` keys
   (a global block's from 512 px on: 12 x 1024 x 1024 values per image at 512 px, 24 MiB in
   bf16; 12 x 4096 x 4096 at 1024 px, 384 MiB) is computed a few query rows at a time and
@@ -511,7 +511,7 @@ def _folded_operands(q, k, rel_h, rel_w, scale: float) -> tuple[torch.Tensor, to
 FOLDED_FUNCTION = True
 # The device types on which _FoldedAttention keeps its probabilities for the backward pass
 # instead of recomputing them (on a CPU the recomputation costs about 2% of a vit_b 512 px
-# training step in bf16; elsewhere memory is what runs out first).
+# training step in bf16 for 36 MiB; elsewhere memory is what runs out first).
 KEEP_FOLDED_PROBS_ON = ("cpu",)
 
 
@@ -525,14 +525,15 @@ class _FoldedAttention(torch.autograd.Function):
     backward pass than autograd.
 
     Autograd keeps, for each windowed block until the backward pass, the probabilities
-    (N, hw, HW), the extended queries (N, hw, hd + H + W) and the extended keys (N, HW, hd +
-    H + W): 11 MB per vit_b block at 512 px in bf16. This keeps q, k, v, rel_h and rel_w (q
-    and v are kept for other products anyway) and rebuilds the extended operands in the
-    backward pass; on the devices of ``KEEP_FOLDED_PROBS_ON`` (a CPU) it keeps the
-    probabilities too (8 MB per block at 512 px), elsewhere it recomputes them from the
-    rebuilt operands (4 MB per block). Either way the same operations on the same values:
-    the probabilities bit for bit the forward's, and then the gradients of autograd's own
-    backward of those operations, in its order.
+    (N, hw, HW), v, the extended queries (N, hw, hd + H + W) and the extended keys (N, HW,
+    hd + H + W): 13.7 MB per vit_b block at 512 px in bf16. This keeps q, k, v, rel_h and
+    rel_w (7.7 MB) and rebuilds the extended operands in the backward pass; on the devices
+    of ``KEEP_FOLDED_PROBS_ON`` (a CPU) it keeps the probabilities too (12.5 MB), elsewhere
+    it recomputes them from the rebuilt operands. A vit_b conv_lora training step keeps
+    332 MiB at 512 px with autograd, 320 MiB keeping the probabilities, 284 MiB recomputing
+    them (1255, 1224 and 1082 MiB at 1024 px). Either way the same operations on the same
+    values: the probabilities bit for bit the forward's, and then the gradients of
+    autograd's own backward of those operations, in its order.
     """
 
     @staticmethod
