@@ -248,7 +248,7 @@ def _write_checked(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
     with tempfile.TemporaryDirectory(prefix=".automask-export-", dir=path.parent) as tmp:
         tmp_file = Path(tmp) / path.name
         if format == "onnx":
-            exporter = _export_onnx(clone, example, tmp_file, meta)
+            exporter = _export_onnx(clone, example, tmp_file, meta, expected.shape[1:])
             produced = _run_onnx(tmp_file, check.numpy())
         else:
             exporter = "torch.export"
@@ -348,8 +348,9 @@ def _require_onnx() -> None:
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
-                 meta: dict[str, str]) -> str:
-    """Write ``dest`` with the metadata; returns the exporter used."""
+                 meta: dict[str, str], out_dims: tuple[int, ...]) -> str:
+    """Write ``dest`` with the metadata and the output's non-batch dimensions ``out_dims``
+    (K, H, W); returns the exporter used."""
     import onnx
 
     raw_dir = dest.parent / "raw"  # dest's name may be as long as the system allows
@@ -385,6 +386,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {exc}") from exc
     proto = onnx.load(str(raw))  # loads weights kept beside the graph, if any
+    _declare_output_dims(proto, out_dims)
     meta = {**meta, "exporter": exporter}
     onnx.helper.set_model_props(proto, meta)
     shutil.rmtree(raw_dir)  # the raw file and any weights beside it
@@ -395,6 +397,21 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
         onnx.save_model(proto, str(dest), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=dest.name + ".data")
     return exporter
+
+
+def _declare_output_dims(proto, out_dims: tuple[int, ...]) -> None:
+    """Declare the logits' class and pixel dimensions as the numbers they are.
+
+    The exporter leaves them symbolic (``Resizelogits_dim_1``, ...) although the model's
+    fixed input size and classes fix them, so that a runtime or compiler reading the graph
+    (TensorRT, ONNX Runtime's memory planning) could not size the output ahead of a run.
+    """
+    output = next(o for o in proto.graph.output if o.name == OUTPUT_NAME)
+    dims = output.type.tensor_type.shape.dim  # (batch, K, H, W)
+    assert len(dims) == 1 + len(out_dims), (len(dims), out_dims)
+    for dim, size in zip(list(dims)[1:], out_dims):
+        dim.Clear()
+        dim.dim_value = int(size)
 
 
 @contextlib.contextmanager

@@ -52,6 +52,13 @@ def _metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
+def _declared_shapes(path: Path) -> dict[str, list]:
+    """The graph's input and output shapes as declared: a name or a number per dimension."""
+    graph = onnx.load(str(path)).graph
+    return {io.name: [d.dim_param or d.dim_value for d in io.type.tensor_type.shape.dim]
+            for io in [*graph.input, *graph.output]}
+
+
 # --------------------------------------------------------------------------- Conv-LoRA
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_conv_lora_static_routing_equals_dispatch_in_eval(top_k):
@@ -122,6 +129,9 @@ def test_onnx_matches_pytorch_for_every_method(method, num_classes, tmp_path):
     got = _onnx_logits(path, images)
     assert got.shape == (3, num_classes, SIZE, SIZE)
     assert np.abs(got - expected).max() < ONNX_TOLERANCE
+    # every dimension but the batch declared as the number it is
+    assert _declared_shapes(path) == {"images": ["batch", 3, SIZE, SIZE],
+                                      "logits": ["batch", num_classes, SIZE, SIZE]}
     meta = _metadata(path)
     assert meta["peft_method"] == method and meta["input_size"] == str(SIZE)
     assert meta["task"] == ("binary" if num_classes == 1 else "multiclass")
