@@ -533,7 +533,11 @@ class _FoldedAttention(torch.autograd.Function):
     332 MiB at 512 px with autograd, 320 MiB keeping the probabilities, 284 MiB recomputing
     them (1255, 1224 and 1082 MiB at 1024 px). Either way the same operations on the same
     values: the probabilities bit for bit the forward's, and then the gradients of
-    autograd's own backward of those operations, in its order.
+    autograd's own backward of those operations, in its order. On a CPU that is autograd's
+    result bit for bit. CUDA's autocast runs a softmax in float32, whose probabilities the
+    product with v then rounds to bf16 / fp16; here the softmax takes and gives bf16 / fp16
+    (computing in float32 inside), so the two can differ in the last bit of a probability
+    and of its gradient.
     """
 
     @staticmethod
