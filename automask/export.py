@@ -407,11 +407,11 @@ def _declare_output_dims(proto, out_dims: tuple[int, ...]) -> None:
     (TensorRT, ONNX Runtime's memory planning) could not size the output ahead of a run.
     """
     output = next(o for o in proto.graph.output if o.name == OUTPUT_NAME)
-    dims = output.type.tensor_type.shape.dim  # (batch, K, H, W)
-    assert len(dims) == 1 + len(out_dims), (len(dims), out_dims)
-    for dim, size in zip(list(dims)[1:], out_dims):
-        dim.Clear()
-        dim.dim_value = int(size)
+    shape = output.type.tensor_type.shape  # written anew: (batch, K, H, W)
+    shape.ClearField("dim")
+    shape.dim.add().dim_param = "batch"  # the input's name for it
+    for size in out_dims:
+        shape.dim.add().dim_value = int(size)
 
 
 @contextlib.contextmanager
