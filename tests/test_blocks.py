@@ -572,8 +572,9 @@ def test_rel_pos_table_is_get_rel_pos(size, length):
     assert _offsets(size, table.device) is _offsets(size, table.device)
 
 
-def _saved_bytes(run) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward pass while ``run()``."""
+def _saved_bytes(run) -> tuple[torch.Tensor, int]:
+    """``run()``'s result and the bytes of the distinct tensors autograd keeps for the
+    backward pass meanwhile."""
     storages = {}
 
     def pack(t):

@@ -181,7 +181,8 @@ def test_encoder_layer_norms_copy_nothing(method):
 def test_model_path_leaves_pandas_and_scipy_unimported():
     # building and training a segmenter needs neither: they load with parameter_summary and
     # the multi-class head's first matching (about 60 MiB of resident memory and their
-    # import time for a process that only runs the model, as a prediction worker does)
+    # import time for a process that only builds and runs the model, as the peer worker of
+    # benchmarks/ does)
     probe = (
         "import sys\n"
         "import automask.models, automask.peft, automask.losses, automask.hardware\n"
