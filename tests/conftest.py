@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -64,6 +66,15 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def python_stdout(code: str) -> str:
+    """What a fresh ``python -c code`` prints; its error output in the failure if it fails.
+    For checks that need a process of their own (which modules an import loads)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def layer_norm_copies(encode, images) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from automask.datasets import make_synthetic
 from automask.datasets.folders import find_classes_file, read_class_names
 from automask.errors import DataValidationError
 
-from conftest import shared_path
+from conftest import python_stdout, shared_path
 
 NAMES = ["background", "disc", "square"]
 FAST = ["--presets", "tiny", "--hp", "optim.max_epochs=2", "--hp", "model.input_size=64"]
@@ -214,10 +214,8 @@ def test_help_leaves_torch_unimported():
         "print(sorted(m for m in ('torch', 'lightning', 'matplotlib', 'pandas')"
         " if m in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]", proc.stdout
+    out = python_stdout(probe)
+    assert out.strip() == "[]", out
     proc = run_cli("--help")
     assert proc.returncode == 0 and "show" in proc.stdout and "history" in proc.stdout
 

@@ -1,8 +1,6 @@
 """The segmenter against segment-anything's own modules, and parameter parity with the paper."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from functools import partial
 
 import pytest
@@ -192,7 +190,7 @@ def test_model_path_leaves_pandas_and_scipy_unimported():
         "assert len(parameter_summary('tiny', methods=['lora'])) == 1\n"
         "print(sorted(m for m in ('pandas',) if m in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:2] == ["[]", "['pandas']"], proc.stdout
+    from conftest import python_stdout
+
+    out = python_stdout(probe)
+    assert out.split("\n")[:2] == ["[]", "['pandas']"], out
