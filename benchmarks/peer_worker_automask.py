@@ -12,7 +12,8 @@ A training step is what :meth:`automask.SemanticSegmentor.fit` runs per batch on
 autocast (bf16 where the CPU has native bf16, the library's default; ``--dtype`` forces
 fp32 or bf16) around ``SamSegmenter.forward`` -> structure loss (the binary default of
 ``automask.losses``) + the adapters' auxiliary loss -> backward -> gradient clipping at 1.0
--> AdamW (weight decay on matrices only) -> linear learning-rate decay. ``--infer``: eval
+-> the fit's AdamW (``automask.training.optim.build_optimizer``: torch's fused kernels,
+weight decay on matrices and kernels) -> linear learning-rate decay. ``--infer``: eval
 mode, ``torch.inference_mode`` and the same autocast, as ``predict`` runs. Under bf16 the
 frozen linear weights are held in bf16 (cast once, ``automask.models.frozen``), as
 ``predict`` and a fit with a pretrained backbone do (a training worker, as a fit, keeps their
@@ -54,6 +55,7 @@ def build_step(args: argparse.Namespace):
     from automask.losses import structure_loss
     from automask.models import build_segmenter
     from automask.peft import apply_peft, aux_loss
+    from automask.training.optim import build_optimizer
 
     torch.manual_seed(0)
     if args.dtype == "default":
@@ -70,10 +72,7 @@ def build_step(args: argparse.Namespace):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = sched = None
     if params and not args.infer:
-        decay = [p for p in params if p.ndim >= 2]
-        plain = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": 1e-4}, {"params": plain, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4)
+        opt = build_optimizer(model, lr=1e-4, weight_decay=1e-4)  # the fit's: fused AdamW
         total = max(1, args.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))
     # fit (with a pretrained backbone) and predict cast the frozen linear weights once, not
