@@ -151,3 +151,70 @@ def test_read_results_are_writable_arrays(tmp_path, mode):
     Image.fromarray((_rgb()[..., 0] > 127).astype(np.uint8) * 255).save(tmp_path / "m.png")
     assert read_image(tmp_path / "a.png").flags.writeable
     assert read_mask(tmp_path / "m.png").flags.writeable
+
+
+# -- numpy .npy arrays: the same samples as the image files they stand for ---------------
+
+def test_npy_arrays_read_as_the_image_files_holding_the_same_samples(tmp_path):
+    rgb = _rgb(7, 11, seed=3)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.save(tmp_path / "hwc.npy", rgb)
+    np.save(tmp_path / "chw.npy", np.moveaxis(rgb, -1, 0))  # (3, H, W), as torch keeps it
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(rgb))
+    want = read_image(tmp_path / "rgb.png")
+    for name in ("hwc", "chw", "fortran"):
+        assert image_size(tmp_path / f"{name}.npy") == (7, 11)
+        np.testing.assert_array_equal(read_image(tmp_path / f"{name}.npy"), want)
+    deep = np.random.default_rng(1).integers(0, 65536, size=(7, 11), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # I;16: 65535 -> 255
+    np.save(tmp_path / "deep.npy", deep)
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.npy"),
+                                  read_image(tmp_path / "deep.png"))
+    unit = np.linspace(0, 1, 77, dtype=np.float32).reshape(7, 11)  # floats in [0, 1]: x 255
+    np.save(tmp_path / "unit.npy", unit)
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.npy")[..., 1],
+                                  np.clip(unit * 255 + 0.5, 0, 255).astype(np.uint8))
+
+
+def test_npy_masks_give_their_class_ids(tmp_path):
+    ids = np.random.default_rng(2).integers(0, 5, size=(6, 8))  # int64
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "ids_f.npy", ids.astype(np.float32))
+    np.save(tmp_path / "bool.npy", ids > 2)
+    for name in ("ids", "ids_f"):
+        out = read_mask(tmp_path / f"{name}.npy")
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, ids)
+    np.testing.assert_array_equal(read_mask(tmp_path / "bool.npy"), (ids > 2).astype(np.uint8))
+    np.save(tmp_path / "half.npy", ids + 0.5)
+    with pytest.raises(DataValidationError, match="non-integer"):
+        read_mask(tmp_path / "half.npy")
+
+
+@pytest.mark.parametrize("array, reason", [
+    (np.zeros((10, 12, 14)), r"shape \(10, 12, 14\) is not one 2-D picture"),
+    (np.zeros(5), r"shape \(5,\) is not one 2-D picture"),
+    (np.array([["a", "b"]]), "dtype <U1 holds no image samples"),
+    (np.zeros((4, 4), complex), "dtype complex128 holds no image samples"),
+    (np.array([{"a": 1}], dtype=object), r"cannot read this \.npy array \(.*[Oo]bject"),
+])
+def test_npy_arrays_that_hold_no_picture_are_refused_with_the_reason(tmp_path, array, reason):
+    from automask.data.io import check_decodes
+
+    path = tmp_path / "x.npy"
+    np.save(path, array, allow_pickle=True)
+    for read in (image_size, check_decodes, read_image, read_mask):
+        with pytest.raises(OSError, match=reason) as info:
+            read(path)
+        assert str(path) in str(info.value)
+
+
+def test_a_truncated_npy_array_is_refused_by_the_size_and_the_full_read(tmp_path):
+    from automask.data.io import check_decodes
+
+    path = tmp_path / "cut.npy"
+    np.save(path, np.zeros((50, 60)))
+    path.write_bytes(path.read_bytes()[:-100])
+    for read in (image_size, check_decodes, read_image):
+        with pytest.raises(OSError, match="cannot read this .npy array"):
+            read(path)

@@ -310,3 +310,36 @@ def test_a_txt_or_tsv_table_of_paths_is_read_as_a_table(tmp_path, suffix, sep):
     assert list(data["image"]) == [str(n) for n in names] and root == tmp_path
     spec = validate_frame(str(table), image_col="image", label_col="label", root=root)
     assert [Path(p).name for p in spec.frame["image"]] == [n.name for n in names]
+
+
+# -- numpy arrays as images and masks: folders, validation, a fit, predict, evaluate -------
+
+def test_npy_images_and_masks_pair_validate_train_predict_and_evaluate(tmp_path):
+    from automask.datasets import from_folders
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(6):
+        image = rng.integers(0, 4096, size=(3, 24, 32), dtype=np.uint16)  # 12-bit, (C, H, W)
+        mask = np.zeros((24, 32), bool)
+        mask[4: 12 + i, 6: 20] = True
+        image[:, mask] += 2048
+        np.save(tmp_path / "images" / f"scan_{i}.npy", image)
+        np.save(tmp_path / "masks" / f"scan_{i}.npy", mask)
+    frame = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert len(frame) == 6 and frame["image"].str.endswith(".npy").all()
+    assert validate_frame(frame).task == "binary"
+
+    np.save(tmp_path / "volume.npy", np.zeros((8, 24, 32), np.uint16))
+    bad = frame.assign(image=[str(tmp_path / "volume.npy")] + list(frame["image"][1:]))
+    with pytest.raises(DataValidationError, match=r"shape \(8, 24, 32\) is not one 2-D") as info:
+        validate_frame(bad)
+    assert "volume.npy" in str(info.value) and "row 0" in str(info.value)
+
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0)
+    seg.fit(frame, presets="tiny", hyperparameters={"optim.max_epochs": 1,
+                                                   "model.input_size": 64})
+    masks = seg.predict(frame[["image"]])
+    assert [m.shape for m in masks] == [(24, 32)] * 6
+    assert 0.0 <= seg.evaluate(frame)["iou"] <= 1.0

@@ -6,7 +6,9 @@ back as 8-bit RGB with the EXIF orientation applied; data stored with more than 
 sample (16-bit, 32-bit, float) is scaled to 0-255 by one value range for a whole dataset
 (:func:`dataset_value_range`) or, without one, by each file's own rule. 16-bit colour PNGs
 and TIFFs (which Pillow reads as each sample's top 8 bits) and 64-bit float TIFFs (which it
-cannot open) are decoded by libpng through torchvision and by tifffile. Masks come back as
+cannot open) are decoded by libpng through torchvision and by tifffile; numpy ``.npy``
+arrays (one 2-D picture: ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with 1 to 4 channels)
+are read as their samples, like those TIFFs. Masks come back as
 a 2-D array of class ids: palette PNGs as their indices, grayscale as their values, colour
 masks only through a user-given colour-to-class mapping. The same EXIF orientation rule is
 applied to masks so that an image and its mask stay aligned.
@@ -168,22 +170,26 @@ def _opened(path: str | os.PathLike) -> Iterator[tuple[Image.Image | None, bytes
     """``(image, head)``: the file opened once, by Pillow from a file object (never
     memory-mapped, see :func:`_left_to_apply`), and its first 26 bytes (enough for a PNG's
     bit depth, :func:`_deep_colour_png`). The image is None for a TIFF that Pillow cannot
-    open (64-bit floats, odd sample formats): read that one with :func:`_tiff_pixels`.
+    open (64-bit floats, odd sample formats) and for a ``.npy`` array: read those with
+    :func:`_faithful_samples`.
 
     Raises
     ------
     PIL.UnidentifiedImageError
-        A file that is neither an image Pillow opens nor a TIFF.
+        A file that is neither an image Pillow opens, nor a TIFF, nor a ``.npy`` array.
     """
     with open(path, "rb") as fh:
         head = fh.read(26)
         fh.seek(0)
-        try:
-            img = Image.open(fh)
-        except UnidentifiedImageError:
-            if head[:4] not in _TIFF_MAGIC:
-                raise
+        if head.startswith(_NPY_MAGIC):
             img = None
+        else:
+            try:
+                img = Image.open(fh)
+            except UnidentifiedImageError:
+                if head[:4] not in _TIFF_MAGIC:
+                    raise
+                img = None
         if img is None:
             yield None, head
         else:
@@ -234,6 +240,66 @@ def _tiff_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return data, orientation
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_CHANNELS = 4  # grey, grey + alpha, RGB, RGB + alpha or a fourth band
+
+
+def _npy_layout(shape: tuple[int, ...], path: str | os.PathLike) -> tuple[int, int, bool]:
+    """``(H, W, channels_first)`` of a ``.npy`` array's shape read as one 2-D picture.
+
+    ``(H, W)``; ``(H, W, C)`` or ``(C, H, W)`` with C of 1 to 4, channels last when both
+    fit (a 3 x 3 x 3 array). Any other shape (a volume, a stack, 13 spectral bands) is
+    refused: which 2-D picture to take from it is the user's choice.
+
+    Raises
+    ------
+    OSError
+        A shape that is not one 2-D picture (the message gives it).
+    """
+    if len(shape) == 2:
+        return int(shape[0]), int(shape[1]), False
+    if len(shape) == 3 and 1 <= shape[2] <= _NPY_MAX_CHANNELS:
+        return int(shape[0]), int(shape[1]), False
+    if len(shape) == 3 and 1 <= shape[0] <= _NPY_MAX_CHANNELS:
+        return int(shape[1]), int(shape[2]), True
+    raise OSError(
+        f"{path}: a .npy array of shape {tuple(shape)} is not one 2-D picture; save (H, W), "
+        f"(H, W, C) or (C, H, W) with 1 to {_NPY_MAX_CHANNELS} channels (one slice or the "
+        "bands to use, one file per image)"
+    )
+
+
+def _npy_array(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` file's array, refusing pickled objects; ``mmap``: read the header only.
+
+    Raises
+    ------
+    OSError
+        Data cut short or corrupt, a pickled (object) array, or samples that are not
+        numbers (strings, complex, records).
+    """
+    try:
+        data = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError) as exc:  # "cannot reshape ...", pickled objects, bad header
+        raise OSError(f"{path}: cannot read this .npy array ({exc})") from exc
+    if not (data.dtype == np.bool_ or np.issubdtype(data.dtype, np.integer)
+            or np.issubdtype(data.dtype, np.floating)):
+        raise OSError(f"{path}: a .npy array of dtype {data.dtype} holds no image samples "
+                      "(bool, integer or float)")
+    return data
+
+
+def _npy_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """``(H, W, C)`` samples of a ``.npy`` array (:func:`_npy_layout`) and orientation 1."""
+    data = _npy_array(path)
+    _, _, channels_first = _npy_layout(data.shape, path)
+    if data.ndim == 2:
+        data = data[..., None]
+    elif channels_first:
+        data = np.moveaxis(data, 0, -1)
+    return np.ascontiguousarray(data), 1
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_WITH_CHANNELS = {2, 4, 6}  # colour types: RGB, grey + alpha, RGBA
 
@@ -276,7 +342,10 @@ def _faithful_samples(img: Image.Image | None, head: bytes, path: str | os.PathL
                       ) -> tuple[np.ndarray, int] | None:
     """``(H, W, C)`` samples and the orientation to apply, for the files that Pillow reads
     as their top 8 bits (16-bit colour TIFFs and PNGs) or cannot open (``img`` None from
-    :func:`_opened`); None for the others, which Pillow reads faithfully."""
+    :func:`_opened`), and of ``.npy`` arrays; None for the others, which Pillow reads
+    faithfully."""
+    if img is None and head.startswith(_NPY_MAGIC):
+        return _npy_pixels(path)
     if img is None or _deep_colour_tiff(img):
         return _tiff_pixels(path)
     if img.format == "PNG" and _deep_colour_png(head):
@@ -339,12 +408,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     tuple of int
         Height and width in pixels.
     """
-    with _opened(path) as (img, _):
+    with _opened(path) as (img, head):
         if img is not None:
             width, height = _stored_size(img)
             if _orientation(img) in _SWAPPING_ORIENTATIONS:
                 width, height = height, width
             return int(height), int(width)
+    if head.startswith(_NPY_MAGIC):
+        height, width, _ = _npy_layout(_npy_array(path, mmap=True).shape, path)
+        return height, width
     with _tiff_page(path) as tif:  # a TIFF Pillow cannot open
         page = tif.pages[0]
         tag = page.tags.get(_EXIF_ORIENTATION)
@@ -408,6 +480,9 @@ def check_decodes(path: str | os.PathLike) -> None:
             reason = str(exc)
             if "premature end" in reason.lower():
                 raise OSError(f"JPEG data ends early: {reason}") from exc
+    if data.startswith(_NPY_MAGIC):
+        _npy_pixels(path)
+        return
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -529,7 +604,9 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None,
     Parameters
     ----------
     path : str or PathLike
-        Any file Pillow opens (JPEG, PNG, BMP, TIFF, WebP, ...).
+        Any file Pillow opens (JPEG, PNG, BMP, TIFF, WebP, ...), or a ``.npy`` array of
+        one picture: ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with 1 to 4 channels of
+        bool, integer or float samples (scaled as deeper data below; bool as 0/255).
     min_size : tuple of int, optional
         ``(h, w)`` the caller will resize to. A JPEG may then be decoded at 1/2, 1/4 or
         1/8 scale (DCT scaling, much faster) as long as both sides stay at least this
@@ -649,7 +726,8 @@ def read_mask(
     Parameters
     ----------
     path : str or PathLike
-        Single-channel image (PNG, BMP, TIFF, ...). Palette images give their indices.
+        Single-channel image (PNG, BMP, TIFF, ...) or a ``.npy`` array (``(H, W)`` of
+        bool, integer or integral float class ids). Palette images give their indices.
         An RGB(A) file whose three channels are equal everywhere is read as grayscale,
         and so is a lossy (JPEG, WebP) colour file whose channels differ by at most 8
         levels anywhere (compression noise of a grey mask): their rounded mean is read.
