@@ -18,11 +18,11 @@ import torch
 
 from .config import Config, image_value_range
 from .data.validation import TABLE_SUFFIXES, read_table
+from .datasets.folders import IMAGE_SUFFIXES  # what from_folders takes, predict takes
 from .errors import DataValidationError
 from .hardware import autocast_context
 from .utils import top_created
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
 def root_of(data) -> Path | None:
@@ -48,8 +48,8 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
-            # hidden files (macOS "._a.png" metadata, ".DS_Store") and folders are skipped,
-            # as from_folders does
+            # the files from_folders takes (images, .npy arrays); hidden files (macOS
+            # "._a.png" metadata, ".DS_Store") and folders are skipped, as it skips them
             files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
                            and not f.name.startswith(".") and f.is_file())
             if not files:

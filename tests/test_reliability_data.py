@@ -340,6 +340,6 @@ def test_npy_images_and_masks_pair_validate_train_predict_and_evaluate(tmp_path)
     seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0)
     seg.fit(frame, presets="tiny", hyperparameters={"optim.max_epochs": 1,
                                                    "model.input_size": 64})
-    masks = seg.predict(frame[["image"]])
+    masks = seg.predict(tmp_path / "images")  # a folder: its .npy arrays, as from_folders
     assert [m.shape for m in masks] == [(24, 32)] * 6
     assert 0.0 <= seg.evaluate(frame)["iou"] <= 1.0
