@@ -218,3 +218,29 @@ def test_a_truncated_npy_array_is_refused_by_the_size_and_the_full_read(tmp_path
     for read in (image_size, check_decodes, read_image):
         with pytest.raises(OSError, match="cannot read this .npy array"):
             read(path)
+
+
+def test_npy_masks_of_several_channels_are_refused_unless_colours_with_a_colour_map(tmp_path):
+    fg = np.zeros((6, 8), np.uint8)
+    fg[1:3, 2:5] = 1
+    np.save(tmp_path / "onehot.npy", np.stack([1 - fg, fg]))  # (2, H, W): not grey + alpha
+    np.save(tmp_path / "onehot_last.npy", np.stack([1 - fg, fg], axis=-1).astype(bool))
+    for name in ("onehot", "onehot_last"):
+        with pytest.raises(DataValidationError, match=r"2 channels.*argmax"):
+            read_mask(tmp_path / f"{name}.npy")
+    colours = np.zeros((6, 8, 3), np.uint8)
+    colours[fg == 1] = (255, 0, 0)
+    np.save(tmp_path / "colours.npy", colours)
+    np.testing.assert_array_equal(
+        read_mask(tmp_path / "colours.npy", color_map={(0, 0, 0): 0, (255, 0, 0): 1}), fg)
+    with pytest.raises(DataValidationError, match="3 channels"):
+        read_mask(tmp_path / "colours.npy")
+
+
+def test_eight_bit_colour_samples_take_their_colour_map_as_they_are():
+    from automask.data.io import _mask_from_samples
+
+    colours = np.zeros((4, 5, 3), np.uint8)  # as tifffile reads an 8-bit RGB TIFF
+    colours[1:3, 1:4] = (0, 128, 255)
+    ids = _mask_from_samples(colours, 1, {(0, 0, 0): 0, (0, 128, 255): 2}, "m.tif")
+    np.testing.assert_array_equal(ids, np.where(colours[..., 2] == 255, 2, 0))

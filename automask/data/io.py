@@ -727,7 +727,9 @@ def read_mask(
     ----------
     path : str or PathLike
         Single-channel image (PNG, BMP, TIFF, ...) or a ``.npy`` array (``(H, W)`` of
-        bool, integer or integral float class ids). Palette images give their indices.
+        bool, integer or integral float class ids; ``(H, W, 3)`` uint8 colours with
+        ``color_map``; several channels otherwise refused, a one-hot array among them).
+        Palette images give their indices.
         An RGB(A) file whose three channels are equal everywhere is read as grayscale,
         and so is a lossy (JPEG, WebP) colour file whose channels differ by at most 8
         levels anywhere (compression noise of a grey mask): their rounded mean is read.
@@ -753,6 +755,8 @@ def read_mask(
     """
     with _opened(path) as (img, head):
         samples = _faithful_samples(img, head, path)
+        if samples is not None and head.startswith(_NPY_MAGIC):
+            return _npy_mask(samples[0], color_map, path)
         if samples is not None:  # a 16-bit colour PNG or TIFF, a TIFF Pillow cannot open
             return _mask_from_samples(*samples, color_map, path)
         orientation = _orientation(img)
@@ -835,6 +839,26 @@ def _inverted_by_pillow(img: Image.Image) -> bool:
     return tags.get(_TIFF_PHOTOMETRIC) == _WHITE_IS_ZERO and int(bits) in (1, 8)
 
 
+def _npy_mask(data: np.ndarray, color_map: ColorMap | None,
+              path: str | os.PathLike) -> np.ndarray:
+    """``(H, W)`` label values of a ``.npy`` mask's ``(H, W, C)`` samples (:func:`_npy_pixels`).
+
+    One channel holds the class ids. An array has no alpha channel, and a second channel is
+    not one (a one-hot or score array of two classes read as grey + alpha would swap
+    foreground and background), so several channels are refused, except 8-bit colours
+    given a ``color_map``.
+    """
+    if data.shape[-1] == 1:
+        return _label_values(data[..., 0], path)
+    if data.shape[-1] == 3 and data.dtype == np.uint8 and color_map is not None:
+        return _apply_color_map(data, color_map, path)
+    raise DataValidationError(
+        f"mask {path} is a .npy array of {data.shape[-1]} channels; a mask holds one class id "
+        "per pixel, (H, W): save a one-hot or score array (C, H, W) as its argmax over C "
+        "(a.argmax(axis=0)), or 8-bit colours (H, W, 3) with color_map={(r, g, b): class_id}"
+    )
+
+
 def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap | None,
                        path: str | os.PathLike) -> np.ndarray:
     """``(H, W)`` label values from the ``(H, W, C)`` samples of :func:`_faithful_samples`.
@@ -856,8 +880,10 @@ def _mask_from_samples(data: np.ndarray, orientation: int, color_map: ColorMap |
     grey = all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(3))
     if grey and color_map is None:
         return _label_values(colour[..., 0], path)
+    if colour.dtype == np.uint8 and color_map is not None:  # 8-bit colours as they are
+        return _apply_color_map(colour, color_map, path)
     if np.issubdtype(colour.dtype, np.integer) and colour.size and colour.min() >= 0 \
-            and colour.max() <= _MAX_16BIT and not (colour % 257).any():
+            and colour.max() <= _MAX_16BIT and not (colour.astype(np.int64) % 257).any():
         if color_map is not None:
             return _apply_color_map((colour // 257).astype(np.uint8), color_map, path)
     raise DataValidationError(
