@@ -170,6 +170,25 @@ def test_multiclass_detection_num_classes_and_void(tmp_path):
     assert spec.num_classes == 8 and spec.class_names[7] == "c7"
 
 
+def test_a_void_label_among_the_class_ids_is_refused_before_any_fit(tmp_path):
+    ade = np.ones((10, 10), np.uint8)  # ADE20K-style: 0 = void, classes 1 and 2
+    ade[:, 5:] = 2
+    ade[:2] = 0
+    frame = _frame([_pair(tmp_path, "a", ade)])
+    with pytest.raises(ConfigError, match=r"void_label=0 lies among the class ids 0\.\.2.*"
+                                          r"0 -> 255 and every other id minus 1"):
+        validate_frame(frame, void_label=0)
+    with pytest.raises(ConfigError, match="void_label=11 lies among the class ids 0..11"):
+        validate_frame(frame, void_label=11, num_classes=12)  # CamVid's void as a 12th class
+    with pytest.raises(ConfigError, match="void_label=0 is the background"):
+        validate_frame(_frame([_pair(tmp_path, "b", (ade == 2).astype(np.uint8))]),
+                       void_label=0)
+    assert validate_frame(frame).num_classes == 3  # unset: 0 is a class
+    shifted = np.where(ade == 0, 255, ade - 1).astype(np.uint8)  # the fix the message gives
+    spec = validate_frame(_frame([_pair(tmp_path, "c", shifted)]), void_label=255)
+    assert spec.task == "binary"
+
+
 def test_ids_outside_fitted_classes_are_errors(tmp_path):
     m = np.zeros((10, 10), np.uint8)
     m[:2] = 3

@@ -662,6 +662,9 @@ def validate_frame(
         _check_some_pixel_labelled(summaries, kinds, k, void_label, index, label_paths,
                                    label_col, problems)
     problems.raise_if_any()
+    if use_labels and void_label is not None and int(void_label) < k \
+            and (task == "multiclass" or int(void_label) == 0):
+        raise ConfigError(_void_among_classes(int(void_label), task, k))
 
     if class_names is None:
         class_names = (
@@ -696,6 +699,25 @@ def validate_frame(
         color_map=dict(color_map) if color_map is not None else None,
         stats=stats,
     )
+
+
+def _void_among_classes(void: int, task: str, k: int) -> str:
+    """Why a ``void_label`` that is one of the task's class ids cannot be used, and the fix.
+
+    Class ids are kept as they are (the void value is only ignored), so such a value would
+    be a class the model has an output for but never learns, and could still predict.
+    """
+    if task == "binary":
+        return (f"void_label={void} is the background of these binary masks: every "
+                "background pixel would be ignored and the model would learn foreground only; "
+                "leave void_label unset, or use a value the masks keep for unlabelled pixels "
+                "(255 beside {0, 1})")
+    return (f"void_label={void} lies among the class ids 0..{k - 1} of these masks: ids are "
+            f"kept as they are, so class {void} would be an output the model never learns, "
+            "yet could predict. Renumber the masks so that the void value comes after the "
+            f"classes or is 255 (with 0 as void and classes 1..{k - 1}, as in ADE20K: "
+            "0 -> 255 and every other id minus 1), or leave void_label unset if "
+            f"{void} is a class")
 
 
 def duplicate_images(spec: DataSpec) -> list[list[int]]:
