@@ -65,9 +65,24 @@ def test_int8_target_is_binarised_like_uint8():
     g8 = (_rect_mask(8, 8, slice(2, 5), slice(2, 5)) > 0).astype(np.uint8) * 100
     p = np.linspace(0, 1, 64).reshape(8, 8)
     names = ["sm", "mae", "iou", "ber"]
-    expected = score([p], [g8], metrics=names)  # 100 <= 128: every pixel is background
-    assert score([p], [g8.astype(np.int8)], metrics=names) == expected
-    assert score([p], [g8.astype(np.int16)], metrics=names) == expected
+    with pytest.warns(UserWarning, match="largest value 100 is not above gt_threshold=128"):
+        expected = score([p], [g8], metrics=names)  # 100 <= 128: every pixel is background
+        assert score([p], [g8.astype(np.int8)], metrics=names) == expected
+        assert score([p], [g8.astype(np.int16)], metrics=names) == expected
+    assert expected["iou"] == 0.0  # the warned-of reading: no object in the target
+
+
+def test_a_target_whose_object_lies_below_the_threshold_is_warned_about_not_an_empty_one():
+    g = _rect_mask(8, 8, slice(2, 5), slice(2, 5))  # 0/255
+    p = (g > 0).astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0/255, 0/1 and empty targets warn of nothing
+        assert score([p, p, p], [g, (g > 0).astype(np.uint8), np.zeros_like(g)],
+                     metrics=["iou"])["iou"] == pytest.approx(2 / 3)
+    for small in (2, 128):
+        with pytest.warns(UserWarning, match=rf"image 1: .*largest value {small} "):
+            score([p, p], [g, (g > 0).astype(np.uint8) * small], metrics=["iou"])
+    assert score([p], [(g > 0) * 128], metrics=["iou"], gt_threshold=100)["iou"] == 1.0
 
 
 def test_ignore_index_outside_the_target_dtype_marks_nothing_void():

@@ -28,6 +28,7 @@ PNGs work, and changes nothing for min-max normalised maps unless the map is con
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -168,7 +169,15 @@ def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None =
         )
     if target.dtype == torch.int8:  # 128..254 would wrap to negative int8 values
         target = target.to(torch.int16)
-    return target > gt_threshold
+    binary = target > gt_threshold
+    if hi <= gt_threshold and not bool(binary.any()):
+        # nonzero pixels, none above the threshold: a {0, 2} label or {0, 128} mask
+        warnings.warn(
+            f"{_where(index)}the target's largest value {hi:g} is not above gt_threshold="
+            f"{gt_threshold:g}, so it reads as all background (PySODMetrics' rule, gt > "
+            f"{gt_threshold:g}); if its nonzero pixels are the object, pass a bool mask "
+            "(target > 0) or a lower gt_threshold", stacklevel=2)
+    return binary
 
 
 def _void_marked(target: Tensor) -> bool:
