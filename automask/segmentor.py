@@ -154,6 +154,8 @@ class SemanticSegmentor(BaseEstimator):
 
         started = time.monotonic()
         self._check_params()
+        run_dir = self._run_dir()
+        self._check_writable(run_dir, "fit into")
         time_limit = check_time_limit(time_limit)  # NaN, inf or <= 0: ConfigError
         deadline = started + time_limit if time_limit is not None else None
         configure_logging(self.verbosity)
@@ -166,7 +168,7 @@ class SemanticSegmentor(BaseEstimator):
             for frac in sorted({cfg.data.holdout_frac for _, cfg in plan.candidates}):
                 split_spec(spec, frac, self.seed)
         writer = distributed.is_writer(plan.world_size)  # rank 0 of a distributed fit
-        run = FitRun(self._run_dir(), overwrite=overwrite, resume=resume, writer=writer)
+        run = FitRun(run_dir, overwrite=overwrite, resume=resume, writer=writer)
         with run:
             # A fit refused for bad options, data or path leaves a fitted predictor as it
             # was; from here on, the fit starts from scratch.
@@ -410,6 +412,7 @@ class SemanticSegmentor(BaseEstimator):
         """
         self._check_fitted()
         target = Path(path) if path is not None else self.path_
+        self._check_writable(target, "save to")
         saving.save_predictor(self, target)
         return target
 
@@ -461,6 +464,14 @@ class SemanticSegmentor(BaseEstimator):
         if self.label == self.image:
             raise ConfigError(f"label and image name the same column {self.label!r}; the "
                               "masks and the images need their own columns")
+
+    @staticmethod
+    def _check_writable(path: Path, doing: str) -> None:
+        """ConfigError naming ``path`` when it cannot become the predictor's folder (a file,
+        a file on the way, a folder this process may not write into), before any work."""
+        problem = prediction.path_problem(Path(path).expanduser(), folder=True)
+        if problem is not None:
+            raise ConfigError(f"cannot {doing} {str(path)!r}: {problem}; choose another path")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "best_model_"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,38 @@ def test_fit_into_an_existing_predictor_is_refused_unless_overwrite(data, base, 
     assert {p.name for p in (run / "logs").iterdir()} == set(seg.models_) == {"default"}
     assert not (run / STATE).exists()  # the resume state goes once the fit is complete
     assert SemanticSegmentor.load(run).best_model_ == seg.best_model_
+
+
+def test_a_path_that_cannot_hold_the_predictor_is_named_before_any_work(
+        data, base, tmp_path, monkeypatch):
+    """A file, a file on the way, a read-only folder: fit and save say which and why, and
+    create nothing, where a PermissionError or FileExistsError came from deep inside.
+    Root may write anywhere, so the permission is denied through os.access as a non-root
+    user's would be."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if os.path.realpath(path) == str(locked) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    cases = {a_file: "it is a file, not a folder",
+             a_file / "run": f"'{a_file}' on the way is a file, not a folder",
+             locked / "run": f"the folder '{locked}' is not writable"}
+    fitted = SemanticSegmentor.load(base)
+    for path, reason in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(f"cannot fit into '{path}': {reason}")):
+            SemanticSegmentor(path=path, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                          hyperparameters=HP)
+        with pytest.raises(ConfigError, match=re.escape(f"cannot save to '{path}': {reason}")):
+            fitted.save(path)
+    assert a_file.read_text() == "kept" and list(locked.iterdir()) == []
+    assert SemanticSegmentor.load(fitted.save(tmp_path / "free")).best_model_ == "default"
 
 
 def test_second_fit_is_refused_while_one_runs_and_kill_9_resume(data, tmp_path):
