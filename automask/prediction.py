@@ -68,8 +68,10 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         return pd.DataFrame({image_col: values}), None
     if isinstance(data, np.ndarray):
         if data.ndim != 1:
+            pixels = " (an image itself? automask reads images from files: save it first and "\
+                "give its path)" if data.dtype.kind in "biuf" else ""
             raise DataValidationError(
-                f"an array of image paths must be 1-D, got shape {data.shape}")
+                f"an array of image paths must be 1-D, got shape {data.shape}{pixels}")
         return pd.DataFrame({image_col: pd.Series(data.tolist(), dtype=object)}), None
     if isinstance(data, (bytes, bytearray)):
         raise DataValidationError(

@@ -162,6 +162,24 @@ def test_urls_in_the_path_columns_are_named_as_urls(tmp_path):
     assert "https:/example" not in text  # not resolved as a relative path
 
 
+def test_images_held_in_memory_are_named_as_such_not_as_missing_files(tmp_path):
+    """An array or PIL image in a path column was joined to the working folder as its text
+    ('<cwd>/[[[0 0 0] ...: file not found')."""
+    from automask.prediction import as_frame
+
+    Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "a.png")
+    frame = pd.DataFrame({"image": [np.zeros((6, 10, 3), np.uint8), tmp_path / "a.png"],
+                          "label": [tmp_path / "a.png", Image.new("L", (10, 6))]})
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    text = str(info.value)
+    assert "row 0 [image]: an in-memory ndarray of shape (6, 10, 3), not a file path" in text
+    assert "row 1 [label]: an in-memory Image of shape (6, 10), not a file path" in text
+    assert "[[" not in text and "file not found" not in text
+    with pytest.raises(DataValidationError, match=r"shape \(6, 10, 3\) \(an image itself"):
+        as_frame(np.zeros((6, 10, 3), np.uint8), "image")
+
+
 def test_an_output_folder_that_cannot_be_written_is_named_before_any_prediction(
         tmp_path, monkeypatch):
     """predict(save_to=...) into a read-only folder (or a new folder under one) fails when

@@ -261,6 +261,22 @@ def _raw_path(value: Any) -> str | None:
     return value if value.strip() else None
 
 
+def _in_memory(value: Any) -> str | None:
+    """Why a cell holding an image itself (a numpy array, a tensor, a PIL image, a list of
+    pixels) is no path, or None for any other cell: its text would be read as a file name."""
+    if isinstance(value, (str, bytes, os.PathLike)) or np.isscalar(value) or value is None:
+        return None
+    shape = getattr(value, "shape", None)
+    if shape is None and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
+        shape = tuple(value.size)[::-1]
+    if shape is None and not isinstance(value, (list, tuple, dict)):
+        return None
+    what = type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
+    return (f"an in-memory {what}, not a file path: automask reads images and masks from "
+            "files; save it first (e.g. PIL.Image.fromarray(array).save('a.png')) and give "
+            "the file's path")
+
+
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # http://, s3://, gs://, file://...
 _URL_REASON = ("a URL, not a file path: automask reads local files only; download the files "
                "first (for file:// give the path itself)")
@@ -571,7 +587,10 @@ def validate_frame(
     label_paths: list[str | None] = [None] * n_rows
     for pos in range(n_rows):
         raw = _raw_path(raw_images[pos])
-        if raw is None:
+        held = _in_memory(raw_images[pos])
+        if held is not None:
+            problems.add(pos, index[pos], image_col, None, held)
+        elif raw is None:
             reason = f"missing image path ({raw_images[pos]!r})"
             problems.add(pos, index[pos], image_col, None, reason)
         elif _is_url(raw):
@@ -580,7 +599,10 @@ def validate_frame(
             image_paths[pos] = _resolve(raw, root_path)
         if use_labels:
             raw = _raw_path(raw_labels[pos])
-            if raw is None:
+            held = _in_memory(raw_labels[pos])
+            if held is not None:
+                problems.add(pos, index[pos], label_col, None, held)
+            elif raw is None:
                 reason = f"missing mask path ({raw_labels[pos]!r})"
                 problems.add(pos, index[pos], label_col, None, reason)
             elif _is_url(raw):
