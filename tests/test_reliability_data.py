@@ -312,6 +312,21 @@ def test_a_txt_or_tsv_table_of_paths_is_read_as_a_table(tmp_path, suffix, sep):
     assert [Path(p).name for p in spec.frame["image"]] == [n.name for n in names]
 
 
+def test_problems_of_the_tuning_data_are_said_to_be_in_the_tuning_data(tmp_path):
+    train = _pairs(tmp_path / "train", 4)
+    tuning = _pairs(tmp_path / "tune", 2).assign(label=["gone.png", str(tmp_path / "x.png")])
+    with pytest.raises(DataValidationError) as info:
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            train, tuning, presets="tiny", hyperparameters={"optim.max_epochs": 1})
+    text = str(info.value)
+    assert text.startswith("in the tuning data (tuning_data): 2 problem(s) in 2 row(s)")
+    assert "row 0 [label]" in text and "gone.png: file not found" in text
+    with pytest.raises(DataValidationError, match=r"^in the tuning data.*missing column"):
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            train, tuning.rename(columns={"label": "mask"}), presets="tiny")
+    assert not (tmp_path / "run").exists()
+
+
 # -- numpy arrays as images and masks: folders, validation, a fit, predict, evaluate -------
 
 def test_npy_images_and_masks_pair_validate_train_predict_and_evaluate(tmp_path):

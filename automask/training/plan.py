@@ -63,11 +63,14 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     )
     tuning_spec = None
     if tuning_data is not None:
-        tuning_spec = validate_frame(
-            tuning_data, image_col=image, label_col=label, root=root_of(tuning_data),
-            num_classes=spec.num_classes, class_names=spec.class_names,
-            void_label=void_label, color_map=color_map,
-        )
+        try:
+            tuning_spec = validate_frame(
+                tuning_data, image_col=image, label_col=label, root=root_of(tuning_data),
+                num_classes=spec.num_classes, class_names=spec.class_names,
+                void_label=void_label, color_map=color_map,
+            )
+        except DataValidationError as exc:  # its rows are not the training data's rows
+            raise DataValidationError(f"in the tuning data (tuning_data): {exc}") from None
         if tuning_spec.task != spec.task:
             raise DataValidationError(
                 f"tuning data looks {tuning_spec.task} but training data is {spec.task}"
