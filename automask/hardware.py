@@ -227,13 +227,16 @@ def resolve_env(cfg: Config) -> tuple[Config, dict]:
     check_precision(accelerator, precision)
     world = fit_world_size(cfg)
     per_step = cfg.optim.batch_size * world
-    accumulate = max(1, math.ceil(cfg.optim.effective_batch_size / per_step))
-    if world > 1 and per_step > cfg.optim.effective_batch_size:
+    wanted = cfg.optim.effective_batch_size
+    accumulate = max(1, math.ceil(wanted / per_step))
+    if per_step * accumulate != wanted:  # whole steps only: the effective batch moves
+        steps = (f"{world} processes x 'optim.batch_size' {cfg.optim.batch_size} = {per_step}"
+                 if world > 1 else f"'optim.batch_size' {per_step}")
         warnings.warn(
-            f"{world} processes x 'optim.batch_size' {cfg.optim.batch_size} = {per_step} "
-            f"images per step, more than 'optim.effective_batch_size' "
-            f"{cfg.optim.effective_batch_size}: the effective batch grows to {per_step}; "
-            "consider a smaller batch size or a larger learning rate", stacklevel=2)
+            f"{steps} images per step cannot make 'optim.effective_batch_size' {wanted}: "
+            f"the effective batch is {per_step * accumulate} ({accumulate} step(s) of "
+            f"{per_step}); set the effective batch to a multiple of {per_step}, or scale "
+            "'optim.lr' by the ratio (linearly is the usual rule)", stacklevel=2)
     strategy = distributed_strategy(cfg)
     devices = cfg.env.devices
     devices_arg: int | str = int(devices) if devices.lstrip("-").isdigit() else devices

@@ -5,6 +5,7 @@ card's bf16 support, the CPU's instruction flags), so these run on any CPU."""
 from __future__ import annotations
 
 import platform
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +87,24 @@ def test_gpu_ids_on_a_cpu_fit_are_refused(cpu_only, accelerator, devices):
     [(_, cfg)] = resolve("tiny", {"env.devices": "2", "env.accelerator": accelerator,
                               "optim.batch_size": 4})
     assert resolve_env(cfg)[1]["devices"] == 2  # a count of CPU processes stays allowed
+
+
+def test_an_effective_batch_that_whole_steps_cannot_make_is_warned_about():
+    """6 with 4 per step became 8, 2 with 4 per step became 4, in silence."""
+    def accumulate(batch, effective):
+        [(_, cfg)] = resolve("tiny", {"env.accelerator": "cpu", "optim.batch_size": batch,
+                                      "optim.effective_batch_size": effective})
+        return resolve_env(cfg)[1]["accumulate"]
+
+    with pytest.warns(UserWarning, match=r"'optim.effective_batch_size' 6: the effective "
+                                         r"batch is 8 \(2 step\(s\) of 4\)"):
+        assert accumulate(4, 6) == 2
+    with pytest.warns(UserWarning, match=r"'optim.effective_batch_size' 2: the effective "
+                                         r"batch is 4 \(1 step\(s\) of 4\)"):
+        assert accumulate(4, 2) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # multiples: nothing to say
+        assert (accumulate(2, 8), accumulate(4, 4), accumulate(1, 3)) == (4, 1, 3)
 
 
 def _image(h=37, w=53):
