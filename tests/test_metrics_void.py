@@ -6,6 +6,8 @@ marking pixels void must not raise them.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,17 @@ def test_all_void_image_is_left_out_and_metric_objects_take_ignore_index():
     expected = score([pred], [target.numpy()], metrics=names, ignore_index=255)
     for name, metric in built.items():
         assert float(metric.compute()) == pytest.approx(expected[name], abs=1e-12), name
+
+
+def test_data_without_any_valid_pixel_scores_nan_in_every_metric():
+    """Pooled BER read the empty pool's 0/0 rates as 0 and gave 1.0 beside the others' NaN."""
+    pred, gt = _frame(1)
+    names = PIXEL_WISE + STRUCTURAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics: compute without an update
+        scores = score([pred, pred], [np.full_like(gt, 255)] * 2, metrics=names,
+                       ignore_index=255)
+    assert set(scores) == set(names) and all(np.isnan(v) for v in scores.values()), scores
 
 
 def test_infer_task_leaves_the_ignore_index_out():

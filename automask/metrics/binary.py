@@ -330,14 +330,21 @@ class PooledIoU(_Overlap):
         self.counts += self._counts(sample)
 
     def compute(self) -> Tensor:
-        """Score of the summed confusion counts."""
-        return _overlap(self.counts, self.kind, self.empty_score)
+        """Score of the summed confusion counts; NaN without any valid pixel."""
+        return _nan_without_pixels(_overlap(self.counts, self.kind, self.empty_score),
+                                   self.counts)
 
 
 class PooledDice(PooledIoU):
     """Dataset-level Dice from tp, fp, fn summed over all images (see :class:`PooledIoU`)."""
 
     kind = "dice"
+
+
+def _nan_without_pixels(value: Tensor, counts: Tensor) -> Tensor:
+    """``value``, or NaN when the pooled ``counts`` hold no pixel at all: every image was
+    void, so there is no ground truth to score (as the per-image metrics say by NaN)."""
+    return torch.where(counts.sum() > 0, value, torch.full_like(value, float("nan")))
 
 
 def _ber(counts: Tensor) -> Tensor:
@@ -369,8 +376,9 @@ class BalancedErrorRate(_ConfusionMetric):
         self.counts += self._counts(sample)
 
     def compute(self) -> Tensor:
-        """BER of the summed counts."""
-        return _ber(self.counts)
+        """BER of the summed counts; NaN without any valid pixel (no ground truth, as the
+        other metrics)."""
+        return _nan_without_pixels(_ber(self.counts), self.counts)
 
 
 class BalancedErrorRatePerImage(_ConfusionMetric):
