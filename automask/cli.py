@@ -187,17 +187,24 @@ def _recorded_fit(path: str):
     return str(train), call, params
 
 
-def _load(run: str):
+def _load(run: str, args=None):
+    """The predictor saved in ``run``, reading the columns ``--image`` / ``--label`` of
+    ``args`` (where the command has them) instead of the ones it was fitted with."""
     from .segmentor import SemanticSegmentor
 
-    return SemanticSegmentor.load(run)
+    seg = SemanticSegmentor.load(run)
+    for column in ("image", "label"):
+        name = getattr(args, column, None)
+        if name is not None:
+            setattr(seg, column, name)
+    return seg
 
 
 def _cmd_predict(args) -> None:
     from .tiling import check_tiling
 
     check_tiling(args.tile)  # before loading anything
-    seg = _load(args.run)
+    seg = _load(args.run, args)
     boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
     if args.proba:
         written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,
@@ -210,7 +217,7 @@ def _cmd_predict(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    seg = _load(args.run)
+    seg = _load(args.run, args)
     metrics = _split(args.metrics, "--metrics")
     data = _labelled_data(args, seg.image, seg.label)
     _print_scores(seg.evaluate(data, metrics=metrics, model=args.model), args.json,
@@ -248,7 +255,7 @@ def _cmd_leaderboard(args) -> None:
     if args.out:
         check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
     metrics = _split(args.metrics, "--metrics")
-    board = _load(args.run).leaderboard(args.data, extra=extra, style=args.style,
+    board = _load(args.run, args).leaderboard(args.data, extra=extra, style=args.style,
                                         metrics=metrics)
     _show_or_save(board, args)
 
@@ -585,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="saved predictor directory")
     p.add_argument("--data", required=True, help="CSV, image folder or image file")
     p.add_argument("--out", required=True, help="folder for the masks")
+    p.add_argument("--image", help="image column of the CSV (default: the fit's)")
     p.add_argument("--model", help="candidate name (default: the best)")
     p.add_argument("--proba", action="store_true",
                    help="write probability maps instead of masks: <stem>.npy, float32, "
@@ -607,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma-separated metric names")
     p.add_argument("--model")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--label", help="label column of the CSV (default: the fit's)")
+    p.add_argument("--image", help="image column of the CSV (default: the fit's)")
     _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -619,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per model, per method (mean and std over seeds), or the "
                         "paper's table (default: methods when runs differ only by seed)")
     p.add_argument("--metrics", help="comma-separated test metric names")
+    p.add_argument("--label", help="label column of the --data CSV (default: the fit's)")
+    p.add_argument("--image", help="image column of the --data CSV (default: the fit's)")
     p.add_argument("--out", help="also write the table to this .csv or .md file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_leaderboard)

@@ -135,6 +135,30 @@ def test_leaderboard(run_dir, csvs):
     assert all("test_iou" in r for r in rows)
 
 
+def test_test_data_with_other_column_names_is_read_through_image_and_label(run_dir, csvs):
+    """A test CSV whose columns are not the fit's could not be scored from the command line."""
+    renamed = csvs / "test_renamed.csv"
+    pd.read_csv(csvs / "test.csv").rename(columns={"image": "scan", "label": "truth"}) \
+        .to_csv(renamed, index=False)
+    plain = json.loads(run_cli("evaluate", str(run_dir), "--data", str(csvs / "test.csv"),
+                               "--json").stdout)
+    assert_one_line_error(run_cli("evaluate", str(run_dir), "--data", str(renamed)),
+                          "missing column(s)", "--image/--label")
+    proc = run_cli("evaluate", str(run_dir), "--data", str(renamed), "--image", "scan",
+                   "--label", "truth", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == plain
+    proc = run_cli("leaderboard", str(run_dir), "--data", str(renamed), "--image", "scan",
+                   "--label", "truth", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert all("test_iou" in row for row in json.loads(proc.stdout))
+    out = csvs / "renamed_masks"
+    proc = run_cli("predict", str(run_dir), "--data", str(renamed), "--image", "scan",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("*.png"))) == len(pd.read_csv(renamed))
+
+
 def test_leaderboard_bad_input(tmp_path):
     (tmp_path / "automask.json").write_text("{not json")
     assert_one_line_error(run_cli("leaderboard", str(tmp_path)), "corrupted")
