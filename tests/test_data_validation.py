@@ -180,9 +180,11 @@ def test_a_void_label_among_the_class_ids_is_refused_before_any_fit(tmp_path):
         validate_frame(frame, void_label=0)
     with pytest.raises(ConfigError, match="void_label=11 lies among the class ids 0..11"):
         validate_frame(frame, void_label=11, num_classes=12)  # CamVid's void as a 12th class
-    with pytest.raises(ConfigError, match="void_label=0 is the background"):
-        validate_frame(_frame([_pair(tmp_path, "b", (ade == 2).astype(np.uint8))]),
-                       void_label=0)
+    binary = _frame([_pair(tmp_path, "b", (ade == 2).astype(np.uint8))])
+    for void, side in ((0, "background"), (1, "foreground")):
+        with pytest.raises(ConfigError, match=f"void_label={void} is a class of binary masks "
+                                              rf"\(0 background, 1 foreground\): every {side}"):
+            validate_frame(binary, void_label=void)
     assert validate_frame(frame).num_classes == 3  # unset: 0 is a class
     shifted = np.where(ade == 0, 255, ade - 1).astype(np.uint8)  # the fix the message gives
     spec = validate_frame(_frame([_pair(tmp_path, "c", shifted)]), void_label=255)

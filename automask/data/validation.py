@@ -684,8 +684,7 @@ def validate_frame(
         _check_some_pixel_labelled(summaries, kinds, k, void_label, index, label_paths,
                                    label_col, problems)
     problems.raise_if_any()
-    if use_labels and void_label is not None and int(void_label) < k \
-            and (task == "multiclass" or int(void_label) == 0):
+    if use_labels and void_label is not None and int(void_label) < k:
         raise ConfigError(_void_among_classes(int(void_label), task, k))
 
     if class_names is None:
@@ -730,10 +729,11 @@ def _void_among_classes(void: int, task: str, k: int) -> str:
     be a class the model has an output for but never learns, and could still predict.
     """
     if task == "binary":
-        return (f"void_label={void} is the background of these binary masks: every "
-                "background pixel would be ignored and the model would learn foreground only; "
-                "leave void_label unset, or use a value the masks keep for unlabelled pixels "
-                "(255 beside {0, 1})")
+        side = "background" if void == 0 else "foreground"
+        return (f"void_label={void} is a class of binary masks (0 background, 1 foreground): "
+                f"every {side} pixel would be ignored and the model would learn the other "
+                "class only; leave void_label unset, or use a value the masks keep for "
+                "unlabelled pixels (255 beside {0, 1})")
     return (f"void_label={void} lies among the class ids 0..{k - 1} of these masks: ids are "
             f"kept as they are, so class {void} would be an output the model never learns, "
             "yet could predict. Renumber the masks so that the void value comes after the "
