@@ -73,14 +73,15 @@ def test_broken_link_is_named(tmp_path):
 
 
 def test_folder_without_image_files_is_named(tmp_path):
-    # Masks saved as .npy, or images one sub-folder down: the error used to list every
-    # image as "without mask", or say "no pairs between A and B" without saying which.
+    # Masks saved as MATLAB .mat files (.npy arrays are read), or images one sub-folder
+    # down: the error used to list every image as "without mask", or say "no pairs between
+    # A and B" without saying which.
     _write(tmp_path / "images" / "a.jpg")
     (tmp_path / "masks").mkdir()
-    np.save(tmp_path / "masks" / "a.npy", np.zeros((4, 4)))
+    (tmp_path / "masks" / "a.mat").write_bytes(b"MATLAB 5.0 MAT-file")
     with pytest.raises(DataValidationError, match=r"mask folder .* no image files") as info:
         from_folders(tmp_path / "images", tmp_path / "masks", strict=False)
-    assert "a.npy" in str(info.value)
+    assert "a.mat" in str(info.value)
     _write(tmp_path / "nested" / "train" / "a.jpg")
     with pytest.raises(DataValidationError, match=r"image folder .* no image files") as info:
         from_folders(tmp_path / "nested", tmp_path / "images")
