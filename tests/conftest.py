@@ -68,6 +68,23 @@ def http_server():
         server.server_close()
 
 
+@pytest.fixture
+def unwritable(monkeypatch):
+    """``unwritable(folder)``: ``os.access`` says ``folder`` may not be written, as it says
+    of a read-only folder to a user other than root (root may write anywhere, so a chmod
+    alone proves nothing in a container)."""
+    real_access = os.access
+    locked: set[str] = set()
+
+    def access(path, mode, **kwargs):
+        if os.path.realpath(path) in locked and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    return lambda folder: locked.add(os.path.realpath(folder))
+
+
 def python_stdout(code: str) -> str:
     """What a fresh ``python -c code`` prints; its error output in the failure if it fails.
     For checks that need a process of their own (which modules an import loads)."""

@@ -181,13 +181,10 @@ def test_images_held_in_memory_are_named_as_such_not_as_missing_files(tmp_path):
 
 
 def test_an_output_folder_that_cannot_be_written_is_named_before_any_prediction(
-        tmp_path, monkeypatch):
+        tmp_path, unwritable):
     """predict(save_to=...) into a read-only folder (or a new folder under one) fails when
-    the destinations are checked, not with a PermissionError after the first prediction.
-    Root may write anywhere, so the permission is denied through os.access as a non-root
-    user's would be (a read-only folder under a non-root user gives the same message)."""
-    import os
-
+    the destinations are checked, not with a PermissionError after the first prediction
+    (a read-only folder under a non-root user gives the same message)."""
     from automask import prediction
 
     Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "a.png")
@@ -195,14 +192,7 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_any_prediction(
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    real_access = os.access
-
-    def access(path, mode, **kwargs):
-        if os.path.realpath(path) == str(locked) and mode & os.W_OK:
-            return False
-        return real_access(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
+    unwritable(locked)
     try:
         for out in (locked, locked / "masks"):
             with pytest.raises(DataValidationError,

@@ -388,13 +388,12 @@ def test_a_home_relative_path_is_saved_in_the_home_folder(tmp_path, monkeypatch)
     assert not (tmp_path / "~").exists()
 
 
-def test_a_folder_that_cannot_be_written_is_named_before_drawing(tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_written_is_named_before_drawing(
+        tmp_path, monkeypatch, unwritable):
     _drawing_forbidden(monkeypatch)
     locked = tmp_path / "locked"
     locked.mkdir()
-    real = os.access
-    monkeypatch.setattr(plots.os, "access",  # as root, chmod alone would not do
-                        lambda p, mode, **kw: False if str(p) == str(locked) else real(p, mode))
+    unwritable(locked)
     with pytest.raises(DataValidationError, match="locked.*not writable"):
         plots.plot_masks([np.zeros((8, 8, 3), np.uint8)],
                          {"p": [np.zeros((8, 8), np.uint8)]}, task="binary",

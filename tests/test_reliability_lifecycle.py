@@ -237,23 +237,14 @@ def test_fit_into_an_existing_predictor_is_refused_unless_overwrite(data, base, 
 
 
 def test_a_path_that_cannot_hold_the_predictor_is_named_before_any_work(
-        data, base, tmp_path, monkeypatch):
+        data, base, tmp_path, unwritable):
     """A file, a file on the way, a read-only folder: fit and save say which and why, and
-    create nothing, where a PermissionError or FileExistsError came from deep inside.
-    Root may write anywhere, so the permission is denied through os.access as a non-root
-    user's would be."""
+    create nothing, where a PermissionError or FileExistsError came from deep inside."""
     a_file = tmp_path / "notes.txt"
     a_file.write_text("kept")
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access
-
-    def access(path, mode, **kwargs):
-        if os.path.realpath(path) == str(locked) and mode & os.W_OK:
-            return False
-        return real_access(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
+    unwritable(locked)
     cases = {a_file: "it is a file, not a folder",
              a_file / "run": f"'{a_file}' on the way is a file, not a folder",
              locked / "run": f"the folder '{locked}' is not writable"}
