@@ -701,3 +701,46 @@ def test_a_fit_step_leaves_unreached_experts_untouched():
     assert 0 < sum(reached) < len(reached)
     for was, now, moved in zip(before, after, reached):
         assert torch.equal(was, now) != moved
+
+
+@pytest.mark.parametrize("routing", ["sparse", "batched"])
+def test_training_after_inference_mode_at_new_sizes(routing):
+    """A prediction or validation pass under ``torch.inference_mode`` at sizes no step has
+    seen, then training steps at those sizes: the cached resize matrices and position
+    indices built during the prediction are normal tensors, so the backward pass works and
+    gives the gradients of a fresh process (1e-6). Before, the second Conv-LoRA fit in one
+    process (a list of seeds, a fit after predict) failed with "Inference tensors cannot be
+    saved for backward"."""
+    from automask.models.blocks import _offsets
+    from automask.peft.conv_lora import padded_resize_matrices, resize_matrix
+
+    size = 96  # a map size no other test uses: the caches are empty for it
+    for cache in (resize_matrix, padded_resize_matrices, _offsets):
+        cache.cache_clear()
+    seg, layers = _segmenter_with_moved_adapters(size)
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4))
+    _, fresh, _ = _expert_grads(seg, layers, routing, images)
+    for cache in (resize_matrix, padded_resize_matrices, _offsets):
+        cache.cache_clear()
+    seg.eval()
+    with torch.inference_mode():
+        seg(images)
+    assert resize_matrix.cache_info().currsize > 0 and _offsets.cache_info().currsize > 0
+    _, after, _ = _expert_grads(seg, layers, routing, images)
+    assert sum(w is not None for layer in after for w, _ in layer) > 0
+    for layer_fresh, layer_after in zip(fresh, after):
+        for (fw, fb), (aw, ab) in zip(layer_fresh, layer_after):
+            assert (fw is None) == (aw is None)
+            if fw is not None:
+                torch.testing.assert_close(aw, fw, atol=1e-6, rtol=1e-6)
+                torch.testing.assert_close(ab, fb, atol=1e-6, rtol=1e-6)
+
+
+def test_cached_tensors_made_in_inference_mode_are_normal_tensors():
+    from automask.models.blocks import _offsets
+    from automask.peft.conv_lora import padded_resize_matrices, resize_matrix
+
+    with torch.inference_mode():
+        made = [resize_matrix(5, 13), *padded_resize_matrices(5, 7, (1.0, 2.5)),
+                _offsets(11, torch.device("cpu"))]
+    assert not any(t.is_inference() for t in made)

@@ -454,9 +454,11 @@ def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _offsets(size: int, device: torch.device) -> torch.Tensor:
-    """(size, size) index ``q - k + size - 1`` of each query-key offset, on ``device``."""
-    coords = torch.arange(size)
-    return (coords[:, None] - coords[None, :] + (size - 1)).to(device)
+    """(size, size) index ``q - k + size - 1`` of each query-key offset, on ``device``.
+    Built outside inference mode: a later training step's backward saves the index."""
+    with torch.inference_mode(False):
+        coords = torch.arange(size)
+        return (coords[:, None] - coords[None, :] + (size - 1)).to(device)
 
 
 # In bf16 or fp16 a grid narrower than FOLD_BELOW_WIDTH tokens (every windowed block's 14 x 14

@@ -588,10 +588,13 @@ def resize_matrix(size_in: int, size_out: int, dtype: torch.dtype = torch.float6
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """The (size_out, size_in) matrix of bicubic resizing along one axis
     (``align_corners=False``): ``F.interpolate`` applied to the identity in float64, then
-    cast. Cached: the experts ask for the same few sizes in every forward."""
-    eye = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, 1, size_in)
-    columns = F.interpolate(eye, size=(1, size_out), mode="bicubic", align_corners=False)
-    return columns.view(size_in, size_out).T.to(device=device, dtype=dtype).contiguous()
+    cast. Cached: the experts ask for the same few sizes in every forward. Built as a
+    normal tensor even under ``torch.inference_mode`` (a prediction or a validation pass),
+    so that a later training step can save it for its backward pass."""
+    with torch.inference_mode(False):
+        eye = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, 1, size_in)
+        columns = F.interpolate(eye, size=(1, size_out), mode="bicubic", align_corners=False)
+        return columns.view(size_in, size_out).T.to(device=device, dtype=dtype).contiguous()
 
 
 def expert_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -608,21 +611,23 @@ def padded_resize_matrices(height: int, width: int, scales: tuple[float, ...],
     Returns ``up_h`` (M, S_h, H), ``up_w`` (M, S_w, W), ``down_h`` (M, H, S_h) and
     ``down_w`` (M, W, S_w): expert i's :func:`resize_matrix` in the top-left corner, zeros
     elsewhere (S: the largest expert size); the identity for a scale that keeps the size.
-    Cached: the blocks ask for the same few map sizes in every forward.
+    Cached: the blocks ask for the same few map sizes in every forward; built outside
+    inference mode, as :func:`resize_matrix`.
     """
-    sizes = [expert_size((height, width), s) for s in scales]
-    s_h, s_w = max(h for h, _ in sizes), max(w for _, w in sizes)
-    count, f64 = len(scales), torch.float64  # built in float64, cast once (as resize_matrix)
-    up_h, up_w = torch.zeros(count, s_h, height, dtype=f64), torch.zeros(count, s_w, width,
-                                                                        dtype=f64)
-    down_h, down_w = torch.zeros(count, height, s_h, dtype=f64), torch.zeros(count, width, s_w,
+    with torch.inference_mode(False):
+        sizes = [expert_size((height, width), s) for s in scales]
+        s_h, s_w = max(h for h, _ in sizes), max(w for _, w in sizes)
+        count, f64 = len(scales), torch.float64  # built in float64, cast once (as resize_matrix)
+        up_h, up_w = torch.zeros(count, s_h, height, dtype=f64), torch.zeros(count, s_w, width,
                                                                             dtype=f64)
-    for i, (h, w) in enumerate(sizes):
-        up_h[i, :h] = resize_matrix(height, h)
-        up_w[i, :w] = resize_matrix(width, w)
-        down_h[i, :, :h] = resize_matrix(h, height)
-        down_w[i, :, :w] = resize_matrix(w, width)
-    return tuple(m.to(device=device, dtype=dtype) for m in (up_h, up_w, down_h, down_w))
+        down_h, down_w = torch.zeros(count, height, s_h, dtype=f64), torch.zeros(count, width, s_w,
+                                                                                dtype=f64)
+        for i, (h, w) in enumerate(sizes):
+            up_h[i, :h] = resize_matrix(height, h)
+            up_w[i, :w] = resize_matrix(width, w)
+            down_h[i, :, :h] = resize_matrix(h, height)
+            down_w[i, :, :w] = resize_matrix(w, width)
+        return tuple(m.to(device=device, dtype=dtype) for m in (up_h, up_w, down_h, down_w))
 
 
 @functools.cache
