@@ -315,6 +315,7 @@ def test_offline_error_names_the_three_ways(monkeypatch):
     assert "(1) pass" in message and "(2) place that file in the cache" in message
     assert "(3) let automask download" in message
     assert "sam2.1_hiera_base_plus.pt" in message and "SAM2_1_HIERA_BPLUS" in message
+    assert "official SAM 2.1 .pt file" in message and "segment-anything" not in message
 
 
 @pytest.mark.parametrize("images, word", [

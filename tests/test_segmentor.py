@@ -270,6 +270,26 @@ def test_same_seed_same_model_on_cpu(synthetic, tmp_path):
     assert not np.array_equal(probs[0][0], other[0])
 
 
+def test_a_later_candidate_without_weights_fails_before_any_training(synthetic, tmp_path,
+                                                                     monkeypatch):
+    """Candidates tiny (random weights) then vit_b, whose weights cannot be had: the fit fails
+    naming the vit_b candidate before the tiny one trains, and leaves no folder."""
+    from automask.training import recipe
+
+    train, _ = synthetic
+    monkeypatch.setenv("AUTOMASK_SAM_URL_VIT_B", "http://127.0.0.1:9/sam_vit_b_01ec64.pth")
+    trained = []
+    original = recipe.train_candidate
+    monkeypatch.setattr(recipe, "train_candidate",
+                        lambda name, *a, **k: trained.append(name) or original(name, *a, **k))
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0)
+    with pytest.raises(CheckpointError, match=r"^candidate 'backbone=vit_b': no weights for "
+                                              r"backbone 'vit_b'.*\(3\) let automask"):
+        seg.fit(train, presets="tiny", hyperparameters={
+            "model.backbone": ["tiny", "vit_b"], "model.input_size": 64})
+    assert trained == [] and not (tmp_path / "run").exists()
+
+
 def test_pretrained_preset_without_weights_fails_clearly(synthetic, tmp_path, monkeypatch):
     """No file, empty cache, download refused: one error naming the three ways, no training."""
     train, _ = synthetic

@@ -114,11 +114,14 @@ def _no_weights(backbone: str, cached: Path | None, url: str | None, cause: str)
 
 def _ways(backbone: str, cached: Path | None, url: str | None) -> str:
     """The three ways to provide ``backbone``'s weights, for error messages."""
+    from .sam2 import is_sam2_backbone
+
     where = str(cached) if cached is not None else f"{checkpoint_cache_dir()}/<file name>"
+    official = "SAM 2.1 .pt" if is_sam2_backbone(backbone) else "segment-anything .pth"
     return (
         f"Provide them in one of three ways: "
         f"(1) pass hyperparameters={{\"model.checkpoint\": <path to the official "
-        f"segment-anything .pth file>}} (--hp model.checkpoint=<path> on the command line); "
+        f"{official} file>}} (--hp model.checkpoint=<path> on the command line); "
         f"(2) place that file in the cache as {where} ($AUTOMASK_HOME sets the cache root); "
         f"(3) let automask download {url or 'the official checkpoint'} (needs network access; "
         f"AUTOMASK_SAM_URL_{env_name(backbone)} sets a mirror). "

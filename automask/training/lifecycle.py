@@ -135,15 +135,20 @@ class FitRun(contextlib.AbstractContextManager):
 
     def _train_candidates(self, plan, *, seed: int, image_col: str, verbosity: int,
                           deadline: float | None) -> tuple[dict, dict]:
+        from .plan import locate_weights
         from .recipe import train_candidate
 
         from . import distributed
 
         records, loaded, dropped = {}, {}, []
+        # Outside a resumed fit, another process's state is never read: in a new fit the
+        # writer may not have cleared an earlier fit's files yet.
+        finished = {name: self.state.finished(name) if self.writer or self.resume else None
+                    for name, _ in plan.candidates}
+        locate_weights([(n, c) for n, c in plan.candidates if finished[n] is None],
+                       progress=verbosity >= 2)
         for i, (name, cfg) in enumerate(plan.candidates):
-            # Outside a resumed fit, another process's state is never read: in a new fit
-            # the writer may not have cleared an earlier fit's files yet.
-            done = self.state.finished(name) if self.writer or self.resume else None
+            done = finished[name]
             if done is not None:  # finished before an interruption
                 if isinstance(done, str):
                     dropped.append(done)

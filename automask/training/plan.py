@@ -132,6 +132,36 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     return FitPlan(candidates, spec, tuning_spec, metric, void_label, record, frames, world)
 
 
+def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = False) -> None:
+    """Find the pretrained weights of every candidate before the first one trains.
+
+    Each distinct (backbone, ``model.checkpoint``) is resolved as the model build resolves
+    it (a file, the cache, else the official download, verified by SHA-256), so that
+    weights that cannot be had fail the fit before any training, not after the earlier
+    candidates have trained. Methods trained from random weights need none.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the first candidate whose weights cannot be had, with the ways to provide
+        them.
+    """
+    from ..errors import CheckpointError
+    from ..models.checkpoint import locate_checkpoint
+    from ..peft import get_method
+
+    seen = set()
+    for name, cfg in candidates:
+        wanted = (cfg.model.backbone, cfg.model.checkpoint)
+        if get_method(cfg.peft.method).random_init or wanted in seen:
+            continue
+        seen.add(wanted)
+        try:
+            locate_checkpoint(*wanted, progress=progress)
+        except CheckpointError as exc:
+            raise CheckpointError(f"candidate {name!r}: {exc}") from None
+
+
 def _resolve_queries(candidates: list[tuple[str, Config]], spec, tuning_spec
                      ) -> list[tuple[str, Config]]:
     """``model.num_queries`` of the ``mask_classification`` candidates of a multi-class fit.
