@@ -434,8 +434,8 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
     Raises
     ------
     DataValidationError
-        The folder is missing, two files share a stem, or some rows have no file (the first
-        ones are named, with the count).
+        The folder is missing, two files share a stem, two different images would share
+        one file, or some rows have no file (the first ones are named, with the count).
     """
     from .metrics.folders import readable_suffixes
 
@@ -451,11 +451,18 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
                     f"two predictions with the stem {path.stem!r} in {str(root)!r}: "
                     f"{files[path.stem].name}, {path.name}")
             files[path.stem] = path
-    found, missing = [], []
+    found, missing, owner = [], [], {}
     for i, (image, mask) in enumerate(zip(spec.frame[image_col], spec.frame[spec.label_col])):
         match = files.get(Path(image).stem) or files.get(Path(mask).stem)
         if match is None:
             missing.append(f"row {i} ({Path(image).stem})")
+        elif owner.setdefault(match, (i, image))[1] != image:  # one file, two images
+            first, other = owner[match]
+            raise DataValidationError(
+                f"rows {first} ({str(other)!r}) and {i} ({str(image)!r}) are different images "
+                f"with the same file stem, so both would be scored against the one "
+                f"prediction {match.name!r} in {str(root)!r}; give the images distinct "
+                "names (and their predictions the same names)")
         found.append(match)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

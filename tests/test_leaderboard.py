@@ -180,6 +180,28 @@ def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tm
         seg.leaderboard(test, style="nice")
 
 
+def test_external_rows_refuse_two_images_for_one_prediction(runs, data, tmp_path):
+    """Two test images in different folders with one stem would both be scored against the
+    one prediction of that stem: refused, naming both rows. The same image listed twice is
+    scored twice against its file, as the model's rows score it."""
+    seg, _ = runs
+    _, _, test = data
+    stems = [Path(p).stem for p in test["image"]]
+    preds = _write_folder(tmp_path / "preds", stems, [g.copy() for g in _gt_arrays(test)])
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    clash = test.copy()
+    clash.loc[clash.index[1], "image"] = str(shutil.copy(
+        test["image"].iloc[0], other / Path(test["image"].iloc[0]).name))
+    with pytest.raises(DataValidationError, match=rf"rows 0 .* and 1 .*elsewhere.* same file "
+                                                  rf"stem.*'{stems[0]}\.png'"):
+        seg.leaderboard(clash, extra={"M": preds})
+    twice = pd.concat([test, test.iloc[:1]], ignore_index=True)
+    with pytest.warns(UserWarning, match="repeat the image of another row"):
+        board = seg.leaderboard(twice, style="models", extra={"M": preds}).set_index("model")
+    assert board.loc["M", "test_iou"] == 1.0
+
+
 def _parse(cell: str) -> tuple[float, float | None]:
     match = re.fullmatch(r"(-?[0-9.]+)(?: ± ([0-9.]+))?", cell)
     assert match, cell
