@@ -450,7 +450,7 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
 
     frame, root = as_frame(data, seg.image)
     spec = images_spec(frame, seg.image, root)  # every image checked before anything is written
-    folder = Path(out)
+    folder = Path(out).expanduser()
     dests = mask_destinations(spec, folder, root=root, label_col=seg.label,
                               overwrite=overwrite, suffix=".npy")
     prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too

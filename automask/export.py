@@ -295,13 +295,13 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
 def _check_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
     """The destination as a Path and the format (None: the path's suffix); ConfigError /
     ExportError before any work is done."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if format is None:
         format = path.suffix.lower().lstrip(".")
         if format not in FORMATS:
             raise ConfigError(f"export path {str(path)!r} must end with "
                               f"{' or '.join('.' + f for f in FORMATS)} (the format is taken "
-                              "from the suffix), or give the format")
+                              "from the suffix)")
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; valid formats: {list(FORMATS)}")
     if path.suffix.lower() != f".{format}":

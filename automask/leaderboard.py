@@ -439,7 +439,7 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
     """
     from .metrics.folders import readable_suffixes
 
-    root = Path(folder)
+    root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataValidationError(f"external predictions folder not found: {str(root)!r}")
     suffixes = readable_suffixes()
@@ -551,7 +551,7 @@ def check_table_path(path: str | os.PathLike) -> str:
     from .prediction import path_problem
 
     fmt = table_format(path)
-    problem = path_problem(Path(path), folder=False)
+    problem = path_problem(Path(path).expanduser(), folder=False)
     if problem is not None:
         raise ConfigError(f"cannot write a table to {str(path)!r}: {problem}")
     return fmt
@@ -570,7 +570,7 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """
     from .utils import atomic_write
 
-    path = Path(path)
+    path = Path(path).expanduser()
     text = df.to_csv(index=False) if check_table_path(path) == "csv" else to_markdown(df)
     with atomic_write(path, "w") as fh:
         fh.write(text)

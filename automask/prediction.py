@@ -46,7 +46,7 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             )
         return data, None
     if isinstance(data, (str, os.PathLike)):
-        p = Path(data)
+        p = Path(data).expanduser()
         if p.is_dir():
             # the files from_folders takes (images, .npy arrays); hidden files (macOS
             # "._a.png" metadata, ".DS_Store") and folders are skipped, as it skips them
@@ -325,7 +325,7 @@ def path_problem(path: Path, *, folder: bool) -> str | None:
 
     Callers raise their own error, naming ``path``, before any work is done.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.exists() and path.is_dir() != folder:
         return "it is a file, not a folder" if folder else "it is a folder, not a file"
     for parent in path.parents:

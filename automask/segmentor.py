@@ -278,7 +278,7 @@ class SemanticSegmentor(BaseEstimator):
             return [prediction.to_mask(p, self.task_, self.num_classes_)
                     for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
                                                       prompts)]
-        out = Path(save_to)
+        out = Path(save_to).expanduser()
         dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
                                              overwrite=overwrite)
         prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts),
@@ -411,7 +411,7 @@ class SemanticSegmentor(BaseEstimator):
         switches atomically from its previous content to the new predictor.
         """
         self._check_fitted()
-        target = Path(path) if path is not None else self.path_
+        target = Path(path).expanduser() if path is not None else self.path_
         self._check_writable(target, "save to")
         saving.save_predictor(self, target)
         return target

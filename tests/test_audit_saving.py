@@ -209,6 +209,31 @@ def test_save_and_load_expand_the_home_folder(base, tmp_path, monkeypatch):
     assert SemanticSegmentor.load("~/models/p").path_ == tmp_path / "home" / "models" / "p"
 
 
+def test_outputs_and_inputs_expand_the_home_folder(base, data, tmp_path, monkeypatch):
+    """'~/...' in predict's input and save_to, the leaderboard's extra folders, save_table
+    and export names the home folder: nothing is written to or read from a folder called
+    '~' in the working folder."""
+    from automask.leaderboard import save_table
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    seg = SemanticSegmentor.load(base)
+    frame = pd.read_csv(data / "train.csv").iloc[:2]
+    shutil.copytree(Path(frame["image"].iloc[0]).parent, home / "images")
+    written = seg.predict(frame, save_to="~/masks")
+    assert [Path(p).parent for p in written["label"]] == [home / "masks"] * 2
+    assert len(seg.predict("~/images")) == len(list((home / "images").iterdir()))
+    board = seg.leaderboard(frame, style="models", extra={"Own": "~/masks"})
+    assert board.set_index("model").loc["Own", "test_iou"] == pytest.approx(
+        board.set_index("model").loc[seg.best_model_, "test_iou"])
+    assert save_table(board, "~/tables/board.md") == home / "tables" / "board.md"
+    assert (home / "tables" / "board.md").read_text().startswith("|")
+    assert seg.export("~/exported/model.pt2") == home / "exported" / "model.pt2"
+    assert (home / "exported" / "model.pt2").is_file()
+    assert not (tmp_path / "~").exists()
+
+
 # ------------------------------------------------------------------- checkpoints
 def test_malformed_sha256_is_refused_before_downloading(tmp_path, http_server, monkeypatch):
     """A SHA-256 that is no digest is named (argument or variable) before any download."""
