@@ -219,7 +219,28 @@ def test_time_limit_is_honoured(synthetic, tmp_path):
     elapsed = time.monotonic() - t0
     assert elapsed <= 1.1 * limit, elapsed
     assert elapsed >= 0.7 * limit, elapsed  # it used the time rather than stopping at once
-    assert seg.models_[seg.best_model_].epochs < 10_000
+    record = seg.models_[seg.best_model_]
+    assert record.epochs < 10_000
+    assert record.stopped == f"its share of time_limit ran out after {record.epochs} of 10000 " \
+                             "epochs"
+    assert seg.leaderboard(style="models")["stopped"].tolist() == [record.stopped]
+
+
+def test_patience_stop_is_recorded_and_shown(synthetic, tmp_path):
+    """optim.patience=1 with a learning rate too small to change a weight: the second
+    validation is no better than the first, so training stops after 2 of 5 epochs and
+    the record and the leaderboard say why. A candidate that trains every epoch says
+    nothing."""
+    train, _ = synthetic
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        train, presets="tiny", hyperparameters={
+            "optim.max_epochs": [5, 1], "optim.patience": 1, "optim.lr": 1e-30,
+            "model.input_size": 64})
+    stopped = seg.leaderboard(style="models").set_index("model")["stopped"]
+    assert seg.models_["max_epochs=5"].epochs == 2
+    assert stopped["max_epochs=5"] == seg.models_["max_epochs=5"].stopped == (
+        "no better validation score in 1 validation(s) (optim.patience) after 2 of 5 epochs")
+    assert seg.models_["max_epochs=1"].stopped is None and stopped.isna()["max_epochs=1"]
 
 
 @pytest.mark.slow

@@ -249,6 +249,8 @@ def _train_candidate(
             return Outcome(None, None, dropped=reason)
         warnings.warn(f"candidate {name!r} stopped: {stopped}; keeping its best epoch "
                       f"({best.best_epoch})", stacklevel=4)
+    else:
+        stopped = _early_end(trainer, cfg)
     best.restore(model)
     model.eval()
     trainable, total = count_parameters(model)
@@ -277,6 +279,26 @@ def _train_candidate(
         record.predict_images_per_s = throughput(model, cfg, spec.task,
                                                  datamodule.val_spec.frame, image_col)
     return Outcome(model, record)
+
+
+def _early_end(trainer, cfg: Config) -> str | None:
+    """Why a candidate that did not diverge trained fewer than ``optim.max_epochs`` epochs:
+    its share of ``time_limit`` ran out, or ``optim.patience`` validations brought no
+    improvement; None when it trained them all."""
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    epochs = trainer.current_epoch  # completed epochs (a partial last one not counted)
+    if epochs >= cfg.optim.max_epochs:
+        return None
+    done = f"after {epochs} of {cfg.optim.max_epochs} epochs"
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch:
+            return (f"no better validation score in {cfg.optim.patience} validation(s) "
+                    f"(optim.patience) {done}")
+        if isinstance(callback, Timer) and callback.time_remaining() is not None \
+                and callback.time_remaining() <= 0:
+            return f"its share of time_limit ran out {done}"
+    return None
 
 
 def _log_version(run_dir: Path, name: str, resume_from: Path | None) -> str:

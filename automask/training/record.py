@@ -47,7 +47,8 @@ class CandidateRecord:
     predict_images_per_s : float or None
         Measured predict() throughput on validation images.
     stopped : str or None
-        Why training stopped early (e.g. a non-finite loss), None otherwise.
+        Why training ended before ``optim.max_epochs`` (a non-finite loss, the candidate's
+        share of ``time_limit``, ``optim.patience``), None otherwise.
     """
 
     config: Config
