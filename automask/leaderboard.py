@@ -128,6 +128,11 @@ def build_leaderboard(
                           **metric_conventions(seg.task_, seg.num_classes_))
         except ValueError as exc:
             raise ConfigError(f"leaderboard metrics: {exc}") from exc
+    if extra is not None and not isinstance(extra, Mapping):
+        raise ConfigError(
+            f"extra must be a dict of row name to predictions folder, e.g. "
+            f"{{'SAM-Adapter': 'preds/sam_adapter'}}, got a {type(extra).__name__}: "
+            f"{extra!r:.80}")
     extra = dict(extra or {})
     bad = [name for name in extra if not isinstance(name, str) or not name.strip()]
     if bad:

@@ -366,6 +366,8 @@ def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
                     path: str | os.PathLike | None = None) -> "Figure":
     """Image | ground truth | one column per model, for the first ``n`` images."""
     check_path(path)
+    if isinstance(models, str):  # one model's name, not its letters
+        models = [models]
     models = list(models) if models is not None else list(seg.models_)
     if not models:
         raise DataValidationError("no models to compare")

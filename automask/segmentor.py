@@ -531,9 +531,10 @@ class SemanticSegmentor(BaseEstimator):
 
         return plots.plot_predictions(self, data, n=n, model=model, path=path)
 
-    def plot_comparison(self, data, models: Sequence[str] | None = None, n: int = 4,
+    def plot_comparison(self, data, models: str | Sequence[str] | None = None, n: int = 4,
                         path: str | os.PathLike | None = None):
-        """Image | ground truth | one column per model (all by default), one row per image."""
+        """Image | ground truth | one column per model (a name, a list of names; all by
+        default), one row per image."""
         from . import plots
 
         return plots.plot_comparison(self, data, models=models, n=n, path=path)

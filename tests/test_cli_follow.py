@@ -99,7 +99,8 @@ def test_fit_from_folders_bad_input(data, tmp_path):
     assert_one_line_error(proc, "--train", "--images")
     proc = run_cli("fit", "--images", str(data / "images"), "--masks", str(data / "masks"),
                    *FAST, "--class-names", "a,b", "--path", str(tmp_path / "r"))
-    assert proc.returncode == 2 and "outside [0, 2) for num_classes=2" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "outside [0, 2): class_names names 2 classes" in proc.stderr, \
+        proc.stderr
     proc = run_cli("fit", "--train", "x.csv", *FAST, "--hp", "optim.learning_rate=0.1",
                    "--path", str(tmp_path / "r"))
     assert_one_line_error(proc, "optim.learning_rate", "did you mean 'optim.lr'")

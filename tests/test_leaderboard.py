@@ -174,6 +174,9 @@ def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tm
         seg.leaderboard(test, extra={"lora": small})
     with pytest.raises(ConfigError, match="need labelled test data"):
         seg.leaderboard(extra={"S": small})
+    with pytest.raises(ConfigError, match=r"extra must be a dict of row name to predictions "
+                                          r"folder.*got a list"):
+        seg.leaderboard(test, extra=[str(small)])
     with pytest.raises(ConfigError, match="'miou' is a multiclass metric"):
         seg.leaderboard(test, extra={"S": small}, metrics=["sm", "miou"])
     with pytest.raises(ConfigError, match="unknown leaderboard style 'nice'"):

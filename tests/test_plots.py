@@ -166,3 +166,5 @@ def test_fit_prints_epoch_lines_and_summary_and_draws_pictures(fitted, capsys, t
         assert _png(tmp_path / name).shape[0] > 100
     with pytest.raises(ValueError, match="nope"):
         seg.plot_comparison(test, models=["nope"])
+    fig = seg.plot_comparison(test, models="method=lora", n=1)  # one name, not its letters
+    assert [ax.get_title() for ax in fig.axes[1:]] == ["ground truth", "method=lora"]

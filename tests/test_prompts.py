@@ -367,6 +367,10 @@ def test_points_and_dict_forms(prompt_trained, synthetic):
     pts = prompt_trained.predict_proba(test, points=[(centre, [1]), None])
     assert np.abs(pts[0] - by_list[0]).max() > 1e-4
     np.testing.assert_array_equal(pts[1], by_list[1])
+    boxes = [box, _bbox(test["label"].iloc[1])]
+    by_array = prompt_trained.predict_proba(test, boxes=np.array(boxes, dtype=np.float32))
+    for a, b in zip(by_array, prompt_trained.predict_proba(test, boxes=boxes)):
+        np.testing.assert_array_equal(a, b)  # an (N, 4) array: one box per row
 
 
 def test_old_predictor_without_the_prompt_keys_loads_and_predicts_the_same(

@@ -144,6 +144,8 @@ def _per_row(name: str, value: Any, index: list) -> list:
                 f"{name} has keys that are not in the data's index: {unknown[:5]!r}"
             )
         return [value.get(row) for row in index]
+    if isinstance(value, np.ndarray) and value.ndim >= 2:  # e.g. (N, 4) boxes: a row each
+        value = list(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise DataValidationError(
             f"{name} must be a list with one entry per image, or a dict keyed by the data's "

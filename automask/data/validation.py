@@ -549,6 +549,7 @@ def validate_frame(
     ConfigError
         For inconsistent options (e.g. ``class_names`` and ``num_classes`` disagree).
     """
+    named_only = num_classes is None and class_names is not None  # K is len(class_names)
     num_classes, class_names = _check_options(num_classes, class_names, void_label, color_map)
     frame = _read_frame(data)
     if not isinstance(frame.columns, pd.MultiIndex):
@@ -679,7 +680,8 @@ def validate_frame(
     task, k, kinds = "binary", num_classes or 2, [None] * n_rows
     if use_labels:
         task, k, kinds = _detect_task(
-            summaries, index, label_paths, label_col, num_classes, void_label, problems
+            summaries, index, label_paths, label_col, num_classes, void_label, problems,
+            named_only=named_only,
         )
         _check_some_pixel_labelled(summaries, kinds, k, void_label, index, label_paths,
                                    label_col, problems)
@@ -866,8 +868,10 @@ def _detect_task(
     num_classes: int | None,
     void_label: int | None,
     problems: _Problems,
+    named_only: bool = False,
 ) -> tuple[str, int, list[str | None]]:
-    """Decide task and K from the per-row value sets; report rows that fit neither."""
+    """Decide task and K from the per-row value sets; report rows that fit neither.
+    ``named_only``: ``num_classes`` is the length of the user's ``class_names``."""
     n_rows = len(summaries)
     kinds: list[str | None] = [None] * n_rows
     value_sets: list[set[int] | None] = [None] * n_rows
@@ -923,7 +927,14 @@ def _detect_task(
                 continue  # binarised at > 128 (k == 2)
             ids = value_sets[pos] - {IGNORE_INDEX} if kinds[pos] != KIND_B255 else set()
             bad = {v for v in ids if v >= k}
-            if bad:
+            if bad and named_only:
+                problems.add(
+                    pos, index[pos], label_col, paths[pos],
+                    f"mask holds class id(s) {_fmt(bad)} outside [0, {k}): class_names names "
+                    f"{k} classes, one per class id from 0; give a name to every class id "
+                    f"(at least {max(bad) + 1} names)",
+                )
+            elif bad:
                 problems.add(
                     pos, index[pos], label_col, paths[pos],
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k} "
