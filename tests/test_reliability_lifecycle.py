@@ -303,6 +303,13 @@ def test_resume_refuses_other_data_or_options(data, tmp_path):
                                           r"from the interrupted fit's \(1.0 then, 0.0"):
         SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
                                                      hyperparameters=HP, resume=True)
+    FitState(run).start({"candidates": {"default": {"optim.lr": 1.0}},
+                         "call": {"presets": "medium_quality"}}, {})
+    with pytest.raises(ConfigError, match=r"\(1.0 then, 0.0[0-9]* now\) \(the interrupted fit "
+                                          r"used presets='medium_quality', this one "
+                                          r"presets='tiny'\)"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=HP, resume=True)
 
 
 # ---------------------------------------------------------------- 4. non-finite loss

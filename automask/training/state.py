@@ -96,11 +96,15 @@ class FitState:
                 continue
             if recorded.get(key) != given.get(key):
                 where, then, now = _first_difference(recorded.get(key), given.get(key), key)
+                presets = [(c if isinstance(c, dict) else {}).get("presets")
+                           for c in (recorded.get("call"), given.get("call"))]
+                cause = (f" (the interrupted fit used presets={presets[0]!r}, this one "
+                         f"presets={presets[1]!r})" if presets[0] != presets[1] else "")
                 raise ConfigError(
                     f"cannot resume the fit in {str(self.root.parent)!r}: {where} differs "
-                    f"from the interrupted fit's ({_short(then)} then, {_short(now)} now); "
-                    "pass the same data and options, or fit with overwrite=True to start "
-                    "again"
+                    f"from the interrupted fit's ({_short(then)} then, {_short(now)} now)"
+                    f"{cause}; pass the same data and options, or fit with overwrite=True "
+                    "to start again"
                 )
 
     # ---------------------------------------------------------- candidates
