@@ -404,15 +404,20 @@ def test_a_mask_not_turned_like_its_exif_rotated_image_gets_a_hint(tmp_path):
 
 def test_class_ids_beyond_the_class_names_name_class_names(tmp_path):
     """K from ``class_names`` alone: a mask with a class id past the names is named with
-    the number of names it needs, not with a num_classes the user never passed."""
+    the number of names the data needs (the most over every row, in each row's message),
+    not with a num_classes the user never passed."""
     mask = np.zeros((8, 8), np.uint8)
     mask[:2], mask[2:4], mask[4:] = 1, 2, 4
-    pairs = [_pair(tmp_path, "a", mask)]
-    with pytest.raises(DataValidationError, match=r"row 0 .*class id\(s\) \{2, 4\} outside "
+    pairs = [_pair(tmp_path, "a", mask), _pair(tmp_path, "b", mask + (mask == 4))]
+    with pytest.raises(DataValidationError, match=r"(?s)row 0 .*class id\(s\) \{2, 4\} outside "
                                                   r"\[0, 2\): class_names names 2 classes.*"
-                                                  r"at least 5 names\)") as info:
+                                                  r"at least 6 names for this data\)"
+                                                  r".*row 1 .*class id\(s\) \{2, 5\}.*at least "
+                                                  r"6 names") as info:
         validate_frame(_frame(pairs), class_names=["road", "car"])
     assert "num_classes" not in str(info.value)
-    with pytest.raises(DataValidationError, match=r"outside \[0, 2\) for num_classes=2 "):
+    with pytest.raises(DataValidationError, match=r"(?s)row 0 .*outside \[0, 2\) for "
+                                                  r"num_classes=2 .*pass num_classes=6 or more"
+                                                  r".*row 1 .*pass num_classes=6 or more"):
         validate_frame(_frame(pairs), num_classes=2, class_names=["road", "car"])
-    assert validate_frame(_frame(pairs), class_names=list("abcde")).num_classes == 5
+    assert validate_frame(_frame(pairs), class_names=list("abcdef")).num_classes == 6

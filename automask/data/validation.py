@@ -922,24 +922,29 @@ def _detect_task(
                         f"of class ids for a {k}-class model, or a binary model",
                     )
             return "multiclass", k, kinds
+        outside = {}  # row position -> its class ids >= k
         for pos in valid:
             if kinds[pos] == KIND_SOFT:
                 continue  # binarised at > 128 (k == 2)
             ids = value_sets[pos] - {IGNORE_INDEX} if kinds[pos] != KIND_B255 else set()
             bad = {v for v in ids if v >= k}
-            if bad and named_only:
+            if bad:
+                outside[pos] = bad
+        need = max((max(bad) for bad in outside.values()), default=0) + 1  # over every row
+        for pos, bad in outside.items():
+            if named_only:
                 problems.add(
                     pos, index[pos], label_col, paths[pos],
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}): class_names names "
                     f"{k} classes, one per class id from 0; give a name to every class id "
-                    f"(at least {max(bad) + 1} names)",
+                    f"(at least {need} names for this data)",
                 )
-            elif bad:
+            else:
                 problems.add(
                     pos, index[pos], label_col, paths[pos],
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k} "
                     f"(a fitted model, or the training masks when fit is given no "
-                    f"num_classes, set it; pass num_classes={max(bad) + 1} or more to fit "
+                    f"num_classes, set it; pass num_classes={need} or more to fit "
                     "when a class appears only in the tuning data)",
                 )
         _warn_soft(kinds)
