@@ -12,6 +12,7 @@ writes, with a legend of class names.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -163,6 +164,7 @@ def plot_masks(
     num_classes = _max_class(predictions, truths) + 1 if task == "multiclass" else 2
     num_classes = max(num_classes, len(class_names or ()))
     columns = 1 + (truths is not None) + len(predictions)
+    fonts = text_fonts([*(class_names or ()), *(names or ()), *map(str, predictions)])
     fig = Figure(figsize=(_CELL_INCHES * columns, _CELL_INCHES * n + 0.9),
                  layout="constrained")
     axes = fig.subplots(n, columns, squeeze=False)
@@ -187,7 +189,7 @@ def plot_masks(
         for ax, (title, picture) in zip(axes[row], cells):
             ax.imshow(picture, interpolation="nearest")
             # file and class names are text, not mathtext: '$' in one must not break drawing
-            ax.set_title(title, fontsize=9, parse_math=False)
+            ax.set_title(title, fontsize=9, parse_math=False, fontfamily=fonts)
             ax.set_axis_off()
     handles = [Patch(facecolor=np.array(c) / 255, edgecolor="black", linewidth=0.5, label=k)
                for k, c in legend.items()]
@@ -196,6 +198,7 @@ def plot_masks(
                          ncol=min(len(handles), 6), fontsize=8, frameon=False)
         for text in box.get_texts():
             text.set_parse_math(False)
+            text.set_fontfamily(fonts)
     _save(fig, path)
     return fig
 
@@ -414,6 +417,49 @@ def _as_rgb(image, row: int) -> np.ndarray:
 _TITLE_CHARS = 30  # what a cell's width holds at the titles' font size
 
 
+def text_fonts(texts: Sequence[str]) -> list[str]:
+    """Font families for class and file names: matplotlib's default font, then, for the
+    characters it lacks (Chinese, Japanese, Korean, Arabic, ... names), the first installed
+    fonts that have them; matplotlib draws each character with the first family that has
+    it. Characters no installed font has are named in one warning (they show as boxes),
+    instead of matplotlib's warning per character at every drawing."""
+    import warnings
+
+    from matplotlib import font_manager
+
+    first = font_manager.findfont(font_manager.FontProperties())
+    missing = {ord(c) for c in "".join(texts) if c.isprintable() and not c.isspace()}
+    missing -= _charmap(first)
+    families = [font_manager.get_font(first).family_name]
+    for entry in sorted(font_manager.fontManager.ttflist, key=lambda e: e.fname):
+        if not missing:
+            break
+        if entry.name in families or entry.name.startswith("Last Resort"):
+            continue  # matplotlib's Last Resort font has a placeholder box for everything
+        found = missing & _charmap(entry.fname)
+        if found:
+            families.append(entry.name)
+            missing -= found
+    if missing:
+        shown = "".join(map(chr, sorted(missing)[:20]))
+        warnings.warn(f"no installed font has the characters {shown!r} of these class or file "
+                      "names: they are drawn as boxes; install a font that has them (e.g. Noto "
+                      "Sans CJK for Chinese, Japanese and Korean) and matplotlib uses it",
+                      stacklevel=3)
+    return families
+
+
+@functools.lru_cache(maxsize=None)
+def _charmap(fname: str) -> frozenset[int]:
+    """The code points a font file has glyphs for (empty when it cannot be read)."""
+    from matplotlib import font_manager
+
+    try:
+        return frozenset(font_manager.get_font(fname).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
 def _short(text: str, limit: int = _TITLE_CHARS) -> str:
     """``text`` cut in its middle to at most ``limit`` characters (the start and the end
     of a long file name are what tell it from its neighbours)."""
@@ -491,6 +537,10 @@ def _save(fig, path) -> None:
         return
     from .utils import atomic_write
 
+    import warnings
+
     path = check_path(path)
-    with atomic_write(path) as fh:
+    with atomic_write(path) as fh, warnings.catch_warnings():
+        # text_fonts has named the characters no font has, once
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
         fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png")

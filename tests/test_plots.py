@@ -86,6 +86,56 @@ def test_multiclass_overlay_uses_the_palette_and_names_the_classes(tmp_path):
     assert labels == {"0 sky", "1 road", "2 car", "ignored"}
 
 
+def _installed_fonts():
+    from matplotlib import font_manager
+
+    default = font_manager.findfont(font_manager.FontProperties())
+    others = {e.name: e.fname for e in font_manager.fontManager.ttflist
+              if not e.name.startswith("Last Resort")}
+    return plots._charmap(default), {n: plots._charmap(f) for n, f in others.items()}
+
+
+def test_names_the_default_font_lacks_are_drawn_with_an_installed_font_that_has_them(
+        tmp_path, recwarn):
+    """A class name with a character matplotlib's default font (DejaVu Sans) lacks but an
+    installed font (matplotlib's own STIX and DejaVu Math fonts) has: its text asks for such
+    a font after the default, and nothing warns."""
+    default, others = _installed_fonts()
+    extra = sorted(c for c in others["STIXGeneral"] - default
+                   if chr(c).isprintable() and not chr(c).isspace())
+    assert extra, "STIXGeneral has no character DejaVu Sans lacks"
+    name = "road " + chr(extra[0])
+    truth = np.zeros((20, 30), np.uint8)
+    truth[:, 15:] = 1
+    fig = plots.plot_masks([np.zeros((20, 30, 3), np.uint8)], {"p": [truth]}, [truth],
+                           task="multiclass", class_names=["sky", name], names=[name],
+                           path=tmp_path / "names.png")
+    texts = [*fig.legends[0].get_texts(), *(ax.title for ax in fig.axes)]
+    assert f"1 {name}" in {t.get_text() for t in texts}
+    for text in texts:
+        first, *fallbacks = text.get_fontfamily()
+        assert first == "DejaVu Sans" and fallbacks
+        assert all(extra[0] in others[family] for family in fallbacks)
+    assert not [w for w in recwarn if "font" in str(w.message).lower()]
+
+
+def test_names_no_installed_font_has_warn_once_naming_the_characters(tmp_path):
+    default, others = _installed_fonts()
+    known = default.union(*others.values())
+    absent = next(chr(c) for c in range(0x4E00, 0xA000) if c not in known)  # CJK ideographs
+    truth = np.zeros((20, 30), np.uint8)
+    truth[:, 15:] = 1
+    with pytest.warns(UserWarning) as record:
+        plots.plot_masks([np.zeros((20, 30, 3), np.uint8)], {"p": [truth]}, [truth],
+                         task="multiclass", class_names=["sky", absent * 2],
+                         path=tmp_path / "names.png")
+    fonts = [str(w.message) for w in record if "font" in str(w.message).lower()]
+    assert fonts == [f"no installed font has the characters {absent!r} of these class or "
+                     "file names: they are drawn as boxes; install a font that has them (e.g. "
+                     "Noto Sans CJK for Chinese, Japanese and Korean) and matplotlib uses it"]
+    assert (tmp_path / "names.png").stat().st_size > 1000
+
+
 def test_comparison_layout_one_row_per_image_one_column_per_model(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (32, 48, 3), dtype=np.uint8) for _ in range(3)]
