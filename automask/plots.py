@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -423,8 +424,6 @@ def text_fonts(texts: Sequence[str]) -> list[str]:
     fonts that have them; matplotlib draws each character with the first family that has
     it. Characters no installed font has are named in one warning (they show as boxes),
     instead of matplotlib's warning per character at every drawing."""
-    import warnings
-
     from matplotlib import font_manager
 
     first = font_manager.findfont(font_manager.FontProperties())
@@ -536,8 +535,6 @@ def _save(fig, path) -> None:
     if path is None:
         return
     from .utils import atomic_write
-
-    import warnings
 
     path = check_path(path)
     with atomic_write(path) as fh, warnings.catch_warnings():
