@@ -80,7 +80,11 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     if isinstance(data, (Sequence, abc.Iterator)):
         # a list, a tuple, or an iterator such as Path.glob(...), in its order; values kept
         # as given: validation reports None / NaN / "" as a missing path
-        return pd.DataFrame({image_col: pd.Series(list(data), dtype=object)}), None
+        values = list(data)
+        if not values:  # e.g. a glob that matched nothing
+            raise DataValidationError(
+                f"no images given: the {type(data).__name__} of paths is empty")
+        return pd.DataFrame({image_col: pd.Series(values, dtype=object)}), None
     raise DataValidationError(
         f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
         "list of paths or a folder"

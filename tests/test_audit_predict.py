@@ -310,3 +310,13 @@ def test_a_folder_of_images_skips_hidden_files_and_sub_folders(fitted, tmp_path)
     masks = seg.predict(folder)
     assert len(masks) == 1
     np.testing.assert_array_equal(masks[0], seg.predict([str(source)])[0])
+
+
+def test_an_empty_list_or_glob_of_images_says_so(fitted, tmp_path):
+    """A list, tuple or iterator of no paths (a glob that matched nothing) is named as such,
+    not as an empty data frame the user never made."""
+    seg, _, _ = fitted
+    for empty, kind in (([], "list"), ((), "tuple"), (tmp_path.glob("*.png"), "generator")):
+        with pytest.raises(DataValidationError, match=rf"^no images given: the {kind} of paths "
+                                                      "is empty$"):
+            seg.predict(empty)
