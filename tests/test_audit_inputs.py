@@ -148,6 +148,27 @@ def test_a_mask_saved_as_a_tiff_stack_is_warned_about_with_its_row(tmp_path):
     assert spec.task == "binary"  # the first page only: class 1
 
 
+def test_an_animated_gif_is_warned_about_and_a_single_frame_gif_is_not(tmp_path):
+    """An animated GIF image is read as its first frame, with the warning a TIFF stack gets;
+    a one-frame GIF (masks of older datasets, such as DRIVE's) reads without a word."""
+    import warnings
+
+    ids = _ids()
+    frames = [Image.fromarray(np.full((*ids.shape, 3), v, np.uint8)) for v in (0, 90, 180)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(((ids > 0) * 255).astype(np.uint8)).save(tmp_path / "mask.gif")
+    frame = pd.DataFrame({"image": [tmp_path / "clip.gif", tmp_path / "img.png"],
+                          "label": [tmp_path / "mask.gif"] * 2})
+    with pytest.warns(UserWarning, match=r"1 image or mask file\(s\) hold a stack of images "
+                                         r"\(TIFF pages of one size, GIF frames\).*row 0 "
+                                         r"\[image\] .*clip\.gif \(3 images\)"):
+        validate_frame(frame)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate_frame(frame.iloc[1:]).task == "binary"
+
+
 def test_urls_in_the_path_columns_are_named_as_urls(tmp_path):
     """A URL is named as such with its row, not as a missing file under the working folder
     ('<cwd>/https:/host/a.png: file not found')."""

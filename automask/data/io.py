@@ -375,14 +375,22 @@ def _samples_to_rgb(data: np.ndarray, orientation: int,
 
 def stacked_images(path: str | os.PathLike) -> int:
     """How many full-size images a file holds: above 1 for a TIFF stack (slices of a volume,
-    time points, channels saved as pages), of which only the first is read.
+    time points, channels saved as pages) or an animated GIF, of which only the first is
+    read.
 
     Pages at reduced resolution (a pyramid's overviews) do not count. Files other than
-    TIFFs return 1 after a 4-byte read.
+    TIFFs and GIFs return 1 after a 4-byte read.
     """
     with open(path, "rb") as fh:
-        if fh.read(4) not in _TIFF_MAGIC:
+        magic = fh.read(4)
+    if magic == b"GIF8":
+        try:
+            with Image.open(path) as gif:
+                return int(getattr(gif, "n_frames", 1))
+        except (OSError, ValueError, SyntaxError):  # reported by the image's own checks
             return 1
+    if magic not in _TIFF_MAGIC:
+        return 1
     try:
         with _tiff_page(path) as tif:
             first = tif.pages[0].shape

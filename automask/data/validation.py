@@ -670,7 +670,7 @@ def validate_frame(
         first = sorted(stacks, key=lambda key: (key[0], key[1] != image_col))[:5]
         warnings.warn(
             f"{len(stacks)} image or mask file(s) hold a stack of images (TIFF pages of one "
-            "size), of which only the first is read: "
+            "size, GIF frames), of which only the first is read: "
             + "; ".join(f"row {_plain(index[pos])!r} [{col}] {path} ({stacks[pos, col, path]} "
                         "images)" for pos, col, path in first)
             + ("; ..." if len(stacks) > len(first) else "")
