@@ -292,7 +292,7 @@ def _early_end(trainer, cfg: Config) -> str | None:
         return None
     done = f"after {epochs} of {cfg.optim.max_epochs} epochs"
     for callback in trainer.callbacks:
-        if isinstance(callback, EarlyStopping) and callback.stopped_epoch:
+        if isinstance(callback, EarlyStopping) and callback.wait_count >= callback.patience:
             return (f"no better validation score in {cfg.optim.patience} validation(s) "
                     f"(optim.patience) {done}")
         if isinstance(callback, Timer) and callback.time_remaining() is not None \
