@@ -361,12 +361,12 @@ def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path,
 
 
 # ------------------------------------------------------------------------- 6. SIGINT
-def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path):
+def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path, capsys):
     run = tmp_path / "run"
     epochs = 24  # an epoch takes about 0.25 s here: the interrupt lands well before the end
     proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
                      "--hp", f"optim.max_epochs={epochs}", "--hp", "model.input_size=64",
-                     "--path", str(run), "--verbosity", "0")
+                     "--path", str(run), "--verbosity", "1")
     wait_for(lambda: (run / STATE / "checkpoints" / "default.ckpt").is_file(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -376,10 +376,28 @@ def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path):
     assert "Traceback" not in err
     done = checkpoint_epoch(run)
     assert done is not None
-    seg = SemanticSegmentor(path=run, verbosity=0).fit(
+    # The epoch lines' best so far is in the resume checkpoint, equal to the best weights'.
+    import torch
+
+    states = torch.load(run / STATE / "checkpoints" / "default.ckpt", weights_only=False,
+                        map_location="cpu")["callbacks"]
+    [lines] = [v for k, v in states.items() if "EpochLines" in k]
+    [best] = [v for k, v in states.items() if "BestTrainableWeights" in k]
+    assert lines["best"] == best["best_score"] and lines["best_epoch"] == best["best_epoch"] + 1
+    capsys.readouterr()
+    seg = SemanticSegmentor(path=run, verbosity=1).fit(
         data / "train.csv", presets="tiny",
         hyperparameters={"optim.max_epochs": epochs, "model.input_size": 64}, resume=True)
-    assert [h["epoch"] for h in seg.models_["default"].history] == list(range(epochs))
+    history = seg.models_["default"].history
+    assert [h["epoch"] for h in history] == list(range(epochs))
+    # The resumed fit's epoch lines go on from the best score validated before the
+    # interruption, not from its own first epoch.
+    line = next(x for x in capsys.readouterr().out.splitlines() if "best " in x)
+    shown = re.search(r"epoch (\d+)/\d+ .* best ([0-9.]+) \(epoch (\d+)\)", line)
+    assert int(shown[1]) > 1, line  # a resumed epoch
+    seen = [h for h in history if h["epoch"] < int(shown[1])]
+    best = max(seen, key=lambda h: h["val_iou"])
+    assert (float(shown[2]), int(shown[3])) == (round(best["val_iou"], 4), best["epoch"] + 1), line
 
 
 API_FIT = textwrap.dedent("""

@@ -91,10 +91,22 @@ class EpochLines(L.Callback):
         self._loss_count = 0
         self._best: float | None = None
         self._best_epoch: int | None = None
+        self._first_epoch = 0
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The best score so far and its epoch, kept in resume checkpoints, so that a resumed
+        fit's lines go on from the best validated before the interruption."""
+        return {"best": self._best, "best_epoch": self._best_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._best = state_dict.get("best")
+        self._best_epoch = state_dict.get("best_epoch")
 
     # ------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.monotonic()
+        self._first_epoch = trainer.current_epoch  # above 0 in a resumed fit
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._loss_sum, self._loss_count = 0.0, 0
@@ -106,6 +118,11 @@ class EpochLines(L.Callback):
             if math.isfinite(value):
                 self._loss_sum += value
                 self._loss_count += 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before the epoch's resume checkpoint is written, which keeps the best so far
+        if not trainer.sanity_checking:
+            self._note_best(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -124,6 +141,16 @@ class EpochLines(L.Callback):
             return key, None
         return key, float(metrics[key])
 
+    def _note_best(self, trainer: L.Trainer) -> None:
+        """Take the latest validation score as the best so far when it is better."""
+        key, score = self._score(trainer)
+        if key is None or score is None or math.isnan(score):
+            return
+        epoch = trainer.current_epoch + 1  # 1-based, as in the lines
+        if self._best is None or (score > self._best if self._higher(key) else
+                                  score < self._best):
+            self._best, self._best_epoch = score, epoch
+
     def _higher(self, key: str) -> bool:
         if self.higher_is_better is not None:
             return self.higher_is_better
@@ -139,17 +166,15 @@ class EpochLines(L.Callback):
             parts.append(f"train_loss {self._loss_sum / self._loss_count:.4f}")
         key, score = self._score(trainer)
         if key is not None and score is not None and not math.isnan(score):
-            higher = self._higher(key)
-            if self._best is None or (score > self._best if higher else score < self._best):
-                self._best, self._best_epoch = score, epoch
+            self._note_best(trainer)  # normally done at the validation's end already
             parts.append(f"{key} {score:.4f}")
             parts.append(f"best {self._best:.4f} (epoch {self._best_epoch})")
         elif key is not None:
             parts.append(f"{key} -")
         elapsed = time.monotonic() - (self._start or time.monotonic())
         eta = None
-        if max_epochs is not None:
-            eta = elapsed / epoch * max(0, max_epochs - epoch)
+        if max_epochs is not None:  # from the epochs this process has trained
+            eta = elapsed / max(1, epoch - self._first_epoch) * max(0, max_epochs - epoch)
         remaining = _time_remaining(trainer)
         if remaining is not None:
             eta = remaining if eta is None else min(eta, remaining)
