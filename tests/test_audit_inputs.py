@@ -169,6 +169,26 @@ def test_an_animated_gif_is_warned_about_and_a_single_frame_gif_is_not(tmp_path)
         assert validate_frame(frame.iloc[1:]).task == "binary"
 
 
+def test_an_empty_image_or_mask_file_is_named_as_empty(tmp_path):
+    """A zero-byte file (an interrupted copy) is named as empty, not as an unknown format;
+    a file of other bytes stays "not an image Pillow can read"."""
+    ids = _ids()
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(ids).save(tmp_path / "mask.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_bytes(b"not an image")
+    frame = pd.DataFrame({"image": [tmp_path / "empty.png", tmp_path / "img.png",
+                                    tmp_path / "text.png"],
+                          "label": [tmp_path / "mask.png", tmp_path / "empty.png",
+                                    tmp_path / "mask.png"]})
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    text = str(info.value)
+    assert "row 0 [image] " in text and "row 1 [label] " in text
+    assert text.count("an empty file (0 bytes): an interrupted copy or download?") == 2, text
+    assert "row 2 [image] " in text and "text.png: not an image Pillow can read" in text
+
+
 def test_urls_in_the_path_columns_are_named_as_urls(tmp_path):
     """A URL is named as such with its row, not as a missing file under the working folder
     ('<cwd>/https:/host/a.png: file not found')."""

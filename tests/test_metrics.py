@@ -228,7 +228,11 @@ def test_multiclass_absent_class_is_nan_and_left_out_of_miou():
         (np.zeros((4, 5)), np.zeros((4, 6)), "shape"),
         (np.full((4, 5), 1.5), np.zeros((4, 5)), r"\[0, 1\]"),
         (np.full((4, 5), -0.1), np.zeros((4, 5)), r"\[0, 1\]"),
-        (np.full((4, 5), np.nan), np.zeros((4, 5)), r"\[0, 1\]"),
+        (np.full((4, 5), np.nan), np.zeros((4, 5)), r"holds 20 NaN or infinite value\(s\) "
+                                                     r"of its 20 pixels"),
+        (np.where(np.eye(4, 5) > 0, np.nan, 0.2), np.zeros((4, 5)),
+         r"the prediction holds 4 NaN or infinite value\(s\) of its 20 pixels$"),
+        (np.full((4, 5), np.inf), np.zeros((4, 5)), "holds 20 NaN or infinite"),
         (np.full((4, 5), 300), np.zeros((4, 5), np.int64), "0..255"),
         (np.zeros((4, 5)), np.full((4, 5), 256), "target"),
     ],

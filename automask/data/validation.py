@@ -311,7 +311,7 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     try:
         size = image_size(path)
     except UnidentifiedImageError:
-        return None, "not an image Pillow can read"
+        return None, _unreadable(path)
     except Image.DecompressionBombError as exc:
         return None, _too_large(exc)
     except (OSError, ValueError) as exc:
@@ -325,6 +325,17 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     except (OSError, ValueError, SyntaxError) as exc:
         return None, f"truncated or corrupt file ({exc})"
     return size, None
+
+
+def _unreadable(path) -> str:
+    """Why Pillow could not identify ``path``: an empty file (an interrupted copy or
+    download) is named as such."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "an empty file (0 bytes): an interrupted copy or download?"
+    except OSError:
+        pass
+    return "not an image Pillow can read"
 
 
 def _too_large(exc: Exception) -> str:
@@ -361,7 +372,7 @@ def _check_mask(path: str, color_map: ColorMap | None) -> tuple[Any, str | None]
     except DataValidationError as exc:
         return None, str(exc).replace(f"mask {path} ", "mask ")
     except UnidentifiedImageError:
-        return None, "not an image Pillow can read"
+        return None, _unreadable(path)
     except Image.DecompressionBombError as exc:
         return None, _too_large(exc)
     except (OSError, ValueError, SyntaxError) as exc:

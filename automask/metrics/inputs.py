@@ -122,6 +122,10 @@ def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
         return pred.to(torch.float64)
     if pred.is_floating_point():
         p = pred.to(torch.float64)
+        bad = int((~torch.isfinite(p)).sum())
+        if bad:
+            raise ValueError(f"{_where(index)}the prediction holds {bad} NaN or infinite "
+                             f"value(s) of its {p.numel()} pixels")
         lo, hi = _minmax(p)
         if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
             raise ValueError(
