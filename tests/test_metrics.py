@@ -462,3 +462,18 @@ def test_batch_prediction_with_a_list_of_targets_names_the_bad_image():
         metric.update(preds, [np.zeros((4, 5)), np.zeros((3, 5))])
     metric.update(preds[:, None], [np.zeros((4, 5))] * 2)  # (B, 1, H, W) with a list still works
     assert metric.compute().item() == 0.0  # (pred > 0.5 somewhere on an empty mask)
+
+
+def test_a_16_bit_binary_target_is_not_read_as_65536_classes():
+    """Targets of only 0 and 65535 (a 16-bit binary mask as an array) without a task: a
+    ValueError naming the image and the conversion, not a silent 65536-class score. Class
+    ids past 255 with other values stay multi-class."""
+    g = np.zeros((8, 8), np.uint16)
+    g[2:6, 2:6] = 65535
+    p = (g > 0).astype(np.uint8) * 255
+    with pytest.raises(ValueError, match=r"image 1: the target holds only 0 and 65535: a "
+                                         r"16-bit binary mask\? .*mask // 257"):
+        score([p, p], [g // 257, g])
+    assert score([p], [g // 257])["iou"] == 1.0
+    ids = np.arange(64, dtype=np.int64).reshape(8, 8) * 5  # ids 0..315, many values
+    assert score([ids], [ids])["miou"] == 1.0
