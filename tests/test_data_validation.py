@@ -421,3 +421,21 @@ def test_class_ids_beyond_the_class_names_name_class_names(tmp_path):
                                                   r".*row 1 .*pass num_classes=6 or more"):
         validate_frame(_frame(pairs), num_classes=2, class_names=["road", "car"])
     assert validate_frame(_frame(pairs), class_names=list("abcdef")).num_classes == 6
+
+
+def test_soft_masks_get_the_class_id_hint_only_when_the_data_set_the_classes(tmp_path):
+    """Anti-aliased binary masks are binarised with a warning; the hint to pass num_classes
+    is given when the number of classes came from the data, not when it was given (a fitted
+    binary model's evaluate passes num_classes=2, which cannot change)."""
+    import warnings
+
+    soft = _binary()
+    soft[5, 5] = 200  # anti-aliased edge value
+    pairs = [_pair(tmp_path, "soft", soft), _pair(tmp_path, "hard", _binary())]
+    for num_classes, hint in ((None, True), (2, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert validate_frame(_frame(pairs), num_classes=num_classes).task == "binary"
+        [text] = [str(w.message) for w in caught if "anti-aliased" in str(w.message)]
+        assert text.startswith("1 mask(s) look like anti-aliased or JPEG-compressed")
+        assert ("Pass num_classes > 2" in text) == hint, text

@@ -958,7 +958,7 @@ def _detect_task(
                     f"num_classes, set it; pass num_classes={need} or more to fit "
                     "when a class appears only in the tuning data)",
                 )
-        _warn_soft(kinds)
+        _warn_soft(kinds, hint=False)  # K was given
         return ("binary" if k == 2 else "multiclass"), k, kinds
 
     if all(kinds[pos] in (KIND_B01, KIND_B255, KIND_SOFT) for pos in valid):
@@ -1063,13 +1063,17 @@ def _check_some_pixel_labelled(
         )
 
 
-def _warn_soft(kinds: list[str | None]) -> None:
+def _warn_soft(kinds: list[str | None], hint: bool = True) -> None:
+    """Warn about masks binarised at SOFT_THRESHOLD; ``hint``: say how to read them as class
+    ids instead (only when the number of classes came from the data, not from a fitted
+    model or the caller)."""
     n_soft = sum(kind == KIND_SOFT for kind in kinds)
     if n_soft:
         warnings.warn(
             f"{n_soft} mask(s) look like anti-aliased or JPEG-compressed binary masks "
             f"(values between 0 and 255); they are binarised at > {SOFT_THRESHOLD}, as "
-            "PySODMetrics does. Pass num_classes > 2 to read the values as class ids.",
+            "PySODMetrics does." + (" Pass num_classes > 2 to read the values as class ids."
+                                    if hint else ""),
             stacklevel=4,
         )
 
