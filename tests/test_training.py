@@ -226,3 +226,17 @@ def test_best_weights_callback_restores_the_best_copy():
     assert torch.all(param == 2.0)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and not set(frozen) & set(best.best_state)
+
+
+def test_progress_callbacks_keep_one_state_at_every_verbosity(capsys):
+    """A resume checkpoint holds the epoch lines' state whatever the verbosity, so a fit
+    interrupted at one verbosity and resumed at another finds the same callbacks (Lightning
+    warns about checkpointed callbacks the trainer lacks); at verbosity 0 nothing prints."""
+    from automask.training.progress import EpochLines, progress_callbacks
+
+    quiet, loud = progress_callbacks("a", 0), progress_callbacks("a", 1)
+    assert [c.state_key for c in quiet] == [c.state_key for c in loud] == ["EpochLines"]
+    assert isinstance(quiet[0], EpochLines) and quiet[0].silent and not loud[0].silent
+    quiet[0]._write("a line")
+    loud[0]._write("another line")
+    assert capsys.readouterr().out == "another line\n"

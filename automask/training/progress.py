@@ -32,7 +32,11 @@ def show_bar(verbosity: int) -> bool:
 
 
 def progress_callbacks(name: str, verbosity: int, monitor: str | None = None) -> list[L.Callback]:
-    """Callbacks that print a fit's progress at ``verbosity`` (empty when silent).
+    """Callbacks that print a fit's progress at ``verbosity``.
+
+    At verbosity 0 the epoch lines are kept but not printed: their state (the best score so
+    far) is part of every resume checkpoint, so that a fit resumed at another verbosity
+    finds the callbacks it was checkpointed with.
 
     Parameters
     ----------
@@ -43,7 +47,7 @@ def progress_callbacks(name: str, verbosity: int, monitor: str | None = None) ->
     monitor : str, optional
         Logged validation metric (e.g. ``"val_iou"``); the first ``val_*`` metric when None.
     """
-    return [EpochLines(name, monitor=monitor)] if verbosity >= 1 else []
+    return [EpochLines(name, monitor=monitor, silent=verbosity < 1)]
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -77,11 +81,15 @@ class EpochLines(L.Callback):
         when None.
     stream : file-like, optional
         Where the lines go; ``sys.stdout`` (looked up at print time) when None.
+    silent : bool
+        Keep the lines in :attr:`lines` without printing them.
     """
 
     def __init__(self, name: str, monitor: str | None = None,
-                 higher_is_better: bool | None = None, stream: Any = None):
+                 higher_is_better: bool | None = None, stream: Any = None,
+                 silent: bool = False):
         self.name = name
+        self.silent = silent
         self.monitor = monitor
         self.higher_is_better = higher_is_better
         self.stream = stream
@@ -183,7 +191,7 @@ class EpochLines(L.Callback):
 
     def _write(self, line: str) -> None:
         stream = self.stream if self.stream is not None else sys.stdout
-        if stream is None:
+        if stream is None or self.silent:
             return
         from tqdm import tqdm
 
