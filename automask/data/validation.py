@@ -41,6 +41,8 @@ tuning images that are also training images, empty binary masks) is reported by
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import re
@@ -330,11 +332,9 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
 def _unreadable(path) -> str:
     """Why Pillow could not identify ``path``: an empty file (an interrupted copy or
     download) is named as such."""
-    try:
+    with contextlib.suppress(OSError):  # unreadable size: the general reason
         if os.path.getsize(path) == 0:
             return "an empty file (0 bytes): an interrupted copy or download?"
-    except OSError:
-        pass
     return "not an image Pillow can read"
 
 

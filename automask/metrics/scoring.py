@@ -132,10 +132,10 @@ def infer_task(
     if _grey_8bit(predictions, targets, ignore_index):
         return "binary"
     for i, t in enumerate(targets):  # 0 and one value past 255: not 65536 classes
-        values = torch.unique(t)
-        if len(values) == 2 and int(values[0]) == 0 and int(values[1]) > 255:
+        hi = int(t.max())
+        if hi > 255 and not bool(((t != 0) & (t != hi)).any()) and bool((t == 0).any()):
             raise ValueError(
-                f"image {i}: the target holds only 0 and {int(values[1])}: a 16-bit binary "
+                f"image {i}: the target holds only 0 and {hi}: a 16-bit binary "
                 "mask? Pass it as 0/255 (for 0/65535: mask // 257) or as a bool mask "
                 "(mask > 0); for class ids, pass task='multiclass'")
     return "multiclass"
