@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
 
 log = logging.getLogger("automask")
+_LOADING = threading.Lock()  # SemanticSegmentor._model: loading and merging a model
 
 
 class SemanticSegmentor(BaseEstimator):
@@ -506,15 +508,18 @@ class SemanticSegmentor(BaseEstimator):
         name = self.best_model_ if name is None else name
         if name not in self.models_:
             raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(self.models_)}")
-        if name not in self._loaded:
-            self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
-        model = self._loaded[name]
-        # Inference runs merged: LoRA (and SSF where it can) folded into the frozen weights,
-        # the same output within float tolerance, less work per forward. The weights files
-        # were written before; this model is never saved again.
         from .peft import merge_adapters
 
-        merge_adapters(model)
+        # One thread at a time: predictions from several threads (a web server's) would
+        # otherwise merge the same model's adapters twice, adding each update twice.
+        with _LOADING:
+            if name not in self._loaded:
+                self._loaded = {name: saving.rebuild_model(self, name)}  # keep one in memory
+            model = self._loaded[name]
+            # Inference runs merged: LoRA (and SSF where it can) folded into the frozen
+            # weights, the same output within float tolerance, less work per forward. The
+            # weights files were written before; this model is never saved again.
+            merge_adapters(model)
         return model
 
     # ------------------------------------------------- pictures and summary

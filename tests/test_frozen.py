@@ -155,7 +155,7 @@ def test_parked_originals_come_back_bit_for_bit_and_the_step_is_the_same():
     loss, grads = _step(model, images)
     with frozen_linears_in_bf16(model, park=True) as held:
         assert held == len(params) > 0
-        entries = [frozen._HELD[id(p)][1] for p in params]
+        entries = [frozen._HELD[id(p)].original for p in params]
         assert all(isinstance(e, frozen._Parked) for e in entries)  # none kept in memory
         assert len({id(e.file) for e in entries}) == 1  # one file for all of them
         held_loss, held_grads = _step(model, images)
@@ -192,7 +192,7 @@ def test_a_full_disk_keeps_the_originals_in_memory_with_a_warning(monkeypatch):
     monkeypatch.setattr(frozen.tempfile, "TemporaryFile", FillsUp)
     with pytest.warns(RuntimeWarning, match="No space left.*keeping them in memory"):
         with frozen_linears_in_bf16(model, park=True) as held:
-            kinds = [type(frozen._HELD[id(p)][1]) for p in params]
+            kinds = [type(frozen._HELD[id(p)].original) for p in params]
             assert held == len(params) > 2
             assert kinds[:2] == [frozen._Parked] * 2
             assert all(k is torch.Tensor for k in kinds[2:])  # no later write tried
@@ -209,11 +209,69 @@ def test_a_parked_weight_that_cannot_be_read_back_is_named_and_the_rest_restored
     name = next(n for n, p in model.named_parameters() if p is last)
     with pytest.raises(RuntimeError, match=re.escape(f"weights of {name!r}: they stay in bf16")):
         with frozen_linears_in_bf16(model, park=True):
-            entry = frozen._HELD[id(last)][1]
+            entry = frozen._HELD[id(last)].original
             entry.file.truncate(entry.offset + 4)  # the last weight's bytes are lost
     for p, b in zip(params[:-1], before[:-1], strict=True):
         assert p.dtype == torch.float32 and torch.equal(p, b)
     assert last.dtype == torch.bfloat16 and not frozen._HELD
+
+
+def test_holds_that_end_out_of_order_give_the_originals_back_after_the_last():
+    """Two predictions in two threads may end in any order: the weights stay in bf16 while
+    one of them still runs, and the first hold's parked originals come back at the end."""
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"), "lora")
+    params = _frozen_linear_params(model)
+    before = [p.detach().clone() for p in params]
+    first = frozen_linears_in_bf16(model, park=True)
+    assert first.__enter__() == len(params) > 0
+    [file] = {id(e.original.file): e.original.file for e in frozen._HELD.values()}.values()
+    second = frozen_linears_in_bf16(model)
+    assert second.__enter__() == 0  # shares the first's casts
+    first.__exit__(None, None, None)  # the first ends while the second still runs
+    assert all(p.dtype == torch.bfloat16 for p in params) and not file.closed
+    assert all(frozen.is_held(p) for p in params)
+    second.__exit__(None, None, None)
+    for p, b in zip(params, before, strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, b)  # read back from the file
+    assert not frozen._HELD and file.closed
+
+
+def test_holds_started_and_ended_by_threads_at_once_restore_every_weight(monkeypatch):
+    """Threads entering and leaving holds of one model at the same time (each cast made slow
+    so that their loops interleave): none fails, and every weight ends as it began."""
+    import threading
+    import time
+
+    model = apply_peft(build_segmenter("tiny", input_size=SIZE, checkpoint="random"), "lora")
+    params = _frozen_linear_params(model)
+    before = [p.detach().clone() for p in params]
+    real_to = torch.Tensor.to
+
+    def slow_to(self, *args, **kwargs):
+        if args and args[0] is torch.bfloat16:
+            time.sleep(0.002)
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", slow_to)
+    start, errors = threading.Barrier(4), []
+
+    def hold(rounds: int) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                with frozen_linears_in_bf16(model, park=rounds % 2 == 0):
+                    time.sleep(0.001)
+        except Exception as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in (2, 3, 4, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for p, b in zip(params, before, strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, b)
+    assert not frozen._HELD
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +292,7 @@ def _spy(monkeypatch, counts: list[int], hold: bool = True,
             counts.append(held)
             if parks is not None:
                 parks.append(park and held > 0 and all(
-                    isinstance(entry[1], frozen._Parked) for entry in frozen._HELD.values()))
+                    isinstance(entry.original, frozen._Parked) for entry in frozen._HELD.values()))
             yield held
     monkeypatch.setattr(frozen, "frozen_linears_in_bf16", spy)
 
@@ -315,7 +373,7 @@ def test_a_parked_hold_never_ended_is_no_error_at_interpreter_exit():
         "model = nn.Sequential(nn.Linear(4, 4)).requires_grad_(False)\n"
         "hold = frozen.frozen_linears_in_bf16(model, park=True)\n"
         "hold.__enter__()\n"
-        "next(iter(frozen._HELD.values()))[1].file.close()\n"
+        "next(iter(frozen._HELD.values())).original.file.close()\n"
         "print(model[0].weight.dtype)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)

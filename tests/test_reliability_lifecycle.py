@@ -456,6 +456,56 @@ def test_predict_never_overwrites_inputs_or_existing_files(data, base, tmp_path)
 
 
 # ------------------------------------------------------------ 7. saved-model hygiene
+def test_predictions_from_several_threads_at_once(data, tmp_path, monkeypatch):
+    """A web server's threads predicting with one fitted predictor: each LoRA update reaches
+    the frozen weights once (the fit leaves its model loaded and unmerged, and the first
+    predictions merge it; the update is made slow so that the threads overlap inside the
+    merge), no thread fails, and each gets what one prediction at a time gives."""
+    import threading
+
+    from automask.peft.lora import LoRALinear
+
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters={**HP, "peft.method": "lora"})
+    model = seg._loaded[seg.best_model_]
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and not any(m.merged for m in layers)
+    with torch.no_grad():  # updates large enough to see (B starts at zero)
+        for m in layers:
+            m.lora_B.weight.normal_(0, 0.1)
+    before = [m.base_layer.weight.detach().clone() for m in layers]
+    deltas = [m.delta_weight().detach().clone() for m in layers]
+    images = sorted(str(p) for p in (data / "data" / "images").glob("*.png"))[:2]
+    real = LoRALinear.delta_weight
+
+    def slow(self):
+        time.sleep(0.01)
+        return real(self)
+    monkeypatch.setattr(LoRALinear, "delta_weight", slow)
+    start, results, errors = threading.Barrier(3), {}, []
+
+    def predict(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = seg.predict_proba(images)
+        except Exception as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=predict, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert seg._loaded[seg.best_model_] is model and all(m.merged for m in layers)
+    for m, w0, delta in zip(layers, before, deltas):
+        torch.testing.assert_close(m.base_layer.weight - w0, delta, rtol=1e-4, atol=1e-6)
+    alone = seg.predict_proba(images)
+    for i in range(3):
+        for a, b in zip(results[i], alone, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_load_refuses_weights_outside_the_directory_and_missing_hashes(base, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base, run)

@@ -26,6 +26,10 @@ memory, and are read back bit for bit at the end: the process holds only the bf1
 runs of five) and the read 0.05-0.15 s to its end, once per fit. When the file cannot be
 written (a full disk) the rest stay in memory, with a warning.
 
+Holds nest and may run in several threads at once (predictions served concurrently): a
+parameter already held is shared, and its original comes back when the last hold sharing it
+ends, never under a forward still running in another thread.
+
 Used on CPUs only: on a GPU a step's casts take about a millisecond.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Iterator
 
@@ -86,26 +91,39 @@ class _ParkingFile:
             return tensor
         return _Parked(self.file, offset, tensor.shape)
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+
+class _Entry:
+    """A held parameter: its float32 original (or where it is parked) and how many holds
+    share it."""
+
+    __slots__ = ("param", "original", "name", "holders")
+
+    def __init__(self, param: nn.Parameter, original: torch.Tensor | _Parked, name: str):
+        self.param, self.original, self.name, self.holders = param, original, name, 1
 
 
-# id(parameter) -> (parameter, its float32 original or where it is parked), while held
-_HELD: dict[int, tuple[nn.Parameter, torch.Tensor | _Parked]] = {}
+# id(parameter) -> its entry, while held. A hold that finds a parameter already held (a
+# nested hold, or a prediction in another thread) shares it; the last one to end gives the
+# original back, so no forward still running elsewhere sees its weight swapped.
+_HELD: dict[int, _Entry] = {}
+_LOCK = threading.Lock()  # guards _HELD and the swaps of ``param.data``
 
 
 def is_held(param: torch.Tensor) -> bool:
     """True while :func:`frozen_linears_in_bf16` holds ``param`` in bf16 (its float32
     original comes back when the hold ends, so changes made to it meanwhile are lost)."""
     entry = _HELD.get(id(param))
-    return entry is not None and entry[0] is param
+    return entry is not None and entry.param is param
 
 
 @contextlib.contextmanager
 def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True,
                            park: bool = False) -> Iterator[int]:
     """Hold the frozen float32 parameters of ``model``'s ``nn.Linear`` layers in bf16.
+
+    Holds may nest and may run in several threads at once (predictions served
+    concurrently): a parameter already held is shared, and goes back to float32 when the
+    last hold sharing it ends.
 
     Parameters
     ----------
@@ -120,49 +138,71 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True,
     Yields
     ------
     int
-        How many parameters are held (0 when nested in another hold of the same model).
+        How many parameters this hold cast (0 when another hold of the same model is on).
     """
-    held = []
+    entries: list[_Entry] = []
+    cast_here = 0
     parking = _ParkingFile() if enabled and park else None
     try:
-        for prefix, module in model.named_modules() if enabled else ():
-            if type(module) is not nn.Linear:  # subclasses may use their weights otherwise
-                continue
-            for name, param in module.named_parameters(recurse=False):
-                if param.requires_grad or param.dtype != torch.float32 or id(param) in _HELD:
+        with _LOCK:
+            for prefix, module in model.named_modules() if enabled else ():
+                if type(module) is not nn.Linear:  # subclasses may use their weights otherwise
                     continue
-                cast = param.data.to(torch.bfloat16)
-                original = param.data if parking is None else parking.put(param.data)
-                _HELD[id(param)] = (param, original)
-                held.append((f"{prefix}.{name}", param))
-                param.data = cast
-        yield len(held)
+                for name, param in module.named_parameters(recurse=False):
+                    entry = _HELD.get(id(param))
+                    if entry is not None and entry.param is param:  # held by another hold
+                        entry.holders += 1
+                        entries.append(entry)
+                        continue
+                    if param.requires_grad or param.dtype != torch.float32:
+                        continue
+                    cast = param.data.to(torch.bfloat16)
+                    original = param.data if parking is None else parking.put(param.data)
+                    entry = _HELD[id(param)] = _Entry(param, original, f"{prefix}.{name}")
+                    entries.append(entry)
+                    param.data = cast
+                    cast_here += 1
+        yield cast_here
     finally:  # also when a cast above failed (out of memory): nothing stays half held
-        failure = None
-        if sys.is_finalizing():  # a hold never ended, the interpreter is: nothing to give back
-            held = []
-        for name, param in held:
-            original = _HELD.pop(id(param))[1]
+        if not sys.is_finalizing():  # (a hold never ended, the interpreter is: nothing to do)
+            _release(entries, parking)
+
+
+def _release(entries: list[_Entry], parking: _ParkingFile | None) -> None:
+    """End one hold of ``entries``: the float32 originals of those no other hold shares go
+    back; a parking file no held parameter uses any more is closed."""
+    failure = None
+    files = {parking.file} if parking is not None and parking.file is not None else set()
+    with _LOCK:
+        for entry in entries:
+            entry.holders -= 1
+            if entry.holders:
+                continue
+            del _HELD[id(entry.param)]
+            original = entry.original
             try:
-                param.data = original if isinstance(original, torch.Tensor) else original.load()
+                if isinstance(original, _Parked):
+                    files.add(original.file)
+                    original = original.load()
+                entry.param.data = original
             except (OSError, ValueError, RuntimeError) as exc:  # the others first
                 failure = failure or RuntimeError(
-                    f"could not read back the frozen float32 weights of {name!r}: they stay "
-                    f"in bf16 ({exc})")
-        if parking is not None:
-            parking.close()
-        if failure is not None:
-            raise failure
+                    f"could not read back the frozen float32 weights of {entry.name!r}: "
+                    f"they stay in bf16 ({exc})")
+        in_use = {e.original.file for e in _HELD.values() if isinstance(e.original, _Parked)}
+        for file in files - in_use:
+            file.close()
+    if failure is not None:
+        raise failure
 
 
 def restore_originals(model: nn.Module, copy: nn.Module) -> None:
     """Give ``copy`` (a deep copy of ``model``) the float32 originals of ``model``'s held
     parameters."""
-    if not _HELD:
-        return
-    for source, target in zip(model.parameters(), copy.parameters(), strict=True):
-        entry = _HELD.get(id(source))
-        if entry is not None and entry[0] is source:
-            original = entry[1]
-            target.data = (original.clone() if isinstance(original, torch.Tensor)
-                           else original.load())
+    with _LOCK:  # another thread's hold may end meanwhile
+        for source, target in zip(model.parameters(), copy.parameters(), strict=True):
+            entry = _HELD.get(id(source))
+            if entry is not None and entry.param is source:
+                original = entry.original
+                target.data = (original.clone() if isinstance(original, torch.Tensor)
+                               else original.load())
