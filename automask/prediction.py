@@ -309,13 +309,13 @@ def to_mask(prob: np.ndarray, task: str, num_classes: int) -> np.ndarray:
     return prob.argmax(0).astype(np.uint8 if num_classes <= 256 else np.int32)
 
 
-def throughput(model: torch.nn.Module, cfg: Config, task: str, frame: pd.DataFrame,
-               image_col: str) -> float | None:
-    """Images per second of prediction on (at most 16 of) the images of ``frame``."""
-    n = min(len(frame), 16)
+def throughput(model: torch.nn.Module, cfg: Config, task: str, spec) -> float | None:
+    """Images per second of prediction on (at most 16 of) the images of ``spec``, a
+    validated frame (read again as they are, not validated again: no warning twice)."""
+    n = min(len(spec.frame), 16)
     if n == 0:
         return None
-    spec = images_spec(frame.iloc[:n], image_col, None)
+    spec = spec.subset(range(n))
     t0 = time.perf_counter()
     count = sum(1 for _ in iter_proba(model, cfg, task, spec))
     return count / max(time.perf_counter() - t0, 1e-9)

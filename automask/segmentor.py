@@ -188,7 +188,7 @@ class SemanticSegmentor(BaseEstimator):
             self.color_map_ = spec.color_map
             self._weights_dir = run.state.models_dir
             self.models_, self._loaded = run.train_candidates(
-                plan, seed=self.seed, image_col=self.image, verbosity=self.verbosity,
+                plan, seed=self.seed, verbosity=self.verbosity,
                 deadline=deadline)
             self.best_model_ = select_best(self.models_, self.eval_metric_)
             self.config_ = self.models_[self.best_model_].config

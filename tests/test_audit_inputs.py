@@ -169,6 +169,32 @@ def test_an_animated_gif_is_warned_about_and_a_single_frame_gif_is_not(tmp_path)
         assert validate_frame(frame.iloc[1:]).task == "binary"
 
 
+def test_a_fit_warns_about_a_stacked_image_once(tmp_path):
+    """A fit of two candidates reads its data once for the warnings: a stack in the tuning
+    data is named once, not again when each candidate's prediction speed is measured on
+    those images."""
+    import warnings
+
+    from automask import SemanticSegmentor
+    from automask.datasets import make_synthetic
+
+    frame = make_synthetic(6, size=48, num_classes=2, seed=0, root=tmp_path / "data")
+    rgb = np.asarray(Image.open(frame["image"].iloc[0]).convert("RGB"))
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([rgb, rgb]))  # two RGB pages
+    tuning = pd.DataFrame({"image": [str(tmp_path / "stack.tif"), frame["image"].iloc[1]],
+                           "label": list(frame["label"].iloc[:2])})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            frame, tuning_data=tuning, presets="tiny",
+            hyperparameters={"model.input_size": 48, "optim.max_epochs": 1,
+                             "optim.lr": [1e-3, 2e-3]})
+    stacks = [str(w.message) for w in caught if "hold a stack of images" in str(w.message)]
+    assert len(seg.models_) == 2
+    assert all(r.predict_images_per_s > 0 for r in seg.models_.values())
+    assert len(stacks) == 1 and "stack.tif (2 images)" in stacks[0], stacks
+
+
 def test_an_empty_image_or_mask_file_is_named_as_empty(tmp_path):
     """A zero-byte file (an interrupted copy) is named as empty, not as an unknown format;
     a file of other bytes stays "not an image Pillow can read"."""

@@ -121,7 +121,7 @@ class FitRun(contextlib.AbstractContextManager):
                 "continue it or overwrite=True (--overwrite) to start again"
             )
 
-    def train_candidates(self, plan, *, seed: int, image_col: str, verbosity: int,
+    def train_candidates(self, plan, *, seed: int, verbosity: int,
                          deadline: float | None) -> tuple[dict, dict]:
         """Train every unfinished candidate of ``plan``; finished ones are read back.
 
@@ -130,10 +130,10 @@ class FitRun(contextlib.AbstractContextManager):
         dropped, ConfigError when ``deadline`` left no time for any.
         """
         with _seed_env_restored():
-            return self._train_candidates(plan, seed=seed, image_col=image_col,
-                                          verbosity=verbosity, deadline=deadline)
+            return self._train_candidates(plan, seed=seed, verbosity=verbosity,
+                                          deadline=deadline)
 
-    def _train_candidates(self, plan, *, seed: int, image_col: str, verbosity: int,
+    def _train_candidates(self, plan, *, seed: int, verbosity: int,
                           deadline: float | None) -> tuple[dict, dict]:
         from .plan import locate_weights
         from .recipe import train_candidate
@@ -167,7 +167,7 @@ class FitRun(contextlib.AbstractContextManager):
             L.seed_everything(run_seed, workers=True, verbose=False)
             outcome = train_candidate(
                 name, cfg, plan.spec, plan.tuning_spec, run_dir=self.path, state=self.state,
-                seed=run_seed, split_seed=seed, eval_metric=plan.metric, image_col=image_col,
+                seed=run_seed, split_seed=seed, eval_metric=plan.metric,
                 budget=budget, verbosity=verbosity, writer=self.writer,
                 resuming=self.resume,
             )

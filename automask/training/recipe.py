@@ -94,7 +94,6 @@ def _train_candidate(
     state: FitState,
     seed: int,
     eval_metric: str,
-    image_col: str,
     budget: float | None,
     verbosity: int,
     split_seed: int | None = None,
@@ -276,8 +275,7 @@ def _train_candidate(
     )
     late = budget is not None and time.monotonic() - started > 0.97 * budget
     if writer and not late:
-        record.predict_images_per_s = throughput(model, cfg, spec.task,
-                                                 datamodule.val_spec.frame, image_col)
+        record.predict_images_per_s = throughput(model, cfg, spec.task, datamodule.val_spec)
     return Outcome(model, record)
 
 
