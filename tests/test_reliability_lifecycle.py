@@ -384,12 +384,16 @@ def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path, capsys):
     [lines] = [v for k, v in states.items() if "EpochLines" in k]
     [best] = [v for k, v in states.items() if "BestTrainableWeights" in k]
     assert lines["best"] == best["best_score"] and lines["best_epoch"] == best["best_epoch"] + 1
+    [clock] = [v for k, v in states.items() if "FitClock" in k]
+    assert lines["elapsed"] > 0 and clock["seconds"] > 0
     capsys.readouterr()
     seg = SemanticSegmentor(path=run, verbosity=1).fit(
         data / "train.csv", presets="tiny",
         hyperparameters={"optim.max_epochs": epochs, "model.input_size": 64}, resume=True)
     history = seg.models_["default"].history
     assert [h["epoch"] for h in history] == list(range(epochs))
+    record = seg.models_["default"]  # the time before the interruption counts too
+    assert record.fit_time > record.train_time > clock["seconds"]
     # The resumed fit's epoch lines go on from the best score validated before the
     # interruption, not from its own first epoch.
     line = next(x for x in capsys.readouterr().out.splitlines() if "best " in x)

@@ -240,3 +240,33 @@ def test_progress_callbacks_keep_one_state_at_every_verbosity(capsys):
     quiet[0]._write("a line")
     loud[0]._write("another line")
     assert capsys.readouterr().out == "another line\n"
+
+
+def test_resumed_epoch_lines_and_fit_clock_count_the_time_before_the_interruption():
+    """A resumed fit's lines show the seconds trained before the interruption plus its own
+    (their eta comes from this process's epochs), and the candidate's training time adds
+    the checkpointed seconds; both states round-trip through ``state_dict``."""
+    from types import SimpleNamespace
+
+    from automask.training.callbacks import FitClock
+    from automask.training.progress import EpochLines
+
+    lines = EpochLines("a", monitor="val_iou", silent=True)
+    lines.load_state_dict({"best": 0.8, "best_epoch": 3, "elapsed": 125.0})
+    trainer = SimpleNamespace(current_epoch=4, max_epochs=10, callbacks=[],
+                              callback_metrics={"val_iou": torch.tensor(0.5)},
+                              sanity_checking=False, is_global_zero=True)
+    lines.on_train_start(trainer, None)
+    line = lines._line(trainer)
+    assert "best 0.8000 (epoch 3)" in line and "elapsed 2m05s" in line, line
+    assert lines.state_dict()["elapsed"] >= 125.0
+    clock = FitClock()
+    clock.load_state_dict({"seconds": 40.0})
+    clock.on_train_start(trainer, None)
+    assert clock.state_dict()["seconds"] >= 40.0
+    clock.on_train_end(trainer, None)
+    assert 40.0 <= clock.seconds < 60.0
+    fresh = FitClock()  # a fit that did not resume starts from 0
+    fresh.on_train_start(trainer, None)
+    fresh.on_train_end(trainer, None)
+    assert 0.0 <= fresh.seconds < 20.0

@@ -79,18 +79,29 @@ class BestTrainableWeights(L.Callback):
 
 
 class FitClock(L.Callback):
-    """Wall-clock seconds of the fit, from the first to the last training batch."""
+    """Wall-clock seconds of the fit, from the first to the last training batch; a resumed
+    fit adds the seconds up to the checkpoint it resumed from (kept in its state)."""
 
     def __init__(self) -> None:
         self.start: float | None = None
+        self.before = 0.0  # seconds trained before a resume
         self.seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return {"seconds": self._now()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = float(state_dict.get("seconds") or 0.0)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.start is not None:
-            self.seconds = time.perf_counter() - self.start
+        self.seconds = self._now()
+
+    def _now(self) -> float:
+        here = time.perf_counter() - self.start if self.start is not None else 0.0
+        return self.before + here
 
 
 class EpochCheckpoint(L.Callback):

@@ -100,16 +100,18 @@ class EpochLines(L.Callback):
         self._best: float | None = None
         self._best_epoch: int | None = None
         self._first_epoch = 0
+        self._elapsed_before = 0.0  # seconds trained before a resume
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The best score so far and its epoch, kept in resume checkpoints, so that a resumed
-        fit's lines go on from the best validated before the interruption."""
-        return {"best": self._best, "best_epoch": self._best_epoch}
+        """The best score so far, its epoch and the seconds elapsed, kept in resume
+        checkpoints, so that a resumed fit's lines go on from them."""
+        return {"best": self._best, "best_epoch": self._best_epoch, "elapsed": self._elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._best = state_dict.get("best")
         self._best_epoch = state_dict.get("best_epoch")
+        self._elapsed_before = float(state_dict.get("elapsed") or 0.0)
 
     # ------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -159,6 +161,11 @@ class EpochLines(L.Callback):
                                   score < self._best):
             self._best, self._best_epoch = score, epoch
 
+    def _elapsed(self) -> float:
+        """Seconds trained so far, before a resume included."""
+        here = time.monotonic() - self._start if self._start is not None else 0.0
+        return self._elapsed_before + here
+
     def _higher(self, key: str) -> bool:
         if self.higher_is_better is not None:
             return self.higher_is_better
@@ -179,10 +186,11 @@ class EpochLines(L.Callback):
             parts.append(f"best {self._best:.4f} (epoch {self._best_epoch})")
         elif key is not None:
             parts.append(f"{key} -")
-        elapsed = time.monotonic() - (self._start or time.monotonic())
+        here = time.monotonic() - (self._start or time.monotonic())  # in this process
         eta = None
         if max_epochs is not None:  # from the epochs this process has trained
-            eta = elapsed / max(1, epoch - self._first_epoch) * max(0, max_epochs - epoch)
+            eta = here / max(1, epoch - self._first_epoch) * max(0, max_epochs - epoch)
+        elapsed = self._elapsed_before + here
         remaining = _time_remaining(trainer)
         if remaining is not None:
             eta = remaining if eta is None else min(eta, remaining)

@@ -263,7 +263,7 @@ def _train_candidate(
         val_score=best.best_score,
         best_epoch=best.best_epoch,
         epochs=trainer.current_epoch,
-        fit_time=time.monotonic() - started,
+        fit_time=time.monotonic() - started + clock.before,  # + training before a resume
         train_time=clock.seconds,
         trainable_params=trainable,
         total_params=total,

@@ -34,7 +34,8 @@ class CandidateRecord:
     epochs : int
         Epochs trained (the last may be partial when stopped by time or divergence).
     fit_time, train_time : float
-        Seconds for the whole candidate, and for its training loop alone.
+        Seconds for the whole candidate, and for its training loop alone; after a resume
+        both include the training before the interruption, up to its last checkpoint.
     trainable_params, total_params, base_params : int
         Parameter counts after PEFT, and of the SAM model before adapters.
     checkpoint : dict
