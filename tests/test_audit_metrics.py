@@ -207,6 +207,11 @@ def test_score_reads_files_as_score_folders_does(tmp_path):
         pair = [[tmp_path / p if p == "text.png" else p for p in side] for side in pair]
         with pytest.raises(ValueError, match=r"text.png is not an image Pillow can read"):
             score(*pair)
+    (tmp_path / "empty.png").write_bytes(b"")  # an interrupted copy: named as empty
+    for pair in ((["empty.png"], gts[:1]), (preds[:1], ["empty.png"])):
+        pair = [[tmp_path / p if p == "empty.png" else p for p in side] for side in pair]
+        with pytest.raises(ValueError, match=r"empty.png is an empty file \(0 bytes\)"):
+            score(*pair)
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
     with pytest.raises(ValueError, match=r"0.png vs small.png: image 0: prediction shape"):
         score(preds[:1], [tmp_path / "small.png"])

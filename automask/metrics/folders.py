@@ -39,6 +39,13 @@ def read_map(path: str | Path) -> np.ndarray:
 
 
 def _not_an_image(path: Path) -> DataValidationError:
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:  # its size unreadable: the general reason
+        empty = False
+    if empty:
+        return DataValidationError(
+            f"{path} is an empty file (0 bytes): an interrupted copy or download?")
     return DataValidationError(f"{path} is not an image Pillow can read (nor a .npy array)")
 
 
