@@ -238,6 +238,11 @@ def _new_staging(path: Path) -> Path:
 
 
 def _copy_weights(seg, name: str, dest: Path) -> None:
+    data = getattr(seg, "_weights_bytes", {}).get(name)  # an unpickled predictor's
+    if data is not None:
+        with atomic_write(dest) as out:
+            out.write(data)
+        return
     handle = getattr(seg, "_weights_files", {}).get(name)
     if handle is not None:
         handle.seek(0)
@@ -458,6 +463,9 @@ def read_weights(seg, name: str) -> tuple[bytes, str]:
     """(bytes of model ``name``'s weights file, a description of where they came from)."""
     record = seg.models_[name]
     where = str(Path(seg._weights_dir) / record.weights)
+    data = getattr(seg, "_weights_bytes", {}).get(name)  # an unpickled predictor's
+    if data is not None:
+        return data, where
     handle = getattr(seg, "_weights_files", {}).get(name)
     try:
         if handle is not None:

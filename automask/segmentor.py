@@ -423,12 +423,29 @@ class SemanticSegmentor(BaseEstimator):
         """Load a predictor written by :meth:`save` (or by :meth:`fit`)."""
         return saving.load_predictor(cls, Path(path))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A self-contained copy for pickle, ``copy.deepcopy`` and joblib.
+
+        Each model's weights file travels as bytes: a loaded predictor reads it through an
+        open handle, which cannot be pickled, and its folder may be moved or deleted after
+        the copy is made. Models built in memory stay behind; the copy rebuilds them from
+        those bytes when it first predicts.
+        """
+        state = dict(super().__getstate__())  # a copy: never edit the live __dict__
+        if hasattr(self, "models_"):
+            state["_weights_bytes"] = {name: saving.read_weights(self, name)[0]
+                                       for name in self.models_}
+        state["_weights_files"] = {}
+        state["_loaded"] = {}
+        return state
+
     # ------------------------------------------------------------ internals
     def _reset(self) -> None:
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
             delattr(self, attr)
         self._loaded = {}
         self._weights_files = {}
+        self._weights_bytes = {}
 
     def _follow_writer(self, writer: bool) -> None:
         """After a distributed fit: every process holds the predictor rank 0 wrote.

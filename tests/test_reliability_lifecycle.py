@@ -557,3 +557,41 @@ def test_failed_fit_or_predict_leaves_no_folder_behind(data, base, tmp_path):
     with pytest.raises(DataValidationError):
         seg.predict([str(tmp_path / "missing.png")], save_to=tmp_path / "masks" / "sub")
     assert not (tmp_path / "masks").exists()
+
+
+def test_a_loaded_predictor_pickles_deepcopies_and_stands_alone(data, base, tmp_path):
+    """pickle, copy.deepcopy and joblib take a loaded predictor (whose weights are read
+    through open files) as well as a fitted one; the copy carries its weights, so it
+    predicts and saves after the folder it came from is gone."""
+    import copy
+    import pickle
+
+    import joblib
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    images = pd.read_csv(data / "train.csv")[["image"]].head(3)
+    loaded = SemanticSegmentor.load(run)
+    expected = loaded.predict_proba(images)
+    pickled = pickle.dumps(loaded)
+    deep = copy.deepcopy(loaded)
+    joblib.dump(loaded, tmp_path / "seg.joblib")
+    shutil.rmtree(run)
+    copies = [pickle.loads(pickled), deep, joblib.load(tmp_path / "seg.joblib")]
+    for seg in copies:
+        for got, want in zip(seg.predict_proba(images), expected):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    saved = copies[0].save(tmp_path / "again")
+    again = SemanticSegmentor.load(saved).predict_proba(images)
+    for got, want in zip(again, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # the predictor the copies came from still predicts (its handles were not consumed)
+    np.testing.assert_allclose(loaded.predict_proba(images)[0], expected[0],
+                               atol=1e-6)
+    # a fitted predictor's copy leaves the model built in memory behind, not its weights
+    fitted = SemanticSegmentor(path=tmp_path / "fitted", verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=HP)
+    fitted.predict_proba(images.head(1))
+    state = fitted.__getstate__()
+    assert state["_loaded"] == {} and set(state["_weights_bytes"]) == set(fitted.models_)
+    assert fitted._loaded  # the live object keeps its model
