@@ -405,17 +405,44 @@ class SemanticSegmentor(BaseEstimator):
         return build_leaderboard(self, data, extra=extra, style=style, metrics=metrics)
 
     # ---------------------------------------------------------- save / load
-    def save(self, path: str | os.PathLike | None = None) -> Path:
+    def save(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
         """Write the predictor: JSON files and the trainable weights of each model.
 
         The frozen SAM backbone is not written; :meth:`load` rebuilds it from its
         checkpoint (path, cache or official download), verified by SHA-256. The directory
         switches atomically from its previous content to the new predictor.
+
+        Parameters
+        ----------
+        path : path-like, optional
+            The predictor's folder; its own (``path_``) when None. Saved elsewhere, the
+            predictor takes its training logs along (for :meth:`plot_history`).
+        overwrite : bool
+            Replace another predictor that ``path`` holds (with its logs). Without it,
+            that is refused: nothing is replaced silently.
+
+        Returns
+        -------
+        Path
+            The folder written.
+
+        Raises
+        ------
+        ConfigError
+            ``path`` holds another predictor (without ``overwrite``) or cannot be a folder.
         """
+        from .training.recipe import copy_logs
+
         self._check_fitted()
         target = Path(path).expanduser() if path is not None else self.path_
         self._check_writable(target, "save to")
+        own = Path(target).resolve() == Path(self.path_).resolve()
+        replacing = not own and saving.has_predictor(target)
+        if replacing and not overwrite:
+            raise ConfigError(f"{str(target)!r} already holds another predictor; pass "
+                              "overwrite=True to replace it, or choose another path")
         saving.save_predictor(self, target)
+        copy_logs(self.path_, target, list(self.models_), replace_all=replacing)
         return target
 
     @classmethod

@@ -134,7 +134,7 @@ WRITER = textwrap.dedent("""
     models = [SemanticSegmentor.load(a), SemanticSegmentor.load(b)]
     n = 0
     while not os.path.exists(stop):
-        models[n % 2].save(target)
+        models[n % 2].save(target, overwrite=True)
         n += 1
         if n == 2:  # both predictors were saved once: let the readers start
             open(stop + ".started", "w").close()
@@ -595,3 +595,26 @@ def test_a_loaded_predictor_pickles_deepcopies_and_stands_alone(data, base, tmp_
     state = fitted.__getstate__()
     assert state["_loaded"] == {} and set(state["_weights_bytes"]) == set(fitted.models_)
     assert fitted._loaded  # the live object keeps its model
+
+
+def test_save_never_replaces_another_predictor_silently_and_takes_its_logs(base, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    (other / "logs" / "lr=0.1").mkdir()  # a candidate of the predictor held there
+    (other / "logs" / "lr=0.1" / "metrics.csv").write_text("epoch,train_loss\n0,9.0\n")
+    files = digest_tree(other)
+    mine = tmp_path / "mine"
+    shutil.copytree(base, mine)
+    seg = SemanticSegmentor.load(mine)
+    with pytest.raises(ConfigError, match=r"already holds another predictor.*overwrite=True"):
+        seg.save(other)
+    assert digest_tree(other) == files
+    seg.save(mine)  # its own folder: a new version, no overwrite= needed
+    seg.save(other, overwrite=True)
+    assert sorted(p.name for p in (other / "logs").iterdir()) == ["default"]
+    assert ((other / "logs" / "default" / "metrics.csv").read_bytes()
+            == (base / "logs" / "default" / "metrics.csv").read_bytes())
+    # a fresh folder gets the logs too, so the saved predictor draws its own history
+    fresh = seg.save(tmp_path / "fresh")
+    fig = SemanticSegmentor.load(fresh).plot_history()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["default"]

@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import logging
 import shutil
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -329,6 +330,32 @@ def prune_logs(run_dir: Path, names: list[str]) -> None:
     replaced), so that the history drawn from ``<run_dir>/logs`` is this fit's alone."""
     for folder in _log_folders(run_dir, set(names), others=True):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def copy_logs(src_run: Path, dest_run: Path, names: list[str], replace_all: bool) -> None:
+    """Give ``<dest_run>/logs`` the training logs of candidates ``names`` from
+    ``<src_run>/logs`` (a predictor saved to another folder keeps its history).
+
+    The candidates' old folders there go first; with ``replace_all`` (``dest_run`` held
+    another predictor), the other candidates' logs go too, so the history drawn from
+    ``dest_run`` is the saved predictor's alone. Each folder is copied under a temporary
+    name and renamed into place.
+    """
+    if Path(src_run).resolve() == Path(dest_run).resolve():
+        return
+    stale = _log_folders(dest_run, set(names))
+    if replace_all:
+        stale += _log_folders(dest_run, set(names), others=True)
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in _log_folders(src_run, set(names)):
+        if not (folder / "metrics.csv").is_file():
+            continue
+        dest = dest_run / "logs" / folder.name
+        tmp = dest.with_name(f".{folder.name}.copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        os.replace(tmp, dest)
 
 
 def _restore_sigint() -> None:
