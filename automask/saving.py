@@ -284,9 +284,11 @@ def load_predictor(cls, path: Path):
             return _load_version(cls, path, version)
         except _Superseded:
             if _read_pointer(path) == version:
+                missing = (f"whose {META_FILE} is missing" if (path / version).is_dir()
+                           else "which is missing")
                 raise SavedModelError(
                     f"{str(path)!r} is incomplete: {POINTER_FILE} names version {version!r}, "
-                    "which is missing"
+                    f"{missing}"
                 ) from None
             time.sleep(0.01)
     raise SavedModelError(f"{str(path)!r} kept changing while it was being loaded")
@@ -304,6 +306,12 @@ def _read_pointer(path: Path) -> str:
     if path.is_file():
         raise SavedModelError(f"{str(path)!r} is a file; pass the predictor's folder (the one "
                               f"holding {POINTER_FILE})")
+    if not path.exists():
+        raise SavedModelError(f"no such folder {str(path)!r}: pass the folder of a saved "
+                              "automask predictor")
+    if not pointer_path.is_file() and (path / META_FILE).is_file():
+        raise SavedModelError(f"{str(path)!r} is a version folder inside a predictor: load "
+                              f"its parent {str(path.parent)!r}")
     if not pointer_path.is_file():
         raise SavedModelError(f"{str(path)!r} is not a saved automask predictor: no "
                               f"{POINTER_FILE}{_why_no_pointer(path)}")
@@ -406,7 +414,12 @@ def _load_version(cls, path: Path, version: str):
                 raise SavedModelError(
                     f"missing weights file {weights!r} in {str(folder)!r}") from None
             seg.models_[name] = record
+        if seg.best_model_ not in seg.models_:
+            raise SavedModelError(
+                f"{str(meta_path)!r}: 'best_model_' is {seg.best_model_!r}, which is not one "
+                f"of its models ({', '.join(seg.models_)})")
         seg.config_ = seg.models_[seg.best_model_].config
+        _check_state(seg, meta_path)
     except (SavedModelError, _Superseded):
         _close_all(handles)
         raise
@@ -419,6 +432,38 @@ def _load_version(cls, path: Path, version: str):
     seg._weights_files = handles
     weakref.finalize(seg, _close_all, handles)
     return seg
+
+
+def _check_state(seg, meta_path: Path) -> None:
+    """SavedModelError naming ``meta_path`` and the field when the fitted state read from
+    it does not hold together (an edited file), instead of a failure at prediction."""
+    import numbers
+
+    from .training.plan import choose_eval_metric
+
+    def bad(field: str, why: str) -> SavedModelError:
+        return SavedModelError(f"{str(meta_path)!r}: {field!r} is {_short(getattr(seg, field))}"
+                               f"; {why}")
+
+    if seg.task_ not in ("binary", "multiclass"):
+        raise bad("task_", "it must be 'binary' or 'multiclass'")
+    k = seg.num_classes_
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2 or (
+            seg.task_ == "binary" and k != 2):
+        raise bad("num_classes_", "a binary predictor has 2 classes, a multi-class one 2 "
+                                  "or more")
+    names = seg.classes_
+    if not isinstance(names, list) or len(names) != k or not all(
+            isinstance(n, str) for n in names):
+        raise bad("classes_", f"it must be a list of {k} class names (num_classes_)")
+    for name, record in seg.models_.items():
+        if record.config.data.void_label != seg.void_label_:
+            raise bad("void_label_", f"model {name!r} was trained with data.void_label "
+                                     f"{record.config.data.void_label!r}")
+    try:
+        choose_eval_metric(seg.eval_metric_, seg.task_, k)
+    except AutomaskError as exc:
+        raise bad("eval_metric_", str(exc)) from None
 
 
 def _saved_by(meta: dict) -> str:

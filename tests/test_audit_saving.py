@@ -145,15 +145,41 @@ def test_save_twice_after_fit_and_relative_path_after_chdir(data, tmp_path, monk
     (lambda meta: meta.update(models=[1]), "'models'"),
     (lambda meta: meta["models"]["default"].update(checkpoint=None), "'checkpoint'"),
     (lambda meta: meta["models"]["default"].update(weights_sha256=None), "'weights_sha256'"),
-], ids=["models-list", "checkpoint-null", "sha256-null"])
+    (lambda meta: meta.update(eval_metric_="foo"), "'eval_metric_'.*unknown eval_metric"),
+    (lambda meta: meta.update(eval_metric_="miou"), "'eval_metric_'"),
+    (lambda meta: meta.update(num_classes_=5), "'num_classes_'"),
+    (lambda meta: meta.update(task_="regression"), "'task_'"),
+    (lambda meta: meta.update(classes_=["a", "b", "c"]), "'classes_'.*list of 2"),
+    (lambda meta: meta.update(void_label_=7), "'void_label_'.*trained with"),
+    (lambda meta: meta.update(best_model_="other"), "'best_model_'.*'other'"),
+], ids=["models-list", "checkpoint-null", "sha256-null", "metric-unknown", "metric-task",
+        "num-classes", "task", "classes-length", "void-label", "best-model"])
 def test_load_names_the_field_of_a_malformed_record(base, tmp_path, edit, key):
-    """A malformed predictor.json is a SavedModelError naming the field, at load time."""
+    """A malformed predictor.json is a SavedModelError naming the file and the field at
+    load time, not a failure at prediction."""
     run = tmp_path / "run"
     shutil.copytree(base, run)
     meta = json.loads(_meta_path(run).read_text())
     edit(meta)
     _meta_path(run).write_text(json.dumps(meta))
-    with pytest.raises(SavedModelError, match=key):
+    with pytest.raises(SavedModelError, match=key) as info:
+        SemanticSegmentor.load(run)
+    assert str(_meta_path(run)) in str(info.value)
+
+
+def test_load_says_which_folder_it_was_given(base, tmp_path):
+    """A typo, the version folder inside a predictor, and a version without its
+    predictor.json each get their own message."""
+    with pytest.raises(SavedModelError, match="no such folder"):
+        SemanticSegmentor.load(tmp_path / "nope")
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    version = _meta_path(run).parent
+    with pytest.raises(SavedModelError, match=r"version folder .*load its parent") as info:
+        SemanticSegmentor.load(version)
+    assert repr(str(run)) in str(info.value)
+    _meta_path(run).unlink()
+    with pytest.raises(SavedModelError, match=r"predictor\.json is missing"):
         SemanticSegmentor.load(run)
 
 
