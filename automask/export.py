@@ -155,9 +155,10 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "output_name": OUTPUT_NAME,
         "output": f"logits (batch, {num_outputs}, {size}, {size}) over the padded input",
         "output_activation": activation,
-        "postprocessing": "crop the resized (h, w) region at the top left, resize "
-                          "probabilities bilinearly to the original size, then threshold "
-                          "or argmax",
+        "postprocessing": "crop the resized (h, w) region at the top left, resize the "
+                          "probabilities to the original size bilinearly with half-pixel "
+                          "centres and no antialiasing (torch's F.interpolate(..., "
+                          "mode='bilinear', align_corners=False)), then threshold or argmax",
         "large_images": f"predict's default tiling='auto' does not resize an image whose "
                         f"longer side exceeds {AUTO_RATIO:g} x {size}: it runs {size}x{size} "
                         f"windows of the original image (stride {stride}, the last window "
@@ -288,6 +289,12 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
     meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_],
                                   image_range=image_range)
     meta["model"] = name
+    precision = seg._config(name).env.precision
+    meta["predict_precision"] = (
+        f"{precision}: the predictor's predict runs under this precision's autocast "
+        "(bf16-mixed: bfloat16; 16-mixed: float16 on a GPU); this file computes in float32, "
+        "so its probabilities differ from predict's by up to about 1e-2"
+        if precision != "32" else "32: the same arithmetic as predict")
     return export_model(net, path, format=format, metadata=meta)
 
 
@@ -296,6 +303,8 @@ def _check_target(path: str | os.PathLike, format: str | None) -> tuple[Path, st
     """The destination as a Path and the format (None: the path's suffix); ConfigError /
     ExportError before any work is done."""
     path = Path(path).expanduser()
+    if isinstance(format, str):
+        format = format.lower()  # as the suffix is read: "ONNX" and ".ONNX" alike
     if format is None:
         format = path.suffix.lower().lstrip(".")
         if format not in FORMATS:

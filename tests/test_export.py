@@ -268,3 +268,66 @@ def test_cli_export(fitted, tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 2 and "must end with '.onnx'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt2").exists()
+
+
+def test_the_documented_postprocessing_reproduces_predict_proba(tmp_path_factory, tmp_path):
+    """The ONNX recipe of README and tutorials/05_export.py (its ``resize_bilinear``, run
+    without torch) gives predict_proba's probabilities for images smaller and larger than
+    the input size, where Pillow's antialiased BILINEAR would not; the metadata names the
+    precision predict runs in."""
+    import ast
+
+    from PIL import Image
+
+    tutorial = Path(__file__).resolve().parents[1] / "tutorials" / "05_export.py"
+    source = tutorial.read_text()
+    [resize] = [ast.get_source_segment(source, node) for node in ast.parse(source).body
+                if isinstance(node, ast.FunctionDef) and node.name == "resize_bilinear"]
+    frame = make_synthetic(8, size=(48, 64), num_classes=2, seed=2,
+                           root=tmp_path_factory.mktemp("pp"))
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={
+            "optim.max_epochs": 1, "model.input_size": SIZE, "env.precision": "32"})
+    rng = np.random.default_rng(0)
+    images = []
+    for height, width in [(12, 16), (30, 40), (54, 72)]:  # below and above SIZE, untiled
+        images.append(tmp_path / f"{height}x{width}.png")
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images[-1])
+    expected = seg.predict_proba([str(p) for p in images])
+    np.save(tmp_path / "expected.npy", np.concatenate([p.ravel() for p in expected]))
+    path = seg.export(tmp_path / "model.onnx", format="ONNX")  # the format in any case
+    assert _metadata(path)["predict_precision"].startswith("32")
+    script = "\n".join([r"""
+import sys
+sys.modules["torch"] = None
+sys.modules["automask"] = None
+import numpy as np, onnxruntime as ort
+from PIL import Image
+""", resize, r"""
+model, expected, *images = sys.argv[1:]
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+size = int(meta["input_size"])
+mean = np.array([float(v) for v in meta["pixel_mean"].split(",")], dtype=np.float32)
+std = np.array([float(v) for v in meta["pixel_std"].split(",")], dtype=np.float32)
+probs = []
+for image in images:
+    img = Image.open(image).convert("RGB")
+    width, height = img.size
+    scale = size / max(width, height)
+    w, h = (max(1, int(side * scale + 0.5)) for side in img.size)
+    rgb = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+    x = np.zeros((1, 3, size, size), dtype=np.float32)
+    x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)
+    logits = session.run([meta["output_name"]], {meta["input_name"]: x})[0][0]
+    prob = 1 / (1 + np.exp(-logits[:, :h, :w]))
+    probs.append(resize_bilinear(prob.astype(np.float32), height, width).ravel())
+diff = float(np.abs(np.concatenate(probs) - np.load(expected)).max())
+print(diff)
+assert diff < 1e-4, diff
+"""])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", script, str(path),
+                           str(tmp_path / "expected.npy"), *map(str, images)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
