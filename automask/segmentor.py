@@ -507,6 +507,10 @@ class SemanticSegmentor(BaseEstimator):
             value = getattr(self, arg)
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise ConfigError(f"{arg} must be a column name of the data, got {value!r}")
+        if isinstance(self.path, (str, os.PathLike)) and not os.fspath(self.path).strip():
+            raise ConfigError(f"path must name the predictor's folder, got {self.path!r} (an "
+                              "unset environment variable?); pass None for a new folder "
+                              "under ./automask_runs")
         if self.label == self.image:
             raise ConfigError(f"label and image name the same column {self.label!r}; the "
                               "masks and the images need their own columns")
@@ -537,10 +541,15 @@ class SemanticSegmentor(BaseEstimator):
         if points is None and boxes is None:
             return None
         from .data.prompts import check_prompts
+        from .tiling import check_tiling
 
-        prediction.check_prompt_request(self.task_, tiling)
+        check_tiling(tiling)
         sizes = prediction.image_sizes(spec)
-        return check_prompts(points, boxes, spec.frame.index, sizes)
+        prompts = check_prompts(points, boxes, spec.frame.index, sizes)
+        if all(p is None for p in prompts):  # e.g. boxes={}: the prompt-free prediction
+            return None
+        prediction.check_prompt_request(self.task_, tiling)
+        return prompts
 
     def _config(self, name: str | None):
         name = self.best_model_ if name is None else name

@@ -110,6 +110,18 @@ def test_bad_constructor_arguments_are_named_before_anything_is_written(fitted, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_refused_not_the_working_directory(fitted, tmp_path, monkeypatch,
+                                                            path):
+    """path="" (an unset environment variable) would be '.', fitting among the user's
+    files; it is refused before anything is written."""
+    _, frame, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"path must name the predictor's folder"):
+        SemanticSegmentor(path=path, verbosity=0).fit(frame, presets="tiny", hyperparameters=HP)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_numpy_integers_are_accepted_for_verbosity(fitted, tmp_path):
     _, frame, _ = fitted
     seg = SemanticSegmentor(path=tmp_path / "run", verbosity=np.int64(0)).fit(

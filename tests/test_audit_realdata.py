@@ -226,6 +226,7 @@ def test_an_image_over_pillows_bomb_limit_is_named_with_the_way_out(tmp_path, mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 4800 pixels: over twice the limit
     with pytest.raises(DataValidationError,
                        match=r"row 0 \[image\] .*big\.png: larger than Pillow allows.*"
+                             r"before reading it \(fit, predict or evaluate\).*"
                              r"MAX_IMAGE_PIXELS = None"):
         validate_frame(frame, image_col="image", label_col="label")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the way out works

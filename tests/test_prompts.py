@@ -435,6 +435,19 @@ def test_prompts_refused_with_tiling_on_or_a_multiclass_model(prompt_trained, sy
         prompt_trained.predict_proba(test, boxes=box)
 
 
+def test_prompts_with_no_entry_are_the_prompt_free_prediction(prompt_trained, synthetic):
+    """boxes={} or [None, ...] (built from an empty dict) is no prompt at all, so it goes
+    with tiling='on' as a prompt-free call does; a bad tiling is still named."""
+    _, test = synthetic
+    expected = prompt_trained.predict_proba(test, tiling="on")
+    for empty in ({}, [None] * len(test)):
+        got = prompt_trained.predict_proba(test, boxes=empty, points=empty, tiling="on")
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="tiling must be one of"):
+        prompt_trained.predict_proba(test, boxes={}, tiling="yes")
+
+
 def test_fit_refuses_prompts_for_multiclass_data_before_any_folder(tmp_path):
     frame = make_synthetic(6, size=(40, 40), num_classes=3, seed=0, root=tmp_path / "data")
     run = tmp_path / "run"

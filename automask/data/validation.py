@@ -341,7 +341,8 @@ def _unreadable(path) -> str:
 def _too_large(exc: Exception) -> str:
     """Why an image over Pillow's decompression-bomb limit was refused, and the way out."""
     return (f"larger than Pillow allows by default ({exc}); for a large image of your own "
-            "(an aerial or slide scan), lift the limit before the fit: "
+            "(an aerial or slide scan), lift the limit before reading it (fit, predict or "
+            "evaluate): "
             "PIL.Image.MAX_IMAGE_PIXELS = None (or a larger number of pixels)")
 
 
