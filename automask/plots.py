@@ -206,7 +206,8 @@ def plot_masks(
 
 def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
                  candidates: Sequence[str] | None = None,
-                 path: str | os.PathLike | None = None) -> "Figure":
+                 path: str | os.PathLike | None = None,
+                 curves: dict[str, Any] | None = None) -> "Figure":
     """Training loss and validation metric per epoch, one line per candidate.
 
     Reads the CSV logs a fit writes, ``<run_dir>/logs/<candidate>/metrics.csv``.
@@ -222,6 +223,10 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
         Candidates to draw; all with logs when None.
     path : path-like, optional
         Where to save the figure as PNG.
+    curves : dict of str to DataFrame, optional
+        In place of the logs: ``{candidate: frame}`` with an ``epoch`` column and
+        ``train_loss`` / ``val_*`` columns (a predictor's records keep the validation
+        scores, for a predictor whose logs are gone).
 
     Returns
     -------
@@ -237,7 +242,8 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
     from matplotlib.ticker import MaxNLocator
 
     check_path(path)
-    curves = read_history(run_dir, candidates)
+    if curves is None:
+        curves = read_history(run_dir, candidates)
     if metric is not None and not metric.startswith("val_"):
         metric = f"val_{metric}"
     if metric is None:

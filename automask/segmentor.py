@@ -621,11 +621,20 @@ class SemanticSegmentor(BaseEstimator):
         return export_predictor(self, path, format=format, model=model)
 
     def plot_history(self, metric: str | None = None, path: str | os.PathLike | None = None):
-        """Training loss and validation metric per epoch and candidate, from the run's logs."""
+        """Training loss and validation metric per epoch and candidate, from the run's logs.
+
+        Where the logs are gone (the folder deleted under a copy of the predictor), the
+        validation scores kept in the predictor's records are drawn instead.
+        """
         from . import plots
 
         self._check_fitted()
-        return plots.plot_history(self.path_, metric=metric or self.eval_metric_, path=path)
+        curves = None
+        if not any((Path(self.path_) / "logs").glob("*/metrics.csv")):
+            curves = {name: pd.DataFrame(record.history or {"epoch": []})
+                      for name, record in self.models_.items()}
+        return plots.plot_history(self.path_, metric=metric or self.eval_metric_, path=path,
+                                  curves=curves)
 
     def fit_summary(self) -> dict[str, Any]:
         """Candidates, best model, validation scores, fit times and the predictor's folder."""

@@ -581,6 +581,12 @@ def test_a_loaded_predictor_pickles_deepcopies_and_stands_alone(data, base, tmp_
     for seg in copies:
         for got, want in zip(seg.predict_proba(images), expected):
             np.testing.assert_allclose(got, want, atol=1e-6)
+    # its logs went with the folder: the validation scores kept in its records are drawn
+    val_ax = copies[0].plot_history().axes[1]
+    [line] = val_ax.get_lines()
+    history = copies[0].models_["default"].history
+    assert list(line.get_ydata()) == [h["val_iou"] for h in history]
+    assert val_ax.get_title() == "validation iou"
     saved = copies[0].save(tmp_path / "again")
     again = SemanticSegmentor.load(saved).predict_proba(images)
     for got, want in zip(again, expected):
