@@ -92,8 +92,12 @@ def test_ignore_index_outside_the_target_dtype_marks_nothing_void():
     names = ["sm", "em", "wfm", "mae", "iou", "ber"]
     plain = score([p], [g], metrics=names)
     assert plain["mae"] == pytest.approx(0.0, abs=1e-15)  # min-max makes p equal to g / 255
-    for ignore_index in (-1, 511, 70000):
-        assert score([p], [g], metrics=names, ignore_index=ignore_index) == plain
+    for ignore_index in (-1, 511, 70000):  # score() refuses what no target can hold
+        with pytest.raises(ValueError, match=f"ignore_index={ignore_index} cannot occur"):
+            score([p], [g], metrics=names, ignore_index=ignore_index)
+    for ignore_index in (-1, 511, 70000):  # int64 targets can hold it: none holds it here
+        assert score([p], [g.astype(np.int64)], metrics=names,
+                     ignore_index=ignore_index) == plain
     m = build_metrics("binary", ["mae"], ignore_index=-1)["mae"]
     m.update(torch.from_numpy(p), torch.from_numpy(g))
     assert float(m.compute()) == pytest.approx(0.0, abs=1e-15)
@@ -113,9 +117,11 @@ def test_multiclass_num_classes_inference_does_not_wrap_ignore_index():
     ``uint8 != 255``: num_classes was inferred as 4, then the 255 label was rejected)."""
     t = np.array([[0, 1], [2, 255]], np.uint8)
     p = np.array([[0, 1], [2, 3]], np.int64)
-    out = score([p], [t], task="multiclass", ignore_index=-1)
-    assert out["acc"] == 0.75 and len(out["iou_per_class"]) == 256
-    assert out["iou_per_class"][3] == 0.0 and out["iou_per_class"][255] == 0.0
+    with pytest.raises(ValueError, match=r"ignore_index=-1 cannot occur.*uint8"):
+        score([p], [t], task="multiclass", ignore_index=-1)  # no uint8 target holds -1
+    acc = build_metrics("multiclass", ["acc"], num_classes=256, ignore_index=-1)["acc"]
+    acc.update(torch.from_numpy(p), torch.from_numpy(t))
+    assert float(acc.compute()) == 0.75
 
 
 # --------------------------------------------------------------------------------------------

@@ -224,3 +224,34 @@ def test_evaluate_excludes_void_pixels(fitted_with_void_test):
     # map is nearly useless, and on it wfm, which is not monotone in general, rose by 0.002)
     for name in ("sm", "em"):
         assert with_void[name] < full[name], (name, with_void, full)
+
+
+def test_an_ignore_index_no_ground_truth_can_hold_is_refused(tmp_path):
+    """VOC-style 8-bit masks with a 255 border: ignore_index=999 (a typo) or -1 would leave
+    the border scored as class 255; it is refused, naming the value and the masks' range.
+    An integer map that can hold -1 takes it as void."""
+    import subprocess
+    import sys
+
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 5:15] = 1
+    truth[:2] = 255  # the void border
+    pred = np.where(truth == 255, 0, truth).astype(np.uint8)
+    right = score([pred], [truth], task="multiclass", ignore_index=255)
+    assert right["miou"] == 1.0 and len(right["iou_per_class"]) == 2
+    for bad in (999, -1, 256):
+        with pytest.raises(ValueError, match=rf"ignore_index={bad} cannot occur.*uint8 "
+                                             r"\(0\.\.255\)"):
+            score([pred], [truth], task="multiclass", ignore_index=bad)
+    signed = np.where(truth == 255, -1, truth.astype(np.int64))
+    assert score([pred], [signed], task="multiclass", ignore_index=-1)["miou"] == 1.0
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(pred).save(tmp_path / "pred" / "a.png")
+    Image.fromarray(truth).save(tmp_path / "gt" / "a.png")
+    proc = subprocess.run([sys.executable, "-m", "automask", "score", "--pred",
+                           str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--task",
+                           "multiclass", "--ignore-index", "999"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "ignore_index=999 cannot occur" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

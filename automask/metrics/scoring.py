@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from automask.metrics.inputs import as_tensor, binary_samples, multiclass_pairs
+from automask.metrics.inputs import (as_tensor, binary_samples, check_ignore_index,
+                                     multiclass_pairs)
 from automask.metrics.registry import DEFAULT_METRICS, METRIC_TASK, TASKS, build_metrics
 
 
@@ -246,6 +247,7 @@ def score(
     if not names:
         raise ValueError("metrics is empty; give metric names, or None for the task's default set")
 
+    _check_ignore_index_fits(target_list, conventions.get("ignore_index"))
     files = _file_names(predictions), _file_names(targets)
     try:
         with _one_intra_op_thread():
@@ -258,6 +260,25 @@ def score(
         index = int(found.group(1))
         named = " vs ".join(f[index] for f in files if index < len(f) and f[index])
         raise type(err)(f"{named}: {message}") from err
+
+
+def _check_ignore_index_fits(targets: list[Tensor], ignore_index: Any) -> None:
+    """ValueError when no ground truth can hold ``ignore_index`` (999 or -1 for 8-bit masks):
+    its void pixels (VOC's 255 border) would silently count as a class of their own."""
+    check_ignore_index(ignore_index)
+    if ignore_index is None:
+        return
+    dtypes = {t.dtype for t in targets}
+    if not dtypes or any(d.is_floating_point or d == torch.bool for d in dtypes):
+        return
+    ranges = {d: torch.iinfo(d) for d in dtypes}
+    if all(not r.min <= ignore_index <= r.max for r in ranges.values()):
+        kinds = ", ".join(f"{str(d).removeprefix('torch.')} ({r.min}..{r.max})"
+                          for d, r in ranges.items())
+        raise ValueError(
+            f"ignore_index={ignore_index} cannot occur in the ground truths, whose values are "
+            f"{kinds}; void pixels are usually 255 in 8-bit masks (e.g. VOC's border), or "
+            "pass None when no pixel is void")
 
 
 def _file_names(x: Any) -> list[str | None]:
