@@ -302,12 +302,15 @@ def _split(text: str | None, option: str = "--class-names") -> list[str] | None:
 def _folders(args, image_col: str, label_col: str):
     """DataFrame paired from ``--images``/``--masks`` (as ``from_folders``), or None."""
     if args.images is None and args.masks is None:
+        if args.mask_suffix is not None or args.image_suffix is not None:
+            raise AutomaskError("--mask-suffix and --image-suffix go with --images/--masks")
         return None
     if args.images is None or args.masks is None:
         raise AutomaskError("--images and --masks go together: give both folders")
     from .datasets import from_folders
 
-    return from_folders(args.images, args.masks, image_col=image_col, label_col=label_col)
+    return from_folders(args.images, args.masks, image_col=image_col, label_col=label_col,
+                        mask_suffix=args.mask_suffix, image_suffix=args.image_suffix)
 
 
 def _labelled_data(args, image_col: str, label_col: str):
@@ -507,6 +510,11 @@ def _add_command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
 def _add_folder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="folder of images, paired by file name with --masks")
     p.add_argument("--masks", help="folder of masks (pairing as automask.datasets.from_folders)")
+    p.add_argument("--mask-suffix", metavar="END",
+                   help="ending of the masks' names after the shared name, e.g. "
+                        "_gtFine_labelIds (default: found among the usual ones)")
+    p.add_argument("--image-suffix", metavar="END",
+                   help="ending of the images' names after the shared name, e.g. _leftImg8bit")
 
 
 def _add_class_args(p: argparse.ArgumentParser) -> None:

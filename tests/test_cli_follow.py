@@ -122,6 +122,29 @@ def test_evaluate_folders_prints_per_class_names(fitted, data):
     assert_one_line_error(proc, "--data")
 
 
+def test_mask_and_image_name_endings_from_the_command_line(fitted, data, tmp_path):
+    """Masks named <stem>_shadow.png pair with --mask-suffix; without it the one-line error
+    names the option to pass."""
+    import shutil
+
+    run, _ = fitted
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for mask in (data / "masks").glob("*.png"):
+        shutil.copy(mask, masks / f"{mask.stem}_shadow.png")
+    proc = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
+                   str(masks))
+    assert_one_line_error(proc, "no image/mask pairs", "--mask-suffix _shadow")
+    proc = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
+                   str(masks), "--mask-suffix", "_shadow", "--json")
+    assert proc.returncode == 0, proc.stderr
+    expected = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
+                       str(data / "masks"), "--json")
+    assert json.loads(proc.stdout) == json.loads(expected.stdout)
+    proc = run_cli("evaluate", str(run), "--data", "x.csv", "--mask-suffix", "_shadow")
+    assert_one_line_error(proc, "--mask-suffix and --image-suffix go with --images/--masks")
+
+
 def test_predict_palette_masks_and_probability_maps(fitted, data, tmp_path):
     run, _ = fitted
     masks_out, proba_out = tmp_path / "masks", tmp_path / "proba"

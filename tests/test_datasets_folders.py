@@ -129,7 +129,25 @@ def test_common_mask_name_endings_are_paired(tmp_path, image_stems, mask_stems, 
 
 def test_explicit_mask_suffix(tmp_path):
     _layout(tmp_path, ["x1", "x2"], ["x1-ann", "x2-ann"])
-    with pytest.raises(DataValidationError, match="unpaired"):
-        from_folders(tmp_path / "images", tmp_path / "masks")
+    # no pair at all: the ending to pass is named (strict=False could not help)
+    for strict in (True, False):
+        with pytest.raises(DataValidationError, match=r"no image/mask pairs.*end with "
+                                                      r"'-ann': pass mask_suffix='-ann' "
+                                                      r"\(automask: --mask-suffix -ann\)"):
+            from_folders(tmp_path / "images", tmp_path / "masks", strict=strict)
     df = from_folders(tmp_path / "images", tmp_path / "masks", mask_suffix="-ann")
     assert [os.path.basename(p) for p in df["label"]] == ["x1-ann.png", "x2-ann.png"]
+
+
+def test_no_pairs_names_an_image_ending_or_both_options(tmp_path):
+    _layout(tmp_path / "a", ["x1_leftImg8bit", "x2_leftImg8bit"], ["x1", "x2"])
+    with pytest.raises(DataValidationError, match=r"pass image_suffix='_leftImg8bit'"):
+        from_folders(tmp_path / "a" / "images", tmp_path / "a" / "masks")
+    _layout(tmp_path / "b", ["x1_leftImg8bit", "x2_leftImg8bit"],
+            ["x1_gtFine_labelIds", "x2_gtFine_labelIds"])
+    with pytest.raises(DataValidationError, match=r"pass it as mask_suffix= \(image_suffix="):
+        from_folders(tmp_path / "b" / "images", tmp_path / "b" / "masks")
+    df = from_folders(tmp_path / "b" / "images", tmp_path / "b" / "masks",
+                      image_suffix="_leftImg8bit", mask_suffix="_gtFine_labelIds")
+    assert len(df) == 2 and df.attrs["suffixes"] == {"image": "_leftImg8bit",
+                                                     "mask": "_gtFine_labelIds"}

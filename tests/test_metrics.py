@@ -350,6 +350,26 @@ def test_score_folders(tmp_path):
         score_folders(pred_dir, gt_dir)
 
 
+def test_score_folders_pairs_ground_truths_named_with_a_mask_ending(tmp_path):
+    """ISIC_1.png predictions against ISIC_1_segmentation.png ground truths (automask's own
+    predictions of ISIC data) pair as from_folders pairs them; names that share nothing
+    are listed with what to do."""
+    pairs = _random_pairs(4, 3)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    for i, (p, g) in enumerate(pairs):
+        Image.fromarray(p).save(tmp_path / "pred" / f"ISIC_{i}.png")
+        Image.fromarray(g).save(tmp_path / "gt" / f"ISIC_{i}_segmentation.png")
+    got = score_folders(tmp_path / "pred", tmp_path / "gt")
+    assert got.pop("n_images") == 3
+    assert got == pytest.approx(score([p for p, _ in pairs], [g for _, g in pairs]), abs=1e-12)
+    for i in range(3):
+        (tmp_path / "gt" / f"ISIC_{i}_segmentation.png").rename(tmp_path / "gt" / f"gt{i}.png")
+    with pytest.raises(ValueError, match=r"ground truths without a prediction: gt0, gt1, gt2; "
+                                         r"no file pairs.*_segmentation"):
+        score_folders(tmp_path / "pred", tmp_path / "gt")
+
+
 def test_score_folders_names_the_bad_file(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "g").mkdir()

@@ -6,6 +6,7 @@ import re
 import unicodedata
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -121,6 +122,47 @@ def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
     return best
 
 
+def pair_stems(images: dict[str, Path], masks: dict[str, Path], *,
+               image_suffix: str | None = None, mask_suffix: str | None = None,
+               image_folder: Path | None = None, mask_folder: Path | None = None
+               ) -> tuple[dict[str, Path], dict[str, Path], tuple[str, str]]:
+    """Pair files keyed by stem: ``(images, masks, (image_suffix, mask_suffix))`` keyed by
+    the shared name, the endings dropped.
+
+    Each ending is the one given, else the common one of :data:`IMAGE_STEM_SUFFIXES` /
+    :data:`MASK_STEM_SUFFIXES` (every file of its side has it) that pairs the most files,
+    exact stems winning ties. Two files of a side with the same shared name raise
+    :class:`DataValidationError` naming them (``*_folder`` in the message).
+    """
+    image_sfx, mask_sfx = _best_suffixes(images, masks, image_suffix, mask_suffix)
+    _check_keys(images, image_sfx, image_folder, "image")
+    _check_keys(masks, mask_sfx, mask_folder, "mask")
+    return _keyed(images, image_sfx), _keyed(masks, mask_sfx), (image_sfx, mask_sfx)
+
+
+def suffix_hint(images: Any, masks: Any) -> str:
+    """For names that share no stem: the ending to pass, when the masks' (images') names
+    are the images' (masks') plus one ending (``x_shadow.png`` for ``x.jpg``); else ""."""
+    def ending(longer: Any, shorter: Any) -> str | None:
+        found = set()
+        for stem in longer:
+            bases = [b for b in shorter if stem.startswith(b) and len(stem) > len(b)]
+            if not bases:
+                return None
+            found.add(stem[len(max(bases, key=len)):])
+        return found.pop() if len(found) == 1 else None
+
+    mask_end, image_end = ending(list(masks), list(images)), ending(list(images), list(masks))
+    if mask_end:
+        return (f"; the masks' names end with {mask_end!r}: pass mask_suffix={mask_end!r} "
+                f"(automask: --mask-suffix {mask_end})")
+    if image_end:
+        return (f"; the images' names end with {image_end!r}: pass image_suffix="
+                f"{image_end!r} (automask: --image-suffix {image_end})")
+    return ("; if the masks' (images') names add an ending to the shared name, pass it as "
+            "mask_suffix= (image_suffix=; automask: --mask-suffix, --image-suffix)")
+
+
 def _split_shared_folder(folder: Path, mask_suffix: str | None, image_suffix: str | None
                          ) -> tuple[dict[str, Path], dict[str, Path]]:
     """Images and masks kept in one folder (``1.tif`` beside ``1_mask.tif``): the files whose
@@ -199,10 +241,14 @@ def from_folders(
     else:
         images = _by_stem(images_dir, "image")
         masks = _by_stem(masks_dir, "mask")
-    image_sfx, mask_sfx = _best_suffixes(images, masks, image_suffix, mask_suffix)
-    _check_keys(images, image_sfx, images_dir, "image")
-    _check_keys(masks, mask_sfx, masks_dir, "mask")
-    images, masks = _keyed(images, image_sfx), _keyed(masks, mask_sfx)
+    stems_by_side = images, masks
+    images, masks, (image_sfx, mask_sfx) = pair_stems(
+        images, masks, image_suffix=image_suffix, mask_suffix=mask_suffix,
+        image_folder=images_dir, mask_folder=masks_dir)
+    if not images.keys() & masks.keys():
+        raise DataValidationError(
+            f"no image/mask pairs found between {images_dir} and {masks_dir}: no image "
+            f"shares its name with a mask{suffix_hint(*stems_by_side)}")
     lonely_images = sorted(str(images[s]) for s in images.keys() - masks.keys())
     lonely_masks = sorted(str(masks[s]) for s in masks.keys() - images.keys())
     stems = sorted(images.keys() & masks.keys())
@@ -219,8 +265,6 @@ def from_folders(
         if strict:
             raise DataValidationError(message + "\n(pass strict=False to drop them)")
         warnings.warn(message, stacklevel=2)
-    if not stems:
-        raise DataValidationError(f"no image/mask pairs found between {images_dir} and {masks_dir}")
     df = pd.DataFrame(
         {
             image_col: [os.path.abspath(images[s]) for s in stems],

@@ -123,6 +123,8 @@ def score_folders(
 
     Any extension Pillow reads is accepted, and ``.npy``; files are paired by stem (name
     without extension), so ``a.png`` predictions match ``a.jpg`` masks. Other files are skipped.
+    As in :func:`automask.datasets.from_folders`, ground truths whose names all add one of
+    the usual endings pair too (``ISIC_001.png`` with ``ISIC_001_segmentation.png``).
 
     Parameters
     ----------
@@ -145,9 +147,14 @@ def score_folders(
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
     """
+    from automask.datasets.folders import MASK_STEM_SUFFIXES, pair_stems
+
     suffixes = readable_suffixes()
     preds = _index(Path(pred_dir), suffixes)
     gts = _index(Path(gt_dir), suffixes)
+    # ISIC_001.png against ISIC_001_segmentation.png: the endings from_folders knows
+    preds, gts, _ = pair_stems(preds, gts, image_folder=Path(pred_dir),
+                               mask_folder=Path(gt_dir))
     only_pred = sorted(set(preds) - set(gts))
     only_gt = sorted(set(gts) - set(preds))
     if only_pred or only_gt:
@@ -156,6 +163,10 @@ def score_folders(
             parts.append(f"predictions without a ground truth: {', '.join(only_pred)}")
         if only_gt:
             parts.append(f"ground truths without a prediction: {', '.join(only_gt)}")
+        if not preds.keys() & gts.keys():
+            parts.append("no file pairs, with or without the endings data sets add to a "
+                         "mask's name (" + ", ".join(MASK_STEM_SUFFIXES[1:6]) + ", ...): "
+                         "name each prediction as its ground truth")
         raise ValueError("unpaired files by stem; " + "; ".join(parts))
     if not preds:
         raise ValueError(f"no mask files found in {pred_dir} and {gt_dir}")
