@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any, Sequence
 
@@ -100,7 +101,7 @@ def _cmd_fit(args) -> None:
 
     if is_main_process():  # a distributed fit runs this command in every process
         _print_table(seg.leaderboard(), as_json=False)
-        print(f"saved to {seg.path_}")
+        print(f"saved to {os.path.normpath(seg.path_)}")
 
 
 def _read_color_map(path: str) -> dict[tuple[int, int, int], int]:
@@ -205,6 +206,7 @@ def _cmd_predict(args) -> None:
 
     check_tiling(args.tile)  # before loading anything
     seg = _load(args.run, args)
+    _check_predict_paths(args.data, args.out)
     boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
     if args.proba:
         written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,
@@ -214,6 +216,20 @@ def _cmd_predict(args) -> None:
     written = seg.predict(args.data, model=args.model, save_to=args.out,
                           overwrite=args.overwrite, tiling=args.tile, boxes=boxes)
     print(f"wrote {len(written)} masks to {args.out}")
+
+
+def _check_predict_paths(data: str, out: str) -> None:
+    """AutomaskError for a ``--data`` that is not there, or an ``--out`` that names a file
+    (``--out x.png`` would become a folder called x.png), before the model is loaded."""
+    from .datasets.folders import IMAGE_SUFFIXES
+
+    if not os.path.exists(os.path.expanduser(data)):
+        raise AutomaskError(f"--data {data!r} does not exist: give a CSV, a folder of images "
+                            "or an image file")
+    suffix = os.path.splitext(out)[1].lower()
+    if not os.path.isdir(out) and suffix in {*IMAGE_SUFFIXES, ".npy", ".csv"}:
+        raise AutomaskError(f"--out {out!r} looks like a file name; --out is the folder the "
+                            "masks (or .npy maps) are written into, one per image")
 
 
 def _cmd_evaluate(args) -> None:
@@ -559,12 +575,20 @@ def _cmd_export(args) -> None:
     print(f"exported to {path}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error of the command line (exit status 2),
+    naming the ``--help`` to read instead of printing the whole usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"automask: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="automask", description="Semantic segmentation with SAM and Conv-LoRA."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = _add_command(sub, "fit", help="fit models on a CSV of image/mask paths or on two folders")
     p.add_argument("--train", help="CSV with image and label columns (or --images/--masks; "

@@ -52,9 +52,11 @@ def run_dir(csvs):
     run = csvs / "run"
     proc = run_cli("fit", "--train", str(csvs / "train.csv"), "--presets", "tiny",
                    "--hp", "optim.max_epochs=1", "--hp", "peft.method=full",
-                   "--hp", "peft.method=lora", "--path", str(run), "--verbosity", "0")
+                   "--hp", "peft.method=lora", "--path", str(csvs / "data" / ".." / "run"),
+                   "--verbosity", "0")
     assert proc.returncode == 0, proc.stderr
     assert "method=full" in proc.stdout and "method=lora" in proc.stdout
+    assert f"saved to {run}\n" in proc.stdout  # the path printed without its '..'
     return run
 
 
@@ -87,9 +89,27 @@ def test_predict_writes_masks(run_dir, csvs, tmp_path):
     assert len(list((tmp_path / "all").glob("*.png"))) == 24
 
 
-def test_predict_bad_input(run_dir, tmp_path):
+def test_predict_bad_input(run_dir, csvs, tmp_path):
     proc = run_cli("predict", str(tmp_path / "no_run"), "--data", "x.csv", "--out", "o")
     assert_one_line_error(proc, "no_run")
+    proc = run_cli("predict", str(run_dir), "--data", str(tmp_path / "nonexist") + "/",
+                   "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "--data", "nonexist/' does not exist")
+    for out in ("masks.png", "maps.npy"):  # --out is a folder: a file name is refused
+        proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"),
+                       "--out", str(tmp_path / out))
+        assert_one_line_error(proc, f"--out '{tmp_path / out}' looks like a file name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["fit", "--time-limit", "abc"], ["--time-limit", "'abc'", "automask fit --help"]),
+    (["leaderboard", "x", "--style", "paper2"], ["'paper2'", "automask leaderboard --help"]),
+    (["nope"], ["'nope'", "automask --help"]),
+])
+def test_usage_errors_are_one_line(args, needles):
+    """argparse's own errors (a bad type or choice) are one line too, not the usage block."""
+    assert_one_line_error(run_cli(*args), *needles)
 
 
 def test_predict_proba_checks_every_image_before_writing_any_map(run_dir, csvs, tmp_path):
