@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -245,9 +246,8 @@ def _copy_weights(seg, name: str, dest: Path) -> None:
         return
     handle = getattr(seg, "_weights_files", {}).get(name)
     if handle is not None:
-        handle.seek(0)
         with atomic_write(dest) as out:
-            shutil.copyfileobj(handle, out, 1 << 20)
+            out.write(_read_whole(handle))
         return
     src = Path(seg._weights_dir) / seg.models_[name].weights
     try:
@@ -514,11 +514,33 @@ def read_weights(seg, name: str) -> tuple[bytes, str]:
     handle = getattr(seg, "_weights_files", {}).get(name)
     try:
         if handle is not None:
-            handle.seek(0)
-            return handle.read(), where
+            return _read_whole(handle), where
         return Path(where).read_bytes(), where
     except OSError as exc:
         raise SavedModelError(f"cannot read weights {where!r}: {exc}") from exc
+
+
+_READING = threading.Lock()
+
+
+def _read_whole(handle: IO[bytes]) -> bytes:
+    """The whole file behind an open handle, read by offset: threads reading one handle at
+    once (a prediction loading its model while another pickles the predictor) never move
+    each other's position."""
+    if not hasattr(os, "pread"):  # Windows: one reader at a time
+        with _READING:
+            handle.seek(0)
+            return handle.read()
+    fd = handle.fileno()
+    size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 26), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def rebuild_model(seg, name: str) -> torch.nn.Module:

@@ -624,3 +624,30 @@ def test_save_never_replaces_another_predictor_silently_and_takes_its_logs(base,
     fresh = seg.save(tmp_path / "fresh")
     fig = SemanticSegmentor.load(fresh).plot_history()
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["default"]
+
+
+def test_weights_read_from_several_threads_at_once_are_whole(base, tmp_path):
+    """A loaded predictor reads its weights through one open file: threads reading it at
+    once (a prediction loading its model while another pickles or saves the predictor) each
+    get the whole file, never a read moved by another thread's seek."""
+    import threading
+
+    from automask import saving
+
+    seg = SemanticSegmentor.load(base)
+    expected = next(iter(seg._weights_dir.glob("*.safetensors"))).read_bytes()
+    start, wrong = threading.Barrier(4), []
+
+    def read() -> None:
+        start.wait()
+        for _ in range(300):
+            data, _ = saving.read_weights(seg, "default")
+            if data != expected:
+                wrong.append(len(data))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == [], f"{len(wrong)} reads of the wrong length, e.g. {wrong[:5]}"
