@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import warnings
 
 import torch
@@ -17,6 +18,31 @@ from .errors import ConfigError
 
 CPU_INPUT_SIZE = 256
 GPU_INPUT_SIZE = 1024
+_RAN_TORCH_THREADS = False  # this process ran a fit or a prediction (see fork_safe_threads)
+
+
+def fork_safe_threads() -> None:
+    """Note that this process runs a fit or a prediction with torch's CPU threads: a process
+    forked from it from now on starts with one torch thread.
+
+    torch's OpenMP runtime (GNU libgomp in the pip wheels) does not survive a fork once its
+    thread team has run: the child's first multi-threaded operation waits forever for
+    threads it does not have (pytorch/pytorch#17199). ``multiprocessing``'s default start
+    on Linux before Python 3.14 is a fork, so a ``Pool`` of workers predicting with an
+    inherited predictor would hang; with one thread each (what torch's DataLoader gives its
+    workers) they run. Workers started with "spawn" or "forkserver" keep every thread.
+    """
+    global _RAN_TORCH_THREADS
+    _RAN_TORCH_THREADS = True
+
+
+def _one_thread_in_forked_child() -> None:
+    if _RAN_TORCH_THREADS and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
 
 def cuda_usable(accelerator: str) -> bool:

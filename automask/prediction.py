@@ -112,8 +112,10 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     (see :func:`check_prompt_request`). Prompted images take the whole-image path; the
     others are predicted exactly as without prompts (``tiling`` applies to them).
     """
+    from .hardware import fork_safe_threads
     from .tiling import check_tiling
 
+    fork_safe_threads()
     if prompts is not None and any(p is not None for p in prompts):
         check_prompt_request(task, tiling)
         probs = _prompted_proba(model, cfg, task, spec, tiling, prompts)

@@ -651,3 +651,38 @@ def test_weights_read_from_several_threads_at_once_are_whole(base, tmp_path):
     for thread in threads:
         thread.join()
     assert wrong == [], f"{len(wrong)} reads of the wrong length, e.g. {wrong[:5]}"
+
+
+FORKED = textwrap.dedent("""
+    import multiprocessing, sys
+    import numpy as np, torch
+    from automask import SemanticSegmentor
+    torch.set_num_threads(2)  # the parent's OpenMP team has threads to lose in a fork
+    run, images = sys.argv[1], sys.argv[2:]
+    seg = SemanticSegmentor.load(run)
+    expected = seg.predict_proba(images)
+
+    def work(image):
+        return torch.get_num_threads(), seg.predict_proba([image])[0]
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        got = pool.map_async(work, images).get(timeout=120)  # a hang fails, not waits
+    assert [threads for threads, _ in got] == [1] * len(images), got
+    for (_, prob), want in zip(got, expected):
+        np.testing.assert_allclose(prob, want, atol=1e-6)
+    print("forked workers predicted", len(got))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_workers_forked_after_a_prediction_predict(data, base, tmp_path):
+    """A Pool forked (Linux's default start) after the parent predicted on the CPU: torch's
+    OpenMP runtime would hang the workers' first multi-threaded operation; they run with one
+    thread each and get the parent's probabilities."""
+    images = pd.read_csv(data / "train.csv")["image"].head(4).tolist()
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    proc = subprocess.run([sys.executable, str(script), str(base), *images], capture_output=True,
+                          text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "forked workers predicted 4" in proc.stdout
