@@ -141,8 +141,9 @@ def pair_stems(images: dict[str, Path], masks: dict[str, Path], *,
 
 
 def suffix_hint(images: Any, masks: Any) -> str:
-    """For names that share no stem: the ending to pass, when the masks' (images') names
-    are the images' (masks') plus one ending (``x_shadow.png`` for ``x.jpg``); else ""."""
+    """For names that share no stem, the message's hint: the ending to pass when the masks'
+    (images') names are the images' (masks') plus one ending (``x_shadow.png`` for
+    ``x.jpg``), else the options to pass."""
     def ending(longer: Any, shorter: Any) -> str | None:
         found = set()
         for stem in longer:
