@@ -39,6 +39,20 @@ def test_parameters_and_options():
     assert custom.scales == (0.5, 1.0, 2.0)
 
 
+def test_expert_biases_start_at_zero_and_learn():
+    """As in the authors' code, each 3x3 expert starts without a constant offset (its kernel
+    random); a training step moves the routed experts' biases off zero."""
+    adapter = _adapter()
+    for expert in adapter.experts:
+        assert torch.count_nonzero(expert.bias) == 0 and torch.count_nonzero(expert.weight) > 0
+    nn.init.normal_(adapter.lora_B.weight)
+    adapter.train()
+    adapter(torch.randn(2, 6, 6, 16)).square().sum().backward()
+    torch.optim.SGD(adapter.parameters(), lr=0.1).step()
+    moved = [i for i, e in enumerate(adapter.experts) if torch.count_nonzero(e.bias) > 0]
+    assert moved and all(adapter.expert_counts[i] > 0 for i in moved), adapter.expert_counts
+
+
 @pytest.mark.parametrize("index", range(8))
 def test_expert_scales_and_shapes(index):
     adapter = _adapter()

@@ -165,6 +165,8 @@ class ConvLoRALinear(LoRALinear):
         self.experts = nn.ModuleList(
             nn.Conv2d(rank, rank, kernel_size=3, padding=1, **factory) for _ in range(num_experts)
         )
+        for expert in self.experts:  # as the authors' code: no constant offset at the start
+            nn.init.zeros_(expert.bias)
         self.w_gate = nn.Parameter(torch.zeros(rank, num_experts, **factory))
         self.w_noise = nn.Parameter(torch.zeros(rank, num_experts, **factory))
         self.aux_loss: torch.Tensor | None = None
