@@ -219,6 +219,16 @@ def _save_locked(seg, path: Path) -> Path:
     return path / version
 
 
+def superseded(seg) -> bool:
+    """Whether ``seg``'s folder now holds a version other than the one its weights were
+    read from or written to (a fit or save since then, by another object or process)."""
+    weights_dir = getattr(seg, "_weights_dir", None)
+    path = Path(seg.path_)
+    if weights_dir is None or Path(weights_dir).parent.resolve() != path.resolve():
+        return False  # weights held elsewhere (a fit's own folder): nothing to compare
+    return _current_version(path) != Path(weights_dir).name
+
+
 def _current_version(path: Path) -> str | None:
     """The version ``path``'s pointer names, or None when it names none."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -521,6 +531,8 @@ def read_weights(seg, name: str) -> tuple[bytes, str]:
 
 
 _READING = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child never waits for its parent's reader
+    os.register_at_fork(after_in_child=lambda: globals().update(_READING=threading.Lock()))
 
 
 def _read_whole(handle: IO[bytes]) -> bytes:

@@ -28,6 +28,17 @@ log = logging.getLogger("automask")
 _LOADING = threading.Lock()  # SemanticSegmentor._model: loading and merging a model
 
 
+def _new_lock_in_forked_child() -> None:
+    """A child forked while another thread loaded a model would wait forever for a lock
+    that no thread of it holds: it starts with a free one."""
+    global _LOADING
+    _LOADING = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_forked_child)
+
+
 class SemanticSegmentor(BaseEstimator):
     """Semantic segmentation with SAM and parameter-efficient fine-tuning.
 
@@ -418,8 +429,9 @@ class SemanticSegmentor(BaseEstimator):
             The predictor's folder; its own (``path_``) when None. Saved elsewhere, the
             predictor takes its training logs along (for :meth:`plot_history`).
         overwrite : bool
-            Replace another predictor that ``path`` holds (with its logs). Without it,
-            that is refused: nothing is replaced silently.
+            Replace another predictor that ``path`` holds (with its logs), its own folder
+            included when that was fitted or saved again since this predictor was read
+            from it. Without it, that is refused: nothing is replaced silently.
 
         Returns
         -------
@@ -437,7 +449,7 @@ class SemanticSegmentor(BaseEstimator):
         target = Path(path).expanduser() if path is not None else self.path_
         self._check_writable(target, "save to")
         own = Path(target).resolve() == Path(self.path_).resolve()
-        replacing = not own and saving.has_predictor(target)
+        replacing = saving.has_predictor(target) and (not own or saving.superseded(self))
         if replacing and not overwrite:
             raise ConfigError(f"{str(target)!r} already holds another predictor; pass "
                               "overwrite=True to replace it, or choose another path")

@@ -620,6 +620,14 @@ def test_save_never_replaces_another_predictor_silently_and_takes_its_logs(base,
     assert sorted(p.name for p in (other / "logs").iterdir()) == ["default"]
     assert ((other / "logs" / "default" / "metrics.csv").read_bytes()
             == (base / "logs" / "default" / "metrics.csv").read_bytes())
+    # a stale copy of a folder fitted again since it was read is no longer "its own"
+    stale = SemanticSegmentor.load(mine)
+    SemanticSegmentor.load(base).save(mine, overwrite=True)  # a newer version there
+    newer = digest_tree(mine)
+    with pytest.raises(ConfigError, match=r"already holds another predictor"):
+        stale.save()
+    assert digest_tree(mine) == newer
+    stale.save(overwrite=True)
     # a fresh folder gets the logs too, so the saved predictor draws its own history
     fresh = seg.save(tmp_path / "fresh")
     fig = SemanticSegmentor.load(fresh).plot_history()
@@ -671,6 +679,41 @@ FORKED = textwrap.dedent("""
     for (_, prob), want in zip(got, expected):
         np.testing.assert_allclose(prob, want, atol=1e-6)
     print("forked workers predicted", len(got))
+
+    # forked while another thread holds automask's locks (a web server's thread loading a
+    # model or predicting): the workers start with free ones
+    import threading
+    from automask import saving, segmentor
+    from automask.models import frozen
+    locks = [segmentor._LOADING, frozen._LOCK, saving._READING]
+    for lock in locks:
+        lock.acquire()
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.map_async(work, images[:1]).get(timeout=120)
+    finally:
+        for lock in locks:
+            lock.release()
+    np.testing.assert_allclose(got[0][1], expected[0], atol=1e-6)
+    print("forked while locked predicted", len(got))
+""")
+
+EXPORTED = textwrap.dedent("""
+    import multiprocessing, sys
+    import numpy as np, torch
+    from automask import SemanticSegmentor
+    torch.set_num_threads(2)
+    run, out, image = sys.argv[1:4]
+    seg = SemanticSegmentor.load(run)
+    seg.export(out)  # runs the model on torch's CPU threads (its check), no prediction
+
+    def work(image):
+        return SemanticSegmentor.load(run).predict_proba([image])[0]
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.map_async(work, [image]).get(timeout=120)
+    np.testing.assert_allclose(got[0], seg.predict_proba([image])[0], atol=1e-6)
+    print("forked after an export predicted")
 """)
 
 
@@ -686,3 +729,16 @@ def test_workers_forked_after_a_prediction_predict(data, base, tmp_path):
                           text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "forked workers predicted 4" in proc.stdout
+    assert "forked while locked predicted 1" in proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_workers_forked_after_an_export_predict(data, base, tmp_path):
+    pytest.importorskip("onnxruntime")
+    image = pd.read_csv(data / "train.csv")["image"].iloc[0]
+    script = tmp_path / "exported.py"
+    script.write_text(EXPORTED)
+    proc = subprocess.run([sys.executable, str(script), str(base), str(tmp_path / "m.onnx"),
+                           image], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "forked after an export predicted" in proc.stdout

@@ -35,6 +35,7 @@ Used on CPUs only: on a GPU a step's casts take about a millisecond.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 import threading
@@ -107,6 +108,18 @@ class _Entry:
 # original back, so no forward still running elsewhere sees its weight swapped.
 _HELD: dict[int, _Entry] = {}
 _LOCK = threading.Lock()  # guards _HELD and the swaps of ``param.data``
+
+
+def _new_lock_in_forked_child() -> None:
+    """A child forked while another thread held the lock starts with a free one (it would
+    wait forever otherwise). Holds inherited from the parent's running predictions stay
+    counted, so their bf16 copies stay: the same numbers, a little more memory."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_forked_child)
 
 
 def is_held(param: torch.Tensor) -> bool:
