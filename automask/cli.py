@@ -220,7 +220,8 @@ def _cmd_predict(args) -> None:
 
 def _check_predict_paths(data: str, out: str) -> None:
     """AutomaskError for a ``--data`` that is not there, or an ``--out`` that names a file
-    (``--out x.png`` would become a folder called x.png), before the model is loaded."""
+    (``--out x.png`` would become a folder called x.png), before any image is read or
+    file written."""
     from .datasets.folders import IMAGE_SUFFIXES
 
     if not os.path.exists(os.path.expanduser(data)):
@@ -579,8 +580,19 @@ class _Parser(argparse.ArgumentParser):
     """A usage error is one line, as every other error of the command line (exit status 2),
     naming the ``--help`` to read instead of printing the whole usage."""
 
+    commands: dict[str, argparse.ArgumentParser] | None = None  # the top parser's commands
+
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"automask: error: {message} (see: {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but arguments a command does not take name that command's
+        ``--help`` (argparse reports them from the top parser: ``automask --help``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = (self.commands or {}).get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -589,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices
 
     p = _add_command(sub, "fit", help="fit models on a CSV of image/mask paths or on two folders")
     p.add_argument("--train", help="CSV with image and label columns (or --images/--masks; "

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from automask.errors import DataValidationError
+from automask.metrics.inputs import check_ignore_index
 from automask.metrics.scoring import score
 
 
@@ -143,12 +144,14 @@ def score_folders(
     ValueError
         A folder missing or without masks, duplicate stems, or stems present on one side only
         (all listed), or a colour ground truth with non-grey pixels; a bad image names its
-        file.
+        file. An ``ignore_index`` that is not an integer is refused before any file is read,
+        one that no ground truth can hold (999 for 8-bit masks) before any is scored.
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
     """
     from automask.datasets.folders import MASK_STEM_SUFFIXES, pair_stems
 
+    check_ignore_index(conventions.get("ignore_index"))  # before listing or reading a file
     suffixes = readable_suffixes()
     preds = _index(Path(pred_dir), suffixes)
     gts = _index(Path(gt_dir), suffixes)

@@ -230,6 +230,7 @@ def score(
         invalid image (shape mismatch, probability outside [0, 1], class index out of range);
         the message names the image index.
     """
+    check_ignore_index(conventions.get("ignore_index"))  # before any file is read
     pred_list = _as_list(predictions, "predictions")
     target_list = _as_list(targets, "targets")
     if len(pred_list) != len(target_list):

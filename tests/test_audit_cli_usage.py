@@ -1,0 +1,75 @@
+"""``score``/``score_folders`` refuse a non-integer ``ignore_index`` before
+reading any file, and an argument a command does not take names that command's ``--help``.
+
+Command-line checks run in a real subprocess (``sys.executable -m automask``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.metrics import score, score_folders
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("automask: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def folders_with_a_broken_truth(tmp_path):
+    """pred/{a,b}.png against gt/a.png and an empty (0-byte) gt/b.png."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    mask = np.zeros((12, 12), np.uint8)
+    mask[3:9, 3:9] = 1
+    for stem in ("a", "b"):
+        Image.fromarray(mask).save(pred / f"{stem}.png")
+    Image.fromarray(mask).save(gt / "a.png")
+    (gt / "b.png").write_bytes(b"")
+    return pred, gt
+
+
+@pytest.mark.parametrize("bad", [2.5, 255.0, True, "255"])
+def test_a_non_integer_ignore_index_is_refused_before_any_file_is_read(
+        folders_with_a_broken_truth, bad):
+    """The ignore_index is named, not the empty file a scoring would have stumbled on first
+    (the files were read, and the empty one refused, before ignore_index was looked at)."""
+    pred, gt = folders_with_a_broken_truth
+    with pytest.raises(ValueError, match="empty file"):  # the files are read when it is valid
+        score_folders(pred, gt, task="multiclass", ignore_index=255)
+    with pytest.raises(ValueError, match=r"ignore_index must be an int .* got " + repr(bad)):
+        score_folders(pred, gt, task="multiclass", ignore_index=bad)
+    paths = [str(pred / "a.png"), str(pred / "b.png")], [str(gt / "a.png"), str(gt / "b.png")]
+    with pytest.raises(ValueError, match=r"ignore_index must be an int .* got " + repr(bad)):
+        score(*paths, task="multiclass", ignore_index=bad)
+
+
+def test_an_argument_a_command_does_not_take_names_that_commands_help(tmp_path):
+    """``automask predict RUN ... --path P`` (fit's option) is one line pointing at
+    ``automask predict --help``, not at the top-level ``automask --help``; nothing is read
+    or written."""
+    proc = run_cli("predict", str(tmp_path / "run"), "--data", str(tmp_path / "d"), "--out",
+                   str(tmp_path / "o"), "--path", "p")
+    assert_one_line_error(proc, "unrecognized arguments: --path p",
+                          "(see: automask predict --help)")
+    proc = run_cli("score", "--pred", "p", "--gt", "g", "--bogus")
+    assert_one_line_error(proc, "unrecognized arguments: --bogus", "automask score --help")
+    proc = run_cli("nope")  # no command: the top-level help
+    assert_one_line_error(proc, "'nope'", "(see: automask --help)")
+    assert list(tmp_path.iterdir()) == []
