@@ -734,7 +734,6 @@ def test_workers_forked_after_a_prediction_predict(data, base, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_workers_forked_after_an_export_predict(data, base, tmp_path):
-    pytest.importorskip("onnxruntime")
     image = pd.read_csv(data / "train.csv")["image"].iloc[0]
     script = tmp_path / "exported.py"
     script.write_text(EXPORTED)

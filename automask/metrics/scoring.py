@@ -265,8 +265,8 @@ def score(
 
 def _check_ignore_index_fits(targets: list[Tensor], ignore_index: Any) -> None:
     """ValueError when no ground truth can hold ``ignore_index`` (999 or -1 for 8-bit masks):
-    its void pixels (VOC's 255 border) would silently count as a class of their own."""
-    check_ignore_index(ignore_index)
+    its void pixels (VOC's 255 border) would silently count as a class of their own.
+    ``ignore_index`` is None or an integer (checked by :func:`score` first)."""
     if ignore_index is None:
         return
     dtypes = {t.dtype for t in targets}
