@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -43,6 +44,8 @@ import torch
 from .errors import AutomaskError, CheckpointError, PathInUseError, SavedModelError
 from .training.record import CandidateRecord
 from .utils import atomic_write, sha256_file, top_created
+
+log = logging.getLogger("automask")
 
 FORMAT = "automask-predictor"
 FORMAT_VERSION = 2
@@ -249,22 +252,9 @@ def _new_staging(path: Path) -> Path:
 
 
 def _copy_weights(seg, name: str, dest: Path) -> None:
-    data = getattr(seg, "_weights_bytes", {}).get(name)  # an unpickled predictor's
-    if data is not None:
-        with atomic_write(dest) as out:
-            out.write(data)
-        return
-    handle = getattr(seg, "_weights_files", {}).get(name)
-    if handle is not None:
-        with atomic_write(dest) as out:
-            out.write(_read_whole(handle))
-        return
-    src = Path(seg._weights_dir) / seg.models_[name].weights
-    try:
-        os.link(src, dest)  # the source is never written again: sharing its inode is safe
-    except OSError:
-        with open(src, "rb") as fin, atomic_write(dest) as out:
-            shutil.copyfileobj(fin, out, 1 << 20)
+    data, _ = read_weights(seg, name)  # checked: a corrupted file is never copied on
+    with atomic_write(dest) as out:
+        out.write(data)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -515,19 +505,48 @@ def _close_all(handles: dict[str, IO[bytes]]) -> None:
 
 
 def read_weights(seg, name: str) -> tuple[bytes, str]:
-    """(bytes of model ``name``'s weights file, a description of where they came from)."""
+    """(bytes of model ``name``'s weights file, a description of where they came from).
+
+    The bytes are checked against the SHA-256 recorded when they were written, so a file
+    changed since (corrupted on disk, edited) is named here, never copied on by a save or a
+    pickle to fail later under another name.
+    """
     record = seg.models_[name]
     where = str(Path(seg._weights_dir) / record.weights)
     data = getattr(seg, "_weights_bytes", {}).get(name)  # an unpickled predictor's
-    if data is not None:
-        return data, where
     handle = getattr(seg, "_weights_files", {}).get(name)
     try:
-        if handle is not None:
-            return _read_whole(handle), where
-        return Path(where).read_bytes(), where
+        if data is None:
+            data = _read_whole(handle) if handle is not None else Path(where).read_bytes()
     except OSError as exc:
         raise SavedModelError(f"cannot read weights {where!r}: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != record.weights_sha256:
+        raise SavedModelError(f"weights file {where!r} is corrupted (SHA-256 mismatch): it "
+                              "changed after it was written")
+    return data, where
+
+
+def keep_weights_open(seg) -> None:
+    """Keep each of ``seg``'s weights files (in ``seg._weights_dir``) open for as long as
+    ``seg`` lives, as :func:`load_predictor` does: the fitted predictor then pickles and
+    saves even after its folder is moved, deleted or superseded. Files that cannot be
+    opened (too many open files) are read by path, as before."""
+    handles: dict[str, IO[bytes]] = {}
+    try:
+        for name, record in seg.models_.items():
+            handles[name] = open(Path(seg._weights_dir) / record.weights, "rb")  # noqa: SIM115
+    except OSError as exc:
+        _close_all(handles)
+        log.debug("weights files in %s not kept open: %s", seg._weights_dir, exc)
+        return
+    close_weights(seg)
+    seg._weights_files = handles
+    weakref.finalize(seg, _close_all, handles)
+
+
+def close_weights(seg) -> None:
+    """Close the weights files ``seg`` keeps open (before it is fitted again)."""
+    _close_all(getattr(seg, "_weights_files", {}))
 
 
 _READING = threading.Lock()
@@ -563,9 +582,7 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     from .training.builder import build_candidate_model
 
     record: CandidateRecord = seg.models_[name]
-    data, where = read_weights(seg, name)
-    if hashlib.sha256(data).hexdigest() != record.weights_sha256:
-        raise SavedModelError(f"weights file {where!r} is corrupted (SHA-256 mismatch)")
+    data, where = read_weights(seg, name)  # SHA-256 checked
     recorded = record.checkpoint.get("sha256")
     try:
         model, _ = build_candidate_model(

@@ -206,6 +206,7 @@ class SemanticSegmentor(BaseEstimator):
             self.fit_time_ = time.monotonic() - started
             if writer:
                 self._weights_dir = saving.save_predictor(self, self.path_)
+                saving.keep_weights_open(self)  # pickles and saves after the folder is gone
                 # the replaced fit's other candidates' logs go once this fit is saved
                 prune_logs(self.path_, [name for name, _ in plan.candidates])
         if plan.world_size > 1:
@@ -482,6 +483,7 @@ class SemanticSegmentor(BaseEstimator):
     def _reset(self) -> None:
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
             delattr(self, attr)
+        saving.close_weights(self)
         self._loaded = {}
         self._weights_files = {}
         self._weights_bytes = {}

@@ -89,7 +89,7 @@ def test_failed_save_leaves_no_folder_behind(base, tmp_path):
     seg = SemanticSegmentor.load(base)
     seg._weights_files.clear()
     seg._weights_dir = tmp_path / "gone"  # the weights cannot be read: the save fails
-    with pytest.raises(OSError):
+    with pytest.raises(SavedModelError, match="cannot read weights .*gone"):
         seg.save(tmp_path / "new" / "predictor")
     assert not (tmp_path / "new").exists()
 

@@ -380,3 +380,70 @@ def test_a_parked_hold_never_ended_is_no_error_at_interpreter_exit():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "torch.bfloat16"
     assert "Exception ignored" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+FORK_DURING_HOLDS = """
+import os, threading
+import torch
+from torch import nn
+import automask.models.frozen as frozen
+torch.set_num_threads(1)
+memory = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).requires_grad_(False)
+parked = nn.Sequential(nn.Linear(8, 8)).requires_grad_(False)
+before = {id(p): p.detach().numpy().tobytes() for m in (memory, parked) for p in m.parameters()}
+entered, leave = threading.Barrier(2), threading.Event()
+
+def other_thread():  # a prediction and a fit running in another thread at the fork
+    with frozen.frozen_linears_in_bf16(memory), frozen.frozen_linears_in_bf16(parked, park=True):
+        entered.wait()
+        leave.wait()
+
+thread = threading.Thread(target=other_thread)
+thread.start()
+entered.wait()
+
+
+def report():
+    dtypes = {str(p.dtype) for m in (memory, parked) for p in m.parameters()}
+    return len(frozen._HELD), sorted(dtypes)
+
+with frozen.frozen_linears_in_bf16(memory):  # the forking thread's own hold
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        lines = [f"in the child's own hold: {sorted({str(p.dtype) for p in memory.parameters()})}"]
+if pid == 0:
+    lines.append(f"after it: {report()}")
+    with frozen.frozen_linears_in_bf16(parked):  # the child's own hold of the parked model
+        pass
+    same = all(p.dtype == torch.float32 and p.detach().numpy().tobytes() == before[id(p)]
+               for m in (memory, parked) for p in m.parameters())
+    lines.append(f"after a hold of the parked model: {report()} same={same}")
+    os.write(write, "\\n".join(lines).encode())
+    os._exit(0)
+os.close(write)
+_, status = os.waitpid(pid, 0)
+child = os.read(read, 10000).decode()
+leave.set()
+thread.join()
+print(child)
+print(f"parent: {len(frozen._HELD)} held, status {status}")
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX only")
+def test_a_child_forked_during_other_threads_holds_gets_its_originals_back():
+    """A child forked while other threads hold weights (a prediction, a fit parking its
+    originals) has only the forking thread: the others' holds end in the child, so its
+    frozen weights go back to float32 (the parked ones after its own next hold) instead of
+    staying in bf16 beside their originals for the child's life; the forking thread's own
+    hold stays until it ends."""
+    done = subprocess.run([sys.executable, "-c", FORK_DURING_HOLDS], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "in the child's own hold: ['torch.bfloat16']",
+        "after it: (2, ['torch.bfloat16', 'torch.float32'])",  # parked: read back later
+        "after a hold of the parked model: (0, ['torch.float32']) same=True",
+        "parent: 0 held, status 0",
+    ], done.stderr

@@ -603,6 +603,45 @@ def test_a_loaded_predictor_pickles_deepcopies_and_stands_alone(data, base, tmp_
     assert fitted._loaded  # the live object keeps its model
 
 
+def test_a_fitted_predictor_pickles_and_saves_after_its_folder_is_gone(data, tmp_path):
+    """A fitted predictor keeps its weights files open, as a loaded one does: once its
+    folder is deleted it still pickles and saves, and the copies predict what it does."""
+    import pickle
+
+    images = pd.read_csv(data / "train.csv")[["image"]].head(2)
+    fitted = SemanticSegmentor(path=tmp_path / "fitted", verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=HP)
+    expected = fitted.predict_proba(images)
+    shutil.rmtree(tmp_path / "fitted")
+    copy = pickle.loads(pickle.dumps(fitted))
+    saved = SemanticSegmentor.load(fitted.save(tmp_path / "elsewhere"))
+    for seg in (copy, saved):
+        for got, want in zip(seg.predict_proba(images), expected):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_weights_corrupted_after_load_are_named_by_pickle_and_save(data, base, tmp_path):
+    """Weights changed on disk after a load are refused where they are read (pickle, save),
+    naming that file, instead of being copied on to fail later under the copy's name."""
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    seg = SemanticSegmentor.load(run)
+    [weights] = seg._weights_dir.glob("*.safetensors")
+    with open(weights, "r+b") as fh:  # in place: the open handle sees the change
+        fh.seek(-8, os.SEEK_END)
+        fh.write(b"\x00" * 8)
+    where = re.escape(repr(str(weights)))
+    with pytest.raises(SavedModelError, match=f"{where} is corrupted"):
+        pickle.dumps(seg)
+    with pytest.raises(SavedModelError, match=f"{where} is corrupted"):
+        seg.save(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    with pytest.raises(SavedModelError, match=f"{where} is corrupted"):
+        seg.predict_proba(pd.read_csv(data / "train.csv")[["image"]].head(1))
+
+
 def test_save_never_replaces_another_predictor_silently_and_takes_its_logs(base, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(base, other)

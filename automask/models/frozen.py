@@ -28,7 +28,8 @@ written (a full disk) the rest stay in memory, with a warning.
 
 Holds nest and may run in several threads at once (predictions served concurrently): a
 parameter already held is shared, and its original comes back when the last hold sharing it
-ends, never under a forward still running in another thread.
+ends, never under a forward still running in another thread. A child process forked
+meanwhile ends the holds of the threads it does not have.
 
 Used on CPUs only: on a GPU a step's casts take about a millisecond.
 """
@@ -58,8 +59,17 @@ class _Parked:
         """A new float32 tensor with the parked values."""
         out = torch.empty(self.shape, dtype=torch.float32)
         view = memoryview(out.numpy()).cast("B")
-        self.file.seek(self.offset)
-        if self.file.readinto(view) != len(view):
+        if hasattr(os, "preadv"):  # by offset: a forked child shares the file's position
+            done = 0
+            while done < len(view):
+                step = os.preadv(self.file.fileno(), [view[done:]], self.offset + done)
+                if not step:
+                    break
+                done += step
+        else:
+            self.file.seek(self.offset)
+            done = self.file.readinto(view)
+        if done != len(view):
             raise OSError(f"the temporary file of held float32 weights ended early "
                           f"(offset {self.offset}, {len(view)} bytes)")
         return out
@@ -95,12 +105,28 @@ class _ParkingFile:
 
 class _Entry:
     """A held parameter: its float32 original (or where it is parked) and how many holds
-    share it."""
+    of each thread share it."""
 
-    __slots__ = ("param", "original", "name", "holders")
+    __slots__ = ("param", "original", "name", "holds")
 
     def __init__(self, param: nn.Parameter, original: torch.Tensor | _Parked, name: str):
-        self.param, self.original, self.name, self.holders = param, original, name, 1
+        self.param, self.original, self.name = param, original, name
+        self.holds = {threading.get_ident(): 1}  # thread -> holds it has on the parameter
+
+    def add(self) -> None:
+        me = threading.get_ident()
+        self.holds[me] = self.holds.get(me, 0) + 1
+
+    def drop(self) -> bool:
+        """End one hold of the calling thread (of any thread when it has none: a hold
+        ended elsewhere than it began); True when no hold is left."""
+        me = threading.get_ident()
+        thread = me if me in self.holds else next(iter(self.holds), None)
+        if thread is not None:
+            self.holds[thread] -= 1
+            if not self.holds[thread]:
+                del self.holds[thread]
+        return not self.holds
 
 
 # id(parameter) -> its entry, while held. A hold that finds a parameter already held (a
@@ -110,16 +136,24 @@ _HELD: dict[int, _Entry] = {}
 _LOCK = threading.Lock()  # guards _HELD and the swaps of ``param.data``
 
 
-def _new_lock_in_forked_child() -> None:
-    """A child forked while another thread held the lock starts with a free one (it would
-    wait forever otherwise). Holds inherited from the parent's running predictions stay
-    counted, so their bf16 copies stay: the same numbers, a little more memory."""
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: it starts with a free lock (it would
+    wait forever for one another thread held), and the holds of the parent's other threads
+    (predictions running at the fork) end. Their float32 originals come back where they are
+    in memory (a prediction's); parked ones (a fit's) come back when the child's own next
+    hold of them ends, so the fork itself reads no file."""
     global _LOCK
     _LOCK = threading.Lock()
+    me = threading.get_ident()
+    for key, entry in list(_HELD.items()):
+        entry.holds = {me: entry.holds[me]} if me in entry.holds else {}
+        if not entry.holds and isinstance(entry.original, torch.Tensor):
+            entry.param.data = entry.original
+            del _HELD[key]
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_forked_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def is_held(param: torch.Tensor) -> bool:
@@ -164,7 +198,7 @@ def frozen_linears_in_bf16(model: nn.Module, enabled: bool = True,
                 for name, param in module.named_parameters(recurse=False):
                     entry = _HELD.get(id(param))
                     if entry is not None and entry.param is param:  # held by another hold
-                        entry.holders += 1
+                        entry.add()
                         entries.append(entry)
                         continue
                     if param.requires_grad or param.dtype != torch.float32:
@@ -188,8 +222,7 @@ def _release(entries: list[_Entry], parking: _ParkingFile | None) -> None:
     files = {parking.file} if parking is not None and parking.file is not None else set()
     with _LOCK:
         for entry in entries:
-            entry.holders -= 1
-            if entry.holders:
+            if not entry.drop():
                 continue
             del _HELD[id(entry.param)]
             original = entry.original
