@@ -645,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing mask files in --out (input files never are)")
     p.add_argument("--tile", default="auto", metavar="{auto,on,off}",
-                   help="sliding windows at the original resolution: auto (images whose "
+                   help="sliding windows at the original resolution: auto (the rule the "
+                        "model was trained with, data.large_images: by default images whose "
                         "longer side exceeds 1.25 x the model input), on (every image "
                         "larger than the input) or off (resize to the input); default auto")
     p.add_argument("--boxes", metavar="CSV",

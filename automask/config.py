@@ -274,7 +274,8 @@ class DataConfig:
     large_images: str = "auto"
     """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
-    input, ``resize`` never (shrink the image, as before)."""
+    input, ``resize`` never (shrink the image, as the paper does). Predict's ``tiling="auto"``
+    follows it."""
     embedding_cache_mb: int = 1024
     """Image embeddings kept in memory up to this size (MiB) while the image encoder is frozen
     (``decoder_only``): the validation images' from the first validation on, and, when the

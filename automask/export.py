@@ -41,7 +41,7 @@ from torch import nn
 
 from .data.transforms import PIXEL_MEAN, PIXEL_STD
 from .errors import AutomaskError, ConfigError
-from .tiling import AUTO_RATIO, OVERLAP
+from .tiling import AUTO_RATIO, OVERLAP, TRAINED_RULE
 from .utils import top_created
 
 FORMATS = ("onnx", "pt2")
@@ -91,8 +91,8 @@ def inference_copy(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- metadata
 def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
                            classes: list[str] | None = None,
-                           image_range: str | tuple[float, float] | None = None
-                           ) -> dict[str, str]:
+                           image_range: str | tuple[float, float] | None = None,
+                           large_images: str = "auto") -> dict[str, str]:
     """What a runtime needs to feed the exported model and read its output.
 
     Parameters
@@ -107,6 +107,9 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         How images with more than 8 bits per sample become 0..255 (``data.image_range``
         as :func:`automask.config.parse_image_range` reads it); default, ``"auto"`` and
         ``"per_image"``: each file by its own rule.
+    large_images : {"auto", "crop", "resize"}
+        The model's ``data.large_images``: which images predict's default tiling runs as
+        windows (:func:`automask.tiling.trained_tiling`).
 
     Returns
     -------
@@ -159,14 +162,26 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
                           "probabilities to the original size bilinearly with half-pixel "
                           "centres and no antialiasing (torch's F.interpolate(..., "
                           "mode='bilinear', align_corners=False)), then threshold or argmax",
-        "large_images": f"predict's default tiling='auto' does not resize an image whose "
-                        f"longer side exceeds {AUTO_RATIO:g} x {size}: it runs {size}x{size} "
-                        f"windows of the original image (stride {stride}, the last window "
-                        "aligned with the border), each prepared as above, and blends their "
-                        "probabilities with automask.tiling.blend_weights; tiling='off' "
-                        "resizes every image",
+        "large_images": _large_images_rule(large_images, size, stride),
     }
     return meta
+
+
+def _large_images_rule(large_images: str, size: int, stride: int) -> str:
+    """How predict's default ``tiling="auto"`` treats large images, for the metadata."""
+    windows = (f"it runs {size}x{size} windows of the original image (stride {stride}, the "
+               "last window aligned with the border), each prepared as above, and blends "
+               "their probabilities with automask.tiling.blend_weights")
+    rule = TRAINED_RULE[large_images]
+    if rule == "off":
+        return (f"predict's default tiling='auto' resizes every image, as the model was "
+                f"trained (data.large_images='resize'); with tiling='on' {windows} for "
+                f"every image larger than {size}")
+    which = (f"whose longer side exceeds {AUTO_RATIO:g} x {size}" if rule == "auto"
+             else f"larger than {size} (the model was trained on native-scale crops, "
+                  "data.large_images='crop')")
+    return (f"predict's default tiling='auto' does not resize an image {which}: {windows}; "
+            "tiling='off' resizes every image")
 
 
 # --------------------------------------------------------------------------- export
@@ -290,7 +305,8 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
     image_range = parse_image_range(seg._config(name).data.image_range)
     net = seg._model(name)
     meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_],
-                                  image_range=image_range)
+                                  image_range=image_range,
+                                  large_images=seg._config(name).data.large_images)
     meta["model"] = name
     precision = seg._config(name).env.precision
     meta["predict_precision"] = (

@@ -105,21 +105,25 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
 
     ``tiling`` ("auto", "on" or "off") chooses which images are predicted with
     overlapping windows at their original resolution instead of being resized to the
-    model input (see :mod:`automask.tiling`). A bad ``tiling`` raises ConfigError here,
-    before any work is done.
+    model input (see :mod:`automask.tiling`); "auto" follows the rule the model was
+    trained with (``cfg.data.large_images``, :func:`~automask.tiling.trained_tiling`). A
+    bad ``tiling`` raises ConfigError here, before any work is done.
 
     ``prompts``: one checked :class:`~automask.data.prompts.ImagePrompt` or None per row
     (see :func:`check_prompt_request`). Prompted images take the whole-image path; the
     others are predicted exactly as without prompts (``tiling`` applies to them).
     """
     from .hardware import fork_safe_threads
-    from .tiling import check_tiling
+    from .tiling import trained_tiling
 
     fork_safe_threads()
-    if prompts is not None and any(p is not None for p in prompts):
-        check_prompt_request(task, tiling)
+    prompted = prompts is not None and any(p is not None for p in prompts)
+    if prompted:
+        check_prompt_request(task, tiling)  # the caller's tiling: "auto" takes prompts
+    tiling = trained_tiling(tiling, cfg.data.large_images)
+    if prompted:
         probs = _prompted_proba(model, cfg, task, spec, tiling, prompts)
-    elif check_tiling(tiling) == "off":
+    elif tiling == "off":
         probs = _plain_proba(model, cfg, task, spec)
     else:
         probs = _mixed_proba(model, cfg, task, spec, tiling)

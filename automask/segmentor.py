@@ -250,7 +250,9 @@ class SemanticSegmentor(BaseEstimator):
             Replace mask files that already exist in ``save_to``.
         tiling : {"auto", "on", "off"}, default "auto"
             Sliding-window prediction at the original resolution for large images:
-            "auto" when the longer side exceeds 1.25 x the model input, "on" for every
+            "auto" follows the rule the model was trained with (``data.large_images``:
+            by default, when the longer side exceeds 1.25 x the model input; never for a
+            model trained on resized images, such as the paper presets'), "on" for every
             image larger than the input, "off" to resize every image to the input (see
             :mod:`automask.tiling`). Prompted images always take the whole-image path,
             so "on" together with prompts raises ConfigError; under "auto" or "off" the

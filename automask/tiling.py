@@ -14,7 +14,10 @@ the image.
 ``tiling`` chooses when: ``"auto"`` tiles images whose longer side exceeds
 :data:`AUTO_RATIO` times ``S``; ``"on"`` tiles every image larger than ``S`` (a smaller
 image would be a single window anyway and takes the plain path); ``"off"`` always
-resizes the longer side to ``S`` (the plain path).
+resizes the longer side to ``S`` (the plain path). A predictor's ``tiling="auto"``
+follows the rule its model was trained with (:func:`trained_tiling`): a model trained on
+whole images resized (``data.large_images="resize"``, the paper presets) predicts them
+resized too.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ from .errors import ConfigError
 TILING_MODES = ("auto", "on", "off")
 AUTO_RATIO = 1.25  # "auto" tiles when the longer side > AUTO_RATIO * input_size
 OVERLAP = 0.25  # fraction of the window side shared by neighbouring windows
+# data.large_images -> the tiling mode whose rule picks the same images (native-scale crops
+# in training, windows in prediction)
+TRAINED_RULE = {"auto": "auto", "crop": "on", "resize": "off"}
 
 
 def check_tiling(tiling: str) -> str:
@@ -35,6 +41,16 @@ def check_tiling(tiling: str) -> str:
     if not isinstance(tiling, str) or tiling not in TILING_MODES:
         raise ConfigError(f"tiling must be one of {list(TILING_MODES)}, got {tiling!r}")
     return tiling
+
+
+def trained_tiling(tiling: str, large_images: str) -> str:
+    """The tiling a prediction uses: ``"auto"`` takes the rule the model was trained with
+    (``data.large_images``: ``"auto"`` -> ``"auto"``, ``"crop"`` -> ``"on"``, ``"resize"``
+    -> ``"off"``), so that an image is predicted at the scale its kind was trained at;
+    ``"on"`` and ``"off"`` are the caller's choice and stay (ConfigError for any other)."""
+    if check_tiling(tiling) != "auto":
+        return tiling
+    return TRAINED_RULE[large_images]
 
 
 def use_tiles(size: Sequence[int], input_size: int, tiling: str) -> bool:

@@ -272,3 +272,53 @@ def test_cli_predict_tile_writes_masks_at_the_original_size(fitted, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("automask: error:"), bad.stderr
     assert "'sometimes'" in lines[0] and "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def by_rule(tmp_path_factory):
+    """Predictors trained with data.large_images "resize" and "crop" (on small images)."""
+    root = tmp_path_factory.mktemp("tiling_rules")
+    frame = make_synthetic(8, size=S, num_classes=2, seed=5, root=root / "data")
+    fits = {rule: SemanticSegmentor(label="label", path=root / rule, verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": S,
+                                                "data.large_images": rule})
+        for rule in ("resize", "crop")}
+    big = make_synthetic(1, size=(150, 210), num_classes=2, seed=6, root=root / "big")
+    near = make_synthetic(1, size=(70, 70), num_classes=2, seed=7, root=root / "near")
+    return fits, big, near
+
+
+def test_auto_tiling_follows_the_rule_the_model_was_trained_with(fitted, by_rule):
+    """tiling="auto" predicts an image at the scale its kind was trained at: resized for a
+    model trained on resized images (the paper presets), windows for every image larger
+    than the input for one trained on crops, the 1.25 x rule by default; "on" and "off"
+    stay the caller's choice."""
+    default, _, _ = fitted
+    fits, big, near = by_rule
+    assert 1 < 70 / S < AUTO_RATIO < 210 / S  # `near` is tiled only under "on"
+
+    def same(seg, data, tiling) -> bool:
+        auto = seg.predict_proba(data)[0]
+        return np.array_equal(auto, seg.predict_proba(data, tiling=tiling)[0])
+
+    for seg, data, tiling, other in [(fits["resize"], big, "off", "on"),
+                                     (fits["crop"], near, "on", "off"),
+                                     (default, near, "off", "on"),
+                                     (default, big, "on", "off")]:
+        assert same(seg, data, tiling), (seg.config_.data.large_images, data.shape, tiling)
+        assert not same(seg, data, other), (seg.config_.data.large_images, tiling, other)
+    # prompts under "auto" are taken by a crop-trained model ("on" refuses them)
+    prompted = fits["crop"].predict_proba(near, boxes=[[5, 5, 40, 40]])[0]
+    assert prompted.shape == (70, 70)
+    assert not np.array_equal(prompted, fits["crop"].predict_proba(near)[0])
+
+
+def test_exported_metadata_states_the_trained_tiling_rule(tiny_model):
+    from automask.export import preprocessing_metadata
+
+    rules = {rule: preprocessing_metadata(tiny_model, large_images=rule)["large_images"]
+             for rule in ("auto", "crop", "resize")}
+    assert "resizes every image, as the model was trained" in rules["resize"]
+    assert f"larger than {S} (the model was trained on native-scale crops" in rules["crop"]
+    assert f"exceeds {AUTO_RATIO:g} x {S}" in rules["auto"]
+    assert rules == {**rules, "auto": preprocessing_metadata(tiny_model)["large_images"]}

@@ -46,10 +46,6 @@ from .transforms import resize_image, resize_nearest
 
 VAL_WINDOWS_PER_SIDE = 3  # validation windows per image side, at most (see grid_boxes)
 
-# data.large_images -> the prediction tiling mode that uses the same rule
-_TILING_RULE = {"auto": "auto", "crop": "on", "resize": "off"}
-assert set(_TILING_RULE) == set(LARGE_IMAGE_MODES)
-
 Box = tuple[int, int, int, int]  # (top, left, height, width) in native pixels
 
 
@@ -96,9 +92,9 @@ def crops_image(size: Sequence[int], input_size: int, mode: str) -> bool:
         The answer of :func:`automask.tiling.use_tiles` under the matching tiling mode
         (``auto`` -> ``"auto"``, ``crop`` -> ``"on"``, ``resize`` -> ``"off"``).
     """
-    from ..tiling import use_tiles
+    from ..tiling import TRAINED_RULE, use_tiles
 
-    return use_tiles(size, int(input_size), _TILING_RULE[check_large_images(mode)])
+    return use_tiles(size, int(input_size), TRAINED_RULE[check_large_images(mode)])
 
 
 def random_crop(
