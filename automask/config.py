@@ -38,6 +38,8 @@ _CHOICES = {
 }
 LARGE_IMAGE_MODES = ("auto", "crop", "resize")  # data.large_images, see automask.data.crops
 _CHOICES["data.large_images"] = LARGE_IMAGE_MODES
+RESIZE_MODES = ("longest_side", "square")  # data.resize, see automask.data.transforms
+_CHOICES["data.resize"] = RESIZE_MODES
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -271,6 +273,11 @@ class DataConfig:
     cache_memory_mb: int = 1024
     """Decoded samples (resized, or at native scale for crops) kept in memory up to this size
     (MiB; a loader's worker processes share it); the rest go to disk."""
+    resize: str = "longest_side"
+    """How a whole image becomes the square input: ``longest_side`` scales it to the input's
+    side keeping its aspect ratio and zero-pads the rest (SAM's rule); ``square`` stretches it
+    to the square input, no padding (the paper's authors' rule). Training, validation and
+    prediction all use it; native-scale crops and tiles are never stretched."""
     large_images: str = "auto"
     """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
@@ -324,6 +331,7 @@ class DataConfig:
         if self.embedding_cache_mb < 0:
             _fail("data.embedding_cache_mb", self.embedding_cache_mb, "must be >= 0")
         _check_choice("data.large_images", self.large_images)
+        _check_choice("data.resize", self.resize)
         parse_image_range(self.image_range)
 
 

@@ -92,7 +92,8 @@ def inference_copy(model: nn.Module) -> nn.Module:
 def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
                            classes: list[str] | None = None,
                            image_range: str | tuple[float, float] | None = None,
-                           large_images: str = "auto") -> dict[str, str]:
+                           large_images: str = "auto",
+                           resize: str = "longest_side") -> dict[str, str]:
     """What a runtime needs to feed the exported model and read its output.
 
     Parameters
@@ -110,6 +111,8 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
     large_images : {"auto", "crop", "resize"}
         The model's ``data.large_images``: which images predict's default tiling runs as
         windows (:func:`automask.tiling.trained_tiling`).
+    resize : {"longest_side", "square"}
+        The model's ``data.resize``: aspect ratio kept and padded, or stretched.
 
     Returns
     -------
@@ -147,14 +150,18 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "input_name": INPUT_NAME,
         "input_size": str(size),
         "input_layout": f"(batch, 3, {size}, {size}) float32, RGB",
-        "resize": f"longest side to {size} pixels, aspect ratio kept "
-                  "(new side = max(1, int(side * scale + 0.5))), bilinear",
+        "resize_mode": resize,
+        "resize": (f"longest side to {size} pixels, aspect ratio kept "
+                   "(new side = max(1, int(side * scale + 0.5))), bilinear"
+                   if resize == "longest_side" else
+                   f"stretched to {size}x{size} pixels, aspect ratio not kept, bilinear"),
         "pixel_mean": ",".join(str(v) for v in PIXEL_MEAN),
         "pixel_std": ",".join(str(v) for v in PIXEL_STD),
         "image_range": range_name,
         "deep_images": deep,
         "normalisation": "(pixel - pixel_mean) / pixel_std per channel, pixels in 0..255",
-        "padding": f"bottom and right to {size}x{size}, value 0 after normalisation",
+        "padding": (f"bottom and right to {size}x{size}, value 0 after normalisation"
+                    if resize == "longest_side" else "none: the image fills the input"),
         "output_name": OUTPUT_NAME,
         "output": f"logits (batch, {num_outputs}, {size}, {size}) over the padded input",
         "output_activation": activation,
@@ -306,7 +313,8 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
     net = seg._model(name)
     meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_],
                                   image_range=image_range,
-                                  large_images=seg._config(name).data.large_images)
+                                  large_images=seg._config(name).data.large_images,
+                                  resize=seg._config(name).data.resize)
     meta["model"] = name
     precision = seg._config(name).env.precision
     meta["predict_precision"] = (

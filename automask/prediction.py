@@ -208,7 +208,8 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     loader = make_predict_loader(spec, input_size=cfg.model.input_size,
                                  batch_size=cfg.env.eval_batch_size,
                                  num_workers=cfg.data.num_workers,
-                                 value_range=image_value_range(cfg))
+                                 value_range=image_value_range(cfg),
+                                 resize=cfg.data.resize)
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         for batch in loader:
             mapped = None

@@ -29,9 +29,11 @@ _PAPER: dict[str, Any] = {
     "data.scale_max": 1.0,
     "data.rotate_degrees": 0.0,
     "data.color_jitter": 0.0,
-    # The authors resize every image whole to the input, however large (a 1500 px road
-    # tile, a 6000 px ISIC photo); predict's default tiling follows (no windows).
+    # The authors stretch every image whole to the square input, however large (a 1500 px
+    # road tile, a 6000 px ISIC photo) and whatever its aspect ratio; predict's default
+    # tiling follows (no windows).
     "data.large_images": "resize",
+    "data.resize": "square",
 }
 
 #: The rows of the paper's tables, as PEFT registry names, in the paper's order.

@@ -192,3 +192,44 @@ def test_augment_rotation_fills_with_ignore():
 def test_augment_config_validates(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**kwargs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_square_resize_stretches_to_the_input_and_maps_back(size):
+    """data.resize="square" (the paper's authors' rule): every image fills the S x S input,
+    nothing is padded, and a prediction maps back to the image's own size."""
+    geo = geometry_for(size, 64, "square")
+    assert geo.resized_size == (64, 64) and geo.original_size == tuple(size)
+    assert geometry_for(size, 64).resized_size == geometry_for(size, 64,
+                                                               "longest_side").resized_size
+    maps = torch.rand(2, 64, 64)
+    back = restore(maps, geo)
+    assert back.shape == (2, *size)
+    expected = torch.nn.functional.interpolate(maps[None], size=tuple(size), mode="bilinear",
+                                               align_corners=False)[0]
+    torch.testing.assert_close(back, expected)  # the whole map: no padding cropped
+
+
+def test_a_square_dataset_item_is_stretched_unpadded_and_cached_apart(tmp_path):
+    from PIL import Image
+
+    from automask.data import SampleCache, SegmentationDataset
+    from automask.data.validation import validate_frame
+    from automask.datasets import make_synthetic
+
+    frame = make_synthetic(1, size=(30, 90), num_classes=2, seed=2, root=tmp_path / "d")
+    spec = validate_frame(frame)
+    cache = SampleCache(memory_mb=16)
+    square = SegmentationDataset(spec, 64, cache=cache, resize="square")[0]
+    kept = SegmentationDataset(spec, 64, cache=cache)[0]  # same cache: its own entry
+    assert square["resized_size"].tolist() == [64, 64]
+    assert kept["resized_size"].tolist() == [21, 64]
+    pad = normalize_pad(np.zeros((1, 1, 3), np.uint8), 64)[:, -1, -1]  # the padding value
+    assert not torch.equal(square["image"][:, -1, -1], pad)  # content reaches the corner
+    torch.testing.assert_close(kept["image"][:, -1, -1], torch.zeros(3))
+    assert (square["target"] != IGNORE_INDEX).all()
+    assert (kept["target"][21:] == IGNORE_INDEX).all()
+    mask = np.asarray(Image.open(frame["label"][0]))  # (30, 90)
+    assert np.array_equal(square["target"].numpy() > 0, resize_nearest(mask, (64, 64)) > 0)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        SegmentationDataset(spec, 64, resize="stretch")

@@ -323,3 +323,42 @@ def test_pretrained_preset_without_weights_fails_clearly(synthetic, tmp_path, mo
                 "(2) place that file in the cache", "(3) let automask"):
         assert way in message, message
     assert not hasattr(seg, "best_model_")
+
+
+def test_square_resize_fits_and_predicts_stretched_images(tmp_path):
+    """data.resize="square": the predictor stretches each whole image to the input, runs
+    the model, and stretches the probabilities back, for the free and the prompted path;
+    the exported metadata says so."""
+    import torch.nn.functional as F
+
+    from automask.data.io import read_image
+    from automask.data.transforms import normalize_pad, resize_image
+
+    frame = make_synthetic(6, size=(36, 76), num_classes=2, seed=4, root=tmp_path / "data")
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": 64,
+                                                "data.resize": "square", "env.precision": "32"})
+    assert seg.config_.data.resize == "square"
+    got = seg.predict_proba(frame.head(1))[0]  # (36, 76); 76 < 1.25 x 64: not tiled
+    net = seg._model(None)
+    x = normalize_pad(resize_image(read_image(frame["image"][0]), (64, 64)), 64)[None]
+    with torch.no_grad():
+        logits = net(x).float()  # (1, 1, 64, 64)
+    expected = F.interpolate(torch.sigmoid(logits), size=(36, 76), mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+    assert got.shape == (36, 76)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # a box is mapped by each axis's own scale: the whole image's box is the whole input
+    boxed = seg.predict_proba(frame.head(1), boxes=[[0, 0, 76, 36]])[0]
+    prompt_free = seg._model(None)
+    from automask.models.segmenter import Prompt
+
+    with torch.no_grad():
+        box_logits = prompt_free(x, [Prompt(box=torch.tensor([0.0, 0.0, 64.0, 64.0]))]).float()
+    np.testing.assert_allclose(
+        boxed, F.interpolate(torch.sigmoid(box_logits), size=(36, 76), mode="bilinear",
+                             align_corners=False)[0, 0].numpy(), atol=1e-5)
+    from automask.export import preprocessing_metadata
+
+    meta = preprocessing_metadata(net, resize=seg.config_.data.resize)
+    assert meta["resize_mode"] == "square" and meta["padding"].startswith("none")

@@ -64,8 +64,11 @@ def segment(path: str) -> np.ndarray:
     """(H, W) uint8 mask of one image file, as ``seg.predict`` would give it."""
     image = Image.open(path).convert("RGB")
     width, height = image.size
-    scale = size / max(width, height)  # resize the longest side to `size`
-    w, h = max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
+    if meta["resize_mode"] == "square":  # stretched to the square input, no padding
+        w = h = size
+    else:  # resize the longest side to `size`, keep the aspect ratio, pad the rest
+        scale = size / max(width, height)
+        w, h = max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
     rgb = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
     x = np.zeros((1, 3, size, size), dtype=np.float32)  # zero padding after normalisation
     x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)

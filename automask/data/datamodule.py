@@ -211,6 +211,7 @@ def make_predict_loader(
     num_workers: int | None = None,
     with_labels: bool | None = None,
     value_range: tuple[float, float] | None = None,
+    resize: str = "longest_side",
 ) -> DataLoader:
     """A streaming, ordered loader for prediction or evaluation (no cache, no augment).
 
@@ -226,13 +227,15 @@ def make_predict_loader(
     value_range : tuple of float, optional
         ``(low, high)`` for images with more than 8 bits per sample (the model's
         ``data.image_range``); None: each file by its own rule.
+    resize : {"longest_side", "square"}
+        The model's ``data.resize``.
     """
     if with_labels is None:
         with_labels = spec.label_col is not None
     workers = default_num_workers() if num_workers is None else int(num_workers)
     dataset = SegmentationDataset(
         spec, input_size, augment=None, cache=None, with_labels=with_labels,
-        value_range=value_range,
+        value_range=value_range, resize=resize,
     )
     return _loader(dataset, int(batch_size), workers)
 
@@ -273,6 +276,8 @@ class SegmentationDataModule(L.LightningDataModule):
     value_range : tuple of float, optional
         ``(low, high)`` for images with more than 8 bits per sample (``data.image_range``
         resolved); None: each file by its own rule.
+    resize : {"longest_side", "square"}
+        ``data.resize``: whole images keep their aspect ratio (padded) or are stretched.
 
     Attributes
     ----------
@@ -298,6 +303,7 @@ class SegmentationDataModule(L.LightningDataModule):
         prompts: str | None = None,
         prompt_rate: float = 1.0,
         value_range: tuple[float, float] | None = None,
+        resize: str = "longest_side",
     ) -> None:
         super().__init__()
         if spec.label_col is None:
@@ -317,6 +323,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.cache = SampleCache(cache_memory_mb, directory)
         self.prompts, self.prompt_rate = prompts, float(prompt_rate)
         self.value_range = value_range
+        self.resize = resize
         self.train_spec: DataSpec | None = None
         self.val_spec: DataSpec | None = None
         self._train_sampler: EpochSampler | None = None
@@ -345,6 +352,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.train_spec, self.input_size, augment=self.augment, cache=self.cache,
             seed=self.seed, large_images=self.large_images, crops="random",
             prompts=self.prompts, prompt_rate=self.prompt_rate, value_range=self.value_range,
+            resize=self.resize,
         )
         rank, world = self._shard()
         self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed,
@@ -361,6 +369,7 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = SegmentationDataset(
             self.val_spec, self.input_size, augment=None, cache=self.cache,
             large_images=self.large_images, crops="grid", value_range=self.value_range,
+            resize=self.resize,
         )
         rank, world = self._shard()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
@@ -392,4 +401,5 @@ class SegmentationDataModule(L.LightningDataModule):
         return make_predict_loader(
             spec, self.input_size, batch_size or self.batch_size,
             self.num_workers if num_workers is None else num_workers,
+            value_range=self.value_range, resize=self.resize,
         )

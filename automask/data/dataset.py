@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from ..config import RESIZE_MODES
 from ..errors import DataValidationError
 from .cache import SampleCache, file_stamp, sample_key
 from .crops import check_large_images, crops_image, grid_boxes, random_crop
@@ -73,6 +74,9 @@ class SegmentationDataset(Dataset):
         ``(low, high)`` mapped to 0-255 for images with more than 8 bits per sample
         (``data.image_range``, see :func:`~automask.data.io.read_image`); None: each file
         by its own rule.
+    resize : {"longest_side", "square"}
+        ``data.resize``: a whole image keeps its aspect ratio (longest side to ``S``, then
+        padded) or is stretched to ``S x S``; crops stay at native scale either way.
 
     Notes
     -----
@@ -98,6 +102,7 @@ class SegmentationDataset(Dataset):
         prompts: str | None = None,
         prompt_rate: float = 1.0,
         value_range: tuple[float, float] | None = None,
+        resize: str = "longest_side",
     ) -> None:
         if with_labels and spec.label_col is None:
             raise ValueError("with_labels=True but the DataSpec has no label column")
@@ -105,6 +110,9 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
         self.spec = spec
         self.input_size = int(input_size)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
         self.augment = augment
         self.cache = cache
         self.with_labels = bool(with_labels)
@@ -191,11 +199,12 @@ class SegmentationDataset(Dataset):
             files = (image_path, file_stamp(image_path),
                      label_path, file_stamp(label_path) if label_path else None)
             key = (sample_key("native", *files, self._cmap_key, self.value_range) if native
-                   else sample_key(*files, self.input_size, self._cmap_key, self.value_range))
+                   else sample_key(*files, self.input_size, self._cmap_key, self.value_range,
+                                   *(() if self.resize == "longest_side" else (self.resize,))))
             hit = self.cache.get(key, mmap=native)
             if hit is not None and (hit[1] is not None or not self.with_labels):
                 return hit[0], hit[1], original
-        size = original if native else resized_shape(original, self.input_size)
+        size = original if native else resized_shape(original, self.input_size, self.resize)
         image = read_image(image_path, min_size=None if native else size,
                            value_range=self.value_range)
         self.decodes += 1

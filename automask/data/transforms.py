@@ -3,9 +3,11 @@
 SAM's image encoder takes an ``S x S`` input (``S = 1024`` for the released models). An
 ``H x W`` image is resized so that its longest side is ``S`` (same rounding as
 ``segment_anything.utils.transforms.ResizeLongestSide``), normalised with SAM's pixel
-mean/std and zero-padded at the bottom and right. :class:`Geometry` records both sizes so
-that a model-space prediction can be mapped back: crop the padding, then resize to
-``H x W`` (bilinear for probabilities or logits, nearest only for label maps).
+mean/std and zero-padded at the bottom and right. With ``data.resize="square"`` (the
+paper's authors' rule) it is stretched to ``S x S`` instead and nothing is padded.
+:class:`Geometry` records both sizes so that a model-space prediction can be mapped back:
+crop the padding, then resize to ``H x W`` (bilinear for probabilities or logits, nearest
+only for label maps).
 
 Masks are always resampled with nearest neighbour, computed with exact integer
 arithmetic (``src = floor((2 * dst + 1) * n_in / (2 * n_out))``, the pixel-centre rule),
@@ -54,8 +56,11 @@ class Geometry:
     input_size: int
 
 
-def resized_shape(original_size: Sequence[int], input_size: int) -> tuple[int, int]:
-    """``(h, w)`` with the longest side scaled to ``input_size``, each side at least 1.
+def resized_shape(original_size: Sequence[int], input_size: int,
+                  mode: str = "longest_side") -> tuple[int, int]:
+    """``(h, w)`` with the longest side scaled to ``input_size``, each side at least 1;
+    ``(input_size, input_size)`` under ``mode="square"`` (``data.resize``: the image is
+    stretched to the square input, nothing padded).
 
     Rounds like ``ResizeLongestSide.get_preprocess_shape`` (``int(x + 0.5)``); the clamp
     to 1 only matters for extreme aspect ratios where SAM's rule would give 0.
@@ -63,13 +68,17 @@ def resized_shape(original_size: Sequence[int], input_size: int) -> tuple[int, i
     height, width = int(original_size[0]), int(original_size[1])
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {original_size!r}")
+    if mode == "square":
+        return int(input_size), int(input_size)
+    assert mode == "longest_side", mode
     scale = input_size * 1.0 / max(height, width)
     new_h = max(1, int(height * scale + 0.5))
     new_w = max(1, int(width * scale + 0.5))
     return new_h, new_w
 
 
-def geometry_for(original_size: Sequence[int], input_size: int) -> Geometry:
+def geometry_for(original_size: Sequence[int], input_size: int,
+                 mode: str = "longest_side") -> Geometry:
     """Geometry of an ``original_size = (H, W)`` image for an ``input_size`` model.
 
     Parameters
@@ -78,6 +87,8 @@ def geometry_for(original_size: Sequence[int], input_size: int) -> Geometry:
         ``(H, W)``.
     input_size : int
         Side of the square model input.
+    mode : {"longest_side", "square"}
+        ``data.resize``: keep the aspect ratio and pad, or stretch to the square.
 
     Returns
     -------
@@ -86,7 +97,7 @@ def geometry_for(original_size: Sequence[int], input_size: int) -> Geometry:
     if int(input_size) < 1:
         raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
     size = (int(original_size[0]), int(original_size[1]))
-    return Geometry(size, resized_shape(size, int(input_size)), int(input_size))
+    return Geometry(size, resized_shape(size, int(input_size), mode), int(input_size))
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
