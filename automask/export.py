@@ -163,7 +163,8 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "padding": (f"bottom and right to {size}x{size}, value 0 after normalisation"
                     if resize == "longest_side" else "none: the image fills the input"),
         "output_name": OUTPUT_NAME,
-        "output": f"logits (batch, {num_outputs}, {size}, {size}) over the padded input",
+        "output": f"logits (batch, {num_outputs}, {size}, {size}) over the "
+                  f"{'padded ' if resize == 'longest_side' else ''}input",
         "output_activation": activation,
         "postprocessing": "crop the resized (h, w) region at the top left, resize the "
                           "probabilities to the original size bilinearly with half-pixel "

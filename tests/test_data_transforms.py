@@ -233,3 +233,5 @@ def test_a_square_dataset_item_is_stretched_unpadded_and_cached_apart(tmp_path):
     assert np.array_equal(square["target"].numpy() > 0, resize_nearest(mask, (64, 64)) > 0)
     with pytest.raises(ValueError, match="resize must be one of"):
         SegmentationDataset(spec, 64, resize="stretch")
+    with pytest.raises(ValueError, match="'stretch'"):
+        geometry_for((30, 90), 64, "stretch")

@@ -70,7 +70,8 @@ def resized_shape(original_size: Sequence[int], input_size: int,
         raise ValueError(f"image size must be positive, got {original_size!r}")
     if mode == "square":
         return int(input_size), int(input_size)
-    assert mode == "longest_side", mode
+    if mode != "longest_side":
+        raise ValueError(f"mode must be 'longest_side' or 'square' (data.resize), got {mode!r}")
     scale = input_size * 1.0 / max(height, width)
     new_h = max(1, int(height * scale + 0.5))
     new_w = max(1, int(width * scale + 0.5))
