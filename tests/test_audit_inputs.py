@@ -215,6 +215,37 @@ def test_an_empty_image_or_mask_file_is_named_as_empty(tmp_path):
     assert "row 2 [image] " in text and "text.png: not an image Pillow can read" in text
 
 
+def test_volume_and_array_files_are_named_with_what_to_do(tmp_path):
+    """DICOM, NIfTI (gzipped too) and NRRD files in the path columns (what medical
+    imaging users have) are named by their format, found from their bytes whatever their
+    name, with the way to give them to automask (2-D PNG/TIFF slices)."""
+    import gzip
+
+    ids = _ids()
+    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(ids).save(tmp_path / "mask.png")
+    (tmp_path / "scan").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0" * 40)  # no suffix
+    header = bytearray(352)
+    header[:4] = (348).to_bytes(4, "little")
+    header[344:348] = b"n+1\0"
+    with gzip.open(tmp_path / "labels.nii.gz", "wb") as fh:
+        fh.write(bytes(header) + b"\0" * 64)
+    (tmp_path / "ct.nrrd").write_bytes(b"NRRD0004\ntype: short\n")
+    frame = pd.DataFrame({"image": [tmp_path / "scan", tmp_path / "img.png",
+                                    tmp_path / "ct.nrrd"],
+                          "label": [tmp_path / "mask.png", tmp_path / "labels.nii.gz",
+                                    tmp_path / "mask.png"]})
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    text = str(info.value)
+    for row, column, name, kind in [(0, "image", "scan", "DICOM"),
+                                    (1, "label", "labels.nii.gz", "NIfTI"),
+                                    (2, "image", "ct.nrrd", "NRRD")]:
+        assert f"row {row} [{column}] {tmp_path / name}: a {kind} file, which automask " \
+               "does not read" in text, (kind, text)
+    assert text.count("save each 2-D image or slice as a PNG or TIFF file or a .npy") == 3
+
+
 def test_urls_in_the_path_columns_are_named_as_urls(tmp_path):
     """A URL is named as such with its row, not as a missing file under the working folder
     ('<cwd>/https:/host/a.png: file not found')."""

@@ -331,11 +331,53 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
 
 def _unreadable(path) -> str:
     """Why Pillow could not identify ``path``: an empty file (an interrupted copy or
-    download) is named as such."""
+    download) and the volume formats of medical imaging and science (DICOM, NIfTI, ...)
+    are named as such, with what to do."""
     with contextlib.suppress(OSError):  # unreadable size: the general reason
         if os.path.getsize(path) == 0:
             return "an empty file (0 bytes): an interrupted copy or download?"
-    return "not an image Pillow can read"
+    kind = _other_format(path)
+    if kind is None:
+        return "not an image Pillow can read"
+    return (f"a {kind} file, which automask does not read: it reads 2-D images (PNG, JPEG, "
+            "TIFF, BMP, ...) and .npy arrays; save each 2-D image or slice as a PNG or TIFF "
+            "file or a .npy array (16 bits or floats keep an image's intensities; "
+            "data.image_range sets one window for all of them, e.g. '-1000,400' for CT) "
+            "and give those paths")
+
+
+# (name, file name endings, test of the file's first bytes), in the order tried
+_OTHER_FORMATS = (
+    ("DICOM", (".dcm", ".dicom"), lambda head: head[128:132] == b"DICM"),
+    ("NIfTI", (".nii", ".nii.gz", ".hdr", ".img"),
+     lambda head: head[344:348] in (b"n+1\0", b"ni1\0")),
+    ("NRRD", (".nrrd", ".nhdr"), lambda head: head.startswith(b"NRRD")),
+    ("MetaImage", (".mha", ".mhd"),
+     lambda head: head.lstrip().startswith((b"ObjectType", b"NDims"))),
+    ("HDF5", (".h5", ".hdf5"), lambda head: head.startswith(b"\x89HDF\r\n\x1a\n")),
+)
+
+
+def _other_format(path) -> str | None:
+    """The name of a known non-image format ``path`` holds (by its first bytes, gzip
+    opened, else by its name), or None."""
+    import gzip
+
+    head = b""
+    with contextlib.suppress(OSError, EOFError, ValueError):
+        with open(path, "rb") as fh:
+            head = fh.read(352)
+        if head.startswith(b"\x1f\x8b"):  # gzip: a .nii.gz, most often
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(352)
+    for name, _, test in _OTHER_FORMATS:
+        if test(head):
+            return name
+    lower = str(path).lower()
+    for name, endings, _ in _OTHER_FORMATS:
+        if lower.endswith(endings):
+            return name
+    return None
 
 
 def _too_large(exc: Exception) -> str:
