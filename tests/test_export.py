@@ -270,11 +270,14 @@ def test_cli_export(fitted, tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt2").exists()
 
 
-def test_the_documented_postprocessing_reproduces_predict_proba(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("resize_mode", ["longest_side", "square"])
+def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, tmp_path_factory,
+                                                                tmp_path):
     """The ONNX recipe of README and tutorials/05_export.py (its ``resize_bilinear``, run
     without torch) gives predict_proba's probabilities for images smaller and larger than
-    the input size, where Pillow's antialiased BILINEAR would not; the metadata names the
-    precision predict runs in."""
+    the input size, where Pillow's antialiased BILINEAR would not, for a model that keeps
+    the aspect ratio and one that stretches (metadata ``resize_mode``); the metadata names
+    the precision predict runs in."""
     import ast
 
     from PIL import Image
@@ -287,7 +290,8 @@ def test_the_documented_postprocessing_reproduces_predict_proba(tmp_path_factory
                            root=tmp_path_factory.mktemp("pp"))
     seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
         frame, presets="tiny", hyperparameters={
-            "optim.max_epochs": 1, "model.input_size": SIZE, "env.precision": "32"})
+            "optim.max_epochs": 1, "model.input_size": SIZE, "env.precision": "32",
+            "data.resize": resize_mode})
     rng = np.random.default_rng(0)
     images = []
     for height, width in [(12, 16), (30, 40), (54, 72)]:  # below and above SIZE, untiled
@@ -314,8 +318,11 @@ probs = []
 for image in images:
     img = Image.open(image).convert("RGB")
     width, height = img.size
-    scale = size / max(width, height)
-    w, h = (max(1, int(side * scale + 0.5)) for side in img.size)
+    if meta["resize_mode"] == "square":
+        w = h = size
+    else:
+        scale = size / max(width, height)
+        w, h = (max(1, int(side * scale + 0.5)) for side in img.size)
     rgb = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)
