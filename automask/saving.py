@@ -529,9 +529,15 @@ def read_weights(seg, name: str) -> tuple[bytes, str]:
 def keep_weights_open(seg) -> None:
     """Keep each of ``seg``'s weights files (in ``seg._weights_dir``) open for as long as
     ``seg`` lives, as :func:`load_predictor` does: the fitted predictor then pickles and
-    saves even after its folder is moved, deleted or superseded. Files that cannot be
-    opened (too many open files) are read by path, as before."""
+    saves even after its folder is moved, deleted or superseded. They are read by path
+    instead when they cannot be opened, or when they would take more than half of the
+    process's open-file limit (many fitted predictors kept at once must not starve image
+    reading)."""
     handles: dict[str, IO[bytes]] = {}
+    if not _descriptors_to_spare(len(seg.models_)):
+        log.debug("weights files in %s not kept open: near the open-file limit",
+                  seg._weights_dir)
+        return
     try:
         for name, record in seg.models_.items():
             handles[name] = open(Path(seg._weights_dir) / record.weights, "rb")  # noqa: SIM115
@@ -542,6 +548,19 @@ def keep_weights_open(seg) -> None:
     close_weights(seg)
     seg._weights_files = handles
     weakref.finalize(seg, _close_all, handles)
+
+
+def _descriptors_to_spare(count: int) -> bool:
+    """Whether ``count`` more open files keep this process within half its open-file
+    limit (True where that cannot be known)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError, ValueError):
+        return True
+    return soft == resource.RLIM_INFINITY or used + count <= soft // 2
 
 
 def close_weights(seg) -> None:

@@ -620,6 +620,24 @@ def test_a_fitted_predictor_pickles_and_saves_after_its_folder_is_gone(data, tmp
             np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_a_fitted_predictor_near_the_open_file_limit_reads_its_weights_by_path(
+        data, tmp_path, monkeypatch):
+    """Kept-open weights files never take more than half the open-file limit: near it, a
+    fitted predictor reads them by path, and still pickles while its folder is there."""
+    import pickle
+    import resource
+
+    used = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (used + 4, used + 4))  # half: below
+    images = pd.read_csv(data / "train.csv")[["image"]].head(1)
+    fitted = SemanticSegmentor(path=tmp_path / "fitted", verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=HP)
+    assert fitted._weights_files == {}
+    copy = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_allclose(copy.predict_proba(images)[0],
+                               fitted.predict_proba(images)[0], atol=1e-6)
+
+
 def test_weights_corrupted_after_load_are_named_by_pickle_and_save(data, base, tmp_path):
     """Weights changed on disk after a load are refused where they are read (pickle, save),
     naming that file, instead of being copied on to fail later under the copy's name."""
