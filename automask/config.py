@@ -194,6 +194,10 @@ class OptimConfig:
     """AdamW learning rate (peak, after warmup)."""
     weight_decay: float = 1e-4
     """AdamW weight decay, applied to weight matrices only (not biases, norms or embeddings)."""
+    eps: float = 1e-8
+    """AdamW's epsilon, added to the root of the second moment (torch's default; the paper
+    presets take the authors' 1e-6, which damps the first steps of parameters with tiny
+    gradients such as Conv-LoRA's gates)."""
     max_epochs: int = 30
     """Upper bound on training epochs."""
     batch_size: int = 2
@@ -223,6 +227,8 @@ class OptimConfig:
         _check_choice("optim.loss", self.loss)
         if self.lr <= 0:
             _fail("optim.lr", self.lr, "must be > 0")
+        if self.eps <= 0:
+            _fail("optim.eps", self.eps, "must be > 0")
         if not 0 < self.val_check_interval <= 1:
             # Lightning refuses a fraction above 1 only when the Trainer is built, mid-fit
             _fail("optim.val_check_interval", self.val_check_interval,

@@ -15,6 +15,7 @@ _PAPER: dict[str, Any] = {
     "model.multiclass_head": "mask_classification",  # the paper's head (binary tasks: unused)
     "optim.lr": 1e-4,
     "optim.weight_decay": 1e-4,
+    "optim.eps": 1e-6,  # the authors' AdamW epsilon
     "optim.lr_schedule": "linear",
     "optim.warmup_ratio": 0.0,
     "optim.max_epochs": 30,

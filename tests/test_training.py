@@ -36,6 +36,34 @@ def test_optimizer_holds_trainable_parameters_only_and_decays_matrices_only():
     assert any(d == 0.05 for d in in_opt.values()) and any(d == 0 for d in in_opt.values())
 
 
+def test_optimizer_eps_comes_from_the_config_and_the_paper_presets_take_the_authors(
+        tmp_path, monkeypatch):
+    import automask.training.module as module
+    from automask import SemanticSegmentor
+    from automask.config import Config
+    from automask.datasets import make_synthetic
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("eps"))
+        return build_optimizer(*args, **kwargs)
+    monkeypatch.setattr(module, "build_optimizer", spy)
+    frame = make_synthetic(4, size=32, root=tmp_path / "data")
+    SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": 32,
+                                                "optim.eps": 3e-7})
+    assert seen == [3e-7]
+    model = _tiny()
+    assert {g["eps"] for g in build_optimizer(model, 1e-3, 0.05).param_groups} == {1e-8}
+    assert {g["eps"] for g in build_optimizer(model, 1e-3, 0.05, eps=1e-6).param_groups} == {
+        1e-6}
+    [(_, paper)] = resolve("paper", {})
+    assert paper.optim.eps == 1e-6 and Config().optim.eps == 1e-8
+    with pytest.raises(ConfigError, match=r"'optim\.eps'"):
+        Config.from_dict({"optim.eps": 0})
+
+
 def test_optimizer_is_fused_and_steps_as_the_plain_loop():
     """The fused AdamW (chosen where torch has fused kernels for the parameters' device):
     three steps move every parameter as torch's for-loop AdamW with the same groups does,

@@ -259,7 +259,8 @@ class SegmentationModule(L.LightningModule):
         # to clip for it
         scaler = getattr(self.trainer.strategy.precision_plugin, "scaler", None)
         optimizer = build_optimizer(self.model, self.optim.lr, self.optim.weight_decay,
-                                    fused=None if scaler is None else False)
+                                    fused=None if scaler is None else False,
+                                    eps=self.optim.eps)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(self.optim.warmup_ratio * total))
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -29,7 +29,7 @@ def _no_decay_names(model: nn.Module) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    fused: bool | None = None) -> torch.optim.AdamW:
+                    fused: bool | None = None, eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over ``requires_grad`` parameters; weight decay on matrices and kernels only.
 
     Parameters with fewer than two dimensions (biases, norm scales), parameters of norm
@@ -42,7 +42,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     up to float rounding and far less host work per step (Conv-LoRA trains 18 small
     tensors per layer): 3.2 ms against 17.6 ms for a vit_b Conv-LoRA step's 336 tensors on
     a 2-core CPU. It unscales gradients inside its step, so it is not for a fit with a
-    gradient scaler (16-mixed) that clips gradients.
+    gradient scaler (16-mixed) that clips gradients. ``eps``: AdamW's epsilon
+    (``optim.eps``).
     """
     no_decay = _no_decay_names(model)
     decay, plain = [], []
@@ -58,7 +59,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     params = decay + plain
     if fused is None:
         fused = _fused_supported(params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps,
+                             fused=fused or None)
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
