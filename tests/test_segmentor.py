@@ -333,6 +333,8 @@ def test_square_resize_fits_and_predicts_stretched_images(tmp_path):
 
     from automask.data.io import read_image
     from automask.data.transforms import normalize_pad, resize_image
+    from automask.export import preprocessing_metadata
+    from automask.models.segmenter import Prompt
 
     frame = make_synthetic(6, size=(36, 76), num_classes=2, seed=4, root=tmp_path / "data")
     seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
@@ -350,15 +352,10 @@ def test_square_resize_fits_and_predicts_stretched_images(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-5)
     # a box is mapped by each axis's own scale: the whole image's box is the whole input
     boxed = seg.predict_proba(frame.head(1), boxes=[[0, 0, 76, 36]])[0]
-    prompt_free = seg._model(None)
-    from automask.models.segmenter import Prompt
-
     with torch.no_grad():
-        box_logits = prompt_free(x, [Prompt(box=torch.tensor([0.0, 0.0, 64.0, 64.0]))]).float()
+        box_logits = net(x, [Prompt(box=torch.tensor([0.0, 0.0, 64.0, 64.0]))]).float()
     np.testing.assert_allclose(
         boxed, F.interpolate(torch.sigmoid(box_logits), size=(36, 76), mode="bilinear",
                              align_corners=False)[0, 0].numpy(), atol=1e-5)
-    from automask.export import preprocessing_metadata
-
     meta = preprocessing_metadata(net, resize=seg.config_.data.resize)
     assert meta["resize_mode"] == "square" and meta["padding"].startswith("none")
