@@ -195,21 +195,31 @@ def test_a_fit_warns_about_a_stacked_image_once(tmp_path):
     assert len(stacks) == 1 and "stack.tif (2 images)" in stacks[0], stacks
 
 
-def test_an_empty_image_or_mask_file_is_named_as_empty(tmp_path):
-    """A zero-byte file (an interrupted copy) is named as empty, not as an unknown format;
-    a file of other bytes stays "not an image Pillow can read"."""
+def _good_pair(tmp_path) -> None:
+    """A readable image and mask, ``img.png`` and ``mask.png``, beside the bad files."""
     ids = _ids()
     Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(ids).save(tmp_path / "mask.png")
+
+
+def _problems(frame: pd.DataFrame) -> str:
+    """The text of the DataValidationError that ``frame`` must raise."""
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    return str(info.value)
+
+
+def test_an_empty_image_or_mask_file_is_named_as_empty(tmp_path):
+    """A zero-byte file (an interrupted copy) is named as empty, not as an unknown format;
+    a file of other bytes stays "not an image Pillow can read"."""
+    _good_pair(tmp_path)
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_bytes(b"not an image")
     frame = pd.DataFrame({"image": [tmp_path / "empty.png", tmp_path / "img.png",
                                     tmp_path / "text.png"],
                           "label": [tmp_path / "mask.png", tmp_path / "empty.png",
                                     tmp_path / "mask.png"]})
-    with pytest.raises(DataValidationError) as info:
-        validate_frame(frame)
-    text = str(info.value)
+    text = _problems(frame)
     assert "row 0 [image] " in text and "row 1 [label] " in text
     assert text.count("an empty file (0 bytes): an interrupted copy or download?") == 2, text
     assert "row 2 [image] " in text and "text.png: not an image Pillow can read" in text
@@ -221,9 +231,7 @@ def test_volume_and_array_files_are_named_with_what_to_do(tmp_path):
     name, with the way to give them to automask (2-D PNG/TIFF slices)."""
     import gzip
 
-    ids = _ids()
-    Image.fromarray(np.zeros((*ids.shape, 3), np.uint8)).save(tmp_path / "img.png")
-    Image.fromarray(ids).save(tmp_path / "mask.png")
+    _good_pair(tmp_path)
     (tmp_path / "scan").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0" * 40)  # no suffix
     header = bytearray(352)
     header[:4] = (348).to_bytes(4, "little")
@@ -235,9 +243,7 @@ def test_volume_and_array_files_are_named_with_what_to_do(tmp_path):
                                     tmp_path / "ct.nrrd"],
                           "label": [tmp_path / "mask.png", tmp_path / "labels.nii.gz",
                                     tmp_path / "mask.png"]})
-    with pytest.raises(DataValidationError) as info:
-        validate_frame(frame)
-    text = str(info.value)
+    text = _problems(frame)
     for row, column, name, kind in [(0, "image", "scan", "DICOM"),
                                     (1, "label", "labels.nii.gz", "NIfTI"),
                                     (2, "image", "ct.nrrd", "NRRD")]:
