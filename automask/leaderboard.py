@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .data.arrays import as_files
 from .errors import ConfigError, DataValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,7 +87,8 @@ def build_leaderboard(
     seg : SemanticSegmentor
         A fitted or loaded predictor.
     data : DataFrame or CSV path, optional
-        Labelled test data; every model (and every external folder) is scored on it.
+        Labelled test data; every model (and every external folder) is scored on it (cells
+        may hold images and masks in memory, as in ``evaluate``).
     extra : mapping of str to path, optional
         Row name -> folder of another model's predictions (PNG/JPEG masks or probability
         maps, ``.npy`` arrays), paired with ``data`` by file stem: the image's stem, else
@@ -146,15 +148,18 @@ def build_leaderboard(
         raise ConfigError(f"external row names {clash} are already names of trained models "
                           "or of their groups of runs")
     external = []
-    if extra:  # every folder is paired, then scored, before any model is evaluated
-        frame = _validated(seg, data)
-        pairs = {name: pair_predictions(frame, seg.image, folder) for name, folder in extra.items()}
-        for name, files in pairs.items():
-            row: dict[str, Any] = {"model": name, "source": "external", "group": name,
-                                   "best": False}
-            row.update(_test_columns(score_external(seg, data, files, metrics), seg.classes_))
-            external.append(row)
-    rows = [_model_row(seg, name, groups[name], data, metrics) for name in seg.models_]
+    with as_files(data, [seg.image, seg.label]) as data:  # pictures in memory, as files
+        if extra:  # every folder is paired, then scored, before any model is evaluated
+            frame = _validated(seg, data)
+            pairs = {name: pair_predictions(frame, seg.image, folder)
+                     for name, folder in extra.items()}
+            for name, files in pairs.items():
+                row: dict[str, Any] = {"model": name, "source": "external", "group": name,
+                                       "best": False}
+                row.update(_test_columns(score_external(seg, data, files, metrics),
+                                         seg.classes_))
+                external.append(row)
+        rows = [_model_row(seg, name, groups[name], data, metrics) for name in seg.models_]
     rows += external
     board = pd.DataFrame(rows)
     val = f"val_{seg.eval_metric_}"

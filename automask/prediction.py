@@ -66,10 +66,16 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         index = data.index if isinstance(data, pd.Series) else None
         values = pd.Series(data.to_numpy(dtype=object), index=index, dtype=object)
         return pd.DataFrame({image_col: values}), None
+    from .data.arrays import split_batch
+
+    pictures = split_batch(data)  # one in-memory image, or a batch of them
+    if pictures is not None:
+        return pd.DataFrame({image_col: pd.Series(pictures, dtype=object)}), None
     if isinstance(data, np.ndarray):
         if data.ndim != 1:
-            pixels = " (an image itself? automask reads images from files: save it first and "\
-                "give its path)" if data.dtype.kind in "biuf" else ""
+            pixels = ("; an image is an array of shape (H, W), (H, W, C) or (C, H, W), a "
+                      "batch of images (N, H, W, C) or (N, C, H, W)"
+                      if data.dtype.kind in "biuf" else "")
             raise DataValidationError(
                 f"an array of image paths must be 1-D, got shape {data.shape}{pixels}")
         return pd.DataFrame({image_col: pd.Series(data.tolist(), dtype=object)}), None
@@ -85,9 +91,12 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             raise DataValidationError(
                 f"no images given: the {type(data).__name__} of paths is empty")
         return pd.DataFrame({image_col: pd.Series(values, dtype=object)}), None
+    shape = getattr(data, "shape", None)
     raise DataValidationError(
-        f"cannot read images from a {type(data).__name__}; pass a DataFrame, a path, a "
-        "list of paths or a folder"
+        f"cannot read images from a {type(data).__name__}"
+        f"{f' of shape {tuple(shape)}' if shape is not None else ''}; pass a DataFrame, a "
+        "path, a list of paths, a folder, or images in memory (arrays or tensors of shape "
+        "(H, W), (H, W, C) or (C, H, W), a batch of them (N, ...), PIL images)"
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from sklearn.base import BaseEstimator
 
 from . import prediction, saving
+from .data.arrays import as_files
 from .errors import AutomaskError, ConfigError, NotFittedError
 from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
@@ -233,11 +234,15 @@ class SemanticSegmentor(BaseEstimator):
 
         Parameters
         ----------
-        data : DataFrame, path, list of paths or folder
+        data : DataFrame, path, list of paths or folder, or images in memory
             Images to segment (a DataFrame needs the image column). A pandas Series, a 1-D
             array or an iterator of paths (``Path("imgs").glob("*.png")``) is read as a
             list, in its order; a Series keeps its index (for prompts keyed by it and the
-            DataFrame returned with ``save_to``).
+            DataFrame returned with ``save_to``). Images in memory: a numpy array or torch
+            tensor of shape (H, W), (H, W, C) or (C, H, W), a PIL image, a batch
+            (N, H, W, C) / (N, C, H, W), or lists and cells holding them; each is read as
+            the same picture saved to a file would be (:mod:`automask.data.arrays`), and
+            with ``save_to`` its mask is named by its position (``00000.png``).
         model : str, optional
             Candidate name (see :meth:`leaderboard`); the best by default.
         save_to : path-like, optional
@@ -287,18 +292,20 @@ class SemanticSegmentor(BaseEstimator):
         """
         self._check_fitted()
         frame, root = prediction.as_frame(data, self.image)
-        spec = prediction.images_spec(frame, self.image, root)
-        prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
-        net, cfg = self._model(model), self._config(model)
-        if save_to is None:
-            return [prediction.to_mask(p, self.task_, self.num_classes_)
-                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
-                                                      prompts)]
-        out = Path(save_to).expanduser()
-        dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
-                                             overwrite=overwrite)
-        prediction.write_masks(prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts),
-                               dests, out, self.task_, self.num_classes_)
+        with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
+            spec = prediction.images_spec(files, self.image, root)
+            prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
+            net, cfg = self._model(model), self._config(model)
+            if save_to is None:
+                return [prediction.to_mask(p, self.task_, self.num_classes_)
+                        for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
+                                                          prompts)]
+            out = Path(save_to).expanduser()
+            dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
+                                                 overwrite=overwrite)
+            prediction.write_masks(
+                prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts),
+                dests, out, self.task_, self.num_classes_)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
 
@@ -323,11 +330,13 @@ class SemanticSegmentor(BaseEstimator):
         """
         self._check_fitted()
         frame, root = prediction.as_frame(data, self.image)
-        spec = prediction.images_spec(frame, self.image, root)
-        prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
-        net, cfg = self._model(model), self._config(model)
-        return [p[0] if self.task_ == "binary" else p
-                for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts)]
+        with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
+            spec = prediction.images_spec(files, self.image, root)
+            prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
+            net, cfg = self._model(model), self._config(model)
+            return [p[0] if self.task_ == "binary" else p
+                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
+                                                      prompts)]
 
     def evaluate(
         self,
@@ -342,7 +351,8 @@ class SemanticSegmentor(BaseEstimator):
         Parameters
         ----------
         data : DataFrame or CSV path
-            Images and masks (same columns as in fit).
+            Images and masks (same columns as in fit); cells may hold them in memory, as
+            in :meth:`predict`.
         metrics : sequence of str, optional
             Names from :data:`automask.metrics.METRICS`; the task's default set when None
             (binary: sm, em, wfm, mae, iou, dice, ber; multi-class: acc, miou,
@@ -371,12 +381,14 @@ class SemanticSegmentor(BaseEstimator):
             if isinstance(exc, AutomaskError):
                 raise
             raise ConfigError(f"evaluate metrics {names!r}: {exc}") from exc
-        spec = prediction.labelled_spec(data, self.image, self.label, self.task_,
-                                        self.num_classes_, self.classes_, self.void_label_,
-                                        self.color_map_)
-        probs = prediction.iter_proba(self._model(model), self._config(model), self.task_, spec,
-                                      tiling)
-        return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
+        # images and masks in memory, as temporary files
+        with as_files(data, [self.image, self.label]) as files:
+            spec = prediction.labelled_spec(files, self.image, self.label, self.task_,
+                                            self.num_classes_, self.classes_, self.void_label_,
+                                            self.color_map_)
+            probs = prediction.iter_proba(self._model(model), self._config(model), self.task_,
+                                          spec, tiling)
+            return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
 
     def leaderboard(
         self,
@@ -391,7 +403,8 @@ class SemanticSegmentor(BaseEstimator):
         Parameters
         ----------
         data : DataFrame or CSV path, optional
-            Labelled test data: adds ``test_<metric>`` columns for every model.
+            Labelled test data: adds ``test_<metric>`` columns for every model (cells may
+            hold images and masks in memory, as in :meth:`evaluate`).
         extra : dict of str to path, optional
             Row name -> folder of another model's masks or probability maps, scored on
             ``data`` with the same metrics (paired by file stem); rows without parameter

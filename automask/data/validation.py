@@ -273,10 +273,16 @@ def _in_memory(value: Any) -> str | None:
         shape = tuple(value.size)[::-1]
     if shape is None and not isinstance(value, (list, tuple, dict)):
         return None
+    from .arrays import is_picture
+
     what = type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
-    return (f"an in-memory {what}, not a file path: automask reads images and masks from "
-            "files; save it first (e.g. PIL.Image.fromarray(array).save('a.png')) and give "
-            "the file's path")
+    if not is_picture(value):
+        return (f"an in-memory {what}, neither a file path nor an image: in memory an image "
+                "or a mask is an array or tensor of shape (H, W), (H, W, C) or (C, H, W), "
+                "or a PIL image")
+    return (f"an in-memory {what}, not a file path: fit reads images and masks from files "
+            "(predict, predict_proba and evaluate also take them in memory); save it first "
+            "(e.g. PIL.Image.fromarray(array).save('a.png')) and give the file's path")
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # http://, s3://, gs://, file://...

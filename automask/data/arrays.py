@@ -1,0 +1,142 @@
+"""In-memory images and masks (numpy arrays, torch tensors, PIL images) as temporary files.
+
+automask reads every image and mask from a file, so that validation, the loaders and their
+worker processes all see one kind of input. :func:`as_files` writes each in-memory cell of
+the given columns, losslessly, into a temporary folder that lives as long as its ``with``
+block, and gives the frame with those cells replaced by the files' paths:
+
+- a numpy array or a torch tensor of shape (H, W), (H, W, C) or (C, H, W) with bool,
+  integer or float samples is saved as ``.npy``, so it reads exactly as the same array
+  saved with ``np.save`` (channel layout, value range and ``data.image_range`` rules
+  included);
+- a PIL image is saved as PNG (TIFF for the modes PNG cannot hold), so it reads as the
+  same image saved by the caller: a palette ("P") mask keeps its indices, an RGB image its
+  colours. Its pixels are taken as they are in memory: no EXIF rotation is applied.
+
+A file is named after its row's position (``00000.npy``, ``00001.png`` ...), so masks that
+``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ... Any
+other cell is left as it is, for validation to judge.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataValidationError
+
+# PIL modes a PNG file holds as they are; any other mode (I, F, CMYK, YCbCr, ...) goes to TIFF
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _is_pil(value: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
+
+
+def is_picture(value: Any) -> bool:
+    """True for an in-memory picture that :func:`as_files` writes: a PIL image, or a numpy
+    array / torch tensor with 2 or 3 dimensions and bool, integer or float samples."""
+    if _is_pil(value):
+        return True
+    if _is_tensor(value):
+        return value.dim() in (2, 3) and not value.is_complex()
+    return (isinstance(value, np.ndarray) and value.ndim in (2, 3)
+            and (value.dtype == np.bool_ or value.dtype.kind in "iuf"))
+
+
+def split_batch(value: Any) -> list[Any] | None:
+    """The pictures of ``value`` when it is one picture (a list of one) or a batch of them
+    (an (N, H, W, C) or (N, C, H, W) array or tensor, as a list of N); None otherwise."""
+    if is_picture(value):
+        return [value]
+    if _is_tensor(value) and value.dim() == 4 and not value.is_complex():
+        return list(value.unbind(0))
+    if (isinstance(value, np.ndarray) and value.ndim == 4
+            and (value.dtype == np.bool_ or value.dtype.kind in "iuf")):
+        return list(value)
+    return None
+
+
+def _write(value: Any, folder: Path, stem: str) -> str:
+    """Write one picture losslessly; returns the file's path."""
+    if _is_pil(value):
+        path = folder / f"{stem}{'.png' if value.mode in _PNG_MODES else '.tiff'}"
+        value.save(path)
+        return str(path)
+    if _is_tensor(value):
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            value = value.float()
+        value = value.numpy()
+    path = folder / f"{stem}.npy"
+    np.save(path, np.ascontiguousarray(value), allow_pickle=False)
+    return str(path)
+
+
+@contextlib.contextmanager
+def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
+    """``data`` with the in-memory pictures of ``columns`` written to temporary files.
+
+    Parameters
+    ----------
+    data : DataFrame or any
+        Anything but a DataFrame, or a DataFrame without such cells, is given back as it
+        is (and nothing is written).
+    columns : sequence of str
+        The columns to look in (those absent from ``data`` are skipped).
+
+    Yields
+    ------
+    DataFrame or any
+        A copy of the frame in which each picture cell (:func:`is_picture`) is the path of
+        its file; the files are removed when the block ends.
+
+    Raises
+    ------
+    DataValidationError
+        A picture that cannot be written (the message names its row and column).
+    """
+    if not isinstance(data, pd.DataFrame):
+        yield data
+        return
+    cols = [c for c in columns if c in data.columns]
+    cells = [(c, pos) for c in cols for pos, v in enumerate(data[c].tolist()) if is_picture(v)]
+    if not cells:
+        yield data
+        return
+    width = max(5, len(str(len(data) - 1)))
+    with tempfile.TemporaryDirectory(prefix="automask-arrays-") as tmp:
+        frame = data.copy()
+        index = list(frame.index)
+        for k, col in enumerate(cols):  # one sub-folder per column: image and mask stems match
+            folder = Path(tmp) / str(k)
+            values = frame[col].tolist()
+            written = False
+            for c, pos in cells:
+                if c != col:
+                    continue
+                folder.mkdir(exist_ok=True)
+                try:
+                    values[pos] = _write(values[pos], folder, f"{pos:0{width}d}")
+                except (OSError, ValueError, TypeError) as exc:
+                    raise DataValidationError(
+                        f"row {index[pos]!r}, column {col!r}: cannot keep this in-memory "
+                        f"{type(data[col].iloc[pos]).__name__} as a file ({exc})") from exc
+                written = True
+            if written:
+                frame[col] = pd.Series(values, index=frame.index, dtype=object)
+        yield frame

@@ -1,0 +1,151 @@
+"""Images and masks held in memory (numpy arrays, torch tensors, PIL images) are predicted,
+evaluated and ranked exactly as the same pictures saved to files."""
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from automask import SemanticSegmentor
+from automask.data import read_mask
+from automask.data.arrays import as_files
+from automask.datasets import make_synthetic
+from automask.errors import DataValidationError
+
+S = 32  # model input side
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny binary predictor, its labelled frame (PNG files) and the files' pixels."""
+    root = tmp_path_factory.mktemp("in_memory")
+    frame = make_synthetic(4, size=(40, 56), num_classes=2, seed=5, root=root / "data")
+    seg = SemanticSegmentor(label="label", path=root / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": S},
+    )
+    images = [np.array(Image.open(p)) for p in frame["image"]]  # (H, W, 3) uint8
+    masks = [np.asarray(Image.open(p)) for p in frame["label"]]  # (H, W) 0/255
+    return seg, frame, images, masks
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Temporary files of the call go to a folder of the test's own."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray], what: str = "") -> None:
+    assert len(a) == len(b), what
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and np.array_equal(x, y), what
+
+
+def test_arrays_tensors_and_pil_images_predict_as_their_files(fitted, private_tmp):
+    seg, frame, images, _ = fitted
+    from_files = seg.predict_proba(frame[["image"]])
+    assert len({p.shape for p in from_files}) == 1 and from_files[0].shape == (40, 56)
+    forms = {
+        "list of (H, W, C) arrays": images,
+        "list of (C, H, W) tensors": [torch.from_numpy(a).permute(2, 0, 1) for a in images],
+        "list of PIL images": [Image.fromarray(a) for a in images],
+        "(N, H, W, C) array": np.stack(images),
+        "(N, C, H, W) tensor": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),
+        "Series of arrays": pd.Series(images, index=list("abcd"), dtype=object),
+        "DataFrame of arrays": pd.DataFrame({"image": pd.Series(images, dtype=object)}),
+    }
+    for name, data in forms.items():
+        _same(seg.predict_proba(data), from_files, name)
+    _same(seg.predict_proba(images[1]), from_files[1:2])  # one array: one image
+    _same(seg.predict(Image.fromarray(images[2])), seg.predict(frame["image"][2:3]))
+    # paths and arrays mixed in one list, in its order
+    _same(seg.predict_proba([frame["image"][0], images[1]]), from_files[:2])
+    assert list(private_tmp.iterdir()) == []  # the temporary files are gone
+
+
+def test_a_float_and_a_grayscale_array_read_as_the_same_npy_and_png_files(
+        fitted, tmp_path, private_tmp):
+    seg, _, images, _ = fitted
+    gray = images[0][..., 0]  # (H, W) uint8
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    real = np.random.default_rng(0).random((40, 56, 3), dtype=np.float32)
+    np.save(tmp_path / "real.npy", real)
+    _same(seg.predict_proba([gray, real]),
+          seg.predict_proba([tmp_path / "gray.png", tmp_path / "real.npy"]))
+
+
+def test_predict_save_to_names_in_memory_rows_by_position(fitted, tmp_path, private_tmp):
+    seg, _, images, _ = fitted
+    out = tmp_path / "out"
+    written = seg.predict(images[:3], save_to=out)
+    assert [p.split("/")[-1] for p in written["label"]] == ["00000.png", "00001.png",
+                                                           "00002.png"]
+    masks = seg.predict(images[:3])
+    for path, mask in zip(written["label"], masks):
+        assert np.array_equal(np.asarray(Image.open(path)) > 0, mask > 0)
+    assert written["image"].iloc[1] is images[1]  # the caller's objects, not lost paths
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_prompts_apply_to_in_memory_images(fitted, private_tmp):
+    seg, frame, images, _ = fitted
+    box = [(4, 6, 30, 35)]
+    _same(seg.predict_proba([images[0]], boxes=box),
+          seg.predict_proba(frame["image"][:1].tolist(), boxes=box))
+
+
+def test_evaluate_and_leaderboard_take_images_and_masks_in_memory(fitted, private_tmp):
+    seg, frame, images, masks = fitted
+    in_memory = pd.DataFrame({"image": pd.Series(images, dtype=object),
+                              "label": pd.Series([Image.fromarray(m) for m in masks],
+                                                 dtype=object)})
+    assert seg.evaluate(in_memory) == seg.evaluate(frame)
+    boards = [seg.leaderboard(data, style="models") for data in (in_memory, frame)]
+    cols = [c for c in boards[1].columns if c.startswith("test_")]
+    assert cols and boards[0][cols].equals(boards[1][cols])
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_a_palette_mask_keeps_its_indices_and_each_column_its_own_folder(tmp_path):
+    index = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    pal = Image.new("P", (3, 2))
+    pal.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10])  # colours unlike the indices
+    pal.putdata(index.ravel().tolist())
+    frame = pd.DataFrame({"image": [np.zeros((2, 3, 3), np.uint8)], "label": [pal]})
+    with as_files(frame, ["image", "label"]) as files:
+        image, label = files["image"][0], files["label"][0]
+        assert image.endswith(".npy") and label.endswith(".png")
+        assert image.split("/")[-2] != label.split("/")[-2]
+        assert np.array_equal(np.asarray(Image.open(label)), index)
+        assert np.array_equal(read_mask(label), index)
+    assert frame["label"][0] is pal  # the caller's frame is untouched
+
+
+def test_non_pictures_are_left_for_validation_to_name(fitted):
+    seg, frame, images, _ = fitted
+    with pytest.raises(DataValidationError, match=r"row 1 \[image\]: an in-memory ndarray of "
+                                                  r"shape \(5,\), neither a file path"):
+        seg.predict(pd.Series([images[0], np.arange(5)], dtype=object))
+    with pytest.raises(DataValidationError, match=r"shape \(1, 2, 40, 56, 3\); an image is"):
+        seg.predict(np.zeros((1, 2, 40, 56, 3), np.uint8))
+    with pytest.raises(DataValidationError, match=r"shape \(40, 56\), neither a file path"):
+        seg.predict([np.zeros((40, 56), np.complex64)])
+
+
+def test_fit_names_in_memory_rows_and_where_they_are_taken(fitted, tmp_path):
+    seg, frame, images, _ = fitted
+    data = frame.copy()
+    data["image"] = pd.Series([images[0]] + list(frame["image"][1:]), dtype=object)
+    with pytest.raises(DataValidationError) as info:
+        SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+            data, presets="tiny", hyperparameters={"optim.max_epochs": 1})
+    text = str(info.value)
+    assert "row 0 [image]: an in-memory ndarray of shape (40, 56, 3), not a file path" in text
+    assert "predict, predict_proba and evaluate also take them in memory" in text
+    assert not (tmp_path / "run").exists()
