@@ -40,6 +40,8 @@ LARGE_IMAGE_MODES = ("auto", "crop", "resize")  # data.large_images, see automas
 _CHOICES["data.large_images"] = LARGE_IMAGE_MODES
 RESIZE_MODES = ("longest_side", "square")  # data.resize, see automask.data.transforms
 _CHOICES["data.resize"] = RESIZE_MODES
+INTERPOLATIONS = ("bilinear", "bicubic")  # data.interpolation, see automask.data.transforms
+_CHOICES["data.interpolation"] = INTERPOLATIONS
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -284,6 +286,12 @@ class DataConfig:
     side keeping its aspect ratio and zero-pads the rest (SAM's rule); ``square`` stretches it
     to the square input, no padding (the paper's authors' rule). Training, validation and
     prediction all use it; native-scale crops and tiles are never stretched."""
+    interpolation: str = "bilinear"
+    """How a whole image is resampled to the input (``data.resize``): ``bilinear`` (what
+    segment-anything's ``ResizeLongestSide`` does) or ``bicubic`` (what the paper's
+    authors' code does); Pillow's filters, antialiased when shrinking. Training,
+    validation and prediction all use it; masks are always resized by nearest neighbour,
+    and the random scaling of ``data.scale_min`` / ``scale_max`` stays bilinear."""
     large_images: str = "auto"
     """Images larger than the input: ``auto`` trains on native-scale crops when the longer side
     exceeds 1.25 x the input (the rule of ``tiling="auto"``), ``crop`` whenever it exceeds the
@@ -338,6 +346,7 @@ class DataConfig:
             _fail("data.embedding_cache_mb", self.embedding_cache_mb, "must be >= 0")
         _check_choice("data.large_images", self.large_images)
         _check_choice("data.resize", self.resize)
+        _check_choice("data.interpolation", self.interpolation)
         parse_image_range(self.image_range)
 
 

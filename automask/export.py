@@ -93,7 +93,8 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
                            classes: list[str] | None = None,
                            image_range: str | tuple[float, float] | None = None,
                            large_images: str = "auto",
-                           resize: str = "longest_side") -> dict[str, str]:
+                           resize: str = "longest_side",
+                           interpolation: str = "bilinear") -> dict[str, str]:
     """What a runtime needs to feed the exported model and read its output.
 
     Parameters
@@ -113,6 +114,8 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         windows (:func:`automask.tiling.trained_tiling`).
     resize : {"longest_side", "square"}
         The model's ``data.resize``: aspect ratio kept and padded, or stretched.
+    interpolation : {"bilinear", "bicubic"}
+        The model's ``data.interpolation``: Pillow's filter for that resize.
 
     Returns
     -------
@@ -139,6 +142,8 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
                 "65535 to 255; floats in [0, 1] times 255; other data stretched from its "
                 "minimum to its maximum; 8-bit images unchanged")
     stride = max(1, int(round(size * (1.0 - OVERLAP))))
+    filter_text = (f"{interpolation} (Pillow's Image.resize with Resampling."
+                   f"{interpolation.upper()}, antialiased when shrinking)")
     meta = {
         "automask.version": automask.__version__,
         "torch_version": torch.__version__,
@@ -151,10 +156,11 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "input_size": str(size),
         "input_layout": f"(batch, 3, {size}, {size}) float32, RGB",
         "resize_mode": resize,
+        "interpolation": interpolation,
         "resize": (f"longest side to {size} pixels, aspect ratio kept "
-                   "(new side = max(1, int(side * scale + 0.5))), bilinear"
+                   f"(new side = max(1, int(side * scale + 0.5))), {filter_text}"
                    if resize == "longest_side" else
-                   f"stretched to {size}x{size} pixels, aspect ratio not kept, bilinear"),
+                   f"stretched to {size}x{size} pixels, aspect ratio not kept, {filter_text}"),
         "pixel_mean": ",".join(str(v) for v in PIXEL_MEAN),
         "pixel_std": ",".join(str(v) for v in PIXEL_STD),
         "image_range": range_name,
@@ -315,7 +321,8 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
     meta = preprocessing_metadata(net, task=seg.task_, classes=[str(c) for c in seg.classes_],
                                   image_range=image_range,
                                   large_images=seg._config(name).data.large_images,
-                                  resize=seg._config(name).data.resize)
+                                  resize=seg._config(name).data.resize,
+                                  interpolation=seg._config(name).data.interpolation)
     meta["model"] = name
     precision = seg._config(name).env.precision
     meta["predict_precision"] = (

@@ -218,7 +218,8 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                                  batch_size=cfg.env.eval_batch_size,
                                  num_workers=cfg.data.num_workers,
                                  value_range=image_value_range(cfg),
-                                 resize=cfg.data.resize)
+                                 resize=cfg.data.resize,
+                                 interpolation=cfg.data.interpolation)
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         for batch in loader:
             mapped = None

@@ -35,6 +35,8 @@ _PAPER: dict[str, Any] = {
     # tiling follows (no windows).
     "data.large_images": "resize",
     "data.resize": "square",
+    # ... by torchvision's Resize with BICUBIC on a PIL image: Pillow's bicubic filter
+    "data.interpolation": "bicubic",
 }
 
 #: The rows of the paper's tables, as PEFT registry names, in the paper's order.

@@ -233,5 +233,35 @@ def test_a_square_dataset_item_is_stretched_unpadded_and_cached_apart(tmp_path):
     assert np.array_equal(square["target"].numpy() > 0, resize_nearest(mask, (64, 64)) > 0)
     with pytest.raises(ValueError, match="resize must be one of"):
         SegmentationDataset(spec, 64, resize="stretch")
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        SegmentationDataset(spec, 64, interpolation="lanczos")
     with pytest.raises(ValueError, match="'stretch'"):
         geometry_for((30, 90), 64, "stretch")
+
+
+@pytest.mark.parametrize("resize", ["longest_side", "square"])
+def test_a_bicubic_dataset_item_is_pillows_bicubic_resize_and_cached_apart(resize, tmp_path):
+    """data.interpolation="bicubic": the whole image goes through Pillow's BICUBIC filter
+    (as the authors' torchvision Resize does to a PIL image; SAM's own is bilinear), for
+    shrinking and enlarging; a bilinear item of the same image in the same cache is another
+    entry, and the mask is still resized by nearest neighbour."""
+    from PIL import Image
+
+    from automask.data import SampleCache, SegmentationDataset
+    from automask.data.validation import validate_frame
+    from automask.datasets import make_synthetic
+
+    for side, (h, w) in ((64, (30, 90)), (128, (30, 90))):  # shrink, enlarge
+        frame = make_synthetic(1, size=(h, w), num_classes=2, seed=3, root=tmp_path / f"{side}")
+        spec = validate_frame(frame)
+        cache = SampleCache(memory_mb=16)
+        bicubic = SegmentationDataset(spec, side, cache=cache, resize=resize,
+                                      interpolation="bicubic")[0]
+        bilinear = SegmentationDataset(spec, side, cache=cache, resize=resize)[0]
+        rh, rw = bicubic["resized_size"].tolist()
+        pil = Image.open(frame["image"][0]).convert("RGB")
+        expected = normalize_pad(np.asarray(pil.resize((rw, rh), Image.Resampling.BICUBIC)),
+                                 side)
+        torch.testing.assert_close(bicubic["image"], expected)
+        assert not torch.equal(bicubic["image"], bilinear["image"])
+        assert torch.equal(bicubic["target"], bilinear["target"])

@@ -270,14 +270,16 @@ def test_cli_export(fitted, tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt2").exists()
 
 
-@pytest.mark.parametrize("resize_mode", ["longest_side", "square"])
-def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, tmp_path_factory,
-                                                                tmp_path):
+@pytest.mark.parametrize("resize_mode, interpolation",
+                         [("longest_side", "bilinear"), ("square", "bicubic")])
+def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, interpolation,
+                                                                tmp_path_factory, tmp_path):
     """The ONNX recipe of README and tutorials/05_export.py (its ``resize_bilinear``, run
     without torch) gives predict_proba's probabilities for images smaller and larger than
     the input size, where Pillow's antialiased BILINEAR would not, for a model that keeps
-    the aspect ratio and one that stretches (metadata ``resize_mode``); the metadata names
-    the precision predict runs in."""
+    the aspect ratio and one that stretches (metadata ``resize_mode``), resizing images by
+    the filter the metadata names (``interpolation``); the metadata names the precision
+    predict runs in."""
     import ast
 
     from PIL import Image
@@ -291,7 +293,7 @@ def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, tmp
     seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
         frame, presets="tiny", hyperparameters={
             "optim.max_epochs": 1, "model.input_size": SIZE, "env.precision": "32",
-            "data.resize": resize_mode})
+            "data.resize": resize_mode, "data.interpolation": interpolation})
     rng = np.random.default_rng(0)
     images = []
     for height, width in [(12, 16), (30, 40), (54, 72)]:  # below and above SIZE, untiled
@@ -301,6 +303,8 @@ def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, tmp
     np.save(tmp_path / "expected.npy", np.concatenate([p.ravel() for p in expected]))
     path = seg.export(tmp_path / "model.onnx", format="ONNX")  # the format in any case
     assert _metadata(path)["predict_precision"].startswith("32")
+    assert _metadata(path)["interpolation"] == interpolation
+    assert f"{interpolation} (Pillow's" in _metadata(path)["resize"]
     script = "\n".join([r"""
 import sys
 sys.modules["torch"] = None
@@ -323,7 +327,8 @@ for image in images:
     else:
         scale = size / max(width, height)
         w, h = (max(1, int(side * scale + 0.5)) for side in img.size)
-    rgb = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+    resample = Image.Resampling[meta["interpolation"].upper()]
+    rgb = np.asarray(img.resize((w, h), resample), dtype=np.float32)
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)
     logits = session.run([meta["output_name"]], {meta["input_name"]: x})[0][0]

@@ -44,6 +44,7 @@ def test_dataset_presets_are_the_authors_settings(name):
     assert cfg.optim.effective_batch_size == paper.optim.effective_batch_size
     # the authors stretch every image whole to 1024 x 1024 (no native-scale crops or tiles)
     assert (paper.data.large_images, paper.data.resize) == ("resize", "square")
+    assert paper.data.interpolation == "bicubic"  # the authors' torchvision Resize
     table = resolve(f"paper_table_{name}", {})
     assert [c.peft.method for _, c in table] == [c.peft.method for _, c in
                                                  resolve("paper_table", {})]

@@ -60,6 +60,36 @@ def test_optimizer_eps_comes_from_the_config_and_the_paper_presets_take_the_auth
         1e-6}
     [(_, paper)] = resolve("paper", {})
     assert paper.optim.eps == 1e-6 and Config().optim.eps == 1e-8
+
+
+def test_a_fit_resizes_training_and_validation_images_by_data_interpolation(
+        tmp_path, monkeypatch):
+    """data.interpolation reaches every dataset of a fit (training and validation) and the
+    predictor's prediction; the default stays bilinear."""
+    import automask.data.datamodule as datamodule
+    from automask import SemanticSegmentor
+    from automask.config import Config
+    from automask.datasets import make_synthetic
+
+    seen = []
+
+    class Spy(datamodule.SegmentationDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append((self.augment is not None, self.interpolation))
+    monkeypatch.setattr(datamodule, "SegmentationDataset", Spy)
+    frame = make_synthetic(4, size=(24, 40), root=tmp_path / "data")
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": 32,
+                                                "data.interpolation": "bicubic"})
+    assert (True, "bicubic") in seen and (False, "bicubic") in seen  # training, validation
+    assert {mode for _, mode in seen} == {"bicubic"}
+    seen.clear()
+    seg.predict(frame.head(1))
+    assert seen == [(False, "bicubic")]
+    assert Config().data.interpolation == "bilinear"
+    with pytest.raises(ConfigError, match="data.interpolation"):
+        resolve("tiny", {"data.interpolation": "lanczos"})
     with pytest.raises(ConfigError, match=r"'optim\.eps'"):
         Config.from_dict({"optim.eps": 0})
 

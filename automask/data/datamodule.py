@@ -212,6 +212,7 @@ def make_predict_loader(
     with_labels: bool | None = None,
     value_range: tuple[float, float] | None = None,
     resize: str = "longest_side",
+    interpolation: str = "bilinear",
 ) -> DataLoader:
     """A streaming, ordered loader for prediction or evaluation (no cache, no augment).
 
@@ -229,13 +230,15 @@ def make_predict_loader(
         ``data.image_range``); None: each file by its own rule.
     resize : {"longest_side", "square"}
         The model's ``data.resize``.
+    interpolation : {"bilinear", "bicubic"}
+        The model's ``data.interpolation``.
     """
     if with_labels is None:
         with_labels = spec.label_col is not None
     workers = default_num_workers() if num_workers is None else int(num_workers)
     dataset = SegmentationDataset(
         spec, input_size, augment=None, cache=None, with_labels=with_labels,
-        value_range=value_range, resize=resize,
+        value_range=value_range, resize=resize, interpolation=interpolation,
     )
     return _loader(dataset, int(batch_size), workers)
 
@@ -278,6 +281,8 @@ class SegmentationDataModule(L.LightningDataModule):
         resolved); None: each file by its own rule.
     resize : {"longest_side", "square"}
         ``data.resize``: whole images keep their aspect ratio (padded) or are stretched.
+    interpolation : {"bilinear", "bicubic"}
+        ``data.interpolation``: Pillow's filter for that resize.
 
     Attributes
     ----------
@@ -304,6 +309,7 @@ class SegmentationDataModule(L.LightningDataModule):
         prompt_rate: float = 1.0,
         value_range: tuple[float, float] | None = None,
         resize: str = "longest_side",
+        interpolation: str = "bilinear",
     ) -> None:
         super().__init__()
         if spec.label_col is None:
@@ -324,6 +330,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.prompts, self.prompt_rate = prompts, float(prompt_rate)
         self.value_range = value_range
         self.resize = resize
+        self.interpolation = interpolation
         self.train_spec: DataSpec | None = None
         self.val_spec: DataSpec | None = None
         self._train_sampler: EpochSampler | None = None
@@ -352,7 +359,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.train_spec, self.input_size, augment=self.augment, cache=self.cache,
             seed=self.seed, large_images=self.large_images, crops="random",
             prompts=self.prompts, prompt_rate=self.prompt_rate, value_range=self.value_range,
-            resize=self.resize,
+            resize=self.resize, interpolation=self.interpolation,
         )
         rank, world = self._shard()
         self._train_sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed,
@@ -369,7 +376,7 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = SegmentationDataset(
             self.val_spec, self.input_size, augment=None, cache=self.cache,
             large_images=self.large_images, crops="grid", value_range=self.value_range,
-            resize=self.resize,
+            resize=self.resize, interpolation=self.interpolation,
         )
         rank, world = self._shard()
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
@@ -402,4 +409,5 @@ class SegmentationDataModule(L.LightningDataModule):
             spec, self.input_size, batch_size or self.batch_size,
             self.num_workers if num_workers is None else num_workers,
             value_range=self.value_range, resize=self.resize,
+            interpolation=self.interpolation,
         )

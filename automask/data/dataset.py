@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from ..config import RESIZE_MODES
+from ..config import INTERPOLATIONS, RESIZE_MODES
 from ..errors import DataValidationError
 from .cache import SampleCache, file_stamp, sample_key
 from .crops import check_large_images, crops_image, grid_boxes, random_crop
@@ -77,6 +77,8 @@ class SegmentationDataset(Dataset):
     resize : {"longest_side", "square"}
         ``data.resize``: a whole image keeps its aspect ratio (longest side to ``S``, then
         padded) or is stretched to ``S x S``; crops stay at native scale either way.
+    interpolation : {"bilinear", "bicubic"}
+        ``data.interpolation``: Pillow's filter for that resize of a whole image.
 
     Notes
     -----
@@ -103,6 +105,7 @@ class SegmentationDataset(Dataset):
         prompt_rate: float = 1.0,
         value_range: tuple[float, float] | None = None,
         resize: str = "longest_side",
+        interpolation: str = "bilinear",
     ) -> None:
         if with_labels and spec.label_col is None:
             raise ValueError("with_labels=True but the DataSpec has no label column")
@@ -113,6 +116,10 @@ class SegmentationDataset(Dataset):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.resize = resize
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got "
+                             f"{interpolation!r}")
+        self.interpolation = interpolation
         self.augment = augment
         self.cache = cache
         self.with_labels = bool(with_labels)
@@ -200,7 +207,9 @@ class SegmentationDataset(Dataset):
                      label_path, file_stamp(label_path) if label_path else None)
             key = (sample_key("native", *files, self._cmap_key, self.value_range) if native
                    else sample_key(*files, self.input_size, self._cmap_key, self.value_range,
-                                   *(() if self.resize == "longest_side" else (self.resize,))))
+                                   *(() if self.resize == "longest_side" else (self.resize,)),
+                                   *(() if self.interpolation == "bilinear"
+                                     else (self.interpolation,))))
             hit = self.cache.get(key, mmap=native)
             if hit is not None and (hit[1] is not None or not self.with_labels):
                 return hit[0], hit[1], original
@@ -215,7 +224,7 @@ class SegmentationDataset(Dataset):
                 f"{original[0]}x{original[1]}"
             )
         if not native:
-            image = resize_image(image, size)
+            image = resize_image(image, size, self.interpolation)
         mask = None
         if label_path is not None:
             raw = read_mask(label_path, color_map=self.spec.color_map)

@@ -114,13 +114,18 @@ def resize_nearest(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return array[rows[:, None], cols[None, :]]
 
 
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bilinear (antialiased when shrinking) resize of an ``(H, W, 3)`` uint8 image."""
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize_image(image: np.ndarray, size: Sequence[int],
+                 interpolation: str = "bilinear") -> np.ndarray:
+    """Resize of an ``(H, W, 3)`` uint8 image by Pillow's ``interpolation`` filter
+    (``"bilinear"`` or ``"bicubic"``, antialiased when shrinking)."""
     height, width = int(size[0]), int(size[1])
     if image.shape[:2] == (height, width):
         return image
     pil = Image.fromarray(np.ascontiguousarray(image))
-    return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
+    return np.asarray(pil.resize((width, height), _FILTERS[interpolation]))
 
 
 def normalize_pad(image: np.ndarray, input_size: int) -> torch.Tensor:

@@ -153,7 +153,7 @@ def _train_candidate(
         large_images=d.large_images,
         prompts=d.prompts, prompt_rate=d.prompt_rate,
         value_range=image_value_range(cfg),
-        resize=d.resize,
+        resize=d.resize, interpolation=d.interpolation,
     )
     embedding_cache = None
     if d.embedding_cache_mb > 0 and model.encoder_is_frozen():
