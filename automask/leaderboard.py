@@ -148,7 +148,8 @@ def build_leaderboard(
         raise ConfigError(f"external row names {clash} are already names of trained models "
                           "or of their groups of runs")
     external = []
-    with as_files(data, [seg.image, seg.label]) as data:  # pictures in memory, as files
+    columns = [seg.image, seg.label] if isinstance(data, pd.DataFrame) else []
+    with as_files(data, columns) as data:  # images and masks in memory, as temporary files
         if extra:  # every folder is paired, then scored, before any model is evaluated
             frame = _validated(seg, data)
             pairs = {name: pair_predictions(frame, seg.image, folder)
