@@ -149,3 +149,16 @@ def test_fit_names_in_memory_rows_and_where_they_are_taken(fitted, tmp_path):
     assert "row 0 [image]: an in-memory ndarray of shape (40, 56, 3), not a file path" in text
     assert "predict, predict_proba and evaluate also take them in memory" in text
     assert not (tmp_path / "run").exists()
+
+
+def test_errors_name_in_memory_pictures_not_their_temporary_files(fitted):
+    seg, _, images, masks = fitted
+    data = pd.DataFrame({"image": pd.Series(images[:2], dtype=object),
+                         "label": pd.Series([masks[0], np.zeros((10, 10), np.uint8)],
+                                            dtype=object)})
+    with pytest.raises(DataValidationError) as info:
+        seg.evaluate(data)
+    text = str(info.value)
+    assert ("row 1 [label] <in-memory ndarray>: mask is 10x10 (HxW) but image "
+            "<in-memory ndarray> is 40x56") in text, text
+    assert "automask-arrays-" not in text

@@ -15,7 +15,8 @@ block, and gives the frame with those cells replaced by the files' paths:
 
 A file is named after its row's position (``00000.npy``, ``00001.png`` ...), so masks that
 ``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ... Any
-other cell is left as it is, for validation to judge.
+other cell is left as it is, for validation to judge. An automask error raised in the
+block names such a picture ``<in-memory ndarray>`` (its type), not its temporary file.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import DataValidationError
+from ..errors import AutomaskError, DataValidationError
 
 # PIL modes a PNG file holds as they are; any other mode (I, F, CMYK, YCbCr, ...) goes to TIFF
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
@@ -119,6 +120,7 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
         yield data
         return
     width = max(5, len(str(len(data) - 1)))
+    names: dict[str, str] = {}  # temporary file -> how an error names it
     with tempfile.TemporaryDirectory(prefix="automask-arrays-") as tmp:
         frame = data.copy()
         index = list(frame.index)
@@ -130,8 +132,10 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
                 if c != col:
                     continue
                 folder.mkdir(exist_ok=True)
+                what = type(values[pos]).__name__
                 try:
                     values[pos] = _write(values[pos], folder, f"{pos:0{width}d}")
+                    names[values[pos]] = f"<in-memory {what}>"
                 except (OSError, ValueError, TypeError) as exc:
                     raise DataValidationError(
                         f"row {index[pos]!r}, column {col!r}: cannot keep this in-memory "
@@ -139,4 +143,12 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
                 written = True
             if written:
                 frame[col] = pd.Series(values, index=frame.index, dtype=object)
-        yield frame
+        try:
+            yield frame
+        except AutomaskError as exc:
+            text = str(exc.args[0]) if len(exc.args) == 1 else None
+            if text is None or tmp not in text:
+                raise
+            for path in sorted(names, key=len, reverse=True):
+                text = text.replace(path, names[path])
+            raise type(exc)(text) from exc
