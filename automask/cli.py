@@ -233,11 +233,17 @@ def _check_predict_paths(data: str, out: str) -> None:
                             "masks (or .npy maps) are written into, one per image")
 
 
+_RESOLUTION_HELP = ("score each prediction at its mask's original size (default), or at the "
+                    "model's input resolution with the mask resized to it by nearest "
+                    "neighbour (the paper's authors' protocol)")
+
+
 def _cmd_evaluate(args) -> None:
     seg = _load(args.run, args)
     metrics = _split(args.metrics, "--metrics")
     data = _labelled_data(args, seg.image, seg.label)
-    _print_scores(seg.evaluate(data, metrics=metrics, model=args.model), args.json,
+    _print_scores(seg.evaluate(data, metrics=metrics, model=args.model,
+                               resolution=args.resolution), args.json,
                   class_names=seg.classes_)
 
 
@@ -273,7 +279,7 @@ def _cmd_leaderboard(args) -> None:
         check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
     metrics = _split(args.metrics, "--metrics")
     board = _load(args.run, args).leaderboard(args.data, extra=extra, style=args.style,
-                                        metrics=metrics)
+                                        metrics=metrics, resolution=args.resolution)
     _show_or_save(board, args)
 
 
@@ -663,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--label", help="label column of the CSV (default: the fit's)")
     p.add_argument("--image", help="image column of the CSV (default: the fit's)")
+    p.add_argument("--resolution", choices=["original", "input"], default="original",
+                   help=_RESOLUTION_HELP)
     _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -679,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image column of the --data CSV (default: the fit's)")
     p.add_argument("--out", help="also write the table to this .csv or .md file")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--resolution", choices=["original", "input"], default="original",
+                   help=_RESOLUTION_HELP)
     p.set_defaults(func=_cmd_leaderboard)
 
     p = _add_command(sub, "export", help="export a model to ONNX (or a torch.export .pt2)")

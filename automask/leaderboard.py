@@ -79,6 +79,7 @@ def build_leaderboard(
     extra: Mapping[str, str | os.PathLike] | None = None,
     style: str | None = None,
     metrics: Sequence[str] | None = None,
+    resolution: str = "original",
 ) -> pd.DataFrame:
     """The leaderboard of a fitted predictor (see the module docstring for the views).
 
@@ -141,6 +142,14 @@ def build_leaderboard(
         raise ConfigError(f"external row names must be non-empty strings, got {bad[:3]!r}")
     if extra and data is None:
         raise ConfigError("external rows (extra=...) need labelled test data (data=...)")
+    from .prediction import RESOLUTIONS
+
+    if resolution not in RESOLUTIONS:
+        raise ConfigError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+    if extra and resolution != "original":
+        raise ConfigError("external rows (extra=...) are scored at each mask's original "
+                          "resolution: their files hold no model input; use "
+                          "resolution='original' with them")
     groups = _run_groups(seg)
     taken = set(seg.models_) | {group for group, _ in groups.values()}
     clash = sorted(set(extra) & taken)
@@ -160,7 +169,8 @@ def build_leaderboard(
                 row.update(_test_columns(score_external(seg, data, files, metrics),
                                          seg.classes_))
                 external.append(row)
-        rows = [_model_row(seg, name, groups[name], data, metrics) for name in seg.models_]
+        rows = [_model_row(seg, name, groups[name], data, metrics, resolution)
+                for name in seg.models_]
     rows += external
     board = pd.DataFrame(rows)
     val = f"val_{seg.eval_metric_}"
@@ -201,7 +211,8 @@ def _run_groups(seg: "SemanticSegmentor") -> dict[str, tuple[str, str]]:
     return out
 
 
-def _model_row(seg, name: str, group: tuple[str, str], data, metrics) -> dict[str, Any]:
+def _model_row(seg, name: str, group: tuple[str, str], data, metrics,
+               resolution: str = "original") -> dict[str, Any]:
     info = seg.models_[name]
     cfg = info["config"]
     group, variant = group
@@ -225,7 +236,8 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics) -> dict[st
         "best": name == seg.best_model_,
     }
     if data is not None:
-        row.update(_test_columns(seg.evaluate(data, metrics=metrics, model=name), seg.classes_))
+        row.update(_test_columns(seg.evaluate(data, metrics=metrics, model=name,
+                                              resolution=resolution), seg.classes_))
     return row
 
 

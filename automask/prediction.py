@@ -106,11 +106,20 @@ def inference_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+RESOLUTIONS = ("original", "input")  # where evaluate scores, see iter_proba
+
+
 def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                tiling: str = "auto",
-               prompts: Sequence[Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+               prompts: Sequence[Any] | None = None,
+               resolution: str = "original") -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row position, (C, H, W) float32 probabilities) per image of ``spec``, in row
     order, streaming.
+
+    ``resolution``: ``"original"``, each image's own ``(H, W)``; ``"input"``, the image's
+    extent in the model input, as the model sees it (``(S, S)`` under
+    ``data.resize="square"``, the resized ``(h, w)`` before padding otherwise; tiled images
+    are seen at their original resolution). The caller checks the value.
 
     ``tiling`` ("auto", "on" or "off") chooses which images are predicted with
     overlapping windows at their original resolution instead of being resized to the
@@ -130,12 +139,15 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     if prompted:
         check_prompt_request(task, tiling)  # the caller's tiling: "auto" takes prompts
     tiling = trained_tiling(tiling, cfg.data.large_images)
+    assert resolution in RESOLUTIONS, resolution
+    at_input = resolution == "input"
     if prompted:
+        assert not at_input, "prompted probabilities come at the original resolution"
         probs = _prompted_proba(model, cfg, task, spec, tiling, prompts)
     elif tiling == "off":
-        probs = _plain_proba(model, cfg, task, spec)
+        probs = _plain_proba(model, cfg, task, spec, at_input=at_input)
     else:
-        probs = _mixed_proba(model, cfg, task, spec, tiling)
+        probs = _mixed_proba(model, cfg, task, spec, tiling, at_input)
     return _holding_frozen(model, cfg, probs)
 
 
@@ -152,7 +164,7 @@ def _holding_frozen(model: torch.nn.Module, cfg: Config,
 
 
 def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
-                 tiling: str) -> Iterator[tuple[int, np.ndarray]]:
+                 tiling: str, at_input: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Tiled images predicted one by one, the others batched as in the plain path."""
     from .data import SegmentationDataset
     from .tiling import use_tiles
@@ -162,10 +174,11 @@ def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     tiled = {pos for pos in range(len(spec.frame))
              if use_tiles(sizes.original_size(pos), size, tiling)}
     if not tiled:
-        yield from _plain_proba(model, cfg, task, spec)
+        yield from _plain_proba(model, cfg, task, spec, at_input=at_input)
         return
     plain = [pos for pos in range(len(spec.frame)) if pos not in tiled]
-    plain_iter = _plain_proba(model, cfg, task, spec.subset(plain)) if plain else iter(())
+    plain_iter = (_plain_proba(model, cfg, task, spec.subset(plain), at_input=at_input)
+                  if plain else iter(()))
     for pos in range(len(spec.frame)):
         if pos in tiled:
             yield pos, _tiled_one(model, cfg, task, sizes.images[pos])
@@ -202,11 +215,14 @@ def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str,
 
 
 def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
-                 prompts: Sequence[Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                 prompts: Sequence[Any] | None = None,
+                 at_input: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Each image resized (longer side to the input size) and padded: one forward each.
 
     ``prompts`` (one ImagePrompt or None per row of ``spec``) are mapped through each
-    image's own resize (:func:`automask.data.prompts.to_model_prompt`).
+    image's own resize (:func:`automask.data.prompts.to_model_prompt`). ``at_input``: the
+    probabilities at the input side ``S``, cropped to the image's resized ``(h, w)``,
+    instead of resized to its original size.
     """
     from .data import make_predict_loader, restore_batch
     from .data.prompts import to_model_prompt
@@ -231,7 +247,9 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                                                     batch["resized_size"].tolist())]
             probs = _probabilities(model, batch["image"].to(device, non_blocking=True), task,
                                    mapped)
-            restored = restore_batch(probs, batch["original_size"], batch["resized_size"])
+            # at the input: "restored" to the resized size itself (upsampled to S, cropped)
+            target_size = batch["resized_size"] if at_input else batch["original_size"]
+            restored = restore_batch(probs, target_size, batch["resized_size"])
             for idx, prob in zip(batch["index"].tolist(), restored):
                 yield idx, prob.float().cpu().numpy()
 
@@ -483,11 +501,19 @@ def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
 
 def evaluate_probs(probs: Iterator[tuple[int, np.ndarray]], spec, task: str,
                    color_map: dict | None, scorers: dict[str, Any]) -> dict[str, Any]:
-    """Update ``scorers`` with each prediction and its mask; return the computed metrics."""
+    """Update ``scorers`` with each prediction and its mask; return the computed metrics.
+
+    A prediction smaller or larger than its mask (scored at the model's input resolution,
+    :func:`iter_proba`) meets the mask resized to it by nearest neighbour, as the paper's
+    authors resize masks.
+    """
     from .data import read_mask
+    from .data.transforms import resize_nearest
 
     for idx, prob in probs:
         raw = read_mask(spec.frame[spec.label_col].iloc[idx], color_map=color_map)
+        if raw.shape != prob.shape[-2:]:
+            raw = resize_nearest(raw, prob.shape[-2:])
         target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
         prob_t = torch.from_numpy(prob)
         pred = prob_t[0] if task == "binary" else prob_t  # void (255) is left out by the metrics

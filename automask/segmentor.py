@@ -345,8 +345,10 @@ class SemanticSegmentor(BaseEstimator):
         model: str | None = None,
         *,
         tiling: str = "auto",
+        resolution: str = "original",
     ) -> dict[str, float | list[float]]:
-        """Score predictions against the masks, at each image's original resolution.
+        """Score predictions against the masks, at each image's original resolution (or
+        the model's input resolution, the paper's authors' protocol).
 
         Parameters
         ----------
@@ -361,6 +363,15 @@ class SemanticSegmentor(BaseEstimator):
             Candidate name; the best by default.
         tiling : {"auto", "on", "off"}, default "auto"
             As in :meth:`predict`.
+        resolution : {"original", "input"}, default "original"
+            ``"original"``: each prediction is resized to its mask's size (as
+            :meth:`predict` returns it) and scored there. ``"input"``: scored as the model
+            sees the image, the mask resized to it by nearest neighbour, as the paper's
+            authors score (1024 x 1024 under the ``paper`` presets' stretched input; the
+            resized, unpadded ``(h, w)`` under ``data.resize="longest_side"``; a tiled
+            image at its original size). Structure metrics (S-alpha, E-phi, weighted
+            F-beta) depend on the resolution, so only scores taken at the same resolution
+            compare.
 
         Returns
         -------
@@ -370,6 +381,9 @@ class SemanticSegmentor(BaseEstimator):
         self._check_fitted()
         if isinstance(metrics, str):  # "iou" or "sm,em", as on the command line
             metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+        if resolution not in prediction.RESOLUTIONS:
+            raise ConfigError(f"resolution must be one of {prediction.RESOLUTIONS}, got "
+                              f"{resolution!r}")
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
         if not names:  # before any image is predicted
             raise ConfigError("evaluate metrics is empty; give metric names, or None for the "
@@ -387,7 +401,7 @@ class SemanticSegmentor(BaseEstimator):
                                             self.num_classes_, self.classes_, self.void_label_,
                                             self.color_map_)
             probs = prediction.iter_proba(self._model(model), self._config(model), self.task_,
-                                          spec, tiling)
+                                          spec, tiling, resolution=resolution)
             return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
 
     def leaderboard(
@@ -397,6 +411,7 @@ class SemanticSegmentor(BaseEstimator):
         extra: dict[str, str | os.PathLike] | None = None,
         style: str | None = None,
         metrics: Sequence[str] | None = None,
+        resolution: str = "original",
     ) -> pd.DataFrame:
         """The trained models side by side, as rows or in the Conv-LoRA paper's layout.
 
@@ -421,6 +436,9 @@ class SemanticSegmentor(BaseEstimator):
             else ``models``.
         metrics : sequence of str, optional
             Test metrics; the task's default set when None.
+        resolution : {"original", "input"}, default "original"
+            Where the models are scored, as in :meth:`evaluate` (``extra`` rows need
+            ``"original"``).
 
         Returns
         -------
@@ -429,7 +447,8 @@ class SemanticSegmentor(BaseEstimator):
         from .leaderboard import build_leaderboard
 
         self._check_fitted()
-        return build_leaderboard(self, data, extra=extra, style=style, metrics=metrics)
+        return build_leaderboard(self, data, extra=extra, style=style, metrics=metrics,
+                                 resolution=resolution)
 
     # ---------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path:

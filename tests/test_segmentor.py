@@ -359,3 +359,52 @@ def test_square_resize_fits_and_predicts_stretched_images(tmp_path):
                              align_corners=False)[0, 0].numpy(), atol=1e-5)
     meta = preprocessing_metadata(net, resize=seg.config_.data.resize)
     assert meta["resize_mode"] == "square" and meta["padding"].startswith("none")
+
+
+@pytest.mark.parametrize("resize", ["square", "longest_side"])
+def test_evaluate_at_the_input_resolution_scores_the_model_view_against_nearest_masks(
+        resize, tmp_path, capsys):
+    """evaluate(resolution="input"), the authors' protocol: the probabilities as the model
+    gives them for the image's extent in the input (no resize back), against the mask
+    resized to them by nearest neighbour; leaderboard and the command line pass it on."""
+    import json
+
+    from automask import cli
+    from automask.data.io import read_image
+    from automask.data.transforms import normalize_pad, resize_image, resize_nearest
+    from automask.metrics import build_metrics
+    from automask.prediction import metric_conventions
+
+    frame = make_synthetic(4, size=(36, 76), num_classes=2, seed=6, root=tmp_path / "data")
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": 64,
+                                                "data.resize": resize, "env.precision": "32"})
+    h, w = (64, 64) if resize == "square" else (30, 64)  # 36 x 76 with its longest side at 64
+    net = seg._model(None)
+    names = ["sm", "em", "iou", "mae"]
+    scorers = build_metrics("binary", names, **metric_conventions("binary", 1))
+    for image, label in zip(frame["image"], frame["label"]):
+        x = normalize_pad(resize_image(read_image(image), (h, w)), 64)[None]
+        with torch.no_grad():
+            prob = torch.sigmoid(net(x).float())[0, 0, :h, :w]  # (h, w), no resize back
+        mask = resize_nearest(np.asarray(Image.open(label)), (h, w))
+        for scorer in scorers.values():
+            scorer.update(prob, torch.from_numpy((mask > 127).astype(np.int64)))
+    expected = {k: float(s.compute()) for k, s in scorers.items()}
+    got = seg.evaluate(frame, metrics=names, resolution="input")
+    assert got.keys() == expected.keys()
+    for key in names:
+        assert got[key] == pytest.approx(expected[key], abs=1e-5), key
+    original = seg.evaluate(frame, metrics=names)
+    assert original == seg.evaluate(frame, metrics=names, resolution="original")
+    board = seg.leaderboard(frame, metrics=["sm"], resolution="input", style="models")
+    assert board["test_sm"].iloc[0] == pytest.approx(got["sm"], abs=1e-12)
+    csv = tmp_path / "test.csv"
+    frame.to_csv(csv, index=False)
+    assert cli.main(["evaluate", str(tmp_path / "run"), "--data", str(csv), "--metrics",
+                     "sm", "--resolution", "input", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sm"] == pytest.approx(got["sm"], abs=1e-12)
+    with pytest.raises(ConfigError, match="resolution must be one of"):
+        seg.evaluate(frame, resolution="1024")
+    with pytest.raises(ConfigError, match="external rows"):
+        seg.leaderboard(frame, extra={"other": tmp_path}, resolution="input")
