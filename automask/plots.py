@@ -323,10 +323,12 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
     """(images, truths or None, stems, {model: masks}) of the first ``n`` rows of ``data``.
 
     Truths are read when ``data`` has the label column, mapped as evaluate maps them
-    (0/1 for binary, class ids for multi-class, 255 ignored).
+    (0/1 for binary, class ids for multi-class, 255 ignored). Images and masks may be held
+    in memory, as :meth:`~automask.SemanticSegmentor.predict` takes them (named by their
+    row position).
     """
-    from .data import read_image, read_mask, validate_frame
-    from .prediction import as_frame, images_spec, iter_proba, to_mask
+    from .data.arrays import as_files
+    from .prediction import as_frame
 
     seg._check_fitted()
     frame, root = as_frame(data, seg.image)
@@ -334,6 +336,15 @@ def predictor_examples(seg, data, n: int | None, models: Sequence[str | None]
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise DataValidationError(f"n must be a whole number of at least 1, got {n!r}")
         frame = frame.iloc[:n]
+    with as_files(frame, [seg.image, seg.label]) as files:
+        return _examples_of_files(seg, files, root, models)
+
+
+def _examples_of_files(seg, frame, root, models: Sequence[str | None]):
+    """:func:`predictor_examples` of the rows of ``frame``, every picture in a file."""
+    from .data import read_image, read_mask, validate_frame
+    from .prediction import images_spec, iter_proba, to_mask
+
     labelled = seg.label in frame.columns
     spec = validate_frame(
         frame, image_col=seg.image, label_col=seg.label, root=root,

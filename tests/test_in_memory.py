@@ -162,3 +162,22 @@ def test_errors_name_in_memory_pictures_not_their_temporary_files(fitted):
     assert ("row 1 [label] <in-memory ndarray>: mask is 10x10 (HxW) but image "
             "<in-memory ndarray> is 40x56") in text, text
     assert "automask-arrays-" not in text
+
+
+def test_pictures_of_in_memory_rows_match_those_of_their_files(fitted, private_tmp):
+    """plot_predictions draws the same image, truth and prediction panels for pictures in
+    memory as for their files; the rows are named by position."""
+    from automask.plots import predictor_examples
+
+    seg, frame, images, masks = fitted
+    in_memory = pd.DataFrame({"image": pd.Series(images, dtype=object),
+                              "label": pd.Series(masks, dtype=object)})
+    got = predictor_examples(seg, in_memory, 2, [None])
+    want = predictor_examples(seg, frame, 2, [None])
+    for a, b in ((got[0], want[0]), (got[1], want[1])):
+        _same(a, b)
+    _same(got[3][seg.best_model_], want[3][seg.best_model_])
+    assert got[2] == ["00000", "00001"]
+    figure = seg.plot_predictions(images[:2])  # no truth column: images only
+    assert len(figure.axes) >= 2
+    assert list(private_tmp.iterdir()) == []
