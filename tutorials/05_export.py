@@ -69,7 +69,8 @@ def segment(path: str) -> np.ndarray:
     else:  # resize the longest side to `size`, keep the aspect ratio, pad the rest
         scale = size / max(width, height)
         w, h = max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
-    resample = Image.Resampling[meta["interpolation"].upper()]  # BILINEAR or BICUBIC
+    # BILINEAR or BICUBIC; files exported before this key existed were resized bilinearly
+    resample = Image.Resampling[meta.get("interpolation", "bilinear").upper()]
     rgb = np.asarray(image.resize((w, h), resample), dtype=np.float32)
     x = np.zeros((1, 3, size, size), dtype=np.float32)  # zero padding after normalisation
     x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)
