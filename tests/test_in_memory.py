@@ -121,7 +121,8 @@ def test_a_palette_mask_keeps_its_indices_and_each_column_its_own_folder(tmp_pat
     with as_files(frame, ["image", "label"]) as files:
         image, label = files["image"][0], files["label"][0]
         assert image.endswith(".npy") and label.endswith(".png")
-        assert image.split("/")[-2] != label.split("/")[-2]
+        assert (image.split("/")[-2], label.split("/")[-2]) == ("0-image", "1-label")
+        assert image.split("/")[-3].startswith("automask-in-memory-")
         assert np.array_equal(np.asarray(Image.open(label)), index)
         assert np.array_equal(read_mask(label), index)
     assert frame["label"][0] is pal  # the caller's frame is untouched
@@ -161,7 +162,7 @@ def test_errors_name_in_memory_pictures_not_their_temporary_files(fitted):
     text = str(info.value)
     assert ("row 1 [label] <in-memory ndarray>: mask is 10x10 (HxW) but image "
             "<in-memory ndarray> is 40x56") in text, text
-    assert "automask-arrays-" not in text
+    assert "automask-in-memory-" not in text
 
 
 def test_pictures_of_in_memory_rows_match_those_of_their_files(fitted, private_tmp):

@@ -21,6 +21,7 @@ block names such a picture ``<in-memory ndarray>`` (its type), not its temporary
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -121,11 +122,14 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
         return
     width = max(5, len(str(len(data) - 1)))
     names: dict[str, str] = {}  # temporary file -> how an error names it
-    with tempfile.TemporaryDirectory(prefix="automask-arrays-") as tmp:
+    # named so that a warning naming a file says what it is: <tmp>/automask-in-memory-.../
+    # <k>-<column>/<row position>.npy (k: the column's place, which keeps folders apart)
+    with tempfile.TemporaryDirectory(prefix="automask-in-memory-") as tmp:
         frame = data.copy()
         index = list(frame.index)
         for k, col in enumerate(cols):  # one sub-folder per column: image and mask stems match
-            folder = Path(tmp) / str(k)
+            plain = isinstance(col, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", col)
+            folder = Path(tmp) / (f"{k}-{col}" if plain else str(k))
             values = frame[col].tolist()
             written = False
             for c, pos in cells:
