@@ -148,7 +148,7 @@ def test_fit_names_in_memory_rows_and_where_they_are_taken(fitted, tmp_path):
             data, presets="tiny", hyperparameters={"optim.max_epochs": 1})
     text = str(info.value)
     assert "row 0 [image]: an in-memory ndarray of shape (40, 56, 3), not a file path" in text
-    assert "predict, predict_proba and evaluate also take them in memory" in text
+    assert "predict, predict_proba, evaluate, leaderboard and the plots take them in memory" in text
     assert not (tmp_path / "run").exists()
 
 
@@ -182,3 +182,10 @@ def test_pictures_of_in_memory_rows_match_those_of_their_files(fitted, private_t
     figure = seg.plot_predictions(images[:2])  # no truth column: images only
     assert len(figure.axes) >= 2
     assert list(private_tmp.iterdir()) == []
+
+
+def test_a_tensor_without_data_is_named_by_its_row(fitted):
+    seg, _, images, _ = fitted
+    with pytest.raises(DataValidationError, match=r"row 1, column 'image': cannot keep this "
+                                                  r"in-memory Tensor as a file"):
+        seg.predict([images[0], torch.empty(40, 56, 3, device="meta")])

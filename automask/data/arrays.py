@@ -140,7 +140,8 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
                 try:
                     values[pos] = _write(values[pos], folder, f"{pos:0{width}d}")
                     names[values[pos]] = f"<in-memory {what}>"
-                except (OSError, ValueError, TypeError) as exc:
+                # RuntimeError: a tensor without data (on the meta device)
+                except (OSError, ValueError, TypeError, RuntimeError) as exc:
                     raise DataValidationError(
                         f"row {index[pos]!r}, column {col!r}: cannot keep this in-memory "
                         f"{type(data[col].iloc[pos]).__name__} as a file ({exc})") from exc

@@ -281,8 +281,9 @@ def _in_memory(value: Any) -> str | None:
                 "or a mask is an array or tensor of shape (H, W), (H, W, C) or (C, H, W), "
                 "or a PIL image")
     return (f"an in-memory {what}, not a file path: fit reads images and masks from files "
-            "(predict, predict_proba and evaluate also take them in memory); save it first "
-            "(e.g. PIL.Image.fromarray(array).save('a.png')) and give the file's path")
+            "(predict, predict_proba, evaluate, leaderboard and the plots take them in "
+            "memory); save it first (e.g. PIL.Image.fromarray(array).save('a.png')) and give "
+            "the file's path")
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # http://, s3://, gs://, file://...
