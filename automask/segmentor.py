@@ -119,10 +119,13 @@ class SemanticSegmentor(BaseEstimator):
         Parameters
         ----------
         train_data : DataFrame or CSV path
-            One row per image, with the image and label columns (paths; relative paths are
-            resolved against the CSV's folder, or the working directory for a DataFrame).
+            One row per image, with the image and label columns: file paths (relative paths
+            are resolved against the CSV's folder, or the working directory for a
+            DataFrame), or pictures in memory (numpy arrays, torch tensors, PIL images),
+            which are kept as files in ``path``'s fit state folder until the fit completes.
         tuning_data : DataFrame or CSV path, optional
-            Validation data; when None, ``data.holdout_frac`` of ``train_data`` is held out.
+            Validation data, as ``train_data``; when None, ``data.holdout_frac`` of
+            ``train_data`` is held out.
         presets : str, default "medium_quality"
             One of :data:`automask.PRESETS`.
         hyperparameters : dict, optional
@@ -159,10 +162,7 @@ class SemanticSegmentor(BaseEstimator):
         KeyboardInterrupt
             On Ctrl-C; the completed epochs are kept for ``resume=True``.
         """
-        from .training import distributed
-        from .training.lifecycle import FitRun, configure_logging
-        from .training.plan import plan_fit, select_best
-        from .training.recipe import prune_logs
+        from .training.lifecycle import configure_logging
 
         from .config import check_time_limit
 
@@ -173,6 +173,26 @@ class SemanticSegmentor(BaseEstimator):
         time_limit = check_time_limit(time_limit)  # NaN, inf or <= 0: ConfigError
         deadline = started + time_limit if time_limit is not None else None
         configure_logging(self.verbosity)
+        # Pictures in memory become files named by content: temporary ones to validate, then
+        # (once the run folder is ours) kept in the fit's state folder, which a resumed fit
+        # reads and which goes when the fit completes.
+        written: dict[str, str] = {}
+        with as_files(train_data, [self.image, self.label], by_content=True,
+                      written=written) as train_data, \
+                as_files(tuning_data, [self.image, self.label], by_content=True,
+                         written=written) as tuning_data:
+            return self._fit(started, run_dir, deadline, written, train_data, tuning_data,
+                             presets, hyperparameters, time_limit, num_classes, class_names,
+                             color_map, overwrite, resume)
+
+    def _fit(self, started, run_dir, deadline, written, train_data, tuning_data, presets,
+             hyperparameters, time_limit, num_classes, class_names, color_map, overwrite,
+             resume) -> "SemanticSegmentor":
+        from .training import distributed
+        from .training.lifecycle import FitRun
+        from .training.plan import plan_fit, relocate, select_best
+        from .training.recipe import prune_logs
+
         plan = plan_fit(self.get_params(), train_data, tuning_data, presets, hyperparameters,
                         time_limit, num_classes, class_names, color_map)
         spec = plan.spec
@@ -187,10 +207,18 @@ class SemanticSegmentor(BaseEstimator):
             # A fit refused for bad options, data or path leaves a fitted predictor as it
             # was; from here on, the fit starts from scratch.
             self._reset()
+            moves = {}
+            if writer:  # the other processes of a distributed fit read their own copies
+                moves = {tmp: str(run.state.inputs_dir / name) for tmp, name in written.items()}
+                plan = relocate(plan, moves)
             if writer and resume:  # in a distributed fit, rank 0 checks and records alone
                 run.state.check_plan(plan.record)
             elif writer:
                 run.state.start(plan.record, plan.frames)
+            if moves:
+                run.state.keep_inputs(moves)
+                log.info("%d image(s) and mask(s) given in memory are kept as files in %s "
+                         "until the fit completes", len(moves), run.state.inputs_dir)
             self.path_ = run.path
             self.task_ = spec.task
             self.num_classes_ = spec.num_classes

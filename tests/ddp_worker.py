@@ -14,6 +14,7 @@ it wrote, into ``<out>/rank<R>.json``:
 ``crash_after_epoch``: every process exits (status 3) once that epoch's resume checkpoint
 is written, as a killed job would. ``nan``: ``{"candidate", "rank", "after"}`` makes the
 loss NaN in that one process from its ``after``-th training batch of that candidate on.
+``in_memory``: the training images and masks are given as numpy arrays, not paths.
 """
 from __future__ import annotations
 
@@ -109,7 +110,15 @@ def main() -> None:
     seg = automask.SemanticSegmentor(path=spec["run"], verbosity=spec.get("verbosity", 1),
                                      eval_metric=spec.get("eval_metric"))
     tuning = pd.read_csv(spec["tuning"]) if spec.get("tuning") else None
-    seg.fit(pd.read_csv(spec["train"]), tuning, presets="tiny",
+    train = pd.read_csv(spec["train"])
+    if spec.get("in_memory"):  # the training pictures as arrays, read by each process
+        import numpy as np
+        from PIL import Image
+
+        for col in ("image", "label"):
+            train[col] = pd.Series([np.asarray(Image.open(p)) for p in train[col]],
+                                   dtype=object)
+    seg.fit(train, tuning, presets="tiny",
             hyperparameters=spec["hyperparameters"],
             time_limit=spec.get("time_limit"), resume=spec.get("resume", False))
     log["best_model"] = seg.best_model_

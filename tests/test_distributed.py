@@ -289,6 +289,24 @@ def test_cli_fit_on_two_processes_stops_together_at_the_time_limit(ddp_data):
     assert len(list(run.glob("v-*"))) == 1 and not (run / ".automask_fit").exists()
 
 
+def test_a_distributed_fit_takes_pictures_in_memory(ddp_data):
+    """Each process writes its own copy of the arrays it was given; rank 0 alone keeps
+    them in the run folder, and nothing of them stays once the fit completes."""
+    hp = {"peft.method": "lora", "optim.max_epochs": 1}
+    run = ddp_data / "in_memory_run"
+    proc, out = _worker(ddp_data, "in_memory", hp, in_memory=True, run=str(run),
+                        tuning=str(ddp_data / "tuning.csv"))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    r0, r1 = _ranks(out)
+    seen = sorted(i for r in (r0, r1) for _, _, batch in r["seen"] for i in batch)
+    assert seen == list(range(N_TRAIN))  # every training row once, across the processes
+    assert r0["digests"] == r1["digests"] and r1["writes"] == []
+    assert r0["predicted"] == r1["predicted"]
+    assert not (run / ".automask_fit").exists()
+    seg = automask.SemanticSegmentor.load(run)
+    assert len(seg.predict(pd.read_csv(ddp_data / "tuning.csv").iloc[:2])) == 2
+
+
 def test_interrupted_distributed_fit_resumes(ddp_data):
     hp = {"peft.method": "lora", "optim.max_epochs": 2}
     spec = {"tuning": str(ddp_data / "tuning.csv")}

@@ -2,7 +2,10 @@
 evaluated and ranked exactly as the same pictures saved to files."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -139,17 +142,89 @@ def test_non_pictures_are_left_for_validation_to_name(fitted):
         seg.predict([np.zeros((40, 56), np.complex64)])
 
 
-def test_fit_names_in_memory_rows_and_where_they_are_taken(fitted, tmp_path):
-    seg, frame, images, _ = fitted
-    data = frame.copy()
-    data["image"] = pd.Series([images[0]] + list(frame["image"][1:]), dtype=object)
-    with pytest.raises(DataValidationError) as info:
-        SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
-            data, presets="tiny", hyperparameters={"optim.max_epochs": 1})
-    text = str(info.value)
-    assert "row 0 [image]: an in-memory ndarray of shape (40, 56, 3), not a file path" in text
-    assert "predict, predict_proba, evaluate, leaderboard and the plots take them in memory" in text
-    assert not (tmp_path / "run").exists()
+HP = {"optim.max_epochs": 1, "model.input_size": S}
+
+
+def _in_memory_frame(images, masks):
+    """The four rows as an array, a uint8 (C, H, W) tensor, a PIL image and an array, each
+    with its mask as a PIL image or an array."""
+    cells = [images[0], torch.from_numpy(images[1]).permute(2, 0, 1).contiguous(),
+             Image.fromarray(images[2]), images[3].copy()]
+    labels = [Image.fromarray(masks[0]), masks[1], Image.fromarray(masks[2]), masks[3]]
+    return pd.DataFrame({"image": pd.Series(cells, dtype=object),
+                         "label": pd.Series(labels, dtype=object)})
+
+
+def test_fit_takes_pictures_in_memory_as_its_files(fitted, tmp_path, private_tmp):
+    """A fit on pictures in memory trains the model a fit on their files trains, and keeps
+    nothing of them once complete."""
+    _, frame, images, masks = fitted
+    on_files = SemanticSegmentor(label="label", path=tmp_path / "files", verbosity=0).fit(
+        frame, presets="tiny", hyperparameters=HP)
+    data = _in_memory_frame(images, masks)
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
+        data, presets="tiny", hyperparameters=HP)
+    got, want = seg.predict_proba(frame), on_files.predict_proba(frame)
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    history = seg.models_["default"].history  # the same holdout row scored the same
+    assert history == on_files.models_["default"].history and "val_iou" in history[0]
+    assert not (tmp_path / "run" / ".automask_fit").exists()
+    assert list(private_tmp.iterdir()) == []
+    assert data["image"][0] is images[0]  # the caller's frame is untouched
+
+
+def test_an_interrupted_fit_on_pictures_in_memory_resumes_with_the_same_pictures(
+        fitted, tmp_path, private_tmp, monkeypatch):
+    """Interrupted twice: resumed by the API given equal pictures (other pictures are
+    refused), then by ``automask fit --resume``, which has only the kept files."""
+    from automask.errors import ConfigError
+    from automask.training import recipe
+
+    _, frame, images, masks = fitted
+    run = tmp_path / "run"
+    real, calls = recipe.train_candidate, []
+
+    def interrupted(*args, **kwargs):  # the 2nd and the 4th candidate trained
+        calls.append(args[0])
+        if len(calls) in (2, 4):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_candidate", interrupted)
+    hp = {**HP, "optim.lr": [1e-3, 2e-3, 3e-3]}  # three candidates
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(label="label", path=run, verbosity=0).fit(
+            _in_memory_frame(images, masks), presets="tiny", hyperparameters=hp)
+    inputs = run / ".automask_fit" / "inputs"
+    kept = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.*"))
+    assert len(kept) == 8 and {k.split("/")[0] for k in kept} == {"0-image", "1-label"}, kept
+    train = pd.read_csv(run / ".automask_fit" / "train.csv")  # what `automask fit --resume` reads
+    assert train["image"].map(lambda p: Path(p).parent.parent == inputs).all()
+    assert np.array_equal(np.load(train["image"][1]), images[1].transpose(2, 0, 1))
+    assert np.array_equal(np.asarray(Image.open(train["label"][0])), masks[0])
+
+    changed = _in_memory_frame(images, masks)
+    changed.loc[2, "label"] = Image.fromarray(255 - masks[2])
+    with pytest.raises(ConfigError, match=r"cannot resume .*'train'\[2\]\[1\] differs"):
+        SemanticSegmentor(label="label", path=run, verbosity=0).fit(
+            changed, presets="tiny", hyperparameters=hp, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(label="label", path=run, verbosity=0).fit(
+            _in_memory_frame([i.copy() for i in images], [m.copy() for m in masks]),
+            presets="tiny", hyperparameters=hp, resume=True)
+    assert len(calls) == 4 and calls[2] == calls[1]  # the interrupted candidate trained
+    assert sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.*")) == kept
+
+    done = subprocess.run([sys.executable, "-m", "automask", "fit", "--resume", "--path",
+                           str(run), "--verbosity", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seg = SemanticSegmentor.load(run)
+    assert len(seg.models_) == 3 and len(seg.predict(frame)) == 4
+    assert not (run / ".automask_fit").exists()
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_errors_name_in_memory_pictures_not_their_temporary_files(fitted):

@@ -14,13 +14,18 @@ block, and gives the frame with those cells replaced by the files' paths:
   colours. Its pixels are taken as they are in memory: no EXIF rotation is applied.
 
 A file is named after its row's position (``00000.npy``, ``00001.png`` ...), so masks that
-``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ... Any
-other cell is left as it is, for validation to judge. An automask error raised in the
-block names such a picture ``<in-memory ndarray>`` (its type), not its temporary file.
+``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ... With
+``by_content=True`` (what ``fit`` uses) it is named after its bytes instead
+(``<sha256, 20 hex digits>.npy``), so the same picture gets the same name in every call and
+a resumed fit recognises its data. Any other cell is left as it is, for validation to
+judge. An automask error raised in the block names such a picture ``<in-memory ndarray>``
+(its type), not its temporary file.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -89,8 +94,21 @@ def _write(value: Any, folder: Path, stem: str) -> str:
     return str(path)
 
 
+def _name_by_content(path: str) -> str:
+    """Rename the file at ``path`` after the SHA-256 of its bytes (a second file with the
+    same bytes is removed); returns the new path."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:20]
+    named = Path(path).with_name(digest + Path(path).suffix)
+    if named.exists():  # the same picture twice in the column
+        os.unlink(path)
+    else:
+        os.replace(path, named)
+    return str(named)
+
+
 @contextlib.contextmanager
-def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
+def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
+             written: dict[str, str] | None = None) -> Iterator[Any]:
     """``data`` with the in-memory pictures of ``columns`` written to temporary files.
 
     Parameters
@@ -100,6 +118,11 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
         is (and nothing is written).
     columns : sequence of str
         The columns to look in (those absent from ``data`` are skipped).
+    by_content : bool, default False
+        Name each file after its bytes instead of its row's position.
+    written : dict, optional
+        Filled with ``{temporary path: "<folder>/<file name>"}`` for every file written,
+        the name relative to the temporary folder (to keep the files elsewhere).
 
     Yields
     ------
@@ -131,7 +154,7 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
             plain = isinstance(col, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", col)
             folder = Path(tmp) / (f"{k}-{col}" if plain else str(k))
             values = frame[col].tolist()
-            written = False
+            wrote = False
             for c, pos in cells:
                 if c != col:
                     continue
@@ -139,14 +162,18 @@ def as_files(data: Any, columns: Sequence[str]) -> Iterator[Any]:
                 what = type(values[pos]).__name__
                 try:
                     values[pos] = _write(values[pos], folder, f"{pos:0{width}d}")
+                    if by_content:
+                        values[pos] = _name_by_content(values[pos])
                     names[values[pos]] = f"<in-memory {what}>"
+                    if written is not None:
+                        written[values[pos]] = f"{folder.name}/{Path(values[pos]).name}"
                 # RuntimeError: a tensor without data (on the meta device)
                 except (OSError, ValueError, TypeError, RuntimeError) as exc:
                     raise DataValidationError(
                         f"row {index[pos]!r}, column {col!r}: cannot keep this in-memory "
                         f"{type(data[col].iloc[pos]).__name__} as a file ({exc})") from exc
-                written = True
-            if written:
+                wrote = True
+            if wrote:
                 frame[col] = pd.Series(values, index=frame.index, dtype=object)
         try:
             yield frame

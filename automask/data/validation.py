@@ -280,10 +280,9 @@ def _in_memory(value: Any) -> str | None:
         return (f"an in-memory {what}, neither a file path nor an image: in memory an image "
                 "or a mask is an array or tensor of shape (H, W), (H, W, C) or (C, H, W), "
                 "or a PIL image")
-    return (f"an in-memory {what}, not a file path: fit reads images and masks from files "
-            "(predict, predict_proba, evaluate, leaderboard and the plots take them in "
-            "memory); save it first (e.g. PIL.Image.fromarray(array).save('a.png')) and give "
-            "the file's path")
+    return (f"an in-memory {what}, not a file path: validate_frame reads images and masks "
+            "from files (SemanticSegmentor's fit, predict, predict_proba, evaluate, "
+            "leaderboard and plots take them in memory and write them to files first)")
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # http://, s3://, gs://, file://...

@@ -132,6 +132,31 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     return FitPlan(candidates, spec, tuning_spec, metric, void_label, record, frames, world)
 
 
+def relocate(plan: FitPlan, moves: dict[str, str]) -> FitPlan:
+    """``plan`` with every image and mask path found in ``moves`` replaced by its new path
+    (in-memory pictures moved from their temporary files into the fit's state folder)."""
+    if not moves:
+        return plan
+
+    def moved(sp):
+        if sp is None:
+            return None
+        frame = sp.frame.copy()
+        for col in (sp.image_col, sp.label_col):
+            if col is not None:
+                frame[col] = frame[col].map(lambda p: moves.get(p, p))
+        return replace(sp, frame=frame)
+
+    spec, tuning_spec = moved(plan.spec), moved(plan.tuning_spec)
+    record = dict(plan.record)
+    for key in ("train", "tuning"):
+        if record.get(key) is not None:
+            record[key] = [[moves.get(p, p) for p in row] for row in record[key]]
+    frames = {key: (spec if key == "train" else tuning_spec).frame[list(frame.columns)]
+              for key, frame in plan.frames.items()}
+    return replace(plan, spec=spec, tuning_spec=tuning_spec, record=record, frames=frames)
+
+
 def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = False) -> None:
     """Find the pretrained weights of every candidate before the first one trains.
 

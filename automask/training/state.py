@@ -4,6 +4,8 @@ Layout::
 
     plan.json                  # the fit's arguments, candidates and data (what resume checks)
     train.csv, tuning.csv      # the validated data (absolute paths), for `automask fit --resume`
+    inputs/<k>-<column>/<sha256>.npy|.png|.tiff
+                               # images and masks given in memory, as files named by content
     checkpoints/<model>.ckpt   # end of the candidate's last completed epoch: trainable weights,
                                # optimiser, schedule, loops, callbacks, RNG (Lightning format)
     models/<model>.safetensors # weights of each finished candidate
@@ -44,6 +46,22 @@ class FitState:
     @property
     def models_dir(self) -> Path:
         return self.root / "models"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.root / "inputs"
+
+    def keep_inputs(self, moves: dict[str, str]) -> None:
+        """Copy each file ``moves`` names (a temporary file of an in-memory picture) to its
+        new path in :attr:`inputs_dir`, atomically; a file already there (kept by the
+        interrupted fit; named by its content) stays as it is."""
+        for src, dst in moves.items():
+            dst = Path(dst)
+            assert dst.parent.parent == self.inputs_dir, dst
+            if dst.is_file():
+                continue
+            with atomic_write(dst, "wb") as fh, open(src, "rb") as source:
+                shutil.copyfileobj(source, fh)
 
     def exists(self) -> bool:
         return (self.root / "plan.json").is_file()
