@@ -181,13 +181,17 @@ class SemanticSegmentor(BaseEstimator):
                       written=written) as train_data, \
                 as_files(tuning_data, [self.image, self.label], by_content=True,
                          written=written) as tuning_data:
-            return self._fit(started, run_dir, deadline, written, train_data, tuning_data,
-                             presets, hyperparameters, time_limit, num_classes, class_names,
-                             color_map, overwrite, resume)
+            return self._fit(
+                train_data, tuning_data, presets, hyperparameters, time_limit, num_classes,
+                class_names, color_map, overwrite=overwrite, resume=resume, started=started,
+                run_dir=run_dir, deadline=deadline, written=written)
 
-    def _fit(self, started, run_dir, deadline, written, train_data, tuning_data, presets,
-             hyperparameters, time_limit, num_classes, class_names, color_map, overwrite,
-             resume) -> "SemanticSegmentor":
+    def _fit(self, train_data, tuning_data, presets, hyperparameters, time_limit,
+             num_classes, class_names, color_map, *, overwrite: bool, resume: bool,
+             started: float, run_dir: Path, deadline: float | None,
+             written: dict[str, str]) -> "SemanticSegmentor":
+        """:meth:`fit` once its arguments are checked and its pictures in memory are files
+        (``written``: their temporary paths -> names, see :func:`automask.data.arrays.as_files`)."""
         from .training import distributed
         from .training.lifecycle import FitRun
         from .training.plan import plan_fit, relocate, select_best

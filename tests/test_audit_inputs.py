@@ -280,7 +280,8 @@ def test_images_held_in_memory_are_named_as_such_not_as_missing_files(tmp_path):
     assert "row 0 [image]: an in-memory ndarray of shape (6, 10, 3), not a file path" in text
     assert "row 1 [label]: an in-memory Image of shape (6, 10), not a file path" in text
     assert "[[" not in text and "file not found" not in text
-    assert "predict, predict_proba, evaluate, leaderboard and the plots take them in memory" in text
+    assert ("SemanticSegmentor's fit, predict, predict_proba, evaluate, leaderboard and plots "
+            "take them in memory") in text
     # an image is 2-D or 3-D, a batch 4-D: more dimensions are named with the shapes taken
     with pytest.raises(DataValidationError, match=r"shape \(2, 2, 6, 10, 3\); an image is"):
         as_frame(np.zeros((2, 2, 6, 10, 3), np.uint8), "image")
