@@ -79,6 +79,10 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             raise DataValidationError(
                 f"an array of image paths must be 1-D, got shape {data.shape}{pixels}")
         return pd.DataFrame({image_col: pd.Series(data.tolist(), dtype=object)}), None
+    from .data.arrays import encoded_image
+
+    if encoded_image(data) is not None:  # one encoded image file's contents
+        return pd.DataFrame({image_col: pd.Series([data], dtype=object)}), None
     if isinstance(data, (bytes, bytearray)):
         raise DataValidationError(
             f"cannot read images from {type(data).__name__} {data[:60]!r}; pass the path as "

@@ -2,6 +2,8 @@
 evaluated and ranked exactly as the same pictures saved to files."""
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 import tempfile
@@ -145,12 +147,18 @@ def test_non_pictures_are_left_for_validation_to_name(fitted):
 HP = {"optim.max_epochs": 1, "model.input_size": S}
 
 
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _in_memory_frame(images, masks):
-    """The four rows as an array, a uint8 (C, H, W) tensor, a PIL image and an array, each
-    with its mask as a PIL image or an array."""
+    """The four rows as an array, a uint8 (C, H, W) tensor, a PIL image and a Hugging Face
+    image (PNG bytes), each with its mask as a PIL image, an array or PNG bytes."""
     cells = [images[0], torch.from_numpy(images[1]).permute(2, 0, 1).contiguous(),
-             Image.fromarray(images[2]), images[3].copy()]
-    labels = [Image.fromarray(masks[0]), masks[1], Image.fromarray(masks[2]), masks[3]]
+             Image.fromarray(images[2]), {"bytes": _png(images[3]), "path": None}]
+    labels = [Image.fromarray(masks[0]), masks[1], Image.fromarray(masks[2]), _png(masks[3])]
     return pd.DataFrame({"image": pd.Series(cells, dtype=object),
                          "label": pd.Series(labels, dtype=object)})
 
@@ -225,6 +233,44 @@ def test_an_interrupted_fit_on_pictures_in_memory_resumes_with_the_same_pictures
     assert len(seg.models_) == 3 and len(seg.predict(frame)) == 4
     assert not (run / ".automask_fit").exists()
     assert list(private_tmp.iterdir()) == []
+
+
+def test_encoded_image_files_in_memory_read_as_those_files(fitted, tmp_path, private_tmp):
+    """The bytes of PNG, JPEG (EXIF orientation honoured), 16-bit TIFF and .npy files, as
+    bytes, bytearray, memoryview or Hugging Face images, predict and score as the files."""
+    seg, frame, images, masks = fitted
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(images[1]).save(rotated, exif=exif, quality=90)
+    deep = tmp_path / "deep.tiff"
+    Image.fromarray((images[2][..., 0].astype(np.uint16) * 257)).save(deep)
+    array = tmp_path / "a.npy"
+    np.save(array, images[3])
+    files = [frame["image"][0], str(rotated), str(deep), str(array), frame["image"][1]]
+    raw = [Path(f).read_bytes() for f in files]
+    cells = [raw[0], bytearray(raw[1]), memoryview(raw[2]), {"bytes": raw[3], "path": None},
+             {"bytes": None, "path": files[4]}]  # the last: a Hugging Face image by path
+    got, want = seg.predict_proba(cells), seg.predict_proba(files)
+    assert [np.shape(p) for p in want] == [(40, 56), (56, 40), (40, 56), (40, 56), (40, 56)]
+    for a, b in zip(got, want):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    single = seg.predict_proba(raw[1])  # one image's bytes
+    assert len(single) == 1 and torch.equal(torch.as_tensor(single[0]), torch.as_tensor(want[1]))
+    in_memory = pd.DataFrame({"image": pd.Series([raw[0], images[1]], dtype=object),
+                              "label": pd.Series([Path(frame["label"][0]).read_bytes(),
+                                                  {"bytes": _png(masks[1]), "path": None}],
+                                                 dtype=object)})
+    assert seg.evaluate(in_memory) == seg.evaluate(frame.iloc[:2])
+    assert list(private_tmp.iterdir()) == []
+
+    as_path = seg.predict_proba([os.fsencode(files[0])])  # bytes without NUL: a path
+    assert torch.equal(torch.as_tensor(as_path[0]), torch.as_tensor(want[0]))
+    with pytest.raises(DataValidationError) as info:
+        seg.predict([raw[0], b"\x00\x01 not an image"])
+    text = str(info.value)
+    assert "row 1 [image] <in-memory bytes>: not an image Pillow can read" in text, text
+    assert "automask-in-memory-" not in text
 
 
 def test_errors_name_in_memory_pictures_not_their_temporary_files(fitted):

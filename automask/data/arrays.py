@@ -11,7 +11,15 @@ block, and gives the frame with those cells replaced by the files' paths:
   included);
 - a PIL image is saved as PNG (TIFF for the modes PNG cannot hold), so it reads as the
   same image saved by the caller: a palette ("P") mask keeps its indices, an RGB image its
-  colours. Its pixels are taken as they are in memory: no EXIF rotation is applied.
+  colours. Its pixels are taken as they are in memory: no EXIF rotation is applied;
+- the bytes of an encoded file (``bytes``, ``bytearray`` or ``memoryview`` holding a PNG,
+  JPEG, TIFF, BMP, GIF, WebP, ``.npy``... file, as a Parquet table or ``open(p,
+  "rb").read()`` gives them; or a Hugging Face ``datasets`` image as ``to_pandas()`` gives
+  it, ``{"bytes": ..., "path": ...}``) are written as they are, under the suffix of their
+  format, so they read exactly as that file (EXIF orientation included). A bytes cell is
+  taken for a file's contents when it holds a NUL byte (which no path holds and every
+  image file does) or starts with the signature of PNG, JPEG, GIF, WebP or ``.npy``; any
+  other bytes cell stays a (bytes) path. A Hugging Face image without bytes is its path.
 
 A file is named after its row's position (``00000.npy``, ``00001.png`` ...), so masks that
 ``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ... With
@@ -52,6 +60,59 @@ def _is_pil(value: Any) -> bool:
     return isinstance(value, Image.Image)
 
 
+# file signatures -> suffix; a format not listed is named by Pillow (``_suffix``)
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"),
+               (b"GIF87a", ".gif"), (b"GIF89a", ".gif"), (b"\x93NUMPY", ".npy"),
+               (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"II+\x00", ".tif"),
+               (b"MM\x00+", ".tif"), (b"BM", ".bmp"))
+_NUL_FREE = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"\x93NUMPY")  # can hold no NUL byte
+
+
+def _suffix(data: bytes) -> str:
+    """The file suffix of encoded image bytes: by signature, else by Pillow's reading of
+    them, else ``.bin`` (read as it can be, and named unreadable otherwise)."""
+    for signature, suffix in _SIGNATURES:
+        if data.startswith(signature):
+            return suffix
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+    except Exception:  # noqa: BLE001 - any failure: not a format Pillow knows
+        return ".bin"
+    by_format = {f: ext for ext, f in reversed(Image.registered_extensions().items())}
+    return by_format.get(fmt, ".bin")
+
+
+def encoded_image(value: Any) -> bytes | None:
+    """The bytes of an encoded image file held in a cell (see the module's notes: a
+    bytes-like value with a NUL byte or a known signature, or a Hugging Face image with
+    bytes); None for any other value."""
+    if isinstance(value, dict) and "bytes" in value and set(value) <= {"bytes", "path"}:
+        value = value["bytes"]
+    if isinstance(value, memoryview):
+        value = value.tobytes()
+    if not isinstance(value, (bytes, bytearray)):
+        return None
+    if b"\x00" in value or value.startswith(_NUL_FREE) or (
+            value[:4] == b"RIFF" and value[8:12] == b"WEBP"):
+        return bytes(value)
+    return None
+
+
+def _hf_path(value: Any) -> str | None:
+    """The path of a Hugging Face image cell without bytes (``{"bytes": None, "path": p}``)."""
+    if (isinstance(value, dict) and set(value) == {"bytes", "path"} and value["bytes"] is None
+            and isinstance(value["path"], str)):
+        return value["path"]
+    return None
+
+
 def is_picture(value: Any) -> bool:
     """True for an in-memory picture that :func:`as_files` writes: a PIL image, or a numpy
     array / torch tensor with 2 or 3 dimensions and bool, integer or float samples."""
@@ -78,6 +139,11 @@ def split_batch(value: Any) -> list[Any] | None:
 
 def _write(value: Any, folder: Path, stem: str) -> str:
     """Write one picture losslessly; returns the file's path."""
+    data = encoded_image(value)
+    if data is not None:  # a file's contents: as they are
+        path = folder / f"{stem}{_suffix(data)}"
+        path.write_bytes(data)
+        return str(path)
     if _is_pil(value):
         path = folder / f"{stem}{'.png' if value.mode in _PNG_MODES else '.tiff'}"
         value.save(path)
@@ -139,7 +205,15 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
         yield data
         return
     cols = [c for c in columns if c in data.columns]
-    cells = [(c, pos) for c in cols for pos, v in enumerate(data[c].tolist()) if is_picture(v)]
+    cells = [(c, pos) for c in cols for pos, v in enumerate(data[c].tolist())
+             if is_picture(v) or encoded_image(v) is not None]
+    for col in cols:  # Hugging Face images without bytes: their paths
+        values = data[col].tolist()
+        found = [_hf_path(v) for v in values]
+        if any(p is not None for p in found):
+            data = data.copy()
+            data[col] = pd.Series([v if p is None else p for v, p in zip(values, found)],
+                                  index=data.index, dtype=object)
     if not cells:
         yield data
         return

@@ -253,6 +253,8 @@ def _raw_path(value: Any) -> str | None:
         return None
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
+    if isinstance(value, bytes):  # a bytes path, as os.fsencode gives it
+        value = os.fsdecode(value)
     if not isinstance(value, str):
         try:
             if pd.isna(value):
@@ -263,9 +265,20 @@ def _raw_path(value: Any) -> str | None:
     return value if value.strip() else None
 
 
+_FILES_FIRST = ("validate_frame reads images and masks from files (SemanticSegmentor's fit, "
+                "predict, predict_proba, evaluate, leaderboard and plots take them in memory "
+                "and write them to files first)")
+
+
 def _in_memory(value: Any) -> str | None:
-    """Why a cell holding an image itself (a numpy array, a tensor, a PIL image, a list of
-    pixels) is no path, or None for any other cell: its text would be read as a file name."""
+    """Why a cell holding an image itself (a numpy array, a tensor, a PIL image, an encoded
+    file's bytes, a list of pixels) is no path, or None for any other cell: its text would
+    be read as a file name."""
+    from .arrays import encoded_image, is_picture
+
+    data = encoded_image(value)
+    if data is not None:
+        return f"an in-memory encoded image ({len(data)} bytes), not a file path: {_FILES_FIRST}"
     if isinstance(value, (str, bytes, os.PathLike)) or np.isscalar(value) or value is None:
         return None
     shape = getattr(value, "shape", None)
@@ -273,16 +286,12 @@ def _in_memory(value: Any) -> str | None:
         shape = tuple(value.size)[::-1]
     if shape is None and not isinstance(value, (list, tuple, dict)):
         return None
-    from .arrays import is_picture
-
     what = type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
     if not is_picture(value):
         return (f"an in-memory {what}, neither a file path nor an image: in memory an image "
                 "or a mask is an array or tensor of shape (H, W), (H, W, C) or (C, H, W), "
-                "or a PIL image")
-    return (f"an in-memory {what}, not a file path: validate_frame reads images and masks "
-            "from files (SemanticSegmentor's fit, predict, predict_proba, evaluate, "
-            "leaderboard and plots take them in memory and write them to files first)")
+                "a PIL image, or the bytes of an image file")
+    return f"an in-memory {what}, not a file path: {_FILES_FIRST}"
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # http://, s3://, gs://, file://...
