@@ -83,6 +83,13 @@ def test_a_float_and_a_grayscale_array_read_as_the_same_npy_and_png_files(
     np.save(tmp_path / "real.npy", real)
     _same(seg.predict_proba([gray, real]),
           seg.predict_proba([tmp_path / "gray.png", tmp_path / "real.npy"]))
+    # PIL images in the modes written as arrays (L, RGB) and in one written as PNG (LA)
+    rgb = Image.fromarray(images[1])
+    pil = [Image.fromarray(gray), rgb, rgb.convert("LA")]
+    for im, name in zip(pil, ("l.png", "rgb.png", "la.png")):
+        im.save(tmp_path / name)
+    _same(seg.predict_proba(pil),
+          seg.predict_proba([tmp_path / n for n in ("l.png", "rgb.png", "la.png")]))
 
 
 def test_predict_save_to_names_in_memory_rows_by_position(fitted, tmp_path, private_tmp):
@@ -211,7 +218,7 @@ def test_an_interrupted_fit_on_pictures_in_memory_resumes_with_the_same_pictures
     train = pd.read_csv(run / ".automask_fit" / "train.csv")  # what `automask fit --resume` reads
     assert train["image"].map(lambda p: Path(p).parent.parent == inputs).all()
     assert np.array_equal(np.load(train["image"][1]), images[1].transpose(2, 0, 1))
-    assert np.array_equal(np.asarray(Image.open(train["label"][0])), masks[0])
+    assert np.array_equal(read_mask(train["label"][0]), read_mask(frame["label"][0]))
 
     changed = _in_memory_frame(images, masks)
     changed.loc[2, "label"] = Image.fromarray(255 - masks[2])
