@@ -121,8 +121,9 @@ class SemanticSegmentor(BaseEstimator):
         train_data : DataFrame or CSV path
             One row per image, with the image and label columns: file paths (relative paths
             are resolved against the CSV's folder, or the working directory for a
-            DataFrame), or pictures in memory (numpy arrays, torch tensors, PIL images),
-            which are kept as files in ``path``'s fit state folder until the fit completes.
+            DataFrame), or pictures in memory (numpy arrays, torch tensors, PIL images, the
+            bytes of image files), which are kept as files in ``path``'s fit state folder
+            until the fit completes.
         tuning_data : DataFrame or CSV path, optional
             Validation data, as ``train_data``; when None, ``data.holdout_frac`` of
             ``train_data`` is held out.
