@@ -317,3 +317,32 @@ def test_a_tensor_without_data_is_named_by_its_row(fitted):
     with pytest.raises(DataValidationError, match=r"row 1, column 'image': cannot keep this "
                                                   r"in-memory Tensor as a file"):
         seg.predict([images[0], torch.empty(40, 56, 3, device="meta")])
+
+
+def test_kept_pictures_are_moved_not_copied_and_copied_across_filesystems(
+        tmp_path, monkeypatch):
+    import errno
+    import types
+
+    from automask.training import state as state_module
+
+    state = state_module.FitState(tmp_path / "run")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    names = ["0-image/a.npy", "1-label/b.png", "0-image/c.npy"]
+    for i, name in enumerate(names):
+        (temp / name.replace("/", "-")).write_bytes(bytes([i]) * 10)
+    moves = {str(temp / n.replace("/", "-")): str(state.inputs_dir / n) for n in names}
+    (state.inputs_dir / "0-image").mkdir(parents=True)
+    (state.inputs_dir / "0-image" / "c.npy").write_bytes(b"kept")  # from the interrupted fit
+
+    def no_rename(src, dst):  # another filesystem
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(state_module, "os", types.SimpleNamespace(replace=no_rename))
+    state.keep_inputs(dict(list(moves.items())[:1]))
+    monkeypatch.undo()
+    state.keep_inputs(dict(list(moves.items())[1:]))
+    assert list(temp.iterdir()) == []  # nothing left twice on disk
+    got = {n: (state.inputs_dir / n).read_bytes() for n in names}
+    assert got == {names[0]: b"\0" * 10, names[1]: b"\1" * 10, names[2]: b"kept"}

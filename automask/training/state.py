@@ -18,6 +18,7 @@ moment leaves each one complete or absent, and at most the running epoch is lost
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,16 +53,22 @@ class FitState:
         return self.root / "inputs"
 
     def keep_inputs(self, moves: dict[str, str]) -> None:
-        """Copy each file ``moves`` names (a temporary file of an in-memory picture) to its
-        new path in :attr:`inputs_dir`, atomically; a file already there (kept by the
-        interrupted fit; named by its content) stays as it is."""
+        """Move each file ``moves`` names (a temporary file of an in-memory picture) to its
+        new path in :attr:`inputs_dir`: renamed on one filesystem, else copied atomically
+        and removed, so that the pictures are not on disk twice. A file already there
+        (kept by the interrupted fit; named by its content) stays as it is."""
         for src, dst in moves.items():
             dst = Path(dst)
             assert dst.parent.parent == self.inputs_dir, dst
-            if dst.is_file():
-                continue
-            with atomic_write(dst, "wb") as fh, open(src, "rb") as source:
-                shutil.copyfileobj(source, fh)
+            if not dst.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(src, dst)
+                    continue
+                except OSError:  # another filesystem (EXDEV)
+                    with atomic_write(dst, "wb") as fh, open(src, "rb") as source:
+                        shutil.copyfileobj(source, fh)
+            Path(src).unlink(missing_ok=True)
 
     def exists(self) -> bool:
         return (self.root / "plan.json").is_file()
