@@ -10,7 +10,7 @@ block, and gives the frame with those cells replaced by the files' paths:
   saved with ``np.save`` (channel layout, value range and ``data.image_range`` rules
   included);
 - a PIL image is saved as PNG (TIFF for the modes PNG cannot hold; an ``L`` or ``RGB``
-  image as the ``.npy`` array of its pixels, which reads the same and is written 50 times
+  image as the ``.npy`` array of its pixels, which reads the same and is written 100 times
   faster), so it reads as the same image saved by the caller: a palette ("P") mask keeps
   its indices, an RGB image its colours. Its pixels are taken as they are in memory: no
   EXIF rotation is applied;
@@ -149,11 +149,11 @@ def _write(value: Any, folder: Path, stem: str) -> str:
         path.write_bytes(data)
         return str(path)
     if _is_pil(value) and value.mode in _AS_ARRAY_MODES:
-        value = np.asarray(value)  # (H, W) or (H, W, 3) uint8: the same pixels, 50x faster
+        value = np.asarray(value)  # (H, W) or (H, W, 3) uint8: the same pixels, 100x faster
     if _is_pil(value):
         path = folder / f"{stem}{'.png' if value.mode in _PNG_MODES else '.tiff'}"
-        # a PNG stored without compression: 30-60x faster to write (see
-        # benchmarks/bench_in_memory.py), and the file lives only as long as the call or fit
+        # a PNG stored without compression (an RGB one: 2.7x faster to write than at Pillow's
+        # default level, benchmarks/README.md); the file lives only as long as the call or fit
         value.save(path, **({"compress_level": 0} if path.suffix == ".png" else {}))
         return str(path)
     if _is_tensor(value):
