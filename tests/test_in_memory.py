@@ -346,3 +346,23 @@ def test_kept_pictures_are_moved_not_copied_and_copied_across_filesystems(
     assert list(temp.iterdir()) == []  # nothing left twice on disk
     got = {n: (state.inputs_dir / n).read_bytes() for n in names}
     assert got == {names[0]: b"\0" * 10, names[1]: b"\1" * 10, names[2]: b"kept"}
+
+
+def test_score_takes_the_bytes_of_image_files(tmp_path):
+    """automask.metrics.score reads a file's bytes (or a Hugging Face image) as the file."""
+    from automask.metrics import score
+
+    rng = np.random.default_rng(0)
+    preds = [rng.integers(0, 256, (24, 30), dtype=np.uint8) for _ in range(3)]
+    truths = [(rng.random((24, 30)) > 0.6).astype(np.uint8) * 255 for _ in range(3)]
+    files = []
+    for i, (p, t) in enumerate(zip(preds, truths)):
+        Image.fromarray(p).save(tmp_path / f"p{i}.png")
+        np.save(tmp_path / f"t{i}.npy", t)
+        files.append((tmp_path / f"p{i}.png", tmp_path / f"t{i}.npy"))
+    want = score([p for p, _ in files], [t for _, t in files])
+    by_path = {"bytes": None, "path": str(files[2][0])}  # a Hugging Face image by its path
+    got = score([p.read_bytes() for p, _ in files[:2]] + [by_path],
+                [{"bytes": t.read_bytes(), "path": None} for _, t in files])
+    assert got == want and set(want) >= {"sm", "em", "iou"}
+    assert score(files[0][0].read_bytes(), [files[0][1]]) == score([files[0][0]], [files[0][1]])

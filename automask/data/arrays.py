@@ -141,8 +141,9 @@ def split_batch(value: Any) -> list[Any] | None:
     return None
 
 
-def _write(value: Any, folder: Path, stem: str) -> str:
-    """Write one picture losslessly; returns the file's path."""
+def write_picture(value: Any, folder: Path, stem: str) -> str:
+    """Write one picture (:func:`is_picture`, or :func:`encoded_image` bytes) losslessly as
+    ``folder/stem.<suffix>``; returns the file's path."""
     data = encoded_image(value)
     if data is not None:  # a file's contents: as they are
         path = folder / f"{stem}{_suffix(data)}"
@@ -243,7 +244,7 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
                 folder.mkdir(exist_ok=True)
                 what = type(values[pos]).__name__
                 try:
-                    values[pos] = _write(values[pos], folder, f"{pos:0{width}d}")
+                    values[pos] = write_picture(values[pos], folder, f"{pos:0{width}d}")
                     if by_content:
                         values[pos] = _name_by_content(values[pos])
                     names[values[pos]] = f"<in-memory {what}>"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,11 +19,12 @@ from automask.metrics.registry import DEFAULT_METRICS, METRIC_TASK, TASKS, build
 
 
 def _as_list(x: Any, name: str) -> list[Tensor]:
-    if isinstance(x, (str, os.PathLike)):
-        x = [x]  # one file
+    from automask.data.arrays import encoded_image
+
+    if isinstance(x, (str, os.PathLike)) or encoded_image(x) is not None:
+        x = [x]  # one file, or one file's bytes
     if isinstance(x, (list, tuple)):
-        return [_read(item, name) if isinstance(item, (str, os.PathLike)) else as_tensor(item)
-                for item in x]
+        return [_item(item, name) for item in x]
     t = as_tensor(x)
     if t.ndim < 2:
         raise ValueError(
@@ -30,6 +32,20 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
             f"got shape {tuple(t.shape)}"
         )
     return [t] if t.ndim == 2 else list(t.unbind(0))
+
+
+def _item(item: Any, name: str) -> Tensor:
+    """One map: a file's path, a file's bytes (or a Hugging Face image), or an array."""
+    from automask.data.arrays import encoded_image, write_picture
+
+    if isinstance(item, dict) and set(item) == {"bytes", "path"} and item["bytes"] is None:
+        item = item["path"]  # a Hugging Face image by its path
+    if isinstance(item, (str, os.PathLike)):
+        return _read(item, name)
+    if encoded_image(item) is not None:  # read as its file would be
+        with tempfile.TemporaryDirectory(prefix="automask-in-memory-") as tmp:
+            return _read(write_picture(item, Path(tmp), "map"), name)
+    return as_tensor(item)
 
 
 def _read(path: str | os.PathLike, name: str) -> Tensor:
@@ -197,7 +213,8 @@ def score(
     ----------
     predictions
         List of per-image maps (numpy arrays, tensors, PIL images, or paths of image or ``.npy``
-        files, read as :func:`automask.metrics.score_folders` reads them; sizes may differ).
+        files, or such files' bytes or Hugging Face images ``{"bytes": ..., "path": ...}``,
+        read as :func:`automask.metrics.score_folders` reads them; sizes may differ).
         Binary: probability maps in [0, 1], or 8-bit maps 0..255, or 0/1 masks. Multi-class:
         class-index maps, or ``(K, H, W)`` scores. An array/tensor is split along its first
         axis.
