@@ -156,6 +156,56 @@ def test_empty_masks_are_counted_before_training(tmp_path):
         assert warn_training_issues(validate_frame(_pairs(tmp_path / "none", 4))) == []
 
 
+def _id_masks(root: Path, values_per_row: list[tuple[int, ...]]) -> pd.DataFrame:
+    """Image/mask PNG pairs whose masks hold the given values (0 everywhere else)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, values in enumerate(values_per_row):
+        image = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+        mask = np.zeros((24, 32), np.uint8)
+        for j, value in enumerate(values):
+            mask[2 + 5 * j: 6 + 5 * j, 3 + i: 12 + i] = value
+        Image.fromarray(image).save(root / f"img_{i}.png")
+        Image.fromarray(mask).save(root / f"mask_{i}.png")
+        rows.append({"image": str(root / f"img_{i}.png"), "label": str(root / f"mask_{i}.png")})
+    return pd.DataFrame(rows)
+
+
+def test_class_ids_that_no_training_mask_labels_are_named(tmp_path):
+    # one foreground value 38: read as 39 classes, 37 of which no mask labels
+    labels = _id_masks(tmp_path / "labels", [(38,), (38,), (), (38,)])
+    spec = validate_frame(labels)
+    assert (spec.task, spec.num_classes) == ("multiclass", 39)
+    with pytest.warns(UserWarning, match=r"37 of the 39 classes label no pixel of any training "
+                      r"mask \(class id\(s\) 1-37\)") as record:
+        SegmentationDataModule(spec, input_size=32, batch_size=2, num_workers=0).setup("fit")
+    message = str(record[0].message)
+    assert "color_map={(0, 0, 0): 0, (38, 38, 38): 1}" in message
+    # the mapping it gives reads the same masks as a binary task
+    remapped = validate_frame(labels, color_map={(0, 0, 0): 0, (38, 38, 38): 1})
+    assert (remapped.task, remapped.num_classes) == ("binary", 2)
+
+    # a rare class missing from the training masks: named, without the hint about labels
+    rare = validate_frame(_id_masks(tmp_path / "rare", [(1, 2), (1,), (2, 4), (1, 4)]),
+                          class_names=["bg", "road", "car", "sign", "tree"])
+    with pytest.warns(UserWarning, match=r"1 of the 5 classes .* \(class id\(s\) 3 \('sign'\)\)") \
+            as record:
+        assert len(warn_training_issues(rare)) == 1
+    assert "color_map" not in str(record[0].message)
+    # ids 5 and 7 among 0-7 (half missing, with the ignore index beside them)
+    sparse = validate_frame(_id_masks(tmp_path / "sparse", [(5, 255), (7,), (5, 7)]))
+    with pytest.warns(UserWarning, match=r"5 of the 8 classes .* \(class id\(s\) 1-4, 6\)") \
+            as record:
+        warn_training_issues(sparse)
+    assert "color_map={(0, 0, 0): 0, (5, 5, 5): 1, (7, 7, 7): 2}" in str(record[0].message)
+
+    with warnings.catch_warnings():  # every class labelled somewhere: nothing to say
+        warnings.simplefilter("error")
+        assert warn_training_issues(
+            validate_frame(_id_masks(tmp_path / "all", [(1, 2), (3,), (2, 255)]))) == []
+
+
 # -- masks that do not fit the model's task -----------------------------------------------
 
 def test_binary_masks_are_rejected_for_a_multiclass_task(tmp_path):

@@ -858,15 +858,19 @@ def _rows_text(spec: DataSpec, positions: Sequence[int], limit: int = 5) -> str:
 def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) -> list[str]:
     """Warn about training data that can be used but probably is not what was meant.
 
-    Called before training (by the data module). Four checks, each one warning that
-    names a few rows where it can:
+    Called before training (by the data module). Five checks, each one warning that
+    names a few rows or values where it can:
 
     * rows that repeat an image of another row (the holdout split keeps all rows of an
       image on one side);
     * tuning rows whose image is also a training image (validation scores then flatter);
     * binary masks with no foreground pixel (how many; when all are empty the model can
       only learn to predict background);
-    * a ``void_label`` that no training mask holds (a wrong value ignores nothing).
+    * a ``void_label`` that no training mask holds (a wrong value ignores nothing);
+    * multi-class ids that label no pixel of any training mask: the model has an output for
+      each but cannot learn it. When most ids are missing (``{0, 38}`` read as 39 classes,
+      since K is the largest id + 1), the masks probably hold labels rather than class
+      ids, and the warning gives the ``color_map`` that maps them to ``0..n-1``.
 
     Returns
     -------
@@ -913,9 +917,51 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
             f"void_label={spec.void_label} marks no pixel of any training mask: nothing is "
             "ignored; check the value (CamVid's void is 11; 255 is common for 0/1 masks)"
         )
+    unlearnt = _classes_without_pixels(spec)
+    if unlearnt:
+        messages.append(unlearnt)
     for message in messages:
         warnings.warn(message, stacklevel=2)
     return messages
+
+
+def _id_ranges(ids: Sequence[int], limit: int = 8) -> str:
+    """Sorted ids as runs: ``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (at most ``limit`` runs shown)."""
+    runs: list[list[int]] = []
+    for value in ids:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    return text + (", ..." if len(runs) > limit else "")
+
+
+def _classes_without_pixels(spec: DataSpec) -> str | None:
+    """The warning for multi-class ids that no training mask labels, or None."""
+    if spec.task != "multiclass" or spec.stats is None or "classes" not in spec.stats.columns:
+        return None
+    present = sorted(set().union(*(set(c) for c in spec.stats["classes"])))
+    missing = sorted(set(range(spec.num_classes)) - set(present) - _void_set(spec.void_label))
+    if not missing or not present:
+        return None
+    names = list(spec.class_names) + [f"class_{c}" for c in range(len(spec.class_names),
+                                                                  spec.num_classes)]
+    shown = _id_ranges(missing)
+    if len(missing) <= 5 and any(names[c] != f"class_{c}" for c in missing):  # named by the user
+        shown = ", ".join(f"{c} ({names[c]!r})" for c in missing)
+    message = (
+        f"{len(missing)} of the {spec.num_classes} classes label no pixel of any training mask "
+        f"(class id(s) {shown}): the model has an output for each but cannot learn them"
+    )
+    if spec.color_map is None and 2 * len(missing) >= spec.num_classes and len(present) <= 16:
+        mapping = ", ".join(f"({v}, {v}, {v}): {i}" for i, v in enumerate(present))
+        message += (
+            f". The masks hold only the values {_fmt(set(present))}: if these are labels "
+            "rather than class ids 0..n-1, map them with color_map={" + mapping + "} (a "
+            "grey value v reads as the colour (v, v, v))"
+        )
+    return message
 
 
 def _values_without_void(summary: Any, void_label: int | None) -> set[int]:
