@@ -366,3 +366,40 @@ def test_score_takes_the_bytes_of_image_files(tmp_path):
                 [{"bytes": t.read_bytes(), "path": None} for _, t in files])
     assert got == want and set(want) >= {"sm", "em", "iou"}
     assert score(files[0][0].read_bytes(), [files[0][1]]) == score([files[0][0]], [files[0][1]])
+
+
+def test_score_reads_pil_images_and_colour_arrays_as_their_files(tmp_path):
+    """A lone RGB PIL image was split into H maps of (W, 3) and scored without a word; colour
+    pictures in memory now read as their PNG files do (a prediction as its luma, a ground
+    truth as grey when it is grey, else refused naming the picture)."""
+    from automask.metrics import score
+
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    truth = np.zeros((40, 50), np.uint8)
+    truth[10:30, 12:33] = 255
+    colour = np.stack([pred, pred // 2, 255 - pred], axis=-1)  # a prediction saved in colour
+    Image.fromarray(colour).save(tmp_path / "p.png")
+    Image.fromarray(np.stack([truth] * 3, axis=-1)).save(tmp_path / "t.png")
+    want = score([tmp_path / "p.png"], [tmp_path / "t.png"])
+    luma = np.asarray(Image.fromarray(colour).convert("L"))
+    assert want == score([luma], [truth]) and want != score([pred], [truth])
+
+    grey_rgb = np.stack([truth] * 3, axis=-1)
+    assert score(Image.fromarray(colour), Image.fromarray(grey_rgb)) == want  # lone images
+    assert score([colour], [torch.from_numpy(grey_rgb)]) == want  # arrays, tensors in lists
+    assert score([Image.fromarray(colour).convert("RGBA")],
+                 [Image.fromarray(truth).convert("P")]) == want
+
+    with pytest.raises(ValueError, match=r"got 1 predictions but 40 targets; the targets are "
+                       r"one \(40, 50, 3\) array, read as a stack of 40 maps"):
+        score(luma, grey_rgb)
+    red = np.stack([truth, np.zeros_like(truth), np.zeros_like(truth)], axis=-1)
+    with pytest.raises(ValueError, match=r"ground truth <in-memory target 1> is a RGB colour "
+                       r"image with non-grey pixels \(the first at row 10, column 12"):
+        score([luma, luma], [truth, Image.fromarray(red)])
+    # (K, H, W) class scores are not colour pictures, whatever their last axis
+    scores = torch.softmax(torch.from_numpy(rng.random((3, 9, 4))).float(), dim=0)
+    labels = rng.integers(0, 3, (9, 4)).astype(np.uint8)
+    got = score([scores], [labels], task="multiclass", num_classes=3)
+    assert got == score([scores.argmax(0)], [labels], task="multiclass", num_classes=3)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,12 +20,12 @@ from automask.metrics.registry import DEFAULT_METRICS, METRIC_TASK, TASKS, build
 
 
 def _as_list(x: Any, name: str) -> list[Tensor]:
-    from automask.data.arrays import encoded_image
+    from automask.data.arrays import _is_pil, encoded_image
 
-    if isinstance(x, (str, os.PathLike)) or encoded_image(x) is not None:
-        x = [x]  # one file, or one file's bytes
+    if isinstance(x, (str, os.PathLike)) or encoded_image(x) is not None or _is_pil(x):
+        x = [x]  # one file, one file's bytes, or one PIL image (never a stack of rows)
     if isinstance(x, (list, tuple)):
-        return [_item(item, name) for item in x]
+        return [_item(item, name, i) for i, item in enumerate(x)]
     t = as_tensor(x)
     if t.ndim < 2:
         raise ValueError(
@@ -34,9 +35,10 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
     return [t] if t.ndim == 2 else list(t.unbind(0))
 
 
-def _item(item: Any, name: str) -> Tensor:
-    """One map: a file's path, a file's bytes (or a Hugging Face image), or an array."""
-    from automask.data.arrays import encoded_image, write_picture
+def _item(item: Any, name: str, index: int) -> Tensor:
+    """One map (the ``index``-th): a file's path, a file's bytes (or a Hugging Face image),
+    a PIL image, or an array."""
+    from automask.data.arrays import _is_pil, encoded_image, write_picture
 
     if isinstance(item, dict) and set(item) == {"bytes", "path"} and item["bytes"] is None:
         item = item["path"]  # a Hugging Face image by its path
@@ -44,8 +46,62 @@ def _item(item: Any, name: str) -> Tensor:
         return _read(item, name)
     if encoded_image(item) is not None:  # read as its file would be
         with tempfile.TemporaryDirectory(prefix="automask-in-memory-") as tmp:
-            return _read(write_picture(item, Path(tmp), "map"), name)
+            return _read_in_memory(write_picture(item, Path(tmp), "map"), name, index)
+    if _is_pil(item) or _colour_array(item):  # read as its PNG (or TIFF) file would be
+        return _read_picture(item, name, index)
     return as_tensor(item)
+
+
+def _read_in_memory(path: str | os.PathLike, name: str, index: int) -> Tensor:
+    """:func:`_read` of a temporary file holding the ``index``-th picture given in memory;
+    an error names that picture, not the file."""
+    try:
+        return _read(path, name)
+    except ValueError as exc:
+        shown = f"<in-memory {name[:-1]} {index}>"
+        text = str(exc).replace(str(path), shown).replace(Path(path).name, shown)
+        try:
+            error = type(exc)(text)
+        except TypeError:  # an exception type with other arguments
+            raise exc from None
+        raise error from None
+
+
+def _colour_array(item: Any) -> bool:
+    """An ``(H, W, 3)`` or ``(H, W, 4)`` uint8 array or tensor: a picture in colour (a mask
+    as ``np.asarray`` of an RGB PNG gives it), not ``(K, H, W)`` class scores."""
+    shape, dtype = getattr(item, "shape", None), getattr(item, "dtype", None)
+    return (shape is not None and len(shape) == 3 and shape[-1] in (3, 4) and shape[0] > 4
+            and str(dtype) in ("uint8", "torch.uint8"))
+
+
+def _read_picture(item: Any, name: str, index: int) -> Tensor:
+    """A PIL image, or a colour array as a PIL image, read as its file: a prediction in
+    colour as its luma, a ground truth in colour as grey when it is grey, else refused
+    naming a pixel (see :func:`automask.metrics.folders.read_target`)."""
+    from PIL import Image
+
+    from automask.data.arrays import _PNG_MODES, _is_pil
+
+    if not _is_pil(item):
+        if hasattr(item, "detach"):
+            item = item.detach().cpu().numpy()
+        item = Image.fromarray(np.ascontiguousarray(item))
+    with tempfile.TemporaryDirectory(prefix="automask-in-memory-") as tmp:
+        png = item.mode in _PNG_MODES
+        path = Path(tmp) / ("map.png" if png else "map.tiff")
+        item.save(path, **({"compress_level": 0} if png else {}))
+        return _read_in_memory(path, name, index)
+
+
+def _stack_hint(x: Any, name: str) -> str:
+    """Why a lone ``(H, W, 3|4)`` array counts as many maps (for a count mismatch)."""
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 3 or shape[-1] not in (3, 4):
+        return ""
+    return (f"; the {name} are one {tuple(shape)} array, read as a stack of {shape[0]} maps "
+            f"of {shape[1]}x{shape[2]}: give one picture in colour in a list ([x]) or as a "
+            "PIL image")
 
 
 def _read(path: str | os.PathLike, name: str) -> Tensor:
@@ -215,11 +271,15 @@ def score(
         List of per-image maps (numpy arrays, tensors, PIL images, or paths of image or ``.npy``
         files, or such files' bytes or Hugging Face images ``{"bytes": ..., "path": ...}``,
         read as :func:`automask.metrics.score_folders` reads them; sizes may differ).
+        PIL images, and ``(H, W, 3)`` or ``(H, W, 4)`` uint8 arrays or tensors in a list,
+        are pictures read as their PNG files (a prediction in colour as its luma).
         Binary: probability maps in [0, 1], or 8-bit maps 0..255, or 0/1 masks. Multi-class:
-        class-index maps, or ``(K, H, W)`` scores. An array/tensor is split along its first
-        axis.
+        class-index maps, or ``(K, H, W)`` scores. An array/tensor on its own (not in a
+        list) is split along its first axis.
     targets
-        List of ground-truth masks of the same sizes. Binary: 0/1, bool or 8-bit 0/255 (binarised
+        List of ground-truth masks of the same sizes (read as the predictions are; a
+        picture in colour must be grey, as :meth:`automask.SemanticSegmentor.evaluate`
+        requires). Binary: 0/1, bool or 8-bit 0/255 (binarised
         ``> 128``, as PySODMetrics), or {0, 1} with ``ignore_index`` marking void pixels.
         Multi-class: class indices, ``ignore_index`` (255) unlabelled.
     task
@@ -251,7 +311,9 @@ def score(
     pred_list = _as_list(predictions, "predictions")
     target_list = _as_list(targets, "targets")
     if len(pred_list) != len(target_list):
-        raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets")
+        raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets"
+                         + _stack_hint(predictions, "predictions")
+                         + _stack_hint(targets, "targets"))
     if not pred_list:
         raise ValueError("no images to score")
     if task is None and metrics:
