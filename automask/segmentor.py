@@ -6,6 +6,7 @@ a second ``fit`` starts from scratch.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ import torch
 from sklearn.base import BaseEstimator
 
 from . import prediction, saving
-from .data.arrays import as_files
+from .data.arrays import as_files, naming, shown
 from .errors import AutomaskError, ConfigError, NotFittedError
 from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
@@ -208,7 +209,7 @@ class SemanticSegmentor(BaseEstimator):
                 split_spec(spec, frac, self.seed)
         writer = distributed.is_writer(plan.world_size)  # rank 0 of a distributed fit
         run = FitRun(run_dir, overwrite=overwrite, resume=resume, writer=writer)
-        with run:
+        with run, contextlib.ExitStack() as kept:
             # A fit refused for bad options, data or path leaves a fitted predictor as it
             # was; from here on, the fit starts from scratch.
             self._reset()
@@ -224,6 +225,8 @@ class SemanticSegmentor(BaseEstimator):
                 run.state.keep_inputs(moves)
                 log.info("%d image(s) and mask(s) given in memory are kept as files in %s "
                          "until the fit completes", len(moves), run.state.inputs_dir)
+                # warnings name the kept copies as they named the temporary files
+                kept.enter_context(naming({new: shown(old) for old, new in moves.items()}))
             self.path_ = run.path
             self.task_ = spec.task
             self.num_classes_ = spec.num_classes

@@ -403,3 +403,28 @@ def test_score_reads_pil_images_and_colour_arrays_as_their_files(tmp_path):
     labels = rng.integers(0, 3, (9, 4)).astype(np.uint8)
     got = score([scores], [labels], task="multiclass", num_classes=3)
     assert got == score([scores.argmax(0)], [labels], task="multiclass", num_classes=3)
+
+
+def test_warnings_name_pictures_in_memory_not_their_files(fitted, tmp_path):
+    """Warnings about data given in memory used to name the temporary files (or the fit's
+    kept copies, ``.automask_fit/inputs/0-image/<sha256>.npy``)."""
+    import warnings
+
+    from automask.data import arrays
+
+    _, _, images, masks = fitted
+    labels = [(m > 0).astype(np.uint8) for m in masks]
+    labels[0][:3] = 255  # 0/1 masks with 255 = void ...
+    frame = pd.DataFrame({"image": [images[0], images[1], images[0], images[2]],  # a repeat
+                          "label": [labels[0], labels[1], labels[0], masks[2]]})  # ... and 0/255
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            frame, presets="tiny", hyperparameters=HP)
+    texts = [str(w.message) for w in caught]
+    void = [t for t in texts if "hold only 0 and 255" in t]
+    repeat = [t for t in texts if "repeat the image of another row" in t]
+    assert len(void) == 1 and "(e.g. '<in-memory ndarray>')" in void[0], texts
+    assert len(repeat) == 1 and "rows 0, 2 (<in-memory ndarray>)" in repeat[0], texts
+    assert not [t for t in texts if "automask-in-memory-" in t or ".automask_fit" in t]
+    assert arrays._SHOWN == {}  # the names go with the files

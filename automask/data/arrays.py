@@ -29,7 +29,8 @@ A file is named after its row's position (``00000.npy``, ``00001.png`` ...), so 
 (``<sha256, 20 hex digits>.npy``), so the same picture gets the same name in every call and
 a resumed fit recognises its data. Any other cell is left as it is, for validation to
 judge. An automask error raised in the block names such a picture ``<in-memory ndarray>``
-(its type), not its temporary file.
+(its type), not its temporary file, and so do the warnings that name files while the block
+runs (:func:`shown`; a fit's kept copies too, :func:`naming`).
 """
 from __future__ import annotations
 
@@ -181,6 +182,30 @@ def _name_by_content(path: str) -> str:
     return str(named)
 
 
+# file written for a picture in memory -> how a message names it ("<in-memory ndarray>"),
+# while the call (or fit) that wrote it runs; keys are unique (each call its own folder)
+_SHOWN: dict[str, str] = {}
+
+
+def shown(path: Any) -> Any:
+    """How a message names ``path``: ``<in-memory ndarray>`` (the picture's type) for a file
+    written for a picture given in memory, while the call that wrote it runs; else ``path``
+    itself."""
+    return _SHOWN.get(str(path), path) if _SHOWN else path
+
+
+@contextlib.contextmanager
+def naming(names: dict[str, str]) -> Iterator[None]:
+    """Let :func:`shown` name the files ``names`` maps (path -> how messages name it) while
+    the block runs."""
+    _SHOWN.update(names)
+    try:
+        yield
+    finally:
+        for path in names:
+            _SHOWN.pop(path, None)
+
+
 @contextlib.contextmanager
 def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
              written: dict[str, str] | None = None) -> Iterator[Any]:
@@ -259,7 +284,8 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
             if wrote:
                 frame[col] = pd.Series(values, index=frame.index, dtype=object)
         try:
-            yield frame
+            with naming(names):
+                yield frame
         except AutomaskError as exc:
             text = str(exc.args[0]) if len(exc.args) == 1 else None
             if text is None or tmp not in text:

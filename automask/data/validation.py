@@ -58,6 +58,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataValidationError
+from .arrays import shown
 from .io import (
     _SWAPPING_ORIENTATIONS,
     ColorMap,
@@ -740,8 +741,8 @@ def validate_frame(
         warnings.warn(
             f"{len(stacks)} image or mask file(s) hold a stack of images (TIFF pages of one "
             "size, GIF frames), of which only the first is read: "
-            + "; ".join(f"row {_plain(index[pos])!r} [{col}] {path} ({stacks[pos, col, path]} "
-                        "images)" for pos, col, path in first)
+            + "; ".join(f"row {_plain(index[pos])!r} [{col}] {shown(path)} "
+                        f"({stacks[pos, col, path]} images)" for pos, col, path in first)
             + ("; ..." if len(stacks) > len(first) else "")
             + ". Save each image (slice, time point) in a file of its own, the channels "
             "of one image as the samples of one page, and a mask as one page of class ids",
@@ -838,7 +839,7 @@ def repeated_images(spec: DataSpec) -> tuple[int, int, str] | None:
     if not groups:
         return None
     examples = "; ".join(
-        f"rows {_rows_text(spec, rows, 3)} ({spec.frame[spec.image_col].iat[rows[0]]})"
+        f"rows {_rows_text(spec, rows, 3)} ({shown(spec.frame[spec.image_col].iat[rows[0]])})"
         for rows in groups[:3]
     )
     return sum(len(rows) - 1 for rows in groups), len(groups), examples
@@ -1125,8 +1126,9 @@ def _void_255_in_binary_data(kinds: list[str | None], value_sets: list[set[int] 
     for pos in changed:
         kinds[pos] = KIND_IDS
     if changed:
+        example = str(shown(paths[changed[0]]))
         warnings.warn(
-            f"{len(changed)} mask(s) hold only 0 and 255 (e.g. {paths[changed[0]]!r}) while "
+            f"{len(changed)} mask(s) hold only 0 and 255 (e.g. {example!r}) while "
             "other masks label 0/1 beside 255: 255 is read as ignore in all of them, as in "
             "the 0/1 masks",
             stacklevel=3,
