@@ -948,12 +948,12 @@ def _classes_without_pixels(spec: DataSpec) -> str | None:
         return None
     names = list(spec.class_names) + [f"class_{c}" for c in range(len(spec.class_names),
                                                                   spec.num_classes)]
-    shown = _id_ranges(missing)
+    ids = _id_ranges(missing)
     if len(missing) <= 5 and any(names[c] != f"class_{c}" for c in missing):  # named by the user
-        shown = ", ".join(f"{c} ({names[c]!r})" for c in missing)
+        ids = ", ".join(f"{c} ({names[c]!r})" for c in missing)
     message = (
         f"{len(missing)} of the {spec.num_classes} classes label no pixel of any training mask "
-        f"(class id(s) {shown}): the model has an output for each but cannot learn them"
+        f"(class id(s) {ids}): the model has an output for each but cannot learn them"
     )
     if spec.color_map is None and 2 * len(missing) >= spec.num_classes and len(present) <= 16:
         mapping = ", ".join(f"({v}, {v}, {v}): {i}" for i, v in enumerate(present))
