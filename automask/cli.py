@@ -596,9 +596,29 @@ class _Parser(argparse.ArgumentParser):
         ``--help`` (argparse reports them from the top parser: ``automask --help``)."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            command = (self.commands or {}).get(getattr(parsed, "command", None), self)
-            command.error(f"unrecognized arguments: {' '.join(extras)}")
+            name = getattr(parsed, "command", None)
+            command = (self.commands or {}).get(name, self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}{_data_hint(name, extras)}")
         return parsed
+
+
+# where each command takes the files of its data, for a path given without its option
+_DATA_OPTIONS = {
+    "fit": "--train CSV, or --images DIR --masks DIR",
+    "predict": "--data (a CSV, an image folder or an image file)",
+    "evaluate": "--data CSV, or --images DIR --masks DIR",
+    "leaderboard": "--data CSV",
+    "show": "--data CSV, or --images DIR --masks DIR",
+    "score": "--pred and --gt",
+}
+
+
+def _data_hint(command: str | None, extras: list[str]) -> str:
+    """``automask fit data.csv --path run``: name the option that takes the file."""
+    if command not in _DATA_OPTIONS or not any(
+            not e.startswith("-") and os.path.exists(e) for e in extras):
+        return ""
+    return f"; give data files after their option: {command} {_DATA_OPTIONS[command]}"
 
 
 def build_parser() -> argparse.ArgumentParser:

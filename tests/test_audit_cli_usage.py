@@ -56,3 +56,19 @@ def test_an_argument_a_command_does_not_take_names_that_commands_help(tmp_path):
     proc = run_cli("nope")  # no command: the top-level help
     assert_one_line_error(proc, "'nope'", "(see: automask --help)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_file_given_without_its_option_names_the_option(tmp_path):
+    """``automask fit data.csv --path run`` (a positional CSV, as other tools take it) names
+    ``--train`` rather than only calling the CSV unrecognized; nothing is written."""
+    csv = tmp_path / "data.csv"
+    csv.write_text("image,label\na.png,a_mask.png\n")
+    proc = run_cli("fit", str(csv), "--path", str(tmp_path / "run"))
+    assert_one_line_error(proc, f"unrecognized arguments: {csv}; give data files after their "
+                          "option: fit --train CSV, or --images DIR --masks DIR",
+                          "(see: automask fit --help)")
+    proc = run_cli("evaluate", str(tmp_path / "run"), "--data", str(csv), str(tmp_path))
+    assert_one_line_error(proc, "option: evaluate --data CSV, or --images DIR --masks DIR")
+    proc = run_cli("fit", "--train", str(csv), "--path", str(tmp_path / "run"), "--bogus")
+    assert_one_line_error(proc, "unrecognized arguments: --bogus (see: automask fit --help)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]
