@@ -321,3 +321,24 @@ def test_downloads_and_unpacked_folders_follow_the_umask(tmp_path, http_server, 
     assert _mode(root / "toy.zip") == 0o644
     assert _mode(root / "toy") == 0o755
     assert _mode(root / "toy" / "toy" / "train.csv") == 0o644
+
+
+def test_a_write_that_fails_names_the_file_and_leaves_the_old_one(tmp_path):
+    """A full disk fails in write, flush or fsync with an OSError naming no file ("[Errno 28]
+    No space left on device", as a fit's final save reported it); atomic_write names the
+    file it was writing, removes its temporary file and leaves the old file as it was."""
+    import errno
+
+    target = tmp_path / "weights.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*"
+                       r"weights\.safetensors'$") as caught:
+        with atomic_write(target) as fh:
+            fh.write(b"new, half written")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    named = OSError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere/x")
+    with pytest.raises(OSError, match="/elsewhere/x"):  # a name it had is kept
+        with atomic_write(target):
+            raise named

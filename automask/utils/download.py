@@ -152,7 +152,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     -----
     A new file gets mode ``0o666 & ~umask``; replacing an existing file keeps that file's
     permission bits. On any exception the temporary file is removed and ``path`` is left
-    as it was.
+    as it was. An ``OSError`` that names no file (a full disk while writing, ``ENOSPC``)
+    is given ``path`` as its file name, so its message says what could not be written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +168,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # "[Errno 28] No space left on device: '<path>'"
         raise
 
 
