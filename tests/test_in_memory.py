@@ -391,9 +391,10 @@ def test_score_reads_pil_images_and_colour_arrays_as_their_files(tmp_path):
     assert score([Image.fromarray(colour).convert("RGBA")],
                  [Image.fromarray(truth).convert("P")]) == want
 
+    assert score(colour, grey_rgb) == want  # lone colour arrays: pictures, not stacks
     with pytest.raises(ValueError, match=r"got 1 predictions but 40 targets; the targets are "
                        r"one \(40, 50, 3\) array, read as a stack of 40 maps"):
-        score(luma, grey_rgb)
+        score(luma, grey_rgb.astype(np.float32) / 255)  # not uint8: a stack, as before
     red = np.stack([truth, np.zeros_like(truth), np.zeros_like(truth)], axis=-1)
     with pytest.raises(ValueError, match=r"ground truth <in-memory target 1> is a RGB colour "
                        r"image with non-grey pixels \(the first at row 10, column 12"):

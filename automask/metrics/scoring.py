@@ -22,8 +22,9 @@ from automask.metrics.registry import DEFAULT_METRICS, METRIC_TASK, TASKS, build
 def _as_list(x: Any, name: str) -> list[Tensor]:
     from automask.data.arrays import _is_pil, encoded_image
 
-    if isinstance(x, (str, os.PathLike)) or encoded_image(x) is not None or _is_pil(x):
-        x = [x]  # one file, one file's bytes, or one PIL image (never a stack of rows)
+    if isinstance(x, (str, os.PathLike)) or encoded_image(x) is not None or _is_pil(x) \
+            or _colour_array(x):
+        x = [x]  # one file, its bytes, or one picture (never a stack of its rows)
     if isinstance(x, (list, tuple)):
         return [_item(item, name, i) for i, item in enumerate(x)]
     t = as_tensor(x)
@@ -69,10 +70,11 @@ def _read_in_memory(path: str | os.PathLike, name: str, index: int) -> Tensor:
 
 def _colour_array(item: Any) -> bool:
     """An ``(H, W, 3)`` or ``(H, W, 4)`` uint8 array or tensor: a picture in colour (a mask
-    as ``np.asarray`` of an RGB PNG gives it), not ``(K, H, W)`` class scores."""
+    as ``np.asarray`` of an RGB PNG gives it), not ``(K, H, W)`` class scores nor a stack of
+    ``H`` maps 3 or 4 pixels wide."""
     shape, dtype = getattr(item, "shape", None), getattr(item, "dtype", None)
-    return (shape is not None and len(shape) == 3 and shape[-1] in (3, 4) and shape[0] > 4
-            and str(dtype) in ("uint8", "torch.uint8"))
+    return (shape is not None and len(shape) == 3 and shape[-1] in (3, 4)
+            and shape[0] > 4 and shape[1] > 4 and str(dtype) in ("uint8", "torch.uint8"))
 
 
 def _read_picture(item: Any, name: str, index: int) -> Tensor:
@@ -271,11 +273,11 @@ def score(
         List of per-image maps (numpy arrays, tensors, PIL images, or paths of image or ``.npy``
         files, or such files' bytes or Hugging Face images ``{"bytes": ..., "path": ...}``,
         read as :func:`automask.metrics.score_folders` reads them; sizes may differ).
-        PIL images, and ``(H, W, 3)`` or ``(H, W, 4)`` uint8 arrays or tensors in a list,
-        are pictures read as their PNG files (a prediction in colour as its luma).
+        PIL images, and ``(H, W, 3)`` or ``(H, W, 4)`` uint8 arrays or tensors (H and W
+        above 4), are pictures read as their PNG files (a prediction in colour as its luma).
         Binary: probability maps in [0, 1], or 8-bit maps 0..255, or 0/1 masks. Multi-class:
-        class-index maps, or ``(K, H, W)`` scores. An array/tensor on its own (not in a
-        list) is split along its first axis.
+        class-index maps, or ``(K, H, W)`` scores. Any other array/tensor on its own (not in
+        a list) is a stack of maps, split along its first axis.
     targets
         List of ground-truth masks of the same sizes (read as the predictions are; a
         picture in colour must be grey, as :meth:`automask.SemanticSegmentor.evaluate`
