@@ -429,3 +429,27 @@ def test_warnings_name_pictures_in_memory_not_their_files(fitted, tmp_path):
     assert len(repeat) == 1 and "rows 0, 2 (<in-memory ndarray>)" in repeat[0], texts
     assert not [t for t in texts if "automask-in-memory-" in t or ".automask_fit" in t]
     assert arrays._SHOWN == {}  # the names go with the files
+
+
+def test_grey_masks_in_colour_read_in_memory_as_their_png_files(fitted, tmp_path):
+    """A grey mask saved as an RGB PNG reads as grey; the same mask as an RGB PIL image (kept
+    as the .npy of its pixels) or as its (H, W, 3) array was refused as 'a .npy array of 3
+    channels'. A mask in true colour is still refused without a color_map."""
+    seg, frame, _, masks = fitted
+    rows = frame.iloc[:3].reset_index(drop=True)
+    rgb_paths = []
+    for i, mask in enumerate(masks[:3]):
+        rgb_paths.append(tmp_path / f"rgb_{i}.png")
+        Image.fromarray(np.stack([mask] * 3, axis=-1)).save(rgb_paths[-1])
+    want = seg.evaluate(rows.assign(label=[str(p) for p in rgb_paths]))
+    assert want == seg.evaluate(rows)  # the colour files read as the grey ones
+    pil = rows.assign(label=[Image.open(p) for p in rgb_paths])
+    assert pil["label"][0].mode == "RGB" and seg.evaluate(pil) == want
+    arrays = rows.assign(label=[np.asarray(Image.open(p)) for p in rgb_paths])
+    assert seg.evaluate(arrays) == want
+    np.save(tmp_path / "m.npy", np.asarray(Image.open(rgb_paths[0])))  # (H, W, 3) uint8
+    assert np.array_equal(read_mask(tmp_path / "m.npy"), masks[0])
+    red = [np.stack([m, np.zeros_like(m), np.zeros_like(m)], axis=-1) for m in masks[:3]]
+    with pytest.raises(DataValidationError, match=r"row 0 \[label\] <in-memory ndarray>: mask "
+                       r"is a \.npy array of 3 channels"):
+        seg.evaluate(rows.assign(label=red))

@@ -853,13 +853,19 @@ def _npy_mask(data: np.ndarray, color_map: ColorMap | None,
 
     One channel holds the class ids. An array has no alpha channel, and a second channel is
     not one (a one-hot or score array of two classes read as grey + alpha would swap
-    foreground and background), so several channels are refused, except 8-bit colours
-    given a ``color_map``.
+    foreground and background), so several channels are refused, except 8-bit colours:
+    given a ``color_map`` mapped by it, else read as grey when the three channels are equal
+    (a grey mask in colour, as its PNG file reads, e.g. an RGB PIL image given in memory;
+    a one-hot array never has equal channels).
     """
     if data.shape[-1] == 1:
         return _label_values(data[..., 0], path)
-    if data.shape[-1] == 3 and data.dtype == np.uint8 and color_map is not None:
-        return _apply_color_map(data, color_map, path)
+    if data.shape[-1] == 3 and data.dtype == np.uint8:
+        if color_map is not None:
+            return _apply_color_map(data, color_map, path)
+        if np.array_equal(data[..., 0], data[..., 1]) and np.array_equal(data[..., 0],
+                                                                         data[..., 2]):
+            return np.ascontiguousarray(data[..., 0])
     raise DataValidationError(
         f"mask {path} is a .npy array of {data.shape[-1]} channels; a mask holds one class id "
         "per pixel, (H, W): save a one-hot or score array (C, H, W) as its argmax over C "
