@@ -428,6 +428,50 @@ def test_ctrl_c_raises_keyboard_interrupt_in_the_api(data, tmp_path):
     assert (run / STATE / "plan.json").is_file() and checkpoint_epoch(run) is not None
 
 
+def test_a_ctrl_c_that_breaks_a_librarys_cleanup_is_still_a_ctrl_c(data, tmp_path, monkeypatch):
+    """A Ctrl-C that landed in tqdm's first write (while it made its lock) made tqdm's
+    ``finally`` raise AttributeError in place of the KeyboardInterrupt: the command line
+    exited 1 with a traceback instead of 130. An error raised while a KeyboardInterrupt
+    is handled now counts as that interrupt, and the completed epochs are kept."""
+    from automask.training import progress
+
+    real = progress.EpochLines._write
+
+    def write(self, line):
+        if " epoch 2/" in f" {line}":
+            try:
+                raise KeyboardInterrupt
+            finally:  # what tqdm's cleanup did
+                raise AttributeError("type object 'tqdm' has no attribute '_lock'")
+        return real(self, line)
+
+    monkeypatch.setattr(progress.EpochLines, "_write", write)
+    run = tmp_path / "run"
+    hp = {"optim.max_epochs": 4, "model.input_size": 64}
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=1).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=hp)
+    assert (run / STATE / "plan.json").is_file() and checkpoint_epoch(run) is not None
+    monkeypatch.undo()
+    seg = SemanticSegmentor(path=run, verbosity=0).fit(
+        data / "train.csv", presets="tiny", hyperparameters=hp, resume=True)
+    assert seg.models_["default"].epochs == 4 and not (run / STATE).exists()
+
+
+def test_epoch_lines_make_tqdms_write_lock_before_training(monkeypatch):
+    """The window the test above simulates: tqdm made its write lock at the first epoch
+    line, inside the training loop; the printer now makes it when it is built."""
+    from tqdm import tqdm
+
+    from automask.training.progress import EpochLines
+
+    monkeypatch.delattr(tqdm, "_lock", raising=False)
+    EpochLines("default", silent=True)
+    assert not hasattr(tqdm, "_lock")  # a silent printer writes nothing
+    EpochLines("default")
+    assert hasattr(tqdm, "_lock")
+
+
 # --------------------------------------------------------------- 3. predict outputs
 def test_predict_never_overwrites_inputs_or_existing_files(data, base, tmp_path):
     seg = SemanticSegmentor.load(base)

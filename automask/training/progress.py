@@ -98,6 +98,13 @@ class EpochLines(L.Callback):
         self._loss_sum = 0.0
         self._loss_count = 0
         self._best: float | None = None
+        if not silent:
+            from tqdm import tqdm
+
+            # tqdm makes its write lock (a multiprocessing lock: milliseconds) at its first
+            # write; a Ctrl-C that landed there left it half made, and tqdm's cleanup then
+            # raised AttributeError in place of the KeyboardInterrupt.
+            tqdm.get_lock()
         self._best_epoch: int | None = None
         self._first_epoch = 0
         self._elapsed_before = 0.0  # seconds trained before a resume

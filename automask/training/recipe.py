@@ -237,6 +237,11 @@ def _train_candidate(
             _restore_sigint()
             raise KeyboardInterrupt from None
         raise
+    except Exception as exc:
+        if _during_ctrl_c(exc):  # cleanup code that failed under the Ctrl-C: still a Ctrl-C
+            _restore_sigint()
+            raise KeyboardInterrupt from exc
+        raise
     if embedding_cache is not None:
         seen = embedding_cache.hits + embedding_cache.misses
         log.info("%s: %d of %d encoder passes saved by the kept embeddings (%d kept, %.0f MiB)",
@@ -357,6 +362,18 @@ def copy_logs(src_run: Path, dest_run: Path, names: list[str], replace_all: bool
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(folder, tmp)
         os.replace(tmp, dest)
+
+
+def _during_ctrl_c(exc: BaseException) -> bool:
+    """True when ``exc`` was raised while a KeyboardInterrupt was being handled (a library's
+    ``finally`` block that failed because the interrupt cut its ``try`` short)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _restore_sigint() -> None:
