@@ -98,6 +98,9 @@ class EpochLines(L.Callback):
         self._loss_sum = 0.0
         self._loss_count = 0
         self._best: float | None = None
+        self._best_epoch: int | None = None
+        self._first_epoch = 0
+        self._elapsed_before = 0.0  # seconds trained before a resume
         if not silent:
             from tqdm import tqdm
 
@@ -105,9 +108,6 @@ class EpochLines(L.Callback):
             # write; a Ctrl-C that landed there left it half made, and tqdm's cleanup then
             # raised AttributeError in place of the KeyboardInterrupt.
             tqdm.get_lock()
-        self._best_epoch: int | None = None
-        self._first_epoch = 0
-        self._elapsed_before = 0.0  # seconds trained before a resume
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
