@@ -362,6 +362,31 @@ def test_a_txt_or_tsv_table_of_paths_is_read_as_a_table(tmp_path, suffix, sep):
     assert [Path(p).name for p in spec.frame["image"]] == [n.name for n in names]
 
 
+def test_a_hand_written_or_windows_table_of_paths_is_read_as_meant(tmp_path):
+    """``image, label`` with ``a.png, a_mask.png`` rows (spaces after the commas, as written
+    by hand) was refused as missing the column 'label' (it was ' label'); a table written on
+    Windows (``data\\img_0.png``) named no file here. Both now read as meant; a path that
+    is wrong either way is still named."""
+    frame = _pairs(tmp_path / "data", 3)
+    rel = [(Path(i).relative_to(tmp_path), Path(m).relative_to(tmp_path))
+           for i, m in zip(frame["image"], frame["label"])]
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("image , label\n" + "".join(f"{i}, {m}\n" for i, m in rel))
+    windows = tmp_path / "windows.csv"
+    windows.write_text("image,label\r\n" + "".join(
+        f"{str(i).replace('/', chr(92))},{str(m).replace('/', chr(92))}\r\n" for i, m in rel))
+    want = validate_frame(frame)
+    for table in (spaced, windows):
+        spec = validate_frame(str(table), root=tmp_path)
+        assert list(spec.frame["image"]) == list(want.frame["image"]), table.name
+        assert list(spec.frame["label"]) == list(want.frame["label"]), table.name
+        assert spec.stats["foreground"].tolist() == want.stats["foreground"].tolist()
+    windows.write_text("image,label\n" + f"data{chr(92)}gone.png,{str(rel[0][1])}\n")
+    with pytest.raises(DataValidationError, match=r"row 0 \[image\] .*data\\gone\.png: "
+                       r"file not found"):
+        validate_frame(str(windows), root=tmp_path)
+
+
 def test_problems_of_the_tuning_data_are_said_to_be_in_the_tuning_data(tmp_path):
     train = _pairs(tmp_path / "train", 4)
     tuning = _pairs(tmp_path / "tune", 2).assign(label=["gone.png", str(tmp_path / "x.png")])

@@ -306,10 +306,15 @@ def _is_url(raw: str) -> bool:
 
 
 def _resolve(raw: str, root: Path) -> str:
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = root / path
-    return os.path.abspath(path)
+    """``raw`` as an absolute path (relative ones against ``root``). A path written on
+    Windows (``images\\a.png``) that names no file here, where ``\\`` is no separator but
+    names one with ``/`` in its place, is that file."""
+    path = os.path.abspath(root / Path(raw).expanduser())  # an absolute raw stays itself
+    if os.sep == "/" and "\\" in raw and not os.path.exists(path):
+        posix = os.path.abspath(root / Path(raw.replace("\\", "/")).expanduser())
+        if os.path.exists(posix):
+            return posix
+    return path
 
 
 def _not_found(path: str) -> str:
@@ -530,12 +535,18 @@ def _separator(path: Path) -> str:
 def read_table(path: Path, what: str = "CSV file") -> pd.DataFrame:
     """Read a table of paths: tab-separated when ``path`` ends in ``.tsv``, else comma-separated
     (``.csv``, ``.txt`` or any other suffix), or semicolon-separated when its header line has
-    semicolons and no comma. ``what`` names the file in the error raised when it cannot be
-    parsed."""
+    semicolons and no comma. Spaces after a separator, and around a header's names, are not
+    part of a name or a path (``image, label``). ``what`` names the file in the error raised
+    when it cannot be parsed."""
     try:
-        return pd.read_csv(path, sep=_separator(path))
+        # skipinitialspace: "image, label" and "a.png, a_mask.png" as written by hand
+        frame = pd.read_csv(path, sep=_separator(path), skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataValidationError(f"{what} {str(path)!r} could not be parsed: {exc}") from exc
+    names = [c.strip() if isinstance(c, str) else c for c in frame.columns]
+    if len(set(names)) == len(names):  # "image ,label": the header's names without spaces
+        frame.columns = names
+    return frame
 
 
 def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
