@@ -453,3 +453,27 @@ def test_grey_masks_in_colour_read_in_memory_as_their_png_files(fitted, tmp_path
     with pytest.raises(DataValidationError, match=r"row 0 \[label\] <in-memory ndarray>: mask "
                        r"is a \.npy array of 3 channels"):
         seg.evaluate(rows.assign(label=red))
+
+
+def test_score_names_in_memory_maps_it_cannot_read_and_takes_any_uint16(tmp_path):
+    """A PIL image of a mode no file holds (HSV) failed with a bare OSError from Pillow, and
+    one whose message names no file said nothing of which picture it was; big-endian uint16
+    maps (a 16-bit big-endian PIL image or .npy) and torch.uint16 tensors failed inside
+    torch ('aminmax_cpu' not implemented for 'UInt16')."""
+    from automask.metrics import score
+
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 5:15] = 255
+    hsv = Image.fromarray(np.stack([truth] * 3, axis=-1)).convert("HSV")
+    with pytest.raises(ValueError, match=r"<in-memory prediction 1>: a PIL image of mode 'HSV' "
+                       r"cannot be read as a file .* convert it to 'L'"):
+        score([truth, hsv], [truth, truth])
+    lab = Image.fromarray(np.stack([truth] * 3, axis=-1)).convert("LAB")
+    with pytest.raises(ValueError, match=r"^<in-memory prediction 0>: "):
+        score([lab], [truth])
+    want = score([np.zeros((20, 20), np.uint8)], [truth])
+    assert score([np.zeros((20, 20), ">u2")], [truth]) == want
+    assert score([torch.zeros(20, 20, dtype=torch.uint16)], [truth]) == want
+    assert score([Image.new("I;16B", (20, 20))], [truth]) == want
+    with pytest.raises(ValueError, match=r"integer prediction values must lie in 0\.\.255"):
+        score([np.full((20, 20), 300, ">u2")], [truth])  # widened, then judged as before

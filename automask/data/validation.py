@@ -957,8 +957,7 @@ def _classes_without_pixels(spec: DataSpec) -> str | None:
     missing = sorted(set(range(spec.num_classes)) - set(present) - _void_set(spec.void_label))
     if not missing or not present:
         return None
-    names = list(spec.class_names) + [f"class_{c}" for c in range(len(spec.class_names),
-                                                                  spec.num_classes)]
+    names = spec.class_names  # one per class (validate_frame)
     ids = _id_ranges(missing)
     if len(missing) <= 5 and any(names[c] != f"class_{c}" for c in missing):  # named by the user
         ids = ", ".join(f"{c} ({names[c]!r})" for c in missing)

@@ -49,14 +49,16 @@ def as_tensor(x: Any, device: torch.device | None = None) -> Tensor:
     """Convert a numpy array, tensor or nested list to a tensor without copying when possible."""
     if isinstance(x, Tensor):
         t = x.detach()
+        if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few kernels take them
+            t = t.long()
     else:
         arr = np.asarray(x)
-        if arr.dtype in _WIDEN:
-            arr = arr.astype(_WIDEN[arr.dtype])
         if arr.dtype == object:
             raise ValueError(f"cannot read an array of Python objects (shape {arr.shape})")
         if not arr.dtype.isnative:  # e.g. a big-endian '>f8' .npy: torch reads native only
             arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.dtype in _WIDEN:  # after the byte order: '>u2' is not uint16 until then
+            arr = arr.astype(_WIDEN[arr.dtype])
         arr = np.ascontiguousarray(arr)
         if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch wants writable memory
             arr = arr.copy()

@@ -61,6 +61,8 @@ def _read_in_memory(path: str | os.PathLike, name: str, index: int) -> Tensor:
     except ValueError as exc:
         shown = f"<in-memory {name[:-1]} {index}>"
         text = str(exc).replace(str(path), shown).replace(Path(path).name, shown)
+        if shown not in text:  # a message that named no file
+            text = f"{shown}: {text}"
         try:
             error = type(exc)(text)
         except TypeError:  # an exception type with other arguments
@@ -92,7 +94,12 @@ def _read_picture(item: Any, name: str, index: int) -> Tensor:
     with tempfile.TemporaryDirectory(prefix="automask-in-memory-") as tmp:
         png = item.mode in _PNG_MODES
         path = Path(tmp) / ("map.png" if png else "map.tiff")
-        item.save(path, **({"compress_level": 0} if png else {}))
+        try:
+            item.save(path, **({"compress_level": 0} if png else {}))
+        except (OSError, ValueError) as exc:  # a mode no file format here holds (HSV, La)
+            raise ValueError(f"<in-memory {name[:-1]} {index}>: a PIL image of mode "
+                             f"{item.mode!r} cannot be read as a file ({exc}); convert it to "
+                             "'L' (or 'RGB') first") from None
         return _read_in_memory(path, name, index)
 
 
