@@ -475,5 +475,9 @@ def test_score_names_in_memory_maps_it_cannot_read_and_takes_any_uint16(tmp_path
     assert score([np.zeros((20, 20), ">u2")], [truth]) == want
     assert score([torch.zeros(20, 20, dtype=torch.uint16)], [truth]) == want
     assert score([Image.new("I;16B", (20, 20))], [truth]) == want
-    with pytest.raises(ValueError, match=r"integer prediction values must lie in 0\.\.255"):
-        score([np.full((20, 20), 300, ">u2")], [truth])  # widened, then judged as before
+    # widened, then read as a 16-bit map: 300 / 65535, not 300 / 255
+    assert score([np.full((20, 20), 300, ">u2")], [truth]) == score(
+        [np.full((20, 20), 300 / 65535)], [truth])
+    with pytest.raises(ValueError, match=r"integer prediction values must lie in 0\.\.255 "
+                       r"\(8-bit map\), 0\.\.65535 \(16-bit map\)"):
+        score([np.full((20, 20), 70000, np.int64)], [truth])

@@ -233,7 +233,8 @@ def test_multiclass_absent_class_is_nan_and_left_out_of_miou():
         (np.where(np.eye(4, 5) > 0, np.nan, 0.2), np.zeros((4, 5)),
          r"the prediction holds 4 NaN or infinite value\(s\) of its 20 pixels$"),
         (np.full((4, 5), np.inf), np.zeros((4, 5)), "holds 20 NaN or infinite"),
-        (np.full((4, 5), 300), np.zeros((4, 5), np.int64), "0..255"),
+        (np.full((4, 5), 70000), np.zeros((4, 5), np.int64), r"0\.\.255 .* 0\.\.65535"),
+        (np.full((4, 5), -1), np.zeros((4, 5), np.int64), r"0\.\.255 .* 0\.\.65535"),
         (np.zeros((4, 5)), np.full((4, 5), 256), "target"),
     ],
 )
@@ -497,3 +498,33 @@ def test_a_16_bit_binary_target_is_not_read_as_65536_classes():
     assert score([p], [g // 257])["iou"] == 1.0
     ids = np.arange(64, dtype=np.int64).reshape(8, 8) * 5  # ids 0..315, many values
     assert score([ids], [ids])["miou"] == 1.0
+
+
+def test_a_16_bit_saliency_map_scores_as_its_8_bit_version(tmp_path):
+    """A 16-bit PNG prediction (v * 257 for each 8-bit value v) is divided by 65535, so it
+    scores exactly as the 8-bit map, from arrays and from files; without a task, values past
+    255 against grey 8-bit targets are an error, not one class per value."""
+    rng = np.random.default_rng(3)
+    grey = (rng.random((40, 60)) * 255).astype(np.uint8)  # an anti-aliased ground truth
+    maps = [(rng.random((40, 60)) * 255).astype(np.uint8) for _ in range(3)]
+    maps[1] = np.clip(maps[1], 30, 180)  # not spanning 0..255: the scale shows in iou/ber
+    gts = [(grey > 128).astype(np.uint8) * 255, grey, grey]
+    want = score(maps, gts, task="binary")
+    deep = [m.astype(np.uint16) * 257 for m in maps]
+    assert score(deep, gts, task="binary") == want
+    for i, m in enumerate(deep):
+        Image.fromarray(m).save(tmp_path / f"p{i}.png")
+        Image.fromarray(gts[i]).save(tmp_path / f"g{i}.png")
+    assert Image.open(tmp_path / "p0.png").mode == "I;16"
+    files = [str(tmp_path / f"p{i}.png") for i in range(3)]
+    truths = [str(tmp_path / f"g{i}.png") for i in range(3)]
+    assert score(files, truths, task="binary") == want
+    assert score(deep[:1], gts[:1]) == score(maps[:1], gts[:1])  # 0/255 target: binary
+    with pytest.raises(ValueError, match=r"image 1: the prediction holds values up to \d+ but "
+                                         r"no target holds one above 25\d: a 16-bit grey map\? "
+                                         r"Pass task='binary'"):
+        score([maps[0], deep[1]], gts[1:])
+    with pytest.raises(ValueError, match=r"image 0: .* a 16-bit grey map\?"):
+        score(files, truths)
+    labels = np.array([[0, 2], [1, 300]])  # ids past 255 in a target: still classes
+    assert score([labels], [labels])["miou"] == 1.0

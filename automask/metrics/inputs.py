@@ -14,7 +14,9 @@ input                      interpretation
 ========================  =============================================================
 float prediction           a probability in [0, 1]; anything else (logits, NaN) is an error
 integer prediction         0/1 when its values lie in {0, 1}, else an 8-bit map in 0..255
-                           divided by 255 (as ``im2double``)
+                           divided by 255 (as ``im2double``), or, when a value exceeds 255, a
+                           16-bit map divided by 65535 (a 16-bit map whose values all lie
+                           in 0..255 cannot be told from an 8-bit one: pass it as float)
 bool prediction            0.0 / 1.0
 integer/float target       max <= 1: a [0, 1] map, foreground where ``t > gt_threshold / 255``;
                            else an 8-bit mask in 0..255, foreground where ``t > gt_threshold``
@@ -137,17 +139,18 @@ def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
             )
         return p
     lo, hi = _minmax(pred)
-    if lo < 0 or hi > 255:
+    if lo < 0 or hi > 65535:
         raise ValueError(
-            f"{_where(index)}integer prediction values must lie in 0..255 (8-bit map) or {{0, 1}}, "
-            f"got min {lo} and max {hi}"
+            f"{_where(index)}integer prediction values must lie in 0..255 (8-bit map), "
+            f"0..65535 (16-bit map) or {{0, 1}}, got min {lo} and max {hi}"
         )
     p = pred.to(torch.float64)
     if hi <= 1:
         return p
     # Divide by a tensor on p's device: CUDA divides by a Python scalar through its reciprocal,
     # whose rounding moves some pixels across the 1/255 bins of the E-measure curve.
-    return p / torch.tensor(255.0, dtype=torch.float64, device=p.device)
+    full = 255.0 if hi <= 255 else 65535.0  # a 16-bit map (PNG I;16): as im2double reads it
+    return p / torch.tensor(full, dtype=torch.float64, device=p.device)
 
 
 def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None = None) -> Tensor:

@@ -193,7 +193,8 @@ def infer_task(
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
     Target pixels equal to ``ignore_index`` (when given) are left out of that check.
     Score maps against targets that all hold only 0 and 255 raise ValueError: multi-class
-    metrics would read every object pixel as void (255).
+    metrics would read every object pixel as void (255). So do integer predictions holding a
+    value above 255 that no target reaches (16-bit grey maps, read as binary with ``task``).
     """
     predictions = [as_tensor(p) for p in predictions]  # numpy arrays too
     targets = [as_tensor(t) for t in targets]
@@ -220,6 +221,14 @@ def infer_task(
                 f"image {i}: the target holds only 0 and {hi}: a 16-bit binary "
                 "mask? Pass it as 0/255 (for 0/65535: mask // 257) or as a bool mask "
                 "(mask > 0); for class ids, pass task='multiclass'")
+    top = max(int(t.max()) for t in targets if t.numel()) if any(t.numel() for t in targets) else 0
+    for i, p in enumerate(predictions):  # ids no target holds: a 16-bit grey map, not classes
+        hi = int(p.max()) if p.numel() else 0
+        if hi > 255 >= top:
+            raise ValueError(
+                f"image {i}: the prediction holds values up to {hi} but no target holds one "
+                f"above {top}: a 16-bit grey map? Pass task='binary' (it is divided by 65535); "
+                "for class ids, pass task='multiclass'")
     return "multiclass"
 
 
