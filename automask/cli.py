@@ -587,13 +587,20 @@ class _Parser(argparse.ArgumentParser):
     naming the ``--help`` to read instead of printing the whole usage."""
 
     commands: dict[str, argparse.ArgumentParser] | None = None  # the top parser's commands
+    given: list[str] = []  # the arguments being parsed, for hints in a command's errors
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):  # predict RUN data.csv
+            name = self.prog.split()[-1]
+            given = _Parser.given
+            after = given[given.index(name) + 1:] if name in given else []
+            message += _data_hint(name, _stray_paths(self, after))
         self.exit(EXIT_USER_ERROR, f"automask: error: {message} (see: {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but arguments a command does not take name that command's
         ``--help`` (argparse reports them from the top parser: ``automask --help``)."""
+        _Parser.given = list(sys.argv[1:] if args is None else args)
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             name = getattr(parsed, "command", None)
@@ -611,6 +618,21 @@ _DATA_OPTIONS = {
     "show": "--data CSV, or --images DIR --masks DIR",
     "score": "--pred and --gt",
 }
+
+
+def _stray_paths(command: argparse.ArgumentParser, given: list[str]) -> list[str]:
+    """Existing paths among a command's arguments given without an option, past those its
+    positional arguments (its ``run``) take."""
+    stray, after_option = [], False
+    for token in given:
+        if token.startswith("-"):
+            after_option = "=" not in token
+        elif not after_option and os.path.exists(token):
+            stray.append(token)
+        else:
+            after_option = False
+    taken = sum(1 for a in command._actions if not a.option_strings)
+    return stray[taken:]
 
 
 def _data_hint(command: str | None, extras: list[str]) -> str:

@@ -72,3 +72,23 @@ def test_a_data_file_given_without_its_option_names_the_option(tmp_path):
     proc = run_cli("fit", "--train", str(csv), "--path", str(tmp_path / "run"), "--bogus")
     assert_one_line_error(proc, "unrecognized arguments: --bogus (see: automask fit --help)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]
+
+
+def test_a_data_folder_given_without_its_option_is_named_where_options_are_missing(tmp_path):
+    """``automask predict RUN images/`` (the folder where ``--data`` goes): argparse reports
+    the missing options first; the error adds the option the folder belongs to. The run
+    directory, predict's own positional argument, is not taken for data."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "images").mkdir()
+    proc = run_cli("predict", str(tmp_path / "run"), str(tmp_path / "images"))
+    assert_one_line_error(proc, "the following arguments are required: --data, --out; give "
+                          "data files after their option: predict --data (a CSV, an image "
+                          "folder or an image file)", "(see: automask predict --help)")
+    proc = run_cli("predict", str(tmp_path / "run"))  # nothing stray: no hint
+    assert_one_line_error(proc, "required: --data, --out (see: automask predict --help)")
+    proc = run_cli("predict", str(tmp_path / "run"), "--out", str(tmp_path / "images"))
+    assert_one_line_error(proc, "required: --data (see: automask predict --help)")
+    proc = run_cli("score", str(tmp_path / "images"), str(tmp_path / "images"))
+    assert_one_line_error(proc, "required: --pred, --gt; give data files after their "
+                          "option: score --pred and --gt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "run"]
