@@ -318,7 +318,7 @@ def labelled_spec(data, image_col: str, label_col: str, task: str, num_classes: 
     spec = validate_frame(
         data, image_col=image_col, label_col=label_col, root=root_of(data),
         num_classes=num_classes, class_names=class_names, void_label=void_label,
-        color_map=color_map,
+        color_map=color_map, fitted=True,
     )
     if spec.task != task:
         raise DataValidationError(f"data looks {spec.task} but the model is {task}")

@@ -118,6 +118,26 @@ def test_evaluate_folders_prints_per_class_names(fitted, data):
     assert any(r[0] == "miou" for r in rows)
     proc = run_cli("evaluate", str(run), "--images", str(data / "images"))
     assert_one_line_error(proc, "--masks")
+
+
+def test_evaluate_names_a_class_id_the_fitted_model_does_not_know(fitted, data, tmp_path):
+    """A mask id past the model's classes is reported against the model (fitted on 3
+    classes), not with fit's advice to pass num_classes."""
+    import shutil
+
+    run, _ = fitted
+    masks = tmp_path / "masks"
+    shutil.copytree(data / "masks", masks)
+    first = sorted(masks.glob("*.png"))[0]
+    mask = read_mask(first)
+    mask[:4, :4] = 5
+    Image.fromarray(mask).save(first)
+    proc = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
+                   str(masks))
+    assert proc.returncode == 2, proc.stderr
+    assert "class id(s) {5} outside [0, 3): the model was fitted on 3 classes (ids 0-2)" \
+        in proc.stderr, proc.stderr
+    assert "pass num_classes" not in proc.stderr and first.name in proc.stderr
     proc = run_cli("evaluate", str(run))
     assert_one_line_error(proc, "--data")
 

@@ -589,6 +589,7 @@ def validate_frame(
     void_label: int | None = None,
     color_map: ColorMap | None = None,
     max_errors: int = 20,
+    fitted: bool = False,
 ) -> DataSpec:
     """Check every row of ``data`` and describe it, or raise one error listing all problems.
 
@@ -618,6 +619,9 @@ def validate_frame(
         ``{(r, g, b): class_id}`` for colour masks.
     max_errors : int
         How many problems the error message lists (all are counted).
+    fitted : bool
+        True when ``num_classes`` is a fitted model's (evaluation): a mask id outside it is
+        reported as a class the model does not know.
 
     Returns
     -------
@@ -762,7 +766,7 @@ def validate_frame(
     if use_labels:
         task, k, kinds = _detect_task(
             summaries, index, label_paths, label_col, num_classes, void_label, problems,
-            named_only=named_only,
+            named_only=named_only, fitted=fitted,
         )
         _check_some_pixel_labelled(summaries, kinds, k, void_label, index, label_paths,
                                    label_col, problems)
@@ -995,9 +999,11 @@ def _detect_task(
     void_label: int | None,
     problems: _Problems,
     named_only: bool = False,
+    fitted: bool = False,
 ) -> tuple[str, int, list[str | None]]:
     """Decide task and K from the per-row value sets; report rows that fit neither.
-    ``named_only``: ``num_classes`` is the length of the user's ``class_names``."""
+    ``named_only``: ``num_classes`` is the length of the user's ``class_names``;
+    ``fitted``: it is a fitted model's."""
     n_rows = len(summaries)
     kinds: list[str | None] = [None] * n_rows
     value_sets: list[set[int] | None] = [None] * n_rows
@@ -1064,6 +1070,14 @@ def _detect_task(
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}): class_names names "
                     f"{k} classes, one per class id from 0; give a name to every class id "
                     f"(at least {need} names for this data)",
+                )
+            elif fitted:
+                problems.add(
+                    pos, index[pos], label_col, paths[pos],
+                    f"mask holds class id(s) {_fmt(bad)} outside [0, {k}): the model was fitted "
+                    f"on {k} classes (ids 0-{k - 1}) and cannot be scored on others; label this "
+                    "data as its training data was (same ids; the fit's void_label and "
+                    "color_map are applied here)",
                 )
             else:
                 problems.add(
