@@ -603,7 +603,8 @@ def resolve(
     presets : str or None
         Name of a preset in ``presets_table`` (default: :data:`automask.presets.PRESETS`).
     hyperparameters : dict, optional
-        Flat dotted keys; a list value asks for one candidate per value.
+        Flat dotted keys (or the same nested: ``{"optim": {"lr": 1e-4}}``); a list value
+        asks for one candidate per value.
     presets_table : mapping, optional
         Table of presets to resolve ``presets`` against.
     for_fit : bool
@@ -645,7 +646,7 @@ def resolve(
         preset = presets_table[presets]
         _check_keys(preset, types, "preset")
         flat.update(preset)
-    user = dict(hyperparameters or {})
+    user = flat_hyperparameters(hyperparameters or {})
     _check_keys(user, types, "hyperparameter")
     flat.update(user)
 
@@ -692,6 +693,22 @@ def resolve(
     names = [n for n, _ in candidates]
     assert len(set(names)) == len(names), names
     return candidates
+
+
+def flat_hyperparameters(hyperparameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-4}}`` -> ``{"optim.lr": 1e-4}`` (no hyperparameter's value is a
+    dict); a key given both ways is an error naming it."""
+    flat: dict[str, Any] = {}
+    for key, value in hyperparameters.items():
+        name = f"{prefix}{key}"
+        nested = isinstance(value, Mapping)
+        inner = flat_hyperparameters(value, f"{name}.") if nested else {name: value}
+        for k, v in inner.items():
+            if k in flat:
+                raise ConfigError(f"hyperparameter {k!r} is given twice (as a dotted key and "
+                                  "in a nested dict); give it once")
+            flat[k] = v
+    return flat
 
 
 def _peft_section(values: dict[str, Any]) -> tuple[PeftConfig, set[str]]:

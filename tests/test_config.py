@@ -53,6 +53,21 @@ def test_unknown_key_suggests_the_known_alias_first():
         resolve(None, {"epochs": 3})
 
 
+def test_nested_hyperparameters_resolve_as_their_dotted_keys():
+    """``{"optim": {"lr": ...}}`` (as Hydra or a YAML file gives them) is ``optim.lr``;
+    lists inside still make candidates; a key given both ways, or a nested typo, is named."""
+    nested = resolve("tiny", {"optim": {"lr": 3e-4, "max_epochs": [1, 2]},
+                              "peft": {"method": "lora", "rank": 8}})
+    dotted = resolve("tiny", {"optim.lr": 3e-4, "optim.max_epochs": [1, 2],
+                              "peft.method": "lora", "peft.rank": 8})
+    assert nested == dotted and len(nested) == 2
+    assert nested[0][1].optim.lr == pytest.approx(3e-4) and nested[1][1].peft.rank == 8
+    with pytest.raises(ConfigError, match=r"'optim\.lr' is given twice"):
+        resolve("tiny", {"optim": {"lr": 1e-3}, "optim.lr": 1e-4})
+    with pytest.raises(ConfigError, match=r"'optim\.lrr'.*did you mean 'optim\.lr'"):
+        resolve("tiny", {"optim": {"lrr": 1e-3}})
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ConfigError, match="valid presets: " + ", ".join(PRESETS)):
         resolve("hgh_quality", {})

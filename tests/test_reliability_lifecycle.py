@@ -448,10 +448,14 @@ def test_a_ctrl_c_that_breaks_a_librarys_cleanup_is_still_a_ctrl_c(data, tmp_pat
     monkeypatch.setattr(progress.EpochLines, "_write", write)
     run = tmp_path / "run"
     hp = {"optim.max_epochs": 4, "model.input_size": 64}
+    nested = {"optim": {"max_epochs": 4}, "model": {"input_size": 64}}  # the same
     with pytest.raises(KeyboardInterrupt):
         SemanticSegmentor(path=run, verbosity=1).fit(data / "train.csv", presets="tiny",
-                                                     hyperparameters=hp)
+                                                     hyperparameters=nested)
     assert (run / STATE / "plan.json").is_file() and checkpoint_epoch(run) is not None
+    # recorded flat, so that `fit --resume --hp key=value` replaces a key given nested
+    plan = json.loads((run / STATE / "plan.json").read_text())
+    assert plan["call"]["hyperparameters"] == hp
     monkeypatch.undo()
     seg = SemanticSegmentor(path=run, verbosity=0).fit(
         data / "train.csv", presets="tiny", hyperparameters=hp, resume=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, resolve
+from ..config import Config, flat_hyperparameters, resolve
 from ..errors import ConfigError, DataValidationError
 from ..losses import build_loss
 from ..metrics import HIGHER_IS_BETTER, build_metrics
@@ -121,7 +121,8 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
         "train": paths(spec), "tuning": paths(tuning_spec),
         "task": spec.task, "classes": list(spec.class_names),
         "params": {k: v for k, v in params.items() if k not in ("path", "verbosity")},
-        "call": {"presets": presets, "hyperparameters": hyperparameters,
+        "call": {"presets": presets,
+                 "hyperparameters": flat_hyperparameters(hyperparameters or {}),
                  "time_limit": time_limit, "num_classes": spec.num_classes,
                  "class_names": list(spec.class_names),
                  "color_map": [[*k, v] for k, v in (color_map or {}).items()]},
