@@ -721,7 +721,8 @@ class SemanticSegmentor(BaseEstimator):
                                   curves=curves)
 
     def fit_summary(self) -> dict[str, Any]:
-        """Candidates, best model, validation scores, fit times and the predictor's folder."""
+        """Candidates, best model, validation scores, fit times, why a candidate trained fewer
+        epochs than asked (``stopped``) and the predictor's folder."""
         from .training.progress import fit_summary
 
         self._check_fitted()

@@ -226,13 +226,13 @@ def test_time_limit_is_honoured(synthetic, tmp_path):
     assert seg.leaderboard(style="models")["stopped"].tolist() == [record.stopped]
 
 
-def test_patience_stop_is_recorded_and_shown(synthetic, tmp_path):
+def test_patience_stop_is_recorded_and_shown(synthetic, tmp_path, capsys):
     """optim.patience=1 with a learning rate too small to change a weight: the second
     validation is no better than the first, so training stops after 2 of 5 epochs and
-    the record and the leaderboard say why. A candidate that trains every epoch says
-    nothing."""
+    the record, the leaderboard and the printed summary say why. A candidate that trains
+    every epoch says nothing."""
     train, _ = synthetic
-    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=1).fit(
         train, presets="tiny", hyperparameters={
             "optim.max_epochs": [5, 1], "optim.patience": 1, "optim.lr": 1e-30,
             "model.input_size": 64})
@@ -241,6 +241,12 @@ def test_patience_stop_is_recorded_and_shown(synthetic, tmp_path):
     assert stopped["max_epochs=5"] == seg.models_["max_epochs=5"].stopped == (
         "no better validation score in 1 validation(s) (optim.patience) after 2 of 5 epochs")
     assert seg.models_["max_epochs=1"].stopped is None and stopped.isna()["max_epochs=1"]
+    assert seg.fit_summary()["stopped"] == {"max_epochs=5": stopped["max_epochs=5"],
+                                            "max_epochs=1": None}
+    summary = capsys.readouterr().out.split("fit done in ")[1].splitlines()
+    at = next(i for i, line in enumerate(summary) if line.split()[0] == "max_epochs=5")
+    assert summary[at + 1].split() == ["stopped:", *stopped["max_epochs=5"].split()]
+    assert sum("stopped:" in line for line in summary) == 1, summary
 
 
 @pytest.mark.slow

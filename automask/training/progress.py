@@ -244,6 +244,7 @@ def fit_summary(seg) -> dict[str, Any]:
         "best_epochs": {n: _one_based(seg.models_[n].get("best_epoch")) for n in names},
         "epochs": {n: seg.models_[n].get("epochs") for n in names},
         "fit_times": {n: seg.models_[n].get("fit_time") for n in names},
+        "stopped": {n: seg.models_[n].get("stopped") for n in names},
         "methods": {n: seg.models_[n]["config"].peft.method for n in names},
         "fit_time": getattr(seg, "fit_time_", None),
         "path": str(seg.path_),
@@ -267,6 +268,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['best_epochs'][name] or '-'}  fit "
             f"{format_seconds(summary['fit_times'][name])}{mark}"
         )
+        stopped = (summary.get("stopped") or {}).get(name)
+        if stopped:  # time_limit, patience or a non-finite loss: fewer epochs than asked
+            lines.append(f"  {'':<{width}}  stopped: {stopped}")
     lines.append(f"best model: {summary['best_model']}; predictor saved in {summary['path']}")
     return "\n".join(lines)
 
