@@ -528,3 +528,27 @@ def test_a_16_bit_saliency_map_scores_as_its_8_bit_version(tmp_path):
         score(files, truths)
     labels = np.array([[0, 2], [1, 300]])  # ids past 255 in a target: still classes
     assert score([labels], [labels])["miou"] == 1.0
+
+
+def test_maps_of_one_channel_score_as_their_2d_maps():
+    """(1, H, W) and (H, W, 1) maps (a PyTorch batch's items, Keras or OpenCV outputs), in
+    lists, as (B, 1, H, W) / (B, H, W, 1) stacks, or alone, score as the (H, W) maps; a
+    lone (H, W, 1) map is one image, not H maps one pixel wide."""
+    rng = np.random.default_rng(5)
+    probs = [rng.random((30, 40)) for _ in range(3)]
+    truths = [(rng.random((30, 40)) > 0.5).astype(np.uint8) * 255 for _ in range(3)]
+    want = score(probs, truths)
+    p, g = np.stack(probs), np.stack(truths)
+    assert score([m[None] for m in probs], [m[None] for m in truths]) == want
+    assert score([m[..., None] for m in probs], [m[..., None] for m in truths]) == want
+    assert score(torch.from_numpy(p)[:, None], torch.from_numpy(g)[:, None]) == want
+    assert score(p[..., None], g[..., None]) == want
+    assert score(probs[0][..., None], truths[0][..., None]) == score(probs[:1], truths[:1])
+    labels = rng.integers(0, 4, (2, 30, 40))
+    scores = rng.random((2, 4, 30, 40))
+    want = score(list(scores), list(labels))
+    assert score(scores, labels[:, None]) == want  # (B, K, H, W) against (B, 1, H, W)
+    assert score(list(scores), [m[..., None] for m in labels]) == want
+    with pytest.raises(ValueError, match=r"image 0: prediction shape \(30, 40, 2\) does not "
+                                         r"match target shape \(30, 40\)"):
+        score([np.stack([1 - probs[0], probs[0]], -1)], truths[:1])  # two channels last

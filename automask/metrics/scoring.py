@@ -33,7 +33,19 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
             f"{name} must be a list of 2-D maps (or of (K, H, W) score maps), "
             f"got shape {tuple(t.shape)}"
         )
+    if t.ndim == 3 and t.shape[-1] == 1 < t.shape[0]:
+        return [t]  # one (H, W, 1) map, not H maps one pixel wide
     return [t] if t.ndim == 2 else list(t.unbind(0))
+
+
+def _one_channel(m: Tensor) -> Tensor:
+    """A map of one channel as ``(H, W)``: ``(1, H, W)``, a PyTorch batch's item, or
+    ``(H, W, 1)``, a Keras or OpenCV one."""
+    if m.ndim == 3 and m.shape[0] == 1:
+        return m[0]
+    if m.ndim == 3 and m.shape[-1] == 1:
+        return m[..., 0]
+    return m
 
 
 def _item(item: Any, name: str, index: int) -> Tensor:
@@ -292,10 +304,12 @@ def score(
         PIL images, and ``(H, W, 3)`` or ``(H, W, 4)`` uint8 arrays or tensors (H and W
         above 4), are pictures read as their PNG files (a prediction in colour as its luma).
         Binary: probability maps in [0, 1], or 8-bit maps 0..255, or 0/1 masks. Multi-class:
-        class-index maps, or ``(K, H, W)`` scores. Any other array/tensor on its own (not in
-        a list) is a stack of maps, split along its first axis.
+        class-index maps, or ``(K, H, W)`` scores. A map of one channel, ``(1, H, W)`` or
+        ``(H, W, 1)``, is read as ``(H, W)``. Any other array/tensor on its own (not in a
+        list) is a stack of maps, split along its first axis: ``(B, H, W)``,
+        ``(B, 1, H, W)``, ``(B, H, W, 1)`` or ``(B, K, H, W)``.
     targets
-        List of ground-truth masks of the same sizes (read as the predictions are; a
+        List (or stack) of ground-truth masks of the same sizes (read as the predictions are; a
         picture in colour must be grey, as :meth:`automask.SemanticSegmentor.evaluate`
         requires). Binary: 0/1, bool or 8-bit 0/255 (binarised
         ``> 128``, as PySODMetrics), or {0, 1} with ``ignore_index`` marking void pixels.
@@ -326,8 +340,8 @@ def score(
         the message names the image index.
     """
     check_ignore_index(conventions.get("ignore_index"))  # before any file is read
-    pred_list = _as_list(predictions, "predictions")
-    target_list = _as_list(targets, "targets")
+    pred_list = [_one_channel(p) for p in _as_list(predictions, "predictions")]
+    target_list = [_one_channel(t) for t in _as_list(targets, "targets")]
     if len(pred_list) != len(target_list):
         raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets"
                          + _stack_hint(predictions, "predictions")
