@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -299,9 +300,27 @@ def _cmd_score(args) -> None:
     metrics = _split(args.metrics, "--metrics")
     conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
     names = _split(args.class_names)
-    scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics, **conventions)
+    try:
+        scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics,
+                               **conventions)
+    except ValueError as exc:  # its advice in this command's options, not Python's
+        raise AutomaskError(_as_options(str(exc))) from exc
     _check_names(names, scores)
     _print_scores(scores, args.json, class_names=names)
+
+
+# score's advice in Python's words -> the options of ``automask score``
+_OPTION_WORDS = [
+    (re.compile(r"\btask='(binary|multiclass)'"), r"--task \1"),
+    (re.compile(r"\bignore_index=(-?\d+)"), r"--ignore-index \1"),
+    (re.compile(r"\bpass ignore_index=None\b"), "leave out --ignore-index"),
+]
+
+
+def _as_options(message: str) -> str:
+    for pattern, words in _OPTION_WORDS:
+        message = pattern.sub(words, message)
+    return message
 
 
 def _cmd_demo(args) -> None:

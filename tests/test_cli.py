@@ -215,6 +215,34 @@ def test_score_folders(tmp_path):
     assert_one_line_error(run_cli("score", "--pred", str(pred), "--gt", str(gt)), "im0")
 
 
+def test_score_advice_names_the_commands_options(tmp_path):
+    """Errors of ``automask score`` give their advice as its options (``--task binary``,
+    ``--ignore-index 255``), not as the Python arguments of ``score``; following the advice
+    scores the folders."""
+    pred, grey, void = tmp_path / "pred", tmp_path / "grey", tmp_path / "void"
+    for folder in (pred, grey, void):
+        folder.mkdir()
+    rng = np.random.default_rng(1)
+    ramp = np.tile(np.arange(50, dtype=np.uint16) * 1300, (40, 1))  # a 16-bit map
+    Image.fromarray(ramp).save(pred / "a.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(grey / "a.png")  # grey levels
+    ids = (rng.random((40, 50)) > 0.5).astype(np.uint8)
+    ids[:2] = 255  # a {0, 1} mask with a void border
+    Image.fromarray(ids).save(void / "a.png")
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(grey))
+    assert_one_line_error(proc, "a 16-bit grey map? Pass --task binary", "pass --task multiclass")
+    assert "task=" not in proc.stderr
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(grey), "--task", "binary",
+                   "--json")
+    assert proc.returncode == 0 and 0 <= json.loads(proc.stdout)["sm"] <= 1, proc.stderr
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(void), "--task", "binary")
+    assert_one_line_error(proc, "Pass --ignore-index 255 (read as an 8-bit mask")
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(void), "--task", "multiclass",
+                   "--ignore-index", "999")
+    assert_one_line_error(proc, "--ignore-index 999 cannot occur in the ground truths",
+                          "or leave out --ignore-index when no pixel is void")
+
+
 @pytest.mark.slow
 def test_demo_runs_and_learns(tmp_path):
     proc = run_cli("demo", "--path", str(tmp_path / "demo"), "--time-limit", "100",

@@ -390,7 +390,7 @@ def _check_ignore_index_fits(targets: list[Tensor], ignore_index: Any) -> None:
         raise ValueError(
             f"ignore_index={ignore_index} cannot occur in the ground truths, whose values are "
             f"{kinds}; void pixels are usually 255 in 8-bit masks (e.g. VOC's border), or "
-            "pass None when no pixel is void")
+            "pass ignore_index=None when no pixel is void")
 
 
 def _file_names(x: Any) -> list[str | None]:
