@@ -114,9 +114,16 @@ def test_rgb_mask_is_error_unless_color_map(tmp_path):
     m[0, 0] = (0, 128, 0)
     path = tmp_path / "colour.png"
     Image.fromarray(m).save(path)
-    with pytest.raises(DataValidationError, match="colour") as info:
-        read_mask(path)
+    with pytest.raises(DataValidationError, match=r"is a colour \(RGB\) image of 3 colour\(s\): "
+                       r"\(0, 0, 0\), \(0, 128, 0\), \(128, 0, 0\); .* pass color_map="
+                       r"\{\(0, 0, 0\): 0, \(0, 128, 0\): 1, \.\.\.\}") as info:
+        read_mask(path)  # the colours it holds, to write the color_map from
     assert str(path) in str(info.value)
+    photo = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    with pytest.raises(DataValidationError, match=r"image of 400 colours \(.*, \.\.\.\), too "
+                                                  r"many for class colours: a photograph"):
+        read_mask(tmp_path / "photo.png")
     out = read_mask(path, color_map={(0, 0, 0): 0, (128, 0, 0): 1, (0, 128, 0): 2})
     expected = np.zeros((4, 5), np.uint8)
     expected[1:3, 1:4] = 1

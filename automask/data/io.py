@@ -806,10 +806,25 @@ def read_mask(
         # a grey mask saved as a lossy colour file (WebP is always colour; some JPEG
         # writers keep three channels): chroma noise of a few levels, read as its grey
         return np.rint(rgb.mean(axis=2)).astype(np.uint8)
-    raise DataValidationError(
-        f"mask {path} is a colour ({mode}) image; masks must hold class ids in one channel "
-        "(grayscale or palette PNG), or pass color_map={(r, g, b): class_id, ...}"
-    )
+    raise DataValidationError(f"mask {path} is a colour ({mode}) image{_colour_advice(rgb)}")
+
+
+def _colour_advice(rgb: np.ndarray, shown: int = 8) -> str:
+    """The colours of an ``(H, W, 3)`` colour mask and the ``color_map`` it needs, for the
+    error that refuses it."""
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) \
+        | rgb[..., 2]
+    values = np.unique(packed)
+    colours = [(int(v) >> 16, (int(v) >> 8) & 255, int(v) & 255) for v in values[:shown]]
+    listed = ", ".join(str(c) for c in colours) + (", ..." if len(values) > shown else "")
+    if len(values) > 64:  # not class colours: a photo, or a colour mask saved lossily
+        return (f" of {len(values)} colours ({listed}), too many for class colours: a "
+                "photograph in the mask column, or a colour mask saved as JPEG? Masks hold "
+                "class ids in one channel (grayscale or palette PNG)")
+    example = ", ".join(f"{c}: {i}" for i, c in enumerate(colours[:2]))
+    return (f" of {len(values)} colour(s): {listed}; masks hold class ids in one channel "
+            f"(grayscale or palette PNG), or pass color_map={{{example}, ...}}, one class "
+            "id per colour, the same in every mask (automask fit: --color-map FILE)")
 
 
 def _label_values(values: np.ndarray, path: str | os.PathLike) -> np.ndarray:
