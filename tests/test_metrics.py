@@ -18,9 +18,10 @@ from automask.metrics import (
     score,
     score_folders,
 )
+from automask.metrics.registry import METRIC_TASK
 
 TOL = 1e-6
-SOD_NAMES = ["sm", "em", "em_adp", "em_max", "wfm", "mae"]
+SOD_NAMES = ["sm", "em", "em_adp", "em_max", "wfm", "fm", "fm_adp", "fm_max", "mae"]
 THRESHOLD_NAMES = ["iou", "dice", "iou_pooled", "dice_pooled", "ber"]
 
 
@@ -58,6 +59,7 @@ def _random_pairs(seed: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 def _pysod_reference(pairs):
     """PySODMetrics values; thresholded metrics on raw pred / 255 (automask's convention)."""
     sm, em, wfm, mae = sod.Smeasure(), sod.Emeasure(), sod.WeightedFmeasure(beta=0.3), sod.MAE()
+    fmeasure = sod.Fmeasure(beta=0.3)
     fm = sod.FmeasureV2(
         {
             "iou": sod.IOUHandler(with_dynamic=False, with_adaptive=False, with_binary=True),
@@ -68,10 +70,11 @@ def _pysod_reference(pairs):
         }
     )
     for pred, gt in pairs:
-        for metric in (sm, em, wfm, mae):
+        for metric in (sm, em, wfm, mae, fmeasure):
             metric.step(pred, gt)
         fm.step(pred / 255.0, gt > 128, normalize=False)  # no min-max normalisation
     curve = em.get_results()["em"]
+    f_curve = fmeasure.get_results()["fm"]
     res = fm.get_results()
     return {
         "sm": sm.get_results()["sm"],
@@ -79,6 +82,9 @@ def _pysod_reference(pairs):
         "em_adp": curve["adp"],
         "em_max": curve["curve"].max(),
         "wfm": wfm.get_results()["wfm"],
+        "fm": f_curve["curve"].mean(),
+        "fm_adp": f_curve["adp"],
+        "fm_max": f_curve["curve"].max(),
         "mae": mae.get_results()["mae"],
         **{name: res[name]["binary"] for name in THRESHOLD_NAMES},
     }
@@ -388,8 +394,9 @@ def test_score_folders_names_the_bad_file(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_metrics_on_cuda_match_cpu():
     pairs = _random_pairs(4, 8)
-    expected = score([p for p, _ in pairs], [g for _, g in pairs], metrics=list(METRICS)[:12])
-    metrics = build_metrics("binary", list(METRICS)[:12])
+    binary = [name for name in METRICS if METRIC_TASK[name] == "binary"]
+    expected = score([p for p, _ in pairs], [g for _, g in pairs], metrics=binary)
+    metrics = build_metrics("binary", binary)
     for m in metrics.values():
         m.to("cuda")
         m.update(

@@ -17,7 +17,8 @@ from automask import SemanticSegmentor
 from automask.datasets import make_synthetic, train_test_split
 from automask.metrics import HIGHER_IS_BETTER, build_metrics, score
 
-PIXEL_WISE = ["mae", "iou", "dice", "iou_pooled", "dice_pooled", "ber", "ber_per_image"]
+PIXEL_WISE = ["mae", "iou", "dice", "iou_pooled", "dice_pooled", "ber", "ber_per_image", "fm",
+              "fm_adp", "fm_max"]
 STRUCTURAL = ["sm", "em", "em_adp", "em_max", "wfm"]
 
 
@@ -253,5 +254,5 @@ def test_an_ignore_index_no_ground_truth_can_hold_is_refused(tmp_path):
                            str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--task",
                            "multiclass", "--ignore-index", "999"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "ignore_index=999 cannot occur" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--ignore-index 999 cannot occur" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,7 +1,8 @@
 """Segmentation metrics exact to the reference implementations of the literature.
 
 Binary (salient/camouflaged objects, polyps, shadows, lesions): ``sm``, ``em``, ``em_adp``,
-``em_max``, ``wfm``, ``mae`` (PySODMetrics protocol), ``iou``, ``dice``, ``iou_pooled``,
+``em_max``, ``wfm``, ``fm``, ``fm_adp``, ``fm_max``, ``mae`` (PySODMetrics protocol), ``iou``,
+``dice``, ``iou_pooled``,
 ``dice_pooled``, ``ber``, ``ber_per_image``. Multi-class: ``acc``, ``miou``, ``iou_per_class``.
 Every metric is a ``torchmetrics.Metric`` working on the tensors' device; each class docstring
 states its convention and how it relates to PySODMetrics and the Conv-LoRA/SAM-Adapter code.

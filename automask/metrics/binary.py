@@ -12,9 +12,9 @@ Void pixels: with ``ignore_index`` set (e.g. 255, with {0, 1} class-index target
 ``SemanticSegmentor.evaluate`` and validation pass), target pixels equal to it are unlabelled.
 They never count as correct:
 
-* pixel-wise metrics (``mae``, ``iou``, ``dice``, ``ber``, ``ber_per_image``) are computed on
-  the valid pixels only, exactly as if the void pixels were cut out (the min-max normalisation
-  of ``mae`` takes its range from the valid pixels too);
+* pixel-wise metrics (``mae``, ``iou``, ``dice``, ``ber``, ``ber_per_image``, ``fm*``) are
+  computed on the valid pixels only, exactly as if the void pixels were cut out (the min-max
+  normalisation of ``mae`` and ``fm*`` takes its range from the valid pixels too);
 * structural metrics (``sm``, ``em*``, ``wfm``) need the 2-D frame, so each void pixel is given
   the label opposite to the (normalised) prediction there, making it an error: for ``sm`` and
   ``wfm``, which read the continuous map, object where ``p <= 0.5`` and background where
@@ -241,6 +241,64 @@ class EMeasure(_BinaryMetric):
 
     def curve(self) -> Tensor:
         """The dataset-level E-measure curve ``(256,)``, index = threshold."""
+        return self.curve_sum / self.count
+
+    def compute(self) -> Tensor:
+        """The dataset-level value of the chosen variant."""
+        if self.variant == "adaptive":
+            return self.adaptive_sum / self.count
+        curve = self.curve()
+        return curve.mean() if self.variant == "mean" else curve.max()
+
+
+class FMeasure(_BinaryMetric):
+    """F-measure over thresholds (PySODMetrics ``Fmeasure``, beta^2 = 0.3 by default).
+
+    ``variant``:
+
+    * ``"mean"`` (registry name ``fm``): the mean over the 256-threshold curve (mean F-beta);
+    * ``"max"`` (``fm_max``): the maximum of the curve (max F-beta);
+    * ``"adaptive"`` (``fm_adp``): per image at the threshold ``min(2 * mean(p), 1)``,
+      averaged (adaptive F-beta).
+
+    As the E-measure, the curve binarises ``floor(255 * p) >= t`` after per-image min-max
+    normalisation, and is averaged over images before it is reduced. An empty ground truth
+    scores 0, as in the reference. A pixel-wise measure: void pixels are left out.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, variant: str = "mean", beta2: float = 0.3, normalize: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if variant not in ("mean", "max", "adaptive"):
+            raise ValueError(
+                f"F-measure variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
+            )
+        _check_range("beta2", beta2, 0.0, math.inf)
+        _check_normalize(normalize)
+        self.variant = variant
+        self.beta2 = float(beta2)
+        self.normalize = normalize
+        self._add_sum("curve_sum", (256,))
+        self._add_sum("adaptive_sum")
+        self._add_sum("count")
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        pred = sample.minmax if self.normalize else sample.pred
+        if self.variant == "adaptive":
+            value = F.f_measure_adaptive(pred, sample.gt, self.beta2, sample.valid)
+            self.adaptive_sum += value.to(self.adaptive_sum)
+        else:
+            if self.normalize:
+                hist = sample.histogram
+            else:
+                hist = quantized_histogram(pred, sample.gt, sample.valid)
+            self.curve_sum += F.f_measure_curve(hist, self.beta2).to(self.curve_sum)
+        self.count += 1
+
+    def curve(self) -> Tensor:
+        """The dataset-level F-measure curve ``(256,)``, index = threshold."""
         return self.curve_sum / self.count
 
     def compute(self) -> Tensor:

@@ -234,15 +234,58 @@ def e_measure_adaptive(pred: Tensor, gt: Tensor, valid: Tensor | None = None) ->
     ``1e-6`` of the torch threshold, the threshold is therefore taken from numpy's mean of the
     map, computed on the host.
     """
-    threshold = torch.clamp(2 * pred.mean(), max=1)
-    if bool(((pred - threshold).abs() <= 1e-6).any()):  # a near tie: use the reference's mean
-        host = np.ascontiguousarray(pred.detach().cpu().numpy())  # (H, W) float64
-        threshold = torch.tensor(min(2 * host.mean(), 1.0), dtype=pred.dtype, device=pred.device)
-    hard = pred >= threshold
+    hard = pred >= adaptive_threshold(pred)
     if valid is not None:
         gt = torch.where(valid, gt, ~hard)
     tp = (hard & gt).sum()
     return enhanced_alignment(tp, hard.sum(), int(gt.sum().item()), gt.numel())
+
+
+def adaptive_threshold(pred: Tensor) -> Tensor:
+    """``min(2 * mean(pred), 1)``, PySODMetrics' adaptive threshold, with numpy's mean where
+    a pixel lies within ``1e-6`` of it (see :func:`e_measure_adaptive`)."""
+    threshold = torch.clamp(2 * pred.mean(), max=1)
+    if bool(((pred - threshold).abs() <= 1e-6).any()):  # a near tie: use the reference's mean
+        host = np.ascontiguousarray(pred.detach().cpu().numpy())  # float64
+        threshold = torch.tensor(min(2 * host.mean(), 1.0), dtype=pred.dtype, device=pred.device)
+    return threshold
+
+
+# --------------------------------------------------------------------------------------------
+# F-measure over thresholds (Achanta et al., CVPR 2009; PySODMetrics ``Fmeasure``)
+# --------------------------------------------------------------------------------------------
+def _f_beta(tp: Tensor, predicted: Tensor, n_fg: Tensor, beta2: float) -> Tensor:
+    """``(1 + beta2) P R / (beta2 P + R)`` with P = tp / predicted (1 where nothing is
+    predicted) and R = tp / n_fg (n_fg at least 1); 0 where P R is 0."""
+    precision = tp / predicted.clamp(min=1)
+    recall = tp / n_fg.clamp(min=1)
+    num = (1 + beta2) * precision * recall
+    den = torch.where(num == 0, torch.ones_like(num), beta2 * precision + recall)
+    return num / den
+
+
+def f_measure_curve(histogram: Tensor, beta2: float = 0.3) -> Tensor:
+    """F-measure of ``q >= t`` for the 256 thresholds ``t = 0..255`` (index = threshold).
+
+    ``histogram`` is the count of ``q = floor(255 * pred)`` over ground-truth background
+    (row 0) and object (row 1); a third row (void pixels) is left out: the F-measure counts
+    labelled pixels only. PySODMetrics orders the curve from t = 255 down to 0.
+    """
+    above = histogram[:2].flip(-1).cumsum(-1).flip(-1).to(torch.float64)  # (2, 256): q >= t
+    n_fg = histogram[1].sum().to(torch.float64)
+    return _f_beta(above[1], above[0] + above[1], n_fg, beta2)
+
+
+def f_measure_adaptive(
+    pred: Tensor, gt: Tensor, beta2: float = 0.3, valid: Tensor | None = None
+) -> Tensor:
+    """F-measure of ``pred >= min(2 * mean(pred), 1)``, over the labelled pixels (the mean
+    too); 0 when no object pixel is found (PySODMetrics' ``cal_adaptive_fm``)."""
+    hard = pred >= adaptive_threshold(pred if valid is None else pred[valid])
+    if valid is not None:
+        hard = hard & valid
+    tp = (hard & gt).sum().to(torch.float64)
+    return _f_beta(tp, hard.sum().to(torch.float64), gt.sum().to(torch.float64), beta2)
 
 
 # --------------------------------------------------------------------------------------------
