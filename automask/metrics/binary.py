@@ -193,7 +193,59 @@ class WeightedFMeasure(_PerImageMean):
         self._add_image(F.weighted_f_measure(pred, gt, self.beta2))
 
 
-class EMeasure(_BinaryMetric):
+class _CurveMeasure(_BinaryMetric):
+    """A measure of ``floor(255 * p) >= t`` at the 256 thresholds t = 0..255 (``variant``
+    ``"mean"`` or ``"max"`` of the curve averaged over images) or at the adaptive threshold
+    ``min(2 * mean(p), 1)`` (``"adaptive"``, averaged over images), after per-image min-max
+    normalisation (``normalize``). Subclasses give the measure of one image."""
+
+    higher_is_better = True
+    name = ""
+
+    def __init__(self, variant: str = "mean", normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if variant not in ("mean", "max", "adaptive"):
+            raise ValueError(
+                f"{self.name} variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
+            )
+        _check_normalize(normalize)
+        self.variant = variant
+        self.normalize = normalize
+        self._add_sum("curve_sum", (256,))
+        self._add_sum("adaptive_sum")
+        self._add_sum("count")
+
+    def _adaptive(self, pred: Tensor, sample: BinarySample) -> Tensor:
+        raise NotImplementedError
+
+    def _curve(self, histogram: Tensor, sample: BinarySample) -> Tensor:
+        raise NotImplementedError
+
+    def _update_sample(self, sample: BinarySample) -> None:
+        pred = sample.minmax if self.normalize else sample.pred
+        if self.variant == "adaptive":
+            self.adaptive_sum += self._adaptive(pred, sample).to(self.adaptive_sum)
+        else:
+            if self.normalize:
+                hist = sample.histogram
+            else:
+                hist = quantized_histogram(pred, sample.gt, sample.valid)
+            self.curve_sum += self._curve(hist, sample).to(self.curve_sum)
+        self.count += 1
+
+    def curve(self) -> Tensor:
+        """The dataset-level curve ``(256,)``, index = threshold."""
+        return self.curve_sum / self.count
+
+    def compute(self) -> Tensor:
+        """The dataset-level value of the chosen variant."""
+        if self.variant == "adaptive":
+            return self.adaptive_sum / self.count
+        curve = self.curve()
+        return curve.mean() if self.variant == "mean" else curve.max()
+
+
+class EMeasure(_CurveMeasure):
     """E-measure (enhanced-alignment measure, Fan et al. IJCAI 2018).
 
     ``variant``:
@@ -211,47 +263,16 @@ class EMeasure(_BinaryMetric):
     :func:`automask.metrics.functional.enhanced_alignment`).
     """
 
-    higher_is_better = True
+    name = "E-measure"
 
-    def __init__(self, variant: str = "mean", normalize: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if variant not in ("mean", "max", "adaptive"):
-            raise ValueError(
-                f"E-measure variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
-            )
-        _check_normalize(normalize)
-        self.variant = variant
-        self.normalize = normalize
-        self._add_sum("curve_sum", (256,))
-        self._add_sum("adaptive_sum")
-        self._add_sum("count")
+    def _adaptive(self, pred: Tensor, sample: BinarySample) -> Tensor:
+        return F.e_measure_adaptive(pred, sample.gt, sample.valid)
 
-    def _update_sample(self, sample: BinarySample) -> None:
-        pred = sample.minmax if self.normalize else sample.pred
-        if self.variant == "adaptive":
-            value = F.e_measure_adaptive(pred, sample.gt, sample.valid)
-            self.adaptive_sum += value.to(self.adaptive_sum)
-        else:
-            if self.normalize:
-                hist = sample.histogram
-            else:
-                hist = quantized_histogram(pred, sample.gt, sample.valid)
-            self.curve_sum += F.e_measure_curve(hist, sample.gt.numel()).to(self.curve_sum)
-        self.count += 1
-
-    def curve(self) -> Tensor:
-        """The dataset-level E-measure curve ``(256,)``, index = threshold."""
-        return self.curve_sum / self.count
-
-    def compute(self) -> Tensor:
-        """The dataset-level value of the chosen variant."""
-        if self.variant == "adaptive":
-            return self.adaptive_sum / self.count
-        curve = self.curve()
-        return curve.mean() if self.variant == "mean" else curve.max()
+    def _curve(self, histogram: Tensor, sample: BinarySample) -> Tensor:
+        return F.e_measure_curve(histogram, sample.gt.numel())
 
 
-class FMeasure(_BinaryMetric):
+class FMeasure(_CurveMeasure):
     """F-measure over thresholds (PySODMetrics ``Fmeasure``, beta^2 = 0.3 by default).
 
     ``variant``:
@@ -266,47 +287,19 @@ class FMeasure(_BinaryMetric):
     scores 0, as in the reference. A pixel-wise measure: void pixels are left out.
     """
 
-    higher_is_better = True
+    name = "F-measure"
 
     def __init__(self, variant: str = "mean", beta2: float = 0.3, normalize: bool = True,
                  **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if variant not in ("mean", "max", "adaptive"):
-            raise ValueError(
-                f"F-measure variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
-            )
+        super().__init__(variant, normalize, **kwargs)
         _check_range("beta2", beta2, 0.0, math.inf)
-        _check_normalize(normalize)
-        self.variant = variant
         self.beta2 = float(beta2)
-        self.normalize = normalize
-        self._add_sum("curve_sum", (256,))
-        self._add_sum("adaptive_sum")
-        self._add_sum("count")
 
-    def _update_sample(self, sample: BinarySample) -> None:
-        pred = sample.minmax if self.normalize else sample.pred
-        if self.variant == "adaptive":
-            value = F.f_measure_adaptive(pred, sample.gt, self.beta2, sample.valid)
-            self.adaptive_sum += value.to(self.adaptive_sum)
-        else:
-            if self.normalize:
-                hist = sample.histogram
-            else:
-                hist = quantized_histogram(pred, sample.gt, sample.valid)
-            self.curve_sum += F.f_measure_curve(hist, self.beta2).to(self.curve_sum)
-        self.count += 1
+    def _adaptive(self, pred: Tensor, sample: BinarySample) -> Tensor:
+        return F.f_measure_adaptive(pred, sample.gt, self.beta2, sample.valid)
 
-    def curve(self) -> Tensor:
-        """The dataset-level F-measure curve ``(256,)``, index = threshold."""
-        return self.curve_sum / self.count
-
-    def compute(self) -> Tensor:
-        """The dataset-level value of the chosen variant."""
-        if self.variant == "adaptive":
-            return self.adaptive_sum / self.count
-        curve = self.curve()
-        return curve.mean() if self.variant == "mean" else curve.max()
+    def _curve(self, histogram: Tensor, sample: BinarySample) -> Tensor:
+        return F.f_measure_curve(histogram, self.beta2)
 
 
 class _ConfusionMetric(_BinaryMetric):
