@@ -157,6 +157,7 @@ def test_metric_objects_accept_batches_lists_and_channel_dim():
     for preds, target in (
         (torch.from_numpy(prob), torch.from_numpy(gt)),  # (B, H, W)
         (torch.from_numpy(prob)[:, None], torch.from_numpy(gt)),  # (B, 1, H, W)
+        (torch.from_numpy(prob)[:, None], torch.from_numpy(gt)[:, None]),  # both (B, 1, H, W)
         ([torch.from_numpy(x) for x in prob], [torch.from_numpy(x) for x in gt]),  # lists
     ):
         metrics = build_metrics("binary")
@@ -165,6 +166,20 @@ def test_metric_objects_accept_batches_lists_and_channel_dim():
             m.update(preds[2:], target[2:])
         got = {name: m.compute().item() for name, m in metrics.items()}
         assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_multiclass_metric_objects_take_targets_with_a_channel_dim():
+    """(B, K, H, W) scores against (B, 1, H, W) masks, as a PyTorch loader gives them."""
+    rng = np.random.default_rng(4)
+    labels = torch.from_numpy(rng.integers(0, 3, (2, 10, 12)))
+    scores = torch.from_numpy(rng.random((2, 3, 10, 12)))
+    got = {}
+    for target in (labels, labels[:, None]):
+        metrics = build_metrics("multiclass", num_classes=3)
+        for m in metrics.values():
+            m.update(scores, target)
+        got[target.ndim] = {name: m.compute().tolist() for name, m in metrics.items()}
+    assert got[4] == got[3] == score(list(scores), list(labels))
 
 
 def test_list_of_different_sizes_in_one_update():

@@ -319,6 +319,11 @@ def _split(x: Any, name: str) -> list:
     )
 
 
+def _batch_of_one_channel(target: Tensor) -> Tensor:
+    """``(B, 1, H, W)`` targets (a PyTorch loader's masks) as ``(B, H, W)``."""
+    return target[:, 0] if target.ndim == 4 and target.shape[1] == 1 else target
+
+
 def split_void(target: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor | None]:
     """Return ``target`` with its ``ignore_index`` pixels set to 0, and the validity mask.
 
@@ -350,7 +355,7 @@ def binary_samples(
     Parameters
     ----------
     preds, target
-        ``(H, W)``, ``(B, H, W)`` (a ``(B, 1, H, W)`` prediction is squeezed), or lists of
+        ``(H, W)``, ``(B, H, W)`` (a ``(B, 1, H, W)`` prediction or target is squeezed), or lists of
         ``(H, W)`` maps of possibly different sizes; numpy arrays or tensors.
     gt_threshold
         Foreground where ``target > gt_threshold`` on the 0..255 scale (PySODMetrics: 128).
@@ -366,11 +371,13 @@ def binary_samples(
         return [preds]
     if isinstance(preds, (list, tuple)) and preds and isinstance(preds[0], BinarySample):
         return list(preds)
+    if not isinstance(target, (list, tuple)):
+        target = _batch_of_one_channel(as_tensor(target))  # (B, 1, H, W) -> (B, H, W)
     if not isinstance(preds, (list, tuple)):
         p = as_tensor(preds)
         # a list of targets stands for a (B, H, W) batch; its maps may differ in size, so it is
         # not stacked here (the per-image check below names a bad one)
-        t_ndim = 3 if isinstance(target, (list, tuple)) else as_tensor(target).ndim
+        t_ndim = 3 if isinstance(target, (list, tuple)) else target.ndim
         if p.ndim == t_ndim + 1 and p.ndim >= 3 and p.shape[-3] == 1:
             preds = p.squeeze(-3)  # (B, 1, H, W) -> (B, H, W)
     pred_list, target_list = _split(preds, "predictions"), _split(target, "targets")
@@ -419,7 +426,7 @@ def multiclass_pairs(
             yield _multiclass_pair(as_tensor(p), as_tensor(t), num_classes, ignore_index, i)
     else:
         p = as_tensor(preds)
-        t = as_tensor(target, device=p.device)
+        t = _batch_of_one_channel(as_tensor(target, device=p.device))  # (B, 1, H, W) masks
         yield _multiclass_pair(p, t, num_classes, ignore_index, None)
 
 
