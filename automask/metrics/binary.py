@@ -200,13 +200,13 @@ class _CurveMeasure(_BinaryMetric):
     normalisation (``normalize``). Subclasses give the measure of one image."""
 
     higher_is_better = True
-    name = ""
+    _kind = ""  # "E-measure", for errors
 
     def __init__(self, variant: str = "mean", normalize: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if variant not in ("mean", "max", "adaptive"):
             raise ValueError(
-                f"{self.name} variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
+                f"{self._kind} variant must be 'mean', 'max' or 'adaptive', got {variant!r}"
             )
         _check_normalize(normalize)
         self.variant = variant
@@ -263,7 +263,7 @@ class EMeasure(_CurveMeasure):
     :func:`automask.metrics.functional.enhanced_alignment`).
     """
 
-    name = "E-measure"
+    _kind = "E-measure"
 
     def _adaptive(self, pred: Tensor, sample: BinarySample) -> Tensor:
         return F.e_measure_adaptive(pred, sample.gt, sample.valid)
@@ -287,7 +287,7 @@ class FMeasure(_CurveMeasure):
     scores 0, as in the reference. A pixel-wise measure: void pixels are left out.
     """
 
-    name = "F-measure"
+    _kind = "F-measure"
 
     def __init__(self, variant: str = "mean", beta2: float = 0.3, normalize: bool = True,
                  **kwargs: Any) -> None:
