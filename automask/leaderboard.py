@@ -507,14 +507,16 @@ def score_external(
     """Score one prediction file per row of ``data`` as :meth:`evaluate` scores a model.
 
     Binary predictions are read as :func:`automask.metrics.score` reads them (8-bit maps
-    divided by 255, 0/1 masks, probabilities); multi-class predictions are class-index
-    maps. Void pixels of the ground truth (255) are treated as ``evaluate`` treats them.
+    divided by 255, 16-bit ones by 65535, 0/1 masks, probabilities; ``(1, H, W)`` and
+    ``(H, W, 1)`` arrays as ``(H, W)``); multi-class predictions are class-index maps. Void
+    pixels of the ground truth (255) are treated as ``evaluate`` treats them.
     """
     import torch
 
     from .data import read_mask
     from .metrics import DEFAULT_METRICS, read_map, score
     from .metrics.inputs import as_tensor, binary_prediction
+    from .metrics.scoring import _one_channel
     from .prediction import metric_conventions
 
     spec = _validated(seg, data)
@@ -525,7 +527,7 @@ def score_external(
         raw = read_mask(spec.frame[seg.label].iloc[idx], color_map=seg.color_map_)
         target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
         try:
-            pred = as_tensor(read_map(path))
+            pred = _one_channel(as_tensor(read_map(path)))  # (H, W, 1) .npy: (H, W)
             if tuple(pred.shape[-2:]) != tuple(target.shape):
                 raise ValueError(f"is {tuple(pred.shape[-2:])} but its mask is "
                                  f"{tuple(target.shape)} (height, width)")

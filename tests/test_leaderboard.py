@@ -126,10 +126,16 @@ def test_external_rows_score_like_the_metrics(runs, data, tmp_path):
                           suffix=".npy")
     own = _write_folder(tmp_path / "own", stems,
                         seg.predict_proba(test, model=seg.best_model_), suffix=".npy")
+    # channels last (a Keras model's output) and 16-bit PNGs read as the same maps
+    last = _write_folder(tmp_path / "last", stems,
+                         [(g > 0).astype(np.float32)[..., None] for g in gts], suffix=".npy")
+    deep = _write_folder(tmp_path / "deep", stems, [(g > 0).astype(np.uint16) * 65535
+                                                    for g in gts])
     board = seg.leaderboard(test, style="models",
-                            extra={"Truth": truth, "Zeros": zeros, "Probs": probs, "Own": own})
+                            extra={"Truth": truth, "Zeros": zeros, "Probs": probs, "Own": own,
+                                   "Last": last, "Deep": deep})
     rows = board.set_index("model")
-    for name in ("Truth", "Probs"):
+    for name in ("Truth", "Probs", "Last", "Deep"):
         assert rows.loc[name, "test_iou"] == 1.0 and rows.loc[name, "test_dice"] == 1.0
         assert rows.loc[name, "test_mae"] == 0.0 and rows.loc[name, "test_ber"] == 0.0
         assert rows.loc[name, "test_sm"] == pytest.approx(1.0)
