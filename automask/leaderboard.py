@@ -516,7 +516,7 @@ def score_external(
     from .data import read_mask
     from .metrics import DEFAULT_METRICS, read_map, score
     from .metrics.inputs import as_tensor, binary_prediction
-    from .metrics.scoring import _one_channel
+    from .metrics.scoring import one_channel
     from .prediction import metric_conventions
 
     spec = _validated(seg, data)
@@ -527,7 +527,7 @@ def score_external(
         raw = read_mask(spec.frame[seg.label].iloc[idx], color_map=seg.color_map_)
         target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
         try:
-            pred = _one_channel(as_tensor(read_map(path)))  # (H, W, 1) .npy: (H, W)
+            pred = one_channel(as_tensor(read_map(path)))  # (H, W, 1) .npy: (H, W)
             if tuple(pred.shape[-2:]) != tuple(target.shape):
                 raise ValueError(f"is {tuple(pred.shape[-2:])} but its mask is "
                                  f"{tuple(target.shape)} (height, width)")

@@ -38,7 +38,7 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
     return [t] if t.ndim == 2 else list(t.unbind(0))
 
 
-def _one_channel(m: Tensor) -> Tensor:
+def one_channel(m: Tensor) -> Tensor:
     """A map of one channel as ``(H, W)``: ``(1, H, W)``, a PyTorch batch's item, or
     ``(H, W, 1)``, a Keras or OpenCV one."""
     if m.ndim == 3 and m.shape[0] == 1:
@@ -340,8 +340,8 @@ def score(
         the message names the image index.
     """
     check_ignore_index(conventions.get("ignore_index"))  # before any file is read
-    pred_list = [_one_channel(p) for p in _as_list(predictions, "predictions")]
-    target_list = [_one_channel(t) for t in _as_list(targets, "targets")]
+    pred_list = [one_channel(p) for p in _as_list(predictions, "predictions")]
+    target_list = [one_channel(t) for t in _as_list(targets, "targets")]
     if len(pred_list) != len(target_list):
         raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets"
                          + _stack_hint(predictions, "predictions")
