@@ -39,6 +39,7 @@ polyp tables; thresholded metrics follow the segmentation literature):
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import math
@@ -215,11 +216,13 @@ class _CurveMeasure(_BinaryMetric):
         self._add_sum("adaptive_sum")
         self._add_sum("count")
 
+    @abstractmethod
     def _adaptive(self, pred: Tensor, sample: BinarySample) -> Tensor:
-        raise NotImplementedError
+        """The measure of one image at its adaptive threshold."""
 
+    @abstractmethod
     def _curve(self, histogram: Tensor, sample: BinarySample) -> Tensor:
-        raise NotImplementedError
+        """The measure of one image at the 256 thresholds, from its histogram."""
 
     def _update_sample(self, sample: BinarySample) -> None:
         pred = sample.minmax if self.normalize else sample.pred
