@@ -38,6 +38,9 @@ def root_of(data) -> Path | None:
 
 def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     """(frame with the image column, folder that relative paths resolve against)."""
+    from .data.arrays import as_pandas
+
+    data = as_pandas(data)  # a polars / pyarrow table, a Hugging Face split
     if isinstance(data, pd.DataFrame):
         if image_col not in data.columns:
             raise DataValidationError(

@@ -124,7 +124,8 @@ class SemanticSegmentor(BaseEstimator):
             are resolved against the CSV's folder, or the working directory for a
             DataFrame), or pictures in memory (numpy arrays, torch tensors, PIL images, the
             bytes of image files), which are kept as files in ``path``'s fit state folder
-            until the fit completes.
+            until the fit completes. Another library's table (polars, pyarrow, a Hugging
+            Face ``datasets`` split) is read through its ``to_pandas()``.
         tuning_data : DataFrame or CSV path, optional
             Validation data, as ``train_data``; when None, ``data.holdout_frac`` of
             ``train_data`` is held out.

@@ -481,3 +481,40 @@ def test_score_names_in_memory_maps_it_cannot_read_and_takes_any_uint16(tmp_path
     with pytest.raises(ValueError, match=r"integer prediction values must lie in 0\.\.255 "
                        r"\(8-bit map\), 0\.\.65535 \(16-bit map\)"):
         score([np.full((20, 20), 70000, np.int64)], [truth])
+
+
+class _Split:
+    """Another library's table (a Hugging Face split, a polars or pyarrow table): pandas
+    through ``to_pandas()``."""
+
+    def __init__(self, frame):
+        self.frame = frame
+
+    def to_pandas(self):
+        if isinstance(self.frame, Exception):
+            raise self.frame
+        return self.frame
+
+
+def test_tables_of_other_libraries_are_read_through_to_pandas(fitted, private_tmp):
+    """A Hugging Face split (images and masks as ``{"bytes", "path"}`` cells) predicts,
+    evaluates and ranks as the same files; a ``to_pandas()`` that fails, or gives no
+    DataFrame, is an error naming the table's type."""
+    seg, frame, images, masks = fitted
+    cells = pd.DataFrame({
+        "image": pd.Series([{"bytes": _png(i), "path": None} for i in images], dtype=object),
+        "label": pd.Series([{"bytes": _png(m), "path": None} for m in masks], dtype=object)})
+    split = _Split(cells)
+    _same(seg.predict(split), seg.predict(frame))
+    _same(seg.predict(_Split(cells["image"])), seg.predict(frame["image"]))
+    assert seg.evaluate(split) == seg.evaluate(frame)
+    boards = [seg.leaderboard(data, style="models") for data in (split, frame)]
+    cols = [c for c in boards[1].columns if c.startswith("test_")]
+    assert cols and boards[0][cols].equals(boards[1][cols])
+    assert list(private_tmp.iterdir()) == []
+    with pytest.raises(DataValidationError,
+                       match=r"the \w+\._Split as a table: its to_pandas\(\) failed "
+                             r"\(needs pyarrow\)"):
+        seg.evaluate(_Split(ImportError("needs pyarrow")))
+    with pytest.raises(DataValidationError, match=r"to_pandas\(\) gave a list, not a pandas"):
+        seg.predict(_Split([1, 2]))

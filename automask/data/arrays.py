@@ -206,6 +206,36 @@ def naming(names: dict[str, str]) -> Iterator[None]:
             _SHOWN.pop(path, None)
 
 
+def as_pandas(data: Any) -> Any:
+    """``data`` as pandas when it is another library's table: anything but a pandas object
+    with a ``to_pandas()`` method (a polars or pyarrow table, a Hugging Face ``datasets``
+    split, whose images then arrive as ``{"bytes": ..., "path": ...}`` cells); anything
+    else is given back as it is.
+
+    Raises
+    ------
+    DataValidationError
+        ``to_pandas()`` fails, or gives something other than a DataFrame or a Series.
+    """
+    if isinstance(data, (pd.DataFrame, pd.Series, pd.Index)):
+        return data
+    convert = getattr(data, "to_pandas", None)
+    if not callable(convert):
+        return data
+    kind = f"{type(data).__module__.split('.')[0]}.{type(data).__name__}"
+    try:
+        frame = convert()
+    except Exception as exc:  # noqa: BLE001 - any library's failure, named for the user
+        raise DataValidationError(
+            f"cannot read the {kind} as a table: its to_pandas() failed ({exc}); pass a "
+            "pandas DataFrame") from exc
+    if not isinstance(frame, (pd.DataFrame, pd.Series)):
+        raise DataValidationError(
+            f"the {kind}'s to_pandas() gave a {type(frame).__name__}, not a pandas "
+            "DataFrame; pass a pandas DataFrame")
+    return frame
+
+
 @contextlib.contextmanager
 def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
              written: dict[str, str] | None = None) -> Iterator[Any]:
@@ -235,6 +265,7 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
     DataValidationError
         A picture that cannot be written (the message names its row and column).
     """
+    data = as_pandas(data)
     if not isinstance(data, pd.DataFrame):
         yield data
         return
