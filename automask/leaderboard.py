@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .data.arrays import as_files
+from .data.arrays import as_files, as_pandas
 from .errors import ConfigError, DataValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,6 +160,7 @@ def build_leaderboard(
         raise ConfigError(f"external row names {clash} are already names of trained models "
                           "or of their groups of runs")
     external = []
+    data = as_pandas(data)  # a polars / pyarrow table, a Hugging Face split
     columns = [seg.image, seg.label] if isinstance(data, pd.DataFrame) else []
     with as_files(data, columns) as data:  # images and masks in memory, as temporary files
         if extra:  # every folder is paired, then scored, before any model is evaluated
