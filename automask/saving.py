@@ -335,12 +335,31 @@ def _why_no_pointer(path: Path) -> str:
     from .training.state import STATE_DIR
 
     if not (path / STATE_DIR / "plan.json").is_file():
-        return ""
+        return _lost_pointer(path)
     if _lock_held(path):
         return (f"; a fit is still writing into it ({_owner(path)}): load it once that fit "
                 "has finished")
     return (f"; it holds an interrupted fit ({STATE_DIR}/): fit(..., resume=True) "
             "(automask fit --resume --path ...) continues it and saves the predictor")
+
+
+def _lost_pointer(path: Path) -> str:
+    """The advice for a folder that holds versions but lost its pointer (a partial copy)."""
+    try:
+        versions = sorted(entry.name for entry in path.iterdir()
+                          if _VERSION_NAME.fullmatch(entry.name)
+                          and (entry / META_FILE).is_file())
+    except OSError:
+        return ""
+    if not versions:
+        return ""
+    pointer = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                          "current": versions[-1]})
+    return (f", yet it holds the saved version {versions[-1]!r}"
+            + (f" (the newest of {len(versions)})" if len(versions) > 1 else "")
+            + f": {POINTER_FILE}, which names the version to load, was left behind (a "
+            f"partial copy?). Copy the whole folder again, or write {POINTER_FILE} in it "
+            f"holding {pointer}")
 
 
 def _lock_held(path: Path) -> bool:

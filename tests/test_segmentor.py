@@ -1,6 +1,8 @@
 """SemanticSegmentor end to end: fit / predict / evaluate / leaderboard / save / load."""
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import numpy as np
@@ -182,10 +184,21 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
 
 def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, tmp_path):
     saved = fitted.save(tmp_path / "saved")
-    with pytest.raises(SavedModelError, match="not a saved automask predictor"):
+    with pytest.raises(SavedModelError, match="not a saved automask predictor") as info:
         SemanticSegmentor.load(tmp_path)
+    assert "left behind" not in str(info.value)
     pointer = saved / "automask.json"
     [version] = list(saved.glob("v-*"))
+    # a copy that left the pointer behind names the version it would load and the fix
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy, ignore=shutil.ignore_patterns("automask.json"))
+    with pytest.raises(SavedModelError) as info:
+        SemanticSegmentor.load(copy)
+    text = str(info.value)
+    assert f"yet it holds the saved version {version.name!r}: automask.json" in text, text
+    written = json.loads(text.split(" holding ", 1)[1])
+    (copy / "automask.json").write_text(json.dumps(written))
+    assert SemanticSegmentor.load(copy).best_model_ == fitted.best_model_
     meta = version / "predictor.json"
     text = meta.read_text()
     meta.write_text(text[: len(text) // 2])
