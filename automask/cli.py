@@ -518,14 +518,21 @@ def _cmd_show(args) -> None:
         seg.plot_comparison(data, models=models, n=args.n, path=args.out)
     else:
         seg.plot_predictions(data, n=args.n, model=args.model, path=args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {_picture_path(args.out)}")
+
+
+def _picture_path(out: str) -> str:
+    """The file a picture named ``out`` was written to (``.png`` added to a bare name)."""
+    from .plots import check_path
+
+    return str(check_path(out))
 
 
 def _cmd_history(args) -> None:
     from .plots import plot_history
 
     plot_history(args.run, metric=args.metric, path=args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {_picture_path(args.out)}")
 
 
 def _seconds(text: str) -> float:

@@ -126,7 +126,8 @@ def plot_masks(
     names : sequence of str, optional
         A name per image (its file stem), shown above the image.
     path : path-like, optional
-        Where to save the figure as PNG.
+        Where to save the figure, in the format of its suffix (PNG with ``.png`` added
+        when it has none).
     alpha : float
         Opacity of the overlays.
 
@@ -222,7 +223,8 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
     candidates : sequence of str, optional
         Candidates to draw; all with logs when None.
     path : path-like, optional
-        Where to save the figure as PNG.
+        Where to save the figure, in the format of its suffix (PNG with ``.png`` added
+        when it has none).
     curves : dict of str to DataFrame, optional
         In place of the logs: ``{candidate: frame}`` with an ``epoch`` column and
         ``train_loss`` / ``val_*`` columns (a predictor's records keep the validation
@@ -517,14 +519,17 @@ def check_path(path: str | os.PathLike | None) -> Path | None:
 
     Raises :class:`DataValidationError` naming the path when it is a folder, when a folder
     above it is a file or the nearest existing one is not writable, or when its suffix is
-    not a format matplotlib writes. ``~`` is the home folder. Folders that do not exist yet
-    are created when the picture is saved.
+    not a format matplotlib writes. ``~`` is the home folder. A name without a suffix is
+    written as PNG with ``.png`` added, as matplotlib's ``savefig`` does (``"preds"`` ->
+    ``preds.png``). Folders that do not exist yet are created when the picture is saved.
     """
     if path is None:
         return None
     from matplotlib.figure import Figure
 
     path = Path(path).expanduser()
+    if not path.suffix and path.name not in ("", ".", "..") and not path.is_dir():
+        path = path.with_name(path.name + ".png")
     if path.is_dir():
         raise DataValidationError(f"cannot save the picture to {str(path)!r}: it is a folder; "
                                   "give a file name such as 'predictions.png'")
@@ -539,7 +544,7 @@ def check_path(path: str | os.PathLike | None) -> Path | None:
                     f"cannot save the picture to {str(path)!r}: the folder {str(parent)!r} "
                     "is not writable")
             break
-    fmt = path.suffix.lstrip(".").lower() or "png"
+    fmt = path.suffix.lstrip(".").lower()
     formats = Figure().canvas.get_supported_filetypes()
     if fmt not in formats:
         raise DataValidationError(
@@ -557,4 +562,4 @@ def _save(fig, path) -> None:
     with atomic_write(path) as fh, warnings.catch_warnings():
         # text_fonts has named the characters no font has, once
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
-        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png")
+        fig.savefig(fh, format=path.suffix.lstrip(".").lower())

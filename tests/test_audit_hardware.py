@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from automask import plots
 from automask.config import resolve
@@ -163,3 +164,14 @@ def test_bad_save_paths_fail_by_name_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(DataValidationError, match=why):  # before reading the logs
             plots.plot_history(tmp_path / "no_run", path=path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written
+
+
+def test_a_picture_named_without_a_suffix_is_written_as_png_with_it_added(tmp_path):
+    """As matplotlib's ``savefig``: ``path="preds"`` writes ``preds.png``, nothing else."""
+    mask = np.zeros((37, 53), np.uint8)
+    mask[5:20, 10:30] = 1
+    plots.plot_masks([_image()], {"p": [mask]}, [mask], task="binary", path=tmp_path / "preds")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.png"]
+    with Image.open(tmp_path / "preds.png") as img:
+        assert img.format == "PNG" and img.width > 100
+    assert plots.check_path(tmp_path / "a.b" / "c") == tmp_path / "a.b" / "c.png"

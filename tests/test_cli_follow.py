@@ -235,6 +235,13 @@ def test_show_and_history_write_pictures(fitted, data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     with Image.open(curves) as img:
         assert img.width > 200 and img.height > 100
+    # a bare name is written as PNG with .png added, as matplotlib's savefig does
+    proc = run_cli("history", str(run), "--out", str(tmp_path / "bare"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'bare.png'}", proc.stdout
+    assert not (tmp_path / "bare").exists()
+    with Image.open(tmp_path / "bare.png") as img:
+        assert img.format == "PNG" and img.size == Image.open(curves).size
 
 
 def test_show_and_history_bad_input(fitted, data, tmp_path):
