@@ -439,3 +439,27 @@ def test_soft_masks_get_the_class_id_hint_only_when_the_data_set_the_classes(tmp
         [text] = [str(w.message) for w in caught if "anti-aliased" in str(w.message)]
         assert text.startswith("1 mask(s) look like anti-aliased or JPEG-compressed")
         assert ("Pass num_classes > 2" in text) == hint, text
+
+
+def test_numbers_where_paths_belong_are_named_as_an_image_classification_table(
+        tmp_path, monkeypatch):
+    """A label column of one class per image (a classification CSV) is refused row by row
+    as numbers, not as missing files; a file whose name is a number is still read."""
+    pairs = [_pair(tmp_path, f"a{i}", _binary()) for i in range(3)]
+    csv = tmp_path / "classes.csv"
+    pd.DataFrame({"image": [p[0] for p in pairs], "label": [0, 1, 2.5]}).to_csv(csv, index=False)
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(csv)
+    text = str(info.value)
+    for row, value in [(0, "0.0"), (1, "1.0"), (2, "2.5")]:
+        assert (f"row {row} [label]: a number ({value}), not a path: the column holds a value "
+                "per image, as an image-classification table does; each row needs the path of "
+                "a mask file") in text, text
+    assert "file not found" not in text
+    with pytest.raises(DataValidationError, match=r"row 0 \[image\]: a number \(7\), not a "
+                                                  r"path.* path of a file"):
+        validate_frame(pd.DataFrame({"image": [7]}), require_labels=False)
+    Image.open(pairs[0][1]).save(tmp_path / "3", format="PNG")  # a mask file named "3"
+    monkeypatch.chdir(tmp_path)
+    spec = validate_frame(pd.DataFrame({"image": [pairs[0][0]], "label": [3]}))
+    assert spec.frame["label"].tolist() == [str(tmp_path / "3")] and spec.task == "binary"

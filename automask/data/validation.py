@@ -317,6 +317,20 @@ def _resolve(raw: str, root: Path) -> str:
     return path
 
 
+def _number_not_path(value: Any, path: str, col: str) -> str | None:
+    """Why a number cell (``0``, ``3.0``, ``True``) names no file, or None for any other
+    cell and for a number that is a file's name: a value per image, as an image-classification
+    table holds, where a path to a picture belongs."""
+    if isinstance(value, str) or not isinstance(value, (int, float, np.number, np.bool_)):
+        return None
+    if os.path.exists(path):
+        return None
+    kind = "mask" if col == "label" else "file"
+    return (f"a number ({value}), not a path: the column holds a value per image, as an "
+            f"image-classification table does; each row needs the path of a {kind} file "
+            "(a mask's pixels are the class ids)")
+
+
 def _not_found(path: str) -> str:
     """The reason for a missing file, naming white space at either end of its name."""
     name = os.path.basename(path)
@@ -683,6 +697,10 @@ def validate_frame(
             problems.add(pos, index[pos], image_col, raw, _URL_REASON)
         else:
             image_paths[pos] = _resolve(raw, root_path)
+            number = _number_not_path(raw_images[pos], image_paths[pos], "image")
+            if number is not None:
+                problems.add(pos, index[pos], image_col, None, number)
+                image_paths[pos] = None
         if use_labels:
             raw = _raw_path(raw_labels[pos])
             held = _in_memory(raw_labels[pos])
@@ -695,6 +713,10 @@ def validate_frame(
                 problems.add(pos, index[pos], label_col, raw, _URL_REASON)
             else:
                 label_paths[pos] = _resolve(raw, root_path)
+                number = _number_not_path(raw_labels[pos], label_paths[pos], "label")
+                if number is not None:
+                    problems.add(pos, index[pos], label_col, None, number)
+                    label_paths[pos] = None
 
     # (position, column, path) -> full-size images in the file (TIFF stacks)
     stacks: dict[tuple[int, str, str], int] = {}
