@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -251,3 +252,37 @@ def test_eight_bit_colour_samples_take_their_colour_map_as_they_are():
     colours[1:3, 1:4] = (0, 128, 255)
     ids = _mask_from_samples(colours, 1, {(0, 0, 0): 0, (0, 128, 255): 2}, "m.tif")
     np.testing.assert_array_equal(ids, np.where(colours[..., 2] == 255, 2, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_tiffs_of_more_than_four_bands_are_refused_as_a_npy_array_of_them_is(tmp_path, dtype):
+    """A multispectral TIFF (5 or 13 samples per pixel) names its bands instead of being read
+    as its first three (for Sentinel-2 those are coastal, blue and green); 4 bands read as
+    the first three, by validation as well."""
+    import tifffile
+
+    from automask.data import validate_frame
+    from automask.data.io import check_decodes
+
+    bands = (np.random.default_rng(3).random((10, 12, 13)) * 200).astype(dtype)
+    mask = tmp_path / "m.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(mask)
+    for count in (5, 13):
+        path = tmp_path / f"b{count}.tif"
+        tifffile.imwrite(path, bands[..., :count], photometric="minisblack",
+                         planarconfig="contig")
+        reason = rf"a TIFF image of {count} bands \(samples per pixel\) is not one picture"
+        for read in (check_decodes, read_image, read_mask):
+            with pytest.raises(OSError, match=reason):
+                read(path)
+        with pytest.raises(DataValidationError, match=rf"row 0 \[image\] .*b{count}\.tif: "
+                                                      rf"unreadable image \(.*{reason}"):
+            validate_frame(pd.DataFrame({"image": [str(path)], "label": [str(mask)]}))
+    four = tmp_path / "b4.tif"
+    tifffile.imwrite(four, bands[..., :4], photometric="rgb",
+                     extrasamples=["unspecified"])  # red, green, blue, near infrared
+    three = tmp_path / "b3.npy"
+    np.save(three, bands[..., :3])
+    np.testing.assert_array_equal(read_image(four), read_image(three))
+    assert validate_frame(pd.DataFrame({"image": [str(four)], "label": [str(mask)]})).task \
+        == "binary"

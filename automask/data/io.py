@@ -148,6 +148,12 @@ def _left_to_apply(img: Image.Image, orientation: int) -> int:
 
 _TIFF_BITS, _TIFF_SAMPLES = 258, 277
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_MAX_CHANNELS = 4  # grey, grey + alpha, RGB, RGB + alpha or a fourth band
+
+
+class NotOnePicture(OSError):
+    """A file that decodes, but whose samples are not one 2-D picture (a volume, a stack,
+    more than four bands): which picture to take from it is the user's choice."""
 
 
 def _deep_colour_tiff(img: Image.Image) -> bool:
@@ -236,12 +242,16 @@ def _tiff_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     else:
         data = data[..., None]
     if data.ndim != 3:
-        raise OSError(f"{path}: a TIFF image of axes {axes!r} is not one 2-D picture")
+        raise NotOnePicture(f"{path}: a TIFF image of axes {axes!r} is not one 2-D picture")
+    if data.shape[-1] > _MAX_CHANNELS:  # which bands are red, green, blue: the user knows
+        raise NotOnePicture(
+            f"{path}: a TIFF image of {data.shape[-1]} bands (samples per pixel) is not one "
+            f"picture; save 1 to {_MAX_CHANNELS} bands, e.g. the red, green and blue ones, "
+            "one file per image")
     return data, orientation
 
 
 _NPY_MAGIC = b"\x93NUMPY"
-_NPY_MAX_CHANNELS = 4  # grey, grey + alpha, RGB, RGB + alpha or a fourth band
 
 
 def _npy_layout(shape: tuple[int, ...], path: str | os.PathLike) -> tuple[int, int, bool]:
@@ -258,13 +268,13 @@ def _npy_layout(shape: tuple[int, ...], path: str | os.PathLike) -> tuple[int, i
     """
     if len(shape) == 2:
         return int(shape[0]), int(shape[1]), False
-    if len(shape) == 3 and 1 <= shape[2] <= _NPY_MAX_CHANNELS:
+    if len(shape) == 3 and 1 <= shape[2] <= _MAX_CHANNELS:
         return int(shape[0]), int(shape[1]), False
-    if len(shape) == 3 and 1 <= shape[0] <= _NPY_MAX_CHANNELS:
+    if len(shape) == 3 and 1 <= shape[0] <= _MAX_CHANNELS:
         return int(shape[1]), int(shape[2]), True
-    raise OSError(
+    raise NotOnePicture(
         f"{path}: a .npy array of shape {tuple(shape)} is not one 2-D picture; save (H, W), "
-        f"(H, W, C) or (C, H, W) with 1 to {_NPY_MAX_CHANNELS} channels (one slice or the "
+        f"(H, W, C) or (C, H, W) with 1 to {_MAX_CHANNELS} channels (one slice or the "
         "bands to use, one file per image)"
     )
 

@@ -62,6 +62,7 @@ from .arrays import shown
 from .io import (
     _SWAPPING_ORIENTATIONS,
     ColorMap,
+    NotOnePicture,
     _orientation,
     check_decodes,
     image_size,
@@ -359,6 +360,8 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
         check_decodes(path)  # a cut-off file whose end marker was added back fails here
     except Image.DecompressionBombError as exc:
         return None, _too_large(exc)
+    except NotOnePicture as exc:  # decodes, but holds several pictures' worth of samples
+        return None, f"unreadable image ({exc})"
     except (OSError, ValueError, SyntaxError) as exc:
         return None, f"truncated or corrupt file ({exc})"
     return size, None
