@@ -463,3 +463,39 @@ def test_numbers_where_paths_belong_are_named_as_an_image_classification_table(
     monkeypatch.chdir(tmp_path)
     spec = validate_frame(pd.DataFrame({"image": [pairs[0][0]], "label": [3]}))
     assert spec.frame["label"].tolist() == [str(tmp_path / "3")] and spec.task == "binary"
+
+
+def test_blurred_binary_masks_are_binarised_once_num_classes_2_says_binary(tmp_path):
+    """A mask blurred past the soft rule (a fifth of its pixels between 32 and 223) fits
+    neither task by itself, and the message says how to read it; with ``num_classes=2``
+    (given, or of a fitted binary model) it is binarised at > 128. A 0/1 JPEG mask with
+    ``num_classes=2`` still is no soft mask: nothing in it is above 128."""
+    from PIL import ImageFilter
+
+    pairs = []
+    for i in range(3):
+        mask = np.zeros((24, 24), np.uint8)
+        mask[6:18, 5 + i:17 + i] = 255
+        blurred = np.asarray(Image.fromarray(mask).filter(ImageFilter.GaussianBlur(2)))
+        middle = ((blurred >= 32) & (blurred < 224)).mean()
+        assert middle > 0.1 and len(np.unique(blurred)) > 20, middle
+        img, path = _pair(tmp_path, f"blur{i}", blurred)
+        pairs.append((img, path, blurred))
+    frame = _frame([p[:2] for p in pairs])
+    with pytest.raises(DataValidationError, match=r"pass num_classes=2 to binarise them at "
+                                                  r"> 128"):
+        validate_frame(frame)
+    for fitted in (False, True):
+        with pytest.warns(UserWarning, match=r"3 mask\(s\) look like anti-aliased"):
+            spec = validate_frame(frame, num_classes=2, fitted=fitted)
+        assert (spec.task, spec.num_classes) == ("binary", 2)
+        for pos, (_, _, blurred) in enumerate(pairs):
+            target = SegmentationDataset(spec, input_size=24)[pos]["target"].numpy()
+            np.testing.assert_array_equal(target, (blurred > 128).astype(target.dtype))
+    ones = np.zeros((40, 48), np.uint8)
+    ones[10:30, 5:25] = 1
+    img, _ = _pair(tmp_path, "ones", ones)
+    Image.fromarray(ones).save(tmp_path / "ones.jpg", quality=90)
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "ones.jpg")))) == {0, 1, 2}
+    with pytest.raises(DataValidationError, match=r"row 0 \[label\].*ones\.jpg"):
+        validate_frame(_frame([(img, str(tmp_path / "ones.jpg"))]), num_classes=2)

@@ -18,8 +18,9 @@ Each mask's set of values (after ``color_map``; ``void_label`` pixels excluded) 
 * ``b255`` - a subset of {0, 255} containing 255 (255 = foreground);
 * ``soft`` - an anti-aliased or JPEG-compressed binary mask: values 128-254 present (or
   a JPEG file), at least 90% of the pixels within 31 of 0 or 255, and some pixels near
-  255; also a JPEG mask of values within 31 of 0 only (no object, compression noise)
-  when other masks of the data are binary 0/255. It is
+  255 (with ``num_classes=2``: values 128-254 present, or a JPEG file with values above
+  128, however many pixels lie between); also a JPEG mask of values within 31 of 0 only
+  (no object, compression noise) when other masks of the data are binary 0/255. It is
   binarised at ``> 128``, the convention of PySODMetrics and the salient/camouflaged
   object literature, with a warning (also with ``num_classes=2``);
 * ``ids``  - anything else: class ids, with 255 = ignore.
@@ -162,8 +163,12 @@ def _kind_of(values: set[int]) -> str:
 _NEAR_BLACK, _NEAR_WHITE = 32, 224  # soft masks: values below / from these are "near" 0 / 255
 
 
-def _is_soft_binary(values: np.ndarray, counts: np.ndarray) -> bool:
-    """Most pixels near 0 or 255 and some near 255: an anti-aliased or JPEG binary mask."""
+def _is_soft_binary(values: np.ndarray, counts: np.ndarray, declared: bool = False) -> bool:
+    """Most pixels near 0 or 255 and some near 255: an anti-aliased or JPEG binary mask.
+    ``declared`` (``num_classes=2``): any mask with values above the threshold is one
+    (a blurred mask, a saliency map), as the caller said the task is binary."""
+    if declared:
+        return bool(len(values)) and int(values.max()) > SOFT_THRESHOLD
     total = counts.sum()
     near_white = values >= _NEAR_WHITE
     extreme = counts[(values < _NEAR_BLACK) | near_white].sum()
@@ -1047,7 +1052,7 @@ def _detect_task(
         if kinds[pos] == KIND_IDS and num_classes in (None, 2) and (
                 jpeg[pos] or any(_ANTIALIAS_LOW <= v < IGNORE_INDEX for v in value_sets[pos])):
             _, values, counts = summaries[pos]
-            if _is_soft_binary(values, counts):
+            if _is_soft_binary(values, counts, declared=num_classes == 2):
                 kinds[pos] = KIND_SOFT
     if any(kinds[pos] in (KIND_SOFT, KIND_B255) for pos in valid):
         for pos in valid:  # a JPEG binary mask without an object: compression noise near 0
@@ -1129,8 +1134,9 @@ def _detect_task(
             pos, index[pos], label_col, paths[pos],
             f"mask values {_fmt(value_sets[pos])} fit neither task: values 128-254 are "
             "neither a clean or soft (anti-aliased/JPEG) binary mask beside the other "
-            "masks, nor class ids below 128; threshold the masks, or pass num_classes to "
-            "use the values as class ids",
+            "masks, nor class ids below 128; pass num_classes=2 to binarise them at "
+            f"> {SOFT_THRESHOLD} (a blurred or soft binary mask), or num_classes=K to read "
+            "the values as class ids",
         )
     soft_set = set(soft)
     multi = [
