@@ -574,3 +574,28 @@ def test_maps_of_one_channel_score_as_their_2d_maps():
     with pytest.raises(ValueError, match=r"image 0: prediction shape \(30, 40, 2\) does not "
                                          r"match target shape \(30, 40\)"):
         score([np.stack([1 - probs[0], probs[0]], -1)], truths[:1])  # two channels last
+
+
+@pytest.mark.parametrize("task, given, meant", [
+    ("binary", "S-alpha", "sm"), ("binary", "Sα", "sm"), ("binary", "S-measure", "sm"),
+    ("binary", "E_phi", "em"), ("binary", "maxE", "em_max"), ("binary", "MAE", "mae"),
+    ("binary", "wF", "wfm"), ("binary", "F_beta^w", "wfm"), ("binary", "maxF", "fm_max"),
+    ("binary", "IoU", "iou"), ("binary", "mIoU", "iou"), ("binary", "Dice", "dice"),
+    ("binary", "BER", "ber"), ("binary", "f1", "dice"), ("binary", "iuo", "iou"),
+    ("multiclass", "mIoU", "miou"), ("multiclass", "Accuracy", "acc"),
+    ("multiclass", "IoU", "miou"), ("multiclass", "pixel_accuracy", "acc"),
+])
+def test_unknown_metric_names_suggest_the_registry_name(task, given, meant):
+    """The names papers and other libraries use are answered with the registry's."""
+    with pytest.raises(ValueError) as info:
+        build_metrics(task, [given], **({"num_classes": 3} if task == "multiclass" else {}))
+    text = str(info.value)
+    assert f"unknown metric {given!r} for task {task!r}; did you mean {meant!r}? (valid " \
+           "metrics: " in text, text
+
+
+def test_names_like_no_metric_get_no_suggestion():
+    with pytest.raises(ValueError) as info:
+        build_metrics("binary", ["hausdorff"])
+    assert "did you mean" not in str(info.value)
+    assert "unknown metric 'hausdorff' for task 'binary' (valid metrics: sm, em" in str(info.value)

@@ -72,6 +72,8 @@ def test_select_metric_is_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="'miou'"):
         SemanticSegmentor(path=run, verbosity=0).fit(
             frame, presets="tiny", hyperparameters={"optim.select_metric": "miou"})
+    with pytest.raises(ConfigError, match=r"unknown eval_metric 'mIoU'; did you mean 'iou'\?"):
+        SemanticSegmentor(path=run, verbosity=0, eval_metric="mIoU").fit(frame, presets="tiny")
     assert not run.exists()
     with pytest.raises(ConfigError, match=r"'env\.seed'"):
         resolve("tiny", {"env.seed": -1})

@@ -72,6 +72,57 @@ CONVENTIONS: dict[str, tuple[str, ...]] = {
 _COMMON = {"binary": {"gt_threshold", "ignore_index"}, "multiclass": set()}
 
 
+# What the papers and other libraries call the metrics, folded by _fold, -> registry name.
+_ALIASES: dict[str, str] = {
+    **dict.fromkeys(("smeasure", "salpha", "structuremeasure"), "sm"),
+    **dict.fromkeys(("emeasure", "ephi", "meanemeasure", "meanephi", "emean", "meane"), "em"),
+    **dict.fromkeys(("maxemeasure", "emax", "maxephi", "maxem", "maxe"), "em_max"),
+    **dict.fromkeys(("adaptiveemeasure", "eadp", "adpe", "adpem"), "em_adp"),
+    **dict.fromkeys(("weightedfmeasure", "wf", "wfbeta", "fbetaw", "wfmeasure", "weightedf"),
+                    "wfm"),
+    **dict.fromkeys(("fmeasure", "fbeta", "meanf", "meanfm", "meanfmeasure"), "fm"),
+    **dict.fromkeys(("maxfmeasure", "maxf", "fmax", "maxfm", "maxfbeta"), "fm_max"),
+    **dict.fromkeys(("adaptivefmeasure", "adpf", "fadp", "adpfm"), "fm_adp"),
+    **dict.fromkeys(("meanabsoluteerror", "m"), "mae"),
+    **dict.fromkeys(("jaccard", "jaccardindex", "intersectionoverunion"), "iou"),
+    **dict.fromkeys(("f1", "f1score", "dicescore", "dicecoefficient", "dsc"), "dice"),
+    "balancederrorrate": "ber",
+    **dict.fromkeys(("accuracy", "pixelaccuracy", "pa", "oa", "pixelacc"), "acc"),
+    **dict.fromkeys(("meaniou", "mjaccard", "meanintersectionoverunion"), "miou"),
+    **dict.fromkeys(("perclassiou", "classiou", "ious"), "iou_per_class"),
+}
+
+
+def _fold(name: str) -> str:
+    """``"S-alpha"``, ``"E_phi"``, ``"mIoU"`` -> ``"salpha"``, ``"ephi"``, ``"miou"``."""
+    text = name.lower().replace("α", "alpha").replace("φ", "phi").replace("ξ", "phi")
+    text = text.replace("β", "beta").replace("ω", "w")
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+def suggest_metric(name: Any, task: str) -> str:
+    """``"; did you mean 'x'?"`` for an unknown metric name of ``task``, or ``""``.
+
+    The name is matched without case and punctuation, under the names papers and other
+    libraries use (``S-alpha``, ``mIoU``, ``maxF``, ``Dice``...), then by spelling.
+    """
+    import difflib
+
+    if not isinstance(name, str):
+        return ""
+    valid = [n for n, t in METRIC_TASK.items() if t == task]
+    folded = _fold(name)
+    found = {_fold(n): n for n in valid}.get(folded) or _ALIASES.get(folded)
+    if found == "miou" and task == "binary":  # the binary task's IoU is per image
+        found = "iou"
+    if found in ("iou", "dice") and task == "multiclass":
+        found = "miou"
+    if found is None or METRIC_TASK.get(found) != task:
+        close = difflib.get_close_matches(folded, valid, n=1, cutoff=0.6)
+        found = close[0] if close else None
+    return f"; did you mean {found!r}?" if found and found != name else ""
+
+
 def _parameters(factory: Callable[..., Metric]) -> set[str]:
     params = inspect.signature(factory).parameters
     named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -113,7 +164,8 @@ def build_metrics(
     for name in names:
         if name not in METRICS:
             raise ValueError(
-                f"unknown metric {name!r} for task {task!r}; valid metrics: {', '.join(valid)}"
+                f"unknown metric {name!r} for task {task!r}{suggest_metric(name, task)} "
+                f"(valid metrics: {', '.join(valid)})"
             )
         if METRIC_TASK[name] != task:
             raise ValueError(

@@ -251,7 +251,11 @@ def choose_eval_metric(eval_metric: str | None, task: str, num_classes: int,
 
     metric = select or eval_metric or ("iou" if task == "binary" else "miou")
     if metric not in METRICS:
-        raise ConfigError(f"unknown eval_metric {metric!r}; valid: {', '.join(METRICS)}")
+        from ..metrics.registry import suggest_metric
+
+        key = "'optim.select_metric'" if select else "eval_metric"
+        raise ConfigError(f"unknown {key} {metric!r}{suggest_metric(metric, task)} (valid: "
+                          f"{', '.join(METRICS)})")
     if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
         raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
     try:  # raises for a metric that does not fit the task
