@@ -2,6 +2,8 @@
 beyond the 8/16-bit ranges, read by :mod:`automask.data.io` and taken through a tiny fit."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -239,3 +241,26 @@ def test_a_csv_with_a_header_and_no_rows_is_named(tmp_path):
     (tmp_path / "train.csv").write_text("image,label\n")
     with pytest.raises(DataValidationError, match=r"train\.csv has no rows.*'image', 'label'"):
         validate_frame(tmp_path / "train.csv", image_col="image", label_col="label")
+
+
+@pytest.mark.parametrize("name", ["Unlabelled", "unlabeled", "VOID", "don't care", "Ignore"])
+def test_a_class_named_as_unlabelled_pixels_without_void_label_is_warned_about(
+        tmp_path, name):
+    """CamVid's classes.txt names id 11 "Unlabelled": fitted without data.void_label, those
+    pixels were learnt and scored as a class, silently."""
+    from automask.data import validate_frame
+    from automask.data.validation import warn_training_issues
+
+    masks = [_class_ids(), _class_ids()]
+    masks[1][:4] = 11
+    frame = _pairs(tmp_path, masks, ".png")
+    names = [f"c{i}" for i in range(11)]
+    spec = validate_frame(frame, class_names=names + [name])
+    with pytest.warns(UserWarning, match=rf"class 11 is named {re.escape(repr(name))}, as "
+                                         r"datasets name the pixels they leave unlabelled.*"
+                                         r"hyperparameters=\{'data.void_label': 11\}"):
+        warn_training_issues(spec)
+    spec = validate_frame(frame, class_names=names, void_label=11)
+    assert not [m for m in warn_training_issues(spec) if "unlabelled" in m]
+    spec = validate_frame(frame, class_names=names + ["Other"])  # a class in many datasets
+    assert not [m for m in warn_training_issues(spec) if "unlabelled" in m]

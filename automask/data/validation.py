@@ -904,7 +904,7 @@ def _rows_text(spec: DataSpec, positions: Sequence[int], limit: int = 5) -> str:
 def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) -> list[str]:
     """Warn about training data that can be used but probably is not what was meant.
 
-    Called before training (by the data module). Five checks, each one warning that
+    Called before training (by the data module). Six checks, each one warning that
     names a few rows or values where it can:
 
     * rows that repeat an image of another row (the holdout split keeps all rows of an
@@ -916,7 +916,9 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
     * multi-class ids that label no pixel of any training mask: the model has an output for
       each but cannot learn it. When most ids are missing (``{0, 38}`` read as 39 classes,
       since K is the largest id + 1), the masks probably hold labels rather than class
-      ids, and the warning gives the ``color_map`` that maps them to ``0..n-1``.
+      ids, and the warning gives the ``color_map`` that maps them to ``0..n-1``;
+    * without ``void_label``, a class named as datasets name unlabelled pixels
+      (``"Unlabelled"``, ``"void"``, ``"ignore"``): it would be learnt as a class.
 
     Returns
     -------
@@ -966,9 +968,40 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
     unlearnt = _classes_without_pixels(spec)
     if unlearnt:
         messages.append(unlearnt)
+    void_named = _class_named_as_void(spec)
+    if void_named:
+        messages.append(void_named)
     for message in messages:
         warnings.warn(message, stacklevel=2)
     return messages
+
+
+# Names datasets give the label of unlabelled pixels (CamVid's "Unlabelled", Cityscapes'
+# "unlabeled", ADE20K's "other"... not the last: it can be a class), folded as by _folded.
+_VOID_NAMES = frozenset({"void", "unlabelled", "unlabeled", "ignore", "ignored", "dontcare",
+                         "donotcare", "unknown", "undefined", "nolabel", "notlabelled",
+                         "notlabeled", "unclassified", "nodata", "invalid"})
+
+
+def _folded(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def _class_named_as_void(spec: DataSpec) -> str | None:
+    """The warning for a multi-class fit without ``void_label`` whose class names call a
+    class what datasets call their unlabelled pixels (``"Unlabelled"``, ``"void"``), or
+    None: its pixels are then learnt as a class, and scored as one."""
+    if spec.task != "multiclass" or spec.void_label is not None:
+        return None
+    named = [(c, name) for c, name in enumerate(spec.class_names)
+             if _folded(name) in _VOID_NAMES]
+    if not named:
+        return None
+    c, name = named[0]
+    return (f"class {c} is named {name!r}, as datasets name the pixels they leave "
+            "unlabelled: it is learnt and scored as a class. If it marks no class, ignore "
+            f"its pixels in training and scoring with hyperparameters={{'data.void_label': "
+            f"{c}}} and class_names without {name!r} (automask fit --void-label {c})")
 
 
 def _id_ranges(ids: Sequence[int], limit: int = 8) -> str:
