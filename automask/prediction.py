@@ -390,8 +390,14 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
                       overwrite: bool, suffix: str = ".png") -> list[Path]:
     """One ``<stem><suffix>`` per image in ``out``, after checking that writing them is safe.
 
+    When different image files share a stem (``a/1.png``, ``b/1.png``), each output keeps
+    the image's path below the images' common folder instead (``out/a/1.png``,
+    ``out/b/1.png``); a file given twice gets one output.
+
     Raises DataValidationError, before anything is written, when ``out`` cannot be a
-    folder, when two images share a stem, when a destination is one of the input files (an
+    folder, when two image files still share a name (``a/1.png`` and ``a/1.jpg``), when a
+    destination or a folder on its way is an existing folder or file in the way, when a
+    destination is one of the input files (an
     image, or a mask of the label column) whatever ``overwrite`` says, or when a
     destination exists and ``overwrite`` is False. Each message names the files at fault.
     ``suffix``: ``".png"`` for masks, ``".npy"`` for probability maps.
@@ -400,12 +406,17 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
     if problem is not None:
         raise DataValidationError(f"--out / save_to {str(out)!r} cannot be used: {problem}")
     images = [Path(p) for p in spec.frame[spec.image_col]]
-    stems = [p.stem for p in images]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
+    names = _output_names(images)
+    owners: dict[Path, list[Path]] = {}
+    for image, name in zip(images, names):
+        same = owners.setdefault(name, [])
+        if all(_real(image) != _real(other) for other in same):
+            same.append(image)
+    dup = sorted(str(name) for name, files in owners.items() if len(files) > 1)
     if dup:
-        shown = [str(p) for p in images if p.stem == dup[0]][:3]
+        shown = [str(p) for p in owners[Path(dup[0])][:3]]
         raise DataValidationError(
-            f"images share file stems, so their outputs in {str(out)!r} would overwrite each "
+            f"images share file names, so their outputs in {str(out)!r} would overwrite each "
             f"other: {dup[:5]} (e.g. {shown}); rename the images or predict them into "
             "separate folders"
         )
@@ -420,7 +431,13 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
             raw = _raw_path(value)
             if raw is not None:
                 inputs.setdefault(_real(Path(_resolve(raw, base))), f"mask of row {index[i]!r}")
-    dests = [out / f"{s}{suffix}" for s in stems]
+    dests = [out / f"{name}{suffix}" for name in names]
+    in_the_way = sorted({str(folder) for d in dests for folder in d.parents
+                         if folder != out and out in folder.parents and folder.is_file()})
+    if in_the_way:
+        raise DataValidationError(
+            f"file(s) {in_the_way[:3]} in {str(out)!r} stand where the outputs' folders go; "
+            "choose another output folder")
     clash = [f"{d} ({inputs[_real(d)]})" for d in dests if _real(d) in inputs]
     if clash:
         raise DataValidationError(
@@ -446,6 +463,20 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
 
 def _real(path: Path) -> str:
     return os.path.realpath(path)
+
+
+def _output_names(images: list[Path]) -> list[Path]:
+    """Each image's stem; when different files share one, every image's path below the
+    images' common folder, without its suffix (``a/1.png``, ``b/1.png`` -> ``a/1``, ``b/1``)."""
+    stems: dict[str, set[str]] = {}
+    for image in images:
+        stems.setdefault(image.stem, set()).add(_real(image))
+    if all(len(files) == 1 for files in stems.values()):
+        return [Path(image.stem) for image in images]
+    folders = [os.path.abspath(image.parent) for image in images]
+    common = os.path.commonpath(folders)
+    return [Path(os.path.relpath(folder, common)) / image.stem
+            for folder, image in zip(folders, images)]
 
 
 def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
@@ -485,12 +516,19 @@ def write_probabilities(probs: Iterator[tuple[int, np.ndarray]], dests: list[Pat
 def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
                 write) -> None:
     """``write(dests[idx], prob)`` for each prediction; on failure, remove what was created."""
+    import shutil
+
     created_dir = top_created(out)
     out.mkdir(parents=True, exist_ok=True)
     created: list[Path] = []
+    folders: list[Path] = []  # sub-folders this call made (outputs kept below a folder)
     try:
         for idx, prob in probs:
             dest = dests[idx]
+            top = top_created(dest.parent)
+            if top is not None:
+                dest.parent.mkdir(parents=True)
+                folders.append(top)
             new = not (dest.exists() or dest.is_symlink())
             write(dest, prob)
             if new:
@@ -499,10 +537,8 @@ def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
         for path in created:
             with contextlib.suppress(OSError):
                 path.unlink()
-        if created_dir is not None:
-            import shutil
-
-            shutil.rmtree(created_dir, ignore_errors=True)
+        for folder in [created_dir] if created_dir is not None else folders:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from automask import SemanticSegmentor, cli
 from automask.datasets import make_synthetic
@@ -152,19 +153,67 @@ def test_save_to_that_cannot_be_a_folder_fails_before_any_prediction(fitted, tmp
     assert sorted(p.name for p in out.iterdir()) == [f"{Path(images[0]).stem}.png"]
 
 
-def test_shared_stems_name_the_images_at_fault(fitted, tmp_path):
-    """Two inputs a/x.png and b/x.png saved to one folder: the message names both paths."""
+def test_shared_stems_keep_their_folders_below_the_output_folder(fitted, tmp_path):
+    """Inputs a/x.png, b/x.png and c/d/x.png saved to one folder keep their paths below
+    their common folder (a file given twice: one output); files that still share a name
+    (a/x.png beside a/x.jpg), or a file where an output folder goes, are refused before any
+    work, naming the paths."""
+    seg, _, csv = fitted
+    first = Path(pd.read_csv(csv)["image"][0])
+    paths = []
+    for sub in ("a", "b", "c/d"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        paths.append(tmp_path / "in" / sub / "x.png")
+        paths[-1].write_bytes(first.read_bytes())
+    out = tmp_path / "out"
+    written = seg.predict([str(p) for p in paths + paths[:1]], save_to=out)
+    assert list(written["label"]) == [str(out / "a/x.png"), str(out / "b/x.png"),
+                                      str(out / "c/d/x.png"), str(out / "a/x.png")]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "a/x.png", "b/x.png", "c/d/x.png"]
+    want = seg.predict([str(first)])[0]
+    for dest in written["label"]:
+        assert np.array_equal(np.asarray(Image.open(dest)) > 0, want > 0) and want.any()
+    jpeg = tmp_path / "in" / "a" / "x.jpg"
+    Image.open(first).convert("RGB").save(jpeg)
+    with pytest.raises(DataValidationError, match="share file names") as info:
+        seg.predict([str(paths[0]), str(jpeg), str(paths[1])], save_to=tmp_path / "out2")
+    assert str(paths[0]) in str(info.value) and str(jpeg) in str(info.value), info.value
+    assert not (tmp_path / "out2").exists()
+    (tmp_path / "out3").mkdir()
+    (tmp_path / "out3" / "b").write_text("x")
+    with pytest.raises(DataValidationError, match=r"out3/b'\] in .* stand where the outputs' "
+                                                  "folders go"):
+        seg.predict([str(p) for p in paths], save_to=tmp_path / "out3")
+    assert [p.name for p in (tmp_path / "out3").iterdir()] == ["b"]
+
+
+def test_a_failed_write_removes_the_sub_folders_it_made(fitted, tmp_path, monkeypatch):
+    """Outputs kept below sub-folders: a write failing half-way leaves the folder as it was."""
+    import automask.data.io as io
+
     seg, _, csv = fitted
     first = Path(pd.read_csv(csv)["image"][0])
     paths = []
     for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        paths.append(tmp_path / sub / "x.png")
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        paths.append(tmp_path / "in" / sub / "x.png")
         paths[-1].write_bytes(first.read_bytes())
-    with pytest.raises(DataValidationError, match="share file stems") as info:
-        seg.predict([str(p) for p in paths], save_to=tmp_path / "out")
-    assert all(str(p) in str(info.value) for p in paths), info.value
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real, calls = io.write_mask, []
+
+    def failing(dest, mask, task):
+        calls.append(dest)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(dest, mask, task)
+
+    monkeypatch.setattr(io, "write_mask", failing)
+    with pytest.raises(OSError, match="disk full"):
+        seg.predict([str(p) for p in paths], save_to=out)
+    assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 def test_tiled_proba_names_a_bad_batch_size_or_image():
