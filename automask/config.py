@@ -560,7 +560,7 @@ def _check_keys(flat: Mapping[str, Any], known: Mapping[str, Any], origin: str) 
     for key in flat:
         if key not in known:
             section, _, leaf = str(key).rpartition(".")
-            target = aliases.get(leaf, aliases.get(leaf.lower()))
+            target = aliases.get(leaf, aliases.get(leaf.lower(), leaf.lower()))  # 'lr' too
             found = sorted((k for k in known if target and k.rpartition(".")[2] == target),
                            key=lambda k: not k.startswith(section + "."))
             close = found[:1] or difflib.get_close_matches(str(key), list(known), n=1,
@@ -638,8 +638,10 @@ def resolve(
             f"{type(hyperparameters).__name__} {hyperparameters!r}")
     if presets is not None:
         if presets not in presets_table:
-            close = difflib.get_close_matches(str(presets), list(presets_table), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            from .presets import suggest_preset
+
+            close = suggest_preset(presets, list(presets_table))
+            hint = f"; did you mean {close!r}?" if close else ""
             raise ConfigError(
                 f"unknown preset {presets!r}{hint}; valid presets: {', '.join(presets_table)}"
             )

@@ -131,6 +131,49 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Words of a dataset's or a task's name -> the PAPER_DATASETS recipe made for its kind.
+_DATASET_WORDS: dict[str, str] = {
+    **dict.fromkeys(("polyp", "kvasir", "cvc", "clinicdb", "colondb", "etis"), "polyp"),
+    **dict.fromkeys(("isic", "skin", "lesion", "ph2", "derm"), "isic2017"),
+    **dict.fromkeys(("camo", "cod", "camouflage", "camouflaged", "chameleon", "nc4k"), "camo"),
+    **dict.fromkeys(("sbu", "shadow", "istd", "ucf"), "sbu"),
+    **dict.fromkeys(("leaf", "plant", "disease"), "leaf"),
+    **dict.fromkeys(("road", "roads", "massachusetts", "deepglobe"), "road"),
+}
+
+
+def suggest_preset(name: object, valid: list[str]) -> str | None:
+    """The preset a mistyped ``name`` most likely means, or None.
+
+    Tried in turn: the same name in other case; a dataset's or task's name, or one word
+    away (``"paper_kvasir"``, ``"shadow"`` -> ``paper_polyp``, ``paper_sbu``; ``paper_table_``
+    kept when asked); the start of a name (``"best"`` -> ``best_quality``); the closest
+    spelling.
+    """
+    import difflib
+    import re
+
+    text = str(name).strip().lower()
+    folded = {v.lower(): v for v in valid}
+    if text in folded:
+        return folded[text]
+    words = re.findall(r"[a-z]+", text)
+    for word in words:
+        stems = [stem for stem in _DATASET_WORDS
+                 if word.startswith(stem) or (len(word) >= 4 and stem.startswith(word))]
+        stems = stems or difflib.get_close_matches(word, list(_DATASET_WORDS), n=1, cutoff=0.8)
+        if stems:  # "kvasir", "kvasr", "cod10k", "shadows"
+            recipe = _DATASET_WORDS[stems[0]]
+            preset = f"paper_table_{recipe}" if "table" in words else f"paper_{recipe}"
+            if preset in valid:
+                return preset
+    starts = [v for v in valid if text and v.startswith(text)]
+    if len(starts) == 1:
+        return starts[0]
+    close = difflib.get_close_matches(text, valid, n=1)
+    return close[0] if close else None
+
+
 def list_presets() -> list[str]:
     """Names of the presets, in the order of the README's table."""
     return list(PRESETS)

@@ -51,6 +51,32 @@ def test_unknown_key_suggests_the_known_alias_first():
         resolve(None, {"optim.learning_rate": 1e-3})
     with pytest.raises(ConfigError, match=r"'epochs'.*did you mean 'optim\.max_epochs'"):
         resolve(None, {"epochs": 3})
+    for bare, key in [("lr", "optim.lr"), ("rank", "peft.rank"),
+                      ("max_epochs", "optim.max_epochs"), ("Backbone", "model.backbone")]:
+        with pytest.raises(ConfigError, match=rf"'{bare}'; did you mean '{re.escape(key)}'\?"):
+            resolve(None, {bare: 1})
+
+
+@pytest.mark.parametrize("given, meant", [
+    ("Tiny", "tiny"), ("best", "best_quality"), ("medium", "medium_quality"),
+    ("paper_kvasir", "paper_polyp"), ("paper_kvasr", "paper_polyp"), ("shadow", "paper_sbu"),
+    ("paper_table_cod10k", "paper_table_camo"), ("isic2018", "paper_isic2017"),
+    ("road_segmentation", "paper_road"), ("medium_qualty", "medium_quality"),
+    ("paper_tabel", "paper_table"),
+])
+def test_an_unknown_preset_names_the_one_meant(given, meant):
+    """A preset asked by its dataset's name (or mistyped, or cut short) suggests the preset
+    made for that kind of data, not the closest spelling of another ('paper_kvasr' was
+    answered with 'paper_sbu')."""
+    with pytest.raises(ConfigError, match=rf"unknown preset '{given}'; did you mean "
+                                          rf"'{meant}'\?; valid presets: medium_quality"):
+        resolve(given, {})
+
+
+def test_a_preset_like_no_other_gets_no_suggestion():
+    with pytest.raises(ConfigError) as info:
+        resolve("xyz", {})
+    assert "did you mean" not in str(info.value) and "valid presets: " in str(info.value)
 
 
 def test_nested_hyperparameters_resolve_as_their_dotted_keys():
