@@ -194,7 +194,7 @@ def _load(run: str, args=None):
     ``args`` (where the command has them) instead of the ones it was fitted with."""
     from .segmentor import SemanticSegmentor
 
-    seg = SemanticSegmentor.load(run)
+    seg = SemanticSegmentor.load(run, checkpoint=getattr(args, "checkpoint", None))
     for column in ("image", "label"):
         name = getattr(args, column, None)
         if name is not None:
@@ -507,7 +507,7 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
 
 def _cmd_show(args) -> None:
     models = _split(args.models, "--models") if args.models not in (None, "all") else None
-    seg = _load(args.run)
+    seg = _load(args.run, args)
     data = _folders(args, seg.image, seg.label)
     if data is not None and args.data is not None:
         raise AutomaskError("give either --data or --images/--masks, not both")
@@ -586,6 +586,9 @@ def _add_score_conventions(p: argparse.ArgumentParser) -> None:
 def _add_picture_commands(sub) -> None:
     p = _add_command(sub, "show", help="draw image | ground truth | prediction overlays (PNG)")
     p.add_argument("run", help="saved predictor directory")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the SAM checkpoint the models were trained on, where it is now "
+                        "(when the file recorded at fit time has moved)")
     p.add_argument("--data", help="CSV (with labels: ground truth shown), image folder or image")
     _add_folder_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -604,7 +607,7 @@ def _add_picture_commands(sub) -> None:
 
 
 def _cmd_export(args) -> None:
-    path = _load(args.run).export(args.out, format=args.format, model=args.model)
+    path = _load(args.run, args).export(args.out, format=args.format, model=args.model)
     print(f"exported to {path}")
 
 
@@ -709,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "predict", help="write predicted masks as PNG files")
     p.add_argument("run", help="saved predictor directory")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the SAM checkpoint the models were trained on, where it is now "
+                        "(when the file recorded at fit time has moved)")
     p.add_argument("--data", required=True, help="CSV, image folder or image file")
     p.add_argument("--out", required=True, help="folder for the masks")
     p.add_argument("--image", help="image column of the CSV (default: the fit's)")
@@ -731,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "evaluate", help="score a saved predictor on labelled data")
     p.add_argument("run")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the SAM checkpoint the models were trained on, where it is now "
+                        "(when the file recorded at fit time has moved)")
     p.add_argument("--data", help="CSV with image and label columns (or --images/--masks)")
     p.add_argument("--metrics", help="comma-separated metric names")
     p.add_argument("--model")
@@ -744,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "leaderboard", help="the trained models side by side")
     p.add_argument("run")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the SAM checkpoint the models were trained on, where it is now "
+                        "(when the file recorded at fit time has moved)")
     p.add_argument("--data", help="CSV of test data to score every model on")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
                    help="a row scoring another model's masks in DIR on --data; repeatable")
@@ -761,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "export", help="export a model to ONNX (or a torch.export .pt2)")
     p.add_argument("run", help="saved predictor directory")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the SAM checkpoint the models were trained on, where it is now "
+                        "(when the file recorded at fit time has moved)")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--format", choices=["onnx", "pt2"],
                    help="default: from the suffix of --out (.onnx or .pt2)")

@@ -625,16 +625,23 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     try:
         model, _ = build_candidate_model(
             record.config, 1 if seg.task_ == "binary" else seg.num_classes_,
-            checkpoint=_checkpoint_for(record.checkpoint), progress=seg.verbosity >= 2,
+            checkpoint=_checkpoint_for(record.checkpoint, getattr(seg, "_checkpoint_file",
+                                                                  None)),
+            progress=seg.verbosity >= 2,
             sha256=recorded)  # checked on the file's bytes before torch.load reads them
     except CheckpointError as exc:
         where = record.checkpoint.get("path")
         gone = bool(where) and not Path(where).is_file()
-        detail = ("which is no longer there, and no other copy was found" if gone
+        given = getattr(seg, "_checkpoint_file", None)
+        detail = ("and the checkpoint given to load is not that file" if given else
+                  "which is no longer there, and no other copy was found" if gone
                   else "and no file with that SHA-256 was found")
+        moved = ("" if given else
+                 "; if the file has moved, load the predictor with SemanticSegmentor.load(path, "
+                 "checkpoint=<its path now>) (automask: --checkpoint PATH)")
         raise SavedModelError(
             f"model {name!r} was trained on the SAM checkpoint {where} (SHA-256 {recorded}), "
-            f"{detail}: {exc}"
+            f"{detail}: {exc}{moved}"
         ) from exc
     if recorded and model.checkpoint_info.get("sha256") != recorded:
         raise SavedModelError(
@@ -665,10 +672,13 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _checkpoint_for(record: dict[str, Any]):
-    """The checkpoint argument that rebuilds the same backbone: random, file, or resolver."""
+def _checkpoint_for(record: dict[str, Any], given: str | None = None):
+    """The checkpoint argument that rebuilds the same backbone: random, the file ``given``
+    to :meth:`~automask.SemanticSegmentor.load`, the recorded file, or the resolver."""
     if record.get("source") == "random":
         return "random"
+    if given is not None:
+        return given  # its SHA-256 is checked against the record
     recorded_path = record.get("path")
     if recorded_path and Path(recorded_path).is_file():
         return recorded_path

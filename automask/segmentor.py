@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator
 
 from . import prediction, saving
 from .data.arrays import as_files, naming, shown
-from .errors import AutomaskError, ConfigError, NotFittedError
+from .errors import AutomaskError, ConfigError, NotFittedError, SavedModelError
 from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
 
@@ -530,9 +530,34 @@ class SemanticSegmentor(BaseEstimator):
         return target
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SemanticSegmentor":
-        """Load a predictor written by :meth:`save` (or by :meth:`fit`)."""
-        return saving.load_predictor(cls, Path(path))
+    def load(cls, path: str | os.PathLike,
+             checkpoint: str | os.PathLike | None = None) -> "SemanticSegmentor":
+        """Load a predictor written by :meth:`save` (or by :meth:`fit`).
+
+        Parameters
+        ----------
+        path : path-like
+            The predictor's folder (the one holding ``automask.json``).
+        checkpoint : path-like, optional
+            Where the SAM checkpoint file the models were trained on is now, for a
+            predictor whose recorded file was moved or lives on another machine (a
+            checkpoint of your own, which no cache or download can find). Its SHA-256 must
+            be the one recorded at fit time; it is checked when a model is first built.
+
+        Raises
+        ------
+        SavedModelError
+            Not a saved predictor, an incomplete or corrupted one, or a ``checkpoint`` that
+            is not a file.
+        """
+        seg = saving.load_predictor(cls, Path(path))
+        if checkpoint is not None:
+            file = Path(checkpoint).expanduser()
+            if not file.is_file():
+                raise SavedModelError(f"checkpoint {str(file)!r} is not a file: pass the path "
+                                      "of the SAM checkpoint the models were trained on")
+            seg._checkpoint_file = str(file.absolute())
+        return seg
 
     def __getstate__(self) -> dict[str, Any]:
         """A self-contained copy for pickle, ``copy.deepcopy`` and joblib.
@@ -555,6 +580,7 @@ class SemanticSegmentor(BaseEstimator):
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
             delattr(self, attr)
         saving.close_weights(self)
+        self._checkpoint_file = None  # load(..., checkpoint=): for the loaded models only
         self._loaded = {}
         self._weights_files = {}
         self._weights_bytes = {}

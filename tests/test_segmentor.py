@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -178,8 +180,29 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
     assert weights.stat().st_size < 0.5 * ckpt.stat().st_size
     # The file checkpoint is gone and no cache holds it: loading must say so, not guess.
     ckpt.rename(tmp_path / "elsewhere.pth")
-    with pytest.raises(SavedModelError, match="tiny_sam.pth.*no longer there"):
+    with pytest.raises(SavedModelError, match="tiny_sam.pth.*no longer there") as info:
         SemanticSegmentor.load(saved).predict(test)
+    assert "SemanticSegmentor.load(path, checkpoint=<its path now>) (automask: --checkpoint " \
+        "PATH)" in str(info.value)
+    # told where the file is now, loading checks its SHA-256 and predicts as before
+    moved = SemanticSegmentor.load(saved, checkpoint=tmp_path / "elsewhere.pth")
+    for a, b in zip(before, moved.predict(test)):
+        np.testing.assert_array_equal(a, b)
+    other = {k: v + 1 for k, v in base.state_dict().items()}
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(SavedModelError, match=r"the checkpoint given to load is not that "
+                                              r"file: .*other\.pth' has SHA-256"):
+        SemanticSegmentor.load(saved, checkpoint=tmp_path / "other.pth").predict(test)
+    with pytest.raises(SavedModelError, match=r"checkpoint '.*nowhere\.pth' is not a file"):
+        SemanticSegmentor.load(saved, checkpoint=tmp_path / "nowhere.pth")
+    out = tmp_path / "cli_masks"
+    proc = subprocess.run([sys.executable, "-m", "automask", "predict", str(saved), "--data",
+                           str(test["image"].iloc[0]), "--out", str(out), "--checkpoint",
+                           str(tmp_path / "elsewhere.pth")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [mask] = list(out.glob("*.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(mask)) > 0, before[0] > 0)
 
 
 def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, tmp_path):
