@@ -82,10 +82,11 @@ def test_folder_without_image_files_is_named(tmp_path):
     with pytest.raises(DataValidationError, match=r"mask folder .* no image files") as info:
         from_folders(tmp_path / "images", tmp_path / "masks", strict=False)
     assert "a.mat" in str(info.value)
-    _write(tmp_path / "nested" / "train" / "a.jpg")
+    (tmp_path / "nested" / "train").mkdir(parents=True)
+    (tmp_path / "nested" / "train" / "a.txt").write_text("x")
     with pytest.raises(DataValidationError, match=r"image folder .* no image files") as info:
         from_folders(tmp_path / "nested", tmp_path / "images")
-    assert "train/" in str(info.value) and "not searched" in str(info.value)
+    assert "train/" in str(info.value) and "nor do its sub-folders" in str(info.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataValidationError, match=r"image folder .*empty.* no image files"):
         from_folders(tmp_path / "empty", tmp_path / "images")
@@ -154,3 +155,43 @@ def test_prompt_dict_check_is_linear_in_the_data(tmp_path):
     out = check_prompts(None, boxes, index, [(4, 4)] * n)
     assert [p.box.tolist() for p in out] == [[0.0, 0.0, 2.0, 2.0]] * n
     assert _Key.hashes < 20 * n, _Key.hashes
+
+
+def test_folders_of_sub_folders_pair_by_the_path_below_them(tmp_path):
+    """Cityscapes keeps images and masks one folder per city, the masks of three kinds side
+    by side: both sides are searched below their sub-folders and paired by that path; a
+    flat mask folder pairs with nested images by stem, unless two stems repeat."""
+    for city, n in (("aachen", 2), ("bochum", 1)):
+        for i in range(n):
+            stem = f"{city}_{i:06d}_000019"
+            _write(tmp_path / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png")
+            for kind in ("labelIds", "color"):
+                _write(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_{kind}.png")
+    (tmp_path / "gtFine" / "train" / ".cache").mkdir()
+    _write(tmp_path / "gtFine" / "train" / ".cache" / "x_gtFine_labelIds.png")  # hidden
+    with pytest.warns(UserWarning, match="3 unpaired file"):  # the colour masks
+        df = from_folders(tmp_path / "leftImg8bit" / "train", tmp_path / "gtFine" / "train",
+                          image_suffix="_leftImg8bit", mask_suffix="_gtFine_labelIds",
+                          strict=False)
+    rel = [(str(Path(i).relative_to(tmp_path)), str(Path(m).relative_to(tmp_path)))
+           for i, m in zip(df["image"], df["label"])]
+    assert rel == [
+        (f"leftImg8bit/train/{c}/{c}_{i:06d}_000019_leftImg8bit.png",
+         f"gtFine/train/{c}/{c}_{i:06d}_000019_gtFine_labelIds.png")
+        for c, i in (("aachen", 0), ("aachen", 1), ("bochum", 0))]
+    assert len(df.attrs["unpaired"]["masks"]) == 3  # the colour masks
+    assert all("_color" in p for p in df.attrs["unpaired"]["masks"])
+
+    flat = tmp_path / "flat_masks"
+    for c, i in (("aachen", 0), ("aachen", 1), ("bochum", 0)):
+        _write(flat / f"{c}_{i:06d}_000019.png")
+    df = from_folders(tmp_path / "leftImg8bit" / "train", flat, image_suffix="_leftImg8bit")
+    assert [Path(p).parent.name for p in df["image"]] == ["aachen", "aachen", "bochum"]
+    assert [Path(p).name for p in df["label"]] == [
+        "aachen_000000_000019.png", "aachen_000001_000019.png", "bochum_000000_000019.png"]
+    _write(tmp_path / "twice" / "a" / "x.jpg")
+    _write(tmp_path / "twice" / "b" / "x.jpg")
+    _write(tmp_path / "one_mask" / "x.png")
+    with pytest.raises(DataValidationError, match=r"same stem in different sub-folders.*"
+                                                  r"a/x\.jpg / b/x\.jpg"):
+        from_folders(tmp_path / "twice", tmp_path / "one_mask")

@@ -25,24 +25,51 @@ def _stem(path: Path) -> str:
 
 
 def _by_stem(folder: Path, role: str) -> dict[str, Path]:
+    """The image files of ``folder`` keyed by stem; when it holds none but has sub-folders
+    (Cityscapes' ``train/aachen/...``), those of every folder below it, keyed by their path
+    below ``folder`` without the suffix (``aachen/aachen_000000``). Hidden files and
+    folders are skipped."""
     if not folder.is_dir():
         raise DataValidationError(f"{role} folder {folder} does not exist or is not a folder")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files, others = _keyed_files(folder, entries, role)
+    if files or not any(p.is_dir() for p in entries):
+        deep = False
+    else:  # only folders: search below them
+        deep = True
+        below = sorted(p for p in folder.rglob("*")
+                       if not any(part.startswith(".")
+                                  for part in p.relative_to(folder).parts))
+        files, _ = _keyed_files(folder, [p for p in below if not p.is_dir()], role)
+    if not files:
+        held = (f"it holds only {', '.join(others[:10])}" + (" ..." if len(others) > 10 else "")
+                if others else "it is empty")
+        raise DataValidationError(
+            f"{role} folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"{', nor do its sub-folders' if deep else ''}: {held}"
+        )
+    return files
+
+
+def _keyed_files(folder: Path, entries: list[Path], role: str
+                 ) -> tuple[dict[str, Path], list[str]]:
+    """(image files of ``entries`` keyed by their path below ``folder`` without the suffix,
+    what else the entries are); raises on broken links and on two files of one key."""
     files: dict[str, Path] = {}
     clashes: list[str] = []
     broken: list[str] = []
     others: list[str] = []  # what the folder holds besides image files (for messages)
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
+    for path in entries:
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             if path.is_symlink() and not path.exists():
                 broken.append(str(path))
             else:
                 others.append(path.name + ("/" if path.is_dir() else ""))
             continue
-        stem = _stem(path)
+        rel = path.relative_to(folder)
+        stem = "/".join([*rel.parent.parts, _stem(path)]) if rel.parent.parts else _stem(path)
         if stem in files:
-            clashes.append(f"{files[stem].name} / {path.name}")
+            clashes.append(f"{files[stem].relative_to(folder)} / {rel}")
             continue
         files[stem] = path
     if broken:
@@ -54,14 +81,24 @@ def _by_stem(folder: Path, role: str) -> dict[str, Path]:
         raise DataValidationError(
             f"{role} folder {folder} holds several files with the same stem: " + "; ".join(clashes)
         )
-    if not files:
-        held = (f"it holds only {', '.join(others[:10])}" + (" ..." if len(others) > 10 else "")
-                if others else "it is empty")
+    return files, others
+
+
+def _by_name_only(files: dict[str, Path], folder: Path, role: str) -> dict[str, Path]:
+    """Files found below sub-folders, keyed by their stem alone: to pair with a folder
+    that keeps its files at the top. Two files of one stem in different sub-folders raise."""
+    out: dict[str, Path] = {}
+    clashes: list[str] = []
+    for key, path in files.items():
+        stem = key.rsplit("/", 1)[-1]
+        if stem in out:
+            clashes.append(f"{out[stem].relative_to(folder)} / {path.relative_to(folder)}")
+        out.setdefault(stem, path)
+    if clashes:
         raise DataValidationError(
-            f"{role} folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}; "
-            f"sub-folders are not searched): {held}"
-        )
-    return files
+            f"{role} folder {folder} holds files of the same stem in different sub-folders, "
+            "and the other folder has no sub-folders to tell them apart: " + "; ".join(clashes))
+    return out
 
 
 # Name endings that public data sets add to an image's stem for its mask (ISIC's
@@ -206,10 +243,13 @@ def from_folders(
     Parameters
     ----------
     images_dir, masks_dir : path
-        Folders holding the images and the masks (not searched recursively; hidden
-        files and non-image suffixes are skipped). They may be one folder when the masks'
-        names end with a mask ending (``1.tif`` beside ``1_mask.tif``): the files with
-        the ending are the masks.
+        Folders holding the images and the masks (hidden files and non-image suffixes
+        are skipped). They may be one folder when the masks' names end with a mask ending
+        (``1.tif`` beside ``1_mask.tif``): the files with the ending are the masks. A
+        folder that holds only sub-folders (Cityscapes' ``leftImg8bit/train/<city>/``) is
+        searched below them, and its files are paired by their path below it
+        (``aachen/x_leftImg8bit.png`` with ``aachen/x_gtFine_labelIds.png`` under the
+        endings given), or by stem alone when the other folder keeps its files at the top.
     image_col, label_col : str
         Column names of the result.
     strict : bool
@@ -242,6 +282,11 @@ def from_folders(
     else:
         images = _by_stem(images_dir, "image")
         masks = _by_stem(masks_dir, "mask")
+        nested = [any("/" in key for key in side) for side in (images, masks)]
+        if nested == [True, False]:  # sub-folders on one side only: pair by stem alone
+            images = _by_name_only(images, images_dir, "image")
+        elif nested == [False, True]:
+            masks = _by_name_only(masks, masks_dir, "mask")
     stems_by_side = images, masks
     images, masks, (image_sfx, mask_sfx) = pair_stems(
         images, masks, image_suffix=image_suffix, mask_suffix=mask_suffix,
