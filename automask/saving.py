@@ -622,17 +622,28 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     record: CandidateRecord = seg.models_[name]
     data, where = read_weights(seg, name)  # SHA-256 checked
     recorded = record.checkpoint.get("sha256")
-    try:
-        model, _ = build_candidate_model(
+    given = getattr(seg, "_checkpoint_file", None)
+    checkpoint = _checkpoint_for(record.checkpoint, given)
+
+    def build(checkpoint):
+        return build_candidate_model(
             record.config, 1 if seg.task_ == "binary" else seg.num_classes_,
-            checkpoint=_checkpoint_for(record.checkpoint, getattr(seg, "_checkpoint_file",
-                                                                  None)),
-            progress=seg.verbosity >= 2,
-            sha256=recorded)  # checked on the file's bytes before torch.load reads them
+            checkpoint=checkpoint, progress=seg.verbosity >= 2,
+            sha256=recorded)[0]  # checked on the file's bytes before torch.load reads them
+
+    try:
+        try:
+            model = build(checkpoint)
+        except CheckpointError as first:
+            if given is None or checkpoint != given:
+                raise
+            try:  # another candidate's file: this one's may be in the cache, or downloaded
+                model = build(None)
+            except CheckpointError:
+                raise first from None
     except CheckpointError as exc:
         where = record.checkpoint.get("path")
         gone = bool(where) and not Path(where).is_file()
-        given = getattr(seg, "_checkpoint_file", None)
         detail = ("and the checkpoint given to load is not that file" if given else
                   "which is no longer there, and no other copy was found" if gone
                   else "and no file with that SHA-256 was found")
@@ -673,13 +684,13 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
 
 
 def _checkpoint_for(record: dict[str, Any], given: str | None = None):
-    """The checkpoint argument that rebuilds the same backbone: random, the file ``given``
-    to :meth:`~automask.SemanticSegmentor.load`, the recorded file, or the resolver."""
+    """The checkpoint argument that rebuilds the same backbone: random, the recorded file,
+    the file ``given`` to :meth:`~automask.SemanticSegmentor.load`, or the resolver."""
     if record.get("source") == "random":
         return "random"
-    if given is not None:
-        return given  # its SHA-256 is checked against the record
     recorded_path = record.get("path")
     if recorded_path and Path(recorded_path).is_file():
         return recorded_path
+    if given is not None:
+        return given  # its SHA-256 is checked against the record
     return None  # cache, then official download; the SHA-256 check follows

@@ -205,6 +205,33 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
     np.testing.assert_array_equal(np.asarray(Image.open(mask)) > 0, before[0] > 0)
 
 
+def test_a_checkpoint_given_to_load_serves_only_the_models_that_lost_theirs(
+        synthetic, tmp_path):
+    """Two candidates on two checkpoint files, one of them moved: load(checkpoint=<it>)
+    rebuilds that candidate from it and the other from its own file, which is still there."""
+    from automask.models import build_segmenter
+
+    train, test = synthetic
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        base = build_segmenter("tiny", num_classes=1, input_size=64, checkpoint="random")
+        files.append(tmp_path / f"sam_{seed}.pth")
+        torch.save(base.state_dict(), files[-1])
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        train, presets="tiny",
+        hyperparameters={**FAST, "optim.max_epochs": 1, "model.input_size": 64,
+                         "peft.method": "lora", "model.checkpoint": [str(f) for f in files]})
+    names = list(seg.models_)
+    assert len(names) == 2
+    before = {n: seg.predict_proba(test.iloc[:2], model=n) for n in names}
+    files[0].rename(tmp_path / "moved.pth")
+    loaded = SemanticSegmentor.load(tmp_path / "run", checkpoint=tmp_path / "moved.pth")
+    for n in names:
+        for a, b in zip(before[n], loaded.predict_proba(test.iloc[:2], model=n)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, tmp_path):
     saved = fitted.save(tmp_path / "saved")
     with pytest.raises(SavedModelError, match="not a saved automask predictor") as info:
