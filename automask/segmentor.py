@@ -552,6 +552,9 @@ class SemanticSegmentor(BaseEstimator):
         """
         seg = saving.load_predictor(cls, Path(path))
         if checkpoint is not None:
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise SavedModelError(f"checkpoint must be a file path, got "
+                                      f"{type(checkpoint).__name__} {checkpoint!r}")
             file = Path(checkpoint).expanduser()
             if not file.is_file():
                 raise SavedModelError(f"checkpoint {str(file)!r} is not a file: pass the path "

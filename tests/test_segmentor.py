@@ -195,6 +195,8 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
         SemanticSegmentor.load(saved, checkpoint=tmp_path / "other.pth").predict(test)
     with pytest.raises(SavedModelError, match=r"checkpoint '.*nowhere\.pth' is not a file"):
         SemanticSegmentor.load(saved, checkpoint=tmp_path / "nowhere.pth")
+    with pytest.raises(SavedModelError, match=r"checkpoint must be a file path, got int 3"):
+        SemanticSegmentor.load(saved, checkpoint=3)
     out = tmp_path / "cli_masks"
     proc = subprocess.run([sys.executable, "-m", "automask", "predict", str(saved), "--data",
                            str(test["image"].iloc[0]), "--out", str(out), "--checkpoint",
