@@ -1,6 +1,6 @@
 """``python -m automask`` runs the command line (torch loads only for commands that need it)."""
 import sys
 
-from .cli import main
+from .cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -5,6 +5,11 @@ subcommand in fresh subprocesses (median of ``--repeat`` runs, 5 by default), an
 whether torch was imported (``-X importtime`` is not needed: a child prints
 ``"torch" in sys.modules`` after parsing).
 
+Then a command that loads torch, Lightning and torchmetrics: ``automask score`` on a
+folder of one 64x64 mask against itself, run as the ``automask`` script runs it
+(``automask.cli.run``: the garbage collector's final pass skipped by ``gc.freeze``) and as
+``sys.exit(main())`` (before), alternating, with the import time alone for reference.
+
 Run from the repository root::
 
     python benchmarks/bench_startup.py [--repeat 5] [--commands fit predict]
@@ -15,7 +20,9 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 COMMANDS = ["fit", "predict", "evaluate", "leaderboard", "params", "score", "demo", "show",
             "history"]
@@ -32,6 +39,38 @@ def time_help(args: list[str], repeat: int) -> float:
         if proc.returncode != 0:
             raise SystemExit(f"automask {' '.join(args)} failed: {proc.stderr[-500:]}")
     return statistics.median(times)
+
+
+def time_score(repeat: int) -> None:
+    """``automask score`` (torch, Lightning, torchmetrics loaded) through ``cli.run`` and
+    through ``sys.exit(main())``, alternating; and ``import automask.segmentor`` alone."""
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        masks = Path(tmp) / "masks"
+        masks.mkdir()
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 16:48] = 255
+        Image.fromarray(mask).save(masks / "a.png")
+        argv = ["score", "--pred", str(masks), "--gt", str(masks)]
+        forms = {
+            "automask score (cli.run: gc.freeze at exit)": ["-m", "automask", *argv],
+            "automask score (sys.exit(main()), before)": [
+                "-c", "import sys; from automask.cli import main; sys.exit(main())", *argv],
+            "import automask.segmentor, exit (no command)": [
+                "-c", "import automask.segmentor"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        for _ in range(repeat):
+            for name, args in forms.items():
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+                times[name].append(time.perf_counter() - t0)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name} failed: {proc.stderr[-500:]}")
+        for name, values in times.items():
+            print(f"{name:<46}{statistics.median(values):.2f} s (median of {repeat})")
 
 
 def main() -> None:
@@ -58,6 +97,7 @@ def main() -> None:
              "    c.main(['--help'])\nprint('torch imported:', 'torch' in sys.modules)")
     print(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout.strip())
+    time_score(args.repeat)
 
 
 if __name__ == "__main__":

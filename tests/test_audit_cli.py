@@ -169,3 +169,28 @@ def test_resume_names_a_fit_record_that_is_not_one(tmp_path, capsys, plan):
     err = capsys.readouterr().err
     assert err.startswith("automask: error: cannot resume") and "plan.json" in err, err
     assert "Traceback" not in err
+
+
+def test_entry_point_returns_mains_status_and_freezes_objects_before_exit(monkeypatch):
+    """``cli.run`` (the ``automask`` script, ``python -m automask``) gives back what
+    :func:`cli.main` returned, or lets its ``SystemExit`` through, and in both cases moves
+    every live object out of the collector's reach so that the interpreter's last
+    collection has nothing to walk."""
+    import gc
+
+    def usage_error():
+        raise SystemExit(2)
+
+    try:
+        for fake, expected in ((lambda: 3, 3), (usage_error, SystemExit)):
+            gc.unfreeze()
+            monkeypatch.setattr(cli, "main", fake)
+            if expected is SystemExit:
+                with pytest.raises(SystemExit) as exc:
+                    cli.run()
+                assert exc.value.code == 2
+            else:
+                assert cli.run() == expected
+            assert gc.get_freeze_count() > 1000  # pytest's and torch's objects at least
+    finally:
+        gc.unfreeze()
