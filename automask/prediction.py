@@ -36,6 +36,28 @@ def root_of(data) -> Path | None:
     return None
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    """The files of ``folder`` that from_folders takes (images, .npy arrays), sorted; when
+    it holds none but has sub-folders (Cityscapes' ``val/<city>/``), those of every folder
+    below it, as from_folders searches them. Hidden files (macOS "._a.png" metadata,
+    ".DS_Store") and folders are skipped, as it skips them."""
+    def visible(path: Path) -> bool:
+        return not any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+    def images(paths) -> list[Path]:
+        return sorted(f for f in paths
+                      if f.suffix.lower() in IMAGE_SUFFIXES and visible(f) and f.is_file())
+
+    files = images(folder.iterdir())
+    deep = not files and any(f.is_dir() and visible(f) for f in folder.iterdir())
+    if deep:
+        files = images(folder.rglob("*"))
+    if not files:
+        raise DataValidationError(f"no image files in folder {str(folder)!r}"
+                                  + (" nor in its sub-folders" if deep else ""))
+    return files
+
+
 def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     """(frame with the image column, folder that relative paths resolve against)."""
     from .data.arrays import as_pandas
@@ -51,12 +73,7 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     if isinstance(data, (str, os.PathLike)):
         p = Path(data).expanduser()
         if p.is_dir():
-            # the files from_folders takes (images, .npy arrays); hidden files (macOS
-            # "._a.png" metadata, ".DS_Store") and folders are skipped, as it skips them
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
-                           and not f.name.startswith(".") and f.is_file())
-            if not files:
-                raise DataValidationError(f"no image files in folder {str(p)!r}")
+            files = _folder_images(p)
             return pd.DataFrame({image_col: [str(f) for f in files]}), None
         if p.suffix.lower() in TABLE_SUFFIXES:  # a table of paths; any other file: one image
             if not p.is_file():

@@ -272,10 +272,13 @@ class SemanticSegmentor(BaseEstimator):
         Parameters
         ----------
         data : DataFrame, path, list of paths or folder, or images in memory
-            Images to segment (a DataFrame needs the image column). A pandas Series, a 1-D
-            array or an iterator of paths (``Path("imgs").glob("*.png")``) is read as a
-            list, in its order; a Series keeps its index (for prompts keyed by it and the
-            DataFrame returned with ``save_to``). Images in memory: a numpy array or torch
+            Images to segment (a DataFrame needs the image column). A folder that holds
+            only sub-folders (Cityscapes' ``val/<city>/``) gives the images below them; the
+            masks of images that share a name keep the sub-folder (``out/a/1.png``). A
+            pandas Series, a 1-D array or an iterator of paths
+            (``Path("imgs").glob("*.png")``) is read as a list, in its order; a Series
+            keeps its index (for prompts keyed by it and the DataFrame returned with
+            ``save_to``). Images in memory: a numpy array or torch
             tensor of shape (H, W), (H, W, C) or (C, H, W), a PIL image, a batch
             (N, H, W, C) / (N, C, H, W), or lists and cells holding them; each is read as
             the same picture saved to a file would be (:mod:`automask.data.arrays`), and

@@ -361,6 +361,59 @@ def test_a_folder_of_images_skips_hidden_files_and_sub_folders(fitted, tmp_path)
     np.testing.assert_array_equal(masks[0], seg.predict([str(source)])[0])
 
 
+def test_a_folder_of_sub_folders_is_predicted_and_its_outputs_scored(fitted, tmp_path):
+    """A folder holding only sub-folders (Cityscapes' ``val/<city>/``) was "no image files":
+    predict takes the images below it, as from_folders does (hidden folders skipped), and
+    score_folders pairs the outputs ``a/x.png``, ``b/x.png`` with a ground-truth tree of the
+    same shape, or flat outputs with a tree by stem alone."""
+    from automask.metrics import score_folders
+
+    seg, _, csv = fitted
+    table = pd.read_csv(csv)
+    images, gts = tmp_path / "images", tmp_path / "gts"
+    layout = {"a/x": 0, "b/x": 1, "b/y": 2}  # x in two folders: its outputs keep them
+    for key, row in layout.items():
+        for root, column in ((images, "image"), (gts, "label")):
+            (root / key).parent.mkdir(parents=True, exist_ok=True)
+            (root / f"{key}.png").write_bytes(Path(table[column][row]).read_bytes())
+    (images / ".cache").mkdir()  # a hidden folder's files are no input
+    (images / ".cache" / "z.png").write_bytes(Path(table["image"][3]).read_bytes())
+    out = tmp_path / "out"
+    written = seg.predict(images, save_to=out)
+    assert list(written["label"]) == [str(out / f"{key}.png") for key in layout]
+    for key, row in layout.items():
+        want = seg.predict([table["image"][row]])[0]
+        assert np.array_equal(np.asarray(Image.open(out / f"{key}.png")) > 0, want > 0)
+    assert score_folders(out, gts, metrics=["iou"])["n_images"] == 3  # the round trip
+    # pairing by the path below: the ground truths scored against copies of themselves give
+    # an IoU of 1 only when a/x meets a/x and b/x meets b/x (their masks differ)
+    assert not np.array_equal(np.asarray(Image.open(gts / "a/x.png")),
+                              np.asarray(Image.open(gts / "b/x.png")))
+    copies = tmp_path / "copies"
+    for key in layout:
+        (copies / key).parent.mkdir(parents=True, exist_ok=True)
+        (copies / f"{key}.png").write_bytes((gts / f"{key}.png").read_bytes())
+    assert score_folders(copies, gts, metrics=["iou"]) == {"iou": 1.0, "n_images": 3}
+    # unique names in sub-folders: flat outputs, paired with the tree by stem alone
+    unique = {"c/u": 0, "d/v": 1}
+    for key, row in unique.items():
+        (tmp_path / "images2" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images2" / f"{key}.png").write_bytes(Path(table["image"][row]).read_bytes())
+        (tmp_path / "gts2" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "gts2" / f"{key}.png").write_bytes(Path(table["label"][row]).read_bytes())
+    seg.predict(tmp_path / "images2", save_to=tmp_path / "out2")
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["u.png", "v.png"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for key in unique:
+        (flat / f"{key[2:]}.png").write_bytes((tmp_path / "gts2" / f"{key}.png").read_bytes())
+    assert score_folders(flat, tmp_path / "gts2", metrics=["iou"]) == {"iou": 1.0, "n_images": 2}
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataValidationError, match="no image files in folder .* nor in its "
+                                                  "sub-folders"):
+        seg.predict(tmp_path / "empty")
+
+
 def test_an_empty_list_or_glob_of_images_says_so(fitted, tmp_path):
     """A list, tuple or iterator of no paths (a glob that matched nothing) is named as such,
     not as an empty data frame the user never made."""

@@ -24,15 +24,16 @@ def _stem(path: Path) -> str:
     return unicodedata.normalize("NFC", path.stem)
 
 
-def _by_stem(folder: Path, role: str) -> dict[str, Path]:
-    """The image files of ``folder`` keyed by stem; when it holds none but has sub-folders
-    (Cityscapes' ``train/aachen/...``), those of every folder below it, keyed by their path
-    below ``folder`` without the suffix (``aachen/aachen_000000``). Hidden files and
-    folders are skipped."""
+def _by_stem(folder: Path, role: str,
+             suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """The files of ``folder`` with one of ``suffixes`` keyed by stem; when it holds none
+    but has sub-folders (Cityscapes' ``train/aachen/...``), those of every folder below it,
+    keyed by their path below ``folder`` without the suffix (``aachen/aachen_000000``).
+    Hidden files and folders are skipped."""
     if not folder.is_dir():
         raise DataValidationError(f"{role} folder {folder} does not exist or is not a folder")
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    files, others = _keyed_files(folder, entries, role)
+    files, others = _keyed_files(folder, entries, role, suffixes)
     if files or not any(p.is_dir() for p in entries):
         deep = False
     else:  # only folders: search below them
@@ -40,27 +41,31 @@ def _by_stem(folder: Path, role: str) -> dict[str, Path]:
         below = sorted(p for p in folder.rglob("*")
                        if not any(part.startswith(".")
                                   for part in p.relative_to(folder).parts))
-        files, _ = _keyed_files(folder, [p for p in below if not p.is_dir()], role)
+        files, _ = _keyed_files(folder, [p for p in below if not p.is_dir()], role, suffixes)
     if not files:
         held = (f"it holds only {', '.join(others[:10])}" + (" ..." if len(others) > 10 else "")
                 if others else "it is empty")
+        kinds = (", ".join(sorted(suffixes)) if len(suffixes) <= len(IMAGE_SUFFIXES)
+                 else "any format Pillow reads, or .npy")
         raise DataValidationError(
-            f"{role} folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"{role} folder {folder} holds no image files ({kinds})"
             f"{', nor do its sub-folders' if deep else ''}: {held}"
         )
     return files
 
 
-def _keyed_files(folder: Path, entries: list[Path], role: str
+def _keyed_files(folder: Path, entries: list[Path], role: str,
+                 suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES
                  ) -> tuple[dict[str, Path], list[str]]:
-    """(image files of ``entries`` keyed by their path below ``folder`` without the suffix,
-    what else the entries are); raises on broken links and on two files of one key."""
+    """(files of ``entries`` with one of ``suffixes`` keyed by their path below ``folder``
+    without the suffix, what else the entries are); raises on broken links and on two files
+    of one key."""
     files: dict[str, Path] = {}
     clashes: list[str] = []
     broken: list[str] = []
     others: list[str] = []  # what the folder holds besides image files (for messages)
     for path in entries:
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in suffixes or not path.is_file():
             if path.is_symlink() and not path.exists():
                 broken.append(str(path))
             else:
@@ -99,6 +104,22 @@ def _by_name_only(files: dict[str, Path], folder: Path, role: str) -> dict[str, 
             f"{role} folder {folder} holds files of the same stem in different sub-folders, "
             "and the other folder has no sub-folders to tell them apart: " + "; ".join(clashes))
     return out
+
+
+def listings(first: Path, second: Path, roles: tuple[str, str] = ("image", "mask"),
+             suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES
+             ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The files of two folders keyed for pairing, as :func:`from_folders` pairs them: by
+    stem, or by the path below the folder where it holds only sub-folders; when only one of
+    the two does, its files are keyed by stem alone. ``roles`` name the folders in errors.
+    """
+    keyed = _by_stem(first, roles[0], suffixes), _by_stem(second, roles[1], suffixes)
+    nested = [any("/" in key for key in side) for side in keyed]
+    if nested == [True, False]:  # sub-folders on one side only: pair by stem alone
+        return _by_name_only(keyed[0], first, roles[0]), keyed[1]
+    if nested == [False, True]:
+        return keyed[0], _by_name_only(keyed[1], second, roles[1])
+    return keyed
 
 
 # Name endings that public data sets add to an image's stem for its mask (ISIC's
@@ -280,13 +301,7 @@ def from_folders(
     if images_dir.is_dir() and masks_dir.is_dir() and images_dir.samefile(masks_dir):
         images, masks = _split_shared_folder(images_dir, mask_suffix, image_suffix)
     else:
-        images = _by_stem(images_dir, "image")
-        masks = _by_stem(masks_dir, "mask")
-        nested = [any("/" in key for key in side) for side in (images, masks)]
-        if nested == [True, False]:  # sub-folders on one side only: pair by stem alone
-            images = _by_name_only(images, images_dir, "image")
-        elif nested == [False, True]:
-            masks = _by_name_only(masks, masks_dir, "mask")
+        images, masks = listings(images_dir, masks_dir)
     stems_by_side = images, masks
     images, masks, (image_sfx, mask_sfx) = pair_stems(
         images, masks, image_suffix=image_suffix, mask_suffix=mask_suffix,

@@ -97,22 +97,6 @@ def _refuse_colour(path: Path) -> None:
         )
 
 
-def _index(folder: Path, suffixes: set[str]) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a directory")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in suffixes:
-            continue
-        if path.stem in found:
-            raise ValueError(
-                f"two files with the stem {path.stem!r} in {folder}: "
-                f"{found[path.stem].name}, {path.name}"
-            )
-        found[path.stem] = path
-    return found
-
-
 def score_folders(
     pred_dir: str | Path,
     gt_dir: str | Path,
@@ -123,9 +107,13 @@ def score_folders(
     """Pair ``pred_dir/<stem>.*`` with ``gt_dir/<stem>.*`` and :func:`score` them.
 
     Any extension Pillow reads is accepted, and ``.npy``; files are paired by stem (name
-    without extension), so ``a.png`` predictions match ``a.jpg`` masks. Other files are skipped.
-    As in :func:`automask.datasets.from_folders`, ground truths whose names all add one of
-    the usual endings pair too (``ISIC_001.png`` with ``ISIC_001_segmentation.png``).
+    without extension), so ``a.png`` predictions match ``a.jpg`` masks. Other files and
+    hidden files are skipped. As in :func:`automask.datasets.from_folders`, ground truths
+    whose names all add one of the usual endings pair too (``ISIC_001.png`` with
+    ``ISIC_001_segmentation.png``), and a folder that holds only sub-folders is searched
+    below them: its files pair by their path below it (``a/1.png``, as ``predict`` names
+    the outputs of images in different folders that share a name), or by stem alone when
+    the other folder keeps its files at the top.
 
     Parameters
     ----------
@@ -149,12 +137,11 @@ def score_folders(
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
     """
-    from automask.datasets.folders import MASK_STEM_SUFFIXES, pair_stems
+    from automask.datasets.folders import MASK_STEM_SUFFIXES, listings, pair_stems
 
     check_ignore_index(conventions.get("ignore_index"))  # before listing or reading a file
-    suffixes = readable_suffixes()
-    preds = _index(Path(pred_dir), suffixes)
-    gts = _index(Path(gt_dir), suffixes)
+    preds, gts = listings(Path(pred_dir), Path(gt_dir), ("prediction", "ground-truth"),
+                          readable_suffixes())
     # ISIC_001.png against ISIC_001_segmentation.png: the endings from_folders knows
     preds, gts, _ = pair_stems(preds, gts, image_folder=Path(pred_dir),
                                mask_folder=Path(gt_dir))
