@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PATH",
                    help="the SAM checkpoint the models were trained on, where it is now "
                         "(when the file recorded at fit time has moved)")
-    p.add_argument("--data", required=True, help="CSV, image folder or image file")
+    p.add_argument("--data", required=True,
+                   help="CSV, image folder, image file, or a list of image paths one per line")
     p.add_argument("--out", required=True, help="folder for the masks")
     p.add_argument("--image", help="image column of the CSV (default: the fit's)")
     p.add_argument("--model", help="candidate name (default: the best)")

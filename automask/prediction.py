@@ -58,6 +58,19 @@ def _folder_images(folder: Path) -> list[Path]:
     return files
 
 
+def _paths_or_table(frame: pd.DataFrame, path: Path, image_col: str) -> pd.DataFrame:
+    """``frame`` read from ``path``; when it is a list of image paths without a header line
+    (``find . -name '*.jpg' > list.txt``: one column, named by its first path), ``path``
+    read again with ``image_col`` as the name of its column, the first path its first row.
+    """
+    if image_col in frame.columns or len(frame.columns) != 1:
+        return frame
+    first = str(frame.columns[0])
+    if os.path.splitext(first)[1].lower() not in IMAGE_SUFFIXES:
+        return frame  # a header naming another column: the missing column is reported
+    return read_table(path, names=[image_col])
+
+
 def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     """(frame with the image column, folder that relative paths resolve against)."""
     from .data.arrays import as_pandas
@@ -78,7 +91,7 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         if p.suffix.lower() in TABLE_SUFFIXES:  # a table of paths; any other file: one image
             if not p.is_file():
                 raise DataValidationError(f"CSV file not found: {str(p)!r}")
-            return read_table(p), root_of(p)
+            return _paths_or_table(read_table(p), p, image_col), root_of(p)
         return pd.DataFrame({image_col: [str(p)]}), None
     if isinstance(data, (pd.Series, pd.Index)):
         # a column of paths (``df["image"]``): its index is kept, so that prompts keyed by

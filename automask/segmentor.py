@@ -272,7 +272,8 @@ class SemanticSegmentor(BaseEstimator):
         Parameters
         ----------
         data : DataFrame, path, list of paths or folder, or images in memory
-            Images to segment (a DataFrame needs the image column). A folder that holds
+            Images to segment (a DataFrame needs the image column; a CSV or text file of
+            paths one per line may leave out its header line). A folder that holds
             only sub-folders (Cityscapes' ``val/<city>/``) gives the images below them; the
             masks of images that share a name keep the sub-folder (``out/a/1.png``). A
             pandas Series, a 1-D array or an iterator of paths

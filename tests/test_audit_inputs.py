@@ -347,9 +347,11 @@ def test_jpeg_binary_masks_with_a_tiny_or_no_object_are_read_as_binary(tmp_path)
         validate_frame(frame.iloc[[2]])  # alone, small values may be JPEG'd class ids
 
 
-def test_a_list_of_paths_without_a_header_line_is_told_to_add_one(tmp_path):
-    """A test.txt / CSV of paths without a header line (its first row read as the column
-    names) is named as such, with the header it needs, not only as 'missing column(s)'."""
+def test_a_training_table_without_a_header_line_is_told_to_add_one(tmp_path):
+    """A CSV of image and mask paths without a header line (its first row read as the
+    column names) is named as such, with the header it needs, not only as 'missing
+    column(s)'. A list of image paths alone is read for prediction without one (its first
+    path the first row; tests/test_audit_predict.py predicts such lists)."""
     from automask.prediction import as_frame, images_spec
 
     Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(tmp_path / "a.png")
@@ -357,10 +359,11 @@ def test_a_list_of_paths_without_a_header_line_is_told_to_add_one(tmp_path):
     (tmp_path / "test.txt").write_text("a.png\na.png\n")
     (tmp_path / "train.csv").write_text("a.png,a_mask.png\na.png,a_mask.png\n")
     frame, root = as_frame(tmp_path / "test.txt", "image")
-    with pytest.raises(DataValidationError, match=r"\['a\.png'\] are file paths: the table "
-                                                  r"needs a header line .*'image'"):
-        images_spec(frame, "image", root)
-    with pytest.raises(DataValidationError, match=r"needs a header line .*'image,label'"):
+    assert list(frame["image"]) == ["a.png", "a.png"] and root == tmp_path
+    assert len(images_spec(frame, "image", root).frame) == 2
+    with pytest.raises(DataValidationError, match=r"\['a\.png', 'a_mask\.png'\] are file "
+                                                  r"paths: the table needs a header line "
+                                                  r".*'image,label'"):
         validate_frame(tmp_path / "train.csv")
 
 

@@ -414,6 +414,36 @@ def test_a_folder_of_sub_folders_is_predicted_and_its_outputs_scored(fitted, tmp
         seg.predict(tmp_path / "empty")
 
 
+def test_a_list_of_image_paths_without_a_header_is_predicted(fitted, tmp_path):
+    """``find . -name '*.png' > list.txt`` gives paths one per line, no header: its first
+    path became the column name ("missing column ['image']"). For prediction, which needs
+    the image column only, such a list is read with its first path as the first row; a
+    table whose header names other columns, and evaluation, still name what is missing."""
+    seg, run, csv = fitted
+    images = list(pd.read_csv(csv)["image"][:3])
+    want = seg.predict(images)
+    absolute = tmp_path / "list.txt"
+    absolute.write_text("\n".join(images) + "\n")
+    got = seg.predict(absolute)
+    assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    (tmp_path / "copies").mkdir()
+    for image in images[1:]:
+        (tmp_path / "copies" / Path(image).name).write_bytes(Path(image).read_bytes())
+    relative = tmp_path / "copies" / "relative.txt"  # names relative to the list's folder
+    relative.write_text("\n".join(Path(p).name for p in images[1:]))
+    assert all(np.array_equal(a, b) for a, b in zip(seg.predict(relative), want[1:]))
+    (tmp_path / "one.txt").write_text(images[2])
+    assert np.array_equal(seg.predict(tmp_path / "one.txt")[0], want[2])
+    assert _cli("predict", run, "--data", absolute, "--out", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        Path(p).name for p in images)
+    with pytest.raises(DataValidationError, match="are file paths: the table needs a header"):
+        seg.evaluate(absolute)
+    (tmp_path / "other.csv").write_text("scan\n" + images[0] + "\n")
+    with pytest.raises(DataValidationError, match=r"has no image column|missing column"):
+        seg.predict(tmp_path / "other.csv")
+
+
 def test_an_empty_list_or_glob_of_images_says_so(fitted, tmp_path):
     """A list, tuple or iterator of no paths (a glob that matched nothing) is named as such,
     not as an empty data frame the user never made."""

@@ -554,15 +554,18 @@ def _separator(path: Path) -> str:
     return ";" if b";" in header and b"," not in header else ","
 
 
-def read_table(path: Path, what: str = "CSV file") -> pd.DataFrame:
+def read_table(path: Path, what: str = "CSV file", names: list[str] | None = None
+               ) -> pd.DataFrame:
     """Read a table of paths: tab-separated when ``path`` ends in ``.tsv``, else comma-separated
     (``.csv``, ``.txt`` or any other suffix), or semicolon-separated when its header line has
     semicolons and no comma. Spaces after a separator, and around a header's names, are not
     part of a name or a path (``image, label``). ``what`` names the file in the error raised
-    when it cannot be parsed."""
+    when it cannot be parsed. ``names``: the file has no header line; these are its columns.
+    """
     try:
         # skipinitialspace: "image, label" and "a.png, a_mask.png" as written by hand
-        frame = pd.read_csv(path, sep=_separator(path), skipinitialspace=True)
+        frame = pd.read_csv(path, sep=_separator(path), skipinitialspace=True,
+                            header=None if names is not None else "infer", names=names)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataValidationError(f"{what} {str(path)!r} could not be parsed: {exc}") from exc
     names = [c.strip() if isinstance(c, str) else c for c in frame.columns]
