@@ -85,8 +85,6 @@ def _print_scores(scores: dict, as_json: bool, class_names: Sequence[str] | None
 
 
 def _cmd_fit(args) -> None:
-    from .segmentor import SemanticSegmentor
-
     if args.resume:
         train, fit_args, params = _resume_inputs(args)
     else:
@@ -97,6 +95,9 @@ def _cmd_fit(args) -> None:
                     "hyperparameters": hp, "time_limit": args.time_limit,
                     "num_classes": args.num_classes, "class_names": class_names,
                     "color_map": _read_color_map(args.color_map) if args.color_map else None}
+    # (imported once the options are read: their errors need neither torch nor Lightning)
+    from .segmentor import SemanticSegmentor
+
     seg = SemanticSegmentor(path=args.path, verbosity=args.verbosity, **params)
     seg.fit(train, overwrite=args.overwrite, resume=args.resume, **fit_args)
     from .training.distributed import is_main_process

@@ -4,6 +4,9 @@ Most checks call :func:`automask.cli.main` (or its parser) in this process: a su
 costs seconds to start, and argument handling is the same either way."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -194,3 +197,26 @@ def test_entry_point_returns_mains_status_and_freezes_objects_before_exit(monkey
             assert gc.get_freeze_count() > 1000  # pytest's and torch's objects at least
     finally:
         gc.freeze()  # as tests/conftest.py leaves the run: every live object frozen
+
+
+def test_fit_option_errors_come_before_torch_is_imported(tmp_path):
+    """``automask fit`` reads its options (folders, class names, --void-label, colour map)
+    before it imports the library's training side: their errors come in about a second,
+    not after the 5 s that torch and Lightning take to import."""
+    cases = [
+        (["--images", str(tmp_path / "none"), "--masks", str(tmp_path / "none2")], "none"),
+        (["--images", str(tmp_path)], "--images and --masks go together"),
+        (["--train", "x.csv", "--class-names", "a,,b"], "--class-names expects"),
+        (["--train", "x.csv", "--void-label", "3", "--hp", "data.void_label=4"],
+         "--void-label 3 disagrees"),
+    ]
+    for options, says in cases:
+        code = ("import sys\nfrom automask import cli\n"
+                "status = cli.main(sys.argv[1:])\n"
+                "print(status, 'torch' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", code, "fit", *options,
+                               "--path", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.stdout.split() == ["2", "False"], (options, proc.stdout, proc.stderr)
+        assert says in proc.stderr, (options, proc.stderr)
+    assert not (tmp_path / "run").exists()
