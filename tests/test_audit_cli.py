@@ -211,12 +211,27 @@ def test_fit_option_errors_come_before_torch_is_imported(tmp_path):
          "--void-label 3 disagrees"),
     ]
     for options, says in cases:
-        code = ("import sys\nfrom automask import cli\n"
-                "status = cli.main(sys.argv[1:])\n"
-                "print(status, 'torch' in sys.modules)")
-        proc = subprocess.run([sys.executable, "-c", code, "fit", *options,
-                               "--path", str(tmp_path / "run")],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.stdout.split() == ["2", "False"], (options, proc.stdout, proc.stderr)
-        assert says in proc.stderr, (options, proc.stderr)
+        _refused_before_torch(["fit", *options, "--path", str(tmp_path / "run")], says)
     assert not (tmp_path / "run").exists()
+
+
+def test_score_names_a_missing_folder_before_torch_is_imported(tmp_path):
+    """``automask score`` with a folder that is not there (or a file) says so at once,
+    naming the option, instead of after importing torch and torchmetrics."""
+    (tmp_path / "gt.csv").write_text("image,label\n")
+    _refused_before_torch(["score", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)],
+                          f"--pred '{tmp_path / 'nope'}' does not exist")
+    _refused_before_torch(["score", "--pred", str(tmp_path), "--gt", str(tmp_path / "gt.csv")],
+                          f"--gt '{tmp_path / 'gt.csv'}' is a file")
+
+
+def _refused_before_torch(argv: list[str], says: str) -> None:
+    """``cli.main(argv)`` in a fresh interpreter exits 2 with ``says`` in its message and
+    without having imported torch."""
+    code = ("import sys\nfrom automask import cli\n"
+            "status = cli.main(sys.argv[1:])\n"
+            "print(status, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], (argv, proc.stdout, proc.stderr)
+    assert says in proc.stderr, (argv, proc.stderr)
