@@ -568,9 +568,9 @@ def read_table(path: Path, what: str = "CSV file", names: list[str] | None = Non
                             header=None if names is not None else "infer", names=names)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataValidationError(f"{what} {str(path)!r} could not be parsed: {exc}") from exc
-    names = [c.strip() if isinstance(c, str) else c for c in frame.columns]
-    if len(set(names)) == len(names):  # "image ,label": the header's names without spaces
-        frame.columns = names
+    stripped = [c.strip() if isinstance(c, str) else c for c in frame.columns]
+    if len(set(stripped)) == len(stripped):  # "image ,label": the header's names, no spaces
+        frame.columns = stripped
     return frame
 
 
