@@ -660,6 +660,7 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
             f"has SHA-256 {model.checkpoint_info.get('sha256')}, but the model was trained on "
             f"{recorded}"
         )
+    _record_where_found(record, model.checkpoint_info.get("path"))
     try:
         tensors = load(data)
     except (SafetensorError, OSError) as exc:
@@ -681,6 +682,16 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
                                       f"{tuple(state[key].shape)} in the model")
             state[key].copy_(value)
     return model.eval()
+
+
+def _record_where_found(record: CandidateRecord, used: str | None) -> None:
+    """When the recorded checkpoint file is gone and the model was built from another copy
+    (given to ``load``, or in the cache), its SHA-256 checked: record that copy, so that the
+    predictor saved again names a file it can be loaded from."""
+    where = record.checkpoint.get("path")
+    if (record.checkpoint.get("sha256") and used and used != where
+            and not (where and Path(where).is_file()) and Path(used).is_file()):
+        record.checkpoint = {**record.checkpoint, "path": str(used)}
 
 
 def _checkpoint_for(record: dict[str, Any], given: str | None = None):

@@ -546,7 +546,9 @@ class SemanticSegmentor(BaseEstimator):
             Where the SAM checkpoint file the models were trained on is now, for a
             predictor whose recorded file was moved or lives on another machine (a
             checkpoint of your own, which no cache or download can find). Its SHA-256 must
-            be the one recorded at fit time; it is checked when a model is first built.
+            be the one recorded at fit time; it is checked when a model is first built,
+            and from then on that model records this file (saved again, the predictor
+            loads without ``checkpoint``).
 
         Raises
         ------

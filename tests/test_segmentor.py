@@ -188,6 +188,11 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
     moved = SemanticSegmentor.load(saved, checkpoint=tmp_path / "elsewhere.pth")
     for a, b in zip(before, moved.predict(test)):
         np.testing.assert_array_equal(a, b)
+    # saved again, it records the file it was built from: loading needs no checkpoint=
+    assert moved.models_[moved.best_model_].checkpoint["path"] == str(tmp_path / "elsewhere.pth")
+    for a, b in zip(before, SemanticSegmentor.load(moved.save(tmp_path / "resaved")
+                                                   ).predict(test)):
+        np.testing.assert_array_equal(a, b)
     other = {k: v + 1 for k, v in base.state_dict().items()}
     torch.save(other, tmp_path / "other.pth")
     with pytest.raises(SavedModelError, match=r"the checkpoint given to load is not that "
