@@ -37,6 +37,34 @@ def test_pairs_by_stem_sorted_absolute(tmp_path):
     assert df.attrs["unpaired"] == {"images": [], "masks": []}
 
 
+def test_names_that_differ_in_letter_case_only_pair(tmp_path):
+    """Folders written on a disk that ignores case (``IMG_1.JPG`` with ``img_1_mask.png``)
+    found no pair at all; they pair now, the usual endings still dropped, and so do
+    score_folders' predictions. Two names of one side that differ in case only keep the
+    names as written (which would pair with which is unclear)."""
+    from automask.metrics import score_folders
+
+    _layout(tmp_path, ["IMG_1", "IMG_2", "Img_3"], ["img_1_mask", "img_2_mask", "IMG_3_mask"])
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert [(os.path.basename(i), os.path.basename(m)) for i, m in zip(df["image"], df["label"])
+            ] == [("IMG_1.jpg", "img_1_mask.png"), ("IMG_2.jpg", "img_2_mask.png"),
+                  ("Img_3.jpg", "IMG_3_mask.png")]
+    # predictions named after the images, ground truths as the masks' names: distinct
+    # masks, so that an IoU of 1 means each met its own
+    for rows, (pred, gt) in enumerate([("IMG_1", "img_1"), ("IMG_2", "img_2"),
+                                       ("Img_3", "IMG_3")], start=1):
+        mask = np.zeros((4, 4), np.uint8)
+        mask[:rows] = 255
+        _write(tmp_path / "preds" / f"{pred}.png", mask)
+        _write(tmp_path / "gts" / f"{gt}.png", mask)
+    assert score_folders(tmp_path / "preds", tmp_path / "gts", metrics=["iou"]) == {
+        "iou": 1.0, "n_images": 3}
+    both = tmp_path / "both"
+    _layout(both, ["a", "A"], ["a_mask", "b_mask"])
+    with pytest.raises(DataValidationError, match="unpaired"):
+        from_folders(both / "images", both / "masks")
+
+
 def test_custom_column_names(tmp_path):
     _layout(tmp_path, ["a"], ["a"])
     df = from_folders(tmp_path / "images", tmp_path / "masks", image_col="img", label_col="gt")

@@ -158,11 +158,15 @@ def _check_keys(files: dict[str, Path], suffix: str, folder: Path, role: str) ->
 
 def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
                    image_suffix: str | None, mask_suffix: str | None) -> tuple[str, str]:
-    """The (image, mask) stem suffixes that pair the most files; exact stems win ties.
+    """The (image, mask) stem suffixes that pair the most files, names that differ in
+    letter case only counted as pairs; then the most pairs as written; then exact stems.
 
     A name ending is only tried when every file of its folder has it, so that a stray
     ``x_mask.png`` is never paired with an unrelated ``x_img.png``.
     """
+    def folded(keys) -> set[str]:
+        return {key.casefold() for key in keys}
+
     def options(files: dict[str, Path], known: tuple[str, ...], given: str | None):
         if given is not None:
             return (given,)
@@ -170,11 +174,13 @@ def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
 
     image_options = options(images, IMAGE_STEM_SUFFIXES, image_suffix)
     mask_options = options(masks, MASK_STEM_SUFFIXES, mask_suffix)
-    best, best_pairs = (image_options[0], mask_options[0]), -1
+    best, best_pairs = (image_options[0], mask_options[0]), (-1, -1)
     for i_sfx in image_options:
         keyed_images = _keyed(images, i_sfx)
         for m_sfx in mask_options:
-            pairs = len(keyed_images.keys() & _keyed(masks, m_sfx).keys())
+            keyed_masks = _keyed(masks, m_sfx)
+            pairs = (len(folded(keyed_images) & folded(keyed_masks)),
+                     len(keyed_images.keys() & keyed_masks.keys()))
             if pairs > best_pairs:
                 best, best_pairs = (i_sfx, m_sfx), pairs
     return best
@@ -190,12 +196,32 @@ def pair_stems(images: dict[str, Path], masks: dict[str, Path], *,
     Each ending is the one given, else the common one of :data:`IMAGE_STEM_SUFFIXES` /
     :data:`MASK_STEM_SUFFIXES` (every file of its side has it) that pairs the most files,
     exact stems winning ties. Two files of a side with the same shared name raise
-    :class:`DataValidationError` naming them (``*_folder`` in the message).
+    :class:`DataValidationError` naming them (``*_folder`` in the message). Names that
+    differ in letter case only pair as well (:func:`_fold_case`).
     """
     image_sfx, mask_sfx = _best_suffixes(images, masks, image_suffix, mask_suffix)
     _check_keys(images, image_sfx, image_folder, "image")
     _check_keys(masks, mask_sfx, mask_folder, "mask")
-    return _keyed(images, image_sfx), _keyed(masks, mask_sfx), (image_sfx, mask_sfx)
+    images, masks = _fold_case(_keyed(images, image_sfx), _keyed(masks, mask_sfx))
+    return images, masks, (image_sfx, mask_sfx)
+
+
+def _fold_case(images: dict[str, Path], masks: dict[str, Path]
+               ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """``images`` and ``masks`` with each mask keyed by the image name it equals but for
+    letter case (``IMG_1.JPG`` with ``img_1.png``: folders written on a disk that ignores
+    case), where that pairs more files than the names as written and no two names of one
+    side differ in case only; else both as given."""
+    exact = len(images.keys() & masks.keys())
+    if exact == min(len(images), len(masks)):
+        return images, masks  # every file of one side has its pair already
+    image_keys = {key.casefold(): key for key in images}
+    mask_folded = {key.casefold() for key in masks}
+    if len(image_keys) < len(images) or len(mask_folded) < len(masks):
+        return images, masks  # "a" beside "A": which pairs which is no longer clear
+    if len(image_keys.keys() & mask_folded) <= exact:
+        return images, masks
+    return images, {image_keys.get(key.casefold(), key): path for key, path in masks.items()}
 
 
 def suffix_hint(images: Any, masks: Any) -> str:
