@@ -208,8 +208,9 @@ def _cmd_predict(args) -> None:
     from .tiling import check_tiling
 
     check_tiling(args.tile)  # before loading anything
+    if os.path.isdir(os.path.expanduser(args.run)):  # (else loading names the run first)
+        _check_predict_paths(args.data, args.out)  # before the models load (vit_h: seconds)
     seg = _load(args.run, args)
-    _check_predict_paths(args.data, args.out)
     boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
     if args.proba:
         written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from automask import cli
-from automask.errors import AutomaskError, DataValidationError
+from automask.errors import AutomaskError, DataValidationError, SavedModelError
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +225,29 @@ def test_score_names_a_missing_folder_before_torch_is_imported(tmp_path):
                           f"--gt '{tmp_path / 'gt.csv'}' is a file")
 
 
-def _refused_before_torch(argv: list[str], says: str) -> None:
+def test_predict_names_bad_data_and_out_before_the_model_loads(tmp_path):
+    """A --data that is not there or an --out that names a file is refused before the
+    predictor's models load (Lightning and segment-anything not even imported); a run
+    folder that is not there is still named first."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _refused_before_torch(["predict", str(run), "--data", str(tmp_path / "nope.csv"), "--out",
+                           str(tmp_path / "o")], "--data", module="lightning")
+    (tmp_path / "a.png").write_bytes(b"")
+    _refused_before_torch(["predict", str(run), "--data", str(tmp_path / "a.png"), "--out",
+                           str(tmp_path / "masks.png")], "looks like a file name",
+                          module="lightning")
+    with pytest.raises(SavedModelError, match="no such folder"):
+        cli.main(["predict", str(tmp_path / "no_run"), "--data", "x.csv", "--out", "o",
+                  "--debug"])
+
+
+def _refused_before_torch(argv: list[str], says: str, module: str = "torch") -> None:
     """``cli.main(argv)`` in a fresh interpreter exits 2 with ``says`` in its message and
-    without having imported torch."""
+    without having imported ``module``."""
     code = ("import sys\nfrom automask import cli\n"
             "status = cli.main(sys.argv[1:])\n"
-            "print(status, 'torch' in sys.modules)")
+            f"print(status, {module!r} in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, *argv],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], (argv, proc.stdout, proc.stderr)
