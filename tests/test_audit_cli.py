@@ -4,6 +4,7 @@ Most checks call :func:`automask.cli.main` (or its parser) in this process: a su
 costs seconds to start, and argument handling is the same either way."""
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -179,8 +180,6 @@ def test_entry_point_returns_mains_status_and_freezes_objects_before_exit(monkey
     :func:`cli.main` returned, or lets its ``SystemExit`` through, and in both cases moves
     every live object out of the collector's reach so that the interpreter's last
     collection has nothing to walk."""
-    import gc
-
     def usage_error():
         raise SystemExit(2)
 
@@ -211,7 +210,7 @@ def test_fit_option_errors_come_before_torch_is_imported(tmp_path):
          "--void-label 3 disagrees"),
     ]
     for options, says in cases:
-        _refused_before_torch(["fit", *options, "--path", str(tmp_path / "run")], says)
+        _refused_before_import(["fit", *options, "--path", str(tmp_path / "run")], says)
     assert not (tmp_path / "run").exists()
 
 
@@ -219,22 +218,22 @@ def test_score_names_a_missing_folder_before_torch_is_imported(tmp_path):
     """``automask score`` with a folder that is not there (or a file) says so at once,
     naming the option, instead of after importing torch and torchmetrics."""
     (tmp_path / "gt.csv").write_text("image,label\n")
-    _refused_before_torch(["score", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)],
+    _refused_before_import(["score", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)],
                           f"--pred '{tmp_path / 'nope'}' does not exist")
-    _refused_before_torch(["score", "--pred", str(tmp_path), "--gt", str(tmp_path / "gt.csv")],
+    _refused_before_import(["score", "--pred", str(tmp_path), "--gt", str(tmp_path / "gt.csv")],
                           f"--gt '{tmp_path / 'gt.csv'}' is a file")
 
 
 def test_predict_names_bad_data_and_out_before_the_model_loads(tmp_path):
     """A --data that is not there or an --out that names a file is refused before the
-    predictor's models load (Lightning and segment-anything not even imported); a run
+    predictor's models load (Lightning not even imported); a run
     folder that is not there is still named first."""
     run = tmp_path / "run"
     run.mkdir()
-    _refused_before_torch(["predict", str(run), "--data", str(tmp_path / "nope.csv"), "--out",
+    _refused_before_import(["predict", str(run), "--data", str(tmp_path / "nope.csv"), "--out",
                            str(tmp_path / "o")], "--data", module="lightning")
     (tmp_path / "a.png").write_bytes(b"")
-    _refused_before_torch(["predict", str(run), "--data", str(tmp_path / "a.png"), "--out",
+    _refused_before_import(["predict", str(run), "--data", str(tmp_path / "a.png"), "--out",
                            str(tmp_path / "masks.png")], "looks like a file name",
                           module="lightning")
     with pytest.raises(SavedModelError, match="no such folder"):
@@ -242,7 +241,7 @@ def test_predict_names_bad_data_and_out_before_the_model_loads(tmp_path):
                   "--debug"])
 
 
-def _refused_before_torch(argv: list[str], says: str, module: str = "torch") -> None:
+def _refused_before_import(argv: list[str], says: str, module: str = "torch") -> None:
     """``cli.main(argv)`` in a fresh interpreter exits 2 with ``says`` in its message and
     without having imported ``module``."""
     code = ("import sys\nfrom automask import cli\n"
