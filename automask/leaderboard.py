@@ -96,7 +96,9 @@ def build_leaderboard(
     extra : mapping of str to path, optional
         Row name -> folder of another model's predictions (PNG/JPEG masks or probability
         maps, ``.npy`` arrays), paired with ``data`` by file stem: the image's stem, else
-        the mask's. Needs ``data``.
+        the mask's; in a folder of sub-folders (``predict``'s outputs for images that
+        share a name), by the image's path below the images' common folder first.
+        Needs ``data``.
     style : {"models", "methods", "paper"}, optional
         Default: ``"methods"`` when some candidates differ only by ``env.seed``, else
         ``"models"``.
@@ -453,40 +455,45 @@ def _validated(seg: "SemanticSegmentor", data):
 
 
 def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Path]:
-    """The prediction file of each row of ``spec`` in ``folder``, by stem.
+    """The prediction file of each row of ``spec`` in ``folder``, by name.
 
     A row's prediction is ``folder/<image stem>.*``, else ``folder/<mask stem>.*`` (any
-    extension Pillow reads, or ``.npy``). Files for other images are ignored.
+    extension Pillow reads, or ``.npy``). Files for other images are ignored. A folder
+    that holds only sub-folders is searched below them, as ``predict`` writes the masks of
+    images that share a name (``a/x.png``, ``b/x.png``: the image's path below the images'
+    common folder), and a stem found once in the whole tree serves too.
 
     Raises
     ------
     DataValidationError
-        The folder is missing, two files share a stem, two different images would share
-        one file, or some rows have no file (the first ones are named, with the count).
+        The folder is missing or holds no prediction, two files share a name, two
+        different images would share one file, or some rows have no file (the first ones
+        are named, with the count).
     """
+    from .datasets.folders import listing
     from .metrics.folders import readable_suffixes
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataValidationError(f"external predictions folder not found: {str(root)!r}")
-    suffixes = readable_suffixes()
-    files: dict[str, Path] = {}
-    for path in sorted(root.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            if path.stem in files:
-                raise DataValidationError(
-                    f"two predictions with the stem {path.stem!r} in {str(root)!r}: "
-                    f"{files[path.stem].name}, {path.name}")
-            files[path.stem] = path
+    files = listing(root, "external predictions", readable_suffixes())
+    stems: dict[str, list[Path]] = {}
+    for key, path in files.items():  # a tree's files by stem too, where it is unique
+        stems.setdefault(key.rsplit("/", 1)[-1], []).append(path)
+    by_stem = {stem: paths[0] for stem, paths in stems.items() if len(paths) == 1}
+    images = [Path(p) for p in spec.frame[image_col]]
+    common = os.path.commonpath([os.path.abspath(p.parent) for p in images])
     found, missing, owner = [], [], {}
-    for i, (image, mask) in enumerate(zip(spec.frame[image_col], spec.frame[spec.label_col])):
-        match = files.get(Path(image).stem) or files.get(Path(mask).stem)
+    for i, (image, mask) in enumerate(zip(images, spec.frame[spec.label_col])):
+        below = Path(os.path.relpath(os.path.abspath(image.parent), common)) / image.stem
+        match = (files.get(below.as_posix()) or by_stem.get(image.stem)
+                 or by_stem.get(Path(mask).stem))
         if match is None:
-            missing.append(f"row {i} ({Path(image).stem})")
-        elif owner.setdefault(match, (i, image))[1] != image:  # one file, two images
+            missing.append(f"row {i} ({image.stem})")
+        elif owner.setdefault(match, (i, str(image)))[1] != str(image):  # one file, two images
             first, other = owner[match]
             raise DataValidationError(
-                f"rows {first} ({str(other)!r}) and {i} ({str(image)!r}) are different images "
+                f"rows {first} ({other!r}) and {i} ({str(image)!r}) are different images "
                 f"with the same file stem, so both would be scored against the one "
                 f"prediction {match.name!r} in {str(root)!r}; give the images distinct "
                 "names (and their predictions the same names)")

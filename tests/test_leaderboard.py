@@ -191,7 +191,8 @@ def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tm
 
 def test_external_rows_refuse_two_images_for_one_prediction(runs, data, tmp_path):
     """Two test images in different folders with one stem would both be scored against the
-    one prediction of that stem: refused, naming both rows. The same image listed twice is
+    one prediction of that stem: refused, naming both rows; predict's outputs for them, a
+    tree of sub-folders, pair by each image's path. The same image listed twice is
     scored twice against its file, as the model's rows score it."""
     seg, _ = runs
     _, _, test = data
@@ -205,6 +206,13 @@ def test_external_rows_refuse_two_images_for_one_prediction(runs, data, tmp_path
     with pytest.raises(DataValidationError, match=rf"rows 0 .* and 1 .*elsewhere.* same file "
                                                   rf"stem.*'{stems[0]}\.png'"):
         seg.leaderboard(clash, extra={"M": preds})
+    # predict's own outputs for them keep each image's folder (x.png in two sub-folders):
+    # that tree pairs, each image with its own prediction
+    tree = tmp_path / "tree"
+    seg.predict(clash, save_to=tree)
+    assert not any(p.is_file() for p in tree.iterdir())  # only sub-folders at the top
+    board = seg.leaderboard(clash, style="models", extra={"P": tree}).set_index("model")
+    assert board.loc["P", "test_iou"] == pytest.approx(board.loc[seg.best_model_, "test_iou"])
     twice = pd.concat([test, test.iloc[:1]], ignore_index=True)
     with pytest.warns(UserWarning, match="repeat the image of another row"):
         board = seg.leaderboard(twice, style="models", extra={"M": preds}).set_index("model")

@@ -106,6 +106,14 @@ def _by_name_only(files: dict[str, Path], folder: Path, role: str) -> dict[str, 
     return out
 
 
+def listing(folder: Path, role: str = "image",
+            suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """The files of one folder keyed as :func:`from_folders` keys them: by stem, or, when
+    the folder holds only sub-folders, by their path below it (``a/x``). ``role`` names
+    the folder in errors (missing, empty, broken links, two files of one key)."""
+    return _by_stem(folder, role, suffixes)
+
+
 def listings(first: Path, second: Path, roles: tuple[str, str] = ("image", "mask"),
              suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES
              ) -> tuple[dict[str, Path], dict[str, Path]]:
