@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -484,10 +485,13 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
     images = [Path(p) for p in spec.frame[image_col]]
     common = os.path.commonpath([os.path.abspath(p.parent) for p in images])
     found, missing, owner = [], [], {}
+    def nfc(name: str) -> str:  # the listing's keys are NFC (a name macOS wrote decomposed)
+        return unicodedata.normalize("NFC", name)
+
     for i, (image, mask) in enumerate(zip(images, spec.frame[spec.label_col])):
         below = Path(os.path.relpath(os.path.abspath(image.parent), common)) / image.stem
-        match = (files.get(below.as_posix()) or by_stem.get(image.stem)
-                 or by_stem.get(Path(mask).stem))
+        match = (files.get(nfc(below.as_posix())) or by_stem.get(nfc(image.stem))
+                 or by_stem.get(nfc(Path(mask).stem)))
         if match is None:
             missing.append(f"row {i} ({image.stem})")
         elif owner.setdefault(match, (i, str(image)))[1] != str(image):  # one file, two images

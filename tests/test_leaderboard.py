@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,30 @@ def test_external_rows_refuse_two_images_for_one_prediction(runs, data, tmp_path
     with pytest.warns(UserWarning, match="repeat the image of another row"):
         board = seg.leaderboard(twice, style="models", extra={"M": preds}).set_index("model")
     assert board.loc["M", "test_iou"] == 1.0
+
+
+def test_external_predictions_pair_names_written_decomposed(tmp_path):
+    """An image and its prediction named ``café`` as macOS writes it (e + combining acute)
+    pair, whether the predictions lie flat or in a tree."""
+    from types import SimpleNamespace
+
+    from automask.leaderboard import pair_predictions
+
+    name = unicodedata.normalize("NFD", "café")
+    for folder in ("images", "masks", "flat", "tree/a", "tree/b"):
+        (tmp_path / folder).mkdir(parents=True)
+    image, mask = tmp_path / "images" / f"{name}.png", tmp_path / "masks" / f"{name}.png"
+    other = tmp_path / "images" / "other.png"
+    for path in (image, mask, other, tmp_path / "masks" / "other.png",
+                 tmp_path / "flat" / f"{name}.png", tmp_path / "flat" / "other.png",
+                 tmp_path / "tree" / "a" / f"{name}.png", tmp_path / "tree" / "b" / "other.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    spec = SimpleNamespace(label_col="label", frame=pd.DataFrame(
+        {"image": [str(image), str(other)], "label": [str(mask), str(mask)]}))
+    assert [p.name for p in pair_predictions(spec, "image", tmp_path / "flat")] == [
+        f"{name}.png", "other.png"]
+    assert [p.parent.name for p in pair_predictions(spec, "image", tmp_path / "tree")] == [
+        "a", "b"]
 
 
 def _parse(cell: str) -> tuple[float, float | None]:
