@@ -565,6 +565,13 @@ def _add_command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     return p
 
 
+def _add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint PATH`` of the commands that load a saved predictor."""
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the SAM checkpoint the models were trained on, where it is now "
+                        "(when the file recorded at fit time has moved)")
+
+
 def _add_folder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="folder of images, paired by file name with --masks")
     p.add_argument("--masks", help="folder of masks (pairing as automask.datasets.from_folders)")
@@ -595,9 +602,7 @@ def _add_score_conventions(p: argparse.ArgumentParser) -> None:
 def _add_picture_commands(sub) -> None:
     p = _add_command(sub, "show", help="draw image | ground truth | prediction overlays (PNG)")
     p.add_argument("run", help="saved predictor directory")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="the SAM checkpoint the models were trained on, where it is now "
-                        "(when the file recorded at fit time has moved)")
+    _add_checkpoint_arg(p)
     p.add_argument("--data", help="CSV (with labels: ground truth shown), image folder or image")
     _add_folder_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -721,9 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "predict", help="write predicted masks as PNG files")
     p.add_argument("run", help="saved predictor directory")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="the SAM checkpoint the models were trained on, where it is now "
-                        "(when the file recorded at fit time has moved)")
+    _add_checkpoint_arg(p)
     p.add_argument("--data", required=True,
                    help="CSV, image folder, image file, or a list of image paths one per line")
     p.add_argument("--out", required=True, help="folder for the masks")
@@ -747,9 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "evaluate", help="score a saved predictor on labelled data")
     p.add_argument("run")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="the SAM checkpoint the models were trained on, where it is now "
-                        "(when the file recorded at fit time has moved)")
+    _add_checkpoint_arg(p)
     p.add_argument("--data", help="CSV with image and label columns (or --images/--masks)")
     p.add_argument("--metrics", help="comma-separated metric names")
     p.add_argument("--model")
@@ -763,9 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "leaderboard", help="the trained models side by side")
     p.add_argument("run")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="the SAM checkpoint the models were trained on, where it is now "
-                        "(when the file recorded at fit time has moved)")
+    _add_checkpoint_arg(p)
     p.add_argument("--data", help="CSV of test data to score every model on")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
                    help="a row scoring another model's masks in DIR on --data; repeatable")
@@ -783,9 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "export", help="export a model to ONNX (or a torch.export .pt2)")
     p.add_argument("run", help="saved predictor directory")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="the SAM checkpoint the models were trained on, where it is now "
-                        "(when the file recorded at fit time has moved)")
+    _add_checkpoint_arg(p)
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--format", choices=["onnx", "pt2"],
                    help="default: from the suffix of --out (.onnx or .pt2)")

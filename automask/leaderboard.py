@@ -473,6 +473,7 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
     """
     from .datasets.folders import listing
     from .metrics.folders import readable_suffixes
+    from .prediction import paths_below_common
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -483,13 +484,13 @@ def pair_predictions(spec, image_col: str, folder: str | os.PathLike) -> list[Pa
         stems.setdefault(key.rsplit("/", 1)[-1], []).append(path)
     by_stem = {stem: paths[0] for stem, paths in stems.items() if len(paths) == 1}
     images = [Path(p) for p in spec.frame[image_col]]
-    common = os.path.commonpath([os.path.abspath(p.parent) for p in images])
     found, missing, owner = [], [], {}
+
     def nfc(name: str) -> str:  # the listing's keys are NFC (a name macOS wrote decomposed)
         return unicodedata.normalize("NFC", name)
 
-    for i, (image, mask) in enumerate(zip(images, spec.frame[spec.label_col])):
-        below = Path(os.path.relpath(os.path.abspath(image.parent), common)) / image.stem
+    for i, (image, mask, below) in enumerate(zip(images, spec.frame[spec.label_col],
+                                                  paths_below_common(images))):
         match = (files.get(nfc(below.as_posix())) or by_stem.get(nfc(image.stem))
                  or by_stem.get(nfc(Path(mask).stem)))
         if match is None:

@@ -503,6 +503,12 @@ def _output_names(images: list[Path]) -> list[Path]:
         stems.setdefault(image.stem, set()).add(_real(image))
     if all(len(files) == 1 for files in stems.values()):
         return [Path(image.stem) for image in images]
+    return paths_below_common(images)
+
+
+def paths_below_common(images: list[Path]) -> list[Path]:
+    """Each image's path below the images' common folder, without its suffix
+    (``/d/a/1.png``, ``/d/b/1.png`` -> ``a/1``, ``b/1``; one folder: the stems)."""
     folders = [os.path.abspath(image.parent) for image in images]
     common = os.path.commonpath(folders)
     return [Path(os.path.relpath(folder, common)) / image.stem
