@@ -577,7 +577,7 @@ def _add_folder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", help="folder of masks (pairing as automask.datasets.from_folders)")
     p.add_argument("--mask-suffix", metavar="END",
                    help="ending of the masks' names after the shared name, e.g. "
-                        "_gtFine_labelIds (default: found among the usual ones)")
+                        "_gtFine_labelIds (default: one of the usual ones, or one all masks share)")
     p.add_argument("--image-suffix", metavar="END",
                    help="ending of the images' names after the shared name, e.g. _leftImg8bit")
 

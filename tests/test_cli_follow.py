@@ -143,7 +143,8 @@ def test_evaluate_names_a_class_id_the_fitted_model_does_not_know(fitted, data, 
 
 
 def test_mask_and_image_name_endings_from_the_command_line(fitted, data, tmp_path):
-    """Masks named <stem>_shadow.png pair with --mask-suffix; without it the one-line error
+    """Masks named <stem>_shadow.png pair by the ending they all share, or with
+    --mask-suffix; for a single mask, whose name alone tells no ending, the one-line error
     names the option to pass."""
     import shutil
 
@@ -152,15 +153,23 @@ def test_mask_and_image_name_endings_from_the_command_line(fitted, data, tmp_pat
     masks.mkdir()
     for mask in (data / "masks").glob("*.png"):
         shutil.copy(mask, masks / f"{mask.stem}_shadow.png")
-    proc = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
-                   str(masks))
-    assert_one_line_error(proc, "no image/mask pairs", "--mask-suffix _shadow")
-    proc = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
-                   str(masks), "--mask-suffix", "_shadow", "--json")
-    assert proc.returncode == 0, proc.stderr
     expected = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
                        str(data / "masks"), "--json")
-    assert json.loads(proc.stdout) == json.loads(expected.stdout)
+    assert expected.returncode == 0, expected.stderr
+    for given in ([], ["--mask-suffix", "_shadow"]):
+        proc = run_cli("evaluate", str(run), "--images", str(data / "images"), "--masks",
+                       str(masks), *given, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == json.loads(expected.stdout)
+    one = tmp_path / "one"
+    (one / "images").mkdir(parents=True)
+    (one / "masks").mkdir()
+    image = sorted((data / "images").iterdir())[0]
+    shutil.copy(image, one / "images" / image.name)
+    shutil.copy(masks / f"{image.stem}_shadow.png", one / "masks")
+    proc = run_cli("evaluate", str(run), "--images", str(one / "images"), "--masks",
+                   str(one / "masks"))
+    assert_one_line_error(proc, "no image/mask pairs", "--mask-suffix _shadow")
     proc = run_cli("evaluate", str(run), "--data", "x.csv", "--mask-suffix", "_shadow")
     assert_one_line_error(proc, "--mask-suffix and --image-suffix go with --images/--masks")
 

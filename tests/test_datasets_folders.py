@@ -156,26 +156,73 @@ def test_common_mask_name_endings_are_paired(tmp_path, image_stems, mask_stems, 
 
 
 def test_explicit_mask_suffix(tmp_path):
-    _layout(tmp_path, ["x1", "x2"], ["x1-ann", "x2-ann"])
-    # no pair at all: the ending to pass is named (strict=False could not help)
+    _layout(tmp_path, ["x1"], ["x1-ann"])
+    # one file a side tells no ending apart from the name: no pair at all, and the ending
+    # to pass is named (strict=False could not help)
     for strict in (True, False):
         with pytest.raises(DataValidationError, match=r"no image/mask pairs.*end with "
                                                       r"'-ann': pass mask_suffix='-ann' "
                                                       r"\(automask: --mask-suffix -ann\)"):
             from_folders(tmp_path / "images", tmp_path / "masks", strict=strict)
     df = from_folders(tmp_path / "images", tmp_path / "masks", mask_suffix="-ann")
-    assert [os.path.basename(p) for p in df["label"]] == ["x1-ann.png", "x2-ann.png"]
+    assert [os.path.basename(p) for p in df["label"]] == ["x1-ann.png"]
 
 
 def test_no_pairs_names_an_image_ending_or_both_options(tmp_path):
-    _layout(tmp_path / "a", ["x1_leftImg8bit", "x2_leftImg8bit"], ["x1", "x2"])
+    _layout(tmp_path / "a", ["x1_leftImg8bit"], ["x1"])
     with pytest.raises(DataValidationError, match=r"pass image_suffix='_leftImg8bit'"):
         from_folders(tmp_path / "a" / "images", tmp_path / "a" / "masks")
-    _layout(tmp_path / "b", ["x1_leftImg8bit", "x2_leftImg8bit"],
-            ["x1_gtFine_labelIds", "x2_gtFine_labelIds"])
+    _layout(tmp_path / "b", ["x1_leftImg8bit"], ["x1_gtFine_labelIds"])
     with pytest.raises(DataValidationError, match=r"pass it as mask_suffix= \(image_suffix="):
         from_folders(tmp_path / "b" / "images", tmp_path / "b" / "masks")
     df = from_folders(tmp_path / "b" / "images", tmp_path / "b" / "masks",
                       image_suffix="_leftImg8bit", mask_suffix="_gtFine_labelIds")
-    assert len(df) == 2 and df.attrs["suffixes"] == {"image": "_leftImg8bit",
+    assert len(df) == 1 and df.attrs["suffixes"] == {"image": "_leftImg8bit",
                                                      "mask": "_gtFine_labelIds"}
+
+
+@pytest.mark.parametrize(
+    ("image_stems", "mask_stems", "expected"),
+    [
+        # DRIVE: an ending on each side, neither of them a listed one
+        (["21_training", "22_training", "23_training"],
+         ["21_manual1", "22_manual1", "23_manual1"], {"image": "_training", "mask": "_manual1"}),
+        # STARE: the annotator's initials after a dot (im0001.ah.ppm)
+        (["im0001", "im0002"], ["im0001.ah", "im0002.ah"], {"image": "", "mask": ".ah"}),
+        # ISPRS Potsdam: "_RGB" (not the listed "_rgb") with the listed "_label"
+        (["top_2_10_RGB", "top_2_11_RGB"], ["top_2_10_label", "top_2_11_label"],
+         {"image": "_RGB", "mask": "_label"}),
+        # Cityscapes' two-part ending: the longest shared one that pairs
+        (["a_1_leftImg8bit", "b_2_leftImg8bit"], ["a_1_gtFine_labelIds", "b_2_gtFine_labelIds"],
+         {"image": "_leftImg8bit", "mask": "_gtFine_labelIds"}),
+        (["x1", "x2"], ["x1-ann", "x2-ann"], {"image": "", "mask": "-ann"}),
+    ],
+)
+def test_endings_every_file_of_a_folder_shares_are_paired(tmp_path, image_stems, mask_stems,
+                                                          expected):
+    _layout(tmp_path, image_stems, mask_stems)
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["suffixes"] == expected
+    assert len(df) == len(image_stems)
+    for image, mask in zip(df["image"], df["label"]):
+        image_stem = os.path.splitext(os.path.basename(image))[0]
+        mask_stem = os.path.splitext(os.path.basename(mask))[0]
+        assert (image_stem.removesuffix(expected["image"])
+                == mask_stem.removesuffix(expected["mask"]))
+
+
+def test_shared_endings_never_beat_exact_stems_or_pair_a_single_file(tmp_path):
+    # "a_x" and "b_x" pair as written; dropping the shared "_x" pairs no more files
+    _layout(tmp_path / "a", ["a_x", "b_x", "c_x"], ["a_x", "b_x", "d_x"])
+    with pytest.warns(UserWarning, match="2 unpaired file"):
+        df = from_folders(tmp_path / "a" / "images", tmp_path / "a" / "masks", strict=False)
+    assert df.attrs["suffixes"] == {"image": "", "mask": ""}
+    assert [os.path.basename(p) for p in df["label"]] == ["a_x.png", "b_x.png"]
+    # one file a side: "scan_01" and "scan_02" are two names, not "scan" twice
+    _layout(tmp_path / "b", ["scan_01"], ["scan_02"])
+    with pytest.raises(DataValidationError, match="no image/mask pairs"):
+        from_folders(tmp_path / "b" / "images", tmp_path / "b" / "masks")
+    # an ending only some of the files have is not shared
+    _layout(tmp_path / "c", ["x1", "x2", "x3"], ["x1_manual1", "x2_manual1", "x3_manual2"])
+    with pytest.raises(DataValidationError, match="no image/mask pairs"):
+        from_folders(tmp_path / "c" / "images", tmp_path / "c" / "masks")

@@ -385,6 +385,10 @@ def test_score_folders_pairs_ground_truths_named_with_a_mask_ending(tmp_path):
     got = score_folders(tmp_path / "pred", tmp_path / "gt")
     assert got.pop("n_images") == 3
     assert got == pytest.approx(score([p for p, _ in pairs], [g for _, g in pairs]), abs=1e-12)
+    # another model's outputs, named with an ending of their own that all of them share
+    for i in range(3):
+        (tmp_path / "pred" / f"ISIC_{i}.png").rename(tmp_path / "pred" / f"ISIC_{i}-pranet.png")
+    assert score_folders(tmp_path / "pred", tmp_path / "gt") == {**got, "n_images": 3}
     for i in range(3):
         (tmp_path / "gt" / f"ISIC_{i}_segmentation.png").rename(tmp_path / "gt" / f"gt{i}.png")
     with pytest.raises(ValueError, match=r"ground truths without a prediction: gt0, gt1, gt2; "

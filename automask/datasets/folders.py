@@ -135,6 +135,25 @@ def listings(first: Path, second: Path, roles: tuple[str, str] = ("image", "mask
 MASK_STEM_SUFFIXES = ("", "_mask", "-mask", "_masks", "_segmentation", "_Segmentation",
                       "_seg", "_gt", "_GT", "_label", "_labels", "_lesion", "_anno", "_L")
 IMAGE_STEM_SUFFIXES = ("", "_sat", "_image", "_img", "_rgb", "_Dermoscopic_Image")
+# Where a name ending may begin ("21_manual1", "im0001.ah", "x-ann", "benign (1) mask").
+_ENDING_STARTS = frozenset("_-. ")
+_MAX_SHARED_ENDINGS = 6  # bounds the (image, mask) endings tried to (6 + listed)^2
+
+
+def shared_endings(stems: Any) -> tuple[str, ...]:
+    """The endings that every one of two or more ``stems`` has, each starting at ``_``,
+    ``-``, ``.`` or a space and leaving a name before it, longest first (at most
+    :data:`_MAX_SHARED_ENDINGS`): ``("_manual1",)`` for DRIVE's ``21_manual1``,
+    ``22_manual1``. A single stem gives none: all of its parts are shared with itself, so
+    ``scan_01`` would pass for ``scan`` plus an ending."""
+    stems = list(stems)
+    if len(stems) < 2:
+        return ()
+    common = os.path.commonprefix([stem[::-1] for stem in stems])[::-1]
+    shortest = min(len(stem) for stem in stems)
+    found = [common[i:] for i, ch in enumerate(common)
+             if ch in _ENDING_STARTS and len(common) - i < shortest]
+    return tuple(found[:_MAX_SHARED_ENDINGS])
 
 
 def _keyed(files: dict[str, Path], suffix: str) -> dict[str, Path]:
@@ -170,7 +189,11 @@ def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
     letter case only counted as pairs; then the most pairs as written; then exact stems.
 
     A name ending is only tried when every file of its folder has it, so that a stray
-    ``x_mask.png`` is never paired with an unrelated ``x_img.png``.
+    ``x_mask.png`` is never paired with an unrelated ``x_img.png``: the endings listed in
+    :data:`IMAGE_STEM_SUFFIXES` / :data:`MASK_STEM_SUFFIXES`, then any other that all of
+    two or more files share (:func:`shared_endings`: DRIVE's ``21_training.tif`` with
+    ``21_manual1.gif``). Ties go to the earlier option, so exact stems first, then the
+    listed endings.
     """
     def folded(keys) -> set[str]:
         return {key.casefold() for key in keys}
@@ -178,7 +201,8 @@ def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
     def options(files: dict[str, Path], known: tuple[str, ...], given: str | None):
         if given is not None:
             return (given,)
-        return tuple(s for s in known if not s or all(stem.endswith(s) for stem in files))
+        listed = tuple(s for s in known if not s or all(stem.endswith(s) for stem in files))
+        return listed + tuple(s for s in shared_endings(files) if s not in listed)
 
     image_options = options(images, IMAGE_STEM_SUFFIXES, image_suffix)
     mask_options = options(masks, MASK_STEM_SUFFIXES, mask_suffix)
@@ -315,8 +339,11 @@ def from_folders(
         ``"_segmentation"`` for ``ISIC_001.jpg`` with ``ISIC_001_segmentation.png``. When
         None, exact stems are tried along with the endings common in public data sets
         (:data:`MASK_STEM_SUFFIXES`, :data:`IMAGE_STEM_SUFFIXES`) that every file of its
-        folder has, and the choice that pairs the most files is used (exact stems win
-        ties); it is kept in ``df.attrs["suffixes"]``.
+        folder has, and any other ending that all files of a folder of two or more share
+        after a ``_``, ``-``, ``.`` or space (DRIVE's ``21_training.tif`` with
+        ``21_manual1.gif``, STARE's ``im0001.ppm`` with ``im0001.ah.ppm``); the choice
+        that pairs the most files is used (exact stems win ties, then the listed
+        endings); it is kept in ``df.attrs["suffixes"]``.
 
     Returns
     -------

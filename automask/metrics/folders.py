@@ -142,7 +142,7 @@ def score_folders(
     check_ignore_index(conventions.get("ignore_index"))  # before listing or reading a file
     preds, gts = listings(Path(pred_dir), Path(gt_dir), ("prediction", "ground-truth"),
                           readable_suffixes())
-    # ISIC_001.png against ISIC_001_segmentation.png: the endings from_folders knows
+    # ISIC_001.png against ISIC_001_segmentation.png: the endings from_folders pairs
     preds, gts, _ = pair_stems(preds, gts, image_folder=Path(pred_dir),
                                mask_folder=Path(gt_dir))
     only_pred = sorted(set(preds) - set(gts))
