@@ -90,11 +90,11 @@ def _cmd_fit(args) -> None:
     else:
         params = {key: default if getattr(args, key) is None else getattr(args, key)
                   for key, default in _FIT_PARAMS.items()}
-        train, class_names, hp = _fit_inputs(args)
+        train, class_names, hp, color_map = _fit_inputs(args)
         fit_args = {"tuning_data": args.tuning, "presets": args.presets or DEFAULT_PRESETS,
                     "hyperparameters": hp, "time_limit": args.time_limit,
                     "num_classes": args.num_classes, "class_names": class_names,
-                    "color_map": _read_color_map(args.color_map) if args.color_map else None}
+                    "color_map": color_map}
     # (imported once the options are read: their errors need neither torch nor Lightning)
     from .segmentor import SemanticSegmentor
 
@@ -107,31 +107,16 @@ def _cmd_fit(args) -> None:
         print(f"saved to {os.path.normpath(seg.path_)}")
 
 
-def _read_color_map(path: str) -> dict[tuple[int, int, int], int]:
+def _read_color_map(path: str) -> tuple[dict[tuple[int, int, int], int], list[str] | None]:
     """``--color-map``: one ``R G B CLASS_ID`` line per colour (commas or spaces; blank
-    lines and ``#`` comments skipped), e.g. ``128,64,128,3``."""
+    lines and ``#`` comments skipped), e.g. ``128,64,128,3``, or a ``class_dict.csv``
+    table (``name,r,g,b``); with the table's class names, if it has them."""
+    from .datasets.color_maps import read_color_map
+
     try:
-        with open(path, encoding="utf-8-sig") as handle:  # a BOM (Windows editors) is no text
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AutomaskError(f"cannot read --color-map {path!r}: {exc}") from exc
-    out: dict[tuple[int, int, int], int] = {}
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].replace(",", " ").split()
-        if not text:
-            continue
-        try:
-            r, g, b, class_id = (int(v) for v in text)
-        except ValueError:
-            raise AutomaskError(f"--color-map {path!r} line {number}: expected R G B CLASS_ID "
-                                f"(four integers), got {line.strip()!r}") from None
-        if (r, g, b) in out:
-            raise AutomaskError(f"--color-map {path!r} line {number}: colour {(r, g, b)} "
-                                "is listed twice")
-        out[(r, g, b)] = class_id
-    if not out:
-        raise AutomaskError(f"--color-map {path!r} lists no colour")
-    return out
+        return read_color_map(path)
+    except AutomaskError as exc:
+        raise AutomaskError(f"--color-map: {exc}") from None
 
 
 DEFAULT_PRESETS = "medium_quality"
@@ -152,15 +137,17 @@ def _resume_inputs(args):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     if args.train is not None or args.images is not None or args.masks is not None:
-        train, names, hp = _fit_inputs(args, params["image"], params["label"])
+        train, names, hp, color_map = _fit_inputs(args, params["image"], params["label"])
     else:
-        names, hp = _fit_names(args, None), _fit_hp(args)
+        color_map, table_names = _read_color_map(args.color_map) if args.color_map else (None,
+                                                                                         None)
+        hp = _fit_hp(args)
+        names = _fit_names(args, None, hp, table_names)
     if hp:  # the keys given replace theirs; the others stay as recorded
         call["hyperparameters"] = {**(call.get("hyperparameters") or {}), **hp}
     given = {"tuning_data": args.tuning, "presets": args.presets,
              "time_limit": args.time_limit, "num_classes": args.num_classes,
-             "class_names": names,
-             "color_map": _read_color_map(args.color_map) if args.color_map else None}
+             "class_names": names, "color_map": color_map}
     call.update({key: value for key, value in given.items() if value is not None})
     return train, call, params
 
@@ -375,8 +362,10 @@ def _labelled_data(args, image_col: str, label_col: str):
 
 
 def _fit_inputs(args, image: str | None = None, label: str | None = None):
-    """(training data, class names, hyperparameters) of ``automask fit``; ``image`` and
-    ``label``: the columns of a frame paired from folders (default: --image, --label)."""
+    """(training data, class names, hyperparameters, colour map) of ``automask fit``;
+    ``image`` and ``label``: the columns of a frame paired from folders (default: --image,
+    --label). The colour map is ``--color-map``'s, else that of the colour table found
+    beside colour masks by ``from_folders``, else None."""
     image = image or args.image or _FIT_PARAMS["image"]
     label = label or args.label or _FIT_PARAMS["label"]
     frame = _folders(args, image, label)
@@ -385,7 +374,13 @@ def _fit_inputs(args, image: str | None = None, label: str | None = None):
     if frame is None and args.train is None:
         raise AutomaskError("no training data: give --train CSV or --images DIR --masks DIR")
     hp = _fit_hp(args)
-    return (frame if frame is not None else args.train), _fit_names(args, frame, hp), hp
+    if args.color_map:
+        color_map, table_names = _read_color_map(args.color_map)
+    else:
+        color_map, table_names = (frame.attrs.get("color_map") if frame is not None
+                                  else None), None
+    names = _fit_names(args, frame, hp, table_names)
+    return (frame if frame is not None else args.train), names, hp, color_map
 
 
 def _fit_hp(args) -> dict[str, Any]:
@@ -401,12 +396,15 @@ def _fit_hp(args) -> dict[str, Any]:
     return hp
 
 
-def _fit_names(args, frame, hp: dict[str, Any] | None = None) -> list[str] | None:
-    """Class names of ``fit``: ``--class-names``, else the classes.txt of the folders."""
-    hp = _fit_hp(args) if hp is None else hp
+def _fit_names(args, frame, hp: dict[str, Any], table_names: list[str] | None = None
+               ) -> list[str] | None:
+    """Class names of ``fit``: ``--class-names``, else those of the ``--color-map`` table
+    (``table_names``), else the folders' (their classes.txt, else their colour table's)."""
     names = _split(args.class_names)
+    if names is None:
+        names = table_names
     if names is None and frame is not None:
-        names = frame.attrs.get("class_names")  # classes.txt in or beside the masks folder
+        names = frame.attrs.get("class_names")
     void = hp.get("data.void_label")
     if names is not None and isinstance(void, int) and void == len(names) - 1:
         names = names[:-1]  # the void id is last (CamVid's "Unlabelled"): not a class
@@ -710,7 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--color-map", metavar="FILE",
                    help="colour masks: a text file of 'R G B CLASS_ID' lines (commas or "
-                        "spaces), every colour of the masks listed")
+                        "spaces), every colour of the masks listed, or a class_dict.csv "
+                        "(name,r,g,b: ids in row order); default: the class_dict.csv in or "
+                        "beside the --masks folder when the masks are in colour")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--verbosity", type=int, default=2, choices=range(4),
                    help="0 silent, 1 a line per epoch and a summary, 2 also a progress bar "

@@ -32,7 +32,7 @@ def test_color_map_file_saved_with_a_bom_is_read(tmp_path):
     path = tmp_path / "colours.txt"
     path.write_text("0 0 0 0\n128,64,128,1\n", encoding="utf-8-sig")
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
-    assert cli._read_color_map(str(path)) == {(0, 0, 0): 0, (128, 64, 128): 1}
+    assert cli._read_color_map(str(path)) == ({(0, 0, 0): 0, (128, 64, 128): 1}, None)
 
 
 @pytest.mark.parametrize("command", [["demo"], ["fit", "--train", "t.csv", "--path", "r"]])

@@ -805,7 +805,7 @@ def validate_frame(
                                    label_col, problems)
     problems.raise_if_any()
     if use_labels and void_label is not None and int(void_label) < k:
-        raise ConfigError(_void_among_classes(int(void_label), task, k))
+        raise ConfigError(_void_among_classes(int(void_label), task, k, color_map is not None))
 
     if class_names is None:
         class_names = (
@@ -842,8 +842,9 @@ def validate_frame(
     )
 
 
-def _void_among_classes(void: int, task: str, k: int) -> str:
-    """Why a ``void_label`` that is one of the task's class ids cannot be used, and the fix.
+def _void_among_classes(void: int, task: str, k: int, colour: bool = False) -> str:
+    """Why a ``void_label`` that is one of the task's class ids cannot be used, and the fix
+    (for ``colour`` masks, read through a color_map: in the map, not in the masks).
 
     Class ids are kept as they are (the void value is only ignored), so such a value would
     be a class the model has an output for but never learns, and could still predict.
@@ -854,6 +855,13 @@ def _void_among_classes(void: int, task: str, k: int) -> str:
                 f"every {side} pixel would be ignored and the model would learn the other "
                 "class only; leave void_label unset, or use a value the masks keep for "
                 "unlabelled pixels (255 beside {0, 1})")
+    if colour:
+        return (f"void_label={void} lies among the class ids 0..{k - 1} that color_map gives "
+                f"the colours: ids are kept as they are, so class {void} would be an output "
+                "the model never learns, yet could predict. Give the void colour the id 255 "
+                "in color_map (or the last id, with void_label set to it) and number the "
+                f"classes 0..{k - 2} (a class_dict.csv: move the void row last), or leave "
+                f"void_label unset if {void} is a class")
     return (f"void_label={void} lies among the class ids 0..{k - 1} of these masks: ids are "
             f"kept as they are, so class {void} would be an output the model never learns, "
             "yet could predict. Renumber the masks so that the void value comes after the "

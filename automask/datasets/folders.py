@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import DataValidationError
+from .color_maps import find_color_table, read_color_map
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm",
@@ -348,7 +349,14 @@ def from_folders(
     Returns
     -------
     pandas.DataFrame
-        Absolute paths, sorted by stem, with a 0..n-1 index.
+        Absolute paths, sorted by stem, with a 0..n-1 index. ``df.attrs["class_names"]``
+        holds the names of a ``classes.txt`` in or beside the masks folder. When the masks
+        are colour images and a colour table (``class_dict.csv``, see
+        :mod:`automask.datasets.color_maps`) sits in or beside their folder,
+        ``df.attrs["color_map"]`` holds its colour -> class id map, to pass as
+        ``fit(df, color_map=df.attrs["color_map"])`` (``automask fit`` uses it by itself),
+        and its names fill ``df.attrs["class_names"]`` when there is no ``classes.txt``;
+        else ``df.attrs["color_map"]`` is None.
 
     Raises
     ------
@@ -397,7 +405,24 @@ def from_folders(
     df.attrs["suffixes"] = {"image": image_sfx, "mask": mask_sfx}
     classes_file = find_classes_file(masks_dir)
     df.attrs["class_names"] = read_class_names(classes_file) if classes_file else None
+    df.attrs["color_map"] = None
+    table = find_color_table(masks_dir)
+    if table is not None and _colour_image(df[label_col].iloc[0]):
+        df.attrs["color_map"], names = read_color_map(table)
+        if df.attrs["class_names"] is None:
+            df.attrs["class_names"] = names
     return df
+
+
+def _colour_image(path: str) -> bool:
+    """Whether the picture at ``path`` is in colour (RGB or RGBA), from its header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return picture.mode in ("RGB", "RGBA")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False  # read (and reported) with the other masks later
 
 
 CLASSES_FILE = "classes.txt"

@@ -1,0 +1,142 @@
+"""Colour tables: R G B CLASS_ID lines, class_dict.csv tables, and from_folders finding them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask import cli
+from automask.data import validate_frame
+from automask.datasets import from_folders, read_color_map
+from automask.errors import ConfigError, DataValidationError
+
+# CamVid's download from Kaggle, abridged: names in alphabetical order, "Void" among them
+CAMVID_TABLE = "name,r,g,b\nAnimal,64,128,64\nRoad,128,64,128\nSky,128,128,128\nVoid,0,0,0\n"
+CAMVID = {(64, 128, 64): 0, (128, 64, 128): 1, (128, 128, 128): 2, (0, 0, 0): 3}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "names"),
+    [
+        (CAMVID_TABLE, CAMVID, ["Animal", "Road", "Sky", "Void"]),
+        # DeepGlobe's land-cover table: spaces after the commas
+        ("name, r, g, b\nurban_land, 0, 255, 255\nunknown, 0, 0, 0\n",
+         {(0, 255, 255): 0, (0, 0, 0): 1}, ["urban_land", "unknown"]),
+        # capitalised columns in another order, an id column, ids out of row order
+        ("B,G,R,Class_ID,Name\n0,0,0,1,rest\n255,255,255,0,road\n",
+         {(0, 0, 0): 1, (255, 255, 255): 0}, ["road", "rest"]),
+        # quoted names with commas; two colours of one class
+        ('name,r,g,b,id\n"car, truck",1,2,3,0\n"car, truck",4,5,6,0\nsky,7,8,9,1\n',
+         {(1, 2, 3): 0, (4, 5, 6): 0, (7, 8, 9): 1}, ["car, truck", "sky"]),
+        # colours without names; ids that leave a gap name nothing
+        ("red,green,blue\n0,0,0\n9,9,9\n", {(0, 0, 0): 0, (9, 9, 9): 1}, None),
+        ("r g b id name\n0 0 0 0 a\n9 9 9 2 c\n", {(0, 0, 0): 0, (9, 9, 9): 2}, None),
+        # the numbered lines (automask's own layout), comments and a blank line
+        ("# R G B class\n0 0 0 0\n\n128,64,128,1  # road\n", {(0, 0, 0): 0, (128, 64, 128): 1},
+         None),
+    ],
+)
+def test_colour_tables_are_read(tmp_path, text, expected, names):
+    path = tmp_path / "class_dict.csv"
+    path.write_text(text, encoding="utf-8-sig")  # with a BOM, as Excel writes CSV
+    assert read_color_map(path) == (expected, names)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("name,red,green\na,1,2\n", r"line 1: the header .* has no column b"),
+        ("name,r,g,b\na,1,2,x\n", r"line 2: column 'b' is not an integer: 'x'"),
+        ("name,r,g,b\na,1,2\n", r"line 2: 3 field\(s\) for the header's 4"),
+        ("name,r,g,b\na,1,2,3\nb,1,2,3\n", r"line 3: colour \(1, 2, 3\) is listed twice"),
+        ("name,r,g,b\na,1,2,300\n", r"line 2: colour \(1, 2, 300\) is not 8-bit"),
+        ("r,g,b,id,name\n1,2,3,0,a\n4,5,6,0,b\n", r"line 3: class id 0 is named both 'a' and 'b'"),
+        ("r,g,b,id\n1,2,3,-1\n", r"line 2: class id -1 is negative"),
+        ("0 0 0 0\n128 64 x 1\n", r"line 2: expected R G B CLASS_ID \(four integers\)"),
+        ("# nothing\n\n", "lists no colour"),
+        ("name,r,g,b\n", "lists no colour"),
+    ],
+)
+def test_bad_colour_tables_name_the_file_and_line(tmp_path, text, says):
+    path = tmp_path / "colours.csv"
+    path.write_text(text)
+    with pytest.raises(DataValidationError, match=says) as info:
+        read_color_map(path)
+    assert "colours.csv" in str(info.value)
+
+
+def _colour_data(root, colours=CAMVID, count=3):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    palette = np.array(list(colours), np.uint8)
+    for i in range(count):
+        ids = np.zeros((16, 16), np.int64)
+        ids[:, 4:] = 1
+        ids[8:, 8 + i:] = 2
+        ids[12:, :4] = len(colours) - 1
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(palette[ids]).save(root / "masks" / f"{i}.png")
+    return ids
+
+
+def test_from_folders_takes_the_colour_table_beside_colour_masks(tmp_path):
+    ids = _colour_data(tmp_path)
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["color_map"] is None  # no table yet
+    (tmp_path / "class_dict.csv").write_text(CAMVID_TABLE)  # beside the masks folder
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["color_map"] == CAMVID
+    assert df.attrs["class_names"] == ["Animal", "Road", "Sky", "Void"]
+    spec = validate_frame(df, color_map=df.attrs["color_map"], void_label=3)
+    assert spec.num_classes == 3
+    # a classes.txt names the classes instead; the table still maps the colours
+    (tmp_path / "masks" / "classes.txt").write_text("a\nb\nc\nd\n")
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["color_map"] == CAMVID and df.attrs["class_names"] == ["a", "b", "c", "d"]
+    # grey masks of class ids: a table beside them is not theirs to apply
+    for i in range(3):
+        Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    (tmp_path / "masks" / "classes.txt").unlink()
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["color_map"] is None and df.attrs["class_names"] is None
+
+
+def test_fit_command_reads_the_table_found_or_given(tmp_path):
+    """``automask fit --images --masks`` on colour masks takes the class_dict.csv beside
+    them (colours and names); ``--color-map`` and ``--class-names`` given win."""
+    _colour_data(tmp_path)
+    (tmp_path / "masks" / "class_dict.csv").write_text(CAMVID_TABLE)
+    parser = cli.build_parser()
+    folders = ["fit", "--path", str(tmp_path / "run"), "--images", str(tmp_path / "images"),
+               "--masks", str(tmp_path / "masks")]
+    train, names, hp, color_map = cli._fit_inputs(parser.parse_args(folders))
+    assert color_map == CAMVID and names == ["Animal", "Road", "Sky", "Void"]
+    assert len(train) == 3 and hp == {}
+    # the void id last: its name is not a class's
+    _, names, hp, _ = cli._fit_inputs(parser.parse_args([*folders, "--void-label", "3"]))
+    assert names == ["Animal", "Road", "Sky"] and hp == {"data.void_label": 3}
+    other = tmp_path / "other.txt"
+    other.write_text("64 128 64 1\n128 64 128 0\n128 128 128 2\n0 0 0 3\n")
+    _, names, _, color_map = cli._fit_inputs(parser.parse_args(
+        [*folders, "--color-map", str(other), "--class-names", "w,x,y,z"]))
+    assert color_map[(64, 128, 64)] == 1 and names == ["w", "x", "y", "z"]
+    (tmp_path / "bad.csv").write_text("name,r,g,b\nx,1,2\n")
+    with pytest.raises(cli.AutomaskError, match=r"--color-map: .*bad.csv.* line 2"):
+        cli._fit_inputs(parser.parse_args([*folders, "--color-map", str(tmp_path / "bad.csv")]))
+
+
+def test_a_void_colour_among_the_classes_is_refused_with_the_table_fix(tmp_path):
+    """CamVid's table lists "Void" among the classes (alphabetically): the error says how to
+    number it in the colour map; both ways it names then fit."""
+    _colour_data(tmp_path, count=2)
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    middle = {(64, 128, 64): 0, (0, 0, 0): 1, (128, 64, 128): 2, (128, 128, 128): 3}
+    with pytest.raises(ConfigError, match=r"void_label=1 lies among the class ids 0\.\.3 that "
+                                          r"color_map gives .* the id 255 in color_map .* "
+                                          r"move the void row last"):
+        validate_frame(df, color_map=middle, void_label=1)
+    last = {(64, 128, 64): 0, (128, 64, 128): 1, (128, 128, 128): 2, (0, 0, 0): 3}
+    ignored = {**last, (0, 0, 0): 255}
+    for color_map, void in ((last, 3), (ignored, None)):
+        spec = validate_frame(df, color_map=color_map, void_label=void)
+        assert spec.task == "multiclass" and spec.num_classes == 3
