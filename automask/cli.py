@@ -9,6 +9,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -507,8 +508,8 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
                               overwrite=overwrite, suffix=".npy")
     prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too
     net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
-    write_probabilities(iter_proba(net, cfg, seg.task_, spec, tiling, prompts), dests, folder,
-                        seg.task_)  # streaming
+    with contextlib.closing(iter_proba(net, cfg, seg.task_, spec, tiling, prompts)) as probs:
+        write_probabilities(probs, dests, folder, seg.task_)  # streaming
     return len(spec)
 
 

@@ -8,10 +8,12 @@ Binary tasks colour the prediction against the ground truth with Okabe-Ito's
 colour-blind-safe colours: true positives bluish green, false positives vermillion,
 false negatives blue. Multi-class tasks colour each class with
 :func:`automask.data.io.class_colors`, the palette of the PNGs that ``predict(save_to=...)``
-writes, with a legend of class names.
+writes (for a predictor fit on colour-coded masks, their colours), with a legend of class
+names.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -82,12 +84,13 @@ def binary_regions(truth: np.ndarray | None, pred: np.ndarray
             ("ignored", ignored, IGNORE_COLOR)]
 
 
-def class_regions(mask: np.ndarray, num_classes: int
+def class_regions(mask: np.ndarray, num_classes: int, color_map: dict | None = None
                   ) -> list[tuple[int, np.ndarray, tuple[int, int, int]]]:
-    """(class id, mask, colour) per class present in ``mask``, ignored pixels last."""
+    """(class id, mask, colour) per class present in ``mask``, ignored pixels last; the
+    colours of ``color_map`` for classes it colours (colour-coded training masks)."""
     from .data.io import class_colors
 
-    colors = class_colors(max(num_classes, 1))
+    colors = class_colors(max(num_classes, 1), color_map)
     m = np.asarray(mask)
     out = [(int(c), m == c, tuple(int(v) for v in colors[c]))
            for c in np.unique(m) if c != IGNORE and c < num_classes]
@@ -107,6 +110,7 @@ def plot_masks(
     names: Sequence[str] | None = None,
     path: str | os.PathLike | None = None,
     alpha: float = ALPHA,
+    color_map: Mapping[tuple[int, int, int], int] | None = None,
 ) -> "Figure":
     """Grid of overlays: one row per image; image | ground truth | one column per model.
 
@@ -130,6 +134,9 @@ def plot_masks(
         when it has none).
     alpha : float
         Opacity of the overlays.
+    color_map : mapping, optional
+        ``{(r, g, b): class_id}`` of colour-coded masks (multi-class): each class it
+        colours is drawn in that colour, as in the masks (a predictor's ``color_map_``).
 
     Returns
     -------
@@ -180,13 +187,15 @@ def plot_masks(
                 regions = [("ground truth", fg, TRUTH_COLOR),
                            ("ignored", np.asarray(truths[row]) == IGNORE, IGNORE_COLOR)]
             else:
-                regions = _named(class_regions(truths[row], num_classes), class_names)
+                regions = _named(class_regions(truths[row], num_classes, color_map),
+                                 class_names)
             cells.append(("ground truth", _paint(image, regions, legend, alpha)))
         for title, masks in predictions.items():
             if task == "binary":
                 regions = binary_regions(None if truths is None else truths[row], masks[row])
             else:
-                regions = _named(class_regions(masks[row], num_classes), class_names)
+                regions = _named(class_regions(masks[row], num_classes, color_map),
+                                 class_names)
             cells.append((_short(str(title)), _paint(image, regions, legend, alpha)))
         for ax, (title, picture) in zip(axes[row], cells):
             ax.imshow(picture, interpolation="nearest")
@@ -368,9 +377,10 @@ def _examples_of_files(seg, frame, root, models: Sequence[str | None]):
     predictions = {}
     for model in models:
         name = model or seg.best_model_
-        masks = iter_proba(seg._model(model), seg._config(model), seg.task_,
-                           images_spec(spec.frame, seg.image, None))
-        predictions[name] = [to_mask(prob, seg.task_, seg.num_classes_) for _, prob in masks]
+        with contextlib.closing(iter_proba(seg._model(model), seg._config(model), seg.task_,
+                                           images_spec(spec.frame, seg.image, None))) as masks:
+            predictions[name] = [to_mask(prob, seg.task_, seg.num_classes_)
+                                 for _, prob in masks]
     stems = [Path(p).stem for p in spec.frame[seg.image]]
     return images, truths, stems, predictions
 
@@ -382,7 +392,8 @@ def plot_predictions(seg, data, n: int = 4, model: str | None = None,
     images, truths, stems, preds = predictor_examples(seg, data, n, [model])
     (masks,) = preds.values()
     return plot_masks(images, {"prediction": masks}, truths, task=seg.task_,
-                      class_names=seg.classes_, names=stems, path=path)
+                      class_names=seg.classes_, names=stems, path=path,
+                      color_map=seg.color_map_)
 
 
 def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
@@ -399,7 +410,7 @@ def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
         raise DataValidationError(f"unknown model(s) {unknown}; trained: {', '.join(seg.models_)}")
     images, truths, stems, preds = predictor_examples(seg, data, n, models)
     return plot_masks(images, preds, truths, task=seg.task_, class_names=seg.classes_,
-                      names=stems, path=path)
+                      names=stems, path=path, color_map=seg.color_map_)
 
 
 # ------------------------------------------------------------------ helpers

@@ -167,6 +167,12 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     ``prompts``: one checked :class:`~automask.data.prompts.ImagePrompt` or None per row
     (see :func:`check_prompt_request`). Prompted images take the whole-image path; the
     others are predicted exactly as without prompts (``tiling`` applies to them).
+
+    The stream holds the model's frozen linear weights in bf16 until it ends
+    (:func:`_holding_frozen`): a caller that may stop early closes it
+    (``with contextlib.closing(iter_proba(...)) as probs``), so that the weights are
+    float32 again at once, not only when the stream is collected (an exception's
+    traceback keeps it, and a notebook keeps the last exception).
     """
     from .hardware import fork_safe_threads
     from .tiling import trained_tiling
@@ -232,12 +238,19 @@ def _prompted_proba(model: torch.nn.Module, cfg: Config, task: str, spec, tiling
     free = [pos for pos, p in enumerate(prompts) if p is None]
     prompted_iter = _plain_proba(model, cfg, task, spec.subset(prompted),
                                  [prompts[pos] for pos in prompted])
-    free_iter = iter_proba(model, cfg, task, spec.subset(free), tiling) if free else iter(())
+    free_iter = (iter_proba(model, cfg, task, spec.subset(free), tiling) if free
+                 else _no_probabilities())
     rows = set(prompted)
-    for pos in range(len(prompts)):
-        sub, prob = next(prompted_iter if pos in rows else free_iter)
-        assert (prompted if pos in rows else free)[sub] == pos, (sub, pos)
-        yield pos, prob
+    with contextlib.closing(prompted_iter), contextlib.closing(free_iter):
+        for pos in range(len(prompts)):
+            sub, prob = next(prompted_iter if pos in rows else free_iter)
+            assert (prompted if pos in rows else free)[sub] == pos, (sub, pos)
+            yield pos, prob
+
+
+def _no_probabilities() -> Iterator[tuple[int, np.ndarray]]:
+    """An empty stream that can be closed like the others."""
+    yield from ()
 
 
 def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str,
@@ -273,22 +286,25 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                                  value_range=image_value_range(cfg),
                                  resize=cfg.data.resize,
                                  interpolation=cfg.data.interpolation)
-    with torch.inference_mode(), autocast_context(device, cfg.env.precision):
-        for batch in loader:
-            mapped = None
-            if prompts is not None:
-                mapped = [to_model_prompt(prompts[idx], Geometry(tuple(orig), tuple(new),
-                                                                 cfg.model.input_size))
-                          for idx, orig, new in zip(batch["index"].tolist(),
-                                                    batch["original_size"].tolist(),
-                                                    batch["resized_size"].tolist())]
+    for batch in loader:
+        mapped = None
+        if prompts is not None:
+            mapped = [to_model_prompt(prompts[idx], Geometry(tuple(orig), tuple(new),
+                                                             cfg.model.input_size))
+                      for idx, orig, new in zip(batch["index"].tolist(),
+                                                batch["original_size"].tolist(),
+                                                batch["resized_size"].tolist())]
+        # Inference mode and autocast for this batch only: they are the thread's state, so
+        # held across a ``yield`` they would run the caller's code too, and two streams
+        # read in turn (_prompted_proba) would restore each other's state out of order.
+        with torch.inference_mode(), autocast_context(device, cfg.env.precision):
             probs = _probabilities(model, batch["image"].to(device, non_blocking=True), task,
                                    mapped)
             # at the input: "restored" to the resized size itself (upsampled to S, cropped)
             target_size = batch["resized_size"] if at_input else batch["original_size"]
             restored = restore_batch(probs, target_size, batch["resized_size"])
-            for idx, prob in zip(batch["index"].tolist(), restored):
-                yield idx, prob.float().cpu().numpy()
+        for idx, prob in zip(batch["index"].tolist(), restored):
+            yield idx, prob.float().cpu().numpy()
 
 
 def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str) -> np.ndarray:
@@ -389,7 +405,8 @@ def throughput(model: torch.nn.Module, cfg: Config, task: str, spec) -> float | 
         return None
     spec = spec.subset(range(n))
     t0 = time.perf_counter()
-    count = sum(1 for _ in iter_proba(model, cfg, task, spec))
+    with contextlib.closing(iter_proba(model, cfg, task, spec)) as probs:
+        count = sum(1 for _ in probs)
     return count / max(time.perf_counter() - t0, 1e-9)
 
 
@@ -516,9 +533,10 @@ def paths_below_common(images: list[Path]) -> list[Path]:
 
 
 def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
-                task: str, num_classes: int) -> None:
+                task: str, num_classes: int, color_map: dict | None = None) -> None:
     """Write each mask as a lossless PNG: 0/255 grayscale for binary tasks, a palette PNG of
-    class ids for multi-class tasks (see :func:`automask.data.io.write_mask`).
+    class ids for multi-class tasks, in the colours of ``color_map`` when the training
+    masks were colour-coded (see :func:`automask.data.io.write_mask`).
 
     ``out`` is created here; if writing fails, the files this call created (and ``out``
     when it created it) are removed.
@@ -527,7 +545,7 @@ def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
 
     def write(dest: Path, prob: np.ndarray) -> None:
         # written to a temporary file, then renamed
-        write_mask(dest, to_mask(prob, task, num_classes), task)
+        write_mask(dest, to_mask(prob, task, num_classes), task, color_map)
 
     _write_each(probs, dests, out, write)
 

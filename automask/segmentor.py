@@ -337,16 +337,16 @@ class SemanticSegmentor(BaseEstimator):
             spec = prediction.images_spec(files, self.image, root)
             prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
             net, cfg = self._model(model), self._config(model)
-            if save_to is None:
-                return [prediction.to_mask(p, self.task_, self.num_classes_)
-                        for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
-                                                          prompts)]
-            out = Path(save_to).expanduser()
-            dests = prediction.mask_destinations(spec, out, root=root, label_col=self.label,
-                                                 overwrite=overwrite)
-            prediction.write_masks(
-                prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts),
-                dests, out, self.task_, self.num_classes_)
+            stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts)
+            with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
+                if save_to is None:
+                    return [prediction.to_mask(p, self.task_, self.num_classes_)
+                            for _, p in probs]
+                out = Path(save_to).expanduser()
+                dests = prediction.mask_destinations(spec, out, root=root,
+                                                     label_col=self.label, overwrite=overwrite)
+                prediction.write_masks(probs, dests, out, self.task_, self.num_classes_,
+                                       self.color_map_)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
 
@@ -375,9 +375,9 @@ class SemanticSegmentor(BaseEstimator):
             spec = prediction.images_spec(files, self.image, root)
             prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
             net, cfg = self._model(model), self._config(model)
-            return [p[0] if self.task_ == "binary" else p
-                    for _, p in prediction.iter_proba(net, cfg, self.task_, spec, tiling,
-                                                      prompts)]
+            stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts)
+            with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
+                return [p[0] if self.task_ == "binary" else p for _, p in probs]
 
     def evaluate(
         self,
@@ -441,9 +441,11 @@ class SemanticSegmentor(BaseEstimator):
             spec = prediction.labelled_spec(files, self.image, self.label, self.task_,
                                             self.num_classes_, self.classes_, self.void_label_,
                                             self.color_map_)
-            probs = prediction.iter_proba(self._model(model), self._config(model), self.task_,
-                                          spec, tiling, resolution=resolution)
-            return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_, scorers)
+            stream = prediction.iter_proba(self._model(model), self._config(model), self.task_,
+                                           spec, tiling, resolution=resolution)
+            with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
+                return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_,
+                                                 scorers)
 
     def leaderboard(
         self,

@@ -204,16 +204,94 @@ def test_a_failed_write_removes_the_sub_folders_it_made(fitted, tmp_path, monkey
     (out / "keep.txt").write_text("mine")
     real, calls = io.write_mask, []
 
-    def failing(dest, mask, task):
+    def failing(dest, mask, task, color_map=None):
         calls.append(dest)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real(dest, mask, task)
+        return real(dest, mask, task, color_map)
 
     monkeypatch.setattr(io, "write_mask", failing)
     with pytest.raises(OSError, match="disk full"):
         seg.predict([str(p) for p in paths], save_to=out)
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("stop", ["write", "predict", "evaluate"])
+def test_a_prediction_stopped_half_way_gives_the_float32_weights_back(fitted, tmp_path,
+                                                                      monkeypatch, stop):
+    """On a bf16 CPU a prediction holds the frozen linear weights in bf16 while it runs. A
+    prediction stopped half-way (a failed write, Ctrl-C, an error in the caller's loop)
+    ends the hold at once, not when its exception is collected: a notebook keeps the last
+    one, and the model, still in bf16, then failed to export ("unsupported ScalarType
+    BFloat16") and ran in bf16 outside autocast."""
+    seg, _, csv = fitted
+    net, cfg = seg._model(None), seg._config(None)
+    frozen = [m.weight for m in net.modules() if type(m) is torch.nn.Linear]
+    for weight in frozen:
+        weight.requires_grad_(False)
+    try:
+        _stop_a_prediction(seg, net, cfg, frozen, csv, tmp_path, monkeypatch, stop)
+    finally:  # the module's fitted model as it was for the other tests
+        for weight in frozen:
+            weight.requires_grad_(True)
+
+
+def _stop_a_prediction(seg, net, cfg, frozen, csv, tmp_path, monkeypatch, stop):
+    import automask.data.io as io
+    from automask import prediction
+    from automask.models.frozen import frozen_linears_in_bf16
+
+    with frozen_linears_in_bf16(net) as cast:  # a hold casts them, as on a bf16 CPU
+        assert cast > 0 and all(w.dtype == torch.bfloat16 for w in frozen)
+    monkeypatch.setattr(cfg.env, "precision", "bf16-mixed")
+    images = list(pd.read_csv(csv)["image"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the images
+
+    kept = []
+    try:
+        if stop == "write":
+            def failing(*args, **kwargs):
+                raise OSError("disk full")
+
+            monkeypatch.setattr(io, "write_mask", failing)
+            seg.predict(images, save_to=tmp_path / "out")
+        elif stop == "predict":
+            monkeypatch.setattr(prediction, "to_mask", interrupted)
+            seg.predict(images)
+        else:
+            import automask.data
+
+            monkeypatch.setattr(automask.data, "read_mask", interrupted)
+            seg.evaluate(csv)
+    except (OSError, KeyboardInterrupt) as exc:
+        kept.append(exc)  # as a notebook keeps sys.last_value
+    assert kept and all(w.dtype == torch.float32 for w in frozen)
+
+
+def test_prediction_streams_keep_autocast_and_inference_mode_to_themselves(fitted, tmp_path,
+                                                                           monkeypatch):
+    """The caller's code between two predictions (writing a mask) runs outside the
+    stream's autocast and inference mode, and none is left on afterwards: images with a
+    box and images without, two streams read in turn, left bf16 autocast on for the
+    thread (a later export then failed on a bf16 output)."""
+    import automask.data.io as io
+
+    seg, _, csv = fitted
+    monkeypatch.setattr(seg._config(None).env, "precision", "bf16-mixed")
+    images = list(pd.read_csv(csv)["image"])
+    real, states = io.write_mask, []
+
+    def recording(*args, **kwargs):
+        states.append((torch.is_autocast_enabled("cpu"), torch.is_inference_mode_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io, "write_mask", recording)
+    boxes = [None, (0, 0, 8, 8), None, None, (2, 2, 12, 12), None]  # one per image
+    seg.predict(images, save_to=tmp_path / "out", boxes=boxes)
+    assert states == [(False, False)] * len(images)
+    assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
 
 
 def test_tiled_proba_names_a_bad_batch_size_or_image():

@@ -291,6 +291,18 @@ def test_fit_and_evaluate_on_colour_masks_with_a_color_map_file(tmp_path):
 
     seg = SemanticSegmentor.load(tmp_path / "run")
     assert seg.num_classes_ == 3 and seg.color_map_ == colours
+    # its masks come out in the training masks' colours, the class ids as pixel values
+    from automask.data import read_mask
+
+    ids = seg.predict(str(tmp_path / "images"))
+    seg.predict(str(tmp_path / "images"), save_to=tmp_path / "pred")
+    for i, expected in enumerate(ids):
+        out = tmp_path / "pred" / f"{i}.png"
+        np.testing.assert_array_equal(read_mask(out), expected)
+        np.testing.assert_array_equal(read_mask(out, color_map=colours), expected)
+        with Image.open(out) as picture:
+            assert {tuple(c) for c in np.array(picture.convert("RGB")).reshape(-1, 3)} <= set(
+                colours)
     proc = run_cli("evaluate", str(tmp_path / "run"), *common, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(json.loads(proc.stdout)["iou_per_class"]) == 3

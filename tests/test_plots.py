@@ -171,6 +171,26 @@ def test_write_mask_palette_png_keeps_class_ids(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_colour_coded_classes_keep_their_colours_in_written_masks_and_overlays(tmp_path):
+    """A predictor fit on colour-coded masks writes its masks (and draws its overlays) in
+    the masks' colours; the PNG's values stay the class ids, read back with or without
+    the map."""
+    colours = {(128, 128, 128): 0, (128, 64, 128): 1, (192, 0, 0): 1, (64, 0, 128): 2,
+               (0, 0, 0): 255}  # a second colour of class 1, and an ignored colour
+    palette = class_colors(4, colours)
+    np.testing.assert_array_equal(palette[:3], [(128, 128, 128), (128, 64, 128), (64, 0, 128)])
+    np.testing.assert_array_equal(palette[3], class_colors(4)[3])  # no colour: the default
+    mask = np.random.default_rng(2).integers(0, 3, (30, 40)).astype(np.uint8)
+    write_mask(tmp_path / "m.png", mask, "multiclass", colours)
+    rgb = _png(tmp_path / "m.png")
+    np.testing.assert_array_equal(rgb, palette[mask])
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), mask)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png", color_map=colours), mask)
+    regions = plots.class_regions(mask, 3, colours)
+    assert [(c, colour) for c, _, colour in regions] == [
+        (0, (128, 128, 128)), (1, (128, 64, 128)), (2, (64, 0, 128))]
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")

@@ -939,20 +939,24 @@ _OKABE_ITO = [(0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228
 IGNORE_COLOR = (255, 255, 255)
 
 
-def class_colors(num_classes: int) -> np.ndarray:
+def class_colors(num_classes: int, color_map: ColorMap | None = None) -> np.ndarray:
     """RGB colour of each class id, the palette of :func:`write_mask`'s PNGs.
 
     Parameters
     ----------
     num_classes : int
         Number of class ids to colour (0..num_classes-1).
+    color_map : dict, optional
+        ``{(r, g, b): class_id}`` of colour-coded masks (a predictor's ``color_map_``):
+        each class id it gives a colour is drawn in that colour (the first listed, when
+        several map to it), so that predictions look like the masks trained on.
 
     Returns
     -------
     numpy.ndarray
         ``(num_classes, 3)`` uint8: class 0 black, then Okabe-Ito's colour-blind-safe
-        colours, then hues spread by the golden ratio. The ignore value 255 is drawn in
-        :data:`IGNORE_COLOR` (white).
+        colours, then hues spread by the golden ratio, each replaced by its colour in
+        ``color_map``. The ignore value 255 is drawn in :data:`IGNORE_COLOR` (white).
     """
     import colorsys
 
@@ -962,10 +966,17 @@ def class_colors(num_classes: int) -> np.ndarray:
         hue = (hue + 0.618033988749895) % 1.0
         r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.6 + 0.35 * (len(colors) % 2))
         colors.append((round(255 * r), round(255 * g), round(255 * b)))
-    return np.array(colors, dtype=np.uint8).reshape(-1, 3)
+    out = np.array(colors, dtype=np.uint8).reshape(-1, 3)
+    given: set[int] = set()
+    for colour, class_id in (color_map or {}).items():
+        if 0 <= class_id < num_classes and class_id not in given:
+            out[class_id] = colour
+            given.add(class_id)
+    return out
 
 
-def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str) -> Path:
+def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str,
+               color_map: ColorMap | None = None) -> Path:
     """Write a predicted or ground-truth mask as a lossless PNG, atomically.
 
     Parameters
@@ -980,6 +991,10 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str) -> Path:
         as palette PNGs whose pixel values are the class ids (read back unchanged by
         :func:`read_mask`) and whose palette shows each class in the colour of
         :func:`class_colors` (255 in white); ids above 255 need 16-bit grayscale.
+    color_map : dict, optional
+        Multi-class: the ``{(r, g, b): class_id}`` of colour-coded training masks; the
+        palette then shows each class in its colour there (:func:`class_colors`), so that
+        the PNG looks like those masks, while its pixel values stay the class ids.
 
     Returns
     -------
@@ -1004,7 +1019,7 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str) -> Path:
         if mask.size == 0 or int(mask.max()) <= 255:
             img = Image.fromarray(mask.astype(np.uint8))  # L; putpalette makes it P
             palette = np.zeros((256, 3), dtype=np.uint8)
-            palette[:255] = class_colors(255)
+            palette[:255] = class_colors(255, color_map)
             palette[255] = IGNORE_COLOR
             img.putpalette(palette.tobytes())
         else:
