@@ -313,8 +313,8 @@ def test_camvid_fit_inputs_drop_the_void_name():
     args = build_parser().parse_args(
         ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),
          "--void-label", "11", "--path", "unused"])
-    frame, names, hp = _fit_inputs(args)
-    assert len(frame) == 96 and hp == {"data.void_label": 11}
+    frame, names, hp, color_map = _fit_inputs(args)
+    assert len(frame) == 96 and hp == {"data.void_label": 11} and color_map is None
     assert len(names) == 11 and names[0] == "Sky" and names[-1] == "Bicyclist"
     args = build_parser().parse_args(
         ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),
