@@ -297,13 +297,35 @@ def _cmd_score(args) -> None:
     metrics = _split(args.metrics, "--metrics")
     conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
     names = _split(args.class_names)
+    color_map, table_names = _score_color_map(args)
     try:
         scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics,
-                               **conventions)
+                               color_map=color_map, **conventions)
     except ValueError as exc:  # its advice in this command's options, not Python's
         raise AutomaskError(_as_options(str(exc))) from exc
+    if names is None and table_names is not None:  # the table's, where they fit the scores
+        per_class = [len(v) for v in scores.values() if isinstance(v, list)]
+        names = table_names if per_class and set(per_class) == {len(table_names)} else None
     _check_names(names, scores)
     _print_scores(scores, args.json, class_names=names)
+
+
+def _score_color_map(args):
+    """(colour map, its class names) of ``automask score``: ``--color-map``'s, else that of
+    the colour table in or beside ``--gt`` when its ground truths are in colour."""
+    if args.color_map:
+        return _read_color_map(args.color_map)
+    from pathlib import Path
+
+    from .datasets.color_maps import color_table_for, read_color_map
+    from .datasets.folders import listing
+
+    try:
+        first = min(listing(Path(args.gt).expanduser(), "ground-truth").values(), default=None)
+    except AutomaskError:  # an empty folder, a broken link: score_folders names it
+        return None, None
+    table = color_table_for(args.gt, first) if first is not None else None
+    return read_color_map(table) if table is not None else (None, None)
 
 
 # score's advice in Python's words -> the options of ``automask score``
@@ -808,6 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["binary", "multiclass"])
     p.add_argument("--metrics", help="comma-separated metric names")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--color-map", metavar="FILE",
+                   help="colour-coded ground truths: their colour table, as fit's --color-map "
+                        "(default: the class_dict.csv in or beside --gt when the ground "
+                        "truths are in colour)")
     _add_score_conventions(p)
     p.set_defaults(func=_cmd_score)
     _add_picture_commands(sub)

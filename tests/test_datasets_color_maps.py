@@ -1,6 +1,8 @@
 """Colour tables: R G B CLASS_ID lines, class_dict.csv tables, and from_folders finding them."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -140,3 +142,44 @@ def test_a_void_colour_among_the_classes_is_refused_with_the_table_fix(tmp_path)
     for color_map, void in ((last, 3), (ignored, None)):
         spec = validate_frame(df, color_map=color_map, void_label=void)
         assert spec.task == "multiclass" and spec.num_classes == 3
+
+
+def test_score_reads_colour_coded_ground_truths_through_their_table(tmp_path, capsys):
+    """score_folders(color_map=...) and ``automask score`` (the class_dict.csv beside the
+    ground truths found by itself) score colour-coded ground truths by class id, against
+    automask's palette masks and against predictions saved in the same colours."""
+    from automask.data.io import write_mask
+    from automask.metrics import score, score_folders
+
+    rng = np.random.default_rng(0)
+    palette = np.array(list(CAMVID), np.uint8)
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "theirs").mkdir()
+    truths, preds = [], []
+    for i in range(3):
+        truth = rng.integers(0, 4, (12, 16))
+        pred = np.where(rng.random((12, 16)) < 0.7, truth, rng.integers(0, 4, (12, 16)))
+        Image.fromarray(palette[truth]).save(tmp_path / "gt" / f"{i}.png")
+        write_mask(tmp_path / "ours" / f"{i}.png", pred, "multiclass", CAMVID)
+        Image.fromarray(palette[pred]).save(tmp_path / "theirs" / f"{i}.png")
+        truths.append(truth)
+        preds.append(pred)
+    expected = score(preds, truths, task="multiclass")
+    for folder in ("ours", "theirs"):
+        got = score_folders(tmp_path / folder, tmp_path / "gt", task="multiclass",
+                            color_map=CAMVID)
+        assert got.pop("n_images") == 3
+        assert got == expected
+    with pytest.raises(ValueError, match="colour image"):  # without the map: refused
+        score_folders(tmp_path / "ours", tmp_path / "gt", task="multiclass")
+    with pytest.raises(ConfigError, match="color_map entries"):
+        score_folders(tmp_path / "ours", tmp_path / "gt", color_map={(0, 0): 1})
+    (tmp_path / "class_dict.csv").write_text(CAMVID_TABLE)
+    assert cli.main(["score", "--pred", str(tmp_path / "theirs"), "--gt",
+                     str(tmp_path / "gt"), "--task", "multiclass", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**expected, "n_images": 3}
+    assert cli.main(["score", "--pred", str(tmp_path / "ours"), "--gt",
+                     str(tmp_path / "gt"), "--task", "multiclass"]) == 0
+    printed = capsys.readouterr().out
+    assert "Animal" in printed and "Void" in printed  # per-class lines named by the table

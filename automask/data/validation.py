@@ -521,23 +521,28 @@ def _check_options(
                 f"{void} ({class_names[void]!r}): that class could never be learnt; leave its "
                 f"name out of class_names (e.g. class_names[:{void}] when it is the last)")
     if color_map is not None:
-        if not isinstance(color_map, Mapping):
-            raise ConfigError(
-                "color_map must be a dict {(r, g, b): class_id, ...}, got "
-                f"{type(color_map).__name__} {color_map!r}"
-            )
-        for key, value in color_map.items():
-            ok_key = isinstance(key, tuple) and len(key) == 3 and all(
-                isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255
-                for c in key
-            )
-            ok_value = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-            if not ok_key or not ok_value or not 0 <= value <= 255:
-                raise ConfigError(
-                    "color_map entries must be (r, g, b) -> class id in [0, 255], "
-                    f"got {key!r}: {value!r}"
-                )
+        check_color_map(color_map)
     return num_classes, class_names
+
+
+def check_color_map(color_map: Any) -> None:
+    """Raise ConfigError unless ``color_map`` is ``{(r, g, b): class id}`` of 8-bit values."""
+    if not isinstance(color_map, Mapping):
+        raise ConfigError(
+            "color_map must be a dict {(r, g, b): class_id, ...}, got "
+            f"{type(color_map).__name__} {color_map!r}"
+        )
+    for key, value in color_map.items():
+        ok_key = isinstance(key, tuple) and len(key) == 3 and all(
+            isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255
+            for c in key
+        )
+        ok_value = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not ok_key or not ok_value or not 0 <= value <= 255:
+            raise ConfigError(
+                "color_map entries must be (r, g, b) -> class id in [0, 255], "
+                f"got {key!r}: {value!r}"
+            )
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")

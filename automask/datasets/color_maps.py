@@ -45,6 +45,25 @@ def find_color_table(masks_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def color_table_for(masks_dir: str | os.PathLike, mask: str | os.PathLike) -> Path | None:
+    """The colour table of a folder of colour-coded masks: :func:`find_color_table`'s, when
+    ``mask`` (one of the masks) is a colour image; else None (grey or palette masks hold
+    class ids already, and a table beside them is not theirs to apply)."""
+    table = find_color_table(masks_dir)
+    return table if table is not None and _colour_image(mask) else None
+
+
+def _colour_image(path: str | os.PathLike) -> bool:
+    """Whether the picture at ``path`` is in colour (RGB or RGBA), from its header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return picture.mode in ("RGB", "RGBA")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False  # read (and reported) with the other masks later
+
+
 def read_color_map(path: str | os.PathLike) -> tuple[dict[Colour, int], list[str] | None]:
     """The colour -> class id map of a colour table, and its class names when it has them.
 

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import DataValidationError
-from .color_maps import find_color_table, read_color_map
+from .color_maps import color_table_for, read_color_map
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm",
@@ -406,23 +406,12 @@ def from_folders(
     classes_file = find_classes_file(masks_dir)
     df.attrs["class_names"] = read_class_names(classes_file) if classes_file else None
     df.attrs["color_map"] = None
-    table = find_color_table(masks_dir)
-    if table is not None and _colour_image(df[label_col].iloc[0]):
+    table = color_table_for(masks_dir, df[label_col].iloc[0])
+    if table is not None:
         df.attrs["color_map"], names = read_color_map(table)
         if df.attrs["class_names"] is None:
             df.attrs["class_names"] = names
     return df
-
-
-def _colour_image(path: str) -> bool:
-    """Whether the picture at ``path`` is in colour (RGB or RGBA), from its header only."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as picture:
-            return picture.mode in ("RGB", "RGBA")
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False  # read (and reported) with the other masks later
 
 
 CLASSES_FILE = "classes.txt"

@@ -16,7 +16,7 @@ def readable_suffixes() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()} | {".npy"}
 
 
-def read_map(path: str | Path) -> np.ndarray:
+def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
     """Read a 2-D mask/map (or a ``(K, H, W)`` ``.npy`` score array) as stored.
 
     Unlike :func:`automask.data.read_mask`, which refuses colour masks for training, this
@@ -25,13 +25,18 @@ def read_map(path: str | Path) -> np.ndarray:
     Palette (``P``), grey (``L``), 16/32-bit (``I;16``, ``I``, ``F``) and 1-bit images keep their
     values (palette indices, not colours); colour images are converted to grey with Pillow's
     ITU-R 601-2 luma (OpenCV's ``IMREAD_GRAYSCALE``, used by PySODMetrics scripts, uses the same
-    weights but may round differently by one level).
+    weights but may round differently by one level), or, given the ``color_map`` of
+    colour-coded masks (``{(r, g, b): class_id}``), mapped through it to class ids.
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
     try:
         with Image.open(path) as im:
+            if color_map is not None and im.mode in ("RGB", "RGBA"):
+                from automask.data.io import read_mask  # (pulls in Lightning: only here)
+
+                return read_mask(path, color_map=color_map)
             if im.mode in _COLOUR_MODES:
                 im = im.convert("L")
             return np.array(im)
@@ -53,12 +58,12 @@ def _not_an_image(path: Path) -> DataValidationError:
 _COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
 
 
-def read_target(path: Path) -> np.ndarray:
+def read_target(path: Path, color_map: dict | None = None) -> np.ndarray:
     """A ground truth read as :meth:`automask.SemanticSegmentor.evaluate` reads one
     (:func:`automask.data.read_mask`), so that the two score the same masks alike: palette
     indices, 16-bit and float samples as stored, WhiteIsZero TIFFs un-inverted, EXIF
-    orientation applied, a grey mask saved in colour (or as lossy colour) read as grey;
-    ``.npy`` as :func:`read_map`.
+    orientation applied, a grey mask saved in colour (or as lossy colour) read as grey,
+    colours mapped through ``color_map`` when given; ``.npy`` as :func:`read_map`.
 
     Raises
     ------
@@ -73,11 +78,12 @@ def read_target(path: Path) -> np.ndarray:
     from automask.data.io import read_mask
 
     try:
-        return read_mask(path)
+        return read_mask(path, color_map=color_map)
     except UnidentifiedImageError:
         raise _not_an_image(path) from None
     except DataValidationError:
-        _refuse_colour(path)  # the first non-grey pixel named rather than color_map advice
+        if color_map is None:
+            _refuse_colour(path)  # the first non-grey pixel named rather than color_map advice
         raise
 
 
@@ -102,6 +108,7 @@ def score_folders(
     gt_dir: str | Path,
     task: str | None = None,
     metrics: list[str] | None = None,
+    color_map: dict | None = None,
     **conventions: Any,
 ) -> dict[str, float | list[float]]:
     """Pair ``pred_dir/<stem>.*`` with ``gt_dir/<stem>.*`` and :func:`score` them.
@@ -121,6 +128,11 @@ def score_folders(
         Folders of predicted maps and ground-truth masks.
     task, metrics, **conventions
         As for :func:`automask.metrics.score`.
+    color_map : dict, optional
+        ``{(r, g, b): class_id}`` of colour-coded ground truths (a predictor's
+        ``color_map_``, or :func:`automask.datasets.read_color_map` of a ``class_dict.csv``):
+        ground truths, and predictions saved in colour, are mapped through it; grey and
+        palette predictions keep their values (automask's own masks hold the class ids).
 
     Returns
     -------
@@ -136,10 +148,16 @@ def score_folders(
         one that no ground truth can hold (999 for 8-bit masks) before any is scored.
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
+    ConfigError
+        A ``color_map`` that is not ``{(r, g, b): class id}``, before any file is read.
     """
     from automask.datasets.folders import MASK_STEM_SUFFIXES, listings, pair_stems
 
     check_ignore_index(conventions.get("ignore_index"))  # before listing or reading a file
+    if color_map is not None:
+        from automask.data.validation import check_color_map
+
+        check_color_map(color_map)
     preds, gts = listings(Path(pred_dir), Path(gt_dir), ("prediction", "ground-truth"),
                           readable_suffixes())
     # ISIC_001.png against ISIC_001_segmentation.png: the endings from_folders pairs
@@ -163,8 +181,8 @@ def score_folders(
     stems = sorted(preds)
     try:
         result = score(
-            [read_map(preds[s]) for s in stems],
-            [read_target(gts[s]) for s in stems],
+            [read_map(preds[s], color_map) for s in stems],
+            [read_target(gts[s], color_map) for s in stems],
             task=task,
             metrics=metrics,
             **conventions,
