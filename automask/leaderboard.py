@@ -540,7 +540,9 @@ def score_external(
         raw = read_mask(spec.frame[seg.label].iloc[idx], color_map=seg.color_map_)
         target = torch.from_numpy(spec.target_lut(idx, raw)[raw].astype(np.int64))
         try:
-            pred = one_channel(as_tensor(read_map(path)))  # (H, W, 1) .npy: (H, W)
+            # (H, W, 1) .npy: (H, W); colour masks of a colour-coded data set: by their map
+            pred = one_channel(as_tensor(read_map(
+                path, seg.color_map_ if seg.task_ == "multiclass" else None)))
             if tuple(pred.shape[-2:]) != tuple(target.shape):
                 raise ValueError(f"is {tuple(pred.shape[-2:])} but its mask is "
                                  f"{tuple(target.shape)} (height, width)")

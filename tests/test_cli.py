@@ -303,6 +303,15 @@ def test_fit_and_evaluate_on_colour_masks_with_a_color_map_file(tmp_path):
         with Image.open(out) as picture:
             assert {tuple(c) for c in np.array(picture.convert("RGB")).reshape(-1, 3)} <= set(
                 colours)
+        # another tool's output in the data set's colours, as a leaderboard's extra row
+        (tmp_path / "theirs").mkdir(exist_ok=True)
+        Image.fromarray(palette[expected]).save(tmp_path / "theirs" / f"{i}.png")
+    from automask.datasets import from_folders
+
+    data = from_folders(tmp_path / "images", tmp_path / "masks")
+    board = seg.leaderboard(data, extra={"theirs": tmp_path / "theirs"}, style="models")
+    ours, theirs = board.set_index("model").loc[[seg.best_model_, "theirs"], "test_miou"]
+    assert ours == theirs  # the same class ids, read back from their colours
     proc = run_cli("evaluate", str(tmp_path / "run"), *common, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(json.loads(proc.stdout)["iou_per_class"]) == 3
