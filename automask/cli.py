@@ -140,8 +140,8 @@ def _resume_inputs(args):
     if args.train is not None or args.images is not None or args.masks is not None:
         train, names, hp, color_map = _fit_inputs(args, params["image"], params["label"])
     else:
-        color_map, table_names = _read_color_map(args.color_map) if args.color_map else (None,
-                                                                                         None)
+        color_map, table_names = (_read_color_map(args.color_map) if args.color_map
+                                  else (None, None))
         hp = _fit_hp(args)
         names = _fit_names(args, None, hp, table_names)
     if hp:  # the keys given replace theirs; the others stay as recorded
@@ -397,11 +397,11 @@ def _fit_inputs(args, image: str | None = None, label: str | None = None):
     if frame is None and args.train is None:
         raise AutomaskError("no training data: give --train CSV or --images DIR --masks DIR")
     hp = _fit_hp(args)
+    color_map, table_names = None, None
     if args.color_map:
         color_map, table_names = _read_color_map(args.color_map)
-    else:
-        color_map, table_names = (frame.attrs.get("color_map") if frame is not None
-                                  else None), None
+    elif frame is not None:
+        color_map = frame.attrs.get("color_map")  # the table beside colour masks, if any
     names = _fit_names(args, frame, hp, table_names)
     return (frame if frame is not None else args.train), names, hp, color_map
 
