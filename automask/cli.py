@@ -304,8 +304,10 @@ def _cmd_score(args) -> None:
     except ValueError as exc:  # its advice in this command's options, not Python's
         raise AutomaskError(_as_options(str(exc))) from exc
     if names is None and table_names is not None:  # the table's, where they fit the scores
-        per_class = [len(v) for v in scores.values() if isinstance(v, list)]
-        names = table_names if per_class and set(per_class) == {len(table_names)} else None
+        per_class = {len(v) for v in scores.values() if isinstance(v, list)}
+        if args.ignore_index == len(table_names) - 1:
+            table_names = table_names[:-1]  # the void id is last (CamVid's "Void")
+        names = table_names if per_class == {len(table_names)} else None
     _check_names(names, scores)
     _print_scores(scores, args.json, class_names=names)
 

@@ -167,19 +167,35 @@ def test_score_reads_colour_coded_ground_truths_through_their_table(tmp_path, ca
         preds.append(pred)
     expected = score(preds, truths, task="multiclass")
     for folder in ("ours", "theirs"):
-        got = score_folders(tmp_path / folder, tmp_path / "gt", task="multiclass",
-                            color_map=CAMVID)
+        got = score_folders(tmp_path / folder, tmp_path / "gt", color_map=CAMVID)
         assert got.pop("n_images") == 3
         assert got == expected
+    # a test set holding classes 0 and 1 and the void (3) only: still the table's classes,
+    # not a binary task
+    (tmp_path / "two").mkdir()
+    (tmp_path / "gt_two").mkdir()
+    for i, truth in enumerate(truths):
+        two = np.where(truth == 2, 3, truth)
+        Image.fromarray(palette[two]).save(tmp_path / "gt_two" / f"{i}.png")
+        write_mask(tmp_path / "two" / f"{i}.png", (two == 1).astype(np.uint8), "multiclass")
+    got = score_folders(tmp_path / "two", tmp_path / "gt_two", color_map=CAMVID, ignore_index=3)
+    assert len(got["iou_per_class"]) == 3 and got["iou_per_class"][1] == 1.0
+    assert np.isnan(got["iou_per_class"][2])  # Sky: in no mask, never predicted
     with pytest.raises(ValueError, match="colour image"):  # without the map: refused
         score_folders(tmp_path / "ours", tmp_path / "gt", task="multiclass")
     with pytest.raises(ConfigError, match="color_map entries"):
         score_folders(tmp_path / "ours", tmp_path / "gt", color_map={(0, 0): 1})
     (tmp_path / "class_dict.csv").write_text(CAMVID_TABLE)
+    # (no --task: a table of four classes is multi-class data, even where the predictions
+    # hold only 0 and 1)
     assert cli.main(["score", "--pred", str(tmp_path / "theirs"), "--gt",
-                     str(tmp_path / "gt"), "--task", "multiclass", "--json"]) == 0
+                     str(tmp_path / "gt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {**expected, "n_images": 3}
     assert cli.main(["score", "--pred", str(tmp_path / "ours"), "--gt",
                      str(tmp_path / "gt"), "--task", "multiclass"]) == 0
     printed = capsys.readouterr().out
     assert "Animal" in printed and "Void" in printed  # per-class lines named by the table
+    assert cli.main(["score", "--pred", str(tmp_path / "two"), "--gt",
+                     str(tmp_path / "gt_two"), "--ignore-index", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "Sky" in printed and "Void" not in printed  # the void's name, last, left out

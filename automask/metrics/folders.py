@@ -133,6 +133,8 @@ def score_folders(
         ``color_map_``, or :func:`automask.datasets.read_color_map` of a ``class_dict.csv``):
         ground truths, and predictions saved in colour, are mapped through it; grey and
         palette predictions keep their values (automask's own masks hold the class ids).
+        A map of more than two classes (255 and ``ignore_index`` aside) makes ``task``
+        default to multi-class, and ``num_classes`` to its largest class id plus one.
 
     Returns
     -------
@@ -158,6 +160,12 @@ def score_folders(
         from automask.data.validation import check_color_map
 
         check_color_map(color_map)
+        ids = set(color_map.values()) - {255, conventions.get("ignore_index")}
+        if task is None and len(ids) > 2:
+            task = "multiclass"  # a table of several classes (0/1 maps would read as binary)
+        if task == "multiclass" and conventions.get("num_classes") is None and ids:
+            # every class of the table, also those no mask of this set holds
+            conventions = {**conventions, "num_classes": max(ids) + 1}
     preds, gts = listings(Path(pred_dir), Path(gt_dir), ("prediction", "ground-truth"),
                           readable_suffixes())
     # ISIC_001.png against ISIC_001_segmentation.png: the endings from_folders pairs
