@@ -199,3 +199,19 @@ def test_score_reads_colour_coded_ground_truths_through_their_table(tmp_path, ca
                      str(tmp_path / "gt_two"), "--ignore-index", "3"]) == 0
     printed = capsys.readouterr().out
     assert "Sky" in printed and "Void" not in printed  # the void's name, last, left out
+
+
+def test_colour_masks_without_a_map_are_refused_naming_the_table_found(tmp_path):
+    """fit(df) on colour masks without color_map: the error says the map is in df.attrs,
+    where from_folders put the table it found."""
+    _colour_data(tmp_path, count=2)
+    (tmp_path / "class_dict.csv").write_text(CAMVID_TABLE)
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(DataValidationError, match=r"is a colour \(RGB\) image(.|\n)*pass "
+                                                  r"color_map=df.attrs\['color_map'\]"):
+        validate_frame(df)
+    df.attrs["color_map"] = None  # no table found: the colour advice alone
+    with pytest.raises(DataValidationError, match="is a colour") as info:
+        validate_frame(df)
+    assert "df.attrs" not in str(info.value)
+    assert validate_frame(df, color_map=CAMVID).num_classes == 4

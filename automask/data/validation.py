@@ -197,6 +197,7 @@ class _Problems:
         self.cap = max(1, int(cap))
         self.unique_index = unique_index  # else each row is also named by its position
         self.items: list[tuple[int, str]] = []  # (position, line)
+        self.colour_hint = ""  # the last line when a mask is refused for its colours
 
     def add(
         self, position: int, index: Any, column: str | None, path: str | None, reason: str
@@ -219,6 +220,8 @@ class _Problems:
         rows = len({pos for pos, _ in items})
         head = f"{len(items)} problem(s) in {rows} row(s) of the data:"
         tail = f"\n  ... and {more} more (raise max_errors to see them)" if more else ""
+        if self.colour_hint and any("is a colour (" in line for _, line in items):
+            tail += "\n" + self.colour_hint
         raise DataValidationError(head + "\n  " + "\n  ".join(shown) + tail)
 
 
@@ -695,6 +698,10 @@ def validate_frame(
     use_labels = require_labels
     n_rows = len(frame)
     problems = _Problems(max_errors, unique_index=frame.index.is_unique)
+    if color_map is None and getattr(data, "attrs", {}).get("color_map"):
+        problems.colour_hint = (
+            "from_folders found the colour table of these masks beside them: pass "
+            "color_map=df.attrs['color_map'] (automask fit uses it by itself)")
     index = list(frame.index)
     raw_images = frame[image_col].tolist()
     raw_labels = frame[label_col].tolist() if use_labels else [None] * n_rows
