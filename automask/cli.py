@@ -143,7 +143,7 @@ def _resume_inputs(args):
         color_map, table_names = (_read_color_map(args.color_map) if args.color_map
                                   else (None, None))
         hp = _fit_hp(args)
-        names = _fit_names(args, None, hp, table_names)
+        names = _fit_names(args, hp, table_names)
     if hp:  # the keys given replace theirs; the others stay as recorded
         call["hyperparameters"] = {**(call.get("hyperparameters") or {}), **hp}
     given = {"tuning_data": args.tuning, "presets": args.presets,
@@ -402,9 +402,9 @@ def _fit_inputs(args, image: str | None = None, label: str | None = None):
     color_map, table_names = None, None
     if args.color_map:
         color_map, table_names = _read_color_map(args.color_map)
-    elif frame is not None:
-        color_map = frame.attrs.get("color_map")  # the table beside colour masks, if any
-    names = _fit_names(args, frame, hp, table_names)
+    # the colour table and classes.txt found beside the folders are the frame's attrs,
+    # which fit takes for the options not given here (and says so)
+    names = _fit_names(args, hp, table_names)
     return (frame if frame is not None else args.train), names, hp, color_map
 
 
@@ -421,19 +421,17 @@ def _fit_hp(args) -> dict[str, Any]:
     return hp
 
 
-def _fit_names(args, frame, hp: dict[str, Any], table_names: list[str] | None = None
+def _fit_names(args, hp: dict[str, Any], table_names: list[str] | None = None
                ) -> list[str] | None:
     """Class names of ``fit``: ``--class-names``, else those of the ``--color-map`` table
-    (``table_names``), else the folders' (their classes.txt, else their colour table's)."""
+    (``table_names``); else None, and fit takes the folders' (their classes.txt, else
+    their colour table's)."""
+    from .datasets.folders import without_void
+
     names = _split(args.class_names)
     if names is None:
         names = table_names
-    if names is None and frame is not None:
-        names = frame.attrs.get("class_names")
-    void = hp.get("data.void_label")
-    if names is not None and isinstance(void, int) and void == len(names) - 1:
-        names = names[:-1]  # the void id is last (CamVid's "Unlabelled"): not a class
-    return names
+    return without_void(names, hp.get("data.void_label"))
 
 
 def _check_names(names: Sequence[str] | None, scores: dict) -> None:

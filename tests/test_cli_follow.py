@@ -315,6 +315,7 @@ def test_camvid_classes_txt():
 def test_camvid_fit_inputs_drop_the_void_name():
     """--void-label 11 with CamVid's classes.txt: 11 class names, void passed to the fit."""
     from automask.cli import _fit_inputs, build_parser
+    from automask.datasets.folders import found_beside
 
     root = shared_path("data", "camvid")
     args = build_parser().parse_args(
@@ -322,6 +323,8 @@ def test_camvid_fit_inputs_drop_the_void_name():
          "--void-label", "11", "--path", "unused"])
     frame, names, hp, color_map = _fit_inputs(args)
     assert len(frame) == 96 and hp == {"data.void_label": 11} and color_map is None
+    names, color_map = found_beside(frame, None, names, color_map, 11)  # as fit takes them
+    assert color_map is None
     assert len(names) == 11 and names[0] == "Sky" and names[-1] == "Bicyclist"
     args = build_parser().parse_args(
         ["fit", "--images", str(root / "images"), "--masks", str(root / "masks"),

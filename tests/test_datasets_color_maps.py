@@ -10,6 +10,7 @@ from PIL import Image
 from automask import cli
 from automask.data import validate_frame
 from automask.datasets import from_folders, read_color_map
+from automask.datasets.folders import found_beside
 from automask.errors import ConfigError, DataValidationError
 
 # CamVid's download from Kaggle, abridged: names in alphabetical order, "Void" among them
@@ -104,24 +105,31 @@ def test_from_folders_takes_the_colour_table_beside_colour_masks(tmp_path):
 
 
 def test_fit_command_reads_the_table_found_or_given(tmp_path):
-    """``automask fit --images --masks`` on colour masks takes the class_dict.csv beside
-    them (colours and names); ``--color-map`` and ``--class-names`` given win."""
+    """``automask fit --images --masks`` on colour masks: the class_dict.csv beside them
+    (colours and names) is in the frame's attrs, which fit takes through found_beside;
+    ``--color-map`` and ``--class-names`` given win."""
     _colour_data(tmp_path)
     (tmp_path / "masks" / "class_dict.csv").write_text(CAMVID_TABLE)
     parser = cli.build_parser()
     folders = ["fit", "--path", str(tmp_path / "run"), "--images", str(tmp_path / "images"),
                "--masks", str(tmp_path / "masks")]
     train, names, hp, color_map = cli._fit_inputs(parser.parse_args(folders))
-    assert color_map == CAMVID and names == ["Animal", "Road", "Sky", "Void"]
-    assert len(train) == 3 and hp == {}
+    assert color_map is None and names is None and len(train) == 3 and hp == {}
+    assert found_beside(train, None, names, color_map, None) == (
+        ["Animal", "Road", "Sky", "Void"], CAMVID)
     # the void id last: its name is not a class's
-    _, names, hp, _ = cli._fit_inputs(parser.parse_args([*folders, "--void-label", "3"]))
-    assert names == ["Animal", "Road", "Sky"] and hp == {"data.void_label": 3}
+    train, names, hp, color_map = cli._fit_inputs(
+        parser.parse_args([*folders, "--void-label", "3"]))
+    assert hp == {"data.void_label": 3}
+    assert found_beside(train, None, names, color_map, 3) == (["Animal", "Road", "Sky"], CAMVID)
     other = tmp_path / "other.txt"
     other.write_text("64 128 64 1\n128 64 128 0\n128 128 128 2\n0 0 0 3\n")
-    _, names, _, color_map = cli._fit_inputs(parser.parse_args(
+    train, names, _, color_map = cli._fit_inputs(parser.parse_args(
         [*folders, "--color-map", str(other), "--class-names", "w,x,y,z"]))
     assert color_map[(64, 128, 64)] == 1 and names == ["w", "x", "y", "z"]
+    assert found_beside(train, None, names, color_map, None) == (names, color_map)
+    # a map given without names: the table's names found beside are not its names
+    assert found_beside(train, None, None, color_map, None) == (None, color_map)
     (tmp_path / "bad.csv").write_text("name,r,g,b\nx,1,2\n")
     with pytest.raises(cli.AutomaskError, match=r"--color-map: .*bad.csv.* line 2"):
         cli._fit_inputs(parser.parse_args([*folders, "--color-map", str(tmp_path / "bad.csv")]))
@@ -215,3 +223,25 @@ def test_colour_masks_without_a_map_are_refused_naming_the_table_found(tmp_path)
         validate_frame(df)
     assert "df.attrs" not in str(info.value)
     assert validate_frame(df, color_map=CAMVID).num_classes == 4
+
+
+def test_fit_takes_the_table_and_names_found_beside_the_folders(tmp_path, caplog):
+    """fit(from_folders(...)) on colour masks with a class_dict.csv beside them trains
+    without color_map or class_names (it refused the colour masks before), says so, and
+    predicts and evaluates through the table; names given win over those found."""
+    from automask import SemanticSegmentor
+
+    ids = _colour_data(tmp_path)
+    (tmp_path / "class_dict.csv").write_text(CAMVID_TABLE)
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    hp = {"optim.max_epochs": 1, "model.input_size": 32, "data.void_label": 3}
+    caplog.set_level("INFO", logger="automask")
+    seg = SemanticSegmentor(path=tmp_path / "run").fit(df, presets="tiny", hyperparameters=hp)
+    assert seg.color_map_ == CAMVID and seg.classes_ == ["Animal", "Road", "Sky"]
+    assert "colour table found beside them" in caplog.text
+    assert "Animal, Road, Sky" in caplog.text
+    assert seg.predict(df.head(1))[0].shape == ids.shape
+    assert len(seg.evaluate(df)["iou_per_class"]) == 3
+    seg = SemanticSegmentor(path=tmp_path / "run2").fit(
+        df, presets="tiny", hyperparameters=hp, class_names=["x", "y", "z"])
+    assert seg.classes_ == ["x", "y", "z"] and seg.color_map_ == CAMVID

@@ -701,7 +701,8 @@ def validate_frame(
     if color_map is None and getattr(data, "attrs", {}).get("color_map"):
         problems.colour_hint = (
             "from_folders found the colour table of these masks beside them: pass "
-            "color_map=df.attrs['color_map'] (automask fit uses it by itself)")
+            "color_map=df.attrs['color_map'] (fit(df) and automask fit use it by "
+            "themselves)")
     index = list(frame.index)
     raw_images = frame[image_col].tolist()
     raw_labels = frame[label_col].tolist() if use_labels else [None] * n_rows

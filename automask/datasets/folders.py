@@ -1,6 +1,7 @@
 """Pair an image folder with a mask folder by file stem; read class names from classes.txt."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import unicodedata
@@ -12,6 +13,8 @@ import pandas as pd
 
 from ..errors import DataValidationError
 from .color_maps import color_table_for, read_color_map
+
+log = logging.getLogger("automask")
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm",
@@ -353,10 +356,10 @@ def from_folders(
         holds the names of a ``classes.txt`` in or beside the masks folder. When the masks
         are colour images and a colour table (``class_dict.csv``, see
         :mod:`automask.datasets.color_maps`) sits in or beside their folder,
-        ``df.attrs["color_map"]`` holds its colour -> class id map, to pass as
-        ``fit(df, color_map=df.attrs["color_map"])`` (``automask fit`` uses it by itself),
-        and its names fill ``df.attrs["class_names"]`` when there is no ``classes.txt``;
-        else ``df.attrs["color_map"]`` is None.
+        ``df.attrs["color_map"]`` holds its colour -> class id map, and its names fill
+        ``df.attrs["class_names"]`` when there is no ``classes.txt``; else
+        ``df.attrs["color_map"]`` is None. ``fit(df)`` and ``automask fit`` take both for
+        the ``color_map`` and ``class_names`` not given (see :func:`found_beside`).
 
     Raises
     ------
@@ -416,6 +419,40 @@ def from_folders(
 
 CLASSES_FILE = "classes.txt"
 _NUMBERED = re.compile(r"^(\d+)\s*[:,=\s]\s*(\S.*)$")
+
+
+def found_beside(data: Any, num_classes: int | None, class_names: list[str] | None,
+                 color_map: dict | None, void_label: Any) -> tuple[list[str] | None, dict | None]:
+    """``(class_names, color_map)``, each taken from ``data.attrs`` when not given: the
+    ``classes.txt`` names and colour table that :func:`from_folders` found beside the
+    folders. A void id that is the last name's (CamVid's "Unlabelled") drops that name;
+    fewer than two names, or a count other than ``num_classes``, are not taken."""
+    attrs = getattr(data, "attrs", None)
+    if not isinstance(attrs, dict):  # a CSV path: nothing was found beside anything
+        return class_names, color_map
+    table = attrs.get("color_map")
+    names = attrs.get("class_names")
+    if color_map is None and table:
+        color_map = dict(table)
+        log.info("colour masks: using the colour table found beside them "
+                 "(df.attrs['color_map'], %d colours)", len(color_map))
+    elif color_map is not None and table:  # the user's own map: the table's names may differ
+        names = None
+    if class_names is None and names:
+        names = without_void([str(name) for name in names], void_label)
+        if len(names) >= 2 and num_classes in (None, len(names)):
+            class_names = names
+            log.info("class names found beside the masks (df.attrs['class_names']): %s",
+                     ", ".join(names))
+    return class_names, color_map
+
+
+def without_void(names: list[str] | None, void_label: Any) -> list[str] | None:
+    """``names`` less the last when ``void_label`` is its id (CamVid's "Unlabelled", 11 of
+    12 names): the void is not a class."""
+    if names is not None and isinstance(void_label, int) and void_label == len(names) - 1:
+        return names[:-1]
+    return names
 
 
 def find_classes_file(masks_dir: str | os.PathLike) -> Path | None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, flat_hyperparameters, resolve
+from ..datasets.folders import found_beside
 from ..errors import ConfigError, DataValidationError
 from ..losses import build_loss
 from ..metrics import HIGHER_IS_BETTER, build_metrics
@@ -56,6 +57,8 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     if len(void_labels) > 1:
         raise ConfigError("'data.void_label' cannot vary across candidates")
     void_label = void_labels.pop()
+    class_names, color_map = found_beside(train_data, num_classes, class_names, color_map,
+                                          void_label)
     spec = validate_frame(
         train_data, image_col=image, label_col=label, root=root_of(train_data),
         num_classes=num_classes, class_names=class_names, void_label=void_label,
