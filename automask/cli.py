@@ -365,15 +365,18 @@ def _split(text: str | None, option: str = "--class-names") -> list[str] | None:
 def _folders(args, image_col: str, label_col: str):
     """DataFrame paired from ``--images``/``--masks`` (as ``from_folders``), or None."""
     if args.images is None and args.masks is None:
-        if args.mask_suffix is not None or args.image_suffix is not None:
-            raise AutomaskError("--mask-suffix and --image-suffix go with --images/--masks")
+        if args.mask_suffix is not None or args.image_suffix is not None \
+                or args.extra_masks is not None:
+            raise AutomaskError("--mask-suffix, --image-suffix and --extra-masks go with "
+                                "--images/--masks")
         return None
     if args.images is None or args.masks is None:
         raise AutomaskError("--images and --masks go together: give both folders")
     from .datasets import from_folders
 
     return from_folders(args.images, args.masks, image_col=image_col, label_col=label_col,
-                        mask_suffix=args.mask_suffix, image_suffix=args.image_suffix)
+                        mask_suffix=args.mask_suffix, image_suffix=args.image_suffix,
+                        extra_masks=args.extra_masks)
 
 
 def _labelled_data(args, image_col: str, label_col: str):
@@ -601,6 +604,9 @@ def _add_folder_args(p: argparse.ArgumentParser) -> None:
                         "_gtFine_labelIds (default: one of the usual ones, or one all masks share)")
     p.add_argument("--image-suffix", metavar="END",
                    help="ending of the images' names after the shared name, e.g. _leftImg8bit")
+    p.add_argument("--extra-masks", choices=["union"],
+                   help="an image's further masks, named as its mask plus a number "
+                        "(BUSI's x_mask_1.png beside x_mask.png): merged into one")
 
 
 def _add_class_args(p: argparse.ArgumentParser) -> None:

@@ -226,3 +226,86 @@ def test_shared_endings_never_beat_exact_stems_or_pair_a_single_file(tmp_path):
     _layout(tmp_path / "c", ["x1", "x2", "x3"], ["x1_manual1", "x2_manual1", "x3_manual2"])
     with pytest.raises(DataValidationError, match="no image/mask pairs"):
         from_folders(tmp_path / "c" / "images", tmp_path / "c" / "masks")
+
+
+def _busi(folder, masks_folder=None):
+    """BUSI's layout: ``x (n).png`` with ``x (n)_mask.png``, and for an image with two
+    lesions ``x (n)_mask_1.png`` beside (one lesion per mask); the image folder holds the
+    masks too unless ``masks_folder`` is given."""
+    masks_folder = masks_folder or folder
+    square = np.zeros((6, 8), np.uint8)
+    square[1:3, 1:3] = 255
+    for n in (1, 2, 3):
+        _write(folder / f"benign ({n}).png", np.full((6, 8, 3), 40 * n, np.uint8))
+        _write(masks_folder / f"benign ({n})_mask.png", square)
+    second = np.zeros((6, 8), np.uint8)
+    second[4:6, 5:8] = 255  # a second lesion, 6 pixels
+    _write(masks_folder / "benign (2)_mask_1.png", second)
+    third = np.zeros((6, 8), np.uint8)
+    third[2:3, 1:6] = 255  # overlapping the first: 3 new pixels
+    _write(masks_folder / "benign (2)_mask_2.png", third)
+    return square | second | third
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_an_images_further_masks_are_named_and_merged_on_request(tmp_path, separate):
+    """BUSI's ``x_mask_1.png`` beside ``x_mask.png``: without an option the error names
+    it as a further mask of its image (it was "image without mask" in one folder, and two
+    folders paired nothing at all); ``extra_masks="union"`` takes the union of the masks
+    as the label, which fit and evaluate read; ``strict=False`` drops them."""
+    images = tmp_path / "busi"
+    masks = tmp_path / "masks" if separate else images
+    union = _busi(images, masks if separate else None)
+    with pytest.raises(DataValidationError) as info:
+        from_folders(images, masks)
+    message = str(info.value)
+    assert message.count("further mask of image " + str(images / "benign (2).png")) == 2
+    assert str(masks / "benign (2)_mask_1.png") in message and "extra_masks='union'" in message
+    assert "image without mask" not in message and "mask without image" not in message
+
+    df = from_folders(images, masks, extra_masks="union")
+    assert len(df) == 3 and df.attrs["unpaired"] == {"images": [], "masks": []}
+    assert df.attrs["extra_masks"] == {str(images / "benign (2).png"): [
+        str(masks / "benign (2)_mask_1.png"), str(masks / "benign (2)_mask_2.png")]}
+    assert df["label"][0] == str(masks / "benign (1)_mask.png")
+    merged = df["label"][1]
+    assert merged.dtype == np.uint8 and np.array_equal(merged, union)
+    assert int((merged > 0).sum()) == 4 + 6 + 3
+    if not separate:  # the merged label in memory is read by fit and evaluate
+        from automask import SemanticSegmentor
+
+        seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            df, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": 32})
+        assert seg.task_ == "binary" and 0 <= seg.evaluate(df)["iou"] <= 1
+
+    with pytest.warns(UserWarning, match="further mask of image"):
+        df = from_folders(images, masks, strict=False)
+    assert df["label"].tolist() == [str(masks / f"benign ({n})_mask.png") for n in (1, 2, 3)]
+    assert len(df.attrs["unpaired"]["images" if not separate else "masks"]) == 2
+
+
+def test_further_masks_that_do_not_merge_name_the_files(tmp_path):
+    _busi(tmp_path)
+    _write(tmp_path / "benign (2)_mask_2.png", np.zeros((5, 8), np.uint8))
+    with pytest.raises(DataValidationError, match=r"benign \(2\)_mask_2.png is 8x5 but .*"
+                                                  r"benign \(2\)_mask.png.* is 8x6"):
+        from_folders(tmp_path, tmp_path, extra_masks="union")
+    with pytest.raises(ValueError, match="extra_masks must be None or 'union'"):
+        from_folders(tmp_path, tmp_path, extra_masks="max")
+    # a numbered name whose base is no mask stays an unpaired image
+    _write(tmp_path / "benign (2)_mask_2.png", np.zeros((6, 8), np.uint8))
+    _write(tmp_path / "other_1.png", np.zeros((6, 8, 3), np.uint8))
+    with pytest.raises(DataValidationError, match=r"image without mask: .*other_1.png"):
+        from_folders(tmp_path, tmp_path, extra_masks="union")
+
+
+def test_extra_masks_option_of_the_command_line(tmp_path):
+    from automask import cli
+
+    _busi(tmp_path)
+    parser = cli.build_parser()
+    args = ["evaluate", "run", "--images", str(tmp_path), "--masks", str(tmp_path)]
+    frame = cli._folders(parser.parse_args([*args, "--extra-masks", "union"]), "image", "label")
+    assert isinstance(frame["label"][1], np.ndarray) and len(frame.attrs["extra_masks"]) == 1
+    with pytest.raises(DataValidationError, match=r"--extra-masks union"):
+        cli._folders(parser.parse_args(args), "image", "label")

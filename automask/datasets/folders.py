@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..errors import DataValidationError
@@ -205,7 +206,9 @@ def _best_suffixes(images: dict[str, Path], masks: dict[str, Path],
     def options(files: dict[str, Path], known: tuple[str, ...], given: str | None):
         if given is not None:
             return (given,)
-        listed = tuple(s for s in known if not s or all(stem.endswith(s) for stem in files))
+        # a further mask (x_mask_1 beside x_mask) has its mask's ending
+        listed = tuple(s for s in known if not s or all(
+            stem.endswith(s) or _further_of(stem, files).endswith(s) for stem in files))
         return listed + tuple(s for s in shared_endings(files) if s not in listed)
 
     image_options = options(images, IMAGE_STEM_SUFFIXES, image_suffix)
@@ -320,6 +323,7 @@ def from_folders(
     strict: bool = True,
     mask_suffix: str | None = None,
     image_suffix: str | None = None,
+    extra_masks: str | None = None,
 ) -> pd.DataFrame:
     """DataFrame of image/mask pairs matched by file stem (``a.jpg`` with ``a.png``).
 
@@ -348,6 +352,13 @@ def from_folders(
         ``21_manual1.gif``, STARE's ``im0001.ppm`` with ``im0001.ah.ppm``); the choice
         that pairs the most files is used (exact stems win ties, then the listed
         endings); it is kept in ``df.attrs["suffixes"]``.
+    extra_masks : {None, "union"}
+        What to do with an image's further masks, named as its mask plus a number
+        (BUSI's ``benign (4)_mask_1.png`` beside ``benign (4)_mask.png``: one mask per
+        lesion). None: they are unpaired files (an error when ``strict``, which names
+        them as further masks). ``"union"``: each such image's label is the pixel-wise
+        maximum of its masks (the union of binary masks), a uint8 array in memory; the
+        files merged are kept in ``df.attrs["extra_masks"]``.
 
     Returns
     -------
@@ -366,9 +377,11 @@ def from_folders(
     DataValidationError
         Missing folders, a folder without image files, one folder for images and masks
         whose names no mask ending tells apart, broken links, duplicate stems (also once
-        ``mask_suffix`` / ``image_suffix`` is dropped), no pairs at all, or unpaired files
-        when strict.
+        ``mask_suffix`` / ``image_suffix`` is dropped), no pairs at all, unpaired files
+        when strict, or further masks of an image that do not merge (another size).
     """
+    if extra_masks not in (None, "union"):
+        raise ValueError(f"extra_masks must be None or 'union', got {extra_masks!r}")
     images_dir, masks_dir = Path(images_dir).expanduser(), Path(masks_dir).expanduser()
     if images_dir.is_dir() and masks_dir.is_dir() and images_dir.samefile(masks_dir):
         images, masks = _split_shared_folder(images_dir, mask_suffix, image_suffix)
@@ -382,12 +395,21 @@ def from_folders(
         raise DataValidationError(
             f"no image/mask pairs found between {images_dir} and {masks_dir}: no image "
             f"shares its name with a mask{suffix_hint(*stems_by_side)}")
-    lonely_images = sorted(str(images[s]) for s in images.keys() - masks.keys())
-    lonely_masks = sorted(str(masks[s]) for s in masks.keys() - images.keys())
     stems = sorted(images.keys() & masks.keys())
+    extras = _further_masks([images[s] for s in images.keys() - masks.keys()]
+                            + [masks[s] for s in masks.keys() - images.keys()],
+                            {s: masks[s] for s in stems})
+    merged = {p for paths in extras.values() for p in paths} if extra_masks else set()
+    lonely_images = sorted(str(images[s]) for s in images.keys() - masks.keys()
+                           if images[s] not in merged)
+    lonely_masks = sorted(str(masks[s]) for s in masks.keys() - images.keys()
+                          if masks[s] not in merged)
     if lonely_images or lonely_masks:
-        lines = [f"image without mask: {p}" for p in lonely_images[:20]]
-        lines += [f"mask without image: {p}" for p in lonely_masks[:20]]
+        further = {str(p): s for s, paths in extras.items() for p in paths}
+        lines = [_unpaired_line(p, "image without mask", further, images, masks)
+                 for p in lonely_images[:20]]
+        lines += [_unpaired_line(p, "mask without image", further, images, masks)
+                  for p in lonely_masks[:20]]
         total = len(lonely_images) + len(lonely_masks)
         more = total - len(lines)
         message = (
@@ -395,21 +417,29 @@ def from_folders(
             + "\n  ".join(lines)
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
+        tail = "(pass strict=False to drop them"
+        if further:
+            tail += ("; extra_masks='union' (automask: --extra-masks union) to merge an "
+                     "image's further masks into one")
         if strict:
-            raise DataValidationError(message + "\n(pass strict=False to drop them)")
+            raise DataValidationError(message + "\n" + tail + ")")
         warnings.warn(message, stacklevel=2)
-    df = pd.DataFrame(
-        {
-            image_col: [os.path.abspath(images[s]) for s in stems],
-            label_col: [os.path.abspath(masks[s]) for s in stems],
-        }
-    )
+    labels: list[Any] = [os.path.abspath(masks[s]) for s in stems]
+    if extra_masks:
+        for pos, stem in enumerate(stems):
+            if stem in extras:
+                labels[pos] = _union([masks[stem], *extras[stem]])
+    df = pd.DataFrame({image_col: [os.path.abspath(images[s]) for s in stems],
+                       label_col: labels})
     df.attrs["unpaired"] = {"images": lonely_images, "masks": lonely_masks}
+    df.attrs["extra_masks"] = ({os.path.abspath(images[s]): [os.path.abspath(p) for p in
+                                                              extras[s]]
+                                for s in stems if s in extras} if extra_masks else {})
     df.attrs["suffixes"] = {"image": image_sfx, "mask": mask_sfx}
     classes_file = find_classes_file(masks_dir)
     df.attrs["class_names"] = read_class_names(classes_file) if classes_file else None
     df.attrs["color_map"] = None
-    table = color_table_for(masks_dir, df[label_col].iloc[0])
+    table = color_table_for(masks_dir, os.path.abspath(masks[stems[0]]))
     if table is not None:
         df.attrs["color_map"], names = read_color_map(table)
         if df.attrs["class_names"] is None:
@@ -419,6 +449,59 @@ def from_folders(
 
 CLASSES_FILE = "classes.txt"
 _NUMBERED = re.compile(r"^(\d+)\s*[:,=\s]\s*(\S.*)$")
+
+
+_FURTHER = re.compile(r"(?P<base>.+?)[_\- .](?P<number>\d{1,3})")  # "x_mask" + "_1"
+
+
+def _further_of(stem: str, stems: Any) -> str:
+    """The stem of ``stems`` that ``stem`` is named after plus a number (``x_mask`` for
+    ``x_mask_1``), else ``""``."""
+    match = _FURTHER.fullmatch(stem)
+    return match["base"] if match and match["base"] in stems else ""
+
+
+def _further_masks(lonely: list[Path], paired_masks: dict[str, Path]) -> dict[str, list[Path]]:
+    """``{shared name: [further mask files]}``: of the ``lonely`` files, those named as a
+    paired mask plus a number (``benign (4)_mask_1.png`` beside ``benign (4)_mask.png``),
+    sorted by that number."""
+    by_stem = {_stem(path): name for name, path in paired_masks.items()}
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for path in lonely:
+        match = _FURTHER.fullmatch(_stem(path))
+        if match and match["base"] in by_stem:
+            found.setdefault(by_stem[match["base"]], []).append((int(match["number"]), path))
+    return {name: [path for _, path in sorted(paths)] for name, paths in found.items()}
+
+
+def _unpaired_line(path: str, kind: str, further: dict[str, str], images: dict[str, Path],
+                   masks: dict[str, Path]) -> str:
+    """A line of the unpaired files' message; a further mask of a paired image says so."""
+    if path not in further:
+        return f"{kind}: {path}"
+    name = further[path]
+    return (f"further mask of image {images[name]} (beside its mask {masks[name].name}): "
+            f"{path}")
+
+
+def _union(paths: list[Path]) -> np.ndarray:
+    """The pixel-wise maximum of the masks in ``paths`` (the union of binary masks), uint8.
+    Masks of different sizes, or of values above 255, raise naming the files."""
+    from ..data.io import read_mask
+
+    arrays = [read_mask(path) for path in paths]
+    for path, array in zip(paths[1:], arrays[1:]):
+        if array.shape != arrays[0].shape:
+            raise DataValidationError(
+                f"extra_masks='union': mask {path} is {array.shape[1]}x{array.shape[0]} "
+                f"but {paths[0]}, a mask of the same image, is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]} (width x height)")
+    union = np.maximum.reduce(arrays)
+    if union.size and (int(union.min()) < 0 or int(union.max()) > 255):
+        raise DataValidationError(
+            f"extra_masks='union': the masks {', '.join(str(p) for p in paths)} hold values "
+            f"outside 0-255 ({int(union.min())} to {int(union.max())}); merge them yourself")
+    return union.astype(np.uint8)
 
 
 def found_beside(data: Any, num_classes: int | None, class_names: list[str] | None,
