@@ -525,3 +525,147 @@ def test_a_failed_load_never_leaves_random_weights_behind(tmp_path, tiny_file):
         load_sam_weights(model, path)
     for key, value in model.state_dict().items():  # nothing was copied in
         torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+
+
+# ------------------------------------------------------------ Hugging Face transformers' files
+# Names in transformers' SamModel (5.25: SamModel(SamConfig()).state_dict(), SAM vit_b) and
+# the official segment-anything names of the same tensors.
+_HF_NAMES = {
+    "vision_encoder.pos_embed": "image_encoder.pos_embed",
+    "vision_encoder.patch_embed.projection.weight": "image_encoder.patch_embed.proj.weight",
+    "vision_encoder.layers.0.layer_norm1.weight": "image_encoder.blocks.0.norm1.weight",
+    "vision_encoder.layers.1.attn.qkv.weight": "image_encoder.blocks.1.attn.qkv.weight",
+    "vision_encoder.layers.1.attn.rel_pos_w": "image_encoder.blocks.1.attn.rel_pos_w",
+    "vision_encoder.layers.0.layer_norm2.bias": "image_encoder.blocks.0.norm2.bias",
+    "vision_encoder.layers.1.mlp.lin2.bias": "image_encoder.blocks.1.mlp.lin2.bias",
+    "vision_encoder.neck.conv1.weight": "image_encoder.neck.0.weight",
+    "vision_encoder.neck.layer_norm1.bias": "image_encoder.neck.1.bias",
+    "vision_encoder.neck.conv2.weight": "image_encoder.neck.2.weight",
+    "vision_encoder.neck.layer_norm2.weight": "image_encoder.neck.3.weight",
+    "prompt_encoder.shared_embedding.positional_embedding":
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    "prompt_encoder.mask_embed.conv1.bias": "prompt_encoder.mask_downscaling.0.bias",
+    "prompt_encoder.mask_embed.layer_norm1.weight": "prompt_encoder.mask_downscaling.1.weight",
+    "prompt_encoder.mask_embed.conv2.weight": "prompt_encoder.mask_downscaling.3.weight",
+    "prompt_encoder.mask_embed.layer_norm2.bias": "prompt_encoder.mask_downscaling.4.bias",
+    "prompt_encoder.mask_embed.conv3.weight": "prompt_encoder.mask_downscaling.6.weight",
+    "prompt_encoder.point_embed.3.weight": "prompt_encoder.point_embeddings.3.weight",
+    "prompt_encoder.not_a_point_embed.weight": "prompt_encoder.not_a_point_embed.weight",
+    "mask_decoder.mask_tokens.weight": "mask_decoder.mask_tokens.weight",
+    "mask_decoder.transformer.layers.1.self_attn.q_proj.weight":
+        "mask_decoder.transformer.layers.1.self_attn.q_proj.weight",
+    "mask_decoder.transformer.layers.0.layer_norm4.bias":
+        "mask_decoder.transformer.layers.0.norm4.bias",
+    "mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.bias":
+        "mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.bias",
+    "mask_decoder.transformer.layer_norm_final_attn.weight":
+        "mask_decoder.transformer.norm_final_attn.weight",
+    "mask_decoder.upscale_conv1.weight": "mask_decoder.output_upscaling.0.weight",
+    "mask_decoder.upscale_layer_norm.bias": "mask_decoder.output_upscaling.1.bias",
+    "mask_decoder.upscale_conv2.bias": "mask_decoder.output_upscaling.3.bias",
+    "mask_decoder.output_hypernetworks_mlps.2.proj_in.weight":
+        "mask_decoder.output_hypernetworks_mlps.2.layers.0.weight",
+    "mask_decoder.output_hypernetworks_mlps.2.layers.0.bias":
+        "mask_decoder.output_hypernetworks_mlps.2.layers.1.bias",
+    "mask_decoder.output_hypernetworks_mlps.0.proj_out.weight":
+        "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
+    "mask_decoder.iou_prediction_head.proj_in.bias":
+        "mask_decoder.iou_prediction_head.layers.0.bias",
+    "mask_decoder.iou_prediction_head.layers.0.weight":
+        "mask_decoder.iou_prediction_head.layers.1.weight",
+    "mask_decoder.iou_prediction_head.proj_out.bias":
+        "mask_decoder.iou_prediction_head.layers.2.bias",
+}
+
+
+def _as_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (official names) under transformers' SamModel names, as its conversion
+    script renames them; the positional matrix under its tied name only, as
+    ``save_pretrained`` writes it."""
+    import re
+
+    renames = [  # official -> transformers, each applied where it matches
+        (r"^image_encoder\.", "vision_encoder."),
+        (r"\.patch_embed\.proj\.", ".patch_embed.projection."),
+        (r"\.blocks\.", ".layers."), (r"\.norm(\d)\.", r".layer_norm\1."),
+        (r"\.norm_final_attn\.", ".layer_norm_final_attn."),
+        (r"neck\.0\.", "neck.conv1."), (r"neck\.1\.", "neck.layer_norm1."),
+        (r"neck\.2\.", "neck.conv2."), (r"neck\.3\.", "neck.layer_norm2."),
+        (r"mask_downscaling\.0\.", "mask_embed.conv1."),
+        (r"mask_downscaling\.1\.", "mask_embed.layer_norm1."),
+        (r"mask_downscaling\.3\.", "mask_embed.conv2."),
+        (r"mask_downscaling\.4\.", "mask_embed.layer_norm2."),
+        (r"mask_downscaling\.6\.", "mask_embed.conv3."),
+        (r"point_embeddings\.", "point_embed."),
+        (r"output_upscaling\.0\.", "upscale_conv1."),
+        (r"output_upscaling\.1\.", "upscale_layer_norm."),
+        (r"output_upscaling\.3\.", "upscale_conv2."),
+        (r"(mlps\.\d+|iou_prediction_head)\.layers\.0\.", r"\1.proj_in."),
+        (r"(mlps\.\d+|iou_prediction_head)\.layers\.1\.", r"\1.layers.0."),
+        (r"(mlps\.\d+|iou_prediction_head)\.layers\.2\.", r"\1.proj_out."),
+        (r"pe_layer\.positional_encoding_gaussian_matrix$",
+         "shared_embedding.positional_embedding"),
+    ]
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    out["shared_image_embedding.positional_embedding"] = out.pop(
+        "prompt_encoder.shared_embedding.positional_embedding")
+    return out
+
+
+def test_transformers_names_are_those_of_sam_model():
+    """The test's renaming gives transformers' own names, and automask's gives them back."""
+    from automask.models.hf_layout import from_hf_sam
+
+    theirs = _as_hf({ours: torch.zeros(1) for ours in _HF_NAMES.values()})
+    tied = {"prompt_encoder.shared_embedding.positional_embedding"}
+    assert set(theirs) == set(_HF_NAMES) - tied | {"shared_image_embedding.positional_embedding"}
+    assert sorted(from_hf_sam({key: torch.zeros(1) for key in _HF_NAMES})) == sorted(
+        _HF_NAMES.values())
+
+
+@pytest.mark.parametrize("layout", ["model.safetensors", "pytorch_model.bin"])
+def test_a_transformers_sam_file_loads_as_the_official_one(tmp_path, layout):
+    """facebook/sam-vit-base's model.safetensors (and MedSAM's, fine-tuned from it) hold
+    the official tensors under transformers' names: they load exactly, and a prediction
+    is the official file's. It was refused as "a Hugging Face transformers checkpoint"."""
+    state = _random_state("tiny")
+    hf = _as_hf(state)
+    path = tmp_path / layout
+    if layout.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(hf, str(path))
+    else:  # the older format keeps both tied copies
+        hf["prompt_encoder.shared_embedding.positional_embedding"] = hf[
+            "shared_image_embedding.positional_embedding"]
+        torch.save(hf, path)
+    model = build_segmenter("tiny", input_size=SIZE, checkpoint=path)
+    _same_weights(model, state)
+    official = tmp_path / "official.pth"
+    torch.save(state, official)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x), build_segmenter("tiny", input_size=SIZE, checkpoint=official)(x),
+            atol=0, rtol=0)
+
+
+def test_a_transformers_file_of_another_model_is_named(tmp_path):
+    """Sam2Model's names (``vision_encoder.backbone.*``) are not SamModel's: refused whole,
+    named as a transformers file of another model; a SamModel file of another size is
+    named as that backbone's."""
+    path = tmp_path / "sam2_hf.pth"
+    torch.save({"vision_encoder.backbone.patch_embed.projection.weight": torch.zeros(1),
+                "no_memory_embedding": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="transformers checkpoint.*but not of SamModel"):
+        build_segmenter("tiny", input_size=SIZE, checkpoint=path)
+    state = _as_hf(_random_state("tiny"))
+    state["vision_encoder.patch_embed.projection.weight"] = torch.zeros(768, 3, 16, 16)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"image_encoder.patch_embed.proj.weight: file "
+                                              r"\(768, 3, 16, 16\)"):
+        build_segmenter("tiny", input_size=SIZE, checkpoint=path)

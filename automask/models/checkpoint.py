@@ -3,7 +3,9 @@
 Resolution order for a backbone's weights (:func:`resolve_checkpoint`):
 
 1. an explicit file path (an official segment-anything ``.pth`` state dict, or a
-   ``.safetensors`` file with the same keys);
+   ``.safetensors`` file with the same keys; Hugging Face transformers' ``SamModel``
+   files, ``facebook/sam-vit-base``'s ``model.safetensors`` and models fine-tuned from
+   it, are renamed to those keys by :mod:`automask.models.hf_layout`);
 2. the cache, ``$AUTOMASK_HOME/checkpoints/<file name>`` (default ``~/.cache/automask``),
    holding a previous download; a cached file whose SHA-256 is not the expected one
    (truncated, damaged, another file) is downloaded again, with a warning, and replaced
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, DownloadError
 from ..utils import cache_dir, download_file, sha256_file, sha256_fileobj
 from .backbones import get_spec
+from .hf_layout import from_hf_sam, is_hf_sam
 
 RANDOM = "random"
 
@@ -584,6 +587,8 @@ def load_sam_weights(
         Nothing is loaded then: the model is never used partly initialised.
     """
     state = read_state_dict(path, sha256=sha256)
+    if is_hf_sam(state):  # transformers' SamModel: the same tensors under other names
+        state = from_hf_sam(state)
     target = model.state_dict()
     state = adapt_state_dict(state, target)
     raise_if_mismatched(state, target, path, model)
@@ -690,6 +695,8 @@ def _identify(state: Mapping[str, torch.Tensor]) -> tuple[str, str | None, str] 
     Hiera) or "hf" (Hugging Face transformers' SAM layout); None when it has no encoder."""
     from .backbones import BACKBONES
 
+    if is_hf_sam(state):  # a SAM 1 file of transformers: identified by its SAM names
+        state = from_hf_sam(state)
     patch = state.get("image_encoder.patch_embed.proj.weight")
     if torch.is_tensor(patch) and patch.dim() == 4:
         width, depth = int(patch.shape[0]), _count_blocks(state, "image_encoder.blocks.")
@@ -716,8 +723,9 @@ def _which_backbone(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -
     backbone = getattr(model, "backbone", "?")
     found, wanted = _identify(state), _identify(model.state_dict())
     if found is not None and found[0] == "hf":
-        return (" (it is a Hugging Face transformers checkpoint, with 'vision_encoder.*' keys; "
-                "automask reads the official segment-anything / SAM 2.1 files, e.g. "
+        return (" (it is a Hugging Face transformers checkpoint, with 'vision_encoder.*' keys, "
+                "but not of SamModel (SAM 1); automask reads transformers' SamModel files "
+                "and the official segment-anything / SAM 2.1 files, e.g. "
                 "sam_vit_b_01ec64.pth or sam2.1_hiera_tiny.pt)")
     if found is None:
         tops = sorted({k.split(".", 1)[0] for k in state})
