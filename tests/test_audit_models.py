@@ -236,9 +236,18 @@ def test_a_checkpoint_argument_that_is_no_path_is_refused(value, words):
         build_segmenter("tiny", input_size=SIZE, checkpoint=value)
 
 
-def test_a_folder_given_as_checkpoint_lists_the_files_in_it(tiny_file):
+def test_a_folder_given_as_checkpoint_lists_the_files_in_it(tiny_file, tmp_path):
     with pytest.raises(CheckpointError, match=f"is a folder.*{NAME}"):
         build_segmenter("tiny", input_size=SIZE, checkpoint=tiny_file.parent)
+    # a transformers folder of another model, or without its weights, is a folder too
+    (tmp_path / "config.json").write_text('{"model_type": "sam2"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a folder.*model.safetensors"):
+        build_segmenter("tiny", input_size=SIZE, checkpoint=tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "sam"}')
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="is a folder"):
+        build_segmenter("tiny", input_size=SIZE, checkpoint=tmp_path)
 
 
 # ------------------------------------------------------------ files that are no checkpoint
@@ -645,6 +654,9 @@ def test_a_transformers_sam_file_loads_as_the_official_one(tmp_path, layout):
         torch.save(hf, path)
     model = build_segmenter("tiny", input_size=SIZE, checkpoint=path)
     _same_weights(model, state)
+    # the model's folder (save_pretrained's, a snapshot in the Hugging Face cache) names it
+    (tmp_path / "config.json").write_text('{"model_type": "sam", "vision_config": {}}')
+    _same_weights(build_segmenter("tiny", input_size=SIZE, checkpoint=tmp_path), state)
     official = tmp_path / "official.pth"
     torch.save(state, official)
     x = torch.randn(1, 3, SIZE, SIZE)

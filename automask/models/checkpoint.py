@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, DownloadError
 from ..utils import cache_dir, download_file, sha256_file, sha256_fileobj
 from .backbones import get_spec
-from .hf_layout import from_hf_sam, is_hf_sam
+from .hf_layout import from_hf_sam, hf_weights_file, is_hf_sam
 
 RANDOM = "random"
 
@@ -156,6 +156,8 @@ def locate_checkpoint(
         _check_path_argument(backbone, checkpoint)
         # Absolute: the path is recorded in a saved predictor, which is loaded from anywhere.
         path = Path(checkpoint).expanduser().absolute()
+        if path.is_dir():  # a transformers model folder: its weights file
+            path = hf_weights_file(path) or path
         if path.is_dir():
             found: list[str] = []
             with contextlib.suppress(OSError):

@@ -11,8 +11,10 @@ positional Gaussian matrix) are laid out alike, so renaming is exact.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -52,6 +54,22 @@ _HEAD = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_predi
 # the prompt encoder's copy of the image's positional matrix, which SamModel ties to it
 _SHARED = "shared_image_embedding.positional_embedding"
 _PE = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+
+
+def hf_weights_file(folder: Path) -> Path | None:
+    """The weights file of a transformers SAM model folder (``save_pretrained``'s, or a
+    snapshot in the Hugging Face cache: ``config.json`` of ``model_type`` "sam" beside
+    ``model.safetensors`` or ``pytorch_model.bin``), else None."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("model_type") != "sam":
+        return None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def is_hf_sam(state: Mapping[str, object]) -> bool:
