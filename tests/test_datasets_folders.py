@@ -290,6 +290,10 @@ def test_further_masks_that_do_not_merge_name_the_files(tmp_path):
     with pytest.raises(DataValidationError, match=r"benign \(2\)_mask_2.png is 8x5 but .*"
                                                   r"benign \(2\)_mask.png.* is 8x6"):
         from_folders(tmp_path, tmp_path, extra_masks="union")
+    _write(tmp_path / "benign (2)_mask_2.png", np.full((6, 8, 3), (128, 64, 0), np.uint8))
+    with pytest.raises(DataValidationError, match=r"merges masks of one channel .*"
+                                                  r"benign \(2\)_mask_2.png is a colour"):
+        from_folders(tmp_path, tmp_path, extra_masks="union")
     with pytest.raises(ValueError, match="extra_masks must be None or 'union'"):
         from_folders(tmp_path, tmp_path, extra_masks="max")
     # a numbered name whose base is no mask stays an unpaired image

@@ -489,7 +489,12 @@ def _union(paths: list[Path]) -> np.ndarray:
     Masks of different sizes, or of values above 255, raise naming the files."""
     from ..data.io import read_mask
 
-    arrays = [read_mask(path) for path in paths]
+    try:
+        arrays = [read_mask(path) for path in paths]
+    except DataValidationError as exc:  # e.g. colour masks: their union is no mask
+        raise DataValidationError(
+            f"extra_masks='union' merges masks of one channel (0/255 or class ids): {exc}"
+        ) from None
     for path, array in zip(paths[1:], arrays[1:]):
         if array.shape != arrays[0].shape:
             raise DataValidationError(
