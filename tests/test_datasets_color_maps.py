@@ -245,3 +245,27 @@ def test_fit_takes_the_table_and_names_found_beside_the_folders(tmp_path, caplog
     seg = SemanticSegmentor(path=tmp_path / "run2").fit(
         df, presets="tiny", hyperparameters=hp, class_names=["x", "y", "z"])
     assert seg.classes_ == ["x", "y", "z"] and seg.color_map_ == CAMVID
+
+
+def test_names_found_beside_that_do_not_fit_the_masks_are_named_by_their_file(tmp_path):
+    """fit(df) takes classes.txt's names: when they are too few for the masks' ids, the
+    error says whose names they are (the user gave none) and how to give others."""
+    from automask import SemanticSegmentor
+
+    ids = _colour_data(tmp_path)  # ids 0..3 as colours
+    for i in range(3):
+        Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    (tmp_path / "masks" / "classes.txt").write_text("background\nroad\ncar\n")
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    assert df.attrs["class_names_from"] == str(tmp_path / "masks" / "classes.txt")
+    with pytest.raises(DataValidationError, match=r"outside \[0, 3\)(.|\n)*class names are "
+                                                  r"those of .*classes.txt, found beside"):
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(df, presets="tiny")
+    with pytest.raises(DataValidationError) as info:  # names given: no word of the file
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            df, presets="tiny", class_names=["a", "b", "c"])
+    assert "classes.txt" not in str(info.value)
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        df, presets="tiny", class_names=["a", "b", "c", "d"],
+        hyperparameters={"optim.max_epochs": 1, "model.input_size": 32})
+    assert seg.classes_ == ["a", "b", "c", "d"]

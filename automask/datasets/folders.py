@@ -364,7 +364,8 @@ def from_folders(
     -------
     pandas.DataFrame
         Absolute paths, sorted by stem, with a 0..n-1 index. ``df.attrs["class_names"]``
-        holds the names of a ``classes.txt`` in or beside the masks folder. When the masks
+        holds the names of a ``classes.txt`` in or beside the masks folder (its path in
+        ``df.attrs["class_names_from"]``). When the masks
         are colour images and a colour table (``class_dict.csv``, see
         :mod:`automask.datasets.color_maps`) sits in or beside their folder,
         ``df.attrs["color_map"]`` holds its colour -> class id map, and its names fill
@@ -438,12 +439,13 @@ def from_folders(
     df.attrs["suffixes"] = {"image": image_sfx, "mask": mask_sfx}
     classes_file = find_classes_file(masks_dir)
     df.attrs["class_names"] = read_class_names(classes_file) if classes_file else None
+    df.attrs["class_names_from"] = str(classes_file) if classes_file else None
     df.attrs["color_map"] = None
     table = color_table_for(masks_dir, os.path.abspath(masks[stems[0]]))
     if table is not None:
         df.attrs["color_map"], names = read_color_map(table)
-        if df.attrs["class_names"] is None:
-            df.attrs["class_names"] = names
+        if df.attrs["class_names"] is None and names is not None:
+            df.attrs["class_names"], df.attrs["class_names_from"] = names, str(table)
     return df
 
 
@@ -530,8 +532,8 @@ def found_beside(data: Any, num_classes: int | None, class_names: list[str] | No
         names = without_void([str(name) for name in names], void_label)
         if len(names) >= 2 and num_classes in (None, len(names)):
             class_names = names
-            log.info("class names found beside the masks (df.attrs['class_names']): %s",
-                     ", ".join(names))
+            log.info("class names found beside the masks (df.attrs['class_names'], from "
+                     "%s): %s", attrs.get("class_names_from") or "?", ", ".join(names))
     return class_names, color_map
 
 

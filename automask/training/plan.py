@@ -57,13 +57,25 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     if len(void_labels) > 1:
         raise ConfigError("'data.void_label' cannot vary across candidates")
     void_label = void_labels.pop()
+    given_names = class_names
     class_names, color_map = found_beside(train_data, num_classes, class_names, color_map,
                                           void_label)
-    spec = validate_frame(
-        train_data, image_col=image, label_col=label, root=root_of(train_data),
-        num_classes=num_classes, class_names=class_names, void_label=void_label,
-        color_map=color_map,
-    )
+    try:
+        spec = validate_frame(
+            train_data, image_col=image, label_col=label, root=root_of(train_data),
+            num_classes=num_classes, class_names=class_names, void_label=void_label,
+            color_map=color_map,
+        )
+    except DataValidationError as exc:  # names the user did not give: say whose they are
+        source = train_data.attrs.get("class_names_from") if hasattr(train_data, "attrs") \
+            else None
+        if given_names is None and class_names is not None and source \
+                and "class_names" in str(exc):
+            raise DataValidationError(
+                f"{exc}\n(the class names are those of {source}, found beside the masks; "
+                "pass class_names=[...] (automask fit: --class-names) to give others)"
+            ) from None
+        raise
     tuning_spec = None
     if tuning_data is not None:
         try:
