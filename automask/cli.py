@@ -196,17 +196,18 @@ def _cmd_predict(args) -> None:
     from .tiling import check_tiling
 
     check_tiling(args.tile)  # before loading anything
+    tta = _tta(args.tta)
     if os.path.isdir(os.path.expanduser(args.run)):  # (else loading names the run first)
         _check_predict_paths(args.data, args.out)  # before the models load (vit_h: seconds)
     seg = _load(args.run, args)
     boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
     if args.proba:
         written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,
-                                       args.tile, boxes)
+                                       args.tile, boxes, tta)
         print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
         return
     written = seg.predict(args.data, model=args.model, save_to=args.out,
-                          overwrite=args.overwrite, tiling=args.tile, boxes=boxes)
+                          overwrite=args.overwrite, tiling=args.tile, boxes=boxes, tta=tta)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -231,12 +232,37 @@ _RESOLUTION_HELP = ("score each prediction at its mask's original size (default)
 
 
 def _cmd_evaluate(args) -> None:
+    tta = _tta(args.tta)
     seg = _load(args.run, args)
     metrics = _split(args.metrics, "--metrics")
     data = _labelled_data(args, seg.image, seg.label)
     _print_scores(seg.evaluate(data, metrics=metrics, model=args.model,
-                               resolution=args.resolution), args.json,
+                               resolution=args.resolution, tta=tta), args.json,
                   class_names=seg.classes_)
+
+
+def _tta(text: str | None) -> bool | list[str]:
+    """``--tta``: absent False, alone True (the flips the model was trained with), else
+    comma-separated flip names; checked before any model loads."""
+    if text is None:
+        return False
+    if text == _TTA_TRAINED:
+        return True
+    names = _split(text, "--tta")
+    from .tta import FLIPS
+
+    bad = [name for name in names or [] if name not in FLIPS]
+    if bad:
+        raise AutomaskError(f"--tta expects flip names among {sorted(FLIPS)} (comma-"
+                            f"separated), or nothing for the model's training flips; got "
+                            f"{', '.join(map(repr, bad))}")
+    return names
+
+
+_TTA_TRAINED = "trained"  # --tta with no value
+_TTA_HELP = ("test-time augmentation: also predict each image mirrored and average the "
+             "probabilities; alone, the flips the model was trained with, or name them: "
+             "hflip, vflip or hflip,vflip (one more forward pass per flip)")
 
 
 def _parse_extra(items: Sequence[str]) -> dict[str, str]:
@@ -509,7 +535,8 @@ def _read_boxes(path: str, data, image_col: str) -> list:
 
 
 def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool,
-                         tiling: str = "auto", boxes: list | None = None) -> int:
+                         tiling: str = "auto", boxes: list | None = None,
+                         tta: Any = False) -> int:
     """Write ``<stem>.npy`` float32 probability maps; returns how many.
 
     As for masks, every destination is checked first: an input file is never replaced, an
@@ -533,7 +560,8 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
                               overwrite=overwrite, suffix=".npy")
     prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too
     net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
-    with contextlib.closing(iter_proba(net, cfg, seg.task_, spec, tiling, prompts)) as probs:
+    with contextlib.closing(iter_proba(net, cfg, seg.task_, spec, tiling, prompts,
+                                       tta=tta)) as probs:
         write_probabilities(probs, dests, folder, seg.task_)  # streaming
     return len(spec)
 
@@ -775,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box prompts (binary models): a CSV with the image column and x0, "
                         "y0, x1, y1 in original pixels, one row per prompted image; the "
                         "other images are predicted without prompts")
+    p.add_argument("--tta", nargs="?", const=_TTA_TRAINED, metavar="FLIPS", help=_TTA_HELP)
     p.set_defaults(func=_cmd_predict)
 
     p = _add_command(sub, "evaluate", help="score a saved predictor on labelled data")
@@ -788,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image column of the CSV (default: the fit's)")
     p.add_argument("--resolution", choices=["original", "input"], default="original",
                    help=_RESOLUTION_HELP)
+    p.add_argument("--tta", nargs="?", const=_TTA_TRAINED, metavar="FLIPS", help=_TTA_HELP)
     _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -19,7 +19,7 @@ import torch
 from .config import Config, image_value_range
 from .data.validation import TABLE_SUFFIXES, read_table
 from .datasets.folders import IMAGE_SUFFIXES  # what from_folders takes, predict takes
-from .errors import DataValidationError
+from .errors import ConfigError, DataValidationError
 from .hardware import autocast_context
 from .utils import top_created
 
@@ -149,7 +149,8 @@ RESOLUTIONS = ("original", "input")  # where evaluate scores, see iter_proba
 def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                tiling: str = "auto",
                prompts: Sequence[Any] | None = None,
-               resolution: str = "original") -> Iterator[tuple[int, np.ndarray]]:
+               resolution: str = "original",
+               tta: Any = False) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row position, (C, H, W) float32 probabilities) per image of ``spec``, in row
     order, streaming.
 
@@ -168,6 +169,9 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     (see :func:`check_prompt_request`). Prompted images take the whole-image path; the
     others are predicted exactly as without prompts (``tiling`` applies to them).
 
+    ``tta``: flips whose predictions are averaged in (:func:`automask.tta.check_tta`; a
+    bad value, or flips with prompts, raise ConfigError here).
+
     The stream holds the model's frozen linear weights in bf16 until it ends
     (:func:`_holding_frozen`): a caller that may stop early closes it
     (``with contextlib.closing(iter_proba(...)) as probs``), so that the weights are
@@ -176,11 +180,16 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     """
     from .hardware import fork_safe_threads
     from .tiling import trained_tiling
+    from .tta import check_tta
 
     fork_safe_threads()
+    flips = check_tta(tta, cfg.data.hflip, cfg.data.vflip)
     prompted = prompts is not None and any(p is not None for p in prompts)
     if prompted:
         check_prompt_request(task, tiling)  # the caller's tiling: "auto" takes prompts
+        if flips:
+            raise ConfigError("tta cannot be used with point or box prompts (a prompt "
+                              "marks one place of the image as it is); leave tta unset")
     tiling = trained_tiling(tiling, cfg.data.large_images)
     assert resolution in RESOLUTIONS, resolution
     at_input = resolution == "input"
@@ -188,9 +197,9 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
         assert not at_input, "prompted probabilities come at the original resolution"
         probs = _prompted_proba(model, cfg, task, spec, tiling, prompts)
     elif tiling == "off":
-        probs = _plain_proba(model, cfg, task, spec, at_input=at_input)
+        probs = _plain_proba(model, cfg, task, spec, at_input=at_input, flips=flips)
     else:
-        probs = _mixed_proba(model, cfg, task, spec, tiling, at_input)
+        probs = _mixed_proba(model, cfg, task, spec, tiling, at_input, flips)
     return _holding_frozen(model, cfg, probs)
 
 
@@ -207,7 +216,8 @@ def _holding_frozen(model: torch.nn.Module, cfg: Config,
 
 
 def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
-                 tiling: str, at_input: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+                 tiling: str, at_input: bool = False,
+                 flips: tuple[str, ...] = ()) -> Iterator[tuple[int, np.ndarray]]:
     """Tiled images predicted one by one, the others batched as in the plain path."""
     from .data import SegmentationDataset
     from .tiling import use_tiles
@@ -217,14 +227,15 @@ def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     tiled = {pos for pos in range(len(spec.frame))
              if use_tiles(sizes.original_size(pos), size, tiling)}
     if not tiled:
-        yield from _plain_proba(model, cfg, task, spec, at_input=at_input)
+        yield from _plain_proba(model, cfg, task, spec, at_input=at_input, flips=flips)
         return
     plain = [pos for pos in range(len(spec.frame)) if pos not in tiled]
-    plain_iter = (_plain_proba(model, cfg, task, spec.subset(plain), at_input=at_input)
+    plain_iter = (_plain_proba(model, cfg, task, spec.subset(plain), at_input=at_input,
+                               flips=flips)
                   if plain else iter(()))
     for pos in range(len(spec.frame)):
         if pos in tiled:
-            yield pos, _tiled_one(model, cfg, task, sizes.images[pos])
+            yield pos, _tiled_one(model, cfg, task, sizes.images[pos], flips)
         else:
             sub, prob = next(plain_iter)
             assert plain[sub] == pos, (plain[sub], pos)
@@ -266,14 +277,18 @@ def _probabilities(model: torch.nn.Module, batch: torch.Tensor, task: str,
 
 def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                  prompts: Sequence[Any] | None = None,
-                 at_input: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+                 at_input: bool = False,
+                 flips: tuple[str, ...] = ()) -> Iterator[tuple[int, np.ndarray]]:
     """Each image resized (longer side to the input size) and padded: one forward each.
 
     ``prompts`` (one ImagePrompt or None per row of ``spec``) are mapped through each
     image's own resize (:func:`automask.data.prompts.to_model_prompt`). ``at_input``: the
     probabilities at the input side ``S``, cropped to the image's resized ``(h, w)``,
-    instead of resized to its original size.
+    instead of resized to its original size. ``flips``: each image is also predicted
+    mirrored, and the maps mirrored back are averaged in (:mod:`automask.tta`).
     """
+    from .tta import flip_content, unflip
+
     from .data import make_predict_loader, restore_batch
     from .data.prompts import to_model_prompt
     from .data.transforms import Geometry
@@ -298,19 +313,31 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
         # held across a ``yield`` they would run the caller's code too, and two streams
         # read in turn (_prompted_proba) would restore each other's state out of order.
         with torch.inference_mode(), autocast_context(device, cfg.env.precision):
-            probs = _probabilities(model, batch["image"].to(device, non_blocking=True), task,
-                                   mapped)
+            images = batch["image"].to(device, non_blocking=True)
+            probs = _probabilities(model, images, task, mapped)
             # at the input: "restored" to the resized size itself (upsampled to S, cropped)
             target_size = batch["resized_size"] if at_input else batch["original_size"]
             restored = restore_batch(probs, target_size, batch["resized_size"])
+            if flips:
+                restored = [prob.float() for prob in restored]
+                for flip in flips:
+                    mirrored = flip_content(images, batch["resized_size"], flip)
+                    again = restore_batch(_probabilities(model, mirrored, task), target_size,
+                                          batch["resized_size"])
+                    for prob, other in zip(restored, again):
+                        prob += unflip(other.float(), flip)
+                restored = [prob / (1 + len(flips)) for prob in restored]
         for idx, prob in zip(batch["index"].tolist(), restored):
             yield idx, prob.float().cpu().numpy()
 
 
-def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str) -> np.ndarray:
-    """(C, H, W) probabilities of one image from overlapping windows at full resolution."""
+def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str,
+               flips: tuple[str, ...] = ()) -> np.ndarray:
+    """(C, H, W) probabilities of one image from overlapping windows at full resolution;
+    with ``flips``, averaged with those of the mirrored image, mirrored back."""
     from .data import read_image
     from .tiling import tiled_proba
+    from .tta import FLIPS, unflip
 
     device = inference_device(cfg)
     model.to(device)
@@ -318,7 +345,12 @@ def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str) -> np.
     with torch.inference_mode(), autocast_context(device, cfg.env.precision):
         prob = tiled_proba(lambda x: _probabilities(model, x, task), image,
                            cfg.model.input_size, cfg.env.eval_batch_size, device)
-    return prob.numpy()
+        for flip in flips:  # the image (H, W, 3) mirrored on its axis of a (C, H, W) map
+            mirrored = np.ascontiguousarray(np.flip(image, FLIPS[flip] - 1))
+            prob += unflip(tiled_proba(lambda x: _probabilities(model, x, task), mirrored,
+                                       cfg.model.input_size, cfg.env.eval_batch_size,
+                                       device), flip)
+    return (prob / (1 + len(flips))).numpy()
 
 
 def check_prompt_request(task: str, tiling: str) -> None:

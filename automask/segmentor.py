@@ -25,6 +25,7 @@ from .data.arrays import as_files, naming, shown
 from .errors import AutomaskError, ConfigError, NotFittedError, SavedModelError
 from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
+from .tta import check_tta
 
 log = logging.getLogger("automask")
 _LOADING = threading.Lock()  # SemanticSegmentor._model: loading and merging a model
@@ -266,6 +267,7 @@ class SemanticSegmentor(BaseEstimator):
         tiling: str = "auto",
         points: Sequence[Any] | dict[Any, Any] | None = None,
         boxes: Sequence[Any] | dict[Any, Any] | None = None,
+        tta: bool | str | Sequence[str] = False,
     ) -> list[np.ndarray] | pd.DataFrame:
         """Predict a mask per image, at each image's original size.
 
@@ -315,6 +317,13 @@ class SemanticSegmentor(BaseEstimator):
             forms as ``points``. An image with neither points nor a box is predicted
             prompt-free, exactly as without prompts. See the README section "Prompts with
             a fine-tuned model" for what prompts mean for a model trained without them.
+        tta : bool, str or list of str, default False
+            Test-time augmentation: each image is also predicted mirrored, and the class
+            probabilities, mirrored back, are averaged in before thresholding or argmax.
+            True takes the flips the model was trained with (``data.hflip``,
+            ``data.vflip``; the horizontal one when neither), or name them: ``"hflip"``,
+            ``"vflip"``, ``["hflip", "vflip"]``. Each flip is one more forward pass per
+            image. Not with prompts (see :mod:`automask.tta`).
 
         Returns
         -------
@@ -325,19 +334,22 @@ class SemanticSegmentor(BaseEstimator):
         Raises
         ------
         ConfigError
-            Prompts given to a multi-class model, or with ``tiling="on"``.
+            Prompts given to a multi-class model, or with ``tiling="on"`` or ``tta``; a bad
+            ``tiling`` or ``tta``.
         DataValidationError
             Bad data, or bad prompts (wrong length or shape, coordinates outside the image,
             labels other than 0/1, ``x1 <= x0``): the message names the row and the value.
             Everything is checked before any prediction.
         """
         self._check_fitted()
+        check_tta(tta)  # a bad value fails before any image is read
         frame, root = prediction.as_frame(data, self.image)
         with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
             spec = prediction.images_spec(files, self.image, root)
             prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
             net, cfg = self._model(model), self._config(model)
-            stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts)
+            stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts,
+                                           tta=tta)
             with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
                 if save_to is None:
                     return [prediction.to_mask(p, self.task_, self.num_classes_)
@@ -358,10 +370,11 @@ class SemanticSegmentor(BaseEstimator):
         tiling: str = "auto",
         points: Sequence[Any] | dict[Any, Any] | None = None,
         boxes: Sequence[Any] | dict[Any, Any] | None = None,
+        tta: bool | str | Sequence[str] = False,
     ) -> list[np.ndarray]:
         """Class probabilities at each image's original size.
 
-        ``tiling``, ``points`` and ``boxes`` are as in :meth:`predict`.
+        ``tiling``, ``points``, ``boxes`` and ``tta`` are as in :meth:`predict`.
 
         Returns
         -------
@@ -370,12 +383,14 @@ class SemanticSegmentor(BaseEstimator):
             class probabilities for multi-class tasks.
         """
         self._check_fitted()
+        check_tta(tta)  # a bad value fails before any image is read
         frame, root = prediction.as_frame(data, self.image)
         with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
             spec = prediction.images_spec(files, self.image, root)
             prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
             net, cfg = self._model(model), self._config(model)
-            stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts)
+            stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts,
+                                           tta=tta)
             with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
                 return [p[0] if self.task_ == "binary" else p for _, p in probs]
 
@@ -387,6 +402,7 @@ class SemanticSegmentor(BaseEstimator):
         *,
         tiling: str = "auto",
         resolution: str = "original",
+        tta: bool | str | Sequence[str] = False,
     ) -> dict[str, float | list[float]]:
         """Score predictions against the masks, at each image's original resolution (or
         the model's input resolution, the paper's authors' protocol).
@@ -413,6 +429,8 @@ class SemanticSegmentor(BaseEstimator):
             image at its original size). Structure metrics (S-alpha, E-phi, weighted
             F-beta) depend on the resolution, so only scores taken at the same resolution
             compare.
+        tta : bool, str or list of str, default False
+            As in :meth:`predict`: the scores of the averaged, mirrored predictions.
 
         Returns
         -------
@@ -420,6 +438,7 @@ class SemanticSegmentor(BaseEstimator):
             Metric name to value (a fraction in [0, 1]; a list for per-class metrics).
         """
         self._check_fitted()
+        check_tta(tta)  # a bad value fails before any image is read
         if isinstance(metrics, str):  # "iou" or "sm,em", as on the command line
             metrics = [m.strip() for m in metrics.split(",") if m.strip()]
         if resolution not in prediction.RESOLUTIONS:
@@ -442,7 +461,7 @@ class SemanticSegmentor(BaseEstimator):
                                             self.num_classes_, self.classes_, self.void_label_,
                                             self.color_map_)
             stream = prediction.iter_proba(self._model(model), self._config(model), self.task_,
-                                           spec, tiling, resolution=resolution)
+                                           spec, tiling, resolution=resolution, tta=tta)
             with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
                 return prediction.evaluate_probs(probs, spec, self.task_, self.color_map_,
                                                  scorers)
