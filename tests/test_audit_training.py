@@ -134,3 +134,39 @@ def test_mask_classification_loss_skips_an_image_without_labelled_pixels():
     void.backward()
     assert torch.isfinite(void) and void.item() == 0.0
     assert class_logits.grad.abs().max() == 0
+
+
+def test_a_large_images_validation_windows_are_scored_as_one_image():
+    """A large image is validated at native scale, a window per item: its windows are
+    scored as one image (placed in their grid), not as images of their own. Scored one by
+    one, every window without an object that the model leaves empty counted as a perfect
+    image, and model selection kept an early model that predicted nothing (test IoU 0.000
+    against 0.233 on Kvasir-SEG with the tiny preset, benchmarks/README.md)."""
+    module = _module()
+    S = 8  # windows of 8 x 8 pixels; a 2 x 2 grid of them (a 16 x 16 image)
+    target = torch.zeros(16, 16, dtype=torch.long)
+    target[2:6, 10:14] = 1  # the object lies in the top-right window only
+    pred = torch.zeros(16, 16)  # the model predicts nothing anywhere
+    pred[3:5, 11:13] = 1.0  # ... but for a quarter of the object
+    boxes = [(0, 0), (0, 8), (8, 0), (8, 8)]
+    # two batches split the image's windows; then a small image taken whole, perfect
+    whole = torch.zeros(S, S, dtype=torch.long)
+    whole[1:3, 1:3] = 1
+    items = [(b, pred[t:t + S, c:c + S], target[t:t + S, c:c + S]) for b, (t, c) in
+             enumerate(boxes)] + [(None, whole.float(), whole)]
+    module.on_validation_epoch_start()
+    for chunk in (items[:3], items[3:]):
+        logits = torch.stack([torch.logit(p.clamp(1e-4, 1 - 1e-4))[None] for _, p, _ in chunk])
+        batch = {"target": torch.stack([t for _, _, t in chunk]),
+                 "resized_size": torch.tensor([[S, S]] * len(chunk)),
+                 "index": torch.tensor([0 if b is not None else 1 for b, _, _ in chunk]),
+                 "window": torch.tensor([(*boxes[b], S, S) if b is not None else (0, 0, 0, 0)
+                                         for b, _, _ in chunk])}
+        module._update_metric(logits, batch)
+    module.on_validation_epoch_end()
+    # the large image's IoU is 4 / 16 (a quarter of the object), the small one's 1
+    assert float(module.val_metric.compute()) == pytest.approx((4 / 16 + 1.0) / 2)
+    module.val_metric.reset()
+    # without window boxes (the old scoring) the three empty windows counted as perfect
+    module.val_metric.update([p for _, p, _ in items], [t for _, _, t in items])
+    assert float(module.val_metric.compute()) == pytest.approx((1 + 1 + 4 / 16 + 1 + 1) / 5)

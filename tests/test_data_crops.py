@@ -253,6 +253,11 @@ def test_validation_grid_scores_every_pixel_at_native_scale(tmp_path):
         seen[top:top + S, left:left + S] += 1
     assert (seen >= 1).all() and seen.sum() == 6 * S * S
     assert int(ds[6]["index"]) == 1  # the small image: resized as before
+    # each item names its window, so that validation scores an image's windows as one
+    assert [ds[i]["window"].tolist() for i in range(7)] == [
+        [top, left, S, S] for top in (0, S, height - S) for left in (0, S)] + [[0, 0, 0, 0]]
+    assert ds.item_positions() == [0] * 6 + [1]
+    assert "window" not in SegmentationDataset(spec, S, large_images="auto")[(0, 0)]
     # the DataModule validates on the grid and trains on one crop per image
     dm = SegmentationDataModule(spec, input_size=S, batch_size=4, tuning_spec=spec,
                                 num_workers=0, cache_memory_mb=16)

@@ -119,6 +119,16 @@ def test_shard_sampler_partitions_without_padding(n, world):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_shard_sampler_keeps_an_images_windows_together():
+    """Validation windows of one image (adjacent items of one group) go to one process,
+    which scores them as one image; every item is validated once."""
+    groups = [0, 0, 0, 0, 1, 2, 2, 3, 4, 4, 4]  # row position of each item
+    shares = [list(ShardSampler(len(groups), rank, 2, groups)) for rank in range(2)]
+    assert sorted(i for share in shares for i in share) == list(range(len(groups)))
+    assert shares == [[0, 1, 2, 3, 5, 6, 8, 9, 10], [4, 7]]
+    assert list(ShardSampler(len(groups), 0, 1, groups)) == list(range(len(groups)))
+
+
 def test_writer_is_global_rank_zero(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)

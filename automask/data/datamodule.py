@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -105,17 +105,28 @@ class ShardSampler(Sampler):
     Used for validation in a distributed fit: each sample is evaluated by exactly one
     process, so that the metric reduced across processes equals the single-process one
     (padding would count some samples twice). Shares may differ in length by one.
+    ``groups`` (one id per sample, a group's samples adjacent: the windows of one image)
+    shares whole groups instead, ``rank, rank + world, ...`` of them, so that one process
+    sees every window of an image.
     """
 
-    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, rank: int = 0, world: int = 1,
+                 groups: Sequence[int] | None = None) -> None:
         assert 0 <= rank < world, (rank, world)
         self.n, self.rank, self.world = int(n), int(rank), int(world)
+        if groups is None:
+            self.items = list(range(self.rank, self.n, self.world))
+        else:
+            assert len(groups) == self.n, (len(groups), self.n)
+            order = list(dict.fromkeys(groups))  # the groups in order of appearance
+            mine = set(order[self.rank::self.world])
+            self.items = [i for i, group in enumerate(groups) if group in mine]
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
+        return len(self.items)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world))
+        return iter(self.items)
 
 
 def split_spec(
@@ -379,7 +390,8 @@ class SegmentationDataModule(L.LightningDataModule):
             resize=self.resize, interpolation=self.interpolation,
         )
         rank, world = self._shard()
-        sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
+        sampler = (ShardSampler(len(dataset), rank, world, dataset.item_positions())
+                   if world > 1 else None)  # an image's windows to one process
         return _loader(dataset, self.batch_size, self.num_workers, sampler=sampler,
                        persistent=True)
 

@@ -64,7 +64,9 @@ class SegmentationDataset(Dataset):
         How a cropped image becomes items: ``"random"``, one random crop per
         ``(position, epoch)`` (training); ``"grid"``, one item per window of
         :func:`~automask.data.crops.grid_boxes` (validation), so that ``len`` counts
-        windows, not rows.
+        windows, not rows; each item then has a ``"window"`` entry, its box in the image
+        (zeros for an image taken whole), and :meth:`item_positions` gives the row of
+        each item.
     prompts : {None, "box", "points", "box_or_points"}
         Training prompts drawn from each augmented mask (binary targets; see
         :func:`automask.data.prompts.sample_prompt`); None adds nothing.
@@ -162,6 +164,12 @@ class SegmentationDataset(Dataset):
         if self._windows is not None:
             return len(self._windows)
         return len(self.images)
+
+    def item_positions(self) -> list[int]:
+        """The row position of each item, in item order (windows of a row are adjacent)."""
+        if self._windows is not None:
+            return [position for position, _ in self._windows]
+        return list(range(len(self.images)))
 
     def is_cropped(self, position: int) -> bool:
         """Whether the image at ``position`` is used as native-scale crops (not resized)."""
@@ -295,8 +303,14 @@ class SegmentationDataset(Dataset):
         if self._windows is not None:
             position, box = self._windows[position]
             if box is not None:
-                return self._crop_item(position, epoch, box)
-        elif self.large_images != "resize" and self.is_cropped(position):
+                out = self._crop_item(position, epoch, box)
+            else:
+                out = self._item(*self.load_resized(position), position, epoch, self.augment)
+            # where the window lies in its image, (top, left, height, width); zeros: the
+            # whole image, resized (the validation metric scores an image's windows as one)
+            out["window"] = torch.tensor(box or (0, 0, 0, 0), dtype=torch.int64)
+            return out
+        if self.large_images != "resize" and self.is_cropped(position):
             return self._crop_item(position, epoch, None)
         image, mask, original = self.load_resized(position)
         return self._item(image, mask, original, position, epoch, self.augment)

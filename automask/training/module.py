@@ -112,6 +112,9 @@ class SegmentationModule(L.LightningModule):
         self.strict_loading = False
         self.stopped: str | None = None
         self._val_nonfinite = False
+        # (row position, [(top, left, pred, target)]) of the large image whose windows
+        # are being validated: scored as one sample once all are seen (_flush_windows)
+        self._val_windows: tuple[int, list] | None = None
         self.embedding_cache = embedding_cache
         assert embedding_cache is None or model.encoder_is_frozen()
 
@@ -215,6 +218,7 @@ class SegmentationModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_nonfinite = False
+        self._val_windows = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.stopped is not None:  # the same in every process: nothing is logged
@@ -236,22 +240,60 @@ class SegmentationModule(L.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
+        self._flush_windows()  # the last image's windows, before the metric is computed
         if self.stopped is None and distributed.any_process(self._val_nonfinite, self.device):
             self._stop(NonFiniteLossError(self.current_epoch, self.global_step,
                                           "validation output", float("nan")))
 
     def _update_metric(self, logits: torch.Tensor, batch: dict) -> None:
         preds, targets = [], []
+        windows = batch.get("window")  # (B, 4) boxes of a large image's windows, or zeros
         for i in range(logits.shape[0]):
             h, w = (int(v) for v in batch["resized_size"][i])
             region = logits[i, :, :h, :w]  # (C, h, w): the image without its padding
             target = batch["target"][i, :h, :w]
-            if self.task == "binary":  # void pixels (ignore_index) are left to the metric
-                preds.append(torch.sigmoid(region[0]))
-            else:
-                preds.append(region.argmax(0))
+            # void pixels (ignore_index) are left to the metric
+            pred = torch.sigmoid(region[0]) if self.task == "binary" else region.argmax(0)
+            if windows is not None and int(windows[i, 2]) > 0:
+                self._gather_window(int(batch["index"][i]), windows[i].tolist(), pred, target)
+                continue
+            self._flush_windows()
+            preds.append(pred)
             targets.append(target)
-        self.val_metric.update(preds, targets)
+        if preds:
+            self.val_metric.update(preds, targets)
+
+    def _gather_window(self, position: int, box: list[int], pred: torch.Tensor,
+                       target: torch.Tensor) -> None:
+        """Keep a validation window of a large image (validated at native scale, a window
+        per item) until its image's windows are all seen: they are adjacent in the
+        loader's order, and one process sees them all (ShardSampler's groups)."""
+        if self._val_windows is not None and self._val_windows[0] != position:
+            self._flush_windows()
+        if self._val_windows is None:
+            self._val_windows = (position, [])
+        self._val_windows[1].append((box[0], box[1], pred, target))
+
+    def _flush_windows(self) -> None:
+        """Score the windows kept by :meth:`_gather_window` as one sample: placed side by
+        side in their grid order (a grid of ``tops x lefts``, each ``(h, w)``), they are
+        the image when its grid is whole. Scored window by window, a per-image metric
+        would count every window without an object that the model leaves empty as a
+        perfect image, and select a model that predicts nothing."""
+        if self._val_windows is None:
+            return
+        windows, self._val_windows = self._val_windows[1], None
+        tops = sorted({top for top, _, _, _ in windows})
+        lefts = sorted({left for _, left, _, _ in windows})
+        h, w = windows[0][2].shape
+        pred = windows[0][2].new_zeros((len(tops) * h, len(lefts) * w))
+        target = windows[0][3].new_zeros((len(tops) * h, len(lefts) * w))
+        for top, left, p, t in windows:
+            assert p.shape == (h, w), (p.shape, h, w)  # a grid's windows share one size
+            r, c = tops.index(top) * h, lefts.index(left) * w
+            pred[r:r + h, c:c + w] = p
+            target[r:r + h, c:c + w] = t
+        self.val_metric.update([pred], [target])
 
     def configure_optimizers(self):
         # fused AdamW, unless a gradient scaler (16-mixed) must unscale before clipping:
