@@ -255,7 +255,8 @@ def test_validation_grid_scores_every_pixel_at_native_scale(tmp_path):
     assert int(ds[6]["index"]) == 1  # the small image: resized as before
     # each item names its window, so that validation scores an image's windows as one
     assert [ds[i]["window"].tolist() for i in range(7)] == [
-        [top, left, S, S] for top in (0, S, height - S) for left in (0, S)] + [[0, 0, 0, 0]]
+        [top, left, S, S, int(top == height - S and left == S)]
+        for top in (0, S, height - S) for left in (0, S)] + [[0, 0, 0, 0, 0]]
     assert ds.item_positions() == [0] * 6 + [1]
     assert "window" not in SegmentationDataset(spec, S, large_images="auto")[(0, 0)]
     # the DataModule validates on the grid and trains on one crop per image

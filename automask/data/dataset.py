@@ -65,8 +65,8 @@ class SegmentationDataset(Dataset):
         ``(position, epoch)`` (training); ``"grid"``, one item per window of
         :func:`~automask.data.crops.grid_boxes` (validation), so that ``len`` counts
         windows, not rows; each item then has a ``"window"`` entry, its box in the image
-        (zeros for an image taken whole), and :meth:`item_positions` gives the row of
-        each item.
+        and 1 for the image's last window (zeros for an image taken whole), and
+        :meth:`item_positions` gives the row of each item.
     prompts : {None, "box", "points", "box_or_points"}
         Training prompts drawn from each augmented mask (binary targets; see
         :func:`automask.data.prompts.sample_prompt`); None adds nothing.
@@ -301,14 +301,18 @@ class SegmentationDataset(Dataset):
         if not 0 <= position < len(self):
             raise IndexError(f"position {position} out of range for {len(self)} samples")
         if self._windows is not None:
-            position, box = self._windows[position]
+            item = position
+            position, box = self._windows[item]
             if box is not None:
                 out = self._crop_item(position, epoch, box)
             else:
                 out = self._item(*self.load_resized(position), position, epoch, self.augment)
-            # where the window lies in its image, (top, left, height, width); zeros: the
-            # whole image, resized (the validation metric scores an image's windows as one)
-            out["window"] = torch.tensor(box or (0, 0, 0, 0), dtype=torch.int64)
+            # where the window lies in its image, (top, left, height, width), and 1 for the
+            # image's last window; zeros: the whole image, resized (the validation metric
+            # scores an image's windows as one image)
+            last = item + 1 == len(self._windows) or self._windows[item + 1][0] != position
+            out["window"] = torch.tensor((*box, int(last)) if box else (0, 0, 0, 0, 0),
+                                         dtype=torch.int64)
             return out
         if self.large_images != "resize" and self.is_cropped(position):
             return self._crop_item(position, epoch, None)

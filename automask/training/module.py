@@ -240,14 +240,14 @@ class SegmentationModule(L.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        self._flush_windows()  # the last image's windows, before the metric is computed
+        self._flush_windows()  # windows of an image cut short (limit_val_batches)
         if self.stopped is None and distributed.any_process(self._val_nonfinite, self.device):
             self._stop(NonFiniteLossError(self.current_epoch, self.global_step,
                                           "validation output", float("nan")))
 
     def _update_metric(self, logits: torch.Tensor, batch: dict) -> None:
         preds, targets = [], []
-        windows = batch.get("window")  # (B, 4) boxes of a large image's windows, or zeros
+        windows = batch.get("window")  # (B, 5): a large image's windows, or zeros
         for i in range(logits.shape[0]):
             h, w = (int(v) for v in batch["resized_size"][i])
             region = logits[i, :, :h, :w]  # (C, h, w): the image without its padding
@@ -256,6 +256,8 @@ class SegmentationModule(L.LightningModule):
             pred = torch.sigmoid(region[0]) if self.task == "binary" else region.argmax(0)
             if windows is not None and int(windows[i, 2]) > 0:
                 self._gather_window(int(batch["index"][i]), windows[i].tolist(), pred, target)
+                if int(windows[i, 4]):  # the image's last window: scored now, in this step
+                    self._flush_windows()
                 continue
             self._flush_windows()
             preds.append(pred)
@@ -266,8 +268,10 @@ class SegmentationModule(L.LightningModule):
     def _gather_window(self, position: int, box: list[int], pred: torch.Tensor,
                        target: torch.Tensor) -> None:
         """Keep a validation window of a large image (validated at native scale, a window
-        per item) until its image's windows are all seen: they are adjacent in the
-        loader's order, and one process sees them all (ShardSampler's groups)."""
+        per item) until its image's last window: they are adjacent in the loader's order,
+        and one process sees them all (ShardSampler's groups). The metric is scored in
+        the step that sees the last one, since callbacks may read it before
+        ``on_validation_epoch_end``."""
         if self._val_windows is not None and self._val_windows[0] != position:
             self._flush_windows()
         if self._val_windows is None:
