@@ -392,9 +392,9 @@ def _folders(args, image_col: str, label_col: str):
     """DataFrame paired from ``--images``/``--masks`` (as ``from_folders``), or None."""
     if args.images is None and args.masks is None:
         if args.mask_suffix is not None or args.image_suffix is not None \
-                or args.extra_masks is not None:
-            raise AutomaskError("--mask-suffix, --image-suffix and --extra-masks go with "
-                                "--images/--masks")
+                or args.extra_masks is not None or args.drop_unpaired:
+            raise AutomaskError("--mask-suffix, --image-suffix, --extra-masks and "
+                                "--drop-unpaired go with --images/--masks")
         return None
     if args.images is None or args.masks is None:
         raise AutomaskError("--images and --masks go together: give both folders")
@@ -402,7 +402,7 @@ def _folders(args, image_col: str, label_col: str):
 
     return from_folders(args.images, args.masks, image_col=image_col, label_col=label_col,
                         mask_suffix=args.mask_suffix, image_suffix=args.image_suffix,
-                        extra_masks=args.extra_masks)
+                        extra_masks=args.extra_masks, strict=not args.drop_unpaired)
 
 
 def _labelled_data(args, image_col: str, label_col: str):
@@ -635,6 +635,9 @@ def _add_folder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-masks", choices=["union"],
                    help="an image's further masks, named as its mask plus a number "
                         "(BUSI's x_mask_1.png beside x_mask.png): merged into one")
+    p.add_argument("--drop-unpaired", action="store_true",
+                   help="leave out (with a warning listing them) the images without a mask "
+                        "and the masks without an image, instead of stopping")
 
 
 def _add_class_args(p: argparse.ArgumentParser) -> None:

@@ -178,8 +178,8 @@ def test_mask_and_image_name_endings_from_the_command_line(fitted, data, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("automask: error: no image/mask pairs")
     assert "--mask-suffix _shadow" in lines[0]
     proc = run_cli("evaluate", str(run), "--data", "x.csv", "--mask-suffix", "_shadow")
-    assert_one_line_error(proc, "--mask-suffix, --image-suffix and --extra-masks go with "
-                                "--images/--masks")
+    assert_one_line_error(proc, "--mask-suffix, --image-suffix, --extra-masks and "
+                                "--drop-unpaired go with --images/--masks")
 
 
 def test_predict_palette_masks_and_probability_maps(fitted, data, tmp_path):

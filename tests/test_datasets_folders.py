@@ -313,3 +313,19 @@ def test_extra_masks_option_of_the_command_line(tmp_path):
     assert isinstance(frame["label"][1], np.ndarray) and len(frame.attrs["extra_masks"]) == 1
     with pytest.raises(DataValidationError, match=r"--extra-masks union"):
         cli._folders(parser.parse_args(args), "image", "label")
+
+
+def test_drop_unpaired_option_of_the_command_line(tmp_path):
+    """The unpaired files' error names the command line's way out, which drops them
+    with a warning listing them."""
+    from automask import cli
+
+    _layout(tmp_path, ["a", "b", "only_img"], ["a", "b"])
+    parser = cli.build_parser()
+    args = ["evaluate", "run", "--images", str(tmp_path / "images"), "--masks",
+            str(tmp_path / "masks")]
+    with pytest.raises(DataValidationError, match=r"automask: --drop-unpaired"):
+        cli._folders(parser.parse_args(args), "image", "label")
+    with pytest.warns(UserWarning, match="only_img"):
+        frame = cli._folders(parser.parse_args([*args, "--drop-unpaired"]), "image", "label")
+    assert len(frame) == 2

@@ -418,7 +418,7 @@ def from_folders(
             + "\n  ".join(lines)
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
-        tail = "(pass strict=False to drop them"
+        tail = "(pass strict=False to drop them (automask: --drop-unpaired)"
         if further:
             tail += ("; extra_masks='union' (automask: --extra-masks union) to merge an "
                      "image's further masks into one")
