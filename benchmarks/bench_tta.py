@@ -6,45 +6,20 @@ flips the model was trained with), each timed. Without pretrained SAM weights th
 ``tiny`` preset trained from scratch: the figures show what averaging mirrored passes
 does to a weak model, not to SAM.
 
-    python benchmarks/bench_tta.py kvasir_seg --time-limit 180
-    python benchmarks/bench_tta.py camvid --hp data.void_label=11
+    python -m benchmarks.bench_tta kvasir_seg --time-limit 150
+    python -m benchmarks.bench_tta camvid --hp data.void_label=11
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
-import tempfile
 import time
-from pathlib import Path
 
-from automask import SemanticSegmentor
-from automask.datasets import from_folders, train_test_split
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from benchmarks.fit_shared import fit_split, parse_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("dataset", help="folder name under ../shared/data")
-    parser.add_argument("--presets", default="tiny")
-    parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--time-limit", type=float, default=180.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    hp = {}
-    for item in args.hp:
-        key, raw = item.split("=", 1)
-        try:
-            hp[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            hp[key] = raw
-    folder = SHARED / args.dataset
-    frame = from_folders(folder / "images", folder / "masks")
-    train, test = train_test_split(frame, test_size=0.2, seed=args.seed)
-    seg = SemanticSegmentor(path=tempfile.mkdtemp(), seed=args.seed, verbosity=0).fit(
-        train, presets=args.presets, hyperparameters=hp, time_limit=args.time_limit)
+    args = parse_args("fit, then evaluate with and without test-time flips")
+    seg, train, test, _ = fit_split(args)
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images, preset "
           f"{args.presets}, {platform.processor() or platform.machine()}")
     print(f"trained flips: hflip={seg.config_.data.hflip} vflip={seg.config_.data.vflip}")

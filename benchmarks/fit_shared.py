@@ -23,15 +23,20 @@ from automask.datasets import from_folders, train_test_split
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def parse_args(description: str | None = None) -> argparse.Namespace:
+    """The options of a fit on one shared dataset (also ``bench_tta.py``'s)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("dataset", help="folder name under ../shared/data")
     parser.add_argument("--presets", default="tiny")
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--time-limit", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def fit_split(args: argparse.Namespace):
+    """``(predictor, train, test, fit seconds)``: the dataset split 80/20 with the seed,
+    the preset fitted on the 80 within the time limit."""
     hp = {}
     for item in args.hp:
         key, raw = item.split("=", 1)
@@ -45,7 +50,12 @@ def main() -> None:
     t0 = time.perf_counter()
     seg = SemanticSegmentor(path=tempfile.mkdtemp(), seed=args.seed, verbosity=0).fit(
         train, presets=args.presets, hyperparameters=hp, time_limit=args.time_limit)
-    fit_s = time.perf_counter() - t0
+    return seg, train, test, time.perf_counter() - t0
+
+
+def main() -> None:
+    args = parse_args()
+    seg, train, test, fit_s = fit_split(args)
     board = seg.leaderboard(test)
     with pd.option_context("display.max_columns", None, "display.width", 250):
         print(board.drop(columns=[c for c in board.columns if "[" in c]).to_string(index=False))
