@@ -287,11 +287,10 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     instead of resized to its original size. ``flips``: each image is also predicted
     mirrored, and the maps mirrored back are averaged in (:mod:`automask.tta`).
     """
-    from .tta import flip_content, unflip
-
     from .data import make_predict_loader, restore_batch
     from .data.prompts import to_model_prompt
     from .data.transforms import Geometry
+    from .tta import flip_content, unflip
 
     device = inference_device(cfg)
     model.to(device)
