@@ -341,14 +341,14 @@ def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str,
     device = inference_device(cfg)
     model.to(device)
     image = read_image(path, value_range=image_value_range(cfg))  # (H, W, 3) uint8
-    with torch.inference_mode(), autocast_context(device, cfg.env.precision):
-        prob = tiled_proba(lambda x: _probabilities(model, x, task), image,
+    def tiled(picture: np.ndarray) -> torch.Tensor:
+        return tiled_proba(lambda x: _probabilities(model, x, task), picture,
                            cfg.model.input_size, cfg.env.eval_batch_size, device)
+
+    with torch.inference_mode(), autocast_context(device, cfg.env.precision):
+        prob = tiled(image)
         for flip in flips:  # the image (H, W, 3) mirrored on its axis of a (C, H, W) map
-            mirrored = np.ascontiguousarray(np.flip(image, FLIPS[flip] - 1))
-            prob += unflip(tiled_proba(lambda x: _probabilities(model, x, task), mirrored,
-                                       cfg.model.input_size, cfg.env.eval_batch_size,
-                                       device), flip)
+            prob += unflip(tiled(np.ascontiguousarray(np.flip(image, FLIPS[flip] - 1))), flip)
     return (prob / (1 + len(flips))).numpy()
 
 

@@ -104,6 +104,10 @@ def test_command_line_tta(fitted, tmp_path, capsys):
     expected = seg.predict([paths["plain"]], tta="hflip")[0]
     np.testing.assert_array_equal(written > 0 if seg.task_ == "binary" else written,
                                   expected > 0 if seg.task_ == "binary" else expected)
+    for bad in ("", "rot90", "hflip,x"):  # refused, naming the flips, before any model loads
+        assert cli.main(["predict", str(seg.path_), "--data", paths["plain"], "--out",
+                         str(out), "--tta", bad]) == 2
+        assert capsys.readouterr().err.startswith("automask: error: --tta expects")
     csv = tmp_path / "data.csv"
     frame.to_csv(csv, index=False)
     capsys.readouterr()

@@ -453,7 +453,7 @@ CLASSES_FILE = "classes.txt"
 _NUMBERED = re.compile(r"^(\d+)\s*[:,=\s]\s*(\S.*)$")
 
 
-_FURTHER = re.compile(r"(?P<base>.+?)[_\- .](?P<number>\d{1,3})")  # "x_mask" + "_1"
+_FURTHER = re.compile(r"(?P<base>.+?)[_\- .]\d{1,3}")  # "x_mask" + "_1"
 
 
 def _further_of(stem: str, stems: Any) -> str:
@@ -470,9 +470,10 @@ def _further_masks(lonely: list[Path], paired_masks: dict[str, Path]) -> dict[st
     by_stem = {_stem(path): name for name, path in paired_masks.items()}
     found: dict[str, list[tuple[int, Path]]] = {}
     for path in lonely:
-        match = _FURTHER.fullmatch(_stem(path))
-        if match and match["base"] in by_stem:
-            found.setdefault(by_stem[match["base"]], []).append((int(match["number"]), path))
+        base = _further_of(_stem(path), by_stem)
+        if base:
+            number = int(_stem(path)[len(base) + 1:])  # after the separator
+            found.setdefault(by_stem[base], []).append((number, path))
     return {name: [path for _, path in sorted(paths)] for name, paths in found.items()}
 
 

@@ -248,15 +248,17 @@ class SegmentationModule(L.LightningModule):
     def _update_metric(self, logits: torch.Tensor, batch: dict) -> None:
         preds, targets = [], []
         windows = batch.get("window")  # (B, 5): a large image's windows, or zeros
+        if windows is not None:  # one transfer from the device for the batch
+            windows, positions = windows.tolist(), batch["index"].tolist()
         for i in range(logits.shape[0]):
             h, w = (int(v) for v in batch["resized_size"][i])
             region = logits[i, :, :h, :w]  # (C, h, w): the image without its padding
             target = batch["target"][i, :h, :w]
             # void pixels (ignore_index) are left to the metric
             pred = torch.sigmoid(region[0]) if self.task == "binary" else region.argmax(0)
-            if windows is not None and int(windows[i, 2]) > 0:
-                self._gather_window(int(batch["index"][i]), windows[i].tolist(), pred, target)
-                if int(windows[i, 4]):  # the image's last window: scored now, in this step
+            if windows is not None and windows[i][2] > 0:
+                self._gather_window(positions[i], windows[i], pred, target)
+                if windows[i][4]:  # the image's last window: scored now, in this step
                     self._flush_windows()
                 continue
             self._flush_windows()
