@@ -18,7 +18,7 @@ import torch
 
 from .config import Config, image_value_range
 from .data.validation import TABLE_SUFFIXES, read_table
-from .datasets.folders import IMAGE_SUFFIXES  # what from_folders takes, predict takes
+from .datasets.folders import IMAGE_SUFFIXES, masks_beside_images  # as from_folders
 from .errors import ConfigError, DataValidationError
 from .hardware import autocast_context
 from .utils import top_created
@@ -40,7 +40,8 @@ def _folder_images(folder: Path) -> list[Path]:
     """The files of ``folder`` that from_folders takes (images, .npy arrays), sorted; when
     it holds none but has sub-folders (Cityscapes' ``val/<city>/``), those of every folder
     below it, as from_folders searches them. Hidden files (macOS "._a.png" metadata,
-    ".DS_Store") and folders are skipped, as it skips them."""
+    ".DS_Store") and folders are skipped, as it skips them. Files named as the masks of
+    images beside them (``1_mask.tif`` beside ``1.tif``) are left out with a warning."""
     def visible(path: Path) -> bool:
         return not any(part.startswith(".") for part in path.relative_to(folder).parts)
 
@@ -55,6 +56,17 @@ def _folder_images(folder: Path) -> list[Path]:
     if not files:
         raise DataValidationError(f"no image files in folder {str(folder)!r}"
                                   + (" nor in its sub-folders" if deep else ""))
+    masks = masks_beside_images(files)
+    if masks:
+        import warnings
+
+        names = ", ".join(str(m.relative_to(folder)) for m in masks[:5])
+        warnings.warn(
+            f"left out {len(masks)} file(s) of {str(folder)!r} named as the masks of images "
+            f"beside them ({names}{' ...' if len(masks) > 5 else ''}); to predict them too, "
+            "pass their paths", stacklevel=4)
+        left_out = set(masks)
+        files = [f for f in files if f not in left_out]
     return files
 
 

@@ -530,3 +530,55 @@ def test_an_empty_list_or_glob_of_images_says_so(fitted, tmp_path):
         with pytest.raises(DataValidationError, match=rf"^no images given: the {kind} of paths "
                                                       "is empty$"):
             seg.predict(empty)
+
+
+@pytest.mark.parametrize("image_name, mask_name", [
+    ("{k}.png", "{k}_mask.png"),  # Kaggle's brain MRI, BUSI: one folder, "_mask"
+    ("{k}_sat.png", "{k}_mask.png"),  # DeepGlobe roads: "_sat" beside "_mask"
+])
+def test_a_folder_of_images_with_their_masks_beside_them_predicts_the_images_only(
+        fitted, tmp_path, image_name, mask_name):
+    """A folder that keeps each image's mask beside it (the layout from_folders splits when
+    given one folder twice) was predicted whole: the masks were read as images and their
+    "predictions" written beside the others. They are left out with a warning naming them;
+    a further mask (``x_mask_1``) too, an unrelated file is kept, and a path list still
+    predicts a mask file when asked."""
+    seg, _, csv = fitted
+    table = pd.read_csv(csv)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for k in range(3):
+        (folder / image_name.format(k=k)).write_bytes(Path(table["image"][k]).read_bytes())
+        (folder / mask_name.format(k=k)).write_bytes(Path(table["label"][k]).read_bytes())
+    (folder / mask_name.format(k="0_1").replace("0_1_mask", "0_mask_1")).write_bytes(
+        Path(table["label"][3]).read_bytes())
+    (folder / "other_mask.png").write_bytes(Path(table["image"][4]).read_bytes())  # no pair
+    images = sorted([image_name.format(k=k) for k in range(3)] + ["other_mask.png"])
+    with pytest.warns(UserWarning, match=r"left out 4 file\(s\) .* masks of images beside "
+                                         r"them \(0_mask.png, 0_mask_1.png, 1_mask.png"):
+        written = seg.predict(folder, save_to=tmp_path / "out")
+    assert [Path(p).name for p in written["image"]] == images
+    for name in images:
+        want = seg.predict([str(folder / name)])[0]
+        got = np.asarray(Image.open(tmp_path / "out" / Path(name).with_suffix(".png").name))
+        assert np.array_equal(got > 0, want > 0)
+    assert len(seg.predict([str(folder / mask_name.format(k=0))])) == 1  # asked by path
+
+
+def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(
+        fitted, tmp_path):
+    """``automask predict RUN --data FOLDER`` leaves the masks beside the images out and
+    says so."""
+    _, run, csv = fitted
+    table = pd.read_csv(csv)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"{k}.png").write_bytes(Path(table["image"][k]).read_bytes())
+        (folder / f"{k}_seg.png").write_bytes(Path(table["label"][k]).read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "automask", "predict", str(run), "--data", str(folder),
+         "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "left out 2 file(s)" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]

@@ -281,7 +281,23 @@ def test_an_images_further_masks_are_named_and_merged_on_request(tmp_path, separ
     with pytest.warns(UserWarning, match="further mask of image"):
         df = from_folders(images, masks, strict=False)
     assert df["label"].tolist() == [str(masks / f"benign ({n})_mask.png") for n in (1, 2, 3)]
-    assert len(df.attrs["unpaired"]["images" if not separate else "masks"]) == 2
+    assert len(df.attrs["unpaired"]["masks"]) == 2  # in one folder too, they are masks
+
+
+def test_further_masks_in_one_folder_with_image_endings_pair(tmp_path):
+    """DeepGlobe's ``x_sat.jpg`` beside ``x_mask.png`` in one folder, with a further mask
+    ``x_mask_1.png``: the further mask was counted among the images, so no image ending
+    was shared by all of them and nothing paired; it is a mask of its own image now."""
+    for k in range(3):
+        _write(tmp_path / f"{k}_sat.png", np.full((4, 4, 3), 9 * k, np.uint8))
+        _write(tmp_path / f"{k}_mask.png", np.eye(4, dtype=np.uint8) * 255)
+    _write(tmp_path / "0_mask_1.png", np.fliplr(np.eye(4, dtype=np.uint8)) * 255)
+    df = from_folders(tmp_path, tmp_path, extra_masks="union")
+    assert df.attrs["suffixes"] == {"image": "_sat", "mask": "_mask"}
+    assert df["image"].tolist() == [str(tmp_path / f"{k}_sat.png") for k in range(3)]
+    assert df.attrs["extra_masks"] == {str(tmp_path / "0_sat.png"): [
+        str(tmp_path / "0_mask_1.png")]}
+    assert int((df["label"][0] > 0).sum()) == 8  # both diagonals of a 4x4 square
 
 
 def test_further_masks_that_do_not_merge_name_the_files(tmp_path):

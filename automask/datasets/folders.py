@@ -290,20 +290,11 @@ def suffix_hint(images: Any, masks: Any) -> str:
 def _split_shared_folder(folder: Path, mask_suffix: str | None, image_suffix: str | None
                          ) -> tuple[dict[str, Path], dict[str, Path]]:
     """Images and masks kept in one folder (``1.tif`` beside ``1_mask.tif``): the files whose
-    stem ends with the mask ending are the masks, the others the images. The ending is
+    stem ends with the mask ending are the masks (with their further masks, ``1_mask_1``),
+    the others the images. The ending is
     ``mask_suffix``, else the one of :data:`MASK_STEM_SUFFIXES` that pairs the most files."""
-    files = _by_stem(folder, "image")
-    best, best_pairs = None, 0
-    for m_sfx in (mask_suffix,) if mask_suffix else MASK_STEM_SUFFIXES[1:]:
-        masks = {stem: p for stem, p in files.items() if stem.endswith(m_sfx)}
-        images = {stem: p for stem, p in files.items() if stem not in masks}
-        if not masks or not images:
-            continue
-        i_sfx, _ = _best_suffixes(images, masks, image_suffix, m_sfx)
-        pairs = len(_keyed(images, i_sfx).keys() & _keyed(masks, m_sfx).keys())
-        if pairs > best_pairs:
-            best, best_pairs = (images, masks), pairs
-    if best is None:
+    split = _shared_split(_by_stem(folder, "image"), mask_suffix, image_suffix)
+    if split is None:
         raise DataValidationError(
             f"the image folder and the mask folder are the same folder, {folder}, and no "
             "name ending tells its masks from its images"
@@ -311,7 +302,49 @@ def _split_shared_folder(folder: Path, mask_suffix: str | None, image_suffix: st
                f" (tried {', '.join(repr(s) for s in MASK_STEM_SUFFIXES[1:])})")
             + "; pass mask_suffix=, or put the masks in a folder of their own"
         )
+    return split
+
+
+def _shared_split(files: dict[str, Path], mask_suffix: str | None, image_suffix: str | None
+                  ) -> tuple[dict[str, Path], dict[str, Path]] | None:
+    """(images, masks) of one folder's ``files`` keyed by stem, split by the mask ending
+    that pairs the most of them (``mask_suffix`` when given); None when none pairs any."""
+    best, best_pairs = None, 0
+    for m_sfx in (mask_suffix,) if mask_suffix else MASK_STEM_SUFFIXES[1:]:
+        masks = {stem: p for stem, p in files.items() if stem.endswith(m_sfx)}
+        masks.update({stem: p for stem, p in files.items() if _further_of(stem, masks)})
+        images = {stem: p for stem, p in files.items() if stem not in masks}
+        if not masks or not images:
+            continue
+        i_sfx, _ = _best_suffixes(images, masks, image_suffix, m_sfx)
+        pairs = len(_keyed(images, i_sfx).keys() & _keyed(masks, m_sfx).keys())
+        if pairs > best_pairs:
+            best, best_pairs = (images, masks), pairs
     return best
+
+
+def masks_beside_images(paths: list[Path]) -> list[Path]:
+    """Of ``paths`` (image files), those named as the mask of another in the same folder,
+    as :func:`from_folders` pairs one folder's images and masks (``1_mask.tif`` beside
+    ``1.tif``, DeepGlobe's ``x_mask.png`` beside ``x_sat.jpg``, CamVid's ``x_L.png``
+    beside ``x.png``), and their further masks (``x_mask_1.png``); sorted."""
+    by_folder: dict[Path, dict[str, Path]] = {}
+    for path in paths:
+        by_folder.setdefault(path.parent, {}).setdefault(_stem(path), path)
+    found: list[Path] = []
+    for files in by_folder.values():
+        split = _shared_split(files, None, None)
+        if split is None:
+            continue
+        try:
+            images, masks, _ = pair_stems(*split)
+        except DataValidationError:  # names that clash once their endings are dropped
+            continue
+        paired = {s: masks[s] for s in images.keys() & masks.keys()}
+        found += paired.values()
+        lonely = [(images | masks)[s] for s in images.keys() ^ masks.keys()]
+        found += [p for further in _further_masks(lonely, paired).values() for p in further]
+    return sorted(found)
 
 
 def from_folders(
