@@ -326,7 +326,8 @@ def _cmd_score(args) -> None:
     color_map, table_names = _score_color_map(args)
     try:
         scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics,
-                               color_map=color_map, **conventions)
+                               color_map=color_map, extra_masks=args.extra_masks,
+                               **conventions)
     except ValueError as exc:  # its advice in this command's options, not Python's
         raise AutomaskError(_as_options(str(exc))) from exc
     if names is None and table_names is not None:  # the table's, where they fit the scores
@@ -361,6 +362,7 @@ _OPTION_WORDS = [
     (re.compile(r"\btask='(binary|multiclass)'"), r"--task \1"),
     (re.compile(r"\bignore_index=(-?\d+)"), r"--ignore-index \1"),
     (re.compile(r"\bpass ignore_index=None\b"), "leave out --ignore-index"),
+    (re.compile(r"\bextra_masks='union'"), "--extra-masks union"),
 ]
 
 
@@ -873,6 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour-coded ground truths: their colour table, as fit's --color-map "
                         "(default: the class_dict.csv in or beside --gt when the ground "
                         "truths are in colour)")
+    p.add_argument("--extra-masks", choices=["union"],
+                   help="a ground truth's further masks, named as it plus a number (BUSI's "
+                        "x_mask_1.png beside x_mask.png): scored as their union")
     _add_score_conventions(p)
     p.set_defaults(func=_cmd_score)
     _add_picture_commands(sub)

@@ -215,6 +215,26 @@ def test_score_folders(tmp_path):
     assert_one_line_error(run_cli("score", "--pred", str(pred), "--gt", str(gt)), "im0")
 
 
+def test_score_extra_masks_from_the_command_line(tmp_path):
+    """``automask score`` names a further ground truth mask and the option to give, which
+    scores the image against the union of its masks."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:5] = 255
+    Image.fromarray(mask).save(pred / "a.png")
+    Image.fromarray(mask).save(gt / "a_mask.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(gt / "a_mask_1.png")
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(gt))
+    assert_one_line_error(proc, "a further mask of ground truth a_mask.png",
+                          "pass --extra-masks union")
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(gt), "--extra-masks", "union",
+                   "--metrics", "iou", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"iou": 1.0, "n_images": 1}
+
+
 def test_score_advice_names_the_commands_options(tmp_path):
     """Errors of ``automask score`` give their advice as its options (``--task binary``,
     ``--ignore-index 255``), not as the Python arguments of ``score``; following the advice

@@ -372,6 +372,38 @@ def test_score_folders(tmp_path):
         score_folders(pred_dir, gt_dir)
 
 
+def test_score_folders_merges_further_masks_on_request(tmp_path):
+    """BUSI keeps a second lesion's mask as ``x_mask_1.png`` beside ``x_mask.png``: by
+    default it is an unpaired ground truth named as a further mask of ``x_mask.png``, with
+    the option to give; ``extra_masks="union"`` scores the image against the union of its
+    masks, as from_folders(extra_masks="union") labels it."""
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    first, second = np.zeros((20, 30), np.uint8), np.zeros((20, 30), np.uint8)
+    first[2:8, 2:10] = 255
+    second[12:18, 15:28] = 255
+    union = np.maximum(first, second)
+    pred = np.zeros((20, 30), np.uint8)
+    pred[2:18, 2:20] = 255  # covers the first lesion and half the second
+    Image.fromarray(pred).save(pred_dir / "benign (4).png")
+    Image.fromarray(first).save(gt_dir / "benign (4)_mask.png")
+    Image.fromarray(second).save(gt_dir / "benign (4)_mask_1.png")
+    Image.fromarray(first).save(pred_dir / "benign (5).png")
+    Image.fromarray(first).save(gt_dir / "benign (5)_mask.png")
+    with pytest.raises(ValueError, match=r"benign \(4\)_mask_1 \(a further mask of ground "
+                                         r"truth benign \(4\)_mask.png\).*extra_masks='union'"):
+        score_folders(pred_dir, gt_dir)
+    got = score_folders(pred_dir, gt_dir, extra_masks="union", metrics=["iou", "sm"])
+    want = score([pred, first], [union, first], metrics=["iou", "sm"])
+    assert got.pop("n_images") == 2
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got["iou"] != pytest.approx(score([pred, first], [first, first], metrics=["iou"])
+                                       ["iou"])  # the second lesion counts
+    with pytest.raises(ValueError, match="extra_masks must be None or 'union'"):
+        score_folders(pred_dir, gt_dir, extra_masks="max")
+
+
 def test_score_folders_pairs_ground_truths_named_with_a_mask_ending(tmp_path):
     """ISIC_1.png predictions against ISIC_1_segmentation.png ground truths (automask's own
     predictions of ISIC data) pair as from_folders pairs them; names that share nothing

@@ -343,7 +343,7 @@ def masks_beside_images(paths: list[Path]) -> list[Path]:
         paired = {s: masks[s] for s in images.keys() & masks.keys()}
         found += paired.values()
         lonely = [(images | masks)[s] for s in images.keys() ^ masks.keys()]
-        found += [p for further in _further_masks(lonely, paired).values() for p in further]
+        found += [p for further in further_masks(lonely, paired).values() for p in further]
     return sorted(found)
 
 
@@ -430,7 +430,7 @@ def from_folders(
             f"no image/mask pairs found between {images_dir} and {masks_dir}: no image "
             f"shares its name with a mask{suffix_hint(*stems_by_side)}")
     stems = sorted(images.keys() & masks.keys())
-    extras = _further_masks([images[s] for s in images.keys() - masks.keys()]
+    extras = further_masks([images[s] for s in images.keys() - masks.keys()]
                             + [masks[s] for s in masks.keys() - images.keys()],
                             {s: masks[s] for s in stems})
     merged = {p for paths in extras.values() for p in paths} if extra_masks else set()
@@ -462,7 +462,7 @@ def from_folders(
     if extra_masks:
         for pos, stem in enumerate(stems):
             if stem in extras:
-                labels[pos] = _union([masks[stem], *extras[stem]])
+                labels[pos] = union_of_masks([masks[stem], *extras[stem]])
     df = pd.DataFrame({image_col: [os.path.abspath(images[s]) for s in stems],
                        label_col: labels})
     df.attrs["unpaired"] = {"images": lonely_images, "masks": lonely_masks}
@@ -496,7 +496,7 @@ def _further_of(stem: str, stems: Any) -> str:
     return match["base"] if match and match["base"] in stems else ""
 
 
-def _further_masks(lonely: list[Path], paired_masks: dict[str, Path]) -> dict[str, list[Path]]:
+def further_masks(lonely: list[Path], paired_masks: dict[str, Path]) -> dict[str, list[Path]]:
     """``{shared name: [further mask files]}``: of the ``lonely`` files, those named as a
     paired mask plus a number (``benign (4)_mask_1.png`` beside ``benign (4)_mask.png``),
     sorted by that number."""
@@ -520,7 +520,7 @@ def _unpaired_line(path: str, kind: str, further: dict[str, str], images: dict[s
             f"{path}")
 
 
-def _union(paths: list[Path]) -> np.ndarray:
+def union_of_masks(paths: list[Path]) -> np.ndarray:
     """The pixel-wise maximum of the masks in ``paths`` (the union of binary masks), uint8.
     Masks of different sizes, or of values above 255, raise naming the files."""
     from ..data.io import read_mask

@@ -109,6 +109,7 @@ def score_folders(
     task: str | None = None,
     metrics: list[str] | None = None,
     color_map: dict | None = None,
+    extra_masks: str | None = None,
     **conventions: Any,
 ) -> dict[str, float | list[float]]:
     """Pair ``pred_dir/<stem>.*`` with ``gt_dir/<stem>.*`` and :func:`score` them.
@@ -135,6 +136,11 @@ def score_folders(
         palette predictions keep their values (automask's own masks hold the class ids).
         A map of more than two classes (255 and ``ignore_index`` aside) makes ``task``
         default to multi-class, and ``num_classes`` to its largest class id plus one.
+    extra_masks : {None, "union"}
+        A ground truth's further masks, named as it plus a number (BUSI's
+        ``x_mask_1.png`` beside ``x_mask.png``, one lesion per mask), as
+        :func:`automask.datasets.from_folders` takes them: ``"union"`` scores the image
+        against the union of its masks; by default they are unpaired files, named as such.
 
     Returns
     -------
@@ -145,16 +151,26 @@ def score_folders(
     ------
     ValueError
         A folder missing or without masks, duplicate stems, or stems present on one side only
-        (all listed), or a colour ground truth with non-grey pixels; a bad image names its
-        file. An ``ignore_index`` that is not an integer is refused before any file is read,
-        one that no ground truth can hold (999 for 8-bit masks) before any is scored.
+        (all listed; further masks named as those of their ground truth), or a colour
+        ground truth with non-grey pixels; further masks that do not merge (another size);
+        a bad image names its file. An ``ignore_index`` that is not an integer is refused
+        before any file is read, one that no ground truth can hold (999 for 8-bit masks)
+        before any is scored.
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
     ConfigError
         A ``color_map`` that is not ``{(r, g, b): class id}``, before any file is read.
     """
-    from automask.datasets.folders import MASK_STEM_SUFFIXES, listings, pair_stems
+    from automask.datasets.folders import (
+        MASK_STEM_SUFFIXES,
+        further_masks,
+        listings,
+        pair_stems,
+        union_of_masks,
+    )
 
+    if extra_masks not in (None, "union"):
+        raise ValueError(f"extra_masks must be None or 'union', got {extra_masks!r}")
     check_ignore_index(conventions.get("ignore_index"))  # before listing or reading a file
     if color_map is not None:
         from automask.data.validation import check_color_map
@@ -172,13 +188,23 @@ def score_folders(
     preds, gts, _ = pair_stems(preds, gts, image_folder=Path(pred_dir),
                                mask_folder=Path(gt_dir))
     only_pred = sorted(set(preds) - set(gts))
-    only_gt = sorted(set(gts) - set(preds))
+    # x_mask_1 beside x_mask: {"x": [x_mask_1 path]}
+    extras = further_masks([gts[s] for s in set(gts) - set(preds)],
+                           {s: gts[s] for s in preds.keys() & gts.keys()})
+    key_of = {path: key for key, path in gts.items()}
+    further = {key_of[path]: stem for stem, paths in extras.items() for path in paths}
+    only_gt = sorted(set(gts) - set(preds) - (set(further) if extra_masks else set()))
     if only_pred or only_gt:
         parts = []
         if only_pred:
             parts.append(f"predictions without a ground truth: {', '.join(only_pred)}")
         if only_gt:
-            parts.append(f"ground truths without a prediction: {', '.join(only_gt)}")
+            parts.append("ground truths without a prediction: " + ", ".join(
+                f"{key} (a further mask of ground truth {gts[further[key]].name})"
+                if key in further else key for key in only_gt))
+        if further and not extra_masks:
+            parts.append("pass extra_masks='union' to score an image against the union of "
+                         "its masks")
         if not preds.keys() & gts.keys():
             parts.append("no file pairs, with or without the endings data sets add to a "
                          "mask's name (" + ", ".join(MASK_STEM_SUFFIXES[1:6]) + ", ...): "
@@ -190,7 +216,8 @@ def score_folders(
     try:
         result = score(
             [read_map(preds[s], color_map) for s in stems],
-            [read_target(gts[s], color_map) for s in stems],
+            [union_of_masks([gts[s], *extras[s]]) if extra_masks and s in extras
+             else read_target(gts[s], color_map) for s in stems],
             task=task,
             metrics=metrics,
             **conventions,
