@@ -417,3 +417,69 @@ def test_evaluation_rows_that_repeat_an_image_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # distinct images: nothing to say
         labelled_spec(frame, *args)
+
+
+def test_read_stack_gives_each_full_size_page_as_stored(tmp_path):
+    """ISBI 2012's volumes are TIFF stacks: read_stack gives their pages as stored
+    (16-bit samples kept), leaves out a pyramid's reduced pages, and names a file that is
+    no TIFF."""
+    from automask.data import read_stack
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 65535, (3, 12, 16), dtype=np.uint16)
+    with tifffile.TiffWriter(tmp_path / "volume.tif") as tif:
+        for page in volume:
+            tif.write(page)
+        tif.write(volume[0, ::2, ::2], subfiletype=1)  # a reduced-resolution overview
+    pages = read_stack(tmp_path / "volume.tif")
+    assert len(pages) == 3 and all(p.dtype == np.uint16 for p in pages)
+    for got, want in zip(pages, volume):
+        np.testing.assert_array_equal(got, want)
+    Image.fromarray(_ids()).save(tmp_path / "one.png")
+    with pytest.raises(DataValidationError, match=r"one\.png is not a TIFF file"):
+        read_stack(tmp_path / "one.png")
+    with pytest.raises(DataValidationError, match=r"stack file not found: .*gone\.tif"):
+        read_stack(tmp_path / "gone.tif")
+
+
+def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_path):
+    """An EM volume kept as one TIFF stack with its label stack (as ISBI 2012 ships them)
+    was read as its first slice, with a warning: the other slices were lost to training.
+    from_folders gives one row per slice, which validates without that warning and fits;
+    a stack whose mask holds another number of pages stays one row."""
+    import warnings
+
+    from automask import SemanticSegmentor
+    from automask.datasets import from_folders
+
+    rng = np.random.default_rng(1)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    volume = rng.integers(0, 255, (4, 32, 32), dtype=np.uint8)
+    labels = (rng.random((4, 32, 32)) > 0.5).astype(np.uint8) * 255
+    tifffile.imwrite(images / "train.tif", volume, photometric="minisblack")
+    tifffile.imwrite(masks / "train.tif", labels, photometric="minisblack")
+    Image.fromarray(volume[0]).save(images / "single.png")
+    Image.fromarray(labels[0]).save(masks / "single.png")
+    df = from_folders(images, masks)
+    assert len(df) == 5 and df.attrs["stacks"] == {str(images / "train.tif"): 4}
+    assert df["image"].iloc[0] == str(images / "single.png")  # sorted by stem
+    for k in range(4):
+        np.testing.assert_array_equal(df["image"].iloc[1 + k], volume[k])
+        np.testing.assert_array_equal(df["label"].iloc[1 + k], labels[k])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            df, presets="tiny", hyperparameters={"optim.max_epochs": 1,
+                                                 "model.input_size": 32})
+        masks_out = seg.predict(df)
+    assert not [w for w in caught if "stack" in str(w.message)]  # no "only the first"
+    assert seg.task_ == "binary" and len(masks_out) == 5
+    assert all(m.shape == (32, 32) for m in masks_out)
+
+    tifffile.imwrite(masks / "train.tif", labels[:2], photometric="minisblack")  # 2 pages
+    df = from_folders(images, masks)
+    assert len(df) == 2 and df.attrs["stacks"] == {}
+    with pytest.warns(UserWarning, match=r"hold a stack of images.*read_stack"):
+        validate_frame(df)

@@ -14,7 +14,7 @@ from .datamodule import (
     split_spec,
 )
 from .dataset import SegmentationDataset
-from .io import image_size, read_image, read_mask
+from .io import image_size, read_image, read_mask, read_stack
 from .transforms import (
     IGNORE_INDEX,
     PIXEL_MEAN,
@@ -45,6 +45,7 @@ __all__ = [
     "make_predict_loader",
     "read_image",
     "read_mask",
+    "read_stack",
     "restore",
     "restore_batch",
     "split_spec",

@@ -410,6 +410,52 @@ def stacked_images(path: str | os.PathLike) -> int:
         return 1
 
 
+def read_stack(path: str | os.PathLike) -> list[np.ndarray]:
+    """The full-size images of a TIFF stack (the slices of an EM or microscopy volume,
+    time points), one array per page as stored, in page order.
+
+    ISBI 2012's ``train-volume.tif`` / ``train-labels.tif`` hold 30 slices each; automask
+    reads one image per file, so a stack is given as its pages::
+
+        pd.DataFrame({"image": read_stack("train-volume.tif"),
+                      "label": read_stack("train-labels.tif")})
+
+    Pages at reduced resolution (a pyramid's overviews) and pages of another size are
+    left out, as :func:`stacked_images` counts them.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A TIFF file of one or more pages.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``(H, W)`` or ``(H, W, C)`` arrays with the samples as stored (16-bit, float,
+        class ids, palette indices), which automask reads as it reads the same arrays
+        saved with ``np.save``.
+
+    Raises
+    ------
+    DataValidationError
+        The file is missing, not a TIFF, or cannot be decoded; the message names it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataValidationError(f"stack file not found: {str(path)!r}")
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            raise DataValidationError(f"{path} is not a TIFF file: read_stack reads the pages "
+                                      "of a TIFF stack")
+    try:
+        with _tiff_page(path) as tif:
+            first = tif.pages[0].shape
+            return [page.asarray() for page in tif.pages if page.shape == first
+                    and not getattr(page, "is_reduced", False)]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise DataValidationError(f"{path}: the TIFF stack cannot be read ({exc})") from None
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image as it will be read, from the file header only (no decode).
 

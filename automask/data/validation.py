@@ -805,8 +805,10 @@ def validate_frame(
             + "; ".join(f"row {_plain(index[pos])!r} [{col}] {shown(path)} "
                         f"({stacks[pos, col, path]} images)" for pos, col, path in first)
             + ("; ..." if len(stacks) > len(first) else "")
-            + ". Save each image (slice, time point) in a file of its own, the channels "
-            "of one image as the samples of one page, and a mask as one page of class ids",
+            + ". Give a stack's pages as rows (automask.data.read_stack(path) reads them; "
+            "from_folders does so for an image stack paired with a mask stack of as many "
+            "pages) or save each in a file of its own; save the channels of one image as "
+            "the samples of one page, and a mask as one page of class ids",
             stacklevel=2)
     task, k, kinds = "binary", num_classes or 2, [None] * n_rows
     if use_labels:

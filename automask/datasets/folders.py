@@ -396,7 +396,11 @@ def from_folders(
     Returns
     -------
     pandas.DataFrame
-        Absolute paths, sorted by stem, with a 0..n-1 index. ``df.attrs["class_names"]``
+        Absolute paths, sorted by stem, with a 0..n-1 index. An image that is a TIFF
+        stack (a volume's slices) paired with a mask stack of as many pages gives one row
+        per page, image and mask as arrays in memory (:func:`automask.data.read_stack`),
+        its page count in ``df.attrs["stacks"]``; other stacks are read as their first
+        page, with a warning when validated. ``df.attrs["class_names"]``
         holds the names of a ``classes.txt`` in or beside the masks folder (its path in
         ``df.attrs["class_names_from"]``). When the masks
         are colour images and a colour table (``class_dict.csv``, see
@@ -463,8 +467,22 @@ def from_folders(
         for pos, stem in enumerate(stems):
             if stem in extras:
                 labels[pos] = union_of_masks([masks[stem], *extras[stem]])
-    df = pd.DataFrame({image_col: [os.path.abspath(images[s]) for s in stems],
-                       label_col: labels})
+    pictures: list[Any] = [os.path.abspath(images[s]) for s in stems]
+    stacks = {pos: depth for pos, depth in
+              ((pos, _stack_depth(images[s], masks[s])) for pos, s in enumerate(stems)
+               if isinstance(labels[pos], str)) if depth > 1}
+    if stacks:  # a volume's slices: one row per page, in memory
+        from ..data.io import read_stack
+
+        rows = [list(zip(read_stack(pictures[pos]), read_stack(labels[pos])))
+                if pos in stacks else [(pictures[pos], labels[pos])]
+                for pos in range(len(stems))]
+        pictures = [image for row in rows for image, _ in row]
+        labels = [label for row in rows for _, label in row]
+    df = pd.DataFrame({image_col: pd.Series(pictures, dtype=object),
+                       label_col: pd.Series(labels, dtype=object)})
+    df.attrs["stacks"] = {os.path.abspath(images[stems[pos]]): depth
+                          for pos, depth in stacks.items()}
     df.attrs["unpaired"] = {"images": lonely_images, "masks": lonely_masks}
     df.attrs["extra_masks"] = ({os.path.abspath(images[s]): [os.path.abspath(p) for p in
                                                               extras[s]]
@@ -494,6 +512,17 @@ def _further_of(stem: str, stems: Any) -> str:
     ``x_mask_1``), else ``""``."""
     match = _FURTHER.fullmatch(stem)
     return match["base"] if match and match["base"] in stems else ""
+
+
+def _stack_depth(image: Path, mask: Path) -> int:
+    """The pages of a TIFF image stack and of its TIFF mask stack when they hold as many
+    (ISBI 2012's ``train-volume.tif`` with ``train-labels.tif``), else 1."""
+    from ..data.io import stacked_images
+
+    if not {image.suffix.lower(), mask.suffix.lower()} <= {".tif", ".tiff"}:
+        return 1
+    depth = stacked_images(image)
+    return depth if depth > 1 and stacked_images(mask) == depth else 1
 
 
 def further_masks(lonely: list[Path], paired_masks: dict[str, Path]) -> dict[str, list[Path]]:
