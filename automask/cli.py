@@ -891,10 +891,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_run(args) -> None:
+    """The ``run`` folder of a command that reads one, when it is not there: named at once
+    rather than after torch and Lightning load (seconds), in the words of loading it."""
+    run = getattr(args, "run", None)
+    if run is None or os.path.exists(os.path.expanduser(run)):
+        return
+    from .errors import SavedModelError
+
+    what = ("the run directory of a fit" if args.command == "history"
+            else "the folder of a saved automask predictor")
+    raise SavedModelError(f"no such folder {os.path.abspath(os.path.expanduser(run))!r}: "
+                          f"pass {what}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_run(args)
         args.func(args)
     except (AutomaskError, ValueError, OSError) as exc:  # bad input, unusable files or folders
         if args.debug:
