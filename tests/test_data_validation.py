@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 import automask.data.validation as validation
@@ -121,6 +122,32 @@ def test_values_that_fit_neither_task(tmp_path):
     assert "row 3" in msg and pairs[3][1] in msg and "fit neither" in msg
     assert "row 4" in msg and pairs[4][1] in msg and "128-254" in msg
     assert "row 0" not in msg
+
+
+def test_binary_masks_of_0_and_128_get_advice_that_works(tmp_path):
+    """Masks of 0 and 128 (an object marked with 128) were told to pass num_classes=2,
+    which binarises at > 128 and so refused them again ("class id 128 outside [0, 2)").
+    Both errors now give the colour map that reads 128 as the object, and following it
+    gives binary targets with the object as foreground; masks of 0 and 200 keep the
+    num_classes=2 advice, which works for them."""
+    pairs = [_pair(tmp_path, f"h{i}", _binary(fg=128)) for i in range(3)]
+    hint = "color_map={(0, 0, 0): 0, (128, 128, 128): 1} to read 128 as the object"
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(pairs))
+    assert hint in str(info.value) and "num_classes=2" not in str(info.value)
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(pairs), num_classes=2)
+    assert "leaves {128} background" in str(info.value) and hint in str(info.value)
+    spec = validate_frame(_frame(pairs), color_map={(0, 0, 0): 0, (128, 128, 128): 1})
+    plain = validate_frame(_frame([_pair(tmp_path / "w", "h0", _binary())]))  # 0/255
+    target = SegmentationDataset(spec, input_size=16)[0]["target"]
+    assert spec.task == "binary" and int((target == 1).sum()) > 0
+    assert torch.equal(target, SegmentationDataset(plain, input_size=16)[0]["target"])
+
+    pairs = [_pair(tmp_path / "b200", f"h{i}", _binary(fg=200)) for i in range(3)]
+    with pytest.raises(DataValidationError, match=r"pass num_classes=2 to binarise"):
+        validate_frame(_frame(pairs))
+    assert validate_frame(_frame(pairs), num_classes=2).task == "binary"
 
 
 def test_colour_mask_reported_with_row(tmp_path):

@@ -1160,6 +1160,13 @@ def _detect_task(
                     f"{k} classes, one per class id from 0; give a name to every class id "
                     f"(at least {need} names for this data)",
                 )
+            elif k == 2 and value_sets[pos] - {0} == bad and len(bad) == 1:
+                problems.add(  # {0, 128}: a binary mask whose object value is no foreground
+                    pos, index[pos], label_col, paths[pos],
+                    f"mask values {_fmt(value_sets[pos])}: num_classes=2 binarises values "
+                    f"above {SOFT_THRESHOLD}, which leaves {_fmt(bad)} background; pass "
+                    f"{_object_value_hint(value_sets[pos])} instead",
+                )
             elif fitted:
                 problems.add(
                     pos, index[pos], label_col, paths[pos],
@@ -1189,13 +1196,18 @@ def _detect_task(
         and any(_ANTIALIAS_LOW <= v < IGNORE_INDEX for v in value_sets[pos])
     ]
     for pos in soft:
+        values = value_sets[pos]
+        if max(values) > SOFT_THRESHOLD:
+            binarise = (f"num_classes=2 to binarise them at > {SOFT_THRESHOLD} (a blurred or "
+                        "soft binary mask), ")
+        else:  # {0, 128}: binarising would leave nothing
+            binarise = (f"{_object_value_hint(values)}, " if len(values - {0}) == 1 else "")
         problems.add(
             pos, index[pos], label_col, paths[pos],
-            f"mask values {_fmt(value_sets[pos])} fit neither task: values 128-254 are "
+            f"mask values {_fmt(values)} fit neither task: values 128-254 are "
             "neither a clean or soft (anti-aliased/JPEG) binary mask beside the other "
-            "masks, nor class ids below 128; pass num_classes=2 to binarise them at "
-            f"> {SOFT_THRESHOLD} (a blurred or soft binary mask), or num_classes=K to read "
-            "the values as class ids",
+            f"masks, nor class ids below 128; pass {binarise}"
+            f"{'or ' if binarise else ''}num_classes=K to read the values as class ids",
         )
     soft_set = set(soft)
     multi = [
@@ -1226,6 +1238,14 @@ def _detect_task(
     ]
     k = max(2, (max(ids) + 1) if ids else 2)
     return ("binary" if k == 2 else "multiclass"), k, kinds
+
+
+def _object_value_hint(values: set[int]) -> str:
+    """``color_map={(0, 0, 0): 0, (v, v, v): 1}`` (and what it does) for a mask of 0 and
+    one other grey value v: a binary mask that marks its object with v."""
+    (v,) = values - {0}
+    return (f"color_map={{(0, 0, 0): 0, ({v}, {v}, {v}): 1}} to read {v} as the object of a "
+            "binary mask")
 
 
 def _void_255_in_binary_data(kinds: list[str | None], value_sets: list[set[int] | None],
