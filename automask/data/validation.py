@@ -1160,7 +1160,8 @@ def _detect_task(
                     f"{k} classes, one per class id from 0; give a name to every class id "
                     f"(at least {need} names for this data)",
                 )
-            elif k == 2 and value_sets[pos] - {0} == bad and len(bad) == 1:
+            elif k == 2 and value_sets[pos] - {0} == bad and len(bad) == 1 \
+                    and min(bad) >= _ANTIALIAS_LOW:
                 problems.add(  # {0, 128}: a binary mask whose object value is no foreground
                     pos, index[pos], label_col, paths[pos],
                     f"mask values {_fmt(value_sets[pos])}: num_classes=2 binarises values "
