@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import unicodedata
 import warnings
 from pathlib import Path
@@ -517,12 +518,42 @@ def _further_of(stem: str, stems: Any) -> str:
 def _stack_depth(image: Path, mask: Path) -> int:
     """The pages of a TIFF image stack and of its TIFF mask stack when they hold as many
     (ISBI 2012's ``train-volume.tif`` with ``train-labels.tif``), else 1."""
-    from ..data.io import stacked_images
-
-    if not {image.suffix.lower(), mask.suffix.lower()} <= {".tif", ".tiff"}:
+    if not {image.suffix.lower(), mask.suffix.lower()} <= {".tif", ".tiff"} \
+            or not (_several_pages(image) and _several_pages(mask)):
         return 1
+    from ..data.io import stacked_images  # (imports torch: only for stacks)
+
     depth = stacked_images(image)
     return depth if depth > 1 and stacked_images(mask) == depth else 1
+
+
+def _several_pages(path: Path) -> bool:
+    """Whether a TIFF file's first page links to another, from its header and first page
+    directory alone (a few bytes, no decoding); False for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            order = {b"II": "<", b"MM": ">"}.get(head[:2])
+            if order is None:
+                return False
+            version = struct.unpack(order + "H", head[2:4])[0]
+            if version == 42:  # classic TIFF: 2-byte count, 12-byte entries, 4-byte offsets
+                count_fmt, entry, offset_fmt = "H", 12, "I"
+                first = struct.unpack(order + "I", head[4:8])[0]
+            elif version == 43:  # BigTIFF: 8-byte count, 20-byte entries, 8-byte offsets
+                count_fmt, entry, offset_fmt = "Q", 20, "Q"
+                first = struct.unpack(order + "Q", head[8:16])[0]
+            else:
+                return False
+            fh.seek(first)
+            size = struct.calcsize(count_fmt)
+            count = struct.unpack(order + count_fmt, fh.read(size))[0]
+            fh.seek(first + size + count * entry)
+            following = fh.read(struct.calcsize(offset_fmt))
+            return len(following) == struct.calcsize(offset_fmt) and \
+                struct.unpack(order + offset_fmt, following)[0] != 0
+    except (OSError, struct.error):
+        return False  # read (and reported) with the other files later
 
 
 def further_masks(lonely: list[Path], paired_masks: dict[str, Path]) -> dict[str, list[Path]]:
