@@ -905,12 +905,35 @@ def _check_run(args) -> None:
                           f"pass {what}")
 
 
+@contextlib.contextmanager
+def _plain_warnings():
+    """automask's own warnings printed as ``automask: warning: ...``, as its errors are,
+    without the file, line number and source line that Python adds (``--debug`` keeps
+    them); other libraries' warnings as Python prints them."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    python_format = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"automask: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         _check_run(args)
-        args.func(args)
+        with contextlib.nullcontext() if args.debug else _plain_warnings():
+            args.func(args)
     except (AutomaskError, ValueError, OSError) as exc:  # bad input, unusable files or folders
         if args.debug:
             raise

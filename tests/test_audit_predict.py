@@ -568,7 +568,8 @@ def test_a_folder_of_images_with_their_masks_beside_them_predicts_the_images_onl
 def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(
         fitted, tmp_path):
     """``automask predict RUN --data FOLDER`` leaves the masks beside the images out and
-    says so."""
+    says so, in a line of its own as its errors are (Python's format, with the file and
+    source line of the call, only under ``--debug``)."""
     _, run, csv = fitted
     table = pd.read_csv(csv)
     folder = tmp_path / "shared"
@@ -580,5 +581,12 @@ def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(
         [sys.executable, "-m", "automask", "predict", str(run), "--data", str(folder),
          "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "left out 2 file(s)" in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "left out" in line]
+    assert len(lines) == 1 and lines[0].startswith("automask: warning: left out 2 file(s)")
+    assert "UserWarning" not in proc.stderr and "seg.predict(" not in proc.stderr  # no source
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
+    proc = subprocess.run(  # --debug: Python's own format, with the warning's origin
+        [sys.executable, "-m", "automask", "predict", str(run), "--data", str(folder),
+         "--out", str(tmp_path / "out"), "--overwrite", "--debug"],
+        capture_output=True, text=True)
+    assert proc.returncode == 0 and "UserWarning: left out 2 file(s)" in proc.stderr
