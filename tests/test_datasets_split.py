@@ -47,6 +47,19 @@ def test_stratified_on_foreground(tmp_path):
     assert counts != {2}
 
 
+def test_masks_held_in_memory_are_read_for_stratification(tmp_path):
+    """from_folders holds merged further masks and a stack's pages in memory: splitting
+    such a frame stopped with "mask cannot be read" (the array taken for a path). It is
+    stratified as the same masks in files are, and the rows keep their arrays."""
+    df = _frame(tmp_path, [0.01] * 10 + [0.9] * 10)
+    arrays = df.assign(label=[np.asarray(Image.open(p)) for p in df["label"]])
+    for seed in range(4):
+        train, test = train_test_split(arrays, test_size=0.2, seed=seed)
+        assert test.index.equals(train_test_split(df, test_size=0.2, seed=seed)[1].index)
+        assert sum(int(i[1:]) >= 10 for i in test.index) == 2  # stratified
+        assert all(isinstance(v, np.ndarray) for v in test["label"])
+
+
 def test_tiny_and_invalid(tmp_path):
     train, test = split_positions(2, 0.5, seed=0, foreground=np.array([0.1, 0.9]))
     assert len(train) == 1 and len(test) == 1

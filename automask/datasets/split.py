@@ -121,8 +121,9 @@ def train_test_split(
     seed : int
         Seed of the split.
     stratify_foreground : bool
-        Read each mask in ``label_col`` and stratify on foreground-fraction bins (pixels
-        > 0 among those not equal to 255 for class-id masks).
+        Read each mask in ``label_col`` (a path, or a mask in memory) and stratify on
+        foreground-fraction bins (pixels > 0 among those not equal to 255 for class-id
+        masks).
     label_col : str
         Mask path column, used when stratifying.
 
@@ -141,7 +142,11 @@ def train_test_split(
                 f"stratify_foreground=True needs the mask column {label_col!r}; the data has "
                 f"columns {[str(c) for c in df.columns]}"
             )
-        foreground = np.array([_row_foreground(index, value, label_col)
-                               for index, value in zip(df.index, df[label_col])])
+        from ..data.arrays import as_files
+
+        # masks held in memory (from_folders' merged masks, a stack's pages) read as files
+        with as_files(df[[label_col]], [label_col]) as labels:
+            foreground = np.array([_row_foreground(index, value, label_col)
+                                   for index, value in zip(labels.index, labels[label_col])])
     train, test = split_positions(len(df), test_size, seed, foreground)
     return df.iloc[train], df.iloc[test]
