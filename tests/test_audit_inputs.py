@@ -458,13 +458,14 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     masks.mkdir()
     volume = rng.integers(0, 255, (4, 32, 32), dtype=np.uint8)
     labels = (rng.random((4, 32, 32)) > 0.5).astype(np.uint8) * 255
-    tifffile.imwrite(images / "train.tif", volume, photometric="minisblack")
-    tifffile.imwrite(masks / "train.tif", labels, photometric="minisblack")
-    Image.fromarray(volume[0]).save(images / "single.png")
-    Image.fromarray(labels[0]).save(masks / "single.png")
-    df = from_folders(images, masks)
-    assert len(df) == 5 and df.attrs["stacks"] == {str(images / "train.tif"): 4}
-    assert df["image"].iloc[0] == str(images / "single.png")  # sorted by stem
+    tifffile.imwrite(images / "train-volume.tif", volume, photometric="minisblack")
+    tifffile.imwrite(masks / "train-labels.tif", labels, photometric="minisblack")
+    Image.fromarray(volume[0]).save(images / "single-volume.png")
+    Image.fromarray(labels[0]).save(masks / "single-labels.png")
+    df = from_folders(images, masks)  # ISBI's names pair: "-volume" with "-labels"
+    assert len(df) == 5 and df.attrs["stacks"] == {str(images / "train-volume.tif"): 4}
+    assert df.attrs["suffixes"] == {"image": "-volume", "mask": "-labels"}
+    assert df["image"].iloc[0] == str(images / "single-volume.png")  # sorted by stem
     for k in range(4):
         np.testing.assert_array_equal(df["image"].iloc[1 + k], volume[k])
         np.testing.assert_array_equal(df["label"].iloc[1 + k], labels[k])
@@ -478,7 +479,7 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     assert seg.task_ == "binary" and len(masks_out) == 5
     assert all(m.shape == (32, 32) for m in masks_out)
 
-    tifffile.imwrite(masks / "train.tif", labels[:2], photometric="minisblack")  # 2 pages
+    tifffile.imwrite(masks / "train-labels.tif", labels[:2], photometric="minisblack")
     df = from_folders(images, masks)
     assert len(df) == 2 and df.attrs["stacks"] == {}
     with pytest.warns(UserWarning, match=r"hold a stack of images.*read_stack"):

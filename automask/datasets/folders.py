@@ -139,8 +139,9 @@ def listings(first: Path, second: Path, roles: tuple[str, str] = ("image", "mask
 # Name endings that public data sets add to an image's stem for its mask (ISIC's
 # "_segmentation", DeepGlobe's "_sat"/"_mask", CamVid's "_L", PH2's "_lesion", ...).
 MASK_STEM_SUFFIXES = ("", "_mask", "-mask", "_masks", "_segmentation", "_Segmentation",
-                      "_seg", "_gt", "_GT", "_label", "_labels", "_lesion", "_anno", "_L")
-IMAGE_STEM_SUFFIXES = ("", "_sat", "_image", "_img", "_rgb", "_Dermoscopic_Image")
+                      "_seg", "_gt", "_GT", "_label", "_labels", "_lesion", "_anno", "_L",
+                      "-labels")
+IMAGE_STEM_SUFFIXES = ("", "_sat", "_image", "_img", "_rgb", "_Dermoscopic_Image", "-volume")
 # Where a name ending may begin ("21_manual1", "im0001.ah", "x-ann", "benign (1) mask").
 _ENDING_STARTS = frozenset("_-. ")
 _MAX_SHARED_ENDINGS = 6  # bounds the (image, mask) endings tried to (6 + listed)^2
@@ -436,8 +437,8 @@ def from_folders(
             f"shares its name with a mask{suffix_hint(*stems_by_side)}")
     stems = sorted(images.keys() & masks.keys())
     extras = further_masks([images[s] for s in images.keys() - masks.keys()]
-                            + [masks[s] for s in masks.keys() - images.keys()],
-                            {s: masks[s] for s in stems})
+                           + [masks[s] for s in masks.keys() - images.keys()],
+                           {s: masks[s] for s in stems})
     merged = {p for paths in extras.values() for p in paths} if extra_masks else set()
     lonely_images = sorted(str(images[s]) for s in images.keys() - masks.keys()
                            if images[s] not in merged)
