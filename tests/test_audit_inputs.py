@@ -442,11 +442,13 @@ def test_read_stack_gives_each_full_size_page_as_stored(tmp_path):
         read_stack(tmp_path / "gone.tif")
 
 
-def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_path):
+def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_path,
+                                                                          monkeypatch):
     """An EM volume kept as one TIFF stack with its label stack (as ISBI 2012 ships them)
     was read as its first slice, with a warning: the other slices were lost to training.
     from_folders gives one row per slice, which validates without that warning and fits;
-    a stack whose mask holds another number of pages stays one row."""
+    stacks larger than it holds in memory are refused before they are read; a stack whose
+    mask holds another number of pages stays one row."""
     import warnings
 
     from automask import SemanticSegmentor
@@ -479,6 +481,14 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     assert seg.task_ == "binary" and len(masks_out) == 5
     assert all(m.shape == (32, 32) for m in masks_out)
 
+    from automask.datasets import folders
+    from automask.errors import DataValidationError as Refused
+
+    monkeypatch.setattr(folders, "STACK_MEMORY_LIMIT", 2 * 4 * 32 * 32 - 1)  # 8 pages' bytes
+    with pytest.raises(Refused, match=r"train-volume\.tif and their masks hold 0\.0 GiB once "
+                                      r"decoded, more than from_folders holds in memory"):
+        from_folders(images, masks)
+    monkeypatch.undo()
     tifffile.imwrite(masks / "train-labels.tif", labels[:2], photometric="minisblack")
     df = from_folders(images, masks)
     assert len(df) == 2 and df.attrs["stacks"] == {}

@@ -456,6 +456,14 @@ def read_stack(path: str | os.PathLike) -> list[np.ndarray]:
         raise DataValidationError(f"{path}: the TIFF stack cannot be read ({exc})") from None
 
 
+def stack_nbytes(path: str | os.PathLike) -> int:
+    """Bytes of the arrays :func:`read_stack` gives for ``path``, from its page headers."""
+    with _tiff_page(path) as tif:
+        first = tif.pages[0]
+        return first.nbytes * sum(1 for page in tif.pages if page.shape == first.shape
+                                  and not getattr(page, "is_reduced", False))
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image as it will be read, from the file header only (no decode).
 

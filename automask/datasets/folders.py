@@ -145,6 +145,7 @@ IMAGE_STEM_SUFFIXES = ("", "_sat", "_image", "_img", "_rgb", "_Dermoscopic_Image
 # Where a name ending may begin ("21_manual1", "im0001.ah", "x-ann", "benign (1) mask").
 _ENDING_STARTS = frozenset("_-. ")
 _MAX_SHARED_ENDINGS = 6  # bounds the (image, mask) endings tried to (6 + listed)^2
+STACK_MEMORY_LIMIT = 4 * 2**30  # bytes of TIFF stack pages from_folders reads into memory
 
 
 def shared_endings(stems: Any) -> tuple[str, ...]:
@@ -474,8 +475,17 @@ def from_folders(
               ((pos, _stack_depth(images[s], masks[s])) for pos, s in enumerate(stems)
                if isinstance(labels[pos], str)) if depth > 1}
     if stacks:  # a volume's slices: one row per page, in memory
-        from ..data.io import read_stack
+        from ..data.io import read_stack, stack_nbytes
 
+        held = sum(stack_nbytes(pictures[pos]) + stack_nbytes(labels[pos]) for pos in stacks)
+        if held > STACK_MEMORY_LIMIT:
+            raise DataValidationError(
+                f"the TIFF stacks {', '.join(pictures[pos] for pos in list(stacks)[:3])}"
+                f"{' ...' if len(stacks) > 3 else ''} and their masks hold "
+                f"{held / 2**30:.1f} GiB once decoded, more than from_folders holds in memory "
+                f"({STACK_MEMORY_LIMIT / 2**30:.0f} GiB): save their slices as files of their "
+                "own (an image and a mask per slice), or give some of the pages "
+                "(automask.data.read_stack) in a DataFrame")
         rows = [list(zip(read_stack(pictures[pos]), read_stack(labels[pos])))
                 if pos in stacks else [(pictures[pos], labels[pos])]
                 for pos in range(len(stems))]
