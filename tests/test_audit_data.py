@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from automask.config import resolve
-from automask.data import SegmentationDataset, split_spec, validate_frame
+from automask.data import IGNORE_INDEX, SegmentationDataset, split_spec, validate_frame
 from automask.data.io import image_size, read_image, read_mask
 from automask.datasets.split import _foreground_of, split_positions
 from automask.errors import ConfigError, DataValidationError
@@ -210,3 +210,35 @@ def test_class_names_naming_the_void_label_are_refused(tmp_path):
         validate_frame(frame, class_names=names, void_label=3)
     spec = validate_frame(frame, class_names=names[:3], void_label=3)
     assert spec.num_classes == 3 and spec.class_names == names[:3]
+
+
+def test_a_void_name_among_the_class_names_gets_advice_that_works(tmp_path):
+    """A colour table with its void row in the middle (CamVid's Kaggle class_dict.csv
+    puts "Void" before "Wall") was told to leave the name out "(e.g. class_names[:1] when
+    it is the last)", which drops the classes after it or shifts their names. The error
+    says that the void id must come after the classes, and following it (the void row
+    last, void_label its id, the other names) validates with the void pixels ignored."""
+    colours = {"sky": (128, 128, 128), "void": (0, 0, 0), "road": (128, 64, 128),
+               "car": (64, 0, 128)}
+    layout = np.zeros((16, 16), np.uint8)  # 0 sky, 1 void, 2 road, 3 car
+    layout[:, 8:], layout[:4], layout[12:, :4] = 2, 1, 3
+    picture = np.zeros((16, 16, 3), np.uint8)
+    for k, colour in enumerate(colours.values()):
+        picture[layout == k] = colour
+    frame = pd.DataFrame([{"image": _save(tmp_path / "i.png", np.zeros((16, 16, 3), np.uint8)),
+                           "label": _save(tmp_path / "m.png", picture)}])
+    table = {colour: k for k, colour in enumerate(colours.values())}
+    with pytest.raises(ConfigError) as info:
+        validate_frame(frame, color_map=table, class_names=list(colours), void_label=1)
+    says = str(info.value)
+    assert "('void') of 4, before 'road'" in says and "move the void row last" in says
+    assert "void_label=3" in says and "class_names[:" not in says
+    moved = {colours["sky"]: 0, colours["road"]: 1, colours["car"]: 2,
+             colours["void"]: 3}  # the void row moved last
+    spec = validate_frame(frame, color_map=moved, class_names=["sky", "road", "car"],
+                          void_label=3)
+    assert spec.task == "multiclass" and spec.num_classes == 3
+    target = SegmentationDataset(spec, input_size=16)[0]["target"]
+    assert int((target == IGNORE_INDEX).sum()) == int((layout == 1).sum())
+    assert int((target == 1).sum()) == int((layout == 2).sum())
+    assert int((target == 2).sum()) == int((layout == 3).sum())

@@ -517,12 +517,22 @@ def _check_options(
         void = _whole_number(void_label)
         if void is None or not 0 <= void <= 255:
             raise ConfigError(f"void_label must be an integer in [0, 255], got {void_label!r}")
-        if class_names is not None and void < len(class_names):
+        if class_names is not None and void == len(class_names) - 1:
             # e.g. CamVid's classes.txt, whose last name ("Unlabelled", 11) is its void id
             raise ConfigError(
                 f"void_label={void} is ignored in training, yet class_names names it as class "
                 f"{void} ({class_names[void]!r}): that class could never be learnt; leave its "
-                f"name out of class_names (e.g. class_names[:{void}] when it is the last)")
+                f"name out of class_names (class_names[:{void}])")
+        if class_names is not None and void < len(class_names):
+            # leaving the name out would shift the names of the classes after it
+            raise ConfigError(
+                f"void_label={void} is ignored in training, yet class_names names it as class "
+                f"{void} ({class_names[void]!r}) of {len(class_names)}, before "
+                f"{class_names[void + 1]!r}: class ids are kept as they are, so the void id "
+                f"must come after the classes (or be 255). Renumber the masks so that it "
+                "does; with a colour table (a class_dict.csv), move the void row last and "
+                f"pass void_label={len(class_names) - 1}; or leave void_label unset if "
+                f"{class_names[void]!r} is a class")
     if color_map is not None:
         check_color_map(color_map)
     return num_classes, class_names
