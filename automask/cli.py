@@ -555,16 +555,19 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
         write_probabilities,
     )
 
+    from .data.arrays import as_files
+
     frame, root = as_frame(data, seg.image)
-    spec = images_spec(frame, seg.image, root)  # every image checked before anything is written
-    folder = Path(out).expanduser()
-    dests = mask_destinations(spec, folder, root=root, label_col=seg.label,
-                              overwrite=overwrite, suffix=".npy")
-    prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too
-    net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
-    with contextlib.closing(iter_proba(net, cfg, seg.task_, spec, tiling, prompts,
-                                       tta=tta)) as probs:
-        write_probabilities(probs, dests, folder, seg.task_)  # streaming
+    with as_files(frame, [seg.image]) as files:  # a TIFF stack's pages, as temporary files
+        spec = images_spec(files, seg.image, root)  # every image checked before writing
+        folder = Path(out).expanduser()
+        dests = mask_destinations(spec, folder, root=root, label_col=seg.label,
+                                  overwrite=overwrite, suffix=".npy")
+        prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too
+        net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
+        with contextlib.closing(iter_proba(net, cfg, seg.task_, spec, tiling, prompts,
+                                           tta=tta)) as probs:
+            write_probabilities(probs, dests, folder, seg.task_)  # streaming
     return len(spec)
 
 

@@ -83,6 +83,26 @@ def _paths_or_table(frame: pd.DataFrame, path: Path, image_col: str) -> pd.DataF
     return read_table(path, names=[image_col])
 
 
+def _is_stack(path: Path) -> bool:
+    """Whether ``path`` is a TIFF stack of several full-size pages (a volume's slices)."""
+    from .data.io import stacked_images
+
+    return path.suffix.lower() in (".tif", ".tiff") and path.is_file() \
+        and stacked_images(path) > 1
+
+
+def _stack_frame(path: Path, image_col: str) -> pd.DataFrame:
+    """The pages of a TIFF stack as rows of images in memory, named ``<stem>_000``, ...
+    (the names of the masks ``predict(save_to=...)`` writes for them)."""
+    from .data.io import read_stack
+
+    pages = read_stack(path)
+    width = max(3, len(str(len(pages) - 1)))
+    frame = pd.DataFrame({image_col: pd.Series(pages, dtype=object)})
+    frame.attrs["stems"] = [f"{path.stem}_{k:0{width}d}" for k in range(len(pages))]
+    return frame
+
+
 def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     """(frame with the image column, folder that relative paths resolve against)."""
     from .data.arrays import as_pandas
@@ -104,6 +124,8 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             if not p.is_file():
                 raise DataValidationError(f"CSV file not found: {str(p)!r}")
             return _paths_or_table(read_table(p), p, image_col), root_of(p)
+        if _is_stack(p):
+            return _stack_frame(p, image_col), None
         return pd.DataFrame({image_col: [str(p)]}), None
     if isinstance(data, (pd.Series, pd.Index)):
         # a column of paths (``df["image"]``): its index is kept, so that prompts keyed by

@@ -4,6 +4,9 @@ ones are named with their row and path before any work is done."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -448,7 +451,8 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     was read as its first slice, with a warning: the other slices were lost to training.
     from_folders gives one row per slice, which validates without that warning and fits;
     stacks larger than it holds in memory are refused before they are read; a stack whose
-    mask holds another number of pages stays one row."""
+    mask holds another number of pages stays one row. predict on a stack file predicts each
+    page, naming the outputs <stack>_000, <stack>_001 ..."""
     import warnings
 
     from automask import SemanticSegmentor
@@ -480,6 +484,24 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     assert not [w for w in caught if "stack" in str(w.message)]  # no "only the first"
     assert seg.task_ == "binary" and len(masks_out) == 5
     assert all(m.shape == (32, 32) for m in masks_out)
+
+    # a stack given to predict: each page predicted, the outputs named by stack and page
+    stack = images / "train-volume.tif"
+    pages = seg.predict(list(volume))
+    got = seg.predict(stack)
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, pages))
+    written = seg.predict(stack, save_to=tmp_path / "out")
+    assert [Path(p).name for p in written["label"]] == [
+        f"train-volume_00{k}.png" for k in range(4)]
+    for k in range(4):
+        saved = np.asarray(Image.open(tmp_path / "out" / f"train-volume_00{k}.png"))
+        assert np.array_equal(saved > 0, pages[k] > 0)
+    proc = subprocess.run([sys.executable, "-m", "automask", "predict", str(tmp_path / "run"),
+                           "--data", str(stack), "--out", str(tmp_path / "maps"), "--proba"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "wrote 4 probability maps" in proc.stdout, proc.stderr
+    maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert maps == [f"train-volume_00{k}.npy" for k in range(4)]
 
     from automask.datasets import folders
     from automask.errors import DataValidationError as Refused

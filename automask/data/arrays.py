@@ -24,7 +24,9 @@ block, and gives the frame with those cells replaced by the files' paths:
   other bytes cell stays a (bytes) path. A Hugging Face image without bytes is its path.
 
 A file is named after its row's position (``00000.npy``, ``00001.png`` ...), so masks that
-``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ... With
+``predict(save_to=...)`` writes for such rows are ``00000.png``, ``00001.png`` ...; a frame
+whose ``attrs["stems"]`` holds a name per row (a TIFF stack's pages: ``vol_000``) names
+them so. With
 ``by_content=True`` (what ``fit`` uses) it is named after its bytes instead
 (``<sha256, 20 hex digits>.npy``), so the same picture gets the same name in every call and
 a resumed fit recognises its data. Any other cell is left as it is, for validation to
@@ -283,6 +285,7 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
         yield data
         return
     width = max(5, len(str(len(data) - 1)))
+    stems = data.attrs.get("stems")  # the files' names, where the frame gives them
     names: dict[str, str] = {}  # temporary file -> how an error names it
     # named so that a warning naming a file says what it is: <tmp>/automask-in-memory-.../
     # <k>-<column>/<row position>.npy (k: the column's place, which keeps folders apart)
@@ -300,7 +303,8 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
                 folder.mkdir(exist_ok=True)
                 what = type(values[pos]).__name__
                 try:
-                    values[pos] = write_picture(values[pos], folder, f"{pos:0{width}d}")
+                    stem = stems[pos] if stems is not None else f"{pos:0{width}d}"
+                    values[pos] = write_picture(values[pos], folder, stem)
                     if by_content:
                         values[pos] = _name_by_content(values[pos])
                     names[values[pos]] = f"<in-memory {what}>"
