@@ -403,11 +403,17 @@ def stacked_images(path: str | os.PathLike) -> int:
         return 1
     try:
         with _tiff_page(path) as tif:
-            first = tif.pages[0].shape
-            return sum(1 for page in tif.pages if page.shape == first
-                       and not getattr(page, "is_reduced", False))
+            return len(_full_size_pages(tif))
     except (OSError, ValueError, KeyError, IndexError):  # reported by the image's own checks
         return 1
+
+
+def _full_size_pages(tif) -> list:
+    """The pages of an open ``tifffile.TiffFile`` of its first page's shape, a pyramid's
+    reduced-resolution overviews left out."""
+    first = tif.pages[0].shape
+    return [page for page in tif.pages
+            if page.shape == first and not getattr(page, "is_reduced", False)]
 
 
 def read_stack(path: str | os.PathLike) -> list[np.ndarray]:
@@ -449,9 +455,7 @@ def read_stack(path: str | os.PathLike) -> list[np.ndarray]:
                                       "of a TIFF stack")
     try:
         with _tiff_page(path) as tif:
-            first = tif.pages[0].shape
-            return [page.asarray() for page in tif.pages if page.shape == first
-                    and not getattr(page, "is_reduced", False)]
+            return [page.asarray() for page in _full_size_pages(tif)]
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise DataValidationError(f"{path}: the TIFF stack cannot be read ({exc})") from None
 
@@ -459,9 +463,7 @@ def read_stack(path: str | os.PathLike) -> list[np.ndarray]:
 def stack_nbytes(path: str | os.PathLike) -> int:
     """Bytes of the arrays :func:`read_stack` gives for ``path``, from its page headers."""
     with _tiff_page(path) as tif:
-        first = tif.pages[0]
-        return first.nbytes * sum(1 for page in tif.pages if page.shape == first.shape
-                                  and not getattr(page, "is_reduced", False))
+        return sum(page.nbytes for page in _full_size_pages(tif))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
