@@ -18,7 +18,12 @@ import torch
 
 from .config import Config, image_value_range
 from .data.validation import TABLE_SUFFIXES, read_table
-from .datasets.folders import IMAGE_SUFFIXES, masks_beside_images  # as from_folders
+from .datasets.folders import (  # what from_folders takes, predict takes
+    IMAGE_SUFFIXES,
+    STACK_MEMORY_LIMIT,
+    masks_beside_images,
+    several_pages,
+)
 from .errors import ConfigError, DataValidationError
 from .hardware import autocast_context
 from .utils import top_created
@@ -87,19 +92,46 @@ def _is_stack(path: Path) -> bool:
     """Whether ``path`` is a TIFF stack of several full-size pages (a volume's slices)."""
     from .data.io import stacked_images
 
-    return path.suffix.lower() in (".tif", ".tiff") and path.is_file() \
+    return path.suffix.lower() in (".tif", ".tiff") and several_pages(path) \
         and stacked_images(path) > 1
 
 
-def _stack_frame(path: Path, image_col: str) -> pd.DataFrame:
-    """The pages of a TIFF stack as rows of images in memory, named ``<stem>_000``, ...
-    (the names of the masks ``predict(save_to=...)`` writes for them)."""
-    from .data.io import read_stack
+def _with_stacks(files: list[Path], image_col: str) -> pd.DataFrame:
+    """A frame of ``files``, each TIFF stack among them giving a row per page, in memory,
+    named ``<stem>_000``, ... (the names of the masks ``predict(save_to=...)`` writes for
+    them). Raises before reading any page when two stacks share a stem, or when their
+    pages would hold more than :data:`STACK_MEMORY_LIMIT` bytes."""
+    from .data.io import read_stack, stack_nbytes
 
-    pages = read_stack(path)
-    width = max(3, len(str(len(pages) - 1)))
-    frame = pd.DataFrame({image_col: pd.Series(pages, dtype=object)})
-    frame.attrs["stems"] = [f"{path.stem}_{k:0{width}d}" for k in range(len(pages))]
+    stacks = [f for f in files if _is_stack(f)]
+    if not stacks:
+        return pd.DataFrame({image_col: [str(f) for f in files]})
+    stems = [f.stem for f in stacks]
+    repeated = sorted({str(f) for f in stacks if stems.count(f.stem) > 1})
+    if repeated:
+        raise DataValidationError(
+            f"TIFF stacks {repeated[:4]} share a name, so the outputs of their pages would "
+            "too (<name>_000, ...); predict them separately")
+    held = sum(stack_nbytes(f) for f in stacks)
+    if held > STACK_MEMORY_LIMIT:
+        raise DataValidationError(
+            f"the TIFF stacks {[str(f) for f in stacks[:3]]}{' ...' if len(stacks) > 3 else ''} "
+            f"hold {held / 2**30:.1f} GiB once decoded, more than predict holds in memory "
+            f"({STACK_MEMORY_LIMIT / 2**30:.0f} GiB): predict them one at a time, or save "
+            "their slices as files of their own")
+    values: list = []
+    names: list = []
+    for f in files:
+        if f in stacks:
+            pages = read_stack(f)
+            width = max(3, len(str(len(pages) - 1)))
+            values += pages
+            names += [f"{f.stem}_{k:0{width}d}" for k in range(len(pages))]
+        else:
+            values.append(str(f))
+            names.append(None)  # a file: named after itself
+    frame = pd.DataFrame({image_col: pd.Series(values, dtype=object)})
+    frame.attrs["stems"] = names
     return frame
 
 
@@ -118,15 +150,12 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     if isinstance(data, (str, os.PathLike)):
         p = Path(data).expanduser()
         if p.is_dir():
-            files = _folder_images(p)
-            return pd.DataFrame({image_col: [str(f) for f in files]}), None
+            return _with_stacks(_folder_images(p), image_col), None
         if p.suffix.lower() in TABLE_SUFFIXES:  # a table of paths; any other file: one image
             if not p.is_file():
                 raise DataValidationError(f"CSV file not found: {str(p)!r}")
             return _paths_or_table(read_table(p), p, image_col), root_of(p)
-        if _is_stack(p):
-            return _stack_frame(p, image_col), None
-        return pd.DataFrame({image_col: [str(p)]}), None
+        return _with_stacks([p], image_col), None  # a TIFF stack: its pages
     if isinstance(data, (pd.Series, pd.Index)):
         # a column of paths (``df["image"]``): its index is kept, so that prompts keyed by
         # it and the DataFrame returned by ``predict(save_to=...)`` line up with the input

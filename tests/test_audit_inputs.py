@@ -451,8 +451,8 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     was read as its first slice, with a warning: the other slices were lost to training.
     from_folders gives one row per slice, which validates without that warning and fits;
     stacks larger than it holds in memory are refused before they are read; a stack whose
-    mask holds another number of pages stays one row. predict on a stack file predicts each
-    page, naming the outputs <stack>_000, <stack>_001 ..."""
+    mask holds another number of pages stays one row. predict on a stack file, or on a
+    folder that holds one, predicts each page, naming the outputs <stack>_000, ..."""
     import warnings
 
     from automask import SemanticSegmentor
@@ -502,6 +502,26 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     assert proc.returncode == 0 and "wrote 4 probability maps" in proc.stdout, proc.stderr
     maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert maps == [f"train-volume_00{k}.npy" for k in range(4)]
+    # a folder holding a stack and an image: the stack's pages, then the image
+    written = seg.predict(images, save_to=tmp_path / "folder_out")
+    assert [Path(p).name for p in written["label"]] == [
+        "single-volume.png", *(f"train-volume_00{k}.png" for k in range(4))]
+    for k in range(4):
+        saved = np.asarray(Image.open(tmp_path / "folder_out" / f"train-volume_00{k}.png"))
+        assert np.array_equal(saved > 0, pages[k] > 0)
+    from automask import prediction
+
+    monkeypatch.setattr(prediction, "STACK_MEMORY_LIMIT", 4 * 32 * 32 - 1)
+    with pytest.raises(DataValidationError, match=r"hold 0\.0 GiB once decoded, more than "
+                                                  r"predict holds in memory"):
+        seg.predict(images)
+    monkeypatch.undo()
+    twins = tmp_path / "twins"
+    for side in ("a", "b"):  # two stacks of one name: their pages' outputs would clash
+        (twins / side).mkdir(parents=True)
+        (twins / side / "vol.tif").write_bytes(stack.read_bytes())
+    with pytest.raises(DataValidationError, match=r"TIFF stacks .*share a name"):
+        seg.predict(twins)
 
     from automask.datasets import folders
     from automask.errors import DataValidationError as Refused

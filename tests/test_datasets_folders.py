@@ -347,13 +347,13 @@ def test_drop_unpaired_option_of_the_command_line(tmp_path):
     assert len(frame) == 2
 
 
-def test_a_tiff_with_several_pages_is_told_from_its_header(tmp_path):
+def test_a_tiff_withseveral_pages_is_told_from_its_header(tmp_path):
     """from_folders looks for TIFF stacks in every TIFF pair from the first page directory
     alone (it imported torch and took 3.6 ms a pair): single pages, stacks, BigTIFF and
     big-endian files, and files that are no TIFF or cut short."""
     import tifffile
 
-    from automask.datasets.folders import _several_pages
+    from automask.datasets.folders import several_pages
 
     page = np.zeros((6, 5), np.uint8)
     tifffile.imwrite(tmp_path / "one.tif", page)
@@ -366,7 +366,7 @@ def test_a_tiff_with_several_pages_is_told_from_its_header(tmp_path):
                      photometric="minisblack")
     (tmp_path / "cut.tif").write_bytes((tmp_path / "three.tif").read_bytes()[:12])
     Image.fromarray(page).save(tmp_path / "png.tif", format="PNG")  # misnamed
-    found = {name: _several_pages(tmp_path / f"{name}.tif") for name in
+    found = {name: several_pages(tmp_path / f"{name}.tif") for name in
              ("one", "rgb", "three", "big", "big_one", "motorola", "cut", "png")}
     assert found == {"one": False, "rgb": False, "three": True, "big": True,
                      "big_one": False, "motorola": True, "cut": False, "png": False}

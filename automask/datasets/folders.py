@@ -530,7 +530,7 @@ def _stack_depth(image: Path, mask: Path) -> int:
     """The pages of a TIFF image stack and of its TIFF mask stack when they hold as many
     (ISBI 2012's ``train-volume.tif`` with ``train-labels.tif``), else 1."""
     if not {image.suffix.lower(), mask.suffix.lower()} <= {".tif", ".tiff"} \
-            or not (_several_pages(image) and _several_pages(mask)):
+            or not (several_pages(image) and several_pages(mask)):
         return 1
     from ..data.io import stacked_images  # (imports torch: only for stacks)
 
@@ -538,7 +538,7 @@ def _stack_depth(image: Path, mask: Path) -> int:
     return depth if depth > 1 and stacked_images(mask) == depth else 1
 
 
-def _several_pages(path: Path) -> bool:
+def several_pages(path: Path) -> bool:
     """Whether a TIFF file's first page links to another, from its header and first page
     directory alone (a few bytes, no decoding); False for anything else."""
     try:
