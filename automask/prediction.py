@@ -22,7 +22,7 @@ from .datasets.folders import (  # what from_folders takes, predict takes
     IMAGE_SUFFIXES,
     STACK_MEMORY_LIMIT,
     masks_beside_images,
-    several_pages,
+    stack_depth,
 )
 from .errors import ConfigError, DataValidationError
 from .hardware import autocast_context
@@ -88,14 +88,6 @@ def _paths_or_table(frame: pd.DataFrame, path: Path, image_col: str) -> pd.DataF
     return read_table(path, names=[image_col])
 
 
-def _is_stack(path: Path) -> bool:
-    """Whether ``path`` is a TIFF stack of several full-size pages (a volume's slices)."""
-    from .data.io import stacked_images
-
-    return path.suffix.lower() in (".tif", ".tiff") and several_pages(path) \
-        and stacked_images(path) > 1
-
-
 def _with_stacks(files: list[Path], image_col: str) -> pd.DataFrame:
     """A frame of ``files``, each TIFF stack among them giving a row per page, in memory,
     named ``<stem>_000``, ... (the names of the masks ``predict(save_to=...)`` writes for
@@ -103,7 +95,7 @@ def _with_stacks(files: list[Path], image_col: str) -> pd.DataFrame:
     pages would hold more than :data:`STACK_MEMORY_LIMIT` bytes."""
     from .data.io import read_stack, stack_nbytes
 
-    stacks = [f for f in files if _is_stack(f)]
+    stacks = [f for f in files if stack_depth(f) > 1]
     if not stacks:
         return pd.DataFrame({image_col: [str(f) for f in files]})
     stems = [f.stem for f in stacks]
@@ -121,8 +113,9 @@ def _with_stacks(files: list[Path], image_col: str) -> pd.DataFrame:
             "their slices as files of their own")
     values: list = []
     names: list = []
+    stack_set = set(stacks)
     for f in files:
-        if f in stacks:
+        if f in stack_set:
             pages = read_stack(f)
             width = max(3, len(str(len(pages) - 1)))
             values += pages

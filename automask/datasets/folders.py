@@ -529,13 +529,18 @@ def _further_of(stem: str, stems: Any) -> str:
 def _stack_depth(image: Path, mask: Path) -> int:
     """The pages of a TIFF image stack and of its TIFF mask stack when they hold as many
     (ISBI 2012's ``train-volume.tif`` with ``train-labels.tif``), else 1."""
-    if not {image.suffix.lower(), mask.suffix.lower()} <= {".tif", ".tiff"} \
-            or not (several_pages(image) and several_pages(mask)):
+    depth = stack_depth(image)
+    return depth if depth > 1 and stack_depth(mask) == depth else 1
+
+
+def stack_depth(path: Path) -> int:
+    """The full-size pages of a TIFF stack (:func:`automask.data.io.stacked_images`); 1
+    for any other file. Only a TIFF whose first page links to another is opened."""
+    if path.suffix.lower() not in (".tif", ".tiff") or not several_pages(path):
         return 1
     from ..data.io import stacked_images  # (imports torch: only for stacks)
 
-    depth = stacked_images(image)
-    return depth if depth > 1 and stacked_images(mask) == depth else 1
+    return stacked_images(path)
 
 
 def several_pages(path: Path) -> bool:
