@@ -269,3 +269,23 @@ def test_names_found_beside_that_do_not_fit_the_masks_are_named_by_their_file(tm
         df, presets="tiny", class_names=["a", "b", "c", "d"],
         hyperparameters={"optim.max_epochs": 1, "model.input_size": 32})
     assert seg.classes_ == ["a", "b", "c", "d"]
+
+
+def test_a_void_row_before_other_classes_is_named_with_the_table_it_came_from(tmp_path):
+    """A class_dict.csv found beside colour masks, its void row before the last class:
+    fit(df) with data.void_label set to that row's id is refused with the way out (the
+    row moved last), and, as the names were not given, with the file they came from.
+    Before, this ConfigError did not say whose names they were."""
+    from automask import SemanticSegmentor
+    from automask.errors import ConfigError
+
+    _colour_data(tmp_path)
+    (tmp_path / "class_dict.csv").write_text(
+        "name,r,g,b\nAnimal,64,128,64\nVoid,0,0,0\nRoad,128,64,128\nSky,128,128,128\n")
+    df = from_folders(tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(ConfigError) as info:
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            df, presets="tiny", hyperparameters={"data.void_label": 1})
+    says = str(info.value)
+    assert "move the void row last and pass void_label=3" in says
+    assert f"those of {tmp_path / 'class_dict.csv'}, found beside the masks" in says

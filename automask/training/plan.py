@@ -66,12 +66,12 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
             num_classes=num_classes, class_names=class_names, void_label=void_label,
             color_map=color_map,
         )
-    except DataValidationError as exc:  # names the user did not give: say whose they are
+    except (DataValidationError, ConfigError) as exc:  # names not given: say whose they are
         source = train_data.attrs.get("class_names_from") if hasattr(train_data, "attrs") \
             else None
         if given_names is None and class_names is not None and source \
                 and "class_names" in str(exc):
-            raise DataValidationError(
+            raise type(exc)(
                 f"{exc}\n(the class names are those of {source}, found beside the masks; "
                 "pass class_names=[...] (automask fit: --class-names) to give others)"
             ) from None
