@@ -108,10 +108,11 @@ def _cmd_fit(args) -> None:
         print(f"saved to {os.path.normpath(seg.path_)}")
 
 
-def _read_color_map(path: str) -> tuple[dict[tuple[int, int, int], int], list[str] | None]:
+def _read_color_map(path: str) -> tuple[dict, list[str] | None]:
     """``--color-map``: one ``R G B CLASS_ID`` line per colour (commas or spaces; blank
-    lines and ``#`` comments skipped), e.g. ``128,64,128,3``, or a ``class_dict.csv``
-    table (``name,r,g,b``); with the table's class names, if it has them."""
+    lines and ``#`` comments skipped), e.g. ``128,64,128,3``, ``VALUE CLASS_ID`` lines (a
+    value map), or a ``class_dict.csv`` table (``name,r,g,b``); with the table's class
+    names, if it has them."""
     from .datasets.color_maps import read_color_map
 
     try:
@@ -157,6 +158,7 @@ def _recorded_fit(path: str):
     """(train data, fit arguments, constructor arguments) of the interrupted fit in path."""
     from pathlib import Path
 
+    from .data.io import color_map_from_rows
     from .training.state import FitState
 
     state = FitState(Path(path))
@@ -166,7 +168,7 @@ def _recorded_fit(path: str):
     record = state.root / "plan.json"
     try:  # valid JSON, but not a plan (edited, truncated by hand, another version)
         call, params = dict(plan["call"]), dict(plan["params"])
-        call["color_map"] = {tuple(row[:3]): row[3] for row in call["color_map"] or []} or None
+        call["color_map"] = color_map_from_rows(call["color_map"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise AutomaskError(f"cannot resume: {str(record)!r} is not a fit record "
                             f"({type(exc).__name__}: {exc}); fit again with --overwrite") from None
@@ -775,7 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour masks: a text file of 'R G B CLASS_ID' lines (commas or "
                         "spaces), every colour of the masks listed, or a class_dict.csv "
                         "(name,r,g,b: ids in row order); default: the class_dict.csv in or "
-                        "beside the --masks folder when the masks are in colour")
+                        "beside the --masks folder when the masks are in colour. Grey or "
+                        "palette masks to renumber: 'VALUE CLASS_ID' lines, every value "
+                        "listed (a void 0 below classes 1..K: '0 255', '1 0', '2 1', ...)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--verbosity", type=int, default=2, choices=range(4),
                    help="0 silent, 1 a line per epoch and a summary, 2 also a progress bar "
@@ -877,7 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color-map", metavar="FILE",
                    help="colour-coded ground truths: their colour table, as fit's --color-map "
                         "(default: the class_dict.csv in or beside --gt when the ground "
-                        "truths are in colour)")
+                        "truths are in colour); 'VALUE CLASS_ID' lines renumber grey ground "
+                        "truths, not the predictions")
     p.add_argument("--extra-masks", choices=["union"],
                    help="a ground truth's further masks, named as it plus a number (BUSI's "
                         "x_mask_1.png beside x_mask.png): scored as their union")

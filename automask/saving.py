@@ -41,6 +41,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
+from .data.io import color_map_from_rows, color_map_rows
 from .errors import AutomaskError, CheckpointError, PathInUseError, SavedModelError
 from .training.record import CandidateRecord
 from .utils import atomic_write, sha256_file, top_created
@@ -185,7 +186,7 @@ def _save_locked(seg, path: Path) -> Path:
                 "automask_version": automask.__version__,
                 "torch_version": torch.__version__,
                 "params": {**seg.get_params(), "path": None},  # lives where it is loaded
-                "color_map": [[*k, v] for k, v in (seg.color_map_ or {}).items()],
+                "color_map": color_map_rows(seg.color_map_),
                 **{attr: getattr(seg, attr) for attr in _STATE_ATTRS},
                 "models": models,
             }
@@ -407,7 +408,7 @@ def _load_version(cls, path: Path, version: str):
         seg = cls(**meta["params"])
         for attr in _STATE_ATTRS:
             setattr(seg, attr, meta[attr])
-        seg.color_map_ = {tuple(row[:3]): row[3] for row in meta["color_map"]} or None
+        seg.color_map_ = color_map_from_rows(meta["color_map"])
         seg.path_ = path
         seg.models_ = {}
         if not isinstance(meta["models"], dict) or not meta["models"]:

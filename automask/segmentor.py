@@ -111,7 +111,7 @@ class SemanticSegmentor(BaseEstimator):
         time_limit: float | None = None,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
-        color_map: dict[tuple[int, int, int], int] | None = None,
+        color_map: dict[tuple[int, int, int], int] | dict[int, int] | None = None,
         *,
         overwrite: bool = False,
         resume: bool = False,
@@ -141,7 +141,10 @@ class SemanticSegmentor(BaseEstimator):
         class_names : sequence of str, optional
             Names of the classes, background first.
         color_map : dict, optional
-            ``{(r, g, b): class_id}`` for masks stored as colour images.
+            ``{(r, g, b): class_id}`` for masks stored as colour images, or
+            ``{value: class_id}`` (a value map) to renumber the values of grey or palette
+            masks (ADE20K's void 0 below classes 1..K: ``{0: 255, 1: 0, 2: 1, ...}``; 255
+            is always ignored). Every colour or value the masks hold must be listed.
         overwrite : bool, default False
             Replace the predictor (or interrupted fit) already in ``path``; without it such
             a path is refused. The old predictor stays loadable until the new one is

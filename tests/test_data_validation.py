@@ -131,14 +131,14 @@ def test_binary_masks_of_0_and_128_get_advice_that_works(tmp_path):
     gives binary targets with the object as foreground; masks of 0 and 200 keep the
     num_classes=2 advice, which works for them."""
     pairs = [_pair(tmp_path, f"h{i}", _binary(fg=128)) for i in range(3)]
-    hint = "color_map={(0, 0, 0): 0, (128, 128, 128): 1} to read 128 as the object"
+    hint = "color_map={0: 0, 128: 1} to read 128 as the object"
     with pytest.raises(DataValidationError) as info:
         validate_frame(_frame(pairs))
     assert hint in str(info.value) and "num_classes=2" not in str(info.value)
     with pytest.raises(DataValidationError) as info:
         validate_frame(_frame(pairs), num_classes=2)
     assert "leaves {128} background" in str(info.value) and hint in str(info.value)
-    spec = validate_frame(_frame(pairs), color_map={(0, 0, 0): 0, (128, 128, 128): 1})
+    spec = validate_frame(_frame(pairs), color_map={0: 0, 128: 1})
     plain = validate_frame(_frame([_pair(tmp_path / "w", "h0", _binary())]))  # 0/255
     target = SegmentationDataset(spec, input_size=16)[0]["target"]
     assert spec.task == "binary" and int((target == 1).sum()) > 0
@@ -202,9 +202,22 @@ def test_a_void_label_among_the_class_ids_is_refused_before_any_fit(tmp_path):
     ade[:, 5:] = 2
     ade[:2] = 0
     frame = _frame([_pair(tmp_path, "a", ade)])
-    with pytest.raises(ConfigError, match=r"void_label=0 lies among the class ids 0\.\.2.*"
-                                          r"0 -> 255 and every other id minus 1"):
+    with pytest.raises(ConfigError, match=r"void_label=0 lies among the class ids 0\.\.2") \
+            as info:
         validate_frame(frame, void_label=0)
+    # the advice is a value map that works: void 0 -> 255 (ignored), classes 1, 2 -> 0, 1
+    advice = re.search(r"color_map=(\{.*\}) makes", str(info.value)).group(1)
+    assert eval(advice) == {0: 255, 1: 0, 2: 1}
+    spec = validate_frame(frame, color_map=eval(advice))
+    assert (spec.task, spec.num_classes, spec.void_label) == ("binary", 2, None)
+    target = SegmentationDataset(spec, input_size=10)[0]["target"]
+    assert (target[:2] == IGNORE_INDEX).all() and (target[2:, :5] == 0).all()
+    assert (target[2:, 5:] == 1).all()
+    with pytest.raises(ConfigError) as info:  # a void in the middle: the classes after it shift
+        validate_frame(frame, void_label=1)
+    advice = re.search(r"color_map=(\{.*\}) makes", str(info.value)).group(1)
+    assert eval(advice) == {0: 0, 1: 255, 2: 1}
+    assert validate_frame(frame, color_map=eval(advice)).num_classes == 2
     with pytest.raises(ConfigError, match="void_label=11 lies among the class ids 0..11"):
         validate_frame(frame, void_label=11, num_classes=12)  # CamVid's void as a 12th class
     binary = _frame([_pair(tmp_path, "b", (ade == 2).astype(np.uint8))])

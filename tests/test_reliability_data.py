@@ -181,9 +181,9 @@ def test_class_ids_that_no_training_mask_labels_are_named(tmp_path):
                       r"mask \(class id\(s\) 1-37\)") as record:
         SegmentationDataModule(spec, input_size=32, batch_size=2, num_workers=0).setup("fit")
     message = str(record[0].message)
-    assert "color_map={(0, 0, 0): 0, (38, 38, 38): 1}" in message
+    assert "color_map={0: 0, 38: 1, 255: 255}" in message
     # the mapping it gives reads the same masks as a binary task
-    remapped = validate_frame(labels, color_map={(0, 0, 0): 0, (38, 38, 38): 1})
+    remapped = validate_frame(labels, color_map={0: 0, 38: 1})
     assert (remapped.task, remapped.num_classes) == ("binary", 2)
 
     # a rare class missing from the training masks: named, without the hint about labels
@@ -198,7 +198,14 @@ def test_class_ids_that_no_training_mask_labels_are_named(tmp_path):
     with pytest.warns(UserWarning, match=r"5 of the 8 classes .* \(class id\(s\) 1-4, 6\)") \
             as record:
         warn_training_issues(sparse)
-    assert "color_map={(0, 0, 0): 0, (5, 5, 5): 1, (7, 7, 7): 2}" in str(record[0].message)
+    assert "color_map={0: 0, 5: 1, 7: 2, 255: 255}" in str(record[0].message)
+    # following it (the masks hold 255 as void too) reads them as three classes and void
+    followed = validate_frame(_id_masks(tmp_path / "sparse", [(5, 255), (7,), (5, 7)]),
+                              color_map={0: 0, 5: 1, 7: 2, 255: 255})
+    assert (followed.task, followed.num_classes) == ("multiclass", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_training_issues(followed) == []
 
     with warnings.catch_warnings():  # every class labelled somewhere: nothing to say
         warnings.simplefilter("error")

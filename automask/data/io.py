@@ -29,7 +29,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataValidationError
 
-ColorMap = dict[tuple[int, int, int], int]
+# {(r, g, b): class id} of colour masks, or {value: class id} (a value map) that renumbers
+# the values of grey and palette-index masks (see read_mask)
+ColorMap = dict[tuple[int, int, int], int] | dict[int, int]
 
 _EXIF_ORIENTATION = 0x0112
 # Orientations 5-8 swap width and height (transpose, rotate 90/270, transverse).
@@ -758,6 +760,45 @@ def _apply_color_map(rgb: np.ndarray, color_map: ColorMap, path: str | os.PathLi
     return out.astype(np.uint8) if out.size == 0 or (out.min() >= 0 and out.max() <= 255) else out
 
 
+def is_value_map(color_map: ColorMap | None) -> bool:
+    """Whether ``color_map`` is a value map ``{value: class_id}`` (integer keys) rather than
+    a colour map ``{(r, g, b): class_id}``; False for None or an empty map."""
+    return bool(color_map) and not any(isinstance(key, tuple) for key in color_map)
+
+
+def color_map_rows(color_map: ColorMap | None) -> list[list[int]]:
+    """A colour or value map as JSON rows: ``[r, g, b, class_id]`` or ``[value, class_id]``."""
+    return [[*map(int, key), int(class_id)] if isinstance(key, tuple)
+            else [int(key), int(class_id)] for key, class_id in (color_map or {}).items()]
+
+
+def color_map_from_rows(rows: list[list[int]] | None) -> ColorMap | None:
+    """The map of :func:`color_map_rows`' rows; None for none."""
+    return {(tuple(row[:3]) if len(row) == 4 else row[0]): row[-1]
+            for row in rows or []} or None
+
+
+def _apply_value_map(values: np.ndarray, value_map: ColorMap, path: str | os.PathLike
+                     ) -> np.ndarray:
+    """Renumber an ``(H, W)`` mask's values through ``{value: class_id}``; values missing
+    from the map raise, naming the mask and them."""
+    size = int(max(value_map)) + 1
+    lut = np.full(size + 1, -1, dtype=np.int16)  # the last entry: values beyond the keys
+    for value, class_id in value_map.items():
+        lut[int(value)] = int(class_id)
+    wide = values.astype(np.int64, copy=False)
+    ids = lut[np.where((wide >= 0) & (wide < size), wide, size)]
+    if (ids < 0).any():
+        unknown = np.unique(values[ids < 0]).tolist()
+        shown = ", ".join(str(v) for v in unknown[:8])
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise DataValidationError(
+            f"mask {path} holds values missing from color_map: {shown}{more} (a value map "
+            "{value: class_id} lists every value the masks hold; give void values the id 255)"
+        )
+    return ids.astype(np.uint8)
+
+
 def _refuse_alpha_only(colour: np.ndarray, alpha: Callable[[], np.ndarray], mode: str,
                        path: str | os.PathLike) -> None:
     """Raise when a mask's colour is one value everywhere but its alpha channel varies.
@@ -814,7 +855,10 @@ def read_mask(
         their stored values, not the inverted ones Pillow shows.
     color_map : dict, optional
         ``{(r, g, b): class_id}``: required for colour masks, every colour present must
-        be listed.
+        be listed. Or ``{value: class_id}``, a value map (integer keys): the values read
+        as above (grey levels, palette indices) are renumbered through it, e.g.
+        ADE20K's or LoveDA's void 0 below classes 1..K as ``{0: 255, 1: 0, 2: 1, ...}``;
+        every value present must be listed.
 
     Returns
     -------
@@ -825,8 +869,11 @@ def read_mask(
     Raises
     ------
     DataValidationError
-        For a colour mask without ``color_map`` or with colours missing from it.
+        For a colour mask without ``color_map`` or with colours missing from it; for a
+        mask with values missing from a value map.
     """
+    if color_map is not None and is_value_map(color_map):
+        return _apply_value_map(read_mask(path), color_map, path)
     with _opened(path) as (img, head):
         samples = _faithful_samples(img, head, path)
         if samples is not None and head.startswith(_NPY_MAGIC):
@@ -1005,7 +1052,8 @@ def class_colors(num_classes: int, color_map: ColorMap | None = None) -> np.ndar
     color_map : dict, optional
         ``{(r, g, b): class_id}`` of colour-coded masks (a predictor's ``color_map_``):
         each class id it gives a colour is drawn in that colour (the first listed, when
-        several map to it), so that predictions look like the masks trained on.
+        several map to it), so that predictions look like the masks trained on. A value
+        map ``{value: class_id}`` gives no colours.
 
     Returns
     -------
@@ -1024,7 +1072,7 @@ def class_colors(num_classes: int, color_map: ColorMap | None = None) -> np.ndar
         colors.append((round(255 * r), round(255 * g), round(255 * b)))
     out = np.array(colors, dtype=np.uint8).reshape(-1, 3)
     given: set[int] = set()
-    for colour, class_id in (color_map or {}).items():
+    for colour, class_id in ({} if is_value_map(color_map) else color_map or {}).items():
         if 0 <= class_id < num_classes and class_id not in given:
             out[class_id] = colour
             given.add(class_id)

@@ -67,6 +67,7 @@ from .io import (
     _orientation,
     check_decodes,
     image_size,
+    is_value_map,
     read_mask,
     stacked_images,
 )
@@ -529,9 +530,12 @@ def _check_options(
                 f"void_label={void} is ignored in training, yet class_names names it as class "
                 f"{void} ({class_names[void]!r}) of {len(class_names)}, before "
                 f"{class_names[void + 1]!r}: class ids are kept as they are, so the void id "
-                f"must come after the classes (or be 255). Renumber the masks so that it "
-                "does; with a colour table (a class_dict.csv), move the void row last and "
-                f"pass void_label={len(class_names) - 1}; or leave void_label unset if "
+                f"must come after the classes (or be 255). Renumber the masks as they are "
+                f"read: color_map={_renumbering(void, len(class_names))} makes the void "
+                "value 255 (always ignored) and the classes after it one lower; then leave "
+                f"void_label unset and {class_names[void]!r} out of class_names. With a "
+                "colour table (a class_dict.csv), move the void row last and pass "
+                f"void_label={len(class_names) - 1}. Or leave void_label unset if "
                 f"{class_names[void]!r} is a class")
     if color_map is not None:
         check_color_map(color_map)
@@ -539,22 +543,34 @@ def _check_options(
 
 
 def check_color_map(color_map: Any) -> None:
-    """Raise ConfigError unless ``color_map`` is ``{(r, g, b): class id}`` of 8-bit values."""
+    """Raise ConfigError unless ``color_map`` is ``{(r, g, b): class id}`` of 8-bit values, or
+    a value map ``{value: class id}`` of mask values 0..65535 (not both kinds of key)."""
     if not isinstance(color_map, Mapping):
         raise ConfigError(
-            "color_map must be a dict {(r, g, b): class_id, ...}, got "
+            "color_map must be a dict {(r, g, b): class_id, ...} (colour masks) or "
+            "{value: class_id, ...} (renumbering grey or palette-index masks), got "
             f"{type(color_map).__name__} {color_map!r}"
         )
+
+    def whole(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    kinds = {"value" if whole(key) else "colour" for key in color_map}
+    if len(kinds) > 1:
+        raise ConfigError(
+            "color_map mixes colours (r, g, b) and mask values as keys: a colour map maps "
+            "the colours of colour masks, a value map the values of grey or palette-index "
+            "masks; give one kind")
     for key, value in color_map.items():
-        ok_key = isinstance(key, tuple) and len(key) == 3 and all(
-            isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255
-            for c in key
-        )
-        ok_value = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        if not ok_key or not ok_value or not 0 <= value <= 255:
+        if kinds == {"value"}:
+            ok_key = 0 <= key <= 65535
+        else:
+            ok_key = isinstance(key, tuple) and len(key) == 3 and all(
+                whole(c) and 0 <= c <= 255 for c in key)
+        if not ok_key or not whole(value) or not 0 <= value <= 255:
             raise ConfigError(
-                "color_map entries must be (r, g, b) -> class id in [0, 255], "
-                f"got {key!r}: {value!r}"
+                "color_map entries must be (r, g, b) -> class id in [0, 255], or mask value "
+                f"in [0, 65535] -> class id in [0, 255], got {key!r}: {value!r}"
             )
 
 
@@ -830,7 +846,7 @@ def validate_frame(
                                    label_col, problems)
     problems.raise_if_any()
     if use_labels and void_label is not None and int(void_label) < k:
-        raise ConfigError(_void_among_classes(int(void_label), task, k, color_map is not None))
+        raise ConfigError(_void_among_classes(int(void_label), task, k, color_map))
 
     if class_names is None:
         class_names = (
@@ -867,9 +883,9 @@ def validate_frame(
     )
 
 
-def _void_among_classes(void: int, task: str, k: int, colour: bool = False) -> str:
+def _void_among_classes(void: int, task: str, k: int, color_map: Any = None) -> str:
     """Why a ``void_label`` that is one of the task's class ids cannot be used, and the fix
-    (for ``colour`` masks, read through a color_map: in the map, not in the masks).
+    (masks read through a ``color_map``: in the map, not in the masks).
 
     Class ids are kept as they are (the void value is only ignored), so such a value would
     be a class the model has an output for but never learns, and could still predict.
@@ -880,19 +896,33 @@ def _void_among_classes(void: int, task: str, k: int, colour: bool = False) -> s
                 f"every {side} pixel would be ignored and the model would learn the other "
                 "class only; leave void_label unset, or use a value the masks keep for "
                 "unlabelled pixels (255 beside {0, 1})")
-    if colour:
+    never = (f"ids are kept as they are, so class {void} would be an output the model never "
+             "learns, yet could predict")
+    if color_map is not None and not is_value_map(color_map):
         return (f"void_label={void} lies among the class ids 0..{k - 1} that color_map gives "
-                f"the colours: ids are kept as they are, so class {void} would be an output "
-                "the model never learns, yet could predict. Give the void colour the id 255 "
+                f"the colours: {never}. Give the void colour the id 255 "
                 "in color_map (or the last id, with void_label set to it) and number the "
                 f"classes 0..{k - 2} (a class_dict.csv: move the void row last), or leave "
                 f"void_label unset if {void} is a class")
-    return (f"void_label={void} lies among the class ids 0..{k - 1} of these masks: ids are "
-            f"kept as they are, so class {void} would be an output the model never learns, "
-            "yet could predict. Renumber the masks so that the void value comes after the "
-            f"classes or is 255 (with 0 as void and classes 1..{k - 1}, as in ADE20K: "
-            "0 -> 255 and every other id minus 1), or leave void_label unset if "
-            f"{void} is a class")
+    if color_map is not None:
+        return (f"void_label={void} lies among the class ids 0..{k - 1} that color_map gives "
+                f"the mask values: {never}. Give the void value the id 255 in color_map "
+                f"(always ignored; leave void_label unset) and number the classes "
+                f"0..{k - 2}, or leave void_label unset if {void} is a class")
+    return (f"void_label={void} lies among the class ids 0..{k - 1} of these masks: {never}. "
+            "Renumber the masks as they are read: color_map="
+            f"{_renumbering(void, k)} makes the void value 255 (always ignored) and the "
+            f"classes 0..{k - 2}; then leave void_label "
+            "unset and give class_names without the void's name. Or leave void_label unset "
+            f"if {void} is a class")
+
+
+def _renumbering(void: int, k: int) -> str:
+    """The value map, as Python, that makes mask value ``void`` (one of ``0..k-1``) 255 and
+    numbers the other values ``0..k-2`` in their order."""
+    if void == 0:
+        return "{0: 255, **{v: v - 1 for v in range(1, %d)}}" % k
+    return "{**{v: v - (v > %d) for v in range(%d)}, %d: 255}" % (void, k, void)
 
 
 def duplicate_images(spec: DataSpec) -> list[list[int]]:
@@ -1069,11 +1099,13 @@ def _classes_without_pixels(spec: DataSpec) -> str | None:
         f"(class id(s) {ids}): the model has an output for each but cannot learn them"
     )
     if spec.color_map is None and 2 * len(missing) >= spec.num_classes and len(present) <= 16:
-        mapping = ", ".join(f"({v}, {v}, {v}): {i}" for i, v in enumerate(present))
+        # void values too: a value map lists every value the masks hold (255 stays void)
+        mapping = ", ".join([f"{v}: {i}" for i, v in enumerate(present)]
+                            + [f"{v}: 255" for v in sorted(_void_set(spec.void_label) | {255})])
         message += (
             f". The masks hold only the values {_fmt(set(present))}: if these are labels "
             "rather than class ids 0..n-1, map them with color_map={" + mapping + "} (a "
-            "grey value v reads as the colour (v, v, v))"
+            "value map: mask value -> class id)"
         )
     return message
 
@@ -1252,11 +1284,10 @@ def _detect_task(
 
 
 def _object_value_hint(values: set[int]) -> str:
-    """``color_map={(0, 0, 0): 0, (v, v, v): 1}`` (and what it does) for a mask of 0 and
-    one other grey value v: a binary mask that marks its object with v."""
+    """``color_map={0: 0, v: 1}`` (and what it does) for a mask of 0 and one other grey
+    value v: a binary mask that marks its object with v."""
     (v,) = values - {0}
-    return (f"color_map={{(0, 0, 0): 0, ({v}, {v}, {v}): 1}} to read {v} as the object of a "
-            "binary mask")
+    return f"color_map={{0: 0, {v}: 1}} to read {v} as the object of a binary mask"
 
 
 def _void_255_in_binary_data(kinds: list[str | None], value_sets: list[set[int] | None],

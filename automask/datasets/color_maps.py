@@ -2,7 +2,9 @@
 
 Two layouts are read:
 
-* ``R G B CLASS_ID`` lines, commas or spaces between the numbers (``128,64,128,3``);
+* ``R G B CLASS_ID`` lines, commas or spaces between the numbers (``128,64,128,3``), or
+  ``VALUE CLASS_ID`` lines: a value map, which renumbers the values of grey or
+  palette-index masks (``0 255`` then ``1 0``, ``2 1``, ... for ADE20K's void 0);
 * a table whose first row names its columns: the colour's ``r``, ``g``, ``b`` (or ``red``,
   ``green``, ``blue``), optionally the class's ``name`` and ``id``, as the
   ``class_dict.csv`` that CamVid's, DeepGlobe's and other data sets' downloads put beside
@@ -64,20 +66,22 @@ def _colour_image(path: str | os.PathLike) -> bool:
         return False  # read (and reported) with the other masks later
 
 
-def read_color_map(path: str | os.PathLike) -> tuple[dict[Colour, int], list[str] | None]:
+def read_color_map(path: str | os.PathLike
+                   ) -> tuple[dict[Colour, int] | dict[int, int], list[str] | None]:
     """The colour -> class id map of a colour table, and its class names when it has them.
 
     Parameters
     ----------
     path : str or PathLike
-        A file of ``R G B CLASS_ID`` lines, or a table with a header row naming the
-        columns ``r``, ``g``, ``b`` and optionally ``name`` and ``id`` (see the module's
-        description).
+        A file of ``R G B CLASS_ID`` lines (or ``VALUE CLASS_ID`` lines), or a table with
+        a header row naming the columns ``r``, ``g``, ``b`` and optionally ``name`` and
+        ``id`` (see the module's description).
 
     Returns
     -------
     color_map : dict
-        ``{(r, g, b): class_id}``, as :meth:`~automask.SemanticSegmentor.fit` takes it.
+        ``{(r, g, b): class_id}`` (``{value: class_id}`` from ``VALUE CLASS_ID`` lines), as
+        :meth:`~automask.SemanticSegmentor.fit` takes it.
     class_names : list of str or None
         Names by class id, from a table with a name column whose ids are 0..n-1; None
         otherwise.
@@ -86,7 +90,8 @@ def read_color_map(path: str | os.PathLike) -> tuple[dict[Colour, int], list[str
     ------
     DataValidationError
         An unreadable file, a header without the colour columns, a value that is not an
-        integer (colours 0-255, ids >= 0), a colour listed twice, one id named twice
+        integer (colours 0-255, values 0-65535, ids >= 0), a colour or value listed twice,
+        lines of both kinds, one id named twice
         differently, or no colour at all; the message names the file and the line.
     """
     try:
@@ -119,17 +124,19 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _numbered(path, rows: list[tuple[int, str]]) -> dict[Colour, int]:
-    """``R G B CLASS_ID`` lines."""
-    out: dict[Colour, int] = {}
+def _numbered(path, rows: list[tuple[int, str]]) -> dict[Colour, int] | dict[int, int]:
+    """``R G B CLASS_ID`` lines, or ``VALUE CLASS_ID`` lines (as many fields as the first)."""
+    values = len(_fields(rows[0][1])) == 2
+    expected = "VALUE CLASS_ID (two integers, as the first line)" if values else \
+        "R G B CLASS_ID (four integers)"
+    out: dict = {}
     for number, text in rows:
         fields = _fields(text)
-        if len(fields) != 4 or not all(_is_int(field) for field in fields):
+        if len(fields) != (2 if values else 4) or not all(_is_int(field) for field in fields):
             raise DataValidationError(
-                f"colour table {str(path)!r} line {number}: expected R G B CLASS_ID (four "
-                f"integers), got {text!r}")
-        r, g, b, class_id = (int(field) for field in fields)
-        _add(out, path, number, (r, g, b), class_id)
+                f"colour table {str(path)!r} line {number}: expected {expected}, got {text!r}")
+        *key, class_id = (int(field) for field in fields)
+        _add(out, path, number, key[0] if values else tuple(key), class_id)
     return out
 
 
@@ -178,8 +185,13 @@ def _table(path, header: list[str], header_line: int, rows: list[tuple[int, str]
     return out, (ordered if names and None not in ordered else None)
 
 
-def _add(out: dict[Colour, int], path, number: int, colour: Colour, class_id: int) -> None:
-    if any(not 0 <= value <= 255 for value in colour):
+def _add(out: dict, path, number: int, colour: Colour | int, class_id: int) -> None:
+    if isinstance(colour, int):  # a value map's mask value
+        if not 0 <= colour <= 65535:
+            raise DataValidationError(
+                f"colour table {str(path)!r} line {number}: mask value {colour} is not in "
+                "0-65535")
+    elif any(not 0 <= value <= 255 for value in colour):
         raise DataValidationError(
             f"colour table {str(path)!r} line {number}: colour {colour} is not 8-bit "
             "(0-255 each)")
@@ -188,5 +200,6 @@ def _add(out: dict[Colour, int], path, number: int, colour: Colour, class_id: in
             f"colour table {str(path)!r} line {number}: class id {class_id} is negative")
     if colour in out:
         raise DataValidationError(
-            f"colour table {str(path)!r} line {number}: colour {colour} is listed twice")
+            f"colour table {str(path)!r} line {number}: "
+            f"{'value' if isinstance(colour, int) else 'colour'} {colour} is listed twice")
     out[colour] = class_id

@@ -26,14 +26,15 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
     values (palette indices, not colours); colour images are converted to grey with Pillow's
     ITU-R 601-2 luma (OpenCV's ``IMREAD_GRAYSCALE``, used by PySODMetrics scripts, uses the same
     weights but may round differently by one level), or, given the ``color_map`` of
-    colour-coded masks (``{(r, g, b): class_id}``), mapped through it to class ids.
+    colour-coded masks (``{(r, g, b): class_id}``), mapped through it to class ids. A value
+    map (``{value: class_id}``) is not applied: maps hold class ids already.
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
     try:
         with Image.open(path) as im:
-            if color_map is not None and im.mode in ("RGB", "RGBA"):
+            if _colours(color_map) and im.mode in ("RGB", "RGBA"):
                 from automask.data.io import read_mask  # (pulls in Lightning: only here)
 
                 return read_mask(path, color_map=color_map)
@@ -42,6 +43,11 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
             return np.array(im)
     except UnidentifiedImageError:
         raise _not_an_image(path) from None
+
+
+def _colours(color_map: dict | None) -> bool:
+    """Whether ``color_map`` maps colours ``(r, g, b)`` (not the values of a value map)."""
+    return bool(color_map) and any(isinstance(key, tuple) for key in color_map)
 
 
 def _not_an_image(path: Path) -> DataValidationError:
@@ -63,7 +69,8 @@ def read_target(path: Path, color_map: dict | None = None) -> np.ndarray:
     (:func:`automask.data.read_mask`), so that the two score the same masks alike: palette
     indices, 16-bit and float samples as stored, WhiteIsZero TIFFs un-inverted, EXIF
     orientation applied, a grey mask saved in colour (or as lossy colour) read as grey,
-    colours mapped through ``color_map`` when given; ``.npy`` as :func:`read_map`.
+    colours (or a value map's values) mapped through ``color_map`` when given; ``.npy`` as
+    :func:`read_map`, then through a value map.
 
     Raises
     ------
@@ -72,10 +79,14 @@ def read_target(path: Path, color_map: dict | None = None) -> np.ndarray:
         would read as 76, background for a binary mask), or a file that is no mask; the
         message names the file.
     """
-    if path.suffix.lower() == ".npy":
-        return read_map(path)
     # (imported here: automask.data pulls in Lightning, metrics stand alone)
-    from automask.data.io import read_mask
+    from automask.data.io import _apply_value_map, is_value_map, read_mask
+
+    if path.suffix.lower() == ".npy":
+        target = read_map(path)
+        if is_value_map(color_map) and target.ndim == 2 and target.dtype.kind in "biu":
+            return _apply_value_map(target, color_map, path)
+        return target
 
     try:
         return read_mask(path, color_map=color_map)
@@ -134,6 +145,9 @@ def score_folders(
         ``color_map_``, or :func:`automask.datasets.read_color_map` of a ``class_dict.csv``):
         ground truths, and predictions saved in colour, are mapped through it; grey and
         palette predictions keep their values (automask's own masks hold the class ids).
+        Or a value map ``{value: class_id}`` that renumbered the training masks (ADE20K's
+        void 0 as ``{0: 255, 1: 0, 2: 1, ...}``): the ground truths' values are mapped
+        through it, and the predictions, which hold class ids, are not.
         A map of more than two classes (255 and ``ignore_index`` aside) makes ``task``
         default to multi-class, and ``num_classes`` to its largest class id plus one.
     extra_masks : {None, "union"}
@@ -159,7 +173,8 @@ def score_folders(
     TypeError
         A map of an unusable dtype (e.g. complex), naming its file.
     ConfigError
-        A ``color_map`` that is not ``{(r, g, b): class id}``, before any file is read.
+        A ``color_map`` that is not ``{(r, g, b): class id}`` or ``{value: class id}``,
+        before any file is read.
     """
     from automask.datasets.folders import (
         MASK_STEM_SUFFIXES,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, flat_hyperparameters, resolve
+from ..data.io import color_map_rows
 from ..datasets.folders import found_beside
 from ..errors import ConfigError, DataValidationError
 from ..losses import build_loss
@@ -140,7 +141,7 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
                  "hyperparameters": flat_hyperparameters(hyperparameters or {}),
                  "time_limit": time_limit, "num_classes": spec.num_classes,
                  "class_names": list(spec.class_names),
-                 "color_map": [[*k, v] for k, v in (color_map or {}).items()]},
+                 "color_map": color_map_rows(color_map)},
     }
     frames = {"train": spec.frame[[image, label]]}
     if tuning_spec is not None:

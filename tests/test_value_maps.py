@@ -1,0 +1,181 @@
+"""Value maps: ``color_map={value: class_id}`` renumbers the values of grey and
+palette-index masks as they are read (ADE20K's and LoveDA's void 0 below classes 1..K,
+sparse label values), through fit, save/load, evaluate, score_folders and the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automask.data.io import (
+    class_colors,
+    color_map_from_rows,
+    color_map_rows,
+    is_value_map,
+    read_mask,
+)
+from automask.data.validation import check_color_map
+from automask.datasets import read_color_map
+from automask.errors import ConfigError, DataValidationError
+from automask.metrics import score_folders
+
+# ADE20K-style: 0 is void ("other"), classes 1..3 -> ids 0..2, void 255 (always ignored)
+ADE = {0: 255, 1: 0, 2: 1, 3: 2}
+
+
+def _ade_mask(shift: int = 0) -> np.ndarray:
+    """(24, 30) uint8 mask: a void band on top, then classes 1, 2, 3 as vertical bands."""
+    mask = np.ones((24, 30), np.uint8)
+    mask[:, 10 + shift:20] = 2
+    mask[:, 20:] = 3
+    mask[:4] = 0
+    return mask
+
+
+def test_read_mask_renumbers_grey_palette_16bit_and_npy_masks(tmp_path):
+    mask = _ade_mask()
+    expected = np.array([255, 0, 1, 2], np.uint8)[mask]
+    Image.fromarray(mask).save(tmp_path / "grey.png")
+    palette = Image.fromarray(mask, mode="L").convert("P")  # indices = values
+    palette.putpalette([200, 10, 10] * 256)  # every index the same colour: indices count
+    palette.save(tmp_path / "palette.png")
+    np.save(tmp_path / "array.npy", mask.astype(np.int32))
+    for name in ("grey.png", "palette.png", "array.npy"):
+        got = read_mask(tmp_path / name, color_map=ADE)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), name
+    # 16-bit ids (values above 255), as some data sets store them
+    wide = (mask.astype(np.uint16) * 1000)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    got = read_mask(tmp_path / "wide.png", color_map={0: 255, 1000: 0, 2000: 1, 3000: 2})
+    assert np.array_equal(got, expected)
+    assert np.array_equal(read_mask(tmp_path / "grey.png"), mask)  # without it: as stored
+
+
+def test_values_missing_from_a_value_map_are_named(tmp_path):
+    mask = _ade_mask()
+    mask[0, 0] = 7  # above every key
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    with pytest.raises(DataValidationError, match=r"m\.png holds values missing from "
+                                                  r"color_map: 3, 7 \(a value map"):
+        read_mask(tmp_path / "m.png", color_map={0: 255, 1: 0, 2: 1})
+    np.save(tmp_path / "neg.npy", np.array([[-1, 0], [1, 2]], np.int16))  # not wrapped
+    with pytest.raises(DataValidationError, match=r"missing from color_map: -1 \(a value"):
+        read_mask(tmp_path / "neg.npy", color_map={0: 0, 1: 1, 2: 2})
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(tmp_path / "colour.png")  # a value map has no colours
+    with pytest.raises(DataValidationError, match="is a colour"):
+        read_mask(tmp_path / "colour.png", color_map={0: 0, 200: 1})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({0: 0, (1, 1, 1): 1}, "mixes colours"),
+    ({70000: 1}, r"mask value in \[0, 65535\]"),
+    ({-1: 1}, "got -1: 1"),
+    ({True: 1}, "got True: 1"),
+    ({1: 256}, "got 1: 256"),
+    ({1.0: 1}, "got 1.0: 1"),
+])
+def test_bad_value_maps_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        check_color_map(bad)
+
+
+def test_value_maps_and_colour_maps_round_trip_as_json_rows():
+    colours = {(128, 64, 128): 0, (0, 0, 0): 255}
+    for cmap in (ADE, colours, {np.int64(5): np.int64(1)}):
+        rows = json.loads(json.dumps(color_map_rows(cmap)))
+        assert color_map_from_rows(rows) == cmap
+    assert color_map_from_rows([]) is None and color_map_rows(None) == []
+    assert is_value_map(ADE) and not is_value_map(colours) and not is_value_map(None)
+    # a value map gives the palette no colours (its keys are no colours)
+    assert np.array_equal(class_colors(3, ADE), class_colors(3))
+    assert tuple(class_colors(3, colours)[0]) == (128, 64, 128)
+
+
+def test_value_lines_in_a_colour_table_file(tmp_path):
+    (tmp_path / "v.txt").write_text("# ADE-like\n0 255\n1,0\n2 1\n3 2\n")
+    assert read_color_map(tmp_path / "v.txt") == (ADE, None)
+    for text, match in (("0 255\n1 2 3 4\n", r"line 2: expected VALUE CLASS_ID"),
+                        ("1 0\n1 1\n", "value 1 is listed twice"),
+                        ("70000 1\n", "mask value 70000 is not in 0-65535"),
+                        ("1 2 3 4\n5 6\n", r"line 2: expected R G B CLASS_ID")):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(DataValidationError, match=match):
+            read_color_map(tmp_path / "bad.txt")
+
+
+def _ade_data(root):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for i in range(6):
+        mask = _ade_mask(shift=i % 3)
+        image = (rng.random((24, 30, 3)) * 40 + mask[..., None] * 50).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+        rows.append({"image": str(root / "images" / f"{i}.png"),
+                     "label": str(root / "masks" / f"{i}.png")})
+    return pd.DataFrame(rows)
+
+
+def test_fit_with_the_advised_value_map_trains_saves_and_scores_alike(tmp_path):
+    """void_label=0 below classes 1..3 is refused with a value map; fitting with it trains
+    three classes with the void ignored, the map survives save and load, predictions hold
+    class ids, and score_folders with the map scores them as evaluate does."""
+    from automask import SemanticSegmentor
+
+    df = _ade_data(tmp_path / "ade")
+    hp = {"optim.max_epochs": 1, "model.input_size": 32}
+    names = ["other", "wall", "floor", "ceiling"]
+    with pytest.raises(ConfigError, match=r"color_map=\{0: 255, \*\*\{v: v - 1 for v in "
+                                          r"range\(1, 4\)\}\}.*'other' out of class_names"):
+        SemanticSegmentor(path=tmp_path / "r0").fit(
+            df, presets="tiny", hyperparameters={**hp, "data.void_label": 0},
+            class_names=names)
+    assert not (tmp_path / "r0").exists()
+    seg = SemanticSegmentor(path=tmp_path / "run").fit(
+        df, presets="tiny", hyperparameters=hp, color_map={0: 255, **{v: v - 1 for v in
+                                                                       range(1, 4)}},
+        class_names=names[1:])
+    assert (seg.task_, seg.classes_, seg.color_map_) == ("multiclass", names[1:], ADE)
+    loaded = SemanticSegmentor.load(tmp_path / "run")
+    assert loaded.color_map_ == ADE and all(type(k) is int for k in loaded.color_map_)
+    scores = loaded.evaluate(df)
+    assert len(scores["iou_per_class"]) == 3
+    out = tmp_path / "pred"
+    out.mkdir()
+    for i, pred in enumerate(loaded.predict(df)):
+        assert pred.shape == (24, 30) and set(np.unique(pred)) <= {0, 1, 2}
+        Image.fromarray(pred).save(out / f"{i}.png")  # class ids, as predict writes them
+    folder = score_folders(out, tmp_path / "ade" / "masks", color_map=ADE)
+    assert folder["n_images"] == 6
+    assert folder["miou"] == pytest.approx(scores["miou"], abs=1e-9)
+    assert folder["iou_per_class"] == pytest.approx(scores["iou_per_class"], abs=1e-9)
+    # without the map the ground truths' void 0 is class 0: another score
+    plain = score_folders(out, tmp_path / "ade" / "masks", task="multiclass",
+                          num_classes=4)
+    assert len(plain["iou_per_class"]) == 4
+
+
+def test_cli_score_reads_value_lines_for_the_ground_truths_only(tmp_path):
+    df = _ade_data(tmp_path / "ade")
+    truth = [np.array([255, 0, 1, 2], np.uint8)[read_mask(p)] for p in df["label"]]
+    (tmp_path / "pred").mkdir()
+    for i, ids in enumerate(truth):  # perfect predictions, as class ids
+        Image.fromarray(np.where(ids == 255, 0, ids).astype(np.uint8)).save(
+            tmp_path / "pred" / f"{i}.png")
+    (tmp_path / "ade.txt").write_text("0 255\n1 0\n2 1\n3 2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "automask", "score", "--pred", str(tmp_path / "pred"),
+         "--gt", str(tmp_path / "ade" / "masks"), "--color-map", str(tmp_path / "ade.txt"),
+         "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["miou"] == 1.0 and got["iou_per_class"] == [1.0, 1.0, 1.0]
