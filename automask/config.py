@@ -188,6 +188,37 @@ class PeftConfig:
         return {"method": self.method, **self.options.to_dict()}
 
 
+CLASS_WEIGHT_RULES = ("balanced", "median_frequency")  # optim.class_weights, or numbers
+
+
+def parse_class_weights(value: Any) -> str | list[float] | None:
+    """``optim.class_weights`` as None, a rule of :data:`CLASS_WEIGHT_RULES`, or the list of
+    weights a ``"w0,w1,..."`` string gives (finite, >= 0, one of them > 0).
+
+    Raises
+    ------
+    ConfigError
+        Anything else, naming the key and the value.
+    """
+    if value is None or value in CLASS_WEIGHT_RULES:
+        return value
+    why = (f"must be None, {' or '.join(map(repr, CLASS_WEIGHT_RULES))}, or one weight per "
+           "class as a string \"w0,w1,...\" (a list would train one candidate per value)")
+    if not isinstance(value, str):
+        _fail("optim.class_weights", value, why)
+    try:
+        weights = [float(part) for part in value.split(",")]
+    except ValueError:
+        close = difflib.get_close_matches(value, CLASS_WEIGHT_RULES, n=1)
+        _fail("optim.class_weights", value,
+              why + (f"; did you mean {close[0]!r}?" if close else ""))
+    if len(weights) < 2 or not all(math.isfinite(w) and w >= 0 for w in weights) \
+            or not any(weights):
+        _fail("optim.class_weights", value,
+              "weights must be two or more finite numbers >= 0, not all 0")
+    return weights
+
+
 @dataclass
 class OptimConfig:
     """Optimiser, schedule, loss and stopping."""
@@ -222,9 +253,17 @@ class OptimConfig:
     select_metric: str | None = None
     """Validation metric that selects the best epoch and the best candidate (e.g. ``sm``,
     ``ber``); None: the predictor's ``eval_metric``. The same for every candidate."""
+    class_weights: str | None = None
+    """Class weights of the multi-class cross-entropy (``ce``, and the CE term of
+    ``ce_dice``; ``tokens`` head): None (equal); ``balanced`` (labelled pixels / (K x the
+    class's pixels), scikit-learn's rule); ``median_frequency`` (SegNet's: the median class
+    frequency over the class's, a frequency being the class's pixels over the labelled
+    pixels of the masks that hold it); or K weights ``"w0,w1,..."``. Counted on the
+    training masks as stored, void excluded; a class no training mask holds weighs 0."""
 
     def __post_init__(self) -> None:
         _check_finite("optim", self)
+        parse_class_weights(self.class_weights)
         _check_choice("optim.lr_schedule", self.lr_schedule)
         _check_choice("optim.loss", self.loss)
         if self.lr <= 0:

@@ -10,6 +10,7 @@ Every loss returns a float32 scalar and computes in float32 even under bf16/fp16
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +231,7 @@ def _multiclass_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where((target != IGNORE_INDEX).unsqueeze(1), logits.float(), 0.0), target
 
 
-def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
+def ce_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy over K classes, mean over non-ignored pixels.
 
     Parameters
@@ -239,6 +240,10 @@ def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
         ``(B, K, H, W)`` raw scores.
     target : Tensor
         ``(B, H, W)`` int64 class indices, 255 = ignore.
+    weight : Tensor, optional
+        ``(K,)`` class weights (see :func:`class_weights`): the mean is weighted, as
+        ``F.cross_entropy(weight=...)`` takes it, and a batch whose labelled pixels all
+        weigh 0 gives 0, not NaN.
 
     Raises
     ------
@@ -260,7 +265,13 @@ def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
         )
     if not any_labelled:
         return x.sum() * 0.0  # all ignored: 0 with a graph, where F.cross_entropy gives NaN
-    return F.cross_entropy(x, t, ignore_index=IGNORE_INDEX)
+    if weight is None:
+        return F.cross_entropy(x, t, ignore_index=IGNORE_INDEX)
+    weight = weight.to(x)
+    # sum(w_t * nll) / sum(w_t), F.cross_entropy's weighted mean, without its 0 / 0
+    nll = F.cross_entropy(x, t, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = (weight[torch.where(labelled, t, 0)] * labelled).sum()
+    return nll / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
 def multiclass_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
@@ -279,9 +290,47 @@ def multiclass_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) ->
     return (1 - dice).mean()
 
 
-def ce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy + soft Dice over classes (:func:`ce_loss` + :func:`multiclass_dice_loss`)."""
-    return ce_loss(logits, target) + multiclass_dice_loss(logits, target)
+def ce_dice_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy + soft Dice over classes (:func:`ce_loss` + :func:`multiclass_dice_loss`);
+    ``weight`` weighs the cross-entropy's classes (Dice treats them alike already)."""
+    return ce_loss(logits, target, weight) + multiclass_dice_loss(logits, target)
+
+
+def class_weights(rule: str | list[float], pixels: Any, holding: Any) -> Tensor:
+    """``(K,)`` float32 class weights of the multi-class cross-entropy.
+
+    Parameters
+    ----------
+    rule : {"balanced", "median_frequency"} or list of float
+        ``balanced``: ``N / (K n_k)``, N the labelled pixels (scikit-learn's
+        ``class_weight="balanced"``); ``median_frequency``: ``median(f) / f_k`` with
+        ``f_k = n_k / m_k`` over the classes present (Eigen and Fergus, SegNet); a list:
+        the weights themselves.
+    pixels : array-like
+        ``(K,)`` n_k, the training pixels of each class.
+    holding : array-like
+        ``(K,)`` m_k, the labelled pixels of the training masks that hold class k.
+
+    Returns
+    -------
+    Tensor
+        ``(K,)``; 0 for a class with no pixel (under a rule).
+    """
+    n = torch.as_tensor(pixels, dtype=torch.float64)
+    if not isinstance(rule, str):
+        assert len(rule) == n.numel(), (len(rule), n.numel())  # checked by the fit's plan
+        return torch.tensor(rule, dtype=torch.float32)
+    present = n > 0
+    if not present.any():
+        raise ValueError("no training pixel is labelled: class weights are undefined")
+    if rule == "balanced":
+        w = n.sum() / (n.numel() * n)
+    elif rule == "median_frequency":
+        f = n / torch.as_tensor(holding, dtype=torch.float64)
+        w = f[present].quantile(0.5) / f  # an even count: the mean of the two middle
+    else:
+        raise ValueError(f"unknown class weight rule {rule!r}")
+    return torch.where(present, w, 0.0).float()
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {

@@ -1370,6 +1370,30 @@ def _classes_present(
     return tuple(int(t) for t in np.unique(targets) if t != IGNORE_INDEX)
 
 
+def class_pixels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel counts of a multi-class ``spec``'s masks as stored, for
+    :func:`automask.losses.class_weights`.
+
+    Returns
+    -------
+    pixels, holding : numpy.ndarray
+        ``(K,)`` int64 each: the pixels whose target is class k, and the labelled pixels
+        of the masks that hold class k (void and ignored pixels count in neither).
+    """
+    assert spec.task == "multiclass" and spec.label_col is not None, spec.task
+    k = spec.num_classes
+    pixels, holding = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    for pos, path in enumerate(spec.frame[spec.label_col]):
+        _, values, counts = _mask_summary(path, spec.color_map)  # memoised by validation
+        targets = _lut(spec.stats["kind"].iat[pos], k, spec.void_label)[np.clip(values, 0, 255)]
+        kept = targets != IGNORE_INDEX
+        per_class = np.bincount(targets[kept], weights=counts[kept], minlength=k)
+        per_class = per_class[:k].astype(np.int64)
+        pixels += per_class
+        holding[per_class > 0] += per_class.sum()
+    return pixels, holding
+
+
 def _value_fraction(summary: Any, value: int) -> float:
     """Fraction of a mask's pixels that hold ``value`` (NaN for a row without a summary)."""
     if summary is None:

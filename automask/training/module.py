@@ -61,6 +61,9 @@ class SegmentationModule(L.LightningModule):
         model's resolution.
     ignore_index : int
         Target value excluded from the loss and the metric (padding, void).
+    class_weight : Tensor, optional
+        ``(K,)`` weights of the multi-class cross-entropy's classes (``optim.class_weights``,
+        see :func:`automask.losses.class_weights`); ``tokens`` head only.
     embedding_cache : EmbeddingCache, optional
         Image embeddings kept across epochs (only while the model's image encoder is
         frozen, see :mod:`automask.training.embeddings`): every batch gets the inputs'
@@ -85,6 +88,7 @@ class SegmentationModule(L.LightningModule):
         optim: OptimConfig,
         val_metric: str,
         ignore_index: int = 255,
+        class_weight: torch.Tensor | None = None,
         embedding_cache: EmbeddingCache | None = None,
     ):
         super().__init__()
@@ -103,6 +107,10 @@ class SegmentationModule(L.LightningModule):
                                   f"mask_classification head trains with its matched loss; "
                                   f"use 'auto'")
             self.mask_loss = MaskClassificationLoss(num_classes, ignore_index=ignore_index)
+        assert class_weight is None or (self.mask_loss is None and task == "multiclass" and
+                                        class_weight.shape == (num_classes,)), "plan checks"
+        # moved with the module to its device; not saved (the predictor needs no loss)
+        self.register_buffer("class_weight", class_weight, persistent=False)
         self.val_metric_name = val_metric
         conventions = {"ignore_index": ignore_index}  # void pixels: see automask.metrics
         if task == "multiclass":
@@ -144,7 +152,10 @@ class SegmentationModule(L.LightningModule):
         else:
             prompts = batch_prompts(batch)  # None unless training with data.prompts
             logits = self.model(batch["image"], prompts, features)
-            task_loss = self.loss_fn(logits, batch["target"])
+            if self.class_weight is None:
+                task_loss = self.loss_fn(logits, batch["target"])
+            else:
+                task_loss = self.loss_fn(logits, batch["target"], weight=self.class_weight)
         extra = aux_loss(self.model)
         # A batch without one labelled pixel (all void or padding) teaches nothing: the
         # auxiliary losses (Conv-LoRA's load balancing) and the mask-classification head's

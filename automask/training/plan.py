@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, flat_hyperparameters, resolve
+from ..config import Config, flat_hyperparameters, parse_class_weights, resolve
 from ..data.io import color_map_rows
 from ..datasets.folders import found_beside
 from ..errors import ConfigError, DataValidationError
@@ -116,6 +116,7 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
             build_loss(task_loss_name(cfg.optim.loss, spec.task), spec.task)
         except ValueError as exc:
             raise ConfigError(f"'optim.loss' of candidate {name!r}: {exc}") from exc
+        _check_class_weights(name, cfg, spec)
 
     from ..hardware import fit_world_size
 
@@ -202,6 +203,27 @@ def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = Fal
             locate_checkpoint(*wanted, progress=progress)
         except CheckpointError as exc:
             raise CheckpointError(f"candidate {name!r}: {exc}") from None
+
+
+def _check_class_weights(name: str, cfg: Config, spec) -> None:
+    """Raise ConfigError when ``optim.class_weights`` cannot weigh this fit's loss."""
+    weights = parse_class_weights(cfg.optim.class_weights)
+    if weights is None:
+        return
+    key = f"'optim.class_weights'={cfg.optim.class_weights!r} of candidate {name!r}"
+    if spec.task != "multiclass":
+        raise ConfigError(
+            f"{key} weighs the classes of a multi-class cross-entropy, but the data is a "
+            "binary task; for a rare foreground use 'optim.loss': 'balanced_bce' or 'focal'")
+    if cfg.model.multiclass_head != "tokens":
+        raise ConfigError(
+            f"{key} weighs the 'tokens' head's cross-entropy; the "
+            f"{cfg.model.multiclass_head!r} head trains with its matched loss: set "
+            "'model.multiclass_head': 'tokens' or leave 'optim.class_weights' unset")
+    if not isinstance(weights, str) and len(weights) != spec.num_classes:
+        raise ConfigError(
+            f"{key} gives {len(weights)} weights for the data's {spec.num_classes} classes "
+            f"({', '.join(spec.class_names)}); give one per class, background first")
 
 
 def _resolve_queries(candidates: list[tuple[str, Config]], spec, tuning_spec

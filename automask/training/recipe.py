@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, image_value_range
+from ..config import Config, image_value_range, parse_class_weights
 from ..errors import ConfigError
 from ..hardware import resolve_env
 from ..metrics import HIGHER_IS_BETTER
@@ -169,6 +169,7 @@ def _train_candidate(
                      "computed each time", name, varies)
     module = SegmentationModule(model, task=spec.task, num_classes=spec.num_classes,
                                 optim=cfg.optim, val_metric=eval_metric,
+                                class_weight=_class_weight(name, cfg, datamodule),
                                 embedding_cache=embedding_cache)
     monitor = f"val_{eval_metric}"
     higher = HIGHER_IS_BETTER[eval_metric]
@@ -362,6 +363,24 @@ def copy_logs(src_run: Path, dest_run: Path, names: list[str], replace_all: bool
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(folder, tmp)
         os.replace(tmp, dest)
+
+
+def _class_weight(name: str, cfg: Config, datamodule) -> torch.Tensor | None:
+    """``optim.class_weights`` as a ``(K,)`` tensor, counted on the training split (see
+    :func:`automask.losses.class_weights`); None when unset."""
+    rule = parse_class_weights(cfg.optim.class_weights)
+    if rule is None:
+        return None
+    from ..data.validation import class_pixels
+    from ..losses import class_weights
+
+    datamodule.setup("fit")  # the training split, which the counts are taken on
+    spec = datamodule.train_spec
+    weight = class_weights(rule, *class_pixels(spec))
+    log.info("%s: class weights (%s) %s", name, cfg.optim.class_weights if isinstance(
+        rule, str) else "given", ", ".join(f"{c} {w:.3g}" for c, w in zip(spec.class_names,
+                                                                           weight.tolist())))
+    return weight
 
 
 def _during_ctrl_c(exc: BaseException) -> bool:
