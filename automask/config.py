@@ -257,9 +257,9 @@ class OptimConfig:
     """Class weights of the multi-class cross-entropy (``ce``, and the CE term of
     ``ce_dice``; ``tokens`` head): None (equal); ``balanced`` (labelled pixels / (K x the
     class's pixels), scikit-learn's rule); ``median_frequency`` (SegNet's: the median class
-    frequency over the class's, a frequency being the class's pixels over the labelled
-    pixels of the masks that hold it); or K weights ``"w0,w1,..."``. Counted on the
-    training masks as stored, void excluded; a class no training mask holds weighs 0."""
+    frequency over the class's, a frequency being the class's pixels over all pixels of
+    the masks that hold it); or K weights ``"w0,w1,..."``. Counted on the training split's
+    masks as stored; a class no training mask holds weighs 0."""
 
     def __post_init__(self) -> None:
         _check_finite("optim", self)

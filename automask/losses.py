@@ -309,7 +309,7 @@ def class_weights(rule: str | list[float], pixels: Any, holding: Any) -> Tensor:
     pixels : array-like
         ``(K,)`` n_k, the training pixels of each class.
     holding : array-like
-        ``(K,)`` m_k, the labelled pixels of the training masks that hold class k.
+        ``(K,)`` m_k, the pixels of the training masks that hold class k.
 
     Returns
     -------

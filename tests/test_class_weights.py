@@ -90,9 +90,9 @@ def _street(root, n=6):
 def test_class_pixels_count_the_masks_without_their_void(tmp_path):
     spec = validate_frame(_street(tmp_path / "d"), num_classes=3, void_label=7)
     pixels, holding = class_pixels(spec)
-    labelled = 23 * 32  # the top row is void
+    # the top row is void: in no class's pixels, in the masks' (Eigen and Fergus' rule)
     assert pixels.tolist() == [6 * (23 * 16) - 3 * 12, 6 * 23 * 16, 3 * 12]
-    assert holding.tolist() == [6 * labelled, 6 * labelled, 3 * labelled]
+    assert holding.tolist() == [6 * 24 * 32, 6 * 24 * 32, 3 * 24 * 32]
 
 
 def test_fit_weighs_its_loss_and_refuses_weights_it_cannot_use(tmp_path, caplog):

@@ -532,7 +532,8 @@ def _check_options(
                 f"{class_names[void + 1]!r}: class ids are kept as they are, so the void id "
                 f"must come after the classes (or be 255). Renumber the masks as they are "
                 f"read: color_map={_renumbering(void, len(class_names))} makes the void "
-                "value 255 (always ignored) and the classes after it one lower; then leave "
+                "value 255 (always ignored) and the classes after it one lower (automask "
+                "fit: --color-map FILE of 'VALUE CLASS_ID' lines); then leave "
                 f"void_label unset and {class_names[void]!r} out of class_names. With a "
                 "colour table (a class_dict.csv), move the void row last and pass "
                 f"void_label={len(class_names) - 1}. Or leave void_label unset if "
@@ -912,9 +913,9 @@ def _void_among_classes(void: int, task: str, k: int, color_map: Any = None) -> 
     return (f"void_label={void} lies among the class ids 0..{k - 1} of these masks: {never}. "
             "Renumber the masks as they are read: color_map="
             f"{_renumbering(void, k)} makes the void value 255 (always ignored) and the "
-            f"classes 0..{k - 2}; then leave void_label "
-            "unset and give class_names without the void's name. Or leave void_label unset "
-            f"if {void} is a class")
+            f"classes 0..{k - 2} (automask fit: --color-map FILE of 'VALUE CLASS_ID' lines); "
+            "then leave void_label unset and give class_names without the void's name. Or "
+            f"leave void_label unset if {void} is a class")
 
 
 def _renumbering(void: int, k: int) -> str:
@@ -1377,8 +1378,9 @@ def class_pixels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     pixels, holding : numpy.ndarray
-        ``(K,)`` int64 each: the pixels whose target is class k, and the labelled pixels
-        of the masks that hold class k (void and ignored pixels count in neither).
+        ``(K,)`` int64 each: the pixels whose target is class k (void and ignored ones
+        count for no class), and all the pixels of the masks that hold class k (void
+        included: Eigen and Fergus' "pixels in images where c is present").
     """
     assert spec.task == "multiclass" and spec.label_col is not None, spec.task
     k = spec.num_classes
@@ -1390,7 +1392,7 @@ def class_pixels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
         per_class = np.bincount(targets[kept], weights=counts[kept], minlength=k)
         per_class = per_class[:k].astype(np.int64)
         pixels += per_class
-        holding[per_class > 0] += per_class.sum()
+        holding[per_class > 0] += counts.sum()
     return pixels, holding
 
 
