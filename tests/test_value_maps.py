@@ -23,6 +23,7 @@ from automask.data.validation import check_color_map
 from automask.datasets import read_color_map
 from automask.errors import ConfigError, DataValidationError
 from automask.metrics import score_folders
+from automask.metrics.folders import read_target
 
 # ADE20K-style: 0 is void ("other"), classes 1..3 -> ids 0..2, void 255 (always ignored)
 ADE = {0: 255, 1: 0, 2: 1, 3: 2}
@@ -48,6 +49,8 @@ def test_read_mask_renumbers_grey_palette_16bit_and_npy_masks(tmp_path):
     for name in ("grey.png", "palette.png", "array.npy"):
         got = read_mask(tmp_path / name, color_map=ADE)
         assert got.dtype == np.uint8 and np.array_equal(got, expected), name
+        # score_folders reads ground truths (.npy ones through their own path) alike
+        assert np.array_equal(read_target(tmp_path / name, ADE), expected), name
     # 16-bit ids (values above 255), as some data sets store them
     wide = (mask.astype(np.uint16) * 1000)
     Image.fromarray(wide).save(tmp_path / "wide.png")

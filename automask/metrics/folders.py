@@ -79,14 +79,16 @@ def read_target(path: Path, color_map: dict | None = None) -> np.ndarray:
         would read as 76, background for a binary mask), or a file that is no mask; the
         message names the file.
     """
-    # (imported here: automask.data pulls in Lightning, metrics stand alone)
-    from automask.data.io import _apply_value_map, is_value_map, read_mask
-
     if path.suffix.lower() == ".npy":
         target = read_map(path)
-        if is_value_map(color_map) and target.ndim == 2 and target.dtype.kind in "biu":
+        if color_map and not _colours(color_map) and target.ndim == 2 \
+                and target.dtype.kind in "biu":  # a value map's values
+            from automask.data.io import _apply_value_map
+
             return _apply_value_map(target, color_map, path)
         return target
+    # (imported here: automask.data pulls in Lightning, metrics stand alone)
+    from automask.data.io import read_mask
 
     try:
         return read_mask(path, color_map=color_map)
