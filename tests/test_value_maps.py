@@ -19,6 +19,7 @@ from automask.data.io import (
     is_value_map,
     read_mask,
 )
+from automask.data import validate_frame
 from automask.data.validation import check_color_map
 from automask.datasets import read_color_map
 from automask.errors import ConfigError, DataValidationError
@@ -182,3 +183,61 @@ def test_cli_score_reads_value_lines_for_the_ground_truths_only(tmp_path):
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["miou"] == 1.0 and got["iou_per_class"] == [1.0, 1.0, 1.0]
+
+
+def _binary_frame(root, fill: float, values=(0, 255)):
+    """Three binary masks whose foreground (``values[1]``) covers ``fill`` of each."""
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        mask = np.full((20, 20), values[0], np.uint8)
+        mask[: int(20 * fill) + i % 2] = values[1]
+        Image.fromarray(np.dstack([mask] * 3)).save(root / f"{i}.png")
+        Image.fromarray(mask).save(root / f"{i}_m.png")
+        rows.append({"image": str(root / f"{i}.png"), "label": str(root / f"{i}_m.png")})
+    return pd.DataFrame(rows)
+
+
+def test_masks_that_are_mostly_foreground_get_the_value_map_that_inverts_them(tmp_path):
+    """ISBI 2012's masks mark membranes with 0 between cells of 255: the foreground is
+    78% of every mask. A warning says so and gives the value map that inverts them;
+    following it, the foreground is the membranes and nothing is said."""
+    import warnings
+
+    from automask.data.validation import warn_training_issues
+
+    for values, fix in (((0, 255), "color_map={0: 1, 255: 0}"),
+                        ((0, 1), "color_map={0: 1, 1: 0, 255: 255}")):
+        frame = _binary_frame(tmp_path / f"v{values[1]}", 0.8, values)
+        with pytest.warns(UserWarning, match=r"foreground covers 8\d% of the training masks"
+                                             r"(.|\n)*mark the object with 0") as record:
+            warn_training_issues(validate_frame(frame))
+        message = next(str(w.message) for w in record if "foreground covers" in str(w.message))
+        assert fix in message
+        inverted = validate_frame(frame, color_map=eval(fix.split("=", 1)[1]))
+        assert inverted.stats["foreground"].max() < 0.25
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert warn_training_issues(inverted) == []
+    with warnings.catch_warnings():  # large objects, not most of every mask: nothing said
+        warnings.simplefilter("error")
+        assert warn_training_issues(validate_frame(_binary_frame(tmp_path / "half", 0.6))) == []
+
+
+@pytest.mark.shared
+def test_isbi_membranes_are_flagged_and_the_other_binary_sets_are_not():
+    import warnings
+
+    from automask.data.validation import warn_training_issues
+    from automask.datasets import from_folders
+
+    from conftest import shared_path
+
+    for name in ("kvasir_seg", "ph2_skin_lesion", "aerial_roads", "isbi2012_em_membranes"):
+        root = shared_path("data", name)
+        spec = validate_frame(from_folders(root / "images", root / "masks"))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            warn_training_issues(spec)
+        flagged = any("foreground covers" in str(w.message) for w in record)
+        assert flagged == (name == "isbi2012_em_membranes"), name

@@ -971,7 +971,7 @@ def _rows_text(spec: DataSpec, positions: Sequence[int], limit: int = 5) -> str:
 def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) -> list[str]:
     """Warn about training data that can be used but probably is not what was meant.
 
-    Called before training (by the data module). Six checks, each one warning that
+    Called before training (by the data module). Seven checks, each one warning that
     names a few rows or values where it can:
 
     * rows that repeat an image of another row (the holdout split keeps all rows of an
@@ -979,6 +979,8 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
     * tuning rows whose image is also a training image (validation scores then flatter);
     * binary masks with no foreground pixel (how many; when all are empty the model can
       only learn to predict background);
+    * binary masks whose foreground is most of every mask (the object marked with 0?),
+      with the value map that reads them inverted;
     * a ``void_label`` that no training mask holds (a wrong value ignores nothing);
     * multi-class ids that label no pixel of any training mask: the model has an output for
       each but cannot learn it. When most ids are missing (``{0, 38}`` read as 39 classes,
@@ -1026,6 +1028,9 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
                 f"pixel, rows {_rows_text(spec, empty.tolist())}); fine for images without "
                 "the object, otherwise check those mask files"
             )
+        inverted = _mostly_foreground(spec)
+        if inverted:
+            messages.append(inverted)
     if spec.void_label is not None and spec.stats is not None and "void" in spec.stats.columns \
             and not (spec.stats["void"].to_numpy(dtype=np.float64) > 0).any():
         messages.append(
@@ -1041,6 +1046,35 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
     for message in messages:
         warnings.warn(message, stacklevel=2)
     return messages
+
+
+_MOSTLY_FOREGROUND = 0.7  # mean foreground fraction of binary masks that suggests inversion
+
+
+def _mostly_foreground(spec: DataSpec) -> str | None:
+    """The warning for binary masks whose foreground is most of every mask (on average more
+    than :data:`_MOSTLY_FOREGROUND`, in each more than half), or None.
+
+    An object is usually the smaller part of an image; masks that mark it with 0 (ISBI
+    2012's membranes, 0 between cells of 255) train the model on the background, and the
+    S-measure, E-measure and BER score the wrong side.
+    """
+    labelled = spec.stats["foreground"].to_numpy(dtype=np.float64)
+    labelled = labelled[np.isfinite(labelled)]
+    if not len(labelled) or labelled.mean() <= _MOSTLY_FOREGROUND or labelled.min() <= 0.5:
+        return None
+    kinds = set(spec.stats["kind"]) if "kind" in spec.stats.columns else set()
+    if kinds == {KIND_B255}:
+        fix = "read them inverted with color_map={0: 1, 255: 0}"
+    elif kinds == {KIND_B01}:
+        fix = "read them inverted with color_map={0: 1, 1: 0, 255: 255}"
+    else:
+        fix = "invert them (foreground where the mask is background now)"
+    return (f"the foreground covers {labelled.mean():.0%} of the training masks' labelled "
+            f"pixels on average (at least {labelled.min():.0%} in each): the object is "
+            "usually the smaller part, and the model learns to segment the foreground; if "
+            "the masks mark the object with 0 (ISBI 2012's membranes between cells of 255), "
+            f"{fix}")
 
 
 # Names datasets give the label of unlabelled pixels (CamVid's "Unlabelled", Cityscapes'
