@@ -241,3 +241,42 @@ def test_isbi_membranes_are_flagged_and_the_other_binary_sets_are_not():
             warn_training_issues(spec)
         flagged = any("foreground covers" in str(w.message) for w in record)
         assert flagged == (name == "isbi2012_em_membranes"), name
+
+
+def test_names_found_beside_the_masks_follow_the_value_map(tmp_path, caplog):
+    """A classes.txt beside ADE20K-style masks names the void value 0 too ("other"): when a
+    value map renumbers the masks, fit takes the names by class id and drops the void's;
+    a map that merges named values takes no names (rather than wrong ones)."""
+    from automask import SemanticSegmentor
+    from automask.datasets import from_folders
+
+    _ade_data(tmp_path / "ade")
+    (tmp_path / "ade" / "masks" / "classes.txt").write_text("other\nwall\nfloor\nceiling\n")
+    df = from_folders(tmp_path / "ade" / "images", tmp_path / "ade" / "masks")
+    assert df.attrs["class_names"] == ["other", "wall", "floor", "ceiling"]
+    hp = {"optim.max_epochs": 1, "model.input_size": 32}
+    caplog.set_level("INFO", logger="automask")
+    seg = SemanticSegmentor(path=tmp_path / "run").fit(df, presets="tiny", hyperparameters=hp,
+                                                       color_map=ADE)
+    assert seg.classes_ == ["wall", "floor", "ceiling"]
+    assert "wall, floor, ceiling" in caplog.text
+    swapped = {0: 255, 1: 1, 2: 0, 3: 2}  # ids in another order: the names follow them
+    seg = SemanticSegmentor(path=tmp_path / "run2").fit(df, presets="tiny", hyperparameters=hp,
+                                                        color_map=swapped)
+    assert seg.classes_ == ["floor", "wall", "ceiling"]
+    merged = {0: 255, 1: 0, 2: 0, 3: 1}  # wall and floor as one class: no name fits it
+    seg = SemanticSegmentor(path=tmp_path / "run3").fit(df, presets="tiny", hyperparameters=hp,
+                                                        color_map=merged)
+    assert seg.classes_ == ["background", "foreground"]  # two classes: a binary task
+
+
+def test_names_of_the_classes_themselves_are_kept_under_a_value_map():
+    """Names that are not one per mask value ({0, 128} masks read through {0: 0, 128: 1},
+    named background and object) are the classes' own: the map leaves them as they are."""
+    from automask.datasets.folders import found_beside
+
+    frame = pd.DataFrame({"image": [], "label": []})
+    frame.attrs["class_names"] = ["background", "object"]
+    assert found_beside(frame, None, None, {0: 0, 128: 1}, None)[0] == ["background", "object"]
+    frame.attrs["class_names"] = ["other", "wall", "floor"]  # one per value 0..2
+    assert found_beside(frame, None, None, {0: 255, 1: 0, 2: 1}, None)[0] == ["wall", "floor"]

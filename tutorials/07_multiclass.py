@@ -28,7 +28,8 @@ from automask.datasets import from_folders, make_synthetic, train_test_split
 from automask.errors import ConfigError
 
 if len(sys.argv) == 4:
-    frame = from_folders(sys.argv[1], sys.argv[2])  # classes.txt beside the masks names them
+    # a classes.txt beside the masks names the values; fit renumbers its names as the masks
+    frame = from_folders(sys.argv[1], sys.argv[2])
     void = int(sys.argv[3])
     presets, names = "medium_quality", None
 else:
@@ -54,9 +55,6 @@ except ConfigError as err:
     k = int(max(np.array(Image.open(p)).max() for p in train_df["label"])) + 1  # values 0..k-1
     color_map = {**{v: v - (v > void) for v in range(k)}, void: 255}
     print("renumbering the masks as they are read:", color_map)
-    found = frame.attrs.get("class_names")  # a classes.txt beside the masks names the void too
-    if names is None and found and len(found) == k:
-        names = [name for value, name in enumerate(found) if value != void]
 
 seg = SemanticSegmentor(path=tempfile.mkdtemp()).fit(
     train_df, presets=presets, hyperparameters=hyperparameters, class_names=names,

@@ -639,12 +639,34 @@ def found_beside(data: Any, num_classes: int | None, class_names: list[str] | No
     elif color_map is not None and table:  # the user's own map: the table's names may differ
         names = None
     if class_names is None and names:
-        names = without_void([str(name) for name in names], void_label)
-        if len(names) >= 2 and num_classes in (None, len(names)):
+        names = [str(name) for name in names]
+        if color_map and not any(isinstance(key, tuple) for key in color_map):
+            names = _renumbered_names(names, color_map)  # ADE20K's "other" at 0 -> 255
+        names = without_void(names, void_label)
+        if names and len(names) >= 2 and num_classes in (None, len(names)):
             class_names = names
             log.info("class names found beside the masks (df.attrs['class_names'], from "
                      "%s): %s", attrs.get("class_names_from") or "?", ", ".join(names))
     return class_names, color_map
+
+
+def _renumbered_names(names: list[str], value_map: dict) -> list[str] | None:
+    """Names found beside value-mapped masks, by class id.
+
+    When the names are one per mask value (as many as the value map's keys, which are
+    ``0..n-1``: ADE20K's "other" at 0), they are renumbered through ``{value: class_id}``:
+    values sent to 255 (void) lose their name. None when the map does not send them onto
+    the ids ``0..k-1`` one to one. Otherwise the names are the classes' own (``{0: 0,
+    128: 1}`` with "background", "object") and come back as they are.
+    """
+    if len(value_map) != len(names) or any(not 0 <= value < len(names) for value in value_map):
+        return names
+    by_id: dict[int, str] = {}
+    for value, class_id in value_map.items():
+        if class_id != 255 and by_id.setdefault(int(class_id), names[value]) != names[value]:
+            return None  # two named values merged into one class
+    return [by_id[c] for c in range(len(by_id))] if sorted(by_id) == list(range(len(by_id))) \
+        else None
 
 
 def without_void(names: list[str] | None, void_label: Any) -> list[str] | None:
