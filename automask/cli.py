@@ -199,6 +199,8 @@ def _cmd_predict(args) -> None:
 
     check_tiling(args.tile)  # before loading anything
     tta = _tta(args.tta)
+    if args.proba and args.values != "class_ids":
+        raise AutomaskError("--values applies to masks; --proba writes probabilities")
     if os.path.isdir(os.path.expanduser(args.run)):  # (else loading names the run first)
         _check_predict_paths(args.data, args.out)  # before the models load (vit_h: seconds)
     seg = _load(args.run, args)
@@ -209,7 +211,8 @@ def _cmd_predict(args) -> None:
         print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
         return
     written = seg.predict(args.data, model=args.model, save_to=args.out,
-                          overwrite=args.overwrite, tiling=args.tile, boxes=boxes, tta=tta)
+                          overwrite=args.overwrite, tiling=args.tile, boxes=boxes, tta=tta,
+                          values=args.values)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -816,6 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "y0, x1, y1 in original pixels, one row per prompted image; the "
                         "other images are predicted without prompts")
     p.add_argument("--tta", nargs="?", const=_TTA_TRAINED, metavar="FLIPS", help=_TTA_HELP)
+    p.add_argument("--values", choices=("class_ids", "dataset"), default="class_ids",
+                   help="what the masks hold: class ids (default; 0/255 for binary), or, "
+                        "for a model fitted with a color map, the training masks' own "
+                        "values or colours (the map read backwards)")
     p.set_defaults(func=_cmd_predict)
 
     p = _add_command(sub, "evaluate", help="score a saved predictor on labelled data")

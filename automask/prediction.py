@@ -484,6 +484,23 @@ def to_mask(prob: np.ndarray, task: str, num_classes: int) -> np.ndarray:
     return prob.argmax(0).astype(np.uint8 if num_classes <= 256 else np.int32)
 
 
+MASK_VALUES = ("class_ids", "dataset")  # what predicted masks hold (predict's ``values``)
+
+
+def value_table(values: str, task: str, num_classes: int,
+                color_map: dict | None) -> np.ndarray | None:
+    """None for masks of class ids; for ``values="dataset"`` the table of the value or colour
+    each class id is written as (:func:`automask.data.io.dataset_values`). Raises
+    ConfigError for any other ``values``, or a model that has no map to read backwards."""
+    from .data.io import dataset_values
+
+    if values not in MASK_VALUES:
+        raise ConfigError(f"values must be one of {list(MASK_VALUES)}, got {values!r}")
+    if values == "class_ids":
+        return None
+    return dataset_values(color_map, 2 if task == "binary" else num_classes)
+
+
 def throughput(model: torch.nn.Module, cfg: Config, task: str, spec) -> float | None:
     """Images per second of prediction on (at most 16 of) the images of ``spec``, a
     validated frame (read again as they are, not validated again: no warning twice)."""
@@ -620,19 +637,26 @@ def paths_below_common(images: list[Path]) -> list[Path]:
 
 
 def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
-                task: str, num_classes: int, color_map: dict | None = None) -> None:
+                task: str, num_classes: int, color_map: dict | None = None,
+                table: np.ndarray | None = None) -> None:
     """Write each mask as a lossless PNG: 0/255 grayscale for binary tasks, a palette PNG of
     class ids for multi-class tasks, in the colours of ``color_map`` when the training
-    masks were colour-coded (see :func:`automask.data.io.write_mask`).
+    masks were colour-coded (see :func:`automask.data.io.write_mask`). With ``table``
+    (:func:`value_table`), ``table[ids]`` instead: the dataset's values in grey, or its
+    colours in RGB.
 
     ``out`` is created here; if writing fails, the files this call created (and ``out``
     when it created it) are removed.
     """
-    from .data.io import write_mask
+    from .data.io import write_mask, write_values
 
     def write(dest: Path, prob: np.ndarray) -> None:
         # written to a temporary file, then renamed
-        write_mask(dest, to_mask(prob, task, num_classes), task, color_map)
+        ids = to_mask(prob, task, num_classes)
+        if table is None:
+            write_mask(dest, ids, task, color_map)
+        else:
+            write_values(dest, table[ids])
 
     _write_each(probs, dests, out, write)
 

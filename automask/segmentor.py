@@ -271,6 +271,7 @@ class SemanticSegmentor(BaseEstimator):
         points: Sequence[Any] | dict[Any, Any] | None = None,
         boxes: Sequence[Any] | dict[Any, Any] | None = None,
         tta: bool | str | Sequence[str] = False,
+        values: str = "class_ids",
     ) -> list[np.ndarray] | pd.DataFrame:
         """Predict a mask per image, at each image's original size.
 
@@ -327,18 +328,30 @@ class SemanticSegmentor(BaseEstimator):
             ``data.vflip``; the horizontal one when neither), or name them: ``"hflip"``,
             ``"vflip"``, ``["hflip", "vflip"]``. Each flip is one more forward pass per
             image. Not with prompts (see :mod:`automask.tta`).
+        values : {"class_ids", "dataset"}, default "class_ids"
+            What the masks hold. "class_ids": class ids as above. "dataset", for a model
+            trained with a ``color_map``: the training masks' own values, the map read
+            backwards: an ADE20K-style ``{0: 255, 1: 0, 2: 1, ...}`` gives back 1..K,
+            Cityscapes' ``labelIds`` map gives labelIds, a colour map gives ``(H, W, 3)``
+            RGB masks in its colours (written as RGB PNGs; grey PNGs otherwise, 16-bit
+            for values above 255). Where the map merges several values into one class,
+            the first listed stands for it. :func:`automask.data.io.read_mask` with the
+            same ``color_map`` reads such masks back as the class ids; ``automask
+            score`` takes the default's masks.
 
         Returns
         -------
         list of ndarray or DataFrame
-            (H, W) uint8 masks ({0, 1} for binary, class indices for multi-class), or the
-            DataFrame of written files when ``save_to`` is given.
+            (H, W) uint8 masks ({0, 1} for binary, class indices for multi-class; with
+            ``values="dataset"`` the dataset's values or colours), or the DataFrame of
+            written files when ``save_to`` is given.
 
         Raises
         ------
         ConfigError
             Prompts given to a multi-class model, or with ``tiling="on"`` or ``tta``; a bad
-            ``tiling`` or ``tta``.
+            ``tiling``, ``tta`` or ``values``; ``values="dataset"`` for a model trained
+            without a ``color_map``.
         DataValidationError
             Bad data, or bad prompts (wrong length or shape, coordinates outside the image,
             labels other than 0/1, ``x1 <= x0``): the message names the row and the value.
@@ -346,6 +359,8 @@ class SemanticSegmentor(BaseEstimator):
         """
         self._check_fitted()
         check_tta(tta)  # a bad value fails before any image is read
+        table = prediction.value_table(values, self.task_, self.num_classes_,
+                                       self.color_map_)
         frame, root = prediction.as_frame(data, self.image)
         with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
             spec = prediction.images_spec(files, self.image, root)
@@ -355,13 +370,14 @@ class SemanticSegmentor(BaseEstimator):
                                            tta=tta)
             with contextlib.closing(stream) as probs:  # stopped early: float32 weights back
                 if save_to is None:
-                    return [prediction.to_mask(p, self.task_, self.num_classes_)
-                            for _, p in probs]
+                    masks = (prediction.to_mask(p, self.task_, self.num_classes_)
+                             for _, p in probs)
+                    return [m if table is None else table[m] for m in masks]
                 out = Path(save_to).expanduser()
                 dests = prediction.mask_destinations(spec, out, root=root,
                                                      label_col=self.label, overwrite=overwrite)
                 prediction.write_masks(probs, dests, out, self.task_, self.num_classes_,
-                                       self.color_map_)
+                                       self.color_map_, table)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
 

@@ -99,6 +99,13 @@ def test_predict_bad_input(run_dir, csvs, tmp_path):
         proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"),
                        "--out", str(tmp_path / out))
         assert_one_line_error(proc, f"--out '{tmp_path / out}' looks like a file name")
+    # the dataset's values need a color map to read backwards; probabilities have none
+    proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"),
+                   "--out", str(tmp_path / "o"), "--values", "dataset")
+    assert_one_line_error(proc, "without a color_map", "values='class_ids'")
+    proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"),
+                   "--out", str(tmp_path / "o"), "--values", "dataset", "--proba")
+    assert_one_line_error(proc, "--values applies to masks")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -335,6 +342,14 @@ def test_fit_and_evaluate_on_colour_masks_with_a_color_map_file(tmp_path):
     proc = run_cli("evaluate", str(tmp_path / "run"), *common, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(json.loads(proc.stdout)["iou_per_class"]) == 3
+    # --values dataset: RGB masks in the training masks' colours, not palette ids
+    proc = run_cli("predict", str(tmp_path / "run"), "--data", str(tmp_path / "images"),
+                   "--out", str(tmp_path / "rgb"), "--values", "dataset")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for i, expected in enumerate(ids):
+        with Image.open(tmp_path / "rgb" / f"{i}.png") as picture:
+            assert picture.mode == "RGB"
+            np.testing.assert_array_equal(np.array(picture), palette[expected])
     (tmp_path / "bad.txt").write_text("0 0 0 0\n128 64 x 1\n")
     proc = run_cli("fit", *common, "--presets", "tiny", "--path", str(tmp_path / "bad"),
                    "--color-map", str(tmp_path / "bad.txt"))

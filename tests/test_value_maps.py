@@ -16,8 +16,10 @@ from automask.data.io import (
     class_colors,
     color_map_from_rows,
     color_map_rows,
+    dataset_values,
     is_value_map,
     read_mask,
+    write_values,
 )
 from automask.data import validate_frame
 from automask.data.validation import check_color_map
@@ -90,6 +92,26 @@ def test_bad_value_maps_are_refused(bad, match):
         check_color_map(bad)
 
 
+def test_dataset_values_read_the_map_backwards_and_read_back_as_the_ids(tmp_path):
+    ids = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    cases = [
+        (ADE, np.array([1, 2, 3], np.uint8)),
+        ({0: 255, 1000: 0, 2000: 1, 3000: 2}, np.array([1000, 2000, 3000], np.uint16)),
+        ({5: 1, 7: 0, 9: 2, 4: 0}, np.array([7, 5, 9], np.uint8)),  # merged: first listed
+        ({(0, 0, 0): 0, (9, 9, 9): 255, (200, 10, 10): 1, (0, 90, 0): 2},
+         np.array([[0, 0, 0], [200, 10, 10], [0, 90, 0]], np.uint8)),
+    ]
+    for i, (color_map, expected) in enumerate(cases):
+        table = dataset_values(color_map, 3)
+        assert table.dtype == expected.dtype and np.array_equal(table, expected), color_map
+        path = write_values(tmp_path / f"{i}.png", table[ids])
+        assert np.array_equal(read_mask(path, color_map=color_map), ids), color_map
+    with pytest.raises(ConfigError, match="without a color_map"):
+        dataset_values(None, 2)
+    with pytest.raises(ConfigError, match=r"class id\(s\) \[2\] have no value"):
+        dataset_values({0: 0, 1: 1}, 3)
+
+
 def test_value_maps_and_colour_maps_round_trip_as_json_rows():
     colours = {(128, 64, 128): 0, (0, 0, 0): 255}
     for cmap in (ADE, colours, {np.int64(5): np.int64(1)}):
@@ -158,6 +180,18 @@ def test_fit_with_the_advised_value_map_trains_saves_and_scores_alike(tmp_path):
     for i, pred in enumerate(loaded.predict(df)):
         assert pred.shape == (24, 30) and set(np.unique(pred)) <= {0, 1, 2}
         Image.fromarray(pred).save(out / f"{i}.png")  # class ids, as predict writes them
+    # the dataset's own values: classes 1..3 as the masks held them, read back as the ids
+    ids = loaded.predict(df)
+    values = loaded.predict(df, values="dataset")
+    assert all(np.array_equal(v, ade + 1) for v, ade in zip(values, ids))
+    written = loaded.predict(df, save_to=tmp_path / "as_ade", values="dataset")
+    for path, expected in zip(written["label"], ids):
+        with Image.open(path) as picture:
+            assert picture.mode == "L"
+            assert np.array_equal(np.array(picture), expected + 1)
+        assert np.array_equal(read_mask(path, color_map=ADE), expected)
+    with pytest.raises(ConfigError, match="values must be one of"):
+        loaded.predict(tmp_path / "nowhere.csv", values="original")  # before any reading
     folder = score_folders(out, tmp_path / "ade" / "masks", color_map=ADE)
     assert folder["n_images"] == 6
     assert folder["miou"] == pytest.approx(scores["miou"], abs=1e-9)

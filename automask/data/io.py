@@ -1092,6 +1092,68 @@ def class_colors(num_classes: int, color_map: ColorMap | None = None) -> np.ndar
     return out
 
 
+def dataset_values(color_map: ColorMap | None, num_classes: int) -> np.ndarray:
+    """The value or colour that the training masks held for each class id: ``color_map``
+    read backwards, to write predictions as the dataset's own masks.
+
+    Parameters
+    ----------
+    color_map : dict
+        A predictor's ``color_map_``: a value map ``{value: class_id}`` or a colour map
+        ``{(r, g, b): class_id}``. Where several keys give one class (merged classes), the
+        first listed stands for it, as in :func:`class_colors`; void keys (id 255) are
+        never predicted and give nothing.
+    num_classes : int
+        Number of class ids (2 for a binary task: background and foreground).
+
+    Returns
+    -------
+    numpy.ndarray
+        Value map: ``(num_classes,)`` uint8, or uint16 when a value exceeds 255. Colour
+        map: ``(num_classes, 3)`` uint8. Row ``c`` is what class ``c`` is written as, so
+        that ``table[ids]`` is the mask in the dataset's values and :func:`read_mask` with
+        ``color_map`` reads it back as ``ids``.
+
+    Raises
+    ------
+    ConfigError
+        Without a map (the masks' values are the class ids already), or when a class id
+        below ``num_classes`` has no key in the map.
+    """
+    from ..errors import ConfigError
+
+    if not color_map:
+        raise ConfigError(
+            "the model was trained without a color_map, so its class ids are the values "
+            "its training masks held (binary: 0/1, written as 0/255): predict with "
+            "values='class_ids'")
+    first: dict[int, int | tuple[int, int, int]] = {}
+    for key, class_id in color_map.items():
+        first.setdefault(int(class_id), key)
+    missing = [c for c in range(num_classes) if c not in first]
+    if missing:
+        raise ConfigError(
+            f"class id(s) {missing} have no {'value' if is_value_map(color_map) else 'colour'}"
+            " in the model's color_map, so predictions cannot be written in the dataset's "
+            "values; predict with values='class_ids'")
+    keys = [first[c] for c in range(num_classes)]
+    if is_value_map(color_map):
+        return np.array(keys, dtype=np.uint8 if max(keys) <= 255 else np.uint16)
+    return np.array(keys, dtype=np.uint8).reshape(num_classes, 3)
+
+
+def write_values(path: str | os.PathLike, values: np.ndarray) -> Path:
+    """Write a mask in a dataset's own values as a lossless PNG, atomically: ``(H, W)``
+    uint8 as 8-bit grey, uint16 as 16-bit grey, ``(H, W, 3)`` uint8 as RGB (see
+    :func:`dataset_values`). Returns ``path``."""
+    from ..utils import atomic_write
+
+    assert values.dtype in (np.uint8, np.uint16) and values.ndim in (2, 3), values.shape
+    with atomic_write(path) as fh:
+        Image.fromarray(values).save(fh, format="PNG")
+    return Path(path)
+
+
 def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str,
                color_map: ColorMap | None = None) -> Path:
     """Write a predicted or ground-truth mask as a lossless PNG, atomically.
