@@ -255,7 +255,8 @@ class OptimConfig:
     ``ber``); None: the predictor's ``eval_metric``. The same for every candidate."""
     class_weights: str | None = None
     """Class weights of the multi-class cross-entropy (``ce``, and the CE term of
-    ``ce_dice``; ``tokens`` head): None (equal); ``balanced`` (labelled pixels / (K x the
+    ``ce_dice``; with the ``mask_classification`` head, a class's masks count ``w`` times in
+    each term of its matched loss): None (equal); ``balanced`` (labelled pixels / (K x the
     class's pixels), scikit-learn's rule); ``median_frequency`` (SegNet's: the median class
     frequency over the class's, a frequency being the class's pixels over all pixels of
     the masks that hold it); or K weights ``"w0,w1,..."``. Counted on the training split's

@@ -103,10 +103,6 @@ def test_fit_weighs_its_loss_and_refuses_weights_it_cannot_use(tmp_path, caplog)
     with pytest.raises(ConfigError, match=r"gives 2 weights for the data's 3 classes"):
         SemanticSegmentor(path=tmp_path / "bad").fit(
             df, presets="tiny", hyperparameters={**hp, "optim.class_weights": "1,2"})
-    with pytest.raises(ConfigError, match="'mask_classification' head trains with its matched"):
-        SemanticSegmentor(path=tmp_path / "bad").fit(
-            df, presets="tiny", hyperparameters={**hp, "optim.class_weights": "balanced",
-                                                 "model.multiclass_head": "mask_classification"})
     binary = df.assign(label=df["label"].str.replace("_mask", "_bin"))
     for path in df["label"]:
         Image.fromarray((np.array(Image.open(path)) == 1).astype(np.uint8)).save(
@@ -133,3 +129,13 @@ def test_fit_weighs_its_loss_and_refuses_weights_it_cannot_use(tmp_path, caplog)
     assert losses["1,0,0"][0] == pytest.approx(losses[None][0], abs=1e-6)
     assert losses["1,0,0"][1] != pytest.approx(losses[None][1], abs=1e-4)
     assert losses["median_frequency"][1] != pytest.approx(losses[None][1], abs=1e-4)
+    # the mask_classification head's matched loss takes them too
+    head = {"model.multiclass_head": "mask_classification", "optim.max_epochs": 2}
+    for weights in ("1,0,0", None):
+        run = tmp_path / f"queries_{weights}"
+        SemanticSegmentor(path=run, seed=0).fit(
+            df, presets="tiny", hyperparameters={**hp, **head, "optim.class_weights": weights})
+        metrics = pd.read_csv(next((run / "logs").rglob("metrics.csv")))
+        losses[("queries", weights)] = metrics["train_loss"].dropna().tolist()
+    assert losses[("queries", "1,0,0")][1] != pytest.approx(losses[("queries", None)][1],
+                                                             abs=1e-4)

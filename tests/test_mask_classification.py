@@ -21,6 +21,10 @@ from automask.models.mask_classification import (
     COST_CLASS,
     COST_DICE,
     COST_MASK,
+    LOSS_CLASS,
+    LOSS_DICE,
+    LOSS_MASK,
+    NO_OBJECT_WEIGHT,
     NUM_QUERIES,
     MaskClassificationLoss,
     _pairwise_bce,
@@ -131,6 +135,58 @@ def test_no_object_weight_and_unmatched_queries():
     gain_heavy = (heavy(bad[None], mask_logits[None], target)
                   - heavy(class_logits[None], mask_logits[None], target)).item()
     assert gain_light > 0 and gain_heavy > gain_light
+
+
+def test_class_weights_count_each_mask_w_times_in_every_term():
+    """The weighted matched loss against a readable reference on the same matching: CE as
+    F.cross_entropy(weight=[w, no-object]) weighs it, each mask term sum(w_c x term) /
+    sum(w_c); weights of 1 give the unweighted loss; a class of weight 0 alone gives no
+    mask loss and no NaN."""
+    gen = torch.Generator().manual_seed(5)
+    target = torch.stack([_two_region_target(), torch.randint(0, K, (8, 8), generator=gen)])
+    target[1, :2] = 255
+    class_logits = torch.randn(2, 5, K + 1, generator=gen, requires_grad=True)
+    mask_logits = torch.randn(2, 5, 8, 8, generator=gen, requires_grad=True)
+    w = torch.tensor([0.5, 3.0, 1.5])
+    got = MaskClassificationLoss(K, class_weight=w)(class_logits, mask_logits, target)
+    ce_num = ce_den = bce = dice = mass = 0.0
+    for i in range(2):
+        classes, masks, valid = image_targets(target[i], 255)
+        logits = mask_logits[i].reshape(5, -1)[:, valid]
+        rows, cols = hungarian_match(class_logits[i], logits, classes, masks)
+        wanted = torch.full((5,), K)
+        wanted[rows] = classes[cols]
+        weight = torch.cat([w, torch.tensor([NO_OBJECT_WEIGHT])])[wanted]
+        ce_num = ce_num + (weight * F.cross_entropy(class_logits[i], wanted,
+                                                    reduction="none")).sum()
+        ce_den = ce_den + weight.sum()
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            wc = w[classes[c]]
+            p, g = logits[r], masks[c]
+            bce = bce + wc * F.binary_cross_entropy_with_logits(p, g)
+            dice = dice + wc * (1 - (2 * (p.sigmoid() * g).sum() + 1)
+                                / (p.sigmoid().sum() + g.sum() + 1))
+            mass = mass + wc
+    expected = LOSS_CLASS * ce_num / ce_den + (LOSS_MASK * bce + LOSS_DICE * dice) / mass
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    grads = torch.autograd.grad(got, [class_logits, mask_logits])
+    refs = torch.autograd.grad(expected, [class_logits, mask_logits])
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    plain = MaskClassificationLoss(K)(class_logits, mask_logits, target)
+    ones = MaskClassificationLoss(K, class_weight=torch.ones(K))(class_logits, mask_logits,
+                                                                 target)
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert got.item() != pytest.approx(plain.item(), rel=1e-3)
+    only = torch.zeros(1, 8, 8, dtype=torch.int64)  # class 0 alone, weighing 0
+    zero = MaskClassificationLoss(K, class_weight=torch.tensor([0.0, 1.0, 1.0]))
+    loss = zero(class_logits[:1], mask_logits[:1], only)
+    classes, masks, _ = image_targets(only[0], 255)
+    rows, _ = hungarian_match(class_logits[0], mask_logits[0].reshape(5, -1), classes, masks)
+    unmatched = [q for q in range(5) if q not in rows.tolist()]
+    no_object = F.cross_entropy(class_logits[0, unmatched].detach(), torch.full((4,), K))
+    assert torch.isfinite(loss)  # the matched query weighs 0: the others' no-object CE
+    assert loss.item() == pytest.approx(LOSS_CLASS * no_object.item(), rel=1e-5)
 
 
 def test_ignore_pixels_do_not_change_the_loss():

@@ -183,7 +183,10 @@ class MaskClassificationLoss(nn.Module):
     ``+ LOSS_DICE x`` Dice of the matched masks, the mask terms summed over matched pairs
     and divided by the number of ground-truth masks in the batch. Ignore pixels take no
     part in the costs or the mask terms, and an image without a labelled pixel takes no part
-    in the loss at all (a batch ``[a, void]`` gives what ``[a]`` gives).
+    in the loss at all (a batch ``[a, void]`` gives what ``[a]`` gives). With
+    ``class_weight``, a ground-truth mask of class ``c`` counts ``w_c`` times in every
+    term: its query's cross-entropy (as ``F.cross_entropy(weight=...)`` weighs it) and its
+    mask terms, which are divided by the sum of the matched masks' weights.
 
     Parameters
     ----------
@@ -193,15 +196,21 @@ class MaskClassificationLoss(nn.Module):
         Target value of void and padding pixels.
     no_object_weight : float
         Cross-entropy weight of the no-object class.
+    class_weight : Tensor, optional
+        (K,) weight of each class (``optim.class_weights``); 1 for every class when None.
     """
 
     def __init__(self, num_classes: int, *, ignore_index: int = 255,
-                 no_object_weight: float = NO_OBJECT_WEIGHT):
+                 no_object_weight: float = NO_OBJECT_WEIGHT,
+                 class_weight: torch.Tensor | None = None):
         super().__init__()
         assert num_classes >= 2, num_classes
+        assert class_weight is None or class_weight.shape == (num_classes,), class_weight
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         weight = torch.ones(num_classes + 1)
+        if class_weight is not None:
+            weight[:-1] = class_weight
         weight[-1] = no_object_weight
         self.register_buffer("class_weight", weight, persistent=False)
 
@@ -225,6 +234,7 @@ class MaskClassificationLoss(nn.Module):
                                   device=class_logits.device)  # no-object by default
         bce = mask_logits.new_zeros((), dtype=torch.float32)
         dice = mask_logits.new_zeros((), dtype=torch.float32)
+        mass = mask_logits.new_zeros((), dtype=torch.float32)  # sum of the masks' weights
         num_masks = 0
         for i in range(batch):
             classes, masks, valid = image_targets(target[i], self.ignore_index)
@@ -237,14 +247,18 @@ class MaskClassificationLoss(nn.Module):
             rows, cols = hungarian_match(class_logits[i], logits, classes, masks)
             class_target[i, rows] = classes[cols]
             pred, gt = logits[rows], masks[cols]  # (m, N)
-            bce = bce + F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(1).sum()
-            dice = dice + _dice_per_mask(pred, gt).sum()
+            weight = self.class_weight[classes[cols]]  # (m,) each mask's class weight
+            bce = bce + (weight * F.binary_cross_entropy_with_logits(
+                pred, gt, reduction="none").mean(1)).sum()
+            dice = dice + (weight * _dice_per_mask(pred, gt)).sum()
+            mass = mass + weight.sum()
         if num_masks:
             ce = F.cross_entropy(class_logits.float().transpose(1, 2), class_target,
                                  weight=self.class_weight, ignore_index=_NO_TARGET)
         else:  # every image void everywhere: 0 with a graph (cross_entropy would give NaN)
             ce = class_logits.float().sum() * 0.0
-        denom = max(num_masks, 1)
+        # no masks, or only masks of weight 0: their terms are 0, divided by 1 (not 0 / 0)
+        denom = torch.where(mass > 0, mass, torch.ones_like(mass))
         return LOSS_CLASS * ce + LOSS_MASK * bce / denom + LOSS_DICE * dice / denom
 
 

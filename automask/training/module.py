@@ -63,7 +63,8 @@ class SegmentationModule(L.LightningModule):
         Target value excluded from the loss and the metric (padding, void).
     class_weight : Tensor, optional
         ``(K,)`` weights of the multi-class cross-entropy's classes (``optim.class_weights``,
-        see :func:`automask.losses.class_weights`); ``tokens`` head only.
+        see :func:`automask.losses.class_weights`): the ``tokens`` head's cross-entropy,
+        or the ``mask_classification`` head's matched loss.
     embedding_cache : EmbeddingCache, optional
         Image embeddings kept across epochs (only while the model's image encoder is
         frozen, see :mod:`automask.training.embeddings`): every batch gets the inputs'
@@ -106,8 +107,9 @@ class SegmentationModule(L.LightningModule):
                 raise ConfigError(f"invalid value {optim.loss!r} for 'optim.loss': the "
                                   f"mask_classification head trains with its matched loss; "
                                   f"use 'auto'")
-            self.mask_loss = MaskClassificationLoss(num_classes, ignore_index=ignore_index)
-        assert class_weight is None or (self.mask_loss is None and task == "multiclass" and
+            self.mask_loss = MaskClassificationLoss(num_classes, ignore_index=ignore_index,
+                                                    class_weight=class_weight)
+        assert class_weight is None or (task == "multiclass" and
                                         class_weight.shape == (num_classes,)), "plan checks"
         # moved with the module to its device; not saved (the predictor needs no loss)
         self.register_buffer("class_weight", class_weight, persistent=False)

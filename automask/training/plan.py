@@ -215,11 +215,6 @@ def _check_class_weights(name: str, cfg: Config, spec) -> None:
         raise ConfigError(
             f"{key} weighs the classes of a multi-class cross-entropy, but the data is a "
             "binary task; for a rare foreground use 'optim.loss': 'balanced_bce' or 'focal'")
-    if cfg.model.multiclass_head != "tokens":
-        raise ConfigError(
-            f"{key} weighs the 'tokens' head's cross-entropy; the "
-            f"{cfg.model.multiclass_head!r} head trains with its matched loss: set "
-            "'model.multiclass_head': 'tokens' or leave 'optim.class_weights' unset")
     if not isinstance(weights, str) and len(weights) != spec.num_classes:
         raise ConfigError(
             f"{key} gives {len(weights)} weights for the data's {spec.num_classes} classes "
