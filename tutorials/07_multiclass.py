@@ -66,3 +66,6 @@ for name, iou in zip(seg.classes_, scores["iou_per_class"]):
 masks = seg.predict(test_df.head(2))  # class ids 0..K-1 at each image's size
 print(f"{len(masks)} masks of ids {sorted(set(np.unique(masks[0]).tolist()))}, "
       f"saved predictor in {Path(seg.path_).name}")
+if color_map is not None:  # the masks' own values, for a benchmark's or a tool's format
+    own = seg.predict(test_df.head(2), values="dataset")
+    print(f"the same in the data set's values: {sorted(set(np.unique(own[0]).tolist()))}")
