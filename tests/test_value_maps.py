@@ -62,6 +62,22 @@ def test_read_mask_renumbers_grey_palette_16bit_and_npy_masks(tmp_path):
     assert np.array_equal(read_mask(tmp_path / "grey.png"), mask)  # without it: as stored
 
 
+def test_full_scale_16bit_masks_take_either_key_255_or_65535(tmp_path):
+    """A 0/65535 mask reads as 0/255; a map written for its stored values applies too."""
+    mask = np.zeros((6, 8), np.uint16)
+    mask[2:, 3:] = 65535
+    Image.fromarray(mask).save(tmp_path / "wide.png")
+    np.save(tmp_path / "wide.npy", mask)
+    expected = (mask > 0).astype(np.uint8)
+    for name in ("wide.png", "wide.npy"):
+        for value_map in ({0: 0, 65535: 1}, {0: 0, 255: 1}):
+            got = read_mask(tmp_path / name, color_map=value_map)
+            assert np.array_equal(got, expected), (name, value_map)
+            assert np.array_equal(read_target(tmp_path / name, value_map), expected), name
+    with pytest.raises(DataValidationError, match="missing from color_map: 255"):
+        read_mask(tmp_path / "wide.png", color_map={0: 0, 1: 1})
+
+
 def test_values_missing_from_a_value_map_are_named(tmp_path):
     mask = _ade_mask()
     mask[0, 0] = 7  # above every key

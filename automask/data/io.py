@@ -781,7 +781,16 @@ def color_map_from_rows(rows: list[list[int]] | None) -> ColorMap | None:
 def _apply_value_map(values: np.ndarray, value_map: ColorMap, path: str | os.PathLike
                      ) -> np.ndarray:
     """Renumber an ``(H, W)`` mask's values through ``{value: class_id}``; values missing
-    from the map raise, naming the mask and them."""
+    from the map raise, naming the mask and them.
+
+    A map that keys one of 255 and 65535 gives the other the same id: a 16-bit binary
+    mask at full scale (0/65535) reads as 0/255 (:func:`read_mask`), so ``{0: 0, 65535:
+    1}`` written for it, and ``{0: 0, 255: 1}`` for the values :func:`read_mask` gives,
+    both apply to it, stored as a PNG or a ``.npy`` array alike.
+    """
+    if (255 in value_map) != (_MAX_16BIT in value_map):
+        full = value_map.get(255, value_map.get(_MAX_16BIT))
+        value_map = {**value_map, 255: full, _MAX_16BIT: full}
     if values.dtype == np.uint8:  # most masks: 8-bit gathers through 256 entries
         lut, known = np.zeros(256, dtype=np.uint8), np.zeros(256, dtype=bool)
         for value, class_id in value_map.items():
@@ -871,7 +880,8 @@ def read_mask(
         be listed. Or ``{value: class_id}``, a value map (integer keys): the values read
         as above (grey levels, palette indices) are renumbered through it, e.g.
         ADE20K's or LoveDA's void 0 below classes 1..K as ``{0: 255, 1: 0, 2: 1, ...}``;
-        every value present must be listed.
+        every value present must be listed (of a 16-bit mask at full scale, 0/65535, as
+        255 or 65535).
 
     Returns
     -------
