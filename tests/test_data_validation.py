@@ -41,6 +41,28 @@ def _frame(pairs, index=None):
     )
 
 
+def test_a_repeated_column_is_named_by_fit_predict_and_evaluate(tmp_path):
+    """A frame that holds 'label' twice (after a merge or concat) was read past the check,
+    into a raw AttributeError; each entry point now names the column before any work."""
+    from automask import SemanticSegmentor
+
+    pairs = [_pair(tmp_path / "d", f"s{i}", _binary()) for i in range(3)]
+    twice = pd.concat([_frame(pairs), _frame(pairs)[["label"]]], axis=1)
+    assert list(twice.columns) == ["image", "label", "label"]
+    seg = SemanticSegmentor(path=tmp_path / "run")
+    with pytest.raises(DataValidationError, match=r"\['label'\] appear more than once"):
+        seg.fit(twice, presets="tiny")
+    assert not (tmp_path / "run").exists()
+    images = pd.concat([_frame(pairs)[["image"]]] * 2, axis=1)
+    with pytest.raises(DataValidationError, match=r"\['image'\] appear more than once"):
+        validate_frame(images, require_labels=False)
+    from automask.data.arrays import as_files
+
+    with pytest.raises(DataValidationError, match=r"\['image'\] appear more than once"):
+        with as_files(images, ["image"]):
+            pass
+
+
 def test_missing_columns_are_named(tmp_path):
     df = pd.DataFrame({"img": ["a.png"], "mask": ["b.png"]})
     with pytest.raises(DataValidationError) as info:
@@ -228,6 +250,27 @@ def test_a_void_label_among_the_class_ids_is_refused_before_any_fit(tmp_path):
     assert validate_frame(frame).num_classes == 3  # unset: 0 is a class
     shifted = np.where(ade == 0, 255, ade - 1).astype(np.uint8)  # the fix the message gives
     spec = validate_frame(_frame([_pair(tmp_path, "c", shifted)]), void_label=255)
+    assert spec.task == "binary"
+
+
+def test_void_label_that_is_the_objects_of_binary_masks_is_refused(tmp_path):
+    """void_label=255 on plain 0/255 masks (or 38 on 0/38 ones) ignored every object pixel:
+    the fit ran on background alone, warned only that the masks were empty."""
+    from automask import SemanticSegmentor
+
+    for fg in (38, 255):
+        pairs = [_pair(tmp_path / str(fg), f"m{i}", _binary(fg=fg)) for i in range(3)]
+        with pytest.raises(ConfigError, match=f"void_label={fg} leaves no object in any mask: "
+                                              f"the masks hold only 0 and {fg}"):
+            validate_frame(_frame(pairs), void_label=fg)
+    with pytest.raises(ConfigError, match="void_label=255 leaves no object"):
+        SemanticSegmentor(path=tmp_path / "run").fit(
+            _frame(pairs), presets="tiny", hyperparameters={"data.void_label": "255"})
+    assert not (tmp_path / "run").exists()
+    # beside the objects' own value a void value is what it says: 0/1 masks with 255 kept
+    mixed = _binary(fg=1)
+    mixed[-2:] = 255
+    spec = validate_frame(_frame([_pair(tmp_path, "v", mixed), pairs[0]]), void_label=255)
     assert spec.task == "binary"
 
 

@@ -55,6 +55,16 @@ _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 _AS_ARRAY_MODES = {"L", "RGB"}
 
 
+def refuse_repeated_columns(frame: pd.DataFrame, wanted: Sequence[str]) -> None:
+    """DataValidationError when a column of ``wanted`` appears more than once in ``frame``
+    (after a merge or a concat), naming it, rather than reading two columns as one."""
+    repeated = [c for c in wanted if int((frame.columns == c).sum()) > 1]
+    if repeated:
+        raise DataValidationError(
+            f"column(s) {repeated} appear more than once in the data (columns "
+            f"{[str(c) for c in frame.columns]}); keep one column of each name")
+
+
 def _is_tensor(value: Any) -> bool:
     import torch
 
@@ -271,6 +281,7 @@ def as_files(data: Any, columns: Sequence[str], *, by_content: bool = False,
     if not isinstance(data, pd.DataFrame):
         yield data
         return
+    refuse_repeated_columns(data, columns)
     cols = [c for c in columns if c in data.columns]
     cells = [(c, pos) for c in cols for pos, v in enumerate(data[c].tolist())
              if is_picture(v) or encoded_image(v) is not None]

@@ -59,7 +59,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataValidationError
-from .arrays import shown
+from .arrays import refuse_repeated_columns, shown
 from .io import (
     _SWAPPING_ORIENTATIONS,
     ColorMap,
@@ -713,12 +713,7 @@ def validate_frame(
                     f"header line naming its columns, e.g. {','.join(wanted)!r}")
         raise DataValidationError(
             f"missing column(s) {missing}; the data has columns {columns}{hint}")
-    repeated = [c for c in wanted if int((frame.columns == c).sum()) > 1]
-    if repeated:
-        raise DataValidationError(
-            f"column(s) {repeated} appear more than once in the data (columns {columns}); "
-            "keep one column of each name"
-        )
+    refuse_repeated_columns(frame, wanted)
     if len(frame) == 0:
         raise DataValidationError("the data frame is empty: it has no rows")
     root_path = Path(root).expanduser().resolve() if root is not None else Path.cwd()
@@ -848,6 +843,8 @@ def validate_frame(
     problems.raise_if_any()
     if use_labels and void_label is not None and int(void_label) < k:
         raise ConfigError(_void_among_classes(int(void_label), task, k, color_map))
+    if use_labels and void_label is not None and task == "binary":
+        _refuse_void_as_the_objects(summaries, int(void_label))
 
     if class_names is None:
         class_names = (
@@ -882,6 +879,21 @@ def validate_frame(
         color_map=dict(color_map) if color_map is not None else None,
         stats=stats,
     )
+
+
+def _refuse_void_as_the_objects(summaries: list[Any], void: int) -> None:
+    """ConfigError when binary masks hold only 0 and ``void``: there ``void`` marks the
+    objects (0/255 masks with ``void_label=255``), and ignoring it would leave every mask
+    background only, a fit that learns nothing (it ran, with a warning that the masks were
+    empty)."""
+    held = [{int(v) for v in summary[1]} for summary in summaries if summary is not None]
+    if held and any(void in values for values in held) \
+            and all(values - {void} <= {0} for values in held):
+        raise ConfigError(
+            f"void_label={void} leaves no object in any mask: the masks hold only 0 and "
+            f"{void}, so {void} marks their objects (binary 0/{void} masks), and ignoring it "
+            "would train on background alone; leave void_label unset (a void value goes "
+            "beside the objects' own value, e.g. 255 in 0/1 masks)")
 
 
 def _void_among_classes(void: int, task: str, k: int, color_map: Any = None) -> str:
