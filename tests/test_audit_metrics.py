@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from automask.metrics import build_metrics, infer_task, score
+from automask.metrics import build_metrics, infer_task, score, score_folders
 
 
 def _rect_mask(h: int, w: int, rows: slice, cols: slice) -> np.ndarray:
@@ -122,6 +122,28 @@ def test_multiclass_num_classes_inference_does_not_wrap_ignore_index():
     acc = build_metrics("multiclass", ["acc"], num_classes=256, ignore_index=-1)["acc"]
     acc.update(torch.from_numpy(p), torch.from_numpy(t))
     assert float(acc.compute()) == 0.75
+
+
+def test_a_predicted_ignore_index_is_no_class_of_its_own(tmp_path):
+    """Another tool's prediction marking unsure pixels 255: num_classes was inferred as 256
+    and mIoU fell from 0.889 to 0.667 (a class 255 of IoU 0); now refused, naming the image,
+    as with num_classes given."""
+    gt = np.array([[0, 1, 2, 2], [0, 1, 2, 255]], np.uint8)
+    pred = np.array([[0, 1, 2, 255], [0, 1, 2, 2]], np.uint8)
+    ok = np.where(pred == 255, 2, pred).astype(np.uint8)
+    with pytest.raises(ValueError, match="image 1: the prediction holds 255, the ground "
+                                         "truths' ignore_index"):
+        score([ok, pred], [gt, gt], task="multiclass")
+    with pytest.raises(ValueError, match=r"predicted class index 255 is outside \[0, 3\)"):
+        score([pred], [gt], task="multiclass", num_classes=3)
+    for folder, masks in (("pred", [pred]), ("gt", [gt])):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(masks[0]).save(tmp_path / folder / "a.png")
+    with pytest.raises(ValueError, match="the prediction holds 255"):
+        score_folders(tmp_path / "pred", tmp_path / "gt", task="multiclass")
+    assert score([ok], [gt], task="multiclass")["iou_per_class"] == [1.0, 1.0, 1.0]
+    # another ignore_index: the 255 of a prediction is then an ordinary (wrong) class id
+    assert len(score([pred], [gt], task="multiclass", ignore_index=7)["iou_per_class"]) == 256
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,9 +248,19 @@ def _infer_num_classes(
     predictions: list[Tensor], targets: list[Tensor], ignore_index: int | None
 ) -> int:
     highest = -1
-    for p, t in zip(predictions, targets):
+    for i, (p, t) in enumerate(zip(predictions, targets)):
         if p.ndim == t.ndim + 1:
             return int(p.shape[-3])
+        if ignore_index is not None and not p.is_floating_point() and p.shape == t.shape \
+                and bool(((p.to(torch.int64) == ignore_index)
+                          & (t.to(torch.int64) != ignore_index)).any()):
+            # at a labelled pixel, counted, it would make a class of its own (class 255 of
+            # IoU 0 in the mean); at a void pixel it is scored nowhere
+            raise ValueError(
+                f"image {i}: the prediction holds {ignore_index}, the ground truths' "
+                f"ignore_index, as a class index: a prediction gives every pixel a class, so "
+                f"{ignore_index} would be scored as a class of its own (with IoU 0 in the "
+                "mean); give those pixels a class")
         if ignore_index is not None:
             if not t.is_floating_point():  # int8/uint8 would wrap ignore_index (-1 -> 255)
                 t = t.to(torch.int64)
