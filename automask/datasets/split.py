@@ -103,14 +103,35 @@ def _row_foreground(index, value, label_col: str) -> float:
             f"({exc}); fix the row, or pass stratify_foreground=False") from exc
 
 
+def _image_groups(df: pd.DataFrame, image_col: str) -> list[list[int]]:
+    """Row positions per distinct image file (the same path after resolving links and
+    ``..``), in order of first appearance; a row whose image is not a path (a picture in
+    memory), or a frame without ``image_col``, is a group of its own."""
+    import os
+
+    groups: dict[object, list[int]] = {}
+    values = df[image_col].tolist() if image_col in df.columns else [None] * len(df)
+    for pos, value in enumerate(values):
+        key: object = ("row", pos)
+        if isinstance(value, (str, os.PathLike)) and str(value).strip():
+            key = os.path.normcase(os.path.realpath(os.path.expanduser(str(value).strip())))
+        groups.setdefault(key, []).append(pos)
+    return list(groups.values())
+
+
 def train_test_split(
     df: pd.DataFrame,
     test_size: float = 0.2,
     seed: int = 0,
     stratify_foreground: bool = True,
     label_col: str = "label",
+    image_col: str = "image",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a DataFrame of image/mask paths into train and test frames.
+
+    The split is made over distinct image files, as the fit's validation holdout is: rows
+    that repeat an image (the same path, or a link to it) land on the same side, so that
+    no test image is also trained on. Without repeated images it is a split of the rows.
 
     Parameters
     ----------
@@ -126,15 +147,29 @@ def train_test_split(
         masks).
     label_col : str
         Mask path column, used when stratifying.
+    image_col : str
+        Image path column, whose repeated images stay together; a frame without it is
+        split by rows.
 
     Returns
     -------
     tuple of pandas.DataFrame
-        ``(train, test)``, each in the original row order.
+        ``(train, test)``, each in the original row order; ``test_size`` is the fraction
+        of distinct images in the test frame.
+
+    Raises
+    ------
+    DataValidationError
+        Fewer than two rows or distinct images, or a mask that cannot be read to stratify.
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     split_positions(len(df), test_size, seed)  # a bad size or too few rows: before any read
+    members = _image_groups(df, image_col)
+    if len(members) < 2:
+        raise DataValidationError(
+            f"cannot split: the {len(df)} rows show only one image "
+            f"({df[image_col].iat[0]}), and a split keeps an image's rows on one side")
     foreground = None
     if stratify_foreground:
         if label_col not in df.columns:
@@ -148,5 +183,11 @@ def train_test_split(
         with as_files(df[[label_col]], [label_col]) as labels:
             foreground = np.array([_row_foreground(index, value, label_col)
                                    for index, value in zip(labels.index, labels[label_col])])
-    train, test = split_positions(len(df), test_size, seed, foreground)
-    return df.iloc[train], df.iloc[test]
+    if foreground is not None:  # an image's rows count with their mean
+        foreground = np.array([foreground[rows].mean() for rows in members])
+    train_g, test_g = split_positions(len(members), test_size, seed, foreground)
+
+    def rows(chosen: np.ndarray) -> np.ndarray:
+        return np.sort(np.concatenate([members[g] for g in chosen])).astype(np.int64)
+
+    return df.iloc[rows(train_g)], df.iloc[rows(test_g)]
