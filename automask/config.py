@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from .errors import ConfigError
 
 log = logging.getLogger("automask.config")
@@ -554,6 +556,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if optional:
             return None
         _fail(key, value, "may not be None")
+    # numpy's bool (a value read from an array or a DataFrame) is a bool, not an int
+    flag = isinstance(value, (bool, np.bool_))
     try:
         if base is bool:
             if isinstance(value, str):
@@ -562,19 +566,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 if value.lower() in ("false", "0", "no"):
                     return False
                 raise ValueError
-            if isinstance(value, (bool, int)) and value in (0, 1):
+            if flag or (isinstance(value, int) and value in (0, 1)):
                 return bool(value)
             raise ValueError
         if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if flag or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if base is float:
-            if isinstance(value, bool):
+            if flag:
                 raise ValueError
             return float(value)
         if base is str:
-            if isinstance(value, (str, int)) and not isinstance(value, bool):
+            if isinstance(value, (str, int)) and not flag:
                 return str(value)
             raise ValueError
     except (TypeError, ValueError):

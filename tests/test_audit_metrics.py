@@ -124,6 +124,16 @@ def test_multiclass_num_classes_inference_does_not_wrap_ignore_index():
     assert float(acc.compute()) == 0.75
 
 
+def test_a_batch_inside_a_list_is_named_as_such():
+    """[stack], [stack] said 'shape (2, 10, 10) does not match target shape (2, 10, 10)'."""
+    rng = np.random.default_rng(0)
+    p, t = rng.random((2, 10, 10)), (rng.random((2, 10, 10)) > 0.5).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"image 0: prediction and target are 3-D, "
+                                         r"\(2, 10, 10\).*not inside a list"):
+        score([p], [t])
+    assert score(p, t)["iou"] == pytest.approx(score(list(p), list(t))["iou"], abs=1e-12)
+
+
 def test_a_predicted_ignore_index_is_no_class_of_its_own(tmp_path):
     """Another tool's prediction marking unsure pixels 255: num_classes was inferred as 256
     and mIoU fell from 0.889 to 0.667 (a class 255 of IoU 0); now refused, naming the image,

@@ -227,3 +227,17 @@ def test_every_imported_package_is_declared_in_pyproject():
                 if not {norm(d) for d in dists.get(top, [top])} & names:
                     missing.setdefault(top, path.relative_to(ROOT).as_posix())
     assert not missing, missing
+
+
+def test_numpy_scalars_from_a_table_of_settings_are_read_by_their_kind():
+    """np.bool_ for a bool field was refused ('invalid value np.False_ ... expected bool')
+    while np.int64 and np.float32 were read; and as an int it must be refused as bool is."""
+    import numpy as np
+
+    [(_, cfg)] = resolve(None, {"data.hflip": np.bool_(False), "data.vflip": np.True_,
+                                "optim.max_epochs": np.int64(3), "optim.lr": np.float32(1e-3)})
+    assert (cfg.data.hflip, cfg.data.vflip, cfg.optim.max_epochs) == (False, True, 3)
+    assert type(cfg.data.hflip) is bool and cfg.optim.lr == pytest.approx(1e-3)
+    for key in ("optim.max_epochs", "optim.lr"):
+        with pytest.raises(ConfigError, match=f"invalid value np.True_ for '{key}'"):
+            resolve(None, {key: np.True_})

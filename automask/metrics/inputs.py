@@ -389,6 +389,11 @@ def binary_samples(
         t = as_tensor(t, device=p.device)
         if p.ndim == 3 and p.shape[0] == 1 and t.ndim == 2:
             p = p[0]  # (1, H, W) single-channel map
+        if p.shape == t.shape and p.ndim == 3:  # a (B, H, W) batch given as one list item
+            raise ValueError(
+                f"image {i}: prediction and target are 3-D, {tuple(p.shape)}: a binary "
+                "map is 2-D (H, W); pass a batch of maps as one (B, H, W) array, or as a "
+                "list of 2-D maps, not inside a list")
         if p.shape != t.shape or p.ndim != 2:
             raise ValueError(
                 f"image {i}: prediction shape {tuple(p.shape)} does not match target shape "
