@@ -870,7 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(sub, "params", help="trainable parameters per PEFT method")
     p.add_argument("--backbone", default="vit_h")
     p.add_argument("--methods", help="comma-separated PEFT methods (default: all)")
-    p.add_argument("--num-classes", type=int, default=1, help="output maps (1 = binary)")
+    p.add_argument("--num-classes", type=int, default=1,
+                   help="classes, background included, as fit counts them (1 or 2 = binary)")
     p.add_argument("--multiclass-head", default="tokens",
                    choices=["tokens", "mask_classification"], help="head for 2+ classes")
     p.add_argument("--style", choices=["counts", "paper"], default="counts",

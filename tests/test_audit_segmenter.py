@@ -257,6 +257,17 @@ def test_summary_counts_are_the_trainable_parameters_of_a_built_model(num_classe
         assert row["ratio_pct"] == round(100.0 * trainable / total, 2), method
 
 
+def test_summary_counts_classes_as_fit_does_two_are_binary():
+    """params --num-classes 2 counted a 2-token head that no fit builds (fit(num_classes=2)
+    is binary); classes are counted background included, as in fit."""
+    one, two, three = (parameter_summary("tiny", methods=["lora"], num_classes=k)
+                       for k in (1, 2, 3))
+    assert two.equals(one)
+    assert three["trainable"].item() > one["trainable"].item()
+    with pytest.raises(ConfigError, match="num_classes must be an integer >= 1, got 0"):
+        parameter_summary("tiny", methods=["lora"], num_classes=0)
+
+
 @pytest.mark.parametrize("kwargs, word", [
     ({"rnak": 4}, r"\['rnak'\].*'rnak' is no PEFT option"),
     ({"methods": ["bitfit"], "rank": 4}, r"\['rank'\].*'rank' is used by .*lora"),

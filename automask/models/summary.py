@@ -61,9 +61,10 @@ def parameter_summary(
         :data:`~automask.peft.PEFT_METHODS`, in registry order (on SAM 2.1 backbones, those
         that Hiera supports).
     num_classes : int
-        Number of segmentation outputs (1 = binary).
+        Number of classes, background included, as ``fit(num_classes=...)`` counts them:
+        1 or 2 is a binary task (SAM's single mask), K >= 3 a K-class head.
     multiclass_head : {"tokens", "mask_classification"}
-        Head used when ``num_classes >= 2``.
+        Head used when ``num_classes >= 3``.
     **peft_options
         Options passed to :func:`~automask.peft.apply_peft` (``rank=4``...), each to the
         methods that use it; an option none of ``methods`` uses is an error.
@@ -89,6 +90,8 @@ def parameter_summary(
     from .segmenter import SamSegmenter
 
     spec = get_spec(backbone)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     rows = []
     if methods is None:
         methods = list(PEFT_METHODS)
@@ -115,7 +118,8 @@ def parameter_summary(
             model = _sam2_model(backbone, spec) if is_sam2_backbone(backbone) else SamSegmenter(
                 *build_sam_parts(spec, spec.pretrain_size), backbone=backbone,
                 input_size=spec.pretrain_size)
-            model.set_num_classes(num_classes, head=multiclass_head)
+            # a fit of two classes is binary: one map, no multi-class head
+            model.set_num_classes(1 if num_classes <= 2 else num_classes, head=multiclass_head)
             apply_peft(model, method, **options)
         trainable, total = count_parameters(model)
         rows.append({
