@@ -667,6 +667,9 @@ class SemanticSegmentor(BaseEstimator):
             value = getattr(self, arg)
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise ConfigError(f"{arg} must be a column name of the data, got {value!r}")
+        if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
+            raise ConfigError(f"path must be a folder path (str or pathlib.Path) or None, got "
+                              f"{type(self.path).__name__} {self.path!r}")
         if isinstance(self.path, (str, os.PathLike)) and not os.fspath(self.path).strip():
             raise ConfigError(f"path must name the predictor's folder, got {self.path!r} (an "
                               "unset environment variable?); pass None for a new folder "

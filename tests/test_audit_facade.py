@@ -122,6 +122,15 @@ def test_an_empty_path_is_refused_not_the_working_directory(fitted, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_path_of_another_type_is_named(fitted, tmp_path, monkeypatch):
+    """path=123 ended in a bare TypeError from deep inside fit."""
+    _, frame, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"path must be a folder path .* got int 123"):
+        SemanticSegmentor(path=123, verbosity=0).fit(frame, presets="tiny", hyperparameters=HP)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_numpy_integers_are_accepted_for_verbosity(fitted, tmp_path):
     _, frame, _ = fitted
     seg = SemanticSegmentor(path=tmp_path / "run", verbosity=np.int64(0)).fit(
