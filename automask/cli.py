@@ -301,8 +301,12 @@ def _cmd_leaderboard(args) -> None:
     if args.out:
         check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
     metrics = _split(args.metrics, "--metrics")
-    board = _load(args.run, args).leaderboard(args.data, extra=extra, style=args.style,
-                                        metrics=metrics, resolution=args.resolution)
+    seg = _load(args.run, args)
+    frame = _folders(args, seg.image, seg.label)  # --images/--masks, as evaluate takes them
+    if frame is not None and args.data is not None:
+        raise AutomaskError("give either --data or --images/--masks, not both")
+    board = seg.leaderboard(frame if frame is not None else args.data, extra=extra,
+                            style=args.style, metrics=metrics, resolution=args.resolution)
     _show_or_save(board, args)
 
 
@@ -725,7 +729,7 @@ _DATA_OPTIONS = {
     "fit": "--train CSV, or --images DIR --masks DIR",
     "predict": "--data (a CSV, an image folder or an image file)",
     "evaluate": "--data CSV, or --images DIR --masks DIR",
-    "leaderboard": "--data CSV",
+    "leaderboard": "--data CSV, or --images DIR --masks DIR",
     "show": "--data CSV, or --images DIR --masks DIR",
     "score": "--pred and --gt",
 }
@@ -843,9 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(sub, "leaderboard", help="the trained models side by side")
     p.add_argument("run")
     _add_checkpoint_arg(p)
-    p.add_argument("--data", help="CSV of test data to score every model on")
+    p.add_argument("--data", help="CSV of test data to score every model on (or "
+                                  "--images/--masks)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
-                   help="a row scoring another model's masks in DIR on --data; repeatable")
+                   help="a row scoring another model's masks in DIR on the test data; "
+                        "repeatable")
     p.add_argument("--style", choices=["models", "methods", "paper"],
                    help="rows per model, per method (mean and std over seeds), or the "
                         "paper's table (default: methods when runs differ only by seed)")
@@ -856,6 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--resolution", choices=["original", "input"], default="original",
                    help=_RESOLUTION_HELP)
+    _add_folder_args(p)
     p.set_defaults(func=_cmd_leaderboard)
 
     p = _add_command(sub, "export", help="export a model to ONNX (or a torch.export .pt2)")

@@ -186,6 +186,26 @@ def test_test_data_with_other_column_names_is_read_through_image_and_label(run_d
     assert len(list(out.glob("*.png"))) == len(pd.read_csv(renamed))
 
 
+def test_leaderboard_takes_image_and_mask_folders(run_dir, csvs, tmp_path):
+    """Its error on a folder advised --images/--masks, which it did not take."""
+    import shutil
+
+    test = pd.read_csv(csvs / "test.csv")
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i, (image, mask) in enumerate(zip(test["image"], test["label"])):
+        shutil.copy(csvs / image, tmp_path / "images" / f"{i}.png")
+        shutil.copy(csvs / mask, tmp_path / "masks" / f"{i}.png")
+    by_csv = run_cli("leaderboard", str(run_dir), "--data", str(csvs / "test.csv"), "--json")
+    folders = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
+    by_folders = run_cli("leaderboard", str(run_dir), *folders, "--json")
+    assert by_folders.returncode == 0, by_folders.stderr
+    scores = {r["model"]: r["test_iou"] for r in json.loads(by_folders.stdout)}
+    assert scores == {r["model"]: r["test_iou"] for r in json.loads(by_csv.stdout)}
+    assert_one_line_error(run_cli("leaderboard", str(run_dir), "--data",
+                                  str(csvs / "test.csv"), *folders), "not both")
+
+
 def test_leaderboard_bad_input(tmp_path):
     (tmp_path / "automask.json").write_text("{not json")
     assert_one_line_error(run_cli("leaderboard", str(tmp_path)), "corrupted")
