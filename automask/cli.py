@@ -204,6 +204,10 @@ def _cmd_predict(args) -> None:
     if os.path.isdir(os.path.expanduser(args.run)):  # (else loading names the run first)
         _check_predict_paths(args.data, args.out)  # before the models load (vit_h: seconds)
     seg = _load(args.run, args)
+    if args.values == "dataset" and not seg.color_map_:  # said in this command's options
+        raise AutomaskError("--values dataset needs a model fitted with a color map (its "
+                            "class ids are the values its training masks held); leave "
+                            "--values out, or give --values class_ids")
     boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
     if args.proba:
         written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,

@@ -102,7 +102,8 @@ def test_predict_bad_input(run_dir, csvs, tmp_path):
     # the dataset's values need a color map to read backwards; probabilities have none
     proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"),
                    "--out", str(tmp_path / "o"), "--values", "dataset")
-    assert_one_line_error(proc, "without a color_map", "values='class_ids'")
+    assert_one_line_error(proc, "--values dataset needs a model fitted with a color map",
+                          "--values class_ids")
     proc = run_cli("predict", str(run_dir), "--data", str(csvs / "test.csv"),
                    "--out", str(tmp_path / "o"), "--values", "dataset", "--proba")
     assert_one_line_error(proc, "--values applies to masks")
