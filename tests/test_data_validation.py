@@ -582,3 +582,65 @@ def test_blurred_binary_masks_are_binarised_once_num_classes_2_says_binary(tmp_p
     assert set(np.unique(np.asarray(Image.open(tmp_path / "ones.jpg")))) == {0, 1, 2}
     with pytest.raises(DataValidationError, match=r"row 0 \[label\].*ones\.jpg"):
         validate_frame(_frame([(img, str(tmp_path / "ones.jpg"))]), num_classes=2)
+
+
+def test_a_void_row_among_the_colour_table_gets_advice_that_works(tmp_path):
+    """CamVid's Kaggle table lists 'Void' among the classes: the warning advised void_label
+    with its name left out, which was refused with advice that failed in turn (a value map
+    that colour masks refuse, an id one off). Each advice given is now followed here."""
+    from automask.data.validation import warn_training_issues
+
+    table = {(0, 0, 192): 0, (128, 64, 128): 1, (0, 0, 0): 2, (128, 128, 128): 3}
+    names = ["Car", "Road", "Void", "Sky"]
+    colours = np.array(list(table), np.uint8)
+    pairs = []
+    for i in range(3):
+        ids = np.full((12, 16), 3, np.uint8)
+        ids[6:, :] = 1
+        ids[8:, 4 + i:9] = 0
+        ids[:2, :] = 2
+        path = tmp_path / f"m{i}.png"
+        Image.fromarray(colours[ids]).save(path)
+        image = tmp_path / f"i{i}.png"
+        Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(image)
+        pairs.append((str(image), str(path)))
+    frame = _frame(pairs)
+    spec = validate_frame(frame, color_map=table, class_names=names)
+    with pytest.warns(UserWarning, match="class 2 is named 'Void'") as record:
+        warn_training_issues(spec)
+    text = " ".join(str(w.message) for w in record)
+    advice = re.search(r"color_map=(\{key: .*?\}) \(color_map", text).group(1)
+    fixed = eval(advice, {"color_map": table})
+    assert fixed == {(0, 0, 192): 0, (128, 64, 128): 1, (0, 0, 0): 255, (128, 128, 128): 2}
+    spec = validate_frame(frame, color_map=fixed, class_names=["Car", "Road", "Sky"])
+    assert spec.num_classes == 3 and spec.class_names == ["Car", "Road", "Sky"]
+    # the old advice, void_label=2 with 'Void' left out: refused with the same fix
+    with pytest.raises(ConfigError, match=r"void_label=2 lies among the class ids 0..3 "
+                                          r"that color_map gives.*move the void row "
+                                          r"last and pass void_label=3"):
+        validate_frame(frame, color_map=table, class_names=["Car", "Road", "Sky"],
+                       void_label=2)
+    with pytest.raises(ConfigError, match=r"names it as class 2 \('Void'\).*color_map="
+                                          r"\{key: 255 if i == 2.*--void-label 3"):
+        validate_frame(frame, color_map=table, class_names=names, void_label=2)
+    # the command line's way: the void row moved last, its id there
+    moved = {(0, 0, 192): 0, (128, 64, 128): 1, (128, 128, 128): 2, (0, 0, 0): 3}
+    spec = validate_frame(frame, color_map=moved, class_names=["Car", "Road", "Sky"],
+                          void_label=3)
+    assert spec.num_classes == 3
+
+
+def test_a_void_name_among_id_masks_gets_the_value_map_that_renumbers_them(tmp_path):
+    from automask.data.validation import warn_training_issues
+
+    ids = np.zeros((12, 16), np.uint8)
+    ids[:3], ids[6:, :8], ids[6:, 8:] = 1, 2, 3
+    frame = _frame([_pair(tmp_path, "a", ids)])
+    spec = validate_frame(frame, class_names=["grass", "unlabelled", "road", "car"])
+    with pytest.warns(UserWarning, match="class 1 is named 'unlabelled'") as record:
+        warn_training_issues(spec)
+    text = " ".join(str(w.message) for w in record)
+    assert "void_label': 1}" not in text  # ignoring id 1 in place is refused
+    value_map = eval(re.search(r"color_map=(\{.*?\}\}?) makes it 255", text).group(1))
+    spec = validate_frame(frame, color_map=value_map, class_names=["grass", "road", "car"])
+    assert spec.num_classes == 3

@@ -518,12 +518,31 @@ def _check_options(
         void = _whole_number(void_label)
         if void is None or not 0 <= void <= 255:
             raise ConfigError(f"void_label must be an integer in [0, 255], got {void_label!r}")
+        ids = sorted({int(v) for v in (color_map or {}).values()} - {IGNORE_INDEX}) \
+            if isinstance(color_map, Mapping) else []
+        if class_names is not None and void == len(class_names) - 1 and ids \
+                and ids[-1] > void and _folded(class_names[void]) not in _VOID_NAMES:
+            # the names leave the void out (as advised) while the map numbers it among
+            # the classes: it lies before the last class, which no name reaches
+            raise ConfigError(
+                f"void_label={void} lies among the class ids 0..{ids[-1]} that color_map "
+                f"gives, before class {ids[-1]}: class ids are kept as they are, so the void "
+                f"id must come after the classes (or be 255). "
+                f"{_void_in_the_middle(void, ids[-1])}")
         if class_names is not None and void == len(class_names) - 1:
             # e.g. CamVid's classes.txt, whose last name ("Unlabelled", 11) is its void id
             raise ConfigError(
                 f"void_label={void} is ignored in training, yet class_names names it as class "
                 f"{void} ({class_names[void]!r}): that class could never be learnt; leave its "
                 f"name out of class_names (class_names[:{void}])")
+        if class_names is not None and void < len(class_names) and color_map is not None:
+            raise ConfigError(
+                f"void_label={void} is ignored in training, yet class_names names it as class "
+                f"{void} ({class_names[void]!r}) of {len(class_names)}, before "
+                f"{class_names[void + 1]!r}: class ids are kept as they are, so the void id "
+                f"must come after the classes (or be 255). "
+                f"{_void_in_the_middle(void, ids[-1] if ids else len(class_names) - 1)} Or "
+                f"leave void_label unset if {class_names[void]!r} is a class")
         if class_names is not None and void < len(class_names):
             # leaving the name out would shift the names of the classes after it
             raise ConfigError(
@@ -534,10 +553,8 @@ def _check_options(
                 f"read: color_map={_renumbering(void, len(class_names))} makes the void "
                 "value 255 (always ignored) and the classes after it one lower (automask "
                 "fit: --color-map FILE of 'VALUE CLASS_ID' lines); then leave "
-                f"void_label unset and {class_names[void]!r} out of class_names. With a "
-                "colour table (a class_dict.csv), move the void row last and pass "
-                f"void_label={len(class_names) - 1}. Or leave void_label unset if "
-                f"{class_names[void]!r} is a class")
+                f"void_label unset and {class_names[void]!r} out of class_names. Or leave "
+                f"void_label unset if {class_names[void]!r} is a class")
     if color_map is not None:
         check_color_map(color_map)
     return num_classes, class_names
@@ -930,6 +947,18 @@ def _void_among_classes(void: int, task: str, k: int, color_map: Any = None) -> 
             f"leave void_label unset if {void} is a class")
 
 
+def _void_in_the_middle(void: int, last: int) -> str:
+    """The fix for a void id among the class ids 0..``last`` that a colour (or value) map
+    gives."""
+    return ("Give the void 255 (always ignored) and the classes after it one id less, in "
+            f"the map: color_map={{key: 255 if i == {void} else i - (i > {void}) for key, "
+            "i in color_map.items()} (color_map: the map given, or the one read from the "
+            "class_dict.csv, automask.datasets.read_color_map(path)[0]); then leave "
+            "void_label unset and give class_names without the void's name. Or move the "
+            f"void row last and pass void_label={last}, its id there (a class_dict.csv with "
+            f"the row moved, on the command line: --void-label {last})")
+
+
 def _renumbering(void: int, k: int) -> str:
     """The value map, as Python, that makes mask value ``void`` (one of ``0..k-1``) 255 and
     numbers the other values ``0..k-2`` in their order."""
@@ -1111,10 +1140,17 @@ def _class_named_as_void(spec: DataSpec) -> str | None:
     if not named:
         return None
     c, name = named[0]
-    return (f"class {c} is named {name!r}, as datasets name the pixels they leave "
-            "unlabelled: it is learnt and scored as a class. If it marks no class, ignore "
-            f"its pixels in training and scoring with hyperparameters={{'data.void_label': "
-            f"{c}}} and class_names without {name!r} (automask fit --void-label {c})")
+    said = (f"class {c} is named {name!r}, as datasets name the pixels they leave "
+            "unlabelled: it is learnt and scored as a class. If it marks no class, ")
+    if c < spec.num_classes - 1:  # before other classes: ignoring it needs new ids
+        fix = (_void_in_the_middle(c, spec.num_classes - 1) if spec.color_map is not None else
+               f"renumber the masks as they are read: color_map="
+               f"{_renumbering(c, spec.num_classes)} makes it 255 (always ignored) and the "
+               f"classes after it one lower; then give class_names without {name!r}")
+        return said + fix[0].lower() + fix[1:]
+    return (said + "ignore its pixels in training and scoring with hyperparameters="
+            f"{{'data.void_label': {c}}} and class_names without {name!r} (automask fit "
+            f"--void-label {c})")
 
 
 def _id_ranges(ids: Sequence[int], limit: int = 8) -> str:
