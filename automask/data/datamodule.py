@@ -22,7 +22,7 @@ from .cache import SampleCache
 from .crops import check_large_images
 from .dataset import SegmentationDataset, collate_samples
 from .transforms import AugmentConfig
-from .validation import DataSpec, warn_training_issues
+from .validation import DataSpec, image_key, warn_training_issues
 
 
 def default_num_workers() -> int:
@@ -154,7 +154,7 @@ def split_spec(
         )
     groups: dict[str, list[int]] = {}
     for pos, path in enumerate(spec.frame[spec.image_col]):
-        groups.setdefault(os.path.normcase(os.path.realpath(str(path))), []).append(pos)
+        groups.setdefault(image_key(path), []).append(pos)
     members = list(groups.values())  # one list of row positions per distinct image
     if len(members) < 2:
         raise DataValidationError(

@@ -980,8 +980,14 @@ def duplicate_images(spec: DataSpec) -> list[list[int]]:
     """
     groups: dict[str, list[int]] = {}
     for pos, path in enumerate(spec.frame[spec.image_col]):
-        groups.setdefault(os.path.normcase(os.path.realpath(str(path))), []).append(pos)
+        groups.setdefault(image_key(path), []).append(pos)
     return [rows for rows in groups.values() if len(rows) > 1]
+
+
+def image_key(path: str | os.PathLike) -> str:
+    """The same string for every path of one file: ``~`` expanded, links and ``..``
+    resolved, case folded where the file system folds it (how a repeated image is told)."""
+    return os.path.normcase(os.path.realpath(os.path.expanduser(str(path))))
 
 
 def repeated_images(spec: DataSpec) -> tuple[int, int, str] | None:
@@ -1045,10 +1051,9 @@ def warn_training_issues(spec: DataSpec, tuning_spec: DataSpec | None = None) ->
             "an image on one side"
         )
     if tuning_spec is not None:
-        train_images = {os.path.normcase(os.path.realpath(str(p)))
-                        for p in spec.frame[spec.image_col]}
+        train_images = {image_key(p) for p in spec.frame[spec.image_col]}
         shared = [pos for pos, p in enumerate(tuning_spec.frame[tuning_spec.image_col])
-                  if os.path.normcase(os.path.realpath(str(p))) in train_images]
+                  if image_key(p) in train_images]
         if shared:
             messages.append(
                 f"{len(shared)} of the {len(tuning_spec)} tuning row(s) use an image that is "

@@ -109,12 +109,14 @@ def _image_groups(df: pd.DataFrame, image_col: str) -> list[list[int]]:
     memory), or a frame without ``image_col``, is a group of its own."""
     import os
 
+    from ..data.validation import image_key
+
     groups: dict[object, list[int]] = {}
     values = df[image_col].tolist() if image_col in df.columns else [None] * len(df)
     for pos, value in enumerate(values):
         key: object = ("row", pos)
         if isinstance(value, (str, os.PathLike)) and str(value).strip():
-            key = os.path.normcase(os.path.realpath(os.path.expanduser(str(value).strip())))
+            key = image_key(str(value).strip())
         groups.setdefault(key, []).append(pos)
     return list(groups.values())
 
