@@ -50,10 +50,34 @@ def _default_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
 
-def start_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "automask", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+# Run first in the fits these tests interrupt or kill: once the resume checkpoint named
+# ``hold`` is written, the fit waits in that epoch's end for good. The test then acts on a
+# fit that is known to be running, however slowly this machine runs either process (a
+# fit of 50 short epochs once ended before a loaded CI machine sent its Ctrl-C).
+HOLD = textwrap.dedent("""
+    import os, sys, time
+    from automask.training.callbacks import EpochCheckpoint
+    _write = EpochCheckpoint.on_train_epoch_end
+    def _write_then_hold(self, trainer, module):
+        _write(self, trainer, module)
+        while self.path.name == os.environ.get("AUTOMASK_TEST_HOLD"):
+            time.sleep(0.02)
+    EpochCheckpoint.on_train_epoch_end = _write_then_hold
+""")
+
+
+def start_held(code: str, *args: str, hold: str = "default.ckpt") -> subprocess.Popen:
+    """``python -c HOLD + code args``: a fit that stops for good after writing ``hold``."""
+    return subprocess.Popen([sys.executable, "-c", HOLD + textwrap.dedent(code), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                 "AUTOMASK_TEST_HOLD": hold})
+
+
+def start_cli(*args: str, hold: str = "default.ckpt") -> subprocess.Popen:
+    """``automask *args`` (its entry point, :func:`automask.cli.run`), held as above."""
+    return start_held("from automask.cli import run\nsys.exit(run())\n", *args, hold=hold)
 
 
 def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
@@ -108,10 +132,9 @@ def test_killed_refit_leaves_the_previous_predictor_complete(data, base, tmp_pat
     files_before = digest_tree(run)
     proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
                      "--hp", "peft.method=full", "--hp", "peft.method=lora",
-                     # 8 epochs (about 2 s) per candidate: the kill lands while the
-                     # second one trains, even on a loaded machine
                      "--hp", "optim.max_epochs=8", "--hp", "model.input_size=64",
-                     "--path", str(run), "--overwrite", "--verbosity", "0")
+                     "--path", str(run), "--overwrite", "--verbosity", "0",
+                     hold="method_lora.ckpt")  # the second candidate never ends
     try:  # the first candidate's weights are written; the second is training
         wait_for(lambda: (run / STATE / "records" / "method_full.json").is_file(), proc)
     finally:
@@ -262,7 +285,7 @@ def test_a_path_that_cannot_hold_the_predictor_is_named_before_any_work(
 def test_second_fit_is_refused_while_one_runs_and_kill_9_resume(data, tmp_path):
     """Lock held by a running fit names its pid; after kill -9 a resume continues it."""
     run = tmp_path / "run"
-    epochs = 24  # about 0.25 s each: the second fit and the kill come well before the end
+    epochs = 24  # held after the first: the second fit and the kill come before the end
     proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
                      "--hp", f"optim.max_epochs={epochs}", "--hp", "model.input_size=64",
                      "--path", str(run), "--verbosity", "0")
@@ -363,13 +386,17 @@ def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path,
 # ------------------------------------------------------------------------- 6. SIGINT
 def test_ctrl_c_exits_130_and_the_fit_resumes(data, tmp_path, capsys):
     run = tmp_path / "run"
-    epochs = 24  # an epoch takes about 0.25 s here: the interrupt lands well before the end
+    epochs = 24  # held after the first: the interrupt comes before the end
     proc = start_cli("fit", "--train", str(data / "train.csv"), "--presets", "tiny",
                      "--hp", f"optim.max_epochs={epochs}", "--hp", "model.input_size=64",
                      "--path", str(run), "--verbosity", "1")
-    wait_for(lambda: (run / STATE / "checkpoints" / "default.ckpt").is_file(), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        wait_for(lambda: (run / STATE / "checkpoints" / "default.ckpt").is_file(), proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
     assert not (run / "automask.json").is_file(), "the fit ended before the interrupt"
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "automask: interrupted"
@@ -418,13 +445,16 @@ API_FIT = textwrap.dedent("""
 
 def test_ctrl_c_raises_keyboard_interrupt_in_the_api(data, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", API_FIT, str(data / "train.csv"), str(run)],
-                            preexec_fn=_default_sigint,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: checkpoint_epoch(run) is not None, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert out.strip() == "KeyboardInterrupt", (out, err[-2000:])
+    proc = start_held(API_FIT, str(data / "train.csv"), str(run))
+    try:
+        wait_for(lambda: checkpoint_epoch(run) is not None, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.strip() == "KeyboardInterrupt", (proc.returncode, out, err[-2000:])
+    assert "the completed epochs are kept" in err
     assert (run / STATE / "plan.json").is_file() and checkpoint_epoch(run) is not None
 
 
