@@ -156,6 +156,24 @@ def test_a_predicted_ignore_index_is_no_class_of_its_own(tmp_path):
     assert len(score([pred], [gt], task="multiclass", ignore_index=7)["iou_per_class"]) == 256
 
 
+def test_what_a_prediction_holds_at_void_pixels_is_scored_nowhere():
+    """A prediction that copies the ground truth's void (255) onto its void pixels: inferred,
+    num_classes was 256 (253 NaN classes in iou_per_class); given num_classes=3, the same
+    input was refused. Both now leave those pixels out, whatever value they hold."""
+    gt = np.array([[0, 1, 2, 2], [0, 1, 2, 255]], np.uint8)
+    copied = gt.copy()  # 255 exactly where the ground truth is void
+    other = np.where(gt == 255, 9, gt).astype(np.uint8)  # any value there
+    filled = np.where(gt == 255, 0, gt).astype(np.uint8)
+    expected = score([filled], [gt], task="multiclass")
+    assert expected["iou_per_class"] == [1.0, 1.0, 1.0]
+    for pred in (copied, other):
+        assert score([pred], [gt], task="multiclass") == expected
+        assert score([pred], [gt], task="multiclass", num_classes=3) == expected
+    with pytest.raises(ValueError, match=r"predicted class index 9 is outside \[0, 3\)"):
+        score([np.where(gt == 1, 9, gt).astype(np.uint8)], [gt], task="multiclass",
+              num_classes=3)  # at a labelled pixel it is still checked
+
+
 # --------------------------------------------------------------------------------------------
 # Task inference and shapes
 # --------------------------------------------------------------------------------------------

@@ -502,7 +502,7 @@ def _multiclass_pair(
             f"{_where(index)}target class index {value} is outside [0, {num_classes}) "
             f"and is not the ignore index {ignore_index}"
         )
-    bad_p = (p < 0) | (p >= num_classes)
+    bad_p = labelled & ((p < 0) | (p >= num_classes))  # at a void pixel: scored nowhere
     if bool(bad_p.any()):
         value = p[bad_p][0].item()
         raise ValueError(

@@ -264,10 +264,12 @@ def _infer_num_classes(
         if ignore_index is not None:
             if not t.is_floating_point():  # int8/uint8 would wrap ignore_index (-1 -> 255)
                 t = t.to(torch.int64)
-            labelled = t[t != ignore_index]
+            keep = t != ignore_index  # what a prediction says at a void pixel is not scored
+            labelled = t[keep]
+            predicted = p[keep] if p.shape == t.shape else p.flatten()
         else:
-            labelled = t.flatten()
-        for values in (p.flatten(), labelled):
+            labelled, predicted = t.flatten(), p.flatten()
+        for values in (predicted, labelled):
             if values.numel():
                 highest = max(highest, int(values.max().item()))
     return highest + 1
