@@ -336,12 +336,25 @@ def _cmd_score(args) -> None:
     metrics = _split(args.metrics, "--metrics")
     conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
     names = _split(args.class_names)
+    task = args.task
+    if names is not None and task != "binary" and (task == "multiclass" or len(names) > 2):
+        # the names say how many classes there are, as a fit's class_names do: one that no
+        # labelled pixel holds (void wherever it occurs) is still a class, of IoU NaN
+        task, conventions["num_classes"] = "multiclass", len(names)
     color_map, table_names = _score_color_map(args)
     try:
-        scores = score_folders(args.pred, args.gt, task=args.task, metrics=metrics,
+        scores = score_folders(args.pred, args.gt, task=task, metrics=metrics,
                                color_map=color_map, extra_masks=args.extra_masks,
                                **conventions)
     except ValueError as exc:  # its advice in this command's options, not Python's
+        beyond = re.search(r"(target|predicted) class index (\d+) is outside \[0, \d+\)",
+                           str(exc))
+        if beyond and "num_classes" in conventions:  # set from the names above
+            whose = "ground truths" if beyond.group(1) == "target" else "predictions"
+            raise AutomaskError(
+                f"--class-names has {len(names)} names but the {whose} hold class "
+                f"{beyond.group(2)} ({str(exc).split(': ')[0]}): name every class, "
+                "background first") from exc
         raise AutomaskError(_as_options(str(exc))) from exc
     if names is None and table_names is not None:  # the table's, where they fit the scores
         per_class = {len(v) for v in scores.values() if isinstance(v, list)}
