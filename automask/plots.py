@@ -438,9 +438,7 @@ def _as_rgb(image, row: int) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         raise DataValidationError(f"image {row} has values of type {a.dtype}; expected "
                                   "numbers (uint8, 16-bit, float or bool)")
-    if a.dtype.kind in "iu" and a.dtype.itemsize != 2 and a.min() >= 0 and a.max() <= 255:
-        return a.astype(np.uint8)
-    from .data.io import _to_uint8
+    from .data.io import _to_uint8  # an int64 array of 0..255 is 8-bit values there too
 
     return _to_uint8(a)
 

@@ -92,6 +92,23 @@ def test_a_float_and_a_grayscale_array_read_as_the_same_npy_and_png_files(
           seg.predict_proba([tmp_path / n for n in ("l.png", "rgb.png", "la.png")]))
 
 
+def test_8_bit_values_in_a_wide_integer_array_predict_as_their_png(fitted, private_tmp):
+    """np.array of a list, .astype(int) and torch.long give int64: such an array of 0..255
+    was read at 16-bit full scale (65535 -> 255), an almost black picture, for a model
+    fitted on 8-bit files; as float32 it was read as 8-bit."""
+    seg, frame, images, _ = fitted
+    from_files = seg.predict_proba(frame[["image"]].iloc[:2])
+    for dtype in (np.int64, np.int32, np.uint32, np.int8):
+        pictures = [(a // 2 if dtype == np.int8 else a).astype(dtype) for a in images[:2]]
+        expected = from_files if dtype != np.int8 else seg.predict_proba(
+            [(a // 2).astype(np.uint8) for a in images[:2]])
+        _same(seg.predict_proba(pictures), expected, str(dtype))
+    _same(seg.predict_proba([torch.from_numpy(images[0]).long()]), from_files[:1])
+    # 16-bit data keeps the 16-bit full scale: 0..255 of 65535 is a dark picture
+    dark = seg.predict_proba([images[0].astype(np.uint16)])
+    _same(dark, seg.predict_proba([(images[0].astype(np.float64) / 65535)]), "uint16")
+
+
 def test_predict_save_to_names_in_memory_rows_by_position(fitted, tmp_path, private_tmp):
     seg, _, images, _ = fitted
     out = tmp_path / "out"

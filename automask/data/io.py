@@ -578,11 +578,14 @@ def _to_uint8(array: np.ndarray, value_range: tuple[float, float] | None = None)
 
     With ``value_range=(low, high)``, ``low`` maps to 0 and ``high`` to 255, values beyond
     them are clipped and NaNs read as ``low``. Without one, each array has its own rule:
-    floats in [0, 1] are multiplied by 255, floats in [0, 255] are rounded, integers in
-    [0, 65535] map 65535 to 255 (16-bit full scale). Data outside those ranges (float
-    reflectances of 0-10000, negative values, 32-bit counts above 65535) are stretched
-    from their smallest to their largest finite value, instead of being clipped to a
-    white or black image.
+    floats in [0, 1] are multiplied by 255, floats in [0, 255] are rounded; 16-bit integers
+    (``uint16``/``int16``, what 16-bit files decode to) in [0, 65535] map 65535 to 255
+    (16-bit full scale); other integers (``int64``, numpy's default, ``int32``, ...), whose
+    type says nothing of a bit depth, are 8-bit values when they lie in [0, 255], as floats
+    there are, and 16-bit ones up to 65535. Data outside those ranges (float reflectances
+    of 0-10000, negative values, 32-bit counts above 65535) are stretched from their
+    smallest to their largest finite value, instead of being clipped to a white or black
+    image.
     """
     if array.dtype == np.uint8:
         return array
@@ -607,7 +610,9 @@ def _to_uint8(array: np.ndarray, value_range: tuple[float, float] | None = None)
     values = array.astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > _MAX_16BIT):
         return _stretch(values.astype(np.float64), float(values.min()), float(values.max()))
-    # Integer data: 16-bit full range maps 65535 -> 255 (rounded division by 257).
+    if array.dtype.itemsize != 2 and (not values.size or values.max() <= 255):
+        return values.astype(np.uint8)  # 8-bit values in a wider type (np.array of a list)
+    # 16-bit data: the full range maps 65535 -> 255 (rounded division by 257).
     return ((values + 128) // 257).astype(np.uint8)
 
 
