@@ -540,7 +540,7 @@ def test_numbers_where_paths_belong_are_named_as_an_image_classification_table(
                 "a mask file") in text, text
     assert "file not found" not in text
     with pytest.raises(DataValidationError, match=r"row 0 \[image\]: a number \(7\), not a "
-                                                  r"path.* path of a file"):
+                                                  r"path.* path of an image file$"):
         validate_frame(pd.DataFrame({"image": [7]}), require_labels=False)
     Image.open(pairs[0][1]).save(tmp_path / "3", format="PNG")  # a mask file named "3"
     monkeypatch.chdir(tmp_path)

@@ -327,18 +327,18 @@ def _resolve(raw: str, root: Path) -> str:
     return path
 
 
-def _number_not_path(value: Any, path: str, col: str) -> str | None:
+def _number_not_path(value: Any, path: str, role: str) -> str | None:
     """Why a number cell (``0``, ``3.0``, ``True``) names no file, or None for any other
     cell and for a number that is a file's name: a value per image, as an image-classification
-    table holds, where a path to a picture belongs."""
+    table holds, where a path to a picture belongs. ``role``: "image" or "label"."""
     if isinstance(value, str) or not isinstance(value, (int, float, np.number, np.bool_)):
         return None
     if os.path.exists(path):
         return None
-    kind = "mask" if col == "label" else "file"
+    need = ("the path of a mask file (a mask's pixels are the class ids)" if role == "label"
+            else "the path of an image file")
     return (f"a number ({value}), not a path: the column holds a value per image, as an "
-            f"image-classification table does; each row needs the path of a {kind} file "
-            "(a mask's pixels are the class ids)")
+            f"image-classification table does; each row needs {need}")
 
 
 def _not_found(path: str) -> str:
