@@ -346,7 +346,7 @@ def _cmd_score(args) -> None:
         scores = score_folders(args.pred, args.gt, task=task, metrics=metrics,
                                color_map=color_map, extra_masks=args.extra_masks,
                                **conventions)
-    except ValueError as exc:  # its advice in this command's options, not Python's
+    except (ValueError, TypeError) as exc:  # its advice in this command's options
         beyond = re.search(r"(target|predicted) class index (\d+) is outside \[0, \d+\)",
                            str(exc))
         if beyond and "num_classes" in conventions:  # set from the names above

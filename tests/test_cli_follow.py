@@ -232,6 +232,19 @@ def test_score_void_label_and_class_names(data, tmp_path):
     assert re.search(r"^mae\s+0\.0000$", proc.stdout, re.M), proc.stdout
 
 
+def test_score_refuses_maps_of_no_numbers_in_one_line(tmp_path):
+    """A complex or string .npy raised TypeError, which the command line printed as a
+    traceback (exit 1)."""
+    for folder in ("p", "g"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "g" / "a.png")
+    for bad, needle in ((np.zeros((4, 4), np.complex64), "complex"),
+                        (np.full((4, 4), "a"), "not numbers")):
+        np.save(tmp_path / "p" / "a.npy", bad)
+        proc = run_cli("score", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g"))
+        assert_one_line_error(proc, "a.npy", needle)
+
+
 def test_show_and_history_write_pictures(fitted, data, tmp_path):
     run, _ = fitted
     one = tmp_path / "one.png"

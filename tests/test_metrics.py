@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import py_sod_metrics as sod
@@ -18,6 +19,7 @@ from automask.metrics import (
     score,
     score_folders,
 )
+from automask.errors import DataValidationError
 from automask.metrics.registry import METRIC_TASK
 
 TOL = 1e-6
@@ -440,6 +442,22 @@ def test_score_folders_names_the_bad_file(tmp_path):
     np.save(tmp_path / "p" / "b.npy", np.zeros((4, 4), np.complex64))
     with pytest.raises(TypeError, match=r"b\.npy vs b\.npy: image 1: .*complex"):
         score_folders(tmp_path / "p", tmp_path / "g", task="binary")
+    # strings and records: torch's "can't convert np.ndarray of type numpy.str_" named none
+    for bad in (np.full((4, 4), "a"), np.zeros((4, 4), dtype=[("a", "f8")])):
+        np.save(tmp_path / "p" / "b.npy", bad)
+        with pytest.raises(TypeError, match=rf"{re.escape(str(tmp_path / 'p' / 'b.npy'))} "
+                                            r"holds values of dtype .*, not numbers"):
+            score_folders(tmp_path / "p", tmp_path / "g", task="binary")
+    np.save(tmp_path / "p" / "b.npy", np.zeros((4, 4)))
+    mask = Image.fromarray(255 * np.eye(64, dtype=np.uint8))
+    for side in "pg":  # an interrupted copy: Pillow's "image file is truncated" named none
+        for folder in "pg":
+            mask.save(tmp_path / folder / "c.png")
+        damaged = tmp_path / side / "c.png"
+        damaged.write_bytes(damaged.read_bytes()[:-30])  # the end of its pixels cut off
+        with pytest.raises(DataValidationError, match=rf"{re.escape(str(damaged))} cannot be "
+                                                      r"decoded \(image file is truncated\)"):
+            score_folders(tmp_path / "p", tmp_path / "g", task="binary")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -31,7 +31,7 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False)
+        return _numbers(path)
     try:
         with Image.open(path) as im:
             if _colours(color_map) and im.mode in ("RGB", "RGBA"):
@@ -43,6 +43,26 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
             return np.array(im)
     except UnidentifiedImageError:
         raise _not_an_image(path) from None
+    except OSError as exc:  # "image file is truncated": an interrupted copy
+        raise _undecodable(path, exc) from exc
+
+
+def _numbers(path: Path) -> np.ndarray:
+    """A ``.npy`` map as stored; TypeError naming the file for values that are no numbers
+    (strings, records; complex ones are refused by :func:`score`, also naming the file)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # pickled objects, a damaged header
+        raise DataValidationError(f"{path} is not a .npy array numpy can read ({exc})") from exc
+    if array.dtype.kind not in "biufc":
+        raise TypeError(f"{path} holds values of dtype {array.dtype}, not numbers: save a map "
+                        "of bool, integer or float values")
+    return array
+
+
+def _undecodable(path: Path, exc: OSError) -> DataValidationError:
+    return DataValidationError(f"{path} cannot be decoded ({exc}): a truncated or damaged "
+                               "file, such as an interrupted copy?")
 
 
 def _colours(color_map: dict | None) -> bool:
@@ -94,6 +114,8 @@ def read_target(path: Path, color_map: dict | None = None) -> np.ndarray:
         return read_mask(path, color_map=color_map)
     except UnidentifiedImageError:
         raise _not_an_image(path) from None
+    except OSError as exc:
+        raise _undecodable(path, exc) from exc
     except DataValidationError:
         if color_map is None:
             _refuse_colour(path)  # the first non-grey pixel named rather than color_map advice
@@ -173,7 +195,7 @@ def score_folders(
         before any file is read, one that no ground truth can hold (999 for 8-bit masks)
         before any is scored.
     TypeError
-        A map of an unusable dtype (e.g. complex), naming its file.
+        A map of an unusable dtype (complex, strings), naming its file.
     ConfigError
         A ``color_map`` that is not ``{(r, g, b): class id}`` or ``{value: class id}``,
         before any file is read.
