@@ -298,6 +298,13 @@ def test_channels_last_colour_prediction_names_its_shape():
         ("empty_score", 5.0),
         ("empty_score", float("nan")),
         ("normalize", "no"),
+        # raw TypeErrors ('<=' not supported, unhashable type) or, for False, a threshold of 0
+        ("threshold", "0.5"),
+        ("threshold", None),
+        ("threshold", [0.5]),
+        ("threshold", np.array(0.5)),
+        ("threshold", False),
+        ("threshold", float("nan")),
     ],
 )
 def test_invalid_binary_convention_is_an_error(convention, value):
@@ -316,6 +323,9 @@ def test_valid_binary_conventions_still_work():
     out = score([p], [g], alpha=1.0, beta2=0.0, empty_score=0.0, normalize=np.bool_(False),
                 gt_threshold=0, ignore_index=np.int64(7))
     assert set(out) == {"sm", "em", "wfm", "mae", "iou", "dice", "ber"}
+    for threshold in (0, np.float32(0.25), np.int64(0)):
+        assert score([p], [g], metrics=["iou"], threshold=threshold)["iou"] == \
+            score([p], [g], metrics=["iou"], threshold=float(threshold))["iou"]
 
 
 def test_score_with_an_empty_metric_list_is_an_error():

@@ -310,9 +310,13 @@ class _ConfusionMetric(_BinaryMetric):
 
     def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= threshold < 1.0:
+        if isinstance(threshold, (bool, np.bool_)) or not isinstance(
+                threshold, (int, float, np.number)):  # as the other settings: no bool, no str
+            raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r} "
+                             f"({type(threshold).__name__})")
+        if not 0.0 <= threshold < 1.0:  # also false for NaN
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
-        self.threshold = threshold
+        self.threshold = float(threshold)
 
     def _counts(self, sample: BinarySample) -> Tensor:
         return sample.confusion(self.threshold).to(torch.float64)  # [tp, fp, fn, tn]
