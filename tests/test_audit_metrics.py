@@ -156,6 +156,33 @@ def test_a_predicted_ignore_index_is_no_class_of_its_own(tmp_path):
     assert len(score([pred], [gt], task="multiclass", ignore_index=7)["iou_per_class"]) == 256
 
 
+def test_a_binary_prediction_with_the_void_copied_in_is_refused():
+    """A perfect {0, 1} prediction holding 255 where the ground truth is void scored IoU 0,
+    silently: read as an 8-bit map its 1s were 1/255. The target side refused this already."""
+    gt = np.array([[0, 1, 1, 255], [0, 1, 1, 255]], np.uint8)
+    with pytest.raises(ValueError, match="image 0: the prediction holds only 0, 1 and 255, "
+                                         "the ignore_index"):
+        score([gt], [gt], task="binary", ignore_index=255)
+    fixed = np.where(gt == 255, 0, gt).astype(np.uint8)  # the advice
+    assert score([fixed], [gt], task="binary", ignore_index=255)["iou"] == 1.0
+    # a 0/255 map and a bool one are read as before
+    for pred in ((255 * (gt == 1)).astype(np.uint8), gt == 1):
+        assert score([pred], [gt], task="binary", ignore_index=255)["iou"] == 1.0
+
+
+def test_a_float_target_below_gt_threshold_is_warned_about_as_an_8_bit_one():
+    """{0, 128} uint8 masks warned that they read as all background; {0, 0.5} floats, the
+    same masks on the 0..1 scale, gave the same scores silently."""
+    gt = np.zeros((8, 8))
+    gt[2:6, 2:6] = 0.5
+    with pytest.warns(UserWarning, match=r"largest value 0.5 is not above gt_threshold/255 = "
+                                         r"0.502.*all background"):
+        assert score([gt * 2], [gt], metrics=["iou"])["iou"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert score([gt * 2], [gt * 2], metrics=["iou"])["iou"] == 1.0  # 0/1 floats
+
+
 def test_what_a_prediction_holds_at_void_pixels_is_scored_nowhere():
     """A prediction that copies the ground truth's void (255) onto its void pixels: inferred,
     num_classes was 256 (253 NaN classes in iou_per_class); given num_classes=3, the same

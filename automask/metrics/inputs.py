@@ -167,9 +167,17 @@ def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None =
             f"got min {lo:g} and max {hi:g}"
         )
     if hi <= 1:
-        if target.is_floating_point():
-            return target.to(torch.float64) > gt_threshold / 255
-        return target == 1
+        if not target.is_floating_point():
+            return target == 1
+        binary = target.to(torch.float64) > gt_threshold / 255
+        if hi > 0 and not bool(binary.any()):  # a {0, 0.5} mask: as for {0, 128} below
+            warnings.warn(
+                f"{_where(index)}the target's largest value {hi:g} is not above gt_threshold/"
+                f"255 = {gt_threshold / 255:.4g} (float masks are on the 0..1 scale), so it "
+                "reads as all background (PySODMetrics' rule); if its nonzero pixels are "
+                "the object, pass a bool mask (target > 0) or a lower gt_threshold",
+                stacklevel=2)
+        return binary
     if hi == 255 and not target.is_floating_point() and _void_marked(target):
         raise ValueError(
             f"{_where(index)}the target holds only 0, 1 and 255: a {{0, 1}} mask with 255 "
@@ -400,12 +408,27 @@ def binary_samples(
                 f"{tuple(t.shape)} (binary maps must be 2-D and of the same size; compute metrics "
                 "at the ground truth's resolution)"
             )
+        if ignore_index is not None and 1 < ignore_index <= 255 and _copied_void(p, ignore_index):
+            raise ValueError(
+                f"image {i}: the prediction holds only 0, 1 and {ignore_index}, the "
+                f"ignore_index: a {{0, 1}} mask with the void pixels copied in? Read as an "
+                f"8-bit map (0..255) its 1s would be 1/255, background; give those pixels 0 "
+                "or 1 (void pixels are scored nowhere pixel-wise)")
         t, valid = split_void(t, ignore_index)
         gt = binary_target(t, gt_threshold, i)
         if valid is not None:
             gt = gt & valid
         samples.append(BinarySample(binary_prediction(p, i), gt, valid))
     return samples
+
+
+def _copied_void(pred: Tensor, ignore_index: int) -> bool:
+    """Whether an integer prediction holds 0, 1 and ``ignore_index`` and nothing else."""
+    if pred.is_floating_point() or pred.dtype == torch.bool or pred.is_complex():
+        return False
+    p = pred.to(torch.int64)
+    return (bool((p == 1).any()) and bool((p == ignore_index).any())
+            and bool(((p == 0) | (p == 1) | (p == ignore_index)).all()))
 
 
 def multiclass_pairs(
