@@ -547,7 +547,9 @@ class SemanticSegmentor(BaseEstimator):
         overwrite : bool
             Replace another predictor that ``path`` holds (with its logs), its own folder
             included when that was fitted or saved again since this predictor was read
-            from it. Without it, that is refused: nothing is replaced silently.
+            from it. Without it, that is refused: nothing is replaced silently. A copy this
+            object saved to ``path``, while no other save replaced it, is not another
+            predictor: saving there again needs no ``overwrite``.
 
         Returns
         -------
@@ -565,11 +567,18 @@ class SemanticSegmentor(BaseEstimator):
         target = Path(path).expanduser() if path is not None else self.path_
         self._check_writable(target, "save to")
         own = Path(target).resolve() == Path(self.path_).resolve()
-        replacing = saving.has_predictor(target) and (not own or saving.superseded(self))
+        # a copy this object saved there, still the folder's current version, is no other's
+        key = str(Path(target).resolve())
+        copies = getattr(self, "_copies", {})  # resolved folder -> the version saved there
+        ours = key in copies and saving._current_version(Path(target)) == copies[key]
+        replacing = (saving.has_predictor(target) and (not own or saving.superseded(self))
+                     and not ours)
         if replacing and not overwrite:
             raise ConfigError(f"{str(target)!r} already holds another predictor; pass "
                               "overwrite=True to replace it, or choose another path")
-        saving.save_predictor(self, target)
+        version = saving.save_predictor(self, target)
+        if not own:
+            self._copies = {**copies, key: version.name}
         copy_logs(self.path_, target, list(self.models_), replace_all=replacing)
         return target
 

@@ -765,6 +765,12 @@ def test_save_never_replaces_another_predictor_silently_and_takes_its_logs(base,
     stale.save(overwrite=True)
     # a fresh folder gets the logs too, so the saved predictor draws its own history
     fresh = seg.save(tmp_path / "fresh")
+    # saved there again (a notebook cell run twice): its own copy is no other predictor
+    assert seg.save(tmp_path / "fresh") == fresh and len(list(fresh.glob("v-*"))) == 1
+    SemanticSegmentor.load(base).save(fresh, overwrite=True)  # now another object's save
+    with pytest.raises(ConfigError, match=r"already holds another predictor"):
+        seg.save(fresh)
+    seg.save(fresh, overwrite=True)
     fig = SemanticSegmentor.load(fresh).plot_history()
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["default"]
 
