@@ -240,6 +240,8 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
 
     fork_safe_threads()
     flips = check_tta(tta, cfg.data.hflip, cfg.data.vflip)
+    if cfg.data.image_range == "auto":  # the fit found no image of more than 8 bits
+        _warn_deep_images(spec)
     prompted = prompts is not None and any(p is not None for p in prompts)
     if prompted:
         check_prompt_request(task, tiling)  # the caller's tiling: "auto" takes prompts
@@ -257,6 +259,27 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     else:
         probs = _mixed_proba(model, cfg, task, spec, tiling, at_input, flips)
     return _holding_frozen(model, cfg, probs)
+
+
+def _warn_deep_images(spec) -> None:
+    """Warn when images of more than 8 bits per sample meet a model whose training images
+    all had 8: nothing was learnt about how such data maps to 0-255, so each is read by its
+    own rule (16-bit full scale: raw 12-bit data comes out dark)."""
+    import warnings
+
+    from .data.io import deep_image_file
+
+    deep = [pos for pos, path in enumerate(spec.frame[spec.image_col])
+            if deep_image_file(path)]
+    if deep:
+        rows = ", ".join(map(str, deep[:5])) + (", ..." if len(deep) > 5 else "")
+        warnings.warn(
+            f"{len(deep)} image(s) (row(s) {rows}) store more than 8 bits per sample, but the "
+            "model was fitted on 8-bit images: each is scaled to 0-255 by its own rule "
+            "(16-bit data from 0-65535, so raw 12-bit data looks dark; floats from their "
+            "own range), which need not be how the training images were made. Predict on "
+            "8-bit images made as the training ones were, or fit on images like these (the "
+            "fit keeps their value range, data.image_range)", stacklevel=4)
 
 
 def _holding_frozen(model: torch.nn.Module, cfg: Config,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,17 @@ def test_fit_resolves_the_range_trains_and_predicts_with_it(tmp_path):
         eight_probs = loaded.predict_proba(pd.DataFrame({"image": copies}), tiling=tiling)
         for a, b in zip(deep_probs, eight_probs):  # 16-bit files read as their 8-bit copies
             np.testing.assert_array_equal(a, b)
+    # 12-bit files given to the model fitted on 8-bit copies: read at 16-bit full scale,
+    # dark, without a word before; now a warning names their rows. Not for 8-bit images,
+    # nor for the model whose fit found the range.
+    with pytest.warns(UserWarning, match=r"^4 image\(s\) \(row\(s\) 0, 1, 2, 3\) store more "
+                                         r"than 8 bits per sample, but the model was fitted "
+                                         r"on 8-bit images"):
+        eight.predict(frame[["image"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eight.predict(pd.DataFrame({"image": copies}))
+        loaded.predict(frame[["image"]])
 
 
 def test_a_range_the_user_sets_is_kept_and_per_image_stays_per_image(tmp_path):

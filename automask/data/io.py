@@ -670,6 +670,17 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
     return (low, high) if high > low else (low, low + 1.0)
 
 
+def deep_image_file(path: str | os.PathLike) -> bool:
+    """Whether an image file stores more than 8 bits per sample, from its header: Pillow
+    modes ``I;16*``, ``I`` and ``F``, 16-bit colour PNGs and TIFFs, and the TIFFs only
+    ``tifffile`` reads. ``.npy`` arrays are not files of a bit depth: False."""
+    with _opened(path) as (img, head):
+        if img is None:
+            return not head.startswith(_NPY_MAGIC)
+        return (img.mode in DEEP_MODES or _deep_colour_tiff(img)
+                or (img.format == "PNG" and _deep_colour_png(head)))
+
+
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """``values`` mapped linearly from [low, high] to 0-255 (all 0 when low == high)."""
     if high <= low:
