@@ -225,11 +225,23 @@ def test_score_void_label_and_class_names(data, tmp_path):
     proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "multiclass",
                    "--class-names", "background,disc")
     assert_one_line_error(proc, "--class-names has 2 names but the ground truths hold class 2")
-    # binary scores take the void label too: pixels of value 2 leave the pixel-wise scores
+    # binary scores take the void label too: pixels of value 2 leave the pixel-wise scores.
+    # A prediction holding 0, 1 and the void is refused (read as 8-bit, its 1s are 1/255:
+    # this one scored IoU 0 and an MAE of 0.0004 that printed as 0.0000)
     proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "binary",
                    "--void-label", "2")
+    assert_one_line_error(proc, "the prediction holds only 0, 1 and 2")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for mask in gt.iterdir():
+        values = np.asarray(Image.open(mask))
+        Image.fromarray(np.where(values == 2, 0, values).astype(np.uint8)).save(pred / mask.name)
+    proc = run_cli("score", "--pred", str(pred), "--gt", str(gt), "--task", "binary",
+                   "--void-label", "2")
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^mae\s+0\.0000$", proc.stdout, re.M), proc.stdout
+    for metric in ("mae", "iou", "ber"):
+        expected = "0.0000" if metric != "iou" else "1.0000"
+        assert re.search(rf"^{metric}\s+{expected}$", proc.stdout, re.M), proc.stdout
 
 
 def test_score_refuses_maps_of_no_numbers_in_one_line(tmp_path):
