@@ -10,7 +10,8 @@ turn, the order rotated each round, so that each ratio compares steps taken with
 round. Printed: seconds per step, per-round ratios automask / AutoGluon and their median
 for fp32 vs fp32, bf16 vs bf16 and each library's default precision (automask: bf16 where
 the CPU has native bf16, else fp32; AutoGluon: fp32 on CPU), and peak RSS of the default
-workers.
+workers. On a CPU without native bf16 only the fp32 workers run unless ``--precisions``
+asks for bf16 (emulated there, many times slower, and neither library's choice).
 
 AutoGluon runs in its own environment (``../shared/peers/README.md`` says how to build
 it); point ``--ag-python`` or ``AG_PY`` at its interpreter. Without it the script prints
@@ -69,7 +70,7 @@ def run_group(driver, name: str, args: argparse.Namespace, logdir: Path) -> dict
     """Run one configuration group through the driver; returns its JSON summary."""
     mode, size = GROUPS[name]
     specs = [spec(lib, args.peft, dtype, mode, size)
-             for dtype in ("fp32", "bf16") for lib in ("ag", "am")]
+             for dtype in args.precisions for lib in ("ag", "am")]
     out = logdir / f"{name}.json"
     argv = ["driver.py", "--rounds", str(args.rounds), "--warmup", str(args.warmup),
             "--out", str(out), "--logdir", str(logdir / name)]
@@ -108,6 +109,9 @@ def report(results: dict[str, dict], args: argparse.Namespace, am_default: str) 
         for am_dtype, ag_dtype in (("fp32", "fp32"), ("bf16", "bf16"), (am_default, AG_DEFAULT)):
             am = spec("am", args.peft, am_dtype, mode, size)
             ag = spec("ag", args.peft, ag_dtype, mode, size)
+            if am not in summary["times"] or ag not in summary["times"]:
+                cells.append("not run")  # --precisions left it out
+                continue
             med, rounds = ratio_row(summary, am, ag)
             per_round = ", ".join(f"{r:.2f}" for r in rounds)
             cells.append(f"{med:.2f} ({summary['median'][am]:.2f} s vs "
@@ -132,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the peer harness (default: ../shared/peers beside the checkout)")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     parser.add_argument("--peft", default="conv_lora", choices=["conv_lora", "lora"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
+                        help="workers' precisions (default: fp32 and bf16 on a CPU with native "
+                             "bf16 products; fp32 alone on one without, where bf16 is "
+                             "emulated and neither library picks it)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-wait", type=float, default=20.0,
@@ -159,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     am_default = automask_default()
+    if args.precisions is None:
+        args.precisions = ["fp32", "bf16"] if am_default == "bf16" else ["fp32"]
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="compare_peers_") as tmp:
