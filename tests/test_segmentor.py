@@ -296,6 +296,18 @@ def test_time_limit_is_honoured(synthetic, tmp_path):
     assert seg.leaderboard(style="models")["stopped"].tolist() == [record.stopped]
 
 
+@pytest.mark.parametrize("limit", [1e14, 1e30, 1.7e308])
+def test_a_time_limit_longer_than_any_fit_trains_every_epoch(synthetic, tmp_path, limit):
+    """A limit past what datetime.timedelta holds (999,999,999 days) is a limit that never
+    ends a fit: every epoch is trained (it was an OverflowError after the data checks)."""
+    train, _ = synthetic
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        train.iloc[:4], presets="tiny", time_limit=limit,
+        hyperparameters={"optim.max_epochs": 2, "model.input_size": 32})
+    record = seg.models_[seg.best_model_]
+    assert (record.epochs, record.stopped) == (2, None)
+
+
 def test_patience_stop_is_recorded_and_shown(synthetic, tmp_path, capsys):
     """optim.patience=1 with a learning rate too small to change a weight: the second
     validation is no better than the first, so training stops after 2 of 5 epochs and

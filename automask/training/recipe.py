@@ -189,7 +189,9 @@ def _train_candidate(
         # Keep a share of the budget for what follows training: restoring the best
         # weights, timing predictions and saving.
         spent = time.monotonic() - started
-        max_time = timedelta(seconds=max(1.0, 0.93 * budget - spent - 1.0))
+        seconds = max(1.0, 0.93 * budget - spent - 1.0)
+        # timedelta holds at most 999,999,999 days; a longer limit never ends a fit anyway
+        max_time = timedelta(seconds=min(seconds, timedelta.max.days * 86400.0))
     try:
         trainer = L.Trainer(
             accelerator=env["accelerator"],
