@@ -304,6 +304,11 @@ def _cmd_leaderboard(args) -> None:
     extra = _parse_extra(args.extra)
     if args.out:
         check_table_path(args.out)  # a bad suffix or folder fails before any model is scored
+        from .prediction import check_output_file
+
+        data = {os.path.realpath(os.path.expanduser(args.data)): "--data file"} \
+            if args.data is not None else None
+        check_output_file(args.out, "the table", inputs=data, predictor=args.run)
     metrics = _split(args.metrics, "--metrics")
     seg = _load(args.run, args)
     frame = _folders(args, seg.image, seg.label)  # --images/--masks, as evaluate takes them

@@ -314,6 +314,9 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
     if name not in seg.models_:
         raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(seg.models_)}")
     format = _check_target(path, format)[1]  # before the model is rebuilt
+    from .prediction import check_output_file
+
+    check_output_file(path, "the export", predictor=getattr(seg, "path_", None))
     from .config import parse_image_range
 
     image_range = parse_image_range(seg._config(name).data.image_range)

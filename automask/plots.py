@@ -252,7 +252,9 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    check_path(path)
+    from .prediction import check_output_file
+
+    check_output_file(check_path(path), "the picture", predictor=run_dir)
     if curves is None:
         curves = read_history(run_dir, candidates)
     if metric is not None and not metric.startswith("val_"):
@@ -388,7 +390,7 @@ def _examples_of_files(seg, frame, root, models: Sequence[str | None]):
 def plot_predictions(seg, data, n: int = 4, model: str | None = None,
                      path: str | os.PathLike | None = None) -> "Figure":
     """Image | ground truth | prediction for the first ``n`` images of ``data``."""
-    check_path(path)
+    _refuse_inputs(path, seg, data)
     images, truths, stems, preds = predictor_examples(seg, data, n, [model])
     (masks,) = preds.values()
     return plot_masks(images, {"prediction": masks}, truths, task=seg.task_,
@@ -399,7 +401,7 @@ def plot_predictions(seg, data, n: int = 4, model: str | None = None,
 def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
                     path: str | os.PathLike | None = None) -> "Figure":
     """Image | ground truth | one column per model, for the first ``n`` images."""
-    check_path(path)
+    _refuse_inputs(path, seg, data)
     if isinstance(models, str):  # one model's name, not its letters
         models = [models]
     models = list(models) if models is not None else list(seg.models_)
@@ -411,6 +413,22 @@ def plot_comparison(seg, data, models: Sequence[str] | None = None, n: int = 4,
     images, truths, stems, preds = predictor_examples(seg, data, n, models)
     return plot_masks(images, preds, truths, task=seg.task_, class_names=seg.classes_,
                       names=stems, path=path, color_map=seg.color_map_)
+
+
+def _refuse_inputs(path, seg, data) -> None:
+    """:func:`check_path`, then refuse a picture path that is a file ``data`` names (an
+    image, a mask, the CSV itself) or part of ``seg``'s saved predictor: a picture never
+    replaces what it is drawn from."""
+    path = check_path(path)
+    if path is None:
+        return
+    from .prediction import as_frame, check_output_file, input_files
+
+    frame, root = as_frame(data, seg.image)
+    inputs = input_files(frame, {seg.image: "image", seg.label: "mask"}, root)
+    if isinstance(data, (str, os.PathLike)):
+        inputs.setdefault(os.path.realpath(Path(data).expanduser()), "data file")
+    check_output_file(path, "the picture", inputs=inputs, predictor=getattr(seg, "path_", None))
 
 
 # ------------------------------------------------------------------ helpers

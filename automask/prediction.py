@@ -639,6 +639,59 @@ def _real(path: Path) -> str:
     return os.path.realpath(path)
 
 
+def input_files(frame: pd.DataFrame, columns: dict[str, str], root: Path | None
+                ) -> dict[str, str]:
+    """What each file named in ``frame`` is to a call, by real path: ``columns`` maps a
+    column to its role (``{"image": "image", "label": "mask"}``) and a file to e.g.
+    ``"image of row 3"``. Paths resolve as validation resolves them (``~``, relative ones
+    against ``root`` or the working folder); pictures held in memory name no file."""
+    from .data.validation import _raw_path, _resolve
+
+    base = Path(root) if root is not None else Path.cwd()
+    files: dict[str, str] = {}
+    for column, role in columns.items():
+        if column not in frame.columns:
+            continue
+        for index, value in zip(frame.index, frame[column]):
+            if not isinstance(value, (str, bytes, os.PathLike)):
+                continue
+            raw = _raw_path(value)
+            if raw is not None:
+                files.setdefault(_real(Path(_resolve(raw, base))), f"{role} of row {index!r}")
+    return files
+
+
+def refuse_input(out: str | os.PathLike, inputs: dict[str, str], what: str) -> None:
+    """DataValidationError when the file ``out`` would be written over is one of
+    ``inputs`` (:func:`input_files`, or any ``{real path: role}``), whatever an overwrite
+    switch says: an output never replaces what the same call reads."""
+    role = inputs.get(_real(Path(out).expanduser()))
+    if role is not None:
+        raise DataValidationError(
+            f"cannot write {what} to {str(out)!r}: it is the {role}, an input of this call; "
+            "choose another file")
+
+
+def check_output_file(out: str | os.PathLike | None, what: str, *,
+                      inputs: dict[str, str] | None = None,
+                      predictor: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, a single output file (a picture, a table, an export) that
+    is one of ``inputs`` (:func:`refuse_input`) or part of the predictor in the folder
+    ``predictor`` (:func:`automask.saving.predictor_part`). Any other existing file is
+    replaced, atomically, as ``savefig`` replaces one."""
+    if out is None:
+        return
+    refuse_input(out, inputs or {}, what)
+    if predictor is not None:
+        from .saving import predictor_part
+
+        part = predictor_part(predictor, out)
+        if part is not None:
+            raise DataValidationError(
+                f"cannot write {what} to {str(out)!r}: it would write into the predictor in "
+                f"{str(predictor)!r} ({part}); choose another file")
+
+
 def _output_names(images: list[Path]) -> list[Path]:
     """Each image's stem; when different files share one, every image's path below the
     images' common folder, without its suffix (``a/1.png``, ``b/1.png`` -> ``a/1``, ``b/1``)."""

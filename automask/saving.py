@@ -486,6 +486,25 @@ def _check_state(seg, meta_path: Path) -> None:
         raise bad("eval_metric_", str(exc)) from None
 
 
+def predictor_part(folder: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """Which part of the predictor (or fit) in ``folder`` writing ``path`` would damage
+    (``"its file 'automask.json'"``, ``"its folder 'logs'"``), else None: its pointer file,
+    lock, versions, staging folders, resume state (``.automask_fit``) or training logs,
+    whether or not the file exists yet. Other files in the folder (a picture saved beside
+    the predictor) are the user's."""
+    from .training.state import STATE_DIR
+
+    root = Path(os.path.realpath(Path(folder).expanduser()))
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    if target == root or root not in target.parents:
+        return None
+    first = target.relative_to(root).parts[0]
+    if first in (POINTER_FILE, LOCK_FILE, OWNER_FILE, STATE_DIR, "logs") or \
+            first.startswith((VERSION_PREFIX, STAGING_PREFIX)):
+        return f"its {'file' if len(target.relative_to(root).parts) == 1 else 'folder'} {first!r}"
+    return None
+
+
 def _saved_by(meta: dict) -> str:
     """A hint for a file written by another automask version (e.g. a newer one's keys)."""
     import automask

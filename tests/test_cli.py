@@ -207,6 +207,33 @@ def test_leaderboard_takes_image_and_mask_folders(run_dir, csvs, tmp_path):
                                   str(csvs / "test.csv"), *folders), "not both")
 
 
+def test_output_files_never_replace_the_commands_inputs(run_dir, csvs, tmp_path):
+    """leaderboard --out the --data CSV, show --out one of its images, and a table or a
+    picture into the predictor's logs are refused before any work, the files untouched
+    (each was replaced, exit 0); a picture beside the predictor, an existing one included,
+    is written."""
+    data = csvs / "test.csv"
+    image = csvs / pd.read_csv(data)["image"][0]
+    logged = run_dir / "logs" / "method=full" / "metrics.csv"
+    before = {p: p.read_bytes() for p in (data, image, logged) if p.is_file()}
+    assert len(before) == 3
+    proc = run_cli("leaderboard", str(run_dir), "--data", str(data), "--out", str(data))
+    assert_one_line_error(proc, "it is the --data file, an input of this call")
+    proc = run_cli("show", str(run_dir), "--data", str(data), "--out", str(image))
+    assert_one_line_error(proc, "it is the image of row 0, an input of this call")
+    proc = run_cli("leaderboard", str(run_dir), "--out", str(logged))
+    assert_one_line_error(proc, "would write into the predictor", "its folder 'logs'")
+    proc = run_cli("history", str(run_dir), "--out", str(run_dir / "logs" / "curves.png"))
+    assert_one_line_error(proc, "would write into the predictor", "its folder 'logs'")
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (run_dir / "logs" / "curves.png").exists()
+    beside = run_dir / "curves.png"
+    beside.write_bytes(b"old")
+    proc = run_cli("history", str(run_dir), "--out", str(beside))
+    assert proc.returncode == 0, proc.stderr
+    assert beside.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_leaderboard_bad_input(tmp_path):
     (tmp_path / "automask.json").write_text("{not json")
     assert_one_line_error(run_cli("leaderboard", str(tmp_path)), "corrupted")

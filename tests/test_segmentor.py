@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,43 @@ def test_three_lines_on_synthetic_data(fitted, synthetic):
     assert all(0.0 <= v <= 1.0 + 1e-3 for v in scores.values()), scores
     assert fitted.task_ == "binary" and fitted.num_classes_ == 2
     assert fitted.best_model_ in fitted.models_
+
+
+def test_pictures_and_exports_never_replace_their_inputs(fitted, synthetic, tmp_path):
+    """A picture path that is an image or a mask of the data drawn, or a file of the
+    predictor (logs, versions, its pointer), is refused before any drawing, whatever is
+    there; so is an export into the predictor's folders. Elsewhere a picture replaces an
+    existing file."""
+    from automask.errors import DataValidationError
+
+    _, test = synthetic
+    data = test.iloc[:2]
+    run = Path(fitted.path_)
+    targets = {data["image"].iloc[1]: "image of row", data["label"].iloc[0]: "mask of row"}
+    for target, role in targets.items():
+        before = Path(target).read_bytes()
+        with pytest.raises(DataValidationError, match=f"it is the {role}"):
+            fitted.plot_predictions(data, path=target)
+        with pytest.raises(DataValidationError, match=f"it is the {role}"):
+            fitted.plot_comparison(data, path=target)
+        assert Path(target).read_bytes() == before
+    csv = tmp_path / "d.csv"
+    data.to_csv(csv, index=False)  # relative paths as they were: absolute
+    with pytest.raises(DataValidationError, match="it is the image of row 1"):
+        fitted.plot_predictions(str(csv), path=data["image"].iloc[1])
+    [version] = [p.name for p in run.iterdir() if p.name.startswith("v-")]
+    for inside in (run / "logs" / "a.png", run / version / "a.png"):
+        with pytest.raises(DataValidationError, match="would write into the predictor"):
+            fitted.plot_predictions(data, path=inside)
+        with pytest.raises(DataValidationError, match="would write into the predictor"):
+            fitted.plot_history(path=inside)
+        with pytest.raises(DataValidationError, match="would write into the predictor"):
+            fitted.export(inside.with_suffix(".onnx"))
+        assert not inside.exists() and not inside.with_suffix(".onnx").exists()
+    beside = tmp_path / "p.png"
+    beside.write_bytes(b"old")
+    fitted.plot_predictions(data, path=beside)
+    assert beside.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_predict_accepts_paths_folders_and_single_files(fitted, synthetic):
