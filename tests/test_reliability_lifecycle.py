@@ -882,3 +882,27 @@ def test_workers_forked_after_an_export_predict(data, base, tmp_path):
                            image], capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "forked after an export predicted" in proc.stdout
+
+
+ROWS = [[f"i{i}.png", f"m{i}.png"] for i in range(6)]
+
+
+@pytest.mark.parametrize("now, shown", [
+    (ROWS[:4], "'train' differs from the interrupted fit's (6 entries then, 4 now, the first "
+               "4 the same)"),
+    (ROWS[:2] + [["x.png", "m2.png"]] + ROWS[3:4],
+     "(6 entries then, 4 now; the first to differ is [2]: [\"i2.png\", \"m2.png\"] then, "
+     "[\"x.png\", \"m2.png\"] now)"),
+])
+def test_resume_with_fewer_rows_says_how_many_and_which_differs(tmp_path, now, shown):
+    """Training data of another length: its lengths and the first row that differs, not
+    two long lists cut short to the same first characters."""
+    from automask.training.state import FitState
+
+    state = FitState(tmp_path)
+    state.start({"train": ROWS, "seed": 0}, {})
+    with pytest.raises(ConfigError) as info:
+        state.check_plan({"train": now, "seed": 0})
+    assert shown in str(info.value), str(info.value)
+    state.check_plan({"train": ROWS, "seed": 0})  # the same plan resumes
+

@@ -127,7 +127,7 @@ class FitState:
                          f"presets={presets[1]!r})" if presets[0] != presets[1] else "")
                 raise ConfigError(
                     f"cannot resume the fit in {str(self.root.parent)!r}: {where} differs "
-                    f"from the interrupted fit's ({_short(then)} then, {_short(now)} now)"
+                    f"from the interrupted fit's ({_then_and_now(then, now)})"
                     f"{cause}; pass the same data and options, or fit with overwrite=True "
                     "to start again"
                 )
@@ -191,6 +191,20 @@ def _first_difference(then: Any, now: Any, key: str) -> tuple[str, Any, Any]:
 
 
 _ABSENT = object()
+
+
+def _then_and_now(then: Any, now: Any) -> str:
+    """Two differing plan values for a message: lists of different lengths (the rows of
+    the training data) by their lengths and the first entry that differs, which two
+    lists cut short would not show; anything else as both values cut short."""
+    if isinstance(then, list) and isinstance(now, list) and len(then) != len(now):
+        text = f"{len(then)} entries then, {len(now)} now"
+        pos = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b), None)
+        if pos is not None:
+            return f"{text}; the first to differ is [{pos}]: {_short(then[pos])} then, " \
+                   f"{_short(now[pos])} now"
+        return f"{text}, the first {min(len(then), len(now))} the same"
+    return f"{_short(then)} then, {_short(now)} now"
 
 
 def _short(value: Any) -> str:
