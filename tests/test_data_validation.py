@@ -63,6 +63,26 @@ def test_a_repeated_column_is_named_by_fit_predict_and_evaluate(tmp_path):
             pass
 
 
+def test_an_image_given_as_the_table_of_paths_is_named_as_not_text(tmp_path):
+    """evaluate / fit on one image file instead of a table of paths: the parse error says
+    the file is no text and how labelled data is given (it said only 'utf-8 codec can't
+    decode byte 0x89'); a table that does not parse as text does keep the parser's words."""
+    from automask import SemanticSegmentor
+
+    image, _ = _pair(tmp_path, "a", _binary())
+    with pytest.raises(DataValidationError, match=r"could not be parsed: .*it is not text "
+                       r"\(an image\?\): a table lists image and mask paths.*from_folders"):
+        validate_frame(image)
+    with pytest.raises(DataValidationError, match="it is not text"):
+        SemanticSegmentor(path=tmp_path / "run").fit(image, presets="tiny")
+    assert not (tmp_path / "run").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text('image\n"unterminated\n')
+    with pytest.raises(DataValidationError, match="could not be parsed") as info:
+        validate_frame(bad)
+    assert "not text" not in str(info.value)
+
+
 def test_missing_columns_are_named(tmp_path):
     df = pd.DataFrame({"img": ["a.png"], "mask": ["b.png"]})
     with pytest.raises(DataValidationError) as info:

@@ -619,7 +619,12 @@ def read_table(path: Path, what: str = "CSV file", names: list[str] | None = Non
         frame = pd.read_csv(path, sep=_separator(path), skipinitialspace=True,
                             header=None if names is not None else "infer", names=names)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataValidationError(f"{what} {str(path)!r} could not be parsed: {exc}") from exc
+        hint = ("; it is not text (an image?): a table lists image and mask paths, one row "
+                "per image; pair folders of images and masks with "
+                "automask.datasets.from_folders (--images/--masks on the command line)"
+                if isinstance(exc, UnicodeDecodeError) else "")
+        raise DataValidationError(
+            f"{what} {str(path)!r} could not be parsed: {exc}{hint}") from exc
     stripped = [c.strip() if isinstance(c, str) else c for c in frame.columns]
     if len(set(stripped)) == len(stripped):  # "image ,label": the header's names, no spaces
         frame.columns = stripped
