@@ -905,4 +905,3 @@ def test_resume_with_fewer_rows_says_how_many_and_which_differs(tmp_path, now, s
         state.check_plan({"train": now, "seed": 0})
     assert shown in str(info.value), str(info.value)
     state.check_plan({"train": ROWS, "seed": 0})  # the same plan resumes
-

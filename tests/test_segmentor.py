@@ -77,7 +77,7 @@ def test_pictures_and_exports_never_replace_their_inputs(fitted, synthetic, tmp_
             fitted.plot_comparison(data, path=target)
         assert Path(target).read_bytes() == before
     csv = tmp_path / "d.csv"
-    data.to_csv(csv, index=False)  # relative paths as they were: absolute
+    data.to_csv(csv, index=False)  # the synthetic paths are absolute
     with pytest.raises(DataValidationError, match="it is the image of row 1"):
         fitted.plot_predictions(str(csv), path=data["image"].iloc[1])
     [version] = [p.name for p in run.iterdir() if p.name.startswith("v-")]
