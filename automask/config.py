@@ -287,7 +287,7 @@ class OptimConfig:
         if not 0 <= self.warmup_ratio < 1:
             _fail("optim.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.select_metric is not None:
-            from .metrics.registry import HIGHER_IS_BETTER  # late: keeps config import light
+            from .metrics.names import HIGHER_IS_BETTER  # late: keeps config import light
 
             scalar = [m for m in HIGHER_IS_BETTER if m != "iou_per_class"]
             if self.select_metric not in scalar:

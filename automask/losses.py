@@ -354,6 +354,13 @@ LOSS_TASKS: dict[str, str] = {
 }
 
 
+def task_loss_name(loss: str, task: str) -> str:
+    """The loss ``optim.loss`` names; ``auto`` is ``structure`` (binary) or ``ce_dice``."""
+    if loss == "auto":
+        return "structure" if task == "binary" else "ce_dice"
+    return loss
+
+
 def build_loss(name: str, task: str) -> Callable[[Tensor, Tensor], Tensor]:
     """Return the loss function registered as ``name`` after checking it suits ``task``.
 

@@ -481,7 +481,7 @@ def _check_state(seg, meta_path: Path) -> None:
             raise bad("void_label_", f"model {name!r} was trained with data.void_label "
                                      f"{record.config.data.void_label!r}")
     try:
-        choose_eval_metric(seg.eval_metric_, seg.task_, k)
+        choose_eval_metric(seg.eval_metric_, seg.task_)
     except AutomaskError as exc:
         raise bad("eval_metric_", str(exc)) from None
 

@@ -23,7 +23,6 @@ from sklearn.base import BaseEstimator
 from . import prediction, saving
 from .data.arrays import as_files, naming, shown
 from .errors import AutomaskError, ConfigError, NotFittedError, SavedModelError
-from .metrics import DEFAULT_METRICS, build_metrics
 from .prediction import metric_conventions
 from .tta import check_tta
 
@@ -463,6 +462,8 @@ class SemanticSegmentor(BaseEstimator):
         if resolution not in prediction.RESOLUTIONS:
             raise ConfigError(f"resolution must be one of {prediction.RESOLUTIONS}, got "
                               f"{resolution!r}")
+        from .metrics import DEFAULT_METRICS, build_metrics  # torchmetrics: seconds to import
+
         names = list(metrics) if metrics is not None else list(DEFAULT_METRICS[self.task_])
         if not names:  # before any image is predicted
             raise ConfigError("evaluate metrics is empty; give metric names, or None for the "

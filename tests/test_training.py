@@ -67,6 +67,7 @@ def test_a_fit_resizes_training_and_validation_images_by_data_interpolation(
     """data.interpolation reaches every dataset of a fit (training and validation) and the
     predictor's prediction; the default stays bilinear."""
     import automask.data.datamodule as datamodule
+    import automask.data.loaders as loaders
     from automask import SemanticSegmentor
     from automask.config import Config
     from automask.datasets import make_synthetic
@@ -77,7 +78,8 @@ def test_a_fit_resizes_training_and_validation_images_by_data_interpolation(
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen.append((self.augment is not None, self.interpolation))
-    monkeypatch.setattr(datamodule, "SegmentationDataset", Spy)
+    monkeypatch.setattr(datamodule, "SegmentationDataset", Spy)  # training, validation
+    monkeypatch.setattr(loaders, "SegmentationDataset", Spy)  # prediction
     frame = make_synthetic(4, size=(24, 40), root=tmp_path / "data")
     seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0).fit(
         frame, presets="tiny", hyperparameters={"optim.max_epochs": 1, "model.input_size": 32,

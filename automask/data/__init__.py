@@ -3,16 +3,11 @@
 ``validate_frame`` checks the data and returns a ``DataSpec``; ``SegmentationDataset``
 and ``SegmentationDataModule`` turn it into SAM-ready batches; ``restore`` maps
 predictions back to each image's original size.
+
+``SegmentationDataModule`` and ``split_spec`` load on first use: their module imports
+Lightning, which prediction does not need.
 """
 from .cache import SampleCache
-from .datamodule import (
-    EpochSampler,
-    SegmentationDataModule,
-    ShardSampler,
-    default_num_workers,
-    make_predict_loader,
-    split_spec,
-)
 from .dataset import SegmentationDataset
 from .io import image_size, read_image, read_mask, read_stack
 from .transforms import (
@@ -25,7 +20,18 @@ from .transforms import (
     restore,
     restore_batch,
 )
+from .loaders import EpochSampler, ShardSampler, default_num_workers, make_predict_loader
 from .validation import DataSpec, validate_frame
+
+_LAZY = {"SegmentationDataModule", "split_spec"}  # from .datamodule (imports Lightning)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "IGNORE_INDEX",

@@ -13,15 +13,20 @@ Scores are fractions in [0, 1] (papers often print them x100).
 >>> score([pred_map], [gt_mask])  # doctest: +SKIP
 {'sm': ..., 'em': ..., 'wfm': ..., 'mae': ..., 'iou': ..., 'dice': ..., 'ber': ...}
 """
-from automask.metrics.folders import read_map, score_folders
-from automask.metrics.registry import (
-    CONVENTIONS,
-    DEFAULT_METRICS,
-    HIGHER_IS_BETTER,
-    METRICS,
-    build_metrics,
-)
-from automask.metrics.scoring import infer_task, score
+import importlib
+
+from automask.metrics.names import CONVENTIONS, DEFAULT_METRICS, HIGHER_IS_BETTER
+
+# These load torchmetrics (about a second), so on first use: a saved predictor loads and
+# predicts without them.
+_SOURCES = {"METRICS": "registry", "build_metrics": "registry", "read_map": "folders",
+            "score_folders": "folders", "infer_task": "scoring", "score": "scoring"}
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        return getattr(importlib.import_module(f"automask.metrics.{_SOURCES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CONVENTIONS",

@@ -1,4 +1,5 @@
-"""Registry of metric names and ``build_metrics()``."""
+"""Registry of metric names to their ``torchmetrics`` classes, and ``build_metrics()``; the
+names' tasks, directions and aliases are in :mod:`automask.metrics.names`."""
 from __future__ import annotations
 
 import inspect
@@ -22,8 +23,7 @@ from automask.metrics.binary import (
     WeightedFMeasure,
 )
 from automask.metrics.multiclass import IoUPerClass, MeanIoU, PixelAccuracy
-
-TASKS = ("binary", "multiclass")
+from automask.metrics.names import _COMMON, CONVENTIONS, DEFAULT_METRICS, METRIC_TASK, check_names
 
 METRICS: dict[str, type | Callable[..., Metric]] = {
     # binary
@@ -48,79 +48,7 @@ METRICS: dict[str, type | Callable[..., Metric]] = {
     "iou_per_class": IoUPerClass,
 }
 
-METRIC_TASK: dict[str, str] = {
-    name: ("multiclass" if name in ("acc", "miou", "iou_per_class") else "binary")
-    for name in METRICS
-}
-
-DEFAULT_METRICS: dict[str, list[str]] = {
-    "binary": ["sm", "em", "wfm", "mae", "iou", "dice", "ber"],
-    "multiclass": ["acc", "miou", "iou_per_class"],
-}
-
-HIGHER_IS_BETTER: dict[str, bool] = {
-    name: name not in ("mae", "ber", "ber_per_image") for name in METRICS
-}
-
-# Conventions each task understands (a typo raises instead of being ignored).
-CONVENTIONS: dict[str, tuple[str, ...]] = {
-    "binary": (
-        "threshold", "beta2", "empty_score", "gt_threshold", "normalize", "alpha", "ignore_index"
-    ),
-    "multiclass": ("num_classes", "ignore_index"),
-}
-_COMMON = {"binary": {"gt_threshold", "ignore_index"}, "multiclass": set()}
-
-
-# What the papers and other libraries call the metrics, folded by _fold, -> registry name.
-_ALIASES: dict[str, str] = {
-    **dict.fromkeys(("smeasure", "salpha", "structuremeasure"), "sm"),
-    **dict.fromkeys(("emeasure", "ephi", "meanemeasure", "meanephi", "emean", "meane"), "em"),
-    **dict.fromkeys(("maxemeasure", "emax", "maxephi", "maxem", "maxe"), "em_max"),
-    **dict.fromkeys(("adaptiveemeasure", "eadp", "adpe", "adpem"), "em_adp"),
-    **dict.fromkeys(("weightedfmeasure", "wf", "wfbeta", "fbetaw", "wfmeasure", "weightedf"),
-                    "wfm"),
-    **dict.fromkeys(("fmeasure", "fbeta", "meanf", "meanfm", "meanfmeasure"), "fm"),
-    **dict.fromkeys(("maxfmeasure", "maxf", "fmax", "maxfm", "maxfbeta"), "fm_max"),
-    **dict.fromkeys(("adaptivefmeasure", "adpf", "fadp", "adpfm"), "fm_adp"),
-    **dict.fromkeys(("meanabsoluteerror", "m"), "mae"),
-    **dict.fromkeys(("jaccard", "jaccardindex", "intersectionoverunion"), "iou"),
-    **dict.fromkeys(("f1", "f1score", "dicescore", "dicecoefficient", "dsc"), "dice"),
-    "balancederrorrate": "ber",
-    **dict.fromkeys(("accuracy", "pixelaccuracy", "pa", "oa", "pixelacc"), "acc"),
-    **dict.fromkeys(("meaniou", "mjaccard", "meanintersectionoverunion"), "miou"),
-    **dict.fromkeys(("perclassiou", "classiou", "ious"), "iou_per_class"),
-}
-
-
-def _fold(name: str) -> str:
-    """``"S-alpha"``, ``"E_phi"``, ``"mIoU"`` -> ``"salpha"``, ``"ephi"``, ``"miou"``."""
-    text = name.lower().replace("α", "alpha").replace("φ", "phi").replace("ξ", "phi")
-    text = text.replace("β", "beta").replace("ω", "w")
-    return "".join(ch for ch in text if ch.isalnum())
-
-
-def suggest_metric(name: Any, task: str) -> str:
-    """``"; did you mean 'x'?"`` for an unknown metric name of ``task``, or ``""``.
-
-    The name is matched without case and punctuation, under the names papers and other
-    libraries use (``S-alpha``, ``mIoU``, ``maxF``, ``Dice``...), then by spelling.
-    """
-    import difflib
-
-    if not isinstance(name, str):
-        return ""
-    valid = [n for n, t in METRIC_TASK.items() if t == task]
-    folded = _fold(name)
-    found = {_fold(n): n for n in valid}.get(folded) or _ALIASES.get(folded)
-    if found == "miou" and task == "binary":  # the binary task's IoU is per image
-        found = "iou"
-    if found in ("iou", "dice") and task == "multiclass":
-        found = "miou"
-    if found is None or METRIC_TASK.get(found) != task:
-        close = difflib.get_close_matches(folded, valid, n=1, cutoff=0.6)
-        found = close[0] if close else None
-    return f"; did you mean {found!r}?" if found and found != name else ""
+assert list(METRICS) == list(METRIC_TASK), "names.METRIC_TASK lists every metric"
 
 
 def _parameters(factory: Callable[..., Metric]) -> set[str]:
@@ -157,21 +85,8 @@ def build_metrics(
         An unknown task, metric name (or one of the other task) or convention, or a missing
         ``num_classes`` for a multi-class task.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    check_names(task, [] if names is None else list(names))
     names = list(DEFAULT_METRICS[task]) if names is None else list(names)
-    valid = [n for n, t in METRIC_TASK.items() if t == task]
-    for name in names:
-        if name not in METRICS:
-            raise ValueError(
-                f"unknown metric {name!r} for task {task!r}{suggest_metric(name, task)} "
-                f"(valid metrics: {', '.join(valid)})"
-            )
-        if METRIC_TASK[name] != task:
-            raise ValueError(
-                f"metric {name!r} is a {METRIC_TASK[name]} metric, not {task}; "
-                f"valid metrics: {', '.join(valid)}"
-            )
     unknown = sorted(set(conventions) - set(CONVENTIONS[task]))
     if unknown:
         raise ValueError(

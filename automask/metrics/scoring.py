@@ -16,7 +16,8 @@ from torch import Tensor
 
 from automask.metrics.inputs import (as_tensor, binary_samples, check_ignore_index,
                                      multiclass_pairs)
-from automask.metrics.registry import DEFAULT_METRICS, METRIC_TASK, TASKS, build_metrics
+from automask.metrics.names import DEFAULT_METRICS, METRIC_TASK, TASKS
+from automask.metrics.registry import build_metrics
 
 
 def _as_list(x: Any, name: str) -> list[Tensor]:

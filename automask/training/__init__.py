@@ -1,10 +1,26 @@
 """Training: the LightningModule, its optimiser and schedule, the fit callbacks, the
 Trainer recipe of a candidate, its record, the resumable state of a fit and the image
-embeddings kept while the encoder is frozen."""
-from .callbacks import BestTrainableWeights, EpochCheckpoint
-from .module import NonFiniteLossError, SegmentationModule
-from .optim import build_optimizer, lr_lambda
-from .record import CandidateRecord
+embeddings kept while the encoder is frozen.
 
-__all__ = ["BestTrainableWeights", "CandidateRecord", "EpochCheckpoint", "NonFiniteLossError",
-           "SegmentationModule", "build_optimizer", "lr_lambda"]
+The names below load on first use, so that importing one submodule (``record``, which a
+saved predictor needs, or ``state``) does not import Lightning with the package.
+"""
+import importlib
+
+_SOURCES = {  # public name -> the submodule that defines it
+    "BestTrainableWeights": "callbacks",
+    "EpochCheckpoint": "callbacks",
+    "NonFiniteLossError": "module",
+    "SegmentationModule": "module",
+    "build_optimizer": "optim",
+    "lr_lambda": "optim",
+    "CandidateRecord": "record",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from ..config import OptimConfig
 from ..data.prompts import batch_prompts
 from ..errors import ConfigError
-from ..losses import build_loss
+from ..losses import build_loss, task_loss_name
 from ..metrics import build_metrics
 from ..peft import aux_loss
 from ..peft.conv_lora import drop_unreached_expert_gradients
@@ -33,13 +33,6 @@ class NonFiniteLossError(RuntimeError):
             f"the {where} became {value} at epoch {epoch}, step {step}: training diverged; "
             "lower 'optim.lr', keep 'optim.grad_clip' on, or use 'env.precision=32'"
         )
-
-
-def task_loss_name(loss: str, task: str) -> str:
-    """The loss ``optim.loss`` names; ``auto`` is ``structure`` (binary) or ``ce_dice``."""
-    if loss == "auto":
-        return "structure" if task == "binary" else "ce_dice"
-    return loss
 
 
 class SegmentationModule(L.LightningModule):

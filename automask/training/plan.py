@@ -15,10 +15,9 @@ from ..config import Config, flat_hyperparameters, parse_class_weights, resolve
 from ..data.io import color_map_rows
 from ..datasets.folders import found_beside
 from ..errors import ConfigError, DataValidationError
-from ..losses import build_loss
-from ..metrics import HIGHER_IS_BETTER, build_metrics
-from ..prediction import metric_conventions, root_of
-from .module import task_loss_name
+from ..losses import build_loss, task_loss_name
+from ..metrics.names import HIGHER_IS_BETTER, METRIC_TASK, check_names, suggest_metric
+from ..prediction import root_of
 
 
 @dataclass
@@ -94,8 +93,7 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     selects = {cfg.optim.select_metric for _, cfg in candidates}
     if len(selects) > 1:
         raise ConfigError("'optim.select_metric' cannot vary across candidates")
-    metric = choose_eval_metric(params["eval_metric"], spec.task, spec.num_classes,
-                                selects.pop())
+    metric = choose_eval_metric(params["eval_metric"], spec.task, selects.pop())
     for name, cfg in candidates:  # a head SAM 2.1 lacks fails now, not when the model is built
         if spec.task == "multiclass" and cfg.model.multiclass_head != "tokens" \
                 and is_sam2_backbone(cfg.model.backbone):
@@ -276,23 +274,18 @@ def _resolve_image_range(candidates: list[tuple[str, Config]], spec, tuning_spec
             if cfg.data.image_range == "auto" else (name, cfg) for name, cfg in candidates]
 
 
-def choose_eval_metric(eval_metric: str | None, task: str, num_classes: int,
-                       select: str | None = None) -> str:
+def choose_eval_metric(eval_metric: str | None, task: str, select: str | None = None) -> str:
     """The validation metric: ``optim.select_metric``, else the estimator's
     ``eval_metric``, checked against the task; iou / miou by default."""
-    from ..metrics import METRICS
-
     metric = select or eval_metric or ("iou" if task == "binary" else "miou")
-    if metric not in METRICS:
-        from ..metrics.registry import suggest_metric
-
+    if metric not in METRIC_TASK:
         key = "'optim.select_metric'" if select else "eval_metric"
         raise ConfigError(f"unknown {key} {metric!r}{suggest_metric(metric, task)} (valid: "
-                          f"{', '.join(METRICS)})")
+                          f"{', '.join(METRIC_TASK)})")
     if metric not in HIGHER_IS_BETTER or metric == "iou_per_class":
         raise ConfigError(f"eval_metric {metric!r} is not a scalar metric")
-    try:  # raises for a metric that does not fit the task
-        build_metrics(task, [metric], **metric_conventions(task, num_classes))
+    try:  # raises for a metric of the other task
+        check_names(task, [metric])
     except ValueError as exc:
         key = "'optim.select_metric'" if select else "eval_metric"
         raise ConfigError(f"{key} {metric!r}: {exc}") from exc
