@@ -694,6 +694,7 @@ def resolve(
         flat.update(preset)
     user = flat_hyperparameters(hyperparameters or {})
     _check_keys(user, types, "hyperparameter")
+    _refuse_repeated_values(user, types)
     flat.update(user)
 
     grid = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in flat.items()}
@@ -739,6 +740,22 @@ def resolve(
     names = [n for n, _ in candidates]
     assert len(set(names)) == len(names), names
     return candidates
+
+
+def _refuse_repeated_values(user: Mapping[str, Any], types: Mapping[str, Any]) -> None:
+    """ConfigError naming the key and value when a candidate list gives one value twice
+    (``[1e-3, 0.001]``): one candidate would train, not the two the list asks for."""
+    for key, values in user.items():
+        if not isinstance(values, (list, tuple)):
+            continue
+        coerced = [_coerce(key, value, types[key]) for value in values]
+        for i, value in enumerate(coerced):
+            if value in coerced[:i]:
+                first = coerced.index(value)
+                raise ConfigError(
+                    f"hyperparameter {key!r} repeats the value {values[i]!r} (candidates "
+                    f"[{first}] and [{i}] of {list(values)!r}): give each candidate's value "
+                    "once")
 
 
 def flat_hyperparameters(hyperparameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

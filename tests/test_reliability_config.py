@@ -186,3 +186,31 @@ def test_more_cuda_devices_than_present_is_a_config_error(monkeypatch):
     for devices in ("2", "0,1", "-1", "auto"):
         [(_, cfg)] = resolve("tiny", {"env.accelerator": "cuda", "env.devices": devices})
         assert cfg.env.devices == devices
+
+
+@pytest.mark.parametrize("hp, needle", [
+    ({"optim.lr": [1e-3, 0.001]}, "'optim.lr' repeats the value 0.001 (candidates [0] and [1]"),
+    ({"peft.method": ["lora", "conv_lora", "lora"]},
+     "'peft.method' repeats the value 'lora' (candidates [0] and [2]"),
+    ({"optim.max_epochs": [1, 2, 1.0]}, "'optim.max_epochs' repeats the value 1.0"),
+])
+def test_a_candidate_list_repeating_a_value_is_refused(hp, needle, tmp_path):
+    """A list asking for two candidates with the same value trained one, without a word
+    (the command line already refused a repeated --hp value)."""
+    with pytest.raises(ConfigError) as err:
+        resolve("tiny", hp)
+    assert needle in str(err.value) and "give each candidate's value once" in str(err.value)
+    seg = SemanticSegmentor(label="label", path=tmp_path / "run", verbosity=0)
+    frame = make_synthetic(4, size=32, root=tmp_path / "data")
+    with pytest.raises(ConfigError, match="repeats the value"):
+        seg.fit(frame, presets="tiny", hyperparameters=hp)
+    assert not (tmp_path / "run").exists()  # refused before any folder
+
+
+def test_distinct_candidate_values_and_crossed_methods_still_train_each_once():
+    names = [n for n, _ in resolve("tiny", {"optim.lr": [1e-3, 2e-3]})]
+    assert names == ["lr=0.001", "lr=0.002"]
+    # a rank list crossed with a method without rank: duplicates merged, as before
+    names = [n for n, _ in resolve("tiny", {"peft.rank": [2, 4],
+                                            "peft.method": ["lora", "bitfit"]})]
+    assert names == ["method=lora,rank=2", "method=lora,rank=4", "method=bitfit"]
