@@ -89,11 +89,10 @@ def test_predict_writes_masks(run_dir, csvs, tmp_path):
     assert len(list((tmp_path / "all").glob("*.png"))) == 24
 
 
-
 def test_predict_and_history_start_without_lightning_or_torchmetrics(run_dir, csvs, tmp_path):
     """Loading a predictor to predict imported Lightning and torchmetrics (through the
-    data and training packages and the saved metric's check): about 1.3 s of every start
-    of `automask predict` on 2 cores, 2.6 s of `automask history`."""
+    data and training packages and the saved metric's check): about 1.1 s of every start
+    of `automask predict` on 2 cores, 2.8 s of `automask history`."""
     code = ("import sys; from automask.cli import main; rc = main(sys.argv[1:]); "
             "print('LOADED', sorted(m for m in ('lightning', 'torchmetrics') "
             "if m in sys.modules)); sys.exit(rc)")
@@ -106,6 +105,7 @@ def test_predict_and_history_start_without_lightning_or_torchmetrics(run_dir, cs
         assert "LOADED []" in proc.stdout, (args[0], proc.stdout[-300:])
     assert len(list((tmp_path / "masks").glob("*.png"))) == 6
     assert (tmp_path / "curves.png").stat().st_size > 0
+
 
 def test_predict_bad_input(run_dir, csvs, tmp_path):
     proc = run_cli("predict", str(tmp_path / "no_run"), "--data", "x.csv", "--out", "o")
