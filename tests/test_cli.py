@@ -89,20 +89,24 @@ def test_predict_writes_masks(run_dir, csvs, tmp_path):
     assert len(list((tmp_path / "all").glob("*.png"))) == 24
 
 
-def test_predict_and_history_start_without_lightning_or_torchmetrics(run_dir, csvs, tmp_path):
+def test_commands_import_only_the_libraries_they_use(run_dir, csvs, tmp_path):
     """Loading a predictor to predict imported Lightning and torchmetrics (through the
     data and training packages and the saved metric's check): about 1.1 s of every start
-    of `automask predict` on 2 cores, 2.8 s of `automask history`."""
+    of `automask predict` on 2 cores, 2.8 s of `automask history`; `automask score`
+    imported Lightning and scikit-learn (through automask.data and automask.datasets)."""
     code = ("import sys; from automask.cli import main; rc = main(sys.argv[1:]); "
-            "print('LOADED', sorted(m for m in ('lightning', 'torchmetrics') "
+            "print('LOADED', sorted(m for m in ('lightning', 'sklearn', 'torchmetrics') "
             "if m in sys.modules)); sys.exit(rc)")
-    for args in (["predict", str(run_dir), "--data", str(csvs / "test.csv"),
-                  "--out", str(tmp_path / "masks")],
-                 ["history", str(run_dir), "--out", str(tmp_path / "curves.png")]):
+    masks = csvs / "data" / "masks"
+    for args, expected in (
+            (["predict", str(run_dir), "--data", str(csvs / "test.csv"), "--out",
+              str(tmp_path / "masks")], ["sklearn"]),  # the estimator is a sklearn one
+            (["history", str(run_dir), "--out", str(tmp_path / "curves.png")], []),
+            (["score", "--pred", str(masks), "--gt", str(masks)], ["torchmetrics"])):
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        assert "LOADED []" in proc.stdout, (args[0], proc.stdout[-300:])
+        assert f"LOADED {expected}" in proc.stdout, (args[0], proc.stdout[-300:])
     assert len(list((tmp_path / "masks").glob("*.png"))) == 6
     assert (tmp_path / "curves.png").stat().st_size > 0
 
