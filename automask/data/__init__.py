@@ -7,6 +7,8 @@ predictions back to each image's original size.
 ``SegmentationDataModule`` and ``split_spec`` load on first use: their module imports
 Lightning, which prediction does not need.
 """
+import importlib
+
 from .cache import SampleCache
 from .dataset import SegmentationDataset
 from .io import image_size, read_image, read_mask, read_stack
@@ -23,14 +25,15 @@ from .transforms import (
 from .loaders import EpochSampler, ShardSampler, default_num_workers, make_predict_loader
 from .validation import DataSpec, validate_frame
 
-_LAZY = {"SegmentationDataModule", "split_spec"}  # from .datamodule (imports Lightning)
+_SOURCES = {  # loaded on first use -> the submodule that defines it (imports Lightning)
+    "SegmentationDataModule": "datamodule",
+    "split_spec": "datamodule",
+}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        from . import datamodule
-
-        return getattr(datamodule, name)
+    if name in _SOURCES:
+        return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
