@@ -96,6 +96,7 @@ def _cmd_fit(args) -> None:
                     "hyperparameters": hp, "time_limit": args.time_limit,
                     "num_classes": args.num_classes, "class_names": class_names,
                     "color_map": color_map}
+    _check_fit_options(args, fit_args)
     # (imported once the options are read: their errors need neither torch nor Lightning)
     from .segmentor import SemanticSegmentor
 
@@ -106,6 +107,21 @@ def _cmd_fit(args) -> None:
     if is_main_process():  # a distributed fit runs this command in every process
         _print_table(seg.leaderboard(), as_json=False)
         print(f"saved to {os.path.normpath(seg.path_)}")
+
+
+def _check_fit_options(args, fit_args: dict[str, Any]) -> None:
+    """The options' own errors before Lightning, torchmetrics and scikit-learn load (about
+    2.4 s of a start on 2 cores), in the order ``fit`` checks them: a preset or a
+    hyperparameter key or value (:func:`automask.config.resolve`; it loads torch and
+    segment-anything for the PEFT registry), then a ``--train`` or ``--tuning`` CSV that is
+    not there. ``fit`` checks them all again."""
+    from .config import resolve
+
+    resolve(fit_args.get("presets"), fit_args.get("hyperparameters"), for_fit=False)
+    for option, path in (("--train", args.train), ("--tuning", args.tuning)):
+        if path is not None and not os.path.exists(os.path.expanduser(path)):
+            raise AutomaskError(f"{option} {path!r} does not exist: give a CSV of image and "
+                                "mask paths")
 
 
 def _read_color_map(path: str) -> tuple[dict, list[str] | None]:
@@ -242,9 +258,11 @@ _RESOLUTION_HELP = ("score each prediction at its mask's original size (default)
 
 def _cmd_evaluate(args) -> None:
     tta = _tta(args.tta)
+    _check_data_options(args, "no data: give --data CSV or --images DIR --masks DIR")
     seg = _load(args.run, args)
     metrics = _split(args.metrics, "--metrics")
-    data = _labelled_data(args, seg.image, seg.label)
+    data = _folders(args, seg.image, seg.label)
+    data = data if data is not None else args.data
     _print_scores(seg.evaluate(data, metrics=metrics, model=args.model,
                                resolution=args.resolution, tta=tta), args.json,
                   class_names=seg.classes_)
@@ -299,6 +317,7 @@ def _show_or_save(df, args) -> None:
 
 
 def _cmd_leaderboard(args) -> None:
+    _check_data_options(args, None)  # without data: the validation scores of the fit
     from .leaderboard import check_table_path
 
     extra = _parse_extra(args.extra)
@@ -312,8 +331,6 @@ def _cmd_leaderboard(args) -> None:
     metrics = _split(args.metrics, "--metrics")
     seg = _load(args.run, args)
     frame = _folders(args, seg.image, seg.label)  # --images/--masks, as evaluate takes them
-    if frame is not None and args.data is not None:
-        raise AutomaskError("give either --data or --images/--masks, not both")
     board = seg.leaderboard(frame if frame is not None else args.data, extra=extra,
                             style=args.style, metrics=metrics, resolution=args.resolution)
     _show_or_save(board, args)
@@ -421,16 +438,24 @@ def _split(text: str | None, option: str = "--class-names") -> list[str] | None:
     return names
 
 
-def _folders(args, image_col: str, label_col: str):
-    """DataFrame paired from ``--images``/``--masks`` (as ``from_folders``), or None."""
+def _folder_options(args) -> bool:
+    """Whether ``--images``/``--masks`` are given; AutomaskError for one without the other,
+    or a pairing option (``--mask-suffix``, ...) without them."""
     if args.images is None and args.masks is None:
         if args.mask_suffix is not None or args.image_suffix is not None \
                 or args.extra_masks is not None or args.drop_unpaired:
             raise AutomaskError("--mask-suffix, --image-suffix, --extra-masks and "
                                 "--drop-unpaired go with --images/--masks")
-        return None
+        return False
     if args.images is None or args.masks is None:
         raise AutomaskError("--images and --masks go together: give both folders")
+    return True
+
+
+def _folders(args, image_col: str, label_col: str):
+    """DataFrame paired from ``--images``/``--masks`` (as ``from_folders``), or None."""
+    if not _folder_options(args):
+        return None
     from .datasets import from_folders
 
     return from_folders(args.images, args.masks, image_col=image_col, label_col=label_col,
@@ -438,14 +463,18 @@ def _folders(args, image_col: str, label_col: str):
                         extra_masks=args.extra_masks, strict=not args.drop_unpaired)
 
 
-def _labelled_data(args, image_col: str, label_col: str):
-    """The labelled data of a command: ``--data`` CSV or ``--images``/``--masks`` folders."""
-    frame = _folders(args, image_col, label_col)
-    if frame is not None and args.data is not None:
+def _check_data_options(args, missing: str | None) -> None:
+    """The data options of evaluate, leaderboard and show, before the predictor loads
+    (imports and weights: seconds): ``--data`` beside ``--images``/``--masks``, a folder
+    option alone, and no data at all where the command needs some (``missing``: the message;
+    None where data is optional)."""
+    if not os.path.isdir(os.path.expanduser(args.run)):  # loading names the run first
+        return
+    folders = _folder_options(args)
+    if folders and args.data is not None:
         raise AutomaskError("give either --data or --images/--masks, not both")
-    if frame is None and args.data is None:
-        raise AutomaskError("no data: give --data CSV or --images DIR --masks DIR")
-    return frame if frame is not None else args.data
+    if missing and not folders and args.data is None:
+        raise AutomaskError(missing)
 
 
 def _fit_inputs(args, image: str | None = None, label: str | None = None):
@@ -604,12 +633,9 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
 
 def _cmd_show(args) -> None:
     models = _split(args.models, "--models") if args.models not in (None, "all") else None
+    _check_data_options(args, "no data: give --data (CSV, folder, image) or --images/--masks")
     seg = _load(args.run, args)
     data = _folders(args, seg.image, seg.label)
-    if data is not None and args.data is not None:
-        raise AutomaskError("give either --data or --images/--masks, not both")
-    if data is None and args.data is None:
-        raise AutomaskError("no data: give --data (CSV, folder, image) or --images/--masks")
     data = data if data is not None else args.data
     if args.models:
         seg.plot_comparison(data, models=models, n=args.n, path=args.out)

@@ -215,6 +215,47 @@ def test_fit_option_errors_come_before_torch_is_imported(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_fit_option_errors_come_before_lightning_is_imported(tmp_path):
+    """A preset or a hyperparameter key or value that fit would refuse, then a --train or
+    --tuning CSV that is not there, is refused before Lightning, torchmetrics and
+    scikit-learn load (resolving the options loads torch, for the PEFT registry): 4.5 s
+    instead of 6.9 s on 2 cores. A bad option is named before a missing CSV, as fit does."""
+    (tmp_path / "train.csv").write_text("image,label\na.png,a_mask.png\n")
+    train = ["--train", str(tmp_path / "train.csv")]
+    missing = str(tmp_path / "nope.csv")
+    for options, says in ((["--hp", "optim.lrr=1"], "did you mean 'optim.lr'"),
+                          (["--hp", "optim.lr=abc"], "invalid value 'abc' for 'optim.lr'"),
+                          (["--presets", "tiny_quality"], "unknown preset 'tiny_quality'"),
+                          (["--hp", "peft.method=lora,conv_lora"], "peft.method"),
+                          (["--train", missing, "--hp", "optim.lrr=1"], "optim.lrr"),
+                          (["--train", missing], f"--train '{missing}' does not exist"),
+                          (["--tuning", "nope.csv"], "--tuning 'nope.csv' does not exist")):
+        _refused_before_import(["fit", *train, *options, "--path", str(tmp_path / "run")],
+                               says, module="lightning")
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_option_errors_come_before_the_predictor_loads(tmp_path):
+    """evaluate, show and leaderboard check how their data options go together before
+    they load the predictor (torch, segment-anything and the weights); a run folder that
+    is not there is still named first."""
+    run = str(tmp_path)  # a folder: the options are checked before anything is read from it
+    folders = ["--images", str(tmp_path), "--masks", str(tmp_path)]
+    for argv, says in (
+            (["evaluate", run], "no data: give --data CSV or --images DIR --masks DIR"),
+            (["evaluate", run, "--data", "x.csv", *folders], "not both"),
+            (["evaluate", run, "--images", str(tmp_path)], "--images and --masks go together"),
+            (["evaluate", run, "--data", "x.csv", "--mask-suffix", "_m"],
+             "--mask-suffix, --image-suffix, --extra-masks and --drop-unpaired go with"),
+            (["show", run, "--out", str(tmp_path / "p.png")], "no data: give --data (CSV"),
+            (["show", run, "--masks", str(tmp_path), "--out", str(tmp_path / "p.png")],
+             "--images and --masks go together"),
+            (["leaderboard", run, "--data", "x.csv", *folders], "not both"),
+            (["evaluate", str(tmp_path / "none")], "none")):
+        _refused_before_import(argv, says)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_score_names_a_missing_folder_before_torch_is_imported(tmp_path):
     """``automask score`` with a folder that is not there (or a file) says so at once,
     naming the option, instead of after importing torch and torchmetrics."""
