@@ -218,8 +218,9 @@ def test_fit_option_errors_come_before_torch_is_imported(tmp_path):
 def test_fit_option_errors_come_before_lightning_is_imported(tmp_path):
     """A preset or a hyperparameter key or value that fit would refuse, then a --train or
     --tuning CSV that is not there, is refused before Lightning, torchmetrics and
-    scikit-learn load (resolving the options loads torch, for the PEFT registry): 4.5 s
-    instead of 6.9 s on 2 cores. A bad option is named before a missing CSV, as fit does."""
+    scikit-learn load (resolving the options loads torch, for the PEFT registry): about
+    4.6 s instead of 7 s on 2 cores. A bad option is named before a missing CSV, as fit
+    does."""
     (tmp_path / "train.csv").write_text("image,label\na.png,a_mask.png\n")
     train = ["--train", str(tmp_path / "train.csv")]
     missing = str(tmp_path / "nope.csv")
