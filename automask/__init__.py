@@ -10,17 +10,18 @@ fast.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it, imported on first access
 _LAZY = {
-    "PRESETS": ".presets",
-    "list_presets": ".presets",
-    "SemanticSegmentor": ".segmentor",
-    "is_main_process": ".training.distributed",
+    "PRESETS": "presets",
+    "list_presets": "presets",
+    "SemanticSegmentor": "segmentor",
+    "is_main_process": "training.distributed",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,12 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PRESETS", "SemanticSegmentor", "__version__", "is_main_process", "list_presets"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -7,7 +7,7 @@ predictions back to each image's original size.
 ``SegmentationDataModule`` and ``split_spec`` load on first use: their module imports
 Lightning, which prediction does not need.
 """
-import importlib
+from .._lazy import lazy_names
 
 from .cache import SampleCache
 from .dataset import SegmentationDataset
@@ -31,10 +31,7 @@ _SOURCES = {  # loaded on first use -> the submodule that defines it (imports Li
 }
 
 
-def __getattr__(name: str):
-    if name in _SOURCES:
-        return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _SOURCES)
 
 __all__ = [
     "IGNORE_INDEX",

@@ -4,7 +4,7 @@ benchmarks, and seeded splits; colour tables of colour-coded masks.
 ``train_test_split`` loads on first use: its module imports scikit-learn, which scoring
 folders of masks (through :mod:`.folders`) does not need.
 """
-import importlib
+from .._lazy import lazy_names
 
 from .benchmarks import BENCHMARKS, fetch_benchmark
 from .color_maps import read_color_map
@@ -15,10 +15,7 @@ from .synthetic import make_synthetic
 _SOURCES = {"train_test_split": "split"}  # loaded on first use (imports scikit-learn)
 
 
-def __getattr__(name: str):
-    if name in _SOURCES:
-        return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _SOURCES)
 
 __all__ = ["BENCHMARKS", "fetch_benchmark", "from_folders", "make_synthetic", "read_color_map",
            "train_test_split"]

@@ -13,7 +13,7 @@ Scores are fractions in [0, 1] (papers often print them x100).
 >>> score([pred_map], [gt_mask])  # doctest: +SKIP
 {'sm': ..., 'em': ..., 'wfm': ..., 'mae': ..., 'iou': ..., 'dice': ..., 'ber': ...}
 """
-import importlib
+from automask._lazy import lazy_names
 
 from automask.metrics.names import CONVENTIONS, DEFAULT_METRICS, HIGHER_IS_BETTER
 
@@ -23,10 +23,7 @@ _SOURCES = {"METRICS": "registry", "build_metrics": "registry", "read_map": "fol
             "score_folders": "folders", "infer_task": "scoring", "score": "scoring"}
 
 
-def __getattr__(name: str):
-    if name in _SOURCES:
-        return getattr(importlib.import_module(f"automask.metrics.{_SOURCES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _SOURCES)
 
 __all__ = [
     "CONVENTIONS",

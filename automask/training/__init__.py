@@ -5,7 +5,7 @@ embeddings kept while the encoder is frozen.
 The names below load on first use, so that importing one submodule (``record``, which a
 saved predictor needs, or ``state``) does not import Lightning with the package.
 """
-import importlib
+from .._lazy import lazy_names
 
 _SOURCES = {  # public name -> the submodule that defines it
     "BestTrainableWeights": "callbacks",
@@ -20,7 +20,4 @@ _SOURCES = {  # public name -> the submodule that defines it
 __all__ = sorted(_SOURCES)
 
 
-def __getattr__(name: str):
-    if name in _SOURCES:
-        return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _SOURCES)
