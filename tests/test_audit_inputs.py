@@ -4,8 +4,6 @@ ones are named with their row and path before any work is done."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ from automask.data import read_mask, validate_frame
 from automask.errors import DataValidationError
 
 from test_image_range import _png16  # pytest's default import mode puts tests/ on sys.path
+
+from cli_process import run_automask
 
 _ORIENTATION = 274  # the EXIF / TIFF orientation tag
 
@@ -496,9 +496,8 @@ def test_from_folders_gives_a_volume_and_its_label_stack_one_row_per_slice(tmp_p
     for k in range(4):
         saved = np.asarray(Image.open(tmp_path / "out" / f"train-volume_00{k}.png"))
         assert np.array_equal(saved > 0, pages[k] > 0)
-    proc = subprocess.run([sys.executable, "-m", "automask", "predict", str(tmp_path / "run"),
-                           "--data", str(stack), "--out", str(tmp_path / "maps"), "--proba"],
-                          capture_output=True, text=True)
+    proc = run_automask("predict", str(tmp_path / "run"), "--data", str(stack), "--out",
+                        str(tmp_path / "maps"), "--proba")
     assert proc.returncode == 0 and "wrote 4 probability maps" in proc.stdout, proc.stderr
     maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert maps == [f"train-volume_00{k}.npy" for k in range(4)]

@@ -17,6 +17,8 @@ from automask import SemanticSegmentor, cli
 from automask.datasets import make_synthetic
 from automask.errors import ConfigError, DataValidationError
 
+from cli_process import run_automask
+
 S = 32  # model input side
 
 
@@ -67,10 +69,8 @@ def test_predict_boxes_with_data_lacking_the_image_column_is_a_one_line_error(
     boxes = tmp_path / "boxes.csv"
     image = pd.read_csv(csv)["image"][0]
     boxes.write_text(f"image,x0,y0,x1,y1\n{image},0,0,4,4\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "automask", "predict", str(run), "--data", str(data), "--out",
-         str(tmp_path / "out"), "--boxes", str(boxes)],
-        capture_output=True, text=True, timeout=300)
+    proc = run_automask("predict", str(run), "--data", str(data), "--out",
+                        str(tmp_path / "out"), "--boxes", str(boxes), timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr

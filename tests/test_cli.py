@@ -14,9 +14,19 @@ from PIL import Image
 
 from automask.datasets import make_synthetic, train_test_split
 
+from cli_process import run_automask
+
 
 def run_cli(*args: str, cwd: Path | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m automask *args``, forked from a process that imported the libraries
+    (tests/cli_process.py)."""
+    return run_automask(*args, cwd=cwd, timeout=timeout)
+
+
+def run_fresh(*args: str, cwd: Path | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m automask *args`` in a fresh interpreter, imports and all."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "automask", *args], capture_output=True, text=True,
@@ -342,7 +352,8 @@ def test_score_advice_names_the_commands_options(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_and_learns(tmp_path):
-    proc = run_cli("demo", "--path", str(tmp_path / "demo"), "--time-limit", "100",
+    """The README's first command, as a newcomer runs it: a fresh interpreter."""
+    proc = run_fresh("demo", "--path", str(tmp_path / "demo"), "--time-limit", "100",
                    cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny" in proc.stdout  # no pretrained weights here: the banner says so

@@ -1,14 +1,13 @@
 """Issue 11 on the command line: epoch lines in a log file, folders and class names,
 probability maps, palette masks, pictures, and a --help that does not import torch.
 
-Every command runs in a real subprocess (``sys.executable -m automask``)."""
+Every command runs in a process of its own (``python -m automask``, forked from one that
+imported the libraries: tests/cli_process.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from automask.datasets import make_synthetic
 from automask.datasets.folders import find_classes_file, read_class_names
 from automask.errors import DataValidationError
 
+from cli_process import run_automask
 from conftest import python_stdout, shared_path
 
 NAMES = ["background", "disc", "square"]
@@ -27,10 +27,9 @@ FAST = ["--presets", "tiny", "--hp", "optim.max_epochs=2", "--hp", "model.input_
 
 
 def run_cli(*args: str, stdout=None, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "automask", *args], text=True, env=env,
-                          stdout=stdout if stdout is not None else subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout)
+    """``python -m automask *args`` (forked from a process that imported the libraries,
+    tests/cli_process.py); ``stdout`` an open file to receive the output."""
+    return run_automask(*args, stdout=stdout, timeout=timeout)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -21,6 +21,8 @@ from automask.models import build_segmenter
 from automask.peft import (PEFT_METHODS, ConvLoRALinear, LoRALinear, adapters, apply_peft,
                            merge_adapters)
 
+from cli_process import run_automask
+
 METHODS = list(PEFT_METHODS)
 SIZE = 64
 ONNX_TOLERANCE = 1e-3  # max |ONNX Runtime - PyTorch| over fp32 logits
@@ -255,17 +257,13 @@ def test_segmentor_export_keeps_the_predictor_unchanged(fitted, tmp_path):
 
 
 def test_cli_export(fitted, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "cli.onnx"
-    proc = subprocess.run([sys.executable, "-m", "automask", "export", str(fitted.path_),
-                           "--out", str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = run_automask("export", str(fitted.path_), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"exported to {out}" in proc.stdout
     assert _metadata(out)["model"] == fitted.best_model_
-    proc = subprocess.run([sys.executable, "-m", "automask", "export", str(fitted.path_),
-                           "--out", str(tmp_path / "m.pt2"), "--format", "onnx"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_automask("export", str(fitted.path_), "--out", str(tmp_path / "m.pt2"),
+                        "--format", "onnx")
     assert proc.returncode == 2 and "must end with '.onnx'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.pt2").exists()
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +18,8 @@ from automask.data import read_mask
 from automask.data.arrays import as_files
 from automask.datasets import make_synthetic
 from automask.errors import DataValidationError
+
+from cli_process import run_automask
 
 S = 32  # model input side
 
@@ -249,9 +249,8 @@ def test_an_interrupted_fit_on_pictures_in_memory_resumes_with_the_same_pictures
     assert len(calls) == 4 and calls[2] == calls[1]  # the interrupted candidate trained
     assert sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.*")) == kept
 
-    done = subprocess.run([sys.executable, "-m", "automask", "fit", "--resume", "--path",
-                           str(run), "--verbosity", "0"], capture_output=True, text=True,
-                          timeout=300)
+    done = run_automask("fit", "--resume", "--path", str(run), "--verbosity", "0",
+                        timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     seg = SemanticSegmentor.load(run)
     assert len(seg.models_) == 3 and len(seg.predict(frame)) == 4

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from automask.leaderboard import (
     save_table,
 )
 from automask.metrics import score
+
+from cli_process import run_automask
 
 TINY = {"optim.max_epochs": 1, "model.input_size": 64, "optim.select_metric": "sm",
         "data.num_workers": 0}
@@ -336,8 +337,7 @@ def test_save_table_csv_and_markdown(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
-                          text=True, timeout=600)
+    return run_automask(*args)  # forked from a process that imported the libraries
 
 
 def test_cli_leaderboard_extra_and_paper_table(runs, data, tmp_path):

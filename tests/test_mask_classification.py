@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -35,6 +33,8 @@ from automask.models.mask_classification import (
 )
 from automask.peft import apply_peft
 from automask.training import SegmentationModule
+
+from cli_process import run_automask
 
 K = 3  # classes in the constructed cases
 
@@ -295,12 +295,9 @@ def test_parameter_parity_with_the_papers_trans10k_table():
 
 
 def test_params_cli_takes_the_head():
-    proc = subprocess.run(
-        [sys.executable, "-m", "automask", "params", "--backbone", "vit_h", "--num-classes",
-         "12", "--multiclass-head", "mask_classification", "--methods",
-         "decoder_only,lora", "--json"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = run_automask("params", "--backbone", "vit_h", "--num-classes", "12",
+                        "--multiclass-head", "mask_classification", "--methods",
+                        "decoder_only,lora", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = {r["method"]: r["trainable_m"] for r in json.loads(proc.stdout)}
     assert rows == {"decoder_only": 3.51, "lora": 4.00}

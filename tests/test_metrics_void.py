@@ -17,6 +17,8 @@ from automask import SemanticSegmentor
 from automask.datasets import make_synthetic, train_test_split
 from automask.metrics import HIGHER_IS_BETTER, build_metrics, score
 
+from cli_process import run_automask
+
 PIXEL_WISE = ["mae", "iou", "dice", "iou_pooled", "dice_pooled", "ber", "ber_per_image", "fm",
               "fm_adp", "fm_max"]
 STRUCTURAL = ["sm", "em", "em_adp", "em_max", "wfm"]
@@ -231,8 +233,6 @@ def test_an_ignore_index_no_ground_truth_can_hold_is_refused(tmp_path):
     """VOC-style 8-bit masks with a 255 border: ignore_index=999 (a typo) or -1 would leave
     the border scored as class 255; it is refused, naming the value and the masks' range.
     An integer map that can hold -1 takes it as void."""
-    import subprocess
-    import sys
 
     truth = np.zeros((20, 20), np.uint8)
     truth[5:15, 5:15] = 1
@@ -250,9 +250,8 @@ def test_an_ignore_index_no_ground_truth_can_hold_is_refused(tmp_path):
     (tmp_path / "gt").mkdir()
     Image.fromarray(pred).save(tmp_path / "pred" / "a.png")
     Image.fromarray(truth).save(tmp_path / "gt" / "a.png")
-    proc = subprocess.run([sys.executable, "-m", "automask", "score", "--pred",
-                           str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--task",
-                           "multiclass", "--ignore-index", "999"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_automask("score", "--pred", str(tmp_path / "pred"), "--gt",
+                        str(tmp_path / "gt"), "--task", "multiclass", "--ignore-index", "999",
+                        timeout=300)
     assert proc.returncode == 2 and "--ignore-index 999 cannot occur" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

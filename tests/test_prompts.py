@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,8 @@ from automask.errors import ConfigError, DataValidationError
 from automask.models import build_segmenter
 from automask.models.segmenter import Prompt
 from automask.prediction import as_frame, images_spec, iter_proba
+
+from cli_process import run_automask
 
 S = 64  # model input side used throughout
 PROMPTED = {"optim.max_epochs": 2, "model.input_size": S, "data.prompts": "box",
@@ -478,8 +479,7 @@ def test_check_prompts_returns_original_pixel_prompts():
 
 # ------------------------------------------------------------------ command line
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
-                          text=True, timeout=600)
+    return run_automask(*args)  # forked from a process that imported the libraries
 
 
 def test_cli_predict_boxes_csv_matches_the_api(prompt_trained, synthetic, tmp_path):

@@ -33,13 +33,16 @@ from automask.errors import (
     TrainingDivergedError,
 )
 
+from cli_process import run_automask
+
 HP = {"optim.max_epochs": 1, "model.input_size": 64}
 STATE = ".automask_fit"
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """A command run to its end, forked from a process that imported the libraries
+    (tests/cli_process.py); ``start_cli`` starts a fresh interpreter to signal."""
+    return run_automask(*args, timeout=timeout)
 
 
 def _default_sigint() -> None:

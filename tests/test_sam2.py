@@ -8,8 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,6 +31,8 @@ from automask.peft import apply_peft, aux_loss  # noqa: E402
 from automask.peft.conv_lora import ConvLoRALinear  # noqa: E402
 from automask.saving import rebuild_model  # noqa: E402
 from automask.utils import cache_dir  # noqa: E402
+
+from cli_process import run_automask
 
 SIZE = 64
 TINY = "sam2_tiny"
@@ -375,8 +375,7 @@ def test_lora_counts_follow_hiera_widths():
 
 
 def test_params_cli_lists_the_supported_methods():
-    out = subprocess.run([sys.executable, "-m", "automask", "params", "--backbone",
-                          "sam2.1_hiera_b+"], capture_output=True, text=True, timeout=300)
+    out = run_automask("params", "--backbone", "sam2.1_hiera_b+", timeout=300)
     assert out.returncode == 0, out.stderr
     methods = [line.split()[0] for line in out.stdout.splitlines()[1:] if line.strip()]
     assert methods == ["scratch", "decoder_only", "bitfit", "adapter", "lora", "conv_lora",

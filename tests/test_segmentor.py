@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from automask.errors import (
     NotFittedError,
     SavedModelError,
 )
+from cli_process import run_automask
 from conftest import shared_path
 
 FAST = {"optim.max_epochs": 3}
@@ -241,10 +240,9 @@ def test_save_load_predict_identical_and_no_backbone_weights(synthetic, tmp_path
     with pytest.raises(SavedModelError, match=r"checkpoint must be a file path, got int 3"):
         SemanticSegmentor.load(saved, checkpoint=3)
     out = tmp_path / "cli_masks"
-    proc = subprocess.run([sys.executable, "-m", "automask", "predict", str(saved), "--data",
-                           str(test["image"].iloc[0]), "--out", str(out), "--checkpoint",
-                           str(tmp_path / "elsewhere.pth")], capture_output=True, text=True,
-                          timeout=300)
+    proc = run_automask("predict", str(saved), "--data", str(test["image"].iloc[0]),
+                        "--out", str(out), "--checkpoint", str(tmp_path / "elsewhere.pth"),
+                        timeout=300)
     assert proc.returncode == 0, proc.stderr
     [mask] = list(out.glob("*.png"))
     np.testing.assert_array_equal(np.asarray(Image.open(mask)) > 0, before[0] > 0)

@@ -1,9 +1,7 @@
 """Sliding-window prediction of images larger than the model input."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,8 @@ from automask.tiling import (
     window_grid,
     window_starts,
 )
+
+from cli_process import run_automask
 
 S = 64  # model input side used throughout
 
@@ -224,9 +224,7 @@ def test_thin_lines_survive_tiling_but_not_shrinking(tmp_path):
 
 # --------------------------------------------------------------------- facade and CLI
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "automask", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+    return run_automask(*args)  # forked from a process that imported the libraries
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ sparse label values), through fit, save/load, evaluate, score_folders and the CL
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -27,6 +25,8 @@ from automask.datasets import read_color_map
 from automask.errors import ConfigError, DataValidationError
 from automask.metrics import score_folders
 from automask.metrics.folders import read_target
+
+from cli_process import run_automask
 
 # ADE20K-style: 0 is void ("other"), classes 1..3 -> ids 0..2, void 255 (always ignored)
 ADE = {0: 255, 1: 0, 2: 1, 3: 2}
@@ -226,10 +226,9 @@ def test_cli_score_reads_value_lines_for_the_ground_truths_only(tmp_path):
         Image.fromarray(np.where(ids == 255, 0, ids).astype(np.uint8)).save(
             tmp_path / "pred" / f"{i}.png")
     (tmp_path / "ade.txt").write_text("0 255\n1 0\n2 1\n3 2\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "automask", "score", "--pred", str(tmp_path / "pred"),
-         "--gt", str(tmp_path / "ade" / "masks"), "--color-map", str(tmp_path / "ade.txt"),
-         "--json"], capture_output=True, text=True, timeout=300)
+    result = run_automask(
+        "score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "ade" / "masks"),
+        "--color-map", str(tmp_path / "ade.txt"), "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["miou"] == 1.0 and got["iou_per_class"] == [1.0, 1.0, 1.0]
