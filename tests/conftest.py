@@ -28,23 +28,24 @@ def _split_threads() -> None:
 _split_threads()
 
 
-# The files that take longest (command-line subprocesses, end-to-end fits), longest first;
-# seconds of one worker on a 2-core EPYC, 2026-12-06. pytest-xdist hands out whole files
-# in collection order (setup.cfg: --no-loadscope-reorder; by default it orders them by
-# their number of tests, which started the few long tests of test_tutorials.py and
-# test_distributed.py last, the other worker idle meanwhile: 924 s, not 843 s). Any file not
-# named keeps its place after these.
+# The files that take longest (end-to-end fits, exports, fresh interpreters), longest first;
+# seconds of one worker on a 2-core EPYC of family 23, 2026-12-07 (the CLI commands forked
+# from tests/cli_process.py's server). pytest-xdist hands out whole files in collection
+# order (setup.cfg: --no-loadscope-reorder; by default it orders them by their number of
+# tests, which started the few long tests of test_tutorials.py and test_distributed.py
+# last, the other worker idle meanwhile: 924 s, not 843 s). Any file not named keeps its
+# place after these.
 _LONGEST_FIRST = (
-    "test_cli.py",  # 378 s
-    "test_export.py",  # 193 s
-    "test_cli_follow.py",  # 189 s
-    "test_tutorials.py",  # 154 s
-    "test_reliability_lifecycle.py",  # 130 s
-    "test_distributed.py",  # 129 s
-    "test_segmentor.py",  # 55 s
-    "test_sam2.py",  # 37 s
-    "test_prompts.py",  # 35 s
-    "test_leaderboard.py",  # 28 s
+    "test_export.py",  # 204 s
+    "test_tutorials.py",  # 199 s
+    "test_distributed.py",  # 149 s
+    "test_cli.py",  # 139 s
+    "test_reliability_lifecycle.py",  # 123 s
+    "test_segmentor.py",  # 53 s
+    "test_audit_cli.py",  # 38 s
+    "test_cli_process.py",  # 29 s
+    "test_peft_methods.py",  # 21 s
+    "test_frozen.py",  # 20 s
 )
 
 
