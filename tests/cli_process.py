@@ -162,12 +162,21 @@ def run_automask(*args: str, cwd: str | os.PathLike | None = None,
             _server = _Server()
         request = {"args": args, "cwd": os.fspath(cwd or os.getcwd()), "env": env,
                    "stdout": str(out), "stderr": str(err)}
-        _server.proc.stdin.write(json.dumps(request).encode() + b"\n")
-        _server.proc.stdin.flush()
-        pid = int(_server.read_line(timeout=60))
-        status = _server.read_line(timeout=timeout)
+        pid = None
+        try:
+            _server.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            _server.proc.stdin.flush()
+            pid = int(_server.read_line(timeout=60))
+            status = _server.read_line(timeout=timeout)
+        except BaseException:  # Ctrl-C, a dead server: end both; the next call starts anew
+            if pid is not None:
+                _kill(pid)
+            _server.proc.kill()
+            _server.proc.wait()
+            _server = None
+            raise
         if status is None:
-            os.kill(pid, 9)
+            _kill(pid)
             _server.read_line(timeout=60)
             raise subprocess.TimeoutExpired(cmd, timeout, output=out.read_text(),
                                             stderr=err.read_text())
@@ -177,6 +186,13 @@ def run_automask(*args: str, cwd: str | os.PathLike | None = None,
             stdout.flush()
             text = None
         return subprocess.CompletedProcess(cmd, int(status), text, err.read_text())
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
 
 
 def _close() -> None:
