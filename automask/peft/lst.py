@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from segment_anything.modeling.image_encoder import Block
 from torch import nn
 
 from .base import TARGET_ROOT, EncoderHook, MethodOptions, PeftMethod
@@ -68,6 +67,8 @@ class LadderSideNetwork(EncoderHook):
         self.embed_down = nn.Linear(dim, side, **factory)
         self.ladders = nn.ModuleList(nn.Linear(dim, side, **factory) for _ in self.ladder_at)
         self.gates = nn.Parameter(torch.zeros(len(self.ladder_at), **factory))
+        from segment_anything.modeling.image_encoder import Block  # torchvision: seconds
+
         with torch.device(like.device):
             self.side_blocks = nn.ModuleList(
                 Block(side, heads, mlp_ratio=options.side_mlp_ratio, qkv_bias=True,

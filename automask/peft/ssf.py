@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .base import (TARGET_ROOT, Adapter, EncoderHook, MethodOptions, PeftMethod, check_not_held,
@@ -50,7 +49,7 @@ class ScaleShift(Adapter):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.mergeable = getattr(base_layer, "bias", None) is not None  # folds into the bias
-        self.channel_dim = 1 if isinstance(base_layer, (nn.Conv2d, LayerNorm2d)) else -1
+        self.channel_dim = 1 if isinstance(base_layer, _channels_first()) else -1
         self.token_wise = self.channel_dim == -1  # per channel of each token
         weight = base_layer.weight
         channels = weight.shape[0]
@@ -131,13 +130,18 @@ class SSFHook(EncoderHook):
         return x * self.final_scale + self.final_shift  # (B, h, w, E)
 
 
-_KINDS = (nn.Linear, nn.LayerNorm, nn.Conv2d, LayerNorm2d)
+def _channels_first() -> tuple[type, ...]:
+    # segment-anything imports torchvision (seconds), so not before an encoder exists
+    from segment_anything.modeling.common import LayerNorm2d
+
+    return nn.Conv2d, LayerNorm2d
 
 
 def apply(model: nn.Module, options: SSFOptions) -> None:
     """Wrap every LayerNorm, Linear and Conv2d of the image encoder; add the hook."""
     encoder = getattr(model, TARGET_ROOT)
-    names = [name for name, module in encoder.named_modules() if isinstance(module, _KINDS)]
+    kinds = (nn.Linear, nn.LayerNorm, *_channels_first())
+    names = [name for name, module in encoder.named_modules() if isinstance(module, kinds)]
     for name in names:
         replace_module(encoder, name, ScaleShift(encoder.get_submodule(name)))
     weight = encoder.patch_embed.proj.base_layer.weight

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
 from torch import nn
 
 from .base import TARGET_ROOT, Adapter, MethodOptions, PeftMethod, replace_module
+
+if TYPE_CHECKING:  # segment-anything imports torchvision (seconds): not to resolve a config
+    from segment_anything.modeling.image_encoder import Attention
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class PromptedAttention(Adapter):
         scaled = q * attn.scale
         scores = scaled @ k.transpose(-2, -1)  # (B*nH, HW, HW)
         if attn.use_rel_pos:
+            from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
             scores = add_decomposed_rel_pos(scores, q, attn.rel_pos_h, attn.rel_pos_w,
                                             (height, width), (height, width))
         scores = torch.cat([scores, scaled @ pk.transpose(-2, -1)], dim=-1)  # (B*nH, HW, HW+P)
