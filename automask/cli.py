@@ -110,11 +110,12 @@ def _cmd_fit(args) -> None:
 
 
 def _check_fit_options(args, fit_args: dict[str, Any]) -> None:
-    """The options' own errors before Lightning, torchmetrics and scikit-learn load (about
-    2.4 s of a start on 2 cores), in the order ``fit`` checks them: a preset or a
-    hyperparameter key or value (:func:`automask.config.resolve`; it loads torch and
-    segment-anything for the PEFT registry), then a ``--train`` or ``--tuning`` CSV that is
-    not there. ``fit`` checks them all again."""
+    """The options' own errors before Lightning, torchmetrics, scikit-learn and
+    segment-anything load (a bad ``--hp`` in about 2.6 s instead of 7 s on 2 cores,
+    benchmarks/README.md), in the order ``fit`` checks them: a preset or a hyperparameter
+    key or value (:func:`automask.config.resolve`; it loads torch for the PEFT registry),
+    then a ``--train`` or ``--tuning`` CSV that is not there. ``fit`` checks them all
+    again."""
     from .config import resolve
 
     resolve(fit_args.get("presets"), fit_args.get("hyperparameters"), for_fit=False)

@@ -20,13 +20,17 @@ Run as a script, this file is the server: JSON requests on stdin, replies on std
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import runpy
 import select
 import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 # what the commands import; the server imports them before its first fork
@@ -61,10 +65,6 @@ def _child(request: dict, replies: int) -> None:
         os.environ.update(request["env"])
         sys.path[0] = os.getcwd()  # `python -m` puts its working directory first
         sys.argv = ["-m", *request["args"]]  # runpy sets argv[0] to the module's file
-        import atexit
-        import runpy
-        import traceback
-
         try:
             runpy.run_module("automask", run_name="__main__", alter_sys=True)
             code = 0
@@ -76,10 +76,8 @@ def _child(request: dict, replies: int) -> None:
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):  # a stream the command closed: nothing to flush
                 stream.flush()
-            except Exception:
-                pass
         os._exit(code)
 
 
@@ -189,10 +187,8 @@ def run_automask(*args: str, cwd: str | os.PathLike | None = None,
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
         os.kill(pid, 9)
-    except ProcessLookupError:  # it ended meanwhile
-        pass
 
 
 def _close() -> None:
@@ -203,6 +199,4 @@ def _close() -> None:
 if __name__ == "__main__":
     serve()
 else:
-    import atexit
-
     atexit.register(_close)
