@@ -9,7 +9,7 @@ once; the server forks, and the child runs ``automask/__main__.py`` as ``python 
 does (``runpy``), in its own working directory and environment, with its own standard
 streams, and ends with the command's exit status. Everything after the imports is the
 command's own: the same process boundary, files, exit codes and output as a fresh
-interpreter gives.
+interpreter gives. :func:`run_script` runs a Python script (the tutorials) the same way.
 
 What a fork cannot show, fresh interpreters check elsewhere: which modules a command
 imports (``tests/test_audit_cli.py``, ``tests/test_lazy.py``), start-up itself and the
@@ -63,10 +63,18 @@ def _child(request: dict, replies: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.path[0] = os.getcwd()  # `python -m` puts its working directory first
-        sys.argv = ["-m", *request["args"]]  # runpy sets argv[0] to the module's file
+        script = request.get("script")
+        if script is None:  # `python -m automask ARGS`
+            sys.path[0] = os.getcwd()  # `python -m` puts its working directory first
+            sys.argv = ["-m", *request["args"]]  # runpy sets argv[0] to the module's file
+        else:  # `python SCRIPT ARGS`: the script's folder first on the path
+            sys.path[0] = os.path.dirname(os.path.abspath(script))
+            sys.argv = [script, *request["args"]]
         try:
-            runpy.run_module("automask", run_name="__main__", alter_sys=True)
+            if script is None:
+                runpy.run_module("automask", run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(script, run_name="__main__")
             code = 0
         except SystemExit as exc:
             code = _exit_code(exc.code)
@@ -148,9 +156,24 @@ def run_automask(*args: str, cwd: str | os.PathLike | None = None,
     None, as with ``subprocess.run``). Raises ``subprocess.TimeoutExpired`` after killing a
     command that runs past ``timeout`` seconds.
     """
+    return _run(None, args, cwd=cwd, env=env, timeout=timeout, stdout=stdout)
+
+
+def run_script(script: str | os.PathLike, *args: str, cwd: str | os.PathLike | None = None,
+               env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, script, *args], capture_output=True, text=True, ...)``,
+    forked from the server as :func:`run_automask` is: the script runs as ``__main__``
+    with its own folder first on ``sys.path``; the libraries it imports are the server's
+    already imported modules, and a name it uses without importing fails as it would in a
+    fresh interpreter."""
+    return _run(os.path.abspath(script), args, cwd=cwd, env=env, timeout=timeout, stdout=None)
+
+
+def _run(script: str | None, args, *, cwd, env, timeout, stdout) -> subprocess.CompletedProcess:
     global _server
     args = [str(a) for a in args]
-    cmd = [sys.executable, "-m", "automask", *args]
+    cmd = [sys.executable, *(["-m", "automask"] if script is None else [script]), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"} if env is None else dict(env)
     with _lock, tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
@@ -158,8 +181,8 @@ def run_automask(*args: str, cwd: str | os.PathLike | None = None,
         err.touch()
         if _server is None or _server.proc.poll() is not None:
             _server = _Server()
-        request = {"args": args, "cwd": os.fspath(cwd or os.getcwd()), "env": env,
-                   "stdout": str(out), "stderr": str(err)}
+        request = {"script": script, "args": args, "cwd": os.fspath(cwd or os.getcwd()),
+                   "env": env, "stdout": str(out), "stderr": str(err)}
         pid = None
         try:
             _server.proc.stdin.write(json.dumps(request).encode() + b"\n")

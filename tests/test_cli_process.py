@@ -1,5 +1,6 @@
-"""tests/cli_process.py: a command forked from the server behaves as a fresh
-``python -m automask`` does (exit status, output, working directory, environment)."""
+"""tests/cli_process.py: a command or script forked from the server behaves as a fresh
+``python -m automask`` or ``python script.py`` does (exit status, output, working
+directory, environment, import path)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_process import run_automask
+from cli_process import run_automask, run_script
 
 
 def fresh(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -55,3 +56,31 @@ def test_output_to_a_file_and_a_timeout(tmp_path):
         run_automask("demo", "--path", str(tmp_path / "demo"), timeout=2)
     assert time.monotonic() - start < 60
     assert run_automask("params", "--backbone", "vit_x").returncode == 2
+
+
+def test_a_forked_script_gives_what_a_fresh_interpreter_gives(tmp_path):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "helper.py").write_text("VALUE = 'from the script folder'\n")
+    (scripts / "show.py").write_text(
+        "import os, sys\n"
+        "import helper  # found only when the script's folder leads sys.path\n"
+        "print(__name__, sys.argv[1:], helper.VALUE, os.getcwd(), os.environ['AM_PROBE'])\n"
+        "print(sorted(os.listdir('.')))  # the working directory is the caller's\n")
+    # names the server imported are no globals of the script: this fails in both
+    (scripts / "unimported.py").write_text("print(torch.zeros(1))\n")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "marker.txt").write_text("")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AM_PROBE": "caller's environment"}
+    for name, args in (("show.py", ["a", "b c"]), ("unimported.py", [])):
+        script = scripts / name
+        want = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, cwd=tmp_path / "work", env=env, timeout=300)
+        got = run_script(script, *args, cwd=tmp_path / "work", env=env)
+        assert (got.returncode, got.stdout) == (want.returncode, want.stdout), name
+        assert got.stderr.splitlines()[-1:] == want.stderr.splitlines()[-1:], name
+    assert got.returncode == 1 and "NameError: name 'torch'" in got.stderr
+    shown = run_script(scripts / "show.py", "x", cwd=tmp_path / "work", env=env).stdout
+    assert shown.splitlines() == [
+        f"__main__ ['x'] from the script folder {tmp_path / 'work'} caller's environment",
+        "['marker.txt']"]
