@@ -12,9 +12,11 @@ the model (the model in memory is never changed):
 
 ONNX files are written by the TorchScript-based exporter (``torch.onnx.export(...,
 dynamo=False)``): it needs only ``onnx`` and traces a tiny model in seconds where the
-dynamo-based exporter takes minutes. Graphs it cannot translate (SAM-Adapter's FFT
-high-pass) fall back to the dynamo-based exporter, which needs ``onnxscript``. Every file
-is checked with ONNX Runtime against PyTorch before it is renamed into place.
+dynamo-based exporter takes minutes (SAM-Adapter's FFT high-pass, which it has no
+translation for, is traced as matrix products: :func:`automask.peft.sam_adapter.high_pass`).
+Graphs it still cannot translate fall back to the dynamo-based exporter, which needs
+``onnxscript``. Every file is checked with ONNX Runtime against PyTorch before it is
+renamed into place.
 
 Input: ``images`` (batch, 3, S, S) float32; output: ``logits`` (batch, C, S, S). The
 preprocessing (resize, normalise, pad) and the meaning of the output are stored in the

@@ -12,14 +12,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from automask import SemanticSegmentor
 from automask.datasets import make_synthetic, train_test_split
 from automask.errors import ConfigError
-from automask.export import ExportError, export_model, inference_copy
+from automask.export import ExportError, _export_onnx, export_model, inference_copy
 from automask.models import build_segmenter
 from automask.peft import (PEFT_METHODS, ConvLoRALinear, LoRALinear, adapters, apply_peft,
                            merge_adapters)
+from automask.peft.sam_adapter import high_pass, high_pass_matmul
 
 from cli_process import run_automask
 
@@ -136,11 +138,39 @@ def test_onnx_matches_pytorch_for_every_method(method, num_classes, tmp_path):
                                       "logits": ["batch", num_classes, SIZE, SIZE]}
     meta = _metadata(path)
     assert meta["peft_method"] == method and meta["input_size"] == str(SIZE)
+    assert meta["exporter"] == "torchscript"  # seconds; SAM-Adapter's FFT as matrix products
     assert meta["task"] == ("binary" if num_classes == 1 else "multiclass")
     assert int(meta["merged_adapters"]) == sum(a.mergeable for a in adapters(model))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is not touched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no leftovers
+
+
+def test_high_pass_as_matrix_products_equals_the_fft():
+    """SAM-Adapter's filter as traced for ONNX equals the FFT one: even and odd sides, a
+    wide image whose removed band is longer than its short side (Python's slice rules)."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 64, 64), (1, 3, 33, 31), (1, 2, 8, 100)]:
+        for ratio in (0.0, 0.25, 0.9):
+            images = torch.randn(*shape, generator=gen) * 2
+            torch.testing.assert_close(high_pass_matmul(images, ratio),
+                                       high_pass(images, ratio), rtol=0, atol=1e-5)
+    images = torch.randn(1, 3, 32, 32, generator=gen)
+    assert (high_pass(images, 0.25) - images.abs()).abs().max() > 0.1  # not the identity
+
+
+def test_a_graph_the_torchscript_exporter_cannot_translate_goes_to_the_dynamo_one(tmp_path):
+    class Spectrum(nn.Module):  # an FFT: the TorchScript-based exporter has none
+        def forward(self, images):
+            return torch.fft.fft2(images, norm="forward").real
+
+    dest = tmp_path / "spectrum.onnx"
+    assert _export_onnx(Spectrum(), _images(2)[:, :, :8, :8], dest, {"task": "test"},
+                        (3, 8, 8)) == "dynamo"
+    assert _metadata(dest) == {"task": "test", "exporter": "dynamo"}
+    images = _images(3, seed=6)[:, :, :8, :8]
+    np.testing.assert_allclose(_onnx_logits(dest, images), Spectrum()(images).numpy(),
+                               rtol=0, atol=1e-5)
 
 
 def test_pt2_export_matches_pytorch(tmp_path, recwarn):

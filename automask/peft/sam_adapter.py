@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,7 +46,11 @@ def high_pass(images: torch.Tensor, ratio: float) -> torch.Tensor:
     """Images (B, C, H, W) without the centred low frequencies covering ``ratio`` of the area.
 
     Computed in float32; returns the magnitude of the filtered image, as SAM-Adapter does.
+    While an ONNX export traces the model (TorchScript-based exporter, which has no FFT),
+    the same filter runs as matrix products (:func:`high_pass_matmul`).
     """
+    if torch.onnx.is_in_onnx_export():
+        return high_pass_matmul(images, ratio)
     x = images.float()
     height, width = x.shape[-2:]
     half = int((height * width * ratio) ** 0.5 // 2)
@@ -56,6 +61,37 @@ def high_pass(images: torch.Tensor, ratio: float) -> torch.Tensor:
     spectrum = spectrum * keep
     filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1)), norm="forward")
     return filtered.real.abs()
+
+
+def high_pass_matmul(images: torch.Tensor, ratio: float) -> torch.Tensor:
+    """:func:`high_pass` as four real matrix products (equal up to float32 rounding).
+
+    The removed square is a product of a row band and a column band, so the low-pass
+    part is separable: ``low = L_H x L_W^T`` with ``L_N = IDFT_N diag(band_N) DFT_N``, a
+    complex (N, N) matrix; the filtered image's real part is
+    ``x - (Re L_H x Re L_W^T - Im L_H x Im L_W^T)``. The matrices are computed with numpy,
+    so a tracing exporter stores them as constants (2 x (H^2 + W^2) floats). Quadratic in
+    the side where the FFT is not: for export, not for training.
+    """
+    x = images.float()
+    height, width = x.shape[-2:]
+    half = int((height * width * ratio) ** 0.5 // 2)
+    (rows_re, rows_im), (cols_re, cols_im) = (
+        (torch.from_numpy(part).to(x.device) for part in _low_pass_matrix(n, half))
+        for n in (height, width))
+    low = rows_re @ x @ cols_re.T - rows_im @ x @ cols_im.T  # (B, C, H, W)
+    return (x - low).abs()
+
+
+def _low_pass_matrix(n: int, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real and imaginary parts (float32, (n, n)) of the operator that keeps, along one axis
+    of length ``n``, the frequencies :func:`high_pass` removes: shifted indices
+    ``[n // 2 - half, n // 2 + half)`` (Python's slice rules, as there)."""
+    band = np.zeros(n)
+    band[n // 2 - half:n // 2 + half] = 1.0  # in fftshift order, as high_pass's mask
+    band = np.fft.ifftshift(band)  # in the FFT's own order
+    matrix = np.fft.ifft(band[:, None] * np.fft.fft(np.eye(n), axis=0), axis=0)  # (n, n)
+    return matrix.real.astype(np.float32), matrix.imag.astype(np.float32)
 
 
 class PromptGenerator(EncoderHook):
