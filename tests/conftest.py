@@ -29,22 +29,22 @@ _split_threads()
 
 
 # The files that take longest (end-to-end fits, exports, fresh interpreters), longest first;
-# seconds of one worker on a 2-core EPYC of family 23, 2026-12-07 (the CLI commands forked
-# from tests/cli_process.py's server). pytest-xdist hands out whole files in collection
-# order (setup.cfg: --no-loadscope-reorder; by default it orders them by their number of
-# tests, which started the few long tests of test_tutorials.py and test_distributed.py
-# last, the other worker idle meanwhile: 924 s, not 843 s). Any file not named keeps its
-# place after these.
+# seconds of one worker on a 2-core EPYC of family 23, 2026-12-07 (the CLI commands and
+# the tutorials forked from tests/cli_process.py's server). pytest-xdist hands out whole
+# files in collection order (setup.cfg: --no-loadscope-reorder; by default it orders them
+# by their number of tests, which started the few long tests of test_tutorials.py and
+# test_distributed.py last, the other worker idle meanwhile: 924 s, not 843 s). Any file
+# not named keeps its place after these.
 _LONGEST_FIRST = (
-    "test_export.py",  # 204 s
-    "test_tutorials.py",  # 199 s
-    "test_distributed.py",  # 149 s
-    "test_cli.py",  # 139 s
-    "test_reliability_lifecycle.py",  # 123 s
-    "test_segmentor.py",  # 53 s
-    "test_audit_cli.py",  # 38 s
-    "test_cli_process.py",  # 29 s
-    "test_peft_methods.py",  # 21 s
+    "test_distributed.py",  # 152 s
+    "test_export.py",  # 143 s
+    "test_tutorials.py",  # 131 s
+    "test_cli.py",  # 129 s, 81 of them the README's demo in a fresh interpreter
+    "test_reliability_lifecycle.py",  # 120 s
+    "test_segmentor.py",  # 61 s
+    "test_audit_cli.py",  # 27 s
+    "test_peft_methods.py",  # 23 s
+    "test_sam2.py",  # 21 s
     "test_frozen.py",  # 20 s
 )
 
