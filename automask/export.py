@@ -330,11 +330,16 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
                                   interpolation=seg._config(name).data.interpolation)
     meta["model"] = name
     precision = seg._config(name).env.precision
-    meta["predict_precision"] = (
-        f"{precision}: the predictor's predict runs under this precision's autocast "
-        "(bf16-mixed: bfloat16; 16-mixed: float16 on a GPU); this file computes in float32, "
-        "so its probabilities differ from predict's by up to about 1e-2"
-        if precision != "32" else "32: the same arithmetic as predict")
+    if precision in ("bf16-mixed", "16-mixed"):
+        where = ("bfloat16 where the machine has native bfloat16 products (a CUDA GPU of "
+                 "compute capability 8.0 on, a CPU with AVX512-BF16 or AMX)"
+                 if precision == "bf16-mixed" else "float16 on a CUDA GPU")
+        meta["predict_precision"] = (
+            f"{precision}: the predictor's predict computes in {where}, in float32 "
+            "elsewhere; this file computes in float32, so its probabilities differ from a "
+            "reduced-precision predict's by up to about 1e-2")
+    else:
+        meta["predict_precision"] = f"{precision}: the same arithmetic as predict"
     return export_model(net, path, format=format, metadata=meta)
 
 

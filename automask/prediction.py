@@ -25,7 +25,7 @@ from .datasets.folders import (  # what from_folders takes, predict takes
     stack_depth,
 )
 from .errors import ConfigError, DataValidationError
-from .hardware import autocast_context
+from .hardware import autocast_context, inference_precision
 from .utils import top_created
 
 
@@ -289,7 +289,9 @@ def _holding_frozen(model: torch.nn.Module, cfg: Config,
     see :mod:`automask.models.frozen`)."""
     from .models.frozen import frozen_linears_in_bf16
 
-    hold = inference_device(cfg).type == "cpu" and cfg.env.precision == "bf16-mixed"
+    device = inference_device(cfg)
+    hold = device.type == "cpu" and inference_precision(
+        device, cfg.env.precision) == "bf16-mixed"
     with frozen_linears_in_bf16(model, enabled=hold):
         yield from probs
 

@@ -15,7 +15,13 @@ from PIL import Image
 from automask import plots
 from automask.config import resolve
 from automask.errors import ConfigError, DataValidationError
-from automask.hardware import auto_precision, cpu_supports_bf16, resolve_env
+from automask.hardware import (
+    auto_precision,
+    autocast_context,
+    cpu_supports_bf16,
+    inference_precision,
+    resolve_env,
+)
 
 
 @pytest.fixture
@@ -56,6 +62,35 @@ def test_cpu_bf16_needs_the_avx512_bf16_or_amx_flags(cpu_only, monkeypatch):
     assert auto_precision("auto") == auto_precision("cpu") == "32-true"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert cpu_supports_bf16() and auto_precision("cpu") == "bf16-mixed"
+
+
+def test_a_prediction_keeps_bf16_only_where_the_device_computes_it(one_old_card, monkeypatch):
+    """A predictor fit in bf16 predicts in bf16 on a device with native bf16 products and
+    in float32 elsewhere (a GPU fit used on a laptop CPU: emulated bf16 is many times
+    slower); fp16 on a CUDA device only; float32 stays float32."""
+    import automask.hardware as hardware
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    assert inference_precision(cpu, "bf16-mixed") == "32-true"
+    assert inference_precision(cuda, "bf16-mixed") == "32-true"  # compute capability 7.0
+    assert inference_precision(cuda, "16-mixed") == "16-mixed"
+    assert inference_precision(cpu, "16-mixed") == "32-true"
+    with autocast_context(cpu, "bf16-mixed"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert inference_precision(cpu, "bf16-mixed") == inference_precision(
+        cuda, "bf16-mixed") == "bf16-mixed"
+    for precision in ("32-true", "32"):
+        assert inference_precision(cpu, precision) == inference_precision(
+            cuda, precision) == "32-true"
+    with autocast_context(cpu, "bf16-mixed"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast_context(cpu, "32-true"):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize("accelerator", ["auto", "cpu"])

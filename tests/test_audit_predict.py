@@ -2,6 +2,7 @@
 before any work with a message naming the value at fault, and a failure leaves no debris."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -238,12 +239,25 @@ def test_a_prediction_stopped_half_way_gives_the_float32_weights_back(fitted, tm
 
 def _stop_a_prediction(seg, net, cfg, frozen, csv, tmp_path, monkeypatch, stop):
     import automask.data.io as io
+    import automask.hardware
+    import automask.models.frozen as frozen_module
     from automask import prediction
     from automask.models.frozen import frozen_linears_in_bf16
 
     with frozen_linears_in_bf16(net) as cast:  # a hold casts them, as on a bf16 CPU
         assert cast > 0 and all(w.dtype == torch.bfloat16 for w in frozen)
     monkeypatch.setattr(cfg.env, "precision", "bf16-mixed")
+    # a CPU with bf16 products: elsewhere a bf16-mixed predictor predicts in float32
+    monkeypatch.setattr(automask.hardware, "cpu_supports_bf16", lambda: True)
+    holds = []
+    real_hold = frozen_linears_in_bf16
+
+    @contextlib.contextmanager
+    def counted(model, enabled=True, park=False):
+        with real_hold(model, enabled=enabled, park=park) as held:
+            holds.append(held)
+            yield held
+    monkeypatch.setattr(frozen_module, "frozen_linears_in_bf16", counted)
     images = list(pd.read_csv(csv)["image"])
 
     def interrupted(*args, **kwargs):
@@ -267,6 +281,7 @@ def _stop_a_prediction(seg, net, cfg, frozen, csv, tmp_path, monkeypatch, stop):
             seg.evaluate(csv)
     except (OSError, KeyboardInterrupt) as exc:
         kept.append(exc)  # as a notebook keeps sys.last_value
+    assert holds and holds[0] == len(frozen)  # the stopped prediction held them
     assert kept and all(w.dtype == torch.float32 for w in frozen)
 
 
@@ -278,20 +293,53 @@ def test_prediction_streams_keep_autocast_and_inference_mode_to_themselves(fitte
     thread (a later export then failed on a bf16 output)."""
     import automask.data.io as io
 
+    import automask.hardware
+    import automask.prediction as prediction
+
     seg, _, csv = fitted
     monkeypatch.setattr(seg._config(None).env, "precision", "bf16-mixed")
+    # a CPU with bf16 products: elsewhere a bf16-mixed predictor predicts in float32
+    monkeypatch.setattr(automask.hardware, "cpu_supports_bf16", lambda: True)
     images = list(pd.read_csv(csv)["image"])
-    real, states = io.write_mask, []
+    real, states, inside = io.write_mask, [], []
+    real_probabilities = prediction._probabilities
 
     def recording(*args, **kwargs):
         states.append((torch.is_autocast_enabled("cpu"), torch.is_inference_mode_enabled()))
         return real(*args, **kwargs)
 
+    def probabilities(*args, **kwargs):
+        inside.append(torch.is_autocast_enabled("cpu"))
+        return real_probabilities(*args, **kwargs)
+
     monkeypatch.setattr(io, "write_mask", recording)
+    monkeypatch.setattr(prediction, "_probabilities", probabilities)
     boxes = [None, (0, 0, 8, 8), None, None, (2, 2, 12, 12), None]  # one per image
     seg.predict(images, save_to=tmp_path / "out", boxes=boxes)
+    assert inside and all(inside)  # the model ran under bf16 autocast
     assert states == [(False, False)] * len(images)
     assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
+
+
+def test_a_bf16_predictor_predicts_in_float32_where_the_cpu_has_no_bf16(fitted, monkeypatch):
+    """A predictor fit under bf16-mixed (on a GPU, or a CPU with bf16 products) and used
+    on a CPU without them predicts in float32, exactly as a float32 predictor: emulated
+    bf16 took a vit_b prediction 9x as long. Where the CPU has them, bf16 autocast."""
+    import automask.hardware
+
+    seg, _, csv = fitted
+    images = list(pd.read_csv(csv)["image"])[:3]
+    cfg = seg._config(None)
+    monkeypatch.setattr(cfg.env, "precision", "32-true")
+    float32 = seg.predict_proba(images)
+    monkeypatch.setattr(cfg.env, "precision", "bf16-mixed")
+    monkeypatch.setattr(automask.hardware, "cpu_supports_bf16", lambda: False)
+    emulated = seg.predict_proba(images)
+    monkeypatch.setattr(automask.hardware, "cpu_supports_bf16", lambda: True)
+    native = seg.predict_proba(images)
+    for a, b in zip(float32, emulated, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, c) for a, c in zip(float32, native, strict=True))
 
 
 def test_tiled_proba_names_a_bad_batch_size_or_image():

@@ -297,6 +297,16 @@ def _spy(monkeypatch, counts: list[int], hold: bool = True,
     monkeypatch.setattr(frozen, "frozen_linears_in_bf16", spy)
 
 
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """A CPU with bf16 products, as far as a prediction asks: a bf16-mixed predictor
+    predicts in bf16 (and holds) only there, in float32 elsewhere, so the holds of a
+    prediction are tested on any CPU (bf16 is emulated where the CPU has none)."""
+    import automask.hardware
+
+    monkeypatch.setattr(automask.hardware, "cpu_supports_bf16", lambda: True)
+
+
 def _file_checkpoint(tmp_path) -> str:
     """A 'pretrained' backbone: a state dict file (its weights are not saved with a model)."""
     path = tmp_path / "tiny_sam.pth"
@@ -304,7 +314,8 @@ def _file_checkpoint(tmp_path) -> str:
     return str(path)
 
 
-def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monkeypatch):
+def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monkeypatch,
+                                                           bf16_cpu):
     ckpt = _file_checkpoint(tmp_path)
     hp = {"model.checkpoint": ckpt, "model.input_size": SIZE, "peft.method": "conv_lora",
           "optim.max_epochs": 1, "optim.batch_size": 4, "optim.effective_batch_size": 4,
@@ -339,7 +350,7 @@ def test_fit_and_predict_hold_them_and_give_the_same_model(data, tmp_path, monke
     assert compared >= n_frozen
 
 
-def test_a_random_backbone_is_not_held_in_a_fit(data, tmp_path, monkeypatch):
+def test_a_random_backbone_is_not_held_in_a_fit(data, tmp_path, monkeypatch, bf16_cpu):
     counts: list[int] = []
     _spy(monkeypatch, counts)
     hp = {"model.input_size": SIZE, "peft.method": "lora", "optim.max_epochs": 1,

@@ -87,8 +87,8 @@ def segment(path: str) -> np.ndarray:
 onnx_masks = [segment(p) for p in test_df["image"]]
 torch_masks = seg.predict(test_df)
 agreement = np.mean([np.mean(a == b) for a, b in zip(onnx_masks, torch_masks)])
-# Not 100%: on a CPU with bf16 instructions (or a GPU), predict runs under the training
-# precision's autocast (metadata "predict_precision"), this float32 file does not.
+# Not 100% where predict runs under the training precision's autocast (bf16 on a CPU
+# with bf16 instructions or a GPU; metadata "predict_precision"): this file is float32.
 print(f"ONNX Runtime and seg.predict agree on {agreement:.2%} of the pixels")
 
 if meta["task"] == "binary":
