@@ -14,12 +14,17 @@
    blocks use them: qkv padded and cut into windows by segment-anything's concatenation +
    ``window_partition`` against ``automask.models.blocks._pad_partition``, and the attention
    output joined by ``window_unpartition`` against ``_unpartition`` (each value copied once).
+5. Attention in prediction (inference mode), float32 and bf16: automask's core (the terms
+   added in place; a global map of at least ``CHUNK_FROM_BYTES`` a few query rows at a
+   time, as ``automask.models.blocks._attention`` does) against torch's fused
+   ``scaled_dot_product_attention`` on the folded operands of ``_folded_operands`` (the
+   terms inside the product, no bias tensor; v zero-padded to their width).
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
-each: one after the other in tables 1 and 2, alternately in tables 3 and 4.
+each: one after the other in tables 1 and 2, alternately in tables 3 to 5.
 Run from the repository root::
 
-    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows]
+    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows sdpa]
 """
 from __future__ import annotations
 
@@ -176,14 +181,59 @@ def window_rows(repeat: int) -> list[str]:
     return rows
 
 
+def sdpa_rows(repeat: int) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    from automask.models.blocks import (
+        _add_rel_pos,
+        _chunk_rows,
+        _chunked_attention,
+        _folded_operands,
+    )
+    from automask.hardware import cpu_supports_bf16
+
+    def core(q, k, v, rel_h, rel_w):  # (N, hw, hd) -> (N, hw, hd)
+        rows = _chunk_rows(q, rel_h.shape[1], rel_h.shape[2], k.shape[1])
+        if rows:
+            return _chunked_attention(q, k, v, rel_h, rel_w, 0.125, rows)
+        return _add_rel_pos((q * 0.125) @ k.transpose(-2, -1), rel_h, rel_w).softmax(-1) @ v
+
+    def fused(q, k, v, rel_h, rel_w):
+        extended, keys = _folded_operands(q, k, rel_h, rel_w, 0.125)
+        padded = F.pad(v, (0, extended.shape[-1] - v.shape[-1]))
+        return F.scaled_dot_product_attention(extended, keys, padded, scale=1.0)[..., :64]
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for label, n, side in (("14x14 windows, 1024 px (25 x 12)", 300, 14),
+                           ("32x32 global, 512 px (12 heads)", 12, 32),
+                           ("64x64 global, 1024 px (12 heads)", 12, 64)):
+        # bf16 where the CPU has its products (emulated, the core takes minutes at 1024 px)
+        for dtype in (torch.float32, torch.bfloat16)[:2 if cpu_supports_bf16() else 1]:
+            inputs = [torch.randn(n, side * side, 64, generator=gen).to(dtype) for _ in range(3)]
+            inputs += [torch.randn(n, side, side, side, generator=gen).to(dtype)
+                       for _ in range(2)]
+
+            def run(fn, inputs=inputs):
+                with torch.inference_mode():
+                    return fn(*inputs)
+            diff = (run(core).float() - run(fused).float()).abs().max().item()
+            a, b = _alternated(lambda: run(core), lambda: run(fused), repeat)
+            rows.append(f"| {label} | {str(dtype)[6:]} | {a * 1e3:.1f} | {b * 1e3:.1f} "
+                        f"| {b / a:.2f} | {diff:.1e} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--only", nargs="+", choices=["attention", "resize", "lora", "windows"],
+    parser.add_argument("--only", nargs="+",
+                        choices=["attention", "resize", "lora", "windows", "sdpa"],
                         help="run only these tables (default: all)")
     args = parser.parse_args(argv)
-    only = set(args.only or ["attention", "resize", "lora", "windows"])
+    only = set(args.only or ["attention", "resize", "lora", "windows", "sdpa"])
     import torch
 
     if args.threads:
@@ -198,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                  "\n|---|---|---|---|---|", lora_rows),
         ("windows", "| operation, bf16, fwd+bwd | segment-anything (ms) | each value once (ms) "
                     "| ratio |\n|---|---|---|---|", window_rows),
+        ("sdpa", "| attention, prediction | dtype | terms added, chunked (ms) "
+                 "| SDPA on the folded operands (ms) | ratio | max difference |"
+                 "\n|---|---|---|---|---|---|", sdpa_rows),
     )
     for name, header, rows in tables:
         if name in only:
