@@ -94,6 +94,29 @@ def test_a_prediction_keeps_bf16_only_where_the_device_computes_it(one_old_card,
 
 
 @pytest.mark.parametrize("accelerator", ["auto", "cpu"])
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns(cpu_only, monkeypatch, accelerator):
+    """env.precision='bf16-mixed' on a CPU without bf16 products: kept (it was asked for)
+    with a warning naming the value and what to use; none where the CPU has them."""
+    import automask.hardware as hardware
+
+    [(_, cfg)] = resolve("tiny", {"env.precision": "bf16-mixed", "env.accelerator": accelerator},
+                         for_fit=False)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="'bf16-mixed' for 'env.precision'.*emulated") as info:
+        assert resolve_env(cfg)[1]["precision"] == "bf16-mixed"
+    assert "'32'" in str(info[0].message)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_env(cfg)[1]["precision"] == "bf16-mixed"
+    [(_, auto)] = resolve("tiny", {"env.accelerator": accelerator}, for_fit=False)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_env(auto)[1]["precision"] == "32-true"  # 'auto' chose: no warning
+
+
+@pytest.mark.parametrize("accelerator", ["auto", "cpu"])
 def test_fp16_on_a_cpu_fit_is_refused_naming_the_value(cpu_only, accelerator):
     """env.precision='16-mixed' on a CPU: ConfigError, not a silent bf16 fit."""
     [(_, cfg)] = resolve("tiny", {"env.precision": "16-mixed", "env.accelerator": accelerator},
