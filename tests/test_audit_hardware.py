@@ -233,3 +233,76 @@ def test_a_picture_named_without_a_suffix_is_written_as_png_with_it_added(tmp_pa
     with Image.open(tmp_path / "preds.png") as img:
         assert img.format == "PNG" and img.width > 100
     assert plots.check_path(tmp_path / "a.b" / "c") == tmp_path / "a.b" / "c.png"
+
+
+# ------------------------------------------------------------------- a container's CPU quota
+def _cgroups(tmp_path, own: str, files: dict[str, str]) -> tuple[str, str]:
+    """A cgroup tree under ``tmp_path/fs`` and a ``/proc/self/cgroup`` naming ``own``."""
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    (tmp_path / "cgroup").write_text(own)
+    return str(tmp_path / "fs"), str(tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize("own,files,expected", [
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, docker --cpus 1.5
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # no limit
+    # a pod's limit on an ancestor binds the container's cgroup below it
+    ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "200000 100000",
+                                "kubepods/pod1/c1/cpu.max": "max 100000"}, 2.0),
+    ("0::/a\n", {"unified/a/cpu.max": "50000 100000"}, 0.5),  # v2 beside v1 (hybrid)
+    # cgroup v1 without a cgroup namespace: the host's path, the container's own folder
+    # mounted as the controller's root
+    ("4:memory:/docker/x\n3:cpu,cpuacct:/docker/x\n",
+     {"cpu,cpuacct/cpu.cfs_quota_us": "250000", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+     2.5),
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("0::/\n", {"cpu.max": "garbage"}, None),
+    ("0::/\n", {}, None),
+    ("not a cgroup line\n", {"cpu.max": "100000 100000"}, None),
+])
+def test_cpu_quota_reads_cgroup_v1_and_v2(tmp_path, own, files, expected):
+    from automask.hardware import cpu_quota
+
+    root, proc = _cgroups(tmp_path, own, files)
+    assert cpu_quota(root=root, own=proc) == expected
+    assert cpu_quota(root=root, own=str(tmp_path / "absent")) is None  # not Linux
+
+
+def test_torch_threads_come_down_to_the_quota_once_unless_the_user_set_them(monkeypatch):
+    """torch counts the host's cores; under a quota of 1.5 CPUs the threads become 1, once
+    per process, and OMP_NUM_THREADS / MKL_NUM_THREADS set by the user are kept."""
+    import automask.hardware as hardware
+    from automask.data.loaders import default_num_workers
+
+    previous = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: 1.5)
+        monkeypatch.setattr(hardware, "_QUOTA_APPLIED", False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert hardware.threads_within_cpu_quota() is None and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(hardware, "_QUOTA_APPLIED", False)
+        assert hardware.threads_within_cpu_quota() == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # the user's count after the first fit: kept
+        assert hardware.threads_within_cpu_quota() is None and torch.get_num_threads() == 2
+        monkeypatch.setattr(hardware, "_QUOTA_APPLIED", False)
+        monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: None)
+        assert hardware.threads_within_cpu_quota() is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    # loader workers: none under a quota below 4 CPUs, whatever the affinity shows
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: None)
+    import automask.data.loaders as loaders
+
+    monkeypatch.setattr(loaders, "cpu_quota", lambda *a, **k: None)
+    assert default_num_workers() == 4
+    monkeypatch.setattr(loaders, "cpu_quota", lambda *a, **k: 2.5)
+    assert default_num_workers() == 0
+    monkeypatch.setattr(loaders, "cpu_quota", lambda *a, **k: 6.0)
+    assert default_num_workers() == 4

@@ -11,6 +11,7 @@ predictor and predicting never imports Lightning (seconds at every start of
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator, Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..hardware import cpu_quota
 from .dataset import SegmentationDataset, collate_samples
 from .validation import DataSpec
 
@@ -37,10 +39,14 @@ def default_num_workers() -> int:
 
 
 def _available_cpus() -> int:
+    """CPUs this process may run on (its affinity), fewer under a CPU quota (a container's
+    limit, :func:`automask.hardware.cpu_quota`)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota()
+    return cpus if quota is None else max(1, min(cpus, math.floor(quota)))
 
 
 class EpochSampler(Sampler):

@@ -129,9 +129,10 @@ class FitRun(contextlib.AbstractContextManager):
         trained model by name. Raises TrainingDivergedError when every candidate was
         dropped, ConfigError when ``deadline`` left no time for any.
         """
-        from ..hardware import fork_safe_threads
+        from ..hardware import fork_safe_threads, threads_within_cpu_quota
 
         fork_safe_threads()
+        threads_within_cpu_quota()
         with _seed_env_restored():
             return self._train_candidates(plan, seed=seed, verbosity=verbosity,
                                           deadline=deadline)
