@@ -292,7 +292,6 @@ def test_prediction_streams_keep_autocast_and_inference_mode_to_themselves(fitte
     box and images without, two streams read in turn, left bf16 autocast on for the
     thread (a later export then failed on a bf16 output)."""
     import automask.data.io as io
-
     import automask.hardware
     import automask.prediction as prediction
 
