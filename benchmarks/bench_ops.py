@@ -14,11 +14,12 @@
    blocks use them: qkv padded and cut into windows by segment-anything's concatenation +
    ``window_partition`` against ``automask.models.blocks._pad_partition``, and the attention
    output joined by ``window_unpartition`` against ``_unpartition`` (each value copied once).
-5. Attention in prediction (inference mode), float32 and bf16: automask's core (the terms
-   added in place; a global map of at least ``CHUNK_FROM_BYTES`` a few query rows at a
-   time, as ``automask.models.blocks._attention`` does) against torch's fused
-   ``scaled_dot_product_attention`` on the folded operands of ``_folded_operands`` (the
-   terms inside the product, no bias tensor; v zero-padded to their width).
+5. Attention in prediction (inference mode), float32 (and bf16 on a CPU with bf16
+   products): automask's core (the terms added in place; a global map of at least
+   ``CHUNK_FROM_BYTES`` a few query rows at a time, as ``automask.models.blocks._attention``
+   does) against torch's fused ``scaled_dot_product_attention`` on the folded operands of
+   ``_folded_operands`` (the terms inside the product, no bias tensor; v zero-padded to
+   their width).
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
 each: one after the other in tables 1 and 2, alternately in tables 3 to 5.
