@@ -296,9 +296,9 @@ def test_torch_threads_come_down_to_the_quota_once_unless_the_user_set_them(monk
     finally:
         torch.set_num_threads(previous)
     # loader workers: none under a quota below 4 CPUs, whatever the affinity shows
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: None)
     import automask.data.loaders as loaders
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
 
     monkeypatch.setattr(loaders, "cpu_quota", lambda *a, **k: None)
     assert default_num_workers() == 4
