@@ -14,6 +14,9 @@ ratios chunked / whole.
 alternating step by step; glibc's free memory goes back to the system before each step, as
 the peer harness (``../shared/peers``) does, so that each step starts from the same heap.
 Prints the median seconds per step of each and the median of the per-round ratios.
+``--compare mlp-buffer`` does the same for the blocks' MLP hidden map in a prediction
+(``REUSE_MLP_BUFFER``: one buffer shared by a forward pass's blocks, the default, against
+a map of each block's own; see ``automask.models.blocks.mlp_forward``).
 
 ``--compare folded`` runs, as the default comparison does (a subprocess each, alternating),
 training steps whose windowed blocks' folded attention (bf16) is ``_FoldedAttention`` as
@@ -25,7 +28,7 @@ Function recomputing the probabilities too (what it does on accelerators) agains
     python benchmarks/bench_chunks.py [--sizes 1024] [--modes train infer]
                                       [--precision bf16 fp32] [--rounds 2] [--steps 2]
                                       [--backbone vit_b]
-                                      [--compare buffers|folded|folded-recompute]
+                                      [--compare buffers|mlp-buffer|folded|folded-recompute]
 """
 from __future__ import annotations
 
@@ -98,9 +101,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--backbone", default="vit_b")
-    parser.add_argument("--compare", choices=["buffers", "folded", "folded-recompute"],
+    parser.add_argument("--compare",
+                        choices=["buffers", "mlp-buffer", "folded", "folded-recompute"],
                         help="buffers: chunks sharing their score buffers against maps of "
-                             "their own, in one process (--rounds pairs of steps); folded "
+                             "their own, in one process (--rounds pairs of steps); "
+                             "mlp-buffer: the same for the MLP hidden map in a prediction "
+                             "(--modes infer); folded "
                              "(-recompute): the windows' attention as a Function keeping less "
                              "(recomputing the probabilities) against autograd")
     parser.add_argument("--variant", choices=["chunked", "whole", "function", "recompute",
@@ -114,7 +120,11 @@ def main() -> None:
         one(args)
         return
     if args.compare == "buffers":
-        compare_buffers(args)
+        compare_buffers(args, "REUSE_CHUNK_BUFFERS")
+        return
+    if args.compare == "mlp-buffer":
+        args.modes = ["infer"]  # a training step keeps each hidden map for its backward pass
+        compare_buffers(args, "REUSE_MLP_BUFFER")
         return
     first, second = {"folded": ("function", "autograd"),
                      "folded-recompute": ("recompute", "autograd")}.get(args.compare,
@@ -144,8 +154,9 @@ def main() -> None:
                       f"peak RSS x{rss[first] / rss[second]:.3f}", flush=True)
 
 
-def compare_buffers(args: argparse.Namespace) -> None:
-    """``--compare buffers``: shared score buffers / each chunk's own, step by step."""
+def compare_buffers(args: argparse.Namespace, flag: str) -> None:
+    """``--compare buffers`` / ``mlp-buffer``: shared buffers (``blocks.<flag>`` True) / each
+    map its own, step by step."""
     import ctypes
 
     import automask.models.blocks as blocks
@@ -162,7 +173,7 @@ def compare_buffers(args: argparse.Namespace) -> None:
                 times: dict[bool, list[float]] = {True: [], False: []}
                 for round_ in range(args.rounds + 1):  # the first warms up
                     for shared in (True, False) if round_ % 2 == 0 else (False, True):
-                        blocks.REUSE_CHUNK_BUFFERS = shared
+                        setattr(blocks, flag, shared)
                         trim(0)
                         seconds = step()
                         if round_:
@@ -173,7 +184,7 @@ def compare_buffers(args: argparse.Namespace) -> None:
                       f"{statistics.median(times[False]):.3f} s | x"
                       f"{statistics.median(ratios):.3f} per round "
                       f"[{min(ratios):.2f}, {max(ratios):.2f}]", flush=True)
-                blocks.REUSE_CHUNK_BUFFERS = True
+                setattr(blocks, flag, True)
 
 
 if __name__ == "__main__":

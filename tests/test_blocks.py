@@ -34,7 +34,8 @@ def _model(method: str, seed: int = 0):
 
 def _run(seg, stock: bool, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if stock:
-        monkeypatch.setattr(segmenter_module, "block_forward", lambda block, x: block(x))
+        monkeypatch.setattr(segmenter_module, "block_forward",
+                            lambda block, x, scratch=None: block(x))
     else:
         monkeypatch.setattr(segmenter_module, "block_forward", block_forward)
     seg.zero_grad(set_to_none=True)
@@ -627,3 +628,88 @@ def test_folded_attention_function_changes_nothing(real_only, keep_probs, monkey
         assert grad.abs().sum() > 0, name
         assert torch.equal(our_grads[name], grad), name
     assert our_kept < (0.97 if keep_probs else 0.9) * their_kept, (our_kept, their_kept)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_mlp_hidden_map_in_a_shared_buffer(approximate):
+    """mlp_forward without gradients writes the hidden map into the scratch dict's buffer,
+    one for every block of a forward pass, and returns ``mlp(x)`` bit for bit."""
+    seg = _model("lora")
+    mlps = [block.mlp for block in seg.image_encoder.blocks]
+    for mlp in mlps:
+        mlp.act.approximate = approximate
+    x = torch.randn(2, 10, 10, mlps[0].lin1.in_features)
+    scratch: dict = {}
+    with torch.no_grad():
+        for mlp in mlps:
+            expected = mlp(x)
+            out = blocks_module.mlp_forward(mlp, x, scratch)
+            assert expected.abs().sum() > 0 and torch.equal(out, expected)
+            (buffer,) = scratch.values()  # one buffer, (B * H * W, 4E)
+            assert buffer.shape == (200, mlp.lin1.out_features)
+            if mlp is mlps[0]:
+                first = buffer.data_ptr()
+            assert buffer.data_ptr() == first
+    # the buffer holds the last block's hidden map: it was really written there
+    torch.testing.assert_close(buffer, mlps[-1].act(mlps[-1].lin1(x)).reshape(200, -1),
+                               atol=0, rtol=0)
+
+
+def test_mlp_buffer_is_left_alone_where_it_does_not_apply():
+    """Gradients, autocast or an adapted MLP: ``mlp(x)`` as it is, and nothing put in the
+    scratch dict; float64 weights and input: the buffer, in float64."""
+    seg = _model("lora")
+    mlp = seg.image_encoder.blocks[0].mlp
+    x = torch.randn(1, 4, 4, mlp.lin1.in_features)
+    adapted = copy.deepcopy(mlp)
+    adapted.lin1 = LoRALinear(adapted.lin1, rank=2, alpha=2)
+    nn.init.normal_(adapted.lin1.lora_B.weight)
+    assert not torch.equal(adapted(x), mlp(x))  # the adapter changes the MLP
+    cases = [
+        (mlp, x, torch.enable_grad, False),
+        (mlp, x, lambda: torch.autocast("cpu", dtype=torch.bfloat16), False),
+        (adapted, x, torch.no_grad, False),
+        (copy.deepcopy(mlp).double(), x.double(), torch.no_grad, True),
+        (mlp, x, torch.no_grad, True),
+    ]
+    for layer, t, context, applies in cases:
+        scratch: dict = {}
+        with context():
+            out = blocks_module.mlp_forward(layer, t, scratch)
+            assert torch.equal(out, layer(t))
+        assert [b.dtype for b in scratch.values()] == ([t.dtype] if applies else [])
+    scratch = {}
+    with torch.no_grad(), pytest.raises(RuntimeError):  # float64 input, float32 weights
+        blocks_module.mlp_forward(mlp, x.double(), scratch)
+    assert not scratch
+
+
+def test_encoder_shares_one_mlp_buffer_in_prediction(monkeypatch):
+    """The encoder's forward without gradients hands its blocks one scratch dict (one MLP
+    buffer for all of them), and none with gradients; the logits equal those with a map of
+    each block's own, bit for bit."""
+    seg = _model("conv_lora").eval()
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    seen = []
+    mlp_forward = blocks_module.mlp_forward
+
+    def recorded(mlp, x, scratch):
+        seen.append(scratch)
+        return mlp_forward(mlp, x, scratch)
+
+    monkeypatch.setattr(blocks_module, "mlp_forward", recorded)
+    results = []
+    for reuse in (True, False):
+        monkeypatch.setattr(blocks_module, "REUSE_MLP_BUFFER", reuse)
+        seen.clear()
+        torch.manual_seed(11)
+        with torch.inference_mode():
+            results.append(seg(images))
+        assert len(seen) == len(seg.image_encoder.blocks)
+        assert all(scratch is seen[0] for scratch in seen)  # one dict for the forward pass
+        assert len(seen[0]) == (1 if reuse else 0)
+    assert results[0].abs().sum() > 0 and torch.equal(*results)
+    seen.clear()
+    seg.train()
+    seg(images).square().mean().backward()
+    assert seen and all(scratch is None for scratch in seen)

@@ -50,6 +50,10 @@ only ever ``qkv(0)`` and the padded rows of ``proj`` are cut away afterwards.
   into two shared buffers rather than maps of their own (:func:`_chunk_scratch`): the same
   values, and fewer pages faulted in (a 512 px bf16 training step 0.96x the time,
   ``bench_chunks.py --compare buffers``).
+- In a forward pass without gradients on a CPU (prediction, validation) the blocks' MLPs
+  write their hidden map into one buffer they share (:func:`mlp_forward`): the same
+  values bit for bit, and a 1024 px vit_b prediction in float32 0.98x the time
+  (``bench_chunks.py --compare mlp-buffer``).
 
 Anything else (another attention module, as VPT's; a projection that is neither) takes
 segment-anything's own ``block(x)``. The result equals it up to float rounding (the
@@ -61,6 +65,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import (
     Attention,
     Block,
@@ -85,15 +90,19 @@ def is_token_wise(layer: nn.Module | None) -> bool:
         getattr(layer, "base_layer", None))
 
 
-def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` for a segment-anything ``Block``: (B, H, W, E) -> (B, H, W, E)."""
+def block_forward(block: Block, x: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
+    """``block(x)`` for a segment-anything ``Block``: (B, H, W, E) -> (B, H, W, E).
+
+    ``scratch``: a dict that the blocks of one forward pass share for buffers they can
+    reuse (see :func:`mlp_forward`); None allocates every map anew.
+    """
     if type(block.attn) is not Attention:
         return block(x)  # another attention (VPT's): segment-anything's order
     attn, window = block.attn, block.window_size
     height, width = x.shape[1], x.shape[2]
     if window == 0:  # a global block
         x = x + attn.proj(_attend(attn, attn.qkv(block.norm1(x))))
-        return x + block.mlp(block.norm2(x))
+        return x + mlp_forward(block.mlp, block.norm2(x), scratch)
     pad_hw = (height + (-height) % window, width + (-width) % window)
     padded = pad_hw != (height, width)
     if padded and not _skips_padding(attn.qkv):
@@ -113,7 +122,42 @@ def block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
         out = window_unpartition(attn.proj(_attend(attn, qkv)), window, pad_hw,
                                  (height, width))
     x = x + out  # (B, H, W, E)
-    return x + block.mlp(block.norm2(x))
+    return x + mlp_forward(block.mlp, block.norm2(x), scratch)
+
+
+# Whether mlp_forward writes the hidden map into the forward pass's shared buffer; False
+# allocates it anew in every block (for benchmarks/bench_chunks.py's comparison).
+REUSE_MLP_BUFFER = True
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor, scratch: dict | None) -> torch.Tensor:
+    """``mlp(x)``: (B, H, W, E) -> (B, H, W, E), its hidden map written into a buffer of
+    ``scratch`` when one is given and nothing needs gradients.
+
+    The hidden map is the largest tensor of a block's forward pass in prediction: (B * H * W,
+    4E), 50 MB per 1024 px image for vit_b in float32. Allocated anew in every block, glibc
+    maps it afresh (a block of more than 32 MiB) and its first write takes a page fault per
+    4 KiB; written into one buffer that the blocks of a forward pass share, the faults come
+    once. The same products and GELU, so the same values bit for bit. Applies to
+    segment-anything's ``MLPBlock`` of two ``nn.Linear`` and an ``nn.GELU`` in the weights'
+    dtype, without autocast and outside an export; anything else (an adapted MLP) is
+    ``mlp(x)``.
+    """
+    if (scratch is None or not REUSE_MLP_BUFFER or torch.is_grad_enabled() or is_exporting()
+            or type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU
+            or type(mlp.lin1) is not nn.Linear or type(mlp.lin2) is not nn.Linear
+            or mlp.lin1.bias is None or torch.is_autocast_enabled(x.device.type)
+            or not x.dtype == mlp.lin1.weight.dtype == mlp.lin1.bias.dtype):
+        return mlp(x)
+    tokens = x.reshape(-1, x.shape[-1])  # (B * H * W, E)
+    shape = (tokens.shape[0], mlp.lin1.out_features)
+    key = ("mlp", shape, x.dtype, x.device)
+    hidden = scratch.get(key)
+    if hidden is None:
+        hidden = scratch[key] = x.new_empty(shape)
+    torch.addmm(mlp.lin1.bias, tokens, mlp.lin1.weight.t(), out=hidden)  # (B * H * W, 4E)
+    torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
+    return mlp.lin2(hidden).view(*x.shape[:-1], -1)
 
 
 def _skips_padding(layer: nn.Module) -> bool:

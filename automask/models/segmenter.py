@@ -405,6 +405,9 @@ class SamSegmenter(nn.Module):
         if hook is not None:
             x = hook.on_embed(x, images, ctx)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        # buffers the blocks share in a forward pass without gradients, on a CPU (an
+        # accelerator's allocator caches blocks itself): see blocks.mlp_forward
+        scratch = {} if x.device.type == "cpu" and not torch.is_grad_enabled() else None
         for index, block in enumerate(encoder.blocks):
             if hook is not None:
                 x = hook.before_block(index, x, ctx)
@@ -412,7 +415,7 @@ class SamSegmenter(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block_forward, block, x,
                                                       use_reentrant=False)
             else:
-                x = block_forward(block, x)  # = block(x), with less work (models/blocks.py)
+                x = block_forward(block, x, scratch)  # = block(x), less work (models/blocks.py)
             if hook is not None:
                 x = hook.after_block(index, x, ctx)
         if hook is not None:
