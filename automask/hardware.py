@@ -92,6 +92,7 @@ def cpu_quota(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> f
 
 
 _QUOTA_APPLIED = False  # threads_within_cpu_quota ran in this process
+_USER_THREADS = False  # OMP_NUM_THREADS or MKL_NUM_THREADS was set when it first ran
 
 
 def threads_within_cpu_quota() -> int | None:
@@ -107,11 +108,12 @@ def threads_within_cpu_quota() -> int | None:
     ``floor(quota)`` (at least 1) where torch has more. ``OMP_NUM_THREADS`` or
     ``MKL_NUM_THREADS`` in the environment is the user's choice and is kept.
     """
-    global _QUOTA_APPLIED
+    global _QUOTA_APPLIED, _USER_THREADS
     if _QUOTA_APPLIED:
         return None
     _QUOTA_APPLIED = True
-    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+    _USER_THREADS = bool(os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"))
+    if _USER_THREADS:
         return None
     quota = cpu_quota()
     if quota is None:
@@ -120,6 +122,36 @@ def threads_within_cpu_quota() -> int | None:
     if torch.get_num_threads() <= budget:
         return None
     torch.set_num_threads(budget)
+    return budget
+
+
+def share_cpu_quota(processes: int) -> int | None:
+    """Lower torch's CPU threads to this process's share of the CPU quota, when
+    ``processes`` processes of one fit run on this machine: returns the thread count set,
+    or None when nothing changed.
+
+    Lightning's DDP launcher gives each process ``cores // processes`` threads, and sets
+    ``OMP_NUM_THREADS`` to that, where the user had not set it: cores of the host, not the
+    quota (2 processes in a container of 4 CPUs on a 64-core host: 32 threads each). Called
+    in every process of a fit once Lightning has set that up
+    (:class:`automask.training.callbacks.ThreadsWithinQuota`), it makes the count
+    ``floor(quota) // processes`` (at least 1) where it is higher, ``OMP_NUM_THREADS``
+    too. Threads the user chose (``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` in the
+    environment when this process's first fit or prediction began) are kept.
+    """
+    if not _QUOTA_APPLIED:  # notes whether the user set the threads
+        threads_within_cpu_quota()
+    if _USER_THREADS or processes <= 1:
+        return None
+    quota = cpu_quota()
+    if quota is None:
+        return None
+    budget = max(1, math.floor(quota) // processes)
+    if torch.get_num_threads() <= budget:
+        return None
+    torch.set_num_threads(budget)
+    if "OMP_NUM_THREADS" in os.environ:  # Lightning's count, which its subprocesses read
+        os.environ["OMP_NUM_THREADS"] = str(budget)
     return budget
 
 

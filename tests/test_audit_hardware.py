@@ -4,6 +4,7 @@ Other machines are simulated by monkeypatching torch's detection functions (CUDA
 card's bf16 support, the CPU's instruction flags), so these run on any CPU."""
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 
@@ -283,6 +284,7 @@ def test_torch_threads_come_down_to_the_quota_once_unless_the_user_set_them(monk
         torch.set_num_threads(2)
         monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: 1.5)
         monkeypatch.setattr(hardware, "_QUOTA_APPLIED", False)
+        monkeypatch.setattr(hardware, "_USER_THREADS", False)  # restored afterwards
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert hardware.threads_within_cpu_quota() is None and torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
@@ -306,3 +308,50 @@ def test_torch_threads_come_down_to_the_quota_once_unless_the_user_set_them(monk
     assert default_num_workers() == 0
     monkeypatch.setattr(loaders, "cpu_quota", lambda *a, **k: 6.0)
     assert default_num_workers() == 4
+
+
+def test_each_ddp_process_gets_its_share_of_the_quota(monkeypatch):
+    """Lightning's DDP launcher sets each process's threads from the host's cores (and
+    OMP_NUM_THREADS with them); the fit's callback brings them down to floor(quota) //
+    processes, at least 1, unless the user had set the threads before the first fit."""
+    from types import SimpleNamespace
+
+    import automask.hardware as hardware
+    from automask.training.callbacks import ThreadsWithinQuota
+
+    def trainer(processes):
+        strategy = SimpleNamespace(num_processes=processes) if processes else SimpleNamespace()
+        return SimpleNamespace(strategy=strategy)
+
+    previous = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: 4.5)
+    monkeypatch.setattr(hardware, "_USER_THREADS", False)  # restored afterwards
+    try:
+        # the user's environment as the fit began: nothing set
+        monkeypatch.setattr(hardware, "_QUOTA_APPLIED", False)
+        torch.set_num_threads(4)
+        assert hardware.threads_within_cpu_quota() is None  # 4 threads fit in 4.5 CPUs
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # Lightning's launcher: host cores // 2
+        torch.set_num_threads(3)
+        ThreadsWithinQuota().setup(trainer(2), None, "fit")
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        torch.set_num_threads(3)
+        ThreadsWithinQuota().setup(trainer(8), None, "fit")
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        torch.set_num_threads(3)
+        ThreadsWithinQuota().setup(trainer(None), None, "fit")  # one process: left alone
+        assert torch.get_num_threads() == 3
+        assert hardware.share_cpu_quota(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: None)
+        torch.set_num_threads(3)
+        assert hardware.share_cpu_quota(2) is None and torch.get_num_threads() == 3
+        # the user set OMP_NUM_THREADS before the first fit: kept in every process
+        monkeypatch.setattr(hardware, "cpu_quota", lambda *a, **k: 4.5)
+        monkeypatch.setattr(hardware, "_QUOTA_APPLIED", False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        ThreadsWithinQuota().setup(trainer(2), None, "fit")
+        assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(previous)

@@ -1,4 +1,5 @@
-"""Callbacks of a fit: keep the best trainable weights, save each epoch, time the fit."""
+"""Callbacks of a fit: keep the best trainable weights, save each epoch, time the fit, keep
+each process's threads within the CPU quota."""
 from __future__ import annotations
 
 import math
@@ -102,6 +103,17 @@ class FitClock(L.Callback):
     def _now(self) -> float:
         here = time.perf_counter() - self.start if self.start is not None else 0.0
         return self.before + here
+
+
+class ThreadsWithinQuota(L.Callback):
+    """torch's CPU threads within this process's share of a container's CPU quota, in each
+    process of a multi-process fit (:func:`automask.hardware.share_cpu_quota`); once
+    Lightning's launcher has set them, which it does from the host's cores."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from ..hardware import share_cpu_quota
+
+        share_cpu_quota(int(getattr(trainer.strategy, "num_processes", 1) or 1))
 
 
 class EpochCheckpoint(L.Callback):

@@ -123,7 +123,7 @@ def _train_candidate(
     from ..prediction import throughput
     from ..saving import weights_filename, weights_to_save, write_weights
     from .builder import build_candidate_model
-    from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock
+    from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock, ThreadsWithinQuota
     from .embeddings import EmbeddingCache, why_training_varies
     from .module import SegmentationModule
     from .progress import progress_callbacks, show_bar
@@ -179,7 +179,7 @@ def _train_candidate(
     # Another process reads the writer's checkpoint only in a resumed fit: in a new one it
     # may be an earlier fit's, not yet removed.
     resume_from = ckpt if (writer or resuming) and ckpt.is_file() else None
-    callbacks: list = [best, clock, EpochCheckpoint(ckpt),
+    callbacks: list = [best, clock, EpochCheckpoint(ckpt), ThreadsWithinQuota(),
                        *progress_callbacks(name, verbosity, monitor)]
     if cfg.optim.patience:
         callbacks.append(EarlyStopping(monitor, patience=cfg.optim.patience,
