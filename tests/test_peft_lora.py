@@ -73,6 +73,53 @@ def test_fused_update_under_bf16_autocast_is_as_near_as_the_unfused_one():
     assert err_fused <= err_plain * 1.05, (err_fused, err_plain)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_update_overwrites_a_temporary_only_without_gradients(autocast):
+    """overwrite=True: without gradients the update goes into ``out`` itself, bit for bit
+    the new tensor it gives otherwise; with gradients, or without overwrite, ``out`` is
+    left as it was."""
+    from automask.peft.lora import add_low_rank_update
+
+    out, low, weight = (t.detach() for t in _update_inputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if autocast:
+            out = out.bfloat16()
+        before = out.clone()
+        with torch.no_grad():
+            kept = add_low_rank_update(out, low, weight, 32 / 3)
+            assert torch.equal(out, before) and kept.data_ptr() != out.data_ptr()
+        with torch.enable_grad():
+            graded = add_low_rank_update(out, low, weight.requires_grad_(True), 32 / 3,
+                                         overwrite=True)
+            assert torch.equal(out, before) and graded.requires_grad
+        weight = weight.detach()
+        with torch.inference_mode():
+            written = add_low_rank_update(out, low, weight, 32 / 3, overwrite=True)
+    assert written is out and not torch.equal(out, before)
+    assert torch.equal(written, kept) and torch.equal(written, graded.detach())
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, ConvLoRALinear])
+def test_adapter_adds_its_update_into_the_base_output_in_a_prediction(cls):
+    """LoRA and Conv-LoRA without gradients return the base layer's output tensor with the
+    update added in place, with the values of a forward pass with gradients."""
+    base = _layer()
+    adapter = cls(base, rank=3, alpha=32)
+    nn.init.normal_(adapter.lora_B.weight)
+    outputs = []
+    base.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.randn(2, 5, 5, 12)
+    torch.manual_seed(0)  # Conv-LoRA's noisy gate (training mode) draws the same noise
+    with_grad = adapter(x)
+    assert with_grad.requires_grad and with_grad is not outputs[-1]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        predicted = adapter(x)
+    assert predicted is outputs[-1]
+    assert torch.equal(predicted, with_grad.detach())
+    assert not torch.equal(predicted, base(x))  # the update is not zero
+
+
 def test_merge_and_unmerge():
     base = _layer()
     original = base.weight.detach().clone()

@@ -359,10 +359,11 @@ class ConvLoRALinear(LoRALinear):
         zero-padded window of ``lora_A(x)``: the encoder blocks run ``lora_A`` on the real
         tokens and cut the r-channel result into windows (``automask.models.blocks``).
         ``lora_B``, its scaling and the addition are one product
-        (:func:`~automask.peft.lora.add_low_rank_update`).
+        (:func:`~automask.peft.lora.add_low_rank_update`); ``out`` is a temporary, which
+        a forward pass without gradients overwrites.
         """
         return add_low_rank_update(out, self.mixed_low_rank(low_rank), self.lora_B.weight,
-                                   self.scaling)
+                                   self.scaling, overwrite=True)
 
     def mixed_low_rank(self, low_rank: torch.Tensor) -> torch.Tensor:
         """``lora_A(x)`` plus its expert mixture: (N, H, W, r) -> (N, H, W, r)."""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils.tracing import is_exporting
 from .base import (Adapter, MethodOptions, PeftMethod, check_not_held, split_names,
                    wrap_targets)
 
@@ -86,7 +87,8 @@ class LoRALinear(Adapter):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return add_low_rank_update(out, self.lora_A(x), self.lora_B.weight, self.scaling)
+        return add_low_rank_update(out, self.lora_A(x), self.lora_B.weight, self.scaling,
+                                   overwrite=True)  # out: base_layer's fresh output
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -122,7 +124,7 @@ class LoRALinear(Adapter):
 
 
 def add_low_rank_update(out: torch.Tensor, low_rank: torch.Tensor, weight: torch.Tensor,
-                        scaling: float) -> torch.Tensor:
+                        scaling: float, *, overwrite: bool = False) -> torch.Tensor:
     """``out + scaling * low_rank @ weight^T``, the update added inside one matrix product.
 
     (..., out_features), (..., r) and ``lora_B``'s weight (out_features, r) -> (...,
@@ -131,14 +133,25 @@ def add_low_rank_update(out: torch.Tensor, low_rank: torch.Tensor, weight: torch
     of ``* scaling`` and ``+`` over the full-width output (and no ``* scaling`` over its
     gradient), and one rounding instead of three under autocast. The gradient reaching
     ``out`` is the output's, unchanged.
+
+    ``overwrite``: ``out`` is a temporary that nothing else reads (the base layer's fresh
+    output). Where nothing needs gradients (a prediction) the update is then added into it
+    in place: the same product and the same values bit for bit, without a new tensor of
+    ``out``'s size and the copy of ``out`` into it (45 MB per windowed vit_b block at
+    1024 px in float32).
     """
     width = out.shape[-1]
+    low_rank = low_rank.reshape(-1, low_rank.shape[-1]).to(out.dtype)  # (tokens, r)
     # B^T as a contiguous (r, out_features) copy (r * out_features values): the product's
     # backward then takes B's gradient as low_rank^T @ grad, 1.9-4.6x faster on a CPU than the
     # grad^T @ low_rank it uses for a transposed view (an (out_features, r) result).
-    fused = torch.addmm(out.reshape(-1, width),
-                        low_rank.reshape(-1, low_rank.shape[-1]).to(out.dtype),
-                        weight.to(out.dtype).t().contiguous(), alpha=scaling)  # (tokens, out)
+    weight_t = weight.to(out.dtype).t().contiguous()
+    if overwrite and not torch.is_grad_enabled() and out.is_contiguous() \
+            and not is_exporting():
+        out.view(-1, width).addmm_(low_rank, weight_t, alpha=scaling)
+        return out
+    fused = torch.addmm(out.reshape(-1, width), low_rank, weight_t,
+                        alpha=scaling)  # (tokens, out)
     return fused.view(out.shape)
 
 
