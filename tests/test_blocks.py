@@ -713,3 +713,18 @@ def test_encoder_shares_one_mlp_buffer_in_prediction(monkeypatch):
     seg.train()
     seg(images).square().mean().backward()
     assert seen and all(scratch is None for scratch in seen)
+
+
+def test_mlp_buffer_steps_aside_for_forward_hooks():
+    """A forward hook on the MLP's first Linear, which the buffered path computes without
+    calling it, is called in prediction, once per block; the buffer is not used then."""
+    seg = _model("lora").eval()
+    calls = []
+    for block in seg.image_encoder.blocks:
+        block.mlp.lin1.register_forward_hook(lambda m, args, out: calls.append(1))
+    scratch: dict = {}
+    x = torch.randn(1, 4, 4, seg.image_encoder.blocks[0].mlp.lin1.in_features)
+    with torch.inference_mode():
+        blocks_module.mlp_forward(seg.image_encoder.blocks[0].mlp, x, scratch)
+        seg(torch.randn(1, 3, SIZE, SIZE))
+    assert len(calls) == 1 + len(seg.image_encoder.blocks) and not scratch

@@ -140,14 +140,15 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor, scratch: dict | None) -> torch.
     4 KiB; written into one buffer that the blocks of a forward pass share, the faults come
     once. The same products and GELU, so the same values bit for bit. Applies to
     segment-anything's ``MLPBlock`` of two ``nn.Linear`` and an ``nn.GELU`` in the weights'
-    dtype, without autocast and outside an export; anything else (an adapted MLP) is
-    ``mlp(x)``.
+    dtype, without autocast, outside an export and without forward hooks on them; anything
+    else (an adapted MLP) is ``mlp(x)``.
     """
     if (scratch is None or not REUSE_MLP_BUFFER or torch.is_grad_enabled() or is_exporting()
             or type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU
             or type(mlp.lin1) is not nn.Linear or type(mlp.lin2) is not nn.Linear
             or mlp.lin1.bias is None or torch.is_autocast_enabled(x.device.type)
-            or not x.dtype == mlp.lin1.weight.dtype == mlp.lin1.bias.dtype):
+            or not x.dtype == mlp.lin1.weight.dtype == mlp.lin1.bias.dtype
+            or _hooked(mlp, mlp.lin1, mlp.act)):
         return mlp(x)
     tokens = x.reshape(-1, x.shape[-1])  # (B * H * W, E)
     shape = (tokens.shape[0], mlp.lin1.out_features)
@@ -158,6 +159,16 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor, scratch: dict | None) -> torch.
     torch.addmm(mlp.lin1.bias, tokens, mlp.lin1.weight.t(), out=hidden)  # (B * H * W, 4E)
     torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
     return mlp.lin2(hidden).view(*x.shape[:-1], -1)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook, its own or a global one, waits for any of ``modules``:
+    :func:`mlp_forward` computes them without calling them, so it steps aside then."""
+    from torch.nn.modules import module as module_hooks
+
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _skips_padding(layer: nn.Module) -> bool:
