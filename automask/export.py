@@ -308,11 +308,10 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
     and the value range its images with more than 8 bits are read with. The predictor's
     in-memory model is not changed.
     """
-    from .hardware import fork_safe_threads, threads_within_cpu_quota
+    from .hardware import ready_cpu_threads
 
     seg._check_fitted()
-    fork_safe_threads()  # the check below runs the model on torch's CPU threads
-    threads_within_cpu_quota()
+    ready_cpu_threads()  # the check below runs the model on torch's CPU threads
     name = seg.best_model_ if model is None else model
     if name not in seg.models_:
         raise ConfigError(f"unknown model {name!r}; trained models: {', '.join(seg.models_)}")

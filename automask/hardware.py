@@ -125,6 +125,13 @@ def threads_within_cpu_quota() -> int | None:
     return budget
 
 
+def ready_cpu_threads() -> None:
+    """What a fit, a prediction or an export does before it runs torch on the CPU's threads:
+    :func:`fork_safe_threads` and :func:`threads_within_cpu_quota`."""
+    fork_safe_threads()
+    threads_within_cpu_quota()
+
+
 def share_cpu_quota(processes: int) -> int | None:
     """Lower torch's CPU threads to this process's share of the CPU quota, when
     ``processes`` processes of one fit run on this machine: returns the thread count set,

@@ -234,12 +234,11 @@ def iter_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     float32 again at once, not only when the stream is collected (an exception's
     traceback keeps it, and a notebook keeps the last exception).
     """
-    from .hardware import fork_safe_threads, threads_within_cpu_quota
+    from .hardware import ready_cpu_threads
     from .tiling import trained_tiling
     from .tta import check_tta
 
-    fork_safe_threads()
-    threads_within_cpu_quota()
+    ready_cpu_threads()
     flips = check_tta(tta, cfg.data.hflip, cfg.data.vflip)
     if cfg.data.image_range == "auto":  # the fit found no image of more than 8 bits
         _warn_deep_images(spec)

@@ -74,6 +74,7 @@ from segment_anything.modeling.image_encoder import (
     window_unpartition,
 )
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from ..utils.tracing import is_exporting
 
@@ -164,8 +165,6 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor, scratch: dict | None) -> torch.
 def _hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook, its own or a global one, waits for any of ``modules``:
     :func:`mlp_forward` computes them without calling them, so it steps aside then."""
-    from torch.nn.modules import module as module_hooks
-
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)

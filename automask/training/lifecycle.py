@@ -129,10 +129,9 @@ class FitRun(contextlib.AbstractContextManager):
         trained model by name. Raises TrainingDivergedError when every candidate was
         dropped, ConfigError when ``deadline`` left no time for any.
         """
-        from ..hardware import fork_safe_threads, threads_within_cpu_quota
+        from ..hardware import ready_cpu_threads
 
-        fork_safe_threads()
-        threads_within_cpu_quota()
+        ready_cpu_threads()
         with _seed_env_restored():
             return self._train_candidates(plan, seed=seed, verbosity=verbosity,
                                           deadline=deadline)
