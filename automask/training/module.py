@@ -17,6 +17,7 @@ from ..peft.conv_lora import drop_unreached_expert_gradients
 from . import distributed
 from .embeddings import EmbeddingCache
 from .optim import build_optimizer, lr_lambda
+from .packing import pack_tensors, unpack_tensors
 
 
 class NonFiniteLossError(RuntimeError):
@@ -345,13 +346,18 @@ class SegmentationModule(L.LightningModule):
 
     # ------------------------------------------------------- resume checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the weights that training changes, and the random generators' states."""
+        """Keep the weights that training changes, and the random generators' states; the
+        small tensors packed into a few (:mod:`automask.training.packing`). Lightning calls
+        this hook last, with everything else in the checkpoint."""
         keep = set(_saved_keys(self.model))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k.removeprefix("model.") in keep}
         checkpoint["rng_states"] = _rng_states()
+        pack_tensors(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning calls this hook first, before it restores anything."""
+        unpack_tensors(checkpoint)
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
 
