@@ -1,6 +1,7 @@
 """Training: the LightningModule, its optimiser and schedule, the fit callbacks, the
-Trainer recipe of a candidate, its record, the resumable state of a fit and the image
-embeddings kept while the encoder is frozen.
+Trainer recipe of a candidate, its record, the resumable state of a fit (its
+checkpoints' small tensors packed, ``packing``) and the image embeddings kept while the
+encoder is frozen.
 
 The names below load on first use, so that importing one submodule (``record``, which a
 saved predictor needs, or ``state``) does not import Lightning with the package.
