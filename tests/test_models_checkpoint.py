@@ -299,3 +299,52 @@ def test_concurrent_resolvers_download_once(tiny_file):
     assert sorted(r.source for r in results) == ["cache", "download"]
     assert {r.path for r in results} == {cache_dir() / "checkpoints" / TINY_NAME}
     assert _cached_files() == [TINY_NAME]  # the lock file lives elsewhere
+
+
+def test_a_model_from_a_file_takes_its_tensors_without_a_random_initialisation(tiny_file):
+    """Built on the meta device and given the file's tensors: torch's global generator is
+    not drawn from (a random initialisation would draw from it), every parameter is a
+    trainable float32 tensor on the CPU with memory of its own, and the model computes
+    what one initialised at random and then loaded computes."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model = build_segmenter("tiny", input_size=256, checkpoint=str(tiny_file))
+    assert torch.equal(torch.get_rng_state(), before)
+    params = list(model.parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu"
+               for p in params)
+    storages = [t.untyped_storage().data_ptr() for t in model.state_dict().values()]
+    assert len(set(storages)) == len(storages)
+    _assert_weights_equal(model, torch.load(tiny_file, weights_only=True))
+    # the same model the way it was built before: initialised at random, then copied into
+    from automask.models.checkpoint import load_sam_weights
+    from automask.models.segmenter import SamSegmenter
+
+    reference = SamSegmenter(*build_sam_parts(BACKBONES["tiny"], 256), backbone="tiny",
+                             input_size=256)
+    load_sam_weights(reference, tiny_file)
+    model.eval(), reference.eval()
+    images = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images), reference(images))
+
+
+def test_a_half_precision_file_with_shared_tensors_gives_float32_weights_of_their_own(tmp_path):
+    """A file in float16 whose two keys are views of one tensor: the model's weights are
+    float32 and separate, and training one leaves the other as it was."""
+    state = {k: v.half() for k, v in _official_state_dict("tiny", 256).items()}
+    a, b = "mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"
+    shared = torch.randn(state[a].numel() + state[b].numel()).half()
+    state[a] = shared[:state[a].numel()].view(state[a].shape)
+    state[b] = shared[state[a].numel():].view(state[b].shape)
+    path = tmp_path / "sam_half.pth"
+    torch.save(state, path)
+    model = build_segmenter("tiny", input_size=256, checkpoint=str(path))
+    ours = model.state_dict()
+    assert {v.dtype for k, v in ours.items() if v.is_floating_point()} == {torch.float32}
+    for key, value in state.items():
+        assert torch.equal(ours[key], value.float()), key
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(1.0)
+    assert torch.equal(model.mask_decoder.mask_tokens.weight, state[b].float())
+    assert torch.equal(state[a], shared[:state[a].numel()].view(state[a].shape))  # file's untouched

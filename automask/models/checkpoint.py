@@ -587,6 +587,12 @@ def load_sam_weights(
         summarises the missing and unexpected tensors by module, names mis-shaped ones
         with both shapes, and says which backbone the file was made for when it can tell.
         Nothing is loaded then: the model is never used partly initialised.
+
+    Notes
+    -----
+    A ``model`` built on the meta device (as :func:`~automask.models.build_segmenter`
+    builds one for a checkpoint, skipping a random initialisation the file replaces)
+    takes the file's tensors as its own, in its dtypes, none sharing memory with another.
     """
     state = read_state_dict(path, sha256=sha256)
     if is_hf_sam(state):  # transformers' SamModel: the same tensors under other names
@@ -594,13 +600,41 @@ def load_sam_weights(
     target = model.state_dict()
     state = adapt_state_dict(state, target)
     raise_if_mismatched(state, target, path, model)
+    on_meta = any(t.is_meta for t in target.values())
+    if on_meta:
+        state = _own_tensors(state, target)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=on_meta)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{str(path)!r} does not fit backbone {getattr(model, 'backbone', '?')!r}"
             f"{_which_backbone(state, model)}: {str(exc).strip()[:2000]}"
         ) from exc
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), \
+        "a tensor of the model is not in its state dict and was left on the meta device"
+
+
+_ALIGNMENT = 64  # bytes: c10's CPU allocator's
+
+
+def _own_tensors(state: Mapping[str, torch.Tensor],
+                 target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s tensors made fit to become a model's parameters and buffers: each in
+    ``target``'s dtype, contiguous, with memory of its own (a file may hold views of one
+    tensor under several keys) and aligned as torch aligns what it allocates (64 bytes).
+    safetensors hands out tensors at any offset of their file, and matrix products on
+    them can round differently: a model built from one computed other logits than the
+    same weights copied into fresh parameters."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        value = value.detach().to(dtype=target[key].dtype).contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if (storage in seen or value.untyped_storage().nbytes() != value.nbytes
+                or value.data_ptr() % _ALIGNMENT):
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
 
 
 def raise_if_mismatched(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],

@@ -8,6 +8,7 @@ prompt encoder turns them into sparse tokens that join the decoder's output toke
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import NamedTuple, Sequence
@@ -587,10 +588,15 @@ def build_segmenter(
         raise ConfigError(f"multi-class head must be one of {MULTICLASS_HEADS}, "
                           f"got {multiclass_head!r}")
     resolved = locate_checkpoint(backbone, checkpoint, sha256=sha256, progress=progress)
-    parts = build_sam_parts(spec, input_size)
     info = {"backbone": backbone, "source": resolved.source,
             "path": str(resolved.path) if resolved.path else None, "sha256": resolved.sha256}
-    model = SamSegmenter(*parts, backbone=backbone, input_size=input_size, checkpoint_info=info)
+    # With a checkpoint, every parameter and buffer comes from the file (a strict load), so
+    # the model is built on the meta device and takes the file's tensors: no random
+    # initialisation to overwrite (0.7 s of a vit_b build on 2 CPU cores), no copy.
+    with torch.device("meta") if resolved.path is not None else contextlib.nullcontext():
+        parts = build_sam_parts(spec, input_size)
+        model = SamSegmenter(*parts, backbone=backbone, input_size=input_size,
+                             checkpoint_info=info)
     if resolved.path is not None:
         load_sam_weights(model, resolved.path)
     model.set_num_classes(num_classes, head=multiclass_head,
