@@ -1,0 +1,87 @@
+"""Building a segmenter from a SAM checkpoint: on the meta device against initialised at random.
+
+``build_segmenter(backbone, checkpoint=file)`` builds the model on the meta device and
+gives it the file's tensors (``automask/models/checkpoint.py``); before, it initialised
+every weight at random and then copied the file's into them. A fit with a pretrained
+backbone, ``SemanticSegmentor.load`` and every ``automask predict`` build one. Here an
+official-format file of random weights is written once per backbone, then the two ways
+alternate in one process, the order swapped each round. Printed: the median seconds of
+each, their ratio, and whether the two models hold the same weights. Run from the
+repository root::
+
+    python -m benchmarks.bench_build --backbones vit_b vit_h --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+
+def build(kind: str, backbone: str, size: int, path: str):
+    """``build_segmenter`` now ("meta"), or as it was before ("init")."""
+    from automask.models import build_segmenter
+    from automask.models.backbones import build_sam_parts, get_spec
+    from automask.models.checkpoint import load_sam_weights, locate_checkpoint
+    from automask.models.segmenter import SamSegmenter
+
+    if kind == "meta":
+        return build_segmenter(backbone, input_size=size, checkpoint=path, progress=False)
+    resolved = locate_checkpoint(backbone, path, progress=False)  # hashes the file, as now
+    model = SamSegmenter(*build_sam_parts(get_spec(backbone), size), backbone=backbone,
+                         input_size=size)
+    load_sam_weights(model, resolved.path)  # copied into the initialised weights
+    model.set_num_classes(1)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbones", nargs="+", default=["vit_b"])
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from automask.models.backbones import build_sam_parts, get_spec
+    from automask.models.segmenter import SamSegmenter
+
+    folder = tempfile.mkdtemp()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} px")
+    print("| backbone | file | meta device | random init, then copied | ratio | same weights |")
+    print("|---|---|---|---|---|---|")
+    for backbone in args.backbones:
+        spec = get_spec(backbone)
+        path = os.path.join(folder, f"sam_{backbone}.pth")
+        with torch.device("meta"):
+            shapes = SamSegmenter(*build_sam_parts(spec, args.size), backbone=backbone,
+                                  input_size=args.size).state_dict()
+        gen = torch.Generator().manual_seed(0)
+        torch.save({k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in shapes.items()},
+                   path)
+        del shapes
+
+        times = {"meta": [], "init": []}
+        for r in range(args.rounds + 1):
+            for kind in ("meta", "init") if r % 2 else ("init", "meta"):
+                t = time.perf_counter()
+                model = build(kind, backbone, args.size, path)
+                if r:  # the first round warms up
+                    times[kind].append(time.perf_counter() - t)
+                del model
+        a = build("meta", backbone, args.size, path).state_dict()
+        b = build("init", backbone, args.size, path).state_dict()
+        same = list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"| {backbone} | {os.path.getsize(path) / 2**20:.0f} MiB | {med['meta']:.2f} s | "
+              f"{med['init']:.2f} s | {med['meta'] / med['init']:.2f} | {same} |")
+        del a, b
+        os.remove(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
