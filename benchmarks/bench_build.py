@@ -3,7 +3,7 @@
 ``build_segmenter(backbone, checkpoint=file)`` builds the model on the meta device and
 gives it the file's tensors (``automask/models/checkpoint.py``); before, it initialised
 every weight at random and then copied the file's into them. A fit with a pretrained
-backbone, ``SemanticSegmentor.load`` and every ``automask predict`` build one. Here an
+backbone and a loaded predictor's first prediction (every ``automask predict``) build one. Here an
 official-format file of random weights is written once per backbone, then the two ways
 alternate in one process, the order swapped each round. Printed: the median seconds of
 each, their ratio, and whether the two models hold the same weights. Run from the
