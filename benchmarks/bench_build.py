@@ -6,18 +6,30 @@ every weight at random and then copied the file's into them. A fit with a pretra
 backbone and a loaded predictor's first prediction (every ``automask predict``) build one. Here an
 official-format file of random weights is written once per backbone, then the two ways
 alternate in one process, the order swapped each round. Printed: the median seconds of
-each, their ratio, and whether the two models hold the same weights. Run from the
-repository root::
+each, their ratio, and whether the two models hold the same weights; with ``--rss``, the
+peak RSS of a fresh interpreter that builds one each way (Linux). Run from the repository root::
 
-    python -m benchmarks.bench_build --backbones vit_b vit_h --rounds 5
+    python -m benchmarks.bench_build --backbones vit_b vit_h --rounds 5 [--rss]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child would report
+# its parent's peak when that is higher.
+_PEAK = '''
+import sys
+from benchmarks.bench_build import build
+build(*sys.argv[1:3], int(sys.argv[3]), sys.argv[4])
+print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
+       if line.startswith("VmHWM")][0])
+'''
 
 
 def build(kind: str, backbone: str, size: int, path: str):
@@ -42,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbones", nargs="+", default=["vit_b"])
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rss", action="store_true",
+                    help="also the peak RSS (MiB) of a fresh interpreter per build")
     args = ap.parse_args(argv)
 
     import torch
@@ -79,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {backbone} | {os.path.getsize(path) / 2**20:.0f} MiB | {med['meta']:.2f} s | "
               f"{med['init']:.2f} s | {med['meta'] / med['init']:.2f} | {same} |")
         del a, b
+        if args.rss:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            peaks = {kind: subprocess.run(
+                [sys.executable, "-c", _PEAK, kind, backbone, str(args.size), path],
+                capture_output=True, text=True, check=True, cwd=root).stdout.split()[-1]
+                for kind in ("meta", "init")}
+            print(f"  {backbone} peak RSS: meta device {peaks['meta']} MiB, "
+                  f"random init then copied {peaks['init']} MiB")
         os.remove(path)
     return 0
 
