@@ -329,22 +329,31 @@ def test_a_model_from_a_file_takes_its_tensors_without_a_random_initialisation(t
         assert torch.equal(model(images), reference(images))
 
 
-def test_a_half_precision_file_with_shared_tensors_gives_float32_weights_of_their_own(tmp_path):
-    """A file in float16 whose two keys are views of one tensor: the model's weights are
-    float32 and separate, and training one leaves the other as it was."""
-    state = {k: v.half() for k, v in _official_state_dict("tiny", 256).items()}
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_file_with_shared_tensors_gives_float32_weights_of_their_own(tmp_path, dtype):
+    """A file (float16 or float32) holding one tensor under two keys (tied weights) and
+    two views of another: the model's weights are float32 and separate, and training one
+    leaves the other as it was."""
+    state = {k: v.to(dtype) for k, v in _official_state_dict("tiny", 256).items()}
+    tied = ("mask_decoder.transformer.layers.0.norm1.weight",
+            "mask_decoder.transformer.layers.0.norm2.weight")
+    state[tied[1]] = state[tied[0]]  # one tensor, saved once, read back as one
     a, b = "mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"
-    shared = torch.randn(state[a].numel() + state[b].numel()).half()
+    shared = torch.randn(state[a].numel() + state[b].numel()).to(dtype)
     state[a] = shared[:state[a].numel()].view(state[a].shape)
     state[b] = shared[state[a].numel():].view(state[b].shape)
-    path = tmp_path / "sam_half.pth"
+    path = tmp_path / "sam_shared.pth"
     torch.save(state, path)
+    expected = {k: v.float().clone() for k, v in state.items()}
     model = build_segmenter("tiny", input_size=256, checkpoint=str(path))
     ours = model.state_dict()
     assert {v.dtype for k, v in ours.items() if v.is_floating_point()} == {torch.float32}
-    for key, value in state.items():
-        assert torch.equal(ours[key], value.float()), key
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value), key
     with torch.no_grad():
+        model.mask_decoder.transformer.layers[0].norm1.weight.add_(1.0)
         model.mask_decoder.iou_token.weight.add_(1.0)
-    assert torch.equal(model.mask_decoder.mask_tokens.weight, state[b].float())
-    assert torch.equal(state[a], shared[:state[a].numel()].view(state[a].shape))  # file's untouched
+    assert torch.equal(ours[tied[1]], expected[tied[1]])
+    assert torch.equal(ours[b], expected[b])
+    storages = [t.untyped_storage().data_ptr() for t in ours.values()]
+    assert len(set(storages)) == len(storages)
