@@ -53,15 +53,8 @@ def build(backbone: str, method: str, pretrained: bool) -> dict:
 
 
 def count(value) -> int:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return 1
-    if isinstance(value, dict):
-        return sum(count(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(count(v) for v in value)
-    return 0
+    """Tensors in nested dicts, lists and tuples."""
+    return sum(1 for _ in _flat(value))
 
 
 def main(argv: list[str] | None = None) -> int:
