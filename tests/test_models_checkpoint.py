@@ -301,21 +301,24 @@ def test_concurrent_resolvers_download_once(tiny_file):
     assert _cached_files() == [TINY_NAME]  # the lock file lives elsewhere
 
 
-def test_a_model_from_a_file_takes_its_tensors_without_a_random_initialisation(tiny_file):
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_a_model_from_a_file_takes_its_tensors_without_a_random_initialisation(
+        tiny_file, num_classes):
     """Built on the meta device and given the file's tensors: torch's global generator is
-    not drawn from (a random initialisation would draw from it), every parameter is a
-    trainable float32 tensor on the CPU with memory of its own, and the model computes
-    what one initialised at random and then loaded computes."""
+    not drawn from (a random initialisation would draw from it, and so did the K mask
+    tokens before they were copied from token 0), every parameter is a trainable float32
+    tensor on the CPU with memory of its own, and the model computes what one initialised
+    at random and then loaded computes, binary or with K classes."""
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    model = build_segmenter("tiny", input_size=256, checkpoint=str(tiny_file))
+    model = build_segmenter("tiny", num_classes=num_classes, input_size=256,
+                            checkpoint=str(tiny_file))
     assert torch.equal(torch.get_rng_state(), before)
     params = list(model.parameters())
     assert all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu"
                for p in params)
     storages = [t.untyped_storage().data_ptr() for t in model.state_dict().values()]
     assert len(set(storages)) == len(storages)
-    _assert_weights_equal(model, torch.load(tiny_file, weights_only=True))
     # the same model the way it was built before: initialised at random, then copied into
     from automask.models.checkpoint import load_sam_weights
     from automask.models.segmenter import SamSegmenter
@@ -323,6 +326,12 @@ def test_a_model_from_a_file_takes_its_tensors_without_a_random_initialisation(t
     reference = SamSegmenter(*build_sam_parts(BACKBONES["tiny"], 256), backbone="tiny",
                              input_size=256)
     load_sam_weights(reference, tiny_file)
+    if num_classes == 1:
+        _assert_weights_equal(model, torch.load(tiny_file, weights_only=True))
+    reference.set_num_classes(num_classes)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
     model.eval(), reference.eval()
     images = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -279,6 +279,35 @@ def test_official_format_by_path(official):
     _same_outputs(loaded, seg)
 
 
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_a_model_from_a_file_takes_its_tensors_without_a_random_initialisation(
+        official, num_classes):
+    """Built on the meta device and given the file's tensors: torch's global generator is
+    not drawn from (Hiera's random initialisation would draw from it), every parameter is
+    a trainable float32 CPU tensor with memory of its own, and the model computes what one
+    initialised at random and then loaded computes, binary or with K classes."""
+    from automask.models.sam2 import build_sam2_parts, load_sam2_weights
+
+    seg, path, _ = official
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    model = build_segmenter(TINY, num_classes=num_classes, input_size=SIZE, checkpoint=path)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu"
+               for p in model.parameters())
+    state = model.state_dict()
+    storages = [t.untyped_storage().data_ptr() for t in state.values()]
+    assert len(set(storages)) == len(storages)
+    reference = Sam2Segmenter(*build_sam2_parts(SAM2_BACKBONES[TINY], SIZE), backbone=TINY,
+                              input_size=SIZE)
+    load_sam2_weights(reference, path)
+    reference.set_num_classes(num_classes)
+    assert list(state) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(state[key], value), key
+    _same_outputs(model, reference)
+
+
 def test_official_format_by_download_then_cache(official, http_server, monkeypatch):
     seg, path, digest = official
     assert env_name("sam2.1_hiera_b+") == "SAM2_1_HIERA_BPLUS"

@@ -600,16 +600,27 @@ def load_sam_weights(
     target = model.state_dict()
     state = adapt_state_dict(state, target)
     raise_if_mismatched(state, target, path, model)
-    on_meta = any(t.is_meta for t in target.values())
-    if on_meta:
-        state = _own_tensors(state, target)
     try:
-        model.load_state_dict(state, strict=True, assign=on_meta)
+        load_strict(model, state, target)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{str(path)!r} does not fit backbone {getattr(model, 'backbone', '?')!r}"
             f"{_which_backbone(state, model)}: {str(exc).strip()[:2000]}"
         ) from exc
+
+
+def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                target: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state, strict=True)``; ``target`` is ``model.state_dict()``.
+
+    A model built on the meta device (no random initialisation for the file to replace)
+    takes ``state``'s tensors as its own instead (``assign=True``), each made fit for it
+    by :func:`_own_tensors`. Raises what ``load_state_dict`` raises.
+    """
+    on_meta = any(t.is_meta for t in target.values())
+    if on_meta:
+        state = _own_tensors(state, target)
+    model.load_state_dict(state, strict=True, assign=on_meta)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), \
         "a tensor of the model is not in its state dict and was left on the meta device"
 

@@ -19,6 +19,7 @@ prompts, encoded by SAM 2's prompt encoder as in :class:`~automask.models.SamSeg
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -466,8 +467,14 @@ def load_sam2_weights(model: Sam2Segmenter, path: str | os.PathLike,
         Unreadable file, a SAM 1 (segment-anything ViT) checkpoint (named as such), or
         missing / unexpected / mis-shaped tensors (summarised per module, with the SAM 2.1
         backbone the file was made for when it can be told). Nothing is loaded then.
+
+    Notes
+    -----
+    A ``model`` built on the meta device (as :func:`build_sam2_segmenter` builds one for a
+    checkpoint) takes the file's tensors as its own, as
+    :func:`~automask.models.checkpoint.load_sam_weights` does for SAM.
     """
-    from .checkpoint import _identify, raise_if_mismatched
+    from .checkpoint import _identify, load_strict, raise_if_mismatched
 
     state = read_sam2_state_dict(path, sha256=sha256)
     if _is_sam1_state(state):
@@ -480,9 +487,10 @@ def load_sam2_weights(model: Sam2Segmenter, path: str | os.PathLike,
             "needs a SAM 2.1 checkpoint (e.g. sam2.1_hiera_tiny.pt), or use this file with a "
             "SAM backbone (vit_b, vit_l, vit_h); nothing was loaded"
         )
-    raise_if_mismatched(state, model.state_dict(), path, model)
+    target = model.state_dict()
+    raise_if_mismatched(state, target, path, model)
     try:
-        model.load_state_dict(state, strict=True)
+        load_strict(model, state, target)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{str(path)!r} does not fit backbone {model.backbone!r}: {str(exc).strip()[:2000]}"
@@ -545,8 +553,12 @@ def build_sam2_segmenter(
     resolved = locate_checkpoint(backbone, checkpoint, sha256=sha256, progress=progress)
     info = {"backbone": backbone, "source": resolved.source,
             "path": str(resolved.path) if resolved.path else None, "sha256": resolved.sha256}
-    model = Sam2Segmenter(*build_sam2_parts(spec, input_size), backbone=backbone,
-                          input_size=input_size, checkpoint_info=info)
+    # With a checkpoint every parameter and buffer comes from the file (a strict load):
+    # built on the meta device, the model takes the file's tensors, with no random
+    # initialisation to overwrite (as build_segmenter builds SAM).
+    with torch.device("meta") if resolved.path is not None else contextlib.nullcontext():
+        model = Sam2Segmenter(*build_sam2_parts(spec, input_size), backbone=backbone,
+                              input_size=input_size, checkpoint_info=info)
     if resolved.path is not None:
         load_sam2_weights(model, resolved.path)
     model.set_num_classes(num_classes)  # binary, or K >= 2 with the tokens head

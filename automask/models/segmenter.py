@@ -196,10 +196,9 @@ class SamSegmenter(nn.Module):
         """
         decoder = self.mask_decoder
         token0 = decoder.mask_tokens.weight.detach()[0]
-        tokens = nn.Embedding(count, token0.shape[0], device=token0.device, dtype=token0.dtype)
-        with torch.no_grad():
-            tokens.weight.copy_(token0.expand(count, -1))
-        decoder.mask_tokens = tokens
+        # from the copies, not initialised at random first: nothing drawn from torch's generator
+        decoder.mask_tokens = nn.Embedding.from_pretrained(
+            token0.expand(count, -1).clone(), freeze=False)
         return token0
 
     @property
