@@ -1,7 +1,8 @@
 """Building a segmenter from a SAM checkpoint: on the meta device against initialised at random.
 
 ``build_segmenter(backbone, checkpoint=file)`` builds the model on the meta device and
-gives it the file's tensors (``automask/models/checkpoint.py``); before, it initialised
+gives it the file's tensors (``automask/models/checkpoint.py``; SAM 2.1 backbones, which
+need the ``sam2`` extra, as well since a later change); before, it initialised
 every weight at random and then copied the file's into them. A fit with a pretrained
 backbone and a loaded predictor's first prediction (every ``automask predict``) build one. Here an
 official-format file of random weights is written once per backbone, then the two ways
@@ -9,7 +10,7 @@ alternate in one process, the order swapped each round. Printed: the median seco
 each, their ratio, and whether the two models hold the same weights; with ``--rss``, the
 peak RSS of a fresh interpreter that builds one each way (Linux). Run from the repository root::
 
-    python -m benchmarks.bench_build --backbones vit_b vit_h --rounds 5 [--rss]
+    python -m benchmarks.bench_build --backbones vit_b vit_h sam2.1_hiera_b+ --rounds 5 [--rss]
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from automask.models.sam2 import is_sam2_backbone
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child would report
 # its parent's peak when that is higher.
@@ -35,18 +38,54 @@ print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
 def build(kind: str, backbone: str, size: int, path: str):
     """``build_segmenter`` now ("meta"), or as it was before ("init")."""
     from automask.models import build_segmenter
-    from automask.models.backbones import build_sam_parts, get_spec
     from automask.models.checkpoint import load_sam_weights, locate_checkpoint
-    from automask.models.segmenter import SamSegmenter
 
     if kind == "meta":
         return build_segmenter(backbone, input_size=size, checkpoint=path, progress=False)
     resolved = locate_checkpoint(backbone, path, progress=False)  # hashes the file, as now
-    model = SamSegmenter(*build_sam_parts(get_spec(backbone), size), backbone=backbone,
-                         input_size=size)
-    load_sam_weights(model, resolved.path)  # copied into the initialised weights
+    model = _random_model(backbone, size)
+    if is_sam2_backbone(backbone):
+        from automask.models.sam2 import load_sam2_weights
+
+        load_sam2_weights(model, resolved.path)  # copied into the initialised weights
+    else:
+        load_sam_weights(model, resolved.path)
     model.set_num_classes(1)
     return model
+
+
+def _random_model(backbone: str, size: int):
+    """The binary segmenter of ``backbone``, initialised at random (on torch's default
+    device: the meta device gives its shapes only)."""
+    if is_sam2_backbone(backbone):
+        from automask.models.sam2 import SAM2_BACKBONES, Sam2Segmenter, build_sam2_parts
+
+        return Sam2Segmenter(*build_sam2_parts(SAM2_BACKBONES[backbone], size),
+                             backbone=backbone, input_size=size)
+    from automask.models.backbones import build_sam_parts, get_spec
+    from automask.models.segmenter import SamSegmenter
+
+    return SamSegmenter(*build_sam_parts(get_spec(backbone), size), backbone=backbone,
+                        input_size=size)
+
+
+def _official_file(backbone: str, size: int, path: str) -> None:
+    """Random weights in ``backbone``'s official format: a state dict for SAM, and
+    ``{"model": ...}`` with SAM2Base's key names for SAM 2.1."""
+    import torch
+
+    with torch.device("meta"):
+        shapes = _random_model(backbone, size).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in shapes.items()}
+    if is_sam2_backbone(backbone):
+        renamed = (("prompt_encoder.", "sam_prompt_encoder."),
+                   ("mask_decoder.", "sam_mask_decoder."))
+        state = {next((new + k[len(old):] for old, new in renamed if k.startswith(old)), k): v
+                 for k, v in state.items()}
+        state = {"model": state}
+    torch.save(state, path)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,23 +99,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from automask.models.backbones import build_sam_parts, get_spec
-    from automask.models.segmenter import SamSegmenter
-
     folder = tempfile.mkdtemp()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} px")
     print("| backbone | file | meta device | random init, then copied | ratio | same weights |")
     print("|---|---|---|---|---|---|")
     for backbone in args.backbones:
-        spec = get_spec(backbone)
         path = os.path.join(folder, f"sam_{backbone}.pth")
-        with torch.device("meta"):
-            shapes = SamSegmenter(*build_sam_parts(spec, args.size), backbone=backbone,
-                                  input_size=args.size).state_dict()
-        gen = torch.Generator().manual_seed(0)
-        torch.save({k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in shapes.items()},
-                   path)
-        del shapes
+        _official_file(backbone, args.size, path)
 
         times = {"meta": [], "init": []}
         for r in range(args.rounds + 1):
