@@ -204,7 +204,7 @@ def _save_locked(seg, path: Path) -> Path:
             with atomic_write(path / POINTER_FILE, "w") as fh:  # the commit point
                 json.dump(pointer, fh, indent=2)
         except BaseException:  # e.g. a full disk: the old predictor stays, without our copy
-            if _current_version(path) != version:
+            if current_version(path) != version:
                 shutil.rmtree(path / version, ignore_errors=True)
             raise
         _fsync_dir(path)
@@ -230,11 +230,12 @@ def superseded(seg) -> bool:
     path = Path(seg.path_)
     if weights_dir is None or Path(weights_dir).parent.resolve() != path.resolve():
         return False  # weights held elsewhere (a fit's own folder): nothing to compare
-    return _current_version(path) != Path(weights_dir).name
+    return current_version(path) != Path(weights_dir).name
 
 
-def _current_version(path: Path) -> str | None:
-    """The version ``path``'s pointer names, or None when it names none."""
+def current_version(path: Path) -> str | None:
+    """The version ``path``'s pointer names (the folder name of its current copy), or None
+    when it names none."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return json.loads((path / POINTER_FILE).read_text()).get("current")
     return None

@@ -571,7 +571,7 @@ class SemanticSegmentor(BaseEstimator):
         # a copy this object saved there, still the folder's current version, is no other's
         key = str(Path(target).resolve())
         copies = getattr(self, "_copies", {})  # resolved folder -> the version saved there
-        ours = key in copies and saving._current_version(Path(target)) == copies[key]
+        ours = key in copies and saving.current_version(Path(target)) == copies[key]
         replacing = (saving.has_predictor(target) and (not own or saving.superseded(self))
                      and not ours)
         if replacing and not overwrite:
