@@ -2,7 +2,7 @@
 
 ``build_segmenter(backbone, checkpoint=file)`` builds the model on the meta device and
 gives it the file's tensors (``automask/models/checkpoint.py``; SAM 2.1 backbones, which
-need the ``sam2`` extra, as well since a later change); before, it initialised
+need the ``sam2`` extra, through ``automask/models/sam2.py``); before, it initialised
 every weight at random and then copied the file's into them. A fit with a pretrained
 backbone and a loaded predictor's first prediction (every ``automask predict``) build one. Here an
 official-format file of random weights is written once per backbone, then the two ways
@@ -85,7 +85,6 @@ def _official_file(backbone: str, size: int, path: str) -> None:
                  for k, v in state.items()}
         state = {"model": state}
     torch.save(state, path)
-
 
 
 def main(argv: list[str] | None = None) -> int:
