@@ -20,12 +20,16 @@
    does) against torch's fused ``scaled_dot_product_attention`` on the folded operands of
    ``_folded_operands`` (the terms inside the product, no bias tensor; v zero-padded to
    their width).
+6. Conv-LoRA's expert convolution (3x3, r = 3 -> 3) on n maps of H x W, forward + backward,
+   float32 and bf16: ``F.conv2d`` (oneDNN for n >= 2 or a large map) against ATen's im2col
+   kernel (``aten::_slow_conv2d_forward``), which
+   ``automask.peft.conv_lora.expert_conv`` uses on CPUs up to ``IM2COL_MAX_PIXELS``.
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
-each: one after the other in tables 1 and 2, alternately in tables 3 to 5.
+each: one after the other in tables 1 and 2, alternately in tables 3 to 6.
 Run from the repository root::
 
-    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows sdpa]
+    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows sdpa expert-conv]
 """
 from __future__ import annotations
 
@@ -226,15 +230,46 @@ def sdpa_rows(repeat: int) -> list[str]:
     return rows
 
 
+def expert_conv_rows(repeat: int) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    from automask.peft.conv_lora import _IM2COL_CONV, IM2COL_MAX_PIXELS
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(n, side) for side in (14, 42, 84, 112) for n in (1, 3, 5)]
+    shapes += [(1, side) for side in (128, 192, 256)]
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = (torch.randn(3, 3, 3, 3, generator=gen) * 0.2).to(dtype).requires_grad_()
+        bias = torch.zeros(3, dtype=dtype, requires_grad=True)
+        for n, side in shapes:
+            x = torch.randn(n, 3, side, side, generator=gen).to(dtype).requires_grad_()
+            grad = torch.randn(n, 3, side, side, generator=gen).to(dtype)
+
+            def onednn(x=x, grad=grad, weight=weight, bias=bias):
+                F.conv2d(x, weight, bias, padding=1).backward(grad)
+
+            def im2col(x=x, grad=grad, weight=weight, bias=bias):
+                _IM2COL_CONV(x, weight, (3, 3), bias, (1, 1), (1, 1)).backward(grad)
+            a, b = _alternated(onednn, im2col, repeat)
+            used = "im2col" if n * side * side <= IM2COL_MAX_PIXELS else "F.conv2d"
+            rows.append(f"| {n} x {side} x {side} | {str(dtype)[6:]} | {a * 1e6:.0f} "
+                        f"| {b * 1e6:.0f} | {b / a:.2f} | {used} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", nargs="+",
-                        choices=["attention", "resize", "lora", "windows", "sdpa"],
+                        choices=["attention", "resize", "lora", "windows", "sdpa",
+                                 "expert-conv"],
                         help="run only these tables (default: all)")
     args = parser.parse_args(argv)
-    only = set(args.only or ["attention", "resize", "lora", "windows", "sdpa"])
+    only = set(args.only or ["attention", "resize", "lora", "windows", "sdpa",
+                             "expert-conv"])
     import torch
 
     if args.threads:
@@ -252,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         ("sdpa", "| attention, prediction | dtype | terms added, chunked (ms) "
                  "| SDPA on the folded operands (ms) | ratio | max difference |"
                  "\n|---|---|---|---|---|---|", sdpa_rows),
+        ("expert-conv", "| maps (n x H x W) | dtype | F.conv2d fwd+bwd (us) | im2col fwd+bwd (us) "
+                        "| ratio | expert_conv uses |\n|---|---|---|---|---|---|",
+         expert_conv_rows),
     )
     for name, header, rows in tables:
         if name in only:

@@ -84,7 +84,9 @@ def test_conv_lora_static_routing_equals_dispatch_in_eval(top_k):
     # the same operations and order of sums; only the resizes' matrix products see other
     # numbers of rows, which may round differently
     torch.testing.assert_close(dense, dispatch, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(traced, dispatch, rtol=1e-6, atol=1e-6)
+    # a traced graph convolves with F.conv2d, the dispatch on a CPU with ATen's im2col
+    # kernel (conv_lora.expert_conv): the same sums in another order
+    torch.testing.assert_close(traced, dispatch, rtol=1e-5, atol=1e-5)
     assert not torch.equal(dispatch, layer.base_layer(grid))  # the mixture does something
 
 

@@ -70,6 +70,63 @@ def test_expert_scales_and_shapes(index):
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch, dtype):
+    """On a CPU the experts convolve small maps with ATen's im2col kernel
+    (conv_lora.expert_conv) instead of calling the Conv2d: the same output, gradients and
+    load-balancing loss in training mode as with every map through the module (float32
+    within 1e-5; bf16, a model cast to it, within its rounding). A map over
+    IM2COL_MAX_PIXELS, and any expert with a hook, goes through the module."""
+    from automask.peft import conv_lora
+
+    calls = []
+    kernel = conv_lora._IM2COL_CONV
+    assert kernel is not None  # the torch pinned here has it
+    monkeypatch.setattr(conv_lora, "_IM2COL_CONV",
+                        lambda x, *args: calls.append(tuple(x.shape)) or kernel(x, *args))
+
+    def step(max_pixels):
+        monkeypatch.setattr(conv_lora, "IM2COL_MAX_PIXELS", max_pixels)
+        adapter = _adapter(experts=4, top_k=2).to(dtype).train()
+        with torch.no_grad():
+            nn.init.normal_(adapter.lora_B.weight)
+            adapter.w_gate.normal_()
+            for expert in adapter.experts:
+                expert.bias.normal_(std=0.1)
+        x = torch.randn(6, 7, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x.requires_grad_()
+        torch.manual_seed(2)  # the gate's noise
+        out = adapter(x)
+        (out.float().square().mean() + adapter.aux_loss).backward()
+        grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
+        return out, adapter.aux_loss, x.grad, grads, adapter.expert_counts
+
+    module = step(0)  # no map is small enough: every expert called
+    assert calls == []
+    im2col = step(6 * 28 * 28)  # the largest map: 6 windows at scale 4
+    assert len(calls) == sum(c > 0 for c in im2col[4]) >= 2, (calls, im2col[4])
+    assert im2col[4] == module[4]  # routed the same way
+    def close(a, b):  # bf16: within a few of its units of rounding at the tensor's scale
+        rtol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+    for a, b in zip(im2col[:3], module[:3]):
+        close(a, b)
+    assert im2col[3].keys() == module[3].keys()
+    assert any(n.startswith("experts.") for n in im2col[3])
+    for name in module[3]:
+        close(im2col[3][name], module[3][name])
+
+    calls.clear()
+    step(6 * 28 * 28 - 1)  # the scale-4 maps are one pixel too many
+    assert calls and all(n * h * w < 6 * 28 * 28 for n, _, h, w in calls), calls
+    calls.clear()
+    adapter = _adapter(experts=4)
+    shapes = _record_conv_inputs(adapter)  # a hook: the module is called
+    adapter.run_expert(1, torch.randn(2, 3, 7, 7))
+    assert calls == [] and shapes == {1: [(2, 3, 14, 14)]}
+
+
 @pytest.mark.parametrize("size_in,size_out", [((7, 7), (56, 56)), ((14, 14), (28, 28)),
                                                ((6, 5), (9, 3)), ((7, 7), (4, 4)),
                                                ((5, 8), (5, 16))])

@@ -74,9 +74,8 @@ from segment_anything.modeling.image_encoder import (
     window_unpartition,
 )
 from torch import nn
-from torch.nn.modules import module as module_hooks
 
-from ..utils.tracing import is_exporting
+from ..utils.tracing import has_forward_hooks, is_exporting
 
 
 def is_token_wise(layer: nn.Module | None) -> bool:
@@ -149,7 +148,7 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor, scratch: dict | None) -> torch.
             or type(mlp.lin1) is not nn.Linear or type(mlp.lin2) is not nn.Linear
             or mlp.lin1.bias is None or torch.is_autocast_enabled(x.device.type)
             or not x.dtype == mlp.lin1.weight.dtype == mlp.lin1.bias.dtype
-            or _hooked(mlp, mlp.lin1, mlp.act)):
+            or has_forward_hooks(mlp, mlp.lin1, mlp.act)):
         return mlp(x)
     tokens = x.reshape(-1, x.shape[-1])  # (B * H * W, E)
     shape = (tokens.shape[0], mlp.lin1.out_features)
@@ -160,14 +159,6 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor, scratch: dict | None) -> torch.
     torch.addmm(mlp.lin1.bias, tokens, mlp.lin1.weight.t(), out=hidden)  # (B * H * W, 4E)
     torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
     return mlp.lin2(hidden).view(*x.shape[:-1], -1)
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook, its own or a global one, waits for any of ``modules``:
-    :func:`mlp_forward` computes them without calling them, so it steps aside then."""
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _skips_padding(layer: nn.Module) -> bool:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.tracing import is_exporting
+from ..utils.tracing import has_forward_hooks, is_exporting
 from .base import PeftMethod, split_names, wrap_targets
 from .lora import LoRALinear, LoRAOptions, add_low_rank_update, check_rank
 
@@ -235,7 +235,7 @@ class ConvLoRALinear(LoRALinear):
         size = expert_size((height, width), self.scales[index])
         with torch.autocast(grid.device.type, enabled=False):
             x = bicubic_resize(grid.to(expert.weight.dtype), size)  # (n, r, sH, sW)
-            x = bicubic_resize(F.gelu(expert(x)), (height, width))  # (n, r, H, W)
+            x = bicubic_resize(F.gelu(expert_conv(expert, x)), (height, width))  # (n, r, H, W)
         return x.to(grid.dtype)
 
     def mixture(self, grid: torch.Tensor) -> torch.Tensor:
@@ -566,6 +566,39 @@ def drop_unreached_expert_gradients(model: nn.Module) -> int:
             expert.weight.grad = expert.bias.grad = None
             dropped += 1
     return dropped
+
+
+IM2COL_MAX_PIXELS = 48 * 1024
+"""Largest map (n * H * W pixels) whose expert convolution :func:`expert_conv` runs through
+ATen's im2col kernel on a CPU; larger maps go to ``F.conv2d`` (oneDNN)."""
+
+
+def expert_conv(expert: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``expert(x)``, the expert's 3x3 convolution: (n, r, H, W) -> (n, r, H, W).
+
+    On a CPU, for a map of at most :data:`IM2COL_MAX_PIXELS` pixels (n * H * W), it runs
+    ATen's im2col-and-product convolution (``aten::_slow_conv2d_forward``, whose backward
+    is the matching ``_slow_conv2d_backward``) rather than the oneDNN kernel that
+    ``F.conv2d`` picks for any batch of two or more maps or a map over about 82 x 82. With
+    r = 3 channels oneDNN spends about 0.1 ms a call before any arithmetic: forward and
+    backward in float32, three 14 x 14 maps took 169 us against 66 us, three 84 x 84 maps
+    731 against 400 us; from about 48 k pixels on neither is reliably faster (the 2-core
+    EPYC, ``python -m benchmarks.bench_ops --only expert-conv``). The same convolution with
+    its sums in another order: equal within float rounding. Elsewhere (a GPU, a larger map,
+    an exporter or the compiler, an expert with a forward hook or configured otherwise) it
+    is ``expert(x)``.
+    """
+    if (x.device.type == "cpu" and _IM2COL_CONV is not None and not is_exporting()
+            and not has_forward_hooks(expert)
+            and x.shape[0] * x.shape[-2] * x.shape[-1] <= IM2COL_MAX_PIXELS
+            and expert.padding == (1, 1) and expert.padding_mode == "zeros"
+            and expert.stride == (1, 1) and expert.dilation == (1, 1) and expert.groups == 1):
+        return _IM2COL_CONV(x, expert.weight, expert.kernel_size, expert.bias, expert.stride,
+                            expert.padding)
+    return expert(x)
+
+
+_IM2COL_CONV = getattr(torch.ops.aten, "_slow_conv2d_forward", None)
 
 
 def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
