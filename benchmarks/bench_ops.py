@@ -23,7 +23,8 @@
 6. Conv-LoRA's expert convolution (3x3, r = 3 -> 3) on n maps of H x W, forward + backward,
    float32 and bf16: ``F.conv2d`` (oneDNN for n >= 2 or a large map) against ATen's im2col
    kernel (``aten::_slow_conv2d_forward``), which
-   ``automask.peft.conv_lora.expert_conv`` uses on CPUs up to ``IM2COL_MAX_PIXELS``.
+   ``automask.peft.conv_lora.expert_conv`` uses on CPUs up to ``IM2COL_BUDGET``
+   (pixels times threads).
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
 each: one after the other in tables 1 and 2, alternately in tables 3 to 6.
@@ -234,7 +235,7 @@ def expert_conv_rows(repeat: int) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from automask.peft.conv_lora import _IM2COL_CONV, IM2COL_MAX_PIXELS
+    from automask.peft.conv_lora import _IM2COL_CONV, IM2COL_BUDGET
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -253,7 +254,8 @@ def expert_conv_rows(repeat: int) -> list[str]:
             def im2col(x=x, grad=grad, weight=weight, bias=bias):
                 _IM2COL_CONV(x, weight, (3, 3), bias, (1, 1), (1, 1)).backward(grad)
             a, b = _alternated(onednn, im2col, repeat)
-            used = "im2col" if n * side * side <= IM2COL_MAX_PIXELS else "F.conv2d"
+            threads = torch.get_num_threads()
+            used = "im2col" if n * side * side * threads <= IM2COL_BUDGET else "F.conv2d"
             rows.append(f"| {n} x {side} x {side} | {str(dtype)[6:]} | {a * 1e6:.0f} "
                         f"| {b * 1e6:.0f} | {b / a:.2f} | {used} |")
     return rows

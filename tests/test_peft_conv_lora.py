@@ -76,7 +76,8 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
     (conv_lora.expert_conv) instead of calling the Conv2d: the same output, gradients and
     load-balancing loss in training mode as with every map through the module (float32
     within 1e-5; bf16, a model cast to it, within its rounding). A map over
-    IM2COL_MAX_PIXELS, and any expert with a hook, goes through the module."""
+    IM2COL_BUDGET (pixels times threads), and any expert with a hook, goes through the
+    module."""
     from automask.peft import conv_lora
 
     calls = []
@@ -86,7 +87,7 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
                         lambda x, *args: calls.append(tuple(x.shape)) or kernel(x, *args))
 
     def step(max_pixels):
-        monkeypatch.setattr(conv_lora, "IM2COL_MAX_PIXELS", max_pixels)
+        monkeypatch.setattr(conv_lora, "IM2COL_BUDGET", max_pixels * torch.get_num_threads())
         adapter = _adapter(experts=4, top_k=2).to(dtype).train()
         with torch.no_grad():
             nn.init.normal_(adapter.lora_B.weight)

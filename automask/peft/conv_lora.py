@@ -568,29 +568,32 @@ def drop_unreached_expert_gradients(model: nn.Module) -> int:
     return dropped
 
 
-IM2COL_MAX_PIXELS = 48 * 1024
-"""Largest map (n * H * W pixels) whose expert convolution :func:`expert_conv` runs through
-ATen's im2col kernel on a CPU; larger maps go to ``F.conv2d`` (oneDNN)."""
+IM2COL_BUDGET = 96 * 1024
+"""Largest n * H * W * threads (torch's intra-op threads) of a map whose expert convolution
+:func:`expert_conv` runs through ATen's im2col kernel on a CPU: maps of up to 48 k pixels
+on two threads, 96 k on one, 6 k on sixteen; larger maps go to ``F.conv2d`` (oneDNN)."""
 
 
 def expert_conv(expert: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``expert(x)``, the expert's 3x3 convolution: (n, r, H, W) -> (n, r, H, W).
 
-    On a CPU, for a map of at most :data:`IM2COL_MAX_PIXELS` pixels (n * H * W), it runs
-    ATen's im2col-and-product convolution (``aten::_slow_conv2d_forward``, whose backward
-    is the matching ``_slow_conv2d_backward``) rather than the oneDNN kernel that
-    ``F.conv2d`` picks for any batch of two or more maps or a map over about 82 x 82. With
-    r = 3 channels oneDNN spends about 0.1 ms a call before any arithmetic: forward and
-    backward in float32, three 14 x 14 maps took 169 us against 66 us, three 84 x 84 maps
-    731 against 400 us; from about 48 k pixels on neither is reliably faster (the 2-core
-    EPYC, ``python -m benchmarks.bench_ops --only expert-conv``). The same convolution with
-    its sums in another order: equal within float rounding. Elsewhere (a GPU, a larger map,
-    an exporter or the compiler, an expert with a forward hook or configured otherwise) it
-    is ``expert(x)``.
+    On a CPU, for a map small enough for :data:`IM2COL_BUDGET`, it runs ATen's
+    im2col-and-product convolution (``aten::_slow_conv2d_forward``, whose backward is the
+    matching ``_slow_conv2d_backward``) rather than the oneDNN kernel that ``F.conv2d``
+    picks for any batch of two or more maps or a map over about 82 x 82. With r = 3
+    channels oneDNN spends about 0.1 ms a call before any arithmetic: forward and backward
+    in float32 on two threads, three 14 x 14 maps took 169 us against 66 us, three 84 x 84
+    maps 731 against 400 us, and from about 48 k pixels on neither was reliably faster; on
+    one thread the im2col kernel was faster up to 256 x 256 (0.70x). It divides a batch
+    among the threads, oneDNN a map, so the budget shrinks as threads grow (the 2-core
+    EPYC, ``python -m benchmarks.bench_ops --only expert-conv [--threads 1]``). The same
+    convolution with its sums in another order: equal within float rounding. Elsewhere (a
+    GPU, a larger map, an exporter or the compiler, an expert with a forward hook or
+    configured otherwise) it is ``expert(x)``.
     """
     if (x.device.type == "cpu" and _IM2COL_CONV is not None and not is_exporting()
             and not has_forward_hooks(expert)
-            and x.shape[0] * x.shape[-2] * x.shape[-1] <= IM2COL_MAX_PIXELS
+            and x.shape[0] * x.shape[-2] * x.shape[-1] * torch.get_num_threads() <= IM2COL_BUDGET
             and expert.padding == (1, 1) and expert.padding_mode == "zeros"
             and expert.stride == (1, 1) and expert.dilation == (1, 1) and expert.groups == 1):
         return _IM2COL_CONV(x, expert.weight, expert.kernel_size, expert.bias, expert.stride,
