@@ -25,6 +25,13 @@ steps); printed: achieved FLOP/s of the step over that rate::
 
     python -m benchmarks.bench_step --roofline --methods conv_lora --sizes 512 1024 --batch 1
 
+Conv-LoRA's expert convolutions (``--im2col-ab``): one conv_lora model per size stepping
+with ``automask.peft.conv_lora.expert_conv``'s im2col kernel and with oneDNN for every
+expert (``IM2COL_BUDGET = 0``), alternately step by step, the order swapped every pair;
+printed: both medians and the per-pair ratios::
+
+    python -m benchmarks.bench_step --im2col-ab --sizes 512 --batch 1 --steps 20
+
 Output: one line per configuration (seconds per step, images per second, peak memory:
 ``ru_maxrss`` of the subprocess on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), then
 the ratios conv_lora / lora and lora / floor per input size (targets: both <= 1.3).
@@ -227,6 +234,31 @@ def run_interleaved(args: argparse.Namespace, size: int) -> list[dict]:
             for m in args.methods]
 
 
+def run_im2col_ab(args: argparse.Namespace, size: int) -> dict:
+    """conv_lora steps with the experts' im2col convolutions and without, alternating."""
+    from automask.peft import conv_lora
+
+    step, sync, use_bf16 = make_step("conv_lora", size, args)
+    budgets = {"im2col": conv_lora.IM2COL_BUDGET, "oneDNN": 0}
+    times: dict[str, list[float]] = {name: [] for name in budgets}
+    try:
+        for _ in range(args.warmup):
+            for budget in budgets.values():
+                conv_lora.IM2COL_BUDGET = budget
+                step()
+        for i in range(args.steps):
+            for name in list(budgets)[:: 1 if i % 2 == 0 else -1]:
+                conv_lora.IM2COL_BUDGET = budgets[name]
+                times[name].append(_timed(step, sync))
+    finally:
+        conv_lora.IM2COL_BUDGET = budgets["im2col"]
+    ratios = sorted(a / b for a, b in zip(times["im2col"], times["oneDNN"]))
+    return {"size": size, "dtype": "bf16" if use_bf16 else "fp32",
+            "im2col": statistics.median(times["im2col"]),
+            "onednn": statistics.median(times["oneDNN"]),
+            "ratio": statistics.median(ratios), "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run every configuration in a subprocess and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -246,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roofline", action="store_true",
                         help="count each step's FLOPs and print achieved / measured peak "
                              "matrix rate (CPU; methods interleaved in this process)")
+    parser.add_argument("--im2col-ab", action="store_true",
+                        help="conv_lora steps with the experts' im2col convolutions and with "
+                             "oneDNN, alternating step by step in one process")
     parser.add_argument("--no-hold", action="store_true",
                         help="cast frozen linear weights in every forward (as before "
                              "automask.models.frozen) instead of once")
@@ -277,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['peak_tflops']:.3f} TFLOP/s (probes "
                       f"{', '.join(f'{r:.2f}' for r in row['peak_probes_tflops'])}): "
                       f"{100 * row['fraction']:.1f}% of peak", flush=True)
+        return 0
+    if args.im2col_ab:
+        for size in args.sizes:
+            row = run_im2col_ab(args, size)
+            print(f"{args.backbone} {size:4d}px bs{args.batch} {row['dtype']} conv_lora: "
+                  f"im2col {row['im2col']:.3f} s/step, oneDNN {row['onednn']:.3f} s/step "
+                  f"(medians of {args.steps}); im2col / oneDNN per pair {row['ratio']:.3f} "
+                  f"[{row['ratios'][0]:.3f}-{row['ratios'][-1]:.3f}]", flush=True)
         return 0
     for size in args.sizes:
         if args.interleave:
