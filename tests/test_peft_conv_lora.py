@@ -86,8 +86,8 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
     monkeypatch.setattr(conv_lora, "_IM2COL_CONV",
                         lambda x, *args: calls.append(tuple(x.shape)) or kernel(x, *args))
 
-    def step(max_pixels):
-        monkeypatch.setattr(conv_lora, "IM2COL_BUDGET", max_pixels * torch.get_num_threads())
+    def step(budget):
+        monkeypatch.setattr(conv_lora, "IM2COL_BUDGET", budget)
         adapter = _adapter(experts=4, top_k=2).to(dtype).train()
         with torch.no_grad():
             nn.init.normal_(adapter.lora_B.weight)
@@ -102,11 +102,16 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
         grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
         return out, adapter.aux_loss, x.grad, grads, adapter.expert_counts
 
+    threads = torch.get_num_threads()
     module = step(0)  # no map is small enough: every expert called
     assert calls == []
-    im2col = step(6 * 28 * 28)  # the largest map: 6 windows at scale 4
-    assert len(calls) == sum(c > 0 for c in im2col[4]) >= 2, (calls, im2col[4])
+    # n * H * W of each routed expert's maps (6 windows of 7 x 7, expert i at scale i + 1)
+    sizes = sorted(count * (7 * (i + 1)) ** 2 for i, count in enumerate(module[4]) if count)
+    assert len(sizes) >= 2, module[4]
+    im2col = step(sizes[-1] * threads)  # every map within the budget
+    assert sorted(n * h * w for n, _, h, w in calls) == sizes
     assert im2col[4] == module[4]  # routed the same way
+
     def close(a, b):  # bf16: within a few of its units of rounding at the tensor's scale
         rtol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
@@ -118,9 +123,15 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
     for name in module[3]:
         close(im2col[3][name], module[3][name])
 
-    calls.clear()
-    step(6 * 28 * 28 - 1)  # the scale-4 maps are one pixel too many
-    assert calls and all(n * h * w < 6 * 28 * 28 for n, _, h, w in calls), calls
+    # the budget counts pixels times threads: the largest map is one pixel too many
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            calls.clear()
+            step(sizes[-1] * count - 1)
+            assert sorted(n * h * w for n, _, h, w in calls) == sizes[:-1], count
+        finally:
+            torch.set_num_threads(threads)
     calls.clear()
     adapter = _adapter(experts=4)
     shapes = _record_conv_inputs(adapter)  # a hook: the module is called
