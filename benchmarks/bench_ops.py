@@ -25,12 +25,17 @@
    kernel (``aten::_slow_conv2d_forward``), which
    ``automask.peft.conv_lora.expert_conv`` uses on CPUs up to ``IM2COL_BUDGET``
    (pixels times threads).
+7. Conv-LoRA's expert resize and convolution, (n, 3, H, W) resized by each scale and
+   convolved 3x3, forward + backward, float32: ``automask.peft.conv_lora.bicubic_resize``
+   then ``expert_conv`` (as ``run_expert`` did for every scale) against the two composed
+   into matrix products (``automask.peft.conv_lora.resized_conv``), which ``run_expert``
+   uses from ``COMPOSE_FROM`` (scale squared) up.
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
-each: one after the other in tables 1 and 2, alternately in tables 3 to 6.
+each: one after the other in tables 1 and 2, alternately in tables 3 to 7.
 Run from the repository root::
 
-    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only lora windows sdpa expert-conv]
+    python -m benchmarks.bench_ops [--repeat 9] [--threads 2] [--only expert-conv resized-conv]
 """
 from __future__ import annotations
 
@@ -261,17 +266,45 @@ def expert_conv_rows(repeat: int) -> list[str]:
     return rows
 
 
+def resized_conv_rows(repeat: int) -> list[str]:
+    import torch
+    from torch import nn
+
+    from automask.peft.conv_lora import (COMPOSE_FROM, bicubic_resize, expert_conv,
+                                         expert_size, resized_conv)
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    expert = nn.Conv2d(3, 3, 3, padding=1)
+    for n, side in [(1, 14), (3, 14), (9, 14), (1, 32)]:
+        for scale in (2, 3, 4, 6, 8):
+            size = expert_size((side, side), scale)
+            x = torch.randn(n, 3, side, side, generator=gen).requires_grad_()
+            grad = torch.randn(n, 3, *size, generator=gen)
+
+            def apart(x=x, grad=grad, size=size):
+                expert_conv(expert, bicubic_resize(x, size)).backward(grad)
+
+            def together(x=x, grad=grad, size=size):
+                resized_conv(x, expert.weight, expert.bias, size).backward(grad)
+            a, b = _alternated(apart, together, repeat)
+            used = "composed" if scale * scale >= COMPOSE_FROM else "apart"
+            rows.append(f"| {n} x {side} x {side} | {scale} | {a * 1e6:.0f} | {b * 1e6:.0f} "
+                        f"| {b / a:.2f} | {used} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", nargs="+",
                         choices=["attention", "resize", "lora", "windows", "sdpa",
-                                 "expert-conv"],
+                                 "expert-conv", "resized-conv"],
                         help="run only these tables (default: all)")
     args = parser.parse_args(argv)
     only = set(args.only or ["attention", "resize", "lora", "windows", "sdpa",
-                             "expert-conv"])
+                             "expert-conv", "resized-conv"])
     import torch
 
     if args.threads:
@@ -292,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         ("expert-conv", "| maps (n x H x W) | dtype | F.conv2d fwd+bwd (us) | im2col fwd+bwd (us) "
                         "| ratio | expert_conv uses |\n|---|---|---|---|---|---|",
          expert_conv_rows),
+        ("resized-conv", "| maps (n x H x W) | scale | resize, then conv, fwd+bwd (us) "
+                         "| composed (us) | ratio | run_expert uses |\n|---|---|---|---|---|---|",
+         resized_conv_rows),
     )
     for name, header, rows in tables:
         if name in only:

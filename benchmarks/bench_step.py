@@ -32,6 +32,10 @@ printed: both medians and the per-pair ratios::
 
     python -m benchmarks.bench_step --im2col-ab --sizes 512 --batch 1 --steps 20
 
+``--compose-ab`` alternates the same way between the experts' resize and convolution
+composed into matrix products (``automask.peft.conv_lora.resized_conv``, from
+``COMPOSE_FROM``) and the resize followed by the convolution (``COMPOSE_FROM = inf``).
+
 Output: one line per configuration (seconds per step, images per second, peak memory:
 ``ru_maxrss`` of the subprocess on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), then
 the ratios conv_lora / lora and lora / floor per input size (targets: both <= 1.3).
@@ -234,28 +238,39 @@ def run_interleaved(args: argparse.Namespace, size: int) -> list[dict]:
             for m in args.methods]
 
 
-def run_im2col_ab(args: argparse.Namespace, size: int) -> dict:
-    """conv_lora steps with the experts' im2col convolutions and without, alternating."""
+# --im2col-ab and --compose-ab: a conv_lora setting and the two values compared, the
+# library's default first
+AB_SETTINGS = {
+    "im2col": ("IM2COL_BUDGET", {"im2col": None, "oneDNN": 0}),
+    "compose": ("COMPOSE_FROM", {"composed": None, "resize+conv": float("inf")}),
+}
+
+
+def run_ab(args: argparse.Namespace, size: int, setting: str) -> dict:
+    """conv_lora steps with a setting of ``automask.peft.conv_lora`` at its default and at
+    the other value of :data:`AB_SETTINGS`, alternating step by step in one process."""
     from automask.peft import conv_lora
 
+    attr, values = AB_SETTINGS[setting]
+    default = getattr(conv_lora, attr)
+    values = {name: default if value is None else value for name, value in values.items()}
     step, sync, use_bf16 = make_step("conv_lora", size, args)
-    budgets = {"im2col": conv_lora.IM2COL_BUDGET, "oneDNN": 0}
-    times: dict[str, list[float]] = {name: [] for name in budgets}
+    times: dict[str, list[float]] = {name: [] for name in values}
     try:
         for _ in range(args.warmup):
-            for budget in budgets.values():
-                conv_lora.IM2COL_BUDGET = budget
+            for value in values.values():
+                setattr(conv_lora, attr, value)
                 step()
         for i in range(args.steps):
-            for name in list(budgets)[:: 1 if i % 2 == 0 else -1]:
-                conv_lora.IM2COL_BUDGET = budgets[name]
+            for name in list(values)[:: 1 if i % 2 == 0 else -1]:
+                setattr(conv_lora, attr, values[name])
                 times[name].append(_timed(step, sync))
     finally:
-        conv_lora.IM2COL_BUDGET = budgets["im2col"]
-    ratios = sorted(a / b for a, b in zip(times["im2col"], times["oneDNN"]))
-    return {"size": size, "dtype": "bf16" if use_bf16 else "fp32",
-            "im2col": statistics.median(times["im2col"]),
-            "onednn": statistics.median(times["oneDNN"]),
+        setattr(conv_lora, attr, default)
+    first, second = values
+    ratios = sorted(a / b for a, b in zip(times[first], times[second]))
+    return {"size": size, "dtype": "bf16" if use_bf16 else "fp32", "names": (first, second),
+            "medians": (statistics.median(times[first]), statistics.median(times[second])),
             "ratio": statistics.median(ratios), "ratios": ratios}
 
 
@@ -281,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--im2col-ab", action="store_true",
                         help="conv_lora steps with the experts' im2col convolutions and with "
                              "oneDNN, alternating step by step in one process")
+    parser.add_argument("--compose-ab", action="store_true",
+                        help="conv_lora steps with the experts' resize and convolution "
+                             "composed (conv_lora.resized_conv) and apart, alternating")
     parser.add_argument("--no-hold", action="store_true",
                         help="cast frozen linear weights in every forward (as before "
                              "automask.models.frozen) instead of once")
@@ -313,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{', '.join(f'{r:.2f}' for r in row['peak_probes_tflops'])}): "
                       f"{100 * row['fraction']:.1f}% of peak", flush=True)
         return 0
-    if args.im2col_ab:
+    for setting in [name for name in AB_SETTINGS if getattr(args, f"{name}_ab")]:
         for size in args.sizes:
-            row = run_im2col_ab(args, size)
+            row = run_ab(args, size, setting)
+            (a, b), (ta, tb) = row["names"], row["medians"]
             print(f"{args.backbone} {size:4d}px bs{args.batch} {row['dtype']} conv_lora: "
-                  f"im2col {row['im2col']:.3f} s/step, oneDNN {row['onednn']:.3f} s/step "
-                  f"(medians of {args.steps}); im2col / oneDNN per pair {row['ratio']:.3f} "
+                  f"{a} {ta:.3f} s/step, {b} {tb:.3f} s/step (medians of {args.steps}); "
+                  f"{a} / {b} per pair {row['ratio']:.3f} "
                   f"[{row['ratios'][0]:.3f}-{row['ratios'][-1]:.3f}]", flush=True)
+    if args.im2col_ab or args.compose_ab:
         return 0
     for size in args.sizes:
         if args.interleave:

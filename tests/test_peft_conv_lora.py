@@ -83,6 +83,7 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
     calls = []
     kernel = conv_lora._IM2COL_CONV
     assert kernel is not None  # the torch pinned here has it
+    monkeypatch.setattr(conv_lora, "COMPOSE_FROM", float("inf"))  # every map convolved
     monkeypatch.setattr(conv_lora, "_IM2COL_CONV",
                         lambda x, *args: calls.append(tuple(x.shape)) or kernel(x, *args))
 
@@ -156,6 +157,122 @@ def test_bicubic_resize_is_interpolate(size_in, size_out):
     torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(grad, reference_grad, atol=1e-12, rtol=1e-12)
     assert bicubic_resize(x, size_in) is x
+
+
+@pytest.mark.parametrize("size_in,size_out", [((7, 7), (56, 56)), ((14, 14), (42, 42)),
+                                               ((6, 5), (9, 3)), ((5, 8), (20, 16)),
+                                               ((7, 7), (7, 7)), ((3, 4), (12, 25))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_resized_conv_is_the_resize_then_the_convolution(size_in, size_out, bias):
+    """conv_lora.resized_conv, the expert's resize and 3x3 convolution composed into matrix
+    products: the values and the gradients (map, kernel, bias) of F.conv2d(padding=1) on
+    the bicubic resize, in float64 to 1e-12, up and down, square or not, with the zero
+    padding at every border."""
+    from automask.peft.conv_lora import resized_conv
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    probe = torch.randn(2, 4, *size_out, generator=gen, dtype=torch.float64)
+    inputs = [t for t in (x, weight, b) if t is not None]
+    ours = resized_conv(x, weight, b, size_out)
+    reference = F.conv2d(bicubic_resize(x, size_out), weight, b, padding=1)
+    assert ours.shape == reference.shape == (2, 4, *size_out)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
+    for g, r in zip(torch.autograd.grad((ours * probe).sum(), inputs),
+                    torch.autograd.grad((reference * probe).sum(), inputs)):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+    # the border taps read the padding's zeros: a map of ones, resized, stays ones inside
+    # but the output's edge lacks a third of the kernel's rows or columns
+    ones = resized_conv(torch.ones(1, 3, *size_in, dtype=torch.float64),
+                        torch.ones(1, 3, 3, 3, dtype=torch.float64), None, size_out)
+    if min(size_out) >= 3:
+        assert torch.allclose(ones[0, 0, 1:-1, 1:-1], torch.full_like(ones[0, 0, 1:-1, 1:-1], 27))
+        assert torch.allclose(ones[0, 0, 0, 1:-1], torch.full_like(ones[0, 0, 0, 1:-1], 18))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_from_scale_three_compose_resize_and_convolution(monkeypatch, dtype):
+    """On a CPU an expert whose map is COMPOSE_FROM (9) times its input's area or more runs
+    conv_lora.resized_conv; the training step's output, gradients, load-balancing loss and
+    routing equal those with every expert resizing and then convolving (float32 within
+    1e-5; bf16, a model cast to it, within its rounding). An expert with a hook goes
+    through the module."""
+    from automask.peft import conv_lora
+
+    calls = []
+    composed = conv_lora.resized_conv
+    monkeypatch.setattr(conv_lora, "resized_conv",
+                        lambda x, w, b, size: calls.append((x.shape[0], size)) or composed(
+                            x, w, b, size))
+
+    def step(compose_from):
+        monkeypatch.setattr(conv_lora, "COMPOSE_FROM", compose_from)
+        adapter = _adapter(experts=4, top_k=2).to(dtype).train()
+        with torch.no_grad():
+            nn.init.normal_(adapter.lora_B.weight)
+            adapter.w_gate.normal_()
+            for expert in adapter.experts:
+                expert.bias.normal_(std=0.1)
+        x = torch.randn(6, 7, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x.requires_grad_()
+        torch.manual_seed(2)  # the gate's noise
+        out = adapter(x)
+        (out.float().square().mean() + adapter.aux_loss).backward()
+        grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
+        return out, adapter.aux_loss, x.grad, grads, adapter.expert_counts
+
+    apart = step(float("inf"))
+    assert calls == []
+    together = step(9)
+    counts = apart[4]
+    assert together[4] == counts  # routed the same way
+    # experts 3 and 4 (scales 3 and 4: 9 and 16 times the area), each on its routed maps
+    expected = [(counts[i], (7 * (i + 1),) * 2) for i in (2, 3) if counts[i]]
+    assert calls == expected and expected, counts
+
+    def close(a, b):
+        rtol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+    for a, b in zip(together[:3], apart[:3]):
+        close(a, b)
+    assert together[3].keys() == apart[3].keys()
+    for name in apart[3]:
+        close(together[3][name], apart[3][name])
+    calls.clear()
+    step(16)  # from scale 4 only
+    assert [size for _, size in calls] == ([(28, 28)] if counts[3] else [])
+    calls.clear()
+    adapter = _adapter(experts=4)
+    shapes = _record_conv_inputs(adapter)  # a hook: the module is called
+    adapter.run_expert(3, torch.randn(2, 3, 7, 7))
+    assert calls == [] and shapes == {3: [(2, 3, 28, 28)]}
+
+
+def test_maps_over_the_large_side_compose_from_scale_four():
+    """conv_lora.composes: up to COMPOSE_LARGE_SIDE (64) on a side from 9 times the area,
+    above it from 16 (its composed products grow with the side); never for a map on
+    another device type's path, under a tracer or for a hooked expert."""
+    from automask.peft.conv_lora import COMPOSE_LARGE_SIDE, composes, expert_size
+
+    expert = nn.Conv2d(3, 3, 3, padding=1)
+    side = COMPOSE_LARGE_SIDE
+
+    def takes(h, w, scale):
+        return composes(expert, torch.empty(1, 3, h, w), expert_size((h, w), scale))
+    assert takes(side, side, 3) and takes(side, 7, 3) and not takes(side, side, 2)
+    assert not takes(side + 1, side, 3) and takes(side + 1, side, 4)
+    assert not takes(7, side + 1, 3) and takes(7, side + 1, 4)
+    assert not takes(14, 14, 2.9) and takes(14, 14, 3)
+    handle = expert.register_forward_hook(lambda *args: None)
+    assert not takes(14, 14, 8)
+    handle.remove()
+    traced = []
+    torch.jit.trace(lambda t: traced.append(composes(expert, t, (112, 112))) or t * 2,
+                    torch.empty(1, 3, 14, 14), check_trace=False)
+    assert traced == [False] and takes(14, 14, 8)
 
 
 def test_windowed_and_global_blocks_see_their_grids():
