@@ -29,7 +29,7 @@
    convolved 3x3, forward + backward, float32: ``automask.peft.conv_lora.bicubic_resize``
    then ``expert_conv`` (as ``run_expert`` did for every scale) against the two composed
    into matrix products (``automask.peft.conv_lora.resized_conv``), which ``run_expert``
-   uses from ``COMPOSE_FROM`` (scale squared) up.
+   uses where ``automask.peft.conv_lora.composes`` says so (the last column).
 
 Both columns of a row are timed in one process, median of ``--repeat`` after a warm-up
 each: one after the other in tables 1 and 2, alternately in tables 3 to 7.
@@ -270,14 +270,14 @@ def resized_conv_rows(repeat: int) -> list[str]:
     import torch
     from torch import nn
 
-    from automask.peft.conv_lora import (COMPOSE_FROM, bicubic_resize, expert_conv,
-                                         expert_size, resized_conv)
+    from automask.peft.conv_lora import (bicubic_resize, composes, expert_conv, expert_size,
+                                         resized_conv)
 
     rows = []
     gen = torch.Generator().manual_seed(0)
     expert = nn.Conv2d(3, 3, 3, padding=1)
-    for n, side in [(1, 14), (3, 14), (9, 14), (1, 32)]:
-        for scale in (2, 3, 4, 6, 8):
+    for n, side in [(1, 14), (3, 14), (9, 14), (1, 32), (1, 64), (1, 128)]:
+        for scale in (2, 3, 4, 6, 8) if side <= 64 else (3, 4, 8):
             size = expert_size((side, side), scale)
             x = torch.randn(n, 3, side, side, generator=gen).requires_grad_()
             grad = torch.randn(n, 3, *size, generator=gen)
@@ -288,7 +288,7 @@ def resized_conv_rows(repeat: int) -> list[str]:
             def together(x=x, grad=grad, size=size):
                 resized_conv(x, expert.weight, expert.bias, size).backward(grad)
             a, b = _alternated(apart, together, repeat)
-            used = "composed" if scale * scale >= COMPOSE_FROM else "apart"
+            used = "composed" if composes(expert, x, size) else "apart"
             rows.append(f"| {n} x {side} x {side} | {scale} | {a * 1e6:.0f} | {b * 1e6:.0f} "
                         f"| {b / a:.2f} | {used} |")
     return rows

@@ -193,12 +193,12 @@ def test_resized_conv_is_the_resize_then_the_convolution(size_in, size_out, bias
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_from_scale_three_compose_resize_and_convolution(monkeypatch, dtype):
-    """On a CPU an expert whose map is COMPOSE_FROM (9) times its input's area or more runs
+def test_experts_from_scale_four_compose_resize_and_convolution(monkeypatch, dtype):
+    """On a CPU an expert whose map is COMPOSE_FROM (16) times its input's area or more runs
     conv_lora.resized_conv; the training step's output, gradients, load-balancing loss and
     routing equal those with every expert resizing and then convolving (float32 within
-    1e-5; bf16, a model cast to it, within its rounding). An expert with a hook goes
-    through the module."""
+    1e-5; bf16, a model cast to it, within its rounding). Not for an expert with a hook,
+    under a tracer or on another device."""
     from automask.peft import conv_lora
 
     calls = []
@@ -209,7 +209,7 @@ def test_experts_from_scale_three_compose_resize_and_convolution(monkeypatch, dt
 
     def step(compose_from):
         monkeypatch.setattr(conv_lora, "COMPOSE_FROM", compose_from)
-        adapter = _adapter(experts=4, top_k=2).to(dtype).train()
+        adapter = _adapter(experts=5, top_k=2).to(dtype).train()
         with torch.no_grad():
             nn.init.normal_(adapter.lora_B.weight)
             adapter.w_gate.normal_()
@@ -225,12 +225,12 @@ def test_experts_from_scale_three_compose_resize_and_convolution(monkeypatch, dt
 
     apart = step(float("inf"))
     assert calls == []
-    together = step(9)
+    together = step(16)
     counts = apart[4]
     assert together[4] == counts  # routed the same way
-    # experts 3 and 4 (scales 3 and 4: 9 and 16 times the area), each on its routed maps
-    expected = [(counts[i], (7 * (i + 1),) * 2) for i in (2, 3) if counts[i]]
-    assert calls == expected and expected, counts
+    # experts 4 and 5 (scales 4 and 5: 16 and 25 times the area), each on its routed maps
+    expected = [(counts[i], (7 * (i + 1),) * 2) for i in (3, 4) if counts[i]]
+    assert calls == expected and len(expected) == 2, counts
 
     def close(a, b):
         rtol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -242,37 +242,23 @@ def test_experts_from_scale_three_compose_resize_and_convolution(monkeypatch, dt
     for name in apart[3]:
         close(together[3][name], apart[3][name])
     calls.clear()
-    step(16)  # from scale 4 only
-    assert [size for _, size in calls] == ([(28, 28)] if counts[3] else [])
+    step(25)  # from scale 5 only: the bound is inclusive
+    assert calls == expected[1:]
     calls.clear()
-    adapter = _adapter(experts=4)
+    step(26)
+    assert calls == []
+    adapter = _adapter(experts=5)
     shapes = _record_conv_inputs(adapter)  # a hook: the module is called
-    adapter.run_expert(3, torch.randn(2, 3, 7, 7))
-    assert calls == [] and shapes == {3: [(2, 3, 28, 28)]}
-
-
-def test_maps_over_the_large_side_compose_from_scale_four():
-    """conv_lora.composes: up to COMPOSE_LARGE_SIDE (64) on a side from 9 times the area,
-    above it from 16 (its composed products grow with the side); never for a map on
-    another device type's path, under a tracer or for a hooked expert."""
-    from automask.peft.conv_lora import COMPOSE_LARGE_SIDE, composes, expert_size
-
-    expert = nn.Conv2d(3, 3, 3, padding=1)
-    side = COMPOSE_LARGE_SIDE
-
-    def takes(h, w, scale):
-        return composes(expert, torch.empty(1, 3, h, w), expert_size((h, w), scale))
-    assert takes(side, side, 3) and takes(side, 7, 3) and not takes(side, side, 2)
-    assert not takes(side + 1, side, 3) and takes(side + 1, side, 4)
-    assert not takes(7, side + 1, 3) and takes(7, side + 1, 4)
-    assert not takes(14, 14, 2.9) and takes(14, 14, 3)
-    handle = expert.register_forward_hook(lambda *args: None)
-    assert not takes(14, 14, 8)
-    handle.remove()
-    traced = []
-    torch.jit.trace(lambda t: traced.append(composes(expert, t, (112, 112))) or t * 2,
-                    torch.empty(1, 3, 14, 14), check_trace=False)
-    assert traced == [False] and takes(14, 14, 8)
+    adapter.run_expert(4, torch.randn(2, 3, 7, 7))
+    assert calls == [] and shapes == {4: [(2, 3, 35, 35)]}
+    monkeypatch.setattr(conv_lora, "COMPOSE_FROM", 16)
+    expert = _adapter(experts=5).experts[4]  # unhooked
+    traced = []  # under a tracer: never (the exported graph keeps the standard operations)
+    torch.jit.trace(lambda t: traced.append(conv_lora.composes(expert, t, (35, 35))) or t * 2,
+                    torch.empty(2, 3, 7, 7), check_trace=False)
+    assert traced == [False] and conv_lora.composes(expert, torch.empty(2, 3, 7, 7), (35, 35))
+    # on another device (measured on CPUs only): resize, then convolve
+    assert not conv_lora.composes(expert, torch.empty(2, 3, 7, 7, device="meta"), (35, 35))
 
 
 def test_windowed_and_global_blocks_see_their_grids():

@@ -226,7 +226,7 @@ class ConvLoRALinear(LoRALinear):
     def run_expert(self, index: int, grid: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on low-rank maps (n, r, H, W): resize by s_i, conv, GELU, back.
 
-        On a CPU an expert of scale 3 or more resizes and convolves in one composed linear
+        On a CPU an expert of scale 4 or more resizes and convolves in one composed linear
         map (:func:`composes`, :func:`resized_conv`), a smaller one resizes
         (:func:`bicubic_resize`) and convolves (:func:`expert_conv`).
 
@@ -610,28 +610,21 @@ def expert_conv(expert: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 _IM2COL_CONV = getattr(torch.ops.aten, "_slow_conv2d_forward", None)
 
-COMPOSE_FROM = 9
+COMPOSE_FROM = 16
 """Smallest ratio of an expert's map area to its input's (scale squared) from which
 :meth:`ConvLoRALinear.run_expert` computes the resize and the convolution as one linear
-map (:func:`resized_conv`) on a CPU: scale 3 and up; ``inf`` never. Inputs over
-:data:`COMPOSE_LARGE_SIDE` on a side need 16 (scale 4) or this, whichever is larger."""
-
-COMPOSE_LARGE_SIDE = 64
-"""The composed products grow with the input's side, the im2col buffer does not: a 128 x
-128 map took 1.32 times the time composed at scale 3 (0.58 at scale 4), a 96 x 96 map 1.01
-and a 64 x 64 map 0.37 (global blocks at 1024 px: 64 x 64)."""
+map (:func:`resized_conv`) on a CPU: scale 4 and up; ``inf`` never."""
 
 
 def composes(expert: nn.Conv2d, x: torch.Tensor, size: tuple[int, int]) -> bool:
     """Whether ``run_expert`` takes :func:`resized_conv` for ``expert`` on maps ``x`` (n, r,
-    H, W) resized to ``size``: on a CPU, at :data:`COMPOSE_FROM` times the area or more
-    (see :data:`COMPOSE_LARGE_SIDE`), outside an exporter, tracer or the compiler, for an
-    unhooked 3x3 expert of the default configuration."""
+    H, W) resized to ``size``: on a CPU, at :data:`COMPOSE_FROM` times the area or more,
+    outside an exporter, tracer or the compiler, for an unhooked 3x3 expert of the default
+    configuration."""
     if is_exporting() or x.device.type != "cpu":  # (no shape arithmetic in a traced graph)
         return False
-    height, width = int(x.shape[-2]), int(x.shape[-1])
-    ratio = COMPOSE_FROM if max(height, width) <= COMPOSE_LARGE_SIDE else max(COMPOSE_FROM, 16)
-    return (size[0] * size[1] >= ratio * height * width and not has_forward_hooks(expert)
+    area = int(x.shape[-2]) * int(x.shape[-1])
+    return (size[0] * size[1] >= COMPOSE_FROM * area and not has_forward_hooks(expert)
             and _is_plain_3x3(expert))
 
 
@@ -654,11 +647,11 @@ def resized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     (sH, 3H) and (sW, 3W) (:func:`shifted_resize_matrix`), sum the nine taps at the large
     size. No map of the large size is written before the convolution's output, and the
     arithmetic is in a few matrix products in place of an im2col buffer of nine times the
-    large map. Forward and backward in float32 on the 2-core EPYC, 14 x 14 maps: at scale 8
-    0.33 against 0.99 ms for one map, 1.4 against 12 ms for nine; at scale 4 0.20 against
-    0.23 ms and 0.60 against 1.3 ms; at scale 3 0.75-1.08 times the time, at scale 2
-    1.11-1.29 times (``python -m benchmarks.bench_ops --only resized-conv``, hence
-    :data:`COMPOSE_FROM`). The same sums in another order: equal within float rounding.
+    large map. Forward and backward in float32 on the 2-core EPYC, one to nine maps of 14 x
+    14 to 128 x 128: 0.12-0.77 times the time of resizing, then convolving, at scales 6
+    and 8, 0.45-0.99 at scale 4, 0.75-1.33 at scale 3 and 1.11-1.45 at scale 2 (three runs
+    of ``python -m benchmarks.bench_ops --only resized-conv``; hence :data:`COMPOSE_FROM`).
+    The same sums in another order: equal within float rounding.
     """
     n, c, height, width = x.shape
     out = weight.shape[0]
