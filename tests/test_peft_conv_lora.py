@@ -70,6 +70,41 @@ def test_expert_scales_and_shapes(index):
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 
+def _routed_training_step(dtype, experts):
+    """A Conv-LoRA training step (top-2 of ``experts`` experts at scales 1, 2, ..., 6 windows
+    of 7 x 7, biases and gate not zero): output, load-balancing loss, input gradient, the
+    parameters' gradients and the expert counts."""
+    adapter = _adapter(experts=experts, top_k=2).to(dtype).train()
+    with torch.no_grad():
+        nn.init.normal_(adapter.lora_B.weight)
+        adapter.w_gate.normal_()
+        for expert in adapter.experts:
+            expert.bias.normal_(std=0.1)
+    x = torch.randn(6, 7, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x.requires_grad_()
+    torch.manual_seed(2)  # the gate's noise
+    out = adapter(x)
+    (out.float().square().mean() + adapter.aux_loss).backward()
+    grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
+    return out, adapter.aux_loss, x.grad, grads, adapter.expert_counts
+
+
+def _assert_same_step(got, expected, dtype):
+    """Two :func:`_routed_training_step` results agree: float32 within 1e-5, bf16 within a
+    few of its units of rounding at each tensor's scale; the same parameters got gradients,
+    the experts among them."""
+    def close(a, b):
+        rtol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+    for a, b in zip(got[:3], expected[:3]):
+        close(a, b)
+    assert got[3].keys() == expected[3].keys()
+    assert any(n.startswith("experts.") for n in got[3])
+    for name in expected[3]:
+        close(got[3][name], expected[3][name])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch, dtype):
     """On a CPU the experts convolve small maps with ATen's im2col kernel
@@ -89,19 +124,7 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
 
     def step(budget):
         monkeypatch.setattr(conv_lora, "IM2COL_BUDGET", budget)
-        adapter = _adapter(experts=4, top_k=2).to(dtype).train()
-        with torch.no_grad():
-            nn.init.normal_(adapter.lora_B.weight)
-            adapter.w_gate.normal_()
-            for expert in adapter.experts:
-                expert.bias.normal_(std=0.1)
-        x = torch.randn(6, 7, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
-        x.requires_grad_()
-        torch.manual_seed(2)  # the gate's noise
-        out = adapter(x)
-        (out.float().square().mean() + adapter.aux_loss).backward()
-        grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
-        return out, adapter.aux_loss, x.grad, grads, adapter.expert_counts
+        return _routed_training_step(dtype, experts=4)
 
     threads = torch.get_num_threads()
     module = step(0)  # no map is small enough: every expert called
@@ -113,16 +136,7 @@ def test_im2col_expert_convolution_equals_the_module_with_gradients(monkeypatch,
     assert sorted(n * h * w for n, _, h, w in calls) == sizes
     assert im2col[4] == module[4]  # routed the same way
 
-    def close(a, b):  # bf16: within a few of its units of rounding at the tensor's scale
-        rtol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
-
-    for a, b in zip(im2col[:3], module[:3]):
-        close(a, b)
-    assert im2col[3].keys() == module[3].keys()
-    assert any(n.startswith("experts.") for n in im2col[3])
-    for name in module[3]:
-        close(im2col[3][name], module[3][name])
+    _assert_same_step(im2col, module, dtype)
 
     # the budget counts pixels times threads: the largest map is one pixel too many
     for count in (1, 2):
@@ -209,19 +223,7 @@ def test_experts_from_scale_four_compose_resize_and_convolution(monkeypatch, dty
 
     def step(compose_from):
         monkeypatch.setattr(conv_lora, "COMPOSE_FROM", compose_from)
-        adapter = _adapter(experts=5, top_k=2).to(dtype).train()
-        with torch.no_grad():
-            nn.init.normal_(adapter.lora_B.weight)
-            adapter.w_gate.normal_()
-            for expert in adapter.experts:
-                expert.bias.normal_(std=0.1)
-        x = torch.randn(6, 7, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
-        x.requires_grad_()
-        torch.manual_seed(2)  # the gate's noise
-        out = adapter(x)
-        (out.float().square().mean() + adapter.aux_loss).backward()
-        grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
-        return out, adapter.aux_loss, x.grad, grads, adapter.expert_counts
+        return _routed_training_step(dtype, experts=5)
 
     apart = step(float("inf"))
     assert calls == []
@@ -232,15 +234,7 @@ def test_experts_from_scale_four_compose_resize_and_convolution(monkeypatch, dty
     expected = [(counts[i], (7 * (i + 1),) * 2) for i in (3, 4) if counts[i]]
     assert calls == expected and len(expected) == 2, counts
 
-    def close(a, b):
-        rtol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
-
-    for a, b in zip(together[:3], apart[:3]):
-        close(a, b)
-    assert together[3].keys() == apart[3].keys()
-    for name in apart[3]:
-        close(together[3][name], apart[3][name])
+    _assert_same_step(together, apart, dtype)
     calls.clear()
     step(25)  # from scale 5 only: the bound is inclusive
     assert calls == expected[1:]
