@@ -27,8 +27,9 @@ steps); printed: achieved FLOP/s of the step over that rate::
 
 Conv-LoRA's expert convolutions (``--im2col-ab``): one conv_lora model per size stepping
 with ``automask.peft.conv_lora.expert_conv``'s im2col kernel and with oneDNN for every
-expert (``IM2COL_BUDGET = 0``), alternately step by step, the order swapped every pair;
-printed: both medians and the per-pair ratios::
+expert that convolves its resized map (``IM2COL_BUDGET = 0``; since ``--compose-ab``'s
+change, experts of scale 3 and below), alternately step by step, the order swapped every
+pair; printed: both medians and the per-pair ratios::
 
     python -m benchmarks.bench_step --im2col-ab --sizes 512 --batch 1 --steps 20
 
