@@ -241,11 +241,11 @@ def test_experts_from_scale_four_compose_resize_and_convolution(monkeypatch, dty
     calls.clear()
     step(26)
     assert calls == []
+    monkeypatch.setattr(conv_lora, "COMPOSE_FROM", 16)
     adapter = _adapter(experts=5)
     shapes = _record_conv_inputs(adapter)  # a hook: the module is called
     adapter.run_expert(4, torch.randn(2, 3, 7, 7))
     assert calls == [] and shapes == {4: [(2, 3, 35, 35)]}
-    monkeypatch.setattr(conv_lora, "COMPOSE_FROM", 16)
     expert = _adapter(experts=5).experts[4]  # unhooked
     traced = []  # under a tracer: never (the exported graph keeps the standard operations)
     torch.jit.trace(lambda t: traced.append(conv_lora.composes(expert, t, (35, 35))) or t * 2,
