@@ -239,11 +239,15 @@ def run_interleaved(args: argparse.Namespace, size: int) -> list[dict]:
             for m in args.methods]
 
 
-# --im2col-ab and --compose-ab: a conv_lora setting and the two values compared, the
-# library's default first
+# --im2col-ab and --compose-ab: a conv_lora setting, the two values compared (the library's
+# default first) and the option's help
 AB_SETTINGS = {
-    "im2col": ("IM2COL_BUDGET", {"im2col": None, "oneDNN": 0}),
-    "compose": ("COMPOSE_FROM", {"composed": None, "resize+conv": float("inf")}),
+    "im2col": ("IM2COL_BUDGET", {"im2col": None, "oneDNN": 0},
+               "conv_lora steps with the experts' im2col convolutions and with oneDNN, "
+               "alternating step by step in one process"),
+    "compose": ("COMPOSE_FROM", {"composed": None, "resize+conv": float("inf")},
+                "conv_lora steps with the experts' resize and convolution composed "
+                "(conv_lora.resized_conv) and apart, alternating"),
 }
 
 
@@ -252,7 +256,7 @@ def run_ab(args: argparse.Namespace, size: int, setting: str) -> dict:
     the other value of :data:`AB_SETTINGS`, alternating step by step in one process."""
     from automask.peft import conv_lora
 
-    attr, values = AB_SETTINGS[setting]
+    attr, values, _ = AB_SETTINGS[setting]
     default = getattr(conv_lora, attr)
     values = {name: default if value is None else value for name, value in values.items()}
     step, sync, use_bf16 = make_step("conv_lora", size, args)
@@ -294,12 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roofline", action="store_true",
                         help="count each step's FLOPs and print achieved / measured peak "
                              "matrix rate (CPU; methods interleaved in this process)")
-    parser.add_argument("--im2col-ab", action="store_true",
-                        help="conv_lora steps with the experts' im2col convolutions and with "
-                             "oneDNN, alternating step by step in one process")
-    parser.add_argument("--compose-ab", action="store_true",
-                        help="conv_lora steps with the experts' resize and convolution "
-                             "composed (conv_lora.resized_conv) and apart, alternating")
+    for name, (_, _, text) in AB_SETTINGS.items():
+        parser.add_argument(f"--{name}-ab", action="store_true", help=text)
     parser.add_argument("--no-hold", action="store_true",
                         help="cast frozen linear weights in every forward (as before "
                              "automask.models.frozen) instead of once")
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{', '.join(f'{r:.2f}' for r in row['peak_probes_tflops'])}): "
                       f"{100 * row['fraction']:.1f}% of peak", flush=True)
         return 0
-    for setting in [name for name in AB_SETTINGS if getattr(args, f"{name}_ab")]:
+    alternations = [name for name in AB_SETTINGS if getattr(args, f"{name}_ab")]
+    for setting in alternations:
         for size in args.sizes:
             row = run_ab(args, size, setting)
             (a, b), (ta, tb) = row["names"], row["medians"]
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a} {ta:.3f} s/step, {b} {tb:.3f} s/step (medians of {args.steps}); "
                   f"{a} / {b} per pair {row['ratio']:.3f} "
                   f"[{row['ratios'][0]:.3f}-{row['ratios'][-1]:.3f}]", flush=True)
-    if args.im2col_ab or args.compose_ab:
+    if alternations:
         return 0
     for size in args.sizes:
         if args.interleave:
