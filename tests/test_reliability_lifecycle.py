@@ -262,6 +262,56 @@ def test_fit_into_an_existing_predictor_is_refused_unless_overwrite(data, base, 
     assert SemanticSegmentor.load(run).best_model_ == seg.best_model_
 
 
+def test_a_failed_overwriting_fit_leaves_the_predictor_and_its_training_logs(data, base,
+                                                                           tmp_path):
+    """A fit with overwrite=True that fails once training has started (every candidate
+    diverges) leaves the folder as it was, file for file: the old predictor and the logs
+    its history is drawn from, which the new fit had set aside, and none of its own."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    (run / "logs" / "default-resumed-1").mkdir()  # a resumed part of the old fit's history
+    (run / "logs" / "default-resumed-1" / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n")
+    files = digest_tree(run)
+    assert "logs/default/metrics.csv" in files
+    diverging = {**HP, "optim.grad_clip": 0}
+    for lr in (1e6, [1e6, 1e7]):  # the old fit's candidate afresh; two new candidates
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(TrainingDivergedError, match="nothing was saved"):
+                SemanticSegmentor(path=run, verbosity=0).fit(
+                    data / "train.csv", presets="tiny", overwrite=True,
+                    hyperparameters={**diverging, "optim.lr": lr})
+        assert digest_tree(run) == files, lr
+    history = SemanticSegmentor.load(run).plot_history()
+    assert history.axes and any(len(line.get_xdata()) for ax in history.axes
+                                for line in ax.get_lines())
+
+
+def test_logs_set_aside_outlive_an_interrupted_fit_and_a_new_start(tmp_path):
+    """The replaced predictor's logs, set aside by a fit that was then interrupted, are
+    still its logs when another fit starts (and sets aside the interrupted fit's): the
+    first set aside stays, and a failure gives it back."""
+    from automask.training.state import FitState
+
+    logs = tmp_path / "logs"
+    (logs / "default").mkdir(parents=True)
+    (logs / "default" / "metrics.csv").write_text("old predictor")
+    state = FitState(tmp_path)
+    state.start({"candidates": {}}, {})
+    state.stash_logs([logs / "default"])
+    assert not (logs / "default").exists()
+    (logs / "default").mkdir()
+    (logs / "default" / "metrics.csv").write_text("interrupted fit")
+    state.start({"candidates": {"default": {}}}, {})  # an overwriting fit after the interruption
+    assert state.exists()
+    state.stash_logs([logs / "default"])
+    (logs / "default").mkdir()
+    (logs / "default" / "metrics.csv").write_text("failed fit")
+    state.restore_logs(logs)
+    assert (logs / "default" / "metrics.csv").read_text() == "old predictor"
+    assert not state.replaced_logs_dir.exists()
+
+
 def test_a_path_that_cannot_hold_the_predictor_is_named_before_any_work(
         data, base, tmp_path, unwritable):
     """A file, a file on the way, a read-only folder: fit and save say which and why, and

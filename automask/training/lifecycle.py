@@ -3,7 +3,7 @@
 :class:`FitRun` is entered after every argument and data row has been validated. It
 creates the run directory, takes its lock, refuses to replace an existing predictor unless
 asked to, and on failure removes what this fit created, except the resumable state of an
-interrupted fit.
+interrupted fit, and gives back the training logs of the predictor it was to replace.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ class FitRun(contextlib.AbstractContextManager):
         self.state = FitState(path)
         self._created_top: Path | None = None
         self._before: set[str] = set()
+        self._before_logs: set[str] = set()
         self._lock = None
 
     def __enter__(self) -> "FitRun":
@@ -89,6 +90,8 @@ class FitRun(contextlib.AbstractContextManager):
             self._created_top = p
         self.path.mkdir(parents=True, exist_ok=True)
         self._before = {e.name for e in self.path.iterdir()}
+        logs = self.path / "logs"
+        self._before_logs = {e.name for e in logs.iterdir()} if logs.is_dir() else set()
         self._lock = run_lock(self.path, "fit")
         try:
             self._lock.__enter__()
@@ -199,6 +202,7 @@ class FitRun(contextlib.AbstractContextManager):
                 log.warning("the completed epochs are kept in %s; fit(..., resume=True) "
                             "(automask fit --resume) continues the fit", self.path)
             else:
+                self._restore_logs()
                 self._remove_created()
         finally:
             if self._lock is not None:
@@ -206,6 +210,18 @@ class FitRun(contextlib.AbstractContextManager):
                 self._lock = None
         if exc_type is not None and not keep and self._created_top is not None:
             shutil.rmtree(self._created_top, ignore_errors=True)
+
+    def _restore_logs(self) -> None:
+        """The training logs as before this failed fit: the folders it created go, and
+        those of the predictor it was to replace come back (see
+        :meth:`FitState.stash_logs`)."""
+        logs = self.path / "logs"
+        if self._created_top is not None or "logs" not in self._before or not logs.is_dir():
+            return  # created by this fit: removed whole with the rest
+        for folder in logs.iterdir():
+            if folder.name not in self._before_logs:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.state.restore_logs(logs)
 
     def _remove_created(self) -> None:
         """Remove the entries of the run directory that this fit created."""

@@ -218,9 +218,10 @@ def _train_candidate(
     except MisconfigurationException as exc:
         raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
                           f"machine: {exc}") from exc
-    if writer and resume_from is None:  # a fresh candidate: earlier logs (an overwritten fit) go
-        for folder in _log_folders(run_dir, {name}):
-            shutil.rmtree(folder, ignore_errors=True)
+    if writer and resume_from is None:
+        # a fresh candidate: earlier logs (of the predictor an overwriting fit replaces) wait
+        # in the fit's state until the new predictor is saved, and come back if it fails
+        state.stash_logs(_log_folders(run_dir, {name}))
     # On a CPU under bf16 autocast the frozen linear weights are cast once for the whole
     # fit, not in every forward; the float32 originals wait in a temporary file and come
     # back when it ends. Not for a random backbone, whose frozen weights go into the resume

@@ -52,6 +52,39 @@ class FitState:
     def inputs_dir(self) -> Path:
         return self.root / "inputs"
 
+    @property
+    def replaced_logs_dir(self) -> Path:
+        """Where the training logs of the predictor a fit replaces wait (see
+        :meth:`stash_logs`) until the new one is saved."""
+        return self.root / "replaced_logs"
+
+    def stash_logs(self, folders: list[Path]) -> None:
+        """Move the log ``folders`` of a candidate trained afresh out of the way, into
+        :attr:`replaced_logs_dir`, rather than delete them: until the new predictor is saved
+        the old one stays in the run directory, and a fit that fails gives them back
+        (:meth:`restore_logs`). A folder already waiting there (set aside by an interrupted
+        fit, whose own logs these are) stays: it belongs to the predictor in the folder."""
+        for folder in folders:
+            dest = self.replaced_logs_dir / folder.name
+            if dest.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, dest)
+
+    def restore_logs(self, logs_dir: Path) -> None:
+        """Put the folders :meth:`stash_logs` set aside back into ``logs_dir``, each in place
+        of a folder of the same name there (the failed fit's)."""
+        if not self.replaced_logs_dir.is_dir():
+            return
+        for folder in sorted(self.replaced_logs_dir.iterdir()):
+            dest = Path(logs_dir) / folder.name
+            if dest.exists():
+                shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, dest)
+        shutil.rmtree(self.replaced_logs_dir, ignore_errors=True)
+
     def keep_inputs(self, moves: dict[str, str]) -> None:
         """Move each file ``moves`` names (a temporary file of an in-memory picture) to its
         new path in :attr:`inputs_dir`: renamed on one filesystem, else copied atomically
@@ -91,8 +124,17 @@ class FitState:
 
     # ---------------------------------------------------------------- plan
     def start(self, plan: dict[str, Any], frames: dict[str, pd.DataFrame]) -> None:
-        """Record a new fit's plan and data (replacing any earlier state)."""
-        self.remove()
+        """Record a new fit's plan and data (replacing any earlier state but the logs an
+        interrupted fit set aside: they are those of the predictor still in the folder)."""
+        if self.replaced_logs_dir.is_dir():
+            for entry in self.root.iterdir():
+                if entry != self.replaced_logs_dir:
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+        else:
+            self.remove()
         for key, frame in frames.items():
             with atomic_write(self.root / f"{key}.csv", "w") as fh:
                 frame.to_csv(fh, index=False)
