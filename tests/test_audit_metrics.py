@@ -66,10 +66,15 @@ def test_int8_target_is_binarised_like_uint8():
     p = np.linspace(0, 1, 64).reshape(8, 8)
     names = ["sm", "mae", "iou", "ber"]
     with pytest.warns(UserWarning, match="largest value 100 is not above gt_threshold=128"):
-        expected = score([p], [g8], metrics=names)  # 100 <= 128: every pixel is background
-        assert score([p], [g8.astype(np.int8)], metrics=names) == expected
-        assert score([p], [g8.astype(np.int16)], metrics=names) == expected
+        # 100 <= 128: every pixel is background
+        expected = score([p], [g8], task="binary", metrics=names)
+        assert score([p], [g8.astype(np.int8)], task="binary", metrics=names) == expected
+        assert score([p], [g8.astype(np.int16)], task="binary", metrics=names) == expected
     assert expected["iou"] == 0.0  # the warned-of reading: no object in the target
+    for target in (g8, g8.astype(np.int8)):  # the task left to binary metrics: refused
+        with pytest.raises(ValueError, match=r"the targets hold only the values 0, 100, none "
+                                             r"above gt_threshold=128.*task='binary'"):
+            score([p], [target], metrics=names)
 
 
 def test_a_target_whose_object_lies_below_the_threshold_is_warned_about_not_an_empty_one():
@@ -499,3 +504,58 @@ def test_score_folders_reads_ground_truths_as_evaluate_does(tmp_path):
     Image.fromarray(obj.astype(np.uint8)).save(tmp_path / "p/a.png")
     got = score_folders(tmp_path / "p", tmp_path / "g", task="multiclass", num_classes=2)
     assert got["miou"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs a fuzzing audit found read wrongly or explained badly (2026-12-07)
+# --------------------------------------------------------------------------------------------
+def test_a_grey_map_below_200_against_masks_with_grey_edges_is_not_guessed_multiclass():
+    """An 8-bit saliency map whose values stay below GREY_FROM, against 0/255 masks with an
+    anti-aliased row of 128: guessed multi-class it scored 129 classes with the object void.
+    Now the task is asked for; task='binary' scores it."""
+    rng = np.random.default_rng(0)
+    gt = _rect_mask(24, 32, slice(6, 18), slice(8, 24))
+    gt[5, 8:24] = 128  # a grey edge
+    pred = (rng.random((24, 32)) * 180).astype(np.uint8)  # grey levels 0..179
+    with pytest.raises(ValueError, match=r"image 0: the integer prediction holds \d+ different "
+                                         r"values.*Pass task='binary'"):
+        score([pred], [gt])
+    binary = score([pred], [gt], task="binary", metrics=["sm", "mae"])
+    assert binary == score([pred.astype(np.float64) / 255], [gt], metrics=["sm", "mae"])
+    labels = rng.integers(0, 5, (24, 32))  # a few class indices are still guessed
+    assert infer_task([labels], [labels]) == "multiclass"
+    with pytest.raises(ValueError, match=r"the ground truths' ignore_index.*task='binary'"):
+        score([(gt >= 128).astype(np.uint8) * 255], [gt])  # a thresholded map: the hint
+
+
+def test_binary_metrics_named_for_class_index_targets_are_refused():
+    gt = np.array([[0, 1, 1], [2, 2, 0]], np.uint8)
+    pred = np.zeros_like(gt)
+    with pytest.raises(ValueError, match=r"metrics \['iou'\] are binary metrics.*0, 1, 2.*"
+                                         r"task='multiclass'"):
+        score([pred], [gt], metrics=["iou"])
+    assert score([pred], [gt], metrics=["miou"])["miou"] == pytest.approx(1 / 9)
+    # {0, 1} masks and a set holding one 0/255 mask are binary as before
+    assert score([gt == 1], [(gt == 1).astype(np.uint8)], metrics=["iou"])["iou"] == 1.0
+
+
+def test_every_pixel_void_in_multiclass_data_scores_nan_without_num_classes():
+    pred, target = np.array([[0, 1], [1, 0]]), np.full((2, 2), 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics' compute-before-update warning neither
+        got = score([pred], [target], task="multiclass")
+    assert np.isnan(got["acc"]) and np.isnan(got["miou"])
+    assert len(got["iou_per_class"]) == 2 and all(np.isnan(got["iou_per_class"]))
+    with pytest.warns(UserWarning, match="no target has a labelled object pixel") as caught:
+        got = score([pred.astype(np.float32)], [target], ignore_index=255)
+    assert len(caught) == 1 and all(np.isnan(v) for v in got.values())
+
+
+def test_one_metric_name_as_a_string_and_one_dimensional_maps():
+    gt = np.zeros((16, 16), np.uint8)
+    gt[4:12, 4:12] = 1
+    assert score([gt.astype(np.float32)], [gt], metrics="iou") == {"iou": 1.0}
+    assert list(build_metrics("binary", "iou")) == ["iou"]
+    with pytest.raises(ValueError, match=r"image 0: prediction and target have shape \(5,\): "
+                                         r"binary maps must be 2-D"):
+        score([np.zeros(5, np.float32)], [np.zeros(5, np.uint8)])

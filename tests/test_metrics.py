@@ -161,6 +161,8 @@ def test_metric_objects_accept_batches_lists_and_channel_dim():
         (torch.from_numpy(prob)[:, None], torch.from_numpy(gt)),  # (B, 1, H, W)
         (torch.from_numpy(prob)[:, None], torch.from_numpy(gt)[:, None]),  # both (B, 1, H, W)
         ([torch.from_numpy(x) for x in prob], [torch.from_numpy(x) for x in gt]),  # lists
+        (prob[..., None], gt[..., None]),  # (B, H, W, 1), as Keras / OpenCV stack them
+        (torch.from_numpy(prob)[..., None], torch.from_numpy(gt)),
     ):
         metrics = build_metrics("binary")
         for m in metrics.values():
@@ -168,6 +170,14 @@ def test_metric_objects_accept_batches_lists_and_channel_dim():
             m.update(preds[2:], target[2:])
         got = {name: m.compute().item() for name, m in metrics.items()}
         assert got == pytest.approx(expected, abs=1e-12)
+    # one (H, W, 1) map at a time is one image (as score reads it), not H maps 1 pixel wide
+    metrics = build_metrics("binary")
+    for m in metrics.values():
+        for p, g in zip(prob, gt):
+            m.update(p[..., None], g[..., None] if m is not metrics["mae"] else g)
+    assert {name: m.compute().item() for name, m in metrics.items()} == pytest.approx(
+        expected, abs=1e-12)
+    assert int(metrics["sm"].count) == 4
 
 
 def test_multiclass_metric_objects_take_targets_with_a_channel_dim():

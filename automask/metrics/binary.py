@@ -98,9 +98,10 @@ class _BinaryMetric(Metric):
         Parameters
         ----------
         preds
-            Probability map(s) ``(H, W)``, ``(B, H, W)``, ``(B, 1, H, W)`` or a list of ``(H, W)``
-            maps; alternatively a list of prepared :class:`BinarySample` (then ``target`` is
-            None), which lets several metrics share the per-image preprocessing.
+            Probability map(s) ``(H, W)``, ``(B, H, W)``, ``(B, 1, H, W)``, ``(H, W, 1)``,
+            ``(B, H, W, 1)`` or a list of ``(H, W)`` maps; alternatively a list of prepared
+            :class:`BinarySample` (then ``target`` is None), which lets several metrics share
+            the per-image preprocessing.
         target
             Ground-truth mask(s) of the same shape(s); pixels equal to ``ignore_index`` are void.
         """

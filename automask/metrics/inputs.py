@@ -327,6 +327,17 @@ def _split(x: Any, name: str) -> list:
     )
 
 
+def _channels_last_one(t: Tensor) -> Tensor:
+    """A Keras / OpenCV map of one channel without its channel axis: ``(H, W, 1)`` ->
+    ``(H, W)``, ``(B, H, W, 1)`` -> ``(B, H, W)``, as :func:`automask.metrics.score` reads
+    them (so a ``(B, H, 1)`` stack of maps one pixel wide reads as one map there too)."""
+    if t.ndim == 4 and t.shape[-1] == 1 and t.shape[1] != 1:
+        return t[..., 0]
+    if t.ndim == 3 and t.shape[-1] == 1 < t.shape[0]:
+        return t[..., 0]
+    return t
+
+
 def _batch_of_one_channel(target: Tensor) -> Tensor:
     """``(B, 1, H, W)`` targets (a PyTorch loader's masks) as ``(B, H, W)``."""
     return target[:, 0] if target.ndim == 4 and target.shape[1] == 1 else target
@@ -363,8 +374,10 @@ def binary_samples(
     Parameters
     ----------
     preds, target
-        ``(H, W)``, ``(B, H, W)`` (a ``(B, 1, H, W)`` prediction or target is squeezed), or lists of
-        ``(H, W)`` maps of possibly different sizes; numpy arrays or tensors.
+        ``(H, W)``, ``(B, H, W)`` (a ``(B, 1, H, W)`` prediction or target is squeezed, and so
+        is an ``(H, W, 1)`` or ``(B, H, W, 1)`` one, as :func:`automask.metrics.score` reads
+        them), or lists of ``(H, W)`` maps of possibly different sizes; numpy arrays or
+        tensors.
     gt_threshold
         Foreground where ``target > gt_threshold`` on the 0..255 scale (PySODMetrics: 128).
     offset
@@ -380,9 +393,10 @@ def binary_samples(
     if isinstance(preds, (list, tuple)) and preds and isinstance(preds[0], BinarySample):
         return list(preds)
     if not isinstance(target, (list, tuple)):
-        target = _batch_of_one_channel(as_tensor(target))  # (B, 1, H, W) -> (B, H, W)
+        # (B, 1, H, W) -> (B, H, W); (H, W, 1) -> (H, W), (B, H, W, 1) -> (B, H, W)
+        target = _batch_of_one_channel(_channels_last_one(as_tensor(target)))
     if not isinstance(preds, (list, tuple)):
-        p = as_tensor(preds)
+        p = preds = _channels_last_one(as_tensor(preds))
         # a list of targets stands for a (B, H, W) batch; its maps may differ in size, so it is
         # not stacked here (the per-image check below names a bad one)
         t_ndim = 3 if isinstance(target, (list, tuple)) else target.ndim
@@ -402,6 +416,10 @@ def binary_samples(
                 f"image {i}: prediction and target are 3-D, {tuple(p.shape)}: a binary "
                 "map is 2-D (H, W); pass a batch of maps as one (B, H, W) array, or as a "
                 "list of 2-D maps, not inside a list")
+        if p.shape == t.shape and p.ndim != 2:
+            raise ValueError(
+                f"image {i}: prediction and target have shape {tuple(p.shape)}: binary maps "
+                "must be 2-D (H, W)")
         if p.shape != t.shape or p.ndim != 2:
             raise ValueError(
                 f"image {i}: prediction shape {tuple(p.shape)} does not match target shape "

@@ -85,6 +85,8 @@ def build_metrics(
         An unknown task, metric name (or one of the other task) or convention, or a missing
         ``num_classes`` for a multi-class task.
     """
+    if isinstance(names, str):
+        names = [names]  # one name, not its letters
     check_names(task, [] if names is None else list(names))
     names = list(DEFAULT_METRICS[task]) if names is None else list(names)
     unknown = sorted(set(conventions) - set(CONVENTIONS[task]))

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from automask.metrics.inputs import (as_tensor, binary_samples, check_ignore_index,
-                                     multiclass_pairs)
+from automask.metrics.inputs import (as_tensor, binary_samples, check_gt_threshold,
+                                     check_ignore_index, multiclass_pairs)
 from automask.metrics.names import DEFAULT_METRICS, METRIC_TASK, TASKS
 from automask.metrics.registry import build_metrics
 
@@ -169,6 +169,10 @@ def _all_0_255(targets: list[Tensor]) -> bool:
 # mask), not class indices: no common label set reaches it below its void value 255 (COCO-Stuff
 # ends at 181, ADE20K at 150).
 GREY_FROM = 200
+# An integer prediction with more distinct values than this is not guessed to hold class
+# indices (one image's map rarely shows more than a few dozen classes, even of ADE20K's 150
+# or COCO-Stuff's 171); infer_task then asks for the task instead of guessing.
+MAX_GUESSED_CLASSES = 64
 
 
 def _grey_8bit(predictions: list[Tensor], targets: list[Tensor], ignore_index: int | None) -> bool:
@@ -204,6 +208,9 @@ def infer_task(
     a value from ``GREY_FROM`` (200) to 254 (8-bit saliency maps, anti-aliased masks: their
     values are grey levels, and the targets are binarised ``> gt_threshold``), else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
+    An integer prediction with more than ``MAX_GUESSED_CLASSES`` (64) distinct values
+    against targets that are neither raises ValueError rather than be guessed either way
+    (a grey map whose values stay below 200, or a map of very many classes).
     Target pixels equal to ``ignore_index`` (when given) are left out of that check.
     Score maps against targets that all hold only 0 and 255 raise ValueError: multi-class
     metrics would read every object pixel as void (255). So do integer predictions holding a
@@ -242,6 +249,15 @@ def infer_task(
                 f"image {i}: the prediction holds values up to {hi} but no target holds one "
                 f"above {top}: a 16-bit grey map? Pass task='binary' (it is divided by 65535); "
                 "for class ids, pass task='multiclass'")
+    for i, p in enumerate(predictions):  # many grey levels, not a few class indices
+        levels = torch.unique(p).numel() if p.numel() and p.dtype != torch.bool else 0
+        if levels > MAX_GUESSED_CLASSES:
+            raise ValueError(
+                f"image {i}: the integer prediction holds {levels} different values, more than "
+                f"the class indices of one image's map usually do ({MAX_GUESSED_CLASSES}), "
+                "and the targets are not 0/1 or 0/255 masks: a grey map (a saliency map, "
+                "probabilities x 255)? Pass task='binary' (targets binarised > gt_threshold); "
+                "for class indices, pass task='multiclass'")
     return "multiclass"
 
 
@@ -261,7 +277,8 @@ def _infer_num_classes(
                 f"image {i}: the prediction holds {ignore_index}, the ground truths' "
                 f"ignore_index, as a class index: a prediction gives every pixel a class, so "
                 f"{ignore_index} would be scored as a class of its own (with IoU 0 in the "
-                "mean); give those pixels a class")
+                "mean); give those pixels a class (or, if these are binary 0/255 masks, pass "
+                "task='binary')")
         if ignore_index is not None:
             if not t.is_floating_point():  # int8/uint8 would wrap ignore_index (-1 -> 255)
                 t = t.to(torch.int64)
@@ -273,6 +290,9 @@ def _infer_num_classes(
         for values in (predicted, labelled):
             if values.numel():
                 highest = max(highest, int(values.max().item()))
+    if highest < 0:  # no labelled pixel anywhere: every score is NaN, for classes 0..top
+        highest = max((int(p.max()) for p in predictions
+                       if p.numel() and not p.is_floating_point() and p.ndim == 2), default=0)
     return highest + 1
 
 
@@ -353,6 +373,8 @@ def score(
         the message names the image index.
     """
     check_ignore_index(conventions.get("ignore_index"))  # before any file is read
+    if isinstance(metrics, str):
+        metrics = [metrics]  # one name, as evaluate takes it (not its letters)
     pred_list = [one_channel(p) for p in _as_list(predictions, "predictions")]
     target_list = [one_channel(t) for t in _as_list(targets, "targets")]
     if len(pred_list) != len(target_list):
@@ -364,6 +386,8 @@ def score(
     if task is None and metrics:
         tasks = {METRIC_TASK.get(name) for name in metrics} - {None}
         task = tasks.pop() if len(tasks) == 1 else None
+        if task == "binary":
+            _refuse_class_indices(target_list, metrics, conventions)
     if task is None:
         task = infer_task(pred_list, target_list, conventions.get("ignore_index"))
     if task not in TASKS:
@@ -385,6 +409,41 @@ def score(
         index = int(found.group(1))
         named = " vs ".join(f[index] for f in files if index < len(f) and f[index])
         raise type(err)(f"{named}: {message}") from err
+
+
+def _refuse_class_indices(targets: list[Tensor], metrics: list[str],
+                          conventions: dict[str, Any]) -> None:
+    """ValueError when binary ``metrics`` were named (the task left to them) for targets that
+    are all integer maps holding a value from 2 up and none above ``gt_threshold`` (class
+    indices, or masks whose object is a low value): binarised as masks (``> gt_threshold``)
+    they would all be background, every prediction scored against nothing. ``evaluate``
+    refuses class indices for binary metrics too; ``task='binary'`` scores them as they are
+    (with a warning per target)."""
+    gt_threshold = conventions.get("gt_threshold", 128)
+    check_gt_threshold(gt_threshold)
+    ignore_index = conventions.get("ignore_index")
+    values: set[int] = set()
+    for t in targets:
+        t = as_tensor(t)
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex() or not t.numel():
+            return
+        found = torch.unique(t).to(torch.int64)
+        if ignore_index is not None:
+            found = found[found != ignore_index]
+        if found.numel() and int(found.max()) > gt_threshold:
+            return  # an 8-bit mask's object is there
+        values.update(found.tolist())
+    if not values or max(values) < 2:
+        return  # {0, 1} masks are binary
+    shown = sorted(values)
+    shown_text = ", ".join(map(str, shown[:8])) + (" ..." if len(shown) > 8 else "")
+    raise ValueError(
+        f"metrics {list(metrics)} are binary metrics, but the targets hold only the values "
+        f"{shown_text}, none above gt_threshold={gt_threshold:g}: binarised as masks they "
+        "would all be background. For class indices, name multi-class metrics "
+        f"({', '.join(DEFAULT_METRICS['multiclass'])}) or pass task='multiclass'; if their "
+        "nonzero pixels are the object, pass bool masks (target > 0) or a lower "
+        "gt_threshold; task='binary' scores them as they are")
 
 
 def _check_ignore_index_fits(targets: list[Tensor], ignore_index: Any) -> None:
@@ -450,7 +509,12 @@ def _score(
         for p, t in pairs:  # validated per image, errors name the image
             for metric in built.values():
                 metric.update(p, t)
-    return {
-        name: _to_python(metric.compute(), per_class=name == "iou_per_class")
-        for name, metric in built.items()
-    }
+    with warnings.catch_warnings():
+        # a metric no image updated (none had a labelled pixel) is NaN, as documented; the
+        # warning above (or the NaN) says so, not one from torchmetrics per metric
+        warnings.filterwarnings("ignore", message=r".*``compute`` method of metric .* was "
+                                r"called before the ``update``")
+        return {
+            name: _to_python(metric.compute(), per_class=name == "iou_per_class")
+            for name, metric in built.items()
+        }
