@@ -116,6 +116,28 @@ def test_a_compressed_white_is_zero_bilevel_mask_is_read_by_its_stored_bits(
     np.testing.assert_array_equal(read_mask(tmp_path / "g4.tif"), obj.astype(np.uint8))
 
 
+def test_tables_saved_by_excel_in_windows_1252_and_utf_16_are_read(tmp_path):
+    """Excel's "CSV (Comma delimited)" on a Western Windows is Windows-1252 and its "Unicode
+    Text" UTF-16 with tabs: both read as their UTF-8 version (they were refused as "not
+    text (an image?)"); text in neither encoding names its line and the fix."""
+    for name in ("café.png", "café_mask.png"):
+        Image.fromarray(_ids()).save(tmp_path / name)
+    rows = "image,label\ncafé.png,café_mask.png\n"
+    (tmp_path / "utf8.csv").write_text(rows, encoding="utf-8")
+    (tmp_path / "cp1252.csv").write_bytes(rows.encode("cp1252"))
+    (tmp_path / "unicode.txt").write_bytes(rows.replace(",", "\t").encode("utf-16"))
+    want = validate_frame(tmp_path / "utf8.csv", root=tmp_path).frame
+    assert want["image"].tolist() == [str(tmp_path / "café.png")]
+    for table in ("cp1252.csv", "unicode.txt"):
+        pd.testing.assert_frame_equal(validate_frame(tmp_path / table, root=tmp_path).frame,
+                                      want)
+    (tmp_path / "other.csv").write_bytes(b"image,label\n\x81a.png,b.png\n")
+    with pytest.raises(DataValidationError, match=r"other.csv' is text, but neither UTF-8 nor "
+                                                  r"Windows-1252 \(byte 0x81 on line 2\); "
+                                                  r"save it as UTF-8"):
+        validate_frame(tmp_path / "other.csv")
+
+
 def test_a_semicolon_separated_csv_from_excel_is_read_as_its_columns(tmp_path):
     """Excel where the comma is the decimal mark saves "CSV" with semicolons; such a table
     is split at them (a path holding a comma included), for fit, evaluate and predict."""

@@ -595,29 +595,64 @@ def check_color_map(color_map: Any) -> None:
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 
 
-def _separator(path: Path) -> str:
+def _encoding(path: Path, what: str) -> str:
+    """The text encoding of a table of paths: UTF-16 after its byte-order mark (Excel's
+    "Unicode Text"); else UTF-8 (a byte-order mark or not) when the bytes decode as it;
+    else Windows-1252 (Excel's "CSV (Comma delimited)" on a Western Windows, ``café.png``)
+    when they decode as that. Bytes holding a NUL (an image, not text) are left to the parser
+    to refuse; text in another encoding is a DataValidationError naming the line."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError as exc:
+        if b"\x00" in raw:
+            return "utf-8"  # binary: the parser's error says it is no text
+        try:
+            raw.decode("cp1252")
+            return "cp1252"
+        except UnicodeDecodeError:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise DataValidationError(
+                f"{what} {str(path)!r} is text, but neither UTF-8 nor Windows-1252 (byte "
+                f"{raw[exc.start]:#04x} on line {line}); save it as UTF-8 (Excel: 'CSV UTF-8 "
+                "(Comma delimited)')") from None
+
+
+def _separator(path: Path, encoding: str = "utf-8") -> str:
     """The column separator of a table of paths: a tab for ``.tsv``; else ``;`` when the
     header line holds semicolons and no comma (Excel saves "CSV" so where the comma is the
-    decimal mark), else ``,``."""
+    decimal mark), a tab when it holds tabs and neither (Excel's "Unicode Text" and "Text
+    (Tab delimited)"), else ``,``."""
     if path.suffix.lower() == ".tsv":
         return "\t"
-    with open(path, "rb") as fh:
+    with open(path, encoding=encoding, errors="replace") as fh:
         header = fh.readline()
-    return ";" if b";" in header and b"," not in header else ","
+    if "," in header:
+        return ","
+    if ";" in header:
+        return ";"
+    return "\t" if "\t" in header else ","
 
 
 def read_table(path: Path, what: str = "CSV file", names: list[str] | None = None
                ) -> pd.DataFrame:
     """Read a table of paths: tab-separated when ``path`` ends in ``.tsv``, else comma-separated
     (``.csv``, ``.txt`` or any other suffix), or semicolon-separated when its header line has
-    semicolons and no comma. Spaces after a separator, and around a header's names, are not
-    part of a name or a path (``image, label``). ``what`` names the file in the error raised
-    when it cannot be parsed. ``names``: the file has no header line; these are its columns.
+    semicolons and no comma, or tab-separated when it has tabs and neither. UTF-8, UTF-16
+    with its byte-order mark, and Windows-1252 text are read (:func:`_encoding`). Spaces
+    after a separator, and around a header's names, are not part of a name or a path
+    (``image, label``). ``what`` names the file in the error raised when it cannot be
+    parsed. ``names``: the file has no header line; these are its columns.
     """
+    encoding = _encoding(path, what)
     try:
         # skipinitialspace: "image, label" and "a.png, a_mask.png" as written by hand
-        frame = pd.read_csv(path, sep=_separator(path), skipinitialspace=True,
-                            header=None if names is not None else "infer", names=names)
+        frame = pd.read_csv(path, sep=_separator(path, encoding), skipinitialspace=True,
+                            header=None if names is not None else "infer", names=names,
+                            encoding=encoding)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         hint = ("; it is not text (an image?): a table lists image and mask paths, one row "
                 "per image; pair folders of images and masks with "
