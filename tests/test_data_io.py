@@ -200,7 +200,8 @@ def test_npy_masks_give_their_class_ids(tmp_path):
 
 
 @pytest.mark.parametrize("array, reason", [
-    (np.zeros((10, 12, 14)), r"shape \(10, 12, 14\) is not one 2-D picture"),
+    (np.zeros((10, 12, 14)), r"shape \(10, 12, 14\) is not one 2-D picture.*images given in "
+                             r"memory: a list of arrays, one per image"),
     (np.zeros(5), r"shape \(5,\) is not one 2-D picture"),
     (np.array([["a", "b"]]), "dtype <U1 holds no image samples"),
     (np.zeros((4, 4), complex), "dtype complex128 holds no image samples"),

@@ -277,7 +277,8 @@ def _npy_layout(shape: tuple[int, ...], path: str | os.PathLike) -> tuple[int, i
     raise NotOnePicture(
         f"{path}: a .npy array of shape {tuple(shape)} is not one 2-D picture; save (H, W), "
         f"(H, W, C) or (C, H, W) with 1 to {_MAX_CHANNELS} channels (one slice or the "
-        "bands to use, one file per image)"
+        "bands to use, one file per image; images given in memory: a list of arrays, one "
+        "per image, not one stack)"
     )
 
 
