@@ -318,6 +318,8 @@ def test_inconsistent_options_are_config_errors():
     df = pd.DataFrame({"image": ["a"], "label": ["b"]})
     with pytest.raises(ConfigError, match="class_names"):
         validate_frame(df, num_classes=3, class_names=["a", "b"])
+    with pytest.raises(ConfigError, match=r"class 1 of \['road', ' '\] has an empty name"):
+        validate_frame(df, class_names=["road", " "])
     with pytest.raises(ConfigError, match="num_classes"):
         validate_frame(df, num_classes=1)
     with pytest.raises(ConfigError, match="void_label"):

@@ -494,6 +494,11 @@ def _check_options(
         if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
             raise ConfigError(f"class_names must be a list of strings, got {class_names!r}")
         class_names = list(class_names)
+        blank = [i for i, n in enumerate(class_names) if not n.strip()]
+        if blank:
+            raise ConfigError(
+                f"class_names must name every class; class {blank[0]} of {class_names!r} "
+                "has an empty name (it would head an empty column in per-class scores)")
         repeated = sorted({n for n in class_names if class_names.count(n) > 1})
         if repeated:
             raise ConfigError(
