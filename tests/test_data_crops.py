@@ -282,6 +282,59 @@ def test_a_large_grid_is_thinned_evenly_to_bound_validation():
         grid_boxes((500, 500), 256, per_side=0)
 
 
+def test_a_thinned_grid_takes_in_the_windows_holding_the_object():
+    """A road crossing only the strips between the evenly spread windows (rows 256-511 and
+    768-1243 of a 1500 px tile at S = 256): validated on those windows, an empty
+    prediction scored as perfect. The windows holding the most road replace up to 4 of
+    the sample's emptiest; 9 windows still, spread ones kept for false positives."""
+    road = np.zeros((1500, 1500), bool)
+    road[300:310, :] = True  # a horizontal road in the window row starting at 256
+    road[:, 900:905] = True  # a vertical one in the column starting at 768
+    spread = grid_boxes((1500, 1500), 256)
+    assert not any(road[t:t + h, c:c + w].any() for t, c, h, w in spread)
+    calls = []
+
+    def objects():
+        calls.append(1)
+        return road
+
+    boxes = grid_boxes((1500, 1500), 256, objects=objects)
+    assert len(boxes) == 9 and len(set(boxes)) == 9 and boxes == sorted(boxes)
+    held = [int(road[t:t + h, c:c + w].sum()) for t, c, h, w in boxes]
+    assert sum(v > 0 for v in held) == 4 and len(set(boxes) & set(spread)) == 5
+    best = sorted((int(road[t:t + 256, c:c + 256].sum()) for t in (0, 256, 512, 768, 1024, 1244)
+                   for c in (0, 256, 512, 768, 1024, 1244)), reverse=True)
+    assert sorted(held, reverse=True)[:4] == best[:4]  # the grid's 4 fullest windows
+    # an object already in the sample, an empty mask, no mask: the even spread as it was
+    inside = np.zeros((1500, 1500), bool)
+    inside[10:20, 10:20] = True
+    inside[600:700, 600:700] = True
+    assert grid_boxes((1500, 1500), 256, objects=lambda: inside) == spread
+    assert grid_boxes((1500, 1500), 256, objects=lambda: np.zeros((1500, 1500), bool)) == spread
+    assert grid_boxes((1500, 1500), 256, objects=lambda: None) == spread
+    assert len(calls) == 1
+    grid_boxes((500, 500), 256, objects=objects)  # not thinned: the mask is not read
+    assert len(calls) == 1
+
+
+def test_validation_windows_of_a_binary_task_hold_its_object(tmp_path):
+    """Through the dataset: a 7 x 7 window grid (S = 32) thinned to 3 x 3, the object in
+    a window row the even spread skips, read from the mask with its value map."""
+    size = 7 * S
+    mask = np.zeros((size, size), np.uint8)
+    mask[40:50, :] = 255  # rows 40-49: the window row starting at 32 (kept rows 0, 96, 192)
+    spec = _spec(tmp_path / "thin", [_coords_image(size, size)], [mask])
+    ds = SegmentationDataset(spec, S, large_images="auto", crops="grid")
+    assert len(ds) == 9
+    targets = [ds[i]["target"].numpy() for i in range(9)]
+    assert sum(int((t == 1).sum()) for t in targets) > 0
+    multi = _spec(tmp_path / "multi", [_coords_image(size, size)], [(mask > 0).astype(np.uint8)
+                                                                    * 2], num_classes=3)
+    ds = SegmentationDataset(multi, S, large_images="auto", crops="grid")
+    assert [ds[i]["window"].tolist()[:2] for i in range(9)] == [
+        [t, c] for t in (0, 96, 192) for c in (0, 96, 192)]  # multi-class: evenly spread
+
+
 # ------------------------------------------------------------------- sample cache
 def test_cache_keeps_native_and_resized_entries_apart(big_spec, tmp_path, monkeypatch):
     calls = []

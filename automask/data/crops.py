@@ -28,6 +28,9 @@ whole, so every pixel is scored (e.g. a 1500 px tile at ``S = 1024``: 2 x 2 wind
 larger grid is thinned to that many rows and columns of windows spread evenly from border
 to border (a 1500 px tile at ``S = 256``: 3 x 3 of its 6 x 6 windows), which bounds
 validation to 9 forward passes per image (tiled prediction of that tile takes 8 x 8).
+In a binary task, where the image's object lies outside those windows, up to 4 of them that
+hold the least of it give way to the grid's windows that hold the most (its mask is read
+once for this), so that an empty prediction never scores as perfect on empty windows.
 
 The window position and zoom are drawn with a NumPy generator seeded by the sample's
 ``(seed, position, epoch)``, like every other augmentation draw, which keeps samples
@@ -36,7 +39,7 @@ global generator, so it is not used here (a crop is a slice of the array in any 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -159,7 +162,8 @@ def _own_copy(array: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 
 def grid_boxes(size: Sequence[int], input_size: int,
-               per_side: int | None = VAL_WINDOWS_PER_SIDE) -> list[Box]:
+               per_side: int | None = VAL_WINDOWS_PER_SIDE,
+               objects: Callable[[], np.ndarray | None] | None = None) -> list[Box]:
     """The validation windows of an ``(H, W)`` image: the non-overlapping grid.
 
     Windows of side ``S`` start at ``0, S, 2S, ...``; the last one of each row and
@@ -169,6 +173,13 @@ def grid_boxes(size: Sequence[int], input_size: int,
     ``per_side`` windows, ``per_side`` of them are kept, evenly spread and always
     including the first and the last.
 
+    A thinned grid can miss an image's object altogether (a road crossing the strips
+    between the kept windows); scored on empty windows, an empty prediction would then be
+    perfect. With ``objects``, the windows of the whole grid that hold the most object
+    pixels replace those of the sample that hold the fewest, up to half of the sample
+    (4 of 9), so that the sample holds object wherever the image does, and keeps windows
+    spread over the rest to see false positives.
+
     Parameters
     ----------
     size : sequence of int
@@ -177,6 +188,9 @@ def grid_boxes(size: Sequence[int], input_size: int,
         Model input side ``S``.
     per_side : int or None
         Most windows kept along each side (at least 1); None keeps the whole grid.
+    objects : callable, optional
+        Called only when the grid is thinned: the image's ``(H, W)`` bool map of object
+        pixels (a binary task's class 1), or None to keep the even spread.
 
     Returns
     -------
@@ -189,9 +203,34 @@ def grid_boxes(size: Sequence[int], input_size: int,
     side = int(input_size)
     if per_side is not None and int(per_side) < 1:
         raise ValueError(f"per_side must be a positive integer or None, got {per_side!r}")
-    rows = _spread(window_starts(height, side, 0.0), per_side)
-    cols = _spread(window_starts(width, side, 0.0), per_side)
-    return [(top, left, min(side, height), min(side, width)) for top in rows for left in cols]
+    all_rows, all_cols = window_starts(height, side, 0.0), window_starts(width, side, 0.0)
+    rows, cols = _spread(all_rows, per_side), _spread(all_cols, per_side)
+    starts = [(top, left) for top in rows for left in cols]
+    if objects is not None and (len(rows) < len(all_rows) or len(cols) < len(all_cols)):
+        found = objects()
+        if found is not None and found.shape == (height, width) and found.any():
+            starts = _with_objects(starts, all_rows, all_cols, found, side)
+    return [(top, left, min(side, height), min(side, width)) for top, left in starts]
+
+
+def _with_objects(starts: list[tuple[int, int]], rows: list[int], cols: list[int],
+                  objects: np.ndarray, side: int) -> list[tuple[int, int]]:
+    """``starts`` with up to half of its windows, those holding the fewest object pixels,
+    swapped for the windows of the grid ``rows x cols`` holding the most that ``starts``
+    lacks (more than the window they replace); row by row."""
+    def count(top: int, left: int) -> int:
+        return int(objects[top:top + side, left:left + side].sum())
+
+    kept = sorted(starts, key=lambda s: (count(*s), s))  # fewest object pixels first
+    chosen = set(starts)
+    others = sorted(((count(t, c), (t, c)) for t in rows for c in cols
+                     if (t, c) not in chosen), key=lambda x: (-x[0], x[1]))
+    for i, (pixels, start) in enumerate(others[:len(starts) // 2]):
+        if pixels <= count(*kept[i]):
+            break
+        chosen.discard(kept[i])
+        chosen.add(start)
+    return sorted(chosen)
 
 
 def _spread(starts: list[int], keep: int | None) -> list[int]:

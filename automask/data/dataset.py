@@ -155,10 +155,26 @@ class SegmentationDataset(Dataset):
             self._windows = []  # (position, box or None) per item
             for pos in range(len(self.images)):
                 if self.is_cropped(pos):
-                    self._windows.extend((pos, box) for box in
-                                         grid_boxes(self.original_size(pos), self.input_size))
+                    boxes = grid_boxes(self.original_size(pos), self.input_size,
+                                       objects=lambda pos=pos: self._objects(pos))
+                    self._windows.extend((pos, box) for box in boxes)
                 else:
                     self._windows.append((pos, None))
+
+    def _objects(self, position: int) -> np.ndarray | None:
+        """``(H, W)`` bool map of the object pixels of a binary task's mask at ``position``
+        (class 1, not void), or None without a mask or in a multi-class task (whose thinned
+        grid stays evenly spread: a class it misses is left out of the mean, not scored as
+        perfect)."""
+        if not self.with_labels or self.spec.task != "binary":
+            return None
+        mask = read_mask(self.labels[position], color_map=self.spec.color_map)
+        if mask.dtype != np.uint8:
+            if mask.size and int(mask.max()) > 255:
+                return None  # refused with its reason when the sample is loaded
+            mask = mask.astype(np.uint8)
+        target = self.spec.target_lut(position, mask)[mask]
+        return target == 1
 
     def __len__(self) -> int:
         if self._windows is not None:
