@@ -379,6 +379,8 @@ def _cmd_score(args) -> None:
                 f"{beyond.group(2)} ({str(exc).split(': ')[0]}): name every class, "
                 "background first") from exc
         raise AutomaskError(_as_options(str(exc))) from exc
+    if names is None and table_names is None:
+        table_names = _classes_file_names(args.gt, args.ignore_index, scores)
     if names is None and table_names is not None:  # the table's, where they fit the scores
         per_class = {len(v) for v in scores.values() if isinstance(v, list)}
         if args.ignore_index == len(table_names) - 1:
@@ -386,6 +388,33 @@ def _cmd_score(args) -> None:
         names = table_names if per_class == {len(table_names)} else None
     _check_names(names, scores)
     _print_scores(scores, args.json, class_names=names)
+
+
+def _classes_file_names(gt: str, ignore_index: int | None, scores: dict) -> list[str] | None:
+    """The class names of a ``classes.txt`` in or beside the ``--gt`` folder (as ``fit`` and
+    ``evaluate`` read them), for multi-class scores; None without one. Warns when, without
+    ``--void-label``, the scores count a class named as datasets name their unlabelled
+    pixels (CamVid's ``11 Unlabelled``)."""
+    import warnings
+
+    from .data.validation import _VOID_NAMES, _folded
+    from .datasets.folders import find_classes_file, read_class_names
+
+    per_class = [v for v in scores.values() if isinstance(v, list)]
+    found = find_classes_file(gt) if per_class else None
+    if found is None:
+        return None
+    names = read_class_names(found)
+    void = [c for c, name in enumerate(names) if _folded(name) in _VOID_NAMES]
+    if ignore_index is None or ignore_index == 255:
+        counted = [c for c in void if c < len(per_class[0])]
+        if counted:
+            c = counted[0]
+            warnings.warn(
+                f"{found} names class {c} {names[c]!r}, as datasets name the pixels they leave "
+                f"unlabelled, and it is scored as a class; pass --void-label {c} to leave "
+                "its pixels out", stacklevel=2)
+    return names
 
 
 def _score_color_map(args):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 
 import numpy as np
@@ -241,6 +242,28 @@ def test_score_void_label_and_class_names(data, tmp_path):
     for metric in ("mae", "iou", "ber"):
         expected = "0.0000" if metric != "iou" else "1.0000"
         assert re.search(rf"^{metric}\s+{expected}$", proc.stdout, re.M), proc.stdout
+
+
+def test_score_names_classes_from_a_classes_file_beside_the_ground_truths(data, tmp_path):
+    """As evaluate and fit do, score reads classes.txt in or beside --gt (CamVid's layout:
+    '<id> <name>' lines, the void last): the per-class lines carry the names, the void's
+    dropped with --void-label; without it, a class named 'Unlabelled' is warned about."""
+    root = tmp_path / "set"
+    shutil.copytree(data / "masks", root / "masks")
+    (root / "classes.txt").write_text("0 background\n1 disc\n2 Unlabelled\n")
+    gt = root / "masks"
+    proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "multiclass",
+                   "--void-label", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[1]: " ".join(r[2:]) for r in map(str.split, proc.stdout.splitlines())
+            if len(r) >= 3 and r[0].isdigit()}
+    assert rows == {"background": "1.0000", "disc": "1.0000"}, proc.stdout
+    assert "warning" not in proc.stderr, proc.stderr
+    proc = run_cli("score", "--pred", str(gt), "--gt", str(gt), "--task", "multiclass")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^\s+2 Unlabelled\s+1\.0000$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"automask: warning: .*classes.txt names class 2 'Unlabelled'.*pass "
+                     r"--void-label 2", proc.stderr), proc.stderr
 
 
 def test_score_refuses_maps_of_no_numbers_in_one_line(tmp_path):
