@@ -182,12 +182,20 @@ def _grey_8bit(predictions: list[Tensor], targets: list[Tensor], ignore_index: i
     if not all(m.dtype == torch.uint8 for m in maps):
         return False
     for i, m in enumerate(maps):
-        values = torch.unique(m).to(torch.int64)
+        values = _values(m)
         if i >= len(predictions) and ignore_index is not None:
             values = values[values != ignore_index]
         if bool(((values >= GREY_FROM) & (values <= 254)).any()):
             return True
     return False
+
+
+def _values(m: Tensor) -> Tensor:
+    """The distinct values of an integer map, sorted, as int64 (of a uint8 map by counting:
+    10x faster than sorting a megapixel)."""
+    if m.dtype == torch.uint8:
+        return torch.bincount(m.flatten(), minlength=256).nonzero().flatten()
+    return torch.unique(m).to(torch.int64)
 
 
 def _is_scores(p: Tensor, t: Tensor) -> bool:
@@ -250,7 +258,7 @@ def infer_task(
                 f"above {top}: a 16-bit grey map? Pass task='binary' (it is divided by 65535); "
                 "for class ids, pass task='multiclass'")
     for i, p in enumerate(predictions):  # many grey levels, not a few class indices
-        levels = torch.unique(p).numel() if p.numel() and p.dtype != torch.bool else 0
+        levels = _values(p).numel() if p.numel() and p.dtype != torch.bool else 0
         if levels > MAX_GUESSED_CLASSES:
             raise ValueError(
                 f"image {i}: the integer prediction holds {levels} different values, more than "
@@ -427,7 +435,7 @@ def _refuse_class_indices(targets: list[Tensor], metrics: list[str],
         t = as_tensor(t)
         if t.is_floating_point() or t.dtype == torch.bool or t.is_complex() or not t.numel():
             return
-        found = torch.unique(t).to(torch.int64)
+        found = _values(t)
         if ignore_index is not None:
             found = found[found != ignore_index]
         if found.numel() and int(found.max()) > gt_threshold:
