@@ -635,22 +635,21 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
     existing file only with ``--overwrite``; if writing fails, the files written (and the
     folders created) are removed. ``boxes``: one box or None per image.
     """
-    from pathlib import Path
-
     from .prediction import (
         as_frame,
         images_spec,
         iter_proba,
         mask_destinations,
+        output_folder,
         write_probabilities,
     )
 
     from .data.arrays import as_files
 
+    folder = output_folder(out, overwrite, predictor=seg.path_, option="--out")
     frame, root = as_frame(data, seg.image)
     with as_files(frame, [seg.image]) as files:  # a TIFF stack's pages, as temporary files
         spec = images_spec(files, seg.image, root)  # every image checked before writing
-        folder = Path(out).expanduser()
         dests = mask_destinations(spec, folder, root=root, label_col=seg.label,
                                   overwrite=overwrite, suffix=".npy")
         prompts = seg._prompts(spec, tiling, None, boxes)  # every box checked, too

@@ -562,6 +562,34 @@ def path_problem(path: Path, *, folder: bool) -> str | None:
     return None
 
 
+def output_folder(value: Any, overwrite: Any, *, predictor: str | os.PathLike | None = None,
+                  option: str = "--out / save_to") -> Path:
+    """``value`` (``save_to`` / ``--out``) as a folder path, checked before any work: a str or
+    path-like naming a folder (an empty one, as an unset environment variable gives, would be
+    the working folder), not a part of the predictor in ``predictor`` (its versions, logs
+    or fit state, which a later fit or save replaces with everything in them), with
+    ``overwrite`` a bool (a string such as ``"no"`` would read as True)."""
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise DataValidationError(f"overwrite must be True or False, got "
+                                  f"{type(overwrite).__name__} {overwrite!r}")
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        raise DataValidationError(f"{option} must be a folder path (str or pathlib.Path), got "
+                                  f"{type(value).__name__} {value!r}")
+    if not os.fspath(value).strip():
+        raise DataValidationError(f"{option} must name a folder, got {value!r} (an unset "
+                                  "environment variable?)")
+    out = Path(value).expanduser()
+    if predictor is not None:
+        from .saving import predictor_part
+
+        part = predictor_part(predictor, out)
+        if part is not None:
+            raise DataValidationError(
+                f"{option} {str(value)!r} lies in the predictor in {str(predictor)!r} "
+                f"({part}), which its next fit or save replaces; choose another folder")
+    return out
+
+
 def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
                       overwrite: bool, suffix: str = ".png") -> list[Path]:
     """One ``<stem><suffix>`` per image in ``out``, after checking that writing them is safe.

@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator
 
 from . import prediction, saving
 from .data.arrays import as_files, naming, shown
-from .errors import AutomaskError, ConfigError, NotFittedError, SavedModelError
+from .errors import AutomaskError, ConfigError, DataValidationError, NotFittedError, SavedModelError
 from .prediction import metric_conventions
 from .tta import check_tta
 
@@ -358,6 +358,8 @@ class SemanticSegmentor(BaseEstimator):
         """
         self._check_fitted()
         check_tta(tta)  # a bad value fails before any image is read
+        out = None if save_to is None else prediction.output_folder(
+            save_to, overwrite, predictor=self.path_, option="save_to")
         table = prediction.value_table(values, self.task_, self.num_classes_,
                                        self.color_map_)
         frame, root = prediction.as_frame(data, self.image)
@@ -372,7 +374,6 @@ class SemanticSegmentor(BaseEstimator):
                     masks = (prediction.to_mask(p, self.task_, self.num_classes_)
                              for _, p in probs)
                     return [m if table is None else table[m] for m in masks]
-                out = Path(save_to).expanduser()
                 dests = prediction.mask_destinations(spec, out, root=root,
                                                      label_col=self.label, overwrite=overwrite)
                 prediction.write_masks(probs, dests, out, self.task_, self.num_classes_,
@@ -565,7 +566,15 @@ class SemanticSegmentor(BaseEstimator):
         from .training.recipe import copy_logs
 
         self._check_fitted()
-        target = Path(path).expanduser() if path is not None else self.path_
+        if path is not None:
+            try:  # a path-like naming a folder, not a part of this predictor's own folder
+                target = prediction.output_folder(path, overwrite, predictor=self.path_,
+                                                  option="path")
+            except DataValidationError as exc:
+                raise ConfigError(f"cannot save to {str(path)!r}: {exc}") from None
+        else:
+            prediction.output_folder(self.path_, overwrite)  # overwrite checked
+            target = self.path_
         self._check_writable(target, "save to")
         own = Path(target).resolve() == Path(self.path_).resolve()
         # a copy this object saved there, still the folder's current version, is no other's

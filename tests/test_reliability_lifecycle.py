@@ -590,6 +590,43 @@ def test_predict_never_overwrites_inputs_or_existing_files(data, base, tmp_path)
     assert len(digest_tree(out)) == 4 and (out / next(iter(written))).read_bytes() != b"old"
 
 
+def test_output_folders_that_name_nothing_or_the_predictor_itself_are_refused(data, base,
+                                                                             tmp_path):
+    """An empty output path (an unset environment variable) wrote masks, or a whole
+    predictor, into the working folder; a folder inside the predictor's versions or logs
+    was written, then deleted with them by the next save; a non-bool overwrite ("no")
+    read as True. All are refused before any work, naming the value."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    seg = SemanticSegmentor.load(run)
+    frame = pd.read_csv(data / "train.csv").iloc[:2]
+    version = json.loads((run / "automask.json").read_text())["current"]
+    files = digest_tree(run)
+    cases = {"": r"must name a folder, got '' \(an unset environment variable\?\)",
+             123: r"must be a folder path \(str or pathlib.Path\), got int 123",
+             str(run / version / "backup"): rf".* lies in the predictor .*its folder '{version}'",
+             str(run / "logs" / "masks"): r".* lies in the predictor .*its folder 'logs'"}
+    for save_to, message in cases.items():
+        with pytest.raises(DataValidationError, match="save_to " + message):
+            seg.predict(frame, save_to=save_to)
+        with pytest.raises(ConfigError, match=r"cannot save to .*" + message):
+            seg.save(save_to)
+    with pytest.raises(DataValidationError, match="overwrite must be True or False, got str"):
+        seg.predict(frame, save_to=tmp_path / "out", overwrite="no")
+    with pytest.raises(ConfigError, match="overwrite must be True or False"):
+        seg.save(tmp_path / "copy", overwrite="no")
+    assert digest_tree(run) == files and not (tmp_path / "out").exists()
+    assert not list(Path.cwd().glob("0000*.png"))
+    for out in ("", str(run / "logs" / "p")):
+        proc = cli("predict", str(run), "--data", str(data / "train.csv"), "--out", out,
+                   "--proba")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--out" in proc.stderr, proc.stderr
+    assert digest_tree(run) == files
+    seg.save(run / "copies" / "a")  # a plain folder beside the predictor's parts is the user's
+    assert SemanticSegmentor.load(run / "copies" / "a").best_model_ == seg.best_model_
+
+
 # ------------------------------------------------------------ 7. saved-model hygiene
 def test_predictions_from_several_threads_at_once(data, tmp_path, monkeypatch):
     """A web server's threads predicting with one fitted predictor: each LoRA update reaches
