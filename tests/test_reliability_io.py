@@ -342,3 +342,12 @@ def test_a_write_that_fails_names_the_file_and_leaves_the_old_one(tmp_path):
     with pytest.raises(OSError, match="/elsewhere/x"):  # a name it had is kept
         with atomic_write(target):
             raise named
+    # numpy's tofile cut short by a full disk or a file size limit: a bare message, no
+    # errno, which a file name alone made "[Errno None] None: '<path>'"
+    with pytest.raises(OSError, match=r"^cannot write '.*weights\.safetensors': 1000000 "
+                                      r"requested and 50144 written \(a full disk") as caught:
+        with atomic_write(target) as fh:
+            np.arange(250_000, dtype=np.float32).tofile(fh)
+            raise OSError("1000000 requested and 50144 written")
+    assert "Errno None" not in str(caught.value)
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]

@@ -153,7 +153,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     A new file gets mode ``0o666 & ~umask``; replacing an existing file keeps that file's
     permission bits. On any exception the temporary file is removed and ``path`` is left
     as it was. An ``OSError`` that names no file (a full disk while writing, ``ENOSPC``)
-    is given ``path`` as its file name, so its message says what could not be written.
+    is given ``path`` as its file name, so its message says what could not be written; one
+    with no error number either (numpy's ``tofile`` cut short) is raised again as an
+    ``OSError`` whose message names ``path`` and keeps the original words.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is None:
+            # a bare message (numpy's tofile: "1000000 requested and 50144 written"): a file
+            # name alone would print as "[Errno None] None: '<path>'"
+            raise OSError(f"cannot write {str(path)!r}: {exc or type(exc).__name__} (a full "
+                          "disk, or a file size limit?)") from exc
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # "[Errno 28] No space left on device: '<path>'"
         raise
