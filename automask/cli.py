@@ -656,7 +656,8 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
         net, cfg = seg._model(model), seg._config(model)  # an unknown --model fails here
         with contextlib.closing(iter_proba(net, cfg, seg.task_, spec, tiling, prompts,
                                            tta=tta)) as probs:
-            write_probabilities(probs, dests, folder, seg.task_)  # streaming
+            write_probabilities(probs, dests, folder, seg.task_,
+                                overwrite=overwrite)  # streaming
     return len(spec)
 
 

@@ -744,7 +744,7 @@ def paths_below_common(images: list[Path]) -> list[Path]:
 
 def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
                 task: str, num_classes: int, color_map: dict | None = None,
-                table: np.ndarray | None = None) -> None:
+                table: np.ndarray | None = None, *, overwrite: bool = True) -> None:
     """Write each mask as a lossless PNG: 0/255 grayscale for binary tasks, a palette PNG of
     class ids for multi-class tasks, in the colours of ``color_map`` when the training
     masks were colour-coded (see :func:`automask.data.io.write_mask`). With ``table``
@@ -752,46 +752,51 @@ def write_masks(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
     colours in RGB.
 
     ``out`` is created here; if writing fails, the files this call created (and ``out``
-    when it created it) are removed.
+    when it created it) are removed. Without ``overwrite`` no file is replaced, not even
+    one another process wrote after :func:`mask_destinations` checked (FileExistsError).
     """
     from .data.io import write_mask, write_values
 
-    def write(dest: Path, prob: np.ndarray) -> None:
+    def write(dest: Path, prob: np.ndarray, replace: bool) -> None:
         # written to a temporary file, then renamed
         ids = to_mask(prob, task, num_classes)
         if table is None:
-            write_mask(dest, ids, task, color_map)
+            write_mask(dest, ids, task, color_map, replace=replace)
         else:
-            write_values(dest, table[ids])
+            write_values(dest, table[ids], replace=replace)
 
-    _write_each(probs, dests, out, write)
+    _write_each(probs, dests, out, write, overwrite)
 
 
 def write_probabilities(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path],
-                        out: Path, task: str) -> None:
+                        out: Path, task: str, *, overwrite: bool = True) -> None:
     """Write each probability map as a float32 ``.npy`` file: ``(H, W)`` foreground
     probability for binary tasks, ``(K, H, W)`` class probabilities for multi-class tasks.
 
     Each file is written to a temporary file, then renamed. ``out`` is created here; if
     writing fails, the files this call created (and ``out`` when it created it) are removed.
+    ``overwrite``: as :func:`write_masks`'s.
     """
     from .utils import atomic_write
 
-    def write(dest: Path, prob: np.ndarray) -> None:
-        with atomic_write(dest) as fh:
+    def write(dest: Path, prob: np.ndarray, replace: bool) -> None:
+        with atomic_write(dest, replace=replace) as fh:
             np.save(fh, (prob[0] if task == "binary" else prob).astype(np.float32))
 
-    _write_each(probs, dests, out, write)
+    _write_each(probs, dests, out, write, overwrite)
 
 
 def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out: Path,
-                write) -> None:
-    """``write(dests[idx], prob)`` for each prediction; on failure, remove what was created."""
+                write, overwrite: bool = True) -> None:
+    """``write(dests[idx], prob, replace)`` for each prediction, ``replace`` with
+    ``overwrite`` or for a file this call wrote already (an image given twice); on failure,
+    remove what was created."""
     import shutil
 
     created_dir = top_created(out)
     out.mkdir(parents=True, exist_ok=True)
     created: list[Path] = []
+    written: set[Path] = set()
     folders: list[Path] = []  # sub-folders this call made (outputs kept below a folder)
     try:
         for idx, prob in probs:
@@ -801,7 +806,8 @@ def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
                 dest.parent.mkdir(parents=True)
                 folders.append(top)
             new = not (dest.exists() or dest.is_symlink())
-            write(dest, prob)
+            write(dest, prob, overwrite or dest in written)
+            written.add(dest)
             if new:
                 created.append(dest)
     except BaseException:

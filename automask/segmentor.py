@@ -377,7 +377,7 @@ class SemanticSegmentor(BaseEstimator):
                 dests = prediction.mask_destinations(spec, out, root=root,
                                                      label_col=self.label, overwrite=overwrite)
                 prediction.write_masks(probs, dests, out, self.task_, self.num_classes_,
-                                       self.color_map_, table)
+                                       self.color_map_, table, overwrite=overwrite)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
 

@@ -205,11 +205,11 @@ def test_a_failed_write_removes_the_sub_folders_it_made(fitted, tmp_path, monkey
     (out / "keep.txt").write_text("mine")
     real, calls = io.write_mask, []
 
-    def failing(dest, mask, task, color_map=None):
+    def failing(dest, mask, task, color_map=None, **kwargs):
         calls.append(dest)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real(dest, mask, task, color_map)
+        return real(dest, mask, task, color_map, **kwargs)
 
     monkeypatch.setattr(io, "write_mask", failing)
     with pytest.raises(OSError, match="disk full"):

@@ -627,6 +627,47 @@ def test_output_folders_that_name_nothing_or_the_predictor_itself_are_refused(da
     assert SemanticSegmentor.load(run / "copies" / "a").best_model_ == seg.best_model_
 
 
+def test_a_mask_another_process_writes_meanwhile_is_not_replaced(data, base, tmp_path,
+                                                                 monkeypatch):
+    """Two predictions into one folder at once, neither with overwrite: both checked the
+    folder before either wrote, and each replaced the other's masks (a mix of two models'
+    masks, both reporting success). A mask that appears after the check is now never
+    replaced: the call fails naming it, and removes what it wrote."""
+    import automask.prediction as prediction
+    from automask.utils import atomic_write
+
+    target = tmp_path / "x.png"
+    target.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError, match=r"appeared while this file was being written.*"
+                                              r"x\.png"):
+        with atomic_write(target, replace=False) as fh:
+            fh.write(b"ours")
+    assert target.read_bytes() == b"theirs" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_write(tmp_path / "y.png", replace=False) as fh:  # a new file: written
+        fh.write(b"ours")
+    assert (tmp_path / "y.png").read_bytes() == b"ours"
+
+    seg = SemanticSegmentor.load(base)
+    frame = pd.read_csv(data / "train.csv").iloc[:4]
+    out = tmp_path / "out"
+    checked = prediction.mask_destinations
+
+    def then_another_process_writes(*args, **kwargs):
+        dests = checked(*args, **kwargs)
+        out.mkdir(exist_ok=True)
+        dests[2].write_bytes(b"the other process's mask")
+        return dests
+
+    monkeypatch.setattr(prediction, "mask_destinations", then_another_process_writes)
+    with pytest.raises(FileExistsError, match="another process writing there"):
+        seg.predict(frame, save_to=out)
+    assert [p.name for p in out.iterdir()] == [Path(frame["image"].iloc[2]).stem + ".png"]
+    assert (out / next(out.iterdir()).name).read_bytes() == b"the other process's mask"
+    seg.predict(frame, save_to=out, overwrite=True)  # asked to: replaced
+    assert len(list(out.iterdir())) == 4
+    assert (out / next(out.iterdir()).name).read_bytes() != b"the other process's mask"
+
+
 # ------------------------------------------------------------ 7. saved-model hygiene
 def test_predictions_from_several_threads_at_once(data, tmp_path, monkeypatch):
     """A web server's threads predicting with one fitted predictor: each LoRA update reaches

@@ -1169,20 +1169,20 @@ def dataset_values(color_map: ColorMap | None, num_classes: int) -> np.ndarray:
     return np.array(keys, dtype=np.uint8).reshape(num_classes, 3)
 
 
-def write_values(path: str | os.PathLike, values: np.ndarray) -> Path:
+def write_values(path: str | os.PathLike, values: np.ndarray, *, replace: bool = True) -> Path:
     """Write a mask in a dataset's own values as a lossless PNG, atomically: ``(H, W)``
     uint8 as 8-bit grey, uint16 as 16-bit grey, ``(H, W, 3)`` uint8 as RGB (see
-    :func:`dataset_values`). Returns ``path``."""
+    :func:`dataset_values`). Returns ``path``. ``replace``: as :func:`write_mask`'s."""
     from ..utils import atomic_write
 
     assert values.dtype in (np.uint8, np.uint16) and values.ndim in (2, 3), values.shape
-    with atomic_write(path) as fh:
+    with atomic_write(path, replace=replace) as fh:
         Image.fromarray(values).save(fh, format="PNG")
     return Path(path)
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str,
-               color_map: ColorMap | None = None) -> Path:
+               color_map: ColorMap | None = None, *, replace: bool = True) -> Path:
     """Write a predicted or ground-truth mask as a lossless PNG, atomically.
 
     Parameters
@@ -1201,6 +1201,9 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str,
         Multi-class: the ``{(r, g, b): class_id}`` of colour-coded training masks; the
         palette then shows each class in its colour there (:func:`class_colors`), so that
         the PNG looks like those masks, while its pixel values stay the class ids.
+    replace : bool, default True
+        False: a file at ``path`` is never replaced, even one made by another process
+        meanwhile (FileExistsError; see :func:`automask.utils.atomic_write`).
 
     Returns
     -------
@@ -1232,6 +1235,6 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, task: str,
             img = Image.fromarray(mask.astype(np.uint16))
     else:
         raise ValueError(f"unknown task {task!r}; expected 'binary' or 'multiclass'")
-    with atomic_write(path) as fh:
+    with atomic_write(path, replace=replace) as fh:
         img.save(fh, format="PNG")
     return Path(path)

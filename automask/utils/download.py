@@ -19,6 +19,7 @@ above are touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -138,7 +139,8 @@ def top_created(path: str | os.PathLike) -> Path | None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
+                 replace: bool = True) -> Iterator[IO]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success.
 
     Parameters
@@ -147,6 +149,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         Final file; its folder is created.
     mode : str
         ``"wb"`` or ``"w"`` (text).
+    replace : bool, default True
+        False: never replace a file at ``path``, even one another process made after the
+        caller checked (the temporary file is linked to ``path``, which fails when
+        ``path`` exists, and then removed); FileExistsError naming ``path`` then. Where the
+        filesystem has no hard links, the check and the rename are two steps.
 
     Notes
     -----
@@ -169,7 +176,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_new(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -181,6 +191,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # "[Errno 28] No space left on device: '<path>'"
         raise
+
+
+def _rename_new(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` unless ``path`` exists (FileExistsError then)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "it appeared while this file was being written "
+                              "(another process writing there?)", str(path)) from None
+    except OSError:  # no hard links here (a FAT or some network filesystems)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "it appeared while this file was being "
+                                  "written (another process writing there?)",
+                                  str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def download_file(
