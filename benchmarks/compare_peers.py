@@ -23,6 +23,12 @@ why and exits 0. Run from the repository root::
 The driver waits for a quiet CPU before each step and redoes a step whose CPU utilisation
 shows another process took the cores; on a shared machine ``--max-wait`` and
 ``--util-min`` bound that (defaults: 20 s, 1.6 CPU-seconds per second).
+
+Both workers return glibc's free memory to the OS after each step (``malloc_trim``), so
+each step faults its pages in again (11-14% of automask's 512 px step,
+``benchmarks/bench_trim.py``). ``--no-trim`` switches that off in both, AutoGluon's
+through ``benchmarks/peer_worker_ag_no_trim.py`` (the harness's ``ag_worker.py``, run as
+it is): the steps a fit takes.
 """
 from __future__ import annotations
 
@@ -147,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--util-min", type=float, default=1.6,
                         help="CPU-seconds per second below which a step is redone (<= 2 times)")
     parser.add_argument("--out", help="write every group's summary to this JSON file")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="no malloc_trim between steps in either worker (AutoGluon's "
+                             "through benchmarks/peer_worker_ag_no_trim.py, which runs the "
+                             "harness's ag_worker.py): steps on the pages the step before "
+                             "freed, as in a fit (benchmarks/bench_trim.py)")
     args = parser.parse_args(argv)
 
     peers = Path(args.peers_dir)
@@ -162,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     driver = load_driver(peers)
     driver.PY = {"ag": str(Path(args.ag_python).absolute()), "am": sys.executable}
     driver.SCRIPT = {"ag": str(peers / "ag_worker.py"), "am": str(WORKER)}
+    if args.no_trim:  # read by both workers, which the driver starts with this environment
+        os.environ["PEER_NO_TRIM"], os.environ["PEERS_DIR"] = "1", str(peers.absolute())
+        driver.SCRIPT["ag"] = str(ROOT / "benchmarks" / "peer_worker_ag_no_trim.py")
     driver.UTIL_MIN = args.util_min
     driver.wait_quiet = functools.partial(driver.wait_quiet, max_wait=args.max_wait)
     os.environ["PYTHONPATH"] = os.pathsep.join(

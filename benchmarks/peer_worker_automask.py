@@ -6,7 +6,7 @@ it builds its model, prints ``{"ready": true, "build_s": ...}``, then answers ev
 ``step`` line with one JSON line ``{"dt": s, "cpu": s, "v": value}`` and ``quit`` with the
 final figures (peak RSS, parameters, precision). After each step glibc's free memory is
 returned to the OS (``malloc_trim``, outside the timed region) so that idle workers hold
-only their model.
+only their model; not with ``PEER_NO_TRIM=1`` (``compare_peers.py --no-trim``).
 
 A training step is what :meth:`automask.SemanticSegmentor.fit` runs per batch on a CPU:
 autocast (bf16 where the CPU has native bf16, the library's default; ``--dtype`` forces
@@ -40,6 +40,8 @@ if _ROOT not in sys.path:  # the driver starts workers from its own folder
 
 
 def _malloc_trim() -> None:
+    if os.environ.get("PEER_NO_TRIM") == "1":  # compare_peers --no-trim: step as a fit does
+        return
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
