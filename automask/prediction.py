@@ -610,6 +610,7 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
     if problem is not None:
         raise DataValidationError(f"--out / save_to {str(out)!r} cannot be used: {problem}")
     images = [Path(p) for p in spec.frame[spec.image_col]]
+    _refuse_memory_name_clash(images, list(spec.frame.index), out, suffix)
     names = _output_names(images)
     owners: dict[Path, list[Path]] = {}
     for image, name in zip(images, names):
@@ -667,6 +668,29 @@ def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
 
 def _real(path: Path) -> str:
     return os.path.realpath(path)
+
+
+def _refuse_memory_name_clash(images: list[Path], index: list, out: Path,
+                              suffix: str) -> None:
+    """DataValidationError when a picture given in memory (a temporary file named by its
+    row's position, or a TIFF stack's page) and another image share a name: their outputs
+    would be kept apart below their paths' common folder, whose path runs through the
+    temporary folder's random name, new in every call."""
+    from .data.arrays import shown
+
+    by_stem: dict[str, list[int]] = {}
+    for i, image in enumerate(images):
+        by_stem.setdefault(image.stem, []).append(i)
+    for stem, rows in by_stem.items():
+        files = {_real(images[i]) for i in rows}
+        memory = [i for i in rows if shown(str(images[i])) != str(images[i])]
+        if len(files) > 1 and memory:
+            other = next(i for i in rows if _real(images[i]) != _real(images[memory[0]]))
+            raise DataValidationError(
+                f"row {index[memory[0]]!r} ({shown(str(images[memory[0]]))}, a picture given "
+                f"in memory, named by its position) and row {index[other]!r} "
+                f"({shown(str(images[other]))}) would both be saved as {stem}{suffix} in "
+                f"{str(out)!r}; predict them in separate calls, or into separate folders")
 
 
 def input_files(frame: pd.DataFrame, columns: dict[str, str], root: Path | None

@@ -122,6 +122,23 @@ def test_predict_save_to_names_in_memory_rows_by_position(fitted, tmp_path, priv
     assert list(private_tmp.iterdir()) == []
 
 
+def test_an_in_memory_row_named_as_a_file_of_the_call_is_refused(fitted, tmp_path,
+                                                                 private_tmp):
+    """A picture in memory is saved as its position (00001.png); a file of the same call
+    named 00001.png made both outputs go below their common folder, a path through the
+    call's random temporary folder. Refused before any work, naming both rows."""
+    seg, frame, images, _ = fitted
+    assert Path(frame["image"][1]).name == "00001.png"
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError, match=r"row 1 \(<in-memory ndarray>, a picture "
+                                                  r"given in memory.*row 0 \(.*00001\.png\) "
+                                                  r"would both be saved as 00001\.png"):
+        seg.predict([frame["image"][1], images[0]], save_to=out)
+    assert not out.exists() and list(private_tmp.iterdir()) == []
+    written = seg.predict([frame["image"][2], images[0]], save_to=out)  # no shared name
+    assert [Path(p).name for p in written["label"]] == ["00002.png", "00001.png"]
+
+
 def test_prompts_apply_to_in_memory_images(fitted, private_tmp):
     seg, frame, images, _ = fitted
     box = [(4, 6, 30, 35)]
