@@ -400,6 +400,8 @@ BAD = [
     ({"boxes": [[0, 0, 5], None]}, r"row 0: a box must be \(x0, y0, x1, y1\), shape \(4,\)"),
     ({"boxes": [None, [9, 0, 5, 5]]}, r"row 1: box \[9.0, 0.0, 5.0, 5.0\] must have x1 > x0"),
     ({"boxes": [[0, 0, 101, 5], None]}, r"row 0: box .* outside the 100x72 \(W x H\) image"),
+    ({"boxes": [None, [-1, 0, 5, 5]]}, r"row 1: box \[-1.0, 0.0, 5.0, 5.0\] has a negative "
+                                       r"coordinate; x0 and y0 must be >= 0"),
     ({"boxes": [[0, 0, float("nan"), 5], None]}, r"row 0: box .* not finite"),
     ({"points": [([[1, 2]], [1]), ([1, 2, 3], [1])]},
      r"row 1: point coordinates must have shape \(N, 2\)"),

@@ -206,7 +206,11 @@ def _check_box(row: Any, entry: Any, height: int, width: int) -> np.ndarray:
     if x1 <= x0 or y1 <= y0:
         raise DataValidationError(
             f"row {row!r}: box {box.tolist()} must have x1 > x0 and y1 > y0")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+    if x0 < 0 or y0 < 0:  # whatever the image's size
+        raise DataValidationError(
+            f"row {row!r}: box {box.tolist()} has a negative coordinate; x0 and y0 must be "
+            ">= 0 (pixels from the image's left and top edges)")
+    if x1 > width or y1 > height:
         raise DataValidationError(
             f"row {row!r}: box {box.tolist()} is outside the {width}x{height} (W x H) image; "
             f"it must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
