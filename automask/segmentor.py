@@ -566,15 +566,12 @@ class SemanticSegmentor(BaseEstimator):
         from .training.recipe import copy_logs
 
         self._check_fitted()
-        if path is not None:
-            try:  # a path-like naming a folder, not a part of this predictor's own folder
-                target = prediction.output_folder(path, overwrite, predictor=self.path_,
-                                                  option="path")
-            except DataValidationError as exc:
-                raise ConfigError(f"cannot save to {str(path)!r}: {exc}") from None
-        else:
-            prediction.output_folder(self.path_, overwrite)  # overwrite checked
-            target = self.path_
+        try:  # a path-like naming a folder, not a part of this predictor's own folder
+            target = prediction.output_folder(
+                self.path_ if path is None else path, overwrite,
+                predictor=None if path is None else self.path_, option="path")
+        except DataValidationError as exc:
+            raise ConfigError(f"cannot save to {str(path)!r}: {exc}") from None
         self._check_writable(target, "save to")
         own = Path(target).resolve() == Path(self.path_).resolve()
         # a copy this object saved there, still the folder's current version, is no other's

@@ -613,8 +613,9 @@ def test_output_folders_that_name_nothing_or_the_predictor_itself_are_refused(da
             seg.save(save_to)
     with pytest.raises(DataValidationError, match="overwrite must be True or False, got str"):
         seg.predict(frame, save_to=tmp_path / "out", overwrite="no")
-    with pytest.raises(ConfigError, match="overwrite must be True or False"):
-        seg.save(tmp_path / "copy", overwrite="no")
+    for path in (tmp_path / "copy", None):
+        with pytest.raises(ConfigError, match="overwrite must be True or False"):
+            seg.save(path, overwrite="no")
     assert digest_tree(run) == files and not (tmp_path / "out").exists()
     assert not list(Path.cwd().glob("0000*.png"))
     for out in ("", str(run / "logs" / "p")):
