@@ -3,7 +3,7 @@
 The peer harness (``../shared/peers``, through ``benchmarks/compare_peers.py``) calls
 ``malloc_trim(0)`` after every step of every worker, outside the timed region, so that idle
 workers hold only their model. The next step then finds its heap's free pages gone and
-faults them in again, inside the timed region. A fit never trims: its steps reuse the
+faults them in again, inside the timed region. A fit does not call it: its steps reuse most of the
 pages the step before freed. This script measures what that costs automask's step, in one
 process: the worker's own step (``benchmarks/peer_worker_automask.py``'s ``build_step``:
 the fit's autocast, loss, AdamW and frozen weights held in bf16), alternating a step after
