@@ -319,7 +319,8 @@ def test_a_thinned_grid_takes_in_the_windows_holding_the_object():
 
 def test_validation_windows_of_a_binary_task_hold_its_object(tmp_path):
     """Through the dataset: a 7 x 7 window grid (S = 32) thinned to 3 x 3, the object in
-    a window row the even spread skips, read from the mask with its value map."""
+    a window row the even spread skips, read from its 0/255 mask; a multi-class task keeps
+    the even spread."""
     size = 7 * S
     mask = np.zeros((size, size), np.uint8)
     mask[40:50, :] = 255  # rows 40-49: the window row starting at 32 (kept rows 0, 96, 192)
