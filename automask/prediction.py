@@ -580,14 +580,22 @@ def output_folder(value: Any, overwrite: Any, *, predictor: str | os.PathLike | 
                                   "environment variable?)")
     out = Path(value).expanduser()
     if predictor is not None:
-        from .saving import predictor_part
-
-        part = predictor_part(predictor, out)
-        if part is not None:
-            raise DataValidationError(
-                f"{option} {str(value)!r} lies in the predictor in {str(predictor)!r} "
-                f"({part}), which its next fit or save replaces; choose another folder")
+        _refuse_predictor_part(predictor, out, f"{option} {str(value)!r} lies in",
+                               ", which its next fit or save replaces; choose another folder")
     return out
+
+
+def _refuse_predictor_part(predictor: str | os.PathLike, path: str | os.PathLike, said: str,
+                           advice: str) -> None:
+    """DataValidationError ``"<said> the predictor in <predictor> (<part>)<advice>"`` when
+    ``path`` is a part of the predictor in ``predictor``
+    (:func:`automask.saving.predictor_part`)."""
+    from .saving import predictor_part
+
+    part = predictor_part(predictor, path)
+    if part is not None:
+        raise DataValidationError(
+            f"{said} the predictor in {str(predictor)!r} ({part}){advice}")
 
 
 def mask_destinations(spec, out: Path, *, root: Path | None, label_col: str,
@@ -682,9 +690,10 @@ def _refuse_memory_name_clash(images: list[Path], index: list, out: Path,
     for i, image in enumerate(images):
         by_stem.setdefault(image.stem, []).append(i)
     for stem, rows in by_stem.items():
-        files = {_real(images[i]) for i in rows}
+        if len(rows) < 2:
+            continue  # a name of its own
         memory = [i for i in rows if shown(str(images[i])) != str(images[i])]
-        if len(files) > 1 and memory:
+        if memory and len({_real(images[i]) for i in rows}) > 1:
             other = next(i for i in rows if _real(images[i]) != _real(images[memory[0]]))
             raise DataValidationError(
                 f"row {index[memory[0]]!r} ({shown(str(images[memory[0]]))}, a picture given "
@@ -737,13 +746,8 @@ def check_output_file(out: str | os.PathLike | None, what: str, *,
         return
     refuse_input(out, inputs or {}, what)
     if predictor is not None:
-        from .saving import predictor_part
-
-        part = predictor_part(predictor, out)
-        if part is not None:
-            raise DataValidationError(
-                f"cannot write {what} to {str(out)!r}: it would write into the predictor in "
-                f"{str(predictor)!r} ({part}); choose another file")
+        _refuse_predictor_part(predictor, out, f"cannot write {what} to {str(out)!r}: it "
+                               "would write into", "; choose another file")
 
 
 def _output_names(images: list[Path]) -> list[Path]:
