@@ -45,6 +45,9 @@ def test_dataset_presets_are_the_authors_settings(name):
     # the authors stretch every image whole to 1024 x 1024 (no native-scale crops or tiles)
     assert (paper.data.large_images, paper.data.resize) == ("resize", "square")
     assert paper.data.interpolation == "bicubic"  # the authors' torchvision Resize
+    # AutoGluon's semantic-segmentation preset, kept by the authors' script: early stopping
+    # after 10 validations without improvement, one validation per epoch
+    assert (paper.optim.patience, paper.optim.val_check_interval) == (10, 1.0)
     table = resolve(f"paper_table_{name}", {})
     assert [c.peft.method for _, c in table] == [c.peft.method for _, c in
                                                  resolve("paper_table", {})]

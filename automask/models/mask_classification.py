@@ -16,7 +16,10 @@ multi-class semantic segmentation with its Mask2Former loss). Its facts, kept he
   (10 would print Conv-LoRA as 4.03M, not 4.02M);
 - class head: one ``Linear(transformer_dim, K + 1)`` on each query's output token;
 - matching cost: 1.0 x class (minus the predicted probability of the target class)
-  + 5.0 x mask sigmoid BCE + 5.0 x mask Dice (Mask2Former's defaults);
+  + 5.0 x mask sigmoid BCE + 5.0 x mask Dice: transformers' ``Mask2FormerLoss`` as the
+  authors ran it, whose matcher had the class cost fixed at 1.0 (transformers issue
+  38559, 2025; later releases, and so AutoGluon 1.6.3, take ``class_weight``, 2.0, as
+  Mask2Former's own configs do);
 - loss: cross-entropy over K + 1 with the no-object class weighted 0.1, plus the matched
   masks' sigmoid BCE and Dice, summed with weight 1 each (the authors sum the three
   unweighted loss terms);
