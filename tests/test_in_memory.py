@@ -74,6 +74,21 @@ def test_arrays_tensors_and_pil_images_predict_as_their_files(fitted, private_tm
     assert list(private_tmp.iterdir()) == []  # the temporary files are gone
 
 
+def test_a_thin_tensor_is_channels_first_and_a_thin_array_channels_last(fitted, private_tmp):
+    # (3, 30, 2): either axis could hold the channels; a tensor's layout is torch's,
+    # an array's numpy's and Pillow's
+    seg, _, _, _ = fitted
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 2, 3), dtype=np.uint8)  # 30 x 2
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, 30, 2)
+    [mask] = seg.predict([tensor])
+    assert mask.shape == (30, 2)
+    _same(seg.predict_proba([tensor]), seg.predict_proba([rgb]))
+    # the same numbers as an array: a 3 x 30 picture with 2 channels (grey + alpha)
+    assert seg.predict([tensor.numpy()])[0].shape == (3, 30)
+    # a tensor whose first axis cannot be channels stays (H, W, C)
+    assert seg.predict([torch.from_numpy(rgb.repeat(3, axis=0))])[0].shape == (90, 2)
+
+
 def test_a_float_and_a_grayscale_array_read_as_the_same_npy_and_png_files(
         fitted, tmp_path, private_tmp):
     seg, _, images, _ = fitted

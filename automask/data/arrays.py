@@ -8,7 +8,9 @@ block, and gives the frame with those cells replaced by the files' paths:
 - a numpy array or a torch tensor of shape (H, W), (H, W, C) or (C, H, W) with bool,
   integer or float samples is saved as ``.npy``, so it reads exactly as the same array
   saved with ``np.save`` (channel layout, value range and ``data.image_range`` rules
-  included);
+  included), except that a 3-D tensor whose first axis could be channels (1 to 4) is
+  (C, H, W), torch's layout, even where its last axis could be too (an array: (H, W, C),
+  the layout of numpy and Pillow);
 - a PIL image is saved as PNG (TIFF for the modes PNG cannot hold; an ``L`` or ``RGB``
   image as the ``.npy`` array of its pixels, which reads the same and is written 100 times
   faster), so it reads as the same image saved by the caller: a palette ("P") mask keeps
@@ -48,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AutomaskError, DataValidationError
+from .io import _MAX_CHANNELS
 
 # PIL modes a PNG file holds as they are; any other mode (I, F, CMYK, YCbCr, ...) goes to TIFF
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
@@ -177,6 +180,10 @@ def write_picture(value: Any, folder: Path, stem: str) -> str:
         if value.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
             value = value.float()
         value = value.numpy()
+        if value.ndim == 3 and 1 <= value.shape[0] <= _MAX_CHANNELS:
+            # torch's layout is (C, H, W): a (3, 100, 1) tensor is a 100 x 1 RGB picture,
+            # which a .npy of that shape would not say (arrays: channels last when both fit)
+            value = np.moveaxis(value, 0, -1)
     path = folder / f"{stem}.npy"
     np.save(path, np.ascontiguousarray(value), allow_pickle=False)
     return str(path)
