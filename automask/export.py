@@ -157,6 +157,9 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "input_name": INPUT_NAME,
         "input_size": str(size),
         "input_layout": f"(batch, 3, {size}, {size}) float32, RGB",
+        "orientation": "apply the file's EXIF orientation first (Pillow's "
+                       "ImageOps.exif_transpose), as predict reads images; masks come "
+                       "out upright, in that orientation",
         "resize_mode": resize,
         "interpolation": interpolation,
         "resize": (f"longest side to {size} pixels, aspect ratio kept "
@@ -347,6 +350,9 @@ def export_predictor(seg, path: str | os.PathLike, format: str | None = None,
 def _check_target(path: str | os.PathLike, format: str | None) -> tuple[Path, str]:
     """The destination as a Path and the format (None: the path's suffix); ConfigError /
     ExportError before any work is done."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise ConfigError(f"the export path must name a file (str or pathlib.Path), got "
+                          f"{type(path).__name__} {path!r}")
     path = Path(path).expanduser()
     if isinstance(format, str):
         format = format.lower()  # as the suffix is read: "ONNX" and ".ONNX" alike

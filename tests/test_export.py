@@ -201,6 +201,9 @@ def test_bad_format_or_suffix_fails_before_writing(tmp_path):
         export_model(model, tmp_path / "m.pt2", format="onnx")
     with pytest.raises(ConfigError, match=r"m\.bin.*must end with \.onnx or \.pt2"):
         export_model(model, tmp_path / "m.bin")
+    for path in (5, None, b"m.onnx", "", " "):  # not a file's name
+        with pytest.raises(ConfigError, match="the export path must name a file"):
+            export_model(model, path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -334,8 +337,16 @@ def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, int
     for height, width in [(12, 16), (30, 40), (54, 72)]:  # below and above SIZE, untiled
         images.append(tmp_path / f"{height}x{width}.png")
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images[-1])
+    # a photo stored sideways: EXIF orientation 6 (shown rotated 90 degrees, 40 x 30 upright)
+    images.append(tmp_path / "sideways.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+        images[-1], exif=exif.tobytes())
     expected = seg.predict_proba([str(p) for p in images])
+    assert expected[-1].shape == (40, 30)
     np.save(tmp_path / "expected.npy", np.concatenate([p.ravel() for p in expected]))
+    np.save(tmp_path / "shapes.npy", np.array([p.shape for p in expected]))
     path = seg.export(tmp_path / "model.onnx", format="ONNX")  # the format in any case
     # a float32 predictor (env.precision "32" is recorded as "32-true"): no difference
     assert _metadata(path)["predict_precision"] == "32-true: the same arithmetic as predict"
@@ -346,9 +357,9 @@ import sys
 sys.modules["torch"] = None
 sys.modules["automask"] = None
 import numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 """, resize, r"""
-model, expected, *images = sys.argv[1:]
+model, expected, shapes, *images = sys.argv[1:]
 session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 meta = session.get_modelmeta().custom_metadata_map
 size = int(meta["input_size"])
@@ -356,8 +367,9 @@ mean = np.array([float(v) for v in meta["pixel_mean"].split(",")], dtype=np.floa
 std = np.array([float(v) for v in meta["pixel_std"].split(",")], dtype=np.float32)
 probs = []
 for image in images:
-    img = Image.open(image).convert("RGB")
+    img = ImageOps.exif_transpose(Image.open(image)).convert("RGB")
     width, height = img.size
+    assert meta["orientation"].startswith("apply the file's EXIF orientation")
     if meta["resize_mode"] == "square":
         w = h = size
     else:
@@ -369,13 +381,16 @@ for image in images:
     x[0, :, :h, :w] = ((rgb - mean) / std).transpose(2, 0, 1)
     logits = session.run([meta["output_name"]], {meta["input_name"]: x})[0][0]
     prob = 1 / (1 + np.exp(-logits[:, :h, :w]))
-    probs.append(resize_bilinear(prob.astype(np.float32), height, width).ravel())
+    probs.append(resize_bilinear(prob.astype(np.float32), height, width)[0])
+assert [p.shape for p in probs] == [tuple(s) for s in np.load(shapes)]
+probs = [p.ravel() for p in probs]
 diff = float(np.abs(np.concatenate(probs) - np.load(expected)).max())
 print(diff)
 assert diff < 1e-4, diff
 """])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-I", "-c", script, str(path),
-                           str(tmp_path / "expected.npy"), *map(str, images)],
+                           str(tmp_path / "expected.npy"), str(tmp_path / "shapes.npy"),
+                           *map(str, images)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

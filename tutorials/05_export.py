@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 from automask import SemanticSegmentor
 from automask.datasets import from_folders, make_synthetic, train_test_split
@@ -62,7 +62,8 @@ def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def segment(path: str) -> np.ndarray:
     """(H, W) uint8 mask of one image file, as ``seg.predict`` would give it."""
-    image = Image.open(path).convert("RGB")
+    # as predict reads an image file: upright by its EXIF orientation (a phone's photo)
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     width, height = image.size
     if meta["resize_mode"] == "square":  # stretched to the square input, no padding
         w = h = size
