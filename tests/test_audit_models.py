@@ -306,6 +306,8 @@ def test_a_sam2_file_is_read_without_running_its_code(tmp_path):
 @pytest.mark.parametrize("part, words", [
     ("mask_decoder", "no image encoder.*all 65 of image_encoder.*all 17 of prompt_encoder"),
     ("image_encoder", "all 17 of prompt_encoder.*all 120 of mask_decoder"),
+    # the encoder's blocks without its patch embedding: incomplete, not absent
+    ("image_encoder.blocks", "image encoder is incomplete: it has no patch embedding"),
 ])
 def test_a_partial_state_dict_is_summarised_not_loaded(tmp_path, part, words):
     state = _random_state("tiny")

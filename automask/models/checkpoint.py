@@ -781,6 +781,10 @@ def _which_backbone(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -
             first = next(iter(state), "")
             return (f" (its keys, e.g. {first!r}, are not SAM's: no image_encoder, "
                     "prompt_encoder or mask_decoder)")
+        if "image_encoder" in known:  # encoder tensors, but not its patch embedding
+            return (" (its image encoder is incomplete: it has no patch embedding, "
+                    "'image_encoder.patch_embed.proj.weight' or "
+                    "'image_encoder.trunk.patch_embed.proj.weight')")
         return f" (it holds no image encoder, only {', '.join(known)})"
     if wanted is None or found == wanted:
         return ""
