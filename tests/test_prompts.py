@@ -410,6 +410,11 @@ BAD = [
     ({"points": [([[100, 2]], [1]), None]}, r"row 0: point \(100, 2\) is outside the 100x72"),
     ({"points": [([[1, -1]], [0]), None]}, r"row 0: point \(1, -1\) is outside"),
     ({"points": [[[1, 2]], None]}, r"row 0: points must be a \(coords, labels\) pair"),
+    # text or flags read as numbers would be a file's columns left unparsed
+    ({"boxes": [("1", "2", "30", "40"), None]}, r"row 0: box \('1', .* is not numeric"),
+    ({"boxes": [None, (True, 2, 30, 40)]}, r"row 1: box \(True, .* is not numeric"),
+    ({"boxes": [None, np.array([0, 0, 1, 1], bool)]}, r"row 1: box .* is not numeric"),
+    ({"points": [([["1", 2]], [1]), None]}, r"row 0: point coordinates .* not numeric"),
 ]
 
 
@@ -443,7 +448,8 @@ def test_prompts_with_no_entry_are_the_prompt_free_prediction(prompt_trained, sy
     with tiling='on' as a prompt-free call does; a bad tiling is still named."""
     _, test = synthetic
     expected = prompt_trained.predict_proba(test, tiling="on")
-    for empty in ({}, [None] * len(test)):
+    # a column of boxes with missing values, as pandas keeps it, is no prompt there
+    for empty in ({}, [None] * len(test), [float("nan")] * len(test), [pd.NA] * len(test)):
         got = prompt_trained.predict_proba(test, boxes=empty, points=empty, tiling="on")
         for a, b in zip(got, expected):
             np.testing.assert_array_equal(a, b)
@@ -477,6 +483,11 @@ def test_check_prompts_returns_original_pixel_prompts():
     np.testing.assert_array_equal(first.points, [[1.0, 2.0]])
     np.testing.assert_array_equal(first.labels, [1])
     np.testing.assert_array_equal(second.box, [0, 0, 4, 4])
+    # point labels may be flags; a missing value is no prompt
+    [third, fourth] = check_prompts([([[1, 2]], [True]), np.nan], [None, pd.NA], ["a", "b"],
+                                    [(10, 10), (10, 10)])
+    np.testing.assert_array_equal(third.labels, [1])
+    assert fourth is None
 
 
 # ------------------------------------------------------------------ command line

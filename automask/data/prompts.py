@@ -118,9 +118,9 @@ def check_prompts(points: Any, boxes: Any, index: Sequence[Any],
     out: list[ImagePrompt | None] = []
     for pos, (row, (height, width)) in enumerate(zip(index, sizes)):
         pts, labels, box = None, None, None
-        if per_points[pos] is not None:
+        if not _absent(per_points[pos]):
             pts, labels = _check_points(row, per_points[pos], height, width)
-        if per_boxes[pos] is not None:
+        if not _absent(per_boxes[pos]):
             box = _check_box(row, per_boxes[pos], height, width)
         out.append(None if pts is None and box is None else ImagePrompt(pts, labels, box))
     return out
@@ -159,8 +159,28 @@ def _per_row(name: str, value: Any, index: list) -> list:
     return list(value)
 
 
-def _as_array(row: Any, what: str, value: Any) -> np.ndarray:
+def _absent(entry: Any) -> bool:
+    """No prompt for the row: None, or a missing value as pandas stores one in a column of
+    boxes (NaN, ``pd.NA``)."""
+    return (entry is None or type(entry).__name__ == "NAType"
+            or (isinstance(entry, (float, np.floating)) and bool(np.isnan(entry))))
+
+
+def _as_array(row: Any, what: str, value: Any, *, flags: bool = False) -> np.ndarray:
+    """``value`` as float64 numbers; strings, and bools unless ``flags`` (point labels), are
+    refused: ``("10", "20", ...)`` is text from a file that was not parsed."""
+    def words(v: Any) -> bool:  # text, or a flag where a number is wanted, at any depth
+        if isinstance(v, (list, tuple)):
+            return any(words(x) for x in v)
+        if isinstance(v, (str, bytes)):
+            return True
+        return (isinstance(v, (bool, np.bool_)) and not flags) or (
+            isinstance(v, np.ndarray) and (v.dtype.kind in "USVO" and words(v.tolist())
+                                           or v.dtype.kind == "b" and not flags))
+
     try:
+        if words(value) or words(np.asarray(value)):
+            raise TypeError
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise DataValidationError(f"row {row!r}: {what} {value!r} is not numeric") from None
@@ -179,7 +199,7 @@ def _check_points(row: Any, entry: Any, height: int, width: int
         raise DataValidationError(
             f"row {row!r}: point coordinates must have shape (N, 2) with N >= 1, got shape "
             f"{coords.shape}")
-    labels = _as_array(row, "point labels", entry[1])
+    labels = _as_array(row, "point labels", entry[1], flags=True)
     if labels.shape != (coords.shape[0],):
         raise DataValidationError(
             f"row {row!r}: point labels must have shape ({coords.shape[0]},), one per point, "
