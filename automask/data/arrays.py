@@ -180,8 +180,9 @@ def write_picture(value: Any, folder: Path, stem: str) -> str:
         if value.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
             value = value.float()
         value = value.numpy()
-        if value.ndim == 3 and 1 <= value.shape[0] <= _MAX_CHANNELS:
-            # torch's layout is (C, H, W): a (3, 100, 1) tensor is a 100 x 1 RGB picture,
+        if value.ndim == 3 and 1 <= min(value.shape[0], value.shape[2]) and max(
+                value.shape[0], value.shape[2]) <= _MAX_CHANNELS:
+            # torch's layout is (C, H, W): a (3, 100, 2) tensor is a 100 x 2 RGB picture,
             # which a .npy of that shape would not say (arrays: channels last when both fit)
             value = np.moveaxis(value, 0, -1)
     path = folder / f"{stem}.npy"
