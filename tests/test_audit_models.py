@@ -29,6 +29,7 @@ from automask.models.checkpoint import checkpoint_cache_dir, locate_checkpoint
 
 SIZE = 64
 NAME = "sam_audit.pth"
+CACHED = f"tiny--{NAME}"  # a mirror's file of the tiny backbone, as the cache names it
 _RAN = []
 
 
@@ -135,20 +136,20 @@ def server(tiny_file):
 def test_a_corrupt_cached_checkpoint_is_downloaded_again(tiny_file, server):
     """A truncated file in the cache whose URL and SHA-256 are known is replaced by a
     fresh, verified download (with a warning), not refused."""
-    cached = checkpoint_cache_dir() / NAME
+    cached = checkpoint_cache_dir() / CACHED
     cached.parent.mkdir(parents=True)
     cached.write_bytes(tiny_file.read_bytes()[:-100])
     with pytest.warns(UserWarning, match="downloading .* again"):
         found = locate_checkpoint("tiny", url=f"{server}/ok/{NAME}", sha256=_sha(tiny_file),
                                   progress=False)
     assert found.source == "download" and found.path == cached
-    assert cached.read_bytes() == tiny_file.read_bytes() and _cached() == [NAME]
+    assert cached.read_bytes() == tiny_file.read_bytes() and _cached() == [CACHED]
 
 
 def test_a_corrupt_cached_checkpoint_offline_is_named_and_kept(tiny_file):
     """Offline, the error names the cached file, its SHA-256, the expected one and the way
     out; the file is left as it was."""
-    cached = checkpoint_cache_dir() / NAME
+    cached = checkpoint_cache_dir() / CACHED
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not the weights")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError) as info:
@@ -157,7 +158,7 @@ def test_a_corrupt_cached_checkpoint_offline_is_named_and_kept(tiny_file):
     message = str(info.value)
     assert str(cached) in message and _sha(tiny_file) in message and _sha(cached) in message
     assert "delete it" in message and "(1) pass" in message and "Connection refused" in message
-    assert cached.read_bytes() == b"not the weights" and _cached() == [NAME]
+    assert cached.read_bytes() == b"not the weights" and _cached() == [CACHED]
 
 
 @pytest.mark.parametrize("code", [404, 500])
@@ -172,7 +173,7 @@ def test_http_errors_are_named_and_leave_nothing(server, code):
 def test_a_redirect_is_followed_and_cached_under_the_requested_name(tiny_file, server):
     found = locate_checkpoint("tiny", url=f"{server}/redirect/{NAME}",
                               sha256=_sha(tiny_file), progress=False)
-    assert found.path == checkpoint_cache_dir() / NAME and found.source == "download"
+    assert found.path == checkpoint_cache_dir() / CACHED and found.source == "download"
     assert found.path.read_bytes() == tiny_file.read_bytes()
 
 

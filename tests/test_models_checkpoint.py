@@ -12,10 +12,12 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from automask.errors import CheckpointError
 from automask.models import BACKBONES, build_segmenter, resolve_checkpoint
 from automask.models.backbones import build_sam_parts
+from automask.models.checkpoint import locate_checkpoint
 from automask.peft import apply_peft
 from automask.utils import cache_dir
 
 TINY_NAME = "sam_tiny_test.pth"
+TINY_CACHED = f"tiny--{TINY_NAME}"  # as the cache names a mirror's file of tiny
 _UNSAFE_RAN = []
 
 
@@ -75,7 +77,7 @@ def test_download_then_cache(tiny_file, http_server, monkeypatch):
     base = http_server(tiny_file.parent)
     url = f"{base}/{TINY_NAME}"
     path = resolve_checkpoint("tiny", url=url, sha256=_sha(tiny_file), progress=False)
-    assert path == cache_dir() / "checkpoints" / TINY_NAME
+    assert path == cache_dir() / "checkpoints" / TINY_CACHED
     assert path.read_bytes() == tiny_file.read_bytes()
     # through the builder: the environment names the URL; now the cache answers
     monkeypatch.setenv("AUTOMASK_SAM_URL_TINY", url)
@@ -91,7 +93,31 @@ def test_download_via_builder(tiny_file, http_server, monkeypatch):
     monkeypatch.setenv("AUTOMASK_SAM_SHA256_TINY", _sha(tiny_file))
     seg = build_segmenter("tiny", input_size=256, progress=False)
     assert seg.checkpoint_info["source"] == "download"
-    assert _cached_files() == [TINY_NAME]
+    assert _cached_files() == [TINY_CACHED]
+
+
+def test_two_backbones_mirrors_with_one_file_name_keep_two_cached_files(tiny_file, tmp_path,
+                                                                       http_server):
+    """Mirrors often end in the same name (``.../sam-vit-base/.../model.safetensors``,
+    ``.../sam-vit-large/.../model.safetensors``): each backbone keeps a cached file of its
+    own, so neither download replaces the other's weights."""
+    files = {}
+    for backbone, body in (("tiny", tiny_file.read_bytes()), ("vit_b", b"other weights")):
+        (tmp_path / backbone).mkdir()
+        files[backbone] = tmp_path / backbone / "model.safetensors"
+        files[backbone].write_bytes(body)
+    base = http_server(tmp_path)
+
+    def locate(backbone):
+        return locate_checkpoint(backbone, url=f"{base}/{backbone}/model.safetensors",
+                                 sha256=_sha(files[backbone]), progress=False)
+
+    first = [locate("tiny"), locate("vit_b")]
+    assert [r.source for r in first] == ["download", "download"]
+    again = [locate("tiny"), locate("vit_b")]
+    assert [r.source for r in again] == ["cache", "cache"]  # nothing downloaded twice
+    assert [r.path.read_bytes() for r in again] == [f.read_bytes() for f in files.values()]
+    assert _cached_files() == ["tiny--model.safetensors", "vit_b--model.safetensors"]
 
 
 def test_download_with_wrong_sha_keeps_nothing(tiny_file, http_server):
@@ -102,7 +128,7 @@ def test_download_with_wrong_sha_keeps_nothing(tiny_file, http_server):
 
 
 def test_corrupted_cache_is_refused(tiny_file, monkeypatch):
-    target = cache_dir() / "checkpoints" / TINY_NAME
+    target = cache_dir() / "checkpoints" / TINY_CACHED
     target.parent.mkdir(parents=True)
     target.write_bytes(tiny_file.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="delete it"):
@@ -297,8 +323,8 @@ def test_concurrent_resolvers_download_once(tiny_file):
         server.server_close()
     assert gets == [f"/{TINY_NAME}"]  # one download
     assert sorted(r.source for r in results) == ["cache", "download"]
-    assert {r.path for r in results} == {cache_dir() / "checkpoints" / TINY_NAME}
-    assert _cached_files() == [TINY_NAME]  # the lock file lives elsewhere
+    assert {r.path for r in results} == {cache_dir() / "checkpoints" / TINY_CACHED}
+    assert _cached_files() == [TINY_CACHED]  # the lock file lives elsewhere
 
 
 @pytest.mark.parametrize("num_classes", [1, 3])

@@ -316,7 +316,7 @@ def test_official_format_by_download_then_cache(official, http_server, monkeypat
     monkeypatch.setenv(f"AUTOMASK_SAM_SHA256_{env_name(TINY)}", digest)
     downloaded = build_segmenter(TINY, input_size=SIZE, progress=False)
     assert downloaded.checkpoint_info["source"] == "download"
-    cached = cache_dir() / "checkpoints" / path.name
+    cached = cache_dir() / "checkpoints" / f"{TINY}--{path.name}"  # a mirror's file
     assert cached.read_bytes() == path.read_bytes()
     _same_outputs(downloaded, seg)
     again = build_segmenter(TINY, input_size=SIZE, progress=False)

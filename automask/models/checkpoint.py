@@ -105,9 +105,12 @@ def _checked_sha256(value: str | None, source: str) -> str | None:
     return digest
 
 
-def _file_name(url: str, fallback: str | None) -> str:
-    name = Path(urllib.parse.urlparse(url).path).name
-    return name or fallback or "checkpoint.pth"
+def _file_name(url: str, backbone: str, official: str | None) -> str:
+    """The cache's name for ``backbone``'s file from ``url``: the official file name, else
+    the URL's, after the backbone's (two mirrors' ``.../model.safetensors`` of two backbones
+    must not take turns replacing one cached file)."""
+    name = Path(urllib.parse.urlparse(url).path).name or official or "checkpoint.pth"
+    return name if name == official else f"{backbone}--{name}"
 
 
 def _no_weights(backbone: str, cached: Path | None, url: str | None, cause: str) -> CheckpointError:
@@ -186,7 +189,7 @@ def locate_checkpoint(
             f"backbone {backbone!r} has no published weights; build it with "
             f"checkpoint='random' or pass checkpoint=<path to a state dict with its keys>"
         )
-    cached = checkpoint_cache_dir() / _file_name(url, spec.filename)
+    cached = checkpoint_cache_dir() / _file_name(url, backbone, spec.filename)
     with _one_downloader(cached, url):  # the other processes then find it in the cache
         return _cached_or_downloaded(backbone, cached, url, expected, env_sha, progress)
 
