@@ -1037,3 +1037,85 @@ def test_resume_with_fewer_rows_says_how_many_and_which_differs(tmp_path, now, s
         state.check_plan({"train": now, "seed": 0})
     assert shown in str(info.value), str(info.value)
     state.check_plan({"train": ROWS, "seed": 0})  # the same plan resumes
+
+
+# ------------------------------------------------------------ interrupted overwrite, resume
+def _interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Ctrl-C as the line of epoch ``epoch`` is written (after that epoch's checkpoint)."""
+    from automask.training import progress
+
+    real = progress.EpochLines._write
+
+    def write(self, line):
+        if f" epoch {epoch}/" in f" {line}":
+            raise KeyboardInterrupt
+        return real(self, line)
+
+    monkeypatch.setattr(progress.EpochLines, "_write", write)
+
+
+def test_an_interrupted_overwrite_gives_the_predictor_its_logs_until_resumed(
+        data, base, tmp_path, monkeypatch):
+    """Ctrl-C in an overwriting fit: the old predictor's history (and a copy saved
+    elsewhere) is its own, not the interrupted fit's; a damaged epoch checkpoint is named
+    on resume; the resume takes its logs back and ends with the new fit's history only."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    old_logs = digest_tree(run / "logs")
+    hp = {"optim.max_epochs": 3, "model.input_size": 64}
+    _interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=1).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=hp, overwrite=True)
+    monkeypatch.undo()
+    assert digest_tree(run / "logs") == old_logs  # the predictor's, as before the fit
+    old = SemanticSegmentor.load(run)
+    assert digest_tree(old.save(tmp_path / "copy") / "logs") == old_logs
+    # a partial copy of the folder cut the epoch checkpoint short: named, nothing trained
+    ckpt = run / STATE / "checkpoints" / "default.ckpt"
+    whole = ckpt.read_bytes()
+    ckpt.write_bytes(whole[:1000])
+    with pytest.raises(ConfigError, match=re.escape(f"{str(ckpt)!r}, is unreadable") +
+                       ".*delete it to train that candidate again"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=hp, resume=True)
+    assert digest_tree(run / "logs") == old_logs
+    ckpt.write_bytes(whole)
+    seg = SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                       hyperparameters=hp, resume=True)
+    assert seg.models_["default"].epochs == 3
+    names = sorted(p.name for p in (run / "logs").iterdir())
+    assert names == ["default", "default-resumed-1"]  # the new fit's two parts, no more
+    rows = pd.read_csv(run / "logs" / "default" / "metrics.csv")
+    assert rows["epoch"].max() < 2  # the interrupted part: epochs 0 and 1 only
+    assert digest_tree(run / "logs") != old_logs
+
+
+def test_a_resume_refuses_sam_weights_replaced_since_the_interruption(data, tmp_path,
+                                                                     monkeypatch):
+    """The SAM file a fit trains on was replaced before the resume: refused, naming the
+    file and both SHA-256s, instead of training on a mix of the two."""
+    from automask.models import build_segmenter
+
+    weights = tmp_path / "sam_tiny.pth"
+    torch.save(build_segmenter("tiny", input_size=64, checkpoint="random").state_dict(),
+               weights)
+    first = hashlib.sha256(weights.read_bytes()).hexdigest()
+    run = tmp_path / "run"
+    hp = {"optim.max_epochs": 3, "model.input_size": 64, "peft.method": "lora",
+          "model.checkpoint": str(weights)}
+    _interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=1).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=hp)
+    monkeypatch.undo()
+    torch.manual_seed(1)
+    torch.save(build_segmenter("tiny", input_size=64, checkpoint="random").state_dict(),
+               weights)
+    second = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert first != second
+    with pytest.raises(ConfigError, match=f"{re.escape(repr(str(weights)))} with SHA-256 "
+                                          f"{second}.*trained on .* with SHA-256 {first}"):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=hp, resume=True)
+    assert (run / STATE / "checkpoints" / "default.ckpt").is_file()  # nothing lost

@@ -110,6 +110,7 @@ class FitRun(contextlib.AbstractContextManager):
             if not self.state.exists():  # it finished while we waited for the lock
                 raise ConfigError(f"nothing to resume: {str(self.path)!r} holds no "
                                   "interrupted fit")
+            self._unpark_logs()
             return
         if self.overwrite:
             return
@@ -151,8 +152,16 @@ class FitRun(contextlib.AbstractContextManager):
         # writer may not have cleared an earlier fit's files yet.
         finished = {name: self.state.finished(name) if self.writer or self.resume else None
                     for name, _ in plan.candidates}
-        locate_weights([(n, c) for n, c in plan.candidates if finished[n] is None],
-                       progress=verbosity >= 2)
+        if self.resume:  # a damaged epoch checkpoint is named before any training
+            for name, _ in plan.candidates:
+                if finished[name] is None:
+                    self.state.check_checkpoint(name)
+        weights = locate_weights([(n, c) for n, c in plan.candidates if finished[n] is None],
+                                 progress=verbosity >= 2)
+        if self.writer and self.resume:  # it trains on the weights its first part did
+            self.state.check_weights(weights)
+        elif self.writer:
+            self.state.record_weights(weights)
         for i, (name, cfg) in enumerate(plan.candidates):
             done = finished[name]
             if done is not None:  # finished before an interruption
@@ -199,6 +208,8 @@ class FitRun(contextlib.AbstractContextManager):
             if exc_type is None:
                 self.state.remove()
             elif keep:
+                with contextlib.suppress(OSError):  # never in place of the fit's own error
+                    self._park_logs()
                 log.warning("the completed epochs are kept in %s; fit(..., resume=True) "
                             "(automask fit --resume) continues the fit", self.path)
             else:
@@ -210,6 +221,31 @@ class FitRun(contextlib.AbstractContextManager):
                 self._lock = None
         if exc_type is not None and not keep and self._created_top is not None:
             shutil.rmtree(self._created_top, ignore_errors=True)
+
+    def _park_logs(self) -> None:
+        """An interrupted fit that replaces a predictor: its own logs wait in the fit's
+        state, and the predictor's come back (:meth:`FitState.park_logs`), so that its
+        history, and a copy saved elsewhere, are its own until the fit resumes."""
+        logs, replaced = self.path / "logs", self.state.replaced_logs_dir
+        if not replaced.is_dir() or not logs.is_dir():
+            return  # no predictor's logs were set aside
+        ours = [f.name for f in logs.iterdir()
+                if f.name not in self._before_logs or (replaced / f.name).exists()]
+        self.state.park_logs(logs, ours)
+
+    def _unpark_logs(self) -> None:
+        """A resumed fit takes its parked logs back (:meth:`FitState.unpark_logs`); the
+        predictor's logs of those candidates are set aside again."""
+        from .recipe import _log_folders
+
+        parked = self.state.parked_logs_dir
+        if not parked.is_dir():
+            return
+        names = set()
+        for folder in parked.iterdir():
+            base, sep, n = folder.name.rpartition("-resumed-")
+            names.add(base if sep and n.isdigit() else folder.name)
+        self.state.unpark_logs(self.path / "logs", _log_folders(self.path, names))
 
     def _restore_logs(self) -> None:
         """The training logs as before this failed fit: the folders it created go, and

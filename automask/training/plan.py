@@ -173,7 +173,8 @@ def relocate(plan: FitPlan, moves: dict[str, str]) -> FitPlan:
     return replace(plan, spec=spec, tuning_spec=tuning_spec, record=record, frames=frames)
 
 
-def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = False) -> None:
+def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = False
+                   ) -> dict[str, tuple[str, str]]:
     """Find the pretrained weights of every candidate before the first one trains.
 
     Each distinct (backbone, ``model.checkpoint``) is resolved as the model build resolves
@@ -186,21 +187,30 @@ def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = Fal
     CheckpointError
         Naming the first candidate whose weights cannot be had, with the ways to provide
         them.
+
+    Returns
+    -------
+    dict
+        ``"<backbone> <model.checkpoint>"`` -> (the file found, its SHA-256), for each
+        distinct pair a candidate needs (random initialisation: none).
     """
     from ..errors import CheckpointError
     from ..models.checkpoint import locate_checkpoint
     from ..peft import get_method
 
-    seen = set()
+    found: dict[str, tuple[str, str]] = {}
     for name, cfg in candidates:
         wanted = (cfg.model.backbone, cfg.model.checkpoint)
-        if get_method(cfg.peft.method).random_init or wanted in seen:
+        key = f"{wanted[0]} {wanted[1]}"
+        if get_method(cfg.peft.method).random_init or key in found:
             continue
-        seen.add(wanted)
         try:
-            locate_checkpoint(*wanted, progress=progress)
+            where = locate_checkpoint(*wanted, progress=progress)
         except CheckpointError as exc:
             raise CheckpointError(f"candidate {name!r}: {exc}") from None
+        if where.path is not None:  # not model.checkpoint="random"
+            found[key] = (str(where.path), str(where.sha256))
+    return found
 
 
 def _check_class_weights(name: str, cfg: Config, spec) -> None:

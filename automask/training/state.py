@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,39 @@ class FitState:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(folder, dest)
         shutil.rmtree(self.replaced_logs_dir, ignore_errors=True)
+
+    @property
+    def parked_logs_dir(self) -> Path:
+        """Where an interrupted fit's own training logs wait (see :meth:`park_logs`) while
+        the predictor it was to replace has its logs back."""
+        return self.root / "interrupted_logs"
+
+    def park_logs(self, logs_dir: Path, ours: list[str]) -> None:
+        """An interrupted fit's log folders ``ours`` (names under ``logs_dir``) go into
+        :attr:`parked_logs_dir`, and the folders :meth:`stash_logs` set aside come back:
+        until the fit resumes, the run folder's logs are those of its predictor."""
+        for name in ours:
+            dest = self.parked_logs_dir / name
+            if dest.exists():
+                shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(logs_dir) / name, dest)
+        self.restore_logs(logs_dir)
+
+    def unpark_logs(self, logs_dir: Path, replaced: list[Path]) -> None:
+        """Undo :meth:`park_logs` when the fit resumes: the predictor's log folders
+        ``replaced`` (those of the parked logs' candidates) are set aside again and the
+        parked ones return to ``logs_dir``."""
+        if not self.parked_logs_dir.is_dir():
+            return
+        self.stash_logs(replaced)
+        for folder in sorted(self.parked_logs_dir.iterdir()):
+            dest = Path(logs_dir) / folder.name
+            if dest.exists():  # not the predictor's (stashed above): a leftover
+                shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, dest)
+        shutil.rmtree(self.parked_logs_dir, ignore_errors=True)
 
     def keep_inputs(self, moves: dict[str, str]) -> None:
         """Move each file ``moves`` names (a temporary file of an in-memory picture) to its
@@ -177,6 +211,55 @@ class FitState:
     # ---------------------------------------------------------- candidates
     def checkpoint_path(self, name: str) -> Path:
         return self.root / "checkpoints" / f"{_stem(name)}.ckpt"
+
+    def record_weights(self, weights: dict[str, tuple[str, str]]) -> None:
+        """Record the pretrained weights a new fit found (:func:`~automask.training.plan.
+        locate_weights`: backbone and ``model.checkpoint`` -> file and SHA-256)."""
+        with atomic_write(self.root / "weights.json", "w") as fh:
+            json.dump(weights, fh, indent=2)
+
+    def check_weights(self, weights: dict[str, tuple[str, str]]) -> None:
+        """Raise ConfigError when a resumed fit found other weights than the interrupted
+        one (:meth:`record_weights`): a file replaced in the meantime, whose candidates
+        would train partly on each and whose finished ones could no longer be loaded."""
+        path = self.root / "weights.json"
+        if not path.is_file():  # recorded by no earlier automask: nothing to compare
+            return
+        try:
+            recorded = json.loads(path.read_text())
+            if not isinstance(recorded, dict):
+                raise ValueError(f"it holds a {type(recorded).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot resume: {str(path)!r} is unreadable ({exc}); fit "
+                              "again with overwrite=True") from exc
+        for key, (file, digest) in weights.items():
+            then = recorded.get(key)
+            if isinstance(then, list) and len(then) == 2 and then[1] != digest:
+                backbone = key.split(" ", 1)[0]
+                raise ConfigError(
+                    f"cannot resume the fit in {str(self.root.parent)!r}: the SAM weights of "
+                    f"backbone {backbone!r} are now {file!r} with SHA-256 {digest}, but the "
+                    f"interrupted fit trained on {then[0]!r} with SHA-256 {then[1]}; put "
+                    "that file back, or fit again with overwrite=True")
+
+    def check_checkpoint(self, name: str) -> None:
+        """Raise ConfigError, naming the file and the way out, when candidate ``name`` has an
+        epoch checkpoint that cannot be read whole (cut short by a partial copy of the run
+        folder, or damaged): ``torch.save`` writes a zip archive, whose every member's
+        CRC is checked here, before the candidate's model is built."""
+        path = self.checkpoint_path(name)
+        if not path.is_file():
+            return
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"its member {bad!r} is damaged")
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise ConfigError(
+                f"cannot resume: the epoch checkpoint of candidate {name!r}, {str(path)!r}, is "
+                f"unreadable ({exc}); delete it to train that candidate again from its first "
+                "epoch, or fit again with overwrite=True") from exc
 
     def finished(self, name: str) -> CandidateRecord | str | None:
         """The candidate's record, the reason it was dropped, or None when unfinished."""
