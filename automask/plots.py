@@ -326,7 +326,29 @@ def read_history(run_dir: str | os.PathLike, candidates: Sequence[str] | None = 
                 f"the training log {p} has no 'epoch' column (columns: {list(df.columns)}); "
                 "it is not a log that a fit wrote")
         curves[name] = df
-    return curves
+    return _without_discarded_epochs(curves)
+
+
+def _without_discarded_epochs(curves: dict[str, Any]) -> dict[str, Any]:
+    """Leave out the rows of an epoch that an interruption cut short and a resume ran
+    again: a ``<name>-resumed-N`` log that starts at epoch e replaces the rows from epoch e
+    on in the logs of ``<name>`` before it (a half epoch's loss, logged step by step)."""
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for name in curves:
+        base, sep, n = name.rpartition("-resumed-")
+        key, order = (base, int(n)) if sep and n.isdigit() else (name, 0)
+        parts.setdefault(key, []).append((order, name))
+    out = dict(curves)
+    for members in parts.values():
+        members.sort()
+        for i, (_, later) in enumerate(members):
+            start = out[later]["epoch"].min()
+            if start != start:  # no rows (NaN): nothing replaced
+                continue
+            for _, earlier in members[:i]:
+                df = out[earlier]
+                out[earlier] = df[~(df["epoch"] >= start)]
+    return out
 
 
 # --------------------------------------------------- from a fitted predictor

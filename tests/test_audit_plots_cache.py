@@ -458,6 +458,23 @@ def test_history_with_an_empty_log_or_before_any_validation(tmp_path):
         plots.plot_history(tmp_path / "a", metric="dice")
 
 
+def test_history_leaves_out_the_half_epoch_a_resume_ran_again(tmp_path):
+    """Interrupted after a step of epoch 2 (index 1), resumed from the end of epoch 1:
+    the resumed log's epoch 2 is the one drawn, the half epoch's loss is not."""
+    half = GOOD_LOG.rsplit("1,1,,0.6\n", 1)[0].replace("1,1,0.8,", "1,1,0.95,")
+    run = _logs(tmp_path / "a", default=half,
+                **{"default-resumed-1": "epoch,step,train_loss,val_iou\n1,1,0.8,\n1,1,,0.6\n"
+                                        "2,2,0.7,\n2,2,,0.65\n"},
+                other=GOOD_LOG)
+    curves = plots.read_history(run)
+    assert curves["default"]["epoch"].tolist() == [0, 0]  # epoch 1's half is left out
+    assert curves["default-resumed-1"]["epoch"].tolist() == [1, 1, 2, 2]
+    assert curves["other"]["epoch"].tolist() == [0, 0, 1, 1]  # another candidate: whole
+    loss_ax, _ = plots.plot_history(run, metric="iou").axes
+    drawn = {line.get_label(): list(line.get_ydata()) for line in loss_ax.lines}
+    assert drawn["default"] == [1.0] and drawn["default-resumed-1"] == [0.8, 0.7]
+
+
 def test_history_names_a_log_it_cannot_read(tmp_path, monkeypatch):
     _drawing_forbidden(monkeypatch)
     run = _logs(tmp_path / "a", bad=GOOD_LOG + "2,2,0.5,0.7,extra\n")
