@@ -583,7 +583,22 @@ class SemanticSegmentor(BaseEstimator):
         if replacing and not overwrite:
             raise ConfigError(f"{str(target)!r} already holds another predictor; pass "
                               "overwrite=True to replace it, or choose another path")
-        version = saving.save_predictor(self, target)
+        from .training.state import FitState
+
+        interrupted = not own and FitState(target).exists()
+        if interrupted and not overwrite:
+            raise ConfigError(
+                f"{str(target)!r} holds the state of another fit ('.automask_fit': an "
+                "interrupted fit that fit(..., resume=True) continues, or one running); pass "
+                "overwrite=True to replace it, or choose another path")
+        # replacing an interrupted fit: its state goes with the same hold of the folder's
+        # lock (a running fit holds it: PathInUseError), and its logs as a new fit's would
+        held = Path(target).expanduser().absolute()
+        with saving.run_lock(held, "save") if interrupted else contextlib.nullcontext():
+            version = saving.save_predictor(self, target)
+            if interrupted:
+                FitState(target).remove()
+        replacing = replacing or interrupted
         if not own:
             self._copies = {**copies, key: version.name}
         copy_logs(self.path_, target, list(self.models_), replace_all=replacing)

@@ -1119,3 +1119,26 @@ def test_a_resume_refuses_sam_weights_replaced_since_the_interruption(data, tmp_
         SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
                                                      hyperparameters=hp, resume=True)
     assert (run / STATE / "checkpoints" / "default.ckpt").is_file()  # nothing lost
+
+
+def test_save_into_an_interrupted_fits_folder_needs_overwrite(data, base, tmp_path,
+                                                              monkeypatch):
+    """A folder that holds only an interrupted fit is no free folder: save refuses it
+    without overwrite=True (the fit could be resumed), and with it replaces the fit whole,
+    its state and logs too."""
+    run = tmp_path / "run"
+    _interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=1).fit(
+            data / "train.csv", presets="tiny",
+            hyperparameters={"optim.max_epochs": 3, "model.input_size": 64})
+    monkeypatch.undo()
+    assert (run / STATE).is_dir() and (run / "logs" / "default").is_dir()
+    fitted = SemanticSegmentor.load(base)
+    with pytest.raises(ConfigError, match="holds the state of another fit.*overwrite=True"):
+        fitted.save(run)
+    assert (run / STATE / "plan.json").is_file()  # still resumable
+    fitted.save(run, overwrite=True)
+    assert not (run / STATE).exists()
+    assert digest_tree(run / "logs") == digest_tree(base / "logs")
+    assert SemanticSegmentor.load(run).best_model_ == fitted.best_model_
