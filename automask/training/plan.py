@@ -182,17 +182,17 @@ def locate_weights(candidates: list[tuple[str, Config]], *, progress: bool = Fal
     weights that cannot be had fail the fit before any training, not after the earlier
     candidates have trained. Methods trained from random weights need none.
 
-    Raises
-    ------
-    CheckpointError
-        Naming the first candidate whose weights cannot be had, with the ways to provide
-        them.
-
     Returns
     -------
     dict
         ``"<backbone> <model.checkpoint>"`` -> (the file found, its SHA-256), for each
         distinct pair a candidate needs (random initialisation: none).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the first candidate whose weights cannot be had, with the ways to provide
+        them.
     """
     from ..errors import CheckpointError
     from ..models.checkpoint import locate_checkpoint

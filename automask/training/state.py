@@ -11,6 +11,9 @@ Layout::
     models/<model>.safetensors # weights of each finished candidate
     records/<model>.json       # a finished candidate's record (the commit point), or why it
                                # was dropped
+    weights.json               # the SAM file(s) found and their SHA-256 (what resume checks)
+    replaced_logs/<folder>     # the replaced predictor's logs of the candidates trained so far
+    interrupted_logs/<folder>  # an interrupted fit's own logs, while the predictor has its own
 
 Every file is written atomically (temporary file, then rename), so ``kill -9`` at any
 moment leaves each one complete or absent, and at most the running epoch is lost.
