@@ -532,3 +532,47 @@ def test_evaluate_at_the_input_resolution_scores_the_model_view_against_nearest_
         seg.evaluate(frame, resolution="1024")
     with pytest.raises(ConfigError, match="external rows"):
         seg.leaderboard(frame, extra={"other": tmp_path}, resolution="input")
+
+
+def test_time_limit_shares_are_even_for_even_candidates(monkeypatch, tmp_path):
+    """Each candidate's share of time_limit keeps for all but training what the candidate
+    before it spent on that (the first: 5% of its share), not a fixed 7% + 1 s that later
+    candidates inherit unused: four alike candidates train alike. A clock of our own, so
+    that the arithmetic, not this machine's speed, is tested."""
+    from types import SimpleNamespace
+
+    from automask.config import resolve
+    from automask.training import recipe
+    from automask.training.lifecycle import FitRun
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    setup, after = 0.4, 1.6  # seconds a candidate spends building, and after training
+    trained = {}
+
+    class Record:
+        def to_json(self):
+            return {}
+
+    def fake_train(name, cfg, *args, budget, reserve, **kwargs):
+        clock[0] += setup
+        seconds = recipe.training_seconds(budget, setup, reserve)
+        trained[name] = seconds
+        clock[0] += seconds + after
+        return recipe.Outcome(model=None, record=Record(), trained_s=seconds)
+
+    monkeypatch.setattr(recipe, "train_candidate", fake_train)
+    [(_, cfg)] = resolve("tiny", {})  # random weights: nothing to locate
+    plan = SimpleNamespace(candidates=[(f"seed={i}", cfg) for i in range(4)], spec=None,
+                           tuning_spec=None, metric="iou")
+    with FitRun(tmp_path / "run", overwrite=False, resume=False) as run:
+        run.state.start({"candidates": {}}, {})
+        records, _ = run.train_candidates(plan, seed=0, verbosity=0, deadline=clock[0] + 40.0)
+    assert list(records) == list(trained) == [f"seed={i}" for i in range(4)]
+    first, *later = trained.values()
+    assert first == pytest.approx(10 - setup - 0.5)  # a 10 s share, 5% kept
+    # the later ones keep what the first spent on all but training (2 s) and train alike:
+    # the time the first took is gone, the rest is shared evenly
+    share = (40 - (setup + first + after)) / 3
+    assert later == pytest.approx([share - setup - after] * 3)
+    assert clock[0] == pytest.approx(1040.0)  # the whole limit, no more

@@ -148,6 +148,7 @@ class FitRun(contextlib.AbstractContextManager):
         from . import distributed
 
         records, loaded, dropped = {}, {}, []
+        reserve = None  # seconds a candidate spent on all but training, once measured
         # Outside a resumed fit, another process's state is never read: in a new fit the
         # writer may not have cleared an earlier fit's files yet.
         finished = {name: self.state.finished(name) if self.writer or self.resume else None
@@ -180,12 +181,15 @@ class FitRun(contextlib.AbstractContextManager):
                     continue
             run_seed = seed if cfg.env.seed is None else cfg.env.seed
             L.seed_everything(run_seed, workers=True, verbose=False)
+            began = time.monotonic()
             outcome = train_candidate(
                 name, cfg, plan.spec, plan.tuning_spec, run_dir=self.path, state=self.state,
                 seed=run_seed, split_seed=seed, eval_metric=plan.metric,
                 budget=budget, verbosity=verbosity, writer=self.writer,
-                resuming=self.resume,
+                resuming=self.resume, reserve=reserve,
             )
+            if outcome.record is not None:  # what the next share keeps for all but training
+                reserve = max(0.0, time.monotonic() - began - outcome.trained_s)
             if self.writer:
                 self.state.finish(name, outcome.record, outcome.dropped)
             if outcome.record is None:

@@ -36,6 +36,7 @@ class Outcome:
     model: torch.nn.Module | None
     record: CandidateRecord | None
     dropped: str = ""
+    trained_s: float = 0.0  # seconds this call trained (a resume's earlier part not counted)
 
 
 def train_candidate(name: str, cfg: Config, *args, **kwargs) -> Outcome:
@@ -100,6 +101,7 @@ def _train_candidate(
     split_seed: int | None = None,
     writer: bool = True,
     resuming: bool = False,
+    reserve: float | None = None,
 ) -> Outcome:
     """Train candidate ``name``; resume from its epoch checkpoint when there is one.
 
@@ -111,6 +113,11 @@ def _train_candidate(
     ``writer`` is False in the processes of a distributed fit other than rank 0: they
     train their share of the data and write nothing (no cache files, logs, checkpoints
     or weights; see :mod:`automask.training.distributed`).
+
+    ``budget`` (seconds, None: no limit) is the candidate's share of ``time_limit``, of
+    which ``reserve`` is expected to go to everything but training (building, restoring
+    the best weights, writing them, timing predictions), as measured on the candidate
+    before; None (the first): 5% of the share.
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
@@ -187,9 +194,8 @@ def _train_candidate(
     max_time = None
     if budget is not None:
         # Keep a share of the budget for what follows training: restoring the best
-        # weights, timing predictions and saving.
-        spent = time.monotonic() - started
-        seconds = max(1.0, 0.93 * budget - spent - 1.0)
+        # weights, timing predictions and saving; at least a second of training.
+        seconds = training_seconds(budget, time.monotonic() - started, reserve)
         # timedelta holds at most 999,999,999 days; a longer limit never ends a fit anyway
         max_time = timedelta(seconds=min(seconds, timedelta.max.days * 86400.0))
     try:
@@ -287,7 +293,16 @@ def _train_candidate(
     late = budget is not None and time.monotonic() - started > 0.97 * budget
     if writer and not late:
         record.predict_images_per_s = throughput(model, cfg, spec.task, datamodule.val_spec)
-    return Outcome(model, record)
+    return Outcome(model, record, trained_s=clock.seconds - clock.before)
+
+
+def training_seconds(budget: float, spent: float, reserve: float | None) -> float:
+    """Seconds of training in a candidate's share ``budget`` of ``time_limit``, ``spent``
+    seconds of it gone on building: the rest, less what the candidate will spend after
+    training (``reserve``, measured on the candidate before, less ``spent``, both being
+    part of it; None: 5% of the share), and at least one second."""
+    after = 0.05 * budget if reserve is None else max(0.0, reserve - spent)
+    return max(1.0, budget - spent - after)
 
 
 def _early_end(trainer, cfg: Config) -> str | None:
