@@ -661,10 +661,28 @@ def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool
     return len(spec)
 
 
+def _model_names(values: list[str], known) -> list[str]:
+    """The candidates ``--models`` names (each value one name or several, comma-separated):
+    commas inside a candidate's own name (``method=lora,seed=1``) are kept, the longest
+    known name read first; an unknown part stays as it is, for the error to name."""
+    names = []
+    for value in values:
+        parts = _split(value, "--models")
+        i = 0
+        while i < len(parts):
+            j = next((j for j in range(len(parts), i, -1) if ",".join(parts[i:j]) in known),
+                     i + 1)
+            names.append(",".join(parts[i:j]))
+            i = j
+    return names
+
+
 def _cmd_show(args) -> None:
-    models = _split(args.models, "--models") if args.models not in (None, "all") else None
     _check_data_options(args, "no data: give --data (CSV, folder, image) or --images/--masks")
+    if args.models is not None:
+        _split(",".join(args.models), "--models")  # an empty name, before the model loads
     seg = _load(args.run, args)
+    models = None if args.models in (None, ["all"]) else _model_names(args.models, seg.models_)
     data = _folders(args, seg.image, seg.label)
     data = data if data is not None else args.data
     if args.models:
@@ -759,8 +777,10 @@ def _add_picture_commands(sub) -> None:
     p.add_argument("--n", type=int, default=4, help="images to draw (the first n)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="candidate to draw (default: the best)")
-    which.add_argument("--models", metavar="A,B,C",
-                   help="compare these candidates side by side ('all' for every one)")
+    which.add_argument("--models", metavar="A,B,C", action="append",
+                       help="compare these candidates side by side ('all' for every one): "
+                            "comma-separated or the option repeated; a name with commas "
+                            "of its own (method=lora,seed=1) is read whole")
     p.set_defaults(func=_cmd_show)
 
     p = _add_command(sub, "history", help="draw training loss and validation curves (PNG)")

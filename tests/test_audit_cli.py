@@ -308,3 +308,17 @@ def _refused_before_import(argv: list[str], says: str,
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], (argv, proc.stdout, proc.stderr)
     assert says in proc.stderr, (argv, proc.stderr)
+
+
+def test_show_models_reads_candidate_names_with_commas_whole():
+    """Candidates of several options are named ``method=lora,seed=1``: ``--models`` split
+    on every comma named none of them."""
+    from automask.cli import _model_names
+
+    known = {"method=full,seed=0", "method=full,seed=1", "method=lora,seed=0", "method=lora"}
+    assert _model_names(["method=full,seed=1,method=lora,seed=0"], known) == [
+        "method=full,seed=1", "method=lora,seed=0"]
+    assert _model_names(["method=lora", "method=full,seed=0"], known) == [
+        "method=lora", "method=full,seed=0"]
+    # an unknown part stays whole for the error to name; a known one after it is read
+    assert _model_names(["nope,method=lora"], known) == ["nope", "method=lora"]

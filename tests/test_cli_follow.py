@@ -294,6 +294,14 @@ def test_show_and_history_write_pictures(fitted, data, tmp_path):
         # 3 columns against 4 (image, truth, one per model), same rows
         assert a.width < b.width and abs(a.height - b.height) <= 2
         assert b.width / a.width == pytest.approx(4 / 3, rel=0.05)
+    # the option repeated, a name each: the same picture
+    again = tmp_path / "again.png"
+    proc = run_cli("show", str(run), "--images", str(data / "images"), "--masks",
+                   str(data / "masks"), "--out", str(again), "--n", "2",
+                   "--models", "method=full", "--models", "method=lora")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(again) as c, Image.open(both) as b:
+        assert c.size == b.size
     curves = tmp_path / "curves.png"
     proc = run_cli("history", str(run), "--out", str(curves))
     assert proc.returncode == 0, proc.stderr
