@@ -114,8 +114,9 @@ def build_leaderboard(
     Raises
     ------
     ConfigError
-        Unknown style or metric, an empty list of metrics, ``extra`` without ``data``, or
-        an external row named like a trained model (or not a non-empty string).
+        Unknown style or metric, an empty list of metrics, ``extra`` or ``metrics``
+        without ``data``, or an external row named like a trained model (or not a
+        non-empty string).
     DataValidationError
         An external folder missing, or without a prediction for some rows of ``data``
         (the message names them), or a prediction that does not fit its mask.
@@ -148,6 +149,10 @@ def build_leaderboard(
         raise ConfigError(f"external row names must be non-empty strings, got {bad[:3]!r}")
     if extra and data is None:
         raise ConfigError("external rows (extra=...) need labelled test data (data=...)")
+    if metrics is not None and data is None:  # they would be checked, then dropped unsaid
+        raise ConfigError(f"leaderboard metrics {metrics} score test data: give labelled "
+                          "data (data=..., --data), or leave metrics out for the "
+                          "validation scores alone")
     from .prediction import RESOLUTIONS
 
     if resolution not in RESOLUTIONS:

@@ -182,6 +182,9 @@ def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tm
         seg.leaderboard(test, extra={"lora": small})
     with pytest.raises(ConfigError, match="need labelled test data"):
         seg.leaderboard(extra={"S": small})
+    # test metrics without test data were checked, then dropped without a word
+    with pytest.raises(ConfigError, match=r"metrics \['sm'\] score test data"):
+        seg.leaderboard(metrics=["sm"])
     with pytest.raises(ConfigError, match=r"extra must be a dict of row name to predictions "
                                           r"folder.*got a list"):
         seg.leaderboard(test, extra=[str(small)])
