@@ -77,6 +77,9 @@ def test_select_metric_is_checked_before_any_work(tmp_path):
             frame, presets="tiny", hyperparameters={"optim.select_metric": "miou"})
     with pytest.raises(ConfigError, match=r"unknown eval_metric 'mIoU'; did you mean 'iou'\?"):
         SemanticSegmentor(path=run, verbosity=0, eval_metric="mIoU").fit(frame, presets="tiny")
+    for empty in ("", " "):  # not the default in disguise
+        with pytest.raises(ConfigError, match="eval_metric must be a metric name"):
+            SemanticSegmentor(path=run, verbosity=0, eval_metric=empty).fit(frame, presets="tiny")
     assert not run.exists()
     with pytest.raises(ConfigError, match=r"'env\.seed'"):
         resolve("tiny", {"env.seed": -1})

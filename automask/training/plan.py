@@ -287,6 +287,11 @@ def _resolve_image_range(candidates: list[tuple[str, Config]], spec, tuning_spec
 def choose_eval_metric(eval_metric: str | None, task: str, select: str | None = None) -> str:
     """The validation metric: ``optim.select_metric``, else the estimator's
     ``eval_metric``, checked against the task; iou / miou by default."""
+    for key, value in (("'optim.select_metric'", select), ("eval_metric", eval_metric)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            # "" would fall through to the default without a word
+            raise ConfigError(f"{key} must be a metric name, or None for the task's default, "
+                              f"got {value!r}")
     metric = select or eval_metric or ("iou" if task == "binary" else "miou")
     if metric not in METRIC_TASK:
         key = "'optim.select_metric'" if select else "eval_metric"
