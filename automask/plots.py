@@ -275,8 +275,14 @@ def plot_history(run_dir: str | os.PathLike, *, metric: str | None = None,
             loss = df.dropna(subset=["train_loss"]).groupby("epoch")["train_loss"].mean()
             loss_ax.plot(loss.index + 1, loss.values, marker="o", markersize=3, label=name)
         if metric is not None and metric in df.columns:
-            val = df.dropna(subset=[metric]).groupby("epoch")[metric].last()
-            val_ax.plot(val.index + 1, val.values, marker="o", markersize=3, label=name)
+            # every validation: k of them in an epoch (optim.val_check_interval < 1) at
+            # fractions 1/k, 2/k, ..., 1 of it, the last at the epoch's end as the loss
+            val = df.dropna(subset=[metric])
+            epoch = val["epoch"].to_numpy(dtype=float)
+            nth = val.groupby("epoch").cumcount().to_numpy() + 1
+            per = val.groupby("epoch")[metric].transform("size").to_numpy()
+            val_ax.plot(epoch + nth / per, val[metric].to_numpy(), marker="o", markersize=3,
+                        label=name)
     loss_ax.set_title("training loss")
     val_ax.set_title(f"validation {metric.removeprefix('val_') if metric else '(none logged)'}")
     for ax in (loss_ax, val_ax):

@@ -475,6 +475,18 @@ def test_history_leaves_out_the_half_epoch_a_resume_ran_again(tmp_path):
     assert drawn["default"] == [1.0] and drawn["default-resumed-1"] == [0.8, 0.7]
 
 
+def test_history_draws_every_validation_of_an_epoch(tmp_path):
+    """optim.val_check_interval=0.5 validates twice an epoch: both are drawn (the first,
+    the best here, selected the model), at the epoch's half and end."""
+    log = ("epoch,step,train_loss,val_iou\n0,0,1.0,\n0,0,,0.41\n0,1,0.9,\n0,1,,0.38\n"
+           "1,2,0.8,\n1,2,,0.37\n")
+    run = _logs(tmp_path / "a", default=log)
+    _, val_ax = plots.plot_history(run, metric="iou").axes
+    [line] = val_ax.lines
+    assert list(line.get_xdata()) == [0.5, 1.0, 2.0]
+    assert list(line.get_ydata()) == [0.41, 0.38, 0.37]
+
+
 def test_history_names_a_log_it_cannot_read(tmp_path, monkeypatch):
     _drawing_forbidden(monkeypatch)
     run = _logs(tmp_path / "a", bad=GOOD_LOG + "2,2,0.5,0.7,extra\n")
