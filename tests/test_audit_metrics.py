@@ -559,3 +559,26 @@ def test_one_metric_name_as_a_string_and_one_dimensional_maps():
     with pytest.raises(ValueError, match=r"image 0: prediction and target have shape \(5,\): "
                                          r"binary maps must be 2-D"):
         score([np.zeros(5, np.float32)], [np.zeros(5, np.uint8)])
+
+
+def test_class_ids_against_a_set_of_0_1_masks_are_not_read_as_a_grey_map():
+    """A multi-class prediction {0, 1, 2} scored against ground truths that happen to hold
+    only 0 and 1: read as an 8-bit grey map, class 1 was 1/255 and the perfect object
+    scored IoU 0 without a word. The task is asked for now."""
+    gt = np.zeros((40, 40), np.uint8)
+    gt[5:20, 5:20] = 1
+    pred = gt.copy()
+    pred[25:35, 25:35] = 2
+    for targets in ([gt], [np.where(gt == 1, 255, 0).astype(np.uint8)]):
+        with pytest.raises(ValueError, match=r"image 0: the prediction holds the values "
+                                             r"\{0, 1, 2\}.*task='multiclass'"):
+            score([pred], targets)
+    multi = score([pred], [gt], task="multiclass", num_classes=3)
+    assert multi["miou"] == pytest.approx((1275 / 1375 + 1.0 + 0.0) / 3)  # a confusion matrix
+    # masks as predictions, 0/1 or 0/255 or bool, are binary as before
+    for mask in (gt, gt * 255, gt.astype(bool)):
+        assert score([mask], [gt], metrics=["iou"])["iou"] == 1.0
+    # a grey map reaching 200 is a grey map, whatever small values it holds too
+    grey = (gt * 230).astype(np.uint8)
+    grey[0, 0] = 2
+    assert score([grey], [gt], metrics=["iou"])["iou"] == 1.0

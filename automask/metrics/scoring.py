@@ -190,6 +190,26 @@ def _grey_8bit(predictions: list[Tensor], targets: list[Tensor], ignore_index: i
     return False
 
 
+def _refuse_ids_against_masks(predictions: list[Tensor]) -> None:
+    """ValueError for an integer prediction that holds a few small values past 1 (``{0, 1,
+    2}``) against 0/1 or 0/255 masks: read as a grey map, 2 is 2/255, background; class ids
+    of a multi-class model scored against a set whose masks happen to hold no class past 1
+    would be scored as nothing found. Which it is must be said."""
+    for i, p in enumerate(predictions):
+        if p.dtype == torch.bool or p.is_floating_point() or not p.numel():
+            continue
+        values = _values(p)
+        hi = int(values.max())
+        if 2 <= hi < GREY_FROM and values.numel() <= MAX_GUESSED_CLASSES:
+            shown = ", ".join(str(v) for v in values[:8].tolist())
+            raise ValueError(
+                f"image {i}: the prediction holds the values {{{shown}"
+                f"{', ...' if values.numel() > 8 else ''}}} but every target is a 0/1 or "
+                "0/255 mask: class ids of a multi-class model (pass task='multiclass' and "
+                "num_classes; automask score --task multiclass) or a grey map whose values "
+                "stay below 200 (pass task='binary'; it is read as value / 255)")
+
+
 def _values(m: Tensor) -> Tensor:
     """The distinct values of an integer map, sorted, as int64 (of a uint8 map by counting:
     10x faster than sorting a megapixel)."""
@@ -216,6 +236,8 @@ def infer_task(
     a value from ``GREY_FROM`` (200) to 254 (8-bit saliency maps, anti-aliased masks: their
     values are grey levels, and the targets are binarised ``> gt_threshold``), else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
+    Against such targets, an integer prediction holding a few values from 2 to 199 (class
+    ids ``{0, 1, 2}``, or a dark grey map) raises ValueError instead of being read as grey.
     An integer prediction with more than ``MAX_GUESSED_CLASSES`` (64) distinct values
     against targets that are neither raises ValueError rather than be guessed either way
     (a grey map whose values stay below 200, or a map of very many classes).
@@ -239,6 +261,8 @@ def infer_task(
     if any(p.is_floating_point() for p in predictions):
         return "binary"
     if all(_binary_like(t, ignore_index) for t in targets):
+        if not _grey_8bit(predictions, targets, ignore_index):
+            _refuse_ids_against_masks(predictions)
         return "binary"
     if _grey_8bit(predictions, targets, ignore_index):
         return "binary"
