@@ -582,3 +582,16 @@ def test_class_ids_against_a_set_of_0_1_masks_are_not_read_as_a_grey_map():
     grey = (gt * 230).astype(np.uint8)
     grey[0, 0] = 2
     assert score([grey], [gt], metrics=["iou"])["iou"] == 1.0
+
+
+def test_class_scores_of_an_image_one_pixel_wide_keep_their_width():
+    """(K, H, 1) scores of an H x 1 image were read as one (K, H) map, like an (H, W, 1)
+    one, and refused as float class ids."""
+    gt = np.array([[0], [1], [2], [1]], np.uint8)  # 4 x 1
+    scores = np.eye(3, dtype=np.float32)[gt[:, 0]].T[:, :, None]  # (3, 4, 1)
+    for task in (None, "multiclass"):
+        got = score([scores], [gt], task=task, num_classes=3)
+        assert got["miou"] == 1.0 and got["acc"] == 1.0
+    # a one-channel map of that image is still read as (H, W)
+    prob = (gt == 1).astype(np.float32)[None]  # (1, 4, 1)
+    assert score([prob], [(gt == 1).astype(np.uint8)], metrics=["iou"])["iou"] == 1.0

@@ -407,8 +407,12 @@ def score(
     check_ignore_index(conventions.get("ignore_index"))  # before any file is read
     if isinstance(metrics, str):
         metrics = [metrics]  # one name, as evaluate takes it (not its letters)
-    pred_list = [one_channel(p) for p in _as_list(predictions, "predictions")]
     target_list = [one_channel(t) for t in _as_list(targets, "targets")]
+    pred_list = _as_list(predictions, "predictions")
+    # (K, H, 1) scores of an H x 1 target keep their width; any other one-channel map
+    # becomes (H, W)
+    pred_list = [p if i < len(target_list) and _is_scores(as_tensor(p), target_list[i])
+                 else one_channel(p) for i, p in enumerate(pred_list)]
     if len(pred_list) != len(target_list):
         raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets"
                          + _stack_hint(predictions, "predictions")
