@@ -571,6 +571,16 @@ def _print_per_class(key: str, values: list, class_names: Sequence[str]) -> None
         print(f"  {i:>3} {name:<{width}}  {text}")
 
 
+def _csv_number(value):
+    """A CSV cell as a number where its text spells one (``" 4 "``, ``"2.5"``); else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
 def _read_boxes(path: str, data, image_col: str) -> list:
     """One box (or None) per image of ``data`` from ``--boxes``: a CSV with the image
     column and ``x0, y0, x1, y1`` (original pixels), one row per prompted image.
@@ -612,6 +622,9 @@ def _read_boxes(path: str, data, image_col: str) -> list:
         key = os.path.realpath(_resolve(raw, base))  # "~" and relative paths as in --data
         if key in boxes:
             raise DataValidationError(f"--boxes {path!r}: row {row} repeats image {image!r}")
+        # a CSV's cells are text where a column holds a word: "4" is read as the number
+        # it spells, "four" stays for the check to refuse
+        box = [_csv_number(v) for v in box]
         try:  # values and order here, where the row is the CSV's; the image's bounds later
             _check_box(row, box, math.inf, math.inf)
         except DataValidationError as exc:

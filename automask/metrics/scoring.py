@@ -196,8 +196,8 @@ def _refuse_ids_against_masks(predictions: list[Tensor]) -> None:
     of a multi-class model scored against a set whose masks happen to hold no class past 1
     would be scored as nothing found. Which it is must be said."""
     for i, p in enumerate(predictions):
-        if p.dtype == torch.bool or p.is_floating_point() or not p.numel():
-            continue
+        if p.dtype == torch.bool or p.is_floating_point() or p.is_complex() or not p.numel():
+            continue  # complex maps are refused, naming the image, by the checks after
         values = _values(p)
         hi = int(values.max())
         if 2 <= hi < GREY_FROM and values.numel() <= MAX_GUESSED_CLASSES:
