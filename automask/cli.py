@@ -924,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(H, W) foreground probability (binary) or (K, H, W) (multi-class)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing mask files in --out (input files never are)")
-    p.add_argument("--tile", default="auto", metavar="{auto,on,off}",
+    p.add_argument("--tile", default="auto", choices=("auto", "on", "off"),
                    help="sliding windows at the original resolution: auto (the rule the "
                         "model was trained with, data.large_images: by default images whose "
                         "longer side exceeds 1.25 x the model input), on (every image "

@@ -121,9 +121,10 @@ class ModelConfig:
     """Which SAM backbone, which weights, which input size."""
 
     backbone: str = "vit_b"
-    """SAM image encoder: ``tiny`` (random init, for tests), ``vit_b``, ``vit_l`` or ``vit_h``;
-    with the ``sam2`` extra also ``sam2.1_hiera_t``, ``sam2.1_hiera_s``, ``sam2.1_hiera_b+``,
-    ``sam2.1_hiera_l`` and ``sam2_tiny`` (random init, for tests)."""
+    """SAM image encoder: ``tiny`` (for tests: no published weights, so
+    ``model.checkpoint="random"``, which the ``tiny`` preset sets), ``vit_b``, ``vit_l`` or
+    ``vit_h``; with the ``sam2`` extra also ``sam2.1_hiera_t``, ``sam2.1_hiera_s``,
+    ``sam2.1_hiera_b+``, ``sam2.1_hiera_l`` and ``sam2_tiny`` (for tests, as ``tiny``)."""
     checkpoint: str | None = None
     """Path to an official SAM ``.pth``; ``"random"`` for random init (training from scratch);
     None to use the cache, then the official download."""
