@@ -351,3 +351,31 @@ def test_a_write_that_fails_names_the_file_and_leaves_the_old_one(tmp_path):
             raise OSError("1000000 requested and 50144 written")
     assert "Errno None" not in str(caught.value)
     assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_temporary_file_that_cannot_be_removed_does_not_hide_the_error(tmp_path,
+                                                                         monkeypatch):
+    """The folder made read-only during a write: the rename fails, and so does removing
+    the temporary file. The rename's error (naming the file) is raised, with a note naming
+    the temporary file left behind; before, the removal's error replaced it."""
+    import automask.utils.download as download
+
+    target = tmp_path / "00059.png"
+    real_unlink = os.unlink
+
+    def replace(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(dst))
+
+    def unlink(path, *args, **kwargs):
+        if str(path).endswith(".part"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(download.os, "replace", replace)
+    monkeypatch.setattr(download.os, "unlink", unlink)
+    with pytest.raises(PermissionError) as caught:
+        with atomic_write(target) as fh:
+            fh.write(b"mask")
+    assert caught.value.filename == str(target)
+    [note] = caught.value.__notes__
+    assert "could not be removed" in note and ".part" in note and str(target) in note

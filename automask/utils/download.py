@@ -181,8 +181,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
         else:
             _rename_new(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as gone:  # a folder made read-only meanwhile: the first error is the one
+            exc.add_note(f"automask: the temporary file {tmp!r} of {str(path)!r} could not be "
+                         f"removed ({gone.strerror or gone})")
         if isinstance(exc, OSError) and exc.filename is None and exc.errno is None:
             # a bare message (numpy's tofile: "1000000 requested and 50144 written"): a file
             # name alone would print as "[Errno None] None: '<path>'"
