@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import numbers
@@ -278,7 +279,18 @@ def export_model(
 def _write_checked(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
                    expected: np.ndarray, path: Path, format: str, meta: dict[str, str],
                    tolerance: float) -> None:
-    """Export into a temporary folder beside ``path``, compare with PyTorch, rename."""
+    """Export into a temporary folder beside ``path``, compare with PyTorch, rename; an
+    ExportError naming ``path`` when the disk refuses a write."""
+    try:
+        _write_checked_in(clone, example, check, expected, path, format, meta, tolerance)
+    except OSError as exc:  # a full disk, a file size limit: the temporary folder is gone
+        raise ExportError(f"cannot write the {format} export {str(path)!r}: "
+                          f"{exc.strerror or exc}") from exc
+
+
+def _write_checked_in(clone: nn.Module, example: torch.Tensor, check: torch.Tensor,
+                      expected: np.ndarray, path: Path, format: str, meta: dict[str, str],
+                      tolerance: float) -> None:
     # a short name of its own: ``path.name`` may already be as long as the system allows
     with tempfile.TemporaryDirectory(prefix=".automask-export-", dir=path.parent) as tmp:
         tmp_file = Path(tmp) / path.name
@@ -443,6 +455,8 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dest: Path,
                                   dynamic_shapes=({0: torch.export.Dim("batch")},), **common)
         except Exception as exc:  # the exporter raises many kinds
             raise ExportError(f"ONNX export failed with both exporters: {first}; {exc}") from exc
+    except OSError:
+        raise  # the disk's refusal: named with the export's path by the caller
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {exc}") from exc
     proto = onnx.load(str(raw))  # loads weights kept beside the graph, if any
@@ -518,4 +532,10 @@ def _export_pt2(model: nn.Module, example: torch.Tensor, dest: Path,
     except Exception as exc:
         raise ExportError(f"torch.export failed: {exc}") from exc
     meta = {**meta, "exporter": "torch.export"}
-    torch.export.save(program, str(dest), extra_files={"automask.json": json.dumps(meta)})
+    # Serialised in memory, then written by Python: torch's own file writer, out of disk
+    # space, aborts the whole process (a C++ exception past its destructor), where a
+    # write here raises OSError.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={"automask.json": json.dumps(meta)})
+    with open(dest, "wb") as fh:
+        fh.write(buffer.getbuffer())

@@ -394,3 +394,35 @@ assert diff < 1e-4, diff
                            *map(str, images)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_a_full_disk_is_an_export_error_naming_the_file(fitted, tmp_path, suffix):
+    """A write the disk refuses (here a file size limit, as a full disk refuses one): an
+    ExportError naming the export, the process alive, the previous file kept and no
+    temporary folder left. A .pt2 written by torch's own file writer aborted the whole
+    process (a C++ exception past its destructor), which no except clause could catch."""
+    script = r"""
+import resource, signal, sys
+from pathlib import Path
+from automask import SemanticSegmentor
+from automask.export import ExportError
+run, dest = sys.argv[1:3]
+seg = SemanticSegmentor.load(run)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit raises EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    seg.export(dest)
+except ExportError as exc:
+    print("ExportError:", exc)
+print("alive")
+"""
+    dest = tmp_path / f"model{suffix}"
+    dest.write_bytes(b"previous")
+    proc = subprocess.run([sys.executable, "-c", script, str(fitted.path_), str(dest)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"ExportError: cannot write the {suffix[1:]} export {str(dest)!r}: File too large" \
+        in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("alive")
+    assert dest.read_bytes() == b"previous" and sorted(tmp_path.iterdir()) == [dest]
