@@ -1142,3 +1142,24 @@ def test_save_into_an_interrupted_fits_folder_needs_overwrite(data, base, tmp_pa
     assert not (run / STATE).exists()
     assert digest_tree(run / "logs") == digest_tree(base / "logs")
     assert SemanticSegmentor.load(run).best_model_ == fitted.best_model_
+
+
+def test_epoch_checkpoints_are_written_in_the_run_folder_only(data, tmp_path, monkeypatch):
+    """Lightning's writer put each whole checkpoint in the system's temporary folder
+    first (``tempfile.mkstemp``): a small $TMPDIR failed the fit with an error naming no
+    file, whatever room the run folder had. A full temporary folder now changes nothing."""
+    import errno
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    run = tmp_path / "run"
+    _interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=1).fit(
+            data / "train.csv", presets="tiny",
+            hyperparameters={"optim.max_epochs": 3, "model.input_size": 64})
+    assert checkpoint_epoch(run) == 1  # epoch 1's end, read back
+    assert sorted(p.name for p in (run / STATE / "checkpoints").iterdir()) == ["default.ckpt"]

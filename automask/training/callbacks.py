@@ -2,6 +2,7 @@
 each process's threads within the CPU quota."""
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from ..utils import atomic_write
 
 
 class BestTrainableWeights(L.Callback):
@@ -116,6 +120,31 @@ class ThreadsWithinQuota(L.Callback):
         share_cpu_quota(int(getattr(trainer.strategy, "num_processes", 1) or 1))
 
 
+class RunFolderCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing in the checkpoint's own folder.
+
+    Lightning's ``TorchCheckpointIO`` writes the whole file into the system's temporary
+    folder first (``$TMPDIR``: often small on a cluster, whatever room the run folder has)
+    and drops a ``PermissionError`` there. Here the checkpoint is serialised in memory, as
+    Lightning does, and written by :func:`~automask.utils.atomic_write` beside its path, so
+    that an error (a full disk, a folder made read-only) names the checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options is not supported when saving a checkpoint")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with atomic_write(path, "wb") as fh:
+            fh.write(buffer.getbuffer())
+
+
+def use_run_folder_io(trainer: L.Trainer) -> None:
+    """Give ``trainer``'s strategy :class:`RunFolderCheckpointIO` where it has Lightning's
+    default writer (a strategy with a writer of its own keeps it)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = RunFolderCheckpointIO()
+
+
 class EpochCheckpoint(L.Callback):
     """Write a resume checkpoint at the end of every training epoch, atomically.
 
@@ -132,10 +161,14 @@ class EpochCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "stopped", None) is not None:
             return  # the last epoch's checkpoint stays: this one diverged
+        if isinstance(trainer.strategy.checkpoint_io, RunFolderCheckpointIO):
+            # Collective in a distributed fit (every process enters it); only rank 0
+            # writes, atomically, beside the path
+            trainer.save_checkpoint(self.path)
+            return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Collective in a distributed fit (every process enters it); only rank 0 writes.
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)

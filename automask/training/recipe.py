@@ -130,7 +130,8 @@ def _train_candidate(
     from ..prediction import throughput
     from ..saving import weights_filename, weights_to_save, write_weights
     from .builder import build_candidate_model
-    from .callbacks import BestTrainableWeights, EpochCheckpoint, FitClock, ThreadsWithinQuota
+    from .callbacks import (BestTrainableWeights, EpochCheckpoint, FitClock, ThreadsWithinQuota,
+                            use_run_folder_io)
     from .embeddings import EmbeddingCache, why_training_varies
     from .module import SegmentationModule
     from .progress import progress_callbacks, show_bar
@@ -221,6 +222,7 @@ def _train_candidate(
             log_every_n_steps=1,
             deterministic=False,
         )
+        use_run_folder_io(trainer)  # epoch checkpoints written in the run folder only
     except MisconfigurationException as exc:
         raise ConfigError(f"the 'env.*' options of candidate {name!r} do not fit this "
                           f"machine: {exc}") from exc
