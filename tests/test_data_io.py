@@ -1,6 +1,8 @@
 """Reading images and masks: modes, EXIF orientation, palettes, colour masks, headers."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -287,3 +289,17 @@ def test_tiffs_of_more_than_four_bands_are_refused_as_a_npy_array_of_them_is(tmp
     np.testing.assert_array_equal(read_image(four), read_image(three))
     assert validate_frame(pd.DataFrame({"image": [str(four)], "label": [str(mask)]})).task \
         == "binary"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_file_cut_short_is_named_by_the_reading_error(tmp_path, suffix):
+    """Pillow's "image file is truncated" names no file: a file cut short after the data
+    was checked (a copy still running, a full disk) failed a fit or a prediction of
+    thousands of images without saying which."""
+    path = tmp_path / f"cut{suffix}"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for read in (read_image, read_mask):
+        with pytest.raises(OSError, match=rf"^{re.escape(str(path))}: image file is truncated"):
+            read(path)

@@ -198,11 +198,29 @@ def _opened(path: str | os.PathLike) -> Iterator[tuple[Image.Image | None, bytes
                 if head[:4] not in _TIFF_MAGIC:
                     raise
                 img = None
-        if img is None:
-            yield None, head
-        else:
-            with img:
-                yield img, head
+        try:
+            if img is None:
+                yield None, head
+            else:
+                with img:
+                    yield img, head
+        except (OSError, ValueError, SyntaxError) as exc:
+            # Pillow's words for a damaged file ("image file is truncated") name none: a
+            # file cut short after the data was checked would be found by nothing else
+            named = _named(exc, path)
+            if named is exc:
+                raise
+            raise named from exc
+
+
+def _named(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """``exc``, or one of its type whose message starts with ``path`` when it names none."""
+    if str(path) in str(exc) or getattr(exc, "filename", None):
+        return exc
+    try:
+        return type(exc)(f"{path}: {exc}")
+    except Exception:  # a type that takes other arguments
+        return exc
 
 
 def _tiff_page(path: str | os.PathLike):
