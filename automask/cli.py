@@ -19,6 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import AutomaskError
+from .utils.signals import sigterm_as_interrupt
 
 EXIT_USER_ERROR = 2
 
@@ -1066,7 +1067,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_run(args)
-        with contextlib.nullcontext() if args.debug else _plain_warnings():
+        # SIGTERM (docker stop, SLURM) as Ctrl-C: what a command wrote goes; a fit keeps
+        # Lightning's own handling, which keeps its completed epochs
+        with contextlib.nullcontext() if args.debug else _plain_warnings(), \
+                contextlib.nullcontext() if args.func is _cmd_fit else sigterm_as_interrupt():
             args.func(args)
     except (AutomaskError, ValueError, OSError) as exc:  # bad input, unusable files or folders
         if args.debug:

@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator
 from . import prediction, saving
 from .data.arrays import as_files, naming, shown
 from .errors import AutomaskError, ConfigError, DataValidationError, NotFittedError, SavedModelError
+from .utils.signals import sigterm_as_interrupt
 from .prediction import metric_conventions
 from .tta import check_tta
 
@@ -376,8 +377,9 @@ class SemanticSegmentor(BaseEstimator):
                     return [m if table is None else table[m] for m in masks]
                 dests = prediction.mask_destinations(spec, out, root=root,
                                                      label_col=self.label, overwrite=overwrite)
-                prediction.write_masks(probs, dests, out, self.task_, self.num_classes_,
-                                       self.color_map_, table, overwrite=overwrite)
+                with sigterm_as_interrupt():  # as Ctrl-C: the masks written so far go
+                    prediction.write_masks(probs, dests, out, self.task_, self.num_classes_,
+                                           self.color_map_, table, overwrite=overwrite)
         return pd.DataFrame({self.image: list(frame[self.image]),
                              self.label: [str(d) for d in dests]}, index=frame.index)
 
@@ -594,7 +596,8 @@ class SemanticSegmentor(BaseEstimator):
         # replacing an interrupted fit: its state goes with the same hold of the folder's
         # lock (a running fit holds it: PathInUseError), and its logs as a new fit's would
         held = Path(target).expanduser().absolute()
-        with saving.run_lock(held, "save") if interrupted else contextlib.nullcontext():
+        with saving.run_lock(held, "save") if interrupted else contextlib.nullcontext(), \
+                sigterm_as_interrupt():  # as Ctrl-C: a save cut short leaves nothing
             version = saving.save_predictor(self, target)
             if interrupted:
                 FitState(target).remove()
@@ -812,7 +815,8 @@ class SemanticSegmentor(BaseEstimator):
         """
         from .export import export_predictor
 
-        return export_predictor(self, path, format=format, model=model)
+        with sigterm_as_interrupt():  # as Ctrl-C: the temporary export goes
+            return export_predictor(self, path, format=format, model=model)
 
     def plot_history(self, metric: str | None = None, path: str | os.PathLike | None = None):
         """Training loss and validation metric per epoch and candidate, from the run's logs.

@@ -1163,3 +1163,79 @@ def test_epoch_checkpoints_are_written_in_the_run_folder_only(data, tmp_path, mo
             hyperparameters={"optim.max_epochs": 3, "model.input_size": 64})
     assert checkpoint_epoch(run) == 1  # epoch 1's end, read back
     assert sorted(p.name for p in (run / STATE / "checkpoints").iterdir()) == ["default.ckpt"]
+
+
+PREDICT_HELD = textwrap.dedent("""
+    import os, sys, time
+    from automask.data import io
+    _write = io.write_mask
+    count = [0]
+    def _write_then_hold(*args, **kwargs):
+        _write(*args, **kwargs)
+        count[0] += 1
+        while count[0] == 3:  # three masks written: wait for the signal
+            time.sleep(0.02)
+    io.write_mask = _write_then_hold  # what predict imports when it writes
+""")
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_sigterm_during_predict_leaves_no_masks(base, data, tmp_path, how):
+    """SIGTERM (docker stop, SLURM's time limit) killed predict(save_to=...) on the spot:
+    half the masks and a temporary file stayed, and the same call then refused the
+    folder. It is Ctrl-C now: what was written goes (the CLI exits 130)."""
+    out = tmp_path / "masks"
+    images = str(data / "data" / "images")
+    code = {"api": "from automask import SemanticSegmentor\n"
+                   "try:\n"
+                   "    seg = SemanticSegmentor.load(sys.argv[1])\n"
+                   "    seg.predict(sys.argv[2], save_to=sys.argv[3])\n"
+                   "except KeyboardInterrupt:\n"
+                   "    print('KeyboardInterrupt')\n",
+            "cli": "from automask.cli import main\n"
+                   "sys.exit(main(['predict', sys.argv[1], '--data', sys.argv[2], '--out', "
+                   "sys.argv[3]]))\n"}[how]
+    proc = subprocess.Popen([sys.executable, "-c", PREDICT_HELD + code, str(base), images,
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: out.is_dir() and len(list(out.glob("*.png"))) == 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    if how == "api":
+        assert proc.returncode == 0 and stdout.strip() == "KeyboardInterrupt", stderr[-2000:]
+    else:
+        assert proc.returncode == 130 and "automask: interrupted" in stderr, stderr[-2000:]
+    assert not out.exists()  # created by the call: removed whole, temporary files too
+
+
+def test_sigterm_during_save_leaves_no_folder(base, tmp_path):
+    """SIGTERM while save(path) copied the weights left a staging folder, the lock files
+    and a folder that was not a predictor. As Ctrl-C now: nothing is left."""
+    code = textwrap.dedent("""
+        import sys, time
+        from automask import SemanticSegmentor, saving
+        _copy = saving._copy_weights
+        def _copy_then_hold(*args):
+            _copy(*args)
+            while True:  # the weights are in the staging folder: wait for the signal
+                time.sleep(0.02)
+        saving._copy_weights = _copy_then_hold
+        try:
+            SemanticSegmentor.load(sys.argv[1]).save(sys.argv[2])
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+    """)
+    target = tmp_path / "copy"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(base), str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(target.glob(".staging-*/*.safetensors")), proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and stdout.strip() == "KeyboardInterrupt", stderr[-2000:]
+    assert not target.exists()
