@@ -23,6 +23,7 @@ from automask.data import (
 )
 from automask.data.datamodule import EpochSampler, default_num_workers
 from automask.datasets import make_synthetic
+from automask.errors import DataValidationError
 
 
 @pytest.fixture
@@ -239,3 +240,15 @@ def test_lightning_trainer_drives_epochs(binary_spec, tmp_path):
     order1 = [i for idx, _ in seen[1] for i in idx]
     assert order0 != order1  # reshuffled per epoch
     assert dm.cache.hits_memory > 0  # epoch 2 served from the cache
+
+
+def test_an_image_replaced_after_the_checks_is_named_with_what_changed(tmp_path):
+    """A file replaced by one of another size after validation: the message named the
+    index as ``np.int64(1)`` and a "DataSpec", a word a user never meets."""
+    frame = make_synthetic(2, size=48, num_classes=2, seed=0, root=tmp_path / "data")
+    spec = validate_frame(frame)
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(frame["image"][1])
+    ds = SegmentationDataset(spec, 32)
+    with pytest.raises(DataValidationError, match=r"^row 1 .*00001\.png: the image is 30x40 "
+                       r"\(H x W\) now but was 48x48 when the data was checked"):
+        ds[1]

@@ -242,10 +242,12 @@ class SegmentationDataset(Dataset):
                            value_range=self.value_range)
         self.decodes += 1
         if image.shape[:2] != original and (native or not _is_draft(image.shape[:2], original)):
+            row = self.spec.frame.index[position]
             raise DataValidationError(
-                f"row {self.spec.frame.index[position]!r} {image_path}: image is "
-                f"{image.shape[0]}x{image.shape[1]} but the DataSpec says "
-                f"{original[0]}x{original[1]}"
+                f"row {row.item() if hasattr(row, 'item') else row!r} {image_path}: the "
+                f"image is {image.shape[0]}x{image.shape[1]} (H x W) now but was "
+                f"{original[0]}x{original[1]} when the data was checked: was the file "
+                "replaced meanwhile?"
             )
         if not native:
             image = resize_image(image, size, self.interpolation)
