@@ -213,6 +213,13 @@ def _opened(path: str | os.PathLike) -> Iterator[tuple[Image.Image | None, bytes
             raise named from exc
 
 
+def reading_error(exc: BaseException, path: str | os.PathLike) -> str:
+    """``exc``'s message without the ``"<path>: "`` that :func:`_named` put first, for a
+    message that names ``path`` itself."""
+    text, prefix = str(exc), f"{path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
 def _named(exc: BaseException, path: str | os.PathLike) -> BaseException:
     """``exc``, or one of its type whose message starts with ``path`` when it names none."""
     if str(path) in str(exc) or getattr(exc, "filename", None):

@@ -69,6 +69,7 @@ from .io import (
     image_size,
     is_value_map,
     read_mask,
+    reading_error,
     stacked_images,
 )
 from .transforms import IGNORE_INDEX
@@ -362,7 +363,7 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     except Image.DecompressionBombError as exc:
         return None, _too_large(exc)
     except (OSError, ValueError) as exc:
-        return None, f"unreadable image ({exc})"
+        return None, f"unreadable image ({reading_error(exc, path)})"
     if size[0] < 1 or size[1] < 1:
         return None, f"image has an empty size {size}"
     try:
@@ -370,9 +371,9 @@ def _check_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     except Image.DecompressionBombError as exc:
         return None, _too_large(exc)
     except NotOnePicture as exc:  # decodes, but holds several pictures' worth of samples
-        return None, f"unreadable image ({exc})"
+        return None, f"unreadable image ({reading_error(exc, path)})"
     except (OSError, ValueError, SyntaxError) as exc:
-        return None, f"truncated or corrupt file ({exc})"
+        return None, f"truncated or corrupt file ({reading_error(exc, path)})"
     return size, None
 
 

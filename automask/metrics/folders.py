@@ -61,8 +61,10 @@ def _numbers(path: Path) -> np.ndarray:
 
 
 def _undecodable(path: Path, exc: OSError) -> DataValidationError:
-    return DataValidationError(f"{path} cannot be decoded ({exc}): a truncated or damaged "
-                               "file, such as an interrupted copy?")
+    from automask.data.io import reading_error  # (pulls in Lightning: only here)
+
+    return DataValidationError(f"{path} cannot be decoded ({reading_error(exc, path)}): a "
+                               "truncated or damaged file, such as an interrupted copy?")
 
 
 def _colours(color_map: dict | None) -> bool:
