@@ -1054,6 +1054,15 @@ def _interrupt_at_epoch(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(progress.EpochLines, "_write", write)
 
 
+def _fit_cut_at_epoch_2(run: Path, data: Path, monkeypatch) -> None:
+    """A 3-epoch tiny fit into ``run``, Ctrl-C'd once epoch 1's checkpoint is written."""
+    _interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=1).fit(
+            data / "train.csv", presets="tiny",
+            hyperparameters={"optim.max_epochs": 3, "model.input_size": 64})
+
+
 def test_an_interrupted_overwrite_gives_the_predictor_its_logs_until_resumed(
         data, base, tmp_path, monkeypatch):
     """Ctrl-C in an overwriting fit: the old predictor's history (and a copy saved
@@ -1127,11 +1136,7 @@ def test_save_into_an_interrupted_fits_folder_needs_overwrite(data, base, tmp_pa
     without overwrite=True (the fit could be resumed), and with it replaces the fit whole,
     its state and logs too."""
     run = tmp_path / "run"
-    _interrupt_at_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        SemanticSegmentor(path=run, verbosity=1).fit(
-            data / "train.csv", presets="tiny",
-            hyperparameters={"optim.max_epochs": 3, "model.input_size": 64})
+    _fit_cut_at_epoch_2(run, data, monkeypatch)
     monkeypatch.undo()
     assert (run / STATE).is_dir() and (run / "logs" / "default").is_dir()
     fitted = SemanticSegmentor.load(base)
@@ -1156,11 +1161,7 @@ def test_epoch_checkpoints_are_written_in_the_run_folder_only(data, tmp_path, mo
 
     monkeypatch.setattr(tempfile, "mkstemp", full)
     run = tmp_path / "run"
-    _interrupt_at_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        SemanticSegmentor(path=run, verbosity=1).fit(
-            data / "train.csv", presets="tiny",
-            hyperparameters={"optim.max_epochs": 3, "model.input_size": 64})
+    _fit_cut_at_epoch_2(run, data, monkeypatch)
     assert checkpoint_epoch(run) == 1  # epoch 1's end, read back
     assert sorted(p.name for p in (run / STATE / "checkpoints").iterdir()) == ["default.ckpt"]
 
