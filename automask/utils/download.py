@@ -183,7 +183,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
     except BaseException as exc:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except FileNotFoundError:  # renamed onto ``path`` already: nothing left behind
             pass
         except OSError as gone:  # a folder made read-only meanwhile: the first error is the one
             exc.add_note(f"automask: the temporary file {tmp!r} of {str(path)!r} could not be "
