@@ -17,7 +17,9 @@ import difflib
 import itertools
 import logging
 import math
+import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -111,9 +113,15 @@ def _check_choice(key: str, value: Any) -> None:
     else:
         choices = _CHOICES[key]
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        _fail(key, value, f"valid values are {', '.join(map(repr, choices))}{hint}")
+        _fail(key, value, f"valid values are {', '.join(map(repr, choices))}"
+                          f"{did_you_mean(value, choices)}")
+
+
+def did_you_mean(value: Any, choices: Sequence[str]) -> str:
+    """``"; did you mean 'lora'?"`` for the choice closest to ``value`` (case aside), or ""."""
+    lowered = {str(c).lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
 
 
 @dataclass
@@ -288,12 +296,13 @@ class OptimConfig:
         if not 0 <= self.warmup_ratio < 1:
             _fail("optim.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.select_metric is not None:
-            from .metrics.names import HIGHER_IS_BETTER  # late: keeps config import light
+            from .metrics.names import HIGHER_IS_BETTER, suggest_metric  # late: light import
 
             scalar = [m for m in HIGHER_IS_BETTER if m != "iou_per_class"]
             if self.select_metric not in scalar:
-                close = difflib.get_close_matches(self.select_metric, scalar, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = (suggest_metric(self.select_metric, "binary")  # 'IoU', 'S-alpha'
+                        or suggest_metric(self.select_metric, "multiclass")
+                        or did_you_mean(self.select_metric, scalar))
                 _fail("optim.select_metric", self.select_metric,
                       f"valid values are {', '.join(map(repr, scalar))}{hint}")
 
@@ -579,8 +588,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return float(value)
         if base is str:
+            if isinstance(value, os.PathLike):  # a checkpoint given as a pathlib.Path
+                value = os.fspath(value)
             if isinstance(value, (str, int)) and not flag:
                 return str(value)
+            if isinstance(value, float) and math.isfinite(value):  # peft.scales=1.5
+                return repr(value)
             raise ValueError
     except (TypeError, ValueError):
         _fail(key, value, f"expected {getattr(base, '__name__', base)}")
@@ -738,6 +751,12 @@ def resolve(
         raise ConfigError("; ".join(
             f"{key!r} is not used by PEFT method {', '.join(map(repr, methods))}; it is "
             f"used by {', '.join(users[key[5:]])}" for key in unused))
+    if for_fit and "model.num_queries" in user and not any(  # a saved config may hold it
+            c.model.multiclass_head == "mask_classification" for _, c in candidates):
+        raise ConfigError(
+            f"'model.num_queries'={user['model.num_queries']!r} is used by the "
+            "'mask_classification' multi-class head only; set 'model.multiclass_head': "
+            "'mask_classification' too, or leave 'model.num_queries' out")
     names = [n for n, _ in candidates]
     assert len(set(names)) == len(names), names
     return candidates
@@ -759,13 +778,25 @@ def _refuse_repeated_values(user: Mapping[str, Any], types: Mapping[str, Any]) -
                     "once")
 
 
+def is_candidate_list(value: Any) -> bool:
+    """Whether a hyperparameter's value asks for one candidate per element: a list or tuple,
+    any other sequence but a string (Hydra's ``ListConfig``), or a 1-D numpy array
+    (``np.logspace(-4, -2, 3)``)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
 def flat_hyperparameters(hyperparameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 1e-4}}`` -> ``{"optim.lr": 1e-4}`` (no hyperparameter's value is a
-    dict); a key given both ways is an error naming it."""
+    dict); a key given both ways is an error naming it. A candidate list of any sequence
+    type (see :func:`is_candidate_list`) becomes a plain ``list``."""
     flat: dict[str, Any] = {}
     for key, value in hyperparameters.items():
         name = f"{prefix}{key}"
         nested = isinstance(value, Mapping)
+        if not nested and is_candidate_list(value):  # Hydra's ListConfig, a numpy array
+            value = value.tolist() if isinstance(value, np.ndarray) else list(value)
         inner = flat_hyperparameters(value, f"{name}.") if nested else {name: value}
         for k, v in inner.items():
             if k in flat:

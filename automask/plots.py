@@ -305,8 +305,11 @@ def read_history(run_dir: str | os.PathLike, candidates: Sequence[str] | None = 
     """
     import pandas as pd
 
+    from .saving import candidate_of_log_folder  # a checkpoint path's '/' as %2F
+
     logs = Path(run_dir) / "logs"
-    found = {p.parent.name: p for p in sorted(logs.glob("*/metrics.csv"))}
+    found = {candidate_of_log_folder(p.parent.name): p
+             for p in sorted(logs.glob("*/metrics.csv"))}
     if not found:
         raise DataValidationError(
             f"no training logs under {logs} (a fit writes logs/<candidate>/metrics.csv in "

@@ -71,6 +71,21 @@ def weights_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") + ".safetensors"
 
 
+def log_folder_name(name: str) -> str:
+    """The folder under ``logs/`` of candidate ``name``: the name, with the characters a
+    file name cannot hold (``/`` of a checkpoint path, ``\\``, ``:``...) and ``%`` written
+    as ``%XX`` and a leading dot as ``%2E``; :func:`candidate_of_log_folder` reads it back."""
+    folder = re.sub(r'[%/\\:*?"<>|\x00-\x1f]', lambda m: f"%{ord(m.group()):02X}", name)
+    return "%2E" + folder[1:] if folder.startswith(".") else folder
+
+
+def candidate_of_log_folder(folder: str) -> str:
+    """The candidate name that :func:`log_folder_name` wrote as ``folder``."""
+    from urllib.parse import unquote
+
+    return unquote(folder)
+
+
 def is_plain_name(name: Any) -> bool:
     """True for a file name with no folder part, no '..' and no leading dot."""
     return isinstance(name, str) and bool(_PLAIN_NAME.fullmatch(name)) and ".." not in name

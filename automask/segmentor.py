@@ -106,7 +106,7 @@ class SemanticSegmentor(BaseEstimator):
         self,
         train_data: pd.DataFrame | str | os.PathLike,
         tuning_data: pd.DataFrame | str | os.PathLike | None = None,
-        presets: str = "medium_quality",
+        presets: str | None = "medium_quality",
         hyperparameters: dict[str, Any] | None = None,
         time_limit: float | None = None,
         num_classes: int | None = None,
@@ -130,8 +130,9 @@ class SemanticSegmentor(BaseEstimator):
         tuning_data : DataFrame or CSV path, optional
             Validation data, as ``train_data``; when None, ``data.holdout_frac`` of
             ``train_data`` is held out.
-        presets : str, default "medium_quality"
-            One of :data:`automask.PRESETS`.
+        presets : str or None, default "medium_quality"
+            One of :data:`automask.PRESETS`; None is the default, ``"medium_quality"`` (as
+            AutoGluon reads ``presets=None``).
         hyperparameters : dict, optional
             Dotted keys merged over the preset; a list value trains one candidate per value.
         time_limit : float, optional
@@ -174,6 +175,8 @@ class SemanticSegmentor(BaseEstimator):
         from .config import check_time_limit
 
         started = time.monotonic()
+        if presets is None:  # not the bare dataclass defaults, which no preset table shows
+            presets = "medium_quality"
         self._check_params()
         run_dir = self._run_dir()
         self._check_writable(run_dir, "fit into")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from automask.config import Config, reference, resolve
+from automask.config import Config, flat_hyperparameters, reference, resolve
 from automask.errors import ConfigError
 from automask.presets import PRESETS, list_presets
 
@@ -241,3 +243,70 @@ def test_numpy_scalars_from_a_table_of_settings_are_read_by_their_kind():
     for key in ("optim.max_epochs", "optim.lr"):
         with pytest.raises(ConfigError, match=f"invalid value np.True_ for '{key}'"):
             resolve(None, {key: np.True_})
+
+
+class _ListLike(Sequence):
+    """A sequence that is not a list or tuple, as Hydra's ListConfig."""
+
+    def __init__(self, *items):
+        self._items = list(items)
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __len__(self):
+        return len(self._items)
+
+
+def test_any_sequence_or_1d_array_is_a_list_of_candidates():
+    """Hydra's ListConfig and numpy arrays ask for one candidate per value, as a list does."""
+    nested = resolve("tiny", {"peft": {"method": _ListLike("lora", "conv_lora")}})
+    assert [c.peft.method for _, c in nested] == ["lora", "conv_lora"]
+    lrs = resolve("tiny", {"optim.lr": np.logspace(-4, -2, 3)})
+    assert [c.optim.lr for _, c in lrs] == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert all(type(c.optim.lr) is float for _, c in lrs)
+    with pytest.raises(ConfigError, match="repeats the value"):
+        resolve("tiny", {"optim.lr": np.array([1e-3, 1e-3])})
+    assert flat_hyperparameters({"optim": {"lr": np.array([1e-3, 2e-3])}}) == {
+        "optim.lr": [1e-3, 2e-3]}  # plain lists: the fit's record is JSON
+
+
+def test_a_path_object_is_a_checkpoint_and_a_number_a_scale():
+    [(_, cfg)] = resolve("tiny", {"model.checkpoint": Path("weights") / "sam.pth"})
+    assert cfg.model.checkpoint == str(Path("weights") / "sam.pth")
+    [(_, cfg)] = resolve("tiny", {"peft.method": "conv_lora", "peft.num_experts": 1,
+                                  "peft.scales": 1.5})
+    assert cfg.peft.options.scale_list == (1.5,)
+    with pytest.raises(ConfigError, match="as one string such as '1,2,3'"):
+        resolve("tiny", {"peft.method": "conv_lora", "peft.num_experts": 3,
+                         "peft.scales": [1, 2, 3]})
+
+
+def test_suggestions_ignore_case():
+    with pytest.raises(ConfigError, match="did you mean 'lora'"):
+        resolve("tiny", {"peft.method": "LoRA"})
+    with pytest.raises(ConfigError, match="did you mean 'iou'"):
+        resolve("tiny", {"optim.select_metric": "IoU"})
+
+
+def test_num_queries_without_the_head_that_uses_it_is_refused():
+    with pytest.raises(ConfigError, match="'model.num_queries'=10 is used by the "
+                                          "'mask_classification' multi-class head only"):
+        resolve("tiny", {"model.num_queries": 10})
+    [(_, cfg)] = resolve("tiny", {"model.num_queries": 10,
+                                  "model.multiclass_head": "mask_classification"})
+    assert cfg.model.num_queries == 10
+    # a saved configuration is read back as it was written
+    assert Config.from_dict(
+        {**Config().to_dict(), "model.num_queries": 10}).model.num_queries == 10
+
+
+@pytest.mark.parametrize("name", ["checkpoint=/data/sam.pth", "checkpoint=C:\\w\\sam.pth",
+                                  ".hidden", "lr=5%", "method=lora,rank=8"])
+def test_log_folder_names_are_one_plain_folder_that_reads_back(name):
+    from automask.saving import candidate_of_log_folder, log_folder_name
+
+    folder = log_folder_name(name)
+    assert "/" not in folder and "\\" not in folder and not folder.startswith(".")
+    assert candidate_of_log_folder(folder) == name
+    assert name != "method=lora,rank=8" or folder == name  # plain names stay as they were

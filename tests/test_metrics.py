@@ -658,6 +658,21 @@ def test_unknown_metric_names_suggest_the_registry_name(task, given, meant):
            "metrics: " in text, text
 
 
+@pytest.mark.parametrize("task, given, says", [
+    ("multiclass", "mAcc", "a mean class accuracy is not offered ('acc' is the pixel"),
+    ("multiclass", "F1", "a multi-class Dice is not offered (the mean IoU is 'miou')"),
+    ("multiclass", "dsc", "a multi-class Dice is not offered"),
+    ("multiclass", "mDice", "a multi-class Dice is not offered"),
+    ("binary", "mDice", "did you mean 'dice'?"),
+])
+def test_names_of_quantities_not_offered_are_not_answered_with_another(task, given, says):
+    """A mean class accuracy is not the pixel accuracy, nor a Dice the mean IoU."""
+    with pytest.raises(ValueError) as info:
+        build_metrics(task, [given], **({"num_classes": 3} if task == "multiclass" else {}))
+    assert f"unknown metric {given!r} for task {task!r}; {says}" in str(info.value)
+    assert task == "binary" or "did you mean" not in str(info.value)
+
+
 def test_names_like_no_metric_get_no_suggestion():
     with pytest.raises(ValueError) as info:
         build_metrics("binary", ["hausdorff"])

@@ -91,8 +91,18 @@ def test_pattern_matching_nothing_is_named():
 
 
 def test_layer_of_the_wrong_kind_is_refused():
-    with pytest.raises(ConfigError, match="not an Linear"):
+    with pytest.raises(ConfigError, match="not a Linear") as info:
         apply_peft(_tiny(), "lora", targets=("attn",))
+    assert "more closely" not in str(info.value)  # no Linear layer is named 'attn'
+
+
+def test_a_name_that_also_ends_a_convolution_suggests_the_linear_layers_closer():
+    # 'proj' ends each block's attn.proj (Linear) and patch_embed.proj (Conv2d)
+    with pytest.raises(ConfigError, match="patch_embed.proj.*'attn.proj'"):
+        apply_peft(_tiny(), "lora", targets=("proj",))
+    model = _tiny()
+    apply_peft(model, "lora", targets=("attn.proj",))  # the suggestion works
+    assert sum("attn.proj.lora_A" in n for n, _ in model.named_parameters()) > 0
 
 
 @pytest.mark.parametrize("method,kwargs", [

@@ -214,3 +214,36 @@ def test_distinct_candidate_values_and_crossed_methods_still_train_each_once():
     names = [n for n, _ in resolve("tiny", {"peft.rank": [2, 4],
                                             "peft.method": ["lora", "bitfit"]})]
     assert names == ["method=lora,rank=2", "method=lora,rank=4", "method=bitfit"]
+
+
+def test_candidates_scored_on_other_validation_images_or_one_weights_file_are_refused(
+        tmp_path):
+    """A list of holdout fractions validated each candidate on other images, and the best was
+    picked across them; two names that differ only in punctuation shared one weights file."""
+    frame = make_synthetic(6, size=32, root=tmp_path / "data")
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0)
+    with pytest.raises(ConfigError, match=r"'data.holdout_frac' cannot vary across "
+                                          r"candidates \(\[0.2, 0.6\]\).*pass tuning_data"):
+        seg.fit(frame, presets="tiny", hyperparameters={"data.holdout_frac": [0.2, 0.6]})
+    with pytest.raises(ConfigError, match="would save their weights to the same file "
+                                          "'checkpoint_a_b.pth.safetensors'"):
+        seg.fit(frame, presets="tiny",
+                hyperparameters={"model.checkpoint": ["a/b.pth", "a_b.pth"]})
+    assert not (tmp_path / "run").exists()  # refused before any folder
+
+
+def test_presets_none_is_the_default_preset(tmp_path):
+    """As AutoGluon reads it: not the bare dataclass defaults, which no preset table shows."""
+    frame = make_synthetic(6, size=32, root=tmp_path / "data")
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        frame, presets=None,
+        hyperparameters={"model.backbone": "tiny", "model.checkpoint": "random",
+                         "model.input_size": 32, "optim.max_epochs": 1,
+                         "data.num_workers": 0})
+    [(_, default)] = resolve("medium_quality", {
+        "model.backbone": "tiny", "model.checkpoint": "random", "model.input_size": 32,
+        "optim.max_epochs": 1, "data.num_workers": 0})
+    used = seg.models_[seg.best_model_]["config"].to_dict()
+    assert {k: v for k, v in used.items() if k != "env.precision"} == {
+        k: v for k, v in default.to_dict().items() if k != "env.precision"}  # 'auto' resolved
+    assert resolve(None, {})[0][1].optim.patience != default.optim.patience

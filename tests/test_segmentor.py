@@ -267,6 +267,14 @@ def test_a_checkpoint_given_to_load_serves_only_the_models_that_lost_theirs(
                          "peft.method": "lora", "model.checkpoint": [str(f) for f in files]})
     names = list(seg.models_)
     assert len(names) == 2
+    # each candidate's training log is kept, in one folder under logs/, though its name
+    # holds the checkpoint's path (its '/' once made a folder tree the pruning removed)
+    from automask.plots import read_history
+
+    logs = sorted((tmp_path / "run" / "logs").rglob("metrics.csv"))
+    assert len(logs) == 2 and all(p.parent.parent.name == "logs" for p in logs), logs
+    curves = read_history(tmp_path / "run")
+    assert sorted(curves) == sorted(names) and all(len(c) > 0 for c in curves.values())
     before = {n: seg.predict_proba(test.iloc[:2], model=n) for n in names}
     files[0].rename(tmp_path / "moved.pth")
     loaded = SemanticSegmentor.load(tmp_path / "run", checkpoint=tmp_path / "moved.pth")

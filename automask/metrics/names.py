@@ -58,6 +58,11 @@ _ALIASES: dict[str, str] = {
 }
 
 
+_MEAN_CLASS_ACCURACY = {"macc", "meanacc", "meanaccuracy", "mpa", "meanpixelaccuracy",
+                        "classaccuracy", "meanclassaccuracy", "balancedaccuracy"}
+_MEAN_DICE = {"mdice", "meandice", "mdsc", "meandsc", "mf1", "meanf1"}
+
+
 def _fold(name: str) -> str:
     """``"S-alpha"``, ``"E_phi"``, ``"mIoU"`` -> ``"salpha"``, ``"ephi"``, ``"miou"``."""
     text = name.lower().replace("α", "alpha").replace("φ", "phi").replace("ξ", "phi")
@@ -77,11 +82,18 @@ def suggest_metric(name: Any, task: str) -> str:
         return ""
     valid = [n for n, t in METRIC_TASK.items() if t == task]
     folded = _fold(name)
-    found = {_fold(n): n for n in valid}.get(folded) or _ALIASES.get(folded)
+    if folded in _MEAN_CLASS_ACCURACY:  # not 'acc', a pixel accuracy
+        return "; a mean class accuracy is not offered ('acc' is the pixel accuracy)"
+    found = ({_fold(n): n for n in valid}.get(folded) or _ALIASES.get(folded)
+             or {_fold(n): n for n in METRIC_TASK}.get(folded))  # another task's 'dice'
+    if folded in _MEAN_DICE:
+        found = "dice"
     if found == "miou" and task == "binary":  # the binary task's IoU is per image
         found = "iou"
-    if found in ("iou", "dice") and task == "multiclass":
+    if found == "iou" and task == "multiclass":
         found = "miou"
+    if found == "dice" and task == "multiclass":  # not the mean IoU under another name
+        return "; a multi-class Dice is not offered (the mean IoU is 'miou')"
     if found is None or METRIC_TASK.get(found) != task:
         close = difflib.get_close_matches(folded, valid, n=1, cutoff=0.6)
         found = close[0] if close else None

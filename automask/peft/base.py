@@ -292,9 +292,14 @@ def wrap_targets(
     for name, layer in zip(names, layers):  # every target checked before any is replaced
         if not isinstance(layer, layer_types) or isinstance(layer, Adapter):
             kinds = " or ".join(t.__name__ for t in layer_types)
+            # "proj" also ends patch_embed.proj (a Conv2d): name the wrappable ones closer
+            closer = sorted({".".join(n.split(".")[-2:]) for n, m in zip(names, layers)
+                             if isinstance(m, layer_types) and not isinstance(m, Adapter)})
+            hint = (f"; to wrap only the {kinds} layers, name them more closely: "
+                    f"{', '.join(map(repr, closer))}" if closer else "")
             raise ConfigError(
-                f"target {name!r} is a {type(layer).__name__}, not an {kinds}; this method "
-                f"wraps {kinds} layers only"
+                f"target {name!r} is a {type(layer).__name__}, not a {kinds}; this method "
+                f"wraps {kinds} layers only{hint}"
             )
     wrapped = [make(layer) for layer in layers]  # a wrapper that fails replaces nothing
     for name, new in zip(names, wrapped):

@@ -57,7 +57,9 @@ class ConvLoRAOptions(LoRAOptions):
                 values = []
             self.check("scales", len(values) == self.num_experts
                        and all(0 < v < float("inf") for v in values),
-                       f"must hold {self.num_experts} finite positive numbers, one per expert")
+                       f"must hold {self.num_experts} finite positive numbers, one per expert, "
+                       "as one string such as '1,2,3' (a list of values would train one "
+                       "candidate per value)")
 
     @property
     def scale_list(self) -> tuple[float, ...] | None:

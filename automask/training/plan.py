@@ -57,6 +57,21 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
     if len(void_labels) > 1:
         raise ConfigError("'data.void_label' cannot vary across candidates")
     void_label = void_labels.pop()
+    from ..saving import weights_filename
+
+    files: dict[str, str] = {}
+    for name, _ in candidates:  # 'checkpoint=a/b.pth' and 'checkpoint=a_b.pth': one file
+        other = files.setdefault(weights_filename(name), name)
+        if other != name:
+            raise ConfigError(
+                f"candidates {other!r} and {name!r} would save their weights to the same file "
+                f"{weights_filename(name)!r}; give values that differ in letters or digits")
+    holdouts = {cfg.data.holdout_frac for _, cfg in candidates}
+    if tuning_data is None and len(holdouts) > 1:  # validation images differ: scores too
+        raise ConfigError(
+            f"'data.holdout_frac' cannot vary across candidates ({sorted(holdouts)}): each "
+            "would be validated on other images and their scores could not select the best; "
+            "give one value, or pass tuning_data")
     given_names = class_names
     class_names, color_map = found_beside(train_data, num_classes, class_names, color_map,
                                           void_label)

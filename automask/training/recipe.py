@@ -23,6 +23,7 @@ from ..config import Config, image_value_range, parse_class_weights
 from ..errors import ConfigError
 from ..hardware import resolve_env
 from ..metrics import HIGHER_IS_BETTER
+from ..saving import candidate_of_log_folder, log_folder_name
 from .record import CandidateRecord
 from .state import FitState
 
@@ -328,13 +329,14 @@ def _early_end(trainer, cfg: Config) -> str | None:
 
 
 def _log_version(run_dir: Path, name: str, resume_from: Path | None) -> str:
-    """``<name>`` for a fresh candidate; a new folder per resume."""
+    """``<name>``'s folder name for a fresh candidate; a new folder per resume."""
+    folder = log_folder_name(name)
     if resume_from is None:
-        return name
+        return folder
     n = 1
-    while (run_dir / "logs" / f"{name}-resumed-{n}").exists():
+    while (run_dir / "logs" / f"{folder}-resumed-{n}").exists():
         n += 1
-    return f"{name}-resumed-{n}"
+    return f"{folder}-resumed-{n}"
 
 
 def _log_folders(run_dir: Path, names: set[str], others: bool = False) -> list[Path]:
@@ -346,7 +348,7 @@ def _log_folders(run_dir: Path, names: set[str], others: bool = False) -> list[P
     folders = []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
         base, sep, n = folder.name.rpartition("-resumed-")
-        candidate = base if sep and n.isdigit() else folder.name
+        candidate = candidate_of_log_folder(base if sep and n.isdigit() else folder.name)
         if (candidate in names) != others:
             folders.append(folder)
     return folders
