@@ -104,6 +104,57 @@ def test_a_class_held_by_one_image_is_never_held_out(tmp_path):
         assert rare in set(train.frame.index), seed
 
 
+def _binary_spec(tmp_path, masks, **kwargs):
+    rng = np.random.default_rng(0)
+    tmp_path.mkdir()
+    rows = []
+    for i, mask in enumerate(masks):
+        image = _save(tmp_path / f"i{i}.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        rows.append((image, _save(tmp_path / f"m{i}.png", mask)))
+    return validate_frame(pd.DataFrame(rows, columns=["image", "label"]), **kwargs)
+
+
+def test_the_holdout_takes_no_mask_void_everywhere_nor_the_one_image_with_objects(tmp_path):
+    """A holdout of only void masks scored no epoch (the first candidate was kept, without a
+    word); the one image with objects held out left training nothing to learn from."""
+    disk = _disk(16, 16, 5, 1)
+    bordered = disk.copy()
+    bordered[0] = 255  # a void border: 255 reads as ignored in these 0/1 masks
+    void = np.full((16, 16), 255, np.uint8)
+    spec = _binary_spec(tmp_path / "a", [bordered] * 5 + [void])
+    assert spec.task == "binary" and spec.stats["labelled"].iat[5] == 0.0
+    for seed in range(30):
+        train, val = split_spec(spec, 0.2, seed)
+        assert 5 not in set(val.frame.index), seed
+    empty = np.zeros((16, 16), np.uint8)
+    spec = _binary_spec(tmp_path / "b", [empty, empty, empty, disk, empty, empty])
+    for seed in range(30):
+        train, val = split_spec(spec, 0.2, seed)
+        assert 3 in set(train.frame.index), seed
+    # void-only masks where nothing else is left to hold out: refused, not scored as nothing
+    spec = _binary_spec(tmp_path / "c", [void, bordered])
+    outcomes = set()
+    for seed in range(10):
+        try:
+            train, val = split_spec(spec, 0.5, seed)
+            outcomes.add("split")
+        except DataValidationError as exc:
+            assert "void everywhere, so no epoch could be scored" in str(exc)
+            assert "i0.png" in str(exc)
+            outcomes.add("refused")
+    assert outcomes == {"split", "refused"}
+
+
+def test_no_candidate_with_a_score_is_said_when_the_first_is_kept():
+    from automask.training.plan import select_best
+
+    class Record:
+        val_score = None
+
+    with pytest.warns(UserWarning, match="no candidate has a validation 'iou' score"):
+        assert select_best({"a": Record(), "b": Record()}, "iou") == "a"
+
+
 def test_a_class_id_beyond_num_classes_says_how_to_allow_it(tmp_path):
     """A tuning mask with a class the training masks lack: the error names the num_classes fix."""
     rng = np.random.default_rng(1)

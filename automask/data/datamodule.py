@@ -60,12 +60,13 @@ def split_spec(
     if spec.task == "binary" and spec.stats is not None and "foreground" in spec.stats.columns:
         per_row = np.nan_to_num(spec.stats["foreground"].to_numpy(dtype=np.float64), nan=0.0)
         foreground = np.array([per_row[rows].mean() for rows in members])
-    keep = _only_holders(spec, members)
+    keep = _only_holders(spec, members) | _unlabelled(spec, members)
     if keep and len(members) - len(keep) >= 2:
         rest = np.array([g for g in range(len(members)) if g not in keep], dtype=np.int64)
         n_test = max(1, int(round(len(members) * holdout_frac)))
         frac = min(n_test, len(rest) - 1) / len(rest)
-        rest_train, rest_val = split_positions(len(rest), frac, seed)
+        rest_train, rest_val = split_positions(
+            len(rest), frac, seed, None if foreground is None else foreground[rest])
         train_g = np.sort(np.concatenate([np.array(sorted(keep), dtype=np.int64),
                                           rest[rest_train]]))
         val_g = rest[rest_val]
@@ -73,11 +74,32 @@ def split_spec(
         train_g, val_g = split_positions(len(members), holdout_frac, seed, foreground)
     train_pos = np.sort(np.concatenate([members[g] for g in train_g])).astype(np.int64)
     val_pos = np.sort(np.concatenate([members[g] for g in val_g])).astype(np.int64)
+    if val_g.size and _unlabelled(spec, [members[g] for g in val_g]) == set(range(len(val_g))):
+        shown = [str(p) for p in spec.frame[spec.image_col].iloc[val_pos[:3]]]
+        raise DataValidationError(
+            f"cannot hold out a validation split with a labelled pixel: the {len(val_pos)} "
+            f"held-out row(s) ({', '.join(shown)}{', ...' if len(val_pos) > 3 else ''}) have "
+            "masks that are void everywhere, so no epoch could be scored; pass tuning data "
+            "or more labelled images")
     return spec.subset(train_pos), spec.subset(val_pos)
 
 
+def _unlabelled(spec: DataSpec, members: list[list[int]]) -> set[int]:
+    """Image groups whose every mask is void everywhere: nothing in them to validate on."""
+    if spec.stats is None or "labelled" not in spec.stats.columns:
+        return set()
+    labelled = spec.stats["labelled"].to_numpy(dtype=np.float64)
+    return {g for g, rows in enumerate(members) if (labelled[rows] == 0).all()}
+
+
 def _only_holders(spec: DataSpec, members: list[list[int]]) -> set[int]:
-    """Image groups that alone hold some class (multi-class specs with ``classes`` stats)."""
+    """Image groups that alone hold some class: of a multi-class spec (``classes`` stats),
+    or the one image with foreground of a binary spec (``foreground`` stats), which held out
+    would leave nothing to learn the objects from."""
+    if spec.task == "binary" and spec.stats is not None and "foreground" in spec.stats.columns:
+        foreground = np.nan_to_num(spec.stats["foreground"].to_numpy(dtype=np.float64))
+        holders = {g for g, rows in enumerate(members) if (foreground[rows] > 0).any()}
+        return holders if len(holders) == 1 else set()
     if spec.task != "multiclass" or spec.stats is None or "classes" not in spec.stats.columns:
         return set()
     per_row = spec.stats["classes"].tolist()

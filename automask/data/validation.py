@@ -922,6 +922,9 @@ def validate_frame(
         stats["foreground"] = [
             _foreground_fraction(summaries[pos], kinds[pos], k, void_label) for pos in range(n_rows)
         ]
+        stats["labelled"] = [  # the holdout split leaves masks without one in training
+            _labelled_fraction(summaries[pos], kinds[pos], k, void_label) for pos in range(n_rows)
+        ]
         if void_label is not None:  # fraction of each mask's pixels equal to void_label
             stats["void"] = [
                 _value_fraction(summaries[pos], void_label) for pos in range(n_rows)
@@ -1536,6 +1539,15 @@ def _value_fraction(summary: Any, value: int) -> float:
     _, values, counts = summary
     total = counts.sum()
     return float(counts[values == value].sum() / total) if total else 0.0
+
+
+def _labelled_fraction(summary: Any, kind: str | None, k: int, void_label: int | None) -> float:
+    """Fraction of a mask's pixels that are not ignored (void or 255); NaN when unread."""
+    if summary is None:
+        return float("nan")
+    _, values, counts = summary
+    targets = _lut(kind, k, void_label)[np.clip(values, 0, 255)]
+    return float(counts[targets != IGNORE_INDEX].sum() / max(1, counts.sum()))
 
 
 def _foreground_fraction(summary: Any, kind: str | None, k: int, void_label: int | None) -> float:

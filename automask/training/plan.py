@@ -327,5 +327,10 @@ def select_best(records: dict[str, Any], metric: str) -> str:
     higher = HIGHER_IS_BETTER[metric]
     scored = {k: v.val_score for k, v in records.items() if v.val_score is not None}
     if not scored:
-        return next(iter(records))
+        first = next(iter(records))
+        if len(records) > 1:  # nothing tells them apart: say so rather than pick silently
+            warnings.warn(
+                f"no candidate has a validation {metric!r} score, so none can be chosen by "
+                f"it; keeping the first, {first!r}", UserWarning, stacklevel=2)
+        return first
     return (max if higher else min)(scored, key=scored.get)
