@@ -595,3 +595,37 @@ def test_class_scores_of_an_image_one_pixel_wide_keep_their_width():
     # a one-channel map of that image is still read as (H, W)
     prob = (gt == 1).astype(np.float32)[None]  # (1, 4, 1)
     assert score([prob], [(gt == 1).astype(np.uint8)], metrics=["iou"])["iou"] == 1.0
+
+
+def test_integer_maps_of_one_call_share_one_scale(tmp_path):
+    """Each map was read on its own scale: a faint 16-bit PNG (values below 256) as 8-bit,
+    a faint 8-bit map holding only 0 and 1 as a 0/1 mask; both turned near-zero
+    probabilities into confident foreground."""
+    from automask.metrics import score_folders
+
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 5:15] = 255
+    empty = np.zeros((20, 20), np.uint8)
+    (tmp_path / "pred16").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(truth).save(tmp_path / "gt" / "a.png")
+    Image.fromarray(empty).save(tmp_path / "gt" / "b.png")
+    sure = ((truth > 0) * 60000).astype(np.uint16)
+    faint = np.full((20, 20), 197, np.uint16)  # 0.3 %: background
+    for name, array in (("a", sure), ("b", faint)):
+        Image.fromarray(array).save(tmp_path / "pred16" / f"{name}.png")  # mode I;16
+    as_16bit = score_folders(tmp_path / "pred16", tmp_path / "gt", metrics=["iou", "ber"])
+    as_float = score([sure / 65535, faint / 65535], [truth, empty], metrics=["iou", "ber"])
+    assert as_16bit["iou"] == as_float["iou"] == 1.0 and as_16bit["ber"] == 0.0
+    # in memory, a uint16 array is a 16-bit map whatever its values
+    assert score([sure, faint], [truth, empty], metrics=["iou"])["iou"] == 1.0
+    # an 8-bit map holding only 0 and 1 beside other 8-bit maps: 1/255, not the object
+    weak = np.zeros((20, 20), np.uint8)
+    weak[0, :5] = 1
+    with pytest.warns(UserWarning, match="hold only 0 and 1 .*prediction 1.* read on the "
+                                         "8-bit scale"):
+        found = score([truth, weak], [truth, empty], metrics=["iou"])
+    assert found["iou"] == 1.0
+    # every map 0/1: masks, as before
+    assert score([(truth > 0).astype(np.uint8), weak], [truth, empty],
+                 metrics=["iou"])["iou"] == 0.5

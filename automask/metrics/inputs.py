@@ -15,8 +15,9 @@ input                      interpretation
 float prediction           a probability in [0, 1]; anything else (logits, NaN) is an error
 integer prediction         0/1 when its values lie in {0, 1}, else an 8-bit map in 0..255
                            divided by 255 (as ``im2double``), or, when a value exceeds 255, a
-                           16-bit map divided by 65535 (a 16-bit map whose values all lie
-                           in 0..255 cannot be told from an 8-bit one: pass it as float)
+                           16-bit map divided by 65535; :func:`automask.metrics.score`
+                           decides this once for all the maps of a call, and reads a
+                           ``uint16`` array or a 16-bit file as 16-bit whatever its values
 bool prediction            0.0 / 1.0
 integer/float target       max <= 1: a [0, 1] map, foreground where ``t > gt_threshold / 255``;
                            else an 8-bit mask in 0..255, foreground where ``t > gt_threshold``
@@ -26,7 +27,8 @@ bool target                used as is
 With the default ``gt_threshold=128`` an 8-bit mask is binarised exactly as PySODMetrics does
 (the value 128 is background). One deliberate difference: an 8-bit map whose values are all 0
 or 1 is read as a 0/1 mask (PySODMetrics would read it as 0 and 1/255); this makes 0/1 label
-PNGs work, and changes nothing for min-max normalised maps unless the map is constant.
+PNGs work. :func:`automask.metrics.score` reads it so only when every integer map of the call
+holds only 0 and 1: beside 8-bit maps it is a faint 8-bit map, as PySODMetrics reads it.
 """
 from __future__ import annotations
 
@@ -117,8 +119,11 @@ def check_ignore_index(ignore_index: Any) -> None:
         )
 
 
-def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
-    """Read a binary prediction as a float64 probability map in [0, 1] (see the module table)."""
+def binary_prediction(pred: Tensor, index: int | None = None,
+                      integer_scale: float | None = None) -> Tensor:
+    """Read a binary prediction as a float64 probability map in [0, 1] (see the module table);
+    ``integer_scale`` (1, 255 or 65535), when given, is the scale of an integer map, decided
+    for all the maps of a call (:func:`automask.metrics.score`) rather than from this one."""
     if pred.numel() == 0:
         raise ValueError(f"{_where(index)}the prediction is empty (shape {tuple(pred.shape)})")
     _check_real(pred, "prediction", index)
@@ -145,11 +150,13 @@ def binary_prediction(pred: Tensor, index: int | None = None) -> Tensor:
             f"0..65535 (16-bit map) or {{0, 1}}, got min {lo} and max {hi}"
         )
     p = pred.to(torch.float64)
-    if hi <= 1:
+    if integer_scale is not None:
+        assert integer_scale >= hi, (integer_scale, hi)  # the call's scale covers each map
+    if integer_scale == 1.0 or (integer_scale is None and hi <= 1):
         return p
     # Divide by a tensor on p's device: CUDA divides by a Python scalar through its reciprocal,
     # whose rounding moves some pixels across the 1/255 bins of the E-measure curve.
-    full = 255.0 if hi <= 255 else 65535.0  # a 16-bit map (PNG I;16): as im2double reads it
+    full = integer_scale or (255.0 if hi <= 255 else 65535.0)  # 16-bit: as im2double reads it
     return p / torch.tensor(full, dtype=torch.float64, device=p.device)
 
 
@@ -368,6 +375,7 @@ def binary_samples(
     gt_threshold: float = 128,
     offset: int = 0,
     ignore_index: int | None = None,
+    integer_scale: float | None = None,
 ) -> list[BinarySample]:
     """Validate and convert binary predictions/targets into :class:`BinarySample` objects.
 
@@ -385,6 +393,9 @@ def binary_samples(
     ignore_index
         Target value of void (unlabelled) pixels, e.g. 255 with {0, 1} class-index targets;
         None: every pixel is labelled (needed for 8-bit 0/255 masks, where 255 is the object).
+    integer_scale
+        The scale of integer predictions (1, 255 or 65535) when the caller decided it for a
+        whole set (:func:`automask.metrics.score`); None: each map by its own values.
     """
     check_gt_threshold(gt_threshold)
     check_ignore_index(ignore_index)
@@ -436,7 +447,7 @@ def binary_samples(
         gt = binary_target(t, gt_threshold, i)
         if valid is not None:
             gt = gt & valid
-        samples.append(BinarySample(binary_prediction(p, i), gt, valid))
+        samples.append(BinarySample(binary_prediction(p, i, integer_scale), gt, valid))
     return samples
 
 

@@ -434,9 +434,10 @@ def score(
 
     _check_ignore_index_fits(target_list, conventions.get("ignore_index"))
     files = _file_names(predictions), _file_names(targets)
+    scale = _integer_scale(pred_list, predictions, files[0]) if task == "binary" else None
     try:
         with _one_intra_op_thread():
-            return _score(pred_list, target_list, task, names, conventions)
+            return _score(pred_list, target_list, task, names, conventions, scale)
     except (ValueError, TypeError) as err:
         message = str(err)
         found = re.match(r"image (\d+): ", message)
@@ -509,12 +510,65 @@ def _file_names(x: Any) -> list[str | None]:
     return [Path(i).name if isinstance(i, (str, os.PathLike)) else None for i in items]
 
 
+def _integer_scale(preds: list[Tensor], given: Any, names: list[str | None]) -> float | None:
+    """The one scale of the call's integer binary predictions: 65535 when one of them is a
+    16-bit map (a ``uint16`` array, a 16-bit PNG or TIFF, or a value above 255), else 255
+    when one holds a value above 1, else 1 (0/1 masks); None without integer predictions.
+
+    Decided per call, not per map: a faint 8-bit map holding only 0 and 1, or a 16-bit
+    one whose values stay below 256, reads on its set's scale, not as a 0/1 mask or an 8-bit
+    map. 0/1 maps beside 8-bit ones are named in a warning (read as 0 and 1/255)."""
+    ints = [i for i, p in enumerate(preds)
+            if not (p.is_floating_point() or p.dtype == torch.bool or p.is_complex())]
+    if not ints:
+        return None
+    highs = {i: int(preds[i].max()) if preds[i].numel() else 0 for i in ints}
+    items = given if isinstance(given, (list, tuple)) else None
+    wide = (items is None and _sixteen_bit(given)) or any(
+        items is not None and i < len(items) and _sixteen_bit(items[i]) for i in ints)
+    if wide or max(highs.values()) > 255:
+        return 65535.0
+    if max(highs.values()) <= 1:
+        return 1.0
+    masks = [i for i in ints if 0 < highs[i] <= 1]
+    if masks:
+        shown = names[masks[0]] if masks[0] < len(names) and names[masks[0]] \
+            else f"prediction {masks[0]}"
+        warnings.warn(
+            f"{len(masks)} integer prediction(s) hold only 0 and 1 (e.g. {shown!r}) while "
+            "others are 8-bit maps: they are read on the 8-bit scale too (1 is 1/255, "
+            "background); pass 0/1 masks as bool, or as 0/255, to score them as masks",
+            stacklevel=3)
+    return 255.0
+
+
+def _sixteen_bit(item: Any) -> bool:
+    """Whether a prediction as given is a 16-bit map: a ``uint16`` array or tensor, a
+    16-bit PNG or TIFF file, or a ``.npy`` file of ``uint16``."""
+    if isinstance(item, np.ndarray):
+        return item.dtype == np.uint16
+    if isinstance(item, Tensor):
+        return item.dtype == torch.uint16
+    if isinstance(item, (str, os.PathLike)) and Path(item).is_file():
+        try:
+            if str(item).lower().endswith(".npy"):
+                return np.load(item, mmap_mode="r").dtype == np.uint16
+            from PIL import Image
+
+            with Image.open(item) as im:
+                return im.mode.startswith("I;16")
+        except Exception:  # unreadable: the reading proper names it
+            return False
+    return False
+
+
 def _score(
     pred_list: list[Tensor],
     target_list: list[Tensor],
     task: str,
     names: list[str],
     conventions: dict[str, Any],
+    scale: float | None = None,
 ) -> dict[str, float | list[float]]:
     if task == "binary":
         built = build_metrics(task, names, **conventions)
@@ -523,7 +577,8 @@ def _score(
         objects = voids = 0
         for i, (p, t) in enumerate(zip(pred_list, target_list)):
             # prepared once, shared by every metric
-            samples = binary_samples([p], [t], gt_threshold, offset=i, ignore_index=ignore_index)
+            samples = binary_samples([p], [t], gt_threshold, offset=i, ignore_index=ignore_index,
+                                     integer_scale=scale)
             objects += samples[0].n_fg
             voids += samples[0].gt.numel() - samples[0].n_valid
             if not samples[0].n_valid:
