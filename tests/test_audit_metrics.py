@@ -524,8 +524,9 @@ def test_a_grey_map_below_200_against_masks_with_grey_edges_is_not_guessed_multi
     assert binary == score([pred.astype(np.float64) / 255], [gt], metrics=["sm", "mae"])
     labels = rng.integers(0, 5, (24, 32))  # a few class indices are still guessed
     assert infer_task([labels], [labels]) == "multiclass"
-    with pytest.raises(ValueError, match=r"the ground truths' ignore_index.*task='binary'"):
-        score([(gt >= 128).astype(np.uint8) * 255], [gt])  # a thresholded map: the hint
+    # a thresholded 0/255 map: a model never predicts void (255), so binary
+    thresholded = (gt >= 128).astype(np.uint8) * 255
+    assert score([thresholded], [gt]) == score([thresholded], [gt], task="binary")
 
 
 def test_binary_metrics_named_for_class_index_targets_are_refused():
@@ -629,3 +630,20 @@ def test_integer_maps_of_one_call_share_one_scale(tmp_path):
     # every map 0/1: masks, as before
     assert score([(truth > 0).astype(np.uint8), weak], [truth, empty],
                  metrics=["iou"])["iou"] == 0.5
+
+
+def test_masks_against_ground_truths_with_few_grey_edge_levels_are_not_classes():
+    """0/255 masks averaged down (grey edges of only 64 and 128, none from 200) were read as
+    129 classes with the object void; a 0/255 prediction is a mask (a model never predicts
+    void), and a 0/1 one against such ground truths asks for the task."""
+    big = np.zeros((40, 40), np.uint8)
+    big[10:30, 10:31] = 255
+    gt = big.reshape(20, 2, 20, 2).mean((1, 3)).round().astype(np.uint8)
+    assert set(np.unique(gt)) == {0, 128, 255}
+    pred = (gt > 128).astype(np.uint8) * 255
+    found = score([pred], [gt])
+    assert "iou" in found and found["iou"] == 1.0
+    with pytest.raises(ValueError, match="every prediction is a 0/1 mask but the targets hold "
+                                         "255 and the values 128.*Pass task='binary'"):
+        score([pred // 255], [gt])
+    assert score([pred // 255], [gt], task="binary")["iou"] == 1.0

@@ -218,6 +218,20 @@ def _values(m: Tensor) -> Tensor:
     return torch.unique(m).to(torch.int64)
 
 
+def _mask_values(predictions: list[Tensor]) -> set[int] | None:
+    """The values the integer 2-D predictions hold together when they all lie in {0, 1} or
+    all in {0, 255}; None otherwise (float or bool maps, more values, mixed kinds)."""
+    seen: set[int] = set()
+    for p in predictions:
+        if p.is_floating_point() or p.dtype == torch.bool or p.is_complex() or p.ndim != 2:
+            return None
+        values = set(_values(p).tolist()) if p.numel() else set()
+        if not (values <= {0, 1} or values <= {0, 255}):
+            return None
+        seen |= values
+    return seen if seen <= {0, 1} or seen <= {0, 255} else None
+
+
 def _is_scores(p: Tensor, t: Tensor) -> bool:
     """True for ``(K, H, W)`` class scores of an ``(H, W)`` target, with ``K > 1``."""
     return p.ndim == t.ndim + 1 and p.shape[-2:] == t.shape[-2:] and p.shape[-3] > 1
@@ -236,6 +250,10 @@ def infer_task(
     a value from ``GREY_FROM`` (200) to 254 (8-bit saliency maps, anti-aliased masks: their
     values are grey levels, and the targets are binarised ``> gt_threshold``), else multi-class.
     A 2-class problem labelled 0/1 is therefore scored as binary; pass ``task`` to override.
+    Predictions that are all 0/255 masks (without ``ignore_index``) are binary whatever the
+    targets hold, their 255 an object (a model never predicts void); all 0/1 masks against
+    targets holding 255 and values from 2 to 254 raise ValueError (grey edges, or class
+    ids with void?).
     Against such targets, an integer prediction holding a few values from 2 to 199 (class
     ids ``{0, 1, 2}``, or a dark grey map) raises ValueError instead of being read as grey.
     An integer prediction with more than ``MAX_GUESSED_CLASSES`` (64) distinct values
@@ -273,6 +291,19 @@ def infer_task(
                 f"image {i}: the target holds only 0 and {hi}: a 16-bit binary "
                 "mask? Pass it as 0/255 (for 0/65535: mask // 257) or as a bool mask "
                 "(mask > 0); for class ids, pass task='multiclass'")
+    masks = _mask_values(predictions)
+    if masks == {0, 255} and ignore_index is None:  # a model never predicts void
+        return "binary"  # 0/255 masks against grey-edged (anti-aliased) 0/255 ground truths
+    if masks == {0, 1} and ignore_index is None:
+        grey = sorted({v for t in targets if not t.is_floating_point()
+                       for v in _values(t).tolist() if 1 < v < 255})
+        if grey and any(bool((t == 255).any()) for t in targets):
+            shown = ", ".join(map(str, grey[:6])) + (" ..." if len(grey) > 6 else "")
+            raise ValueError(
+                f"every prediction is a 0/1 mask but the targets hold 255 and the values "
+                f"{shown}: 0/255 masks with grey (anti-aliased) edges, or class ids with 255 "
+                "void? Pass task='binary' (targets binarised > gt_threshold) or "
+                "task='multiclass' (automask score --task)")
     top = max(int(t.max()) for t in targets if t.numel()) if any(t.numel() for t in targets) else 0
     for i, p in enumerate(predictions):  # ids no target holds: a 16-bit grey map, not classes
         hi = int(p.max()) if p.numel() else 0
