@@ -289,3 +289,25 @@ def test_a_void_row_before_other_classes_is_named_with_the_table_it_came_from(tm
     says = str(info.value)
     assert "move the void row last and pass void_label=3" in says
     assert f"those of {tmp_path / 'class_dict.csv'}, found beside the masks" in says
+
+
+def test_the_void_row_of_id_255_keeps_the_other_names(tmp_path):
+    """The README advises listing the void colour with the id 255; doing so dropped every
+    class name (the names were 0..2 and 255, not consecutive)."""
+    path = tmp_path / "class_dict.csv"
+    path.write_text("name,r,g,b,id\nBackground,0,0,0,0\nCar,255,0,0,1\nSky,0,0,255,2\n"
+                    "Void,0,200,0,255\n")
+    colours, names = read_color_map(path)
+    assert names == ["Background", "Car", "Sky"]
+    assert colours[(0, 200, 0)] == 255 and colours[(255, 0, 0)] == 1
+
+
+def test_a_classes_txt_line_for_255_names_no_class(tmp_path):
+    from automask.datasets.folders import read_class_names
+
+    path = tmp_path / "classes.txt"
+    path.write_text("0 background\n1 road\n2 car\n255 void\n")
+    assert read_class_names(path) == ["background", "road", "car"]
+    path.write_text("0 background\n1 road\n7 car\n8 bus\n9 van\n12 sign\n")
+    with pytest.raises(DataValidationError, match=r"class ids 2-6, 10, 11 have no name"):
+        read_class_names(path)

@@ -255,3 +255,20 @@ def test_an_ignore_index_no_ground_truth_can_hold_is_refused(tmp_path):
                         timeout=300)
     assert proc.returncode == 2 and "--ignore-index 999 cannot occur" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_255_stays_unlabelled_beside_another_void_value():
+    """score(ignore_index=11) on CamVid-like masks with a 255 border scored 255 as a class
+    of its own (K inferred as 256); evaluate leaves both out."""
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 4, (16, 16)).astype(np.uint8)
+    gt[:2] = 255  # a border
+    gt[5, 5] = 11  # the data set's void
+    pred = gt.copy()
+    pred[:2] = rng.integers(0, 4, (2, 16))  # whatever the model says on the border
+    pred[5, 5] = 0
+    found = score([pred], [gt], task="multiclass", ignore_index=11)
+    assert found["miou"] == 1.0 and len(found["iou_per_class"]) == 4
+    # the same masks with the border as 11: the same scores
+    assert score([pred], [np.where(gt == 255, 11, gt)], task="multiclass",
+                 ignore_index=11) == found

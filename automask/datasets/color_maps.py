@@ -181,6 +181,7 @@ def _table(path, header: list[str], header_line: int, rows: list[tuple[int, str]
                     f"both {names[class_id]!r} and {name!r}")
     if not out:
         raise DataValidationError(f"the colour table {str(path)!r} lists no colour")
+    names.pop(255, None)  # the void colour listed with id 255 (as advised) names no class
     ordered = [names.get(i) for i in range(len(names))]
     return out, (ordered if names and None not in ordered else None)
 

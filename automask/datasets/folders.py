@@ -691,7 +691,8 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
     Two layouts are read: one name per line (the line order gives the ids 0, 1, ...), or
     an id and a name per line (``0 Sky``, ``1: Building``, ``2,Pole``), as CamVid's
-    ``classes.txt``. Blank lines and lines starting with ``#`` are skipped.
+    ``classes.txt``; a numbered line of id 255, the ignore value (``255 void``), names no
+    class. Blank lines and lines starting with ``#`` are skipped.
 
     Parameters
     ----------
@@ -732,7 +733,20 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         if class_id in names:
             raise DataValidationError(f"{path} line {lineno}: class id {class_id} repeated")
         names[class_id] = name
+    if 255 in names and len(names) > 1:  # the ignore value (VOC's '255 void'): no class
+        del names[255]
     missing = sorted(set(range(max(names) + 1)) - set(names))
     if missing:
-        raise DataValidationError(f"{path}: class ids {missing} have no name")
+        raise DataValidationError(f"{path}: class ids {_id_ranges(missing)} have no name")
     return [names[i] for i in range(len(names))]
+
+
+def _id_ranges(ids: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from automask.metrics.inputs import (as_tensor, binary_samples, check_gt_threshold,
+from automask.metrics.inputs import (_copied_void, as_tensor, binary_samples, check_gt_threshold,
                                      check_ignore_index, multiclass_pairs)
 from automask.metrics.names import DEFAULT_METRICS, METRIC_TASK, TASKS
 from automask.metrics.registry import build_metrics
@@ -465,7 +465,8 @@ def score(
 
     _check_ignore_index_fits(target_list, conventions.get("ignore_index"))
     files = _file_names(predictions), _file_names(targets)
-    scale = _integer_scale(pred_list, predictions, files[0]) if task == "binary" else None
+    scale = _integer_scale(pred_list, predictions, files[0], conventions.get("ignore_index")) \
+        if task == "binary" else None
     try:
         with _one_intra_op_thread():
             return _score(pred_list, target_list, task, names, conventions, scale)
@@ -541,7 +542,8 @@ def _file_names(x: Any) -> list[str | None]:
     return [Path(i).name if isinstance(i, (str, os.PathLike)) else None for i in items]
 
 
-def _integer_scale(preds: list[Tensor], given: Any, names: list[str | None]) -> float | None:
+def _integer_scale(preds: list[Tensor], given: Any, names: list[str | None],
+                   ignore_index: int | None = None) -> float | None:
     """The one scale of the call's integer binary predictions: 65535 when one of them is a
     16-bit map (a ``uint16`` array, a 16-bit PNG or TIFF, or a value above 255), else 255
     when one holds a value above 1, else 1 (0/1 masks); None without integer predictions.
@@ -551,8 +553,9 @@ def _integer_scale(preds: list[Tensor], given: Any, names: list[str | None]) -> 
     map. 0/1 maps beside 8-bit ones are named in a warning (read as 0 and 1/255)."""
     ints = [i for i, p in enumerate(preds)
             if not (p.is_floating_point() or p.dtype == torch.bool or p.is_complex())]
-    if not ints:
-        return None
+    if not ints or (ignore_index is not None and 1 < ignore_index <= 255 and any(
+            _copied_void(preds[i], ignore_index) for i in ints)):
+        return None  # a 0/1 mask with the void copied in: refused, naming it, when scored
     highs = {i: int(preds[i].max()) if preds[i].numel() else 0 for i in ints}
     items = given if isinstance(given, (list, tuple)) else None
     wide = (items is None and _sixteen_bit(given)) or any(
@@ -623,6 +626,14 @@ def _score(
                 "what was left out: pass ignore_index=None", stacklevel=3)
     else:
         ignore_index = conventions.get("ignore_index", 255)
+        given_k = conventions.get("num_classes")
+        if ignore_index is not None and ignore_index != 255 and (given_k is None
+                                                                 or given_k <= 255):
+            # 255 stays unlabelled beside another void value (CamVid's 11 and a 255
+            # border), as evaluate reads such masks: not a class 255 of its own
+            target_list = [t.masked_fill(t == 255, ignore_index)
+                           if not (t.is_floating_point() or t.dtype == torch.bool)
+                           and bool((t == 255).any()) else t for t in target_list]
         if conventions.get("num_classes") is None:
             num_classes = _infer_num_classes(pred_list, target_list, ignore_index)
             conventions = {**conventions, "num_classes": num_classes}
