@@ -41,12 +41,30 @@ def root_of(data) -> Path | None:
     return None
 
 
+# Names data sets give the folder of their masks (case, '_', '-' and ' ' aside).
+MASK_FOLDER_NAMES = frozenset({
+    "mask", "masks", "label", "labels", "gt", "gts", "groundtruth", "groundtruths",
+    "annotation", "annotations", "segmentation", "segmentations", "segmentationclass",
+    "segmentationclassraw", "segmentationobject", "target", "targets", "seg", "segs",
+    "lbl", "lbls", "labelids", "labelsids", "trainannot", "valannot", "testannot",
+})
+
+
+def _is_mask_folder_name(name: str) -> bool:
+    """Whether a folder's name says it holds masks (``masks``, ``GT``, ``gtFine``,
+    ``SegmentationClass``, CamVid's ``trainannot``, ``ground_truth``)."""
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    return key in MASK_FOLDER_NAMES or key.startswith("gt") and key[2:].isalpha() \
+        and len(key) <= 8 or key.endswith(("masks", "labels"))
+
+
 def _folder_images(folder: Path) -> list[Path]:
     """The files of ``folder`` that from_folders takes (images, .npy arrays), sorted; when
     it holds none but has sub-folders (Cityscapes' ``val/<city>/``), those of every folder
     below it, as from_folders searches them. Hidden files (macOS "._a.png" metadata,
     ".DS_Store") and folders are skipped, as it skips them. Files named as the masks of
-    images beside them (``1_mask.tif`` beside ``1.tif``) are left out with a warning."""
+    images beside them (``1_mask.tif`` beside ``1.tif``), and in the search below, sub-folders
+    named as mask folders (``masks/`` beside ``images/``), are left out with a warning."""
     def visible(path: Path) -> bool:
         return not any(part.startswith(".") for part in path.relative_to(folder).parts)
 
@@ -58,6 +76,17 @@ def _folder_images(folder: Path) -> list[Path]:
     deep = not files and any(f.is_dir() and visible(f) for f in folder.iterdir())
     if deep:
         files = images(folder.rglob("*"))
+        # a data set's root (images/ + masks/): its masks are no images to predict
+        tops = {f.relative_to(folder).parts[0] for f in files}
+        labels = sorted(t for t in tops if _is_mask_folder_name(t))
+        if labels and len(labels) < len(tops):
+            import warnings
+
+            warnings.warn(
+                f"left out the sub-folder(s) {', '.join(map(repr, labels))} of "
+                f"{str(folder)!r}, named as the masks of the images beside them; to predict "
+                "their files too, pass that folder or their paths", stacklevel=4)
+            files = [f for f in files if f.relative_to(folder).parts[0] not in labels]
     if not files:
         raise DataValidationError(f"no image files in folder {str(folder)!r}"
                                   + (" nor in its sub-folders" if deep else ""))

@@ -612,6 +612,26 @@ def test_a_folder_of_images_with_their_masks_beside_them_predicts_the_images_onl
     assert len(seg.predict([str(folder / mask_name.format(k=0))])) == 1  # asked by path
 
 
+def test_a_data_sets_root_folder_predicts_its_images_not_its_masks(fitted, tmp_path):
+    """``predict("data/kvasir")`` on images/ + masks/ sub-folders predicted the masks too
+    (twice the files, the returned list out of step with the images); a folder named as
+    a mask folder is left out with a warning, and predicted when given itself."""
+    seg, _, csv = fitted
+    table = pd.read_csv(csv)
+    root = tmp_path / "data"
+    for sub, column in (("images", "image"), ("masks", "label")):
+        (root / sub).mkdir(parents=True)
+        for k in range(3):
+            (root / sub / f"{k}.png").write_bytes(Path(table[column][k]).read_bytes())
+    with pytest.warns(UserWarning, match=r"left out the sub-folder\(s\) 'masks' of .*named "
+                                         r"as the masks of the images beside them"):
+        found = seg.predict(root)
+    assert len(found) == 3
+    for k in range(3):
+        assert np.array_equal(found[k], seg.predict([str(root / "images" / f"{k}.png")])[0])
+    assert len(seg.predict(root / "masks")) == 3  # asked for by itself
+
+
 def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(
         fitted, tmp_path):
     """``automask predict RUN --data FOLDER`` leaves the masks beside the images out and
