@@ -1030,12 +1030,14 @@ def _check_run(args) -> None:
     """The ``run`` folder of a command that reads one, when it is not there: named at once
     rather than after torch and Lightning load (seconds), in the words of loading it."""
     run = getattr(args, "run", None)
-    if run is None or os.path.exists(os.path.expanduser(run)):
+    if run is None or (run.strip() and os.path.exists(os.path.expanduser(run))):
         return
     from .errors import SavedModelError
 
     what = ("the run directory of a fit" if args.command == "history"
             else "the folder of a saved automask predictor")
+    if not run.strip():  # "" is no folder, not the working one
+        raise SavedModelError(f"the run folder is empty ({run!r}): pass {what}")
     raise SavedModelError(f"no such folder {os.path.abspath(os.path.expanduser(run))!r}: "
                           f"pass {what}")
 

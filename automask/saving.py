@@ -191,6 +191,7 @@ def _save_locked(seg, path: Path) -> Path:
     with run_lock(path, "save"):
         staging = _new_staging(path)
         try:
+            _record_given_checkpoint(seg)
             models = {}
             for name, record in seg.models_.items():
                 _copy_weights(seg, name, staging / record.weights)
@@ -449,6 +450,10 @@ def _load_version(cls, path: Path, version: str):
                     raise _Superseded() from None
                 raise SavedModelError(
                     f"missing weights file {weights!r} in {str(folder)!r}") from None
+            except OSError as exc:  # a folder in its place, no permission to read it
+                raise SavedModelError(
+                    f"cannot read weights file {weights!r} in {str(folder)!r}: "
+                    f"{exc.strerror or exc}") from exc
             seg.models_[name] = record
         if seg.best_model_ not in seg.models_:
             raise SavedModelError(
@@ -658,8 +663,13 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
     record: CandidateRecord = seg.models_[name]
     data, where = read_weights(seg, name)  # SHA-256 checked
     recorded = record.checkpoint.get("sha256")
+    if record.checkpoint.get("source") != "random" and not (
+            isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+        raise SavedModelError(
+            f"the record of model {name!r} holds no SHA-256 of the SAM checkpoint it was "
+            f"trained on (found {recorded!r}), so no file can be checked to be that one; the "
+            "saved predictor is damaged or was edited: fit it again")
     given = getattr(seg, "_checkpoint_file", None)
-    checkpoint = _checkpoint_for(record.checkpoint, given)
 
     def build(checkpoint):
         return build_candidate_model(
@@ -668,15 +678,16 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
             sha256=recorded)[0]  # checked on the file's bytes before torch.load reads them
 
     try:
-        try:
-            model = build(checkpoint)
-        except CheckpointError as first:
-            if given is None or checkpoint != given:
-                raise
-            try:  # another candidate's file: this one's may be in the cache, or downloaded
-                model = build(None)
-            except CheckpointError:
-                raise first from None
+        first = None
+        for checkpoint in _checkpoints_to_try(record, given):
+            try:
+                model = build(checkpoint)
+                break
+            except CheckpointError as exc:  # another file at that path: try the next
+                first = first or exc
+        else:
+            assert first is not None
+            raise first
     except CheckpointError as exc:
         where = record.checkpoint.get("path")
         gone = bool(where) and not Path(where).is_file()
@@ -730,14 +741,52 @@ def _record_where_found(record: CandidateRecord, used: str | None) -> None:
         record.checkpoint = {**record.checkpoint, "path": str(used)}
 
 
-def _checkpoint_for(record: dict[str, Any], given: str | None = None):
-    """The checkpoint argument that rebuilds the same backbone: random, the recorded file,
-    the file ``given`` to :meth:`~automask.SemanticSegmentor.load`, or the resolver."""
-    if record.get("source") == "random":
-        return "random"
-    recorded_path = record.get("path")
+def _record_given_checkpoint(seg) -> None:
+    """Before a save: the file given to ``load(checkpoint=...)`` becomes the recorded path
+    of every model trained on it whose recorded file is gone, built yet or not, so that the
+    predictor saved again loads without ``checkpoint`` (its SHA-256 read once)."""
+    given = getattr(seg, "_checkpoint_file", None)
+    if given is None or not Path(given).is_file():
+        return
+    digest = None
+    for record in seg.models_.values():
+        where = record.checkpoint.get("path")
+        if record.checkpoint.get("source") == "random" or (where and Path(where).is_file()):
+            continue
+        digest = digest or sha256_file(Path(given))
+        if record.checkpoint.get("sha256") == digest:
+            record.checkpoint = {**record.checkpoint, "path": str(Path(given).absolute())}
+
+
+def _checkpoints_to_try(record: CandidateRecord, given: str | None = None) -> list:
+    """The checkpoint arguments that may rebuild the same backbone, in the order tried (each
+    checked against the record's SHA-256 before it is read): random; else the recorded
+    file, when there; the file ``given`` to :meth:`~automask.SemanticSegmentor.load`; and
+    the resolver (cache, then download) for an official checkpoint only: a file of the
+    user's own (MedSAM) is in no cache, and downloading the official one cannot match."""
+    info = record.checkpoint
+    if info.get("source") == "random":
+        return ["random"]
+    tries: list = []
+    recorded_path = info.get("path")
     if recorded_path and Path(recorded_path).is_file():
-        return recorded_path
-    if given is not None:
-        return given  # its SHA-256 is checked against the record
-    return None  # cache, then official download; the SHA-256 check follows
+        tries.append(recorded_path)
+    if given is not None and given not in tries:
+        tries.append(given)
+    if info.get("source") in ("cache", "download") or _is_official(record):
+        tries.append(None)
+    return tries or [None]  # nothing else: the resolver's error names the ways to give it
+
+
+def _is_official(record: CandidateRecord) -> bool:
+    """Whether the record's checkpoint SHA-256 is its backbone's pinned (or configured)
+    one, so that the cache or a download may hold it."""
+    from .models.backbones import get_spec
+    from .models.checkpoint import _override
+
+    backbone = record.config.model.backbone
+    try:
+        pinned = {get_spec(backbone).sha256, _override("SHA256", backbone)}
+    except (KeyError, ValueError):
+        return False
+    return record.checkpoint.get("sha256") in {p.lower() for p in pinned if p}

@@ -294,6 +294,9 @@ def test_a_run_folder_that_is_not_there_is_named_before_torch_is_imported(tmp_pa
             else "the folder of a saved automask predictor")
     _refused_before_import([command[0], str(missing), *command[1:]],
                           f"no such folder '{missing}': pass {what}")
+    # "" is no folder (it named the working folder as missing, though it is there)
+    _refused_before_import([command[0], "", *command[1:]],
+                          f"the run folder is empty (''): pass {what}")
 
 
 def _refused_before_import(argv: list[str], says: str,

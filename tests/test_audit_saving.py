@@ -223,6 +223,17 @@ def test_unreadable_candidate_record_is_named_on_resume(base, tmp_path):
     record.write_text(json.dumps(json.loads(_meta_path(base).read_text())["models"]["default"]))
     with pytest.raises(ConfigError, match=r"default\.safetensors' is missing"):
         state.finished("default")
+    # damaged weights: named before the unfinished candidates train, not at the final save
+    [weights] = list(_meta_path(base).parent.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.models_dir.mkdir(parents=True, exist_ok=True)
+    (state.models_dir / "default.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"default\.safetensors' is damaged .*delete it to "
+                                          r"train that candidate again"):
+        state.finished("default")
+    (state.models_dir / "default.safetensors").write_bytes(weights.read_bytes())
+    assert state.finished("default").weights == "default.safetensors"
 
 
 def test_save_and_load_expand_the_home_folder(base, tmp_path, monkeypatch):

@@ -1089,6 +1089,13 @@ def test_an_interrupted_overwrite_gives_the_predictor_its_logs_until_resumed(
         SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
                                                      hyperparameters=hp, resume=True)
     assert digest_tree(run / "logs") == old_logs
+    # damage in the zip's end records, which Python's zipfile reads past and torch refuses
+    flipped = bytearray(whole)
+    flipped[-30] ^= 0xFF
+    ckpt.write_bytes(bytes(flipped))
+    with pytest.raises(ConfigError, match=re.escape(f"{str(ckpt)!r}, is unreadable")):
+        SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                     hyperparameters=hp, resume=True)
     ckpt.write_bytes(whole)
     seg = SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
                                                        hyperparameters=hp, resume=True)

@@ -281,6 +281,48 @@ def test_a_checkpoint_given_to_load_serves_only_the_models_that_lost_theirs(
     for n in names:
         for a, b in zip(before[n], loaded.predict_proba(test.iloc[:2], model=n)):
             np.testing.assert_array_equal(a, b)
+    # saved again before any model is built: the moved file is recorded for the model
+    # trained on it, so that the copy loads without checkpoint=
+    SemanticSegmentor.load(tmp_path / "run", checkpoint=tmp_path / "moved.pth").save(
+        tmp_path / "resaved")
+    moved = files[0].name
+    again = SemanticSegmentor.load(tmp_path / "resaved")
+    for n in names:
+        for a, b in zip(before[n], again.predict_proba(test.iloc[:2], model=n)):
+            np.testing.assert_array_equal(a, b)
+    assert any(moved in n for n in names)
+    # another file now at the recorded path (a re-download, another version): the file
+    # given to load is tried next, not refused unread
+    shutil.copyfile(files[1], files[0])
+    loaded = SemanticSegmentor.load(tmp_path / "run", checkpoint=tmp_path / "moved.pth")
+    for n in names:
+        for a, b in zip(before[n], loaded.predict_proba(test.iloc[:2], model=n)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_record_without_the_checkpoints_sha256_is_refused(fitted, synthetic, tmp_path):
+    """A record whose hash was lost (an edited predictor.json) loaded whatever file lay at
+    the recorded path; nothing could check that it was the one trained on."""
+    from automask.errors import SavedModelError
+    from automask.saving import _checkpoints_to_try
+
+    saved = fitted.save(tmp_path / "saved")
+    [meta] = list(saved.glob("v-*/predictor.json"))
+    data = json.loads(meta.read_text())
+    records = data["models"]
+    assert all(r["checkpoint"]["source"] == "random" for r in records.values())
+    name = next(iter(records))
+    records[name]["checkpoint"] = {"source": "file", "path": str(tmp_path / "sam.pth")}
+    meta.write_text(json.dumps(data))
+    with pytest.raises(SavedModelError, match=f"the record of model {name!r} holds no SHA-256"):
+        SemanticSegmentor.load(saved).predict_proba(synthetic[1].iloc[:1], model=name)
+    # a user's own file (not the official one) is looked for at its path and in the file
+    # given to load, never in the cache or by downloading the official weights
+    record = SemanticSegmentor.load(tmp_path / "saved").models_[name]
+    record.checkpoint = {"source": "file", "path": str(tmp_path / "gone.pth"), "sha256": "ab" * 32}
+    assert _checkpoints_to_try(record, "given.pth") == ["given.pth"]
+    record.checkpoint = {"source": "cache", "path": str(tmp_path / "gone.pth"), "sha256": "ab" * 32}
+    assert _checkpoints_to_try(record, None) == [None]
 
 
 def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, tmp_path):
@@ -320,6 +362,9 @@ def test_load_rejects_incomplete_corrupted_and_incompatible(fitted, synthetic, t
         SemanticSegmentor.load(saved).predict(synthetic[1].iloc[:1])
     weights.unlink()
     with pytest.raises(SavedModelError, match="missing weights"):
+        SemanticSegmentor.load(saved)
+    weights.mkdir()  # a folder in its place: named, not a raw IsADirectoryError
+    with pytest.raises(SavedModelError, match=f"cannot read weights file {weights.name!r}"):
         SemanticSegmentor.load(saved)
 
 

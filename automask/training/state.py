@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import ConfigError
-from ..utils import atomic_write
+from ..utils import atomic_write, sha256_file
 from .record import CandidateRecord
 
 STATE_DIR = ".automask_fit"
@@ -258,7 +258,12 @@ class FitState:
                 bad = archive.testzip()
             if bad is not None:
                 raise ValueError(f"its member {bad!r} is damaged")
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            # torch's own reader too: it refuses damage in the zip's end records that
+            # Python's zipfile reads past
+            import torch
+
+            torch._C.PyTorchFileReader(str(path))
+        except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as exc:
             raise ConfigError(
                 f"cannot resume: the epoch checkpoint of candidate {name!r}, {str(path)!r}, is "
                 f"unreadable ({exc}); delete it to train that candidate again from its first "
@@ -277,6 +282,10 @@ class FitState:
             weights = self.models_dir / record.weights
             if not weights.is_file():
                 raise ValueError(f"its weights file {str(weights)!r} is missing")
+            if record.weights_sha256 and sha256_file(weights) != record.weights_sha256:
+                # found now, not after the unfinished candidates have trained
+                raise ValueError(f"its weights file {str(weights)!r} is damaged (its SHA-256 "
+                                 "is not the one recorded)")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
                 f"cannot resume: the record of candidate {name!r}, {str(path)!r}, is unreadable "
