@@ -234,7 +234,9 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics,
         "group": group,
         "variant": variant,
         "method": cfg.peft.method,
-        "pretrained": cfg.model.checkpoint != "random",
+        # what the model was built from: 'scratch' trains from random weights whatever
+        # model.checkpoint says
+        "pretrained": info.checkpoint.get("source") != "random",
         "backbone": cfg.model.backbone,
         "input_size": cfg.model.input_size,
         "seed": seg.seed if cfg.env.seed is None else cfg.env.seed,

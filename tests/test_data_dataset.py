@@ -1,6 +1,8 @@
 """SegmentationDataset, the sample cache and the DataModule."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -252,3 +254,16 @@ def test_an_image_replaced_after_the_checks_is_named_with_what_changed(tmp_path)
     with pytest.raises(DataValidationError, match=r"^row 1 .*00001\.png: the image is 30x40 "
                        r"\(H x W\) now but was 48x48 when the data was checked"):
         ds[1]
+
+
+@pytest.mark.parametrize("column", ["image", "label"])
+def test_a_file_deleted_after_the_checks_is_named_with_its_row(tmp_path, column):
+    """A bare FileNotFoundError (in a worker: torch's "Caught FileNotFoundError in
+    DataLoader worker process 0") gave no row and no reason."""
+    frame = make_synthetic(3, size=48, num_classes=2, seed=0, root=tmp_path / "data")
+    spec = validate_frame(frame)
+    Path(frame[column][2]).unlink()
+    ds = SegmentationDataset(spec, 32)
+    with pytest.raises(DataValidationError, match=r"^row 2 .*00002\.png: the file is gone "
+                                                  r"since the data was checked"):
+        ds[2]

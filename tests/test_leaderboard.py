@@ -398,3 +398,25 @@ def test_seed_lists_name_their_candidates():
                                             "peft.rank": [2, 8]})]
     assert names == ["seed=3,rank=2", "seed=3,rank=8", "seed=4,rank=2", "seed=4,rank=8"]
     assert [c.env.seed for _, c in resolve("tiny", {})] == [None]  # the predictor's seed
+
+
+def test_a_scratch_candidate_on_a_checkpoint_file_is_not_called_pretrained(tmp_path):
+    """'pretrained' read model.checkpoint, so a scratch row of a fit on SAM's weights said
+    True though scratch always trains from random weights."""
+    import torch
+
+    from automask.models import build_segmenter
+
+    torch.manual_seed(0)
+    weights = tmp_path / "sam_tiny.pth"
+    torch.save(build_segmenter("tiny", num_classes=1, input_size=32,
+                               checkpoint="random").state_dict(), weights)
+    frame = make_synthetic(6, size=32, root=tmp_path / "data")
+    seg = SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+        frame, presets="tiny",
+        hyperparameters={"model.checkpoint": str(weights), "model.input_size": 32,
+                         "optim.max_epochs": 1, "data.num_workers": 0,
+                         "peft.method": ["scratch", "lora"]})
+    table = seg.leaderboard(style="models").set_index("method")
+    assert table.loc["scratch", "pretrained"] == False  # noqa: E712 (a numpy bool)
+    assert table.loc["lora", "pretrained"] == True  # noqa: E712

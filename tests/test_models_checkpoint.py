@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from functools import partial
 
 import pytest
@@ -86,6 +88,18 @@ def test_download_then_cache(tiny_file, http_server, monkeypatch):
     assert seg.checkpoint_info["source"] == "cache"
     assert seg.checkpoint_info["sha256"] == _sha(tiny_file)
     _assert_weights_equal(seg, torch.load(tiny_file, weights_only=True))
+    # a killed download's part, hours old: swept on a cache hit too, not only by a download
+    from automask.utils.download import STALE_PART_SECONDS, temp_name
+
+    part = temp_name(path)
+    part.write_bytes(b"half a checkpoint")
+    fresh = temp_name(path)  # another process's download under way: kept
+    fresh.write_bytes(b"")
+    old = time.time() - STALE_PART_SECONDS - 60
+    os.utime(part, (old, old))
+    assert build_segmenter("tiny", input_size=256, progress=False).checkpoint_info[
+        "source"] == "cache"
+    assert not part.exists() and fresh.exists()
 
 
 def test_download_via_builder(tiny_file, http_server, monkeypatch):

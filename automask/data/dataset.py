@@ -221,7 +221,20 @@ class SegmentationDataset(Dataset):
 
     def _load(self, position: int,
               native: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
-        """Image, raw mask (resized to the input, or at native scale) and ``(H, W)``."""
+        """Image, raw mask (resized to the input, or at native scale) and ``(H, W)``; a file
+        deleted since the data was checked is a DataValidationError naming its row."""
+        try:
+            return self._read_sample(position, native)
+        except FileNotFoundError as exc:
+            row = self.spec.frame.index[position]
+            gone = exc.filename or (self.images[position] if not self.with_labels else
+                                    f"{self.images[position]} or {self.labels[position]}")
+            raise DataValidationError(
+                f"row {row.item() if hasattr(row, 'item') else row!r} {gone}: the file is gone "
+                "since the data was checked (deleted or moved meanwhile?)") from None
+
+    def _read_sample(self, position: int,
+                     native: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
         image_path = self.images[position]
         label_path = self.labels[position] if self.with_labels else None
         original = self.original_size(position)

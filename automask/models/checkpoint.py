@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, DownloadError
-from ..utils import cache_dir, download_file, sha256_file, sha256_fileobj
+from ..utils import cache_dir, download_file, remove_stale_parts, sha256_file, sha256_fileobj
 from .backbones import get_spec
 from .hf_layout import from_hf_sam, hf_weights_file, is_hf_sam
 
@@ -253,6 +253,7 @@ def _cached_or_downloaded(backbone: str, cached: Path, url: str, expected: str |
                           env_sha: str, progress: bool) -> "ResolvedCheckpoint":
     """The cached file, verified, else downloaded into the cache (:func:`locate_checkpoint`)."""
     stale = None  # (SHA-256) of a cached file that is not the expected one
+    remove_stale_parts(cached)  # a killed download's part, though a later one completed
     if cached.is_file():
         digest = sha256_file(cached)
         if expected is None or digest == expected:
