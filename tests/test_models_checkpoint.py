@@ -187,6 +187,27 @@ def test_truncated_file(tiny_file, tmp_path):
         build_segmenter("tiny", input_size=256, checkpoint=broken)
 
 
+def test_the_format_is_read_from_the_bytes_not_the_name(tiny_file, tmp_path):
+    """A safetensors file without its suffix (a hub blob, a renamed download) was read by
+    torch.load and refused; a .npy array got torch's advice to load with weights_only=False."""
+    from safetensors.torch import save_file
+
+    state = torch.load(tiny_file, weights_only=True)
+    blob = tmp_path / "blob"
+    save_file({k: v.contiguous() for k, v in state.items()}, blob)
+    _assert_weights_equal(build_segmenter("tiny", input_size=256, checkpoint=blob), state)
+    renamed = tmp_path / "sam.safetensors"  # a torch file under a safetensors name
+    renamed.write_bytes(tiny_file.read_bytes())
+    _assert_weights_equal(build_segmenter("tiny", input_size=256, checkpoint=renamed), state)
+    array = tmp_path / "weights.npy"
+    import numpy as np
+
+    np.save(array, np.ones(3))
+    with pytest.raises(CheckpointError, match="it is a numpy .npy array, not a checkpoint") as e:
+        build_segmenter("tiny", input_size=256, checkpoint=array)
+    assert "weights_only` set to `False`" not in str(e.value)
+
+
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], path)
@@ -194,12 +215,16 @@ def test_not_a_state_dict(tmp_path):
         build_segmenter("tiny", input_size=256, checkpoint=path)
 
 
-@pytest.mark.parametrize("wrap", ["model", "state_dict", "ddp"])
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "ddp", "model._orig_mod.",
+                                  "model.module.", "model.module._orig_mod."])
 def test_a_training_checkpoint_of_sam_weights_is_unwrapped(tiny_file, tmp_path, wrap):
-    """{"model": sd, "epoch": ...} as training scripts save it, or DDP's "module." keys."""
+    """{"model": sd, "epoch": ...} as training scripts save it, DDP's "module." keys, or a
+    Lightning module's "model." around DDP or torch.compile's prefixes."""
     state = torch.load(tiny_file, weights_only=True)
     if wrap == "ddp":
         saved = {f"module.{k}": v for k, v in state.items()}
+    elif wrap.endswith("."):
+        saved = {f"{wrap}{k}": v for k, v in state.items()}
     else:
         saved = {wrap: state, "epoch": 3, "optimizer": {"lr": 1e-4}}
     path = tmp_path / "trained.pth"

@@ -383,7 +383,7 @@ def read_state_dict(
                         "loaded"
                     )
                 fh.seek(0)
-            if path.suffix == ".safetensors":
+            if _is_safetensors(fh):  # by its bytes: a renamed download, a hub blob
                 from safetensors.torch import load_file  # safe format: no code to run
 
                 state = load_file(str(path), device="cpu")
@@ -409,6 +409,20 @@ def read_state_dict(
             "under one 'model' or 'state_dict' entry is read as well)"
         )
     return dict(state)
+
+
+def _is_safetensors(fh) -> bool:
+    """Whether the open file ``fh`` starts as a safetensors file does: an 8-byte
+    little-endian header length, then the header's JSON ``{"``; ``fh`` is rewound."""
+    head = fh.read(10)
+    fh.seek(0)
+    if len(head) < 10 or head[8:10] != b'{"':
+        return False
+    size = int.from_bytes(head[:8], "little")
+    try:
+        return 0 < size <= os.fstat(fh.fileno()).st_size - 8
+    except (OSError, AttributeError, ValueError):
+        return True
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
@@ -449,6 +463,13 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
     text = _text_instead_of_weights(path)
     if text:
         return f"it is {text}"
+    try:
+        with open(path, "rb") as fh:
+            numpy_array = fh.read(6) == b"\x93NUMPY"
+    except OSError:
+        numpy_array = False
+    if numpy_array:
+        return "it is a numpy .npy array, not a checkpoint of named tensors"
     cause = f"{type(exc).__name__}: {_first_line(exc)}"
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
     if refused:
@@ -458,7 +479,7 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
                 "torch.save(checkpoint['model'], 'weights.pth') where you trust the file, and "
                 "pass that file")
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
-        detail = re.search(r"WeightsUnpickler error: ([^\n]+(?:\n\s*\n[^\n]+)?)", str(exc))
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
         why = " ".join(detail.group(1).split()) if detail else _first_line(exc)
         return (f"it is not a checkpoint that torch.load(weights_only=True) reads ({why}); "
                 "automask never unpickles anything but tensors")
@@ -519,8 +540,8 @@ def _unwrapped(state: Mapping) -> Mapping:
         if prefix is None and not any(k.startswith(_SAM_TOP) for k in keys):
             first = keys[0].split(".", 1)[0] + "."
             if len(first) > 1 and all(k.startswith(first) for k in keys) and any(
-                    k[len(first):].startswith(_SAM_TOP) for k in keys):
-                prefix = first
+                    k[len(first):].startswith((*_SAM_TOP, *_PREFIXES)) for k in keys):
+                prefix = first  # a Lightning module's "model." around DDP or compile too
         if prefix is None:
             break
         state = {k[len(prefix):]: v for k, v in state.items()}
