@@ -205,6 +205,17 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         raise DataValidationError(
             f"cannot read images from {type(data).__name__} {data[:60]!r}; pass the path as "
             "a str or pathlib.Path")
+    if callable(getattr(data, "read", None)):  # an open file, an upload's stream, BytesIO
+        content = data.read()  # one image file's bytes, not lines of paths
+        if isinstance(content, str):
+            raise DataValidationError(
+                f"cannot read images from a {type(data).__name__} opened as text; pass the "
+                "file's path, or open it in binary mode ('rb') to pass one image's bytes")
+        if encoded_image(content) is None:
+            raise DataValidationError(
+                f"the {type(data).__name__} given holds {len(content)} bytes that are no "
+                "image file (PNG, JPEG, TIFF...); pass an image file's bytes, or its path")
+        return pd.DataFrame({image_col: pd.Series([content], dtype=object)}), None
     if isinstance(data, (Sequence, abc.Iterator)):
         # a list, a tuple, or an iterator such as Path.glob(...), in its order; values kept
         # as given: validation reports None / NaN / "" as a missing path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -630,6 +631,31 @@ def test_a_data_sets_root_folder_predicts_its_images_not_its_masks(fitted, tmp_p
     for k in range(3):
         assert np.array_equal(found[k], seg.predict([str(root / "images" / f"{k}.png")])[0])
     assert len(seg.predict(root / "masks")) == 3  # asked for by itself
+
+
+def test_an_open_file_is_one_images_bytes_not_lines_of_paths(fitted, tmp_path):
+    """predict(open(p, "rb")) or an upload's BytesIO was iterated line by line as paths
+    (69 problems in 69 rows); in a cell, an open file or any other object was read as the
+    text of a path ("<_io.BytesIO object at 0x...>: file not found")."""
+    import datetime
+    import io
+
+    seg, _, csv = fitted
+    path = pd.read_csv(csv)["image"][0]
+    want = seg.predict([path])[0]
+    with open(path, "rb") as fh:
+        assert np.array_equal(seg.predict(fh)[0], want)
+    assert np.array_equal(seg.predict(io.BytesIO(Path(path).read_bytes()))[0], want)
+    with open(csv) as fh, pytest.raises(DataValidationError, match="opened as text; pass the "
+                                                                   "file's path"):
+        seg.predict(fh)
+    with pytest.raises(DataValidationError, match="holds 5 bytes that are no image file"):
+        seg.predict(io.BytesIO(b"hello"))
+    for cell, says in ((io.BytesIO(b"x"), "an open BytesIO, not a file path"),
+                       (datetime.date(2020, 1, 1), "a value of type date ('2020-01-01'), not "
+                                                   "a file path")):
+        with pytest.raises(DataValidationError, match=re.escape(says)):
+            seg.predict(pd.DataFrame({"image": [cell]}))
 
 
 def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(

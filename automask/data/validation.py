@@ -282,6 +282,14 @@ _FILES_FIRST = ("validate_frame reads images and masks from files (SemanticSegme
                 "and write them to files first)")
 
 
+def _is_missing(value: Any) -> bool:
+    """pd.NA, NaT and other missing markers (no path, reported as one missing)."""
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _in_memory(value: Any) -> str | None:
     """Why a cell holding an image itself (a numpy array, a tensor, a PIL image, an encoded
     file's bytes, a list of pixels) is no path, or None for any other cell: its text would
@@ -293,11 +301,17 @@ def _in_memory(value: Any) -> str | None:
         return f"an in-memory encoded image ({len(data)} bytes), not a file path: {_FILES_FIRST}"
     if isinstance(value, (str, bytes, os.PathLike)) or np.isscalar(value) or value is None:
         return None
+    if callable(getattr(value, "read", None)):
+        return (f"an open {type(value).__name__}, not a file path: pass the file's path, or "
+                "its bytes (f.read())")
     shape = getattr(value, "shape", None)
     if shape is None and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
         shape = tuple(value.size)[::-1]
     if shape is None and not isinstance(value, (list, tuple, dict)):
-        return None
+        if _is_missing(value):
+            return None  # reported as a missing path
+        return (f"a value of type {type(value).__name__} ({str(value)[:60]!r}), not a file "
+                "path: a cell holds a path (str or pathlib.Path) or an image in memory")
     what = type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
     if not is_picture(value):
         return (f"an in-memory {what}, neither a file path nor an image: in memory an image "
