@@ -647,3 +647,22 @@ def test_masks_against_ground_truths_with_few_grey_edge_levels_are_not_classes()
                                          "255 and the values 128.*Pass task='binary'"):
         score([pred // 255], [gt])
     assert score([pred // 255], [gt], task="binary")["iou"] == 1.0
+
+
+def test_a_grey_map_saved_with_a_palette_is_scored_by_its_greys(tmp_path):
+    """A saliency map quantized to a palette (as PNG optimisers write it) was scored by its
+    palette indices: S-alpha 0 where the grey PNG scored 0.93."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((40, 40), np.uint8)
+    truth[10:30, 10:30] = 255
+    soft = np.clip(truth * 0.8 + rng.normal(0, 30, truth.shape), 0, 255).astype(np.uint8)
+    (tmp_path / "grey").mkdir()
+    (tmp_path / "palette").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(truth).save(tmp_path / "gt" / "a.png")
+    quantized = Image.fromarray(soft).quantize(64)
+    quantized.save(tmp_path / "palette" / "a.png")
+    Image.fromarray(np.array(quantized.convert("L"))).save(tmp_path / "grey" / "a.png")
+    grey = score_folders(tmp_path / "grey", tmp_path / "gt", metrics=["sm", "iou"])
+    assert score_folders(tmp_path / "palette", tmp_path / "gt", metrics=["sm", "iou"]) == grey
+    assert grey["sm"] > 0.8

@@ -303,3 +303,23 @@ def test_a_file_cut_short_is_named_by_the_reading_error(tmp_path, suffix):
     for read in (read_image, read_mask):
         with pytest.raises(OSError, match=rf"^{re.escape(str(path))}: image file is truncated"):
             read(path)
+
+
+def test_a_black_and_white_palette_mask_with_white_first_is_read_by_its_greys(tmp_path):
+    """Pillow's quantize(2) (and palette optimisers) put white at index 0: read by index,
+    the white object was background and the black background the object, silently."""
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:15, 5:15] = 255
+    quantized = Image.fromarray(mask).convert("RGB").quantize(2)
+    assert quantized.getpalette()[:3] == [255, 255, 255]  # white at index 0
+    quantized.save(tmp_path / "white_first.png")
+    assert np.array_equal(read_mask(tmp_path / "white_first.png"), mask)
+    # palettes in index order (black first) and colour palettes keep their indices
+    ordered = Image.fromarray((mask > 0).astype(np.uint8), mode="P")
+    ordered.putpalette([0, 0, 0, 255, 255, 255])
+    ordered.save(tmp_path / "black_first.png")
+    assert np.array_equal(read_mask(tmp_path / "black_first.png"), (mask > 0).astype(np.uint8))
+    voc = Image.fromarray((mask > 0).astype(np.uint8) * 2, mode="P")
+    voc.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])
+    voc.save(tmp_path / "voc.png")
+    assert set(np.unique(read_mask(tmp_path / "voc.png"))) == {0, 2}

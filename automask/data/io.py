@@ -897,6 +897,17 @@ def _spread(rgb: np.ndarray) -> int:
     return int((wide.max(axis=2) - wide.min(axis=2)).max())
 
 
+def _palette_values(img) -> np.ndarray:
+    """A palette mask's values: its indices (class ids), except when the entries it uses are
+    all grey and run backwards (white at a lower index than black, as Pillow's
+    ``quantize(2)`` and palette optimisers write a black-and-white mask): then the grey
+    levels it shows, so that a white object is not read as background."""
+    from ..utils.palette import palette_greys
+
+    indices, greys, backwards = palette_greys(img)
+    return greys if greys is not None and backwards else indices
+
+
 def read_mask(
     path: str | os.PathLike, color_map: ColorMap | None = None
 ) -> np.ndarray:
@@ -955,7 +966,7 @@ def read_mask(
             # palette indices, not colours (with or without a color_map)
             if color_map is not None:
                 return _apply_color_map(np.array(img.convert("RGB")), color_map, path)
-            return np.array(img, dtype=np.uint8)
+            return _palette_values(img)
         if mode == "1":
             values = np.array(img, dtype=np.uint8)  # 0/1
             return 1 - values if inverted else values

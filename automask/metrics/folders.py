@@ -23,7 +23,11 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
     accepts maps saved in colour by other tools, since scoring must take any model's output.
 
     Palette (``P``), grey (``L``), 16/32-bit (``I;16``, ``I``, ``F``) and 1-bit images keep their
-    values (palette indices, not colours); colour images are converted to grey with Pillow's
+    values (palette indices, not colours, unless every entry the image uses is grey and they
+    are more than 16 or fall as the index rises: then the grey levels it shows, as a
+    quantized saliency map or a white-first black-and-white palette holds them); colour
+    images are
+    converted to grey with Pillow's
     ITU-R 601-2 luma (OpenCV's ``IMREAD_GRAYSCALE``, used by PySODMetrics scripts, uses the same
     weights but may round differently by one level), or, given the ``color_map`` of
     colour-coded masks (``{(r, g, b): class_id}``), mapped through it to class ids. A value
@@ -38,6 +42,14 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
                 from automask.data.io import read_mask  # (pulls in Lightning: only here)
 
                 return read_mask(path, color_map=color_map)
+            if im.mode == "P":  # a grey map saved with a palette (quantized): its greys
+                from automask.utils.palette import palette_greys
+
+                indices, greys, backwards = palette_greys(im)
+                levels = len(np.unique(indices)) if greys is not None else 0
+                # class ids keep their indices: a handful of entries in index order
+                many = levels > _MAX_CLASS_ENTRIES
+                return greys if greys is not None and (backwards or many) else indices
             if im.mode in _COLOUR_MODES:
                 im = im.convert("L")
             return np.array(im)
@@ -83,6 +95,8 @@ def _not_an_image(path: Path) -> DataValidationError:
     return DataValidationError(f"{path} is not an image Pillow can read (nor a .npy array)")
 
 
+# A palette map using more grey entries than this is a quantized grey map, not class ids.
+_MAX_CLASS_ENTRIES = 16
 _COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
 
 
