@@ -309,6 +309,19 @@ def test_relative_checkpoint_and_cache_paths_are_recorded_absolute(tmp_path, mon
     assert cache_dir() == tmp_path / "home"
 
 
+def test_the_cache_follows_xdg_cache_home_without_automask_home(tmp_path, monkeypatch):
+    """Users who move caches off a small home quota with XDG_CACHE_HOME (as pip and Hugging
+    Face honour it) got 0.4-2.4 GB of SAM weights in ~/.cache all the same."""
+    monkeypatch.delenv("AUTOMASK_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "big_disk"))
+    assert cache_dir() == tmp_path / "big_disk" / "automask"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the spec says
+    assert cache_dir() == tmp_path / "home" / ".cache" / "automask"
+    monkeypatch.setenv("AUTOMASK_HOME", str(tmp_path / "own"))  # automask's own comes first
+    assert cache_dir() == tmp_path / "own"
+
+
 @pytest.mark.parametrize("before", [None, "123"])
 def test_a_fit_leaves_lightnings_seed_variables_as_they_were(data, tmp_path, monkeypatch,
                                                              before):

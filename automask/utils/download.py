@@ -42,13 +42,21 @@ STALE_PART_SECONDS = 600.0
 
 
 def cache_dir() -> Path:
-    """Root of automask's cache: ``$AUTOMASK_HOME``, else ``~/.cache/automask``.
+    """Root of automask's cache: ``$AUTOMASK_HOME``, else ``$XDG_CACHE_HOME/automask``
+    (as pip and Hugging Face honour it, to keep caches off a small home quota), else
+    ``~/.cache/automask``.
 
     Always absolute (a relative ``$AUTOMASK_HOME`` is taken from the working directory
     now), because the paths of cached files are recorded in saved predictors.
     """
     env = os.environ.get("AUTOMASK_HOME")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "automask"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if env:
+        root = Path(env).expanduser()
+    elif xdg and os.path.isabs(os.path.expanduser(xdg)):  # the spec ignores relative ones
+        root = Path(xdg).expanduser() / "automask"
+    else:
+        root = Path.home() / ".cache" / "automask"
     return root.absolute()
 
 
