@@ -329,3 +329,29 @@ def test_names_of_the_classes_themselves_are_kept_under_a_value_map():
     assert found_beside(frame, None, None, {0: 0, 128: 1}, None)[0] == ["background", "object"]
     frame.attrs["class_names"] = ["other", "wall", "floor"]  # one per value 0..2
     assert found_beside(frame, None, None, {0: 255, 1: 0, 2: 1}, None)[0] == ["wall", "floor"]
+
+
+def test_values_past_8_bits_name_the_way_out(tmp_path):
+    """16-bit masks with 65535 as void were refused without naming the value map that
+    takes them; -1 (PyTorch's ignore_index) in .npy masks gets the one way that works."""
+    rng = np.random.default_rng(0)
+    image = tmp_path / "i.png"
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(image)
+    wide = np.zeros((8, 8), np.uint16)
+    wide[:4] = 1
+    wide[0] = 65535
+    Image.fromarray(wide).save(tmp_path / "m16.png")
+    frame = pd.DataFrame({"image": [str(image)], "label": [str(tmp_path / "m16.png")]})
+    with pytest.raises(DataValidationError, match=r"found 0\.\.65535; pass a value map that "
+                                                  r"renumbers them.*\(65535: 255 for an "
+                                                  r"ignore value\)"):
+        validate_frame(frame)
+    spec = validate_frame(frame, color_map={0: 0, 1: 1, 65535: 255})  # the way out works
+    assert spec.num_classes == 2
+    negative = wide.astype(np.int64)
+    negative[0] = -1
+    np.save(tmp_path / "m.npy", negative)
+    frame["label"] = [str(tmp_path / "m.npy")]
+    with pytest.raises(DataValidationError, match=r"found -1\.\.1; negative values .*write "
+                                                  r"the masks with 255 for ignored pixels"):
+        validate_frame(frame)

@@ -888,10 +888,16 @@ def validate_frame(
                 )
                 continue
             if values.size and (values.min() < 0 or values.max() > 255):
+                low, high = int(values.min()), int(values.max())
+                if low < 0:  # -1 as PyTorch's ignore_index: no value map takes it
+                    way = ("negative values (-1 as an ignore index?) cannot be renumbered: "
+                           "write the masks with 255 for ignored pixels")
+                else:
+                    way = ("pass a value map that renumbers them, color_map={value: class_id"
+                           f", ...}} ({high}: 255 for an ignore value), or --color-map FILE")
                 problems.add(
                     pos, index[pos], label_col, label_paths[pos],
-                    "mask values must lie in 0-255, found "
-                    f"{int(values.min())}..{int(values.max())}",
+                    f"mask values must lie in 0-255, found {low}..{high}; {way}",
                 )
                 continue
             summaries[pos] = summary
