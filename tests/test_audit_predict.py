@@ -658,6 +658,22 @@ def test_an_open_file_is_one_images_bytes_not_lines_of_paths(fitted, tmp_path):
             seg.predict(pd.DataFrame({"image": [cell]}))
 
 
+def test_evaluate_on_colour_masks_does_not_advise_an_option_it_lacks(fitted, tmp_path):
+    """The advice 'pass color_map=...' (a fit's option) ended in evaluate's TypeError."""
+    seg, _, csv = fitted
+    table = pd.read_csv(csv).iloc[:2].copy()
+    for k, label in enumerate(table["label"]):
+        mask = np.asarray(Image.open(label)) > 0
+        red = np.zeros((*mask.shape, 3), np.uint8)
+        red[mask] = (255, 0, 0)
+        Image.fromarray(red).save(tmp_path / f"red{k}.png")
+        table.loc[table.index[k], "label"] = str(tmp_path / f"red{k}.png")
+    with pytest.raises(DataValidationError, match="the model was fit on masks without a "
+                                                  "colour map") as info:
+        seg.evaluate(table)
+    assert "pass color_map" not in str(info.value)
+
+
 def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(
         fitted, tmp_path):
     """``automask predict RUN --data FOLDER`` leaves the masks beside the images out and
