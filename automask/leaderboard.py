@@ -236,7 +236,8 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics,
         "method": cfg.peft.method,
         # what the model was built from: 'scratch' trains from random weights whatever
         # model.checkpoint says
-        "pretrained": info.checkpoint.get("source") != "random",
+        "pretrained": (info.get("checkpoint") or {}).get(
+            "source", cfg.model.checkpoint) != "random",
         "backbone": cfg.model.backbone,
         "input_size": cfg.model.input_size,
         "seed": seg.seed if cfg.env.seed is None else cfg.env.seed,

@@ -410,8 +410,11 @@ def test_all_candidates_diverging_is_a_clear_error_and_writes_nothing(data, tmp_
     assert not run.exists()
 
 
-def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path, monkeypatch):
-    """Fault injection: the auxiliary loss turns NaN from the third training step on."""
+def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Fault injection: the auxiliary loss turns NaN from the third training step on. The
+    epochs are counted from 1, as the progress lines count them, and the diverged epoch's
+    line says so (it showed a train_loss of 0 and the last validation's score)."""
     import automask.training.module as module
 
     calls = {"n": 0}
@@ -424,13 +427,17 @@ def test_divergence_after_a_validated_epoch_keeps_the_best_epoch(data, tmp_path,
 
     monkeypatch.setattr(module, "aux_loss", failing)
     run = tmp_path / "run"
-    with pytest.warns(UserWarning, match=r"stopped: the training loss became nan at epoch 1"):
-        seg = SemanticSegmentor(path=run, verbosity=0).fit(
+    with pytest.warns(UserWarning, match=r"stopped: the training loss became nan at epoch 2, "
+                                         r".*keeping its best epoch \(1\)"):
+        seg = SemanticSegmentor(path=run, verbosity=1).fit(
             data / "train.csv", presets="tiny",
             hyperparameters={**HP, "optim.max_epochs": 4, "optim.batch_size": 8,
                              "optim.effective_batch_size": 8})
     record = seg.models_["default"]
     assert record.best_epoch == 0 and "nan" in record.stopped
+    lines = [line for line in capsys.readouterr().out.splitlines() if "epoch 2/4" in line]
+    assert len(lines) == 1 and "diverged (non-finite loss)" in lines[0], lines
+    assert "train_loss" not in lines[0] and "val_" not in lines[0]
     assert [h["epoch"] for h in record.history] == [0]
     assert "nan" in seg.leaderboard().set_index("model").loc["default", "stopped"]
     assert SemanticSegmentor.load(run).models_["default"].best_epoch == 0

@@ -31,7 +31,8 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, epoch: int, step: int, where: str, value: float):
         self.epoch, self.step, self.where, self.value = epoch, step, where, value
         super().__init__(
-            f"the {where} became {value} at epoch {epoch}, step {step}: training diverged; "
+            f"the {where} became {value} at epoch {epoch + 1}, step {step}: training "
+            "diverged; "  # epochs counted from 1, as the progress lines count them
             "lower 'optim.lr', keep 'optim.grad_clip' on, or use 'env.precision=32'"
         )
 

@@ -129,6 +129,8 @@ class EpochLines(L.Callback):
         self._loss_sum, self._loss_count = 0.0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "stopped", None) is not None:
+            return  # diverged: the steps after it return a stand-in zero, not a loss
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
@@ -184,6 +186,9 @@ class EpochLines(L.Callback):
         epoch = trainer.current_epoch + 1  # 1-based for people
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         parts = [f"[{self.name}]", f"epoch {epoch}/{max_epochs or '?'}"]
+        if getattr(trainer.lightning_module, "stopped", None) is not None:
+            parts.append("diverged (non-finite loss): stopped, its best epoch kept")
+            return "  ".join(parts)  # not the last validation's score, as if this epoch's
         if self._loss_count:
             parts.append(f"train_loss {self._loss_sum / self._loss_count:.4f}")
         key, score = self._score(trainer)

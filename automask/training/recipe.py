@@ -267,7 +267,7 @@ def _train_candidate(
             warnings.warn(reason, stacklevel=4)
             return Outcome(None, None, dropped=reason)
         warnings.warn(f"candidate {name!r} stopped: {stopped}; keeping its best epoch "
-                      f"({best.best_epoch})", stacklevel=4)
+                      f"({best.best_epoch + 1})", stacklevel=4)  # from 1, as printed
     else:
         stopped = _early_end(trainer, cfg)
     best.restore(model)
