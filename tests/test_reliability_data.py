@@ -3,6 +3,7 @@ do not fit the model's task. Real files, real splits, a real (tiny) fit and eval
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def test_repeated_images_and_tuning_overlap_are_named_before_training(tmp_path):
         warn_training_issues(train, tuning)
     assert "1 of the 2 tuning row(s)" in str(record[0].message)
     assert "tuning rows 5" in str(record[0].message)
+    # a hard link of a training image is that image (a symlink was told already)
+    linked = tmp_path / "linked.png"
+    os.link(frame["image"][1], linked)
+    tuning = validate_frame(pd.DataFrame({"image": [str(linked)],
+                                          "label": [frame["label"][1]]}))
+    with pytest.warns(UserWarning, match="1 of the 1 tuning row"):
+        warn_training_issues(train, tuning)
 
 
 # -- truncated images are caught even with their end marker -----------------------------

@@ -1059,9 +1059,16 @@ def duplicate_images(spec: DataSpec) -> list[list[int]]:
 
 
 def image_key(path: str | os.PathLike) -> str:
-    """The same string for every path of one file: ``~`` expanded, links and ``..``
-    resolved, case folded where the file system folds it (how a repeated image is told)."""
-    return os.path.normcase(os.path.realpath(os.path.expanduser(str(path))))
+    """The same string for every path of one file (how a repeated image is told): its
+    device and inode, so that hard links are one file too; for a path that cannot be
+    read, the path with ``~`` expanded, links and ``..`` resolved and case folded where
+    the file system folds it."""
+    resolved = os.path.normcase(os.path.realpath(os.path.expanduser(str(path))))
+    try:
+        info = os.stat(resolved)
+    except (OSError, ValueError):
+        return resolved
+    return f"inode:{info.st_dev}:{info.st_ino}"
 
 
 def repeated_images(spec: DataSpec) -> tuple[int, int, str] | None:
