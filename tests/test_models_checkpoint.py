@@ -431,3 +431,19 @@ def test_a_file_with_shared_tensors_gives_float32_weights_of_their_own(tmp_path,
     assert torch.equal(ours[b], expected[b])
     storages = [t.untyped_storage().data_ptr() for t in ours.values()]
     assert len(set(storages)) == len(storages)
+
+
+def test_a_mirror_of_another_name_takes_the_verified_official_copy_in_the_cache(monkeypatch):
+    """With a site-wide mirror whose URL names the file otherwise, the official file the
+    README says to copy into the cache was ignored: downloaded again, or offline refused."""
+    folder = cache_dir() / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    official = folder / "sam_vit_b_01ec64.pth"
+    official.write_bytes(b"the official weights, as copied by hand")
+    monkeypatch.setenv("AUTOMASK_SAM_URL_VIT_B", "http://127.0.0.1:9/mirror/vit_b.pth")
+    monkeypatch.setenv("AUTOMASK_SAM_SHA256_VIT_B", _sha(official))  # no server: offline
+    found = locate_checkpoint("vit_b", progress=False)
+    assert (found.source, found.path) == ("cache", official)
+    official.write_bytes(b"another file under that name")  # not the one expected: not taken
+    with pytest.raises(CheckpointError):
+        locate_checkpoint("vit_b", progress=False)

@@ -190,6 +190,11 @@ def locate_checkpoint(
             f"checkpoint='random' or pass checkpoint=<path to a state dict with its keys>"
         )
     cached = checkpoint_cache_dir() / _file_name(url, backbone, spec.filename)
+    official = checkpoint_cache_dir() / spec.filename if spec.filename else None
+    if expected and official is not None and official != cached and not cached.is_file() \
+            and official.is_file() and sha256_file(official) == expected:
+        # a mirror's URL names the file otherwise: the official copy in the cache is it
+        return ResolvedCheckpoint(source="cache", path=official, sha256=expected)
     with _one_downloader(cached, url):  # the other processes then find it in the cache
         return _cached_or_downloaded(backbone, cached, url, expected, env_sha, progress)
 
