@@ -156,6 +156,25 @@ def test_unverified_download_warns(tiny_file, http_server):
     assert path.is_file()
 
 
+def test_an_unverified_download_cut_short_is_not_kept(tiny_file, tmp_path, http_server):
+    """Without a SHA-256, a download that stopped early (no Content-Length) was kept, and
+    every later run failed on the cached file."""
+    from safetensors.torch import save_file
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "cut.pth").write_bytes(tiny_file.read_bytes()[:-2000])
+    whole = tmp_path / "whole.safetensors"
+    save_file({"image_encoder.x": torch.ones(1000)}, whole)
+    (served / "cut.safetensors").write_bytes(whole.read_bytes()[:-100])
+    base = http_server(served)
+    for name, says in (("cut.pth", "a zip archive cut short"),
+                       ("cut.safetensors", "a safetensors file cut short")):
+        with pytest.raises(CheckpointError, match=f"{says}.*it was not kept"):
+            resolve_checkpoint("tiny", url=f"{base}/{name}", progress=False)
+        assert _cached_files() == []
+
+
 def test_no_weights_names_the_three_ways(monkeypatch):
     # a closed local port stands for "offline"; nothing leaves the machine
     monkeypatch.setenv("AUTOMASK_SAM_URL_VIT_B", "http://127.0.0.1:9/sam_vit_b_01ec64.pth")

@@ -285,7 +285,7 @@ def _cached_or_downloaded(backbone: str, cached: Path, url: str, expected: str |
             ) from exc
         raise _no_weights(backbone, cached, url, f"the download failed ({exc})") from exc
     if expected is None:
-        not_weights = _text_instead_of_weights(cached)
+        not_weights = _text_instead_of_weights(cached) or _cut_short(cached)
         if not_weights:
             with contextlib.suppress(OSError):
                 cached.unlink()
@@ -414,6 +414,38 @@ def read_state_dict(
             "under one 'model' or 'state_dict' entry is read as well)"
         )
     return dict(state)
+
+
+def _cut_short(path: Path) -> str | None:
+    """What is missing when ``path`` is a torch zip or a safetensors file cut short (a
+    download without a Content-Length that stopped early), else None: a zip's end records,
+    or the bytes a safetensors header promises. Nothing else can be told without reading
+    the whole file."""
+    import json
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(0)
+            if head == b"PK\x03\x04":
+                try:
+                    zipfile.ZipFile(fh).close()  # reads the central directory at the end
+                except zipfile.BadZipFile as exc:
+                    return f"a zip archive cut short or damaged ({exc})"
+                return None
+            if not _is_safetensors(fh):
+                return None
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items()
+                       if k != "__metadata__"), default=0)
+            have = os.fstat(fh.fileno()).st_size - 8 - size
+            if have < end:
+                return f"a safetensors file cut short ({have} of its {end} data bytes)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "a file that is no checkpoint torch or safetensors can read"
+    return None
 
 
 def _is_safetensors(fh) -> bool:
