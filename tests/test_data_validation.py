@@ -666,3 +666,20 @@ def test_a_void_name_among_id_masks_gets_the_value_map_that_renumbers_them(tmp_p
     value_map = eval(re.search(r"color_map=(\{.*?\}\}?) makes it 255", text).group(1))
     spec = validate_frame(frame, color_map=value_map, class_names=["grass", "road", "car"])
     assert spec.num_classes == 3
+
+
+def test_a_name_in_the_other_unicode_form_is_the_file(tmp_path):
+    """'café.png' written decomposed on disk (a copy from macOS) and composed in the table:
+    reported as 'file not found' under a name that looks exactly like the file's."""
+    import unicodedata
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 255
+    decomposed = tmp_path / unicodedata.normalize("NFD", "café.png")
+    Image.fromarray(image).save(decomposed)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    composed = str(tmp_path / unicodedata.normalize("NFC", "café.png"))
+    assert composed != str(decomposed)
+    spec = validate_frame(pd.DataFrame({"image": [composed], "label": [str(tmp_path / "m.png")]}))
+    assert spec.frame["image"][0] == str(decomposed)

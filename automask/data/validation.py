@@ -48,6 +48,7 @@ import math
 import os
 import re
 import threading
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -339,6 +340,13 @@ def _resolve(raw: str, root: Path) -> str:
         posix = os.path.abspath(root / Path(raw.replace("\\", "/")).expanduser())
         if os.path.exists(posix):
             return posix
+    if not os.path.exists(path) and not raw.isascii():
+        # 'café.png' composed in the table, decomposed on disk (a copy from macOS), or the
+        # other way round: the same name to a reader, another to the file system
+        for form in ("NFC", "NFD"):
+            other = unicodedata.normalize(form, path)
+            if other != path and os.path.exists(other):
+                return other
     return path
 
 
