@@ -527,8 +527,9 @@ def score_external(
 ) -> dict[str, float | list[float]]:
     """Score one prediction file per row of ``data`` as :meth:`evaluate` scores a model.
 
-    Binary predictions are read as :func:`automask.metrics.score` reads them (8-bit maps
-    divided by 255, 16-bit ones by 65535, 0/1 masks, probabilities; ``(1, H, W)`` and
+    Binary predictions are read as :func:`automask.metrics.score` reads them (the integer
+    maps of the folder on one scale: 8-bit maps divided by 255, 16-bit ones by 65535, 0/1
+    masks; probabilities; ``(1, H, W)`` and
     ``(H, W, 1)`` arrays as ``(H, W)``); multi-class predictions are class-index maps. Void
     pixels of the ground truth (255) are treated as ``evaluate`` treats them.
     """
@@ -537,7 +538,7 @@ def score_external(
     from .data import read_mask
     from .metrics import DEFAULT_METRICS, read_map, score
     from .metrics.inputs import as_tensor, binary_prediction
-    from .metrics.scoring import one_channel
+    from .metrics.scoring import _integer_scale, one_channel
     from .prediction import metric_conventions
 
     spec = _validated(seg, data)
@@ -554,12 +555,17 @@ def score_external(
             if tuple(pred.shape[-2:]) != tuple(target.shape):
                 raise ValueError(f"is {tuple(pred.shape[-2:])} but its mask is "
                                  f"{tuple(target.shape)} (height, width)")
-            if seg.task_ == "binary":
-                pred = binary_prediction(pred)
         except (OSError, ValueError) as exc:
             raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
         preds.append(pred)
         targets.append(target)
+    if seg.task_ == "binary":  # one scale for the folder's integer maps, as score() reads
+        scale = _integer_scale(preds, [str(f) for f in files], [Path(f).name for f in files])
+        for idx, path in enumerate(files):
+            try:
+                preds[idx] = binary_prediction(preds[idx], integer_scale=scale)
+            except ValueError as exc:
+                raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
     try:
         return score(preds, targets, task=seg.task_, metrics=names, **conventions)
     except ValueError as exc:

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -153,6 +154,29 @@ def test_external_rows_score_like_the_metrics(runs, data, tmp_path):
             rows.loc[seg.best_model_, f"test_{metric}"], abs=1e-9), metric
     assert external["trainable_params_m"].isna().all() and (external["source"] == "external").all()
     assert not external["best"].any()
+
+
+def test_external_integer_maps_share_one_scale_as_score_reads_them(runs, data, tmp_path):
+    """Each external file was read on its own scale: a faint 16-bit map (values below 256)
+    as 8-bit, a faint 8-bit map holding only 0 and 1 as a 0/1 mask."""
+    seg, _ = runs
+    _, _, test = data
+    gts = _gt_arrays(test)
+    stems = [Path(p).stem for p in test["image"]]
+    deep = [(g > 0).astype(np.uint16) * 60000 for g in gts]
+    deep[0] = np.full_like(deep[0], 200)  # 0.3 %: background, not 78 %
+    eight = [(g > 0).astype(np.uint8) * 255 for g in gts]
+    eight[0] = np.zeros_like(eight[0])
+    eight[0][: eight[0].shape[0] // 2] = 1  # 1/255: background, not a mask's object
+    folders = {"Deep": _write_folder(tmp_path / "deep", stems, deep),
+               "Eight": _write_folder(tmp_path / "eight", stems, eight)}
+    with pytest.warns(UserWarning, match="hold only 0 and 1"):
+        rows = seg.leaderboard(test, style="models", extra=folders).set_index("model")
+    for name, maps, full in (("Deep", deep, 65535), ("Eight", eight, 255)):
+        expected = score([m / full for m in maps], gts, task="binary")
+        for metric in ("mae", "iou", "ber", "sm"):
+            assert rows.loc[name, f"test_{metric}"] == pytest.approx(expected[metric]), (
+                name, metric)
 
 
 def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tmp_path):
@@ -420,3 +444,22 @@ def test_a_scratch_candidate_on_a_checkpoint_file_is_not_called_pretrained(tmp_p
     table = seg.leaderboard(style="models").set_index("method")
     assert table.loc["scratch", "pretrained"] == False  # noqa: E712 (a numpy bool)
     assert table.loc["lora", "pretrained"] == True  # noqa: E712
+
+
+def test_tables_are_written_as_utf8_whatever_the_locale(tmp_path):
+    """The paper table holds '↓' and '±': under a C (ASCII) or cp1252 locale save_table
+    raised UnicodeEncodeError."""
+    table = pd.DataFrame({"Method": ["Conv-LoRA"], "BER ↓": ["2.54 ± 0.10"]})
+    script = (
+        "import sys, pandas as pd\n"
+        "from automask.leaderboard import save_table\n"
+        "df = pd.DataFrame({'Method': ['Conv-LoRA'], 'BER \\u2193': ['2.54 \\u00b1 0.10']})\n"
+        "for name in sys.argv[1:]: save_table(df, name)\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "ascii"}
+    out = [tmp_path / "t.csv", tmp_path / "t.md"]
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, out)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert pd.read_csv(out[0], encoding="utf-8").equals(table)
+    assert "BER ↓" in out[1].read_text(encoding="utf-8")

@@ -156,7 +156,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
     path : str or PathLike
         Final file; its folder is created.
     mode : str
-        ``"wb"`` or ``"w"`` (text).
+        ``"wb"`` or ``"w"`` (text, UTF-8 whatever the locale).
     replace : bool, default True
         False: never replace a file at ``path``, even one another process made after the
         caller checked (the temporary file is linked to ``path``, which fails when
@@ -180,7 +180,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
             existing = os.stat(path)
             if stat.S_ISREG(existing.st_mode):
                 os.chmod(tmp, stat.S_IMODE(existing.st_mode) & 0o777)
-        with os.fdopen(fd, mode) as fh:
+        # text as UTF-8 whatever the locale (a C or cp1252 one cannot encode '↓', 'é')
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
