@@ -40,6 +40,8 @@ _CHOICES = {
     "env.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "env.conv_lora_routing": ("auto", "sparse", "batched", "compiled"),
 }
+# The backbones no weights are published for (built for tests, from random weights only).
+UNPUBLISHED_BACKBONES = ("tiny", "sam2_tiny")
 LARGE_IMAGE_MODES = ("auto", "crop", "resize")  # data.large_images, see automask.data.crops
 _CHOICES["data.large_images"] = LARGE_IMAGE_MODES
 RESIZE_MODES = ("longest_side", "square")  # data.resize, see automask.data.transforms
@@ -721,8 +723,12 @@ def resolve(
     used_user_keys: set[str] = set()
     for combo in itertools.product(*grid.values()):
         chosen = dict(zip(grid, combo))
-        if "model.checkpoint" not in user and not _own_backbone(preset, chosen):
-            chosen.pop("model.checkpoint", None)  # the preset's weights are for its backbone
+        if "model.checkpoint" not in user and not _own_backbone(preset, chosen) and not (
+                chosen.get("model.checkpoint") == "random"
+                and chosen.get("model.backbone") in UNPUBLISHED_BACKBONES):
+            # the preset's weights are for its backbone; its 'random' stays with a backbone
+            # that has no published weights (tiny -> sam2_tiny): nothing else can build it
+            chosen.pop("model.checkpoint", None)
         sections: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
         for key, value in chosen.items():
             section, name = key.split(".", 1)
@@ -834,7 +840,7 @@ def _check_for_fit(config: Config) -> None:
 
     check_hardware(config.env.accelerator, config.env.devices)
     distributed_strategy(config)  # several processes: DDP from a script, or ConfigError
-    if config.model.checkpoint == "random" and config.model.backbone not in ("tiny", "sam2_tiny"):
+    if config.model.checkpoint == "random" and config.model.backbone not in UNPUBLISHED_BACKBONES:
         log.warning(
             "model.checkpoint='random': %s is randomly initialised, without SAM's pretrained "
             "weights (training from scratch)", config.model.backbone,

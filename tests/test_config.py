@@ -310,3 +310,18 @@ def test_log_folder_names_are_one_plain_folder_that_reads_back(name):
     assert "/" not in folder and "\\" not in folder and not folder.startswith(".")
     assert candidate_of_log_folder(folder) == name
     assert name != "method=lora,rank=8" or folder == name  # plain names stay as they were
+
+
+def test_a_presets_random_weights_stay_with_a_backbone_that_has_no_others():
+    """presets='tiny' with model.backbone='sam2_tiny' failed: the preset's 'random' was
+    dropped for another backbone, and sam2_tiny has no published weights to fall back on."""
+    from automask.config import UNPUBLISHED_BACKBONES
+    from automask.models.backbones import get_spec
+
+    [(_, cfg)] = resolve("tiny", {"model.backbone": "sam2_tiny"})
+    assert cfg.model.checkpoint == "random"
+    [(_, cfg)] = resolve("tiny", {"model.backbone": "vit_b"}, for_fit=False)
+    assert cfg.model.checkpoint is None  # a real backbone gets its pretrained weights
+    names = ("tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t",
+             "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
+    assert set(UNPUBLISHED_BACKBONES) == {n for n in names if get_spec(n).url is None}

@@ -193,6 +193,34 @@ def test_pt2_export_matches_pytorch(tmp_path, recwarn):
     assert json.loads(extra["automask.json"])["peft_method"] == "conv_lora"
 
 
+def test_a_pt2_export_leaves_no_traced_matrices_for_later_forwards(tmp_path):
+    """torch.export traced Conv-LoRA's cached resize matrices as fake tensors and the cache
+    kept them: a later ONNX export in the process failed, and eager forwards read them."""
+    script = (
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from test_export import _images, _model\n"
+        "from automask.export import export_model\n"
+        "from automask.peft import conv_lora\n"
+        "model = _model('conv_lora')\n"
+        "images = _images(2)\n"
+        "with torch.no_grad():\n"
+        "    before = model(images)\n"
+        "export_model(model, sys.argv[1] + '/m.pt2')\n"
+        "fake = torch._subclasses.fake_tensor.FakeTensor\n"
+        "export_model(model, sys.argv[1] + '/m.onnx')\n"
+        "for size_in in range(1, 40):\n"
+        "    for size_out in range(1, 80):\n"
+        "        m = conv_lora.resize_matrix(size_in, size_out, torch.float32)\n"
+        "        assert not isinstance(m, fake), (size_in, size_out)\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(model(images), before, rtol=0, atol=0)\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path),
+                           str(Path(__file__).parent)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_bad_format_or_suffix_fails_before_writing(tmp_path):
     model = _model("lora")
     with pytest.raises(ConfigError, match="'tflite'.*onnx"):

@@ -343,6 +343,21 @@ def test_prompt_trained_model_answers_the_box(prompt_trained, synthetic):
         np.testing.assert_array_equal(m, (a > 0.5).astype(np.uint8))
 
 
+def test_a_column_of_boxes_and_rows_of_nans_are_prompts_too(prompt_trained, synthetic):
+    """boxes=df["box"] was refused ("got a Series"), and an (N, 4) array from x0..y1 columns
+    with a NaN row for "no box" was refused as not finite."""
+    _, test = synthetic
+    test = test.iloc[:3].copy()
+    around = [_bbox(p) for p in test["label"]]
+    test["box"] = [around[0], None, around[2]]
+    want = prompt_trained.predict_proba(test, boxes=[around[0], None, around[2]])
+    for a, b in zip(prompt_trained.predict_proba(test, boxes=test["box"]), want):
+        np.testing.assert_array_equal(a, b)
+    array = np.array([around[0], [np.nan] * 4, around[2]], dtype=np.float64)
+    for a, b in zip(prompt_trained.predict_proba(test, boxes=array), want):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_prompt_free_predict_is_unchanged_by_prompts(prompt_trained, synthetic):
     _, test = synthetic
     free = prompt_trained.predict_proba(test)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..errors import DataValidationError
@@ -131,6 +132,11 @@ def _per_row(name: str, value: Any, index: list) -> list:
     n = len(index)
     if value is None:
         return [None] * n
+    if isinstance(value, pd.Series):  # a DataFrame's column: by its index, as a dict
+        if not value.index.is_unique:
+            raise DataValidationError(f"{name} is a Series whose index repeats labels; pass "
+                                      "a list with one entry per row instead")
+        value = value.to_dict()
     if isinstance(value, Mapping):
         if len(set(index)) != n:
             raise DataValidationError(
@@ -160,8 +166,11 @@ def _per_row(name: str, value: Any, index: list) -> list:
 
 
 def _absent(entry: Any) -> bool:
-    """No prompt for the row: None, or a missing value as pandas stores one in a column of
-    boxes (NaN, ``pd.NA``)."""
+    """No prompt for the row: None, a missing value as pandas stores one in a column of
+    boxes (NaN, ``pd.NA``), or a row of NaNs of an array of boxes."""
+    if isinstance(entry, np.ndarray) and entry.dtype.kind == "f" and entry.size \
+            and bool(np.isnan(entry).all()):
+        return True  # an all-NaN row of an (N, 4) array taken from x0..y1 columns
     return (entry is None or type(entry).__name__ == "NAType"
             or (isinstance(entry, (float, np.floating)) and bool(np.isnan(entry))))
 

@@ -666,7 +666,24 @@ def resized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y if bias is None else y + bias.view(1, out, 1, 1)
 
 
-@functools.lru_cache(maxsize=256)
+def _cached_outside_tracing(maxsize: int):
+    """``functools.lru_cache(maxsize)``, bypassed while a graph is traced (``torch.export``,
+    ``torch.compile``): there the matrices are fake tensors, which cached would be handed
+    to later eager forwards (a later ONNX export failed on them, a prediction used them)."""
+    def wrap(build):
+        cached = functools.lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(build)
+        def matrices(*args, **kwargs):
+            return build(*args, **kwargs) if is_exporting() else cached(*args, **kwargs)
+
+        matrices.cache_clear = cached.cache_clear
+        matrices.cache_info = cached.cache_info
+        return matrices
+    return wrap
+
+
+@_cached_outside_tracing(maxsize=256)
 def shifted_resize_matrix(size_in: int, size_out: int, dtype: torch.dtype = torch.float64,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """``[S_0 | S_1 | S_2]`` (size_out, 3 * size_in): ``S_a`` is the bicubic
@@ -699,7 +716,7 @@ def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rows @ x @ cols.T
 
 
-@functools.lru_cache(maxsize=256)
+@_cached_outside_tracing(maxsize=256)
 def resize_matrix(size_in: int, size_out: int, dtype: torch.dtype = torch.float64,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """The (size_out, size_in) matrix of bicubic resizing along one axis
@@ -718,7 +735,7 @@ def expert_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_outside_tracing(maxsize=64)
 def padded_resize_matrices(height: int, width: int, scales: tuple[float, ...],
                            dtype: torch.dtype = torch.float32,
                            device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
