@@ -255,7 +255,12 @@ def _check_predict_paths(data: str, out: str) -> None:
 
 _RESOLUTION_HELP = ("score each prediction at its mask's original size (default), or at the "
                     "model's input resolution with the mask resized to it by nearest "
-                    "neighbour (the paper's authors' protocol)")
+                    "neighbour (the paper's authors' protocol, with --tile off: a tiled "
+                    "image is scored at its own size)")
+_TILE_HELP = ("sliding windows at the original resolution: auto (the rule the model was "
+              "trained with, data.large_images: by default images whose longer side exceeds "
+              "1.25 x the model input), on (every image larger than the input) or off "
+              "(resize to the input); default auto")
 
 
 def _cmd_evaluate(args) -> None:
@@ -266,7 +271,7 @@ def _cmd_evaluate(args) -> None:
     data = _folders(args, seg.image, seg.label)
     data = data if data is not None else args.data
     _print_scores(seg.evaluate(data, metrics=metrics, model=args.model,
-                               resolution=args.resolution, tta=tta), args.json,
+                               resolution=args.resolution, tiling=args.tile, tta=tta), args.json,
                   class_names=seg.classes_)
 
 
@@ -334,7 +339,8 @@ def _cmd_leaderboard(args) -> None:
     seg = _load(args.run, args)
     frame = _folders(args, seg.image, seg.label)  # --images/--masks, as evaluate takes them
     board = seg.leaderboard(frame if frame is not None else args.data, extra=extra,
-                            style=args.style, metrics=metrics, resolution=args.resolution)
+                            style=args.style, metrics=metrics, resolution=args.resolution,
+                            tiling=args.tile)
     _show_or_save(board, args)
 
 
@@ -925,11 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(H, W) foreground probability (binary) or (K, H, W) (multi-class)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing mask files in --out (input files never are)")
-    p.add_argument("--tile", default="auto", choices=("auto", "on", "off"),
-                   help="sliding windows at the original resolution: auto (the rule the "
-                        "model was trained with, data.large_images: by default images whose "
-                        "longer side exceeds 1.25 x the model input), on (every image "
-                        "larger than the input) or off (resize to the input); default auto")
+    p.add_argument("--tile", default="auto", choices=("auto", "on", "off"), help=_TILE_HELP)
     p.add_argument("--boxes", metavar="CSV",
                    help="box prompts (binary models): a CSV with the image column and x0, "
                         "y0, x1, y1 in original pixels, one row per prompted image; the "
@@ -952,6 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image column of the CSV (default: the fit's)")
     p.add_argument("--resolution", choices=["original", "input"], default="original",
                    help=_RESOLUTION_HELP)
+    p.add_argument("--tile", default="auto", choices=("auto", "on", "off"), help=_TILE_HELP)
     p.add_argument("--tta", nargs="?", const=_TTA_TRAINED, metavar="FLIPS", help=_TTA_HELP)
     _add_folder_args(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -974,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--resolution", choices=["original", "input"], default="original",
                    help=_RESOLUTION_HELP)
+    p.add_argument("--tile", default="auto", choices=("auto", "on", "off"), help=_TILE_HELP)
     _add_folder_args(p)
     p.set_defaults(func=_cmd_leaderboard)
 

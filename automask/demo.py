@@ -51,6 +51,21 @@ def draw_overlays(images: list[np.ndarray], truths: list[np.ndarray], preds: lis
     return dest
 
 
+def _refuse_a_used_folder(run: Path) -> None:
+    """ConfigError when the demo's folder already holds what it would write: its data,
+    picture or predictor (another demo's, or the user's own files), before anything is."""
+    from .errors import ConfigError
+
+    taken = [run / name for name in ("data", "predictor", "predictions.png")
+             if (run / name).exists() and not ((run / name).is_dir()
+                                               and not any((run / name).iterdir()))]
+    if taken:
+        raise ConfigError(
+            f"the demo writes its data, predictor and picture into {str(run)!r}, which holds "
+            f"{', '.join(repr(p.name) for p in taken)} already; pass a new folder (--path) "
+            "or none (a new one under ./automask_runs)")
+
+
 def run_demo(path: str | None = None, time_limit: float = 180.0, seed: int = 0) -> dict:
     """Run the demo; returns the test metrics."""
     from datetime import datetime
@@ -62,6 +77,7 @@ def run_demo(path: str | None = None, time_limit: float = 180.0, seed: int = 0) 
     started = time.monotonic()
     stamp = datetime.now().strftime("demo_%Y%m%d_%H%M%S")
     run = Path(path) if path else Path("automask_runs") / stamp
+    _refuse_a_used_folder(run)  # before anything is written: no file of the user's replaced
     frame = make_synthetic(160, size=160, num_classes=2, seed=seed, root=run / "data")
     train, test = train_test_split(frame, test_size=0.25, seed=seed)
 

@@ -84,6 +84,7 @@ def build_leaderboard(
     style: str | None = None,
     metrics: Sequence[str] | None = None,
     resolution: str = "original",
+    tiling: str = "auto",
 ) -> pd.DataFrame:
     """The leaderboard of a fitted predictor (see the module docstring for the views).
 
@@ -181,7 +182,7 @@ def build_leaderboard(
                 row.update(_test_columns(score_external(seg, data, files, metrics),
                                          seg.classes_))
                 external.append(row)
-        rows = [_model_row(seg, name, groups[name], data, metrics, resolution)
+        rows = [_model_row(seg, name, groups[name], data, metrics, resolution, tiling)
                 for name in seg.models_]
     rows += external
     board = pd.DataFrame(rows)
@@ -224,7 +225,7 @@ def _run_groups(seg: "SemanticSegmentor") -> dict[str, tuple[str, str]]:
 
 
 def _model_row(seg, name: str, group: tuple[str, str], data, metrics,
-               resolution: str = "original") -> dict[str, Any]:
+               resolution: str = "original", tiling: str = "auto") -> dict[str, Any]:
     info = seg.models_[name]
     cfg = info["config"]
     group, variant = group
@@ -252,7 +253,8 @@ def _model_row(seg, name: str, group: tuple[str, str], data, metrics,
     }
     if data is not None:
         row.update(_test_columns(seg.evaluate(data, metrics=metrics, model=name,
-                                              resolution=resolution), seg.classes_))
+                                              resolution=resolution, tiling=tiling),
+                                 seg.classes_))
     return row
 
 

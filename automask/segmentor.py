@@ -500,6 +500,7 @@ class SemanticSegmentor(BaseEstimator):
         style: str | None = None,
         metrics: Sequence[str] | None = None,
         resolution: str = "original",
+        tiling: str = "auto",
     ) -> pd.DataFrame:
         """The trained models side by side, as rows or in the Conv-LoRA paper's layout.
 
@@ -527,6 +528,10 @@ class SemanticSegmentor(BaseEstimator):
         resolution : {"original", "input"}, default "original"
             Where the models are scored, as in :meth:`evaluate` (``extra`` rows need
             ``"original"``).
+        tiling : {"auto", "on", "off"}, default "auto"
+            Sliding windows for large images, as in :meth:`evaluate`: a tiled image is
+            scored at its own size whatever ``resolution`` says; ``"off"`` resizes every
+            image to the input (the paper's protocol with ``resolution="input"``).
 
         Returns
         -------
@@ -536,7 +541,7 @@ class SemanticSegmentor(BaseEstimator):
 
         self._check_fitted()
         return build_leaderboard(self, data, extra=extra, style=style, metrics=metrics,
-                                 resolution=resolution)
+                                 resolution=resolution, tiling=tiling)
 
     # ---------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path:

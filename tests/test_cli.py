@@ -181,6 +181,32 @@ def test_evaluate_prints_metrics(run_dir, csvs):
     assert set(scores) == {"sm", "em", "wfm", "mae", "iou", "dice", "ber"}
 
 
+def test_evaluate_and_leaderboard_take_the_tiling_the_papers_protocol_needs(run_dir, csvs):
+    """--resolution input (the authors' protocol) scored tiled images at their own size,
+    and the command line had no --tile to turn tiling off: both results were the same."""
+    from automask import SemanticSegmentor
+
+    def scores(data, *options):
+        proc = run_cli("evaluate", str(run_dir), "--data", data, "--json", "--metrics",
+                       "sm,mae", *options)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    seg = SemanticSegmentor.load(run_dir)
+    large = csvs / "large.csv"  # past 1.25 x the 128 px input: tiled by default
+    data = make_synthetic(3, size=200, num_classes=2, seed=4, root=csvs / "large")
+    data.to_csv(large, index=False)
+    paper = scores(str(large), "--tile", "off", "--resolution", "input")
+    assert paper == pytest.approx(seg.evaluate(data, metrics=["sm", "mae"], tiling="off",
+                                               resolution="input"))
+    assert paper != pytest.approx(scores(str(large), "--resolution", "input"))
+    proc = run_cli("leaderboard", str(run_dir), "--data", str(large), "--json",
+                   "--metrics", "sm", "--tile", "off", "--resolution", "input")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["model"]: r for r in json.loads(proc.stdout)}
+    assert rows[seg.best_model_]["test_sm"] == pytest.approx(paper["sm"])
+
+
 def test_evaluate_bad_input(run_dir, csvs):
     proc = run_cli("evaluate", str(run_dir), "--data", str(csvs / "test.csv"),
                    "--metrics", "iou,nonsense")
@@ -369,6 +395,15 @@ def test_demo_runs_and_learns(tmp_path):
 def test_demo_bad_input(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_one_line_error(run_cli("demo", "--path", str(tmp_path / "file" / "sub")))
+    # a folder holding the user's own data: refused before a file of it is replaced
+    own = tmp_path / "proj" / "data" / "images" / "00000.png"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"the user's image")
+    proc = run_cli("demo", "--path", str(tmp_path / "proj"))
+    assert_one_line_error(proc)
+    assert "holds 'data' already; pass a new folder (--path)" in proc.stderr
+    assert own.read_bytes() == b"the user's image"
+    assert [p.name for p in (tmp_path / "proj").rglob("*")] == ["data", "images", "00000.png"]
 
 
 def test_debug_flag_shows_the_traceback():

@@ -272,3 +272,14 @@ def test_255_stays_unlabelled_beside_another_void_value():
     # the same masks with the border as 11: the same scores
     assert score([pred], [np.where(gt == 255, 11, gt)], task="multiclass",
                  ignore_index=11) == found
+
+
+def test_multiclass_scores_of_0_255_masks_say_what_they_leave_out():
+    """task='multiclass' on 0/255 masks read every object pixel as void: predicting nothing
+    scored acc 1.0 and mIoU 1.0 without a word (background-only images with a void border
+    are multi-class data too, so it is said, not refused)."""
+    gt = np.zeros((16, 16), np.uint8)
+    gt[4:12, 4:12] = 255
+    with pytest.warns(UserWarning, match="every target holds only 0 and 255.*task='binary'"):
+        assert score([np.zeros_like(gt)], [gt], task="multiclass")["miou"] == 1.0
+    assert score([np.zeros_like(gt)], [gt], task="binary", metrics=["iou"])["iou"] == 0.0

@@ -392,7 +392,7 @@ def test_resume_refuses_other_data_or_options(data, tmp_path):
 def test_diverging_candidate_is_dropped_and_the_other_saved(data, tmp_path):
     run = tmp_path / "run"
     hp = {**HP, "optim.lr": [2e-3, 1e6], "optim.grad_clip": 0}
-    with pytest.warns(UserWarning, match=r"'lr=1000000.0' was dropped.*epoch 0.*optim\.lr"):
+    with pytest.warns(UserWarning, match=r"'lr=1000000.0' was dropped.*epoch 1.*optim\.lr"):
         seg = SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
                                                            hyperparameters=hp)
     assert list(seg.models_) == ["lr=0.002"]

@@ -459,6 +459,13 @@ def score(
         task = infer_task(pred_list, target_list, conventions.get("ignore_index"))
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task == "multiclass" and conventions.get("ignore_index", 255) == 255 \
+            and _all_0_255(target_list) and any(bool((t == 0).any()) for t in target_list):
+        # binary masks? their objects (255) are void here: predicting nothing scores 1
+        warnings.warn(
+            "task 'multiclass' but every target holds only 0 and 255: if these are binary "
+            "masks, their objects (255) are read as void and left out of every score; pass "
+            "task='binary' (automask score --task binary)", stacklevel=2)
     names = list(DEFAULT_METRICS[task]) if metrics is None else list(metrics)
     if not names:
         raise ValueError("metrics is empty; give metric names, or None for the task's default set")

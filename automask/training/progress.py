@@ -186,7 +186,7 @@ class EpochLines(L.Callback):
         epoch = trainer.current_epoch + 1  # 1-based for people
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         parts = [f"[{self.name}]", f"epoch {epoch}/{max_epochs or '?'}"]
-        if getattr(trainer.lightning_module, "stopped", None) is not None:
+        if getattr(getattr(trainer, "lightning_module", None), "stopped", None) is not None:
             parts.append("diverged (non-finite loss): stopped, its best epoch kept")
             return "  ".join(parts)  # not the last validation's score, as if this epoch's
         if self._loss_count:
