@@ -881,6 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="automask", description="Semantic segmentation with SAM and Conv-LoRA."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"automask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parser.commands = sub.choices
 

@@ -121,10 +121,16 @@ def test_resume_checks_the_options_given_and_keeps_the_recorded_ones(interrupted
     """``fit --resume --path RUN --hp ...`` ignored the --hp silently; ``fit --resume
     --train CSV`` compared the default preset against the recorded one and refused."""
     run, train = interrupted
+    (run / ".automask_fit" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    epoch = run / ".automask_fit" / "checkpoints" / "default.ckpt"
+    epoch.write_bytes(b"an epoch's checkpoint")  # progress a refused resume must keep
     assert cli.main(["fit", "--resume", "--path", str(run), "--hp", "optim.lr=0.5",
                      "--verbosity", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("automask: error: cannot resume") and "differs" in err, err
+    # refused before it trained: no word that it kept epochs, as if it had run some
+    assert "completed epochs are kept" not in err and epoch.is_file()
+    epoch.unlink()
     assert not (run / "automask.json").exists()
     # the data given again, the preset not: the recorded "tiny" is used, so it resumes
     assert cli.main(["fit", "--resume", "--train", str(train), "--path", str(run),

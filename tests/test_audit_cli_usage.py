@@ -92,3 +92,11 @@ def test_a_data_folder_given_without_its_option_is_named_where_options_are_missi
     assert_one_line_error(proc, "required: --pred, --gt; give data files after their "
                           "option: score --pred and --gt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "run"]
+
+
+def test_version_is_printed():
+    """'automask --version' said 'the following arguments are required: command'."""
+    import automask
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"automask {automask.__version__}"

@@ -80,6 +80,7 @@ class FitRun(contextlib.AbstractContextManager):
         self._before: set[str] = set()
         self._before_logs: set[str] = set()
         self._lock = None
+        self._trained = False  # whether this call got as far as training
 
     def __enter__(self) -> "FitRun":
         if not self.writer:
@@ -135,6 +136,7 @@ class FitRun(contextlib.AbstractContextManager):
         """
         from ..hardware import ready_cpu_threads
 
+        self._trained = True
         ready_cpu_threads()
         with _seed_env_restored():
             return self._train_candidates(plan, seed=seed, verbosity=verbosity,
@@ -214,8 +216,9 @@ class FitRun(contextlib.AbstractContextManager):
             elif keep:
                 with contextlib.suppress(OSError):  # never in place of the fit's own error
                     self._park_logs()
-                log.warning("the completed epochs are kept in %s; fit(..., resume=True) "
-                            "(automask fit --resume) continues the fit", self.path)
+                if self._trained:  # not for a resume refused before it trained
+                    log.warning("the completed epochs are kept in %s; fit(..., resume=True) "
+                                "(automask fit --resume) continues the fit", self.path)
             else:
                 self._restore_logs()
                 self._remove_created()
