@@ -679,7 +679,12 @@ def rebuild_model(seg, name: str) -> torch.nn.Module:
 
     try:
         first = None
-        for checkpoint in _checkpoints_to_try(record, given):
+        tries = _checkpoints_to_try(record, given)
+        if not tries:  # a file of the user's own, moved: no cache or download holds it
+            raise CheckpointError(
+                f"{record.checkpoint.get('path')!r} is not there, and a file of one's own (not "
+                "the official checkpoint) is in no cache and cannot be downloaded")
+        for checkpoint in tries:
             try:
                 model = build(checkpoint)
                 break
@@ -775,7 +780,7 @@ def _checkpoints_to_try(record: CandidateRecord, given: str | None = None) -> li
         tries.append(given)
     if info.get("source") in ("cache", "download") or _is_official(record):
         tries.append(None)
-    return tries or [None]  # nothing else: the resolver's error names the ways to give it
+    return tries
 
 
 def _is_official(record: CandidateRecord) -> bool:

@@ -321,6 +321,7 @@ def test_a_record_without_the_checkpoints_sha256_is_refused(fitted, synthetic, t
     record = SemanticSegmentor.load(tmp_path / "saved").models_[name]
     record.checkpoint = {"source": "file", "path": str(tmp_path / "gone.pth"), "sha256": "ab" * 32}
     assert _checkpoints_to_try(record, "given.pth") == ["given.pth"]
+    assert _checkpoints_to_try(record, None) == []  # moved, nothing given: no download
     record.checkpoint = {"source": "cache", "path": str(tmp_path / "gone.pth"), "sha256": "ab" * 32}
     assert _checkpoints_to_try(record, None) == [None]
 

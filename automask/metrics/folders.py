@@ -26,10 +26,9 @@ def read_map(path: str | Path, color_map: dict | None = None) -> np.ndarray:
     values (palette indices, not colours, unless every entry the image uses is grey and they
     are more than 16 or fall as the index rises: then the grey levels it shows, as a
     quantized saliency map or a white-first black-and-white palette holds them); colour
-    images are
-    converted to grey with Pillow's
-    ITU-R 601-2 luma (OpenCV's ``IMREAD_GRAYSCALE``, used by PySODMetrics scripts, uses the same
-    weights but may round differently by one level), or, given the ``color_map`` of
+    images are converted to grey with Pillow's ITU-R 601-2 luma (OpenCV's
+    ``IMREAD_GRAYSCALE``, used by PySODMetrics scripts, uses the same weights but may round
+    differently by one level), or, given the ``color_map`` of
     colour-coded masks (``{(r, g, b): class_id}``), mapped through it to class ids. A value
     map (``{value: class_id}``) is not applied: maps hold class ids already.
     """
