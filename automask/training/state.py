@@ -262,7 +262,9 @@ class FitState:
             # Python's zipfile reads past
             import torch
 
-            torch._C.PyTorchFileReader(str(path))
+            reader = getattr(torch._C, "PyTorchFileReader", None)  # torch.load's own reader
+            if reader is not None:
+                reader(str(path))
         except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as exc:
             raise ConfigError(
                 f"cannot resume: the epoch checkpoint of candidate {name!r}, {str(path)!r}, is "
