@@ -457,6 +457,32 @@ def _as_options(message: str) -> str:
     return message
 
 
+# The Python arguments that errors of predict, evaluate, leaderboard and show name, in
+# their options' words (those commands take --tile, --boxes, --tta, --extra, --data, --n).
+_PREDICT_OPTION_WORDS = [
+    (re.compile(r"\btiling='(auto|on|off)' or '(auto|on|off)'"), r"--tile \1 or \2"),
+    (re.compile(r"\btiling='(auto|on|off)'"), r"--tile \1"),
+    (re.compile(r"\bpoints= and boxes= need\b"), "--boxes needs"),
+    (re.compile(r"\bpoints= or boxes="), "--boxes"),
+    (re.compile(r"^tta cannot\b"), "--tta cannot"),
+    (re.compile(r"\bleave tta unset\b"), "leave out --tta"),
+    (re.compile(r"\(extra=\.\.\.\)"), "(--extra)"),
+    (re.compile(r"\(data=\.\.\.\)"), "(--data)"),
+    (re.compile(r"^n must be\b"), "--n must be"),
+]
+_PREDICTING_COMMANDS = ("predict", "evaluate", "leaderboard", "show")
+
+
+def _in_command_words(command: str | None, message: str) -> str:
+    """An error's message as the command line says it: the options of ``command`` for the
+    Python arguments an error names (``tiling='off'`` -> ``--tile off``)."""
+    if command not in _PREDICTING_COMMANDS:
+        return message
+    for pattern, words in _PREDICT_OPTION_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -1084,7 +1110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AutomaskError, ValueError, OSError) as exc:  # bad input, unusable files or folders
         if args.debug:
             raise
-        print(f"automask: error: {exc}", file=sys.stderr)
+        print(f"automask: error: {_in_command_words(args.command, str(exc))}",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("automask: interrupted", file=sys.stderr)

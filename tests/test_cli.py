@@ -207,6 +207,16 @@ def test_evaluate_and_leaderboard_take_the_tiling_the_papers_protocol_needs(run_
     assert rows[seg.best_model_]["test_sm"] == pytest.approx(paper["sm"])
 
 
+def test_errors_name_the_commands_options_not_pythons_arguments(run_dir, csvs, tmp_path):
+    """'n must be ...', '(extra=...) need labelled test data (data=...)': arguments a command
+    line user never typed."""
+    proc = run_cli("show", str(run_dir), "--data", str(csvs / "test.csv"), "--out",
+                   str(tmp_path / "s.png"), "--n", "0")
+    assert_one_line_error(proc, "--n must be a whole number")
+    proc = run_cli("leaderboard", str(run_dir), "--extra", f"X={tmp_path}")
+    assert_one_line_error(proc, "external rows (--extra) need labelled test data (--data)")
+
+
 def test_evaluate_bad_input(run_dir, csvs):
     proc = run_cli("evaluate", str(run_dir), "--data", str(csvs / "test.csv"),
                    "--metrics", "iou,nonsense")
