@@ -186,6 +186,9 @@ def build_leaderboard(
                 for name in seg.models_]
     rows += external
     board = pd.DataFrame(rows)
+    for column in ("input_size", "seed"):  # integers, left empty on external rows
+        if column in board:
+            board[column] = board[column].astype("Int64")
     val = f"val_{seg.eval_metric_}"
     board = _sort_by(board, val, seg.eval_metric_)
     if style is None:

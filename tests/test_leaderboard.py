@@ -154,6 +154,11 @@ def test_external_rows_score_like_the_metrics(runs, data, tmp_path):
             rows.loc[seg.best_model_, f"test_{metric}"], abs=1e-9), metric
     assert external["trainable_params_m"].isna().all() and (external["source"] == "external").all()
     assert not external["best"].any()
+    # the fit rows' integer columns stay integers beside the external rows' empty cells
+    for column in ("input_size", "seed"):
+        assert str(board[column].dtype) == "Int64", column
+        assert external[column].isna().all()
+        assert "." not in str(rows.loc[seg.best_model_, column]), column  # 512, not 512.0
 
 
 def test_external_integer_maps_share_one_scale_as_score_reads_them(runs, data, tmp_path):
