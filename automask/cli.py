@@ -471,15 +471,28 @@ _PREDICT_OPTION_WORDS = [
     (re.compile(r"^n must be\b"), "--n must be"),
 ]
 _PREDICTING_COMMANDS = ("predict", "evaluate", "leaderboard", "show")
+# fit's options for the arguments of SemanticSegmentor.fit that its errors name
+_FIT_OPTION_WORDS = [
+    (re.compile(r"\b(overwrite|resume)=True \(--\1\)"), r"--\1"),
+    (re.compile(r"\bfit\(\.\.\., resume=True\)"), "--resume"),
+    (re.compile(r"\b(overwrite|resume)=True\b"), r"--\1"),
+    (re.compile(r"^path must name\b"), "--path must name"),
+    (re.compile(r"; pass None for a new folder under \S+$"), ""),  # --path is required
+]
 
 
 def _in_command_words(command: str | None, message: str) -> str:
     """An error's message as the command line says it: the options of ``command`` for the
-    Python arguments an error names (``tiling='off'`` -> ``--tile off``)."""
-    if command not in _PREDICTING_COMMANDS:
+    Python arguments an error names (``tiling='off'`` -> ``--tile off``,
+    ``overwrite=True`` -> ``--overwrite``)."""
+    if command in _PREDICTING_COMMANDS:
+        words = _PREDICT_OPTION_WORDS
+    elif command == "fit":
+        words = _FIT_OPTION_WORDS
+    else:
         return message
-    for pattern, words in _PREDICT_OPTION_WORDS:
-        message = pattern.sub(words, message)
+    for pattern, replacement in words:
+        message = pattern.sub(replacement, message)
     return message
 
 

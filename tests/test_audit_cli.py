@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from automask import cli
-from automask.errors import AutomaskError, DataValidationError, SavedModelError
+from automask.errors import AutomaskError, ConfigError, DataValidationError, SavedModelError
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_resume_checks_the_options_given_and_keeps_the_recorded_ones(interrupted
                      "--verbosity", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("automask: error: cannot resume") and "differs" in err, err
+    assert "=True" not in err and "--overwrite" in err, err  # the command's option
     # refused before it trained: no word that it kept epochs, as if it had run some
     assert "completed epochs are kept" not in err and epoch.is_file()
     epoch.unlink()
@@ -331,3 +332,23 @@ def test_show_models_reads_candidate_names_with_commas_whole():
         "method=lora", "method=full,seed=0"]
     # an unknown part stays whole for the error to name; a known one after it is read
     assert _model_names(["nope,method=lora"], known) == ["nope", "method=lora"]
+
+
+def test_fit_errors_name_the_command_options_not_python_arguments(interrupted, capsys):
+    """``automask fit`` said "pass resume=True (--resume) ... or overwrite=True" and, for
+    ``--path ""``, "pass None for a new folder", which the command line cannot pass."""
+    run, train = interrupted
+    assert cli.main(["fit", "--train", str(train), "--path", str(run),
+                     "--verbosity", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an interrupted fit; pass --resume to continue it or --overwrite to " \
+           "start again" in err and "=True" not in err, err
+    assert cli.main(["fit", "--train", str(train), "--path", "", "--verbosity", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("automask: error: --path must name the predictor's folder, got ''")
+    assert "None" not in err, err
+    # the Python API keeps its own words
+    from automask import SemanticSegmentor
+
+    with pytest.raises(ConfigError, match=r"pass resume=True \(--resume\)"):
+        SemanticSegmentor(path=run, verbosity=0).fit(str(train), presets="tiny")
