@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import AutomaskError
 from .utils.signals import sigterm_as_interrupt
@@ -226,15 +226,16 @@ def _cmd_predict(args) -> None:
         raise AutomaskError("--values dataset needs a model fitted with a color map (its "
                             "class ids are the values its training masks held); leave "
                             "--values out, or give --values class_ids")
-    boxes = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else None
-    if args.proba:
-        written = _write_probabilities(seg, args.data, args.model, args.out, args.overwrite,
-                                       args.tile, boxes, tta)
-        print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
-        return
-    written = seg.predict(args.data, model=args.model, save_to=args.out,
-                          overwrite=args.overwrite, tiling=args.tile, boxes=boxes, tta=tta,
-                          values=args.values)
+    boxes, rows = _read_boxes(args.boxes, args.data, seg.image) if args.boxes else (None, [])
+    with _boxes_csv_rows(args.boxes, rows):  # a box's error names its --boxes row
+        if args.proba:
+            written = _write_probabilities(seg, args.data, args.model, args.out,
+                                           args.overwrite, args.tile, boxes, tta)
+            print(f"wrote {written} probability maps (.npy, float32) to {args.out}")
+            return
+        written = seg.predict(args.data, model=args.model, save_to=args.out,
+                              overwrite=args.overwrite, tiling=args.tile, boxes=boxes,
+                              tta=tta, values=args.values)
     print(f"wrote {len(written)} masks to {args.out}")
 
 
@@ -627,9 +628,10 @@ def _csv_number(value):
     return value
 
 
-def _read_boxes(path: str, data, image_col: str) -> list:
+def _read_boxes(path: str, data, image_col: str) -> tuple[list, list]:
     """One box (or None) per image of ``data`` from ``--boxes``: a CSV with the image
-    column and ``x0, y0, x1, y1`` (original pixels), one row per prompted image.
+    column and ``x0, y0, x1, y1`` (original pixels), one row per prompted image; and
+    for each image its row of the CSV and the path written there (or None).
 
     Images are matched by path: the CSV's relative paths resolve against its folder,
     those of ``data`` as in predict. Images of ``data`` missing from the CSV get no box.
@@ -660,6 +662,7 @@ def _read_boxes(path: str, data, image_col: str) -> list:
             f"{list(frame.columns)}), so --boxes cannot be matched to its images")
     base = Path(path).resolve().parent
     boxes: dict[str, tuple] = {}
+    rows: dict[str, tuple] = {}
     for row, image, *box in table[[image_col, "x0", "y0", "x1", "y1"]].itertuples():
         raw = _raw_path(image)
         if raw is None:  # None, NaN, ""
@@ -676,13 +679,32 @@ def _read_boxes(path: str, data, image_col: str) -> list:
         except DataValidationError as exc:
             raise DataValidationError(f"--boxes {path!r}: {exc}") from None
         boxes[key] = tuple(box)
+        rows[key] = (row, image)
     keys = [os.path.realpath(_resolve(_raw_path(p) or "", root or Path.cwd()))
             for p in frame[image_col]]  # a missing path matches nothing; predict names it
     unknown = sorted(set(boxes) - set(keys))
     if unknown:
         raise DataValidationError(
             f"--boxes {path!r} names images that are not in --data: {unknown[:3]}")
-    return [boxes.get(key) for key in keys]
+    return [boxes.get(key) for key in keys], [rows.get(key) for key in keys]
+
+
+@contextlib.contextmanager
+def _boxes_csv_rows(path: str | None, rows: list) -> Iterator[None]:
+    """A box's error (outside its image, whose size is known only when predicting) names
+    the ``--boxes`` CSV's row and image, not the row of ``--data`` it was matched to."""
+    from .errors import DataValidationError
+
+    try:
+        yield
+    except DataValidationError as exc:
+        found = re.match(r"row (\d+): (box .*)", str(exc), re.DOTALL)
+        pos = int(found.group(1)) if found else -1
+        if not 0 <= pos < len(rows) or rows[pos] is None:
+            raise
+        row, image = rows[pos]
+        raise DataValidationError(
+            f"--boxes {path!r}: row {row} ({image!r}): {found.group(2)}") from None
 
 
 def _write_probabilities(seg, data, model: str | None, out: str, overwrite: bool,

@@ -547,11 +547,14 @@ def test_cli_predict_boxes_bad_input_exits_2_and_writes_nothing(prompt_trained, 
     pd.DataFrame([{"image": test["image"].iloc[1], "x0": 5, "y0": 5, "x1": 500,
                    "y1": 20}]).to_csv(table, index=False)
     out = tmp_path / "masks"
-    proc = _run_cli("predict", str(prompt_trained.path_), "--data", str(data), "--out",
-                    str(out), "--boxes", str(table))
-    assert proc.returncode == 2
-    assert "row 1: box [5.0, 5.0, 500.0, 20.0] is outside the 100x72" in proc.stderr
-    assert not out.exists()
+    # the box is the CSV's row 0, matched to the image of --data's row 1: the CSV's is named
+    for proba in ([], ["--proba"]):
+        proc = _run_cli("predict", str(prompt_trained.path_), "--data", str(data), "--out",
+                        str(out), "--boxes", str(table), *proba)
+        assert proc.returncode == 2
+        assert (f"--boxes {str(table)!r}: row 0 ({test['image'].iloc[1]!r}): box "
+                "[5.0, 5.0, 500.0, 20.0] is outside the 100x72") in proc.stderr, proc.stderr
+        assert not out.exists()
 
 
 def test_training_step_feeds_the_sampled_prompts_to_the_model(tmp_path, monkeypatch):
