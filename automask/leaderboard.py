@@ -564,11 +564,12 @@ def score_external(
             raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
         preds.append(pred)
         targets.append(target)
-    if seg.task_ == "binary":  # one scale for the folder's integer maps, as score() reads
-        scale = _integer_scale(preds, [str(f) for f in files], [Path(f).name for f in files])
-        for idx, path in enumerate(files):
+    if seg.task_ == "binary":  # the integer maps' scales, as score() reads them
+        scales = _integer_scale(preds, [str(f) for f in files], [Path(f).name for f in files],
+                                conventions.get("ignore_index"))
+        for idx, path in enumerate(files) if scales is not None else ():
             try:
-                preds[idx] = binary_prediction(preds[idx], integer_scale=scale)
+                preds[idx] = binary_prediction(preds[idx], integer_scale=scales[idx])
             except ValueError as exc:
                 raise DataValidationError(f"external prediction {str(path)!r} {exc}") from exc
     try:

@@ -632,6 +632,40 @@ def test_integer_maps_of_one_call_share_one_scale(tmp_path):
                  metrics=["iou"])["iou"] == 0.5
 
 
+def test_each_integer_map_keeps_its_own_storage_scale(tmp_path):
+    """A 0/1 mask saved as a 16-bit PNG (an ITK label map) scored as empty (IoU 0), and one
+    16-bit map in a folder of 8-bit PNGs divided the 8-bit ones by 65535 (IoU 0.333);
+    neither said a word."""
+    from automask.metrics import score_folders
+
+    truth = np.zeros((20, 30), np.uint8)
+    truth[5:15, 5:20] = 255
+    for sub in ("gt", "itk", "mixed"):
+        (tmp_path / sub).mkdir()
+    for name in ("0", "1", "2"):
+        Image.fromarray(truth).save(tmp_path / "gt" / f"{name}.png")
+        Image.fromarray((truth > 0).astype(np.uint16)).save(tmp_path / "itk" / f"{name}.png")
+        sure = np.where(truth > 0, 240, 10).astype(np.uint8)
+        picture = Image.fromarray(sure.astype(np.uint16) * 257) if name == "0" \
+            else Image.fromarray(sure)
+        picture.save(tmp_path / "mixed" / f"{name}.png")
+    assert Image.open(tmp_path / "itk" / "0.png").mode.startswith("I;16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn of
+        for sub in ("itk", "mixed"):
+            found = score_folders(tmp_path / sub, tmp_path / "gt", metrics=["iou", "ber"])
+            assert found["iou"] == 1.0 and found["ber"] == 0.0, (sub, found)
+        # in memory: a uint16 0/1 array, as the metric objects read it
+        assert score([(truth > 0).astype(np.uint16)], [truth], metrics=["iou"])["iou"] == 1.0
+    # a 16-bit map whose values stay below 256 stays faint, and is named
+    Image.fromarray(np.where(truth > 0, 200, 0).astype(np.uint16)).save(
+        tmp_path / "mixed" / "1.png")
+    with pytest.warns(UserWarning, match=r"1 16-bit prediction\(s\) hold no value above 255 "
+                                         r"\(e.g. '1.png'\)"):
+        found = score_folders(tmp_path / "mixed", tmp_path / "gt", metrics=["iou"])
+    assert found["iou"] == pytest.approx(2 / 3)  # 200/65535: background
+
+
 def test_masks_against_ground_truths_with_few_grey_edge_levels_are_not_classes():
     """0/255 masks averaged down (grey edges of only 64 and 128, none from 200) were read as
     129 classes with the object void; a 0/255 prediction is a mask (a model never predicts

@@ -184,6 +184,23 @@ def test_external_integer_maps_share_one_scale_as_score_reads_them(runs, data, t
                 name, metric)
 
 
+
+def test_external_masks_with_the_void_copied_in_are_refused_as_score_refuses_them(
+        runs, data, tmp_path):
+    """0/1 masks with 255 at the void pixels were read as 8-bit maps (each 1 a 1/255,
+    background: IoU 0) where score(..., ignore_index=255) refuses them."""
+    seg, _ = runs
+    _, _, test = data
+    gts = _gt_arrays(test)
+    stems = [Path(p).stem for p in test["image"]]
+    masks = [(g > 0).astype(np.uint8) for g in gts]
+    for mask in masks:
+        mask[0] = 255
+    folder = _write_folder(tmp_path / "copied", stems, masks)
+    with pytest.raises(DataValidationError, match="holds only 0, 1 and 255, the ignore_index"):
+        seg.leaderboard(test, style="models", extra={"Copied": folder})
+
+
 def test_external_rows_pair_by_mask_stem_and_name_what_is_missing(runs, data, tmp_path):
     seg, _ = runs
     _, _, test = data

@@ -1,6 +1,8 @@
 """``score_folders()``: score a folder of predicted masks against a folder of ground truths."""
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -268,14 +270,21 @@ def score_folders(
         raise ValueError(f"no mask files found in {pred_dir} and {gt_dir}")
     stems = sorted(preds)
     try:
-        result = score(
-            [read_map(preds[s], color_map) for s in stems],
-            [union_of_masks([gts[s], *extras[s]]) if extra_masks and s in extras
-             else read_target(gts[s], color_map) for s in stems],
-            task=task,
-            metrics=metrics,
-            **conventions,
-        )
+        with warnings.catch_warnings(record=True) as caught:  # re-issued naming the files
+            warnings.simplefilter("always")
+            result = score(
+                [read_map(preds[s], color_map) for s in stems],
+                [union_of_masks([gts[s], *extras[s]]) if extra_masks and s in extras
+                 else read_target(gts[s], color_map) for s in stems],
+                task=task,
+                metrics=metrics,
+                **conventions,
+            )
+        for caught_one in caught:
+            text = re.sub(r"'prediction (\d+)'",
+                          lambda found: repr(preds[stems[int(found.group(1))]].name),
+                          str(caught_one.message))
+            warnings.warn(text, caught_one.category, stacklevel=2)
     except (ValueError, TypeError) as err:
         message = str(err)
         if message.startswith("image "):

@@ -472,11 +472,11 @@ def score(
 
     _check_ignore_index_fits(target_list, conventions.get("ignore_index"))
     files = _file_names(predictions), _file_names(targets)
-    scale = _integer_scale(pred_list, predictions, files[0], conventions.get("ignore_index")) \
+    scales = _integer_scale(pred_list, predictions, files[0], conventions.get("ignore_index")) \
         if task == "binary" else None
     try:
         with _one_intra_op_thread():
-            return _score(pred_list, target_list, task, names, conventions, scale)
+            return _score(pred_list, target_list, task, names, conventions, scales)
     except (ValueError, TypeError) as err:
         message = str(err)
         found = re.match(r"image (\d+): ", message)
@@ -550,37 +550,58 @@ def _file_names(x: Any) -> list[str | None]:
 
 
 def _integer_scale(preds: list[Tensor], given: Any, names: list[str | None],
-                   ignore_index: int | None = None) -> float | None:
-    """The one scale of the call's integer binary predictions: 65535 when one of them is a
-    16-bit map (a ``uint16`` array, a 16-bit PNG or TIFF, or a value above 255), else 255
-    when one holds a value above 1, else 1 (0/1 masks); None without integer predictions.
+                   ignore_index: int | None = None) -> list[float | None] | None:
+    """The scale of each integer binary prediction (1, 255 or 65535; None for float and
+    bool maps), or None without integer predictions.
 
-    Decided per call, not per map: a faint 8-bit map holding only 0 and 1, or a 16-bit
-    one whose values stay below 256, reads on its set's scale, not as a 0/1 mask or an 8-bit
-    map. 0/1 maps beside 8-bit ones are named in a warning (read as 0 and 1/255)."""
+    A map's storage decides where it tells: ``uint8`` (an 8-bit array or file) is read on
+    the 8-bit scale, a 16-bit one (a ``uint16`` array, a 16-bit PNG or TIFF, a ``uint16``
+    ``.npy``) on the 16-bit scale, so that a faint 16-bit map (values below 256) stays
+    faint and an 8-bit file beside 16-bit ones stays 8-bit. Other integer maps (``int32``,
+    ``int64``) share one scale per call: 16-bit when one of them is (a value above 255),
+    else 8-bit. When every integer map of the call holds only 0 and 1, whatever its
+    storage, they are 0/1 masks (an ITK label map saved in 16 bits); a 0/1 map beside maps
+    of a wider scale is read on that scale (its 1 is background), with a warning naming it.
+    """
     ints = [i for i, p in enumerate(preds)
             if not (p.is_floating_point() or p.dtype == torch.bool or p.is_complex())]
     if not ints or (ignore_index is not None and 1 < ignore_index <= 255 and any(
             _copied_void(preds[i], ignore_index) for i in ints)):
         return None  # a 0/1 mask with the void copied in: refused, naming it, when scored
     highs = {i: int(preds[i].max()) if preds[i].numel() else 0 for i in ints}
-    items = given if isinstance(given, (list, tuple)) else None
-    wide = (items is None and _sixteen_bit(given)) or any(
-        items is not None and i < len(items) and _sixteen_bit(items[i]) for i in ints)
-    if wide or max(highs.values()) > 255:
-        return 65535.0
+    scales: list[float | None] = [None] * len(preds)
     if max(highs.values()) <= 1:
-        return 1.0
+        for i in ints:
+            scales[i] = 1.0
+        return scales
+    items = given if isinstance(given, (list, tuple)) else None
+    wide = {i for i in ints if (items is None and _sixteen_bit(given))
+            or (items is not None and i < len(items) and _sixteen_bit(items[i]))}
+    byte = {i for i in ints if preds[i].dtype == torch.uint8 and i not in wide}
+    others = [i for i in ints if i not in wide and i not in byte]
+    other_scale = 65535.0 if any(highs[i] > 255 for i in others) else 255.0
+    for i in ints:
+        scales[i] = 65535.0 if i in wide or highs[i] > 255 else 255.0 if i in byte \
+            else other_scale
     masks = [i for i in ints if 0 < highs[i] <= 1]
     if masks:
         shown = names[masks[0]] if masks[0] < len(names) and names[masks[0]] \
             else f"prediction {masks[0]}"
+        bits = "16" if scales[masks[0]] == 65535.0 else "8"
         warnings.warn(
             f"{len(masks)} integer prediction(s) hold only 0 and 1 (e.g. {shown!r}) while "
-            "others are 8-bit maps: they are read on the 8-bit scale too (1 is 1/255, "
-            "background); pass 0/1 masks as bool, or as 0/255, to score them as masks",
-            stacklevel=3)
-    return 255.0
+            f"others are 8- or 16-bit maps: they are read on the {bits}-bit scale (1 is "
+            f"1/{2 ** int(bits) - 1}, background); pass 0/1 masks as bool, or as 0/255, to "
+            "score them as masks", stacklevel=3)
+    faint = [i for i in wide if 1 < highs[i] <= 255]
+    if faint:
+        shown = names[faint[0]] if faint[0] < len(names) and names[faint[0]] \
+            else f"prediction {faint[0]}"
+        warnings.warn(
+            f"{len(faint)} 16-bit prediction(s) hold no value above 255 (e.g. {shown!r}): "
+            "they are read on the 16-bit scale, as probabilities of at most 255/65535; if "
+            "they are 8-bit maps saved in 16 bits, save them as 8-bit", stacklevel=3)
+    return scales
 
 
 def _sixteen_bit(item: Any) -> bool:
@@ -609,7 +630,7 @@ def _score(
     task: str,
     names: list[str],
     conventions: dict[str, Any],
-    scale: float | None = None,
+    scales: list[float | None] | None = None,
 ) -> dict[str, float | list[float]]:
     if task == "binary":
         built = build_metrics(task, names, **conventions)
@@ -619,7 +640,7 @@ def _score(
         for i, (p, t) in enumerate(zip(pred_list, target_list)):
             # prepared once, shared by every metric
             samples = binary_samples([p], [t], gt_threshold, offset=i, ignore_index=ignore_index,
-                                     integer_scale=scale)
+                                     integer_scale=None if scales is None else scales[i])
             objects += samples[0].n_fg
             voids += samples[0].gt.numel() - samples[0].n_valid
             if not samples[0].n_valid:
