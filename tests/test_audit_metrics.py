@@ -700,3 +700,39 @@ def test_a_grey_map_saved_with_a_palette_is_scored_by_its_greys(tmp_path):
     grey = score_folders(tmp_path / "grey", tmp_path / "gt", metrics=["sm", "iou"])
     assert score_folders(tmp_path / "palette", tmp_path / "gt", metrics=["sm", "iou"]) == grey
     assert grey["sm"] > 0.8
+
+
+def test_probabilities_a_rounding_past_the_interval_are_clipped_and_logits_refused():
+    """A map 1 ulp above 1 (a bicubic resize, a float32 mean) was refused with "got min 0
+    and max 1", bounds that read as valid."""
+    truth = np.zeros((8, 8), np.uint8)
+    truth[2:6, 2:6] = 255
+    over = np.where(truth > 0, 1.0, 0.0)
+    over[3, 3] = np.nextafter(1.0, 2.0)
+    under = np.where(truth > 0, 1.0, 0.0).astype(np.float32)
+    under[0, 0] = -1e-9
+    for prob in (over, under, over.astype(np.float32) * np.float32(1.0000001)):
+        found = score([prob], [truth], metrics=["iou", "mae"])
+        assert found["iou"] == 1.0 and found["mae"] == 0.0
+    logits = np.where(truth > 0, 1.001, 0.0)
+    with pytest.raises(ValueError, match=r"got min 0\.0 and max 1\.001 \(apply a sigmoid"):
+        score([logits], [truth])
+
+
+def test_columns_generators_and_dict_values_are_one_map_per_item(tmp_path):
+    """A DataFrame's column of arrays or paths (the README's example without .tolist()) was
+    refused as "an array of Python objects"."""
+    import pandas as pd
+
+    truth = np.zeros((10, 12), np.uint8)
+    truth[2:8, 3:9] = 255
+    paths = []
+    for name in ("a", "b"):
+        Image.fromarray(truth).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    frame = pd.DataFrame({"pred": [truth, truth // 2], "mask": paths})
+    expected = score([truth, truth // 2], paths, metrics=["iou", "mae"])
+    assert expected["iou"] == 0.5  # the second map is 127/255: below the 0.5 threshold
+    assert score(frame["pred"], frame["mask"], metrics=["iou", "mae"]) == expected
+    assert score((p for p in frame["pred"]), {"a": paths[0], "b": paths[1]}.values(),
+                 metrics=["iou", "mae"]) == expected

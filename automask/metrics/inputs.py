@@ -12,12 +12,14 @@ the float and 0/1 inputs a training loop produces:
 ========================  =============================================================
 input                      interpretation
 ========================  =============================================================
-float prediction           a probability in [0, 1]; anything else (logits, NaN) is an error
+float prediction           a probability in [0, 1] (within 1e-6 past it, as a resize's
+                           rounding leaves it: clipped); anything else (logits, NaN) is an error
 integer prediction         0/1 when its values lie in {0, 1}, else an 8-bit map in 0..255
                            divided by 255 (as ``im2double``), or, when a value exceeds 255, a
                            16-bit map divided by 65535; :func:`automask.metrics.score`
-                           decides this once for all the maps of a call, and reads a
-                           ``uint16`` array or a 16-bit file as 16-bit whatever its values
+                           reads every map of a call as 0/1 when all hold only 0 and 1,
+                           else each by its storage (``uint8``: 8-bit, ``uint16`` or a
+                           16-bit file: 16-bit whatever its values)
 bool prediction            0.0 / 1.0
 integer/float target       max <= 1: a [0, 1] map, foreground where ``t > gt_threshold / 255``;
                            else an 8-bit mask in 0..255, foreground where ``t > gt_threshold``
@@ -119,6 +121,11 @@ def check_ignore_index(ignore_index: Any) -> None:
         )
 
 
+# How far past [0, 1] a probability map may stray by rounding (a bicubic resize, a mean of
+# maps in float32) and be clipped back rather than refused as logits.
+_ROUNDING = 1e-6
+
+
 def binary_prediction(pred: Tensor, index: int | None = None,
                       integer_scale: float | None = None) -> Tensor:
     """Read a binary prediction as a float64 probability map in [0, 1] (see the module table);
@@ -136,12 +143,14 @@ def binary_prediction(pred: Tensor, index: int | None = None,
             raise ValueError(f"{_where(index)}the prediction holds {bad} NaN or infinite "
                              f"value(s) of its {p.numel()} pixels")
         lo, hi = _minmax(p)
-        if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+        if not (-_ROUNDING <= lo and hi <= 1.0 + _ROUNDING):  # also false for NaN
             raise ValueError(
                 f"{_where(index)}prediction values must be probabilities in [0, 1], "
-                f"got min {lo:g} and max {hi:g} (apply a sigmoid to logits; pass 8-bit maps "
-                "as an integer dtype)"
+                f"got min {float(lo)!r} and max {float(hi)!r} (apply a sigmoid to logits; "
+                "pass 8-bit maps as an integer dtype)"
             )
+        if lo < 0.0 or hi > 1.0:  # a resize's or an average's rounding past the interval
+            p = p.clamp(0.0, 1.0)
         return p
     lo, hi = _minmax(pred)
     if lo < 0 or hi > 65535:

@@ -5,7 +5,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, ValuesView
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,15 @@ def _as_list(x: Any, name: str) -> list[Tensor]:
     if t.ndim == 3 and t.shape[-1] == 1 < t.shape[0]:
         return [t]  # one (H, W, 1) map, not H maps one pixel wide
     return [t] if t.ndim == 2 else list(t.unbind(0))
+
+
+def _listed(x: Any) -> Any:
+    """A DataFrame's column, a generator or a dict's values as a list of their items (each
+    one map, path or picture); anything else as it is."""
+    if isinstance(x, (Iterator, ValuesView)) or (
+            type(x).__module__.startswith("pandas") and getattr(x, "ndim", 0) == 1):
+        return list(x)
+    return x
 
 
 def one_channel(m: Tensor) -> Tensor:
@@ -438,6 +447,7 @@ def score(
     check_ignore_index(conventions.get("ignore_index"))  # before any file is read
     if isinstance(metrics, str):
         metrics = [metrics]  # one name, as evaluate takes it (not its letters)
+    targets, predictions = _listed(targets), _listed(predictions)
     target_list = [one_channel(t) for t in _as_list(targets, "targets")]
     pred_list = _as_list(predictions, "predictions")
     # (K, H, 1) scores of an H x 1 target keep their width; any other one-channel map
