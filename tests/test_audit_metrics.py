@@ -736,3 +736,21 @@ def test_columns_generators_and_dict_values_are_one_map_per_item(tmp_path):
     assert score(frame["pred"], frame["mask"], metrics=["iou", "mae"]) == expected
     assert score((p for p in frame["pred"]), {"a": paths[0], "b": paths[1]}.values(),
                  metrics=["iou", "mae"]) == expected
+
+
+def test_a_void_inside_the_given_classes_predicted_at_labelled_pixels_is_warned_of():
+    """With num_classes inferred this is refused; with num_classes given it scored class 0
+    (never labelled) with IoU 0 in the mean, silently."""
+    truth = np.array([[0, 1, 1], [2, 2, 3], [3, 3, 0]], np.uint8)  # 0: void
+    pred = np.array([[0, 1, 1], [2, 0, 3], [3, 3, 1]], np.uint8)
+    with pytest.raises(ValueError, match="the prediction holds 0, the ground truths' ignore"):
+        score([pred], [truth], task="multiclass", ignore_index=0)
+    with pytest.warns(UserWarning, match=r"ignore_index=0 is one of the num_classes=4 "
+                                         r"classes: .*IoU 0 in the mean"):
+        found = score([pred], [truth], task="multiclass", ignore_index=0, num_classes=4)
+    assert found["iou_per_class"] == [0.0, 1.0, 0.5, 1.0]  # as torchmetrics counts it
+    pred[1, 1] = 2  # the void predicted only where the truth is void: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = score([pred], [truth], task="multiclass", ignore_index=0, num_classes=4)
+    assert found["miou"] == 1.0 and np.isnan(found["iou_per_class"][0])  # class 0 absent

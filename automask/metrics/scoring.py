@@ -675,6 +675,17 @@ def _score(
         if conventions.get("num_classes") is None:
             num_classes = _infer_num_classes(pred_list, target_list, ignore_index)
             conventions = {**conventions, "num_classes": num_classes}
+        elif ignore_index is not None and 0 <= ignore_index < given_k and any(
+                not p.is_floating_point() and p.shape == t.shape
+                and bool(((p == ignore_index) & (t != ignore_index)).any())
+                for p, t in zip(pred_list, target_list)):
+            warnings.warn(
+                f"ignore_index={ignore_index} is one of the num_classes={given_k} classes: "
+                f"no pixel is labelled {ignore_index}, so the predictions of it at labelled "
+                f"pixels are scored as a class of its own (IoU 0 in the mean, as torchmetrics "
+                f"counts it); if {ignore_index} is only the void, a model never "
+                f"predicts it: give those pixels one of the other classes",
+                stacklevel=3)
         built = build_metrics(task, names, **conventions)
         pairs = multiclass_pairs(pred_list, target_list, conventions["num_classes"], ignore_index)
         for p, t in pairs:  # validated per image, errors name the image
