@@ -842,7 +842,8 @@ def _add_class_args(p: argparse.ArgumentParser) -> None:
 def _add_score_conventions(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ignore-index", type=int, metavar="N",
-                       help="multi-class: ground-truth value left out of the metrics (255)")
+                       help="ground-truth value left out of the metrics: void (multi-class "
+                            "default 255; binary: none)")
     group.add_argument("--void-label", type=int, dest="ignore_index", metavar="N",
                        help="same as --ignore-index (e.g. 11 for CamVid's void)")
     p.add_argument("--class-names", metavar="A,B,C", help="names for per-class results")

@@ -754,3 +754,28 @@ def test_a_void_inside_the_given_classes_predicted_at_labelled_pixels_is_warned_
         warnings.simplefilter("error")
         found = score([pred], [truth], task="multiclass", ignore_index=0, num_classes=4)
     assert found["miou"] == 1.0 and np.isnan(found["iou_per_class"][0])  # class 0 absent
+
+
+def test_class_id_ground_truths_saved_as_jpeg_are_refused_by_score_folders(tmp_path):
+    """evaluate refuses them; score_folders scored them silently (ids blurred into classes
+    that do not exist: 15 classes, mIoU 0.23 for a perfect prediction)."""
+    from automask.metrics import score_folders
+
+    ids = np.zeros((48, 64), np.uint8)
+    ids[:, 16:32], ids[:, 32:48], ids[:, 48:] = 3, 6, 9
+    ids[10:30, 5:60] = 7
+    for sub in ("gt", "pred", "binary_gt", "binary_pred"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(ids).save(tmp_path / "gt" / "a.jpg", quality=90)
+    Image.fromarray(ids).save(tmp_path / "pred" / "a.png")
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "gt" / "a.jpg")))) - {0, 3, 6, 7, 9}
+    for task in (None, "multiclass"):
+        with pytest.raises(ValueError, match=r"a\.jpg: ground truth values .* come from a JPEG "
+                                             r"file: .*save class-id masks losslessly"):
+            score_folders(tmp_path / "pred", tmp_path / "gt", task=task)
+    # a binary mask saved as JPEG is still read as PySODMetrics reads it: > 128
+    mask = np.where(ids == 7, 255, 0).astype(np.uint8)
+    Image.fromarray(mask).save(tmp_path / "binary_gt" / "a.jpg", quality=90)
+    Image.fromarray(mask).save(tmp_path / "binary_pred" / "a.png")
+    assert score_folders(tmp_path / "binary_pred", tmp_path / "binary_gt",
+                         metrics=["iou"])["iou"] == pytest.approx(1.0, abs=0.01)

@@ -7,7 +7,8 @@ Binary (salient/camouflaged objects, polyps, shadows, lesions): ``sm``, ``em``, 
 Every metric is a ``torchmetrics.Metric`` working on the tensors' device; each class docstring
 states its convention and how it relates to PySODMetrics and the Conv-LoRA/SAM-Adapter code.
 
-Scores are fractions in [0, 1] (papers often print them x100).
+Scores are fractions in [0, 1] (papers often print them x100), except the E-measure,
+which can exceed 1 slightly (see the README's metric definitions).
 
 >>> from automask.metrics import score
 >>> score([pred_map], [gt_mask])  # doctest: +SKIP

@@ -101,6 +101,38 @@ _MAX_CLASS_ENTRIES = 16
 _COLOUR_MODES = ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "PA")
 
 
+def _refuse_lossy_class_ids(paths: list[Path], maps: list, truths: list, task: str | None,
+                            ignore_index: Any) -> None:
+    """A multi-class ground truth read from a JPEG file holding ids from 2 to 254 (other
+    than ``ignore_index``) is refused, naming it, as ``evaluate`` refuses it: compression
+    turns class ids into other ids at every edge, classes that do not exist."""
+    jpeg = [i for i, path in enumerate(paths)
+            if path.suffix.lower() in (".jpg", ".jpeg", ".jpe", ".jfif")]
+    if not jpeg:
+        return
+    if task is None:
+        from automask.metrics.inputs import as_tensor
+        from automask.metrics.scoring import infer_task, one_channel
+
+        try:
+            task = infer_task([one_channel(as_tensor(m)) for m in maps],
+                              [one_channel(as_tensor(t)) for t in truths], ignore_index)
+        except (ValueError, TypeError):
+            return  # scoring names the problem
+    if task != "multiclass":
+        return
+    for i in jpeg:
+        values = {int(v) for v in np.unique(truths[i])} - {ignore_index}
+        if any(1 < v < 255 for v in values):
+            shown = sorted(values)
+            more = " ..." if len(shown) > 8 else ""
+            raise ValueError(
+                f"{paths[i].name}: ground truth values {shown[:8]}{more} "
+                "come from a JPEG file: its compression turns class ids into other ids at "
+                "every edge (new classes that do not exist); save class-id masks losslessly "
+                "(PNG)")
+
+
 def read_target(path: Path, color_map: dict | None = None) -> np.ndarray:
     """A ground truth read as :meth:`automask.SemanticSegmentor.evaluate` reads one
     (:func:`automask.data.read_mask`), so that the two score the same masks alike: palette
@@ -270,16 +302,14 @@ def score_folders(
         raise ValueError(f"no mask files found in {pred_dir} and {gt_dir}")
     stems = sorted(preds)
     try:
+        maps = [read_map(preds[s], color_map) for s in stems]
+        truths = [union_of_masks([gts[s], *extras[s]]) if extra_masks and s in extras
+                  else read_target(gts[s], color_map) for s in stems]
+        _refuse_lossy_class_ids([gts[s] for s in stems], maps, truths, task,
+                                conventions.get("ignore_index"))
         with warnings.catch_warnings(record=True) as caught:  # re-issued naming the files
             warnings.simplefilter("always")
-            result = score(
-                [read_map(preds[s], color_map) for s in stems],
-                [union_of_masks([gts[s], *extras[s]]) if extra_masks and s in extras
-                 else read_target(gts[s], color_map) for s in stems],
-                task=task,
-                metrics=metrics,
-                **conventions,
-            )
+            result = score(maps, truths, task=task, metrics=metrics, **conventions)
         for caught_one in caught:
             text = re.sub(r"'prediction (\d+)'",
                           lambda found: repr(preds[stems[int(found.group(1))]].name),

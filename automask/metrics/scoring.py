@@ -214,8 +214,8 @@ def _refuse_ids_against_masks(predictions: list[Tensor]) -> None:
             raise ValueError(
                 f"image {i}: the prediction holds the values {{{shown}"
                 f"{', ...' if values.numel() > 8 else ''}}} but every target is a 0/1 or "
-                "0/255 mask: class ids of a multi-class model (pass task='multiclass' and "
-                "num_classes; automask score --task multiclass) or a grey map whose values "
+                "0/255 mask: class ids of a multi-class model (pass task='multiclass') or a "
+                "grey map whose values "
                 "stay below 200 (pass task='binary'; it is read as value / 255)")
 
 
