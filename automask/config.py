@@ -578,11 +578,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 if value.lower() in ("false", "0", "no"):
                     return False
                 raise ValueError
-            if flag or (isinstance(value, int) and value in (0, 1)):
+            if flag or (isinstance(value, (int, np.integer)) and value in (0, 1)):
                 return bool(value)
             raise ValueError
         if base is int:
-            if flag or (isinstance(value, float) and not value.is_integer()):
+            # numpy's floats too: int(np.float32(2.5)) would be 2
+            if flag or (isinstance(value, (float, np.floating))
+                        and not float(value).is_integer()):
                 raise ValueError
             return int(value)
         if base is float:

@@ -243,6 +243,14 @@ def test_numpy_scalars_from_a_table_of_settings_are_read_by_their_kind():
     for key in ("optim.max_epochs", "optim.lr"):
         with pytest.raises(ConfigError, match=f"invalid value np.True_ for '{key}'"):
             resolve(None, {key: np.True_})
+    # a numpy float with a fraction for an int field: refused, as 2.5 is (it was cut to 2)
+    for value in (np.float32(2.5), np.float64(2.5), 2.5, np.float32(0.9)):
+        with pytest.raises(ConfigError, match=r"invalid value .* for 'optim.max_epochs': "
+                                              r"expected int"):
+            resolve(None, {"optim.max_epochs": value})
+    [(_, cfg)] = resolve(None, {"optim.max_epochs": np.float32(4.0), "data.hflip": np.int64(1)})
+    assert cfg.optim.max_epochs == 4 and type(cfg.optim.max_epochs) is int
+    assert cfg.data.hflip is True
 
 
 class _ListLike(Sequence):
