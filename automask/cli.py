@@ -470,6 +470,7 @@ _PREDICT_OPTION_WORDS = [
     (re.compile(r"\(extra=\.\.\.\)"), "(--extra)"),
     (re.compile(r"\(data=\.\.\.\)"), "(--data)"),
     (re.compile(r"^n must be\b"), "--n must be"),
+    (re.compile(r"^save_to\b"), "--out"),
 ]
 _PREDICTING_COMMANDS = ("predict", "evaluate", "leaderboard", "show")
 # fit's options for the arguments of SemanticSegmentor.fit that its errors name
@@ -477,7 +478,7 @@ _FIT_OPTION_WORDS = [
     (re.compile(r"\b(overwrite|resume)=True \(--\1\)"), r"--\1"),
     (re.compile(r"\bfit\(\.\.\., resume=True\)"), "--resume"),
     (re.compile(r"\b(overwrite|resume)=True\b"), r"--\1"),
-    (re.compile(r"^path must name\b"), "--path must name"),
+    (re.compile(r"^path\b"), "--path"),
     (re.compile(r"; pass None for a new folder under \S+$"), ""),  # --path is required
 ]
 

@@ -583,6 +583,9 @@ def check_path(path: str | os.PathLike | None) -> Path | None:
     """
     if path is None:
         return None
+    from .data.validation import refuse_url
+
+    refuse_url(path, "the picture's path", writing=True)
     from matplotlib.figure import Figure
 
     path = Path(path).expanduser()

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .config import Config, image_value_range
-from .data.validation import TABLE_SUFFIXES, read_table
+from .data.validation import TABLE_SUFFIXES, read_table, refuse_url
 from .datasets.folders import (  # what from_folders takes, predict takes
     IMAGE_SUFFIXES,
     STACK_MEMORY_LIMIT,
@@ -170,6 +170,7 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             )
         return data, None
     if isinstance(data, (str, os.PathLike)):
+        refuse_url(data, "the data")
         p = Path(data).expanduser()
         if p.is_dir():
             return _with_stacks(_folder_images(p), image_col), None
@@ -618,6 +619,7 @@ def output_folder(value: Any, overwrite: Any, *, predictor: str | os.PathLike | 
     if not os.fspath(value).strip():
         raise DataValidationError(f"{option} must name a folder, got {value!r} (an unset "
                                   "environment variable?)")
+    refuse_url(value, option, writing=True)
     out = Path(value).expanduser()
     if predictor is not None:
         _refuse_predictor_part(predictor, out, f"{option} {str(value)!r} lies in",
@@ -784,6 +786,7 @@ def check_output_file(out: str | os.PathLike | None, what: str, *,
     replaced, atomically, as ``savefig`` replaces one."""
     if out is None:
         return
+    refuse_url(out, f"the file for {what}", writing=True)
     refuse_input(out, inputs or {}, what)
     if predictor is not None:
         _refuse_predictor_part(predictor, out, f"cannot write {what} to {str(out)!r}: it "

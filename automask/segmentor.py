@@ -638,6 +638,9 @@ class SemanticSegmentor(BaseEstimator):
             Not a saved predictor, an incomplete or corrupted one, or a ``checkpoint`` that
             is not a file.
         """
+        from .data.validation import refuse_url
+
+        refuse_url(path, "the predictor's folder", SavedModelError)
         seg = saving.load_predictor(cls, Path(path))
         if checkpoint is not None:
             if not isinstance(checkpoint, (str, os.PathLike)):
@@ -712,6 +715,10 @@ class SemanticSegmentor(BaseEstimator):
         if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
             raise ConfigError(f"path must be a folder path (str or pathlib.Path) or None, got "
                               f"{type(self.path).__name__} {self.path!r}")
+        from .data.validation import refuse_url
+
+        refuse_url(self.path, "path", ConfigError, writing=True)  # not a folder 's3:/...'
+
         if isinstance(self.path, (str, os.PathLike)) and not os.fspath(self.path).strip():
             raise ConfigError(f"path must name the predictor's folder, got {self.path!r} (an "
                               "unset environment variable?); pass None for a new folder "

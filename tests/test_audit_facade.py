@@ -131,6 +131,43 @@ def test_a_path_of_another_type_is_named(fitted, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_urls_are_refused_as_paths_not_made_local_folders(fitted, tmp_path, monkeypatch):
+    """seg.save("s3://bucket/m") saved to ./s3:/bucket/m (pathlib collapses '//'), and so
+    did save_to, a picture's path and the constructor's path; a file:// input was "not
+    found" below the working folder."""
+    from automask import cli
+
+    seg, frame, root = fitted
+    monkeypatch.chdir(tmp_path)
+    image = frame["image"].iloc[0]
+    writes = {
+        "save": lambda: seg.save("s3://bucket/models/m"),
+        "save_to": lambda: seg.predict(frame, save_to="s3://bucket/preds"),
+        "fit": lambda: SemanticSegmentor(path="file:///" + str(tmp_path / "run"),
+                                         verbosity=0).fit(frame, presets="tiny",
+                                                          hyperparameters=HP),
+        "picture": lambda: seg.plot_predictions(frame, path="gs://bucket/p.png"),
+        "export": lambda: seg.export("gs://bucket/m.onnx"),
+    }
+    for call in writes.values():
+        with pytest.raises(AutomaskError, match=r"is a URL, not a file path: automask writes "
+                                                r"local files only"):
+            call()
+    reads = {
+        "predict": lambda: seg.predict("file://" + image),
+        "load": lambda: SemanticSegmentor.load("file://" + str(seg.path_)),
+    }
+    for call in reads.values():
+        with pytest.raises(AutomaskError, match=r"'file://.*' is a URL, not a file path: "
+                                                r"automask reads local files only"):
+            call()
+    table = tmp_path / "data.csv"
+    frame[["image"]].to_csv(table, index=False)
+    assert cli.main(["predict", str(seg.path_), "--data", str(table), "--out",
+                     "s3://bucket/preds"]) == 2
+    assert list(tmp_path.iterdir()) == [table]  # no folder 's3:' or 'gs:' here
+
+
 def test_numpy_integers_are_accepted_for_verbosity(fitted, tmp_path):
     _, frame, _ = fitted
     seg = SemanticSegmentor(path=tmp_path / "run", verbosity=np.int64(0)).fit(

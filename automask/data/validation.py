@@ -331,6 +331,18 @@ def _is_url(raw: str) -> bool:
     return _URL.match(raw.strip()) is not None
 
 
+def refuse_url(value: Any, what: str, error: type[Exception] = DataValidationError, *,
+               writing: bool = False) -> None:
+    """``error`` naming ``what`` when ``value`` (a path given as a str) is a URL
+    (``s3://bucket/x``, ``file:///tmp/x``), which ``pathlib`` would turn into a local folder
+    ``s3:/bucket/x`` below the working directory; ``writing``: an output's path."""
+    if isinstance(value, str) and _is_url(value):
+        reason = ("a URL, not a file path: automask writes local files only; write them "
+                  "here, then upload them (for file:// give the path itself)"
+                  if writing else _URL_REASON)
+        raise error(f"{what} {value!r} is {reason}")
+
+
 def _resolve(raw: str, root: Path) -> str:
     """``raw`` as an absolute path (relative ones against ``root``). A path written on
     Windows (``images\\a.png``) that names no file here, where ``\\`` is no separator but
