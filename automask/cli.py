@@ -22,6 +22,7 @@ from .errors import AutomaskError
 from .utils.signals import sigterm_as_interrupt
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 
 def _parse_hp(items: Sequence[str]) -> dict[str, Any]:
@@ -1144,6 +1145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.nullcontext() if args.debug else _plain_warnings(), \
                 contextlib.nullcontext() if args.func is _cmd_fit else sigterm_as_interrupt():
             args.func(args)
+    except BrokenPipeError:  # stdout's reader is gone (| head): end quietly, as cat does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (AutomaskError, ValueError, OSError) as exc:  # bad input, unusable files or folders
         if args.debug:
             raise

@@ -259,7 +259,8 @@ class SemanticSegmentor(BaseEstimator):
         if self.verbosity >= 1 and writer:
             from .training.progress import format_summary
 
-            print(format_summary(self.fit_summary()), flush=True)
+            with contextlib.suppress(BrokenPipeError):  # the reader is gone; saved anyway
+                print(format_summary(self.fit_summary()), flush=True)
         return self
 
     # -------------------------------------------------------------- predict

@@ -483,3 +483,31 @@ def test_fit_and_evaluate_on_colour_masks_with_a_color_map_file(tmp_path):
                    "--color-map", str(tmp_path / "bad.txt"))
     assert_one_line_error(proc, "line 2", "four integers")
     assert not (tmp_path / "bad").exists()
+
+
+def _reader_gone(*args: str, cwd: Path) -> tuple[int, str]:
+    """``python -m automask *args | head -0``: stdout's reader leaves before any line."""
+    proc = subprocess.Popen([sys.executable, "-m", "automask", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=600)
+    return proc.returncode, err
+
+
+def test_a_closed_stdout_neither_stops_a_fit_nor_reads_as_an_error(csvs, tmp_path):
+    """``automask fit ... | head -1`` stopped the fit at its next progress line (leaving
+    .automask_fit behind, status 2, "automask: error: [Errno 32] Broken pipe"), and every
+    command piped into a reader that left said the same."""
+    from automask import SemanticSegmentor
+
+    code, err = _reader_gone("fit", "--train", str(csvs / "train.csv"),
+                             "--path", str(tmp_path / "run"),
+                             "--presets", "tiny", "--hp", "optim.max_epochs=2",
+                             "--hp", "model.input_size=32", "--verbosity", "1", cwd=tmp_path)
+    assert code == 141 and "error" not in err and "Traceback" not in err, (code, err)
+    seg = SemanticSegmentor.load(tmp_path / "run")  # trained to the end and saved
+    assert seg.fit_summary()["epochs"] == {"default": 2}
+    assert not (tmp_path / "run" / ".automask_fit").exists()
+    code, err = _reader_gone("params", "--backbone", "tiny", "--json", cwd=tmp_path)
+    assert (code, err) == (141, "")

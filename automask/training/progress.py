@@ -217,8 +217,11 @@ class EpochLines(L.Callback):
 
         # tqdm.write clears and redraws an active progress bar around the line (terminal
         # only); without a bar it is a plain write.
-        tqdm.write(line, file=stream)
-        stream.flush()
+        try:
+            tqdm.write(line, file=stream)
+            stream.flush()
+        except BrokenPipeError:  # the reader is gone (| head -1): train on, unheard
+            self.silent = True
 
 
 def _time_remaining(trainer: L.Trainer) -> float | None:
