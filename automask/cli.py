@@ -1097,6 +1097,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options whose empty value means something: masks named exactly as their images
+_MAY_BE_EMPTY = {"mask_suffix", "image_suffix"}
+
+
+def _check_blank_options(args) -> None:
+    """An option given as an empty string (an unset environment variable, ``--data "$X"``)
+    is refused, naming it: read as a path it would be the working folder, and tested for
+    truth it would be no option at all."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and not value.strip() and name not in _MAY_BE_EMPTY \
+                and name not in ("command", "run"):  # run: named by _check_run
+            raise AutomaskError(f"--{name.replace('_', '-')} is empty ({value!r}); an unset "
+                                "environment variable?")
+
+
 def _check_run(args) -> None:
     """The ``run`` folder of a command that reads one, when it is not there: named at once
     rather than after torch and Lightning load (seconds), in the words of loading it."""
@@ -1139,6 +1154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_blank_options(args)
         _check_run(args)
         # SIGTERM (docker stop, SLURM) as Ctrl-C: what a command wrote goes; a fit keeps
         # Lightning's own handling, which keeps its completed epochs

@@ -69,8 +69,14 @@ def _folder_images(folder: Path) -> list[Path]:
         return not any(part.startswith(".") for part in path.relative_to(folder).parts)
 
     def images(paths) -> list[Path]:
-        return sorted(f for f in paths
-                      if f.suffix.lower() in IMAGE_SUFFIXES and visible(f) and f.is_file())
+        paths = [f for f in paths if f.suffix.lower() in IMAGE_SUFFIXES and visible(f)]
+        broken = sorted(f for f in paths if f.is_symlink() and not f.exists())
+        if broken:  # left out, the images they stand for would go unpredicted, unsaid
+            shown = ", ".join(str(f.relative_to(folder)) for f in broken[:5])
+            raise DataValidationError(
+                f"folder {str(folder)!r} holds {len(broken)} broken link(s) (their target is "
+                f"missing): {shown}{' ...' if len(broken) > 5 else ''}")
+        return sorted(f for f in paths if f.is_file())
 
     files = images(folder.iterdir())
     deep = not files and any(f.is_dir() and visible(f) for f in folder.iterdir())
@@ -171,6 +177,9 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         return data, None
     if isinstance(data, (str, os.PathLike)):
         refuse_url(data, "the data")
+        if not os.fspath(data).strip():  # Path("") is the working folder
+            raise DataValidationError(f"the data must name a file or folder, got {data!r} "
+                                      "(an unset environment variable?)")
         p = Path(data).expanduser()
         if p.is_dir():
             return _with_stacks(_folder_images(p), image_col), None

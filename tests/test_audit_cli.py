@@ -343,12 +343,34 @@ def test_fit_errors_name_the_command_options_not_python_arguments(interrupted, c
     err = capsys.readouterr().err
     assert "holds an interrupted fit; pass --resume to continue it or --overwrite to " \
            "start again" in err and "=True" not in err, err
+    assert cli.main(["fit", "--train", str(train), "--path", "file:///tmp/r",
+                     "--verbosity", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("automask: error: --path 'file:///tmp/r' is a URL"), err
     assert cli.main(["fit", "--train", str(train), "--path", "", "--verbosity", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("automask: error: --path must name the predictor's folder, got ''")
+    assert err.startswith("automask: error: --path is empty ('')")
     assert "None" not in err, err
     # the Python API keeps its own words
     from automask import SemanticSegmentor
 
     with pytest.raises(ConfigError, match=r"pass resume=True \(--resume\)"):
         SemanticSegmentor(path=run, verbosity=0).fit(str(train), presets="tiny")
+
+
+def test_an_empty_option_is_refused_not_read_as_the_working_folder(interrupted, capsys,
+                                                                    tmp_path, monkeypatch):
+    """``show RUN --data ""`` drew the working folder's pictures, ``predict --boxes ""``
+    predicted without prompts, ``leaderboard --out ""`` wrote nothing: all with status 0."""
+    run, train = interrupted
+    monkeypatch.chdir(tmp_path)
+    cases = [["show", str(run), "--data", "", "--out", "e.png"],
+             ["predict", str(run), "--data", str(train), "--out", "o", "--boxes", " "],
+             ["leaderboard", str(run), "--out", ""],
+             ["fit", "--train", str(train), "--path", "r", "--color-map", ""]]
+    for argv in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        option = argv[[i for i, a in enumerate(argv) if not a.strip()][0] - 1]
+        assert err.startswith(f"automask: error: {option} is empty"), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run", "train.csv"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from automask import SemanticSegmentor
 from automask.datasets import make_synthetic
@@ -166,6 +167,29 @@ def test_urls_are_refused_as_paths_not_made_local_folders(fitted, tmp_path, monk
     assert cli.main(["predict", str(seg.path_), "--data", str(table), "--out",
                      "s3://bucket/preds"]) == 2
     assert list(tmp_path.iterdir()) == [table]  # no folder 's3:' or 'gs:' here
+
+
+def test_an_empty_data_path_and_broken_links_are_refused(fitted, tmp_path, monkeypatch):
+    """predict("") predicted the images of the working folder; predict(folder) left out
+    the images behind broken links without a word (from_folders refuses them)."""
+    seg, frame, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    Image.open(frame["image"].iloc[0]).save(tmp_path / "stray.png")
+    for blank in ("", "  "):
+        with pytest.raises(DataValidationError, match=r"the data must name a file or folder, "
+                                                      r"got .* \(an unset environment"):
+            seg.predict(blank)
+        with pytest.raises(DataValidationError, match=r"data must name a CSV file"):
+            seg.evaluate(blank)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.open(frame["image"].iloc[i]).save(folder / f"{i}.png")
+    (folder / "2.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataValidationError, match=r"holds 1 broken link\(s\) .*: 2\.png"):
+        seg.predict(folder)
+    (folder / "2.png").unlink()
+    assert len(seg.predict(folder)) == 2
 
 
 def test_numpy_integers_are_accepted_for_verbosity(fitted, tmp_path):

@@ -710,10 +710,13 @@ def _read_frame(data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
         return data
     if isinstance(data, (str, os.PathLike)):
+        if not os.fspath(data).strip():  # Path("") is the working folder
+            raise DataValidationError(f"data must name a CSV file, got {data!r} (an unset "
+                                      "environment variable?)")
         path = Path(data)
         if path.is_dir():
             raise DataValidationError(
-                f"data {path} is a folder, not a CSV file; pair its images and masks with "
+                f"data {str(path)!r} is a folder, not a CSV file; pair its images and masks with "
                 "automask.datasets.from_folders (--images/--masks on the command line)"
             )
         if not path.is_file():
