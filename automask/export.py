@@ -45,7 +45,7 @@ from torch import nn
 from .data.transforms import PIXEL_MEAN, PIXEL_STD
 from .errors import AutomaskError, ConfigError
 from .tiling import AUTO_RATIO, OVERLAP, TRAINED_RULE
-from .utils import top_created
+from .utils import remove_empty_folders, top_created
 
 FORMATS = ("onnx", "pt2")
 OPSET = 17
@@ -270,8 +270,9 @@ def export_model(
     try:
         _write_checked(clone, example, check, expected, path, format, meta, tolerance)
     except BaseException:
-        if created is not None:  # no debris: the folders this call created go again
-            shutil.rmtree(created, ignore_errors=True)
+        # no debris: the folders this call created go again, while empty (another
+        # process may have written into them meanwhile)
+        remove_empty_folders(path.parent, created)
         raise
     return path
 

@@ -26,7 +26,7 @@ from .datasets.folders import (  # what from_folders takes, predict takes
 )
 from .errors import ConfigError, DataValidationError
 from .hardware import autocast_context, inference_precision
-from .utils import top_created
+from .utils import remove_empty_folders, top_created
 
 
 
@@ -871,31 +871,39 @@ def _write_each(probs: Iterator[tuple[int, np.ndarray]], dests: list[Path], out:
     """``write(dests[idx], prob, replace)`` for each prediction, ``replace`` with
     ``overwrite`` or for a file this call wrote already (an image given twice); on failure,
     remove what was created."""
-    import shutil
-
     created_dir = top_created(out)
     out.mkdir(parents=True, exist_ok=True)
     created: list[Path] = []
     written: set[Path] = set()
-    folders: list[Path] = []  # sub-folders this call made (outputs kept below a folder)
+    # sub-folders this call made (outputs kept below a folder): (folder, highest created)
+    folders: list[tuple[Path, Path]] = []
     try:
         for idx, prob in probs:
             dest = dests[idx]
             top = top_created(dest.parent)
             if top is not None:
                 dest.parent.mkdir(parents=True)
-                folders.append(top)
-            new = not (dest.exists() or dest.is_symlink())
-            write(dest, prob, overwrite or dest in written)
-            written.add(dest)
-            if new:
+                folders.append((dest.parent, top))
+            if not (dest.exists() or dest.is_symlink()):
+                # counted before the write: an interruption just after its rename would
+                # leave the file unaccounted for
                 created.append(dest)
+                try:
+                    write(dest, prob, overwrite or dest in written)
+                except FileExistsError:  # another process's file now: not ours to remove
+                    created.pop()
+                    raise
+            else:
+                write(dest, prob, overwrite or dest in written)
+            written.add(dest)
     except BaseException:
         for path in created:
             with contextlib.suppress(OSError):
                 path.unlink()
-        for folder in [created_dir] if created_dir is not None else folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        # the folders made go while empty: another process may write into them too
+        for folder, top in reversed(folders):
+            remove_empty_folders(folder, top)
+        remove_empty_folders(out, created_dir)
         raise
 
 

@@ -44,7 +44,7 @@ import torch
 from .data.io import color_map_from_rows, color_map_rows
 from .errors import AutomaskError, CheckpointError, PathInUseError, SavedModelError
 from .training.record import CandidateRecord
-from .utils import atomic_write, sha256_file, top_created
+from .utils import atomic_write, remove_empty_folders, sha256_file, top_created
 
 log = logging.getLogger("automask")
 
@@ -181,7 +181,10 @@ def save_predictor(seg, path: Path) -> Path:
         raise  # the folder is another process's now
     except BaseException:
         if created is not None and not has_predictor(path):
-            shutil.rmtree(created, ignore_errors=True)
+            # the predictor's folder (locked while saving) is this save's; the folders
+            # above it go only while empty: another save may have written beside it
+            shutil.rmtree(path, ignore_errors=True)
+            remove_empty_folders(path.parent, created)
         raise
 
 

@@ -94,6 +94,61 @@ def test_failed_save_leaves_no_folder_behind(base, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_failures_remove_their_own_folders_not_what_others_wrote_in_them(data, base,
+                                                                       tmp_path, monkeypatch):
+    """A fit, a save or a prediction that failed removed the highest folder it had
+    created, whole: with the predictor another fit of a sweep had saved beside it
+    (runs/sweep/b gone when runs/sweep/a failed), or another process's masks."""
+    import automask.saving as saving
+    from automask.prediction import _write_each
+    from automask.training.lifecycle import FitRun
+
+    seg = SemanticSegmentor.load(base)
+    sweep = tmp_path / "sweep"
+
+    def beside_then_fail(*args, **kwargs):  # another process saves beside, then we fail
+        other = sweep / "b"
+        if not other.exists():
+            seg.save(other)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FitRun, "train_candidates", beside_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=sweep / "a", verbosity=0).fit(
+            data / "train.csv", presets="tiny", hyperparameters=HP)
+    assert not (sweep / "a").exists()
+    assert SemanticSegmentor.load(sweep / "b").models_  # the other fit's predictor stays
+    shutil.rmtree(sweep)
+
+    def file_beside_then_fail(*args, **kwargs):
+        (sweep / "b").mkdir()
+        (sweep / "b" / "theirs.txt").write_text("another process's")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saving, "_save_locked", file_beside_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        seg.save(sweep / "a")
+    assert not (sweep / "a").exists() and (sweep / "b" / "theirs.txt").is_file()
+
+    out = tmp_path / "new" / "masks"
+    write = lambda dest, prob, replace: dest.write_bytes(b"mask")  # noqa: E731
+
+    def predictions(foreign):
+        yield 0, None
+        if foreign:  # another process writes its mask into the folder meanwhile
+            (out / "theirs.png").write_bytes(b"theirs")
+        raise KeyboardInterrupt
+
+    for foreign in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            _write_each(predictions(foreign), [out / "0.png", out / "1.png"], out, write,
+                        overwrite=False)
+        if foreign:
+            assert sorted(p.name for p in out.iterdir()) == ["theirs.png"]  # ours gone
+        else:
+            assert not (tmp_path / "new").exists()  # created by the call: removed
+
+
 def test_full_disk_at_the_commit_keeps_the_old_predictor_and_no_orphan(base, tmp_path,
                                                                        monkeypatch):
     """A save that cannot write its pointer leaves the old predictor and frees its copy."""

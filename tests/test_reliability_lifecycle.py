@@ -1223,7 +1223,8 @@ def test_sigterm_during_predict_leaves_no_masks(base, data, tmp_path, how):
         assert proc.returncode == 0 and stdout.strip() == "KeyboardInterrupt", stderr[-2000:]
     else:
         assert proc.returncode == 130 and "automask: interrupted" in stderr, stderr[-2000:]
-    assert not out.exists()  # created by the call: removed whole, temporary files too
+    # created by the call: removed whole, temporary files too
+    assert not out.exists(), list(out.iterdir())
 
 
 def test_sigterm_during_save_leaves_no_folder(base, tmp_path):

@@ -19,6 +19,7 @@ import lightning as L
 
 from ..errors import ConfigError, TrainingDivergedError
 from ..saving import has_predictor, run_lock
+from ..utils import remove_empty_folders
 from .state import FitState
 
 log = logging.getLogger("automask")
@@ -227,7 +228,10 @@ class FitRun(contextlib.AbstractContextManager):
                 self._lock.__exit__(None, None, None)
                 self._lock = None
         if exc_type is not None and not keep and self._created_top is not None:
-            shutil.rmtree(self._created_top, ignore_errors=True)
+            # the run folder is this fit's (it held the lock); the folders above it go
+            # only while empty: another fit of a sweep may have saved beside it
+            shutil.rmtree(self.path, ignore_errors=True)
+            remove_empty_folders(self.path.parent, self._created_top)
 
     def _park_logs(self) -> None:
         """An interrupted fit that replaces a predictor: its own logs wait in the fit's

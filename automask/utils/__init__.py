@@ -8,6 +8,7 @@ from .download import (
     remove_stale_parts,
     sha256_file,
     sha256_fileobj,
+    remove_empty_folders,
     top_created,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "safe_unpack",
     "sha256_file",
     "sha256_fileobj",
+    "remove_empty_folders",
     "top_created",
 ]

@@ -146,6 +146,25 @@ def top_created(path: str | os.PathLike) -> Path | None:
     return top
 
 
+def remove_empty_folders(path: str | os.PathLike, top: str | os.PathLike | None) -> None:
+    """Remove ``path`` and the folders above it up to ``top`` (see :func:`top_created`),
+    each only while it is empty: the folders a failed call created go again, but not what
+    another process wrote into them meanwhile (two fits of a sweep into one new folder)."""
+    if top is None:
+        return
+    folder, top = Path(path), Path(top)
+    if folder != top and top not in folder.parents:
+        return
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): what is above it stays too
+            return
+        if folder == top:
+            return
+        folder = folder.parent
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
                  replace: bool = True) -> Iterator[IO]:
