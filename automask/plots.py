@@ -334,7 +334,14 @@ def read_history(run_dir: str | os.PathLike, candidates: Sequence[str] | None = 
             raise DataValidationError(
                 f"the training log {p} has no 'epoch' column (columns: {list(df.columns)}); "
                 "it is not a log that a fit wrote")
-        curves[name] = df
+        # a fit logs numbers only: a cell of text (an edited or foreign log) is named
+        text = [c for c in df.columns if df[c].dtype.kind not in "biufc"
+                and pd.to_numeric(df[c], errors="coerce").isna().gt(df[c].isna()).any()]
+        if text:
+            raise DataValidationError(
+                f"the training log {p} holds text in column(s) {text}, where a fit logs "
+                "numbers; it is not a log that a fit wrote")
+        curves[name] = df.apply(pd.to_numeric) if len(df.columns) else df
     return _without_discarded_epochs(curves)
 
 

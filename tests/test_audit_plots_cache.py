@@ -458,6 +458,20 @@ def test_history_with_an_empty_log_or_before_any_validation(tmp_path):
         plots.plot_history(tmp_path / "a", metric="dice")
 
 
+def test_a_log_with_text_where_numbers_belong_is_named(tmp_path):
+    """A metrics.csv holding a row of text ended in pandas' raw TypeError ("dtype 'str'
+    does not support operation 'mean'"); an empty cell and inf are a fit's own."""
+    run = _logs(tmp_path / "a", default="epoch,step,train_loss,val_iou\nx,y,z,w\n")
+    with pytest.raises(DataValidationError, match=r"holds text in column\(s\) \['epoch', "
+                                                  r"'step', 'train_loss', 'val_iou'\]"):
+        plots.plot_history(run)
+    run = _logs(tmp_path / "b", default="epoch,step,train_loss,val_iou\n0,1,inf,\n0,1,,0.5\n")
+    curves = plots.read_history(run)
+    assert curves["default"]["val_iou"].tolist()[1] == 0.5
+    assert np.isinf(curves["default"]["train_loss"].iloc[0])
+    plots.plot_history(run)
+
+
 def test_history_leaves_out_the_half_epoch_a_resume_ran_again(tmp_path):
     """Interrupted after a step of epoch 2 (index 1), resumed from the end of epoch 1:
     the resumed log's epoch 2 is the one drawn, the half epoch's loss is not."""
