@@ -131,6 +131,12 @@ def test_resume_checks_the_options_given_and_keeps_the_recorded_ones(interrupted
     assert "=True" not in err and "--overwrite" in err, err  # the command's option
     # refused before it trained: no word that it kept epochs, as if it had run some
     assert "completed epochs are kept" not in err and epoch.is_file()
+    # the same options, refused for the damaged checkpoint (inside the training call):
+    # the advice to resume would contradict the error
+    assert cli.main(["fit", "--resume", "--path", str(run), "--verbosity", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "epoch checkpoint of candidate 'default'" in err and "is unreadable" in err, err
+    assert "completed epochs are kept" not in err and epoch.is_file()
     epoch.unlink()
     assert not (run / "automask.json").exists()
     # the data given again, the preset not: the recorded "tiny" is used, so it resumes

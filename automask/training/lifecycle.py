@@ -137,7 +137,6 @@ class FitRun(contextlib.AbstractContextManager):
         """
         from ..hardware import ready_cpu_threads
 
-        self._trained = True
         ready_cpu_threads()
         with _seed_env_restored():
             return self._train_candidates(plan, seed=seed, verbosity=verbosity,
@@ -166,6 +165,9 @@ class FitRun(contextlib.AbstractContextManager):
             self.state.check_weights(weights)
         elif self.writer:
             self.state.record_weights(weights)
+        # from here on it trains: a failure keeps its epochs for a resume, and says so (a
+        # resume refused above for a damaged checkpoint or other weights has nothing to add)
+        self._trained = True
         for i, (name, cfg) in enumerate(plan.candidates):
             done = finished[name]
             if done is not None:  # finished before an interruption
