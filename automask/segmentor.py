@@ -370,7 +370,7 @@ class SemanticSegmentor(BaseEstimator):
         frame, root = prediction.as_frame(data, self.image)
         with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
             spec = prediction.images_spec(files, self.image, root)
-            prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
+            prompts = self._prompts(spec, tiling, points, boxes, data)  # checked first
             net, cfg = self._model(model), self._config(model)
             stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts,
                                            tta=tta)
@@ -412,7 +412,7 @@ class SemanticSegmentor(BaseEstimator):
         frame, root = prediction.as_frame(data, self.image)
         with as_files(frame, [self.image]) as files:  # images in memory, as temporary files
             spec = prediction.images_spec(files, self.image, root)
-            prompts = self._prompts(spec, tiling, points, boxes)  # checked before any work
+            prompts = self._prompts(spec, tiling, points, boxes, data)  # checked first
             net, cfg = self._model(model), self._config(model)
             stream = prediction.iter_proba(net, cfg, self.task_, spec, tiling, prompts,
                                            tta=tta)
@@ -749,8 +749,10 @@ class SemanticSegmentor(BaseEstimator):
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         return Path("automask_runs") / stamp
 
-    def _prompts(self, spec, tiling: str, points, boxes) -> list | None:
-        """Checked per-row prompts of a predict call, or None without prompts."""
+    def _prompts(self, spec, tiling: str, points, boxes, data: Any = None) -> list | None:
+        """Checked per-row prompts of a predict call, or None without prompts; ``data``
+        as given (a DataFrame or Series has an index of its own, other data is numbered
+        by position)."""
         if points is None and boxes is None:
             return None
         from .data.prompts import check_prompts
@@ -758,7 +760,8 @@ class SemanticSegmentor(BaseEstimator):
 
         check_tiling(tiling)
         sizes = prediction.image_sizes(spec)
-        prompts = check_prompts(points, boxes, spec.frame.index, sizes)
+        positional = not isinstance(data, (pd.DataFrame, pd.Series, pd.Index))
+        prompts = check_prompts(points, boxes, spec.frame.index, sizes, positional=positional)
         if all(p is None for p in prompts):  # e.g. boxes={}: the prompt-free prediction
             return None
         prediction.check_prompt_request(self.task_, tiling)

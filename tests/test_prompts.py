@@ -322,6 +322,29 @@ def _bbox(path) -> list[int]:
     return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
 
 
+def test_a_series_of_boxes_for_a_list_of_images_is_refused_not_paired_by_label(
+        prompt_trained, synthetic):
+    """``predict_proba(test["image"].tolist(), boxes=test["box"])`` on a shuffled split
+    paired the box labelled 3 with the list's fourth image: every row wrong, no word."""
+    _, test = synthetic
+    test = test.iloc[:4].sample(frac=1, random_state=3)
+    test["box"] = [_bbox(p) for p in test["label"]]
+    assert list(test.index) != sorted(test.index)
+    by_row = prompt_trained.predict_proba(test, boxes=test["box"])  # paired by the index
+    assert all(np.array_equal(a, b) for a, b in zip(
+        prompt_trained.predict_proba(test["image"], boxes=test["box"]), by_row))
+    paths = test["image"].tolist()
+    with pytest.raises(DataValidationError, match=r"boxes is a Series with an index of its "
+                                                  r"own .* pass the DataFrame .* or "
+                                                  r"boxes\.tolist\(\)"):
+        prompt_trained.predict_proba(paths, boxes=test["box"])
+    in_order = prompt_trained.predict_proba(paths, boxes=test["box"].tolist())
+    assert all(np.array_equal(a, b) for a, b in zip(in_order, by_row))
+    # numbered by position already: taken as it is
+    assert all(np.array_equal(a, b) for a, b in zip(prompt_trained.predict_proba(
+        paths, boxes=test["box"].reset_index(drop=True)), by_row))
+
+
 def test_prompt_trained_model_answers_the_box(prompt_trained, synthetic):
     _, test = synthetic
     test = test.iloc[:3]

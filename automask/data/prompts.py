@@ -86,7 +86,8 @@ def to_model_prompt(prompt: ImagePrompt | None, geometry: Geometry):
 
 # --------------------------------------------------------------------------- checking
 def check_prompts(points: Any, boxes: Any, index: Sequence[Any],
-                  sizes: Sequence[tuple[int, int]]) -> list[ImagePrompt | None]:
+                  sizes: Sequence[tuple[int, int]], *,
+                  positional: bool = False) -> list[ImagePrompt | None]:
     """Check ``predict(points=..., boxes=...)`` against the images; nothing is run.
 
     Parameters
@@ -114,8 +115,8 @@ def check_prompts(points: Any, boxes: Any, index: Sequence[Any],
         The first problem found, naming the row and the value at fault.
     """
     index = list(index)
-    per_points = _per_row("points", points, index)
-    per_boxes = _per_row("boxes", boxes, index)
+    per_points = _per_row("points", points, index, positional)
+    per_boxes = _per_row("boxes", boxes, index, positional)
     out: list[ImagePrompt | None] = []
     for pos, (row, (height, width)) in enumerate(zip(index, sizes)):
         pts, labels, box = None, None, None
@@ -127,11 +128,21 @@ def check_prompts(points: Any, boxes: Any, index: Sequence[Any],
     return out
 
 
-def _per_row(name: str, value: Any, index: list) -> list:
-    """One entry (or None) per row from a list or a dict keyed by the index."""
+def _per_row(name: str, value: Any, index: list, positional: bool = False) -> list:
+    """One entry (or None) per row from a list or a dict keyed by the index.
+    ``positional``: the data has no index of its own (a list of paths, a folder), its rows
+    are numbered 0..n-1 by position."""
     n = len(index)
     if value is None:
         return [None] * n
+    if isinstance(value, pd.Series) and positional \
+            and not value.index.equals(pd.RangeIndex(len(value))):
+        raise DataValidationError(
+            f"{name} is a Series with an index of its own (labels "
+            f"{list(value.index[:3])}...), but the data (a list or folder of images) has "
+            "none: its rows are numbered by position, and matching the Series' labels to "
+            f"them would pair prompts with other images; pass the DataFrame (or its image "
+            f"column) the Series belongs to, or {name}.tolist() in the data's order")
     if isinstance(value, pd.Series):  # a DataFrame's column: by its index, as a dict
         if not value.index.is_unique:
             raise DataValidationError(f"{name} is a Series whose index repeats labels; pass "
