@@ -368,12 +368,16 @@ def _cmd_score(args) -> None:
     metrics = _split(args.metrics, "--metrics")
     conventions = {} if args.ignore_index is None else {"ignore_index": args.ignore_index}
     names = _split(args.class_names)
+    color_map, table_names = _score_color_map(args)
+    if names is None and table_names is None and args.task != "binary":
+        names = _classes_file_beside(args.gt, args.ignore_index, color_map)  # classes.txt
+        if names is not None and len(names) <= 2 and args.task is None:
+            names = None  # background and object: the task stays the data's to say
     task = args.task
     if names is not None and task != "binary" and (task == "multiclass" or len(names) > 2):
         # the names say how many classes there are, as a fit's class_names do: one that no
         # labelled pixel holds (void wherever it occurs) is still a class, of IoU NaN
         task, conventions["num_classes"] = "multiclass", len(names)
-    color_map, table_names = _score_color_map(args)
     try:
         scores = score_folders(args.pred, args.gt, task=task, metrics=metrics,
                                color_map=color_map, extra_masks=args.extra_masks,
@@ -383,13 +387,15 @@ def _cmd_score(args) -> None:
                            str(exc))
         if beyond and "num_classes" in conventions:  # set from the names above
             whose = "ground truths" if beyond.group(1) == "target" else "predictions"
+            given = "--class-names" if args.class_names is not None else \
+                "the classes.txt beside --gt"
             raise AutomaskError(
-                f"--class-names has {len(names)} names but the {whose} hold class "
+                f"{given} has {len(names)} names but the {whose} hold class "
                 f"{beyond.group(2)} ({str(exc).split(': ')[0]}): name every class, "
                 "background first") from exc
         raise AutomaskError(_as_options(str(exc))) from exc
-    if names is None and table_names is None:
-        table_names = _classes_file_names(args.gt, args.ignore_index, scores)
+    if args.class_names is None and table_names is None:
+        _warn_of_a_scored_void(args.gt, args.ignore_index, scores)
     if names is None and table_names is not None:  # the table's, where they fit the scores
         per_class = {len(v) for v in scores.values() if isinstance(v, list)}
         if args.ignore_index == len(table_names) - 1:
@@ -399,11 +405,35 @@ def _cmd_score(args) -> None:
     _print_scores(scores, args.json, class_names=names)
 
 
-def _classes_file_names(gt: str, ignore_index: int | None, scores: dict) -> list[str] | None:
-    """The class names of a ``classes.txt`` in or beside the ``--gt`` folder (as ``fit`` and
-    ``evaluate`` read them), for multi-class scores; None without one. Warns when, without
-    ``--void-label``, the scores count a class named as datasets name their unlabelled
-    pixels (CamVid's ``11 Unlabelled``)."""
+def _classes_file_beside(gt: str, ignore_index: int | None,
+                         color_map: dict | None) -> list[str] | None:
+    """The class names of a ``classes.txt`` in or beside the ``--gt`` folder, as ``fit``
+    reads them: through a value map's renumbering (names one per mask value), less a void
+    last name (``--void-label`` its id). None without a file, or for one that names no
+    class list automask reads (ids with gaps: a warning says so)."""
+    import warnings
+
+    from .data.io import is_value_map
+    from .datasets.folders import (_renumbered_names, find_classes_file, read_class_names,
+                                   without_void)
+
+    found = find_classes_file(gt)
+    if found is None:
+        return None
+    try:
+        names = read_class_names(found)
+    except (AutomaskError, ValueError) as exc:
+        warnings.warn(f"the class names of {found} are not used: {exc}", stacklevel=2)
+        return None
+    if color_map and is_value_map(color_map):
+        names = _renumbered_names(names, color_map)
+    return without_void(names, ignore_index)
+
+
+def _warn_of_a_scored_void(gt: str, ignore_index: int | None, scores: dict) -> None:
+    """Warn when, without ``--void-label``, the scores count a class that the
+    ``classes.txt`` in or beside ``--gt`` names as datasets name their unlabelled pixels
+    (CamVid's ``11 Unlabelled``)."""
     import warnings
 
     from .data.validation import _VOID_NAMES, _folded
@@ -412,8 +442,11 @@ def _classes_file_names(gt: str, ignore_index: int | None, scores: dict) -> list
     per_class = [v for v in scores.values() if isinstance(v, list)]
     found = find_classes_file(gt) if per_class else None
     if found is None:
-        return None
-    names = read_class_names(found)
+        return
+    try:
+        names = read_class_names(found)
+    except (AutomaskError, ValueError):
+        return
     void = [c for c, name in enumerate(names) if _folded(name) in _VOID_NAMES]
     if ignore_index is None or ignore_index == 255:
         counted = [c for c in void if c < len(per_class[0])]
@@ -423,7 +456,6 @@ def _classes_file_names(gt: str, ignore_index: int | None, scores: dict) -> list
                 f"{found} names class {c} {names[c]!r}, as datasets name the pixels they leave "
                 f"unlabelled, and it is scored as a class; pass --void-label {c} to leave "
                 "its pixels out", stacklevel=2)
-    return names
 
 
 def _score_color_map(args):
@@ -608,7 +640,7 @@ def _check_names(names: Sequence[str] | None, scores: dict) -> None:
     for key, value in scores.items():
         if names is not None and isinstance(value, list) and len(value) != len(names):
             raise AutomaskError(
-                f"--class-names has {len(names)} names but {key} has {len(value)} classes"
+                f"the class names are {len(names)} but {key} has {len(value)} classes"
             )
 
 

@@ -5,6 +5,8 @@ costs seconds to start, and argument handling is the same either way."""
 from __future__ import annotations
 
 import gc
+import json
+import re
 import subprocess
 import sys
 
@@ -380,3 +382,40 @@ def test_an_empty_option_is_refused_not_read_as_the_working_folder(interrupted, 
         option = argv[[i for i, a in enumerate(argv) if not a.strip()][0] - 1]
         assert err.startswith(f"automask: error: {option} is empty"), (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run", "train.csv"]
+
+
+def test_score_reads_the_classes_txt_beside_the_ground_truths_as_fit_does(tmp_path, capsys):
+    """classes.txt named four classes of 0/1 ground truths: scored as binary (its names
+    dropped); through a value map that swaps ids, the names stayed in file order (car's
+    perfect score printed as road's)."""
+    for sub in ("gt", "pred"):
+        (tmp_path / sub).mkdir()
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 5:15] = 1
+    pred = truth.copy()
+    pred[5:8, 5:15] = 0
+    Image.fromarray(truth).save(tmp_path / "gt" / "0.png")
+    Image.fromarray(pred).save(tmp_path / "pred" / "0.png")
+    (tmp_path / "classes.txt").write_text("0 background\n1 road\n2 car\n3 person\n")
+    argv = ["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--json"]
+    assert cli.main(argv) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert cli.main([*argv, "--class-names", "background,road,car,person"]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)
+    assert len(from_file["iou_per_class"]) == 4 and "miou" in from_file
+    # one name per mask value, the values renumbered by --color-map: names follow the ids
+    swap = tmp_path / "swap"
+    for sub in ("gt", "pred"):
+        (swap / sub).mkdir(parents=True)
+    truth = np.zeros((12, 12), np.uint8)
+    truth[:, 4:8], truth[:, 8:] = 1, 2  # values: 0 bg, 1 car, 2 road
+    pred = np.zeros_like(truth)  # class ids: car (value 1) is class 2, road class 1
+    pred[:, 4:8] = 2  # car right, road missed
+    Image.fromarray(truth).save(swap / "gt" / "0.png")
+    Image.fromarray(pred).save(swap / "pred" / "0.png")
+    (swap / "classes.txt").write_text("bg\ncar\nroad\n")
+    (swap / "map.txt").write_text("0 0\n1 2\n2 1\n")  # value -> class id
+    assert cli.main(["score", "--pred", str(swap / "pred"), "--gt", str(swap / "gt"),
+                     "--color-map", str(swap / "map.txt")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"1 road\s+0\.0000", out) and re.search(r"2 car\s+1\.0000", out), out
