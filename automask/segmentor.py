@@ -283,7 +283,10 @@ class SemanticSegmentor(BaseEstimator):
         ----------
         data : DataFrame, path, list of paths or folder, or images in memory
             Images to segment (a DataFrame needs the image column; a CSV or text file of
-            paths one per line may leave out its header line). A folder that holds
+            paths one per line may leave out its header line). A folder's images come
+            in the order of their paths sorted as Python sorts strings (``B.png`` before
+            ``a.png``, ``im10.png`` before ``im2.png``); with ``save_to`` the returned
+            DataFrame names each image beside its mask. A folder that holds
             only sub-folders (Cityscapes' ``val/<city>/``) gives the images below them; the
             masks of images that share a name keep the sub-folder (``out/a/1.png``). A
             pandas Series, a 1-D array or an iterator of paths
@@ -620,6 +623,11 @@ class SemanticSegmentor(BaseEstimator):
     def load(cls, path: str | os.PathLike,
              checkpoint: str | os.PathLike | None = None) -> "SemanticSegmentor":
         """Load a predictor written by :meth:`save` (or by :meth:`fit`).
+
+        The loaded object's ``path`` (the constructor's) is None, as a new predictor's:
+        its ``path_`` is the folder it came from, and a later :meth:`fit` on it trains
+        into a new folder under ``./automask_runs``, leaving that one as it is (pass
+        ``SemanticSegmentor(path=...)`` to fit into a chosen folder).
 
         Parameters
         ----------
