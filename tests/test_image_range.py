@@ -144,10 +144,18 @@ def test_fit_resolves_the_range_trains_and_predicts_with_it(tmp_path):
                                          r"than 8 bits per sample, but the model was fitted "
                                          r"on 8-bit images"):
         eight.predict(frame[["image"]])
+    # the same images in memory (uint16 arrays, as a 16-bit file reads): the same warning;
+    # 8-bit arrays, wider integers within 0-255 and floats in [0, 1] read as 8-bit data
+    arrays = [np.asarray(Image.open(p)) for p in frame["image"]]
+    assert arrays[0].dtype == np.uint16
+    with pytest.warns(UserWarning, match=r"^4 image\(s\) .* store more than 8 bits"):
+        eight.predict(arrays)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eight.predict(pd.DataFrame({"image": copies}))
         loaded.predict(frame[["image"]])
+        small = [np.asarray(Image.open(p)) for p in copies]
+        eight.predict([small[0], small[1].astype(np.int64), small[2] / 255.0])
 
 
 def test_a_range_the_user_sets_is_kept_and_per_image_stays_per_image(tmp_path):

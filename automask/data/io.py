@@ -699,10 +699,22 @@ def dataset_value_range(paths) -> tuple[float, float] | None:
 def deep_image_file(path: str | os.PathLike) -> bool:
     """Whether an image file stores more than 8 bits per sample, from its header: Pillow
     modes ``I;16*``, ``I`` and ``F``, 16-bit colour PNGs and TIFFs, and the TIFFs only
-    ``tifffile`` reads. ``.npy`` arrays are not files of a bit depth: False."""
+    ``tifffile`` reads. A ``.npy`` array (an image given in memory, a TIFF stack's page)
+    when it is read as more than 8 bits: ``uint16`` or ``int16``, wider integers holding a
+    value above 255, floats outside [0, 1]."""
     with _opened(path) as (img, head):
         if img is None:
-            return not head.startswith(_NPY_MAGIC)
+            if not head.startswith(_NPY_MAGIC):
+                return True
+            array = np.load(path, mmap_mode="r")
+            if array.dtype.kind not in "iuf" or array.size == 0:
+                return False
+            if array.dtype in (np.uint16, np.int16):
+                return True
+            if array.dtype.kind in "iu":
+                return array.dtype.itemsize > 1 and int(array.max()) > 255
+            finite = np.asarray(array)[np.isfinite(array)]
+            return finite.size > 0 and (float(finite.min()) < 0 or float(finite.max()) > 1)
         return (img.mode in DEEP_MODES or _deep_colour_tiff(img)
                 or (img.format == "PNG" and _deep_colour_png(head)))
 
