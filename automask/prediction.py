@@ -110,6 +110,25 @@ def _folder_images(folder: Path) -> list[Path]:
     return files
 
 
+def _path_lines(path: Path, image_col: str) -> pd.DataFrame | None:
+    """A ``.txt`` file of image paths one per line (after an optional ``image_col`` header
+    line), read line by line: a comma or semicolon in a file's name is part of it, not a
+    column separator. None for any other file (a table)."""
+    if path.suffix.lower() != ".txt":
+        return None
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines()
+                 if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return None  # read as a table, which names the problem
+    if lines and lines[0].strip() == image_col:
+        lines = lines[1:]
+    if not lines or any(os.path.splitext(line.strip())[1].lower() not in IMAGE_SUFFIXES
+                        for line in lines):
+        return None
+    return pd.DataFrame({image_col: pd.Series(lines, dtype=object)})
+
+
 def _paths_or_table(frame: pd.DataFrame, path: Path, image_col: str) -> pd.DataFrame:
     """``frame`` read from ``path``; when it is a list of image paths without a header line
     (``find . -name '*.jpg' > list.txt``: one column, named by its first path), ``path``
@@ -186,6 +205,9 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
         if p.suffix.lower() in TABLE_SUFFIXES:  # a table of paths; any other file: one image
             if not p.is_file():
                 raise DataValidationError(f"CSV file not found: {str(p)!r}")
+            listed = _path_lines(p, image_col)
+            if listed is not None:
+                return listed, root_of(p)
             return _paths_or_table(read_table(p), p, image_col), root_of(p)
         return _with_stacks([p], image_col), None  # a TIFF stack: its pages
     if isinstance(data, (pd.Series, pd.Index)):

@@ -192,6 +192,24 @@ def test_an_empty_data_path_and_broken_links_are_refused(fitted, tmp_path, monke
     assert len(seg.predict(folder)) == 2
 
 
+def test_a_text_list_of_paths_keeps_commas_and_semicolons_in_names(fitted, tmp_path):
+    """A .txt of paths one per line was split at a ',' or ';' in a file's name, and the
+    error then asked for a header line, which did not help."""
+    seg, frame, _ = fitted
+    names = ["photo 1, copy.png", "scan;2.png", "plain.png"]
+    for name, source in zip(names, frame["image"]):
+        Image.open(source).save(tmp_path / name)
+    expected = seg.predict_proba([str(tmp_path / n) for n in names])
+    for header in ("", "image\n"):
+        listed = tmp_path / "list.txt"
+        listed.write_text(header + "\n".join(names) + "\n")  # relative to the list's folder
+        got = seg.predict_proba(listed)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), header
+    # a table stays a table
+    (tmp_path / "table.txt").write_text("image,note\nplain.png,x\n")
+    assert len(seg.predict(tmp_path / "table.txt")) == 1
+
+
 def test_numpy_integers_are_accepted_for_verbosity(fitted, tmp_path):
     _, frame, _ = fitted
     seg = SemanticSegmentor(path=tmp_path / "run", verbosity=np.int64(0)).fit(
