@@ -350,7 +350,10 @@ def _cmd_params(args) -> None:
     from .leaderboard import paper_params
     from .models import parameter_summary
 
-    methods = args.methods.split(",") if args.methods else None
+    methods = _split(args.methods, "--methods")
+    if not 1 <= args.num_classes <= 255:  # as fit takes it (1 or 2: binary)
+        raise AutomaskError(f"--num-classes must be an integer in [1, 255] (background "
+                            f"included; 1 or 2: binary), got {args.num_classes}")
     summary = parameter_summary(args.backbone, methods=methods, num_classes=args.num_classes,
                                 multiclass_head=args.multiclass_head)
     _show_or_save(paper_params(summary) if args.style == "paper" else summary, args)
@@ -799,12 +802,32 @@ def _cmd_show(args) -> None:
     seg = _load(args.run, args)
     models = None if args.models in (None, ["all"]) else _model_names(args.models, seg.models_)
     data = _folders(args, seg.image, seg.label)
+    if data is None and os.path.splitext(args.data)[1].lower() in (".csv", ".tsv"):
+        _warn_without_labels(args.data, seg.label)
     data = data if data is not None else args.data
     if args.models:
         seg.plot_comparison(data, models=models, n=args.n, path=args.out)
     else:
         seg.plot_predictions(data, n=args.n, model=args.model, path=args.out)
     print(f"wrote {_picture_path(args.out)}")
+
+
+def _warn_without_labels(table: str, label: str) -> None:
+    """Warn when the ``--data`` table of ``show`` has no ``label`` column: the picture
+    is drawn without its ground-truth column, which another column may hold."""
+    import warnings
+    from pathlib import Path
+
+    from .data.validation import read_table
+
+    try:
+        columns = list(read_table(Path(os.path.expanduser(table)), "--data").columns)
+    except (AutomaskError, ValueError, OSError):
+        return  # drawing names the problem
+    if label not in columns:
+        warnings.warn(f"--data {table!r} has no label column {label!r} (columns: {columns}): "
+                      "drawn without the ground truth; --label names the mask column",
+                      stacklevel=2)
 
 
 def _picture_path(out: str) -> str:
@@ -888,6 +911,8 @@ def _add_picture_commands(sub) -> None:
     p.add_argument("run", help="saved predictor directory")
     _add_checkpoint_arg(p)
     p.add_argument("--data", help="CSV (with labels: ground truth shown), image folder or image")
+    p.add_argument("--label", help="label column of the --data CSV (default: the fit's)")
+    p.add_argument("--image", help="image column of the --data CSV (default: the fit's)")
     _add_folder_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--n", type=int, default=4, help="images to draw (the first n)")

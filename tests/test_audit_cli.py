@@ -419,3 +419,16 @@ def test_score_reads_the_classes_txt_beside_the_ground_truths_as_fit_does(tmp_pa
                      "--color-map", str(swap / "map.txt")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"1 road\s+0\.0000", out) and re.search(r"2 car\s+1\.0000", out), out
+
+
+def test_params_refuses_what_fit_refuses(capsys):
+    """``params --num-classes 300`` counted a model no fit builds; ``--methods
+    lora,,bitfit`` named an unknown method ''."""
+    assert cli.main(["params", "--backbone", "tiny", "--num-classes", "300"]) == 2
+    assert "--num-classes must be an integer in [1, 255]" in capsys.readouterr().err
+    assert cli.main(["params", "--backbone", "tiny", "--methods", "lora,,bitfit"]) == 2
+    assert "--methods expects comma-separated names, got 'lora,,bitfit'" in \
+        capsys.readouterr().err
+    assert cli.main(["params", "--backbone", "tiny", "--methods", "lora,bitfit",
+                     "--json"]) == 0
+    assert [row["method"] for row in json.loads(capsys.readouterr().out)] == ["lora", "bitfit"]

@@ -511,3 +511,24 @@ def test_a_closed_stdout_neither_stops_a_fit_nor_reads_as_an_error(csvs, tmp_pat
     assert not (tmp_path / "run" / ".automask_fit").exists()
     code, err = _reader_gone("params", "--backbone", "tiny", "--json", cwd=tmp_path)
     assert (code, err) == (141, "")
+
+
+def test_show_takes_the_csv_columns_options_and_warns_without_labels(csvs, run_dir, tmp_path):
+    """``show`` had no --image/--label (its own error advised them), and drew a CSV whose
+    masks sit in another column without the ground truth and without a word."""
+    test = pd.read_csv(csvs / "test.csv").head(2)
+    renamed = tmp_path / "renamed.csv"
+    test.assign(image=[str(csvs / p) for p in test["image"]],
+                label=[str(csvs / p) for p in test["label"]]).rename(
+        columns={"image": "img", "label": "mask"}).to_csv(renamed, index=False)
+    proc = run_cli("show", str(run_dir), "--data", str(renamed), "--image", "img",
+                   "--label", "mask", "--out", str(tmp_path / "a.png"), "--n", "2")
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    assert (tmp_path / "a.png").is_file()
+    partly = tmp_path / "partly.csv"
+    pd.read_csv(renamed).rename(columns={"img": "image"}).to_csv(partly, index=False)
+    proc = run_cli("show", str(run_dir), "--data", str(partly), "--out",
+                   str(tmp_path / "b.png"), "--n", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "has no label column 'label' (columns: ['image', 'mask']): drawn without the " \
+           "ground truth; --label names the mask column" in proc.stderr
