@@ -683,3 +683,21 @@ def test_a_name_in_the_other_unicode_form_is_the_file(tmp_path):
     assert composed != str(decomposed)
     spec = validate_frame(pd.DataFrame({"image": [composed], "label": [str(tmp_path / "m.png")]}))
     assert spec.frame["image"][0] == str(decomposed)
+
+
+def test_colour_masks_for_a_fitted_model_are_refused_without_advice_it_cannot_take(tmp_path):
+    """A model fitted through a value map ({0: 0, 3: 1, 7: 2}) refused colour test masks
+    advising color_map=..., which evaluate does not take."""
+    colour = np.zeros((12, 16, 3), np.uint8)
+    colour[2:6, 3:9] = (128, 0, 0)
+    colour[7:10, 3:9] = (9, 9, 9)
+    image, mask = _pair(tmp_path, "c", _binary())
+    Image.fromarray(colour).save(mask)
+    frame = _frame([(image, mask)])
+    with pytest.raises(DataValidationError, match="or pass color_map="):
+        validate_frame(frame, num_classes=3)  # before a fit: the map is the user's to give
+    for color_map, said in ((None, "fit on masks without a colour map"),
+                            ({0: 0, 3: 1, 7: 2}, "fit on grey masks through a value map")):
+        with pytest.raises(DataValidationError) as info:
+            validate_frame(frame, num_classes=3, color_map=color_map, fitted=True)
+        assert said in str(info.value) and "color_map=" not in str(info.value)

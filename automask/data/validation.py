@@ -898,11 +898,14 @@ def validate_frame(
         if img_reason is not None:
             problems.add(pos, index[pos], image_col, image_paths[pos], img_reason)
         if lbl_reason is not None:
-            if fitted and color_map is None and ", or pass color_map=" in lbl_reason:
-                # a fitted model's colour map is fixed at fit: evaluate takes none
+            if fitted and ", or pass color_map=" in lbl_reason and (
+                    color_map is None or not any(isinstance(k, tuple) for k in color_map)):
+                # a fitted model's map is fixed at fit: evaluate takes none
                 lbl_reason = lbl_reason.split(", or pass color_map=")[0] + (
                     "; the model was fit on masks without a colour map, so these must hold "
-                    "the class ids it was fit on")
+                    "the class ids it was fit on" if color_map is None else
+                    "; the model was fit on grey masks through a value map, so these must "
+                    "hold the values it was fit on")
             problems.add(pos, index[pos], label_col, label_paths[pos], lbl_reason)
         if size is not None:
             heights[pos], widths[pos] = size
