@@ -1154,8 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# options whose empty value means something: masks named exactly as their images
-_MAY_BE_EMPTY = {"mask_suffix", "image_suffix"}
+# options whose empty value means something (masks named exactly as their images) or is
+# refused by the option's own check, which says more (--tta lists the flips it takes)
+_MAY_BE_EMPTY = {"mask_suffix", "image_suffix", "tta"}
 
 
 def _check_blank_options(args) -> None:
