@@ -251,6 +251,7 @@ class SemanticSegmentor(BaseEstimator):
             self.fit_time_ = time.monotonic() - started
             if writer:
                 self._weights_dir = saving.save_predictor(self, self.path_)
+                run.committed = True  # from here on an interruption leaves this predictor
                 saving.keep_weights_open(self)  # pickles and saves after the folder is gone
                 # the replaced fit's other candidates' logs go once this fit is saved
                 prune_logs(self.path_, [name for name, _ in plan.candidates])

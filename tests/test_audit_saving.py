@@ -149,6 +149,34 @@ def test_failures_remove_their_own_folders_not_what_others_wrote_in_them(data, b
             assert not (tmp_path / "new").exists()  # created by the call: removed
 
 
+def test_an_interrupt_after_the_commit_leaves_the_new_predictor_with_its_own_logs(
+        data, tmp_path, monkeypatch, caplog):
+    """Ctrl-C just after a refit's predictor was committed parked its logs in the fit
+    state and put the replaced fit's back: the folder's 2-epoch predictor drew 1 epoch,
+    and the warning advised a resume of a finished fit."""
+    import automask.saving as saving
+    from automask.plots import read_history
+
+    run = tmp_path / "run"
+    SemanticSegmentor(path=run, verbosity=0).fit(data / "train.csv", presets="tiny",
+                                                 hyperparameters=HP)
+
+    def interrupted(seg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saving, "keep_weights_open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SemanticSegmentor(path=run, verbosity=0).fit(
+            data / "train.csv", presets="tiny", overwrite=True,
+            hyperparameters={**HP, "optim.max_epochs": 2})
+    monkeypatch.undo()
+    seg = SemanticSegmentor.load(run)
+    assert seg.fit_summary()["epochs"] == {"default": 2}
+    assert sorted(read_history(run)["default"]["epoch"].dropna().unique()) == [0, 1]
+    assert not (run / ".automask_fit").exists()
+    assert "completed epochs are kept" not in caplog.text
+
+
 def test_full_disk_at_the_commit_keeps_the_old_predictor_and_no_orphan(base, tmp_path,
                                                                        monkeypatch):
     """A save that cannot write its pointer leaves the old predictor and frees its copy."""

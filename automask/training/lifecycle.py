@@ -82,6 +82,9 @@ class FitRun(contextlib.AbstractContextManager):
         self._before_logs: set[str] = set()
         self._lock = None
         self._trained = False  # whether this call got as far as training
+        # set by the fit once its predictor is committed (the folder's pointer names it):
+        # an interruption after that leaves a finished fit, not one to resume
+        self.committed = False
 
     def __enter__(self) -> "FitRun":
         if not self.writer:
@@ -212,9 +215,9 @@ class FitRun(contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.writer:
             return
-        keep = exc_type is not None and self.state.has_progress()
+        keep = exc_type is not None and not self.committed and self.state.has_progress()
         try:
-            if exc_type is None:
+            if exc_type is None or self.committed:  # the stashed logs were the replaced fit's
                 self.state.remove()
             elif keep:
                 with contextlib.suppress(OSError):  # never in place of the fit's own error
@@ -229,7 +232,8 @@ class FitRun(contextlib.AbstractContextManager):
             if self._lock is not None:
                 self._lock.__exit__(None, None, None)
                 self._lock = None
-        if exc_type is not None and not keep and self._created_top is not None:
+        if exc_type is not None and not keep and not self.committed \
+                and self._created_top is not None:
             # the run folder is this fit's (it held the lock); the folders above it go
             # only while empty: another fit of a sweep may have saved beside it
             shutil.rmtree(self.path, ignore_errors=True)
