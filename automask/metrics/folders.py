@@ -106,8 +106,10 @@ def _refuse_lossy_class_ids(paths: list[Path], maps: list, truths: list, task: s
     """A multi-class ground truth read from a JPEG file holding ids from 2 to 254 (other
     than ``ignore_index``) is refused, naming it, as ``evaluate`` refuses it: compression
     turns class ids into other ids at every edge, classes that do not exist."""
-    jpeg = [i for i, path in enumerate(paths)
-            if path.suffix.lower() in (".jpg", ".jpeg", ".jpe", ".jfif")]
+    # (imported here, as read_target imports automask.data: metrics stand alone)
+    from automask.data.validation import _JPEG_SUFFIXES
+
+    jpeg = [i for i, path in enumerate(paths) if path.suffix.lower() in _JPEG_SUFFIXES]
     if not jpeg:
         return
     if task is None:
