@@ -293,3 +293,20 @@ def test_a_void_name_among_the_class_names_gets_advice_that_works(tmp_path):
     assert int((target == IGNORE_INDEX).sum()) == int((layout == 1).sum())
     assert int((target == 1).sum()) == int((layout == 2).sum())
     assert int((target == 2).sum()) == int((layout == 3).sum())
+
+
+def test_a_row_whose_mask_is_its_own_image_file_is_refused(tmp_path):
+    """A label column naming the image itself (the same path, or a link to it) would train
+    the model on mask -> mask; the row is refused, named, before any work."""
+    rng = np.random.default_rng(5)
+    good = {"image": _save(tmp_path / "i0.png", rng.integers(0, 255, (16, 16), dtype=np.uint8)),
+            "label": _save(tmp_path / "m0.png", _disk(16, 16, 5))}
+    mask = _save(tmp_path / "m1.png", _disk(16, 16, 4))
+    link = tmp_path / "link.png"
+    link.symlink_to(mask)
+    for image in (mask, str(link)):
+        frame = pd.DataFrame([good, {"image": image, "label": mask}], index=["a", "b"])
+        with pytest.raises(DataValidationError, match="the mask is the row's image file") as info:
+            validate_frame(frame)
+        assert "row 'b'" in str(info.value) and "m1.png" in str(info.value)
+    validate_frame(pd.DataFrame([good]))  # separate files pass

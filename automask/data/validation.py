@@ -151,6 +151,17 @@ class DataSpec:
         return _lut(kind, self.num_classes, self.void_label)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """True where paths ``a`` and ``b`` name one file (the same path, a link to it, or
+    another spelling of it on a case-insensitive disk)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a missing file: reported by the checks that read it
+        return False
+
+
 def _void_set(void_label: int | None) -> set[int]:
     return set() if void_label is None else {int(void_label)}
 
@@ -862,6 +873,13 @@ def validate_frame(
                 number = _number_not_path(raw_labels[pos], label_paths[pos], "label")
                 if number is not None:
                     problems.add(pos, index[pos], label_col, None, number)
+                    label_paths[pos] = None
+                elif image_paths[pos] is not None and _same_file(image_paths[pos],
+                                                                 label_paths[pos]):
+                    problems.add(pos, index[pos], label_col, label_paths[pos],
+                                 f"the mask is the row's image file itself ({image_col!r} "
+                                 "names the same file): the label column must name the "
+                                 "mask, a separate file")
                     label_paths[pos] = None
 
     # (position, column, path) -> full-size images in the file (TIFF stacks)
