@@ -779,3 +779,26 @@ def test_class_id_ground_truths_saved_as_jpeg_are_refused_by_score_folders(tmp_p
     Image.fromarray(mask).save(tmp_path / "binary_pred" / "a.png")
     assert score_folders(tmp_path / "binary_pred", tmp_path / "binary_gt",
                          metrics=["iou"])["iou"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("pred_last, target_last", [(True, False), (False, True), (True, True)])
+def test_a_one_row_map_with_its_channel_last_pairs_with_its_target(pred_last, target_last):
+    """A (1, W, 1) map reads as (1, W) where the other side is (1, W), not as (W, 1)."""
+    pred = np.array([[0.9, 0.1, 0.8, 0.2, 0.7]], np.float32)
+    target = np.array([[1, 0, 1, 0, 0]], np.uint8)
+    got = score([pred[..., None] if pred_last else pred],
+                [target[..., None] if target_last else target], metrics=["iou", "ber"])
+    expected = score([pred], [target], metrics=["iou", "ber"])
+    assert got == pytest.approx(expected)
+    assert got["iou"] == pytest.approx(2 / 3)
+
+
+def test_a_float_target_whose_ones_are_a_rounding_above_one_reads_on_the_0_1_scale():
+    """A float mask whose ones came out as 1.0000001 (a resize) is a 0..1 mask, not an
+    8-bit one read as all background."""
+    rng = np.random.default_rng(11)
+    mask = (rng.random((8, 9)) > 0.5).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = score([mask.copy()], [mask * np.float32(1.0000001)], metrics=["iou", "ber"])
+    assert got["iou"] == pytest.approx(1.0) and got["ber"] == pytest.approx(0.0)

@@ -182,7 +182,8 @@ def binary_target(target: Tensor, gt_threshold: float = 128, index: int | None =
             f"{_where(index)}binary target values must lie in {{0, 1}} or 0..255 (8-bit mask), "
             f"got min {lo:g} and max {hi:g}"
         )
-    if hi <= 1:
+    if hi <= 1 or (target.is_floating_point() and hi <= 1.0 + _ROUNDING):
+        # a float mask on the 0..1 scale, its ones perhaps a rounding above 1 (a resize)
         if not target.is_floating_point():
             return target == 1
         binary = target.to(torch.float64) > gt_threshold / 255

@@ -48,9 +48,13 @@ def _listed(x: Any) -> Any:
     return x
 
 
-def one_channel(m: Tensor) -> Tensor:
+def one_channel(m: Tensor, like: Tensor | None = None) -> Tensor:
     """A map of one channel as ``(H, W)``: ``(1, H, W)``, a PyTorch batch's item, or
-    ``(H, W, 1)``, a Keras or OpenCV one."""
+    ``(H, W, 1)``, a Keras or OpenCV one. A ``(1, N, 1)`` map reads either way; the one
+    of ``like``'s shape (the other side's map) is taken when it is one of them."""
+    if (like is not None and m.ndim == 3 and m.shape[0] == m.shape[-1] == 1
+            and tuple(like.shape) == (1, m.shape[1])):
+        return m[..., 0]  # (1, N, 1) -> (1, N): a one-row map with its channel last
     if m.ndim == 3 and m.shape[0] == 1:
         return m[0]
     if m.ndim == 3 and m.shape[-1] == 1:
@@ -448,12 +452,14 @@ def score(
     if isinstance(metrics, str):
         metrics = [metrics]  # one name, as evaluate takes it (not its letters)
     targets, predictions = _listed(targets), _listed(predictions)
-    target_list = [one_channel(t) for t in _as_list(targets, "targets")]
     pred_list = _as_list(predictions, "predictions")
+    target_list = [one_channel(t, pred_list[i] if i < len(pred_list) else None)
+                   for i, t in enumerate(_as_list(targets, "targets"))]
     # (K, H, 1) scores of an H x 1 target keep their width; any other one-channel map
     # becomes (H, W)
     pred_list = [p if i < len(target_list) and _is_scores(as_tensor(p), target_list[i])
-                 else one_channel(p) for i, p in enumerate(pred_list)]
+                 else one_channel(p, target_list[i] if i < len(target_list)
+                                  else None) for i, p in enumerate(pred_list)]
     if len(pred_list) != len(target_list):
         raise ValueError(f"got {len(pred_list)} predictions but {len(target_list)} targets"
                          + _stack_hint(predictions, "predictions")
