@@ -161,6 +161,10 @@ def preprocessing_metadata(model: nn.Module, *, task: str | None = None,
         "orientation": "apply the file's EXIF orientation first (Pillow's "
                        "ImageOps.exif_transpose), as predict reads images; masks come "
                        "out upright, in that orientation",
+        "jpeg_draft": ("JPEG files: Image.draft('RGB', (w, h)) before the decode, (w, h) the "
+                       "resized size in the file's own orientation (swapped for EXIF "
+                       "orientations 5-8), so that libjpeg decodes at 1/2, 1/4 or 1/8 scale "
+                       "while both sides stay at least (w, h), as predict decodes JPEGs"),
         "resize_mode": resize,
         "interpolation": interpolation,
         "resize": (f"longest side to {size} pixels, aspect ratio kept "

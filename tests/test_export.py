@@ -371,8 +371,16 @@ def test_the_documented_postprocessing_reproduces_predict_proba(resize_mode, int
     exif[0x0112] = 6
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
         images[-1], exif=exif.tobytes())
-    expected = seg.predict_proba([str(p) for p in images])
-    assert expected[-1].shape == (40, 30)
+    # JPEGs of more than twice the resized size, upright and sideways: predict decodes them
+    # at a reduced scale (libjpeg's DCT scaling), as the metadata's jpeg_draft says
+    for name, orientation in (("large.jpg", 1), ("large_sideways.jpg", 6)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        images.append(tmp_path / name)
+        Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(
+            images[-1], exif=exif.tobytes(), quality=90)
+    expected = seg.predict_proba([str(p) for p in images], tiling="off")
+    assert [p.shape for p in expected[-3:]] == [(40, 30), (150, 200), (200, 150)]
     np.save(tmp_path / "expected.npy", np.concatenate([p.ravel() for p in expected]))
     np.save(tmp_path / "shapes.npy", np.array([p.shape for p in expected]))
     path = seg.export(tmp_path / "model.onnx", format="ONNX")  # the format in any case
@@ -395,14 +403,21 @@ mean = np.array([float(v) for v in meta["pixel_mean"].split(",")], dtype=np.floa
 std = np.array([float(v) for v in meta["pixel_std"].split(",")], dtype=np.float32)
 probs = []
 for image in images:
-    img = ImageOps.exif_transpose(Image.open(image)).convert("RGB")
-    width, height = img.size
+    file = Image.open(image)
+    width, height = file.size
+    turned = file.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    if turned:
+        width, height = height, width
     assert meta["orientation"].startswith("apply the file's EXIF orientation")
     if meta["resize_mode"] == "square":
         w = h = size
     else:
         scale = size / max(width, height)
-        w, h = (max(1, int(side * scale + 0.5)) for side in img.size)
+        w, h = (max(1, int(side * scale + 0.5)) for side in (width, height))
+    assert meta["jpeg_draft"].startswith("JPEG files: Image.draft")
+    if file.format == "JPEG":
+        file.draft("RGB", (h, w) if turned else (w, h))
+    img = ImageOps.exif_transpose(file).convert("RGB")
     resample = Image.Resampling[meta["interpolation"].upper()]
     rgb = np.asarray(img.resize((w, h), resample), dtype=np.float32)
     x = np.zeros((1, 3, size, size), dtype=np.float32)

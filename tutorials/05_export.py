@@ -62,14 +62,20 @@ def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def segment(path: str) -> np.ndarray:
     """(H, W) uint8 mask of one image file, as ``seg.predict`` would give it."""
-    # as predict reads an image file: upright by its EXIF orientation (a phone's photo)
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    width, height = image.size
+    file = Image.open(path)
+    width, height = file.size
+    turned = file.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation: sideways
+    if turned:
+        width, height = height, width  # the upright picture's size
     if meta["resize_mode"] == "square":  # stretched to the square input, no padding
         w = h = size
     else:  # resize the longest side to `size`, keep the aspect ratio, pad the rest
         scale = size / max(width, height)
         w, h = max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
+    if file.format == "JPEG":  # as predict decodes a JPEG: at 1/2, 1/4 or 1/8 scale (in
+        file.draft("RGB", (h, w) if turned else (w, h))  # libjpeg) while both sides stay >= w, h
+    # as predict reads an image file: upright by its EXIF orientation (a phone's photo)
+    image = ImageOps.exif_transpose(file).convert("RGB")
     # BILINEAR or BICUBIC; files exported before this key existed were resized bilinearly
     resample = Image.Resampling[meta.get("interpolation", "bilinear").upper()]
     rgb = np.asarray(image.resize((w, h), resample), dtype=np.float32)
