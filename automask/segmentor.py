@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -849,14 +850,22 @@ class SemanticSegmentor(BaseEstimator):
     def plot_history(self, metric: str | None = None, path: str | os.PathLike | None = None):
         """Training loss and validation metric per epoch and candidate, from the run's logs.
 
-        Where the logs are gone (the folder deleted under a copy of the predictor), the
-        validation scores kept in the predictor's records are drawn instead.
+        Where the logs are gone (the folder deleted under a copy of the predictor), or are
+        another fit's (the folder fit or saved again since this predictor was read or
+        written), the validation scores kept in the predictor's records are drawn instead.
         """
         from . import plots
 
         self._check_fitted()
         curves = None
-        if not any((Path(self.path_) / "logs").glob("*/metrics.csv")):
+        other = saving.superseded(self)
+        if other:
+            warnings.warn(
+                f"{self.path_} holds another predictor now (fit or saved again since this "
+                "one was read or written), whose training logs are not this predictor's: "
+                "drawing the validation scores kept in this predictor's records",
+                stacklevel=2)
+        if other or not any((Path(self.path_) / "logs").glob("*/metrics.csv")):
             curves = {name: pd.DataFrame(record.history or {"epoch": []})
                       for name, record in self.models_.items()}
         return plots.plot_history(self.path_, metric=metric or self.eval_metric_, path=path,

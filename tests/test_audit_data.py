@@ -310,3 +310,22 @@ def test_a_row_whose_mask_is_its_own_image_file_is_refused(tmp_path):
             validate_frame(frame)
         assert "row 'b'" in str(info.value) and "m1.png" in str(info.value)
     validate_frame(pd.DataFrame([good]))  # separate files pass
+
+
+def test_a_mask_replaced_by_one_of_another_size_after_the_check_is_named_by_its_row(tmp_path):
+    """A mask file swapped for one of another size between the check and the read: the
+    error names the row as the user wrote it (5, not np.int64(5)) and says the file
+    changed, as for an image."""
+    rng = np.random.default_rng(6)
+    rows = [{"image": _save(tmp_path / f"i{i}.png",
+                            rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
+             "label": _save(tmp_path / f"m{i}.png", _disk(16, 16, 5))} for i in range(2)]
+    spec = validate_frame(pd.DataFrame(rows, index=[4, 5]))
+    _save(tmp_path / "m1.png", _disk(12, 20, 4))  # replaced after the check
+    dataset = SegmentationDataset(spec, 16)
+    dataset[0]
+    with pytest.raises(DataValidationError) as info:
+        dataset[1]
+    message = str(info.value)
+    assert message.startswith("row 5 ") and "m1.png" in message
+    assert "12x20 (H x W) now" in message and "replaced meanwhile" in message

@@ -1255,3 +1255,24 @@ def test_sigterm_during_save_leaves_no_folder(base, tmp_path):
         proc.kill()
     assert proc.returncode == 0 and stdout.strip() == "KeyboardInterrupt", stderr[-2000:]
     assert not target.exists()
+
+
+def test_a_predictor_whose_folder_was_fit_again_draws_its_own_validation_scores(base, data,
+                                                                              tmp_path):
+    """A loaded predictor whose folder another object then fits again (overwrite=True)
+    keeps its weights; plot_history draws its own records' validation scores, with a
+    warning, not the new fit's logs under its candidate's name."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    old = SemanticSegmentor.load(run)
+    history = old.models_["default"].history
+    assert len(history) == 1
+    SemanticSegmentor(path=run, verbosity=0).fit(
+        data / "train.csv", presets="tiny", overwrite=True,
+        hyperparameters={**HP, "optim.max_epochs": 2})
+    new_curve = SemanticSegmentor.load(run).plot_history().axes[1].get_lines()[0]
+    assert len(new_curve.get_ydata()) == 2  # the folder's logs are the 2-epoch fit's
+    with pytest.warns(UserWarning, match="holds another predictor now"):
+        val_ax = old.plot_history().axes[1]
+    [line] = val_ax.get_lines()
+    assert list(line.get_ydata()) == [h["val_iou"] for h in history]

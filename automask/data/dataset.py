@@ -268,16 +268,19 @@ class SegmentationDataset(Dataset):
         if label_path is not None:
             raw = read_mask(label_path, color_map=self.spec.color_map)
             if raw.shape != original:
+                row = self.spec.frame.index[position]
                 raise DataValidationError(
-                    f"row {self.spec.frame.index[position]!r} {label_path}: mask is "
-                    f"{raw.shape[0]}x{raw.shape[1]} but image {image_path} is "
-                    f"{original[0]}x{original[1]}"
+                    f"row {row.item() if hasattr(row, 'item') else row!r} {label_path}: the "
+                    f"mask is {raw.shape[0]}x{raw.shape[1]} (H x W) now but image "
+                    f"{image_path} is {original[0]}x{original[1]}, as the mask was when the "
+                    "data was checked: was the file replaced meanwhile?"
                 )
             if raw.dtype != np.uint8 and raw.size and int(raw.max()) > 255:
                 # a 16-bit mask edited since it was validated: uint8 would wrap 256 to 0
+                row = self.spec.frame.index[position]
                 raise DataValidationError(
-                    f"row {self.spec.frame.index[position]!r} {label_path}: mask values must "
-                    f"lie in 0-255, found {int(raw.min())}..{int(raw.max())}"
+                    f"row {row.item() if hasattr(row, 'item') else row!r} {label_path}: mask "
+                    f"values must lie in 0-255, found {int(raw.min())}..{int(raw.max())}"
                 )
             mask = raw if native else resize_nearest(raw, size)
             mask = np.ascontiguousarray(mask.astype(np.uint8, copy=False))
