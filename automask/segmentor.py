@@ -652,6 +652,11 @@ class SemanticSegmentor(BaseEstimator):
         from .data.validation import refuse_url
 
         refuse_url(path, "the predictor's folder", SavedModelError)
+        if isinstance(path, (str, os.PathLike)) and not os.fspath(path).strip():
+            # Path("") is the working folder: an unset variable must not load what is there
+            raise SavedModelError(f"the predictor's folder is an empty path ({path!r}): pass "
+                                  "the folder of a saved automask predictor ('.' for the "
+                                  "working folder)")
         seg = saving.load_predictor(cls, Path(path))
         if checkpoint is not None:
             if not isinstance(checkpoint, (str, os.PathLike)):

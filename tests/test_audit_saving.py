@@ -416,3 +416,12 @@ def test_a_fit_leaves_lightnings_seed_variables_as_they_were(data, tmp_path, mon
     SemanticSegmentor(path=tmp_path / "run", seed=7, verbosity=0).fit(
         data / "train.csv", presets="tiny", hyperparameters=HP)
     assert [os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")] == [before] * 2
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_load_of_an_empty_path_is_refused_even_inside_a_saved_predictor(base, monkeypatch, path):
+    """An empty path (an unset variable) does not load the predictor in the working folder."""
+    monkeypatch.chdir(base)
+    with pytest.raises(SavedModelError, match="empty path"):
+        SemanticSegmentor.load(path)
+    assert SemanticSegmentor.load(".").best_model_  # the working folder, asked for by name
