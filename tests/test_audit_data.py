@@ -329,3 +329,26 @@ def test_a_mask_replaced_by_one_of_another_size_after_the_check_is_named_by_its_
     message = str(info.value)
     assert message.startswith("row 5 ") and "m1.png" in message
     assert "12x20 (H x W) now" in message and "replaced meanwhile" in message
+
+
+def test_one_id_above_the_classes_in_every_bad_row_offers_void_label(tmp_path):
+    """CamVid's case: 11 names or num_classes=11, masks holding 0-10 and the void 11. The
+    refusal offers void_label=11 beside num_classes=12 (which would learn the void as a
+    class); ids beyond one void get no such offer."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(3):
+        mask = rng.integers(0, 3, (16, 16), dtype=np.uint8)
+        mask[:2] = 3  # the void
+        rows.append({"image": _save(tmp_path / f"i{i}.png",
+                                    rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
+                     "label": _save(tmp_path / f"m{i}.png", mask)})
+    frame = pd.DataFrame(rows)
+    for kwargs in ({"num_classes": 3}, {"class_names": ["a", "b", "c"]}):
+        with pytest.raises(DataValidationError, match=r"pass void_label=3 \(hyperparameter "
+                                                      r"data\.void_label, --void-label 3\)"):
+            validate_frame(frame, **kwargs)
+    assert validate_frame(frame, num_classes=3, void_label=3).num_classes == 3
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame, num_classes=2)  # ids 2 and 3 beyond: not one void
+    assert "void_label" not in str(info.value)

@@ -1407,13 +1407,19 @@ def _detect_task(
             if bad:
                 outside[pos] = bad
         need = max((max(bad) for bad in outside.values()), default=0) + 1  # over every row
+        # every row's extra id is k alone (CamVid's void 11 beside classes 0-10): a void label?
+        void_hint = (f"; if {k} marks unlabelled pixels (a void, as CamVid's 11 beside its 11 "
+                     f"classes), pass void_label={k} (hyperparameter data.void_label, "
+                     f"--void-label {k}) to leave them out of training and scores"
+                     if not fitted and void_label is None and outside
+                     and set().union(*outside.values()) == {k} else "")
         for pos, bad in outside.items():
             if named_only:
                 problems.add(
                     pos, index[pos], label_col, paths[pos],
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}): class_names names "
                     f"{k} classes, one per class id from 0; give a name to every class id "
-                    f"(at least {need} names for this data)",
+                    f"(at least {need} names for this data){void_hint}",
                 )
             elif k == 2 and value_sets[pos] - {0} == bad and len(bad) == 1 \
                     and min(bad) >= _ANTIALIAS_LOW:
@@ -1437,7 +1443,7 @@ def _detect_task(
                     f"mask holds class id(s) {_fmt(bad)} outside [0, {k}) for num_classes={k} "
                     f"(a fitted model, or the training masks when fit is given no "
                     f"num_classes, set it; pass num_classes={need} or more to fit "
-                    "when a class appears only in the tuning data)",
+                    f"when a class appears only in the tuning data){void_hint}",
                 )
         _warn_soft(kinds, hint=False)  # K was given
         return ("binary" if k == 2 else "multiclass"), k, kinds
