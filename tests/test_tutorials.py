@@ -24,3 +24,16 @@ def test_tutorial_runs(script, tmp_path):
     proc = run_script(script, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "iou" in proc.stdout
+
+
+@pytest.mark.parametrize("name, args", [("01_three_line_fit.py", ["only_images"]),
+                                        ("05_export.py", ["a", "b", "c"]),
+                                        ("06_prompts.py", ["only_images"]),
+                                        ("07_multiclass.py", ["only_images"])])
+def test_a_tutorial_given_the_wrong_arguments_stops_with_its_usage(name, args, tmp_path):
+    """Arguments that are not the data a tutorial takes stop it with its usage, rather
+    than running on synthetic data the user did not ask for."""
+    proc = run_script(TUTORIALS[0].parent / name, *args, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "usage: python" in proc.stderr and "IMAGES_DIR MASKS_DIR" in proc.stderr
+    assert "iou" not in proc.stdout and not any(tmp_path.iterdir())

@@ -15,6 +15,8 @@ import tempfile
 from automask import SemanticSegmentor
 from automask.datasets import from_folders, make_synthetic, train_test_split
 
+if len(sys.argv) not in (1, 3):  # your data, or none: never one in place of the other
+    sys.exit(f"usage: python {sys.argv[0]} [IMAGES_DIR MASKS_DIR]")
 if len(sys.argv) == 3:
     frame = from_folders(sys.argv[1], sys.argv[2])  # DataFrame with `image` and `label` columns
     presets = "medium_quality"  # pretrained SAM vit_b + Conv-LoRA

@@ -20,6 +20,8 @@ from automask import SemanticSegmentor
 from automask.data import read_mask
 from automask.datasets import from_folders, make_synthetic, train_test_split
 
+if len(sys.argv) not in (1, 3):  # your data, or none: never one in place of the other
+    sys.exit(f"usage: python {sys.argv[0]} [IMAGES_DIR MASKS_DIR]")
 if len(sys.argv) == 3:
     frame = from_folders(sys.argv[1], sys.argv[2])
     presets, hp = "medium_quality", {"data.prompts": "box"}

@@ -3,7 +3,7 @@
 Usage::
 
     python tutorials/07_multiclass.py                          # synthetic data, `tiny` preset
-    python tutorials/07_multiclass.py IMAGES_DIR MASKS_DIR VOID  # your data, `medium_quality`
+    python tutorials/07_multiclass.py IMAGES_DIR MASKS_DIR [VOID]  # your data, `medium_quality`
 
 Masks hold one class id per pixel. Street-scene and land-cover sets mark unlabelled pixels
 with a void value, in one of two ways, and both are handled without rewriting a file:
@@ -27,10 +27,12 @@ from automask.data import validate_frame
 from automask.datasets import from_folders, make_synthetic, train_test_split
 from automask.errors import ConfigError
 
-if len(sys.argv) == 4:
+if len(sys.argv) not in (1, 3, 4):  # your data, or none: never one in place of the other
+    sys.exit(f"usage: python {sys.argv[0]} [IMAGES_DIR MASKS_DIR [VOID]]")
+if len(sys.argv) > 1:
     # a classes.txt beside the masks names the values; fit renumbers its names as the masks
     frame = from_folders(sys.argv[1], sys.argv[2])
-    void = int(sys.argv[3])
+    void = int(sys.argv[3]) if len(sys.argv) == 4 else None  # None: no void value
     presets, names = "medium_quality", None
 else:
     # Synthetic masks of 3 classes, renumbered as ADE20K's are: 0 void (the top rows), 1..3
