@@ -425,3 +425,24 @@ def test_load_of_an_empty_path_is_refused_even_inside_a_saved_predictor(base, mo
     with pytest.raises(SavedModelError, match="empty path"):
         SemanticSegmentor.load(path)
     assert SemanticSegmentor.load(".").best_model_  # the working folder, asked for by name
+
+
+def test_the_samples_cached_on_disk_go_with_the_fit_state(tmp_path, monkeypatch):
+    """Decoded samples beyond the memory budget are written with the fit's state and
+    removed with it once the predictor is saved: the folder keeps no copy of the data."""
+    cached = []
+    remove = FitState.remove
+
+    def listing_remove(state):
+        cached.extend(p.name for p in (state.root / "cache").rglob("*.npy"))
+        remove(state)
+
+    monkeypatch.setattr(FitState, "remove", listing_remove)
+    frame = make_synthetic(6, size=40, num_classes=2, seed=1, root=tmp_path / "data")
+    run = tmp_path / "run"
+    seg = SemanticSegmentor(path=run, verbosity=0).fit(frame, presets="tiny", hyperparameters={
+        "optim.max_epochs": 1, "model.input_size": 32, "data.cache_memory_mb": 0})
+    assert len(cached) == 2 * len(frame)  # each sample's image and mask, in the state
+    assert not list(run.rglob("*.npy")), sorted(map(str, run.rglob("*.npy")))
+    assert not (run / ".automask_fit").exists()
+    assert len(seg.predict(frame.head(1))) == 1

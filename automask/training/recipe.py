@@ -25,7 +25,7 @@ from ..hardware import resolve_env
 from ..metrics import HIGHER_IS_BETTER
 from ..saving import candidate_of_log_folder, log_folder_name
 from .record import CandidateRecord
-from .state import FitState
+from .state import STATE_DIR, FitState
 
 log = logging.getLogger("automask")
 
@@ -157,7 +157,9 @@ def _train_candidate(
         augment=AugmentConfig(hflip=d.hflip, vflip=d.vflip, scale_range=(d.scale_min, d.scale_max),
                               rotate_degrees=d.rotate_degrees, color_jitter=d.color_jitter),
         num_workers=d.num_workers,
-        cache_dir=run_dir / "cache" / f"{cfg.model.input_size}" if writer else None,
+        # decoded samples beyond the memory budget: with the fit's state, which goes once
+        # the predictor is saved (an interrupted fit resumes with them)
+        cache_dir=run_dir / STATE_DIR / "cache" / f"{cfg.model.input_size}" if writer else None,
         cache_memory_mb=d.cache_memory_mb,
         large_images=d.large_images,
         prompts=d.prompts, prompt_rate=d.prompt_rate,
