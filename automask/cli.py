@@ -317,8 +317,10 @@ def _parse_extra(items: Sequence[str]) -> dict[str, str]:
 def _show_or_save(df, args) -> None:
     """Print a table (or its JSON); with ``--out``, write it as .csv or .md as well."""
     from .leaderboard import save_table
+    from .prediction import check_output_file
 
     if args.out:
+        check_output_file(args.out, "the table")  # not into a predictor's parts
         save_table(df, args.out)
     _print_table(df, args.json)
     if args.out:
@@ -354,6 +356,12 @@ def _cmd_params(args) -> None:
     if not 1 <= args.num_classes <= 255:  # as fit takes it (1 or 2: binary)
         raise AutomaskError(f"--num-classes must be an integer in [1, 255] (background "
                             f"included; 1 or 2: binary), got {args.num_classes}")
+    if args.out:  # a bad file fails before the models are built
+        from .leaderboard import check_table_path
+        from .prediction import check_output_file
+
+        check_table_path(args.out)
+        check_output_file(args.out, "the table")
     summary = parameter_summary(args.backbone, methods=methods, num_classes=args.num_classes,
                                 multiclass_head=args.multiclass_head)
     _show_or_save(paper_params(summary) if args.style == "paper" else summary, args)

@@ -817,10 +817,13 @@ def check_output_file(out: str | os.PathLike | None, what: str, *,
     replaced, atomically, as ``savefig`` replaces one."""
     if out is None:
         return
+    from .saving import enclosing_predictor
+
     refuse_url(out, f"the file for {what}", writing=True)
     refuse_input(out, inputs or {}, what)
-    if predictor is not None:
-        _refuse_predictor_part(predictor, out, f"cannot write {what} to {str(out)!r}: it "
+    # the predictor read, and any other whose folder holds the file (another run's logs)
+    for folder in dict.fromkeys(f for f in (predictor, enclosing_predictor(out)) if f):
+        _refuse_predictor_part(folder, out, f"cannot write {what} to {str(out)!r}: it "
                                "would write into", "; choose another file")
 
 

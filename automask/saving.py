@@ -510,6 +510,18 @@ def _check_state(seg, meta_path: Path) -> None:
         raise bad("eval_metric_", str(exc)) from None
 
 
+def enclosing_predictor(path: str | os.PathLike) -> str | None:
+    """The nearest folder above ``path`` that holds a saved predictor (its pointer file
+    ``automask.json``) or a fit's state, else None."""
+    from .training.state import STATE_DIR
+
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    for folder in target.parents:
+        if (folder / POINTER_FILE).is_file() or (folder / STATE_DIR).is_dir():
+            return str(folder)
+    return None
+
+
 def predictor_part(folder: str | os.PathLike, path: str | os.PathLike) -> str | None:
     """Which part of the predictor (or fit) in ``folder`` writing ``path`` would damage
     (``"its file 'automask.json'"``, ``"its folder 'logs'"``), else None: its pointer file,

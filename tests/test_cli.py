@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -532,3 +533,21 @@ def test_show_takes_the_csv_columns_options_and_warns_without_labels(csvs, run_d
     assert proc.returncode == 0, proc.stderr
     assert "has no label column 'label' (columns: ['image', 'mask']): drawn without the " \
            "ground truth; --label names the mask column" in proc.stderr
+
+
+def test_tables_are_never_written_into_another_predictors_parts(run_dir, tmp_path):
+    """params --out, and leaderboard --out into a predictor other than the one it reads
+    (another run's training log), are refused before any work, the log untouched."""
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    [logged] = list((other / "logs").glob("*/metrics.csv"))[:1]
+    before = logged.read_bytes()
+    proc = run_cli("params", "--backbone", "tiny", "--methods", "lora", "--out", str(logged))
+    assert_one_line_error(proc, "would write into the predictor", "its folder 'logs'")
+    proc = run_cli("leaderboard", str(run_dir), "--out", str(logged))
+    assert_one_line_error(proc, "would write into the predictor", str(other))
+    assert logged.read_bytes() == before
+    beside = other / "params.csv"  # beside a predictor: the user's own file
+    assert run_cli("params", "--backbone", "tiny", "--methods", "lora",
+                   "--out", str(beside)).returncode == 0
+    assert "trainable" in beside.read_text()
