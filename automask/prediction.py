@@ -341,8 +341,13 @@ def _warn_deep_images(spec) -> None:
 
     from .data.io import deep_image_file
 
-    deep = [pos for pos, path in enumerate(spec.frame[spec.image_col])
-            if deep_image_file(path)]
+    def deep_file(path: str) -> bool:
+        try:
+            return deep_image_file(path)
+        except OSError:  # gone since the check: its read names the row
+            return False
+
+    deep = [pos for pos, path in enumerate(spec.frame[spec.image_col]) if deep_file(path)]
     if deep:
         rows = ", ".join(map(str, deep[:5])) + (", ..." if len(deep) > 5 else "")
         warnings.warn(
@@ -376,7 +381,9 @@ def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
     from .tiling import use_tiles
 
     size = cfg.model.input_size
-    sizes = SegmentationDataset(spec, size, with_labels=False)
+    # reads tiled images at native scale; a file gone or replaced since the data was
+    # checked is an error naming its row
+    sizes = SegmentationDataset(spec, size, with_labels=False, value_range=image_value_range(cfg))
     tiled = {pos for pos in range(len(spec.frame))
              if use_tiles(sizes.original_size(pos), size, tiling)}
     if not tiled:
@@ -388,7 +395,7 @@ def _mixed_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
                   if plain else iter(()))
     for pos in range(len(spec.frame)):
         if pos in tiled:
-            yield pos, _tiled_one(model, cfg, task, sizes.images[pos], flips)
+            yield pos, _tiled_one(model, cfg, task, sizes.load_native(pos)[0], flips)
         else:
             sub, prob = next(plain_iter)
             assert plain[sub] == pos, (plain[sub], pos)
@@ -483,17 +490,17 @@ def _plain_proba(model: torch.nn.Module, cfg: Config, task: str, spec,
             yield idx, prob.float().cpu().numpy()
 
 
-def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, path: str,
+def _tiled_one(model: torch.nn.Module, cfg: Config, task: str, image: np.ndarray,
                flips: tuple[str, ...] = ()) -> np.ndarray:
-    """(C, H, W) probabilities of one image from overlapping windows at full resolution;
-    with ``flips``, averaged with those of the mirrored image, mirrored back."""
-    from .data import read_image
+    """(C, H, W) probabilities of one ``(H, W, 3)`` uint8 image from overlapping windows at
+    full resolution; with ``flips``, averaged with those of the mirrored image, mirrored
+    back."""
     from .tiling import tiled_proba
     from .tta import FLIPS, unflip
 
     device = inference_device(cfg)
     model.to(device)
-    image = read_image(path, value_range=image_value_range(cfg))  # (H, W, 3) uint8
+
     def tiled(picture: np.ndarray) -> torch.Tensor:
         return tiled_proba(lambda x: _probabilities(model, x, task), picture,
                            cfg.model.input_size, cfg.env.eval_batch_size, device)

@@ -320,3 +320,23 @@ def test_exported_metadata_states_the_trained_tiling_rule(tiny_model):
     assert f"larger than {S} (the model was trained on native-scale crops" in rules["crop"]
     assert f"exceeds {AUTO_RATIO:g} x {S}" in rules["auto"]
     assert preprocessing_metadata(tiny_model)["large_images"] == rules["auto"]  # the default
+
+
+def test_a_tiled_image_gone_or_replaced_after_the_check_is_named_by_its_row(tmp_path,
+                                                                          tiny_model):
+    """The tiled path reads as the plain one does: a file deleted, or replaced by one of
+    another size, since the data was checked is a DataValidationError naming its row."""
+    from automask.errors import DataValidationError
+
+    rng = np.random.default_rng(4)
+    paths = [_write(tmp_path / f"{i}.png", rng.integers(0, 256, (150, 90, 3), dtype=np.uint8))
+             for i in range(2)]
+    spec = _spec(paths)
+    paths[1].unlink()
+    stream = iter_proba(tiny_model, _cfg(), "multiclass", spec, "on")
+    assert next(stream)[1].shape == (3, 150, 90)
+    with pytest.raises(DataValidationError, match=r"row 1 .*1\.png: the file is gone"):
+        next(stream)
+    _write(paths[1], rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    with pytest.raises(DataValidationError, match=r"row 1 .*120x90 \(H x W\) now but was 150x90"):
+        list(iter_proba(tiny_model, _cfg(), "multiclass", spec, "on"))
