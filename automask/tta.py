@@ -15,8 +15,10 @@ prediction, ``("hflip", "vflip")`` triples it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -28,14 +30,16 @@ def check_tta(tta: Any, hflip: bool = True, vflip: bool = False) -> tuple[str, .
     """The flips of ``tta``: ``False``/``None`` none; ``True`` those trained with
     (``hflip``, ``vflip``; the horizontal one when neither); a flip name of :data:`FLIPS`,
     or a list of them. ConfigError for anything else, before any work."""
+    if isinstance(tta, np.bool_):  # from a numpy or pandas config
+        tta = bool(tta)
     if tta is None or tta is False:
         return ()
     if tta is True:
         trained = tuple(name for name, on in (("hflip", hflip), ("vflip", vflip)) if on)
         return trained or ("hflip",)
     names = [tta] if isinstance(tta, str) else tta
-    try:
-        names = list(names)
+    try:  # not a mapping: {"hflip": False} would read as its keys, the flip turned on
+        names = None if isinstance(names, Mapping) else list(names)
     except TypeError:
         names = None
     if names is None or not names or any(not isinstance(n, str) or n not in FLIPS

@@ -120,3 +120,13 @@ def test_command_line_tta(fitted, tmp_path, capsys):
     assert scores.keys() == expected.keys()
     for key, value in expected.items():
         assert scores[key] == pytest.approx(value), key
+
+
+def test_a_mapping_of_flips_is_refused_and_numpy_booleans_are_booleans():
+    """{"hflip": False} reads like a switch per flip; read as its keys it would turn the
+    flip on, so it is refused. numpy's booleans (a numpy or pandas config) are booleans."""
+    for tta in ({"hflip": False}, {"vflip": 0}, {"hflip": True}):
+        with pytest.raises(ConfigError, match="tta must be True, False"):
+            check_tta(tta)
+    assert check_tta(np.True_, hflip=False, vflip=True) == ("vflip",)
+    assert check_tta(np.False_) == ()
