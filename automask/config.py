@@ -260,7 +260,8 @@ class OptimConfig:
     loss: str = "auto"
     """Task loss; ``auto``: ``structure`` for binary, ``ce_dice`` for multi-class."""
     patience: int = 0
-    """Early stopping after this many epochs without improvement; 0 disables."""
+    """Early stopping after this many validations without improvement (epochs at the
+    default ``val_check_interval`` of 1.0; two per epoch at 0.5); 0 disables."""
     val_check_interval: float = 1.0
     """Validate every this fraction of an epoch (1.0: once per epoch)."""
     select_metric: str | None = None
