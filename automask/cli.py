@@ -404,6 +404,21 @@ def _cmd_score(args) -> None:
                 f"{given} has {len(names)} names but the {whose} hold class "
                 f"{beyond.group(2)} ({str(exc).split(': ')[0]}): name every class, "
                 "background first") from exc
+        fewer = re.search(r"score maps have (\d+) classes along dim 0, expected "
+                          r"num_classes=(\d+)", str(exc))
+        if fewer and "num_classes" in conventions:  # set from the names above
+            from .data.validation import _VOID_NAMES, _folded
+
+            given = "--class-names" if args.class_names is not None else \
+                "the classes.txt beside --gt"
+            void = [c for c, name in enumerate(names) if _folded(name) in _VOID_NAMES]
+            advice = (f"; it names class {void[0]} {names[void[0]]!r}, as datasets name "
+                      f"unlabelled pixels: pass --void-label {void[0]} to leave them out"
+                      if void else ": name the classes of the model that wrote the maps, "
+                      "background first")
+            raise AutomaskError(
+                f"{given} has {len(names)} names but the score maps have {fewer.group(1)} "
+                f"classes ({str(exc).split(': ')[0]}){advice}") from exc
         raise AutomaskError(_as_options(str(exc))) from exc
     if args.class_names is None and table_names is None:
         _warn_of_a_scored_void(args.gt, args.ignore_index, scores)

@@ -432,3 +432,26 @@ def test_params_refuses_what_fit_refuses(capsys):
     assert cli.main(["params", "--backbone", "tiny", "--methods", "lora,bitfit",
                      "--json"]) == 0
     assert [row["method"] for row in json.loads(capsys.readouterr().out)] == ["lora", "bitfit"]
+
+
+def test_score_of_probability_maps_beside_a_classes_txt_naming_a_void_offers_void_label(
+        tmp_path, capsys):
+    """A predict --proba folder (3 classes) scored against masks whose classes.txt lists
+    3 classes and the void "Unlabelled" last: the error names the file's 4 names and
+    offers --void-label 3 (it said only "expected num_classes=4"), which then scores."""
+    for sub in ("gt", "pred"):
+        (tmp_path / sub).mkdir()
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, (10, 12)).astype(np.uint8)
+    truth[:2] = 3  # the void
+    Image.fromarray(truth).save(tmp_path / "gt" / "0.png")
+    probs = rng.random((3, 10, 12)).astype(np.float32)
+    np.save(tmp_path / "pred" / "0.npy", probs / probs.sum(0, keepdims=True))
+    (tmp_path / "gt" / "classes.txt").write_text("sky\nroad\ncar\nUnlabelled\n")
+    argv = ["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the classes.txt beside --gt has 4 names but the score maps have 3 classes" in err
+    assert "pass --void-label 3" in err
+    assert cli.main([*argv, "--void-label", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["iou_per_class"]) == 3
