@@ -352,3 +352,28 @@ def test_one_id_above_the_classes_in_every_bad_row_offers_void_label(tmp_path):
     with pytest.raises(DataValidationError) as info:
         validate_frame(frame, num_classes=2)  # ids 2 and 3 beyond: not one void
     assert "void_label" not in str(info.value)
+
+
+def test_classes_drawn_as_spread_grey_levels_are_refused_with_the_value_map_that_reads_them(
+        tmp_path):
+    """Masks of classes drawn visible (0/85/170/255): the refusal offers the value map of
+    the data's grey levels, which then reads them as classes 0-3; many grey levels (a
+    soft mask) get no such offer."""
+    rng = np.random.default_rng(8)
+    rows = []
+    for i in range(3):
+        levels = rng.integers(0, 4 if i else 2, (16, 16)) * 85  # mask 0 holds only 0 and 85
+        rows.append({"image": _save(tmp_path / f"i{i}.png",
+                                    rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
+                     "label": _save(tmp_path / f"m{i}.png", levels.astype(np.uint8))})
+    frame = pd.DataFrame(rows)
+    with pytest.raises(DataValidationError,
+                       match=r"pass color_map=\{0: 0, 85: 1, 170: 2, 255: 3\} to read the 4 "):
+        validate_frame(frame)
+    spec = validate_frame(frame, color_map={0: 0, 85: 1, 170: 2, 255: 3})
+    assert spec.task == "multiclass" and spec.num_classes == 4
+    soft = rng.integers(0, 256, (16, 16)).astype(np.uint8)  # 200-odd grey levels
+    _save(tmp_path / "m1.png", soft)
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(frame)
+    assert "grey levels" not in str(info.value)

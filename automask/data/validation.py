@@ -174,6 +174,7 @@ def _kind_of(values: set[int]) -> str:
     return KIND_IDS
 
 
+_FEW_LEVELS = 16  # at most this many grey levels over all the masks: classes drawn visible
 _NEAR_BLACK, _NEAR_WHITE = 32, 224  # soft masks: values below / from these are "near" 0 / 255
 
 
@@ -1457,6 +1458,12 @@ def _detect_task(
         if kinds[pos] in (KIND_IDS, KIND_SOFT)
         and any(_ANTIALIAS_LOW <= v < IGNORE_INDEX for v in value_sets[pos])
     ]
+    # a few grey levels over all the masks (classes drawn visible, as 0/85/170/255): the
+    # value map that reads them as classes 0..n-1
+    levels = sorted(set().union(*(value_sets[pos] for pos in valid))) if soft else []
+    as_classes = (f"color_map={{{', '.join(f'{v}: {i}' for i, v in enumerate(levels))}}} "
+                  f"to read the {len(levels)} grey levels of the masks as classes "
+                  f"0-{len(levels) - 1}, " if 3 <= len(levels) <= _FEW_LEVELS else "")
     for pos in soft:
         values = value_sets[pos]
         if max(values) > SOFT_THRESHOLD:
@@ -1464,6 +1471,8 @@ def _detect_task(
                         "soft binary mask), ")
         else:  # {0, 128}: binarising would leave nothing
             binarise = (f"{_object_value_hint(values)}, " if len(values - {0}) == 1 else "")
+        if len(values - {0}) > 1:
+            binarise = as_classes + binarise
         problems.add(
             pos, index[pos], label_col, paths[pos],
             f"mask values {_fmt(values)} fit neither task: values 128-254 are "
