@@ -56,6 +56,9 @@ def _refuse_a_used_folder(run: Path) -> None:
     picture or predictor (another demo's, or the user's own files), before anything is."""
     from .errors import ConfigError
 
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--path {str(run)!r} is a file: the demo writes its data, "
+                          "predictor and picture into a folder; pass a new folder or none")
     taken = [run / name for name in ("data", "predictor", "predictions.png")
              if (run / name).exists() and not ((run / name).is_dir()
                                                and not any((run / name).iterdir()))]

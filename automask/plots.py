@@ -595,6 +595,9 @@ def check_path(path: str | os.PathLike | None) -> Path | None:
     refuse_url(path, "the picture's path", writing=True)
     from matplotlib.figure import Figure
 
+    if str(os.fspath(path)).endswith(("/", os.sep)):  # a folder, which Path() would drop
+        raise DataValidationError(f"cannot save the picture to {str(path)!r}: it names a "
+                                  "folder; give a file name such as 'predictions.png'")
     path = Path(path).expanduser()
     if not path.suffix and path.name not in ("", ".", "..") and not path.is_dir():
         path = path.with_name(path.name + ".png")

@@ -238,3 +238,23 @@ def test_fit_prints_epoch_lines_and_summary_and_draws_pictures(fitted, capsys, t
         seg.plot_comparison(test, models=["nope"])
     fig = seg.plot_comparison(test, models="method=lora", n=1)  # one name, not its letters
     assert [ax.get_title() for ax in fig.axes[1:]] == ["ground truth", "method=lora"]
+
+
+def test_a_picture_path_ending_in_a_slash_is_a_folder_not_a_file_beside_it(tmp_path):
+    """'pics/' (a folder not made yet) was saved as 'pics.png' beside it."""
+    from automask.errors import DataValidationError
+
+    for folder in (tmp_path / "new", tmp_path):  # not there yet, and there
+        with pytest.raises(DataValidationError, match="folder"):
+            plots.check_path(f"{folder}/")
+    assert not (tmp_path / "new.png").exists() and not (tmp_path / "new").exists()
+    assert plots.check_path(tmp_path / "pic") == tmp_path / "pic.png"  # a name: .png added
+
+
+def test_the_demo_refuses_a_path_that_is_a_file(tmp_path, capsys):
+    from automask import cli
+
+    taken = tmp_path / "afile"
+    taken.write_text("mine")
+    assert cli.main(["demo", "--path", str(taken)]) == 2
+    assert "is a file" in capsys.readouterr().err and taken.read_text() == "mine"
