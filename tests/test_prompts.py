@@ -379,6 +379,9 @@ def test_a_column_of_boxes_and_rows_of_nans_are_prompts_too(prompt_trained, synt
     array = np.array([around[0], [np.nan] * 4, around[2]], dtype=np.float64)
     for a, b in zip(prompt_trained.predict_proba(test, boxes=array), want):
         np.testing.assert_array_equal(a, b)
+    # the same rows as lists (the array's .tolist()): the NaN row is no box there too
+    for a, b in zip(prompt_trained.predict_proba(test, boxes=array.tolist()), want):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_prompt_free_predict_is_unchanged_by_prompts(prompt_trained, synthetic):

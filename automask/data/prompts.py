@@ -182,6 +182,9 @@ def _absent(entry: Any) -> bool:
     if isinstance(entry, np.ndarray) and entry.dtype.kind == "f" and entry.size \
             and bool(np.isnan(entry).all()):
         return True  # an all-NaN row of an (N, 4) array taken from x0..y1 columns
+    if isinstance(entry, (list, tuple)) and entry and all(
+            isinstance(v, (float, np.floating)) and bool(np.isnan(v)) for v in entry):
+        return True  # the same row as a list (the array's .tolist())
     return (entry is None or type(entry).__name__ == "NAType"
             or (isinstance(entry, (float, np.floating)) and bool(np.isnan(entry))))
 
