@@ -734,10 +734,15 @@ def _read_boxes(path: str, data, image_col: str) -> tuple[list, list]:
         # a CSV's cells are text where a column holds a word: "4" is read as the number
         # it spells, "four" stays for the check to refuse
         box = [_csv_number(v) for v in box]
+        if all(isinstance(v, float) and math.isnan(v) for v in box):
+            boxes[key], rows[key] = None, (row, image)  # an empty row: no box, as a NaN row
+            continue
         try:  # values and order here, where the row is the CSV's; the image's bounds later
             _check_box(row, box, math.inf, math.inf)
         except DataValidationError as exc:
-            raise DataValidationError(f"--boxes {path!r}: {exc}") from None
+            raise DataValidationError(
+                f"--boxes {path!r}: {str(exc).replace(f'row {row}:', f'row {row} ({image!r}):', 1)}"
+            ) from None
         boxes[key] = tuple(box)
         rows[key] = (row, image)
     keys = [os.path.realpath(_resolve(_raw_path(p) or "", root or Path.cwd()))

@@ -545,7 +545,9 @@ def test_cli_predict_boxes_csv_matches_the_api(prompt_trained, synthetic, tmp_pa
     table = tmp_path / "boxes.csv"
     rows = [{"image": img, "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]}
             for img, b in zip(test["image"].iloc[:2], boxes)]
+    rows.append({"image": test["image"].iloc[2]})  # an empty row: no box, as a NaN row
     pd.DataFrame(rows).to_csv(table, index=False)
+    assert table.read_text().splitlines()[-1].endswith(",,,,")
     out = tmp_path / "masks"
     proc = _run_cli("predict", str(prompt_trained.path_), "--data", str(data), "--out",
                     str(out), "--boxes", str(table))
