@@ -371,6 +371,10 @@ def _check_target(path: str | os.PathLike, format: str | None) -> tuple[Path, st
         raise ConfigError(f"the export path must name a file (str or pathlib.Path), got "
                           f"{type(path).__name__} {path!r}")
     path = Path(path).expanduser()
+    if path.name.lower() in {f".{f}" for f in FORMATS}:  # a hidden file of no suffix
+        raise ConfigError(f"export path {str(path)!r} names a file {path.name!r} without a "
+                          f"name before its suffix; name the file, e.g. "
+                          f"{str(path.with_name('model' + path.name))!r}")
     if isinstance(format, str):
         format = format.lower()  # as the suffix is read: "ONNX" and ".ONNX" alike
     if format is None:

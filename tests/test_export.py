@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,9 @@ def test_bad_format_or_suffix_fails_before_writing(tmp_path):
         export_model(model, tmp_path / "m.pt2", format="onnx")
     with pytest.raises(ConfigError, match=r"m\.bin.*must end with \.onnx or \.pt2"):
         export_model(model, tmp_path / "m.bin")
+    for name in (".onnx", ".PT2"):  # a hidden file of no suffix, not a missing suffix
+        with pytest.raises(ConfigError, match=rf"'{re.escape(name)}' without a name before"):
+            export_model(model, tmp_path / name)
     for path in (5, None, b"m.onnx", "", " "):  # not a file's name
         with pytest.raises(ConfigError, match="the export path must name a file"):
             export_model(model, path)
