@@ -374,3 +374,18 @@ def test_a_tiff_withseveral_pages_is_told_from_its_header(tmp_path):
 
     for name in ("one", "rgb", "three", "big", "big_one", "motorola"):
         assert found[name] == (stacked_images(tmp_path / f"{name}.tif") > 1), name
+
+
+def test_bare_class_names_of_which_one_begins_with_a_number_are_names(tmp_path):
+    """"2 wheeler" among bare names is a name, not class id 2 (the file was refused);
+    a file numbered on most lines, one missing its id, is still refused."""
+    from automask.datasets.folders import read_class_names
+    from automask.errors import DataValidationError
+
+    path = tmp_path / "classes.txt"
+    path.write_text("background\ncar\n2 wheeler\nperson\n")
+    with pytest.warns(UserWarning, match="line\\(s\\) 3 '2 wheeler' begin with a number"):
+        assert read_class_names(path) == ["background", "car", "2 wheeler", "person"]
+    path.write_text("0 background\n1 car\nperson\n")
+    with pytest.raises(DataValidationError, match="has no class id, but other lines do"):
+        read_class_names(path)

@@ -722,6 +722,13 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     numbered = [_NUMBERED.match(line) for _, line in entries]
     if not any(numbered):
         return [line for _, line in entries]
+    if 2 * sum(m is not None for m in numbered) < len(entries):
+        # bare names, a few of which begin with a number ("2 wheeler"): ids by position
+        lines = [f"{lineno} {line!r}" for (lineno, line), m in zip(entries, numbered) if m]
+        warnings.warn(f"{path}: read as one bare class name per line (the class id is the "
+                      f"line's position); line(s) {', '.join(lines[:3])} begin with a number "
+                      "but most lines do not", stacklevel=2)
+        return [line for _, line in entries]
     names: dict[int, str] = {}
     for (lineno, line), match in zip(entries, numbered):
         if match is None:
