@@ -182,6 +182,23 @@ def _with_stacks(files: list[Path], image_col: str) -> pd.DataFrame:
     return frame
 
 
+def _stream_bytes(stream: Any, where: str) -> bytes:
+    """The bytes of an open binary file or stream holding one encoded image; ``where``
+    prefixes an error (the item of a list)."""
+    from .data.arrays import encoded_image
+
+    content = stream.read()
+    if isinstance(content, str):
+        raise DataValidationError(
+            f"{where}cannot read images from a {type(stream).__name__} opened as text; pass "
+            "the file's path, or open it in binary mode ('rb') to pass one image's bytes")
+    if encoded_image(content) is None:
+        raise DataValidationError(
+            f"{where}the {type(stream).__name__} given holds {len(content)} bytes that are "
+            "no image file (PNG, JPEG, TIFF...); pass an image file's bytes, or its path")
+    return bytes(content)
+
+
 def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
     """(frame with the image column, folder that relative paths resolve against)."""
     from .data.arrays import as_pandas
@@ -238,20 +255,14 @@ def as_frame(data, image_col: str) -> tuple[pd.DataFrame, Path | None]:
             f"cannot read images from {type(data).__name__} {data[:60]!r}; pass the path as "
             "a str or pathlib.Path")
     if callable(getattr(data, "read", None)):  # an open file, an upload's stream, BytesIO
-        content = data.read()  # one image file's bytes, not lines of paths
-        if isinstance(content, str):
-            raise DataValidationError(
-                f"cannot read images from a {type(data).__name__} opened as text; pass the "
-                "file's path, or open it in binary mode ('rb') to pass one image's bytes")
-        if encoded_image(content) is None:
-            raise DataValidationError(
-                f"the {type(data).__name__} given holds {len(content)} bytes that are no "
-                "image file (PNG, JPEG, TIFF...); pass an image file's bytes, or its path")
+        content = _stream_bytes(data, "")  # one image file's bytes, not lines of paths
         return pd.DataFrame({image_col: pd.Series([content], dtype=object)}), None
     if isinstance(data, (Sequence, abc.Iterator)):
         # a list, a tuple, or an iterator such as Path.glob(...), in its order; values kept
-        # as given: validation reports None / NaN / "" as a missing path
-        values = list(data)
+        # as given: validation reports None / NaN / "" as a missing path. Open files (a
+        # batch of uploads) are read, each as one image's bytes.
+        values = [_stream_bytes(v, f"item {i}: ") if callable(getattr(v, "read", None))
+                  else v for i, v in enumerate(data)]
         if not values:  # e.g. a glob that matched nothing
             raise DataValidationError(
                 f"no images given: the {type(data).__name__} of paths is empty")

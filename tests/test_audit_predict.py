@@ -699,3 +699,18 @@ def test_predict_on_a_folder_with_masks_beside_its_images_from_the_command_line(
          "--out", str(tmp_path / "out"), "--overwrite", "--debug"],
         capture_output=True, text=True)
     assert proc.returncode == 0 and "UserWarning: left out 2 file(s)" in proc.stderr
+
+
+def test_a_list_of_open_files_is_a_batch_of_images(fitted):
+    """The README lists a list of open files (a batch of uploads), paths mixed in; each
+    open file was refused as "an open BufferedReader, not a file path"."""
+    import io
+
+    seg, _, csv = fitted
+    paths = list(pd.read_csv(csv)["image"][:3])
+    want = seg.predict(paths)
+    with open(paths[0], "rb") as first:
+        got = seg.predict([first, io.BytesIO(Path(paths[1]).read_bytes()), paths[2]])
+    assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(DataValidationError, match=r"item 1: the BytesIO given holds 5 bytes"):
+        seg.predict([paths[0], io.BytesIO(b"hello")])
