@@ -943,7 +943,7 @@ def _add_picture_commands(sub) -> None:
     p.add_argument("--image", help="image column of the --data CSV (default: the fit's)")
     _add_folder_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--n", type=int, default=4, help="images to draw (the first n)")
+    p.add_argument("--n", type=int, default=4, help="images to draw (the first n; default: 4)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="candidate to draw (default: the best)")
     which.add_argument("--models", metavar="A,B,C", action="append",
@@ -1048,8 +1048,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, help="run directory to save the predictor in")
     p.add_argument("--label", help="label column of the CSVs (default: label)")
     p.add_argument("--image", help="image column of the CSVs (default: image)")
-    p.add_argument("--eval-metric")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--eval-metric",
+                   help="validation metric that chooses the best epoch and model (default: iou "
+                        "binary, miou multi-class)")
+    p.add_argument("--num-classes", type=int,
+                   help="classes including background (default: from the masks; 2 for binary)")
     p.add_argument("--color-map", metavar="FILE",
                    help="colour masks: a text file of 'R G B CLASS_ID' lines (commas or "
                         "spaces), every colour of the masks listed, or a class_dict.csv "
@@ -1096,12 +1099,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = _add_command(sub, "evaluate", help="score a saved predictor on labelled data")
-    p.add_argument("run")
+    p.add_argument("run", help="saved predictor directory")
     _add_checkpoint_arg(p)
     p.add_argument("--data", help="CSV with image and label columns (or --images/--masks)")
     p.add_argument("--metrics", help="comma-separated metric names")
-    p.add_argument("--model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", help="candidate name (default: the best)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--label", help="label column of the CSV (default: the fit's)")
     p.add_argument("--image", help="image column of the CSV (default: the fit's)")
     p.add_argument("--resolution", choices=["original", "input"], default="original",
@@ -1112,7 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = _add_command(sub, "leaderboard", help="the trained models side by side")
-    p.add_argument("run")
+    p.add_argument("run", help="saved predictor directory")
     _add_checkpoint_arg(p)
     p.add_argument("--data", help="CSV of test data to score every model on (or "
                                   "--images/--masks)")
@@ -1126,7 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column of the --data CSV (default: the fit's)")
     p.add_argument("--image", help="image column of the --data CSV (default: the fit's)")
     p.add_argument("--out", help="also write the table to this .csv or .md file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--resolution", choices=["original", "input"], default="original",
                    help=_RESOLUTION_HELP)
     p.add_argument("--tile", default="auto", choices=("auto", "on", "off"), help=_TILE_HELP)
@@ -1143,7 +1146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = _add_command(sub, "params", help="trainable parameters per PEFT method")
-    p.add_argument("--backbone", default="vit_h")
+    p.add_argument("--backbone", default="vit_h",
+                   help="backbone to count (default: vit_h, the paper's)")
     p.add_argument("--methods", help="comma-separated PEFT methods (default: all)")
     p.add_argument("--num-classes", type=int, default=1,
                    help="classes, background included, as fit counts them (1 or 2 = binary)")
@@ -1152,15 +1156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", choices=["counts", "paper"], default="counts",
                    help="raw counts, or the paper's '#Params (M) / Ratio (%%)' column")
     p.add_argument("--out", help="also write the table to this .csv or .md file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_params)
 
     p = _add_command(sub, "score", help="score mask files against ground-truth files")
     p.add_argument("--pred", required=True, help="folder of predicted masks/probability maps")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks")
-    p.add_argument("--task", choices=["binary", "multiclass"])
+    p.add_argument("--task", choices=["binary", "multiclass"],
+                   help="the task of the masks (default: from their values and any class names)")
     p.add_argument("--metrics", help="comma-separated metric names")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--color-map", metavar="FILE",
                    help="colour-coded ground truths: their colour table, as fit's --color-map "
                         "(default: the class_dict.csv in or beside --gt when the ground "
@@ -1177,7 +1182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="run directory (default: a new one under automask_runs/)")
     p.add_argument("--time-limit", type=_seconds, default=180.0,
                    help="seconds for the demo's fit (default 180; at least 30 are used)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the data and the fit (default: 0)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -78,6 +78,15 @@ class SemanticSegmentor(BaseEstimator):
         Per candidate: its configuration, validation score, fit time and parameter counts.
     path_ : Path
         The run directory.
+    eval_metric_ : str
+        The validation metric that chose the best epoch and model.
+    void_label_ : int or None
+        The mask value left out of training and scores (``data.void_label``).
+    color_map_ : dict or None
+        The colour table or value map the masks were read through (pass it to
+        :func:`automask.metrics.score_folders` for masks in the dataset's values).
+    fit_time_ : float
+        Seconds the fit took.
 
     Examples
     --------
@@ -352,8 +361,9 @@ class SemanticSegmentor(BaseEstimator):
         -------
         list of ndarray or DataFrame
             (H, W) uint8 masks ({0, 1} for binary, class indices for multi-class; with
-            ``values="dataset"`` the dataset's values or colours), or the DataFrame of
-            written files when ``save_to`` is given.
+            ``values="dataset"`` the dataset's values, uint16 where one exceeds 255, or
+            (H, W, 3) uint8 colours for a colour map), or the DataFrame of written files
+            when ``save_to`` is given.
 
         Raises
         ------
@@ -465,7 +475,8 @@ class SemanticSegmentor(BaseEstimator):
         Returns
         -------
         dict
-            Metric name to value (a fraction in [0, 1]; a list for per-class metrics).
+            Metric name to value (a fraction in [0, 1], but E-phi, which can exceed 1
+            slightly, as README "Metrics" says; a list for per-class metrics).
         """
         self._check_fitted()
         check_tta(tta)  # a bad value fails before any image is read
@@ -520,10 +531,11 @@ class SemanticSegmentor(BaseEstimator):
             ``data`` with the same metrics (paired by file stem); rows without parameter
             counts.
         style : {"models", "methods", "paper"}, optional
-            ``models``: one row per candidate (model, method, backbone, input_size, seed,
-            trainable_params_m, ratio_pct (of all parameters of the adapted model, the
-            paper's convention: 4.02M / 641.61M = 0.63% for Conv-LoRA on vit_h),
-            ``val_<metric>``, fit_time_s, predict_images_per_s, best, ``test_<metric>``),
+            ``models``: one row per candidate (model, source, group, variant, method,
+            pretrained, backbone, input_size, seed, trainable_params_m, ratio_pct (of all
+            parameters of the adapted model, the paper's convention: 4.02M / 641.61M =
+            0.63% for Conv-LoRA on vit_h), ``val_<metric>``, fit_time_s,
+            predict_images_per_s, stopped, best, ``test_<metric>``),
             sorted best first. ``methods``: runs that differ only by ``env.seed`` merged
             into one row, each metric the mean with its sample std (ddof=1) in
             ``<column>_std``. ``paper``: the ``methods`` rows formatted as the paper's table
