@@ -763,8 +763,13 @@ class SemanticSegmentor(BaseEstimator):
         if problem is not None:
             raise ConfigError(f"cannot {doing} {str(path)!r}: {problem}; choose another path")
 
+    def __sklearn_is_fitted__(self) -> bool:
+        """Fitted as predict sees it (scikit-learn's ``check_is_fitted``): an interrupted
+        first fit sets ``path_`` and ``task_`` but leaves no model to predict with."""
+        return hasattr(self, "best_model_")
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "best_model_"):
+        if not self.__sklearn_is_fitted__():
             raise NotFittedError(
                 "this SemanticSegmentor is not fitted yet: call fit(...) or "
                 "SemanticSegmentor.load(path) first"

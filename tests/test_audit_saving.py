@@ -446,3 +446,16 @@ def test_the_samples_cached_on_disk_go_with_the_fit_state(tmp_path, monkeypatch)
     assert not list(run.rglob("*.npy")), sorted(map(str, run.rglob("*.npy")))
     assert not (run / ".automask_fit").exists()
     assert len(seg.predict(frame.head(1))) == 1
+
+
+def test_scikit_learn_sees_fitted_as_predict_does(base):
+    """check_is_fitted passed on an object an interrupted first fit left with ``path_`` and
+    ``task_`` set, though predict refuses it; a loaded predictor passes."""
+    from sklearn.exceptions import NotFittedError as SklearnNotFitted
+    from sklearn.utils.validation import check_is_fitted
+
+    half = SemanticSegmentor()
+    half.path_, half.task_ = base, "binary"  # what an interrupted first fit leaves
+    with pytest.raises(SklearnNotFitted):
+        check_is_fitted(half)
+    check_is_fitted(SemanticSegmentor.load(base))
