@@ -79,7 +79,21 @@ def _folder_images(folder: Path) -> list[Path]:
         return sorted(f for f in paths if f.is_file())
 
     files = images(folder.iterdir())
-    deep = not files and any(f.is_dir() and visible(f) for f in folder.iterdir())
+    subs = [f for f in folder.iterdir() if f.is_dir() and visible(f)]
+    deep = not files and bool(subs)
+    if files and subs:  # images here and in sub-folders: only these are predicted, said so
+        below = {sub.name: sum(1 for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                               and visible(f) and f.is_file())
+                 for sub in sorted(subs) if not _is_mask_folder_name(sub.name)}
+        below = {name: n for name, n in below.items() if n}
+        if below:
+            import warnings
+
+            warnings.warn(
+                f"left out {sum(below.values())} image(s) in the sub-folder(s) "
+                f"{', '.join(map(repr, list(below)[:5]))} of {str(folder)!r}: a folder's own "
+                "images are predicted, not those below it; pass a sub-folder, or a list of "
+                "paths, to predict them", stacklevel=4)
     if deep:
         files = images(folder.rglob("*"))
         # a data set's root (images/ + masks/): its masks are no images to predict

@@ -714,3 +714,19 @@ def test_a_list_of_open_files_is_a_batch_of_images(fitted):
     assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, want))
     with pytest.raises(DataValidationError, match=r"item 1: the BytesIO given holds 5 bytes"):
         seg.predict([paths[0], io.BytesIO(b"hello")])
+
+
+def test_a_folder_with_images_says_which_sub_folders_images_it_left_out(fitted, tmp_path):
+    """A folder holding images and sub-folders of images predicts its own; the others
+    were dropped without a word. A masks/ sub-folder is no images to mention."""
+    seg, _, csv = fitted
+    source = Path(pd.read_csv(csv)["image"].iloc[0])
+    folder = tmp_path / "images"
+    for sub in ("", "later", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / source.name).write_bytes(source.read_bytes())
+    with pytest.warns(UserWarning, match=r"left out 1 image\(s\) in the sub-folder\(s\) "
+                                         r"'later' of") as caught:
+        masks = seg.predict(folder)
+    assert len(masks) == 1
+    assert not any("'masks'" in str(w.message) for w in caught)
