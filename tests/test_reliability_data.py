@@ -448,3 +448,21 @@ def test_npy_images_and_masks_pair_validate_train_predict_and_evaluate(tmp_path)
     masks = seg.predict(tmp_path / "images")  # a folder: its .npy arrays, as from_folders
     assert [m.shape for m in masks] == [(24, 32)] * 6
     assert 0.0 <= seg.evaluate(frame)["iou"] <= 1.0
+
+
+def test_problems_of_both_tables_are_said_at_once_each_named(tmp_path):
+    """A bad training row hid the tuning data's bad row until the first was fixed and the
+    fit run again; the message did not say which table its rows were of."""
+    train = _pairs(tmp_path / "train", 4)
+    train.loc[2, "image"] = str(tmp_path / "nope2.png")
+    tuning = _pairs(tmp_path / "tune", 2)
+    tuning.loc[1, "label"] = str(tmp_path / "nope.png")
+    with pytest.raises(DataValidationError) as info:
+        SemanticSegmentor(path=tmp_path / "run", verbosity=0).fit(
+            train, tuning, presets="tiny", hyperparameters={"optim.max_epochs": 1})
+    text = str(info.value)
+    assert text.startswith("in the training data (train_data): 1 problem(s) in 1 row(s)")
+    assert "row 2 [image]" in text and "nope2.png: file not found" in text
+    assert "\nin the tuning data (tuning_data): 1 problem(s)" in text
+    assert "row 1 [label]" in text and "nope.png: file not found" in text
+    assert not (tmp_path / "run").exists()

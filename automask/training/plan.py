@@ -90,6 +90,20 @@ def plan_fit(params: dict[str, Any], train_data, tuning_data, presets: str,
                 f"{exc}\n(the class names are those of {source}, found beside the masks; "
                 "pass class_names=[...] (automask fit: --class-names) to give others)"
             ) from None
+        if isinstance(exc, DataValidationError) and tuning_data is not None:
+            # two tables given: say whose rows these are, and the tuning data's too, at once
+            also = ""
+            try:
+                validate_frame(tuning_data, image_col=image, label_col=label,
+                               root=root_of(tuning_data), num_classes=num_classes,
+                               class_names=class_names, void_label=void_label,
+                               color_map=color_map)
+            except DataValidationError as tuning_exc:
+                also = f"\nin the tuning data (tuning_data): {tuning_exc}"
+            except (ConfigError, ValueError):
+                pass  # the tuning data's own checks run once the training data passes
+            raise DataValidationError(
+                f"in the training data (train_data): {exc}{also}") from None
         raise
     tuning_spec = None
     if tuning_data is not None:
