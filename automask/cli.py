@@ -317,10 +317,8 @@ def _parse_extra(items: Sequence[str]) -> dict[str, str]:
 def _show_or_save(df, args) -> None:
     """Print a table (or its JSON); with ``--out``, write it as .csv or .md as well."""
     from .leaderboard import save_table
-    from .prediction import check_output_file
 
-    if args.out:
-        check_output_file(args.out, "the table")  # not into a predictor's parts
+    if args.out:  # checked by the command before any work (check_output_file)
         save_table(df, args.out)
     _print_table(df, args.json)
     if args.out:
